@@ -1,0 +1,39 @@
+# Ciliary — the two commands a newcomer runs (as root, on Debian):
+#   make demo   set-up, lab up, and the demo
+#   make test   set-up and the whole suite (lint, types, layering, unit, integration, e2e)
+SHELL := /bin/bash
+VENV  ?= $(CURDIR)/.venv
+PY    := $(VENV)/bin/python
+CILIARY := $(VENV)/bin/ciliary
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint unit integration e2e lab-up lab-down clean bench
+
+setup:
+	@setup/setup.sh
+
+demo: setup
+	@$(PY) -m ciliary.lab.demo
+
+lint: setup
+	$(VENV)/bin/ruff check operator nodeagent e2e tests bench
+	$(VENV)/bin/mypy -p ciliary.operator -p ciliary.cli -p ciliary.nodeagent -p ciliary.cni -p ciliary.lab
+	$(VENV)/bin/lint-imports
+
+unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test: setup lint
+	$(PY) -m pytest tests e2e $(PYTEST_ARGS)
+
+lab-up: setup
+	$(CILIARY) lab up
+
+lab-down:
+	$(CILIARY) lab down
+
+bench: setup
+	$(PY) -m bench.run
+
+clean: lab-down
+	rm -rf .lab .lab-* build *.egg-info
