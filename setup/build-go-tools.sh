@@ -64,5 +64,9 @@ build_etcd() {
   log "built $("$ETCD_DIR/etcd" --version | head -1)"
 }
 
+# one build at a time per cache (two set-ups started together wait for each other)
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.build.lock"
+flock 9
 build_etcd
 build_kubernetes

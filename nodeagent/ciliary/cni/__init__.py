@@ -1,0 +1,1 @@
+"""Ciliary's CNI plugin (``ciliary-cni``), speaking the CNI specification to kubelet-like runtimes."""

@@ -1,0 +1,1 @@
+"""The ``ciliary`` command line: lab, policy, observe."""
