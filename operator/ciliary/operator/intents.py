@@ -1,0 +1,236 @@
+"""The operator-to-agent wire schema: what one node must enforce.
+
+The operator resolves every policy into one :class:`NodeIntent` per node and
+publishes it into etcd (``keyspace.node_intent_key``); the node agent parses it
+back with :func:`parse_node_intent` and turns it into eBPF map contents. Nothing
+here is per-packet logic: the datapath evaluates exactly these entries, and
+``ciliary policy trace`` evaluates them the same way (``evaluate_entries``).
+
+Conventions
+- identity 0 in a :class:`PolicyEntry` means "any peer" (an L4-only rule);
+- protocol 0 means any protocol, port range (0, 0) means any port;
+- an endpoint is default-deny in a direction only when ``enforced`` is True;
+- deny entries beat allow entries whatever their specificity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from collections.abc import Iterable, Mapping
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+"""Bumped on any incompatible change; agents refuse intents of a version they do not know."""
+
+ANY_IDENTITY = 0
+ANY_PROTOCOL = 0
+
+
+class IntentSchemaError(ValueError):
+    """An intent that this agent cannot apply (unknown schema version or malformed)."""
+
+    def __init__(self, node: str, message: str) -> None:
+        super().__init__(f"node intent for {node!r}: {message}")
+        self.node = node
+        self.message = message
+
+
+class Protocol(int, Enum):
+    """IP protocol numbers the policy language names."""
+
+    ANY = 0
+    ICMP = 1
+    TCP = 6
+    UDP = 17
+    SCTP = 132
+
+
+class Verdict(str, Enum):
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+class Direction(str, Enum):
+    INGRESS = "ingress"
+    EGRESS = "egress"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class RuleRef(_Frozen):
+    """Which rule of which policy produced an entry (for explain and flows)."""
+
+    kind: Literal["CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy"] = Field(
+        description="Kind of the policy object."
+    )
+    namespace: str = Field(default="", description="Namespace of a CNP; empty for a CCNP.")
+    name: str = Field(description="Name of the policy object.")
+    uid: str = Field(default="", description="UID of the policy object.")
+    rule_index: int = Field(description="Index of the rule within spec (0) or specs.")
+    section: str = Field(description="ingress, egress, ingressDeny or egressDeny, with its item index.")
+
+    def describe(self) -> str:
+        where = f"{self.namespace}/{self.name}" if self.namespace else self.name
+        return f"{self.kind} {where} rule {self.rule_index} {self.section}"
+
+
+class PolicyEntry(_Frozen):
+    """One policy-map entry of one endpoint in one direction."""
+
+    identity: int = Field(ge=0, lt=2**32, description="Peer security identity; 0 = any peer.")
+    protocol: Protocol = Field(default=Protocol.ANY, description="IP protocol; ANY = every protocol.")
+    port_low: int = Field(default=0, ge=0, le=65535, description="First destination port; 0 = any port.")
+    port_high: int = Field(default=0, ge=0, le=65535, description="Last destination port (inclusive).")
+    icmp_type: int | None = Field(default=None, ge=0, le=255, description="ICMP type for ICMP entries.")
+    verdict: Verdict = Field(description="allow or deny.")
+    l7_redirect: bool = Field(default=False, description="Reserved: redirect to an L7 proxy (later).")
+    rules: tuple[RuleRef, ...] = Field(default=(), description="Rules this entry derives from.")
+
+    @model_validator(mode="after")
+    def _ports_ordered(self) -> PolicyEntry:
+        if self.port_low == 0 and self.port_high != 0:
+            raise ValueError("port_high set without port_low")
+        if self.port_high and self.port_high < self.port_low:
+            raise ValueError(f"port range {self.port_low}-{self.port_high} is reversed")
+        return self
+
+    def covers(self, identity: int, protocol: int, port: int) -> bool:
+        """Does this entry match a packet from/to ``identity`` on ``protocol``/``port``?"""
+        if self.identity not in (ANY_IDENTITY, identity):
+            return False
+        if self.protocol is not Protocol.ANY and int(self.protocol) != protocol:
+            return False
+        if self.port_low == 0:
+            return True
+        high = self.port_high or self.port_low
+        return self.port_low <= port <= high
+
+
+class DirectionPolicy(_Frozen):
+    """The policy of one endpoint in one direction."""
+
+    enforced: bool = Field(default=False, description="True when some rule selects the endpoint: default-deny.")
+    entries: tuple[PolicyEntry, ...] = Field(default=(), description="Allow and deny entries.")
+
+
+class EndpointIntent(_Frozen):
+    """A pod on this node, as the datapath must treat it."""
+
+    namespace: str = Field(description="Pod namespace.")
+    pod: str = Field(description="Pod name.")
+    uid: str = Field(default="", description="Pod UID.")
+    ipv4: str = Field(description="Pod IPv4 address.")
+    identity: int = Field(ge=1, lt=2**32, description="Security identity of the pod.")
+    ingress: DirectionPolicy = Field(default_factory=DirectionPolicy, description="Traffic to the pod.")
+    egress: DirectionPolicy = Field(default_factory=DirectionPolicy, description="Traffic from the pod.")
+
+    @field_validator("ipv4")
+    @classmethod
+    def _ipv4(cls, value: str) -> str:
+        return str(ipaddress.IPv4Address(value))
+
+    def direction(self, direction: Direction) -> DirectionPolicy:
+        return self.ingress if direction is Direction.INGRESS else self.egress
+
+
+class IpcacheEntry(_Frozen):
+    """IP or CIDR -> security identity (longest prefix wins in the datapath)."""
+
+    cidr: str = Field(description="IPv4 CIDR, /32 for a single address.")
+    identity: int = Field(ge=1, lt=2**32, description="Security identity of that prefix.")
+
+    @field_validator("cidr")
+    @classmethod
+    def _cidr(cls, value: str) -> str:
+        return str(ipaddress.IPv4Network(value, strict=False))
+
+
+class PolicyRef(_Frozen):
+    """A policy that selects at least one endpoint of this node (status reports use it)."""
+
+    kind: Literal["CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy"] = Field(description="Kind.")
+    namespace: str = Field(default="", description="Namespace of a CNP; empty for a CCNP.")
+    name: str = Field(description="Name.")
+    uid: str = Field(description="UID.")
+    generation: int = Field(default=0, description="metadata.generation the intent was resolved from.")
+
+
+class NodeIntent(_Frozen):
+    """Everything one node enforces, published as one etcd value."""
+
+    schema_version: int = Field(default=SCHEMA_VERSION, description="Wire schema version.")
+    node: str = Field(description="Node name.")
+    revision: int = Field(ge=0, description="Policy repository revision this intent was resolved at.")
+    endpoints: tuple[EndpointIntent, ...] = Field(default=(), description="Local endpoints.")
+    ipcache: tuple[IpcacheEntry, ...] = Field(default=(), description="Cluster-wide IP -> identity.")
+    identity_labels: Mapping[int, tuple[str, ...]] = Field(
+        default_factory=dict, description="Identity -> its labels, for flows and explain."
+    )
+    policies: tuple[PolicyRef, ...] = Field(default=(), description="Policies selecting local endpoints.")
+
+    def content_hash(self) -> str:
+        """Hash of everything but the revision: unchanged content is never rewritten."""
+        data = self.model_dump(mode="json", exclude={"revision"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    def to_wire(self) -> bytes:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
+
+
+def parse_node_intent(node: str, raw: bytes | str | Mapping[str, Any]) -> NodeIntent:
+    """Parse an etcd value into a :class:`NodeIntent`, refusing unknown schema versions."""
+    try:
+        data = json.loads(raw) if isinstance(raw, (bytes, str)) else dict(raw)
+    except json.JSONDecodeError as exc:
+        raise IntentSchemaError(node, f"not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise IntentSchemaError(node, "not a JSON object")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise IntentSchemaError(
+            node, f"unknown schema version {version!r} (this agent speaks {SCHEMA_VERSION})"
+        )
+    try:
+        return NodeIntent.model_validate(data)
+    except ValueError as exc:
+        raise IntentSchemaError(node, str(exc)) from exc
+
+
+class EntryDecision(_Frozen):
+    """The outcome of evaluating one direction's entries for one packet."""
+
+    allowed: bool
+    reason: Literal["allowed", "denied-by-rule", "default-deny", "not-enforced"]
+    entry: PolicyEntry | None = None
+
+
+def evaluate_entries(
+    policy: DirectionPolicy, *, identity: int, protocol: int, port: int
+) -> EntryDecision:
+    """Evaluate one direction exactly as the datapath does: deny first, then allow, else default."""
+    if not policy.enforced:
+        return EntryDecision(allowed=True, reason="not-enforced")
+    matching = [e for e in policy.entries if e.covers(identity, protocol, port)]
+    for entry in matching:
+        if entry.verdict is Verdict.DENY:
+            return EntryDecision(allowed=False, reason="denied-by-rule", entry=entry)
+    for entry in matching:
+        return EntryDecision(allowed=True, reason="allowed", entry=entry)
+    return EntryDecision(allowed=False, reason="default-deny")
+
+
+def sorted_entries(entries: Iterable[PolicyEntry]) -> tuple[PolicyEntry, ...]:
+    """Deterministic order (so equal content hashes equal)."""
+    return tuple(
+        sorted(
+            entries,
+            key=lambda e: (e.verdict.value, e.identity, int(e.protocol), e.port_low, e.port_high, e.icmp_type or -1),
+        )
+    )

@@ -1,0 +1,59 @@
+"""The etcd key layout shared by the operator, the agents and the CLI.
+
+Every prefix carries a version segment, so a later layout can live beside this one:
+
+  /ciliary/nodes/v1/<node>                  agent registration, bound to its lease
+  /ciliary/intents/v1/<node>                the NodeIntent the operator publishes
+  /ciliary/identities/v1/id/<number>        identity -> its labels (allocation record)
+  /ciliary/identities/v1/labels/<sha256>    labels -> identity (compare-and-swap index)
+  /ciliary/reports/v1/<policy-uid>/<node>   per-policy enforcement report, bound to the agent lease
+  /ciliary/status/v1/<node>                 per-node agent status (applied revision, errors)
+"""
+
+from __future__ import annotations
+
+ROOT = "/ciliary"
+NODES_PREFIX = f"{ROOT}/nodes/v1/"
+INTENTS_PREFIX = f"{ROOT}/intents/v1/"
+IDENTITY_ID_PREFIX = f"{ROOT}/identities/v1/id/"
+IDENTITY_LABELS_PREFIX = f"{ROOT}/identities/v1/labels/"
+REPORTS_PREFIX = f"{ROOT}/reports/v1/"
+NODE_STATUS_PREFIX = f"{ROOT}/status/v1/"
+
+
+def _segment(value: str, what: str) -> str:
+    if not value or "/" in value:
+        raise ValueError(f"{what} {value!r} cannot be used in an etcd key")
+    return value
+
+
+def node_key(node: str) -> str:
+    return NODES_PREFIX + _segment(node, "node name")
+
+
+def node_intent_key(node: str) -> str:
+    return INTENTS_PREFIX + _segment(node, "node name")
+
+
+def node_status_key(node: str) -> str:
+    return NODE_STATUS_PREFIX + _segment(node, "node name")
+
+
+def identity_id_key(identity: int) -> str:
+    return f"{IDENTITY_ID_PREFIX}{identity}"
+
+
+def identity_labels_key(labels_digest: str) -> str:
+    return IDENTITY_LABELS_PREFIX + _segment(labels_digest, "labels digest")
+
+
+def report_key(policy_uid: str, node: str) -> str:
+    return f"{REPORTS_PREFIX}{_segment(policy_uid, 'policy uid')}/{_segment(node, 'node name')}"
+
+
+def node_from_key(prefix: str, key: str | bytes) -> str:
+    """The trailing node name of a key under ``prefix``."""
+    text = key.decode() if isinstance(key, bytes) else key
+    if not text.startswith(prefix):
+        raise ValueError(f"key {text!r} is not under {prefix!r}")
+    return text[len(prefix):]
