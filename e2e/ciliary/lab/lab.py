@@ -1,0 +1,274 @@
+"""``ciliary lab``: bring the lab up, show it, run commands in it, and take it down.
+
+``up`` is safe to repeat (running parts are left alone, missing ones are started,
+more nodes can be added); ``down`` removes everything the lab created, also after
+an ``up`` that crashed half way: processes, pod workloads and their cgroups,
+network namespaces (and with them every veth and the bridge), bpffs pins, sockets,
+and the state directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ciliary.lab import cgroups, controlplane, processes, topology
+from ciliary.lab.layout import (
+    MAX_NODES, WORLD_IP, WORLD_TCP_PORTS, WORLD_UDP_PORTS, Binaries, LabLayout, node_index, node_ip,
+    node_name, pod_cidr,
+)
+
+
+class LabError(RuntimeError):
+    """Something the user must fix before the lab can work (message says what)."""
+
+
+@dataclass
+class Lab:
+    layout: LabLayout
+    bins: Binaries
+
+    @classmethod
+    def from_env(cls) -> Lab:
+        return cls(LabLayout.from_env(), Binaries.discover())
+
+    # --- helpers -----------------------------------------------------------
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return controlplane.kubectl(self.layout, self.bins, *args, input=input, check=check)
+
+    def ports(self) -> controlplane.Ports:
+        return controlplane.load_or_choose_ports(self.layout)
+
+    def config(self) -> dict[str, object]:
+        try:
+            data = json.loads(self.layout.config_file.read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def node_names(self) -> list[str]:
+        count = int(str(self.config().get("nodes", 0)))
+        return [node_name(i) for i in range(1, count + 1)]
+
+    def bin(self, name: str) -> str:
+        local = Path(sys.executable).parent / name
+        return str(local) if local.exists() else (shutil.which(name) or name)
+
+    # --- up ----------------------------------------------------------------
+    def up(self, nodes: int, *, log: bool = True) -> float:
+        """Start (or complete) the lab with ``nodes`` nodes; returns seconds until all nodes were Ready."""
+        if os.geteuid() != 0:
+            raise LabError("the lab needs root (it creates network namespaces and loads eBPF): run as root")
+        if not 1 <= nodes <= MAX_NODES:
+            raise LabError(f"--nodes must be between 1 and {MAX_NODES}")
+        missing = self.bins.missing()
+        if missing:
+            raise LabError("control-plane binaries missing: " + ", ".join(map(str, missing))
+                           + " — run `make setup` first")
+        t0 = time.monotonic()
+        say = print if log else (lambda *a, **k: None)
+        nodes = max(nodes, len(self.node_names()))
+        ports = self.ports()
+        controlplane.save_config(self.layout, ports, nodes)
+        say(f"lab: control plane (etcd {ports.etcd_endpoint}, kube-apiserver {ports.apiserver_url})")
+        controlplane.start(self.layout, self.bins, ports)
+        self.install_crds(say)
+        names = self.node_names()
+        self.create_nodes(names)
+        say(f"lab: network (underlay 192.0.2.0/24, {len(names)} nodes, world host {WORLD_IP})")
+        topology.ensure_underlay(self.layout)
+        for node in names:
+            topology.ensure_node(self.layout, node, names)
+        topology.ensure_world(self.layout, names)
+        self.start_world()
+        say("lab: node agents, pod runtimes, scheduler")
+        for node in names:
+            self.start_node_processes(node, ports)
+        if not processes.running_pid(self.layout, "scheduler"):
+            processes.spawn(self.layout, "scheduler", [sys.executable, "-m", "ciliary.lab.scheduling"],
+                            env=self.child_env())
+        self.start_operator(ports)
+        self.wait_ready(names, seconds=180)
+        elapsed = time.monotonic() - t0
+        say(f"lab: {len(names)} nodes Ready in {elapsed:.1f} s")
+        say(f"lab: run `eval $({Path(sys.argv[0]).name} lab env)` to use kubectl and etcdctl against it")
+        return elapsed
+
+    def child_env(self) -> dict[str, str]:
+        return {"CILIARY_LAB_DIR": str(self.layout.state_dir), "CILIARY_LAB_PREFIX": self.layout.prefix,
+                "PYTHONUNBUFFERED": "1"}
+
+    def crds_dir(self) -> Path | None:
+        env = os.environ.get("CILIARY_CRDS_DIR")
+        if env:
+            return Path(env)
+        for base in [Path.cwd(), *Path.cwd().parents]:
+            if (base / "crds").is_dir() and (base / "pyproject.toml").exists():
+                return base / "crds"
+        return None
+
+    def install_crds(self, say: object) -> None:
+        crds = self.crds_dir()
+        files = sorted(crds.glob("*.yaml")) if crds else []
+        if not files:
+            return
+        for f in files:
+            self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(f))
+        for f in files:
+            self.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(f))
+
+    def create_nodes(self, names: Sequence[str]) -> None:
+        items = []
+        for node in names:
+            i = node_index(node)
+            items.append({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node, "labels": {
+                "kubernetes.io/hostname": node, "kubernetes.io/os": "linux", "ciliary.io/lab": "true"}},
+                "spec": {"podCIDR": pod_cidr(i), "podCIDRs": [pod_cidr(i)]}})
+        self.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+
+    def start_world(self) -> None:
+        if processes.running_pid(self.layout, "world"):
+            return
+        argv = ["nsenter", f"--net={topology.NETNS_DIR / self.layout.world_netns}", sys.executable, "-m",
+                "ciliary.lab.podserver", "--name", "world"]
+        for p in WORLD_TCP_PORTS:
+            argv += ["--tcp", str(p)]
+        for p in WORLD_UDP_PORTS:
+            argv += ["--udp", str(p)]
+        processes.spawn(self.layout, "world", argv, env=self.child_env())
+
+    def start_node_processes(self, node: str, ports: controlplane.Ports) -> None:
+        state = self.layout.node_dir(node)
+        state.mkdir(parents=True, exist_ok=True)
+        self.layout.agent_socket(node).parent.mkdir(parents=True, exist_ok=True)
+        agent = f"agent-{node}"
+        if not processes.running_pid(self.layout, agent):
+            health = self.health_port(node)
+            processes.spawn(self.layout, agent, [
+                self.bin("ciliary-agent"), "--node", node, "--etcd-endpoints", ports.etcd_endpoint,
+                "--socket", str(self.layout.agent_socket(node)), "--state-dir", str(state / "agent"),
+                "--health-addr", f"127.0.0.1:{health}",
+            ], env={**self.child_env(), "CILIARY_AGENT_NETNS": self.layout.node_netns(node),
+                    "CILIARY_AGENT_BPFFS_DIR": str(self.layout.bpffs_dir / node)})
+        runtime = f"runtime-{node}"
+        if not processes.running_pid(self.layout, runtime):
+            processes.spawn(self.layout, runtime, [sys.executable, "-m", "ciliary.lab.podruntime", "--node", node],
+                            env=self.child_env())
+
+    def health_port(self, node: str) -> int:
+        path = self.layout.node_dir(node) / "health-port"
+        if path.exists():
+            return int(path.read_text())
+        port = controlplane.free_port()
+        path.write_text(str(port))
+        return port
+
+    def start_operator(self, ports: controlplane.Ports) -> None:
+        operator = self.bin("ciliary-operator")
+        if processes.running_pid(self.layout, "operator") or not shutil.which(operator):
+            return
+        processes.spawn(self.layout, "operator", [operator, "--kubeconfig", str(self.layout.kubeconfig),
+                                                  "--etcd-endpoints", ports.etcd_endpoint],
+                        env=self.child_env())
+
+    def wait_ready(self, names: Sequence[str], *, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            out = self.kubectl("get", "nodes", "-o", "json", check=False)
+            if out.returncode == 0:
+                ready = {n["metadata"]["name"] for n in json.loads(out.stdout)["items"]
+                         if any(c["type"] == "Ready" and c["status"] == "True"
+                                for c in n.get("status", {}).get("conditions", []))}
+                if set(names) <= ready:
+                    return
+            for node in names:
+                for proc in (f"agent-{node}", f"runtime-{node}"):
+                    if not processes.running_pid(self.layout, proc):
+                        raise processes.ProcessStartError(proc, self.layout.log_dir / f"{proc}.log")
+            time.sleep(0.5)
+        raise LabError(f"nodes not Ready after {seconds:.0f} s; see {self.layout.log_dir}")
+
+    # --- down --------------------------------------------------------------
+    def down(self, *, log: bool = True) -> None:
+        say = print if log else (lambda *a, **k: None)
+        order = ["scheduler"] + [n for n in processes.names(self.layout) if n.startswith("runtime-")]
+        order += [n for n in processes.names(self.layout) if n not in order and n not in
+                  ("kube-controller-manager", "kube-apiserver", "etcd")]
+        order += ["kube-controller-manager", "kube-apiserver", "etcd"]
+        for name in order:
+            if processes.stop(self.layout, name):
+                say(f"lab: stopped {name}")
+        cgroups.remove_tree(cgroups.lab_root(self.layout.cgroup_name))
+        for ns in topology.remove_all(self.layout):
+            say(f"lab: removed network namespace {ns}")
+        for path in (self.layout.bpffs_dir, Path("/run/ciliary") / self.layout.prefix):
+            if path.exists():
+                shutil.rmtree(path, ignore_errors=True)
+        if self.layout.state_dir.exists():
+            shutil.rmtree(self.layout.state_dir, ignore_errors=True)
+        say("lab: down")
+
+    # --- env, status, exec -------------------------------------------------
+    def env_lines(self) -> list[str]:
+        ports = self.ports()
+        return [f"export KUBECONFIG={self.layout.kubeconfig}",
+                f"export ETCDCTL_ENDPOINTS={ports.etcd_endpoint.removeprefix('http://')}",
+                "export ETCDCTL_API=3",
+                f"export LAB_WORLD_IP={WORLD_IP}",
+                f"export PATH={self.bins.kubectl.parent}:{self.bins.etcdctl.parent}:$PATH"]
+
+    def status(self) -> str:
+        lines = [f"lab {self.layout.prefix} in {self.layout.state_dir}"]
+        if not self.layout.config_file.exists():
+            return lines[0] + ": not up (run `ciliary lab up`)"
+        lines.append("\nPROCESS                      PID      RSS")
+        for name in processes.names(self.layout):
+            pid = processes.running_pid(self.layout, name)
+            rss = f"{processes.rss_kib(pid) / 1024:.0f} MiB" if pid else "-"
+            lines.append(f"{name:<28} {pid or 'dead':<8} {rss}")
+        for args in (("get", "nodes", "-o", "wide"), ("get", "pods", "-A", "-o", "wide")):
+            out = self.kubectl(*args, check=False)
+            lines.append("\n" + (out.stdout.strip() or out.stderr.strip()))
+        return "\n".join(lines)
+
+    def pod_target(self, pod: str, namespace: str) -> tuple[str, Path]:
+        out = self.kubectl("get", "pod", pod, "-n", namespace, "-o", "json", check=False)
+        if out.returncode != 0:
+            raise LabError(f"pod {namespace}/{pod} not found")
+        obj = json.loads(out.stdout)
+        node, uid = obj["spec"].get("nodeName"), obj["metadata"]["uid"]
+        netns = self.layout.pod_netns(namespace, pod, uid)
+        if not node or not topology.netns_exists(netns):
+            raise LabError(f"pod {namespace}/{pod} is not running (phase {obj.get('status', {}).get('phase')})")
+        return netns, cgroups.pod_cgroup(self.layout.cgroup_name, node, uid)
+
+    def exec(self, command: Sequence[str], *, pod: str | None, namespace: str, world: bool) -> int:
+        if not command:
+            raise LabError("give a command after --, e.g. ciliary lab exec mypod -- curl -s http://10.244.1.2")
+        if world:
+            netns, cgroup = self.layout.world_netns, None
+            if not topology.netns_exists(netns):
+                raise LabError("the world host does not exist: is the lab up?")
+        elif pod:
+            netns, cgroup = self.pod_target(pod, namespace)
+        else:
+            raise LabError("name a pod, or --world")
+        procs = str(cgroup / "cgroup.procs") if cgroup else None
+
+        def enter() -> None:
+            if procs:
+                with open(procs, "w") as f:
+                    f.write(str(os.getpid()))
+
+        return subprocess.call(["nsenter", f"--net={topology.NETNS_DIR / netns}", *command], preexec_fn=enter)
+
+
+def node_ips(names: Sequence[str]) -> dict[str, str]:
+    return {n: node_ip(node_index(n)) for n in names}

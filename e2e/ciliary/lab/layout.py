@@ -1,0 +1,146 @@
+"""Where everything of one lab lives: state directory, names, addresses, binaries.
+
+A lab is identified by its state directory (``.lab/`` under the current directory
+unless ``CILIARY_LAB_DIR`` says otherwise) and a short name prefix (``cy`` unless
+``CILIARY_LAB_PREFIX`` says otherwise) used for every kernel object it creates:
+network namespaces, the cgroup subtree and the bpffs directory. Two labs with
+different prefixes can run side by side (the test suite uses its own).
+
+Addressing (all of it lives only inside namespaces the lab creates):
+- underlay 192.0.2.0/24 on a bridge inside ``<prefix>-underlay``;
+- node-i: 192.0.2.(10+i) on eth0 of ``<prefix>-node-i``, pod CIDR 10.244.i.0/24;
+- the world host: 192.0.2.100 in ``<prefix>-world``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+KUBERNETES_VERSION = "v1.34.4"
+ETCD_VERSION = "v3.6.14"
+UNDERLAY = ipaddress.IPv4Network("192.0.2.0/24")
+WORLD_IP = "192.0.2.100"
+WORLD_TCP_PORTS = (80, 443, 8080)
+WORLD_UDP_PORTS = (53,)
+MAX_NODES = 80
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("CILIARY_CACHE", "/var/cache/ciliary"))
+
+
+@dataclass(frozen=True)
+class Binaries:
+    """The control-plane executables the set-up built (or PATH fallbacks)."""
+
+    etcd: Path
+    etcdctl: Path
+    kube_apiserver: Path
+    kube_controller_manager: Path
+    kubectl: Path
+
+    @classmethod
+    def discover(cls) -> Binaries:
+        kube = _cache_dir() / "bin" / f"kubernetes-{KUBERNETES_VERSION}"
+        etcd = _cache_dir() / "bin" / f"etcd-{ETCD_VERSION}"
+        return cls(
+            etcd=etcd / "etcd",
+            etcdctl=etcd / "etcdctl",
+            kube_apiserver=kube / "kube-apiserver",
+            kube_controller_manager=kube / "kube-controller-manager",
+            kubectl=kube / "kubectl",
+        )
+
+    def missing(self) -> list[Path]:
+        return [p for p in vars(self).values() if not os.access(p, os.X_OK)]
+
+
+@dataclass(frozen=True)
+class LabLayout:
+    """Names and paths of one lab."""
+
+    state_dir: Path
+    prefix: str
+
+    @classmethod
+    def from_env(cls) -> LabLayout:
+        state = Path(os.environ.get("CILIARY_LAB_DIR", Path.cwd() / ".lab")).resolve()
+        prefix = os.environ.get("CILIARY_LAB_PREFIX", "cy")
+        if not prefix.isalnum() or len(prefix) > 6:
+            raise ValueError(f"CILIARY_LAB_PREFIX {prefix!r} must be 1-6 letters or digits")
+        return cls(state_dir=state, prefix=prefix)
+
+    # --- files ---------------------------------------------------------------
+    @property
+    def pki_dir(self) -> Path:
+        return self.state_dir / "pki"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.state_dir / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.state_dir / "admin.kubeconfig"
+
+    @property
+    def config_file(self) -> Path:
+        return self.state_dir / "lab.json"
+
+    def node_dir(self, node: str) -> Path:
+        return self.state_dir / "nodes" / node
+
+    def agent_socket(self, node: str) -> Path:
+        # unix socket paths are limited to 107 bytes: keep them short and out of deep trees
+        return Path("/run/ciliary") / self.prefix / node / "agent.sock"
+
+    # --- kernel objects ---------------------------------------------------------
+    @property
+    def underlay_netns(self) -> str:
+        return f"{self.prefix}-underlay"
+
+    @property
+    def world_netns(self) -> str:
+        return f"{self.prefix}-world"
+
+    def node_netns(self, node: str) -> str:
+        return f"{self.prefix}-{node}"
+
+    def pod_netns(self, namespace: str, pod: str, uid: str) -> str:
+        return f"{self.prefix}-pod-{namespace}-{pod}-{uid[:8]}"
+
+    def owns_netns(self, name: str) -> bool:
+        return name.startswith(f"{self.prefix}-")
+
+    @property
+    def bpffs_dir(self) -> Path:
+        return Path("/sys/fs/bpf/ciliary") / self.prefix
+
+    @property
+    def cgroup_name(self) -> str:
+        return f"ciliary-{self.prefix}"
+
+
+def node_name(index: int) -> str:
+    return f"node-{index}"
+
+
+def node_index(name: str) -> int:
+    if not name.startswith("node-") or not name[5:].isdigit():
+        raise ValueError(f"{name!r} is not a lab node name")
+    return int(name[5:])
+
+
+def node_ip(index: int) -> str:
+    return str(UNDERLAY.network_address + 10 + index)
+
+
+def pod_cidr(index: int) -> str:
+    return f"10.244.{index}.0/24"

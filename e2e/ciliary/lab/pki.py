@@ -1,0 +1,57 @@
+"""The lab's certificate authority and certificates, made with the openssl CLI.
+
+One CA signs the kube-apiserver serving certificate and the client certificates
+(admin in group system:masters, the controller manager, the operator, the agents).
+A service-account key pair signs and verifies service-account tokens.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+SERVING_SANS = (
+    "IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
+    "DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:10.96.0.1"
+)
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def ensure_ca(pki: Path) -> None:
+    pki.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if (pki / "ca.crt").exists():
+        return
+    _openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(pki / "ca.key"),
+        "-out", str(pki / "ca.crt"), "-days", "3650", "-subj", "/CN=ciliary-lab-ca",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+    )
+    _openssl("genrsa", "-out", str(pki / "sa.key"), "2048")
+    _openssl("rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub"))
+
+
+def ensure_cert(pki: Path, name: str, subject: str, *, server: bool = False) -> None:
+    """Issue ``<name>.crt``/``<name>.key`` signed by the lab CA (once)."""
+    if (pki / f"{name}.crt").exists():
+        return
+    ext = pki / f"{name}.ext"
+    lines = [
+        "keyUsage=critical,digitalSignature,keyEncipherment",
+        "authorityKeyIdentifier=keyid,issuer",
+        "subjectKeyIdentifier=hash",
+        "extendedKeyUsage=serverAuth" if server else "extendedKeyUsage=clientAuth",
+    ]
+    if server:
+        lines.append(f"subjectAltName={SERVING_SANS}")
+    ext.write_text("\n".join(lines) + "\n")
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(pki / f"{name}.key"),
+             "-out", str(pki / f"{name}.csr"), "-subj", subject)
+    _openssl("x509", "-req", "-in", str(pki / f"{name}.csr"), "-CA", str(pki / "ca.crt"),
+             "-CAkey", str(pki / "ca.key"), "-CAcreateserial", "-out", str(pki / f"{name}.crt"),
+             "-days", "3650", "-extfile", str(ext))
+    (pki / f"{name}.csr").unlink()
+    ext.unlink()
