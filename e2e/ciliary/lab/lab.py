@@ -9,6 +9,7 @@ and the state directory.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -172,7 +173,7 @@ class Lab:
 
     def start_operator(self, ports: controlplane.Ports) -> None:
         operator = self.bin("ciliary-operator")
-        if processes.running_pid(self.layout, "operator") or not shutil.which(operator):
+        if processes.running_pid(self.layout, "operator") or importlib.util.find_spec("ciliary.operator.main") is None:
             return
         processes.spawn(self.layout, "operator", [operator, "--kubeconfig", str(self.layout.kubeconfig),
                                                   "--etcd-endpoints", ports.etcd_endpoint],

@@ -127,6 +127,9 @@ class PodRuntime:
                 if (pod.status.phase != "Running") or pod.status.pod_ip != box.ipv4:
                     await self._report_running(pod, box)
                 return
+            pending_retry = self.retry_tasks.get(uid)
+            if pending_retry and not pending_retry.done() and pending_retry is not asyncio.current_task():
+                return  # failed recently: the scheduled retry will try again (bounded back-off)
             if box:  # workload died: rebuild
                 await self._teardown_uid(uid)
             await self._realise(pod)
@@ -155,7 +158,7 @@ class PodRuntime:
         count = self.failures[uid] = self.failures.get(uid, 0) + 1
         delay = min(60.0, 2.0 * 2 ** min(count, 5))
         old = self.retry_tasks.get(uid)
-        if old and not old.done():
+        if old and not old.done() and old is not asyncio.current_task():
             return
 
         async def retry() -> None:

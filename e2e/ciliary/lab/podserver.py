@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import signal
 import sys
+from typing import cast
 
 
 def _http_response(name: str, request_line: str) -> bytes:
@@ -43,8 +44,8 @@ async def _serve_http(name: str, reader: asyncio.StreamReader, writer: asyncio.S
 
 class _Echo(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        # the selector transport does not subclass DatagramTransport on every Python
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self.transport.sendto(data, addr)

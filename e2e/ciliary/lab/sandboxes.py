@@ -111,6 +111,8 @@ def _cni(ctx: NodeContext, command: str, pod: PodSpecSummary, netns: str) -> dic
         "CNI_ARGS": (f"IgnoreUnknown=1;K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name};"
                      f"K8S_POD_INFRA_CONTAINER_ID={container_id(pod.uid)};K8S_POD_UID={pod.uid}"),
     }
+    if os.environ.get("PYTHONPATH"):  # development runs from a source tree
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     node_ns = topology.NETNS_DIR / ctx.layout.node_netns(ctx.node)
     proc = subprocess.run(
         ["nsenter", f"--net={node_ns}", str(ctx.cni_bin)],
@@ -121,7 +123,8 @@ def _cni(ctx: NodeContext, command: str, pod: PodSpecSummary, netns: str) -> dic
     except ValueError:
         out = {}
     if proc.returncode != 0:
-        msg = out.get("msg") or proc.stderr.strip() or f"exit status {proc.returncode}"
+        stderr_lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        msg = out.get("msg") or (stderr_lines[-1] if stderr_lines else f"exit status {proc.returncode}")
         code = out.get("code", "?")
         details = f" ({out['details']})" if out.get("details") else ""
         raise SandboxError("FailedCreatePodSandBox" if command == "ADD" else "FailedKillPod",

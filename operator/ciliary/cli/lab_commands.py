@@ -81,4 +81,6 @@ def _exec(args: argparse.Namespace) -> int:
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
+    if args.world and args.pod:  # `exec --world CMD...`: the first word is not a pod
+        cmd = [args.pod, *cmd]
     return _run(lambda: Lab.from_env().exec(cmd, pod=args.pod, namespace=args.namespace, world=args.world))

@@ -1,0 +1,130 @@
+"""``AgentSettings``: the agent's configuration from command-line flags and ``CILIARY_AGENT_*``.
+
+A flag wins over its environment variable, which wins over the default. Parsed once
+in ``main``; everything else receives the frozen model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pydantic
+
+ENV_PREFIX = "CILIARY_AGENT_"
+DEFAULTS: dict[str, str] = {
+    "NODE_NAME": "",  # empty: the host name
+    "ETCD_ENDPOINTS": "http://127.0.0.1:2379",
+    "SOCKET": "/run/ciliary/agent.sock",
+    "STATE_DIR": "/var/lib/ciliary/agent",
+    "HEALTH_ADDR": "127.0.0.1:9876",
+    "LEASE_TTL": "10",
+    "LOG_LEVEL": "INFO",
+}
+
+
+class EtcdEndpoint(pydantic.BaseModel):
+    """One etcd client URL, split for ``aetcd.Client(host, port)``."""
+
+    model_config = pydantic.ConfigDict(frozen=True)
+
+    host: str
+    port: int = pydantic.Field(ge=1, le=65535)
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class AgentSettings(pydantic.BaseModel):
+    """Everything the agent is told at start-up."""
+
+    model_config = pydantic.ConfigDict(frozen=True)
+
+    node_name: str = pydantic.Field(min_length=1, pattern=r"^[^/\s]+$", description="This node's name (etcd key).")
+    etcd_endpoints: tuple[EtcdEndpoint, ...] = pydantic.Field(min_length=1, description="Tried in order.")
+    socket_path: Path = pydantic.Field(description="Unix socket of the endpoint API the CNI plugin calls.")
+    state_dir: Path = pydantic.Field(description="Where the endpoint registry is persisted.")
+    health_host: str
+    health_port: int = pydantic.Field(ge=0, le=65535)
+    lease_ttl: int = pydantic.Field(ge=2, le=3600, description="etcd lease TTL in seconds; refreshed every ttl/3.")
+    log_level: str = "INFO"
+
+    @property
+    def health_addr(self) -> str:
+        return f"{self.health_host}:{self.health_port}"
+
+
+def parse_etcd_endpoints(raw: str) -> tuple[EtcdEndpoint, ...]:
+    """``http://h1:2379,h2:2379`` → endpoints (scheme optional, default port 2379)."""
+    endpoints = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        parsed = urllib.parse.urlsplit(item if "://" in item else f"http://{item}")
+        if parsed.scheme not in ("http", "") or not parsed.hostname:
+            raise ValueError(f"etcd endpoint {item!r} must look like http://HOST:PORT")
+        endpoints.append(EtcdEndpoint(host=parsed.hostname, port=parsed.port or 2379))
+    if not endpoints:
+        raise ValueError("at least one etcd endpoint is needed")
+    return tuple(endpoints)
+
+
+def parse_host_port(raw: str) -> tuple[str, int]:
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"address {raw!r} must look like HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    def default(name: str) -> str:
+        return environ.get(ENV_PREFIX + name, DEFAULTS[name])
+
+    parser = argparse.ArgumentParser(
+        prog="ciliary-agent",
+        description=(
+            "Ciliary node agent: registers this node in etcd (lease-bound), serves the endpoint API the "
+            "ciliary-cni plugin calls, and exposes /healthz and /readyz."
+        ),
+        epilog="Every flag can also be set through the environment variable shown; a flag wins over it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--node", default=default("NODE_NAME"), metavar="NAME",
+                        help=f"node name [env {ENV_PREFIX}NODE_NAME; empty means the host name]")
+    parser.add_argument("--etcd-endpoints", default=default("ETCD_ENDPOINTS"), metavar="URLS",
+                        help=f"comma-separated etcd client URLs, tried in order [env {ENV_PREFIX}ETCD_ENDPOINTS]")
+    parser.add_argument("--socket", default=default("SOCKET"), metavar="PATH",
+                        help=f"unix socket of the endpoint API [env {ENV_PREFIX}SOCKET]")
+    parser.add_argument("--state-dir", default=default("STATE_DIR"), metavar="DIR",
+                        help=f"directory for persisted agent state [env {ENV_PREFIX}STATE_DIR]")
+    parser.add_argument("--health-addr", default=default("HEALTH_ADDR"), metavar="HOST:PORT",
+                        help=f"listen address of /healthz and /readyz [env {ENV_PREFIX}HEALTH_ADDR]")
+    parser.add_argument("--lease-ttl", default=default("LEASE_TTL"), metavar="SECONDS",
+                        help=f"etcd lease TTL; refreshed every TTL/3 [env {ENV_PREFIX}LEASE_TTL]")
+    parser.add_argument("--log-level", default=default("LOG_LEVEL"), metavar="LEVEL",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"],
+                        help=f"log level [env {ENV_PREFIX}LOG_LEVEL]")
+    return parser
+
+
+def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> AgentSettings:
+    """Parse flags over environment; invalid values exit with status 2 and a usage message."""
+    parser = build_parser(environ)
+    ns = parser.parse_args(argv)
+    try:
+        health_host, health_port = parse_host_port(ns.health_addr)
+        return AgentSettings(
+            node_name=ns.node or socket.gethostname(),
+            etcd_endpoints=parse_etcd_endpoints(ns.etcd_endpoints),
+            socket_path=Path(ns.socket),
+            state_dir=Path(ns.state_dir),
+            health_host=health_host,
+            health_port=health_port,
+            lease_ttl=ns.lease_ttl,
+            log_level=ns.log_level.upper(),
+        )
+    except (ValueError, pydantic.ValidationError) as exc:
+        parser.error(str(exc))

@@ -1,0 +1,102 @@
+"""Endpoint API and health handlers through aiohttp's in-process test client."""
+
+import os
+import stat
+from dataclasses import dataclass
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from ciliary.nodeagent import endpoint_api, endpoints, health
+
+BODY = {"containerId": "c1", "podNamespace": "ns", "podName": "web", "podUid": "u", "netns": "/run/netns/p",
+        "ifname": "eth0", "hostIfname": "cyabc", "hostIfindex": 7, "mac": "aa:bb:cc:dd:ee:ff", "ipv4": "10.244.1.5"}
+
+
+@pytest.fixture
+async def api(tmp_path):
+    registry = endpoints.EndpointRegistry(tmp_path)
+    async with TestClient(TestServer(endpoint_api.build_app(registry))) as client:
+        yield client, registry
+
+
+async def test_post_list_delete(api):
+    client, registry = api
+    r = await client.post("/v1/endpoints", json=BODY)
+    assert r.status == 201
+    assert (await r.json())["created"] is True
+    r = await client.post("/v1/endpoints", json=BODY)
+    assert r.status == 200
+    assert (await r.json())["created"] is False
+    r = await client.get("/v1/endpoints")
+    assert (await r.json())["endpoints"] == [BODY]
+    r = await client.delete("/v1/endpoints/c1")
+    assert (r.status, await r.json()) == (200, {"removed": True})
+    r = await client.delete("/v1/endpoints/c1")
+    assert (r.status, await r.json()) == (200, {"removed": False})
+    assert len(registry) == 0
+
+
+async def test_invalid_bodies(api):
+    client, _ = api
+    r = await client.post("/v1/endpoints", data=b"{x", headers={"Content-Type": "application/json"})
+    assert r.status == 400
+    r = await client.post("/v1/endpoints", json={**BODY, "ipv4": "nope"})
+    assert r.status == 422
+    assert (await r.json())["error"] == "Invalid endpoint"
+
+
+async def test_hook_failure_is_500_and_rolled_back(api):
+    client, registry = api
+
+    async def refuse(event):
+        raise RuntimeError("no datapath")
+
+    registry.subscribe(refuse)
+    r = await client.post("/v1/endpoints", json=BODY)
+    assert r.status == 500
+    assert len(registry) == 0
+
+
+async def test_unix_socket_server_replaces_stale_socket_with_0600(tmp_path):
+    import socket
+
+    path = tmp_path / "agent.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()
+    runner = await endpoint_api.start(endpoints.EndpointRegistry(tmp_path), path)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path))) as session:
+            async with session.post("http://agent/v1/endpoints", json=BODY) as r:
+                assert r.status == 201
+    finally:
+        await runner.cleanup()
+
+
+async def test_refuses_to_delete_a_non_socket(tmp_path):
+    path = tmp_path / "agent.sock"
+    path.write_text("not a socket")
+    with pytest.raises(FileExistsError):
+        endpoint_api.remove_stale_socket(path)
+
+
+@dataclass
+class FakeRegistration:
+    etcd_connected: bool
+    registered: bool
+
+
+async def test_health_and_readiness():
+    reg = FakeRegistration(etcd_connected=False, registered=False)
+    sources = health.HealthSources("node-1", reg, [1, 2])
+    async with TestClient(TestServer(health.build_app(sources))) as client:
+        r = await client.get("/healthz")
+        assert (r.status, await r.json()) == (
+            200, {"node": "node-1", "status": "ok", "etcd": "disconnected", "endpoints": 2})
+        assert (await client.get("/readyz")).status == 503
+        reg.etcd_connected = reg.registered = True
+        assert (await (await client.get("/healthz")).json())["etcd"] == "connected"
+        assert (await client.get("/readyz")).status == 200

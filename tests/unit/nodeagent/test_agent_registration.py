@@ -1,0 +1,124 @@
+"""NodeRegistration against a fake aetcd client: register, refresh, expiry, updates, revoke."""
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import aetcd
+
+from ciliary.nodeagent import registration, settings
+
+SETTINGS = settings.load_settings(["--node", "n1", "--lease-ttl", "3", "--etcd-endpoints", "a:1,b:2"], {})
+
+
+class FakeLease:
+    def __init__(self, client, lease_id):
+        self.id = lease_id
+        self.client = client
+
+    async def refresh(self):
+        return SimpleNamespace(TTL=0 if self.id in self.client.expired else 3)
+
+    async def revoke(self):
+        self.client.revoked.append(self.id)
+
+
+class FakeClient:
+    def __init__(self, endpoint, timeout):
+        self.endpoint = str(endpoint)
+        self.puts: list = []
+        self.expired: set = set()
+        self.revoked: list = []
+        self.next_id = 100
+        self.fail_next = 0
+
+    async def lease(self, ttl):
+        if self.fail_next:
+            self.fail_next -= 1
+            raise aetcd.ConnectionFailedError("down")
+        self.next_id += 1
+        return FakeLease(self, self.next_id)
+
+    async def put(self, key, value, lease):
+        self.puts.append((key, json.loads(value), lease.id))
+
+    async def close(self):
+        pass
+
+
+def make(count=lambda: 0):
+    clients: list[FakeClient] = []
+
+    def factory(endpoint, timeout):
+        clients.append(FakeClient(endpoint, timeout))
+        return clients[-1]
+
+    return registration.NodeRegistration(settings=SETTINGS, endpoint_count=count, client_factory=factory), clients
+
+
+async def test_register_refresh_reregister_update_and_revoke():
+    reg, clients = make(count=lambda: 4)
+    assert not reg.registered
+    await reg._step()
+    client = clients[0]
+    key, record, lease_id = client.puts[-1]
+    assert key == b"/ciliary/nodes/v1/n1"
+    assert record["name"] == "n1" and record["endpoints"] == 4 and record["healthAddr"] == "127.0.0.1:9876"
+    assert reg.registered and reg.lease_id == lease_id
+    await reg._step()  # plain keep-alive: no new put
+    assert len(client.puts) == 1
+    client.expired.add(lease_id)
+    await reg._step()  # TTL 0: a new lease and a new put
+    assert reg.lease_id != lease_id and client.puts[-1][2] == reg.lease_id
+    reg.request_update()
+    await reg._step()
+    assert len(client.puts) == 3
+    await reg.close()
+    assert client.revoked == [client.puts[-1][2]]
+    assert not reg.registered
+
+
+async def test_run_registers_and_stops():
+    reg, clients = make()
+    stop = asyncio.Event()
+    task = asyncio.create_task(reg.run(stop))
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if reg.registered:
+            break
+    assert reg.registered and reg.etcd_connected
+    assert clients[0].endpoint == "a:1"
+    stop.set()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_connection_failures_are_retried_within_a_call():
+    reg, clients = make()
+    reg._ensure_client()
+    clients[0].fail_next = 2  # fewer than CONNECT_RETRIES
+    await reg._step()
+    assert reg.registered
+
+
+async def test_run_rotates_to_the_next_endpoint_when_one_is_down():
+    clients: list[FakeClient] = []
+
+    def factory(endpoint, timeout):
+        client = FakeClient(endpoint, timeout)
+        client.fail_next = 99 if str(endpoint) == "a:1" else 0
+        clients.append(client)
+        return client
+
+    reg = registration.NodeRegistration(settings=SETTINGS, endpoint_count=lambda: 0, client_factory=factory)
+    stop = asyncio.Event()
+    task = asyncio.create_task(reg.run(stop))
+    try:
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if reg.registered:
+                break
+        assert reg.registered
+        assert [c.endpoint for c in clients] == ["a:1", "b:2"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)

@@ -1,0 +1,52 @@
+"""Settings from flags over environment, and the key=value log formatter."""
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from ciliary.nodeagent import logs, settings
+
+
+def test_defaults(monkeypatch):
+    s = settings.load_settings([], {"CILIARY_AGENT_NODE_NAME": "n1"})
+    assert s.node_name == "n1"
+    assert [str(e) for e in s.etcd_endpoints] == ["127.0.0.1:2379"]
+    assert s.socket_path == Path("/run/ciliary/agent.sock")
+    assert (s.health_host, s.health_port, s.lease_ttl) == ("127.0.0.1", 9876, 10)
+
+
+def test_env_then_flags():
+    env = {"CILIARY_AGENT_NODE_NAME": "env-node", "CILIARY_AGENT_ETCD_ENDPOINTS": "http://10.0.0.1:2379,10.0.0.2",
+           "CILIARY_AGENT_SOCKET": "/tmp/a.sock", "CILIARY_AGENT_STATE_DIR": "/tmp/st",
+           "CILIARY_AGENT_HEALTH_ADDR": "0.0.0.0:1234", "CILIARY_AGENT_LEASE_TTL": "30"}
+    s = settings.load_settings([], env)
+    assert [str(e) for e in s.etcd_endpoints] == ["10.0.0.1:2379", "10.0.0.2:2379"]
+    assert (s.node_name, s.lease_ttl, s.health_addr) == ("env-node", 30, "0.0.0.0:1234")
+    s = settings.load_settings(["--node", "flag-node", "--lease-ttl", "6", "--health-addr", "127.0.0.1:1"], env)
+    assert (s.node_name, s.lease_ttl, s.health_port) == ("flag-node", 6, 1)
+
+
+@pytest.mark.parametrize("argv", [["--lease-ttl", "1"], ["--etcd-endpoints", "https://x:1"], ["--health-addr", "x"],
+                                  ["--node", "a/b"]])
+def test_invalid_values_exit_2(argv):
+    with pytest.raises(SystemExit) as caught:
+        settings.load_settings(argv, {"CILIARY_AGENT_NODE_NAME": "n"})
+    assert caught.value.code == 2
+
+
+def test_help_mentions_env_vars(capsys):
+    with pytest.raises(SystemExit):
+        settings.load_settings(["--help"], {})
+    out = capsys.readouterr().out
+    for name in ("CILIARY_AGENT_NODE_NAME", "CILIARY_AGENT_ETCD_ENDPOINTS", "CILIARY_AGENT_LEASE_TTL", "--state-dir"):
+        assert name in out
+
+
+def test_key_value_formatter():
+    record = logging.makeLogRecord({"name": "x", "levelname": "INFO", "msg": "Node registered",
+                                    "node": "n1", "lease": 5, "path": "/a b"})
+    line = logs.KeyValueFormatter().format(record)
+    assert 'msg="Node registered"' in line
+    assert "node=n1 lease=5" in line
+    assert 'path="/a b"' in line
