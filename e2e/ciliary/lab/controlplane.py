@@ -56,7 +56,7 @@ def load_or_choose_ports(layout: LabLayout) -> Ports:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     chosen: set[int] = set()
-    values = []
+    values: list[int] = []
     while len(values) < 4:
         port = free_port()
         if port not in chosen:

@@ -33,7 +33,7 @@ async def post_event(
 ) -> None:
     """Post a core/v1 Event about ``obj`` ({kind, namespace, name, uid}); never raises."""
     namespace = obj.get("namespace") or "default"
-    body = {
+    body: Any = {
         "apiVersion": "v1", "kind": "Event",
         "metadata": {"generateName": f"{obj['name']}.", "namespace": namespace},
         "involvedObject": {"apiVersion": "v1", "kind": obj["kind"], "name": obj["name"],

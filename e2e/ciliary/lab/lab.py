@@ -22,8 +22,16 @@ from pathlib import Path
 
 from ciliary.lab import cgroups, controlplane, processes, topology
 from ciliary.lab.layout import (
-    MAX_NODES, WORLD_IP, WORLD_TCP_PORTS, WORLD_UDP_PORTS, Binaries, LabLayout, node_index, node_ip,
-    node_name, pod_cidr,
+    MAX_NODES,
+    WORLD_IP,
+    WORLD_TCP_PORTS,
+    WORLD_UDP_PORTS,
+    Binaries,
+    LabLayout,
+    node_index,
+    node_ip,
+    node_name,
+    pod_cidr,
 )
 
 

@@ -72,7 +72,7 @@ class PodRuntime:
             await asyncio.sleep(HEARTBEAT_SECONDS)
 
     async def _renew_lease(self) -> None:
-        body = {"metadata": {"name": self.ctx.node, "namespace": "kube-node-lease"},
+        body: Any = {"metadata": {"name": self.ctx.node, "namespace": "kube-node-lease"},
                 "spec": {"holderIdentity": self.ctx.node, "leaseDurationSeconds": 40, "renewTime": now_micro()}}
         try:
             await self.coordination.patch_namespaced_lease(self.ctx.node, "kube-node-lease", body)

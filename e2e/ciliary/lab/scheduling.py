@@ -70,7 +70,7 @@ class Scheduler:
                                  message="no Ready node matches the Pod's nodeSelector")
             return
         target = nodes[next(self.counter) % len(nodes)]
-        binding = {"apiVersion": "v1", "kind": "Binding",
+        binding: Any = {"apiVersion": "v1", "kind": "Binding",
                    "metadata": {"name": pod.metadata.name, "namespace": pod.metadata.namespace},
                    "target": {"apiVersion": "v1", "kind": "Node", "name": target}}
         try:
