@@ -9,6 +9,8 @@ here is per-packet logic: the datapath evaluates exactly these entries, and
 Conventions
 - identity 0 in a :class:`PolicyEntry` means "any peer" (an L4-only rule);
 - protocol 0 means any protocol, port range (0, 0) means any port;
+- for ICMP packets the "port" is the ICMP type: an entry with ``icmp_type``
+  set covers only ICMP packets of that type (like Cilium's policy key);
 - an endpoint is default-deny in a direction only when ``enforced`` is True;
 - deny entries beat allow entries whatever their specificity.
 """
@@ -19,7 +21,7 @@ import hashlib
 import ipaddress
 import json
 from collections.abc import Iterable, Mapping
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -50,12 +52,12 @@ class Protocol(int, Enum):
     SCTP = 132
 
 
-class Verdict(str, Enum):
+class Verdict(StrEnum):
     ALLOW = "allow"
     DENY = "deny"
 
 
-class Direction(str, Enum):
+class Direction(StrEnum):
     INGRESS = "ingress"
     EGRESS = "egress"
 
@@ -107,6 +109,8 @@ class PolicyEntry(_Frozen):
             return False
         if self.protocol is not Protocol.ANY and int(self.protocol) != protocol:
             return False
+        if self.icmp_type is not None:
+            return protocol == Protocol.ICMP and port == self.icmp_type
         if self.port_low == 0:
             return True
         high = self.port_high or self.port_low
