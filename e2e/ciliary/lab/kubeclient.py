@@ -7,8 +7,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from kubernetes_asyncio import client, config
+from kubernetes_asyncio import client
 from kubernetes_asyncio.client.rest import ApiException
+
+from ciliary.operator import kubeapi
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +24,7 @@ def now_micro() -> str:
 
 
 async def api_client(kubeconfig: Path) -> client.ApiClient:
-    cfg = client.Configuration()
-    await config.load_kube_config(config_file=str(kubeconfig), client_configuration=cfg)
-    return client.ApiClient(configuration=cfg)
+    return await kubeapi.api_client(kubeconfig)
 
 
 async def post_event(

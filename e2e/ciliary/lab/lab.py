@@ -229,7 +229,6 @@ class Lab:
         ports = self.ports()
         return [f"export KUBECONFIG={self.layout.kubeconfig}",
                 f"export ETCDCTL_ENDPOINTS={ports.etcd_endpoint.removeprefix('http://')}",
-                "export ETCDCTL_API=3",
                 f"export LAB_WORLD_IP={WORLD_IP}",
                 f"export PATH={self.bins.kubectl.parent}:{self.bins.etcdctl.parent}:$PATH"]
 

@@ -1,0 +1,81 @@
+/* consts.h - numeric constants shared by every program.
+ *
+ * Values that a node may tune (map sizes, feature switches) are rendered by
+ * programs/macros.j2 as #defines *before* this header is inlined, so each one
+ * here is only a default (#ifndef). Nothing here depends on policy content:
+ * policy lives in maps and never recompiles a program.
+ */
+#ifndef CY_CONSTS_H
+#define CY_CONSTS_H
+
+/* Map sizes (entries). */
+#ifndef CY_IPCACHE_MAX
+#define CY_IPCACHE_MAX 16384
+#endif
+#ifndef CY_ENDPOINTS_MAX
+#define CY_ENDPOINTS_MAX 1024
+#endif
+#ifndef CY_POLICY_MAX
+#define CY_POLICY_MAX 65536
+#endif
+#ifndef CY_CT_MAX
+#define CY_CT_MAX 65536
+#endif
+#ifndef CY_EVENTS_PAGES
+#define CY_EVENTS_PAGES 64
+#endif
+
+/* Feature switches. */
+#ifndef CY_TRACE_ALL
+#define CY_TRACE_ALL 0 /* 1: one flow event per packet; 0: new flows and drops only */
+#endif
+
+/* Direction of a policy as seen by the endpoint (types.h: policy_key.direction). */
+#define CY_DIR_INGRESS 1 /* traffic entering the pod: tc egress of the host veth */
+#define CY_DIR_EGRESS 2  /* traffic leaving the pod: tc ingress of the host veth */
+
+/* endpoint_info.flags */
+#define CY_EP_INGRESS_ENFORCED (1U << 0)
+#define CY_EP_EGRESS_ENFORCED (1U << 1)
+
+/* policy_value.flags */
+#define CY_POLICY_DENY (1U << 0)
+
+/* Reserved identities (Cilium's numbering). */
+#define CY_ID_ANY 0   /* in policy keys: any peer */
+#define CY_ID_WORLD 2 /* peer not in the ipcache */
+
+/* Policy LPM key: bits of data before the port (ep_id, identity, direction,
+ * protocol) are always matched in full; the port adds 0..16 prefix bits. */
+#define CY_POLICY_FIXED_BITS 80
+#define CY_POLICY_FULL_BITS 96
+
+/* Conntrack lifetimes (ns). */
+#define CY_CT_LIFETIME_TCP (21600ULL * 1000000000ULL)
+#define CY_CT_LIFETIME_OTHER (60ULL * 1000000000ULL)
+#define CY_CT_LIFETIME_CLOSE (10ULL * 1000000000ULL)
+#define CY_CT_REFRESH (1ULL * 1000000000ULL) /* rewrite expiry at most once a second */
+
+/* Verdicts in flow events. */
+#define CY_VERDICT_FORWARDED 1
+#define CY_VERDICT_DROPPED 2
+
+/* Protocol numbers (netinet/in.h is not available to bcc programs). */
+#define CY_PROTO_ICMP 1
+#define CY_PROTO_TCP 6
+#define CY_PROTO_UDP 17
+#define CY_PROTO_SCTP 132
+
+#define CY_ICMP_ECHO_REPLY 0
+#define CY_ICMP_ECHO_REQUEST 8
+
+#define CY_ETH_P_IP 0x0800
+#define CY_IP_MF 0x2000
+#define CY_IP_OFFSET 0x1FFF
+
+/* TCP flag bits as in the 13th byte of the TCP header. */
+#define CY_TCP_FIN 0x01
+#define CY_TCP_SYN 0x02
+#define CY_TCP_RST 0x04
+
+#endif /* CY_CONSTS_H */

@@ -1,0 +1,19 @@
+/* drop_reasons.h - why a packet was forwarded or dropped.
+ *
+ * One number space for both outcomes so that counters and flow events carry a
+ * single "reason" byte. Mirrored by ciliary.nodeagent.datapath.maps.Reason.
+ * Counters are indexed by direction * CY_REASON_MAX + reason.
+ */
+#ifndef CY_DROP_REASONS_H
+#define CY_DROP_REASONS_H
+
+#define CY_OK_POLICY 1       /* forwarded: an allow entry matched */
+#define CY_OK_REPLY 2        /* forwarded: reply of a tracked connection (conntrack) */
+#define CY_OK_UNENFORCED 3   /* forwarded: the direction is not enforced for this endpoint */
+#define CY_DROP_POLICY_DENY 4 /* dropped: a deny entry matched (deny beats allow) */
+#define CY_DROP_POLICY 5     /* dropped: enforced and no allow entry matched (default deny) */
+#define CY_DROP_INVALID 6    /* dropped: L4 header truncated on an enforced endpoint */
+
+#define CY_REASON_MAX 8
+
+#endif /* CY_DROP_REASONS_H */

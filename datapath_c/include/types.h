@@ -1,0 +1,93 @@
+/* types.h - structs stored in maps or sent to user space.
+ *
+ * Each struct is mirrored 1:1 (field order, sizes, explicit padding) by a
+ * ctypes.Structure in ciliary/nodeagent/datapath/maps.py; a unit test checks
+ * the sizes. Addresses are IPv4 in network byte order; ports in keys are in
+ * network byte order so that LPM prefixes run over the port's high bits.
+ */
+#ifndef CY_TYPES_H
+#define CY_TYPES_H
+
+/* cy_ipcache key: LPM trie over an IPv4 prefix. */
+struct ipcache_key {
+	__u32 prefixlen; /* 0..32 */
+	__u32 addr;      /* network order */
+};
+
+struct ipcache_value {
+	__u32 identity;
+	__u32 flags; /* reserved, 0 */
+};
+
+/* cy_endpoints value, keyed by the pod's IPv4 (__u32, network order). */
+struct endpoint_info {
+	__u32 ep_id;    /* node-local endpoint id, >= 1, allocated by the planner */
+	__u32 identity; /* security identity of the pod */
+	__u32 flags;    /* CY_EP_*_ENFORCED */
+	__u32 ifindex;  /* host-side veth in the node netns (diagnostics) */
+};
+
+/* cy_policy / cy_policy_deny key: LPM trie. prefixlen counts bits of the
+ * fields after it: CY_POLICY_FIXED_BITS (ep_id..protocol) + 0..16 port bits. */
+struct policy_key {
+	__u32 prefixlen;
+	__u32 ep_id;
+	__u32 identity;  /* 0 = any peer */
+	__u8 direction;  /* CY_DIR_* */
+	__u8 protocol;   /* 0 = any protocol */
+	__be16 dport;    /* network order; ICMP: the ICMP type */
+};
+
+struct policy_value {
+	__u32 cookie; /* rule cookie for flow events (crc32 of the rule refs) */
+	__u32 flags;  /* CY_POLICY_DENY in cy_policy_deny */
+};
+
+/* cy_ct key: a connection as first seen by one hook. ICMP echo uses the echo
+ * id as sport for requests and as dport for replies, so a reversed reply
+ * matches its request. */
+struct ct_key {
+	__u32 saddr;
+	__u32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 protocol;
+	__u8 direction; /* CY_DIR_* of the hook that created the entry */
+	__u16 pad;
+};
+
+struct ct_entry {
+	__u64 expires;  /* bpf_ktime_get_ns() deadline */
+	__u32 ep_id;
+	__u32 cookie;   /* rule that allowed the connection */
+	__u64 packets;  /* forward packets seen (approximate: not atomic) */
+};
+
+struct counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* cy_events record. Ports and addresses as on the wire (network order). */
+struct flow_event {
+	__u64 ts_ns;     /* bpf_ktime_get_ns() */
+	__u32 saddr;
+	__u32 daddr;
+	__be16 sport;
+	__be16 dport;    /* ICMP: type in the low byte of sport, code in dport */
+	__u8 protocol;
+	__u8 tcp_flags;
+	__u8 verdict;    /* CY_VERDICT_* */
+	__u8 reason;     /* drop_reasons.h */
+	__u8 direction;  /* CY_DIR_* */
+	__u8 is_reply;
+	__u16 pad;
+	__u32 ep_id;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 cookie;
+	__u32 ifindex;
+	__u32 len;
+};
+
+#endif /* CY_TYPES_H */

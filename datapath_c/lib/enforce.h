@@ -1,0 +1,80 @@
+/* enforce.h - the per-packet decision shared by both hooks.
+ *
+ * dir is the pod's policy direction: CY_DIR_EGRESS in cy_from_pod (packet
+ * leaves the pod, the pod is the source), CY_DIR_INGRESS in cy_to_pod (packet
+ * enters the pod, the pod is the destination). Order:
+ *   1. not IPv4, or the pod side is not a known endpoint -> pass (no event);
+ *   2. reply of a tracked connection -> pass (CY_OK_REPLY);
+ *   3. direction not enforced -> pass (CY_OK_UNENFORCED);
+ *   4. policy.h verdict: deny entry -> drop, allow entry -> pass, else drop.
+ * Forwarded forward-direction packets create/refresh a cy_ct entry; a flow
+ * event is emitted for every drop and every new connection (every packet when
+ * CY_TRACE_ALL).
+ */
+#ifndef CY_ENFORCE_H
+#define CY_ENFORCE_H
+
+static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
+{
+	struct cy_packet p = {};
+	struct endpoint_info *ep;
+	__u32 pod_addr, peer_addr, peer_id, cookie = 0;
+	__u32 flag;
+	__u64 now;
+	__u8 reason;
+	int parsed, is_new;
+
+	parsed = cy_parse(skb, &p);
+	if (parsed == CY_PARSE_SKIP)
+		return TC_ACT_OK;
+	pod_addr = dir == CY_DIR_EGRESS ? p.saddr : p.daddr;
+	peer_addr = dir == CY_DIR_EGRESS ? p.daddr : p.saddr;
+	ep = cy_endpoints.lookup(&pod_addr);
+	if (!ep)
+		return TC_ACT_OK;
+
+	now = bpf_ktime_get_ns();
+	peer_id = cy_identity_of(peer_addr);
+	flag = dir == CY_DIR_EGRESS ? CY_EP_EGRESS_ENFORCED : CY_EP_INGRESS_ENFORCED;
+#define CY_SRC_ID (dir == CY_DIR_EGRESS ? ep->identity : peer_id)
+#define CY_DST_ID (dir == CY_DIR_EGRESS ? peer_id : ep->identity)
+
+	if (parsed == CY_PARSE_SHORT) {
+		if (!(ep->flags & flag))
+			return TC_ACT_OK;
+		cy_count(dir, CY_DROP_INVALID, p.len);
+		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, CY_DROP_INVALID, 0, ep->ep_id,
+			CY_SRC_ID, CY_DST_ID, 0, now);
+		return TC_ACT_SHOT;
+	}
+
+	if (cy_ct_is_reply(&p, dir, now)) {
+		cy_count(dir, CY_OK_REPLY, p.len);
+		if (CY_TRACE_ALL)
+			cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, CY_OK_REPLY, 1, ep->ep_id,
+				CY_SRC_ID, CY_DST_ID, 0, now);
+		return TC_ACT_OK;
+	}
+
+	if (ep->flags & flag)
+		reason = cy_policy_verdict(ep->ep_id, dir, peer_id, p.protocol, p.policy_port,
+					   &cookie);
+	else
+		reason = CY_OK_UNENFORCED;
+
+	cy_count(dir, reason, p.len);
+	if (reason == CY_DROP_POLICY || reason == CY_DROP_POLICY_DENY) {
+		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID,
+			CY_DST_ID, cookie, now);
+		return TC_ACT_SHOT;
+	}
+	is_new = cy_ct_track(&p, dir, ep->ep_id, cookie, now);
+	if (is_new || CY_TRACE_ALL)
+		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID,
+			CY_DST_ID, cookie, now);
+	return TC_ACT_OK;
+#undef CY_SRC_ID
+#undef CY_DST_ID
+}
+
+#endif /* CY_ENFORCE_H */

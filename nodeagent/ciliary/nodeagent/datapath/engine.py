@@ -1,0 +1,355 @@
+"""The datapath engine the node agent drives.
+
+``Datapath(node, netns=...)`` owns one node's eBPF state: its bpffs pin
+directory ``<bpffs>/ciliary/<node>/``, the two tc programs and their maps.
+``start()`` renders, compiles (once per hash per process), adopts what a
+previous agent pinned (maps keep their contents, programs whose hash still
+matches keep running), and observes the kernel. ``apply(intent, endpoints)``
+plans against a shadow of what was written (``planning.plan``) and applies:
+maps (capacity checked first, undone on failure), then tc attachments.
+
+Failures are typed (``errors``): a compile or verifier failure happens before
+anything is touched, a map failure is rolled back, so the last good state
+keeps enforcing; attach failures are isolated per veth and reported together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Mapping
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from ciliary.nodeagent import planning, rendering
+from ciliary.nodeagent.datapath import compiling, errors, flows, loading, maps
+from ciliary.operator import intents
+
+log = logging.getLogger(__name__)
+
+MAP_NAMES = ("cy_ipcache", "cy_endpoints", "cy_policy", "cy_policy_deny", "cy_ct",
+             "cy_counters", "cy_lost", "cy_events")
+
+
+@dataclasses.dataclass(frozen=True)
+class ApplyResult:
+    """What one ``apply`` changed."""
+
+    revision: int
+    compiled: tuple[str, ...]
+    map_writes: int
+    attached: tuple[planning.Attachment, ...]
+    detached: tuple[planning.Attachment, ...]
+    endpoint_ids: Mapping[IPv4Address, int]
+    unplaced: tuple[IPv4Address, ...]
+    seconds: float
+    program_hashes: Mapping[str, str]
+
+
+def _sizes_of(ctx: rendering.RenderContext) -> dict[str, tuple[int, int, int]]:
+    """Expected (key_size, value_size, max_entries) of maps whose shape the context decides."""
+    return {
+        "cy_ipcache": (8, 8, ctx.ipcache_size),
+        "cy_endpoints": (4, 16, ctx.endpoints_size),
+        "cy_policy": (16, 8, ctx.policy_size),
+        "cy_policy_deny": (16, 8, ctx.policy_size),
+        "cy_ct": (16, 24, ctx.ct_size),
+        "cy_counters": (4, 16, 3 * maps.REASON_MAX),
+        "cy_lost": (4, 8, 1),
+        "cy_events": (0, 0, ctx.events_pages * 4096),
+    }
+
+
+class Datapath:
+    """One node's datapath. Not thread-safe: drive it from one task or thread."""
+
+    def __init__(self, node: str, *, netns: str | None = None, bpffs: Path = Path("/sys/fs/bpf"),
+                 context: rendering.RenderContext | None = None,
+                 template_root: Path = rendering.DATAPATH_C_DIR) -> None:
+        self.node = node
+        self.netns = netns
+        self.bpffs = bpffs
+        self.pin_dir = bpffs / "ciliary" / node
+        self.context = context or rendering.RenderContext(pin_dir=str(self.pin_dir))
+        if self.context.pin_dir != str(self.pin_dir):
+            raise ValueError(f"context.pin_dir must be {self.pin_dir}")
+        self._root = template_root
+        self._programs: dict[str, compiling.CompiledProgram] = {}
+        self._prog_fds: dict[str, int] = {}
+        self._state = planning.DatapathState()
+        self._rules: dict[int, tuple[intents.RuleRef, ...]] = {}
+        self._reader: flows.FlowReader | None = None
+        self._started = False
+        self._rendered: tuple[rendering.RenderContext, dict[str, rendering.RenderedProgram]] | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> planning.DatapathState:
+        """Render, compile, adopt pins, observe. Idempotent."""
+        loading.ensure_bpffs(self.bpffs)
+        self.pin_dir.mkdir(parents=True, exist_ok=True)
+        self._drop_misshapen_maps()
+        rendered = self._render()
+        for hook, program in rendered.items():
+            self._load(hook, program)
+        self._started = True
+        self._state = self.observe()
+        return self._state
+
+    def _render(self) -> dict[str, rendering.RenderedProgram]:
+        """Rendered programs of the current context (cached: policy changes never re-render)."""
+        if self._rendered is None or self._rendered[0] != self.context:
+            self._rendered = (self.context, rendering.render_all(self.context, root=self._root))
+        return self._rendered[1]
+
+    def _drop_misshapen_maps(self) -> None:
+        # A pinned map whose size or layout differs from this render would be silently
+        # reused by bcc: unpin it so the compile creates a fresh one (the planner refills).
+        for name, (key_size, value_size, max_entries) in _sizes_of(self.context).items():
+            info = loading.pinned_map_info(self.pin_dir / name)
+            if info is None:
+                continue
+            if (info.key_size, info.value_size, info.max_entries) != (key_size, value_size, max_entries):
+                log.info("Recreating map %s: shape changed", name, extra={"node": self.node})
+                (self.pin_dir / name).unlink()
+
+    def _load(self, hook: str, program: rendering.RenderedProgram) -> None:
+        """Compile (cached), then adopt the pinned program of this hash or load and pin it."""
+        compiled = compiling.compile_program(program)
+        pin_path = loading.program_pin_path(self.pin_dir, hook, program.sha256)
+        old_fd = self._prog_fds.pop(hook, None)
+        if pin_path.exists():
+            fd = loading.open_pinned(pin_path)
+        else:
+            fn = compiling.load(compiled)
+            fd = os.dup(fn.fd)
+            loading.pin(fd, pin_path)
+        if old_fd is not None:
+            os.close(old_fd)
+        self._programs[hook] = compiled
+        self._prog_fds[hook] = fd
+
+    def close(self) -> None:
+        """Release this process's handles; attached programs and pins keep enforcing."""
+        if self._reader is not None:
+            self._reader.detach()
+            self._reader = None
+        for fd in self._prog_fds.values():
+            os.close(fd)
+        self._prog_fds.clear()
+        self._started = False
+
+    def teardown(self) -> None:
+        """Detach every program of this node and remove its pins (the node leaves)."""
+        for f in loading.list_filters(self.netns):
+            if f.name.startswith("cy_"):
+                with contextlib.suppress(errors.AttachFailed):
+                    loading.detach(self.netns, f.ifindex, f.hook)
+        hashes = [c.sha256 for c in self._programs.values()]
+        self.close()
+        for sha in hashes:
+            compiling.forget(sha)
+        self._programs.clear()
+        if self.pin_dir.exists():
+            for pinned in self.pin_dir.iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    pinned.unlink()
+            with contextlib.suppress(OSError):
+                self.pin_dir.rmdir()
+        self._state = planning.DatapathState()
+
+    # ------------------------------------------------------------ observation
+
+    @property
+    def program_hashes(self) -> dict[str, str]:
+        return {hook: c.sha256 for hook, c in self._programs.items()}
+
+    def compiled(self, hook: str) -> compiling.CompiledProgram:
+        return self._programs[hook]
+
+    def _table(self, name: str) -> Any:
+        return self._programs["from_pod"].bpf[name]
+
+    def _fd(self, name: str) -> int:
+        return maps.map_fd(self._table(name))
+
+    def observe(self) -> planning.DatapathState:
+        """Read what the kernel holds: pinned programs, tc filters, map contents."""
+        self._require_started()
+        id_to_hash: dict[int, str] = {}
+        for pinned in self.pin_dir.glob("prog_*"):
+            fd = loading.open_pinned(pinned)
+            try:
+                id_to_hash[loading.prog_id(fd)] = self._hash_of_pin(pinned)
+            finally:
+                os.close(fd)
+        programs = {hook: c.sha256 for hook, c in self._programs.items()
+                    if loading.program_pin_path(self.pin_dir, hook, c.sha256).exists()}
+        attachments = frozenset(
+            planning.Attachment(f.ifname, f.ifindex, f.hook, id_to_hash.get(f.prog_id, ""))
+            for f in loading.list_filters(self.netns) if f.name.startswith("cy_")
+        )
+        return planning.DatapathState(
+            programs=programs,
+            attachments=attachments,
+            ipcache=maps.read_map(self._fd("cy_ipcache"), maps.IPCACHE),
+            endpoints=maps.read_map(self._fd("cy_endpoints"), maps.ENDPOINTS),
+            policy=maps.read_map(self._fd("cy_policy"), maps.POLICY),
+            policy_deny=maps.read_map(self._fd("cy_policy_deny"), maps.POLICY_DENY),
+        )
+
+    def _hash_of_pin(self, pinned: Path) -> str:
+        prefix = pinned.name.rsplit("_", 1)[-1]
+        for c in self._programs.values():
+            if c.sha256.startswith(prefix):
+                return c.sha256
+        return prefix  # a stale program: its full hash is unknown, the prefix never matches
+
+    @property
+    def state(self) -> planning.DatapathState:
+        """The shadow of what this engine believes is loaded (refreshed by ``observe``)."""
+        return self._state
+
+    def _require_started(self) -> None:
+        if not self._programs:
+            raise RuntimeError("Datapath.start() was not called")
+
+    # ------------------------------------------------------------ apply
+
+    def apply(self, intent: intents.NodeIntent,
+              endpoints: Mapping[IPv4Address | str, planning.HostVeth]) -> ApplyResult:
+        """Make the datapath enforce ``intent`` on the veths of ``endpoints`` (pod IPv4 -> veth)."""
+        self._require_started()
+        began = time.monotonic()
+        veths = {IPv4Address(str(ip)): veth for ip, veth in endpoints.items()}
+        rendered = self._render()
+        hashes = {hook: p.sha256 for hook, p in rendered.items()}
+        observed = self._state
+        the_plan = planning.plan(intent, observed, programs=hashes, veths=veths)
+
+        # 1. Programs: compile and verify before touching anything.
+        for hook in the_plan.compile:
+            self._load(hook, rendered[hook])
+
+        # 2. Maps: all capacities first, then writes with an undo log.
+        self._write_maps(the_plan, observed)
+        state = dataclasses.replace(
+            observed,
+            programs=dict(hashes),
+            ipcache=_patched(observed.ipcache, the_plan.ipcache),
+            endpoints=_patched(observed.endpoints, the_plan.endpoints),
+            policy=_patched(observed.policy, the_plan.policy),
+            policy_deny=_patched(observed.policy_deny, the_plan.policy_deny),
+        )
+        self._rules = {planning.rule_cookie(e.rules): e.rules
+                       for ep in intent.endpoints for d in (ep.ingress, ep.egress) for e in d.entries}
+
+        # 3. Attachments, isolated per veth.
+        attachments = set(state.attachments)
+        failures: list[errors.AttachFailed] = []
+        for att in the_plan.attach:
+            try:
+                loading.attach(self.netns, att.ifindex, att.hook, self._prog_fds[att.hook], f"cy_{att.hook}")
+            except errors.AttachFailed as exc:
+                failures.append(errors.AttachFailed(att.ifname, att.hook, exc.message))
+                continue
+            attachments = {a for a in attachments if (a.ifname, a.hook) != (att.ifname, att.hook)}
+            attachments.add(att)
+        for att in the_plan.detach:
+            try:
+                loading.detach(self.netns, att.ifindex, att.hook)
+            except errors.AttachFailed as exc:
+                failures.append(errors.AttachFailed(att.ifname, att.hook, exc.message))
+                continue
+            attachments.discard(att)
+        self._state = dataclasses.replace(state, attachments=frozenset(attachments))
+        if not failures:
+            self._unpin_stale_programs()
+
+        result = ApplyResult(
+            revision=intent.revision,
+            compiled=the_plan.compile,
+            map_writes=the_plan.map_writes,
+            attached=the_plan.attach,
+            detached=the_plan.detach,
+            endpoint_ids=the_plan.endpoint_ids,
+            unplaced=the_plan.unplaced,
+            seconds=time.monotonic() - began,
+            program_hashes=hashes,
+        )
+        log.info("Applied node intent", extra={"node": self.node, "revision": intent.revision,
+                                               "map_writes": result.map_writes})
+        if failures:
+            first = failures[0]
+            raise errors.AttachFailed(first.ifname, first.hook, first.message, tuple(failures[1:]))
+        return result
+
+    def _write_maps(self, the_plan: planning.Plan, observed: planning.DatapathState) -> None:
+        ctx = self.context
+        steps: list[tuple[maps.Codec[Any, Any], Mapping[Any, Any], planning.MapDiff[Any, Any], int]] = [
+            (maps.IPCACHE, observed.ipcache, the_plan.ipcache, ctx.ipcache_size),
+            (maps.POLICY_DENY, observed.policy_deny, the_plan.policy_deny, ctx.policy_size),
+            (maps.POLICY, observed.policy, the_plan.policy, ctx.policy_size),
+            (maps.ENDPOINTS, observed.endpoints, the_plan.endpoints, ctx.endpoints_size),
+        ]
+        for codec, obs, diff, capacity in steps:
+            maps.check_capacity(codec, obs, diff, capacity)
+        undo = maps.UndoLog()
+        try:
+            # Policy before endpoints on the way in, endpoints before policy on the way
+            # out: a new endpoint is never enforced without its entries.
+            for codec, obs, diff, _ in steps:
+                maps.apply_upserts(self._fd(codec.name), codec, obs, diff, undo)
+            for codec, obs, diff, _ in reversed(steps):
+                maps.apply_deletes(self._fd(codec.name), codec, obs, diff, undo)
+        except errors.MapWriteFailed:
+            undo.rollback()
+            raise
+
+    def _unpin_stale_programs(self) -> None:
+        current = {loading.program_pin_path(self.pin_dir, h, c.sha256) for h, c in self._programs.items()}
+        for pinned in self.pin_dir.glob("prog_*"):
+            if pinned not in current:
+                log.info("Removed stale program pin %s", pinned.name, extra={"node": self.node})
+                with contextlib.suppress(FileNotFoundError):
+                    pinned.unlink()
+
+    # ------------------------------------------------------------ observability
+
+    def flows(self) -> flows.FlowReader:
+        """The (single) reader of this node's flow events."""
+        self._require_started()
+        if self._reader is None:
+            self._reader = flows.FlowReader(self._programs["from_pod"].bpf)
+        return self._reader
+
+    def rules_for(self, cookie: int) -> tuple[intents.RuleRef, ...]:
+        """The rules behind a flow event's cookie (from the last applied intent)."""
+        return self._rules.get(cookie, ())
+
+    def counters(self) -> dict[tuple[str, maps.Reason], tuple[int, int]]:
+        """(direction, reason) -> (packets, bytes), summed over CPUs."""
+        table = self._table("cy_counters")
+        out: dict[tuple[str, maps.Reason], tuple[int, int]] = {}
+        for direction, dname in flows.DIRECTIONS.items():
+            for reason in maps.Reason:
+                per_cpu = table[ct.c_uint32(direction * maps.REASON_MAX + int(reason))]
+                out[(dname, reason)] = (sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu))
+        return out
+
+    def conntrack_size(self) -> int:
+        return sum(1 for _ in self._table("cy_ct").keys())
+
+
+def _patched(observed: Mapping[Any, Any], diff: planning.MapDiff[Any, Any]) -> dict[Any, Any]:
+    out = dict(observed)
+    for key in diff.deletes:
+        out.pop(key, None)
+    out.update(diff.upserts)
+    return out
+

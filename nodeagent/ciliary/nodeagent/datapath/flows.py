@@ -1,0 +1,133 @@
+"""Flow events: the cy_events ring buffer decoded into :class:`FlowEvent`.
+
+Used by ``engine.Datapath.flows()``. Synchronous use: ``reader.poll(ms)``.
+asyncio use (no threads): ``reader.attach(loop)`` registers the ring buffer's
+epoll fd with ``loop.add_reader`` and consumes on readiness (bcc pitfall B6:
+consume, never poll, from a reader callback). Events the kernel could not
+queue are counted in cy_lost; :meth:`FlowReader.lost` reports them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes as ct
+import dataclasses
+import socket
+import time
+from collections.abc import Callable
+from ipaddress import IPv4Address
+from typing import Any
+
+from ciliary.nodeagent.datapath import maps
+
+_libbpf = ct.CDLL("libbpf.so.1", use_errno=True)
+_libbpf.ring_buffer__epoll_fd.argtypes = [ct.c_void_p]
+
+DIRECTIONS = {1: "ingress", 2: "egress"}
+VERDICTS = {1: "forwarded", 2: "dropped"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowEvent:
+    time: float
+    """Wall-clock seconds (converted from the kernel's monotonic timestamp)."""
+    src: IPv4Address
+    dst: IPv4Address
+    sport: int
+    """TCP/UDP source port; ICMP: the ICMP type."""
+    dport: int
+    protocol: int
+    tcp_flags: int
+    verdict: str
+    """forwarded or dropped."""
+    reason: maps.Reason
+    direction: str
+    """The endpoint's policy direction: ingress (to the pod) or egress (from the pod)."""
+    is_reply: bool
+    ep_id: int
+    src_identity: int
+    dst_identity: int
+    cookie: int
+    """Rule cookie (planning.rule_cookie) of the deciding entry; 0 when none."""
+    ifindex: int
+    length: int
+
+
+def decode(raw: bytes, *, mono_to_wall: float | None = None) -> FlowEvent:
+    ev = maps.FlowEventC.from_buffer_copy(raw[: ct.sizeof(maps.FlowEventC)])
+    offset = mono_to_wall if mono_to_wall is not None else time.time() - time.monotonic()
+    icmp = ev.protocol == 1
+    return FlowEvent(
+        time=ev.ts_ns / 1e9 + offset,
+        src=maps.u32_to_addr(ev.saddr),
+        dst=maps.u32_to_addr(ev.daddr),
+        sport=ev.sport if icmp else socket.ntohs(ev.sport),
+        dport=ev.dport if icmp else socket.ntohs(ev.dport),
+        protocol=ev.protocol,
+        tcp_flags=ev.tcp_flags,
+        verdict=VERDICTS.get(ev.verdict, str(ev.verdict)),
+        reason=maps.Reason(ev.reason),
+        direction=DIRECTIONS.get(ev.direction, str(ev.direction)),
+        is_reply=bool(ev.is_reply),
+        ep_id=ev.ep_id,
+        src_identity=ev.src_identity,
+        dst_identity=ev.dst_identity,
+        cookie=ev.cookie,
+        ifindex=ev.ifindex,
+        length=ev.len,
+    )
+
+
+class FlowReader:
+    """Reads cy_events through one bcc BPF object whose tables are the pinned maps."""
+
+    def __init__(self, bpf: Any, *, sink: Callable[[FlowEvent], None] | None = None,
+                 buffer: int = 65536) -> None:
+        self._bpf = bpf
+        self._sink = sink
+        self.events: collections.deque[FlowEvent] = collections.deque(maxlen=buffer)
+        self.dropped_by_reader = 0
+        """Events decoded while the local deque was full (oldest discarded)."""
+        self._offset = time.time() - time.monotonic()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        bpf["cy_events"].open_ring_buffer(self._on_event)
+
+    def _on_event(self, _ctx: Any, data: Any, size: int) -> int:
+        # The data pointer is valid only during the callback: copy (bcc pitfall B5).
+        event = decode(ct.string_at(data, size), mono_to_wall=self._offset)
+        if self._sink is not None:
+            self._sink(event)
+        else:
+            if len(self.events) == self.events.maxlen:
+                self.dropped_by_reader += 1
+            self.events.append(event)
+        return 0
+
+    def poll(self, timeout_ms: int = 0) -> list[FlowEvent]:
+        """Wait up to ``timeout_ms`` for events; return (and forget) the buffered ones."""
+        self._bpf.ring_buffer_poll(timeout_ms)
+        return self.drain()
+
+    def drain(self) -> list[FlowEvent]:
+        out = list(self.events)
+        self.events.clear()
+        return out
+
+    def fileno(self) -> int:
+        return int(_libbpf.ring_buffer__epoll_fd(self._bpf._ringbuf_manager))
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Consume from ``loop`` whenever the ring buffer has data."""
+        loop.add_reader(self.fileno(), self._bpf.ring_buffer_consume)
+        self._loop = loop
+
+    def detach(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self.fileno())
+            self._loop = None
+
+    def lost(self) -> int:
+        """Events the kernel dropped because the ring buffer was full (all CPUs)."""
+        table = self._bpf["cy_lost"]
+        return int(sum(table[ct.c_uint32(0)]))

@@ -1,0 +1,186 @@
+"""Attach programs to host veths with tc, and pin/adopt bpffs objects.
+
+Called by ``engine``. Every tc operation runs inside the node's network
+namespace (``netns=None``: the current one) through pyroute2, with an
+explicit handle/prio/protocol so ``replace-filter`` swaps a program
+atomically instead of stacking a second filter (pyroute2 pitfall P3).
+Programs are pinned with libbpf ``bpf_obj_pin`` so the datapath survives a
+``kill -9`` of the agent; a restarted agent re-opens them with ``bpf_obj_get``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import dataclasses
+import errno as errno_mod
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ciliary.nodeagent.datapath import errors
+
+TC_HANDLE = 0xC1
+TC_PRIO = 1
+ETH_P_ALL = 0x0003
+PARENTS = {"from_pod": 0xFFFFFFF2, "to_pod": 0xFFFFFFF3}
+"""from_pod: clsact ingress of the host veth (the pod's egress); to_pod: clsact egress."""
+
+_libbpf = ct.CDLL("libbpf.so.1", use_errno=True)
+_libbpf.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
+_libbpf.bpf_obj_get.argtypes = [ct.c_char_p]
+_libbpf.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+
+
+class _ProgInfo(ct.Structure):
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("tag", ct.c_uint8 * 8)]
+
+
+class _MapInfo(ct.Structure):
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
+                ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32), ("map_flags", ct.c_uint32)]
+
+
+@dataclasses.dataclass(frozen=True)
+class MapInfo:
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+
+
+# ---------------------------------------------------------------- bpffs
+
+
+def ensure_bpffs(root: Path = Path("/sys/fs/bpf")) -> None:
+    """Mount bpffs at ``root`` when it is not mounted yet."""
+    with open("/proc/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) > 2 and fields[1] == str(root) and fields[2] == "bpf":
+                return
+    root.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], check=True, timeout=10)
+
+
+def pin(fd: int, path: Path) -> None:
+    if _libbpf.bpf_obj_pin(fd, str(path).encode()) != 0:
+        err = ct.get_errno()
+        raise OSError(err, f"bpf_obj_pin {path}: {os.strerror(err)}")
+
+
+def open_pinned(path: Path) -> int:
+    """An fd for a pinned object (caller closes it)."""
+    fd = _libbpf.bpf_obj_get(str(path).encode())
+    if fd < 0:
+        err = ct.get_errno() or -fd
+        raise OSError(err, f"bpf_obj_get {path}: {os.strerror(err)}")
+    return int(fd)
+
+
+def prog_id(fd: int) -> int:
+    info = _ProgInfo()
+    size = ct.c_uint32(ct.sizeof(info))
+    if _libbpf.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)) != 0:
+        raise OSError(ct.get_errno(), "bpf_obj_get_info_by_fd")
+    return int(info.id)
+
+
+def pinned_map_info(path: Path) -> MapInfo | None:
+    """Shape of a pinned map, or None if nothing is pinned there."""
+    if not path.exists():
+        return None
+    fd = open_pinned(path)
+    try:
+        info = _MapInfo()
+        size = ct.c_uint32(ct.sizeof(info))
+        if _libbpf.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)) != 0:
+            raise OSError(ct.get_errno(), "bpf_obj_get_info_by_fd")
+        return MapInfo(info.type, info.key_size, info.value_size, info.max_entries)
+    finally:
+        os.close(fd)
+
+
+def program_pin_path(pin_dir: Path, hook: str, sha256: str) -> Path:
+    """Pins are named after the rendered hash (bpffs names may not contain dots)."""
+    return pin_dir / f"prog_{hook}_{sha256[:16]}"
+
+
+# ---------------------------------------------------------------- tc
+
+
+@contextlib.contextmanager
+def _ipr(netns: str | None) -> Iterator[IPRoute]:
+    # flags=0: never create a missing netns (pitfall P2).
+    ipr = IPRoute(netns=netns, flags=0) if netns else IPRoute()
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def attach(netns: str | None, ifindex: int, hook: str, prog_fd: int, prog_name: str) -> None:
+    """Attach (or atomically replace) our filter for ``hook`` on ``ifindex``."""
+    try:
+        with _ipr(netns) as ipr:
+            try:
+                ipr.tc("add", "clsact", ifindex)
+            except NetlinkError as exc:
+                if exc.code != errno_mod.EEXIST:
+                    raise
+            ipr.tc("replace-filter", "bpf", ifindex, handle=TC_HANDLE, prio=TC_PRIO, protocol=ETH_P_ALL,
+                   fd=prog_fd, name=prog_name, parent=PARENTS[hook], classid=1, direct_action=True)
+    except (NetlinkError, OSError) as exc:
+        raise errors.AttachFailed(str(ifindex), hook, str(exc)) from exc
+
+
+def detach(netns: str | None, ifindex: int, hook: str) -> None:
+    """Remove our filter; a veth that is already gone counts as detached."""
+    try:
+        with _ipr(netns) as ipr:
+            ipr.tc("del-filter", "bpf", ifindex, handle=TC_HANDLE, prio=TC_PRIO, protocol=ETH_P_ALL,
+                   parent=PARENTS[hook])
+    except NetlinkError as exc:
+        if exc.code not in (errno_mod.ENOENT, errno_mod.ENODEV, errno_mod.EINVAL):
+            raise errors.AttachFailed(str(ifindex), hook, str(exc)) from exc
+
+
+@dataclasses.dataclass(frozen=True)
+class TcFilter:
+    ifname: str
+    ifindex: int
+    hook: str
+    prog_id: int
+    name: str
+
+
+def list_filters(netns: str | None) -> list[TcFilter]:
+    """Our bpf filters (handle/prio of this module) on every link of the netns.
+
+    pyroute2 0.9.7 does not decode TCA_BPF_ID, so the program ids come from
+    ``tc -j filter show`` (iproute2), which does.
+    """
+    found: list[TcFilter] = []
+    with _ipr(netns) as ipr:
+        links = [(int(link["index"]), str(link.get_attr("IFLA_IFNAME"))) for link in ipr.get_links()]
+    base = ["tc"] + (["-n", netns] if netns else []) + ["-j", "filter", "show", "dev"]
+    for index, name in links:
+        for hook, where in (("from_pod", "ingress"), ("to_pod", "egress")):
+            out = subprocess.run(base + [name, where], capture_output=True, text=True, timeout=10)
+            if out.returncode != 0 or not out.stdout.strip():
+                continue
+            for item in json.loads(out.stdout):
+                opts = item.get("options") or {}
+                if item.get("kind") != "bpf" or item.get("pref") != TC_PRIO:
+                    continue
+                if int(str(opts.get("handle", "0")), 0) != TC_HANDLE:
+                    continue
+                prog = opts.get("prog") or {}
+                found.append(TcFilter(name, index, hook, int(prog.get("id", 0)),
+                                      str(opts.get("bpf_name", prog.get("name", "")))))
+    return found

@@ -1,0 +1,259 @@
+"""ctypes mirrors of ``datapath_c/include/types.h`` and map diff application.
+
+Used by ``engine``: :func:`read_map` turns a kernel map into typed
+``planning`` keys/values, :func:`apply_diff` writes a ``planning.MapDiff``
+(capacity checked first, undone on failure). Uses libbcc's raw map calls on
+file descriptors; bcc's table objects are only used to get those fds.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import dataclasses
+import enum
+import errno as errno_mod
+import functools
+import os
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any, Generic, TypeVar
+
+from bcc import libbcc
+
+from ciliary.nodeagent import planning
+from ciliary.nodeagent.datapath import errors
+
+# ---------------------------------------------------------------- structs (types.h)
+
+
+class IpcacheKeyC(ct.Structure):
+    _fields_ = [("prefixlen", ct.c_uint32), ("addr", ct.c_uint32)]
+
+
+class IpcacheValueC(ct.Structure):
+    _fields_ = [("identity", ct.c_uint32), ("flags", ct.c_uint32)]
+
+
+class EndpointKeyC(ct.Structure):
+    _fields_ = [("addr", ct.c_uint32)]
+
+
+class EndpointInfoC(ct.Structure):
+    _fields_ = [("ep_id", ct.c_uint32), ("identity", ct.c_uint32), ("flags", ct.c_uint32),
+                ("ifindex", ct.c_uint32)]
+
+
+class PolicyKeyC(ct.Structure):
+    _fields_ = [("prefixlen", ct.c_uint32), ("ep_id", ct.c_uint32), ("identity", ct.c_uint32),
+                ("direction", ct.c_uint8), ("protocol", ct.c_uint8), ("dport", ct.c_uint16)]
+
+
+class PolicyValueC(ct.Structure):
+    _fields_ = [("cookie", ct.c_uint32), ("flags", ct.c_uint32)]
+
+
+class CtKeyC(ct.Structure):
+    _fields_ = [("saddr", ct.c_uint32), ("daddr", ct.c_uint32), ("sport", ct.c_uint16),
+                ("dport", ct.c_uint16), ("protocol", ct.c_uint8), ("direction", ct.c_uint8),
+                ("pad", ct.c_uint16)]
+
+
+class CtEntryC(ct.Structure):
+    _fields_ = [("expires", ct.c_uint64), ("ep_id", ct.c_uint32), ("cookie", ct.c_uint32),
+                ("packets", ct.c_uint64)]
+
+
+class CounterC(ct.Structure):
+    _fields_ = [("packets", ct.c_uint64), ("bytes", ct.c_uint64)]
+
+
+class FlowEventC(ct.Structure):
+    _fields_ = [("ts_ns", ct.c_uint64), ("saddr", ct.c_uint32), ("daddr", ct.c_uint32),
+                ("sport", ct.c_uint16), ("dport", ct.c_uint16), ("protocol", ct.c_uint8),
+                ("tcp_flags", ct.c_uint8), ("verdict", ct.c_uint8), ("reason", ct.c_uint8),
+                ("direction", ct.c_uint8), ("is_reply", ct.c_uint8), ("pad", ct.c_uint16),
+                ("ep_id", ct.c_uint32), ("src_identity", ct.c_uint32), ("dst_identity", ct.c_uint32),
+                ("cookie", ct.c_uint32), ("ifindex", ct.c_uint32), ("len", ct.c_uint32)]
+
+
+STRUCT_SIZES = {
+    "ipcache_key": 8, "ipcache_value": 8, "endpoint_info": 16, "policy_key": 16,
+    "policy_value": 8, "ct_key": 16, "ct_entry": 24, "counter": 16, "flow_event": 56,
+}
+"""sizeof() of each types.h struct; checked against the ctypes mirrors by the tests."""
+
+
+class Reason(enum.IntEnum):
+    """drop_reasons.h."""
+
+    OK_POLICY = 1
+    OK_REPLY = 2
+    OK_UNENFORCED = 3
+    DROP_POLICY_DENY = 4
+    DROP_POLICY = 5
+    DROP_INVALID = 6
+
+
+REASON_MAX = 8
+
+# ---------------------------------------------------------------- byte order helpers
+
+
+def addr_to_u32(ip: IPv4Address) -> int:
+    """The u32 whose in-memory bytes are the address in network order."""
+    return int.from_bytes(ip.packed, sys.byteorder)
+
+
+def u32_to_addr(value: int) -> IPv4Address:
+    return IPv4Address(value.to_bytes(4, sys.byteorder))
+
+
+# ---------------------------------------------------------------- codecs
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+@dataclasses.dataclass(frozen=True)
+class Codec(Generic[K, V]):
+    """How one map's typed keys/values become ctypes structs and back."""
+
+    name: str
+    key_c: type[ct.Structure]
+    value_c: type[ct.Structure]
+    encode_key: Callable[[K], ct.Structure]
+    decode_key: Callable[[Any], K]
+    encode_value: Callable[[V], ct.Structure]
+    decode_value: Callable[[Any], V]
+
+
+def _enc_ipcache_key(net: IPv4Network) -> IpcacheKeyC:
+    return IpcacheKeyC(net.prefixlen, addr_to_u32(net.network_address))
+
+
+def _dec_ipcache_key(k: IpcacheKeyC) -> IPv4Network:
+    return IPv4Network(f"{u32_to_addr(k.addr)}/{k.prefixlen}", strict=False)
+
+
+def encode_policy_key(key: planning.PolicyKey) -> PolicyKeyC:
+    return PolicyKeyC(key.prefixlen, key.ep_id, key.identity, int(key.direction), key.protocol,
+                      socket.htons(key.port))
+
+
+def decode_policy_key(k: PolicyKeyC) -> planning.PolicyKey:
+    return planning.PolicyKey(k.ep_id, planning.MapDirection(k.direction), k.identity, k.protocol,
+                              socket.ntohs(k.dport), k.prefixlen - 80)
+
+
+IPCACHE: Codec[IPv4Network, planning.IpcacheValue] = Codec(
+    "cy_ipcache", IpcacheKeyC, IpcacheValueC, _enc_ipcache_key, _dec_ipcache_key,
+    lambda v: IpcacheValueC(v.identity, v.flags), lambda c: planning.IpcacheValue(c.identity, c.flags))
+
+ENDPOINTS: Codec[IPv4Address, planning.EndpointValue] = Codec(
+    "cy_endpoints", EndpointKeyC, EndpointInfoC,
+    lambda ip: EndpointKeyC(addr_to_u32(ip)), lambda c: u32_to_addr(c.addr),
+    lambda v: EndpointInfoC(v.ep_id, v.identity, v.flags, v.ifindex),
+    lambda c: planning.EndpointValue(c.ep_id, c.identity, c.flags, c.ifindex))
+
+
+def _policy_codec(name: str) -> Codec[planning.PolicyKey, planning.PolicyValue]:
+    return Codec(name, PolicyKeyC, PolicyValueC, encode_policy_key, decode_policy_key,
+                 lambda v: PolicyValueC(v.cookie, v.flags), lambda c: planning.PolicyValue(c.cookie, c.flags))
+
+
+POLICY = _policy_codec("cy_policy")
+POLICY_DENY = _policy_codec("cy_policy_deny")
+
+# ---------------------------------------------------------------- raw map access
+
+
+def read_map(fd: int, codec: Codec[K, V], *, limit: int = 10_000_000) -> dict[K, V]:
+    """Every entry of the map behind ``fd`` (bounded by ``limit``)."""
+    lib = libbcc.lib
+    out: dict[K, V] = {}
+    key = codec.key_c()
+    nxt = codec.key_c()
+    value = codec.value_c()
+    first = True
+    for _ in range(limit):
+        res = lib.bpf_get_first_key(fd, ct.byref(nxt), ct.sizeof(nxt)) if first else \
+            lib.bpf_get_next_key(fd, ct.byref(key), ct.byref(nxt))
+        first = False
+        if res < 0:
+            break
+        if lib.bpf_lookup_elem(fd, ct.byref(nxt), ct.byref(value)) == 0:
+            out[codec.decode_key(codec.key_c.from_buffer_copy(nxt))] = codec.decode_value(
+                codec.value_c.from_buffer_copy(value))
+        ct.memmove(ct.byref(key), ct.byref(nxt), ct.sizeof(key))
+    return out
+
+
+def _errno() -> int:
+    return ct.get_errno() or errno_mod.EIO
+
+
+def _update(fd: int, codec: Codec[K, V], key: K, value: V) -> None:
+    res = libbcc.lib.bpf_update_elem(fd, ct.byref(codec.encode_key(key)), ct.byref(codec.encode_value(value)), 0)
+    if res < 0:
+        err = _errno()
+        raise errors.MapWriteFailed(codec.name, key, err, os.strerror(err))
+
+
+def _delete(fd: int, codec: Codec[K, V], key: K) -> None:
+    res = libbcc.lib.bpf_delete_elem(fd, ct.byref(codec.encode_key(key)))
+    if res < 0:
+        err = _errno()
+        if err != errno_mod.ENOENT:
+            raise errors.MapWriteFailed(codec.name, key, err, os.strerror(err))
+
+
+@dataclasses.dataclass
+class UndoLog:
+    """Writes done so far, to restore the previous contents if a later write fails."""
+
+    steps: list[Callable[[], None]] = dataclasses.field(default_factory=list)
+
+    def rollback(self) -> None:
+        for step in reversed(self.steps):
+            try:
+                step()
+            except errors.MapWriteFailed:
+                continue  # best effort: the map keeps what could not be restored
+        self.steps.clear()
+
+
+def check_capacity(codec: Codec[K, V], observed: Mapping[K, V], diff: planning.MapDiff[K, V],
+                   capacity: int) -> None:
+    new = sum(1 for k in diff.upserts if k not in observed)
+    wanted = len(observed) - len(diff.deletes) + new
+    peak = len(observed) + new  # upserts are written before deletes
+    if wanted > capacity:
+        raise errors.MapFull(codec.name, wanted, capacity)
+    if peak > capacity:
+        raise errors.MapFull(codec.name, peak, capacity)
+
+
+def apply_upserts(fd: int, codec: Codec[K, V], observed: Mapping[K, V], diff: planning.MapDiff[K, V],
+                  undo: UndoLog) -> None:
+    for key, value in diff.upserts.items():
+        old = observed.get(key)
+        _update(fd, codec, key, value)
+        if old is None:
+            undo.steps.append(functools.partial(_delete, fd, codec, key))
+        else:
+            undo.steps.append(functools.partial(_update, fd, codec, key, old))
+
+
+def apply_deletes(fd: int, codec: Codec[K, V], observed: Mapping[K, V], diff: planning.MapDiff[K, V],
+                  undo: UndoLog) -> None:
+    for key in diff.deletes:
+        old = observed[key]
+        _delete(fd, codec, key)
+        undo.steps.append(functools.partial(_update, fd, codec, key, old))
+
+
+def map_fd(table: Any) -> int:
+    """The fd of a bcc table object."""
+    return int(table.map_fd)

@@ -1,0 +1,110 @@
+"""Render the eBPF C programs of ``datapath_c/`` for one node (pure).
+
+Called by the datapath engine (``ciliary.nodeagent.datapath.engine``) before it
+compiles. Only what varies per node is templated: feature switches, map sizes
+and the bpffs pin directory, all fields of a frozen :class:`RenderContext`.
+Policy never reaches a template (it lives in maps), so a policy change renders
+the same text, hashes to the same sha256, and compiles nothing.
+
+bcc compiles a single text, so after jinja2 renders a program template the
+local ``#include "include/x.h"`` / ``#include "lib/x.h"`` lines are inlined
+(each file once, in order). The hash therefore covers every header.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from pathlib import Path
+
+import jinja2
+
+DATAPATH_C_DIR = Path(__file__).resolve().parents[3] / "datapath_c"
+"""The source tree next to the repository's ``nodeagent/`` folder."""
+
+HOOKS: tuple[str, ...] = ("from_pod", "to_pod")
+"""Programs, one per attach point: ``programs/tc_<hook>.c.j2`` with entry ``cy_<hook>``."""
+
+_LOCAL_INCLUDE = re.compile(r'^#include "((?:include|lib)/[A-Za-z0-9_]+\.h)"[ \t]*$', re.MULTILINE)
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderContext:
+    """The only inputs of a template: per-node switches and sizes."""
+
+    pin_dir: str
+    """bpffs directory holding this node's pinned maps, e.g. /sys/fs/bpf/ciliary/<node>."""
+    ipcache_size: int = 16384
+    """cy_ipcache entries (prefixes)."""
+    endpoints_size: int = 1024
+    """cy_endpoints entries (pods on the node)."""
+    policy_size: int = 65536
+    """cy_policy and cy_policy_deny entries each (one per port prefix block)."""
+    ct_size: int = 65536
+    """cy_ct entries (LRU)."""
+    events_pages: int = 64
+    """cy_events ring buffer size in 4 KiB pages (a power of two)."""
+    trace_all: bool = False
+    """Emit a flow event for every packet instead of new flows and drops only."""
+
+    def __post_init__(self) -> None:
+        if not self.pin_dir.startswith("/") or '"' in self.pin_dir or "\\" in self.pin_dir:
+            raise ValueError(f"pin_dir must be an absolute path without quotes: {self.pin_dir!r}")
+        for name in ("ipcache_size", "endpoints_size", "policy_size", "ct_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        pages = self.events_pages
+        if pages < 1 or pages & (pages - 1):
+            raise ValueError(f"events_pages must be a power of two, not {pages}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderedProgram:
+    """One program's complete C text, ready for ``BPF(text=...)``."""
+
+    hook: str
+    """from_pod or to_pod."""
+    name: str
+    """Entry function (and bpf program name): cy_from_pod or cy_to_pod."""
+    source: str
+    sha256: str
+
+
+def _environment(root: Path) -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(root)),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def _inline_includes(text: str, root: Path, seen: set[str]) -> str:
+    def replace(match: re.Match[str]) -> str:
+        rel = match.group(1)
+        if rel in seen:
+            return f"/* {rel}: already inlined */"
+        seen.add(rel)
+        body = (root / rel).read_text()
+        return f"/* ---- {rel} ---- */\n" + _inline_includes(body, root, seen).rstrip("\n")
+
+    return _LOCAL_INCLUDE.sub(replace, text)
+
+
+def render(ctx: RenderContext, hook: str, *, root: Path = DATAPATH_C_DIR) -> RenderedProgram:
+    """Render ``programs/tc_<hook>.c.j2`` for ``ctx``: deterministic text and its sha256."""
+    if hook not in HOOKS:
+        raise ValueError(f"unknown hook {hook!r}; known: {', '.join(HOOKS)}")
+    template = _environment(root).get_template(f"programs/tc_{hook}.c.j2")
+    text = template.render(ctx=ctx)
+    source = _inline_includes(text, root, set())
+    digest = hashlib.sha256(source.encode()).hexdigest()
+    return RenderedProgram(hook=hook, name=f"cy_{hook}", source=source, sha256=digest)
+
+
+def render_all(ctx: RenderContext, *, root: Path = DATAPATH_C_DIR) -> dict[str, RenderedProgram]:
+    """Every hook's program, keyed by hook, in :data:`HOOKS` order."""
+    return {hook: render(ctx, hook, root=root) for hook in HOOKS}

@@ -1,0 +1,108 @@
+"""The one way Ciliary's processes talk to etcd: endpoint parsing, connection, bounded retries.
+
+Wraps aetcd (asyncio, protobuf-7 compatible). etcd restarts make the first RPC
+fail once with ConnectionFailedError while the channel reconnects, so every call
+goes through :meth:`EtcdStore.call` with a short, bounded retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import aetcd
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+RETRYABLE: tuple[type[BaseException], ...] = (aetcd.ConnectionFailedError, aetcd.ConnectionTimeoutError)
+
+
+class EtcdUnavailableError(RuntimeError):
+    """etcd did not answer after the bounded retries; carries the endpoint."""
+
+    def __init__(self, endpoint: str, cause: BaseException) -> None:
+        super().__init__(f"etcd at {endpoint} unavailable: {cause}")
+        self.endpoint = endpoint
+
+
+@dataclass(frozen=True)
+class EtcdEndpoint:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> EtcdEndpoint:
+        """``http://127.0.0.1:2379``, ``127.0.0.1:2379`` or ``host`` (port 2379)."""
+        text = text.strip()
+        parts = urlsplit(text if "://" in text else f"http://{text}")
+        if parts.scheme not in ("http", ""):
+            raise ValueError(f"etcd endpoint {text!r}: only plain http is supported for now")
+        if not parts.hostname:
+            raise ValueError(f"etcd endpoint {text!r} has no host")
+        return cls(parts.hostname, parts.port or 2379)
+
+    def __str__(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class EtcdStore:
+    """An aetcd client with bounded retries, created lazily and shared by one process."""
+
+    def __init__(self, endpoint: EtcdEndpoint, *, timeout: float = 5.0, attempts: int = 5) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.attempts = attempts
+        self._client: aetcd.Client | None = None
+
+    @property
+    def client(self) -> aetcd.Client:
+        if self._client is None:
+            self._client = aetcd.Client(host=self.endpoint.host, port=self.endpoint.port, timeout=self.timeout)
+        return self._client
+
+    async def call(self, make: Callable[[aetcd.Client], Awaitable[T]]) -> T:
+        delay = 0.2
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return await make(self.client)
+            except RETRYABLE as exc:
+                if attempt == self.attempts:
+                    raise EtcdUnavailableError(str(self.endpoint), exc) from exc
+                log.warning("etcd call failed (attempt %d/%d): %s", attempt, self.attempts, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        raise AssertionError("unreachable")
+
+    async def get(self, key: bytes) -> aetcd.rtypes.Get | None:
+        return await self.call(lambda c: c.get(key))
+
+    async def get_prefix(self, prefix: bytes) -> aetcd.rtypes.GetRange:
+        return await self.call(lambda c: c.get_prefix(prefix))
+
+    async def put(self, key: bytes, value: bytes, lease: aetcd.Lease | None = None) -> aetcd.rtypes.Put:
+        return await self.call(lambda c: c.put(key, value, lease=lease))
+
+    async def delete(self, key: bytes) -> aetcd.rtypes.Delete | None:
+        return await self.call(lambda c: c.delete(key))
+
+    @property
+    def ops(self) -> aetcd.Transactions:
+        """Builders for transaction comparisons and operations (``ops.version(key) == 0``)."""
+        return self.client.transactions
+
+    async def transaction(self, compare: list[Any], success: list[Any],
+                          failure: list[Any] | None = None) -> tuple[bool, list[Any]]:
+        async def run(c: aetcd.Client) -> tuple[bool, list[Any]]:
+            ok, responses = await c.transaction(compare=compare, success=success, failure=failure or [])
+            return bool(ok), list(responses or [])
+
+        return await self.call(run)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None

@@ -1,0 +1,148 @@
+"""kopf glue: watch handlers for policies, pods, namespaces and nodes.
+
+Every handler is a raw watch-event handler (``kopf.on.event``): it parses the body
+once, updates the in-memory ``ClusterModel`` and returns; nothing is persisted on
+the watched objects (no kopf annotations, no finalizers). Policy handlers also
+keep the ``Valid`` condition and post an Event when a policy is refused. An
+invalid policy never changes enforcement: a new one is not added, and an edit
+that breaks an enforced policy leaves the last valid version in force.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.rest import ApiException
+
+from ciliary.operator import policy_status
+from ciliary.operator.api import (
+    PolicyError,
+    PolicyInvalidError,
+    PolicyParseError,
+    PolicyProblem,
+    parse_policy,
+)
+from ciliary.operator.cluster_model import ClusterModel, namespace_from_body, node_from_body, pod_from_body
+
+log = logging.getLogger(__name__)
+GROUP, VERSION = "cilium.io", "v2"
+PLURALS = {"CiliumNetworkPolicy": "ciliumnetworkpolicies", "CiliumClusterwideNetworkPolicy":
+           "ciliumclusterwidenetworkpolicies"}
+
+
+@dataclass
+class PolicyOutcome:
+    problems: list[PolicyProblem]
+    enforced_version: str  # "current", "previous" or "none"
+
+
+def ingest_policy(model: ClusterModel, body: Mapping[str, Any]) -> PolicyOutcome:
+    """Parse, validate and record one policy body (pure apart from the model)."""
+    uid = body.get("metadata", {}).get("uid", "")
+    try:
+        policy = parse_policy(body)
+        model.upsert_policy(policy)
+    except PolicyParseError as exc:
+        problems = list(exc.problems) or [PolicyProblem(path="", message=exc.message)]
+    except PolicyInvalidError as exc:
+        problems = list(exc.problems)
+    else:
+        return PolicyOutcome([], "current")
+    return PolicyOutcome(problems, "previous" if uid in model.repository else "none")
+
+
+class PolicyStatusWriter:
+    """Writes the Valid condition through the status subresource (merge patch), only on change."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.custom = client.CustomObjectsApi(api)
+        self.writes = 0
+
+    async def write_valid(self, body: Mapping[str, Any], outcome: PolicyOutcome) -> None:
+        meta = body.get("metadata", {})
+        wanted = policy_status.valid_condition(outcome.problems, int(meta.get("generation") or 0))
+        if outcome.problems and outcome.enforced_version == "previous":
+            wanted["message"] += "; the last valid version stays enforced"
+        if not policy_status.needs_write(body, wanted):
+            return
+        patch = {"status": {"conditions": policy_status.merged_conditions(body, wanted)}}
+        kind = str(body.get("kind"))
+        try:
+            if meta.get("namespace"):
+                await self.custom.patch_namespaced_custom_object_status(  # type: ignore[call-arg]
+                    GROUP, VERSION, meta["namespace"], PLURALS[kind], meta["name"], patch,
+                    _content_type="application/merge-patch+json")
+            else:
+                await self.custom.patch_cluster_custom_object_status(  # type: ignore[call-arg]
+                    GROUP, VERSION, PLURALS[kind], meta["name"], patch, _content_type="application/merge-patch+json")
+            self.writes += 1
+        except ApiException as exc:
+            if exc.status != 404:
+                raise kopf.TemporaryError(f"status write failed: {exc.reason}", delay=2) from exc
+
+
+def register(registry: kopf.OperatorRegistry, model: ClusterModel, writer: PolicyStatusWriter) -> None:
+    """Register every handler into ``registry`` (no module-level state)."""
+
+    async def policy_event(type: str | None, body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+        uid = body.get("metadata", {}).get("uid", "")
+        if type == "DELETED":
+            model.delete_policy(uid)
+            return
+        outcome = ingest_policy(model, body)
+        if outcome.problems:
+            message = policy_status.problems_message(outcome.problems)
+            kopf.warn(body, reason="PolicyInvalid", message=message)
+            logger.warning("Refused invalid policy: %s", message)
+        await writer.write_valid(body, outcome)
+
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # KUBECONFIG (set from --kubeconfig) when given, else the in-cluster service account
+        return kopf.login_with_kubeconfig(**kwargs) or kopf.login_with_service_account(**kwargs)
+
+    kopf.on.login(id="login", registry=registry)(login)
+
+    for kind, plural in PLURALS.items():
+        kopf.on.event(GROUP, VERSION, plural, id=f"{kind.lower()}_event", registry=registry)(policy_event)
+
+    def pod_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        uid = body["metadata"]["uid"]
+        model.set_pod(uid, None if type == "DELETED" else pod_from_body(body))
+
+    def namespace_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        name = body["metadata"]["name"]
+        model.set_namespace(name, None if type == "DELETED" else namespace_from_body(body))
+
+    def node_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        name = body["metadata"]["name"]
+        model.set_node(name, None if type == "DELETED" else node_from_body(body))
+
+    kopf.on.event("", "v1", "pods", id="pod_event", registry=registry)(pod_event)
+    kopf.on.event("", "v1", "namespaces", id="namespace_event", registry=registry)(namespace_event)
+    kopf.on.event("", "v1", "nodes", id="node_event", registry=registry)(node_event)
+
+
+async def initial_list(api: client.ApiClient, model: ClusterModel, writer: PolicyStatusWriter) -> None:
+    """List everything once before the first reconcile, so no intent is published from a partial view."""
+    core = client.CoreV1Api(api)
+    custom = client.CustomObjectsApi(api)
+    for ns in (await core.list_namespace()).items:
+        model.set_namespace(ns.metadata.name, namespace_from_body(api.sanitize_for_serialization(ns)))
+    for node in (await core.list_node()).items:
+        model.set_node(node.metadata.name, node_from_body(api.sanitize_for_serialization(node)))
+    for pod in (await core.list_pod_for_all_namespaces()).items:
+        model.set_pod(pod.metadata.uid, pod_from_body(api.sanitize_for_serialization(pod)))
+    for kind, plural in PLURALS.items():
+        listing = await custom.list_cluster_custom_object(GROUP, VERSION, plural)
+        for body in listing.get("items", []):
+            body.setdefault("kind", kind)
+            outcome = ingest_policy(model, body)
+            try:
+                await writer.write_valid(body, outcome)
+            except (kopf.TemporaryError, PolicyError) as exc:
+                log.warning("initial status write failed: %s", exc)

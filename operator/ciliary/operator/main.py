@@ -1,0 +1,120 @@
+"""``ciliary-operator``: the central operator process.
+
+Runs kopf (watch handlers only) next to the reconcile loop that publishes one
+NodeIntent per node into etcd. Flags (each also as ``CILIARY_OPERATOR_*``):
+``--kubeconfig``, ``--etcd-endpoints``, ``--identity-gc-grace``, ``--log-level``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import kopf
+from kubernetes_asyncio.client.rest import ApiException
+
+from ciliary.operator import handlers, kubeapi
+from ciliary.operator.cluster_model import ClusterModel
+from ciliary.operator.etcdclient import EtcdEndpoint, EtcdStore
+from ciliary.operator.identity_store import EtcdIdentityAllocator
+from ciliary.operator.publishing import IntentPublisher
+from ciliary.operator.reconciling import Reconciler
+
+log = logging.getLogger("ciliary.operator")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    p = argparse.ArgumentParser(
+        prog="ciliary-operator",
+        description="Ciliary operator: validates CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy objects, "
+                    "resolves them into one intent per node and publishes the intents into etcd.")
+    p.add_argument("--kubeconfig", default=env("CILIARY_OPERATOR_KUBECONFIG", env("KUBECONFIG", "")),
+                   help="kubeconfig file (default: in-cluster service account)")
+    p.add_argument("--etcd-endpoints", default=env("CILIARY_OPERATOR_ETCD_ENDPOINTS", "http://127.0.0.1:2379"),
+                   help="etcd endpoint, e.g. http://127.0.0.1:2379")
+    p.add_argument("--identity-gc-grace", type=float,
+                   default=float(env("CILIARY_OPERATOR_IDENTITY_GC_GRACE", "300")),
+                   help="seconds an unused identity is kept before it is deleted (default 300)")
+    p.add_argument("--log-level", default=env("CILIARY_OPERATOR_LOG_LEVEL", "INFO"), help="log level")
+    return p
+
+
+async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    store = EtcdStore(EtcdEndpoint.parse(args.etcd_endpoints.split(",")[0]))
+    allocator = EtcdIdentityAllocator(store, grace_seconds=args.identity_gc_grace)
+    publisher = IntentPublisher(store)
+    await allocator.load()
+    await publisher.load()
+    api = await kubeapi.api_client(args.kubeconfig or None)
+    model = ClusterModel()
+    writer = handlers.PolicyStatusWriter(api)
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, model, writer)
+    settings = kopf.OperatorSettings()
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    await list_with_retries(api, model, writer)
+    listed = asyncio.Event()
+    listed.set()
+    reconciler = Reconciler(model, allocator, publisher)
+    tasks: list[asyncio.Task[Any]] = [
+        asyncio.create_task(kopf.operator(registry=registry, settings=settings, standalone=True,
+                                          clusterwide=True, stop_flag=stop), name="kopf"),
+        asyncio.create_task(reconciler.run(listed), name="reconciler"),
+    ]
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        if task not in done:
+            task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await api.close()
+    await store.close()
+    for task in done:
+        if task is not stopper and not task.cancelled() and task.exception():
+            raise task.exception()  # type: ignore[misc]
+
+
+async def list_with_retries(api: Any, model: ClusterModel, writer: handlers.PolicyStatusWriter,
+                            *, attempts: int = 30) -> None:
+    """The apiserver may still be starting (429 while storage initialises, CRDs not yet served)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            await handlers.initial_list(api, model, writer)
+            return
+        except ApiException as exc:
+            if attempt == attempts or exc.status not in (404, 429, 500, 503):
+                raise
+            log.warning("initial listing failed (%s %s), retrying (%d/%d)", exc.status, exc.reason, attempt,
+                        attempts)
+            await asyncio.sleep(1.0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("kopf").setLevel(logging.WARNING)
+
+    async def amain() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run(args, stop)
+
+    asyncio.run(amain())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""Policy models to normalised rules: what resolution actually reads.
+
+Owns :class:`CompiledRule` (one ``spec``/``specs[]`` rule with its subject
+selector scoped to the policy's namespace), :class:`PeerRule` (one item of
+``ingress``, ``ingressDeny``, ``egress`` or ``egressDeny``), :class:`PortMatch`
+and :class:`CidrMatch`, and :func:`compile_policy`, called by ``repository``
+for every valid policy. Decisions taken here (documented for users):
+
+- an item with no L3 peer field but with ``toPorts``/``icmps`` matches any peer
+  (identity 0); an item with neither L3 nor L4 fields matches nothing;
+- ``toServices`` and ``toFQDNs`` are not enforced yet: an item with only those
+  peers allows nothing (its rule still switches the endpoint to default-deny);
+- ``nodeSelector`` rules (host firewall) select no endpoint and are skipped;
+- IPv6 prefixes and IPv6 ICMP types are skipped (the datapath is IPv4-only);
+- a port rule without ports covers every port and protocol; ``port`` unset or
+  ``"0"`` covers every port of its protocol; ``ANY`` is expanded later into
+  TCP, UDP and SCTP;
+- ``RuleRef.rule_index`` is the position in ``spec`` followed by ``specs``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from ciliary.operator.api.policies import AnyPolicy
+from ciliary.operator.api.ports import ICMPRule, PortDenyRule, PortRule
+from ciliary.operator.api.rules import (
+    CIDRRule,
+    EgressDenyRule,
+    EgressRule,
+    IngressDenyRule,
+    IngressRule,
+    Rule,
+)
+from ciliary.operator.api.selectors import LabelSelector
+from ciliary.operator.intents import Direction, PolicyRef, Protocol, RuleRef, Verdict
+from ciliary.operator.policy import selection
+from ciliary.operator.policy.selection import Selector
+
+ICMP_V4_TYPES = {
+    "EchoReply": 0,
+    "DestinationUnreachable": 3,
+    "Redirect": 5,
+    "Echo": 8,
+    "EchoRequest": 8,
+    "RouterAdvertisement": 9,
+    "RouterSelection": 10,
+    "TimeExceeded": 11,
+    "ParameterProblem": 12,
+    "Timestamp": 13,
+    "TimestampReply": 14,
+    "Photuris": 40,
+    "ExtendedEchoRequest": 42,
+    "ExtendedEchoReply": 43,
+}
+"""ICMPv4 type names (the IPv6-only names have no IPv4 number and are skipped)."""
+
+_PROTOCOLS = {"TCP": Protocol.TCP, "UDP": Protocol.UDP, "SCTP": Protocol.SCTP, "ANY": Protocol.ANY}
+
+
+@dataclass(frozen=True, slots=True)
+class PortMatch:
+    """One port (range) of a port rule; ``name`` is set for a named port (resolved later)."""
+
+    protocol: Protocol
+    low: int = 0
+    high: int = 0
+    name: str | None = None
+    l7: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CidrMatch:
+    """An IPv4 prefix minus its excepted sub-prefixes."""
+
+    cidr: ipaddress.IPv4Network
+    excepts: tuple[ipaddress.IPv4Network, ...] = ()
+
+    def covers(self, prefix: ipaddress.IPv4Network) -> bool:
+        """Does this match select the identity of ``prefix`` (a prefix with its own ipcache entry)?"""
+        if not prefix.subnet_of(self.cidr):
+            return False
+        return not any(prefix.subnet_of(e) for e in self.excepts)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRule:
+    """One item of a direction section, normalised."""
+
+    ref: RuleRef
+    direction: Direction
+    verdict: Verdict
+    selectors: tuple[Selector, ...] = ()
+    requires: tuple[Selector, ...] = ()
+    cidrs: tuple[CidrMatch, ...] = ()
+    entities: tuple[str, ...] = ()
+    any_peer: bool = False
+    ports: tuple[PortMatch, ...] = ()
+    icmp_types: tuple[int, ...] = ()
+
+    @property
+    def l3_only(self) -> bool:
+        """No ``toPorts`` and no ``icmps``: every port and protocol of the selected peers."""
+        return not self.ports and not self.icmp_types
+
+    def prefixes(self) -> Iterable[ipaddress.IPv4Network]:
+        for match in self.cidrs:
+            yield match.cidr
+            yield from match.excepts
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    """One rule of one policy: its scoped subject and its items per direction."""
+
+    policy: PolicyRef
+    rule_index: int
+    subject: Selector
+    ingress: tuple[PeerRule, ...]
+    egress: tuple[PeerRule, ...]
+    has_ingress: bool
+    has_egress: bool
+    default_deny_ingress: bool
+    default_deny_egress: bool
+
+    def items(self, direction: Direction) -> tuple[PeerRule, ...]:
+        return self.ingress if direction is Direction.INGRESS else self.egress
+
+    def has(self, direction: Direction) -> bool:
+        return self.has_ingress if direction is Direction.INGRESS else self.has_egress
+
+    def default_deny(self, direction: Direction) -> bool:
+        return self.default_deny_ingress if direction is Direction.INGRESS else self.default_deny_egress
+
+    def selectors(self) -> Iterable[Selector]:
+        yield self.subject
+        for item in (*self.ingress, *self.egress):
+            yield from item.selectors
+            yield from item.requires
+
+
+def policy_ref(policy: AnyPolicy) -> PolicyRef:
+    return PolicyRef(
+        kind=policy.kind,
+        namespace=policy.namespace,
+        name=policy.name,
+        uid=policy.metadata.uid or "",
+        generation=policy.metadata.generation or 0,
+    )
+
+
+def compile_policy(policy: AnyPolicy) -> tuple[CompiledRule, ...]:
+    """Every rule of ``policy`` in normalised form (a validated policy never fails here)."""
+    ref = policy_ref(policy)
+    namespace = "" if policy.is_clusterwide else policy.namespace
+    compiled = []
+    for index, rule in enumerate(policy.rules()):
+        if rule.endpoint_selector is None:
+            continue
+        compiled.append(compile_rule(rule, ref, index, namespace))
+    return tuple(compiled)
+
+
+def compile_rule(rule: Rule, policy: PolicyRef, index: int, namespace: str) -> CompiledRule:
+    subject = selection.scope_subject(selection.from_api(rule.endpoint_selector), namespace)
+
+    def ref(section: str, item: int) -> RuleRef:
+        return RuleRef(
+            kind=policy.kind,
+            namespace=policy.namespace,
+            name=policy.name,
+            uid=policy.uid,
+            rule_index=index,
+            section=f"{section}[{item}]",
+        )
+
+    ingress: list[PeerRule] = []
+    for i, item in enumerate(rule.ingress or ()):
+        ingress.append(_ingress(item, ref("ingress", i), Verdict.ALLOW, namespace))
+    for i, deny in enumerate(rule.ingress_deny or ()):
+        ingress.append(_ingress(deny, ref("ingressDeny", i), Verdict.DENY, namespace))
+    egress: list[PeerRule] = []
+    for i, out in enumerate(rule.egress or ()):
+        egress.append(_egress(out, ref("egress", i), Verdict.ALLOW, namespace))
+    for i, out_deny in enumerate(rule.egress_deny or ()):
+        egress.append(_egress(out_deny, ref("egressDeny", i), Verdict.DENY, namespace))
+    has_ingress = bool(rule.ingress) or bool(rule.ingress_deny)
+    has_egress = bool(rule.egress) or bool(rule.egress_deny)
+    defaults = rule.enable_default_deny
+    return CompiledRule(
+        policy=policy,
+        rule_index=index,
+        subject=subject,
+        ingress=tuple(ingress),
+        egress=tuple(egress),
+        has_ingress=has_ingress,
+        has_egress=has_egress,
+        default_deny_ingress=has_ingress and (defaults is None or defaults.ingress is not False),
+        default_deny_egress=has_egress and (defaults is None or defaults.egress is not False),
+    )
+
+
+def _ingress(
+    item: IngressRule | IngressDenyRule, ref: RuleRef, verdict: Verdict, namespace: str
+) -> PeerRule:
+    cidrs = _cidrs(item.from_cidr, item.from_cidr_set)
+    return _peer_rule(
+        ref,
+        Direction.INGRESS,
+        verdict,
+        namespace,
+        endpoints=item.from_endpoints,
+        requires=item.from_requires,
+        cidrs=cidrs,
+        entities=item.from_entities or (),
+        other_l3=False,
+        port_rules=item.to_ports,
+        icmps=item.icmps,
+    )
+
+
+def _egress(item: EgressRule | EgressDenyRule, ref: RuleRef, verdict: Verdict, namespace: str) -> PeerRule:
+    cidrs = _cidrs(item.to_cidr, item.to_cidr_set)
+    other_l3 = bool(item.to_services) or bool(getattr(item, "to_fqdns", None))
+    return _peer_rule(
+        ref,
+        Direction.EGRESS,
+        verdict,
+        namespace,
+        endpoints=item.to_endpoints,
+        requires=item.to_requires,
+        cidrs=cidrs,
+        entities=item.to_entities or (),
+        other_l3=other_l3,
+        port_rules=item.to_ports,
+        icmps=item.icmps,
+    )
+
+
+def _peer_rule(
+    ref: RuleRef,
+    direction: Direction,
+    verdict: Verdict,
+    namespace: str,
+    *,
+    endpoints: Sequence[LabelSelector] | None,
+    requires: Sequence[LabelSelector] | None,
+    cidrs: tuple[CidrMatch, ...],
+    entities: Sequence[str],
+    other_l3: bool,
+    port_rules: Sequence[PortRule | PortDenyRule] | None,
+    icmps: Sequence[ICMPRule] | None,
+) -> PeerRule:
+    selectors = tuple(selection.scope_peer(selection.from_api(s), namespace) for s in endpoints or ())
+    scoped_requires = tuple(selection.scope_peer(selection.from_api(s), namespace) for s in requires or ())
+    ports = tuple(p for rule in port_rules or () for p in _ports(rule))
+    icmp_types = tuple(sorted({t for rule in icmps or () for t in _icmp_types(rule)}))
+    has_l3 = bool(selectors) or bool(cidrs) or bool(entities) or other_l3
+    has_l4 = bool(port_rules) or bool(icmps)
+    return PeerRule(
+        ref=ref,
+        direction=direction,
+        verdict=verdict,
+        selectors=selectors,
+        requires=scoped_requires,
+        cidrs=cidrs,
+        entities=tuple(sorted(set(entities))),
+        any_peer=not has_l3 and has_l4,
+        ports=ports,
+        icmp_types=icmp_types,
+    )
+
+
+def _ports(rule: PortRule | PortDenyRule) -> Iterable[PortMatch]:
+    l7 = isinstance(rule, PortRule) and rule.rules is not None and bool(rule.rules.kinds())
+    if not rule.ports:
+        yield PortMatch(Protocol.ANY, l7=l7)
+        return
+    for port in rule.ports:
+        protocol = _PROTOCOLS.get(port.protocol or "ANY", Protocol.ANY)
+        if port.is_named:
+            yield PortMatch(protocol, name=port.port, l7=l7)
+            continue
+        low = port.number or 0
+        high = max(low, port.end_port or 0) if low else 0
+        yield PortMatch(protocol, low, high, l7=l7)
+
+
+def _icmp_types(rule: ICMPRule) -> Iterable[int]:
+    for field in rule.fields or ():
+        if field.family == "IPv6":
+            continue
+        if isinstance(field.type, int):
+            yield field.type
+        elif field.type.isdigit():
+            yield int(field.type)
+        elif field.type in ICMP_V4_TYPES:
+            yield ICMP_V4_TYPES[field.type]
+
+
+def parse_prefix(value: str) -> ipaddress.IPv4Network | None:
+    """An IPv4 prefix (a bare address is a /32); None for IPv6 or garbage."""
+    try:
+        network = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return None
+    return network if isinstance(network, ipaddress.IPv4Network) else None
+
+
+def _cidrs(plain: Sequence[str] | None, sets: Sequence[CIDRRule] | None) -> tuple[CidrMatch, ...]:
+    out: list[CidrMatch] = []
+    for value in plain or ():
+        prefix = parse_prefix(value)
+        if prefix is not None:
+            out.append(CidrMatch(prefix))
+    for cidr_rule in sets or ():
+        prefix = parse_prefix(cidr_rule.cidr)
+        if prefix is None:
+            continue
+        excepts = (parse_prefix(e) for e in cidr_rule.except_ or ())
+        out.append(CidrMatch(prefix, tuple(sorted({e for e in excepts if e is not None and e.subnet_of(prefix)}))))
+    return tuple(out)

@@ -1,0 +1,216 @@
+"""Policy entries of one endpoint in one direction, from the rules that select it.
+
+Owns :func:`direction_policy`: given the compiled rules selecting an endpoint
+(its *subject* identity), a :class:`PeerSource` answering "which identities
+does this selector / entity / CIDR stand for" and the endpoint's named ports,
+it returns the :class:`~ciliary.operator.intents.DirectionPolicy` the datapath
+enforces. ``resolution`` calls it per distinct (identity, named ports).
+
+Semantics (documented for users):
+
+- the direction is enforced as soon as a rule selecting the endpoint has an
+  allow or deny section for it; it is default-deny unless every such rule says
+  ``enableDefaultDeny: false`` for that direction, in which case an allow-all
+  entry (identity 0, no rule) is added so only deny entries bite (and when there
+  is no deny entry at all the direction is simply not enforced);
+- allow entries are the union of all items; deny entries beat allow entries
+  (``intents.evaluate_entries`` checks denies first);
+- ``fromRequires``/``toRequires`` of every rule selecting the endpoint (allow
+  and deny items alike) are ANDed into every ``fromEndpoints``/``toEndpoints``
+  selector of the *allow* items of that direction; they never widen, never
+  constrain entities, CIDRs or L4-only items, and never narrow deny items;
+- L3-only items give protocol-ANY, any-port entries (ICMP included); L4-only
+  items give identity-0 entries; L3+L4 items give the product;
+- a port with protocol ANY becomes three entries, TCP, UDP and SCTP;
+  ``endPort`` gives a range; a named port resolves, on ingress, against the
+  endpoint's own container ports and, on egress, against the container ports
+  of the pods of each peer identity (for an any-peer item: of every pod); a name
+  that resolves nowhere gives no entry;
+- ICMP types give protocol-ICMP entries with ``icmp_type`` set;
+- a port rule with L7 rules gives allow entries with ``l7_redirect=True``; when
+  an L4-only allow and an L7 allow produce the same entry, L4 wins (no redirect);
+- with ``allow_host_ingress`` (Kubernetes' allow-localhost), an enforced ingress
+  direction always allows the ``host`` identity (kubelet probes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence, Set
+from typing import Protocol as TypingProtocol
+
+from ciliary.operator.intents import (
+    ANY_IDENTITY,
+    Direction,
+    DirectionPolicy,
+    PolicyEntry,
+    Protocol,
+    RuleRef,
+    Verdict,
+    sorted_entries,
+)
+from ciliary.operator.policy.compiling import CidrMatch, CompiledRule, PeerRule, PortMatch
+from ciliary.operator.policy.identities import Reserved
+from ciliary.operator.policy.selection import Selector
+
+NamedPorts = Mapping[str, tuple[tuple[str, int], ...]]
+"""Port name -> ((protocol, port), ...)."""
+
+NOT_ENFORCED = DirectionPolicy()
+_ANY_EXPANSION = (Protocol.TCP, Protocol.UDP, Protocol.SCTP)
+_BY_NAME = {"TCP": Protocol.TCP, "UDP": Protocol.UDP, "SCTP": Protocol.SCTP}
+
+_Key = tuple[int, Protocol, int, int, int | None, Verdict]
+"""(peer identity, protocol, port low, port high, icmp type, verdict)."""
+
+
+class PeerSource(TypingProtocol):
+    """What the entries of one subject need to know about the rest of the cluster.
+
+    ``user`` is the subject identity asking; implementations record it so a
+    change of the answer invalidates exactly the subjects that used it.
+    """
+
+    def select(self, selector: Selector, user: int) -> Set[int]:
+        """Identities matching a (scoped) endpoint selector."""
+        ...
+
+    def entity(self, name: str, user: int) -> Set[int] | None:
+        """Identities of an entity; None for ``all`` (every peer)."""
+        ...
+
+    def cidr(self, match: CidrMatch, user: int) -> Set[int]:
+        """Identities (CIDR and world) a CIDR match stands for."""
+        ...
+
+    def named_ports(self, peer: int, user: int) -> NamedPorts:
+        """Named ports of the pods of ``peer`` (0: of every pod)."""
+        ...
+
+
+def direction_policy(
+    subject: int,
+    rules: Sequence[CompiledRule],
+    direction: Direction,
+    *,
+    own_ports: NamedPorts,
+    source: PeerSource,
+    allow_host_ingress: bool = True,
+) -> DirectionPolicy:
+    """The enforced entries of one endpoint (identity ``subject``) in ``direction``."""
+    relevant = [r for r in rules if r.has(direction)]
+    if not relevant:
+        return NOT_ENFORCED
+    default_deny = any(r.default_deny(direction) for r in relevant)
+    requires = tuple(sorted({req for r in relevant for item in r.items(direction) for req in item.requires},
+                            key=lambda s: s.requirements))
+    acc: dict[_Key, tuple[set[RuleRef], bool]] = {}
+    for rule in relevant:
+        for item in rule.items(direction):
+            peers = _peers(subject, item, requires, source)
+            if peers:
+                _add_item(acc, subject, item, peers, direction, own_ports, source)
+    entries = [_entry(key, refs, l7) for key, (refs, l7) in acc.items()]
+    if not default_deny:
+        if not any(e.verdict is Verdict.DENY for e in entries):
+            return NOT_ENFORCED
+        entries.append(PolicyEntry(identity=ANY_IDENTITY, verdict=Verdict.ALLOW))
+    elif direction is Direction.INGRESS and allow_host_ingress:
+        entries.append(PolicyEntry(identity=int(Reserved.HOST), verdict=Verdict.ALLOW))
+    return DirectionPolicy(enforced=True, entries=_dedupe(entries))
+
+
+def _peers(subject: int, item: PeerRule, requires: Sequence[Selector], source: PeerSource) -> Set[int]:
+    if item.any_peer:
+        return {ANY_IDENTITY}
+    out: set[int] = set()
+    for selector in item.selectors:
+        members = source.select(selector, subject)
+        for requirement in requires:
+            members = members & source.select(requirement, subject)
+        out |= members
+    for name in item.entities:
+        ids = source.entity(name, subject)
+        if ids is None:
+            return {ANY_IDENTITY}
+        out |= ids
+    for match in item.cidrs:
+        out |= source.cidr(match, subject)
+    return out
+
+
+def _add_item(
+    acc: dict[_Key, tuple[set[RuleRef], bool]],
+    subject: int,
+    item: PeerRule,
+    peers: Set[int],
+    direction: Direction,
+    own_ports: NamedPorts,
+    source: PeerSource,
+) -> None:
+    fixed: list[tuple[Protocol, int, int, int | None, bool]] = []
+    named: list[PortMatch] = []
+    if item.l3_only:
+        fixed.append((Protocol.ANY, 0, 0, None, False))
+    for port in item.ports:
+        if port.name is not None:
+            named.append(port)
+        else:
+            fixed.extend((proto, port.low, port.high, None, port.l7) for proto in _protocols(port.protocol))
+    fixed.extend((Protocol.ICMP, 0, 0, icmp_type, False) for icmp_type in item.icmp_types)
+    l7_allowed = item.verdict is Verdict.ALLOW
+    for peer in peers:
+        specs: Iterable[tuple[Protocol, int, int, int | None, bool]] = fixed
+        if named:
+            ports = own_ports if direction is Direction.INGRESS else source.named_ports(peer, subject)
+            specs = [*fixed, *_resolve_named(named, ports)]
+        for proto, low, high, icmp_type, l7 in specs:
+            key = (peer, proto, low, high, icmp_type, item.verdict)
+            found = acc.get(key)
+            redirect = l7 and l7_allowed
+            if found is None:
+                acc[key] = ({item.ref}, redirect)
+            else:
+                found[0].add(item.ref)
+                acc[key] = (found[0], found[1] and redirect)
+
+
+def _protocols(protocol: Protocol) -> tuple[Protocol, ...]:
+    return _ANY_EXPANSION if protocol is Protocol.ANY else (protocol,)
+
+
+def _resolve_named(
+    named: Iterable[PortMatch], ports: NamedPorts
+) -> Iterable[tuple[Protocol, int, int, int | None, bool]]:
+    for match in named:
+        assert match.name is not None
+        for proto_name, number in ports.get(match.name, ()):
+            proto = _BY_NAME.get(proto_name)
+            if proto is None or (match.protocol is not Protocol.ANY and proto is not match.protocol):
+                continue
+            yield proto, number, number, None, match.l7
+
+
+def _entry(key: _Key, refs: set[RuleRef], l7: bool) -> PolicyEntry:
+    peer, proto, low, high, icmp_type, verdict = key
+    ordered = tuple(sorted(refs, key=lambda r: (r.kind, r.namespace, r.name, r.uid, r.rule_index, r.section)))
+    return PolicyEntry(
+        identity=peer,
+        protocol=proto,
+        port_low=low,
+        port_high=high if low else 0,
+        icmp_type=icmp_type,
+        verdict=verdict,
+        l7_redirect=l7,
+        rules=ordered,
+    )
+
+
+def _dedupe(entries: list[PolicyEntry]) -> tuple[PolicyEntry, ...]:
+    """Sort; an implicit (rule-less) allow that duplicates a rule's entry is dropped."""
+    seen: dict[tuple[object, ...], PolicyEntry] = {}
+    for entry in entries:
+        key = (entry.verdict, entry.identity, entry.protocol, entry.port_low, entry.port_high, entry.icmp_type)
+        current = seen.get(key)
+        if current is None or (not current.rules and entry.rules):
+            seen[key] = entry
+    return sorted_entries(seen.values())

@@ -1,0 +1,27 @@
+"""Fixtures for the bcc datapath tests: a private topology, one Datapath per module."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from dp_topology import Topology
+
+if os.geteuid() != 0:
+    pytest.skip("the datapath tests need root (bcc, netns)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def topology() -> Iterator[Topology]:
+    topo = Topology(pods=3)
+    try:
+        topo.up()
+        yield topo
+    finally:
+        topo.down()

@@ -1,0 +1,760 @@
+/* tc_to_pod - packets entering a pod.
+ * Rendered by ciliary.nodeagent.rendering; local #includes are inlined. */
+/* Rendered per node by ciliary.nodeagent.rendering (RenderContext). */
+#define CY_PIN_DIR "/sys/fs/bpf/ciliary/golden-node"
+#define CY_IPCACHE_MAX 16384
+#define CY_ENDPOINTS_MAX 1024
+#define CY_POLICY_MAX 65536
+#define CY_CT_MAX 65536
+#define CY_EVENTS_PAGES 64
+#define CY_TRACE_ALL 0
+
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+#include <uapi/linux/icmp.h>
+
+/* ---- include/consts.h ---- */
+/* consts.h - numeric constants shared by every program.
+ *
+ * Values that a node may tune (map sizes, feature switches) are rendered by
+ * programs/macros.j2 as #defines *before* this header is inlined, so each one
+ * here is only a default (#ifndef). Nothing here depends on policy content:
+ * policy lives in maps and never recompiles a program.
+ */
+#ifndef CY_CONSTS_H
+#define CY_CONSTS_H
+
+/* Map sizes (entries). */
+#ifndef CY_IPCACHE_MAX
+#define CY_IPCACHE_MAX 16384
+#endif
+#ifndef CY_ENDPOINTS_MAX
+#define CY_ENDPOINTS_MAX 1024
+#endif
+#ifndef CY_POLICY_MAX
+#define CY_POLICY_MAX 65536
+#endif
+#ifndef CY_CT_MAX
+#define CY_CT_MAX 65536
+#endif
+#ifndef CY_EVENTS_PAGES
+#define CY_EVENTS_PAGES 64
+#endif
+
+/* Feature switches. */
+#ifndef CY_TRACE_ALL
+#define CY_TRACE_ALL 0 /* 1: one flow event per packet; 0: new flows and drops only */
+#endif
+
+/* Direction of a policy as seen by the endpoint (types.h: policy_key.direction). */
+#define CY_DIR_INGRESS 1 /* traffic entering the pod: tc egress of the host veth */
+#define CY_DIR_EGRESS 2  /* traffic leaving the pod: tc ingress of the host veth */
+
+/* endpoint_info.flags */
+#define CY_EP_INGRESS_ENFORCED (1U << 0)
+#define CY_EP_EGRESS_ENFORCED (1U << 1)
+
+/* policy_value.flags */
+#define CY_POLICY_DENY (1U << 0)
+
+/* Reserved identities (Cilium's numbering). */
+#define CY_ID_ANY 0   /* in policy keys: any peer */
+#define CY_ID_WORLD 2 /* peer not in the ipcache */
+
+/* Policy LPM key: bits of data before the port (ep_id, identity, direction,
+ * protocol) are always matched in full; the port adds 0..16 prefix bits. */
+#define CY_POLICY_FIXED_BITS 80
+#define CY_POLICY_FULL_BITS 96
+
+/* Conntrack lifetimes (ns). */
+#define CY_CT_LIFETIME_TCP (21600ULL * 1000000000ULL)
+#define CY_CT_LIFETIME_OTHER (60ULL * 1000000000ULL)
+#define CY_CT_LIFETIME_CLOSE (10ULL * 1000000000ULL)
+#define CY_CT_REFRESH (1ULL * 1000000000ULL) /* rewrite expiry at most once a second */
+
+/* Verdicts in flow events. */
+#define CY_VERDICT_FORWARDED 1
+#define CY_VERDICT_DROPPED 2
+
+/* Protocol numbers (netinet/in.h is not available to bcc programs). */
+#define CY_PROTO_ICMP 1
+#define CY_PROTO_TCP 6
+#define CY_PROTO_UDP 17
+#define CY_PROTO_SCTP 132
+
+#define CY_ICMP_ECHO_REPLY 0
+#define CY_ICMP_ECHO_REQUEST 8
+
+#define CY_ETH_P_IP 0x0800
+#define CY_IP_MF 0x2000
+#define CY_IP_OFFSET 0x1FFF
+
+/* TCP flag bits as in the 13th byte of the TCP header. */
+#define CY_TCP_FIN 0x01
+#define CY_TCP_SYN 0x02
+#define CY_TCP_RST 0x04
+
+#endif /* CY_CONSTS_H */
+/* ---- include/drop_reasons.h ---- */
+/* drop_reasons.h - why a packet was forwarded or dropped.
+ *
+ * One number space for both outcomes so that counters and flow events carry a
+ * single "reason" byte. Mirrored by ciliary.nodeagent.datapath.maps.Reason.
+ * Counters are indexed by direction * CY_REASON_MAX + reason.
+ */
+#ifndef CY_DROP_REASONS_H
+#define CY_DROP_REASONS_H
+
+#define CY_OK_POLICY 1       /* forwarded: an allow entry matched */
+#define CY_OK_REPLY 2        /* forwarded: reply of a tracked connection (conntrack) */
+#define CY_OK_UNENFORCED 3   /* forwarded: the direction is not enforced for this endpoint */
+#define CY_DROP_POLICY_DENY 4 /* dropped: a deny entry matched (deny beats allow) */
+#define CY_DROP_POLICY 5     /* dropped: enforced and no allow entry matched (default deny) */
+#define CY_DROP_INVALID 6    /* dropped: L4 header truncated on an enforced endpoint */
+
+#define CY_REASON_MAX 8
+
+#endif /* CY_DROP_REASONS_H */
+/* ---- include/types.h ---- */
+/* types.h - structs stored in maps or sent to user space.
+ *
+ * Each struct is mirrored 1:1 (field order, sizes, explicit padding) by a
+ * ctypes.Structure in ciliary/nodeagent/datapath/maps.py; a unit test checks
+ * the sizes. Addresses are IPv4 in network byte order; ports in keys are in
+ * network byte order so that LPM prefixes run over the port's high bits.
+ */
+#ifndef CY_TYPES_H
+#define CY_TYPES_H
+
+/* cy_ipcache key: LPM trie over an IPv4 prefix. */
+struct ipcache_key {
+	__u32 prefixlen; /* 0..32 */
+	__u32 addr;      /* network order */
+};
+
+struct ipcache_value {
+	__u32 identity;
+	__u32 flags; /* reserved, 0 */
+};
+
+/* cy_endpoints value, keyed by the pod's IPv4 (__u32, network order). */
+struct endpoint_info {
+	__u32 ep_id;    /* node-local endpoint id, >= 1, allocated by the planner */
+	__u32 identity; /* security identity of the pod */
+	__u32 flags;    /* CY_EP_*_ENFORCED */
+	__u32 ifindex;  /* host-side veth in the node netns (diagnostics) */
+};
+
+/* cy_policy / cy_policy_deny key: LPM trie. prefixlen counts bits of the
+ * fields after it: CY_POLICY_FIXED_BITS (ep_id..protocol) + 0..16 port bits. */
+struct policy_key {
+	__u32 prefixlen;
+	__u32 ep_id;
+	__u32 identity;  /* 0 = any peer */
+	__u8 direction;  /* CY_DIR_* */
+	__u8 protocol;   /* 0 = any protocol */
+	__be16 dport;    /* network order; ICMP: the ICMP type */
+};
+
+struct policy_value {
+	__u32 cookie; /* rule cookie for flow events (crc32 of the rule refs) */
+	__u32 flags;  /* CY_POLICY_DENY in cy_policy_deny */
+};
+
+/* cy_ct key: a connection as first seen by one hook. ICMP echo uses the echo
+ * id as sport for requests and as dport for replies, so a reversed reply
+ * matches its request. */
+struct ct_key {
+	__u32 saddr;
+	__u32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 protocol;
+	__u8 direction; /* CY_DIR_* of the hook that created the entry */
+	__u16 pad;
+};
+
+struct ct_entry {
+	__u64 expires;  /* bpf_ktime_get_ns() deadline */
+	__u32 ep_id;
+	__u32 cookie;   /* rule that allowed the connection */
+	__u64 packets;  /* forward packets seen (approximate: not atomic) */
+};
+
+struct counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* cy_events record. Ports and addresses as on the wire (network order). */
+struct flow_event {
+	__u64 ts_ns;     /* bpf_ktime_get_ns() */
+	__u32 saddr;
+	__u32 daddr;
+	__be16 sport;
+	__be16 dport;    /* ICMP: type in the low byte of sport, code in dport */
+	__u8 protocol;
+	__u8 tcp_flags;
+	__u8 verdict;    /* CY_VERDICT_* */
+	__u8 reason;     /* drop_reasons.h */
+	__u8 direction;  /* CY_DIR_* */
+	__u8 is_reply;
+	__u16 pad;
+	__u32 ep_id;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 cookie;
+	__u32 ifindex;
+	__u32 len;
+};
+
+#endif /* CY_TYPES_H */
+/* ---- include/maps.h ---- */
+/* maps.h - every map of the datapath, declared once.
+ *
+ * All maps are pinned under CY_PIN_DIR (one directory per node, rendered into
+ * the program by the agent), so a restarted agent reuses them and both hooks
+ * (compiled as separate objects) share them. Sizes come from consts.h
+ * (rendered per node). Names are at most 15 characters.
+ */
+#ifndef CY_MAPS_H
+#define CY_MAPS_H
+
+#ifndef CY_PIN_DIR
+#error "CY_PIN_DIR must be rendered (programs/macros.j2)"
+#endif
+
+/* cy_ipcache: which security identity owns an IPv4 address.
+ * key ipcache_key (LPM prefix), value ipcache_value, CY_IPCACHE_MAX entries.
+ * Filled from NodeIntent.ipcache; longest prefix wins; a miss means world. */
+BPF_TABLE_PINNED("lpm_trie", struct ipcache_key, struct ipcache_value, cy_ipcache,
+		 CY_IPCACHE_MAX, CY_PIN_DIR "/cy_ipcache", BPF_F_NO_PREALLOC);
+
+/* cy_endpoints: the pods of this node.
+ * key __u32 pod IPv4 (network order), value endpoint_info, CY_ENDPOINTS_MAX.
+ * A packet whose pod side is not in this map is passed untouched. */
+BPF_TABLE_PINNED("hash", __u32, struct endpoint_info, cy_endpoints,
+		 CY_ENDPOINTS_MAX, CY_PIN_DIR "/cy_endpoints");
+
+/* cy_policy: allow entries of every endpoint and direction.
+ * key policy_key (LPM: port ranges are stored as prefix blocks), value
+ * policy_value, CY_POLICY_MAX entries (one per block). See lib/policy.h. */
+BPF_TABLE_PINNED("lpm_trie", struct policy_key, struct policy_value, cy_policy,
+		 CY_POLICY_MAX, CY_PIN_DIR "/cy_policy", BPF_F_NO_PREALLOC);
+
+/* cy_policy_deny: deny entries, same layout as cy_policy. Kept apart so a
+ * more specific allow can never hide a less specific deny in one LPM lookup. */
+BPF_TABLE_PINNED("lpm_trie", struct policy_key, struct policy_value, cy_policy_deny,
+		 CY_POLICY_MAX, CY_PIN_DIR "/cy_policy_deny", BPF_F_NO_PREALLOC);
+
+/* cy_ct: connection tracking, LRU hash.
+ * key ct_key (tuple + direction of the hook that saw the first packet),
+ * value ct_entry, CY_CT_MAX entries. Only used to pass replies; see
+ * lib/conntrack.h for why forward packets are always re-evaluated. */
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_entry, cy_ct,
+		 CY_CT_MAX, CY_PIN_DIR "/cy_ct");
+
+/* cy_counters: packets and bytes per (direction, reason), per CPU.
+ * key __u32 direction * CY_REASON_MAX + reason, value counter. */
+BPF_TABLE_PINNED("percpu_array", __u32, struct counter, cy_counters,
+		 3 * CY_REASON_MAX, CY_PIN_DIR "/cy_counters");
+
+/* cy_lost: flow events that did not fit the ring buffer, per CPU.
+ * key __u32 0, value __u64. Loss is counted, never silent. */
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, cy_lost, 1, CY_PIN_DIR "/cy_lost");
+
+/* cy_events: ring buffer of struct flow_event, CY_EVENTS_PAGES pages.
+ * Written like BPF_RINGBUF_OUTPUT, but pinned (bcc has no pinned variant of
+ * that macro) so events keep flowing to a restarted agent. */
+struct cy_events_table_t {
+	int key;
+	u32 leaf;
+	int (*ringbuf_output)(void *, u64, u64);
+	void *(*ringbuf_reserve)(u64);
+	void (*ringbuf_discard)(void *, u64);
+	void (*ringbuf_submit)(void *, u64);
+	u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:" CY_PIN_DIR "/cy_events")))
+struct cy_events_table_t cy_events = { .max_entries = CY_EVENTS_PAGES * 4096 };
+
+#endif /* CY_MAPS_H */
+/* ---- lib/parse.h ---- */
+/* parse.h - Ethernet/IPv4/L4 parsing with direct packet access.
+ *
+ * cy_parse() fills a struct cy_packet: addresses, ports, the port used for
+ * policy (destination port, or the ICMP type for ICMP) and the conntrack
+ * ports (ICMP echo id). Non-IPv4 frames (ARP, IPv6, ...) return CY_PARSE_SKIP
+ * and are passed by the caller. Non-first fragments carry no L4 header: they
+ * are evaluated with port 0 (only "any port" entries can allow them).
+ */
+#ifndef CY_PARSE_H
+#define CY_PARSE_H
+
+#define CY_PARSE_SKIP 0   /* not IPv4: not ours */
+#define CY_PARSE_OK 1     /* fully parsed */
+#define CY_PARSE_SHORT 2  /* IPv4 but L4 header truncated */
+
+struct cy_packet {
+	__u32 saddr;
+	__u32 daddr;
+	__be16 sport;       /* conntrack ports (network order) */
+	__be16 dport;
+	__u16 policy_port;  /* host order: dport, ICMP type, or 0 */
+	__u8 protocol;
+	__u8 tcp_flags;
+	__u8 icmp_type;
+	__u8 is_fragment;   /* non-first fragment */
+	__u16 pad;
+	__u32 len;
+};
+
+static __always_inline int cy_parse(struct __sk_buff *skb, struct cy_packet *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip;
+	void *l4;
+	__u32 ihl;
+
+	if ((void *)(eth + 1) > data_end)
+		return CY_PARSE_SKIP;
+	if (eth->h_proto != bpf_htons(CY_ETH_P_IP))
+		return CY_PARSE_SKIP;
+	ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > data_end)
+		return CY_PARSE_SKIP;
+	ihl = ip->ihl * 4;
+	if (ihl < sizeof(*ip))
+		return CY_PARSE_SKIP;
+
+	p->saddr = ip->saddr;
+	p->daddr = ip->daddr;
+	p->protocol = ip->protocol;
+	p->len = skb->len;
+	if (ip->frag_off & bpf_htons(CY_IP_OFFSET)) {
+		p->is_fragment = 1;
+		return CY_PARSE_OK;
+	}
+
+	l4 = (void *)ip + ihl;
+	switch (ip->protocol) {
+	case CY_PROTO_TCP: {
+		struct tcphdr *tcp = l4;
+		if ((void *)(tcp + 1) > data_end)
+			return CY_PARSE_SHORT;
+		p->sport = tcp->source;
+		p->dport = tcp->dest;
+		p->policy_port = bpf_ntohs(tcp->dest);
+		p->tcp_flags = ((__u8 *)tcp)[13];
+		break;
+	}
+	case CY_PROTO_UDP:
+	case CY_PROTO_SCTP: {
+		/* UDP and SCTP both start with source and destination ports. */
+		struct udphdr *udp = l4;
+		if ((void *)(udp + 1) > data_end)
+			return CY_PARSE_SHORT;
+		p->sport = udp->source;
+		p->dport = udp->dest;
+		p->policy_port = bpf_ntohs(udp->dest);
+		break;
+	}
+	case CY_PROTO_ICMP: {
+		struct icmphdr *icmp = l4;
+		if ((void *)(icmp + 1) > data_end)
+			return CY_PARSE_SHORT;
+		p->icmp_type = icmp->type;
+		p->policy_port = icmp->type;
+		if (icmp->type == CY_ICMP_ECHO_REQUEST)
+			p->sport = icmp->un.echo.id;
+		else if (icmp->type == CY_ICMP_ECHO_REPLY)
+			p->dport = icmp->un.echo.id;
+		break;
+	}
+	default:
+		break;
+	}
+	return CY_PARSE_OK;
+}
+
+#endif /* CY_PARSE_H */
+/* ---- lib/counters.h ---- */
+/* counters.h - per-CPU packet and byte counters per (direction, reason). */
+#ifndef CY_COUNTERS_H
+#define CY_COUNTERS_H
+
+static __always_inline void cy_count(__u8 dir, __u8 reason, __u32 len)
+{
+	__u32 idx = (__u32)dir * CY_REASON_MAX + reason;
+	struct counter *c = cy_counters.lookup(&idx);
+
+	if (c) {
+		c->packets += 1;
+		c->bytes += len;
+	}
+}
+
+#endif /* CY_COUNTERS_H */
+/* ---- lib/events.h ---- */
+/* events.h - flow events to user space through the cy_events ring buffer.
+ *
+ * A failed ringbuf_output (buffer full) increments cy_lost, so loss is always
+ * visible to the agent (datapath/flows.py reports it).
+ */
+#ifndef CY_EVENTS_H
+#define CY_EVENTS_H
+
+static __always_inline void cy_emit(struct __sk_buff *skb, const struct cy_packet *p, __u8 dir,
+				    __u8 verdict, __u8 reason, __u8 is_reply, __u32 ep_id,
+				    __u32 src_identity, __u32 dst_identity, __u32 cookie, __u64 now)
+{
+	struct flow_event ev = {};
+
+	ev.ts_ns = now;
+	ev.saddr = p->saddr;
+	ev.daddr = p->daddr;
+	ev.sport = p->sport;
+	ev.dport = p->dport;
+	if (p->protocol == CY_PROTO_ICMP) {
+		ev.sport = p->icmp_type;
+		ev.dport = 0;
+	}
+	ev.protocol = p->protocol;
+	ev.tcp_flags = p->tcp_flags;
+	ev.verdict = verdict;
+	ev.reason = reason;
+	ev.direction = dir;
+	ev.is_reply = is_reply;
+	ev.ep_id = ep_id;
+	ev.src_identity = src_identity;
+	ev.dst_identity = dst_identity;
+	ev.cookie = cookie;
+	ev.ifindex = skb->ifindex;
+	ev.len = p->len;
+	if (cy_events.ringbuf_output(&ev, sizeof(ev), 0) != 0) {
+		__u32 zero = 0;
+		__u64 *lost = cy_lost.lookup(&zero);
+		if (lost)
+			*lost += 1;
+	}
+}
+
+#endif /* CY_EVENTS_H */
+/* ---- lib/ipcache.h ---- */
+/* ipcache.h - peer address to security identity.
+ *
+ * Local endpoints are looked up first (cy_endpoints, exact), then the
+ * cluster-wide cy_ipcache (longest prefix). An address found in neither is
+ * "world" (CY_ID_WORLD), as in Cilium.
+ */
+#ifndef CY_IPCACHE_H
+#define CY_IPCACHE_H
+
+static __always_inline __u32 cy_identity_of(__u32 addr)
+{
+	struct endpoint_info *ep = cy_endpoints.lookup(&addr);
+	struct ipcache_key key = {};
+	struct ipcache_value *val;
+
+	if (ep)
+		return ep->identity;
+	key.prefixlen = 32;
+	key.addr = addr;
+	val = cy_ipcache.lookup(&key);
+	return val ? val->identity : CY_ID_WORLD;
+}
+
+#endif /* CY_IPCACHE_H */
+/* ---- lib/policy.h ---- */
+/* policy.h - the per-endpoint policy lookup (deny beats allow).
+ *
+ * Semantics (ciliary.operator.intents.evaluate_entries): an entry covers a
+ * packet when its identity is 0 or the peer's, its protocol is 0 or the
+ * packet's, and its port range is "any" (0, 0) or holds the packet's port.
+ * If any covering entry denies -> drop; else if any covering entry allows ->
+ * forward; else drop (default deny). Not enforced -> forward.
+ *
+ * Storage: every entry is written to cy_policy_deny or cy_policy (by verdict)
+ * as one LPM key per prefix block of its port range:
+ *     {ep_id, identity, direction, protocol, port block}
+ * prefixlen = CY_POLICY_FIXED_BITS + block bits (0 for "any port"). Port range
+ * [lo, hi] is decomposed into the minimal set of aligned power-of-two blocks
+ * (at most 30 for 16 bits); ICMP entries use the ICMP type as the port.
+ *
+ * Lookup: for (identity in {peer, 0}) x (protocol in {proto, 0}) look up the
+ * full-length key {ep, identity, dir, protocol, port}. An LPM hit means a key
+ * with exactly those fixed fields has a block containing the port, i.e. some
+ * entry of that (identity, protocol) covers the packet. The union of the four
+ * probes is therefore "some entry covers the packet". Probing the deny map
+ * first and the allow map second gives "deny beats allow" whatever the
+ * specificity: inside one map every key has the same verdict, so a longer
+ * prefix can never hide a shorter one of the other verdict.
+ * At most 8 LPM lookups per packet; map writes never recompile.
+ * The Python model is ciliary.nodeagent.planning.simulate_lookup, checked
+ * against evaluate_entries by hypothesis in tests/unit/nodeagent.
+ */
+#ifndef CY_POLICY_H
+#define CY_POLICY_H
+
+/* One LPM lookup in the deny (deny != 0) or allow map. bcc rewrites map
+ * method calls only in plain functions, not inside macros, hence the flag. */
+static __always_inline struct policy_value *cy_policy_get(int deny, struct policy_key *key)
+{
+	if (deny)
+		return cy_policy_deny.lookup(key);
+	return cy_policy.lookup(key);
+}
+
+/* The four probes of one map, most specific first (see above). */
+static __always_inline struct policy_value *cy_policy_probe(int deny, __u32 ep_id, __u8 dir,
+							    __u32 identity, __u8 proto,
+							    __u16 port)
+{
+	struct policy_key key = {};
+	struct policy_value *val;
+
+	key.prefixlen = CY_POLICY_FULL_BITS;
+	key.ep_id = ep_id;
+	key.direction = dir;
+	key.dport = bpf_htons(port);
+	key.identity = identity;
+	key.protocol = proto;
+	val = cy_policy_get(deny, &key);
+	if (val)
+		return val;
+	if (proto != 0) {
+		key.protocol = 0;
+		val = cy_policy_get(deny, &key);
+		if (val)
+			return val;
+	}
+	if (identity == CY_ID_ANY)
+		return 0;
+	key.identity = CY_ID_ANY;
+	key.protocol = proto;
+	val = cy_policy_get(deny, &key);
+	if (val)
+		return val;
+	if (proto != 0) {
+		key.protocol = 0;
+		val = cy_policy_get(deny, &key);
+	}
+	return val;
+}
+
+/* Returns a drop_reasons.h code; *cookie gets the deciding rule's cookie. */
+static __always_inline __u8 cy_policy_verdict(__u32 ep_id, __u8 dir, __u32 identity,
+					      __u8 proto, __u16 port, __u32 *cookie)
+{
+	struct policy_value *val;
+
+	val = cy_policy_probe(1, ep_id, dir, identity, proto, port);
+	if (val) {
+		*cookie = val->cookie;
+		return CY_DROP_POLICY_DENY;
+	}
+	val = cy_policy_probe(0, ep_id, dir, identity, proto, port);
+	if (val) {
+		*cookie = val->cookie;
+		return CY_OK_POLICY;
+	}
+	*cookie = 0;
+	return CY_DROP_POLICY;
+}
+
+#endif /* CY_POLICY_H */
+/* ---- lib/conntrack.h ---- */
+/* conntrack.h - pass replies of allowed connections.
+ *
+ * Behaviour chosen (Cilium's, since cilium/cilium#2700): a conntrack entry is
+ * used only to recognise REPLY packets. Packets in the original direction of
+ * an established connection are evaluated against the policy maps on every
+ * packet, like new ones. Consequences:
+ *   - a policy edit that still allows a connection leaves it untouched (no
+ *     recompile, no CT flush; its replies keep passing through cy_ct);
+ *   - a policy edit that revokes the allow (or adds a deny) cuts the
+ *     connection at its next forward packet, immediately, without waiting for
+ *     the entry to expire;
+ *   - enforcement of the reply direction never breaks a connection that was
+ *     allowed in its original direction.
+ *
+ * Entries are keyed by the tuple as seen by the hook that allowed the first
+ * packet plus that hook's direction. A packet is a reply when its reversed
+ * tuple exists with the *other* direction: a pod's egress connection is
+ * created by cy_from_pod (CY_DIR_EGRESS) and its replies arrive at cy_to_pod.
+ * Entries are created for every allowed packet of a known endpoint, also when
+ * the direction is not enforced, so that replies pass an enforced opposite
+ * direction. Lifetimes: TCP 6 h, others 60 s, 10 s after FIN/RST; LRU evicts
+ * under pressure.
+ */
+#ifndef CY_CONNTRACK_H
+#define CY_CONNTRACK_H
+
+static __always_inline __u8 cy_other_dir(__u8 dir)
+{
+	return dir == CY_DIR_INGRESS ? CY_DIR_EGRESS : CY_DIR_INGRESS;
+}
+
+static __always_inline __u64 cy_ct_lifetime(const struct cy_packet *p)
+{
+	if (p->protocol != CY_PROTO_TCP)
+		return CY_CT_LIFETIME_OTHER;
+	if (p->tcp_flags & (CY_TCP_FIN | CY_TCP_RST))
+		return CY_CT_LIFETIME_CLOSE;
+	return CY_CT_LIFETIME_TCP;
+}
+
+/* Is p a reply of a live connection opened in the other direction? */
+static __always_inline int cy_ct_is_reply(const struct cy_packet *p, __u8 dir, __u64 now)
+{
+	struct ct_key key = {};
+	struct ct_entry *entry;
+
+	if (p->is_fragment)
+		return 0;
+	key.saddr = p->daddr;
+	key.daddr = p->saddr;
+	key.sport = p->dport;
+	key.dport = p->sport;
+	key.protocol = p->protocol;
+	key.direction = cy_other_dir(dir);
+	entry = cy_ct.lookup(&key);
+	if (!entry || entry->expires < now)
+		return 0;
+	if (p->protocol == CY_PROTO_TCP && (p->tcp_flags & (CY_TCP_FIN | CY_TCP_RST)))
+		entry->expires = now + CY_CT_LIFETIME_CLOSE;
+	else if (entry->expires < now + cy_ct_lifetime(p) - CY_CT_REFRESH)
+		entry->expires = now + cy_ct_lifetime(p);
+	return 1;
+}
+
+/* Record an allowed forward packet. Returns 1 when the entry is new. */
+static __always_inline int cy_ct_track(const struct cy_packet *p, __u8 dir, __u32 ep_id,
+				       __u32 cookie, __u64 now)
+{
+	struct ct_key key = {};
+	struct ct_entry *entry;
+	struct ct_entry fresh = {};
+
+	if (p->is_fragment)
+		return 0;
+	/* Only ICMP echo requests open ICMP "connections". */
+	if (p->protocol == CY_PROTO_ICMP && p->icmp_type != CY_ICMP_ECHO_REQUEST)
+		return 0;
+	key.saddr = p->saddr;
+	key.daddr = p->daddr;
+	key.sport = p->sport;
+	key.dport = p->dport;
+	key.protocol = p->protocol;
+	key.direction = dir;
+	entry = cy_ct.lookup(&key);
+	if (entry && entry->expires >= now) {
+		entry->packets += 1;
+		entry->cookie = cookie;
+		if (entry->expires < now + cy_ct_lifetime(p) - CY_CT_REFRESH ||
+		    (p->tcp_flags & (CY_TCP_FIN | CY_TCP_RST)))
+			entry->expires = now + cy_ct_lifetime(p);
+		return 0;
+	}
+	fresh.expires = now + cy_ct_lifetime(p);
+	fresh.ep_id = ep_id;
+	fresh.cookie = cookie;
+	fresh.packets = 1;
+	cy_ct.update(&key, &fresh);
+	return 1;
+}
+
+#endif /* CY_CONNTRACK_H */
+/* ---- lib/enforce.h ---- */
+/* enforce.h - the per-packet decision shared by both hooks.
+ *
+ * dir is the pod's policy direction: CY_DIR_EGRESS in cy_from_pod (packet
+ * leaves the pod, the pod is the source), CY_DIR_INGRESS in cy_to_pod (packet
+ * enters the pod, the pod is the destination). Order:
+ *   1. not IPv4, or the pod side is not a known endpoint -> pass (no event);
+ *   2. reply of a tracked connection -> pass (CY_OK_REPLY);
+ *   3. direction not enforced -> pass (CY_OK_UNENFORCED);
+ *   4. policy.h verdict: deny entry -> drop, allow entry -> pass, else drop.
+ * Forwarded forward-direction packets create/refresh a cy_ct entry; a flow
+ * event is emitted for every drop and every new connection (every packet when
+ * CY_TRACE_ALL).
+ */
+#ifndef CY_ENFORCE_H
+#define CY_ENFORCE_H
+
+static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
+{
+	struct cy_packet p = {};
+	struct endpoint_info *ep;
+	__u32 pod_addr, peer_addr, peer_id, cookie = 0;
+	__u32 flag;
+	__u64 now;
+	__u8 reason;
+	int parsed, is_new;
+
+	parsed = cy_parse(skb, &p);
+	if (parsed == CY_PARSE_SKIP)
+		return TC_ACT_OK;
+	pod_addr = dir == CY_DIR_EGRESS ? p.saddr : p.daddr;
+	peer_addr = dir == CY_DIR_EGRESS ? p.daddr : p.saddr;
+	ep = cy_endpoints.lookup(&pod_addr);
+	if (!ep)
+		return TC_ACT_OK;
+
+	now = bpf_ktime_get_ns();
+	peer_id = cy_identity_of(peer_addr);
+	flag = dir == CY_DIR_EGRESS ? CY_EP_EGRESS_ENFORCED : CY_EP_INGRESS_ENFORCED;
+#define CY_SRC_ID (dir == CY_DIR_EGRESS ? ep->identity : peer_id)
+#define CY_DST_ID (dir == CY_DIR_EGRESS ? peer_id : ep->identity)
+
+	if (parsed == CY_PARSE_SHORT) {
+		if (!(ep->flags & flag))
+			return TC_ACT_OK;
+		cy_count(dir, CY_DROP_INVALID, p.len);
+		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, CY_DROP_INVALID, 0, ep->ep_id,
+			CY_SRC_ID, CY_DST_ID, 0, now);
+		return TC_ACT_SHOT;
+	}
+
+	if (cy_ct_is_reply(&p, dir, now)) {
+		cy_count(dir, CY_OK_REPLY, p.len);
+		if (CY_TRACE_ALL)
+			cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, CY_OK_REPLY, 1, ep->ep_id,
+				CY_SRC_ID, CY_DST_ID, 0, now);
+		return TC_ACT_OK;
+	}
+
+	if (ep->flags & flag)
+		reason = cy_policy_verdict(ep->ep_id, dir, peer_id, p.protocol, p.policy_port,
+					   &cookie);
+	else
+		reason = CY_OK_UNENFORCED;
+
+	cy_count(dir, reason, p.len);
+	if (reason == CY_DROP_POLICY || reason == CY_DROP_POLICY_DENY) {
+		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID,
+			CY_DST_ID, cookie, now);
+		return TC_ACT_SHOT;
+	}
+	is_new = cy_ct_track(&p, dir, ep->ep_id, cookie, now);
+	if (is_new || CY_TRACE_ALL)
+		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID,
+			CY_DST_ID, cookie, now);
+	return TC_ACT_OK;
+#undef CY_SRC_ID
+#undef CY_DST_ID
+}
+
+#endif /* CY_ENFORCE_H */
+
+/* Hook: tc EGRESS (clsact ffff:fff3) of the pod's host-side veth.
+ * Sees: traffic entering the pod. Enforces: the pod's INGRESS policy. */
+int cy_to_pod(struct __sk_buff *skb)
+{
+	return cy_enforce(skb, CY_DIR_INGRESS);
+}
