@@ -33,7 +33,7 @@ lab-down:
 	$(CILIARY) lab down
 
 bench: setup
-	$(PY) -m bench.run
+	for b in bench/bench_*.py; do $(PY) -m bench.$$(basename $$b .py) || exit 1; done
 
 clean: lab-down
 	rm -rf .lab .lab-* build *.egg-info

@@ -5,14 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ciliary.cli.errors import UserError
 from ciliary.lab import processes
 from ciliary.lab.controlplane import ControlPlaneError
 from ciliary.lab.lab import Lab, LabError
 from ciliary.lab.topology import TopologyError
-
-
-class UserError(RuntimeError):
-    """An error to show the user as one line."""
 
 
 def register(sub: Any) -> None:

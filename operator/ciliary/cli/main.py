@@ -1,6 +1,7 @@
 """The ``ciliary`` command: one entry point for users, with a subcommand per task.
 
   ciliary lab up|down|status|env|exec   the local lab (real control plane, nodes in namespaces)
+  ciliary policy get|trace              what a node enforces; why a packet passes or not
   ciliary version                       versions of Ciliary and of the lab's control plane
 
 Every subcommand has ``--help``. Errors are one clear line on stderr and a
@@ -10,10 +11,12 @@ non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
-from ciliary.cli import lab_commands
+from ciliary.cli import lab_commands, policy_commands
+from ciliary.cli.errors import UserError
 
 VERSION = "0.1.0"
 
@@ -29,6 +32,7 @@ Start here:
   ciliary lab up            start a local 2-node lab (real kube-apiserver, etcd, eBPF)
   eval $(ciliary lab env)   point kubectl and etcdctl at it
   ciliary lab status        see nodes, pods and processes
+  ciliary policy trace --src default/a --dst default/b --dport 80/tcp
   ciliary lab down          remove everything the lab created
 """
 
@@ -39,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ciliary {VERSION}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     lab_commands.register(sub)
+    policy_commands.register(sub)
     version = sub.add_parser("version", help="show versions of Ciliary and the lab's control plane",
                              description="Show the version of Ciliary and of the control-plane binaries the lab runs.")
     version.set_defaults(func=_version)
@@ -56,11 +61,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except lab_commands.UserError as exc:
+    except UserError as exc:
         print(f"ciliary: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
