@@ -1,8 +1,9 @@
 """The e2e lab fixture: a real lab (control plane, nodes, pods, world host) for real traffic.
 
-One lab per session under its own prefix (``cye``) and state directory
-(``.lab-e2e``), so it never touches a lab the user has running; it is taken down
-after the session, also when tests fail.
+One lab per session under its own prefix and state directory
+(``.lab-e2e-<pid>``, see ``ciliary.lab.sessions``), so it never touches a lab the
+user (or another session) has running; it is taken down after the session, also
+when tests fail.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from typing import Any
 
 import pytest
 
+from ciliary.lab import sessions
 from ciliary.lab.lab import Lab
 from ciliary.lab.layout import Binaries, LabLayout
 
 ROOT = Path(__file__).resolve().parents[1]
-PREFIX = "cye"
 
 
 @dataclass
@@ -82,15 +83,15 @@ class LabHandle:
 
 
 def e2e_layout() -> LabLayout:
-    return LabLayout(state_dir=ROOT / ".lab-e2e", prefix=PREFIX)
+    return sessions.session_layout(ROOT, "e2e", "e")
 
 
 @pytest.fixture(scope="session")
 def lab() -> Iterator[LabHandle]:
     if os.geteuid() != 0:
         pytest.skip("needs root")
+    sessions.reap_stale(ROOT, "e2e", "e")
     handle = LabHandle(Lab(e2e_layout(), Binaries.discover()))
-    handle.lab.down(log=False)
     try:
         handle.lab.up(2, log=False)
         yield handle

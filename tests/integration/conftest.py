@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from ciliary.lab import controlplane
+from ciliary.lab import controlplane, sessions
 from ciliary.lab.lab import Lab
-from ciliary.lab.layout import Binaries, LabLayout
+from ciliary.lab.layout import Binaries
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,9 +44,9 @@ class Kube:
 def kube() -> Iterator[Kube]:
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    layout = LabLayout(state_dir=ROOT / ".lab-integration", prefix="cyi")
+    sessions.reap_stale(ROOT, "integration", "i")
+    layout = sessions.session_layout(ROOT, "integration", "i")
     lab = Lab(layout, Binaries.discover())
-    lab.down(log=False)
     ports = controlplane.load_or_choose_ports(layout)
     controlplane.save_config(layout, ports, 0)
     try:

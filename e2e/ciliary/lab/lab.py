@@ -123,15 +123,24 @@ class Lab:
                 return base / "crds"
         return None
 
-    def install_crds(self, say: object) -> None:
+    def install_crds(self, say: object = None) -> None:
+        """Apply crds/*.yaml (server-side: the schemas exceed the client-side annotation limit) and wait."""
         crds = self.crds_dir()
         files = sorted(crds.glob("*.yaml")) if crds else []
         if not files:
             return
+        names = []
         for f in files:
             self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(f))
-        for f in files:
-            self.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(f))
+            names.append("crd/" + f.name.removesuffix(".yaml"))
+        deadline = time.monotonic() + 60
+        while True:  # right after creation a CRD may have no status yet and `kubectl wait` fails at once
+            done = self.kubectl("wait", "--for=condition=Established", "--timeout=30s", *names, check=False)
+            if done.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise LabError(f"CRDs not established: {done.stderr.strip()}")
+            time.sleep(0.5)
 
     def create_nodes(self, names: Sequence[str]) -> None:
         items = []

@@ -12,7 +12,7 @@ for every valid policy. Decisions taken here (documented for users):
   peers allows nothing (its rule still switches the endpoint to default-deny);
 - ``nodeSelector`` rules (host firewall) select no endpoint and are skipped;
 - IPv6 prefixes and IPv6 ICMP types are skipped (the datapath is IPv4-only);
-- a port rule without ports covers every port and protocol; ``port`` unset or
+- a port rule without ports covers every port of TCP, UDP and SCTP; ``port`` unset or
   ``"0"`` covers every port of its protocol; ``ANY`` is expanded later into
   TCP, UDP and SCTP;
 - ``RuleRef.rule_index`` is the position in ``spec`` followed by ``specs``.

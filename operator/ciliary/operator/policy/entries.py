@@ -106,7 +106,7 @@ def direction_policy(
     acc: dict[_Key, tuple[set[RuleRef], bool]] = {}
     for rule in relevant:
         for item in rule.items(direction):
-            peers = _peers(subject, item, requires, source)
+            peers = _peers(subject, item, requires if item.verdict is Verdict.ALLOW else (), source)
             if peers:
                 _add_item(acc, subject, item, peers, direction, own_ports, source)
     entries = [_entry(key, refs, l7) for key, (refs, l7) in acc.items()]

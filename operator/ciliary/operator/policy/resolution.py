@@ -115,6 +115,7 @@ class Resolver(entries.PeerSource):
         self._cidr_ids: dict[Network, int] = {}
         self._rules: tuple[CompiledRule, ...] = ()
         self._subject_rules: dict[int, tuple[CompiledRule, ...]] = {}
+        self._subject_rules_complete = False
         self._selections: dict[Selector, set[int]] = {}
         self._selector_users: dict[Selector, set[int]] = {}
         self._cidr_cache: dict[CidrMatch, frozenset[int]] = {}
@@ -126,6 +127,8 @@ class Resolver(entries.PeerSource):
         self._endpoint_cache: dict[str, tuple[_EndpointPolicy, EndpointIntent]] = {}
         self._ipcache_dirty = True
         self._ipcache_base: list[IpcacheEntry] = []
+        self._ipcache_order: list[str] | None = None
+        self._ipcache_entries: dict[tuple[str, int], IpcacheEntry] = {}
         self._ipcache_node_pos: dict[str, int] = {}
         self._identity_labels: dict[int, tuple[str, ...]] = {}
         self._intents: dict[str, NodeIntent] = {}
@@ -161,9 +164,9 @@ class Resolver(entries.PeerSource):
                 if node is not None:
                     dirty_nodes.add(node)
         self._dirty.clear()
-        if self._ipcache_dirty:
+        ipcache_changed = self._ipcache_dirty
+        if ipcache_changed:
             self._rebuild_ipcache()
-            dirty_nodes |= set(state.nodes)
         revision = state.policies.revision
         removed = frozenset(n for n in self._intents if n not in state.nodes)
         for name in removed:
@@ -171,8 +174,14 @@ class Resolver(entries.PeerSource):
         changed: set[str] = set()
         for name in state.nodes:
             previous = self._intents.get(name)
-            if previous is None or name in dirty_nodes:
-                intent = self._build_intent(name, revision)
+            if previous is None or name in dirty_nodes or ipcache_changed:
+                if previous is None or name in dirty_nodes:
+                    intent = self._build_intent(name, revision)
+                else:
+                    intent = previous.model_copy(update={
+                        "revision": revision, "ipcache": self._node_ipcache(name),
+                        "identity_labels": self._identity_labels,
+                    })
                 if previous is None or intent != previous.model_copy(update={"revision": revision}):
                     changed.add(name)
             elif previous.revision != revision:
@@ -200,6 +209,7 @@ class Resolver(entries.PeerSource):
                     self._dirty |= self._index.select(rule.subject)
         self._rules = tuple(new.rules())
         self._subject_rules.clear()
+        self._subject_rules_complete = False
         used = {s for rule in self._rules for s in rule.selectors()}
         for selector in [s for s in self._selections if s not in used]:
             del self._selections[selector]
@@ -302,6 +312,8 @@ class Resolver(entries.PeerSource):
                 self._dirty |= self._selector_users.get(selector, set())
         self._dirty |= self._users["world" if world else "cluster"]
         self._dirty.add(ident)
+        if self._subject_rules_complete:
+            self._subject_rules[ident] = tuple(r for r in self._rules if ident in self._members(r.subject))
 
     def _identity_gone(self, ident: int) -> None:
         self._index.remove(ident)
@@ -360,11 +372,15 @@ class Resolver(entries.PeerSource):
     # ------------------------------------------------------------ endpoints
 
     def _rules_for(self, ident: int) -> tuple[CompiledRule, ...]:
-        found = self._subject_rules.get(ident)
-        if found is None:
-            found = tuple(r for r in self._rules if ident in self._members(r.subject))
-            self._subject_rules[ident] = found
-        return found
+        if not self._subject_rules_complete:
+            inverted: dict[int, list[CompiledRule]] = {}
+            for rule in self._rules:
+                for member in self._members(rule.subject):
+                    inverted.setdefault(member, []).append(rule)
+            self._subject_rules = {member: tuple(found) for member, found in inverted.items()}
+            self._subject_rules_complete = True
+            return self._subject_rules.setdefault(ident, ())
+        return self._subject_rules.get(ident, ())
 
     def _endpoint_policy(self, ident: int, ports: PortsKey) -> _EndpointPolicy:
         key = (ident, ports)
@@ -420,20 +436,36 @@ class Resolver(entries.PeerSource):
 
     def _rebuild_ipcache(self) -> None:
         assert self._state is not None
-        table: dict[Network, int] = dict(self._cidr_ids)
+        table: dict[str, int] = {_cidr_text(prefix): number for prefix, number in self._cidr_ids.items()}
         for uid, ident in self._pod_identity.items():
-            table[Network(self._state.pods[uid].ipv4 or "")] = ident
-        node_nets: dict[str, Network] = {}
+            table[f"{self._state.pods[uid].ipv4}/32"] = ident
+        node_cidrs: dict[str, str] = {}
         for name, node in self._state.nodes.items():
             if node.ipv4:
-                node_nets[name] = Network(node.ipv4)
-                table[node_nets[name]] = int(Reserved.REMOTE_NODE)
-        order = sorted(table, key=lambda n: (int(n.network_address), n.prefixlen))
-        self._ipcache_base = [IpcacheEntry.model_construct(cidr=str(n), identity=table[n]) for n in order]
-        position = {net: i for i, net in enumerate(order)}
-        self._ipcache_node_pos = {name: position[net] for name, net in node_nets.items()}
+                node_cidrs[name] = f"{node.ipv4}/32"
+                table[node_cidrs[name]] = int(Reserved.REMOTE_NODE)
+        if self._ipcache_order is None or len(self._ipcache_order) != len(table) or any(
+            c not in table for c in self._ipcache_order
+        ):
+            self._ipcache_order = sorted(table, key=_cidr_sort_key)
+        entry_cache = self._ipcache_entries
+        fresh: dict[tuple[str, int], IpcacheEntry] = {}
+        base = []
+        for cidr in self._ipcache_order:
+            key = (cidr, table[cidr])
+            entry = entry_cache.get(key) or IpcacheEntry.model_construct(cidr=cidr, identity=key[1])
+            fresh[key] = entry
+            base.append(entry)
+        position = {cidr: i for i, cidr in enumerate(self._ipcache_order)} if node_cidrs else {}
+        self._ipcache_node_pos = {name: position[cidr] for name, cidr in node_cidrs.items()}
+        for cidr in node_cidrs.values():
+            key = (cidr, int(Reserved.HOST))
+            fresh[key] = entry_cache.get(key) or IpcacheEntry.model_construct(cidr=cidr, identity=key[1])
+        self._ipcache_entries = fresh
+        self._ipcache_base = base
         labels = {ident: labels.strings() for ident, labels in self._index.items()}
-        self._identity_labels = dict(sorted(labels.items()))
+        if labels != self._identity_labels:
+            self._identity_labels = dict(sorted(labels.items()))
         self._ipcache_dirty = False
 
     def _node_ipcache(self, node: str) -> tuple[IpcacheEntry, ...]:
@@ -441,8 +473,18 @@ class Resolver(entries.PeerSource):
         if pos is None:
             return tuple(self._ipcache_base)
         own = list(self._ipcache_base)
-        own[pos] = IpcacheEntry.model_construct(cidr=own[pos].cidr, identity=int(Reserved.HOST))
+        own[pos] = self._ipcache_entries[(own[pos].cidr, int(Reserved.HOST))]
         return tuple(own)
+
+
+def _cidr_text(prefix: Network) -> str:
+    return f"{prefix.network_address}/{prefix.prefixlen}"
+
+
+def _cidr_sort_key(cidr: str) -> tuple[int, int]:
+    address, _, length = cidr.partition("/")
+    a, b, c, d = (int(x) for x in address.split("."))
+    return (a << 24) | (b << 16) | (c << 8) | d, int(length)
 
 
 def _pod_order(pod: PodInfo) -> tuple[str, str, str]:

@@ -21,7 +21,7 @@ Owns what a selector of the policy language *means*:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from ciliary.operator.api.selectors import LabelSelector
@@ -54,7 +54,7 @@ class Label:
 class LabelSet:
     """An immutable, canonically ordered set of :class:`Label` with a per-key index."""
 
-    __slots__ = ("_by_key", "_hash", "labels")
+    __slots__ = ("_by_key", "_hash", "_strings", "labels")
 
     def __init__(self, labels: Iterable[Label]) -> None:
         self.labels: tuple[Label, ...] = tuple(sorted(set(labels)))
@@ -63,6 +63,7 @@ class LabelSet:
             by_key.setdefault(label.key, []).append((label.source, label.value))
         self._by_key = {k: tuple(v) for k, v in by_key.items()}
         self._hash = hash(self.labels)
+        self._strings: tuple[str, ...] | None = None
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LabelSet) and self.labels == other.labels
@@ -78,7 +79,9 @@ class LabelSet:
 
     def strings(self) -> tuple[str, ...]:
         """Canonical ``source:key=value`` strings, sorted."""
-        return tuple(str(label) for label in self.labels)
+        if self._strings is None:
+            self._strings = tuple(str(label) for label in self.labels)
+        return self._strings
 
     def values(self, source: str, key: str) -> list[str]:
         """Values of ``key`` from ``source`` (``any`` = every source)."""
@@ -126,6 +129,13 @@ class Selector:
     """A normalised, hashable selector: all requirements must hold; none = everything."""
 
     requirements: tuple[Requirement, ...] = ()
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash(self.requirements))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @classmethod
     def of(cls, requirements: Iterable[Requirement]) -> Selector:
