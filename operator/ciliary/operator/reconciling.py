@@ -42,18 +42,32 @@ class Reconciler:
         self.stats = ReconcileStats()
         self.synced = asyncio.Event()
         self.last: Resolution | None = None
+        self._pod_identities: dict[str, tuple[object, object, int]] = {}
+        self.resolved: dict[str, int] = {}
+        """Policy uid -> metadata.generation as of the last published resolution (status handover reads it)."""
 
     async def run_once(self) -> Resolution:
         t0 = time.perf_counter()
         state = self.model.snapshot()
         in_use: set[int] = set()
-        for pod in state.pods.values():
-            if is_endpoint(pod):
-                labels = identities.pod_labels(pod, state.namespaces.get(pod.namespace), state.cluster_name)
-                in_use.add(await self.allocator.ensure(labels))
+        known: dict[str, tuple[object, object, int]] = {}
+        for uid, pod in state.pods.items():
+            if not is_endpoint(pod):
+                continue
+            namespace = state.namespaces.get(pod.namespace)
+            cached = self._pod_identities.get(uid)
+            if cached is not None and cached[0] is pod and cached[1] is namespace:
+                number = cached[2]  # same pod and namespace objects: same labels, same identity
+            else:
+                labels = identities.pod_labels(pod, namespace, state.cluster_name)
+                number = await self.allocator.ensure(labels)
+            known[uid] = (pod, namespace, number)
+            in_use.add(number)
+        self._pod_identities = known
         self.allocator.mark_in_use(in_use)
         resolution = self.resolver.update(state)
         written = await self.publisher.publish(resolution.intents)
+        self.resolved = {uid: stored.ref.generation for uid, stored in state.policies.policies.items()}
         self.stats.passes += 1
         self.stats.last_duration_ms = (time.perf_counter() - t0) * 1000
         self.stats.last_written = written
@@ -63,6 +77,9 @@ class Reconciler:
             log.info("reconciled revision %d: wrote %s in %.1f ms", resolution.revision, ",".join(written),
                      self.stats.last_duration_ms)
         return resolution
+
+    def resolved_generation(self, uid: str) -> int | None:
+        return self.resolved.get(uid)
 
     async def run(self, ready: asyncio.Event) -> None:
         """Loop forever; the first pass waits for ``ready`` (every watch has listed once)."""
