@@ -1,25 +1,47 @@
 """``ciliary-agent``: the node agent process.
 
 Start-up order: settings → logging → endpoint registry (loaded from the state dir) →
-endpoint API on the unix socket → health on TCP → etcd registration loop. SIGTERM or
-SIGINT stops it: the lease is revoked (the node record disappears), the servers close
-and the socket file is removed. The datapath subscribes to the registry through
-:meth:`Agent.registry` (``registry.subscribe(listener)``) before :meth:`Agent.serve`.
+endpoint API on the unix socket → health (+ flow API) on TCP → etcd registration loop,
+and with the datapath enabled (``--datapath``): the enforcer (starts the datapath,
+adopting what a previous agent pinned), the intent watcher, the reporter and the flow
+pump. SIGTERM or SIGINT stops it: the lease is revoked (the node record and the
+reports disappear), the servers close and the socket file is removed; the datapath's
+pins and tc filters stay, so enforcement continues until a new agent adopts them
+(the same holds after ``kill -9``).
 """
 
 from __future__ import annotations
 
+import os
+
+# The datapath forks (pyroute2's netns helper, ``tc``) from a worker thread while gRPC
+# (aetcd) runs its own threads; gRPC's fork handlers then abort the child
+# ("Check failed: next_worker->state == KICKED"). The children never use gRPC: disable
+# its fork support before grpc is imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
-from ciliary.nodeagent import endpoint_api, endpoints, health, logs, registration, settings
+from ciliary.nodeagent import (
+    endpoint_api,
+    endpoints,
+    enforcing,
+    flowapi,
+    health,
+    logs,
+    registration,
+    reporting,
+    settings,
+    watching,
+)
+from ciliary.operator import intents
 
 log = logging.getLogger("ciliary.nodeagent.main")  # not __name__: "__main__" under python -m
 
@@ -27,41 +49,131 @@ log = logging.getLogger("ciliary.nodeagent.main")  # not __name__: "__main__" un
 class Agent:
     """The wired-together agent; ``serve`` runs until ``stop`` is set."""
 
-    def __init__(self, config: settings.AgentSettings) -> None:
+    def __init__(self, config: settings.AgentSettings,
+                 datapath_factory: Callable[[settings.AgentSettings], enforcing.DatapathLike] | None = None) -> None:
         self.config = config
         self.stop = asyncio.Event()
         self.registry = endpoints.EndpointRegistry(config.state_dir)
         self.registration = registration.NodeRegistration(settings=config, endpoint_count=lambda: len(self.registry))
         self.registry.subscribe(self._on_endpoint_change)
+        self.flows = flowapi.FlowHub(config.node_name)
+        self.enforcer: enforcing.Enforcer | None = None
+        self.watcher: watching.IntentWatcher | None = None
+        self.reporter: reporting.Reporter | None = None
+        self._indexed: object = None
+        if config.datapath:
+            self.datapath = (datapath_factory or make_datapath)(config)
+            self.enforcer = enforcing.Enforcer(node=config.node_name, datapath=self.datapath,
+                                               registry=self.registry, on_outcome=self._on_outcome)
+            self.registry.subscribe(self.enforcer.on_endpoint_event)
+            self.watcher = watching.IntentWatcher(
+                node=config.node_name, client_factory=self._watch_client, on_intent=self._on_intent,
+                on_invalid=self._on_invalid, on_deleted=self._on_deleted)
+            enforcer = self.enforcer
+            self.reporter = reporting.Reporter(node=config.node_name, lease=lambda: self.registration.lease,
+                                               client=lambda: self.registration.client,
+                                               outcome=lambda: enforcer.outcome)
 
     async def _on_endpoint_change(self, event: endpoints.EndpointEvent) -> None:
         self.registration.request_update()
+
+    # -- intents in, outcomes out ----------------------------------------------------------
+
+    def _watch_client(self) -> watching.WatchClient:
+        endpoint = self.config.etcd_endpoints[self.watcher.reconnects % len(self.config.etcd_endpoints)
+                                              if self.watcher else 0]
+        return registration.make_client(endpoint, registration.CALL_TIMEOUT_S)
+
+    async def _on_intent(self, intent: intents.NodeIntent, mod_revision: int) -> None:
+        assert self.enforcer is not None
+        log.info("Node intent received", extra={"node": self.config.node_name, "revision": intent.revision,
+                                                "mod_revision": mod_revision, "endpoints": len(intent.endpoints)})
+        self.enforcer.set_intent(intent)
+
+    async def _on_invalid(self, message: str, mod_revision: int) -> None:
+        assert self.enforcer is not None
+        self.enforcer.set_invalid(message)
+
+    async def _on_deleted(self, mod_revision: int) -> None:
+        if mod_revision:
+            log.warning("Node intent deleted; the state in force keeps enforcing",
+                        extra={"node": self.config.node_name, "mod_revision": mod_revision})
+
+    def _on_outcome(self, outcome: enforcing.Outcome) -> None:
+        if outcome.applied is not self._indexed:
+            self._indexed = outcome.applied
+            self.flows.set_intent(outcome.applied)
+        if self.reporter is not None:
+            self.reporter.poke()
+
+    def enforcement(self) -> dict[str, object]:
+        """``GET /v1/enforcement``: where enforcement stands (for tests, ``ciliary`` and humans)."""
+        if self.enforcer is None:
+            return {"node": self.config.node_name, "datapath": False}
+        o = self.enforcer.outcome
+        return {"node": self.config.node_name, "datapath": True, "started": o.started,
+                "applied_revision": o.applied.revision if o.applied else None,
+                "wanted_revision": o.wanted.revision if o.wanted else None,
+                "error": o.error, "error_kind": o.error_kind, "applies": o.applies,
+                "last_compiled": list(o.last_compiled), "last_map_writes": o.last_map_writes,
+                "last_attached": o.last_attached, "endpoints": o.endpoints, "unplaced": list(o.unplaced),
+                "program_hashes": dict(o.program_hashes)}
+
+    def _routes(self, app: web.Application) -> None:
+        async def enforcement(_request: web.Request) -> web.Response:
+            return web.json_response(self.enforcement())
+
+        app.router.add_get("/v1/enforcement", enforcement)
+
+    async def _run_flows(self) -> None:
+        """Once the datapath runs: attach its flow reader to the loop and pump events into the hub."""
+        assert self.enforcer is not None
+        await self.enforcer.started.wait()
+        reader = await self.enforcer.call(self.datapath.flows)
+        reader.attach(asyncio.get_running_loop())
+        self.flows.rules_for = self.datapath.rules_for
+        try:
+            await self.flows.pump(reader, self.stop)
+        finally:
+            reader.detach()
 
     async def serve(self) -> None:
         self.registry.load()
         runners: list[web.AppRunner] = []
         reg_task: asyncio.Task[None] | None = None
+        tasks: list[asyncio.Task[None]] = []
         try:
             runners.append(await endpoint_api.start(self.registry, self.config.socket_path))
             runners.append(await health.start(
                 health.HealthSources(self.config.node_name, self.registration, self.registry),
-                self.config.health_host, self.config.health_port,
+                self.config.health_host, self.config.health_port, routes=[flowapi.add_routes(self.flows), self._routes],
             ))
             reg_task = asyncio.create_task(self.registration.run(self.stop), name="registration")
-            log.info("Agent started", extra={"node": self.config.node_name, "pid": os.getpid()})
+            if self.enforcer is not None and self.watcher is not None and self.reporter is not None:
+                tasks = [asyncio.create_task(self.enforcer.run(self.stop), name="enforcer"),
+                         asyncio.create_task(self.watcher.run(self.stop), name="watcher"),
+                         asyncio.create_task(self.reporter.run(self.stop), name="reporter"),
+                         asyncio.create_task(self._run_flows(), name="flows")]
+            log.info("Agent started", extra={"node": self.config.node_name, "pid": os.getpid(),
+                                             "datapath": self.config.datapath})
             stop_task = asyncio.ensure_future(self.stop.wait())
-            await asyncio.wait([stop_task, reg_task], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([stop_task, reg_task, *tasks], return_when=asyncio.FIRST_COMPLETED)
             stop_task.cancel()
-            if reg_task.done() and not self.stop.is_set():
-                reg_task.result()  # re-raise an unexpected crash of the loop
+            if not self.stop.is_set():
+                for task in (reg_task, *tasks):
+                    if task.done():
+                        log.error("Agent loop ended unexpectedly", extra={"task": task.get_name()})
+                        task.result()  # re-raise an unexpected crash of a loop
         finally:
             log.info("Agent stopping", extra={"node": self.config.node_name})
             self.stop.set()
-            if reg_task is not None:
+            for task in [t for t in (reg_task, *tasks) if t is not None]:
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(reg_task), 5)
-                reg_task.cancel()
-                await asyncio.gather(reg_task, return_exceptions=True)
+                    await asyncio.wait_for(asyncio.shield(task), 5)
+                task.cancel()
+            await asyncio.gather(*[t for t in (reg_task, *tasks) if t is not None], return_exceptions=True)
+            if self.enforcer is not None:
+                await self.enforcer.close()
             await self.registration.close()
             for runner in reversed(runners):
                 await runner.cleanup()
@@ -70,11 +182,29 @@ class Agent:
             log.info("Agent stopped", extra={"node": self.config.node_name})
 
 
+def make_datapath(config: settings.AgentSettings) -> enforcing.DatapathLike:
+    """The eBPF datapath, pinning under ``<bpffs-dir>/ciliary/<node>/`` (imports bcc: only here)."""
+    from ciliary.nodeagent.datapath import engine
+
+    return engine.Datapath(config.node_name, netns=config.netns or None, bpffs=config.bpffs_dir)
+
+
 async def run_agent(config: settings.AgentSettings) -> None:
     agent = Agent(config)
     loop = asyncio.get_running_loop()
+    pid = os.getpid()
+
+    # Not loop.add_signal_handler: its wakeup fd is inherited by the children the datapath
+    # forks (pyroute2's netns helper), and a SIGTERM to such a child would stop the agent.
+    def on_signal(signum: int, _frame: object) -> None:
+        if os.getpid() != pid:  # a forked child: behave as if no handler was installed
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        loop.call_soon_threadsafe(agent.stop.set)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, agent.stop.set)
+        signal.signal(signum, on_signal)
     await agent.serve()
 
 
@@ -85,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "node": config.node_name, "etcd": ",".join(map(str, config.etcd_endpoints)),
         "socket": str(config.socket_path), "state_dir": str(config.state_dir),
         "health": config.health_addr, "lease_ttl": config.lease_ttl,
+        "datapath": config.datapath, "netns": config.netns, "bpffs_dir": str(config.bpffs_dir),
     })
     try:
         asyncio.run(run_agent(config))

@@ -81,6 +81,16 @@ class NodeRegistration:
     def lease_id(self) -> int | None:
         return self._lease.id if self._lease is not None else None
 
+    @property
+    def lease(self) -> aetcd.Lease | None:
+        """The lease the node record (and the reports) are bound to; None while unregistered."""
+        return self._lease if self.registered else None
+
+    @property
+    def client(self) -> aetcd.Client | None:
+        """The connected etcd client (shared with the reporter); None while disconnected."""
+        return self._client if self.etcd_connected else None
+
     def request_update(self) -> None:
         """Re-put the record soon (the endpoint count changed)."""
         self._dirty.set()

@@ -23,6 +23,9 @@ DEFAULTS: dict[str, str] = {
     "HEALTH_ADDR": "127.0.0.1:9876",
     "LEASE_TTL": "10",
     "LOG_LEVEL": "INFO",
+    "NETNS": "",  # empty: the agent's own network namespace
+    "BPFFS_DIR": "/sys/fs/bpf",
+    "DATAPATH": "auto",
 }
 
 
@@ -51,6 +54,10 @@ class AgentSettings(pydantic.BaseModel):
     health_port: int = pydantic.Field(ge=0, le=65535)
     lease_ttl: int = pydantic.Field(ge=2, le=3600, description="etcd lease TTL in seconds; refreshed every ttl/3.")
     log_level: str = "INFO"
+    netns: str = pydantic.Field(default="", description="Named netns of the host veths; empty: the agent's own.")
+    bpffs_dir: Path = pydantic.Field(default=Path("/sys/fs/bpf"),
+                                     description="Root of the agent's pins: <bpffs-dir>/ciliary/<node>/.")
+    datapath: bool = pydantic.Field(default=False, description="Load the eBPF datapath and enforce intents.")
 
     @property
     def health_addr(self) -> str:
@@ -104,6 +111,15 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help=f"listen address of /healthz and /readyz [env {ENV_PREFIX}HEALTH_ADDR]")
     parser.add_argument("--lease-ttl", default=default("LEASE_TTL"), metavar="SECONDS",
                         help=f"etcd lease TTL; refreshed every TTL/3 [env {ENV_PREFIX}LEASE_TTL]")
+    parser.add_argument("--netns", default=default("NETNS"), metavar="NAME",
+                        help=f"named network namespace holding the host veths; empty: the agent's own "
+                             f"[env {ENV_PREFIX}NETNS]")
+    parser.add_argument("--bpffs-dir", default=default("BPFFS_DIR"), metavar="DIR",
+                        help=f"directory on a bpf filesystem under which the agent pins (<DIR>/ciliary/<node>/) "
+                             f"[env {ENV_PREFIX}BPFFS_DIR]")
+    parser.add_argument("--datapath", default=default("DATAPATH"), choices=["auto", "on", "off"],
+                        help=f"enforce intents with the eBPF datapath; auto: on when --netns is set "
+                             f"[env {ENV_PREFIX}DATAPATH]")
     parser.add_argument("--log-level", default=default("LOG_LEVEL"), metavar="LEVEL",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"],
                         help=f"log level [env {ENV_PREFIX}LOG_LEVEL]")
@@ -125,6 +141,9 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Age
             health_port=health_port,
             lease_ttl=ns.lease_ttl,
             log_level=ns.log_level.upper(),
+            netns=ns.netns,
+            bpffs_dir=Path(ns.bpffs_dir),
+            datapath=ns.datapath == "on" or (ns.datapath == "auto" and bool(ns.netns)),
         )
     except (ValueError, pydantic.ValidationError) as exc:
         parser.error(str(exc))

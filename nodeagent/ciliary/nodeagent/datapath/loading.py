@@ -58,12 +58,20 @@ class MapInfo:
 
 
 def ensure_bpffs(root: Path = Path("/sys/fs/bpf")) -> None:
-    """Mount bpffs at ``root`` when it is not mounted yet."""
+    """Mount bpffs at ``root`` unless ``root`` already is, or lies under, a bpffs mount.
+
+    A directory inside a mounted bpffs (e.g. a lab's ``/sys/fs/bpf/ciliary/<prefix>/<node>``)
+    is used as it is: mounting a second bpffs instance there would hide the pins from
+    everyone else and keep the directory busy.
+    """
+    target = os.path.abspath(root)
     with open("/proc/mounts") as mounts:
         for line in mounts:
             fields = line.split()
-            if len(fields) > 2 and fields[1] == str(root) and fields[2] == "bpf":
-                return
+            if len(fields) > 2 and fields[2] == "bpf":
+                mount_point = fields[1]
+                if target == mount_point or target.startswith(mount_point.rstrip("/") + "/"):
+                    return
     root.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], check=True, timeout=10)
 

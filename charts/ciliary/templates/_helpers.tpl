@@ -1,0 +1,90 @@
+{{/* Chart name. */}}
+{{- define "ciliary.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name prefix of every object. */}}
+{{- define "ciliary.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Common labels; call with (dict "ctx" $ "component" "operator"). */}}
+{{- define "ciliary.labels" -}}
+app.kubernetes.io/name: {{ include "ciliary.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+app.kubernetes.io/part-of: ciliary
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+" "_" }}
+{{- end }}
+
+{{/* Selector labels (immutable in Deployments/DaemonSets/StatefulSets: keep them minimal). */}}
+{{- define "ciliary.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "ciliary.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Image of a component; call with (dict "ctx" $ "component" "operator"). */}}
+{{- define "ciliary.image" -}}
+{{- $c := index .ctx.Values .component }}
+{{- $repo := $c.image.repository | default (printf "%s-%s" .ctx.Values.image.repository .component) }}
+{{- $tag := $c.image.tag | default .ctx.Values.image.tag | default .ctx.Chart.AppVersion }}
+{{- printf "%s:%s" $repo (toString $tag) }}
+{{- end }}
+
+{{/* Comma-separated etcd client URLs the components use. */}}
+{{- define "ciliary.etcdEndpoints" -}}
+{{- if .Values.etcd.enabled }}
+{{- printf "http://%s-etcd.%s.svc:%d" (include "ciliary.fullname" .) .Release.Namespace (int .Values.etcd.clientPort) }}
+{{- else }}
+{{- if not .Values.etcd.external.endpoints }}
+{{- fail "etcd.enabled=false needs etcd.external.endpoints" }}
+{{- end }}
+{{- join "," .Values.etcd.external.endpoints }}
+{{- end }}
+{{- end }}
+
+{{/* True when the components must use TLS client certificates towards etcd. */}}
+{{- define "ciliary.etcdTLS" -}}
+{{- if and (not .Values.etcd.enabled) .Values.etcd.external.tls.secretName }}true{{ end }}
+{{- end }}
+
+{{/* Env vars pointing a component at the etcd TLS files; call with (dict "ctx" $ "prefix" "CILIARY_AGENT_"). */}}
+{{- define "ciliary.etcdTLSEnv" -}}
+{{- if include "ciliary.etcdTLS" .ctx }}
+- name: {{ .prefix }}ETCD_CA_FILE
+  value: /etc/ciliary/etcd-tls/ca.crt
+- name: {{ .prefix }}ETCD_CERT_FILE
+  value: /etc/ciliary/etcd-tls/tls.crt
+- name: {{ .prefix }}ETCD_KEY_FILE
+  value: /etc/ciliary/etcd-tls/tls.key
+{{- end }}
+{{- end }}
+
+{{- define "ciliary.etcdTLSVolumeMount" -}}
+{{- if include "ciliary.etcdTLS" . }}
+- name: etcd-tls
+  mountPath: /etc/ciliary/etcd-tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "ciliary.etcdTLSVolume" -}}
+{{- if include "ciliary.etcdTLS" . }}
+- name: etcd-tls
+  secret:
+    secretName: {{ .Values.etcd.external.tls.secretName }}
+    defaultMode: 0400
+{{- end }}
+{{- end }}

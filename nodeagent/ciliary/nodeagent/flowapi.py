@@ -1,0 +1,305 @@
+"""Flows over HTTP: the datapath's flow events, enriched, in a bounded ring, served as JSON lines.
+
+Routes (added to the health server, ``health.start(..., routes=...)``):
+
+``GET /v1/flows``  one JSON object per line (``application/x-ndjson``), oldest first.
+  Parameters (all optional, combined with AND):
+  - ``last=N``       the last N matching flows of the ring (default 20, at most the ring size);
+  - ``follow=1``     then stream new matching flows until the client closes
+                     (or ``seconds=S`` elapsed, if given);
+  - ``verdict=FORWARDED|DROPPED``, ``direction=ingress|egress``, ``protocol=TCP|UDP|ICMP|<n>``;
+  - ``ip=A``, ``port=P``, ``identity=I``, ``namespace=NS``, ``pod=NAME`` or ``pod=NS/NAME``:
+    match either side (src or dst).
+``GET /v1/flows/stats``  ``{node, seen, lost, lost_kernel, lost_reader, lost_followers,
+  ring_size, ring_capacity, followers}``; ``lost`` is the sum of the three losses.
+
+A flow (:func:`enrich`)::
+
+  {"time": "2025-01-02T03:04:05.123456789Z", "node": "node-1",
+   "verdict": "FORWARDED"|"DROPPED", "drop_reason": ""|"POLICY_DENIED"|"POLICY_DENY_RULE"|"INVALID",
+   "reason": "OK_POLICY"|"OK_REPLY"|"OK_UNENFORCED"|"DROP_POLICY"|...,
+   "direction": "ingress"|"egress", "is_reply": false, "protocol": "TCP", "length": 60,
+   "src": {"ip", "port", "identity", "labels": [...], "namespace", "pod"},
+   "dst": {...same...}, "tcp_flags": ["SYN"], "policy": [RuleRef as JSON, ...], "ifindex": 7}
+
+``direction`` is from the local pod's point of view (ingress: to the pod). ICMP
+flows carry the ICMP type in ``dst.port`` and 0 in ``src.port``. ``policy`` lists
+the rules of the deciding entry (``Datapath.rules_for(cookie)``), empty when no
+rule decided (unenforced, reply, default deny). ``namespace``/``pod`` are filled
+for local pods from the intent's endpoints; for remote peers the namespace comes
+from the identity's ``io.kubernetes.pod.namespace`` label and ``pod`` is empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from ciliary.operator import intents
+
+log = logging.getLogger(__name__)
+
+RING_CAPACITY = 4096
+FOLLOWER_QUEUE = 1024
+DRAIN_INTERVAL_S = 0.05
+DEFAULT_LAST = 20
+PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 132: "SCTP"}
+DROP_REASONS = {"DROP_POLICY": "POLICY_DENIED", "DROP_POLICY_DENY": "POLICY_DENY_RULE", "DROP_INVALID": "INVALID"}
+TCP_FLAGS = ((0x01, "FIN"), (0x02, "SYN"), (0x04, "RST"), (0x08, "PSH"), (0x10, "ACK"), (0x20, "URG"),
+             (0x40, "ECE"), (0x80, "CWR"))
+NAMESPACE_LABEL = "io.kubernetes.pod.namespace="
+
+
+def rfc3339_ns(seconds: float) -> str:
+    whole = int(seconds)
+    nanos = int(round((seconds - whole) * 1e9))
+    if nanos >= 1_000_000_000:
+        whole, nanos = whole + 1, nanos - 1_000_000_000
+    stamp = dt.datetime.fromtimestamp(whole, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{stamp}.{nanos:09d}Z"
+
+
+def tcp_flag_names(flags: int) -> list[str]:
+    return [name for bit, name in TCP_FLAGS if flags & bit]
+
+
+@dataclass(frozen=True)
+class IntentIndex:
+    """What enrichment needs from an intent, indexed once per intent."""
+
+    node: str
+    pods: Mapping[str, tuple[str, str]]
+    """Local pod IP -> (namespace, name)."""
+    labels: Mapping[int, tuple[str, ...]]
+
+    @classmethod
+    def of(cls, node: str, intent: intents.NodeIntent | None) -> IntentIndex:
+        if intent is None:
+            return cls(node, {}, {})
+        return cls(node, {e.ipv4: (e.namespace, e.pod) for e in intent.endpoints},
+                   {int(k): tuple(v) for k, v in intent.identity_labels.items()})
+
+    def peer(self, ip: str, port: int, identity: int) -> dict[str, Any]:
+        labels = list(self.labels.get(identity, ()))
+        namespace, pod = self.pods.get(ip, ("", ""))
+        if not namespace:
+            namespace = next((label.split(NAMESPACE_LABEL, 1)[1] for label in labels if NAMESPACE_LABEL in label), "")
+        return {"ip": ip, "port": port, "identity": identity, "labels": labels, "namespace": namespace,
+                "pod": pod}
+
+
+def enrich(event: Any, index: IntentIndex, rules_for: Callable[[int], Iterable[intents.RuleRef]]) -> dict[str, Any]:
+    """A ``flows.FlowEvent`` as the flow API's JSON object."""
+    reason = getattr(event.reason, "name", str(event.reason))
+    verdict = str(event.verdict).upper()
+    icmp = event.protocol == 1
+    return {
+        "time": rfc3339_ns(event.time),
+        "node": index.node,
+        "verdict": verdict,
+        "drop_reason": DROP_REASONS.get(reason, reason) if verdict == "DROPPED" else "",
+        "reason": reason,
+        "direction": event.direction,
+        "is_reply": bool(event.is_reply),
+        "protocol": PROTOCOLS.get(event.protocol, str(event.protocol)),
+        "length": event.length,
+        "src": index.peer(str(event.src), 0 if icmp else event.sport, event.src_identity),
+        "dst": index.peer(str(event.dst), event.sport if icmp else event.dport, event.dst_identity),
+        "tcp_flags": tcp_flag_names(event.tcp_flags) if event.protocol == 6 else [],
+        "policy": [r.model_dump(mode="json") for r in rules_for(event.cookie)] if event.cookie else [],
+        "ifindex": event.ifindex,
+    }
+
+
+# ---------------------------------------------------------------- filters
+
+
+class BadQuery(ValueError):
+    pass
+
+
+def _int(query: Mapping[str, str], name: str) -> int | None:
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise BadQuery(f"{name} must be an integer, not {raw!r}") from exc
+    if value < 0:
+        raise BadQuery(f"{name} must not be negative")
+    return value
+
+
+def make_filter(query: Mapping[str, str]) -> Callable[[Mapping[str, Any]], bool]:
+    """A predicate over enriched flows from the query parameters."""
+    checks: list[Callable[[Mapping[str, Any]], bool]] = []
+    verdict = query.get("verdict", "").upper()
+    if verdict:
+        if verdict not in ("FORWARDED", "DROPPED"):
+            raise BadQuery("verdict must be FORWARDED or DROPPED")
+        checks.append(lambda f: f["verdict"] == verdict)
+    direction = query.get("direction", "").lower()
+    if direction:
+        if direction not in ("ingress", "egress"):
+            raise BadQuery("direction must be ingress or egress")
+        checks.append(lambda f: f["direction"] == direction)
+    protocol = query.get("protocol", "").upper()
+    if protocol:
+        checks.append(lambda f: f["protocol"] == protocol)
+    ip = query.get("ip", "")
+    if ip:
+        checks.append(lambda f: ip in (f["src"]["ip"], f["dst"]["ip"]))
+    port = _int(query, "port")
+    if port is not None:
+        checks.append(lambda f: port in (f["src"]["port"], f["dst"]["port"]))
+    identity = _int(query, "identity")
+    if identity is not None:
+        checks.append(lambda f: identity in (f["src"]["identity"], f["dst"]["identity"]))
+    namespace = query.get("namespace", "")
+    if namespace:
+        checks.append(lambda f: namespace in (f["src"]["namespace"], f["dst"]["namespace"]))
+    pod = query.get("pod", "")
+    if pod:
+        ns, _, name = pod.rpartition("/")
+
+        def pod_matches(f: Mapping[str, Any]) -> bool:
+            return any(side["pod"] == name and (not ns or side["namespace"] == ns) for side in (f["src"], f["dst"]))
+
+        checks.append(pod_matches)
+    return lambda f: all(check(f) for check in checks)
+
+
+# ---------------------------------------------------------------- the hub
+
+
+class FlowHub:
+    """The ring of enriched flows and the followers streaming them."""
+
+    def __init__(self, node: str, *, capacity: int = RING_CAPACITY) -> None:
+        self.node = node
+        self.ring: collections.deque[dict[str, Any]] = collections.deque(maxlen=capacity)
+        self.index = IntentIndex.of(node, None)
+        self.rules_for: Callable[[int], Iterable[intents.RuleRef]] = lambda _c: ()
+        self.lost_kernel: Callable[[], int] = lambda: 0
+        self.lost_reader: Callable[[], int] = lambda: 0
+        self.seen = 0
+        self.lost_followers = 0
+        self._followers: set[asyncio.Queue[dict[str, Any]]] = set()
+
+    def set_intent(self, intent: intents.NodeIntent | None) -> None:
+        self.index = IntentIndex.of(self.node, intent)
+
+    def publish(self, events: Iterable[Any]) -> int:
+        """Enrich and keep ``events``; hand them to every follower (dropping for full ones)."""
+        count = 0
+        for event in events:
+            flow = enrich(event, self.index, self.rules_for)
+            self.ring.append(flow)
+            count += 1
+            for queue in self._followers:
+                try:
+                    queue.put_nowait(flow)
+                except asyncio.QueueFull:
+                    self.lost_followers += 1
+        self.seen += count
+        return count
+
+    def stats(self) -> dict[str, Any]:
+        lost_kernel, lost_reader = self.lost_kernel(), self.lost_reader()
+        return {"node": self.node, "seen": self.seen,
+                "lost": lost_kernel + lost_reader + self.lost_followers,
+                "lost_kernel": lost_kernel, "lost_reader": lost_reader, "lost_followers": self.lost_followers,
+                "ring_size": len(self.ring), "ring_capacity": self.ring.maxlen, "followers": len(self._followers)}
+
+    @contextlib.contextmanager
+    def follow(self) -> Any:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=FOLLOWER_QUEUE)
+        self._followers.add(queue)
+        try:
+            yield queue
+        finally:
+            self._followers.discard(queue)
+
+    async def pump(self, reader: Any, stop: asyncio.Event, *, interval: float = DRAIN_INTERVAL_S) -> None:
+        """Move what ``reader`` (a ``flows.FlowReader`` attached to the loop) decoded into the ring."""
+        self.lost_kernel = reader.lost
+        self.lost_reader = lambda: int(reader.dropped_by_reader)
+        while not stop.is_set():
+            self.publish(reader.drain())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+        self.publish(reader.drain())
+
+
+# ---------------------------------------------------------------- HTTP
+
+HUB_KEY = web.AppKey("flow_hub", FlowHub)
+
+
+def _line(flow: Mapping[str, Any]) -> bytes:
+    return json.dumps(flow, separators=(",", ":")).encode() + b"\n"
+
+
+async def get_flows(request: web.Request) -> web.StreamResponse:
+    hub = request.app[HUB_KEY]
+    query = request.rel_url.query
+    try:
+        matches = make_filter(query)
+        last = _int(query, "last")
+        seconds = float(query["seconds"]) if query.get("seconds") else None
+    except (BadQuery, ValueError) as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    last = DEFAULT_LAST if last is None else min(last, hub.ring.maxlen or RING_CAPACITY)
+    follow = query.get("follow", "") in ("1", "true", "yes")
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    with hub.follow() if follow else contextlib.nullcontext() as queue:
+        history = [f for f in list(hub.ring) if matches(f)][-last:] if last else []
+        if history:
+            await response.write(b"".join(_line(f) for f in history))
+        if queue is not None:
+            deadline = time.monotonic() + seconds if seconds is not None else None
+            while deadline is None or time.monotonic() < deadline:
+                timeout = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+                try:
+                    flow = await asyncio.wait_for(queue.get(), timeout)
+                except TimeoutError:
+                    if request.transport is None or request.transport.is_closing():
+                        break
+                    continue
+                batch = [flow]
+                while not queue.empty() and len(batch) < 256:
+                    batch.append(queue.get_nowait())
+                data = b"".join(_line(f) for f in batch if matches(f))
+                if data:
+                    try:
+                        await response.write(data)
+                    except (ConnectionResetError, ConnectionError):
+                        break
+    with contextlib.suppress(ConnectionResetError, ConnectionError):
+        await response.write_eof()
+    return response
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    return web.json_response(request.app[HUB_KEY].stats())
+
+
+def add_routes(hub: FlowHub) -> Callable[[web.Application], None]:
+    def register(app: web.Application) -> None:
+        app[HUB_KEY] = hub
+        app.router.add_get("/v1/flows", get_flows)
+        app.router.add_get("/v1/flows/stats", get_stats)
+
+    return register

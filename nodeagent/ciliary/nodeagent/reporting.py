@@ -1,0 +1,197 @@
+"""Reports back to the operator: one ``NodeStatusReport`` and one ``PolicyReport`` per policy.
+
+The pure part, :func:`desired_reports`, turns an ``enforcing.Outcome`` into the
+reports that should exist (etcd key -> report); :func:`changed` compares two
+reports ignoring ``lastUpdated``. :class:`Reporter` is the async shell: after
+every outcome change (and on a short tick) it writes what differs from what it
+last wrote, bound to the agent's lease, and deletes reports of policies that
+left the intent. When the lease changes (etcd lost it, the agent restarted),
+it reads this node's reports from etcd and rewrites all of them under the new
+lease, deleting the stale ones a previous agent process left.
+
+Policy report semantics (Cilium's ``.status.nodes.<node>``):
+- applied without error: ok=true, enforcing=true, generation and
+  localPolicyRevision of the applied intent;
+- the newest intent failed to apply (or could not be parsed): ok=false,
+  error=the typed error's message, enforcing=whether the state still in force
+  enforces the policy (then with the generation in force).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aetcd
+
+from ciliary.nodeagent import enforcing
+from ciliary.operator import keyspace, reports
+
+log = logging.getLogger(__name__)
+
+Report = reports.PolicyReport | reports.NodeStatusReport
+ETCD_ERRORS: tuple[type[BaseException], ...] = (aetcd.ClientError, OSError, TimeoutError)
+TICK_S = 1.0
+
+
+def now_rfc3339() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def desired_reports(node: str, outcome: enforcing.Outcome, *, now: str) -> dict[str, Report]:
+    """Every report this node should have in etcd right now, by key."""
+    applied = outcome.applied
+    wanted = outcome.wanted or applied
+    status = reports.NodeStatusReport(
+        node=node,
+        applied_revision=applied.revision if applied else 0,
+        enforcing=outcome.started and applied is not None,
+        error=outcome.error,
+        program_hashes=dict(outcome.program_hashes),
+        endpoints=outcome.endpoints,
+        last_updated=now,
+    )
+    out: dict[str, Report] = {keyspace.node_status_key(node): status}
+    in_force = {p.uid: p for p in applied.policies} if applied else {}
+    if not outcome.error:
+        # Everything in force is enforced as wanted (a newer intent still being applied
+        # is reported once it is in force).
+        for uid, ref in sorted(in_force.items()):
+            assert applied is not None
+            out[keyspace.report_key(uid, node)] = reports.PolicyReport(
+                node=node, policy_uid=uid, kind=ref.kind, namespace=ref.namespace, name=ref.name,
+                generation=ref.generation, ok=True, enforcing=True, last_updated=now,
+                local_policy_revision=applied.revision)
+        return out
+    policies = {p.uid: p for p in (wanted.policies if wanted else ())}
+    if outcome.error_kind == "InvalidIntent":
+        policies = {**in_force, **policies}
+    for uid, ref in sorted(policies.items()):
+        old = in_force.get(uid)
+        out[keyspace.report_key(uid, node)] = reports.PolicyReport(
+            node=node, policy_uid=uid, kind=ref.kind, namespace=ref.namespace, name=ref.name,
+            generation=old.generation if old else ref.generation, ok=False, enforcing=old is not None,
+            error=outcome.error, last_updated=now,
+            local_policy_revision=applied.revision if applied is not None and old is not None else 0,
+            annotations={"errorKind": outcome.error_kind} if outcome.error_kind else {})
+    return out
+
+
+def _content(report: Report) -> dict[str, Any]:
+    return report.model_dump(mode="json", exclude={"last_updated"})
+
+
+def changed(old: Report | None, new: Report) -> bool:
+    """Does ``new`` differ from ``old`` in anything but lastUpdated?"""
+    return old is None or type(old) is not type(new) or _content(old) != _content(new)
+
+
+def plan_writes(written: Mapping[str, Report], desired: Mapping[str, Report]) -> tuple[dict[str, Report], list[str]]:
+    """(puts, deletes) that turn ``written`` into ``desired``."""
+    puts = {k: r for k, r in desired.items() if changed(written.get(k), r)}
+    deletes = sorted(k for k in written if k not in desired)
+    return puts, deletes
+
+
+def parse_report(key: str, raw: bytes) -> Report | None:
+    try:
+        if key.startswith(keyspace.NODE_STATUS_PREFIX):
+            return reports.parse_node_status(raw)
+        return reports.parse_policy_report(raw)
+    except ValueError:
+        return None
+
+
+class Reporter:
+    """Writes :func:`desired_reports` under the lease whenever they change."""
+
+    def __init__(self, *, node: str, lease: Callable[[], Any], client: Callable[[], Any | None],
+                 outcome: Callable[[], enforcing.Outcome], now: Callable[[], str] = now_rfc3339) -> None:
+        self.node = node
+        self._lease = lease
+        self._client = client
+        self._outcome = outcome
+        self._now = now
+        self._wake = asyncio.Event()
+        self.written: dict[str, Report] = {}
+        self.written_lease: int | None = None
+        self.writes = 0
+        self.deletes = 0
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+            await asyncio.wait(waiters, timeout=TICK_S, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+            if stop.is_set():
+                return
+            self._wake.clear()
+            try:
+                await self.sync_once()
+            except ETCD_ERRORS as exc:
+                log.warning("Could not write reports; will retry", extra={"node": self.node, "error": repr(exc)})
+                self.written_lease = None  # re-read etcd next time
+
+    async def sync_once(self) -> bool:
+        """One pass; False when there is no lease or client yet."""
+        lease, client = self._lease(), self._client()
+        if lease is None or client is None:
+            return False
+        if lease.id != self.written_lease:
+            await self._adopt(client, lease.id)
+        desired = desired_reports(self.node, self._outcome(), now=self._now())
+        puts, deletes = plan_writes(self.written, desired)
+        for key, report in puts.items():
+            await asyncio.wait_for(client.put(key.encode(), report.to_wire(), lease=lease), 5)
+            self.written[key] = report
+            self.writes += 1
+        for key in deletes:
+            await asyncio.wait_for(client.delete(key.encode()), 5)
+            self.written.pop(key, None)
+            self.deletes += 1
+        if puts or deletes:
+            log.info("Reports written", extra={"node": self.node, "puts": len(puts), "deletes": len(deletes),
+                                               "lease": lease.id})
+        self.written_lease = lease.id
+        return True
+
+    async def _adopt(self, client: Any, lease_id: int) -> None:
+        """Learn what etcd holds for this node; keep only reports already under ``lease_id``."""
+        self.written = {}
+        keys = [keyspace.node_status_key(self.node)]
+        response = await asyncio.wait_for(client.get_prefix(keyspace.REPORTS_PREFIX.encode()), 10)
+        keys += [bytes(kv.key).decode() for kv in response
+                 if bytes(kv.key).decode().endswith(f"/{self.node}")]
+        status = await asyncio.wait_for(client.get(keys[0].encode()), 5)
+        by_key = {bytes(kv.key).decode(): kv for kv in response}
+        if status is not None:
+            by_key[keys[0]] = status
+        for key in keys:
+            kv = by_key.get(key)
+            if kv is None:
+                continue
+            report = parse_report(key, bytes(kv.value))
+            if report is not None and int(getattr(kv, "lease", 0)) == lease_id:
+                self.written[key] = report
+            else:
+                # another lease (a previous process) or unreadable: rewrite it or delete it
+                self.written[key] = _placeholder(key, self.node)
+
+
+def _placeholder(key: str, node: str) -> Report:
+    """A report that differs from anything desired, so the key is rewritten or deleted."""
+    if key.startswith(keyspace.NODE_STATUS_PREFIX):
+        return reports.NodeStatusReport(node=node, applied_revision=-1, enforcing=False, error="(stale)",
+                                        last_updated="")
+    return reports.PolicyReport(node=node, policy_uid="(stale)", kind="CiliumNetworkPolicy", name="(stale)",
+                                ok=False, enforcing=False, error="(stale)", last_updated="",
+                                local_policy_revision=-1)
+

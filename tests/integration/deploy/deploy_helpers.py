@@ -1,0 +1,118 @@
+"""Helpers for the deployment tests: the helm binary, chart rendering, and apiserver helpers.
+
+helm is built by the set-up (``setup/build-go-tools.sh``) into
+``$CILIARY_CACHE/bin/helm-<HELM_VERSION>/helm`` (default cache ``/var/cache/ciliary``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[3]
+CHART = ROOT / "charts" / "ciliary"
+CRDS_CHART = ROOT / "charts" / "ciliary-crds"
+RELEASE = "cy"
+NAMESPACE = "ciliary-system"
+
+
+def pinned_version(name: str) -> str:
+    for line in (ROOT / "setup" / "versions.env").read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == name:
+            return value.strip()
+    raise KeyError(name)
+
+
+def helm_path() -> Path:
+    cache = Path(os.environ.get("CILIARY_CACHE", "/var/cache/ciliary"))
+    return cache / "bin" / f"helm-{pinned_version('HELM_VERSION')}" / "helm"
+
+
+@dataclass
+class Helm:
+    binary: Path
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([str(self.binary), *args], text=True, capture_output=True, timeout=120)
+        if check and done.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed: {done.stderr}")
+        return done
+
+    def template(self, chart: Path = CHART, *sets: str, namespace: str = NAMESPACE) -> str:
+        args = ["template", RELEASE, str(chart), "--namespace", namespace]
+        for item in sets:
+            args += ["--set", item]
+        return self.run(*args).stdout
+
+
+def find_helm() -> Helm:
+    binary = helm_path()
+    if not binary.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{binary} is missing: setup/build-go-tools.sh builds it")
+        pytest.skip(f"{binary} is missing: run setup/build-go-tools.sh")
+    return Helm(binary)
+
+
+def documents(text: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def find(docs: Iterable[dict[str, Any]], kind: str, suffix: str = "") -> dict[str, Any]:
+    for doc in docs:
+        if doc["kind"] == kind and doc["metadata"]["name"].endswith(suffix):
+            return doc
+    raise KeyError(f"{kind} *{suffix}")
+
+
+def kubectl_ok(kube: Any, *args: str, input: str | None = None) -> str:
+    done = kube.kubectl(*args, input=input)
+    assert done.returncode == 0, f"kubectl {' '.join(args)}: {done.stderr}"
+    return str(done.stdout)
+
+
+def install_crds(kube: Any, helm: Helm) -> None:
+    """The CRDs as the ciliary-crds chart renders them, applied and established."""
+    kubectl_ok(kube, "apply", "--server-side", "--force-conflicts", "-f", "-", input=helm.template(CRDS_CHART))
+    for _ in range(60):
+        done = kube.kubectl("wait", "--for", "condition=Established", "--timeout=30s",
+                            "crd/ciliumnetworkpolicies.cilium.io", "crd/ciliumclusterwidenetworkpolicies.cilium.io")
+        if done.returncode == 0:
+            return
+        time.sleep(1)
+    pytest.fail(f"CRDs not established: {done.stderr}")
+
+
+def ensure_namespace(kube: Any, name: str) -> None:
+    kubectl_ok(kube, "apply", "-f", "-", input=json.dumps(
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}))
+
+
+def service_account_kubeconfig(kube: Any, path: Path, *, account: str, namespace: str) -> Path:
+    """A kubeconfig that authenticates as ``namespace/account`` with a freshly minted token."""
+    token = kubectl_ok(kube, "create", "token", account, "-n", namespace, "--duration=2h").strip()
+    admin = yaml.safe_load(Path(kube.kubeconfig).read_text())
+    cluster = admin["clusters"][0]["cluster"]
+    ca = cluster.get("certificate-authority-data") or base64.b64encode(
+        Path(cluster["certificate-authority"]).read_bytes()).decode()
+    config = {
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "lab", "cluster": {"server": cluster["server"], "certificate-authority-data": ca}}],
+        "users": [{"name": account, "user": {"token": token}}],
+        "contexts": [{"name": account, "context": {"cluster": "lab", "user": account, "namespace": namespace}}],
+        "current-context": account,
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path

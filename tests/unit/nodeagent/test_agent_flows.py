@@ -1,0 +1,104 @@
+"""Flow enrichment, filters, the bounded ring and the HTTP contract of /v1/flows."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from ipaddress import IPv4Address
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from ciliary.nodeagent import flowapi, planning
+from ciliary.nodeagent.datapath import flows, maps
+from ciliary.operator import intents
+
+RULE = intents.RuleRef(kind="CiliumNetworkPolicy", namespace="default", name="rule1", uid="u1", rule_index=0,
+                       section="ingress[0]")
+INTENT = intents.NodeIntent(
+    node="n1", revision=3,
+    endpoints=(intents.EndpointIntent(namespace="default", pod="deathstar", ipv4="10.0.0.2", identity=300),),
+    identity_labels={300: ("k8s:org=empire", "k8s:io.kubernetes.pod.namespace=default"),
+                     301: ("k8s:org=alliance", "k8s:io.kubernetes.pod.namespace=rebels")},
+)
+COOKIE = planning.rule_cookie([RULE])
+
+
+def event(verdict: str = "dropped", reason: maps.Reason = maps.Reason.DROP_POLICY, sport: int = 40000,
+          cookie: int = 0, protocol: int = 6) -> flows.FlowEvent:
+    return flows.FlowEvent(time=1700000000.123456789, src=IPv4Address("10.0.1.5"), dst=IPv4Address("10.0.0.2"),
+                           sport=sport, dport=80, protocol=protocol, tcp_flags=0x02, verdict=verdict,
+                           reason=reason, direction="ingress", is_reply=False, ep_id=1, src_identity=301,
+                           dst_identity=300, cookie=cookie, ifindex=7, length=60)
+
+
+def test_enrich_names_pods_labels_rules_and_reasons() -> None:
+    index = flowapi.IntentIndex.of("n1", INTENT)
+    flow = flowapi.enrich(event(cookie=COOKIE, verdict="forwarded", reason=maps.Reason.OK_POLICY), index,
+                          {COOKIE: (RULE,)}.get)
+    assert flow["time"].startswith("2023-11-14T22:13:20.123456") and flow["time"].endswith("Z")
+    assert len(flow["time"].split(".")[1]) == 10  # nanoseconds + Z
+    assert flow["verdict"] == "FORWARDED" and flow["drop_reason"] == "" and flow["reason"] == "OK_POLICY"
+    assert flow["dst"] == {"ip": "10.0.0.2", "port": 80, "identity": 300, "namespace": "default",
+                           "pod": "deathstar", "labels": ["k8s:org=empire", "k8s:io.kubernetes.pod.namespace=default"]}
+    assert flow["src"]["namespace"] == "rebels" and flow["src"]["pod"] == "" and flow["src"]["port"] == 40000
+    assert flow["protocol"] == "TCP" and flow["tcp_flags"] == ["SYN"] and flow["direction"] == "ingress"
+    assert flow["policy"] == [RULE.model_dump(mode="json")]
+    dropped = flowapi.enrich(event(), index, lambda _c: ())
+    assert dropped["verdict"] == "DROPPED" and dropped["drop_reason"] == "POLICY_DENIED" and dropped["policy"] == []
+    icmp = flowapi.enrich(event(protocol=1, sport=8), index, lambda _c: ())
+    assert (icmp["src"]["port"], icmp["dst"]["port"], icmp["tcp_flags"]) == (0, 8, [])
+
+
+def test_filters() -> None:
+    index = flowapi.IntentIndex.of("n1", INTENT)
+    flow = flowapi.enrich(event(), index, lambda _c: ())
+    assert flowapi.make_filter({"verdict": "dropped", "pod": "default/deathstar", "port": "80"})(flow)
+    assert flowapi.make_filter({"namespace": "rebels", "protocol": "tcp", "identity": "301"})(flow)
+    assert not flowapi.make_filter({"verdict": "FORWARDED"})(flow)
+    assert not flowapi.make_filter({"pod": "other/deathstar"})(flow)
+    assert not flowapi.make_filter({"direction": "egress"})(flow)
+
+
+class FakeReader:
+    def __init__(self) -> None:
+        self.events: list[flows.FlowEvent] = []
+        self.dropped_by_reader = 2
+
+    def drain(self) -> list[flows.FlowEvent]:
+        out, self.events = self.events, []
+        return out
+
+    def lost(self) -> int:
+        return 5
+
+
+async def test_ring_is_bounded_and_http_serves_last_follow_and_stats() -> None:
+    hub = flowapi.FlowHub("n1", capacity=8)
+    hub.set_intent(INTENT)
+    hub.publish([event(sport=40000 + n) for n in range(20)])
+    assert len(hub.ring) == 8 and hub.seen == 20
+    app = web.Application()
+    flowapi.add_routes(hub)(app)
+    reader, stop = FakeReader(), asyncio.Event()
+    pump = asyncio.create_task(hub.pump(reader, stop, interval=0.01))
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.get("/v1/flows", params={"last": "3"})
+        lines = [json.loads(line) for line in (await resp.text()).splitlines()]
+        assert resp.headers["Content-Type"] == "application/x-ndjson"
+        assert [f["src"]["port"] for f in lines] == [40017, 40018, 40019]
+        assert (await client.get("/v1/flows", params={"verdict": "nope"})).status == 400
+
+        follow = await client.get("/v1/flows", params={"last": "0", "follow": "1", "seconds": "5",
+                                                       "verdict": "FORWARDED"})
+        await asyncio.sleep(0.05)
+        reader.events = [event(), event(verdict="forwarded", reason=maps.Reason.OK_POLICY, sport=41000)]
+        line = await asyncio.wait_for(follow.content.readline(), 5)
+        assert json.loads(line)["src"]["port"] == 41000
+        follow.close()
+
+        stats = await (await client.get("/v1/flows/stats")).json()
+        assert stats["seen"] == 22 and stats["lost_kernel"] == 5 and stats["lost_reader"] == 2
+        assert stats["lost"] == 7 + stats["lost_followers"] and stats["ring_capacity"] == 8
+    stop.set()
+    await pump

@@ -1,0 +1,112 @@
+"""Report contents from enforcement outcomes, diffing that ignores lastUpdated, and the lease-bound writer."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from ciliary.nodeagent import enforcing, reporting
+from ciliary.operator import intents, keyspace, reports
+
+NODE = "n1"
+P1 = intents.PolicyRef(kind="CiliumNetworkPolicy", namespace="default", name="rule1", uid="u1", generation=3)
+P2 = intents.PolicyRef(kind="CiliumClusterwideNetworkPolicy", name="cw", uid="u2", generation=1)
+
+
+def intent(revision: int, *policies: intents.PolicyRef) -> intents.NodeIntent:
+    return intents.NodeIntent(node=NODE, revision=revision, policies=policies)
+
+
+def test_applied_intent_reports_every_policy_ok_and_enforcing() -> None:
+    i = intent(7, P1, P2)
+    out = reporting.desired_reports(NODE, enforcing.Outcome(started=True, wanted=i, applied=i, endpoints=2),
+                                    now="t")
+    status = out[keyspace.node_status_key(NODE)]
+    assert isinstance(status, reports.NodeStatusReport)
+    assert status.applied_revision == 7 and status.enforcing and status.error == "" and status.endpoints == 2
+    r1 = out[keyspace.report_key("u1", NODE)]
+    assert isinstance(r1, reports.PolicyReport)
+    assert (r1.ok, r1.enforcing, r1.generation, r1.local_policy_revision) == (True, True, 3, 7)
+    assert keyspace.report_key("u2", NODE) in out
+
+
+def test_failed_apply_keeps_old_policy_enforcing_and_new_one_not() -> None:
+    old = intent(7, P1)
+    new = intent(8, P1.model_copy(update={"generation": 4}), P2)
+    outcome = enforcing.Outcome(started=True, wanted=new, applied=old, error="map cy_policy needs 9 entries",
+                                error_kind="MapFull")
+    out = reporting.desired_reports(NODE, outcome, now="t")
+    r1, r2 = out[keyspace.report_key("u1", NODE)], out[keyspace.report_key("u2", NODE)]
+    assert isinstance(r1, reports.PolicyReport) and isinstance(r2, reports.PolicyReport)
+    assert (r1.ok, r1.enforcing, r1.generation, r1.local_policy_revision) == (False, True, 3, 7)
+    assert (r2.ok, r2.enforcing, r2.generation) == (False, False, 1)
+    assert "cy_policy" in r1.error and r1.annotations == {"errorKind": "MapFull"}
+    assert out[keyspace.node_status_key(NODE)].error == "map cy_policy needs 9 entries"
+
+
+def test_invalid_intent_marks_policies_in_force_not_ok_but_enforcing() -> None:
+    old = intent(7, P1)
+    outcome = enforcing.Outcome(started=True, wanted=old, applied=old, error="unknown schema version 2",
+                                error_kind="InvalidIntent")
+    r1 = reporting.desired_reports(NODE, outcome, now="t")[keyspace.report_key("u1", NODE)]
+    assert isinstance(r1, reports.PolicyReport)
+    assert (r1.ok, r1.enforcing, r1.error) == (False, True, "unknown schema version 2")
+
+
+def test_diff_ignores_last_updated_and_deletes_departed_policies() -> None:
+    i = intent(7, P1, P2)
+    first = reporting.desired_reports(NODE, enforcing.Outcome(started=True, wanted=i, applied=i), now="t1")
+    again = reporting.desired_reports(NODE, enforcing.Outcome(started=True, wanted=i, applied=i), now="t2")
+    assert reporting.plan_writes(first, again) == ({}, [])
+    j = intent(8, P1)
+    later = reporting.desired_reports(NODE, enforcing.Outcome(started=True, wanted=j, applied=j), now="t3")
+    puts, deletes = reporting.plan_writes(first, later)
+    assert set(puts) == {keyspace.node_status_key(NODE), keyspace.report_key("u1", NODE)}
+    assert deletes == [keyspace.report_key("u2", NODE)]
+
+
+class FakeClient:
+    def __init__(self) -> None:
+        self.kv: dict[bytes, tuple[bytes, int]] = {}
+        self.puts = 0
+
+    async def put(self, key: bytes, value: bytes, lease=None):
+        self.kv[key] = (value, lease.id if lease else 0)
+        self.puts += 1
+
+    async def delete(self, key: bytes):
+        self.kv.pop(key, None)
+
+    async def get(self, key: bytes):
+        if key not in self.kv:
+            return None
+        value, lease = self.kv[key]
+        return SimpleNamespace(key=key, value=value, lease=lease)
+
+    async def get_prefix(self, prefix: bytes):
+        return [SimpleNamespace(key=k, value=v, lease=lease) for k, (v, lease) in sorted(self.kv.items())
+                if k.startswith(prefix)]
+
+
+async def test_reporter_writes_under_the_lease_only_on_change_and_rewrites_for_a_new_lease() -> None:
+    client = FakeClient()
+    # a stale report of a previous agent process (another lease) for a policy no longer here
+    stale = keyspace.report_key("gone", NODE).encode()
+    client.kv[stale] = (b"{}", 5)
+    client.kv[keyspace.report_key("gone", "n2").encode()] = (b"{}", 6)  # another node's: untouched
+    i = intent(7, P1)
+    state = {"lease": SimpleNamespace(id=10), "outcome": enforcing.Outcome(started=True, wanted=i, applied=i)}
+    clock = iter(f"t{n}" for n in range(100))
+    reporter = reporting.Reporter(node=NODE, lease=lambda: state["lease"], client=lambda: client,
+                                  outcome=lambda: state["outcome"], now=lambda: next(clock))
+    assert await reporter.sync_once()
+    assert stale not in client.kv and keyspace.report_key("gone", "n2").encode() in client.kv
+    assert {lease for k, (_, lease) in client.kv.items() if k.endswith(b"/" + NODE.encode())} == {10}
+    writes = client.puts
+    assert await reporter.sync_once()
+    assert client.puts == writes  # nothing changed but the time
+    state["lease"] = SimpleNamespace(id=11)
+    assert await reporter.sync_once()
+    assert client.puts == writes + 2
+    assert {lease for k, (_, lease) in client.kv.items() if k.endswith(b"/" + NODE.encode())} == {11}
+    state["lease"] = None
+    assert not await reporter.sync_once()
