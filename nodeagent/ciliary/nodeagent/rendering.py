@@ -15,13 +15,25 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import re
 from pathlib import Path
 
 import jinja2
 
-DATAPATH_C_DIR = Path(__file__).resolve().parents[3] / "datapath_c"
-"""The source tree next to the repository's ``nodeagent/`` folder."""
+def _datapath_c_dir() -> Path:
+    """``datapath_c/``: CILIARY_DATAPATH_C_DIR, else the repository tree, else the copy installed as package data."""
+    override = os.environ.get("CILIARY_DATAPATH_C_DIR")
+    if override:
+        return Path(override)
+    in_repo = Path(__file__).resolve().parents[3] / "datapath_c"
+    if (in_repo / "programs").is_dir():
+        return in_repo
+    return Path(__file__).resolve().parents[1] / "datapath_c"
+
+
+DATAPATH_C_DIR = _datapath_c_dir()
+"""The eBPF C sources (the repository's ``datapath_c/``, or ``ciliary/datapath_c`` when installed)."""
 
 HOOKS: tuple[str, ...] = ("from_pod", "to_pod")
 """Programs, one per attach point: ``programs/tc_<hook>.c.j2`` with entry ``cy_<hook>``."""
