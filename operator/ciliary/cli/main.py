@@ -2,6 +2,7 @@
 
   ciliary lab up|down|status|env|exec   the local lab (real control plane, nodes in namespaces)
   ciliary policy get|trace              what a node enforces; why a packet passes or not
+  ciliary observe                       every verdict of the datapath (flows), from any node
   ciliary version                       versions of Ciliary and of the lab's control plane
 
 Every subcommand has ``--help``. Errors are one clear line on stderr and a
@@ -15,7 +16,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ciliary.cli import lab_commands, policy_commands
+from ciliary.cli import lab_commands, observe_commands, policy_commands
 from ciliary.cli.errors import UserError
 
 VERSION = "0.1.0"
@@ -33,6 +34,7 @@ Start here:
   eval $(ciliary lab env)   point kubectl and etcdctl at it
   ciliary lab status        see nodes, pods and processes
   ciliary policy trace --src default/a --dst default/b --dport 80/tcp
+  ciliary observe --verdict DROPPED --follow
   ciliary lab down          remove everything the lab created
 """
 
@@ -44,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     lab_commands.register(sub)
     policy_commands.register(sub)
+    observe_commands.register(sub)
     version = sub.add_parser("version", help="show versions of Ciliary and the lab's control plane",
                              description="Show the version of Ciliary and of the control-plane binaries the lab runs.")
     version.set_defaults(func=_version)
