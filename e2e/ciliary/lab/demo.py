@@ -1,45 +1,55 @@
-"""``make demo``: bring the lab up and show pods on two nodes talking.
+"""``make demo``: the lab and the Star Wars scene, enforced in the kernel.
 
-Creates a namespace ``demo`` with two pods pinned to different nodes and one the
-lab schedules, then shows TCP (HTTP) and UDP (echo) between them, across nodes and
-on one node, and to and from the world host. Every step prints the command a user
-would type to do the same by hand.
+deathstar (org=empire, class=deathstar, TCP 80) and xwing (org=alliance) on
+node-1, tiefighter (org=empire) on node-2. Without a policy both ships land;
+with Cilium's L3/L4 ``rule1`` (only org=empire into the deathstar on 80/TCP) the
+tiefighter lands, the xwing times out, the drop shows in ``ciliary observe``,
+``ciliary policy trace`` explains it, and the policy's status shows where it is
+enforced. Every step prints the command a user would type to do the same.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 
 from ciliary.lab.lab import Lab, LabError
-from ciliary.lab.layout import WORLD_IP
 
 MANIFEST = """
 apiVersion: v1
-kind: Namespace
-metadata: {name: demo}
----
-apiVersion: v1
 kind: Pod
-metadata: {name: web-1, namespace: demo, labels: {app: web}}
+metadata: {name: deathstar, namespace: default, labels: {org: empire, class: deathstar}}
 spec:
   nodeName: node-1
-  containers: [{name: web, image: lab, ports: [{containerPort: 80}, {containerPort: 53, protocol: UDP}]}]
+  containers: [{name: deathstar, image: lab, ports: [{containerPort: 80, name: http}]}]
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: web-2, namespace: demo, labels: {app: web}}
+metadata: {name: tiefighter, namespace: default, labels: {org: empire, class: tiefighter}}
 spec:
   nodeName: node-2
-  containers: [{name: web, image: lab, ports: [{containerPort: 80}, {containerPort: 53, protocol: UDP}]}]
+  containers: [{name: spaceship, image: lab}]
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: client, namespace: demo, labels: {app: client}}
+metadata: {name: xwing, namespace: default, labels: {org: alliance, class: xwing}}
 spec:
   nodeName: node-1
-  containers: [{name: client, image: lab}]
+  containers: [{name: spaceship, image: lab}]
+"""
+
+POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: rule1, namespace: default}
+spec:
+  description: L3-L4 policy to restrict deathstar access to empire ships only
+  endpointSelector: {matchLabels: {org: empire, class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {org: empire}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
 """
 
 BOLD, DIM, GREEN, RED, RESET = "\033[1m", "\033[2m", "\033[32m", "\033[31m", "\033[0m"
@@ -56,7 +66,7 @@ def show(cmd: str) -> None:
 def wait_running(lab: Lab, names: list[str], seconds: float = 90) -> dict[str, dict[str, object]]:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        pods = json.loads(lab.kubectl("get", "pods", "-n", "demo", "-o", "json").stdout)["items"]
+        pods = json.loads(lab.kubectl("get", "pods", "-n", "default", "-o", "json").stdout)["items"]
         running = {p["metadata"]["name"]: p for p in pods if p["status"].get("phase") == "Running"}
         if set(names) <= set(running):
             return running
@@ -64,45 +74,72 @@ def wait_running(lab: Lab, names: list[str], seconds: float = 90) -> dict[str, d
     raise LabError("demo pods did not become Running; see `ciliary lab status`")
 
 
-def probe(lab: Lab, pod: str | None, kind: str, ip: str, port: int = 0) -> bool:
-    where = f"{pod}" if pod else "--world"
-    args = [sys.executable, "-m", "ciliary.lab.probe", kind, ip] + ([str(port)] if port else [])
-    show(f"ciliary lab exec {'-n demo ' + where if pod else where} -- python -m ciliary.lab.probe {kind} {ip}"
-         + (f" {port}" if port else ""))
-    code = lab.exec(args, pod=pod, namespace="demo", world=pod is None)
-    print(f"   {GREEN}landed{RESET}" if code == 0 else f"   {RED}no answer{RESET}", flush=True)
+def land(lab: Lab, ship: str, ip: str) -> bool:
+    """Cilium's getting-started check: POST /v1/request-landing to the deathstar."""
+    show(f"kubectl exec {ship} -- curl -s -XPOST deathstar.default.svc/v1/request-landing   "
+         f"# here: ciliary lab exec {ship} -- probe http {ip} 80")
+    code = lab.exec([sys.executable, "-m", "ciliary.lab.probe", "http", ip, "80", "--timeout", "3"],
+                    pod=ship, namespace="default", world=False)
+    print(f"   {GREEN}Ship landed{RESET}" if code == 0 else f"   {RED}no answer: the request timed out{RESET}",
+          flush=True)
     return code == 0
+
+
+def ciliary(*args: str) -> str:
+    show("ciliary " + " ".join(args))
+    out = subprocess.run([sys.executable, "-m", "ciliary.cli.main", *args], capture_output=True, text=True,
+                         timeout=60)
+    text = (out.stdout + out.stderr).rstrip()
+    print(text, flush=True)
+    return text
+
+
+def wait_enforced(lab: Lab, seconds: float = 60) -> None:
+    show("kubectl wait --for=condition=Enforced cnp/rule1")
+    done = lab.kubectl("wait", "--for=condition=Enforced", f"--timeout={int(seconds)}s", "cnp/rule1", check=False)
+    print((done.stdout or done.stderr).strip(), flush=True)
 
 
 def run() -> int:
     lab = Lab.from_env()
-    step("Bringing the lab up (real etcd, kube-apiserver, kube-controller-manager; 2 nodes; world host)")
+    step("Bringing the lab up: etcd, kube-apiserver, kube-controller-manager, 2 nodes, the operator, agents")
     show("ciliary lab up --nodes 2")
     lab.up(2)
-    step("Creating pods with kubectl")
-    show("kubectl apply -f demo.yaml")
+    step("A long time ago, in a container cluster far, far away... (Star Wars demo, as in Cilium's guide)")
+    show("kubectl apply -f starwars.yaml")
     print(lab.kubectl("apply", "-f", "-", input=MANIFEST).stdout.strip())
-    pods = wait_running(lab, ["web-1", "web-2", "client"])
-    show("kubectl get pods -n demo -o wide")
-    print(lab.kubectl("get", "pods", "-n", "demo", "-o", "wide").stdout.strip())
-    ip = {name: str(pod["status"]["podIP"]) for name, pod in pods.items()}  # type: ignore[index]
+    pods = wait_running(lab, ["deathstar", "tiefighter", "xwing"])
+    show("kubectl get pods -o wide")
+    print(lab.kubectl("get", "pods", "-o", "wide", "-L", "org,class").stdout.strip())
+    ip = str(pods["deathstar"]["status"]["podIP"])  # type: ignore[index]
     ok = True
-    step("TCP across nodes: client (node-1) -> web-2 (node-2), HTTP on port 80")
-    ok &= probe(lab, "client", "http", ip["web-2"], 80)
-    step("TCP on the same node: client (node-1) -> web-1 (node-1)")
-    ok &= probe(lab, "client", "http", ip["web-1"], 80)
-    step("UDP across nodes and on one node: echo on port 53")
-    ok &= probe(lab, "client", "udp", ip["web-2"], 53)
-    ok &= probe(lab, "client", "udp", ip["web-1"], 53)
-    step(f"Pods reach the world host ({WORLD_IP}), and the world reaches pods")
-    ok &= probe(lab, "client", "http", WORLD_IP, 80)
-    ok &= probe(lab, None, "http", ip["web-2"], 80)
-    step("Where everything runs")
-    show("ciliary lab status")
-    print(lab.status())
-    print(f"\n{BOLD}Try it yourself:{RESET} eval $(ciliary lab env); kubectl get pods -A -o wide; "
-          "ciliary lab exec -n demo client -- ping -c1 " + ip["web-2"])
+    step("Without a policy every ship may land")
+    ok &= land(lab, "tiefighter", ip)
+    ok &= land(lab, "xwing", ip)
+    step("Apply an L3/L4 policy: only org=empire may reach the deathstar, on TCP port 80")
+    show("kubectl apply -f rule1.yaml")
+    print(lab.kubectl("apply", "-f", "-", input=POLICY).stdout.strip())
+    wait_enforced(lab)
+    show("kubectl get cnp rule1")
+    print(lab.kubectl("get", "cnp", "rule1").stdout.strip())
+    step("The tiefighter (org=empire) lands; the xwing (org=alliance) times out")
+    ok &= land(lab, "tiefighter", ip)
+    ok &= not land(lab, "xwing", ip)
+    step("Every verdict is a flow: the drop, seen by the deathstar's node")
+    text = ciliary("observe", "--verdict", "DROPPED", "--pod", "default/deathstar", "--last", "3")
+    ok &= "DROPPED" in text
+    step("Why? The same entries the kernel holds, explained")
+    ciliary("policy", "trace", "--src", "default/xwing", "--dst", "default/deathstar", "--dport", "80/tcp")
+    ciliary("policy", "trace", "--src", "default/tiefighter", "--dst", "default/deathstar", "--dport", "80/tcp")
+    step("Where the policy is enforced, per node, in its status")
+    show("kubectl get cnp rule1 -o jsonpath='{.status}'")
+    status = lab.kubectl("get", "cnp", "rule1", "-o", "json").stdout
+    print(json.dumps(json.loads(status).get("status", {}), indent=2))
+    print(f"\n{BOLD}Try it yourself:{RESET} eval $(ciliary lab env); kubectl get cnp; "
+          "ciliary observe --follow; ciliary lab exec xwing -- curl -m 2 http://" + ip)
     print("Remove everything with: ciliary lab down")
+    if not ok:
+        print(f"{RED}demo: something did not behave as shown above{RESET}", file=sys.stderr)
     return 0 if ok else 1
 
 
