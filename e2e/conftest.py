@@ -78,8 +78,12 @@ class LabHandle:
                               timeout=300, env=self.env())
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "CILIARY_LAB_DIR": str(self.lab.layout.state_dir),
-                "CILIARY_LAB_PREFIX": self.lab.layout.prefix}
+        """This lab's environment: never an etcd or kubeconfig the calling shell points at."""
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("ETCDCTL_ENDPOINTS", "CILIARY_ETCD_ENDPOINTS", "KUBECONFIG")}
+        return {**env, "CILIARY_LAB_DIR": str(self.lab.layout.state_dir),
+                "CILIARY_LAB_PREFIX": self.lab.layout.prefix,
+                "CILIARY_ETCD_ENDPOINTS": self.lab.ports().etcd_endpoint}
 
 
 def e2e_layout() -> LabLayout:

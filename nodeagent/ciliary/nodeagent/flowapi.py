@@ -188,7 +188,10 @@ class FlowHub:
 
     def __init__(self, node: str, *, capacity: int = RING_CAPACITY) -> None:
         self.node = node
-        self.ring: collections.deque[dict[str, Any]] = collections.deque(maxlen=capacity)
+        # raw events with the intent index in force when they arrived: enriched only when read,
+        # so the hot path (thousands of events per second) is an append
+        self.ring: collections.deque[tuple[Any, IntentIndex, Callable[[int], Iterable[intents.RuleRef]]]] = \
+            collections.deque(maxlen=capacity)
         self.index = IntentIndex.of(node, None)
         self.rules_for: Callable[[int], Iterable[intents.RuleRef]] = lambda _c: ()
         self.lost_kernel: Callable[[], int] = lambda: 0
@@ -203,10 +206,13 @@ class FlowHub:
     def publish(self, events: Iterable[Any]) -> int:
         """Enrich and keep ``events``; hand them to every follower (dropping for full ones)."""
         count = 0
+        index, rules_for = self.index, self.rules_for
         for event in events:
-            flow = enrich(event, self.index, self.rules_for)
-            self.ring.append(flow)
+            self.ring.append((event, index, rules_for))
             count += 1
+            if not self._followers:
+                continue
+            flow = enrich(event, index, rules_for)
             for queue in self._followers:
                 try:
                     queue.put_nowait(flow)
@@ -221,6 +227,10 @@ class FlowHub:
                 "lost": lost_kernel + lost_reader + self.lost_followers,
                 "lost_kernel": lost_kernel, "lost_reader": lost_reader, "lost_followers": self.lost_followers,
                 "ring_size": len(self.ring), "ring_capacity": self.ring.maxlen, "followers": len(self._followers)}
+
+    def history(self) -> list[dict[str, Any]]:
+        """The kept flows, oldest first, enriched."""
+        return [enrich(event, index, rules_for) for event, index, rules_for in list(self.ring)]
 
     @contextlib.contextmanager
     def follow(self) -> Any:
@@ -265,7 +275,7 @@ async def get_flows(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
     with hub.follow() if follow else contextlib.nullcontext() as queue:
-        history = [f for f in list(hub.ring) if matches(f)][-last:] if last else []
+        history = [f for f in hub.history() if matches(f)][-last:] if last else []
         if history:
             await response.write(b"".join(_line(f) for f in history))
         if queue is not None:

@@ -130,7 +130,7 @@ class Agent:
         assert self.enforcer is not None
         await self.enforcer.started.wait()
         reader = await self.enforcer.call(self.datapath.flows)
-        reader.attach(asyncio.get_running_loop())
+        reader.attach(asyncio.get_running_loop(), on_batch=self.flows.publish)
         self.flows.rules_for = self.datapath.rules_for
         try:
             await self.flows.pump(reader, self.stop)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import jinja2
 
+
 def _datapath_c_dir() -> Path:
     """``datapath_c/``: CILIARY_DATAPATH_C_DIR, else the repository tree, else the copy installed as package data."""
     override = os.environ.get("CILIARY_DATAPATH_C_DIR")
@@ -55,7 +56,7 @@ class RenderContext:
     """cy_policy and cy_policy_deny entries each (one per port prefix block)."""
     ct_size: int = 65536
     """cy_ct entries (LRU)."""
-    events_pages: int = 64
+    events_pages: int = 256
     """cy_events ring buffer size in 4 KiB pages (a power of two)."""
     trace_all: bool = False
     """Emit a flow event for every packet instead of new flows and drops only."""

@@ -29,6 +29,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 SCHEMA_VERSION = 1
 """Bumped on any incompatible change; agents refuse intents of a version they do not know."""
 
+HOST_SIDE_ADDRESS = "169.254.1.1"
+"""Address of the host side of every pod veth (the pods' gateway, set by the CNI plugin).
+
+A packet from it comes from the pod's own node, so every ipcache maps it to host."""
+
 ANY_IDENTITY = 0
 ANY_PROTOCOL = 0
 

@@ -117,9 +117,22 @@ class FlowReader:
     def fileno(self) -> int:
         return int(_libbpf.ring_buffer__epoll_fd(self._bpf._ringbuf_manager))
 
-    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Consume from ``loop`` whenever the ring buffer has data."""
-        loop.add_reader(self.fileno(), self._bpf.ring_buffer_consume)
+    def attach(self, loop: asyncio.AbstractEventLoop,
+               on_batch: Callable[[list[FlowEvent]], None] | None = None) -> None:
+        """Consume from ``loop`` whenever the ring buffer has data.
+
+        With ``on_batch``, every consumed batch is handed over at once (no local
+        buffering between the ring and the consumer, so nothing waits for a timer).
+        """
+        if on_batch is None:
+            loop.add_reader(self.fileno(), self._bpf.ring_buffer_consume)
+        else:
+            def consume() -> None:
+                self._bpf.ring_buffer_consume()
+                if self.events:
+                    on_batch(self.drain())
+
+            loop.add_reader(self.fileno(), consume)
         self._loop = loop
 
     def detach(self) -> None:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from ciliary.operator.intents import (
+    HOST_SIDE_ADDRESS,
     SCHEMA_VERSION,
     Direction,
     DirectionPolicy,
@@ -439,6 +440,9 @@ class Resolver(entries.PeerSource):
         table: dict[str, int] = {_cidr_text(prefix): number for prefix, number in self._cidr_ids.items()}
         for uid, ident in self._pod_identity.items():
             table[f"{self._state.pods[uid].ipv4}/32"] = ident
+        # the host side of every pod veth carries this link-local address (the CNI plugin's
+        # gateway): a packet from it is the pod's own node, on whichever node it is seen
+        table[f"{HOST_SIDE_ADDRESS}/32"] = int(Reserved.HOST)
         node_cidrs: dict[str, str] = {}
         for name, node in self._state.nodes.items():
             if node.ipv4:

@@ -6,7 +6,7 @@
 #define CY_ENDPOINTS_MAX 1024
 #define CY_POLICY_MAX 65536
 #define CY_CT_MAX 65536
-#define CY_EVENTS_PAGES 64
+#define CY_EVENTS_PAGES 256
 #define CY_TRACE_ALL 0
 
 #include <uapi/linux/pkt_cls.h>
