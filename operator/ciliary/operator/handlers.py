@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import kopf
 from kubernetes_asyncio import client
@@ -56,6 +56,14 @@ def ingest_policy(model: ClusterModel, body: Mapping[str, Any]) -> PolicyOutcome
     return PolicyOutcome(problems, "previous" if uid in model.repository else "none")
 
 
+class PolicyObserver(Protocol):
+    """Told about every policy object (the status handover)."""
+
+    def observe_policy(self, body: Mapping[str, Any]) -> None: ...
+
+    def forget_policy(self, uid: str) -> None: ...
+
+
 class PolicyStatusWriter:
     """Writes the Valid condition through the status subresource (merge patch), only on change."""
 
@@ -86,14 +94,19 @@ class PolicyStatusWriter:
                 raise kopf.TemporaryError(f"status write failed: {exc.reason}", delay=2) from exc
 
 
-def register(registry: kopf.OperatorRegistry, model: ClusterModel, writer: PolicyStatusWriter) -> None:
+def register(registry: kopf.OperatorRegistry, model: ClusterModel, writer: PolicyStatusWriter,
+             observer: PolicyObserver | None = None) -> None:
     """Register every handler into ``registry`` (no module-level state)."""
 
     async def policy_event(type: str | None, body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
         uid = body.get("metadata", {}).get("uid", "")
         if type == "DELETED":
             model.delete_policy(uid)
+            if observer is not None:
+                observer.forget_policy(uid)
             return
+        if observer is not None:
+            observer.observe_policy(body)
         outcome = ingest_policy(model, body)
         if outcome.problems:
             message = policy_status.problems_message(outcome.problems)
@@ -127,7 +140,8 @@ def register(registry: kopf.OperatorRegistry, model: ClusterModel, writer: Polic
     kopf.on.event("", "v1", "nodes", id="node_event", registry=registry)(node_event)
 
 
-async def initial_list(api: client.ApiClient, model: ClusterModel, writer: PolicyStatusWriter) -> None:
+async def initial_list(api: client.ApiClient, model: ClusterModel, writer: PolicyStatusWriter,
+                       observer: PolicyObserver | None = None) -> None:
     """List everything once before the first reconcile, so no intent is published from a partial view."""
     core = client.CoreV1Api(api)
     custom = client.CustomObjectsApi(api)
@@ -141,6 +155,8 @@ async def initial_list(api: client.ApiClient, model: ClusterModel, writer: Polic
         listing = await custom.list_cluster_custom_object(GROUP, VERSION, plural)
         for body in listing.get("items", []):
             body.setdefault("kind", kind)
+            if observer is not None:
+                observer.observe_policy(body)
             outcome = ingest_policy(model, body)
             try:
                 await writer.write_valid(body, outcome)

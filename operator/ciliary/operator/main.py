@@ -2,7 +2,11 @@
 
 Runs kopf (watch handlers only) next to the reconcile loop that publishes one
 NodeIntent per node into etcd. Flags (each also as ``CILIARY_OPERATOR_*``):
-``--kubeconfig``, ``--etcd-endpoints``, ``--identity-gc-grace``, ``--log-level``.
+``--kubeconfig``, ``--etcd-endpoints``, ``--identity-gc-grace``, ``--log-level``,
+``--[no-]enable-k8s-event-handover`` (default on: the operator writes ``.status.nodes``
+from the agents' reports in etcd; off: agents patch it themselves and the operator
+writes only the conditions) and ``--status-interval`` (seconds between two status
+writes of one policy, default 1).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from kubernetes_asyncio.client.rest import ApiException
 from ciliary.operator import handlers, kubeapi
 from ciliary.operator.cluster_model import ClusterModel
 from ciliary.operator.etcdclient import EtcdEndpoint, EtcdStore
+from ciliary.operator.handover import StatusHandover
 from ciliary.operator.identity_store import EtcdIdentityAllocator
 from ciliary.operator.publishing import IntentPublisher
 from ciliary.operator.reconciling import Reconciler
@@ -42,8 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--identity-gc-grace", type=float,
                    default=float(env("CILIARY_OPERATOR_IDENTITY_GC_GRACE", "300")),
                    help="seconds an unused identity is kept before it is deleted (default 300)")
+    p.add_argument("--enable-k8s-event-handover", action=argparse.BooleanOptionalAction,
+                   default=_env_bool("CILIARY_OPERATOR_ENABLE_K8S_EVENT_HANDOVER", True),
+                   help="write each policy's .status.nodes from the agents' reports in etcd (default); "
+                        "with --no-enable-k8s-event-handover agents write it and the operator only the conditions")
+    p.add_argument("--status-interval", type=float,
+                   default=float(env("CILIARY_OPERATOR_STATUS_INTERVAL", "1")),
+                   help="at most one status write per policy per this many seconds (default 1)")
     p.add_argument("--log-level", default=env("CILIARY_OPERATOR_LOG_LEVEL", "INFO"), help="log level")
     return p
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or not value.strip():
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
 
 
 async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
@@ -58,18 +77,25 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
     model = ClusterModel()
     writer = handlers.PolicyStatusWriter(api)
     registry = kopf.OperatorRegistry()
-    handlers.register(registry, model, writer)
+    reconciler = Reconciler(model, allocator, publisher)
+    handover = StatusHandover(store, api, interval=args.status_interval,
+                              write_nodes=args.enable_k8s_event_handover,
+                              node_names=lambda: model.nodes.keys(),
+                              resolved_generation=reconciler.resolved_generation,
+                              wait_for=[reconciler.synced])
+    handlers.register(registry, model, writer, handover)
     settings = kopf.OperatorSettings()
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
-    await list_with_retries(api, model, writer)
+    await list_with_retries(api, model, writer, handover)
+    handover.policies_listed.set()
     listed = asyncio.Event()
     listed.set()
-    reconciler = Reconciler(model, allocator, publisher)
     tasks: list[asyncio.Task[Any]] = [
         asyncio.create_task(kopf.operator(registry=registry, settings=settings, standalone=True,
                                           clusterwide=True, stop_flag=stop), name="kopf"),
         asyncio.create_task(reconciler.run(listed), name="reconciler"),
+        asyncio.create_task(handover.run(), name="handover"),
     ]
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -85,11 +111,11 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
 
 
 async def list_with_retries(api: Any, model: ClusterModel, writer: handlers.PolicyStatusWriter,
-                            *, attempts: int = 30) -> None:
+                            observer: handlers.PolicyObserver | None = None, *, attempts: int = 30) -> None:
     """The apiserver may still be starting (429 while storage initialises, CRDs not yet served)."""
     for attempt in range(1, attempts + 1):
         try:
-            await handlers.initial_list(api, model, writer)
+            await handlers.initial_list(api, model, writer, observer)
             return
         except ApiException as exc:
             if attempt == attempts or exc.status not in (404, 429, 500, 503):

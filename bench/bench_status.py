@@ -1,0 +1,418 @@
+"""Policy status at scale: operator handover vs agents writing directly, 10 / 100 / 1,000 nodes.
+
+Run from the repository root, as root (it starts its own etcd + kube-apiserver
+under ``.lab-bench-status/``, prefix ``cyb``, and removes them afterwards)::
+
+    PYTHONPATH=operator:nodeagent:e2e .venv/bin/python -m bench.bench_status [--nodes 10,100,1000]
+
+Per size and mode: 50 CNPs; one NodeIntent per node listing all of them (the
+bench plays the operator's publisher); simulated agents (asyncio tasks, no
+kernel) that hold a lease, watch their own intent key and, per intent, write
+the PolicyReports of policies whose generation changed in one transaction bound
+to their lease — in direct mode they also patch ``.status.nodes.<node>``
+with ``DirectStatusWriter``. The operator side runs in a child process: kopf
+with the operator's real handlers (Valid condition) feeding the real
+``StatusHandover`` (handover: writes everything; direct: conditions only).
+Then one policy is edited (generation 2) and the bench publishes the new
+intents. Measured for that one update: status PATCHes served by kube-apiserver
+(its ``apiserver_request_total``, all codes), watch events delivered (to the
+handover's mirrors and to the agents), time from the edit until ``Enforced=True``
+at generation 2, and the operator child's peak RSS. Figures only; nothing here
+asserts. Targets: handover <= 2 status writes per policy update at every size
+(plus the Valid condition's own write), direct grows with nodes; Enforced within
+3 s at 1,000 nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+POLICIES = 50
+INTERVAL = 1.0
+AGENTS_PER_CLIENT = 100
+
+
+# ---------------------------------------------------------------- operator child
+
+
+async def child_main(args: argparse.Namespace) -> None:
+    import logging
+
+    import kopf
+
+    from ciliary.operator import handlers, kubeapi
+    from ciliary.operator.cluster_model import ClusterModel
+    from ciliary.operator.etcdclient import EtcdEndpoint, EtcdStore
+    from ciliary.operator.handover import StatusHandover
+    from ciliary.operator.main import list_with_retries
+
+    logging.basicConfig(level=os.environ.get("BENCH_CHILD_LOG", "WARNING"),
+                        format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("kopf").setLevel(logging.ERROR)
+    os.environ["KUBECONFIG"] = args.kubeconfig
+    store = EtcdStore(EtcdEndpoint.parse(args.etcd))
+    api = await kubeapi.api_client(args.kubeconfig)
+    model = ClusterModel()
+    writer = handlers.PolicyStatusWriter(api)
+    handover = StatusHandover(store, api, interval=args.interval, write_nodes=args.mode == "handover")
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, model, writer, handover)
+    await list_with_retries(api, model, writer, handover)
+    handover.policies_listed.set()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    settings = kopf.OperatorSettings()
+    settings.posting.enabled = False
+    tasks = [asyncio.create_task(kopf.operator(registry=registry, settings=settings, standalone=True,
+                                               clusterwide=True, stop_flag=stop)),
+             asyncio.create_task(handover.run())]
+    stats_path = Path(args.stats)
+    while not stop.is_set():
+        stats = {"report_events": handover.report_mirror.events, "intent_events": handover.intent_mirror.events,
+                 "writes": handover.stats.writes, "conflicts": handover.stats.conflicts,
+                 "valid_writes": writer.writes, "started": handover.started.is_set()}
+        stats_path.write_text(json.dumps(stats))
+        try:
+            await asyncio.wait_for(stop.wait(), 0.2)
+        except TimeoutError:
+            pass
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await api.close()
+    await store.close()
+
+
+# ---------------------------------------------------------------- simulated agents
+
+
+@dataclass
+class AgentFleet:
+    etcd: str
+    api: Any
+    namespace: str
+    direct: bool
+    clients: list[Any] = field(default_factory=list)
+    leases: list[Any] = field(default_factory=list)
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    intent_events: int = 0
+    direct_writes: int = 0
+    writers: dict[str, Any] = field(default_factory=dict)
+
+    async def start(self, nodes: list[str], meta: dict[str, tuple[str, str]],
+                    seed: dict[str, Any] | None = None) -> None:
+        """``seed``: the entry already in every policy's status (direct mode: agents do not rewrite it)."""
+        import aetcd
+
+        from ciliary.nodeagent.direct_status import DirectStatusWriter
+        from ciliary.operator.etcdclient import EtcdEndpoint
+
+        ep = EtcdEndpoint.parse(self.etcd)
+        for i in range(0, len(nodes), AGENTS_PER_CLIENT):
+            client = aetcd.Client(host=ep.host, port=ep.port, timeout=30)
+            self.clients.append(client)
+            for node in nodes[i:i + AGENTS_PER_CLIENT]:
+                if self.direct:
+                    self.writers[node] = DirectStatusWriter(self.api, node)
+                    if seed is not None:
+                        self.writers[node].written = {uid: dict(seed) for uid, _ in meta.values()}
+                lease = await client.lease(120)
+                self.leases.append(lease)
+                watch = await client.watch(f"/ciliary/intents/v1/{node}".encode())
+                self.tasks.append(asyncio.create_task(self._agent(client, node, lease, watch, meta)))
+
+    async def _agent(self, client: Any, node: str, lease: Any, watch: Any, meta: dict[str, tuple[str, str]]) -> None:
+        from ciliary.operator.intents import parse_node_intent
+        from ciliary.operator.keyspace import node_intent_key, report_key
+        from ciliary.operator.reports import PolicyReport
+
+        reported: dict[str, int] = {}
+        refresh = asyncio.create_task(self._keepalive(lease))
+
+        async def apply(raw: bytes) -> None:
+            intent = parse_node_intent(node, raw)
+            changed = []
+            now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            for ref in intent.policies:
+                if reported.get(ref.uid) != ref.generation:
+                    changed.append(PolicyReport(node=node, policy_uid=ref.uid, kind=ref.kind, namespace=ref.namespace,
+                                                name=ref.name, generation=ref.generation, ok=True, enforcing=True,
+                                                last_updated=now, local_policy_revision=intent.revision))
+            if not changed:
+                return
+            ops = [client.transactions.put(report_key(r.policy_uid, node).encode(), r.to_wire(), lease=lease)
+                   for r in changed]
+            await client.transaction(compare=[], success=ops, failure=[])
+            for r in changed:
+                reported[r.policy_uid] = r.generation
+            if self.direct:
+                for r in changed:
+                    if await self.writers[node].write(r):
+                        self.direct_writes += 1
+
+        try:
+            current = await client.get(node_intent_key(node).encode())
+            if current is not None:
+                await apply(current.value)
+            async for event in watch:
+                self.intent_events += 1
+                if event.kind == "PUT":
+                    await apply(event.kv.value)
+        finally:
+            refresh.cancel()
+
+    async def _keepalive(self, lease: Any) -> None:
+        while True:
+            await asyncio.sleep(40)
+            await lease.refresh()
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for lease in self.leases:
+            try:
+                await lease.revoke()
+            except Exception:  # noqa: BLE001 - best-effort clean-up of a bench
+                pass
+        for client in self.clients:
+            await client.close()
+
+
+# ---------------------------------------------------------------- parent
+
+
+def status_patches(layout: Any, url: str) -> int:
+    pki = layout.pki_dir
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+    with urllib.request.urlopen(f"{url}/metrics", context=ctx, timeout=30) as resp:
+        text = resp.read().decode()
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith("apiserver_request_total{") and 'resource="ciliumnetworkpolicies"' in line
+               and 'subresource="status"' in line and 'verb="PATCH"' in line)
+
+
+def cnp_yaml(ns: str, k: int, value: str = "v1") -> dict[str, Any]:
+    return {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+            "metadata": {"name": f"p-{k}", "namespace": ns},
+            "spec": {"endpointSelector": {"matchLabels": {"app": f"a{k}"}},
+                     "ingress": [{"fromEndpoints": [{"matchLabels": {"app": value}}]}]}}
+
+
+def rss_kb(pid: int) -> tuple[int, int]:
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+async def run_case(lab: Any, ports: Any, n: int, mode: str) -> dict[str, Any]:
+    from kubernetes_asyncio import client as kclient
+
+    from ciliary.operator import kubeapi
+    from ciliary.operator.etcdclient import EtcdEndpoint, EtcdStore
+    from ciliary.operator.intents import NodeIntent, PolicyRef
+    from ciliary.operator.keyspace import node_intent_key
+
+    ns = f"bench-{mode}-{n}"
+    layout = lab.layout
+    lab.kubectl("create", "namespace", ns, check=False)
+    docs = "\n---\n".join(json.dumps(cnp_yaml(ns, k)) for k in range(POLICIES))
+    lab.kubectl("apply", "-f", "-", input=docs)
+    items = json.loads(lab.kubectl("get", "cnp", "-n", ns, "-o", "json").stdout)["items"]
+    meta = {i["metadata"]["name"]: (i["metadata"]["uid"], i["metadata"]["generation"]) for i in items}
+    nodes = [f"node-{i:04}" for i in range(n)]
+    store = EtcdStore(EtcdEndpoint.parse(ports.etcd_endpoint), timeout=30)
+    api = await kubeapi.api_client(layout.kubeconfig)
+    api.configuration.connection_pool_maxsize = 64
+    custom = kclient.CustomObjectsApi(api)
+
+    def refs(update_gen: int) -> tuple[PolicyRef, ...]:
+        return tuple(PolicyRef(kind="CiliumNetworkPolicy", namespace=ns, name=name, uid=uid,
+                               generation=update_gen if name == "p-0" else gen)
+                     for name, (uid, gen) in sorted(meta.items()))
+
+    async def publish(revision: int, update_gen: int) -> None:
+        sem = asyncio.Semaphore(32)
+        policy_refs = refs(update_gen)
+
+        async def one(node: str) -> None:
+            async with sem:
+                await store.put(node_intent_key(node).encode(),
+                                NodeIntent(node=node, revision=revision, policies=policy_refs).to_wire())
+        await asyncio.gather(*(one(node) for node in nodes))
+
+    await publish(1, 1)
+    fleet = AgentFleet(ports.etcd_endpoint, api, ns, direct=mode == "direct")
+    if fleet.direct:
+        # steady state before the measured update: every entry present (one patch per policy, not N)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        entry = {"ok": True, "enforcing": True, "lastUpdated": stamp, "localPolicyRevision": 1}
+        for name in meta:
+            await custom.patch_namespaced_custom_object_status(  # type: ignore[call-arg]
+                "cilium.io", "v2", ns, "ciliumnetworkpolicies", name,
+                {"status": {"nodes": {node: entry for node in nodes}}}, _content_type="application/merge-patch+json")
+    t_setup = time.perf_counter()
+    await fleet.start(nodes, {k: (u, str(g)) for k, (u, g) in meta.items()},
+                      seed=entry if fleet.direct else None)
+
+    stats_path = layout.state_dir / f"child-{mode}-{n}.json"
+    stats_path.unlink(missing_ok=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(ROOT / p) for p in ("operator", "nodeagent", "e2e")))
+    child = subprocess.Popen([sys.executable, "-m", "bench.bench_status", "--child", "--mode", mode,
+                              "--kubeconfig", str(layout.kubeconfig), "--etcd", ports.etcd_endpoint,
+                              "--stats", str(stats_path), "--interval", str(INTERVAL)], cwd=ROOT, env=env)
+
+    def child_stats() -> dict[str, Any]:
+        try:
+            return dict(json.loads(stats_path.read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    async def enforced(name: str, generation: int) -> bool:
+        body = await custom.get_namespaced_custom_object("cilium.io", "v2", ns, "ciliumnetworkpolicies", name)
+        if (body.get("status") or {}).get("enforcement") != f"{n}/{n} nodes":
+            return False  # every agent reported (not a premature NoEndpoints before the intents are seen)
+        for cond in (body.get("status") or {}).get("conditions") or []:
+            if cond["type"] == "Enforced":
+                return bool(cond["status"] == "True" and cond.get("observedGeneration") == generation)
+        return False
+
+    try:
+        deadline = time.monotonic() + float(os.environ.get("BENCH_SETUP_TIMEOUT", "300"))
+        while time.monotonic() < deadline:
+            done = await asyncio.gather(*(enforced(name, 1) for name in meta))
+            if all(done):
+                break
+            if child.poll() is not None:
+                raise RuntimeError(f"{mode}/{n}: the operator child exited ({child.returncode})")
+            await asyncio.sleep(0.5)
+        else:
+            raise RuntimeError(f"{mode}/{n}: policies never became Enforced")
+        setup_s = time.perf_counter() - t_setup
+        await asyncio.sleep(3 * INTERVAL)
+        before = status_patches(layout, ports.apiserver_url)
+        s0, agent_events0, direct0 = child_stats(), fleet.intent_events, fleet.direct_writes
+
+        t0 = time.perf_counter()
+        lab.kubectl("apply", "-f", "-", input=json.dumps(cnp_yaml(ns, 0, "v2")))
+        await publish(2, 2)
+        t_enf = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if await enforced("p-0", 2):
+                t_enf = time.perf_counter() - t0
+                break
+            await asyncio.sleep(0.05)
+        # settle: every agent wrote, then a few intervals of quiet
+        deadline = time.monotonic() + 120
+        while fleet.direct and fleet.direct_writes - direct0 < n and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(3 * INTERVAL)
+        after = status_patches(layout, ports.apiserver_url)
+        s1 = child_stats()
+        rss, hwm = rss_kb(child.pid)
+        return {"nodes": n, "mode": mode, "status_writes": after - before,
+                "handover_writes": s1.get("writes", 0) - s0.get("writes", 0),
+                "valid_writes": s1.get("valid_writes", 0) - s0.get("valid_writes", 0),
+                "agent_writes": fleet.direct_writes - direct0,
+                "handover_events": (s1.get("report_events", 0) + s1.get("intent_events", 0))
+                - (s0.get("report_events", 0) + s0.get("intent_events", 0)),
+                "agent_events": fleet.intent_events - agent_events0,
+                "enforced_s": t_enf, "rss_mb": rss / 1024, "peak_rss_mb": hwm / 1024, "setup_s": setup_s}
+    finally:
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        await fleet.stop()
+        for node in nodes:
+            await store.delete(node_intent_key(node).encode())
+        await store.call(lambda c: c.delete_prefix(b"/ciliary/reports/v1/"))
+        await store.close()
+        await api.close()
+        lab.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'nodes':>6} {'mode':>9} {'status PATCH':>12} {'handover':>8} {'agents':>6} {'Valid':>5} "
+            f"{'watch ev (op/agents)':>20} {'Enforced s':>10} {'op RSS MB':>9} {'direct/handover':>15}")
+    out = [head, "-" * len(head)]
+    by = {(r["nodes"], r["mode"]): r for r in rows}
+    for r in rows:
+        other = by.get((r["nodes"], "handover"))
+        ratio = f"{r['status_writes'] / max(other['status_writes'], 1):.1f}x" if other and r["mode"] == "direct" else ""
+        enf = f"{r['enforced_s']:.2f}" if r["enforced_s"] is not None else "never"
+        out.append(f"{r['nodes']:>6} {r['mode']:>9} {r['status_writes']:>12} {r['handover_writes']:>8} "
+                   f"{r['agent_writes']:>6} {r['valid_writes']:>5} "
+                   f"{str(r['handover_events']) + '/' + str(r['agent_events']):>20} {enf:>10} "
+                   f"{r['peak_rss_mb']:>9.0f} {ratio:>15}")
+    return "\n".join(out)
+
+
+def parent_main(args: argparse.Namespace) -> None:
+    from ciliary.lab import controlplane
+    from ciliary.lab.lab import Lab
+    from ciliary.lab.layout import Binaries, LabLayout
+
+    layout = LabLayout(state_dir=ROOT / ".lab-bench-status", prefix="cyb")
+    lab = Lab(layout, Binaries.discover())
+    lab.down(log=False)
+    ports = controlplane.load_or_choose_ports(layout)
+    controlplane.save_config(layout, ports, 0)
+    rows: list[dict[str, Any]] = []
+    try:
+        controlplane.start(layout, lab.bins, ports)
+        for crd in sorted((ROOT / "crds").glob("*.cilium.io.yaml")):
+            lab.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
+        for _ in range(30):
+            if lab.kubectl("wait", "--for", "condition=Established", "--timeout=30s",
+                           "crd/ciliumnetworkpolicies.cilium.io", check=False).returncode == 0:
+                break
+            time.sleep(1)
+        for n in (int(x) for x in args.nodes.split(",")):
+            for mode in args.modes.split(","):
+                row = asyncio.run(run_case(lab, ports, n, mode))
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+        print()
+        print(f"one policy update, {POLICIES} policies, status interval {INTERVAL:.0f} s")
+        print(table(rows))
+    finally:
+        lab.down(log=False)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nodes", default="10,100,1000")
+    p.add_argument("--modes", default="handover,direct")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="handover", help=argparse.SUPPRESS)
+    p.add_argument("--kubeconfig", help=argparse.SUPPRESS)
+    p.add_argument("--etcd", help=argparse.SUPPRESS)
+    p.add_argument("--stats", help=argparse.SUPPRESS)
+    p.add_argument("--interval", type=float, default=INTERVAL, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        asyncio.run(child_main(args))
+    else:
+        parent_main(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,302 @@
+"""Pure core of the status handover: node reports + node intents -> a policy's ``.status``.
+
+``handover`` (the async shell) keeps, per policy, the reports agents wrote into
+etcd and the nodes whose published NodeIntent lists the policy; it calls
+:func:`desired_status` and :func:`status_patch` here to know what ``.status``
+should say and the smallest JSON merge patch (RFC 7386) that gets it there, or
+``None`` when nothing worth a write changed. :class:`FlushSchedule` decides when
+a changed policy may be written (at most once per interval). No I/O, no clock:
+time is passed in.
+
+Decisions (also in the operator's docs):
+
+- ``.status.nodes`` lists every node that reports the policy and still exists;
+  an entry goes away (merge-patch ``null``) when its report key is deleted
+  (lease expired or revoked) or the Node object is deleted.
+- A change of ``lastUpdated`` alone is never written.
+- ``Enforced`` is True when every *expected* node (its NodeIntent lists the
+  policy) reports ok + enforcing at the policy's current ``metadata.generation``
+  and at a ``localPolicyRevision`` no older than the intent revision from which
+  it had to enforce that version. A policy that selects no endpoint is
+  ``Enforced=True`` with reason ``NoEndpoints`` once the operator has resolved
+  its current generation. An invalid current generation is ``Enforced=False``
+  (``InvalidPolicy``): the previous version may be in force, the current one
+  is not.
+- ``status.enforcement`` is ``"N/M nodes"``: expected nodes enforcing / expected nodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ciliary.operator import policy_status
+from ciliary.operator.reports import PolicyReport, status_nodes_entry
+
+ENFORCED = "Enforced"
+MAX_NAMED_NODES = 10
+"""Nodes named in the Enforced message before "and N more"."""
+VOLATILE_KEYS = frozenset({"lastUpdated"})
+"""Entry keys whose change alone never causes a status write."""
+
+
+@dataclass(frozen=True, slots=True)
+class Expectation:
+    """A node that must enforce a policy (the policy is in the node's published NodeIntent)."""
+
+    generation: int
+    """metadata.generation in the node's intent PolicyRef."""
+    since_revision: int = 0
+    """Intent revision from which the node had to enforce this generation; 0 = not known (start-up)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyView:
+    """What the handover knows of one policy object (from its latest watch event or write)."""
+
+    uid: str
+    kind: str
+    namespace: str
+    name: str
+    generation: int
+    resource_version: str
+    status: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> PolicyView:
+        meta = body.get("metadata") or {}
+        return cls(uid=str(meta.get("uid", "")), kind=str(body.get("kind", "")),
+                   namespace=str(meta.get("namespace") or ""), name=str(meta.get("name", "")),
+                   generation=int(meta.get("generation") or 0),
+                   resource_version=str(meta.get("resourceVersion", "")),
+                   status=dict(body.get("status") or {}))
+
+    @property
+    def invalid(self) -> bool:
+        """The Valid condition refuses the current generation."""
+        cond = policy_status.current_condition({"status": self.status}, "Valid")
+        if cond is None:
+            return False
+        return cond.get("status") == "False" and int(cond.get("observedGeneration") or 0) == self.generation
+
+    def where(self) -> str:
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredStatus:
+    """The part of ``.status`` the handover owns."""
+
+    enforced: dict[str, Any]
+    enforcement: str
+    nodes: dict[str, dict[str, Any]] | None
+    """None: node entries are not ours to write (direct mode)."""
+
+
+def node_problem(report: PolicyReport | None, expected: Expectation, generation: int) -> str | None:
+    """Why an expected node does not (yet) enforce the policy's current generation; None if it does."""
+    if report is None:
+        return "no report"
+    if report.error or not report.ok:
+        return "error"
+    if report.generation != generation:
+        return f"at generation {report.generation}"
+    if not report.enforcing:
+        return "not enforcing"
+    if report.local_policy_revision < expected.since_revision:
+        return f"at revision {report.local_policy_revision} < {expected.since_revision}"
+    return None
+
+
+def node_entries(reports: Mapping[str, PolicyReport], present: Collection[str] | None) -> dict[str, dict[str, Any]]:
+    """``.status.nodes``: one entry per reporting node that still exists (``present`` None = all)."""
+    return {node: status_nodes_entry(report) for node, report in reports.items()
+            if present is None or node in present}
+
+
+def _name_nodes(problems: Iterable[tuple[str, str]]) -> str:
+    items = sorted(problems)
+    named = ", ".join(f"{node} ({why})" for node, why in items[:MAX_NAMED_NODES])
+    more = len(items) - MAX_NAMED_NODES
+    return named + (f" and {more} more" if more > 0 else "")
+
+
+def enforced_condition(policy: PolicyView, expected: Mapping[str, Expectation],
+                       reports: Mapping[str, PolicyReport], *, present: Collection[str] | None = None,
+                       resolved_generation: int | None = None,
+                       resolution_known: bool = False) -> tuple[dict[str, Any], str]:
+    """The ``Enforced`` condition (without lastTransitionTime) and the ``N/M nodes`` summary.
+
+    ``resolution_known``: the caller knows which generation the operator resolved
+    (``resolved_generation``; None then means "not resolved"); otherwise the
+    published intents are taken as current.
+    """
+    gen = policy.generation
+    targets = {n: e for n, e in expected.items() if present is None or n in present}
+    problems = [(n, why) for n, e in targets.items() if (why := node_problem(reports.get(n), e, gen))]
+    enforcing = len(targets) - len(problems)
+    summary = f"{enforcing}/{len(targets)} nodes"
+
+    def cond(status: bool, reason: str, message: str) -> dict[str, Any]:
+        return {"type": ENFORCED, "status": "True" if status else "False", "reason": reason,
+                "message": message, "observedGeneration": gen}
+
+    if policy.invalid:
+        return cond(False, "InvalidPolicy", f"Generation {gen} was refused (see the Valid condition); "
+                                            "it is enforced nowhere"), summary
+    if resolution_known and resolved_generation != gen:
+        return cond(False, "Pending", f"Generation {gen} is not yet resolved into node intents"), summary
+    if not targets:
+        return cond(True, "NoEndpoints", "The policy selects no endpoint; there is nothing to enforce"), summary
+    if not problems:
+        return cond(True, "Enforced", f"Enforced on all {len(targets)} nodes hosting selected endpoints"), summary
+    return cond(False, "NodesNotEnforcing", f"Enforced on {enforcing} of {len(targets)} nodes; "
+                                            f"not on {_name_nodes(problems)}"), summary
+
+
+def desired_status(policy: PolicyView, expected: Mapping[str, Expectation], reports: Mapping[str, PolicyReport],
+                   *, present: Collection[str] | None = None, write_nodes: bool = True,
+                   resolved_generation: int | None = None, resolution_known: bool = False) -> DesiredStatus:
+    enforced, summary = enforced_condition(policy, expected, reports, present=present,
+                                           resolved_generation=resolved_generation,
+                                           resolution_known=resolution_known)
+    nodes = node_entries(reports, present) if write_nodes else None
+    return DesiredStatus(enforced=enforced, enforcement=summary, nodes=nodes)
+
+
+def _strip(value: Any, ignore: Collection[str]) -> Any:
+    if isinstance(value, Mapping):
+        return {k: v for k, v in value.items() if k not in ignore}
+    return value
+
+
+def merge_diff(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns ``current`` into ``desired`` (empty: equal)."""
+    patch: dict[str, Any] = {}
+    for key, want in desired.items():
+        have = current.get(key, _MISSING)
+        if have == want:
+            continue
+        if isinstance(want, Mapping) and isinstance(have, Mapping):
+            sub = merge_diff(have, want)
+            if sub:
+                patch[key] = sub
+        else:
+            patch[key] = want
+    for key in current:
+        if key not in desired:
+            patch[key] = None
+    return patch
+
+
+def apply_merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 ``MergePatch(target, patch)`` (used by tests and to predict the server's result)."""
+    if not isinstance(patch, Mapping):
+        return patch
+    out = dict(target) if isinstance(target, Mapping) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = apply_merge_patch(out.get(key), value)
+    return out
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING: Any = _Missing()
+
+
+def nodes_patch(current: Mapping[str, Any], desired: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Merge patch of ``.status.nodes``; an entry whose only change is ``lastUpdated`` is left alone."""
+    patch: dict[str, Any] = {}
+    for node, want in desired.items():
+        have = current.get(node)
+        if isinstance(have, Mapping) and _strip(have, VOLATILE_KEYS) == _strip(want, VOLATILE_KEYS):
+            continue
+        patch[node] = merge_diff(have, want) if isinstance(have, Mapping) else dict(want)
+    for node in current:
+        if node not in desired:
+            patch[node] = None
+    return patch
+
+
+def status_patch(policy: PolicyView, desired: DesiredStatus) -> dict[str, Any] | None:
+    """The merge patch to send to the status subresource, or None when nothing worth a write changed.
+
+    Conditions are a list, which a merge patch replaces whole: a patch that
+    carries them also carries ``metadata.resourceVersion`` so that a concurrent
+    writer of another condition (Valid) makes it fail with 409 instead of being
+    overwritten.
+    """
+    status = policy.status
+    body: dict[str, Any] = {"status": status}
+    out: dict[str, Any] = {}
+    if desired.nodes is not None:
+        nodes = nodes_patch(status.get("nodes") or {}, desired.nodes)
+        if nodes:
+            out["nodes"] = nodes
+    if status.get("enforcement") != desired.enforcement:
+        out["enforcement"] = desired.enforcement
+    if policy_status.needs_write(body, desired.enforced):
+        out["conditions"] = policy_status.merged_conditions(body, desired.enforced)
+    if status.get("observedGeneration") != policy.generation and out:
+        out["observedGeneration"] = policy.generation
+    if not out:
+        return None
+    patch: dict[str, Any] = {"status": out}
+    if "conditions" in out and policy.resource_version:
+        patch["metadata"] = {"resourceVersion": policy.resource_version}
+    return patch
+
+
+class FlushSchedule:
+    """When may a changed policy be written: at most once per ``interval``, ``settle`` after an idle period.
+
+    ``mark`` records a change; ``due`` lists the policies whose write may happen
+    now; ``wrote`` starts the policy's interval; ``clean`` drops a change that
+    needed no write (it does not start an interval).
+    """
+
+    def __init__(self, interval: float, settle: float = 0.05) -> None:
+        self.interval = interval
+        self.settle = min(settle, interval)
+        self._dirty: dict[str, float] = {}
+        self._last_write: dict[str, float] = {}
+
+    def mark(self, uid: str, now: float) -> bool:
+        """Record a change; True when the policy was clean before (its write time is new)."""
+        if uid in self._dirty:
+            return False
+        self._dirty[uid] = now
+        return True
+
+    def _ready_at(self, uid: str, since: float) -> float:
+        last = self._last_write.get(uid)
+        ready = since + self.settle
+        return ready if last is None else max(ready, last + self.interval)
+
+    def due(self, now: float) -> list[str]:
+        return sorted(uid for uid, since in self._dirty.items() if self._ready_at(uid, since) <= now)
+
+    def next_deadline(self) -> float | None:
+        return min((self._ready_at(u, s) for u, s in self._dirty.items()), default=None)
+
+    def wrote(self, uid: str, now: float) -> None:
+        self._dirty.pop(uid, None)
+        self._last_write[uid] = now
+
+    def clean(self, uid: str) -> None:
+        self._dirty.pop(uid, None)
+
+    def forget(self, uid: str) -> None:
+        self._dirty.pop(uid, None)
+        self._last_write.pop(uid, None)
+
+    @property
+    def pending(self) -> int:
+        return len(self._dirty)

@@ -1,0 +1,143 @@
+"""StatusHandover and DirectStatusWriter with a fake API (no etcd, no apiserver): wiring of the pure core."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ciliary.nodeagent.direct_status import DirectStatusWriter
+from ciliary.operator import enforcement, keyspace
+from ciliary.operator.handover import StatusHandover
+from ciliary.operator.reports import PolicyReport
+
+UID = "u-1"
+
+
+class FakeCustom:
+    """Applies merge patches to one stored object, like the status subresource would."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+        self.patches: list[dict[str, Any]] = []
+
+    async def patch_namespaced_custom_object_status(self, group: str, version: str, namespace: str, plural: str,
+                                                    name: str, patch: dict[str, Any], **_: Any) -> dict[str, Any]:
+        self.patches.append(patch)
+        self.body["status"] = enforcement.apply_merge_patch(self.body.get("status") or {}, patch["status"])
+        meta = self.body["metadata"]
+        meta["resourceVersion"] = str(int(meta["resourceVersion"]) + 1)
+        return json.loads(json.dumps(self.body))
+
+
+def cnp(generation: int = 1) -> dict[str, Any]:
+    return {"kind": "CiliumNetworkPolicy",
+            "metadata": {"name": "p", "namespace": "ns", "uid": UID, "generation": generation,
+                         "resourceVersion": "10"}}
+
+
+def report(node: str, gen: int = 1, rev: int = 5, at: str = "2025-01-01T00:00:00Z") -> PolicyReport:
+    return PolicyReport(node=node, policy_uid=UID, kind="CiliumNetworkPolicy", namespace="ns", name="p",
+                        generation=gen, ok=True, enforcing=True, last_updated=at, local_policy_revision=rev)
+
+
+def intent(node: str, revision: int, gen: int = 1) -> bytes:
+    return json.dumps({"node": node, "revision": revision, "policies": [
+        {"kind": "CiliumNetworkPolicy", "namespace": "ns", "name": "p", "uid": UID, "generation": gen}]}).encode()
+
+
+def make(body: dict[str, Any], **kw: Any) -> tuple[StatusHandover, FakeCustom]:
+    handover = StatusHandover(None, None, **kw)  # type: ignore[arg-type]
+    fake = FakeCustom(body)
+    handover.custom = fake  # type: ignore[assignment]
+    handover.observe_policy(json.loads(json.dumps(body)))
+    return handover, fake
+
+
+def feed(handover: StatusHandover, nodes: list[str], *, revision: int = 5, gen: int = 1) -> None:
+    for node in nodes:
+        handover._intent_put(keyspace.node_intent_key(node), intent(node, revision, gen))
+        handover._report_put(keyspace.report_key(UID, node), report(node, gen, revision).to_wire())
+
+
+async def flush_all(handover: StatusHandover) -> None:
+    await handover.flush(list(handover.policies))
+
+
+async def test_one_write_then_quiet_and_a_restart_writes_nothing() -> None:
+    handover, fake = make(cnp())
+    feed(handover, ["a", "b"])
+    await flush_all(handover)
+    assert len(fake.patches) == 1
+    status = fake.body["status"]
+    assert set(status["nodes"]) == {"a", "b"} and status["enforcement"] == "2/2 nodes"
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {"Enforced": "True"}
+    await flush_all(handover)  # same picture
+    assert len(fake.patches) == 1
+    # a new process: same etcd content, same object
+    again, fake2 = make(fake.body)
+    feed(again, ["a", "b"])
+    await flush_all(again)
+    assert fake2.patches == []
+
+
+async def test_lease_expiry_removes_the_entry_and_enforced_turns_false() -> None:
+    handover, fake = make(cnp())
+    feed(handover, ["a", "b"])
+    await flush_all(handover)
+    handover._report_deleted(keyspace.report_key(UID, "b"))
+    await flush_all(handover)
+    assert set(fake.body["status"]["nodes"]) == {"a"}
+    enforced = next(c for c in fake.body["status"]["conditions"] if c["type"] == "Enforced")
+    assert enforced["status"] == "False" and "b (no report)" in enforced["message"]
+
+
+async def test_deleted_node_object_removes_the_entry() -> None:
+    nodes = {"a", "b"}
+    handover, fake = make(cnp(), node_names=lambda: nodes)
+    handover._refresh_nodes(force=True)
+    feed(handover, ["a", "b"])
+    await flush_all(handover)
+    nodes.discard("b")
+    handover._refresh_nodes(force=True)
+    await flush_all(handover)
+    assert set(fake.body["status"]["nodes"]) == {"a"}
+    assert fake.body["status"]["enforcement"] == "1/1 nodes"
+
+
+async def test_revision_floor_is_learned_from_intent_changes() -> None:
+    handover, fake = make(cnp())
+    feed(handover, ["a"], revision=5)
+    handover.intent_mirror.synced.set()  # from now on changes are live
+    # generation 2 reaches node a in intent revision 7; the node still reports generation 1
+    fake.body["metadata"]["generation"] = 2
+    handover.observe_policy(json.loads(json.dumps(fake.body)) | {"metadata": {
+        **fake.body["metadata"], "resourceVersion": "11"}})
+    handover._intent_put(keyspace.node_intent_key("a"), intent("a", 7, gen=2))
+    assert handover.expected[UID]["a"] == enforcement.Expectation(2, 7)
+    await flush_all(handover)
+    assert fake.body["status"]["enforcement"] == "0/1 nodes"
+    handover._report_put(keyspace.report_key(UID, "a"), report("a", gen=2, rev=7).to_wire())
+    await flush_all(handover)
+    assert fake.body["status"]["enforcement"] == "1/1 nodes"
+
+
+async def test_stale_watch_event_does_not_regress_the_view() -> None:
+    handover, fake = make(cnp())
+    feed(handover, ["a"])
+    await flush_all(handover)
+    handover.observe_policy(cnp())  # resourceVersion 10 < 11 written
+    await flush_all(handover)
+    assert len(fake.patches) == 1
+
+
+async def test_direct_writer_once_per_change() -> None:
+    fake = FakeCustom(cnp())
+    writer = DirectStatusWriter(None, "a")  # type: ignore[arg-type]
+    writer.custom = fake  # type: ignore[assignment]
+    assert await writer.write(report("a"))
+    assert not await writer.write(report("a", at="2025-01-01T00:09:00Z"))  # lastUpdated only
+    assert await writer.write(report("a", rev=6))
+    assert fake.body["status"]["nodes"]["a"]["localPolicyRevision"] == 6
+    assert await writer.remove(report("a"))
+    assert fake.body["status"]["nodes"] == {}
+    assert writer.writes == 3
