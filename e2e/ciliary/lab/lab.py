@@ -63,8 +63,10 @@ class Lab:
             return {}
 
     def node_names(self) -> list[str]:
-        count = int(str(self.config().get("nodes", 0)))
-        return [node_name(i) for i in range(1, count + 1)]
+        config = self.config()
+        count = int(str(config.get("nodes", 0)))
+        removed = config.get("removed") or []
+        return [node_name(i) for i in range(1, count + 1) if node_name(i) not in removed]
 
     def bin(self, name: str) -> str:
         local = Path(sys.executable).parent / name
@@ -83,7 +85,7 @@ class Lab:
                            + " — run `make setup` first")
         t0 = time.monotonic()
         say = print if log else (lambda *a, **k: None)
-        nodes = max(nodes, len(self.node_names()))
+        nodes = max(nodes, int(str(self.config().get("nodes", 0))))
         ports = self.ports()
         controlplane.save_config(self.layout, ports, nodes)
         say(f"lab: control plane (etcd {ports.etcd_endpoint}, kube-apiserver {ports.apiserver_url})")
@@ -212,6 +214,34 @@ class Lab:
                         raise processes.ProcessStartError(proc, self.layout.log_dir / f"{proc}.log")
             time.sleep(0.5)
         raise LabError(f"nodes not Ready after {seconds:.0f} s; see {self.layout.log_dir}")
+
+    def remove_node(self, node: str, *, log: bool = True) -> None:
+        """Take one node out of the lab: its processes, pods, namespace and Node object.
+
+        ``lab up`` brings every node back.
+        """
+        say = print if log else (lambda *a, **k: None)
+        if node not in self.node_names():
+            raise LabError(f"{node} is not a node of this lab (nodes: {', '.join(self.node_names()) or 'none'})")
+        for name in (f"runtime-{node}", f"agent-{node}"):
+            if processes.stop(self.layout, name):
+                say(f"lab: stopped {name}")
+        cgroups.remove_tree(cgroups.lab_root(self.layout.cgroup_name) / node)
+        pods_dir = self.layout.node_dir(node) / "pods"
+        for record in pods_dir.glob("*.json") if pods_dir.exists() else []:
+            try:
+                netns = json.loads(record.read_text())["netns"]
+            except (OSError, ValueError, KeyError):
+                continue
+            topology.ip("netns", "del", netns, check=False)
+        topology.remove_node(self.layout, node)
+        shutil.rmtree(self.layout.node_dir(node), ignore_errors=True)
+        shutil.rmtree(self.layout.bpffs_dir / node, ignore_errors=True)
+        self.kubectl("delete", "node", node, "--ignore-not-found", "--wait=false")
+        config = self.config()
+        config["removed"] = sorted({*(config.get("removed") or []), node})  # type: ignore[misc]
+        self.layout.config_file.write_text(json.dumps(config))
+        say(f"lab: removed {node}")
 
     # --- down --------------------------------------------------------------
     def down(self, *, log: bool = True) -> None:

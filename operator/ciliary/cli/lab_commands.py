@@ -31,6 +31,12 @@ def register(sub: Any) -> None:
                                        "cgroups, bpffs pins and state. Works after a crashed `lab up`.")
     down.set_defaults(func=_down)
 
+    rm = cmds.add_parser("remove-node", help="take one node out of the lab (`lab up` brings it back)",
+                         description="Stop a node's agent and pod runtime, remove its pods' and its own network "
+                                     "namespaces, and delete its Node object, as if the machine left the cluster.")
+    rm.add_argument("node", help="node name, e.g. node-2")
+    rm.set_defaults(func=_remove_node)
+
     status = cmds.add_parser("status", help="show nodes, pods and lab processes with their memory",
                              description="Show the lab's processes (pid, RSS), nodes and pods.")
     status.set_defaults(func=_status)
@@ -60,6 +66,10 @@ def _run(fn: Any) -> int:
 
 def _up(args: argparse.Namespace) -> int:
     return _run(lambda: Lab.from_env().up(args.nodes) and 0)
+
+
+def _remove_node(args: argparse.Namespace) -> int:
+    return _run(lambda: Lab.from_env().remove_node(args.node))
 
 
 def _down(args: argparse.Namespace) -> int:

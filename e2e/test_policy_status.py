@@ -1,0 +1,125 @@
+"""Per-node policy status in the lab: status.nodes, Enforced, Valid, departed and dead nodes.
+
+A lab of its own (3 nodes), because this file removes a node and kills an agent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ciliary.lab import processes, sessions
+from ciliary.lab.lab import Lab
+from ciliary.lab.layout import Binaries
+from lab_harness import LabHandle
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[1]
+
+PODS = """
+apiVersion: v1
+kind: Pod
+metadata: {name: deathstar-1, labels: {org: empire, class: deathstar}}
+spec: {nodeName: node-1, containers: [{name: c, image: lab, ports: [{containerPort: 80}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: deathstar-2, labels: {org: empire, class: deathstar}}
+spec: {nodeName: node-2, containers: [{name: c, image: lab, ports: [{containerPort: 80}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: xwing, labels: {org: alliance, class: xwing}}
+spec: {nodeName: node-3, containers: [{name: c, image: lab}]}
+"""
+
+RULE1 = (ROOT / "crds" / "examples" / "starwars-rule1.yaml").read_text()
+INVALID = (ROOT / "crds" / "invalid" / "l7-on-udp.yaml").read_text()
+
+
+@pytest.fixture(scope="module")
+def lab3() -> Iterator[LabHandle]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    sessions.reap_stale(ROOT, "status", "s")
+    handle = LabHandle(Lab(sessions.session_layout(ROOT, "status", "s"), Binaries.discover()))
+    try:
+        handle.lab.up(3, log=False)
+        handle.apply(PODS)
+        for name in ("deathstar-1", "deathstar-2", "xwing"):
+            handle.wait_running(name)
+        yield handle
+    finally:
+        handle.lab.down(log=False)
+
+
+def status(lab: LabHandle, name: str) -> dict:
+    out = lab.kubectl("get", "cnp", name, "-o", "json", check=False)
+    return json.loads(out.stdout).get("status", {}) if out.returncode == 0 else {}
+
+
+def condition(st: dict, kind: str) -> dict:
+    return next((c for c in st.get("conditions", []) if c["type"] == kind), {})
+
+
+def wait_status(lab: LabHandle, name: str, predicate, seconds: float, what: str) -> dict:
+    deadline = time.monotonic() + seconds
+    st: dict = {}
+    while time.monotonic() < deadline:
+        st = status(lab, name)
+        if predicate(st):
+            return st
+        time.sleep(0.5)
+    pytest.fail(f"{what} not reached within {seconds} s; status: {json.dumps(st, indent=1)}")
+
+
+def test_rule1_is_enforced_on_each_node_hosting_a_deathstar(lab3):
+    lab3.apply(RULE1)
+    done = lab3.kubectl("wait", "--for=condition=Enforced", "--timeout=60s", "cnp/rule1", check=False)
+    assert done.returncode == 0, done.stderr
+    st = status(lab3, "rule1")
+    assert set(st["nodes"]) == {"node-1", "node-2"}, "node-3 hosts no selected endpoint"
+    for node, entry in st["nodes"].items():
+        assert entry["ok"] and entry["enforcing"], (node, entry)
+        assert entry["localPolicyRevision"] >= 1 and "error" not in entry
+    assert st["enforcement"] == "2/2 nodes"
+    assert condition(st, "Valid")["status"] == "True"
+    assert condition(st, "Enforced")["observedGeneration"] == 1
+    printed = lab3.kubectl("get", "cnp", "rule1").stdout
+    assert "True" in printed and "2/2 nodes" in printed
+
+
+def test_invalid_policy_shows_its_error(lab3):
+    lab3.apply(INVALID)
+    st = wait_status(lab3, "l7-on-udp", lambda s: condition(s, "Valid").get("status") == "False", 30, "Valid=False")
+    assert "http rules need protocol TCP, not UDP" in condition(st, "Valid")["message"]
+    assert condition(st, "Enforced").get("status") != "True"
+    lab3.kubectl("delete", "cnp", "l7-on-udp")
+
+
+def test_agent_killed_and_not_restarted_turns_its_entry_stale(lab3):
+    layout = lab3.lab.layout
+    pid = processes.running_pid(layout, "agent-node-2")
+    assert pid is not None
+    os.kill(pid, 9)
+    ttl = 10
+    t0 = time.monotonic()
+    st = wait_status(lab3, "rule1", lambda s: "node-2" not in s.get("nodes", {}), ttl + 20,
+                     "node-2's entry removed after its lease expired")
+    assert time.monotonic() - t0 < ttl + 20
+    assert condition(st, "Enforced")["status"] == "False"
+    assert "node-2" in condition(st, "Enforced")["message"]
+    assert st["enforcement"] == "1/2 nodes"
+
+
+def test_removed_node_disappears_from_status(lab3):
+    lab3.lab.remove_node("node-2", log=False)
+    st = wait_status(lab3, "rule1", lambda s: condition(s, "Enforced").get("status") == "True", 60,
+                     "Enforced again once node-2 left the cluster")
+    assert set(st["nodes"]) == {"node-1"}
+    assert st["enforcement"] == "1/1 nodes"
