@@ -123,3 +123,25 @@ def test_removed_node_disappears_from_status(lab3):
                      "Enforced again once node-2 left the cluster")
     assert set(st["nodes"]) == {"node-1"}
     assert st["enforcement"] == "1/1 nodes"
+
+
+def test_direct_mode_agents_write_status_nodes(monkeypatch):
+    """--no-enable-k8s-event-handover: each agent patches .status.nodes itself; Enforced still works."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    monkeypatch.setenv("CILIARY_LAB_STATUS_MODE", "direct")
+    sessions.reap_stale(ROOT, "direct", "r")
+    handle = LabHandle(Lab(sessions.session_layout(ROOT, "direct", "r"), Binaries.discover()))
+    try:
+        handle.lab.up(2, log=False)
+        handle.apply(PODS.split("---")[0] + "---" + PODS.split("---")[1])
+        handle.wait_running("deathstar-1")
+        handle.wait_running("deathstar-2")
+        handle.apply(RULE1)
+        st = wait_status(handle, "rule1", lambda s: set(s.get("nodes", {})) == {"node-1", "node-2"}
+                         and condition(s, "Enforced").get("status") == "True", 60, "direct-mode status")
+        assert all(e["enforcing"] for e in st["nodes"].values())
+        ps = processes.running_pid(handle.lab.layout, "agent-node-1")
+        assert ps is not None and b"--direct-status" in Path(f"/proc/{ps}/cmdline").read_bytes()
+    finally:
+        handle.lab.down(log=False)

@@ -175,6 +175,8 @@ class Lab:
                 self.bin("ciliary-agent"), "--node", node, "--etcd-endpoints", ports.etcd_endpoint,
                 "--socket", str(self.layout.agent_socket(node)), "--state-dir", str(state / "agent"),
                 "--health-addr", f"127.0.0.1:{health}",
+                *(["--direct-status", "on", "--kubeconfig", str(self.layout.state_dir / "runtime.kubeconfig")]
+                  if self.direct_status() else []),
             ], env={**self.child_env(), "CILIARY_AGENT_NETNS": self.layout.node_netns(node),
                     "CILIARY_AGENT_BPFFS_DIR": str(self.layout.bpffs_dir / node)})
         runtime = f"runtime-{node}"
@@ -195,8 +197,13 @@ class Lab:
         if processes.running_pid(self.layout, "operator") or importlib.util.find_spec("ciliary.operator.main") is None:
             return
         processes.spawn(self.layout, "operator", [operator, "--kubeconfig", str(self.layout.kubeconfig),
-                                                  "--etcd-endpoints", ports.etcd_endpoint],
+                                                  "--etcd-endpoints", ports.etcd_endpoint,
+                                                  *(["--no-enable-k8s-event-handover"] if self.direct_status() else [])],
                         env=self.child_env())
+
+    def direct_status(self) -> bool:
+        """CILIARY_LAB_STATUS_MODE=direct: agents patch policy status themselves (no handover)."""
+        return os.environ.get("CILIARY_LAB_STATUS_MODE", "handover") == "direct"
 
     def wait_ready(self, names: Sequence[str], *, seconds: float) -> None:
         deadline = time.monotonic() + seconds

@@ -26,10 +26,12 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from aiohttp import web
 
 from ciliary.nodeagent import (
+    direct_status,
     endpoint_api,
     endpoints,
     enforcing,
@@ -41,7 +43,7 @@ from ciliary.nodeagent import (
     settings,
     watching,
 )
-from ciliary.operator import intents
+from ciliary.operator import intents, kubeapi
 
 log = logging.getLogger("ciliary.nodeagent.main")  # not __name__: "__main__" under python -m
 
@@ -61,6 +63,7 @@ class Agent:
         self.watcher: watching.IntentWatcher | None = None
         self.reporter: reporting.Reporter | None = None
         self._indexed: object = None
+        self._api: Any = None  # kubernetes_asyncio client, direct status mode only
         if config.datapath:
             self.datapath = (datapath_factory or make_datapath)(config)
             self.enforcer = enforcing.Enforcer(node=config.node_name, datapath=self.datapath,
@@ -149,6 +152,9 @@ class Agent:
                 self.config.health_host, self.config.health_port, routes=[flowapi.add_routes(self.flows), self._routes],
             ))
             reg_task = asyncio.create_task(self.registration.run(self.stop), name="registration")
+            if self.config.direct_status and self.reporter is not None:
+                self._api = await kubeapi.api_client(self.config.kubeconfig or None)
+                self.reporter.direct = direct_status.DirectStatusWriter(self._api, self.config.node_name)
             if self.enforcer is not None and self.watcher is not None and self.reporter is not None:
                 tasks = [asyncio.create_task(self.enforcer.run(self.stop), name="enforcer"),
                          asyncio.create_task(self.watcher.run(self.stop), name="watcher"),
@@ -167,6 +173,8 @@ class Agent:
         finally:
             log.info("Agent stopping", extra={"node": self.config.node_name})
             self.stop.set()
+            if self._api is not None:
+                await self._api.close()
             for task in [t for t in (reg_task, *tasks) if t is not None]:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(asyncio.shield(task), 5)

@@ -26,6 +26,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import aetcd
+import aiohttp
+from kubernetes_asyncio.client.rest import ApiException
 
 from ciliary.nodeagent import enforcing
 from ciliary.operator import keyspace, reports
@@ -109,8 +111,11 @@ class Reporter:
     """Writes :func:`desired_reports` under the lease whenever they change."""
 
     def __init__(self, *, node: str, lease: Callable[[], Any], client: Callable[[], Any | None],
-                 outcome: Callable[[], enforcing.Outcome], now: Callable[[], str] = now_rfc3339) -> None:
+                 outcome: Callable[[], enforcing.Outcome], now: Callable[[], str] = now_rfc3339,
+                 direct: Any | None = None) -> None:
         self.node = node
+        self.direct = direct
+        """A ``direct_status.DirectStatusWriter`` in direct mode: policy status written by this agent too."""
         self._lease = lease
         self._client = client
         self._outcome = outcome
@@ -153,15 +158,27 @@ class Reporter:
             await asyncio.wait_for(client.put(key.encode(), report.to_wire(), lease=lease), 5)
             self.written[key] = report
             self.writes += 1
+            if self.direct is not None and isinstance(report, reports.PolicyReport):
+                await self._direct(self.direct.write, report)
         for key in deletes:
             await asyncio.wait_for(client.delete(key.encode()), 5)
-            self.written.pop(key, None)
+            gone = self.written.pop(key, None)
             self.deletes += 1
+            if self.direct is not None and isinstance(gone, reports.PolicyReport):
+                await self._direct(self.direct.remove, gone)
         if puts or deletes:
             log.info("Reports written", extra={"node": self.node, "puts": len(puts), "deletes": len(deletes),
                                                "lease": lease.id})
         self.written_lease = lease.id
         return True
+
+    async def _direct(self, call: Callable[[reports.PolicyReport], Any], report: reports.PolicyReport) -> None:
+        """Direct status is best effort: the etcd report stays the source of truth."""
+        try:
+            await call(report)
+        except (ApiException, aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("Direct status write failed", extra={"node": self.node, "policy": report.name,
+                                                             "error": repr(exc)})
 
     async def _adopt(self, client: Any, lease_id: int) -> None:
         """Learn what etcd holds for this node; keep only reports already under ``lease_id``."""

@@ -26,6 +26,8 @@ DEFAULTS: dict[str, str] = {
     "NETNS": "",  # empty: the agent's own network namespace
     "BPFFS_DIR": "/sys/fs/bpf",
     "DATAPATH": "auto",
+    "DIRECT_STATUS": "off",
+    "KUBECONFIG": "",  # empty: the in-cluster service account (direct status mode only)
 }
 
 
@@ -58,6 +60,9 @@ class AgentSettings(pydantic.BaseModel):
     bpffs_dir: Path = pydantic.Field(default=Path("/sys/fs/bpf"),
                                      description="Root of the agent's pins: <bpffs-dir>/ciliary/<node>/.")
     datapath: bool = pydantic.Field(default=False, description="Load the eBPF datapath and enforce intents.")
+    direct_status: bool = pydantic.Field(
+        default=False, description="Patch .status.nodes of policies directly (operator runs without handover).")
+    kubeconfig: str = pydantic.Field(default="", description="kubeconfig for direct status; empty: in-cluster.")
 
     @property
     def health_addr(self) -> str:
@@ -120,6 +125,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--datapath", default=default("DATAPATH"), choices=["auto", "on", "off"],
                         help=f"enforce intents with the eBPF datapath; auto: on when --netns is set "
                              f"[env {ENV_PREFIX}DATAPATH]")
+    parser.add_argument("--direct-status", default=default("DIRECT_STATUS"), choices=["on", "off"],
+                        help=f"write each policy's .status.nodes.<node> directly (for an operator running "
+                             f"--no-enable-k8s-event-handover) [env {ENV_PREFIX}DIRECT_STATUS]")
+    parser.add_argument("--kubeconfig", default=default("KUBECONFIG"), metavar="PATH",
+                        help=f"kubeconfig for --direct-status (default: in-cluster) [env {ENV_PREFIX}KUBECONFIG]")
     parser.add_argument("--log-level", default=default("LOG_LEVEL"), metavar="LEVEL",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"],
                         help=f"log level [env {ENV_PREFIX}LOG_LEVEL]")
@@ -144,6 +154,8 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Age
             netns=ns.netns,
             bpffs_dir=Path(ns.bpffs_dir),
             datapath=ns.datapath == "on" or (ns.datapath == "auto" and bool(ns.netns)),
+            direct_status=ns.direct_status == "on",
+            kubeconfig=ns.kubeconfig,
         )
     except (ValueError, pydantic.ValidationError) as exc:
         parser.error(str(exc))
