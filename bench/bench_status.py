@@ -119,11 +119,11 @@ class AgentFleet:
         import aetcd
 
         from ciliary.nodeagent.direct_status import DirectStatusWriter
-        from ciliary.operator.etcdclient import EtcdEndpoint
+        from ciliary.operator.etcdclient import GRPC_OPTIONS, EtcdEndpoint
 
         ep = EtcdEndpoint.parse(self.etcd)
         for i in range(0, len(nodes), AGENTS_PER_CLIENT):
-            client = aetcd.Client(host=ep.host, port=ep.port, timeout=30)
+            client = aetcd.Client(host=ep.host, port=ep.port, timeout=30, options=dict(GRPC_OPTIONS))
             self.clients.append(client)
             for node in nodes[i:i + AGENTS_PER_CLIENT]:
                 if self.direct:

@@ -25,6 +25,7 @@ import aetcd
 
 from ciliary.nodeagent.settings import AgentSettings, EtcdEndpoint
 from ciliary.operator import keyspace
+from ciliary.operator.etcdclient import GRPC_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def agent_version() -> str:
 
 
 def make_client(endpoint: EtcdEndpoint, timeout: float) -> aetcd.Client:
-    return aetcd.Client(host=endpoint.host, port=endpoint.port, timeout=timeout)
+    return aetcd.Client(host=endpoint.host, port=endpoint.port, timeout=timeout, options=dict(GRPC_OPTIONS))
 
 
 class NodeRegistration:

@@ -18,6 +18,14 @@ import aetcd
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+GRPC_OPTIONS = {
+    # gRPC's default 4 MiB receive limit is far below a 1,000-node cluster's reports or intents
+    # listed at once (tens of MB); etcd itself limits a request to its --max-request-bytes
+    "grpc.max_receive_message_length": 512 * 1024 * 1024,
+    "grpc.max_send_message_length": 64 * 1024 * 1024,
+}
+"""Channel options every Ciliary etcd client uses."""
+
 RETRYABLE: tuple[type[BaseException], ...] = (aetcd.ConnectionFailedError, aetcd.ConnectionTimeoutError)
 
 
@@ -61,7 +69,8 @@ class EtcdStore:
     @property
     def client(self) -> aetcd.Client:
         if self._client is None:
-            self._client = aetcd.Client(host=self.endpoint.host, port=self.endpoint.port, timeout=self.timeout)
+            self._client = aetcd.Client(host=self.endpoint.host, port=self.endpoint.port, timeout=self.timeout,
+                                        options=dict(GRPC_OPTIONS))
         return self._client
 
     async def call(self, make: Callable[[aetcd.Client], Awaitable[T]]) -> T:
