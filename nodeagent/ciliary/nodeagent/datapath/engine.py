@@ -284,6 +284,8 @@ class Datapath:
         )
         log.info("Applied node intent", extra={"node": self.node, "revision": intent.revision,
                                                "map_writes": result.map_writes})
+        if the_plan.attach or the_plan.detach:
+            compiling.release_freed_heap()  # netlink work for many veths leaves freed heap behind
         if failures:
             first = failures[0]
             raise errors.AttachFailed(first.ifname, first.hook, first.message, tuple(failures[1:]))

@@ -79,6 +79,10 @@ def decode(raw: bytes, *, mono_to_wall: float | None = None) -> FlowEvent:
     )
 
 
+BATCH = 1024
+"""Events handed to the consumer at once, also while the ring buffer is still being drained."""
+
+
 class FlowReader:
     """Reads cy_events through one bcc BPF object whose tables are the pinned maps."""
 
@@ -91,6 +95,7 @@ class FlowReader:
         """Events decoded while the local deque was full (oldest discarded)."""
         self._offset = time.time() - time.monotonic()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_batch: Callable[[list[FlowEvent]], None] | None = None
         bpf["cy_events"].open_ring_buffer(self._on_event)
 
     def _on_event(self, _ctx: Any, data: Any, size: int) -> int:
@@ -102,6 +107,9 @@ class FlowReader:
             if len(self.events) == self.events.maxlen:
                 self.dropped_by_reader += 1
             self.events.append(event)
+            if self._on_batch is not None and len(self.events) >= BATCH:
+                # a busy ring never lets consume() return: hand over from inside it
+                self._on_batch(self.drain())
         return 0
 
     def poll(self, timeout_ms: int = 0) -> list[FlowEvent]:
@@ -127,6 +135,8 @@ class FlowReader:
         if on_batch is None:
             loop.add_reader(self.fileno(), self._bpf.ring_buffer_consume)
         else:
+            self._on_batch = on_batch
+
             def consume() -> None:
                 self._bpf.ring_buffer_consume()
                 if self.events:
