@@ -276,7 +276,7 @@ class Lab:
         return [f"export KUBECONFIG={self.layout.kubeconfig}",
                 f"export ETCDCTL_ENDPOINTS={ports.etcd_endpoint.removeprefix('http://')}",
                 f"export LAB_WORLD_IP={WORLD_IP}",
-                f"export PATH={self.bins.kubectl.parent}:{self.bins.etcdctl.parent}:$PATH"]
+                f"export PATH={Path(sys.executable).parent}:{self.bins.kubectl.parent}:{self.bins.etcdctl.parent}:$PATH"]
 
     def status(self) -> str:
         lines = [f"lab {self.layout.prefix} in {self.layout.state_dir}"]
