@@ -23,7 +23,7 @@ from typing import Any
 import kopf
 from kubernetes_asyncio.client.rest import ApiException
 
-from ciliary.operator import handlers, kubeapi
+from ciliary.operator import handlers, kubeapi, leadership
 from ciliary.operator.cluster_model import ClusterModel
 from ciliary.operator.etcdclient import EtcdEndpoint, EtcdStore
 from ciliary.operator.handover import StatusHandover
@@ -54,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status-interval", type=float,
                    default=float(env("CILIARY_OPERATOR_STATUS_INTERVAL", "1")),
                    help="at most one status write per policy per this many seconds (default 1)")
+    p.add_argument("--leader-election", action=argparse.BooleanOptionalAction,
+                   default=_env_bool("CILIARY_OPERATOR_LEADER_ELECTION", False),
+                   help="run as one of several replicas: only the elected leader (an etcd key bound to its "
+                        "lease) works, the others wait to take over")
+    p.add_argument("--leader-key", default=env("CILIARY_OPERATOR_LEADER_KEY", leadership.DEFAULT_KEY),
+                   help=f"etcd key of the election (default {leadership.DEFAULT_KEY})")
+    p.add_argument("--leader-id", default=env("CILIARY_OPERATOR_LEADER_ID", ""),
+                   help="this replica's name in the election (default: host name and pid)")
+    p.add_argument("--leader-lease-ttl", type=int, default=int(env("CILIARY_OPERATOR_LEADER_LEASE_TTL", "15")),
+                   help="seconds after which a silent leader loses the election (default 15)")
     p.add_argument("--log-level", default=env("CILIARY_OPERATOR_LOG_LEVEL", "INFO"), help="log level")
     return p
 
@@ -69,6 +79,13 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
     store = EtcdStore(EtcdEndpoint.parse(args.etcd_endpoints.split(",")[0]))
+    leader: leadership.Leadership | None = None
+    if args.leader_election:
+        leader = leadership.Leadership(store, key=args.leader_key, identity=args.leader_id,
+                                       ttl=args.leader_lease_ttl)
+        if not await leader.acquire(stop):
+            await store.close()
+            return
     allocator = EtcdIdentityAllocator(store, grace_seconds=args.identity_gc_grace)
     publisher = IntentPublisher(store)
     await allocator.load()
@@ -97,6 +114,13 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
         asyncio.create_task(reconciler.run(listed), name="reconciler"),
         asyncio.create_task(handover.run(), name="handover"),
     ]
+    if leader is not None:
+        async def stop_when_lost(lost: asyncio.Event) -> None:
+            await lost.wait()
+            stop.set()  # another replica may lead now: stop acting at once
+
+        tasks += [asyncio.create_task(leader.keep(stop), name="leadership"),
+                  asyncio.create_task(stop_when_lost(leader.lost), name="leadership-lost")]
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
     for task in tasks:
@@ -104,6 +128,11 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
             task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await api.close()
+    if leader is not None:
+        if leader.lost.is_set():
+            await store.close()
+            raise leadership.LeadershipLostError(leader.identity)
+        await leader.release()
     await store.close()
     for task in done:
         if task is not stopper and not task.cancelled() and task.exception():
@@ -138,7 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
         await run(args, stop)
 
-    asyncio.run(amain())
+    try:
+        asyncio.run(amain())
+    except leadership.LeadershipLostError as exc:
+        log.error("%s", exc)
+        return 1
     return 0
 
 
