@@ -65,8 +65,9 @@ class Lab:
     def node_names(self) -> list[str]:
         config = self.config()
         count = int(str(config.get("nodes", 0)))
-        removed = config.get("removed") or []
-        return [node_name(i) for i in range(1, count + 1) if node_name(i) not in removed]
+        removed = config.get("removed")
+        gone = set(removed) if isinstance(removed, list) else set()
+        return [node_name(i) for i in range(1, count + 1) if node_name(i) not in gone]
 
     def bin(self, name: str) -> str:
         local = Path(sys.executable).parent / name
@@ -246,7 +247,8 @@ class Lab:
         shutil.rmtree(self.layout.bpffs_dir / node, ignore_errors=True)
         self.kubectl("delete", "node", node, "--ignore-not-found", "--wait=false")
         config = self.config()
-        config["removed"] = sorted({*(config.get("removed") or []), node})  # type: ignore[misc]
+        before = config.get("removed")
+        config["removed"] = sorted({*(before if isinstance(before, list) else []), node})
         self.layout.config_file.write_text(json.dumps(config))
         say(f"lab: removed {node}")
 
