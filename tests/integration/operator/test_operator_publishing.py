@@ -107,9 +107,12 @@ def test_invalid_policy_is_refused_and_changes_nothing(kube, cluster, operator):
     cond = wait_for(lambda: _condition(kube, "http-on-udp", "Valid"), 30, "Valid condition", operator)
     assert cond["status"] == "False"
     assert "TCP" in cond["message"] and "UDP" in cond["message"]
-    events = json.loads(kube.kubectl("get", "events", "-n", NS, "-o", "json", "--field-selector",
-                                     "involvedObject.name=http-on-udp", check=True).stdout)["items"]
-    assert any(e["reason"] == "PolicyInvalid" for e in events)
+    def invalid_event():  # kopf posts events from a queue: it may land just after the status
+        events = json.loads(kube.kubectl("get", "events", "-n", NS, "-o", "json", "--field-selector",
+                                         "involvedObject.name=http-on-udp", check=True).stdout)["items"]
+        return any(e["reason"] == "PolicyInvalid" for e in events)
+
+    wait_for(invalid_event, 20, "a PolicyInvalid event", operator)
     assert {n: v[0] for n, v in intent_keys(kube).items()} == {n: v[0] for n, v in before.items()}
     kube.kubectl("delete", "cnp", "http-on-udp", "-n", NS, check=True)
 
