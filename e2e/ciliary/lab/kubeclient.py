@@ -1,16 +1,13 @@
-"""A kubernetes_asyncio client for the lab's own processes, plus Event posting."""
+"""Event posting and timestamps for the lab's own processes (clients come from ``ciliary.operator.kubeapi``)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-from pathlib import Path
 from typing import Any
 
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.rest import ApiException
-
-from ciliary.operator import kubeapi
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +19,6 @@ def now() -> str:
 def now_micro() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
-
-async def api_client(kubeconfig: Path) -> client.ApiClient:
-    return await kubeapi.api_client(kubeconfig)
 
 
 async def post_event(

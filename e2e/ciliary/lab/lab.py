@@ -91,7 +91,7 @@ class Lab:
         controlplane.save_config(self.layout, ports, nodes)
         say(f"lab: control plane (etcd {ports.etcd_endpoint}, kube-apiserver {ports.apiserver_url})")
         controlplane.start(self.layout, self.bins, ports)
-        self.install_crds(say)
+        self.install_crds()
         names = self.node_names()
         self.create_nodes(names)
         say(f"lab: network (underlay 192.0.2.0/24, {len(names)} nodes, world host {WORLD_IP})")
@@ -126,7 +126,7 @@ class Lab:
                 return base / "crds"
         return None
 
-    def install_crds(self, say: object = None) -> None:
+    def install_crds(self) -> None:
         """Apply crds/*.yaml (server-side: the schemas exceed the client-side annotation limit) and wait."""
         crds = self.crds_dir()
         files = sorted(crds.glob("*.yaml")) if crds else []

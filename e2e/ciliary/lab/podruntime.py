@@ -23,8 +23,9 @@ from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.rest import ApiException
 
 from ciliary.lab import sandboxes
-from ciliary.lab.kubeclient import api_client, now, now_micro, post_event
+from ciliary.lab.kubeclient import now, now_micro, post_event
 from ciliary.lab.layout import LabLayout, node_index, node_ip
+from ciliary.operator import kubeapi
 
 log = logging.getLogger("ciliary.lab.podruntime")
 COMPONENT = "ciliary-lab-runtime"
@@ -222,7 +223,7 @@ class PodRuntime:
 
 
 async def amain(node: str, layout: LabLayout) -> None:
-    api = await api_client(layout.state_dir / "runtime.kubeconfig")
+    api = await kubeapi.api_client(layout.state_dir / "runtime.kubeconfig")
     core = client.CoreV1Api(api)
     node_obj = await core.read_node(node)
     cni_bin = Path(sys.executable).parent / "ciliary-cni"

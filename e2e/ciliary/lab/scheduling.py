@@ -18,8 +18,9 @@ from typing import Any
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.rest import ApiException
 
-from ciliary.lab.kubeclient import api_client, post_event
+from ciliary.lab.kubeclient import post_event
 from ciliary.lab.layout import LabLayout
+from ciliary.operator import kubeapi
 
 log = logging.getLogger("ciliary.lab.scheduling")
 COMPONENT = "ciliary-lab-scheduler"
@@ -106,7 +107,7 @@ class Scheduler:
 
 
 async def amain(layout: LabLayout) -> None:
-    api = await api_client(layout.state_dir / "runtime.kubeconfig")
+    api = await kubeapi.api_client(layout.state_dir / "runtime.kubeconfig")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -7,7 +7,6 @@ running API server (namespace handling is the fixture's business).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,24 +37,8 @@ def _run(kube: Any, *args: str) -> Any:
 
 @pytest.fixture
 def crds(kube: Any) -> Any:
-    for crd in CRDS:
-        done = _run(kube, "apply", "--server-side", "--force-conflicts", "-f", str(crd))
-        assert done.returncode == 0, done.stderr
-    for _ in range(30):
-        # Right after creation a CRD may have no status yet, and kubectl wait then fails at once.
-        done = _run(
-            kube,
-            "wait",
-            "--for",
-            "condition=Established",
-            "--timeout=60s",
-            "crd/ciliumnetworkpolicies.cilium.io",
-            "crd/ciliumclusterwidenetworkpolicies.cilium.io",
-        )
-        if done.returncode == 0:
-            return kube
-        time.sleep(1)
-    pytest.fail(f"CRDs not established: {done.stderr}")
+    kube.lab.install_crds()  # server-side apply, then wait until both CRDs are Established
+    return kube
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
