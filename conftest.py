@@ -18,3 +18,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("integration") or item.get_closest_marker("e2e"):
             item.add_marker(skip)
+
+# Property tests explore the same examples on every run (reproducible CI); run
+# `pytest --hypothesis-seed=random`-style exploration locally with HYPOTHESIS_PROFILE=explore.
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("ci", derandomize=True, database=None)
+_hypothesis_settings.register_profile("explore")
+_hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
