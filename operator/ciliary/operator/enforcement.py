@@ -23,6 +23,10 @@ Decisions (also in the operator's docs):
   (``InvalidPolicy``): the previous version may be in force, the current one
   is not.
 - ``status.enforcement`` is ``"N/M nodes"``: expected nodes enforcing / expected nodes.
+- The handover is the only writer of ``.status.conditions``: the ``Valid``
+  condition (from the policy handlers' validation) travels in the same patch as
+  ``Enforced``, so a policy edit costs one write for both and no writer can
+  overwrite the other's condition (no resourceVersion precondition is needed).
 """
 
 from __future__ import annotations
@@ -75,10 +79,7 @@ class PolicyView:
     @property
     def invalid(self) -> bool:
         """The Valid condition refuses the current generation."""
-        cond = policy_status.current_condition({"status": self.status}, "Valid")
-        if cond is None:
-            return False
-        return cond.get("status") == "False" and int(cond.get("observedGeneration") or 0) == self.generation
+        return refuses_current(policy_status.current_condition({"status": self.status}, "Valid"), self.generation)
 
     def where(self) -> str:
         return f"{self.namespace}/{self.name}" if self.namespace else self.name
@@ -92,6 +93,8 @@ class DesiredStatus:
     enforcement: str
     nodes: dict[str, dict[str, Any]] | None
     """None: node entries are not ours to write (direct mode)."""
+    valid: dict[str, Any] | None = None
+    """The ``Valid`` condition the policy handlers computed (without lastTransitionTime); None: not known yet."""
 
 
 def node_problem(report: PolicyReport | None, expected: Expectation, generation: int) -> str | None:
@@ -122,15 +125,22 @@ def _name_nodes(problems: Iterable[tuple[str, str]]) -> str:
     return named + (f" and {more} more" if more > 0 else "")
 
 
+def refuses_current(valid: Mapping[str, Any] | None, generation: int) -> bool:
+    """The ``Valid`` condition ``valid`` refuses ``generation``."""
+    return valid is not None and valid.get("status") == "False" and \
+        int(valid.get("observedGeneration") or 0) == generation
+
+
 def enforced_condition(policy: PolicyView, expected: Mapping[str, Expectation],
                        reports: Mapping[str, PolicyReport], *, present: Collection[str] | None = None,
-                       resolved_generation: int | None = None,
-                       resolution_known: bool = False) -> tuple[dict[str, Any], str]:
+                       resolved_generation: int | None = None, resolution_known: bool = False,
+                       valid: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], str]:
     """The ``Enforced`` condition (without lastTransitionTime) and the ``N/M nodes`` summary.
 
     ``resolution_known``: the caller knows which generation the operator resolved
     (``resolved_generation``; None then means "not resolved"); otherwise the
-    published intents are taken as current.
+    published intents are taken as current. ``valid``: the Valid condition about
+    to be written (None: the one the object shows decides).
     """
     gen = policy.generation
     targets = {n: e for n, e in expected.items() if present is None or n in present}
@@ -142,7 +152,7 @@ def enforced_condition(policy: PolicyView, expected: Mapping[str, Expectation],
         return {"type": ENFORCED, "status": "True" if status else "False", "reason": reason,
                 "message": message, "observedGeneration": gen}
 
-    if policy.invalid:
+    if (refuses_current(valid, gen) if valid is not None else policy.invalid):
         return cond(False, "InvalidPolicy", f"Generation {gen} was refused (see the Valid condition); "
                                             "it is enforced nowhere"), summary
     if resolution_known and resolved_generation != gen:
@@ -157,12 +167,14 @@ def enforced_condition(policy: PolicyView, expected: Mapping[str, Expectation],
 
 def desired_status(policy: PolicyView, expected: Mapping[str, Expectation], reports: Mapping[str, PolicyReport],
                    *, present: Collection[str] | None = None, write_nodes: bool = True,
-                   resolved_generation: int | None = None, resolution_known: bool = False) -> DesiredStatus:
+                   resolved_generation: int | None = None, resolution_known: bool = False,
+                   valid: Mapping[str, Any] | None = None) -> DesiredStatus:
     enforced, summary = enforced_condition(policy, expected, reports, present=present,
                                            resolved_generation=resolved_generation,
-                                           resolution_known=resolution_known)
+                                           resolution_known=resolution_known, valid=valid)
     nodes = node_entries(reports, present) if write_nodes else None
-    return DesiredStatus(enforced=enforced, enforcement=summary, nodes=nodes)
+    return DesiredStatus(enforced=enforced, enforcement=summary, nodes=nodes,
+                         valid=dict(valid) if valid is not None else None)
 
 
 def _strip(value: Any, ignore: Collection[str]) -> Any:
@@ -228,10 +240,9 @@ def nodes_patch(current: Mapping[str, Any], desired: Mapping[str, Mapping[str, A
 def status_patch(policy: PolicyView, desired: DesiredStatus) -> dict[str, Any] | None:
     """The merge patch to send to the status subresource, or None when nothing worth a write changed.
 
-    Conditions are a list, which a merge patch replaces whole: a patch that
-    carries them also carries ``metadata.resourceVersion`` so that a concurrent
-    writer of another condition (Valid) makes it fail with 409 instead of being
-    overwritten.
+    Conditions are a list, which a merge patch replaces whole: the patch carries
+    every condition the object shows, with ``Enforced`` and ``Valid`` replaced
+    where they changed (the handover writes them all, so no precondition).
     """
     status = policy.status
     body: dict[str, Any] = {"status": status}
@@ -242,16 +253,18 @@ def status_patch(policy: PolicyView, desired: DesiredStatus) -> dict[str, Any] |
             out["nodes"] = nodes
     if status.get("enforcement") != desired.enforcement:
         out["enforcement"] = desired.enforcement
-    if policy_status.needs_write(body, desired.enforced):
-        out["conditions"] = policy_status.merged_conditions(body, desired.enforced)
+    wanted = [desired.enforced] if desired.valid is None else [desired.enforced, desired.valid]
+    merged = body
+    for condition in wanted:
+        if policy_status.needs_write(body, condition):
+            merged = {"status": {"conditions": policy_status.merged_conditions(merged, condition)}}
+    if merged is not body:
+        out["conditions"] = merged["status"]["conditions"]
     if status.get("observedGeneration") != policy.generation and out:
         out["observedGeneration"] = policy.generation
     if not out:
         return None
-    patch: dict[str, Any] = {"status": out}
-    if "conditions" in out and policy.resource_version:
-        patch["metadata"] = {"resourceVersion": policy.resource_version}
-    return patch
+    return {"status": out}
 
 
 class FlushSchedule:

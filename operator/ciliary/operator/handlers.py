@@ -3,7 +3,8 @@
 Every handler is a raw watch-event handler (``kopf.on.event``): it parses the body
 once, updates the in-memory ``ClusterModel`` and returns; nothing is persisted on
 the watched objects (no kopf annotations, no finalizers). Policy handlers also
-keep the ``Valid`` condition and post an Event when a policy is refused. An
+compute the ``Valid`` condition (the status handover writes it, with
+``Enforced``) and post an Event when a policy is refused. An
 invalid policy never changes enforcement: a new one is not added, and an edit
 that breaks an enforced policy leaves the last valid version in force.
 """
@@ -17,11 +18,9 @@ from typing import Any, Protocol
 
 import kopf
 from kubernetes_asyncio import client
-from kubernetes_asyncio.client.rest import ApiException
 
 from ciliary.operator import policy_status
 from ciliary.operator.api import (
-    PolicyError,
     PolicyInvalidError,
     PolicyParseError,
     PolicyProblem,
@@ -57,62 +56,39 @@ def ingest_policy(model: ClusterModel, body: Mapping[str, Any]) -> PolicyOutcome
 
 
 class PolicyObserver(Protocol):
-    """Told about every policy object (the status handover)."""
+    """Told about every policy object and its validation outcome (the status handover, which writes both)."""
 
     def observe_policy(self, body: Mapping[str, Any]) -> None: ...
+
+    def validated(self, uid: str, condition: Mapping[str, Any]) -> None: ...
 
     def forget_policy(self, uid: str) -> None: ...
 
 
-class PolicyStatusWriter:
-    """Writes the Valid condition through the status subresource (merge patch), only on change."""
-
-    def __init__(self, api: client.ApiClient) -> None:
-        self.custom = client.CustomObjectsApi(api)
-        self.writes = 0
-
-    async def write_valid(self, body: Mapping[str, Any], outcome: PolicyOutcome) -> None:
-        meta = body.get("metadata", {})
-        wanted = policy_status.valid_condition(outcome.problems, int(meta.get("generation") or 0))
-        if outcome.problems and outcome.enforced_version == "previous":
-            wanted["message"] += "; the last valid version stays enforced"
-        if not policy_status.needs_write(body, wanted):
-            return
-        patch = {"status": {"conditions": policy_status.merged_conditions(body, wanted)}}
-        kind = str(body.get("kind"))
-        try:
-            if meta.get("namespace"):
-                await self.custom.patch_namespaced_custom_object_status(  # type: ignore[call-arg]
-                    GROUP, VERSION, meta["namespace"], PLURALS[kind], meta["name"], patch,
-                    _content_type="application/merge-patch+json")
-            else:
-                await self.custom.patch_cluster_custom_object_status(  # type: ignore[call-arg]
-                    GROUP, VERSION, PLURALS[kind], meta["name"], patch, _content_type="application/merge-patch+json")
-            self.writes += 1
-        except ApiException as exc:
-            if exc.status != 404:
-                raise kopf.TemporaryError(f"status write failed: {exc.reason}", delay=2) from exc
+def valid_condition(body: Mapping[str, Any], outcome: PolicyOutcome) -> dict[str, Any]:
+    """The ``Valid`` condition for ``body``'s generation (without lastTransitionTime)."""
+    wanted = policy_status.valid_condition(outcome.problems, int(body.get("metadata", {}).get("generation") or 0))
+    if outcome.problems and outcome.enforced_version == "previous":
+        wanted["message"] += "; the last valid version stays enforced"
+    return wanted
 
 
-def register(registry: kopf.OperatorRegistry, model: ClusterModel, writer: PolicyStatusWriter,
-             observer: PolicyObserver | None = None) -> None:
+def register(registry: kopf.OperatorRegistry, model: ClusterModel, observer: PolicyObserver) -> None:
     """Register every handler into ``registry`` (no module-level state)."""
 
     async def policy_event(type: str | None, body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
         uid = body.get("metadata", {}).get("uid", "")
         if type == "DELETED":
             model.delete_policy(uid)
-            if observer is not None:
-                observer.forget_policy(uid)
+            observer.forget_policy(uid)
             return
-        if observer is not None:
-            observer.observe_policy(body)
+        observer.observe_policy(body)
         outcome = ingest_policy(model, body)
         if outcome.problems:
             message = policy_status.problems_message(outcome.problems)
             kopf.warn(body, reason="PolicyInvalid", message=message)
             logger.warning("Refused invalid policy: %s", message)
-        await writer.write_valid(body, outcome)
+        observer.validated(uid, valid_condition(body, outcome))
 
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         # KUBECONFIG (set from --kubeconfig) when given, else the in-cluster service account
@@ -140,8 +116,7 @@ def register(registry: kopf.OperatorRegistry, model: ClusterModel, writer: Polic
     kopf.on.event("", "v1", "nodes", id="node_event", registry=registry)(node_event)
 
 
-async def initial_list(api: client.ApiClient, model: ClusterModel, writer: PolicyStatusWriter,
-                       observer: PolicyObserver | None = None) -> None:
+async def initial_list(api: client.ApiClient, model: ClusterModel, observer: PolicyObserver) -> None:
     """List everything once before the first reconcile, so no intent is published from a partial view."""
     core = client.CoreV1Api(api)
     custom = client.CustomObjectsApi(api)
@@ -155,10 +130,6 @@ async def initial_list(api: client.ApiClient, model: ClusterModel, writer: Polic
         listing = await custom.list_cluster_custom_object(GROUP, VERSION, plural)
         for body in listing.get("items", []):
             body.setdefault("kind", kind)
-            if observer is not None:
-                observer.observe_policy(body)
+            observer.observe_policy(body)
             outcome = ingest_policy(model, body)
-            try:
-                await writer.write_valid(body, outcome)
-            except (kopf.TemporaryError, PolicyError) as exc:
-                log.warning("initial status write failed: %s", exc)
+            observer.validated(body.get("metadata", {}).get("uid", ""), valid_condition(body, outcome))

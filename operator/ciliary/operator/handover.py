@@ -12,7 +12,9 @@ compaction):
 
 kopf's policy handlers feed it the policy objects (``observe_policy`` /
 ``forget_policy``; the status it compares against comes from there and from
-its own write responses). Per policy it computes the desired status with the
+its own write responses) and the ``Valid`` condition they computed
+(``validated``): the handover is the one writer of ``.status``, so a policy
+edit costs one write for Valid and Enforced together. Per policy it computes the desired status with the
 pure ``enforcement`` module and sends the smallest merge patch to the status
 subresource, at most once per ``interval`` per policy and only when something
 other than ``lastUpdated`` changed. With ``write_nodes=False`` (direct mode:
@@ -133,7 +135,6 @@ class PrefixMirror:
 @dataclass
 class HandoverStats:
     writes: int = 0
-    conflicts: int = 0
     skipped: int = 0
     """Flushes that found nothing worth writing."""
     failures: int = 0
@@ -165,6 +166,8 @@ class StatusHandover:
         self.policies: dict[str, PolicyView] = {}
         self.reports: dict[str, dict[str, PolicyReport]] = {}
         self.expected: dict[str, dict[str, Expectation]] = {}
+        self.valid: dict[str, dict[str, Any]] = {}
+        """policy uid -> the Valid condition of its latest generation (from the policy handlers)."""
         self.node_policies: dict[str, dict[str, int]] = {}
         """node -> {policy uid: generation} of its published intent."""
         self.policies_listed = asyncio.Event()
@@ -191,8 +194,16 @@ class StatusHandover:
         self.policies[view.uid] = view
         self._mark(view.uid)
 
+    def validated(self, uid: str, condition: Mapping[str, Any]) -> None:
+        """The ``Valid`` condition for the policy's generation named in it (written with the next flush)."""
+        wanted = dict(condition)
+        if self.valid.get(uid) != wanted:
+            self.valid[uid] = wanted
+            self._mark(uid)
+
     def forget_policy(self, uid: str) -> None:
         self.policies.pop(uid, None)
+        self.valid.pop(uid, None)
         self.schedule.forget(uid)
 
     def _mark(self, uid: str) -> None:
@@ -278,7 +289,7 @@ class StatusHandover:
         return enforcement.desired_status(
             view, self.expected.get(uid, {}), self.reports.get(uid, {}), present=self._present,
             write_nodes=self.write_nodes, resolved_generation=resolved,
-            resolution_known=self.resolved_generation is not None)
+            resolution_known=self.resolved_generation is not None, valid=self.valid.get(uid))
 
     async def flush(self, uids: Sequence[str]) -> None:
         writes = []
@@ -307,33 +318,16 @@ class StatusHandover:
                         GROUP, VERSION, plural, view.name, patch, _content_type="application/merge-patch+json")
                 self.stats.writes += 1
             except ApiException as exc:
-                await self._write_failed(view, exc)
+                self._write_failed(view, exc)
                 return
         body.setdefault("kind", view.kind)
         self.observe_policy(body)
         log.debug("Wrote status of %s %s", view.kind, view.where())
 
-    async def _write_failed(self, view: PolicyView, exc: ApiException) -> None:
+    def _write_failed(self, view: PolicyView, exc: ApiException) -> None:
+        """404: the policy is gone. Anything else: written again after the interval (the change stays marked)."""
         if exc.status == 404:
             self.forget_policy(view.uid)
-            return
-        if exc.status == 409:
-            self.stats.conflicts += 1
-            log.debug("Status write of %s %s conflicted; reading it again", view.kind, view.where())
-            try:
-                if view.namespace:
-                    body = await self.custom.get_namespaced_custom_object(
-                        GROUP, VERSION, view.namespace, PLURALS[view.kind], view.name)
-                else:
-                    body = await self.custom.get_cluster_custom_object(GROUP, VERSION, PLURALS[view.kind], view.name)
-            except ApiException as again:
-                if again.status == 404:
-                    self.forget_policy(view.uid)
-                    return
-                self._mark(view.uid)
-                return
-            body.setdefault("kind", view.kind)
-            self.observe_policy(body)
             return
         self.stats.failures += 1
         log.warning("Status write of %s %s failed: %s %s", view.kind, view.where(), exc.status, exc.reason)

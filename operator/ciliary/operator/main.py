@@ -92,7 +92,6 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
     await publisher.load()
     api = await kubeapi.api_client(args.kubeconfig or None)
     model = ClusterModel()
-    writer = handlers.PolicyStatusWriter(api)
     registry = kopf.OperatorRegistry()
     reconciler = Reconciler(model, allocator, publisher)
     handover = StatusHandover(store, api, interval=args.status_interval,
@@ -100,11 +99,11 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
                               node_names=lambda: model.nodes.keys(),
                               resolved_generation=reconciler.resolved_generation,
                               wait_for=[reconciler.synced])
-    handlers.register(registry, model, writer, handover)
+    handlers.register(registry, model, handover)
     settings = kopf.OperatorSettings()
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
-    await list_with_retries(api, model, writer, handover)
+    await list_with_retries(api, model, handover)
     handover.policies_listed.set()
     listed = asyncio.Event()
     listed.set()
@@ -139,12 +138,12 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
             raise task.exception()  # type: ignore[misc]
 
 
-async def list_with_retries(api: Any, model: ClusterModel, writer: handlers.PolicyStatusWriter,
-                            observer: handlers.PolicyObserver | None = None, *, attempts: int = 30) -> None:
+async def list_with_retries(api: Any, model: ClusterModel, observer: handlers.PolicyObserver, *,
+                            attempts: int = 30) -> None:
     """The apiserver may still be starting (429 while storage initialises, CRDs not yet served)."""
     for attempt in range(1, attempts + 1):
         try:
-            await handlers.initial_list(api, model, writer, observer)
+            await handlers.initial_list(api, model, observer)
             return
         except ApiException as exc:
             if attempt == attempts or exc.status not in (404, 429, 500, 503):

@@ -114,7 +114,7 @@ def test_patch_then_quiet() -> None:
     desired = enforcement.desired_status(pol, {"a": EXP, "b": EXP}, reports)
     patch = enforcement.status_patch(pol, desired)
     assert patch is not None
-    assert patch["metadata"] == {"resourceVersion": "100"}
+    assert "metadata" not in patch  # the handover is the one writer of conditions: no precondition
     assert set(patch["status"]["nodes"]) == {"a", "b"}
     assert patch["status"]["enforcement"] == "2/2 nodes"
     assert patch["status"]["observedGeneration"] == 2
@@ -135,7 +135,7 @@ def test_last_updated_alone_is_not_written_but_travels_with_a_real_change() -> N
     patch = enforcement.status_patch(after, enforcement.desired_status(after, expected, changed))
     assert patch is not None
     assert patch["status"]["nodes"] == {"a": {"localPolicyRevision": 12, "lastUpdated": "2025-01-01T00:06:00Z"}}
-    assert "conditions" not in patch and "metadata" not in patch  # no list replaced: no precondition needed
+    assert "conditions" not in patch and "metadata" not in patch
 
 
 def test_departed_node_entry_is_removed_with_null_and_enforced_turns_false() -> None:
@@ -175,6 +175,43 @@ def test_valid_condition_is_kept_and_transition_time_preserved() -> None:
     types = [c["type"] for c in patch["status"]["conditions"]]
     assert types == ["Enforced", "Valid"]
     assert patch["status"]["conditions"][1] == valid
+
+
+VALID_NOW = {"type": "Valid", "status": "True", "reason": "Validated", "message": "ok", "observedGeneration": 2}
+REFUSED_NOW = {"type": "Valid", "status": "False", "reason": "InvalidPolicy", "message": "port 70000",
+               "observedGeneration": 2}
+
+
+def test_valid_travels_with_enforced_in_one_patch_and_keeps_its_transition_time() -> None:
+    pol = policy()
+    patch = enforcement.status_patch(pol, enforcement.desired_status(pol, {"a": EXP}, {"a": report("a")},
+                                                                     valid=VALID_NOW))
+    assert patch is not None
+    conds = {c["type"]: c for c in patch["status"]["conditions"]}
+    assert set(conds) == {"Enforced", "Valid"}
+    assert {k: conds["Valid"][k] for k in VALID_NOW} == VALID_NOW and conds["Valid"]["lastTransitionTime"]
+    after = _status_after(pol, patch)
+    # nothing changed: nothing to write; the same validity for a new generation: one patch, time kept
+    assert enforcement.status_patch(after, enforcement.desired_status(after, {"a": EXP}, {"a": report("a")},
+                                                                      valid=VALID_NOW)) is None
+    newer = PolicyView(after.uid, after.kind, after.namespace, after.name, 3, "102", after.status)
+    patch = enforcement.status_patch(newer, enforcement.desired_status(
+        newer, {"a": Expectation(3)}, {"a": report("a")}, valid={**VALID_NOW, "observedGeneration": 3}))
+    assert patch is not None
+    conds3 = {c["type"]: c for c in patch["status"]["conditions"]}
+    assert conds3["Valid"]["observedGeneration"] == 3
+    assert conds3["Valid"]["lastTransitionTime"] == conds["Valid"]["lastTransitionTime"]
+    assert conds3["Enforced"]["status"] == "False"  # node a still reports generation 2
+
+
+def test_a_refusal_not_yet_written_already_decides_enforced() -> None:
+    pol = policy(status={"conditions": [dict(VALID_NOW, lastTransitionTime="2025-01-01T00:00:00Z")]})
+    desired = enforcement.desired_status(pol, {"a": EXP}, {"a": report("a")}, valid=REFUSED_NOW)
+    assert (desired.enforced["status"], desired.enforced["reason"]) == ("False", "InvalidPolicy")
+    patch = enforcement.status_patch(pol, desired)
+    assert patch is not None
+    valid = next(c for c in patch["status"]["conditions"] if c["type"] == "Valid")
+    assert valid["status"] == "False" and valid["lastTransitionTime"] != "2025-01-01T00:00:00Z"
 
 
 # ------------------------------------------------------------------ merge patches

@@ -141,3 +141,27 @@ async def test_direct_writer_once_per_change() -> None:
     assert await writer.remove(report("a"))
     assert fake.body["status"]["nodes"] == {}
     assert writer.writes == 3
+
+
+async def test_policy_edit_costs_one_write_for_valid_and_enforced() -> None:
+    handover, fake = make(cnp())
+    handover.validated(UID, {"type": "Valid", "status": "True", "reason": "Validated", "message": "ok",
+                             "observedGeneration": 1})
+    feed(handover, ["a"])
+    await flush_all(handover)
+    assert len(fake.patches) == 1
+    assert {c["type"]: c["status"] for c in fake.body["status"]["conditions"]} == {"Enforced": "True", "Valid": "True"}
+    # the user edits the policy into one the operator refuses: one write says both
+    fake.body["metadata"]["generation"] = 2
+    handover.observe_policy(json.loads(json.dumps(fake.body)) | {"metadata": {
+        **fake.body["metadata"], "resourceVersion": "99"}})
+    handover.validated(UID, {"type": "Valid", "status": "False", "reason": "InvalidPolicy",
+                             "message": "port 70000 is out of range", "observedGeneration": 2})
+    await flush_all(handover)
+    assert len(fake.patches) == 2 and "metadata" not in fake.patches[1]
+    conds = {c["type"]: c for c in fake.body["status"]["conditions"]}
+    assert conds["Valid"]["status"] == "False" and "70000" in conds["Valid"]["message"]
+    assert (conds["Enforced"]["status"], conds["Enforced"]["reason"]) == ("False", "InvalidPolicy")
+    # a forgotten policy takes its validity with it
+    handover.forget_policy(UID)
+    assert UID not in handover.valid
