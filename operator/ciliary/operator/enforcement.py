@@ -23,6 +23,11 @@ Decisions (also in the operator's docs):
   (``InvalidPolicy``): the previous version may be in force, the current one
   is not.
 - ``status.enforcement`` is ``"N/M nodes"``: expected nodes enforcing / expected nodes.
+- A roll-out in progress is not narrated node by node: once ``Enforced=False``
+  for the current generation is written, a change that only says "more nodes
+  caught up" (no node in error, not all done) waits up to the progress interval;
+  the write that completes the roll-out, and any error, go out at the next
+  interval. ``DesiredStatus.catching_up`` tells the handover which case it is.
 - The handover is the only writer of ``.status.conditions``: the ``Valid``
   condition (from the policy handlers' validation) travels in the same patch as
   ``Enforced``, so a policy edit costs one write for both and no writer can
@@ -95,6 +100,8 @@ class DesiredStatus:
     """None: node entries are not ours to write (direct mode)."""
     valid: dict[str, Any] | None = None
     """The ``Valid`` condition the policy handlers computed (without lastTransitionTime); None: not known yet."""
+    catching_up: bool = False
+    """Not enforced only because some expected nodes have not reported the current version yet (no error)."""
 
 
 def node_problem(report: PolicyReport | None, expected: Expectation, generation: int) -> str | None:
@@ -165,6 +172,22 @@ def enforced_condition(policy: PolicyView, expected: Mapping[str, Expectation],
                                             f"not on {_name_nodes(problems)}"), summary
 
 
+CATCHING_UP = ("no report", "at generation ", "at revision ")
+"""Node problems that only mean "not there yet" (``node_problem``'s wording)."""
+
+
+def catching_up(condition: Mapping[str, Any], expected: Mapping[str, Expectation],
+                reports: Mapping[str, PolicyReport], generation: int) -> bool:
+    """``condition`` (an Enforced condition) is False only because nodes have not caught up yet."""
+    if condition["reason"] != "NodesNotEnforcing":
+        return False
+    for node, exp in expected.items():
+        why = node_problem(reports.get(node), exp, generation)
+        if why is not None and not why.startswith(CATCHING_UP):
+            return False
+    return True
+
+
 def desired_status(policy: PolicyView, expected: Mapping[str, Expectation], reports: Mapping[str, PolicyReport],
                    *, present: Collection[str] | None = None, write_nodes: bool = True,
                    resolved_generation: int | None = None, resolution_known: bool = False,
@@ -174,7 +197,37 @@ def desired_status(policy: PolicyView, expected: Mapping[str, Expectation], repo
                                            resolution_known=resolution_known, valid=valid)
     nodes = node_entries(reports, present) if write_nodes else None
     return DesiredStatus(enforced=enforced, enforcement=summary, nodes=nodes,
-                         valid=dict(valid) if valid is not None else None)
+                         valid=dict(valid) if valid is not None else None,
+                         catching_up=catching_up(enforced, expected, reports, policy.generation))
+
+
+def holds_progress(policy: PolicyView, desired: DesiredStatus) -> bool:
+    """A write of ``desired`` would only report roll-out progress the object already says is under way.
+
+    True when the current generation is still catching up (no error) and the
+    object already shows ``Enforced=False`` for that generation; the handover
+    then waits for the progress interval (or for the roll-out to complete).
+    """
+    if not desired.catching_up:
+        return False
+    shown = policy_status.current_condition({"status": policy.status}, ENFORCED)
+    if shown is None or shown.get("status") != "False" or int(shown.get("observedGeneration") or 0) != \
+            policy.generation:
+        return False
+    if desired.valid is not None and policy_status.needs_write({"status": policy.status}, desired.valid):
+        return False
+    before, now = _counts(str(policy.status.get("enforcement", ""))), _counts(desired.enforcement)
+    # only forward progress waits: a node lost or added since the last write is news
+    return before is not None and now is not None and now[1] == before[1] and now[0] >= before[0]
+
+
+def _counts(summary: str) -> tuple[int, int] | None:
+    """``"N/M nodes"`` -> (N, M)."""
+    head, _, rest = summary.partition(" ")
+    done, _, total = head.partition("/")
+    if rest != "nodes" or not done.isdigit() or not total.isdigit():
+        return None
+    return int(done), int(total)
 
 
 def _strip(value: Any, ignore: Collection[str]) -> Any:
@@ -272,7 +325,8 @@ class FlushSchedule:
 
     ``mark`` records a change; ``due`` lists the policies whose write may happen
     now; ``wrote`` starts the policy's interval; ``clean`` drops a change that
-    needed no write (it does not start an interval).
+    needed no write (it does not start an interval); ``defer`` keeps a change
+    pending until a later time (roll-out progress held back).
     """
 
     def __init__(self, interval: float, settle: float = 0.05) -> None:
@@ -280,18 +334,23 @@ class FlushSchedule:
         self.settle = min(settle, interval)
         self._dirty: dict[str, float] = {}
         self._last_write: dict[str, float] = {}
+        self._not_before: dict[str, float] = {}
 
     def mark(self, uid: str, now: float) -> bool:
-        """Record a change; True when the policy was clean before (its write time is new)."""
+        """Record a change; True when its write time moved (clean before, or a deferral ends).
+
+        A change to a deferred policy ends the deferral: the policy is looked at
+        again at its next interval (it may be deferred again).
+        """
         if uid in self._dirty:
-            return False
+            return self._not_before.pop(uid, None) is not None
         self._dirty[uid] = now
         return True
 
     def _ready_at(self, uid: str, since: float) -> float:
         last = self._last_write.get(uid)
-        ready = since + self.settle
-        return ready if last is None else max(ready, last + self.interval)
+        ready = since + self.settle if last is None else max(since + self.settle, last + self.interval)
+        return max(ready, self._not_before.get(uid, ready))
 
     def due(self, now: float) -> list[str]:
         return sorted(uid for uid, since in self._dirty.items() if self._ready_at(uid, since) <= now)
@@ -299,15 +358,26 @@ class FlushSchedule:
     def next_deadline(self) -> float | None:
         return min((self._ready_at(u, s) for u, s in self._dirty.items()), default=None)
 
+    def last_write(self, uid: str) -> float | None:
+        return self._last_write.get(uid)
+
+    def defer(self, uid: str, until: float) -> None:
+        """Keep ``uid``'s change pending; it is not due before ``until``."""
+        self._dirty.setdefault(uid, until)
+        self._not_before[uid] = until
+
     def wrote(self, uid: str, now: float) -> None:
         self._dirty.pop(uid, None)
+        self._not_before.pop(uid, None)
         self._last_write[uid] = now
 
     def clean(self, uid: str) -> None:
         self._dirty.pop(uid, None)
+        self._not_before.pop(uid, None)
 
     def forget(self, uid: str) -> None:
         self._dirty.pop(uid, None)
+        self._not_before.pop(uid, None)
         self._last_write.pop(uid, None)
 
     @property

@@ -17,7 +17,9 @@ its own write responses) and the ``Valid`` condition they computed
 edit costs one write for Valid and Enforced together. Per policy it computes the desired status with the
 pure ``enforcement`` module and sends the smallest merge patch to the status
 subresource, at most once per ``interval`` per policy and only when something
-other than ``lastUpdated`` changed. With ``write_nodes=False`` (direct mode:
+other than ``lastUpdated`` changed; roll-out progress alone (more nodes caught
+up, none in error, not all) waits up to ``progress_interval`` (default five
+intervals), so a quick roll-out costs two writes: "not yet" and "done". With ``write_nodes=False`` (direct mode:
 agents patch ``.status.nodes`` themselves) it writes only the ``Enforced``
 condition and ``status.enforcement``.
 
@@ -135,6 +137,8 @@ class PrefixMirror:
 @dataclass
 class HandoverStats:
     writes: int = 0
+    held: int = 0
+    """Flushes that held roll-out progress back (written later with the rest)."""
     skipped: int = 0
     """Flushes that found nothing worth writing."""
     failures: int = 0
@@ -154,9 +158,10 @@ class StatusHandover:
                  write_nodes: bool = True, node_names: Callable[[], Collection[str]] | None = None,
                  resolved_generation: Callable[[str], int | None] | None = None,
                  wait_for: Sequence[asyncio.Event] = (), concurrency: int = 8,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 progress_interval: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.custom = client.CustomObjectsApi(api)
         self.interval = interval
+        self.progress_interval = 5 * interval if progress_interval is None else progress_interval
         self.write_nodes = write_nodes
         self.node_names = node_names
         self.resolved_generation = resolved_generation
@@ -295,10 +300,17 @@ class StatusHandover:
         writes = []
         for uid in uids:
             view = self.policies.get(uid)
-            patch = enforcement.status_patch(view, self.desired(uid)) if view else None
-            if view is None or patch is None:
+            desired = self.desired(uid) if view else None
+            patch = enforcement.status_patch(view, desired) if view and desired else None
+            if view is None or desired is None or patch is None:
                 self.schedule.clean(uid)
                 self.stats.skipped += 1
+                continue
+            last = self.schedule.last_write(uid)
+            if last is not None and self.clock() < last + self.progress_interval and \
+                    enforcement.holds_progress(view, desired):
+                self.schedule.defer(uid, last + self.progress_interval)
+                self.stats.held += 1
                 continue
             self.schedule.wrote(uid, self.clock())
             writes.append(self._write(view, patch))

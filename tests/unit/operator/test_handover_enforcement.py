@@ -283,3 +283,48 @@ def test_a_change_needing_no_write_does_not_start_an_interval() -> None:
     schedule.clean(UID)
     schedule.mark(UID, 0.1)
     assert schedule.due(0.16) == [UID]
+
+
+def test_a_deferred_change_waits_and_a_new_change_ends_the_deferral() -> None:
+    schedule = FlushSchedule(interval=1.0, settle=0.05)
+    schedule.mark(UID, 0.0)
+    schedule.wrote(UID, 0.05)
+    schedule.mark(UID, 0.5)
+    assert schedule.due(1.05) == [UID]
+    schedule.defer(UID, 5.05)  # progress held back
+    assert schedule.due(4.0) == [] and schedule.next_deadline() == 5.05
+    assert schedule.mark(UID, 4.1)  # something new arrived: look again at the next interval
+    assert schedule.due(4.1) == [UID]
+    schedule.defer(UID, 5.05)
+    assert schedule.due(5.05) == [UID]
+
+
+@pytest.mark.parametrize(("reports", "shown", "holds"), [
+    # half the nodes caught up, the object already says "not yet" for generation 2: hold
+    ({"a": report("a")}, "False", True),
+    # every node caught up: write now
+    ({"a": report("a"), "b": report("b")}, "False", False),
+    # a node in error: write now
+    ({"a": report("a"), "b": report("b", error="map full", ok=False)}, "False", False),
+    # the object still shows the old generation as Enforced=True: the "not yet" must go out
+    ({"a": report("a")}, "True", False),
+])
+def test_roll_out_progress_is_held_but_completion_errors_and_news_are_not(
+        reports: dict[str, PolicyReport], shown: str, holds: bool) -> None:
+    enforced = {"type": "Enforced", "status": shown, "reason": "NodesNotEnforcing", "message": "x",
+                "observedGeneration": 2 if shown == "False" else 1}
+    pol = policy(status={"conditions": [enforced], "enforcement": "0/2 nodes"})
+    desired = enforcement.desired_status(pol, {"a": EXP, "b": EXP}, reports)
+    assert enforcement.holds_progress(pol, desired) is holds
+
+
+def test_a_node_lost_during_a_roll_out_is_not_held() -> None:
+    enforced = {"type": "Enforced", "status": "False", "reason": "NodesNotEnforcing", "message": "x",
+                "observedGeneration": 2}
+    pol = policy(status={"conditions": [enforced], "enforcement": "2/3 nodes"})
+    three = {"a": EXP, "b": EXP, "c": EXP}
+    # b's report vanished (agent died): 1/3 is news even though c is merely catching up
+    desired = enforcement.desired_status(pol, three, {"a": report("a")})
+    assert desired.catching_up and not enforcement.holds_progress(pol, desired)
+    assert enforcement.holds_progress(pol, enforcement.desired_status(pol, three, {"a": report("a"),
+                                                                                   "b": report("b")}))

@@ -165,3 +165,52 @@ async def test_policy_edit_costs_one_write_for_valid_and_enforced() -> None:
     # a forgotten policy takes its validity with it
     handover.forget_policy(UID)
     assert UID not in handover.valid
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _due(handover: StatusHandover, clock: Clock, until: float) -> None:
+    """Drive the handover's loop by hand: flush whatever is due, 10 ms steps, up to ``until``."""
+    while clock.now < until:
+        due = handover.schedule.due(clock.now)
+        if due:
+            await handover.flush(due)
+        clock.now = round(clock.now + 0.01, 2)
+
+
+async def test_a_roll_out_costs_two_writes_and_a_slow_one_shows_progress() -> None:
+    clock = Clock()
+    nodes = [f"n{i}" for i in range(10)]
+    handover, fake = make(cnp(), clock=clock, interval=1.0)
+    feed(handover, nodes)
+    await _due(handover, clock, 2.0)
+    assert len(fake.patches) == 1 and fake.body["status"]["enforcement"] == "10/10 nodes"
+    handover.intent_mirror.synced.set()
+    # generation 2: "not yet" goes out at once; then nodes catch up one by one, every 0.3 s
+    fake.body["metadata"].update(generation=2, resourceVersion="50")
+    handover.observe_policy(json.loads(json.dumps(fake.body)))
+    for node in nodes:
+        handover._intent_put(keyspace.node_intent_key(node), intent(node, 7, gen=2))
+    await _due(handover, clock, clock.now + 0.2)
+    assert len(fake.patches) == 2 and fake.body["status"]["enforcement"] == "0/10 nodes"
+    for node in nodes[:3]:  # quick: three nodes within 0.9 s ...
+        handover._report_put(keyspace.report_key(UID, node), report(node, gen=2, rev=7).to_wire())
+        await _due(handover, clock, clock.now + 0.3)
+    assert len(fake.patches) == 2, "progress alone is held back"
+    for node in nodes[3:]:  # ... the rest slowly, one every 0.9 s
+        handover._report_put(keyspace.report_key(UID, node), report(node, gen=2, rev=7).to_wire())
+        await _due(handover, clock, clock.now + 0.9)
+    await _due(handover, clock, clock.now + 1.1)
+    assert fake.body["status"]["enforcement"] == "10/10 nodes"
+    enforced = next(c for c in fake.body["status"]["conditions"] if c["type"] == "Enforced")
+    assert enforced["status"] == "True" and enforced["observedGeneration"] == 2
+    # 7 s of roll-out: "not yet", one progress write after the 5 s progress interval, "done"
+    assert len(fake.patches) == 4
+    progress = fake.patches[2]["status"]["enforcement"]
+    assert progress not in ("0/10 nodes", "10/10 nodes")
