@@ -6,7 +6,8 @@ process pinning under its own bpffs dir; everything is removed at the end.
 
   PYTHONPATH=operator:nodeagent:e2e .venv/bin/python bench/bench_agent.py [--seconds 5] [--pps 0]
 
-Figures printed: agent VmRSS/VmHWM after 100 endpoints are enforced; flow events
+Figures printed: agent VmRSS/VmHWM after 100 endpoints are enforced (and whether
+the compiler's libraries are mapped in the agent: they should not be); flow events
 the agent consumed per second while pod a sends UDP datagrams that its egress
 policy drops (one event per dropped packet), and the losses (kernel ring full,
 reader, slow followers) from ``/v1/flows/stats``. ``--pps`` paces the sender (0: as fast
@@ -115,6 +116,10 @@ def main() -> None:
         mem = vm(agent.proc.pid)
         print(f"endpoints: {len(eps)} enforced; agent VmRSS {mem['VmRSS'] / 1024:.1f} MiB "
               f"(peak VmHWM {mem['VmHWM'] / 1024:.1f} MiB); target < 150 MB")
+        mapped = Path(f"/proc/{agent.proc.pid}/maps").read_text()
+        compiler = sorted({lib for lib in ("libLLVM", "libclang", "libbcc") if lib in mapped})
+        print(f"compiler libraries mapped in the agent: {', '.join(compiler) or 'none'} "
+              f"(programs are compiled in a child process)")
 
         before = stats(agent)
         sender = subprocess.run(["ip", "netns", "exec", a.netns, sys.executable, "-c", SENDER, b.ip,

@@ -7,7 +7,10 @@ PolicyReports into etcd as well (the operator computes the Enforced condition
 from them); :class:`DirectStatusWriter` adds one merge patch on the status
 subresource per report change. A change of ``lastUpdated`` alone is not a
 change. Who calls it: the agent's reporting loop, right after it puts a report
-(``write``) and after it deletes one (``remove``).
+(``write``) and after it deletes one (``remove``). Best effort: the etcd report
+stays the source of truth, so a failed write is logged and tried again with the
+next change. Imported by the agent only in direct mode (kubernetes_asyncio costs
+~25 MB of the agent's memory otherwise).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import aiohttp
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.rest import ApiException
 
@@ -55,12 +59,13 @@ class DirectStatusWriter:
         self.written: dict[str, dict[str, Any]] = {}
         """policy uid -> the entry last written."""
         self.writes = 0
+        self.failures = 0
 
     async def write(self, report: PolicyReport) -> bool:
         """Patch the entry for ``report`` unless it equals the last one written (lastUpdated aside).
 
         Returns True when a patch was sent. A policy that no longer exists is
-        forgotten; other API errors propagate (the caller retries on its next report).
+        forgotten; a failed write is logged and returns False (tried again on the next change).
         """
         entry = status_nodes_entry(report)
         old = self.written.get(report.policy_uid)
@@ -90,9 +95,18 @@ class DirectStatusWriter:
                 await self.custom.patch_cluster_custom_object_status(  # type: ignore[call-arg]
                     GROUP, VERSION, plural, report.name, body, _content_type=MERGE_PATCH)
         except ApiException as exc:
-            if exc.status == 404:
-                self.forget(report.policy_uid)
-                return False
-            raise
+            if exc.status != 404:
+                self._failed(report, f"{exc.status} {exc.reason}")
+            self.forget(report.policy_uid)
+            return False
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._failed(report, repr(exc))
+            self.forget(report.policy_uid)
+            return False
         self.writes += 1
         return True
+
+    def _failed(self, report: PolicyReport, error: str) -> None:
+        self.failures += 1
+        log.warning("Direct status write failed", extra={"node": self.node, "policy": report.name,
+                                                         "namespace": report.namespace, "error": error})

@@ -31,7 +31,6 @@ from typing import Any
 from aiohttp import web
 
 from ciliary.nodeagent import (
-    direct_status,
     endpoint_api,
     endpoints,
     enforcing,
@@ -43,7 +42,7 @@ from ciliary.nodeagent import (
     settings,
     watching,
 )
-from ciliary.operator import intents, kubeapi
+from ciliary.operator import intents
 
 log = logging.getLogger("ciliary.nodeagent.main")  # not __name__: "__main__" under python -m
 
@@ -153,6 +152,9 @@ class Agent:
             ))
             reg_task = asyncio.create_task(self.registration.run(self.stop), name="registration")
             if self.config.direct_status and self.reporter is not None:
+                from ciliary.nodeagent import direct_status  # kubernetes_asyncio: direct mode only
+                from ciliary.operator import kubeapi
+
                 self._api = await kubeapi.api_client(self.config.kubeconfig or None)
                 self.reporter.direct = direct_status.DirectStatusWriter(self._api, self.config.node_name)
             if self.enforcer is not None and self.watcher is not None and self.reporter is not None:
@@ -191,7 +193,7 @@ class Agent:
 
 
 def make_datapath(config: settings.AgentSettings) -> enforcing.DatapathLike:
-    """The eBPF datapath, pinning under ``<bpffs-dir>/ciliary/<node>/`` (imports bcc: only here)."""
+    """The eBPF datapath, pinning under ``<bpffs-dir>/ciliary/<node>/`` (libbpf; bcc runs in a compiler child)."""
     from ciliary.nodeagent.datapath import engine
 
     return engine.Datapath(config.node_name, netns=config.netns or None, bpffs=config.bpffs_dir)

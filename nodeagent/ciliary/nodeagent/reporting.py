@@ -26,8 +26,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import aetcd
-import aiohttp
-from kubernetes_asyncio.client.rest import ApiException
 
 from ciliary.nodeagent import enforcing
 from ciliary.operator import keyspace, reports
@@ -173,12 +171,8 @@ class Reporter:
         return True
 
     async def _direct(self, call: Callable[[reports.PolicyReport], Any], report: reports.PolicyReport) -> None:
-        """Direct status is best effort: the etcd report stays the source of truth."""
-        try:
-            await call(report)
-        except (ApiException, aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("Direct status write failed", extra={"node": self.node, "policy": report.name,
-                                                             "error": repr(exc)})
+        """Direct status is best effort (the writer logs its failures): the etcd report stays the truth."""
+        await call(report)
 
     async def _adopt(self, client: Any, lease_id: int) -> None:
         """Learn what etcd holds for this node; keep only reports already under ``lease_id``."""

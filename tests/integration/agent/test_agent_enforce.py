@@ -235,6 +235,14 @@ def test_intent_in_etcd_is_enforced_and_reported(env: Env) -> None:
     assert node_record is not None and node_record[1] == lease  # the registration's lease
 
 
+def test_the_agent_process_maps_no_compiler(env: Env) -> None:
+    # programs are compiled and verified in a short-lived child (datapath.compiler): clang and
+    # LLVM never enter the agent, whose memory budget they alone would break
+    assert env.agent.proc is not None and env.agent.enforcement()
+    mapped = Path(f"/proc/{env.agent.proc.pid}/maps").read_text()
+    assert "libLLVM" not in mapped and "libclang" not in mapped
+
+
 def test_flow_api_shows_enriched_verdicts(env: Env) -> None:
     dropped = wait_until(lambda: env.agent.flows(f"last=50&verdict=DROPPED&ip={env.c.ip}"), 10, "a dropped flow")
     flow = dropped[-1]

@@ -74,12 +74,13 @@ def test_enforcement_survives_kill_and_is_adopted(restart_topology: Topology, tm
         assert client.tcp(b.ip, 8080) == "ok"
         assert client.tcp(b.ip, 8081) == "timeout"
 
+        compiles = compiling.compile_count()
         dp = engine.Datapath(node, netns=topo.node_ns)
-        observed = dp.start()
+        observed = dp.start()  # adopts the pinned programs of the same hash: compiles nothing
+        assert compiling.compile_count() == compiles
         assert set(observed.programs) == {"from_pod", "to_pod"}
         assert {x.sha256 for x in observed.attachments} == set(dp.program_hashes.values())
         assert len(observed.policy) == 1
-        compiles = compiling.compile_count()
         result = dp.apply(_intent(topo, node, (8080, 8081)), veths)
         assert result.attached == () and result.compiled == () and result.map_writes == 1
         assert compiling.compile_count() == compiles

@@ -2,11 +2,13 @@
 
 ``Datapath(node, netns=...)`` owns one node's eBPF state: its bpffs pin
 directory ``<bpffs>/ciliary/<node>/``, the two tc programs and their maps.
-``start()`` renders, compiles (once per hash per process), adopts what a
-previous agent pinned (maps keep their contents, programs whose hash still
-matches keep running), and observes the kernel. ``apply(intent, endpoints)``
-plans against a shadow of what was written (``planning.plan``) and applies:
-maps (capacity checked first, undone on failure), then tc attachments.
+``start()`` renders, adopts what a previous agent pinned (maps keep their
+contents, programs whose hash still matches keep running), compiles the rest
+(in a child process: ``compiling``), and observes the kernel. Programs and maps
+are used through the fds of their pins (``libbpf``): this process never
+compiles, nor imports bcc. ``apply(intent, endpoints)`` plans against a
+shadow of what was written (``planning.plan``) and applies: maps (capacity
+checked first, undone on failure), then tc attachments.
 
 Failures are typed (``errors``): a compile or verifier failure happens before
 anything is touched, a map failure is rolled back, so the last good state
@@ -79,8 +81,10 @@ class Datapath:
         if self.context.pin_dir != str(self.pin_dir):
             raise ValueError(f"context.pin_dir must be {self.pin_dir}")
         self._root = template_root
-        self._programs: dict[str, compiling.CompiledProgram] = {}
+        self._programs: dict[str, str] = {}
+        """hook -> rendered hash of the program this engine attaches."""
         self._prog_fds: dict[str, int] = {}
+        self._map_fds: dict[str, int] = {}
         self._state = planning.DatapathState()
         self._rules: dict[int, tuple[intents.RuleRef, ...]] = {}
         self._reader: flows.FlowReader | None = None
@@ -94,9 +98,7 @@ class Datapath:
         loading.ensure_bpffs(self.bpffs)
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         self._drop_misshapen_maps()
-        rendered = self._render()
-        for hook, program in rendered.items():
-            self._load(hook, program)
+        self._load(self._render())
         self._started = True
         self._state = self.observe()
         return self._state
@@ -118,30 +120,58 @@ class Datapath:
                 log.info("Recreating map %s: shape changed", name, extra={"node": self.node})
                 (self.pin_dir / name).unlink()
 
-    def _load(self, hook: str, program: rendering.RenderedProgram) -> None:
-        """Compile (cached), then adopt the pinned program of this hash or load and pin it."""
-        compiled = compiling.compile_program(program)
-        pin_path = loading.program_pin_path(self.pin_dir, hook, program.sha256)
-        old_fd = self._prog_fds.pop(hook, None)
-        if pin_path.exists():
-            fd = loading.open_pinned(pin_path)
-        else:
-            fn = compiling.load(compiled)
-            fd = os.dup(fn.fd)
-            loading.pin(fd, pin_path)
-        if old_fd is not None:
-            os.close(old_fd)
-        self._programs[hook] = compiled
-        self._prog_fds[hook] = fd
+    def _load(self, programs: Mapping[str, rendering.RenderedProgram]) -> None:
+        """Adopt the pinned program of each hash, compile (and pin) the others, open the pins.
+
+        Nothing changes for this engine unless every program is pinned: a compile
+        or verifier failure leaves the previous programs and fds in place.
+        """
+        adopted: dict[str, int] = {}
+        map_fds: dict[str, int] = {}
+        jobs: list[tuple[rendering.RenderedProgram, Path]] = []
+        try:
+            for hook, program in programs.items():
+                pin_path = loading.program_pin_path(self.pin_dir, hook, program.sha256)
+                fd = self._adopt(pin_path)
+                if fd is None:
+                    jobs.append((program, pin_path))
+                else:
+                    adopted[hook] = fd
+            compiling.compile_and_pin(jobs)
+            for program, pin_path in jobs:
+                adopted[program.hook] = loading.open_pinned(pin_path)
+            for name in MAP_NAMES:
+                map_fds[name] = loading.open_pinned(self.pin_dir / name)
+        except BaseException:
+            for fd in (*adopted.values(), *map_fds.values()):
+                os.close(fd)
+            raise
+        for fd in (*self._prog_fds.values(), *self._map_fds.values()):
+            os.close(fd)
+        self._prog_fds = adopted
+        self._map_fds = map_fds
+        self._programs = {hook: program.sha256 for hook, program in programs.items()}
+
+    def _adopt(self, pin_path: Path) -> int | None:
+        """An fd for the program pinned at ``pin_path`` if it uses only the node's pinned maps."""
+        if not pin_path.exists():
+            return None
+        fd = loading.open_pinned(pin_path)
+        if loading.uses_only(fd, [self.pin_dir / name for name in MAP_NAMES]):
+            return fd
+        os.close(fd)
+        log.info("Recompiling %s: one of its maps is no longer pinned", pin_path.name, extra={"node": self.node})
+        return None
 
     def close(self) -> None:
         """Release this process's handles; attached programs and pins keep enforcing."""
         if self._reader is not None:
-            self._reader.detach()
+            self._reader.close()
             self._reader = None
-        for fd in self._prog_fds.values():
+        for fd in (*self._prog_fds.values(), *self._map_fds.values()):
             os.close(fd)
         self._prog_fds.clear()
+        self._map_fds.clear()
         self._started = False
 
     def teardown(self) -> None:
@@ -150,10 +180,7 @@ class Datapath:
             if f.name.startswith("cy_"):
                 with contextlib.suppress(errors.AttachFailed):
                     loading.detach(self.netns, f.ifindex, f.hook)
-        hashes = [c.sha256 for c in self._programs.values()]
         self.close()
-        for sha in hashes:
-            compiling.forget(sha)
         self._programs.clear()
         if self.pin_dir.exists():
             for pinned in self.pin_dir.iterdir():
@@ -167,16 +194,11 @@ class Datapath:
 
     @property
     def program_hashes(self) -> dict[str, str]:
-        return {hook: c.sha256 for hook, c in self._programs.items()}
-
-    def compiled(self, hook: str) -> compiling.CompiledProgram:
-        return self._programs[hook]
-
-    def _table(self, name: str) -> Any:
-        return self._programs["from_pod"].bpf[name]
+        return dict(self._programs)
 
     def _fd(self, name: str) -> int:
-        return maps.map_fd(self._table(name))
+        """The fd of the node's pinned map ``name`` (opened by ``start``)."""
+        return self._map_fds[name]
 
     def observe(self) -> planning.DatapathState:
         """Read what the kernel holds: pinned programs, tc filters, map contents."""
@@ -188,8 +210,8 @@ class Datapath:
                 id_to_hash[loading.prog_id(fd)] = self._hash_of_pin(pinned)
             finally:
                 os.close(fd)
-        programs = {hook: c.sha256 for hook, c in self._programs.items()
-                    if loading.program_pin_path(self.pin_dir, hook, c.sha256).exists()}
+        programs = {hook: sha for hook, sha in self._programs.items()
+                    if loading.program_pin_path(self.pin_dir, hook, sha).exists()}
         attachments = frozenset(
             planning.Attachment(f.ifname, f.ifindex, f.hook, id_to_hash.get(f.prog_id, ""))
             for f in loading.list_filters(self.netns) if f.name.startswith("cy_")
@@ -205,9 +227,9 @@ class Datapath:
 
     def _hash_of_pin(self, pinned: Path) -> str:
         prefix = pinned.name.rsplit("_", 1)[-1]
-        for c in self._programs.values():
-            if c.sha256.startswith(prefix):
-                return c.sha256
+        for sha in self._programs.values():
+            if sha.startswith(prefix):
+                return sha
         return prefix  # a stale program: its full hash is unknown, the prefix never matches
 
     @property
@@ -233,8 +255,8 @@ class Datapath:
         the_plan = planning.plan(intent, observed, programs=hashes, veths=veths)
 
         # 1. Programs: compile and verify before touching anything.
-        for hook in the_plan.compile:
-            self._load(hook, rendered[hook])
+        if the_plan.compile:
+            self._load(rendered)
 
         # 2. Maps: all capacities first, then writes with an undo log.
         self._write_maps(the_plan, observed)
@@ -285,7 +307,7 @@ class Datapath:
         log.info("Applied node intent", extra={"node": self.node, "revision": intent.revision,
                                                "map_writes": result.map_writes})
         if the_plan.attach or the_plan.detach:
-            compiling.release_freed_heap()  # netlink work for many veths leaves freed heap behind
+            _release_freed_heap()  # netlink work for many veths leaves freed heap behind
         if failures:
             first = failures[0]
             raise errors.AttachFailed(first.ifname, first.hook, first.message, tuple(failures[1:]))
@@ -314,7 +336,7 @@ class Datapath:
             raise
 
     def _unpin_stale_programs(self) -> None:
-        current = {loading.program_pin_path(self.pin_dir, h, c.sha256) for h, c in self._programs.items()}
+        current = {loading.program_pin_path(self.pin_dir, h, sha) for h, sha in self._programs.items()}
         for pinned in self.pin_dir.glob("prog_*"):
             if pinned not in current:
                 log.info("Removed stale program pin %s", pinned.name, extra={"node": self.node})
@@ -327,7 +349,7 @@ class Datapath:
         """The (single) reader of this node's flow events."""
         self._require_started()
         if self._reader is None:
-            self._reader = flows.FlowReader(self._programs["from_pod"].bpf)
+            self._reader = flows.FlowReader(self._fd("cy_events"), self._fd("cy_lost"))
         return self._reader
 
     def rules_for(self, cookie: int) -> tuple[intents.RuleRef, ...]:
@@ -336,16 +358,16 @@ class Datapath:
 
     def counters(self) -> dict[tuple[str, maps.Reason], tuple[int, int]]:
         """(direction, reason) -> (packets, bytes), summed over CPUs."""
-        table = self._table("cy_counters")
+        fd = self._fd("cy_counters")
         out: dict[tuple[str, maps.Reason], tuple[int, int]] = {}
         for direction, dname in flows.DIRECTIONS.items():
             for reason in maps.Reason:
-                per_cpu = table[ct.c_uint32(direction * maps.REASON_MAX + int(reason))]
+                per_cpu = maps.read_percpu(fd, direction * maps.REASON_MAX + int(reason), maps.CounterC)
                 out[(dname, reason)] = (sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu))
         return out
 
     def conntrack_size(self) -> int:
-        return sum(1 for _ in self._table("cy_ct").keys())
+        return maps.count_entries(self._fd("cy_ct"), maps.CtKeyC)
 
 
 def _patched(observed: Mapping[Any, Any], diff: planning.MapDiff[Any, Any]) -> dict[Any, Any]:
@@ -355,3 +377,10 @@ def _patched(observed: Mapping[Any, Any], diff: planning.MapDiff[Any, Any]) -> d
     out.update(diff.upserts)
     return out
 
+
+def _release_freed_heap() -> None:
+    """Return freed heap to the kernel (glibc ``malloc_trim``); cheap, safe any time."""
+    try:
+        ct.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -13,16 +13,13 @@ import asyncio
 import collections
 import ctypes as ct
 import dataclasses
+import os
 import socket
 import time
 from collections.abc import Callable
 from ipaddress import IPv4Address
-from typing import Any
 
-from ciliary.nodeagent.datapath import maps
-
-_libbpf = ct.CDLL("libbpf.so.1", use_errno=True)
-_libbpf.ring_buffer__epoll_fd.argtypes = [ct.c_void_p]
+from ciliary.nodeagent.datapath import libbpf, maps
 
 DIRECTIONS = {1: "ingress", 2: "egress"}
 VERDICTS = {1: "forwarded", 2: "dropped"}
@@ -84,11 +81,13 @@ BATCH = 1024
 
 
 class FlowReader:
-    """Reads cy_events through one bcc BPF object whose tables are the pinned maps."""
+    """Reads cy_events, the node's pinned ring buffer, through libbpf (no bcc object).
 
-    def __init__(self, bpf: Any, *, sink: Callable[[FlowEvent], None] | None = None,
+    Owns dups of the two map fds it is given; :meth:`close` releases them.
+    """
+
+    def __init__(self, events_fd: int, lost_fd: int, *, sink: Callable[[FlowEvent], None] | None = None,
                  buffer: int = 65536) -> None:
-        self._bpf = bpf
         self._sink = sink
         self.events: collections.deque[FlowEvent] = collections.deque(maxlen=buffer)
         self.dropped_by_reader = 0
@@ -96,9 +95,10 @@ class FlowReader:
         self._offset = time.time() - time.monotonic()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_batch: Callable[[list[FlowEvent]], None] | None = None
-        bpf["cy_events"].open_ring_buffer(self._on_event)
+        self._ring = libbpf.RingBuffer(events_fd, self._on_event)
+        self._lost_fd = os.dup(lost_fd)
 
-    def _on_event(self, _ctx: Any, data: Any, size: int) -> int:
+    def _on_event(self, _ctx: int | None, data: int, size: int) -> int:
         # The data pointer is valid only during the callback: copy (bcc pitfall B5).
         event = decode(ct.string_at(data, size), mono_to_wall=self._offset)
         if self._sink is not None:
@@ -114,7 +114,7 @@ class FlowReader:
 
     def poll(self, timeout_ms: int = 0) -> list[FlowEvent]:
         """Wait up to ``timeout_ms`` for events; return (and forget) the buffered ones."""
-        self._bpf.ring_buffer_poll(timeout_ms)
+        self._ring.poll(timeout_ms)
         return self.drain()
 
     def drain(self) -> list[FlowEvent]:
@@ -123,7 +123,7 @@ class FlowReader:
         return out
 
     def fileno(self) -> int:
-        return int(_libbpf.ring_buffer__epoll_fd(self._bpf._ringbuf_manager))
+        return self._ring.epoll_fd()
 
     def attach(self, loop: asyncio.AbstractEventLoop,
                on_batch: Callable[[list[FlowEvent]], None] | None = None) -> None:
@@ -133,12 +133,12 @@ class FlowReader:
         buffering between the ring and the consumer, so nothing waits for a timer).
         """
         if on_batch is None:
-            loop.add_reader(self.fileno(), self._bpf.ring_buffer_consume)
+            loop.add_reader(self.fileno(), self._ring.consume)
         else:
             self._on_batch = on_batch
 
             def consume() -> None:
-                self._bpf.ring_buffer_consume()
+                self._ring.consume()
                 if self.events:
                     on_batch(self.drain())
 
@@ -150,7 +150,15 @@ class FlowReader:
             self._loop.remove_reader(self.fileno())
             self._loop = None
 
+    def close(self) -> None:
+        """Detach, then free the ring buffer and the map fds (the reader is unusable after)."""
+        if self._lost_fd < 0:
+            return
+        self.detach()
+        self._ring.close()
+        os.close(self._lost_fd)
+        self._lost_fd = -1
+
     def lost(self) -> int:
         """Events the kernel dropped because the ring buffer was full (all CPUs)."""
-        table = self._bpf["cy_lost"]
-        return int(sum(table[ct.c_uint32(0)]))
+        return int(sum(v.events for v in maps.read_percpu(self._lost_fd, 0, maps.LostC)))

@@ -4,14 +4,13 @@ Called by ``engine``. Every tc operation runs inside the node's network
 namespace (``netns=None``: the current one) through pyroute2, with an
 explicit handle/prio/protocol so ``replace-filter`` swaps a program
 atomically instead of stacking a second filter (pyroute2 pitfall P3).
-Programs are pinned with libbpf ``bpf_obj_pin`` so the datapath survives a
-``kill -9`` of the agent; a restarted agent re-opens them with ``bpf_obj_get``.
+Programs are pinned (by ``compiler``, in its child process) so the datapath
+survives a ``kill -9`` of the agent; an agent re-opens them with ``bpf_obj_get``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes as ct
 import dataclasses
 import errno as errno_mod
 import json
@@ -23,36 +22,13 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ciliary.nodeagent.datapath import errors
+from ciliary.nodeagent.datapath import errors, libbpf
 
 TC_HANDLE = 0xC1
 TC_PRIO = 1
 ETH_P_ALL = 0x0003
 PARENTS = {"from_pod": 0xFFFFFFF2, "to_pod": 0xFFFFFFF3}
 """from_pod: clsact ingress of the host veth (the pod's egress); to_pod: clsact egress."""
-
-_libbpf = ct.CDLL("libbpf.so.1", use_errno=True)
-_libbpf.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
-_libbpf.bpf_obj_get.argtypes = [ct.c_char_p]
-_libbpf.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
-
-
-class _ProgInfo(ct.Structure):
-    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("tag", ct.c_uint8 * 8)]
-
-
-class _MapInfo(ct.Structure):
-    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
-                ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32), ("map_flags", ct.c_uint32)]
-
-
-@dataclasses.dataclass(frozen=True)
-class MapInfo:
-    type: int
-    key_size: int
-    value_size: int
-    max_entries: int
-
 
 # ---------------------------------------------------------------- bpffs
 
@@ -77,41 +53,41 @@ def ensure_bpffs(root: Path = Path("/sys/fs/bpf")) -> None:
 
 
 def pin(fd: int, path: Path) -> None:
-    if _libbpf.bpf_obj_pin(fd, str(path).encode()) != 0:
-        err = ct.get_errno()
-        raise OSError(err, f"bpf_obj_pin {path}: {os.strerror(err)}")
+    libbpf.obj_pin(fd, path)
 
 
 def open_pinned(path: Path) -> int:
     """An fd for a pinned object (caller closes it)."""
-    fd = _libbpf.bpf_obj_get(str(path).encode())
-    if fd < 0:
-        err = ct.get_errno() or -fd
-        raise OSError(err, f"bpf_obj_get {path}: {os.strerror(err)}")
-    return int(fd)
+    return libbpf.obj_get(path)
 
 
 def prog_id(fd: int) -> int:
-    info = _ProgInfo()
-    size = ct.c_uint32(ct.sizeof(info))
-    if _libbpf.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)) != 0:
-        raise OSError(ct.get_errno(), "bpf_obj_get_info_by_fd")
-    return int(info.id)
+    return libbpf.prog_info(fd).id
 
 
-def pinned_map_info(path: Path) -> MapInfo | None:
+def pinned_map_info(path: Path) -> libbpf.MapInfo | None:
     """Shape of a pinned map, or None if nothing is pinned there."""
     if not path.exists():
         return None
     fd = open_pinned(path)
     try:
-        info = _MapInfo()
-        size = ct.c_uint32(ct.sizeof(info))
-        if _libbpf.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)) != 0:
-            raise OSError(ct.get_errno(), "bpf_obj_get_info_by_fd")
-        return MapInfo(info.type, info.key_size, info.value_size, info.max_entries)
+        return libbpf.map_info(fd)
     finally:
         os.close(fd)
+
+
+def uses_only(prog_fd: int, map_paths: list[Path]) -> bool:
+    """Whether every map of the program is one of the maps pinned at ``map_paths``.
+
+    A program pinned by a previous agent is adopted only then: if one of its maps
+    was unpinned (and a fresh one pinned), it would write to a map nobody reads.
+    """
+    pinned: set[int] = set()
+    for path in map_paths:
+        info = pinned_map_info(path)
+        if info is not None:
+            pinned.add(info.id)
+    return set(libbpf.prog_info(prog_fd).map_ids) <= pinned
 
 
 def program_pin_path(pin_dir: Path, hook: str, sha256: str) -> Path:

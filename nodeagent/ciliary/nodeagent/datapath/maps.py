@@ -2,8 +2,9 @@
 
 Used by ``engine``: :func:`read_map` turns a kernel map into typed
 ``planning`` keys/values, :func:`apply_diff` writes a ``planning.MapDiff``
-(capacity checked first, undone on failure). Uses libbcc's raw map calls on
-file descriptors; bcc's table objects are only used to get those fds.
+(capacity checked first, undone on failure), :func:`read_percpu` and
+:func:`count_entries` read the counters and conntrack. Works on the fds of the
+pinned maps through libbpf's element calls (``libbpf``): no bcc table object.
 """
 
 from __future__ import annotations
@@ -20,10 +21,8 @@ from collections.abc import Callable, Mapping
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Generic, TypeVar
 
-from bcc import libbcc
-
 from ciliary.nodeagent import planning
-from ciliary.nodeagent.datapath import errors
+from ciliary.nodeagent.datapath import errors, libbpf
 
 # ---------------------------------------------------------------- structs (types.h)
 
@@ -67,6 +66,12 @@ class CtEntryC(ct.Structure):
 
 class CounterC(ct.Structure):
     _fields_ = [("packets", ct.c_uint64), ("bytes", ct.c_uint64)]
+
+
+class LostC(ct.Structure):
+    """One CPU's cy_lost value (a bare __u64)."""
+
+    _fields_ = [("events", ct.c_uint64)]
 
 
 class FlowEventC(ct.Structure):
@@ -171,40 +176,59 @@ POLICY_DENY = _policy_codec("cy_policy_deny")
 
 def read_map(fd: int, codec: Codec[K, V], *, limit: int = 10_000_000) -> dict[K, V]:
     """Every entry of the map behind ``fd`` (bounded by ``limit``)."""
-    lib = libbcc.lib
+    lib = libbpf.lib
     out: dict[K, V] = {}
     key = codec.key_c()
     nxt = codec.key_c()
     value = codec.value_c()
     first = True
     for _ in range(limit):
-        res = lib.bpf_get_first_key(fd, ct.byref(nxt), ct.sizeof(nxt)) if first else \
-            lib.bpf_get_next_key(fd, ct.byref(key), ct.byref(nxt))
-        first = False
-        if res < 0:
+        if lib.bpf_map_get_next_key(fd, None if first else ct.byref(key), ct.byref(nxt)) < 0:
             break
-        if lib.bpf_lookup_elem(fd, ct.byref(nxt), ct.byref(value)) == 0:
+        first = False
+        if lib.bpf_map_lookup_elem(fd, ct.byref(nxt), ct.byref(value)) == 0:
             out[codec.decode_key(codec.key_c.from_buffer_copy(nxt))] = codec.decode_value(
                 codec.value_c.from_buffer_copy(value))
         ct.memmove(ct.byref(key), ct.byref(nxt), ct.sizeof(key))
     return out
 
 
-def _errno() -> int:
-    return ct.get_errno() or errno_mod.EIO
+def count_entries(fd: int, key_c: type[ct.Structure] | type[ct.c_uint32], *, limit: int = 10_000_000) -> int:
+    """How many keys the map behind ``fd`` holds (bounded by ``limit``)."""
+    key, nxt = key_c(), key_c()
+    count = 0
+    while count < limit and libbpf.lib.bpf_map_get_next_key(fd, ct.byref(key) if count else None,
+                                                             ct.byref(nxt)) == 0:
+        count += 1
+        ct.memmove(ct.byref(key), ct.byref(nxt), ct.sizeof(key))
+    return count
+
+
+PerCpuValue = TypeVar("PerCpuValue", bound=ct.Structure)
+
+
+def read_percpu(fd: int, index: int, value_c: type[PerCpuValue]) -> list[PerCpuValue]:
+    """One CPU's value per possible CPU of element ``index`` of a per-CPU array (zeros if absent)."""
+    cpus = libbpf.possible_cpus()
+    stride = (ct.sizeof(value_c) + 7) // 8 * 8  # the kernel rounds per-CPU values up to 8 bytes
+    buf = ct.create_string_buffer(stride * cpus)
+    key = ct.c_uint32(index)
+    if libbpf.lib.bpf_map_lookup_elem(fd, ct.byref(key), buf) != 0:
+        return [value_c() for _ in range(cpus)]
+    return [value_c.from_buffer_copy(buf, cpu * stride) for cpu in range(cpus)]
 
 
 def _update(fd: int, codec: Codec[K, V], key: K, value: V) -> None:
-    res = libbcc.lib.bpf_update_elem(fd, ct.byref(codec.encode_key(key)), ct.byref(codec.encode_value(value)), 0)
+    res = libbpf.lib.bpf_map_update_elem(fd, ct.byref(codec.encode_key(key)), ct.byref(codec.encode_value(value)), 0)
     if res < 0:
-        err = _errno()
+        err = libbpf.last_errno(res)
         raise errors.MapWriteFailed(codec.name, key, err, os.strerror(err))
 
 
 def _delete(fd: int, codec: Codec[K, V], key: K) -> None:
-    res = libbcc.lib.bpf_delete_elem(fd, ct.byref(codec.encode_key(key)))
+    res = libbpf.lib.bpf_map_delete_elem(fd, ct.byref(codec.encode_key(key)))
     if res < 0:
-        err = _errno()
+        err = libbpf.last_errno(res)
         if err != errno_mod.ENOENT:
             raise errors.MapWriteFailed(codec.name, key, err, os.strerror(err))
 
@@ -252,8 +276,3 @@ def apply_deletes(fd: int, codec: Codec[K, V], observed: Mapping[K, V], diff: pl
         old = observed[key]
         _delete(fd, codec, key)
         undo.steps.append(functools.partial(_update, fd, codec, key, old))
-
-
-def map_fd(table: Any) -> int:
-    """The fd of a bcc table object."""
-    return int(table.map_fd)
