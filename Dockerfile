@@ -92,7 +92,7 @@ FROM base AS agent
 # it is moved out of /usr/src (which the chart mounts from the host) into /opt/ciliary/kernel-headers.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-        python3-bpfcc bpftool iproute2 util-linux linux-headers-amd64 \
+        python3-bpfcc libbpf1 bpftool iproute2 util-linux linux-headers-amd64 \
  && mkdir -p /opt/ciliary/kernel-headers \
  && mv /usr/src/linux-headers-* /opt/ciliary/kernel-headers/ \
  && rm -rf /var/lib/apt/lists/*

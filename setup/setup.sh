@@ -17,7 +17,7 @@ t0=$(date +%s)
 if [ "$(id -u)" != 0 ]; then echo "setup: run as root (the lab creates network namespaces and loads eBPF)" >&2; exit 1; fi
 
 # --- 1. Debian packages -------------------------------------------------------
-APT_PACKAGES=(python3 python3-venv python3-dev python3-bpfcc bpftool linux-headers-amd64 iproute2 iptables
+APT_PACKAGES=(python3 python3-venv python3-dev python3-bpfcc libbpf1 bpftool linux-headers-amd64 iproute2 iptables
               openssl curl ca-certificates iputils-ping util-linux etcd-server etcd-client jq procps psmisc git make golang-go)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

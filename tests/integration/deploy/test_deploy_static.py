@@ -103,7 +103,7 @@ def test_dockerfile_copy_sources_exist_in_the_build_context() -> None:
 def test_agent_image_carries_bcc_headers_cni_runtime_and_datapath() -> None:
     text = DOCKERFILE.read_text()
     agent = text[text.index("AS agent"):]
-    for package in ("python3-bpfcc", "bpftool", "iproute2", "linux-headers-amd64"):
+    for package in ("python3-bpfcc", "libbpf1", "bpftool", "iproute2", "linux-headers-amd64"):
         assert package in agent
     assert "COPY --from=cni-runtime /opt/ciliary-cni /opt/ciliary-cni" in agent
     assert "BCC_KERNEL_SOURCE" in agent
