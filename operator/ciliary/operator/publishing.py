@@ -5,10 +5,16 @@ it last saw in etcd. A put happens only for a changed hash and is a
 compare-and-swap on that mod revision, so two operator replicas cannot overwrite
 each other blindly; after a lost race the publisher re-reads and retries.
 Intents of nodes that left are deleted. ``writes`` counts every put and delete.
+
+One etcd round trip per written node: the transaction reads the key back after
+its put (its new mod revision) or, when the compare fails, reads what is there.
+Up to ``concurrency`` nodes are written at once (a policy that selects pods on
+every node of a 1,000-node cluster rewrites 1,000 keys).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,10 +34,11 @@ class Published:
 
 
 class IntentPublisher:
-    def __init__(self, store: EtcdStore) -> None:
+    def __init__(self, store: EtcdStore, *, concurrency: int = 32) -> None:
         self.store = store
         self.published: dict[str, Published] = {}
         self.writes = 0
+        self.concurrency = concurrency
 
     async def load(self) -> None:
         """Learn what is already in etcd (an operator restart rewrites nothing unchanged)."""
@@ -51,10 +58,18 @@ class IntentPublisher:
 
     async def publish(self, intents: Mapping[str, NodeIntent]) -> list[str]:
         """Write the intents whose content changed; delete departed nodes. Returns nodes written."""
-        written = []
-        for node, intent in sorted(intents.items()):
-            if await self._put_if_changed(node, intent):
-                written.append(node)
+        limit = asyncio.Semaphore(self.concurrency)
+
+        async def one(node: str, intent: NodeIntent) -> bool:
+            async with limit:
+                return await self._put_if_changed(node, intent)
+
+        changed = sorted(node for node, intent in intents.items()
+                         if (seen := self.published.get(node)) is None or seen.content_hash != intent.content_hash())
+        outcomes = await asyncio.gather(*(one(node, intents[node]) for node in changed))
+        written = [node for node, wrote in zip(changed, outcomes, strict=True) if wrote]
+        if written:
+            log.info("published %d intent(s)", len(written), extra={"nodes": written[:20]})
         for node in sorted(set(self.published) - set(intents)):
             await self.store.delete(keyspace.node_intent_key(node).encode())
             self.published.pop(node, None)
@@ -73,13 +88,14 @@ class IntentPublisher:
 
             t = self.store.ops
             guard = t.mod(key) == seen.mod_revision if seen else t.version(key) == 0
-            ok, _ = await self.store.transaction([guard], [t.put(key, value)])
-            current = await self.store.get(key)
+            ok, responses = await self.store.transaction([guard], [t.put(key, value), t.get(key)], [t.get(key)])
+            rows = responses[-1] if responses else []
+            current = rows[0][1] if rows else None
             if ok:
                 self.writes += 1
                 mod = current.mod_revision if current else 0
                 self.published[node] = Published(content, mod, intent.revision)
-                log.info("published intent for %s at revision %d", node, intent.revision)
+                log.debug("published intent for %s at revision %d", node, intent.revision)
                 return True
             if current is None:
                 self.published.pop(node, None)
