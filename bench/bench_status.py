@@ -5,8 +5,9 @@ under ``.lab-bench-status/``, prefix ``cyb``, and removes them afterwards)::
 
     PYTHONPATH=operator:nodeagent:e2e .venv/bin/python -m bench.bench_status [--nodes 10,100,1000]
 
-Per size and mode: 50 CNPs; one NodeIntent per node listing all of them (the
-bench plays the operator's publisher); simulated agents (asyncio tasks, no
+Per size and mode: 50 CNPs; one NodeIntent per node listing all of them,
+published with the operator's own ``IntentPublisher`` (the bench plays the
+reconciler); simulated agents (asyncio tasks, no
 kernel) that hold a lease, watch their own intent key and, per intent, write
 the PolicyReports of policies whose generation changed in one transaction bound
 to their lease — in direct mode they also patch ``.status.nodes.<node>``
@@ -248,6 +249,7 @@ async def run_case(lab: Any, ports: Any, n: int, mode: str) -> dict[str, Any]:
     from ciliary.operator.etcdclient import EtcdEndpoint, EtcdStore
     from ciliary.operator.intents import NodeIntent, PolicyRef
     from ciliary.operator.keyspace import node_intent_key
+    from ciliary.operator.publishing import IntentPublisher
 
     ns = f"bench-{mode}-{n}"
     layout = lab.layout
@@ -267,15 +269,13 @@ async def run_case(lab: Any, ports: Any, n: int, mode: str) -> dict[str, Any]:
                                generation=update_gen if name == "p-0" else gen)
                      for name, (uid, gen) in sorted(meta.items()))
 
-    async def publish(revision: int, update_gen: int) -> None:
-        sem = asyncio.Semaphore(32)
-        policy_refs = refs(update_gen)
+    publisher = IntentPublisher(store)
+    await publisher.load()
 
-        async def one(node: str) -> None:
-            async with sem:
-                await store.put(node_intent_key(node).encode(),
-                                NodeIntent(node=node, revision=revision, policies=policy_refs).to_wire())
-        await asyncio.gather(*(one(node) for node in nodes))
+    async def publish(revision: int, update_gen: int) -> None:
+        policy_refs = refs(update_gen)
+        await publisher.publish({node: NodeIntent(node=node, revision=revision, policies=policy_refs)
+                                 for node in nodes})
 
     await publish(1, 1)
     fleet = AgentFleet(ports.etcd_endpoint, api, ns, direct=mode == "direct")

@@ -3,6 +3,12 @@
 Wraps aetcd (asyncio, protobuf-7 compatible). etcd restarts make the first RPC
 fail once with ConnectionFailedError while the channel reconnects, so every call
 goes through :meth:`EtcdStore.call` with a short, bounded retry.
+
+Fencing: an operator replica that won the leader election sets
+:attr:`EtcdStore.fence`; from then on every :meth:`EtcdStore.transaction` (and
+:meth:`EtcdStore.delete_fenced`) also compares the election key's create
+revision, so a leader that was paused past its lease, and lost the key, cannot
+write even once more: it gets :class:`FenceLostError` instead.
 """
 
 from __future__ import annotations
@@ -38,6 +44,23 @@ class EtcdUnavailableError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Fence:
+    """Writes are valid only while ``key`` is the one created at ``create_revision`` (this replica leads)."""
+
+    key: bytes
+    create_revision: int
+
+
+class FenceLostError(RuntimeError):
+    """A fenced write was refused: the election key is gone or someone else's; carries the fence."""
+
+    def __init__(self, fence: Fence) -> None:
+        super().__init__(f"etcd write refused: {fence.key.decode()} is no longer the key this replica created "
+                         f"(revision {fence.create_revision}); another replica may lead")
+        self.fence = fence
+
+
+@dataclass(frozen=True)
 class EtcdEndpoint:
     host: str
     port: int
@@ -65,6 +88,8 @@ class EtcdStore:
         self.timeout = timeout
         self.attempts = attempts
         self._client: aetcd.Client | None = None
+        self.fence: Fence | None = None
+        """Set by the leader election: every transaction is then fenced (see the module docstring)."""
 
     @property
     def client(self) -> aetcd.Client:
@@ -104,12 +129,28 @@ class EtcdStore:
         return self.client.transactions
 
     async def transaction(self, compare: list[Any], success: list[Any],
-                          failure: list[Any] | None = None) -> tuple[bool, list[Any]]:
+                          failure: list[Any] | None = None, *, fenced: bool = True) -> tuple[bool, list[Any]]:
+        """Run a transaction; with a :attr:`fence` set (and ``fenced``), only while this replica leads.
+
+        Raises :class:`FenceLostError` when the comparison failed because of the fence.
+        """
+        fence = self.fence if fenced else None
+        guard = [self.ops.create(fence.key) == fence.create_revision] if fence is not None else []
+
         async def run(c: aetcd.Client) -> tuple[bool, list[Any]]:
-            ok, responses = await c.transaction(compare=compare, success=success, failure=failure or [])
+            ok, responses = await c.transaction(compare=[*compare, *guard], success=success, failure=failure or [])
             return bool(ok), list(responses or [])
 
-        return await self.call(run)
+        ok, responses = await self.call(run)
+        if not ok and fence is not None:
+            held = await self.get(fence.key)
+            if held is None or held.create_revision != fence.create_revision:
+                raise FenceLostError(fence)
+        return ok, responses
+
+    async def delete_fenced(self, key: bytes) -> None:
+        """Delete ``key`` (fenced like :meth:`transaction` when a fence is set)."""
+        await self.transaction([], [self.ops.delete(key)])
 
     async def close(self) -> None:
         if self._client is not None:

@@ -122,8 +122,8 @@ class EtcdIdentityAllocator:
             if canon is None or key is None:
                 self.unused_since.pop(number, None)
                 continue
-            await self.store.delete(keyspace.identity_labels_key(key).encode())
-            await self.store.delete(keyspace.identity_id_key(number).encode())
+            await self.store.delete_fenced(keyspace.identity_labels_key(key).encode())
+            await self.store.delete_fenced(keyspace.identity_id_key(number).encode())
             self.by_digest.pop(key, None)
             self.canonical_of.pop(number, None)
             self.unused_since.pop(number, None)

@@ -6,7 +6,10 @@ transaction that succeeds only if the key does not exist. The winner runs the
 operator; the others wait, watching for the key to disappear (the leader
 stopped, or its lease expired because it went silent), and try again. A leader
 that fails to refresh its lease stops at once (``lost`` is set), so two
-replicas never act as leader for longer than the lease TTL overlaps.
+replicas never act as leader for longer than the lease TTL overlaps. The
+winner also fences its store (``EtcdStore.fence``): its intent and identity
+transactions carry the election key's create revision, so even a leader paused
+past its lease cannot write once more after another replica took over.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import socket
 
 import aetcd
 
-from ciliary.operator.etcdclient import RETRYABLE, EtcdStore
+from ciliary.operator.etcdclient import RETRYABLE, EtcdStore, Fence
 
 log = logging.getLogger(__name__)
 DEFAULT_KEY = "/ciliary/operator/v1/leader"
@@ -49,10 +52,13 @@ class Leadership:
             lease = await self.store.call(lambda c: c.lease(self.ttl))
             record = json.dumps({"holder": self.identity, "leaseTTL": self.ttl}).encode()
             t = self.store.ops
-            won, _ = await self.store.transaction([t.version(self.key) == 0],
-                                                  [t.put(self.key, record, lease=lease)])
+            won, responses = await self.store.transaction([t.version(self.key) == 0],
+                                                          [t.put(self.key, record, lease=lease), t.get(self.key)],
+                                                          fenced=False)
             if won:
                 self.lease = lease
+                mine = responses[-1][0][1]  # the key as this transaction created it
+                self.store.fence = Fence(self.key, mine.create_revision)
                 log.info("became leader", extra={"holder": self.identity})
                 return True
             await lease.revoke()  # lost: this lease holds nothing

@@ -25,7 +25,7 @@ from kubernetes_asyncio.client.rest import ApiException
 
 from ciliary.operator import handlers, kubeapi, leadership
 from ciliary.operator.cluster_model import ClusterModel
-from ciliary.operator.etcdclient import EtcdEndpoint, EtcdStore
+from ciliary.operator.etcdclient import EtcdEndpoint, EtcdStore, FenceLostError
 from ciliary.operator.handover import StatusHandover
 from ciliary.operator.identity_store import EtcdIdentityAllocator
 from ciliary.operator.publishing import IntentPublisher
@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         asyncio.run(amain())
-    except leadership.LeadershipLostError as exc:
+    except (leadership.LeadershipLostError, FenceLostError) as exc:
         log.error("%s", exc)
         return 1
     return 0

@@ -71,7 +71,7 @@ class IntentPublisher:
         if written:
             log.info("published %d intent(s)", len(written), extra={"nodes": written[:20]})
         for node in sorted(set(self.published) - set(intents)):
-            await self.store.delete(keyspace.node_intent_key(node).encode())
+            await self.store.delete_fenced(keyspace.node_intent_key(node).encode())
             self.published.pop(node, None)
             self.writes += 1
             log.info("deleted intent of departed node %s", node)

@@ -55,3 +55,47 @@ async def _scenario(endpoint: str) -> None:
 
 def test_publisher_writes_each_changed_node_once_and_never_blindly(kube) -> None:
     asyncio.run(_scenario(kube.etcd_endpoint))
+
+
+async def _fenced_scenario(endpoint: str) -> None:
+    from ciliary.operator.etcdclient import FenceLostError
+    from ciliary.operator.leadership import Leadership
+
+    key = f"/ciliary/test/v1/leader-{PREFIX_NODE}"
+    a_store, b_store = EtcdStore(EtcdEndpoint.parse(endpoint)), EtcdStore(EtcdEndpoint.parse(endpoint))
+    stop = asyncio.Event()
+    try:
+        a = Leadership(a_store, key=key, identity="a", ttl=2)
+        assert await a.acquire(stop)
+        assert a_store.fence is not None
+        publisher = IntentPublisher(a_store)
+        await publisher.load()
+        node = f"{PREFIX_NODE}fenced"
+        assert await publisher.publish({node: NodeIntent(node=node, revision=1)}) == [node]
+        # a is paused past its lease: the key expires and b takes over
+        assert a.lease is not None
+        await a.lease.revoke()
+        b = Leadership(b_store, key=key, identity="b", ttl=2)
+        assert await asyncio.wait_for(b.acquire(stop), 10)
+        # a wakes up and tries to write once more: refused, nothing changes in etcd
+        before = await a_store.get(keyspace.node_intent_key(node).encode())
+        changed = NodeIntent(node=node, revision=2, identity_labels={5: ("k8s:app=late",)})
+        with pytest.raises(FenceLostError):
+            await publisher.publish({node: changed})
+        with pytest.raises(FenceLostError):
+            await publisher.publish({})  # nor delete
+        after = await a_store.get(keyspace.node_intent_key(node).encode())
+        assert before is not None and after is not None and after.mod_revision == before.mod_revision
+        # the new leader writes normally
+        theirs = IntentPublisher(b_store)
+        await theirs.load()
+        assert await theirs.publish({}) == []
+        assert await b_store.get(keyspace.node_intent_key(node).encode()) is None
+        await b.release()
+    finally:
+        await a_store.close()
+        await b_store.close()
+
+
+def test_a_deposed_leader_cannot_write_once_more(kube) -> None:
+    asyncio.run(_fenced_scenario(kube.etcd_endpoint))
