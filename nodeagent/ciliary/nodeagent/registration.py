@@ -23,9 +23,9 @@ from typing import Any, TypeVar
 
 import aetcd
 
-from ciliary.nodeagent.settings import AgentSettings, EtcdEndpoint
+from ciliary.nodeagent.settings import AgentSettings
 from ciliary.operator import keyspace
-from ciliary.operator.etcdclient import GRPC_OPTIONS
+from ciliary.operator.etcdclient import GRPC_OPTIONS, EtcdEndpoint
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import socket
-import urllib.parse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pydantic
+
+from ciliary.operator.etcdclient import EtcdEndpoint
 
 ENV_PREFIX = "CILIARY_AGENT_"
 DEFAULTS: dict[str, str] = {
@@ -29,18 +30,6 @@ DEFAULTS: dict[str, str] = {
     "DIRECT_STATUS": "off",
     "KUBECONFIG": "",  # empty: the in-cluster service account (direct status mode only)
 }
-
-
-class EtcdEndpoint(pydantic.BaseModel):
-    """One etcd client URL, split for ``aetcd.Client(host, port)``."""
-
-    model_config = pydantic.ConfigDict(frozen=True)
-
-    host: str
-    port: int = pydantic.Field(ge=1, le=65535)
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
 
 
 class AgentSettings(pydantic.BaseModel):
@@ -71,17 +60,10 @@ class AgentSettings(pydantic.BaseModel):
 
 def parse_etcd_endpoints(raw: str) -> tuple[EtcdEndpoint, ...]:
     """``http://h1:2379,h2:2379`` → endpoints (scheme optional, default port 2379)."""
-    endpoints = []
-    for item in (part.strip() for part in raw.split(",")):
-        if not item:
-            continue
-        parsed = urllib.parse.urlsplit(item if "://" in item else f"http://{item}")
-        if parsed.scheme not in ("http", "") or not parsed.hostname:
-            raise ValueError(f"etcd endpoint {item!r} must look like http://HOST:PORT")
-        endpoints.append(EtcdEndpoint(host=parsed.hostname, port=parsed.port or 2379))
+    endpoints = tuple(EtcdEndpoint.parse(item) for item in (part.strip() for part in raw.split(",")) if item)
     if not endpoints:
         raise ValueError("at least one etcd endpoint is needed")
-    return tuple(endpoints)
+    return endpoints
 
 
 def parse_host_port(raw: str) -> tuple[str, int]:

@@ -87,7 +87,7 @@ async def test_run_registers_and_stops():
         if reg.registered:
             break
     assert reg.registered and reg.etcd_connected
-    assert clients[0].endpoint == "a:1"
+    assert clients[0].endpoint == "http://a:1"
     stop.set()
     await asyncio.wait_for(task, 5)
 
@@ -105,7 +105,7 @@ async def test_run_rotates_to_the_next_endpoint_when_one_is_down():
 
     def factory(endpoint, timeout):
         client = FakeClient(endpoint, timeout)
-        client.fail_next = 99 if str(endpoint) == "a:1" else 0
+        client.fail_next = 99 if str(endpoint) == "http://a:1" else 0
         clients.append(client)
         return client
 
@@ -118,7 +118,7 @@ async def test_run_rotates_to_the_next_endpoint_when_one_is_down():
             if reg.registered:
                 break
         assert reg.registered
-        assert [c.endpoint for c in clients] == ["a:1", "b:2"]
+        assert [c.endpoint for c in clients] == ["http://a:1", "http://b:2"]
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)

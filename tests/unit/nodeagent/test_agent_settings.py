@@ -11,7 +11,7 @@ from ciliary.nodeagent import logs, settings
 def test_defaults(monkeypatch):
     s = settings.load_settings([], {"CILIARY_AGENT_NODE_NAME": "n1"})
     assert s.node_name == "n1"
-    assert [str(e) for e in s.etcd_endpoints] == ["127.0.0.1:2379"]
+    assert [str(e) for e in s.etcd_endpoints] == ["http://127.0.0.1:2379"]
     assert s.socket_path == Path("/run/ciliary/agent.sock")
     assert (s.health_host, s.health_port, s.lease_ttl) == ("127.0.0.1", 9876, 10)
 
@@ -21,7 +21,7 @@ def test_env_then_flags():
            "CILIARY_AGENT_SOCKET": "/tmp/a.sock", "CILIARY_AGENT_STATE_DIR": "/tmp/st",
            "CILIARY_AGENT_HEALTH_ADDR": "0.0.0.0:1234", "CILIARY_AGENT_LEASE_TTL": "30"}
     s = settings.load_settings([], env)
-    assert [str(e) for e in s.etcd_endpoints] == ["10.0.0.1:2379", "10.0.0.2:2379"]
+    assert [str(e) for e in s.etcd_endpoints] == ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
     assert (s.node_name, s.lease_ttl, s.health_addr) == ("env-node", 30, "0.0.0.0:1234")
     s = settings.load_settings(["--node", "flag-node", "--lease-ttl", "6", "--health-addr", "127.0.0.1:1"], env)
     assert (s.node_name, s.lease_ttl, s.health_port) == ("flag-node", 6, 1)
