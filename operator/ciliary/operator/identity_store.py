@@ -42,6 +42,7 @@ class EtcdIdentityAllocator:
         self.grace_seconds = grace_seconds
         self.by_digest: dict[str, int] = {}
         self.canonical_of: dict[int, str] = {}
+        self.digest_of: dict[int, str] = {}
         self.unused_since: dict[int, float] = {}
         self.allocations = 0
 
@@ -51,8 +52,7 @@ class EtcdIdentityAllocator:
         for kv in rows:
             number = int(kv.key.decode().rsplit("/", 1)[1])
             record = json.loads(kv.value)
-            self.canonical_of[number] = record["labels"]
-            self.by_digest[record["digest"]] = number
+            self._remember(number, record["digest"], record["labels"])
 
     async def ensure(self, labels: LabelSet) -> int:
         """The identity of ``labels``, allocating it in etcd if nobody has yet."""
@@ -118,14 +118,16 @@ class EtcdIdentityAllocator:
             if now - since < self.grace_seconds:
                 continue
             canon = self.canonical_of.get(number)
-            key = next((d for d, n in self.by_digest.items() if n == number), None)
+            key = self.digest_of.get(number)
             if canon is None or key is None:
                 self.unused_since.pop(number, None)
                 continue
-            await self.store.delete_fenced(keyspace.identity_labels_key(key).encode())
-            await self.store.delete_fenced(keyspace.identity_id_key(number).encode())
+            t = self.store.ops
+            await self.store.transaction([], [t.delete(keyspace.identity_labels_key(key).encode()),
+                                              t.delete(keyspace.identity_id_key(number).encode())])
             self.by_digest.pop(key, None)
             self.canonical_of.pop(number, None)
+            self.digest_of.pop(number, None)
             self.unused_since.pop(number, None)
             removed.append(number)
             log.info("garbage-collected identity %d (%s)", number, canon)
@@ -134,6 +136,7 @@ class EtcdIdentityAllocator:
     def _remember(self, number: int, key: str, canon: str) -> None:
         self.by_digest[key] = number
         self.canonical_of[number] = canon
+        self.digest_of[number] = key
 
     def _lowest_free(self) -> int:
         for number in range(MIN_CLUSTER_IDENTITY, MAX_CLUSTER_IDENTITY + 1):
