@@ -24,8 +24,12 @@ Semantics (documented for users):
 - a port with protocol ANY becomes three entries, TCP, UDP and SCTP;
   ``endPort`` gives a range; a named port resolves, on ingress, against the
   endpoint's own container ports and, on egress, against the container ports
-  of the pods of each peer identity (for an any-peer item: of every pod); a name
-  that resolves nowhere gives no entry;
+  of the pods of each destination identity: an item that selects its peers
+  resolves it per selected identity, an any-peer item (L4-only, or the entity
+  ``all``) gives one entry per identity whose pods declare the name, with that
+  identity's numbers (never identity 0, never the cross product); non-pod peers
+  (world, CIDRs, host, remote nodes) declare no named ports; a name that
+  resolves nowhere gives no entry;
 - ICMP types give protocol-ICMP entries with ``icmp_type`` set;
 - a port rule with L7 rules gives allow entries with ``l7_redirect=True``; when
   an L4-only allow and an L7 allow produce the same entry, L4 wins (no redirect);
@@ -35,7 +39,7 @@ Semantics (documented for users):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence, Set
+from collections.abc import Iterable, Sequence, Set
 from typing import Protocol as TypingProtocol
 
 from ciliary.operator.intents import (
@@ -50,10 +54,8 @@ from ciliary.operator.intents import (
 )
 from ciliary.operator.policy.compiling import CidrMatch, CompiledRule, PeerRule, PortMatch
 from ciliary.operator.policy.identities import Reserved
+from ciliary.operator.policy.named_ports import NamedPorts, PortOwners
 from ciliary.operator.policy.selection import Selector
-
-NamedPorts = Mapping[str, tuple[tuple[str, int], ...]]
-"""Port name -> ((protocol, port), ...)."""
 
 NOT_ENFORCED = DirectionPolicy()
 _ANY_EXPANSION = (Protocol.TCP, Protocol.UDP, Protocol.SCTP)
@@ -83,7 +85,11 @@ class PeerSource(TypingProtocol):
         ...
 
     def named_ports(self, peer: int, user: int) -> NamedPorts:
-        """Named ports of the pods of ``peer`` (0: of every pod)."""
+        """Named ports of the pods of identity ``peer`` (none for a non-pod identity)."""
+        ...
+
+    def port_owners(self, name: str, user: int) -> PortOwners:
+        """Every identity whose pods declare a port called ``name``, with its numbers."""
         ...
 
 
@@ -157,21 +163,37 @@ def _add_item(
         else:
             fixed.extend((proto, port.low, port.high, None, port.l7) for proto in _protocols(port.protocol))
     fixed.extend((Protocol.ICMP, 0, 0, icmp_type, False) for icmp_type in item.icmp_types)
-    l7_allowed = item.verdict is Verdict.ALLOW
     for peer in peers:
         specs: Iterable[tuple[Protocol, int, int, int | None, bool]] = fixed
-        if named:
-            ports = own_ports if direction is Direction.INGRESS else source.named_ports(peer, subject)
-            specs = [*fixed, *_resolve_named(named, ports)]
-        for proto, low, high, icmp_type, l7 in specs:
-            key = (peer, proto, low, high, icmp_type, item.verdict)
-            found = acc.get(key)
-            redirect = l7 and l7_allowed
-            if found is None:
-                acc[key] = ({item.ref}, redirect)
-            else:
-                found[0].add(item.ref)
-                acc[key] = (found[0], found[1] and redirect)
+        if named and direction is Direction.INGRESS:
+            specs = [*fixed, *_resolve_named(named, own_ports)]
+        elif named and peer == ANY_IDENTITY:
+            # any destination: the name stands for each declaring identity's own numbers
+            for match in named:
+                assert match.name is not None
+                for owner, pairs in source.port_owners(match.name, subject).items():
+                    _put(acc, item, owner, _resolve_named((match,), {match.name: pairs}))
+        elif named:
+            specs = [*fixed, *_resolve_named(named, source.named_ports(peer, subject))]
+        _put(acc, item, peer, specs)
+
+
+def _put(
+    acc: dict[_Key, tuple[set[RuleRef], bool]],
+    item: PeerRule,
+    peer: int,
+    specs: Iterable[tuple[Protocol, int, int, int | None, bool]],
+) -> None:
+    l7_allowed = item.verdict is Verdict.ALLOW
+    for proto, low, high, icmp_type, l7 in specs:
+        key = (peer, proto, low, high, icmp_type, item.verdict)
+        found = acc.get(key)
+        redirect = l7 and l7_allowed
+        if found is None:
+            acc[key] = ({item.ref}, redirect)
+        else:
+            found[0].add(item.ref)
+            acc[key] = (found[0], found[1] and redirect)
 
 
 def _protocols(protocol: Protocol) -> tuple[Protocol, ...]:

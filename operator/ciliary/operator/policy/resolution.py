@@ -13,7 +13,8 @@ identity first, then equality) and recomputes only what depends on the change:
   network, without an IP or without a node are not endpoints and are ignored;
 - a selector cache (selector -> matching identities) updated per identity that
   appears or disappears, recording which subject identities used each selector,
-  entity (``cluster``, ``world``), CIDR match or named port map;
+  entity (``cluster``, ``world``), CIDR match or named port (``named_ports``
+  holds the named container ports by identity);
 - endpoint policies cached per (identity, named ports); only identities whose
   inputs changed are recomputed, and only nodes holding them are rebuilt;
 - the ipcache (pod /32 -> pod identity, node IP -> host on its own node and
@@ -28,7 +29,6 @@ previous update, so the publisher can skip the others.
 from __future__ import annotations
 
 import ipaddress
-from collections import Counter
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -47,6 +47,7 @@ from ciliary.operator.policy import entries, identities
 from ciliary.operator.policy.compiling import CidrMatch, CompiledRule
 from ciliary.operator.policy.identities import IdentityAllocator, InMemoryIdentityAllocator, Reserved
 from ciliary.operator.policy.inputs import NamespaceInfo, NodeInfo, PodInfo
+from ciliary.operator.policy.named_ports import NamedPortIndex, NamedPorts, PortOwners
 from ciliary.operator.policy.repository import RepositorySnapshot
 from ciliary.operator.policy.selection import LabelSet, SelectionIndex, Selector
 
@@ -111,8 +112,7 @@ class Resolver(entries.PeerSource):
         self._pod_identity: dict[str, int] = {}
         self._pod_ports: dict[str, PortsKey] = {}
         self._identity_pods: dict[int, set[str]] = {}
-        self._port_counts: dict[int, Counter[tuple[str, str, int]]] = {}
-        self._named_cache: dict[int, entries.NamedPorts] = {}
+        self._ports = NamedPortIndex()
         self._cidr_ids: dict[Network, int] = {}
         self._rules: tuple[CompiledRule, ...] = ()
         self._subject_rules: dict[int, tuple[CompiledRule, ...]] = {}
@@ -283,23 +283,8 @@ class Resolver(entries.PeerSource):
             self._allocator.release(labels)
         self._ipcache_dirty = True
 
-    def _count_ports(self, ident: int, named: entries.NamedPorts, delta: int) -> None:
-        if not named:
-            return
-        counts = self._port_counts.setdefault(ident, Counter())
-        changed = False
-        for name, pairs in named.items():
-            for proto, number in pairs:
-                key = (name, proto, number)
-                counts[key] += delta
-                if counts[key] <= 0:
-                    del counts[key]
-                    changed = True
-                elif counts[key] == delta:
-                    changed = True
-        if changed:
-            self._named_cache.pop(ident, None)
-            self._named_cache.pop(0, None)
+    def _count_ports(self, ident: int, named: NamedPorts, delta: int) -> None:
+        if self._ports.count(ident, named, delta):
             self._dirty |= self._users["ports"]
             self._users["ports"].clear()
 
@@ -323,8 +308,6 @@ class Resolver(entries.PeerSource):
                 members.discard(ident)
                 self._dirty |= self._selector_users.get(selector, set())
         self._dirty |= self._users["cluster"] | self._users["world"]
-        self._port_counts.pop(ident, None)
-        self._named_cache.pop(ident, None)
         self._subject_rules.pop(ident, None)
         self._dirty.add(ident)
 
@@ -358,17 +341,13 @@ class Resolver(entries.PeerSource):
             found = self._cidr_cache[match] = frozenset(ids)
         return found
 
-    def named_ports(self, peer: int, user: int) -> entries.NamedPorts:
+    def named_ports(self, peer: int, user: int) -> NamedPorts:
         self._users["ports"].add(user)
-        found = self._named_cache.get(peer)
-        if found is None:
-            sources = self._port_counts.values() if peer == 0 else [self._port_counts.get(peer, Counter())]
-            merged: dict[str, set[tuple[str, int]]] = {}
-            for counts in sources:
-                for name, proto, number in counts:
-                    merged.setdefault(name, set()).add((proto, number))
-            found = self._named_cache[peer] = {k: tuple(sorted(v)) for k, v in merged.items()}
-        return found
+        return self._ports.of(peer)
+
+    def port_owners(self, name: str, user: int) -> PortOwners:
+        self._users["ports"].add(user)
+        return self._ports.owners(name)
 
     # ------------------------------------------------------------ endpoints
 

@@ -12,6 +12,7 @@ import ipaddress
 from dataclasses import dataclass, replace
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -329,12 +330,12 @@ def item_matches(
             return False
     if not has_l4:
         return True
-    pods = list(state.pods.values())
     if direction == "ingress":
         named_source = [endpoint.pod] if endpoint.pod else []
-    elif not has_l3:
-        named_source = pods
     else:
+        # the destination's own ports, whatever selected it (an L4-only item too): those of the pods
+        # sharing its identity; a non-pod destination (world, CIDR, host, remote node) has none
+        pods = state.pods.values()
         named_source = [p for p in pods if pod_security_labels(p, dict(state.namespaces)) == peer.labels]
     return port_matches(item, packet, named_source)
 
@@ -406,6 +407,58 @@ def test_trace_agrees_with_reference(
         got = tracing.trace(intents, src, dst, packet[1], packet[0])
         expected = reference(accepted, state, src, dst, packet)
         assert got.allowed is expected, f"{src} -> {dst} {packet}\n{got.describe()}\n{accepted}"
+
+
+def agree_everywhere(
+    cluster: tuple[dict[str, NamespaceInfo], dict[str, NodeInfo], dict[str, PodInfo]], bodies: list[dict[str, Any]]
+) -> None:
+    """``test_trace_agrees_with_reference`` for every source, destination and packet of one example."""
+    state, accepted = build_state(cluster, bodies)
+    assert len(accepted) == len(bodies)
+    intents = resolve_cluster(state)
+    pod_ips = [p.ipv4 or "" for p in state.pods.values()]
+    for src in pod_ips + EXTERNAL[:3] + list(NODE_IPS.values())[:2]:
+        for dst in pod_ips if src not in pod_ips else pod_ips + EXTERNAL + list(NODE_IPS.values()):
+            for packet in PACKETS:
+                got = tracing.trace(intents, src, dst, packet[1], packet[0])
+                expected = reference(accepted, state, src, dst, packet)
+                assert got.allowed is expected, f"{src} -> {dst} {packet}\n{got.describe()}"
+
+
+def counterexample_cluster() -> tuple[dict[str, NamespaceInfo], dict[str, NodeInfo], dict[str, PodInfo]]:
+    """A random run's counterexample: a pod declaring ``http``, one declaring ``pg``/``dns``, one declaring none."""
+    namespaces = {n: NamespaceInfo(n, {"team": "red"}) for n in NAMESPACES}
+    nodes = {n: NodeInfo(n, ip) for n, ip in NODE_IPS.items()}
+    ports = {app: tuple(ContainerPort(n, p, pr) for n, p, pr in APP_PORTS[app]) for app in APP_PORTS}
+    pods = {
+        "u0": PodInfo("a", "p0", "u0", "n1", "10.0.1.1", {}),
+        "u1": PodInfo("b", "p1", "u1", "n3", "10.0.3.2", {"app": "db"}, "", ports["db"]),
+        "u6": PodInfo("c", "p6", "u6", "n2", "10.0.2.7", {"app": "web"}, "", ports["web"]),
+    }
+    return namespaces, nodes, pods
+
+
+@pytest.mark.parametrize("egress", [
+    [{"toEndpoints": [{}], "toEntities": ["all"], "toPorts": [{"ports": [{"port": "http"}, {"port": "80"}]}]}],
+    [{"toEntities": ["all"], "toPorts": [{"ports": [{"port": "dns", "protocol": "UDP"}, {"port": "pg"}]}]}],
+    [{"toPorts": [{"ports": [{"port": "pg"}, {"port": "http", "protocol": "TCP"}]}]}],
+    [{"toEntities": ["cluster"], "toPorts": [{"ports": [{"port": "dns"}]}]},
+     {"toCIDRSet": [{"cidr": "0.0.0.0/0"}], "toPorts": [{"ports": [{"port": "dns"}]}]}],
+], ids=["all-and-endpoints", "all", "l4-only", "cluster-and-cidr"])
+def test_any_peer_named_port_counterexample(egress: list[dict[str, Any]]) -> None:
+    """A named port allowed to any peer resolves against each destination's own ports, not every pod's."""
+    cluster = counterexample_cluster()
+    body = {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+            "metadata": {"name": "pol3", "uid": "uid3", "namespace": "c"},
+            "spec": {"endpointSelector": {}, "egress": egress}}
+    deny = {**body, "metadata": {"name": "deny", "uid": "uid4", "namespace": "c"},
+            "spec": {"endpointSelector": {}, "egress": [{"toEntities": ["all"]}], "egressDeny": egress}}
+    agree_everywhere(cluster, [body])
+    agree_everywhere(cluster, [deny])
+    state, _ = build_state(cluster, [body])
+    # p0 declares no port at all: nothing named reaches it, whatever p6 itself or p1 declare
+    for packet in [("TCP", 8080), ("UDP", 53), ("TCP", 5432)]:
+        assert not tracing.trace(state, "10.0.2.7", "10.0.1.1", packet[1], packet[0]).allowed
 
 
 @SETTINGS
