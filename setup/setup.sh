@@ -64,6 +64,8 @@ SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["pu
 [ -e "$SITE/bcc" ] || ln -sfn /usr/lib/python3/dist-packages/bcc "$SITE/bcc"
 hash_now="$(cat "$ROOT/pyproject.toml" "$ROOT/setup/requirements-lock.txt" 2>/dev/null | sha256sum | cut -c1-16)"
 stamp="$VENV/.ciliary-installed"
+# setuptools builds in ./build and never removes a module deleted from the source: start clean
+rm -rf "$ROOT/build"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$hash_now" ]; then
   log "installing Python packages into $VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip >/dev/null
