@@ -335,17 +335,26 @@ class FlushSchedule:
         self._dirty: dict[str, float] = {}
         self._last_write: dict[str, float] = {}
         self._not_before: dict[str, float] = {}
+        self._deferred_at: dict[str, float] = {}
 
     def mark(self, uid: str, now: float) -> bool:
-        """Record a change; True when its write time moved (clean before, or a deferral ends).
+        """Record a change; True when its write time moved earlier (clean before, or a deferral shortened).
 
-        A change to a deferred policy ends the deferral: the policy is looked at
-        again at its next interval (it may be deferred again).
+        A change to a deferred policy brings its next look forward to one
+        interval after it was deferred (it may be deferred again then): however
+        many changes arrive, a deferred policy is looked at once per interval.
         """
-        if uid in self._dirty:
-            return self._not_before.pop(uid, None) is not None
-        self._dirty[uid] = now
-        return True
+        if uid not in self._dirty:
+            self._dirty[uid] = now
+            return True
+        held = self._not_before.get(uid)
+        if held is None:
+            return False
+        sooner = self._deferred_at[uid] + self.interval
+        if sooner < held:
+            self._not_before[uid] = sooner
+            return True
+        return False
 
     def _ready_at(self, uid: str, since: float) -> float:
         last = self._last_write.get(uid)
@@ -361,23 +370,23 @@ class FlushSchedule:
     def last_write(self, uid: str) -> float | None:
         return self._last_write.get(uid)
 
-    def defer(self, uid: str, until: float) -> None:
-        """Keep ``uid``'s change pending; it is not due before ``until``."""
+    def defer(self, uid: str, until: float, now: float) -> None:
+        """Keep ``uid``'s change pending; it is not due before ``until`` (or a new change, see ``mark``)."""
         self._dirty.setdefault(uid, until)
         self._not_before[uid] = until
+        self._deferred_at[uid] = now
 
     def wrote(self, uid: str, now: float) -> None:
-        self._dirty.pop(uid, None)
-        self._not_before.pop(uid, None)
+        self.clean(uid)
         self._last_write[uid] = now
 
     def clean(self, uid: str) -> None:
         self._dirty.pop(uid, None)
         self._not_before.pop(uid, None)
+        self._deferred_at.pop(uid, None)
 
     def forget(self, uid: str) -> None:
-        self._dirty.pop(uid, None)
-        self._not_before.pop(uid, None)
+        self.clean(uid)
         self._last_write.pop(uid, None)
 
     @property

@@ -309,7 +309,7 @@ class StatusHandover:
             last = self.schedule.last_write(uid)
             if last is not None and self.clock() < last + self.progress_interval and \
                     enforcement.holds_progress(view, desired):
-                self.schedule.defer(uid, last + self.progress_interval)
+                self.schedule.defer(uid, last + self.progress_interval, self.clock())
                 self.stats.held += 1
                 continue
             self.schedule.wrote(uid, self.clock())

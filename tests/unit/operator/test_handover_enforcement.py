@@ -291,12 +291,13 @@ def test_a_deferred_change_waits_and_a_new_change_ends_the_deferral() -> None:
     schedule.wrote(UID, 0.05)
     schedule.mark(UID, 0.5)
     assert schedule.due(1.05) == [UID]
-    schedule.defer(UID, 5.05)  # progress held back
-    assert schedule.due(4.0) == [] and schedule.next_deadline() == 5.05
-    assert schedule.mark(UID, 4.1)  # something new arrived: look again at the next interval
-    assert schedule.due(4.1) == [UID]
-    schedule.defer(UID, 5.05)
-    assert schedule.due(5.05) == [UID]
+    schedule.defer(UID, 5.05, now=1.05)  # progress held back
+    assert schedule.due(2.0) == [] and schedule.next_deadline() == 5.05
+    assert schedule.mark(UID, 1.5)  # something new arrived: look again one interval after deferring
+    assert not schedule.mark(UID, 1.6)  # more news changes nothing: once per interval
+    assert schedule.due(2.04) == [] and schedule.due(2.05) == [UID]
+    schedule.defer(UID, 5.05, now=2.05)  # still catching up
+    assert schedule.due(5.0) == [] and schedule.due(5.05) == [UID]
 
 
 @pytest.mark.parametrize(("reports", "shown", "holds"), [
