@@ -37,6 +37,12 @@
 /* endpoint_info.flags */
 #define CY_EP_INGRESS_ENFORCED (1U << 0)
 #define CY_EP_EGRESS_ENFORCED (1U << 1)
+/* cy_policy_deny holds entries for this endpoint and direction; when clear the
+ * deny probes are skipped. The agent keeps the flag a superset of the map's
+ * contents: set before the first deny entry is written, cleared only after the
+ * last one is deleted (ciliary.nodeagent.planning.write_order). */
+#define CY_EP_INGRESS_DENY (1U << 2)
+#define CY_EP_EGRESS_DENY (1U << 3)
 
 /* policy_value.flags */
 #define CY_POLICY_DENY (1U << 0)

@@ -23,7 +23,7 @@ struct ipcache_value {
 struct endpoint_info {
 	__u32 ep_id;    /* node-local endpoint id, >= 1, allocated by the planner */
 	__u32 identity; /* security identity of the pod */
-	__u32 flags;    /* CY_EP_*_ENFORCED */
+	__u32 flags;    /* CY_EP_*_ENFORCED, CY_EP_*_DENY */
 	__u32 ifindex;  /* host-side veth in the node netns (diagnostics) */
 };
 

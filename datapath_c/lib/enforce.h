@@ -6,10 +6,13 @@
  *   1. not IPv4, or the pod side is not a known endpoint -> pass (no event);
  *   2. reply of a tracked connection -> pass (CY_OK_REPLY);
  *   3. direction not enforced -> pass (CY_OK_UNENFORCED);
- *   4. policy.h verdict: deny entry -> drop, allow entry -> pass, else drop.
+ *   4. policy.h verdict: deny entry -> drop, allow entry -> pass, else drop
+ *      (the deny map is probed only when the endpoint's CY_EP_*_DENY is set).
  * Forwarded forward-direction packets create/refresh a cy_ct entry; a flow
  * event is emitted for every drop and every new connection (every packet when
- * CY_TRACE_ALL).
+ * CY_TRACE_ALL). The peer's identity (ipcache.h) is looked up only when the
+ * verdict or an event needs it: replies and unenforced packets of a known
+ * connection, most of the traffic, skip that lookup.
  */
 #ifndef CY_ENFORCE_H
 #define CY_ENFORCE_H
@@ -18,8 +21,8 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 {
 	struct cy_packet p = {};
 	struct endpoint_info *ep;
-	__u32 pod_addr, peer_addr, peer_id, cookie = 0;
-	__u32 flag;
+	__u32 pod_addr, peer_addr, peer_id = 0, cookie = 0;
+	__u32 flags, enforced, has_deny;
 	__u64 now;
 	__u8 reason;
 	int parsed, is_new;
@@ -34,14 +37,16 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_OK;
 
 	now = bpf_ktime_get_ns();
-	peer_id = cy_identity_of(peer_addr);
-	flag = dir == CY_DIR_EGRESS ? CY_EP_EGRESS_ENFORCED : CY_EP_INGRESS_ENFORCED;
+	flags = ep->flags;
+	enforced = flags & (dir == CY_DIR_EGRESS ? CY_EP_EGRESS_ENFORCED : CY_EP_INGRESS_ENFORCED);
+	has_deny = flags & (dir == CY_DIR_EGRESS ? CY_EP_EGRESS_DENY : CY_EP_INGRESS_DENY);
 #define CY_SRC_ID (dir == CY_DIR_EGRESS ? ep->identity : peer_id)
 #define CY_DST_ID (dir == CY_DIR_EGRESS ? peer_id : ep->identity)
 
 	if (parsed == CY_PARSE_SHORT) {
-		if (!(ep->flags & flag))
+		if (!enforced)
 			return TC_ACT_OK;
+		peer_id = cy_identity_of(peer_addr);
 		cy_count(dir, CY_DROP_INVALID, p.len);
 		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, CY_DROP_INVALID, 0, ep->ep_id,
 			CY_SRC_ID, CY_DST_ID, 0, now);
@@ -50,17 +55,21 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 
 	if (cy_ct_is_reply(&p, dir, now)) {
 		cy_count(dir, CY_OK_REPLY, p.len);
-		if (CY_TRACE_ALL)
+		if (CY_TRACE_ALL) {
+			peer_id = cy_identity_of(peer_addr);
 			cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, CY_OK_REPLY, 1, ep->ep_id,
 				CY_SRC_ID, CY_DST_ID, 0, now);
+		}
 		return TC_ACT_OK;
 	}
 
-	if (ep->flags & flag)
-		reason = cy_policy_verdict(ep->ep_id, dir, peer_id, p.protocol, p.policy_port,
-					   &cookie);
-	else
+	if (enforced) {
+		peer_id = cy_identity_of(peer_addr);
+		reason = cy_policy_verdict(ep->ep_id, dir, has_deny, peer_id, p.protocol,
+					   p.policy_port, &cookie);
+	} else {
 		reason = CY_OK_UNENFORCED;
+	}
 
 	cy_count(dir, reason, p.len);
 	if (reason == CY_DROP_POLICY || reason == CY_DROP_POLICY_DENY) {
@@ -69,9 +78,12 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_SHOT;
 	}
 	is_new = cy_ct_track(&p, dir, ep->ep_id, cookie, now);
-	if (is_new || CY_TRACE_ALL)
+	if (is_new || CY_TRACE_ALL) {
+		if (!enforced)
+			peer_id = cy_identity_of(peer_addr);
 		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID,
 			CY_DST_ID, cookie, now);
+	}
 	return TC_ACT_OK;
 #undef CY_SRC_ID
 #undef CY_DST_ID

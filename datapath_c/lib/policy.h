@@ -21,8 +21,13 @@
  * first and the allow map second gives "deny beats allow" whatever the
  * specificity: inside one map every key has the same verdict, so a longer
  * prefix can never hide a shorter one of the other verdict.
- * At most 8 LPM lookups per packet; map writes never recompile.
- * The Python model is ciliary.nodeagent.planning.simulate_lookup, checked
+ * The deny probes are skipped when the endpoint's CY_EP_*_DENY flag for the
+ * direction is clear: the agent keeps that flag set whenever cy_policy_deny
+ * holds an entry of the endpoint and direction (consts.h), so skipping them
+ * never changes the answer. Most endpoints have no deny entry at all.
+ * At most 8 LPM lookups per packet (4 without deny entries); map writes never
+ * recompile.
+ * The Python model is ciliary.nodeagent.lookup_model.simulate_lookup, checked
  * against evaluate_entries by hypothesis in tests/unit/nodeagent.
  */
 #ifndef CY_POLICY_H
@@ -74,16 +79,20 @@ static __always_inline struct policy_value *cy_policy_probe(int deny, __u32 ep_i
 	return val;
 }
 
-/* Returns a drop_reasons.h code; *cookie gets the deciding rule's cookie. */
-static __always_inline __u8 cy_policy_verdict(__u32 ep_id, __u8 dir, __u32 identity,
-					      __u8 proto, __u16 port, __u32 *cookie)
+/* Returns a drop_reasons.h code; *cookie gets the deciding rule's cookie.
+ * has_deny: the endpoint's CY_EP_*_DENY flag of dir (0 skips cy_policy_deny). */
+static __always_inline __u8 cy_policy_verdict(__u32 ep_id, __u8 dir, __u32 has_deny,
+					      __u32 identity, __u8 proto, __u16 port,
+					      __u32 *cookie)
 {
 	struct policy_value *val;
 
-	val = cy_policy_probe(1, ep_id, dir, identity, proto, port);
-	if (val) {
-		*cookie = val->cookie;
-		return CY_DROP_POLICY_DENY;
+	if (has_deny) {
+		val = cy_policy_probe(1, ep_id, dir, identity, proto, port);
+		if (val) {
+			*cookie = val->cookie;
+			return CY_DROP_POLICY_DENY;
+		}
 	}
 	val = cy_policy_probe(0, ep_id, dir, identity, proto, port);
 	if (val) {

@@ -5,11 +5,12 @@ observes what is loaded (:class:`DatapathState`: program hashes from the
 pins, tc attachments, the contents of every policy-related map as typed
 keys and values), and :func:`plan` returns the difference to the intent as a
 :class:`Plan`: programs to compile (only when a rendered hash changed), veths
-to attach or detach, and upserts/deletes per map.
+to attach or detach, and upserts/deletes per map, written in the order of
+:func:`write_order`.
 
 This module also owns the typed encoding of intents into map entries (port
-ranges as LPM prefix blocks, rule cookies, endpoint ids) and
-:func:`simulate_lookup`, the Python model of ``datapath_c/lib/policy.h``.
+ranges as LPM prefix blocks, rule cookies, endpoint ids, endpoint flags); the
+Python model of the datapath's lookup over them is ``lookup_model``.
 No bcc, no netlink: ``datapath/maps.py`` turns these types into ctypes.
 """
 
@@ -21,7 +22,7 @@ import json
 import zlib
 from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Address, IPv4Network
-from typing import Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from ciliary.operator import intents
 
@@ -43,7 +44,19 @@ class MapDirection(enum.IntEnum):
 
 EP_INGRESS_ENFORCED = 1 << 0
 EP_EGRESS_ENFORCED = 1 << 1
+EP_INGRESS_DENY = 1 << 2
+EP_EGRESS_DENY = 1 << 3
+EP_DENY_FLAGS = EP_INGRESS_DENY | EP_EGRESS_DENY
+"""``CY_EP_*_DENY``: cy_policy_deny holds entries of the endpoint and direction."""
 POLICY_DENY = 1 << 0
+
+
+def enforced_flag(direction: MapDirection) -> int:
+    return EP_INGRESS_ENFORCED if direction is MapDirection.INGRESS else EP_EGRESS_ENFORCED
+
+
+def deny_flag(direction: MapDirection) -> int:
+    return EP_INGRESS_DENY if direction is MapDirection.INGRESS else EP_EGRESS_DENY
 
 
 # ---------------------------------------------------------------- map types
@@ -185,58 +198,14 @@ def direction_maps(ep_id: int, direction: MapDirection, policy: intents.Directio
     return allow, deny
 
 
-def endpoint_flags(endpoint: intents.EndpointIntent) -> int:
-    return (EP_INGRESS_ENFORCED if endpoint.ingress.enforced else 0) | (
-        EP_EGRESS_ENFORCED if endpoint.egress.enforced else 0
-    )
-
-
-# ---------------------------------------------------------------- the lookup model
-
-
-@dataclasses.dataclass(frozen=True)
-class LookupResult:
-    allowed: bool
-    reason: Literal["allowed", "denied-by-rule", "default-deny", "not-enforced"]
-    cookie: int = 0
-
-
-def _lpm_hit(table: Mapping[PolicyKey, PolicyValue], ep_id: int, direction: MapDirection,
-             identity: int, protocol: int, port: int) -> PolicyValue | None:
-    """One LPM lookup of the full-length key, as the kernel's trie answers it."""
-    for bits in range(PORT_BITS, -1, -1):
-        start = port & ~((1 << (PORT_BITS - bits)) - 1) & 0xFFFF
-        value = table.get(PolicyKey(ep_id, direction, identity, protocol, start, bits))
-        if value is not None:
-            return value
-    return None
-
-
-def _probe(table: Mapping[PolicyKey, PolicyValue], ep_id: int, direction: MapDirection,
-           identity: int, protocol: int, port: int) -> PolicyValue | None:
-    identities = (identity, 0) if identity != 0 else (0,)
-    protocols = (protocol, 0) if protocol != 0 else (0,)
-    for ident in identities:
-        for proto in protocols:
-            hit = _lpm_hit(table, ep_id, direction, ident, proto, port)
-            if hit is not None:
-                return hit
-    return None
-
-
-def simulate_lookup(allow: Mapping[PolicyKey, PolicyValue], deny: Mapping[PolicyKey, PolicyValue], *,
-                    enforced: bool, ep_id: int, direction: MapDirection, identity: int,
-                    protocol: int, port: int) -> LookupResult:
-    """What ``cy_policy_verdict`` in datapath_c/lib/policy.h decides for one packet."""
-    if not enforced:
-        return LookupResult(True, "not-enforced")
-    hit = _probe(deny, ep_id, direction, identity, protocol, port)
-    if hit is not None:
-        return LookupResult(False, "denied-by-rule", hit.cookie)
-    hit = _probe(allow, ep_id, direction, identity, protocol, port)
-    if hit is not None:
-        return LookupResult(True, "allowed", hit.cookie)
-    return LookupResult(False, "default-deny")
+def endpoint_flags(endpoint: intents.EndpointIntent, deny: Mapping[PolicyKey, PolicyValue]) -> int:
+    """``CY_EP_*``: enforced directions, and directions with keys in ``deny`` (its deny map)."""
+    flags = 0
+    for direction in intents.Direction:
+        d = MapDirection.of(direction)
+        flags |= enforced_flag(d) if endpoint.direction(direction).enforced else 0
+        flags |= deny_flag(d) if any(k.direction is d for k in deny) else 0
+    return flags
 
 
 # ---------------------------------------------------------------- state and plan
@@ -286,8 +255,13 @@ class Plan:
     """Hooks whose rendered hash differs from the loaded program."""
     ipcache: MapDiff[IPv4Network, IpcacheValue]
     endpoints: MapDiff[IPv4Address, EndpointValue]
+    """Endpoints as desired, but keeping deny flags that are still set (lowered later)."""
     policy: MapDiff[PolicyKey, PolicyValue]
     policy_deny: MapDiff[PolicyKey, PolicyValue]
+    raise_deny_flags: MapDiff[IPv4Address, EndpointValue]
+    """Upserts only: existing endpoints gaining a deny flag, before any deny entry is written."""
+    lower_deny_flags: MapDiff[IPv4Address, EndpointValue]
+    """Upserts only: the final endpoint values, after the last deny entry is deleted."""
     attach: tuple[Attachment, ...]
     """Attach, or atomically replace, these programs."""
     detach: tuple[Attachment, ...]
@@ -298,7 +272,8 @@ class Plan:
 
     @property
     def map_writes(self) -> int:
-        return len(self.ipcache) + len(self.endpoints) + len(self.policy) + len(self.policy_deny)
+        return (len(self.ipcache) + len(self.endpoints) + len(self.policy) + len(self.policy_deny)
+                + len(self.raise_deny_flags) + len(self.lower_deny_flags))
 
     @property
     def empty(self) -> bool:
@@ -336,13 +311,37 @@ def desired_maps(intent: intents.NodeIntent, ids: Mapping[IPv4Address, int],
         if ip not in ids:
             continue
         ep_id = ids[ip]
-        endpoints[ip] = EndpointValue(ep_id, endpoint.identity, endpoint_flags(endpoint), veths[ip].ifindex)
+        own_deny: PolicyMap = {}
         for direction in intents.Direction:
             a, d = direction_maps(ep_id, MapDirection.of(direction), endpoint.direction(direction))
-            for src, dst in ((a, allow), (d, deny)):
-                for key, value in src.items():
-                    dst[key] = value
+            allow.update(a)
+            own_deny.update(d)
+        deny.update(own_deny)
+        endpoints[ip] = EndpointValue(ep_id, endpoint.identity, endpoint_flags(endpoint, own_deny),
+                                      veths[ip].ifindex)
     return ipcache, endpoints, allow, deny
+
+
+def _with_deny_flags(value: EndpointValue, flags: int) -> EndpointValue:
+    return dataclasses.replace(value, flags=value.flags | (flags & EP_DENY_FLAGS))
+
+
+def deny_flag_steps(observed: Mapping[IPv4Address, EndpointValue],
+                    desired: Mapping[IPv4Address, EndpointValue]) -> tuple[
+                        dict[IPv4Address, EndpointValue], dict[IPv4Address, EndpointValue],
+                        dict[IPv4Address, EndpointValue]]:
+    """(raised, held, lowered): the three endpoint writes that keep every deny flag set
+    while the deny map may hold entries of its endpoint and direction (see write_order).
+
+    raised: observed endpoints with the desired deny flags added; held: the desired
+    values plus the observed deny flags; lowered: the desired values where they differ.
+    """
+    raised = {ip: _with_deny_flags(old, desired[ip].flags) for ip, old in observed.items()
+              if ip in desired and desired[ip].flags & EP_DENY_FLAGS & ~old.flags}
+    held = {ip: _with_deny_flags(value, observed[ip].flags) if ip in observed else value
+            for ip, value in desired.items()}
+    lowered = {ip: value for ip, value in desired.items() if held[ip] != value}
+    return raised, held, lowered
 
 
 def plan(desired: intents.NodeIntent, observed: DatapathState, *, programs: Mapping[str, str],
@@ -357,6 +356,7 @@ def plan(desired: intents.NodeIntent, observed: DatapathState, *, programs: Mapp
     placed = sorted(ip for ip in intent_ips if ip in veths)
     ids = allocate_endpoint_ids(placed, observed.endpoints)
     ipcache, endpoints, allow, deny = desired_maps(desired, ids, veths)
+    raised, held, lowered = deny_flag_steps(observed.endpoints, endpoints)
 
     wanted = {
         Attachment(veth.ifname, veth.ifindex, hook, programs[hook])
@@ -371,11 +371,48 @@ def plan(desired: intents.NodeIntent, observed: DatapathState, *, programs: Mapp
     return Plan(
         compile=compile_hooks,
         ipcache=diff_map(observed.ipcache, ipcache),
-        endpoints=diff_map(observed.endpoints, endpoints),
+        endpoints=diff_map({**observed.endpoints, **raised}, held),
         policy=diff_map(observed.policy, allow),
         policy_deny=diff_map(observed.policy_deny, deny),
+        raise_deny_flags=MapDiff(raised),
+        lower_deny_flags=MapDiff(lowered),
         attach=tuple(attach),
         detach=tuple(detach),
         endpoint_ids=ids,
         unplaced=tuple(sorted(intent_ips - set(placed))),
+    )
+
+
+MapName = Literal["ipcache", "endpoints", "policy", "policy_deny"]
+"""A map of the plan, named as the :class:`DatapathState` field holding its contents."""
+WriteStep = tuple[MapName, Literal["upserts", "deletes"], MapDiff[Any, Any]]
+
+
+def write_order(p: Plan) -> tuple[WriteStep, ...]:
+    """The order in which the engine writes a plan's maps (each step one element at a time).
+
+    No intermediate state forwards a packet that neither the old nor the new state
+    forwards (tests/unit/nodeagent/test_lookup_model.py walks every single write):
+    1. policy entries before endpoints on the way in, endpoints before policy entries on
+       the way out: a new endpoint is never enforced without its entries;
+    2. deny entries are written before allow entries and deleted after them;
+    3. the datapath skips the deny map of an endpoint and direction whose CY_EP_*_DENY
+       flag is clear, so that flag is kept a superset of the deny map's contents: it is
+       raised on existing endpoints before the first deny entry is written, held by the
+       main endpoint writes, and lowered only after the last deny entry is deleted. (A
+       new endpoint gets its flag with its first write, after its entries; a removed one
+       is deleted before its entries.) A set flag without entries costs four missing
+       lookups; a clear flag with entries would pass a denied packet that an allow covers.
+    """
+    return (
+        ("ipcache", "upserts", p.ipcache),
+        ("endpoints", "upserts", p.raise_deny_flags),
+        ("policy_deny", "upserts", p.policy_deny),
+        ("policy", "upserts", p.policy),
+        ("endpoints", "upserts", p.endpoints),
+        ("endpoints", "deletes", p.endpoints),
+        ("policy", "deletes", p.policy),
+        ("policy_deny", "deletes", p.policy_deny),
+        ("endpoints", "upserts", p.lower_deny_flags),
+        ("ipcache", "deletes", p.ipcache),
     )

@@ -126,6 +126,20 @@ def test_deny_beats_allow(lab: Lab) -> None:
     assert lab.ca.tcp(lab.b.ip, 8080) == "ok"
 
 
+def test_deny_added_to_and_removed_from_a_live_endpoint(lab: Lab) -> None:
+    """The endpoint's deny flag follows its deny entries: set with the first, cleared after the last."""
+    allow_c = allow(ID_C, Protocol.TCP, 8080)
+    lab.apply(b_in=enforced(allow_c))
+    assert lab.cc.tcp(lab.b.ip, 8080) == "ok"
+    assert not lab.dp.observe().endpoints[IPv4Address(lab.b.ip)].flags & planning.EP_INGRESS_DENY
+    lab.apply(b_in=enforced(allow_c, deny(ID_C, Protocol.TCP, 8080)))
+    assert lab.dp.observe().endpoints[IPv4Address(lab.b.ip)].flags & planning.EP_INGRESS_DENY
+    assert lab.cc.tcp(lab.b.ip, 8080) == "timeout"
+    lab.apply(b_in=enforced(allow_c))
+    assert not lab.dp.observe().endpoints[IPv4Address(lab.b.ip)].flags & planning.EP_INGRESS_DENY
+    assert lab.cc.tcp(lab.b.ip, 8080) == "ok"
+
+
 def test_port_ranges(lab: Lab) -> None:
     lab.apply(b_in=enforced(allow(ID_A, Protocol.TCP, 8000, 8100), allow(0, Protocol.UDP, 5000, 5999)))
     assert [lab.ca.tcp(lab.b.ip, p) for p in TCP_PORTS] == ["timeout", "ok", "ok", "timeout", "timeout"]
@@ -247,3 +261,5 @@ def test_failed_write_is_rolled_back(lab: Lab, monkeypatch: pytest.MonkeyPatch) 
     assert lab.ca.tcp(lab.b.ip, 8081) == "timeout"
     assert lab.dp.observe().policy == lab.dp.state.policy
     assert lab.dp.observe().policy_deny == {}
+    assert lab.dp.observe().endpoints == lab.dp.state.endpoints  # the raised deny flag was lowered again
+    assert not any(e.flags & planning.EP_DENY_FLAGS for e in lab.dp.state.endpoints.values())

@@ -65,8 +65,8 @@ def test_same_intent_again_is_a_no_op() -> None:
 
 
 POLICY_CHANGES = [
-    pytest.param((ALLOW_80,), (ALLOW_80, DENY_ANY), 0, 1, 0, id="add a deny"),
-    pytest.param((ALLOW_80, DENY_ANY), (ALLOW_80,), 0, 0, 1, id="remove a deny"),
+    pytest.param((ALLOW_80,), (ALLOW_80, DENY_ANY), 0, 1, 0, id="add a deny (and its endpoint flag)"),
+    pytest.param((ALLOW_80, DENY_ANY), (ALLOW_80,), 0, 0, 1, id="remove a deny (and its endpoint flag)"),
     pytest.param((ALLOW_80,), (ALLOW_80.model_copy(update={"port_high": 81}),), 1, 0, 1,
                  id="80 -> 80-81: one new block, one gone"),
     pytest.param((ALLOW_80,), (ALLOW_80.model_copy(update={"port_low": 8000, "port_high": 8100}),), 4, 0, 1,
@@ -85,6 +85,27 @@ def test_policy_change_is_map_writes_only(before: tuple[PolicyEntry, ...], after
     assert len(p.policy_deny.upserts) == deny_upserts
     assert len(p.policy.deletes) + len(p.policy_deny.deletes) == deletes
     assert not p.endpoints
+
+
+def test_deny_flag_is_raised_before_deny_entries_and_lowered_after_them() -> None:
+    allow_only = intent(endpoint(A, 1001, ingress=DirectionPolicy(enforced=True, entries=(ALLOW_80,))))
+    with_deny = intent(endpoint(A, 1001, ingress=DirectionPolicy(enforced=True, entries=(ALLOW_80, DENY_ANY))))
+    enforced, raised = planning.EP_INGRESS_ENFORCED, planning.EP_INGRESS_ENFORCED | planning.EP_INGRESS_DENY
+    add = planning.plan(with_deny, applied(allow_only, {A: VETH[A]}), programs=PROGRAMS, veths={A: VETH[A]})
+    assert add.raise_deny_flags.upserts == {A: EndpointValue(1, 1001, raised, 11)}
+    assert not add.endpoints and not add.lower_deny_flags
+    remove = planning.plan(allow_only, applied(with_deny, {A: VETH[A]}), programs=PROGRAMS, veths={A: VETH[A]})
+    assert remove.lower_deny_flags.upserts == {A: EndpointValue(1, 1001, enforced, 11)}
+    assert not remove.endpoints and not remove.raise_deny_flags
+    order = [(name, kind) for name, kind, diff in planning.write_order(remove) if diff]
+    assert order.index(("policy_deny", "deletes")) < order.index(("endpoints", "upserts"))
+
+
+def test_new_endpoint_with_deny_entries_is_written_once_with_its_flag() -> None:
+    desired = intent(endpoint(A, 1001, egress=DirectionPolicy(entries=(DENY_ANY,))))
+    p = planning.plan(desired, DatapathState(), programs=PROGRAMS, veths={A: VETH[A]})
+    assert p.endpoints.upserts == {A: EndpointValue(1, 1001, planning.EP_EGRESS_DENY, 11)}
+    assert not p.raise_deny_flags and not p.lower_deny_flags
 
 
 def test_enforcement_flag_change_rewrites_only_the_endpoint() -> None:

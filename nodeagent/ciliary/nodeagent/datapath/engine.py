@@ -8,7 +8,8 @@ contents, programs whose hash still matches keep running), compiles the rest
 are used through the fds of their pins (``libbpf``): this process never
 compiles, nor imports bcc. ``apply(intent, endpoints)`` plans against a
 shadow of what was written (``planning.plan``) and applies: maps (capacity
-checked first, undone on failure), then tc attachments.
+checked first, written in ``planning.write_order``, undone on failure), then
+tc attachments.
 
 Failures are typed (``errors``): a compile or verifier failure happens before
 anything is touched, a map failure is rolled back, so the last good state
@@ -258,16 +259,8 @@ class Datapath:
         if the_plan.compile:
             self._load(rendered)
 
-        # 2. Maps: all capacities first, then writes with an undo log.
-        self._write_maps(the_plan, observed)
-        state = dataclasses.replace(
-            observed,
-            programs=dict(hashes),
-            ipcache=_patched(observed.ipcache, the_plan.ipcache),
-            endpoints=_patched(observed.endpoints, the_plan.endpoints),
-            policy=_patched(observed.policy, the_plan.policy),
-            policy_deny=_patched(observed.policy_deny, the_plan.policy_deny),
-        )
+        # 2. Maps: all capacities first, then writes with an undo log (planning.write_order).
+        state = dataclasses.replace(self._write_maps(the_plan, observed), programs=dict(hashes))
         self._rules = {planning.rule_cookie(e.rules): e.rules
                        for ep in intent.endpoints for d in (ep.ingress, ep.egress) for e in d.entries}
 
@@ -313,27 +306,35 @@ class Datapath:
             raise errors.AttachFailed(first.ifname, first.hook, first.message, tuple(failures[1:]))
         return result
 
-    def _write_maps(self, the_plan: planning.Plan, observed: planning.DatapathState) -> None:
+    def _write_maps(self, the_plan: planning.Plan, observed: planning.DatapathState) -> planning.DatapathState:
+        """Write the plan's maps in ``planning.write_order``; returns ``observed`` as patched."""
         ctx = self.context
-        steps: list[tuple[maps.Codec[Any, Any], Mapping[Any, Any], planning.MapDiff[Any, Any], int]] = [
-            (maps.IPCACHE, observed.ipcache, the_plan.ipcache, ctx.ipcache_size),
-            (maps.POLICY_DENY, observed.policy_deny, the_plan.policy_deny, ctx.policy_size),
-            (maps.POLICY, observed.policy, the_plan.policy, ctx.policy_size),
-            (maps.ENDPOINTS, observed.endpoints, the_plan.endpoints, ctx.endpoints_size),
-        ]
-        for codec, obs, diff, capacity in steps:
-            maps.check_capacity(codec, obs, diff, capacity)
+        codecs: dict[str, tuple[maps.Codec[Any, Any], int]] = {
+            "ipcache": (maps.IPCACHE, ctx.ipcache_size),
+            "endpoints": (maps.ENDPOINTS, ctx.endpoints_size),
+            "policy": (maps.POLICY, ctx.policy_size),
+            "policy_deny": (maps.POLICY_DENY, ctx.policy_size),
+        }
+        current: dict[str, dict[Any, Any]] = {name: dict(getattr(observed, name)) for name in codecs}
+        for name, (codec, capacity) in codecs.items():
+            # The deny-flag writes only rewrite existing endpoints: the main diff decides the size.
+            maps.check_capacity(codec, current[name], getattr(the_plan, name), capacity)
         undo = maps.UndoLog()
         try:
-            # Policy before endpoints on the way in, endpoints before policy on the way
-            # out: a new endpoint is never enforced without its entries.
-            for codec, obs, diff, _ in steps:
-                maps.apply_upserts(self._fd(codec.name), codec, obs, diff, undo)
-            for codec, obs, diff, _ in reversed(steps):
-                maps.apply_deletes(self._fd(codec.name), codec, obs, diff, undo)
+            for name, kind, diff in planning.write_order(the_plan):
+                codec, fd, contents = codecs[name][0], self._fd(codecs[name][0].name), current[name]
+                if kind == "upserts":
+                    maps.apply_upserts(fd, codec, contents, diff, undo)
+                    contents.update(diff.upserts)
+                else:
+                    maps.apply_deletes(fd, codec, contents, diff, undo)
+                    for key in diff.deletes:
+                        del contents[key]
         except errors.MapWriteFailed:
             undo.rollback()
             raise
+        return dataclasses.replace(observed, ipcache=current["ipcache"], endpoints=current["endpoints"],
+                                   policy=current["policy"], policy_deny=current["policy_deny"])
 
     def _unpin_stale_programs(self) -> None:
         current = {loading.program_pin_path(self.pin_dir, h, sha) for h, sha in self._programs.items()}
@@ -368,14 +369,6 @@ class Datapath:
 
     def conntrack_size(self) -> int:
         return maps.count_entries(self._fd("cy_ct"), maps.CtKeyC)
-
-
-def _patched(observed: Mapping[Any, Any], diff: planning.MapDiff[Any, Any]) -> dict[Any, Any]:
-    out = dict(observed)
-    for key in diff.deletes:
-        out.pop(key, None)
-    out.update(diff.upserts)
-    return out
 
 
 def _release_freed_heap() -> None:

@@ -56,6 +56,12 @@
 /* endpoint_info.flags */
 #define CY_EP_INGRESS_ENFORCED (1U << 0)
 #define CY_EP_EGRESS_ENFORCED (1U << 1)
+/* cy_policy_deny holds entries for this endpoint and direction; when clear the
+ * deny probes are skipped. The agent keeps the flag a superset of the map's
+ * contents: set before the first deny entry is written, cleared only after the
+ * last one is deleted (ciliary.nodeagent.planning.write_order). */
+#define CY_EP_INGRESS_DENY (1U << 2)
+#define CY_EP_EGRESS_DENY (1U << 3)
 
 /* policy_value.flags */
 #define CY_POLICY_DENY (1U << 0)
@@ -144,7 +150,7 @@ struct ipcache_value {
 struct endpoint_info {
 	__u32 ep_id;    /* node-local endpoint id, >= 1, allocated by the planner */
 	__u32 identity; /* security identity of the pod */
-	__u32 flags;    /* CY_EP_*_ENFORCED */
+	__u32 flags;    /* CY_EP_*_ENFORCED, CY_EP_*_DENY */
 	__u32 ifindex;  /* host-side veth in the node netns (diagnostics) */
 };
 
@@ -494,8 +500,13 @@ static __always_inline __u32 cy_identity_of(__u32 addr)
  * first and the allow map second gives "deny beats allow" whatever the
  * specificity: inside one map every key has the same verdict, so a longer
  * prefix can never hide a shorter one of the other verdict.
- * At most 8 LPM lookups per packet; map writes never recompile.
- * The Python model is ciliary.nodeagent.planning.simulate_lookup, checked
+ * The deny probes are skipped when the endpoint's CY_EP_*_DENY flag for the
+ * direction is clear: the agent keeps that flag set whenever cy_policy_deny
+ * holds an entry of the endpoint and direction (consts.h), so skipping them
+ * never changes the answer. Most endpoints have no deny entry at all.
+ * At most 8 LPM lookups per packet (4 without deny entries); map writes never
+ * recompile.
+ * The Python model is ciliary.nodeagent.lookup_model.simulate_lookup, checked
  * against evaluate_entries by hypothesis in tests/unit/nodeagent.
  */
 #ifndef CY_POLICY_H
@@ -547,16 +558,20 @@ static __always_inline struct policy_value *cy_policy_probe(int deny, __u32 ep_i
 	return val;
 }
 
-/* Returns a drop_reasons.h code; *cookie gets the deciding rule's cookie. */
-static __always_inline __u8 cy_policy_verdict(__u32 ep_id, __u8 dir, __u32 identity,
-					      __u8 proto, __u16 port, __u32 *cookie)
+/* Returns a drop_reasons.h code; *cookie gets the deciding rule's cookie.
+ * has_deny: the endpoint's CY_EP_*_DENY flag of dir (0 skips cy_policy_deny). */
+static __always_inline __u8 cy_policy_verdict(__u32 ep_id, __u8 dir, __u32 has_deny,
+					      __u32 identity, __u8 proto, __u16 port,
+					      __u32 *cookie)
 {
 	struct policy_value *val;
 
-	val = cy_policy_probe(1, ep_id, dir, identity, proto, port);
-	if (val) {
-		*cookie = val->cookie;
-		return CY_DROP_POLICY_DENY;
+	if (has_deny) {
+		val = cy_policy_probe(1, ep_id, dir, identity, proto, port);
+		if (val) {
+			*cookie = val->cookie;
+			return CY_DROP_POLICY_DENY;
+		}
 	}
 	val = cy_policy_probe(0, ep_id, dir, identity, proto, port);
 	if (val) {
@@ -679,10 +694,13 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, __u8 dir, __u3
  *   1. not IPv4, or the pod side is not a known endpoint -> pass (no event);
  *   2. reply of a tracked connection -> pass (CY_OK_REPLY);
  *   3. direction not enforced -> pass (CY_OK_UNENFORCED);
- *   4. policy.h verdict: deny entry -> drop, allow entry -> pass, else drop.
+ *   4. policy.h verdict: deny entry -> drop, allow entry -> pass, else drop
+ *      (the deny map is probed only when the endpoint's CY_EP_*_DENY is set).
  * Forwarded forward-direction packets create/refresh a cy_ct entry; a flow
  * event is emitted for every drop and every new connection (every packet when
- * CY_TRACE_ALL).
+ * CY_TRACE_ALL). The peer's identity (ipcache.h) is looked up only when the
+ * verdict or an event needs it: replies and unenforced packets of a known
+ * connection, most of the traffic, skip that lookup.
  */
 #ifndef CY_ENFORCE_H
 #define CY_ENFORCE_H
@@ -691,8 +709,8 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 {
 	struct cy_packet p = {};
 	struct endpoint_info *ep;
-	__u32 pod_addr, peer_addr, peer_id, cookie = 0;
-	__u32 flag;
+	__u32 pod_addr, peer_addr, peer_id = 0, cookie = 0;
+	__u32 flags, enforced, has_deny;
 	__u64 now;
 	__u8 reason;
 	int parsed, is_new;
@@ -707,14 +725,16 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_OK;
 
 	now = bpf_ktime_get_ns();
-	peer_id = cy_identity_of(peer_addr);
-	flag = dir == CY_DIR_EGRESS ? CY_EP_EGRESS_ENFORCED : CY_EP_INGRESS_ENFORCED;
+	flags = ep->flags;
+	enforced = flags & (dir == CY_DIR_EGRESS ? CY_EP_EGRESS_ENFORCED : CY_EP_INGRESS_ENFORCED);
+	has_deny = flags & (dir == CY_DIR_EGRESS ? CY_EP_EGRESS_DENY : CY_EP_INGRESS_DENY);
 #define CY_SRC_ID (dir == CY_DIR_EGRESS ? ep->identity : peer_id)
 #define CY_DST_ID (dir == CY_DIR_EGRESS ? peer_id : ep->identity)
 
 	if (parsed == CY_PARSE_SHORT) {
-		if (!(ep->flags & flag))
+		if (!enforced)
 			return TC_ACT_OK;
+		peer_id = cy_identity_of(peer_addr);
 		cy_count(dir, CY_DROP_INVALID, p.len);
 		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, CY_DROP_INVALID, 0, ep->ep_id,
 			CY_SRC_ID, CY_DST_ID, 0, now);
@@ -723,17 +743,21 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 
 	if (cy_ct_is_reply(&p, dir, now)) {
 		cy_count(dir, CY_OK_REPLY, p.len);
-		if (CY_TRACE_ALL)
+		if (CY_TRACE_ALL) {
+			peer_id = cy_identity_of(peer_addr);
 			cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, CY_OK_REPLY, 1, ep->ep_id,
 				CY_SRC_ID, CY_DST_ID, 0, now);
+		}
 		return TC_ACT_OK;
 	}
 
-	if (ep->flags & flag)
-		reason = cy_policy_verdict(ep->ep_id, dir, peer_id, p.protocol, p.policy_port,
-					   &cookie);
-	else
+	if (enforced) {
+		peer_id = cy_identity_of(peer_addr);
+		reason = cy_policy_verdict(ep->ep_id, dir, has_deny, peer_id, p.protocol,
+					   p.policy_port, &cookie);
+	} else {
 		reason = CY_OK_UNENFORCED;
+	}
 
 	cy_count(dir, reason, p.len);
 	if (reason == CY_DROP_POLICY || reason == CY_DROP_POLICY_DENY) {
@@ -742,9 +766,12 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_SHOT;
 	}
 	is_new = cy_ct_track(&p, dir, ep->ep_id, cookie, now);
-	if (is_new || CY_TRACE_ALL)
+	if (is_new || CY_TRACE_ALL) {
+		if (!enforced)
+			peer_id = cy_identity_of(peer_addr);
 		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID,
 			CY_DST_ID, cookie, now);
+	}
 	return TC_ACT_OK;
 #undef CY_SRC_ID
 #undef CY_DST_ID
