@@ -1,10 +1,15 @@
 """Datapath benchmark: TCP request/response rate under policy, vs no program and vs iptables.
 
-Run as root:  PYTHONPATH=operator:nodeagent:e2e .venv/bin/python bench/bench_datapath.py [--n 4000]
+Run as root:  PYTHONPATH=operator:nodeagent:e2e .venv/bin/python bench/bench_datapath.py [--n 20000] [--reps 9]
 
-Topology: tests/integration/datapath/dp_topology.py (two pods, one node netns).
-One persistent TCP connection, N 64-byte ping-pongs (like netperf TCP_RR), median of
---reps runs. Policies have K entries on the server's ingress; the matching one is
+Topology: tests/integration/datapath/dp_topology.py, twice side by side (two pods
+and a node netns each): one never gets a program (the no-program and iptables
+peers), the other runs Ciliary's. One persistent TCP connection per run, N 64-byte
+ping-pongs (like netperf TCP_RR); runs alternate between the two topologies
+(ABBA order) and each ratio is the median of --reps per-pair ratios, so machine
+noise hits both sides of a pair alike. Two program-less topologies measured this
+way differ by up to ~10% per pair on this shared 2-core machine: read the
+medians, not single pairs. Policies have K entries on the server's ingress; the matching one is
 the last in the iptables chain (worst case for a linear scan), and every forward
 packet is evaluated (no ESTABLISHED shortcut), as Ciliary does. Ratios are taken
 against numbers measured in the same run. Also: policy-change-to-enforced latency
@@ -82,37 +87,50 @@ def pct(values: list[float], q: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=4000, help="round trips per run")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--n", type=int, default=20000, help="round trips per run")
+    parser.add_argument("--reps", type=int, default=9, help="interleaved pairs of runs per figure")
     args = parser.parse_args()
 
-    topo = Topology(pods=2)
+    # two identical topologies side by side: "plain" never has a program (no program, then
+    # iptables), "cy" has Ciliary's; runs alternate between them, so every ratio compares
+    # two runs taken a fraction of a second apart on this shared machine
+    plain, cyt = Topology(pods=2), Topology(pods=2)
     dp: engine.Datapath | None = None
     try:
-        topo.up()
-        a, b = topo.pods
-        topo.serve(b, [PORT], [])
-        client = topo.client(a)
-        veths = {p.ip: planning.HostVeth(p.host_ifname, p.host_ifindex) for p in topo.pods}
+        clients = {}
+        for topo in (plain, cyt):
+            topo.up()
+            a, b = topo.pods
+            topo.serve(b, [PORT], [])
+            clients[topo.tag] = (topo.client(a), b.ip)
         version = subprocess.run(["iptables", "--version"], capture_output=True, text=True).stdout.strip()
 
-        base = rr_rate(client, b.ip, args.n, args.reps)
-        ipt = {}
-        for k in SIZES:
-            iptables(topo, k)
-            ipt[k] = rr_rate(client, b.ip, args.n, args.reps)
-        iptables(topo, None)
+        def pair(i: int) -> tuple[float, float]:
+            """(ciliary, peer) rates of two back-to-back runs; the order alternates (ABBA)."""
+            if i % 2:
+                theirs = rr_rate(*clients[plain.tag], args.n, 1)
+                return rr_rate(*clients[cyt.tag], args.n, 1), theirs
+            mine = rr_rate(*clients[cyt.tag], args.n, 1)
+            return mine, rr_rate(*clients[plain.tag], args.n, 1)
 
-        node = f"bench-{topo.tag}"
-        dp = engine.Datapath(node, netns=topo.node_ns)
+        node = f"bench-{cyt.tag}"
+        dp = engine.Datapath(node, netns=cyt.node_ns)
         dp.start()
+        veths = {p.ip: planning.HostVeth(p.host_ifname, p.host_ifindex) for p in cyt.pods}
         compiles = compiling.compile_count()
-        cy = {}
+        rows = []
         revision = 0
         for k in SIZES:
             revision += 1
-            dp.apply(intent(topo, node, revision, entries(k)), veths)
-            cy[k] = rr_rate(client, b.ip, args.n, args.reps)
+            dp.apply(intent(cyt, node, revision, entries(k)), veths)
+            iptables(plain, None)
+            vs_none = [pair(i) for i in range(args.reps)]
+            iptables(plain, k)
+            vs_ipt = [pair(i) for i in range(args.reps)]
+            iptables(plain, None)
+            rows.append((k, statistics.median(t for _, t in vs_none), statistics.median(t for _, t in vs_ipt),
+                         statistics.median(m for m, _ in vs_none + vs_ipt),
+                         statistics.median(m / t for m, t in vs_none), statistics.median(m / t for m, t in vs_ipt)))
 
         latencies: dict[int, list[float]] = {}
         for k, reps in ((1, 50), (1000, 20)):
@@ -120,21 +138,22 @@ def main() -> None:
             extra = tuple(PolicyEntry(identity=90000 + i, protocol=Protocol.TCP, port_low=9000 + i % 100,
                                       verdict=Verdict.ALLOW) for i in range(k))
             revision += 1
-            dp.apply(intent(topo, node, revision, base_entries), veths)
+            dp.apply(intent(cyt, node, revision, base_entries), veths)
             samples = []
             for r in range(reps):
                 revision += 1
                 policy = base_entries + extra if r % 2 == 0 else base_entries
                 began = time.perf_counter()
-                dp.apply(intent(topo, node, revision, policy), veths)
+                dp.apply(intent(cyt, node, revision, policy), veths)
                 samples.append((time.perf_counter() - began) * 1000)
             latencies[k] = samples
         assert compiling.compile_count() == compiles
 
-        print(f"# TCP request/response, {args.n} x 64 B round trips, median of {args.reps}; {version}")
+        print(f"# TCP request/response, {args.n} x 64 B round trips per run; {args.reps} interleaved pairs per "
+              f"ratio (median of per-pair ratios); {version}")
         print(f"{'entries':>8} {'no program':>12} {'iptables':>10} {'ciliary':>10} {'cy/none':>8} {'cy/ipt':>8}")
-        for k in SIZES:
-            print(f"{k:>8} {base:>10.0f}/s {ipt[k]:>8.0f}/s {cy[k]:>8.0f}/s {cy[k] / base:>8.2f} {cy[k] / ipt[k]:>8.2f}")
+        for k, none, ipt, cy, r_none, r_ipt in rows:
+            print(f"{k:>8} {none:>10.0f}/s {ipt:>8.0f}/s {cy:>8.0f}/s {r_none:>8.2f} {r_ipt:>8.2f}")
         print("# policy change -> enforced (Datapath.apply = map writes, no compile)")
         for k, samples in latencies.items():
             print(f"{k:>6} entries: p50 {pct(samples, 0.5):.2f} ms  p99 {pct(samples, 0.99):.2f} ms  "
@@ -143,7 +162,8 @@ def main() -> None:
     finally:
         if dp is not None:
             dp.teardown()
-        topo.down()
+        for topo in (plain, cyt):
+            topo.down()
 
 
 if __name__ == "__main__":
