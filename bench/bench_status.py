@@ -330,6 +330,7 @@ async def run_case(lab: Any, ports: Any, n: int, mode: str) -> dict[str, Any]:
         await asyncio.sleep(3 * INTERVAL)
         before = status_patches(layout, ports.apiserver_url)
         s0, agent_events0, direct0 = child_stats(), fleet.intent_events, fleet.direct_writes
+        failed0 = sum(w.failures for w in fleet.writers.values())
 
         t0, wall0 = time.perf_counter(), time.time()
         await custom.patch_namespaced_custom_object(  # type: ignore[call-arg]
@@ -347,7 +348,8 @@ async def run_case(lab: Any, ports: Any, n: int, mode: str) -> dict[str, Any]:
             await asyncio.sleep(0.05)
         # settle: every agent wrote, then a few intervals of quiet
         deadline = time.monotonic() + 120
-        while fleet.direct and fleet.direct_writes - direct0 < n and time.monotonic() < deadline:
+        while fleet.direct and fleet.direct_writes - direct0 + sum(w.failures for w in fleet.writers.values()) \
+                - failed0 < n and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         await asyncio.sleep(3 * INTERVAL)
         after = status_patches(layout, ports.apiserver_url)
@@ -357,6 +359,8 @@ async def run_case(lab: Any, ports: Any, n: int, mode: str) -> dict[str, Any]:
         return {"nodes": n, "mode": mode, "status_writes": after - before,
                 "handover_writes": s1.get("writes", 0) - s0.get("writes", 0),
                 "agent_writes": fleet.direct_writes - direct0,
+                "agent_failures": sum(w.failures for w in fleet.writers.values()) - failed0,
+                "agent_errors": sorted({w.last_error for w in fleet.writers.values() if w.last_error}),
                 "handover_events": (s1.get("report_events", 0) + s1.get("intent_events", 0))
                 - (s0.get("report_events", 0) + s0.get("intent_events", 0)),
                 "agent_events": fleet.intent_events - agent_events0,
@@ -380,7 +384,7 @@ async def run_case(lab: Any, ports: Any, n: int, mode: str) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'nodes':>6} {'mode':>9} {'status PATCH':>12} {'handover':>8} {'agents':>6} "
+    head = (f"{'nodes':>6} {'mode':>9} {'status PATCH':>12} {'handover':>8} {'agents (failed)':>15} "
             f"{'watch ev (op/agents)':>20} {'published s':>11} {'reported s':>10} {'Enforced s':>10} "
             f"{'op RSS MB':>9} {'direct/handover':>15}")
     out = [head, "-" * len(head)]
@@ -394,7 +398,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             and not other.get("error") else ""
         enf = f"{r['enforced_s']:.2f}" if r["enforced_s"] is not None else "never"
         out.append(f"{r['nodes']:>6} {r['mode']:>9} {r['status_writes']:>12} {r['handover_writes']:>8} "
-                   f"{r['agent_writes']:>6} "
+                   f"{str(r['agent_writes']) + ' (' + str(r.get('agent_failures', 0)) + ')':>15} "
                    f"{str(r['handover_events']) + '/' + str(r['agent_events']):>20} "
                    f"{r['published_s']:>11.2f} {r['agents_reported_s']:>10.2f} {enf:>10} "
                    f"{r['peak_rss_mb']:>9.0f} {ratio:>15}")
@@ -402,12 +406,15 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def parent_main(args: argparse.Namespace) -> None:
+    import logging
+
     from kubernetes_asyncio.client.rest import ApiException
 
     from ciliary.lab import controlplane
     from ciliary.lab.lab import Lab
     from ciliary.lab.layout import Binaries, LabLayout
 
+    logging.getLogger("ciliary.nodeagent.direct_status").setLevel(logging.ERROR)  # counted in the table
     layout = LabLayout(state_dir=ROOT / ".lab-bench-status", prefix="cyb")
     lab = Lab(layout, Binaries.discover())
     lab.down(log=False)

@@ -60,6 +60,7 @@ class DirectStatusWriter:
         """policy uid -> the entry last written."""
         self.writes = 0
         self.failures = 0
+        self.last_error = ""
 
     async def write(self, report: PolicyReport) -> bool:
         """Patch the entry for ``report`` unless it equals the last one written (lastUpdated aside).
@@ -108,5 +109,6 @@ class DirectStatusWriter:
 
     def _failed(self, report: PolicyReport, error: str) -> None:
         self.failures += 1
+        self.last_error = error
         log.warning("Direct status write failed", extra={"node": self.node, "policy": report.name,
                                                          "namespace": report.namespace, "error": error})

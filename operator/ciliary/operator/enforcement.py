@@ -329,9 +329,10 @@ class FlushSchedule:
     pending until a later time (roll-out progress held back).
     """
 
-    def __init__(self, interval: float, settle: float = 0.05) -> None:
+    def __init__(self, interval: float, settle: float = 0.05, recheck: float = 0.2) -> None:
         self.interval = interval
         self.settle = min(settle, interval)
+        self.recheck = min(recheck, interval)
         self._dirty: dict[str, float] = {}
         self._last_write: dict[str, float] = {}
         self._not_before: dict[str, float] = {}
@@ -340,9 +341,11 @@ class FlushSchedule:
     def mark(self, uid: str, now: float) -> bool:
         """Record a change; True when its write time moved earlier (clean before, or a deferral shortened).
 
-        A change to a deferred policy brings its next look forward to one
-        interval after it was deferred (it may be deferred again then): however
-        many changes arrive, a deferred policy is looked at once per interval.
+        A change to a deferred policy brings its next look forward to
+        ``recheck`` after it was deferred (it may be deferred again then): however
+        many changes arrive, a deferred policy is looked at no more often than
+        that, and a roll-out that completes is written at most ``recheck`` (or
+        the interval since the last write) later.
         """
         if uid not in self._dirty:
             self._dirty[uid] = now
@@ -350,7 +353,7 @@ class FlushSchedule:
         held = self._not_before.get(uid)
         if held is None:
             return False
-        sooner = self._deferred_at[uid] + self.interval
+        sooner = self._deferred_at[uid] + self.recheck
         if sooner < held:
             self._not_before[uid] = sooner
             return True

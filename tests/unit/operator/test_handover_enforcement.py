@@ -293,10 +293,10 @@ def test_a_deferred_change_waits_and_a_new_change_ends_the_deferral() -> None:
     assert schedule.due(1.05) == [UID]
     schedule.defer(UID, 5.05, now=1.05)  # progress held back
     assert schedule.due(2.0) == [] and schedule.next_deadline() == 5.05
-    assert schedule.mark(UID, 1.5)  # something new arrived: look again one interval after deferring
-    assert not schedule.mark(UID, 1.6)  # more news changes nothing: once per interval
-    assert schedule.due(2.04) == [] and schedule.due(2.05) == [UID]
-    schedule.defer(UID, 5.05, now=2.05)  # still catching up
+    assert schedule.mark(UID, 2.1)  # something new arrived: look again 0.2 s after deferring (recheck)
+    assert not schedule.mark(UID, 2.2)  # more news changes nothing: no more often than that
+    assert schedule.due(1.24) == [] and schedule.due(2.3) == [UID]
+    schedule.defer(UID, 5.05, now=2.3)  # still catching up
     assert schedule.due(5.0) == [] and schedule.due(5.05) == [UID]
 
 
