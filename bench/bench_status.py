@@ -154,6 +154,15 @@ class AgentFleet:
                 self.leases.append(lease)
                 watch = await client.watch(f"/ciliary/intents/v1/{node}".encode())
                 self.tasks.append(asyncio.create_task(self._agent(client, node, lease, watch, meta)))
+        if self.direct:
+            self.tasks.append(asyncio.create_task(self._retry_ticks()))
+
+    async def _retry_ticks(self) -> None:
+        """The agents' reporting tick (1 s): failed direct writes are sent again after their backoff."""
+        while True:
+            await asyncio.sleep(1.0)
+            for writer in self.writers.values():
+                self.direct_writes += await writer.retry()
 
     async def _agent(self, client: Any, node: str, lease: Any, watch: Any, meta: dict[str, tuple[str, str]]) -> None:
         from ciliary.operator.keyspace import node_intent_key, report_key
@@ -348,8 +357,8 @@ async def run_case(lab: Any, ports: Any, n: int, mode: str) -> dict[str, Any]:
             await asyncio.sleep(0.05)
         # settle: every agent wrote, then a few intervals of quiet
         deadline = time.monotonic() + 120
-        while fleet.direct and fleet.direct_writes - direct0 + sum(w.failures for w in fleet.writers.values()) \
-                - failed0 < n and time.monotonic() < deadline:
+        while fleet.direct and (fleet.direct_writes - direct0 < n or any(w.pending for w in fleet.writers.values())) \
+                and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         await asyncio.sleep(3 * INTERVAL)
         after = status_patches(layout, ports.apiserver_url)
@@ -361,6 +370,7 @@ async def run_case(lab: Any, ports: Any, n: int, mode: str) -> dict[str, Any]:
                 "agent_writes": fleet.direct_writes - direct0,
                 "agent_failures": sum(w.failures for w in fleet.writers.values()) - failed0,
                 "agent_errors": sorted({w.last_error for w in fleet.writers.values() if w.last_error}),
+                "agent_pending": sum(len(w.pending) for w in fleet.writers.values()),
                 "handover_events": (s1.get("report_events", 0) + s1.get("intent_events", 0))
                 - (s0.get("report_events", 0) + s0.get("intent_events", 0)),
                 "agent_events": fleet.intent_events - agent_events0,

@@ -7,15 +7,18 @@ PolicyReports into etcd as well (the operator computes the Enforced condition
 from them); :class:`DirectStatusWriter` adds one merge patch on the status
 subresource per report change. A change of ``lastUpdated`` alone is not a
 change. Who calls it: the agent's reporting loop, right after it puts a report
-(``write``) and after it deletes one (``remove``). Best effort: the etcd report
-stays the source of truth, so a failed write is logged and tried again with the
-next change. Imported by the agent only in direct mode (kubernetes_asyncio costs
+(``write``) and after it deletes one (``remove``), and on every tick
+(``retry``). Best effort: the etcd report stays the source of truth; a failed
+write (many agents patching one object at once can make the apiserver answer
+504) is logged and tried again, with a backoff from 1 s to 30 s, until it lands
+or a newer change replaces it. Imported by the agent only in direct mode (kubernetes_asyncio costs
 ~25 MB of the agent's memory otherwise).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +33,7 @@ GROUP, VERSION = "cilium.io", "v2"
 PLURALS = {"CiliumNetworkPolicy": "ciliumnetworkpolicies",
            "CiliumClusterwideNetworkPolicy": "ciliumclusterwidenetworkpolicies"}
 MERGE_PATCH = "application/merge-patch+json"
+RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0
 
 
 def _entry_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
@@ -61,13 +65,18 @@ class DirectStatusWriter:
         self.writes = 0
         self.failures = 0
         self.last_error = ""
+        self.pending: dict[str, tuple[PolicyReport, bool]] = {}
+        """policy uid -> (report, is_removal) whose write failed, to be retried."""
+        self._retry_at = 0.0
+        self._backoff = RETRY_MIN_S
 
     async def write(self, report: PolicyReport) -> bool:
         """Patch the entry for ``report`` unless it equals the last one written (lastUpdated aside).
 
         Returns True when a patch was sent. A policy that no longer exists is
-        forgotten; a failed write is logged and returns False (tried again on the next change).
+        forgotten; a failed write is logged, returns False and is retried (``retry``).
         """
+        self.pending.pop(report.policy_uid, None)
         entry = status_nodes_entry(report)
         old = self.written.get(report.policy_uid)
         if old is not None and _comparable(old) == _comparable(entry):
@@ -79,8 +88,25 @@ class DirectStatusWriter:
 
     async def remove(self, report: PolicyReport) -> bool:
         """Remove this node's entry (the node no longer enforces the policy)."""
+        self.pending.pop(report.policy_uid, None)
         self.written.pop(report.policy_uid, None)
         return await self._patch(report, None)
+
+    async def retry(self, now: float | None = None) -> int:
+        """Send the failed writes again once their backoff has passed; returns how many landed."""
+        now = time.monotonic() if now is None else now
+        if not self.pending or now < self._retry_at:
+            return 0
+        landed = 0
+        for report, removal in list(self.pending.values()):
+            if await (self.remove(report) if removal else self.write(report)):
+                landed += 1
+        if self.pending:
+            self._backoff = min(self._backoff * 2, RETRY_MAX_S)
+            self._retry_at = now + self._backoff
+        else:
+            self._backoff = RETRY_MIN_S
+        return landed
 
     def forget(self, policy_uid: str) -> None:
         self.written.pop(policy_uid, None)
@@ -97,18 +123,21 @@ class DirectStatusWriter:
                     GROUP, VERSION, plural, report.name, body, _content_type=MERGE_PATCH)
         except ApiException as exc:
             if exc.status != 404:
-                self._failed(report, f"{exc.status} {exc.reason}")
+                self._failed(report, entry is None, f"{exc.status} {exc.reason}")
             self.forget(report.policy_uid)
             return False
         except (aiohttp.ClientError, TimeoutError) as exc:
-            self._failed(report, repr(exc))
+            self._failed(report, entry is None, repr(exc))
             self.forget(report.policy_uid)
             return False
         self.writes += 1
         return True
 
-    def _failed(self, report: PolicyReport, error: str) -> None:
+    def _failed(self, report: PolicyReport, removal: bool, error: str) -> None:
         self.failures += 1
         self.last_error = error
+        self.pending[report.policy_uid] = (report, removal)
+        if len(self.pending) == 1:
+            self._retry_at = time.monotonic() + self._backoff
         log.warning("Direct status write failed", extra={"node": self.node, "policy": report.name,
                                                          "namespace": report.namespace, "error": error})

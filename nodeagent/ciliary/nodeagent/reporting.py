@@ -168,6 +168,8 @@ class Reporter:
             log.info("Reports written", extra={"node": self.node, "puts": len(puts), "deletes": len(deletes),
                                                "lease": lease.id})
         self.written_lease = lease.id
+        if self.direct is not None:
+            await self.direct.retry()
         return True
 
     async def _direct(self, call: Callable[[reports.PolicyReport], Any], report: reports.PolicyReport) -> None:

@@ -214,3 +214,38 @@ async def test_a_roll_out_costs_two_writes_and_a_slow_one_shows_progress() -> No
     assert len(fake.patches) == 4
     progress = fake.patches[2]["status"]["enforcement"]
     assert progress not in ("0/10 nodes", "10/10 nodes")
+
+
+class FlakyCustom(FakeCustom):
+    """The status subresource answering 504 to the first ``failures`` patches."""
+
+    def __init__(self, body: dict[str, Any], failures: int) -> None:
+        super().__init__(body)
+        self.failures = failures
+
+    async def patch_namespaced_custom_object_status(self, *args: Any, **kw: Any) -> dict[str, Any]:
+        if self.failures > 0:
+            self.failures -= 1
+            from kubernetes_asyncio.client.rest import ApiException
+            raise ApiException(status=504, reason="Gateway Timeout")
+        return await super().patch_namespaced_custom_object_status(*args, **kw)
+
+
+async def test_direct_writer_retries_a_failed_write_with_backoff() -> None:
+    fake = FlakyCustom(cnp(), failures=2)
+    writer = DirectStatusWriter(None, "a")  # type: ignore[arg-type]
+    writer.custom = fake  # type: ignore[assignment]
+    assert not await writer.write(report("a"))
+    assert writer.failures == 1 and "504" in writer.last_error and UID in writer.pending
+    t0 = writer._retry_at
+    assert await writer.retry(now=t0 - 0.1) == 0  # backoff not over: nothing sent
+    assert await writer.retry(now=t0) == 0  # second 504: backoff doubles
+    assert writer._retry_at >= t0 + 2.0
+    assert await writer.retry(now=writer._retry_at) == 1
+    assert fake.body["status"]["nodes"]["a"]["localPolicyRevision"] == 5 and not writer.pending
+    # a newer change replaces a pending one
+    fake.failures = 1
+    assert not await writer.remove(report("a"))
+    assert writer.pending[UID][1] is True
+    assert await writer.write(report("a", rev=7))
+    assert not writer.pending and fake.body["status"]["nodes"]["a"]["localPolicyRevision"] == 7
