@@ -34,6 +34,8 @@ PLURALS = {"CiliumNetworkPolicy": "ciliumnetworkpolicies",
            "CiliumClusterwideNetworkPolicy": "ciliumclusterwidenetworkpolicies"}
 MERGE_PATCH = "application/merge-patch+json"
 RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0
+WRITE_TIMEOUT_S = 10
+"""A status PATCH taking longer is given up (and retried): it must not stall the reporting loop."""
 
 
 def _entry_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
@@ -76,7 +78,7 @@ class DirectStatusWriter:
         Returns True when a patch was sent. A policy that no longer exists is
         forgotten; a failed write is logged, returns False and is retried (``retry``).
         """
-        self.pending.pop(report.policy_uid, None)
+        self._settled(report.policy_uid)
         entry = status_nodes_entry(report)
         old = self.written.get(report.policy_uid)
         if old is not None and _comparable(old) == _comparable(entry):
@@ -88,9 +90,15 @@ class DirectStatusWriter:
 
     async def remove(self, report: PolicyReport) -> bool:
         """Remove this node's entry (the node no longer enforces the policy)."""
-        self.pending.pop(report.policy_uid, None)
+        self._settled(report.policy_uid)
         self.written.pop(report.policy_uid, None)
         return await self._patch(report, None)
+
+    def _settled(self, uid: str) -> None:
+        """A newer change replaces the pending one; the backoff starts over once nothing is pending."""
+        self.pending.pop(uid, None)
+        if not self.pending:
+            self._backoff = RETRY_MIN_S
 
     async def retry(self, now: float | None = None) -> int:
         """Send the failed writes again once their backoff has passed; returns how many landed."""
@@ -117,10 +125,12 @@ class DirectStatusWriter:
         try:
             if report.namespace:
                 await self.custom.patch_namespaced_custom_object_status(  # type: ignore[call-arg]
-                    GROUP, VERSION, report.namespace, plural, report.name, body, _content_type=MERGE_PATCH)
+                    GROUP, VERSION, report.namespace, plural, report.name, body, _content_type=MERGE_PATCH,
+                    _request_timeout=WRITE_TIMEOUT_S)
             else:
                 await self.custom.patch_cluster_custom_object_status(  # type: ignore[call-arg]
-                    GROUP, VERSION, plural, report.name, body, _content_type=MERGE_PATCH)
+                    GROUP, VERSION, plural, report.name, body, _content_type=MERGE_PATCH,
+                    _request_timeout=WRITE_TIMEOUT_S)
         except ApiException as exc:
             if exc.status != 404:
                 self._failed(report, entry is None, f"{exc.status} {exc.reason}")

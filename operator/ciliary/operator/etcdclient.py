@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -83,8 +83,11 @@ class EtcdEndpoint:
 class EtcdStore:
     """An aetcd client with bounded retries, created lazily and shared by one process."""
 
-    def __init__(self, endpoint: EtcdEndpoint, *, timeout: float = 5.0, attempts: int = 5) -> None:
+    def __init__(self, endpoint: EtcdEndpoint, *, timeout: float = 5.0, attempts: int = 5,
+                 fallbacks: Sequence[EtcdEndpoint] = ()) -> None:
         self.endpoint = endpoint
+        self.endpoints = (endpoint, *fallbacks)
+        """Tried in turn: a connection failure moves the store to the next one."""
         self.timeout = timeout
         self.attempts = attempts
         self._client: aetcd.Client | None = None
@@ -106,7 +109,9 @@ class EtcdStore:
             except RETRYABLE as exc:
                 if attempt == self.attempts:
                     raise EtcdUnavailableError(str(self.endpoint), exc) from exc
-                log.warning("etcd call failed (attempt %d/%d): %s", attempt, self.attempts, exc)
+                log.warning("etcd call to %s failed (attempt %d/%d): %s", self.endpoint, attempt, self.attempts, exc)
+                if len(self.endpoints) > 1:
+                    await self._next_endpoint()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
         raise AssertionError("unreachable")
@@ -151,6 +156,12 @@ class EtcdStore:
     async def delete_fenced(self, key: bytes) -> None:
         """Delete ``key`` (fenced like :meth:`transaction` when a fence is set)."""
         await self.transaction([], [self.ops.delete(key)])
+
+    async def _next_endpoint(self) -> None:
+        """Drop the connection and use the next endpoint (watches created from ``client`` must be re-created)."""
+        at = self.endpoints.index(self.endpoint)
+        self.endpoint = self.endpoints[(at + 1) % len(self.endpoints)]
+        await self.close()
 
     async def close(self) -> None:
         if self._client is not None:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aetcd
+import aiohttp
 import grpc
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.rest import ApiException
@@ -48,12 +49,15 @@ from kubernetes_asyncio.client.rest import ApiException
 from ciliary.operator import enforcement, keyspace
 from ciliary.operator.enforcement import Expectation, PolicyView
 from ciliary.operator.etcdclient import EtcdStore, EtcdUnavailableError
+from ciliary.operator.flush_schedule import FlushSchedule
 from ciliary.operator.reports import PolicyReport, parse_policy_report
 
 log = logging.getLogger(__name__)
 GROUP, VERSION = "cilium.io", "v2"
 PLURALS = {"CiliumNetworkPolicy": "ciliumnetworkpolicies",
            "CiliumClusterwideNetworkPolicy": "ciliumclusterwidenetworkpolicies"}
+WRITE_TIMEOUT_S = 30
+"""A status PATCH taking longer is given up and retried after the interval."""
 STREAM_ERRORS: tuple[type[BaseException], ...] = (aetcd.ClientError, EtcdUnavailableError, grpc.aio.AioRpcError)
 
 
@@ -167,7 +171,7 @@ class StatusHandover:
         self.resolved_generation = resolved_generation
         self.wait_for = tuple(wait_for)
         self.clock = clock
-        self.schedule = enforcement.FlushSchedule(interval)
+        self.schedule = FlushSchedule(interval)
         self.policies: dict[str, PolicyView] = {}
         self.reports: dict[str, dict[str, PolicyReport]] = {}
         self.expected: dict[str, dict[str, Expectation]] = {}
@@ -324,25 +328,32 @@ class StatusHandover:
                 if view.namespace:
                     body = await self.custom.patch_namespaced_custom_object_status(  # type: ignore[call-arg]
                         GROUP, VERSION, view.namespace, plural, view.name, patch,
-                        _content_type="application/merge-patch+json")
+                        _content_type="application/merge-patch+json", _request_timeout=WRITE_TIMEOUT_S)
                 else:
                     body = await self.custom.patch_cluster_custom_object_status(  # type: ignore[call-arg]
-                        GROUP, VERSION, plural, view.name, patch, _content_type="application/merge-patch+json")
+                        GROUP, VERSION, plural, view.name, patch, _content_type="application/merge-patch+json",
+                        _request_timeout=WRITE_TIMEOUT_S)
                 self.stats.writes += 1
             except ApiException as exc:
-                self._write_failed(view, exc)
+                self._write_failed(view, exc.status, str(exc.reason))
                 return
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self._write_failed(view, None, repr(exc))
+                return
+        if view.uid not in self.policies:
+            return  # deleted while the write was in flight: do not bring it back
         body.setdefault("kind", view.kind)
         self.observe_policy(body)
         log.debug("Wrote status of %s %s", view.kind, view.where())
 
-    def _write_failed(self, view: PolicyView, exc: ApiException) -> None:
-        """404: the policy is gone. Anything else: written again after the interval (the change stays marked)."""
-        if exc.status == 404:
+    def _write_failed(self, view: PolicyView, status: int | None, reason: str) -> None:
+        """404: the policy is gone. Anything else (an HTTP error, a timeout, a lost connection): written
+        again after the interval (the change stays marked)."""
+        if status == 404:
             self.forget_policy(view.uid)
             return
         self.stats.failures += 1
-        log.warning("Status write of %s %s failed: %s %s", view.kind, view.where(), exc.status, exc.reason)
+        log.warning("Status write of %s %s failed: %s %s", view.kind, view.where(), status or "", reason)
         self._mark(view.uid)
 
     # ------------------------------------------------------------ loop

@@ -123,8 +123,10 @@ class EtcdIdentityAllocator:
                 self.unused_since.pop(number, None)
                 continue
             t = self.store.ops
-            await self.store.transaction([], [t.delete(keyspace.identity_labels_key(key).encode()),
-                                              t.delete(keyspace.identity_id_key(number).encode())])
+            labels_key = keyspace.identity_labels_key(key).encode()
+            # only if the labels still map to this number (another replica may have re-created it)
+            await self.store.transaction([t.value(labels_key) == str(number).encode()],
+                                         [t.delete(labels_key), t.delete(keyspace.identity_id_key(number).encode())])
             self.by_digest.pop(key, None)
             self.canonical_of.pop(number, None)
             self.digest_of.pop(number, None)

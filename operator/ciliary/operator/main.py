@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kubeconfig", default=env("CILIARY_OPERATOR_KUBECONFIG", env("KUBECONFIG", "")),
                    help="kubeconfig file (default: in-cluster service account)")
     p.add_argument("--etcd-endpoints", default=env("CILIARY_OPERATOR_ETCD_ENDPOINTS", "http://127.0.0.1:2379"),
-                   help="etcd endpoint, e.g. http://127.0.0.1:2379")
+                   help="etcd endpoints, comma-separated, e.g. http://10.0.0.1:2379,http://10.0.0.2:2379 "
+                        "(the first is used; on a connection failure the next one)")
     p.add_argument("--identity-gc-grace", type=float,
                    default=float(env("CILIARY_OPERATOR_IDENTITY_GC_GRACE", "300")),
                    help="seconds an unused identity is kept before it is deleted (default 300)")
@@ -78,7 +79,8 @@ def _env_bool(name: str, default: bool) -> bool:
 async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
-    store = EtcdStore(EtcdEndpoint.parse(args.etcd_endpoints.split(",")[0]))
+    first, *others = [EtcdEndpoint.parse(e) for e in args.etcd_endpoints.split(",") if e.strip()]
+    store = EtcdStore(first, fallbacks=others)
     leader: leadership.Leadership | None = None
     if args.leader_election:
         leader = leadership.Leadership(store, key=args.leader_key, identity=args.leader_id,

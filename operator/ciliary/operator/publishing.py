@@ -66,8 +66,14 @@ class IntentPublisher:
 
         changed = sorted(node for node, intent in intents.items()
                          if (seen := self.published.get(node)) is None or seen.content_hash != intent.content_hash())
-        outcomes = await asyncio.gather(*(one(node, intents[node]) for node in changed))
-        written = [node for node, wrote in zip(changed, outcomes, strict=True) if wrote]
+        # a TaskGroup: when one write fails, the others are cancelled before the error propagates
+        # (no write of this round still lands while the caller already retries)
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(one(node, intents[node])) for node in changed]
+        except ExceptionGroup as failed:
+            raise failed.exceptions[0] from None  # the first error, as a plain loop would raise it
+        written = [node for node, task in zip(changed, tasks, strict=True) if task.result()]
         if written:
             log.info("published %d intent(s)", len(written), extra={"nodes": written[:20]})
         for node in sorted(set(self.published) - set(intents)):

@@ -5,7 +5,7 @@ operator ServiceAccount (rendered ServiceAccount/ClusterRole/ClusterRoleBinding 
 token minted with ``kubectl create token``) through a policy lifecycle: a namespace, a Node,
 a Pod, a valid CNP and CCNP (Valid=True), an invalid CNP (Valid=False and a PolicyInvalid
 Event), deletion; its log must show no refusal. Then, for every (resource, verb) the chart
-grants (except ``get`` on the policies, used only after a 409 conflict), a ClusterRole without just
+grants, a ClusterRole without just
 that one verb makes the same lifecycle fail (a 403 in
 the log, the operator exiting, or a missing status/Event). ``OPERATOR_USES`` is derived
 from the code independently of the chart and must equal what the chart grants.

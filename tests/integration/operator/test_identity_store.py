@@ -14,6 +14,8 @@ from ciliary.operator.policy.identities import MIN_CLUSTER_IDENTITY
 from ciliary.operator.policy.selection import Label, LabelSet
 
 pytestmark = pytest.mark.integration
+GRACE = 2.0
+"""Seconds; long enough that a stalled machine cannot make the "not yet" check collect."""
 
 
 def labels(app: str) -> LabelSet:
@@ -24,9 +26,9 @@ async def _scenario(endpoint: str) -> None:
     run = uuid.uuid4().hex[:8]
     a_store, b_store = EtcdStore(EtcdEndpoint.parse(endpoint)), EtcdStore(EtcdEndpoint.parse(endpoint))
     try:
-        a, b = EtcdIdentityAllocator(a_store, grace_seconds=0.2), EtcdIdentityAllocator(b_store, grace_seconds=0.2)
-        await a.load()
-        await b.load()
+        # no load(): other suites share this etcd, and a loaded allocator would count their
+        # identities as unused and collect them; these two only know what they ensure
+        a, b = EtcdIdentityAllocator(a_store, grace_seconds=GRACE), EtcdIdentityAllocator(b_store, grace_seconds=GRACE)
         web, db = labels(f"web-{run}"), labels(f"db-{run}")
         n_web, n_db = await a.ensure(web), await a.ensure(db)
         assert n_web != n_db and min(n_web, n_db) >= MIN_CLUSTER_IDENTITY
@@ -35,7 +37,7 @@ async def _scenario(endpoint: str) -> None:
         # db falls out of use; before the grace period nothing is collected, after it db's keys go
         a.mark_in_use({n_web})
         assert await a.collect_garbage() == []
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(GRACE + 0.2)
         assert await a.collect_garbage() == [n_db]
         assert await a_store.get(keyspace.identity_id_key(n_db).encode()) is None
         assert not [kv for kv in await a_store.get_prefix(keyspace.IDENTITY_ID_PREFIX.encode())
@@ -45,10 +47,10 @@ async def _scenario(endpoint: str) -> None:
         # db comes back: allocated again (a fresh replica sees it too)
         again = await a.ensure(db)
         fresh = EtcdIdentityAllocator(b_store)
-        await fresh.load()
+        await fresh.load()  # read-only use: it never collects
         assert fresh.allocate(db) == again
         a.mark_in_use(set())
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(GRACE + 0.2)
         assert sorted(await a.collect_garbage()) == sorted({n_web, again})
     finally:
         await a_store.close()

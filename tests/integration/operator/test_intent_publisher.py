@@ -20,13 +20,20 @@ def _intents(n: int, revision: int) -> dict[str, NodeIntent]:
     return {f"{PREFIX_NODE}{i:03}": NodeIntent(node=f"{PREFIX_NODE}{i:03}", revision=revision) for i in range(n)}
 
 
+async def _load_own(publisher: IntentPublisher) -> None:
+    """``load``, keeping only this test's nodes: other suites share this etcd, and a publisher
+    deletes the intents of every node it knows and is not given."""
+    await publisher.load()
+    publisher.published = {n: p for n, p in publisher.published.items() if n.startswith(PREFIX_NODE)}
+
+
 async def _scenario(endpoint: str) -> None:
     store = EtcdStore(EtcdEndpoint.parse(endpoint))
     other_store = EtcdStore(EtcdEndpoint.parse(endpoint))
     try:
         mine, other = IntentPublisher(store, concurrency=8), IntentPublisher(other_store)
-        await mine.load()
-        await other.load()
+        await _load_own(mine)
+        await _load_own(other)
         first = _intents(50, 1)
         assert len(await mine.publish(first)) == 50
         assert await mine.publish(first) == []  # unchanged: nothing written
@@ -35,7 +42,7 @@ async def _scenario(endpoint: str) -> None:
             assert kv is not None and mine.published[node].mod_revision == kv.mod_revision
         # another replica rewrites one key behind our back
         node = f"{PREFIX_NODE}007"
-        await other.load()
+        await _load_own(other)
         theirs = NodeIntent(node=node, revision=9, identity_labels={9: ("k8s:app=theirs",)})
         assert await other.publish({**first, node: theirs}) == [node]
         # our next write of that node loses the compare, re-reads and retries: ours lands, not blindly
@@ -69,7 +76,7 @@ async def _fenced_scenario(endpoint: str) -> None:
         assert await a.acquire(stop)
         assert a_store.fence is not None
         publisher = IntentPublisher(a_store)
-        await publisher.load()
+        await _load_own(publisher)
         node = f"{PREFIX_NODE}fenced"
         assert await publisher.publish({node: NodeIntent(node=node, revision=1)}) == [node]
         # a is paused past its lease: the key expires and b takes over
@@ -88,7 +95,7 @@ async def _fenced_scenario(endpoint: str) -> None:
         assert before is not None and after is not None and after.mod_revision == before.mod_revision
         # the new leader writes normally
         theirs = IntentPublisher(b_store)
-        await theirs.load()
+        await _load_own(theirs)
         assert await theirs.publish({}) == []
         assert await b_store.get(keyspace.node_intent_key(node).encode()) is None
         await b.release()
@@ -99,3 +106,19 @@ async def _fenced_scenario(endpoint: str) -> None:
 
 def test_a_deposed_leader_cannot_write_once_more(kube) -> None:
     asyncio.run(_fenced_scenario(kube.etcd_endpoint))
+
+
+def test_store_fails_over_to_the_next_endpoint(kube) -> None:
+    async def scenario() -> None:
+        dead = EtcdEndpoint.parse("http://127.0.0.1:1")  # nothing listens on port 1
+        store = EtcdStore(dead, fallbacks=[EtcdEndpoint.parse(kube.etcd_endpoint)], timeout=2.0)
+        try:
+            await store.put(b"/ciliary/test/v1/failover", b"ok")
+            kv = await store.get(b"/ciliary/test/v1/failover")
+            assert kv is not None and kv.value == b"ok"
+            assert store.endpoint != dead
+            await store.delete(b"/ciliary/test/v1/failover")
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())

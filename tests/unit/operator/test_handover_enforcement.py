@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ciliary.operator import enforcement
-from ciliary.operator.enforcement import Expectation, FlushSchedule, PolicyView
+from ciliary.operator.enforcement import Expectation, PolicyView
+from ciliary.operator.flush_schedule import FlushSchedule
 from ciliary.operator.reports import PolicyReport, status_nodes_entry
 
 UID = "u-1"

@@ -104,4 +104,4 @@ def _raise_failure(program: rendering.RenderedProgram, outcome: dict[str, object
     if phase == "verify":
         raise errors.VerifierRejected(program.hook, program.sha256, text or message)
     errno = outcome.get("errno")
-    raise OSError(errno if isinstance(errno, int) else 0, message)
+    raise errors.PinFailed(program.hook, program.sha256, errno if isinstance(errno, int) else 0, message)

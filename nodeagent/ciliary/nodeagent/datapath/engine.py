@@ -158,7 +158,12 @@ class Datapath:
         if not pin_path.exists():
             return None
         fd = loading.open_pinned(pin_path)
-        if loading.uses_only(fd, [self.pin_dir / name for name in MAP_NAMES]):
+        try:
+            usable = loading.uses_only(fd, [self.pin_dir / name for name in MAP_NAMES])
+        except BaseException:
+            os.close(fd)
+            raise
+        if usable:
             return fd
         os.close(fd)
         log.info("Recompiling %s: one of its maps is no longer pinned", pin_path.name, extra={"node": self.node})
@@ -239,8 +244,8 @@ class Datapath:
         return self._state
 
     def _require_started(self) -> None:
-        if not self._programs:
-            raise RuntimeError("Datapath.start() was not called")
+        if not self._programs or not self._map_fds:
+            raise RuntimeError("Datapath.start() was not called (or close() was)")
 
     # ------------------------------------------------------------ apply
 

@@ -32,6 +32,16 @@ class VerifierRejected(DatapathError):
         self.log = log
 
 
+class PinFailed(DatapathError):
+    """A verified program could not be pinned in bpffs (bpffs not mounted, no space, permissions)."""
+
+    def __init__(self, hook: str, sha256: str, errno: int, message: str) -> None:
+        super().__init__(f"program {hook} ({sha256[:12]}) could not be pinned (errno {errno}): {message}")
+        self.hook = hook
+        self.sha256 = sha256
+        self.errno = errno
+
+
 class MapFull(DatapathError):
     """A map would exceed its size; nothing of the apply was written."""
 
