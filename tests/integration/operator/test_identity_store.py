@@ -26,16 +26,19 @@ async def _scenario(endpoint: str) -> None:
     run = uuid.uuid4().hex[:8]
     a_store, b_store = EtcdStore(EtcdEndpoint.parse(endpoint)), EtcdStore(EtcdEndpoint.parse(endpoint))
     try:
-        # no load(): other suites share this etcd, and a loaded allocator would count their
-        # identities as unused and collect them; these two only know what they ensure
+        # no load(): other suites share this etcd. An allocator still learns their identities when it
+        # loses a race for a number they hold, so every mark_in_use below keeps all but ours in use.
         a, b = EtcdIdentityAllocator(a_store, grace_seconds=GRACE), EtcdIdentityAllocator(b_store, grace_seconds=GRACE)
+        # an identity of "another suite", taken before ours: a loses the race for its number
+        other = EtcdIdentityAllocator(b_store, grace_seconds=0.0)
+        n_other = await other.ensure(labels(f"other-{run}"))
         web, db = labels(f"web-{run}"), labels(f"db-{run}")
         n_web, n_db = await a.ensure(web), await a.ensure(db)
         assert n_web != n_db and min(n_web, n_db) >= MIN_CLUSTER_IDENTITY
         # another replica (or a restart) that learned nothing yet gets the same numbers, allocating none
         assert (await b.ensure(web), await b.ensure(db)) == (n_web, n_db) and b.allocations == 0
         # db falls out of use; before the grace period nothing is collected, after it db's keys go
-        a.mark_in_use({n_web})
+        a.mark_in_use(set(a.canonical_of) - {n_db})
         assert await a.collect_garbage() == []
         await asyncio.sleep(GRACE + 0.2)
         assert await a.collect_garbage() == [n_db]
@@ -49,9 +52,12 @@ async def _scenario(endpoint: str) -> None:
         fresh = EtcdIdentityAllocator(b_store)
         await fresh.load()  # read-only use: it never collects
         assert fresh.allocate(db) == again
-        a.mark_in_use(set())
+        a.mark_in_use(set(a.canonical_of) - {n_web, again})
         await asyncio.sleep(GRACE + 0.2)
         assert sorted(await a.collect_garbage()) == sorted({n_web, again})
+        assert await a_store.get(keyspace.identity_id_key(n_other).encode()) is not None  # not ours: kept
+        other.mark_in_use(set())
+        assert await other.collect_garbage() == [n_other]
     finally:
         await a_store.close()
         await b_store.close()
