@@ -29,9 +29,13 @@ async def _scenario(endpoint: str) -> None:
         # no load(): other suites share this etcd. An allocator still learns their identities when it
         # loses a race for a number they hold, so every mark_in_use below keeps all but ours in use.
         a, b = EtcdIdentityAllocator(a_store, grace_seconds=GRACE), EtcdIdentityAllocator(b_store, grace_seconds=GRACE)
-        # an identity of "another suite", taken before ours: a loses the race for its number
+        # identities of "other suites", taken before ours: the later allocators lose races for their
+        # numbers and learn them, as in a CI run where earlier suites left identities behind
+        seeder = EtcdIdentityAllocator(b_store, grace_seconds=0.0)
+        n_seed = await seeder.ensure(labels(f"seed-{run}"))
         other = EtcdIdentityAllocator(b_store, grace_seconds=0.0)
         n_other = await other.ensure(labels(f"other-{run}"))
+        assert n_seed in other.canonical_of  # other lost the race for n_seed
         web, db = labels(f"web-{run}"), labels(f"db-{run}")
         n_web, n_db = await a.ensure(web), await a.ensure(db)
         assert n_web != n_db and min(n_web, n_db) >= MIN_CLUSTER_IDENTITY
@@ -56,8 +60,11 @@ async def _scenario(endpoint: str) -> None:
         await asyncio.sleep(GRACE + 0.2)
         assert sorted(await a.collect_garbage()) == sorted({n_web, again})
         assert await a_store.get(keyspace.identity_id_key(n_other).encode()) is not None  # not ours: kept
-        other.mark_in_use(set())
+        assert n_seed in a.canonical_of and n_other in a.canonical_of
+        other.mark_in_use(set(other.canonical_of) - {n_other})
         assert await other.collect_garbage() == [n_other]
+        seeder.mark_in_use(set(seeder.canonical_of) - {n_seed})
+        assert await seeder.collect_garbage() == [n_seed]
     finally:
         await a_store.close()
         await b_store.close()
