@@ -26,13 +26,10 @@ import aiohttp
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.rest import ApiException
 
+from ciliary.operator import kubeapi
 from ciliary.operator.reports import PolicyReport, status_nodes_entry
 
 log = logging.getLogger(__name__)
-GROUP, VERSION = "cilium.io", "v2"
-PLURALS = {"CiliumNetworkPolicy": "ciliumnetworkpolicies",
-           "CiliumClusterwideNetworkPolicy": "ciliumclusterwidenetworkpolicies"}
-MERGE_PATCH = "application/merge-patch+json"
 RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0
 WRITE_TIMEOUT_S = 10
 """A status PATCH taking longer is given up (and retried): it must not stall the reporting loop."""
@@ -121,16 +118,9 @@ class DirectStatusWriter:
 
     async def _patch(self, report: PolicyReport, entry: dict[str, Any] | None) -> bool:
         body = {"status": {"nodes": {self.node: entry}}}
-        plural = PLURALS[report.kind]
         try:
-            if report.namespace:
-                await self.custom.patch_namespaced_custom_object_status(  # type: ignore[call-arg]
-                    GROUP, VERSION, report.namespace, plural, report.name, body, _content_type=MERGE_PATCH,
-                    _request_timeout=WRITE_TIMEOUT_S)
-            else:
-                await self.custom.patch_cluster_custom_object_status(  # type: ignore[call-arg]
-                    GROUP, VERSION, plural, report.name, body, _content_type=MERGE_PATCH,
-                    _request_timeout=WRITE_TIMEOUT_S)
+            await kubeapi.patch_policy_status(self.custom, report.kind, report.namespace, report.name, body,
+                                              timeout=WRITE_TIMEOUT_S)
         except ApiException as exc:
             if exc.status != 404:
                 self._failed(report, entry is None, f"{exc.status} {exc.reason}")

@@ -171,8 +171,12 @@ def enforced_condition(policy: PolicyView, expected: Mapping[str, Expectation],
                                             f"not on {_name_nodes(problems)}"), summary
 
 
-CATCHING_UP = ("no report", "at generation ", "at revision ")
-"""Node problems that only mean "not there yet" (``node_problem``'s wording)."""
+def node_failed(report: PolicyReport | None, generation: int) -> bool:
+    """The node reports a failure for the policy (``node_problem`` "error" or "not enforcing"),
+    as opposed to merely not having caught up with ``generation`` yet."""
+    if report is None:
+        return False
+    return bool(report.error) or not report.ok or (report.generation == generation and not report.enforcing)
 
 
 def catching_up(condition: Mapping[str, Any], expected: Mapping[str, Expectation],
@@ -180,11 +184,7 @@ def catching_up(condition: Mapping[str, Any], expected: Mapping[str, Expectation
     """``condition`` (an Enforced condition) is False only because nodes have not caught up yet."""
     if condition["reason"] != "NodesNotEnforcing":
         return False
-    for node, exp in expected.items():
-        why = node_problem(reports.get(node), exp, generation)
-        if why is not None and not why.startswith(CATCHING_UP):
-            return False
-    return True
+    return not any(node_failed(reports.get(node), generation) for node in expected)
 
 
 def desired_status(policy: PolicyView, expected: Mapping[str, Expectation], reports: Mapping[str, PolicyReport],

@@ -27,11 +27,9 @@ from ciliary.operator.api import (
     parse_policy,
 )
 from ciliary.operator.cluster_model import ClusterModel, namespace_from_body, node_from_body, pod_from_body
+from ciliary.operator.kubeapi import GROUP, POLICY_PLURALS, VERSION
 
 log = logging.getLogger(__name__)
-GROUP, VERSION = "cilium.io", "v2"
-PLURALS = {"CiliumNetworkPolicy": "ciliumnetworkpolicies", "CiliumClusterwideNetworkPolicy":
-           "ciliumclusterwidenetworkpolicies"}
 
 
 @dataclass
@@ -96,7 +94,7 @@ def register(registry: kopf.OperatorRegistry, model: ClusterModel, observer: Pol
 
     kopf.on.login(id="login", registry=registry)(login)
 
-    for kind, plural in PLURALS.items():
+    for kind, plural in POLICY_PLURALS.items():
         kopf.on.event(GROUP, VERSION, plural, id=f"{kind.lower()}_event", registry=registry)(policy_event)
 
     def pod_event(type: str | None, body: kopf.Body, **_: Any) -> None:
@@ -126,7 +124,7 @@ async def initial_list(api: client.ApiClient, model: ClusterModel, observer: Pol
         model.set_node(node.metadata.name, node_from_body(api.sanitize_for_serialization(node)))
     for pod in (await core.list_pod_for_all_namespaces()).items:
         model.set_pod(pod.metadata.uid, pod_from_body(api.sanitize_for_serialization(pod)))
-    for kind, plural in PLURALS.items():
+    for kind, plural in POLICY_PLURALS.items():
         listing = await custom.list_cluster_custom_object(GROUP, VERSION, plural)
         for body in listing.get("items", []):
             body.setdefault("kind", kind)

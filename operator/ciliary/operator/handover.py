@@ -46,16 +46,13 @@ import grpc
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.rest import ApiException
 
-from ciliary.operator import enforcement, keyspace
+from ciliary.operator import enforcement, keyspace, kubeapi
 from ciliary.operator.enforcement import Expectation, PolicyView
 from ciliary.operator.etcdclient import EtcdStore, EtcdUnavailableError
 from ciliary.operator.flush_schedule import FlushSchedule
 from ciliary.operator.reports import PolicyReport, parse_policy_report
 
 log = logging.getLogger(__name__)
-GROUP, VERSION = "cilium.io", "v2"
-PLURALS = {"CiliumNetworkPolicy": "ciliumnetworkpolicies",
-           "CiliumClusterwideNetworkPolicy": "ciliumclusterwidenetworkpolicies"}
 WRITE_TIMEOUT_S = 30
 """A status PATCH taking longer is given up and retried after the interval."""
 STREAM_ERRORS: tuple[type[BaseException], ...] = (aetcd.ClientError, EtcdUnavailableError, grpc.aio.AioRpcError)
@@ -194,7 +191,7 @@ class StatusHandover:
     def observe_policy(self, body: Mapping[str, Any]) -> None:
         """A policy object as kopf (or a write response) saw it."""
         view = PolicyView.from_body(body)
-        if not view.uid or view.kind not in PLURALS:
+        if not view.uid or view.kind not in kubeapi.POLICY_PLURALS:
             return
         log.debug("Observed %s generation %d rv %s", view.where(), view.generation, view.resource_version)
         held = self.policies.get(view.uid)
@@ -322,17 +319,10 @@ class StatusHandover:
             await asyncio.gather(*writes)
 
     async def _write(self, view: PolicyView, patch: dict[str, Any]) -> None:
-        plural = PLURALS[view.kind]
         async with self._limit:
             try:
-                if view.namespace:
-                    body = await self.custom.patch_namespaced_custom_object_status(  # type: ignore[call-arg]
-                        GROUP, VERSION, view.namespace, plural, view.name, patch,
-                        _content_type="application/merge-patch+json", _request_timeout=WRITE_TIMEOUT_S)
-                else:
-                    body = await self.custom.patch_cluster_custom_object_status(  # type: ignore[call-arg]
-                        GROUP, VERSION, plural, view.name, patch, _content_type="application/merge-patch+json",
-                        _request_timeout=WRITE_TIMEOUT_S)
+                body = await kubeapi.patch_policy_status(self.custom, view.kind, view.namespace, view.name, patch,
+                                                         timeout=WRITE_TIMEOUT_S)
                 self.stats.writes += 1
             except ApiException as exc:
                 self._write_failed(view, exc.status, str(exc.reason))

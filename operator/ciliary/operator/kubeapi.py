@@ -1,10 +1,23 @@
-"""A kubernetes_asyncio API client from a kubeconfig file, or from the in-cluster service account."""
+"""Kubernetes API access: a kubernetes_asyncio client (kubeconfig or in-cluster) and the policy status write.
+
+The policy kinds' API coordinates (``GROUP``, ``VERSION``, ``POLICY_PLURALS``)
+live here once; :func:`patch_policy_status` is the one way both the operator's
+status handover and an agent in direct-status mode patch a policy's status
+subresource (a CNP when a namespace is given, a CCNP otherwise).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from kubernetes_asyncio import client, config
+
+GROUP, VERSION = "cilium.io", "v2"
+POLICY_PLURALS = {"CiliumNetworkPolicy": "ciliumnetworkpolicies",
+                  "CiliumClusterwideNetworkPolicy": "ciliumclusterwidenetworkpolicies"}
+MERGE_PATCH = "application/merge-patch+json"
 
 
 async def api_client(kubeconfig: Path | str | None) -> client.ApiClient:
@@ -14,3 +27,14 @@ async def api_client(kubeconfig: Path | str | None) -> client.ApiClient:
     else:
         config.load_incluster_config(client_configuration=cfg)
     return client.ApiClient(configuration=cfg)
+
+
+async def patch_policy_status(custom: client.CustomObjectsApi, kind: str, namespace: str, name: str,
+                              patch: Mapping[str, Any], *, timeout: float) -> Any:
+    """JSON-merge-patch the status subresource of one policy; returns the object as written."""
+    plural = POLICY_PLURALS[kind]
+    if namespace:
+        return await custom.patch_namespaced_custom_object_status(  # type: ignore[call-arg]
+            GROUP, VERSION, namespace, plural, name, patch, _content_type=MERGE_PATCH, _request_timeout=timeout)
+    return await custom.patch_cluster_custom_object_status(  # type: ignore[call-arg]
+        GROUP, VERSION, plural, name, patch, _content_type=MERGE_PATCH, _request_timeout=timeout)

@@ -60,17 +60,18 @@ class IntentPublisher:
         """Write the intents whose content changed; delete departed nodes. Returns nodes written."""
         limit = asyncio.Semaphore(self.concurrency)
 
-        async def one(node: str, intent: NodeIntent) -> bool:
+        async def one(node: str, content: str) -> bool:
             async with limit:
-                return await self._put_if_changed(node, intent)
+                return await self._put_if_changed(node, intents[node], content)
 
-        changed = sorted(node for node, intent in intents.items()
-                         if (seen := self.published.get(node)) is None or seen.content_hash != intent.content_hash())
+        hashes = {node: intent.content_hash() for node, intent in intents.items()}  # once per node: not cheap
+        changed = sorted(node for node, content in hashes.items()
+                         if (seen := self.published.get(node)) is None or seen.content_hash != content)
         # a TaskGroup: when one write fails, the others are cancelled before the error propagates
         # (no write of this round still lands while the caller already retries)
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(one(node, intents[node])) for node in changed]
+                tasks = [group.create_task(one(node, hashes[node])) for node in changed]
         except ExceptionGroup as failed:
             raise failed.exceptions[0] from None  # the first error, as a plain loop would raise it
         written = [node for node, task in zip(changed, tasks, strict=True) if task.result()]
@@ -83,15 +84,14 @@ class IntentPublisher:
             log.info("deleted intent of departed node %s", node)
         return written
 
-    async def _put_if_changed(self, node: str, intent: NodeIntent) -> bool:
-        content = intent.content_hash()
+    async def _put_if_changed(self, node: str, intent: NodeIntent, content: str) -> bool:
+        """CAS-write ``intent`` (whose content hash is ``content``) unless etcd already holds that content."""
         key = keyspace.node_intent_key(node).encode()
+        value = intent.to_wire()
         for _ in range(10):  # bounded CAS retries
             seen = self.published.get(node)
             if seen and seen.content_hash == content:
                 return False
-            value = intent.to_wire()
-
             t = self.store.ops
             guard = t.mod(key) == seen.mod_revision if seen else t.version(key) == 0
             ok, responses = await self.store.transaction([guard], [t.put(key, value), t.get(key)], [t.get(key)])

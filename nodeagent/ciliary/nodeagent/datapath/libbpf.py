@@ -43,23 +43,24 @@ def last_errno(result: int = 0) -> int:
     return ct.get_errno() or (-result if result < 0 else 0) or errno_mod.EIO
 
 
+def _checked(result: int, what: str) -> int:
+    """``result`` of a libbpf call, or an ``OSError`` naming ``what`` when it failed (negative)."""
+    if result < 0:
+        err = last_errno(result)
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
 # ---------------------------------------------------------------- pinned objects
 
 
 def obj_pin(fd: int, path: Path) -> None:
-    res = lib.bpf_obj_pin(fd, str(path).encode())
-    if res != 0:
-        err = last_errno(res)
-        raise OSError(err, f"bpf_obj_pin {path}: {os.strerror(err)}")
+    _checked(lib.bpf_obj_pin(fd, str(path).encode()), f"bpf_obj_pin {path}")
 
 
 def obj_get(path: Path) -> int:
     """An fd for the object pinned at ``path`` (the caller closes it)."""
-    fd = lib.bpf_obj_get(str(path).encode())
-    if fd < 0:
-        err = last_errno(fd)
-        raise OSError(err, f"bpf_obj_get {path}: {os.strerror(err)}")
-    return int(fd)
+    return int(_checked(lib.bpf_obj_get(str(path).encode()), f"bpf_obj_get {path}"))
 
 
 class _ProgInfoC(ct.Structure):
@@ -95,10 +96,7 @@ class MapInfo:
 
 def _info(fd: int, info: ct.Structure) -> None:
     size = ct.c_uint32(ct.sizeof(info))
-    res = lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size))
-    if res != 0:
-        err = last_errno(res)
-        raise OSError(err, f"bpf_obj_get_info_by_fd (fd {fd}): {os.strerror(err)}")
+    _checked(lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)), f"bpf_obj_get_info_by_fd (fd {fd})")
 
 
 def prog_info(fd: int) -> ProgInfo:
