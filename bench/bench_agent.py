@@ -38,7 +38,8 @@ it = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(it)
 
 from ciliary.cni import agent_client  # noqa: E402
-from ciliary.operator import intents, keyspace  # noqa: E402
+from ciliary.operator import intents  # noqa: E402
+from ciliary.operator.store import keyspace  # noqa: E402
 
 SENDER = """
 import socket, sys, time

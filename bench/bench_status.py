@@ -61,11 +61,11 @@ async def child_main(args: argparse.Namespace) -> None:
 
     import kopf
 
-    from ciliary.operator import handlers, kubeapi
-    from ciliary.operator.cluster_model import ClusterModel
-    from ciliary.operator.etcdclient import EtcdEndpoint, EtcdStore
-    from ciliary.operator.handover import StatusHandover
+    from ciliary.operator.kube import handlers, kubeapi
+    from ciliary.operator.kube.cluster_model import ClusterModel
     from ciliary.operator.main import list_with_retries
+    from ciliary.operator.status.handover import StatusHandover
+    from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdStore
 
     logging.basicConfig(level=os.environ.get("BENCH_CHILD_LOG", "WARNING"),
                         format="%(asctime)s %(name)s %(message)s")
@@ -139,7 +139,7 @@ class AgentFleet:
         import aetcd
 
         from ciliary.nodeagent.direct_status import DirectStatusWriter
-        from ciliary.operator.etcdclient import GRPC_OPTIONS, EtcdEndpoint
+        from ciliary.operator.store.etcdclient import GRPC_OPTIONS, EtcdEndpoint
 
         ep = EtcdEndpoint.parse(self.etcd)
         for i in range(0, len(nodes), AGENTS_PER_CLIENT):
@@ -165,8 +165,8 @@ class AgentFleet:
                 self.direct_writes += await writer.retry()
 
     async def _agent(self, client: Any, node: str, lease: Any, watch: Any, meta: dict[str, tuple[str, str]]) -> None:
-        from ciliary.operator.keyspace import node_intent_key, report_key
-        from ciliary.operator.reports import PolicyReport
+        from ciliary.operator.status.reports import PolicyReport
+        from ciliary.operator.store.keyspace import node_intent_key, report_key
 
         reported: dict[str, int] = {}
         refresh = asyncio.create_task(self._keepalive(lease))
@@ -254,11 +254,11 @@ def rss_kb(pid: int) -> tuple[int, int]:
 async def run_case(lab: Any, ports: Any, n: int, mode: str) -> dict[str, Any]:
     from kubernetes_asyncio import client as kclient
 
-    from ciliary.operator import kubeapi
-    from ciliary.operator.etcdclient import EtcdEndpoint, EtcdStore
     from ciliary.operator.intents import NodeIntent, PolicyRef
-    from ciliary.operator.keyspace import node_intent_key
-    from ciliary.operator.publishing import IntentPublisher
+    from ciliary.operator.kube import kubeapi
+    from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdStore
+    from ciliary.operator.store.keyspace import node_intent_key
+    from ciliary.operator.store.publishing import IntentPublisher
 
     ns = f"bench-{mode}-{n}"
     layout = lab.layout

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from ciliary.lab import processes
-from ciliary.operator import keyspace
+from ciliary.operator.store import keyspace
 
 pytestmark = pytest.mark.e2e
 

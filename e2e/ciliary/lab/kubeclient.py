@@ -1,4 +1,4 @@
-"""Event posting and timestamps for the lab's own processes (clients come from ``ciliary.operator.kubeapi``)."""
+"""Event posting and timestamps for the lab's own processes (clients come from ``ciliary.operator.kube.kubeapi``)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from kubernetes_asyncio.client.rest import ApiException
 from ciliary.lab import sandboxes
 from ciliary.lab.kubeclient import now, now_micro, post_event
 from ciliary.lab.layout import LabLayout, node_index, node_ip
-from ciliary.operator import kubeapi
+from ciliary.operator.kube import kubeapi
 
 log = logging.getLogger("ciliary.lab.podruntime")
 COMPONENT = "ciliary-lab-runtime"

@@ -20,7 +20,7 @@ from kubernetes_asyncio.client.rest import ApiException
 
 from ciliary.lab.kubeclient import post_event
 from ciliary.lab.layout import LabLayout
-from ciliary.operator import kubeapi
+from ciliary.operator.kube import kubeapi
 
 log = logging.getLogger("ciliary.lab.scheduling")
 COMPONENT = "ciliary-lab-scheduler"

@@ -26,8 +26,8 @@ import aiohttp
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.rest import ApiException
 
-from ciliary.operator import kubeapi
-from ciliary.operator.reports import PolicyReport, status_nodes_entry
+from ciliary.operator.kube import kubeapi
+from ciliary.operator.status.reports import PolicyReport, status_nodes_entry
 
 log = logging.getLogger(__name__)
 RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0

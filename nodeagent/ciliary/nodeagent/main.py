@@ -153,7 +153,7 @@ class Agent:
             reg_task = asyncio.create_task(self.registration.run(self.stop), name="registration")
             if self.config.direct_status and self.reporter is not None:
                 from ciliary.nodeagent import direct_status  # kubernetes_asyncio: direct mode only
-                from ciliary.operator import kubeapi
+                from ciliary.operator.kube import kubeapi
 
                 self._api = await kubeapi.api_client(self.config.kubeconfig or None)
                 self.reporter.direct = direct_status.DirectStatusWriter(self._api, self.config.node_name)

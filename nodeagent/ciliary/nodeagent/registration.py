@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 import aetcd
 
 from ciliary.nodeagent.settings import AgentSettings
-from ciliary.operator import keyspace
-from ciliary.operator.etcdclient import GRPC_OPTIONS, EtcdEndpoint
+from ciliary.operator.store import keyspace
+from ciliary.operator.store.etcdclient import GRPC_OPTIONS, EtcdEndpoint
 
 log = logging.getLogger(__name__)
 

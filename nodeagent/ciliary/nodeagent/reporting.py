@@ -28,7 +28,8 @@ from typing import Any
 import aetcd
 
 from ciliary.nodeagent import enforcing
-from ciliary.operator import keyspace, reports
+from ciliary.operator.status import reports
+from ciliary.operator.store import keyspace
 
 log = logging.getLogger(__name__)
 

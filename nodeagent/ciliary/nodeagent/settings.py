@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pydantic
 
-from ciliary.operator.etcdclient import EtcdEndpoint
+from ciliary.operator.store.etcdclient import EtcdEndpoint
 
 ENV_PREFIX = "CILIARY_AGENT_"
 DEFAULTS: dict[str, str] = {

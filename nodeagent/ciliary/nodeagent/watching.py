@@ -24,7 +24,8 @@ from typing import Any, Protocol
 
 import aetcd
 
-from ciliary.operator import intents, keyspace
+from ciliary.operator import intents
+from ciliary.operator.store import keyspace
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import aiohttp
 
 from ciliary.cli import targets
 from ciliary.cli.errors import UserError
-from ciliary.operator import keyspace
-from ciliary.operator.etcdclient import EtcdEndpoint, EtcdStore, EtcdUnavailableError
+from ciliary.operator.store import keyspace
+from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdStore, EtcdUnavailableError
 
 GREEN, RED, DIM, RESET = "\033[32m", "\033[31m", "\033[2m", "\033[0m"
 

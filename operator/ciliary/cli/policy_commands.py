@@ -16,10 +16,10 @@ import yaml
 
 from ciliary.cli import targets
 from ciliary.cli.errors import UserError
-from ciliary.operator import keyspace
-from ciliary.operator.etcdclient import EtcdEndpoint, EtcdStore, EtcdUnavailableError
 from ciliary.operator.intents import IntentSchemaError, NodeIntent, parse_node_intent
 from ciliary.operator.policy import tracing
+from ciliary.operator.store import keyspace
+from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdStore, EtcdUnavailableError
 
 
 def register(sub: Any) -> None:

@@ -23,13 +23,14 @@ from typing import Any
 import kopf
 from kubernetes_asyncio.client.rest import ApiException
 
-from ciliary.operator import handlers, kubeapi, leadership
-from ciliary.operator.cluster_model import ClusterModel
-from ciliary.operator.etcdclient import EtcdEndpoint, EtcdStore, FenceLostError
-from ciliary.operator.handover import StatusHandover
-from ciliary.operator.identity_store import EtcdIdentityAllocator
-from ciliary.operator.publishing import IntentPublisher
+from ciliary.operator.kube import handlers, kubeapi
+from ciliary.operator.kube.cluster_model import ClusterModel
 from ciliary.operator.reconciling import Reconciler
+from ciliary.operator.status.handover import StatusHandover
+from ciliary.operator.store import leadership
+from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdStore, FenceLostError
+from ciliary.operator.store.identities import EtcdIdentityAllocator
+from ciliary.operator.store.publishing import IntentPublisher
 
 log = logging.getLogger("ciliary.operator")
 

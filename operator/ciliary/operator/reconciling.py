@@ -13,11 +13,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from ciliary.operator.cluster_model import ClusterModel
-from ciliary.operator.identity_store import EtcdIdentityAllocator
+from ciliary.operator.kube.cluster_model import ClusterModel
 from ciliary.operator.policy import identities
 from ciliary.operator.policy.resolution import Resolution, Resolver, is_endpoint
-from ciliary.operator.publishing import IntentPublisher
+from ciliary.operator.store.identities import EtcdIdentityAllocator
+from ciliary.operator.store.publishing import IntentPublisher
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,9 @@ sys.path.insert(0, str(REPO / "tests" / "integration" / "datapath"))
 from dp_topology import Client, Topology  # noqa: E402
 
 from ciliary.cni import agent_client  # noqa: E402
-from ciliary.operator import intents, keyspace  # noqa: E402
+from ciliary.operator import intents  # noqa: E402
 from ciliary.operator.intents import DirectionPolicy, PolicyEntry, Protocol, Verdict  # noqa: E402
+from ciliary.operator.store import keyspace  # noqa: E402
 
 PYTHONPATH = os.pathsep.join(str(REPO / d) for d in ("operator", "nodeagent", "e2e"))
 ETCD = Path("/var/cache/ciliary/bin/etcd-v3.6.14/etcd")

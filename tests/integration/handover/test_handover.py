@@ -23,12 +23,12 @@ from typing import Any
 import aetcd
 import pytest
 
-from ciliary.operator import kubeapi
-from ciliary.operator.etcdclient import EtcdEndpoint, EtcdStore
-from ciliary.operator.handover import StatusHandover
 from ciliary.operator.intents import NodeIntent, PolicyRef
-from ciliary.operator.keyspace import node_intent_key, report_key
-from ciliary.operator.reports import PolicyReport
+from ciliary.operator.kube import kubeapi
+from ciliary.operator.status.handover import StatusHandover
+from ciliary.operator.status.reports import PolicyReport
+from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdStore
+from ciliary.operator.store.keyspace import node_intent_key, report_key
 
 pytestmark = pytest.mark.integration
 

@@ -7,11 +7,11 @@ import uuid
 
 import pytest
 
-from ciliary.operator import keyspace
-from ciliary.operator.etcdclient import EtcdEndpoint, EtcdStore
-from ciliary.operator.identity_store import EtcdIdentityAllocator
 from ciliary.operator.policy.identities import MIN_CLUSTER_IDENTITY
 from ciliary.operator.policy.selection import Label, LabelSet
+from ciliary.operator.store import keyspace
+from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdStore
+from ciliary.operator.store.identities import EtcdIdentityAllocator
 
 pytestmark = pytest.mark.integration
 GRACE = 2.0

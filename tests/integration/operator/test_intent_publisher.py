@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from ciliary.operator import keyspace
-from ciliary.operator.etcdclient import EtcdEndpoint, EtcdStore
 from ciliary.operator.intents import NodeIntent, parse_node_intent
-from ciliary.operator.publishing import IntentPublisher
+from ciliary.operator.store import keyspace
+from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdStore
+from ciliary.operator.store.publishing import IntentPublisher
 
 pytestmark = pytest.mark.integration
 
@@ -65,8 +65,8 @@ def test_publisher_writes_each_changed_node_once_and_never_blindly(kube) -> None
 
 
 async def _fenced_scenario(endpoint: str) -> None:
-    from ciliary.operator.etcdclient import FenceLostError
-    from ciliary.operator.leadership import Leadership
+    from ciliary.operator.store.etcdclient import FenceLostError
+    from ciliary.operator.store.leadership import Leadership
 
     key = f"/ciliary/test/v1/leader-{PREFIX_NODE}"
     a_store, b_store = EtcdStore(EtcdEndpoint.parse(endpoint)), EtcdStore(EtcdEndpoint.parse(endpoint))

@@ -5,7 +5,9 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from ciliary.nodeagent import enforcing, reporting
-from ciliary.operator import intents, keyspace, reports
+from ciliary.operator import intents
+from ciliary.operator.status import reports
+from ciliary.operator.store import keyspace
 
 NODE = "n1"
 P1 = intents.PolicyRef(kind="CiliumNetworkPolicy", namespace="default", name="rule1", uid="u1", generation=3)

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import aetcd
 
 from ciliary.nodeagent import watching
-from ciliary.operator import intents, keyspace
+from ciliary.operator import intents
+from ciliary.operator.store import keyspace
 
 NODE = "n1"
 KEY = keyspace.node_intent_key(NODE).encode()

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ciliary.operator import enforcement
-from ciliary.operator.enforcement import Expectation, PolicyView
-from ciliary.operator.flush_schedule import FlushSchedule
-from ciliary.operator.reports import PolicyReport, status_nodes_entry
+from ciliary.operator.status import enforcement
+from ciliary.operator.status.enforcement import Expectation, PolicyView
+from ciliary.operator.status.flush_schedule import FlushSchedule
+from ciliary.operator.status.reports import PolicyReport, status_nodes_entry
 
 UID = "u-1"
 

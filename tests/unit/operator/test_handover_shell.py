@@ -6,9 +6,10 @@ import json
 from typing import Any
 
 from ciliary.nodeagent.direct_status import DirectStatusWriter
-from ciliary.operator import enforcement, keyspace
-from ciliary.operator.handover import StatusHandover
-from ciliary.operator.reports import PolicyReport
+from ciliary.operator.status import enforcement
+from ciliary.operator.status.handover import StatusHandover
+from ciliary.operator.status.reports import PolicyReport
+from ciliary.operator.store import keyspace
 
 UID = "u-1"
 

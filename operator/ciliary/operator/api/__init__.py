@@ -2,7 +2,7 @@
 
 The package mirrors the CRDs in ``crds/`` field for field (a unit test keeps
 them in step). Handlers call :func:`parse_policy` once at the edge and pass the
-resulting models inward; semantic checks are in ``ciliary.operator.validation``.
+resulting models inward; semantic checks are in ``ciliary.operator.api.validation``.
 Modules: ``base`` (wire base), ``selectors``, ``ports`` (L4/L7/TLS/ICMP),
 ``rules`` (rule and directions), ``policies`` (the kinds, status, parsing),
 ``errors`` (typed errors).

@@ -76,7 +76,7 @@ class PolicyParseError(PolicyError):
 
 
 class PolicyInvalidError(PolicyError):
-    """The object parses, but semantic validation refused it (see ``ciliary.operator.validation``)."""
+    """The object parses, but semantic validation refused it (see ``ciliary.operator.api.validation``)."""
 
     def __init__(self, kind: str, namespace: str, name: str, problems: Sequence[PolicyProblem]) -> None:
         super().__init__(kind, namespace, name, _join(problems))

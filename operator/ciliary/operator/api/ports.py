@@ -6,7 +6,7 @@ Owns the models under ``toPorts`` (:class:`PortRule`, :class:`PortDenyRule`,
 schema can state (port syntax and range, enums, list sizes) are made here so
 that :func:`ciliary.operator.api.policies.parse_policy` refuses what the API
 server would refuse; checks across fields (L7 rule on a UDP port, endPort
-below port, bad regexes) are in :mod:`ciliary.operator.validation`.
+below port, bad regexes) are in :mod:`ciliary.operator.api.validation`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Owns :class:`PolicyRepository` (mutable, held by the operator shell) and
 :class:`RepositorySnapshot` (immutable, handed to ``resolution``). Only valid
 policies enter: :meth:`PolicyRepository.upsert` runs
-``ciliary.operator.validation.validate_policy`` and, when it finds problems,
+``ciliary.operator.api.validation.validate_policy`` and, when it finds problems,
 raises :class:`~ciliary.operator.api.errors.PolicyInvalidError` and leaves the
 repository (and so enforcement) exactly as it was. Every change that alters the
 stored content bumps the revision by one; a no-op upsert or a delete of an
@@ -18,9 +18,9 @@ from types import MappingProxyType
 
 from ciliary.operator.api.errors import PolicyInvalidError
 from ciliary.operator.api.policies import AnyPolicy
+from ciliary.operator.api.validation import validate_policy
 from ciliary.operator.intents import PolicyRef
 from ciliary.operator.policy.compiling import CompiledRule, compile_policy, policy_ref
-from ciliary.operator.validation import validate_policy
 
 
 @dataclass(frozen=True, slots=True)

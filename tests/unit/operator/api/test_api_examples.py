@@ -16,7 +16,7 @@ from ciliary.operator.api import (
     PolicyParseError,
     parse_policy,
 )
-from ciliary.operator.validation import validate_policy
+from ciliary.operator.api.validation import validate_policy
 
 ROOT = Path(__file__).resolve().parents[4]
 EXAMPLES = sorted((ROOT / "crds" / "examples").glob("*.yaml"))

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from ciliary.operator.api import PolicyParseError, parse_policy
 from ciliary.operator.api.ports import PortProtocol
-from ciliary.operator.validation import validate_policy
+from ciliary.operator.api.validation import validate_policy
 
 ROOT = Path(__file__).resolve().parents[4]
 

@@ -1,4 +1,4 @@
-"""Semantic checks of ciliary.operator.validation, one finding at a time."""
+"""Semantic checks of ciliary.operator.api.validation, one finding at a time."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from ciliary.operator.api import parse_policy
-from ciliary.operator.validation import regex_problem, validate_policy
+from ciliary.operator.api.validation import regex_problem, validate_policy
 
 
 def _cnp(spec: dict[str, Any], kind: str = "CiliumNetworkPolicy") -> dict[str, Any]:

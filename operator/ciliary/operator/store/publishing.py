@@ -19,9 +19,9 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ciliary.operator import keyspace
-from ciliary.operator.etcdclient import EtcdStore
 from ciliary.operator.intents import IntentSchemaError, NodeIntent, parse_node_intent
+from ciliary.operator.store import keyspace
+from ciliary.operator.store.etcdclient import EtcdStore
 
 log = logging.getLogger(__name__)
 

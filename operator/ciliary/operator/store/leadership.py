@@ -22,7 +22,7 @@ import socket
 
 import aetcd
 
-from ciliary.operator.etcdclient import RETRYABLE, EtcdStore, Fence
+from ciliary.operator.store.etcdclient import RETRYABLE, EtcdStore, Fence
 
 log = logging.getLogger(__name__)
 DEFAULT_KEY = "/ciliary/operator/v1/leader"

@@ -39,8 +39,8 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ciliary.operator import policy_status
-from ciliary.operator.reports import PolicyReport, status_nodes_entry
+from ciliary.operator.status import validity
+from ciliary.operator.status.reports import PolicyReport, status_nodes_entry
 
 ENFORCED = "Enforced"
 MAX_NAMED_NODES = 10
@@ -83,7 +83,7 @@ class PolicyView:
     @property
     def invalid(self) -> bool:
         """The Valid condition refuses the current generation."""
-        return refuses_current(policy_status.current_condition({"status": self.status}, "Valid"), self.generation)
+        return refuses_current(validity.current_condition({"status": self.status}, "Valid"), self.generation)
 
     def where(self) -> str:
         return f"{self.namespace}/{self.name}" if self.namespace else self.name
@@ -209,11 +209,11 @@ def holds_progress(policy: PolicyView, desired: DesiredStatus) -> bool:
     """
     if not desired.catching_up:
         return False
-    shown = policy_status.current_condition({"status": policy.status}, ENFORCED)
+    shown = validity.current_condition({"status": policy.status}, ENFORCED)
     if shown is None or shown.get("status") != "False" or int(shown.get("observedGeneration") or 0) != \
             policy.generation:
         return False
-    if desired.valid is not None and policy_status.needs_write({"status": policy.status}, desired.valid):
+    if desired.valid is not None and validity.needs_write({"status": policy.status}, desired.valid):
         return False
     before, now = _counts(str(policy.status.get("enforcement", ""))), _counts(desired.enforcement)
     # only forward progress waits: a node lost or added since the last write is news
@@ -308,8 +308,8 @@ def status_patch(policy: PolicyView, desired: DesiredStatus) -> dict[str, Any] |
     wanted = [desired.enforced] if desired.valid is None else [desired.enforced, desired.valid]
     merged = body
     for condition in wanted:
-        if policy_status.needs_write(body, condition):
-            merged = {"status": {"conditions": policy_status.merged_conditions(merged, condition)}}
+        if validity.needs_write(body, condition):
+            merged = {"status": {"conditions": validity.merged_conditions(merged, condition)}}
     if merged is not body:
         out["conditions"] = merged["status"]["conditions"]
     if status.get("observedGeneration") != policy.generation and out:

@@ -1,6 +1,6 @@
 """Status handover: agents' PolicyReports in etcd -> each policy's ``.status`` (Cilium's k8s-event-handover).
 
-Agents write one :class:`~ciliary.operator.reports.PolicyReport` per (policy,
+Agents write one :class:`~ciliary.operator.status.reports.PolicyReport` per (policy,
 node) at ``keyspace.report_key`` bound to their lease. :class:`StatusHandover`
 mirrors two etcd prefixes with :class:`PrefixMirror` (a full list, then a watch
 that resumes from the last revision after a reconnect and lists again after a
@@ -46,11 +46,13 @@ import grpc
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.rest import ApiException
 
-from ciliary.operator import enforcement, keyspace, kubeapi
-from ciliary.operator.enforcement import Expectation, PolicyView
-from ciliary.operator.etcdclient import EtcdStore, EtcdUnavailableError
-from ciliary.operator.flush_schedule import FlushSchedule
-from ciliary.operator.reports import PolicyReport, parse_policy_report
+from ciliary.operator.kube import kubeapi
+from ciliary.operator.status import enforcement
+from ciliary.operator.status.enforcement import Expectation, PolicyView
+from ciliary.operator.status.flush_schedule import FlushSchedule
+from ciliary.operator.status.reports import PolicyReport, parse_policy_report
+from ciliary.operator.store import keyspace
+from ciliary.operator.store.etcdclient import EtcdStore, EtcdUnavailableError
 
 log = logging.getLogger(__name__)
 WRITE_TIMEOUT_S = 30

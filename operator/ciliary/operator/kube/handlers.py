@@ -19,15 +19,20 @@ from typing import Any, Protocol
 import kopf
 from kubernetes_asyncio import client
 
-from ciliary.operator import policy_status
 from ciliary.operator.api import (
     PolicyInvalidError,
     PolicyParseError,
     PolicyProblem,
     parse_policy,
 )
-from ciliary.operator.cluster_model import ClusterModel, namespace_from_body, node_from_body, pod_from_body
-from ciliary.operator.kubeapi import GROUP, POLICY_PLURALS, VERSION
+from ciliary.operator.kube.cluster_model import (
+    ClusterModel,
+    namespace_from_body,
+    node_from_body,
+    pod_from_body,
+)
+from ciliary.operator.kube.kubeapi import GROUP, POLICY_PLURALS, VERSION
+from ciliary.operator.status import validity
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +70,7 @@ class PolicyObserver(Protocol):
 
 def valid_condition(body: Mapping[str, Any], outcome: PolicyOutcome) -> dict[str, Any]:
     """The ``Valid`` condition for ``body``'s generation (without lastTransitionTime)."""
-    wanted = policy_status.valid_condition(outcome.problems, int(body.get("metadata", {}).get("generation") or 0))
+    wanted = validity.valid_condition(outcome.problems, int(body.get("metadata", {}).get("generation") or 0))
     if outcome.problems and outcome.enforced_version == "previous":
         wanted["message"] += "; the last valid version stays enforced"
     return wanted
@@ -83,7 +88,7 @@ def register(registry: kopf.OperatorRegistry, model: ClusterModel, observer: Pol
         observer.observe_policy(body)
         outcome = ingest_policy(model, body)
         if outcome.problems:
-            message = policy_status.problems_message(outcome.problems)
+            message = validity.problems_message(outcome.problems)
             kopf.warn(body, reason="PolicyInvalid", message=message)
             logger.warning("Refused invalid policy: %s", message)
         observer.validated(uid, valid_condition(body, outcome))

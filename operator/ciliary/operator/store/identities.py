@@ -18,8 +18,6 @@ import json
 import logging
 import time
 
-from ciliary.operator import keyspace
-from ciliary.operator.etcdclient import EtcdStore
 from ciliary.operator.policy.identities import (
     MAX_CLUSTER_IDENTITY,
     MIN_CLUSTER_IDENTITY,
@@ -28,6 +26,8 @@ from ciliary.operator.policy.identities import (
     digest,
 )
 from ciliary.operator.policy.selection import LabelSet
+from ciliary.operator.store import keyspace
+from ciliary.operator.store.etcdclient import EtcdStore
 
 log = logging.getLogger(__name__)
 
