@@ -6,7 +6,6 @@ prefix and state directory, started once per session and removed afterwards.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,8 +41,6 @@ class Kube:
 
 @pytest.fixture(scope="session")
 def kube() -> Iterator[Kube]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
     sessions.reap_stale(ROOT, "integration", "i")
     layout = sessions.session_layout(ROOT, "integration", "i")
     lab = Lab(layout, Binaries.discover())

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ciliary.lab import cgroups, controlplane, processes, topology
+from ciliary.lab import cgroups, controlplane, processes, tools, topology
 from ciliary.lab.layout import (
     MAX_NODES,
     WORLD_IP,
@@ -84,6 +84,9 @@ class Lab:
         if missing:
             raise LabError("control-plane binaries missing: " + ", ".join(map(str, missing))
                            + " — run `make setup` first")
+        absent = tools.missing(tools.LAB_SYSTEM_TOOLS)
+        if absent:
+            raise LabError("; ".join(map(str, absent)))
         t0 = time.monotonic()
         say = print if log else (lambda *a, **k: None)
         nodes = max(nodes, int(str(self.config().get("nodes", 0))))

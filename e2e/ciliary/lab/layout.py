@@ -19,22 +19,22 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-KUBERNETES_VERSION = "v1.34.4"
-ETCD_VERSION = "v3.6.14"
+from ciliary.lab import tools
+
 UNDERLAY = ipaddress.IPv4Network("192.0.2.0/24")
 WORLD_IP = "192.0.2.100"
 WORLD_TCP_PORTS = (80, 443, 8080)
 WORLD_UDP_PORTS = (53,)
 MAX_NODES = 80
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("CILIARY_CACHE", "/var/cache/ciliary"))
+CONTROL_PLANE_TOOLS = ("etcd", "etcdctl", "kube-apiserver", "kube-controller-manager", "kubectl")
 
 
 @dataclass(frozen=True)
 class Binaries:
-    """The control-plane executables the set-up built (or PATH fallbacks)."""
+    """The control-plane executables the set-up built, at the versions ``setup/versions.env`` pins.
+
+    Resolved by :mod:`ciliary.lab.tools` (the one place that knows where tools live).
+    """
 
     etcd: Path
     etcdctl: Path
@@ -44,15 +44,8 @@ class Binaries:
 
     @classmethod
     def discover(cls) -> Binaries:
-        kube = _cache_dir() / "bin" / f"kubernetes-{KUBERNETES_VERSION}"
-        etcd = _cache_dir() / "bin" / f"etcd-{ETCD_VERSION}"
-        return cls(
-            etcd=etcd / "etcd",
-            etcdctl=etcd / "etcdctl",
-            kube_apiserver=kube / "kube-apiserver",
-            kube_controller_manager=kube / "kube-controller-manager",
-            kubectl=kube / "kubectl",
-        )
+        versions = tools.pinned_versions()
+        return cls(**{name.replace("-", "_"): tools.built_path(name, versions) for name in CONTROL_PLANE_TOOLS})
 
     def missing(self) -> list[Path]:
         return [p for p in vars(self).values() if not os.access(p, os.X_OK)]

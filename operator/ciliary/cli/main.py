@@ -54,9 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version(args: argparse.Namespace) -> int:
-    from ciliary.lab.layout import ETCD_VERSION, KUBERNETES_VERSION
+    from ciliary.lab import tools
 
-    print(f"ciliary {VERSION}\nkubernetes (lab) {KUBERNETES_VERSION}\netcd (lab) {ETCD_VERSION}")
+    print(f"ciliary {VERSION}")
+    try:
+        versions = tools.pinned_versions()
+    except tools.VersionsFileError as exc:
+        print(f"lab control plane: unknown ({exc})")
+        return 0
+    print(f"kubernetes (lab) {versions.get('KUBERNETES_VERSION', 'unknown')}\n"
+          f"etcd (lab) {versions.get('ETCD_VERSION', 'unknown')}")
     return 0
 
 

@@ -38,7 +38,6 @@ from ciliary.operator.intents import DirectionPolicy, PolicyEntry, Protocol, Ver
 from ciliary.operator.store import keyspace  # noqa: E402
 
 PYTHONPATH = os.pathsep.join(str(REPO / d) for d in ("operator", "nodeagent", "e2e"))
-ETCD = Path("/var/cache/ciliary/bin/etcd-v3.6.14/etcd")
 ID_A, ID_B, ID_C = 1001, 1002, 1003
 POLICY = intents.PolicyRef(kind="CiliumNetworkPolicy", namespace="t", name="allow-a", uid="uid-allow-a", generation=1)
 RULE = intents.RuleRef(kind="CiliumNetworkPolicy", namespace="t", name="allow-a", uid="uid-allow-a", rule_index=0,
@@ -46,8 +45,6 @@ RULE = intents.RuleRef(kind="CiliumNetworkPolicy", namespace="t", name="allow-a"
 LEASE_TTL = 4
 
 pytestmark = pytest.mark.integration
-if os.geteuid() != 0 or not ETCD.exists():
-    pytest.skip("needs root and the etcd binary", allow_module_level=True)
 
 
 def free_port() -> int:
@@ -75,12 +72,12 @@ def http_json(url: str) -> Any:
 
 
 class Etcd:
-    def __init__(self) -> None:
+    def __init__(self, binary: Path) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="cyt-agent-etcd-"))
         c, p = free_port(), free_port()
         self.endpoint = f"127.0.0.1:{c}"
         self.proc = subprocess.Popen(
-            [str(ETCD), "--name", "cyt", "--data-dir", str(self.workdir / "data"),
+            [str(binary), "--name", "cyt", "--data-dir", str(self.workdir / "data"),
              "--listen-client-urls", f"http://127.0.0.1:{c}", "--advertise-client-urls", f"http://127.0.0.1:{c}",
              "--listen-peer-urls", f"http://127.0.0.1:{p}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{p}",
              "--initial-cluster", f"cyt=http://127.0.0.1:{p}", "--log-level", "warn"],
@@ -198,9 +195,9 @@ def allow_from(*identities: int) -> DirectionPolicy:
 
 
 @pytest.fixture(scope="module")
-def env() -> Iterator[Env]:
+def env(tool: Callable[[str], Path]) -> Iterator[Env]:
+    etcd = Etcd(tool("etcd"))
     workdir = Path(tempfile.mkdtemp(prefix="cyt-agent-"))
-    etcd = Etcd()
     topo = Topology(pods=3)
     agent: Agent | None = None
     try:

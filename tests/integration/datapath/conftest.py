@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,9 +11,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from dp_topology import Topology
-
-if os.geteuid() != 0:
-    pytest.skip("the datapath tests need root (bcc, netns)", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from deploy_helpers import Helm, find_helm
+from deploy_helpers import Helm
 
 
 @pytest.fixture(scope="session")
-def helm() -> Helm:
-    return find_helm()
+def helm(tool) -> Helm:
+    return Helm(tool("helm"))

@@ -1,16 +1,16 @@
 """Helpers for the deployment tests: the helm binary, chart rendering, and apiserver helpers.
 
-helm is built by the set-up (``setup/build-go-tools.sh``) into
-``$CILIARY_CACHE/bin/helm-<HELM_VERSION>/helm`` (default cache ``/var/cache/ciliary``).
+helm is built by the set-up (``setup/build-go-tools.sh``); the ``tool`` fixture
+(root conftest, ``ciliary.lab.tools``) finds it at the version ``setup/versions.env`` pins.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,19 +24,6 @@ CHART = ROOT / "charts" / "ciliary"
 CRDS_CHART = ROOT / "charts" / "ciliary-crds"
 RELEASE = "cy"
 NAMESPACE = "ciliary-system"
-
-
-def pinned_version(name: str) -> str:
-    for line in (ROOT / "setup" / "versions.env").read_text().splitlines():
-        key, sep, value = line.partition("=")
-        if sep and key.strip() == name:
-            return value.strip()
-    raise KeyError(name)
-
-
-def helm_path() -> Path:
-    cache = Path(os.environ.get("CILIARY_CACHE", "/var/cache/ciliary"))
-    return cache / "bin" / f"helm-{pinned_version('HELM_VERSION')}" / "helm"
 
 
 @dataclass
@@ -56,13 +43,13 @@ class Helm:
         return self.run(*args).stdout
 
 
-def find_helm() -> Helm:
-    binary = helm_path()
-    if not binary.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{binary} is missing: setup/build-go-tools.sh builds it")
-        pytest.skip(f"{binary} is missing: run setup/build-go-tools.sh")
-    return Helm(binary)
+def etcd_value(kube: Any, key: str) -> bytes | None:
+    """One key's value through etcd's JSON gateway (no client library needed); None when absent."""
+    body = json.dumps({"key": base64.b64encode(key.encode()).decode()}).encode()
+    request = urllib.request.Request(f"{kube.etcd_endpoint}/v3/kv/range", data=body, method="POST")
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        kvs = json.load(resp).get("kvs", [])
+    return base64.b64decode(kvs[0].get("value", "")) if kvs else None
 
 
 def documents(text: str) -> list[dict[str, Any]]:

@@ -3,8 +3,9 @@
 The real operator (``python -m ciliary.operator.main``) runs authenticated as the chart's
 operator ServiceAccount (rendered ServiceAccount/ClusterRole/ClusterRoleBinding applied, a
 token minted with ``kubectl create token``) through a policy lifecycle: a namespace, a Node,
-a Pod, a valid CNP and CCNP (Valid=True), an invalid CNP (Valid=False and a PolicyInvalid
-Event), deletion; its log must show no refusal. Then, for every (resource, verb) the chart
+a Pod, a valid CNP and CCNP (Valid=True, listed in the node's intent in etcd), an invalid CNP
+(Valid=False and a PolicyInvalid Event), deletion (the intent published without them); its log
+must show no refusal. Then, for every (resource, verb) the chart
 grants, a ClusterRole without just
 that one verb makes the same lifecycle fail (a 403 in
 the log, the operator exiting, or a missing status/Event). ``OPERATOR_USES`` is derived
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,15 @@ from deploy_helpers import (
     Helm,
     documents,
     ensure_namespace,
+    etcd_value,
     find,
     install_crds,
     kubectl_ok,
     service_account_kubeconfig,
 )
+
+from ciliary.operator.intents import parse_node_intent
+from ciliary.operator.store.keyspace import node_intent_key
 
 pytestmark = pytest.mark.integration
 
@@ -226,6 +231,21 @@ def run_as(cluster: Any, tmp_path: Path) -> Iterator[Any]:
         delete_role(cluster, account)
 
 
+def wait_intent(kube: Any, operator: OperatorRun, node: str, check: Callable[[set[str]], bool], what: str,
+                seconds: float = 60.0) -> None:
+    """Wait until the names of the policies in ``node``'s intent (read from etcd) pass ``check``."""
+    deadline = time.monotonic() + seconds
+    names: set[str] | None = None
+    while time.monotonic() < deadline:
+        assert operator.proc.poll() is None, f"operator exited:\n{operator.text()[-3000:]}"
+        raw = etcd_value(kube, node_intent_key(node))
+        names = None if raw is None else {p.name for p in parse_node_intent(node, raw).policies}
+        if names is not None and check(names):
+            return
+        time.sleep(0.5)
+    pytest.fail(f"{what}: {node}'s intent lists {names}\n{operator.text()[-3000:]}")
+
+
 def test_chart_grants_exactly_what_the_operator_uses(operator_rules: list[dict[str, Any]]) -> None:
     granted = pairs(operator_rules)
     assert granted - OPERATOR_USES == set(), "granted but unused"
@@ -247,8 +267,12 @@ def test_operator_runs_a_policy_lifecycle_as_the_chart_service_account(
         assert operator.proc.poll() is None, f"operator exited:\n{operator.text()[-3000:]}"
         time.sleep(1)
     assert missing == [], f"lifecycle incomplete: {missing}\n{operator.text()[-3000:]}"
+    # positive signals around "nothing went wrong": the node's intent in etcd lists the policies, and after
+    # their deletion a reconcile pass has published it without them
+    ours = {"valid", lifecycle.ccnp}
+    wait_intent(cluster, operator, lifecycle.node, lambda names: ours <= names, "the policies in the intent")
     lifecycle.delete_policies()
-    time.sleep(3)
+    wait_intent(cluster, operator, lifecycle.node, lambda names: not ours & names, "the policies gone")
     assert operator.proc.poll() is None, f"operator exited:\n{operator.text()[-3000:]}"
     assert not operator.refused(), operator.text()[-3000:]
 

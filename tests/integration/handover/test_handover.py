@@ -167,7 +167,8 @@ async def test_handover_writes_status_nodes_and_enforced(kube: Any, cnp: Any, et
         assert status["nodes"]["hv-a"] == {"ok": True, "enforcing": True, "lastUpdated": "2025-01-01T00:00:00Z",
                                            "localPolicyRevision": 3}
         assert status["enforcement"] == "2/2 nodes"
-        await asyncio.sleep(3 * INTERVAL)
+        # the handover's positive signal first: nothing pending and no write in flight
+        await asyncio.wait_for(handover.settled.wait(), 30)
         writes = status_patches(kube) - before
         assert 1 <= writes <= 2, writes  # one write carries both nodes; at most one more (a racing event)
         assert handover.stats.writes == writes
@@ -191,8 +192,9 @@ async def test_handover_writes_status_nodes_and_enforced(kube: Any, cnp: Any, et
     before = status_patches(kube)
     handover, tasks, api = await start(kube, etcd)
     try:
-        await asyncio.wait_for(handover.started.wait(), 30)
-        await asyncio.sleep(4 * INTERVAL)
+        # it looked at the policy (the positive signal) before "it wrote nothing" is asserted
+        await asyncio.wait_for(handover.settled.wait(), 30)
+        assert handover.started.is_set() and "hv-a" in (handover.desired(uid).nodes or {})
         assert handover.stats.writes == 0
     finally:
         await stop(tasks, api)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -39,6 +40,16 @@ class OperatorProcess:
 
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def log_size(self) -> int:
+        """The log's current length: pass it to :meth:`wait_logged` to see only what comes after."""
+        return len(self.text())
+
+    def wait_logged(self, pattern: str, *, since: int, seconds: float = 60.0) -> re.Match[str]:
+        """Wait until the log, after offset ``since``, has a line matching ``pattern`` (the operator's signals:
+        ``reconcile pass <n> complete``, ``Status handover caught up``)."""
+        regex = re.compile(pattern)
+        return wait_for(lambda: regex.search(self.text()[since:]), seconds, f"operator log line /{pattern}/", self)
 
 
 def wait_for(predicate: Callable[[], object], seconds: float, what: str, log: OperatorProcess | None = None):

@@ -123,8 +123,6 @@ def test_restart_changes_no_identity_and_rewrites_no_key(kube, cluster, operator
     wait_for(lambda: len(intent_keys(kube)) == 3, 60, "intents", operator)
     kube.kubectl("apply", "-f", "-", input=POLICY, check=True)
     wait_for(lambda: _condition(kube, "web-from-client", "Valid"), 30, "policy accepted", operator)
-    import time
-
     # other suites share this control plane: wait until their namespaces are gone (their pods change
     # the cluster-wide ipcache and identity labels every intent carries), then for a quiet etcd
     _drain_terminating_namespaces(kube)
@@ -134,8 +132,13 @@ def test_restart_changes_no_identity_and_rewrites_no_key(kube, cluster, operator
     status_rv = kube.kubectl("get", "cnp", "web-from-client", "-n", NS, "-o",
                              "jsonpath={.metadata.resourceVersion}", check=True).stdout
     operator.stop()
+    since = operator.log_size()
     operator.start()
-    time.sleep(5)  # the restarted operator lists, resolves and compares with etcd
+    # positive signals first: the restarted operator listed, resolved and compared with etcd (its first
+    # reconcile pass), and its status handover looked at every policy; only then "nothing changed" means it
+    first = operator.wait_logged(r"reconcile pass 1 complete at revision \d+: (\d+) intents written", since=since)
+    operator.wait_logged(r"Status handover caught up", since=since)
+    assert first.group(1) == "0", first.group(0)
     assert _operator_alive(operator)
     assert etcd_get_prefix(kube, "/ciliary/identities/v1/") == identities
     assert intent_keys(kube) == intents

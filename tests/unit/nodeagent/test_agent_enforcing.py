@@ -80,7 +80,10 @@ async def test_applies_only_after_an_intent_serialised_and_keeps_last_good(tmp_p
     assert enforcer.outcome.applied.revision == 5 and enforcer.outcome.wanted.revision == 6
     assert enforcer.outcome.error_kind == "MapFull" and "cy_policy" in enforcer.outcome.error
     dp.fail = None
-    await asyncio.sleep(0.3)  # bounded retry applies it once the failure is gone
+    for _ in range(100):  # bounded retry applies it once the failure is gone
+        if enforcer.outcome.applied.revision == 6:
+            break
+        await asyncio.sleep(0.05)
     assert enforcer.outcome.applied.revision == 6 and enforcer.outcome.error == ""
 
     enforcer.set_invalid("unknown schema version 2")

@@ -26,7 +26,9 @@ condition and ``status.enforcement``.
 Nothing is written before both prefixes were listed, the policies were listed
 (``policies_listed``) and every event in ``wait_for`` is set: an operator
 restart compares the full picture with what the objects show and writes nothing
-unchanged.
+unchanged. ``settled`` is set while nothing is pending and no write is in flight;
+the first time after the start it is logged (``Status handover caught up``): the
+signal a test waits for before it asserts that nothing (more) was written.
 """
 
 from __future__ import annotations
@@ -180,6 +182,9 @@ class StatusHandover:
         """node -> {policy uid: generation} of its published intent."""
         self.policies_listed = asyncio.Event()
         self.started = asyncio.Event()
+        self.settled = asyncio.Event()
+        """Set while nothing is pending and no write is in flight; the first time is logged (``caught up``)."""
+        self._caught_up = False
         self.stats = HandoverStats()
         self._present: frozenset[str] | None = None
         self._nodes_checked = float("-inf")
@@ -215,8 +220,10 @@ class StatusHandover:
         self.schedule.forget(uid)
 
     def _mark(self, uid: str) -> None:
-        if uid in self.policies and self.schedule.mark(uid, self.clock()):
-            self._wake.set()
+        if uid in self.policies:
+            self.settled.clear()
+            if self.schedule.mark(uid, self.clock()):
+                self._wake.set()
 
     def _report_put(self, key: str, value: bytes) -> None:
         uid, _, node = key[len(keyspace.REPORTS_PREFIX):].partition("/")
@@ -377,6 +384,12 @@ class StatusHandover:
                 if due:
                     await self.flush(due)
                     continue
+                if self.schedule.pending == 0:
+                    self.settled.set()
+                    if not self._caught_up:
+                        self._caught_up = True
+                        log.info("Status handover caught up: %d policies checked, %d status writes",
+                                 len(self.policies), self.stats.writes)
                 deadline = self.schedule.next_deadline()
                 timeout = self.interval if deadline is None else min(self.interval, deadline - self.clock())
                 if self.node_names is not None:
