@@ -15,7 +15,8 @@ import pytest
 
 from ciliary.lab import sessions
 from ciliary.lab.lab import Lab
-from ciliary.lab.layout import Binaries, LabLayout
+from ciliary.lab.layout import CONTROL_PLANE_TOOLS, Binaries, LabLayout
+from ciliary.lab.tools import LAB_SYSTEM_TOOLS
 from lab_harness import LabHandle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +27,9 @@ def e2e_layout() -> LabLayout:
 
 
 @pytest.fixture(scope="session")
-def lab() -> Iterator[LabHandle]:
+def lab(tool) -> Iterator[LabHandle]:
+    for name in (*CONTROL_PLANE_TOOLS, *LAB_SYSTEM_TOOLS):
+        tool(name)
     sessions.reap_stale(ROOT, "e2e", "e")
     handle = LabHandle(Lab(e2e_layout(), Binaries.discover()))
     try:

@@ -131,6 +131,7 @@ def require_tool(tool: str) -> Path:
     try:
         return tools.find(tool)
     except (tools.ToolMissingError, tools.VersionsFileError) as exc:
-        if under_ci():
-            pytest.fail(f"CI: {exc}", pytrace=False)
-        pytest.skip(str(exc))
+        problem = str(exc)
+    if under_ci():
+        pytest.fail(f"CI: {problem}", pytrace=False)
+    pytest.skip(problem)

@@ -15,7 +15,7 @@ import pytest
 
 from ciliary.lab import controlplane, sessions
 from ciliary.lab.lab import Lab
-from ciliary.lab.layout import Binaries
+from ciliary.lab.layout import CONTROL_PLANE_TOOLS, Binaries
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,7 +40,9 @@ class Kube:
 
 
 @pytest.fixture(scope="session")
-def kube() -> Iterator[Kube]:
+def kube(tool) -> Iterator[Kube]:
+    for name in CONTROL_PLANE_TOOLS:
+        tool(name)
     sessions.reap_stale(ROOT, "integration", "i")
     layout = sessions.session_layout(ROOT, "integration", "i")
     lab = Lab(layout, Binaries.discover())
