@@ -41,7 +41,7 @@ class Kube:
 
 @pytest.fixture(scope="session")
 def kube(tool) -> Iterator[Kube]:
-    for name in CONTROL_PLANE_TOOLS:
+    for name in (*CONTROL_PLANE_TOOLS, "openssl"):  # openssl makes the control plane's PKI
         tool(name)
     sessions.reap_stale(ROOT, "integration", "i")
     layout = sessions.session_layout(ROOT, "integration", "i")

@@ -196,6 +196,7 @@ def allow_from(*identities: int) -> DirectionPolicy:
 
 @pytest.fixture(scope="module")
 def env(tool: Callable[[str], Path]) -> Iterator[Env]:
+    tool("ip")  # the pods' topology is built with iproute2
     etcd = Etcd(tool("etcd"))
     workdir = Path(tempfile.mkdtemp(prefix="cyt-agent-"))
     topo = Topology(pods=3)

@@ -14,7 +14,8 @@ from dp_topology import Topology
 
 
 @pytest.fixture(scope="module")
-def topology() -> Iterator[Topology]:
+def topology(tool) -> Iterator[Topology]:
+    tool("ip")  # the topology is built and entered with iproute2
     topo = Topology(pods=3)
     try:
         topo.up()
