@@ -8,6 +8,8 @@ import urllib.request
 
 import pytest
 
+from ciliary.lab import etcdsecurity
+
 pytestmark = pytest.mark.integration
 
 
@@ -17,7 +19,8 @@ def test_apiserver_reports_its_pinned_version(kube):
 
 
 def test_etcd_is_3_6(kube):
-    with urllib.request.urlopen(f"{kube.etcd_endpoint}/version", timeout=5) as resp:
+    context = etcdsecurity.tls_context(kube.etcd_tls())
+    with urllib.request.urlopen(f"{kube.etcd_endpoint}/version", timeout=5, context=context) as resp:
         assert json.load(resp)["etcdserver"].startswith("3.6.")
 
 

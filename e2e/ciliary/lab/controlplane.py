@@ -108,10 +108,7 @@ def start_etcd(layout: LabLayout, bins: Binaries, ports: Ports) -> None:
 
 def etcd_tls_context(layout: LabLayout, user: str = "root") -> ssl.SSLContext:
     """An SSL context that reaches the lab's etcd as etcd user ``user``."""
-    tls = etcdsecurity.etcd_pki(layout.pki_dir).client(user)
-    ctx = ssl.create_default_context(cafile=str(tls.ca_file))
-    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-    return ctx
+    return etcdsecurity.tls_context(etcdsecurity.etcd_pki(layout.pki_dir).client(user))
 
 
 def _tls_context(layout: LabLayout) -> ssl.SSLContext:

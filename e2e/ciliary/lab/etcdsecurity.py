@@ -16,6 +16,12 @@ the rules a cluster would.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,3 +106,89 @@ def add_node(endpoint: str, certs: EtcdPKI, node: str) -> EtcdTLS:
     """Issue ``node``'s certificate and create its etcd user and role; returns its credentials."""
     bootstrap(endpoint, certs, [node])
     return certs.node(node)
+
+
+def tls_context(tls: EtcdTLS) -> ssl.SSLContext:
+    """An SSL context presenting ``tls``'s client certificate (for etcd's /health and /version)."""
+    ctx = ssl.create_default_context(cafile=str(tls.ca_file))
+    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    return ctx
+
+
+class StandaloneEtcd:
+    """A one-member etcd locked down like the lab's, for tests that stop, restart or wipe it.
+
+    Data and certificates live in ``workdir``; every :meth:`start` re-applies the users and
+    roles (after :meth:`wipe` etcd has none) for the operator and every node :meth:`add_node` named.
+    """
+
+    def __init__(self, etcd: Path, workdir: Path) -> None:
+        self.etcd = etcd
+        self.workdir = workdir
+        self.certs = EtcdPKI(workdir / "pki")
+        self.certs.ensure()
+        self.client_port, self.peer_port = _free_port(), _free_port()
+        self.nodes: list[str] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"https://127.0.0.1:{self.client_port}"
+
+    def flags(self, user: str) -> list[str]:
+        tls = self.certs.client(user)
+        return ["--etcd-ca-file", str(tls.ca_file), "--etcd-cert-file", str(tls.cert_file),
+                "--etcd-key-file", str(tls.key_file)]
+
+    def start(self) -> None:
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        with open(self.workdir / "etcd.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(self.etcd), "--name", "cyt", "--data-dir", str(self.workdir / "data"),
+                 "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
+                 *server_flags(self.certs), "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                 "--initial-cluster", f"cyt={peer}", "--log-level", "warn",
+                 "--listen-metrics-urls", "http://127.0.0.1:0"],
+                stdout=log, stderr=subprocess.STDOUT)
+        context = tls_context(self.certs.client(access.ROOT_USER))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.endpoint}/health", timeout=2, context=context) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"etcd in {self.workdir} did not become healthy")
+            time.sleep(0.2)
+        bootstrap(self.endpoint, self.certs, self.nodes)
+
+    def add_node(self, node: str) -> list[str]:
+        """Create ``node``'s etcd user and role; returns the agent's ``--etcd-*-file`` flags."""
+        if node not in self.nodes:
+            self.nodes.append(node)
+        add_node(self.endpoint, self.certs, node)
+        return self.flags(access.node_user(node))
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+    def wipe(self) -> None:
+        shutil.rmtree(self.workdir / "data", ignore_errors=True)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
