@@ -144,7 +144,7 @@ async def stop(tasks: list[asyncio.Task[Any]], api: Any, handover: StatusHandove
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await api.close()
-    await handover.store.close()
+    await handover.report_mirror.store.close()
 
 
 async def test_handover_writes_status_nodes_and_enforced(kube: Any, cnp: Any, etcd: EtcdStore) -> None:

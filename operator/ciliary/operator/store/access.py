@@ -13,6 +13,10 @@ from the client certificate's common name, so a component's certificate CN *is* 
 
 A grant on a single key is exact (no range end), so node ``n1`` never matches ``n10``;
 per-node prefixes end with ``/`` for the same reason.
+
+:func:`shared_agents_role` is weaker and exists only for the Helm chart until each node
+enrolls for its own certificate: one user for every agent, confined to the keys agents
+write and to reading intents and identities (no intent or identity write), but not to its node.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ ROOT_USER = "root"
 """etcd requires a ``root`` user with the ``root`` role before authentication can be enabled."""
 OPERATOR_USER = "ciliary-operator"
 NODE_USER_PREFIX = "ciliary-node-"
+SHARED_AGENTS_USER = "ciliary-agents"
+"""The chart's interim agent user (see :func:`shared_agents_role`)."""
 OPERATOR_PREFIX = f"{keyspace.ROOT}/operator/"
 """The operator's own keys (the leader election key lives here)."""
 
@@ -123,4 +129,16 @@ def node_role(node: str) -> Role:
         Grant(rw, keyspace.node_key(node)),
         Grant(rw, keyspace.node_status_key(node)),
         Grant(rw, keyspace.node_reports_prefix(node), prefix=True),
+    ))
+
+
+def shared_agents_role() -> Role:
+    """Every agent under one user: agent keys of any node, read-only intents and identities (chart, interim)."""
+    rw, r = Permission.READWRITE, Permission.READ
+    return Role(name=SHARED_AGENTS_USER, user=SHARED_AGENTS_USER, grants=(
+        Grant(r, keyspace.INTENTS_PREFIX, prefix=True),
+        Grant(r, keyspace.IDENTITIES_PREFIX, prefix=True),
+        Grant(rw, keyspace.NODES_PREFIX, prefix=True),
+        Grant(rw, keyspace.NODE_STATUS_PREFIX, prefix=True),
+        Grant(rw, keyspace.REPORTS_PREFIX, prefix=True),
     ))
