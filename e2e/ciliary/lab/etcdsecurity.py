@@ -4,7 +4,7 @@ etcd serves only ``https://127.0.0.1:<port>`` with ``--client-cert-auth``; authe
 is on, and each caller is the etcd user named by its certificate's CN:
 
   root                   the lab itself (creates users and roles; ``ciliary lab env`` for etcdctl)
-  kube-apiserver         read/write under ``/registry/`` only
+  kube-apiserver         read/write under ``/registry/`` (and its compaction key) only
   ciliary-operator       the operator's role (``ciliary.operator.store.access.operator_role``)
   ciliary-node-<node>    one per node agent (``access.node_role``)
 
@@ -33,9 +33,12 @@ from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdTLS, make_client
 
 ETCD_SANS = "IP:127.0.0.1,DNS:localhost"
 APISERVER_USER = "kube-apiserver"
-APISERVER_ROLE = Role(name=APISERVER_USER, user=APISERVER_USER,
-                      grants=(Grant(Permission.READWRITE, "/registry/", prefix=True),))
-"""The lab's kube-apiserver keeps its objects under ``--etcd-prefix=/registry``."""
+APISERVER_ROLE = Role(name=APISERVER_USER, user=APISERVER_USER, grants=(
+    Grant(Permission.READWRITE, "/registry/", prefix=True),
+    Grant(Permission.READWRITE, "compact_rev_key"),
+))
+"""The lab's kube-apiserver keeps its objects under ``--etcd-prefix=/registry``; its compactor
+coordinates through the unprefixed key ``compact_rev_key``."""
 
 
 @dataclass(frozen=True)
