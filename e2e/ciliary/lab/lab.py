@@ -259,6 +259,8 @@ class Lab:
         shutil.rmtree(self.layout.node_dir(node), ignore_errors=True)
         shutil.rmtree(self.layout.bpffs_dir / node, ignore_errors=True)
         self.kubectl("delete", "node", node, "--ignore-not-found", "--wait=false")
+        if processes.running_pid(self.layout, "etcd"):
+            etcdsecurity.remove_node(self.ports().etcd_endpoint, self.etcd_certs(), node)
         config = self.config()
         before = config.get("removed")
         config["removed"] = sorted({*(before if isinstance(before, list) else []), node})
