@@ -22,7 +22,7 @@ import aetcd
 import grpc
 import pytest
 
-from ciliary.operator.store import access, keyspace
+from ciliary.operator.store import access, accounts, keyspace
 from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdTLS, TLSClient, make_client
 
 pytestmark = pytest.mark.integration
@@ -236,6 +236,33 @@ def test_a_certificate_whose_cn_is_no_etcd_user_has_no_access(kube: Any, tmp_pat
             assert not await attempt(client, key, write=True)
 
     run(kube, stranger, body)
+
+
+def test_apply_role_converges_to_exactly_the_rules(kube: Any, creds: dict[str, EtcdTLS]) -> None:
+    """A grant the rules no longer name is revoked; applying twice changes nothing; delete removes both."""
+    from aetcd import rpc
+
+    role = access.node_role(f"cyt-acc-{TAG}-conv")
+    wider = access.Role(role.name, role.user,
+                        (*role.grants, access.Grant(access.Permission.READWRITE, keyspace.INTENTS_PREFIX, prefix=True)))
+    types = {access.Permission.READ: 0, access.Permission.WRITE: 1, access.Permission.READWRITE: 2}
+    expected = {(types[g.permission], g.key.encode(), g.range_end.encode()) for g in role.grants}
+
+    async def held(client: aetcd.Client) -> set[tuple[int, bytes, bytes]]:
+        got = await rpc.AuthStub(client.channel).RoleGet(rpc.AuthRoleGetRequest(role=role.name), timeout=5)
+        return {(int(p.permType), bytes(p.key), bytes(p.range_end)) for p in got.perm}
+
+    async def body(client: aetcd.Client) -> None:
+        await accounts.apply_role(client, wider)
+        assert len(await held(client)) == len(expected) + 1
+        await accounts.apply_role(client, role)
+        await accounts.apply_role(client, role)
+        assert await held(client) == expected
+        await accounts.delete_role(client, role)
+        with pytest.raises(rpc.AioRpcError, match="not found"):
+            await held(client)
+
+    run(kube, creds["root"], body)
 
 
 # -- components: https by default, plain HTTP only with --etcd-insecure -----------------------------
