@@ -71,7 +71,10 @@ async def child_main(args: argparse.Namespace) -> None:
                         format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("kopf").setLevel(logging.ERROR)
     os.environ["KUBECONFIG"] = args.kubeconfig
-    store = EtcdStore(EtcdEndpoint.parse(args.etcd))
+    from ciliary.lab.etcdsecurity import EtcdPKI
+    from ciliary.operator.store.access import OPERATOR_USER
+
+    store = EtcdStore(EtcdEndpoint.parse(args.etcd), tls=EtcdPKI(Path(args.etcd_pki)).client(OPERATOR_USER))
     api = await kubeapi.api_client(args.kubeconfig)
     model = ClusterModel()
     handover = StatusHandover(store, api, interval=args.interval, write_nodes=args.mode == "handover")
@@ -132,18 +135,19 @@ class AgentFleet:
     last_report: float = 0.0
     """Wall time of the latest report transaction."""
     writers: dict[str, Any] = field(default_factory=dict)
+    tls: Any = None
+    """etcd credentials of the simulated agents: the lab's root (one etcd user per simulated node
+    would cost a certificate each; the real agents' per-node roles are tested in tests/integration/store)."""
 
     async def start(self, nodes: list[str], meta: dict[str, tuple[str, str]],
                     seed: dict[str, Any] | None = None) -> None:
         """``seed``: the entry already in every policy's status (direct mode: agents do not rewrite it)."""
-        import aetcd
-
         from ciliary.nodeagent.direct_status import DirectStatusWriter
-        from ciliary.operator.store.etcdclient import GRPC_OPTIONS, EtcdEndpoint
+        from ciliary.operator.store.etcdclient import EtcdEndpoint, make_client
 
         ep = EtcdEndpoint.parse(self.etcd)
         for i in range(0, len(nodes), AGENTS_PER_CLIENT):
-            client = aetcd.Client(host=ep.host, port=ep.port, timeout=30, options=dict(GRPC_OPTIONS))
+            client = make_client(ep, self.tls, 30)
             self.clients.append(client)
             for node in nodes[i:i + AGENTS_PER_CLIENT]:
                 if self.direct:
@@ -256,6 +260,7 @@ async def run_case(lab: Any, ports: Any, n: int, mode: str) -> dict[str, Any]:
 
     from ciliary.operator.intents import NodeIntent, PolicyRef
     from ciliary.operator.kube import kubeapi
+    from ciliary.operator.store.access import OPERATOR_USER, ROOT_USER
     from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdStore
     from ciliary.operator.store.keyspace import node_intent_key
     from ciliary.operator.store.publishing import IntentPublisher
@@ -268,7 +273,8 @@ async def run_case(lab: Any, ports: Any, n: int, mode: str) -> dict[str, Any]:
     items = json.loads(lab.kubectl("get", "cnp", "-n", ns, "-o", "json").stdout)["items"]
     meta = {i["metadata"]["name"]: (i["metadata"]["uid"], i["metadata"]["generation"]) for i in items}
     nodes = [f"node-{i:04}" for i in range(n)]
-    store = EtcdStore(EtcdEndpoint.parse(ports.etcd_endpoint), timeout=30)
+    store = EtcdStore(EtcdEndpoint.parse(ports.etcd_endpoint), tls=lab.etcd_certs().client(OPERATOR_USER),
+                      timeout=30)
     api = await kubeapi.api_client(layout.kubeconfig)
     api.configuration.connection_pool_maxsize = 64
     custom = kclient.CustomObjectsApi(api)
@@ -287,7 +293,8 @@ async def run_case(lab: Any, ports: Any, n: int, mode: str) -> dict[str, Any]:
                                  for node in nodes})
 
     await publish(1, 1)
-    fleet = AgentFleet(ports.etcd_endpoint, api, ns, direct=mode == "direct")
+    fleet = AgentFleet(ports.etcd_endpoint, api, ns, direct=mode == "direct",
+                       tls=lab.etcd_certs().client(ROOT_USER))
     if fleet.direct:
         # steady state before the measured update: every entry present (one patch per policy, not N)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -305,6 +312,7 @@ async def run_case(lab: Any, ports: Any, n: int, mode: str) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(ROOT / p) for p in ("operator", "nodeagent", "e2e")))
     child = subprocess.Popen([sys.executable, "-m", "bench.bench_status", "--child", "--mode", mode,
                               "--kubeconfig", str(layout.kubeconfig), "--etcd", ports.etcd_endpoint,
+                              "--etcd-pki", str(lab.etcd_certs().directory),
                               "--stats", str(stats_path), "--interval", str(INTERVAL)], cwd=ROOT, env=env)
 
     def child_stats() -> dict[str, Any]:
@@ -465,6 +473,7 @@ def main() -> None:
     p.add_argument("--mode", default="handover", help=argparse.SUPPRESS)
     p.add_argument("--kubeconfig", help=argparse.SUPPRESS)
     p.add_argument("--etcd", help=argparse.SUPPRESS)
+    p.add_argument("--etcd-pki", help=argparse.SUPPRESS)
     p.add_argument("--stats", help=argparse.SUPPRESS)
     p.add_argument("--interval", type=float, default=INTERVAL, help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from ciliary.lab.lab import Lab
+from ciliary.operator.store import access
 
 
 @dataclass
@@ -68,7 +69,10 @@ class LabHandle:
     def env(self) -> dict[str, str]:
         """This lab's environment: never an etcd or kubeconfig the calling shell points at."""
         env = {k: v for k, v in os.environ.items()
-               if k not in ("ETCDCTL_ENDPOINTS", "CILIARY_ETCD_ENDPOINTS", "KUBECONFIG")}
+               if not k.startswith(("ETCDCTL_", "CILIARY_ETCD_")) and k != "KUBECONFIG"}
+        tls = self.lab.etcd_certs().client(access.OPERATOR_USER)
         return {**env, "CILIARY_LAB_DIR": str(self.lab.layout.state_dir),
                 "CILIARY_LAB_PREFIX": self.lab.layout.prefix,
-                "CILIARY_ETCD_ENDPOINTS": self.lab.ports().etcd_endpoint}
+                "CILIARY_ETCD_ENDPOINTS": self.lab.ports().etcd_endpoint,
+                "CILIARY_ETCD_CA_FILE": str(tls.ca_file), "CILIARY_ETCD_CERT_FILE": str(tls.cert_file),
+                "CILIARY_ETCD_KEY_FILE": str(tls.key_file)}

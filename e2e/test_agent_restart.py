@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 from ciliary.lab import processes
-from ciliary.operator.store import keyspace
+from ciliary.operator.store import access, keyspace
+from ciliary.operator.store.etcdclient import EtcdEndpoint, make_client
 
 pytestmark = pytest.mark.e2e
 
@@ -97,14 +98,16 @@ def enforcement(port: int) -> dict[str, Any] | None:
 
 
 def reports_of(lab: Any, node: str) -> list[dict[str, Any]]:
-    import aetcd
-
-    host, port = lab.lab.ports().etcd_endpoint.removeprefix("http://").split(":")
+    """``node``'s reports, read with its own agent's etcd credentials (its prefix is all it may list)."""
 
     async def get() -> list[dict[str, Any]]:
-        async with aetcd.Client(host=host, port=int(port), timeout=5) as client:
-            rows = await client.get_prefix(keyspace.REPORTS_PREFIX.encode())
-            return [json.loads(kv.value) for kv in rows if kv.key.decode().endswith(f"/{node}")]
+        tls = lab.lab.etcd_certs().client(access.node_user(node))
+        client = make_client(EtcdEndpoint.parse(lab.lab.ports().etcd_endpoint), tls, 5)
+        try:
+            rows = await client.get_prefix(keyspace.node_reports_prefix(node).encode())
+            return [json.loads(kv.value) for kv in rows]
+        finally:
+            await client.close()
 
     return asyncio.run(get())
 

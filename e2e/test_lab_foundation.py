@@ -163,6 +163,25 @@ spec:
     assert _host_veths(lab, "node-2") == before
 
 
+def test_lab_env_gives_etcdctl_the_locked_down_etcd(lab):
+    """``eval $(ciliary lab env)`` points etcdctl at the TLS-only etcd as its root user; each agent
+    registered with its own etcd user; without a client certificate etcd refuses."""
+    script = "\n".join([*lab.lab.env_lines(), "etcdctl get --prefix --keys-only /ciliary/nodes/v1/",
+                        "etcdctl user list"])
+    env = lab.env()
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "/ciliary/nodes/v1/node-1" in done.stdout and "/ciliary/nodes/v1/node-2" in done.stdout
+    for user in ("root", "ciliary-operator", "ciliary-node-node-1", "ciliary-node-node-2", "kube-apiserver"):
+        assert user in done.stdout.split()
+    assert all(line.startswith("export ETCDCTL_ENDPOINTS=https://") for line in lab.lab.env_lines()
+               if line.startswith("export ETCDCTL_ENDPOINTS="))
+    no_cert = subprocess.run(["bash", "-c", "\n".join([*lab.lab.env_lines(), "unset ETCDCTL_CERT ETCDCTL_KEY",
+                                                          "etcdctl --dial-timeout=3s get /ciliary/"])],
+                             capture_output=True, text=True, timeout=60, env=env)
+    assert no_cert.returncode != 0
+
+
 def test_lab_down_removes_everything(lab, pods):
     layout = lab.lab.layout
     node_ns = layout.node_netns("node-1")

@@ -5,17 +5,21 @@ A lab of its own (3 nodes), because this file removes a node and kills an agent.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aetcd
 import pytest
 
 from ciliary.lab import processes, sessions
 from ciliary.lab.lab import Lab
 from ciliary.lab.layout import Binaries
+from ciliary.operator.store import access, keyspace
+from ciliary.operator.store.etcdclient import EtcdEndpoint, make_client
 from lab_harness import LabHandle
 
 pytestmark = pytest.mark.e2e
@@ -121,6 +125,18 @@ def test_removed_node_disappears_from_status(lab3):
                      "Enforced again once node-2 left the cluster")
     assert set(st["nodes"]) == {"node-1"}
     assert st["enforcement"] == "1/1 nodes"
+    # the removed node's etcd user is gone: its certificate opens nothing any more
+    removed = lab3.lab.etcd_certs().client(access.node_user("node-2"))
+
+    async def read_own_intent() -> None:
+        client = make_client(EtcdEndpoint.parse(lab3.lab.ports().etcd_endpoint), removed, 5)
+        try:
+            await client.get(keyspace.node_intent_key("node-2").encode())
+        finally:
+            await client.close()
+
+    with pytest.raises(aetcd.ClientError):
+        asyncio.run(read_own_intent())
 
 
 def test_direct_mode_agents_write_status_nodes(monkeypatch):

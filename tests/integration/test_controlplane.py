@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from ciliary.lab import tools
+from ciliary.lab import etcdsecurity, tools
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +19,8 @@ def test_apiserver_reports_its_pinned_version(kube):
 
 
 def test_etcd_reports_its_pinned_version(kube):
-    with urllib.request.urlopen(f"{kube.etcd_endpoint}/version", timeout=5) as resp:
+    context = etcdsecurity.tls_context(kube.etcd_tls())
+    with urllib.request.urlopen(f"{kube.etcd_endpoint}/version", timeout=5, context=context) as resp:
         assert "v" + json.load(resp)["etcdserver"] == tools.pinned_version("ETCD_VERSION")
 
 
@@ -38,3 +39,25 @@ def test_controller_manager_deletes_namespaces(kube):
             return
         time.sleep(1)
     pytest.fail("namespace stayed Terminating: kube-controller-manager is not deleting namespaces")
+
+
+def test_apiserver_reaches_etcd_as_a_confined_user_without_denials(kube):
+    """kube-apiserver is etcd user ``kube-apiserver``: it works (kubectl above), etcd never refuses it
+    (its compactor's key included), and it cannot read Ciliary's keys."""
+    import asyncio
+
+    from ciliary.operator.store.etcdclient import EtcdEndpoint, make_client
+
+    log = kube.lab.layout.log_dir / "kube-apiserver.log"
+    kube.kubectl("get", "--raw", "/readyz", check=True)
+    assert "permission denied" not in log.read_text(errors="replace")
+
+    async def read_ciliary() -> None:
+        client = make_client(EtcdEndpoint.parse(kube.etcd_endpoint), kube.etcd_tls(etcdsecurity.APISERVER_USER), 5)
+        try:
+            with pytest.raises(Exception, match="permission denied"):
+                await client.get(b"/ciliary/intents/v1/node-1")
+        finally:
+            await client.close()
+
+    asyncio.run(read_ciliary())

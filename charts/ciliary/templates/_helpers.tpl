@@ -46,18 +46,26 @@ app.kubernetes.io/component: {{ .component }}
 {{/* Comma-separated etcd client URLs the components use. */}}
 {{- define "ciliary.etcdEndpoints" -}}
 {{- if .Values.etcd.enabled }}
-{{- printf "http://%s-etcd.%s.svc:%d" (include "ciliary.fullname" .) .Release.Namespace (int .Values.etcd.clientPort) }}
+{{- printf "https://%s-etcd.%s.svc:%d" (include "ciliary.fullname" .) .Release.Namespace (int .Values.etcd.clientPort) }}
 {{- else }}
 {{- if not .Values.etcd.external.endpoints }}
 {{- fail "etcd.enabled=false needs etcd.external.endpoints" }}
+{{- end }}
+{{- if and (not .Values.etcd.external.tls.secretName) (not .Values.etcd.external.insecure) }}
+{{- fail "etcd.enabled=false needs etcd.external.tls.secretName (mutual TLS), or etcd.external.insecure=true for plain http" }}
 {{- end }}
 {{- join "," .Values.etcd.external.endpoints }}
 {{- end }}
 {{- end }}
 
-{{/* True when the components must use TLS client certificates towards etcd. */}}
+{{/* Secret with the bundled etcd's CA and certificates (generated, or etcd.tls.existingSecret). */}}
+{{- define "ciliary.etcdTLSSecret" -}}
+{{- .Values.etcd.tls.existingSecret | default (printf "%s-etcd-tls" (include "ciliary.fullname" .)) }}
+{{- end }}
+
+{{/* True when the components use TLS client certificates towards etcd (always, unless external insecure). */}}
 {{- define "ciliary.etcdTLS" -}}
-{{- if and (not .Values.etcd.enabled) .Values.etcd.external.tls.secretName }}true{{ end }}
+{{- if or .Values.etcd.enabled .Values.etcd.external.tls.secretName }}true{{ end }}
 {{- end }}
 
 {{/* Env vars pointing a component at the etcd TLS files; call with (dict "ctx" $ "prefix" "CILIARY_AGENT_"). */}}
@@ -69,6 +77,10 @@ app.kubernetes.io/component: {{ .component }}
   value: /etc/ciliary/etcd-tls/tls.crt
 - name: {{ .prefix }}ETCD_KEY_FILE
   value: /etc/ciliary/etcd-tls/tls.key
+{{- else }}
+# plain http to etcd, explicitly chosen (etcd.external.insecure): the component warns on every start
+- name: {{ .prefix }}ETCD_INSECURE
+  value: "on"
 {{- end }}
 {{- end }}
 
@@ -80,11 +92,25 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
+{{/* The component's etcd credentials; call with (dict "ctx" $ "component" "operator"|"agent"|"root"). */}}
 {{- define "ciliary.etcdTLSVolume" -}}
-{{- if include "ciliary.etcdTLS" . }}
+{{- $ctx := .ctx }}
+{{- if $ctx.Values.etcd.enabled }}
+- name: {{ if eq .component "root" }}etcd-root{{ else }}etcd-tls{{ end }}
+  secret:
+    secretName: {{ include "ciliary.etcdTLSSecret" $ctx }}
+    defaultMode: 0400
+    items:
+    - key: ca.crt
+      path: ca.crt
+    - key: {{ .component }}.crt
+      path: tls.crt
+    - key: {{ .component }}.key
+      path: tls.key
+{{- else if $ctx.Values.etcd.external.tls.secretName }}
 - name: etcd-tls
   secret:
-    secretName: {{ .Values.etcd.external.tls.secretName }}
+    secretName: {{ $ctx.Values.etcd.external.tls.secretName }}
     defaultMode: 0400
 {{- end }}
 {{- end }}

@@ -2,8 +2,8 @@
 
 Ports are chosen free at first start and kept in ``lab.json``; a second ``lab up``
 finds the processes running and leaves them alone. kube-apiserver serves TLS with
-client-certificate authentication and RBAC; etcd listens on plain HTTP on
-127.0.0.1 only (it is reachable from this machine alone).
+client-certificate authentication and RBAC; etcd serves mutual TLS only, with
+authentication and a role per caller (``etcdsecurity``), even on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ciliary.lab import pki, processes
+from ciliary.lab import etcdsecurity, pki, processes
 from ciliary.lab.kubeconfigs import write_kubeconfig
 from ciliary.lab.layout import Binaries, LabLayout
 
@@ -36,7 +36,7 @@ class Ports:
 
     @property
     def etcd_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.etcd_client}"
+        return f"https://127.0.0.1:{self.etcd_client}"
 
     @property
     def apiserver_url(self) -> str:
@@ -87,19 +87,28 @@ def _wait_http(url: str, *, seconds: float, what: str, context: ssl.SSLContext |
 
 
 def start_etcd(layout: LabLayout, bins: Binaries, ports: Ports) -> None:
-    if processes.running_pid(layout, "etcd"):
-        return
-    data = layout.state_dir / "etcd-data"
-    peer = f"http://127.0.0.1:{ports.etcd_peer}"
-    processes.spawn(layout, "etcd", [
-        str(bins.etcd), "--name", "lab", "--data-dir", str(data),
-        "--listen-client-urls", ports.etcd_endpoint, "--advertise-client-urls", ports.etcd_endpoint,
-        "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-        "--initial-cluster", f"lab={peer}", "--logger", "zap", "--log-level", "warn",
-        "--unsafe-no-fsync", "--auto-compaction-mode", "revision", "--auto-compaction-retention", "10000",
-        "--listen-metrics-urls", "http://127.0.0.1:0",
-    ])
-    _wait_http(f"{ports.etcd_endpoint}/health", seconds=30, what="etcd", log=layout.log_dir / "etcd.log")
+    """Start etcd (TLS only, client-certificate auth) and make sure its users, roles and auth are in place."""
+    certs = etcdsecurity.etcd_pki(layout.pki_dir)
+    if not processes.running_pid(layout, "etcd"):
+        data = layout.state_dir / "etcd-data"
+        peer = f"http://127.0.0.1:{ports.etcd_peer}"  # a one-member cluster: no peer ever connects
+        processes.spawn(layout, "etcd", [
+            str(bins.etcd), "--name", "lab", "--data-dir", str(data),
+            "--listen-client-urls", ports.etcd_endpoint, "--advertise-client-urls", ports.etcd_endpoint,
+            *etcdsecurity.server_flags(certs),
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"lab={peer}", "--logger", "zap", "--log-level", "warn",
+            "--unsafe-no-fsync", "--auto-compaction-mode", "revision", "--auto-compaction-retention", "10000",
+            "--listen-metrics-urls", "http://127.0.0.1:0",
+        ])
+    _wait_http(f"{ports.etcd_endpoint}/health", seconds=30, what="etcd", log=layout.log_dir / "etcd.log",
+               context=etcd_tls_context(layout))
+    etcdsecurity.bootstrap(ports.etcd_endpoint, certs)
+
+
+def etcd_tls_context(layout: LabLayout, user: str = "root") -> ssl.SSLContext:
+    """An SSL context that reaches the lab's etcd as etcd user ``user``."""
+    return etcdsecurity.tls_context(etcdsecurity.etcd_pki(layout.pki_dir).client(user))
 
 
 def _tls_context(layout: LabLayout) -> ssl.SSLContext:
@@ -110,10 +119,13 @@ def _tls_context(layout: LabLayout) -> ssl.SSLContext:
 
 def start_apiserver(layout: LabLayout, bins: Binaries, ports: Ports) -> None:
     p = layout.pki_dir
+    etcd_client = etcdsecurity.etcd_pki(p).client(etcdsecurity.APISERVER_USER)
     if not processes.running_pid(layout, "kube-apiserver"):
         processes.spawn(layout, "kube-apiserver", [
             str(bins.kube_apiserver),
             f"--etcd-servers={ports.etcd_endpoint}", "--etcd-prefix=/registry",
+            f"--etcd-cafile={etcd_client.ca_file}", f"--etcd-certfile={etcd_client.cert_file}",
+            f"--etcd-keyfile={etcd_client.key_file}",
             "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
             f"--secure-port={ports.apiserver}", f"--cert-dir={p}",
             f"--tls-cert-file={p / 'apiserver.crt'}", f"--tls-private-key-file={p / 'apiserver.key'}",
@@ -158,6 +170,7 @@ def ensure_pki(layout: LabLayout) -> None:
     pki.ensure_cert(p, "admin", "/O=system:masters/CN=ciliary-admin")
     pki.ensure_cert(p, "controller-manager", "/CN=system:kube-controller-manager")
     pki.ensure_cert(p, "ciliary-lab", "/O=system:masters/CN=ciliary-lab-runtime")
+    etcdsecurity.etcd_pki(p).ensure()
 
 
 def write_kubeconfigs(layout: LabLayout, ports: Ports) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ciliary.lab import cgroups, controlplane, processes, tools, topology
+from ciliary.lab import cgroups, controlplane, etcdsecurity, processes, tools, topology
 from ciliary.lab.layout import (
     MAX_NODES,
     WORLD_IP,
@@ -33,6 +33,7 @@ from ciliary.lab.layout import (
     node_name,
     pod_cidr,
 )
+from ciliary.operator.store import access
 
 
 class LabError(RuntimeError):
@@ -68,6 +69,15 @@ class Lab:
         removed = config.get("removed")
         gone = set(removed) if isinstance(removed, list) else set()
         return [node_name(i) for i in range(1, count + 1) if node_name(i) not in gone]
+
+    def etcd_certs(self) -> etcdsecurity.EtcdPKI:
+        return etcdsecurity.etcd_pki(self.layout.pki_dir)
+
+    def etcd_flags(self, user: str) -> list[str]:
+        """``--etcd-*-file`` flags that make a component etcd user ``user``."""
+        tls = self.etcd_certs().client(user)
+        return ["--etcd-ca-file", str(tls.ca_file), "--etcd-cert-file", str(tls.cert_file),
+                "--etcd-key-file", str(tls.key_file)]
 
     def bin(self, name: str) -> str:
         local = Path(sys.executable).parent / name
@@ -175,8 +185,10 @@ class Lab:
         agent = f"agent-{node}"
         if not processes.running_pid(self.layout, agent):
             health = self.health_port(node)
+            etcdsecurity.add_node(ports.etcd_endpoint, self.etcd_certs(), node)
             processes.spawn(self.layout, agent, [
                 self.bin("ciliary-agent"), "--node", node, "--etcd-endpoints", ports.etcd_endpoint,
+                *self.etcd_flags(access.node_user(node)),
                 "--socket", str(self.layout.agent_socket(node)), "--state-dir", str(state / "agent"),
                 "--health-addr", f"127.0.0.1:{health}",
                 *(["--direct-status", "on", "--kubeconfig", str(self.layout.state_dir / "runtime.kubeconfig")]
@@ -202,6 +214,7 @@ class Lab:
             return
         processes.spawn(self.layout, "operator", [operator, "--kubeconfig", str(self.layout.kubeconfig),
                                                   "--etcd-endpoints", ports.etcd_endpoint,
+                                                  *self.etcd_flags(access.OPERATOR_USER),
                                                   *(["--no-enable-k8s-event-handover"] if self.direct_status() else [])],
                         env=self.child_env())
 
@@ -249,6 +262,8 @@ class Lab:
         shutil.rmtree(self.layout.node_dir(node), ignore_errors=True)
         shutil.rmtree(self.layout.bpffs_dir / node, ignore_errors=True)
         self.kubectl("delete", "node", node, "--ignore-not-found", "--wait=false")
+        if processes.running_pid(self.layout, "etcd"):
+            etcdsecurity.remove_node(self.ports().etcd_endpoint, self.etcd_certs(), node)
         config = self.config()
         before = config.get("removed")
         config["removed"] = sorted({*(before if isinstance(before, list) else []), node})
@@ -278,8 +293,12 @@ class Lab:
     # --- env, status, exec -------------------------------------------------
     def env_lines(self) -> list[str]:
         ports = self.ports()
+        root = self.etcd_certs().client(access.ROOT_USER)  # the lab's etcd administrator
         return [f"export KUBECONFIG={self.layout.kubeconfig}",
-                f"export ETCDCTL_ENDPOINTS={ports.etcd_endpoint.removeprefix('http://')}",
+                f"export ETCDCTL_ENDPOINTS={ports.etcd_endpoint}",
+                f"export ETCDCTL_CACERT={root.ca_file}",
+                f"export ETCDCTL_CERT={root.cert_file}",
+                f"export ETCDCTL_KEY={root.key_file}",
                 f"export LAB_WORLD_IP={WORLD_IP}",
                 f"export PATH={Path(sys.executable).parent}:{self.bins.kubectl.parent}:{self.bins.etcdctl.parent}:$PATH"]
 

@@ -2,7 +2,9 @@
 
 One CA signs the kube-apiserver serving certificate and the client certificates
 (admin in group system:masters, the controller manager, the operator, the agents).
-A service-account key pair signs and verifies service-account tokens.
+A service-account key pair signs and verifies service-account tokens. etcd has a CA of
+its own (``pki/etcd/``, see ``etcdsecurity``), so no Kubernetes client certificate is an
+etcd identity and the other way round.
 """
 
 from __future__ import annotations
@@ -20,22 +22,28 @@ def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True)
 
 
-def ensure_ca(pki: Path) -> None:
+def ensure_ca(pki: Path, *, name: str = "ciliary-lab-ca", service_account: bool = True) -> None:
     pki.mkdir(parents=True, exist_ok=True, mode=0o700)
     if (pki / "ca.crt").exists():
         return
     _openssl(
         "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(pki / "ca.key"),
-        "-out", str(pki / "ca.crt"), "-days", "3650", "-subj", "/CN=ciliary-lab-ca",
+        "-out", str(pki / "ca.crt"), "-days", "3650", "-subj", f"/CN={name}",
         "-addext", "basicConstraints=critical,CA:TRUE",
         "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
     )
+    if not service_account:
+        return
     _openssl("genrsa", "-out", str(pki / "sa.key"), "2048")
     _openssl("rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub"))
 
 
-def ensure_cert(pki: Path, name: str, subject: str, *, server: bool = False) -> None:
-    """Issue ``<name>.crt``/``<name>.key`` signed by the lab CA (once)."""
+def ensure_cert(pki: Path, name: str, subject: str, *, server: bool = False,
+                sans: str = SERVING_SANS, client_too: bool = False) -> None:
+    """Issue ``<name>.crt``/``<name>.key`` signed by the CA in ``pki`` (once).
+
+    ``server``: a serving certificate for ``sans`` (also usable as a client one with ``client_too``).
+    """
     if (pki / f"{name}.crt").exists():
         return
     ext = pki / f"{name}.ext"
@@ -43,10 +51,11 @@ def ensure_cert(pki: Path, name: str, subject: str, *, server: bool = False) -> 
         "keyUsage=critical,digitalSignature,keyEncipherment",
         "authorityKeyIdentifier=keyid,issuer",
         "subjectKeyIdentifier=hash",
-        "extendedKeyUsage=serverAuth" if server else "extendedKeyUsage=clientAuth",
+        ("extendedKeyUsage=serverAuth,clientAuth" if client_too else "extendedKeyUsage=serverAuth")
+        if server else "extendedKeyUsage=clientAuth",
     ]
     if server:
-        lines.append(f"subjectAltName={SERVING_SANS}")
+        lines.append(f"subjectAltName={sans}")
     ext.write_text("\n".join(lines) + "\n")
     _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(pki / f"{name}.key"),
              "-out", str(pki / f"{name}.csr"), "-subj", subject)

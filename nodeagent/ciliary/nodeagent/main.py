@@ -43,6 +43,7 @@ from ciliary.nodeagent import (
     watching,
 )
 from ciliary.operator import intents
+from ciliary.operator.store.etcdclient import INSECURE_WARNING
 
 log = logging.getLogger("ciliary.nodeagent.main")  # not __name__: "__main__" under python -m
 
@@ -84,7 +85,7 @@ class Agent:
     def _watch_client(self) -> watching.WatchClient:
         endpoint = self.config.etcd_endpoints[self.watcher.reconnects % len(self.config.etcd_endpoints)
                                               if self.watcher else 0]
-        return registration.make_client(endpoint, registration.CALL_TIMEOUT_S)
+        return registration.make_client(endpoint, registration.CALL_TIMEOUT_S, self.config.etcd_tls)
 
     async def _on_intent(self, intent: intents.NodeIntent, mod_revision: int) -> None:
         assert self.enforcer is not None
@@ -226,7 +227,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "socket": str(config.socket_path), "state_dir": str(config.state_dir),
         "health": config.health_addr, "lease_ttl": config.lease_ttl,
         "datapath": config.datapath, "netns": config.netns, "bpffs_dir": str(config.bpffs_dir),
+        "etcd_tls": config.etcd_tls is not None,
     })
+    if config.etcd_insecure:
+        log.warning(INSECURE_WARNING, extra={"node": config.node_name})
     try:
         asyncio.run(run_agent(config))
     except OSError as exc:

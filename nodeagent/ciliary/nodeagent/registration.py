@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 import aetcd
 
 from ciliary.nodeagent.settings import AgentSettings
-from ciliary.operator.store import keyspace
-from ciliary.operator.store.etcdclient import GRPC_OPTIONS, EtcdEndpoint
+from ciliary.operator.store import etcdclient, keyspace
+from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdTLS
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ def agent_version() -> str:
         return "0.0.0+unknown"
 
 
-def make_client(endpoint: EtcdEndpoint, timeout: float) -> aetcd.Client:
-    return aetcd.Client(host=endpoint.host, port=endpoint.port, timeout=timeout, options=dict(GRPC_OPTIONS))
+def make_client(endpoint: EtcdEndpoint, timeout: float, tls: EtcdTLS | None = None) -> aetcd.Client:
+    return etcdclient.make_client(endpoint, tls, timeout)
 
 
 class NodeRegistration:
@@ -54,13 +54,13 @@ class NodeRegistration:
         *,
         settings: AgentSettings,
         endpoint_count: Callable[[], int],
-        client_factory: Callable[[EtcdEndpoint, float], aetcd.Client] = make_client,
+        client_factory: Callable[[EtcdEndpoint, float], aetcd.Client] | None = None,
         call_timeout: float = CALL_TIMEOUT_S,
     ) -> None:
         self.settings = settings
         self.key = keyspace.node_key(settings.node_name).encode()
         self._endpoint_count = endpoint_count
-        self._client_factory = client_factory
+        self._client_factory = client_factory or (lambda ep, timeout: make_client(ep, timeout, settings.etcd_tls))
         self._call_timeout = call_timeout
         self._started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self._endpoint_index = 0

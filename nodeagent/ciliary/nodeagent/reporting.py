@@ -181,9 +181,9 @@ class Reporter:
         """Learn what etcd holds for this node; keep only reports already under ``lease_id``."""
         self.written = {}
         keys = [keyspace.node_status_key(self.node)]
-        response = await asyncio.wait_for(client.get_prefix(keyspace.REPORTS_PREFIX.encode()), 10)
-        keys += [bytes(kv.key).decode() for kv in response
-                 if bytes(kv.key).decode().endswith(f"/{self.node}")]
+        # only this node's prefix: an agent's etcd user may read nothing else (``store.access``)
+        response = await asyncio.wait_for(client.get_prefix(keyspace.node_reports_prefix(self.node).encode()), 10)
+        keys += [bytes(kv.key).decode() for kv in response]
         status = await asyncio.wait_for(client.get(keys[0].encode()), 5)
         by_key = {bytes(kv.key).decode(): kv for kv in response}
         if status is not None:

@@ -13,12 +13,16 @@ from pathlib import Path
 
 import pydantic
 
-from ciliary.operator.store.etcdclient import EtcdEndpoint
+from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdTLS, connection_settings
 
 ENV_PREFIX = "CILIARY_AGENT_"
 DEFAULTS: dict[str, str] = {
     "NODE_NAME": "",  # empty: the host name
-    "ETCD_ENDPOINTS": "http://127.0.0.1:2379",
+    "ETCD_ENDPOINTS": "https://127.0.0.1:2379",
+    "ETCD_CA_FILE": "",
+    "ETCD_CERT_FILE": "",
+    "ETCD_KEY_FILE": "",
+    "ETCD_INSECURE": "off",
     "SOCKET": "/run/ciliary/agent.sock",
     "STATE_DIR": "/var/lib/ciliary/agent",
     "HEALTH_ADDR": "127.0.0.1:9876",
@@ -39,6 +43,9 @@ class AgentSettings(pydantic.BaseModel):
 
     node_name: str = pydantic.Field(min_length=1, pattern=r"^[^/\s]+$", description="This node's name (etcd key).")
     etcd_endpoints: tuple[EtcdEndpoint, ...] = pydantic.Field(min_length=1, description="Tried in order.")
+    etcd_tls: EtcdTLS | None = pydantic.Field(
+        default=None, description="Mutual TLS to etcd (CN of the certificate = this node's etcd user).")
+    etcd_insecure: bool = pydantic.Field(default=False, description="Plain-HTTP etcd was explicitly accepted.")
     socket_path: Path = pydantic.Field(description="Unix socket of the endpoint API the CNI plugin calls.")
     state_dir: Path = pydantic.Field(description="Where the endpoint registry is persisted.")
     health_host: str
@@ -56,14 +63,6 @@ class AgentSettings(pydantic.BaseModel):
     @property
     def health_addr(self) -> str:
         return f"{self.health_host}:{self.health_port}"
-
-
-def parse_etcd_endpoints(raw: str) -> tuple[EtcdEndpoint, ...]:
-    """``http://h1:2379,h2:2379`` → endpoints (scheme optional, default port 2379)."""
-    endpoints = tuple(EtcdEndpoint.parse(item) for item in (part.strip() for part in raw.split(",")) if item)
-    if not endpoints:
-        raise ValueError("at least one etcd endpoint is needed")
-    return endpoints
 
 
 def parse_host_port(raw: str) -> tuple[str, int]:
@@ -89,7 +88,16 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--node", default=default("NODE_NAME"), metavar="NAME",
                         help=f"node name [env {ENV_PREFIX}NODE_NAME; empty means the host name]")
     parser.add_argument("--etcd-endpoints", default=default("ETCD_ENDPOINTS"), metavar="URLS",
-                        help=f"comma-separated etcd client URLs, tried in order [env {ENV_PREFIX}ETCD_ENDPOINTS]")
+                        help=f"comma-separated etcd client URLs (https), tried in order [env {ENV_PREFIX}ETCD_ENDPOINTS]")
+    parser.add_argument("--etcd-ca-file", default=default("ETCD_CA_FILE"), metavar="PATH",
+                        help=f"CA that signed etcd's serving certificate [env {ENV_PREFIX}ETCD_CA_FILE]")
+    parser.add_argument("--etcd-cert-file", default=default("ETCD_CERT_FILE"), metavar="PATH",
+                        help=f"this node's etcd client certificate (CN = its etcd user) [env {ENV_PREFIX}ETCD_CERT_FILE]")
+    parser.add_argument("--etcd-key-file", default=default("ETCD_KEY_FILE"), metavar="PATH",
+                        help=f"private key of --etcd-cert-file [env {ENV_PREFIX}ETCD_KEY_FILE]")
+    parser.add_argument("--etcd-insecure", action="store_const", const="on", default=default("ETCD_INSECURE"),
+                        help=f"accept plain http:// etcd endpoints (no encryption, no authentication; tests only) "
+                             f"[env {ENV_PREFIX}ETCD_INSECURE=on]")
     parser.add_argument("--socket", default=default("SOCKET"), metavar="PATH",
                         help=f"unix socket of the endpoint API [env {ENV_PREFIX}SOCKET]")
     parser.add_argument("--state-dir", default=default("STATE_DIR"), metavar="DIR",
@@ -124,9 +132,15 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Age
     ns = parser.parse_args(argv)
     try:
         health_host, health_port = parse_host_port(ns.health_addr)
+        insecure = str(ns.etcd_insecure).strip().lower() in ("1", "true", "yes", "on")
+        etcd_endpoints, etcd_tls = connection_settings(ns.etcd_endpoints, ca_file=ns.etcd_ca_file,
+                                                       cert_file=ns.etcd_cert_file, key_file=ns.etcd_key_file,
+                                                       insecure=insecure)
         return AgentSettings(
             node_name=ns.node or socket.gethostname(),
-            etcd_endpoints=parse_etcd_endpoints(ns.etcd_endpoints),
+            etcd_endpoints=etcd_endpoints,
+            etcd_tls=etcd_tls,
+            etcd_insecure=insecure,
             socket_path=Path(ns.socket),
             state_dir=Path(ns.state_dir),
             health_host=health_host,

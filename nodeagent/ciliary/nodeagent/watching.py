@@ -43,7 +43,7 @@ class WatchHandle(Protocol):
 class WatchClient(Protocol):
     """The part of ``aetcd.Client`` the watcher uses."""
 
-    async def get_prefix(self, key_prefix: bytes) -> Any: ...
+    async def get_range(self, range_start: bytes, range_end: bytes) -> Any: ...
 
     async def watch(self, key: bytes, *, start_revision: int | None = None) -> Any: ...
 
@@ -130,7 +130,9 @@ class IntentWatcher:
         return delivered
 
     async def _full_get(self, client: WatchClient) -> None:
-        response = await client.get_prefix(self.key)
+        # [key, key + NUL) holds exactly this key, and, unlike a plain get, always answers with the
+        # store's revision; etcd lets a node's user read this range (its own intent) and no wider one
+        response = await client.get_range(self.key, self.key + b"\x00")
         current = next((kv for kv in response if bytes(kv.key) == self.key), None)
         if current is None:
             await self._on_deleted(0)

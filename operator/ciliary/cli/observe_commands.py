@@ -22,7 +22,7 @@ import aiohttp
 from ciliary.cli import targets
 from ciliary.cli.errors import UserError
 from ciliary.operator.store import keyspace
-from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdStore, EtcdUnavailableError
+from ciliary.operator.store.etcdclient import EtcdUnavailableError
 
 GREEN, RED, DIM, RESET = "\033[32m", "\033[31m", "\033[2m", "\033[0m"
 
@@ -47,13 +47,13 @@ def register(sub: Any) -> None:
     p.add_argument("-f", "--follow", action="store_true", help="keep streaming new flows")
     p.add_argument("--last", type=int, default=20, help="how many recent flows per node (default 20)")
     p.add_argument("--stats", action="store_true", help="print each agent's seen/lost counters instead")
-    p.add_argument("--etcd-endpoints", help="etcd endpoint (default: CILIARY_ETCD_ENDPOINTS or the lab's)")
+    targets.add_etcd_arguments(p)
     p.set_defaults(func=_observe)
 
 
-async def cluster_view(endpoint: str) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+async def cluster_view(target: targets.EtcdTarget) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
     """Agents' API addresses by node, and every endpoint's IP -> (namespace, pod) from the intents."""
-    store = EtcdStore(EtcdEndpoint.parse(endpoint), attempts=3)
+    store = target.store(attempts=3)
     try:
         rows = await store.get_prefix(keyspace.NODES_PREFIX.encode())
         intents = await store.get_prefix(keyspace.INTENTS_PREFIX.encode())
@@ -152,7 +152,7 @@ async def _stream(session: aiohttp.ClientSession, node: str, address: str, param
 
 
 async def run(args: argparse.Namespace) -> int:
-    agents, pods = await cluster_view(targets.etcd_endpoint(args.etcd_endpoints))
+    agents, pods = await cluster_view(targets.etcd_target(args))
     if args.node:
         if args.node not in agents:
             raise UserError(f"no agent registered for node {args.node!r} (registered: "

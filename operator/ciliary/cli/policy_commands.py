@@ -19,7 +19,7 @@ from ciliary.cli.errors import UserError
 from ciliary.operator.intents import IntentSchemaError, NodeIntent, parse_node_intent
 from ciliary.operator.policy import tracing
 from ciliary.operator.store import keyspace
-from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdStore, EtcdUnavailableError
+from ciliary.operator.store.etcdclient import EtcdUnavailableError
 
 
 def register(sub: Any) -> None:
@@ -32,7 +32,7 @@ def register(sub: Any) -> None:
                                       "with identities, their policy entries per direction, the ipcache.")
     get.add_argument("--node", required=True, help="node name, e.g. node-1")
     get.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml", help="output format")
-    get.add_argument("--etcd-endpoints", help="etcd endpoint (default: CILIARY_ETCD_ENDPOINTS or the lab's)")
+    targets.add_etcd_arguments(get)
     get.set_defaults(func=_get)
 
     tr = cmds.add_parser("trace", help="would a packet from SRC to DST pass, and which rule decides?",
@@ -45,12 +45,12 @@ def register(sub: Any) -> None:
     tr.add_argument("--dst", required=True, help="[NAMESPACE/]POD or IPv4 address")
     tr.add_argument("--dport", required=True, help="PORT/PROTO, e.g. 80/tcp, 53/udp, 8/icmp (ICMP type)")
     tr.add_argument("-o", "--output", choices=["text", "json"], default="text", help="output format")
-    tr.add_argument("--etcd-endpoints", help="etcd endpoint (default: CILIARY_ETCD_ENDPOINTS or the lab's)")
+    targets.add_etcd_arguments(tr)
     tr.set_defaults(func=_trace)
 
 
-async def load_intents(endpoint: str, node: str | None = None) -> dict[str, NodeIntent]:
-    store = EtcdStore(EtcdEndpoint.parse(endpoint), attempts=3)
+async def load_intents(target: targets.EtcdTarget, node: str | None = None) -> dict[str, NodeIntent]:
+    store = target.store(attempts=3)
     try:
         if node is not None:
             got = await store.get(keyspace.node_intent_key(node).encode())
@@ -69,7 +69,7 @@ async def load_intents(endpoint: str, node: str | None = None) -> dict[str, Node
 
 
 def _get(args: argparse.Namespace) -> int:
-    intents = asyncio.run(load_intents(targets.etcd_endpoint(args.etcd_endpoints), args.node))
+    intents = asyncio.run(load_intents(targets.etcd_target(args), args.node))
     if args.node not in intents:
         raise UserError(f"no intent published for node {args.node!r} (is the operator running? "
                         "is the node name right?)")
@@ -92,7 +92,7 @@ def _trace(args: argparse.Namespace) -> int:
         raise UserError(f"--dport {args.dport!r}: expected PORT/PROTO such as 80/tcp") from None
     if not 0 <= port <= 65535:
         raise UserError(f"--dport {args.dport!r}: port must be 0-65535")
-    intents = asyncio.run(load_intents(targets.etcd_endpoint(args.etcd_endpoints)))
+    intents = asyncio.run(load_intents(targets.etcd_target(args)))
     if not intents:
         raise UserError("no intents published yet (is the operator running?)")
     try:

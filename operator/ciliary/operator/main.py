@@ -2,7 +2,8 @@
 
 Runs kopf (watch handlers only) next to the reconcile loop that publishes one
 NodeIntent per node into etcd. Flags (each also as ``CILIARY_OPERATOR_*``):
-``--kubeconfig``, ``--etcd-endpoints``, ``--identity-gc-grace``, ``--log-level``,
+``--kubeconfig``, ``--etcd-endpoints`` (https, with ``--etcd-ca-file``, ``--etcd-cert-file``,
+``--etcd-key-file``; plain http only with ``--etcd-insecure``), ``--identity-gc-grace``, ``--log-level``,
 ``--[no-]enable-k8s-event-handover`` (default on: the operator writes ``.status.nodes``
 from the agents' reports in etcd; off: agents patch it themselves and the operator
 writes only the conditions) and ``--status-interval`` (seconds between two status
@@ -28,7 +29,13 @@ from ciliary.operator.kube.cluster_model import ClusterModel
 from ciliary.operator.reconciling import Reconciler
 from ciliary.operator.status.handover import StatusHandover
 from ciliary.operator.store import leadership
-from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdStore, FenceLostError
+from ciliary.operator.store.etcdclient import (
+    INSECURE_WARNING,
+    EtcdConfigError,
+    EtcdStore,
+    FenceLostError,
+    connection_settings,
+)
 from ciliary.operator.store.identities import EtcdIdentityAllocator
 from ciliary.operator.store.publishing import IntentPublisher
 
@@ -43,9 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "resolves them into one intent per node and publishes the intents into etcd.")
     p.add_argument("--kubeconfig", default=env("CILIARY_OPERATOR_KUBECONFIG", env("KUBECONFIG", "")),
                    help="kubeconfig file (default: in-cluster service account)")
-    p.add_argument("--etcd-endpoints", default=env("CILIARY_OPERATOR_ETCD_ENDPOINTS", "http://127.0.0.1:2379"),
-                   help="etcd endpoints, comma-separated, e.g. http://10.0.0.1:2379,http://10.0.0.2:2379 "
+    p.add_argument("--etcd-endpoints", default=env("CILIARY_OPERATOR_ETCD_ENDPOINTS", "https://127.0.0.1:2379"),
+                   help="etcd endpoints, comma-separated, e.g. https://10.0.0.1:2379,https://10.0.0.2:2379 "
                         "(the first is used; on a connection failure the next one)")
+    p.add_argument("--etcd-ca-file", default=env("CILIARY_OPERATOR_ETCD_CA_FILE", ""),
+                   help="CA certificate that signed etcd's serving certificate")
+    p.add_argument("--etcd-cert-file", default=env("CILIARY_OPERATOR_ETCD_CERT_FILE", ""),
+                   help="client certificate for etcd (its CN is the operator's etcd user)")
+    p.add_argument("--etcd-key-file", default=env("CILIARY_OPERATOR_ETCD_KEY_FILE", ""),
+                   help="private key of --etcd-cert-file")
+    p.add_argument("--etcd-insecure", action=argparse.BooleanOptionalAction,
+                   default=_env_bool("CILIARY_OPERATOR_ETCD_INSECURE", False),
+                   help="accept plain http:// etcd endpoints (no encryption, no authentication; tests only)")
     p.add_argument("--identity-gc-grace", type=float,
                    default=float(env("CILIARY_OPERATOR_IDENTITY_GC_GRACE", "300")),
                    help="seconds an unused identity is kept before it is deleted (default 300)")
@@ -80,8 +96,8 @@ def _env_bool(name: str, default: bool) -> bool:
 async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
-    first, *others = [EtcdEndpoint.parse(e) for e in args.etcd_endpoints.split(",") if e.strip()]
-    store = EtcdStore(first, fallbacks=others)
+    first, *others = args.etcd[0]
+    store = EtcdStore(first, tls=args.etcd[1], fallbacks=others)
     leader: leadership.Leadership | None = None
     if args.leader_election:
         leader = leadership.Leadership(store, key=args.leader_key, identity=args.leader_id,
@@ -157,10 +173,19 @@ async def list_with_retries(api: Any, model: ClusterModel, observer: handlers.Po
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("kopf").setLevel(logging.WARNING)
+    try:
+        args.etcd = connection_settings(args.etcd_endpoints, ca_file=args.etcd_ca_file,
+                                        cert_file=args.etcd_cert_file, key_file=args.etcd_key_file,
+                                        insecure=args.etcd_insecure)
+    except EtcdConfigError as exc:
+        parser.error(str(exc))
+    if args.etcd_insecure:
+        log.warning(INSECURE_WARNING)
 
     async def amain() -> None:
         stop = asyncio.Event()

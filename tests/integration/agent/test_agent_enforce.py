@@ -33,9 +33,11 @@ sys.path.insert(0, str(REPO / "tests" / "integration" / "datapath"))
 from dp_topology import Client, Topology  # noqa: E402
 
 from ciliary.cni import agent_client  # noqa: E402
+from ciliary.lab import etcdsecurity  # noqa: E402
 from ciliary.operator import intents  # noqa: E402
 from ciliary.operator.intents import DirectionPolicy, PolicyEntry, Protocol, Verdict  # noqa: E402
-from ciliary.operator.store import keyspace  # noqa: E402
+from ciliary.operator.store import access, keyspace  # noqa: E402
+from ciliary.operator.store.etcdclient import EtcdEndpoint, make_client  # noqa: E402
 
 PYTHONPATH = os.pathsep.join(str(REPO / d) for d in ("operator", "nodeagent", "e2e"))
 ID_A, ID_B, ID_C = 1001, 1002, 1003
@@ -72,25 +74,24 @@ def http_json(url: str) -> Any:
 
 
 class Etcd:
+    """A TLS-only etcd with authentication on; the test talks to it as the operator's etcd user."""
+
     def __init__(self, binary: Path) -> None:
-        self.workdir = Path(tempfile.mkdtemp(prefix="cyt-agent-etcd-"))
-        c, p = free_port(), free_port()
-        self.endpoint = f"127.0.0.1:{c}"
-        self.proc = subprocess.Popen(
-            [str(binary), "--name", "cyt", "--data-dir", str(self.workdir / "data"),
-             "--listen-client-urls", f"http://127.0.0.1:{c}", "--advertise-client-urls", f"http://127.0.0.1:{c}",
-             "--listen-peer-urls", f"http://127.0.0.1:{p}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{p}",
-             "--initial-cluster", f"cyt=http://127.0.0.1:{p}", "--log-level", "warn"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: http_json(f"http://{self.endpoint}/health"), 30, "etcd health")
+        self.server = etcdsecurity.StandaloneEtcd(binary, Path(tempfile.mkdtemp(prefix="cyt-agent-etcd-")))
+        self.endpoint = self.server.endpoint
+        try:
+            self.server.start()
+        except BaseException:
+            self.server.close()
+            raise
 
     def run(self, fn: Callable[[Any], Any]) -> Any:
-        import aetcd
-
         async def go() -> Any:
-            host, port = self.endpoint.split(":")
-            async with aetcd.Client(host=host, port=int(port), timeout=5) as client:
+            client = make_client(EtcdEndpoint.parse(self.endpoint), self.server.certs.client(access.OPERATOR_USER), 5)
+            try:
                 return await fn(client)
+            finally:
+                await client.close()
 
         return asyncio.run(go())
 
@@ -105,9 +106,7 @@ class Etcd:
         return self.run(fn)  # type: ignore[no-any-return]
 
     def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=10)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.server.close()
 
 
 class Agent:
@@ -118,7 +117,7 @@ class Agent:
         self.health = f"127.0.0.1:{free_port()}"
         self.bpffs = Path("/sys/fs/bpf/ciliary") / f"cyt-ag-{topo.tag}"
         self.argv = [sys.executable, "-m", "ciliary.nodeagent.main", "--node", self.node,
-                     "--etcd-endpoints", f"http://{etcd.endpoint}", "--socket", str(self.socket),
+                     "--etcd-endpoints", etcd.endpoint, *etcd.server.add_node(self.node), "--socket", str(self.socket),
                      "--state-dir", str(workdir / "state"), "--health-addr", self.health,
                      "--lease-ttl", str(LEASE_TTL), "--netns", topo.node_ns, "--bpffs-dir", str(self.bpffs)]
         self.log_path = workdir / "agent.log"

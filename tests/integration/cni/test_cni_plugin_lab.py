@@ -27,6 +27,9 @@ import pytest
 from pyroute2 import IPRoute, netns
 
 from ciliary.cni import agent_client, plumbing
+from ciliary.lab import etcdsecurity
+from ciliary.operator.store import access
+from ciliary.operator.store.etcdclient import EtcdEndpoint, make_client
 
 pytestmark = pytest.mark.integration
 
@@ -105,13 +108,12 @@ def in_ns(ns: str, *argv: str, timeout: float = 15, **kw) -> subprocess.Complete
     return subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, timeout=timeout, **kw)
 
 
-def etcd_get(endpoint: str, key: str):
-    import aetcd
-
-    host, port = endpoint.rsplit(":", 1)
+def etcd_get(server: etcdsecurity.StandaloneEtcd, key: str):
+    """``key`` read as the operator's etcd user: (value, lease, TTL) or None."""
 
     async def get():
-        async with aetcd.Client(host=host, port=int(port), timeout=5) as client:
+        client = make_client(EtcdEndpoint.parse(server.endpoint), server.certs.client(access.OPERATOR_USER), 5)
+        try:
             got = await client.get(key.encode())
             if got is None:
                 return None
@@ -119,6 +121,8 @@ def etcd_get(endpoint: str, key: str):
             if got.lease:
                 ttl = (await client.get_lease_info(got.lease, keys=False)).TTL
             return json.loads(got.value), got.lease, ttl
+        finally:
+            await client.close()
 
     return asyncio.run(get())
 
@@ -126,54 +130,24 @@ def etcd_get(endpoint: str, key: str):
 # -- fixtures ------------------------------------------------------------------------------
 
 
-class EtcdProc:
-    """A single-member etcd on free loopback ports, data in its own temporary directory."""
-
-    def __init__(self, binary: Path) -> None:
-        self.binary = binary
-        self.workdir = Path(tempfile.mkdtemp(prefix="cyt-cni-etcd-"))
-        self.client, self.peer = free_port(), free_port()
-        self.endpoint = f"127.0.0.1:{self.client}"
-        self.proc: subprocess.Popen | None = None
-        self._log = open(self.workdir / "etcd.log", "ab")
-
-    def start(self) -> None:
-        c, p = self.client, self.peer
-        self.proc = subprocess.Popen(
-            [str(self.binary), "--name", "cyt", "--data-dir", str(self.workdir / "data"),
-             "--listen-client-urls", f"http://127.0.0.1:{c}", "--advertise-client-urls", f"http://127.0.0.1:{c}",
-             "--listen-peer-urls", f"http://127.0.0.1:{p}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{p}",
-             "--initial-cluster", f"cyt=http://127.0.0.1:{p}", "--log-level", "warn"],
-            stdout=self._log, stderr=subprocess.STDOUT,
-        )
-        wait_until(lambda: http_status(f"http://{self.endpoint}/health") == 200, 30, "etcd health")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-
-    def wipe(self) -> None:
-        shutil.rmtree(self.workdir / "data", ignore_errors=True)
-
-    def close(self) -> None:
-        self.stop()
-        self._log.close()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+def etcd_server(binary: Path) -> etcdsecurity.StandaloneEtcd:
+    """A single-member etcd (TLS only, authentication on) with data and certificates in a temporary directory."""
+    return etcdsecurity.StandaloneEtcd(binary, Path(tempfile.mkdtemp(prefix="cyt-cni-etcd-")))
 
 
 @pytest.fixture(scope="module")
 def etcd(tool):
     tool("ip")  # the plugin runs in the node's netns through `ip netns exec`
-    server = EtcdProc(tool("etcd"))
+    server = etcd_server(tool("etcd"))
     try:
         server.start()
-        yield server.endpoint
+        yield server
     finally:
         server.close()
 
 
 class AgentProc:
-    def __init__(self, etcd_endpoint: str, workdir: Path) -> None:
+    def __init__(self, etcd: etcdsecurity.StandaloneEtcd, workdir: Path) -> None:
         self.node = f"cyt-node-{secrets.token_hex(3)}"
         self.socket = workdir / "agent.sock"
         self.health = f"127.0.0.1:{free_port()}"
@@ -181,7 +155,7 @@ class AgentProc:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ciliary.nodeagent.main", "--node", self.node,
-             "--etcd-endpoints", f"http://{etcd_endpoint}", "--socket", str(self.socket),
+             "--etcd-endpoints", etcd.endpoint, *etcd.add_node(self.node), "--socket", str(self.socket),
              "--state-dir", str(workdir / "state"), "--health-addr", self.health, "--lease-ttl", "6"],
             env={**os.environ, "PYTHONPATH": PYTHONPATH}, stdout=self._log, stderr=subprocess.STDOUT,
         )
@@ -468,19 +442,19 @@ def test_agent_shutdown_revokes_its_lease_and_restart_keeps_endpoints(lab, etcd,
 
 
 def test_agent_re_registers_after_etcd_lost_its_data(workdir, tool):
-    server = EtcdProc(tool("etcd"))
+    server = etcd_server(tool("etcd"))
     agent = None
     try:
         server.start()
-        agent = AgentProc(server.endpoint, workdir)
+        agent = AgentProc(server, workdir)
         key = f"/ciliary/nodes/v1/{agent.node}"
-        _, first_lease, _ = etcd_get(server.endpoint, key)
+        _, first_lease, _ = etcd_get(server, key)
         server.stop()
         server.wipe()
         wait_until(lambda: agent.healthz()["etcd"] == "disconnected", 15, "agent to notice etcd is gone")
         server.start()
-        wait_until(lambda: etcd_get(server.endpoint, key) is not None, 20, "node record to come back")
-        _, second_lease, ttl = etcd_get(server.endpoint, key)
+        wait_until(lambda: etcd_get(server, key) is not None, 20, "node record to come back")
+        _, second_lease, ttl = etcd_get(server, key)
         assert second_lease != 0 and 0 < ttl <= 6
         wait_until(lambda: agent.healthz()["etcd"] == "connected", 10, "agent to reconnect")
         assert http_status(f"http://{agent.health}/readyz") == 200

@@ -110,7 +110,7 @@ class OperatorRun:
         self._out = log.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ciliary.operator.main", "--kubeconfig", str(kubeconfig),
-             "--etcd-endpoints", kube.etcd_endpoint, "--log-level", "INFO"],
+             *kube.etcd_flags(), "--log-level", "INFO"],
             stdout=self._out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
     def text(self) -> str:

@@ -27,7 +27,8 @@ from ciliary.operator.intents import NodeIntent, PolicyRef
 from ciliary.operator.kube import kubeapi
 from ciliary.operator.status.handover import StatusHandover
 from ciliary.operator.status.reports import PolicyReport
-from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdStore
+from ciliary.operator.store import access
+from ciliary.operator.store.etcdclient import EtcdStore
 from ciliary.operator.store.keyspace import node_intent_key, report_key
 
 pytestmark = pytest.mark.integration
@@ -118,7 +119,8 @@ class PolicyFeed:
 
 @pytest.fixture
 async def etcd(kube: Any) -> AsyncIterator[EtcdStore]:
-    store = EtcdStore(EtcdEndpoint.parse(kube.etcd_endpoint))
+    """The test's own view of etcd (root: it plays the operator's intents and every agent's reports)."""
+    store = kube.etcd_store(access.ROOT_USER)
     yield store
     for node in NODES:
         await store.delete(node_intent_key(node).encode())
@@ -127,8 +129,9 @@ async def etcd(kube: Any) -> AsyncIterator[EtcdStore]:
 
 
 async def start(kube: Any, store: EtcdStore) -> tuple[StatusHandover, list[asyncio.Task[Any]], Any]:
+    """A handover reading etcd as the operator's etcd user (``store`` is the test's own)."""
     api = await kubeapi.api_client(kube.kubeconfig)
-    handover = StatusHandover(store, api, interval=INTERVAL)
+    handover = StatusHandover(kube.etcd_store(), api, interval=INTERVAL)
     feed = PolicyFeed(api, handover)
     await feed.once()
     handover.policies_listed.set()
@@ -136,11 +139,12 @@ async def start(kube: Any, store: EtcdStore) -> tuple[StatusHandover, list[async
     return handover, tasks, api
 
 
-async def stop(tasks: list[asyncio.Task[Any]], api: Any) -> None:
+async def stop(tasks: list[asyncio.Task[Any]], api: Any, handover: StatusHandover) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await api.close()
+    await handover.report_mirror.store.close()
 
 
 async def test_handover_writes_status_nodes_and_enforced(kube: Any, cnp: Any, etcd: EtcdStore) -> None:
@@ -185,7 +189,7 @@ async def test_handover_writes_status_nodes_and_enforced(kube: Any, cnp: Any, et
         cond = next(c for c in status["conditions"] if c["type"] == "Enforced")
         assert "hv-b (no report)" in cond["message"] and status["enforcement"] == "1/2 nodes"
     finally:
-        await stop(tasks, api)
+        await stop(tasks, api, handover)
 
     # a restarted handover sees the same picture and writes nothing
     rv = kubectl_json(kube, "get", "cnp", "-n", NS, NAME)["metadata"]["resourceVersion"]
@@ -197,7 +201,7 @@ async def test_handover_writes_status_nodes_and_enforced(kube: Any, cnp: Any, et
         assert handover.started.is_set() and "hv-a" in (handover.desired(uid).nodes or {})
         assert handover.stats.writes == 0
     finally:
-        await stop(tasks, api)
+        await stop(tasks, api, handover)
     assert status_patches(kube) == before
     assert kubectl_json(kube, "get", "cnp", "-n", NS, NAME)["metadata"]["resourceVersion"] == rv
     await leases["hv-a"].revoke()

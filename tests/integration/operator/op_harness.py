@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -25,7 +24,7 @@ class OperatorProcess:
         out = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ciliary.operator.main", "--kubeconfig", str(self.kube.kubeconfig),
-             "--etcd-endpoints", self.kube.etcd_endpoint, "--log-level", "INFO"],
+             *self.kube.etcd_flags(), "--log-level", "INFO"],
             stdout=out, stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
@@ -64,17 +63,17 @@ def wait_for(predicate: Callable[[], object], seconds: float, what: str, log: Op
 
 
 def etcd_get_prefix(kube, prefix: str) -> dict[str, tuple[int, bytes]]:
-    """key -> (mod_revision, value) through etcd's JSON gateway (no client library needed)."""
-    import base64
-    import urllib.request
+    """key -> (mod_revision, value), read as etcd's root user (the test sees everything)."""
+    import asyncio
 
-    def b64(s: bytes) -> str:
-        return base64.b64encode(s).decode()
+    from ciliary.operator.store import access
 
-    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-    body = json.dumps({"key": b64(prefix.encode()), "range_end": b64(end.encode())}).encode()
-    req = urllib.request.Request(f"{kube.etcd_endpoint}/v3/kv/range", data=body, method="POST")
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        data = json.load(resp)
-    return {base64.b64decode(kv["key"]).decode(): (int(kv["mod_revision"]), base64.b64decode(kv.get("value", "")))
-            for kv in data.get("kvs", [])}
+    async def read() -> dict[str, tuple[int, bytes]]:
+        store = kube.etcd_store(access.ROOT_USER)
+        try:
+            rows = await store.get_prefix(prefix.encode())
+            return {bytes(kv.key).decode(): (int(kv.mod_revision), bytes(kv.value)) for kv in rows}
+        finally:
+            await store.close()
+
+    return asyncio.run(read())

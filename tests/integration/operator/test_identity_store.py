@@ -10,7 +10,6 @@ import pytest
 from ciliary.operator.policy.identities import MIN_CLUSTER_IDENTITY
 from ciliary.operator.policy.selection import Label, LabelSet
 from ciliary.operator.store import keyspace
-from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdStore
 from ciliary.operator.store.identities import EtcdIdentityAllocator
 
 pytestmark = pytest.mark.integration
@@ -22,9 +21,9 @@ def labels(app: str) -> LabelSet:
     return LabelSet([Label("k8s", "app", app), Label("k8s", "io.kubernetes.pod.namespace", "idtest")])
 
 
-async def _scenario(endpoint: str) -> None:
+async def _scenario(kube) -> None:
     run = uuid.uuid4().hex[:8]
-    a_store, b_store = EtcdStore(EtcdEndpoint.parse(endpoint)), EtcdStore(EtcdEndpoint.parse(endpoint))
+    a_store, b_store = kube.etcd_store(), kube.etcd_store()
     try:
         # no load(): other suites share this etcd. An allocator still learns their identities when it
         # loses a race for a number they hold, so every mark_in_use below keeps all but ours in use.
@@ -71,4 +70,4 @@ async def _scenario(endpoint: str) -> None:
 
 
 def test_replicas_share_numbers_and_unused_identities_are_collected(kube) -> None:
-    asyncio.run(_scenario(kube.etcd_endpoint))
+    asyncio.run(_scenario(kube))

@@ -27,9 +27,9 @@ async def _load_own(publisher: IntentPublisher) -> None:
     publisher.published = {n: p for n, p in publisher.published.items() if n.startswith(PREFIX_NODE)}
 
 
-async def _scenario(endpoint: str) -> None:
-    store = EtcdStore(EtcdEndpoint.parse(endpoint))
-    other_store = EtcdStore(EtcdEndpoint.parse(endpoint))
+async def _scenario(kube) -> None:
+    store = kube.etcd_store()
+    other_store = kube.etcd_store()
     try:
         mine, other = IntentPublisher(store, concurrency=8), IntentPublisher(other_store)
         await _load_own(mine)
@@ -61,15 +61,15 @@ async def _scenario(endpoint: str) -> None:
 
 
 def test_publisher_writes_each_changed_node_once_and_never_blindly(kube) -> None:
-    asyncio.run(_scenario(kube.etcd_endpoint))
+    asyncio.run(_scenario(kube))
 
 
-async def _fenced_scenario(endpoint: str) -> None:
+async def _fenced_scenario(kube) -> None:
     from ciliary.operator.store.etcdclient import FenceLostError
     from ciliary.operator.store.leadership import Leadership
 
-    key = f"/ciliary/test/v1/leader-{PREFIX_NODE}"
-    a_store, b_store = EtcdStore(EtcdEndpoint.parse(endpoint)), EtcdStore(EtcdEndpoint.parse(endpoint))
+    key = f"/ciliary/operator/v1/test-leader-{PREFIX_NODE}"
+    a_store, b_store = kube.etcd_store(), kube.etcd_store()
     stop = asyncio.Event()
     try:
         a = Leadership(a_store, key=key, identity="a", ttl=2)
@@ -105,19 +105,19 @@ async def _fenced_scenario(endpoint: str) -> None:
 
 
 def test_a_deposed_leader_cannot_write_once_more(kube) -> None:
-    asyncio.run(_fenced_scenario(kube.etcd_endpoint))
+    asyncio.run(_fenced_scenario(kube))
 
 
 def test_store_fails_over_to_the_next_endpoint(kube) -> None:
     async def scenario() -> None:
-        dead = EtcdEndpoint.parse("http://127.0.0.1:1")  # nothing listens on port 1
-        store = EtcdStore(dead, fallbacks=[EtcdEndpoint.parse(kube.etcd_endpoint)], timeout=2.0)
+        dead = EtcdEndpoint.parse("https://127.0.0.1:1")  # nothing listens on port 1
+        store = EtcdStore(dead, tls=kube.etcd_tls(), fallbacks=[EtcdEndpoint.parse(kube.etcd_endpoint)], timeout=2.0)
         try:
-            await store.put(b"/ciliary/test/v1/failover", b"ok")
-            kv = await store.get(b"/ciliary/test/v1/failover")
+            await store.put(b"/ciliary/operator/v1/test-failover", b"ok")
+            kv = await store.get(b"/ciliary/operator/v1/test-failover")
             assert kv is not None and kv.value == b"ok"
             assert store.endpoint != dead
-            await store.delete(b"/ciliary/test/v1/failover")
+            await store.delete(b"/ciliary/operator/v1/test-failover")
         finally:
             await store.close()
 

@@ -23,7 +23,7 @@ class Replica(OperatorProcess):
         out = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ciliary.operator.main", "--kubeconfig", str(self.kube.kubeconfig),
-             "--etcd-endpoints", self.kube.etcd_endpoint, "--leader-election", "--leader-key", KEY,
+             *self.kube.etcd_flags(), "--leader-election", "--leader-key", KEY,
              "--leader-id", self.name, "--leader-lease-ttl", "4"], stdout=out, stderr=subprocess.STDOUT)
 
 

@@ -8,7 +8,8 @@ import aetcd
 
 from ciliary.nodeagent import registration, settings
 
-SETTINGS = settings.load_settings(["--node", "n1", "--lease-ttl", "3", "--etcd-endpoints", "a:1,b:2"], {})
+SETTINGS = settings.load_settings(["--node", "n1", "--lease-ttl", "3", "--etcd-endpoints", "http://a:1,http://b:2",
+                                   "--etcd-insecure"], {})
 
 
 class FakeLease:

@@ -89,12 +89,19 @@ class FakeClient:
                 if k.startswith(prefix)]
 
 
+def mine(key: bytes) -> bool:
+    """This node's status key or one of its reports."""
+    text = key.decode()
+    return text == keyspace.node_status_key(NODE) or text.startswith(keyspace.node_reports_prefix(NODE))
+
+
 async def test_reporter_writes_under_the_lease_only_on_change_and_rewrites_for_a_new_lease() -> None:
     client = FakeClient()
     # a stale report of a previous agent process (another lease) for a policy no longer here
     stale = keyspace.report_key("gone", NODE).encode()
     client.kv[stale] = (b"{}", 5)
     client.kv[keyspace.report_key("gone", "n2").encode()] = (b"{}", 6)  # another node's: untouched
+    client.kv[keyspace.report_key("gone", "n10").encode()] = (b"{}", 6)  # n1 is a prefix of n10: untouched
     i = intent(7, P1)
     state = {"lease": SimpleNamespace(id=10), "outcome": enforcing.Outcome(started=True, wanted=i, applied=i)}
     clock = iter(f"t{n}" for n in range(100))
@@ -102,13 +109,14 @@ async def test_reporter_writes_under_the_lease_only_on_change_and_rewrites_for_a
                                   outcome=lambda: state["outcome"], now=lambda: next(clock))
     assert await reporter.sync_once()
     assert stale not in client.kv and keyspace.report_key("gone", "n2").encode() in client.kv
-    assert {lease for k, (_, lease) in client.kv.items() if k.endswith(b"/" + NODE.encode())} == {10}
+    assert keyspace.report_key("gone", "n10").encode() in client.kv
+    assert {lease for k, (_, lease) in client.kv.items() if mine(k)} == {10}
     writes = client.puts
     assert await reporter.sync_once()
     assert client.puts == writes  # nothing changed but the time
     state["lease"] = SimpleNamespace(id=11)
     assert await reporter.sync_once()
     assert client.puts == writes + 2
-    assert {lease for k, (_, lease) in client.kv.items() if k.endswith(b"/" + NODE.encode())} == {11}
+    assert {lease for k, (_, lease) in client.kv.items() if mine(k)} == {11}
     state["lease"] = None
     assert not await reporter.sync_once()

@@ -8,31 +8,68 @@ import pytest
 from ciliary.nodeagent import logs, settings
 
 
-def test_defaults(monkeypatch):
-    s = settings.load_settings([], {"CILIARY_AGENT_NODE_NAME": "n1"})
+@pytest.fixture
+def tls_env(tmp_path):
+    """CILIARY_AGENT_ETCD_*_FILE pointing at three (dummy) files."""
+    env = {}
+    for name in ("CA", "CERT", "KEY"):
+        path = tmp_path / f"{name.lower()}.pem"
+        path.write_text("x")
+        env[f"CILIARY_AGENT_ETCD_{name}_FILE"] = str(path)
+    return env
+
+
+def test_defaults(tls_env):
+    s = settings.load_settings([], {"CILIARY_AGENT_NODE_NAME": "n1", **tls_env})
     assert s.node_name == "n1"
-    assert [str(e) for e in s.etcd_endpoints] == ["http://127.0.0.1:2379"]
+    assert [str(e) for e in s.etcd_endpoints] == ["https://127.0.0.1:2379"]
+    assert s.etcd_tls is not None and str(s.etcd_tls.cert_file) == tls_env["CILIARY_AGENT_ETCD_CERT_FILE"]
+    assert not s.etcd_insecure
     assert s.socket_path == Path("/run/ciliary/agent.sock")
     assert (s.health_host, s.health_port, s.lease_ttl) == ("127.0.0.1", 9876, 10)
 
 
-def test_env_then_flags():
-    env = {"CILIARY_AGENT_NODE_NAME": "env-node", "CILIARY_AGENT_ETCD_ENDPOINTS": "http://10.0.0.1:2379,10.0.0.2",
+def test_env_then_flags(tls_env):
+    env = {"CILIARY_AGENT_NODE_NAME": "env-node", "CILIARY_AGENT_ETCD_ENDPOINTS": "https://10.0.0.1:2379,10.0.0.2",
            "CILIARY_AGENT_SOCKET": "/tmp/a.sock", "CILIARY_AGENT_STATE_DIR": "/tmp/st",
-           "CILIARY_AGENT_HEALTH_ADDR": "0.0.0.0:1234", "CILIARY_AGENT_LEASE_TTL": "30"}
+           "CILIARY_AGENT_HEALTH_ADDR": "0.0.0.0:1234", "CILIARY_AGENT_LEASE_TTL": "30", **tls_env}
     s = settings.load_settings([], env)
-    assert [str(e) for e in s.etcd_endpoints] == ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+    assert [str(e) for e in s.etcd_endpoints] == ["https://10.0.0.1:2379", "https://10.0.0.2:2379"]
     assert (s.node_name, s.lease_ttl, s.health_addr) == ("env-node", 30, "0.0.0.0:1234")
     s = settings.load_settings(["--node", "flag-node", "--lease-ttl", "6", "--health-addr", "127.0.0.1:1"], env)
     assert (s.node_name, s.lease_ttl, s.health_port) == ("flag-node", 6, 1)
 
 
-@pytest.mark.parametrize("argv", [["--lease-ttl", "1"], ["--etcd-endpoints", "https://x:1"], ["--health-addr", "x"],
+@pytest.mark.parametrize("argv", [["--lease-ttl", "1"], ["--etcd-endpoints", "ftp://x:1"], ["--health-addr", "x"],
                                   ["--node", "a/b"]])
-def test_invalid_values_exit_2(argv):
+def test_invalid_values_exit_2(argv, tls_env):
     with pytest.raises(SystemExit) as caught:
-        settings.load_settings(argv, {"CILIARY_AGENT_NODE_NAME": "n"})
+        settings.load_settings(argv, {"CILIARY_AGENT_NODE_NAME": "n", **tls_env})
     assert caught.value.code == 2
+
+
+def test_https_without_client_certificate_is_refused(capsys, tls_env):
+    env = {"CILIARY_AGENT_NODE_NAME": "n", **tls_env}
+    del env["CILIARY_AGENT_ETCD_KEY_FILE"]
+    with pytest.raises(SystemExit) as caught:
+        settings.load_settings([], env)
+    assert caught.value.code == 2
+    assert "--etcd-key-file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        settings.load_settings(["--etcd-ca-file", "/nonexistent/ca.crt"], {"CILIARY_AGENT_NODE_NAME": "n", **tls_env})
+    assert "not found: --etcd-ca-file /nonexistent/ca.crt" in capsys.readouterr().err
+
+
+def test_plain_http_only_with_etcd_insecure(capsys):
+    env = {"CILIARY_AGENT_NODE_NAME": "n", "CILIARY_AGENT_ETCD_ENDPOINTS": "http://10.0.0.1:2379"}
+    with pytest.raises(SystemExit) as caught:
+        settings.load_settings([], env)
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "plain-HTTP etcd endpoint(s) http://10.0.0.1:2379 refused" in err and "--etcd-insecure" in err
+    s = settings.load_settings(["--etcd-insecure"], env)
+    assert s.etcd_insecure and s.etcd_tls is None and not s.etcd_endpoints[0].secure
+    assert settings.load_settings([], {**env, "CILIARY_AGENT_ETCD_INSECURE": "on"}).etcd_insecure
 
 
 def test_help_mentions_env_vars(capsys):

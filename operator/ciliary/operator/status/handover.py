@@ -226,8 +226,8 @@ class StatusHandover:
                 self._wake.set()
 
     def _report_put(self, key: str, value: bytes) -> None:
-        uid, _, node = key[len(keyspace.REPORTS_PREFIX):].partition("/")
         try:
+            uid, node = keyspace.report_from_key(key)
             report = parse_policy_report(value)
         except ValueError as exc:
             log.warning("Ignored malformed report %s: %s", key, exc)
@@ -239,7 +239,10 @@ class StatusHandover:
             self._mark(uid)
 
     def _report_deleted(self, key: str) -> None:
-        uid, _, node = key[len(keyspace.REPORTS_PREFIX):].partition("/")
+        try:
+            uid, node = keyspace.report_from_key(key)
+        except ValueError:
+            return
         per_node = self.reports.get(uid)
         if per_node is not None and per_node.pop(node, None) is not None:
             if not per_node:

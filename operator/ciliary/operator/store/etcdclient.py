@@ -1,6 +1,10 @@
 """The one way Ciliary's processes talk to etcd: endpoint parsing, connection, bounded retries.
 
-Wraps aetcd (asyncio, protobuf-7 compatible). etcd restarts make the first RPC
+Wraps aetcd (asyncio, protobuf-7 compatible). Connections use mutual TLS
+(``https://`` endpoints, a CA, a client certificate and key: :class:`EtcdTLS`); etcd
+takes the caller's user from the certificate's CN (``store.access`` names them). Plain
+``http://`` is refused unless the caller explicitly asked for it (``--etcd-insecure``):
+:func:`connection_settings` is the one check every component runs at start-up. etcd restarts make the first RPC
 fail once with ConnectionFailedError while the channel reconnects, so every call
 goes through :meth:`EtcdStore.call` with a short, bounded retry.
 
@@ -17,10 +21,14 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aetcd
+import aetcd.watcher
+import grpc
+from aetcd import rpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,28 +72,127 @@ class FenceLostError(RuntimeError):
 class EtcdEndpoint:
     host: str
     port: int
+    secure: bool = True
+    """https (mutual TLS); False only for an explicit ``http://`` endpoint."""
 
     @classmethod
     def parse(cls, text: str) -> EtcdEndpoint:
-        """``http://127.0.0.1:2379``, ``127.0.0.1:2379`` or ``host`` (port 2379)."""
+        """``https://127.0.0.1:2379``, ``http://…`` (plain), ``127.0.0.1:2379`` or ``host`` (https, port 2379)."""
         text = text.strip()
-        parts = urlsplit(text if "://" in text else f"http://{text}")
-        if parts.scheme not in ("http", ""):
-            raise ValueError(f"etcd endpoint {text!r}: only plain http is supported for now")
+        parts = urlsplit(text if "://" in text else f"https://{text}")
+        if parts.scheme not in ("https", "http"):
+            raise ValueError(f"etcd endpoint {text!r}: the scheme must be https (or http with --etcd-insecure)")
         if not parts.hostname:
             raise ValueError(f"etcd endpoint {text!r} has no host")
-        return cls(parts.hostname, parts.port or 2379)
+        return cls(parts.hostname, parts.port or 2379, parts.scheme == "https")
 
     def __str__(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.secure else 'http'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class EtcdTLS:
+    """Mutual TLS to etcd: the CA that signed etcd's serving certificate, and this client's certificate."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=self.ca_file.read_bytes(),
+                                            private_key=self.key_file.read_bytes(),
+                                            certificate_chain=self.cert_file.read_bytes())
+
+
+class EtcdConfigError(ValueError):
+    """How to reach etcd was configured unsafely or incompletely; carries the offending endpoints."""
+
+    def __init__(self, message: str, endpoints: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.endpoints = tuple(endpoints)
+
+
+INSECURE_WARNING = ("etcd is reached over plain HTTP (--etcd-insecure): anyone on the network path can read "
+                    "and rewrite intents; use https endpoints with --etcd-ca-file/--etcd-cert-file/--etcd-key-file")
+
+
+def connection_settings(endpoints: str, *, ca_file: str = "", cert_file: str = "", key_file: str = "",
+                        insecure: bool = False) -> tuple[tuple[EtcdEndpoint, ...], EtcdTLS | None]:
+    """Parse comma-separated endpoints and the TLS files; refuse what is not safe unless ``insecure``.
+
+    https endpoints need all three files. An ``http://`` endpoint is refused unless ``insecure``.
+    Raises :class:`EtcdConfigError` (a ValueError) with a message saying what to pass.
+    """
+    parsed = tuple(EtcdEndpoint.parse(item) for item in (p.strip() for p in endpoints.split(",")) if item)
+    if not parsed:
+        raise EtcdConfigError("at least one etcd endpoint is needed")
+    plain = [str(e) for e in parsed if not e.secure]
+    if plain and not insecure:
+        raise EtcdConfigError(f"plain-HTTP etcd endpoint(s) {', '.join(plain)} refused: use https:// with "
+                              "--etcd-ca-file, --etcd-cert-file and --etcd-key-file, or pass --etcd-insecure "
+                              "to accept an unauthenticated, unencrypted connection", plain)
+    files = {"--etcd-ca-file": ca_file, "--etcd-cert-file": cert_file, "--etcd-key-file": key_file}
+    if not any(e.secure for e in parsed):
+        return parsed, None
+    missing = [flag for flag, value in files.items() if not value]
+    if missing:
+        raise EtcdConfigError(f"https etcd endpoints need {', '.join(missing)} (mutual TLS: the CA of etcd's "
+                              "certificate and this component's client certificate and key)",
+                              [str(e) for e in parsed])
+    unreadable = [f"{flag} {value}" for flag, value in files.items() if not Path(value).is_file()]
+    if unreadable:
+        raise EtcdConfigError(f"etcd TLS file(s) not found: {', '.join(unreadable)}", [str(e) for e in parsed])
+    return parsed, EtcdTLS(Path(ca_file), Path(cert_file), Path(key_file))
+
+
+class TLSClient(aetcd.Client):
+    """aetcd's client over a mutual-TLS channel (aetcd itself only opens insecure channels)."""
+
+    def __init__(self, *, host: str, port: int, tls: EtcdTLS, timeout: float | None = None,
+                 options: dict[str, Any] | None = None) -> None:
+        super().__init__(host=host, port=port, timeout=timeout, options=options)
+        self._tls = tls
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._is_connecting:  # type: ignore[has-type]
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        try:
+            self._is_connecting = True
+            self.channel = grpc.aio.secure_channel(f"{self._host}:{self._port}", self._tls.credentials(),
+                                                   options=list(self._options.items()))
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self.auth_stub = rpc.AuthStub(self.channel)
+            self._watcher = aetcd.watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout,
+                                                  metadata=self.metadata)
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+
+def make_client(endpoint: EtcdEndpoint, tls: EtcdTLS | None, timeout: float) -> aetcd.Client:
+    """A client for ``endpoint``: mutual TLS when it is https (``tls`` required), plain only for http."""
+    if endpoint.secure:
+        if tls is None:
+            raise EtcdConfigError(f"etcd endpoint {endpoint} is https but no client certificate was given",
+                                  [str(endpoint)])
+        return TLSClient(host=endpoint.host, port=endpoint.port, tls=tls, timeout=timeout,
+                         options=dict(GRPC_OPTIONS))
+    return aetcd.Client(host=endpoint.host, port=endpoint.port, timeout=timeout, options=dict(GRPC_OPTIONS))
 
 
 class EtcdStore:
     """An aetcd client with bounded retries, created lazily and shared by one process."""
 
-    def __init__(self, endpoint: EtcdEndpoint, *, timeout: float = 5.0, attempts: int = 5,
-                 fallbacks: Sequence[EtcdEndpoint] = ()) -> None:
+    def __init__(self, endpoint: EtcdEndpoint, *, tls: EtcdTLS | None = None, timeout: float = 5.0,
+                 attempts: int = 5, fallbacks: Sequence[EtcdEndpoint] = ()) -> None:
         self.endpoint = endpoint
+        self.tls = tls
         self.endpoints = (endpoint, *fallbacks)
         """Tried in turn: a connection failure moves the store to the next one."""
         self.timeout = timeout
@@ -97,8 +204,7 @@ class EtcdStore:
     @property
     def client(self) -> aetcd.Client:
         if self._client is None:
-            self._client = aetcd.Client(host=self.endpoint.host, port=self.endpoint.port, timeout=self.timeout,
-                                        options=dict(GRPC_OPTIONS))
+            self._client = make_client(self.endpoint, self.tls, self.timeout)
         return self._client
 
     async def call(self, make: Callable[[aetcd.Client], Awaitable[T]]) -> T:

@@ -1,12 +1,15 @@
 """The etcd key layout shared by the operator, the agents and the CLI.
 
-Every prefix carries a version segment, so a later layout can live beside this one:
+Every prefix carries a version segment, so a later layout can live beside this one.
+Everything a node agent writes sits under a key or prefix of its own (reports are keyed
+node first), so etcd's key and prefix permissions can confine each agent to its node
+(``store.access``):
 
   /ciliary/nodes/v1/<node>                  agent registration, bound to its lease
   /ciliary/intents/v1/<node>                the NodeIntent the operator publishes
   /ciliary/identities/v1/id/<number>        identity -> its labels (allocation record)
   /ciliary/identities/v1/labels/<sha256>    labels -> identity (compare-and-swap index)
-  /ciliary/reports/v1/<policy-uid>/<node>   per-policy enforcement report, bound to the agent lease
+  /ciliary/reports/v1/<node>/<policy-uid>   per-policy enforcement report, bound to the agent lease
   /ciliary/status/v1/<node>                 per-node agent status (applied revision, errors)
 """
 
@@ -15,8 +18,9 @@ from __future__ import annotations
 ROOT = "/ciliary"
 NODES_PREFIX = f"{ROOT}/nodes/v1/"
 INTENTS_PREFIX = f"{ROOT}/intents/v1/"
-IDENTITY_ID_PREFIX = f"{ROOT}/identities/v1/id/"
-IDENTITY_LABELS_PREFIX = f"{ROOT}/identities/v1/labels/"
+IDENTITIES_PREFIX = f"{ROOT}/identities/v1/"
+IDENTITY_ID_PREFIX = f"{IDENTITIES_PREFIX}id/"
+IDENTITY_LABELS_PREFIX = f"{IDENTITIES_PREFIX}labels/"
 REPORTS_PREFIX = f"{ROOT}/reports/v1/"
 NODE_STATUS_PREFIX = f"{ROOT}/status/v1/"
 
@@ -47,8 +51,24 @@ def identity_labels_key(labels_digest: str) -> str:
     return IDENTITY_LABELS_PREFIX + _segment(labels_digest, "labels digest")
 
 
+def node_reports_prefix(node: str) -> str:
+    """Every report of ``node`` (and only of it: the trailing slash keeps ``n1`` from matching ``n10``)."""
+    return f"{REPORTS_PREFIX}{_segment(node, 'node name')}/"
+
+
 def report_key(policy_uid: str, node: str) -> str:
-    return f"{REPORTS_PREFIX}{_segment(policy_uid, 'policy uid')}/{_segment(node, 'node name')}"
+    return node_reports_prefix(node) + _segment(policy_uid, "policy uid")
+
+
+def report_from_key(key: str | bytes) -> tuple[str, str]:
+    """``(policy uid, node)`` of a report key."""
+    text = key.decode() if isinstance(key, bytes) else key
+    if not text.startswith(REPORTS_PREFIX):
+        raise ValueError(f"key {text!r} is not under {REPORTS_PREFIX!r}")
+    node, _, uid = text[len(REPORTS_PREFIX):].partition("/")
+    if not node or not uid or "/" in uid:
+        raise ValueError(f"key {text!r} is not a report key")
+    return uid, node
 
 
 def node_from_key(prefix: str, key: str | bytes) -> str:

@@ -1,0 +1,175 @@
+"""The chart's etcd security, run for real: its generated certificates, etcd flags and bootstrap.
+
+Renders the chart, writes out the Secret it generates, starts a real etcd with the flags the
+StatefulSet gives it, runs the operator pod's ``etcd-bootstrap`` init container command with the
+root certificate, and checks what each certificate may then do. The chart's agents share one
+etcd user until per-node enrollment lands (see charts/ciliary/README.md): the last test pins
+that interim matrix so a change to it is a conscious one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aetcd
+import pytest
+from deploy_helpers import ROOT, Helm, documents, find
+
+from ciliary.lab.etcdsecurity import tls_context
+from ciliary.lab.layout import Binaries
+from ciliary.operator.store import access, keyspace
+from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdTLS, make_client
+
+pytestmark = pytest.mark.integration
+PYTHONPATH = ":".join(str(ROOT / d) for d in ("operator", "nodeagent", "e2e"))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ChartEtcd:
+    """A real etcd run with the chart's flags and generated certificates (paths mapped to a temp dir)."""
+
+    def __init__(self, helm: Helm) -> None:
+        self.docs = documents(helm.template())
+        self.dir = Path(tempfile.mkdtemp(prefix="cyt-chart-etcd-"))
+        secret = find(self.docs, "Secret", "-etcd-tls")
+        for name, value in secret["data"].items():
+            (self.dir / name).write_bytes(base64.b64decode(value))
+            (self.dir / name).chmod(0o600)
+        sts = find(self.docs, "StatefulSet", "-etcd")
+        self.args = sts["spec"]["template"]["spec"]["containers"][0]["command"]
+        self.port, peer = free_port(), free_port()
+        self.endpoint = f"https://127.0.0.1:{self.port}"
+        tls_flags = [a.replace("/etc/etcd/tls/", f"{self.dir}/") for a in self.args
+                     if a.startswith(("--cert-file", "--key-file", "--trusted-ca-file", "--client-cert-auth"))]
+        self.log = open(self.dir / "etcd.log", "wb")
+        self.proc = subprocess.Popen(
+            [str(Binaries.discover().etcd), "--data-dir", str(self.dir / "data"),
+             "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint, *tls_flags,
+             "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls",
+             f"http://127.0.0.1:{peer}", "--initial-cluster", f"default=http://127.0.0.1:{peer}",
+             "--listen-metrics-urls", "http://127.0.0.1:0", "--log-level", "warn"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+
+    def tls(self, name: str) -> EtcdTLS:
+        return EtcdTLS(self.dir / "ca.crt", self.dir / f"{name}.crt", self.dir / f"{name}.key")
+
+    def wait_healthy(self) -> None:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.endpoint}/health", timeout=2,
+                                            context=tls_context(self.tls("root"))) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError("etcd with the chart's certificates never became healthy")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self.log.close()
+        import shutil
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def chart_etcd(helm: Helm) -> Iterator[ChartEtcd]:
+    etcd = ChartEtcd(helm)
+    try:
+        etcd.wait_healthy()
+        yield etcd
+    finally:
+        etcd.close()
+
+
+def bootstrap(etcd: ChartEtcd) -> subprocess.CompletedProcess[str]:
+    """The operator pod's etcd-bootstrap init container, as rendered (paths mapped)."""
+    deployment = find(etcd.docs, "Deployment", "-operator")
+    init = deployment["spec"]["template"]["spec"]["initContainers"][0]
+    assert init["name"] == "etcd-bootstrap"
+    args = [a.replace("/etc/ciliary/etcd-root/ca.crt", str(etcd.dir / "ca.crt"))
+            .replace("/etc/ciliary/etcd-root/tls.crt", str(etcd.dir / "root.crt"))
+            .replace("/etc/ciliary/etcd-root/tls.key", str(etcd.dir / "root.key"))
+            for a in init["args"] if not a.startswith("--etcd-endpoints")]
+    argv = [sys.executable, *init["command"][1:], f"--etcd-endpoints={etcd.endpoint}", *args, "--wait", "20"]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, env={"PYTHONPATH": PYTHONPATH})
+
+
+def allowed(etcd: ChartEtcd, name: str, key: str, *, write: bool) -> bool:
+    async def go() -> bool:
+        client = make_client(EtcdEndpoint.parse(etcd.endpoint), etcd.tls(name), 5)
+        try:
+            if write:
+                await client.put(key.encode(), b"x")
+            else:
+                await client.get(key.encode())
+            return True
+        except aetcd.ClientError as exc:
+            if "permission denied" in str(exc):
+                return False
+            raise
+        finally:
+            await client.close()
+
+    return asyncio.run(go())
+
+
+def test_the_generated_server_certificate_names_the_service_and_loopback(chart_etcd: ChartEtcd) -> None:
+    text = subprocess.run(["openssl", "x509", "-in", str(chart_etcd.dir / "server.crt"), "-noout", "-text"],
+                          capture_output=True, text=True, check=True).stdout
+    for name in ("DNS:cy-ciliary-etcd.ciliary-system.svc", "DNS:cy-ciliary-etcd.ciliary-system.svc.cluster.local",
+                 "IP Address:127.0.0.1"):
+        assert name in text
+    assert "--client-cert-auth" in chart_etcd.args and "--listen-client-urls=https://0.0.0.0:2379" in chart_etcd.args
+    assert not (chart_etcd.dir / "ca.key").exists()  # the chart keeps no CA key
+
+
+def test_bootstrap_enables_auth_and_is_idempotent(chart_etcd: ChartEtcd) -> None:
+    for _ in range(2):
+        done = bootstrap(chart_etcd)
+        assert done.returncode == 0, done.stderr
+
+    async def status() -> Any:
+        from aetcd import rpc
+        client = make_client(EtcdEndpoint.parse(chart_etcd.endpoint), chart_etcd.tls("root"), 5)
+        try:
+            await client.connect()
+            return await rpc.AuthStub(client.channel).AuthStatus(rpc.AuthStatusRequest(), timeout=5)
+        finally:
+            await client.close()
+
+    assert asyncio.run(status()).enabled
+
+
+def test_chart_identities_after_bootstrap(chart_etcd: ChartEtcd) -> None:
+    assert bootstrap(chart_etcd).returncode == 0
+    intent, identity = keyspace.node_intent_key("n1"), keyspace.identity_id_key(4242)
+    registration, report = keyspace.node_key("n2"), keyspace.report_key("u", "n2")
+    assert allowed(chart_etcd, "operator", intent, write=True)
+    assert allowed(chart_etcd, "operator", identity, write=True)
+    assert not allowed(chart_etcd, "operator", registration, write=True)
+    # the interim shared agent user: no intent or identity write, but any node's agent keys
+    assert access.shared_agents_role().user == "ciliary-agents"
+    assert allowed(chart_etcd, "agent", intent, write=False)
+    assert not allowed(chart_etcd, "agent", intent, write=True)
+    assert not allowed(chart_etcd, "agent", identity, write=True)
+    assert allowed(chart_etcd, "agent", registration, write=True) and allowed(chart_etcd, "agent", report, write=True)
+    assert not allowed(chart_etcd, "agent", f"{access.OPERATOR_PREFIX}v1/leader", write=True)
