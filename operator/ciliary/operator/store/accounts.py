@@ -106,6 +106,13 @@ async def delete_role(client: aetcd.Client, role: Role, *, timeout: float = 5.0)
                 raise EtcdAuthError(role.name, exc) from exc
 
 
+async def list_users(client: aetcd.Client, *, timeout: float = 5.0) -> list[str]:
+    """The names of every etcd user (root only once authentication is on)."""
+    await client.connect()
+    listed = await _call("users", _stub(client).UserList, rpc.AuthUserListRequest(), timeout)
+    return [str(user) for user in listed.users]
+
+
 async def enable_auth(client: aetcd.Client, *, timeout: float = 5.0) -> None:
     """Create the ``root`` user with the ``root`` role (etcd's precondition) and turn authentication on.
 
