@@ -114,3 +114,21 @@ app.kubernetes.io/component: {{ .component }}
     defaultMode: 0400
 {{- end }}
 {{- end }}
+
+{{/* "true" when each agent enrolls for its own etcd certificate (bundled etcd with etcd.nodeEnrollment.enabled). */}}
+{{- define "ciliary.nodeEnrollment" -}}
+{{- if and .Values.etcd.enabled .Values.etcd.nodeEnrollment.enabled }}true{{ end }}
+{{- end }}
+
+{{/* Secret with the etcd CA's certificate and key (only the etcd-enroller sidecar mounts it). */}}
+{{- define "ciliary.etcdCASecret" -}}
+{{- if and .Values.etcd.tls.existingSecret (not .Values.etcd.tls.existingCASecret) }}
+{{- fail "etcd.nodeEnrollment.enabled with etcd.tls.existingSecret needs etcd.tls.existingCASecret (a Secret with ca.crt and ca.key of the etcd CA), or etcd.nodeEnrollment.enabled=false" }}
+{{- end }}
+{{- .Values.etcd.tls.existingCASecret | default (printf "%s-etcd-ca" (include "ciliary.fullname" .)) }}
+{{- end }}
+
+{{/* ConfigMap with the etcd CA certificate alone (what an enrolled agent needs to trust etcd). */}}
+{{- define "ciliary.etcdCACertConfigMap" -}}
+{{- printf "%s-etcd-ca-cert" (include "ciliary.fullname" .) }}
+{{- end }}

@@ -204,7 +204,7 @@ class Enroller:
     async def watch_once(self, seconds: int) -> None:
         """List, then watch for ``seconds``; a CSR whose handling must be retried is retried at the next list."""
         version = await self.resync()
-        stream = watch.Watch()
+        stream = watch.Watch(return_type="object")  # the raw JSON, no client models
         try:
             async for event in stream.stream(self.certificates.list_certificate_signing_request,
                                              field_selector=FIELD_SELECTOR, resource_version=version,
