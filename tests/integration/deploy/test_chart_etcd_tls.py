@@ -2,9 +2,10 @@
 
 Renders the chart, writes out the Secret it generates, starts a real etcd with the flags the
 StatefulSet gives it, runs the operator pod's ``etcd-bootstrap`` init container command with the
-root certificate, and checks what each certificate may then do. The chart's agents share one
-etcd user until per-node enrollment lands (see charts/ciliary/README.md): the last test pins
-that interim matrix so a change to it is a conscious one.
+root certificate, and checks what each certificate may then do: the operator's, a node certificate
+signed with the chart's CA key the way the etcd-enroller signs it (per-node enrollment, the default;
+``test_node_enrollment.py`` runs the enrollment itself), and, with ``etcd.nodeEnrollment.enabled=false``,
+the shared ``ciliary-agents`` user, pinned so that a change to that weaker matrix is a conscious one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import aetcd
 import pytest
-from deploy_helpers import ROOT, Helm, documents, find
+from deploy_helpers import CHART, ROOT, Helm, documents, find
 
 from ciliary.lab.etcdsecurity import tls_context
 from ciliary.lab.layout import Binaries
@@ -42,8 +43,8 @@ def free_port() -> int:
 class ChartEtcd:
     """A real etcd run with the chart's flags and generated certificates (paths mapped to a temp dir)."""
 
-    def __init__(self, helm: Helm) -> None:
-        self.docs = documents(helm.template())
+    def __init__(self, helm: Helm, *sets: str) -> None:
+        self.docs = documents(helm.template(CHART, *sets))
         self.dir = Path(tempfile.mkdtemp(prefix="cyt-chart-etcd-"))
         secret = find(self.docs, "Secret", "-etcd-tls")
         for name, value in secret["data"].items():
@@ -100,6 +101,16 @@ def chart_etcd(helm: Helm) -> Iterator[ChartEtcd]:
         etcd.close()
 
 
+@pytest.fixture(scope="module")
+def shared_agents_etcd(helm: Helm) -> Iterator[ChartEtcd]:
+    etcd = ChartEtcd(helm, "etcd.nodeEnrollment.enabled=false")
+    try:
+        etcd.wait_healthy()
+        yield etcd
+    finally:
+        etcd.close()
+
+
 def bootstrap(etcd: ChartEtcd) -> subprocess.CompletedProcess[str]:
     """The operator pod's etcd-bootstrap init container, as rendered (paths mapped)."""
     deployment = find(etcd.docs, "Deployment", "-operator")
@@ -139,7 +150,13 @@ def test_the_generated_server_certificate_names_the_service_and_loopback(chart_e
                  "IP Address:127.0.0.1"):
         assert name in text
     assert "--client-cert-auth" in chart_etcd.args and "--listen-client-urls=https://0.0.0.0:2379" in chart_etcd.args
-    assert not (chart_etcd.dir / "ca.key").exists()  # the chart keeps no CA key
+    # the CA key is not in the Secret every etcd client references, only in the enroller's own Secret
+    assert not (chart_etcd.dir / "ca.key").exists() and not (chart_etcd.dir / "agent.key").exists()
+    ca_secret = find(chart_etcd.docs, "Secret", "-etcd-ca")["data"]
+    assert sorted(ca_secret) == ["ca.crt", "ca.key"]
+    assert base64.b64decode(ca_secret["ca.crt"]) == (chart_etcd.dir / "ca.crt").read_bytes()
+    ca_cm = find(chart_etcd.docs, "ConfigMap", "-etcd-ca-cert")["data"]["ca.crt"]
+    assert ca_cm.strip() == (chart_etcd.dir / "ca.crt").read_text().strip()
 
 
 def test_bootstrap_enables_auth_and_is_idempotent(chart_etcd: ChartEtcd) -> None:
@@ -159,6 +176,34 @@ def test_bootstrap_enables_auth_and_is_idempotent(chart_etcd: ChartEtcd) -> None
     assert asyncio.run(status()).enabled
 
 
+def enroll_node(etcd: ChartEtcd, node: str) -> None:
+    """What the etcd-enroller does for an approved node: its etcd user and role, a certificate from the CA key."""
+    import datetime
+
+    from cryptography import x509
+
+    from ciliary.operator.kube import node_certificates
+    from ciliary.operator.store import accounts
+
+    ca_secret = find(etcd.docs, "Secret", "-etcd-ca")["data"]
+    authority = node_certificates.SigningAuthority.from_pem(base64.b64decode(ca_secret["ca.crt"]),
+                                                            base64.b64decode(ca_secret["ca.key"]))
+    key_pem, request_pem = node_certificates.new_key_and_request(access.node_user(node))
+    cert = node_certificates.sign(authority, x509.load_pem_x509_csr(request_pem),
+                                  validity=datetime.timedelta(days=1), now=datetime.datetime.now(datetime.UTC))
+    (etcd.dir / f"{node}.crt").write_bytes(node_certificates.certificate_pem(cert))
+    (etcd.dir / f"{node}.key").write_bytes(key_pem)
+
+    async def user() -> None:
+        client = make_client(EtcdEndpoint.parse(etcd.endpoint), etcd.tls("root"), 5)
+        try:
+            await accounts.apply_role(client, access.node_role(node))
+        finally:
+            await client.close()
+
+    asyncio.run(user())
+
+
 def test_chart_identities_after_bootstrap(chart_etcd: ChartEtcd) -> None:
     assert bootstrap(chart_etcd).returncode == 0
     intent, identity = keyspace.node_intent_key("n1"), keyspace.identity_id_key(4242)
@@ -166,7 +211,23 @@ def test_chart_identities_after_bootstrap(chart_etcd: ChartEtcd) -> None:
     assert allowed(chart_etcd, "operator", intent, write=True)
     assert allowed(chart_etcd, "operator", identity, write=True)
     assert not allowed(chart_etcd, "operator", registration, write=True)
-    # the interim shared agent user: no intent or identity write, but any node's agent keys
+    # no shared agent user by default; a node certificate signed with the chart's CA is that node's user only
+    enroll_node(chart_etcd, "n2")
+    assert allowed(chart_etcd, "n2", keyspace.node_intent_key("n2"), write=False)
+    assert not allowed(chart_etcd, "n2", intent, write=False)
+    assert not allowed(chart_etcd, "n2", keyspace.node_intent_key("n2"), write=True)
+    assert allowed(chart_etcd, "n2", registration, write=True) and allowed(chart_etcd, "n2", report, write=True)
+    assert not allowed(chart_etcd, "n2", keyspace.node_key("n1"), write=True)
+    assert not allowed(chart_etcd, "n2", identity, write=True)
+
+
+def test_shared_agent_user_only_when_enrollment_is_off(shared_agents_etcd: ChartEtcd) -> None:
+    chart_etcd = shared_agents_etcd
+    assert bootstrap(chart_etcd).returncode == 0
+    intent, identity = keyspace.node_intent_key("n1"), keyspace.identity_id_key(4242)
+    registration, report = keyspace.node_key("n2"), keyspace.report_key("u", "n2")
+    assert not [d for d in chart_etcd.docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-etcd-ca")]
+    # the weaker shared agent user: no intent or identity write, but every node's intent and agent keys
     assert access.shared_agents_role().user == "ciliary-agents"
     assert allowed(chart_etcd, "agent", intent, write=False)
     assert not allowed(chart_etcd, "agent", intent, write=True)
