@@ -1,9 +1,9 @@
-"""Whether a node's etcd-certificate request may be signed: the rule of the planned per-node enrollment.
+"""Whether a node's etcd-certificate request may be signed: the rule of per-node enrollment.
 
-Not wired into the operator yet (see charts/ciliary/README.md, "Not yet per node in the
-chart"): the agent pod's init step will create a Kubernetes CertificateSigningRequest with
-``signerName`` :data:`SIGNER_NAME` for CN ``access.node_user(node)``; the operator will sign it
-only when :func:`decide` approves. Pure: it sees the CSR's fields and the subject its shell
+The agent pod's ``etcd-enroll`` init container (``ciliary.nodeagent.enroll``) creates a Kubernetes
+CertificateSigningRequest with ``signerName`` :data:`SIGNER_NAME` for CN ``access.node_user(node)``;
+the operator pod's ``etcd-enroller`` sidecar (``kube.enroller``) signs it only when :func:`decide`
+approves (see charts/ciliary/README.md, "Per-node credentials"). Pure: it sees the CSR's fields and the subject its shell
 parsed out of ``spec.request``, and says yes or no with the reason.
 
 The rule: the requester is the agent's ServiceAccount; its bound token names the node it runs

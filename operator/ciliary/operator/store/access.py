@@ -14,9 +14,10 @@ from the client certificate's common name, so a component's certificate CN *is* 
 A grant on a single key is exact (no range end), so node ``n1`` never matches ``n10``;
 per-node prefixes end with ``/`` for the same reason.
 
-:func:`shared_agents_role` is weaker and exists only for the Helm chart until each node
-enrolls for its own certificate: one user for every agent, confined to the keys agents
-write and to reading intents and identities (no intent or identity write), but not to its node.
+:func:`shared_agents_role` is weaker and exists only for the Helm chart's opt-out
+``etcd.nodeEnrollment.enabled=false`` (by default each node enrolls for its own certificate):
+one user for every agent, confined to the keys agents write and to reading intents and
+identities (no intent or identity write), but not to its node.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ ROOT_USER = "root"
 OPERATOR_USER = "ciliary-operator"
 NODE_USER_PREFIX = "ciliary-node-"
 SHARED_AGENTS_USER = "ciliary-agents"
-"""The chart's interim agent user (see :func:`shared_agents_role`)."""
+"""The chart's shared agent user when per-node enrollment is off (see :func:`shared_agents_role`)."""
 OPERATOR_PREFIX = f"{keyspace.ROOT}/operator/"
 """The operator's own keys (the leader election key lives here)."""
 
@@ -133,7 +134,7 @@ def node_role(node: str) -> Role:
 
 
 def shared_agents_role() -> Role:
-    """Every agent under one user: agent keys of any node, read-only intents and identities (chart, interim)."""
+    """Every agent under one user: agent keys of any node, read-only intents and identities (chart opt-out)."""
     rw, r = Permission.READWRITE, Permission.READ
     return Role(name=SHARED_AGENTS_USER, user=SHARED_AGENTS_USER, grants=(
         Grant(r, keyspace.INTENTS_PREFIX, prefix=True),

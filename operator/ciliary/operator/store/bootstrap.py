@@ -3,7 +3,7 @@
 Run as etcd's ``root`` (a client certificate with CN ``root``) once per etcd, before the
 components start: the chart runs it as the operator pod's init container. It applies
 ``access.operator_role()`` and, with ``--shared-agents``, ``access.shared_agents_role()`` (the
-chart's interim agent user), or ``--node NAME`` roles (one per node, as the lab does), and
+chart's agent user when per-node enrollment is off), or ``--node NAME`` roles (one per node, as the lab does), and
 turns authentication on. Idempotent; etcd not answering yet is retried for a bounded time.
 """
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--etcd-cert-file", default=env("CILIARY_ETCD_ROOT_CERT_FILE", ""),
                    help="etcd root's client certificate (CN root)")
     p.add_argument("--etcd-key-file", default=env("CILIARY_ETCD_ROOT_KEY_FILE", ""))
-    p.add_argument("--shared-agents", action="store_true", help="create the shared agent user (chart, interim)")
+    p.add_argument("--shared-agents", action="store_true", help="create the shared agent user (chart with etcd.nodeEnrollment.enabled=false)")
     p.add_argument("--node", action="append", default=[], help="create this node's etcd user and role")
     p.add_argument("--wait", type=float, default=300, help="seconds to wait for etcd (default 300)")
     return p
