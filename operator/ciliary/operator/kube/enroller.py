@@ -12,8 +12,8 @@ settled yet, asks ``enrollment.decide``:
 
 A request someone else approved is still judged: if the rule refuses it, it gets ``Failed``
 instead of a certificate. Idempotent (a settled CSR is skipped; conditions are added once);
-each step is retried a bounded number of times, then the CSR gets ``Failed``. Every
-``--resync`` seconds it lists everything again, so a missed event or an etcd outage heals.
+a failed step is retried a bounded number of times (1, 2, 4 s apart), then the CSR gets
+``Failed``. Every ``--resync`` seconds it lists everything again, so a missed event heals.
 
 Node removal: every ``--sweep-interval`` seconds it deletes the etcd user and role of every
 ``ciliary-node-<n>`` user whose Node no longer exists (users listed before nodes, so a user
@@ -75,7 +75,7 @@ class Enroller:
 
     def __init__(self, api: client.ApiClient, etcd_endpoint: EtcdEndpoint, etcd_root: EtcdTLS,
                  authority: SigningAuthority, *, agent_service_account: str, validity: datetime.timedelta,
-                 event_namespace: str = "default", attempts: int = 5) -> None:
+                 event_namespace: str = "default", attempts: int = 4, retry_delay: float = 1.0) -> None:
         self.certificates = client.CertificatesV1Api(api)
         self.core = client.CoreV1Api(api)
         self.etcd_endpoint, self.etcd_root = etcd_endpoint, etcd_root
@@ -84,27 +84,39 @@ class Enroller:
         self.validity = validity
         self.event_namespace = event_namespace
         self.attempts = attempts
-        self._failures: dict[str, int] = {}
+        self.retry_delay = retry_delay
 
     # --- one CSR ------------------------------------------------------------------------------
 
     async def handle(self, obj: Mapping[str, Any]) -> str:
-        """Bring one CSR to its end state; returns what happened (issued, denied, failed, skipped, retry)."""
+        """Bring one CSR to its end state; returns what happened (issued, denied, failed, skipped).
+
+        A failed step (API or etcd) is retried ``attempts`` times with a growing pause, from the
+        CSR as it is then; after that the CSR gets the ``Failed`` condition (its agent asks again).
+        """
         name = str(obj["metadata"]["name"])
         if obj.get("spec", {}).get("signerName") != SIGNER_NAME or node_certificates.settled(obj):
             return "skipped"
-        try:
-            outcome = await self._judge_and_act(obj)
-        except EnrollmentStepError as exc:
-            count = self._failures[name] = self._failures.get(name, 0) + 1
-            log.warning("enrollment step failed (attempt %d/%d): %s", count, self.attempts, exc,
-                        extra={"csr": name, "step": exc.step})
-            if count < self.attempts:
-                return "retry"
-            await self._fail(name, f"gave up after {count} attempts: {exc}")
-            outcome = "failed"
-        self._failures.pop(name, None)
-        return outcome
+        delay = self.retry_delay
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return await self._judge_and_act(obj)
+            except EnrollmentStepError as exc:
+                log.warning("enrollment step failed (attempt %d/%d): %s", attempt, self.attempts, exc,
+                            extra={"csr": name, "step": exc.step})
+                if attempt == self.attempts:
+                    await self._fail(name, f"gave up after {attempt} attempts: {exc}")
+                    return "failed"
+            await asyncio.sleep(delay)
+            delay *= 2
+            try:
+                obj = await _json(await self.certificates.read_certificate_signing_request(
+                    name, _preload_content=False))
+            except (ApiException, OSError) as exc:
+                log.warning("re-reading the request failed: %s", exc, extra={"csr": name})
+            if node_certificates.settled(obj):
+                return "skipped"
+        raise AssertionError("unreachable")
 
     async def _judge_and_act(self, obj: Mapping[str, Any]) -> str:
         name = str(obj["metadata"]["name"])
