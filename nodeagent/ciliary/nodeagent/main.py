@@ -145,7 +145,11 @@ class Agent:
         reg_task: asyncio.Task[None] | None = None
         tasks: list[asyncio.Task[None]] = []
         try:
-            runners.append(await endpoint_api.start(self.registry, self.config.socket_path))
+            if not self.config.datapath:
+                log.warning("Datapath off (tests only): this agent enforces nothing and refuses every endpoint",
+                            extra={"node": self.config.node_name})
+            runners.append(await endpoint_api.start(self.registry, self.config.socket_path,
+                                                    enforcing=self.config.datapath))
             runners.append(await health.start(
                 health.HealthSources(self.config.node_name, self.registration, self.registry),
                 self.config.health_host, self.config.health_port, routes=[flowapi.add_routes(self.flows), self._routes],

@@ -100,3 +100,17 @@ async def test_health_and_readiness():
         reg.etcd_connected = reg.registered = True
         assert (await (await client.get("/healthz")).json())["etcd"] == "connected"
         assert (await client.get("/readyz")).status == 200
+
+
+async def test_datapath_off_refuses_every_endpoint(tmp_path):
+    """--datapath off: the agent enforces nothing, so it takes no endpoint (the CNI ADD fails, code 105)."""
+    from ciliary.cni import agent_client
+
+    registry = endpoints.EndpointRegistry(tmp_path)
+    async with TestClient(TestServer(endpoint_api.build_app(registry, enforcing=False))) as client:
+        r = await client.post("/v1/endpoints", json=BODY)
+        assert r.status == 503
+        assert (await r.json())["error"] == endpoint_api.DATAPATH_OFF == agent_client.DATAPATH_OFF
+        assert len(registry) == 0
+        r = await client.get("/v1/endpoints")
+        assert (await r.json())["endpoints"] == []

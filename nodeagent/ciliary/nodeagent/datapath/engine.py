@@ -58,7 +58,7 @@ def _sizes_of(ctx: rendering.RenderContext) -> dict[str, tuple[int, int, int]]:
     """Expected (key_size, value_size, max_entries) of maps whose shape the context decides."""
     return {
         "cy_ipcache": (8, 8, ctx.ipcache_size),
-        "cy_endpoints": (4, 16, ctx.endpoints_size),
+        "cy_endpoints": (4, ct.sizeof(maps.EndpointInfoC), ctx.endpoints_size),
         "cy_policy": (16, 8, ctx.policy_size),
         "cy_policy_deny": (16, 8, ctx.policy_size),
         "cy_ct": (16, 24, ctx.ct_size),
@@ -371,6 +371,11 @@ class Datapath:
                 per_cpu = maps.read_percpu(fd, direction * maps.REASON_MAX + int(reason), maps.CounterC)
                 out[(dname, reason)] = (sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu))
         return out
+
+    def endpoint_revisions(self) -> dict[str, int]:
+        """Read back from the kernel: pod IPv4 -> the revision stamped on its ``cy_endpoints`` entry."""
+        self._require_started()
+        return {str(ip): value.revision for ip, value in maps.read_map(self._fd("cy_endpoints"), maps.ENDPOINTS).items()}
 
     def conntrack_size(self) -> int:
         return maps.count_entries(self._fd("cy_ct"), maps.CtKeyC)

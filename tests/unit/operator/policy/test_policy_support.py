@@ -234,3 +234,11 @@ def test_ipv6_only_icmp_item_allows_nothing() -> None:
     spec = ingress(fromEndpoints=[{"matchLabels": {"app": "b"}}],
                    icmps=[{"fields": [{"type": "EchoRequest", "family": "IPv6"}]}])
     assert entries_of(spec) == ()
+
+
+def test_each_endpoint_lists_the_policies_selecting_it() -> None:
+    """The agent needs them to say a policy is enforcing only where its pods are in the kernel's map."""
+    repo = PolicyRepository()
+    repo.upsert(parse_policy(body(ingress(fromEndpoints=[{}]))))
+    intent = resolve_cluster(ClusterState(repo.snapshot(), PODS, {"ns": NamespaceInfo("ns", {})}, NODES))["n1"]
+    assert {e.pod: e.policies for e in intent.endpoints} == {"a": ("uid-p",), "b": ()}
