@@ -76,6 +76,8 @@ class DatapathLike(Protocol):
 
     def endpoint_revisions(self) -> Mapping[str, int]: ...
 
+    def check(self) -> list[str]: ...
+
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
@@ -105,6 +107,8 @@ class Outcome:
     """Pod IPv4s with a veth on this node (the registry) when the kernel was last read."""
     last_verified: float = 0.0
     """time.monotonic() of the last read-back."""
+    datapath_problems: tuple[str, ...] = ()
+    """What the last check found broken in the kernel (a pin gone, a program detached); empty: healthy."""
 
 
 class Enforcer:
@@ -223,6 +227,7 @@ class Enforcer:
                          applies=self.outcome.applies + 1)
             return False
         kernel, local = await self._read_kernel()
+        problems = await self._check()
         unplaced = tuple(str(ip) for ip in getattr(result, "unplaced", ()))
         if unplaced:
             log.info("Intent endpoints without a local veth yet", extra={"node": self.node, "unplaced": unplaced})
@@ -232,8 +237,16 @@ class Enforcer:
                      last_compiled=tuple(getattr(result, "compiled", ())),
                      last_map_writes=int(getattr(result, "map_writes", 0)),
                      last_attached=len(getattr(result, "attached", ())),
-                     kernel_endpoints=kernel, local_endpoints=local, last_verified=time.monotonic())
+                     kernel_endpoints=kernel, local_endpoints=local, last_verified=time.monotonic(),
+                     datapath_problems=problems)
         return True
+
+    async def _check(self) -> tuple[str, ...]:
+        """The datapath's own check of what it loaded (pins, tc attachments); a failing check is a problem."""
+        try:
+            return tuple(await self._in_thread(self.datapath.check))
+        except (errors.DatapathError, OSError, RuntimeError) as exc:
+            return (f"datapath check failed: {exc}",)
 
     async def _read_kernel(self) -> tuple[Mapping[str, int] | None, frozenset[str]]:
         """(the kernel's endpoint map read back, the registry's pod IPv4s); None when the map cannot be read."""
@@ -247,7 +260,14 @@ class Enforcer:
 
     async def _verify(self) -> None:
         """Read the kernel's endpoint map back; a change (an entry gone, a stamp changed) updates the outcome."""
-        if not self.outcome.started or self.outcome.applied is None:
+        if not self.outcome.started:
+            return
+        problems = await self._check()
+        if problems != self.outcome.datapath_problems:
+            if problems:
+                log.error("Datapath broken", extra={"node": self.node, "problems": list(problems)})
+            self._update(datapath_problems=problems)
+        if self.outcome.applied is None:
             return
         kernel, local = await self._read_kernel()
         if (kernel, local) != (self.outcome.kernel_endpoints, self.outcome.local_endpoints):

@@ -22,6 +22,7 @@ class FakeDatapath:
         self.closed = False
         self.program_hashes = {"from_pod": "aa", "to_pod": "bb"}
         self.kernel: dict[str, int] = {}
+        self.problems: list[str] = []
 
     def start(self) -> None:
         pass
@@ -52,6 +53,9 @@ class FakeDatapath:
 
     def endpoint_revisions(self):
         return dict(self.kernel)
+
+    def check(self):
+        return list(self.problems)
 
 
 def endpoint(n: int) -> endpoints.Endpoint:

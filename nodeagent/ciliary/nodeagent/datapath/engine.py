@@ -372,6 +372,21 @@ class Datapath:
                 out[(dname, reason)] = (sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu))
         return out
 
+    def check(self) -> list[str]:
+        """What is broken in the kernel: a program or map pin gone, a program no longer attached to a veth
+        this engine attached it to (a veth that no longer exists is not a problem). Empty: healthy."""
+        if not self._started:
+            return ["the datapath is not loaded"]
+        problems = [f"program pin {loading.program_pin_path(self.pin_dir, hook, sha).name} is gone"
+                    for hook, sha in sorted(self._programs.items())
+                    if not loading.program_pin_path(self.pin_dir, hook, sha).exists()]
+        problems += [f"map pin {name} is gone" for name in MAP_NAMES if not (self.pin_dir / name).exists()]
+        wanted = {(a.ifindex, a.hook): a.ifname for a in self._state.attachments}
+        found, gone = loading.attached_hooks(self.netns, {index for index, _ in wanted})
+        problems += [f"cy_{hook} is not attached to {ifname}" for (index, hook), ifname in sorted(wanted.items())
+                     if index not in gone and (index, hook) not in found]
+        return problems
+
     def endpoint_revisions(self) -> dict[str, int]:
         """Read back from the kernel: pod IPv4 -> the revision stamped on its ``cy_endpoints`` entry."""
         self._require_started()

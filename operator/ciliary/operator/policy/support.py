@@ -170,13 +170,16 @@ def _gap(path: str, key: str) -> Gap:
 def _rule_gaps(rule: Rule, path: str) -> Iterator[Gap]:
     if rule.node_selector is not None:
         yield _gap(f"{path}.nodeSelector", "nodeSelector")
-    for name, items in (("ingress", rule.ingress), ("ingressDeny", rule.ingress_deny),
-                        ("egress", rule.egress), ("egressDeny", rule.egress_deny)):
-        for i, item in enumerate(items or ()):
+    sections: tuple[tuple[str, Sequence[IngressRule | IngressDenyRule | EgressRule | EgressDenyRule]], ...] = (
+        ("ingress", rule.ingress or ()), ("ingressDeny", rule.ingress_deny or ()),
+        ("egress", rule.egress or ()), ("egressDeny", rule.egress_deny or ()))
+    for name, items in sections:
+        for i, item in enumerate(items):
             yield from _item_gaps(item, f"{path}.{name}[{i}]")
 
 
 def _item_gaps(item: IngressRule | IngressDenyRule | EgressRule | EgressDenyRule, path: str) -> Iterator[Gap]:
+    cidr_fields: tuple[tuple[str, Sequence[str | CIDRRule] | None], ...]
     if isinstance(item, (IngressRule, IngressDenyRule)):
         cidr_fields = (("fromCIDR", item.from_cidr), ("fromCIDRSet", item.from_cidr_set))
         entity_field, entities = "fromEntities", item.from_entities
@@ -188,7 +191,8 @@ def _item_gaps(item: IngressRule | IngressDenyRule | EgressRule | EgressDenyRule
         if isinstance(item, EgressRule) and item.to_fqdns:
             yield _gap(f"{path}.toFQDNs", "toFQDNs")
     for name, values in cidr_fields:
-        for j, value in enumerate(values or ()):
+        written: Sequence[str | CIDRRule] = values or []
+        for j, value in enumerate(written):
             if _is_ipv6(value):
                 yield _gap(f"{path}.{name}[{j}]", "ipv6-cidr")
     for j, entity in enumerate(entities or ()):
