@@ -17,6 +17,8 @@ class FakeLease:
         self.client = client
 
     async def refresh(self):
+        if self.client.closed:
+            raise aetcd.ConnectionFailedError("client closed")
         return SimpleNamespace(TTL=0 if self.id in self.client.expired else 3)
 
     async def revoke(self):
@@ -31,6 +33,7 @@ class FakeClient:
         self.revoked: list = []
         self.next_id = 100
         self.fail_next = 0
+        self.closed = False
 
     async def lease(self, ttl):
         if self.fail_next:
@@ -49,7 +52,7 @@ class FakeClient:
         self.revoked.append(lease_id)
 
     async def close(self):
-        pass
+        self.closed = True
 
 
 def make(count=lambda: 0):
