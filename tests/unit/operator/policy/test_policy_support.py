@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from ciliary.operator.api import parse_policy
 from ciliary.operator.kube.cluster_model import ClusterModel
@@ -201,8 +202,6 @@ def test_examples_directory_says_what_is_not_enforced() -> None:
     for path in sorted((ROOT / "crds/examples").glob("*.yaml")):
         text = path.read_text()
         assert "403" not in text and "Access denied" not in text, path.name
-        import yaml
-
         found = support.gaps(parse_policy(yaml.safe_load(text)))
         if found:
             assert "PartiallyEnforced" in text.split("apiVersion")[0], path.name
