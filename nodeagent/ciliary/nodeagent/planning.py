@@ -100,6 +100,8 @@ class EndpointValue:
     identity: int
     flags: int
     ifindex: int
+    revision: int = 0
+    """Intent revision (mod 2**32) stamped after every write of that revision: see :func:`write_order`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,6 +264,8 @@ class Plan:
     """Upserts only: existing endpoints gaining a deny flag, before any deny entry is written."""
     lower_deny_flags: MapDiff[IPv4Address, EndpointValue]
     """Upserts only: the final endpoint values, after the last deny entry is deleted."""
+    stamps: MapDiff[IPv4Address, EndpointValue]
+    """Upserts only, the very last writes: the final values with the intent's revision."""
     attach: tuple[Attachment, ...]
     """Attach, or atomically replace, these programs."""
     detach: tuple[Attachment, ...]
@@ -273,7 +277,7 @@ class Plan:
     @property
     def map_writes(self) -> int:
         return (len(self.ipcache) + len(self.endpoints) + len(self.policy) + len(self.policy_deny)
-                + len(self.raise_deny_flags) + len(self.lower_deny_flags))
+                + len(self.raise_deny_flags) + len(self.lower_deny_flags) + len(self.stamps))
 
     @property
     def empty(self) -> bool:
@@ -318,8 +322,13 @@ def desired_maps(intent: intents.NodeIntent, ids: Mapping[IPv4Address, int],
             own_deny.update(d)
         deny.update(own_deny)
         endpoints[ip] = EndpointValue(ep_id, endpoint.identity, endpoint_flags(endpoint, own_deny),
-                                      veths[ip].ifindex)
+                                      veths[ip].ifindex, revision_stamp(intent.revision))
     return ipcache, endpoints, allow, deny
+
+
+def revision_stamp(revision: int) -> int:
+    """An intent revision as ``endpoint_info.revision`` holds it (32 bits)."""
+    return revision & 0xFFFFFFFF
 
 
 def _with_deny_flags(value: EndpointValue, flags: int) -> EndpointValue:
@@ -356,7 +365,12 @@ def plan(desired: intents.NodeIntent, observed: DatapathState, *, programs: Mapp
     placed = sorted(ip for ip in intent_ips if ip in veths)
     ids = allocate_endpoint_ids(placed, observed.endpoints)
     ipcache, endpoints, allow, deny = desired_maps(desired, ids, veths)
-    raised, held, lowered = deny_flag_steps(observed.endpoints, endpoints)
+    # every write but the last carries the revision the kernel already shows (0 for a new endpoint);
+    # the stamps, written last, say "every write of this revision is done" (see write_order)
+    unstamped = {ip: dataclasses.replace(v, revision=observed.endpoints[ip].revision if ip in observed.endpoints
+                                         else 0) for ip, v in endpoints.items()}
+    raised, held, lowered = deny_flag_steps(observed.endpoints, unstamped)
+    stamps = {ip: v for ip, v in endpoints.items() if v != unstamped[ip]}
 
     wanted = {
         Attachment(veth.ifname, veth.ifindex, hook, programs[hook])
@@ -376,6 +390,7 @@ def plan(desired: intents.NodeIntent, observed: DatapathState, *, programs: Mapp
         policy_deny=diff_map(observed.policy_deny, deny),
         raise_deny_flags=MapDiff(raised),
         lower_deny_flags=MapDiff(lowered),
+        stamps=MapDiff(stamps),
         attach=tuple(attach),
         detach=tuple(detach),
         endpoint_ids=ids,
@@ -402,7 +417,10 @@ def write_order(p: Plan) -> tuple[WriteStep, ...]:
        main endpoint writes, and lowered only after the last deny entry is deleted. (A
        new endpoint gets its flag with its first write, after its entries; a removed one
        is deleted before its entries.) A set flag without entries costs four missing
-       lookups; a clear flag with entries would pass a denied packet that an allow covers.
+       lookups; a clear flag with entries would pass a denied packet that an allow covers;
+    4. each endpoint's ``revision`` is written last (the stamps): an endpoint that shows
+       revision N in the kernel has every write of revision N done, which is what the
+       reporter reads back before it says a policy is enforcing.
     """
     return (
         ("ipcache", "upserts", p.ipcache),
@@ -415,4 +433,5 @@ def write_order(p: Plan) -> tuple[WriteStep, ...]:
         ("policy_deny", "deletes", p.policy_deny),
         ("endpoints", "upserts", p.lower_deny_flags),
         ("ipcache", "deletes", p.ipcache),
+        ("endpoints", "upserts", p.stamps),
     )

@@ -58,7 +58,7 @@ def _sizes_of(ctx: rendering.RenderContext) -> dict[str, tuple[int, int, int]]:
     """Expected (key_size, value_size, max_entries) of maps whose shape the context decides."""
     return {
         "cy_ipcache": (8, 8, ctx.ipcache_size),
-        "cy_endpoints": (4, 16, ctx.endpoints_size),
+        "cy_endpoints": (4, ct.sizeof(maps.EndpointInfoC), ctx.endpoints_size),
         "cy_policy": (16, 8, ctx.policy_size),
         "cy_policy_deny": (16, 8, ctx.policy_size),
         "cy_ct": (16, 24, ctx.ct_size),
@@ -371,6 +371,26 @@ class Datapath:
                 per_cpu = maps.read_percpu(fd, direction * maps.REASON_MAX + int(reason), maps.CounterC)
                 out[(dname, reason)] = (sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu))
         return out
+
+    def check(self) -> list[str]:
+        """What is broken in the kernel: a program or map pin gone, a program no longer attached to a veth
+        this engine attached it to (a veth that no longer exists is not a problem). Empty: healthy."""
+        if not self._started:
+            return ["the datapath is not loaded"]
+        problems = [f"program pin {loading.program_pin_path(self.pin_dir, hook, sha).name} is gone"
+                    for hook, sha in sorted(self._programs.items())
+                    if not loading.program_pin_path(self.pin_dir, hook, sha).exists()]
+        problems += [f"map pin {name} is gone" for name in MAP_NAMES if not (self.pin_dir / name).exists()]
+        wanted = {(a.ifindex, a.hook): a.ifname for a in self._state.attachments}
+        found, gone = loading.attached_hooks(self.netns, {index for index, _ in wanted})
+        problems += [f"cy_{hook} is not attached to {ifname}" for (index, hook), ifname in sorted(wanted.items())
+                     if index not in gone and (index, hook) not in found]
+        return problems
+
+    def endpoint_revisions(self) -> dict[str, int]:
+        """Read back from the kernel: pod IPv4 -> the revision stamped on its ``cy_endpoints`` entry."""
+        self._require_started()
+        return {str(ip): value.revision for ip, value in maps.read_map(self._fd("cy_endpoints"), maps.ENDPOINTS).items()}
 
     def conntrack_size(self) -> int:
         return maps.count_entries(self._fd("cy_ct"), maps.CtKeyC)

@@ -41,7 +41,7 @@ class EndpointKeyC(ct.Structure):
 
 class EndpointInfoC(ct.Structure):
     _fields_ = [("ep_id", ct.c_uint32), ("identity", ct.c_uint32), ("flags", ct.c_uint32),
-                ("ifindex", ct.c_uint32)]
+                ("ifindex", ct.c_uint32), ("revision", ct.c_uint32)]
 
 
 class PolicyKeyC(ct.Structure):
@@ -84,7 +84,7 @@ class FlowEventC(ct.Structure):
 
 
 STRUCT_SIZES = {
-    "ipcache_key": 8, "ipcache_value": 8, "endpoint_info": 16, "policy_key": 16,
+    "ipcache_key": 8, "ipcache_value": 8, "endpoint_info": 20, "policy_key": 16,
     "policy_value": 8, "ct_key": 16, "ct_entry": 24, "counter": 16, "flow_event": 56,
 }
 """sizeof() of each types.h struct; checked against the ctypes mirrors by the tests."""
@@ -159,8 +159,8 @@ IPCACHE: Codec[IPv4Network, planning.IpcacheValue] = Codec(
 ENDPOINTS: Codec[IPv4Address, planning.EndpointValue] = Codec(
     "cy_endpoints", EndpointKeyC, EndpointInfoC,
     lambda ip: EndpointKeyC(addr_to_u32(ip)), lambda c: u32_to_addr(c.addr),
-    lambda v: EndpointInfoC(v.ep_id, v.identity, v.flags, v.ifindex),
-    lambda c: planning.EndpointValue(c.ep_id, c.identity, c.flags, c.ifindex))
+    lambda v: EndpointInfoC(v.ep_id, v.identity, v.flags, v.ifindex, v.revision),
+    lambda c: planning.EndpointValue(c.ep_id, c.identity, c.flags, c.ifindex, c.revision))
 
 
 def _policy_codec(name: str) -> Codec[planning.PolicyKey, planning.PolicyValue]:

@@ -152,6 +152,8 @@ struct endpoint_info {
 	__u32 identity; /* security identity of the pod */
 	__u32 flags;    /* CY_EP_*_ENFORCED, CY_EP_*_DENY */
 	__u32 ifindex;  /* host-side veth in the node netns (diagnostics) */
+	__u32 revision; /* intent revision (mod 2^32) whose writes are all done; the
+			 * agent reads it back to report a policy enforcing */
 };
 
 /* cy_policy / cy_policy_deny key: LPM trie. prefixlen counts bits of the
