@@ -78,14 +78,15 @@ class FlowEventC(ct.Structure):
     _fields_ = [("ts_ns", ct.c_uint64), ("saddr", ct.c_uint32), ("daddr", ct.c_uint32),
                 ("sport", ct.c_uint16), ("dport", ct.c_uint16), ("protocol", ct.c_uint8),
                 ("tcp_flags", ct.c_uint8), ("verdict", ct.c_uint8), ("reason", ct.c_uint8),
-                ("direction", ct.c_uint8), ("is_reply", ct.c_uint8), ("pad", ct.c_uint16),
+                ("direction", ct.c_uint8), ("is_reply", ct.c_uint8), ("family", ct.c_uint8), ("pad", ct.c_uint8),
                 ("ep_id", ct.c_uint32), ("src_identity", ct.c_uint32), ("dst_identity", ct.c_uint32),
-                ("cookie", ct.c_uint32), ("ifindex", ct.c_uint32), ("len", ct.c_uint32)]
+                ("cookie", ct.c_uint32), ("ifindex", ct.c_uint32), ("len", ct.c_uint32),
+                ("saddr6", ct.c_uint8 * 16), ("daddr6", ct.c_uint8 * 16)]
 
 
 STRUCT_SIZES = {
     "ipcache_key": 8, "ipcache_value": 8, "endpoint_info": 16, "policy_key": 16,
-    "policy_value": 8, "ct_key": 16, "ct_entry": 24, "counter": 16, "flow_event": 56,
+    "policy_value": 8, "ct_key": 16, "ct_entry": 24, "counter": 16, "flow_event": 88,
 }
 """sizeof() of each types.h struct; checked against the ctypes mirrors by the tests."""
 
@@ -99,9 +100,16 @@ class Reason(enum.IntEnum):
     DROP_POLICY_DENY = 4
     DROP_POLICY = 5
     DROP_INVALID = 6
+    """L4 header truncated (unfragmented packet, enforced direction)."""
+    DROP_FRAGMENT = 7
+    """IPv4 fragment without (a complete) L4 header on an enforced direction: fragments are not tracked."""
+    DROP_INVALID_L3 = 8
+    """IPv4 header shorter than 20 bytes (ihl < 5, or the frame ends inside it)."""
+    DROP_UNSUPPORTED_L3 = 9
+    """IPv6 other than Neighbor Discovery: no IPv6 policy exists yet."""
 
 
-REASON_MAX = 8
+REASON_MAX = 16
 
 # ---------------------------------------------------------------- byte order helpers
 
