@@ -382,13 +382,13 @@ static __always_inline int cy_parse_ipv6(void *data, void *data_end, struct cy_p
 	__builtin_memcpy(p->saddr6, &ip6->saddr, 16);
 	__builtin_memcpy(p->daddr6, &ip6->daddr, 16);
 	p->protocol = ip6->nexthdr;
-	if (ip6->nexthdr != CY_PROTO_ICMPV6 || ip6->hop_limit != 255)
+	if (ip6->nexthdr != CY_PROTO_ICMPV6)
 		return CY_PARSE_IPV6;
 	icmp6 = (void *)(ip6 + 1);
 	if ((void *)(icmp6 + 1) > data_end)
 		return CY_PARSE_IPV6;
 	p->icmp_type = *icmp6;
-	if (*icmp6 >= CY_ICMPV6_ND_FIRST && *icmp6 <= CY_ICMPV6_ND_LAST)
+	if (ip6->hop_limit == 255 && *icmp6 >= CY_ICMPV6_ND_FIRST && *icmp6 <= CY_ICMPV6_ND_LAST)
 		return CY_PARSE_IPV6_ND;
 	return CY_PARSE_IPV6;
 }
