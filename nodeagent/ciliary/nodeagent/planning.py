@@ -170,9 +170,15 @@ def entry_port_range(entry: intents.PolicyEntry) -> tuple[int, int]:
 
 def entry_keys(ep_id: int, direction: MapDirection, entry: intents.PolicyEntry) -> tuple[PolicyKey, ...]:
     low, high = entry_port_range(entry)
+    if entry.protocol is intents.Protocol.ICMP and entry.icmp_type == 0:
+        # ICMP type 0 (echo reply) is one exact "port" 0, not the (0, 0) of "any port"
+        # (the differential test found this widening: a type-0 entry allowed every type)
+        blocks: tuple[tuple[int, int], ...] = ((0, PORT_BITS),)
+    else:
+        blocks = port_blocks(low, high)
     return tuple(
         PolicyKey(ep_id, direction, entry.identity, int(entry.protocol), start, bits)
-        for start, bits in port_blocks(low, high)
+        for start, bits in blocks
     )
 
 

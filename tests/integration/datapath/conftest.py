@@ -1,4 +1,8 @@
-"""Fixtures for the bcc datapath tests: a private topology, one Datapath per module."""
+"""Fixtures for the bcc datapath tests: a private topology, one Datapath per module.
+
+Also the hypothesis profiles (``ci``, loaded when ``CI`` is set: derandomized, so a CI run
+is reproducible) and the terminal-summary line with the differential test's case count.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from dp_packets import DIFFERENTIAL
 from dp_topology import Topology
+
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("dev", deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 if os.geteuid() != 0:
     pytest.skip("the datapath tests need root (bcc, netns)", allow_module_level=True)
@@ -25,3 +35,13 @@ def topology() -> Iterator[Topology]:
         yield topo
     finally:
         topo.down()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if DIFFERENTIAL["policies"]:
+        d = DIFFERENTIAL
+        terminalreporter.write_line(
+            f"differential test: {int(d['verdicts'])} tc verdicts ({int(d['enforced'])} on enforced directions, "
+            f"{int(d['dropped'])} drops) compared with "
+            f"evaluate_entries: {int(d['packets'])} packets x 2 hooks over {int(d['policies'])} random policies "
+            f"in {d['seconds']:.1f} s")

@@ -25,6 +25,10 @@ DST_MAC = bytes.fromhex("020000000002")
 TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
 MF, OFFSET_MASK = 0x2000, 0x1FFF
 
+DIFFERENTIAL: dict[str, float] = {"policies": 0, "packets": 0, "verdicts": 0, "enforced": 0, "dropped": 0,
+                                 "seconds": 0.0}
+"""What test_datapath_differential compared in this session (printed by conftest's terminal summary)."""
+
 
 def checksum(data: bytes) -> int:
     if len(data) % 2:

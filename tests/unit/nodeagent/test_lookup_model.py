@@ -117,6 +117,17 @@ def test_icmp_type_entries_match_by_type(entry_list: list[PolicyEntry], icmp_typ
     assert got == (want.allowed, want.reason)
 
 
+def test_icmp_type_0_is_one_type_not_any() -> None:
+    """Echo reply (type 0) must not become the "any port" (0, 0) of the port encoding."""
+    reply_only = PolicyEntry(identity=0, protocol=Protocol.ICMP, icmp_type=0, verdict=Verdict.ALLOW)
+    policy = DirectionPolicy(enforced=True, entries=(reply_only,))
+    state = programmed(endpoint(A, ingress=policy))
+    for icmp_type in (0, 1, 3, 8, 255):
+        want = intents.evaluate_entries(policy, identity=1001, protocol=1, port=icmp_type)
+        assert lookup(state, A, MapDirection.INGRESS, 1001, 1, icmp_type) == (want.allowed, want.reason)
+    assert lookup(state, A, MapDirection.INGRESS, 1001, 1, 8) == (False, "default-deny")
+
+
 SPECIFIC_ALLOW = PolicyEntry(identity=1001, protocol=Protocol.TCP, port_low=8080, verdict=Verdict.ALLOW)
 BROAD_DENY = PolicyEntry(identity=0, protocol=Protocol.ANY, verdict=Verdict.DENY)
 
