@@ -31,6 +31,7 @@ from typing import Any
 from aiohttp import web
 
 from ciliary.nodeagent import (
+    datapath_api,
     endpoint_api,
     endpoints,
     enforcing,
@@ -148,7 +149,10 @@ class Agent:
             runners.append(await endpoint_api.start(self.registry, self.config.socket_path))
             runners.append(await health.start(
                 health.HealthSources(self.config.node_name, self.registration, self.registry),
-                self.config.health_host, self.config.health_port, routes=[flowapi.add_routes(self.flows), self._routes],
+                self.config.health_host, self.config.health_port,
+                routes=[flowapi.add_routes(self.flows), self._routes,
+                        datapath_api.add_routes(self.config.node_name, self.enforcer,
+                                                getattr(self, "datapath", None), self.registry)],
             ))
             reg_task = asyncio.create_task(self.registration.run(self.stop), name="registration")
             if self.config.direct_status and self.reporter is not None:
