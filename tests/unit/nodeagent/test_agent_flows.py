@@ -124,3 +124,5 @@ def test_parser_drop_reasons_and_ipv6_flows() -> None:
     assert flow["drop_reason"] == "UNSUPPORTED_L3" and flow["direction"] == "egress"
     assert flowapi.make_filter({"protocol": "icmpv6", "verdict": "DROPPED"})(flow)
     assert ct.sizeof(maps.FlowEventC) == maps.STRUCT_SIZES["flow_event"]
+    old_layout = bytes(maps.FlowEventC(protocol=6, verdict=2, reason=5, direction=1))[:56]  # before IPv6 fields
+    assert flows.decode(old_layout, mono_to_wall=0.0).reason is maps.Reason.DROP_POLICY

@@ -53,7 +53,9 @@ class FlowEvent:
 
 
 def decode(raw: bytes, *, mono_to_wall: float | None = None) -> FlowEvent:
-    ev = maps.FlowEventC.from_buffer_copy(raw[: ct.sizeof(maps.FlowEventC)])
+    # ljust: a program compiled before flow_event grew (still attached while an upgraded agent
+    # starts) sends shorter records; their missing tail (the IPv6 fields) reads as zeros
+    ev = maps.FlowEventC.from_buffer_copy(raw[: ct.sizeof(maps.FlowEventC)].ljust(ct.sizeof(maps.FlowEventC), b"\0"))
     offset = mono_to_wall if mono_to_wall is not None else time.time() - time.monotonic()
     v6 = ev.family == 6
     icmp = ev.protocol == 1 or (v6 and ev.protocol == 58)
