@@ -30,6 +30,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "tests" / "integration" / "datapath"))
 
+from dp_packets import frame, frame6, icmp6, mac_of, send_raw  # noqa: E402
 from dp_topology import Client, Topology  # noqa: E402
 
 from ciliary.cni import agent_client  # noqa: E402
@@ -328,6 +329,28 @@ def test_policy_get_and_trace_read_the_datapath_and_say_when_it_differs_from_the
     published = ciliary(env, "policy", "get", "--node", env.agent.node, "--intent", "-o", "json")
     assert json.loads(published.stdout)["source"].startswith("operator intent")
     env.wait_applied(env.intent(allow_from(ID_A)))
+
+
+def test_parser_drops_show_in_the_flow_api_and_ciliary_observe(env: Env) -> None:
+    """A non-first fragment into an enforced pod and an IPv6 packet are dropped with their reasons."""
+    env.wait_applied(env.intent(allow_from(ID_A)))
+    gateway = mac_of(env.topo.node_ns, env.c.host_ifname)
+    pod_mac = mac_of(env.c.netns, "eth0")
+    send_raw(env.c.netns, "eth0", frame(env.c.ip, env.b.ip, 17, l4=b"", payload=b"f" * 80, frag=64,
+                                        dst_mac=gateway, src_mac=pod_mac))
+    send_raw(env.c.netns, "eth0", frame6("fd00::c", "fd00::b", 58, icmp6(128), dst_mac=gateway, src_mac=pod_mac))
+
+    def reasons() -> set[str]:
+        out = ciliary(env, "observe", "--node", env.agent.node, "--verdict", "DROPPED", "--last", "200", "-o", "json")
+        flows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+        return {f["drop_reason"] for f in flows if f["src"]["ip"] in (env.c.ip, "fd00::c")}
+
+    seen = wait_until(lambda: (r := reasons()) >= {"FRAGMENT_NO_L4", "UNSUPPORTED_L3"} and r, 15,
+                      "fragment and IPv6 drops in ciliary observe")
+    assert "FRAGMENT_NO_L4" in seen
+    v6 = env.agent.flows("last=200&verdict=DROPPED&protocol=ICMPv6")
+    assert any(f["src"]["ip"] == "fd00::c" and f["dst"]["ip"] == "fd00::b" and f["drop_reason"] == "UNSUPPORTED_L3"
+               for f in v6), v6
 
 
 def test_kill_9_keeps_enforcing_reports_expire_and_restart_adopts(env: Env) -> None:
