@@ -90,10 +90,23 @@ def endpoint_differences(wanted: EndpointIntent, held: EndpointIntent | None) ->
     return out
 
 
-def differences(wanted: NodeIntent, held: NodeIntent, *, endpoints: Iterable[str] | None = None) -> list[str]:
+def _identity_of(cache: dict[str, int], address: str) -> int | None:
+    """Longest-prefix identity of ``address`` in an effective ipcache (None: no entry, i.e. world)."""
+    ip = ipaddress.IPv4Address(address)
+    best: tuple[int, int] | None = None
+    for cidr, identity in cache.items():
+        net = ipaddress.IPv4Network(cidr)
+        if ip in net and (best is None or net.prefixlen > best[0]):
+            best = (net.prefixlen, identity)
+    return None if best is None else best[1]
+
+
+def differences(wanted: NodeIntent, held: NodeIntent, *, endpoints: Iterable[str] | None = None,
+                peers: Iterable[str] | None = None) -> list[str]:
     """Every way ``held`` (the datapath's view) differs from ``wanted`` (the operator's intent).
 
-    ``endpoints`` (IPv4 strings) limits the endpoint comparison to those pods (``trace``).
+    ``endpoints`` (IPv4 strings) limits the endpoint comparison to those pods, and ``peers``
+    the ipcache comparison to the identities those addresses resolve to (``trace``).
     """
     only = set(endpoints) if endpoints is not None else None
     by_ip = {e.ipv4: e for e in held.endpoints}
@@ -106,6 +119,13 @@ def differences(wanted: NodeIntent, held: NodeIntent, *, endpoints: Iterable[str
         if endpoint.ipv4 not in wanted_ips and (only is None or endpoint.ipv4 in only):
             out.append(f"{_name(endpoint)} ({endpoint.ipv4}) is in the datapath but not in the intent")
     want_cache, have_cache = effective_ipcache(wanted), effective_ipcache(held)
+    if peers is not None:
+        for address in sorted(set(peers)):
+            want_id, have_id = _identity_of(want_cache, address), _identity_of(have_cache, address)
+            if want_id != have_id:
+                out.append(f"{address} resolves to identity {have_id or 'world (no entry)'} in the datapath, "
+                           f"{want_id or 'world (no entry)'} in the intent")
+        return out
     for cidr in sorted(set(want_cache) | set(have_cache)):
         if want_cache.get(cidr) != have_cache.get(cidr):
             have = have_cache.get(cidr, "no entry")

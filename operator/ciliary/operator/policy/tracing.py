@@ -293,7 +293,8 @@ def trace_datapath(
     diffs: list[str] = []
     for node in sorted({d.node for d in directions if d.node in views}):
         involved = [str(s.ip) for s in (src_side, dst_side) if s.node == node]
-        diffs += [f"{node}: {d}" for d in divergence.differences(published[node], views[node], endpoints=involved)]
+        diffs += [f"{node}: {d}" for d in divergence.differences(
+            published[node], views[node], endpoints=involved, peers=[str(src_side.ip), str(dst_side.ip)])]
     for d in directions:
         if d.trace is not None and d.intent is not None and (d.trace.verdict, d.trace.reason) != (
                 d.intent.verdict, d.intent.reason) and not diffs:

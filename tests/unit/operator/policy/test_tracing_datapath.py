@@ -92,3 +92,6 @@ def test_divergence_by_meaning() -> None:
                                ipcache=(intents.IpcacheEntry(cidr="10.0.1.2/32", identity=1009),))
     assert any("ipcache 10.0.1.2/32: identity 1009 in the datapath" in d
                for d in divergence.differences(node("n", server()), moved))
+    assert divergence.differences(node("n", server()), moved, endpoints=["10.0.2.2"], peers=["10.0.1.2"]) == [
+        "10.0.1.2 resolves to identity 1009 in the datapath, 1001 in the intent"]
+    assert divergence.differences(node("n", server()), moved, endpoints=["10.0.2.2"], peers=["10.0.2.2"]) == []
