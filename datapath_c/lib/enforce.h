@@ -4,10 +4,10 @@
  * leaves the pod, the pod is the source), CY_DIR_INGRESS in cy_to_pod (packet
  * enters the pod, the pod is the destination). Order:
  *   0. what the parser cannot read is dropped, never passed (parse.h):
- *      IPv6 other than ND -> CY_DROP_UNSUPPORTED_L3 (there is no IPv6 policy;
- *      both programs run only on pod veths, so this holds for every endpoint,
- *      as an IPv4-only Cilium drops IPv6); a malformed IPv4 header ->
- *      CY_DROP_INVALID_L3 (the stack would discard it too);
+ *      IPv6 other than ND on an enforced direction of the veth's pod
+ *      (cy_ep_ifindex) -> CY_DROP_UNSUPPORTED_L3: there is no IPv6 policy;
+ *      a malformed IPv4 header -> CY_DROP_INVALID_L3 (the stack would discard
+ *      it too, on any endpoint);
  *   1. not IP (ARP, ...), or the pod side is not a known endpoint -> pass (no event);
  *      on an enforced direction, a fragment without L4 header ->
  *      CY_DROP_FRAGMENT (fragments are not tracked) and a truncated L4 header
@@ -25,6 +25,25 @@
 #ifndef CY_ENFORCE_H
 #define CY_ENFORCE_H
 
+/* IPv6 (not ND): dropped when the veth's pod is enforced in this direction. */
+static __always_inline int cy_enforce_ipv6(struct __sk_buff *skb, const struct cy_packet *p, __u8 dir)
+{
+	__u32 ifindex = skb->ifindex;
+	__u32 *pod = cy_ep_ifindex.lookup(&ifindex);
+	struct endpoint_info *ep;
+
+	if (!pod)
+		return TC_ACT_OK;
+	ep = cy_endpoints.lookup(pod);
+	if (!ep || !(ep->flags & (dir == CY_DIR_EGRESS ? CY_EP_EGRESS_ENFORCED : CY_EP_INGRESS_ENFORCED)))
+		return TC_ACT_OK;
+	cy_count(dir, CY_DROP_UNSUPPORTED_L3, p->len);
+	cy_emit(skb, p, dir, CY_VERDICT_DROPPED, CY_DROP_UNSUPPORTED_L3, 0, ep->ep_id,
+		dir == CY_DIR_EGRESS ? ep->identity : 0, dir == CY_DIR_EGRESS ? 0 : ep->identity, 0,
+		bpf_ktime_get_ns());
+	return TC_ACT_SHOT;
+}
+
 static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 {
 	struct cy_packet p = {};
@@ -38,12 +57,14 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 	parsed = cy_parse(skb, &p);
 	if (parsed == CY_PARSE_SKIP || parsed == CY_PARSE_IPV6_ND)
 		return TC_ACT_OK;
-	if (parsed == CY_PARSE_IPV6 || parsed == CY_PARSE_BAD_L3) {
-		reason = parsed == CY_PARSE_IPV6 ? CY_DROP_UNSUPPORTED_L3 : CY_DROP_INVALID_L3;
-		cy_count(dir, reason, p.len);
-		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, 0, 0, 0, 0, bpf_ktime_get_ns());
+	if (parsed == CY_PARSE_BAD_L3) {
+		cy_count(dir, CY_DROP_INVALID_L3, p.len);
+		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, CY_DROP_INVALID_L3, 0, 0, 0, 0, 0,
+			bpf_ktime_get_ns());
 		return TC_ACT_SHOT;
 	}
+	if (parsed == CY_PARSE_IPV6)
+		return cy_enforce_ipv6(skb, &p, dir);
 	pod_addr = dir == CY_DIR_EGRESS ? p.saddr : p.daddr;
 	peer_addr = dir == CY_DIR_EGRESS ? p.daddr : p.saddr;
 	ep = cy_endpoints.lookup(&pod_addr);

@@ -12,7 +12,8 @@
  *     fragment too short to hold the L4 header: no ports to evaluate policy on
  *     (fragments are not tracked; the caller drops them on an enforced direction);
  *   - CY_PARSE_SHORT: an unfragmented packet whose L4 header is truncated;
- *   - CY_PARSE_IPV6: IPv6, which has no policy yet (dropped by the caller),
+ *   - CY_PARSE_IPV6: IPv6, which has no policy yet (dropped by the caller on
+ *     an enforced direction),
  *     except CY_PARSE_IPV6_ND: Neighbor Discovery and router messages (ICMPv6
  *     133-137 right after the fixed header, hop limit 255) that the veth needs.
  *     MLD is not among them: it travels behind a hop-by-hop header, nothing on

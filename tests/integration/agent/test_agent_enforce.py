@@ -163,16 +163,19 @@ class Env:
         self.cc: Client = topo.client(self.c)
         self.revision = 0
 
-    def intent(self, b_in: DirectionPolicy, policies: tuple[intents.PolicyRef, ...] = (POLICY,)) -> int:
+    def intent(self, b_in: DirectionPolicy, policies: tuple[intents.PolicyRef, ...] = (POLICY,),
+               c_out: DirectionPolicy | None = None) -> int:
         self.revision += 1
 
-        def ep(pod: Any, identity: int, ingress: DirectionPolicy) -> intents.EndpointIntent:
+        def ep(pod: Any, identity: int, ingress: DirectionPolicy,
+               egress: DirectionPolicy | None = None) -> intents.EndpointIntent:
             return intents.EndpointIntent(namespace="t", pod=pod.name, ipv4=pod.ip, identity=identity,
-                                          ingress=ingress)
+                                          ingress=ingress, egress=egress or DirectionPolicy())
 
         intent = intents.NodeIntent(
             node=self.agent.node, revision=self.revision,
-            endpoints=(ep(self.a, ID_A, DirectionPolicy()), ep(self.b, ID_B, b_in), ep(self.c, ID_C, DirectionPolicy())),
+            endpoints=(ep(self.a, ID_A, DirectionPolicy()), ep(self.b, ID_B, b_in),
+                       ep(self.c, ID_C, DirectionPolicy(), c_out)),
             ipcache=tuple(intents.IpcacheEntry(cidr=f"{p.ip}/32", identity=i)
                           for p, i in ((self.a, ID_A), (self.b, ID_B), (self.c, ID_C))),
             identity_labels={ID_A: ("k8s:app=a", "k8s:io.kubernetes.pod.namespace=t"),
@@ -332,8 +335,9 @@ def test_policy_get_and_trace_read_the_datapath_and_say_when_it_differs_from_the
 
 
 def test_parser_drops_show_in_the_flow_api_and_ciliary_observe(env: Env) -> None:
-    """A non-first fragment into an enforced pod and an IPv6 packet are dropped with their reasons."""
-    env.wait_applied(env.intent(allow_from(ID_A)))
+    """A non-first fragment into an enforced pod and IPv6 from one are dropped with their reasons."""
+    allow_all = DirectionPolicy(enforced=True, entries=(PolicyEntry(identity=0, verdict=Verdict.ALLOW),))
+    env.wait_applied(env.intent(allow_from(ID_A), c_out=allow_all))
     gateway = mac_of(env.topo.node_ns, env.c.host_ifname)
     pod_mac = mac_of(env.c.netns, "eth0")
     send_raw(env.c.netns, "eth0", frame(env.c.ip, env.b.ip, 17, l4=b"", payload=b"f" * 80, frag=64,
@@ -351,6 +355,7 @@ def test_parser_drops_show_in_the_flow_api_and_ciliary_observe(env: Env) -> None
     v6 = env.agent.flows("last=200&verdict=DROPPED&protocol=ICMPv6")
     assert any(f["src"]["ip"] == "fd00::c" and f["dst"]["ip"] == "fd00::b" and f["drop_reason"] == "UNSUPPORTED_L3"
                for f in v6), v6
+    env.wait_applied(env.intent(allow_from(ID_A)))
 
 
 def test_kill_9_keeps_enforcing_reports_expire_and_restart_adopts(env: Env) -> None:

@@ -149,39 +149,38 @@ def test_fragments_and_truncated_l4_pass_an_unenforced_direction_malformed_l3_ne
         assert env.runner.run("to_pod", packet) == expected, name
 
 
-def test_ipv6_is_dropped_except_neighbor_discovery(env: Env) -> None:
-    env.apply()  # not even enforced: there is no IPv6 policy, so no IPv6 passes a pod's veth
-    a6, b6 = env.topo.ip6(env.a), env.topo.ip6(env.b)
-    for nd in (133, 134, 135, 136, 137):
-        packet = frame6(a6, "ff02::1", 58, icmp6(nd), hop_limit=255)
-        assert env.runner.run("from_pod", packet) == TC_ACT_OK, nd
-        assert env.runner.run("to_pod", packet) == TC_ACT_OK, nd
-    dropped = {
-        "echo request": frame6(a6, b6, 58, icmp6(128)),
-        "neighbor solicitation with hop limit 64": frame6(a6, b6, 58, icmp6(135), hop_limit=64),
-        "MLD report behind a hop-by-hop header": frame6(a6, "ff02::16", 0, b"\x3a\x00" + b"\0" * 6 + icmp6(143),
-                                                        hop_limit=1),
-        "TCP": frame6(a6, b6, TCP, l4_header(TCP, 40000, 80)),
-        "UDP": frame6(a6, b6, UDP, l4_header(UDP, 40000, 53)),
-    }
-    for hook, direction in (("from_pod", "egress"), ("to_pod", "ingress")):
-        for name, packet in dropped.items():
-            before = counters_of(env, direction)[R.DROP_UNSUPPORTED_L3]
-            assert env.runner.run(hook, packet) == TC_ACT_SHOT, f"{hook}: {name}"
-            assert counters_of(env, direction)[R.DROP_UNSUPPORTED_L3] == before + 1, name
+def test_arp_passes(env: Env) -> None:
+    env.apply(a_out=ALLOW_ALL, b_in=ALLOW_ALL)
     arp = b"\xff" * 6 + bytes(6) + b"\x08\x06" + bytes(28)
     assert env.runner.run("from_pod", arp) == TC_ACT_OK
+    assert env.runner.run("to_pod", arp) == TC_ACT_OK
 
 
 # ---------------------------------------------------------------- real traffic
 
 
-def test_ipv6_ping_between_pods_fails_with_unsupported_l3_while_nd_works(env: Env) -> None:
-    env.apply()
+def ping6(env: Env, target: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", env.a.netns, "ping", "-6", "-c", "2", "-i", "0.3", "-W", "1",
+                           target], capture_output=True, text=True, timeout=30)
+
+
+def test_ipv6_between_unenforced_pods_passes(env: Env) -> None:
+    env.apply()  # no policy selects either pod: nothing is enforced, IPv6 included
+    ping = ping6(env, env.topo.ip6(env.b))
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+
+
+@pytest.mark.parametrize("enforced", ["ingress of the destination", "egress of the source"])
+def test_ipv6_ping_to_or_from_an_enforced_pod_fails_with_unsupported_l3_while_nd_works(env: Env, enforced: str
+                                                                                      ) -> None:
+    if enforced.startswith("ingress"):
+        env.apply(b_in=ALLOW_ALL)  # IPv4 from anyone is allowed; IPv6 has no policy and is dropped
+    else:
+        env.apply(a_out=ALLOW_ALL)
+    subprocess.run(["ip", "-n", env.a.netns, "-6", "neigh", "flush", "dev", "eth0"], check=True, timeout=10)
     env.drain()
     a6, b6 = env.topo.ip6(env.a), env.topo.ip6(env.b)
-    ping = subprocess.run(["ip", "netns", "exec", env.a.netns, "ping", "-6", "-c", "2", "-i", "0.3", "-W", "1", b6],
-                          capture_output=True, text=True, timeout=30)
+    ping = ping6(env, b6)
     assert ping.returncode != 0, ping.stdout
     # ND to the gateway went through both programs: the pod resolved fe80::1's link-layer address
     neigh = subprocess.run(["ip", "-n", env.a.netns, "-6", "neigh", "show", "fe80::1", "dev", "eth0"],
@@ -190,8 +189,39 @@ def test_ipv6_ping_between_pods_fails_with_unsupported_l3_while_nd_works(env: En
     drops = [e for e in env.events(R.DROP_UNSUPPORTED_L3) if e.src == IPv6Address(a6)]
     assert drops, "no UNSUPPORTED_L3 flow event"
     event = drops[0]
-    assert event.dst == IPv6Address(b6) and event.verdict == "dropped" and event.direction == "egress"
+    assert event.dst == IPv6Address(b6) and event.verdict == "dropped"
     assert event.protocol == 58 and event.sport == 128  # ICMPv6 echo request
+    if enforced.startswith("ingress"):
+        assert event.direction == "ingress" and event.dst_identity == ID_B
+    else:
+        assert event.direction == "egress" and event.src_identity == ID_A
+
+
+def test_only_neighbor_discovery_passes_an_enforced_pod(env: Env) -> None:
+    env.apply(a_out=ALLOW_ALL)
+    gateway = mac_of(env.topo.node_ns, env.a.host_ifname)
+    pod_mac = mac_of(env.a.netns, "eth0")
+    a6, b6 = env.topo.ip6(env.a), env.topo.ip6(env.b)
+
+    def dropped_after(packet: bytes) -> int:
+        before = counters_of(env, "egress")[R.DROP_UNSUPPORTED_L3]
+        send_raw(env.a.netns, "eth0", packet)
+        Topology.wait_until(lambda: counters_of(env, "egress")[R.DROP_UNSUPPORTED_L3] > before, 1.0)
+        return counters_of(env, "egress")[R.DROP_UNSUPPORTED_L3] - before
+
+    kw = {"dst_mac": gateway, "src_mac": pod_mac}
+    dropped = {
+        "echo request": frame6(a6, b6, 58, icmp6(128), **kw),
+        "neighbor solicitation with hop limit 64": frame6(a6, b6, 58, icmp6(135), hop_limit=64, **kw),
+        "MLD report behind a hop-by-hop header": frame6(a6, "ff02::16", 0, b"\x3a\x00" + b"\0" * 6 + icmp6(143),
+                                                        hop_limit=1, **kw),
+        "TCP": frame6(a6, b6, TCP, l4_header(TCP, 40000, 80), **kw),
+        "UDP": frame6(a6, b6, UDP, l4_header(UDP, 40000, 53), **kw),
+    }
+    for name, packet in dropped.items():
+        assert dropped_after(packet) == 1, name
+    for nd in (133, 134, 135, 136, 137):
+        assert dropped_after(frame6(a6, "ff02::1", 58, icmp6(nd), hop_limit=255, **kw)) == 0, nd
 
 
 def test_fragment_and_bad_ihl_from_a_pod_are_dropped(env: Env) -> None:

@@ -158,7 +158,8 @@ def test_a_clear_deny_flag_skips_the_deny_map() -> None:
 
 def single_writes(state: DatapathState, plan: planning.Plan) -> Iterator[DatapathState]:
     """Each state the kernel holds while the engine writes ``plan`` in planning.write_order."""
-    current = {name: dict(getattr(state, name)) for name in ("ipcache", "endpoints", "policy", "policy_deny")}
+    current = {name: dict(getattr(state, name))
+               for name in ("ipcache", "endpoints", "policy", "policy_deny", "ep_ifindex")}
     for name, kind, diff in planning.write_order(plan):
         contents = current[name]
         for key in (diff.upserts if kind == "upserts" else diff.deletes):
@@ -167,7 +168,8 @@ def single_writes(state: DatapathState, plan: planning.Plan) -> Iterator[Datapat
             else:
                 del contents[key]
             yield DatapathState(ipcache=dict(current["ipcache"]), endpoints=dict(current["endpoints"]),
-                                policy=dict(current["policy"]), policy_deny=dict(current["policy_deny"]))
+                                policy=dict(current["policy"]), policy_deny=dict(current["policy_deny"]),
+                                ep_ifindex=dict(current["ep_ifindex"]))
 
 
 SMALL_ENTRIES = st.builds(

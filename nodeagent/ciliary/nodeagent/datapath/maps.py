@@ -44,6 +44,16 @@ class EndpointInfoC(ct.Structure):
                 ("ifindex", ct.c_uint32)]
 
 
+class IfindexKeyC(ct.Structure):
+    _fields_ = [("ifindex", ct.c_uint32)]
+
+
+class PodAddrC(ct.Structure):
+    """cy_ep_ifindex value: a pod's IPv4 (network order), a cy_endpoints key."""
+
+    _fields_ = [("addr", ct.c_uint32)]
+
+
 class PolicyKeyC(ct.Structure):
     _fields_ = [("prefixlen", ct.c_uint32), ("ep_id", ct.c_uint32), ("identity", ct.c_uint32),
                 ("direction", ct.c_uint8), ("protocol", ct.c_uint8), ("dport", ct.c_uint16)]
@@ -169,6 +179,11 @@ ENDPOINTS: Codec[IPv4Address, planning.EndpointValue] = Codec(
     lambda ip: EndpointKeyC(addr_to_u32(ip)), lambda c: u32_to_addr(c.addr),
     lambda v: EndpointInfoC(v.ep_id, v.identity, v.flags, v.ifindex),
     lambda c: planning.EndpointValue(c.ep_id, c.identity, c.flags, c.ifindex))
+
+
+EP_IFINDEX: Codec[int, IPv4Address] = Codec(
+    "cy_ep_ifindex", IfindexKeyC, PodAddrC, lambda i: IfindexKeyC(i), lambda c: int(c.ifindex),
+    lambda ip: PodAddrC(addr_to_u32(ip)), lambda c: u32_to_addr(c.addr))
 
 
 def _policy_codec(name: str) -> Codec[planning.PolicyKey, planning.PolicyValue]:

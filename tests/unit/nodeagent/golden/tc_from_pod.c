@@ -259,6 +259,12 @@ BPF_TABLE_PINNED("lpm_trie", struct ipcache_key, struct ipcache_value, cy_ipcach
 BPF_TABLE_PINNED("hash", __u32, struct endpoint_info, cy_endpoints,
 		 CY_ENDPOINTS_MAX, CY_PIN_DIR "/cy_endpoints");
 
+/* cy_ep_ifindex: the pod behind each host veth.
+ * key __u32 ifindex of the host-side veth, value __u32 the pod's IPv4 (network
+ * order, a cy_endpoints key), CY_ENDPOINTS_MAX. An IPv6 packet has no IPv4
+ * address to find its endpoint by: the veth it crosses names the pod. */
+BPF_TABLE_PINNED("hash", __u32, __u32, cy_ep_ifindex, CY_ENDPOINTS_MAX, CY_PIN_DIR "/cy_ep_ifindex");
+
 /* cy_policy: allow entries of every endpoint and direction.
  * key policy_key (LPM: port ranges are stored as prefix blocks), value
  * policy_value, CY_POLICY_MAX entries (one per block). See lib/policy.h. */
@@ -317,7 +323,8 @@ struct cy_events_table_t cy_events = { .max_entries = CY_EVENTS_PAGES * 4096 };
  *     fragment too short to hold the L4 header: no ports to evaluate policy on
  *     (fragments are not tracked; the caller drops them on an enforced direction);
  *   - CY_PARSE_SHORT: an unfragmented packet whose L4 header is truncated;
- *   - CY_PARSE_IPV6: IPv6, which has no policy yet (dropped by the caller),
+ *   - CY_PARSE_IPV6: IPv6, which has no policy yet (dropped by the caller on
+ *     an enforced direction),
  *     except CY_PARSE_IPV6_ND: Neighbor Discovery and router messages (ICMPv6
  *     133-137 right after the fixed header, hop limit 255) that the veth needs.
  *     MLD is not among them: it travels behind a hop-by-hop header, nothing on
@@ -789,10 +796,10 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, __u8 dir, __u3
  * leaves the pod, the pod is the source), CY_DIR_INGRESS in cy_to_pod (packet
  * enters the pod, the pod is the destination). Order:
  *   0. what the parser cannot read is dropped, never passed (parse.h):
- *      IPv6 other than ND -> CY_DROP_UNSUPPORTED_L3 (there is no IPv6 policy;
- *      both programs run only on pod veths, so this holds for every endpoint,
- *      as an IPv4-only Cilium drops IPv6); a malformed IPv4 header ->
- *      CY_DROP_INVALID_L3 (the stack would discard it too);
+ *      IPv6 other than ND on an enforced direction of the veth's pod
+ *      (cy_ep_ifindex) -> CY_DROP_UNSUPPORTED_L3: there is no IPv6 policy;
+ *      a malformed IPv4 header -> CY_DROP_INVALID_L3 (the stack would discard
+ *      it too, on any endpoint);
  *   1. not IP (ARP, ...), or the pod side is not a known endpoint -> pass (no event);
  *      on an enforced direction, a fragment without L4 header ->
  *      CY_DROP_FRAGMENT (fragments are not tracked) and a truncated L4 header
@@ -810,6 +817,25 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, __u8 dir, __u3
 #ifndef CY_ENFORCE_H
 #define CY_ENFORCE_H
 
+/* IPv6 (not ND): dropped when the veth's pod is enforced in this direction. */
+static __always_inline int cy_enforce_ipv6(struct __sk_buff *skb, const struct cy_packet *p, __u8 dir)
+{
+	__u32 ifindex = skb->ifindex;
+	__u32 *pod = cy_ep_ifindex.lookup(&ifindex);
+	struct endpoint_info *ep;
+
+	if (!pod)
+		return TC_ACT_OK;
+	ep = cy_endpoints.lookup(pod);
+	if (!ep || !(ep->flags & (dir == CY_DIR_EGRESS ? CY_EP_EGRESS_ENFORCED : CY_EP_INGRESS_ENFORCED)))
+		return TC_ACT_OK;
+	cy_count(dir, CY_DROP_UNSUPPORTED_L3, p->len);
+	cy_emit(skb, p, dir, CY_VERDICT_DROPPED, CY_DROP_UNSUPPORTED_L3, 0, ep->ep_id,
+		dir == CY_DIR_EGRESS ? ep->identity : 0, dir == CY_DIR_EGRESS ? 0 : ep->identity, 0,
+		bpf_ktime_get_ns());
+	return TC_ACT_SHOT;
+}
+
 static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 {
 	struct cy_packet p = {};
@@ -823,12 +849,14 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 	parsed = cy_parse(skb, &p);
 	if (parsed == CY_PARSE_SKIP || parsed == CY_PARSE_IPV6_ND)
 		return TC_ACT_OK;
-	if (parsed == CY_PARSE_IPV6 || parsed == CY_PARSE_BAD_L3) {
-		reason = parsed == CY_PARSE_IPV6 ? CY_DROP_UNSUPPORTED_L3 : CY_DROP_INVALID_L3;
-		cy_count(dir, reason, p.len);
-		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, 0, 0, 0, 0, bpf_ktime_get_ns());
+	if (parsed == CY_PARSE_BAD_L3) {
+		cy_count(dir, CY_DROP_INVALID_L3, p.len);
+		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, CY_DROP_INVALID_L3, 0, 0, 0, 0, 0,
+			bpf_ktime_get_ns());
 		return TC_ACT_SHOT;
 	}
+	if (parsed == CY_PARSE_IPV6)
+		return cy_enforce_ipv6(skb, &p, dir);
 	pod_addr = dir == CY_DIR_EGRESS ? p.saddr : p.daddr;
 	peer_addr = dir == CY_DIR_EGRESS ? p.daddr : p.saddr;
 	ep = cy_endpoints.lookup(&pod_addr);
