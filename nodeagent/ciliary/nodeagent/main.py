@@ -32,6 +32,7 @@ from typing import Any
 from aiohttp import web
 
 from ciliary.nodeagent import (
+    datapath_api,
     endpoint_api,
     endpoints,
     enforcing,
@@ -171,7 +172,10 @@ class Agent:
             runners.append(await health.start(
                 health.HealthSources(self.config.node_name, self.registration, self.registry,
                                      enforcement=self.health_view),
-                self.config.health_host, self.config.health_port, routes=[flowapi.add_routes(self.flows), self._routes],
+                self.config.health_host, self.config.health_port,
+                routes=[flowapi.add_routes(self.flows), self._routes,
+                        datapath_api.add_routes(self.config.node_name, self.enforcer,
+                                                getattr(self, "datapath", None), self.registry)],
             ))
             reg_task = asyncio.create_task(self.registration.run(self.stop), name="registration")
             if self.config.direct_status and self.reporter is not None:

@@ -172,9 +172,15 @@ def entry_port_range(entry: intents.PolicyEntry) -> tuple[int, int]:
 
 def entry_keys(ep_id: int, direction: MapDirection, entry: intents.PolicyEntry) -> tuple[PolicyKey, ...]:
     low, high = entry_port_range(entry)
+    if entry.protocol is intents.Protocol.ICMP and entry.icmp_type == 0:
+        # ICMP type 0 (echo reply) is one exact "port" 0, not the (0, 0) of "any port"
+        # (the differential test found this widening: a type-0 entry allowed every type)
+        blocks: tuple[tuple[int, int], ...] = ((0, PORT_BITS),)
+    else:
+        blocks = port_blocks(low, high)
     return tuple(
         PolicyKey(ep_id, direction, entry.identity, int(entry.protocol), start, bits)
-        for start, bits in port_blocks(low, high)
+        for start, bits in blocks
     )
 
 
@@ -247,6 +253,8 @@ class DatapathState:
     endpoints: Mapping[IPv4Address, EndpointValue] = dataclasses.field(default_factory=dict)
     policy: Mapping[PolicyKey, PolicyValue] = dataclasses.field(default_factory=dict)
     policy_deny: Mapping[PolicyKey, PolicyValue] = dataclasses.field(default_factory=dict)
+    ep_ifindex: Mapping[int, IPv4Address] = dataclasses.field(default_factory=dict)
+    """cy_ep_ifindex: host veth ifindex -> the pod behind it (how IPv6 finds its endpoint)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,11 +281,14 @@ class Plan:
     """Endpoint id of every programmed endpoint (kept from observed state when known)."""
     unplaced: tuple[IPv4Address, ...]
     """Endpoints of the intent with no local veth yet (nothing to enforce them on)."""
+    ep_ifindex: MapDiff[int, IPv4Address] = dataclasses.field(default_factory=MapDiff)
+    """cy_ep_ifindex: the veth of every programmed endpoint."""
 
     @property
     def map_writes(self) -> int:
         return (len(self.ipcache) + len(self.endpoints) + len(self.policy) + len(self.policy_deny)
-                + len(self.raise_deny_flags) + len(self.lower_deny_flags) + len(self.stamps))
+                + len(self.raise_deny_flags) + len(self.lower_deny_flags) + len(self.ep_ifindex)
+                + len(self.stamps))
 
     @property
     def empty(self) -> bool:
@@ -395,10 +406,11 @@ def plan(desired: intents.NodeIntent, observed: DatapathState, *, programs: Mapp
         detach=tuple(detach),
         endpoint_ids=ids,
         unplaced=tuple(sorted(intent_ips - set(placed))),
+        ep_ifindex=diff_map(observed.ep_ifindex, {value.ifindex: ip for ip, value in endpoints.items()}),
     )
 
 
-MapName = Literal["ipcache", "endpoints", "policy", "policy_deny"]
+MapName = Literal["ipcache", "endpoints", "policy", "policy_deny", "ep_ifindex"]
 """A map of the plan, named as the :class:`DatapathState` field holding its contents."""
 WriteStep = tuple[MapName, Literal["upserts", "deletes"], MapDiff[Any, Any]]
 
@@ -418,7 +430,9 @@ def write_order(p: Plan) -> tuple[WriteStep, ...]:
        new endpoint gets its flag with its first write, after its entries; a removed one
        is deleted before its entries.) A set flag without entries costs four missing
        lookups; a clear flag with entries would pass a denied packet that an allow covers;
-    4. each endpoint's ``revision`` is written last (the stamps): an endpoint that shows
+    4. cy_ep_ifindex (veth -> pod) follows the endpoints: a veth whose pod is not (or no
+       longer) in cy_endpoints passes IPv6 as an unknown endpoint passes IPv4;
+    5. each endpoint's ``revision`` is written last (the stamps): an endpoint that shows
        revision N in the kernel has every write of revision N done, which is what the
        reporter reads back before it says a policy is enforcing.
     """
@@ -428,7 +442,9 @@ def write_order(p: Plan) -> tuple[WriteStep, ...]:
         ("policy_deny", "upserts", p.policy_deny),
         ("policy", "upserts", p.policy),
         ("endpoints", "upserts", p.endpoints),
+        ("ep_ifindex", "upserts", p.ep_ifindex),
         ("endpoints", "deletes", p.endpoints),
+        ("ep_ifindex", "deletes", p.ep_ifindex),
         ("policy", "deletes", p.policy),
         ("policy_deny", "deletes", p.policy_deny),
         ("endpoints", "upserts", p.lower_deny_flags),

@@ -40,7 +40,7 @@ def applied(desired: intents.NodeIntent, veths: dict[IPv4Address, HostVeth]) -> 
     p = planning.plan(desired, DatapathState(), programs=PROGRAMS, veths=veths)
     return DatapathState(programs=PROGRAMS, attachments=frozenset(p.attach), ipcache=dict(p.ipcache.upserts),
                          endpoints={**p.endpoints.upserts, **p.stamps.upserts}, policy=dict(p.policy.upserts),
-                         policy_deny=dict(p.policy_deny.upserts))
+                         policy_deny=dict(p.policy_deny.upserts), ep_ifindex=dict(p.ep_ifindex.upserts))
 
 
 def test_empty_node_gets_everything() -> None:
