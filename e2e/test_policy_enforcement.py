@@ -520,17 +520,33 @@ spec:
                   http(REMOTE, SERVER)],
           diagnose=lambda: policies.diagnose([http(CLIENT, SERVER, 8080), http(OTHER, LOCAL)]))
 
-    # the trace names the deny rule that decided
+    # the trace evaluates what node-2's datapath holds (read by its agent) and names the deny rule
     out = trace(lab, OTHER, SERVER, "80/tcp", "-o", "json")
     assert out.returncode == 0, out.stderr
     explained = json.loads(out.stdout)
-    assert explained["verdict"] == "DENIED", out.stdout
+    assert explained["verdict"] == "DENIED" and explained["source"] == "datapath", out.stdout
+    assert explained["differences"] == [] and explained["intentVerdict"] == "DENIED", out.stdout
     ingress = next(d for d in explained["directions"] if d["direction"] == "ingress")
     assert ingress["verdict"] == "DENIED" and ingress["node"] == "node-2", out.stdout
+    assert ingress["source"] == "datapath" and ingress["reason"] == "denied-by-rule", out.stdout
     rules = ingress["rules"]
     assert any(r.get("name") == "deny-wins" and r.get("namespace") == NS_A for r in rules), out.stdout
     text = trace(lab, OTHER, SERVER, "80/tcp").stdout
-    assert "DENIED" in text and "deny-wins" in text, text
+    assert text.startswith("DENIED (from the datapath of node-1, node-2)") and "deny-wins" in text, text
+    assert "WARNING" not in text, text
+    allowed = json.loads(trace(lab, CLIENT, SERVER, "8081/tcp", "-o", "json").stdout)
+    assert allowed["verdict"] == "ALLOWED" and allowed["differences"] == [], allowed
+
+    # `policy get` shows node-2's maps: the server's ingress is enforced and holds the deny entries
+    got = lab.ciliary("policy", "get", "--node", "node-2", "-o", "json", "--etcd-endpoints",
+                      lab.lab.ports().etcd_endpoint)
+    assert got.returncode == 0, got.stderr
+    held = json.loads(got.stdout)
+    assert held["source"] == "datapath" and held["differences"] == [], got.stdout[:3000]
+    served = next(e for e in held["endpoints"] if e["pod"] == "server" and e["namespace"] == NS_A)
+    assert served["ingress"]["enforced"], served
+    denies = [e for e in served["ingress"]["entries"] if e["verdict"] == "deny"]
+    assert any(any(r["name"] == "deny-wins" for r in e["rules"]) for e in denies), served
 
     # the datapath reported the drop: node-2's flow API (and `ciliary observe`, once it exists)
     other_ip, server_ip = pods.ip(OTHER), pods.ip(SERVER)

@@ -44,6 +44,7 @@ spec: {nodeName: node-3, containers: [{name: c, image: lab}]}
 
 RULE1 = (ROOT / "crds" / "examples" / "starwars-rule1.yaml").read_text()
 INVALID = (ROOT / "crds" / "invalid" / "l7-on-udp.yaml").read_text()
+HTTP_L7 = (ROOT / "crds" / "examples" / "http-l7.yaml").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +103,34 @@ def test_invalid_policy_shows_its_error(lab3):
     assert "http rules need protocol TCP, not UDP" in condition(st, "Valid")["message"]
     assert condition(st, "Enforced").get("status") != "True"
     lab3.kubectl("delete", "cnp", "l7-on-udp")
+
+
+def test_l7_policy_is_partially_enforced_never_true_and_says_so(lab3):
+    """HTTP rules are not enforced (no proxy): L3/L4 in force on every node, Enforced=False/PartiallyEnforced
+    naming the field, a Warning Event, and a request the HTTP rules would refuse is answered (no 403)."""
+    lab3.apply(HTTP_L7)
+    st = wait_status(lab3, "http-l7", lambda s: condition(s, "Enforced").get("reason") == "PartiallyEnforced"
+                     and s.get("enforcement") == "2/2 nodes", 60, "Enforced=False, PartiallyEnforced on 2/2 nodes")
+    enforced = condition(st, "Enforced")
+    assert enforced["status"] == "False" and enforced["observedGeneration"] == 1
+    assert "spec.ingress[0].toPorts[0].rules.http" in enforced["message"], enforced
+    assert "none is answered 403" in enforced["message"], enforced
+    assert condition(st, "Valid")["status"] == "True"
+    assert all(e["ok"] and e["enforcing"] for e in st["nodes"].values()), st["nodes"]  # the L3/L4 part
+    deadline = time.monotonic() + 30
+    events: list[dict] = []
+    while time.monotonic() < deadline:
+        events = [e for e in lab3.events("http-l7") if e.get("reason") == "PolicyPartiallyEnforced"]
+        if events:
+            break
+        time.sleep(0.5)
+    assert events, lab3.events("http-l7")
+    assert events[0]["type"] == "Warning" and "rules.http" in events[0]["message"]
+    assert events[0]["involvedObject"]["kind"] == "CiliumNetworkPolicy"
+    # nothing filters HTTP: a GET of / (which the rules would refuse) from an empire pod is answered
+    ip = json.loads(lab3.kubectl("get", "pod", "deathstar-1", "-o", "json").stdout)["status"]["podIP"]
+    assert lab3.probe("http", ip, 80, pod="deathstar-2", timeout=3).returncode == 0
+    lab3.kubectl("delete", "cnp", "http-l7")
 
 
 def test_agent_killed_and_not_restarted_turns_its_entry_stale(lab3):

@@ -72,10 +72,17 @@
 #define CY_PROTO_UDP 17
 #define CY_PROTO_SCTP 132
 
+#define CY_PROTO_ICMPV6 58
+
+/* ICMPv6 types the veth needs (router solicitation .. redirect): never dropped. */
+#define CY_ICMPV6_ND_FIRST 133
+#define CY_ICMPV6_ND_LAST 137
+
 #define CY_ICMP_ECHO_REPLY 0
 #define CY_ICMP_ECHO_REQUEST 8
 
 #define CY_ETH_P_IP 0x0800
+#define CY_ETH_P_IPV6 0x86DD
 #define CY_IP_MF 0x2000
 #define CY_IP_OFFSET 0x1FFF
 

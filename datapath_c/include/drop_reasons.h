@@ -13,7 +13,10 @@
 #define CY_DROP_POLICY_DENY 4 /* dropped: a deny entry matched (deny beats allow) */
 #define CY_DROP_POLICY 5     /* dropped: enforced and no allow entry matched (default deny) */
 #define CY_DROP_INVALID 6    /* dropped: L4 header truncated on an enforced endpoint */
+#define CY_DROP_FRAGMENT 7   /* dropped: IPv4 fragment without L4 header on an enforced endpoint */
+#define CY_DROP_INVALID_L3 8 /* dropped: IPv4 header shorter than 20 bytes (ihl < 5, truncated) */
+#define CY_DROP_UNSUPPORTED_L3 9 /* dropped: IPv6 (no IPv6 policy yet) other than ND */
 
-#define CY_REASON_MAX 8
+#define CY_REASON_MAX 16
 
 #endif /* CY_DROP_REASONS_H */

@@ -24,6 +24,12 @@ BPF_TABLE_PINNED("lpm_trie", struct ipcache_key, struct ipcache_value, cy_ipcach
 BPF_TABLE_PINNED("hash", __u32, struct endpoint_info, cy_endpoints,
 		 CY_ENDPOINTS_MAX, CY_PIN_DIR "/cy_endpoints");
 
+/* cy_ep_ifindex: the pod behind each host veth.
+ * key __u32 ifindex of the host-side veth, value __u32 the pod's IPv4 (network
+ * order, a cy_endpoints key), CY_ENDPOINTS_MAX. An IPv6 packet has no IPv4
+ * address to find its endpoint by: the veth it crosses names the pod. */
+BPF_TABLE_PINNED("hash", __u32, __u32, cy_ep_ifindex, CY_ENDPOINTS_MAX, CY_PIN_DIR "/cy_ep_ifindex");
+
 /* cy_policy: allow entries of every endpoint and direction.
  * key policy_key (LPM: port ranges are stored as prefix blocks), value
  * policy_value, CY_POLICY_MAX entries (one per block). See lib/policy.h. */

@@ -25,6 +25,8 @@ struct endpoint_info {
 	__u32 identity; /* security identity of the pod */
 	__u32 flags;    /* CY_EP_*_ENFORCED, CY_EP_*_DENY */
 	__u32 ifindex;  /* host-side veth in the node netns (diagnostics) */
+	__u32 revision; /* intent revision (mod 2^32) whose writes are all done; the
+			 * agent reads it back to report a policy enforcing */
 };
 
 /* cy_policy / cy_policy_deny key: LPM trie. prefixlen counts bits of the
@@ -81,13 +83,16 @@ struct flow_event {
 	__u8 reason;     /* drop_reasons.h */
 	__u8 direction;  /* CY_DIR_* */
 	__u8 is_reply;
-	__u16 pad;
+	__u8 family;     /* 4 or 6 */
+	__u8 pad;
 	__u32 ep_id;
 	__u32 src_identity;
 	__u32 dst_identity;
 	__u32 cookie;
 	__u32 ifindex;
 	__u32 len;
+	__u32 saddr6[4]; /* family 6 only (saddr, daddr are then 0) */
+	__u32 daddr6[4];
 };
 
 #endif /* CY_TYPES_H */

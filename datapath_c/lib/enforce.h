@@ -3,7 +3,15 @@
  * dir is the pod's policy direction: CY_DIR_EGRESS in cy_from_pod (packet
  * leaves the pod, the pod is the source), CY_DIR_INGRESS in cy_to_pod (packet
  * enters the pod, the pod is the destination). Order:
- *   1. not IPv4, or the pod side is not a known endpoint -> pass (no event);
+ *   0. what the parser cannot read is dropped, never passed (parse.h):
+ *      IPv6 other than ND on an enforced direction of the veth's pod
+ *      (cy_ep_ifindex) -> CY_DROP_UNSUPPORTED_L3: there is no IPv6 policy;
+ *      a malformed IPv4 header -> CY_DROP_INVALID_L3 (the stack would discard
+ *      it too, on any endpoint);
+ *   1. not IP (ARP, ...), or the pod side is not a known endpoint -> pass (no event);
+ *      on an enforced direction, a fragment without L4 header ->
+ *      CY_DROP_FRAGMENT (fragments are not tracked) and a truncated L4 header
+ *      -> CY_DROP_INVALID; on an unenforced one they pass;
  *   2. reply of a tracked connection -> pass (CY_OK_REPLY);
  *   3. direction not enforced -> pass (CY_OK_UNENFORCED);
  *   4. policy.h verdict: deny entry -> drop, allow entry -> pass, else drop
@@ -17,6 +25,25 @@
 #ifndef CY_ENFORCE_H
 #define CY_ENFORCE_H
 
+/* IPv6 (not ND): dropped when the veth's pod is enforced in this direction. */
+static __always_inline int cy_enforce_ipv6(struct __sk_buff *skb, const struct cy_packet *p, __u8 dir)
+{
+	__u32 ifindex = skb->ifindex;
+	__u32 *pod = cy_ep_ifindex.lookup(&ifindex);
+	struct endpoint_info *ep;
+
+	if (!pod)
+		return TC_ACT_OK;
+	ep = cy_endpoints.lookup(pod);
+	if (!ep || !(ep->flags & (dir == CY_DIR_EGRESS ? CY_EP_EGRESS_ENFORCED : CY_EP_INGRESS_ENFORCED)))
+		return TC_ACT_OK;
+	cy_count(dir, CY_DROP_UNSUPPORTED_L3, p->len);
+	cy_emit(skb, p, dir, CY_VERDICT_DROPPED, CY_DROP_UNSUPPORTED_L3, 0, ep->ep_id,
+		dir == CY_DIR_EGRESS ? ep->identity : 0, dir == CY_DIR_EGRESS ? 0 : ep->identity, 0,
+		bpf_ktime_get_ns());
+	return TC_ACT_SHOT;
+}
+
 static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 {
 	struct cy_packet p = {};
@@ -28,8 +55,16 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 	int parsed, is_new;
 
 	parsed = cy_parse(skb, &p);
-	if (parsed == CY_PARSE_SKIP)
+	if (parsed == CY_PARSE_SKIP || parsed == CY_PARSE_IPV6_ND)
 		return TC_ACT_OK;
+	if (parsed == CY_PARSE_BAD_L3) {
+		cy_count(dir, CY_DROP_INVALID_L3, p.len);
+		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, CY_DROP_INVALID_L3, 0, 0, 0, 0, 0,
+			bpf_ktime_get_ns());
+		return TC_ACT_SHOT;
+	}
+	if (parsed == CY_PARSE_IPV6)
+		return cy_enforce_ipv6(skb, &p, dir);
 	pod_addr = dir == CY_DIR_EGRESS ? p.saddr : p.daddr;
 	peer_addr = dir == CY_DIR_EGRESS ? p.daddr : p.saddr;
 	ep = cy_endpoints.lookup(&pod_addr);
@@ -43,13 +78,14 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 #define CY_SRC_ID (dir == CY_DIR_EGRESS ? ep->identity : peer_id)
 #define CY_DST_ID (dir == CY_DIR_EGRESS ? peer_id : ep->identity)
 
-	if (parsed == CY_PARSE_SHORT) {
+	if (parsed == CY_PARSE_SHORT || parsed == CY_PARSE_FRAGMENT) {
 		if (!enforced)
 			return TC_ACT_OK;
+		reason = parsed == CY_PARSE_SHORT ? CY_DROP_INVALID : CY_DROP_FRAGMENT;
 		peer_id = cy_identity_of(peer_addr);
-		cy_count(dir, CY_DROP_INVALID, p.len);
-		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, CY_DROP_INVALID, 0, ep->ep_id,
-			CY_SRC_ID, CY_DST_ID, 0, now);
+		cy_count(dir, reason, p.len);
+		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID,
+			CY_DST_ID, 0, now);
 		return TC_ACT_SHOT;
 	}
 

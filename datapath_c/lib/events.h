@@ -17,7 +17,7 @@ static __always_inline void cy_emit(struct __sk_buff *skb, const struct cy_packe
 	ev.daddr = p->daddr;
 	ev.sport = p->sport;
 	ev.dport = p->dport;
-	if (p->protocol == CY_PROTO_ICMP) {
+	if (p->protocol == CY_PROTO_ICMP || (p->family == 6 && p->protocol == CY_PROTO_ICMPV6)) {
 		ev.sport = p->icmp_type;
 		ev.dport = 0;
 	}
@@ -33,6 +33,11 @@ static __always_inline void cy_emit(struct __sk_buff *skb, const struct cy_packe
 	ev.cookie = cookie;
 	ev.ifindex = skb->ifindex;
 	ev.len = p->len;
+	ev.family = p->family;
+	if (p->family == 6) {
+		__builtin_memcpy(ev.saddr6, p->saddr6, 16);
+		__builtin_memcpy(ev.daddr6, p->daddr6, 16);
+	}
 	if (cy_events.ringbuf_output(&ev, sizeof(ev), 0) != 0) {
 		__u32 zero = 0;
 		__u64 *lost = cy_lost.lookup(&zero);

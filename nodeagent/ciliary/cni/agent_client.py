@@ -34,6 +34,10 @@ class EndpointPayload(TypedDict):
     ipv4: str
 
 
+DATAPATH_OFF = "datapath off"
+"""The ``error`` of the agent's 503 answer when it runs without its datapath (``endpoint_api.DATAPATH_OFF``)."""
+
+
 class AgentUnreachableError(Exception):
     """The socket is missing, refuses connections or the agent did not answer in time."""
 

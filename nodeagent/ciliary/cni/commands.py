@@ -2,7 +2,8 @@
 
 ADD  allocate → plumb → tell the agent; any failure undoes the earlier steps, so a
      failed ADD leaves neither an address nor a veth behind (an unreachable agent is
-     error 101: a pod without policy enforcement must not come up).
+     error 101, an agent running without its datapath error 105: a pod without policy
+     enforcement must not come up).
 DEL  tell the agent (unreachable: logged, not fatal) → delete the veth → release the
      address. Every step tolerates "already gone", so DEL is idempotent.
 CHECK the address is still reserved and the veth, address and routes are present.
@@ -69,6 +70,13 @@ def cmd_add(inv: invocation.Invocation, conf: config.NetworkConfig) -> dict[str,
         agent_client.AgentClient(str(conf.agent_socket)).add_endpoint(endpoint_payload(inv, link))
     except (agent_client.AgentUnreachableError, agent_client.AgentRejectedError) as exc:
         _undo(inv, store)
+        if isinstance(exc, agent_client.AgentRejectedError) and exc.status == 503 and \
+                agent_client.DATAPATH_OFF in exc.body:
+            raise errors.CniError(
+                errors.ErrorCode.AGENT_NOT_ENFORCING,
+                "The Ciliary agent runs without its datapath and enforces nothing; refusing to start the pod",
+                str(exc),
+            ) from exc
         if isinstance(exc, agent_client.AgentRejectedError):
             raise errors.CniError(
                 errors.ErrorCode.AGENT_REJECTED, "The Ciliary agent rejected the endpoint", str(exc)

@@ -28,6 +28,8 @@ class ErrorCode(enum.IntEnum):
     AGENT_REJECTED = 102
     PLUMBING_FAILED = 103
     CHECK_FAILED = 104
+    AGENT_NOT_ENFORCING = 105
+    """The agent runs without its datapath (``--datapath off``) and refuses every endpoint."""
     INTERNAL = 199
 
 

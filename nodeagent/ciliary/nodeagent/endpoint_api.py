@@ -4,7 +4,9 @@
   (camelCase). 201 ``{"endpoint": …, "created": true}`` when new or changed, 200 with
   ``"created": false`` when identical (idempotent on ``containerId``); 400 for bad JSON,
   422 ``{"error", "details"}`` for a body that fails validation, 500 when a datapath
-  subscriber failed (the endpoint was rolled back).
+  subscriber failed (the endpoint was rolled back), 503 ``{"error": "datapath off", …}``
+  when the agent runs with ``--datapath off`` (tests only): it enforces nothing, so it
+  accepts no endpoint and no pod comes up unenforced (the CNI plugin's error 105).
 - ``DELETE /v1/endpoints/{containerId}`` — 200 ``{"removed": bool}``, also for unknown IDs.
 - ``GET /v1/endpoints`` — 200 ``{"endpoints": [...]}``.
 
@@ -27,6 +29,9 @@ from ciliary.nodeagent import endpoints
 log = logging.getLogger(__name__)
 
 REGISTRY_KEY = web.AppKey("registry", endpoints.EndpointRegistry)
+ENFORCING_KEY = web.AppKey("enforcing", bool)
+DATAPATH_OFF = "datapath off"
+"""The ``error`` of the 503 answer an agent without datapath gives to every new endpoint."""
 
 
 def _error(status: int, message: str, details: object = None) -> web.Response:
@@ -35,6 +40,10 @@ def _error(status: int, message: str, details: object = None) -> web.Response:
 
 async def post_endpoint(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY_KEY]
+    if not request.app[ENFORCING_KEY]:
+        log.error("Endpoint refused: the datapath is off, this agent enforces nothing")
+        return _error(503, DATAPATH_OFF, "this agent runs with --datapath off and enforces no policy, "
+                                         "so it accepts no endpoint")
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -60,9 +69,11 @@ async def list_endpoints(request: web.Request) -> web.Response:
     return web.json_response({"endpoints": [e.wire() for e in request.app[REGISTRY_KEY].list()]})
 
 
-def build_app(registry: endpoints.EndpointRegistry) -> web.Application:
+def build_app(registry: endpoints.EndpointRegistry, *, enforcing: bool = True) -> web.Application:
+    """``enforcing`` False (``--datapath off``): every POST is refused with 503."""
     app = web.Application(client_max_size=64 * 1024)
     app[REGISTRY_KEY] = registry
+    app[ENFORCING_KEY] = enforcing
     app.router.add_post("/v1/endpoints", post_endpoint)
     app.router.add_get("/v1/endpoints", list_endpoints)
     app.router.add_delete("/v1/endpoints/{container_id}", delete_endpoint)
@@ -80,11 +91,11 @@ def remove_stale_socket(path: Path) -> None:
     path.unlink()
 
 
-async def start(registry: endpoints.EndpointRegistry, socket_path: Path) -> web.AppRunner:
+async def start(registry: endpoints.EndpointRegistry, socket_path: Path, *, enforcing: bool = True) -> web.AppRunner:
     """Serve the API on ``socket_path`` (mode 0600); the caller cleans up the runner."""
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_socket(socket_path)
-    runner = web.AppRunner(build_app(registry), access_log=None)
+    runner = web.AppRunner(build_app(registry, enforcing=enforcing), access_log=None)
     await runner.setup()
     site = web.UnixSite(runner, str(socket_path))
     await site.start()

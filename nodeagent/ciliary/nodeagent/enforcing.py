@@ -24,6 +24,11 @@ Behaviour decisions
   triggers.
 - Conntrack is the datapath's: policy changes never flush it; forward packets
   are re-evaluated on every packet, replies of allowed connections pass.
+- After every apply, and every ``VERIFY_S`` while idle, the enforcer reads the
+  kernel's endpoint map back (``Datapath.endpoint_revisions``: pod IPv4 -> the
+  revision stamped on its ``cy_endpoints`` entry) together with the registry's
+  endpoints; the reporter says a policy is enforcing only when every local pod it
+  selects shows the applied revision there.
 - A failed apply (``CompileFailed``/``VerifierRejected``/``MapFull``/
   ``MapWriteFailed``/``AttachFailed``) leaves the last good state enforcing;
   the failure is recorded in :attr:`outcome` for the reporter and retried on
@@ -49,6 +54,8 @@ log = logging.getLogger(__name__)
 
 START_RETRY_S = (1.0, 30.0)
 APPLY_RETRY_S = (1.0, 30.0)
+VERIFY_S = 2.0
+"""How often the kernel's endpoint map is read back while nothing else happens."""
 
 
 class DatapathLike(Protocol):
@@ -66,6 +73,10 @@ class DatapathLike(Protocol):
     def flows(self) -> Any: ...
 
     def rules_for(self, cookie: int) -> tuple[intents.RuleRef, ...]: ...
+
+    def endpoint_revisions(self) -> Mapping[str, int]: ...
+
+    def check(self) -> list[str]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +101,14 @@ class Outcome:
     last_map_writes: int = 0
     last_attached: int = 0
     """tc attachments (new or replaced) of the last successful apply."""
+    kernel_endpoints: Mapping[str, int] | None = None
+    """Read back from the kernel's endpoint map: pod IPv4 -> revision stamp; None: not read (or unreadable)."""
+    local_endpoints: frozenset[str] = frozenset()
+    """Pod IPv4s with a veth on this node (the registry) when the kernel was last read."""
+    last_verified: float = 0.0
+    """time.monotonic() of the last read-back."""
+    datapath_problems: tuple[str, ...] = ()
+    """What the last check found broken in the kernel (a pin gone, a program detached); empty: healthy."""
 
 
 class Enforcer:
@@ -97,12 +116,13 @@ class Enforcer:
 
     def __init__(self, *, node: str, datapath: DatapathLike, registry: endpoints.EndpointRegistry,
                  on_outcome: Callable[[Outcome], None] = lambda _o: None,
-                 retry: tuple[float, float] = APPLY_RETRY_S) -> None:
+                 retry: tuple[float, float] = APPLY_RETRY_S, verify_every: float = VERIFY_S) -> None:
         self.node = node
         self.datapath = datapath
         self.registry = registry
         self._on_outcome = on_outcome
         self._retry = retry
+        self._verify_every = verify_every
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="datapath")
         self._wake = asyncio.Event()
         self._requested = 0
@@ -160,10 +180,13 @@ class Enforcer:
         await self._start(stop)
         delay = self._retry[0]
         while not stop.is_set():
-            await _wait_either(self._wake, stop, timeout=None if not self.outcome.error or self._invalid
-                               else delay)
+            retrying = bool(self.outcome.error) and not self._invalid
+            await _wait_either(self._wake, stop, timeout=delay if retrying else self._verify_every)
             if stop.is_set():
                 break
+            if not self._wake.is_set() and not retrying:
+                await self._verify()
+                continue
             self._wake.clear()
             request = self._requested
             ok = await self._apply_once()
@@ -203,6 +226,8 @@ class Enforcer:
             self._update(error=str(exc), error_kind=type(exc).__name__, endpoints=len(veths),
                          applies=self.outcome.applies + 1)
             return False
+        kernel, local = await self._read_kernel()
+        problems = await self._check()
         unplaced = tuple(str(ip) for ip in getattr(result, "unplaced", ()))
         if unplaced:
             log.info("Intent endpoints without a local veth yet", extra={"node": self.node, "unplaced": unplaced})
@@ -211,8 +236,47 @@ class Enforcer:
                      endpoints=len(veths), unplaced=unplaced, applies=self.outcome.applies + 1,
                      last_compiled=tuple(getattr(result, "compiled", ())),
                      last_map_writes=int(getattr(result, "map_writes", 0)),
-                     last_attached=len(getattr(result, "attached", ())))
+                     last_attached=len(getattr(result, "attached", ())),
+                     kernel_endpoints=kernel, local_endpoints=local, last_verified=time.monotonic(),
+                     datapath_problems=problems)
         return True
+
+    async def _check(self) -> tuple[str, ...]:
+        """The datapath's own check of what it loaded (pins, tc attachments); a failing check is a problem."""
+        try:
+            return tuple(await self._in_thread(self.datapath.check))
+        except (errors.DatapathError, OSError, RuntimeError) as exc:
+            return (f"datapath check failed: {exc}",)
+
+    async def _read_kernel(self) -> tuple[Mapping[str, int] | None, frozenset[str]]:
+        """(the kernel's endpoint map read back, the registry's pod IPv4s); None when the map cannot be read."""
+        local = frozenset(str(e.ipv4) for e in self.registry.list())
+        try:
+            kernel: Mapping[str, int] | None = dict(await self._in_thread(self.datapath.endpoint_revisions))
+        except (errors.DatapathError, OSError, RuntimeError) as exc:
+            log.error("Cannot read the kernel's endpoint map", extra={"node": self.node, "error": str(exc)})
+            kernel = None
+        return kernel, local
+
+    async def _verify(self) -> None:
+        """Read the kernel's endpoint map back; a change (an entry gone, a stamp changed) updates the outcome."""
+        if not self.outcome.started:
+            return
+        problems = await self._check()
+        if problems != self.outcome.datapath_problems:
+            if problems:
+                log.error("Datapath broken", extra={"node": self.node, "problems": list(problems)})
+            self._update(datapath_problems=problems)
+        if self.outcome.applied is None:
+            return
+        kernel, local = await self._read_kernel()
+        if (kernel, local) != (self.outcome.kernel_endpoints, self.outcome.local_endpoints):
+            if kernel != self.outcome.kernel_endpoints:
+                log.warning("The kernel's endpoint map differs from the last read-back",
+                            extra={"node": self.node, "endpoints": len(kernel or {})})
+            self._update(kernel_endpoints=kernel, local_endpoints=local, last_verified=time.monotonic())
+        else:
+            self.outcome = dataclasses.replace(self.outcome, last_verified=time.monotonic())
 
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()

@@ -16,7 +16,8 @@ Routes (added to the health server, ``health.start(..., routes=...)``):
 A flow (:func:`enrich`)::
 
   {"time": "2025-01-02T03:04:05.123456789Z", "node": "node-1",
-   "verdict": "FORWARDED"|"DROPPED", "drop_reason": ""|"POLICY_DENIED"|"POLICY_DENY_RULE"|"INVALID",
+   "verdict": "FORWARDED"|"DROPPED", "drop_reason": ""|"POLICY_DENIED"|"POLICY_DENY_RULE"|"INVALID"
+                 |"FRAGMENT_NO_L4"|"INVALID_L3"|"UNSUPPORTED_L3",
    "reason": "OK_POLICY"|"OK_REPLY"|"OK_UNENFORCED"|"DROP_POLICY"|...,
    "direction": "ingress"|"egress", "is_reply": false, "protocol": "TCP", "length": 60,
    "src": {"ip", "port", "identity", "labels": [...], "namespace", "pod"},
@@ -53,8 +54,10 @@ RING_CAPACITY = 4096
 FOLLOWER_QUEUE = 1024
 DRAIN_INTERVAL_S = 0.05
 DEFAULT_LAST = 20
-PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 132: "SCTP"}
-DROP_REASONS = {"DROP_POLICY": "POLICY_DENIED", "DROP_POLICY_DENY": "POLICY_DENY_RULE", "DROP_INVALID": "INVALID"}
+PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 132: "SCTP", 58: "ICMPv6"}
+DROP_REASONS = {"DROP_POLICY": "POLICY_DENIED", "DROP_POLICY_DENY": "POLICY_DENY_RULE", "DROP_INVALID": "INVALID",
+                "DROP_FRAGMENT": "FRAGMENT_NO_L4", "DROP_INVALID_L3": "INVALID_L3",
+                "DROP_UNSUPPORTED_L3": "UNSUPPORTED_L3"}
 TCP_FLAGS = ((0x01, "FIN"), (0x02, "SYN"), (0x04, "RST"), (0x08, "PSH"), (0x10, "ACK"), (0x20, "URG"),
              (0x40, "ECE"), (0x80, "CWR"))
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace="
@@ -102,7 +105,7 @@ def enrich(event: Any, index: IntentIndex, rules_for: Callable[[int], Iterable[i
     """A ``flows.FlowEvent`` as the flow API's JSON object."""
     reason = getattr(event.reason, "name", str(event.reason))
     verdict = str(event.verdict).upper()
-    icmp = event.protocol == 1
+    icmp = event.protocol in (1, 58)
     return {
         "time": rfc3339_ns(event.time),
         "node": index.node,
@@ -156,7 +159,7 @@ def make_filter(query: Mapping[str, str]) -> Callable[[Mapping[str, Any]], bool]
         checks.append(lambda f: f["direction"] == direction)
     protocol = query.get("protocol", "").upper()
     if protocol:
-        checks.append(lambda f: f["protocol"] == protocol)
+        checks.append(lambda f: str(f["protocol"]).upper() == protocol)
     ip = query.get("ip", "")
     if ip:
         checks.append(lambda f: ip in (f["src"]["ip"], f["dst"]["ip"]))

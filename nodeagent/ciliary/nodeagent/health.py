@@ -1,10 +1,17 @@
 """Liveness and readiness over TCP (aiohttp).
 
-- ``GET /healthz`` → 200 ``{"node", "status": "ok", "etcd": "connected"|"disconnected", "endpoints": N}``
-  while the process serves requests;
-- ``GET /readyz`` → 200 ``{"node", "ready": true}`` only while the node is registered in
-  etcd (its lease is believed alive), else 503 with ``"ready": false``;
+- ``GET /healthz`` → 200 ``{"node", "status": "ok", "etcd": "connected"|"disconnected", "endpoints": N,
+  "problems": []}``; 503 with ``"status": "failing"`` and the ``problems`` when the datapath is
+  broken (it did not start, a pin is gone, a program is detached from a veth) or the intent watch
+  has been broken for more than ``WATCH_GRACE_S``;
+- ``GET /readyz`` → 200 ``{"node", "ready": true, "problems": []}`` only while the node is
+  registered in etcd, the datapath is loaded and healthy, the intent watch works and has read the
+  intent, and the newest intent is applied without error (or there is none); else 503 with
+  ``"ready": false`` and the ``problems``. An agent with ``--datapath off`` is never ready;
 - extra routes registered by the caller (the flow API of ``flowapi``).
+
+:func:`liveness_problems` and :func:`readiness_problems` are pure (an
+:class:`EnforcementView` in, reasons out); the agent builds the view.
 """
 
 from __future__ import annotations
@@ -31,11 +38,67 @@ class EndpointCount(Protocol):
     def __len__(self) -> int: ...
 
 
+WATCH_GRACE_S = 10.0
+"""A broken intent watch fails /healthz after this long (a reconnect blip does not)."""
+
+
+@dataclass(frozen=True)
+class EnforcementView:
+    """What health needs to know of enforcement, at one moment."""
+
+    datapath: bool
+    """The datapath is enabled (``--datapath on``)."""
+    started: bool = False
+    start_error: str = ""
+    datapath_problems: tuple[str, ...] = ()
+    watch_synced: bool = False
+    watch_broken_for: float | None = None
+    """Seconds since the intent watch broke; None while it works."""
+    wanted_revision: int | None = None
+    applied_revision: int | None = None
+    apply_error: str = ""
+
+
+def liveness_problems(view: EnforcementView, *, grace: float = WATCH_GRACE_S) -> list[str]:
+    """Why the agent is broken (a restart is the remedy); empty: alive."""
+    if not view.datapath:
+        return []
+    problems = []
+    if not view.started and view.start_error:
+        problems.append(f"datapath did not start: {view.start_error}")
+    problems += [f"datapath: {p}" for p in view.datapath_problems]
+    if view.watch_broken_for is not None and view.watch_broken_for > grace:
+        problems.append(f"intent watch broken for {view.watch_broken_for:.0f} s")
+    return problems
+
+
+def readiness_problems(view: EnforcementView) -> list[str]:
+    """Why the agent does not (yet) enforce its newest intent; empty: ready."""
+    if not view.datapath:
+        return ["datapath off: this agent enforces nothing"]
+    problems = []
+    if not view.started:
+        problems.append("datapath not loaded" + (f": {view.start_error}" if view.start_error else ""))
+    problems += [f"datapath: {p}" for p in view.datapath_problems]
+    if view.watch_broken_for is not None:
+        problems.append("intent watch broken")
+    elif not view.watch_synced:
+        problems.append("intent not read yet")
+    if view.wanted_revision is not None and view.applied_revision != view.wanted_revision:
+        problems.append(f"intent revision {view.wanted_revision} not applied (applied: {view.applied_revision})")
+    if view.apply_error:
+        problems.append(f"newest intent not applied: {view.apply_error}")
+    return problems
+
+
 @dataclass(frozen=True)
 class HealthSources:
     node: str
     registration: RegistrationState
     endpoints: EndpointCount
+    enforcement: Callable[[], EnforcementView] = lambda: EnforcementView(datapath=True, started=True,
+                                                                          watch_synced=True)
+    """The agent's enforcement state (the default, for tests of the other parts, is healthy and applied)."""
 
 
 SOURCES_KEY = web.AppKey("sources", HealthSources)
@@ -43,18 +106,23 @@ SOURCES_KEY = web.AppKey("sources", HealthSources)
 
 async def healthz(request: web.Request) -> web.Response:
     sources = request.app[SOURCES_KEY]
+    problems = liveness_problems(sources.enforcement())
     return web.json_response({
         "node": sources.node,
-        "status": "ok",
+        "status": "failing" if problems else "ok",
         "etcd": "connected" if sources.registration.etcd_connected else "disconnected",
         "endpoints": len(sources.endpoints),
-    })
+        "problems": problems,
+    }, status=503 if problems else 200)
 
 
 async def readyz(request: web.Request) -> web.Response:
     sources = request.app[SOURCES_KEY]
-    ready = sources.registration.registered
-    return web.json_response({"node": sources.node, "ready": ready}, status=200 if ready else 503)
+    problems = [] if sources.registration.registered else ["not registered in etcd"]
+    problems += readiness_problems(sources.enforcement())
+    ready = not problems
+    return web.json_response({"node": sources.node, "ready": ready, "problems": problems},
+                             status=200 if ready else 503)
 
 
 def build_app(sources: HealthSources, routes: Sequence[Callable[[web.Application], None]] = ()) -> web.Application:

@@ -25,12 +25,14 @@ import contextlib
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiohttp import web
 
 from ciliary.nodeagent import (
+    datapath_api,
     endpoint_api,
     endpoints,
     enforcing,
@@ -118,9 +120,25 @@ class Agent:
                 "applied_revision": o.applied.revision if o.applied else None,
                 "wanted_revision": o.wanted.revision if o.wanted else None,
                 "error": o.error, "error_kind": o.error_kind, "applies": o.applies,
+                "kernel_endpoints": dict(o.kernel_endpoints) if o.kernel_endpoints is not None else None,
+                "datapath_problems": list(o.datapath_problems),
                 "last_compiled": list(o.last_compiled), "last_map_writes": o.last_map_writes,
                 "last_attached": o.last_attached, "endpoints": o.endpoints, "unplaced": list(o.unplaced),
                 "program_hashes": dict(o.program_hashes)}
+
+    def health_view(self) -> health.EnforcementView:
+        """Enforcement as /healthz and /readyz judge it."""
+        if self.enforcer is None or self.watcher is None:
+            return health.EnforcementView(datapath=False)
+        o = self.enforcer.outcome
+        broken = self.watcher.broken_since
+        return health.EnforcementView(
+            datapath=True, started=o.started, start_error="" if o.started else o.error,
+            datapath_problems=tuple(o.datapath_problems), watch_synced=self.watcher.synced,
+            watch_broken_for=None if broken is None else time.monotonic() - broken,
+            wanted_revision=o.wanted.revision if o.wanted else None,
+            applied_revision=o.applied.revision if o.applied else None,
+            apply_error=o.error if o.started else "")
 
     def _routes(self, app: web.Application) -> None:
         async def enforcement(_request: web.Request) -> web.Response:
@@ -146,10 +164,18 @@ class Agent:
         reg_task: asyncio.Task[None] | None = None
         tasks: list[asyncio.Task[None]] = []
         try:
-            runners.append(await endpoint_api.start(self.registry, self.config.socket_path))
+            if not self.config.datapath:
+                log.warning("Datapath off (tests only): this agent enforces nothing and refuses every endpoint",
+                            extra={"node": self.config.node_name})
+            runners.append(await endpoint_api.start(self.registry, self.config.socket_path,
+                                                    enforcing=self.config.datapath))
             runners.append(await health.start(
-                health.HealthSources(self.config.node_name, self.registration, self.registry),
-                self.config.health_host, self.config.health_port, routes=[flowapi.add_routes(self.flows), self._routes],
+                health.HealthSources(self.config.node_name, self.registration, self.registry,
+                                     enforcement=self.health_view),
+                self.config.health_host, self.config.health_port,
+                routes=[flowapi.add_routes(self.flows), self._routes,
+                        datapath_api.add_routes(self.config.node_name, self.enforcer,
+                                                getattr(self, "datapath", None), self.registry)],
             ))
             reg_task = asyncio.create_task(self.registration.run(self.stop), name="registration")
             if self.config.direct_status and self.reporter is not None:

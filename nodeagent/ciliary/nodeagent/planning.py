@@ -100,6 +100,8 @@ class EndpointValue:
     identity: int
     flags: int
     ifindex: int
+    revision: int = 0
+    """Intent revision (mod 2**32) stamped after every write of that revision: see :func:`write_order`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,9 +172,15 @@ def entry_port_range(entry: intents.PolicyEntry) -> tuple[int, int]:
 
 def entry_keys(ep_id: int, direction: MapDirection, entry: intents.PolicyEntry) -> tuple[PolicyKey, ...]:
     low, high = entry_port_range(entry)
+    if entry.protocol is intents.Protocol.ICMP and entry.icmp_type == 0:
+        # ICMP type 0 (echo reply) is one exact "port" 0, not the (0, 0) of "any port"
+        # (the differential test found this widening: a type-0 entry allowed every type)
+        blocks: tuple[tuple[int, int], ...] = ((0, PORT_BITS),)
+    else:
+        blocks = port_blocks(low, high)
     return tuple(
         PolicyKey(ep_id, direction, entry.identity, int(entry.protocol), start, bits)
-        for start, bits in port_blocks(low, high)
+        for start, bits in blocks
     )
 
 
@@ -245,6 +253,8 @@ class DatapathState:
     endpoints: Mapping[IPv4Address, EndpointValue] = dataclasses.field(default_factory=dict)
     policy: Mapping[PolicyKey, PolicyValue] = dataclasses.field(default_factory=dict)
     policy_deny: Mapping[PolicyKey, PolicyValue] = dataclasses.field(default_factory=dict)
+    ep_ifindex: Mapping[int, IPv4Address] = dataclasses.field(default_factory=dict)
+    """cy_ep_ifindex: host veth ifindex -> the pod behind it (how IPv6 finds its endpoint)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,6 +272,8 @@ class Plan:
     """Upserts only: existing endpoints gaining a deny flag, before any deny entry is written."""
     lower_deny_flags: MapDiff[IPv4Address, EndpointValue]
     """Upserts only: the final endpoint values, after the last deny entry is deleted."""
+    stamps: MapDiff[IPv4Address, EndpointValue]
+    """Upserts only, the very last writes: the final values with the intent's revision."""
     attach: tuple[Attachment, ...]
     """Attach, or atomically replace, these programs."""
     detach: tuple[Attachment, ...]
@@ -269,11 +281,14 @@ class Plan:
     """Endpoint id of every programmed endpoint (kept from observed state when known)."""
     unplaced: tuple[IPv4Address, ...]
     """Endpoints of the intent with no local veth yet (nothing to enforce them on)."""
+    ep_ifindex: MapDiff[int, IPv4Address] = dataclasses.field(default_factory=MapDiff)
+    """cy_ep_ifindex: the veth of every programmed endpoint."""
 
     @property
     def map_writes(self) -> int:
         return (len(self.ipcache) + len(self.endpoints) + len(self.policy) + len(self.policy_deny)
-                + len(self.raise_deny_flags) + len(self.lower_deny_flags))
+                + len(self.raise_deny_flags) + len(self.lower_deny_flags) + len(self.ep_ifindex)
+                + len(self.stamps))
 
     @property
     def empty(self) -> bool:
@@ -318,8 +333,13 @@ def desired_maps(intent: intents.NodeIntent, ids: Mapping[IPv4Address, int],
             own_deny.update(d)
         deny.update(own_deny)
         endpoints[ip] = EndpointValue(ep_id, endpoint.identity, endpoint_flags(endpoint, own_deny),
-                                      veths[ip].ifindex)
+                                      veths[ip].ifindex, revision_stamp(intent.revision))
     return ipcache, endpoints, allow, deny
+
+
+def revision_stamp(revision: int) -> int:
+    """An intent revision as ``endpoint_info.revision`` holds it (32 bits)."""
+    return revision & 0xFFFFFFFF
 
 
 def _with_deny_flags(value: EndpointValue, flags: int) -> EndpointValue:
@@ -356,7 +376,12 @@ def plan(desired: intents.NodeIntent, observed: DatapathState, *, programs: Mapp
     placed = sorted(ip for ip in intent_ips if ip in veths)
     ids = allocate_endpoint_ids(placed, observed.endpoints)
     ipcache, endpoints, allow, deny = desired_maps(desired, ids, veths)
-    raised, held, lowered = deny_flag_steps(observed.endpoints, endpoints)
+    # every write but the last carries the revision the kernel already shows (0 for a new endpoint);
+    # the stamps, written last, say "every write of this revision is done" (see write_order)
+    unstamped = {ip: dataclasses.replace(v, revision=observed.endpoints[ip].revision if ip in observed.endpoints
+                                         else 0) for ip, v in endpoints.items()}
+    raised, held, lowered = deny_flag_steps(observed.endpoints, unstamped)
+    stamps = {ip: v for ip, v in endpoints.items() if v != unstamped[ip]}
 
     wanted = {
         Attachment(veth.ifname, veth.ifindex, hook, programs[hook])
@@ -376,14 +401,16 @@ def plan(desired: intents.NodeIntent, observed: DatapathState, *, programs: Mapp
         policy_deny=diff_map(observed.policy_deny, deny),
         raise_deny_flags=MapDiff(raised),
         lower_deny_flags=MapDiff(lowered),
+        stamps=MapDiff(stamps),
         attach=tuple(attach),
         detach=tuple(detach),
         endpoint_ids=ids,
         unplaced=tuple(sorted(intent_ips - set(placed))),
+        ep_ifindex=diff_map(observed.ep_ifindex, {value.ifindex: ip for ip, value in endpoints.items()}),
     )
 
 
-MapName = Literal["ipcache", "endpoints", "policy", "policy_deny"]
+MapName = Literal["ipcache", "endpoints", "policy", "policy_deny", "ep_ifindex"]
 """A map of the plan, named as the :class:`DatapathState` field holding its contents."""
 WriteStep = tuple[MapName, Literal["upserts", "deletes"], MapDiff[Any, Any]]
 
@@ -402,7 +429,12 @@ def write_order(p: Plan) -> tuple[WriteStep, ...]:
        main endpoint writes, and lowered only after the last deny entry is deleted. (A
        new endpoint gets its flag with its first write, after its entries; a removed one
        is deleted before its entries.) A set flag without entries costs four missing
-       lookups; a clear flag with entries would pass a denied packet that an allow covers.
+       lookups; a clear flag with entries would pass a denied packet that an allow covers;
+    4. cy_ep_ifindex (veth -> pod) follows the endpoints: a veth whose pod is not (or no
+       longer) in cy_endpoints passes IPv6 as an unknown endpoint passes IPv4;
+    5. each endpoint's ``revision`` is written last (the stamps): an endpoint that shows
+       revision N in the kernel has every write of revision N done, which is what the
+       reporter reads back before it says a policy is enforcing.
     """
     return (
         ("ipcache", "upserts", p.ipcache),
@@ -410,9 +442,12 @@ def write_order(p: Plan) -> tuple[WriteStep, ...]:
         ("policy_deny", "upserts", p.policy_deny),
         ("policy", "upserts", p.policy),
         ("endpoints", "upserts", p.endpoints),
+        ("ep_ifindex", "upserts", p.ep_ifindex),
         ("endpoints", "deletes", p.endpoints),
+        ("ep_ifindex", "deletes", p.ep_ifindex),
         ("policy", "deletes", p.policy),
         ("policy_deny", "deletes", p.policy_deny),
         ("endpoints", "upserts", p.lower_deny_flags),
         ("ipcache", "deletes", p.ipcache),
+        ("endpoints", "upserts", p.stamps),
     )

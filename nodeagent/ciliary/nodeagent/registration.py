@@ -66,6 +66,8 @@ class NodeRegistration:
         self._endpoint_index = 0
         self._client: aetcd.Client | None = None
         self._lease: aetcd.Lease | None = None
+        self._lease_client: aetcd.Client | None = None
+        """The client the lease is refreshed (and revoked) through."""
         self._lease_deadline = 0.0
         self._dirty = asyncio.Event()
         self.etcd_connected = False
@@ -142,6 +144,12 @@ class NodeRegistration:
             await self._put(self._lease)
             return
         lease = self._lease
+        client = self._ensure_client()
+        if self._lease_client is not client:
+            # the client that granted the lease was dropped (a lost connection) while etcd kept the
+            # lease (a restarted etcd extends its leases): refresh, and later revoke, through the new one
+            lease = self._lease = aetcd.Lease(lease.id, self.settings.lease_ttl, client)
+            self._lease_client = client
         reply = await self._call(lease.refresh)
         ttl = int(getattr(reply, "TTL", 0) or 0)
         if ttl <= 0:
@@ -157,6 +165,7 @@ class NodeRegistration:
         self._dirty.clear()
         await self._put(lease)
         self._lease = lease
+        self._lease_client = client
         self._lease_deadline = time.monotonic() + self.settings.lease_ttl
         log.info("Node registered", extra={"node": self.settings.node_name, "key": self.key.decode(),
                                            "lease": lease.id, "ttl": self.settings.lease_ttl})

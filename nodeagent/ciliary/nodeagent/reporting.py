@@ -10,6 +10,11 @@ it reads this node's reports from etcd and rewrites all of them under the new
 lease, deleting the stale ones a previous agent process left.
 
 Policy report semantics (Cilium's ``.status.nodes.<node>``):
+- a policy counts as enforcing only when every local pod it selects (an intent
+  endpoint listing the policy, with a veth in the registry) is in the kernel's
+  endpoint map stamped with the applied revision, as read back from the kernel
+  (``enforcing.Outcome.kernel_endpoints``); otherwise enforcing=false and the
+  error names the pods that are missing;
 - applied without error: ok=true, enforcing=true, generation and
   localPolicyRevision of the applied intent;
 - the newest intent failed to apply (or could not be parsed): ok=false,
@@ -27,7 +32,8 @@ from typing import Any
 
 import aetcd
 
-from ciliary.nodeagent import enforcing
+from ciliary.nodeagent import enforcing, planning
+from ciliary.operator import intents
 from ciliary.operator.status import reports
 from ciliary.operator.store import keyspace
 
@@ -59,26 +65,49 @@ def desired_reports(node: str, outcome: enforcing.Outcome, *, now: str) -> dict[
     in_force = {p.uid: p for p in applied.policies} if applied else {}
     if not outcome.error:
         # Everything in force is enforced as wanted (a newer intent still being applied
-        # is reported once it is in force).
+        # is reported once it is in force), where the kernel shows it.
         for uid, ref in sorted(in_force.items()):
             assert applied is not None
+            missing = not_in_kernel(applied, uid, outcome)
             out[keyspace.report_key(uid, node)] = reports.PolicyReport(
                 node=node, policy_uid=uid, kind=ref.kind, namespace=ref.namespace, name=ref.name,
-                generation=ref.generation, ok=True, enforcing=True, last_updated=now,
-                local_policy_revision=applied.revision)
+                generation=ref.generation, ok=True, enforcing=not missing, last_updated=now,
+                error=missing_message(missing, applied.revision), local_policy_revision=applied.revision)
         return out
     policies = {p.uid: p for p in (wanted.policies if wanted else ())}
     if outcome.error_kind == "InvalidIntent":
         policies = {**in_force, **policies}
     for uid, ref in sorted(policies.items()):
         old = in_force.get(uid)
+        kernel_ok = applied is not None and not not_in_kernel(applied, uid, outcome)
         out[keyspace.report_key(uid, node)] = reports.PolicyReport(
             node=node, policy_uid=uid, kind=ref.kind, namespace=ref.namespace, name=ref.name,
-            generation=old.generation if old else ref.generation, ok=False, enforcing=old is not None,
+            generation=old.generation if old else ref.generation, ok=False, enforcing=old is not None and kernel_ok,
             error=outcome.error, last_updated=now,
             local_policy_revision=applied.revision if applied is not None and old is not None else 0,
             annotations={"errorKind": outcome.error_kind} if outcome.error_kind else {})
     return out
+
+
+def not_in_kernel(applied: intents.NodeIntent, uid: str, outcome: enforcing.Outcome) -> list[str]:
+    """The local pods policy ``uid`` selects that the kernel's endpoint map does not show at ``applied``'s revision.
+
+    Local: the pod has a veth on this node (the registry, read with the map). An
+    intent in which no endpoint lists the policy (hand-built, or older) makes every
+    endpoint count.
+    """
+    selected = [e for e in applied.endpoints if uid in e.policies] or list(applied.endpoints)
+    stamp = planning.revision_stamp(applied.revision)
+    kernel = outcome.kernel_endpoints
+    return [f"{e.namespace}/{e.pod} ({e.ipv4})" for e in selected
+            if e.ipv4 in outcome.local_endpoints and (kernel is None or kernel.get(e.ipv4) != stamp)]
+
+
+def missing_message(missing: list[str], revision: int) -> str:
+    if not missing:
+        return ""
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    return f"not in the kernel's endpoint map at revision {revision}: {', '.join(missing[:5])}{more}"
 
 
 def _content(report: Report) -> dict[str, Any]:

@@ -30,7 +30,7 @@ DEFAULTS: dict[str, str] = {
     "LOG_LEVEL": "INFO",
     "NETNS": "",  # empty: the agent's own network namespace
     "BPFFS_DIR": "/sys/fs/bpf",
-    "DATAPATH": "auto",
+    "DATAPATH": "on",
     "DIRECT_STATUS": "off",
     "KUBECONFIG": "",  # empty: the in-cluster service account (direct status mode only)
 }
@@ -55,7 +55,8 @@ class AgentSettings(pydantic.BaseModel):
     netns: str = pydantic.Field(default="", description="Named netns of the host veths; empty: the agent's own.")
     bpffs_dir: Path = pydantic.Field(default=Path("/sys/fs/bpf"),
                                      description="Root of the agent's pins: <bpffs-dir>/ciliary/<node>/.")
-    datapath: bool = pydantic.Field(default=False, description="Load the eBPF datapath and enforce intents.")
+    datapath: bool = pydantic.Field(
+        default=True, description="Load the eBPF datapath and enforce intents; False (tests only) refuses endpoints.")
     direct_status: bool = pydantic.Field(
         default=False, description="Patch .status.nodes of policies directly (operator runs without handover).")
     kubeconfig: str = pydantic.Field(default="", description="kubeconfig for direct status; empty: in-cluster.")
@@ -112,9 +113,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--bpffs-dir", default=default("BPFFS_DIR"), metavar="DIR",
                         help=f"directory on a bpf filesystem under which the agent pins (<DIR>/ciliary/<node>/) "
                              f"[env {ENV_PREFIX}BPFFS_DIR]")
-    parser.add_argument("--datapath", default=default("DATAPATH"), choices=["auto", "on", "off"],
-                        help=f"enforce intents with the eBPF datapath; auto: on when --netns is set "
-                             f"[env {ENV_PREFIX}DATAPATH]")
+    parser.add_argument("--datapath", default=default("DATAPATH"), choices=["on", "off"],
+                        help=f"enforce intents with the eBPF datapath; off is for tests only: the agent then "
+                             f"refuses every endpoint, so no pod comes up unenforced [env {ENV_PREFIX}DATAPATH]")
     parser.add_argument("--direct-status", default=default("DIRECT_STATUS"), choices=["on", "off"],
                         help=f"write each policy's .status.nodes.<node> directly (for an operator running "
                              f"--no-enable-k8s-event-handover) [env {ENV_PREFIX}DIRECT_STATUS]")
@@ -130,6 +131,8 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Age
     """Parse flags over environment; invalid values exit with status 2 and a usage message."""
     parser = build_parser(environ)
     ns = parser.parse_args(argv)
+    if ns.datapath not in ("on", "off"):  # an environment default escapes argparse's choices
+        parser.error(f"--datapath / {ENV_PREFIX}DATAPATH must be on or off, not {ns.datapath!r}")
     try:
         health_host, health_port = parse_host_port(ns.health_addr)
         insecure = str(ns.etcd_insecure).strip().lower() in ("1", "true", "yes", "on")
@@ -149,7 +152,7 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Age
             log_level=ns.log_level.upper(),
             netns=ns.netns,
             bpffs_dir=Path(ns.bpffs_dir),
-            datapath=ns.datapath == "on" or (ns.datapath == "auto" and bool(ns.netns)),
+            datapath=ns.datapath == "on",
             direct_status=ns.direct_status == "on",
             kubeconfig=ns.kubeconfig,
         )

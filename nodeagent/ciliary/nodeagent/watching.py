@@ -11,6 +11,10 @@ Errors back off boundedly (0.2 s doubling to 5 s) and rebuild the client.
 Values are parsed with ``intents.parse_node_intent``; an unknown schema version
 or a malformed value is handed to ``on_invalid`` and never to ``on_intent``, so
 the last good state keeps enforcing. A deleted key goes to ``on_deleted``.
+
+For health: ``synced`` is set once the key was first read (and handed over);
+``broken_since`` is the monotonic time of the first failure since the watch last
+worked (None while it works), so ``/healthz`` can fail a watch that stays broken.
 Called by ``main.Agent``; the etcd client is injected (a fake in unit tests).
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
@@ -78,6 +83,10 @@ class IntentWatcher:
         self.resyncs = 0
         self.reconnects = 0
         self.connected = False
+        self.synced = False
+        """The key was read at least once and its value handed over (on_intent/on_invalid/on_deleted)."""
+        self.broken_since: float | None = None
+        """time.monotonic() of the first failure since the watch last worked; None while it works."""
 
     async def run(self, stop: asyncio.Event, *, max_rounds: int | None = None) -> None:
         """Watch until ``stop`` is set (or ``max_rounds`` watch rounds ended, for tests)."""
@@ -100,6 +109,8 @@ class IntentWatcher:
                 self.resyncs += 1
             except WATCH_ERRORS as exc:
                 self.connected = False
+                if self.broken_since is None:
+                    self.broken_since = time.monotonic()
                 self.reconnects += 1
                 log.warning("Intent watch interrupted; resuming", extra={
                     "node": self.node, "error": repr(exc), "resume_revision": self.next_revision,
@@ -117,6 +128,8 @@ class IntentWatcher:
             delivered = True
         assert self.next_revision is not None
         watch = await client.watch(self.key, start_revision=self.next_revision)
+        self.connected = True
+        self.broken_since = None
         stopper = asyncio.ensure_future(stop.wait())
         stopper.add_done_callback(lambda _: asyncio.ensure_future(_cancel_quietly(watch)))
         try:
@@ -139,6 +152,7 @@ class IntentWatcher:
         else:
             await self._handle_value(bytes(current.value), int(current.mod_revision))
         self.next_revision = int(response.header.revision) + 1
+        self.synced = True
 
     async def _deliver(self, event: Any) -> None:
         revision = int(event.kv.mod_revision)

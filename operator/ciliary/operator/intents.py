@@ -139,6 +139,9 @@ class EndpointIntent(_Frozen):
     identity: int = Field(ge=1, lt=2**32, description="Security identity of the pod.")
     ingress: DirectionPolicy = Field(default_factory=DirectionPolicy, description="Traffic to the pod.")
     egress: DirectionPolicy = Field(default_factory=DirectionPolicy, description="Traffic from the pod.")
+    policies: tuple[str, ...] = Field(
+        default=(), description="UIDs of the policies selecting the pod: a policy is enforcing on a node only "
+                                "when every such local pod is in the kernel's endpoint map at the intent's revision.")
 
     @field_validator("ipv4")
     @classmethod

@@ -117,7 +117,7 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
                               write_nodes=args.enable_k8s_event_handover,
                               node_names=lambda: model.nodes.keys(),
                               resolved_generation=reconciler.resolved_generation,
-                              wait_for=[reconciler.synced])
+                              wait_for=[reconciler.synced], require_assessment=True)
     handlers.register(registry, model, handover)
     settings = kopf.OperatorSettings()
     settings.posting.level = logging.WARNING

@@ -30,6 +30,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "tests" / "integration" / "datapath"))
 
+from dp_packets import frame, frame6, icmp6, mac_of, send_raw  # noqa: E402
 from dp_topology import Client, Topology  # noqa: E402
 
 from ciliary.cni import agent_client  # noqa: E402
@@ -158,16 +159,19 @@ class Env:
         self.cc: Client = topo.client(self.c)
         self.revision = 0
 
-    def intent(self, b_in: DirectionPolicy, policies: tuple[intents.PolicyRef, ...] = (POLICY,)) -> int:
+    def intent(self, b_in: DirectionPolicy, policies: tuple[intents.PolicyRef, ...] = (POLICY,),
+               c_out: DirectionPolicy | None = None) -> int:
         self.revision += 1
 
-        def ep(pod: Any, identity: int, ingress: DirectionPolicy) -> intents.EndpointIntent:
+        def ep(pod: Any, identity: int, ingress: DirectionPolicy,
+               egress: DirectionPolicy | None = None) -> intents.EndpointIntent:
             return intents.EndpointIntent(namespace="t", pod=pod.name, ipv4=pod.ip, identity=identity,
-                                          ingress=ingress)
+                                          ingress=ingress, egress=egress or DirectionPolicy())
 
         intent = intents.NodeIntent(
             node=self.agent.node, revision=self.revision,
-            endpoints=(ep(self.a, ID_A, DirectionPolicy()), ep(self.b, ID_B, b_in), ep(self.c, ID_C, DirectionPolicy())),
+            endpoints=(ep(self.a, ID_A, DirectionPolicy()), ep(self.b, ID_B, b_in),
+                       ep(self.c, ID_C, DirectionPolicy(), c_out)),
             ipcache=tuple(intents.IpcacheEntry(cidr=f"{p.ip}/32", identity=i)
                           for p, i in ((self.a, ID_A), (self.b, ID_B), (self.c, ID_C))),
             identity_labels={ID_A: ("k8s:app=a", "k8s:io.kubernetes.pod.namespace=t"),
@@ -277,11 +281,89 @@ def test_bad_schema_is_reported_and_the_old_state_keeps_enforcing(env: Env) -> N
     assert env.cc.tcp(env.b.ip, 8080) == "timeout"
 
 
+def ciliary(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
+    """The ``ciliary`` CLI against this test's etcd (and, through the registrations, its agent)."""
+    return subprocess.run([sys.executable, "-m", "ciliary.cli.main", *args, "--etcd-endpoints",
+                           env.etcd.endpoint, *env.etcd.server.flags(access.OPERATOR_USER)], env={**os.environ, "PYTHONPATH": PYTHONPATH},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_policy_get_and_trace_read_the_datapath_and_say_when_it_differs_from_the_intent(env: Env) -> None:
+    revision = env.intent(allow_from(ID_A))
+    env.wait_applied(revision)
+    held = http_json(f"http://{env.agent.health}/v1/datapath")
+    assert held["source"] == "datapath" and held["appliedRevision"] == revision
+    server = next(e for e in held["intent"]["endpoints"] if e["ipv4"] == env.b.ip)
+    assert server["pod"] == "p1" and server["namespace"] == "t" and server["ingress"]["enforced"]
+    assert [(e["identity"], e["port_low"], e["rules"]) for e in server["ingress"]["entries"]] == [
+        (ID_A, 8080, [RULE.model_dump(mode="json")])]
+    got = ciliary(env, "policy", "get", "--node", env.agent.node, "-o", "json")
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout)["differences"] == [] and "WARNING" not in got.stderr
+    allowed = ciliary(env, "policy", "trace", "--src", "t/p0", "--dst", "t/p1", "--dport", "8080/tcp", "-o", "json")
+    assert allowed.returncode == 0, allowed.stderr
+    result = json.loads(allowed.stdout)
+    assert result["verdict"] == "ALLOWED" and result["source"] == "datapath" and result["differences"] == []
+    assert result["directions"][-1]["rules"] == [RULE.model_dump(mode="json")]
+
+    # an intent the node cannot apply (cy_policy would overflow): the kernel keeps the old entries
+    filler = tuple(PolicyEntry(identity=5000 + i, protocol=Protocol.TCP, port_low=1, port_high=65535,
+                               verdict=Verdict.ALLOW) for i in range(4200))
+    wanted = DirectionPolicy(enforced=True, entries=(*allow_from(ID_A, ID_C).entries, *filler))
+    failing = env.intent(wanted)
+    wait_until(lambda: (e := env.agent.enforcement()) and e["wanted_revision"] == failing
+               and e["error_kind"] == "MapFull", 60, "the apply to fail with MapFull")
+    assert env.cc.tcp(env.b.ip, 8080) == "timeout"  # what the kernel does
+    traced = ciliary(env, "policy", "trace", "--src", "t/p2", "--dst", "t/p1", "--dport", "8080/tcp", "-o", "json")
+    assert traced.returncode == 0, traced.stderr
+    result = json.loads(traced.stdout)
+    assert result["verdict"] == "DENIED" and result["intentVerdict"] == "ALLOWED", result
+    assert any(f"allow identity {ID_C} TCP port 8080" in d for d in result["differences"]), result
+    text = ciliary(env, "policy", "trace", "--src", "t/p2", "--dst", "t/p1", "--dport", "8080/tcp").stdout
+    assert text.startswith("DENIED (from the datapath of ") and "WARNING: the datapath differs" in text, text
+    got = ciliary(env, "policy", "get", "--node", env.agent.node, "-o", "json")
+    doc = json.loads(got.stdout)
+    assert doc["appliedRevision"] == revision and doc["publishedRevision"] == failing
+    assert "MapFull" in doc["agentError"] or "cy_policy" in doc["agentError"]
+    assert doc["differences"] and "WARNING: the datapath of" in got.stderr
+    published = ciliary(env, "policy", "get", "--node", env.agent.node, "--intent", "-o", "json")
+    assert json.loads(published.stdout)["source"].startswith("operator intent")
+    env.wait_applied(env.intent(allow_from(ID_A)))
+
+
+def test_parser_drops_show_in_the_flow_api_and_ciliary_observe(env: Env) -> None:
+    """A non-first fragment into an enforced pod and IPv6 from one are dropped with their reasons."""
+    allow_all = DirectionPolicy(enforced=True, entries=(PolicyEntry(identity=0, verdict=Verdict.ALLOW),))
+    env.wait_applied(env.intent(allow_from(ID_A), c_out=allow_all))
+    gateway = mac_of(env.topo.node_ns, env.c.host_ifname)
+    pod_mac = mac_of(env.c.netns, "eth0")
+    send_raw(env.c.netns, "eth0", frame(env.c.ip, env.b.ip, 17, l4=b"", payload=b"f" * 80, frag=64,
+                                        dst_mac=gateway, src_mac=pod_mac))
+    send_raw(env.c.netns, "eth0", frame6("fd00::c", "fd00::b", 58, icmp6(128), dst_mac=gateway, src_mac=pod_mac))
+
+    def reasons() -> set[str]:
+        out = ciliary(env, "observe", "--node", env.agent.node, "--verdict", "DROPPED", "--last", "200", "-o", "json")
+        flows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+        return {f["drop_reason"] for f in flows if f["src"]["ip"] in (env.c.ip, "fd00::c")}
+
+    seen = wait_until(lambda: (r := reasons()) >= {"FRAGMENT_NO_L4", "UNSUPPORTED_L3"} and r, 15,
+                      "fragment and IPv6 drops in ciliary observe")
+    assert "FRAGMENT_NO_L4" in seen
+    v6 = env.agent.flows("last=200&verdict=DROPPED&protocol=ICMPv6")
+    assert any(f["src"]["ip"] == "fd00::c" and f["dst"]["ip"] == "fd00::b" and f["drop_reason"] == "UNSUPPORTED_L3"
+               for f in v6), v6
+    env.wait_applied(env.intent(allow_from(ID_A)))
+
+
 def test_kill_9_keeps_enforcing_reports_expire_and_restart_adopts(env: Env) -> None:
     revision = env.intent(allow_from(ID_A))
     env.wait_applied(revision)
     wait_until(lambda: (r := env.report()) and r[0]["ok"], 15, "report ok again")
     env.agent.kill()
+    # the datapath still enforces, but nobody can read it: trace must not pretend
+    unknown = ciliary(env, "policy", "trace", "--src", "t/p2", "--dst", "t/p1", "--dport", "8080/tcp")
+    assert unknown.returncode == 2 and unknown.stdout.startswith("UNKNOWN"), unknown.stdout + unknown.stderr
+    assert ciliary(env, "policy", "get", "--node", env.agent.node).returncode == 1
     assert env.ca.tcp(env.b.ip, 8080) == "ok"
     assert env.cc.tcp(env.b.ip, 8080) == "timeout"
     wait_until(lambda: env.report() is None and env.status() is None, LEASE_TTL * 4, "reports gone with the lease")

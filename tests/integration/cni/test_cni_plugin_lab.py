@@ -146,23 +146,45 @@ def etcd(tool):
         server.close()
 
 
+NODE = f"cyt-node-{secrets.token_hex(3)}"
+"""One node name for the module's agents: their pins (one compile) are adopted by the next agent."""
+BPFFS = Path("/sys/fs/bpf/ciliary") / f"{NODE}-cni"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def bpffs_dir():
+    """The agents' pins live under a bpffs directory of this module only, removed at the end."""
+    try:
+        yield BPFFS
+    finally:
+        shutil.rmtree(BPFFS, ignore_errors=True)
+
+
 class AgentProc:
-    def __init__(self, etcd: etcdsecurity.StandaloneEtcd, workdir: Path) -> None:
-        self.node = f"cyt-node-{secrets.token_hex(3)}"
+    """A real agent with its datapath (``--datapath on``, the default) on the lab's node netns."""
+
+    def __init__(self, etcd: etcdsecurity.StandaloneEtcd, workdir: Path, node_ns: str, *, datapath: str = "on") -> None:
+        self.node = NODE
         self.socket = workdir / "agent.sock"
         self.health = f"127.0.0.1:{free_port()}"
         self.log_path = workdir / f"{self.node}.log"
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ciliary.nodeagent.main", "--node", self.node,
              "--etcd-endpoints", etcd.endpoint, *etcd.add_node(self.node), "--socket", str(self.socket),
-             "--state-dir", str(workdir / "state"), "--health-addr", self.health, "--lease-ttl", "6"],
+             "--state-dir", str(workdir / "state"), "--health-addr", self.health, "--lease-ttl", "6",
+             "--netns", node_ns, "--bpffs-dir", str(BPFFS), *(["--datapath", datapath] if datapath != "on" else [])],
             env={**os.environ, "PYTHONPATH": PYTHONPATH}, stdout=self._log, stderr=subprocess.STDOUT,
         )
         try:
-            wait_until(lambda: http_status(f"http://{self.health}/readyz") == 200, 30, "agent readiness")
+            if datapath == "on":
+                wait_until(lambda: http_status(f"http://{self.health}/readyz") == 200, 180, "agent readiness")
+            else:
+                wait_until(lambda: http_status(f"http://{self.health}/healthz") == 200 and self.socket.exists(),
+                           30, "agent up")
         except BaseException:
             self.stop()
+            sys.stderr.write(self.log_path.read_text(errors="replace")[-3000:])
             raise
 
     def stop(self) -> None:
@@ -192,8 +214,8 @@ def workdir():
 
 
 @pytest.fixture
-def agent(etcd, workdir):
-    proc = AgentProc(etcd, workdir)
+def agent(etcd, workdir, lab):
+    proc = AgentProc(etcd, workdir, lab.node)
     try:
         yield proc
     finally:
@@ -341,7 +363,8 @@ def test_two_pods_talk_agent_knows_them_and_del_removes_everything(lab, agent, e
     assert listed[cid_a]["hostIfname"] == host_a
     assert listed[cid_a]["podName"] == f"pod-{cid_a[:6]}"
     assert listed[cid_a]["netns"] == f"/run/netns/{ns_a}"
-    assert agent.healthz() == {"node": agent.node, "status": "ok", "etcd": "connected", "endpoints": 2}
+    assert agent.healthz() == {"node": agent.node, "status": "ok", "etcd": "connected", "endpoints": 2,
+                               "problems": []}
     def record_counts_two() -> bool:
         got = etcd_get(etcd, f"/ciliary/nodes/v1/{agent.node}")
         return got is not None and got[0].get("endpoints") == 2
@@ -410,6 +433,30 @@ def test_agent_down_is_code_101_and_leaves_nothing(lab, workdir):
     assert (code, out) == (0, None), err
 
 
+def test_agent_without_datapath_refuses_the_endpoint_code_105_and_leaves_nothing(lab, etcd, workdir):
+    """--datapath off (tests only): the agent enforces nothing, so no pod may come up through it."""
+    agent = AgentProc(etcd, workdir, lab.node, datapath="off")
+    try:
+        ready = urllib.request.Request(f"http://{agent.health}/readyz")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(ready, timeout=2)
+        assert refused.value.code == 503
+        assert "datapath off" in json.loads(refused.value.read())["problems"][0]
+        conf = lab.conf(socket_path=agent.socket)
+        ns, cid = lab.new_netns("unenforced"), new_container_id()
+        links_before = lab.node_links()
+        code, out, err = lab.cni("ADD", cid, ns, conf)
+        assert code == 1, err
+        assert out["code"] == 105 and "enforces nothing" in out["msg"], out
+        assert "datapath off" in out["details"]
+        assert lab.node_links() == links_before
+        assert "eth0" not in lab.pod_links(ns)
+        assert lab.ipam_files() == set()
+        assert agent.endpoints() == []
+    finally:
+        agent.stop()
+
+
 def test_missing_netns_on_add_is_code_3(lab, agent):
     code, out, _ = lab.cni("ADD", new_container_id(), f"cyt-cni-{lab.tag}-nonexistent", lab.conf(socket_path=agent.socket))
     assert code == 1 and out["code"] == 3
@@ -418,7 +465,7 @@ def test_missing_netns_on_add_is_code_3(lab, agent):
 
 
 def test_agent_shutdown_revokes_its_lease_and_restart_keeps_endpoints(lab, etcd, workdir):
-    first = AgentProc(etcd, workdir)
+    first = AgentProc(etcd, workdir, lab.node)
     try:
         conf = lab.conf(socket_path=first.socket)
         ns, cid = lab.new_netns("persist"), new_container_id()
@@ -431,7 +478,7 @@ def test_agent_shutdown_revokes_its_lease_and_restart_keeps_endpoints(lab, etcd,
     assert first.proc.returncode == 0
     assert etcd_get(etcd, key) is None  # revoked, not merely expired (TTL is 6s)
     assert not first.socket.exists()
-    second = AgentProc(etcd, workdir)
+    second = AgentProc(etcd, workdir, lab.node)
     try:
         assert [e["containerId"] for e in second.endpoints()] == [cid]
         code, _, err = lab.cni("DEL", cid, ns, conf)
@@ -441,12 +488,12 @@ def test_agent_shutdown_revokes_its_lease_and_restart_keeps_endpoints(lab, etcd,
         second.stop()
 
 
-def test_agent_re_registers_after_etcd_lost_its_data(workdir, tool):
+def test_agent_re_registers_after_etcd_lost_its_data(workdir, lab, tool):
     server = etcd_server(tool("etcd"))
     agent = None
     try:
         server.start()
-        agent = AgentProc(server, workdir)
+        agent = AgentProc(server, workdir, lab.node)
         key = f"/ciliary/nodes/v1/{agent.node}"
         _, first_lease, _ = etcd_get(server, key)
         server.stop()
@@ -457,7 +504,7 @@ def test_agent_re_registers_after_etcd_lost_its_data(workdir, tool):
         _, second_lease, ttl = etcd_get(server, key)
         assert second_lease != 0 and 0 < ttl <= 6
         wait_until(lambda: agent.healthz()["etcd"] == "connected", 10, "agent to reconnect")
-        assert http_status(f"http://{agent.health}/readyz") == 200
+        wait_until(lambda: http_status(f"http://{agent.health}/readyz") == 200, 15, "ready again (watch back)")
     finally:
         if agent is not None:
             agent.stop()

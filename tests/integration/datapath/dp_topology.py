@@ -72,8 +72,17 @@ def _stop(proc: subprocess.Popen[str]) -> None:
         proc.wait(timeout=5)
 
 
+def _ip(netns: str, *args: str) -> None:
+    subprocess.run(["ip", "-n", netns, *args], check=True, timeout=10)
+
+
 class Topology:
-    def __init__(self, pods: int = 3, tag: str | None = None) -> None:
+    """``ipv6``: pods also get ``fd00:<third>::<n>/128`` routed via ``fe80::1`` on the host veth (the
+    veth pair then needs Neighbor Discovery); ``mtu``: both ends of every veth."""
+
+    def __init__(self, pods: int = 3, tag: str | None = None, *, ipv6: bool = False, mtu: int | None = None) -> None:
+        self.ipv6 = ipv6
+        self.mtu = mtu
         self.tag = tag or secrets.token_hex(3)
         self.node_ns = f"cyt-dp-{self.tag}-node"
         third = secrets.randbelow(200) + 20
@@ -107,7 +116,24 @@ class Topology:
                     inner.route("add", dst=f"{GATEWAY}/32", oif=eth0, scope=253)
                     inner.route("add", dst="0.0.0.0/0", gateway=GATEWAY, oif=eth0)
                 node.route("add", dst=f"{pod.ip}/32", oif=idx)
+        for pod in self.pods:
+            if self.mtu:
+                _ip(self.node_ns, "link", "set", pod.host_ifname, "mtu", str(self.mtu))
+                _ip(pod.netns, "link", "set", "eth0", "mtu", str(self.mtu))
+            if self.ipv6:
+                _ip(self.node_ns, "-6", "addr", "add", "fe80::1/64", "dev", pod.host_ifname, "nodad")
+                _ip(self.node_ns, "-6", "route", "add", f"{self.ip6(pod)}/128", "dev", pod.host_ifname)
+                _ip(pod.netns, "-6", "addr", "add", f"{self.ip6(pod)}/128", "dev", "eth0", "nodad")
+                _ip(pod.netns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0")
+        if self.ipv6:
+            subprocess.run(["ip", "netns", "exec", self.node_ns, "sysctl", "-q", "-w",
+                            "net.ipv6.conf.all.forwarding=1"], check=True, timeout=10)
         return self
+
+    def ip6(self, pod: Pod) -> str:
+        """The pod's IPv6 address (``ipv6=True`` only)."""
+        third = pod.ip.split(".")[2]
+        return f"fd00:{third}::{pod.ip.split('.')[3]}"
 
     def serve(self, pod: Pod, tcp: list[int], udp: list[int]) -> None:
         proc = subprocess.Popen(

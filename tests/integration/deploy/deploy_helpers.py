@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
+from ciliary.lab import etcdsecurity
+
 ROOT = Path(__file__).resolve().parents[3]
 CHART = ROOT / "charts" / "ciliary"
 CRDS_CHART = ROOT / "charts" / "ciliary-crds"
@@ -44,10 +46,11 @@ class Helm:
 
 
 def etcd_value(kube: Any, key: str) -> bytes | None:
-    """One key's value through etcd's JSON gateway (no client library needed); None when absent."""
+    """One key's value through etcd's JSON gateway, as the operator's etcd user; None when absent."""
     body = json.dumps({"key": base64.b64encode(key.encode()).decode()}).encode()
     request = urllib.request.Request(f"{kube.etcd_endpoint}/v3/kv/range", data=body, method="POST")
-    with urllib.request.urlopen(request, timeout=5) as resp:
+    context = etcdsecurity.tls_context(kube.etcd_tls())
+    with urllib.request.urlopen(request, timeout=5, context=context) as resp:
         kvs = json.load(resp).get("kvs", [])
     return base64.b64decode(kvs[0].get("value", "")) if kvs else None
 

@@ -95,8 +95,65 @@ async def test_health_and_readiness():
     async with TestClient(TestServer(health.build_app(sources))) as client:
         r = await client.get("/healthz")
         assert (r.status, await r.json()) == (
-            200, {"node": "node-1", "status": "ok", "etcd": "disconnected", "endpoints": 2})
+            200, {"node": "node-1", "status": "ok", "etcd": "disconnected", "endpoints": 2, "problems": []})
         assert (await client.get("/readyz")).status == 503
         reg.etcd_connected = reg.registered = True
         assert (await (await client.get("/healthz")).json())["etcd"] == "connected"
         assert (await client.get("/readyz")).status == 200
+
+
+async def test_datapath_off_refuses_every_endpoint(tmp_path):
+    """--datapath off: the agent enforces nothing, so it takes no endpoint (the CNI ADD fails, code 105)."""
+    from ciliary.cni import agent_client
+
+    registry = endpoints.EndpointRegistry(tmp_path)
+    async with TestClient(TestServer(endpoint_api.build_app(registry, enforcing=False))) as client:
+        r = await client.post("/v1/endpoints", json=BODY)
+        assert r.status == 503
+        assert (await r.json())["error"] == endpoint_api.DATAPATH_OFF == agent_client.DATAPATH_OFF
+        assert len(registry) == 0
+        r = await client.get("/v1/endpoints")
+        assert (await r.json())["endpoints"] == []
+
+
+HEALTHY = health.EnforcementView(datapath=True, started=True, watch_synced=True, wanted_revision=4,
+                                 applied_revision=4)
+
+
+@pytest.mark.parametrize(("changes", "live", "ready"), [
+    ({}, [], []),
+    ({"wanted_revision": None, "applied_revision": None}, [], []),  # no intent for this node: nothing to apply
+    ({"datapath": False}, [], ["datapath off: this agent enforces nothing"]),
+    ({"started": False}, [], ["datapath not loaded"]),  # still compiling: alive, not ready
+    ({"started": False, "start_error": "clang failed"}, ["datapath did not start: clang failed"],
+     ["datapath not loaded: clang failed"]),
+    ({"datapath_problems": ("map pin cy_policy is gone",)}, ["datapath: map pin cy_policy is gone"],
+     ["datapath: map pin cy_policy is gone"]),
+    ({"watch_synced": False}, [], ["intent not read yet"]),
+    ({"watch_broken_for": 3.0}, [], ["intent watch broken"]),  # a blip: alive, not ready
+    ({"watch_broken_for": 30.0}, ["intent watch broken for 30 s"], ["intent watch broken"]),
+    ({"wanted_revision": 5}, [], ["intent revision 5 not applied (applied: 4)"]),
+    ({"apply_error": "map cy_policy needs 70000 entries"}, [],
+     ["newest intent not applied: map cy_policy needs 70000 entries"]),
+])
+def test_liveness_and_readiness_reasons(changes, live, ready):
+    import dataclasses
+
+    view = dataclasses.replace(HEALTHY, **changes)
+    assert health.liveness_problems(view) == live
+    assert health.readiness_problems(view) == ready
+
+
+async def test_health_endpoints_fail_with_their_reasons():
+    reg = FakeRegistration(etcd_connected=True, registered=True)
+    state = {"view": HEALTHY}
+    sources = health.HealthSources("node-1", reg, [], enforcement=lambda: state["view"])
+    async with TestClient(TestServer(health.build_app(sources))) as client:
+        assert (await client.get("/healthz")).status == 200 and (await client.get("/readyz")).status == 200
+        import dataclasses
+
+        state["view"] = dataclasses.replace(HEALTHY, datapath_problems=("cy_to_pod is not attached to cy1",))
+        r = await client.get("/healthz")
+        assert r.status == 503 and (await r.json())["problems"] == ["datapath: cy_to_pod is not attached to cy1"]
+        r = await client.get("/readyz")
+        assert r.status == 503 and (await r.json())["ready"] is False

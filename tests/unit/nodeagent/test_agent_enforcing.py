@@ -21,6 +21,8 @@ class FakeDatapath:
         self.lock = threading.Lock()
         self.closed = False
         self.program_hashes = {"from_pod": "aa", "to_pod": "bb"}
+        self.kernel: dict[str, int] = {}
+        self.problems: list[str] = []
 
     def start(self) -> None:
         pass
@@ -34,6 +36,7 @@ class FakeDatapath:
             if self.fail is not None:
                 raise self.fail
             self.applied.append((intent.revision, tuple(sorted(str(ip) for ip in veths))))
+            self.kernel = {str(ip): intent.revision for ip in veths}
             return SimpleNamespace(unplaced=(), program_hashes=self.program_hashes, compiled=(), map_writes=1)
         finally:
             with self.lock:
@@ -47,6 +50,12 @@ class FakeDatapath:
 
     def rules_for(self, cookie):
         return ()
+
+    def endpoint_revisions(self):
+        return dict(self.kernel)
+
+    def check(self):
+        return list(self.problems)
 
 
 def endpoint(n: int) -> endpoints.Endpoint:
@@ -92,3 +101,26 @@ async def test_applies_only_after_an_intent_serialised_and_keeps_last_good(tmp_p
     await asyncio.wait_for(task, 5)
     await enforcer.close()
     assert dp.closed
+
+
+async def test_the_kernel_endpoint_map_is_read_back_after_apply_and_while_idle(tmp_path: Path) -> None:
+    registry = endpoints.EndpointRegistry(tmp_path)
+    dp = FakeDatapath()
+    enforcer = enforcing.Enforcer(node="n1", datapath=dp, registry=registry, retry=(0.01, 0.05), verify_every=0.05)
+    registry.subscribe(enforcer.on_endpoint_event)
+    stop = asyncio.Event()
+    task = asyncio.create_task(enforcer.run(stop))
+    await asyncio.wait_for(enforcer.started.wait(), 5)
+    await registry.upsert(endpoint(1))
+    assert await enforcer.wait_applied(enforcer.set_intent(intents.NodeIntent(node="n1", revision=3)), 5)
+    assert enforcer.outcome.kernel_endpoints == {"10.0.0.1": 3}
+    assert enforcer.outcome.local_endpoints == frozenset({"10.0.0.1"})
+    dp.kernel.clear()  # the entry vanished from the kernel: the next read-back says so
+    for _ in range(100):
+        if enforcer.outcome.kernel_endpoints == {}:
+            break
+        await asyncio.sleep(0.02)
+    assert enforcer.outcome.kernel_endpoints == {}
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    await enforcer.close()

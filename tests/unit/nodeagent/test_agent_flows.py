@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes as ct
 import json
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -102,3 +103,26 @@ async def test_ring_is_bounded_and_http_serves_last_follow_and_stats() -> None:
         assert stats["lost"] == 7 + stats["lost_followers"] and stats["ring_capacity"] == 8
     stop.set()
     await pump
+
+
+def test_parser_drop_reasons_and_ipv6_flows() -> None:
+    """Every drop of the fail-closed parser has its own reason; IPv6 drops carry IPv6 addresses."""
+    index = flowapi.IntentIndex.of("n1", INTENT)
+    names = {reason: flowapi.enrich(event(reason=reason), index, lambda _c: ())["drop_reason"]
+             for reason in (maps.Reason.DROP_INVALID, maps.Reason.DROP_FRAGMENT, maps.Reason.DROP_INVALID_L3,
+                            maps.Reason.DROP_UNSUPPORTED_L3)}
+    assert names == {maps.Reason.DROP_INVALID: "INVALID", maps.Reason.DROP_FRAGMENT: "FRAGMENT_NO_L4",
+                     maps.Reason.DROP_INVALID_L3: "INVALID_L3", maps.Reason.DROP_UNSUPPORTED_L3: "UNSUPPORTED_L3"}
+    raw = maps.FlowEventC(ts_ns=1, protocol=58, sport=128, verdict=2, reason=9, direction=2, family=6,
+                          saddr6=(ct.c_uint8 * 16)(*IPv6Address("fd00::2").packed),
+                          daddr6=(ct.c_uint8 * 16)(*IPv6Address("fd00::3").packed))
+    decoded = flows.decode(bytes(raw), mono_to_wall=0.0)
+    assert decoded.src == IPv6Address("fd00::2") and decoded.dst == IPv6Address("fd00::3")
+    assert decoded.reason is maps.Reason.DROP_UNSUPPORTED_L3 and decoded.sport == 128
+    flow = flowapi.enrich(decoded, index, lambda _c: ())
+    assert flow["src"]["ip"] == "fd00::2" and flow["protocol"] == "ICMPv6" and flow["dst"]["port"] == 128
+    assert flow["drop_reason"] == "UNSUPPORTED_L3" and flow["direction"] == "egress"
+    assert flowapi.make_filter({"protocol": "icmpv6", "verdict": "DROPPED"})(flow)
+    assert ct.sizeof(maps.FlowEventC) == maps.STRUCT_SIZES["flow_event"]
+    old_layout = bytes(maps.FlowEventC(protocol=6, verdict=2, reason=5, direction=1))[:56]  # before IPv6 fields
+    assert flows.decode(old_layout, mono_to_wall=0.0).reason is maps.Reason.DROP_POLICY

@@ -18,6 +18,8 @@ class FakeLease:
         self.client = client
 
     async def refresh(self):
+        if self.client.closed:
+            raise aetcd.ConnectionFailedError("client closed")
         return SimpleNamespace(TTL=0 if self.id in self.client.expired else 3)
 
     async def revoke(self):
@@ -32,6 +34,7 @@ class FakeClient:
         self.revoked: list = []
         self.next_id = 100
         self.fail_next = 0
+        self.closed = False
 
     async def lease(self, ttl):
         if self.fail_next:
@@ -43,8 +46,14 @@ class FakeClient:
     async def put(self, key, value, lease):
         self.puts.append((key, json.loads(value), lease.id))
 
+    async def refresh_lease(self, lease_id):
+        return SimpleNamespace(TTL=0 if lease_id in self.expired else 3)
+
+    async def revoke_lease(self, lease_id):
+        self.revoked.append(lease_id)
+
     async def close(self):
-        pass
+        self.closed = True
 
 
 def make(count=lambda: 0):
@@ -123,3 +132,17 @@ async def test_run_rotates_to_the_next_endpoint_when_one_is_down():
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
+
+
+async def test_a_lease_that_outlived_its_client_is_refreshed_through_the_new_one():
+    """etcd restarted and kept the lease (it extends leases on restart); the client that granted it is gone."""
+    reg, clients = make()
+    await reg._step()
+    lease_id = reg.lease_id
+    await reg._drop_client(rotate=False)  # what a lost connection does
+    await reg._step()  # refreshed through a new client: the same lease, still registered
+    assert len(clients) == 2 and reg.registered and reg.lease_id == lease_id
+    clients[1].expired.add(lease_id)
+    clients[1].next_id = 200
+    await reg._step()  # and its expiry is seen through the new client too
+    assert reg.lease_id != lease_id and clients[1].puts[-1][2] == reg.lease_id

@@ -120,3 +120,34 @@ async def test_reporter_writes_under_the_lease_only_on_change_and_rewrites_for_a
     assert {lease for k, (_, lease) in client.kv.items() if mine(k)} == {11}
     state["lease"] = None
     assert not await reporter.sync_once()
+
+
+def test_a_policy_is_enforcing_only_where_the_kernel_shows_every_local_endpoint_at_the_revision() -> None:
+    def ep(pod: str, ip: str, *uids: str) -> intents.EndpointIntent:
+        return intents.EndpointIntent(namespace="ns", pod=pod, ipv4=ip, identity=300, policies=uids)
+
+    i = intents.NodeIntent(node=NODE, revision=7, policies=(P1, P2), endpoints=(
+        ep("a", "10.0.0.1", "u1"), ep("b", "10.0.0.2", "u1", "u2"), ep("gone", "10.0.0.9", "u2")))
+    local = frozenset({"10.0.0.1", "10.0.0.2"})  # "gone" has no veth here: nothing to enforce it on
+
+    def reps(kernel: dict[str, int] | None) -> tuple[reports.PolicyReport, reports.PolicyReport]:
+        out = reporting.desired_reports(NODE, enforcing.Outcome(started=True, wanted=i, applied=i,
+                                                                kernel_endpoints=kernel, local_endpoints=local),
+                                        now="t")
+        r1, r2 = out[keyspace.report_key("u1", NODE)], out[keyspace.report_key("u2", NODE)]
+        assert isinstance(r1, reports.PolicyReport) and isinstance(r2, reports.PolicyReport)
+        return r1, r2
+
+    r1, r2 = reps({"10.0.0.1": 7, "10.0.0.2": 7})
+    assert (r1.enforcing, r1.error, r2.enforcing) == (True, "", True)
+    r1, r2 = reps({"10.0.0.2": 7})  # a missing from the kernel's map: only u1 selects it
+    assert (r1.ok, r1.enforcing, r2.enforcing) == (True, False, True)
+    assert "ns/a (10.0.0.1)" in r1.error and "revision 7" in r1.error
+    r1, r2 = reps({"10.0.0.1": 7, "10.0.0.2": 6})  # b still at an older revision
+    assert (r1.enforcing, r2.enforcing) == (False, False) and "ns/b" in r2.error
+    r1, r2 = reps(None)  # the map could not be read: nothing is claimed
+    assert (r1.enforcing, r2.enforcing) == (False, False)
+    failed = enforcing.Outcome(started=True, wanted=i, applied=i, error="x", error_kind="MapFull",
+                               kernel_endpoints={"10.0.0.2": 7}, local_endpoints=local)
+    r1 = reporting.desired_reports(NODE, failed, now="t")[keyspace.report_key("u1", NODE)]
+    assert isinstance(r1, reports.PolicyReport) and (r1.ok, r1.enforcing) == (False, False)

@@ -87,3 +87,17 @@ def test_key_value_formatter():
     assert 'msg="Node registered"' in line
     assert "node=n1 lease=5" in line
     assert 'path="/a b"' in line
+
+
+def test_datapath_is_on_by_default_and_auto_is_gone(tls_env):
+    node = {"CILIARY_AGENT_NODE_NAME": "n", **tls_env}
+    assert settings.load_settings([], node).datapath is True
+    assert settings.load_settings(["--netns", ""], node).datapath is True
+    assert settings.load_settings(["--datapath", "off"], node).datapath is False
+    assert settings.load_settings([], {**node, "CILIARY_AGENT_DATAPATH": "off"}).datapath is False
+    for spelled in (["--datapath", "auto"], ["--datapath", "maybe"]):
+        with pytest.raises(SystemExit) as caught:
+            settings.load_settings(spelled, node)
+        assert caught.value.code == 2
+    with pytest.raises(SystemExit):
+        settings.load_settings([], {**node, "CILIARY_AGENT_DATAPATH": "auto"})

@@ -117,6 +117,17 @@ def test_icmp_type_entries_match_by_type(entry_list: list[PolicyEntry], icmp_typ
     assert got == (want.allowed, want.reason)
 
 
+def test_icmp_type_0_is_one_type_not_any() -> None:
+    """Echo reply (type 0) must not become the "any port" (0, 0) of the port encoding."""
+    reply_only = PolicyEntry(identity=0, protocol=Protocol.ICMP, icmp_type=0, verdict=Verdict.ALLOW)
+    policy = DirectionPolicy(enforced=True, entries=(reply_only,))
+    state = programmed(endpoint(A, ingress=policy))
+    for icmp_type in (0, 1, 3, 8, 255):
+        want = intents.evaluate_entries(policy, identity=1001, protocol=1, port=icmp_type)
+        assert lookup(state, A, MapDirection.INGRESS, 1001, 1, icmp_type) == (want.allowed, want.reason)
+    assert lookup(state, A, MapDirection.INGRESS, 1001, 1, 8) == (False, "default-deny")
+
+
 SPECIFIC_ALLOW = PolicyEntry(identity=1001, protocol=Protocol.TCP, port_low=8080, verdict=Verdict.ALLOW)
 BROAD_DENY = PolicyEntry(identity=0, protocol=Protocol.ANY, verdict=Verdict.DENY)
 
@@ -147,7 +158,8 @@ def test_a_clear_deny_flag_skips_the_deny_map() -> None:
 
 def single_writes(state: DatapathState, plan: planning.Plan) -> Iterator[DatapathState]:
     """Each state the kernel holds while the engine writes ``plan`` in planning.write_order."""
-    current = {name: dict(getattr(state, name)) for name in ("ipcache", "endpoints", "policy", "policy_deny")}
+    current = {name: dict(getattr(state, name))
+               for name in ("ipcache", "endpoints", "policy", "policy_deny", "ep_ifindex")}
     for name, kind, diff in planning.write_order(plan):
         contents = current[name]
         for key in (diff.upserts if kind == "upserts" else diff.deletes):
@@ -156,7 +168,8 @@ def single_writes(state: DatapathState, plan: planning.Plan) -> Iterator[Datapat
             else:
                 del contents[key]
             yield DatapathState(ipcache=dict(current["ipcache"]), endpoints=dict(current["endpoints"]),
-                                policy=dict(current["policy"]), policy_deny=dict(current["policy_deny"]))
+                                policy=dict(current["policy"]), policy_deny=dict(current["policy_deny"]),
+                                ep_ifindex=dict(current["ep_ifindex"]))
 
 
 SMALL_ENTRIES = st.builds(

@@ -39,8 +39,8 @@ def applied(desired: intents.NodeIntent, veths: dict[IPv4Address, HostVeth]) -> 
     """The state after a plan for ``desired`` was fully applied to an empty node."""
     p = planning.plan(desired, DatapathState(), programs=PROGRAMS, veths=veths)
     return DatapathState(programs=PROGRAMS, attachments=frozenset(p.attach), ipcache=dict(p.ipcache.upserts),
-                         endpoints=dict(p.endpoints.upserts), policy=dict(p.policy.upserts),
-                         policy_deny=dict(p.policy_deny.upserts))
+                         endpoints={**p.endpoints.upserts, **p.stamps.upserts}, policy=dict(p.policy.upserts),
+                         policy_deny=dict(p.policy_deny.upserts), ep_ifindex=dict(p.ep_ifindex.upserts))
 
 
 def test_empty_node_gets_everything() -> None:
@@ -92,10 +92,10 @@ def test_deny_flag_is_raised_before_deny_entries_and_lowered_after_them() -> Non
     with_deny = intent(endpoint(A, 1001, ingress=DirectionPolicy(enforced=True, entries=(ALLOW_80, DENY_ANY))))
     enforced, raised = planning.EP_INGRESS_ENFORCED, planning.EP_INGRESS_ENFORCED | planning.EP_INGRESS_DENY
     add = planning.plan(with_deny, applied(allow_only, {A: VETH[A]}), programs=PROGRAMS, veths={A: VETH[A]})
-    assert add.raise_deny_flags.upserts == {A: EndpointValue(1, 1001, raised, 11)}
+    assert add.raise_deny_flags.upserts == {A: EndpointValue(1, 1001, raised, 11, 7)}
     assert not add.endpoints and not add.lower_deny_flags
     remove = planning.plan(allow_only, applied(with_deny, {A: VETH[A]}), programs=PROGRAMS, veths={A: VETH[A]})
-    assert remove.lower_deny_flags.upserts == {A: EndpointValue(1, 1001, enforced, 11)}
+    assert remove.lower_deny_flags.upserts == {A: EndpointValue(1, 1001, enforced, 11, 7)}
     assert not remove.endpoints and not remove.raise_deny_flags
     order = [(name, kind) for name, kind, diff in planning.write_order(remove) if diff]
     assert order.index(("policy_deny", "deletes")) < order.index(("endpoints", "upserts"))
@@ -112,7 +112,7 @@ def test_enforcement_flag_change_rewrites_only_the_endpoint() -> None:
     old = intent(endpoint(A, 1001))
     new = intent(endpoint(A, 1001, egress=DirectionPolicy(enforced=True)))
     p = planning.plan(new, applied(old, {A: VETH[A]}), programs=PROGRAMS, veths={A: VETH[A]})
-    assert p.endpoints.upserts == {A: EndpointValue(1, 1001, planning.EP_EGRESS_ENFORCED, 11)}
+    assert p.endpoints.upserts == {A: EndpointValue(1, 1001, planning.EP_EGRESS_ENFORCED, 11, 7)}
     assert p.map_writes == 1
 
 
@@ -179,3 +179,23 @@ def test_overlapping_entries_of_one_verdict_share_keys_deterministically() -> No
     d2 = planning.direction_maps(1, MapDirection.INGRESS, DirectionPolicy(enforced=True, entries=(ALLOW_80, e1)))
     assert d1 == d2
     assert list(d1[0].values()) == [planning.PolicyValue(0)]
+
+
+def test_revision_stamp_is_the_last_write_of_every_endpoint() -> None:
+    """Each endpoint's revision is written after every other write of that revision (and only then)."""
+    old = intent(endpoint(A, 1001, ingress=DirectionPolicy(enforced=True, entries=(ALLOW_80, DENY_ANY))),
+                 endpoint(B, 1002))
+    state = applied(old, {A: VETH[A], B: VETH[B]})
+    assert {ip: v.revision for ip, v in state.endpoints.items()} == {A: 7, B: 7}
+    new = intent(endpoint(A, 1001, ingress=DirectionPolicy(enforced=True, entries=(ALLOW_80,))),
+                 endpoint(B, 1002), endpoint(C, 1003)).model_copy(update={"revision": 8})
+    p = planning.plan(new, state, programs=PROGRAMS, veths=VETH)
+    assert all(v.revision == 7 for v in p.lower_deny_flags.upserts.values())
+    assert p.endpoints.upserts[C].revision == 0  # a new endpoint: unstamped until the end
+    assert {ip: v.revision for ip, v in p.stamps.upserts.items()} == {A: 8, B: 8, C: 8}
+    steps = [(name, kind) for name, kind, diff in planning.write_order(p) if diff]
+    assert steps[-1] == ("endpoints", "upserts") and planning.write_order(p)[-1][2] is p.stamps
+    # the same revision again: nothing to stamp
+    again = planning.plan(new, applied(new, VETH), programs=PROGRAMS, veths=VETH)
+    assert again.empty
+    assert planning.revision_stamp(2**32 + 5) == 5

@@ -62,7 +62,7 @@ def test_both_hooks_declare_the_same_maps() -> None:
     names = maps_of(rendering.render(CTX, "from_pod").source)
     assert names == maps_of(rendering.render(CTX, "to_pod").source)
     assert all(len(n) <= 15 for n in names)
-    assert set(names) == {"cy_ipcache", "cy_endpoints", "cy_policy", "cy_policy_deny", "cy_ct",
+    assert set(names) == {"cy_ipcache", "cy_endpoints", "cy_ep_ifindex", "cy_policy", "cy_policy_deny", "cy_ct",
                           "cy_counters", "cy_lost", "cy_events"}
 
 

@@ -35,7 +35,7 @@ from ciliary.operator import intents
 
 log = logging.getLogger(__name__)
 
-MAP_NAMES = ("cy_ipcache", "cy_endpoints", "cy_policy", "cy_policy_deny", "cy_ct",
+MAP_NAMES = ("cy_ipcache", "cy_endpoints", "cy_ep_ifindex", "cy_policy", "cy_policy_deny", "cy_ct",
              "cy_counters", "cy_lost", "cy_events")
 
 
@@ -58,7 +58,8 @@ def _sizes_of(ctx: rendering.RenderContext) -> dict[str, tuple[int, int, int]]:
     """Expected (key_size, value_size, max_entries) of maps whose shape the context decides."""
     return {
         "cy_ipcache": (8, 8, ctx.ipcache_size),
-        "cy_endpoints": (4, 16, ctx.endpoints_size),
+        "cy_endpoints": (4, ct.sizeof(maps.EndpointInfoC), ctx.endpoints_size),
+        "cy_ep_ifindex": (4, 4, ctx.endpoints_size),
         "cy_policy": (16, 8, ctx.policy_size),
         "cy_policy_deny": (16, 8, ctx.policy_size),
         "cy_ct": (16, 24, ctx.ct_size),
@@ -229,6 +230,7 @@ class Datapath:
             endpoints=maps.read_map(self._fd("cy_endpoints"), maps.ENDPOINTS),
             policy=maps.read_map(self._fd("cy_policy"), maps.POLICY),
             policy_deny=maps.read_map(self._fd("cy_policy_deny"), maps.POLICY_DENY),
+            ep_ifindex=maps.read_map(self._fd("cy_ep_ifindex"), maps.EP_IFINDEX),
         )
 
     def _hash_of_pin(self, pinned: Path) -> str:
@@ -319,6 +321,7 @@ class Datapath:
             "endpoints": (maps.ENDPOINTS, ctx.endpoints_size),
             "policy": (maps.POLICY, ctx.policy_size),
             "policy_deny": (maps.POLICY_DENY, ctx.policy_size),
+            "ep_ifindex": (maps.EP_IFINDEX, ctx.endpoints_size),
         }
         current: dict[str, dict[Any, Any]] = {name: dict(getattr(observed, name)) for name in codecs}
         for name, (codec, capacity) in codecs.items():
@@ -339,7 +342,8 @@ class Datapath:
             undo.rollback()
             raise
         return dataclasses.replace(observed, ipcache=current["ipcache"], endpoints=current["endpoints"],
-                                   policy=current["policy"], policy_deny=current["policy_deny"])
+                                   policy=current["policy"], policy_deny=current["policy_deny"],
+                                   ep_ifindex=current["ep_ifindex"])
 
     def _unpin_stale_programs(self) -> None:
         current = {loading.program_pin_path(self.pin_dir, h, sha) for h, sha in self._programs.items()}
@@ -371,6 +375,26 @@ class Datapath:
                 per_cpu = maps.read_percpu(fd, direction * maps.REASON_MAX + int(reason), maps.CounterC)
                 out[(dname, reason)] = (sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu))
         return out
+
+    def check(self) -> list[str]:
+        """What is broken in the kernel: a program or map pin gone, a program no longer attached to a veth
+        this engine attached it to (a veth that no longer exists is not a problem). Empty: healthy."""
+        if not self._started:
+            return ["the datapath is not loaded"]
+        problems = [f"program pin {loading.program_pin_path(self.pin_dir, hook, sha).name} is gone"
+                    for hook, sha in sorted(self._programs.items())
+                    if not loading.program_pin_path(self.pin_dir, hook, sha).exists()]
+        problems += [f"map pin {name} is gone" for name in MAP_NAMES if not (self.pin_dir / name).exists()]
+        wanted = {(a.ifindex, a.hook): a.ifname for a in self._state.attachments}
+        found, gone = loading.attached_hooks(self.netns, {index for index, _ in wanted})
+        problems += [f"cy_{hook} is not attached to {ifname}" for (index, hook), ifname in sorted(wanted.items())
+                     if index not in gone and (index, hook) not in found]
+        return problems
+
+    def endpoint_revisions(self) -> dict[str, int]:
+        """Read back from the kernel: pod IPv4 -> the revision stamped on its ``cy_endpoints`` entry."""
+        self._require_started()
+        return {str(ip): value.revision for ip, value in maps.read_map(self._fd("cy_endpoints"), maps.ENDPOINTS).items()}
 
     def conntrack_size(self) -> int:
         return maps.count_entries(self._fd("cy_ct"), maps.CtKeyC)

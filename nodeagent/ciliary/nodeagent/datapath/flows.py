@@ -17,7 +17,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 from ciliary.nodeagent.datapath import libbpf, maps
 
@@ -29,8 +29,9 @@ VERDICTS = {1: "forwarded", 2: "dropped"}
 class FlowEvent:
     time: float
     """Wall-clock seconds (converted from the kernel's monotonic timestamp)."""
-    src: IPv4Address
-    dst: IPv4Address
+    src: IPv4Address | IPv6Address
+    dst: IPv4Address | IPv6Address
+    """IPv6 only for dropped IPv6 packets (reason DROP_UNSUPPORTED_L3)."""
     sport: int
     """TCP/UDP source port; ICMP: the ICMP type."""
     dport: int
@@ -52,13 +53,16 @@ class FlowEvent:
 
 
 def decode(raw: bytes, *, mono_to_wall: float | None = None) -> FlowEvent:
-    ev = maps.FlowEventC.from_buffer_copy(raw[: ct.sizeof(maps.FlowEventC)])
+    # ljust: a program compiled before flow_event grew (still attached while an upgraded agent
+    # starts) sends shorter records; their missing tail (the IPv6 fields) reads as zeros
+    ev = maps.FlowEventC.from_buffer_copy(raw[: ct.sizeof(maps.FlowEventC)].ljust(ct.sizeof(maps.FlowEventC), b"\0"))
     offset = mono_to_wall if mono_to_wall is not None else time.time() - time.monotonic()
-    icmp = ev.protocol == 1
+    v6 = ev.family == 6
+    icmp = ev.protocol == 1 or (v6 and ev.protocol == 58)
     return FlowEvent(
         time=ev.ts_ns / 1e9 + offset,
-        src=maps.u32_to_addr(ev.saddr),
-        dst=maps.u32_to_addr(ev.daddr),
+        src=IPv6Address(bytes(ev.saddr6)) if v6 else maps.u32_to_addr(ev.saddr),
+        dst=IPv6Address(bytes(ev.daddr6)) if v6 else maps.u32_to_addr(ev.daddr),
         sport=ev.sport if icmp else socket.ntohs(ev.sport),
         dport=ev.dport if icmp else socket.ntohs(ev.dport),
         protocol=ev.protocol,

@@ -1,7 +1,7 @@
 """ctypes bindings to the system libbpf (``libbpf.so.1``): everything the agent process does with bpf objects.
 
-Used by ``loading`` (pin, adopt, program/map info), ``maps`` (element syscalls)
-and ``flows`` (the ring buffer). It needs no compiler: the agent process never
+Used by ``loading`` (pin, adopt, program/map info), ``maps`` (element syscalls),
+``flows`` (the ring buffer) and the tests (:func:`prog_test_run`, BPF_PROG_TEST_RUN). It needs no compiler: the agent process never
 imports bcc, whose LLVM/clang libraries alone cost ~55 MB of resident memory
 once loaded (``compiler`` runs bcc in a short-lived child instead). Every
 failure is an ``OSError`` carrying the errno and the object's path or fd.
@@ -25,6 +25,21 @@ lib.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uin
 lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
 lib.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
 lib.libbpf_num_possible_cpus.argtypes = []
+
+
+class TestRunOptsC(ct.Structure):
+    """``struct bpf_test_run_opts`` (libbpf)."""
+
+    __test__ = False  # not a pytest class
+    _fields_ = [("sz", ct.c_size_t), ("data_in", ct.c_void_p), ("data_out", ct.c_void_p),
+                ("data_size_in", ct.c_uint32), ("data_size_out", ct.c_uint32),
+                ("ctx_in", ct.c_void_p), ("ctx_out", ct.c_void_p),
+                ("ctx_size_in", ct.c_uint32), ("ctx_size_out", ct.c_uint32),
+                ("retval", ct.c_uint32), ("repeat", ct.c_int), ("duration", ct.c_uint32),
+                ("flags", ct.c_uint32), ("cpu", ct.c_uint32), ("batch_size", ct.c_uint32)]
+
+
+lib.bpf_prog_test_run_opts.argtypes = [ct.c_int, ct.POINTER(TestRunOptsC)]
 
 RingBufferSample = ct.CFUNCTYPE(ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_size_t)
 """``ring_buffer_sample_fn``: (ctx, data, size) -> 0 to go on."""
@@ -120,6 +135,20 @@ def possible_cpus() -> int:
     if n <= 0:
         raise OSError(-n or errno_mod.EIO, "libbpf_num_possible_cpus failed")
     return n
+
+
+def prog_test_run(prog_fd: int, packet: bytes) -> int:
+    """Run the program behind ``prog_fd`` once on ``packet`` (BPF_PROG_TEST_RUN); its return value.
+
+    For a tc program ``packet`` is an Ethernet frame; the kernel builds an skb around it in
+    the caller's network namespace. The program's map writes and events are real.
+    """
+    buf = ct.create_string_buffer(packet, len(packet))
+    out = ct.create_string_buffer(len(packet) + 256)
+    opts = TestRunOptsC(sz=ct.sizeof(TestRunOptsC), data_in=ct.addressof(buf), data_size_in=len(packet),
+                        data_out=ct.addressof(out), data_size_out=len(out), repeat=1)
+    _checked(lib.bpf_prog_test_run_opts(prog_fd, ct.byref(opts)), f"bpf_prog_test_run_opts (fd {prog_fd})")
+    return int(opts.retval)
 
 
 # ---------------------------------------------------------------- ring buffer

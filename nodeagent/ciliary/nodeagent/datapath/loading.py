@@ -16,7 +16,7 @@ import errno as errno_mod
 import json
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -132,6 +132,29 @@ def detach(netns: str | None, ifindex: int, hook: str) -> None:
     except NetlinkError as exc:
         if exc.code not in (errno_mod.ENOENT, errno_mod.ENODEV, errno_mod.EINVAL):
             raise errors.AttachFailed(str(ifindex), hook, str(exc)) from exc
+
+
+def attached_hooks(netns: str | None, ifindexes: Iterable[int]) -> tuple[set[tuple[int, str]], set[int]]:
+    """(hooks that carry our filter as (ifindex, hook), ifindexes that no longer exist), by netlink only."""
+    found: set[tuple[int, str]] = set()
+    gone: set[int] = set()
+    with _ipr(netns) as ipr:
+        for index in ifindexes:
+            try:
+                ipr.link("get", index=index)
+            except NetlinkError:
+                gone.add(index)
+                continue
+            for hook, parent in PARENTS.items():
+                try:
+                    messages = ipr.get_filters(index=index, parent=parent)
+                except NetlinkError:
+                    continue
+                for msg in messages:
+                    if msg.get_attr("TCA_KIND") == "bpf" and (msg["info"] >> 16) == TC_PRIO and \
+                            msg["handle"] == TC_HANDLE:
+                        found.add((index, hook))
+    return found, gone
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,7 +41,17 @@ class EndpointKeyC(ct.Structure):
 
 class EndpointInfoC(ct.Structure):
     _fields_ = [("ep_id", ct.c_uint32), ("identity", ct.c_uint32), ("flags", ct.c_uint32),
-                ("ifindex", ct.c_uint32)]
+                ("ifindex", ct.c_uint32), ("revision", ct.c_uint32)]
+
+
+class IfindexKeyC(ct.Structure):
+    _fields_ = [("ifindex", ct.c_uint32)]
+
+
+class PodAddrC(ct.Structure):
+    """cy_ep_ifindex value: a pod's IPv4 (network order), a cy_endpoints key."""
+
+    _fields_ = [("addr", ct.c_uint32)]
 
 
 class PolicyKeyC(ct.Structure):
@@ -78,14 +88,15 @@ class FlowEventC(ct.Structure):
     _fields_ = [("ts_ns", ct.c_uint64), ("saddr", ct.c_uint32), ("daddr", ct.c_uint32),
                 ("sport", ct.c_uint16), ("dport", ct.c_uint16), ("protocol", ct.c_uint8),
                 ("tcp_flags", ct.c_uint8), ("verdict", ct.c_uint8), ("reason", ct.c_uint8),
-                ("direction", ct.c_uint8), ("is_reply", ct.c_uint8), ("pad", ct.c_uint16),
+                ("direction", ct.c_uint8), ("is_reply", ct.c_uint8), ("family", ct.c_uint8), ("pad", ct.c_uint8),
                 ("ep_id", ct.c_uint32), ("src_identity", ct.c_uint32), ("dst_identity", ct.c_uint32),
-                ("cookie", ct.c_uint32), ("ifindex", ct.c_uint32), ("len", ct.c_uint32)]
+                ("cookie", ct.c_uint32), ("ifindex", ct.c_uint32), ("len", ct.c_uint32),
+                ("saddr6", ct.c_uint8 * 16), ("daddr6", ct.c_uint8 * 16)]
 
 
 STRUCT_SIZES = {
-    "ipcache_key": 8, "ipcache_value": 8, "endpoint_info": 16, "policy_key": 16,
-    "policy_value": 8, "ct_key": 16, "ct_entry": 24, "counter": 16, "flow_event": 56,
+    "ipcache_key": 8, "ipcache_value": 8, "endpoint_info": 20, "policy_key": 16,
+    "policy_value": 8, "ct_key": 16, "ct_entry": 24, "counter": 16, "flow_event": 88,
 }
 """sizeof() of each types.h struct; checked against the ctypes mirrors by the tests."""
 
@@ -99,9 +110,16 @@ class Reason(enum.IntEnum):
     DROP_POLICY_DENY = 4
     DROP_POLICY = 5
     DROP_INVALID = 6
+    """L4 header truncated (unfragmented packet, enforced direction)."""
+    DROP_FRAGMENT = 7
+    """IPv4 fragment without (a complete) L4 header on an enforced direction: fragments are not tracked."""
+    DROP_INVALID_L3 = 8
+    """IPv4 header shorter than 20 bytes (ihl < 5, or the frame ends inside it)."""
+    DROP_UNSUPPORTED_L3 = 9
+    """IPv6 other than Neighbor Discovery: no IPv6 policy exists yet."""
 
 
-REASON_MAX = 8
+REASON_MAX = 16
 
 # ---------------------------------------------------------------- byte order helpers
 
@@ -159,8 +177,13 @@ IPCACHE: Codec[IPv4Network, planning.IpcacheValue] = Codec(
 ENDPOINTS: Codec[IPv4Address, planning.EndpointValue] = Codec(
     "cy_endpoints", EndpointKeyC, EndpointInfoC,
     lambda ip: EndpointKeyC(addr_to_u32(ip)), lambda c: u32_to_addr(c.addr),
-    lambda v: EndpointInfoC(v.ep_id, v.identity, v.flags, v.ifindex),
-    lambda c: planning.EndpointValue(c.ep_id, c.identity, c.flags, c.ifindex))
+    lambda v: EndpointInfoC(v.ep_id, v.identity, v.flags, v.ifindex, v.revision),
+    lambda c: planning.EndpointValue(c.ep_id, c.identity, c.flags, c.ifindex, c.revision))
+
+
+EP_IFINDEX: Codec[int, IPv4Address] = Codec(
+    "cy_ep_ifindex", IfindexKeyC, PodAddrC, lambda i: IfindexKeyC(i), lambda c: int(c.ifindex),
+    lambda ip: PodAddrC(addr_to_u32(ip)), lambda c: u32_to_addr(c.addr))
 
 
 def _policy_codec(name: str) -> Codec[planning.PolicyKey, planning.PolicyValue]:

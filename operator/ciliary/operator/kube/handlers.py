@@ -4,7 +4,10 @@ Every handler is a raw watch-event handler (``kopf.on.event``): it parses the bo
 once, updates the in-memory ``ClusterModel`` and returns; nothing is persisted on
 the watched objects (no kopf annotations, no finalizers). Policy handlers also
 compute the ``Valid`` condition (the status handover writes it, with
-``Enforced``) and post an Event when a policy is refused. An
+``Enforced``) and post an Event when a policy is refused, and tell the handover
+which parts of a valid policy are not enforced as written (``policy.support``;
+the policy then never reads ``Enforced=True``), with one Warning Event
+``PolicyPartiallyEnforced`` per generation. An
 invalid policy never changes enforcement: a new one is not added, and an edit
 that breaks an enforced policy leaves the last valid version in force.
 """
@@ -32,6 +35,7 @@ from ciliary.operator.kube.cluster_model import (
     pod_from_body,
 )
 from ciliary.operator.kube.kubeapi import GROUP, POLICY_PLURALS, VERSION
+from ciliary.operator.policy import support
 from ciliary.operator.status import validity
 
 log = logging.getLogger(__name__)
@@ -41,6 +45,13 @@ log = logging.getLogger(__name__)
 class PolicyOutcome:
     problems: list[PolicyProblem]
     enforced_version: str  # "current", "previous" or "none"
+    gaps: tuple[support.Gap, ...] = ()
+    """Parts of the (valid) current version that are not enforced exactly as written."""
+
+    @property
+    def unenforced(self) -> str:
+        """The gaps as one message; "" when everything is enforced as written."""
+        return support.message(self.gaps) if self.gaps else ""
 
 
 def ingest_policy(model: ClusterModel, body: Mapping[str, Any]) -> PolicyOutcome:
@@ -54,7 +65,7 @@ def ingest_policy(model: ClusterModel, body: Mapping[str, Any]) -> PolicyOutcome
     except PolicyInvalidError as exc:
         problems = list(exc.problems)
     else:
-        return PolicyOutcome([], "current")
+        return PolicyOutcome([], "current", support.gaps(policy))
     return PolicyOutcome(problems, "previous" if uid in model.repository else "none")
 
 
@@ -64,6 +75,8 @@ class PolicyObserver(Protocol):
     def observe_policy(self, body: Mapping[str, Any]) -> None: ...
 
     def validated(self, uid: str, condition: Mapping[str, Any]) -> None: ...
+
+    def assessed(self, uid: str, generation: int, unenforced: str) -> None: ...
 
     def forget_policy(self, uid: str) -> None: ...
 
@@ -76,22 +89,40 @@ def valid_condition(body: Mapping[str, Any], outcome: PolicyOutcome) -> dict[str
     return wanted
 
 
+def report_gaps(observer: PolicyObserver, uid: str, generation: int, outcome: PolicyOutcome) -> None:
+    """Tell the observer what of a valid generation is not enforced (nothing to say of an invalid one)."""
+    if not outcome.problems:
+        observer.assessed(uid, generation, outcome.unenforced)
+
+
 def register(registry: kopf.OperatorRegistry, model: ClusterModel, observer: PolicyObserver) -> None:
     """Register every handler into ``registry`` (no module-level state)."""
+
+    warned: set[tuple[str, int]] = set()
+    """(uid, generation) already given a PolicyPartiallyEnforced Event by this process."""
 
     async def policy_event(type: str | None, body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
         uid = body.get("metadata", {}).get("uid", "")
         if type == "DELETED":
             model.delete_policy(uid)
             observer.forget_policy(uid)
+            for seen in [w for w in warned if w[0] == uid]:
+                warned.discard(seen)
             return
         observer.observe_policy(body)
         outcome = ingest_policy(model, body)
+        generation = int(body.get("metadata", {}).get("generation") or 0)
         if outcome.problems:
             message = validity.problems_message(outcome.problems)
             kopf.warn(body, reason="PolicyInvalid", message=message)
             logger.warning("Refused invalid policy: %s", message)
+        elif outcome.gaps and (uid, generation) not in warned:
+            warned.add((uid, generation))
+            kopf.warn(body, reason="PolicyPartiallyEnforced",
+                      message=f"Enforced at L3/L4 only; not enforced: {outcome.unenforced}")
+            logger.warning("Policy only partly enforced: %s", outcome.unenforced)
         observer.validated(uid, valid_condition(body, outcome))
+        report_gaps(observer, uid, generation, outcome)
 
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         # KUBECONFIG (set from --kubeconfig) when given, else the in-cluster service account
@@ -135,4 +166,6 @@ async def initial_list(api: client.ApiClient, model: ClusterModel, observer: Pol
             body.setdefault("kind", kind)
             observer.observe_policy(body)
             outcome = ingest_policy(model, body)
-            observer.validated(body.get("metadata", {}).get("uid", ""), valid_condition(body, outcome))
+            uid = body.get("metadata", {}).get("uid", "")
+            observer.validated(uid, valid_condition(body, outcome))
+            report_gaps(observer, uid, int(body.get("metadata", {}).get("generation") or 0), outcome)

@@ -11,7 +11,11 @@ for every valid policy. Decisions taken here (documented for users):
 - ``toServices`` and ``toFQDNs`` are not enforced yet: an item with only those
   peers allows nothing (its rule still switches the endpoint to default-deny);
 - ``nodeSelector`` rules (host firewall) select no endpoint and are skipped;
-- IPv6 prefixes and IPv6 ICMP types are skipped (the datapath is IPv4-only);
+- IPv6 prefixes and IPv6 ICMP types are skipped (the datapath is IPv4-only); an
+  item whose written peers or ICMP types are all skipped this way matches nothing
+  (it never falls back to "any peer" or "every port");
+- what is not enforced exactly as written is listed, once, in ``policy.support``
+  (the feature table) and reported on the policy's status;
 - a port rule without ports covers every port of TCP, UDP and SCTP; ``port`` unset or
   ``"0"`` covers every port of its protocol; ``ANY`` is expanded later into
   TCP, UDP and SCTP;
@@ -99,11 +103,13 @@ class PeerRule:
     any_peer: bool = False
     ports: tuple[PortMatch, ...] = ()
     icmp_types: tuple[int, ...] = ()
+    l4_written: bool = False
+    """The item has ``toPorts`` or ``icmps`` (even if none of them could be kept, e.g. IPv6 ICMP types)."""
 
     @property
     def l3_only(self) -> bool:
-        """No ``toPorts`` and no ``icmps``: every port and protocol of the selected peers."""
-        return not self.ports and not self.icmp_types
+        """No ``toPorts`` and no ``icmps`` written: every port and protocol of the selected peers."""
+        return not self.l4_written
 
     def prefixes(self) -> Iterable[ipaddress.IPv4Network]:
         for match in self.cidrs:
@@ -206,6 +212,7 @@ def _ingress(
     item: IngressRule | IngressDenyRule, ref: RuleRef, verdict: Verdict, namespace: str
 ) -> PeerRule:
     cidrs = _cidrs(item.from_cidr, item.from_cidr_set)
+    written = bool(item.from_cidr) or bool(item.from_cidr_set)
     return _peer_rule(
         ref,
         Direction.INGRESS,
@@ -215,7 +222,7 @@ def _ingress(
         requires=item.from_requires,
         cidrs=cidrs,
         entities=item.from_entities or (),
-        other_l3=False,
+        other_l3=written,
         port_rules=item.to_ports,
         icmps=item.icmps,
     )
@@ -223,7 +230,8 @@ def _ingress(
 
 def _egress(item: EgressRule | EgressDenyRule, ref: RuleRef, verdict: Verdict, namespace: str) -> PeerRule:
     cidrs = _cidrs(item.to_cidr, item.to_cidr_set)
-    other_l3 = bool(item.to_services) or bool(getattr(item, "to_fqdns", None))
+    other_l3 = bool(item.to_services) or bool(getattr(item, "to_fqdns", None)) or \
+        bool(item.to_cidr) or bool(item.to_cidr_set)
     return _peer_rule(
         ref,
         Direction.EGRESS,
@@ -270,6 +278,7 @@ def _peer_rule(
         any_peer=not has_l3 and has_l4,
         ports=ports,
         icmp_types=icmp_types,
+        l4_written=has_l4,
     )
 
 

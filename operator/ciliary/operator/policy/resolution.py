@@ -88,6 +88,10 @@ class _EndpointPolicy:
     egress: DirectionPolicy
     policies: frozenset[PolicyRef]
 
+    @property
+    def uids(self) -> tuple[str, ...]:
+        return tuple(sorted({p.uid for p in self.policies}))
+
 
 def is_endpoint(pod: PodInfo) -> bool:
     return not pod.host_network and bool(pod.ipv4) and bool(pod.node)
@@ -388,7 +392,7 @@ class Resolver(entries.PeerSource):
             return cached
         intent = EndpointIntent(
             namespace=pod.namespace, pod=pod.name, uid=pod.uid, ipv4=pod.ipv4 or "",
-            identity=ident, ingress=policy.ingress, egress=policy.egress,
+            identity=ident, ingress=policy.ingress, egress=policy.egress, policies=policy.uids,
         )
         self._endpoint_cache[pod.uid] = (policy, intent)
         return policy, intent

@@ -1,7 +1,11 @@
 """``ciliary policy trace``: would a packet pass, and which rule decides?
 
-Owns :func:`trace` and its result types. It evaluates exactly what the
-datapath gets: the published ``NodeIntent``s. The peer's identity comes from the
+Owns :func:`trace`, :func:`trace_datapath` and their result types. :func:`trace`
+evaluates a set of ``NodeIntent``s: the published ones, or the ones each node's
+agent decoded from its maps (``/v1/datapath``), which :func:`trace_datapath` uses
+to answer from what the kernel holds, and to say where that differs from the
+operator's intent or cannot be known (a node whose agent did not answer is never
+replaced by the intent: its direction is UNKNOWN). The peer's identity comes from the
 evaluating node's ipcache (longest prefix match; no match means ``world``), as
 the datapath looks it up; then ``intents.evaluate_entries`` runs on the source
 endpoint's egress (on the source's node) and on the destination endpoint's
@@ -25,6 +29,7 @@ from ciliary.operator.intents import (
     RuleRef,
     evaluate_entries,
 )
+from ciliary.operator.policy import divergence
 from ciliary.operator.policy.identities import Reserved
 from ciliary.operator.policy.resolution import ClusterState, Resolution, resolve_cluster
 
@@ -171,3 +176,129 @@ def _side(intents: Mapping[str, NodeIntent], name: str) -> _Side:
     if ip is None:
         raise TraceError(f"{name!r} is neither a known endpoint (namespace/pod) nor an IPv4 address")
     return _Side(ip, None, None)
+
+
+# ---------------------------------------------------------------- from the datapath
+
+DatapathVerdict = Literal["ALLOWED", "DENIED", "UNKNOWN"]
+
+
+@dataclass(frozen=True)
+class DatapathDirection:
+    """One direction as the node's datapath decides it (``trace`` is None when it cannot be known)."""
+
+    direction: Direction
+    node: str
+    endpoint: str
+    source: Literal["datapath", "unreachable", "not-in-datapath"]
+    trace: DirectionTrace | None
+    intent: DirectionTrace | None
+    """The same direction evaluated on the operator's intent, for comparison."""
+    error: str = ""
+
+    @property
+    def verdict(self) -> DatapathVerdict:
+        return "UNKNOWN" if self.trace is None else self.trace.verdict
+
+    def describe(self) -> str:
+        if self.source == "unreachable":
+            return (f"{self.direction.value} at {self.endpoint} ({self.node}): UNKNOWN (the node's datapath could "
+                    f"not be read: {self.error})")
+        assert self.trace is not None
+        if self.source == "not-in-datapath":
+            return (f"{self.direction.value} at {self.endpoint} ({self.node}): ALLOWED (the endpoint is not in the "
+                    "datapath's endpoint map: nothing is enforced for it)")
+        return self.trace.describe()
+
+
+@dataclass(frozen=True)
+class DatapathTrace:
+    verdict: DatapathVerdict
+    source_identity: int
+    destination_identity: int
+    directions: tuple[DatapathDirection, ...]
+    intent: TraceResult
+    """The verdict the operator's intent gives."""
+    differences: tuple[str, ...]
+    """Where the involved nodes' datapaths differ from the intent (endpoints involved, ipcache)."""
+    unreachable: Mapping[str, str]
+
+    def describe(self) -> str:
+        nodes = sorted({d.node for d in self.directions if d.source != "unreachable"})
+        where = f" (from the datapath of {', '.join(nodes)})" if nodes else ""
+        lines = [f"{self.verdict}{where}"]
+        lines += ["  " + d.describe() for d in self.directions]
+        if self.unreachable:
+            lines.append("the verdict of " + ", ".join(sorted(self.unreachable)) + " is not known; "
+                         f"the operator's intent would say {self.intent.verdict}, which is not what a kernel holds")
+        if self.differences:
+            lines.append(f"WARNING: the datapath differs from the operator's intent (which says "
+                         f"{self.intent.verdict}):")
+            lines += ["  " + d for d in self.differences]
+        return "\n".join(lines)
+
+
+def involved_nodes(published: Mapping[str, NodeIntent], src: str, dst: str) -> set[str]:
+    """The nodes hosting ``src`` or ``dst`` (whose datapaths decide the packet)."""
+    return {side.node for side in (_side(published, src), _side(published, dst)) if side.node is not None}
+
+
+def trace_datapath(
+    published: Mapping[str, NodeIntent],
+    held: Mapping[str, NodeIntent | str],
+    src: str,
+    dst: str,
+    dport: int,
+    protocol: Protocol | int | str = Protocol.TCP,
+) -> DatapathTrace:
+    """Trace one packet on what the datapaths hold.
+
+    ``published`` locates the endpoints (and gives the intent's verdict to compare with);
+    ``held[node]`` is the node's decoded datapath, or why it could not be read.
+    """
+    proto = _protocol(protocol)
+    intent_result = trace(published, src, dst, dport, proto)
+    src_side, dst_side = _side(published, src), _side(published, dst)
+    views = {node: view for node, view in held.items() if isinstance(view, NodeIntent)}
+    unreachable = {node: view for node, view in held.items() if isinstance(view, str)}
+    directions: list[DatapathDirection] = []
+    identities = [src_side.endpoint.identity if src_side.endpoint else 0,
+                  dst_side.endpoint.identity if dst_side.endpoint else 0]
+    for direction, side, peer, intent_part in ((Direction.EGRESS, src_side, dst_side, intent_result.egress),
+                                               (Direction.INGRESS, dst_side, src_side, intent_result.ingress)):
+        if side.endpoint is None or side.node is None:
+            continue
+        name = f"{side.endpoint.namespace}/{side.endpoint.pod}"
+        view = views.get(side.node)
+        if view is None:
+            reason = unreachable.get(side.node, "no answer from the node's agent")
+            directions.append(DatapathDirection(direction, side.node, name, "unreachable", None, intent_part, reason))
+            unreachable.setdefault(side.node, reason)
+            continue
+        peer_identity = lookup_identity(view, peer.ip)
+        identities[1 if direction is Direction.EGRESS else 0] = peer_identity
+        held_endpoint = next((e for e in view.endpoints if e.ipv4 == str(side.ip)), None)
+        if held_endpoint is None:
+            passed = DirectionTrace(direction, side.node, name, peer_identity, "ALLOWED", "not-enforced")
+            directions.append(DatapathDirection(direction, side.node, name, "not-in-datapath", passed, intent_part))
+            continue
+        identities[0 if direction is Direction.EGRESS else 1] = held_endpoint.identity
+        part = _evaluate(direction, _Side(side.ip, side.node, held_endpoint), peer_identity, proto, dport)
+        part = DirectionTrace(part.direction, part.node, name, part.peer_identity, part.verdict, part.reason,
+                              part.rules)
+        directions.append(DatapathDirection(direction, side.node, name, "datapath", part, intent_part))
+    verdicts = {d.verdict for d in directions}
+    verdict: DatapathVerdict = "DENIED" if "DENIED" in verdicts else "UNKNOWN" if "UNKNOWN" in verdicts \
+        else "ALLOWED"
+    diffs: list[str] = []
+    for node in sorted({d.node for d in directions if d.node in views}):
+        involved = [str(s.ip) for s in (src_side, dst_side) if s.node == node]
+        diffs += [f"{node}: {d}" for d in divergence.differences(
+            published[node], views[node], endpoints=involved, peers=[str(src_side.ip), str(dst_side.ip)])]
+    for d in directions:
+        if d.trace is not None and d.intent is not None and (d.trace.verdict, d.trace.reason) != (
+                d.intent.verdict, d.intent.reason) and not diffs:
+            diffs.append(f"{d.node}: {d.direction.value} at {d.endpoint}: the datapath says {d.trace.verdict} "
+                         f"({d.trace.reason}), the intent {d.intent.verdict} ({d.intent.reason})")
+    return DatapathTrace(verdict, identities[0], identities[1], tuple(directions), intent_result, tuple(diffs),
+                         dict(unreachable))

@@ -21,6 +21,11 @@ Decisions (also in the operator's docs):
   its current generation. An invalid current generation is ``Enforced=False``
   (``InvalidPolicy``): the previous version may be in force, the current one
   is not.
+- A policy with parts that are not enforced exactly as written
+  (``policy.support``: L7 rules, toFQDNs, toServices, nodeSelector, ...) is never
+  ``Enforced=True``: where it would be (every expected node enforcing, or no
+  endpoint selected) it is ``Enforced=False`` with reason ``PartiallyEnforced``
+  and a message naming what is not enforced.
 - ``status.enforcement`` is ``"N/M nodes"``: expected nodes enforcing / expected nodes.
 - A roll-out in progress is not narrated node by node: once ``Enforced=False``
   for the current generation is written, a change that only says "more nodes
@@ -43,6 +48,7 @@ from ciliary.operator.status import validity
 from ciliary.operator.status.reports import PolicyReport, status_nodes_entry
 
 ENFORCED = "Enforced"
+PARTIALLY_ENFORCED = "PartiallyEnforced"
 MAX_NAMED_NODES = 10
 """Nodes named in the Enforced message before "and N more"."""
 VOLATILE_KEYS = frozenset({"lastUpdated"})
@@ -140,13 +146,16 @@ def refuses_current(valid: Mapping[str, Any] | None, generation: int) -> bool:
 def enforced_condition(policy: PolicyView, expected: Mapping[str, Expectation],
                        reports: Mapping[str, PolicyReport], *, present: Collection[str] | None = None,
                        resolved_generation: int | None = None, resolution_known: bool = False,
-                       valid: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], str]:
+                       valid: Mapping[str, Any] | None = None,
+                       unenforced: str | None = "") -> tuple[dict[str, Any], str]:
     """The ``Enforced`` condition (without lastTransitionTime) and the ``N/M nodes`` summary.
 
     ``resolution_known``: the caller knows which generation the operator resolved
     (``resolved_generation``; None then means "not resolved"); otherwise the
     published intents are taken as current. ``valid``: the Valid condition about
-    to be written (None: the one the object shows decides).
+    to be written (None: the one the object shows decides). ``unenforced``: what
+    of the current generation is not enforced as written ("" nothing; None: not
+    assessed yet, so it cannot be True).
     """
     gen = policy.generation
     targets = {n: e for n, e in expected.items() if present is None or n in present}
@@ -163,9 +172,18 @@ def enforced_condition(policy: PolicyView, expected: Mapping[str, Expectation],
                                             "it is enforced nowhere"), summary
     if resolution_known and resolved_generation != gen:
         return cond(False, "Pending", f"Generation {gen} is not yet resolved into node intents"), summary
+    if unenforced is None and not problems:
+        return cond(False, "Pending", f"Generation {gen} is not yet assessed"), summary
     if not targets:
+        if unenforced:
+            return cond(False, PARTIALLY_ENFORCED, "The policy selects no endpoint now; where it does, "
+                                                   f"this is not enforced: {unenforced}"), summary
         return cond(True, "NoEndpoints", "The policy selects no endpoint; there is nothing to enforce"), summary
     if not problems:
+        if unenforced:
+            return cond(False, PARTIALLY_ENFORCED, f"Only its L3/L4 part is enforced on the {len(targets)} "
+                                                   f"nodes hosting selected endpoints; not enforced: "
+                                                   f"{unenforced}"), summary
         return cond(True, "Enforced", f"Enforced on all {len(targets)} nodes hosting selected endpoints"), summary
     return cond(False, "NodesNotEnforcing", f"Enforced on {enforcing} of {len(targets)} nodes; "
                                             f"not on {_name_nodes(problems)}"), summary
@@ -190,10 +208,10 @@ def catching_up(condition: Mapping[str, Any], expected: Mapping[str, Expectation
 def desired_status(policy: PolicyView, expected: Mapping[str, Expectation], reports: Mapping[str, PolicyReport],
                    *, present: Collection[str] | None = None, write_nodes: bool = True,
                    resolved_generation: int | None = None, resolution_known: bool = False,
-                   valid: Mapping[str, Any] | None = None) -> DesiredStatus:
+                   valid: Mapping[str, Any] | None = None, unenforced: str | None = "") -> DesiredStatus:
     enforced, summary = enforced_condition(policy, expected, reports, present=present,
                                            resolved_generation=resolved_generation,
-                                           resolution_known=resolution_known, valid=valid)
+                                           resolution_known=resolution_known, valid=valid, unenforced=unenforced)
     nodes = node_entries(reports, present) if write_nodes else None
     return DesiredStatus(enforced=enforced, enforcement=summary, nodes=nodes,
                          valid=dict(valid) if valid is not None else None,

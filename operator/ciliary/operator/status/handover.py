@@ -13,7 +13,9 @@ compaction):
 kopf's policy handlers feed it the policy objects (``observe_policy`` /
 ``forget_policy``; the status it compares against comes from there and from
 its own write responses) and the ``Valid`` condition they computed
-(``validated``): the handover is the one writer of ``.status``, so a policy
+(``validated``), and what of a valid generation is not enforced as written
+(``assessed``: such a policy reads ``Enforced=False``, ``PartiallyEnforced``):
+the handover is the one writer of ``.status``, so a policy
 edit costs one write for Valid and Enforced together. Per policy it computes the desired status with the
 pure ``enforcement`` module and sends the smallest merge patch to the status
 subresource, at most once per ``interval`` per policy and only when something
@@ -163,7 +165,8 @@ class StatusHandover:
                  write_nodes: bool = True, node_names: Callable[[], Collection[str]] | None = None,
                  resolved_generation: Callable[[str], int | None] | None = None,
                  wait_for: Sequence[asyncio.Event] = (), concurrency: int = 8,
-                 progress_interval: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 progress_interval: float | None = None, clock: Callable[[], float] = time.monotonic,
+                 require_assessment: bool = False) -> None:
         self.custom = client.CustomObjectsApi(api)
         self.interval = interval
         self.progress_interval = 5 * interval if progress_interval is None else progress_interval
@@ -178,6 +181,10 @@ class StatusHandover:
         self.expected: dict[str, dict[str, Expectation]] = {}
         self.valid: dict[str, dict[str, Any]] = {}
         """policy uid -> the Valid condition of its latest generation (from the policy handlers)."""
+        self.unenforced: dict[str, tuple[int, str]] = {}
+        """policy uid -> (generation, what of it is not enforced as written; "" nothing), from the handlers."""
+        self.require_assessment = require_assessment
+        """True (the operator): no Enforced=True for a generation the handlers have not assessed."""
         self.node_policies: dict[str, dict[str, int]] = {}
         """node -> {policy uid: generation} of its published intent."""
         self.policies_listed = asyncio.Event()
@@ -214,9 +221,16 @@ class StatusHandover:
             self.valid[uid] = wanted
             self._mark(uid)
 
+    def assessed(self, uid: str, generation: int, unenforced: str) -> None:
+        """What of ``generation`` is not enforced exactly as written ("" nothing; ``policy.support``)."""
+        if self.unenforced.get(uid) != (generation, unenforced):
+            self.unenforced[uid] = (generation, unenforced)
+            self._mark(uid)
+
     def forget_policy(self, uid: str) -> None:
         self.policies.pop(uid, None)
         self.valid.pop(uid, None)
+        self.unenforced.pop(uid, None)
         self.schedule.forget(uid)
 
     def _mark(self, uid: str) -> None:
@@ -304,10 +318,14 @@ class StatusHandover:
     def desired(self, uid: str) -> enforcement.DesiredStatus:
         view = self.policies[uid]
         resolved = self.resolved_generation(uid) if self.resolved_generation else None
+        generation, gaps = self.unenforced.get(uid, (None, ""))
+        unenforced: str | None = gaps if generation == view.generation else \
+            (None if self.require_assessment else "")
         return enforcement.desired_status(
             view, self.expected.get(uid, {}), self.reports.get(uid, {}), present=self._present,
             write_nodes=self.write_nodes, resolved_generation=resolved,
-            resolution_known=self.resolved_generation is not None, valid=self.valid.get(uid))
+            resolution_known=self.resolved_generation is not None, valid=self.valid.get(uid),
+            unenforced=unenforced)
 
     async def flush(self, uids: Sequence[str]) -> None:
         writes = []

@@ -12,6 +12,7 @@
 #include <uapi/linux/pkt_cls.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
 #include <uapi/linux/tcp.h>
 #include <uapi/linux/udp.h>
 #include <uapi/linux/icmp.h>
@@ -91,10 +92,17 @@
 #define CY_PROTO_UDP 17
 #define CY_PROTO_SCTP 132
 
+#define CY_PROTO_ICMPV6 58
+
+/* ICMPv6 types the veth needs (router solicitation .. redirect): never dropped. */
+#define CY_ICMPV6_ND_FIRST 133
+#define CY_ICMPV6_ND_LAST 137
+
 #define CY_ICMP_ECHO_REPLY 0
 #define CY_ICMP_ECHO_REQUEST 8
 
 #define CY_ETH_P_IP 0x0800
+#define CY_ETH_P_IPV6 0x86DD
 #define CY_IP_MF 0x2000
 #define CY_IP_OFFSET 0x1FFF
 
@@ -120,8 +128,11 @@
 #define CY_DROP_POLICY_DENY 4 /* dropped: a deny entry matched (deny beats allow) */
 #define CY_DROP_POLICY 5     /* dropped: enforced and no allow entry matched (default deny) */
 #define CY_DROP_INVALID 6    /* dropped: L4 header truncated on an enforced endpoint */
+#define CY_DROP_FRAGMENT 7   /* dropped: IPv4 fragment without L4 header on an enforced endpoint */
+#define CY_DROP_INVALID_L3 8 /* dropped: IPv4 header shorter than 20 bytes (ihl < 5, truncated) */
+#define CY_DROP_UNSUPPORTED_L3 9 /* dropped: IPv6 (no IPv6 policy yet) other than ND */
 
-#define CY_REASON_MAX 8
+#define CY_REASON_MAX 16
 
 #endif /* CY_DROP_REASONS_H */
 /* ---- include/types.h ---- */
@@ -152,6 +163,8 @@ struct endpoint_info {
 	__u32 identity; /* security identity of the pod */
 	__u32 flags;    /* CY_EP_*_ENFORCED, CY_EP_*_DENY */
 	__u32 ifindex;  /* host-side veth in the node netns (diagnostics) */
+	__u32 revision; /* intent revision (mod 2^32) whose writes are all done; the
+			 * agent reads it back to report a policy enforcing */
 };
 
 /* cy_policy / cy_policy_deny key: LPM trie. prefixlen counts bits of the
@@ -208,13 +221,16 @@ struct flow_event {
 	__u8 reason;     /* drop_reasons.h */
 	__u8 direction;  /* CY_DIR_* */
 	__u8 is_reply;
-	__u16 pad;
+	__u8 family;     /* 4 or 6 */
+	__u8 pad;
 	__u32 ep_id;
 	__u32 src_identity;
 	__u32 dst_identity;
 	__u32 cookie;
 	__u32 ifindex;
 	__u32 len;
+	__u32 saddr6[4]; /* family 6 only (saddr, daddr are then 0) */
+	__u32 daddr6[4];
 };
 
 #endif /* CY_TYPES_H */
@@ -244,6 +260,12 @@ BPF_TABLE_PINNED("lpm_trie", struct ipcache_key, struct ipcache_value, cy_ipcach
  * A packet whose pod side is not in this map is passed untouched. */
 BPF_TABLE_PINNED("hash", __u32, struct endpoint_info, cy_endpoints,
 		 CY_ENDPOINTS_MAX, CY_PIN_DIR "/cy_endpoints");
+
+/* cy_ep_ifindex: the pod behind each host veth.
+ * key __u32 ifindex of the host-side veth, value __u32 the pod's IPv4 (network
+ * order, a cy_endpoints key), CY_ENDPOINTS_MAX. An IPv6 packet has no IPv4
+ * address to find its endpoint by: the veth it crosses names the pod. */
+BPF_TABLE_PINNED("hash", __u32, __u32, cy_ep_ifindex, CY_ENDPOINTS_MAX, CY_PIN_DIR "/cy_ep_ifindex");
 
 /* cy_policy: allow entries of every endpoint and direction.
  * key policy_key (LPM: port ranges are stored as prefix blocks), value
@@ -289,20 +311,41 @@ struct cy_events_table_t cy_events = { .max_entries = CY_EVENTS_PAGES * 4096 };
 
 #endif /* CY_MAPS_H */
 /* ---- lib/parse.h ---- */
-/* parse.h - Ethernet/IPv4/L4 parsing with direct packet access.
+/* parse.h - Ethernet/IPv4/IPv6/L4 parsing with direct packet access, failing closed.
  *
  * cy_parse() fills a struct cy_packet: addresses, ports, the port used for
  * policy (destination port, or the ICMP type for ICMP) and the conntrack
- * ports (ICMP echo id). Non-IPv4 frames (ARP, IPv6, ...) return CY_PARSE_SKIP
- * and are passed by the caller. Non-first fragments carry no L4 header: they
- * are evaluated with port 0 (only "any port" entries can allow them).
+ * ports (ICMP echo id), and says what kind of packet it is (CY_PARSE_*).
+ * Headers that lie beyond the linear area are pulled in first
+ * (bpf_skb_pull_data), so "not in the linear area" never means "unreadable".
+ * What the parser cannot read is never passed as if it were understood:
+ *   - CY_PARSE_BAD_L3: an IPv4 frame shorter than an IPv4 header, or ihl < 5
+ *     (the caller drops it: the stack would discard it anyway);
+ *   - CY_PARSE_FRAGMENT: a non-first fragment (no L4 header at all), or a first
+ *     fragment too short to hold the L4 header: no ports to evaluate policy on
+ *     (fragments are not tracked; the caller drops them on an enforced direction);
+ *   - CY_PARSE_SHORT: an unfragmented packet whose L4 header is truncated;
+ *   - CY_PARSE_IPV6: IPv6, which has no policy yet (dropped by the caller on
+ *     an enforced direction),
+ *     except CY_PARSE_IPV6_ND: Neighbor Discovery and router messages (ICMPv6
+ *     133-137 right after the fixed header, hop limit 255) that the veth needs.
+ *     MLD is not among them: it travels behind a hop-by-hop header, nothing on
+ *     a point-to-point veth snoops it, so it is dropped like other IPv6.
+ * Other ethertypes (ARP, ...) are CY_PARSE_SKIP and passed.
  */
 #ifndef CY_PARSE_H
 #define CY_PARSE_H
 
-#define CY_PARSE_SKIP 0   /* not IPv4: not ours */
-#define CY_PARSE_OK 1     /* fully parsed */
-#define CY_PARSE_SHORT 2  /* IPv4 but L4 header truncated */
+#define CY_PARSE_SKIP 0     /* not IP: not ours (ARP, ...) */
+#define CY_PARSE_OK 1       /* IPv4, fully parsed */
+#define CY_PARSE_SHORT 2    /* IPv4, unfragmented, L4 header truncated */
+#define CY_PARSE_FRAGMENT 3 /* IPv4 fragment without a (complete) L4 header */
+#define CY_PARSE_BAD_L3 4   /* IPv4 header unreadable or ihl < 5 */
+#define CY_PARSE_IPV6 5     /* IPv6 other than the ND messages below */
+#define CY_PARSE_IPV6_ND 6  /* ICMPv6 133-137 (router/neighbor discovery, redirect) */
+
+/* Bytes worth having linear: Ethernet, the longest IPv4 header, a TCP header. */
+#define CY_PULL_LEN (14 + 60 + 20)
 
 struct cy_packet {
 	__u32 saddr;
@@ -310,41 +353,99 @@ struct cy_packet {
 	__be16 sport;       /* conntrack ports (network order) */
 	__be16 dport;
 	__u16 policy_port;  /* host order: dport, ICMP type, or 0 */
-	__u8 protocol;
+	__u8 protocol;      /* IPv4 protocol; IPv6: the next header after the fixed header */
 	__u8 tcp_flags;
 	__u8 icmp_type;
-	__u8 is_fragment;   /* non-first fragment */
-	__u16 pad;
+	__u8 is_fragment;   /* IPv4 fragment (first or not): never tracked */
+	__u8 family;        /* 4 or 6 */
+	__u8 pad;
 	__u32 len;
+	__u32 saddr6[4];    /* IPv6 only */
+	__u32 daddr6[4];
 };
+
+/* The L4 header bytes cy_parse reads for a protocol (0: none). */
+static __always_inline __u32 cy_l4_need(__u8 protocol)
+{
+	switch (protocol) {
+	case CY_PROTO_TCP:
+		return sizeof(struct tcphdr);
+	case CY_PROTO_UDP:
+	case CY_PROTO_SCTP:
+		return sizeof(struct udphdr);
+	case CY_PROTO_ICMP:
+		return sizeof(struct icmphdr);
+	default:
+		return 0;
+	}
+}
+
+static __always_inline int cy_parse_ipv6(void *data, void *data_end, struct cy_packet *p)
+{
+	struct ipv6hdr *ip6 = data + sizeof(struct ethhdr);
+	__u8 *icmp6;
+
+	p->family = 6;
+	if ((void *)(ip6 + 1) > data_end)
+		return CY_PARSE_IPV6;
+	__builtin_memcpy(p->saddr6, &ip6->saddr, 16);
+	__builtin_memcpy(p->daddr6, &ip6->daddr, 16);
+	p->protocol = ip6->nexthdr;
+	if (ip6->nexthdr != CY_PROTO_ICMPV6)
+		return CY_PARSE_IPV6;
+	icmp6 = (void *)(ip6 + 1);
+	if ((void *)(icmp6 + 1) > data_end)
+		return CY_PARSE_IPV6;
+	p->icmp_type = *icmp6;
+	if (ip6->hop_limit == 255 && *icmp6 >= CY_ICMPV6_ND_FIRST && *icmp6 <= CY_ICMPV6_ND_LAST)
+		return CY_PARSE_IPV6_ND;
+	return CY_PARSE_IPV6;
+}
 
 static __always_inline int cy_parse(struct __sk_buff *skb, struct cy_packet *p)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
+	struct ethhdr *eth;
 	struct iphdr *ip;
 	void *l4;
-	__u32 ihl;
+	__u32 ihl, tot_len, need, len = skb->len;
 
+	p->len = len;
+	if (data + CY_PULL_LEN > data_end && data_end - data < len) {
+		/* Headers in paged data: make the first CY_PULL_LEN bytes (or all) linear. */
+		bpf_skb_pull_data(skb, len < CY_PULL_LEN ? len : CY_PULL_LEN);
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+	}
+	eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return CY_PARSE_SKIP;
+	if (eth->h_proto == bpf_htons(CY_ETH_P_IPV6))
+		return cy_parse_ipv6(data, data_end, p);
 	if (eth->h_proto != bpf_htons(CY_ETH_P_IP))
 		return CY_PARSE_SKIP;
+	p->family = 4;
 	ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > data_end)
-		return CY_PARSE_SKIP;
-	ihl = ip->ihl * 4;
-	if (ihl < sizeof(*ip))
-		return CY_PARSE_SKIP;
-
+		return CY_PARSE_BAD_L3;
 	p->saddr = ip->saddr;
 	p->daddr = ip->daddr;
 	p->protocol = ip->protocol;
-	p->len = skb->len;
-	if (ip->frag_off & bpf_htons(CY_IP_OFFSET)) {
+	ihl = ip->ihl * 4;
+	if (ihl < sizeof(*ip))
+		return CY_PARSE_BAD_L3;
+
+	need = cy_l4_need(ip->protocol);
+	tot_len = bpf_ntohs(ip->tot_len); /* 0 for BIG TCP packets: bounded by data_end only */
+	if (ip->frag_off & bpf_htons(CY_IP_MF | CY_IP_OFFSET)) {
 		p->is_fragment = 1;
-		return CY_PARSE_OK;
+		if (ip->frag_off & bpf_htons(CY_IP_OFFSET))
+			return CY_PARSE_FRAGMENT; /* not the first: no L4 header at all */
+		if (tot_len && tot_len < ihl + need)
+			return CY_PARSE_FRAGMENT; /* first, but the L4 header does not fit */
+	} else if (tot_len && tot_len < ihl + need) {
+		return CY_PARSE_SHORT;
 	}
 
 	l4 = (void *)ip + ihl;
@@ -352,7 +453,7 @@ static __always_inline int cy_parse(struct __sk_buff *skb, struct cy_packet *p)
 	case CY_PROTO_TCP: {
 		struct tcphdr *tcp = l4;
 		if ((void *)(tcp + 1) > data_end)
-			return CY_PARSE_SHORT;
+			return p->is_fragment ? CY_PARSE_FRAGMENT : CY_PARSE_SHORT;
 		p->sport = tcp->source;
 		p->dport = tcp->dest;
 		p->policy_port = bpf_ntohs(tcp->dest);
@@ -364,7 +465,7 @@ static __always_inline int cy_parse(struct __sk_buff *skb, struct cy_packet *p)
 		/* UDP and SCTP both start with source and destination ports. */
 		struct udphdr *udp = l4;
 		if ((void *)(udp + 1) > data_end)
-			return CY_PARSE_SHORT;
+			return p->is_fragment ? CY_PARSE_FRAGMENT : CY_PARSE_SHORT;
 		p->sport = udp->source;
 		p->dport = udp->dest;
 		p->policy_port = bpf_ntohs(udp->dest);
@@ -373,7 +474,7 @@ static __always_inline int cy_parse(struct __sk_buff *skb, struct cy_packet *p)
 	case CY_PROTO_ICMP: {
 		struct icmphdr *icmp = l4;
 		if ((void *)(icmp + 1) > data_end)
-			return CY_PARSE_SHORT;
+			return p->is_fragment ? CY_PARSE_FRAGMENT : CY_PARSE_SHORT;
 		p->icmp_type = icmp->type;
 		p->policy_port = icmp->type;
 		if (icmp->type == CY_ICMP_ECHO_REQUEST)
@@ -426,7 +527,7 @@ static __always_inline void cy_emit(struct __sk_buff *skb, const struct cy_packe
 	ev.daddr = p->daddr;
 	ev.sport = p->sport;
 	ev.dport = p->dport;
-	if (p->protocol == CY_PROTO_ICMP) {
+	if (p->protocol == CY_PROTO_ICMP || (p->family == 6 && p->protocol == CY_PROTO_ICMPV6)) {
 		ev.sport = p->icmp_type;
 		ev.dport = 0;
 	}
@@ -442,6 +543,11 @@ static __always_inline void cy_emit(struct __sk_buff *skb, const struct cy_packe
 	ev.cookie = cookie;
 	ev.ifindex = skb->ifindex;
 	ev.len = p->len;
+	ev.family = p->family;
+	if (p->family == 6) {
+		__builtin_memcpy(ev.saddr6, p->saddr6, 16);
+		__builtin_memcpy(ev.daddr6, p->daddr6, 16);
+	}
 	if (cy_events.ringbuf_output(&ev, sizeof(ev), 0) != 0) {
 		__u32 zero = 0;
 		__u64 *lost = cy_lost.lookup(&zero);
@@ -691,7 +797,15 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, __u8 dir, __u3
  * dir is the pod's policy direction: CY_DIR_EGRESS in cy_from_pod (packet
  * leaves the pod, the pod is the source), CY_DIR_INGRESS in cy_to_pod (packet
  * enters the pod, the pod is the destination). Order:
- *   1. not IPv4, or the pod side is not a known endpoint -> pass (no event);
+ *   0. what the parser cannot read is dropped, never passed (parse.h):
+ *      IPv6 other than ND on an enforced direction of the veth's pod
+ *      (cy_ep_ifindex) -> CY_DROP_UNSUPPORTED_L3: there is no IPv6 policy;
+ *      a malformed IPv4 header -> CY_DROP_INVALID_L3 (the stack would discard
+ *      it too, on any endpoint);
+ *   1. not IP (ARP, ...), or the pod side is not a known endpoint -> pass (no event);
+ *      on an enforced direction, a fragment without L4 header ->
+ *      CY_DROP_FRAGMENT (fragments are not tracked) and a truncated L4 header
+ *      -> CY_DROP_INVALID; on an unenforced one they pass;
  *   2. reply of a tracked connection -> pass (CY_OK_REPLY);
  *   3. direction not enforced -> pass (CY_OK_UNENFORCED);
  *   4. policy.h verdict: deny entry -> drop, allow entry -> pass, else drop
@@ -705,6 +819,25 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, __u8 dir, __u3
 #ifndef CY_ENFORCE_H
 #define CY_ENFORCE_H
 
+/* IPv6 (not ND): dropped when the veth's pod is enforced in this direction. */
+static __always_inline int cy_enforce_ipv6(struct __sk_buff *skb, const struct cy_packet *p, __u8 dir)
+{
+	__u32 ifindex = skb->ifindex;
+	__u32 *pod = cy_ep_ifindex.lookup(&ifindex);
+	struct endpoint_info *ep;
+
+	if (!pod)
+		return TC_ACT_OK;
+	ep = cy_endpoints.lookup(pod);
+	if (!ep || !(ep->flags & (dir == CY_DIR_EGRESS ? CY_EP_EGRESS_ENFORCED : CY_EP_INGRESS_ENFORCED)))
+		return TC_ACT_OK;
+	cy_count(dir, CY_DROP_UNSUPPORTED_L3, p->len);
+	cy_emit(skb, p, dir, CY_VERDICT_DROPPED, CY_DROP_UNSUPPORTED_L3, 0, ep->ep_id,
+		dir == CY_DIR_EGRESS ? ep->identity : 0, dir == CY_DIR_EGRESS ? 0 : ep->identity, 0,
+		bpf_ktime_get_ns());
+	return TC_ACT_SHOT;
+}
+
 static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 {
 	struct cy_packet p = {};
@@ -716,8 +849,16 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 	int parsed, is_new;
 
 	parsed = cy_parse(skb, &p);
-	if (parsed == CY_PARSE_SKIP)
+	if (parsed == CY_PARSE_SKIP || parsed == CY_PARSE_IPV6_ND)
 		return TC_ACT_OK;
+	if (parsed == CY_PARSE_BAD_L3) {
+		cy_count(dir, CY_DROP_INVALID_L3, p.len);
+		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, CY_DROP_INVALID_L3, 0, 0, 0, 0, 0,
+			bpf_ktime_get_ns());
+		return TC_ACT_SHOT;
+	}
+	if (parsed == CY_PARSE_IPV6)
+		return cy_enforce_ipv6(skb, &p, dir);
 	pod_addr = dir == CY_DIR_EGRESS ? p.saddr : p.daddr;
 	peer_addr = dir == CY_DIR_EGRESS ? p.daddr : p.saddr;
 	ep = cy_endpoints.lookup(&pod_addr);
@@ -731,13 +872,14 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 #define CY_SRC_ID (dir == CY_DIR_EGRESS ? ep->identity : peer_id)
 #define CY_DST_ID (dir == CY_DIR_EGRESS ? peer_id : ep->identity)
 
-	if (parsed == CY_PARSE_SHORT) {
+	if (parsed == CY_PARSE_SHORT || parsed == CY_PARSE_FRAGMENT) {
 		if (!enforced)
 			return TC_ACT_OK;
+		reason = parsed == CY_PARSE_SHORT ? CY_DROP_INVALID : CY_DROP_FRAGMENT;
 		peer_id = cy_identity_of(peer_addr);
-		cy_count(dir, CY_DROP_INVALID, p.len);
-		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, CY_DROP_INVALID, 0, ep->ep_id,
-			CY_SRC_ID, CY_DST_ID, 0, now);
+		cy_count(dir, reason, p.len);
+		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID,
+			CY_DST_ID, 0, now);
 		return TC_ACT_SHOT;
 	}
 

@@ -1,0 +1,243 @@
+"""The feature -> enforcement table, written down once, and what a policy uses that is not enforced.
+
+Owns :data:`FEATURES` (every construct of the ``cilium.io/v2`` rule language the
+CRDs know, with its :class:`Support` level and what Ciliary does with it),
+:func:`gaps` (the constructs of one parsed policy that are not enforced exactly
+as written, each with its field path) and :func:`render_table` (the same table
+as Markdown; README.md carries it and a unit test keeps the two equal).
+
+Levels:
+
+- ``enforced``: enforced exactly as written;
+- ``partial``: accepted; the policy's L3/L4 part is enforced, this construct is
+  not (the row says what happens instead). A policy using it never reads
+  ``Enforced=True``: its status shows ``Enforced=False`` with reason
+  ``PartiallyEnforced`` naming every such part, and the operator posts a Warning
+  Event ``PolicyPartiallyEnforced``;
+- ``refused``: the API server (CRD schema) or the operator (``Valid=False``,
+  Event ``PolicyInvalid``) refuses the policy; it is never enforced.
+
+Pure: reads only the API models.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from ciliary.operator.api.policies import AnyPolicy
+from ciliary.operator.api.ports import ICMPRule, PortDenyRule, PortRule
+from ciliary.operator.api.rules import (
+    CIDRRule,
+    EgressDenyRule,
+    EgressRule,
+    IngressDenyRule,
+    IngressRule,
+    Rule,
+)
+from ciliary.operator.policy.compiling import ICMP_V4_TYPES
+
+MAX_MESSAGE = 1024
+
+
+class Support(StrEnum):
+    ENFORCED = "enforced"
+    PARTIAL = "partial"
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True, slots=True)
+class Feature:
+    """One row of the table."""
+
+    key: str
+    construct: str
+    support: Support
+    what: str
+    """What Ciliary does with it (for partial rows: what is not enforced, and what happens instead)."""
+
+
+_E, _P, _R = Support.ENFORCED, Support.PARTIAL, Support.REFUSED
+
+FEATURES: tuple[Feature, ...] = (
+    # --- enforced exactly as written
+    Feature("endpointSelector", "`endpointSelector`", _E,
+            "selects the pods the rule applies to (in a CNP only pods of its namespace)"),
+    Feature("directions", "`ingress`, `egress`, `ingressDeny`, `egressDeny`", _E,
+            "a pod is default-deny in a direction once any rule selects it there; deny beats allow"),
+    Feature("enableDefaultDeny", "`enableDefaultDeny`", _E,
+            "`false` in every selecting rule keeps the direction default-allow (only denies bite)"),
+    Feature("endpoints", "`fromEndpoints`, `toEndpoints`", _E, "peers by labels (namespace is a label)"),
+    Feature("requires", "`fromRequires`, `toRequires`", _E,
+            "ANDed into every `fromEndpoints`/`toEndpoints` selector of the allow items selecting the same pod"),
+    Feature("cidr", "`fromCIDR`, `toCIDR`, `fromCIDRSet`, `toCIDRSet` (IPv4, with `except`)", _E,
+            "peers outside the cluster by IPv4 prefix, minus the excepted prefixes"),
+    Feature("entities", "`fromEntities`/`toEntities`: `all`, `world`, `world-ipv4`, `cluster`, `host`, "
+            "`remote-node`, `health`, `init`, `ingress`, `none`", _E,
+            "Cilium's reserved identities (no pod of Ciliary carries health, init or ingress)"),
+    Feature("ports", "`toPorts[].ports`: `port` (number or name), `endPort`, `protocol` TCP/UDP/SCTP/ANY", _E,
+            "L4 ports and ranges; a named port resolves against the pod that owns it"),
+    Feature("icmps", "`icmps` (IPv4 types, by number or name)", _E, "ICMP types"),
+    Feature("metadata", "`specs`, `labels`, `description` (also top-level)", _E, "several rules; no effect"),
+    # --- partial: L3/L4 enforced, the named part not
+    Feature("nodeSelector", "`nodeSelector` (CCNP host policy)", _P,
+            "not enforced: Ciliary has no host firewall, traffic of the selected nodes is not filtered"),
+    Feature("toServices", "`toServices`", _P,
+            "not enforced: the item allows nothing (its rule still makes the pods default-deny); "
+            "in `egressDeny` it denies nothing"),
+    Feature("toFQDNs", "`toFQDNs`", _P,
+            "not enforced: the item allows nothing (its rule still makes the pods default-deny)"),
+    Feature("http", "`toPorts[].rules.http` (`path`, `method`, `host`, `headers`)", _P,
+            "not enforced (no L7 proxy): the port is open at L3/L4 to the selected peers and every request "
+            "on it is allowed, none is answered 403"),
+    Feature("headerMatches", "`toPorts[].rules.http[].headerMatches`", _P,
+            "not enforced: header conditions and their mismatch actions are not applied"),
+    Feature("kafka", "`toPorts[].rules.kafka`", _P,
+            "not enforced (no L7 proxy): the port is open at L3/L4, every Kafka request is allowed"),
+    Feature("dns", "`toPorts[].rules.dns`", _P,
+            "not enforced (no DNS proxy): the port is open at L3/L4, every query is allowed"),
+    Feature("l7proto", "`toPorts[].rules.l7proto`, `toPorts[].rules.l7`", _P,
+            "not enforced (no L7 proxy): the port is open at L3/L4, every request is allowed"),
+    Feature("tls", "`toPorts[].terminatingTLS`, `toPorts[].originatingTLS`", _P,
+            "not enforced: no TLS interception, the connection passes end to end at L3/L4"),
+    Feature("serverNames", "`toPorts[].serverNames`", _P,
+            "not enforced: the TLS server name is not checked, every name is allowed on the port"),
+    Feature("ipv6-cidr", "IPv6 prefixes in `fromCIDR`/`toCIDR`/`fromCIDRSet`/`toCIDRSet`", _P,
+            "not enforced (IPv4-only datapath): they allow (or deny) nothing"),
+    Feature("ipv6-icmp", "`icmps` of family IPv6, or names with no IPv4 number", _P,
+            "not enforced (IPv4-only datapath): they allow nothing"),
+    Feature("unresolved-entities", "`fromEntities`/`toEntities`: `kube-apiserver`, `unmanaged`, `world-ipv6`",
+            _P, "not enforced: no address is classified as this entity, so it selects no peer"),
+    # --- refused
+    Feature("nodeSelector-in-cnp", "`nodeSelector` in a CiliumNetworkPolicy", _R,
+            "Valid=False (nodeSelector is for CCNPs)"),
+    Feature("l7-in-deny", "L7 rules, TLS or `serverNames` in `ingressDeny`/`egressDeny`; `toFQDNs` in "
+            "`egressDeny`", _R, "refused by the CRD schema (no such field)"),
+    Feature("l7-misuse", "L7 other than DNS on a non-TCP port, DNS rules on ingress, two L7 kinds in one port "
+            "rule, L7 on port 0 or without ports, `l7` without `l7proto`", _R, "Valid=False"),
+    Feature("unknown-fields", "`toGroups`/`fromGroups`, `toNodes`/`fromNodes`, `authentication`, "
+            "`listener`, `cidrGroupRef`, `cidrGroupSelector`", _R,
+            "refused by the CRD schema (unknown field); nothing of them is implemented"),
+)
+"""The table. Every row has a test (tests/unit/operator/policy/test_policy_support.py)."""
+
+BY_KEY = {feature.key: feature for feature in FEATURES}
+UNRESOLVED_ENTITIES = frozenset({"kube-apiserver", "unmanaged", "world-ipv6"})
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """One part of one policy that is not enforced exactly as written."""
+
+    path: str
+    feature: Feature
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.feature.what}"
+
+
+def gaps(policy: AnyPolicy) -> tuple[Gap, ...]:
+    """Every part of ``policy`` that is not enforced exactly as written (empty: all of it is)."""
+    found: list[Gap] = []
+    for path, rule in policy.rules_with_paths():
+        found.extend(_rule_gaps(rule, path))
+    return tuple(found)
+
+
+def message(found: Sequence[Gap]) -> str:
+    """The gaps grouped by feature, for a condition or an Event (at most ``MAX_MESSAGE`` characters)."""
+    by_feature: dict[str, list[str]] = {}
+    for gap in found:
+        by_feature.setdefault(gap.feature.key, []).append(gap.path)
+    parts = [f"{', '.join(paths)}: {BY_KEY[key].what}" for key, paths in by_feature.items()]
+    text = "; ".join(parts)
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
+
+
+def render_table() -> str:
+    """The table as Markdown (README.md holds exactly this)."""
+    lines = ["| construct | enforcement | what Ciliary does |", "| --- | --- | --- |"]
+    lines += [f"| {f.construct} | {f.support.value} | {f.what} |" for f in FEATURES]
+    return "\n".join(lines)
+
+
+def _gap(path: str, key: str) -> Gap:
+    return Gap(path, BY_KEY[key])
+
+
+def _rule_gaps(rule: Rule, path: str) -> Iterator[Gap]:
+    if rule.node_selector is not None:
+        yield _gap(f"{path}.nodeSelector", "nodeSelector")
+    sections: tuple[tuple[str, Sequence[IngressRule | IngressDenyRule | EgressRule | EgressDenyRule]], ...] = (
+        ("ingress", rule.ingress or ()), ("ingressDeny", rule.ingress_deny or ()),
+        ("egress", rule.egress or ()), ("egressDeny", rule.egress_deny or ()))
+    for name, items in sections:
+        for i, item in enumerate(items):
+            yield from _item_gaps(item, f"{path}.{name}[{i}]")
+
+
+def _item_gaps(item: IngressRule | IngressDenyRule | EgressRule | EgressDenyRule, path: str) -> Iterator[Gap]:
+    cidr_fields: tuple[tuple[str, Sequence[str | CIDRRule] | None], ...]
+    if isinstance(item, (IngressRule, IngressDenyRule)):
+        cidr_fields = (("fromCIDR", item.from_cidr), ("fromCIDRSet", item.from_cidr_set))
+        entity_field, entities = "fromEntities", item.from_entities
+    else:
+        cidr_fields = (("toCIDR", item.to_cidr), ("toCIDRSet", item.to_cidr_set))
+        entity_field, entities = "toEntities", item.to_entities
+        if item.to_services:
+            yield _gap(f"{path}.toServices", "toServices")
+        if isinstance(item, EgressRule) and item.to_fqdns:
+            yield _gap(f"{path}.toFQDNs", "toFQDNs")
+    for name, values in cidr_fields:
+        written: Sequence[str | CIDRRule] = values or []
+        for j, value in enumerate(written):
+            if _is_ipv6(value):
+                yield _gap(f"{path}.{name}[{j}]", "ipv6-cidr")
+    for j, entity in enumerate(entities or ()):
+        if entity in UNRESOLVED_ENTITIES:
+            yield _gap(f"{path}.{entity_field}[{j}]", "unresolved-entities")
+    yield from _icmp_gaps(item.icmps, f"{path}.icmps")
+    port_rules: Sequence[PortRule | PortDenyRule] = item.to_ports or ()
+    for j, port_rule in enumerate(port_rules):
+        if isinstance(port_rule, PortRule):
+            yield from _port_rule_gaps(port_rule, f"{path}.toPorts[{j}]")
+
+
+def _is_ipv6(value: str | CIDRRule) -> bool:
+    text = value.cidr if isinstance(value, CIDRRule) else value
+    try:
+        return ipaddress.ip_network(text, strict=False).version == 6
+    except ValueError:
+        return False
+
+
+def _icmp_gaps(rules: Iterable[ICMPRule] | None, path: str) -> Iterator[Gap]:
+    for i, rule in enumerate(rules or ()):
+        for j, field in enumerate(rule.fields or ()):
+            ipv4_name = isinstance(field.type, int) or field.type.isdigit() or field.type in ICMP_V4_TYPES
+            if field.family == "IPv6" or not ipv4_name:
+                yield _gap(f"{path}[{i}].fields[{j}]", "ipv6-icmp")
+
+
+def _port_rule_gaps(rule: PortRule, path: str) -> Iterator[Gap]:
+    l7 = rule.rules
+    if l7 is not None:
+        if l7.http is not None:
+            yield _gap(f"{path}.rules.http", "http")
+            for k, http in enumerate(l7.http):
+                if http.header_matches:
+                    yield _gap(f"{path}.rules.http[{k}].headerMatches", "headerMatches")
+        if l7.kafka is not None:
+            yield _gap(f"{path}.rules.kafka", "kafka")
+        if l7.dns is not None:
+            yield _gap(f"{path}.rules.dns", "dns")
+        if l7.l7proto is not None or l7.l7 is not None:
+            yield _gap(f"{path}.rules.l7proto", "l7proto")
+    if rule.terminating_tls is not None:
+        yield _gap(f"{path}.terminatingTLS", "tls")
+    if rule.originating_tls is not None:
+        yield _gap(f"{path}.originatingTLS", "tls")
+    if rule.server_names:
+        yield _gap(f"{path}.serverNames", "serverNames")
