@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -351,3 +352,10 @@ def test_a_token_not_bound_to_a_pod_names_no_node(enrolling: tuple[Any, Setup, E
         enroll.enroll(api_access(kube, token, tmp_path), node=setup.node_b, pod_uid="00000000-unbound",
                       directory=tmp_path / "out", wait_seconds=60, poll=0.3)
     _denied(kube, run, caught.value, "not bound to exactly one node")
+
+
+def test_the_chart_grant_was_enough_for_everything_above(enrolling: tuple[Any, Setup, EnrollerRun]) -> None:
+    _, _, run = enrolling
+    assert "etcd certificate issued" in run.text() and "etcd certificate request denied" in run.text()
+    assert not re.search(r"Forbidden|forbidden|\(403\)", run.text()), run.text()[-3000:]
+    assert run.proc.poll() is None, "the enroller kept running"

@@ -1,0 +1,104 @@
+"""Every (resource, verb) the chart grants the etcd-enroller is needed: without any one of them, a real
+enrollment (real enroller, real apiserver, real etcd) fails or the enroller's log shows the refusal.
+
+The full grant is exercised in test_node_enrollment.py (no refusal, certificate issued); here each run
+uses the chart's enroller rules minus one pair, with its own ServiceAccount, Node and Pod.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from deploy_helpers import (
+    NAMESPACE,
+    Helm,
+    documents,
+    ensure_namespace,
+    find,
+    kubectl_ok,
+    service_account_kubeconfig,
+)
+from test_node_enrollment import (
+    AGENT_SA,
+    ENROLLER_USES,
+    EnrollerRun,
+    api_access,
+    pairs,
+    pod,
+    pod_token,
+)
+
+from ciliary.nodeagent import enroll
+
+pytestmark = pytest.mark.integration
+REFUSAL = re.compile(r"Forbidden|forbidden|\(403\)|status 403")
+
+
+def without(rules: list[dict[str, Any]], removed: tuple[str, str, str]) -> list[dict[str, Any]]:
+    """The same grants minus one pair, one rule per remaining pair (resourceNames kept)."""
+    names = {(g, r): rule.get("resourceNames") for rule in rules for g in rule["apiGroups"] for r in rule["resources"]}
+    out = []
+    for g, r, v in sorted(pairs(rules) - {removed}):
+        rule: dict[str, Any] = {"apiGroups": [g], "resources": [r], "verbs": [v]}
+        if names[(g, r)]:
+            rule["resourceNames"] = names[(g, r)]
+        out.append(rule)
+    return out
+
+
+@pytest.fixture(scope="module")
+def enroller_rules(helm: Helm, kube: Any) -> list[dict[str, Any]]:
+    rendered = documents(helm.template())
+    ensure_namespace(kube, NAMESPACE)
+    agent = [d for d in rendered if d["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding")
+             and d["metadata"]["name"].endswith("-agent")]
+    kubectl_ok(kube, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": agent}))
+    return list(find(rendered, "ClusterRole", "-etcd-enroller")["rules"])
+
+
+@pytest.mark.parametrize("removed", sorted(ENROLLER_USES), ids=lambda p: f"{p[1]}-{p[2]}")
+def test_each_granted_verb_is_needed(kube: Any, enroller_rules: list[dict[str, Any]], tmp_path: Path,
+                                     removed: tuple[str, str, str]) -> None:
+    rules = without(enroller_rules, removed)
+    assert len(pairs(rules)) == len(ENROLLER_USES) - 1
+    suffix = uuid.uuid4().hex[:6]
+    account, node = f"enr-minus-{suffix}", f"enr-minus-{suffix}"
+    items = [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": account, "namespace": NAMESPACE}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": account},
+         "rules": rules},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": account},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": account},
+         "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]},
+        {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}},
+    ]
+    kubectl_ok(kube, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    run = EnrollerRun(kube, service_account_kubeconfig(kube, tmp_path / "kubeconfig", account=account,
+                                                       namespace=NAMESPACE), tmp_path / "enroller.log")
+    try:
+        uid = pod(kube, f"{node}-agent", node, AGENT_SA)
+        api = api_access(kube, pod_token(kube, AGENT_SA, f"{node}-agent"), tmp_path)
+        failed = ""
+        try:
+            enroll.enroll(api, node=node, pod_uid=uid, directory=tmp_path / "out", wait_seconds=12, poll=0.3)
+        except enroll.EnrollmentError as exc:
+            failed = str(exc)
+        deadline = time.monotonic() + 5  # the sweep (nodes list) runs every second
+        while not failed and not REFUSAL.search(run.text()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if REFUSAL.search(run.text()):
+            failed = failed or "refused (403) in the enroller's log"
+        assert failed, f"removing {removed} changed nothing: the verb is not needed\n{run.text()[-3000:]}"
+    finally:
+        run.stop()
+        kube.kubectl("delete", "pod", f"{node}-agent", "-n", NAMESPACE, "--grace-period=0", "--force",
+                     "--ignore-not-found", "--wait=false")
+        kube.kubectl("delete", "node", node, "--ignore-not-found", "--wait=false")
+        kube.kubectl("delete", "clusterrolebinding,clusterrole", account, "--ignore-not-found", "--wait=false")
+        kube.kubectl("delete", "serviceaccount", account, "-n", NAMESPACE, "--ignore-not-found", "--wait=false")
