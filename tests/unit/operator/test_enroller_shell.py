@@ -18,6 +18,8 @@ from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdTLS
 
 
 class Response:
+    status, reason = 200, "OK"
+
     def __init__(self, body: dict[str, Any]) -> None:
         self.body = copy.deepcopy(body)
 
@@ -120,3 +122,36 @@ async def test_a_refused_request_is_denied_with_its_reason(make_enroller: Any) -
     denied = fake.obj["status"]["conditions"][0]
     assert denied["type"] == "Denied" and "not the agent ServiceAccount" in denied["message"]
     assert e.core.events[0]["type"] == "Warning"  # type: ignore[attr-defined]
+
+
+class Refused(Response):
+    status, reason = 403, "Forbidden"
+
+    async def read(self) -> bytes:
+        return b'{"kind":"Status","reason":"Forbidden"}'
+
+
+async def test_a_refused_write_is_an_error_not_a_success(make_enroller: Any) -> None:
+    """Without preloading, the client returns a 403 response as if it were the object: it must raise."""
+    _, request_pem = nc.new_key_and_request("ciliary-node-node-1")
+    e, fake, _ = make_enroller(csr_obj(request_pem), etcd_failures=0)
+
+    async def refuse(name: str, body: dict[str, Any], **_: Any) -> Response:
+        return Refused({})
+
+    fake.replace_certificate_signing_request_status = refuse  # type: ignore[method-assign]
+    assert await e.handle(fake.obj) == "failed"  # the Failed condition goes through /status too: refused
+    assert "certificate" not in fake.obj["status"]
+    assert [ev["reason"] for ev in e.core.events] == []  # type: ignore[attr-defined]
+
+
+async def test_a_stale_copy_from_the_watch_never_issues_twice(make_enroller: Any) -> None:
+    """The watch delivers the MODIFIED event of the approval after the certificate was written: skipped."""
+    _, request_pem = nc.new_key_and_request("ciliary-node-node-1")
+    e, fake, _ = make_enroller(csr_obj(request_pem), etcd_failures=0)
+    stale = copy.deepcopy(fake.obj)
+    assert await e.handle(fake.obj) == "issued"
+    issued = fake.obj["status"]["certificate"]
+    assert await e.handle(nc.with_condition(stale, "Approved", "R", "m", datetime.datetime.now(datetime.UTC))) \
+        == "skipped"
+    assert fake.obj["status"]["certificate"] == issued and fake.calls == ["approval", "status"]

@@ -97,6 +97,16 @@ class Enroller:
         name = str(obj["metadata"]["name"])
         if obj.get("spec", {}).get("signerName") != SIGNER_NAME or node_certificates.settled(obj):
             return "skipped"
+        try:  # the watch may deliver an older copy than what this enroller already wrote
+            obj = await _json(await self.certificates.read_certificate_signing_request(name, _preload_content=False))
+        except ApiException as exc:
+            if exc.status == 404:
+                return "skipped"
+            log.warning("reading the request failed: %s", exc, extra={"csr": name})
+        except OSError as exc:
+            log.warning("reading the request failed: %s", exc, extra={"csr": name})
+        if node_certificates.settled(obj):
+            return "skipped"
         delay = self.retry_delay
         for attempt in range(1, self.attempts + 1):
             try:
@@ -136,8 +146,9 @@ class Enroller:
                               lambda cur: node_certificates.with_condition(
                                   cur, "Approved", "CiliaryEtcdNodeApproved", decision.reason, _now()))
         cert = node_certificates.sign(self.authority, csr, validity=self.validity, now=_now())
-        await self._write(name, "issue", self.certificates.replace_certificate_signing_request_status,
-                          lambda cur: node_certificates.with_certificate(cur, cert))
+        if not await self._write(name, "issue", self.certificates.replace_certificate_signing_request_status,
+                                 lambda cur: node_certificates.with_certificate(cur, cert)):
+            return "skipped"
         log.info("etcd certificate issued", extra={"csr": name, "node": decision.node, "cn": request.subject_cn})
         await self._event(obj, "Normal", "EtcdCertificateIssued",
                           f"issued {request.subject_cn} (node {decision.node}), valid until "
@@ -162,20 +173,26 @@ class Enroller:
         except EnrollmentStepError as exc:
             log.error("could not mark the request failed: %s", exc, extra={"csr": name})
 
-    async def _write(self, name: str, step: str, method: Any, change: Any) -> None:
-        """Read the CSR, apply ``change`` and replace it through ``method``; re-read on a conflict (bounded)."""
+    async def _write(self, name: str, step: str, method: Any, change: Any) -> bool:
+        """Read the CSR, apply ``change`` and replace it through ``method``; re-read on a conflict (bounded).
+
+        False when the CSR carries a certificate already (another enroller replica issued it): nothing is written.
+        """
         for attempt in range(3):
             try:
                 current = await _json(await self.certificates.read_certificate_signing_request(
                     name, _preload_content=False))
+                if (current.get("status") or {}).get("certificate"):
+                    return False  # issued meanwhile: a certificate is never replaced, nor anything after it
                 await _json(await method(name, change(current), _preload_content=False))
-                return
+                return True
             except ApiException as exc:
                 if exc.status == 409 and attempt < 2:
                     continue
                 raise EnrollmentStepError(name, step, exc) from exc
             except OSError as exc:
                 raise EnrollmentStepError(name, step, exc) from exc
+        raise AssertionError("unreachable")
 
     async def _ensure_etcd_user(self, name: str, node: str) -> None:
         etcd = make_client(self.etcd_endpoint, self.etcd_root, 10.0)
@@ -270,8 +287,15 @@ def _now() -> datetime.datetime:
 
 
 async def _json(response: Any) -> dict[str, Any]:
-    """The body of a response fetched with ``_preload_content=False`` (raw JSON, no client models)."""
+    """The body of a response fetched with ``_preload_content=False`` (raw JSON, no client models).
+
+    The client checks no status without preloading: a refusal (403, 409, ...) is raised here as
+    :class:`ApiException`, as the client would.
+    """
     try:
+        if not 200 <= int(response.status) <= 299:
+            body = (await response.read()).decode(errors="replace")
+            raise ApiException(status=int(response.status), reason=f"{response.reason}: {body[:500]}")
         data: dict[str, Any] = await response.json()
         return data
     finally:
