@@ -1,0 +1,302 @@
+"""Policy change to enforced, end to end: apply of a CNP edit -> operator -> etcd -> agent -> kernel map.
+
+Run as root from the repository root (brings up its own one-node lab under
+``.lab-benchpc-<pid>``, prefix ``q<pid>``, and takes it down afterwards, also on failure):
+
+    .venv/bin/python bench/bench_policy_change.py [--changes 120] [--gap 0.3] [--kubectl]
+    .venv/bin/python bench/bench_policy_change.py --smoke     # a few changes: proves the bench still runs
+
+Set-up: the lab's real operator and agent; a server pod and a client pod on
+node-1 and one CiliumNetworkPolicy allowing client -> server:80. Each change
+is an apply of an edit of that CNP (server-side apply, the request
+``kubectl apply --server-side`` sends; ``--kubectl`` runs ``kubectl apply``
+instead and starts the clock before the process starts) that alternately adds
+and removes either 1 port (1 map entry) or 1,000 ports (1,000 entries). The bench
+polls the agent's pinned ``cy_policy`` map (libbpf, from this process) until
+the entries appear or are gone: that moment is "enforced". p50/p99 over
+``--changes`` changes per size. Target: p99 < 250 ms for 1 entry.
+
+Per-stage timestamps of each change: the apply returned (apiserver answered),
+the node's intent key was written (an ``etcdctl watch`` with the lab's own
+environment, ``Lab.env_lines``, timestamps each event on arrival), the map shows
+the change. The operator's "reconciled revision" log lines give its pass time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes as ct
+import json
+import os
+import re
+import ssl
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "nodeagent"), str(ROOT / "e2e")]
+
+from ciliary.lab import sessions  # noqa: E402
+from ciliary.lab.lab import Lab  # noqa: E402
+from ciliary.lab.layout import Binaries  # noqa: E402
+from ciliary.nodeagent import planning  # noqa: E402
+from ciliary.nodeagent.datapath import libbpf, maps  # noqa: E402
+
+NS = "bench-pc"
+NODE = "node-1"
+POLICY = "bench-pc"
+BASE_PORT = 80
+ONE_PORT = 9000
+MANY_FIRST = 10000
+WAIT_S = 30.0
+
+
+class BenchFailed(RuntimeError):
+    """The set-up or one change did not complete within its bound."""
+
+
+# ---------------------------------------------------------------- the lab side
+
+
+def cnp(ports: list[int]) -> dict[str, Any]:
+    chunks = [ports[i:i + 40] for i in range(0, len(ports), 40)]  # 40 ports per PortRule at most
+    return {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+            "metadata": {"name": POLICY, "namespace": NS},
+            "spec": {"endpointSelector": {"matchLabels": {"app": "server"}},
+                     "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "client"}}],
+                                  "toPorts": [{"ports": [{"port": str(p), "protocol": "TCP"} for p in chunk]}
+                                              for chunk in chunks]}]}}
+
+
+def pod(name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS, "labels": {"app": name}},
+            "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "lab",
+                                                       "ports": [{"containerPort": BASE_PORT}]}]}}
+
+
+def lab_env(lab: Lab) -> dict[str, str]:
+    """The lab's own client environment (what ``ciliary lab env`` prints), over a clean copy of ours."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ETCDCTL_", "CILIARY_ETCD"))}
+    for line in lab.env_lines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        env[key] = value.replace("$PATH", os.environ.get("PATH", ""))
+    return env
+
+
+class Applier:
+    """Server-side apply over HTTPS with the lab's admin certificate (or ``kubectl apply``)."""
+
+    def __init__(self, lab: Lab, use_kubectl: bool) -> None:
+        self.lab = lab
+        self.use_kubectl = use_kubectl
+        pki = lab.layout.pki_dir
+        self.ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        self.ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+        self.url = (f"{lab.ports().apiserver_url}/apis/cilium.io/v2/namespaces/{NS}/ciliumnetworkpolicies/"
+                    f"{POLICY}?fieldManager=bench&force=true")
+
+    def apply(self, body: dict[str, Any]) -> None:
+        if self.use_kubectl:
+            self.lab.kubectl("apply", "-f", "-", input=json.dumps(body))
+            return
+        req = urllib.request.Request(self.url, data=json.dumps(body).encode(), method="PATCH",
+                                     headers={"Content-Type": "application/apply-patch+yaml"})
+        with urllib.request.urlopen(req, context=self.ctx, timeout=30) as resp:
+            resp.read()
+
+
+class IntentWatch:
+    """``etcdctl watch`` of the node's intent key; the arrival time of every event."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.times: list[float] = []
+        self.proc = subprocess.Popen(["etcdctl", "watch", f"/ciliary/intents/v1/{NODE}", "-w", "json"],
+                                     env=lab_env(lab), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if '"Events"' in line or '"events"' in line:
+                self.times.append(time.monotonic())
+
+    def first_after(self, t0: float) -> float | None:
+        return next((t for t in list(self.times) if t >= t0), None)
+
+    def count_after(self, t0: float, t1: float) -> int:
+        return sum(1 for t in list(self.times) if t0 <= t <= t1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=5)
+
+
+# ---------------------------------------------------------------- the kernel side
+
+
+class PolicyMap:
+    """The agent's pinned ``cy_policy`` map, read through libbpf from this process."""
+
+    def __init__(self, lab: Lab) -> None:
+        found = sorted((lab.layout.bpffs_dir / NODE).glob("**/cy_policy"))
+        if not found:
+            raise BenchFailed(f"no pinned cy_policy under {lab.layout.bpffs_dir / NODE}")
+        self.fd = libbpf.obj_get(found[0])
+
+    def read(self) -> dict[planning.PolicyKey, planning.PolicyValue]:
+        return maps.read_map(self.fd, maps.POLICY)
+
+    def count(self) -> int:
+        return maps.count_entries(self.fd, maps.PolicyKeyC)
+
+    def has(self, key: planning.PolicyKey) -> bool:
+        value = maps.PolicyValueC()
+        found = libbpf.lib.bpf_map_lookup_elem(self.fd, ct.byref(maps.encode_policy_key(key)), ct.byref(value)) == 0
+        return found and key in self.read()  # an LPM lookup may answer a shorter prefix: confirm the exact key
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def wait_until(what: str, predicate: Callable[[], bool], seconds: float = WAIT_S, step: float = 0.001) -> float:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return time.monotonic()
+        time.sleep(step)
+    raise BenchFailed(f"{what}: not seen within {seconds:.0f} s")
+
+
+# ---------------------------------------------------------------- measuring
+
+
+@dataclass
+class Sample:
+    total_ms: float
+    returned_ms: float
+    intent_ms: float | None
+    intent_writes: int
+
+
+@dataclass
+class Series:
+    size: int
+    samples: list[Sample] = field(default_factory=list)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def measure(size: int, changes: int, gap: float, applier: Applier, watch: IntentWatch, pmap: PolicyMap,
+            template: planning.PolicyKey, baseline: int) -> Series:
+    extra = [ONE_PORT] if size == 1 else [MANY_FIRST + 2 * i for i in range(size)]  # not adjacent: no merging
+    keys = [planning.PolicyKey(template.ep_id, template.direction, template.identity, template.protocol, p, 16)
+            for p in extra]
+    series = Series(size)
+    for r in range(changes):
+        adding = r % 2 == 0
+        t0 = time.monotonic()
+        applier.apply(cnp([BASE_PORT, *extra] if adding else [BASE_PORT]))
+        t_returned = time.monotonic()
+        if size == 1:
+            t_map = wait_until(f"change {r}", lambda: pmap.has(keys[0]) == adding)
+        else:
+            want = baseline + size if adding else baseline
+
+            def done() -> bool:
+                if pmap.count() != want:
+                    return False
+                held = pmap.read()
+                return all((k in held) == adding for k in keys)
+            t_map = wait_until(f"change {r}", done, step=0.002)
+        t_intent = watch.first_after(t0)
+        series.samples.append(Sample(total_ms=(t_map - t0) * 1000, returned_ms=(t_returned - t0) * 1000,
+                                     intent_ms=(t_intent - t0) * 1000 if t_intent and t_intent <= t_map else None,
+                                     intent_writes=watch.count_after(t0, t_map)))
+        time.sleep(gap)
+    return series
+
+
+def reconcile_times(lab: Lab, last: int) -> list[float]:
+    log = lab.layout.log_dir / "operator.log"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return [float(m) for m in re.findall(r"reconciled revision \d+: wrote .*? in ([0-9.]+) ms", text)][-last:]
+
+
+def report(series: list[Series], reconcile: list[float], via: str) -> None:
+    print(f"\n# policy change -> enforced, end to end ({via}; clock starts before the apply request)")
+    print(f"{'entries':>8} {'changes':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} | {'apply returned':>15} "
+          f"{'intent written':>15} {'map shows':>10} (p50 ms) | intent writes/change")
+    for s in series:
+        total = [x.total_ms for x in s.samples]
+        returned = [x.returned_ms for x in s.samples]
+        intent = [x.intent_ms for x in s.samples if x.intent_ms is not None]
+        writes = statistics.mean(x.intent_writes for x in s.samples)
+        print(f"{s.size:>8} {len(total):>8} {pct(total, .5):>8.1f} {pct(total, .99):>8.1f} {max(total):>8.1f} | "
+              f"{pct(returned, .5):>15.1f} {pct(intent, .5) if intent else float('nan'):>15.1f} "
+              f"{pct(total, .5):>10.1f} | {writes:.2f}")
+        if intent:
+            print(f"{'':>8} p99 of stages: apply returned {pct(returned, .99):.1f} ms, intent written "
+                  f"{pct(intent, .99):.1f} ms ({len(intent)} of {len(total)} seen), map shows {pct(total, .99):.1f} ms")
+    if reconcile:
+        print(f"# operator reconcile passes that wrote (last {len(reconcile)}): p50 {pct(reconcile, .5):.1f} ms, "
+              f"p99 {pct(reconcile, .99):.1f} ms")
+    one = next((s for s in series if s.size == 1), None)
+    if one is not None:
+        p99 = pct([x.total_ms for x in one.samples], .99)
+        print(f"# target p99 < 250 ms for 1 entry: {'met' if p99 < 250 else 'NOT met'} ({p99:.1f} ms)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--changes", type=int, default=120, help="changes per size (alternately add/remove)")
+    parser.add_argument("--sizes", default="1,1000", help="entries per change (comma separated)")
+    parser.add_argument("--gap", type=float, default=0.3, help="seconds between a change enforced and the next")
+    parser.add_argument("--kubectl", action="store_true", help="apply with the kubectl process (clock includes it)")
+    parser.add_argument("--smoke", action="store_true", help="a few changes: checks the bench runs")
+    args = parser.parse_args()
+    if args.smoke:
+        args.changes, args.sizes, args.gap = 4, "1,100", 0.1
+    sessions.reap_stale(ROOT, "benchpc", "q")
+    lab = Lab(sessions.session_layout(ROOT, "benchpc", "q"), Binaries.discover())
+    watch: IntentWatch | None = None
+    pmap: PolicyMap | None = None
+    try:
+        lab.up(1, log=False)
+        lab.kubectl("create", "namespace", NS)
+        lab.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                          "items": [pod("server"), pod("client")]}))
+        lab.kubectl("wait", "--for=condition=Ready", "--timeout=120s", "-n", NS, "pod/server", "pod/client")
+        applier = Applier(lab, args.kubectl)
+        applier.apply(cnp([BASE_PORT]))
+        pmap = PolicyMap(lab)
+        wait_until("the base policy in the map", lambda: any(k.port == BASE_PORT for k in pmap.read()), 60)
+        template = next(k for k in pmap.read() if k.port == BASE_PORT)
+        baseline = pmap.count()
+        watch = IntentWatch(lab)
+        time.sleep(1.0)  # the watch is established and the status writes of the set-up are done
+        series = [measure(int(size), args.changes, args.gap, applier, watch, pmap, template, baseline)
+                  for size in args.sizes.split(",")]
+        report(series, reconcile_times(lab, 2 * args.changes), "kubectl apply" if args.kubectl else "server-side apply")
+    finally:
+        if watch is not None:
+            watch.stop()
+        if pmap is not None:
+            pmap.close()
+        lab.down(log=False)
+
+
+if __name__ == "__main__":
+    main()
