@@ -43,16 +43,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "nodeagent"), str(ROOT / "tests/integration/datapath"),
                 str(ROOT / "bench")]
 
-import loadgen  # noqa: E402
 from dp_topology import Topology  # noqa: E402
 
+import loadgen  # noqa: E402
 from ciliary.nodeagent import planning  # noqa: E402
 from ciliary.nodeagent.datapath import compiling, engine  # noqa: E402
 from ciliary.operator import intents  # noqa: E402
@@ -103,7 +105,7 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def map_level_latency(dp: engine.Datapath, cyt: Topology, node: str, veths: dict[str, planning.HostVeth],
+def map_level_latency(dp: engine.Datapath, cyt: Topology, node: str, veths: Mapping[IPv4Address | str, planning.HostVeth],
                       revision: int, sizes: tuple[tuple[int, int], ...]) -> dict[int, list[float]]:
     latencies: dict[int, list[float]] = {}
     for k, reps in sizes:
@@ -171,9 +173,9 @@ def main() -> None:
         node = f"bench-{cyt.tag}"
         dp = engine.Datapath(node, netns=cyt.node_ns)
         dp.start()
-        veths = {p.ip: planning.HostVeth(p.host_ifname, p.host_ifindex) for p in cyt.pods}
+        veths: dict[IPv4Address | str, planning.HostVeth] = {p.ip: planning.HostVeth(p.host_ifname, p.host_ifindex) for p in cyt.pods}
         compiles = compiling.compile_count()
-        rows = []
+        rows: list[dict[str, Any]] = []
         revision = 0
         for k in sizes:
             revision += 1

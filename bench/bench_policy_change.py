@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes as ct
+import functools
 import json
 import os
 import re
@@ -199,6 +200,16 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+def shows(pmap: PolicyMap, keys: list[planning.PolicyKey], present: bool, baseline: int) -> bool:
+    """The map holds all ``keys`` (``present``) or none of them (one key: one lookup; many: count first)."""
+    if len(keys) == 1:
+        return pmap.has(keys[0]) == present
+    if pmap.count() != (baseline + len(keys) if present else baseline):
+        return False
+    held = pmap.read()
+    return all((k in held) == present for k in keys)
+
+
 def measure(size: int, changes: int, gap: float, applier: Applier, watch: IntentWatch, pmap: PolicyMap,
             template: planning.PolicyKey, baseline: int) -> Series:
     extra = [ONE_PORT] if size == 1 else [MANY_FIRST + 2 * i for i in range(size)]  # not adjacent: no merging
@@ -210,17 +221,8 @@ def measure(size: int, changes: int, gap: float, applier: Applier, watch: Intent
         t0 = time.monotonic()
         applier.apply(cnp([BASE_PORT, *extra] if adding else [BASE_PORT]))
         t_returned = time.monotonic()
-        if size == 1:
-            t_map = wait_until(f"change {r}", lambda: pmap.has(keys[0]) == adding)
-        else:
-            want = baseline + size if adding else baseline
-
-            def done() -> bool:
-                if pmap.count() != want:
-                    return False
-                held = pmap.read()
-                return all((k in held) == adding for k in keys)
-            t_map = wait_until(f"change {r}", done, step=0.002)
+        t_map = wait_until(f"change {r}", functools.partial(shows, pmap, keys, adding, baseline),
+                           step=0.001 if size == 1 else 0.002)
         t_intent = watch.first_after(t0)
         series.samples.append(Sample(total_ms=(t_map - t0) * 1000, returned_ms=(t_returned - t0) * 1000,
                                      intent_ms=(t_intent - t0) * 1000 if t_intent and t_intent <= t_map else None,

@@ -250,9 +250,9 @@ def rss_kb(pid: int) -> tuple[int, int]:
 
 
 async def run_case(lab: Any, ports: Any, n: int, mode: str) -> dict[str, Any]:
+    from bench import status_cluster
     from kubernetes_asyncio import client as kclient
 
-    from bench import status_cluster
     from ciliary.operator.kube import kubeapi
     from ciliary.operator.policy.resolution import Resolver
     from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdStore
