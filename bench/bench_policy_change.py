@@ -111,10 +111,10 @@ class PolicyMap:
     """The agent's pinned ``cy_policy`` map, read through libbpf from this process."""
 
     def __init__(self, lab: Lab) -> None:
-        found = sorted((lab.layout.bpffs_dir / NODE).glob("**/cy_policy"))
-        if not found:
-            raise BenchFailed(f"no pinned cy_policy under {lab.layout.bpffs_dir / NODE}")
-        self.fd = libbpf.obj_get(found[0])
+        """Wait (bounded) until the agent's datapath has pinned its maps, then open the policy map."""
+        root = lab.layout.bpffs_dir / NODE
+        wait_until(f"a pinned cy_policy under {root}", lambda: any(root.glob("**/cy_policy")), 180, 0.2)
+        self.fd = libbpf.obj_get(sorted(root.glob("**/cy_policy"))[0])
 
     def read(self) -> dict[planning.PolicyKey, planning.PolicyValue]:
         return maps.read_map(self.fd, maps.POLICY)

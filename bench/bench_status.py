@@ -29,7 +29,7 @@ PATCH (the apiserver's answer, not kubectl's start-up, is the edit); the
 breakdown shows when the bench had resolved and published the 1,000 intents and
 when the last simulated agent had reported. The 1,000 simulated agents parse
 their (real-sized) intents in this one process, which a real cluster spreads
-over 1,000 machines. ``--smoke``: 10 nodes, handover only.
+over 1,000 machines. ``--smoke``: 10 nodes, 5 policies, handover only.
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ def rss_kb(pid: int) -> tuple[int, int]:
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
-async def run_case(lab: Any, ports: Any, n: int, mode: str) -> dict[str, Any]:
+async def run_case(lab: Any, ports: Any, n: int, mode: str, policies: int) -> dict[str, Any]:
     from bench import status_cluster
     from kubernetes_asyncio import client as kclient
 
@@ -262,7 +262,7 @@ async def run_case(lab: Any, ports: Any, n: int, mode: str) -> dict[str, Any]:
     ns = f"bench-{mode}-{n}"
     layout = lab.layout
     lab.kubectl("create", "namespace", ns, check=False)
-    docs = "\n---\n".join(json.dumps(status_cluster.policy(ns, k)) for k in range(POLICIES))
+    docs = "\n---\n".join(json.dumps(status_cluster.policy(ns, k)) for k in range(policies))
     lab.kubectl("apply", "-f", "-", input=docs)
     items = json.loads(lab.kubectl("get", "cnp", "-n", ns, "-o", "json").stdout)["items"]
     meta = {i["metadata"]["name"]: (i["metadata"]["uid"], i["metadata"]["generation"]) for i in items}
@@ -329,7 +329,7 @@ async def run_case(lab: Any, ports: Any, n: int, mode: str) -> dict[str, Any]:
                 raise CaseFailed(f"the operator child exited ({child.returncode})")
             await asyncio.sleep(0.5)
         else:
-            raise CaseFailed(f"the {POLICIES} policies were not all Enforced within the set-up timeout "
+            raise CaseFailed(f"the {policies} policies were not all Enforced within the set-up timeout "
                              f"({setup_timeout:.0f} s, BENCH_SETUP_TIMEOUT)")
         setup_s = time.perf_counter() - t_setup
         await asyncio.sleep(3 * INTERVAL)
@@ -443,7 +443,7 @@ def parent_main(args: argparse.Namespace) -> None:
         for n in (int(x) for x in args.nodes.split(",")):
             for mode in args.modes.split(","):
                 try:
-                    row = asyncio.run(run_case(lab, ports, n, mode))
+                    row = asyncio.run(run_case(lab, ports, n, mode, args.policies))
                 except CaseFailed as exc:
                     row = {"nodes": n, "mode": mode, "error": str(exc)}
                 except ApiException as exc:
@@ -451,7 +451,7 @@ def parent_main(args: argparse.Namespace) -> None:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
         print()
-        print(f"one policy update, {POLICIES} policies, status interval {INTERVAL:.0f} s; intents resolved by the "
+        print(f"one policy update, {args.policies} policies, status interval {INTERVAL:.0f} s; intents resolved by the "
               f"operator's resolver (one selected pod per node), intent KiB and entries are per node")
         print(table(rows))
     finally:
@@ -464,6 +464,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nodes", default="10,100,1000")
     p.add_argument("--modes", default="handover,direct")
+    p.add_argument("--policies", type=int, default=POLICIES)
     p.add_argument("--smoke", action="store_true", help="10 nodes, handover only: checks the bench runs")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="handover", help=argparse.SUPPRESS)
@@ -473,7 +474,7 @@ def main() -> None:
     p.add_argument("--interval", type=float, default=INTERVAL, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.smoke:
-        args.nodes, args.modes = "10", "handover"
+        args.nodes, args.modes, args.policies = "10", "handover", 5
     if args.child:
         asyncio.run(child_main(args))
     else:
