@@ -287,7 +287,7 @@ async def run_case(lab: Any, ports: Any, n: int, mode: str, policies: int) -> di
     if fleet.direct:
         # steady state before the measured update: every entry present (one patch per policy, not N)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        entry = {"ok": True, "enforcing": True, "lastUpdated": stamp, "localPolicyRevision": 1}
+        entry = {"ok": True, "enforcing": True, "lastUpdated": stamp, "localPolicyRevision": resolution.revision}
         for name in meta:
             await custom.patch_namespaced_custom_object_status(  # type: ignore[call-arg]
                 "cilium.io", "v2", ns, "ciliumnetworkpolicies", name,
