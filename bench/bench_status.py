@@ -249,7 +249,9 @@ def rss_kb(pid: int) -> tuple[int, int]:
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
-async def run_case(lab: Any, ports: Any, n: int, mode: str, policies: int) -> dict[str, Any]:
+async def run_case(lab: Any, ports: Any, n: int, mode: str, policies: int,
+                   quiet: float = 3 * INTERVAL) -> dict[str, Any]:
+    """One size and mode; ``quiet``: seconds of calm before and after the measured update."""
     from bench import status_cluster
     from kubernetes_asyncio import client as kclient
 
@@ -332,7 +334,7 @@ async def run_case(lab: Any, ports: Any, n: int, mode: str, policies: int) -> di
             raise CaseFailed(f"the {policies} policies were not all Enforced within the set-up timeout "
                              f"({setup_timeout:.0f} s, BENCH_SETUP_TIMEOUT)")
         setup_s = time.perf_counter() - t_setup
-        await asyncio.sleep(3 * INTERVAL)
+        await asyncio.sleep(quiet)
         before = status_patches(layout, ports.apiserver_url)
         s0, agent_events0, direct0 = child_stats(), fleet.intent_events, fleet.direct_writes
         failed0 = sum(w.failures for w in fleet.writers.values())
@@ -360,7 +362,7 @@ async def run_case(lab: Any, ports: Any, n: int, mode: str, policies: int) -> di
         while fleet.direct and (fleet.direct_writes - direct0 < n or any(w.pending for w in fleet.writers.values())) \
                 and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
-        await asyncio.sleep(3 * INTERVAL)
+        await asyncio.sleep(quiet)
         after = status_patches(layout, ports.apiserver_url)
         s1 = child_stats()
         rss, hwm = rss_kb(child.pid)
@@ -382,7 +384,7 @@ async def run_case(lab: Any, ports: Any, n: int, mode: str, policies: int) -> di
     finally:
         child.send_signal(signal.SIGTERM)
         try:
-            child.wait(30)
+            child.wait(5)  # kopf may take 30 s to stop its watches; the child keeps nothing worth waiting for
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
@@ -446,7 +448,8 @@ def parent_main(args: argparse.Namespace) -> None:
         for n in (int(x) for x in args.nodes.split(",")):
             for mode in args.modes.split(","):
                 try:
-                    row = asyncio.run(run_case(lab, ports, n, mode, args.policies))
+                    row = asyncio.run(run_case(lab, ports, n, mode, args.policies,
+                                                   INTERVAL if args.smoke else 3 * INTERVAL))
                 except CaseFailed as exc:
                     row = {"nodes": n, "mode": mode, "error": str(exc)}
                 except ApiException as exc:
