@@ -26,7 +26,8 @@ map (replies pass through its conntrack map).
 
 Runs alternate between Ciliary and the peer (ABBA order) and each ratio is the
 median of ``--reps`` per-pair ratios, so machine noise hits both sides of a pair
-alike; absolute rates are medians too. A loopback run (client and server in one
+alike; absolute rates are medians too. One run per topology and test after
+each size's rules are loaded is a warm-up and not counted. A loopback run (client and server in one
 pod, no veth, no forwarding) shows how fast the generator itself can go: if it
 is not well above the no-program rate, the generator is the bottleneck. Also:
 policy change to enforced at map level (``Datapath.apply`` = the map writes) for
@@ -181,6 +182,9 @@ def main() -> None:
             revision += 1
             dp.apply(intent(cyt, node, revision, entries(k)), veths)
             load_iptables(topos["ipt"], k)
+            for name in topos:  # warm-up, not counted: fresh rules, maps and conntrack state settle
+                for mode in MODES:
+                    rate(name, mode)
             for mode in MODES:
                 vs_none, vs_ipt = pairs("none", mode), pairs("ipt", mode)
                 rows.append({"k": k, "mode": mode,
