@@ -260,8 +260,8 @@ async def run_case(lab: Any, ports: Any, n: int, mode: str, policies: int,
     from kubernetes_asyncio import client as kclient
 
     from ciliary.operator.kube import kubeapi
-    from ciliary.operator.store.access import OPERATOR_USER, ROOT_USER
     from ciliary.operator.policy.resolution import Resolver
+    from ciliary.operator.store.access import OPERATOR_USER, ROOT_USER
     from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdStore
     from ciliary.operator.store.keyspace import node_intent_key
     from ciliary.operator.store.publishing import IntentPublisher
