@@ -6,11 +6,11 @@ helm is built by the set-up (``setup/build-go-tools.sh``); the ``tool`` fixture
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +18,6 @@ from typing import Any
 
 import pytest
 import yaml
-
-from ciliary.lab import etcdsecurity
 
 ROOT = Path(__file__).resolve().parents[3]
 CHART = ROOT / "charts" / "ciliary"
@@ -46,13 +44,20 @@ class Helm:
 
 
 def etcd_value(kube: Any, key: str) -> bytes | None:
-    """One key's value through etcd's JSON gateway, as the operator's etcd user; None when absent."""
-    body = json.dumps({"key": base64.b64encode(key.encode()).decode()}).encode()
-    request = urllib.request.Request(f"{kube.etcd_endpoint}/v3/kv/range", data=body, method="POST")
-    context = etcdsecurity.tls_context(kube.etcd_tls())
-    with urllib.request.urlopen(request, timeout=5, context=context) as resp:
-        kvs = json.load(resp).get("kvs", [])
-    return base64.b64decode(kvs[0].get("value", "")) if kvs else None
+    """One key's value, read over mutual TLS as the operator's etcd user; None when absent.
+
+    (etcd's JSON gateway cannot be used: it does not pass the client certificate on, so
+    with authentication on it sees no user.)"""
+
+    async def read() -> bytes | None:
+        store = kube.etcd_store()
+        try:
+            got = await store.get(key.encode())
+            return None if got is None else bytes(got.value)
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
 
 
 def documents(text: str) -> list[dict[str, Any]]:
