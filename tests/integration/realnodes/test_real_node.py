@@ -1,0 +1,154 @@
+"""One real lab node: containerd + kubelet in a node namespace, pods through ciliary-cni.
+
+A throwaway lab (its own prefix and state directory) with the lab's control plane plus the flags
+real nodes need, the node gateway, kube-scheduler and the node's Ciliary agent; one node whose
+kubelet registers through the relay in its namespace. An agnhost pod is scheduled, runs with an
+address from the node's pod CIDR (ciliary-cni's IPAM), answers ``kubectl exec`` and shows its
+output in ``kubectl logs`` (both travel apiserver → egress selector → gateway → kubelet). The
+root namespace gains no lab address or route. Everything is torn down afterwards, also on failure.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from realnode_helpers import ROOT, lab_images, node_binaries
+
+from ciliary.lab import controlplane, kubeletnode, nodehost, processes, realcluster, sessions, topology
+from ciliary.lab.lab import Lab
+from ciliary.lab.layout import Binaries, pod_cidr
+
+pytestmark = pytest.mark.integration
+NODE = "node-1"
+
+
+@dataclass
+class RealLab:
+    lab: Lab
+    node: kubeletnode.RealNode
+
+    def kubectl(self, *args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(self.lab.bins.kubectl), f"--kubeconfig={self.lab.layout.kubeconfig}", *args],
+                              input=input, capture_output=True, text=True, timeout=timeout)
+
+    def log_tail(self, name: str) -> str:
+        path = self.lab.layout.log_dir / f"{name}.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+
+def root_addresses() -> str:
+    return subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True, check=True).stdout + \
+        subprocess.run(["ip", "route"], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture
+def real_lab() -> Iterator[RealLab]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    bins = node_binaries()
+    built = lab_images()
+    sessions.reap_stale(ROOT, "realnode", "r")
+    layout = sessions.session_layout(ROOT, "realnode", "r")
+    lab = Lab(layout, Binaries.discover())
+    host = nodehost.detect_host()
+    node = kubeletnode.RealNode(layout, NODE, bins, lab.bins, host, nodehost.cgroup_layout())
+    before = root_addresses()
+    try:
+        ports = controlplane.load_or_choose_ports(layout)
+        controlplane.save_config(layout, ports, 1)
+        controlplane.start(layout, lab.bins, ports, apiserver_args=realcluster.apiserver_args(layout))
+        lab.create_nodes([NODE])
+        topology.ensure_underlay(layout)
+        topology.ensure_node(layout, NODE, [NODE])
+        lab.start_node_processes(NODE, ports, pod_runtime=False)
+        realcluster.start_gateway(layout, ports, [NODE])
+        realcluster.start_scheduler(layout, bins, ports)
+        node.start(built, pod_cidr(1), kubeletnode.cni_plugin_path())
+        yield RealLab(lab, node)
+        assert root_addresses() == before, "the root namespace gained an address or route"
+    finally:
+        lab.down(log=False)
+        assert not node.paths.state.exists() and not node.paths.run.exists()
+        assert not kubeletnode.mounts_under([node.paths.state, node.paths.run], Path("/proc/self/mountinfo").read_text())
+        assert not nodehost.pids_under(nodehost.cgroup_layout(), node.paths.cgroup_root)
+        assert not any((m / node.paths.cgroup_root.lstrip("/")).exists() for m in nodehost.cgroup_layout().hierarchies())
+        assert not topology.netns_exists(layout.node_netns(NODE))
+
+
+def wait_for(what: str, check, seconds: float, on_timeout) -> object:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"{what} not reached within {seconds:.0f} s\n{on_timeout()}")
+
+
+POD = """
+apiVersion: v1
+kind: Pod
+metadata: {name: agnhost, namespace: default}
+spec:
+  containers:
+  - name: agnhost
+    image: registry.k8s.io/e2e-test-images/agnhost:2.56
+    imagePullPolicy: Never
+    args: ["netexec", "--http-port=8080"]
+    ports: [{containerPort: 8080}]
+  terminationGracePeriodSeconds: 1
+"""
+
+
+def test_a_real_node_runs_a_pod_through_ciliary_cni_with_exec_and_logs(real_lab: RealLab) -> None:
+    lab = real_lab
+
+    def node_ready() -> bool:
+        out = lab.kubectl("get", "node", NODE, "-o", "json")
+        if out.returncode != 0:
+            return False
+        node = json.loads(out.stdout)
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"].get("conditions", [])) \
+            and node["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://")
+
+    wait_for("node Ready with containerd", node_ready, 120,
+             lambda: lab.log_tail(f"kubelet-{NODE}") + lab.log_tail(f"containerd-{NODE}"))
+    applied = lab.kubectl("apply", "-f", "-", input=POD)
+    assert applied.returncode == 0, applied.stderr
+
+    def pod_running() -> dict[str, object] | None:
+        out = lab.kubectl("get", "pod", "agnhost", "-o", "json")
+        pod = json.loads(out.stdout) if out.returncode == 0 else {}
+        return pod if pod.get("status", {}).get("phase") == "Running" else None
+
+    pod = wait_for("agnhost pod Running", pod_running, 120, lambda: "\n".join([
+        lab.kubectl("describe", "pod", "agnhost").stdout, lab.log_tail(f"kubelet-{NODE}")[-2000:],
+        lab.log_tail(f"containerd-{NODE}")[-2000:]]))
+    assert isinstance(pod, dict)
+    assert pod["spec"]["nodeName"] == NODE  # bound by kube-scheduler
+    pod_ip = ipaddress.ip_address(pod["status"]["podIP"])
+    assert pod_ip in ipaddress.ip_network(pod_cidr(1))
+    allocated = list((lab.node.paths.ipam_dir).rglob("*"))
+    assert any(str(pod_ip) in p.name for p in allocated), allocated  # ciliary-cni's IPAM holds the address
+
+    exec_out = lab.kubectl("exec", "agnhost", "--", "/agnhost", "dns-suffix")
+    assert exec_out.returncode == 0, exec_out.stderr
+    hostname = lab.kubectl("exec", "agnhost", "--", "cat", "/etc/hostname")
+    assert hostname.returncode == 0 and hostname.stdout.strip() == "agnhost", hostname.stderr
+    addr = lab.kubectl("exec", "agnhost", "--", "ip", "-4", "-o", "addr", "show", "eth0")
+    assert addr.returncode == 0 and str(pod_ip) in addr.stdout, addr.stdout + addr.stderr
+
+    logs = wait_for("netexec start-up line in kubectl logs",
+                    lambda: (lambda o: o.stdout if o.returncode == 0 and o.stdout.strip() else None)(
+                        lab.kubectl("logs", "agnhost")), 30, lambda: lab.kubectl("logs", "agnhost").stderr)
+    assert "8080" in str(logs)
+    assert all(lab.node.alive().values()), lab.node.alive()
+    assert processes.running_pid(lab.lab.layout, realcluster.GATEWAY)
