@@ -214,13 +214,16 @@ class LayoutWriter:
         return self.add_bytes(media_type, canonical_json(document))
 
     def add_layer(self, tar_path: Path, *, compress: bool = False) -> Layer:
-        """Add an uncompressed layer tar (moved into the layout when uncompressed, else gzipped)."""
+        """Add an uncompressed layer tar: linked (or copied) into the layout as is, or gzipped."""
         diff_id = _sha256_file(tar_path)
         if not compress:
             target = self._blob_path(diff_id)
             if not target.exists():
-                shutil.copyfile(tar_path, target.with_suffix(".tmp"))
-                target.with_suffix(".tmp").replace(target)
+                try:  # same file system: share the bytes (blobs are never modified in place)
+                    os.link(tar_path, target)
+                except OSError:
+                    shutil.copyfile(tar_path, target.with_suffix(".tmp"))
+                    target.with_suffix(".tmp").replace(target)
             return Layer(Descriptor(MEDIA_LAYER_TAR, diff_id, target.stat().st_size), diff_id)
         tmp = self.blobs / f"{diff_id.removeprefix('sha256:')}.gz.tmp"
         with open(tar_path, "rb") as src, open(tmp, "wb") as raw:

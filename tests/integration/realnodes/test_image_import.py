@@ -89,5 +89,7 @@ def test_ctr_imports_the_lab_images_under_their_names_and_the_app_image_runs(con
     assert run.returncode == 0, run.stderr
     assert "python (3, 11)" in run.stdout
     agnhost = containerd.ctr("run", "--rm", "--cgroup", f"/ciliary-ctrd-{os.getpid()}/agnhost", images.AGNHOST_IMAGE,
-                             f"agnhost-{os.getpid()}", "/agnhost", "dns-suffix")
+                             f"agnhost-{os.getpid()}", "sh", "-c",
+                             "/agnhost --help >/dev/null && curl --version && ip -V && dig -v")
     assert agnhost.returncode == 0, agnhost.stderr
+    assert "curl" in agnhost.stdout and "iproute2" in agnhost.stdout

@@ -139,8 +139,8 @@ def test_a_real_node_runs_a_pod_through_ciliary_cni_with_exec_and_logs(real_lab:
     allocated = list((lab.node.paths.ipam_dir).rglob("*"))
     assert any(str(pod_ip) in p.name for p in allocated), allocated  # ciliary-cni's IPAM holds the address
 
-    exec_out = lab.kubectl("exec", "agnhost", "--", "/agnhost", "dns-suffix")
-    assert exec_out.returncode == 0, exec_out.stderr
+    exec_out = lab.kubectl("exec", "agnhost", "--", "sh", "-c", "echo exec-$((40 + 2))")
+    assert exec_out.returncode == 0 and exec_out.stdout.strip() == "exec-42", exec_out.stderr
     hostname = lab.kubectl("exec", "agnhost", "--", "cat", "/etc/hostname")
     assert hostname.returncode == 0 and hostname.stdout.strip() == "agnhost", hostname.stderr
     addr = lab.kubectl("exec", "agnhost", "--", "ip", "-4", "-o", "addr", "show", "eth0")
