@@ -16,6 +16,7 @@ node's directories.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -34,6 +35,8 @@ from ciliary.lab.nodeconfig import APISERVER_RELAY_PORT, Host, NodePaths
 from ciliary.lab.topology import NETNS_DIR
 
 CONTAINER_LOGS = Path("/var/log/containers")
+SHIM_SOCKETS = Path("/run/containerd/s")
+CNI_RESULTS = Path("/var/lib/cni/results")
 
 
 class NodeStartError(RuntimeError):
@@ -174,6 +177,36 @@ def _remove_tasks(bins: NodeBinaries, socket: Path) -> None:
         pass
 
 
+def shim_socket_names(containerd_address: Path, namespace: str, ids: Sequence[str]) -> list[str]:
+    """Names of the shim sockets containerd keeps in the machine-wide ``/run/containerd/s``.
+
+    A shim's socket is named by the sha256 of ``<containerd address>/<namespace>/<id>`` (and of the
+    same with ``/debug``), so a node's own sockets are found from its task ids without touching
+    another containerd's.
+    """
+    names = []
+    for task in ids:
+        for suffix in ("", "/debug"):
+            names.append(hashlib.sha256(f"{containerd_address}/{namespace}/{task}{suffix}".encode()).hexdigest())
+    return names
+
+
+def task_ids(paths: NodePaths) -> list[str]:
+    """Tasks (containers and sandboxes) the node's containerd has state for, also after a crash."""
+    tasks = paths.containerd_state / "io.containerd.runtime.v2.task" / "k8s.io"
+    return sorted(d.name for d in tasks.iterdir()) if tasks.is_dir() else []
+
+
+def remove_machine_wide_leftovers(paths: NodePaths, ids: Sequence[str]) -> None:
+    """The node's entries in machine-wide directories: shim sockets, libcni's cached results."""
+    for name in shim_socket_names(paths.containerd_socket, "k8s.io", ids):
+        (SHIM_SOCKETS / name).unlink(missing_ok=True)
+    if CNI_RESULTS.is_dir():
+        for task in ids:
+            for cached in CNI_RESULTS.glob(f"{nodeconfig.CNI_NETWORK}-{task}-*"):
+                cached.unlink(missing_ok=True)
+
+
 def mounts_under(roots: Sequence[Path], mountinfo: str) -> list[Path]:
     """Mount points below any of ``roots`` (deepest first), from /proc/self/mountinfo text."""
     found = []
@@ -204,12 +237,14 @@ def teardown_node(layout: LabLayout, node: str, bins: NodeBinaries | None,
                   cgroups: nodehost.CgroupLayout | None = None) -> None:
     """Remove everything a real node made: processes, containers, mounts, cgroups, directories."""
     paths = node_paths(layout, node)
+    ids = task_ids(paths)
     processes.stop(layout, f"kubelet-{node}", timeout=10)
     if bins is not None and processes.running_pid(layout, f"containerd-{node}"):
         _remove_tasks(bins, paths.containerd_socket)
     processes.stop(layout, f"containerd-{node}", timeout=10)
     nodehost.remove_cgroup_root(cgroups or nodehost.cgroup_layout(), paths.cgroup_root)
     unmount_all([paths.state, paths.run])
+    remove_machine_wide_leftovers(paths, [*ids, *task_ids(paths)])
     if CONTAINER_LOGS.is_dir():
         for link in CONTAINER_LOGS.iterdir():
             try:

@@ -31,6 +31,14 @@ class Containerd:
     bins: NodeBinaries
     socket: Path
 
+    run_dir: Path
+
+    def run(self, image: str, name: str, *argv: str) -> subprocess.CompletedProcess[str]:
+        """``ctr run`` with every path it would share machine-wide (fifos, runc root, cgroup) made ours."""
+        return self.ctr("run", "--rm", "--fifo-dir", str(self.run_dir / "fifo"), "--runc-root",
+                        str(self.run_dir / "runc"), "--cgroup", f"/ciliary-ctrd-{os.getpid()}/{name}",
+                        image, name, *argv)
+
     def ctr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(self.bins.ctr), "--address", str(self.socket), "--namespace", "k8s.io", *args],
                               capture_output=True, text=True, timeout=timeout)
@@ -47,13 +55,14 @@ def containerd() -> Iterator[Containerd]:
         "grpc": {"address": str(run / "containerd.sock")},
         "disabled_plugins": ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.runtime",
                              "io.containerd.cri.v1.images", "io.containerd.nri.v1.nri"],
+        "plugins": {"io.containerd.internal.v1.opt": {"path": str(root / "opt")}},
     }
     (root / "config.toml").write_text(nodeconfig.render_toml(config))
     log = open(root / "containerd.log", "wb")
     env = {**os.environ, "PATH": f"{bins.containerd.parent}:{os.environ['PATH']}"}
     proc = subprocess.Popen([str(bins.containerd), "--config", str(root / "config.toml")], stdout=log,
                             stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    handle = Containerd(bins, run / "containerd.sock")
+    handle = Containerd(bins, run / "containerd.sock", run)
     cgroup = f"/ciliary-ctrd-{os.getpid()}"
     try:
         deadline = time.monotonic() + 30
@@ -84,12 +93,11 @@ def test_ctr_imports_the_lab_images_under_their_names_and_the_app_image_runs(con
     listed = containerd.ctr("images", "list", "-q").stdout.split()
     assert {i.reference for i in built} <= set(listed), listed
     # unpacked for the default snapshotter, so containers can start from it
-    run = containerd.ctr("run", "--rm", "--cgroup", f"/ciliary-ctrd-{os.getpid()}/app", images.APP_IMAGE,
-                         f"app-{os.getpid()}", "python3", "-c", "import sys; print('python', sys.version_info[:2])")
+    run = containerd.run(images.APP_IMAGE, f"app-{os.getpid()}", "python3", "-c",
+                         "import sys; print('python', sys.version_info[:2])")
     assert run.returncode == 0, run.stderr
     assert "python (3, 11)" in run.stdout
-    agnhost = containerd.ctr("run", "--rm", "--cgroup", f"/ciliary-ctrd-{os.getpid()}/agnhost", images.AGNHOST_IMAGE,
-                             f"agnhost-{os.getpid()}", "sh", "-c",
+    agnhost = containerd.run(images.AGNHOST_IMAGE, f"agnhost-{os.getpid()}", "sh", "-c",
                              "/agnhost --help >/dev/null && curl --version && ip -V && dig -v")
     assert agnhost.returncode == 0, agnhost.stderr
     assert "curl" in agnhost.stdout and "iproute2" in agnhost.stdout

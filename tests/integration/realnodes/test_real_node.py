@@ -49,6 +49,14 @@ def root_addresses() -> str:
         subprocess.run(["ip", "route"], capture_output=True, text=True, check=True).stdout
 
 
+def machine_wide_entries() -> set[str]:
+    """Entries a node may add to machine-wide directories (shim sockets, libcni's result cache)."""
+    found = set()
+    for d in (kubeletnode.SHIM_SOCKETS, kubeletnode.CNI_RESULTS, kubeletnode.CONTAINER_LOGS):
+        found |= {str(p) for p in d.iterdir()} if d.is_dir() else set()
+    return found
+
+
 @pytest.fixture
 def real_lab() -> Iterator[RealLab]:
     if os.geteuid() != 0:
@@ -61,6 +69,7 @@ def real_lab() -> Iterator[RealLab]:
     host = nodehost.detect_host()
     node = kubeletnode.RealNode(layout, NODE, bins, lab.bins, host, nodehost.cgroup_layout())
     before = root_addresses()
+    machine_wide = machine_wide_entries()
     try:
         ports = controlplane.load_or_choose_ports(layout)
         controlplane.save_config(layout, ports, 1)
@@ -81,6 +90,7 @@ def real_lab() -> Iterator[RealLab]:
         assert not nodehost.pids_under(nodehost.cgroup_layout(), node.paths.cgroup_root)
         assert not any((m / node.paths.cgroup_root.lstrip("/")).exists() for m in nodehost.cgroup_layout().hierarchies())
         assert not topology.netns_exists(layout.node_netns(NODE))
+        assert machine_wide_entries() <= machine_wide, machine_wide_entries() - machine_wide
 
 
 def wait_for(what: str, check, seconds: float, on_timeout) -> object:  # type: ignore[no-untyped-def]

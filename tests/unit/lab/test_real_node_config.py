@@ -160,3 +160,11 @@ def test_the_repository_pins_every_real_node_version() -> None:
     pinned = nodebins.parse_versions((Path(__file__).resolve().parents[3] / "setup" / "versions.env").read_text())
     for key in ("KUBERNETES_VERSION", "CONTAINERD_VERSION", "REGISTRY_VERSION", "SKAFFOLD_VERSION", "DEBIAN_SUITE"):
         assert pinned.get(key), key
+
+
+def test_shim_socket_names_follow_containerd_naming() -> None:
+    import hashlib
+
+    names = kubeletnode.shim_socket_names(Path("/run/ciliary/t1/node-1/containerd.sock"), "k8s.io", ["abc"])
+    assert names == [hashlib.sha256(b"/run/ciliary/t1/node-1/containerd.sock/k8s.io/abc").hexdigest(),
+                     hashlib.sha256(b"/run/ciliary/t1/node-1/containerd.sock/k8s.io/abc/debug").hexdigest()]
