@@ -84,6 +84,6 @@ fi
 
 # --- 6. real-node binaries and images (issue 14; cached by version and by content) -----
 "$ROOT/setup/build-node-tools.sh"
-"$VENV/bin/python" -m ciliary.lab.images build
+(cd "$ROOT" && "$VENV/bin/python" -m ciliary.lab.images build)
 
 log "ready in $(( $(date +%s) - t0 )) s"

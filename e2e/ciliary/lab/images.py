@@ -12,8 +12,9 @@ Images (names as the pods and upstream e2e suites use them):
 - ``docker.io/lab/app:latest``: the lab's per-pod test servers (``ciliary.lab.podserver``) on
   Debian's python3.
 
-``python -m ciliary.lab.images build`` builds them all (the set-up does); ``import`` loads them
-into a containerd (``--address``) through ``ctr``.
+``python -m ciliary.lab.images build`` builds them all, and the project's operator and agent images
+(``ciliary.lab.projectimages``); the set-up runs it. ``import`` loads them into a containerd
+(``--address``) through ``ctr``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ciliary.lab import ociimage, podserver
-from ciliary.lab.nodebins import NodeBinaries, cache_dir, versions
+from ciliary.lab.nodebins import NodeBinaries, cache_dir, versions, versions_file
 from ciliary.lab.nodeconfig import SANDBOX_IMAGE
 from ciliary.lab.ociimage import FileEntry, ImageConfig, LayoutWriter
 
@@ -61,9 +62,12 @@ class RootfsSpec:
     name: str
     suite: str
     packages: tuple[str, ...]
+    hooks: tuple[str, ...] = ()  # mmdebstrap --customize-hook commands
+    inputs: tuple[str, ...] = ()  # digests of what the hooks copy in (part of the key)
 
     def key(self) -> str:
-        doc = {**asdict(self), "mirrors": [DEBIAN_MIRROR, DEBIAN_SECURITY_MIRROR], "excludes": DPKG_EXCLUDES}
+        doc = {k: v for k, v in asdict(self).items() if v != ()}  # (empty hooks/inputs leave keys as they were)
+        doc.update(mirrors=[DEBIAN_MIRROR, DEBIAN_SECURITY_MIRROR], excludes=DPKG_EXCLUDES)
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -97,6 +101,7 @@ def build_rootfs(spec: RootfsSpec, *, log: bool = True) -> Path:
             *(f"--dpkgopt=path-exclude={p}" for p in DPKG_EXCLUDES),
             "--aptopt=Acquire::Retries \"3\"",
             *([f"--include={','.join(spec.packages)}"] if spec.packages else []),
+            *(f"--customize-hook={hook}" for hook in spec.hooks),
             spec.suite, str(tmp), *sources_lines(spec.suite)]
     t0 = time.monotonic()
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=1200,
@@ -122,15 +127,25 @@ def _slug(reference: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "_" for c in reference.split("/", 1)[-1])
 
 
+def image_root(reference: str, key_parts: Sequence[str], config: ImageConfig) -> Path:
+    key = hashlib.sha256(json.dumps([reference, list(key_parts), config.to_json()], sort_keys=True)
+                         .encode()).hexdigest()[:16]
+    return images_dir() / "oci" / f"{_slug(reference)}-{key}"
+
+
+def cached(reference: str, key_parts: Sequence[str], config: ImageConfig) -> BuiltImage | None:
+    root = image_root(reference, key_parts, config)
+    return BuiltImage(reference, root / "layout", root / "image.tar") if (root / "image.tar").exists() else None
+
+
 def assemble(reference: str, base: Path | None, files: Sequence[FileEntry], config: ImageConfig,
              *, key_parts: Sequence[str], history: Sequence[str]) -> BuiltImage:
     """Base tar (optional) + one layer of ``files``; cached under a key over ``key_parts`` and config."""
-    key = hashlib.sha256(json.dumps([reference, list(key_parts), config.to_json()], sort_keys=True)
-                         .encode()).hexdigest()[:16]
-    root = images_dir() / "oci" / f"{_slug(reference)}-{key}"
+    hit = cached(reference, key_parts, config)
+    if hit:
+        return hit
+    root = image_root(reference, key_parts, config)
     archive = root / "image.tar"
-    if archive.exists():
-        return BuiltImage(reference, root / "layout", archive)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     writer = LayoutWriter(root / "layout")
@@ -141,6 +156,10 @@ def assemble(reference: str, base: Path | None, files: Sequence[FileEntry], conf
         layers.append(writer.add_layer(top))
     writer.add_image(reference, layers, config, history=history)
     ociimage.write_archive(root / "layout", archive)
+    # one build per reference is kept: an archive holds a full copy of its base layer
+    for older in root.parent.glob(f"{_slug(reference)}-*"):
+        if older != root and len(older.name) == len(root.name):
+            shutil.rmtree(older, ignore_errors=True)
     return BuiltImage(reference, root / "layout", archive)
 
 
@@ -205,12 +224,22 @@ def list_images(ctr: Path, address: Path) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ciliary.lab.images", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("build", help="build every lab image (cached by content)")
-    imp = sub.add_parser("import", help="build, then import every lab image into a containerd")
+    build = sub.add_parser("build", help="build every lab image and the project's images (cached by content)")
+    imp = sub.add_parser("import", help="build, then import every image into a containerd")
     imp.add_argument("--address", required=True, type=Path, help="containerd socket")
+    for p in (build, imp):
+        p.add_argument("--no-project", action="store_true", help="only the lab's images, not operator/agent")
     args = parser.parse_args(argv)
     t0 = time.monotonic()
     built = build_all()
+    if not args.no_project:
+        # imported here: projectimages builds on this module (and reads the repository)
+        from ciliary.lab import projectimages
+
+        for image in projectimages.project_images(versions_file().resolve().parents[1],
+                                                  versions().get("DEBIAN_SUITE", "bookworm")):
+            print(f"[images] {image.reference}: {image.archive}")
+            built.append(image)
     if args.command == "import":
         ctr = NodeBinaries.discover().ctr
         for image in built:

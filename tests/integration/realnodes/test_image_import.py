@@ -8,6 +8,7 @@ mounts, cgroup, directories) is removed afterwards, also on failure.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -18,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from realnode_helpers import lab_images, node_binaries
+from realnode_helpers import ROOT, lab_images, node_binaries
 
-from ciliary.lab import images, kubeletnode, nodeconfig, nodehost
-from ciliary.lab.nodebins import NodeBinaries
+from ciliary.lab import images, kubeletnode, nodeconfig, nodehost, ociimage, projectimages
+from ciliary.lab.nodebins import NodeBinaries, versions
 
 pytestmark = pytest.mark.integration
 
@@ -101,3 +102,32 @@ def test_ctr_imports_the_lab_images_under_their_names_and_the_app_image_runs(con
                              "/agnhost --help >/dev/null && curl --version && ip -V && dig -v")
     assert agnhost.returncode == 0, agnhost.stderr
     assert "curl" in agnhost.stdout and "iproute2" in agnhost.stdout
+
+
+def test_the_project_images_start_their_entrypoints(containerd: Containerd) -> None:
+    node_binaries()
+    built = projectimages.project_images(ROOT, versions().get("DEBIAN_SUITE", "bookworm"))
+    for image in built:
+        images.import_image(containerd.bins.ctr, containerd.socket, image)
+    operator, agent = built
+    # ctr's arguments replace ENTRYPOINT and CMD; the image's USER and ENV (PATH into the venv) stay
+    out = containerd.run(operator.reference, f"operator-{os.getpid()}", operator_entry := "ciliary-operator", "--help")
+    assert out.returncode == 0, out.stderr
+    assert "usage" in out.stdout.lower()
+    out = containerd.run(operator.reference, f"operator-id-{os.getpid()}", "id", "-u")
+    assert out.stdout.strip() == "65532", out.stdout + out.stderr
+    out = containerd.run(agent.reference, f"agent-{os.getpid()}", "ciliary-agent-entrypoint", "--help")
+    assert out.returncode == 0, out.stderr
+    assert "usage" in out.stdout.lower()
+    out = containerd.run(agent.reference, f"agent-py-{os.getpid()}", "python", "-c",
+                         "import bcc, ciliary.nodeagent.main, ciliary.cni.main; "
+                         "from ciliary.nodeagent import rendering; assert rendering.DATAPATH_C_DIR.is_dir()")
+    assert out.returncode == 0, out.stderr
+    config = json.loads(images_config(operator))
+    assert config["config"]["Entrypoint"] == [operator_entry] and config["config"]["User"] == "65532:65532"
+
+
+def images_config(image: images.BuiltImage) -> bytes:
+    index = ociimage.read_index(image.layout)
+    manifest = json.loads(ociimage.read_blob(image.layout, index["manifests"][0]["digest"]))
+    return ociimage.read_blob(image.layout, manifest["config"]["digest"])
