@@ -3,8 +3,9 @@
 A throwaway lab (its own prefix and state directory) with the lab's control plane plus the flags
 real nodes need, the node gateway, kube-scheduler and the node's Ciliary agent; one node whose
 kubelet registers through the relay in its namespace. An agnhost pod is scheduled, runs with an
-address from the node's pod CIDR (ciliary-cni's IPAM), answers ``kubectl exec`` and shows its
-output in ``kubectl logs`` (both travel apiserver → egress selector → gateway → kubelet). The
+address from the node's pod CIDR (ciliary-cni's IPAM), answers ``kubectl exec``, shows its
+output in ``kubectl logs`` and serves through ``kubectl port-forward`` (all three travel apiserver →
+egress selector → gateway → kubelet); deleting it releases its address through CNI DEL. The
 root namespace gains no lab address or route. Everything is torn down afterwards, also on failure.
 """
 
@@ -15,6 +16,7 @@ import json
 import os
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,5 +162,26 @@ def test_a_real_node_runs_a_pod_through_ciliary_cni_with_exec_and_logs(real_lab:
                     lambda: (lambda o: o.stdout if o.returncode == 0 and o.stdout.strip() else None)(
                         lab.kubectl("logs", "agnhost")), 30, lambda: lab.kubectl("logs", "agnhost").stderr)
     assert "8080" in str(logs)
+
+    # port-forward: kubectl listens on the root namespace's loopback, the stream goes through the kubelet
+    forward = subprocess.Popen([str(lab.lab.bins.kubectl), f"--kubeconfig={lab.lab.layout.kubeconfig}",
+                                "port-forward", "pod/agnhost", ":8080"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert forward.stdout is not None
+        line = forward.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> 8080"
+        port = int(line.split("127.0.0.1:")[1].split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/hostname", timeout=10) as resp:
+            assert resp.read().decode().strip() == "agnhost"
+    finally:
+        forward.terminate()
+        forward.wait(10)
+
+    # deletion goes back through the runtime: CNI DEL releases the address
+    deleted = lab.kubectl("delete", "pod", "agnhost", "--wait=true", "--timeout=60s")
+    assert deleted.returncode == 0, deleted.stderr
+    wait_for("address released by CNI DEL", lambda: not any(str(pod_ip) in p.name for p in
+                                                            lab.node.paths.ipam_dir.rglob("*")),
+             30, lambda: lab.log_tail(f"containerd-{NODE}")[-2000:])
     assert all(lab.node.alive().values()), lab.node.alive()
     assert processes.running_pid(lab.lab.layout, realcluster.GATEWAY)
