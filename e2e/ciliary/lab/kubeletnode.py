@@ -82,9 +82,13 @@ class RealNode:
         return f"{what}-{self.node}"
 
     # --- files ---------------------------------------------------------------
-    def prepare(self, pod_cidr: str, cni_plugin: Path) -> None:
+    def prepare(self, pod_cidr: str, cni_plugin: Path, registry_port: int | None = None) -> None:
         """Directories, certificates, kubeconfig and the containerd, kubelet and CNI configuration."""
         p = self.paths
+        if registry_port:
+            host, hosts_toml = nodeconfig.registry_hosts(registry_port)
+            (p.registry_hosts_dir / host).mkdir(parents=True, exist_ok=True)
+            (p.registry_hosts_dir / host / "hosts.toml").write_text(hosts_toml)
         for d in (p.state, p.run, p.containerd_root, p.cni_bin_dir, p.cni_conf_dir, p.ipam_dir, p.kubelet_root,
                   p.kubelet_cert_dir, p.pod_logs):
             d.mkdir(parents=True, exist_ok=True)
@@ -150,8 +154,9 @@ class RealNode:
             self.bins.kubelet, self.paths, self.ip)), env=self._env())
         processes.wait_alive(self.layout, name, 2.0)
 
-    def start(self, built: Sequence[images.BuiltImage], pod_cidr: str, cni_plugin: Path) -> None:
-        self.prepare(pod_cidr, cni_plugin)
+    def start(self, built: Sequence[images.BuiltImage], pod_cidr: str, cni_plugin: Path,
+              registry_port: int | None = None) -> None:
+        self.prepare(pod_cidr, cni_plugin, registry_port)
         self.start_containerd()
         self.import_images(built)
         self.start_kubelet()

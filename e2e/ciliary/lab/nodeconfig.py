@@ -101,6 +101,10 @@ class NodePaths:
         return self.state / "pod-logs"
 
     @property
+    def registry_hosts_dir(self) -> Path:
+        return self.state / "registry-hosts"
+
+    @property
     def resolv_conf(self) -> Path:
         return self.state / "resolv.conf"
 
@@ -146,6 +150,7 @@ def containerd_config(paths: NodePaths, host: Host) -> dict[str, Any]:
             "io.containerd.cri.v1.images": {
                 "snapshotter": "overlayfs",
                 "pinned_images": {"sandbox": SANDBOX_IMAGE},
+                "registry": {"config_path": str(paths.registry_hosts_dir)},
             },
             "io.containerd.cri.v1.runtime": {
                 "restrict_oom_score_adj": host.restrict_oom_score_adj,
@@ -171,6 +176,23 @@ def containerd_config(paths: NodePaths, host: Host) -> dict[str, Any]:
             "io.containerd.internal.v1.opt": {"path": str(paths.state / "containerd-opt")},
         },
     }
+
+
+def registry_config(storage: Path, port: int) -> dict[str, Any]:
+    """distribution's configuration for the lab registry (loopback only, plain HTTP)."""
+    return {
+        "version": 0.1,
+        "log": {"level": "info", "formatter": "text"},
+        "storage": {"filesystem": {"rootdirectory": str(storage)}, "delete": {"enabled": True}},
+        "http": {"addr": f"127.0.0.1:{port}"},
+    }
+
+
+def registry_hosts(port: int) -> tuple[str, str]:
+    """(directory name, hosts.toml) telling containerd to pull ``localhost:<port>/...`` over HTTP."""
+    host = f"localhost:{port}"
+    return host, render_toml({"server": f"http://{host}", "host": {f"http://{host}": {
+        "capabilities": ["pull", "resolve", "push"]}}})
 
 
 def cni_conflist(paths: NodePaths, pod_cidr: str, agent_socket: Path) -> dict[str, Any]:

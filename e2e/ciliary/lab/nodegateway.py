@@ -11,7 +11,11 @@ gateway process (run in the root namespace) joins them in both directions:
   ``cluster`` traffic as HTTP CONNECT over a unix socket; the gateway dials the target address
   from inside the node namespace that owns it (node IP → namespace), and refuses any other target.
 
-Run: ``python -m ciliary.lab.nodegateway --apiserver 127.0.0.1:PORT --egress-socket PATH
+- lab registry: the same relay for ``--forward PORT`` (the registry's loopback port), so an image
+  named ``localhost:PORT/...`` means the same registry to a node's containerd and to root-namespace
+  clients (skaffold, ``ctr push``).
+
+Run: ``python -m ciliary.lab.nodegateway --apiserver-port PORT [--forward PORT] --egress-socket PATH
 --node NAME=NETNS=IP ...``. Bytes are copied, never parsed, after the CONNECT head.
 """
 
@@ -21,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -138,8 +143,10 @@ async def splice(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
 
 
 class Gateway:
-    def __init__(self, apiserver: tuple[str, int], egress_socket: Path, nodes: Sequence[GatewayNode]) -> None:
-        self.apiserver = apiserver
+    """``relays``: node-namespace loopback port → root-namespace loopback port (apiserver, registry)."""
+
+    def __init__(self, relays: dict[int, int], egress_socket: Path, nodes: Sequence[GatewayNode]) -> None:
+        self.relays = relays
         self.egress_socket = egress_socket
         self.netns_by_ip = {n.ip: n.netns for n in nodes}
         self.nodes = list(nodes)
@@ -147,20 +154,22 @@ class Gateway:
 
     async def start(self) -> None:
         for node in self.nodes:
-            sock = listener_in(node.netns, APISERVER_RELAY_PORT)
-            self.servers.append(await asyncio.start_server(self._relay, sock=sock))
-            log.info("relay node=%s netns=%s listen=127.0.0.1:%d", node.name, node.netns, APISERVER_RELAY_PORT)
+            for listen, target in sorted(self.relays.items()):
+                sock = listener_in(node.netns, listen)
+                handler = functools.partial(self._relay, target)
+                self.servers.append(await asyncio.start_server(handler, sock=sock))
+                log.info("relay node=%s listen=127.0.0.1:%d target=127.0.0.1:%d", node.name, listen, target)
         self.egress_socket.parent.mkdir(parents=True, exist_ok=True)
         self.egress_socket.unlink(missing_ok=True)
         self.servers.append(await asyncio.start_unix_server(self._connect, path=str(self.egress_socket)))
         self.egress_socket.chmod(0o600)
         log.info("egress proxy socket=%s nodes=%d", self.egress_socket, len(self.nodes))
 
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _relay(self, target: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            upstream = await asyncio.wait_for(asyncio.open_connection(*self.apiserver), 10)
+            upstream = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", target), 10)
         except (OSError, TimeoutError) as exc:
-            log.warning("relay to apiserver failed: %s", exc)
+            log.warning("relay to 127.0.0.1:%d failed: %s", target, exc)
             writer.close()
             return
         await splice((reader, writer), upstream)
@@ -211,13 +220,16 @@ async def serve(gateway: Gateway) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ciliary.lab.nodegateway")
-    parser.add_argument("--apiserver", required=True, help="HOST:PORT of the apiserver in the root namespace")
+    parser.add_argument("--apiserver-port", required=True, type=int,
+                        help="the apiserver's port on 127.0.0.1 in the root namespace")
+    parser.add_argument("--forward", action="append", default=[], type=int,
+                        help="also relay this loopback port from every node namespace (e.g. the lab registry)")
     parser.add_argument("--egress-socket", required=True, type=Path)
     parser.add_argument("--node", action="append", default=[], type=GatewayNode.parse, help="NAME=NETNS=IP")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    host, _, port = args.apiserver.rpartition(":")
-    asyncio.run(serve(Gateway((host, int(port)), args.egress_socket, args.node)))
+    relays = {APISERVER_RELAY_PORT: args.apiserver_port, **{p: p for p in args.forward}}
+    asyncio.run(serve(Gateway(relays, args.egress_socket, args.node)))
     return 0
 
 

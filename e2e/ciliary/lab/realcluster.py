@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from ciliary.lab.nodebins import NodeBinaries
 
 GATEWAY = "node-gateway"
 SCHEDULER = "kube-scheduler"
+REGISTRY = "registry"
 
 
 class ClusterStartError(RuntimeError):
@@ -56,11 +58,12 @@ def apiserver_args(layout: LabLayout) -> list[str]:
 
 
 def start_gateway(layout: LabLayout, ports: controlplane.Ports, nodes: Sequence[str], *,
-                  seconds: float = 20) -> None:
-    """(Re)start the gateway for ``nodes`` (it binds one relay per node namespace at start)."""
+                  registry_port: int | None = None, seconds: float = 20) -> None:
+    """(Re)start the gateway for ``nodes`` (it binds its relays in every node namespace at start)."""
     processes.stop(layout, GATEWAY)
-    argv = [sys.executable, "-m", "ciliary.lab.nodegateway", "--apiserver", f"127.0.0.1:{ports.apiserver}",
-            "--egress-socket", str(egress_socket(layout))]
+    argv = [sys.executable, "-m", "ciliary.lab.nodegateway", "--apiserver-port", str(ports.apiserver),
+            "--egress-socket", str(egress_socket(layout)),
+            *(["--forward", str(registry_port)] if registry_port else [])]
     for node in nodes:
         argv += ["--node", nodegateway.GatewayNode(node, layout.node_netns(node), node_ip(node_index(node))).flag()]
     processes.spawn(layout, GATEWAY, argv, env={"PYTHONUNBUFFERED": "1"})
@@ -88,3 +91,38 @@ def start_scheduler(layout: LabLayout, bins: NodeBinaries, ports: controlplane.P
         f"--secure-port={controlplane.free_port()}", "--leader-elect=false", "--v=1",
     ])
     processes.wait_alive(layout, SCHEDULER, 2.0)
+
+
+def registry_port(layout: LabLayout) -> int:
+    """The lab registry's loopback port, chosen once and kept in the state directory."""
+    path = layout.state_dir / "registry-port"
+    if path.exists():
+        return int(path.read_text())
+    port = controlplane.free_port()
+    layout.state_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(str(port))
+    return port
+
+
+def start_registry(layout: LabLayout, bins: NodeBinaries, *, seconds: float = 20) -> int:
+    """The lab's image registry (distribution) on 127.0.0.1:<port>; returns the port.
+
+    Nodes reach it at the same address through the gateway's relay, and their containerd is told
+    (``nodeconfig.registry_hosts``) to speak plain HTTP to it.
+    """
+    port = registry_port(layout)
+    if not processes.running_pid(layout, REGISTRY):
+        config = layout.state_dir / "registry.yaml"
+        config.write_text(nodeconfig.dump_yaml(nodeconfig.registry_config(layout.state_dir / "registry", port)))
+        processes.spawn(layout, REGISTRY, [str(bins.registry), "serve", str(config)])
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not processes.running_pid(layout, REGISTRY):
+            raise processes.ProcessStartError(REGISTRY, layout.log_dir / f"{REGISTRY}.log")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2) as resp:
+                if resp.status == 200:
+                    return port
+        except OSError:
+            time.sleep(0.2)
+    raise ClusterStartError(REGISTRY, f"not answering on 127.0.0.1:{port} after {seconds:.0f} s")

@@ -5,7 +5,8 @@ real nodes need, the node gateway, kube-scheduler and the node's Ciliary agent; 
 kubelet registers through the relay in its namespace. An agnhost pod is scheduled, runs with an
 address from the node's pod CIDR (ciliary-cni's IPAM), answers ``kubectl exec``, shows its
 output in ``kubectl logs`` and serves through ``kubectl port-forward`` (all three travel apiserver →
-egress selector → gateway → kubelet); deleting it releases its address through CNI DEL. The
+egress selector → gateway → kubelet); deleting it releases its address through CNI DEL. An image pushed to the lab registry (distribution,
+on the root namespace's loopback) is pulled by the node's containerd through the gateway's relay. The
 root namespace gains no lab address or route. Everything is torn down afterwards, also on failure.
 """
 
@@ -36,6 +37,7 @@ NODE = "node-1"
 class RealLab:
     lab: Lab
     node: kubeletnode.RealNode
+    registry_port: int
 
     def kubectl(self, *args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(self.lab.bins.kubectl), f"--kubeconfig={self.lab.layout.kubeconfig}", *args],
@@ -59,7 +61,7 @@ def machine_wide_entries() -> set[str]:
     return found
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def real_lab() -> Iterator[RealLab]:
     if os.geteuid() != 0:
         pytest.skip("needs root")
@@ -80,10 +82,11 @@ def real_lab() -> Iterator[RealLab]:
         topology.ensure_underlay(layout)
         topology.ensure_node(layout, NODE, [NODE])
         lab.start_node_processes(NODE, ports, pod_runtime=False)
-        realcluster.start_gateway(layout, ports, [NODE])
+        registry = realcluster.start_registry(layout, bins)
+        realcluster.start_gateway(layout, ports, [NODE], registry_port=registry)
         realcluster.start_scheduler(layout, bins, ports)
-        node.start(built, pod_cidr(1), kubeletnode.cni_plugin_path())
-        yield RealLab(lab, node)
+        node.start(built, pod_cidr(1), kubeletnode.cni_plugin_path(), registry_port=registry)
+        yield RealLab(lab, node, registry)
         assert root_addresses() == before, "the root namespace gained an address or route"
     finally:
         lab.down(log=False)
@@ -185,3 +188,29 @@ def test_a_real_node_runs_a_pod_through_ciliary_cni_with_exec_and_logs(real_lab:
              30, lambda: lab.log_tail(f"containerd-{NODE}")[-2000:])
     assert all(lab.node.alive().values()), lab.node.alive()
     assert processes.running_pid(lab.lab.layout, realcluster.GATEWAY)
+
+
+def test_a_node_pulls_from_the_lab_registry_through_its_relay(real_lab: RealLab) -> None:
+    """An image pushed to the lab registry from the root namespace runs on the node (pulled, not imported)."""
+    lab = real_lab
+    pushed = f"localhost:{lab.registry_port}/lab/agnhost:pushed"
+    for args in (("images", "tag", "--force", "registry.k8s.io/e2e-test-images/agnhost:2.56", pushed),
+                 ("images", "push", "--plain-http", pushed),
+                 ("images", "rm", pushed)):
+        done = lab.node.ctr(*args, check=False, timeout=300)
+        assert done.returncode == 0, f"ctr {' '.join(args)}: {done.stderr}"
+    assert pushed not in lab.node.ctr("images", "list", "-q").stdout.split()
+    pod = POD.replace("name: agnhost, namespace", "name: pulled, namespace").replace(
+        "registry.k8s.io/e2e-test-images/agnhost:2.56", pushed).replace("imagePullPolicy: Never",
+                                                                          "imagePullPolicy: Always")
+    applied = lab.kubectl("apply", "-f", "-", input=pod)
+    assert applied.returncode == 0, applied.stderr
+
+    def running() -> bool:
+        out = lab.kubectl("get", "pod", "pulled", "-o", "jsonpath={.status.phase}")
+        return out.stdout == "Running"
+
+    wait_for("pod from the lab registry Running", running, 120,
+             lambda: lab.kubectl("describe", "pod", "pulled").stdout + lab.log_tail(f"containerd-{NODE}")[-2000:])
+    assert pushed in lab.node.ctr("images", "list", "-q").stdout.split()  # pulled by the kubelet's containerd
+    assert lab.kubectl("delete", "pod", "pulled", "--wait=true", "--timeout=60s").returncode == 0

@@ -168,3 +168,20 @@ def test_shim_socket_names_follow_containerd_naming() -> None:
     names = kubeletnode.shim_socket_names(Path("/run/ciliary/t1/node-1/containerd.sock"), "k8s.io", ["abc"])
     assert names == [hashlib.sha256(b"/run/ciliary/t1/node-1/containerd.sock/k8s.io/abc").hexdigest(),
                      hashlib.sha256(b"/run/ciliary/t1/node-1/containerd.sock/k8s.io/abc/debug").hexdigest()]
+
+
+def test_registry_hosts_tell_containerd_to_use_plain_http_for_the_lab_registry() -> None:
+    host, text = nodeconfig.registry_hosts(5123)
+    assert host == "localhost:5123"
+    doc = tomllib.loads(text)
+    assert doc["server"] == "http://localhost:5123"
+    assert doc["host"]["http://localhost:5123"]["capabilities"] == ["pull", "resolve", "push"]
+    containerd = tomllib.loads(nodeconfig.render_toml(nodeconfig.containerd_config(PATHS, HOST)))
+    assert containerd["plugins"]["io.containerd.cri.v1.images"]["registry"]["config_path"] == \
+        "/lab/nodes/node-1/registry-hosts"
+
+
+def test_registry_config_listens_on_loopback_only() -> None:
+    cfg = nodeconfig.registry_config(Path("/lab/registry"), 5123)
+    assert cfg["http"]["addr"] == "127.0.0.1:5123"
+    assert cfg["storage"]["filesystem"]["rootdirectory"] == "/lab/registry"
