@@ -14,6 +14,7 @@ may lower oom_score_adj (without CAP_SYS_RESOURCE runc fails unless containerd r
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,9 @@ class NodePaths:
         return self.state / "resolv.conf"
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -129,9 +133,9 @@ def render_toml(document: dict[str, Any]) -> str:
         scalars = {k: v for k, v in body.items() if not isinstance(v, dict)}
         tables = {k: v for k, v in body.items() if isinstance(v, dict)}
         if prefix and (scalars or not tables):
-            lines.append("[" + ".".join(f"'{p}'" if "." in p else p for p in prefix) + "]")
+            lines.append("[" + ".".join(p if _BARE_KEY.fullmatch(p) else f"'{p}'" for p in prefix) + "]")
         for key, value in scalars.items():
-            lines.append(f"{key} = {_toml_value(value)}")
+            lines.append(f"{key if _BARE_KEY.fullmatch(key) else repr(key)} = {_toml_value(value)}")
         for key, value in tables.items():
             table([*prefix, key], value)
 

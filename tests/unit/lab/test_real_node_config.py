@@ -56,9 +56,10 @@ def test_containerd_follows_the_detected_host() -> None:
 
 
 def test_render_toml_quotes_dotted_keys_and_escapes_strings() -> None:
-    text = nodeconfig.render_toml({"a": {"b.c": {"s": 'x"y', "l": [1, "z"], "t": True}}})
-    assert "[a.'b.c']" in text
-    assert tomllib.loads(text) == {"a": {"b.c": {"s": 'x"y', "l": [1, "z"], "t": True}}}
+    doc = {"a": {"b.c": {"s": 'x"y', "l": [1, "z"], "t": True, "k:1": 2}, "http://h:1": {"x": 1}}}
+    text = nodeconfig.render_toml(doc)
+    assert "[a.'b.c']" in text and "[a.'http://h:1']" in text
+    assert tomllib.loads(text) == doc
 
 
 def test_kubelet_config_has_per_node_roots_and_host_settings() -> None:
