@@ -1,8 +1,9 @@
-"""One real lab node: containerd + kubelet in a node namespace, pods through ciliary-cni.
+"""Real lab nodes: containerd + kubelet in node namespaces, pods through ciliary-cni.
 
-A throwaway lab (its own prefix and state directory) with the lab's control plane plus the flags
-real nodes need, the node gateway, kube-scheduler and the node's Ciliary agent; one node whose
-kubelet registers through the relay in its namespace. An agnhost pod is scheduled, runs with an
+A throwaway lab (its own prefix and state directory) brought up by ``ciliary.lab.reallab.up``: the
+lab's control plane plus the flags real nodes need, the node gateway, the lab registry,
+kube-scheduler and each node's Ciliary agent; two nodes whose kubelets register through the relay
+in their namespaces. Pods on the two nodes reach each other. An agnhost pod is scheduled, runs with an
 address from the node's pod CIDR (ciliary-cni's IPAM), answers ``kubectl exec``, shows its
 output in ``kubectl logs`` and serves through ``kubectl port-forward`` (all three travel apiserver →
 egress selector → gateway → kubelet); deleting it releases its address through CNI DEL. An image pushed to the lab registry (distribution,
@@ -25,19 +26,24 @@ from pathlib import Path
 import pytest
 from realnode_helpers import ROOT, lab_images, node_binaries
 
-from ciliary.lab import controlplane, kubeletnode, nodehost, processes, realcluster, sessions, topology
+from ciliary.lab import kubeletnode, nodehost, processes, realcluster, reallab, sessions, topology
 from ciliary.lab.lab import Lab
 from ciliary.lab.layout import Binaries, pod_cidr
 
 pytestmark = pytest.mark.integration
 NODE = "node-1"
+NODES = ["node-1", "node-2"]
 
 
 @dataclass
 class RealLab:
     lab: Lab
-    node: kubeletnode.RealNode
+    nodes: list[kubeletnode.RealNode]
     registry_port: int
+
+    @property
+    def node(self) -> kubeletnode.RealNode:
+        return self.nodes[0]
 
     def kubectl(self, *args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(self.lab.bins.kubectl), f"--kubeconfig={self.lab.layout.kubeconfig}", *args],
@@ -65,36 +71,27 @@ def machine_wide_entries() -> set[str]:
 def real_lab() -> Iterator[RealLab]:
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    bins = node_binaries()
-    built = lab_images()
+    node_binaries()
+    lab_images()
     sessions.reap_stale(ROOT, "realnode", "r")
     layout = sessions.session_layout(ROOT, "realnode", "r")
     lab = Lab(layout, Binaries.discover())
-    host = nodehost.detect_host()
-    node = kubeletnode.RealNode(layout, NODE, bins, lab.bins, host, nodehost.cgroup_layout())
     before = root_addresses()
     machine_wide = machine_wide_entries()
+    nodes: list[kubeletnode.RealNode] = []
     try:
-        ports = controlplane.load_or_choose_ports(layout)
-        controlplane.save_config(layout, ports, 1)
-        controlplane.start(layout, lab.bins, ports, apiserver_args=realcluster.apiserver_args(layout))
-        lab.create_nodes([NODE])
-        topology.ensure_underlay(layout)
-        topology.ensure_node(layout, NODE, [NODE])
-        lab.start_node_processes(NODE, ports, pod_runtime=False)
-        registry = realcluster.start_registry(layout, bins)
-        realcluster.start_gateway(layout, ports, [NODE], registry_port=registry)
-        realcluster.start_scheduler(layout, bins, ports)
-        node.start(built, pod_cidr(1), kubeletnode.cni_plugin_path(), registry_port=registry)
-        yield RealLab(lab, node, registry)
+        nodes = reallab.up(lab, NODES, say=print)
+        yield RealLab(lab, nodes, realcluster.registry_port(layout))
         assert root_addresses() == before, "the root namespace gained an address or route"
     finally:
         lab.down(log=False)
-        assert not node.paths.state.exists() and not node.paths.run.exists()
-        assert not kubeletnode.mounts_under([node.paths.state, node.paths.run], Path("/proc/self/mountinfo").read_text())
-        assert not nodehost.pids_under(nodehost.cgroup_layout(), node.paths.cgroup_root)
-        assert not any((m / node.paths.cgroup_root.lstrip("/")).exists() for m in nodehost.cgroup_layout().hierarchies())
-        assert not topology.netns_exists(layout.node_netns(NODE))
+        for name in NODES:
+            paths = kubeletnode.node_paths(layout, name)
+            assert not paths.state.exists() and not paths.run.exists()
+            assert not kubeletnode.mounts_under([paths.state, paths.run], Path("/proc/self/mountinfo").read_text())
+            assert not nodehost.pids_under(nodehost.cgroup_layout(), paths.cgroup_root)
+            assert not any((m / paths.cgroup_root.lstrip("/")).exists() for m in nodehost.cgroup_layout().hierarchies())
+            assert not topology.netns_exists(layout.node_netns(name))
         assert machine_wide_entries() <= machine_wide, machine_wide_entries() - machine_wide
 
 
@@ -113,6 +110,7 @@ apiVersion: v1
 kind: Pod
 metadata: {name: agnhost, namespace: default}
 spec:
+  nodeSelector: {kubernetes.io/hostname: node-1}
   containers:
   - name: agnhost
     image: registry.k8s.io/e2e-test-images/agnhost:2.56
@@ -126,16 +124,6 @@ spec:
 def test_a_real_node_runs_a_pod_through_ciliary_cni_with_exec_and_logs(real_lab: RealLab) -> None:
     lab = real_lab
 
-    def node_ready() -> bool:
-        out = lab.kubectl("get", "node", NODE, "-o", "json")
-        if out.returncode != 0:
-            return False
-        node = json.loads(out.stdout)
-        return any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"].get("conditions", [])) \
-            and node["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://")
-
-    wait_for("node Ready with containerd", node_ready, 120,
-             lambda: lab.log_tail(f"kubelet-{NODE}") + lab.log_tail(f"containerd-{NODE}"))
     applied = lab.kubectl("apply", "-f", "-", input=POD)
     assert applied.returncode == 0, applied.stderr
 
@@ -214,3 +202,34 @@ def test_a_node_pulls_from_the_lab_registry_through_its_relay(real_lab: RealLab)
              lambda: lab.kubectl("describe", "pod", "pulled").stdout + lab.log_tail(f"containerd-{NODE}")[-2000:])
     assert pushed in lab.node.ctr("images", "list", "-q").stdout.split()  # pulled by the kubelet's containerd
     assert lab.kubectl("delete", "pod", "pulled", "--wait=true", "--timeout=60s").returncode == 0
+
+
+def test_pods_on_two_real_nodes_reach_each_other(real_lab: RealLab) -> None:
+    """Pod to pod across nodes: ciliary-cni's veths, the agents' datapath and the underlay routes."""
+    lab = real_lab
+    for node in NODES:
+        pod = POD.replace("name: agnhost, namespace", f"name: server-{node}, namespace").replace(
+            "kubernetes.io/hostname: node-1", f"kubernetes.io/hostname: {node}")
+        applied = lab.kubectl("apply", "-f", "-", input=pod)
+        assert applied.returncode == 0, applied.stderr
+
+    def ips() -> dict[str, str] | None:
+        out = lab.kubectl("get", "pods", "-o", "json")
+        pods = {p["metadata"]["name"]: p for p in json.loads(out.stdout)["items"]} if out.returncode == 0 else {}
+        found = {n: pods.get(f"server-{n}", {}).get("status", {}) for n in NODES}
+        if all(st.get("phase") == "Running" and st.get("podIP") for st in found.values()):
+            return {n: str(st["podIP"]) for n, st in found.items()}
+        return None
+
+    addresses = wait_for("a server pod Running on each node", ips, 120,
+                         lambda: lab.kubectl("get", "pods", "-o", "wide").stdout)
+    assert isinstance(addresses, dict)
+    for node, ip in addresses.items():
+        assert ipaddress.ip_address(ip) in ipaddress.ip_network(pod_cidr(NODES.index(node) + 1))
+    for src, dst in (("node-1", "node-2"), ("node-2", "node-1")):
+        out = lab.kubectl("exec", f"server-{src}", "--", "/agnhost", "connect", f"{addresses[dst]}:8080",
+                          "--timeout=5s")
+        assert out.returncode == 0, f"{src} → {dst}: {out.stdout} {out.stderr}"
+        body = lab.kubectl("exec", f"server-{src}", "--", "curl", "-sS", "--max-time", "5",
+                           f"http://{addresses[dst]}:8080/hostname")
+        assert body.returncode == 0 and body.stdout.strip() == f"server-{dst}", body.stdout + body.stderr
