@@ -83,7 +83,11 @@ fi
 "$ROOT/setup/build-go-tools.sh"
 
 # --- 6. real-node binaries and images (issue 14; cached by version and by content) -----
-"$ROOT/setup/build-node-tools.sh"
-(cd "$ROOT" && "$VENV/bin/python" -m ciliary.lab.images build)
+# images (mmdebstrap: mostly network and disk) build while the long Go builds (registry, e2e.test, skaffold) run
+"$ROOT/setup/build-node-tools.sh" containerd kubernetes-node
+(cd "$ROOT" && "$VENV/bin/python" -m ciliary.lab.images build) &
+images_pid=$!
+"$ROOT/setup/build-node-tools.sh" registry e2e skaffold
+wait "$images_pid"
 
 log "ready in $(( $(date +%s) - t0 )) s"
