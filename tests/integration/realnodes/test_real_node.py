@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import select
 import subprocess
 import time
 import urllib.request
@@ -160,7 +161,10 @@ def test_a_real_node_runs_a_pod_through_ciliary_cni_with_exec_and_logs(real_lab:
                                stderr=subprocess.PIPE, text=True)
     try:
         assert forward.stdout is not None
+        ready, _, _ = select.select([forward.stdout], [], [], 30)
+        assert ready, "kubectl port-forward printed nothing within 30 s"
         line = forward.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> 8080"
+        assert "127.0.0.1:" in line, line + (forward.stderr.read() if forward.poll() is not None and forward.stderr else "")
         port = int(line.split("127.0.0.1:")[1].split()[0])
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/hostname", timeout=10) as resp:
             assert resp.read().decode().strip() == "agnhost"
