@@ -32,8 +32,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ciliary.lab import ociimage, podserver
-from ciliary.lab.nodebins import NodeBinaries, cache_dir, versions, versions_file
+from ciliary.lab import ociimage, podserver, tools
+from ciliary.lab.nodebins import NodeBinaries, cache_dir
 from ciliary.lab.nodeconfig import SANDBOX_IMAGE
 from ciliary.lab.ociimage import FileEntry, ImageConfig, LayoutWriter
 
@@ -76,6 +76,26 @@ class BuiltImage:
     reference: str
     layout: Path
     archive: Path
+
+
+def parse_codename(os_release: str) -> str | None:
+    for line in os_release.splitlines():
+        key, _, value = line.partition("=")
+        if key == "VERSION_CODENAME" and value.strip().strip('"'):
+            return value.strip().strip('"')
+    return None
+
+
+def debian_suite() -> str:
+    """The host's Debian suite (``CILIARY_DEBIAN_SUITE`` overrides): images carry the host's python3,
+    for which the wheelhouse is built, so base images follow the host rather than a pin."""
+    override = os.environ.get("CILIARY_DEBIAN_SUITE")
+    if override:
+        return override
+    suite = parse_codename(Path("/etc/os-release").read_text())
+    if suite is None:
+        raise ImageBuildError("/etc/os-release", "no VERSION_CODENAME: set CILIARY_DEBIAN_SUITE")
+    return suite
 
 
 def images_dir() -> Path:
@@ -195,7 +215,7 @@ def app_image(suite: str) -> BuiltImage:
 
 def build_all(*, log: bool = True) -> list[BuiltImage]:
     bins = NodeBinaries.discover().require()
-    suite = versions().get("DEBIAN_SUITE", "bookworm")
+    suite = debian_suite()
     built = []
     for make in (lambda: pause_image(bins), lambda: agnhost_image(bins, suite), lambda: app_image(suite)):
         t0 = time.monotonic()
@@ -236,8 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # imported here: projectimages builds on this module (and reads the repository)
         from ciliary.lab import projectimages
 
-        for image in projectimages.project_images(versions_file().resolve().parents[1],
-                                                  versions().get("DEBIAN_SUITE", "bookworm")):
+        for image in projectimages.project_images(tools.versions_file().resolve().parents[1], debian_suite()):
             print(f"[images] {image.reference}: {image.archive}")
             built.append(image)
     if args.command == "import":

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ciliary.lab import images, nodeconfig, nodehost, pki, processes
+from ciliary.lab import images, nodeconfig, nodehost, pki, processes, tools
 from ciliary.lab.kubeconfigs import write_kubeconfig
 from ciliary.lab.layout import Binaries, LabLayout, node_index, node_ip
 from ciliary.lab.nodebins import NodeBinaries
@@ -269,7 +269,7 @@ def teardown_all(layout: LabLayout) -> list[str]:
         return []
     try:
         bins: NodeBinaries | None = NodeBinaries.discover()
-    except (OSError, KeyError):
+    except (OSError, tools.VersionsFileError):
         bins = None  # no versions.env here: skip the graceful task removal, the cgroup kill still works
     for node in found:
         teardown_node(layout, node, bins)

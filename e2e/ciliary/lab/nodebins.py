@@ -1,15 +1,12 @@
-"""The binaries real lab nodes run, as ``setup/build-node-tools.sh`` cached them, and their versions.
-
-Versions come from ``setup/versions.env`` (the one place they are pinned), found through
-``CILIARY_VERSIONS_FILE`` or by walking up from the current directory to the repository.
-"""
+"""The binaries real lab nodes run, as ``setup/build-node-tools.sh`` cached them (paths from ``tools``)."""
 
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from ciliary.lab import tools
 
 
 class NodeBinariesMissingError(RuntimeError):
@@ -22,33 +19,7 @@ class NodeBinariesMissingError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("CILIARY_CACHE", "/var/cache/ciliary"))
-
-
-def parse_versions(text: str) -> dict[str, str]:
-    """``KEY=value`` lines of versions.env (comments and blanks ignored)."""
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, _, value = line.partition("=")
-            out[key.strip()] = value.strip().strip("'\"")
-    return out
-
-
-def versions_file() -> Path:
-    env = os.environ.get("CILIARY_VERSIONS_FILE")
-    if env:
-        return Path(env)
-    for base in [Path.cwd(), *Path.cwd().parents]:
-        candidate = base / "setup" / "versions.env"
-        if candidate.exists() and (base / "pyproject.toml").exists():
-            return candidate
-    raise FileNotFoundError("setup/versions.env not found: run from the repository or set CILIARY_VERSIONS_FILE")
-
-
-def versions() -> dict[str, str]:
-    return parse_versions(versions_file().read_text())
+    return tools.cache_dir()
 
 
 @dataclass(frozen=True)
@@ -65,16 +36,19 @@ class NodeBinaries:
 
     @classmethod
     def discover(cls, pinned: dict[str, str] | None = None) -> NodeBinaries:
-        v = pinned or versions()
-        b = cache_dir() / "bin"
-        containerd = b / f"containerd-{v['CONTAINERD_VERSION']}"
-        kube = b / f"kubernetes-node-{v['KUBERNETES_VERSION']}"
+        v = pinned or tools.pinned_versions()
+
+        def built(tool: str) -> Path:
+            return tools.built_path(tool, v)
+
+        try:
+            runc = tools.find("runc")
+        except tools.ToolMissingError:
+            runc = Path("/usr/sbin/runc")  # reported by missing()
         return cls(
-            containerd=containerd / "containerd", containerd_shim=containerd / "containerd-shim-runc-v2",
-            ctr=containerd / "ctr", kubelet=kube / "kubelet", kube_scheduler=kube / "kube-scheduler",
-            kube_proxy=kube / "kube-proxy", agnhost=kube / "agnhost",
-            registry=b / f"registry-{v['REGISTRY_VERSION']}" / "registry",
-            runc=Path(shutil.which("runc") or "/usr/sbin/runc"),
+            containerd=built("containerd"), containerd_shim=built("containerd-shim-runc-v2"), ctr=built("ctr"),
+            kubelet=built("kubelet"), kube_scheduler=built("kube-scheduler"), kube_proxy=built("kube-proxy"),
+            agnhost=built("agnhost"), registry=built("registry"), runc=runc,
         )
 
     def missing(self) -> list[Path]:

@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import pytest
-
-from ciliary.lab import images
-from ciliary.lab.nodebins import NodeBinaries, versions
+import suite_rules
+from ciliary.lab import images, tools
+from ciliary.lab.nodebins import NodeBinaries
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def _missing(what: str) -> None:
-    # CI runs set-up first, so a missing binary there is a set-up defect, never a reason to skip
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} — setup/setup.sh builds it")
-    pytest.skip(f"{what} — run setup/setup.sh")
-
-
 def node_binaries() -> NodeBinaries:
-    os.environ.setdefault("CILIARY_VERSIONS_FILE", str(ROOT / "setup" / "versions.env"))
-    bins = NodeBinaries.discover(versions())
-    missing = bins.missing()
-    if missing:
-        _missing("real-node binaries missing: " + ", ".join(map(str, missing)))
-    return bins
+    """Every real-node binary; a missing one fails under CI and skips elsewhere (tests/suite_rules.py)."""
+    for tool in (*tools.NODE_TOOLS, "runc", "mmdebstrap"):
+        suite_rules.require_tool(tool)
+    return NodeBinaries.discover()
 
 
 def lab_images() -> list[images.BuiltImage]:

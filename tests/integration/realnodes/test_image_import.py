@@ -22,7 +22,7 @@ import pytest
 from realnode_helpers import ROOT, lab_images, node_binaries
 
 from ciliary.lab import images, kubeletnode, nodeconfig, nodehost, ociimage, projectimages
-from ciliary.lab.nodebins import NodeBinaries, versions
+from ciliary.lab.nodebins import NodeBinaries
 
 pytestmark = pytest.mark.integration
 
@@ -106,7 +106,7 @@ def test_ctr_imports_the_lab_images_under_their_names_and_the_app_image_runs(con
 
 def test_the_project_images_start_their_entrypoints(containerd: Containerd) -> None:
     node_binaries()
-    built = projectimages.project_images(ROOT, versions().get("DEBIAN_SUITE", "bookworm"))
+    built = projectimages.project_images(ROOT, images.debian_suite())
     for image in built:
         images.import_image(containerd.bins.ctr, containerd.socket, image)
     operator, agent = built

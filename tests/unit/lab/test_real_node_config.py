@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ciliary.lab import kubeletnode, nodebins, nodeconfig, nodegateway, nodehost
+from ciliary.lab import images, kubeletnode, nodebins, nodeconfig, nodegateway, nodehost, tools
 from ciliary.lab.layout import LabLayout
 from ciliary.lab.nodeconfig import Host
 
@@ -144,23 +144,32 @@ def test_mounts_under_finds_only_mounts_below_the_roots_deepest_first() -> None:
     assert found[0] == Path("/run/ciliary/t1/node-1/containerd/io.containerd.runtime.v2.task/k8s.io/abc/rootfs")
 
 
-def test_versions_env_parsing_and_binary_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pinned = nodebins.parse_versions("# c\nKUBERNETES_VERSION=v1.34.4\n\nCONTAINERD_VERSION='v2.1.9'\n"
-                                     "REGISTRY_VERSION=v3.1.2\n")
-    assert pinned == {"KUBERNETES_VERSION": "v1.34.4", "CONTAINERD_VERSION": "v2.1.9", "REGISTRY_VERSION": "v3.1.2"}
+def test_node_binary_paths_follow_the_pinned_versions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pinned = {"KUBERNETES_VERSION": "v9.8.7", "CONTAINERD_VERSION": "v8.7.6", "REGISTRY_VERSION": "v7.6.5",
+              "SKAFFOLD_VERSION": "v6.5.4"}
     monkeypatch.setenv("CILIARY_CACHE", str(tmp_path))
     bins = nodebins.NodeBinaries.discover(pinned)
-    assert bins.containerd == tmp_path / "bin" / "containerd-v2.1.9" / "containerd"
-    assert bins.kubelet == tmp_path / "bin" / "kubernetes-node-v1.34.4" / "kubelet"
+    assert bins.containerd == tmp_path / "bin" / "containerd-v8.7.6" / "containerd"
+    assert bins.kubelet == tmp_path / "bin" / "kubernetes-node-v9.8.7" / "kubelet"
+    assert bins.registry == tmp_path / "bin" / "registry-v7.6.5" / "registry"
     assert bins.containerd in bins.missing()
     with pytest.raises(nodebins.NodeBinariesMissingError):
         bins.require()
 
 
 def test_the_repository_pins_every_real_node_version() -> None:
-    pinned = nodebins.parse_versions((Path(__file__).resolve().parents[3] / "setup" / "versions.env").read_text())
-    for key in ("KUBERNETES_VERSION", "CONTAINERD_VERSION", "REGISTRY_VERSION", "SKAFFOLD_VERSION", "DEBIAN_SUITE"):
+    pinned = tools.pinned_versions()
+    for key in ("KUBERNETES_VERSION", "CONTAINERD_VERSION", "REGISTRY_VERSION", "SKAFFOLD_VERSION"):
         assert pinned.get(key), key
+    for tool in tools.NODE_TOOLS:
+        assert tools.setup_step(tool).startswith("setup/build-node-tools.sh")
+
+
+def test_the_debian_suite_is_the_hosts() -> None:
+    assert images.parse_codename('PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nVERSION_CODENAME=bookworm\n') \
+        == "bookworm"
+    assert images.parse_codename("ID=debian\n") is None
+
 
 
 def test_shim_socket_names_follow_containerd_naming() -> None:
