@@ -83,11 +83,13 @@ fi
 "$ROOT/setup/build-go-tools.sh"
 
 # --- 6. real-node binaries and images (issue 14; cached by version and by content) -----
-# images (mmdebstrap: mostly network and disk) build while the long Go builds (registry, e2e.test, skaffold) run
+# images (mmdebstrap: mostly network and disk) build while the registry's Go build runs.
+# e2e.test and skaffold (~16 min cold together) are not built here until something runs them
+# (`make conformance`, `skaffold dev` against the lab): `setup/build-node-tools.sh e2e skaffold`.
 "$ROOT/setup/build-node-tools.sh" containerd kubernetes-node
 (cd "$ROOT" && "$VENV/bin/python" -m ciliary.lab.images build) &
 images_pid=$!
-"$ROOT/setup/build-node-tools.sh" registry e2e skaffold
+"$ROOT/setup/build-node-tools.sh" registry
 wait "$images_pid"
 
 log "ready in $(( $(date +%s) - t0 )) s"
