@@ -399,8 +399,12 @@ async def run_case(lab: Any, ports: Any, n: int, mode: str, policies: int,
         await fleet.stop()
         for node in nodes:
             await store.delete(node_intent_key(node).encode())
-        await store.call(lambda c: c.delete_prefix(b"/ciliary/reports/v1/"))
         await store.close()
+        admin = EtcdStore(EtcdEndpoint.parse(ports.etcd_endpoint), tls=lab.etcd_certs().client(ROOT_USER), timeout=30)
+        try:  # the simulated agents' reports (bound to their revoked leases, mostly gone already)
+            await admin.call(lambda c: c.delete_prefix(b"/ciliary/reports/v1/"))
+        finally:
+            await admin.close()
         await api.close()
         lab.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
