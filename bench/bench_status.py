@@ -1,21 +1,24 @@
 """Policy status at scale: operator handover vs agents writing directly, 10 / 100 / 1,000 nodes.
 
 Run from the repository root, as root (it starts its own etcd + kube-apiserver
-under ``.lab-bench-status/``, prefix ``cyb``, and removes them afterwards)::
+under ``.lab-benchstatus-<pid>/``, and removes them afterwards)::
 
     PYTHONPATH=operator:nodeagent:e2e .venv/bin/python -m bench.bench_status [--nodes 10,100,1000]
 
-Per size and mode: 50 CNPs; one NodeIntent per node listing all of them,
-published with the operator's own ``IntentPublisher`` (the bench plays the
-reconciler); simulated agents (asyncio tasks, no
+Per size and mode: 50 CNPs applied to the apiserver; the bench plays the
+reconciler with the operator's own code: a ``ClusterState`` with one selected
+pod on every node (``bench/status_cluster.py``) resolved by the real
+``Resolver`` (``ciliary.operator.policy.resolution``: endpoints, policy
+entries, the shared ipcache) and published with the real ``IntentPublisher``;
+simulated agents (asyncio tasks, no
 kernel) that hold a lease, watch their own intent key and, per intent, write
 the PolicyReports of policies whose generation changed in one transaction bound
 to their lease — in direct mode they also patch ``.status.nodes.<node>``
 with ``DirectStatusWriter``. The operator side runs in a child process: kopf
 with the operator's real handlers (validation) feeding the real
 ``StatusHandover`` (handover: writes everything; direct: conditions only).
-Then one policy is edited (generation 2) and the bench publishes the new
-intents. Measured for that one update: status PATCHes served by kube-apiserver
+Then one policy is edited (generation 2) and the bench resolves the edit
+incrementally and publishes the intents that changed (every node's). Measured for that one update: status PATCHes served by kube-apiserver
 (its ``apiserver_request_total``, all codes), watch events delivered (to the
 handover's mirrors and to the agents), time from the edit until ``Enforced=True``
 at generation 2, and the operator child's peak RSS. Figures only; nothing here
@@ -23,8 +26,10 @@ asserts. Targets: handover <= 2 status writes per policy update at every size
 (the Valid condition travels in the handover's write), direct grows with nodes;
 Enforced within 3 s at 1,000 nodes. The clock starts just before the edit's
 PATCH (the apiserver's answer, not kubectl's start-up, is the edit); the
-breakdown shows when the bench had published the 1,000 intents and when the
-last simulated agent had reported.
+breakdown shows when the bench had resolved and published the 1,000 intents and
+when the last simulated agent had reported. The 1,000 simulated agents parse
+their (real-sized) intents in this one process, which a real cluster spreads
+over 1,000 machines. ``--smoke``: 10 nodes, 5 policies, handover only.
 """
 
 from __future__ import annotations
@@ -243,23 +248,19 @@ def status_patches(layout: Any, url: str) -> int:
                and 'subresource="status"' in line and 'verb="PATCH"' in line)
 
 
-def cnp_yaml(ns: str, k: int, value: str = "v1") -> dict[str, Any]:
-    return {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
-            "metadata": {"name": f"p-{k}", "namespace": ns},
-            "spec": {"endpointSelector": {"matchLabels": {"app": f"a{k}"}},
-                     "ingress": [{"fromEndpoints": [{"matchLabels": {"app": value}}]}]}}
-
-
 def rss_kb(pid: int) -> tuple[int, int]:
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
-async def run_case(lab: Any, ports: Any, n: int, mode: str) -> dict[str, Any]:
+async def run_case(lab: Any, ports: Any, n: int, mode: str, policies: int,
+                   quiet: float = 3 * INTERVAL) -> dict[str, Any]:
+    """One size and mode; ``quiet``: seconds of calm before and after the measured update."""
+    from bench import status_cluster
     from kubernetes_asyncio import client as kclient
 
-    from ciliary.operator.intents import NodeIntent, PolicyRef
     from ciliary.operator.kube import kubeapi
+    from ciliary.operator.policy.resolution import Resolver
     from ciliary.operator.store.access import OPERATOR_USER, ROOT_USER
     from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdStore
     from ciliary.operator.store.keyspace import node_intent_key
@@ -268,37 +269,34 @@ async def run_case(lab: Any, ports: Any, n: int, mode: str) -> dict[str, Any]:
     ns = f"bench-{mode}-{n}"
     layout = lab.layout
     lab.kubectl("create", "namespace", ns, check=False)
-    docs = "\n---\n".join(json.dumps(cnp_yaml(ns, k)) for k in range(POLICIES))
+    docs = "\n---\n".join(json.dumps(status_cluster.policy(ns, k)) for k in range(policies))
     lab.kubectl("apply", "-f", "-", input=docs)
     items = json.loads(lab.kubectl("get", "cnp", "-n", ns, "-o", "json").stdout)["items"]
     meta = {i["metadata"]["name"]: (i["metadata"]["uid"], i["metadata"]["generation"]) for i in items}
     nodes = [f"node-{i:04}" for i in range(n)]
+    state, repo = status_cluster.build(ns, nodes, items)
+    resolver = Resolver()
+    edited_obj = next(i for i in items if i["metadata"]["name"] == "p-0")
     store = EtcdStore(EtcdEndpoint.parse(ports.etcd_endpoint), tls=lab.etcd_certs().client(OPERATOR_USER),
                       timeout=30)
     api = await kubeapi.api_client(layout.kubeconfig)
     api.configuration.connection_pool_maxsize = 64
     custom = kclient.CustomObjectsApi(api)
 
-    def refs(update_gen: int) -> tuple[PolicyRef, ...]:
-        return tuple(PolicyRef(kind="CiliumNetworkPolicy", namespace=ns, name=name, uid=uid,
-                               generation=update_gen if name == "p-0" else gen)
-                     for name, (uid, gen) in sorted(meta.items()))
-
     publisher = IntentPublisher(store)
     await publisher.load()
-
-    async def publish(revision: int, update_gen: int) -> None:
-        policy_refs = refs(update_gen)
-        await publisher.publish({node: NodeIntent(node=node, revision=revision, policies=policy_refs)
-                                 for node in nodes})
-
-    await publish(1, 1)
+    resolution = resolver.update(state)
+    await publisher.publish(resolution.intents)
+    sizes = [len(intent.to_wire()) for intent in resolution.intents.values()]
+    intent_kb = sum(sizes) / len(sizes) / 1024
+    entries = sum(len(e.ingress.entries) + len(e.egress.entries)
+                  for intent in resolution.intents.values() for e in intent.endpoints) / len(sizes)
     fleet = AgentFleet(ports.etcd_endpoint, api, ns, direct=mode == "direct",
                        tls=lab.etcd_certs().client(ROOT_USER))
     if fleet.direct:
         # steady state before the measured update: every entry present (one patch per policy, not N)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        entry = {"ok": True, "enforcing": True, "lastUpdated": stamp, "localPolicyRevision": 1}
+        entry = {"ok": True, "enforcing": True, "lastUpdated": stamp, "localPolicyRevision": resolution.revision}
         for name in meta:
             await custom.patch_namespaced_custom_object_status(  # type: ignore[call-arg]
                 "cilium.io", "v2", ns, "ciliumnetworkpolicies", name,
@@ -341,20 +339,24 @@ async def run_case(lab: Any, ports: Any, n: int, mode: str) -> dict[str, Any]:
                 raise CaseFailed(f"the operator child exited ({child.returncode})")
             await asyncio.sleep(0.5)
         else:
-            raise CaseFailed(f"the {POLICIES} policies were not all Enforced within the set-up timeout "
+            raise CaseFailed(f"the {policies} policies were not all Enforced within the set-up timeout "
                              f"({setup_timeout:.0f} s, BENCH_SETUP_TIMEOUT)")
         setup_s = time.perf_counter() - t_setup
-        await asyncio.sleep(3 * INTERVAL)
+        await asyncio.sleep(quiet)
         before = status_patches(layout, ports.apiserver_url)
         s0, agent_events0, direct0 = child_stats(), fleet.intent_events, fleet.direct_writes
         failed0 = sum(w.failures for w in fleet.writers.values())
 
         t0, wall0 = time.perf_counter(), time.time()
         await custom.patch_namespaced_custom_object(  # type: ignore[call-arg]
-            "cilium.io", "v2", ns, "ciliumnetworkpolicies", "p-0", {"spec": cnp_yaml(ns, 0, "v2")["spec"]},
+            "cilium.io", "v2", ns, "ciliumnetworkpolicies", "p-0",
+            {"spec": status_cluster.policy(ns, 0, "v2")["spec"]},
             _content_type="application/merge-patch+json")
         t_applied = time.perf_counter() - t0
-        await publish(2, 2)
+        state = status_cluster.edited(state, repo, edited_obj, status_cluster.policy(ns, 0, "v2")["spec"], 2)
+        update = resolver.update(state)
+        t_resolved = time.perf_counter() - t0
+        written = await publisher.publish(update.intents)
         t_published = time.perf_counter() - t0
         t_enf = None
         deadline = time.monotonic() + 120
@@ -368,7 +370,7 @@ async def run_case(lab: Any, ports: Any, n: int, mode: str) -> dict[str, Any]:
         while fleet.direct and (fleet.direct_writes - direct0 < n or any(w.pending for w in fleet.writers.values())) \
                 and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
-        await asyncio.sleep(3 * INTERVAL)
+        await asyncio.sleep(quiet)
         after = status_patches(layout, ports.apiserver_url)
         s1 = child_stats()
         rss, hwm = rss_kb(child.pid)
@@ -382,29 +384,35 @@ async def run_case(lab: Any, ports: Any, n: int, mode: str) -> dict[str, Any]:
                 "handover_events": (s1.get("report_events", 0) + s1.get("intent_events", 0))
                 - (s0.get("report_events", 0) + s0.get("intent_events", 0)),
                 "agent_events": fleet.intent_events - agent_events0,
-                "enforced_s": t_enf, "applied_s": round(t_applied, 2), "published_s": round(t_published, 2),
+                "enforced_s": t_enf, "applied_s": round(t_applied, 2), "resolved_s": round(t_resolved, 2),
+                "published_s": round(t_published, 2),
                 "agents_reported_s": round(fleet.last_report - wall0, 2), "handover_write_at_s": writes_after,
-                "rss_mb": rss / 1024, "peak_rss_mb": hwm / 1024, "setup_s": setup_s}
+                "rss_mb": rss / 1024, "peak_rss_mb": hwm / 1024, "setup_s": setup_s,
+                "intent_kb": round(intent_kb, 1), "entries_per_intent": entries, "intents_written": len(written)}
     finally:
         child.send_signal(signal.SIGTERM)
         try:
-            child.wait(30)
+            child.wait(5)  # kopf may take 30 s to stop its watches; the child keeps nothing worth waiting for
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
         await fleet.stop()
         for node in nodes:
             await store.delete(node_intent_key(node).encode())
-        await store.call(lambda c: c.delete_prefix(b"/ciliary/reports/v1/"))
         await store.close()
+        admin = EtcdStore(EtcdEndpoint.parse(ports.etcd_endpoint), tls=lab.etcd_certs().client(ROOT_USER), timeout=30)
+        try:  # the simulated agents' reports (bound to their revoked leases, mostly gone already)
+            await admin.call(lambda c: c.delete_prefix(b"/ciliary/reports/v1/"))
+        finally:
+            await admin.close()
         await api.close()
         lab.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = (f"{'nodes':>6} {'mode':>9} {'status PATCH':>12} {'handover':>8} {'agents (failed)':>15} "
-            f"{'watch ev (op/agents)':>20} {'published s':>11} {'reported s':>10} {'Enforced s':>10} "
-            f"{'op RSS MB':>9} {'direct/handover':>15}")
+            f"{'watch ev (op/agents)':>20} {'resolved s':>10} {'published s':>11} {'reported s':>10} {'Enforced s':>10} "
+            f"{'op RSS MB':>9} {'direct/handover':>15} {'intent KiB':>10} {'entries':>7}")
     out = [head, "-" * len(head)]
     by = {(r["nodes"], r["mode"]): r for r in rows}
     for r in rows:
@@ -418,8 +426,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         out.append(f"{r['nodes']:>6} {r['mode']:>9} {r['status_writes']:>12} {r['handover_writes']:>8} "
                    f"{str(r['agent_writes']) + ' (' + str(r.get('agent_failures', 0)) + ')':>15} "
                    f"{str(r['handover_events']) + '/' + str(r['agent_events']):>20} "
-                   f"{r['published_s']:>11.2f} {r['agents_reported_s']:>10.2f} {enf:>10} "
-                   f"{r['peak_rss_mb']:>9.0f} {ratio:>15}")
+                   f"{r['resolved_s']:>10.2f} {r['published_s']:>11.2f} {r['agents_reported_s']:>10.2f} {enf:>10} "
+                   f"{r['peak_rss_mb']:>9.0f} {ratio:>15} {r['intent_kb']:>10.1f} {r['entries_per_intent']:>7.0f}")
     return "\n".join(out)
 
 
@@ -428,12 +436,13 @@ def parent_main(args: argparse.Namespace) -> None:
 
     from kubernetes_asyncio.client.rest import ApiException
 
-    from ciliary.lab import controlplane
+    from ciliary.lab import controlplane, sessions
     from ciliary.lab.lab import Lab
-    from ciliary.lab.layout import Binaries, LabLayout
+    from ciliary.lab.layout import Binaries
 
     logging.getLogger("ciliary.nodeagent.direct_status").setLevel(logging.ERROR)  # counted in the table
-    layout = LabLayout(state_dir=ROOT / ".lab-bench-status", prefix="cyb")
+    sessions.reap_stale(ROOT, "benchstatus", "s")
+    layout = sessions.session_layout(ROOT, "benchstatus", "s")
     lab = Lab(layout, Binaries.discover())
     lab.down(log=False)
     ports = controlplane.load_or_choose_ports(layout)
@@ -451,7 +460,8 @@ def parent_main(args: argparse.Namespace) -> None:
         for n in (int(x) for x in args.nodes.split(",")):
             for mode in args.modes.split(","):
                 try:
-                    row = asyncio.run(run_case(lab, ports, n, mode))
+                    row = asyncio.run(run_case(lab, ports, n, mode, args.policies,
+                                                   INTERVAL if args.smoke else 3 * INTERVAL))
                 except CaseFailed as exc:
                     row = {"nodes": n, "mode": mode, "error": str(exc)}
                 except ApiException as exc:
@@ -459,16 +469,21 @@ def parent_main(args: argparse.Namespace) -> None:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
         print()
-        print(f"one policy update, {POLICIES} policies, status interval {INTERVAL:.0f} s")
+        print(f"one policy update, {args.policies} policies, status interval {INTERVAL:.0f} s; intents resolved by the "
+              f"operator's resolver (one selected pod per node), intent KiB and entries are per node")
         print(table(rows))
     finally:
         lab.down(log=False)
+    if any(r.get("error") for r in rows):
+        raise SystemExit("some cases did not finish (see the table)")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nodes", default="10,100,1000")
     p.add_argument("--modes", default="handover,direct")
+    p.add_argument("--policies", type=int, default=POLICIES)
+    p.add_argument("--smoke", action="store_true", help="10 nodes, handover only: checks the bench runs")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="handover", help=argparse.SUPPRESS)
     p.add_argument("--kubeconfig", help=argparse.SUPPRESS)
@@ -477,6 +492,8 @@ def main() -> None:
     p.add_argument("--stats", help=argparse.SUPPRESS)
     p.add_argument("--interval", type=float, default=INTERVAL, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.smoke:
+        args.nodes, args.modes, args.policies = "10", "handover", 5
     if args.child:
         asyncio.run(child_main(args))
     else:

@@ -5,6 +5,8 @@
 #  2. kernel headers linked where bcc looks for them, when the running kernel has none
 #  3. the venv (.venv) with the project installed, and Debian's bcc exposed to it
 #  4. the control-plane binaries, built from Go modules and cached by version
+#  5. the real-node binaries (containerd, kubelet, scheduler, kube-proxy, agnhost, registry, e2e.test,
+#     skaffold; build-node-tools.sh) and the lab's images (ciliary.lab.images), cached by version/content
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -18,7 +20,8 @@ if [ "$(id -u)" != 0 ]; then echo "setup: run as root (the lab creates network n
 
 # --- 1. Debian packages -------------------------------------------------------
 APT_PACKAGES=(python3 python3-venv python3-dev python3-bpfcc libbpf1 bpftool linux-headers-amd64 iproute2 iptables
-              openssl curl ca-certificates iputils-ping util-linux etcd-server etcd-client jq procps psmisc git make golang-go)
+              openssl curl ca-certificates iputils-ping util-linux etcd-server etcd-client jq procps psmisc git make golang-go
+              runc mmdebstrap)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -78,5 +81,15 @@ fi
 
 # --- 5. control-plane binaries (built from Go modules, cached by version) --------
 "$ROOT/setup/build-go-tools.sh"
+
+# --- 6. real-node binaries and images (issue 14; cached by version and by content) -----
+# images (mmdebstrap: mostly network and disk) build while the registry's Go build runs.
+# e2e.test and skaffold (~16 min cold together) are not built here until something runs them
+# (`make conformance`, `skaffold dev` against the lab): `setup/build-node-tools.sh e2e skaffold`.
+"$ROOT/setup/build-node-tools.sh" containerd kubernetes-node
+(cd "$ROOT" && "$VENV/bin/python" -m ciliary.lab.images build) &
+images_pid=$!
+"$ROOT/setup/build-node-tools.sh" registry
+wait "$images_pid"
 
 log "ready in $(( $(date +%s) - t0 )) s"

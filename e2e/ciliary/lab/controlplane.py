@@ -15,6 +15,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -117,7 +118,8 @@ def _tls_context(layout: LabLayout) -> ssl.SSLContext:
     return ctx
 
 
-def start_apiserver(layout: LabLayout, bins: Binaries, ports: Ports) -> None:
+def start_apiserver(layout: LabLayout, bins: Binaries, ports: Ports, extra_args: Sequence[str] = ()) -> None:
+    """``extra_args``: appended flags (real nodes add the kubelet client and egress-selector ones)."""
     p = layout.pki_dir
     etcd_client = etcdsecurity.etcd_pki(p).client(etcdsecurity.APISERVER_USER)
     if not processes.running_pid(layout, "kube-apiserver"):
@@ -139,7 +141,7 @@ def start_apiserver(layout: LabLayout, bins: Binaries, ports: Ports) -> None:
             # Pods are realised by the lab's runtime, not a kubelet: no token volumes needed,
             # and no race between namespace creation and its default ServiceAccount.
             "--disable-admission-plugins=ServiceAccount",
-            "--profiling=false", "--v=0",
+            "--profiling=false", "--v=0", *extra_args,
         ])
     _wait_http(f"{ports.apiserver_url}/readyz", seconds=120, what="kube-apiserver",
                context=_tls_context(layout), log=layout.log_dir / "kube-apiserver.log")
@@ -190,9 +192,9 @@ def kubectl(layout: LabLayout, bins: Binaries, *args: str, input: str | None = N
     )
 
 
-def start(layout: LabLayout, bins: Binaries, ports: Ports) -> None:
+def start(layout: LabLayout, bins: Binaries, ports: Ports, apiserver_args: Sequence[str] = ()) -> None:
     ensure_pki(layout)
     write_kubeconfigs(layout, ports)
     start_etcd(layout, bins, ports)
-    start_apiserver(layout, bins, ports)
+    start_apiserver(layout, bins, ports, apiserver_args)
     start_controller_manager(layout, bins, ports)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ciliary.lab import cgroups, controlplane, etcdsecurity, processes, tools, topology
+from ciliary.lab import cgroups, controlplane, etcdsecurity, kubeletnode, processes, tools, topology
 from ciliary.lab.layout import (
     MAX_NODES,
     WORLD_IP,
@@ -178,7 +178,8 @@ class Lab:
             argv += ["--udp", str(p)]
         processes.spawn(self.layout, "world", argv, env=self.child_env())
 
-    def start_node_processes(self, node: str, ports: controlplane.Ports) -> None:
+    def start_node_processes(self, node: str, ports: controlplane.Ports, *, pod_runtime: bool = True) -> None:
+        """The node's agent and, unless ``pod_runtime`` is False (a real kubelet runs pods), its pod runtime."""
         state = self.layout.node_dir(node)
         state.mkdir(parents=True, exist_ok=True)
         self.layout.agent_socket(node).parent.mkdir(parents=True, exist_ok=True)
@@ -196,7 +197,7 @@ class Lab:
             ], env={**self.child_env(), "CILIARY_AGENT_NETNS": self.layout.node_netns(node),
                     "CILIARY_AGENT_BPFFS_DIR": str(self.layout.bpffs_dir / node)})
         runtime = f"runtime-{node}"
-        if not processes.running_pid(self.layout, runtime):
+        if pod_runtime and not processes.running_pid(self.layout, runtime):
             processes.spawn(self.layout, runtime, [sys.executable, "-m", "ciliary.lab.podruntime", "--node", node],
                             env=self.child_env())
 
@@ -273,6 +274,8 @@ class Lab:
     # --- down --------------------------------------------------------------
     def down(self, *, log: bool = True) -> None:
         say = print if log else (lambda *a, **k: None)
+        for node in kubeletnode.teardown_all(self.layout):  # real nodes first: their mounts live in state_dir
+            say(f"lab: removed real node {node}")
         order = ["scheduler"] + [n for n in processes.names(self.layout) if n.startswith("runtime-")]
         order += [n for n in processes.names(self.layout) if n not in order and n not in
                   ("kube-controller-manager", "kube-apiserver", "etcd")]

@@ -5,7 +5,9 @@ Two kinds of tools:
 - the Go-built control plane and helm (kube-apiserver, kube-controller-manager,
   kubectl, etcd, etcdctl, helm): pinned in ``setup/versions.env`` and cached by
   ``setup/build-go-tools.sh`` under ``$CILIARY_CACHE/bin/<group>-<version>/``
-  (``CILIARY_CACHE`` defaults to ``/var/cache/ciliary``);
+  (``CILIARY_CACHE`` defaults to ``/var/cache/ciliary``); the real-node tools (containerd, ctr,
+  kubelet, kube-scheduler, kube-proxy, agnhost, registry, e2e.test, skaffold) likewise, cached by
+  ``setup/build-node-tools.sh``;
 - Debian tools (ip, tc, nsenter, bpftool, iptables, openssl, ...): installed by
   ``setup/setup.sh`` and found on ``PATH``.
 
@@ -33,7 +35,20 @@ BUILT_TOOLS: dict[str, tuple[str, str]] = {
     "etcd": ("etcd", "ETCD_VERSION"),
     "etcdctl": ("etcd", "ETCD_VERSION"),
     "helm": ("helm", "HELM_VERSION"),
+    # real nodes (setup/build-node-tools.sh)
+    "containerd": ("containerd", "CONTAINERD_VERSION"),
+    "containerd-shim-runc-v2": ("containerd", "CONTAINERD_VERSION"),
+    "ctr": ("containerd", "CONTAINERD_VERSION"),
+    "kubelet": ("kubernetes-node", "KUBERNETES_VERSION"),
+    "kube-scheduler": ("kubernetes-node", "KUBERNETES_VERSION"),
+    "kube-proxy": ("kubernetes-node", "KUBERNETES_VERSION"),
+    "agnhost": ("kubernetes-node", "KUBERNETES_VERSION"),
+    "registry": ("registry", "REGISTRY_VERSION"),
+    "e2e.test": ("kubernetes-e2e", "KUBERNETES_VERSION"),
+    "skaffold": ("skaffold", "SKAFFOLD_VERSION"),
 }
+NODE_TOOLS = ("containerd", "containerd-shim-runc-v2", "ctr", "kubelet", "kube-scheduler", "kube-proxy", "agnhost",
+              "registry", "e2e.test", "skaffold")
 
 # tool -> the Debian package setup/setup.sh installs it with
 SYSTEM_TOOLS: dict[str, str] = {
@@ -47,6 +62,8 @@ SYSTEM_TOOLS: dict[str, str] = {
     "iptables-restore": "iptables",
     "openssl": "openssl",
     "ping": "iputils-ping",
+    "runc": "runc",
+    "mmdebstrap": "mmdebstrap",
 }
 
 # what `ciliary lab up` runs besides the control plane
@@ -127,6 +144,8 @@ def built_path(tool: str, versions: dict[str, str] | None = None) -> Path:
 
 
 def setup_step(tool: str) -> str:
+    if tool in NODE_TOOLS:
+        return "setup/build-node-tools.sh builds it (run setup/setup.sh, or `make setup`)"
     if tool in BUILT_TOOLS:
         return "setup/build-go-tools.sh builds it (run setup/setup.sh, or `make setup`)"
     if tool in SYSTEM_TOOLS:

@@ -82,7 +82,8 @@ def test_enforcement_survives_kill_and_is_adopted(restart_topology: Topology, tm
         assert {x.sha256 for x in observed.attachments} == set(dp.program_hashes.values())
         assert len(observed.policy) == 1
         result = dp.apply(_intent(topo, node, (8080, 8081)), veths)
-        assert result.attached == () and result.compiled == () and result.map_writes == 1
+        # one policy entry, then the revision stamp of each of the two endpoints (written last)
+        assert result.attached == () and result.compiled == () and result.map_writes == 1 + 2
         assert compiling.compile_count() == compiles
         assert client.tcp(b.ip, 8081) == "ok"
         reader = dp.flows()  # the pinned ring buffer still reaches the adopted programs' events

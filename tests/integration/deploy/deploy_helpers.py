@@ -44,12 +44,12 @@ class Helm:
 
 
 def etcd_value(kube: Any, key: str) -> bytes | None:
-    """One key's value, read over gRPC as the operator's etcd user; None when absent.
+    """One key's value, read over mutual TLS as the operator's etcd user; None when absent.
 
-    Not through etcd's JSON gateway: with client-certificate authentication on, etcd refuses
-    gateway requests (HTTP 400, "CommonName of client sending a request against gateway will be ignored").
-    """
-    async def get() -> bytes | None:
+    (etcd's JSON gateway cannot be used: it does not pass the client certificate on, so
+    with authentication on it sees no user.)"""
+
+    async def read() -> bytes | None:
         store = kube.etcd_store()
         try:
             got = await store.get(key.encode())
@@ -57,7 +57,7 @@ def etcd_value(kube: Any, key: str) -> bytes | None:
         finally:
             await store.close()
 
-    return asyncio.run(get())
+    return asyncio.run(read())
 
 
 def documents(text: str) -> list[dict[str, Any]]:

@@ -331,7 +331,7 @@ def test_components_need_a_client_certificate_for_https(kube: Any, tmp_path: Pat
 
 def test_the_cli_reads_etcd_with_tls_and_refuses_plain_http(kube: Any, tmp_path: Path) -> None:
     tls = kube.etcd_tls()
-    base = [sys.executable, "-m", "ciliary.cli.main", "policy", "get", "--node", f"cyt-acc-{TAG}-none"]
+    base = [sys.executable, "-m", "ciliary.cli.main", "policy", "get", "--intent", "--node", f"cyt-acc-{TAG}-none"]
     env_free = {"PATH": "/usr/bin:/bin", "CILIARY_LAB_DIR": str(tmp_path / "no-lab")}
     ok = subprocess.run([*base, "--etcd-endpoints", kube.etcd_endpoint, "--etcd-ca-file", str(tls.ca_file),
                          "--etcd-cert-file", str(tls.cert_file), "--etcd-key-file", str(tls.key_file)],

@@ -1,0 +1,61 @@
+"""The binaries real lab nodes run, as ``setup/build-node-tools.sh`` cached them (paths from ``tools``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ciliary.lab import tools
+
+
+class NodeBinariesMissingError(RuntimeError):
+    """A binary real nodes need was not built; carries the paths."""
+
+    def __init__(self, missing: list[Path]) -> None:
+        super().__init__("real-node binaries missing: " + ", ".join(map(str, missing))
+                         + " — run setup/setup.sh (setup/build-node-tools.sh builds them)")
+        self.missing = missing
+
+
+def cache_dir() -> Path:
+    return tools.cache_dir()
+
+
+@dataclass(frozen=True)
+class NodeBinaries:
+    containerd: Path
+    containerd_shim: Path
+    ctr: Path
+    kubelet: Path
+    kube_scheduler: Path
+    kube_proxy: Path
+    agnhost: Path
+    registry: Path
+    runc: Path
+
+    @classmethod
+    def discover(cls, pinned: dict[str, str] | None = None) -> NodeBinaries:
+        v = pinned or tools.pinned_versions()
+
+        def built(tool: str) -> Path:
+            return tools.built_path(tool, v)
+
+        try:
+            runc = tools.find("runc")
+        except tools.ToolMissingError:
+            runc = Path("/usr/sbin/runc")  # reported by missing()
+        return cls(
+            containerd=built("containerd"), containerd_shim=built("containerd-shim-runc-v2"), ctr=built("ctr"),
+            kubelet=built("kubelet"), kube_scheduler=built("kube-scheduler"), kube_proxy=built("kube-proxy"),
+            agnhost=built("agnhost"), registry=built("registry"), runc=runc,
+        )
+
+    def missing(self) -> list[Path]:
+        return [p for p in vars(self).values() if not os.access(p, os.X_OK)]
+
+    def require(self) -> NodeBinaries:
+        missing = self.missing()
+        if missing:
+            raise NodeBinariesMissingError(missing)
+        return self

@@ -1,0 +1,83 @@
+"""Bring up a lab whose nodes are real (containerd + kubelet), in one call — not yet ``ciliary lab up``.
+
+Order: images (cached) → control plane with the real-node apiserver flags → node namespaces on the
+underlay and the world host → each node's Ciliary agent (as a process, as today) → lab registry,
+node gateway, kube-scheduler → each node's containerd (images imported) and kubelet → all nodes
+Ready. ``Lab.down`` removes all of it (``kubeletnode.teardown_all`` runs first).
+
+This is the piece ``ciliary lab up`` switches to once the chart deploys the agent as a DaemonSet.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+
+from ciliary.lab import controlplane, images, kubeletnode, nodehost, processes, realcluster, topology
+from ciliary.lab.lab import Lab, LabError
+from ciliary.lab.layout import node_index, pod_cidr
+from ciliary.lab.nodebins import NodeBinaries
+
+
+def up(lab: Lab, nodes: Sequence[str], *, ready_seconds: float = 180,
+       say: Callable[[str], None] = lambda _: None) -> list[kubeletnode.RealNode]:
+    """Start (or complete) a real-node lab with ``nodes``; returns the nodes once all are Ready."""
+    layout = lab.layout
+    bins = NodeBinaries.discover().require()
+    t0 = time.monotonic()
+    built = images.build_all(log=False)
+    say(f"lab: {len(built)} images ready ({time.monotonic() - t0:.1f} s)")
+    ports = lab.ports()
+    controlplane.save_config(layout, ports, max(node_index(n) for n in nodes))
+    controlplane.start(layout, lab.bins, ports, apiserver_args=realcluster.apiserver_args(layout))
+    say(f"lab: control plane ({time.monotonic() - t0:.1f} s)")
+    lab.create_nodes(nodes)
+    topology.ensure_underlay(layout)
+    for node in nodes:
+        topology.ensure_node(layout, node, nodes)
+    topology.ensure_world(layout, nodes)
+    lab.start_world()
+    for node in nodes:
+        lab.start_node_processes(node, ports, pod_runtime=False)
+    registry = realcluster.start_registry(layout, bins)
+    realcluster.start_gateway(layout, ports, nodes, registry_port=registry)
+    realcluster.start_scheduler(layout, bins, ports)
+    host = nodehost.detect_host()
+    cgroups = nodehost.cgroup_layout()
+    real = [kubeletnode.RealNode(layout, node, bins, lab.bins, host, cgroups) for node in nodes]
+    plugin = kubeletnode.cni_plugin_path()
+    for real_node in real:
+        real_node.start(built, pod_cidr(node_index(real_node.node)), plugin, registry_port=registry)
+    say(f"lab: containerd and kubelet started on {len(real)} nodes ({time.monotonic() - t0:.1f} s)")
+    wait_ready(lab, real, ready_seconds)
+    say(f"lab: {len(real)} real nodes Ready in {time.monotonic() - t0:.1f} s")
+    return real
+
+
+def ready_nodes(node_list: dict[str, object]) -> set[str]:
+    """Names of Nodes whose Ready condition is True and whose runtime is containerd (a real kubelet)."""
+    ready = set()
+    items = node_list.get("items", [])
+    for n in items if isinstance(items, list) else []:
+        status = n.get("status", {})
+        if status.get("nodeInfo", {}).get("containerRuntimeVersion", "").startswith("containerd://") and any(
+                c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", [])):
+            ready.add(n["metadata"]["name"])
+    return ready
+
+
+def wait_ready(lab: Lab, real: Sequence[kubeletnode.RealNode], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    names = {n.node for n in real}
+    while time.monotonic() < deadline:
+        out = lab.kubectl("get", "nodes", "-o", "json", check=False)
+        if out.returncode == 0 and names <= ready_nodes(json.loads(out.stdout)):
+            return
+        for node in real:
+            for what, alive in node.alive().items():
+                if not alive:
+                    raise processes.ProcessStartError(node.proc_name(what),
+                                                      lab.layout.log_dir / f"{node.proc_name(what)}.log")
+        time.sleep(0.5)
+    raise LabError(f"real nodes not Ready after {seconds:.0f} s; see {lab.layout.log_dir}")

@@ -1,0 +1,75 @@
+"""What the project images take from the Dockerfile, and how the project wheel becomes a layer."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from ciliary.lab import projectimages
+from ciliary.lab.images import ImageBuildError
+
+ROOT = Path(__file__).resolve().parents[3]
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+
+
+def test_operator_facts_come_from_the_dockerfile() -> None:
+    facts = projectimages.target_facts(DOCKERFILE, "operator")
+    assert facts.entrypoint == ("ciliary-operator",)
+    assert facts.user == "65532:65532"
+    assert facts.env["PATH"].startswith("/opt/ciliary/venv/bin:")
+    assert facts.env["PYTHONUNBUFFERED"] == "1"
+    assert facts.files == {}
+
+
+def test_agent_facts_include_the_entrypoint_script_heredoc() -> None:
+    facts = projectimages.target_facts(DOCKERFILE, "agent")
+    assert facts.entrypoint == ("ciliary-agent-entrypoint",)
+    assert facts.user == ""
+    script = facts.files["/usr/local/bin/ciliary-agent-entrypoint"]
+    assert script.startswith("#!/bin/sh\n") and 'exec ciliary-agent "$@"' in script
+    assert "EOF" not in script
+
+
+def test_an_unknown_target_is_refused() -> None:
+    with pytest.raises(ImageBuildError):
+        projectimages.target_facts(DOCKERFILE, "nope")
+
+
+def test_heredoc_and_continuations_are_parsed() -> None:
+    text = (
+        "ARG X=1\nFROM debian AS base\nENV A=1 \\\n    B=/x:/y\n"
+        "FROM base AS app\nRUN echo a \\\n && echo b\nCOPY --chmod=0755 <<'EOF' /bin/run\n#!/bin/sh\necho hi\nEOF\n"
+        'USER 1:1\nENTRYPOINT ["/bin/run", "--flag"]\n'
+    )
+    facts = projectimages.target_facts(text, "app")
+    assert facts.env == {"A": "1", "B": "/x:/y"}
+    assert facts.entrypoint == ("/bin/run", "--flag") and facts.user == "1:1"
+    assert facts.files == {"/bin/run": "#!/bin/sh\necho hi\n"}
+
+
+def test_wheel_entries_unpack_into_the_venv_with_console_scripts(tmp_path: Path) -> None:
+    wheel = tmp_path / "ciliary-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("ciliary/operator/main.py", "def main():\n    return 0\n")
+        z.writestr("ciliary-0.1.0.dist-info/entry_points.txt",
+                   "[console_scripts]\nciliary-operator = ciliary.operator.main:main\n")
+    entries = {e.path: e for e in projectimages.wheel_entries(wheel, tmp_path / "unpacked")}
+    site = [p for p in entries if p.endswith("/site-packages/ciliary/operator/main.py")]
+    assert len(site) == 1 and site[0].startswith("/opt/ciliary/venv/lib/python3.")
+    script = entries["/opt/ciliary/venv/bin/ciliary-operator"]
+    assert script.mode == 0o755 and script.data is not None
+    assert script.data.decode().startswith("#!/opt/ciliary/venv/bin/python\n")
+    assert "from ciliary.operator.main import main" in script.data.decode()
+
+
+def test_source_digest_changes_with_a_source_file(tmp_path: Path) -> None:
+    for d in projectimages.SOURCE_DIRS:
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "pyproject.toml").write_text("[project]\n")
+    (tmp_path / "README.md").write_text("r\n")
+    (tmp_path / "operator" / "a.py").write_text("x = 1\n")
+    first = projectimages.source_digest(tmp_path)
+    (tmp_path / "operator" / "a.py").write_text("x = 2\n")
+    assert projectimages.source_digest(tmp_path) != first
