@@ -55,8 +55,8 @@ def desired_reports(node: str, outcome: enforcing.Outcome, *, now: str) -> dict[
     status = reports.NodeStatusReport(
         node=node,
         applied_revision=applied.revision if applied else 0,
-        enforcing=outcome.started and applied is not None,
-        error=outcome.error,
+        enforcing=outcome.started and applied is not None and not outcome.datapath_problems,
+        error=outcome.error or broken_message(outcome.datapath_problems),
         program_hashes=dict(outcome.program_hashes),
         endpoints=outcome.endpoints,
         last_updated=now,
@@ -69,17 +69,20 @@ def desired_reports(node: str, outcome: enforcing.Outcome, *, now: str) -> dict[
         for uid, ref in sorted(in_force.items()):
             assert applied is not None
             missing = not_in_kernel(applied, uid, outcome)
+            broken = outcome.datapath_problems
             out[keyspace.report_key(uid, node)] = reports.PolicyReport(
                 node=node, policy_uid=uid, kind=ref.kind, namespace=ref.namespace, name=ref.name,
-                generation=ref.generation, ok=True, enforcing=not missing, last_updated=now,
-                error=missing_message(missing, applied.revision), local_policy_revision=applied.revision)
+                generation=ref.generation, ok=True, enforcing=not missing and not broken, last_updated=now,
+                error=broken_message(broken) or missing_message(missing, applied.revision),
+                local_policy_revision=applied.revision)
         return out
     policies = {p.uid: p for p in (wanted.policies if wanted else ())}
     if outcome.error_kind == "InvalidIntent":
         policies = {**in_force, **policies}
     for uid, ref in sorted(policies.items()):
         old = in_force.get(uid)
-        kernel_ok = applied is not None and not not_in_kernel(applied, uid, outcome)
+        kernel_ok = (applied is not None and not not_in_kernel(applied, uid, outcome)
+                     and not outcome.datapath_problems)
         out[keyspace.report_key(uid, node)] = reports.PolicyReport(
             node=node, policy_uid=uid, kind=ref.kind, namespace=ref.namespace, name=ref.name,
             generation=old.generation if old else ref.generation, ok=False, enforcing=old is not None and kernel_ok,
@@ -101,6 +104,11 @@ def not_in_kernel(applied: intents.NodeIntent, uid: str, outcome: enforcing.Outc
     kernel = outcome.kernel_endpoints
     return [f"{e.namespace}/{e.pod} ({e.ipv4})" for e in selected
             if e.ipv4 in outcome.local_endpoints and (kernel is None or kernel.get(e.ipv4) != stamp)]
+
+
+def broken_message(problems: tuple[str, ...]) -> str:
+    """The datapath's own check failed (a program detached, a pin gone): nothing it holds counts as enforcing."""
+    return f"datapath broken: {'; '.join(problems)}" if problems else ""
 
 
 def missing_message(missing: list[str], revision: int) -> str:

@@ -151,3 +151,25 @@ def test_a_policy_is_enforcing_only_where_the_kernel_shows_every_local_endpoint_
                                kernel_endpoints={"10.0.0.2": 7}, local_endpoints=local)
     r1 = reporting.desired_reports(NODE, failed, now="t")[keyspace.report_key("u1", NODE)]
     assert isinstance(r1, reports.PolicyReport) and (r1.ok, r1.enforcing) == (False, False)
+
+
+def test_a_broken_datapath_enforces_nothing_even_with_every_stamp_in_place() -> None:
+    """A program detached or a pin gone after the apply: the stamps stay, but nothing counts as enforcing."""
+    i = intents.NodeIntent(node=NODE, revision=7, policies=(P1,), endpoints=(
+        intents.EndpointIntent(namespace="ns", pod="a", ipv4="10.0.0.1", identity=300, policies=("u1",)),))
+    broken = ("cy_to_pod is not attached to cy0123456789a",)
+    for outcome in (
+            enforcing.Outcome(started=True, wanted=i, applied=i, kernel_endpoints={"10.0.0.1": 7},
+                              local_endpoints=frozenset({"10.0.0.1"}), datapath_problems=broken),
+            enforcing.Outcome(started=True, wanted=i, applied=i, error="x", error_kind="AttachFailed",
+                              kernel_endpoints={"10.0.0.1": 7}, local_endpoints=frozenset({"10.0.0.1"}),
+                              datapath_problems=broken)):
+        out = reporting.desired_reports(NODE, outcome, now="t")
+        report, status = out[keyspace.report_key("u1", NODE)], out[keyspace.node_status_key(NODE)]
+        assert isinstance(report, reports.PolicyReport) and not report.enforcing
+        assert "datapath broken" in report.error or report.error == "x"
+        assert isinstance(status, reports.NodeStatusReport) and not status.enforcing
+    healthy = enforcing.Outcome(started=True, wanted=i, applied=i, kernel_endpoints={"10.0.0.1": 7},
+                                local_endpoints=frozenset({"10.0.0.1"}))
+    report = reporting.desired_reports(NODE, healthy, now="t")[keyspace.report_key("u1", NODE)]
+    assert isinstance(report, reports.PolicyReport) and report.enforcing  # the same outcome, unbroken: enforcing

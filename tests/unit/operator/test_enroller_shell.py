@@ -155,3 +155,20 @@ async def test_a_stale_copy_from_the_watch_never_issues_twice(make_enroller: Any
     assert await e.handle(nc.with_condition(stale, "Approved", "R", "m", datetime.datetime.now(datetime.UTC))) \
         == "skipped"
     assert fake.obj["status"]["certificate"] == issued and fake.calls == ["approval", "status"]
+
+
+async def test_a_key_the_signer_cannot_use_is_denied_before_anything_is_written(make_enroller: Any) -> None:
+    """An Ed25519 request passes the rule but cannot be signed: Denied, no etcd user, no crash of the enroller."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.x509.oid import NameOID
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    request = (x509.CertificateSigningRequestBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ciliary-node-node-1")]))
+               .sign(key, None))
+    e, fake, tried = make_enroller(csr_obj(request.public_bytes(serialization.Encoding.PEM)), etcd_failures=0)
+    assert await e.handle(fake.obj) == "denied" and tried == []
+    assert nc.conditions(fake.obj) == {"Denied": "True"} and "certificate" not in fake.obj["status"]
+    assert "cannot sign" in fake.obj["status"]["conditions"][0]["message"]

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import aetcd
+import aiohttp
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -140,12 +141,15 @@ class Enroller:
                 await self._fail(name, f"approved by someone else, but refused: {decision.reason}")
                 return "failed"
             return await self._deny(obj, decision.reason)
+        try:  # signed before anything is written: a key the signer cannot use (Ed25519, DSA) is refused
+            cert = node_certificates.sign(self.authority, csr, validity=self.validity, now=_now())
+        except CertificateRequestError as exc:
+            return await self._deny(obj, f"cannot sign this request: {exc}")
         await self._ensure_etcd_user(name, decision.node)
         if node_certificates.conditions(obj).get("Approved") != "True":
             await self._write(name, "approve", self.certificates.replace_certificate_signing_request_approval,
                               lambda cur: node_certificates.with_condition(
                                   cur, "Approved", "CiliaryEtcdNodeApproved", decision.reason, _now()))
-        cert = node_certificates.sign(self.authority, csr, validity=self.validity, now=_now())
         if not await self._write(name, "issue", self.certificates.replace_certificate_signing_request_status,
                                  lambda cur: node_certificates.with_certificate(cur, cert)):
             return "skipped"
@@ -265,7 +269,7 @@ class Enroller:
             while True:
                 try:
                     await self.sweep()
-                except (ApiException, OSError, aetcd.ClientError, accounts.EtcdAuthError) as exc:
+                except (ApiException, OSError, aiohttp.ClientError, aetcd.ClientError, accounts.EtcdAuthError) as exc:
                     log.warning("node-user sweep failed: %s", exc)
                 await asyncio.sleep(sweep_seconds)
 
@@ -274,7 +278,7 @@ class Enroller:
             while True:
                 try:
                     await self.watch_once(resync_seconds)
-                except (TimeoutError, ApiException, OSError) as exc:
+                except (TimeoutError, ApiException, OSError, aiohttp.ClientError) as exc:
                     log.warning("CSR watch interrupted: %s; listing again", exc)
                     await asyncio.sleep(2.0)
         finally:

@@ -67,15 +67,15 @@ FEATURES: tuple[Feature, ...] = (
             "selects the pods the rule applies to (in a CNP only pods of its namespace)"),
     Feature("directions", "`ingress`, `egress`, `ingressDeny`, `egressDeny`", _E,
             "a pod is default-deny in a direction once any rule selects it there; deny beats allow"),
-    Feature("enableDefaultDeny", "`enableDefaultDeny`", _E,
-            "`false` in every selecting rule keeps the direction default-allow (only denies bite)"),
+    Feature("enableDefaultDeny", "`enableDefaultDeny: true` (the default)", _E,
+            "any selecting rule makes the direction default-deny; for `false` see the IPv6 row below"),
     Feature("endpoints", "`fromEndpoints`, `toEndpoints`", _E, "peers by labels (namespace is a label)"),
     Feature("requires", "`fromRequires`, `toRequires`", _E,
             "ANDed into every `fromEndpoints`/`toEndpoints` selector of the allow items selecting the same pod"),
     Feature("cidr", "`fromCIDR`, `toCIDR`, `fromCIDRSet`, `toCIDRSet` (IPv4, with `except`)", _E,
             "peers outside the cluster by IPv4 prefix, minus the excepted prefixes"),
-    Feature("entities", "`fromEntities`/`toEntities`: `all`, `world`, `world-ipv4`, `cluster`, `host`, "
-            "`remote-node`, `health`, `init`, `ingress`, `none`", _E,
+    Feature("entities", "`fromEntities`/`toEntities`: `world-ipv4`, `cluster`, `host`, "
+            "`remote-node`, `health`, `init`, `ingress`, `none`; in deny rules also `all` and `world`", _E,
             "Cilium's reserved identities (no pod of Ciliary carries health, init or ingress)"),
     Feature("ports", "`toPorts[].ports`: `port` (number or name), `endPort`, `protocol` TCP/UDP/SCTP/ANY", _E,
             "L4 ports and ranges; a named port resolves against the pod that owns it"),
@@ -108,6 +108,10 @@ FEATURES: tuple[Feature, ...] = (
             "not enforced (IPv4-only datapath): they allow (or deny) nothing"),
     Feature("ipv6-icmp", "`icmps` of family IPv6, or names with no IPv4 number", _P,
             "not enforced (IPv4-only datapath): they allow nothing"),
+    Feature("ipv6-allowed", "allow rules with `fromEntities`/`toEntities` `all` or `world`, and "
+            "`enableDefaultDeny: false` (a default-allow direction)", _P,
+            "their IPv4 part is enforced; their IPv6 part is not (IPv4-only datapath): IPv6 to or from the "
+            "selected pods is dropped on that direction (`UNSUPPORTED_L3`), although the policy allows it"),
     Feature("unresolved-entities", "`fromEntities`/`toEntities`: `kube-apiserver`, `unmanaged`, `world-ipv6`",
             _P, "not enforced: no address is classified as this entity, so it selects no peer"),
     # --- refused
@@ -167,9 +171,18 @@ def _gap(path: str, key: str) -> Gap:
     return Gap(path, BY_KEY[key])
 
 
+IPV6_ALLOWING_ENTITIES = frozenset({"all", "world"})
+"""Entities whose peers include IPv6 addresses, which an enforced direction drops."""
+
+
 def _rule_gaps(rule: Rule, path: str) -> Iterator[Gap]:
     if rule.node_selector is not None:
         yield _gap(f"{path}.nodeSelector", "nodeSelector")
+    default_deny = rule.enable_default_deny
+    if default_deny is not None:
+        for direction in ("ingress", "egress"):
+            if getattr(default_deny, direction) is False:
+                yield _gap(f"{path}.enableDefaultDeny.{direction}", "ipv6-allowed")
     sections: tuple[tuple[str, Sequence[IngressRule | IngressDenyRule | EgressRule | EgressDenyRule]], ...] = (
         ("ingress", rule.ingress or ()), ("ingressDeny", rule.ingress_deny or ()),
         ("egress", rule.egress or ()), ("egressDeny", rule.egress_deny or ()))
@@ -195,9 +208,12 @@ def _item_gaps(item: IngressRule | IngressDenyRule | EgressRule | EgressDenyRule
         for j, value in enumerate(written):
             if _is_ipv6(value):
                 yield _gap(f"{path}.{name}[{j}]", "ipv6-cidr")
+    allowing = isinstance(item, (IngressRule, EgressRule))
     for j, entity in enumerate(entities or ()):
         if entity in UNRESOLVED_ENTITIES:
             yield _gap(f"{path}.{entity_field}[{j}]", "unresolved-entities")
+        elif allowing and entity in IPV6_ALLOWING_ENTITIES:
+            yield _gap(f"{path}.{entity_field}[{j}]", "ipv6-allowed")
     yield from _icmp_gaps(item.icmps, f"{path}.icmps")
     port_rules: Sequence[PortRule | PortDenyRule] = item.to_ports or ()
     for j, port_rule in enumerate(port_rules):
