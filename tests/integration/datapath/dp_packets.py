@@ -29,7 +29,7 @@ TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
 MF, OFFSET_MASK = 0x2000, 0x1FFF
 
 DIFFERENTIAL: dict[str, float] = {"policies": 0, "packets": 0, "verdicts": 0, "enforced": 0, "dropped": 0,
-                                 "spoofed": 0, "seconds": 0.0}
+                                 "spoofed": 0, "own_veth": 0, "seconds": 0.0}
 """What test_datapath_differential compared in this session (printed by conftest's terminal summary)."""
 
 
