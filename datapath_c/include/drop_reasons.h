@@ -16,6 +16,7 @@
 #define CY_DROP_FRAGMENT 7   /* dropped: IPv4 fragment without L4 header on an enforced endpoint */
 #define CY_DROP_INVALID_L3 8 /* dropped: IPv4 header shorter than 20 bytes (ihl < 5, truncated) */
 #define CY_DROP_UNSUPPORTED_L3 9 /* dropped: IPv6 (no IPv6 policy yet) other than ND */
+#define CY_DROP_SPOOFED_SOURCE 10 /* dropped: IPv4 from a pod's veth whose source is not the pod's address */
 
 #define CY_REASON_MAX 16
 

@@ -27,7 +27,9 @@ BPF_TABLE_PINNED("hash", __u32, struct endpoint_info, cy_endpoints,
 /* cy_ep_ifindex: the pod behind each host veth.
  * key __u32 ifindex of the host-side veth, value __u32 the pod's IPv4 (network
  * order, a cy_endpoints key), CY_ENDPOINTS_MAX. An IPv6 packet has no IPv4
- * address to find its endpoint by: the veth it crosses names the pod. */
+ * address to find its endpoint by: the veth it crosses names the pod. It is
+ * also the address an IPv4 packet leaving that veth must come from
+ * (CY_DROP_SPOOFED_SOURCE, lib/enforce.h). */
 BPF_TABLE_PINNED("hash", __u32, __u32, cy_ep_ifindex, CY_ENDPOINTS_MAX, CY_PIN_DIR "/cy_ep_ifindex");
 
 /* cy_policy: allow entries of every endpoint and direction.

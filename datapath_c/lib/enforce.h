@@ -8,6 +8,11 @@
  *      (cy_ep_ifindex) -> CY_DROP_UNSUPPORTED_L3: there is no IPv6 policy;
  *      a malformed IPv4 header -> CY_DROP_INVALID_L3 (the stack would discard
  *      it too, on any endpoint);
+ *   0b. cy_from_pod only: an IPv4 packet (readable header) from a veth that
+ *      belongs to a known pod (cy_ep_ifindex) whose source address is not
+ *      that pod's -> CY_DROP_SPOOFED_SOURCE, enforced or not: a pod cannot
+ *      claim another pod's (or an unknown) address to pick the egress policy
+ *      it is judged by, or the identity other pods' ingress policy sees;
  *   1. not IP (ARP, ...), or the pod side is not a known endpoint -> pass (no event);
  *      on an enforced direction, a fragment without L4 header ->
  *      CY_DROP_FRAGMENT (fragments are not tracked) and a truncated L4 header
@@ -44,6 +49,24 @@ static __always_inline int cy_enforce_ipv6(struct __sk_buff *skb, const struct c
 	return TC_ACT_SHOT;
 }
 
+/* cy_from_pod, IPv4: the source must be the address of the veth's pod. A veth
+ * the agent has not (yet) mapped has no pod to compare with: the packet goes on
+ * to step 1 like any other. */
+static __always_inline int cy_spoofed_source(struct __sk_buff *skb, const struct cy_packet *p)
+{
+	__u32 ifindex = skb->ifindex;
+	__u32 *pod = cy_ep_ifindex.lookup(&ifindex);
+	struct endpoint_info *ep;
+
+	if (!pod || *pod == p->saddr)
+		return 0;
+	ep = cy_endpoints.lookup(pod);
+	cy_count(CY_DIR_EGRESS, CY_DROP_SPOOFED_SOURCE, p->len);
+	cy_emit(skb, p, CY_DIR_EGRESS, CY_VERDICT_DROPPED, CY_DROP_SPOOFED_SOURCE, 0, ep ? ep->ep_id : 0,
+		ep ? ep->identity : 0, 0, 0, bpf_ktime_get_ns());
+	return 1;
+}
+
 static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 {
 	struct cy_packet p = {};
@@ -65,6 +88,8 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 	}
 	if (parsed == CY_PARSE_IPV6)
 		return cy_enforce_ipv6(skb, &p, dir);
+	if (dir == CY_DIR_EGRESS && cy_spoofed_source(skb, &p))
+		return TC_ACT_SHOT;
 	pod_addr = dir == CY_DIR_EGRESS ? p.saddr : p.daddr;
 	peer_addr = dir == CY_DIR_EGRESS ? p.daddr : p.saddr;
 	ep = cy_endpoints.lookup(&pod_addr);

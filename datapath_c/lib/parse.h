@@ -15,7 +15,16 @@
  *   - CY_PARSE_IPV6: IPv6, which has no policy yet (dropped by the caller on
  *     an enforced direction),
  *     except CY_PARSE_IPV6_ND: Neighbor Discovery and router messages (ICMPv6
- *     133-137 right after the fixed header, hop limit 255) that the veth needs.
+ *     133-137 right after the fixed header, hop limit 255) that the veth needs,
+ *     and only link-scoped ones: the destination in ff02::/16 (link-local
+ *     multicast: solicitations, DAD, RS/RA) or fe80::/10 (replies to the
+ *     gateway fe80::1), or the source in fe80::/10 (the gateway's replies
+ *     and probes to a pod's global address). A pod's own solicitations carry
+ *     its global source and a multicast or fe80 destination, so "both sides
+ *     link-local" would break address resolution. Either form stays on the
+ *     veth (the stack forwards neither link-scoped destinations nor
+ *     link-local sources); an ND-typed message between two non-link-local
+ *     addresses, or from :: to one, is dropped like other IPv6.
  *     MLD is not among them: it travels behind a hop-by-hop header, nothing on
  *     a point-to-point veth snoops it, so it is dropped like other IPv6.
  * Other ethertypes (ARP, ...) are CY_PARSE_SKIP and passed.
@@ -67,6 +76,20 @@ static __always_inline __u32 cy_l4_need(__u8 protocol)
 	}
 }
 
+/* fe80::/10, first byte and second byte of the address. */
+static __always_inline int cy_ipv6_link_local(const __u8 *a)
+{
+	return a[0] == 0xfe && (a[1] & 0xc0) == 0x80;
+}
+
+/* The addresses ND on a point-to-point veth uses (see the header comment). */
+static __always_inline int cy_ipv6_nd_scoped(const struct ipv6hdr *ip6)
+{
+	const __u8 *src = ip6->saddr.in6_u.u6_addr8, *dst = ip6->daddr.in6_u.u6_addr8;
+
+	return (dst[0] == 0xff && dst[1] == 0x02) || cy_ipv6_link_local(dst) || cy_ipv6_link_local(src);
+}
+
 static __always_inline int cy_parse_ipv6(void *data, void *data_end, struct cy_packet *p)
 {
 	struct ipv6hdr *ip6 = data + sizeof(struct ethhdr);
@@ -84,7 +107,8 @@ static __always_inline int cy_parse_ipv6(void *data, void *data_end, struct cy_p
 	if ((void *)(icmp6 + 1) > data_end)
 		return CY_PARSE_IPV6;
 	p->icmp_type = *icmp6;
-	if (ip6->hop_limit == 255 && *icmp6 >= CY_ICMPV6_ND_FIRST && *icmp6 <= CY_ICMPV6_ND_LAST)
+	if (ip6->hop_limit == 255 && *icmp6 >= CY_ICMPV6_ND_FIRST && *icmp6 <= CY_ICMPV6_ND_LAST &&
+	    cy_ipv6_nd_scoped(ip6))
 		return CY_PARSE_IPV6_ND;
 	return CY_PARSE_IPV6;
 }

@@ -17,7 +17,8 @@ A flow (:func:`enrich`)::
 
   {"time": "2025-01-02T03:04:05.123456789Z", "node": "node-1",
    "verdict": "FORWARDED"|"DROPPED", "drop_reason": ""|"POLICY_DENIED"|"POLICY_DENY_RULE"|"INVALID"
-                 |"FRAGMENT_NO_L4"|"INVALID_L3"|"UNSUPPORTED_L3",
+                 |"FRAGMENT_NO_L4"|"INVALID_L3"|"UNSUPPORTED_L3"
+                 |"SPOOFED_SOURCE",
    "reason": "OK_POLICY"|"OK_REPLY"|"OK_UNENFORCED"|"DROP_POLICY"|...,
    "direction": "ingress"|"egress", "is_reply": false, "protocol": "TCP", "length": 60,
    "src": {"ip", "port", "identity", "labels": [...], "namespace", "pod"},
@@ -57,7 +58,7 @@ DEFAULT_LAST = 20
 PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 132: "SCTP", 58: "ICMPv6"}
 DROP_REASONS = {"DROP_POLICY": "POLICY_DENIED", "DROP_POLICY_DENY": "POLICY_DENY_RULE", "DROP_INVALID": "INVALID",
                 "DROP_FRAGMENT": "FRAGMENT_NO_L4", "DROP_INVALID_L3": "INVALID_L3",
-                "DROP_UNSUPPORTED_L3": "UNSUPPORTED_L3"}
+                "DROP_UNSUPPORTED_L3": "UNSUPPORTED_L3", "DROP_SPOOFED_SOURCE": "SPOOFED_SOURCE"}
 TCP_FLAGS = ((0x01, "FIN"), (0x02, "SYN"), (0x04, "RST"), (0x08, "PSH"), (0x10, "ACK"), (0x20, "URG"),
              (0x40, "ECE"), (0x80, "CWR"))
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace="

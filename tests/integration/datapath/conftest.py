@@ -42,6 +42,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         d = DIFFERENTIAL
         terminalreporter.write_line(
             f"differential test: {int(d['verdicts'])} tc verdicts ({int(d['enforced'])} on enforced directions, "
-            f"{int(d['dropped'])} drops) compared with "
+            f"{int(d['dropped'])} drops, {int(d['spoofed'])} of them spoofed sources, "
+            f"{int(d['own_veth'])} from_pod runs on the sender's own veth) compared with "
             f"evaluate_entries: {int(d['packets'])} packets x 2 hooks over {int(d['policies'])} random policies "
             f"in {d['seconds']:.1f} s")

@@ -3,17 +3,20 @@
 ``frame(...)`` builds IPv4 TCP/UDP/ICMP frames (optionally fragments or with a bad
 ``ihl``), ``frame6(...)`` IPv6 ones. ``Runner`` runs a frame through the pinned
 ``cy_from_pod`` / ``cy_to_pod`` programs of a started ``engine.Datapath`` and returns
-the tc verdict; it can empty ``cy_ct`` so that every run is a policy-only decision.
+the tc verdict (optionally on a host veth: ``skb->ifindex``, run inside the node's netns);
+it can empty ``cy_ct`` so that every run is a policy-only decision.
 Used by test_datapath_parser.py and test_datapath_differential.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
 import os
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv6Address
 
 from ciliary.nodeagent.datapath import engine, libbpf, loading, maps
@@ -26,7 +29,7 @@ TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
 MF, OFFSET_MASK = 0x2000, 0x1FFF
 
 DIFFERENTIAL: dict[str, float] = {"policies": 0, "packets": 0, "verdicts": 0, "enforced": 0, "dropped": 0,
-                                 "seconds": 0.0}
+                                 "spoofed": 0, "own_veth": 0, "seconds": 0.0}
 """What test_datapath_differential compared in this session (printed by conftest's terminal summary)."""
 
 
@@ -89,9 +92,15 @@ class Runner:
         self.ct_fd = loading.open_pinned(dp.pin_dir / "cy_ct")
         self.runs = 0
 
-    def run(self, hook: str, packet: bytes) -> int:
+    def run(self, hook: str, packet: bytes, ifindex: int = 0) -> int:
+        """The verdict on ``packet``; with ``ifindex`` the skb is on that device of the node's netns
+        (a host veth), else on the caller's loopback (a veth the datapath does not know)."""
         self.runs += 1
-        return libbpf.prog_test_run(self.fds[hook], packet)
+        if not ifindex:
+            return libbpf.prog_test_run(self.fds[hook], packet)
+        assert self.dp.netns, "a veth ifindex needs the Datapath's netns"
+        with thread_in_netns(self.dp.netns):
+            return libbpf.prog_test_run(self.fds[hook], packet, ifindex=ifindex)
 
     def clear_conntrack(self) -> int:
         """Delete every cy_ct entry (bounded); how many there were."""
@@ -109,6 +118,33 @@ class Runner:
     def close(self) -> None:
         for fd in (*self.fds.values(), self.ct_fd):
             os.close(fd)
+
+
+CLONE_NEWNET = 0x40000000
+_libc = ct.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int, what: str) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        raise OSError(ct.get_errno(), f"setns {what}: {os.strerror(ct.get_errno())}")
+
+
+@contextlib.contextmanager
+def thread_in_netns(netns: str) -> Iterator[None]:
+    """The calling thread in network namespace ``netns`` for the block (setns acts per thread)."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+        try:
+            _setns(target, netns)
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            _setns(own, "back")
+    finally:
+        os.close(own)
 
 
 def send_raw(netns: str, ifname: str, packet: bytes) -> None:

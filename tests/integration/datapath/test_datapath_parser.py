@@ -213,6 +213,12 @@ def test_only_neighbor_discovery_passes_an_enforced_pod(env: Env) -> None:
     dropped = {
         "echo request": frame6(a6, b6, 58, icmp6(128), **kw),
         "neighbor solicitation with hop limit 64": frame6(a6, b6, 58, icmp6(135), hop_limit=64, **kw),
+        # ND-typed, hop limit 255, but neither side link-scoped: routable, not what the veth needs
+        "neighbor solicitation between global addresses": frame6(a6, b6, 58, icmp6(135), hop_limit=255, **kw),
+        "neighbor advertisement between global addresses": frame6(a6, b6, 58, icmp6(136), hop_limit=255, **kw),
+        "router advertisement between global addresses": frame6(a6, b6, 58, icmp6(134), hop_limit=255, **kw),
+        "neighbor solicitation from :: to a global address": frame6("::", b6, 58, icmp6(135), hop_limit=255,
+                                                                    **kw),
         "MLD report behind a hop-by-hop header": frame6(a6, "ff02::16", 0, b"\x3a\x00" + b"\0" * 6 + icmp6(143),
                                                         hop_limit=1, **kw),
         "TCP": frame6(a6, b6, TCP, l4_header(TCP, 40000, 80), **kw),
@@ -222,6 +228,16 @@ def test_only_neighbor_discovery_passes_an_enforced_pod(env: Env) -> None:
         assert dropped_after(packet) == 1, name
     for nd in (133, 134, 135, 136, 137):
         assert dropped_after(frame6(a6, "ff02::1", 58, icmp6(nd), hop_limit=255, **kw)) == 0, nd
+    link_scoped = {  # what ND on the veth is made of
+        "solicitation to the solicited-node address": (a6, "ff02::1:ff00:1", 135),
+        "duplicate address detection": ("::", "ff02::1:ff00:2", 135),
+        "advertisement to the gateway": (a6, "fe80::1", 136),
+        "unicast probe of the gateway": (a6, "fe80::1", 135),
+        "router solicitation from a link-local address": ("fe80::2", "ff02::2", 133),
+        "link-local source to a global address": ("fe80::2", b6, 136),
+    }
+    for name, (src, dst, nd) in link_scoped.items():
+        assert dropped_after(frame6(src, dst, 58, icmp6(nd), hop_limit=255, **kw)) == 0, name
 
 
 def test_fragment_and_bad_ihl_from_a_pod_are_dropped(env: Env) -> None:

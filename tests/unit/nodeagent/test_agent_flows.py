@@ -110,9 +110,10 @@ def test_parser_drop_reasons_and_ipv6_flows() -> None:
     index = flowapi.IntentIndex.of("n1", INTENT)
     names = {reason: flowapi.enrich(event(reason=reason), index, lambda _c: ())["drop_reason"]
              for reason in (maps.Reason.DROP_INVALID, maps.Reason.DROP_FRAGMENT, maps.Reason.DROP_INVALID_L3,
-                            maps.Reason.DROP_UNSUPPORTED_L3)}
+                            maps.Reason.DROP_UNSUPPORTED_L3, maps.Reason.DROP_SPOOFED_SOURCE)}
     assert names == {maps.Reason.DROP_INVALID: "INVALID", maps.Reason.DROP_FRAGMENT: "FRAGMENT_NO_L4",
-                     maps.Reason.DROP_INVALID_L3: "INVALID_L3", maps.Reason.DROP_UNSUPPORTED_L3: "UNSUPPORTED_L3"}
+                     maps.Reason.DROP_INVALID_L3: "INVALID_L3", maps.Reason.DROP_UNSUPPORTED_L3: "UNSUPPORTED_L3",
+                     maps.Reason.DROP_SPOOFED_SOURCE: "SPOOFED_SOURCE"}
     raw = maps.FlowEventC(ts_ns=1, protocol=58, sport=128, verdict=2, reason=9, direction=2, family=6,
                           saddr6=(ct.c_uint8 * 16)(*IPv6Address("fd00::2").packed),
                           daddr6=(ct.c_uint8 * 16)(*IPv6Address("fd00::3").packed))

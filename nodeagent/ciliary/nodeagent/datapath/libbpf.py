@@ -137,16 +137,25 @@ def possible_cpus() -> int:
     return n
 
 
-def prog_test_run(prog_fd: int, packet: bytes) -> int:
+SKB_CTX_IFINDEX_END = 44
+"""``struct __sk_buff`` up to and including ``ifindex`` (offset 40): the context prog_test_run passes."""
+
+
+def prog_test_run(prog_fd: int, packet: bytes, *, ifindex: int = 0) -> int:
     """Run the program behind ``prog_fd`` once on ``packet`` (BPF_PROG_TEST_RUN); its return value.
 
     For a tc program ``packet`` is an Ethernet frame; the kernel builds an skb around it in
-    the caller's network namespace. The program's map writes and events are real.
+    the caller's network namespace, on the device ``ifindex`` of that namespace (``skb->ifindex``
+    in the program; 0: the loopback device). The program's map writes and events are real.
     """
     buf = ct.create_string_buffer(packet, len(packet))
     out = ct.create_string_buffer(len(packet) + 256)
     opts = TestRunOptsC(sz=ct.sizeof(TestRunOptsC), data_in=ct.addressof(buf), data_size_in=len(packet),
                         data_out=ct.addressof(out), data_size_out=len(out), repeat=1)
+    ctx = ct.create_string_buffer(SKB_CTX_IFINDEX_END)
+    if ifindex:
+        ct.memmove(ct.addressof(ctx) + SKB_CTX_IFINDEX_END - 4, ct.byref(ct.c_uint32(ifindex)), 4)
+        opts.ctx_in, opts.ctx_size_in = ct.addressof(ctx), SKB_CTX_IFINDEX_END
     _checked(lib.bpf_prog_test_run_opts(prog_fd, ct.byref(opts)), f"bpf_prog_test_run_opts (fd {prog_fd})")
     return int(opts.retval)
 

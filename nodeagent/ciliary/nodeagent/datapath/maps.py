@@ -116,7 +116,9 @@ class Reason(enum.IntEnum):
     DROP_INVALID_L3 = 8
     """IPv4 header shorter than 20 bytes (ihl < 5, or the frame ends inside it)."""
     DROP_UNSUPPORTED_L3 = 9
-    """IPv6 other than Neighbor Discovery: no IPv6 policy exists yet."""
+    """IPv6 other than link-scoped Neighbor Discovery: no IPv6 policy exists yet."""
+    DROP_SPOOFED_SOURCE = 10
+    """IPv4 leaving a pod's veth with a source address that is not the pod's."""
 
 
 REASON_MAX = 16

@@ -131,6 +131,7 @@
 #define CY_DROP_FRAGMENT 7   /* dropped: IPv4 fragment without L4 header on an enforced endpoint */
 #define CY_DROP_INVALID_L3 8 /* dropped: IPv4 header shorter than 20 bytes (ihl < 5, truncated) */
 #define CY_DROP_UNSUPPORTED_L3 9 /* dropped: IPv6 (no IPv6 policy yet) other than ND */
+#define CY_DROP_SPOOFED_SOURCE 10 /* dropped: IPv4 from a pod's veth whose source is not the pod's address */
 
 #define CY_REASON_MAX 16
 
@@ -264,7 +265,9 @@ BPF_TABLE_PINNED("hash", __u32, struct endpoint_info, cy_endpoints,
 /* cy_ep_ifindex: the pod behind each host veth.
  * key __u32 ifindex of the host-side veth, value __u32 the pod's IPv4 (network
  * order, a cy_endpoints key), CY_ENDPOINTS_MAX. An IPv6 packet has no IPv4
- * address to find its endpoint by: the veth it crosses names the pod. */
+ * address to find its endpoint by: the veth it crosses names the pod. It is
+ * also the address an IPv4 packet leaving that veth must come from
+ * (CY_DROP_SPOOFED_SOURCE, lib/enforce.h). */
 BPF_TABLE_PINNED("hash", __u32, __u32, cy_ep_ifindex, CY_ENDPOINTS_MAX, CY_PIN_DIR "/cy_ep_ifindex");
 
 /* cy_policy: allow entries of every endpoint and direction.
@@ -328,7 +331,16 @@ struct cy_events_table_t cy_events = { .max_entries = CY_EVENTS_PAGES * 4096 };
  *   - CY_PARSE_IPV6: IPv6, which has no policy yet (dropped by the caller on
  *     an enforced direction),
  *     except CY_PARSE_IPV6_ND: Neighbor Discovery and router messages (ICMPv6
- *     133-137 right after the fixed header, hop limit 255) that the veth needs.
+ *     133-137 right after the fixed header, hop limit 255) that the veth needs,
+ *     and only link-scoped ones: the destination in ff02::/16 (link-local
+ *     multicast: solicitations, DAD, RS/RA) or fe80::/10 (replies to the
+ *     gateway fe80::1), or the source in fe80::/10 (the gateway's replies
+ *     and probes to a pod's global address). A pod's own solicitations carry
+ *     its global source and a multicast or fe80 destination, so "both sides
+ *     link-local" would break address resolution. Either form stays on the
+ *     veth (the stack forwards neither link-scoped destinations nor
+ *     link-local sources); an ND-typed message between two non-link-local
+ *     addresses, or from :: to one, is dropped like other IPv6.
  *     MLD is not among them: it travels behind a hop-by-hop header, nothing on
  *     a point-to-point veth snoops it, so it is dropped like other IPv6.
  * Other ethertypes (ARP, ...) are CY_PARSE_SKIP and passed.
@@ -380,6 +392,20 @@ static __always_inline __u32 cy_l4_need(__u8 protocol)
 	}
 }
 
+/* fe80::/10, first byte and second byte of the address. */
+static __always_inline int cy_ipv6_link_local(const __u8 *a)
+{
+	return a[0] == 0xfe && (a[1] & 0xc0) == 0x80;
+}
+
+/* The addresses ND on a point-to-point veth uses (see the header comment). */
+static __always_inline int cy_ipv6_nd_scoped(const struct ipv6hdr *ip6)
+{
+	const __u8 *src = ip6->saddr.in6_u.u6_addr8, *dst = ip6->daddr.in6_u.u6_addr8;
+
+	return (dst[0] == 0xff && dst[1] == 0x02) || cy_ipv6_link_local(dst) || cy_ipv6_link_local(src);
+}
+
 static __always_inline int cy_parse_ipv6(void *data, void *data_end, struct cy_packet *p)
 {
 	struct ipv6hdr *ip6 = data + sizeof(struct ethhdr);
@@ -397,7 +423,8 @@ static __always_inline int cy_parse_ipv6(void *data, void *data_end, struct cy_p
 	if ((void *)(icmp6 + 1) > data_end)
 		return CY_PARSE_IPV6;
 	p->icmp_type = *icmp6;
-	if (ip6->hop_limit == 255 && *icmp6 >= CY_ICMPV6_ND_FIRST && *icmp6 <= CY_ICMPV6_ND_LAST)
+	if (ip6->hop_limit == 255 && *icmp6 >= CY_ICMPV6_ND_FIRST && *icmp6 <= CY_ICMPV6_ND_LAST &&
+	    cy_ipv6_nd_scoped(ip6))
 		return CY_PARSE_IPV6_ND;
 	return CY_PARSE_IPV6;
 }
@@ -802,6 +829,11 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, __u8 dir, __u3
  *      (cy_ep_ifindex) -> CY_DROP_UNSUPPORTED_L3: there is no IPv6 policy;
  *      a malformed IPv4 header -> CY_DROP_INVALID_L3 (the stack would discard
  *      it too, on any endpoint);
+ *   0b. cy_from_pod only: an IPv4 packet (readable header) from a veth that
+ *      belongs to a known pod (cy_ep_ifindex) whose source address is not
+ *      that pod's -> CY_DROP_SPOOFED_SOURCE, enforced or not: a pod cannot
+ *      claim another pod's (or an unknown) address to pick the egress policy
+ *      it is judged by, or the identity other pods' ingress policy sees;
  *   1. not IP (ARP, ...), or the pod side is not a known endpoint -> pass (no event);
  *      on an enforced direction, a fragment without L4 header ->
  *      CY_DROP_FRAGMENT (fragments are not tracked) and a truncated L4 header
@@ -838,6 +870,24 @@ static __always_inline int cy_enforce_ipv6(struct __sk_buff *skb, const struct c
 	return TC_ACT_SHOT;
 }
 
+/* cy_from_pod, IPv4: the source must be the address of the veth's pod. A veth
+ * the agent has not (yet) mapped has no pod to compare with: the packet goes on
+ * to step 1 like any other. */
+static __always_inline int cy_spoofed_source(struct __sk_buff *skb, const struct cy_packet *p)
+{
+	__u32 ifindex = skb->ifindex;
+	__u32 *pod = cy_ep_ifindex.lookup(&ifindex);
+	struct endpoint_info *ep;
+
+	if (!pod || *pod == p->saddr)
+		return 0;
+	ep = cy_endpoints.lookup(pod);
+	cy_count(CY_DIR_EGRESS, CY_DROP_SPOOFED_SOURCE, p->len);
+	cy_emit(skb, p, CY_DIR_EGRESS, CY_VERDICT_DROPPED, CY_DROP_SPOOFED_SOURCE, 0, ep ? ep->ep_id : 0,
+		ep ? ep->identity : 0, 0, 0, bpf_ktime_get_ns());
+	return 1;
+}
+
 static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 {
 	struct cy_packet p = {};
@@ -859,6 +909,8 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 	}
 	if (parsed == CY_PARSE_IPV6)
 		return cy_enforce_ipv6(skb, &p, dir);
+	if (dir == CY_DIR_EGRESS && cy_spoofed_source(skb, &p))
+		return TC_ACT_SHOT;
 	pod_addr = dir == CY_DIR_EGRESS ? p.saddr : p.daddr;
 	peer_addr = dir == CY_DIR_EGRESS ? p.daddr : p.saddr;
 	ep = cy_endpoints.lookup(&pod_addr);
