@@ -92,9 +92,14 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
-{{/* The component's etcd credentials; call with (dict "ctx" $ "component" "operator"|"agent"|"root"). */}}
+{{/* The component's etcd credentials; call with (dict "ctx" $ "component" "operator"|"agent"|"root").
+     Agents of the bundled etcd never get here: they reference no Secret holding another user's key
+     (see ciliary.etcdAgentCAConfigMap and ciliary.etcdAgentsSecret). */}}
 {{- define "ciliary.etcdTLSVolume" -}}
 {{- $ctx := .ctx }}
+{{- if and $ctx.Values.etcd.enabled (eq .component "agent") }}
+{{- fail "internal: agent pods of the bundled etcd must not mount the etcd-tls Secret" }}
+{{- end }}
 {{- if $ctx.Values.etcd.enabled }}
 - name: {{ if eq .component "root" }}etcd-root{{ else }}etcd-tls{{ end }}
   secret:
@@ -131,4 +136,31 @@ app.kubernetes.io/component: {{ .component }}
 {{/* ConfigMap with the etcd CA certificate alone (what an enrolled agent needs to trust etcd). */}}
 {{- define "ciliary.etcdCACertConfigMap" -}}
 {{- printf "%s-etcd-ca-cert" (include "ciliary.fullname" .) }}
+{{- end }}
+
+{{/* ConfigMap with the etcd CA certificate alone that enrolled agent pods mount: the generated one, or
+     etcd.tls.existingCAConfigMap with etcd.tls.existingSecret (agent pods never reference that Secret:
+     a node's kubelet may read every Secret its pods reference, whatever items: selects). */}}
+{{- define "ciliary.etcdAgentCAConfigMap" -}}
+{{- if .Values.etcd.tls.existingSecret }}
+{{- if not .Values.etcd.tls.existingCAConfigMap }}
+{{- fail "etcd.tls.existingSecret with etcd.nodeEnrollment.enabled needs etcd.tls.existingCAConfigMap (a ConfigMap whose key ca.crt is the etcd CA certificate, nothing else): agent pods must not reference the existingSecret, which holds the root, operator and server keys" }}
+{{- end }}
+{{- .Values.etcd.tls.existingCAConfigMap }}
+{{- else }}
+{{- include "ciliary.etcdCACertConfigMap" . }}
+{{- end }}
+{{- end }}
+
+{{/* Secret with ca.crt and the shared ciliary-agents user's tls.crt/tls.key only (etcd.nodeEnrollment.enabled=false):
+     the generated <release>-etcd-agents, or etcd.tls.existingAgentsSecret with etcd.tls.existingSecret. */}}
+{{- define "ciliary.etcdAgentsSecret" -}}
+{{- if .Values.etcd.tls.existingSecret }}
+{{- if not .Values.etcd.tls.existingAgentsSecret }}
+{{- fail "etcd.tls.existingSecret with etcd.nodeEnrollment.enabled=false needs etcd.tls.existingAgentsSecret (a Secret with ca.crt, tls.crt and tls.key of the ciliary-agents user, nothing else): agent pods must not reference the existingSecret, which holds the root, operator and server keys" }}
+{{- end }}
+{{- .Values.etcd.tls.existingAgentsSecret }}
+{{- else }}
+{{- printf "%s-etcd-agents" (include "ciliary.fullname" .) }}
+{{- end }}
 {{- end }}

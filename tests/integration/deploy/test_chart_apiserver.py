@@ -42,6 +42,11 @@ VARIANTS = {
                       "etcd.external.tls.secretName=ciliary-etcd-client"),
     "ha-direct-status-no-cni": ("operator.replicas=2", "operator.leaderElection.enabled=true",
                                 "agent.directStatus=true", "cni.install=false", "etcd.persistence.enabled=false"),
+    "shared-agents": ("etcd.nodeEnrollment.enabled=false",),
+    "existing-secret": ("etcd.tls.existingSecret=my-etcd-tls", "etcd.tls.existingCASecret=my-etcd-ca",
+                        "etcd.tls.existingCAConfigMap=my-etcd-ca-cert"),
+    "existing-secret-shared-agents": ("etcd.tls.existingSecret=my-etcd-tls", "etcd.nodeEnrollment.enabled=false",
+                                      "etcd.tls.existingAgentsSecret=my-etcd-agents"),
 }
 
 

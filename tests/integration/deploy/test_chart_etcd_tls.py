@@ -50,19 +50,29 @@ class ChartEtcd:
         for name, value in secret["data"].items():
             (self.dir / name).write_bytes(base64.b64decode(value))
             (self.dir / name).chmod(0o600)
+        # etcd.nodeEnrollment.enabled=false: the shared agents' pair, in a Secret of its own
+        agents = [d for d in self.docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-etcd-agents")]
+        for doc in agents:
+            for name, value in doc["data"].items():
+                target = self.dir / name.replace("tls.", "agent.")
+                target.write_bytes(base64.b64decode(value))
+                target.chmod(0o600)
         sts = find(self.docs, "StatefulSet", "-etcd")
         self.args = sts["spec"]["template"]["spec"]["containers"][0]["command"]
         self.port, peer = free_port(), free_port()
         self.endpoint = f"https://127.0.0.1:{self.port}"
         tls_flags = [a.replace("/etc/etcd/tls/", f"{self.dir}/") for a in self.args
                      if a.startswith(("--cert-file", "--key-file", "--trusted-ca-file", "--client-cert-auth"))]
+        # the chart's own member name and peer flags (loopback), on a free port instead of 2380
+        peer_flags = [a.replace("$(POD_NAME)", "chart-etcd-0").replace(":2380", f":{peer}") for a in self.args
+                      if a.startswith(("--name", "--listen-peer-urls", "--initial-advertise-peer-urls",
+                                       "--initial-cluster="))]
+        assert len(peer_flags) == 4, self.args
         self.log = open(self.dir / "etcd.log", "wb")
         self.proc = subprocess.Popen(
             [str(Binaries.discover().etcd), "--data-dir", str(self.dir / "data"),
              "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint, *tls_flags,
-             "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls",
-             f"http://127.0.0.1:{peer}", "--initial-cluster", f"default=http://127.0.0.1:{peer}",
-             "--listen-metrics-urls", "http://127.0.0.1:0", "--log-level", "warn"],
+             *peer_flags, "--listen-metrics-urls", "http://127.0.0.1:0", "--log-level", "warn"],
             stdout=self.log, stderr=subprocess.STDOUT)
 
     def tls(self, name: str) -> EtcdTLS:
