@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ciliary.lab import pki
+from ciliary.lab import pki, processes
 from ciliary.operator.store import access, accounts
 from ciliary.operator.store.access import Grant, Permission, Role
 from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdTLS, make_client
@@ -187,13 +187,8 @@ class StandaloneEtcd:
         return self.flags(access.node_user(node))
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        if self.proc is not None:
+            processes.terminate(self.proc)
 
     def wipe(self) -> None:
         shutil.rmtree(self.workdir / "data", ignore_errors=True)

@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from ciliary.lab.layout import LabLayout
 
@@ -101,6 +102,18 @@ def stop(layout: LabLayout, name: str, *, timeout: float = 10.0) -> bool:
             break
     pidfile.unlink(missing_ok=True)
     return True
+
+
+def terminate(proc: subprocess.Popen[Any], *, timeout: float = 10.0) -> None:
+    """A child this process started: SIGTERM, then SIGKILL after ``timeout``; reaped either way."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 def _reap(pid: int) -> None:

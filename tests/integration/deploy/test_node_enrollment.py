@@ -32,6 +32,7 @@ import pytest
 import yaml
 from deploy_helpers import NAMESPACE, ROOT, Helm, documents, ensure_namespace, find, kubectl_ok
 
+from ciliary.lab import processes
 from ciliary.nodeagent import enroll
 from ciliary.operator.kube.enrollment import NODE_NAME_EXTRA, SIGNER_NAME
 from ciliary.operator.store import access, accounts, keyspace
@@ -129,13 +130,7 @@ class EnrollerRun:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        processes.terminate(self.proc, timeout=15)
         self._out.close()
 
 

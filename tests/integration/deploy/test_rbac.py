@@ -41,6 +41,7 @@ from deploy_helpers import (
     service_account_kubeconfig,
 )
 
+from ciliary.lab import processes
 from ciliary.operator.intents import parse_node_intent
 from ciliary.operator.store.keyspace import node_intent_key
 
@@ -120,13 +121,7 @@ class OperatorRun:
         return bool(REFUSAL.search(self.text()))
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        processes.terminate(self.proc, timeout=15)
         self._out.close()
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from realnode_helpers import ROOT, lab_images, node_binaries
 
-from ciliary.lab import images, kubeletnode, nodeconfig, nodehost, ociimage, projectimages
+from ciliary.lab import images, kubeletnode, nodeconfig, nodehost, ociimage, processes, projectimages
 from ciliary.lab.nodebins import NodeBinaries
 
 pytestmark = pytest.mark.integration
@@ -73,12 +73,7 @@ def containerd() -> Iterator[Containerd]:
             time.sleep(0.2)
         yield handle
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        processes.terminate(proc)
         log.close()
         layout = nodehost.cgroup_layout()
         nodehost.remove_cgroup_root(layout, cgroup)

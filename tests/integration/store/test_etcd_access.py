@@ -22,6 +22,7 @@ import aetcd
 import grpc
 import pytest
 
+from ciliary.lab import processes
 from ciliary.operator.store import access, accounts, keyspace
 from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdTLS, TLSClient, make_client
 
@@ -286,13 +287,7 @@ def component(argv: list[str], tmp_path: Path, *, wait_for: str, seconds: float 
                 break
             time.sleep(0.2)
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        processes.terminate(proc)
     return code, log.read_text(errors="replace")
 
 
