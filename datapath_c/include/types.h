@@ -45,24 +45,28 @@ struct policy_value {
 	__u32 flags;  /* CY_POLICY_DENY in cy_policy_deny */
 };
 
-/* cy_ct key: a connection as first seen by one hook. ICMP echo uses the echo
- * id as sport for requests and as dport for replies, so a reversed reply
- * matches its request. */
+/* cy_ct key: one connection as seen from one local pod, the same for both of
+ * that pod's hooks: cy_from_pod keys a packet by (saddr, daddr, sport, dport),
+ * cy_to_pod by (daddr, saddr, dport, sport). So a connection's forward packets
+ * and its replies find one entry with one lookup; two pods of the node that
+ * talk to each other have an entry each. ICMP echo uses the echo id as sport
+ * for requests and as dport for replies, so both land on the same key. */
 struct ct_key {
-	__u32 saddr;
-	__u32 daddr;
-	__be16 sport;
-	__be16 dport;
+	__u32 pod_addr;
+	__u32 peer_addr;
+	__be16 pod_port;
+	__be16 peer_port;
 	__u8 protocol;
-	__u8 direction; /* CY_DIR_* of the hook that created the entry */
-	__u16 pad;
+	__u8 pad[3];
 };
 
 struct ct_entry {
 	__u64 expires;  /* bpf_ktime_get_ns() deadline */
 	__u32 ep_id;
-	__u32 cookie;   /* rule that allowed the connection */
-	__u64 packets;  /* forward packets seen (approximate: not atomic) */
+	__u32 cookie;   /* rule that allowed the connection (last forward packet's) */
+	__u8 origin;    /* CY_DIR_* of the hook whose allowed packet opened it: the
+			 * forward direction; packets at the other hook are replies */
+	__u8 pad[7];
 };
 
 struct counter {

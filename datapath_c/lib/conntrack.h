@@ -12,22 +12,21 @@
  *   - enforcement of the reply direction never breaks a connection that was
  *     allowed in its original direction.
  *
- * Entries are keyed by the tuple as seen by the hook that allowed the first
- * packet plus that hook's direction. A packet is a reply when its reversed
- * tuple exists with the *other* direction: a pod's egress connection is
- * created by cy_from_pod (CY_DIR_EGRESS) and its replies arrive at cy_to_pod.
- * Entries are created for every allowed packet of a known endpoint, also when
- * the direction is not enforced, so that replies pass an enforced opposite
- * direction. Lifetimes: TCP 6 h, others 60 s, 10 s after FIN/RST; LRU evicts
- * under pressure.
+ * Entries are keyed from the local pod's side (types.h: pod address and port,
+ * peer address and port, protocol), so both hooks of a pod find a connection's
+ * entry with one lookup, and remember the direction of the hook that allowed
+ * the connection's first packet (origin). A packet is a reply when a live entry
+ * has the *other* origin: a pod's egress connection is opened at cy_from_pod
+ * (CY_DIR_EGRESS) and its replies arrive at cy_to_pod. Entries are created for
+ * every allowed packet of a known endpoint, also when the direction is not
+ * enforced, so that replies pass an enforced opposite direction. Packets of a
+ * known connection write to the entry only when something changes (deciding
+ * rule, expiry due for refresh, FIN/RST), so a busy connection's entry is not
+ * rewritten, and bounced between CPUs, on every packet. Lifetimes: TCP 6 h,
+ * others 60 s, 10 s after FIN/RST; LRU evicts under pressure.
  */
 #ifndef CY_CONNTRACK_H
 #define CY_CONNTRACK_H
-
-static __always_inline __u8 cy_other_dir(__u8 dir)
-{
-	return dir == CY_DIR_INGRESS ? CY_DIR_EGRESS : CY_DIR_INGRESS;
-}
 
 static __always_inline __u64 cy_ct_lifetime(const struct cy_packet *p)
 {
@@ -38,36 +37,61 @@ static __always_inline __u64 cy_ct_lifetime(const struct cy_packet *p)
 	return CY_CT_LIFETIME_TCP;
 }
 
-/* Is p a reply of a live connection opened in the other direction? */
-static __always_inline int cy_ct_is_reply(const struct cy_packet *p, __u8 dir, __u64 now)
+/* The key of p's connection from the side of the hook's pod. */
+static __always_inline void cy_ct_key(const struct cy_packet *p, __u8 dir, struct ct_key *key)
 {
-	struct ct_key key = {};
+	if (dir == CY_DIR_EGRESS) {
+		key->pod_addr = p->saddr;
+		key->peer_addr = p->daddr;
+		key->pod_port = p->sport;
+		key->peer_port = p->dport;
+	} else {
+		key->pod_addr = p->daddr;
+		key->peer_addr = p->saddr;
+		key->pod_port = p->dport;
+		key->peer_port = p->sport;
+	}
+	key->protocol = p->protocol;
+}
+
+/* The live entry of p's connection, or 0 (fragments are never tracked). */
+static __always_inline struct ct_entry *cy_ct_find(const struct cy_packet *p, const struct ct_key *key,
+						   __u64 now)
+{
 	struct ct_entry *entry;
 
 	if (p->is_fragment)
 		return 0;
-	key.saddr = p->daddr;
-	key.daddr = p->saddr;
-	key.sport = p->dport;
-	key.dport = p->sport;
-	key.protocol = p->protocol;
-	key.direction = cy_other_dir(dir);
-	entry = cy_ct.lookup(&key);
+	entry = cy_ct.lookup((struct ct_key *)key);
 	if (!entry || entry->expires < now)
 		return 0;
-	if (p->protocol == CY_PROTO_TCP && (p->tcp_flags & (CY_TCP_FIN | CY_TCP_RST)))
-		entry->expires = now + CY_CT_LIFETIME_CLOSE;
-	else if (entry->expires < now + cy_ct_lifetime(p) - CY_CT_REFRESH)
-		entry->expires = now + cy_ct_lifetime(p);
-	return 1;
+	return entry;
 }
 
-/* Record an allowed forward packet. Returns 1 when the entry is new. */
-static __always_inline int cy_ct_track(const struct cy_packet *p, __u8 dir, __u32 ep_id,
-				       __u32 cookie, __u64 now)
+/* Push a live entry's deadline out when p closes the connection or the
+ * deadline is due for a refresh; no write otherwise. */
+static __always_inline void cy_ct_refresh(struct ct_entry *entry, const struct cy_packet *p, __u64 now)
 {
-	struct ct_key key = {};
-	struct ct_entry *entry;
+	__u64 lifetime = cy_ct_lifetime(p);
+
+	if (p->protocol == CY_PROTO_TCP && (p->tcp_flags & (CY_TCP_FIN | CY_TCP_RST)))
+		entry->expires = now + CY_CT_LIFETIME_CLOSE;
+	else if (entry->expires < now + lifetime - CY_CT_REFRESH)
+		entry->expires = now + lifetime;
+}
+
+/* Is p, at the hook of direction dir, a reply of the live connection entry? */
+static __always_inline int cy_ct_is_reply(const struct ct_entry *entry, __u8 dir)
+{
+	return entry && entry->origin != dir;
+}
+
+/* Record an allowed forward packet; entry is cy_ct_find's answer for its key.
+ * Returns 1 when the entry is new. */
+static __always_inline int cy_ct_track(const struct cy_packet *p, const struct ct_key *key,
+				       struct ct_entry *entry, __u8 dir, __u32 ep_id, __u32 cookie,
+				       __u64 now)
+{
 	struct ct_entry fresh = {};
 
 	if (p->is_fragment)
@@ -75,26 +99,17 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, __u8 dir, __u3
 	/* Only ICMP echo requests open ICMP "connections". */
 	if (p->protocol == CY_PROTO_ICMP && p->icmp_type != CY_ICMP_ECHO_REQUEST)
 		return 0;
-	key.saddr = p->saddr;
-	key.daddr = p->daddr;
-	key.sport = p->sport;
-	key.dport = p->dport;
-	key.protocol = p->protocol;
-	key.direction = dir;
-	entry = cy_ct.lookup(&key);
-	if (entry && entry->expires >= now) {
-		entry->packets += 1;
-		entry->cookie = cookie;
-		if (entry->expires < now + cy_ct_lifetime(p) - CY_CT_REFRESH ||
-		    (p->tcp_flags & (CY_TCP_FIN | CY_TCP_RST)))
-			entry->expires = now + cy_ct_lifetime(p);
+	if (entry) {
+		if (entry->cookie != cookie)
+			entry->cookie = cookie;
+		cy_ct_refresh(entry, p, now);
 		return 0;
 	}
 	fresh.expires = now + cy_ct_lifetime(p);
 	fresh.ep_id = ep_id;
 	fresh.cookie = cookie;
-	fresh.packets = 1;
-	cy_ct.update(&key, &fresh);
+	fresh.origin = dir;
+	cy_ct.update((struct ct_key *)key, &fresh);
 	return 1;
 }
 

@@ -21,7 +21,8 @@
  *   3. direction not enforced -> pass (CY_OK_UNENFORCED);
  *   4. policy.h verdict: deny entry -> drop, allow entry -> pass, else drop
  *      (the deny map is probed only when the endpoint's CY_EP_*_DENY is set).
- * Forwarded forward-direction packets create/refresh a cy_ct entry; a flow
+ * One cy_ct lookup per packet (conntrack.h) tells replies from forward
+ * packets. Forwarded forward-direction packets create/refresh a cy_ct entry; a flow
  * event is emitted for every drop and every new connection (every packet when
  * CY_TRACE_ALL). The peer's identity (ipcache.h) is looked up only when the
  * verdict or an event needs it: replies and unenforced packets of a known
@@ -70,6 +71,8 @@ static __always_inline int cy_spoofed_source(struct __sk_buff *skb, const struct
 static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 {
 	struct cy_packet p = {};
+	struct ct_key ct_key = {};
+	struct ct_entry *ct_entry;
 	struct endpoint_info *ep;
 	__u32 pod_addr, peer_addr, peer_id = 0, cookie = 0;
 	__u32 flags, enforced, has_deny;
@@ -114,7 +117,10 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_SHOT;
 	}
 
-	if (cy_ct_is_reply(&p, dir, now)) {
+	cy_ct_key(&p, dir, &ct_key);
+	ct_entry = cy_ct_find(&p, &ct_key, now);
+	if (cy_ct_is_reply(ct_entry, dir)) {
+		cy_ct_refresh(ct_entry, &p, now);
 		cy_count(dir, CY_OK_REPLY, p.len);
 		if (CY_TRACE_ALL) {
 			peer_id = cy_identity_of(peer_addr);
@@ -138,7 +144,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 			CY_DST_ID, cookie, now);
 		return TC_ACT_SHOT;
 	}
-	is_new = cy_ct_track(&p, dir, ep->ep_id, cookie, now);
+	is_new = cy_ct_track(&p, &ct_key, ct_entry, dir, ep->ep_id, cookie, now);
 	if (is_new || CY_TRACE_ALL) {
 		if (!enforced)
 			peer_id = cy_identity_of(peer_addr);

@@ -64,14 +64,13 @@ class PolicyValueC(ct.Structure):
 
 
 class CtKeyC(ct.Structure):
-    _fields_ = [("saddr", ct.c_uint32), ("daddr", ct.c_uint32), ("sport", ct.c_uint16),
-                ("dport", ct.c_uint16), ("protocol", ct.c_uint8), ("direction", ct.c_uint8),
-                ("pad", ct.c_uint16)]
+    _fields_ = [("pod_addr", ct.c_uint32), ("peer_addr", ct.c_uint32), ("pod_port", ct.c_uint16),
+                ("peer_port", ct.c_uint16), ("protocol", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
 
 
 class CtEntryC(ct.Structure):
     _fields_ = [("expires", ct.c_uint64), ("ep_id", ct.c_uint32), ("cookie", ct.c_uint32),
-                ("packets", ct.c_uint64)]
+                ("origin", ct.c_uint8), ("pad", ct.c_uint8 * 7)]
 
 
 class CounterC(ct.Structure):

@@ -184,24 +184,28 @@ struct policy_value {
 	__u32 flags;  /* CY_POLICY_DENY in cy_policy_deny */
 };
 
-/* cy_ct key: a connection as first seen by one hook. ICMP echo uses the echo
- * id as sport for requests and as dport for replies, so a reversed reply
- * matches its request. */
+/* cy_ct key: one connection as seen from one local pod, the same for both of
+ * that pod's hooks: cy_from_pod keys a packet by (saddr, daddr, sport, dport),
+ * cy_to_pod by (daddr, saddr, dport, sport). So a connection's forward packets
+ * and its replies find one entry with one lookup; two pods of the node that
+ * talk to each other have an entry each. ICMP echo uses the echo id as sport
+ * for requests and as dport for replies, so both land on the same key. */
 struct ct_key {
-	__u32 saddr;
-	__u32 daddr;
-	__be16 sport;
-	__be16 dport;
+	__u32 pod_addr;
+	__u32 peer_addr;
+	__be16 pod_port;
+	__be16 peer_port;
 	__u8 protocol;
-	__u8 direction; /* CY_DIR_* of the hook that created the entry */
-	__u16 pad;
+	__u8 pad[3];
 };
 
 struct ct_entry {
 	__u64 expires;  /* bpf_ktime_get_ns() deadline */
 	__u32 ep_id;
-	__u32 cookie;   /* rule that allowed the connection */
-	__u64 packets;  /* forward packets seen (approximate: not atomic) */
+	__u32 cookie;   /* rule that allowed the connection (last forward packet's) */
+	__u8 origin;    /* CY_DIR_* of the hook whose allowed packet opened it: the
+			 * forward direction; packets at the other hook are replies */
+	__u8 pad[7];
 };
 
 struct counter {
@@ -731,22 +735,21 @@ static __always_inline __u8 cy_policy_verdict(__u32 ep_id, __u8 dir, __u32 has_d
  *   - enforcement of the reply direction never breaks a connection that was
  *     allowed in its original direction.
  *
- * Entries are keyed by the tuple as seen by the hook that allowed the first
- * packet plus that hook's direction. A packet is a reply when its reversed
- * tuple exists with the *other* direction: a pod's egress connection is
- * created by cy_from_pod (CY_DIR_EGRESS) and its replies arrive at cy_to_pod.
- * Entries are created for every allowed packet of a known endpoint, also when
- * the direction is not enforced, so that replies pass an enforced opposite
- * direction. Lifetimes: TCP 6 h, others 60 s, 10 s after FIN/RST; LRU evicts
- * under pressure.
+ * Entries are keyed from the local pod's side (types.h: pod address and port,
+ * peer address and port, protocol), so both hooks of a pod find a connection's
+ * entry with one lookup, and remember the direction of the hook that allowed
+ * the connection's first packet (origin). A packet is a reply when a live entry
+ * has the *other* origin: a pod's egress connection is opened at cy_from_pod
+ * (CY_DIR_EGRESS) and its replies arrive at cy_to_pod. Entries are created for
+ * every allowed packet of a known endpoint, also when the direction is not
+ * enforced, so that replies pass an enforced opposite direction. Packets of a
+ * known connection write to the entry only when something changes (deciding
+ * rule, expiry due for refresh, FIN/RST), so a busy connection's entry is not
+ * rewritten, and bounced between CPUs, on every packet. Lifetimes: TCP 6 h,
+ * others 60 s, 10 s after FIN/RST; LRU evicts under pressure.
  */
 #ifndef CY_CONNTRACK_H
 #define CY_CONNTRACK_H
-
-static __always_inline __u8 cy_other_dir(__u8 dir)
-{
-	return dir == CY_DIR_INGRESS ? CY_DIR_EGRESS : CY_DIR_INGRESS;
-}
 
 static __always_inline __u64 cy_ct_lifetime(const struct cy_packet *p)
 {
@@ -757,36 +760,61 @@ static __always_inline __u64 cy_ct_lifetime(const struct cy_packet *p)
 	return CY_CT_LIFETIME_TCP;
 }
 
-/* Is p a reply of a live connection opened in the other direction? */
-static __always_inline int cy_ct_is_reply(const struct cy_packet *p, __u8 dir, __u64 now)
+/* The key of p's connection from the side of the hook's pod. */
+static __always_inline void cy_ct_key(const struct cy_packet *p, __u8 dir, struct ct_key *key)
 {
-	struct ct_key key = {};
+	if (dir == CY_DIR_EGRESS) {
+		key->pod_addr = p->saddr;
+		key->peer_addr = p->daddr;
+		key->pod_port = p->sport;
+		key->peer_port = p->dport;
+	} else {
+		key->pod_addr = p->daddr;
+		key->peer_addr = p->saddr;
+		key->pod_port = p->dport;
+		key->peer_port = p->sport;
+	}
+	key->protocol = p->protocol;
+}
+
+/* The live entry of p's connection, or 0 (fragments are never tracked). */
+static __always_inline struct ct_entry *cy_ct_find(const struct cy_packet *p, const struct ct_key *key,
+						   __u64 now)
+{
 	struct ct_entry *entry;
 
 	if (p->is_fragment)
 		return 0;
-	key.saddr = p->daddr;
-	key.daddr = p->saddr;
-	key.sport = p->dport;
-	key.dport = p->sport;
-	key.protocol = p->protocol;
-	key.direction = cy_other_dir(dir);
-	entry = cy_ct.lookup(&key);
+	entry = cy_ct.lookup((struct ct_key *)key);
 	if (!entry || entry->expires < now)
 		return 0;
-	if (p->protocol == CY_PROTO_TCP && (p->tcp_flags & (CY_TCP_FIN | CY_TCP_RST)))
-		entry->expires = now + CY_CT_LIFETIME_CLOSE;
-	else if (entry->expires < now + cy_ct_lifetime(p) - CY_CT_REFRESH)
-		entry->expires = now + cy_ct_lifetime(p);
-	return 1;
+	return entry;
 }
 
-/* Record an allowed forward packet. Returns 1 when the entry is new. */
-static __always_inline int cy_ct_track(const struct cy_packet *p, __u8 dir, __u32 ep_id,
-				       __u32 cookie, __u64 now)
+/* Push a live entry's deadline out when p closes the connection or the
+ * deadline is due for a refresh; no write otherwise. */
+static __always_inline void cy_ct_refresh(struct ct_entry *entry, const struct cy_packet *p, __u64 now)
 {
-	struct ct_key key = {};
-	struct ct_entry *entry;
+	__u64 lifetime = cy_ct_lifetime(p);
+
+	if (p->protocol == CY_PROTO_TCP && (p->tcp_flags & (CY_TCP_FIN | CY_TCP_RST)))
+		entry->expires = now + CY_CT_LIFETIME_CLOSE;
+	else if (entry->expires < now + lifetime - CY_CT_REFRESH)
+		entry->expires = now + lifetime;
+}
+
+/* Is p, at the hook of direction dir, a reply of the live connection entry? */
+static __always_inline int cy_ct_is_reply(const struct ct_entry *entry, __u8 dir)
+{
+	return entry && entry->origin != dir;
+}
+
+/* Record an allowed forward packet; entry is cy_ct_find's answer for its key.
+ * Returns 1 when the entry is new. */
+static __always_inline int cy_ct_track(const struct cy_packet *p, const struct ct_key *key,
+				       struct ct_entry *entry, __u8 dir, __u32 ep_id, __u32 cookie,
+				       __u64 now)
+{
 	struct ct_entry fresh = {};
 
 	if (p->is_fragment)
@@ -794,26 +822,17 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, __u8 dir, __u3
 	/* Only ICMP echo requests open ICMP "connections". */
 	if (p->protocol == CY_PROTO_ICMP && p->icmp_type != CY_ICMP_ECHO_REQUEST)
 		return 0;
-	key.saddr = p->saddr;
-	key.daddr = p->daddr;
-	key.sport = p->sport;
-	key.dport = p->dport;
-	key.protocol = p->protocol;
-	key.direction = dir;
-	entry = cy_ct.lookup(&key);
-	if (entry && entry->expires >= now) {
-		entry->packets += 1;
-		entry->cookie = cookie;
-		if (entry->expires < now + cy_ct_lifetime(p) - CY_CT_REFRESH ||
-		    (p->tcp_flags & (CY_TCP_FIN | CY_TCP_RST)))
-			entry->expires = now + cy_ct_lifetime(p);
+	if (entry) {
+		if (entry->cookie != cookie)
+			entry->cookie = cookie;
+		cy_ct_refresh(entry, p, now);
 		return 0;
 	}
 	fresh.expires = now + cy_ct_lifetime(p);
 	fresh.ep_id = ep_id;
 	fresh.cookie = cookie;
-	fresh.packets = 1;
-	cy_ct.update(&key, &fresh);
+	fresh.origin = dir;
+	cy_ct.update((struct ct_key *)key, &fresh);
 	return 1;
 }
 
@@ -842,7 +861,8 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, __u8 dir, __u3
  *   3. direction not enforced -> pass (CY_OK_UNENFORCED);
  *   4. policy.h verdict: deny entry -> drop, allow entry -> pass, else drop
  *      (the deny map is probed only when the endpoint's CY_EP_*_DENY is set).
- * Forwarded forward-direction packets create/refresh a cy_ct entry; a flow
+ * One cy_ct lookup per packet (conntrack.h) tells replies from forward
+ * packets. Forwarded forward-direction packets create/refresh a cy_ct entry; a flow
  * event is emitted for every drop and every new connection (every packet when
  * CY_TRACE_ALL). The peer's identity (ipcache.h) is looked up only when the
  * verdict or an event needs it: replies and unenforced packets of a known
@@ -891,6 +911,8 @@ static __always_inline int cy_spoofed_source(struct __sk_buff *skb, const struct
 static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 {
 	struct cy_packet p = {};
+	struct ct_key ct_key = {};
+	struct ct_entry *ct_entry;
 	struct endpoint_info *ep;
 	__u32 pod_addr, peer_addr, peer_id = 0, cookie = 0;
 	__u32 flags, enforced, has_deny;
@@ -935,7 +957,10 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_SHOT;
 	}
 
-	if (cy_ct_is_reply(&p, dir, now)) {
+	cy_ct_key(&p, dir, &ct_key);
+	ct_entry = cy_ct_find(&p, &ct_key, now);
+	if (cy_ct_is_reply(ct_entry, dir)) {
+		cy_ct_refresh(ct_entry, &p, now);
 		cy_count(dir, CY_OK_REPLY, p.len);
 		if (CY_TRACE_ALL) {
 			peer_id = cy_identity_of(peer_addr);
@@ -959,7 +984,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 			CY_DST_ID, cookie, now);
 		return TC_ACT_SHOT;
 	}
-	is_new = cy_ct_track(&p, dir, ep->ep_id, cookie, now);
+	is_new = cy_ct_track(&p, &ct_key, ct_entry, dir, ep->ep_id, cookie, now);
 	if (is_new || CY_TRACE_ALL) {
 		if (!enforced)
 			peer_id = cy_identity_of(peer_addr);

@@ -1,0 +1,135 @@
+"""Conntrack in the loaded programs: one entry per (pod, connection), found by both hooks of the pod.
+
+Two pods (a 1001, b 1002) on one node; hand-built frames run through the loaded
+programs with BPF_PROG_TEST_RUN (on the node's loopback: no veth, so no spoofing
+check) and cy_ct is read back from the kernel. What is checked: a connection
+between two pods of the node gives exactly one entry per pod, keyed from that
+pod's side with the direction that opened it; replies pass an enforced direction
+through it; further forward packets leave the entry untouched (no write per
+packet) until one closes the connection; and a revoked allow cuts the known
+connection at its next forward packet.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import socket
+import struct
+from collections.abc import Iterator
+
+import pytest
+from dp_packets import TC_ACT_OK, TC_ACT_SHOT, TCP, Runner, frame
+from dp_topology import Topology
+
+from ciliary.nodeagent import planning
+from ciliary.nodeagent.datapath import engine, libbpf, maps
+from ciliary.operator import intents
+from ciliary.operator.intents import DirectionPolicy, PolicyEntry, Protocol, Verdict
+
+pytestmark = pytest.mark.integration
+
+ID_A, ID_B = 1001, 1002
+DIR_INGRESS, DIR_EGRESS = 1, 2  # CY_DIR_* (datapath_c/include/consts.h)
+SYN, ACK, FIN_ACK, SYN_ACK = 0x02, 0x10, 0x11, 0x12
+SPORT, DPORT = 40000, 8080
+
+
+class Env:
+    def __init__(self, topo: Topology, dp: engine.Datapath) -> None:
+        self.topo, self.dp = topo, dp
+        self.a, self.b = (str(p.ip) for p in topo.pods)
+        self.runner = Runner(dp)
+        self.revision = 0
+
+    def apply(self, b_in: DirectionPolicy) -> None:
+        """a unenforced; b's ingress as given; b's egress enforced with nothing allowed."""
+        self.revision += 1
+        a, b = self.topo.pods
+        eps = (intents.EndpointIntent(namespace="t", pod="a", ipv4=a.ip, identity=ID_A),
+               intents.EndpointIntent(namespace="t", pod="b", ipv4=b.ip, identity=ID_B, ingress=b_in,
+                                      egress=DirectionPolicy(enforced=True)))
+        intent = intents.NodeIntent(node=self.dp.node, revision=self.revision, endpoints=eps)
+        self.dp.apply(intent, {p.ip: planning.HostVeth(p.host_ifname, p.host_ifindex) for p in self.topo.pods})
+
+    def entries(self) -> dict[tuple[str, str, int, int, int], tuple[int, int]]:
+        """cy_ct as {(pod, peer, pod port, peer port, protocol): (origin direction, expires)}."""
+        out = {}
+        key, nxt, value = maps.CtKeyC(), maps.CtKeyC(), maps.CtEntryC()
+        for i in range(10_000):
+            if libbpf.lib.bpf_map_get_next_key(self.runner.ct_fd, ct.byref(key) if i else None, ct.byref(nxt)) < 0:
+                break
+            assert libbpf.lib.bpf_map_lookup_elem(self.runner.ct_fd, ct.byref(nxt), ct.byref(value)) == 0
+            out[(socket.inet_ntoa(struct.pack("=I", nxt.pod_addr)), socket.inet_ntoa(struct.pack("=I", nxt.peer_addr)),
+                 socket.ntohs(nxt.pod_port), socket.ntohs(nxt.peer_port), nxt.protocol)] = (value.origin, value.expires)
+            ct.memmove(ct.byref(key), ct.byref(nxt), ct.sizeof(key))
+        return out
+
+    def a_to_b(self, flags: int) -> tuple[int, int]:
+        """A forward packet of the connection through a's egress hook, then b's ingress hook."""
+        packet = frame(self.a, self.b, TCP, SPORT, DPORT, tcp_flags=flags)
+        return self.runner.run("from_pod", packet), self.runner.run("to_pod", packet)
+
+    def b_to_a(self, flags: int, sport: int = DPORT, dport: int = SPORT) -> tuple[int, int]:
+        packet = frame(self.b, self.a, TCP, sport, dport, tcp_flags=flags)
+        return self.runner.run("from_pod", packet), self.runner.run("to_pod", packet)
+
+
+ALLOW_A = DirectionPolicy(enforced=True, entries=(
+    PolicyEntry(identity=ID_A, protocol=Protocol.TCP, port_low=DPORT, verdict=Verdict.ALLOW),))
+
+
+@pytest.fixture()
+def env() -> Iterator[Env]:
+    topo = Topology(pods=2)
+    dp: engine.Datapath | None = None
+    the_env: Env | None = None
+    try:
+        topo.up()
+        dp = engine.Datapath(f"cyt-{topo.tag}", netns=topo.node_ns)
+        dp.start()
+        the_env = Env(topo, dp)
+        the_env.apply(ALLOW_A)
+        yield the_env
+    finally:
+        if the_env is not None:
+            the_env.runner.close()
+        if dp is not None:
+            dp.teardown()
+        topo.down()
+
+
+def test_a_connection_between_two_pods_is_one_entry_per_pod_keyed_from_its_side(env: Env) -> None:
+    assert env.a_to_b(SYN) == (TC_ACT_OK, TC_ACT_OK)
+    assert {k: origin for k, (origin, _) in env.entries().items()} == {
+        (env.a, env.b, SPORT, DPORT, TCP): DIR_EGRESS,   # a opened it on its way out
+        (env.b, env.a, DPORT, SPORT, TCP): DIR_INGRESS,  # b accepted it on its way in
+    }
+    # b's egress allows nothing, yet its replies pass (and a's ingress takes them as replies too)
+    assert env.b_to_a(SYN_ACK) == (TC_ACT_OK, TC_ACT_OK)
+    assert env.a_to_b(ACK) == (TC_ACT_OK, TC_ACT_OK)
+    assert len(env.entries()) == 2, "replies and forward packets of a known connection add no entry"
+    # the same ports the other way round are not a reply of anything on b's side: a new connection, dropped
+    assert env.b_to_a(SYN, sport=DPORT + 1)[0] == TC_ACT_SHOT
+
+
+def test_packets_of_a_known_connection_do_not_rewrite_its_entry_until_it_closes(env: Env) -> None:
+    env.a_to_b(SYN)
+    env.b_to_a(SYN_ACK)
+    before = env.entries()
+    for _ in range(20):
+        assert env.a_to_b(ACK) == (TC_ACT_OK, TC_ACT_OK)
+        assert env.b_to_a(ACK) == (TC_ACT_OK, TC_ACT_OK)
+    assert env.entries() == before, "an entry was rewritten by packets that changed nothing"
+    assert env.a_to_b(FIN_ACK) == (TC_ACT_OK, TC_ACT_OK)
+    after = env.entries()
+    for key, (origin, expires) in after.items():
+        assert origin == before[key][0]
+        assert expires < before[key][1], f"{key}: FIN did not shorten the entry's lifetime"
+
+
+def test_a_revoked_allow_cuts_the_known_connection_at_its_next_forward_packet(env: Env) -> None:
+    env.a_to_b(SYN)
+    env.b_to_a(SYN_ACK)
+    env.apply(DirectionPolicy(enforced=True))  # b's ingress now allows nothing
+    assert env.a_to_b(ACK) == (TC_ACT_OK, TC_ACT_SHOT)
+    assert env.b_to_a(ACK) == (TC_ACT_OK, TC_ACT_OK), "replies of the connection still pass b's egress"
