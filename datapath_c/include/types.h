@@ -61,7 +61,7 @@ struct ct_key {
 };
 
 struct ct_entry {
-	__u64 expires;  /* bpf_ktime_get_ns() deadline */
+	__u64 expires;  /* bpf_ktime_get_coarse_ns() deadline */
 	__u32 ep_id;
 	__u32 cookie;   /* rule that allowed the connection (last forward packet's) */
 	__u8 origin;    /* CY_DIR_* of the hook whose allowed packet opened it: the

@@ -23,7 +23,8 @@
  * known connection write to the entry only when something changes (deciding
  * rule, expiry due for refresh, FIN/RST), so a busy connection's entry is not
  * rewritten, and bounced between CPUs, on every packet. Lifetimes: TCP 6 h,
- * others 60 s, 10 s after FIN/RST; LRU evicts under pressure.
+ * others 60 s, 10 s after FIN/RST; LRU evicts under pressure. Deadlines are in
+ * bpf_ktime_get_coarse_ns() time (monotonic, one tick coarse, no clock read).
  */
 #ifndef CY_CONNTRACK_H
 #define CY_CONNTRACK_H

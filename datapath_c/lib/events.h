@@ -8,11 +8,11 @@
 
 static __always_inline void cy_emit(struct __sk_buff *skb, const struct cy_packet *p, __u8 dir,
 				    __u8 verdict, __u8 reason, __u8 is_reply, __u32 ep_id,
-				    __u32 src_identity, __u32 dst_identity, __u32 cookie, __u64 now)
+				    __u32 src_identity, __u32 dst_identity, __u32 cookie)
 {
 	struct flow_event ev = {};
 
-	ev.ts_ns = now;
+	ev.ts_ns = bpf_ktime_get_ns();
 	ev.saddr = p->saddr;
 	ev.daddr = p->daddr;
 	ev.sport = p->sport;

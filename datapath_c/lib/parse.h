@@ -4,7 +4,10 @@
  * policy (destination port, or the ICMP type for ICMP) and the conntrack
  * ports (ICMP echo id), and says what kind of packet it is (CY_PARSE_*).
  * Headers that lie beyond the linear area are pulled in first
- * (bpf_skb_pull_data), so "not in the linear area" never means "unreadable".
+ * (bpf_skb_pull_data), so "not in the linear area" never means "unreadable";
+ * only the bytes the headers need are pulled (cy_headers_len), never payload:
+ * a TCP segment whose payload sits in page fragments right after its headers
+ * (the usual case for locally sent data) is left as it is.
  * What the parser cannot read is never passed as if it were understood:
  *   - CY_PARSE_BAD_L3: an IPv4 frame shorter than an IPv4 header, or ihl < 5
  *     (the caller drops it: the stack would discard it anyway);
@@ -113,6 +116,32 @@ static __always_inline int cy_parse_ipv6(void *data, void *data_end, struct cy_p
 	return CY_PARSE_IPV6;
 }
 
+/* How many leading bytes the parser reads: Ethernet, the IPv4 header (its ihl)
+ * and the L4 header cy_l4_need names, or the IPv6 fixed header and one ICMPv6
+ * byte. CY_PULL_LEN (the most) when the Ethernet or IPv4 header needed to tell
+ * is not linear itself. */
+static __always_inline __u32 cy_headers_len(void *data, void *data_end)
+{
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + sizeof(struct ethhdr);
+	__u32 ihl;
+
+	if ((void *)(eth + 1) > data_end)
+		return CY_PULL_LEN;
+	if (eth->h_proto == bpf_htons(CY_ETH_P_IPV6))
+		return sizeof(struct ethhdr) + sizeof(struct ipv6hdr) + 1;
+	if (eth->h_proto != bpf_htons(CY_ETH_P_IP))
+		return sizeof(struct ethhdr);
+	if ((void *)(ip + 1) > data_end)
+		return CY_PULL_LEN;
+	ihl = ip->ihl * 4;
+	if (ihl < sizeof(*ip))
+		return sizeof(struct ethhdr) + sizeof(*ip);
+	if (ip->frag_off & bpf_htons(CY_IP_OFFSET))
+		return sizeof(struct ethhdr) + ihl; /* non-first fragment: no L4 header */
+	return sizeof(struct ethhdr) + ihl + cy_l4_need(ip->protocol);
+}
+
 static __always_inline int cy_parse(struct __sk_buff *skb, struct cy_packet *p)
 {
 	void *data = (void *)(long)skb->data;
@@ -124,10 +153,13 @@ static __always_inline int cy_parse(struct __sk_buff *skb, struct cy_packet *p)
 
 	p->len = len;
 	if (data + CY_PULL_LEN > data_end && data_end - data < len) {
-		/* Headers in paged data: make the first CY_PULL_LEN bytes (or all) linear. */
-		bpf_skb_pull_data(skb, len < CY_PULL_LEN ? len : CY_PULL_LEN);
-		data = (void *)(long)skb->data;
-		data_end = (void *)(long)skb->data_end;
+		/* Some header bytes may be in paged data: make linear what the headers need. */
+		need = cy_headers_len(data, data_end);
+		if (data + need > data_end) {
+			bpf_skb_pull_data(skb, len < need ? len : need);
+			data = (void *)(long)skb->data;
+			data_end = (void *)(long)skb->data_end;
+		}
 	}
 	eth = data;
 	if ((void *)(eth + 1) > data_end)

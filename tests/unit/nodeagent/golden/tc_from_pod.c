@@ -200,7 +200,7 @@ struct ct_key {
 };
 
 struct ct_entry {
-	__u64 expires;  /* bpf_ktime_get_ns() deadline */
+	__u64 expires;  /* bpf_ktime_get_coarse_ns() deadline */
 	__u32 ep_id;
 	__u32 cookie;   /* rule that allowed the connection (last forward packet's) */
 	__u8 origin;    /* CY_DIR_* of the hook whose allowed packet opened it: the
@@ -324,7 +324,10 @@ struct cy_events_table_t cy_events = { .max_entries = CY_EVENTS_PAGES * 4096 };
  * policy (destination port, or the ICMP type for ICMP) and the conntrack
  * ports (ICMP echo id), and says what kind of packet it is (CY_PARSE_*).
  * Headers that lie beyond the linear area are pulled in first
- * (bpf_skb_pull_data), so "not in the linear area" never means "unreadable".
+ * (bpf_skb_pull_data), so "not in the linear area" never means "unreadable";
+ * only the bytes the headers need are pulled (cy_headers_len), never payload:
+ * a TCP segment whose payload sits in page fragments right after its headers
+ * (the usual case for locally sent data) is left as it is.
  * What the parser cannot read is never passed as if it were understood:
  *   - CY_PARSE_BAD_L3: an IPv4 frame shorter than an IPv4 header, or ihl < 5
  *     (the caller drops it: the stack would discard it anyway);
@@ -433,6 +436,32 @@ static __always_inline int cy_parse_ipv6(void *data, void *data_end, struct cy_p
 	return CY_PARSE_IPV6;
 }
 
+/* How many leading bytes the parser reads: Ethernet, the IPv4 header (its ihl)
+ * and the L4 header cy_l4_need names, or the IPv6 fixed header and one ICMPv6
+ * byte. CY_PULL_LEN (the most) when the Ethernet or IPv4 header needed to tell
+ * is not linear itself. */
+static __always_inline __u32 cy_headers_len(void *data, void *data_end)
+{
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + sizeof(struct ethhdr);
+	__u32 ihl;
+
+	if ((void *)(eth + 1) > data_end)
+		return CY_PULL_LEN;
+	if (eth->h_proto == bpf_htons(CY_ETH_P_IPV6))
+		return sizeof(struct ethhdr) + sizeof(struct ipv6hdr) + 1;
+	if (eth->h_proto != bpf_htons(CY_ETH_P_IP))
+		return sizeof(struct ethhdr);
+	if ((void *)(ip + 1) > data_end)
+		return CY_PULL_LEN;
+	ihl = ip->ihl * 4;
+	if (ihl < sizeof(*ip))
+		return sizeof(struct ethhdr) + sizeof(*ip);
+	if (ip->frag_off & bpf_htons(CY_IP_OFFSET))
+		return sizeof(struct ethhdr) + ihl; /* non-first fragment: no L4 header */
+	return sizeof(struct ethhdr) + ihl + cy_l4_need(ip->protocol);
+}
+
 static __always_inline int cy_parse(struct __sk_buff *skb, struct cy_packet *p)
 {
 	void *data = (void *)(long)skb->data;
@@ -444,10 +473,13 @@ static __always_inline int cy_parse(struct __sk_buff *skb, struct cy_packet *p)
 
 	p->len = len;
 	if (data + CY_PULL_LEN > data_end && data_end - data < len) {
-		/* Headers in paged data: make the first CY_PULL_LEN bytes (or all) linear. */
-		bpf_skb_pull_data(skb, len < CY_PULL_LEN ? len : CY_PULL_LEN);
-		data = (void *)(long)skb->data;
-		data_end = (void *)(long)skb->data_end;
+		/* Some header bytes may be in paged data: make linear what the headers need. */
+		need = cy_headers_len(data, data_end);
+		if (data + need > data_end) {
+			bpf_skb_pull_data(skb, len < need ? len : need);
+			data = (void *)(long)skb->data;
+			data_end = (void *)(long)skb->data_end;
+		}
 	}
 	eth = data;
 	if ((void *)(eth + 1) > data_end)
@@ -549,11 +581,11 @@ static __always_inline void cy_count(__u8 dir, __u8 reason, __u32 len)
 
 static __always_inline void cy_emit(struct __sk_buff *skb, const struct cy_packet *p, __u8 dir,
 				    __u8 verdict, __u8 reason, __u8 is_reply, __u32 ep_id,
-				    __u32 src_identity, __u32 dst_identity, __u32 cookie, __u64 now)
+				    __u32 src_identity, __u32 dst_identity, __u32 cookie)
 {
 	struct flow_event ev = {};
 
-	ev.ts_ns = now;
+	ev.ts_ns = bpf_ktime_get_ns();
 	ev.saddr = p->saddr;
 	ev.daddr = p->daddr;
 	ev.sport = p->sport;
@@ -746,7 +778,8 @@ static __always_inline __u8 cy_policy_verdict(__u32 ep_id, __u8 dir, __u32 has_d
  * known connection write to the entry only when something changes (deciding
  * rule, expiry due for refresh, FIN/RST), so a busy connection's entry is not
  * rewritten, and bounced between CPUs, on every packet. Lifetimes: TCP 6 h,
- * others 60 s, 10 s after FIN/RST; LRU evicts under pressure.
+ * others 60 s, 10 s after FIN/RST; LRU evicts under pressure. Deadlines are in
+ * bpf_ktime_get_coarse_ns() time (monotonic, one tick coarse, no clock read).
  */
 #ifndef CY_CONNTRACK_H
 #define CY_CONNTRACK_H
@@ -853,11 +886,14 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, const struct c
  *      that pod's -> CY_DROP_SPOOFED_SOURCE, enforced or not: a pod cannot
  *      claim another pod's (or an unknown) address to pick the egress policy
  *      it is judged by, or the identity other pods' ingress policy sees;
- *   1. not IP (ARP, ...), or the pod side is not a known endpoint -> pass (no event);
+ *   1. a fully parsed packet that is a reply of a tracked connection -> pass
+ *      (CY_OK_REPLY), decided by one cy_ct lookup before anything else is
+ *      looked up: replies are about half of all packets (entries exist only
+ *      for connections of known endpoints, conntrack.h);
+ *   2. not IP (ARP, ...), or the pod side is not a known endpoint -> pass (no event);
  *      on an enforced direction, a fragment without L4 header ->
  *      CY_DROP_FRAGMENT (fragments are not tracked) and a truncated L4 header
  *      -> CY_DROP_INVALID; on an unenforced one they pass;
- *   2. reply of a tracked connection -> pass (CY_OK_REPLY);
  *   3. direction not enforced -> pass (CY_OK_UNENFORCED);
  *   4. policy.h verdict: deny entry -> drop, allow entry -> pass, else drop
  *      (the deny map is probed only when the endpoint's CY_EP_*_DENY is set).
@@ -885,26 +921,34 @@ static __always_inline int cy_enforce_ipv6(struct __sk_buff *skb, const struct c
 		return TC_ACT_OK;
 	cy_count(dir, CY_DROP_UNSUPPORTED_L3, p->len);
 	cy_emit(skb, p, dir, CY_VERDICT_DROPPED, CY_DROP_UNSUPPORTED_L3, 0, ep->ep_id,
-		dir == CY_DIR_EGRESS ? ep->identity : 0, dir == CY_DIR_EGRESS ? 0 : ep->identity, 0,
-		bpf_ktime_get_ns());
+		dir == CY_DIR_EGRESS ? ep->identity : 0, dir == CY_DIR_EGRESS ? 0 : ep->identity, 0);
 	return TC_ACT_SHOT;
 }
 
 /* cy_from_pod, IPv4: the source must be the address of the veth's pod. A veth
  * the agent has not (yet) mapped has no pod to compare with: the packet goes on
- * to step 1 like any other. */
-static __always_inline int cy_spoofed_source(struct __sk_buff *skb, const struct cy_packet *p)
+ * to step 1 like any other. The usual case costs one lookup: the source's
+ * endpoint is recorded behind this very veth (*src_ep gets it, so cy_enforce
+ * need not look it up again); otherwise cy_ep_ifindex decides. */
+static __always_inline int cy_spoofed_source(struct __sk_buff *skb, const struct cy_packet *p,
+					     struct endpoint_info **src_ep)
 {
 	__u32 ifindex = skb->ifindex;
-	__u32 *pod = cy_ep_ifindex.lookup(&ifindex);
-	struct endpoint_info *ep;
+	__u32 saddr = p->saddr;
+	__u32 *pod;
+	struct endpoint_info *ep = cy_endpoints.lookup(&saddr);
 
+	if (ep && ep->ifindex == ifindex) {
+		*src_ep = ep;
+		return 0;
+	}
+	pod = cy_ep_ifindex.lookup(&ifindex);
 	if (!pod || *pod == p->saddr)
 		return 0;
 	ep = cy_endpoints.lookup(pod);
 	cy_count(CY_DIR_EGRESS, CY_DROP_SPOOFED_SOURCE, p->len);
 	cy_emit(skb, p, CY_DIR_EGRESS, CY_VERDICT_DROPPED, CY_DROP_SPOOFED_SOURCE, 0, ep ? ep->ep_id : 0,
-		ep ? ep->identity : 0, 0, 0, bpf_ktime_get_ns());
+		ep ? ep->identity : 0, 0, 0);
 	return 1;
 }
 
@@ -912,11 +956,11 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 {
 	struct cy_packet p = {};
 	struct ct_key ct_key = {};
-	struct ct_entry *ct_entry;
-	struct endpoint_info *ep;
+	struct ct_entry *ct_entry = 0;
+	struct endpoint_info *ep, *src_ep = 0;
 	__u32 pod_addr, peer_addr, peer_id = 0, cookie = 0;
 	__u32 flags, enforced, has_deny;
-	__u64 now;
+	__u64 ct_now = 0;
 	__u8 reason;
 	int parsed, is_new;
 
@@ -925,21 +969,39 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_OK;
 	if (parsed == CY_PARSE_BAD_L3) {
 		cy_count(dir, CY_DROP_INVALID_L3, p.len);
-		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, CY_DROP_INVALID_L3, 0, 0, 0, 0, 0,
-			bpf_ktime_get_ns());
+		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, CY_DROP_INVALID_L3, 0, 0, 0, 0, 0);
 		return TC_ACT_SHOT;
 	}
 	if (parsed == CY_PARSE_IPV6)
 		return cy_enforce_ipv6(skb, &p, dir);
-	if (dir == CY_DIR_EGRESS && cy_spoofed_source(skb, &p))
+	if (dir == CY_DIR_EGRESS && cy_spoofed_source(skb, &p, &src_ep))
 		return TC_ACT_SHOT;
 	pod_addr = dir == CY_DIR_EGRESS ? p.saddr : p.daddr;
 	peer_addr = dir == CY_DIR_EGRESS ? p.daddr : p.saddr;
-	ep = cy_endpoints.lookup(&pod_addr);
+
+	/* Replies first: one conntrack lookup and they are done (a fully parsed
+	 * packet only; entries exist for known endpoints only). */
+	if (parsed == CY_PARSE_OK) {
+		ct_now = bpf_ktime_get_coarse_ns();
+		cy_ct_key(&p, dir, &ct_key);
+		ct_entry = cy_ct_find(&p, &ct_key, ct_now);
+		if (cy_ct_is_reply(ct_entry, dir)) {
+			cy_ct_refresh(ct_entry, &p, ct_now);
+			cy_count(dir, CY_OK_REPLY, p.len);
+			if (CY_TRACE_ALL) {
+				ep = cy_endpoints.lookup(&pod_addr);
+				peer_id = cy_identity_of(peer_addr);
+				cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, CY_OK_REPLY, 1, ep ? ep->ep_id : 0,
+					dir == CY_DIR_EGRESS ? (ep ? ep->identity : 0) : peer_id,
+					dir == CY_DIR_EGRESS ? peer_id : (ep ? ep->identity : 0), 0);
+			}
+			return TC_ACT_OK;
+		}
+	}
+
+	ep = src_ep ? src_ep : cy_endpoints.lookup(&pod_addr);
 	if (!ep)
 		return TC_ACT_OK;
-
-	now = bpf_ktime_get_ns();
 	flags = ep->flags;
 	enforced = flags & (dir == CY_DIR_EGRESS ? CY_EP_EGRESS_ENFORCED : CY_EP_INGRESS_ENFORCED);
 	has_deny = flags & (dir == CY_DIR_EGRESS ? CY_EP_EGRESS_DENY : CY_EP_INGRESS_DENY);
@@ -952,22 +1014,8 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		reason = parsed == CY_PARSE_SHORT ? CY_DROP_INVALID : CY_DROP_FRAGMENT;
 		peer_id = cy_identity_of(peer_addr);
 		cy_count(dir, reason, p.len);
-		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID,
-			CY_DST_ID, 0, now);
+		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, 0);
 		return TC_ACT_SHOT;
-	}
-
-	cy_ct_key(&p, dir, &ct_key);
-	ct_entry = cy_ct_find(&p, &ct_key, now);
-	if (cy_ct_is_reply(ct_entry, dir)) {
-		cy_ct_refresh(ct_entry, &p, now);
-		cy_count(dir, CY_OK_REPLY, p.len);
-		if (CY_TRACE_ALL) {
-			peer_id = cy_identity_of(peer_addr);
-			cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, CY_OK_REPLY, 1, ep->ep_id,
-				CY_SRC_ID, CY_DST_ID, 0, now);
-		}
-		return TC_ACT_OK;
 	}
 
 	if (enforced) {
@@ -980,16 +1028,14 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 
 	cy_count(dir, reason, p.len);
 	if (reason == CY_DROP_POLICY || reason == CY_DROP_POLICY_DENY) {
-		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID,
-			CY_DST_ID, cookie, now);
+		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie);
 		return TC_ACT_SHOT;
 	}
-	is_new = cy_ct_track(&p, &ct_key, ct_entry, dir, ep->ep_id, cookie, now);
+	is_new = cy_ct_track(&p, &ct_key, ct_entry, dir, ep->ep_id, cookie, ct_now);
 	if (is_new || CY_TRACE_ALL) {
 		if (!enforced)
 			peer_id = cy_identity_of(peer_addr);
-		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID,
-			CY_DST_ID, cookie, now);
+		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie);
 	}
 	return TC_ACT_OK;
 #undef CY_SRC_ID
