@@ -171,6 +171,31 @@ def test_a_detached_program_fails_health_and_a_restart_reattaches_it(env: Any) -
     assert env.cc.tcp(env.b.ip, 8080) == "timeout"
 
 
+def test_another_program_in_our_filter_s_place_fails_health_and_a_restart_puts_ours_back(env: Any) -> None:
+    """Same kind, handle, prio and even name as our filter, but another program: the check compares
+    the attached program's id with the loaded one, not just the filter's shape."""
+    from bcc import BPF
+
+    enforced_and_ready(env)
+    veth = env.b.host_ifname
+    impostor = BPF(text="#include <uapi/linux/pkt_cls.h>\nint pass_all(struct __sk_buff *skb) { return TC_ACT_OK; }")
+    try:
+        fn = impostor.load_func("pass_all", BPF.SCHED_CLS)
+        loading.attach(env.topo.node_ns, env.b.host_ifindex, "to_pod", fn.fd, "cy_to_pod")
+        code, body = it.wait_until(lambda: (p := probe(env.agent, "/healthz"))[0] == 503 and p, 15,
+                                   "healthz failing")
+        assert any(problem.startswith(f"datapath: {veth} runs program id ") and "not the loaded cy_to_pod" in problem
+                   for problem in body["problems"]), body
+        assert env.cc.tcp(env.b.ip, 8080) == "ok"  # really unenforced: that is why health fails
+        env.agent.kill()
+        env.agent.start()
+        it.wait_until(lambda: probe(env.agent, "/healthz")[0] == 200, 60, "healthz back after restart")
+        enforced_and_ready(env)
+        assert env.cc.tcp(env.b.ip, 8080) == "timeout"
+    finally:
+        impostor.cleanup()
+
+
 def test_an_unpinned_program_fails_health(env: Any) -> None:
     enforced_and_ready(env)
     pin_dir = env.agent.bpffs / "ciliary" / env.agent.node

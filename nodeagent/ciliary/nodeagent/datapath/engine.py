@@ -387,8 +387,15 @@ class Datapath:
         problems += [f"map pin {name} is gone" for name in MAP_NAMES if not (self.pin_dir / name).exists()]
         wanted = {(a.ifindex, a.hook): a.ifname for a in self._state.attachments}
         found, gone = loading.attached_hooks(self.netns, {index for index, _ in wanted})
-        problems += [f"cy_{hook} is not attached to {ifname}" for (index, hook), ifname in sorted(wanted.items())
-                     if index not in gone and (index, hook) not in found]
+        ours = {hook: loading.prog_id(fd) for hook, fd in self._prog_fds.items()}
+        for (index, hook), ifname in sorted(wanted.items()):
+            if index in gone:
+                continue
+            if (index, hook) not in found:
+                problems.append(f"cy_{hook} is not attached to {ifname}")
+            elif found[(index, hook)] != ours.get(hook):
+                problems.append(f"{ifname} runs program id {found[(index, hook)]} at cy_{hook}'s place, "
+                                f"not the loaded cy_{hook} (id {ours.get(hook)})")
         return problems
 
     def endpoint_revisions(self) -> dict[str, int]:

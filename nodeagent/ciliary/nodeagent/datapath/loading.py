@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno as errno_mod
-import json
 import os
 import subprocess
 from collections.abc import Iterable, Iterator
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.tcmsg import sched_bpf
 
 from ciliary.nodeagent.datapath import errors, libbpf
 
@@ -29,6 +29,13 @@ TC_PRIO = 1
 ETH_P_ALL = 0x0003
 PARENTS = {"from_pod": 0xFFFFFFF2, "to_pod": 0xFFFFFFF3}
 """from_pod: clsact ingress of the host veth (the pod's egress); to_pod: clsact egress."""
+
+# pyroute2 0.9.7 decodes a bpf filter's options only up to TCA_BPF_FLAGS (8); the kernel also
+# sends TCA_BPF_FLAGS_GEN (9), TCA_BPF_TAG (10) and TCA_BPF_ID (11), the attached program's id,
+# which is what tells our program from another one at the same handle and prio.
+if "TCA_BPF_ID" not in (name for name, _ in sched_bpf.options.nla_map):
+    sched_bpf.options.nla_map = tuple(sched_bpf.options.nla_map)[:9] + (
+        ("TCA_BPF_FLAGS_GEN", "uint32"), ("TCA_BPF_TAG", "hex"), ("TCA_BPF_ID", "uint32"))
 
 # ---------------------------------------------------------------- bpffs
 
@@ -134,9 +141,20 @@ def detach(netns: str | None, ifindex: int, hook: str) -> None:
             raise errors.AttachFailed(str(ifindex), hook, str(exc)) from exc
 
 
-def attached_hooks(netns: str | None, ifindexes: Iterable[int]) -> tuple[set[tuple[int, str]], set[int]]:
-    """(hooks that carry our filter as (ifindex, hook), ifindexes that no longer exist), by netlink only."""
-    found: set[tuple[int, str]] = set()
+def _our_filters(ipr: IPRoute, index: int, hook: str) -> list[tuple[int, str]]:
+    """(program id, filter name) of each filter with our kind/handle/prio on ``hook`` of ``index``."""
+    found = []
+    for msg in ipr.get_filters(index=index, parent=PARENTS[hook]):
+        options = msg.get_attr("TCA_OPTIONS")
+        if msg.get_attr("TCA_KIND") == "bpf" and (msg["info"] >> 16) == TC_PRIO and \
+                msg["handle"] == TC_HANDLE and options is not None:
+            found.append((int(options.get_attr("TCA_BPF_ID") or 0), str(options.get_attr("TCA_BPF_NAME") or "")))
+    return found
+
+
+def attached_hooks(netns: str | None, ifindexes: Iterable[int]) -> tuple[dict[tuple[int, str], int], set[int]]:
+    """({(ifindex, hook): id of the program our filter runs}, ifindexes that no longer exist), by netlink."""
+    found: dict[tuple[int, str], int] = {}
     gone: set[int] = set()
     with _ipr(netns) as ipr:
         for index in ifindexes:
@@ -145,15 +163,13 @@ def attached_hooks(netns: str | None, ifindexes: Iterable[int]) -> tuple[set[tup
             except NetlinkError:
                 gone.add(index)
                 continue
-            for hook, parent in PARENTS.items():
+            for hook in PARENTS:
                 try:
-                    messages = ipr.get_filters(index=index, parent=parent)
+                    filters = _our_filters(ipr, index, hook)
                 except NetlinkError:
                     continue
-                for msg in messages:
-                    if msg.get_attr("TCA_KIND") == "bpf" and (msg["info"] >> 16) == TC_PRIO and \
-                            msg["handle"] == TC_HANDLE:
-                        found.add((index, hook))
+                for prog, _name in filters:
+                    found[(index, hook)] = prog
     return found, gone
 
 
@@ -167,27 +183,15 @@ class TcFilter:
 
 
 def list_filters(netns: str | None) -> list[TcFilter]:
-    """Our bpf filters (handle/prio of this module) on every link of the netns.
-
-    pyroute2 0.9.7 does not decode TCA_BPF_ID, so the program ids come from
-    ``tc -j filter show`` (iproute2), which does.
-    """
+    """Our bpf filters (handle/prio of this module) on every link of the netns, by netlink."""
     found: list[TcFilter] = []
     with _ipr(netns) as ipr:
         links = [(int(link["index"]), str(link.get_attr("IFLA_IFNAME"))) for link in ipr.get_links()]
-    base = ["tc"] + (["-n", netns] if netns else []) + ["-j", "filter", "show", "dev"]
-    for index, name in links:
-        for hook, where in (("from_pod", "ingress"), ("to_pod", "egress")):
-            out = subprocess.run(base + [name, where], capture_output=True, text=True, timeout=10)
-            if out.returncode != 0 or not out.stdout.strip():
-                continue
-            for item in json.loads(out.stdout):
-                opts = item.get("options") or {}
-                if item.get("kind") != "bpf" or item.get("pref") != TC_PRIO:
+        for index, name in links:
+            for hook in PARENTS:
+                try:
+                    filters = _our_filters(ipr, index, hook)
+                except NetlinkError:
                     continue
-                if int(str(opts.get("handle", "0")), 0) != TC_HANDLE:
-                    continue
-                prog = opts.get("prog") or {}
-                found.append(TcFilter(name, index, hook, int(prog.get("id", 0)),
-                                      str(opts.get("bpf_name", prog.get("name", "")))))
+                found += [TcFilter(name, index, hook, prog, prog_name) for prog, prog_name in filters]
     return found
