@@ -35,7 +35,14 @@ from ciliary.operator.api.networkpolicy import NetworkPolicy, NetworkPolicyPeer,
 from ciliary.operator.api.selectors import LabelSelector
 from ciliary.operator.intents import Direction, Protocol, RuleRef, Verdict
 from ciliary.operator.policy import selection
-from ciliary.operator.policy.compiling import CidrMatch, CompiledRule, PeerRule, PortMatch, parse_prefix, policy_ref
+from ciliary.operator.policy.compiling import (
+    CidrMatch,
+    CompiledRule,
+    PeerRule,
+    PortMatch,
+    parse_prefix,
+    policy_ref,
+)
 from ciliary.operator.policy.selection import K8S_SOURCE, NAMESPACE_LABELS_PREFIX, Requirement, Selector
 
 _PROTOCOLS = {"TCP": Protocol.TCP, "UDP": Protocol.UDP, "SCTP": Protocol.SCTP}
