@@ -7,7 +7,10 @@ its namespace selects it with that policy type; then a connection is allowed
 when any rule of any such policy admits the peer and the port. The one
 documented divergence from upstream Kubernetes is a parameter:
 ``ipblock_matches_pods`` (Ciliary and Cilium: False, an ipBlock selects only
-addresses outside the cluster; upstream's reading: True).
+addresses outside the cluster; upstream's reading: True). A second parameter,
+``name_by_number``, reproduces how the pinned cyclonus probe model names a port
+(the first container port with that *number*, whatever its protocol), so a
+differential test can tell that artefact from a real disagreement.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ def _peer_matches(peer: Mapping[str, Any], policy_ns: str, cluster: Cluster, ip:
 
 
 def _port_matches(ports: Sequence[Mapping[str, Any]] | None, port: int, protocol: str,
-                  owner: Pod | None) -> bool:
+                  owner: Pod | None, name_by_number: bool = False) -> bool:
     if not ports:
         return True
     for item in ports:
@@ -95,7 +98,13 @@ def _port_matches(ports: Sequence[Mapping[str, Any]] | None, port: int, protocol
         if want is None:
             return True
         if isinstance(want, str):
-            if owner is not None and any(n == want and num == port and pr == protocol for n, num, pr in owner.ports):
+            if owner is None:
+                continue
+            if name_by_number:
+                first = next((n for n, num, _ in owner.ports if num == port), None)
+                if first == want:
+                    return True
+            elif any(n == want and num == port and pr == protocol for n, num, pr in owner.ports):
                 return True
             continue
         if want <= port <= item.get("endPort", want):
@@ -104,7 +113,8 @@ def _port_matches(ports: Sequence[Mapping[str, Any]] | None, port: int, protocol
 
 
 def _direction_allows(policies: Sequence[Mapping[str, Any]], cluster: Cluster, subject: Pod, peer_ip: str,
-                      port: int, protocol: str, direction: str, ipblock_matches_pods: bool) -> bool:
+                      port: int, protocol: str, direction: str, ipblock_matches_pods: bool,
+                      name_by_number: bool) -> bool:
     selecting = [p for p in policies if p["metadata"]["namespace"] == subject.namespace
                  and direction in policy_types(p["spec"])
                  and selector_matches(p["spec"].get("podSelector"), subject.labels)]
@@ -118,17 +128,17 @@ def _direction_allows(policies: Sequence[Mapping[str, Any]], cluster: Cluster, s
             if peers and not any(_peer_matches(peer, subject.namespace, cluster, peer_ip, ipblock_matches_pods)
                                  for peer in peers):
                 continue
-            if _port_matches(rule.get("ports"), port, protocol, port_owner):
+            if _port_matches(rule.get("ports"), port, protocol, port_owner, name_by_number):
                 return True
     return False
 
 
 def allowed(policies: Sequence[Mapping[str, Any]], cluster: Cluster, src_ip: str, dst_ip: str, port: int,
-            protocol: str, *, ipblock_matches_pods: bool = False) -> bool:
+            protocol: str, *, ipblock_matches_pods: bool = False, name_by_number: bool = False) -> bool:
     """Would a connection from ``src_ip`` to ``dst_ip`` on ``port``/``protocol`` be allowed?"""
     src, dst = cluster.pod_at(src_ip), cluster.pod_at(dst_ip)
     if src is not None and not _direction_allows(policies, cluster, src, dst_ip, port, protocol, "Egress",
-                                                 ipblock_matches_pods):
+                                                 ipblock_matches_pods, name_by_number):
         return False
     return dst is None or _direction_allows(policies, cluster, dst, src_ip, port, protocol, "Ingress",
-                                            ipblock_matches_pods)
+                                            ipblock_matches_pods, name_by_number)
