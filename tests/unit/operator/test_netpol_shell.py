@@ -107,3 +107,10 @@ def test_listing_summarises_enforcement_per_networkpolicy() -> None:
     assert dict(row.problems) == {"n2": "at generation 0", "n3": "error"}
     assert "NetworkPolicy" in policy_listing.render([row]) and "n3 (error)" in policy_listing.render([row])
     assert len(policy_listing.summarise(intents, reports)) == 2
+
+
+def test_readme_carries_the_networkpolicy_table() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    assert netpol_support.render_table() in readme

@@ -27,7 +27,8 @@ NETPOL_FEATURES: tuple[Feature, ...] = (
             "selects pods of the policy's namespace; a listed direction is default-deny, an empty list denies "
             "all of it"),
     Feature("np-peers", "peers `podSelector`, `namespaceSelector`, both (AND); empty `from`/`to`", _E,
-            "pods by labels, in the policy's namespace or the selected namespaces; empty means every peer"),
+            "pods by labels, in the policy's namespace or the selected namespaces; empty means every peer "
+            "(for IPv6 see the last row)"),
     Feature("np-ports", "`ports`: number, `endPort`, named port, protocol TCP/UDP/SCTP; empty means all", _E,
             "L4 ports and ranges; a named port resolves against the pod that owns it"),
     Feature("np-ipBlock", "`ipBlock` (IPv4) with `except`", _E,
