@@ -114,3 +114,13 @@ def test_readme_carries_the_networkpolicy_table() -> None:
 
     readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
     assert netpol_support.render_table() in readme
+
+
+def test_unrepresentable_label_keys_are_reported() -> None:
+    policy = parse_network_policy(body({"podSelector": {"matchLabels": {"statefulset.kubernetes.io/pod-name": "w-0"}},
+                                        "ingress": [{"from": [{"podSelector": {"matchExpressions": [
+                                            {"key": "pod-template-hash", "operator": "DoesNotExist"}]}},
+                                            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "y"}}}]}]}))
+    found = {(g.path, g.feature.key) for g in netpol_support.netpol_gaps(policy)}
+    assert found == {("spec.podSelector", "np-unrepresentable-label"),
+                     ("spec.ingress[0].from[0].podSelector", "np-unrepresentable-label")}

@@ -11,7 +11,11 @@ up across all three kinds. Decisions (documented for users):
   the (defaulted) ``policyTypes`` is enforced and default-deny, whatever its rule
   list holds (``ingress: []`` or no ``ingress`` denies all of it); rules of a
   direction not listed are ignored, as the API documents;
-- every label of a NetworkPolicy selector is a Kubernetes label (source ``k8s``);
+- every label of a NetworkPolicy selector is a Kubernetes label (source ``k8s``); a pod
+  selector requirement on a key identities do not carry (``identities.is_relevant_pod_label``:
+  per-pod or Kubernetes-set keys such as ``statefulset.kubernetes.io/pod-name``) makes the
+  selector match no pod, whatever its operator (never "every pod" for ``NotIn``/``DoesNotExist``);
+  ``netpol_support`` reports it;
 - a peer with ``podSelector`` only selects pods of the policy's namespace; with
   ``namespaceSelector`` only, every pod of the namespaces it selects (namespace
   labels are ``io.cilium.k8s.namespace.labels.*`` on the pod's identity); with
@@ -34,7 +38,7 @@ from collections.abc import Sequence
 from ciliary.operator.api.networkpolicy import NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort
 from ciliary.operator.api.selectors import LabelSelector
 from ciliary.operator.intents import Direction, Protocol, RuleRef, Verdict
-from ciliary.operator.policy import selection
+from ciliary.operator.policy import identities, selection
 from ciliary.operator.policy.compiling import (
     CidrMatch,
     CompiledRule,
@@ -48,10 +52,24 @@ from ciliary.operator.policy.selection import K8S_SOURCE, NAMESPACE_LABELS_PREFI
 _PROTOCOLS = {"TCP": Protocol.TCP, "UDP": Protocol.UDP, "SCTP": Protocol.SCTP}
 
 
+MATCHES_NO_POD = Requirement(K8S_SOURCE, selection.NAMESPACE_KEY, "In", ())
+"""A requirement no identity satisfies."""
+
+
+def unrepresentable_keys(selector: LabelSelector | None) -> list[str]:
+    """Keys of a pod selector that pod identities do not carry."""
+    if selector is None:
+        return []
+    keys = [*(selector.match_labels or {}), *(e.key for e in selector.match_expressions or ())]
+    return [k for k in keys if not identities.is_relevant_pod_label(k)]
+
+
 def k8s_requirements(selector: LabelSelector | None, key_prefix: str = "") -> list[Requirement]:
     """A Kubernetes label selector as requirements on ``k8s`` labels (keys prefixed with ``key_prefix``)."""
     if selector is None:
         return []
+    if not key_prefix and unrepresentable_keys(selector):
+        return [MATCHES_NO_POD]
     out = [Requirement(K8S_SOURCE, key_prefix + key, "In", (value,))
            for key, value in (selector.match_labels or {}).items()]
     for expression in selector.match_expressions or ():

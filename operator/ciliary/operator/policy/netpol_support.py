@@ -18,6 +18,7 @@ import ipaddress
 from collections.abc import Iterable, Iterator
 
 from ciliary.operator.api.networkpolicy import NetworkPolicy, NetworkPolicyPeer
+from ciliary.operator.policy.netpol_compiling import unrepresentable_keys
 from ciliary.operator.policy.support import Feature, Gap, Support
 
 _E, _P = Support.ENFORCED, Support.PARTIAL
@@ -38,6 +39,10 @@ NETPOL_FEATURES: tuple[Feature, ...] = (
     Feature("np-ipBlock-pods", "`ipBlock` covering pod addresses", _P,
             "pods are matched by their labels only (as in Cilium): a pod whose address is in the block is not "
             "allowed by it"),
+    Feature("np-unrepresentable-label", "a pod selector on a per-pod or Kubernetes-set label key "
+            "(`statefulset.kubernetes.io/pod-name`, `pod-template-hash`, `kubernetes.io/*`, …)", _P,
+            "not enforced: security identities do not carry such labels, so the selector matches no pod (as "
+            "`spec.podSelector` the policy then restricts no pod; as a peer it allows nothing)"),
     Feature("np-all-peers", "a rule with empty `from`/`to`", _P,
             "its IPv4 part is enforced; IPv6 to or from the selected pods is dropped (IPv4-only datapath), "
             "although the rule allows it"),
@@ -50,6 +55,8 @@ def _gap(path: str, key: str) -> Gap:
 
 
 def _peer_gaps(peer: NetworkPolicyPeer, path: str, pod_cidrs: Iterable[ipaddress.IPv4Network]) -> Iterator[Gap]:
+    if unrepresentable_keys(peer.pod_selector):
+        yield _gap(f"{path}.podSelector", "np-unrepresentable-label")
     if peer.ip_block is None:
         return
     try:
@@ -78,6 +85,8 @@ def netpol_gaps(policy: NetworkPolicy, pod_cidrs: Iterable[str] = ()) -> tuple[G
         if isinstance(net, ipaddress.IPv4Network):
             cidrs.append(net)
     found: list[Gap] = []
+    if unrepresentable_keys(policy.spec.pod_selector):
+        found.append(_gap("spec.podSelector", "np-unrepresentable-label"))
     types = policy.spec.effective_policy_types()
     sections = []
     if "Ingress" in types:

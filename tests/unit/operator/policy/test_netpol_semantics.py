@@ -226,3 +226,16 @@ def test_resolution_agrees_with_kubernetes_reading(policies: tuple[dict[str, Any
                 want = allowed(list(policies), ORACLE, ip_of(src), ip_of(dst), port, proto)
                 got = tracing.trace(intents, ip_of(src), ip_of(dst), port, proto).allowed
                 assert got is want, (src, dst, port, proto)
+
+
+@pytest.mark.parametrize("expression", [
+    {"key": "statefulset.kubernetes.io/pod-name", "operator": "DoesNotExist"},
+    {"key": "pod-template-hash", "operator": "NotIn", "values": ["x"]},
+    {"key": "statefulset.kubernetes.io/pod-name", "operator": "In", "values": ["a"]},
+])
+def test_selectors_on_labels_identities_lack_match_no_pod_never_every_pod(expression: dict[str, Any]) -> None:
+    peer = state_of(netpol({"podSelector": POD_A, "ingress": [{"from": [{"podSelector": {
+        "matchExpressions": [expression]}}]}]}))
+    assert not ours(peer, "x/b", "x/a", 80, "TCP") and not ours(peer, "x/c", "x/a", 80, "TCP")
+    subject = state_of(netpol({"podSelector": {"matchExpressions": [expression]}, "ingress": []}))
+    assert ours(subject, "x/b", "x/a", 80, "TCP")  # restricts no pod; netpol_support reports it
