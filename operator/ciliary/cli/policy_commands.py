@@ -89,11 +89,11 @@ async def load_intents(target: targets.EtcdTarget, node: str | None = None) -> d
 def _get(args: argparse.Namespace) -> int:
     if (args.node is None) == (args.kind is None):
         raise UserError("give exactly one of --node NODE and --kind KIND")
+    if args.kind is None and args.output == "table":
+        raise UserError("-o table is for --kind listings")
     target = targets.etcd_target(args)
     if args.kind is not None:
         return _list(target, args.kind, args.output or "table")
-    if args.output == "table":
-        raise UserError("-o table is for --kind listings")
     published = asyncio.run(load_intents(target, args.node))
     if args.intent:
         if args.node not in published:

@@ -124,3 +124,14 @@ def test_unrepresentable_label_keys_are_reported() -> None:
     found = {(g.path, g.feature.key) for g in netpol_support.netpol_gaps(policy)}
     assert found == {("spec.podSelector", "np-unrepresentable-label"),
                      ("spec.ingress[0].from[0].podSelector", "np-unrepresentable-label")}
+
+
+def test_policy_get_takes_exactly_one_of_node_and_kind(capsys: Any) -> None:
+    from ciliary.cli import main
+
+    assert main.main(["policy", "get"]) == 1
+    assert "exactly one of --node NODE and --kind KIND" in capsys.readouterr().err
+    assert main.main(["policy", "get", "--node", "n1", "--kind", "NetworkPolicy"]) == 1
+    capsys.readouterr()
+    assert main.main(["policy", "get", "--node", "n1", "-o", "table", "--etcd-endpoints", "https://127.0.0.1:1"]) == 1
+    assert "-o table is for --kind listings" in capsys.readouterr().err
