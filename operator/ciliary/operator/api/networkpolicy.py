@@ -94,12 +94,6 @@ class NetworkPolicySpec(WireModel):
         return frozenset({"Ingress", "Egress"} if self.egress else {"Ingress"})
 
 
-class NetworkPolicyStatus(WireModel):
-    """Kept as is (older servers had ``status.conditions``); Ciliary writes none."""
-
-    conditions: tuple[dict[str, Any], ...] | None = Field(default=None, description="Conditions.")
-
-
 class NetworkPolicy(WireModel):
     """A ``networking.k8s.io/v1`` NetworkPolicy."""
 
@@ -107,7 +101,8 @@ class NetworkPolicy(WireModel):
     kind: Literal["NetworkPolicy"] = Field(description="Object kind.")
     metadata: PolicyMetadata = Field(description="Object metadata.")
     spec: NetworkPolicySpec = Field(description="The policy.")
-    status: NetworkPolicyStatus | None = Field(default=None, description="Unused.")
+    status: dict[str, Any] | None = Field(
+        default=None, description="Whatever the server keeps there (some versions had conditions); unused.")
 
     @property
     def name(self) -> str:

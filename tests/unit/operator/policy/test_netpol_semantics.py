@@ -239,3 +239,9 @@ def test_selectors_on_labels_identities_lack_match_no_pod_never_every_pod(expres
     assert not ours(peer, "x/b", "x/a", 80, "TCP") and not ours(peer, "x/c", "x/a", 80, "TCP")
     subject = state_of(netpol({"podSelector": {"matchExpressions": [expression]}, "ingress": []}))
     assert ours(subject, "x/b", "x/a", 80, "TCP")  # restricts no pod; netpol_support reports it
+
+
+def test_a_status_from_the_server_is_accepted_and_ignored() -> None:
+    body = netpol({"podSelector": {}, "ingress": []})
+    body["status"] = {"conditions": [{"type": "PolicyAccepted", "status": "True"}], "future": 1}
+    assert parse_network_policy(body).spec.effective_policy_types() == {"Ingress"}
