@@ -226,6 +226,9 @@ def test_resolution_agrees_with_kubernetes_reading(policies: tuple[dict[str, Any
                 want = allowed(list(policies), ORACLE, ip_of(src), ip_of(dst), port, proto)
                 got = tracing.trace(intents, ip_of(src), ip_of(dst), port, proto).allowed
                 assert got is want, (src, dst, port, proto)
+                # never wider than upstream's reading either (it also matches pod addresses by ipBlock)
+                assert not got or allowed(list(policies), ORACLE, ip_of(src), ip_of(dst), port, proto,
+                                          ipblock_matches_pods=True), (src, dst, port, proto)
 
 
 @pytest.mark.parametrize("expression", [
