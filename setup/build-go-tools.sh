@@ -3,6 +3,7 @@
 # kube-controller-manager, kubectl, etcd, etcdctl, helm) from Go modules, and caches
 # them outside the repository, keyed by version:
 #   $CILIARY_CACHE/bin/kubernetes-<ver>/   $CILIARY_CACHE/bin/etcd-<ver>/   $CILIARY_CACHE/bin/helm-<ver>/
+#   $CILIARY_CACHE/bin/cyclonus-<ver>/     (the NetworkPolicy reference the differential test runs)
 # A second run finds the binaries and returns at once.
 #
 # CILIARY_RELEASE_BINARIES=/dir makes the set-up copy official release binaries
@@ -15,6 +16,7 @@ CACHE="${CILIARY_CACHE:-/var/cache/ciliary}"
 KUBE_DIR="$CACHE/bin/kubernetes-$KUBERNETES_VERSION"
 ETCD_DIR="$CACHE/bin/etcd-$ETCD_VERSION"
 HELM_DIR="$CACHE/bin/helm-$HELM_VERSION"
+CYCLONUS_DIR="$CACHE/bin/cyclonus-$CYCLONUS_VERSION"
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 
 log() { printf '[setup] %s\n' "$*"; }
@@ -80,6 +82,18 @@ build_helm() {
   log "built helm $("$HELM_DIR/helm" version --short)"
 }
 
+build_cyclonus() {
+  have_all "$CYCLONUS_DIR" cyclonus && return 0
+  command -v go >/dev/null || { echo "setup: Go is needed to build cyclonus $CYCLONUS_VERSION" >&2; exit 1; }
+  # no replace directive in its go.mod, so `go install pkg@version` works, as for helm
+  log "building cyclonus $CYCLONUS_VERSION from Go modules (cold: 3-7 min on 2 cores)"
+  local tmp="$CYCLONUS_DIR.partial"; rm -rf "$tmp"; mkdir -p "$tmp"
+  (cd "$tmp" && GOFLAGS= GOBIN="$tmp" go install -trimpath -buildvcs=false -ldflags "-s -w" \
+      "github.com/mattfenwick/cyclonus/cmd/cyclonus@$CYCLONUS_VERSION")
+  rm -rf "$CYCLONUS_DIR"; mv "$tmp" "$CYCLONUS_DIR"
+  log "built cyclonus $CYCLONUS_VERSION"
+}
+
 # one build at a time per cache (two set-ups started together wait for each other)
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.build.lock"
@@ -87,3 +101,4 @@ flock 9
 build_etcd
 build_kubernetes
 build_helm
+build_cyclonus

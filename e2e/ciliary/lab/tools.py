@@ -3,7 +3,7 @@
 Two kinds of tools:
 
 - the Go-built control plane and helm (kube-apiserver, kube-controller-manager,
-  kubectl, etcd, etcdctl, helm): pinned in ``setup/versions.env`` and cached by
+  kubectl, etcd, etcdctl, helm, and cyclonus, the NetworkPolicy reference): pinned in ``setup/versions.env`` and cached by
   ``setup/build-go-tools.sh`` under ``$CILIARY_CACHE/bin/<group>-<version>/``
   (``CILIARY_CACHE`` defaults to ``/var/cache/ciliary``); the real-node tools (containerd, ctr,
   kubelet, kube-scheduler, kube-proxy, agnhost, registry, e2e.test, skaffold) likewise, cached by
@@ -35,6 +35,7 @@ BUILT_TOOLS: dict[str, tuple[str, str]] = {
     "etcd": ("etcd", "ETCD_VERSION"),
     "etcdctl": ("etcd", "ETCD_VERSION"),
     "helm": ("helm", "HELM_VERSION"),
+    "cyclonus": ("cyclonus", "CYCLONUS_VERSION"),
     # real nodes (setup/build-node-tools.sh)
     "containerd": ("containerd", "CONTAINERD_VERSION"),
     "containerd-shim-runc-v2": ("containerd", "CONTAINERD_VERSION"),

@@ -117,6 +117,8 @@ class DirectStatusWriter:
         self.written.pop(policy_uid, None)
 
     async def _patch(self, report: PolicyReport, entry: dict[str, Any] | None) -> bool:
+        if report.kind not in kubeapi.POLICY_PLURALS:
+            return True  # a Kubernetes NetworkPolicy has no status to write: the operator's Events say it
         body = {"status": {"nodes": {self.node: entry}}}
         try:
             await kubeapi.patch_policy_status(self.custom, report.kind, report.namespace, report.name, body,

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from ciliary.cli import datapath_client, targets
+from ciliary.cli import datapath_client, policy_listing, targets
 from ciliary.cli.errors import UserError
 from ciliary.operator.intents import IntentSchemaError, NodeIntent, parse_node_intent
 from ciliary.operator.policy import divergence, tracing
@@ -39,10 +39,15 @@ def register(sub: Any) -> None:
                                       "and deny entries per direction, the ipcache; and where that differs from "
                                       "the intent the operator published for the node. Fails when the agent "
                                       "cannot be read. With --intent: the published intent instead.")
-    get.add_argument("--node", required=True, help="node name, e.g. node-1")
+    get.add_argument("--node", help="node name, e.g. node-1")
+    get.add_argument("--kind", choices=["NetworkPolicy", "CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy"],
+                     help="instead of a node's entries: list the policies of this kind that select pods, with "
+                          "their per-node enforcement from the agents' reports (how a NetworkPolicy, which has "
+                          "no status, shows where it is enforced)")
     get.add_argument("--intent", action="store_true",
                      help="print the intent the operator published (not what the datapath holds)")
-    get.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml", help="output format")
+    get.add_argument("-o", "--output", choices=["yaml", "json", "table"], default=None,
+                     help="output format (default: yaml; table for --kind)")
     targets.add_etcd_arguments(get)
     get.set_defaults(func=_get)
 
@@ -82,7 +87,13 @@ async def load_intents(target: targets.EtcdTarget, node: str | None = None) -> d
 
 
 def _get(args: argparse.Namespace) -> int:
+    if (args.node is None) == (args.kind is None):
+        raise UserError("give exactly one of --node NODE and --kind KIND")
+    if args.kind is None and args.output == "table":
+        raise UserError("-o table is for --kind listings")
     target = targets.etcd_target(args)
+    if args.kind is not None:
+        return _list(target, args.kind, args.output or "table")
     published = asyncio.run(load_intents(target, args.node))
     if args.intent:
         if args.node not in published:
@@ -110,6 +121,19 @@ def _get(args: argparse.Namespace) -> int:
             print(f"ciliary: WARNING: the datapath of {args.node} differs from the operator's intent "
                   f"({len(diffs)} differences, listed under 'differences')", file=sys.stderr)
     print(json.dumps(data, indent=2) if args.output == "json" else yaml.safe_dump(data, sort_keys=False), end="")
+    return 0
+
+
+def _list(target: targets.EtcdTarget, kind: str, output: str) -> int:
+    rows = policy_listing.summarise(asyncio.run(load_intents(target)),
+                                    asyncio.run(policy_listing.load_reports(target)), kind)
+    if output == "table":
+        print(policy_listing.render(rows), end="")
+        return 0
+    data = [{"kind": r.kind, "namespace": r.namespace, "name": r.name, "uid": r.uid, "generation": r.generation,
+             "enforcement": r.enforcement, "enforcing": list(r.enforcing),
+             "notEnforcing": {node: why for node, why in r.problems}} for r in rows]
+    print(json.dumps(data, indent=2) if output == "json" else yaml.safe_dump(data, sort_keys=False), end="")
     return 0
 
 

@@ -74,10 +74,10 @@ class _Frozen(BaseModel):
 class RuleRef(_Frozen):
     """Which rule of which policy produced an entry (for explain and flows)."""
 
-    kind: Literal["CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy"] = Field(
+    kind: Literal["CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy", "NetworkPolicy"] = Field(
         description="Kind of the policy object."
     )
-    namespace: str = Field(default="", description="Namespace of a CNP; empty for a CCNP.")
+    namespace: str = Field(default="", description="Namespace of a CNP or NetworkPolicy; empty for a CCNP.")
     name: str = Field(description="Name of the policy object.")
     uid: str = Field(default="", description="UID of the policy object.")
     rule_index: int = Field(description="Index of the rule within spec (0) or specs.")
@@ -167,8 +167,9 @@ class IpcacheEntry(_Frozen):
 class PolicyRef(_Frozen):
     """A policy that selects at least one endpoint of this node (status reports use it)."""
 
-    kind: Literal["CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy"] = Field(description="Kind.")
-    namespace: str = Field(default="", description="Namespace of a CNP; empty for a CCNP.")
+    kind: Literal["CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy", "NetworkPolicy"] = Field(
+        description="Kind.")
+    namespace: str = Field(default="", description="Namespace of a CNP or NetworkPolicy; empty for a CCNP.")
     name: str = Field(description="Name.")
     uid: str = Field(description="UID.")
     generation: int = Field(default=0, description="metadata.generation the intent was resolved from.")

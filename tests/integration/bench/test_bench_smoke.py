@@ -58,3 +58,11 @@ def test_status_bench_smoke() -> None:
     assert float(row[2]) > 0 and int(row[3]) > 0, "intents without size or entries: not resolved"
     assert "did not finish" not in out
     assert not list(ROOT.glob(".lab-benchstatus-*")), "the bench left its control plane directory"
+
+
+def test_netpol_resolution_bench_smoke() -> None:
+    out = run("-m", "bench.bench_netpol_resolution")
+    assert re.search(r"^scale: 20 NetworkPolicies, 200 pods, 4 nodes \(200 endpoints, [1-9]\d* with ingress enforced, "
+                     r"[1-9]\d* policy entries\)$", out, re.M), out
+    for row in ("full resolution:", "incremental, one NetworkPolicy edit", "peak RSS:"):
+        assert re.search(rf"^{row}.*\d+\.\d", out, re.M), out

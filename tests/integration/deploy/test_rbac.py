@@ -48,8 +48,9 @@ from ciliary.operator.store.keyspace import node_intent_key
 pytestmark = pytest.mark.integration
 
 #: (apiGroup, resource, verb) the operator uses, read from the code:
-#: handlers.register -> kopf.on.event on pods, namespaces, nodes, CNP, CCNP: kopf lists, then watches;
-#: handlers.initial_list -> list_namespace, list_node, list_pod_for_all_namespaces, list_cluster_custom_object;
+#: handlers.register -> kopf.on.event on pods, namespaces, nodes, CNP, CCNP, NetworkPolicy: kopf lists, then watches;
+#: handlers.initial_list -> list_namespace, list_node, list_pod_for_all_namespaces, list_cluster_custom_object,
+#: list_network_policy_for_all_namespaces;
 #: handover.StatusHandover._write -> patch_{namespaced,cluster}_custom_object_status (merge patch, Valid
 #: and Enforced conditions, enforcement, nodes; no precondition, so never a 409 and no re-read);
 #: kopf.warn -> kopf posting: POST core/v1 events (never patch/get);
@@ -61,6 +62,7 @@ OPERATOR_USES: frozenset[tuple[str, str, str]] = frozenset({
     ("cilium.io", "ciliumnetworkpolicies", "list"), ("cilium.io", "ciliumnetworkpolicies", "watch"),
     ("cilium.io", "ciliumclusterwidenetworkpolicies", "list"),
     ("cilium.io", "ciliumclusterwidenetworkpolicies", "watch"),
+    ("networking.k8s.io", "networkpolicies", "list"), ("networking.k8s.io", "networkpolicies", "watch"),
     ("cilium.io", "ciliumnetworkpolicies/status", "patch"),
     ("cilium.io", "ciliumclusterwidenetworkpolicies/status", "patch"),
     ("", "events", "create"),

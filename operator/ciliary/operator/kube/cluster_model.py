@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ciliary.operator.api import AnyPolicy
+from ciliary.operator.api.networkpolicy import NetworkPolicy
 from ciliary.operator.policy.inputs import ContainerPort, NamespaceInfo, NodeInfo, PodInfo
 from ciliary.operator.policy.repository import PolicyRepository
 from ciliary.operator.policy.resolution import ClusterState
@@ -76,7 +77,7 @@ class ClusterModel:
     def set_node(self, name: str, node: NodeInfo | None) -> None:
         self._set(self.nodes, name, node)
 
-    def upsert_policy(self, policy: AnyPolicy) -> None:
+    def upsert_policy(self, policy: AnyPolicy | NetworkPolicy) -> None:
         """Raises PolicyInvalidError (repository unchanged) for an invalid policy."""
         before = self.repository.revision
         if self.repository.upsert(policy) != before:

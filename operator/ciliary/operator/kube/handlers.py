@@ -2,7 +2,9 @@
 
 Every handler is a raw watch-event handler (``kopf.on.event``): it parses the body
 once, updates the in-memory ``ClusterModel`` and returns; nothing is persisted on
-the watched objects (no kopf annotations, no finalizers). Policy handlers also
+the watched objects (no kopf annotations, no finalizers). Kubernetes
+NetworkPolicies are watched too and go through the same repository (their
+refusals and partial enforcement are Events; they have no status). Policy handlers also
 compute the ``Valid`` condition (the status handover writes it, with
 ``Enforced``) and post an Event when a policy is refused, and tell the handover
 which parts of a valid policy are not enforced as written (``policy.support``;
@@ -28,14 +30,23 @@ from ciliary.operator.api import (
     PolicyProblem,
     parse_policy,
 )
+from ciliary.operator.api.networkpolicy import parse_network_policy
 from ciliary.operator.kube.cluster_model import (
     ClusterModel,
     namespace_from_body,
     node_from_body,
     pod_from_body,
 )
-from ciliary.operator.kube.kubeapi import GROUP, POLICY_PLURALS, VERSION
-from ciliary.operator.policy import support
+from ciliary.operator.kube.kubeapi import (
+    GROUP,
+    NETPOL_GROUP,
+    NETPOL_KIND,
+    NETPOL_PLURAL,
+    NETPOL_VERSION,
+    POLICY_PLURALS,
+    VERSION,
+)
+from ciliary.operator.policy import netpol_support, support
 from ciliary.operator.status import validity
 
 log = logging.getLogger(__name__)
@@ -55,9 +66,14 @@ class PolicyOutcome:
 
 
 def ingest_policy(model: ClusterModel, body: Mapping[str, Any]) -> PolicyOutcome:
-    """Parse, validate and record one policy body (pure apart from the model)."""
+    """Parse, validate and record one policy body, CNP, CCNP or NetworkPolicy (pure apart from the model)."""
     uid = body.get("metadata", {}).get("uid", "")
     try:
+        if body.get("kind") == NETPOL_KIND:
+            netpol = parse_network_policy(body)
+            model.upsert_policy(netpol)
+            pod_cidrs = [n.pod_cidr for n in model.nodes.values() if n.pod_cidr]
+            return PolicyOutcome([], "current", netpol_support.netpol_gaps(netpol, pod_cidrs))
         policy = parse_policy(body)
         model.upsert_policy(policy)
     except PolicyParseError as exc:
@@ -118,8 +134,9 @@ def register(registry: kopf.OperatorRegistry, model: ClusterModel, observer: Pol
             logger.warning("Refused invalid policy: %s", message)
         elif outcome.gaps and (uid, generation) not in warned:
             warned.add((uid, generation))
-            kopf.warn(body, reason="PolicyPartiallyEnforced",
-                      message=f"Enforced at L3/L4 only; not enforced: {outcome.unenforced}")
+            scope = "Not enforced exactly as written" if body.get("kind") == NETPOL_KIND else \
+                "Enforced at L3/L4 only; not enforced"
+            kopf.warn(body, reason="PolicyPartiallyEnforced", message=f"{scope}: {outcome.unenforced}")
             logger.warning("Policy only partly enforced: %s", outcome.unenforced)
         observer.validated(uid, valid_condition(body, outcome))
         report_gaps(observer, uid, generation, outcome)
@@ -132,6 +149,14 @@ def register(registry: kopf.OperatorRegistry, model: ClusterModel, observer: Pol
 
     for kind, plural in POLICY_PLURALS.items():
         kopf.on.event(GROUP, VERSION, plural, id=f"{kind.lower()}_event", registry=registry)(policy_event)
+
+    async def netpol_event(type: str | None, body: kopf.Body, logger: kopf.Logger, **kwargs: Any) -> None:
+        # watch events of the core group carry no kind when kopf lists; the kind decides the parser
+        named = {**body, "kind": NETPOL_KIND, "apiVersion": f"{NETPOL_GROUP}/{NETPOL_VERSION}"}
+        await policy_event(type, named, logger, **kwargs)  # type: ignore[arg-type]
+
+    kopf.on.event(NETPOL_GROUP, NETPOL_VERSION, NETPOL_PLURAL, id="networkpolicy_event",
+                  registry=registry)(netpol_event)
 
     def pod_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         uid = body["metadata"]["uid"]
@@ -160,12 +185,19 @@ async def initial_list(api: client.ApiClient, model: ClusterModel, observer: Pol
         model.set_node(node.metadata.name, node_from_body(api.sanitize_for_serialization(node)))
     for pod in (await core.list_pod_for_all_namespaces()).items:
         model.set_pod(pod.metadata.uid, pod_from_body(api.sanitize_for_serialization(pod)))
+    networking = client.NetworkingV1Api(api)
+    netpols = [{**api.sanitize_for_serialization(item), "kind": NETPOL_KIND,
+                "apiVersion": f"{NETPOL_GROUP}/{NETPOL_VERSION}"}
+               for item in (await networking.list_network_policy_for_all_namespaces()).items]
+    bodies: list[dict[str, Any]] = []
     for kind, plural in POLICY_PLURALS.items():
         listing = await custom.list_cluster_custom_object(GROUP, VERSION, plural)
         for body in listing.get("items", []):
             body.setdefault("kind", kind)
-            observer.observe_policy(body)
-            outcome = ingest_policy(model, body)
-            uid = body.get("metadata", {}).get("uid", "")
-            observer.validated(uid, valid_condition(body, outcome))
-            report_gaps(observer, uid, int(body.get("metadata", {}).get("generation") or 0), outcome)
+            bodies.append(body)
+    for body in [*bodies, *netpols]:
+        observer.observe_policy(body)
+        outcome = ingest_policy(model, body)
+        uid = body.get("metadata", {}).get("uid", "")
+        observer.validated(uid, valid_condition(body, outcome))
+        report_gaps(observer, uid, int(body.get("metadata", {}).get("generation") or 0), outcome)

@@ -18,6 +18,9 @@ GROUP, VERSION = "cilium.io", "v2"
 POLICY_PLURALS = {"CiliumNetworkPolicy": "ciliumnetworkpolicies",
                   "CiliumClusterwideNetworkPolicy": "ciliumclusterwidenetworkpolicies"}
 MERGE_PATCH = "application/merge-patch+json"
+NETPOL_GROUP, NETPOL_VERSION, NETPOL_PLURAL = "networking.k8s.io", "v1", "networkpolicies"
+NETPOL_KIND = "NetworkPolicy"
+"""Kubernetes NetworkPolicy: no status subresource for Ciliary; its enforcement is reported by Events."""
 
 
 async def api_client(kubeconfig: Path | str | None) -> client.ApiClient:

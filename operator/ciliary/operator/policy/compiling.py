@@ -28,6 +28,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from ciliary.operator.api.networkpolicy import NetworkPolicy
 from ciliary.operator.api.policies import AnyPolicy
 from ciliary.operator.api.ports import ICMPRule, PortDenyRule, PortRule
 from ciliary.operator.api.rules import (
@@ -147,7 +148,7 @@ class CompiledRule:
             yield from item.requires
 
 
-def policy_ref(policy: AnyPolicy) -> PolicyRef:
+def policy_ref(policy: AnyPolicy | NetworkPolicy) -> PolicyRef:
     return PolicyRef(
         kind=policy.kind,
         namespace=policy.namespace,

@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from ciliary.operator.api.errors import PolicyInvalidError
+from ciliary.operator.api.networkpolicy import NetworkPolicy, validate_network_policy
 from ciliary.operator.api.policies import AnyPolicy
 from ciliary.operator.api.validation import validate_policy
 from ciliary.operator.intents import PolicyRef
 from ciliary.operator.policy.compiling import CompiledRule, compile_policy, policy_ref
+from ciliary.operator.policy.netpol_compiling import compile_network_policy
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,21 +71,25 @@ class PolicyRepository:
     def get(self, uid: str) -> StoredPolicy | None:
         return self._policies.get(uid)
 
-    def upsert(self, policy: AnyPolicy) -> int:
+    def upsert(self, policy: AnyPolicy | NetworkPolicy) -> int:
         """Add or replace ``policy`` (keyed by its uid, or kind/namespace/name without one).
 
+        A CNP/CCNP and a Kubernetes NetworkPolicy compile into the same rules.
         Raises ``PolicyInvalidError`` for an invalid policy; the repository is then unchanged.
         """
-        problems = validate_policy(policy)
-        if problems:
-            raise PolicyInvalidError(policy.kind, policy.namespace, policy.name, problems)
+        if isinstance(policy, NetworkPolicy):
+            validate_network_policy(policy)
+        else:
+            problems = validate_policy(policy)
+            if problems:
+                raise PolicyInvalidError(policy.kind, policy.namespace, policy.name, problems)
         ref = policy_ref(policy)
         uid = ref.uid or _fallback_uid(ref)
         if not ref.uid:
             ref = ref.model_copy(update={"uid": uid})
-        stored = StoredPolicy(ref=ref, rules=compile_policy(policy.model_copy(
-            update={"metadata": policy.metadata.model_copy(update={"uid": uid})}
-        )))
+        with_uid = policy.model_copy(update={"metadata": policy.metadata.model_copy(update={"uid": uid})})
+        rules = compile_network_policy(with_uid) if isinstance(with_uid, NetworkPolicy) else compile_policy(with_uid)
+        stored = StoredPolicy(ref=ref, rules=rules)
         if self._policies.get(uid) == stored:
             return self._revision
         self._policies[uid] = stored

@@ -152,10 +152,10 @@ def gaps(policy: AnyPolicy) -> tuple[Gap, ...]:
 
 def message(found: Sequence[Gap]) -> str:
     """The gaps grouped by feature, for a condition or an Event (at most ``MAX_MESSAGE`` characters)."""
-    by_feature: dict[str, list[str]] = {}
+    by_feature: dict[Feature, list[str]] = {}
     for gap in found:
-        by_feature.setdefault(gap.feature.key, []).append(gap.path)
-    parts = [f"{', '.join(paths)}: {BY_KEY[key].what}" for key, paths in by_feature.items()]
+        by_feature.setdefault(gap.feature, []).append(gap.path)
+    parts = [f"{', '.join(paths)}: {feature.what}" for feature, paths in by_feature.items()]
     text = "; ".join(parts)
     return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -51,7 +52,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.rest import ApiException
 
 from ciliary.operator.kube import kubeapi
-from ciliary.operator.status import enforcement
+from ciliary.operator.status import enforcement, netpol_events
 from ciliary.operator.status.enforcement import Expectation, PolicyView
 from ciliary.operator.status.flush_schedule import FlushSchedule
 from ciliary.operator.status.reports import PolicyReport, parse_policy_report
@@ -168,6 +169,7 @@ class StatusHandover:
                  progress_interval: float | None = None, clock: Callable[[], float] = time.monotonic,
                  require_assessment: bool = False) -> None:
         self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
         self.interval = interval
         self.progress_interval = 5 * interval if progress_interval is None else progress_interval
         self.write_nodes = write_nodes
@@ -205,12 +207,14 @@ class StatusHandover:
     def observe_policy(self, body: Mapping[str, Any]) -> None:
         """A policy object as kopf (or a write response) saw it."""
         view = PolicyView.from_body(body)
-        if not view.uid or view.kind not in kubeapi.POLICY_PLURALS:
+        if not view.uid or (view.kind not in kubeapi.POLICY_PLURALS and view.kind != kubeapi.NETPOL_KIND):
             return
         log.debug("Observed %s generation %d rv %s", view.where(), view.generation, view.resource_version)
         held = self.policies.get(view.uid)
         if held is not None and not _newer_or_same(view.resource_version, held.resource_version):
             return
+        if view.kind == kubeapi.NETPOL_KIND:  # no status on the object: what was said lives here
+            view = dataclasses.replace(view, status=held.status if held is not None else {})
         self.policies[view.uid] = view
         self._mark(view.uid)
 
@@ -349,6 +353,9 @@ class StatusHandover:
             await asyncio.gather(*writes)
 
     async def _write(self, view: PolicyView, patch: dict[str, Any]) -> None:
+        if view.kind == kubeapi.NETPOL_KIND:
+            await self._say(view, patch)
+            return
         async with self._limit:
             try:
                 body = await kubeapi.patch_policy_status(self.custom, view.kind, view.namespace, view.name, patch,
@@ -365,6 +372,26 @@ class StatusHandover:
         body.setdefault("kind", view.kind)
         self.observe_policy(body)
         log.debug("Wrote status of %s %s", view.kind, view.where())
+
+    async def _say(self, view: PolicyView, patch: dict[str, Any]) -> None:
+        """A NetworkPolicy: an Event when its enforcement changed; the new status is held here only."""
+        said = netpol_events.enforcement_event(view, self.desired(view.uid))
+        if said is not None:
+            body = netpol_events.event_body(view, kubeapi.NETPOL_KIND, f"{kubeapi.NETPOL_GROUP}/"
+                                            f"{kubeapi.NETPOL_VERSION}", *said)
+            async with self._limit:
+                try:
+                    await netpol_events.post_event(self.core, body, timeout=WRITE_TIMEOUT_S)
+                    self.stats.writes += 1
+                except ApiException as exc:
+                    self._write_failed(view, None, f"{exc.status} {exc.reason}")
+                    return
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    self._write_failed(view, None, repr(exc))
+                    return
+        if view.uid in self.policies:
+            status = enforcement.apply_merge_patch(view.status, patch["status"])
+            self.policies[view.uid] = dataclasses.replace(self.policies[view.uid], status=status)
 
     def _write_failed(self, view: PolicyView, status: int | None, reason: str) -> None:
         """404: the policy is gone. Anything else (an HTTP error, a timeout, a lost connection): written

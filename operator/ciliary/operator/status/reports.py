@@ -33,7 +33,8 @@ class PolicyReport(_Wire):
     schema_version: int = Field(default=REPORT_SCHEMA_VERSION, description="Wire schema version.")
     node: str = Field(description="Reporting node.")
     policy_uid: str = Field(description="metadata.uid of the policy.")
-    kind: Literal["CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy"] = Field(description="Policy kind.")
+    kind: Literal["CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy", "NetworkPolicy"] = Field(
+        description="Policy kind.")
     namespace: str = Field(default="", description="Namespace of a CNP; empty for a CCNP.")
     name: str = Field(description="Policy name.")
     generation: int = Field(default=0, description="metadata.generation of the policy the node enforces.")
