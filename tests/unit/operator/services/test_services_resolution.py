@@ -47,11 +47,11 @@ def eslice(name: str, svc: str, endpoints: list[dict[str, Any]],
             "ports": ports if ports is not None else [{"name": "http", "port": 8080, "protocol": "TCP"}]}
 
 
-def run(services: list[dict[str, Any]], slices: list[dict[str, Any]], config: ResolverConfig = ResolverConfig(),
+def run(services: list[dict[str, Any]], slices: list[dict[str, Any]], config: ResolverConfig | None = None,
         nodes: dict[str, str | None] = NODES) -> Any:
     svcs = {s.key: s for s in map(inputs.service_from_body, services)}
     sls = {f"{s.namespace}/{s.name}": s for b in slices if (s := inputs.slice_from_body(b)) is not None}
-    return resolve(svcs, sls, nodes, config)
+    return resolve(svcs, sls, nodes, config or ResolverConfig())
 
 
 def frontends(result: Any, node: str = "node-1") -> dict[tuple[str, int, str], Any]:
