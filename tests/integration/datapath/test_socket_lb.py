@@ -1,0 +1,222 @@
+"""The socket load balancer (``datapath.lb_engine``) on a real kernel: cgroup programs, real sockets.
+
+A private cgroup v2 directory gets the four programs; a child process moved into it connects to
+a frontend (a ClusterIP nobody routes) and lands on backends listening on loopback. Everything
+runs in the test's own network namespace's loopback; the cgroup, pins and sockets are removed at
+the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from ciliary.lab import cgroups
+from ciliary.nodeagent import lb_planning
+from ciliary.nodeagent.datapath import lb_engine
+from ciliary.operator.services.intent import BackendIntent, FrontendIntent, FrontendKind, NodeLBIntent
+
+pytestmark = pytest.mark.integration
+
+VIP = "10.96.77.1"
+NODE = f"cyt-lb-{os.getpid()}"
+
+
+def frontend(port: int, protocol: str, backends: list[tuple[str, int]], **kw: object) -> FrontendIntent:
+    return FrontendIntent(service="default/web", kind=FrontendKind.CLUSTER_IP, address=VIP, port=port,
+                          protocol=protocol, backends=tuple(BackendIntent(address=a, port=p) for a, p in backends),
+                          **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def lb() -> Iterator[lb_engine.SocketLB]:
+    cgroup = cgroups.ensure(cgroups.cgroup2_root() / f"ciliary-test-lb-{os.getpid()}")
+    engine = lb_engine.SocketLB(NODE, cgroup=cgroup)
+    try:
+        engine.start()
+        yield engine
+    finally:
+        engine.teardown()
+        for p in (engine.pin_dir,):
+            if p.exists() and not any(p.iterdir()):
+                p.rmdir()
+        cgroups.kill_all(cgroup)
+        cgroup.rmdir()
+
+
+class Servers:
+    """TCP and UDP servers on loopback ports, each answering with its own name."""
+
+    def __init__(self, count: int) -> None:
+        self.tcp = [socket.socket() for _ in range(count)]
+        self.udp = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
+        for s in (*self.tcp, *self.udp):
+            s.bind(("127.0.0.1", 0))
+        for s in self.tcp:
+            s.listen(64)
+            s.settimeout(5)
+        for s in self.udp:
+            s.settimeout(5)
+
+    def ports(self, kind: str) -> list[int]:
+        return [s.getsockname()[1] for s in (self.tcp if kind == "tcp" else self.udp)]
+
+    def close(self) -> None:
+        for s in (*self.tcp, *self.udp):
+            s.close()
+
+
+@pytest.fixture
+def servers() -> Iterator[Servers]:
+    s = Servers(2)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def in_cgroup(engine: lb_engine.SocketLB, work: list[tuple[str, int]], *, udp: bool = False) -> list[str]:
+    """Run connects (or UDP exchanges) to (VIP, port) from a child in the cgroup; one result line each."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: join the cgroup, do the work, report, exit without cleanup handlers
+        os.close(read)
+        out = []
+        try:
+            (engine.cgroup / "cgroup.procs").write_text(str(os.getpid()))
+            for address, port in work:
+                if udp:
+                    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    s.settimeout(3)
+                    try:
+                        s.sendto(b"ping", (address, port))
+                        _, peer = s.recvfrom(100)
+                        out.append(f"udp-peer {peer[0]}:{peer[1]}")
+                    except OSError as exc:
+                        out.append(f"error {exc.errno}")
+                    s.close()
+                    continue
+                s = socket.socket()
+                s.settimeout(3)
+                try:
+                    s.connect((address, port))
+                    peer = s.getpeername()
+                    out.append(f"peer {peer[0]}:{peer[1]}")
+                except OSError as exc:
+                    out.append(f"error {exc.errno}")
+                s.close()
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            out.append(f"crash {exc!r}")
+        os.write(write, "\n".join(out).encode())
+        os._exit(0)
+    os.close(write)
+    chunks = []
+    while chunk := os.read(read, 65536):
+        chunks.append(chunk)
+    os.close(read)
+    os.waitpid(pid, 0)
+    return b"".join(chunks).decode().splitlines()
+
+
+def accepted_by(servers: Servers, attempts: int) -> list[int]:
+    """Which TCP server accepted each pending connection (index), draining them."""
+    hits = []
+    for i, s in enumerate(servers.tcp):
+        s.setblocking(False)
+        while True:
+            try:
+                conn, _ = s.accept()
+            except BlockingIOError:
+                break
+            hits.append(i)
+            conn.close()
+        s.setblocking(True)
+    return hits
+
+
+def test_connect_picks_both_backends_and_getpeername_shows_the_frontend(lb: lb_engine.SocketLB,
+                                                                        servers: Servers) -> None:
+    tcp = servers.ports("tcp")
+    lb.apply(NodeLBIntent(node=NODE, frontends=(frontend(80, "TCP", [("127.0.0.1", p) for p in tcp]),)))
+    lines = in_cgroup(lb, [(VIP, 80)] * 40)
+    assert lines == [f"peer {VIP}:80"] * 40, lines  # connected, and the socket names the frontend
+    hits = accepted_by(servers, 40)
+    assert len(hits) == 40 and set(hits) == {0, 1}, hits  # both backends used
+
+
+def test_same_port_on_tcp_and_udp_are_two_frontends_and_udp_replies_show_the_frontend(
+        lb: lb_engine.SocketLB, servers: Servers) -> None:
+    tcp, udp = servers.ports("tcp"), servers.ports("udp")
+    lb.apply(NodeLBIntent(node=NODE, frontends=(frontend(53, "TCP", [("127.0.0.1", tcp[0])]),
+                                                frontend(53, "UDP", [("127.0.0.1", udp[1])]))))
+    import threading
+
+    def echo() -> None:
+        data, peer = servers.udp[1].recvfrom(100)
+        servers.udp[1].sendto(data, peer)
+
+    t = threading.Thread(target=echo)
+    t.start()
+    assert in_cgroup(lb, [(VIP, 53)], udp=True) == [f"udp-peer {VIP}:53"]
+    t.join(5)
+    assert in_cgroup(lb, [(VIP, 53)]) == [f"peer {VIP}:53"]
+    assert accepted_by(servers, 1) == [0]
+
+
+def test_no_backends_is_refused_at_once_and_local_without_backend_is_not_permitted(lb: lb_engine.SocketLB) -> None:
+    lb.apply(NodeLBIntent(node=NODE, frontends=(frontend(80, "TCP", []),
+                                                frontend(81, "TCP", [], no_local_backends=True,
+                                                         traffic_policy="Local"))))
+    began = time.monotonic()
+    assert in_cgroup(lb, [(VIP, 80), (VIP, 81)]) == [f"error {errno.ECONNREFUSED}", f"error {errno.EPERM}"]
+    assert time.monotonic() - began < 2
+
+
+def test_updates_take_effect_for_the_next_connect(lb: lb_engine.SocketLB, servers: Servers) -> None:
+    tcp = servers.ports("tcp")
+    lb.apply(NodeLBIntent(node=NODE, frontends=(frontend(80, "TCP", [("127.0.0.1", tcp[0])]),)))
+    in_cgroup(lb, [(VIP, 80)] * 5)
+    assert accepted_by(servers, 5) == [0] * 5
+    result = lb.apply(NodeLBIntent(node=NODE, frontends=(frontend(80, "TCP", [("127.0.0.1", tcp[1])]),)))
+    assert result.map_writes > 0
+    in_cgroup(lb, [(VIP, 80)] * 5)
+    assert accepted_by(servers, 5) == [1] * 5
+    state = lb.observe()
+    assert len(state.backends) == 1  # the unused backend was removed
+
+
+def test_session_affinity_keeps_one_backend(lb: lb_engine.SocketLB, servers: Servers) -> None:
+    tcp = servers.ports("tcp")
+    lb.apply(NodeLBIntent(node=NODE, frontends=(
+        frontend(80, "TCP", [("127.0.0.1", p) for p in tcp], affinity_timeout=30),)))
+    in_cgroup(lb, [(VIP, 80)] * 30)
+    hits = accepted_by(servers, 30)
+    assert len(hits) == 30 and len(set(hits)) == 1, hits
+
+
+def test_a_destination_that_is_no_frontend_passes_untouched(lb: lb_engine.SocketLB, servers: Servers) -> None:
+    lb.apply(NodeLBIntent(node=NODE, frontends=()))
+    port = servers.ports("tcp")[0]
+    assert in_cgroup(lb, [("127.0.0.1", port)]) == [f"peer 127.0.0.1:{port}"]
+    accepted_by(servers, 1)
+    assert lb.observe() == lb_planning.LBState({}, {})
+
+
+def test_programs_are_adopted_on_restart_and_maps_keep_their_contents(lb: lb_engine.SocketLB,
+                                                                       servers: Servers) -> None:
+    tcp = servers.ports("tcp")
+    lb.apply(NodeLBIntent(node=NODE, frontends=(frontend(80, "TCP", [("127.0.0.1", tcp[0])]),)))
+    again = lb_engine.SocketLB(NODE, cgroup=lb.cgroup)
+    from ciliary.nodeagent.datapath import compiling
+    before = compiling.compile_count()
+    again.start()
+    try:
+        assert compiling.compile_count() == before  # adopted by hash, nothing compiled
+        assert again.observe() == lb.observe()
+    finally:
+        again.close()
