@@ -194,6 +194,7 @@ def test_no_endpoints_is_refused_quickly(svc: dict[str, Any]) -> None:
 
 def test_endpointslice_update_is_effective_within_a_second(lab: Any, svc: dict[str, Any]) -> None:
     vip, ips = svc["vip"], svc["ips"]
+    labelled = time.monotonic()
     lab.kubectl("label", "pod", "web-2", "-n", NS, "app=off", "--overwrite")
     try:
         seen_slice = wait_for(lambda: ips["web-2"] not in lab.kubectl(
@@ -202,7 +203,7 @@ def test_endpointslice_update_is_effective_within_a_second(lab: Any, svc: dict[s
         in_kernel = wait_for(lambda: backends_of(lab, "node-1", vip, 80) == [f"{ips['web-1']}:8080"] and
                              time.monotonic(), 10, "node-1's maps without web-2")
         print(f"\nEndpointSlice update seen by kubectl -> node-1's LB map: {in_kernel - seen_slice:.3f} s "
-              f"(kubectl polling included)")
+              f"(kubectl polling included); pod relabelled -> map: {in_kernel - labelled:.3f} s")
         assert in_kernel - seen_slice < 1.0
         results = svc["client"].probe("tcp", vip, 80, count=10)
         assert {r.get("body") for r in results} == {f"{NS}/web-1"}, results
@@ -250,3 +251,46 @@ spec:
     assert len(rows[(svc["vip"], 80, "TCP")]["backends"]) == 2
     results = svc["client"].probe("tcp", svc["vip"], 80, count=4)
     assert all(r["ok"] for r in results), results
+
+
+def test_nodeport_on_every_node_address_and_an_external_ip_from_a_pod(lab: Any, svc: dict[str, Any]) -> None:
+    lab.apply(f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: web-np, namespace: {NS}}}
+spec:
+  type: NodePort
+  selector: {{app: web}}
+  externalIPs: [203.0.113.10]
+  ports: [{{name: http, port: 8000, targetPort: http, nodePort: 30080}}]
+""")
+    want = sorted(f"{svc['ips'][w]}:8080" for w in ("web-1", "web-2"))
+    for address, port in (("192.0.2.11", 30080), ("192.0.2.12", 30080), ("203.0.113.10", 8000)):
+        wait_for(lambda a=address, p=port: backends_of(lab, "node-1", a, p) == want, 30, f"{address}:{port}")
+        results = svc["client"].probe("tcp", address, port, count=12)
+        assert all(r["ok"] for r in results), (address, results)
+        assert {r["body"] for r in results} == {f"{NS}/web-1", f"{NS}/web-2"}, (address, results)
+
+
+def test_clusterip_from_the_node_host(lab: Any, svc: dict[str, Any]) -> None:
+    """A process of node-1 itself (its network namespace, a cgroup below the node's) reaches the Service."""
+    from ciliary.lab import cgroups
+
+    host_cgroup = cgroups.ensure(cgroups.lab_root(lab.lab.layout.cgroup_name) / "node-1" / "host-e2e")
+    procs = str(host_cgroup / "cgroup.procs")
+
+    def enter() -> None:
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+
+    try:
+        out = subprocess.run(["nsenter", f"--net={topology.NETNS_DIR / lab.lab.layout.node_netns('node-1')}",
+                              sys.executable, "-c", PROBE, "tcp", svc["vip"], "80", "12", "2"],
+                             capture_output=True, text=True, timeout=90, preexec_fn=enter)
+        assert out.returncode == 0, out.stderr
+        results = json.loads(out.stdout)
+        assert all(r["ok"] for r in results), results
+        assert {r["body"] for r in results} == {f"{NS}/web-1", f"{NS}/web-2"}, results
+    finally:
+        cgroups.kill_all(host_cgroup)
+        host_cgroup.rmdir()
