@@ -245,6 +245,7 @@ spec:
     assert events[0]["type"] == "Warning" and "no-such-port" in events[0]["message"]
     listed = lab.ciliary("service", "list", "--node", "node-1")
     assert listed.returncode == 0, listed.stderr
+    print("\n" + listed.stdout)
     assert f"{NS}/badport: TargetPortUnresolved" in listed.stdout, listed.stdout
     assert f"{svc['vip']}:80/TCP" in listed.stdout
     as_json = json.loads(lab.ciliary("service", "list", "--node", "node-1", "-o", "json").stdout)

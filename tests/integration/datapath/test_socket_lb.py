@@ -218,3 +218,24 @@ def test_programs_are_adopted_on_restart_and_maps_keep_their_contents(lb: lb_eng
         assert again.observe() == lb.observe()
     finally:
         again.close()
+
+
+def test_the_policy_datapath_on_the_same_node_leaves_the_load_balancer_pinned(lb: lb_engine.SocketLB) -> None:
+    """Both engines pin into one directory; the policy engine prunes its stale ``prog_*`` pins, never ours."""
+    from ciliary.nodeagent.datapath import engine
+    from ciliary.operator.intents import NodeIntent
+
+    ours = sorted(p.name for p in lb.pin_dir.glob(f"{lb_engine.PIN_PREFIX}*"))
+    assert len(ours) == len(lb_engine.HOOKS)
+    policy = engine.Datapath(NODE)
+    policy.start()
+    try:
+        policy.apply(NodeIntent(node=NODE, revision=1), {})
+        assert sorted(p.name for p in lb.pin_dir.glob(f"{lb_engine.PIN_PREFIX}*")) == ours
+        assert lb.observe() is not None  # the LB maps are still there and readable
+    finally:
+        policy.close()
+        for pinned in lb.pin_dir.glob("prog_*"):
+            pinned.unlink()
+        for name in engine.MAP_NAMES:
+            (lb.pin_dir / name).unlink(missing_ok=True)

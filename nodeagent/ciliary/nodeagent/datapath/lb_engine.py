@@ -2,7 +2,7 @@
 
 ``SocketLB(node, cgroup=..., bpffs=...)`` renders ``programs/sock_<hook>.c.j2`` (one program per
 hook: connect4, sendmsg4, recvmsg4, getpeername4), adopts the programs pinned under their hash in
-``<bpffs>/ciliary/<node>/`` or compiles them in the compiler child (``compiling``, as
+``<bpffs>/ciliary/<node>/`` (as ``lbprog_<hook>_<hash>``) or compiles them in the compiler child (``compiling``, as
 ``CGROUP_SOCK_ADDR`` with their expected attach type), and attaches each to the cgroup v2
 directory with ``bpf_prog_attach`` (flags 0: a second attach replaces ours atomically; the
 attachment outlives the agent, like the pins). ``apply(intent)`` plans (``lb_planning``) against
@@ -36,6 +36,8 @@ HOOKS: Mapping[str, tuple[str, int]] = {
 }
 """hook -> (bcc program type, kernel attach type)."""
 MAP_NAMES = ("cy_lb4_svc", "cy_lb4_be", "cy_lb4_revsk", "cy_lb4_aff")
+PIN_PREFIX = "lbprog_"
+"""Program pins are ``lbprog_<hook>_<hash16>``: never ``prog_*``, which the policy engine owns (and prunes)."""
 
 libbpf.lib.bpf_prog_attach.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_uint]
 libbpf.lib.bpf_prog_detach2.argtypes = [ct.c_int, ct.c_int, ct.c_int]
@@ -117,7 +119,7 @@ class SocketLB:
         jobs: list[tuple[rendering.RenderedProgram, Path]] = []
         paths: dict[str, Path] = {}
         for hook, program in programs.items():
-            path = paths[hook] = loading.program_pin_path(self.pin_dir, program.hook, program.sha256)
+            path = paths[hook] = self.pin_dir / f"{PIN_PREFIX}{hook}_{program.sha256[:16]}"
             if path.exists() and self._uses_our_maps(path):
                 continue
             jobs.append((program, path))
@@ -134,6 +136,9 @@ class SocketLB:
                     raise errors.AttachFailed(str(self.cgroup), f"sock_{hook}", os.strerror(err))
         finally:
             os.close(cg)
+        for stale in set(self.pin_dir.glob(f"{PIN_PREFIX}*")) - set(paths.values()):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()  # an older render's program (no longer attached: ours replaced it)
         self.started = True
         log.info("Socket load balancer attached", extra={"node": self.node, "cgroup": str(self.cgroup),
                                                          "compiled": [p.hook for p, _ in jobs]})
@@ -184,7 +189,7 @@ class SocketLB:
             finally:
                 os.close(cg)
         self.close()
-        for pinned in list(self.pin_dir.glob("prog_sock_*")) + [self.pin_dir / n for n in MAP_NAMES]:
+        for pinned in list(self.pin_dir.glob(f"{PIN_PREFIX}*")) + [self.pin_dir / n for n in MAP_NAMES]:
             with contextlib.suppress(FileNotFoundError):
                 pinned.unlink()
 
