@@ -6,8 +6,10 @@
  * backends refuses (the syscall fails with ECONNREFUSED, like kube-proxy's
  * REJECT); one whose Local policy leaves no backend on this node fails with
  * EPERM (kube-proxy drops; a socket hook cannot make the client wait).
- * Backends are chosen at random, or, with session affinity, the one this
- * client's network namespace used last within the timeout.
+ * Backends are chosen at random at connect(); for unconnected UDP (sendmsg)
+ * by the socket's cookie, so one socket keeps one backend while the set is
+ * unchanged; with session affinity, the one this client's network namespace
+ * used last within the timeout.
  */
 #ifndef CY_LIB_LB_H
 #define CY_LIB_LB_H
@@ -45,8 +47,9 @@ static __always_inline __u32 cy_lb4_affine(struct lb4_key *key, struct lb4_servi
 }
 
 /* Translate ctx's destination if it is a frontend of protocol `proto`;
- * `remember` records the reverse translation for recvmsg/getpeername. */
-static __always_inline int cy_lb4_translate(struct bpf_sock_addr *ctx, __u8 proto, int remember)
+ * `per_socket` picks the slot by socket cookie instead of at random. Every
+ * translation is recorded for recvmsg/getpeername. */
+static __always_inline int cy_lb4_translate(struct bpf_sock_addr *ctx, __u8 proto, int per_socket)
 {
 	struct lb4_key key = {};
 	key.address = ctx->user_ip4;
@@ -69,7 +72,8 @@ static __always_inline int cy_lb4_translate(struct bpf_sock_addr *ctx, __u8 prot
 		backend_id = cy_lb4_affine(&key, svc, &akey, &slot);
 	}
 	if (!backend_id) {
-		slot = (__u16)(bpf_get_prandom_u32() % count) + 1;
+		__u64 pick = per_socket ? bpf_get_socket_cookie(ctx) : bpf_get_prandom_u32();
+		slot = (__u16)(pick % count) + 1;
 		key.slot = slot;
 		struct lb4_service *entry = cy_lb4_svc.lookup(&key);
 		if (!entry)
@@ -86,16 +90,14 @@ static __always_inline int cy_lb4_translate(struct bpf_sock_addr *ctx, __u8 prot
 		now.slot = slot;
 		cy_lb4_aff.update(&akey, &now);
 	}
-	if (remember) {
-		struct lb4_sock_key skey = {};
-		skey.cookie = bpf_get_socket_cookie(ctx);
-		skey.address = backend->address;
-		skey.port = backend->port;
-		struct lb4_frontend front = {};
-		front.address = key.address;
-		front.port = key.dport;
-		cy_lb4_revsk.update(&skey, &front);
-	}
+	struct lb4_sock_key skey = {};
+	skey.cookie = bpf_get_socket_cookie(ctx);
+	skey.address = backend->address;
+	skey.port = backend->port;
+	struct lb4_frontend front = {};
+	front.address = key.address;
+	front.port = key.dport;
+	cy_lb4_revsk.update(&skey, &front);
 	ctx->user_ip4 = backend->address;
 	ctx->user_port = backend->port;
 	return CY_SYSCALL_PASS;

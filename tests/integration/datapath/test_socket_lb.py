@@ -239,3 +239,42 @@ def test_the_policy_datapath_on_the_same_node_leaves_the_load_balancer_pinned(lb
             pinned.unlink()
         for name in engine.MAP_NAMES:
             (lb.pin_dir / name).unlink(missing_ok=True)
+
+
+UDP_CHILD = r"""
+import socket, sys
+vip, port, sockets, per_socket = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+for i in range(sockets):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for j in range(per_socket):
+        s.sendto(f"{i}".encode(), (vip, port))
+    s.close()
+"""
+
+
+def test_unconnected_udp_keeps_one_backend_per_socket(lb: lb_engine.SocketLB, servers: Servers) -> None:
+    udp = servers.ports("udp")
+    lb.apply(NodeLBIntent(node=NODE, frontends=(frontend(5300, "UDP", [("127.0.0.1", p) for p in udp]),)))
+    procs = str(lb.cgroup / "cgroup.procs")
+
+    def enter() -> None:
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", UDP_CHILD, VIP, "5300", "12", "5"], preexec_fn=enter,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    by_socket: dict[str, set[int]] = {}
+    for index, server in enumerate(servers.udp):
+        server.settimeout(0.5)
+        while True:
+            try:
+                data, _ = server.recvfrom(100)
+            except TimeoutError:
+                break
+            by_socket.setdefault(data.decode(), set()).add(index)
+    assert len(by_socket) == 12 and all(len(v) == 1 for v in by_socket.values()), by_socket  # 5 datagrams, 1 backend
+    assert {i for v in by_socket.values() for i in v} == {0, 1}  # and the sockets spread over both
