@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -278,3 +279,65 @@ def test_unconnected_udp_keeps_one_backend_per_socket(lb: lb_engine.SocketLB, se
             by_socket.setdefault(data.decode(), set()).add(index)
     assert len(by_socket) == 12 and all(len(v) == 1 for v in by_socket.values()), by_socket  # 5 datagrams, 1 backend
     assert {i for v in by_socket.values() for i in v} == {0, 1}  # and the sockets spread over both
+
+
+def test_affinity_ends_with_its_timeout_and_never_outlives_its_backend(lb: lb_engine.SocketLB,
+                                                                       servers: Servers) -> None:
+    tcp = servers.ports("tcp")
+    both = frontend(80, "TCP", [("127.0.0.1", p) for p in tcp], affinity_timeout=1)
+    lb.apply(NodeLBIntent(node=NODE, frontends=(both,)))
+    in_cgroup(lb, [(VIP, 80)] * 10)
+    (first,) = set(accepted_by(servers, 10))
+    # the affine backend leaves the Service: the next connects go to the other one, never to it
+    remaining = tcp[1 - first]
+    lb.apply(NodeLBIntent(node=NODE, frontends=(frontend(80, "TCP", [("127.0.0.1", remaining)],
+                                                         affinity_timeout=1),)))
+    in_cgroup(lb, [(VIP, 80)] * 5)
+    assert accepted_by(servers, 5) == [1 - first] * 5
+    # after the timeout, choices spread again over both backends
+    lb.apply(NodeLBIntent(node=NODE, frontends=(both,)))
+    picks: set[int] = set()
+    for _ in range(10):  # bounded: each round lets the affinity entry expire, then connects once
+        time.sleep(1.1)
+        in_cgroup(lb, [(VIP, 80)])
+        picks |= set(accepted_by(servers, 1))
+        if picks == {0, 1}:
+            break
+    assert picks == {0, 1}
+
+
+@pytest.fixture
+def four_servers() -> Iterator[Servers]:
+    s = Servers(4)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_random_intents_behave_as_written_in_the_kernel(lb: lb_engine.SocketLB, four_servers: Servers) -> None:
+    """A derandomized sample of intents (frontends, backend sets, empty ones, Local ones) applied one after the
+    other: every connect lands on a backend of its frontend, or fails as the frontend says."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    tcp = four_servers.ports("tcp")
+    shapes = st.lists(st.tuples(st.sampled_from([80, 81, 82, 83]),
+                                st.lists(st.integers(0, 3), unique=True, max_size=3), st.booleans()),
+                      min_size=1, max_size=4, unique_by=lambda t: t[0])
+
+    @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(shapes)
+    def check(shape: list[tuple[int, list[int], bool]]) -> None:
+        fes = tuple(frontend(port, "TCP", [("127.0.0.1", tcp[i]) for i in idx],
+                             no_local_backends=local and not idx) for port, idx, local in shape)
+        lb.apply(NodeLBIntent(node=NODE, frontends=fes))
+        for port, idx, local in shape:
+            (line,) = in_cgroup(lb, [(VIP, port)])
+            hits = accepted_by(four_servers, 1)
+            if not idx:
+                assert line == f"error {errno.EPERM if local else errno.ECONNREFUSED}" and hits == []
+            else:
+                assert line == f"peer {VIP}:{port}" and len(hits) == 1 and hits[0] in idx, (shape, line, hits)
+
+    check()
