@@ -134,7 +134,14 @@ class Agent:
                 "datapath_problems": list(o.datapath_problems),
                 "last_compiled": list(o.last_compiled), "last_map_writes": o.last_map_writes,
                 "last_attached": o.last_attached, "endpoints": o.endpoints, "unplaced": list(o.unplaced),
-                "program_hashes": dict(o.program_hashes)}
+                "program_hashes": dict(o.program_hashes), "load_balancing": self.lb_status()}
+
+    def lb_status(self) -> dict[str, object] | None:
+        """The socket load balancer's state (None: not configured, no --lb-cgroup)."""
+        if self.lb is None:
+            return None
+        return {"started": self.lb.started.is_set(), "error": self.lb.error, "applies": self.lb.applies,
+                "in_sync": self.lb.applied is not None and self.lb.applied == self.lb.wanted}
 
     def health_view(self) -> health.EnforcementView:
         """Enforcement as /healthz and /readyz judge it."""
