@@ -192,6 +192,8 @@ class Lab:
                 *self.etcd_flags(access.node_user(node)),
                 "--socket", str(self.layout.agent_socket(node)), "--state-dir", str(state / "agent"),
                 "--health-addr", f"127.0.0.1:{health}",
+                # socket load balancing for every pod of the node (their cgroups live below this one)
+                "--lb-cgroup", str(cgroups.ensure(cgroups.lab_root(self.layout.cgroup_name) / node)),
                 *(["--direct-status", "on", "--kubeconfig", str(self.layout.state_dir / "runtime.kubeconfig")]
                   if self.direct_status() else []),
             ], env={**self.child_env(), "CILIARY_AGENT_NETNS": self.layout.node_netns(node),

@@ -4,7 +4,7 @@ Start-up order: settings → logging → endpoint registry (loaded from the stat
 endpoint API on the unix socket → health (+ flow API) on TCP → etcd registration loop,
 and with the datapath enabled (``--datapath``): the enforcer (starts the datapath,
 adopting what a previous agent pinned), the intent watcher, the reporter and the flow
-pump. SIGTERM or SIGINT stops it: the lease is revoked (the node record and the
+pump; with ``--lb-cgroup`` also the socket load balancer (``load_balancing``). SIGTERM or SIGINT stops it: the lease is revoked (the node record and the
 reports disappear), the servers close and the socket file is removed; the datapath's
 pins and tc filters stay, so enforcement continues until a new agent adopts them
 (the same holds after ``kill -9``).
@@ -38,6 +38,7 @@ from ciliary.nodeagent import (
     enforcing,
     flowapi,
     health,
+    load_balancing,
     logs,
     registration,
     reporting,
@@ -66,6 +67,10 @@ class Agent:
         self.reporter: reporting.Reporter | None = None
         self._indexed: object = None
         self._api: Any = None  # kubernetes_asyncio client, direct status mode only
+        self.lb: load_balancing.LoadBalancing | None = None
+        if config.datapath and config.lb_cgroup is not None:
+            self.lb = load_balancing.LoadBalancing(config.node_name, cgroup=config.lb_cgroup,
+                                                   bpffs=config.bpffs_dir, client_factory=self._lb_watch_client)
         if config.datapath:
             self.datapath = (datapath_factory or make_datapath)(config)
             self.enforcer = enforcing.Enforcer(node=config.node_name, datapath=self.datapath,
@@ -87,6 +92,11 @@ class Agent:
     def _watch_client(self) -> watching.WatchClient:
         endpoint = self.config.etcd_endpoints[self.watcher.reconnects % len(self.config.etcd_endpoints)
                                               if self.watcher else 0]
+        return registration.make_client(endpoint, registration.CALL_TIMEOUT_S, self.config.etcd_tls)
+
+    def _lb_watch_client(self) -> watching.WatchClient:
+        reconnects = self.lb.watcher.reconnects if self.lb else 0
+        endpoint = self.config.etcd_endpoints[reconnects % len(self.config.etcd_endpoints)]
         return registration.make_client(endpoint, registration.CALL_TIMEOUT_S, self.config.etcd_tls)
 
     async def _on_intent(self, intent: intents.NodeIntent, mod_revision: int) -> None:
@@ -124,7 +134,14 @@ class Agent:
                 "datapath_problems": list(o.datapath_problems),
                 "last_compiled": list(o.last_compiled), "last_map_writes": o.last_map_writes,
                 "last_attached": o.last_attached, "endpoints": o.endpoints, "unplaced": list(o.unplaced),
-                "program_hashes": dict(o.program_hashes)}
+                "program_hashes": dict(o.program_hashes), "load_balancing": self.lb_status()}
+
+    def lb_status(self) -> dict[str, object] | None:
+        """The socket load balancer's state (None: not configured, no --lb-cgroup)."""
+        if self.lb is None:
+            return None
+        return {"started": self.lb.started.is_set(), "error": self.lb.error, "applies": self.lb.applies,
+                "in_sync": self.lb.applied is not None and self.lb.applied == self.lb.wanted}
 
     def health_view(self) -> health.EnforcementView:
         """Enforcement as /healthz and /readyz judge it."""
@@ -175,7 +192,8 @@ class Agent:
                 self.config.health_host, self.config.health_port,
                 routes=[flowapi.add_routes(self.flows), self._routes,
                         datapath_api.add_routes(self.config.node_name, self.enforcer,
-                                                getattr(self, "datapath", None), self.registry)],
+                                                getattr(self, "datapath", None), self.registry),
+                        load_balancing.add_routes(self.config.node_name, self.lb)],
             ))
             reg_task = asyncio.create_task(self.registration.run(self.stop), name="registration")
             if self.config.direct_status and self.reporter is not None:
@@ -189,6 +207,8 @@ class Agent:
                          asyncio.create_task(self.watcher.run(self.stop), name="watcher"),
                          asyncio.create_task(self.reporter.run(self.stop), name="reporter"),
                          asyncio.create_task(self._run_flows(), name="flows")]
+            if self.lb is not None:
+                tasks.append(asyncio.create_task(self.lb.run(self.stop), name="load-balancing"))
             log.info("Agent started", extra={"node": self.config.node_name, "pid": os.getpid(),
                                              "datapath": self.config.datapath})
             stop_task = asyncio.ensure_future(self.stop.wait())
@@ -211,6 +231,8 @@ class Agent:
             await asyncio.gather(*[t for t in (reg_task, *tasks) if t is not None], return_exceptions=True)
             if self.enforcer is not None:
                 await self.enforcer.close()
+            if self.lb is not None:
+                await self.lb.close()
             await self.registration.close()
             for runner in reversed(runners):
                 await runner.cleanup()

@@ -82,6 +82,10 @@ class RenderedProgram:
     """Entry function (and bpf program name): cy_from_pod or cy_to_pod."""
     source: str
     sha256: str
+    prog_type: str = "SCHED_CLS"
+    """bcc's name of the program type (``BPF.<prog_type>``) the compiler loads it as."""
+    attach_type: int = -1
+    """The expected attach type (``BPFAttachType``) the kernel needs for cgroup programs; -1: none."""
 
 
 def _environment(root: Path) -> jinja2.Environment:
@@ -116,6 +120,15 @@ def render(ctx: RenderContext, hook: str, *, root: Path = DATAPATH_C_DIR) -> Ren
     source = _inline_includes(text, root, set())
     digest = hashlib.sha256(source.encode()).hexdigest()
     return RenderedProgram(hook=hook, name=f"cy_{hook}", source=source, sha256=digest)
+
+
+def render_template(template: str, ctx: object, *, hook: str, name: str, prog_type: str = "SCHED_CLS",
+                    attach_type: int = -1, root: Path = DATAPATH_C_DIR) -> RenderedProgram:
+    """Render any program template of ``datapath_c/`` with ``ctx`` (other program families, e.g. sock_*)."""
+    text = _environment(root).get_template(template).render(ctx=ctx)
+    source = _inline_includes(text, root, set())
+    return RenderedProgram(hook=hook, name=name, source=source, sha256=hashlib.sha256(source.encode()).hexdigest(),
+                           prog_type=prog_type, attach_type=attach_type)
 
 
 def render_all(ctx: RenderContext, *, root: Path = DATAPATH_C_DIR) -> dict[str, RenderedProgram]:

@@ -33,6 +33,7 @@ DEFAULTS: dict[str, str] = {
     "DATAPATH": "on",
     "DIRECT_STATUS": "off",
     "KUBECONFIG": "",  # empty: the in-cluster service account (direct status mode only)
+    "LB_CGROUP": "",  # empty: no socket load balancing
 }
 
 
@@ -60,6 +61,8 @@ class AgentSettings(pydantic.BaseModel):
     direct_status: bool = pydantic.Field(
         default=False, description="Patch .status.nodes of policies directly (operator runs without handover).")
     kubeconfig: str = pydantic.Field(default="", description="kubeconfig for direct status; empty: in-cluster.")
+    lb_cgroup: Path | None = pydantic.Field(
+        default=None, description="cgroup v2 directory whose sockets get socket load balancing; None: off.")
 
     @property
     def health_addr(self) -> str:
@@ -121,6 +124,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                              f"--no-enable-k8s-event-handover) [env {ENV_PREFIX}DIRECT_STATUS]")
     parser.add_argument("--kubeconfig", default=default("KUBECONFIG"), metavar="PATH",
                         help=f"kubeconfig for --direct-status (default: in-cluster) [env {ENV_PREFIX}KUBECONFIG]")
+    parser.add_argument("--lb-cgroup", default=default("LB_CGROUP"), metavar="DIR",
+                        help=f"cgroup v2 directory to attach the socket load balancer to (Services: connect, "
+                             f"sendmsg, recvmsg, getpeername of every process below it); empty: off "
+                             f"[env {ENV_PREFIX}LB_CGROUP]")
     parser.add_argument("--log-level", default=default("LOG_LEVEL"), metavar="LEVEL",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"],
                         help=f"log level [env {ENV_PREFIX}LOG_LEVEL]")
@@ -155,6 +162,7 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Age
             datapath=ns.datapath == "on",
             direct_status=ns.direct_status == "on",
             kubeconfig=ns.kubeconfig,
+            lb_cgroup=Path(ns.lb_cgroup) if ns.lb_cgroup else None,
         )
     except (ValueError, pydantic.ValidationError) as exc:
         parser.error(str(exc))

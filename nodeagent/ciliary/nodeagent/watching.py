@@ -15,7 +15,9 @@ the last good state keeps enforcing. A deleted key goes to ``on_deleted``.
 For health: ``synced`` is set once the key was first read (and handed over);
 ``broken_since`` is the monotonic time of the first failure since the watch last
 worked (None while it works), so ``/healthz`` can fail a watch that stays broken.
-Called by ``main.Agent``; the etcd client is injected (a fake in unit tests).
+Called by ``main.Agent``; the etcd client is injected (a fake in unit tests). The same watcher
+follows the node's load-balancing intent (``key`` = ``keyspace.node_lb_intent_key``, ``parse`` =
+``parse_lb_intent``; ``load_balancing``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any, Protocol
 import aetcd
 
 from ciliary.operator import intents
+from ciliary.operator.services.intent import LBIntentSchemaError
 from ciliary.operator.store import keyspace
 
 log = logging.getLogger(__name__)
@@ -55,7 +58,7 @@ class WatchClient(Protocol):
     async def close(self) -> None: ...
 
 
-IntentHandler = Callable[[intents.NodeIntent, int], Awaitable[None]]
+IntentHandler = Callable[[Any, int], Awaitable[None]]
 """(intent, etcd mod revision) -> None."""
 InvalidHandler = Callable[[str, int], Awaitable[None]]
 """(message, etcd mod revision) -> None."""
@@ -68,9 +71,11 @@ class IntentWatcher:
     def __init__(self, *, node: str, client_factory: Callable[[], WatchClient],
                  on_intent: IntentHandler, on_invalid: InvalidHandler, on_deleted: DeletedHandler,
                  backoff: tuple[float, float] = (BACKOFF_MIN_S, BACKOFF_MAX_S),
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, key: str | None = None,
+                 parse: Callable[[str, bytes], Any] = intents.parse_node_intent) -> None:
         self.node = node
-        self.key = keyspace.node_intent_key(node).encode()
+        self.key = (key or keyspace.node_intent_key(node)).encode()
+        self._parse = parse
         self._client_factory = client_factory
         self._client: WatchClient | None = None
         self._on_intent = on_intent
@@ -164,8 +169,8 @@ class IntentWatcher:
 
     async def _handle_value(self, raw: bytes, revision: int) -> None:
         try:
-            intent = intents.parse_node_intent(self.node, raw)
-        except intents.IntentSchemaError as exc:
+            intent = self._parse(self.node, raw)
+        except (intents.IntentSchemaError, LBIntentSchemaError) as exc:
             log.error("Refusing node intent", extra={"node": self.node, "mod_revision": revision,
                                                      "error": exc.message})
             await self._on_invalid(exc.message, revision)

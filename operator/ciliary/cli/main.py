@@ -2,6 +2,7 @@
 
   ciliary lab up|down|status|env|exec   the local lab (real control plane, nodes in namespaces)
   ciliary policy get|trace              what a node enforces; why a packet passes or not
+  ciliary service list                  frontends -> backends each node's load balancer holds
   ciliary observe                       every verdict of the datapath (flows), from any node
   ciliary version                       versions of Ciliary and of the lab's control plane
 
@@ -16,7 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ciliary.cli import lab_commands, observe_commands, policy_commands
+from ciliary.cli import lab_commands, observe_commands, policy_commands, service_commands
 from ciliary.cli.errors import UserError
 
 VERSION = "0.1.0"
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab_commands.register(sub)
     policy_commands.register(sub)
     observe_commands.register(sub)
+    service_commands.register(sub)
     version = sub.add_parser("version", help="show versions of Ciliary and the lab's control plane",
                              description="Show the version of Ciliary and of the control-plane binaries the lab runs.")
     version.set_defaults(func=_version)

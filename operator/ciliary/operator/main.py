@@ -7,7 +7,8 @@ NodeIntent per node into etcd. Flags (each also as ``CILIARY_OPERATOR_*``):
 ``--[no-]enable-k8s-event-handover`` (default on: the operator writes ``.status.nodes``
 from the agents' reports in etcd; off: agents patch it themselves and the operator
 writes only the conditions) and ``--status-interval`` (seconds between two status
-writes of one policy, default 1).
+writes of one policy, default 1). Load balancing (Services -> per-node LB intents, ``lb_reconciling``):
+``--endpoints-api endpointslices|endpoints``, ``--node-port-range LOW-HIGH``, ``--service-proxy-name``.
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ from typing import Any
 import kopf
 from kubernetes_asyncio.client.rest import ApiException
 
-from ciliary.operator.kube import handlers, kubeapi
+from ciliary.operator.kube import handlers, kubeapi, service_handlers
 from ciliary.operator.kube.cluster_model import ClusterModel
+from ciliary.operator.kube.service_events import ServiceEventPoster
+from ciliary.operator.kube.service_model import ServiceModel
+from ciliary.operator.lb_reconciling import LBReconciler
 from ciliary.operator.reconciling import Reconciler
+from ciliary.operator.services.resolution import ResolverConfig
 from ciliary.operator.status.handover import StatusHandover
 from ciliary.operator.store import leadership
 from ciliary.operator.store.etcdclient import (
@@ -82,8 +87,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this replica's name in the election (default: host name and pid)")
     p.add_argument("--leader-lease-ttl", type=int, default=int(env("CILIARY_OPERATOR_LEADER_LEASE_TTL", "15")),
                    help="seconds after which a silent leader loses the election (default 15)")
+    p.add_argument("--endpoints-api", choices=service_handlers.ENDPOINT_APIS,
+                   default=env("CILIARY_OPERATOR_ENDPOINTS_API", "endpointslices"),
+                   help="where Service backends come from: discovery.k8s.io/v1 EndpointSlices (default) or "
+                        "v1 Endpoints (clusters without the EndpointSlice API)")
+    p.add_argument("--node-port-range", type=_port_range, default=env("CILIARY_OPERATOR_NODE_PORT_RANGE",
+                                                                        "30000-32767"),
+                   help="NodePorts served, LOW-HIGH (must match kube-apiserver's --service-node-port-range)")
+    p.add_argument("--service-proxy-name", default=env("CILIARY_OPERATOR_SERVICE_PROXY_NAME", ""),
+                   help="Services labelled service.kubernetes.io/service-proxy-name with another value are "
+                        "left to that proxy")
     p.add_argument("--log-level", default=env("CILIARY_OPERATOR_LOG_LEVEL", "INFO"), help="log level")
     return p
+
+
+def _port_range(text: str | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(text, tuple):
+        return text
+    low, sep, high = text.partition("-")
+    try:
+        lo, hi = int(low), int(high)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LOW-HIGH") from None
+    if not sep or not 1 <= lo <= hi <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port range LOW-HIGH")
+    return lo, hi
 
 
 def _env_bool(name: str, default: bool) -> bool:
@@ -107,8 +135,10 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
             return
     allocator = EtcdIdentityAllocator(store, grace_seconds=args.identity_gc_grace)
     publisher = IntentPublisher(store)
+    lb_publisher = IntentPublisher.for_lb_intents(store)
     await allocator.load()
     await publisher.load()
+    await lb_publisher.load()
     api = await kubeapi.api_client(args.kubeconfig or None)
     model = ClusterModel()
     registry = kopf.OperatorRegistry()
@@ -119,17 +149,24 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
                               resolved_generation=reconciler.resolved_generation,
                               wait_for=[reconciler.synced], require_assessment=True)
     handlers.register(registry, model, handover)
+    services = ServiceModel()
+    service_handlers.register(registry, services, args.endpoints_api)
+    lb = LBReconciler(services, lambda: {name: node.ipv4 for name, node in model.nodes.items()}, lb_publisher,
+                      ServiceEventPoster(api), ResolverConfig(node_port_range=_port_range(args.node_port_range),
+                                                              proxy_name=args.service_proxy_name))
     settings = kopf.OperatorSettings()
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     await list_with_retries(api, model, handover)
     handover.policies_listed.set()
+    await service_handlers.initial_list(api, services, args.endpoints_api)
     listed = asyncio.Event()
     listed.set()
     tasks: list[asyncio.Task[Any]] = [
         asyncio.create_task(kopf.operator(registry=registry, settings=settings, standalone=True,
                                           clusterwide=True, stop_flag=stop), name="kopf"),
         asyncio.create_task(reconciler.run(listed), name="reconciler"),
+        asyncio.create_task(lb.run(listed), name="lb-reconciler"),
         asyncio.create_task(handover.run(), name="handover"),
     ]
     if leader is not None:

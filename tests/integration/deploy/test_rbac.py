@@ -54,7 +54,9 @@ pytestmark = pytest.mark.integration
 #: handover.StatusHandover._write -> patch_{namespaced,cluster}_custom_object_status (merge patch, Valid
 #: and Enforced conditions, enforcement, nodes; no precondition, so never a 409 and no re-read);
 #: kopf.warn -> kopf posting: POST core/v1 events (never patch/get);
-#: kopf's resource observer (clusterwide, scanning enabled) -> list + watch CRDs.
+#: kopf's resource observer (clusterwide, scanning enabled) -> list + watch CRDs;
+#: service_handlers.register/initial_list -> kopf.on.event on services and endpointslices, list_service_for_all_
+#: namespaces, list_endpoint_slice_for_all_namespaces; service_events -> POST core/v1 events (covered above).
 OPERATOR_USES: frozenset[tuple[str, str, str]] = frozenset({
     ("", "namespaces", "list"), ("", "namespaces", "watch"),
     ("", "nodes", "list"), ("", "nodes", "watch"),
@@ -66,6 +68,8 @@ OPERATOR_USES: frozenset[tuple[str, str, str]] = frozenset({
     ("cilium.io", "ciliumnetworkpolicies/status", "patch"),
     ("cilium.io", "ciliumclusterwidenetworkpolicies/status", "patch"),
     ("", "events", "create"),
+    ("", "services", "list"), ("", "services", "watch"),
+    ("discovery.k8s.io", "endpointslices", "list"), ("discovery.k8s.io", "endpointslices", "watch"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
 })

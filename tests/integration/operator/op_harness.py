@@ -15,16 +15,17 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 class OperatorProcess:
-    def __init__(self, kube, log: Path) -> None:
+    def __init__(self, kube, log: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.kube = kube
         self.log = log
+        self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         out = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ciliary.operator.main", "--kubeconfig", str(self.kube.kubeconfig),
-             *self.kube.etcd_flags(), "--log-level", "INFO"],
+             *self.kube.etcd_flags(), "--log-level", "INFO", *self.extra_args],
             stdout=out, stderr=subprocess.STDOUT)
 
     def stop(self) -> None:

@@ -37,6 +37,9 @@ def key_classes() -> dict[str, str]:
         "own intent": keyspace.node_intent_key(OWN),
         "other node's intent": keyspace.node_intent_key(OTHER),
         "intent of a node whose name it prefixes": keyspace.node_intent_key(PREFIXED),
+        "own lb intent": keyspace.node_lb_intent_key(OWN),
+        "other node's lb intent": keyspace.node_lb_intent_key(OTHER),
+        "lb intent of a node whose name it prefixes": keyspace.node_lb_intent_key(PREFIXED),
         "own registration": keyspace.node_key(OWN),
         "other node's registration": keyspace.node_key(OTHER),
         "own status": keyspace.node_status_key(OWN),
@@ -105,6 +108,9 @@ def test_a_node_agent_reaches_exactly_its_own_keys(kube: Any, creds: dict[str, E
         assert got["own intent"] == (True, False)
         assert got["other node's intent"] == (False, False)
         assert got["intent of a node whose name it prefixes"] == (False, False)
+        assert got["own lb intent"] == (True, False)
+        assert got["other node's lb intent"] == (False, False)
+        assert got["lb intent of a node whose name it prefixes"] == (False, False)
         assert not any(write for what, (_, write) in got.items() if not what.startswith("own "))
         assert got["identity"] == (True, False) and got["own registration"] == (True, True)
         print("\nnode agent:", got)
@@ -121,6 +127,7 @@ def test_the_operator_writes_intents_and_identities_and_reads_what_agents_write(
                     for what, key in key_classes().items()}
         assert got == expected
         assert got["other node's intent"] == (True, True) and got["identity"] == (True, True)
+        assert got["other node's lb intent"] == (True, True)
         assert got["own report"] == (True, False) and got["own registration"] == (True, False)
         assert got["kubernetes objects"] == (False, False)
         print("\noperator:", got)

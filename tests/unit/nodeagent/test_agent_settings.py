@@ -101,3 +101,10 @@ def test_datapath_is_on_by_default_and_auto_is_gone(tls_env):
         assert caught.value.code == 2
     with pytest.raises(SystemExit):
         settings.load_settings([], {**node, "CILIARY_AGENT_DATAPATH": "auto"})
+
+
+def test_socket_load_balancing_is_off_unless_a_cgroup_is_given(tls_env):
+    assert settings.load_settings([], {"CILIARY_AGENT_NODE_NAME": "n1", **tls_env}).lb_cgroup is None
+    env = {"CILIARY_AGENT_NODE_NAME": "n1", "CILIARY_AGENT_LB_CGROUP": "/sys/fs/cgroup/x", **tls_env}
+    assert settings.load_settings([], env).lb_cgroup == Path("/sys/fs/cgroup/x")
+    assert settings.load_settings(["--lb-cgroup", "/cg/y"], env).lb_cgroup == Path("/cg/y")

@@ -6,9 +6,10 @@ library pages, ~55 MB resident once loaded, and the compile's heap) live in a
 short-lived process instead of the agent.
 
 Protocol: stdin holds a JSON list of jobs ``{hook, name, sha256, source,
-pin_path}``. For each job, in order, the program is compiled (its pinned maps
+pin_path[, prog_type, attach_type]}``. For each job, in order, the program is compiled (its pinned maps
 are created, or reused when already pinned in bpffs: ``BPF_TABLE_PINNED``),
-loaded as ``SCHED_CLS`` (the kernel verifier runs) and pinned at ``pin_path``,
+loaded as ``prog_type`` (default ``SCHED_CLS``; cgroup programs with their expected
+``attach_type``; the kernel verifier runs) and pinned at ``pin_path``,
 replacing whatever was pinned there. The first failure ends the run. The last
 line of stdout is a JSON list of outcomes, one per job attempted:
 ``{"hook", "ok": true}`` or ``{"hook", "ok": false, "phase": "compile" |
@@ -69,7 +70,8 @@ def run_job(job: dict[str, Any], keep: list[Any]) -> dict[str, Any]:
     log = []
     try:
         with _captured_stderr() as log:
-            fn = bpf.load_func(str(job["name"]).encode(), BPF.SCHED_CLS)
+            fn = bpf.load_func(str(job["name"]).encode(), getattr(BPF, str(job.get("prog_type") or "SCHED_CLS")),
+                               attach_type=int(job.get("attach_type", -1)))
     except Exception as exc:  # noqa: BLE001
         return _failure(hook, "verify", exc, log)
     pin_path = Path(job["pin_path"])

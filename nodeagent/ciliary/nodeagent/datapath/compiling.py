@@ -59,7 +59,8 @@ def compile_and_pin(jobs: Sequence[tuple[rendering.RenderedProgram, Path]]) -> N
     if not jobs:
         return
     payload = json.dumps([{"hook": p.hook, "name": p.name, "sha256": p.sha256, "source": p.source,
-                           "pin_path": str(path)} for p, path in jobs])
+                           "pin_path": str(path), "prog_type": p.prog_type, "attach_type": p.attach_type}
+                          for p, path in jobs])
     first = jobs[0][0]
     began = time.monotonic()
     try:

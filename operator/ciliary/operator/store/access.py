@@ -5,9 +5,10 @@ names; the lab (``ciliary.lab.etcdsecurity``) and the chart path turn them into 
 roles. With etcd's ``--client-cert-auth`` and authentication on, etcd takes the user name
 from the client certificate's common name, so a component's certificate CN *is* its user.
 
-* The operator reads and writes the intents, the identities and its election keys, and
+* The operator reads and writes the intents (policy and load balancing), the identities and its election keys, and
   reads the node registrations, the per-node statuses and the policy reports.
-* The agent of node ``N`` (user :func:`node_user`) reads only its own intent and the
+* The agent of node ``N`` (user :func:`node_user`) reads only its own intents (policy and load
+  balancing) and the
   shared identities; it writes only its own registration, its own status and the reports
   under its own prefix (``/ciliary/reports/v1/N/``).
 
@@ -113,6 +114,7 @@ def operator_role() -> Role:
     rw, r = Permission.READWRITE, Permission.READ
     return Role(name=OPERATOR_USER, user=OPERATOR_USER, grants=(
         Grant(rw, keyspace.INTENTS_PREFIX, prefix=True),
+        Grant(rw, keyspace.LB_INTENTS_PREFIX, prefix=True),
         Grant(rw, keyspace.IDENTITIES_PREFIX, prefix=True),
         Grant(rw, OPERATOR_PREFIX, prefix=True),
         Grant(r, keyspace.NODES_PREFIX, prefix=True),
@@ -126,6 +128,7 @@ def node_role(node: str) -> Role:
     rw, r = Permission.READWRITE, Permission.READ
     return Role(name=user, user=user, grants=(
         Grant(r, keyspace.node_intent_key(node)),
+        Grant(r, keyspace.node_lb_intent_key(node)),
         Grant(r, keyspace.IDENTITIES_PREFIX, prefix=True),
         Grant(rw, keyspace.node_key(node)),
         Grant(rw, keyspace.node_status_key(node)),
@@ -138,6 +141,7 @@ def shared_agents_role() -> Role:
     rw, r = Permission.READWRITE, Permission.READ
     return Role(name=SHARED_AGENTS_USER, user=SHARED_AGENTS_USER, grants=(
         Grant(r, keyspace.INTENTS_PREFIX, prefix=True),
+        Grant(r, keyspace.LB_INTENTS_PREFIX, prefix=True),
         Grant(r, keyspace.IDENTITIES_PREFIX, prefix=True),
         Grant(rw, keyspace.NODES_PREFIX, prefix=True),
         Grant(rw, keyspace.NODE_STATUS_PREFIX, prefix=True),

@@ -7,6 +7,7 @@ node first), so etcd's key and prefix permissions can confine each agent to its 
 
   /ciliary/nodes/v1/<node>                  agent registration, bound to its lease
   /ciliary/intents/v1/<node>                the NodeIntent the operator publishes
+  /ciliary/lbintents/v1/<node>              the NodeLBIntent (load balancing) the operator publishes
   /ciliary/identities/v1/id/<number>        identity -> its labels (allocation record)
   /ciliary/identities/v1/labels/<sha256>    labels -> identity (compare-and-swap index)
   /ciliary/reports/v1/<node>/<policy-uid>   per-policy enforcement report, bound to the agent lease
@@ -18,6 +19,7 @@ from __future__ import annotations
 ROOT = "/ciliary"
 NODES_PREFIX = f"{ROOT}/nodes/v1/"
 INTENTS_PREFIX = f"{ROOT}/intents/v1/"
+LB_INTENTS_PREFIX = f"{ROOT}/lbintents/v1/"
 IDENTITIES_PREFIX = f"{ROOT}/identities/v1/"
 IDENTITY_ID_PREFIX = f"{IDENTITIES_PREFIX}id/"
 IDENTITY_LABELS_PREFIX = f"{IDENTITIES_PREFIX}labels/"
@@ -37,6 +39,10 @@ def node_key(node: str) -> str:
 
 def node_intent_key(node: str) -> str:
     return INTENTS_PREFIX + _segment(node, "node name")
+
+
+def node_lb_intent_key(node: str) -> str:
+    return LB_INTENTS_PREFIX + _segment(node, "node name")
 
 
 def node_status_key(node: str) -> str:

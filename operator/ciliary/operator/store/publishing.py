@@ -10,16 +10,21 @@ One etcd round trip per written node: the transaction reads the key back after
 its put (its new mod revision) or, when the compare fails, reads what is there.
 Up to ``concurrency`` nodes are written at once (a policy that selects pods on
 every node of a 1,000-node cluster rewrites 1,000 keys).
+
+The same publisher writes the load-balancing intents (``for_lb_intents``): another prefix, key
+function and parser, the same write discipline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol
 
-from ciliary.operator.intents import IntentSchemaError, NodeIntent, parse_node_intent
+from ciliary.operator.intents import IntentSchemaError, parse_node_intent
+from ciliary.operator.services.intent import LBIntentSchemaError, parse_lb_intent
 from ciliary.operator.store import keyspace
 from ciliary.operator.store.etcdclient import EtcdStore
 
@@ -33,30 +38,52 @@ class Published:
     revision: int
 
 
+class PublishableIntent(Protocol):
+    """What the publisher needs of an intent (``NodeIntent``, ``NodeLBIntent``)."""
+
+    def content_hash(self) -> str: ...
+
+    def to_wire(self) -> bytes: ...
+
+
+_SCHEMA_ERRORS = (IntentSchemaError, LBIntentSchemaError)
+
+
 class IntentPublisher:
-    def __init__(self, store: EtcdStore, *, concurrency: int = 32) -> None:
+    def __init__(self, store: EtcdStore, *, concurrency: int = 32, prefix: str = keyspace.INTENTS_PREFIX,
+                 key_of: Callable[[str], str] = keyspace.node_intent_key,
+                 parse: Callable[[str, bytes], Any] = parse_node_intent) -> None:
         self.store = store
         self.published: dict[str, Published] = {}
         self.writes = 0
         self.concurrency = concurrency
+        self.prefix = prefix
+        self.key_of = key_of
+        self.parse = parse
+
+    @classmethod
+    def for_lb_intents(cls, store: EtcdStore, *, concurrency: int = 32) -> IntentPublisher:
+        """The publisher of the load-balancing intents (``/ciliary/lbintents/v1/<node>``)."""
+        return cls(store, concurrency=concurrency, prefix=keyspace.LB_INTENTS_PREFIX,
+                   key_of=keyspace.node_lb_intent_key, parse=parse_lb_intent)
 
     async def load(self) -> None:
         """Learn what is already in etcd (an operator restart rewrites nothing unchanged)."""
-        rows = await self.store.get_prefix(keyspace.INTENTS_PREFIX.encode())
+        rows = await self.store.get_prefix(self.prefix.encode())
         for kv in rows:
-            node = keyspace.node_from_key(keyspace.INTENTS_PREFIX, kv.key)
+            node = keyspace.node_from_key(self.prefix, kv.key)
             try:
-                intent = parse_node_intent(node, kv.value)
-            except IntentSchemaError:
+                intent = self.parse(node, kv.value)
+            except _SCHEMA_ERRORS:
                 self.published[node] = Published("", kv.mod_revision, -1)
                 continue
-            self.published[node] = Published(intent.content_hash(), kv.mod_revision, intent.revision)
+            self.published[node] = Published(intent.content_hash(), kv.mod_revision, getattr(intent, "revision", 0))
 
     def current_revision(self, node: str) -> int | None:
         seen = self.published.get(node)
         return seen.revision if seen else None
 
-    async def publish(self, intents: Mapping[str, NodeIntent]) -> list[str]:
+    async def publish(self, intents: Mapping[str, PublishableIntent]) -> list[str]:
         """Write the intents whose content changed; delete departed nodes. Returns nodes written."""
         limit = asyncio.Semaphore(self.concurrency)
 
@@ -78,15 +105,15 @@ class IntentPublisher:
         if written:
             log.info("published %d intent(s)", len(written), extra={"nodes": written[:20]})
         for node in sorted(set(self.published) - set(intents)):
-            await self.store.delete_fenced(keyspace.node_intent_key(node).encode())
+            await self.store.delete_fenced(self.key_of(node).encode())
             self.published.pop(node, None)
             self.writes += 1
             log.info("deleted intent of departed node %s", node)
         return written
 
-    async def _put_if_changed(self, node: str, intent: NodeIntent, content: str) -> bool:
+    async def _put_if_changed(self, node: str, intent: PublishableIntent, content: str) -> bool:
         """CAS-write ``intent`` (whose content hash is ``content``) unless etcd already holds that content."""
-        key = keyspace.node_intent_key(node).encode()
+        key = self.key_of(node).encode()
         value = intent.to_wire()
         for _ in range(10):  # bounded CAS retries
             seen = self.published.get(node)
@@ -100,15 +127,16 @@ class IntentPublisher:
             if ok:
                 self.writes += 1
                 mod = current.mod_revision if current else 0
-                self.published[node] = Published(content, mod, intent.revision)
-                log.debug("published intent for %s at revision %d", node, intent.revision)
+                revision = getattr(intent, "revision", 0)
+                self.published[node] = Published(content, mod, revision)
+                log.debug("published intent for %s at revision %d", node, revision)
                 return True
             if current is None:
                 self.published.pop(node, None)
             else:
                 try:
-                    theirs = parse_node_intent(node, current.value).content_hash()
-                except IntentSchemaError:
+                    theirs = self.parse(node, current.value).content_hash()
+                except _SCHEMA_ERRORS:
                     theirs = ""
                 self.published[node] = Published(theirs, current.mod_revision, -1)
         raise RuntimeError(f"could not publish the intent of {node}: too many concurrent writers")

@@ -1,0 +1,96 @@
+/* lb_maps.h - the socket load balancer's maps and their types, declared once.
+ *
+ * Filled by the agent from its node's load-balancing intent
+ * (ciliary.nodeagent.lb_planning); read by the cgroup sock_addr programs
+ * (programs/sock_*.c.j2, logic in lib/lb.h). Pinned under CY_PIN_DIR next to
+ * the policy maps, so a restarted agent and all four programs share them.
+ * Addresses and ports are in network byte order. Sizes come from the
+ * rendered CY_LB_* defines (programs/lb_macros.j2).
+ */
+#ifndef CY_LB_MAPS_H
+#define CY_LB_MAPS_H
+
+#ifndef CY_PIN_DIR
+#error "CY_PIN_DIR must be rendered (programs/lb_macros.j2)"
+#endif
+
+/* A frontend (address, port, L4 protocol) and a slot: slot 0 is the
+ * frontend's own entry, slots 1..count name its backends. TCP and UDP on
+ * one port are different keys. */
+struct lb4_key {
+	__u32 address;
+	__u16 dport;
+	__u8 proto;
+	__u8 pad;
+	__u16 slot;
+	__u16 pad2;
+};
+
+/* Slot 0: backend_id is the frontend's id (rev-NAT, affinity), count the
+ * number of backend slots, flags CY_LB_F_*. Slot n: backend_id only. */
+struct lb4_service {
+	__u32 backend_id;
+	__u16 count;
+	__u16 flags;
+	__u32 affinity_timeout; /* seconds; used with CY_LB_F_AFFINITY */
+	__u32 pad;
+};
+
+#define CY_LB_F_NO_LOCAL 0x1 /* Local policy, endpoints elsewhere only: drop */
+#define CY_LB_F_AFFINITY 0x2 /* sessionAffinity ClientIP */
+
+struct lb4_backend {
+	__u32 address;
+	__u16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+/* The frontend a socket was translated from: key (socket cookie, backend
+ * address, backend port), so recvmsg/getpeername show the frontend. */
+struct lb4_sock_key {
+	__u64 cookie;
+	__u32 address;
+	__u16 port;
+	__u16 pad;
+};
+
+struct lb4_frontend {
+	__u32 address;
+	__u16 port;
+	__u16 pad;
+};
+
+/* Session affinity: (client network-namespace cookie, frontend id). A pod
+ * has its own network namespace and one IPv4, so this is ClientIP. */
+struct lb4_affinity_key {
+	__u64 netns_cookie;
+	__u32 frontend_id;
+	__u32 pad;
+};
+
+struct lb4_affinity_value {
+	__u64 last_used_ns;
+	__u32 backend_id;
+	__u16 slot;
+	__u16 pad;
+};
+
+/* cy_lb4_svc: frontends and their backend slots, CY_LB_SERVICES_MAX entries. */
+BPF_TABLE_PINNED("hash", struct lb4_key, struct lb4_service, cy_lb4_svc,
+		 CY_LB_SERVICES_MAX, CY_PIN_DIR "/cy_lb4_svc");
+
+/* cy_lb4_be: backend id -> backend, CY_LB_BACKENDS_MAX entries. */
+BPF_TABLE_PINNED("hash", __u32, struct lb4_backend, cy_lb4_be,
+		 CY_LB_BACKENDS_MAX, CY_PIN_DIR "/cy_lb4_be");
+
+/* cy_lb4_revsk: per-socket reverse translation (LRU; written at connect and
+ * sendmsg, read at recvmsg and getpeername). */
+BPF_TABLE_PINNED("lru_hash", struct lb4_sock_key, struct lb4_frontend, cy_lb4_revsk,
+		 CY_LB_REVSK_MAX, CY_PIN_DIR "/cy_lb4_revsk");
+
+/* cy_lb4_aff: session affinity (LRU). */
+BPF_TABLE_PINNED("lru_hash", struct lb4_affinity_key, struct lb4_affinity_value, cy_lb4_aff,
+		 CY_LB_AFFINITY_MAX, CY_PIN_DIR "/cy_lb4_aff");
+
+#endif /* CY_LB_MAPS_H */

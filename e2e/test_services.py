@@ -1,0 +1,303 @@
+"""Services load-balanced in the kernel (socket level), proven with real traffic from pods in the lab.
+
+Pods (namespace ``svc``): ``web-1`` on node-1 and ``web-2`` on node-2 (app=web; TCP 8080 named
+``http``, UDP 53 named ``dns``), ``client`` on node-1. Service ``web``: 80/TCP -> targetPort
+``http`` (named), 53/TCP -> 8080 and 53/UDP -> ``dns`` (the same port on two protocols). The
+client runs inside its pod's network namespace *and cgroup* (where the socket load balancer is
+attached), connecting to the ClusterIP; nobody routes ClusterIPs, so an answer proves the
+translation at connect()/sendmsg().
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from ciliary.lab import topology
+
+pytestmark = pytest.mark.e2e
+
+NS = "svc"
+MANIFESTS = f"""
+apiVersion: v1
+kind: Namespace
+metadata: {{name: {NS}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: web-1, namespace: {NS}, labels: {{app: web}}}}
+spec:
+  nodeName: node-1
+  containers: [{{name: c, image: lab, ports: [{{containerPort: 8080, name: http}},
+                                            {{containerPort: 53, name: dns, protocol: UDP}}]}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: web-2, namespace: {NS}, labels: {{app: web}}}}
+spec:
+  nodeName: node-2
+  containers: [{{name: c, image: lab, ports: [{{containerPort: 8080, name: http}},
+                                            {{containerPort: 53, name: dns, protocol: UDP}}]}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: {NS}, labels: {{app: client}}}}
+spec:
+  nodeName: node-1
+  containers: [{{name: c, image: lab, ports: [{{containerPort: 80}}]}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: {NS}}}
+spec:
+  selector: {{app: web}}
+  ports:
+  - {{name: http, port: 80, targetPort: http}}
+  - {{name: dns-tcp, port: 53, protocol: TCP, targetPort: 8080}}
+  - {{name: dns-udp, port: 53, protocol: UDP, targetPort: dns}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: empty, namespace: {NS}}}
+spec:
+  selector: {{app: nobody}}
+  ports: [{{port: 80}}]
+"""
+
+PROBE = r"""
+import json, socket, sys, time
+kind, ip, port, count, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+out = []
+for _ in range(count):
+    began = time.monotonic()
+    try:
+        if kind == "tcp":
+            s = socket.create_connection((ip, port), timeout=timeout)
+            peer = s.getpeername()
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+            s.close()
+            body = data.partition(b"\r\n\r\n")[2].decode().strip()
+        else:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(timeout)
+            s.sendto(b"hello", (ip, port))
+            data, peer = s.recvfrom(4096)
+            s.close()
+            body = data.decode()
+        out.append({"ok": True, "peer": f"{peer[0]}:{peer[1]}", "body": body})
+    except OSError as exc:
+        out.append({"ok": False, "errno": exc.errno, "error": str(exc), "seconds": time.monotonic() - began})
+print(json.dumps(out))
+"""
+
+
+class Client:
+    def __init__(self, lab: Any) -> None:
+        self.lab = lab
+        self.netns, self.cgroup = lab.lab.pod_target("client", NS)
+
+    def probe(self, kind: str, ip: str, port: int, count: int = 1, timeout: float = 2.0) -> list[dict[str, Any]]:
+        procs = str(self.cgroup / "cgroup.procs")
+
+        def enter() -> None:  # between fork and exec: into the pod's cgroup, where the programs are attached
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+
+        out = subprocess.run(["nsenter", f"--net={topology.NETNS_DIR / self.netns}", sys.executable, "-c", PROBE,
+                              kind, ip, str(port), str(count), str(timeout)],
+                             capture_output=True, text=True, timeout=60 + count * timeout, preexec_fn=enter)
+        assert out.returncode == 0, out.stderr
+        return list(json.loads(out.stdout))
+
+
+def services_doc(lab: Any, node: str) -> dict[str, Any]:
+    port = int((lab.lab.layout.node_dir(node) / "health-port").read_text())
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/services", timeout=5) as resp:
+        return dict(json.load(resp))
+
+
+LAST_ERROR: list[str] = []
+
+
+def backends_of(lab: Any, node: str, ip: str, port: int, proto: str = "TCP") -> list[str] | None:
+    try:
+        doc = services_doc(lab, node)
+    except OSError as exc:  # 503 while the load balancer starts (compiles)
+        body = exc.read().decode() if isinstance(exc, urllib.error.HTTPError) else ""
+        LAST_ERROR[:] = [f"{exc} {body}"]
+        return None
+    for fe in doc["frontends"]:
+        if (fe["address"], fe["port"], fe["protocol"]) == (ip, port, proto):
+            return sorted(f"{b['address']}:{b['port']}" for b in fe["backends"])
+    return None
+
+
+def wait_for(check: Any, seconds: float = 30.0, what: str = "") -> Any:
+    deadline = time.monotonic() + seconds
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {seconds} s: {what} (last agent error: {LAST_ERROR})")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def svc(lab: Any) -> Iterator[dict[str, Any]]:
+    if not lab.lab.layout.config_file.exists():
+        lab.lab.up(2, log=False)
+    lab.apply(MANIFESTS)
+    pods = {name: lab.wait_running(name, NS) for name in ("web-1", "web-2", "client")}
+    ips = {name: pod["status"]["podIP"] for name, pod in pods.items()}
+    vip = json.loads(lab.kubectl("get", "svc", "web", "-n", NS, "-o", "json").stdout)["spec"]["clusterIP"]
+    empty = json.loads(lab.kubectl("get", "svc", "empty", "-n", NS, "-o", "json").stdout)["spec"]["clusterIP"]
+    want = sorted(f"{ips[w]}:8080" for w in ("web-1", "web-2"))
+    wait_for(lambda: backends_of(lab, "node-1", vip, 80) == want, 60, "both web pods behind the ClusterIP")
+    for node in ("node-1", "node-2"):
+        port = int((lab.lab.layout.node_dir(node) / "health-port").read_text())
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/enforcement", timeout=5) as resp:
+            status = json.load(resp)["load_balancing"]
+        assert status["started"] and status["error"] == "", status
+    try:
+        yield {"vip": vip, "empty": empty, "ips": ips, "client": Client(lab)}
+    finally:
+        lab.kubectl("delete", "namespace", NS, "--wait=false", check=False)
+
+
+def test_clusterip_from_a_pod_uses_both_backends(svc: dict[str, Any]) -> None:
+    results = svc["client"].probe("tcp", svc["vip"], 80, count=30)
+    assert all(r["ok"] for r in results), results
+    assert {r["body"] for r in results} == {f"{NS}/web-1", f"{NS}/web-2"}, results
+    assert {r["peer"] for r in results} == {f"{svc['vip']}:80"}  # getpeername shows the Service
+
+
+def test_same_port_on_tcp_and_udp(svc: dict[str, Any]) -> None:
+    tcp = svc["client"].probe("tcp", svc["vip"], 53, count=4)
+    assert all(r["ok"] and r["body"].startswith(f"{NS}/web-") for r in tcp), tcp
+    udp = svc["client"].probe("udp", svc["vip"], 53, count=4)
+    assert all(r["ok"] and r["body"] == "hello" for r in udp), udp
+    assert {r["peer"] for r in udp} == {f"{svc['vip']}:53"}  # the reply shows the Service, not the pod
+
+
+def test_no_endpoints_is_refused_quickly(svc: dict[str, Any]) -> None:
+    results = svc["client"].probe("tcp", svc["empty"], 80, count=3, timeout=5)
+    # ECONNREFUSED from connect() itself (a drop would be a timeout after 5 s)
+    assert all(not r["ok"] and r["errno"] == 111 for r in results), results
+    print(f"\nconnect() to a Service without endpoints refused after {max(r['seconds'] for r in results):.4f} s")
+
+
+def test_endpointslice_update_reaches_the_kernel_and_traffic(lab: Any, svc: dict[str, Any]) -> None:
+    vip, ips = svc["vip"], svc["ips"]
+    labelled = time.monotonic()
+    lab.kubectl("label", "pod", "web-2", "-n", NS, "app=off", "--overwrite")
+    try:
+        seen_slice = wait_for(lambda: ips["web-2"] not in lab.kubectl(
+            "get", "endpointslices", "-n", NS, "-l", "kubernetes.io/service-name=web", "-o", "json").stdout and
+            time.monotonic(), 30, "the EndpointSlice without web-2")
+        in_kernel = wait_for(lambda: backends_of(lab, "node-1", vip, 80) == [f"{ips['web-1']}:8080"] and
+                             time.monotonic(), 10, "node-1's maps without web-2")
+        print(f"\nEndpointSlice update seen by kubectl -> node-1's LB map: {in_kernel - seen_slice:.3f} s "
+              f"(kubectl polling included); pod relabelled -> map: {in_kernel - labelled:.3f} s")
+        results = svc["client"].probe("tcp", vip, 80, count=10)
+        assert {r.get("body") for r in results} == {f"{NS}/web-1"}, results
+    finally:
+        lab.kubectl("label", "pod", "web-2", "-n", NS, "app=web", "--overwrite")
+        wait_for(lambda: backends_of(lab, "node-1", vip, 80) == sorted(f"{ips[w]}:8080" for w in ("web-1", "web-2")),
+                 30, "web-2 back")
+
+
+def test_session_affinity_client_ip(lab: Any, svc: dict[str, Any]) -> None:
+    patch = {"spec": {"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}}}
+    lab.kubectl("patch", "svc", "web", "-n", NS, "--type=merge", "-p", json.dumps(patch))
+    try:
+        def affine() -> bool:
+            fe = next(f for f in services_doc(lab, "node-1")["frontends"]
+                      if (f["address"], f["port"], f["protocol"]) == (svc["vip"], 80, "TCP"))
+            return "affinity" in fe["flags"]
+
+        wait_for(affine, 30, "affinity in node-1's maps")
+        results = svc["client"].probe("tcp", svc["vip"], 80, count=15)
+        assert len({r["body"] for r in results}) == 1 and all(r["ok"] for r in results), results
+    finally:
+        lab.kubectl("patch", "svc", "web", "-n", NS, "--type=json",
+                    "-p", json.dumps([{"op": "replace", "path": "/spec/sessionAffinity", "value": "None"}]))
+
+
+def test_bad_target_port_is_an_event_and_listed_while_others_keep_working(lab: Any, svc: dict[str, Any]) -> None:
+    lab.apply(f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: badport, namespace: {NS}}}
+spec:
+  selector: {{app: web}}
+  ports: [{{name: x, port: 80, targetPort: no-such-port}}]
+""")
+    events = wait_for(lambda: [e for e in lab.events("badport", NS) if e["reason"] == "TargetPortUnresolved"],
+                      30, "a TargetPortUnresolved Event on the Service")
+    assert events[0]["type"] == "Warning" and "no-such-port" in events[0]["message"]
+    listed = lab.ciliary("service", "list", "--node", "node-1")
+    assert listed.returncode == 0, listed.stderr
+    print("\n" + listed.stdout)
+    assert f"{NS}/badport: TargetPortUnresolved" in listed.stdout, listed.stdout
+    assert f"{svc['vip']}:80/TCP" in listed.stdout
+    as_json = json.loads(lab.ciliary("service", "list", "--node", "node-1", "-o", "json").stdout)
+    rows = {(f["address"], f["port"], f["protocol"]): f for f in as_json["node-1"]["frontends"]}
+    assert len(rows[(svc["vip"], 80, "TCP")]["backends"]) == 2
+    results = svc["client"].probe("tcp", svc["vip"], 80, count=4)
+    assert all(r["ok"] for r in results), results
+
+
+def test_nodeport_on_every_node_address_and_an_external_ip_from_a_pod(lab: Any, svc: dict[str, Any]) -> None:
+    lab.apply(f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: web-np, namespace: {NS}}}
+spec:
+  type: NodePort
+  selector: {{app: web}}
+  externalIPs: [203.0.113.10]
+  ports: [{{name: http, port: 8000, targetPort: http, nodePort: 30080}}]
+""")
+    want = sorted(f"{svc['ips'][w]}:8080" for w in ("web-1", "web-2"))
+    for address, port in (("192.0.2.11", 30080), ("192.0.2.12", 30080), ("203.0.113.10", 8000)):
+        wait_for(lambda a=address, p=port: backends_of(lab, "node-1", a, p) == want, 30, f"{address}:{port}")
+        results = svc["client"].probe("tcp", address, port, count=12)
+        assert all(r["ok"] for r in results), (address, results)
+        assert {r["body"] for r in results} == {f"{NS}/web-1", f"{NS}/web-2"}, (address, results)
+
+
+def test_clusterip_from_the_node_host(lab: Any, svc: dict[str, Any]) -> None:
+    """A process of node-1 itself (its network namespace, a cgroup below the node's) reaches the Service."""
+    from ciliary.lab import cgroups
+
+    host_cgroup = cgroups.ensure(cgroups.lab_root(lab.lab.layout.cgroup_name) / "node-1" / "host-e2e")
+    procs = str(host_cgroup / "cgroup.procs")
+
+    def enter() -> None:
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+
+    try:
+        out = subprocess.run(["nsenter", f"--net={topology.NETNS_DIR / lab.lab.layout.node_netns('node-1')}",
+                              sys.executable, "-c", PROBE, "tcp", svc["vip"], "80", "12", "2"],
+                             capture_output=True, text=True, timeout=90, preexec_fn=enter)
+        assert out.returncode == 0, out.stderr
+        results = json.loads(out.stdout)
+        assert all(r["ok"] for r in results), results
+        assert {r["body"] for r in results} == {f"{NS}/web-1", f"{NS}/web-2"}, results
+    finally:
+        cgroups.kill_all(host_cgroup)
+        host_cgroup.rmdir()

@@ -1,0 +1,218 @@
+"""The socket load balancer of one node: four cgroup programs and their LB maps.
+
+``SocketLB(node, cgroup=..., bpffs=...)`` renders ``programs/sock_<hook>.c.j2`` (one program per
+hook: connect4, sendmsg4, recvmsg4, getpeername4), adopts the programs pinned under their hash in
+``<bpffs>/ciliary/<node>/`` (as ``lbprog_<hook>_<hash>``) or compiles them in the compiler child (``compiling``, as
+``CGROUP_SOCK_ADDR`` with their expected attach type), and attaches each to the cgroup v2
+directory with ``bpf_prog_attach`` (flags 0: a second attach replaces ours atomically; the
+attachment outlives the agent, like the pins). ``apply(intent)`` plans (``lb_planning``) against
+what the maps hold and writes the difference, undoing it when a write fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import dataclasses
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from ciliary.nodeagent import lb_planning, rendering
+from ciliary.nodeagent.datapath import compiling, errors, libbpf, loading, maps
+from ciliary.operator.services.intent import NodeLBIntent
+
+log = logging.getLogger(__name__)
+
+HOOKS: Mapping[str, tuple[str, int]] = {
+    "connect4": ("CGROUP_SOCK_ADDR", 10),  # BPF_CGROUP_INET4_CONNECT
+    "sendmsg4": ("CGROUP_SOCK_ADDR", 14),  # BPF_CGROUP_UDP4_SENDMSG
+    "recvmsg4": ("CGROUP_SOCK_ADDR", 19),  # BPF_CGROUP_UDP4_RECVMSG
+    "getpeername4": ("CGROUP_SOCK_ADDR", 29),  # BPF_CGROUP_INET4_GETPEERNAME
+}
+"""hook -> (bcc program type, kernel attach type)."""
+MAP_NAMES = ("cy_lb4_svc", "cy_lb4_be", "cy_lb4_revsk", "cy_lb4_aff")
+PIN_PREFIX = "lbprog_"
+"""Program pins are ``lbprog_<hook>_<hash16>``: never ``prog_*``, which the policy engine owns (and prunes)."""
+
+libbpf.lib.bpf_prog_attach.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_uint]
+libbpf.lib.bpf_prog_detach2.argtypes = [ct.c_int, ct.c_int, ct.c_int]
+
+
+@dataclasses.dataclass(frozen=True)
+class LBRenderContext:
+    pin_dir: str
+    services_size: int = 65536
+    backends_size: int = 65536
+    revsk_size: int = 65536
+    affinity_size: int = 65536
+
+
+class ServiceKeyC(ct.Structure):
+    _fields_ = [("address", ct.c_uint32), ("dport", ct.c_uint16), ("proto", ct.c_uint8), ("pad", ct.c_uint8),
+                ("slot", ct.c_uint16), ("pad2", ct.c_uint16)]
+
+
+class ServiceValueC(ct.Structure):
+    _fields_ = [("backend_id", ct.c_uint32), ("count", ct.c_uint16), ("flags", ct.c_uint16),
+                ("affinity_timeout", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+class BackendC(ct.Structure):
+    _fields_ = [("address", ct.c_uint32), ("port", ct.c_uint16), ("proto", ct.c_uint8), ("pad", ct.c_uint8)]
+
+
+class BackendIdC(ct.Structure):
+    _fields_ = [("id", ct.c_uint32)]
+
+
+SERVICES: maps.Codec[lb_planning.ServiceKey, lb_planning.ServiceValue] = maps.Codec(
+    "cy_lb4_svc", ServiceKeyC, ServiceValueC,
+    lambda k: ServiceKeyC(maps.addr_to_u32(k.address), socket.htons(k.port), k.proto, 0, k.slot, 0),
+    lambda c: lb_planning.ServiceKey(maps.u32_to_addr(c.address), socket.ntohs(c.dport), c.proto, c.slot),
+    lambda v: ServiceValueC(v.backend_id, v.count, v.flags, v.affinity_timeout, 0),
+    lambda c: lb_planning.ServiceValue(c.backend_id, c.count, c.flags, c.affinity_timeout))
+
+BACKENDS: maps.Codec[int, lb_planning.Backend] = maps.Codec(
+    "cy_lb4_be", BackendIdC, BackendC, lambda i: BackendIdC(i), lambda c: int(c.id),
+    lambda b: BackendC(maps.addr_to_u32(b.address), socket.htons(b.port), b.proto, 0),
+    lambda c: lb_planning.Backend(maps.u32_to_addr(c.address), socket.ntohs(c.port), c.proto))
+
+
+@dataclasses.dataclass(frozen=True)
+class LBApplyResult:
+    map_writes: int
+    frontends: int
+    backends: int
+
+
+class SocketLB:
+    """One node's socket load balancer. Not thread-safe: drive it from one thread."""
+
+    def __init__(self, node: str, *, cgroup: Path, bpffs: Path = Path("/sys/fs/bpf"),
+                 context: LBRenderContext | None = None, template_root: Path = rendering.DATAPATH_C_DIR) -> None:
+        self.node = node
+        self.cgroup = cgroup
+        self.bpffs = bpffs
+        self.pin_dir = bpffs / "ciliary" / node
+        self.context = context or LBRenderContext(pin_dir=str(self.pin_dir))
+        self._root = template_root
+        self._prog_fds: dict[str, int] = {}
+        self._map_fds: dict[str, int] = {}
+        self.started = False
+
+    def render(self) -> dict[str, rendering.RenderedProgram]:
+        return {hook: rendering.render_template(f"programs/sock_{hook}.c.j2", self.context, hook=f"sock_{hook}",
+                                                name=f"cy_sock_{hook}", prog_type=prog_type, attach_type=attach,
+                                                root=self._root)
+                for hook, (prog_type, attach) in HOOKS.items()}
+
+    def start(self) -> None:
+        """Adopt or compile the programs, open the maps, attach to the cgroup. Idempotent."""
+        loading.ensure_bpffs(self.bpffs)
+        self.pin_dir.mkdir(parents=True, exist_ok=True)
+        programs = self.render()
+        jobs: list[tuple[rendering.RenderedProgram, Path]] = []
+        paths: dict[str, Path] = {}
+        for hook, program in programs.items():
+            path = paths[hook] = self.pin_dir / f"{PIN_PREFIX}{hook}_{program.sha256[:16]}"
+            if path.exists() and self._uses_our_maps(path):
+                continue
+            jobs.append((program, path))
+        compiling.compile_and_pin(jobs)
+        self.close()
+        self._prog_fds = {hook: loading.open_pinned(path) for hook, path in paths.items()}
+        self._map_fds = {name: loading.open_pinned(self.pin_dir / name) for name in MAP_NAMES}
+        cg = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for hook, (_, attach) in HOOKS.items():
+                res = libbpf.lib.bpf_prog_attach(self._prog_fds[hook], cg, attach, 0)
+                if res < 0:
+                    err = libbpf.last_errno(res)
+                    raise errors.AttachFailed(str(self.cgroup), f"sock_{hook}", os.strerror(err))
+        finally:
+            os.close(cg)
+        for stale in set(self.pin_dir.glob(f"{PIN_PREFIX}*")) - set(paths.values()):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()  # an older render's program (no longer attached: ours replaced it)
+        self.started = True
+        log.info("Socket load balancer attached", extra={"node": self.node, "cgroup": str(self.cgroup),
+                                                         "compiled": [p.hook for p, _ in jobs]})
+
+    def _uses_our_maps(self, path: Path) -> bool:
+        fd = loading.open_pinned(path)
+        try:
+            return loading.uses_only(fd, [self.pin_dir / name for name in MAP_NAMES])
+        finally:
+            os.close(fd)
+
+    def observe(self) -> lb_planning.LBState:
+        return lb_planning.LBState(maps.read_map(self._map_fds["cy_lb4_svc"], SERVICES),
+                                   maps.read_map(self._map_fds["cy_lb4_be"], BACKENDS))
+
+    def apply(self, intent: NodeLBIntent) -> LBApplyResult:
+        observed = self.observe()
+        step = lb_planning.plan(intent, observed, services_size=self.context.services_size,
+                                backends_size=self.context.backends_size)
+        undo = maps.UndoLog()
+        svc_fd, be_fd = self._map_fds["cy_lb4_svc"], self._map_fds["cy_lb4_be"]
+        try:
+            maps.apply_upserts(be_fd, BACKENDS, observed.backends, step.backend_upserts, undo)
+            maps.apply_upserts(svc_fd, SERVICES, observed.services, step.service_writes, undo)
+            maps.apply_deletes(svc_fd, SERVICES, observed.services, step.service_writes, undo)
+            maps.apply_deletes(be_fd, BACKENDS, observed.backends, step.backend_deletes, undo)
+        except errors.MapWriteFailed:
+            undo.rollback()
+            raise
+        frontends = sum(1 for k in step.desired.services if k.slot == 0)
+        return LBApplyResult(len(step), frontends, len(step.desired.backends))
+
+    def close(self) -> None:
+        for fd in (*self._prog_fds.values(), *self._map_fds.values()):
+            os.close(fd)
+        self._prog_fds.clear()
+        self._map_fds.clear()
+        self.started = False
+
+    def teardown(self) -> None:
+        """Detach from the cgroup and unpin the programs and LB maps."""
+        with contextlib.suppress(OSError):
+            cg = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for hook, (_, attach) in HOOKS.items():
+                    if hook in self._prog_fds:
+                        libbpf.lib.bpf_prog_detach2(self._prog_fds[hook], cg, attach)
+            finally:
+                os.close(cg)
+        self.close()
+        for pinned in list(self.pin_dir.glob(f"{PIN_PREFIX}*")) + [self.pin_dir / n for n in MAP_NAMES]:
+            with contextlib.suppress(FileNotFoundError):
+                pinned.unlink()
+
+
+def document(node: str, state: lb_planning.LBState, intent: NodeLBIntent | None, error: str = "") -> dict[str, Any]:
+    """What the kernel's maps hold, frontend by frontend (``GET /v1/services``, ``ciliary service list``)."""
+    names = {(IPv4Address(fe.address), fe.port, fe.protocol): fe for fe in (intent.frontends if intent else ())}
+    protos = {6: "TCP", 17: "UDP", 132: "SCTP"}
+    rows = []
+    for key in sorted(k for k in state.services if k.slot == 0):
+        entry = state.services[key]
+        proto = protos.get(key.proto, str(key.proto))
+        backends = []
+        for slot in range(1, entry.count + 1):
+            slot_entry = state.services.get(dataclasses.replace(key, slot=slot))
+            be = state.backends.get(slot_entry.backend_id) if slot_entry else None
+            backends.append({"slot": slot, "id": slot_entry.backend_id if slot_entry else None,
+                             "address": str(be.address) if be else None, "port": be.port if be else None})
+        fe = names.get((key.address, key.port, proto))
+        rows.append({"id": entry.backend_id, "address": str(key.address), "port": key.port, "protocol": proto,
+                     "service": fe.service if fe else "", "kind": str(fe.kind) if fe else "",
+                     "flags": [n for n, bit in (("no-local-backends", lb_planning.FLAG_NO_LOCAL),
+                                                ("affinity", lb_planning.FLAG_AFFINITY)) if entry.flags & bit],
+                     "affinity_timeout": entry.affinity_timeout, "backends": backends})
+    return {"node": node, "frontends": rows,
+            "problems": [p.model_dump() for p in intent.problems] if intent else [], "error": error}

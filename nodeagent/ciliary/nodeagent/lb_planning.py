@@ -1,0 +1,114 @@
+"""Plan the socket load balancer's map contents from a load-balancing intent (pure).
+
+Called by ``datapath.lb_engine``. :func:`plan` takes the node's ``NodeLBIntent`` and what the
+kernel's LB maps hold now and returns the writes, ordered so a program reading concurrently
+never sees a frontend whose slots are not written yet: backends first, then backend slots,
+then each frontend's own entry (its count), then deletions (a frontend's own entry before its
+slots), unused backends last. Frontend and backend ids already in the kernel are kept (open
+sockets and affinity entries refer to them); new ids are above every id in use, never reused
+within the maps' lifetime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from ipaddress import IPv4Address
+
+from ciliary.nodeagent.planning import MapDiff
+from ciliary.operator.services.intent import PROTOCOL_NUMBERS, NodeLBIntent
+
+FLAG_NO_LOCAL = 0x1
+FLAG_AFFINITY = 0x2
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class ServiceKey:
+    address: IPv4Address
+    port: int
+    proto: int
+    slot: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceValue:
+    backend_id: int
+    """slot 0: the frontend's id; slot n: the backend's id."""
+    count: int = 0
+    flags: int = 0
+    affinity_timeout: int = 0
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Backend:
+    address: IPv4Address
+    port: int
+    proto: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LBState:
+    services: Mapping[ServiceKey, ServiceValue] = dataclasses.field(default_factory=dict)
+    backends: Mapping[int, Backend] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class LBPlan:
+    desired: LBState
+    backend_upserts: MapDiff[int, Backend]
+    service_writes: MapDiff[ServiceKey, ServiceValue]
+    backend_deletes: MapDiff[int, Backend]
+
+    def __len__(self) -> int:
+        return len(self.backend_upserts) + len(self.service_writes) + len(self.backend_deletes)
+
+
+class LBCapacityError(ValueError):
+    """The intent needs more entries than an LB map holds (carries the map and the numbers)."""
+
+    def __init__(self, map_name: str, wanted: int, capacity: int) -> None:
+        super().__init__(f"{map_name}: {wanted} entries wanted, {capacity} fit")
+        self.map_name, self.wanted, self.capacity = map_name, wanted, capacity
+
+
+def desired_state(intent: NodeLBIntent, observed: LBState) -> LBState:
+    fe_ids = {(k.address, k.port, k.proto): v.backend_id for k, v in observed.services.items() if k.slot == 0}
+    be_ids = {be: ident for ident, be in observed.backends.items()}
+    next_id = max([0, *fe_ids.values(), *be_ids.values()]) + 1
+    services: dict[ServiceKey, ServiceValue] = {}
+    backends: dict[int, Backend] = {}
+    for fe in intent.frontends:
+        proto = PROTOCOL_NUMBERS[fe.protocol]
+        address = IPv4Address(fe.address)
+        ident = fe_ids.get((address, fe.port, proto))
+        if ident is None:
+            ident = fe_ids[(address, fe.port, proto)] = next_id
+            next_id += 1
+        flags = (FLAG_NO_LOCAL if fe.no_local_backends else 0) | (FLAG_AFFINITY if fe.affinity_timeout else 0)
+        services[ServiceKey(address, fe.port, proto, 0)] = ServiceValue(ident, len(fe.backends), flags,
+                                                                        fe.affinity_timeout)
+        for slot, be in enumerate(fe.backends, start=1):
+            backend = Backend(IPv4Address(be.address), be.port, proto)
+            bid = be_ids.get(backend)
+            if bid is None:
+                bid = be_ids[backend] = next_id
+                next_id += 1
+            backends[bid] = backend
+            services[ServiceKey(address, fe.port, proto, slot)] = ServiceValue(bid)
+    return LBState(services, backends)
+
+
+def plan(intent: NodeLBIntent, observed: LBState, *, services_size: int, backends_size: int) -> LBPlan:
+    desired = desired_state(intent, observed)
+    if len(desired.services) > services_size:
+        raise LBCapacityError("cy_lb4_svc", len(desired.services), services_size)
+    peak = len(set(desired.backends) | set(observed.backends))  # unused backends go last
+    if peak > backends_size:
+        raise LBCapacityError("cy_lb4_be", peak, backends_size)
+    be_up = {k: v for k, v in sorted(desired.backends.items()) if observed.backends.get(k) != v}
+    changed = {k: v for k, v in desired.services.items() if observed.services.get(k) != v}
+    svc_up = dict(sorted(changed.items(), key=lambda kv: (kv[0].slot == 0, kv[0])))
+    gone = [k for k in observed.services if k not in desired.services]
+    svc_del = tuple(sorted(gone, key=lambda k: (k.slot != 0, k)))
+    be_del = tuple(sorted(k for k in observed.backends if k not in desired.backends))
+    return LBPlan(desired, MapDiff(be_up, ()), MapDiff(svc_up, svc_del), MapDiff({}, be_del))

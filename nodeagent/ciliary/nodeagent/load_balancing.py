@@ -1,0 +1,126 @@
+"""The agent's socket load balancing: watch this node's LB intent, keep the kernel's LB maps equal to it.
+
+Runs when the agent has ``--lb-cgroup``. :class:`LoadBalancing` starts the engine
+(``datapath.lb_engine.SocketLB``: compile or adopt, attach to the cgroup) in its own worker
+thread, follows ``/ciliary/lbintents/v1/<node>`` with an ``IntentWatcher`` and applies every
+version in order. A failed start is retried with a bounded back-off; a failed apply (a map full,
+a write refused) keeps the previous contents (the engine undoes partial writes) and is reported
+in ``GET /v1/services`` and by ``ciliary service list``. :meth:`document` reads the kernel's maps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from ciliary.nodeagent import lb_planning, watching
+from ciliary.nodeagent.datapath import errors as dp_errors
+from ciliary.nodeagent.datapath import lb_engine
+from ciliary.operator.services.intent import NodeLBIntent, parse_lb_intent
+from ciliary.operator.store import keyspace
+
+log = logging.getLogger(__name__)
+
+APPLY_ERRORS = (OSError, dp_errors.DatapathError, lb_planning.LBCapacityError)
+
+
+class LoadBalancing:
+    def __init__(self, node: str, *, cgroup: Path, bpffs: Path,
+                 client_factory: Callable[[], watching.WatchClient]) -> None:
+        self.node = node
+        self.engine = lb_engine.SocketLB(node, cgroup=cgroup, bpffs=bpffs)
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="socket-lb")
+        self.started = asyncio.Event()
+        self.wanted: NodeLBIntent | None = None
+        self.applied: NodeLBIntent | None = None
+        self.error = ""
+        self.applies = 0
+        self.watcher = watching.IntentWatcher(
+            node=node, client_factory=client_factory, on_intent=self._on_intent, on_invalid=self._on_invalid,
+            on_deleted=self._on_deleted, key=keyspace.node_lb_intent_key(node), parse=parse_lb_intent)
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                await self.call(self.engine.start)
+                break
+            except APPLY_ERRORS as exc:
+                self.error = f"socket load balancer not started: {exc}"
+                log.error("Socket load balancer failed to start", extra={"node": self.node, "error": str(exc)})
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except TimeoutError:
+                    delay = min(delay * 2, 10.0)
+        if stop.is_set():
+            return
+        self.error = ""
+        self.started.set()
+        if self.wanted is not None:
+            await self._apply(self.wanted)
+        await self.watcher.run(stop)
+
+    async def _on_intent(self, intent: NodeLBIntent, mod_revision: int) -> None:
+        self.wanted = intent
+        if self.started.is_set():
+            await self._apply(intent)
+
+    async def _apply(self, intent: NodeLBIntent) -> None:
+        try:
+            result = await self.call(self.engine.apply, intent)
+        except APPLY_ERRORS as exc:
+            self.error = f"load-balancing intent not applied: {exc}"
+            log.error("Load-balancing intent not applied; the previous maps stay",
+                      extra={"node": self.node, "error": str(exc)})
+            return
+        self.applied, self.error = intent, ""
+        self.applies += 1
+        log.info("Load-balancing intent applied", extra={
+            "node": self.node, "frontends": result.frontends, "backends": result.backends,
+            "map_writes": result.map_writes})
+
+    async def _on_invalid(self, message: str, mod_revision: int) -> None:
+        self.error = f"load-balancing intent refused: {message}"
+
+    async def _on_deleted(self, mod_revision: int) -> None:
+        if mod_revision:
+            log.warning("Load-balancing intent deleted; the maps in force stay", extra={"node": self.node})
+
+    async def document(self) -> dict[str, Any]:
+        if not self.started.is_set():
+            raise RuntimeError(self.error or "the socket load balancer is not started")
+        state = await self.call(self.engine.observe)
+        doc = lb_engine.document(self.node, state, self.applied, self.error)
+        doc["in_sync"] = self.applied is not None and self.applied == self.wanted
+        return doc
+
+    async def close(self) -> None:
+        await self.call(self.engine.close)
+        self._executor.shutdown(wait=True)
+
+
+def add_routes(node: str, lb: LoadBalancing | None) -> Callable[[web.Application], None]:
+    """``GET /v1/services``: the frontends and backends the kernel's LB maps hold."""
+
+    async def get_services(_request: web.Request) -> web.Response:
+        if lb is None:
+            return web.json_response({"node": node, "error": "this agent runs without socket load balancing "
+                                                             "(no --lb-cgroup)"}, status=503)
+        try:
+            return web.json_response(await lb.document())
+        except (OSError, RuntimeError) as exc:
+            return web.json_response({"node": node, "error": str(exc)}, status=503)
+
+    def register(app: web.Application) -> None:
+        app.router.add_get("/v1/services", get_services)
+
+    return register

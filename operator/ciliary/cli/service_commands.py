@@ -1,0 +1,89 @@
+"""``ciliary service list``: the frontends and backends each node's kernel holds (like ``cilium service list``).
+
+Read from the LB maps by each node's agent (``GET /v1/services``), never from the operator's
+intent: a node whose agent cannot be read is listed with the reason and the command exits 2.
+Service problems (a targetPort naming no container port, a NodePort outside the range, more
+backends than a frontend holds) are printed after the frontends, as the operator published them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+import aiohttp
+
+from ciliary.cli import datapath_client, targets
+
+EXIT_UNREADABLE = 2
+
+
+def register(sub: Any) -> None:
+    service = sub.add_parser("service", help="show the Services each node load-balances",
+                             description="Inspect socket load balancing: what each node's LB maps hold.")
+    cmds = service.add_subparsers(dest="service_command", metavar="COMMAND", required=True)
+    lst = cmds.add_parser("list", help="frontends -> backends per node, read from the kernel's maps",
+                          description="List every frontend (address:port/protocol) and its backends in slot "
+                                      "order, as the node's LB maps hold them (read by its agent), with the "
+                                      "Service it belongs to and the Service problems the operator reported.")
+    lst.add_argument("--node", help="only this node (default: every registered node)")
+    lst.add_argument("-o", "--output", choices=["text", "json"], default="text", help="output format")
+    targets.add_etcd_arguments(lst)
+    lst.set_defaults(func=_list)
+
+
+async def _read(target: targets.EtcdTarget, node: str | None) -> dict[str, dict[str, Any] | str]:
+    addresses = await datapath_client.agent_addresses(target)
+    wanted = [node] if node else sorted(addresses)
+    timeout = aiohttp.ClientTimeout(total=datapath_client.TIMEOUT_S, sock_connect=3)
+    out: dict[str, dict[str, Any] | str] = {}
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for name in wanted:
+            address = addresses.get(name)
+            if address is None:
+                out[name] = "no agent is registered for the node (is it running?)"
+                continue
+            try:
+                async with session.get(f"http://{address}/v1/services") as resp:
+                    body = await resp.json(content_type=None)
+                    out[name] = body if resp.status == 200 else \
+                        f"the agent at {address} answered {resp.status}: {body.get('error', body)}"
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                out[name] = f"the agent at {address} did not answer: {exc or type(exc).__name__}"
+    return out
+
+
+def render_text(node: str, doc: dict[str, Any] | str) -> list[str]:
+    if isinstance(doc, str):
+        return [f"{node}: cannot read the load balancer: {doc}"]
+    lines = [f"{node}:", f"  {'ID':>4}  {'FRONTEND':<24} {'SERVICE':<28} BACKENDS"]
+    for fe in doc.get("frontends", []):
+        frontend = f"{fe['address']}:{fe['port']}/{fe['protocol']}"
+        backends = ", ".join(f"{b['slot']}) {b['address']}:{b['port']}" for b in fe["backends"])
+        if not fe["backends"]:
+            backends = "(none: dropped, no local backend)" if "no-local-backends" in fe["flags"] else \
+                "(none: refused)"
+        extra = f"  [affinity {fe['affinity_timeout']}s]" if "affinity" in fe["flags"] else ""
+        lines.append(f"  {fe['id']:>4}  {frontend:<24} {fe['service'] + ' ' + fe['kind']:<28} {backends}{extra}")
+    for p in doc.get("problems", []):
+        lines.append(f"  error: {p['service']}: {p['reason']}: {p['message']}")
+    if doc.get("error"):
+        lines.append(f"  error: {doc['error']}")
+    return lines
+
+
+def _list(args: argparse.Namespace) -> int:
+    results = asyncio.run(_read(targets.etcd_target(args), args.node))
+    if args.output == "json":
+        print(json.dumps(results, indent=2, sort_keys=True))
+    else:
+        for node, doc in results.items():
+            print("\n".join(render_text(node, doc)))
+    unreadable = [n for n, d in results.items() if isinstance(d, str)]
+    if unreadable:
+        print(f"ciliary: could not read the load balancer of {', '.join(unreadable)}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    return 0

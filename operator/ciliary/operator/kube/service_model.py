@@ -1,0 +1,68 @@
+"""The operator's in-memory mirror of Services and their endpoints (what load balancing reads).
+
+Fed by ``service_handlers`` (kopf watch events and the initial listing); bodies are parsed once,
+at the edge, into ``services.inputs`` values. Endpoints come either from EndpointSlices (the
+default) or, behind ``--endpoints-api endpoints``, from v1 Endpoints objects (each subset one
+slice-shaped value). ``dirty`` is set on every change; the LB reconciler waits on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+from ciliary.operator.services.inputs import (
+    ServiceInfo,
+    SliceInfo,
+    service_from_body,
+    slice_from_body,
+    slices_from_endpoints,
+)
+
+
+def _key(body: Mapping[str, Any]) -> str:
+    meta = body.get("metadata", {}) or {}
+    return f"{meta.get('namespace') or 'default'}/{meta['name']}"
+
+
+class ServiceModel:
+    def __init__(self) -> None:
+        self.services: dict[str, ServiceInfo] = {}
+        self.slices: dict[str, SliceInfo] = {}
+        self.bodies: dict[str, Mapping[str, Any]] = {}
+        """Service ``namespace/name`` -> its last body (events are posted about it)."""
+        self.dirty = asyncio.Event()
+
+    def set_service(self, body: Mapping[str, Any], *, deleted: bool = False) -> None:
+        key = _key(body)
+        if deleted:
+            self.bodies.pop(key, None)
+            if self.services.pop(key, None) is not None:
+                self.dirty.set()
+            return
+        self.bodies[key] = body
+        info = service_from_body(body)
+        if self.services.get(key) != info:
+            self.services[key] = info
+            self.dirty.set()
+
+    def set_slice(self, body: Mapping[str, Any], *, deleted: bool = False) -> None:
+        key = _key(body)
+        info = None if deleted else slice_from_body(body)
+        self._replace(lambda k: k == key, {} if info is None else {key: info})
+
+    def set_endpoints(self, body: Mapping[str, Any], *, deleted: bool = False) -> None:
+        """A v1 Endpoints object: its subsets replace every slice-shaped value it gave before."""
+        key = _key(body)
+        fresh = {} if deleted else {f"{s.namespace}/{s.name}": s for s in slices_from_endpoints(body)}
+        self._replace(lambda k: k.startswith(key + "/"), fresh)
+
+    def _replace(self, owned: Any, fresh: dict[str, SliceInfo]) -> None:
+        old = {k: v for k, v in self.slices.items() if owned(k)}
+        if old == fresh:
+            return
+        for k in old:
+            del self.slices[k]
+        self.slices.update(fresh)
+        self.dirty.set()

@@ -1,0 +1,81 @@
+"""The operator's load-balancing loop: Services + endpoints + node addresses -> LB intents in etcd.
+
+Waits for the service model's ``dirty`` flag (or, every ``poll`` seconds, a change of the nodes'
+addresses, the NodePort frontends), lets a burst settle, resolves (``services.resolution``, pure),
+publishes the intents whose content changed (``/ciliary/lbintents/v1/<node>``) and posts a Warning
+Event per new Service problem. ``stats`` counts passes and the last pass's writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ciliary.operator.kube.service_model import ServiceModel
+from ciliary.operator.services.errors import ServiceProblem
+from ciliary.operator.services.resolution import LBResolution, ResolverConfig, resolve
+from ciliary.operator.store.publishing import IntentPublisher
+
+log = logging.getLogger(__name__)
+
+
+class ProblemSink(Protocol):
+    async def post(self, problems: Mapping[str, tuple[ServiceProblem, ...]],
+                   bodies: Mapping[str, Mapping[str, object]]) -> int: ...
+
+
+@dataclass
+class LBStats:
+    passes: int = 0
+    last_written: list[str] = field(default_factory=list)
+    last_duration_ms: float = 0.0
+
+
+class LBReconciler:
+    def __init__(self, model: ServiceModel, nodes: Callable[[], Mapping[str, str | None]],
+                 publisher: IntentPublisher, events: ProblemSink | None, config: ResolverConfig,
+                 *, settle_seconds: float = 0.02, poll: float = 1.0) -> None:
+        self.model = model
+        self.nodes = nodes
+        self.publisher = publisher
+        self.events = events
+        self.config = config
+        self.settle_seconds = settle_seconds
+        self.poll = poll
+        self.stats = LBStats()
+        self.last: LBResolution | None = None
+
+    async def run_once(self) -> LBResolution:
+        t0 = time.perf_counter()
+        result = resolve(dict(self.model.services), dict(self.model.slices), dict(self.nodes()), self.config)
+        written = await self.publisher.publish(result.intents)
+        if self.events is not None and result.problems:
+            await self.events.post(result.problems, self.model.bodies)
+        self.stats.passes += 1
+        self.stats.last_written = written
+        self.stats.last_duration_ms = (time.perf_counter() - t0) * 1000
+        self.last = result
+        log.info("lb pass %d: %d services, %d LB intents written%s in %.1f ms", self.stats.passes,
+                 len(self.model.services), len(written), f" ({','.join(written)})" if written else "",
+                 self.stats.last_duration_ms)
+        return result
+
+    async def run(self, ready: asyncio.Event) -> None:
+        await ready.wait()
+        nodes = dict(self.nodes())
+        while True:
+            self.model.dirty.clear()
+            await self.run_once()
+            while True:
+                try:
+                    await asyncio.wait_for(self.model.dirty.wait(), timeout=self.poll)
+                    await asyncio.sleep(self.settle_seconds)
+                    break
+                except TimeoutError:
+                    if dict(self.nodes()) != nodes:
+                        break
+            nodes = dict(self.nodes())

@@ -1,0 +1,7 @@
+"""The pure load-balancing core: Services and EndpointSlices -> one load-balancing intent per node.
+
+Modules, one concept each: ``inputs`` (Service, EndpointSlice and v1 Endpoints bodies parsed into
+frozen values), ``errors`` (typed problems a Service can have), ``intent`` (the operator-to-agent wire
+schema :class:`~ciliary.operator.services.intent.NodeLBIntent`) and ``resolution`` (inputs -> intents).
+Nothing here performs I/O or imports kopf, the etcd client, bcc or kubernetes_asyncio.
+"""

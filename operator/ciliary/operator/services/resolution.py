@@ -1,0 +1,191 @@
+"""Services + their endpoints -> one :class:`~.intent.NodeLBIntent` per node (pure, deterministic).
+
+For every Service this proxy serves (not headless, not ExternalName, no foreign
+``service-proxy-name`` label) and every Service port:
+
+* backends come from the slices of the Service (slices labelled headless are skipped) whose
+  ports carry the Service port's name and protocol, at the number the slice gives (named
+  target ports resolve per pod); the usable set is the ready endpoints, or, when none is ready,
+  the serving-and-terminating ones (independently for the cluster-wide and the node-local set);
+* frontends: each ClusterIP (internalTrafficPolicy applies: ``Local`` keeps only this node's
+  backends), the NodePort on every node's address, each ExternalIP and each LoadBalancer ingress
+  IP. Those external frontends are reached here only by clients on a node (socket load
+  balancing), which, as in kube-proxy for pod-originated traffic and in Cilium, use the
+  cluster-wide set whatever externalTrafficPolicy says (the policy is carried for display).
+
+Bad input never spills over: a problem (``errors``) removes only the frontends it concerns and is
+listed in every node's intent. Two Services claiming one frontend: the first by namespace/name
+keeps it, the other gets ``FrontendConflict``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from ciliary.operator.services import errors
+from ciliary.operator.services.inputs import ServiceInfo, ServicePort, SliceEndpoint, SliceInfo
+from ciliary.operator.services.intent import (
+    MAX_BACKENDS_PER_FRONTEND,
+    PROTOCOL_NUMBERS,
+    BackendIntent,
+    BackendState,
+    FrontendIntent,
+    FrontendKind,
+    NodeLBIntent,
+    ProblemIntent,
+)
+
+SERVED_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
+
+
+@dataclass(frozen=True)
+class ResolverConfig:
+    node_port_range: tuple[int, int] = (30000, 32767)
+    """Inclusive; must match kube-apiserver's --service-node-port-range."""
+    max_backends: int = MAX_BACKENDS_PER_FRONTEND
+    proxy_name: str = ""
+    """This proxy's name: a Service labelled service-proxy-name with another value is not served."""
+
+
+@dataclass(frozen=True)
+class LBResolution:
+    intents: Mapping[str, NodeLBIntent]
+    problems: Mapping[str, tuple[errors.ServiceProblem, ...]] = field(default_factory=dict)
+    """Service ``namespace/name`` -> its problems (each becomes a Warning Event)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    address: str
+    port: int
+    ready: bool
+    serving: bool
+    terminating: bool
+    node: str
+    pod: str
+
+
+def served(service: ServiceInfo, config: ResolverConfig) -> bool:
+    if service.headless or not service.cluster_ips or service.type not in SERVED_TYPES:
+        return False
+    return service.proxy_name is None or service.proxy_name == config.proxy_name
+
+
+def usable(candidates: Iterable[_Candidate]) -> tuple[BackendIntent, ...]:
+    """Ready endpoints; when none is ready, the serving-and-terminating ones (kube-proxy's fallback)."""
+    pool = list(candidates)
+    ready = [c for c in pool if c.ready]
+    state = BackendState.READY
+    if not ready:
+        ready = [c for c in pool if c.serving and c.terminating]
+        state = BackendState.TERMINATING
+    return tuple(BackendIntent(address=c.address, port=c.port, state=state, node=c.node, pod=c.pod)
+                 for c in sorted(ready, key=lambda c: (tuple(int(x) for x in c.address.split(".")), c.port)))
+
+
+def _candidates(service: ServiceInfo, port: ServicePort, slices: Iterable[SliceInfo]
+                ) -> tuple[list[_Candidate], list[str]]:
+    """(candidates of ``port``, pods whose slice lacks the port although the Service names it)."""
+    found: dict[tuple[str, int], _Candidate] = {}
+    unresolved: list[str] = []
+    for sl in slices:
+        match = next((p for p in sl.ports if p.name == port.name and p.protocol == port.protocol), None)
+        if match is None:
+            if isinstance(port.target_port, str):
+                unresolved += [e.pod or e.addresses[0] for e in sl.endpoints]
+            continue
+        for ep in sl.endpoints:
+            c = _candidate(ep, match.port)
+            found.setdefault((c.address, c.port), c)
+    return list(found.values()), unresolved
+
+
+def _candidate(ep: SliceEndpoint, port: int) -> _Candidate:
+    return _Candidate(ep.addresses[0], port, ep.ready, ep.serving, ep.terminating, ep.node or "", ep.pod or "")
+
+
+@dataclass
+class _Accumulator:
+    nodes: Mapping[str, str | None]
+    frontends: dict[str, dict[tuple[str, int, str], FrontendIntent]] = field(default_factory=dict)
+    owners: dict[tuple[str, int, str], str] = field(default_factory=dict)
+    problems: dict[str, list[errors.ServiceProblem]] = field(default_factory=dict)
+
+    def problem(self, p: errors.ServiceProblem) -> None:
+        self.problems.setdefault(f"{p.namespace}/{p.name}", []).append(p)
+
+
+def _resolve_port(acc: _Accumulator, service: ServiceInfo, port: ServicePort, slices: list[SliceInfo],
+                  config: ResolverConfig) -> None:
+    label = port.name or str(port.port)
+    if port.protocol not in PROTOCOL_NUMBERS:
+        return
+    candidates, unresolved = _candidates(service, port, slices)
+    if unresolved:
+        acc.problem(errors.target_port_unresolved(service.namespace, service.name, label,
+                                                  str(port.target_port), unresolved))
+    cluster = usable(candidates)
+    if len(cluster) > config.max_backends:
+        acc.problem(errors.too_many_backends(service.namespace, service.name, label, len(cluster),
+                                             config.max_backends))
+        return
+    external: list[tuple[FrontendKind, str, int]] = []
+    if port.node_port and service.type in ("NodePort", "LoadBalancer"):
+        low, high = config.node_port_range
+        if low <= port.node_port <= high:
+            external += [(FrontendKind.NODE_PORT, ip, port.node_port)
+                         for _, ip in sorted(acc.nodes.items()) if ip]
+        else:
+            acc.problem(errors.node_port_out_of_range(service.namespace, service.name, label, port.node_port,
+                                                      low, high))
+    external += [(FrontendKind.EXTERNAL_IP, ip, port.port) for ip in service.external_ips]
+    external += [(FrontendKind.LOAD_BALANCER, ip, port.port) for ip in service.load_balancer_ips]
+    common = {"service": service.key, "port_name": port.name, "protocol": port.protocol,
+              "affinity_timeout": service.affinity_timeout}
+    local_policy = service.internal_traffic_policy == "Local"
+    for node in acc.nodes:
+        wanted: list[FrontendIntent] = []
+        for ip in service.cluster_ips:
+            backends = usable(c for c in candidates if c.node == node) if local_policy else cluster
+            wanted.append(FrontendIntent(kind=FrontendKind.CLUSTER_IP, address=ip, port=port.port,
+                                         backends=backends, traffic_policy=service.internal_traffic_policy,
+                                         no_local_backends=local_policy and not backends and bool(cluster),
+                                         **common))
+        wanted += [FrontendIntent(kind=kind, address=ip, port=number, backends=cluster,
+                                  traffic_policy=service.external_traffic_policy, **common)
+                   for kind, ip, number in external]
+        table = acc.frontends.setdefault(node, {})
+        for fe in wanted:
+            owner = acc.owners.setdefault(fe.key, service.key)
+            if owner != service.key:
+                if node == next(iter(acc.nodes)):
+                    acc.problem(errors.ServiceProblem(
+                        service.namespace, service.name, "FrontendConflict",
+                        f"port {label}: {fe.address}:{fe.port}/{fe.protocol} is already a frontend of {owner}; "
+                        f"not installed for this Service"))
+                continue
+            table.setdefault(fe.key, fe)
+
+
+def resolve(services: Mapping[str, ServiceInfo], slices: Mapping[str, SliceInfo],
+            nodes: Mapping[str, str | None], config: ResolverConfig = ResolverConfig()) -> LBResolution:
+    """Every node's load-balancing intent. ``nodes``: node name -> its InternalIP (None if unknown)."""
+    acc = _Accumulator(nodes=dict(sorted(nodes.items())))
+    by_service: dict[str, list[SliceInfo]] = {}
+    for key in sorted(slices):
+        sl = slices[key]
+        if not sl.headless:
+            by_service.setdefault(sl.service_key, []).append(sl)
+    for key in sorted(services):
+        service = services[key]
+        if not served(service, config):
+            continue
+        for port in service.ports:
+            _resolve_port(acc, service, port, by_service.get(service.key, []), config)
+    problems = tuple(ProblemIntent(service=k, reason=p.reason, message=p.message)
+                     for k in sorted(acc.problems) for p in acc.problems[k])
+    intents = {node: NodeLBIntent(node=node, frontends=tuple(v for _, v in sorted(acc.frontends.get(node, {}).items())),
+                                  problems=problems)
+               for node in acc.nodes}
+    return LBResolution(intents=intents, problems={k: tuple(v) for k, v in acc.problems.items()})

@@ -1,0 +1,343 @@
+"""The socket load balancer (``datapath.lb_engine``) on a real kernel: cgroup programs, real sockets.
+
+A private cgroup v2 directory gets the four programs; a child process moved into it connects to
+a frontend (a ClusterIP nobody routes) and lands on backends listening on loopback. Everything
+runs in the test's own network namespace's loopback; the cgroup, pins and sockets are removed at
+the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from ciliary.lab import cgroups
+from ciliary.nodeagent import lb_planning
+from ciliary.nodeagent.datapath import lb_engine
+from ciliary.operator.services.intent import BackendIntent, FrontendIntent, FrontendKind, NodeLBIntent
+
+pytestmark = pytest.mark.integration
+
+VIP = "10.96.77.1"
+NODE = f"cyt-lb-{os.getpid()}"
+
+
+def frontend(port: int, protocol: str, backends: list[tuple[str, int]], **kw: object) -> FrontendIntent:
+    return FrontendIntent(service="default/web", kind=FrontendKind.CLUSTER_IP, address=VIP, port=port,
+                          protocol=protocol, backends=tuple(BackendIntent(address=a, port=p) for a, p in backends),
+                          **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def lb() -> Iterator[lb_engine.SocketLB]:
+    cgroup = cgroups.ensure(cgroups.cgroup2_root() / f"ciliary-test-lb-{os.getpid()}")
+    engine = lb_engine.SocketLB(NODE, cgroup=cgroup)
+    try:
+        engine.start()
+        yield engine
+    finally:
+        engine.teardown()
+        for p in (engine.pin_dir,):
+            if p.exists() and not any(p.iterdir()):
+                p.rmdir()
+        cgroups.kill_all(cgroup)
+        cgroup.rmdir()
+
+
+class Servers:
+    """TCP and UDP servers on loopback ports, each answering with its own name."""
+
+    def __init__(self, count: int) -> None:
+        self.tcp = [socket.socket() for _ in range(count)]
+        self.udp = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
+        for s in (*self.tcp, *self.udp):
+            s.bind(("127.0.0.1", 0))
+        for s in self.tcp:
+            s.listen(64)
+            s.settimeout(5)
+        for s in self.udp:
+            s.settimeout(5)
+
+    def ports(self, kind: str) -> list[int]:
+        return [s.getsockname()[1] for s in (self.tcp if kind == "tcp" else self.udp)]
+
+    def close(self) -> None:
+        for s in (*self.tcp, *self.udp):
+            s.close()
+
+
+@pytest.fixture
+def servers() -> Iterator[Servers]:
+    s = Servers(2)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def in_cgroup(engine: lb_engine.SocketLB, work: list[tuple[str, int]], *, udp: bool = False) -> list[str]:
+    """Run connects (or UDP exchanges) to (VIP, port) from a child in the cgroup; one result line each."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: join the cgroup, do the work, report, exit without cleanup handlers
+        os.close(read)
+        out = []
+        try:
+            (engine.cgroup / "cgroup.procs").write_text(str(os.getpid()))
+            for address, port in work:
+                if udp:
+                    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    s.settimeout(3)
+                    try:
+                        s.sendto(b"ping", (address, port))
+                        _, peer = s.recvfrom(100)
+                        out.append(f"udp-peer {peer[0]}:{peer[1]}")
+                    except OSError as exc:
+                        out.append(f"error {exc.errno}")
+                    s.close()
+                    continue
+                s = socket.socket()
+                s.settimeout(3)
+                try:
+                    s.connect((address, port))
+                    peer = s.getpeername()
+                    out.append(f"peer {peer[0]}:{peer[1]}")
+                except OSError as exc:
+                    out.append(f"error {exc.errno}")
+                s.close()
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            out.append(f"crash {exc!r}")
+        os.write(write, "\n".join(out).encode())
+        os._exit(0)
+    os.close(write)
+    chunks = []
+    while chunk := os.read(read, 65536):
+        chunks.append(chunk)
+    os.close(read)
+    os.waitpid(pid, 0)
+    return b"".join(chunks).decode().splitlines()
+
+
+def accepted_by(servers: Servers, attempts: int) -> list[int]:
+    """Which TCP server accepted each pending connection (index), draining them."""
+    hits = []
+    for i, s in enumerate(servers.tcp):
+        s.setblocking(False)
+        while True:
+            try:
+                conn, _ = s.accept()
+            except BlockingIOError:
+                break
+            hits.append(i)
+            conn.close()
+        s.setblocking(True)
+    return hits
+
+
+def test_connect_picks_both_backends_and_getpeername_shows_the_frontend(lb: lb_engine.SocketLB,
+                                                                        servers: Servers) -> None:
+    tcp = servers.ports("tcp")
+    lb.apply(NodeLBIntent(node=NODE, frontends=(frontend(80, "TCP", [("127.0.0.1", p) for p in tcp]),)))
+    lines = in_cgroup(lb, [(VIP, 80)] * 40)
+    assert lines == [f"peer {VIP}:80"] * 40, lines  # connected, and the socket names the frontend
+    hits = accepted_by(servers, 40)
+    assert len(hits) == 40 and set(hits) == {0, 1}, hits  # both backends used
+
+
+def test_same_port_on_tcp_and_udp_are_two_frontends_and_udp_replies_show_the_frontend(
+        lb: lb_engine.SocketLB, servers: Servers) -> None:
+    tcp, udp = servers.ports("tcp"), servers.ports("udp")
+    lb.apply(NodeLBIntent(node=NODE, frontends=(frontend(53, "TCP", [("127.0.0.1", tcp[0])]),
+                                                frontend(53, "UDP", [("127.0.0.1", udp[1])]))))
+    import threading
+
+    def echo() -> None:
+        data, peer = servers.udp[1].recvfrom(100)
+        servers.udp[1].sendto(data, peer)
+
+    t = threading.Thread(target=echo)
+    t.start()
+    assert in_cgroup(lb, [(VIP, 53)], udp=True) == [f"udp-peer {VIP}:53"]
+    t.join(5)
+    assert in_cgroup(lb, [(VIP, 53)]) == [f"peer {VIP}:53"]
+    assert accepted_by(servers, 1) == [0]
+
+
+def test_no_backends_is_refused_at_once_and_local_without_backend_is_not_permitted(lb: lb_engine.SocketLB) -> None:
+    lb.apply(NodeLBIntent(node=NODE, frontends=(frontend(80, "TCP", []),
+                                                frontend(81, "TCP", [], no_local_backends=True,
+                                                         traffic_policy="Local"))))
+    # failed by connect() itself, not a timeout (the client's timeout is 3 s)
+    assert in_cgroup(lb, [(VIP, 80), (VIP, 81)]) == [f"error {errno.ECONNREFUSED}", f"error {errno.EPERM}"]
+
+
+def test_updates_take_effect_for_the_next_connect(lb: lb_engine.SocketLB, servers: Servers) -> None:
+    tcp = servers.ports("tcp")
+    lb.apply(NodeLBIntent(node=NODE, frontends=(frontend(80, "TCP", [("127.0.0.1", tcp[0])]),)))
+    in_cgroup(lb, [(VIP, 80)] * 5)
+    assert accepted_by(servers, 5) == [0] * 5
+    result = lb.apply(NodeLBIntent(node=NODE, frontends=(frontend(80, "TCP", [("127.0.0.1", tcp[1])]),)))
+    assert result.map_writes > 0
+    in_cgroup(lb, [(VIP, 80)] * 5)
+    assert accepted_by(servers, 5) == [1] * 5
+    state = lb.observe()
+    assert len(state.backends) == 1  # the unused backend was removed
+
+
+def test_session_affinity_keeps_one_backend(lb: lb_engine.SocketLB, servers: Servers) -> None:
+    tcp = servers.ports("tcp")
+    lb.apply(NodeLBIntent(node=NODE, frontends=(
+        frontend(80, "TCP", [("127.0.0.1", p) for p in tcp], affinity_timeout=30),)))
+    in_cgroup(lb, [(VIP, 80)] * 30)
+    hits = accepted_by(servers, 30)
+    assert len(hits) == 30 and len(set(hits)) == 1, hits
+
+
+def test_a_destination_that_is_no_frontend_passes_untouched(lb: lb_engine.SocketLB, servers: Servers) -> None:
+    lb.apply(NodeLBIntent(node=NODE, frontends=()))
+    port = servers.ports("tcp")[0]
+    assert in_cgroup(lb, [("127.0.0.1", port)]) == [f"peer 127.0.0.1:{port}"]
+    accepted_by(servers, 1)
+    assert lb.observe() == lb_planning.LBState({}, {})
+
+
+def test_programs_are_adopted_on_restart_and_maps_keep_their_contents(lb: lb_engine.SocketLB,
+                                                                       servers: Servers) -> None:
+    tcp = servers.ports("tcp")
+    lb.apply(NodeLBIntent(node=NODE, frontends=(frontend(80, "TCP", [("127.0.0.1", tcp[0])]),)))
+    again = lb_engine.SocketLB(NODE, cgroup=lb.cgroup)
+    from ciliary.nodeagent.datapath import compiling
+    before = compiling.compile_count()
+    again.start()
+    try:
+        assert compiling.compile_count() == before  # adopted by hash, nothing compiled
+        assert again.observe() == lb.observe()
+    finally:
+        again.close()
+
+
+def test_the_policy_datapath_on_the_same_node_leaves_the_load_balancer_pinned(lb: lb_engine.SocketLB) -> None:
+    """Both engines pin into one directory; the policy engine prunes its stale ``prog_*`` pins, never ours."""
+    from ciliary.nodeagent.datapath import engine
+    from ciliary.operator.intents import NodeIntent
+
+    ours = sorted(p.name for p in lb.pin_dir.glob(f"{lb_engine.PIN_PREFIX}*"))
+    assert len(ours) == len(lb_engine.HOOKS)
+    policy = engine.Datapath(NODE)
+    policy.start()
+    try:
+        policy.apply(NodeIntent(node=NODE, revision=1), {})
+        assert sorted(p.name for p in lb.pin_dir.glob(f"{lb_engine.PIN_PREFIX}*")) == ours
+        assert lb.observe() is not None  # the LB maps are still there and readable
+    finally:
+        policy.close()
+        for pinned in lb.pin_dir.glob("prog_*"):
+            pinned.unlink()
+        for name in engine.MAP_NAMES:
+            (lb.pin_dir / name).unlink(missing_ok=True)
+
+
+UDP_CHILD = r"""
+import socket, sys
+vip, port, sockets, per_socket = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+for i in range(sockets):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for j in range(per_socket):
+        s.sendto(f"{i}".encode(), (vip, port))
+    s.close()
+"""
+
+
+def test_unconnected_udp_keeps_one_backend_per_socket(lb: lb_engine.SocketLB, servers: Servers) -> None:
+    udp = servers.ports("udp")
+    lb.apply(NodeLBIntent(node=NODE, frontends=(frontend(5300, "UDP", [("127.0.0.1", p) for p in udp]),)))
+    procs = str(lb.cgroup / "cgroup.procs")
+
+    def enter() -> None:
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", UDP_CHILD, VIP, "5300", "12", "5"], preexec_fn=enter,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    by_socket: dict[str, set[int]] = {}
+    for index, server in enumerate(servers.udp):
+        server.settimeout(0.5)
+        while True:
+            try:
+                data, _ = server.recvfrom(100)
+            except TimeoutError:
+                break
+            by_socket.setdefault(data.decode(), set()).add(index)
+    assert len(by_socket) == 12 and all(len(v) == 1 for v in by_socket.values()), by_socket  # 5 datagrams, 1 backend
+    assert {i for v in by_socket.values() for i in v} == {0, 1}  # and the sockets spread over both
+
+
+def test_affinity_ends_with_its_timeout_and_never_outlives_its_backend(lb: lb_engine.SocketLB,
+                                                                       servers: Servers) -> None:
+    tcp = servers.ports("tcp")
+    both = frontend(80, "TCP", [("127.0.0.1", p) for p in tcp], affinity_timeout=1)
+    lb.apply(NodeLBIntent(node=NODE, frontends=(both,)))
+    in_cgroup(lb, [(VIP, 80)] * 10)
+    (first,) = set(accepted_by(servers, 10))
+    # the affine backend leaves the Service: the next connects go to the other one, never to it
+    remaining = tcp[1 - first]
+    lb.apply(NodeLBIntent(node=NODE, frontends=(frontend(80, "TCP", [("127.0.0.1", remaining)],
+                                                         affinity_timeout=1),)))
+    in_cgroup(lb, [(VIP, 80)] * 5)
+    assert accepted_by(servers, 5) == [1 - first] * 5
+    # after the timeout, choices spread again over both backends
+    lb.apply(NodeLBIntent(node=NODE, frontends=(both,)))
+    picks: set[int] = set()
+    for _ in range(10):  # bounded: each round lets the affinity entry expire, then connects once
+        time.sleep(1.1)
+        in_cgroup(lb, [(VIP, 80)])
+        picks |= set(accepted_by(servers, 1))
+        if picks == {0, 1}:
+            break
+    assert picks == {0, 1}
+
+
+@pytest.fixture
+def four_servers() -> Iterator[Servers]:
+    s = Servers(4)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_random_intents_behave_as_written_in_the_kernel(lb: lb_engine.SocketLB, four_servers: Servers) -> None:
+    """A derandomized sample of intents (frontends, backend sets, empty ones, Local ones) applied one after the
+    other: every connect lands on a backend of its frontend, or fails as the frontend says."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    tcp = four_servers.ports("tcp")
+    shapes = st.lists(st.tuples(st.sampled_from([80, 81, 82, 83]),
+                                st.lists(st.integers(0, 3), unique=True, max_size=3), st.booleans()),
+                      min_size=1, max_size=4, unique_by=lambda t: t[0])
+
+    @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(shapes)
+    def check(shape: list[tuple[int, list[int], bool]]) -> None:
+        fes = tuple(frontend(port, "TCP", [("127.0.0.1", tcp[i]) for i in idx],
+                             no_local_backends=local and not idx) for port, idx, local in shape)
+        lb.apply(NodeLBIntent(node=NODE, frontends=fes))
+        for port, idx, local in shape:
+            (line,) = in_cgroup(lb, [(VIP, port)])
+            hits = accepted_by(four_servers, 1)
+            if not idx:
+                assert line == f"error {errno.EPERM if local else errno.ECONNREFUSED}" and hits == []
+            else:
+                assert line == f"peer {VIP}:{port}" and len(hits) == 1 and hits[0] in idx, (shape, line, hits)
+
+    check()

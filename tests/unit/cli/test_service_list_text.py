@@ -1,0 +1,26 @@
+"""``ciliary service list``'s text rendering: frontends, empty backend sets, problems, unreadable nodes."""
+
+from __future__ import annotations
+
+from ciliary.cli import service_commands
+
+
+def test_rendering_names_refusal_drop_affinity_and_problems() -> None:
+    doc = {"node": "node-1", "error": "", "frontends": [
+        {"id": 1, "address": "10.96.0.10", "port": 80, "protocol": "TCP", "service": "ns/web", "kind": "ClusterIP",
+         "flags": ["affinity"], "affinity_timeout": 60,
+         "backends": [{"slot": 1, "id": 3, "address": "10.244.1.5", "port": 8080},
+                      {"slot": 2, "id": 4, "address": "10.244.2.5", "port": 8080}]},
+        {"id": 2, "address": "10.96.0.11", "port": 80, "protocol": "UDP", "service": "ns/empty", "kind": "ClusterIP",
+         "flags": [], "affinity_timeout": 0, "backends": []},
+        {"id": 5, "address": "10.96.0.12", "port": 80, "protocol": "TCP", "service": "ns/local", "kind": "ClusterIP",
+         "flags": ["no-local-backends"], "affinity_timeout": 0, "backends": []}],
+        "problems": [{"service": "ns/bad", "reason": "NodePortOutOfRange", "message": "port http: nodePort 80 ..."}]}
+    text = "\n".join(service_commands.render_text("node-1", doc))
+    assert "10.96.0.10:80/TCP" in text and "1) 10.244.1.5:8080, 2) 10.244.2.5:8080" in text
+    assert "[affinity 60s]" in text
+    assert "10.96.0.11:80/UDP" in text and "(none: refused)" in text
+    assert "(none: dropped, no local backend)" in text
+    assert "error: ns/bad: NodePortOutOfRange" in text
+    assert service_commands.render_text("node-2", "no agent is registered") == [
+        "node-2: cannot read the load balancer: no agent is registered"]

@@ -1,0 +1,105 @@
+"""The socket load balancer's planner (``lb_planning``): map contents, id stability, write order."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ciliary.nodeagent import lb_planning
+from ciliary.nodeagent.lb_planning import LBCapacityError, LBState, ServiceKey, plan
+from ciliary.nodeagent.planning import MapDiff
+from ciliary.operator.services.intent import BackendIntent, FrontendIntent, FrontendKind, NodeLBIntent
+
+SIZES = {"services_size": 1000, "backends_size": 1000}
+
+
+def fe(address: str, port: int, protocol: str, backends: list[tuple[str, int]], **kw: object) -> FrontendIntent:
+    return FrontendIntent(service="ns/s", kind=FrontendKind.CLUSTER_IP, address=address, port=port,
+                          protocol=protocol, backends=tuple(BackendIntent(address=a, port=p) for a, p in backends),
+                          **kw)  # type: ignore[arg-type]
+
+
+def applied(observed: LBState, step: lb_planning.LBPlan) -> LBState:
+    services = dict(observed.services)
+    backends = dict(observed.backends)
+    backends.update(step.backend_upserts.upserts)
+    services.update(step.service_writes.upserts)
+    for k in step.service_writes.deletes:
+        del services[k]
+    for b in step.backend_deletes.deletes:
+        del backends[b]
+    return LBState(services, backends)
+
+
+def test_frontend_entry_slots_and_backends() -> None:
+    intent = NodeLBIntent(node="n", frontends=(fe("10.96.0.1", 80, "TCP", [("10.244.1.2", 8080), ("10.244.2.2", 8080)],
+                                                   affinity_timeout=5),
+                                                fe("10.96.0.1", 80, "UDP", [("10.244.1.2", 8080)]),
+                                                fe("10.96.0.2", 81, "TCP", [], no_local_backends=True)))
+    state = plan(intent, LBState(), **SIZES).desired
+    master = state.services[ServiceKey(IPv4Address("10.96.0.1"), 80, 6, 0)]
+    assert (master.count, master.flags, master.affinity_timeout) == (2, lb_planning.FLAG_AFFINITY, 5)
+    udp = state.services[ServiceKey(IPv4Address("10.96.0.1"), 80, 17, 0)]
+    assert udp.count == 1 and udp.backend_id != master.backend_id  # TCP and UDP: two frontends
+    empty = state.services[ServiceKey(IPv4Address("10.96.0.2"), 81, 6, 0)]
+    assert (empty.count, empty.flags) == (0, lb_planning.FLAG_NO_LOCAL)
+    slot1 = state.services[ServiceKey(IPv4Address("10.96.0.1"), 80, 6, 1)]
+    assert state.backends[slot1.backend_id] == lb_planning.Backend(IPv4Address("10.244.1.2"), 8080, 6)
+    assert len(state.backends) == 3  # one per (address, port, protocol)
+
+
+def test_ids_in_the_kernel_are_kept_and_new_ids_are_never_reused() -> None:
+    first = plan(NodeLBIntent(node="n", frontends=(fe("10.96.0.1", 80, "TCP", [("10.244.1.2", 80)]),)),
+                 LBState(), **SIZES).desired
+    second = plan(NodeLBIntent(node="n", frontends=(fe("10.96.0.1", 80, "TCP", [("10.244.1.3", 80)]),
+                                                     fe("10.96.0.9", 80, "TCP", []))), first, **SIZES).desired
+    key = ServiceKey(IPv4Address("10.96.0.1"), 80, 6, 0)
+    assert second.services[key].backend_id == first.services[key].backend_id
+    used_before = {v.backend_id for v in first.services.values()} | set(first.backends)
+    new_ids = ({v.backend_id for v in second.services.values()} | set(second.backends)) - used_before
+    assert new_ids and min(new_ids) > max(used_before)
+
+
+def test_capacity_is_checked_before_writing() -> None:
+    intent = NodeLBIntent(node="n", frontends=(fe("10.96.0.1", 80, "TCP", [("10.244.1.2", 80), ("10.244.1.3", 80)]),))
+    with pytest.raises(LBCapacityError) as caught:
+        plan(intent, LBState(), services_size=2, backends_size=10)
+    assert caught.value.map_name == "cy_lb4_svc" and caught.value.wanted == 3
+    with pytest.raises(LBCapacityError):
+        plan(intent, LBState(), services_size=10, backends_size=1)
+
+
+frontends = st.lists(st.builds(
+    lambda a, port, proto, bes, aff: fe(f"10.96.0.{a}", port, proto, [(f"10.244.0.{b}", 8080) for b in bes],
+                                        affinity_timeout=aff),
+    st.integers(1, 4), st.sampled_from([53, 80]), st.sampled_from(["TCP", "UDP"]),
+    st.lists(st.integers(1, 6), unique=True, max_size=4), st.sampled_from([0, 30])),
+    max_size=6, unique_by=lambda f: f.key)
+
+
+@settings(max_examples=200, deadline=None)
+@given(frontends, frontends)
+def test_applying_the_plan_reaches_the_desired_state_in_a_safe_order(before: list[FrontendIntent],
+                                                                     after: list[FrontendIntent]) -> None:
+    start = plan(NodeLBIntent(node="n", frontends=tuple(before)), LBState(), **SIZES).desired
+    step = plan(NodeLBIntent(node="n", frontends=tuple(after)), start, **SIZES)
+    assert applied(start, step) == step.desired
+    # a frontend's own entry (its count) is written after its slots, and deleted before them
+    ups = list(step.service_writes.upserts)
+    masters = [i for i, k in enumerate(ups) if k.slot == 0]
+    slots = [i for i, k in enumerate(ups) if k.slot != 0]
+    assert not masters or not slots or max(slots) < min(masters)
+    dels = list(step.service_writes.deletes)
+    assert [k.slot == 0 for k in dels] == sorted((k.slot == 0 for k in dels), reverse=True)
+    # every slot a frontend counts points at an existing backend
+    for key, value in step.desired.services.items():
+        if key.slot == 0:
+            for slot in range(1, value.count + 1):
+                entry = step.desired.services[ServiceKey(key.address, key.port, key.proto, slot)]
+                assert entry.backend_id in step.desired.backends
+    # planning again from the result changes nothing
+    again = plan(NodeLBIntent(node="n", frontends=tuple(after)), step.desired, **SIZES)
+    assert len(again) == 0 and again.service_writes == MapDiff({}, ())
