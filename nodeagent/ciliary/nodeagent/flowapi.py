@@ -85,13 +85,15 @@ class IntentIndex:
     pods: Mapping[str, tuple[str, str]]
     """Local pod IP -> (namespace, name)."""
     labels: Mapping[int, tuple[str, ...]]
+    revision: int = 0
+    """The policy revision of the intent (Hubble's Policy.revision)."""
 
     @classmethod
     def of(cls, node: str, intent: intents.NodeIntent | None) -> IntentIndex:
         if intent is None:
             return cls(node, {}, {})
         return cls(node, {e.ipv4: (e.namespace, e.pod) for e in intent.endpoints},
-                   {int(k): tuple(v) for k, v in intent.identity_labels.items()})
+                   {int(k): tuple(v) for k, v in intent.identity_labels.items()}, intent.revision)
 
     def peer(self, ip: str, port: int, identity: int) -> dict[str, Any]:
         labels = list(self.labels.get(identity, ()))
@@ -100,6 +102,27 @@ class IntentIndex:
             namespace = next((label.split(NAMESPACE_LABEL, 1)[1] for label in labels if NAMESPACE_LABEL in label), "")
         return {"ip": ip, "port": port, "identity": identity, "labels": labels, "namespace": namespace,
                 "pod": pod}
+
+
+class EntryQueue(asyncio.Queue["RingEntry"]):
+    """A Hubble follower's queue; ``lost`` counts the entries it had no room for."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize=maxsize)
+        self.lost = 0
+
+
+class RingEntry:
+    """One kept event with the intent index and rule lookup in force when it arrived; ``flow`` caches
+    its Hubble form (``hubble_convert.to_flow``), built the first time a Hubble client reads it."""
+
+    __slots__ = ("event", "flow", "index", "rules_for")
+
+    def __init__(self, event: Any, index: IntentIndex, rules_for: Callable[[int], Iterable[intents.RuleRef]]) -> None:
+        self.event = event
+        self.index = index
+        self.rules_for = rules_for
+        self.flow: Any = None
 
 
 def enrich(event: Any, index: IntentIndex, rules_for: Callable[[int], Iterable[intents.RuleRef]]) -> dict[str, Any]:
@@ -194,8 +217,7 @@ class FlowHub:
         self.node = node
         # raw events with the intent index in force when they arrived: enriched only when read,
         # so the hot path (thousands of events per second) is an append
-        self.ring: collections.deque[tuple[Any, IntentIndex, Callable[[int], Iterable[intents.RuleRef]]]] = \
-            collections.deque(maxlen=capacity)
+        self.ring: collections.deque[RingEntry] = collections.deque(maxlen=capacity)
         self.index = IntentIndex.of(node, None)
         self.rules_for: Callable[[int], Iterable[intents.RuleRef]] = lambda _c: ()
         self.lost_kernel: Callable[[], int] = lambda: 0
@@ -203,6 +225,9 @@ class FlowHub:
         self.seen = 0
         self.lost_followers = 0
         self._followers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self._entry_followers: set[EntryQueue] = set()
+        """Hubble followers (observer_server): handed ring entries, converted by the reader."""
+        self.started = time.time()
 
     def set_intent(self, intent: intents.NodeIntent | None) -> None:
         self.index = IntentIndex.of(self.node, intent)
@@ -212,8 +237,15 @@ class FlowHub:
         count = 0
         index, rules_for = self.index, self.rules_for
         for event in events:
-            self.ring.append((event, index, rules_for))
+            entry = RingEntry(event, index, rules_for)
+            self.ring.append(entry)
             count += 1
+            for entry_queue in self._entry_followers:
+                try:
+                    entry_queue.put_nowait(entry)
+                except asyncio.QueueFull:
+                    entry_queue.lost += 1
+                    self.lost_followers += 1
             if not self._followers:
                 continue
             flow = enrich(event, index, rules_for)
@@ -230,11 +262,22 @@ class FlowHub:
         return {"node": self.node, "seen": self.seen,
                 "lost": lost_kernel + lost_reader + self.lost_followers,
                 "lost_kernel": lost_kernel, "lost_reader": lost_reader, "lost_followers": self.lost_followers,
-                "ring_size": len(self.ring), "ring_capacity": self.ring.maxlen, "followers": len(self._followers)}
+                "ring_size": len(self.ring), "ring_capacity": self.ring.maxlen,
+                "followers": len(self._followers) + len(self._entry_followers)}
 
     def history(self) -> list[dict[str, Any]]:
         """The kept flows, oldest first, enriched."""
-        return [enrich(event, index, rules_for) for event, index, rules_for in list(self.ring)]
+        return [enrich(e.event, e.index, e.rules_for) for e in list(self.ring)]
+
+    @contextlib.contextmanager
+    def follow_entries(self, maxsize: int = FOLLOWER_QUEUE) -> Any:
+        """A queue of the ring entries published from now on (full: the entry is lost and counted)."""
+        queue = EntryQueue(maxsize)
+        self._entry_followers.add(queue)
+        try:
+            yield queue
+        finally:
+            self._entry_followers.discard(queue)
 
     @contextlib.contextmanager
     def follow(self) -> Any:

@@ -1,7 +1,8 @@
 """``ciliary-agent``: the node agent process.
 
 Start-up order: settings → logging → endpoint registry (loaded from the state dir) →
-endpoint API on the unix socket → health (+ flow API) on TCP → etcd registration loop,
+endpoint API on the unix socket → health (+ flow API) on TCP → the Hubble Observer API (gRPC,
+``--hubble-addr``) → etcd registration loop,
 and with the datapath enabled (``--datapath``): the enforcer (starts the datapath,
 adopting what a previous agent pinned), the intent watcher, the reporter and the flow
 pump. SIGTERM or SIGINT stops it: the lease is revoked (the node record and the
@@ -39,6 +40,7 @@ from ciliary.nodeagent import (
     flowapi,
     health,
     logs,
+    observer_server,
     registration,
     reporting,
     settings,
@@ -161,6 +163,7 @@ class Agent:
     async def serve(self) -> None:
         self.registry.load()
         runners: list[web.AppRunner] = []
+        hubble_server: Any = None
         reg_task: asyncio.Task[None] | None = None
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -177,6 +180,8 @@ class Agent:
                         datapath_api.add_routes(self.config.node_name, self.enforcer,
                                                 getattr(self, "datapath", None), self.registry)],
             ))
+            if self.config.hubble_addr:
+                hubble_server = await observer_server.start(self.flows, self.config.hubble_addr)
             reg_task = asyncio.create_task(self.registration.run(self.stop), name="registration")
             if self.config.direct_status and self.reporter is not None:
                 from ciliary.nodeagent import direct_status  # kubernetes_asyncio: direct mode only
@@ -212,6 +217,8 @@ class Agent:
             if self.enforcer is not None:
                 await self.enforcer.close()
             await self.registration.close()
+            if hubble_server is not None:
+                await hubble_server.stop(grace=1)
             for runner in reversed(runners):
                 await runner.cleanup()
             with contextlib.suppress(FileNotFoundError):
