@@ -181,7 +181,11 @@ class Agent:
                                                 getattr(self, "datapath", None), self.registry)],
             ))
             if self.config.hubble_addr:
-                hubble_server = await observer_server.start(self.flows, self.config.hubble_addr)
+                try:
+                    hubble_server = await observer_server.start(self.flows, self.config.hubble_addr)
+                except OSError as exc:  # observability only: enforcement goes on without it
+                    log.error("Hubble Observer API not served", extra={"address": self.config.hubble_addr,
+                                                                       "error": str(exc)})
             reg_task = asyncio.create_task(self.registration.run(self.stop), name="registration")
             if self.config.direct_status and self.reporter is not None:
                 from ciliary.nodeagent import direct_status  # kubernetes_asyncio: direct mode only

@@ -168,14 +168,23 @@ async def set_serving(servicer: Any) -> None:
         await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
+def listen(server: grpc.aio.Server, address: str, what: str) -> None:
+    """Add a plaintext port; a taken or invalid address is an OSError naming ``what``."""
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc raises when the address is taken
+        raise OSError(f"cannot listen on {address} ({what}): {exc}") from exc
+    if bound == 0:
+        raise OSError(f"cannot listen on {address} ({what})")
+
+
 async def start(hub: flowapi.FlowHub, address: str) -> grpc.aio.Server:
     """Serve the Observer, Peer and Health services on ``address`` (HOST:PORT); returns the started server."""
     server = grpc.aio.server()
     observer_pb2_grpc.add_ObserverServicer_to_server(ObserverService(hub, address), server)
     peer_pb2_grpc.add_PeerServicer_to_server(SelfPeer(hub.node, address), server)
     await set_serving(add_health(server))
-    if server.add_insecure_port(address) == 0:
-        raise OSError(f"cannot listen on {address} (Hubble Observer API)")
+    listen(server, address, "Hubble Observer API")
     await server.start()
     log.info("Hubble Observer API serving", extra={"node": hub.node, "address": address})
     return server

@@ -4,11 +4,11 @@ and refusal (FilterError) of what cannot be evaluated."""
 from __future__ import annotations
 
 import pytest
+from test_hubble_convert import INDEX, event
 
 from ciliary.hubbleapi import flow_pb2
 from ciliary.nodeagent import hubble_convert, hubble_filter
 from ciliary.nodeagent.datapath import maps
-from test_hubble_convert import INDEX, event
 
 F = flow_pb2.FlowFilter
 DROP = hubble_convert.to_flow(event(), INDEX, ())  # 10.0.1.5:40000 (rebel, 301) -> deathstar 10.0.0.2:80, SYN
