@@ -10,7 +10,7 @@ Peers: the agents' registration records in etcd (``observerAddr``), re-read ever
 
 - ``observer.Observer/GetFlows``: the request (validated here first: a malformed filter is
   INVALID_ARGUMENT before any node is asked) goes to every node; without ``follow`` the answers
-  are merged in time order and cut to ``number`` across the cluster; with ``follow`` every node's
+  are merged in time order (``number`` is per node, as with Hubble Relay); with ``follow`` every node's
   stream is forwarded as it arrives (history per node first). A node that cannot be reached is
   reported in-stream as a ``node_status`` NODE_UNAVAILABLE event and the others still answer;
 - ``ServerStatus`` (sums, connected and unavailable nodes), ``GetNodes``, ``GetNamespaces`` (union);
@@ -110,7 +110,7 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
             answers, down = await self._each(collect)
             if down:
                 yield unavailable_event(down, "node unreachable")
-            for response in relay_merge.merge_history(answers.values(), request.number, request.first):
+            for response in relay_merge.merge_history(answers.values()):
                 yield response
             return
         queue: asyncio.Queue[observer_pb2.GetFlowsResponse | BaseException] = asyncio.Queue(maxsize=4096)

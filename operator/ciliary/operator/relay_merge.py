@@ -3,8 +3,8 @@
 - :func:`peers_from_records`: node name -> Observer address, from the agents' registration
   records in etcd (``/ciliary/nodes/v1/<node>``, field ``observerAddr``; a node without one
   serves no Observer API and is left out);
-- :func:`merge_history`: the flows of every node in time order, cut to the request's
-  ``number`` (the newest N, or with ``first`` the oldest N) across all nodes;
+- :func:`merge_history`: the flows of every node in time order; as with Hubble Relay, ``number``
+  applies per node (each node answers with its N flows), not to the merged stream;
 - :func:`merge_status`: one ServerStatus for the cluster (sums, connected/unavailable nodes);
 - :func:`peer_changes`: the Peer notifications that turn one peer set into the next.
 """
@@ -36,13 +36,9 @@ def _key(response: observer_pb2.GetFlowsResponse) -> tuple[int, int, str]:
     return response.time.seconds, response.time.nanos, response.node_name
 
 
-def merge_history(per_node: Iterable[Sequence[observer_pb2.GetFlowsResponse]], number: int,
-                  first: bool) -> list[observer_pb2.GetFlowsResponse]:
-    """Every node's flow responses, oldest first, cut to ``number`` across the cluster (0: all)."""
-    merged = sorted((r for responses in per_node for r in responses if r.HasField("flow")), key=_key)
-    if number:
-        merged = merged[:number] if first else merged[-number:]
-    return merged
+def merge_history(per_node: Iterable[Sequence[observer_pb2.GetFlowsResponse]]) -> list[observer_pb2.GetFlowsResponse]:
+    """Every node's flow responses, oldest first."""
+    return sorted((r for responses in per_node for r in responses if r.HasField("flow")), key=_key)
 
 
 def merge_status(statuses: Mapping[str, observer_pb2.ServerStatusResponse], unavailable: Sequence[str],

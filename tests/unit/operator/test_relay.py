@@ -1,5 +1,5 @@
 """The Hubble relay: pure merging (relay_merge) and the gRPC relay over two in-process agent Observer
-servers on loopback (history merged in time order and cut across nodes, follow, an unreachable node,
+servers on loopback (history merged in time order, N per node, follow, an unreachable node,
 INVALID_ARGUMENT before any node is asked, status, nodes, namespaces, peers)."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def test_peers_from_records_skip_nodes_without_an_observer() -> None:
     assert relay_merge.peers_from_records(records) == {"n1": "127.0.0.1:1"}
 
 
-def test_merge_history_orders_by_time_and_cuts_across_nodes() -> None:
+def test_merge_history_orders_by_time() -> None:
     def response(node: str, second: int) -> observer_pb2.GetFlowsResponse:
         flow = flow_pb2.Flow(node_name=node)
         flow.time.seconds = second
@@ -42,9 +42,7 @@ def test_merge_history_orders_by_time_and_cuts_across_nodes() -> None:
 
     a = [response("a", s) for s in (1, 4, 5)]
     b = [response("b", s) for s in (2, 3, 6)]
-    assert [r.time.seconds for r in relay_merge.merge_history([a, b], 0, False)] == [1, 2, 3, 4, 5, 6]
-    assert [r.time.seconds for r in relay_merge.merge_history([a, b], 2, False)] == [5, 6]
-    assert [r.time.seconds for r in relay_merge.merge_history([a, b], 2, True)] == [1, 2]
+    assert [r.time.seconds for r in relay_merge.merge_history([a, b])] == [1, 2, 3, 4, 5, 6]
 
 
 def test_merge_status_and_peer_changes() -> None:
@@ -90,8 +88,9 @@ async def test_relay_merges_nodes(cluster) -> None:  # type: ignore[no-untyped-d
     assert got[0].HasField("node_status") and got[0].node_status.state_change == relay_pb2.NODE_UNAVAILABLE
     assert list(got[0].node_status.node_names) == ["gone"]
     flows = [r for r in got if r.HasField("flow")]
-    assert [(r.node_name, r.flow.l4.TCP.source_port) for r in flows] == [("n2", 2), ("n1", 3), ("n2", 3), ("n1", 4),
-                                                                          ("n2", 4)][-4:]
+    # like Hubble Relay: the last N of each node, merged in time order
+    assert [(r.node_name, r.flow.l4.TCP.source_port) for r in flows] == [
+        ("n1", 1), ("n2", 1), ("n1", 2), ("n2", 2), ("n1", 3), ("n2", 3), ("n1", 4), ("n2", 4)]
     only_n1 = [r async for r in stub.GetFlows(observer_pb2.GetFlowsRequest(
         whitelist=[flow_pb2.FlowFilter(destination_pod=["ns-n1/"])]))]
     assert {r.node_name for r in only_n1 if r.HasField("flow")} == {"n1"}

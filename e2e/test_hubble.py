@@ -1,0 +1,184 @@
+"""The real ``hubble`` CLI (built from github.com/cilium/cilium, setup/build-hubble.sh) against the lab's
+relay (``ciliary-relay``, ``HUBBLE_SERVER`` of ``ciliary lab env``) and the agents' Observer APIs.
+
+The Star Wars scene: deathstar and xwing on node-1, tiefighter on node-2, Cilium's ``rule1``
+(only org=empire into the deathstar on 80/TCP). xwing's connections are dropped at the deathstar's
+ingress; tiefighter's are forwarded, allowed by rule1.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab_harness import LabHandle
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[1]
+STAR_WARS = ("deathstar", "tiefighter", "xwing")
+PODS = """
+apiVersion: v1
+kind: Pod
+metadata: {name: deathstar, namespace: default, labels: {org: empire, class: deathstar}}
+spec:
+  nodeName: node-1
+  containers: [{name: deathstar, image: lab, ports: [{containerPort: 80}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: tiefighter, namespace: default, labels: {org: empire, class: tiefighter}}
+spec:
+  nodeName: node-2
+  containers: [{name: spaceship, image: lab}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: xwing, namespace: default, labels: {org: alliance, class: xwing}}
+spec:
+  nodeName: node-1
+  containers: [{name: spaceship, image: lab}]
+"""
+
+
+def delete_scene(lab: LabHandle) -> None:
+    lab.kubectl("delete", "pod", *STAR_WARS, "-n", "default", "--ignore-not-found", "--wait=true",
+                "--timeout=60s", check=False)
+
+
+@pytest.fixture(scope="module")
+def scene(lab: LabHandle, tool: Any) -> Any:
+    hubble = str(tool("hubble"))
+    delete_scene(lab)  # another test of the session may have placed the same pods elsewhere
+    lab.apply(PODS)
+    deathstar = lab.wait_running("deathstar")["status"]["podIP"]
+    lab.wait_running("tiefighter")
+    lab.wait_running("xwing")
+    lab.kubectl("apply", "-f", str(ROOT / "crds" / "examples" / "starwars-rule1.yaml"))
+    lab.kubectl("wait", "--for=condition=Enforced", "--timeout=90s", "cnp/rule1")
+    deadline = time.monotonic() + 60
+    while lab.probe("http", deathstar, 80, pod="xwing", timeout=1.5).returncode == 0:  # enforced in the kernel
+        assert time.monotonic() < deadline, "rule1 not enforced after 60 s"
+        time.sleep(0.5)
+    assert lab.probe("http", deathstar, 80, pod="tiefighter", timeout=3).returncode == 0
+    server = f"127.0.0.1:{lab.lab.relay_port()}"
+    try:
+        yield hubble, server, deathstar
+    finally:
+        delete_scene(lab)
+
+
+def hubble_run(hubble: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([hubble, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def observe(hubble: str, server: str, *args: str) -> list[dict[str, Any]]:
+    out = hubble_run(hubble, "observe", "--server", server, "-o", "json", *args)
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def flows_of(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [line["flow"] for line in lines if "flow" in line]
+
+
+def test_env_exports_the_relay_and_the_cli(lab: LabHandle, scene: Any) -> None:
+    hubble, server, _ = scene
+    script = "\n".join([*lab.lab.env_lines(), 'echo "$HUBBLE_SERVER"', "command -v hubble"])
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+    assert out.stdout.split() == [server, hubble], out.stdout + out.stderr
+
+
+def test_observe_pod_dropped_json(lab: LabHandle, scene: Any) -> None:
+    hubble, server, deathstar = scene
+    lab.probe("http", deathstar, 80, pod="xwing", timeout=1)
+    flows = flows_of(observe(hubble, server, "--pod", "default/deathstar", "--verdict", "DROPPED", "--last", "50"))
+    assert flows, "no dropped flow for default/deathstar"
+    for flow in flows:
+        assert flow["verdict"] == "DROPPED" and flow["drop_reason_desc"] == "POLICY_DENIED", flow
+        assert flow["destination"]["pod_name"] == "deathstar" and flow["destination"]["namespace"] == "default"
+        assert flow["source"]["pod_name"] == "xwing" and "k8s:org=alliance" in flow["source"]["labels"]
+        assert flow["traffic_direction"] == "INGRESS" and flow["node_name"] == "node-1"
+        assert flow["l4"]["TCP"]["destination_port"] == 80 and flow["is_reply"] is False
+        assert flow["event_type"]["type"] == 1 and flow["Type"] == "L3_L4"
+        assert flow["source"]["identity"] > 0 and flow["destination"]["identity"] > 0
+
+
+def test_observe_forwarded_names_the_allowing_policy(lab: LabHandle, scene: Any) -> None:
+    hubble, server, deathstar = scene
+    assert lab.probe("http", deathstar, 80, pod="tiefighter", timeout=3).returncode == 0
+    flows = flows_of(observe(hubble, server, "--to-pod", "default/deathstar", "--verdict", "FORWARDED",
+                             "--from-label", "org=empire", "--last", "50"))
+    syns = [f for f in flows if f["l4"]["TCP"]["flags"].get("SYN") and not f["l4"]["TCP"]["flags"].get("ACK")]
+    assert syns, flows
+    for flow in syns:
+        assert [p["name"] for p in flow["ingress_allowed_by"]] == ["rule1"], flow
+        assert flow["ingress_allowed_by"][0]["namespace"] == "default"
+        # tiefighter runs on node-2: node-1 knows its identity and labels, not its pod name
+        assert flow["source"]["pod_name"] == "" and "k8s:class=tiefighter" in flow["source"]["labels"]
+
+
+def test_observe_namespace_to_port_and_since(lab: LabHandle, scene: Any) -> None:
+    hubble, server, deathstar = scene
+    time.sleep(1.1)
+    since = time.time()
+    time.sleep(0.1)
+    lab.probe("http", deathstar, 80, pod="xwing", timeout=1)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(since)) + f".{int(since % 1 * 1e9):09d}Z"
+    recent = flows_of(observe(hubble, server, "--since", stamp, "--pod", "default/xwing"))
+    assert recent, "nothing since the last probe"
+    for flow in recent:
+        sec, frac = flow["time"].rstrip("Z").split(".")
+        assert time.mktime(time.strptime(sec, "%Y-%m-%dT%H:%M:%S")) - time.timezone + float("0." + frac) >= since
+    in_default = flows_of(observe(hubble, server, "--namespace", "default", "--last", "100"))
+    assert in_default and all("default" in (f["source"].get("namespace"), f["destination"].get("namespace"))
+                              for f in in_default)
+    to_80 = flows_of(observe(hubble, server, "--to-port", "80", "--last", "100"))
+    assert to_80 and all(f["l4"]["TCP"]["destination_port"] == 80 for f in to_80)
+    assert not flows_of(observe(hubble, server, "--to-port", "81", "--last", "100"))
+
+
+def test_observe_follow_streams_new_drops(lab: LabHandle, scene: Any) -> None:
+    hubble, server, deathstar = scene
+    proc = subprocess.Popen([hubble, "observe", "--server", server, "-o", "json", "--follow", "--pod",
+                             "default/xwing", "--verdict", "DROPPED", "--since", "1s"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)  # the stream is open
+        lab.probe("http", deathstar, 80, pod="xwing", timeout=1)
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 20)
+        assert ready, "no flow streamed within 20 s"
+        flow = json.loads(proc.stdout.readline())["flow"]
+        assert flow["verdict"] == "DROPPED" and flow["source"]["pod_name"] == "xwing"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_status_and_list_nodes(scene: Any) -> None:
+    hubble, server, _ = scene
+    status = hubble_run(hubble, "status", "--server", server)
+    assert status.returncode == 0, status.stderr
+    assert "Healthcheck (via " in status.stdout and "Ok" in status.stdout
+    assert "Connected Nodes: 2/2" in status.stdout and "Current/Max Flows:" in status.stdout
+    nodes = hubble_run(hubble, "list", "nodes", "--server", server)
+    assert nodes.returncode == 0, nodes.stderr
+    rows = [line.split() for line in nodes.stdout.splitlines()[1:] if line.strip()]
+    assert [(r[0], r[1]) for r in rows] == [("node-1", "Connected"), ("node-2", "Connected")], nodes.stdout
+
+
+def test_malformed_filter_is_invalid_argument_and_the_relay_keeps_serving(scene: Any) -> None:
+    hubble, server, _ = scene
+    # the CLI passes these through unchecked (--print-raw-filters shows them): the server refuses them
+    for flag, value, field in (("--to-port", "not-a-port", "destination_port"), ("--protocol", "tcpp", "protocol"),
+                               ("--to-label", "org=((", "destination_label")):
+        bad = hubble_run(hubble, "observe", "--server", server, flag, value)
+        assert bad.returncode != 0 and "InvalidArgument" in bad.stderr and field in bad.stderr, bad.stderr
+    assert hubble_run(hubble, "status", "--server", server).returncode == 0
