@@ -42,7 +42,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -87,6 +87,8 @@ class IntentIndex:
     labels: Mapping[int, tuple[str, ...]]
     revision: int = 0
     """The policy revision of the intent (Hubble's Policy.revision)."""
+    hubble_endpoints: dict[tuple[str, int], Any] = field(default_factory=dict, compare=False, repr=False)
+    """(ip, identity) -> flow.Endpoint, filled by ``hubble_convert`` (lives and dies with this index)."""
 
     @classmethod
     def of(cls, node: str, intent: intents.NodeIntent | None) -> IntentIndex:

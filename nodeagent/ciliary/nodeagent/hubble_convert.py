@@ -51,6 +51,7 @@ DROP_CODES: dict[str, int] = {
 TCP_FLAG_FIELDS = ((0x01, "FIN"), (0x02, "SYN"), (0x04, "RST"), (0x08, "PSH"), (0x10, "ACK"), (0x20, "URG"),
                    (0x40, "ECE"), (0x80, "CWR"))
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace="
+ENDPOINT_CACHE_MAX = 65536
 
 
 def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
@@ -78,11 +79,20 @@ def policy_of(rule: intents.RuleRef, revision: int) -> flow_pb2.Policy:
 
 
 def _endpoint(index: Any, ip: str, identity: int) -> flow_pb2.Endpoint:
+    """The Endpoint message of (ip, identity) under ``index``, built once and kept on the index
+    (``IntentIndex.hubble_endpoints``), so it never outlives the intent it was read from."""
+    cache = getattr(index, "hubble_endpoints", None)
+    cached = cache.get((ip, identity)) if cache is not None else None
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
     labels = index.labels.get(identity, ())
     namespace, pod = index.pods.get(ip, ("", ""))
     if not namespace:
         namespace = next((label.split(NAMESPACE_LABEL, 1)[1] for label in labels if NAMESPACE_LABEL in label), "")
-    return flow_pb2.Endpoint(identity=identity, namespace=namespace, pod_name=pod, labels=hubble_labels(labels))
+    endpoint = flow_pb2.Endpoint(identity=identity, namespace=namespace, pod_name=pod, labels=hubble_labels(labels))
+    if cache is not None and len(cache) < ENDPOINT_CACHE_MAX:
+        cache[(ip, identity)] = endpoint
+    return endpoint
 
 
 def to_flow(event: Any, index: Any, rules: Iterable[intents.RuleRef], revision: int = 0) -> flow_pb2.Flow:
