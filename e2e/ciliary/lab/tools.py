@@ -66,6 +66,7 @@ SYSTEM_TOOLS: dict[str, str] = {
     "ping": "iputils-ping",
     "runc": "runc",
     "mmdebstrap": "mmdebstrap",
+    "promtool": "prometheus",
 }
 
 # what `ciliary lab up` runs besides the control plane

@@ -10,6 +10,8 @@ Routes (added to the health server, ``health.start(..., routes=...)``):
   - ``verdict=FORWARDED|DROPPED``, ``direction=ingress|egress``, ``protocol=TCP|UDP|ICMP|<n>``;
   - ``ip=A``, ``port=P``, ``identity=I``, ``namespace=NS``, ``pod=NAME`` or ``pod=NS/NAME``:
     match either side (src or dst).
+``GET /metrics``  Prometheus text exposition of the flow metrics (``flow_metrics``: Hubble's and
+  Cilium's names, bounded labels).
 ``GET /v1/flows/stats``  ``{node, seen, lost, lost_kernel, lost_reader, lost_followers,
   ring_size, ring_capacity, followers}``; ``lost`` is the sum of the three losses.
 
@@ -45,8 +47,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import prometheus_client
 from aiohttp import web
 
+from ciliary.nodeagent import flow_metrics
 from ciliary.operator import intents
 
 log = logging.getLogger(__name__)
@@ -226,6 +230,8 @@ class FlowHub:
         self.lost_reader: Callable[[], int] = lambda: 0
         self.seen = 0
         self.lost_followers = 0
+        self.counts: collections.Counter[flow_metrics.CountKey] = collections.Counter()
+        """Every published event by ``flow_metrics.count_key`` (the Prometheus metrics' source)."""
         self._followers: set[asyncio.Queue[dict[str, Any]]] = set()
         self._entry_followers: set[EntryQueue] = set()
         """Hubble followers (observer_server): handed ring entries, converted by the reader."""
@@ -238,7 +244,9 @@ class FlowHub:
         """Enrich and keep ``events``; hand them to every follower (dropping for full ones)."""
         count = 0
         index, rules_for = self.index, self.rules_for
+        counts, key = self.counts, flow_metrics.count_key
         for event in events:
+            counts[key(event)] += 1
             entry = RingEntry(event, index, rules_for)
             self.ring.append(entry)
             count += 1
@@ -304,6 +312,7 @@ class FlowHub:
 # ---------------------------------------------------------------- HTTP
 
 HUB_KEY = web.AppKey("flow_hub", FlowHub)
+METRICS_KEY = web.AppKey("flow_metrics", prometheus_client.CollectorRegistry)
 
 
 def _line(flow: Mapping[str, Any]) -> bytes:
@@ -351,6 +360,23 @@ async def get_flows(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def get_metrics(request: web.Request) -> web.Response:
+    body = prometheus_client.generate_latest(request.app[METRICS_KEY])
+    return web.Response(body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+
+
+def metrics_registry(hub: FlowHub) -> prometheus_client.CollectorRegistry:
+    registry = prometheus_client.CollectorRegistry(auto_describe=False)
+
+    def lost() -> dict[str, int]:
+        return {"perf_event_ring_buffer": hub.lost_kernel(),
+                "observer_events_queue": hub.lost_reader() + hub.lost_followers}
+
+    registry.register(flow_metrics.FlowMetrics(lambda: hub.counts, lost,
+                                               lambda: (len(hub.ring), hub.ring.maxlen or 0)))
+    return registry
+
+
 async def get_stats(request: web.Request) -> web.Response:
     return web.json_response(request.app[HUB_KEY].stats())
 
@@ -358,6 +384,8 @@ async def get_stats(request: web.Request) -> web.Response:
 def add_routes(hub: FlowHub) -> Callable[[web.Application], None]:
     def register(app: web.Application) -> None:
         app[HUB_KEY] = hub
+        app[METRICS_KEY] = metrics_registry(hub)
+        app.router.add_get("/metrics", get_metrics)
         app.router.add_get("/v1/flows", get_flows)
         app.router.add_get("/v1/flows/stats", get_stats)
 

@@ -84,7 +84,7 @@ def _endpoint(index: Any, ip: str, identity: int) -> flow_pb2.Endpoint:
     cache = getattr(index, "hubble_endpoints", None)
     cached = cache.get((ip, identity)) if cache is not None else None
     if cached is not None:
-        return cached  # type: ignore[no-any-return]
+        return cached
     labels = index.labels.get(identity, ())
     namespace, pod = index.pods.get(ip, ("", ""))
     if not namespace:
