@@ -10,10 +10,10 @@ import prometheus_client
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
+from test_hubble_convert import INTENT, event
 
 from ciliary.nodeagent import flowapi
 from ciliary.nodeagent.datapath import maps
-from test_hubble_convert import INTENT, event
 
 
 def samples(registry: prometheus_client.CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
