@@ -12,6 +12,7 @@ import json
 import select
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -182,3 +183,23 @@ def test_malformed_filter_is_invalid_argument_and_the_relay_keeps_serving(scene:
         bad = hubble_run(hubble, "observe", "--server", server, flag, value)
         assert bad.returncode != 0 and "InvalidArgument" in bad.stderr and field in bad.stderr, bad.stderr
     assert hubble_run(hubble, "status", "--server", server).returncode == 0
+
+
+def test_compact_output_and_agent_metrics(lab: LabHandle, scene: Any) -> None:
+    hubble, server, deathstar = scene
+    lab.probe("http", deathstar, 80, pod="xwing", timeout=1)
+    out = hubble_run(hubble, "observe", "--server", server, "--pod", "default/deathstar", "--last", "6")
+    assert out.returncode == 0, out.stderr
+    print("\n$ hubble observe --pod default/deathstar --last 6\n" + out.stdout)
+    drops = [line for line in out.stdout.splitlines() if "DROPPED" in line]
+    assert drops and all("default/xwing:" in line and "default/deathstar:80" in line and "Policy denied" in line
+                         and "TCP Flags: SYN" in line for line in drops), out.stdout
+    for args in (("status",), ("list", "nodes")):
+        shown = hubble_run(hubble, *args, "--server", server)
+        print(f"$ hubble {' '.join(args)}\n{shown.stdout}")
+    # the node-1 agent counts the drops under Hubble's metric names
+    with urllib.request.urlopen(f"http://127.0.0.1:{lab.lab.health_port('node-1')}/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    drop_lines = [line for line in metrics.splitlines()
+                  if line.startswith('hubble_drop_total{') and 'reason="POLICY_DENIED"' in line]
+    assert drop_lines and float(drop_lines[0].rsplit(" ", 1)[1]) > 0, metrics

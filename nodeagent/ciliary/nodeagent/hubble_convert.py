@@ -15,7 +15,8 @@ What each Hubble field carries, and what Ciliary leaves empty:
 - policy names: the rules of the deciding policy entry go to ``ingress/egress_allowed_by``
   (verdict FORWARDED) or ``ingress/egress_denied_by`` (a deny rule); a default-deny drop, a
   reply and unenforced traffic name no policy;
-- ``node_name``, ``Type`` L3_L4, ``IP``, ``l4`` (ports, TCP flags, ICMP type), ``interface``.
+- ``node_name``, ``Type`` L3_L4, ``IP``, ``l4`` (ports, TCP flags, ICMP type), ``interface``, and
+  ``Summary`` (``TCP Flags: SYN``, ``ICMPv4 EchoRequest``: the text the CLI's compact output shows).
 - Left empty: ethernet, DNS names, services, L7, ``policy_match_type``, trace contexts.
 """
 
@@ -50,6 +51,7 @@ DROP_CODES: dict[str, int] = {
 
 TCP_FLAG_FIELDS = ((0x01, "FIN"), (0x02, "SYN"), (0x04, "RST"), (0x08, "PSH"), (0x10, "ACK"), (0x20, "URG"),
                    (0x40, "ECE"), (0x80, "CWR"))
+ICMP4_TYPES = {0: "EchoReply", 3: "DestinationUnreachable", 5: "Redirect", 8: "EchoRequest", 11: "TimeExceeded"}
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace="
 ENDPOINT_CACHE_MAX = 65536
 
@@ -122,16 +124,22 @@ def to_flow(event: Any, index: Any, rules: Iterable[intents.RuleRef], revision: 
         flow.trace_observation_point = flow_pb2.TO_ENDPOINT if ingress else flow_pb2.FROM_ENDPOINT
     proto = event.protocol
     if proto == 6:
-        flags = flow_pb2.TCPFlags(**{name: True for bit, name in TCP_FLAG_FIELDS if event.tcp_flags & bit})
+        names = [name for bit, name in TCP_FLAG_FIELDS if event.tcp_flags & bit]
+        flags = flow_pb2.TCPFlags(**{name: True for name in names})
         flow.l4.TCP.CopyFrom(flow_pb2.TCP(source_port=event.sport, destination_port=event.dport, flags=flags))
+        flow.Summary = "TCP Flags: " + ", ".join(names)
     elif proto == 17:
         flow.l4.UDP.CopyFrom(flow_pb2.UDP(source_port=event.sport, destination_port=event.dport))
+        flow.Summary = "UDP"
     elif proto == 132:
         flow.l4.SCTP.CopyFrom(flow_pb2.SCTP(source_port=event.sport, destination_port=event.dport))
+        flow.Summary = "SCTP"
     elif proto == 1:
         flow.l4.ICMPv4.CopyFrom(flow_pb2.ICMPv4(type=event.sport))
+        flow.Summary = "ICMPv4 " + ICMP4_TYPES.get(event.sport, f"type {event.sport}")
     elif proto == 58:
         flow.l4.ICMPv6.CopyFrom(flow_pb2.ICMPv6(type=event.sport))
+        flow.Summary = f"ICMPv6 type {event.sport}"
     policies = [policy_of(rule, revision) for rule in rules]
     if policies:
         if not dropped:

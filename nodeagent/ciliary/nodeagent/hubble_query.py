@@ -8,13 +8,15 @@ kept flows the request asks for, :meth:`FlowQuery.wants` judges a followed flow.
   whole ring, unless following (then only new flows);
 - ``since`` / ``until``: flow time bounds (inclusive); ``until`` ends a followed stream as soon
   as a newer flow arrives;
-- ``field_mask``: only the named Flow fields are sent; an unknown path is refused.
+- ``field_mask``: only the named Flow fields are sent; a path naming a published field Ciliary
+  never sets selects nothing; a path that names no published field is refused.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf import field_mask_pb2
 
@@ -37,13 +39,35 @@ def _nanos(ts: object) -> int:
     return int(ts.seconds) * 1_000_000_000 + int(ts.nanos)  # type: ignore[attr-defined]
 
 
-def _check_mask(mask: field_mask_pb2.FieldMask) -> None:
+PUBLISHED_FLOW_FIELDS = frozenset({
+    "time", "uuid", "emitter", "verdict", "drop_reason", "auth_type", "ethernet", "IP", "l4", "tunnel", "source",
+    "destination", "Type", "node_name", "node_labels", "source_names", "destination_names", "l7", "reply",
+    "event_type", "source_service", "destination_service", "traffic_direction", "policy_match_type",
+    "trace_observation_point", "trace_reason", "file", "ip_trace_id", "drop_reason_desc", "is_reply",
+    "debug_capture_point", "interface", "proxy_port", "trace_context", "sock_xlate_point", "socket_cookie",
+    "cgroup_id", "Summary", "extensions", "egress_allowed_by", "ingress_allowed_by", "egress_denied_by",
+    "ingress_denied_by", "policy_log", "aggregate"})
+"""Top-level fields of the published flow.Flow; the ones Ciliary's schema leaves out are never set."""
+
+
+def _mask_paths(mask: field_mask_pb2.FieldMask) -> list[str]:
+    """The paths of ``mask`` Ciliary's Flow has (others name fields it never sets); an unknown path raises."""
+    kept = []
     for path in mask.paths:
-        descriptor = flow_pb2.Flow.DESCRIPTOR
-        for part in path.split("."):
+        parts = path.split(".")
+        if parts[0] not in PUBLISHED_FLOW_FIELDS:
+            raise hubble_filter.FilterError("field_mask", path, "not a field of flow.Flow")
+        descriptor: Any = flow_pb2.Flow.DESCRIPTOR
+        for part in parts:
             if descriptor is None or part not in descriptor.fields_by_name:
-                raise hubble_filter.FilterError("field_mask", path, "not a field of flow.Flow")
+                if descriptor is not flow_pb2.Flow.DESCRIPTOR and descriptor is not None and parts[0] in (
+                        flow_pb2.Flow.DESCRIPTOR.fields_by_name):
+                    raise hubble_filter.FilterError("field_mask", path, f"no field {part!r} there")
+                break
             descriptor = descriptor.fields_by_name[part].message_type
+        else:
+            kept.append(path)
+    return kept
 
 
 @dataclass
@@ -101,7 +125,6 @@ def plan(request: observer_pb2.GetFlowsRequest) -> FlowQuery:
         raise hubble_filter.FilterError("until", str(request.until.ToJsonString()), "is before since")
     mask = None
     if request.HasField("field_mask") and request.field_mask.paths:
-        _check_mask(request.field_mask)
-        mask = request.field_mask
+        mask = field_mask_pb2.FieldMask(paths=_mask_paths(request.field_mask))
     return FlowQuery(matches=matches, number=request.number, first=request.first, follow=request.follow,
                      since_ns=since, until_ns=until, mask=mask)

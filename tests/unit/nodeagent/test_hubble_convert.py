@@ -45,6 +45,7 @@ def test_dropped_flow_carries_hubble_fields() -> None:
     assert flow.destination.identity == 300 and "k8s:class=deathstar" in flow.destination.labels
     assert flow.source.pod_name == "" and flow.source.namespace == "default" and flow.source.identity == 301
     assert flow.l4.TCP.destination_port == 80 and flow.l4.TCP.flags.SYN and not flow.l4.TCP.flags.ACK
+    assert flow.Summary == "TCP Flags: SYN"
     assert flow.time.seconds == 1700000000 and flow.time.nanos == 500_000_000
     # a default-deny drop names no policy
     assert not flow.ingress_denied_by and not flow.ingress_allowed_by
@@ -71,7 +72,7 @@ def test_other_protocols_and_reasons() -> None:
     udp = hubble_convert.to_flow(event(protocol=17, dport=53), INDEX, ())
     assert udp.l4.WhichOneof("protocol") == "UDP" and udp.l4.UDP.destination_port == 53
     icmp = hubble_convert.to_flow(event(protocol=1, sport=8), INDEX, ())
-    assert icmp.l4.ICMPv4.type == 8
+    assert icmp.l4.ICMPv4.type == 8 and icmp.Summary == "ICMPv4 EchoRequest"
     for reason, code in [(maps.Reason.DROP_SPOOFED_SOURCE, flow_pb2.INVALID_SOURCE_IP),
                          (maps.Reason.DROP_FRAGMENT, flow_pb2.IP_FRAGMENTATION_NOT_SUPPORTED),
                          (maps.Reason.DROP_UNSUPPORTED_L3, flow_pb2.UNSUPPORTED_L3_PROTOCOL)]:
@@ -109,6 +110,12 @@ def test_query_number_first_since_until_and_mask() -> None:
 def test_query_refuses_bad_masks_and_time_windows() -> None:
     with pytest.raises(hubble_filter.FilterError, match="field_mask"):
         hubble_query.plan(observer_pb2.GetFlowsRequest(field_mask=field_mask_pb2.FieldMask(paths=["nope"])))
+    with pytest.raises(hubble_filter.FilterError, match="field_mask"):
+        hubble_query.plan(observer_pb2.GetFlowsRequest(field_mask=field_mask_pb2.FieldMask(paths=["source.nope"])))
+    # published fields Ciliary never sets (the compact output of hubble asks for them) select nothing
+    query = hubble_query.plan(observer_pb2.GetFlowsRequest(
+        field_mask=field_mask_pb2.FieldMask(paths=["ethernet", "l7.dns.query", "verdict"])))
+    assert query.mask is not None and list(query.mask.paths) == ["verdict"]
     with pytest.raises(hubble_filter.FilterError, match="before since"):
         hubble_query.plan(observer_pb2.GetFlowsRequest(since=ts(10), until=ts(5)))
 
