@@ -117,3 +117,29 @@ async def test_taken_address_is_an_os_error() -> None:
         taken.listen()
         with pytest.raises(OSError, match="Hubble Observer API"):
             await observer_server.start(flowapi.FlowHub("n1"), f"127.0.0.1:{taken.getsockname()[1]}")
+
+
+async def test_a_client_that_stops_reading_loses_counted_flows_and_others_are_served(served) -> None:  # type: ignore[no-untyped-def]
+    hub, channel, address = served
+    stalled = observer_pb2_grpc.ObserverStub(channel).GetFlows(observer_pb2.GetFlowsRequest(follow=True))
+    for _ in range(100):  # bounded: until the follower is registered
+        if hub.stats()["followers"]:
+            break
+        await asyncio.sleep(0.02)
+    burst = observer_server.FOLLOW_QUEUE + 5000
+    for start in range(0, burst, 1000):  # the stalled client reads nothing
+        hub.publish([event(sport=n % 60000) for n in range(start, min(burst, start + 1000))])
+        await asyncio.sleep(0)
+    for _ in range(250):  # bounded: the server's queue for the stalled client overflows
+        if hub.stats()["lost_followers"] > 0:
+            break
+        await asyncio.sleep(0.02)
+    assert hub.stats()["lost_followers"] > 0
+    other = grpc.aio.insecure_channel(address)
+    try:
+        status = await asyncio.wait_for(observer_pb2_grpc.ObserverStub(other).ServerStatus(
+            observer_pb2.ServerStatusRequest()), 5)
+        assert status.seen_flows == burst
+    finally:
+        await other.close()
+    stalled.cancel()
