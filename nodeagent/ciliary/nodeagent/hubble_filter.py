@@ -196,6 +196,9 @@ def compile_filter(f: flow_pb2.FlowFilter) -> Predicate:
         numbers = sorted({u.field_number for u in unknown_fields.UnknownFieldSet(f)})
         raise FilterError("<unknown>", ",".join(map(str, numbers)), "filter fields this server does not know")
     checks: list[Predicate] = []
+    if f.verdict:
+        verdicts = set(f.verdict)
+        checks.append(lambda fl: fl.verdict in verdicts)
     if f.source_ip:
         src_ip = _ip_matcher("source_ip", f.source_ip)
         checks.append(lambda fl: src_ip(fl.IP.source))
@@ -223,9 +226,6 @@ def compile_filter(f: flow_pb2.FlowFilter) -> Predicate:
     if f.destination_identity:
         dst_ids = set(f.destination_identity)
         checks.append(lambda fl: fl.destination.identity in dst_ids)
-    if f.verdict:
-        verdicts = set(f.verdict)
-        checks.append(lambda fl: fl.verdict in verdicts)
     if f.drop_reason_desc:
         reasons = set(f.drop_reason_desc)
         checks.append(lambda fl: fl.drop_reason_desc in reasons)
@@ -294,11 +294,41 @@ def compile_filter(f: flow_pb2.FlowFilter) -> Predicate:
     if f.HasField("experimental") and f.experimental.cel_expression:
         raise FilterError("experimental.cel_expression", f.experimental.cel_expression[0],
                           "CEL expressions are not supported by Ciliary")
+    return _all_of(checks)
+
+
+def _all_of(checks: Sequence[Predicate]) -> Predicate:
     if not checks:
         return lambda _fl: True
     if len(checks) == 1:
         return checks[0]
-    return lambda fl: all(check(fl) for check in checks)
+    if len(checks) == 2:
+        first, second = checks
+        return lambda fl: first(fl) and second(fl)
+
+    def every(fl: flow_pb2.Flow) -> bool:
+        for check in checks:
+            if not check(fl):
+                return False
+        return True
+
+    return every
+
+
+def _any_of(predicates: Sequence[Predicate]) -> Predicate:
+    if len(predicates) == 1:
+        return predicates[0]
+    if len(predicates) == 2:
+        first, second = predicates
+        return lambda fl: first(fl) or second(fl)
+
+    def some(fl: flow_pb2.Flow) -> bool:
+        for predicate in predicates:
+            if predicate(fl):
+                return True
+        return False
+
+    return some
 
 
 def compile_filters(whitelist: Iterable[flow_pb2.FlowFilter],
@@ -306,6 +336,10 @@ def compile_filters(whitelist: Iterable[flow_pb2.FlowFilter],
     """(OR of the whitelist, or everything when it is empty) AND NOT (OR of the blacklist)."""
     allow = [compile_filter(f) for f in whitelist]
     deny = [compile_filter(f) for f in blacklist]
-    if not allow and not deny:
-        return lambda _fl: True
-    return lambda fl: (not allow or any(p(fl) for p in allow)) and not any(p(fl) for p in deny)
+    if not deny:
+        return _any_of(allow) if allow else (lambda _fl: True)
+    denied = _any_of(deny)
+    if not allow:
+        return lambda fl: not denied(fl)
+    allowed = _any_of(allow)
+    return lambda fl: allowed(fl) and not denied(fl)

@@ -92,9 +92,11 @@ class FlowQuery:
         ordered = list(entries)
         if not self.first:
             ordered.reverse()  # newest first: stop after the last N
+        timed = self.since_ns is not None or self.until_ns is not None
+        matches = self.matches
         for entry in ordered:
-            flow = flow_of(entry)
-            if self._in_time(flow) and self.matches(flow):
+            flow = entry.flow or flow_of(entry)  # type: ignore[attr-defined]
+            if (not timed or self._in_time(flow)) and matches(flow):
                 picked.append(flow)
                 if self.number and len(picked) >= self.number:
                     break
