@@ -12,6 +12,7 @@ import json
 import select
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -203,3 +204,53 @@ def test_compact_output_and_agent_metrics(lab: LabHandle, scene: Any) -> None:
     drop_lines = [line for line in metrics.splitlines()
                   if line.startswith('hubble_drop_total{') and 'reason="POLICY_DENIED"' in line]
     assert drop_lines and float(drop_lines[0].rsplit(" ", 1)[1]) > 0, metrics
+
+
+def test_prometheus_scrapes_the_agents(lab: LabHandle, scene: Any, tool: Any, tmp_path: Path) -> None:
+    """A real Prometheus (Debian's) scrapes every agent's /metrics; the drops of the scene are there."""
+    _, _, deathstar = scene
+    lab.probe("http", deathstar, 80, pod="xwing", timeout=1)
+    targets = [f"127.0.0.1:{lab.lab.health_port(node)}" for node in ("node-1", "node-2")]
+    (tmp_path / "prometheus.yml").write_text(json.dumps({
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [{"job_name": "ciliary-agents", "static_configs": [{"targets": targets}]}]}))
+    port = socket_port()
+    proc = subprocess.Popen([str(tool("prometheus")), f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        promql = urllib.parse.quote('sum by (instance) (hubble_drop_total{reason="POLICY_DENIED"})')
+        query = f"http://127.0.0.1:{port}/api/v1/query?query={promql}"
+        result: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(query, timeout=5) as r:
+                    result = json.loads(r.read())["data"]["result"]
+            except OSError:
+                result = []
+            if result:
+                break
+            time.sleep(1)
+        assert result, "Prometheus has no hubble_drop_total after 90 s"
+        by_instance = {row["metric"]["instance"]: float(row["value"][1]) for row in result}
+        assert by_instance.get(targets[0], 0) > 0, by_instance  # deathstar's node counted the drops
+        up = f"http://127.0.0.1:{port}/api/v1/query?query=up"
+        with urllib.request.urlopen(up, timeout=5) as r:
+            ups = {row["metric"]["instance"]: row["value"][1] for row in json.loads(r.read())["data"]["result"]}
+        assert ups == dict.fromkeys(targets, "1"), ups
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def socket_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -67,6 +67,7 @@ SYSTEM_TOOLS: dict[str, str] = {
     "runc": "runc",
     "mmdebstrap": "mmdebstrap",
     "promtool": "prometheus",
+    "prometheus": "prometheus",
 }
 
 # what `ciliary lab up` runs besides the control plane

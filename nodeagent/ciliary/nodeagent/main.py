@@ -62,7 +62,7 @@ class Agent:
         self.registry = endpoints.EndpointRegistry(config.state_dir)
         self.registration = registration.NodeRegistration(settings=config, endpoint_count=lambda: len(self.registry))
         self.registry.subscribe(self._on_endpoint_change)
-        self.flows = flowapi.FlowHub(config.node_name)
+        self.flows = flowapi.FlowHub(config.node_name, capacity=config.flow_buffer_size)
         self.enforcer: enforcing.Enforcer | None = None
         self.watcher: watching.IntentWatcher | None = None
         self.reporter: reporting.Reporter | None = None
