@@ -254,3 +254,22 @@ def socket_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_more_filters_through_the_cli(lab: LabHandle, scene: Any) -> None:
+    hubble, server, deathstar = scene
+    lab.probe("http", deathstar, 80, pod="xwing", timeout=1)
+    drops = flows_of(observe(hubble, server, "--type", "drop", "--node-name", "node-1", "--traffic-direction",
+                             "ingress", "--tcp-flags", "SYN", "--from-label", "org=alliance", "--last", "50"))
+    assert drops and all(f["verdict"] == "DROPPED" and f["node_name"] == "node-1" for f in drops)
+    identity = drops[0]["destination"]["identity"]
+    by_identity = flows_of(observe(hubble, server, "--to-identity", str(identity), "--last", "50"))
+    assert by_identity and all(f["destination"]["identity"] == identity for f in by_identity)
+    traces = flows_of(observe(hubble, server, "--type", "trace:from-endpoint", "--from-pod", "default/xwing",
+                              "--last", "50"))
+    assert traces and all(f["verdict"] == "FORWARDED" and f["traffic_direction"] == "EGRESS" for f in traces)
+    assert not flows_of(observe(hubble, server, "--node-name", "node-9", "--last", "50"))
+    # a blacklist: everything to the deathstar except the drops
+    rest = flows_of(observe(hubble, server, "--to-pod", "default/deathstar", "--not", "--verdict", "DROPPED",
+                            "--last", "50"))
+    assert all(f["verdict"] != "DROPPED" for f in rest)
