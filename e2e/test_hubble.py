@@ -95,6 +95,10 @@ def test_env_exports_the_relay_and_the_cli(lab: LabHandle, scene: Any) -> None:
     script = "\n".join([*lab.lab.env_lines(), 'echo "$HUBBLE_SERVER"', "command -v hubble"])
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
     assert out.stdout.split() == [server, hubble], out.stdout + out.stderr
+    # no --server: the CLI takes HUBBLE_SERVER from the environment `ciliary lab env` prints
+    script = "\n".join([*lab.lab.env_lines(), "hubble observe --pod default/deathstar --last 1 -o json"])
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and '"deathstar"' in out.stdout, out.stdout + out.stderr
 
 
 def test_observe_pod_dropped_json(lab: LabHandle, scene: Any) -> None:
