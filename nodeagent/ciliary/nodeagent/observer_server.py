@@ -83,7 +83,16 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
                 return
             reported = 0
             while True:
-                batch = [await queue.get()]
+                if query.until_ns is None:
+                    batch = [await queue.get()]
+                else:  # a followed stream with `until` ends once the clock passes it, flows or not
+                    left = query.until_ns / 1e9 - time.time()
+                    if left < 0:
+                        return
+                    try:
+                        batch = [await asyncio.wait_for(queue.get(), min(left + 0.001, 1.0))]
+                    except TimeoutError:
+                        continue
                 while not queue.empty() and len(batch) < BATCH:
                     batch.append(queue.get_nowait())
                 if queue.lost > reported:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 import grpc
 import pytest
@@ -12,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_hubble_convert import INTENT, event
 
 from ciliary.hubbleapi import flow_pb2, observer_pb2, observer_pb2_grpc, peer_pb2, peer_pb2_grpc
-from ciliary.nodeagent import flowapi, observer_server
+from ciliary.nodeagent import flowapi, hubble_convert, observer_server
 from ciliary.nodeagent.datapath import maps
 
 
@@ -143,3 +144,11 @@ async def test_a_client_that_stops_reading_loses_counted_flows_and_others_are_se
     finally:
         await other.close()
     stalled.cancel()
+
+
+async def test_follow_with_until_ends_when_the_clock_passes_it(served) -> None:  # type: ignore[no-untyped-def]
+    hub, channel, _ = served
+    until = hubble_convert.timestamp(time.time() + 0.5)
+    call = observer_pb2_grpc.ObserverStub(channel).GetFlows(observer_pb2.GetFlowsRequest(follow=True, until=until))
+    got = await asyncio.wait_for(collect(call), 5)  # no flow arrives: the stream still ends
+    assert got == []
