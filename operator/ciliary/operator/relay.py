@@ -113,7 +113,7 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
             for response in relay_merge.merge_history(answers.values()):
                 yield response
             return
-        queue: asyncio.Queue[observer_pb2.GetFlowsResponse | BaseException] = asyncio.Queue(maxsize=4096)
+        queue: asyncio.Queue[observer_pb2.GetFlowsResponse | BaseException | None] = asyncio.Queue(maxsize=4096)
 
         async def pump(name: str, address: str) -> None:
             try:
@@ -124,11 +124,16 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
                     await queue.put(exc)
                 else:
                     await queue.put(unavailable_event([name], exc.details() or exc.code().name))
+            await queue.put(None)  # this node's stream ended (``until`` passed, or the node went away)
 
         tasks = [asyncio.create_task(pump(n, a)) for n, a in peers.items()]
+        running = len(tasks)
         try:
-            while True:
+            while running:
                 item = await queue.get()
+                if item is None:
+                    running -= 1
+                    continue
                 if isinstance(item, BaseException):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(item))
                     return

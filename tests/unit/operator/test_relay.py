@@ -8,6 +8,7 @@ import asyncio
 import json
 import socket
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -15,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ciliary.hubbleapi import flow_pb2, observer_pb2, observer_pb2_grpc, peer_pb2, peer_pb2_grpc, relay_pb2
-from ciliary.nodeagent import flowapi, observer_server
+from ciliary.nodeagent import flowapi, hubble_convert, observer_server
 from ciliary.operator import intents, relay, relay_merge
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nodeagent"))
@@ -132,3 +133,16 @@ async def test_relay_follows_every_node_and_announces_peers(cluster) -> None:  #
     change = await asyncio.wait_for(notify.read(), 5)
     assert (change.name, change.type) == ("gone", peer_pb2.PEER_DELETED)
     notify.cancel()
+
+
+async def test_relay_follow_with_until_ends(cluster) -> None:  # type: ignore[no-untyped-def]
+    _, channel, _ = cluster
+    until = hubble_convert.timestamp(time.time() + 0.5)
+    call = observer_pb2_grpc.ObserverStub(channel).GetFlows(observer_pb2.GetFlowsRequest(follow=True, until=until))
+    got = await asyncio.wait_for(_read_all(call), 10)
+    assert [r.node_status.node_names for r in got if r.HasField("node_status")] == [["gone"]]
+    assert not [r for r in got if r.HasField("flow")]
+
+
+async def _read_all(call):  # type: ignore[no-untyped-def]
+    return [r async for r in call]
