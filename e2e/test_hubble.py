@@ -57,6 +57,7 @@ def delete_scene(lab: LabHandle) -> None:
 @pytest.fixture(scope="module")
 def scene(lab: LabHandle, tool: Any) -> Any:
     hubble = str(tool("hubble"))
+    began = time.time()  # flows of other tests of the session (other placements) are older
     delete_scene(lab)  # another test of the session may have placed the same pods elsewhere
     lab.apply(PODS)
     deathstar = lab.wait_running("deathstar")["status"]["podIP"]
@@ -71,9 +72,13 @@ def scene(lab: LabHandle, tool: Any) -> Any:
     assert lab.probe("http", deathstar, 80, pod="tiefighter", timeout=3).returncode == 0
     server = f"127.0.0.1:{lab.lab.relay_port()}"
     try:
-        yield hubble, server, deathstar
+        yield hubble, server, deathstar, rfc3339(began)
     finally:
         delete_scene(lab)
+
+
+def rfc3339(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds % 1 * 1e9):09d}Z"
 
 
 def hubble_run(hubble: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -91,7 +96,7 @@ def flows_of(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def test_env_exports_the_relay_and_the_cli(lab: LabHandle, scene: Any) -> None:
-    hubble, server, _ = scene
+    hubble, server, _, since = scene
     script = "\n".join([*lab.lab.env_lines(), 'echo "$HUBBLE_SERVER"', "command -v hubble"])
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
     assert out.stdout.split() == [server, hubble], out.stdout + out.stderr
@@ -102,9 +107,9 @@ def test_env_exports_the_relay_and_the_cli(lab: LabHandle, scene: Any) -> None:
 
 
 def test_observe_pod_dropped_json(lab: LabHandle, scene: Any) -> None:
-    hubble, server, deathstar = scene
+    hubble, server, deathstar, since = scene
     lab.probe("http", deathstar, 80, pod="xwing", timeout=1)
-    flows = flows_of(observe(hubble, server, "--pod", "default/deathstar", "--verdict", "DROPPED", "--last", "50"))
+    flows = flows_of(observe(hubble, server, "--pod", "default/deathstar", "--verdict", "DROPPED", "--since", since))
     assert flows, "no dropped flow for default/deathstar"
     for flow in flows:
         assert flow["verdict"] == "DROPPED" and flow["drop_reason_desc"] == "POLICY_DENIED", flow
@@ -117,10 +122,10 @@ def test_observe_pod_dropped_json(lab: LabHandle, scene: Any) -> None:
 
 
 def test_observe_forwarded_names_the_allowing_policy(lab: LabHandle, scene: Any) -> None:
-    hubble, server, deathstar = scene
+    hubble, server, deathstar, since = scene
     assert lab.probe("http", deathstar, 80, pod="tiefighter", timeout=3).returncode == 0
     flows = flows_of(observe(hubble, server, "--to-pod", "default/deathstar", "--verdict", "FORWARDED",
-                             "--from-label", "org=empire", "--last", "50"))
+                             "--from-label", "org=empire", "--since", since))
     syns = [f for f in flows if f["l4"]["TCP"]["flags"].get("SYN") and not f["l4"]["TCP"]["flags"].get("ACK")]
     assert syns, flows
     for flow in syns:
@@ -131,13 +136,12 @@ def test_observe_forwarded_names_the_allowing_policy(lab: LabHandle, scene: Any)
 
 
 def test_observe_namespace_to_port_and_since(lab: LabHandle, scene: Any) -> None:
-    hubble, server, deathstar = scene
+    hubble, server, deathstar, _ = scene
     time.sleep(1.1)
     since = time.time()
     time.sleep(0.1)
     lab.probe("http", deathstar, 80, pod="xwing", timeout=1)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(since)) + f".{int(since % 1 * 1e9):09d}Z"
-    recent = flows_of(observe(hubble, server, "--since", stamp, "--pod", "default/xwing"))
+    recent = flows_of(observe(hubble, server, "--since", rfc3339(since), "--pod", "default/xwing"))
     assert recent, "nothing since the last probe"
     for flow in recent:
         sec, frac = flow["time"].rstrip("Z").split(".")
@@ -151,7 +155,7 @@ def test_observe_namespace_to_port_and_since(lab: LabHandle, scene: Any) -> None
 
 
 def test_observe_follow_streams_new_drops(lab: LabHandle, scene: Any) -> None:
-    hubble, server, deathstar = scene
+    hubble, server, deathstar, since = scene
     proc = subprocess.Popen([hubble, "observe", "--server", server, "-o", "json", "--follow", "--pod",
                              "default/xwing", "--verdict", "DROPPED", "--since", "1s"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -169,7 +173,7 @@ def test_observe_follow_streams_new_drops(lab: LabHandle, scene: Any) -> None:
 
 
 def test_status_and_list_nodes(scene: Any) -> None:
-    hubble, server, _ = scene
+    hubble, server, _, since = scene
     status = hubble_run(hubble, "status", "--server", server)
     assert status.returncode == 0, status.stderr
     assert "Healthcheck (via " in status.stdout and "Ok" in status.stdout
@@ -181,7 +185,7 @@ def test_status_and_list_nodes(scene: Any) -> None:
 
 
 def test_malformed_filter_is_invalid_argument_and_the_relay_keeps_serving(scene: Any) -> None:
-    hubble, server, _ = scene
+    hubble, server, _, since = scene
     # the CLI passes these through unchecked (--print-raw-filters shows them): the server refuses them
     for flag, value, field in (("--to-port", "not-a-port", "destination_port"), ("--protocol", "tcpp", "protocol"),
                                ("--to-label", "org=((", "destination_label")):
@@ -191,9 +195,10 @@ def test_malformed_filter_is_invalid_argument_and_the_relay_keeps_serving(scene:
 
 
 def test_compact_output_and_agent_metrics(lab: LabHandle, scene: Any) -> None:
-    hubble, server, deathstar = scene
+    hubble, server, deathstar, since = scene
     lab.probe("http", deathstar, 80, pod="xwing", timeout=1)
-    out = hubble_run(hubble, "observe", "--server", server, "--pod", "default/deathstar", "--last", "6")
+    out = hubble_run(hubble, "observe", "--server", server, "--pod", "default/deathstar", "--last", "6",
+                     "--since", since)
     assert out.returncode == 0, out.stderr
     print("\n$ hubble observe --pod default/deathstar --last 6\n" + out.stdout)
     drops = [line for line in out.stdout.splitlines() if "DROPPED" in line]
@@ -212,7 +217,7 @@ def test_compact_output_and_agent_metrics(lab: LabHandle, scene: Any) -> None:
 
 def test_prometheus_scrapes_the_agents(lab: LabHandle, scene: Any, tool: Any, tmp_path: Path) -> None:
     """A real Prometheus (Debian's) scrapes every agent's /metrics; the drops of the scene are there."""
-    _, _, deathstar = scene
+    _, _, deathstar, _ = scene
     lab.probe("http", deathstar, 80, pod="xwing", timeout=1)
     targets = [f"127.0.0.1:{lab.lab.health_port(node)}" for node in ("node-1", "node-2")]
     (tmp_path / "prometheus.yml").write_text(json.dumps({
@@ -261,10 +266,10 @@ def socket_port() -> int:
 
 
 def test_more_filters_through_the_cli(lab: LabHandle, scene: Any) -> None:
-    hubble, server, deathstar = scene
+    hubble, server, deathstar, since = scene
     lab.probe("http", deathstar, 80, pod="xwing", timeout=1)
     drops = flows_of(observe(hubble, server, "--type", "drop", "--node-name", "node-1", "--traffic-direction",
-                             "ingress", "--tcp-flags", "SYN", "--from-label", "org=alliance", "--last", "50"))
+                             "ingress", "--tcp-flags", "SYN", "--from-label", "org=alliance", "--since", since))
     assert drops and all(f["verdict"] == "DROPPED" and f["node_name"] == "node-1" for f in drops)
     identity = drops[0]["destination"]["identity"]
     by_identity = flows_of(observe(hubble, server, "--to-identity", str(identity), "--last", "50"))
