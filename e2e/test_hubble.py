@@ -111,6 +111,7 @@ def test_observe_pod_dropped_json(lab: LabHandle, scene: Any) -> None:
     lab.probe("http", deathstar, 80, pod="xwing", timeout=1)
     flows = flows_of(observe(hubble, server, "--pod", "default/deathstar", "--verdict", "DROPPED", "--since", since))
     assert flows, "no dropped flow for default/deathstar"
+    print("\n$ hubble observe --pod default/deathstar --verdict DROPPED -o json  # one line\n" + json.dumps(flows[-1]))
     for flow in flows:
         assert flow["verdict"] == "DROPPED" and flow["drop_reason_desc"] == "POLICY_DENIED", flow
         assert flow["destination"]["pod_name"] == "deathstar" and flow["destination"]["namespace"] == "default"
