@@ -36,9 +36,10 @@ RUN apt-get update \
 WORKDIR /opt/ciliary/src
 # dependencies first (cached while only the sources change)
 COPY setup/requirements-lock.txt setup/requirements-lock.txt
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md setup.py ./
 RUN python3 -m venv /opt/ciliary/venv \
  && /opt/ciliary/venv/bin/pip install --no-cache-dir --disable-pip-version-check "setuptools>=69" \
+        "grpcio-tools==1.85.1" \
  && /opt/ciliary/venv/bin/pip install --no-cache-dir --disable-pip-version-check -c setup/requirements-lock.txt \
         $(python3 -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
 COPY operator/ operator/

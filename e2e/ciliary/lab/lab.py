@@ -120,6 +120,7 @@ class Lab:
             processes.spawn(self.layout, "scheduler", [sys.executable, "-m", "ciliary.lab.scheduling"],
                             env=self.child_env())
         self.start_operator(ports)
+        self.start_relay(ports)
         self.wait_ready(names, seconds=180)
         elapsed = time.monotonic() - t0
         say(f"lab: {len(names)} nodes Ready in {elapsed:.1f} s")
@@ -194,6 +195,7 @@ class Lab:
                 "--health-addr", f"127.0.0.1:{health}",
                 # socket load balancing for every pod of the node (their cgroups live below this one)
                 "--lb-cgroup", str(cgroups.ensure(cgroups.lab_root(self.layout.cgroup_name) / node)),
+                "--hubble-addr", f"127.0.0.1:{self.hubble_port(node)}",
                 *(["--direct-status", "on", "--kubeconfig", str(self.layout.state_dir / "runtime.kubeconfig")]
                   if self.direct_status() else []),
             ], env={**self.child_env(), "CILIARY_AGENT_NETNS": self.layout.node_netns(node),
@@ -204,12 +206,33 @@ class Lab:
                             env=self.child_env())
 
     def health_port(self, node: str) -> int:
-        path = self.layout.node_dir(node) / "health-port"
+        return self._saved_port(self.layout.node_dir(node) / "health-port")
+
+    def hubble_port(self, node: str) -> int:
+        """The port of the node agent's Hubble Observer API (gRPC)."""
+        return self._saved_port(self.layout.node_dir(node) / "hubble-port")
+
+    def relay_port(self) -> int:
+        """The port of ``ciliary-relay``, the cluster's one Hubble address (``HUBBLE_SERVER``)."""
+        return self._saved_port(self.layout.state_dir / "relay-port")
+
+    @staticmethod
+    def _saved_port(path: Path) -> int:
         if path.exists():
             return int(path.read_text())
+        path.parent.mkdir(parents=True, exist_ok=True)
         port = controlplane.free_port()
         path.write_text(str(port))
         return port
+
+    def start_relay(self, ports: controlplane.Ports) -> None:
+        """``ciliary-relay``: every agent's Observer API on one address, peers from etcd's node records."""
+        if processes.running_pid(self.layout, "relay"):
+            return
+        processes.spawn(self.layout, "relay", [self.bin("ciliary-relay"), "--listen", f"127.0.0.1:{self.relay_port()}",
+                                               "--etcd-endpoints", ports.etcd_endpoint,
+                                               *self.etcd_flags(access.OPERATOR_USER), "--refresh", "1"],
+                        env=self.child_env())
 
     def start_operator(self, ports: controlplane.Ports) -> None:
         operator = self.bin("ciliary-operator")
@@ -305,7 +328,9 @@ class Lab:
                 f"export ETCDCTL_CERT={root.cert_file}",
                 f"export ETCDCTL_KEY={root.key_file}",
                 f"export LAB_WORLD_IP={WORLD_IP}",
-                f"export PATH={Path(sys.executable).parent}:{self.bins.kubectl.parent}:{self.bins.etcdctl.parent}:$PATH"]
+                f"export HUBBLE_SERVER=127.0.0.1:{self.relay_port()}",
+                f"export PATH={Path(sys.executable).parent}:{self.bins.kubectl.parent}:{self.bins.etcdctl.parent}:"
+                f"{tools.built_path('hubble').parent}:$PATH"]
 
     def status(self) -> str:
         lines = [f"lab {self.layout.prefix} in {self.layout.state_dir}"]

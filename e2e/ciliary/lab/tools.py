@@ -7,7 +7,7 @@ Two kinds of tools:
   ``setup/build-go-tools.sh`` under ``$CILIARY_CACHE/bin/<group>-<version>/``
   (``CILIARY_CACHE`` defaults to ``/var/cache/ciliary``); the real-node tools (containerd, ctr,
   kubelet, kube-scheduler, kube-proxy, agnhost, registry, e2e.test, skaffold) likewise, cached by
-  ``setup/build-node-tools.sh``;
+  ``setup/build-node-tools.sh``; the hubble CLI by ``setup/build-hubble.sh``;
 - Debian tools (ip, tc, nsenter, bpftool, iptables, openssl, ...): installed by
   ``setup/setup.sh`` and found on ``PATH``.
 
@@ -47,6 +47,8 @@ BUILT_TOOLS: dict[str, tuple[str, str]] = {
     "registry": ("registry", "REGISTRY_VERSION"),
     "e2e.test": ("kubernetes-e2e", "KUBERNETES_VERSION"),
     "skaffold": ("skaffold", "SKAFFOLD_VERSION"),
+    # the Hubble CLI, the Observer API's test client (setup/build-hubble.sh)
+    "hubble": ("hubble", "HUBBLE_VERSION"),
 }
 NODE_TOOLS = ("containerd", "containerd-shim-runc-v2", "ctr", "kubelet", "kube-scheduler", "kube-proxy", "agnhost",
               "registry", "e2e.test", "skaffold")
@@ -65,6 +67,8 @@ SYSTEM_TOOLS: dict[str, str] = {
     "ping": "iputils-ping",
     "runc": "runc",
     "mmdebstrap": "mmdebstrap",
+    "promtool": "prometheus",
+    "prometheus": "prometheus",
 }
 
 # what `ciliary lab up` runs besides the control plane
@@ -145,6 +149,8 @@ def built_path(tool: str, versions: dict[str, str] | None = None) -> Path:
 
 
 def setup_step(tool: str) -> str:
+    if tool == "hubble":
+        return "setup/build-hubble.sh builds it (run setup/setup.sh, or `make setup`)"
     if tool in NODE_TOOLS:
         return "setup/build-node-tools.sh builds it (run setup/setup.sh, or `make setup`)"
     if tool in BUILT_TOOLS:

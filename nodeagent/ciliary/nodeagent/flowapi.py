@@ -10,6 +10,8 @@ Routes (added to the health server, ``health.start(..., routes=...)``):
   - ``verdict=FORWARDED|DROPPED``, ``direction=ingress|egress``, ``protocol=TCP|UDP|ICMP|<n>``;
   - ``ip=A``, ``port=P``, ``identity=I``, ``namespace=NS``, ``pod=NAME`` or ``pod=NS/NAME``:
     match either side (src or dst).
+``GET /metrics``  Prometheus text exposition of the flow metrics (``flow_metrics``: Hubble's and
+  Cilium's names, bounded labels).
 ``GET /v1/flows/stats``  ``{node, seen, lost, lost_kernel, lost_reader, lost_followers,
   ring_size, ring_capacity, followers}``; ``lost`` is the sum of the three losses.
 
@@ -42,11 +44,13 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import prometheus_client
 from aiohttp import web
 
+from ciliary.nodeagent import flow_metrics
 from ciliary.operator import intents
 
 log = logging.getLogger(__name__)
@@ -85,13 +89,17 @@ class IntentIndex:
     pods: Mapping[str, tuple[str, str]]
     """Local pod IP -> (namespace, name)."""
     labels: Mapping[int, tuple[str, ...]]
+    revision: int = 0
+    """The policy revision of the intent (Hubble's Policy.revision)."""
+    hubble_endpoints: dict[tuple[str, int], Any] = field(default_factory=dict, compare=False, repr=False)
+    """(ip, identity) -> flow.Endpoint, filled by ``hubble_convert`` (lives and dies with this index)."""
 
     @classmethod
     def of(cls, node: str, intent: intents.NodeIntent | None) -> IntentIndex:
         if intent is None:
             return cls(node, {}, {})
         return cls(node, {e.ipv4: (e.namespace, e.pod) for e in intent.endpoints},
-                   {int(k): tuple(v) for k, v in intent.identity_labels.items()})
+                   {int(k): tuple(v) for k, v in intent.identity_labels.items()}, intent.revision)
 
     def peer(self, ip: str, port: int, identity: int) -> dict[str, Any]:
         labels = list(self.labels.get(identity, ()))
@@ -100,6 +108,27 @@ class IntentIndex:
             namespace = next((label.split(NAMESPACE_LABEL, 1)[1] for label in labels if NAMESPACE_LABEL in label), "")
         return {"ip": ip, "port": port, "identity": identity, "labels": labels, "namespace": namespace,
                 "pod": pod}
+
+
+class EntryQueue(asyncio.Queue["RingEntry"]):
+    """A Hubble follower's queue; ``lost`` counts the entries it had no room for."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize=maxsize)
+        self.lost = 0
+
+
+class RingEntry:
+    """One kept event with the intent index and rule lookup in force when it arrived; ``flow`` caches
+    its Hubble form (``hubble_convert.to_flow``), built the first time a Hubble client reads it."""
+
+    __slots__ = ("event", "flow", "index", "rules_for")
+
+    def __init__(self, event: Any, index: IntentIndex, rules_for: Callable[[int], Iterable[intents.RuleRef]]) -> None:
+        self.event = event
+        self.index = index
+        self.rules_for = rules_for
+        self.flow: Any = None
 
 
 def enrich(event: Any, index: IntentIndex, rules_for: Callable[[int], Iterable[intents.RuleRef]]) -> dict[str, Any]:
@@ -194,15 +223,19 @@ class FlowHub:
         self.node = node
         # raw events with the intent index in force when they arrived: enriched only when read,
         # so the hot path (thousands of events per second) is an append
-        self.ring: collections.deque[tuple[Any, IntentIndex, Callable[[int], Iterable[intents.RuleRef]]]] = \
-            collections.deque(maxlen=capacity)
+        self.ring: collections.deque[RingEntry] = collections.deque(maxlen=capacity)
         self.index = IntentIndex.of(node, None)
         self.rules_for: Callable[[int], Iterable[intents.RuleRef]] = lambda _c: ()
         self.lost_kernel: Callable[[], int] = lambda: 0
         self.lost_reader: Callable[[], int] = lambda: 0
         self.seen = 0
         self.lost_followers = 0
+        self.counts: collections.Counter[flow_metrics.CountKey] = collections.Counter()
+        """Every published event by ``flow_metrics.count_key`` (the Prometheus metrics' source)."""
         self._followers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self._entry_followers: set[EntryQueue] = set()
+        """Hubble followers (observer_server): handed ring entries, converted by the reader."""
+        self.started = time.time()
 
     def set_intent(self, intent: intents.NodeIntent | None) -> None:
         self.index = IntentIndex.of(self.node, intent)
@@ -211,9 +244,18 @@ class FlowHub:
         """Enrich and keep ``events``; hand them to every follower (dropping for full ones)."""
         count = 0
         index, rules_for = self.index, self.rules_for
+        counts, key = self.counts, flow_metrics.count_key
         for event in events:
-            self.ring.append((event, index, rules_for))
+            counts[key(event)] += 1
+            entry = RingEntry(event, index, rules_for)
+            self.ring.append(entry)
             count += 1
+            for entry_queue in self._entry_followers:
+                try:
+                    entry_queue.put_nowait(entry)
+                except asyncio.QueueFull:
+                    entry_queue.lost += 1
+                    self.lost_followers += 1
             if not self._followers:
                 continue
             flow = enrich(event, index, rules_for)
@@ -230,11 +272,22 @@ class FlowHub:
         return {"node": self.node, "seen": self.seen,
                 "lost": lost_kernel + lost_reader + self.lost_followers,
                 "lost_kernel": lost_kernel, "lost_reader": lost_reader, "lost_followers": self.lost_followers,
-                "ring_size": len(self.ring), "ring_capacity": self.ring.maxlen, "followers": len(self._followers)}
+                "ring_size": len(self.ring), "ring_capacity": self.ring.maxlen,
+                "followers": len(self._followers) + len(self._entry_followers)}
 
     def history(self) -> list[dict[str, Any]]:
         """The kept flows, oldest first, enriched."""
-        return [enrich(event, index, rules_for) for event, index, rules_for in list(self.ring)]
+        return [enrich(e.event, e.index, e.rules_for) for e in list(self.ring)]
+
+    @contextlib.contextmanager
+    def follow_entries(self, maxsize: int = FOLLOWER_QUEUE) -> Any:
+        """A queue of the ring entries published from now on (full: the entry is lost and counted)."""
+        queue = EntryQueue(maxsize)
+        self._entry_followers.add(queue)
+        try:
+            yield queue
+        finally:
+            self._entry_followers.discard(queue)
 
     @contextlib.contextmanager
     def follow(self) -> Any:
@@ -259,6 +312,7 @@ class FlowHub:
 # ---------------------------------------------------------------- HTTP
 
 HUB_KEY = web.AppKey("flow_hub", FlowHub)
+METRICS_KEY = web.AppKey("flow_metrics", prometheus_client.CollectorRegistry)
 
 
 def _line(flow: Mapping[str, Any]) -> bytes:
@@ -306,6 +360,23 @@ async def get_flows(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def get_metrics(request: web.Request) -> web.Response:
+    body = prometheus_client.generate_latest(request.app[METRICS_KEY])
+    return web.Response(body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+
+
+def metrics_registry(hub: FlowHub) -> prometheus_client.CollectorRegistry:
+    registry = prometheus_client.CollectorRegistry(auto_describe=False)
+
+    def lost() -> dict[str, int]:
+        return {"perf_event_ring_buffer": hub.lost_kernel(),
+                "observer_events_queue": hub.lost_reader() + hub.lost_followers}
+
+    registry.register(flow_metrics.FlowMetrics(lambda: hub.counts, lost,
+                                               lambda: (len(hub.ring), hub.ring.maxlen or 0)))
+    return registry
+
+
 async def get_stats(request: web.Request) -> web.Response:
     return web.json_response(request.app[HUB_KEY].stats())
 
@@ -313,6 +384,8 @@ async def get_stats(request: web.Request) -> web.Response:
 def add_routes(hub: FlowHub) -> Callable[[web.Application], None]:
     def register(app: web.Application) -> None:
         app[HUB_KEY] = hub
+        app[METRICS_KEY] = metrics_registry(hub)
+        app.router.add_get("/metrics", get_metrics)
         app.router.add_get("/v1/flows", get_flows)
         app.router.add_get("/v1/flows/stats", get_stats)
 

@@ -1,7 +1,8 @@
 """``ciliary-agent``: the node agent process.
 
 Start-up order: settings → logging → endpoint registry (loaded from the state dir) →
-endpoint API on the unix socket → health (+ flow API) on TCP → etcd registration loop,
+endpoint API on the unix socket → health (+ flow API) on TCP → the Hubble Observer API (gRPC,
+``--hubble-addr``) → etcd registration loop,
 and with the datapath enabled (``--datapath``): the enforcer (starts the datapath,
 adopting what a previous agent pinned), the intent watcher, the reporter and the flow
 pump; with ``--lb-cgroup`` also the socket load balancer (``load_balancing``). SIGTERM or SIGINT stops it: the lease is revoked (the node record and the
@@ -40,6 +41,7 @@ from ciliary.nodeagent import (
     health,
     load_balancing,
     logs,
+    observer_server,
     registration,
     reporting,
     settings,
@@ -61,7 +63,7 @@ class Agent:
         self.registry = endpoints.EndpointRegistry(config.state_dir)
         self.registration = registration.NodeRegistration(settings=config, endpoint_count=lambda: len(self.registry))
         self.registry.subscribe(self._on_endpoint_change)
-        self.flows = flowapi.FlowHub(config.node_name)
+        self.flows = flowapi.FlowHub(config.node_name, capacity=config.flow_buffer_size)
         self.enforcer: enforcing.Enforcer | None = None
         self.watcher: watching.IntentWatcher | None = None
         self.reporter: reporting.Reporter | None = None
@@ -178,6 +180,7 @@ class Agent:
     async def serve(self) -> None:
         self.registry.load()
         runners: list[web.AppRunner] = []
+        hubble_server: Any = None
         reg_task: asyncio.Task[None] | None = None
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -195,6 +198,12 @@ class Agent:
                                                 getattr(self, "datapath", None), self.registry),
                         load_balancing.add_routes(self.config.node_name, self.lb)],
             ))
+            if self.config.hubble_addr:
+                try:
+                    hubble_server = await observer_server.start(self.flows, self.config.hubble_addr)
+                except OSError as exc:  # observability only: enforcement goes on without it
+                    log.error("Hubble Observer API not served", extra={"address": self.config.hubble_addr,
+                                                                       "error": str(exc)})
             reg_task = asyncio.create_task(self.registration.run(self.stop), name="registration")
             if self.config.direct_status and self.reporter is not None:
                 from ciliary.nodeagent import direct_status  # kubernetes_asyncio: direct mode only
@@ -234,6 +243,8 @@ class Agent:
             if self.lb is not None:
                 await self.lb.close()
             await self.registration.close()
+            if hubble_server is not None:
+                await hubble_server.stop(grace=1)
             for runner in reversed(runners):
                 await runner.cleanup()
             with contextlib.suppress(FileNotFoundError):

@@ -1,6 +1,6 @@
 """This node's registration in etcd: a lease-bound record at ``/ciliary/nodes/v1/<node>``.
 
-The record is JSON ``{name, pid, healthAddr, startedAt, version, endpoints}`` put with
+The record is JSON ``{name, pid, healthAddr, observerAddr, startedAt, version, endpoints}`` put with
 a lease of ``lease_ttl`` seconds. :meth:`NodeRegistration.run` keeps it alive: one
 ``lease.refresh()`` (a single keep-alive) every ttl/3, a re-put when the endpoint count
 changes, and a fresh lease + re-put when etcd says the lease is gone (for example after
@@ -103,6 +103,7 @@ class NodeRegistration:
             "name": self.settings.node_name,
             "pid": os.getpid(),
             "healthAddr": self.settings.health_addr,
+            "observerAddr": self.settings.hubble_addr,
             "startedAt": self._started_at,
             "version": agent_version(),
             "endpoints": self._endpoint_count(),

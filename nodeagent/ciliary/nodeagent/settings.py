@@ -26,6 +26,8 @@ DEFAULTS: dict[str, str] = {
     "SOCKET": "/run/ciliary/agent.sock",
     "STATE_DIR": "/var/lib/ciliary/agent",
     "HEALTH_ADDR": "127.0.0.1:9876",
+    "HUBBLE_ADDR": "127.0.0.1:4244",  # "off": no Observer API
+    "FLOW_BUFFER_SIZE": "4096",
     "LEASE_TTL": "10",
     "LOG_LEVEL": "INFO",
     "NETNS": "",  # empty: the agent's own network namespace
@@ -51,6 +53,10 @@ class AgentSettings(pydantic.BaseModel):
     state_dir: Path = pydantic.Field(description="Where the endpoint registry is persisted.")
     health_host: str
     health_port: int = pydantic.Field(ge=0, le=65535)
+    hubble_addr: str = pydantic.Field(
+        default="127.0.0.1:4244", description="HOST:PORT of the Hubble Observer API (gRPC); empty: not served.")
+    flow_buffer_size: int = pydantic.Field(
+        default=4096, ge=16, le=1 << 20, description="Flows kept in the agent's ring (Hubble's Max Flows).")
     lease_ttl: int = pydantic.Field(ge=2, le=3600, description="etcd lease TTL in seconds; refreshed every ttl/3.")
     log_level: str = "INFO"
     netns: str = pydantic.Field(default="", description="Named netns of the host veths; empty: the agent's own.")
@@ -108,6 +114,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help=f"directory for persisted agent state [env {ENV_PREFIX}STATE_DIR]")
     parser.add_argument("--health-addr", default=default("HEALTH_ADDR"), metavar="HOST:PORT",
                         help=f"listen address of /healthz and /readyz [env {ENV_PREFIX}HEALTH_ADDR]")
+    parser.add_argument("--hubble-addr", default=default("HUBBLE_ADDR"), metavar="HOST:PORT",
+                        help=f"listen address of the Hubble-compatible Observer API (gRPC, plaintext); off: not "
+                             f"served [env {ENV_PREFIX}HUBBLE_ADDR]")
+    parser.add_argument("--flow-buffer-size", default=default("FLOW_BUFFER_SIZE"), metavar="N",
+                        help=f"flows kept in memory for `ciliary observe` and the Observer API (16..1048576) "
+                             f"[env {ENV_PREFIX}FLOW_BUFFER_SIZE]")
     parser.add_argument("--lease-ttl", default=default("LEASE_TTL"), metavar="SECONDS",
                         help=f"etcd lease TTL; refreshed every TTL/3 [env {ENV_PREFIX}LEASE_TTL]")
     parser.add_argument("--netns", default=default("NETNS"), metavar="NAME",
@@ -142,6 +154,9 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Age
         parser.error(f"--datapath / {ENV_PREFIX}DATAPATH must be on or off, not {ns.datapath!r}")
     try:
         health_host, health_port = parse_host_port(ns.health_addr)
+        hubble_addr = "" if ns.hubble_addr.strip().lower() in ("", "off") else ns.hubble_addr.strip()
+        if hubble_addr:
+            parse_host_port(hubble_addr)
         insecure = str(ns.etcd_insecure).strip().lower() in ("1", "true", "yes", "on")
         etcd_endpoints, etcd_tls = connection_settings(ns.etcd_endpoints, ca_file=ns.etcd_ca_file,
                                                        cert_file=ns.etcd_cert_file, key_file=ns.etcd_key_file,
@@ -155,6 +170,8 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Age
             state_dir=Path(ns.state_dir),
             health_host=health_host,
             health_port=health_port,
+            hubble_addr=hubble_addr,
+            flow_buffer_size=ns.flow_buffer_size,
             lease_ttl=ns.lease_ttl,
             log_level=ns.log_level.upper(),
             netns=ns.netns,

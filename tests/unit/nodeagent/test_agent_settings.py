@@ -27,6 +27,19 @@ def test_defaults(tls_env):
     assert not s.etcd_insecure
     assert s.socket_path == Path("/run/ciliary/agent.sock")
     assert (s.health_host, s.health_port, s.lease_ttl) == ("127.0.0.1", 9876, 10)
+    assert s.hubble_addr == "127.0.0.1:4244" and s.flow_buffer_size == 4096
+
+
+def test_hubble_addr_flag_env_and_off(tls_env):
+    env = {"CILIARY_AGENT_NODE_NAME": "n1", "CILIARY_AGENT_HUBBLE_ADDR": "0.0.0.0:5555", **tls_env}
+    assert settings.load_settings([], env).hubble_addr == "0.0.0.0:5555"
+    assert settings.load_settings(["--hubble-addr", "off"], env).hubble_addr == ""
+    assert settings.load_settings(["--flow-buffer-size", "65536"], env).flow_buffer_size == 65536
+    with pytest.raises(SystemExit):
+        settings.load_settings(["--flow-buffer-size", "8"], env)
+    with pytest.raises(SystemExit) as info:
+        settings.load_settings(["--hubble-addr", "nowhere"], env)
+    assert info.value.code == 2
 
 
 def test_env_then_flags(tls_env):

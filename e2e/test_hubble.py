@@ -1,0 +1,285 @@
+"""The real ``hubble`` CLI (built from github.com/cilium/cilium, setup/build-hubble.sh) against the lab's
+relay (``ciliary-relay``, ``HUBBLE_SERVER`` of ``ciliary lab env``) and the agents' Observer APIs.
+
+The Star Wars scene: deathstar and xwing on node-1, tiefighter on node-2, Cilium's ``rule1``
+(only org=empire into the deathstar on 80/TCP). xwing's connections are dropped at the deathstar's
+ingress; tiefighter's are forwarded, allowed by rule1.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab_harness import LabHandle
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[1]
+STAR_WARS = ("deathstar", "tiefighter", "xwing")
+PODS = """
+apiVersion: v1
+kind: Pod
+metadata: {name: deathstar, namespace: default, labels: {org: empire, class: deathstar}}
+spec:
+  nodeName: node-1
+  containers: [{name: deathstar, image: lab, ports: [{containerPort: 80}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: tiefighter, namespace: default, labels: {org: empire, class: tiefighter}}
+spec:
+  nodeName: node-2
+  containers: [{name: spaceship, image: lab}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: xwing, namespace: default, labels: {org: alliance, class: xwing}}
+spec:
+  nodeName: node-1
+  containers: [{name: spaceship, image: lab}]
+"""
+
+
+def delete_scene(lab: LabHandle) -> None:
+    lab.kubectl("delete", "pod", *STAR_WARS, "-n", "default", "--ignore-not-found", "--wait=true",
+                "--timeout=60s", check=False)
+
+
+@pytest.fixture(scope="module")
+def scene(lab: LabHandle, tool: Any) -> Any:
+    hubble = str(tool("hubble"))
+    began = time.time()  # flows of other tests of the session (other placements) are older
+    delete_scene(lab)  # another test of the session may have placed the same pods elsewhere
+    lab.apply(PODS)
+    deathstar = lab.wait_running("deathstar")["status"]["podIP"]
+    lab.wait_running("tiefighter")
+    lab.wait_running("xwing")
+    lab.kubectl("apply", "-f", str(ROOT / "crds" / "examples" / "starwars-rule1.yaml"))
+    lab.kubectl("wait", "--for=condition=Enforced", "--timeout=90s", "cnp/rule1")
+    deadline = time.monotonic() + 60
+    while lab.probe("http", deathstar, 80, pod="xwing", timeout=1.5).returncode == 0:  # enforced in the kernel
+        assert time.monotonic() < deadline, "rule1 not enforced after 60 s"
+        time.sleep(0.5)
+    assert lab.probe("http", deathstar, 80, pod="tiefighter", timeout=3).returncode == 0
+    server = f"127.0.0.1:{lab.lab.relay_port()}"
+    try:
+        yield hubble, server, deathstar, rfc3339(began)
+    finally:
+        delete_scene(lab)
+
+
+def rfc3339(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds % 1 * 1e9):09d}Z"
+
+
+def hubble_run(hubble: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([hubble, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def observe(hubble: str, server: str, *args: str) -> list[dict[str, Any]]:
+    out = hubble_run(hubble, "observe", "--server", server, "-o", "json", *args)
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def flows_of(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [line["flow"] for line in lines if "flow" in line]
+
+
+def test_env_exports_the_relay_and_the_cli(lab: LabHandle, scene: Any) -> None:
+    hubble, server, _, since = scene
+    script = "\n".join([*lab.lab.env_lines(), 'echo "$HUBBLE_SERVER"', "command -v hubble"])
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+    assert out.stdout.split() == [server, hubble], out.stdout + out.stderr
+    # no --server: the CLI takes HUBBLE_SERVER from the environment `ciliary lab env` prints
+    script = "\n".join([*lab.lab.env_lines(), "hubble observe --pod default/deathstar --last 1 -o json"])
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and '"deathstar"' in out.stdout, out.stdout + out.stderr
+
+
+def test_observe_pod_dropped_json(lab: LabHandle, scene: Any) -> None:
+    hubble, server, deathstar, since = scene
+    lab.probe("http", deathstar, 80, pod="xwing", timeout=1)
+    flows = flows_of(observe(hubble, server, "--pod", "default/deathstar", "--verdict", "DROPPED", "--since", since))
+    assert flows, "no dropped flow for default/deathstar"
+    print("\n$ hubble observe --pod default/deathstar --verdict DROPPED -o json  # one line\n" + json.dumps(flows[-1]))
+    for flow in flows:
+        assert flow["verdict"] == "DROPPED" and flow["drop_reason_desc"] == "POLICY_DENIED", flow
+        assert flow["destination"]["pod_name"] == "deathstar" and flow["destination"]["namespace"] == "default"
+        assert flow["source"]["pod_name"] == "xwing" and "k8s:org=alliance" in flow["source"]["labels"]
+        assert flow["traffic_direction"] == "INGRESS" and flow["node_name"] == "node-1"
+        assert flow["l4"]["TCP"]["destination_port"] == 80 and flow["is_reply"] is False
+        assert flow["event_type"]["type"] == 1 and flow["Type"] == "L3_L4"
+        assert flow["source"]["identity"] > 0 and flow["destination"]["identity"] > 0
+
+
+def test_observe_forwarded_names_the_allowing_policy(lab: LabHandle, scene: Any) -> None:
+    hubble, server, deathstar, since = scene
+    assert lab.probe("http", deathstar, 80, pod="tiefighter", timeout=3).returncode == 0
+    flows = flows_of(observe(hubble, server, "--to-pod", "default/deathstar", "--verdict", "FORWARDED",
+                             "--from-label", "org=empire", "--since", since))
+    syns = [f for f in flows if f["l4"]["TCP"]["flags"].get("SYN") and not f["l4"]["TCP"]["flags"].get("ACK")]
+    assert syns, flows
+    for flow in syns:
+        assert [p["name"] for p in flow["ingress_allowed_by"]] == ["rule1"], flow
+        assert flow["ingress_allowed_by"][0]["namespace"] == "default"
+        # tiefighter runs on node-2: node-1 knows its identity and labels, not its pod name
+        assert "pod_name" not in flow["source"] and "k8s:class=tiefighter" in flow["source"]["labels"]
+
+
+def test_observe_namespace_to_port_and_since(lab: LabHandle, scene: Any) -> None:
+    hubble, server, deathstar, _ = scene
+    time.sleep(1.1)
+    since = time.time()
+    time.sleep(0.1)
+    lab.probe("http", deathstar, 80, pod="xwing", timeout=1)
+    recent = flows_of(observe(hubble, server, "--since", rfc3339(since), "--pod", "default/xwing"))
+    assert recent, "nothing since the last probe"
+    for flow in recent:
+        sec, frac = flow["time"].rstrip("Z").split(".")
+        assert time.mktime(time.strptime(sec, "%Y-%m-%dT%H:%M:%S")) - time.timezone + float("0." + frac) >= since
+    in_default = flows_of(observe(hubble, server, "--namespace", "default", "--last", "100"))
+    assert in_default and all("default" in (f["source"].get("namespace"), f["destination"].get("namespace"))
+                              for f in in_default)
+    to_80 = flows_of(observe(hubble, server, "--to-port", "80", "--last", "100"))
+    assert to_80 and all(f["l4"]["TCP"]["destination_port"] == 80 for f in to_80)
+    assert not flows_of(observe(hubble, server, "--to-port", "81", "--last", "100"))
+
+
+def test_observe_follow_streams_new_drops(lab: LabHandle, scene: Any) -> None:
+    hubble, server, deathstar, since = scene
+    proc = subprocess.Popen([hubble, "observe", "--server", server, "-o", "json", "--follow", "--pod",
+                             "default/xwing", "--verdict", "DROPPED", "--since", "1s"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)  # the stream is open
+        lab.probe("http", deathstar, 80, pod="xwing", timeout=1)
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 20)
+        assert ready, "no flow streamed within 20 s"
+        flow = json.loads(proc.stdout.readline())["flow"]
+        assert flow["verdict"] == "DROPPED" and flow["source"]["pod_name"] == "xwing"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_status_and_list_nodes(scene: Any) -> None:
+    hubble, server, _, since = scene
+    status = hubble_run(hubble, "status", "--server", server)
+    assert status.returncode == 0, status.stderr
+    assert "Healthcheck (via " in status.stdout and "Ok" in status.stdout
+    assert "Connected Nodes: 2/2" in status.stdout and "Current/Max Flows:" in status.stdout
+    nodes = hubble_run(hubble, "list", "nodes", "--server", server)
+    assert nodes.returncode == 0, nodes.stderr
+    rows = [line.split() for line in nodes.stdout.splitlines()[1:] if line.strip()]
+    assert [(r[0], r[1]) for r in rows] == [("node-1", "Connected"), ("node-2", "Connected")], nodes.stdout
+
+
+def test_malformed_filter_is_invalid_argument_and_the_relay_keeps_serving(scene: Any) -> None:
+    hubble, server, _, since = scene
+    # the CLI passes these through unchecked (--print-raw-filters shows them): the server refuses them
+    for flag, value, field in (("--to-port", "not-a-port", "destination_port"), ("--protocol", "tcpp", "protocol"),
+                               ("--to-label", "org=((", "destination_label")):
+        bad = hubble_run(hubble, "observe", "--server", server, flag, value)
+        assert bad.returncode != 0 and "InvalidArgument" in bad.stderr and field in bad.stderr, bad.stderr
+    assert hubble_run(hubble, "status", "--server", server).returncode == 0
+
+
+def test_compact_output_and_agent_metrics(lab: LabHandle, scene: Any) -> None:
+    hubble, server, deathstar, since = scene
+    lab.probe("http", deathstar, 80, pod="xwing", timeout=1)
+    out = hubble_run(hubble, "observe", "--server", server, "--pod", "default/deathstar", "--last", "6",
+                     "--since", since)
+    assert out.returncode == 0, out.stderr
+    print("\n$ hubble observe --pod default/deathstar --last 6\n" + out.stdout)
+    drops = [line for line in out.stdout.splitlines() if "DROPPED" in line]
+    assert drops and all("default/xwing:" in line and "default/deathstar:80" in line and "Policy denied" in line
+                         and "TCP Flags: SYN" in line for line in drops), out.stdout
+    for args in (("status",), ("list", "nodes")):
+        shown = hubble_run(hubble, *args, "--server", server)
+        print(f"$ hubble {' '.join(args)}\n{shown.stdout}")
+    # the node-1 agent counts the drops under Hubble's metric names
+    with urllib.request.urlopen(f"http://127.0.0.1:{lab.lab.health_port('node-1')}/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    drop_lines = [line for line in metrics.splitlines()
+                  if line.startswith('hubble_drop_total{') and 'reason="POLICY_DENIED"' in line]
+    assert drop_lines and float(drop_lines[0].rsplit(" ", 1)[1]) > 0, metrics
+
+
+def test_prometheus_scrapes_the_agents(lab: LabHandle, scene: Any, tool: Any, tmp_path: Path) -> None:
+    """A real Prometheus (Debian's) scrapes every agent's /metrics; the drops of the scene are there."""
+    _, _, deathstar, _ = scene
+    lab.probe("http", deathstar, 80, pod="xwing", timeout=1)
+    targets = [f"127.0.0.1:{lab.lab.health_port(node)}" for node in ("node-1", "node-2")]
+    (tmp_path / "prometheus.yml").write_text(json.dumps({
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [{"job_name": "ciliary-agents", "static_configs": [{"targets": targets}]}]}))
+    port = socket_port()
+    proc = subprocess.Popen([str(tool("prometheus")), f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        promql = urllib.parse.quote('sum by (instance) (hubble_drop_total{reason="POLICY_DENIED"})')
+        query = f"http://127.0.0.1:{port}/api/v1/query?query={promql}"
+        result: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(query, timeout=5) as r:
+                    result = json.loads(r.read())["data"]["result"]
+            except OSError:
+                result = []
+            if result:
+                break
+            time.sleep(1)
+        assert result, "Prometheus has no hubble_drop_total after 90 s"
+        by_instance = {row["metric"]["instance"]: float(row["value"][1]) for row in result}
+        assert by_instance.get(targets[0], 0) > 0, by_instance  # deathstar's node counted the drops
+        up = f"http://127.0.0.1:{port}/api/v1/query?query=up"
+        with urllib.request.urlopen(up, timeout=5) as r:
+            ups = {row["metric"]["instance"]: row["value"][1] for row in json.loads(r.read())["data"]["result"]}
+        assert ups == dict.fromkeys(targets, "1"), ups
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def socket_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_more_filters_through_the_cli(lab: LabHandle, scene: Any) -> None:
+    hubble, server, deathstar, since = scene
+    lab.probe("http", deathstar, 80, pod="xwing", timeout=1)
+    drops = flows_of(observe(hubble, server, "--type", "drop", "--node-name", "node-1", "--traffic-direction",
+                             "ingress", "--tcp-flags", "SYN", "--from-label", "org=alliance", "--since", since))
+    assert drops and all(f["verdict"] == "DROPPED" and f["node_name"] == "node-1" for f in drops)
+    identity = drops[0]["destination"]["identity"]
+    by_identity = flows_of(observe(hubble, server, "--to-identity", str(identity), "--last", "50"))
+    assert by_identity and all(f["destination"]["identity"] == identity for f in by_identity)
+    traces = flows_of(observe(hubble, server, "--type", "trace:from-endpoint", "--from-pod", "default/xwing",
+                              "--last", "50"))
+    assert traces and all(f["verdict"] == "FORWARDED" and f["traffic_direction"] == "EGRESS" for f in traces)
+    assert not flows_of(observe(hubble, server, "--node-name", "node-9", "--last", "50"))
+    # a blacklist: everything to the deathstar except the drops
+    rest = flows_of(observe(hubble, server, "--to-pod", "default/deathstar", "--not", "--verdict", "DROPPED",
+                            "--last", "50"))
+    assert all(f["verdict"] != "DROPPED" for f in rest)

@@ -1,0 +1,132 @@
+"""One ``GetFlows`` request over the flow ring (pure: no gRPC, no I/O).
+
+:func:`plan` validates a ``GetFlowsRequest`` into a :class:`FlowQuery` (raising
+``hubble_filter.FilterError`` for anything it cannot honour); :meth:`FlowQuery.history` picks the
+kept flows the request asks for, :meth:`FlowQuery.wants` judges a followed flow.
+
+- ``number`` N: the last N matching flows (``first``: the oldest N); 0 with no ``since``: the
+  whole ring, unless following (then only new flows);
+- ``since`` / ``until``: flow time bounds (inclusive); ``until`` ends a followed stream as soon
+  as a newer flow arrives;
+- ``field_mask``: only the named Flow fields are sent; a path naming a published field Ciliary
+  never sets selects nothing; a path that names no published field is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import field_mask_pb2
+
+from ciliary.hubbleapi import flow_pb2, observer_pb2
+from ciliary.nodeagent import hubble_convert, hubble_filter
+
+
+def flow_of(entry: object) -> flow_pb2.Flow:
+    """The Hubble form of a ``flowapi.RingEntry``, converted once and cached on the entry."""
+    flow = entry.flow  # type: ignore[attr-defined]
+    if flow is None:
+        event = entry.event  # type: ignore[attr-defined]
+        rules = entry.rules_for(event.cookie) if event.cookie else ()  # type: ignore[attr-defined]
+        flow = hubble_convert.to_flow(event, entry.index, rules, entry.index.revision)  # type: ignore[attr-defined]
+        entry.flow = flow  # type: ignore[attr-defined]
+    return flow
+
+
+def _nanos(ts: object) -> int:
+    return int(ts.seconds) * 1_000_000_000 + int(ts.nanos)  # type: ignore[attr-defined]
+
+
+PUBLISHED_FLOW_FIELDS = frozenset({
+    "time", "uuid", "emitter", "verdict", "drop_reason", "auth_type", "ethernet", "IP", "l4", "tunnel", "source",
+    "destination", "Type", "node_name", "node_labels", "source_names", "destination_names", "l7", "reply",
+    "event_type", "source_service", "destination_service", "traffic_direction", "policy_match_type",
+    "trace_observation_point", "trace_reason", "file", "ip_trace_id", "drop_reason_desc", "is_reply",
+    "debug_capture_point", "interface", "proxy_port", "trace_context", "sock_xlate_point", "socket_cookie",
+    "cgroup_id", "Summary", "extensions", "egress_allowed_by", "ingress_allowed_by", "egress_denied_by",
+    "ingress_denied_by", "policy_log", "aggregate"})
+"""Top-level fields of the published flow.Flow; the ones Ciliary's schema leaves out are never set."""
+
+
+def _mask_paths(mask: field_mask_pb2.FieldMask) -> list[str]:
+    """The paths of ``mask`` Ciliary's Flow has (others name fields it never sets); an unknown path raises."""
+    kept = []
+    for path in mask.paths:
+        parts = path.split(".")
+        if parts[0] not in PUBLISHED_FLOW_FIELDS:
+            raise hubble_filter.FilterError("field_mask", path, "not a field of flow.Flow")
+        descriptor: Any = flow_pb2.Flow.DESCRIPTOR
+        for part in parts:
+            if descriptor is None or part not in descriptor.fields_by_name:
+                if descriptor is not flow_pb2.Flow.DESCRIPTOR and descriptor is not None and parts[0] in (
+                        flow_pb2.Flow.DESCRIPTOR.fields_by_name):
+                    raise hubble_filter.FilterError("field_mask", path, f"no field {part!r} there")
+                break
+            descriptor = descriptor.fields_by_name[part].message_type
+        else:
+            kept.append(path)
+    return kept
+
+
+@dataclass
+class FlowQuery:
+    matches: hubble_filter.Predicate
+    number: int
+    first: bool
+    follow: bool
+    since_ns: int | None
+    until_ns: int | None
+    mask: field_mask_pb2.FieldMask | None
+
+    def _in_time(self, flow: flow_pb2.Flow) -> bool:
+        t = _nanos(flow.time)
+        return (self.since_ns is None or t >= self.since_ns) and (self.until_ns is None or t <= self.until_ns)
+
+    def history(self, entries: Iterable[object]) -> list[flow_pb2.Flow]:
+        """The kept flows to send first, oldest first."""
+        if self.follow and not self.number and self.since_ns is None:
+            return []
+        picked: list[flow_pb2.Flow] = []
+        ordered = list(entries)
+        if not self.first:
+            ordered.reverse()  # newest first: stop after the last N
+        timed = self.since_ns is not None or self.until_ns is not None
+        matches = self.matches
+        for entry in ordered:
+            flow = entry.flow or flow_of(entry)  # type: ignore[attr-defined]
+            if (not timed or self._in_time(flow)) and matches(flow):
+                picked.append(flow)
+                if self.number and len(picked) >= self.number:
+                    break
+        if not self.first:
+            picked.reverse()
+        return picked
+
+    def wants(self, flow: flow_pb2.Flow) -> bool:
+        return self._in_time(flow) and self.matches(flow)
+
+    def past_until(self, flow: flow_pb2.Flow) -> bool:
+        return self.until_ns is not None and _nanos(flow.time) > self.until_ns
+
+    def shape(self, flow: flow_pb2.Flow) -> flow_pb2.Flow:
+        if self.mask is None:
+            return flow
+        out = flow_pb2.Flow()
+        self.mask.MergeMessage(flow, out)
+        return out
+
+
+def plan(request: observer_pb2.GetFlowsRequest) -> FlowQuery:
+    """Validate ``request``; raises ``hubble_filter.FilterError`` naming the offending field."""
+    matches = hubble_filter.compile_filters(request.whitelist, request.blacklist)
+    since = _nanos(request.since) if request.HasField("since") else None
+    until = _nanos(request.until) if request.HasField("until") else None
+    if since is not None and until is not None and until < since:
+        raise hubble_filter.FilterError("until", str(request.until.ToJsonString()), "is before since")
+    mask = None
+    if request.HasField("field_mask") and request.field_mask.paths:
+        mask = field_mask_pb2.FieldMask(paths=_mask_paths(request.field_mask))
+    return FlowQuery(matches=matches, number=request.number, first=request.first, follow=request.follow,
+                     since_ns=since, until_ns=until, mask=mask)

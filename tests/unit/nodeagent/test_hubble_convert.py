@@ -1,0 +1,127 @@
+"""Ciliary flow events as Hubble flow.Flow messages (hubble_convert) and the GetFlows query (hubble_query)."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+
+import pytest
+from google.protobuf import field_mask_pb2, json_format, timestamp_pb2
+
+from ciliary.hubbleapi import flow_pb2, observer_pb2
+from ciliary.nodeagent import flowapi, hubble_convert, hubble_filter, hubble_query, planning
+from ciliary.nodeagent.datapath import flows, maps
+from ciliary.operator import intents
+
+ALLOW = intents.RuleRef(kind="CiliumNetworkPolicy", namespace="default", name="rule1", uid="u1", rule_index=0,
+                        section="ingress[0]")
+DENY = intents.RuleRef(kind="CiliumClusterwideNetworkPolicy", name="no-xwing", uid="u2", rule_index=0,
+                       section="ingressDeny[0]")
+INTENT = intents.NodeIntent(
+    node="n1", revision=7,
+    endpoints=(intents.EndpointIntent(namespace="default", pod="deathstar", ipv4="10.0.0.2", identity=300),),
+    identity_labels={300: ("k8s:org=empire", "k8s:class=deathstar", "k8s:io.kubernetes.pod.namespace=default"),
+                     301: ("k8s:org=alliance", "k8s:io.kubernetes.pod.namespace=default")},
+)
+INDEX = flowapi.IntentIndex.of("n1", INTENT)
+
+
+def event(verdict: str = "dropped", reason: maps.Reason = maps.Reason.DROP_POLICY, *, sport: int = 40000,
+          dport: int = 80, cookie: int = 0, protocol: int = 6, direction: str = "ingress", is_reply: bool = False,
+          t: float = 1700000000.5, flags: int = 0x02) -> flows.FlowEvent:
+    return flows.FlowEvent(time=t, src=IPv4Address("10.0.1.5"), dst=IPv4Address("10.0.0.2"),
+                           sport=sport, dport=dport, protocol=protocol, tcp_flags=flags, verdict=verdict,
+                           reason=reason, direction=direction, is_reply=is_reply, ep_id=1, src_identity=301,
+                           dst_identity=300, cookie=cookie, ifindex=7, length=60)
+
+
+def test_dropped_flow_carries_hubble_fields() -> None:
+    flow = hubble_convert.to_flow(event(), INDEX, ())
+    assert flow.verdict == flow_pb2.DROPPED and flow.drop_reason_desc == flow_pb2.POLICY_DENIED
+    assert flow.drop_reason == 133 and (flow.event_type.type, flow.event_type.sub_type) == (1, 133)
+    assert flow.traffic_direction == flow_pb2.INGRESS and flow.HasField("is_reply") and not flow.is_reply.value
+    assert flow.node_name == "n1" and flow.Type == flow_pb2.L3_L4
+    assert (flow.IP.source, flow.IP.destination, flow.IP.ipVersion) == ("10.0.1.5", "10.0.0.2", flow_pb2.IPv4)
+    assert flow.destination.pod_name == "deathstar" and flow.destination.namespace == "default"
+    assert flow.destination.identity == 300 and "k8s:class=deathstar" in flow.destination.labels
+    assert flow.source.pod_name == "" and flow.source.namespace == "default" and flow.source.identity == 301
+    assert flow.l4.TCP.destination_port == 80 and flow.l4.TCP.flags.SYN and not flow.l4.TCP.flags.ACK
+    assert flow.Summary == "TCP Flags: SYN"
+    assert flow.time.seconds == 1700000000 and flow.time.nanos == 500_000_000
+    # a default-deny drop names no policy
+    assert not flow.ingress_denied_by and not flow.ingress_allowed_by
+    # the JSON a hubble client prints uses the enum names
+    as_json = json_format.MessageToDict(flow, preserving_proto_field_name=True)
+    assert as_json["verdict"] == "DROPPED" and as_json["drop_reason_desc"] == "POLICY_DENIED"
+
+
+def test_policy_names_go_to_allowed_or_denied_by_direction() -> None:
+    allowed = hubble_convert.to_flow(event("forwarded", maps.Reason.OK_POLICY, cookie=1), INDEX, (ALLOW,), 7)
+    assert [p.name for p in allowed.ingress_allowed_by] == ["rule1"] and not allowed.egress_allowed_by
+    assert allowed.ingress_allowed_by[0].namespace == "default" and allowed.ingress_allowed_by[0].revision == 7
+    assert allowed.ingress_allowed_by[0].kind == "CiliumNetworkPolicy"
+    assert allowed.event_type.type == 4 and allowed.event_type.sub_type == 0
+    assert allowed.trace_observation_point == flow_pb2.TO_ENDPOINT
+    denied = hubble_convert.to_flow(event(reason=maps.Reason.DROP_POLICY_DENY, direction="egress", cookie=1),
+                                    INDEX, (DENY,))
+    assert [p.name for p in denied.egress_denied_by] == ["no-xwing"] and denied.drop_reason_desc == flow_pb2.POLICY_DENY
+    egress = hubble_convert.to_flow(event("forwarded", maps.Reason.OK_POLICY, direction="egress"), INDEX, ())
+    assert egress.event_type.sub_type == 5 and egress.trace_observation_point == flow_pb2.FROM_ENDPOINT
+
+
+def test_other_protocols_and_reasons() -> None:
+    udp = hubble_convert.to_flow(event(protocol=17, dport=53), INDEX, ())
+    assert udp.l4.WhichOneof("protocol") == "UDP" and udp.l4.UDP.destination_port == 53
+    icmp = hubble_convert.to_flow(event(protocol=1, sport=8), INDEX, ())
+    assert icmp.l4.ICMPv4.type == 8 and icmp.Summary == "ICMPv4 EchoRequest"
+    for reason, code in [(maps.Reason.DROP_SPOOFED_SOURCE, flow_pb2.INVALID_SOURCE_IP),
+                         (maps.Reason.DROP_FRAGMENT, flow_pb2.IP_FRAGMENTATION_NOT_SUPPORTED),
+                         (maps.Reason.DROP_UNSUPPORTED_L3, flow_pb2.UNSUPPORTED_L3_PROTOCOL)]:
+        assert hubble_convert.to_flow(event(reason=reason), INDEX, ()).drop_reason_desc == code
+    assert set(hubble_convert.DROP_CODES) == {r.name for r in maps.Reason if r.name.startswith("DROP_")}
+
+
+def entries(events: list[flows.FlowEvent]) -> list[flowapi.RingEntry]:
+    return [flowapi.RingEntry(e, INDEX, lambda _c: ()) for e in events]
+
+
+def ts(seconds: float) -> timestamp_pb2.Timestamp:
+    return hubble_convert.timestamp(seconds)
+
+
+def test_query_number_first_since_until_and_mask() -> None:
+    ring = entries([event(sport=40000 + n, t=1700000000 + n) for n in range(10)])
+    last3 = hubble_query.plan(observer_pb2.GetFlowsRequest(number=3)).history(ring)
+    assert [f.l4.TCP.source_port for f in last3] == [40007, 40008, 40009]
+    first2 = hubble_query.plan(observer_pb2.GetFlowsRequest(number=2, first=True)).history(ring)
+    assert [f.l4.TCP.source_port for f in first2] == [40000, 40001]
+    window = hubble_query.plan(observer_pb2.GetFlowsRequest(since=ts(1700000004), until=ts(1700000006)))
+    assert [f.l4.TCP.source_port for f in window.history(ring)] == [40004, 40005, 40006]
+    assert window.past_until(hubble_query.flow_of(ring[9])) and not window.past_until(hubble_query.flow_of(ring[5]))
+    assert len(hubble_query.plan(observer_pb2.GetFlowsRequest()).history(ring)) == 10
+    assert hubble_query.plan(observer_pb2.GetFlowsRequest(follow=True)).history(ring) == []
+    masked = hubble_query.plan(observer_pb2.GetFlowsRequest(
+        number=1, field_mask=field_mask_pb2.FieldMask(paths=["verdict", "source.pod_name"])))
+    shaped = masked.shape(masked.history(ring)[0])
+    assert shaped.verdict == flow_pb2.DROPPED and not shaped.HasField("IP") and not shaped.HasField("destination")
+    # the conversion is cached on the ring entry
+    assert hubble_query.flow_of(ring[0]) is hubble_query.flow_of(ring[0])
+
+
+def test_query_refuses_bad_masks_and_time_windows() -> None:
+    with pytest.raises(hubble_filter.FilterError, match="field_mask"):
+        hubble_query.plan(observer_pb2.GetFlowsRequest(field_mask=field_mask_pb2.FieldMask(paths=["nope"])))
+    with pytest.raises(hubble_filter.FilterError, match="field_mask"):
+        hubble_query.plan(observer_pb2.GetFlowsRequest(field_mask=field_mask_pb2.FieldMask(paths=["source.nope"])))
+    # published fields Ciliary never sets (the compact output of hubble asks for them) select nothing
+    query = hubble_query.plan(observer_pb2.GetFlowsRequest(
+        field_mask=field_mask_pb2.FieldMask(paths=["ethernet", "l7.dns.query", "verdict"])))
+    assert query.mask is not None and list(query.mask.paths) == ["verdict"]
+    with pytest.raises(hubble_filter.FilterError, match="before since"):
+        hubble_query.plan(observer_pb2.GetFlowsRequest(since=ts(10), until=ts(5)))
+
+
+def test_rule_cookie_lookup_feeds_policy_names() -> None:
+    cookie = planning.rule_cookie([ALLOW])
+    entry = flowapi.RingEntry(event("forwarded", maps.Reason.OK_POLICY, cookie=cookie), INDEX,
+                              {cookie: (ALLOW,)}.get)  # type: ignore[arg-type]
+    assert [p.name for p in hubble_query.flow_of(entry).ingress_allowed_by] == ["rule1"]
