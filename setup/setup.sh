@@ -89,7 +89,7 @@ fi
 "$ROOT/setup/build-node-tools.sh" containerd kubernetes-node
 (cd "$ROOT" && "$VENV/bin/python" -m ciliary.lab.images build) &
 images_pid=$!
-"$ROOT/setup/build-node-tools.sh" registry
+"$ROOT/setup/build-node-tools.sh" registry coredns
 wait "$images_pid"
 
 log "ready in $(( $(date +%s) - t0 )) s"

@@ -286,7 +286,8 @@ class Lab:
         cgroups.remove_tree(cgroups.lab_root(self.layout.cgroup_name))
         for ns in topology.remove_all(self.layout):
             say(f"lab: removed network namespace {ns}")
-        for path in (self.layout.bpffs_dir, Path("/run/ciliary") / self.layout.prefix):
+        for path in (self.layout.bpffs_dir, Path("/run/ciliary") / self.layout.prefix,
+                     kubeletnode.RUN_ROOT / self.layout.prefix):
             if path.exists():
                 shutil.rmtree(path, ignore_errors=True)
         if self.layout.state_dir.exists():

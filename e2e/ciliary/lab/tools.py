@@ -46,9 +46,10 @@ BUILT_TOOLS: dict[str, tuple[str, str]] = {
     "registry": ("registry", "REGISTRY_VERSION"),
     "e2e.test": ("kubernetes-e2e", "KUBERNETES_VERSION"),
     "skaffold": ("skaffold", "SKAFFOLD_VERSION"),
+    "coredns": ("coredns", "COREDNS_VERSION"),
 }
 NODE_TOOLS = ("containerd", "containerd-shim-runc-v2", "ctr", "kubelet", "kube-scheduler", "kube-proxy", "agnhost",
-              "registry", "e2e.test", "skaffold")
+              "registry", "e2e.test", "skaffold", "coredns")
 
 # tool -> the Debian package setup/setup.sh installs it with
 SYSTEM_TOOLS: dict[str, str] = {

@@ -1,0 +1,67 @@
+"""Pure parts of the chart-mode lab: readiness of the chart's workloads, the node services, the CNI runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ciliary.lab import chartinstall, cniruntime, nodeconfig, nodeservices
+
+
+def ds(desired: int, ready: int, updated: int, generation: int = 1, observed: int = 1) -> dict[str, Any]:
+    return {"kind": "DaemonSet", "metadata": {"generation": generation}, "status": {
+        "observedGeneration": observed, "desiredNumberScheduled": desired, "numberReady": ready,
+        "updatedNumberScheduled": updated}}
+
+
+def test_workload_ready_needs_every_replica_of_the_current_generation() -> None:
+    assert chartinstall.workload_ready(ds(2, 2, 2))
+    assert not chartinstall.workload_ready(ds(2, 1, 2))
+    assert not chartinstall.workload_ready(ds(2, 2, 1))
+    assert not chartinstall.workload_ready(ds(0, 0, 0))  # nothing scheduled yet is not ready
+    assert not chartinstall.workload_ready(ds(2, 2, 2, generation=2, observed=1))
+    deploy = {"kind": "Deployment", "metadata": {"generation": 3}, "spec": {"replicas": 1},
+              "status": {"observedGeneration": 3, "readyReplicas": 1, "updatedReplicas": 1}}
+    assert chartinstall.workload_ready(deploy)
+    assert not chartinstall.workload_ready({**deploy, "status": {"observedGeneration": 3, "readyReplicas": 0}})
+
+
+def test_lab_values_replace_only_the_etcd_image_and_its_volume() -> None:
+    values = chartinstall.lab_values()
+    assert set(values) == {"etcd"}
+    assert values["etcd"]["image"].startswith("docker.io/lab/etcd:v")
+    assert values["etcd"]["persistence"] == {"enabled": False}
+
+
+def test_node_services_point_both_services_at_the_node_local_address() -> None:
+    docs = list(yaml.safe_load_all(nodeservices.SERVICES))
+    by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    assert by[("Service", "kube-dns")]["spec"]["clusterIP"] == nodeconfig.CLUSTER_DNS_IP
+    for name in ("kube-dns", "kubernetes"):
+        endpoints = by[("Endpoints", name)]
+        assert endpoints["subsets"][0]["addresses"] == [{"ip": nodeconfig.NODE_SERVICES_IP}]
+        # the apiserver's mirroring must not add a second slice next to the lab's own
+        assert endpoints["metadata"]["labels"]["endpointslice.kubernetes.io/skip-mirror"] == "true"
+    slices = [d for d in docs if d["kind"] == "EndpointSlice"]
+    assert {s["metadata"]["labels"]["kubernetes.io/service-name"] for s in slices} == {"kube-dns", "kubernetes"}
+    assert all(s["endpoints"][0]["addresses"] == [nodeconfig.NODE_SERVICES_IP] for s in slices)
+    role = by[("ClusterRole", "lab:coredns")]
+    assert {v for rule in role["rules"] for v in rule["verbs"]} == {"list", "watch"}
+    corefile = nodeservices.corefile(Path("/lab/kc"))
+    assert f"bind {nodeconfig.NODE_SERVICES_IP}" in corefile and "kubeconfig /lab/kc" in corefile
+    assert "forward" not in corefile  # the lab resolves cluster names only
+
+
+def test_cni_runtime_takes_only_the_plugin_and_its_dependencies(tmp_path: Path) -> None:
+    assert cniruntime.wheel_distribution("pydantic_core-2.41.5-cp311-cp311-manylinux.whl") == "pydantic_core"
+    assert cniruntime.wheel_distribution("typing_extensions-4.15.0-py3-none-any.whl") == "typing_extensions"
+    stdlib = tmp_path / "stdlib"
+    for rel in ("os.py", "json/__init__.py", "test/test_os.py", "lib-dynload/_ctypes.so", "__pycache__/os.pyc",
+                "config-3.11-x86_64-linux-gnu/Makefile"):
+        (stdlib / rel).parent.mkdir(parents=True, exist_ok=True)
+        (stdlib / rel).write_text("x")
+    paths = {e.path for e in cniruntime.stdlib_entries(stdlib)}
+    py = f"{cniruntime.PREFIX}/lib/{cniruntime._python_version()}"
+    assert paths == {f"{py}/os.py", f"{py}/json/__init__.py", f"{py}/lib-dynload/_ctypes.so"}
