@@ -146,6 +146,9 @@ def private_mounts_script(paths: NodePaths) -> str:
               f"mount --bind {paths.cni_bin_dir} /opt/cni/bin",
               f"mount --bind {paths.cni_conf_dir} /etc/cni/net.d",
               f"mount --bind {run_ciliary} /run/ciliary",
+              # the host's bpffs leaves this namespace only (slave: nothing propagates back); a runtime checks
+              # the first /sys/fs/bpf entry of mountinfo for sharing, so the node's own must not sit on top
+              "if mountpoint -q /sys/fs/bpf; then umount /sys/fs/bpf; fi",
               "mount -t bpf bpf /sys/fs/bpf",
               "mount --make-shared /sys/fs/bpf",
               'exec "$@"']

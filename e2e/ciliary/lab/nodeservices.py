@@ -29,6 +29,7 @@ from ciliary.lab.layout import LabLayout, node_index, node_ip
 from ciliary.lab.nodeconfig import APISERVER_RELAY_PORT, CLUSTER_DNS_IP, NODE_SERVICES_IP
 
 COREDNS_USER = "system:lab-coredns"
+SERVICE_CIDR = "10.96.0.0/16"  # as the control plane's --service-cluster-ip-range
 SKIP_MIRROR = "endpointslice.kubernetes.io/skip-mirror"
 SERVICES = f"""
 apiVersion: v1
@@ -121,9 +122,15 @@ class DnsStartError(RuntimeError):
 
 
 def add_service_address(netns: str) -> None:
-    """``NODE_SERVICES_IP``, local to the node namespace (idempotent)."""
+    """``NODE_SERVICES_IP``, local to the node namespace, and a route for the service CIDR (idempotent).
+
+    The route lets the node's own clients (host-network pods) connect to a ClusterIP at all: a locally
+    made packet is routed before kube-proxy's DNAT (and re-routed after it), and a node namespace has no
+    default route. Pods' packets are translated on arrival, before routing.
+    """
     if f" {NODE_SERVICES_IP}/32 " not in topology.ip("-o", "addr", "show", "dev", "lo", netns=netns).stdout:
         topology.ip("addr", "add", f"{NODE_SERVICES_IP}/32", "dev", "lo", netns=netns)
+    topology.ip("route", "replace", SERVICE_CIDR, "dev", "eth0", netns=netns)
 
 
 def corefile(kubeconfig: Path) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ciliary.lab import (
@@ -90,8 +91,11 @@ def up(lab: Lab, nodes: Sequence[str], *, chart: bool = False, ready_seconds: fl
     cgroups = nodehost.cgroup_layout()
     real = [kubeletnode.RealNode(layout, node, bins, lab.bins, host, cgroups, chart=chart) for node in nodes]
     plugin = kubeletnode.cni_plugin_path()
-    for real_node in real:
-        real_node.start(built, pod_cidr(node_index(real_node.node)), plugin, registry_port=registry)
+    # nodes start side by side: most of the time is the image import into each node's containerd
+    with ThreadPoolExecutor(max_workers=len(real)) as pool:
+        for started in [pool.submit(n.start, built, pod_cidr(node_index(n.node)), plugin, registry_port=registry)
+                        for n in real]:
+            started.result()
     say(f"lab: containerd and kubelet started on {len(real)} nodes ({time.monotonic() - t0:.1f} s)")
     if chart:
         chartinstall.install(repository_root(), layout.kubeconfig, layout.state_dir)
