@@ -97,6 +97,8 @@ class Lab:
         absent = tools.missing(tools.LAB_SYSTEM_TOOLS)
         if absent:
             raise LabError("; ".join(map(str, absent)))
+        if self.config().get("real_nodes"):
+            raise LabError("this lab runs real nodes: use `ciliary lab up --real-nodes`, or `ciliary lab down` first")
         t0 = time.monotonic()
         say = print if log else (lambda *a, **k: None)
         nodes = max(nodes, int(str(self.config().get("nodes", 0))))
@@ -304,7 +306,8 @@ class Lab:
                 f"export ETCDCTL_CERT={root.cert_file}",
                 f"export ETCDCTL_KEY={root.key_file}",
                 f"export LAB_WORLD_IP={WORLD_IP}",
-                f"export PATH={Path(sys.executable).parent}:{self.bins.kubectl.parent}:{self.bins.etcdctl.parent}:$PATH"]
+                f"export PATH={Path(sys.executable).parent}:{self.bins.kubectl.parent}:{self.bins.etcdctl.parent}:"
+                f"{tools.built_path('helm').parent}:$PATH"]
 
     def status(self) -> str:
         lines = [f"lab {self.layout.prefix} in {self.layout.state_dir}"]

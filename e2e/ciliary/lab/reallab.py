@@ -17,6 +17,7 @@ configuration.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,8 +36,11 @@ from ciliary.lab import (
     topology,
 )
 from ciliary.lab.lab import Lab, LabError
-from ciliary.lab.layout import node_index, pod_cidr
+from ciliary.lab.layout import node_index, node_name, pod_cidr
 from ciliary.lab.nodebins import NodeBinaries
+
+#: every real node runs containerd, kubelet, kube-proxy and CoreDNS on a shared machine
+MAX_REAL_NODES = 8
 
 
 def lab_images(chart: bool) -> list[images.BuiltImage]:
@@ -62,10 +66,16 @@ def up(lab: Lab, nodes: Sequence[str], *, chart: bool = False, ready_seconds: fl
     t0 = time.monotonic()
     built = lab_images(chart)
     say(f"lab: {len(built)} images ready ({time.monotonic() - t0:.1f} s)")
+    config = lab.config()
+    if config.get("nodes") and not config.get("real_nodes"):
+        raise LabError("this lab runs its nodes as processes: `ciliary lab down` first, then `ciliary lab up "
+                       "--real-nodes`")
     ports = lab.ports()
     controlplane.save_config(layout, ports, max(node_index(n) for n in nodes))
+    layout.config_file.write_text(json.dumps({**lab.config(), "real_nodes": True, "chart": chart}))
     controlplane.start(layout, lab.bins, ports,
-                       apiserver_args=realcluster.apiserver_args(layout, static_kubernetes_endpoints=chart))
+                       apiserver_args=realcluster.apiserver_args(layout, static_kubernetes_endpoints=chart),
+                       pod_tokens=chart)
     say(f"lab: control plane ({time.monotonic() - t0:.1f} s)")
     lab.create_nodes(nodes)
     topology.ensure_underlay(layout)
@@ -133,3 +143,16 @@ def wait_ready(lab: Lab, real: Sequence[kubeletnode.RealNode], seconds: float) -
                                                       lab.layout.log_dir / f"{node.proc_name(what)}.log")
         time.sleep(0.5)
     raise LabError(f"real nodes not Ready after {seconds:.0f} s; see {lab.layout.log_dir}")
+
+
+def up_command(lab: Lab, count: int, *, say: Callable[[str], None] = print) -> float:
+    """``ciliary lab up --real-nodes``: ``count`` real nodes with Ciliary installed by its charts."""
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (network namespaces, mounts, eBPF): run as root")
+    if not 1 <= count <= MAX_REAL_NODES:
+        raise LabError(f"--nodes must be between 1 and {MAX_REAL_NODES} with --real-nodes")
+    t0 = time.monotonic()
+    up(lab, [node_name(i) for i in range(1, count + 1)], chart=True, ready_seconds=420, say=say)
+    elapsed = time.monotonic() - t0
+    say("lab: run `eval $(ciliary lab env)` to use kubectl and helm against it; `ciliary lab down` removes it")
+    return elapsed

@@ -133,6 +133,9 @@ POLICY = {
 def test_pods_get_their_network_from_the_chart_and_policy_is_enforced(chart_lab: ChartLab) -> None:
     lab = chart_lab
     assert lab.kubectl("create", "namespace", NS).returncode == 0
+    # pods are admitted once the namespace's default ServiceAccount exists (token volumes are on here)
+    wait_for("the default ServiceAccount", lambda: lab.kubectl("get", "serviceaccount", "default", "-n", NS)
+             .returncode == 0, 30, lambda: "")
     pods = [pod("server-1", "node-1", {"app": "server"}), pod("server-2", "node-2", {"app": "server"}),
             pod("frontend", "node-1", {"role": "frontend"}), pod("other", "node-2", {"role": "other"})]
     applied = lab.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": pods}))
