@@ -6,7 +6,9 @@
 
 - the bundled etcd's image: ``docker.io/lab/etcd:<version>``, the Go-built etcd binary of the lab's
   control plane alone in an image (``etcd_image``; the chart's default names registry.k8s.io's);
-- no PersistentVolumeClaim for etcd (the lab has no storage provisioner): an emptyDir.
+- no PersistentVolumeClaim for etcd (the lab has no storage provisioner): an emptyDir;
+- ``agent.sysResource=false`` where the machine's root lacks CAP_SYS_RESOURCE (runc cannot grant what it
+  does not hold; the kernel is checked to be >= 5.11, where BPF maps are not charged to RLIMIT_MEMLOCK).
 
 Everything else is the chart's default: operator Deployment and bundled etcd on the node network
 (``operator.hostNetwork``, ``etcd.hostNetwork``), agent DaemonSet whose ``install-cni`` init container
@@ -17,6 +19,7 @@ etcd enrollment, TLS everywhere. ``wait_ready`` waits for the agents on every no
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from ciliary.lab import images, tools
+from ciliary.lab import images, nodehost, tools
 from ciliary.lab.images import BuiltImage, file_digest
 from ciliary.lab.ociimage import FileEntry, ImageConfig
 
@@ -57,9 +60,20 @@ def etcd_image() -> BuiltImage:
         key_parts=[file_digest(etcd)], history=["etcd (built from go.etcd.io/etcd)"])
 
 
-def lab_values() -> dict[str, Any]:
+def memlock_free_kernel(release: str) -> bool:
+    """Kernels >= 5.11 account BPF maps to the memory cgroup, not RLIMIT_MEMLOCK."""
+    try:
+        major, minor = (int(x) for x in release.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (5, 11)
+
+
+def lab_values(*, sys_resource: bool = True) -> dict[str, Any]:
+    """``sys_resource``: whether this machine's root may grant CAP_SYS_RESOURCE (``nodehost.detect_host``)."""
     return {
         "etcd": {"image": etcd_image_reference(), "persistence": {"enabled": False}},
+        **({} if sys_resource else {"agent": {"sysResource": False}}),
     }
 
 
@@ -72,7 +86,12 @@ def install(root: Path, kubeconfig: Path, state_dir: Path, *, extra_values: dict
     """``helm upgrade --install`` both charts (idempotent: a second ``lab up`` upgrades in place)."""
     helm_bin = tools.built_path("helm")
     values = state_dir / "chart-values.yaml"
-    values.write_text(yaml.safe_dump({**lab_values(), **(extra_values or {})}, sort_keys=False))
+    host = nodehost.detect_host()
+    if host.restrict_oom_score_adj and not memlock_free_kernel(platform.release()):
+        raise ChartInstallError(RELEASE, f"root lacks CAP_SYS_RESOURCE and kernel {platform.release()} (< 5.11) "
+                                "charges BPF maps to RLIMIT_MEMLOCK: the agent cannot run here")
+    values.write_text(yaml.safe_dump({**lab_values(sys_resource=not host.restrict_oom_score_adj),
+                                      **(extra_values or {})}, sort_keys=False))
     for release, chart, extra in ((CRDS_RELEASE, root / "charts" / "ciliary-crds", []),
                                   (RELEASE, root / "charts" / "ciliary", ["-f", str(values)])):
         done = helm(helm_bin, kubeconfig, "upgrade", "--install", release, str(chart), "-n", NAMESPACE, *extra)

@@ -33,6 +33,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ciliary.lab import images, nodeconfig, nodehost, pki, processes, tools
 from ciliary.lab.kubeconfigs import write_kubeconfig
@@ -318,3 +319,26 @@ def cni_plugin_path() -> Path:
     if not found:
         raise FileNotFoundError("ciliary-cni is not installed (run setup/setup.sh)")
     return Path(found)
+
+
+def pod_exec_target(layout: LabLayout, pod: dict[str, Any]) -> tuple[Path, Path | None]:
+    """Where ``ciliary lab exec`` runs for a pod on a real node: its first running container's network
+    namespace (``/proc/<pid>/ns/net``, the pid from the node's containerd) and cgroup v2 group."""
+    name = f"{pod['metadata'].get('namespace')}/{pod['metadata']['name']}"
+    node = pod["spec"].get("nodeName")
+    ids = [s["containerID"].split("://", 1)[-1] for s in pod.get("status", {}).get("containerStatuses", [])
+           if s.get("containerID") and "running" in s.get("state", {})]
+    if not node or not ids:
+        raise NodeStartError(str(node), f"pod {name} has no running container")
+    bins = NodeBinaries.discover()
+    listed = subprocess.run([str(bins.ctr), "--address", str(node_paths(layout, node).containerd_socket),
+                             "--namespace", "k8s.io", "tasks", "list"], capture_output=True, text=True, timeout=30)
+    pids = {fields[0]: fields[1] for fields in (line.split() for line in listed.stdout.splitlines()[1:])
+            if len(fields) >= 2 and fields[1].isdigit()}
+    if ids[0] not in pids:
+        raise NodeStartError(node, f"pod {name}: container {ids[0][:12]} has no task on {node}")
+    pid = pids[ids[0]]
+    unified = nodehost.cgroup_layout().unified
+    group = next((line.split("::", 1)[1] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+                  if line.startswith("0::")), None) if unified else None
+    return Path(f"/proc/{pid}/ns/net"), (unified / group.lstrip("/") if unified and group else None)

@@ -323,23 +323,30 @@ class Lab:
             lines.append("\n" + (out.stdout.strip() or out.stderr.strip()))
         return "\n".join(lines)
 
-    def pod_target(self, pod: str, namespace: str) -> tuple[str, Path]:
+    def pod_target(self, pod: str, namespace: str) -> tuple[Path, Path | None]:
+        """The pod's network namespace (a path) and cgroup (None when it has none the lab can join)."""
         out = self.kubectl("get", "pod", pod, "-n", namespace, "-o", "json", check=False)
         if out.returncode != 0:
             raise LabError(f"pod {namespace}/{pod} not found")
         obj = json.loads(out.stdout)
+        if self.config().get("real_nodes"):
+            try:
+                return kubeletnode.pod_exec_target(self.layout, obj)
+            except kubeletnode.NodeStartError as exc:
+                raise LabError(str(exc)) from exc
         node, uid = obj["spec"].get("nodeName"), obj["metadata"]["uid"]
         netns = self.layout.pod_netns(namespace, pod, uid)
         if not node or not topology.netns_exists(netns):
             raise LabError(f"pod {namespace}/{pod} is not running (phase {obj.get('status', {}).get('phase')})")
-        return netns, cgroups.pod_cgroup(self.layout.cgroup_name, node, uid)
+        return topology.NETNS_DIR / netns, cgroups.pod_cgroup(self.layout.cgroup_name, node, uid)
 
     def exec(self, command: Sequence[str], *, pod: str | None, namespace: str, world: bool) -> int:
         if not command:
             raise LabError("give a command after --, e.g. ciliary lab exec mypod -- curl -s http://10.244.1.2")
+        cgroup: Path | None
         if world:
-            netns, cgroup = self.layout.world_netns, None
-            if not topology.netns_exists(netns):
+            netns, cgroup = topology.NETNS_DIR / self.layout.world_netns, None
+            if not topology.netns_exists(self.layout.world_netns):
                 raise LabError("the world host does not exist: is the lab up?")
         elif pod:
             netns, cgroup = self.pod_target(pod, namespace)
@@ -352,7 +359,7 @@ class Lab:
                 with open(procs, "w") as f:
                     f.write(str(os.getpid()))
 
-        return subprocess.call(["nsenter", f"--net={topology.NETNS_DIR / netns}", *command], preexec_fn=enter)
+        return subprocess.call(["nsenter", f"--net={netns}", *command], preexec_fn=enter)
 
 
 def node_ips(names: Sequence[str]) -> dict[str, str]:

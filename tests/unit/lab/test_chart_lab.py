@@ -65,3 +65,11 @@ def test_cni_runtime_takes_only_the_plugin_and_its_dependencies(tmp_path: Path) 
     paths = {e.path for e in cniruntime.stdlib_entries(stdlib)}
     py = f"{cniruntime.PREFIX}/lib/{cniruntime._python_version()}"
     assert paths == {f"{py}/os.py", f"{py}/json/__init__.py", f"{py}/lib-dynload/_ctypes.so"}
+
+
+def test_lab_drops_sys_resource_only_where_root_cannot_grant_it() -> None:
+    assert chartinstall.lab_values(sys_resource=False)["agent"] == {"sysResource": False}
+    assert chartinstall.memlock_free_kernel("6.18.44-fc-v1252")
+    assert chartinstall.memlock_free_kernel("5.11.0")
+    assert not chartinstall.memlock_free_kernel("5.10.210")
+    assert not chartinstall.memlock_free_kernel("weird")
