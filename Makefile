@@ -7,13 +7,17 @@ PY    := $(VENV)/bin/python
 CILIARY := $(VENV)/bin/ciliary
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint unit integration e2e lab-up lab-down clean bench
+.PHONY: setup demo demo-real-nodes test lint unit integration e2e lab-up lab-down clean bench
 
 setup:
 	@setup/setup.sh
 
 demo: setup
 	@$(PY) -m ciliary.lab.demo
+
+# the same scene on real kubelets, Ciliary installed by its Helm chart (ciliary lab up --real-nodes)
+demo-real-nodes: setup
+	@$(PY) -m ciliary.lab.demo --real-nodes
 
 lint: setup
 	$(VENV)/bin/ruff check operator nodeagent e2e tests bench
