@@ -307,7 +307,20 @@ class Lab:
                 f"export ETCDCTL_KEY={root.key_file}",
                 f"export LAB_WORLD_IP={WORLD_IP}",
                 f"export PATH={Path(sys.executable).parent}:{self.bins.kubectl.parent}:{self.bins.etcdctl.parent}:"
-                f"{tools.built_path('helm').parent}:$PATH"]
+                f"{tools.built_path('helm').parent}:$PATH", *self.real_node_env_lines()]
+
+    def real_node_env_lines(self) -> list[str]:
+        """For ``skaffold run -p lab``: the lab registry as default repository, and the agent capability."""
+        registry = self.layout.state_dir / "registry-port"
+        if not self.config().get("real_nodes") or not registry.exists():
+            return []
+        values = self.layout.state_dir / "chart-values.yaml"
+        sys_resource = "false" if values.exists() and "sysResource: false" in values.read_text() else "true"
+        from ciliary.lab import chartinstall  # it imports the image builders; only real-node labs need it
+
+        return [f"export SKAFFOLD_DEFAULT_REPO=localhost:{registry.read_text().strip()}",
+                f"export CILIARY_LAB_SYS_RESOURCE={sys_resource}",
+                f"export CILIARY_LAB_ETCD_IMAGE={chartinstall.etcd_image_reference()}"]
 
     def status(self) -> str:
         lines = [f"lab {self.layout.prefix} in {self.layout.state_dir}"]

@@ -7,7 +7,9 @@ install-cni init container installs ciliary-cni into each node's /opt/cni/bin an
 the bundled etcd (TLS, per-node enrollment). Then, on agnhost pods the kubelets start through that
 plugin: traffic flows before any policy; a CiliumNetworkPolicy admits only the ``role=frontend`` client
 to the servers on both nodes; its ``.status.nodes`` shows both nodes enforcing; the other client is
-dropped on the same node and across nodes. ``helm uninstall`` removes the release's objects. The lab is
+dropped on the same node and across nodes. ``skaffold run -p lab`` rebuilds both images with the
+project's own builder, pushes them to the lab registry and upgrades both releases with them (the agents
+on both nodes then run the pushed images by digest). ``helm uninstall`` removes the release's objects. The lab is
 torn down afterwards, also on failure: no namespace, mount, cgroup or process left, nothing written to
 the host's /opt/cni, /etc/cni or /opt/ciliary, no address in the root namespace.
 """
@@ -15,8 +17,10 @@ the host's /opt/cni, /etc/cni or /opt/ciliary, no address in the root namespace.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +29,7 @@ from typing import Any
 import pytest
 from realnode_helpers import ROOT, lab_images, node_binaries
 
-from ciliary.lab import chartinstall, kubeletnode, nodehost, reallab, sessions, topology
+from ciliary.lab import chartinstall, kubeletnode, nodehost, reallab, sessions, tools, topology
 from ciliary.lab.lab import Lab
 from ciliary.lab.layout import Binaries, pod_cidr
 
@@ -179,6 +183,37 @@ def test_pods_get_their_network_from_the_chart_and_policy_is_enforced(chart_lab:
         assert not lab.connects("other", ip), f"other → {ip} allowed under a policy that denies it"
 
     assert lab.kubectl("delete", "namespace", NS, "--wait=true", "--timeout=120s", timeout=150).returncode == 0
+
+
+def test_skaffold_run_builds_pushes_to_the_lab_registry_and_deploys_the_charts(chart_lab: ChartLab) -> None:
+    """``skaffold run -p lab``: the project's own builder, the lab registry, helm upgrade of both releases."""
+    lab = chart_lab
+    env_lines = lab.lab.env_lines()
+    env = dict(os.environ)
+    for line in env_lines:
+        key, _, value = line.removeprefix("export ").partition("=")
+        env[key] = value.replace("$PATH", os.environ.get("PATH", ""))
+    repo = env["SKAFFOLD_DEFAULT_REPO"]
+    assert repo.startswith("localhost:")
+    env.update(SKAFFOLD_UPDATE_CHECK="false", SKAFFOLD_INTERACTIVE="false", HOME=str(lab.lab.layout.state_dir))
+    t0 = time.monotonic()
+    run = subprocess.run([str(tools.built_path("skaffold")), "run", "-p", "lab", "--default-repo", repo,
+                          "--kube-context", "ciliary-lab", "--update-check=false", "--interactive=false"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    print(f"skaffold run in {time.monotonic() - t0:.1f} s")
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    # the DaemonSet and the Deployment now run the images skaffold pushed, by digest, on every node
+    for kind, name in (("daemonset", "ciliary-agent"), ("deployment", "ciliary-operator")):
+        out = lab.kubectl("get", kind, name, "-n", chartinstall.NAMESPACE, "-o", "json")
+        obj = json.loads(out.stdout)
+        images_used = {c["image"] for c in obj["spec"]["template"]["spec"]["containers"]}
+        assert all(i.startswith(f"{repo}/{name}:") and "@sha256:" in i for i in images_used), images_used
+        assert chartinstall.workload_ready(obj), obj["status"]
+    catalog = json.loads(urllib.request.urlopen(f"http://{repo}/v2/_catalog", timeout=10).read())
+    assert {"ciliary-operator", "ciliary-agent"} <= set(catalog["repositories"]), catalog
+    agents = json.loads(lab.kubectl("get", "pods", "-n", chartinstall.NAMESPACE, "-l",
+                                    "app.kubernetes.io/component=agent", "-o", "json").stdout)["items"]
+    assert {p["spec"]["nodeName"] for p in agents if p["status"]["phase"] == "Running"} == set(NODES)
 
 
 def test_helm_uninstall_removes_the_release(chart_lab: ChartLab) -> None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
-from ciliary.lab import chartinstall, cniruntime, nodeconfig, nodeservices
+from ciliary.lab import chartinstall, cniruntime, nodeconfig, nodeservices, registrypush, skaffoldbuild
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def ds(desired: int, ready: int, updated: int, generation: int = 1, observed: int = 1) -> dict[str, Any]:
@@ -73,3 +76,32 @@ def test_lab_drops_sys_resource_only_where_root_cannot_grant_it() -> None:
     assert chartinstall.memlock_free_kernel("5.11.0")
     assert not chartinstall.memlock_free_kernel("5.10.210")
     assert not chartinstall.memlock_free_kernel("weird")
+
+
+def test_registry_references_split_into_host_name_and_tag() -> None:
+    assert registrypush.split_reference("localhost:5000/ciliary-agent:abc") == ("localhost:5000", "ciliary-agent", "abc")
+    assert registrypush.split_reference("localhost:5000/lab/app") == ("localhost:5000", "lab/app", "latest")
+    assert registrypush.split_reference("localhost:5000/a:t@sha256:00") == ("localhost:5000", "a", "t")
+    with pytest.raises(ValueError):
+        registrypush.split_reference("ciliary-agent:abc")
+
+
+def test_skaffold_custom_builder_maps_names_to_targets_and_only_pushes() -> None:
+    assert skaffoldbuild.target_of("localhost:5000/ciliary-operator:x") == "operator"
+    assert skaffoldbuild.target_of("localhost:5000/team/ciliary-agent:x") == "agent"
+    with pytest.raises(skaffoldbuild.CustomBuildError):
+        skaffoldbuild.target_of("localhost:5000/other:x")
+    with pytest.raises(skaffoldbuild.CustomBuildError, match="only pushing"):
+        skaffoldbuild.build({"IMAGE": "localhost:5000/ciliary-agent:x", "PUSH_IMAGE": "false"})
+
+
+def test_skaffold_lab_profile_uses_the_custom_builder_and_the_lab_values() -> None:
+    config = yaml.safe_load((ROOT / "skaffold.yaml").read_text())
+    lab = next(p for p in config["profiles"] if p["name"] == "lab")
+    artifacts = {a["image"]: a for a in lab["build"]["artifacts"]}
+    assert set(artifacts) == {"ciliary-operator", "ciliary-agent"}
+    assert all("ciliary.lab.skaffoldbuild" in a["custom"]["buildCommand"] for a in artifacts.values())
+    assert lab["build"]["local"]["push"] is True
+    patched = {p["path"].rsplit("/", 1)[-1]: p["value"] for p in lab["patches"]}
+    assert patched["etcd.image"] == "{{.CILIARY_LAB_ETCD_IMAGE}}"  # exported by `ciliary lab env`
+    assert patched["etcd.persistence.enabled"] is False
