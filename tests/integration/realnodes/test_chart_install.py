@@ -201,7 +201,8 @@ def test_skaffold_run_builds_pushes_to_the_lab_registry_and_deploys_the_charts(c
                           "--kube-context", "ciliary-lab", "--update-check=false", "--interactive=false"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     print(f"skaffold run in {time.monotonic() - t0:.1f} s")
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + lab.kubectl(
+        "get", "pods,events", "-n", chartinstall.NAMESPACE, "-o", "wide").stdout[-4000:]
     # the DaemonSet and the Deployment now run the images skaffold pushed, by digest, on every node
     for kind, name in (("daemonset", "ciliary-agent"), ("deployment", "ciliary-operator")):
         out = lab.kubectl("get", kind, name, "-n", chartinstall.NAMESPACE, "-o", "json")
