@@ -204,12 +204,16 @@ def test_skaffold_run_builds_pushes_to_the_lab_registry_and_deploys_the_charts(c
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + lab.kubectl(
         "get", "pods,events", "-n", chartinstall.NAMESPACE, "-o", "wide").stdout[-4000:]
     # the DaemonSet and the Deployment now run the images skaffold pushed, by digest, on every node
+    # (skaffold's status check covers the Deployment; the DaemonSet's rollout is waited for here)
     for kind, name in (("daemonset", "ciliary-agent"), ("deployment", "ciliary-operator")):
-        out = lab.kubectl("get", kind, name, "-n", chartinstall.NAMESPACE, "-o", "json")
-        obj = json.loads(out.stdout)
+        def get(kind: str = kind, name: str = name) -> dict[str, Any]:
+            return dict(json.loads(lab.kubectl("get", kind, name, "-n", chartinstall.NAMESPACE, "-o", "json").stdout))
+
+        obj = get()
         images_used = {c["image"] for c in obj["spec"]["template"]["spec"]["containers"]}
         assert all(i.startswith(f"{repo}/{name}:") and "@sha256:" in i for i in images_used), images_used
-        assert chartinstall.workload_ready(obj), obj["status"]
+        wait_for(f"{kind} {name} rolled out", lambda g=get: chartinstall.workload_ready(g()), 300,
+                 lambda g=get: str(g()["status"]) + lab.kubectl("get", "pods", "-A", "-o", "wide").stdout)
     catalog = json.loads(urllib.request.urlopen(f"http://{repo}/v2/_catalog", timeout=10).read())
     assert {"ciliary-operator", "ciliary-agent"} <= set(catalog["repositories"]), catalog
     agents = json.loads(lab.kubectl("get", "pods", "-n", chartinstall.NAMESPACE, "-l",
