@@ -268,10 +268,13 @@ def kubelet_config(paths: NodePaths, host: Host, *, client_ca: Path, cluster_dns
         "readOnlyPort": 0,
         "healthzBindAddress": "127.0.0.1",
         "healthzPort": KUBELET_HEALTHZ_PORT,
-        # the apiserver's kubelet client certificate is signed by the lab CA; nobody else gets in
+        # callers prove who they are (a client certificate of the lab CA, or a bearer token the apiserver
+        # reviews) and the apiserver decides what they may do (SubjectAccessReview per request, as on
+        # kubeadm clusters); anonymous requests are refused
         "authentication": {"x509": {"clientCAFile": str(client_ca)}, "anonymous": {"enabled": False},
-                           "webhook": {"enabled": False}},
-        "authorization": {"mode": "AlwaysAllow"},
+                           "webhook": {"enabled": True, "cacheTTL": "30s"}},
+        "authorization": {"mode": "Webhook", "webhook": {"cacheAuthorizedTTL": "30s",
+                                                         "cacheUnauthorizedTTL": "5s"}},
         "containerRuntimeEndpoint": f"unix://{paths.containerd_socket}",
         "cgroupDriver": host.cgroup_driver,
         "cgroupRoot": paths.cgroup_root,

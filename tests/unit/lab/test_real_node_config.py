@@ -227,3 +227,10 @@ def test_gateway_service_relays_parse() -> None:
     for bad in ("198.51.100.1=6443", ":443=1", "198.51.100.1:x=1", "198.51.100.1:443="):
         with pytest.raises(ValueError):
             nodegateway.parse_service(bad)
+
+
+def test_kubelet_asks_the_apiserver_who_may_do_what() -> None:
+    cfg = nodeconfig.kubelet_config(PATHS, HOST, client_ca=Path("/lab/pki/ca.crt"))
+    assert cfg["authentication"]["anonymous"] == {"enabled": False}
+    assert cfg["authentication"]["webhook"]["enabled"] is True
+    assert cfg["authorization"]["mode"] == "Webhook"
