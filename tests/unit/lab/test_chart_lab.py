@@ -8,7 +8,15 @@ from typing import Any
 import pytest
 import yaml
 
-from ciliary.lab import chartinstall, cniruntime, nodeconfig, nodeservices, registrypush, skaffoldbuild
+from ciliary.lab import (
+    chartinstall,
+    cniruntime,
+    conformance,
+    nodeconfig,
+    nodeservices,
+    registrypush,
+    skaffoldbuild,
+)
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -105,3 +113,12 @@ def test_skaffold_lab_profile_uses_the_custom_builder_and_the_lab_values() -> No
     patched = {p["path"].rsplit("/", 1)[-1]: p["value"] for p in lab["patches"]}
     assert patched["etcd.image"] == "{{.CILIARY_LAB_ETCD_IMAGE}}"  # exported by `ciliary lab env`
     assert patched["etcd.persistence.enabled"] is False
+
+
+def test_conformance_focus_list_and_junit_summary() -> None:
+    focus = conformance.parse_focus((ROOT / "e2e" / "conformance.txt").read_text())
+    assert focus.focus and all(f.startswith(r"\[sig-network\]") for f in focus.focus)
+    assert focus.skip == (r"\[Disruptive\]|\[Serial\]|\[Slow\]|\[Flaky\]",)
+    junit = ("<testsuites><testsuite><testcase name='a'/><testcase name='b'><failure/></testcase>"
+             "<testcase name='c'><skipped/></testcase></testsuite></testsuites>")
+    assert conformance.summarize(junit) == {"passed": 1, "failed": 1, "skipped": 1}
