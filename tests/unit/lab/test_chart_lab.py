@@ -119,6 +119,7 @@ def test_conformance_focus_list_and_junit_summary() -> None:
     focus = conformance.parse_focus((ROOT / "e2e" / "conformance.txt").read_text())
     assert focus.focus and all(f.startswith(r"\[sig-network\]") for f in focus.focus)
     assert focus.skip == (r"\[Disruptive\]|\[Serial\]|\[Slow\]|\[Flaky\]",)
-    junit = ("<testsuites><testsuite><testcase name='a'/><testcase name='b'><failure/></testcase>"
+    junit = ("<testsuites><testsuite><testcase name='[SynchronizedBeforeSuite]'/><testcase name='[ReportAfterSuite]"
+             " Kubernetes e2e suite report'/><testcase name='a'/><testcase name='b'><failure/></testcase>"
              "<testcase name='c'><skipped/></testcase></testsuite></testsuites>")
     assert conformance.summarize(junit) == {"passed": 1, "failed": 1, "skipped": 1}
