@@ -36,7 +36,8 @@ class FocusList:
 
 
 def parse_focus(text: str) -> FocusList:
-    focus, skip = [], []
+    focus: list[str] = []
+    skip: list[str] = []
     for line in text.splitlines():
         entry = line.split("#", 1)[0].strip()
         if not entry:
