@@ -7,13 +7,21 @@ PY    := $(VENV)/bin/python
 CILIARY := $(VENV)/bin/ciliary
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint unit integration e2e lab-up lab-down clean bench
+.PHONY: setup demo demo-real-nodes conformance test lint unit integration e2e lab-up lab-down clean bench
 
 setup:
 	@setup/setup.sh
 
 demo: setup
 	@$(PY) -m ciliary.lab.demo
+
+# the same scene on real kubelets, Ciliary installed by its Helm chart (ciliary lab up --real-nodes)
+demo-real-nodes: setup
+	@$(PY) -m ciliary.lab.demo --real-nodes
+
+# the upstream e2e.test against a running real-node lab (ciliary lab up --real-nodes), focus list e2e/conformance.txt
+conformance: setup
+	@$(PY) -m ciliary.lab.conformance --focus-file e2e/conformance.txt
 
 lint: setup
 	$(VENV)/bin/ruff check operator nodeagent e2e tests bench

@@ -6,8 +6,9 @@
 #   $CILIARY_CACHE/bin/registry-<ver>/         registry (distribution)
 #   $CILIARY_CACHE/bin/kubernetes-e2e-<ver>/   e2e.test            (skipped with CILIARY_SKIP_E2E_TEST=1)
 #   $CILIARY_CACHE/bin/skaffold-<ver>/         skaffold            (skipped with CILIARY_SKIP_SKAFFOLD=1)
+#   $CILIARY_CACHE/bin/coredns-<ver>/          coredns             (cluster DNS of a real-node lab)
 # A second run finds the binaries and returns at once. Each step logs its build time.
-# With an argument list, only those steps run (containerd kubernetes-node registry e2e skaffold).
+# With an argument list, only those steps run (containerd kubernetes-node registry coredns e2e skaffold).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -18,6 +19,7 @@ KNODE_DIR="$CACHE/bin/kubernetes-node-$KUBERNETES_VERSION"
 E2E_DIR="$CACHE/bin/kubernetes-e2e-$KUBERNETES_VERSION"
 REGISTRY_DIR="$CACHE/bin/registry-$REGISTRY_VERSION"
 SKAFFOLD_DIR="$CACHE/bin/skaffold-$SKAFFOLD_VERSION"
+COREDNS_DIR="$CACHE/bin/coredns-$COREDNS_VERSION"
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 
 log() { printf '[setup] %s\n' "$*"; }
@@ -85,6 +87,18 @@ build_registry() {
   finish "$tmp" "$REGISTRY_DIR" "$t0" "$("$tmp/registry" --version)"
 }
 
+build_coredns() {
+  have_all "$COREDNS_DIR" coredns && return 0
+  need_go "coredns $COREDNS_VERSION"
+  # no replace/exclude directive in CoreDNS's go.mod: `go install pkg@version` works
+  log "building CoreDNS $COREDNS_VERSION from Go modules (cold: ~4-6 min)"
+  local t0; t0=$(date +%s)
+  local tmp="$COREDNS_DIR.partial"; rm -rf "$tmp"; mkdir -p "$tmp"
+  (cd "$tmp" && GOFLAGS= GOBIN="$tmp" go install -trimpath -buildvcs=false -ldflags "-s -w" \
+      "github.com/coredns/coredns@$COREDNS_VERSION")
+  finish "$tmp" "$COREDNS_DIR" "$t0" "$("$tmp/coredns" -version | head -n 1)"
+}
+
 build_e2e() {
   [ "${CILIARY_SKIP_E2E_TEST:-0}" = 1 ] && { log "e2e.test skipped (CILIARY_SKIP_E2E_TEST=1)"; return 0; }
   have_all "$E2E_DIR" e2e.test && return 0
@@ -112,7 +126,7 @@ build_skaffold() {
 }
 
 steps=("$@")
-[ "${#steps[@]}" -gt 0 ] || steps=(containerd kubernetes-node registry e2e skaffold)
+[ "${#steps[@]}" -gt 0 ] || steps=(containerd kubernetes-node registry coredns e2e skaffold)
 # one build at a time per cache (its own lock, so a control-plane build elsewhere does not hold it up)
 mkdir -p "$CACHE"
 exec 8>"$CACHE/.build-node.lock"
@@ -122,6 +136,7 @@ for s in "${steps[@]}"; do
     containerd) build_containerd ;;
     kubernetes-node) build_kubernetes_node ;;
     registry) build_registry ;;
+    coredns) build_coredns ;;
     e2e) build_e2e ;;
     skaffold) build_skaffold ;;
     *) echo "setup: unknown build step $s" >&2; exit 2 ;;

@@ -90,7 +90,7 @@ fi
 "$ROOT/setup/build-node-tools.sh" containerd kubernetes-node
 (cd "$ROOT" && "$VENV/bin/python" -m ciliary.lab.images build) &
 images_pid=$!
-"$ROOT/setup/build-node-tools.sh" registry
+"$ROOT/setup/build-node-tools.sh" registry coredns
 wait "$images_pid"
 
 # --- 7. the hubble CLI (issue 11: the Observer API's test client; cached by version) ---------

@@ -118,8 +118,13 @@ def _tls_context(layout: LabLayout) -> ssl.SSLContext:
     return ctx
 
 
-def start_apiserver(layout: LabLayout, bins: Binaries, ports: Ports, extra_args: Sequence[str] = ()) -> None:
-    """``extra_args``: appended flags (real nodes add the kubelet client and egress-selector ones)."""
+def start_apiserver(layout: LabLayout, bins: Binaries, ports: Ports, extra_args: Sequence[str] = (),
+                    *, pod_tokens: bool = False) -> None:
+    """``extra_args``: appended flags (real nodes add the kubelet client and egress-selector ones).
+
+    ``pod_tokens``: keep the ServiceAccount admission plugin (pods get their token volume), for pods run by
+    real kubelets that talk to the apiserver (the chart's operator).
+    """
     p = layout.pki_dir
     etcd_client = etcdsecurity.etcd_pki(p).client(etcdsecurity.APISERVER_USER)
     if not processes.running_pid(layout, "kube-apiserver"):
@@ -140,7 +145,7 @@ def start_apiserver(layout: LabLayout, bins: Binaries, ports: Ports, extra_args:
             "--allow-privileged=true",
             # Pods are realised by the lab's runtime, not a kubelet: no token volumes needed,
             # and no race between namespace creation and its default ServiceAccount.
-            "--disable-admission-plugins=ServiceAccount",
+            *([] if pod_tokens else ["--disable-admission-plugins=ServiceAccount"]),
             "--profiling=false", "--v=0", *extra_args,
         ])
     _wait_http(f"{ports.apiserver_url}/readyz", seconds=120, what="kube-apiserver",
@@ -192,9 +197,10 @@ def kubectl(layout: LabLayout, bins: Binaries, *args: str, input: str | None = N
     )
 
 
-def start(layout: LabLayout, bins: Binaries, ports: Ports, apiserver_args: Sequence[str] = ()) -> None:
+def start(layout: LabLayout, bins: Binaries, ports: Ports, apiserver_args: Sequence[str] = (), *,
+          pod_tokens: bool = False) -> None:
     ensure_pki(layout)
     write_kubeconfigs(layout, ports)
     start_etcd(layout, bins, ports)
-    start_apiserver(layout, bins, ports, apiserver_args)
+    start_apiserver(layout, bins, ports, apiserver_args, pod_tokens=pod_tokens)
     start_controller_manager(layout, bins, ports)

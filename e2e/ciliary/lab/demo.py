@@ -6,11 +6,18 @@ with Cilium's L3/L4 ``rule1`` (only org=empire into the deathstar on 80/TCP) the
 tiefighter lands, the xwing times out, the drop shows in ``ciliary observe``,
 ``ciliary policy trace`` explains it, and the policy's status shows where it is
 enforced. Every step prints the command a user would type to do the same.
+
+``--real-nodes`` (``make demo-real-nodes``, or ``CILIARY_DEMO_REAL_NODES=1 make demo``) runs the same
+scene on a lab of real kubelets with Ciliary installed by its Helm chart (``ciliary lab up
+--real-nodes``): the ships are the lab app image (``docker.io/lab/app``). ``ciliary observe`` and
+``ciliary policy trace`` read Ciliary's etcd, which there is the chart's bundled etcd inside the cluster,
+out of the CLI's reach from the lab: those two steps are left out and say so.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -39,6 +46,26 @@ spec:
   nodeName: node-1
   containers: [{name: spaceship, image: lab}]
 """
+
+
+def real_manifest() -> str:
+    """The same scene for real kubelets: the lab app image serving what each pod declares."""
+    docs = []
+    for name, node, labels, ports in (("deathstar", "node-1", "{org: empire, class: deathstar}", [80]),
+                                      ("tiefighter", "node-2", "{org: empire, class: tiefighter}", []),
+                                      ("xwing", "node-1", "{org: alliance, class: xwing}", [])):
+        args = ", ".join(['"--name"', f'"default/{name}"', *(f'"--tcp", "{p}"' for p in ports)])
+        declared = f", ports: [{{containerPort: {ports[0]}, name: http}}]" if ports else ""
+        docs.append(f"""apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: default, labels: {labels}}}
+spec:
+  nodeName: {node}
+  terminationGracePeriodSeconds: 1
+  containers: [{{name: {name}, image: docker.io/lab/app:latest, imagePullPolicy: Never, args: [{args}]{declared}}}]
+""")
+    return "---\n".join(docs)
+
 
 POLICY = """
 apiVersion: cilium.io/v2
@@ -100,15 +127,24 @@ def wait_enforced(lab: Lab, seconds: float = 60) -> None:
     print((done.stdout or done.stderr).strip(), flush=True)
 
 
-def run() -> int:
+def run(real_nodes: bool = False) -> int:
     lab = Lab.from_env()
-    step("Bringing the lab up: etcd, kube-apiserver, kube-controller-manager, 2 nodes, the operator, agents")
-    show("ciliary lab up --nodes 2")
-    lab.up(2)
+    if real_nodes:
+        from ciliary.lab import reallab  # builds images and runs kubelets: only when asked
+
+        step("Bringing the lab up: control plane, 2 nodes with containerd and kubelet, Ciliary by its Helm chart")
+        show("ciliary lab up --real-nodes --nodes 2")
+        reallab.up_command(lab, 2)
+        show("kubectl get pods -n kube-system -o wide")
+        print(lab.kubectl("get", "pods", "-n", "kube-system", "-o", "wide").stdout.strip())
+    else:
+        step("Bringing the lab up: etcd, kube-apiserver, kube-controller-manager, 2 nodes, the operator, agents")
+        show("ciliary lab up --nodes 2")
+        lab.up(2)
     step("A long time ago, in a container cluster far, far away... (Star Wars demo, as in Cilium's guide)")
     show("kubectl apply -f starwars.yaml")
-    print(lab.kubectl("apply", "-f", "-", input=MANIFEST).stdout.strip())
-    pods = wait_running(lab, ["deathstar", "tiefighter", "xwing"])
+    print(lab.kubectl("apply", "-f", "-", input=real_manifest() if real_nodes else MANIFEST).stdout.strip())
+    pods = wait_running(lab, ["deathstar", "tiefighter", "xwing"], 180 if real_nodes else 90)
     show("kubectl get pods -o wide")
     print(lab.kubectl("get", "pods", "-o", "wide", "-L", "org,class").stdout.strip())
     ip = str(pods["deathstar"]["status"]["podIP"])  # type: ignore[index]
@@ -125,12 +161,16 @@ def run() -> int:
     step("The tiefighter (org=empire) lands; the xwing (org=alliance) times out")
     ok &= land(lab, "tiefighter", ip)
     ok &= not land(lab, "xwing", ip)
-    step("Every verdict is a flow: the drop, seen by the deathstar's node")
-    text = ciliary("observe", "--verdict", "DROPPED", "--pod", "default/deathstar", "--last", "3")
-    ok &= "DROPPED" in text
-    step("Why? The same entries the kernel holds, explained")
-    ciliary("policy", "trace", "--src", "default/xwing", "--dst", "default/deathstar", "--dport", "80/tcp")
-    ciliary("policy", "trace", "--src", "default/tiefighter", "--dst", "default/deathstar", "--dport", "80/tcp")
+    if real_nodes:
+        step("Flows and traces read Ciliary's etcd: in this lab it is the chart's, inside the cluster")
+        print("   (not shown here: `ciliary observe` and `ciliary policy trace` need the CLI to reach it)")
+    else:
+        step("Every verdict is a flow: the drop, seen by the deathstar's node")
+        text = ciliary("observe", "--verdict", "DROPPED", "--pod", "default/deathstar", "--last", "3")
+        ok &= "DROPPED" in text
+        step("Why? The same entries the kernel holds, explained")
+        ciliary("policy", "trace", "--src", "default/xwing", "--dst", "default/deathstar", "--dport", "80/tcp")
+        ciliary("policy", "trace", "--src", "default/tiefighter", "--dst", "default/deathstar", "--dport", "80/tcp")
     step("Where the policy is enforced, per node, in its status")
     show("kubectl get cnp rule1 -o jsonpath='{.status}'")
     status = lab.kubectl("get", "cnp", "rule1", "-o", "json").stdout
@@ -143,9 +183,11 @@ def run() -> int:
     return 0 if ok else 1
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    real_nodes = "--real-nodes" in args or os.environ.get("CILIARY_DEMO_REAL_NODES", "") in ("1", "true", "yes")
     try:
-        return run()
+        return run(real_nodes)
     except LabError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1

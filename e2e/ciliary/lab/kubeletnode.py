@@ -12,6 +12,13 @@ therefore finds everything the node made even after a crash: it asks containerd 
 tasks (so shims exit and remove their sockets), stops the processes, kills whatever is left in the
 cgroup root, unmounts what containerd mounted (rootfs overlays, shm, pod netns) and deletes the
 node's directories.
+
+Chart mode (``chart=True``, Ciliary installed by its Helm chart): containerd starts in a new mount
+namespace of its own (``nodeconfig.private_mounts_script``: the node's own /etc, /opt, /var/lib,
+/run/ciliary and bpffs, so the chart's hostPaths never collide between nodes nor touch the host) and
+the kubelet joins it; the CNI plugin and its configuration are left to the chart's install-cni, and
+the kubelet's cluster DNS is the node's CoreDNS. The namespace and its mounts vanish with the node's
+last process, so teardown is the same.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ciliary.lab import images, nodeconfig, nodehost, pki, processes, tools
 from ciliary.lab.kubeconfigs import write_kubeconfig
@@ -37,6 +45,7 @@ from ciliary.lab.topology import NETNS_DIR
 CONTAINER_LOGS = Path("/var/log/containers")
 SHIM_SOCKETS = Path("/run/containerd/s")
 CNI_RESULTS = Path("/var/lib/cni/results")
+RUN_ROOT = Path("/run/ciliary-nodes")
 
 
 class NodeStartError(RuntimeError):
@@ -49,7 +58,8 @@ class NodeStartError(RuntimeError):
 
 
 def node_paths(layout: LabLayout, node: str) -> NodePaths:
-    return NodePaths(node=node, state=layout.node_dir(node), run=Path("/run/ciliary") / layout.prefix / node,
+    # not under /run/ciliary: a chart-mode node binds its own directory there
+    return NodePaths(node=node, state=layout.node_dir(node), run=RUN_ROOT / layout.prefix / node,
                      cgroup_root=f"/ciliary-{layout.prefix}-{node}")
 
 
@@ -65,6 +75,7 @@ class RealNode:
     kube: Binaries
     host: Host
     cgroups: nodehost.CgroupLayout
+    chart: bool = False
 
     @property
     def paths(self) -> NodePaths:
@@ -90,31 +101,50 @@ class RealNode:
             (p.registry_hosts_dir / host).mkdir(parents=True, exist_ok=True)
             (p.registry_hosts_dir / host / "hosts.toml").write_text(hosts_toml)
         for d in (p.state, p.run, p.containerd_root, p.cni_bin_dir, p.cni_conf_dir, p.ipam_dir, p.kubelet_root,
-                  p.kubelet_cert_dir, p.pod_logs):
+                  p.kubelet_cert_dir, p.pod_logs, p.host_dir):
             d.mkdir(parents=True, exist_ok=True)
         pki.ensure_cert(self.layout.pki_dir, kubelet_cert(self.node),
                         f"/O=system:nodes/CN=system:node:{self.node}")
         write_kubeconfig(p.kubelet_kubeconfig, server=f"https://127.0.0.1:{APISERVER_RELAY_PORT}",
                          pki=self.layout.pki_dir, user=kubelet_cert(self.node))
         p.containerd_config.write_text(nodeconfig.render_toml(nodeconfig.containerd_config(p, self.host)))
-        p.kubelet_config.write_text(nodeconfig.dump_yaml(
-            nodeconfig.kubelet_config(p, self.host, client_ca=self.layout.pki_dir / "ca.crt")))
+        p.kubelet_config.write_text(nodeconfig.dump_yaml(nodeconfig.kubelet_config(
+            p, self.host, client_ca=self.layout.pki_dir / "ca.crt",
+            cluster_dns=nodeconfig.CLUSTER_DNS_IP if self.chart else None)))
         p.resolv_conf.write_text("nameserver 127.0.0.1\noptions ndots:5\n")
+        nodehost.ensure_cgroup_root(self.cgroups, p.cgroup_root)
+        nodehost.ensure_cgroup_root(self.cgroups, f"{p.cgroup_root}/system")
+        if self.chart:
+            (p.host_dir / "mounts.sh").write_text(nodeconfig.private_mounts_script(p))
+            return  # the chart's install-cni writes the plugin and its configuration
         link = p.cni_bin_dir / "ciliary-cni"
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(cni_plugin)
         conflist = nodeconfig.cni_conflist(p, pod_cidr, self.layout.agent_socket(self.node))
         (p.cni_conf_dir / "10-ciliary.conflist").write_text(json.dumps(conflist, indent=2))
-        nodehost.ensure_cgroup_root(self.cgroups, p.cgroup_root)
-        nodehost.ensure_cgroup_root(self.cgroups, f"{p.cgroup_root}/system")
 
-    def _node_argv(self, argv: Sequence[str]) -> list[str]:
+    def _node_argv(self, argv: Sequence[str], mount_ns: Sequence[str] = ()) -> list[str]:
         """``argv`` in the node's network namespace and in ``<cgroup root>/system`` everywhere."""
         procs = " ".join(str(m / self.paths.cgroup_root.lstrip("/") / "system" / "cgroup.procs")
                          for m in self.cgroups.hierarchies())
         script = f'for f in {procs}; do echo $$ > "$f" || exit 1; done; exec "$@"'
-        return ["sh", "-c", script, "sh", "nsenter", f"--net={NETNS_DIR / self.netns}", *argv]
+        return ["sh", "-c", script, "sh", "nsenter", f"--net={NETNS_DIR / self.netns}", *mount_ns, *argv]
+
+    def _containerd_mount_ns(self) -> list[str]:
+        """Chart mode: a new mount namespace (slave of the host's) set up by the node's mounts script."""
+        if not self.chart:
+            return []
+        return ["unshare", "--mount", "--propagation", "slave", "sh", str(self.paths.host_dir / "mounts.sh")]
+
+    def _kubelet_mount_ns(self) -> list[str]:
+        """Chart mode: the kubelet joins containerd's mount namespace (hostPaths must mean the same to both)."""
+        if not self.chart:
+            return []
+        pid = processes.running_pid(self.layout, self.proc_name("containerd"))
+        if pid is None:
+            raise NodeStartError(self.node, "containerd is not running: its mount namespace is the node's")
+        return [f"--mount=/proc/{pid}/ns/mnt", "--wd=/"]
 
     def _env(self) -> dict[str, str]:
         # containerd finds containerd-shim-runc-v2 and runc on PATH
@@ -125,7 +155,8 @@ class RealNode:
         name = self.proc_name("containerd")
         if not processes.running_pid(self.layout, name):
             processes.spawn(self.layout, name, self._node_argv(
-                [str(self.bins.containerd), "--config", str(self.paths.containerd_config), "--log-level", "info"]),
+                [str(self.bins.containerd), "--config", str(self.paths.containerd_config), "--log-level", "info"],
+                self._containerd_mount_ns()),
                 env=self._env())
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
@@ -151,7 +182,7 @@ class RealNode:
         if processes.running_pid(self.layout, name):
             return
         processes.spawn(self.layout, name, self._node_argv(nodeconfig.kubelet_argv(
-            self.bins.kubelet, self.paths, self.ip)), env=self._env())
+            self.bins.kubelet, self.paths, self.ip), self._kubelet_mount_ns()), env=self._env())
         processes.wait_alive(self.layout, name, 2.0)
 
     def start(self, built: Sequence[images.BuiltImage], pod_cidr: str, cni_plugin: Path,
@@ -288,3 +319,26 @@ def cni_plugin_path() -> Path:
     if not found:
         raise FileNotFoundError("ciliary-cni is not installed (run setup/setup.sh)")
     return Path(found)
+
+
+def pod_exec_target(layout: LabLayout, pod: dict[str, Any]) -> tuple[Path, Path | None]:
+    """Where ``ciliary lab exec`` runs for a pod on a real node: its first running container's network
+    namespace (``/proc/<pid>/ns/net``, the pid from the node's containerd) and cgroup v2 group."""
+    name = f"{pod['metadata'].get('namespace')}/{pod['metadata']['name']}"
+    node = pod["spec"].get("nodeName")
+    ids = [s["containerID"].split("://", 1)[-1] for s in pod.get("status", {}).get("containerStatuses", [])
+           if s.get("containerID") and "running" in s.get("state", {})]
+    if not node or not ids:
+        raise NodeStartError(str(node), f"pod {name} has no running container")
+    bins = NodeBinaries.discover()
+    listed = subprocess.run([str(bins.ctr), "--address", str(node_paths(layout, node).containerd_socket),
+                             "--namespace", "k8s.io", "tasks", "list"], capture_output=True, text=True, timeout=30)
+    pids = {fields[0]: fields[1] for fields in (line.split() for line in listed.stdout.splitlines()[1:])
+            if len(fields) >= 2 and fields[1].isdigit()}
+    if ids[0] not in pids:
+        raise NodeStartError(node, f"pod {name}: container {ids[0][:12]} has no task on {node}")
+    pid = pids[ids[0]]
+    unified = nodehost.cgroup_layout().unified
+    group = next((line.split("::", 1)[1] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+                  if line.startswith("0::")), None) if unified else None
+    return Path(f"/proc/{pid}/ns/net"), (unified / group.lstrip("/") if unified and group else None)

@@ -97,6 +97,8 @@ class Lab:
         absent = tools.missing(tools.LAB_SYSTEM_TOOLS)
         if absent:
             raise LabError("; ".join(map(str, absent)))
+        if self.config().get("real_nodes"):
+            raise LabError("this lab runs real nodes: use `ciliary lab up --real-nodes`, or `ciliary lab down` first")
         t0 = time.monotonic()
         say = print if log else (lambda *a, **k: None)
         nodes = max(nodes, int(str(self.config().get("nodes", 0))))
@@ -311,7 +313,8 @@ class Lab:
         cgroups.remove_tree(cgroups.lab_root(self.layout.cgroup_name))
         for ns in topology.remove_all(self.layout):
             say(f"lab: removed network namespace {ns}")
-        for path in (self.layout.bpffs_dir, Path("/run/ciliary") / self.layout.prefix):
+        for path in (self.layout.bpffs_dir, Path("/run/ciliary") / self.layout.prefix,
+                     kubeletnode.RUN_ROOT / self.layout.prefix):
             if path.exists():
                 shutil.rmtree(path, ignore_errors=True)
         if self.layout.state_dir.exists():
@@ -328,9 +331,24 @@ class Lab:
                 f"export ETCDCTL_CERT={root.cert_file}",
                 f"export ETCDCTL_KEY={root.key_file}",
                 f"export LAB_WORLD_IP={WORLD_IP}",
-                f"export HUBBLE_SERVER=127.0.0.1:{self.relay_port()}",
+                # the relay runs in the process lab; the chart does not deploy one yet
+                *([] if self.config().get("real_nodes") else [f"export HUBBLE_SERVER=127.0.0.1:{self.relay_port()}"]),
                 f"export PATH={Path(sys.executable).parent}:{self.bins.kubectl.parent}:{self.bins.etcdctl.parent}:"
-                f"{tools.built_path('hubble').parent}:$PATH"]
+                f"{tools.built_path('hubble').parent}:{tools.built_path('helm').parent}:$PATH",
+                *self.real_node_env_lines()]
+
+    def real_node_env_lines(self) -> list[str]:
+        """For ``skaffold run -p lab``: the lab registry as default repository, and the agent capability."""
+        registry = self.layout.state_dir / "registry-port"
+        if not self.config().get("real_nodes") or not registry.exists():
+            return []
+        values = self.layout.state_dir / "chart-values.yaml"
+        sys_resource = "false" if values.exists() and "sysResource: false" in values.read_text() else "true"
+        from ciliary.lab import chartinstall  # it imports the image builders; only real-node labs need it
+
+        return [f"export SKAFFOLD_DEFAULT_REPO=localhost:{registry.read_text().strip()}",
+                f"export CILIARY_LAB_SYS_RESOURCE={sys_resource}",
+                f"export CILIARY_LAB_ETCD_IMAGE={chartinstall.etcd_image_reference()}"]
 
     def status(self) -> str:
         lines = [f"lab {self.layout.prefix} in {self.layout.state_dir}"]
@@ -346,23 +364,30 @@ class Lab:
             lines.append("\n" + (out.stdout.strip() or out.stderr.strip()))
         return "\n".join(lines)
 
-    def pod_target(self, pod: str, namespace: str) -> tuple[str, Path]:
+    def pod_target(self, pod: str, namespace: str) -> tuple[Path, Path | None]:
+        """The pod's network namespace (a path) and cgroup (None when it has none the lab can join)."""
         out = self.kubectl("get", "pod", pod, "-n", namespace, "-o", "json", check=False)
         if out.returncode != 0:
             raise LabError(f"pod {namespace}/{pod} not found")
         obj = json.loads(out.stdout)
+        if self.config().get("real_nodes"):
+            try:
+                return kubeletnode.pod_exec_target(self.layout, obj)
+            except kubeletnode.NodeStartError as exc:
+                raise LabError(str(exc)) from exc
         node, uid = obj["spec"].get("nodeName"), obj["metadata"]["uid"]
         netns = self.layout.pod_netns(namespace, pod, uid)
         if not node or not topology.netns_exists(netns):
             raise LabError(f"pod {namespace}/{pod} is not running (phase {obj.get('status', {}).get('phase')})")
-        return netns, cgroups.pod_cgroup(self.layout.cgroup_name, node, uid)
+        return topology.NETNS_DIR / netns, cgroups.pod_cgroup(self.layout.cgroup_name, node, uid)
 
     def exec(self, command: Sequence[str], *, pod: str | None, namespace: str, world: bool) -> int:
         if not command:
             raise LabError("give a command after --, e.g. ciliary lab exec mypod -- curl -s http://10.244.1.2")
+        cgroup: Path | None
         if world:
-            netns, cgroup = self.layout.world_netns, None
-            if not topology.netns_exists(netns):
+            netns, cgroup = topology.NETNS_DIR / self.layout.world_netns, None
+            if not topology.netns_exists(self.layout.world_netns):
                 raise LabError("the world host does not exist: is the lab up?")
         elif pod:
             netns, cgroup = self.pod_target(pod, namespace)
@@ -375,7 +400,7 @@ class Lab:
                 with open(procs, "w") as f:
                     f.write(str(os.getpid()))
 
-        return subprocess.call(["nsenter", f"--net={topology.NETNS_DIR / netns}", *command], preexec_fn=enter)
+        return subprocess.call(["nsenter", f"--net={netns}", *command], preexec_fn=enter)
 
 
 def node_ips(names: Sequence[str]) -> dict[str, str]:

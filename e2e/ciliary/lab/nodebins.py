@@ -32,6 +32,7 @@ class NodeBinaries:
     kube_proxy: Path
     agnhost: Path
     registry: Path
+    coredns: Path
     runc: Path
 
     @classmethod
@@ -48,7 +49,7 @@ class NodeBinaries:
         return cls(
             containerd=built("containerd"), containerd_shim=built("containerd-shim-runc-v2"), ctr=built("ctr"),
             kubelet=built("kubelet"), kube_scheduler=built("kube-scheduler"), kube_proxy=built("kube-proxy"),
-            agnhost=built("agnhost"), registry=built("registry"), runc=runc,
+            agnhost=built("agnhost"), registry=built("registry"), coredns=built("coredns"), runc=runc,
         )
 
     def missing(self) -> list[Path]:

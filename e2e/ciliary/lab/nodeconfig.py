@@ -27,6 +27,16 @@ CNI_VERSION = "1.0.0"
 CNI_NETWORK = "ciliary"
 #: where the kubelet of every node finds the apiserver: a relay inside the node's namespace
 APISERVER_RELAY_PORT = 6443
+#: the cluster DNS Service's ClusterIP (service CIDR 10.96.0.0/16; ``kubernetes`` is 10.96.0.1)
+CLUSTER_DNS_IP = "10.96.0.10"
+#: chart mode: the one endpoint of the ``kubernetes`` (port 443) and ``kube-dns`` (port 53) Services, a
+#: local address of every node namespace (TEST-NET-2) where the gateway relays to the apiserver and the
+#: node's CoreDNS answers (``ciliary.lab.nodeservices``)
+NODE_SERVICES_IP = "198.51.100.1"
+#: host directories a chart-mode node sees as its own: an overlay on the host's, writes kept in the
+#: node's state (the chart's hostPaths /etc/cni/net.d, /opt/cni/bin, /opt/ciliary, /var/lib/ciliary,
+#: /var/lib/cni land there, never on the host)
+OVERLAID_HOST_DIRS = ("/etc", "/opt", "/var/lib")
 KUBELET_PORT = 10250
 KUBELET_HEALTHZ_PORT = 10248
 
@@ -108,6 +118,41 @@ class NodePaths:
     @property
     def resolv_conf(self) -> Path:
         return self.state / "resolv.conf"
+
+    @property
+    def host_dir(self) -> Path:
+        """Upper and work directories of the overlays, and the node's own /run/ciliary (chart mode)."""
+        return self.state / "host"
+
+
+def private_mounts_script(paths: NodePaths) -> str:
+    """Shell run in a chart-mode node's new mount namespace (propagation slave) before containerd starts.
+
+    The node gets its own /etc, /opt and /var/lib (overlays whose writes stay in the node's state), its
+    CNI directories bound onto /opt/cni/bin and /etc/cni/net.d (where the chart's install-cni writes and
+    containerd reads), its own /run/ciliary (agent socket) and its own bpffs instance on /sys/fs/bpf,
+    made shared so the agent pod's Bidirectional mount check passes. Everything disappears with the
+    namespace when the node's last process exits.
+    """
+    lines = ["set -e"]
+    for host_dir in OVERLAID_HOST_DIRS:
+        base = paths.host_dir / host_dir.strip("/").replace("/", "-")
+        lines += [f"mkdir -p {base}/upper {base}/work",
+                  f"mount -t overlay overlay -o lowerdir={host_dir},upperdir={base}/upper,workdir={base}/work "
+                  f"{host_dir}"]
+    run_ciliary = paths.host_dir / "run-ciliary"
+    lines += [f"mkdir -p /opt/cni/bin /etc/cni/net.d /run/ciliary {run_ciliary} {paths.cni_bin_dir} "
+              f"{paths.cni_conf_dir}",
+              f"mount --bind {paths.cni_bin_dir} /opt/cni/bin",
+              f"mount --bind {paths.cni_conf_dir} /etc/cni/net.d",
+              f"mount --bind {run_ciliary} /run/ciliary",
+              # the host's bpffs leaves this namespace only (slave: nothing propagates back); a runtime checks
+              # the first /sys/fs/bpf entry of mountinfo for sharing, so the node's own must not sit on top
+              "if mountpoint -q /sys/fs/bpf; then umount /sys/fs/bpf; fi",
+              "mount -t bpf bpf /sys/fs/bpf",
+              "mount --make-shared /sys/fs/bpf",
+              'exec "$@"']
+    return "\n".join(lines) + "\n"
 
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -213,19 +258,23 @@ def cni_conflist(paths: NodePaths, pod_cidr: str, agent_socket: Path) -> dict[st
     }
 
 
-def kubelet_config(paths: NodePaths, host: Host, *, client_ca: Path) -> dict[str, Any]:
+def kubelet_config(paths: NodePaths, host: Host, *, client_ca: Path, cluster_dns: str | None = None) -> dict[str, Any]:
     """KubeletConfiguration for one node (flags that have no config field are in ``kubelet_argv``)."""
     return {
+        **({"clusterDNS": [cluster_dns]} if cluster_dns else {}),
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",
         "port": KUBELET_PORT,
         "readOnlyPort": 0,
         "healthzBindAddress": "127.0.0.1",
         "healthzPort": KUBELET_HEALTHZ_PORT,
-        # the apiserver's kubelet client certificate is signed by the lab CA; nobody else gets in
+        # callers prove who they are (a client certificate of the lab CA, or a bearer token the apiserver
+        # reviews) and the apiserver decides what they may do (SubjectAccessReview per request, as on
+        # kubeadm clusters); anonymous requests are refused
         "authentication": {"x509": {"clientCAFile": str(client_ca)}, "anonymous": {"enabled": False},
-                           "webhook": {"enabled": False}},
-        "authorization": {"mode": "AlwaysAllow"},
+                           "webhook": {"enabled": True, "cacheTTL": "30s"}},
+        "authorization": {"mode": "Webhook", "webhook": {"cacheAuthorizedTTL": "30s",
+                                                         "cacheUnauthorizedTTL": "5s"}},
         "containerRuntimeEndpoint": f"unix://{paths.containerd_socket}",
         "cgroupDriver": host.cgroup_driver,
         "cgroupRoot": paths.cgroup_root,

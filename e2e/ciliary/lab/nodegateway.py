@@ -11,11 +11,14 @@ gateway process (run in the root namespace) joins them in both directions:
   ``cluster`` traffic as HTTP CONNECT over a unix socket; the gateway dials the target address
   from inside the node namespace that owns it (node IP → namespace), and refuses any other target.
 
+- pods → apiserver (chart mode): ``--service HOST:PORT=TARGET`` adds a listener on ``HOST:PORT`` in
+  every node namespace (the ``kubernetes`` Service's ClusterIP and port, a local address of each node
+  namespace) relayed the same way, so in-cluster clients (the chart's pods) reach the apiserver;
 - lab registry: the same relay for ``--forward PORT`` (the registry's loopback port), so an image
   named ``localhost:PORT/...`` means the same registry to a node's containerd and to root-namespace
   clients (skaffold, ``ctr push``).
 
-Run: ``python -m ciliary.lab.nodegateway --apiserver-port PORT [--forward PORT] --egress-socket PATH
+Run: ``python -m ciliary.lab.nodegateway --apiserver-port PORT [--forward PORT] [--service H:P=T] --egress-socket PATH
 --node NAME=NETNS=IP ...``. Bytes are copied, never parsed, after the CONNECT head.
 """
 
@@ -97,11 +100,11 @@ def in_netns(netns: str, make: Callable[[], T]) -> T:
     return result[0]
 
 
-def listener_in(netns: str, port: int) -> socket.socket:
+def listener_in(netns: str, port: int, host: str = "127.0.0.1") -> socket.socket:
     def make() -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", port))
+        sock.bind((host, port))
         sock.listen(128)
         sock.setblocking(False)
         return sock
@@ -142,10 +145,20 @@ async def splice(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
             w.close()
 
 
-class Gateway:
-    """``relays``: node-namespace loopback port → root-namespace loopback port (apiserver, registry)."""
+def parse_service(text: str) -> tuple[tuple[str, int], int]:
+    """``HOST:PORT=TARGET`` → ((host, port), target)."""
+    listen, _, target = text.partition("=")
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not target.isdigit():
+        raise ValueError(f"expected HOST:PORT=TARGET, got {text!r}")
+    return (host, int(port)), int(target)
 
-    def __init__(self, relays: dict[int, int], egress_socket: Path, nodes: Sequence[GatewayNode]) -> None:
+
+class Gateway:
+    """``relays``: node-namespace (address, port) → root-namespace loopback port (apiserver, registry)."""
+
+    def __init__(self, relays: dict[tuple[str, int], int], egress_socket: Path,
+                 nodes: Sequence[GatewayNode]) -> None:
         self.relays = relays
         self.egress_socket = egress_socket
         self.netns_by_ip = {n.ip: n.netns for n in nodes}
@@ -154,11 +167,11 @@ class Gateway:
 
     async def start(self) -> None:
         for node in self.nodes:
-            for listen, target in sorted(self.relays.items()):
-                sock = listener_in(node.netns, listen)
+            for (host, listen), target in sorted(self.relays.items()):
+                sock = listener_in(node.netns, listen, host)
                 handler = functools.partial(self._relay, target)
                 self.servers.append(await asyncio.start_server(handler, sock=sock))
-                log.info("relay node=%s listen=127.0.0.1:%d target=127.0.0.1:%d", node.name, listen, target)
+                log.info("relay node=%s listen=%s:%d target=127.0.0.1:%d", node.name, host, listen, target)
         self.egress_socket.parent.mkdir(parents=True, exist_ok=True)
         self.egress_socket.unlink(missing_ok=True)
         self.servers.append(await asyncio.start_unix_server(self._connect, path=str(self.egress_socket)))
@@ -224,11 +237,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the apiserver's port on 127.0.0.1 in the root namespace")
     parser.add_argument("--forward", action="append", default=[], type=int,
                         help="also relay this loopback port from every node namespace (e.g. the lab registry)")
+    parser.add_argument("--service", action="append", default=[], type=parse_service,
+                        help="HOST:PORT=TARGET: also listen on HOST:PORT in every node namespace, relay to TARGET")
     parser.add_argument("--egress-socket", required=True, type=Path)
     parser.add_argument("--node", action="append", default=[], type=GatewayNode.parse, help="NAME=NETNS=IP")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    relays = {APISERVER_RELAY_PORT: args.apiserver_port, **{p: p for p in args.forward}}
+    relays = {("127.0.0.1", APISERVER_RELAY_PORT): args.apiserver_port,
+              **{("127.0.0.1", p): p for p in args.forward}, **dict(args.service)}
     asyncio.run(serve(Gateway(relays, args.egress_socket, args.node)))
     return 0
 

@@ -14,8 +14,9 @@ USER, the base stage's ENV, and the agent's entrypoint script (its heredoc). Lay
 2. the project: its wheel unpacked into the venv's site-packages, console scripts, and for the
    agent the entrypoint script.
 
-Not built yet: the agent's ``/opt/ciliary-cni`` (the relocatable CPython of the ``cni-runtime``
-stage, which uv downloads), so the chart's ``install-cni`` cannot run from this image yet.
+The agent's ``/opt/ciliary-cni`` (the Dockerfile's ``cni-runtime`` stage, a CPython uv downloads) is
+made by ``ciliary.lab.cniruntime`` from this host's python3 instead (same layout, so the chart's
+``install-cni`` runs unchanged).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ciliary.lab import images
+from ciliary.lab import cniruntime, images
 from ciliary.lab.images import BuiltImage, ImageBuildError, RootfsSpec
 from ciliary.lab.ociimage import FileEntry, ImageConfig
 
@@ -203,7 +204,10 @@ def project_image(root: Path, suite: str, target: str, tag: str) -> BuiltImage:
     spec = rootfs_spec(root, suite, agent=target == "agent")
     reference = f"{IMAGE_REPOSITORY}-{target}:{tag}"
     config = ImageConfig(entrypoint=list(facts.entrypoint), env=facts.env, user=facts.user)
-    key_parts = [spec.key(), source_digest(root), json.dumps(facts.files, sort_keys=True)]
+    agent = target == "agent"
+    key_parts = [spec.key(), source_digest(root), json.dumps(facts.files, sort_keys=True),
+                 *(["cni-runtime", cniruntime.__name__, _digest_files([Path(cniruntime.__file__)]),
+                    sys.version] if agent else [])]
     hit = images.cached(reference, key_parts, config)
     if hit:
         return hit
@@ -212,6 +216,8 @@ def project_image(root: Path, suite: str, target: str, tag: str) -> BuiltImage:
         wheel = project_wheel(root, Path(tmp))
         entries = wheel_entries(wheel, Path(tmp) / "unpacked")
         entries += [FileEntry(dest, data=body.encode(), mode=0o755) for dest, body in facts.files.items()]
+        if agent:
+            entries += cniruntime.runtime_entries(root, wheelhouse(root), Path(tmp) / "cni-deps")
         return images.assemble(reference, base, entries, config, key_parts=key_parts,
                                history=[f"mmdebstrap minbase {suite} + {' '.join(spec.packages)} + venv",
                                         "ciliary wheel"])

@@ -41,8 +41,12 @@ def egress_socket(layout: LabLayout) -> Path:
     return Path("/run/ciliary") / layout.prefix / "egress.sock"
 
 
-def apiserver_args(layout: LabLayout) -> list[str]:
-    """Flags the apiserver needs to reach real kubelets (certificates and files made here)."""
+def apiserver_args(layout: LabLayout, *, static_kubernetes_endpoints: bool = False) -> list[str]:
+    """Flags the apiserver needs to reach real kubelets (certificates and files made here).
+
+    ``static_kubernetes_endpoints`` (chart mode): the apiserver does not publish itself (127.0.0.1) as
+    the ``kubernetes`` Service's endpoint; the lab does (``nodeservices.SERVICES``).
+    """
     p = layout.pki_dir
     pki.ensure_ca(p)
     pki.ensure_cert(p, "apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client")
@@ -54,16 +58,23 @@ def apiserver_args(layout: LabLayout) -> list[str]:
         f"--kubelet-client-key={p / 'apiserver-kubelet-client.key'}",
         "--kubelet-preferred-address-types=InternalIP,Hostname",
         f"--egress-selector-config-file={egress}",
+        *(["--endpoint-reconciler-type=none"] if static_kubernetes_endpoints else []),
     ]
 
 
 def start_gateway(layout: LabLayout, ports: controlplane.Ports, nodes: Sequence[str], *,
-                  registry_port: int | None = None, seconds: float = 20) -> None:
-    """(Re)start the gateway for ``nodes`` (it binds its relays in every node namespace at start)."""
+                  registry_port: int | None = None, kubernetes_service: bool = False, seconds: float = 20) -> None:
+    """(Re)start the gateway for ``nodes`` (it binds its relays in every node namespace at start).
+
+    ``kubernetes_service``: also relay ``NODE_SERVICES_IP:443`` (an address of every node namespace, the
+    ``kubernetes`` Service's endpoint: ``ciliary.lab.nodeservices``) to the apiserver.
+    """
     processes.stop(layout, GATEWAY)
     argv = [sys.executable, "-m", "ciliary.lab.nodegateway", "--apiserver-port", str(ports.apiserver),
             "--egress-socket", str(egress_socket(layout)),
-            *(["--forward", str(registry_port)] if registry_port else [])]
+            *(["--forward", str(registry_port)] if registry_port else []),
+            *(["--service", f"{nodeconfig.NODE_SERVICES_IP}:443={ports.apiserver}"] if kubernetes_service
+              else [])]
     for node in nodes:
         argv += ["--node", nodegateway.GatewayNode(node, layout.node_netns(node), node_ip(node_index(node))).flag()]
     processes.spawn(layout, GATEWAY, argv, env={"PYTHONUNBUFFERED": "1"})

@@ -5,32 +5,77 @@ underlay and the world host → each node's Ciliary agent (as a process, as toda
 node gateway, kube-scheduler → each node's containerd (images imported) and kubelet → all nodes
 Ready. ``Lab.down`` removes all of it (``kubeletnode.teardown_all`` runs first).
 
-This is the piece ``ciliary lab up`` switches to once the chart deploys the agent as a DaemonSet.
+With ``chart=True`` Ciliary is installed by its Helm charts instead of running as lab processes:
+no agent process; the project's images and the etcd image are built and imported too; every node
+namespace gets the ``kubernetes`` Service and cluster DNS addresses (``ciliary.lab.nodeservices``: gateway
+relay and a CoreDNS per node); the nodes run in private mount namespaces (``kubeletnode`` chart mode);
+once the kubelets registered, ``helm install`` (``ciliary.lab.chartinstall``) and the wait for every
+agent, the operator and etcd. Nodes are Ready only once the chart's install-cni wrote their CNI
+configuration.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-from ciliary.lab import controlplane, images, kubeletnode, nodehost, processes, realcluster, topology
+from ciliary.lab import (
+    chartinstall,
+    controlplane,
+    images,
+    kubeletnode,
+    nodehost,
+    nodeservices,
+    processes,
+    projectimages,
+    realcluster,
+    topology,
+)
 from ciliary.lab.lab import Lab, LabError
-from ciliary.lab.layout import node_index, pod_cidr
+from ciliary.lab.layout import node_index, node_name, pod_cidr
 from ciliary.lab.nodebins import NodeBinaries
 
+#: every real node runs containerd, kubelet, kube-proxy and CoreDNS on a shared machine
+MAX_REAL_NODES = 8
 
-def up(lab: Lab, nodes: Sequence[str], *, ready_seconds: float = 180,
+
+def lab_images(chart: bool) -> list[images.BuiltImage]:
+    built = images.build_all(log=False)
+    if chart:
+        built += [*projectimages.project_images(repository_root(), images.debian_suite()),
+                  chartinstall.etcd_image()]
+    return built
+
+
+def repository_root() -> Path:
+    """The checkout this lab runs from (``setup/versions.env`` is found from the working directory)."""
+    from ciliary.lab import tools
+
+    return tools.versions_file().resolve().parents[1]
+
+
+def up(lab: Lab, nodes: Sequence[str], *, chart: bool = False, ready_seconds: float = 180,
        say: Callable[[str], None] = lambda _: None) -> list[kubeletnode.RealNode]:
     """Start (or complete) a real-node lab with ``nodes``; returns the nodes once all are Ready."""
     layout = lab.layout
     bins = NodeBinaries.discover().require()
     t0 = time.monotonic()
-    built = images.build_all(log=False)
+    built = lab_images(chart)
     say(f"lab: {len(built)} images ready ({time.monotonic() - t0:.1f} s)")
+    config = lab.config()
+    if config.get("nodes") and not config.get("real_nodes"):
+        raise LabError("this lab runs its nodes as processes: `ciliary lab down` first, then `ciliary lab up "
+                       "--real-nodes`")
     ports = lab.ports()
     controlplane.save_config(layout, ports, max(node_index(n) for n in nodes))
-    controlplane.start(layout, lab.bins, ports, apiserver_args=realcluster.apiserver_args(layout))
+    layout.config_file.write_text(json.dumps({**lab.config(), "real_nodes": True, "chart": chart}))
+    controlplane.start(layout, lab.bins, ports,
+                       apiserver_args=realcluster.apiserver_args(layout, static_kubernetes_endpoints=chart),
+                       pod_tokens=chart)
     say(f"lab: control plane ({time.monotonic() - t0:.1f} s)")
     lab.create_nodes(nodes)
     topology.ensure_underlay(layout)
@@ -38,18 +83,35 @@ def up(lab: Lab, nodes: Sequence[str], *, ready_seconds: float = 180,
         topology.ensure_node(layout, node, nodes)
     topology.ensure_world(layout, nodes)
     lab.start_world()
-    for node in nodes:
-        lab.start_node_processes(node, ports, pod_runtime=False)
+    if not chart:
+        for node in nodes:
+            lab.start_node_processes(node, ports, pod_runtime=False)
     registry = realcluster.start_registry(layout, bins)
-    realcluster.start_gateway(layout, ports, nodes, registry_port=registry)
+    if chart:
+        for node in nodes:
+            nodeservices.add_service_address(layout.node_netns(node))
+    realcluster.start_gateway(layout, ports, nodes, registry_port=registry, kubernetes_service=chart)
     realcluster.start_scheduler(layout, bins, ports)
+    if chart:
+        lab.kubectl("apply", "-f", "-", input=nodeservices.SERVICES)
+        for node in nodes:
+            nodeservices.start_kube_proxy(layout, bins.kube_proxy, node)
+            nodeservices.start_coredns(layout, bins.coredns, node)
     host = nodehost.detect_host()
     cgroups = nodehost.cgroup_layout()
-    real = [kubeletnode.RealNode(layout, node, bins, lab.bins, host, cgroups) for node in nodes]
+    real = [kubeletnode.RealNode(layout, node, bins, lab.bins, host, cgroups, chart=chart) for node in nodes]
     plugin = kubeletnode.cni_plugin_path()
-    for real_node in real:
-        real_node.start(built, pod_cidr(node_index(real_node.node)), plugin, registry_port=registry)
+    # nodes start side by side: most of the time is the image import into each node's containerd
+    with ThreadPoolExecutor(max_workers=len(real)) as pool:
+        for started in [pool.submit(n.start, built, pod_cidr(node_index(n.node)), plugin, registry_port=registry)
+                        for n in real]:
+            started.result()
     say(f"lab: containerd and kubelet started on {len(real)} nodes ({time.monotonic() - t0:.1f} s)")
+    if chart:
+        chartinstall.install(repository_root(), layout.kubeconfig, layout.state_dir)
+        say(f"lab: helm install ciliary-crds, ciliary ({time.monotonic() - t0:.1f} s)")
+        chartinstall.wait_ready(lambda *a, **k: lab.kubectl(*a, **k), nodes, ready_seconds, say=say)
+        say(f"lab: Ciliary agents, operator and etcd ready ({time.monotonic() - t0:.1f} s)")
     wait_ready(lab, real, ready_seconds)
     say(f"lab: {len(real)} real nodes Ready in {time.monotonic() - t0:.1f} s")
     return real
@@ -81,3 +143,16 @@ def wait_ready(lab: Lab, real: Sequence[kubeletnode.RealNode], seconds: float) -
                                                       lab.layout.log_dir / f"{node.proc_name(what)}.log")
         time.sleep(0.5)
     raise LabError(f"real nodes not Ready after {seconds:.0f} s; see {lab.layout.log_dir}")
+
+
+def up_command(lab: Lab, count: int, *, say: Callable[[str], None] = print) -> float:
+    """``ciliary lab up --real-nodes``: ``count`` real nodes with Ciliary installed by its charts."""
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (network namespaces, mounts, eBPF): run as root")
+    if not 1 <= count <= MAX_REAL_NODES:
+        raise LabError(f"--nodes must be between 1 and {MAX_REAL_NODES} with --real-nodes")
+    t0 = time.monotonic()
+    up(lab, [node_name(i) for i in range(1, count + 1)], chart=True, ready_seconds=420, say=say)
+    elapsed = time.monotonic() - t0
+    say("lab: run `eval $(ciliary lab env)` to use kubectl and helm against it; `ciliary lab down` removes it")
+    return elapsed

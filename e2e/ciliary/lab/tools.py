@@ -49,9 +49,10 @@ BUILT_TOOLS: dict[str, tuple[str, str]] = {
     "skaffold": ("skaffold", "SKAFFOLD_VERSION"),
     # the Hubble CLI, the Observer API's test client (setup/build-hubble.sh)
     "hubble": ("hubble", "HUBBLE_VERSION"),
+    "coredns": ("coredns", "COREDNS_VERSION"),
 }
 NODE_TOOLS = ("containerd", "containerd-shim-runc-v2", "ctr", "kubelet", "kube-scheduler", "kube-proxy", "agnhost",
-              "registry", "e2e.test", "skaffold")
+              "registry", "e2e.test", "skaffold", "coredns")
 
 # tool -> the Debian package setup/setup.sh installs it with
 SYSTEM_TOOLS: dict[str, str] = {

@@ -24,6 +24,9 @@ def register(sub: Any) -> None:
     up = cmds.add_parser("up", help="start the lab (safe to repeat; adds nodes if asked for more)",
                          description="Start the lab, or complete it if parts are missing. Safe to run twice.")
     up.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
+    up.add_argument("--real-nodes", action="store_true",
+                    help="nodes run containerd and kubelet (plus kube-proxy and CoreDNS), and Ciliary is installed "
+                         "by its Helm charts (operator Deployment, agent DaemonSet, bundled etcd)")
     up.set_defaults(func=_up)
 
     down = cmds.add_parser("down", help="remove everything the lab created",
@@ -65,6 +68,10 @@ def _run(fn: Any) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
+    if args.real_nodes:
+        from ciliary.lab import reallab  # the real-node lab imports the image builders: only when asked
+
+        return _run(lambda: reallab.up_command(Lab.from_env(), args.nodes) and 0)
     return _run(lambda: Lab.from_env().up(args.nodes) and 0)
 
 

@@ -34,13 +34,13 @@ def test_containerd_config_is_valid_toml_with_per_node_paths() -> None:
     doc = tomllib.loads(nodeconfig.render_toml(nodeconfig.containerd_config(PATHS, HOST)))
     assert doc["version"] == 3
     assert doc["root"] == "/lab/nodes/node-1/containerd"
-    assert doc["state"] == "/run/ciliary/t1/node-1/containerd"
-    assert doc["grpc"]["address"] == "/run/ciliary/t1/node-1/containerd.sock"
+    assert doc["state"] == "/run/ciliary-nodes/t1/node-1/containerd"
+    assert doc["grpc"]["address"] == "/run/ciliary-nodes/t1/node-1/containerd.sock"
     runtime = doc["plugins"]["io.containerd.cri.v1.runtime"]
     assert runtime["restrict_oom_score_adj"] is True
     assert runtime["netns_mounts_under_state_dir"] is True
     assert runtime["containerd"]["runtimes"]["runc"]["options"] == {
-        "Root": "/run/ciliary/t1/node-1/runc", "SystemdCgroup": False}
+        "Root": "/run/ciliary-nodes/t1/node-1/runc", "SystemdCgroup": False}
     assert runtime["cni"]["bin_dirs"] == ["/lab/nodes/node-1/cni/bin"]
     assert runtime["cni"]["conf_dir"] == "/lab/nodes/node-1/cni/net.d"
     assert doc["plugins"]["io.containerd.cri.v1.images"]["pinned_images"]["sandbox"] == nodeconfig.SANDBOX_IMAGE
@@ -67,7 +67,7 @@ def test_kubelet_config_has_per_node_roots_and_host_settings() -> None:
     assert yaml.safe_load(nodeconfig.dump_yaml(cfg)) == cfg
     assert cfg["cgroupDriver"] == "cgroupfs" and cfg["failCgroupV1"] is False
     assert cfg["cgroupRoot"] == "/ciliary-t1-node-1"
-    assert cfg["containerRuntimeEndpoint"] == "unix:///run/ciliary/t1/node-1/containerd.sock"
+    assert cfg["containerRuntimeEndpoint"] == "unix:///run/ciliary-nodes/t1/node-1/containerd.sock"
     assert cfg["podLogsDir"] == "/lab/nodes/node-1/pod-logs"
     assert cfg["authentication"]["anonymous"]["enabled"] is False
     assert cfg["authentication"]["x509"]["clientCAFile"] == "/lab/pki/ca.crt"
@@ -133,25 +133,26 @@ def test_gateway_node_flag_round_trips() -> None:
 def test_mounts_under_finds_only_mounts_below_the_roots_deepest_first() -> None:
     mountinfo = "\n".join([
         "22 1 0:21 / /run rw - tmpfs tmpfs rw",
-        "30 22 0:40 / /run/ciliary/t1/node-1/containerd/io.containerd.runtime.v2.task/k8s.io/abc/rootfs rw - overlay o rw",
-        "31 22 0:41 / /run/ciliary/t1/node-1/containerd/netns/cni-1 rw - nsfs nsfs rw",
+        "30 22 0:40 / /run/ciliary-nodes/t1/node-1/containerd/io.containerd.runtime.v2.task/k8s.io/abc/rootfs rw - overlay o rw",
+        "31 22 0:41 / /run/ciliary-nodes/t1/node-1/containerd/netns/cni-1 rw - nsfs nsfs rw",
         "32 1 0:42 / /lab/nodes/node-1/kubelet/pods/u/volumes/x rw - tmpfs tmpfs rw",
         "33 1 0:43 / /lab/nodes/node-10 rw - tmpfs tmpfs rw",
     ])
     found = kubeletnode.mounts_under([PATHS.run, PATHS.state], mountinfo)
     assert Path("/lab/nodes/node-10") not in found and Path("/run") not in found
     assert len(found) == 3
-    assert found[0] == Path("/run/ciliary/t1/node-1/containerd/io.containerd.runtime.v2.task/k8s.io/abc/rootfs")
+    assert found[0] == Path("/run/ciliary-nodes/t1/node-1/containerd/io.containerd.runtime.v2.task/k8s.io/abc/rootfs")
 
 
 def test_node_binary_paths_follow_the_pinned_versions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pinned = {"KUBERNETES_VERSION": "v9.8.7", "CONTAINERD_VERSION": "v8.7.6", "REGISTRY_VERSION": "v7.6.5",
-              "SKAFFOLD_VERSION": "v6.5.4"}
+              "SKAFFOLD_VERSION": "v6.5.4", "COREDNS_VERSION": "v5.4.3"}
     monkeypatch.setenv("CILIARY_CACHE", str(tmp_path))
     bins = nodebins.NodeBinaries.discover(pinned)
     assert bins.containerd == tmp_path / "bin" / "containerd-v8.7.6" / "containerd"
     assert bins.kubelet == tmp_path / "bin" / "kubernetes-node-v9.8.7" / "kubelet"
     assert bins.registry == tmp_path / "bin" / "registry-v7.6.5" / "registry"
+    assert bins.coredns == tmp_path / "bin" / "coredns-v5.4.3" / "coredns"
     assert bins.containerd in bins.missing()
     with pytest.raises(nodebins.NodeBinariesMissingError):
         bins.require()
@@ -195,3 +196,41 @@ def test_registry_config_listens_on_loopback_only() -> None:
     cfg = nodeconfig.registry_config(Path("/lab/registry"), 5123)
     assert cfg["http"]["addr"] == "127.0.0.1:5123"
     assert cfg["storage"]["filesystem"]["rootdirectory"] == "/lab/registry"
+
+
+def test_chart_mode_node_mounts_its_own_host_directories_in_a_private_namespace() -> None:
+    script = nodeconfig.private_mounts_script(PATHS)
+    lines = script.splitlines()
+    assert lines[0] == "set -e" and lines[-1] == 'exec "$@"'
+    for host_dir, slug in (("/etc", "etc"), ("/opt", "opt"), ("/var/lib", "var-lib")):
+        assert (f"mount -t overlay overlay -o lowerdir={host_dir},upperdir=/lab/nodes/node-1/host/{slug}/upper,"
+                f"workdir=/lab/nodes/node-1/host/{slug}/work {host_dir}") in lines
+    # the binds come after the overlays they sit on, bpffs is the node's own and shared (Bidirectional)
+    assert lines.index("mount --bind /lab/nodes/node-1/cni/bin /opt/cni/bin") > max(
+        i for i, line in enumerate(lines) if "overlay" in line)
+    assert "mount --bind /lab/nodes/node-1/cni/net.d /etc/cni/net.d" in lines
+    assert "mount --bind /lab/nodes/node-1/host/run-ciliary /run/ciliary" in lines
+    assert lines.index("mount --make-shared /sys/fs/bpf") == lines.index("mount -t bpf bpf /sys/fs/bpf") + 1
+    # the node's containerd state is not under the /run/ciliary it hides
+    assert not str(PATHS.run).startswith("/run/ciliary/")
+
+
+def test_chart_mode_kubelet_uses_the_cluster_dns_service() -> None:
+    cfg = nodeconfig.kubelet_config(PATHS, HOST, client_ca=Path("/lab/pki/ca.crt"),
+                                    cluster_dns=nodeconfig.CLUSTER_DNS_IP)
+    assert cfg["clusterDNS"] == ["10.96.0.10"]
+    assert "clusterDNS" not in nodeconfig.kubelet_config(PATHS, HOST, client_ca=Path("/lab/pki/ca.crt"))
+
+
+def test_gateway_service_relays_parse() -> None:
+    assert nodegateway.parse_service("198.51.100.1:443=6443") == (("198.51.100.1", 443), 6443)
+    for bad in ("198.51.100.1=6443", ":443=1", "198.51.100.1:x=1", "198.51.100.1:443="):
+        with pytest.raises(ValueError):
+            nodegateway.parse_service(bad)
+
+
+def test_kubelet_asks_the_apiserver_who_may_do_what() -> None:
+    cfg = nodeconfig.kubelet_config(PATHS, HOST, client_ca=Path("/lab/pki/ca.crt"))
+    assert cfg["authentication"]["anonymous"] == {"enabled": False}
+    assert cfg["authentication"]["webhook"]["enabled"] is True
+    assert cfg["authorization"]["mode"] == "Webhook"

@@ -1,0 +1,143 @@
+"""Ciliary installed on a real-node lab by its own Helm charts, as on a user's cluster.
+
+``helm install`` of ``charts/ciliary-crds`` and ``charts/ciliary`` (release ``ciliary`` in
+``kube-system``) with the images the lab built and imported into every node's containerd (the chart's
+``imagePullPolicy: IfNotPresent`` finds them; no registry pull). What the lab sets (``lab_values``):
+
+- the bundled etcd's image: ``docker.io/lab/etcd:<version>``, the Go-built etcd binary of the lab's
+  control plane alone in an image (``etcd_image``; the chart's default names registry.k8s.io's);
+- no PersistentVolumeClaim for etcd (the lab has no storage provisioner): an emptyDir;
+- ``agent.sysResource=false`` where the machine's root lacks CAP_SYS_RESOURCE (runc cannot grant what it
+  does not hold; the kernel is checked to be >= 5.11, where BPF maps are not charged to RLIMIT_MEMLOCK).
+
+Everything else is the chart's default: operator Deployment and bundled etcd on the node network
+(``operator.hostNetwork``, ``etcd.hostNetwork``), agent DaemonSet whose ``install-cni`` init container
+installs ``ciliary-cni`` and its configuration into the node's /opt/cni/bin and /etc/cni/net.d, per-node
+etcd enrollment, TLS everywhere. ``wait_ready`` waits for the agents on every node, the operator and etcd.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ciliary.lab import images, nodehost, tools
+from ciliary.lab.images import BuiltImage, file_digest
+from ciliary.lab.ociimage import FileEntry, ImageConfig
+
+RELEASE = "ciliary"
+CRDS_RELEASE = "ciliary-crds"
+NAMESPACE = "kube-system"
+ETCD_IMAGE_REPOSITORY = "docker.io/lab/etcd"
+
+
+class ChartInstallError(RuntimeError):
+    """helm failed or the release did not become ready; carries the release and what was seen."""
+
+    def __init__(self, release: str, message: str) -> None:
+        super().__init__(f"{release}: {message}")
+        self.release = release
+
+
+def etcd_image_reference() -> str:
+    return f"{ETCD_IMAGE_REPOSITORY}:{tools.pinned_versions()['ETCD_VERSION']}"
+
+
+def etcd_image() -> BuiltImage:
+    """The lab control plane's etcd (a static Go binary) as the bundled etcd's image."""
+    etcd = tools.built_path("etcd")
+    return images.assemble(etcd_image_reference(), None, [
+        FileEntry("/usr/local/bin/etcd", source=etcd, mode=0o755),
+        FileEntry("/tmp", directory=True, mode=0o1777),
+    ], ImageConfig(entrypoint=["/usr/local/bin/etcd"], env={"PATH": images.PATH_ENV}, user="65532:65532"),
+        key_parts=[file_digest(etcd)], history=["etcd (built from go.etcd.io/etcd)"])
+
+
+def memlock_free_kernel(release: str) -> bool:
+    """Kernels >= 5.11 account BPF maps to the memory cgroup, not RLIMIT_MEMLOCK."""
+    try:
+        major, minor = (int(x) for x in release.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (5, 11)
+
+
+def lab_values(*, sys_resource: bool = True) -> dict[str, Any]:
+    """``sys_resource``: whether this machine's root may grant CAP_SYS_RESOURCE (``nodehost.detect_host``)."""
+    return {
+        "etcd": {"image": etcd_image_reference(), "persistence": {"enabled": False}},
+        **({} if sys_resource else {"agent": {"sysResource": False}}),
+    }
+
+
+def helm(helm_bin: Path, kubeconfig: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(helm_bin), f"--kubeconfig={kubeconfig}", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def install(root: Path, kubeconfig: Path, state_dir: Path, *, extra_values: dict[str, Any] | None = None) -> None:
+    """``helm upgrade --install`` both charts (idempotent: a second ``lab up`` upgrades in place)."""
+    helm_bin = tools.built_path("helm")
+    values = state_dir / "chart-values.yaml"
+    host = nodehost.detect_host()
+    if host.restrict_oom_score_adj and not memlock_free_kernel(platform.release()):
+        raise ChartInstallError(RELEASE, f"root lacks CAP_SYS_RESOURCE and kernel {platform.release()} (< 5.11) "
+                                "charges BPF maps to RLIMIT_MEMLOCK: the agent cannot run here")
+    values.write_text(yaml.safe_dump({**lab_values(sys_resource=not host.restrict_oom_score_adj),
+                                      **(extra_values or {})}, sort_keys=False))
+    for release, chart, extra in ((CRDS_RELEASE, root / "charts" / "ciliary-crds", []),
+                                  (RELEASE, root / "charts" / "ciliary", ["-f", str(values)])):
+        done = helm(helm_bin, kubeconfig, "upgrade", "--install", release, str(chart), "-n", NAMESPACE, *extra)
+        if done.returncode != 0:
+            raise ChartInstallError(release, f"helm upgrade --install failed: {done.stderr.strip()[-3000:]}")
+
+
+def uninstall(kubeconfig: Path) -> None:
+    helm_bin = tools.built_path("helm")
+    for release in (RELEASE, CRDS_RELEASE):
+        done = helm(helm_bin, kubeconfig, "uninstall", release, "-n", NAMESPACE, "--wait", "--ignore-not-found")
+        if done.returncode != 0:
+            raise ChartInstallError(release, f"helm uninstall failed: {done.stderr.strip()[-3000:]}")
+
+
+def workload_ready(obj: dict[str, Any]) -> bool:
+    """A DaemonSet, Deployment or StatefulSet whose current generation has every replica ready."""
+    status, kind = obj.get("status", {}), obj.get("kind")
+    if status.get("observedGeneration", 0) < obj["metadata"].get("generation", 1):
+        return False
+    if kind == "DaemonSet":
+        want = status.get("desiredNumberScheduled", 0)
+        return bool(want) and status.get("numberReady", 0) == want and status.get("updatedNumberScheduled") == want
+    want = obj.get("spec", {}).get("replicas", 1)
+    return status.get("readyReplicas", 0) == want and status.get("updatedReplicas", 0) == want
+
+
+def workloads(kubectl: Callable[..., subprocess.CompletedProcess[str]]) -> list[dict[str, Any]]:
+    out = kubectl("get", "daemonsets,deployments,statefulsets", "-n", NAMESPACE, "-l",
+                  f"app.kubernetes.io/instance={RELEASE}", "-o", "json", check=False)
+    return list(json.loads(out.stdout).get("items", [])) if out.returncode == 0 else []
+
+
+def wait_ready(kubectl: Callable[..., subprocess.CompletedProcess[str]], nodes: Sequence[str], seconds: float,
+               *, say: Callable[[str], None] = lambda _: None) -> None:
+    """Agents Ready on every node in ``nodes``, the operator and etcd Ready (bounded)."""
+    deadline = time.monotonic() + seconds
+    seen: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        seen = workloads(kubectl)
+        kinds = {o["kind"] for o in seen}
+        daemonsets = [o for o in seen if o["kind"] == "DaemonSet"]
+        if {"DaemonSet", "Deployment", "StatefulSet"} <= kinds and all(workload_ready(o) for o in seen) and all(
+                o["status"].get("numberReady", 0) >= len(nodes) for o in daemonsets):
+            return
+        time.sleep(1)
+    pods = kubectl("get", "pods", "-n", NAMESPACE, "-o", "wide", check=False).stdout
+    raise ChartInstallError(RELEASE, f"not ready after {seconds:.0f} s:\n{pods}\n"
+                            + "\n".join(f"{o['kind']} {o['metadata']['name']}: {o.get('status')}" for o in seen))

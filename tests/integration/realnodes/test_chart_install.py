@@ -1,0 +1,239 @@
+"""Ciliary installed by its own Helm charts on a lab of two real nodes, enforcing policy on real traffic.
+
+``ciliary.lab.reallab.up(chart=True)``: containerd and kubelet per node (each in its own mount
+namespace), kube-proxy and CoreDNS per node, then ``helm install`` of charts/ciliary-crds and
+charts/ciliary with the locally built images: the operator Deployment, the agent DaemonSet (its
+install-cni init container installs ciliary-cni into each node's /opt/cni/bin and /etc/cni/net.d) and
+the bundled etcd (TLS, per-node enrollment). Then, on agnhost pods the kubelets start through that
+plugin: traffic flows before any policy; a CiliumNetworkPolicy admits only the ``role=frontend`` client
+to the servers on both nodes; its ``.status.nodes`` shows both nodes enforcing; the other client is
+dropped on the same node and across nodes. ``skaffold run -p lab`` rebuilds both images with the
+project's own builder, pushes them to the lab registry and upgrades both releases with them (the agents
+on both nodes then run the pushed images by digest). ``helm uninstall`` removes the release's objects. The lab is
+torn down afterwards, also on failure: no namespace, mount, cgroup or process left, nothing written to
+the host's /opt/cni, /etc/cni or /opt/ciliary, no address in the root namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from realnode_helpers import ROOT, lab_images, node_binaries
+
+from ciliary.lab import chartinstall, kubeletnode, nodehost, reallab, sessions, tools, topology
+from ciliary.lab.lab import Lab
+from ciliary.lab.layout import Binaries, pod_cidr
+
+pytestmark = pytest.mark.integration
+NODES = ["node-1", "node-2"]
+NS = "chartdemo"
+HOST_PATHS = (Path("/opt/cni"), Path("/etc/cni"), Path("/opt/ciliary"), Path("/var/lib/ciliary"))
+
+
+@dataclass
+class ChartLab:
+    lab: Lab
+    nodes: list[kubeletnode.RealNode]
+
+    def kubectl(self, *args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(self.lab.bins.kubectl), f"--kubeconfig={self.lab.layout.kubeconfig}", *args],
+                              input=input, capture_output=True, text=True, timeout=timeout)
+
+    def connects(self, client: str, ip: str) -> bool:
+        out = self.kubectl("exec", "-n", NS, client, "--", "/agnhost", "connect", f"{ip}:8080", "--timeout=3s",
+                           timeout=30)
+        return out.returncode == 0
+
+
+def root_addresses() -> str:
+    return subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True, check=True).stdout + \
+        subprocess.run(["ip", "route"], capture_output=True, text=True, check=True).stdout
+
+
+def wait_for(what: str, check: Callable[[], Any], seconds: float, on_timeout: Callable[[], str]) -> Any:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(1)
+    raise AssertionError(f"{what} not reached within {seconds:.0f} s\n{on_timeout()}")
+
+
+@pytest.fixture(scope="module")
+def chart_lab() -> Iterator[ChartLab]:
+    node_binaries()
+    lab_images()
+    sessions.reap_stale(ROOT, "chartnode", "h")
+    layout = sessions.session_layout(ROOT, "chartnode", "h")
+    lab = Lab(layout, Binaries.discover())
+    before = root_addresses()
+    host_paths_before = {p: p.exists() for p in HOST_PATHS}
+    try:
+        t0 = time.monotonic()
+        nodes = reallab.up(lab, NODES, chart=True, ready_seconds=420, say=print)
+        print(f"chart lab up in {time.monotonic() - t0:.1f} s")
+        yield ChartLab(lab, nodes)
+        assert root_addresses() == before, "the root namespace gained an address or route"
+    finally:
+        lab.down(log=False)
+        for name in NODES:
+            paths = kubeletnode.node_paths(layout, name)
+            assert not paths.state.exists() and not paths.run.exists()
+            assert not kubeletnode.mounts_under([paths.state, paths.run], Path("/proc/self/mountinfo").read_text())
+            assert not nodehost.pids_under(nodehost.cgroup_layout(), paths.cgroup_root)
+            assert not topology.netns_exists(layout.node_netns(name))
+        assert {p: p.exists() for p in HOST_PATHS} == host_paths_before, "a node wrote to the host's directories"
+
+
+def test_the_chart_runs_operator_agents_and_etcd_and_installs_the_cni_plugin(chart_lab: ChartLab) -> None:
+    lab = chart_lab
+    pods = json.loads(lab.kubectl("get", "pods", "-n", chartinstall.NAMESPACE, "-o", "json").stdout)["items"]
+    agents = {p["spec"]["nodeName"]: p for p in pods if p["metadata"]["labels"].get(
+        "app.kubernetes.io/component") == "agent"}
+    assert set(agents) == set(NODES), sorted(agents)
+    for pod in agents.values():
+        init = {c["name"]: c for c in pod["status"]["initContainerStatuses"]}
+        assert {"install-cni", "etcd-enroll", "mount-bpf-fs"} <= set(init)
+        assert all(c["state"].get("terminated", {}).get("exitCode") == 0 for c in init.values()), init
+        assert pod["status"]["phase"] == "Running"
+    components = {p["metadata"]["labels"].get("app.kubernetes.io/component") for p in pods
+                  if p["status"]["phase"] == "Running"}
+    assert {"operator", "etcd", "agent"} <= components, components
+    for node in lab.nodes:
+        # written by install-cni inside the node's mount namespace: /opt/cni/bin and /etc/cni/net.d are the
+        # node's own directories
+        wrapper = node.paths.cni_bin_dir / "ciliary-cni"
+        assert "installed by ciliary install-cni" in wrapper.read_text()
+        conf = json.loads((node.paths.cni_conf_dir / "05-ciliary.conflist").read_text())
+        assert conf["plugins"][0]["ipam"]["subnet"] == pod_cidr(NODES.index(node.node) + 1)
+
+
+def pod(name: str, node: str, labels: dict[str, str]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS, "labels": labels},
+            "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1, "containers": [{
+                "name": "agnhost", "image": "registry.k8s.io/e2e-test-images/agnhost:2.56",
+                "imagePullPolicy": "Never", "args": ["netexec", "--http-port=8080"]}]}}
+
+
+POLICY = {
+    "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+    "metadata": {"name": "frontend-only", "namespace": NS},
+    "spec": {"endpointSelector": {"matchLabels": {"app": "server"}},
+             "ingress": [{"fromEndpoints": [{"matchLabels": {"role": "frontend"}}],
+                          "toPorts": [{"ports": [{"port": "8080", "protocol": "TCP"}]}]}]},
+}
+
+
+def test_pods_get_their_network_from_the_chart_and_policy_is_enforced(chart_lab: ChartLab) -> None:
+    lab = chart_lab
+    assert lab.kubectl("create", "namespace", NS).returncode == 0
+    # pods are admitted once the namespace's default ServiceAccount exists (token volumes are on here)
+    wait_for("the default ServiceAccount", lambda: lab.kubectl("get", "serviceaccount", "default", "-n", NS)
+             .returncode == 0, 30, lambda: "")
+    pods = [pod("server-1", "node-1", {"app": "server"}), pod("server-2", "node-2", {"app": "server"}),
+            pod("frontend", "node-1", {"role": "frontend"}), pod("other", "node-2", {"role": "other"})]
+    applied = lab.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": pods}))
+    assert applied.returncode == 0, applied.stderr
+
+    def ips() -> dict[str, str] | None:
+        out = lab.kubectl("get", "pods", "-n", NS, "-o", "json")
+        items = json.loads(out.stdout)["items"] if out.returncode == 0 else []
+        found = {p["metadata"]["name"]: p["status"] for p in items}
+        if len(found) == 4 and all(s.get("phase") == "Running" and s.get("podIP") for s in found.values()):
+            return {n: str(s["podIP"]) for n, s in found.items()}
+        return None
+
+    addresses = wait_for("four pods Running", ips, 180, lambda: lab.kubectl("get", "pods", "-A", "-o", "wide").stdout)
+    servers = [addresses["server-1"], addresses["server-2"]]
+    # before any policy both clients reach both servers (so the denials below are the policy's doing)
+    for client in ("frontend", "other"):
+        for ip in servers:
+            assert wait_for(f"{client} → {ip} before policy", lambda c=client, i=ip: lab.connects(c, i), 30,
+                            lambda: "")
+
+    applied = lab.kubectl("apply", "-f", "-", input=json.dumps(POLICY))
+    assert applied.returncode == 0, applied.stderr
+
+    def enforced_on_both() -> dict[str, Any] | None:
+        out = lab.kubectl("get", "cnp", "-n", NS, "frontend-only", "-o", "json")
+        status = json.loads(out.stdout).get("status", {}) if out.returncode == 0 else {}
+        nodes = status.get("nodes", {})
+        conditions = {c["type"]: c["status"] for c in status.get("conditions", [])}
+        if set(nodes) == set(NODES) and all(n.get("enforcing") and n.get("ok") for n in nodes.values()) \
+                and conditions.get("Enforced") == "True":
+            return status
+        return None
+
+    status = wait_for("policy Enforced on both nodes", enforced_on_both, 120, lambda: lab.kubectl(
+        "get", "cnp", "-n", NS, "frontend-only", "-o", "yaml").stdout)
+    assert status["enforcement"] == "2/2 nodes"
+
+    for ip in servers:
+        assert lab.connects("frontend", ip), f"frontend → {ip} denied under a policy that allows it"
+        assert not lab.connects("other", ip), f"other → {ip} allowed under a policy that denies it"
+
+    assert lab.kubectl("delete", "namespace", NS, "--wait=true", "--timeout=120s", timeout=150).returncode == 0
+
+
+def test_skaffold_run_builds_pushes_to_the_lab_registry_and_deploys_the_charts(chart_lab: ChartLab) -> None:
+    """``skaffold run -p lab``: the project's own builder, the lab registry, helm upgrade of both releases."""
+    lab = chart_lab
+    env_lines = lab.lab.env_lines()
+    env = dict(os.environ)
+    for line in env_lines:
+        key, _, value = line.removeprefix("export ").partition("=")
+        env[key] = value.replace("$PATH", os.environ.get("PATH", ""))
+    repo = env["SKAFFOLD_DEFAULT_REPO"]
+    assert repo.startswith("localhost:")
+    env.update(SKAFFOLD_UPDATE_CHECK="false", SKAFFOLD_INTERACTIVE="false", HOME=str(lab.lab.layout.state_dir))
+    t0 = time.monotonic()
+    run = subprocess.run([str(tools.built_path("skaffold")), "run", "-p", "lab", "--default-repo", repo,
+                          "--kube-context", "ciliary-lab", "--update-check=false", "--interactive=false"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    print(f"skaffold run in {time.monotonic() - t0:.1f} s")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + lab.kubectl(
+        "get", "pods,events", "-n", chartinstall.NAMESPACE, "-o", "wide").stdout[-4000:]
+    # the DaemonSet and the Deployment now run the images skaffold pushed, by digest, on every node
+    # (skaffold's status check covers the Deployment; the DaemonSet's rollout is waited for here)
+    for kind, name in (("daemonset", "ciliary-agent"), ("deployment", "ciliary-operator")):
+        def get(kind: str = kind, name: str = name) -> dict[str, Any]:
+            return dict(json.loads(lab.kubectl("get", kind, name, "-n", chartinstall.NAMESPACE, "-o", "json").stdout))
+
+        obj = get()
+        images_used = {c["image"] for c in obj["spec"]["template"]["spec"]["containers"]}
+        assert all(i.startswith(f"{repo}/{name}:") and "@sha256:" in i for i in images_used), images_used
+        wait_for(f"{kind} {name} rolled out", lambda g=get: chartinstall.workload_ready(g()), 300,
+                 lambda g=get: str(g()["status"]) + lab.kubectl("get", "pods", "-A", "-o", "wide").stdout)
+    catalog = json.loads(urllib.request.urlopen(f"http://{repo}/v2/_catalog", timeout=10).read())
+    assert {"ciliary-operator", "ciliary-agent"} <= set(catalog["repositories"]), catalog
+    agents = json.loads(lab.kubectl("get", "pods", "-n", chartinstall.NAMESPACE, "-l",
+                                    "app.kubernetes.io/component=agent", "-o", "json").stdout)["items"]
+    assert {p["spec"]["nodeName"] for p in agents if p["status"]["phase"] == "Running"} == set(NODES)
+
+
+def test_helm_uninstall_removes_the_release(chart_lab: ChartLab) -> None:
+    lab = chart_lab
+    chartinstall.uninstall(lab.lab.layout.kubeconfig)
+    label = f"app.kubernetes.io/instance={chartinstall.RELEASE}"
+
+    def gone() -> bool:
+        out = lab.kubectl("get", "daemonsets,deployments,statefulsets,pods,services,configmaps,secrets,"
+                          "serviceaccounts,roles,rolebindings", "-n", chartinstall.NAMESPACE, "-l", label, "-o", "name")
+        cluster = lab.kubectl("get", "clusterroles,clusterrolebindings", "-l", label, "-o", "name")
+        return out.returncode == 0 and cluster.returncode == 0 and not out.stdout.strip() \
+            and not cluster.stdout.strip()
+
+    wait_for("the release's objects deleted", gone, 120,
+             lambda: lab.kubectl("get", "all", "-n", chartinstall.NAMESPACE, "-l", label).stdout)
+    # the CRDs stay (the crds chart's default keep: true), as the chart's README says
+    assert lab.kubectl("get", "crd", "ciliumnetworkpolicies.cilium.io").returncode == 0

@@ -1,0 +1,125 @@
+"""Pure parts of the chart-mode lab: readiness of the chart's workloads, the node services, the CNI runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ciliary.lab import (
+    chartinstall,
+    cniruntime,
+    conformance,
+    nodeconfig,
+    nodeservices,
+    registrypush,
+    skaffoldbuild,
+)
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def ds(desired: int, ready: int, updated: int, generation: int = 1, observed: int = 1) -> dict[str, Any]:
+    return {"kind": "DaemonSet", "metadata": {"generation": generation}, "status": {
+        "observedGeneration": observed, "desiredNumberScheduled": desired, "numberReady": ready,
+        "updatedNumberScheduled": updated}}
+
+
+def test_workload_ready_needs_every_replica_of_the_current_generation() -> None:
+    assert chartinstall.workload_ready(ds(2, 2, 2))
+    assert not chartinstall.workload_ready(ds(2, 1, 2))
+    assert not chartinstall.workload_ready(ds(2, 2, 1))
+    assert not chartinstall.workload_ready(ds(0, 0, 0))  # nothing scheduled yet is not ready
+    assert not chartinstall.workload_ready(ds(2, 2, 2, generation=2, observed=1))
+    deploy = {"kind": "Deployment", "metadata": {"generation": 3}, "spec": {"replicas": 1},
+              "status": {"observedGeneration": 3, "readyReplicas": 1, "updatedReplicas": 1}}
+    assert chartinstall.workload_ready(deploy)
+    assert not chartinstall.workload_ready({**deploy, "status": {"observedGeneration": 3, "readyReplicas": 0}})
+
+
+def test_lab_values_replace_only_the_etcd_image_and_its_volume() -> None:
+    values = chartinstall.lab_values()
+    assert set(values) == {"etcd"}
+    assert values["etcd"]["image"].startswith("docker.io/lab/etcd:v")
+    assert values["etcd"]["persistence"] == {"enabled": False}
+
+
+def test_node_services_point_both_services_at_the_node_local_address() -> None:
+    docs = list(yaml.safe_load_all(nodeservices.SERVICES))
+    by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    assert by[("Service", "kube-dns")]["spec"]["clusterIP"] == nodeconfig.CLUSTER_DNS_IP
+    for name in ("kube-dns", "kubernetes"):
+        endpoints = by[("Endpoints", name)]
+        assert endpoints["subsets"][0]["addresses"] == [{"ip": nodeconfig.NODE_SERVICES_IP}]
+        # the apiserver's mirroring must not add a second slice next to the lab's own
+        assert endpoints["metadata"]["labels"]["endpointslice.kubernetes.io/skip-mirror"] == "true"
+    slices = [d for d in docs if d["kind"] == "EndpointSlice"]
+    assert {s["metadata"]["labels"]["kubernetes.io/service-name"] for s in slices} == {"kube-dns", "kubernetes"}
+    assert all(s["endpoints"][0]["addresses"] == [nodeconfig.NODE_SERVICES_IP] for s in slices)
+    role = by[("ClusterRole", "lab:coredns")]
+    assert {v for rule in role["rules"] for v in rule["verbs"]} == {"list", "watch"}
+    corefile = nodeservices.corefile(Path("/lab/kc"))
+    assert f"bind {nodeconfig.NODE_SERVICES_IP}" in corefile and "kubeconfig /lab/kc" in corefile
+    assert "forward" not in corefile  # the lab resolves cluster names only
+
+
+def test_cni_runtime_takes_only_the_plugin_and_its_dependencies(tmp_path: Path) -> None:
+    assert cniruntime.wheel_distribution("pydantic_core-2.41.5-cp311-cp311-manylinux.whl") == "pydantic_core"
+    assert cniruntime.wheel_distribution("typing_extensions-4.15.0-py3-none-any.whl") == "typing_extensions"
+    stdlib = tmp_path / "stdlib"
+    for rel in ("os.py", "json/__init__.py", "test/test_os.py", "lib-dynload/_ctypes.so", "__pycache__/os.pyc",
+                "config-3.11-x86_64-linux-gnu/Makefile"):
+        (stdlib / rel).parent.mkdir(parents=True, exist_ok=True)
+        (stdlib / rel).write_text("x")
+    paths = {e.path for e in cniruntime.stdlib_entries(stdlib)}
+    py = f"{cniruntime.PREFIX}/lib/{cniruntime._python_version()}"
+    assert paths == {f"{py}/os.py", f"{py}/json/__init__.py", f"{py}/lib-dynload/_ctypes.so"}
+
+
+def test_lab_drops_sys_resource_only_where_root_cannot_grant_it() -> None:
+    assert chartinstall.lab_values(sys_resource=False)["agent"] == {"sysResource": False}
+    assert chartinstall.memlock_free_kernel("6.18.44-fc-v1252")
+    assert chartinstall.memlock_free_kernel("5.11.0")
+    assert not chartinstall.memlock_free_kernel("5.10.210")
+    assert not chartinstall.memlock_free_kernel("weird")
+
+
+def test_registry_references_split_into_host_name_and_tag() -> None:
+    assert registrypush.split_reference("localhost:5000/ciliary-agent:abc") == ("localhost:5000", "ciliary-agent", "abc")
+    assert registrypush.split_reference("localhost:5000/lab/app") == ("localhost:5000", "lab/app", "latest")
+    assert registrypush.split_reference("localhost:5000/a:t@sha256:00") == ("localhost:5000", "a", "t")
+    with pytest.raises(ValueError):
+        registrypush.split_reference("ciliary-agent:abc")
+
+
+def test_skaffold_custom_builder_maps_names_to_targets_and_only_pushes() -> None:
+    assert skaffoldbuild.target_of("localhost:5000/ciliary-operator:x") == "operator"
+    assert skaffoldbuild.target_of("localhost:5000/team/ciliary-agent:x") == "agent"
+    with pytest.raises(skaffoldbuild.CustomBuildError):
+        skaffoldbuild.target_of("localhost:5000/other:x")
+    with pytest.raises(skaffoldbuild.CustomBuildError, match="only pushing"):
+        skaffoldbuild.build({"IMAGE": "localhost:5000/ciliary-agent:x", "PUSH_IMAGE": "false"})
+
+
+def test_skaffold_lab_profile_uses_the_custom_builder_and_the_lab_values() -> None:
+    config = yaml.safe_load((ROOT / "skaffold.yaml").read_text())
+    lab = next(p for p in config["profiles"] if p["name"] == "lab")
+    artifacts = {a["image"]: a for a in lab["build"]["artifacts"]}
+    assert set(artifacts) == {"ciliary-operator", "ciliary-agent"}
+    assert all("ciliary.lab.skaffoldbuild" in a["custom"]["buildCommand"] for a in artifacts.values())
+    assert lab["build"]["local"]["push"] is True
+    patched = {p["path"].rsplit("/", 1)[-1]: p["value"] for p in lab["patches"]}
+    assert patched["etcd.image"] == "{{.CILIARY_LAB_ETCD_IMAGE}}"  # exported by `ciliary lab env`
+    assert patched["etcd.persistence.enabled"] is False
+
+
+def test_conformance_focus_list_and_junit_summary() -> None:
+    focus = conformance.parse_focus((ROOT / "e2e" / "conformance.txt").read_text())
+    assert focus.focus and all(f.startswith(r"\[sig-network\]") for f in focus.focus)
+    assert focus.skip == (r"\[Disruptive\]|\[Serial\]|\[Slow\]|\[Flaky\]",)
+    junit = ("<testsuites><testsuite><testcase name='[SynchronizedBeforeSuite]'/><testcase name='[ReportAfterSuite]"
+             " Kubernetes e2e suite report'/><testcase name='a'/><testcase name='b'><failure/></testcase>"
+             "<testcase name='c'><skipped/></testcase></testsuite></testsuites>")
+    assert conformance.summarize(junit) == {"passed": 1, "failed": 1, "skipped": 1}
