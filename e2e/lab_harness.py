@@ -8,10 +8,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ciliary.lab import topology
 from ciliary.lab.lab import Lab
 from ciliary.operator.store import access
 
@@ -51,12 +53,13 @@ class LabHandle:
     def probe(self, kind: str, ip: str, port: int = 0, *, pod: str | None = None, namespace: str = "default",
               world: bool = False, timeout: float = 2.0) -> subprocess.CompletedProcess[str]:
         """Run ``ciliary.lab.probe`` inside a pod (or on the world host); returncode 0 = answered."""
+        netns: Path  # a path: pod_target gives the pod's namespace file (a containerd pod's is not in /run/netns)
         if world:
-            netns = self.lab.layout.world_netns
+            netns = topology.NETNS_DIR / self.lab.layout.world_netns
         else:
             assert pod is not None
             netns, _ = self.lab.pod_target(pod, namespace)
-        argv = ["nsenter", f"--net=/run/netns/{netns}", sys.executable, "-m", "ciliary.lab.probe", kind, ip]
+        argv = ["nsenter", f"--net={netns}", sys.executable, "-m", "ciliary.lab.probe", kind, ip]
         if port:
             argv.append(str(port))
         return subprocess.run([*argv, "--timeout", str(timeout)], capture_output=True, text=True,

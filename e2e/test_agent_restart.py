@@ -84,8 +84,8 @@ def wait_for(predicate: Any, seconds: float, what: str) -> Any:
 
 
 def traffic(lab: Any, pod: str, ip: str, rounds: int) -> subprocess.Popen[str]:
-    netns, _ = lab.lab.pod_target(pod, "default")
-    return subprocess.Popen(["nsenter", f"--net=/run/netns/{netns}", sys.executable, "-c", LOOP, ip, "80",
+    netns, _ = lab.lab.pod_target(pod, "default")  # the pod's namespace file
+    return subprocess.Popen(["nsenter", f"--net={netns}", sys.executable, "-c", LOOP, ip, "80",
                              str(rounds), "2"], stdout=subprocess.PIPE, text=True)
 
 

@@ -156,9 +156,9 @@ spec:
     lab.wait_running("shortlived")
     assert len(_host_veths(lab, "node-2") - before) == 1
     netns, cgroup = lab.lab.pod_target("shortlived", "default")
-    assert topology.netns_exists(netns) and cgroups.pids(cgroup)
+    assert netns.exists() and cgroup is not None and cgroups.pids(cgroup)
     lab.kubectl("delete", "pod", "shortlived", "--timeout=60s")
-    assert not topology.netns_exists(netns)
+    assert not netns.exists()
     assert not cgroup.exists()
     assert _host_veths(lab, "node-2") == before
 
