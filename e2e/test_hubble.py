@@ -231,23 +231,30 @@ def test_prometheus_scrapes_the_agents(lab: LabHandle, scene: Any, tool: Any, tm
     try:
         promql = urllib.parse.quote('sum by (instance) (hubble_drop_total{reason="POLICY_DENIED"})')
         query = f"http://127.0.0.1:{port}/api/v1/query?query={promql}"
-        result: list[dict[str, Any]] = []
+        # deathstar's node (node-1) counts the drops; wait for its series, not for the first instance
+        # Prometheus happens to scrape (it scrapes the two targets independently)
+        wanted = f"127.0.0.1:{lab.lab.health_port(lab.pod('deathstar')['spec']['nodeName'])}"
+        by_instance: dict[str, float] = {}
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(query, timeout=5) as r:
                     result = json.loads(r.read())["data"]["result"]
+                by_instance = {row["metric"]["instance"]: float(row["value"][1]) for row in result}
             except OSError:
-                result = []
-            if result:
+                by_instance = {}
+            if by_instance.get(wanted, 0) > 0:
                 break
             time.sleep(1)
-        assert result, "Prometheus has no hubble_drop_total after 90 s"
-        by_instance = {row["metric"]["instance"]: float(row["value"][1]) for row in result}
-        assert by_instance.get(targets[0], 0) > 0, by_instance  # deathstar's node counted the drops
+        assert by_instance.get(wanted, 0) > 0, f"no POLICY_DENIED drops from {wanted} after 90 s: {by_instance}"
         up = f"http://127.0.0.1:{port}/api/v1/query?query=up"
-        with urllib.request.urlopen(up, timeout=5) as r:
-            ups = {row["metric"]["instance"]: row["value"][1] for row in json.loads(r.read())["data"]["result"]}
+        ups: dict[str, str] = {}
+        for _ in range(30):  # every target scraped and up (each on its own schedule)
+            with urllib.request.urlopen(up, timeout=5) as r:
+                ups = {row["metric"]["instance"]: row["value"][1] for row in json.loads(r.read())["data"]["result"]}
+            if ups == dict.fromkeys(targets, "1"):
+                break
+            time.sleep(1)
         assert ups == dict.fromkeys(targets, "1"), ups
     finally:
         proc.terminate()

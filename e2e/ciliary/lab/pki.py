@@ -9,6 +9,7 @@ etcd identity and the other way round.
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 from pathlib import Path
 
@@ -18,8 +19,14 @@ SERVING_SANS = (
 )
 
 
+class OpensslError(RuntimeError):
+    """An openssl command failed; carries its arguments and stderr."""
+
+
 def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
+    done = subprocess.run(["openssl", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise OpensslError(f"openssl {' '.join(args[:2])} failed: {done.stderr.strip()}")
 
 
 def ensure_ca(pki: Path, *, name: str = "ciliary-lab-ca", service_account: bool = True) -> None:
@@ -60,7 +67,10 @@ def ensure_cert(pki: Path, name: str, subject: str, *, server: bool = False,
     _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(pki / f"{name}.key"),
              "-out", str(pki / f"{name}.csr"), "-subj", subject)
     _openssl("x509", "-req", "-in", str(pki / f"{name}.csr"), "-CA", str(pki / "ca.crt"),
-             "-CAkey", str(pki / "ca.key"), "-CAcreateserial", "-out", str(pki / f"{name}.crt"),
+             # a random serial per certificate, not a shared ca.srl: nodes start side by side and
+             # issue their certificates at the same time
+             "-CAkey", str(pki / "ca.key"), "-set_serial", hex(secrets.randbits(126) | 1 << 125),
+             "-out", str(pki / f"{name}.crt"),
              "-days", "3650", "-extfile", str(ext))
     (pki / f"{name}.csr").unlink()
     ext.unlink()
