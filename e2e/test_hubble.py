@@ -19,34 +19,14 @@ from typing import Any
 
 import pytest
 
+from ciliary.lab import demo
 from lab_harness import LabHandle
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
 STAR_WARS = ("deathstar", "tiefighter", "xwing")
-PODS = """
-apiVersion: v1
-kind: Pod
-metadata: {name: deathstar, namespace: default, labels: {org: empire, class: deathstar}}
-spec:
-  nodeName: node-1
-  containers: [{name: deathstar, image: lab, ports: [{containerPort: 80}]}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: tiefighter, namespace: default, labels: {org: empire, class: tiefighter}}
-spec:
-  nodeName: node-2
-  containers: [{name: spaceship, image: lab}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: xwing, namespace: default, labels: {org: alliance, class: xwing}}
-spec:
-  nodeName: node-1
-  containers: [{name: spaceship, image: lab}]
-"""
+PODS = demo.MANIFEST  # the demo's Star Wars scene, the one `make demo` shows
 
 
 def delete_scene(lab: LabHandle) -> None:

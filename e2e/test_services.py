@@ -109,13 +109,14 @@ class Client:
         self.netns, self.cgroup = lab.lab.pod_target("client", NS)
 
     def probe(self, kind: str, ip: str, port: int, count: int = 1, timeout: float = 2.0) -> list[dict[str, Any]]:
+        assert self.cgroup is not None, "the process lab gives every pod a cgroup"
         procs = str(self.cgroup / "cgroup.procs")
 
         def enter() -> None:  # between fork and exec: into the pod's cgroup, where the programs are attached
             with open(procs, "w") as f:
                 f.write(str(os.getpid()))
 
-        out = subprocess.run(["nsenter", f"--net={topology.NETNS_DIR / self.netns}", sys.executable, "-c", PROBE,
+        out = subprocess.run(["nsenter", f"--net={self.netns}", sys.executable, "-c", PROBE,
                               kind, ip, str(port), str(count), str(timeout)],
                              capture_output=True, text=True, timeout=60 + count * timeout, preexec_fn=enter)
         assert out.returncode == 0, out.stderr

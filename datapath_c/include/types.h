@@ -24,7 +24,7 @@ struct endpoint_info {
 	__u32 ep_id;    /* node-local endpoint id, >= 1, allocated by the planner */
 	__u32 identity; /* security identity of the pod */
 	__u32 flags;    /* CY_EP_*_ENFORCED, CY_EP_*_DENY */
-	__u32 ifindex;  /* host-side veth in the node netns (diagnostics) */
+	__u32 ifindex;  /* host-side veth in the node netns: the source check's fast path */
 	__u32 revision; /* intent revision (mod 2^32) whose writes are all done; the
 			 * agent reads it back to report a policy enforcing */
 };
