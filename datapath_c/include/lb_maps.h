@@ -76,6 +76,14 @@ struct lb4_affinity_value {
 	__u16 pad;
 };
 
+/* A NodePort (port in network byte order, L4 protocol): the bind hook keeps
+ * host processes off it (lib/lb_bind.h). */
+struct lb4_nodeport_key {
+	__u16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
 /* cy_lb4_svc: frontends and their backend slots, CY_LB_SERVICES_MAX entries. */
 BPF_TABLE_PINNED("hash", struct lb4_key, struct lb4_service, cy_lb4_svc,
 		 CY_LB_SERVICES_MAX, CY_PIN_DIR "/cy_lb4_svc");
@@ -92,5 +100,10 @@ BPF_TABLE_PINNED("lru_hash", struct lb4_sock_key, struct lb4_frontend, cy_lb4_re
 /* cy_lb4_aff: session affinity (LRU). */
 BPF_TABLE_PINNED("lru_hash", struct lb4_affinity_key, struct lb4_affinity_value, cy_lb4_aff,
 		 CY_LB_AFFINITY_MAX, CY_PIN_DIR "/cy_lb4_aff");
+
+/* cy_lb4_nodeport: the NodePorts of this node's frontends (value unused: 1),
+ * CY_LB_SERVICES_MAX entries. */
+BPF_TABLE_PINNED("hash", struct lb4_nodeport_key, __u8, cy_lb4_nodeport,
+		 CY_LB_SERVICES_MAX, CY_PIN_DIR "/cy_lb4_nodeport");
 
 #endif /* CY_LB_MAPS_H */

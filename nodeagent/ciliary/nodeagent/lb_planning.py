@@ -6,7 +6,8 @@ never sees a frontend whose slots are not written yet: backends first, then back
 then each frontend's own entry (its count), then deletions (a frontend's own entry before its
 slots), unused backends last. Frontend and backend ids already in the kernel are kept (open
 sockets and affinity entries refer to them); new ids are above every id in use, never reused
-within the maps' lifetime.
+within the maps' lifetime. The NodePorts of the intent's frontends (port, protocol) go to the
+bind guard's map.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import dataclasses
 from collections.abc import Mapping
 from ipaddress import IPv4Address
 
-from ciliary.nodeagent.planning import MapDiff
-from ciliary.operator.services.intent import PROTOCOL_NUMBERS, NodeLBIntent
+from ciliary.nodeagent.planning import MapDiff, diff_map
+from ciliary.operator.services.intent import PROTOCOL_NUMBERS, FrontendKind, NodeLBIntent
 
 FLAG_NO_LOCAL = 0x1
 FLAG_AFFINITY = 0x2
@@ -46,10 +47,18 @@ class Backend:
     proto: int
 
 
+@dataclasses.dataclass(frozen=True, order=True)
+class NodePortKey:
+    port: int
+    proto: int
+
+
 @dataclasses.dataclass(frozen=True)
 class LBState:
     services: Mapping[ServiceKey, ServiceValue] = dataclasses.field(default_factory=dict)
     backends: Mapping[int, Backend] = dataclasses.field(default_factory=dict)
+    nodeports: Mapping[NodePortKey, int] = dataclasses.field(default_factory=dict)
+    """NodePorts host processes may not bind (value always 1)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +67,11 @@ class LBPlan:
     backend_upserts: MapDiff[int, Backend]
     service_writes: MapDiff[ServiceKey, ServiceValue]
     backend_deletes: MapDiff[int, Backend]
+    nodeport_writes: MapDiff[NodePortKey, int] = dataclasses.field(default_factory=MapDiff)
 
     def __len__(self) -> int:
-        return len(self.backend_upserts) + len(self.service_writes) + len(self.backend_deletes)
+        return (len(self.backend_upserts) + len(self.service_writes) + len(self.backend_deletes)
+                + len(self.nodeport_writes))
 
 
 class LBCapacityError(ValueError):
@@ -95,7 +106,9 @@ def desired_state(intent: NodeLBIntent, observed: LBState) -> LBState:
                 next_id += 1
             backends[bid] = backend
             services[ServiceKey(address, fe.port, proto, slot)] = ServiceValue(bid)
-    return LBState(services, backends)
+    nodeports = {NodePortKey(fe.port, PROTOCOL_NUMBERS[fe.protocol]): 1
+                 for fe in intent.frontends if fe.kind == FrontendKind.NODE_PORT}
+    return LBState(services, backends, nodeports)
 
 
 def plan(intent: NodeLBIntent, observed: LBState, *, services_size: int, backends_size: int) -> LBPlan:
@@ -111,4 +124,5 @@ def plan(intent: NodeLBIntent, observed: LBState, *, services_size: int, backend
     gone = [k for k in observed.services if k not in desired.services]
     svc_del = tuple(sorted(gone, key=lambda k: (k.slot != 0, k)))
     be_del = tuple(sorted(k for k in observed.backends if k not in desired.backends))
-    return LBPlan(desired, MapDiff(be_up, ()), MapDiff(svc_up, svc_del), MapDiff({}, be_del))
+    return LBPlan(desired, MapDiff(be_up, ()), MapDiff(svc_up, svc_del), MapDiff({}, be_del),
+                  diff_map(observed.nodeports, desired.nodeports))

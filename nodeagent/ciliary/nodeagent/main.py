@@ -71,8 +71,11 @@ class Agent:
         self._api: Any = None  # kubernetes_asyncio client, direct status mode only
         self.lb: load_balancing.LoadBalancing | None = None
         if config.datapath and config.lb_cgroup is not None:
-            self.lb = load_balancing.LoadBalancing(config.node_name, cgroup=config.lb_cgroup,
-                                                   bpffs=config.bpffs_dir, client_factory=self._lb_watch_client)
+            self.lb = load_balancing.LoadBalancing(
+                config.node_name, cgroup=config.lb_cgroup, bpffs=config.bpffs_dir,
+                client_factory=self._lb_watch_client, netns=config.netns or None,
+                proxy_healthz=settings.parse_host_port(config.proxy_healthz_addr) if config.proxy_healthz_addr
+                else None)
         if config.datapath:
             self.datapath = (datapath_factory or make_datapath)(config)
             self.enforcer = enforcing.Enforcer(node=config.node_name, datapath=self.datapath,

@@ -36,6 +36,7 @@ DEFAULTS: dict[str, str] = {
     "DIRECT_STATUS": "off",
     "KUBECONFIG": "",  # empty: the in-cluster service account (direct status mode only)
     "LB_CGROUP": "",  # empty: no socket load balancing
+    "PROXY_HEALTHZ_ADDR": "0.0.0.0:10256",  # kube-proxy's; only with LB_CGROUP; "off": not served
 }
 
 
@@ -69,6 +70,9 @@ class AgentSettings(pydantic.BaseModel):
     kubeconfig: str = pydantic.Field(default="", description="kubeconfig for direct status; empty: in-cluster.")
     lb_cgroup: Path | None = pydantic.Field(
         default=None, description="cgroup v2 directory whose sockets get socket load balancing; None: off.")
+    proxy_healthz_addr: str = pydantic.Field(
+        default="0.0.0.0:10256",
+        description="HOST:PORT of kube-proxy's /healthz and /livez, served with --lb-cgroup; empty: not served.")
 
     @property
     def health_addr(self) -> str:
@@ -140,6 +144,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help=f"cgroup v2 directory to attach the socket load balancer to (Services: connect, "
                              f"sendmsg, recvmsg, getpeername of every process below it); empty: off "
                              f"[env {ENV_PREFIX}LB_CGROUP]")
+    parser.add_argument("--proxy-healthz-addr", default=default("PROXY_HEALTHZ_ADDR"), metavar="HOST:PORT",
+                        help=f"with --lb-cgroup: where kube-proxy's /healthz and /livez are answered, in the "
+                             f"node's network namespace (kube-proxy's port is 10256); off: not served "
+                             f"[env {ENV_PREFIX}PROXY_HEALTHZ_ADDR]")
     parser.add_argument("--log-level", default=default("LOG_LEVEL"), metavar="LEVEL",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"],
                         help=f"log level [env {ENV_PREFIX}LOG_LEVEL]")
@@ -157,6 +165,9 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Age
         hubble_addr = "" if ns.hubble_addr.strip().lower() in ("", "off") else ns.hubble_addr.strip()
         if hubble_addr:
             parse_host_port(hubble_addr)
+        proxy_healthz = "" if ns.proxy_healthz_addr.strip().lower() in ("", "off") else ns.proxy_healthz_addr.strip()
+        if proxy_healthz:
+            parse_host_port(proxy_healthz)
         insecure = str(ns.etcd_insecure).strip().lower() in ("1", "true", "yes", "on")
         etcd_endpoints, etcd_tls = connection_settings(ns.etcd_endpoints, ca_file=ns.etcd_ca_file,
                                                        cert_file=ns.etcd_cert_file, key_file=ns.etcd_key_file,
@@ -180,6 +191,7 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Age
             direct_status=ns.direct_status == "on",
             kubeconfig=ns.kubeconfig,
             lb_cgroup=Path(ns.lb_cgroup) if ns.lb_cgroup else None,
+            proxy_healthz_addr=proxy_healthz,
         )
     except (ValueError, pydantic.ValidationError) as exc:
         parser.error(str(exc))

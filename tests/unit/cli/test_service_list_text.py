@@ -24,3 +24,13 @@ def test_rendering_names_refusal_drop_affinity_and_problems() -> None:
     assert "error: ns/bad: NodePortOutOfRange" in text
     assert service_commands.render_text("node-2", "no agent is registered") == [
         "node-2: cannot read the load balancer: no agent is registered"]
+
+
+def test_rendering_shows_health_check_ports_and_why_one_is_not_served() -> None:
+    doc = {"node": "node-1", "error": "", "frontends": [], "problems": [], "health_checks": [
+        {"service": "ns/web", "port": 32000, "local_endpoints": 2, "serving": True, "status": 200, "error": ""},
+        {"service": "ns/db", "port": 32001, "local_endpoints": 0, "serving": False, "status": None,
+         "error": "listening socket 0.0.0.0:32001 in netns n1: Address already in use"}]}
+    text = "\n".join(service_commands.render_text("node-1", doc))
+    assert "health-check :32000  ns/web  local endpoints 2, answers 200" in text
+    assert "health-check :32001  ns/db  local endpoints 0, not served: listening socket" in text

@@ -31,7 +31,10 @@ def applied(observed: LBState, step: lb_planning.LBPlan) -> LBState:
         del services[k]
     for b in step.backend_deletes.deletes:
         del backends[b]
-    return LBState(services, backends)
+    nodeports = {**observed.nodeports, **step.nodeport_writes.upserts}
+    for n in step.nodeport_writes.deletes:
+        del nodeports[n]
+    return LBState(services, backends, nodeports)
 
 
 def test_frontend_entry_slots_and_backends() -> None:
@@ -103,3 +106,20 @@ def test_applying_the_plan_reaches_the_desired_state_in_a_safe_order(before: lis
     # planning again from the result changes nothing
     again = plan(NodeLBIntent(node="n", frontends=tuple(after)), step.desired, **SIZES)
     assert len(again) == 0 and again.service_writes == MapDiff({}, ())
+
+
+def test_nodeports_of_the_intent_are_the_bind_guards_keys() -> None:
+    def np(address: str, port: int, protocol: str) -> FrontendIntent:
+        return FrontendIntent(service="ns/s", kind=FrontendKind.NODE_PORT, address=address, port=port,
+                              protocol=protocol)
+
+    first = NodeLBIntent(node="n", frontends=(np("192.0.2.11", 30080, "TCP"), np("192.0.2.12", 30080, "TCP"),
+                                               np("192.0.2.11", 30080, "UDP"), fe("10.96.0.1", 80, "TCP", [])))
+    step = plan(first, LBState(), **SIZES)
+    NP = lb_planning.NodePortKey
+    assert step.desired.nodeports == {NP(30080, 6): 1, NP(30080, 17): 1}  # one key per port and protocol
+    state = applied(LBState(), step)
+    second = NodeLBIntent(node="n", frontends=(np("192.0.2.11", 30081, "TCP"),))
+    step2 = plan(second, state, **SIZES)
+    assert step2.nodeport_writes == MapDiff({NP(30081, 6): 1}, (NP(30080, 6), NP(30080, 17)))
+    assert applied(state, step2).nodeports == {NP(30081, 6): 1}
