@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import ctypes as ct
 from collections.abc import Mapping
+from typing import TypeVar
 
 from ciliary.nodeagent.datapath import libbpf, maps
+
+A = TypeVar("A")
 
 CtRef = tuple[int, bytes]
 """(pod address as stored in the key, the raw key)."""
@@ -33,7 +36,7 @@ def stale_keys(entries: Mapping[CtRef, int], endpoints: Mapping[int, int]) -> li
     return [ref for ref, ep_id in entries.items() if endpoints.get(ref[0]) != ep_id]
 
 
-def endpoints_replaced(before: Mapping[object, int], after: Mapping[object, int]) -> bool:
+def endpoints_replaced(before: Mapping[A, int], after: Mapping[A, int]) -> bool:
     """Did an address leave, or change its ep_id, between two endpoint maps (address -> ep_id)?"""
     return any(after.get(addr) != ep_id for addr, ep_id in before.items())
 
