@@ -160,7 +160,8 @@ class Agent:
             watch_broken_for=None if broken is None else time.monotonic() - broken,
             wanted_revision=o.wanted.revision if o.wanted else None,
             applied_revision=o.applied.revision if o.applied else None,
-            apply_error=o.error if o.started else "")
+            apply_error=o.error if o.started else "",
+            lb_not_started=(self.lb.error or "not attached yet") if self.lb and not self.lb.started.is_set() else "")
 
     def _routes(self, app: web.Application) -> None:
         async def enforcement(_request: web.Request) -> web.Response:
