@@ -37,6 +37,8 @@ from ciliary.operator.api.rules import (
     IngressRule,
     Rule,
 )
+from ciliary.operator.api.selectors import LabelSelector
+from ciliary.operator.policy import identities, selection
 from ciliary.operator.policy.compiling import ICMP_V4_TYPES
 
 MAX_MESSAGE = 1024
@@ -114,6 +116,11 @@ FEATURES: tuple[Feature, ...] = (
             "selected pods is dropped on that direction (`UNSUPPORTED_L3`), although the policy allows it"),
     Feature("unresolved-entities", "`fromEntities`/`toEntities`: `kube-apiserver`, `unmanaged`, `world-ipv6`",
             _P, "not enforced: no address is classified as this entity, so it selects no peer"),
+    Feature("unrepresentable-label", "a selector on a pod label key security identities do not carry "
+            "(`pod-template-hash`, `controller-revision-hash`, `statefulset.kubernetes.io/pod-name`, "
+            "`kubernetes.io/*`, `k8s.io/*`, …)", _P,
+            "not enforced as written: pods cannot be told apart by such a key; as in Cilium it counts as absent "
+            "on every pod, so `NotIn`/`DoesNotExist` on it hold for every pod and `In`/`Exists` for none"),
     # --- refused
     Feature("nodeSelector-in-cnp", "`nodeSelector` in a CiliumNetworkPolicy", _R,
             "Valid=False (nodeSelector is for CCNPs)"),
@@ -175,7 +182,35 @@ IPV6_ALLOWING_ENTITIES = frozenset({"all", "world"})
 """Entities whose peers include IPv6 addresses, which an enforced direction drops."""
 
 
+def unrepresentable_keys(selector: LabelSelector | None) -> list[str]:
+    """Keys of a CNP selector naming pod labels that identities drop (``identities.is_relevant_pod_label``)."""
+    if selector is None:
+        return []
+    out = []
+    for raw in [*(selector.match_labels or {}), *(e.key for e in selector.match_expressions or ())]:
+        source, key = selection.parse_key(raw)
+        if source not in (selection.K8S_SOURCE, selection.ANY_SOURCE):
+            continue
+        if key == selection.NAMESPACE_KEY or key.startswith(IDENTITY_KEY_PREFIX):
+            continue  # the namespace and Cilium's own keys are on every pod identity
+        if not identities.is_relevant_pod_label(key):
+            out.append(raw)
+    return out
+
+
+IDENTITY_KEY_PREFIX = "io.cilium.k8s."
+"""Namespace labels, service account and cluster: keys Ciliary adds to every pod identity."""
+
+
+def _selector_gaps(selectors: Iterable[LabelSelector | None], path: str) -> Iterator[Gap]:
+    for j, selector in enumerate(selectors):
+        if unrepresentable_keys(selector):
+            yield _gap(f"{path}[{j}]", "unrepresentable-label")
+
+
 def _rule_gaps(rule: Rule, path: str) -> Iterator[Gap]:
+    if unrepresentable_keys(rule.endpoint_selector):
+        yield _gap(f"{path}.endpointSelector", "unrepresentable-label")
     if rule.node_selector is not None:
         yield _gap(f"{path}.nodeSelector", "nodeSelector")
     default_deny = rule.enable_default_deny
@@ -192,6 +227,10 @@ def _rule_gaps(rule: Rule, path: str) -> Iterator[Gap]:
 
 
 def _item_gaps(item: IngressRule | IngressDenyRule | EgressRule | EgressDenyRule, path: str) -> Iterator[Gap]:
+    side = "from" if isinstance(item, (IngressRule, IngressDenyRule)) else "to"
+    for kind in ("Endpoints", "Requires"):
+        selectors = getattr(item, f"{side}_{kind.lower()}", None) or ()
+        yield from _selector_gaps(selectors, f"{path}.{side}{kind}")
     cidr_fields: tuple[tuple[str, Sequence[str | CIDRRule] | None], ...]
     if isinstance(item, (IngressRule, IngressDenyRule)):
         cidr_fields = (("fromCIDR", item.from_cidr), ("fromCIDRSet", item.from_cidr_set))

@@ -122,6 +122,13 @@ EXAMPLES: list[tuple[str, dict[str, Any], str, str]] = [
     ("unresolved-entities", ingress(fromEntities=["world-ipv4", "unmanaged"]), CNP,
      "spec.ingress[0].fromEntities[1]"),
     ("unresolved-entities", egress(toEntities=["world-ipv6"]), CNP, "spec.egress[0].toEntities[0]"),
+    ("unrepresentable-label", {"endpointSelector": {"matchExpressions": [
+        {"key": "k8s:statefulset.kubernetes.io/pod-name", "operator": "NotIn", "values": ["db-0"]}]},
+        "ingress": [{"fromEndpoints": [{}]}]}, CNP, "spec.endpointSelector"),
+    ("unrepresentable-label", ingress(fromEndpoints=[{}, {"matchLabels": {"pod-template-hash": "abc"}}]), CNP,
+     "spec.ingress[0].fromEndpoints[1]"),
+    ("unrepresentable-label", egress(toEndpoints=[APP], toRequires=[{"matchExpressions": [
+        {"key": "any:kubernetes.io/hostname", "operator": "DoesNotExist"}]}]), CNP, "spec.egress[0].toRequires[0]"),
     ("nodeSelector-in-cnp", {"nodeSelector": {}, "ingress": [{}]}, CNP, ""),
     ("l7-in-deny", {"endpointSelector": APP, "ingressDeny": [{"toPorts": [{**PORT80, "rules": {"http": [{}]}}]}]},
      CNP, ""),
@@ -248,3 +255,12 @@ def test_each_endpoint_lists_the_policies_selecting_it() -> None:
     repo.upsert(parse_policy(body(ingress(fromEndpoints=[{}]))))
     intent = resolve_cluster(ClusterState(repo.snapshot(), PODS, {"ns": NamespaceInfo("ns", {})}, NODES))["n1"]
     assert {e.pod: e.policies for e in intent.endpoints} == {"a": ("uid-p",), "b": ()}
+
+
+@pytest.mark.parametrize("key", ["k8s:io.kubernetes.pod.namespace", "io.cilium.k8s.policy.serviceaccount",
+                                 "k8s:io.cilium.k8s.namespace.labels.team", "app.kubernetes.io/name", "app",
+                                 "reserved:host", "cidr:10.0.0.0/8"])
+def test_keys_identities_carry_are_no_gap(key: str) -> None:
+    spec = ingress(fromEndpoints=[{"matchExpressions": [{"key": key, "operator": "Exists"}]}])
+    _, enforced, gaps = status_of(body(spec))
+    assert gaps == () and enforced["status"] == "True", (gaps, enforced)
