@@ -66,6 +66,8 @@ class QueryVerdict:
     rules: tuple[DNSRule, ...]
     entries: tuple[intents.PolicyEntry, ...] = ()
     reason: str = ""
+    peer: int = 0
+    """The server's identity."""
 
     def allows(self, name: str) -> bool:
         return any_matches(self.rules, name)
@@ -111,9 +113,9 @@ def query_verdict(intent: intents.NodeIntent | None, client: str, server: str, p
     peer = ipcache_identity(intent.ipcache, server)
     covering = [e for e in endpoint.egress.entries if e.covers(peer, protocol, port)]
     if any(e.verdict is Verdict.DENY for e in covering):
-        return QueryVerdict(endpoint, (), reason="a deny rule covers the server")
+        return QueryVerdict(endpoint, (), reason="a deny rule covers the server", peer=peer)
     dns = tuple(e for e in covering if e.l7_redirect and e.l7_parser == "dns")
     if not dns:
-        return QueryVerdict(endpoint, (), reason="no DNS rule covers the server and port")
+        return QueryVerdict(endpoint, (), reason="no DNS rule covers the server and port", peer=peer)
     rules = tuple(dict.fromkeys(rule for e in dns for rule in e.dns))
-    return QueryVerdict(endpoint, rules, dns)
+    return QueryVerdict(endpoint, rules, dns, peer=peer)

@@ -152,6 +152,7 @@ def enrich(event: Any, index: IntentIndex, rules_for: Callable[[int], Iterable[i
         "tcp_flags": tcp_flag_names(event.tcp_flags) if event.protocol == 6 else [],
         "policy": [r.model_dump(mode="json") for r in rules_for(event.cookie)] if event.cookie else [],
         "ifindex": event.ifindex,
+        **({"l7": event.l7} if getattr(event, "l7", None) else {}),
     }
 
 
