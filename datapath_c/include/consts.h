@@ -97,5 +97,6 @@
 #define CY_TCP_FIN 0x01
 #define CY_TCP_SYN 0x02
 #define CY_TCP_RST 0x04
+#define CY_TCP_ACK 0x10
 
 #endif /* CY_CONSTS_H */

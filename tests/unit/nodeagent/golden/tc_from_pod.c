@@ -117,6 +117,7 @@
 #define CY_TCP_FIN 0x01
 #define CY_TCP_SYN 0x02
 #define CY_TCP_RST 0x04
+#define CY_TCP_ACK 0x10
 
 #endif /* CY_CONSTS_H */
 /* ---- include/drop_reasons.h ---- */
@@ -905,10 +906,13 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, const struct c
  * same constants). bpf_sk_assign is valid at tc ingress only: cy_from_pod, the
  * pod's egress. The proxy socket needs IP_TRANSPARENT.
  *
- * TCP: a packet of a connection the proxy already accepted goes to that
- * established socket (found by the original 4-tuple); anything else (the SYN)
- * goes to the proxy's listener, found by the proxy port. A listener the
- * 4-tuple finds (a node process listening on the original port) is skipped.
+ * TCP: a connection's first packet (SYN without ACK) is assigned to the
+ * proxy's listener, found by the proxy port; the listener's request socket
+ * then carries the original 4-tuple, so every later packet (the handshake's
+ * ACK, data) only needs the mark: local delivery finds that request or
+ * accepted socket by its 4-tuple, as for any local connection. (Assigning the
+ * listener to those packets would hand them to the listener itself, which
+ * does not know the half-open connection.)
  * UDP: always the proxy's socket on the proxy port.
  *
  * Fail closed: no proxy socket, or a protocol other than TCP/UDP -> the
@@ -931,14 +935,13 @@ static __always_inline int cy_redirect_to_proxy(struct __sk_buff *skb, const str
 	tuple.ipv4.sport = p->sport;
 	tuple.ipv4.dport = p->dport;
 	if (p->protocol == CY_PROTO_TCP) {
+		if ((p->tcp_flags & (CY_TCP_SYN | CY_TCP_ACK)) != CY_TCP_SYN)
+			goto mark;
+		tuple.ipv4.dport = bpf_htons(proxy_port);
 		sk = bpf_sk_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
-		if (sk && sk->state == BPF_TCP_LISTEN) {
+		if (sk && sk->state != BPF_TCP_LISTEN) {
 			bpf_sk_release(sk);
 			sk = 0;
-		}
-		if (!sk) {
-			tuple.ipv4.dport = bpf_htons(proxy_port);
-			sk = bpf_sk_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
 		}
 	} else if (p->protocol == CY_PROTO_UDP) {
 		tuple.ipv4.dport = bpf_htons(proxy_port);
@@ -950,6 +953,7 @@ static __always_inline int cy_redirect_to_proxy(struct __sk_buff *skb, const str
 	bpf_sk_release(sk);
 	if (err)
 		return -1;
+mark:
 	skb->mark = (skb->mark & ~CY_MARK_PROXY_MASK) | CY_MARK_TO_PROXY;
 	return 0;
 }
