@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from test_policy_resolution import WEB, cnp, state_of  # type: ignore[import-not-found]
+
 from ciliary.operator.intents import DNSRule, Protocol, Verdict
 from ciliary.operator.policy.identities import FIRST_FQDN_SELECTOR_IDENTITY
 from ciliary.operator.policy.resolution import Resolver, resolve_cluster
-
-from test_policy_resolution import WEB, cnp, state_of  # type: ignore[import-not-found]
 
 DNS_PORTS = [{"port": "53", "protocol": "UDP"}, {"port": "53", "protocol": "TCP"}]
 
