@@ -28,11 +28,14 @@ from collections.abc import Iterable, Mapping
 from ciliary.nodeagent.dns_policy import WORLD, ipcache_identity, rule_matches
 from ciliary.operator import intents
 from ciliary.operator.intents import DirectionPolicy, IpcacheEntry, PolicyEntry, sorted_entries
+from ciliary.operator.policy.identities import (  # the numbering plan lives there
+    FIRST_CIDR_IDENTITY,
+    FIRST_LEARNT_IDENTITY,
+    MAX_CIDR_IDENTITY,
+    MAX_LEARNT_IDENTITY,
+)
 
-FIRST_LEARNT_IDENTITY = (3 << 24) + 1
-MAX_LEARNT_IDENTITY = (4 << 24) - 1
-_FIRST_CIDR_IDENTITY = (1 << 24) + 1
-_MAX_CIDR_IDENTITY = (2 << 24) - 1
+__all__ = ["FIRST_LEARNT_IDENTITY", "MAX_LEARNT_IDENTITY", "LearntIdentities", "expand", "grants"]
 
 Learnt = Mapping[str, Mapping[str, frozenset[str]]]
 """endpoint IPv4 -> learnt address -> the names it answered."""
@@ -62,7 +65,7 @@ class LearntIdentities:
 
 
 def _outside_cluster(identity: int) -> bool:
-    return identity == WORLD or _FIRST_CIDR_IDENTITY <= identity <= _MAX_CIDR_IDENTITY
+    return identity == WORLD or FIRST_CIDR_IDENTITY <= identity <= MAX_CIDR_IDENTITY
 
 
 def grants(intent: intents.NodeIntent, learnt: Learnt) -> dict[str, dict[str, frozenset[int]]]:

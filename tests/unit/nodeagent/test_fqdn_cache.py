@@ -93,3 +93,14 @@ def test_expansion_grants_per_endpoint_and_inherits_the_shadowed_identity() -> N
     again = fqdn_expansion.expand(base, {POD: {"192.0.2.100": frozenset({"api.world.test"})}}, ids)
     assert {e.cidr: e.identity for e in again.ipcache if e.identity == api} == {"192.0.2.100/32": api}
     assert fqdn_expansion.expand(base, {}, ids) == base
+
+
+def test_policy_get_does_not_count_learnt_addresses_as_divergence() -> None:
+    from ciliary.operator.policy import divergence
+
+    base = node_intent()
+    out = fqdn_expansion.expand(base, {POD: {"192.0.2.100": frozenset({"api.world.test"})}},
+                                fqdn_expansion.LearntIdentities())
+    assert out != base
+    assert divergence.differences(base, out) == []
+    assert divergence.operator_part(out).ipcache == base.ipcache

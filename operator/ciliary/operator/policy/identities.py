@@ -57,6 +57,9 @@ FIRST_CIDR_IDENTITY = LOCAL_IDENTITY_FLAG + 1
 MAX_CIDR_IDENTITY = (2 << 24) - 1
 FIRST_FQDN_SELECTOR_IDENTITY = (2 << 24) + 1
 MAX_FQDN_SELECTOR_IDENTITY = (3 << 24) - 1
+FIRST_LEARNT_IDENTITY = (3 << 24) + 1
+MAX_LEARNT_IDENTITY = (4 << 24) - 1
+"""Agent-local: addresses learnt from DNS answers (``ciliary.nodeagent.fqdn_expansion``); never in an intent."""
 FQDN_SOURCE = "fqdn"
 DEFAULT_CLUSTER_NAME = "default"
 
