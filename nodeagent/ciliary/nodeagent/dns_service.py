@@ -74,7 +74,8 @@ class DNSService:
         if not force and grants == self._grants:
             return None
         self._grants = grants
-        return self.enforcer.set_intent(fqdn_expansion.expand(self.base, learnt, self.ids))
+        expanded = fqdn_expansion.expand(self.base, learnt, self.ids)
+        return self.enforcer.set_intent(expanded) if force else self.enforcer.refresh_intent(expanded)
 
     # ------------------------------------------------------------------ the proxy's callbacks
 

@@ -144,6 +144,14 @@ class Enforcer:
         self._update(wanted=intent)
         return self._request()
 
+    def refresh_intent(self, intent: intents.NodeIntent) -> int:
+        """The same operator intent, re-expanded by the agent (toFQDNs learnt addresses): apply it soon.
+
+        Unlike :meth:`set_intent` it does not clear an invalid-intent error: the newest etcd value
+        is still the one that could not be parsed."""
+        self._update(wanted=intent)
+        return self._request()
+
     def set_proxy_problems(self, problems: Mapping[str, str]) -> None:
         """The node-local proxies' state (reported with every policy that needs them)."""
         if dict(problems) != dict(self.outcome.proxy_problems):
