@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_fqdn_cache import POD, node_intent  # type: ignore[import-not-found]
 
 from ciliary.nodeagent import dns_service, settings
 from ciliary.nodeagent.enforcing import Outcome
 from ciliary.operator import intents
-
-from test_fqdn_cache import POD, node_intent  # type: ignore[import-not-found]
 
 
 class RecordingEnforcer:
