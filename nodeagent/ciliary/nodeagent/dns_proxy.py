@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
+import random
 import socket
 import struct
 import time
@@ -150,6 +151,7 @@ class DNSProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self._accept: asyncio.Task[None] | None = None
         self._replies: collections.OrderedDict[tuple[str, int], socket.socket] = collections.OrderedDict()
+        self._upstream: _UpstreamUDP | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -193,6 +195,9 @@ class DNSProxy:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._upstream is not None:
+            self._upstream.close()
+            self._upstream = None
         for sock in (self._udp, self._tcp, *self._replies.values()):
             if sock is not None:
                 sock.close()
@@ -255,22 +260,12 @@ class DNSProxy:
         with contextlib.suppress(OSError):
             sock.sendto(payload, client)
 
-    async def _upstream_udp(self, data: bytes, server: tuple[str, int], txid: int) -> bytes | None:
-        def setup(s: socket.socket) -> None:
-            s.connect(server)
-
-        sock = await self.sockets.make(socket.AF_INET, socket.SOCK_DGRAM, setup)
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.sock_sendall(sock, data)
-            deadline = loop.time() + self.timeout
-            while (left := deadline - loop.time()) > 0:
-                reply = await asyncio.wait_for(loop.sock_recv(sock, MAX_DATAGRAM), left)
-                if len(reply) >= 2 and struct.unpack("!H", reply[:2])[0] == txid:
-                    return reply
-            return None
-        finally:
-            sock.close()
+    async def _upstream_udp(self, data: bytes, server: tuple[str, int]) -> bytes | None:
+        """Forward over the shared upstream socket under a fresh id; the answer gets the pod's id back."""
+        if self._upstream is None:
+            self._upstream = _UpstreamUDP(await self.sockets.make(socket.AF_INET, socket.SOCK_DGRAM,
+                                                                  lambda s: s.bind(("0.0.0.0", 0))))
+        return await self._upstream.exchange(data, server, self.timeout)
 
     # ------------------------------------------------------------------ TCP
 
@@ -347,7 +342,7 @@ class DNSProxy:
             return refusal(query, dns.rcode.REFUSED)
         try:
             if protocol == socket.IPPROTO_UDP:
-                raw = await self._upstream_udp(data, server, query.id)
+                raw = await self._upstream_udp(data, server)
             else:
                 raw = await self._upstream_tcp(data, server)
         except (TimeoutError, OSError) as exc:
@@ -388,6 +383,59 @@ class DNSProxy:
                             protocol=f["protocol"], verdict=verdict, reason=reason, src_identity=f["identity"],
                             dst_identity=f["peer"], cookie=f["cookie"], l7=l7)
         self.publish([event])
+
+
+class _UpstreamUDP:
+    """One unconnected UDP socket in the node's namespace for every forwarded query.
+
+    Each query leaves under an id no other pending query to that server has; an answer is
+    taken only from the server asked, with that id, and gets the pod's own id back."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pending: dict[tuple[tuple[str, int], int], asyncio.Future[bytes]] = {}
+        self._next = random.randrange(1 << 16)
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        for _ in range(64):
+            try:
+                data, peer = self.sock.recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if len(data) < 2:
+                continue
+            future = self.pending.get(((peer[0], peer[1]), struct.unpack("!H", data[:2])[0]))
+            if future is not None and not future.done():
+                future.set_result(data)
+
+    async def exchange(self, data: bytes, server: tuple[str, int], timeout: float) -> bytes | None:
+        if len(data) < 2:
+            return None
+        for _ in range(1 << 16):
+            self._next = (self._next + 1) & 0xFFFF
+            if (server, self._next) not in self.pending:
+                break
+        else:
+            return None
+        key = (server, self._next)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.pending[key] = future
+        try:
+            self.sock.sendto(struct.pack("!H", self._next) + data[2:], server)
+            reply = await asyncio.wait_for(future, timeout)
+        except (TimeoutError, OSError):
+            return None
+        finally:
+            self.pending.pop(key, None)
+        return data[:2] + reply[2:]
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError, RuntimeError):
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
 
 
 async def _read_framed(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes | None:
