@@ -2,7 +2,7 @@
 
 Owns :class:`DNSProxy`, the async shell around ``dns_policy`` and ``fqdn_cache``.
 It listens on one port, UDP and TCP, in the node's network namespace
-(``netns_sockets``), with ``IP_TRANSPARENT`` so the datapath can hand it packets
+(``netns_sockets``), with ``IP_TRANSPARENT`` (``dns_wire``) so the datapath can hand it packets
 addressed to any server. For each query it
 
 1. finds the rules that apply (``dns_policy.query_verdict``, against the intent
@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
-import random
 import socket
 import struct
 import time
@@ -41,28 +40,22 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import dns.exception
-import dns.flags
 import dns.message
 import dns.rcode
 import dns.rdatatype
 
-from ciliary.nodeagent import planning
+from ciliary.nodeagent import dns_wire, planning
 from ciliary.nodeagent.dns_policy import QueryVerdict, canonical
 from ciliary.nodeagent.netns_sockets import NetnsSockets
 
 log = logging.getLogger(__name__)
 
-SOL_IP = 0
-IP_TRANSPARENT = 19
-IP_RECVORIGDSTADDR = 20
-IP_ORIGDSTADDR = 20
 DEFAULT_PORT = 10053
 UPSTREAM_TIMEOUT_S = 2.0
 LEARN_TIMEOUT_S = 2.0
 TCP_IDLE_S = 10.0
 TCP_MAX_QUERIES = 100
 MAX_INFLIGHT = 512
-MAX_DATAGRAM = 65535
 REPLY_SOCKETS = 64
 
 Verdict = Callable[[str, str, int, int], QueryVerdict]
@@ -105,33 +98,6 @@ class ProxyStats:
     overloaded: int = 0
 
 
-def _orig_dst(ancdata: list[tuple[int, int, bytes]]) -> tuple[str, int] | None:
-    for level, kind, data in ancdata:
-        if level == SOL_IP and kind == IP_ORIGDSTADDR and len(data) >= 8:
-            port = struct.unpack("!H", data[2:4])[0]
-            return socket.inet_ntoa(data[4:8]), port
-    return None
-
-
-def refusal(query: dns.message.Message, rcode: dns.rcode.Rcode) -> bytes:
-    response = dns.message.make_response(query)
-    response.set_rcode(rcode)
-    response.flags |= dns.flags.RA
-    return response.to_wire()
-
-
-def answer_addresses(response: dns.message.Message) -> tuple[list[str], list[tuple[str, int]]]:
-    """(the names the answer speaks for, [(IPv4 address, ttl)]) from its A records and CNAME chain."""
-    names: list[str] = [canonical(q.name.to_text()) for q in response.question]
-    answers: list[tuple[str, int]] = []
-    for rrset in response.answer:
-        if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.CNAME):
-            names.append(canonical(rrset.name.to_text()))
-        if rrset.rdtype == dns.rdatatype.A:
-            answers.extend((rd.address, int(rrset.ttl)) for rd in rrset)
-    return list(dict.fromkeys(names)), answers
-
-
 class DNSProxy:
     """One node's DNS proxy (UDP and TCP on ``port``)."""
 
@@ -151,7 +117,7 @@ class DNSProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self._accept: asyncio.Task[None] | None = None
         self._replies: collections.OrderedDict[tuple[str, int], socket.socket] = collections.OrderedDict()
-        self._upstream: _UpstreamUDP | None = None
+        self._upstream: dns_wire.UpstreamUDP | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -160,13 +126,13 @@ class DNSProxy:
 
         def udp_setup(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
-            sock.setsockopt(SOL_IP, IP_RECVORIGDSTADDR, 1)
+            sock.setsockopt(dns_wire.SOL_IP, dns_wire.IP_TRANSPARENT, 1)
+            sock.setsockopt(dns_wire.SOL_IP, dns_wire.IP_RECVORIGDSTADDR, 1)
             sock.bind(("0.0.0.0", port))
 
         def tcp_setup(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
+            sock.setsockopt(dns_wire.SOL_IP, dns_wire.IP_TRANSPARENT, 1)
             sock.bind(("0.0.0.0", port))
             sock.listen(256)
 
@@ -220,13 +186,13 @@ class DNSProxy:
         assert self._udp is not None
         for _ in range(64):
             try:
-                data, ancdata, _flags, client = self._udp.recvmsg(MAX_DATAGRAM, socket.CMSG_SPACE(16))
+                data, ancdata, _flags, client = self._udp.recvmsg(dns_wire.MAX_DATAGRAM, socket.CMSG_SPACE(16))
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 log.warning("DNS proxy receive failed", extra={"error": str(exc)})
                 return
-            server = _orig_dst(ancdata)
+            server = dns_wire.orig_dst(ancdata)
             if server is None:
                 self.stats.malformed += 1
                 continue
@@ -243,7 +209,7 @@ class DNSProxy:
         if sock is None:
             def setup(s: socket.socket) -> None:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
+                s.setsockopt(dns_wire.SOL_IP, dns_wire.IP_TRANSPARENT, 1)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
                 s.bind(server)
 
@@ -263,7 +229,7 @@ class DNSProxy:
     async def _upstream_udp(self, data: bytes, server: tuple[str, int]) -> bytes | None:
         """Forward over the shared upstream socket under a fresh id; the answer gets the pod's id back."""
         if self._upstream is None:
-            self._upstream = _UpstreamUDP(await self.sockets.make(socket.AF_INET, socket.SOCK_DGRAM,
+            self._upstream = dns_wire.UpstreamUDP(await self.sockets.make(socket.AF_INET, socket.SOCK_DGRAM,
                                                                   lambda s: s.bind(("0.0.0.0", 0))))
         return await self._upstream.exchange(data, server, self.timeout)
 
@@ -287,7 +253,7 @@ class DNSProxy:
         server = conn.getsockname()[:2]
         try:
             for _ in range(TCP_MAX_QUERIES):
-                data = await asyncio.wait_for(_read_framed(loop, conn), TCP_IDLE_S)
+                data = await asyncio.wait_for(dns_wire.read_framed(loop, conn), TCP_IDLE_S)
                 if data is None:
                     return
                 response = await self.handle(data, client, (server[0], server[1]), socket.IPPROTO_TCP)
@@ -306,7 +272,7 @@ class DNSProxy:
             async def exchange() -> bytes | None:
                 await loop.sock_connect(sock, server)
                 await loop.sock_sendall(sock, struct.pack("!H", len(data)) + data)
-                return await _read_framed(loop, sock)
+                return await dns_wire.read_framed(loop, sock)
 
             return await asyncio.wait_for(exchange(), self.timeout)
         finally:
@@ -326,7 +292,7 @@ class DNSProxy:
             return None
         if len(query.question) != 1:
             self.stats.refused += 1
-            return refusal(query, dns.rcode.FORMERR)
+            return dns_wire.refusal(query, dns.rcode.FORMERR)
         question = query.question[0]
         name = canonical(question.name.to_text())
         qtype = dns.rdatatype.to_text(question.rdtype)
@@ -339,7 +305,7 @@ class DNSProxy:
             self.stats.refused += 1
             self._flow(began, flow, "dropped", "DNS_REFUSED", "REFUSED", [],
                        verdict.reason or "no rule allows the name")
-            return refusal(query, dns.rcode.REFUSED)
+            return dns_wire.refusal(query, dns.rcode.REFUSED)
         try:
             if protocol == socket.IPPROTO_UDP:
                 raw = await self._upstream_udp(data, server)
@@ -351,14 +317,14 @@ class DNSProxy:
         if raw is None:
             self.stats.timeouts += 1
             self._flow(began, flow, "forwarded", "DNS_TIMEOUT", "SERVFAIL", [], "no answer from the server")
-            return refusal(query, dns.rcode.SERVFAIL)
+            return dns_wire.refusal(query, dns.rcode.SERVFAIL)
         try:
             response = dns.message.from_wire(raw)
         except dns.exception.DNSException:
             self.stats.malformed += 1
             self._flow(began, flow, "forwarded", "DNS_BAD_ANSWER", "SERVFAIL", [], "the server's answer does not parse")
-            return refusal(query, dns.rcode.SERVFAIL)
-        names, answers = answer_addresses(response)
+            return dns_wire.refusal(query, dns.rcode.SERVFAIL)
+        names, answers = dns_wire.answer_addresses(response)
         if answers:
             try:
                 await asyncio.wait_for(self.learn(client[0], names, answers), LEARN_TIMEOUT_S)
@@ -383,75 +349,3 @@ class DNSProxy:
                             protocol=f["protocol"], verdict=verdict, reason=reason, src_identity=f["identity"],
                             dst_identity=f["peer"], cookie=f["cookie"], l7=l7)
         self.publish([event])
-
-
-class _UpstreamUDP:
-    """One unconnected UDP socket in the node's namespace for every forwarded query.
-
-    Each query leaves under an id no other pending query to that server has; an answer is
-    taken only from the server asked, with that id, and gets the pod's own id back."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.pending: dict[tuple[tuple[str, int], int], asyncio.Future[bytes]] = {}
-        self._next = random.randrange(1 << 16)
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
-
-    def _readable(self) -> None:
-        for _ in range(64):
-            try:
-                data, peer = self.sock.recvfrom(MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
-            if len(data) < 2:
-                continue
-            future = self.pending.get(((peer[0], peer[1]), struct.unpack("!H", data[:2])[0]))
-            if future is not None and not future.done():
-                future.set_result(data)
-
-    async def exchange(self, data: bytes, server: tuple[str, int], timeout: float) -> bytes | None:
-        if len(data) < 2:
-            return None
-        for _ in range(1 << 16):
-            self._next = (self._next + 1) & 0xFFFF
-            if (server, self._next) not in self.pending:
-                break
-        else:
-            return None
-        key = (server, self._next)
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self.pending[key] = future
-        try:
-            self.sock.sendto(struct.pack("!H", self._next) + data[2:], server)
-            reply = await asyncio.wait_for(future, timeout)
-        except (TimeoutError, OSError):
-            return None
-        finally:
-            self.pending.pop(key, None)
-        return data[:2] + reply[2:]
-
-    def close(self) -> None:
-        with contextlib.suppress(ValueError, RuntimeError):
-            asyncio.get_running_loop().remove_reader(self.sock.fileno())
-        self.sock.close()
-
-
-async def _read_framed(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes | None:
-    """One length-prefixed DNS message (RFC 7766); None at a clean end of stream."""
-    head = await _read_exact(loop, sock, 2)
-    if head is None:
-        return None
-    size = struct.unpack("!H", head)[0]
-    return await _read_exact(loop, sock, size)
-
-
-async def _read_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int) -> bytes | None:
-    buf = b""
-    while len(buf) < size:
-        chunk = await loop.sock_recv(sock, size - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    return buf

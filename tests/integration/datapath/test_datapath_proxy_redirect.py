@@ -19,7 +19,7 @@ from dp_topology import Topology
 
 from ciliary.nodeagent import planning, proxy_routing
 from ciliary.nodeagent.datapath import engine
-from ciliary.nodeagent.dns_proxy import IP_RECVORIGDSTADDR, IP_TRANSPARENT, SOL_IP, _orig_dst
+from ciliary.nodeagent.dns_wire import IP_RECVORIGDSTADDR, IP_TRANSPARENT, SOL_IP, orig_dst
 from ciliary.nodeagent.netns_sockets import _enter
 from ciliary.operator import intents
 from ciliary.operator.intents import DirectionPolicy, PolicyEntry, Protocol, Verdict
@@ -79,7 +79,7 @@ class EchoProxy:
             data, anc, _flags, peer = udp.recvmsg(2048, socket.CMSG_SPACE(16))
         except TimeoutError:
             return
-        orig = _orig_dst(anc)
+        orig = orig_dst(anc)
         assert orig is not None
         self.seen.append(("udp", peer[:2], orig))
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as reply:  # answer as the original server

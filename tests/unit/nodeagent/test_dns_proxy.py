@@ -12,7 +12,8 @@ import dns.rcode
 
 from ciliary.lab import worlddns
 from ciliary.nodeagent.dns_policy import QueryVerdict
-from ciliary.nodeagent.dns_proxy import DNSProxy, answer_addresses
+from ciliary.nodeagent.dns_proxy import DNSProxy
+from ciliary.nodeagent.dns_wire import answer_addresses
 from ciliary.nodeagent.netns_sockets import NetnsSockets
 from ciliary.operator.intents import DNSRule, PolicyEntry, Protocol, RuleRef, Verdict
 
