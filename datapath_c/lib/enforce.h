@@ -23,7 +23,11 @@
  *      -> CY_DROP_INVALID; on an unenforced one they pass;
  *   3. direction not enforced -> pass (CY_OK_UNENFORCED);
  *   4. policy.h verdict: deny entry -> drop, allow entry -> pass, else drop
- *      (the deny map is probed only when the endpoint's CY_EP_*_DENY is set).
+ *      (the deny map is probed only when the endpoint's CY_EP_*_DENY is set);
+ *   5. cy_from_pod only: an allow entry with a proxy port hands the packet to
+ *      the node's proxy (redirect.h, CY_OK_PROXY); no proxy socket ->
+ *      CY_DROP_PROXY_UNAVAILABLE. The connection is tracked as usual, so the
+ *      proxy's answers (sent from the original destination) pass as replies.
  * One cy_ct lookup per packet (conntrack.h) tells replies from forward
  * packets. Forwarded forward-direction packets create/refresh a cy_ct entry; a flow
  * event is emitted for every drop and every new connection (every packet when
@@ -87,6 +91,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 	struct endpoint_info *ep, *src_ep = 0;
 	__u32 pod_addr, peer_addr, peer_id = 0, cookie = 0;
 	__u32 flags, enforced, has_deny;
+	__u16 proxy_port = 0;
 	__u64 ct_now = 0;
 	__u8 reason;
 	int parsed, is_new;
@@ -148,13 +153,16 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 	if (enforced) {
 		peer_id = cy_identity_of(peer_addr);
 		reason = cy_policy_verdict(ep->ep_id, dir, has_deny, peer_id, p.protocol,
-					   p.policy_port, &cookie);
+					   p.policy_port, &cookie, &proxy_port);
+		if (dir == CY_DIR_EGRESS && reason == CY_OK_POLICY && proxy_port)
+			reason = cy_redirect_to_proxy(skb, &p, proxy_port) ? CY_DROP_PROXY_UNAVAILABLE
+									   : CY_OK_PROXY;
 	} else {
 		reason = CY_OK_UNENFORCED;
 	}
 
 	cy_count(dir, reason, p.len);
-	if (reason == CY_DROP_POLICY || reason == CY_DROP_POLICY_DENY) {
+	if (reason == CY_DROP_POLICY || reason == CY_DROP_POLICY_DENY || reason == CY_DROP_PROXY_UNAVAILABLE) {
 		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie);
 		return TC_ACT_SHOT;
 	}

@@ -23,6 +23,7 @@ from pathlib import Path
 from ciliary.lab import cgroups, controlplane, etcdsecurity, kubeletnode, processes, tools, topology
 from ciliary.lab.layout import (
     MAX_NODES,
+    WORLD_DNS_IP,
     WORLD_IP,
     WORLD_TCP_PORTS,
     WORLD_UDP_PORTS,
@@ -171,10 +172,16 @@ class Lab:
         self.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
 
     def start_world(self) -> None:
+        world_ns = f"--net={topology.NETNS_DIR / self.layout.world_netns}"
+        if not processes.running_pid(self.layout, "world-dns"):
+            processes.spawn(self.layout, "world-dns", ["nsenter", world_ns, sys.executable, "-m",
+                                                       "ciliary.lab.worlddns", "--address", WORLD_DNS_IP],
+                            env=self.child_env())
         if processes.running_pid(self.layout, "world"):
             return
-        argv = ["nsenter", f"--net={topology.NETNS_DIR / self.layout.world_netns}", sys.executable, "-m",
-                "ciliary.lab.podserver", "--name", "world"]
+        # bound to WORLD_IP only: the DNS server owns port 53 of the world's second address
+        argv = ["nsenter", world_ns, sys.executable, "-m",
+                "ciliary.lab.podserver", "--name", "world", "--bind", WORLD_IP]
         for p in WORLD_TCP_PORTS:
             argv += ["--tcp", str(p)]
         for p in WORLD_UDP_PORTS:
@@ -198,6 +205,8 @@ class Lab:
                 # socket load balancing for every pod of the node (their cgroups live below this one)
                 "--lb-cgroup", str(cgroups.ensure(cgroups.lab_root(self.layout.cgroup_name) / node)),
                 "--hubble-addr", f"127.0.0.1:{self.hubble_port(node)}",
+                # the lab's TTLs are the world DNS server's (seconds), so expiry is observable
+                "--fqdn-min-ttl", "1",
                 *(["--direct-status", "on", "--kubeconfig", str(self.layout.state_dir / "runtime.kubeconfig")]
                   if self.direct_status() else []),
             ], env={**self.child_env(), "CILIARY_AGENT_NETNS": self.layout.node_netns(node),
@@ -331,6 +340,7 @@ class Lab:
                 f"export ETCDCTL_CERT={root.cert_file}",
                 f"export ETCDCTL_KEY={root.key_file}",
                 f"export LAB_WORLD_IP={WORLD_IP}",
+                f"export LAB_WORLD_DNS_IP={WORLD_DNS_IP}",
                 # the relay runs in the process lab; the chart does not deploy one yet
                 *([] if self.config().get("real_nodes") else [f"export HUBBLE_SERVER=127.0.0.1:{self.relay_port()}"]),
                 f"export PATH={Path(sys.executable).parent}:{self.bins.kubectl.parent}:{self.bins.etcdctl.parent}:"

@@ -62,7 +62,8 @@ DEFAULT_LAST = 20
 PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 132: "SCTP", 58: "ICMPv6"}
 DROP_REASONS = {"DROP_POLICY": "POLICY_DENIED", "DROP_POLICY_DENY": "POLICY_DENY_RULE", "DROP_INVALID": "INVALID",
                 "DROP_FRAGMENT": "FRAGMENT_NO_L4", "DROP_INVALID_L3": "INVALID_L3",
-                "DROP_UNSUPPORTED_L3": "UNSUPPORTED_L3", "DROP_SPOOFED_SOURCE": "SPOOFED_SOURCE"}
+                "DROP_UNSUPPORTED_L3": "UNSUPPORTED_L3", "DROP_SPOOFED_SOURCE": "SPOOFED_SOURCE",
+                "DROP_PROXY_UNAVAILABLE": "PROXY_UNAVAILABLE"}
 TCP_FLAGS = ((0x01, "FIN"), (0x02, "SYN"), (0x04, "RST"), (0x08, "PSH"), (0x10, "ACK"), (0x20, "URG"),
              (0x40, "ECE"), (0x80, "CWR"))
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace="
@@ -151,6 +152,7 @@ def enrich(event: Any, index: IntentIndex, rules_for: Callable[[int], Iterable[i
         "tcp_flags": tcp_flag_names(event.tcp_flags) if event.protocol == 6 else [],
         "policy": [r.model_dump(mode="json") for r in rules_for(event.cookie)] if event.cookie else [],
         "ifindex": event.ifindex,
+        **({"l7": event.l7} if getattr(event, "l7", None) else {}),
     }
 
 

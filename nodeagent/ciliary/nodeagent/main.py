@@ -34,6 +34,7 @@ from aiohttp import web
 
 from ciliary.nodeagent import (
     datapath_api,
+    dns_service,
     endpoint_api,
     endpoints,
     enforcing,
@@ -70,6 +71,7 @@ class Agent:
         self._indexed: object = None
         self._api: Any = None  # kubernetes_asyncio client, direct status mode only
         self.lb: load_balancing.LoadBalancing | None = None
+        self.dns: dns_service.DNSService | None = None
         if config.datapath and config.lb_cgroup is not None:
             self.lb = load_balancing.LoadBalancing(
                 config.node_name, cgroup=config.lb_cgroup, bpffs=config.bpffs_dir,
@@ -81,6 +83,9 @@ class Agent:
             self.enforcer = enforcing.Enforcer(node=config.node_name, datapath=self.datapath,
                                                registry=self.registry, on_outcome=self._on_outcome)
             self.registry.subscribe(self.enforcer.on_endpoint_event)
+            dns = self.dns = dns_service.DNSService(config, self.enforcer, self.flows.publish)
+            if hasattr(self.datapath, "proxy_ports"):  # the fakes of unit tests have none
+                self.datapath.proxy_ports = dict(dns.proxy_ports)
             self.watcher = watching.IntentWatcher(
                 node=config.node_name, client_factory=self._watch_client, on_intent=self._on_intent,
                 on_invalid=self._on_invalid, on_deleted=self._on_deleted)
@@ -108,7 +113,10 @@ class Agent:
         assert self.enforcer is not None
         log.info("Node intent received", extra={"node": self.config.node_name, "revision": intent.revision,
                                                 "mod_revision": mod_revision, "endpoints": len(intent.endpoints)})
-        self.enforcer.set_intent(intent)
+        if self.dns is not None:
+            self.dns.on_intent(intent)
+        else:
+            self.enforcer.set_intent(intent)
 
     async def _on_invalid(self, message: str, mod_revision: int) -> None:
         assert self.enforcer is not None
@@ -139,7 +147,8 @@ class Agent:
                 "datapath_problems": list(o.datapath_problems),
                 "last_compiled": list(o.last_compiled), "last_map_writes": o.last_map_writes,
                 "last_attached": o.last_attached, "endpoints": o.endpoints, "unplaced": list(o.unplaced),
-                "program_hashes": dict(o.program_hashes), "load_balancing": self.lb_status()}
+                "program_hashes": dict(o.program_hashes), "load_balancing": self.lb_status(),
+                "proxies": dict(o.proxy_problems)}
 
     def lb_status(self) -> dict[str, object] | None:
         """The socket load balancer's state (None: not configured, no --lb-cgroup)."""
@@ -167,7 +176,11 @@ class Agent:
         async def enforcement(_request: web.Request) -> web.Response:
             return web.json_response(self.enforcement())
 
+        async def dns(_request: web.Request) -> web.Response:
+            return web.json_response(self.dns.view() if self.dns is not None else {"port": 0, "running": False})
+
         app.router.add_get("/v1/enforcement", enforcement)
+        app.router.add_get("/v1/dns", dns)
 
     async def _run_flows(self) -> None:
         """Once the datapath runs: attach its flow reader to the loop and pump events into the hub."""
@@ -220,6 +233,8 @@ class Agent:
                          asyncio.create_task(self.watcher.run(self.stop), name="watcher"),
                          asyncio.create_task(self.reporter.run(self.stop), name="reporter"),
                          asyncio.create_task(self._run_flows(), name="flows")]
+                if self.dns is not None:
+                    tasks.append(asyncio.create_task(self.dns.run(self.stop), name="dns"))
             if self.lb is not None:
                 tasks.append(asyncio.create_task(self.lb.run(self.stop), name="load-balancing"))
             log.info("Agent started", extra={"node": self.config.node_name, "pid": os.getpid(),

@@ -1,17 +1,22 @@
-"""Sockets opened inside the node's network namespace (listening ones, and its cookie).
+"""Sockets created inside the node's network namespace, for an agent that runs outside it.
 
-The agent process may live outside the namespace whose veths it manages (the process lab
-gives it ``--netns``; on a real node it runs with ``hostNetwork`` and ``netns`` is empty). A
-port that clients of the node reach — a ``healthCheckNodePort``, kube-proxy's ``:10256`` —
-must be bound in that namespace. :func:`listen_tcp` enters it in a short-lived thread
-(``setns(2)`` changes only the calling thread), creates and binds the socket there and
-returns it: a socket stays in the namespace it was created in, so the event loop can serve
-it from any thread. :func:`netns_cookie` reads the namespace's cookie (``SO_NETNS_COOKIE``) the
-same way: the bind guard of the socket load balancer compares it with each socket's.
+The agent may live outside the namespace whose veths it manages (the process lab gives it
+``--netns``; on a real node it runs with ``hostNetwork`` and ``netns`` is None). ``setns(2)``
+changes only the calling thread, and a socket belongs to the namespace it was created in for
+its whole life, so the caller then uses it from the event loop like any other. Two ways in:
+
+- :class:`NetnsSockets`: one worker thread that enters the namespace once and creates sockets
+  there on request (the DNS proxy's many sockets);
+- :func:`listen_tcp` and :func:`netns_cookie`: a short-lived thread per call, for the
+  load balancer's few listeners (health-check node ports, kube-proxy's ``:10256``) and the
+  namespace's cookie (``SO_NETNS_COOKIE``), which the NodePort bind guard compares with each
+  socket's.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import ctypes
 import errno
 import os
@@ -20,9 +25,64 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-CLONE_NEWNET = 0x40000000
-SO_NETNS_COOKIE = 71
 NETNS_DIR = Path("/run/netns")
+_CLONE_NEWNET = 0x40000000
+
+
+class NetnsError(OSError):
+    """The namespace could not be entered."""
+
+
+def netns_path(netns: str) -> Path:
+    """``/run/netns/<name>`` for a name (iproute2's), the path itself for an absolute path."""
+    return Path(netns) if netns.startswith("/") else NETNS_DIR / netns
+
+
+def _enter(netns: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            errno = ctypes.get_errno()
+            raise NetnsError(errno, f"setns({netns}): {os.strerror(errno)}")
+    finally:
+        os.close(fd)
+
+
+class NetnsSockets:
+    """Makes sockets in one namespace (thread-safe; the worker thread stays in the namespace)."""
+
+    def __init__(self, netns: str | None) -> None:
+        self.netns = netns
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        if netns:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="netns", initializer=_enter, initargs=(netns,))
+
+    async def make(self, family: int, kind: int, setup: Callable[[socket.socket], None]) -> socket.socket:
+        """A non-blocking socket of (family, kind), after ``setup`` (options, bind) ran in the namespace."""
+        def create() -> socket.socket:
+            sock = socket.socket(family, kind)
+            try:
+                setup(sock)
+                sock.setblocking(False)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+
+        if self._executor is None:
+            return create()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, create)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+
+# -- one-off sockets (a short-lived thread per call) ----------------------------------------
+
+SO_NETNS_COOKIE = 71
 
 
 class NetnsSocketError(OSError):
@@ -35,7 +95,7 @@ class NetnsSocketError(OSError):
 
 def _setns(fd: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, CLONE_NEWNET) != 0:
+    if libc.setns(fd, _CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
@@ -87,7 +147,7 @@ def _in_netns(netns: str | None, address: str, make: Callable[[], socket.socket]
 
     def enter_and_make() -> None:
         try:
-            with open(NETNS_DIR / netns, "rb") as ns:
+            with open(netns_path(netns), "rb") as ns:
                 _setns(ns.fileno())
             result.append(make())
         except OSError as exc:  # reported to the caller below

@@ -17,6 +17,9 @@ Policy report semantics (Cilium's ``.status.nodes.<node>``):
   error names the pods that are missing;
 - applied without error: ok=true, enforcing=true, generation and
   localPolicyRevision of the applied intent;
+- a policy with entries that need a node-local proxy (``rules.dns``, ``toFQDNs``:
+  the DNS proxy) is enforcing only while that proxy can enforce
+  (``Outcome.proxy_problems``); otherwise enforcing=false with the proxy's problem;
 - the newest intent failed to apply (or could not be parsed): ok=false,
   error=the typed error's message, enforcing=whether the state still in force
   enforces the policy (then with the generation in force).
@@ -70,10 +73,12 @@ def desired_reports(node: str, outcome: enforcing.Outcome, *, now: str) -> dict[
             assert applied is not None
             missing = not_in_kernel(applied, uid, outcome)
             broken = outcome.datapath_problems
+            proxy = proxy_message(applied, uid, outcome.proxy_problems)
             out[keyspace.report_key(uid, node)] = reports.PolicyReport(
                 node=node, policy_uid=uid, kind=ref.kind, namespace=ref.namespace, name=ref.name,
-                generation=ref.generation, ok=True, enforcing=not missing and not broken, last_updated=now,
-                error=broken_message(broken) or missing_message(missing, applied.revision),
+                generation=ref.generation, ok=True, enforcing=not missing and not broken and not proxy,
+                last_updated=now,
+                error=broken_message(broken) or missing_message(missing, applied.revision) or proxy,
                 local_policy_revision=applied.revision)
         return out
     policies = {p.uid: p for p in (wanted.policies if wanted else ())}
@@ -104,6 +109,28 @@ def not_in_kernel(applied: intents.NodeIntent, uid: str, outcome: enforcing.Outc
     kernel = outcome.kernel_endpoints
     return [f"{e.namespace}/{e.pod} ({e.ipv4})" for e in selected
             if e.ipv4 in outcome.local_endpoints and (kernel is None or kernel.get(e.ipv4) != stamp)]
+
+
+def proxy_parsers(applied: intents.NodeIntent, uid: str) -> set[str]:
+    """The node-local proxies policy ``uid``'s entries on this node need (``toFQDNs`` needs the DNS proxy)."""
+    needed: set[str] = set()
+    for endpoint in applied.endpoints:
+        for entry in endpoint.egress.entries:
+            if not any(r.uid == uid for r in entry.rules):
+                continue
+            if entry.l7_redirect and entry.l7_parser is not None:
+                needed.add(entry.l7_parser)
+            if entry.identity in applied.fqdn_selectors:
+                needed.add("dns")
+    return needed
+
+
+def proxy_message(applied: intents.NodeIntent, uid: str, problems: Mapping[str, str]) -> str:
+    """Why the proxies policy ``uid`` needs cannot enforce it here (empty: they can, or it needs none)."""
+    if not problems:
+        return ""
+    found = [problems[p] for p in sorted(proxy_parsers(applied, uid)) if problems.get(p)]
+    return "; ".join(found)
 
 
 def broken_message(problems: tuple[str, ...]) -> str:

@@ -37,6 +37,9 @@ DEFAULTS: dict[str, str] = {
     "KUBECONFIG": "",  # empty: the in-cluster service account (direct status mode only)
     "LB_CGROUP": "",  # empty: no socket load balancing
     "PROXY_HEALTHZ_ADDR": "0.0.0.0:10256",  # kube-proxy's; only with LB_CGROUP; "off": not served
+    "DNS_PROXY_PORT": "10053",  # 0: no DNS proxy (rules.dns and toFQDNs are then reported not enforced)
+    "FQDN_MIN_TTL": "3600",  # Cilium's --tofqdns-min-ttl default
+    "FQDN_MAX_IPS_PER_ENDPOINT": "1000",
 }
 
 
@@ -73,6 +76,12 @@ class AgentSettings(pydantic.BaseModel):
     proxy_healthz_addr: str = pydantic.Field(
         default="0.0.0.0:10256",
         description="HOST:PORT of kube-proxy's /healthz and /livez, served with --lb-cgroup; empty: not served.")
+    dns_proxy_port: int = pydantic.Field(
+        default=10053, ge=0, le=65535, description="Port of the node's DNS proxy (UDP and TCP); 0: no proxy.")
+    fqdn_min_ttl: float = pydantic.Field(
+        default=3600, ge=0, description="Seconds an address learnt from a DNS answer is kept at least.")
+    fqdn_max_ips_per_endpoint: int = pydantic.Field(
+        default=1000, ge=1, description="Learnt addresses kept per endpoint (the ones expiring first go).")
 
     @property
     def health_addr(self) -> str:
@@ -148,6 +157,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help=f"with --lb-cgroup: where kube-proxy's /healthz and /livez are answered, in the "
                              f"node's network namespace (kube-proxy's port is 10256); off: not served "
                              f"[env {ENV_PREFIX}PROXY_HEALTHZ_ADDR]")
+    parser.add_argument("--dns-proxy-port", default=default("DNS_PROXY_PORT"), metavar="PORT",
+                        help=f"port of the node's DNS proxy (rules.dns, toFQDNs), UDP and TCP, in the node's "
+                             f"namespace; 0: none [env {ENV_PREFIX}DNS_PROXY_PORT]")
+    parser.add_argument("--fqdn-min-ttl", default=default("FQDN_MIN_TTL"), metavar="SECONDS",
+                        help=f"minimum time an address learnt for toFQDNs is allowed [env {ENV_PREFIX}FQDN_MIN_TTL]")
+    parser.add_argument("--fqdn-max-ips-per-endpoint", default=default("FQDN_MAX_IPS_PER_ENDPOINT"), metavar="N",
+                        help=f"learnt addresses kept per pod [env {ENV_PREFIX}FQDN_MAX_IPS_PER_ENDPOINT]")
     parser.add_argument("--log-level", default=default("LOG_LEVEL"), metavar="LEVEL",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"],
                         help=f"log level [env {ENV_PREFIX}LOG_LEVEL]")
@@ -192,6 +208,9 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Age
             kubeconfig=ns.kubeconfig,
             lb_cgroup=Path(ns.lb_cgroup) if ns.lb_cgroup else None,
             proxy_healthz_addr=proxy_healthz,
+            dns_proxy_port=ns.dns_proxy_port,
+            fqdn_min_ttl=ns.fqdn_min_ttl,
+            fqdn_max_ips_per_endpoint=ns.fqdn_max_ips_per_endpoint,
         )
     except (ValueError, pydantic.ValidationError) as exc:
         parser.error(str(exc))

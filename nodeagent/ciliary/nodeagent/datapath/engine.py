@@ -92,6 +92,8 @@ class Datapath:
         self._reader: flows.FlowReader | None = None
         self._started = False
         self._rendered: tuple[rendering.RenderContext, dict[str, rendering.RenderedProgram]] | None = None
+        self.proxy_ports: dict[str, int] = {}
+        """L7 parser -> port of the node-local proxy serving it (set by the agent; read at each apply)."""
 
     # ------------------------------------------------------------ lifecycle
 
@@ -260,7 +262,7 @@ class Datapath:
         rendered = self._render()
         hashes = {hook: p.sha256 for hook, p in rendered.items()}
         observed = self._state
-        the_plan = planning.plan(intent, observed, programs=hashes, veths=veths)
+        the_plan = planning.plan(intent, observed, programs=hashes, veths=veths, proxy_ports=dict(self.proxy_ports))
 
         # 1. Programs: compile and verify before touching anything.
         if the_plan.compile:

@@ -60,7 +60,7 @@ class PolicyKeyC(ct.Structure):
 
 
 class PolicyValueC(ct.Structure):
-    _fields_ = [("cookie", ct.c_uint32), ("flags", ct.c_uint32)]
+    _fields_ = [("cookie", ct.c_uint32), ("flags", ct.c_uint16), ("proxy_port", ct.c_uint16)]
 
 
 class CtKeyC(ct.Structure):
@@ -118,6 +118,10 @@ class Reason(enum.IntEnum):
     """IPv6 other than link-scoped Neighbor Discovery: no IPv6 policy exists yet."""
     DROP_SPOOFED_SOURCE = 10
     """IPv4 leaving a pod's veth with a source address that is not the pod's."""
+    DROP_PROXY_UNAVAILABLE = 11
+    """Its allow entry redirects to a node-local proxy and no proxy socket listens (fail closed)."""
+    OK_PROXY = 12
+    """Allowed and handed to the node-local proxy (lib/redirect.h)."""
 
 
 REASON_MAX = 16
@@ -189,7 +193,8 @@ EP_IFINDEX: Codec[int, IPv4Address] = Codec(
 
 def _policy_codec(name: str) -> Codec[planning.PolicyKey, planning.PolicyValue]:
     return Codec(name, PolicyKeyC, PolicyValueC, encode_policy_key, decode_policy_key,
-                 lambda v: PolicyValueC(v.cookie, v.flags), lambda c: planning.PolicyValue(c.cookie, c.flags))
+                 lambda v: PolicyValueC(v.cookie, v.flags, v.proxy_port),
+                 lambda c: planning.PolicyValue(c.cookie, c.flags, c.proxy_port))
 
 
 POLICY = _policy_codec("cy_policy")

@@ -31,8 +31,14 @@ Semantics (documented for users):
   (world, CIDRs, host, remote nodes) declare no named ports; a name that
   resolves nowhere gives no entry;
 - ICMP types give protocol-ICMP entries with ``icmp_type`` set;
-- a port rule with L7 rules gives allow entries with ``l7_redirect=True``; when
-  an L4-only allow and an L7 allow produce the same entry, L4 wins (no redirect);
+- a ``toFQDNs`` selector is one peer identity (its selector identity); the
+  agent turns it into the addresses its endpoints resolved;
+- a port rule with L7 rules gives allow entries with ``l7_redirect=True``, the
+  rules' kind (``l7_parser``) and, for DNS, the ``rules.dns`` items; when an
+  L4-only allow and an L7 allow produce the same entry, L4 wins (no redirect);
+  two L7 allows of one kind producing the same entry carry the union of their
+  rules (a request matching either is allowed, as Cilium merges them); two
+  kinds on one entry (Cilium refuses the policy) keep the first kind met;
 - with ``allow_host_ingress`` (Kubernetes' allow-localhost), an enforced ingress
   direction always allows the ``host`` identity (kubelet probes).
 """
@@ -46,6 +52,8 @@ from ciliary.operator.intents import (
     ANY_IDENTITY,
     Direction,
     DirectionPolicy,
+    DNSRule,
+    L7Parser,
     PolicyEntry,
     Protocol,
     RuleRef,
@@ -63,6 +71,10 @@ _BY_NAME = {"TCP": Protocol.TCP, "UDP": Protocol.UDP, "SCTP": Protocol.SCTP}
 
 _Key = tuple[int, Protocol, int, int, int | None, Verdict]
 """(peer identity, protocol, port low, port high, icmp type, verdict)."""
+_L7 = tuple[L7Parser, tuple[DNSRule, ...]] | None
+"""The L7 part of one port: (kind, DNS rules), or None for a plain L4 port."""
+_Spec = tuple[Protocol, int, int, int | None, _L7]
+_Acc = dict[_Key, tuple[set[RuleRef], _L7]]
 
 
 class PeerSource(TypingProtocol):
@@ -82,6 +94,10 @@ class PeerSource(TypingProtocol):
 
     def cidr(self, match: CidrMatch, user: int) -> Set[int]:
         """Identities (CIDR and world) a CIDR match stands for."""
+        ...
+
+    def fqdn(self, selector: DNSRule, user: int) -> int:
+        """The selector identity of one ``toFQDNs`` item."""
         ...
 
     def named_ports(self, peer: int, user: int) -> NamedPorts:
@@ -109,7 +125,7 @@ def direction_policy(
     default_deny = any(r.default_deny(direction) for r in relevant)
     requires = tuple(sorted({req for r in relevant for item in r.items(direction) for req in item.requires},
                             key=lambda s: s.requirements))
-    acc: dict[_Key, tuple[set[RuleRef], bool]] = {}
+    acc: _Acc = {}
     for rule in relevant:
         for item in rule.items(direction):
             peers = _peers(subject, item, requires if item.verdict is Verdict.ALLOW else (), source)
@@ -141,11 +157,17 @@ def _peers(subject: int, item: PeerRule, requires: Sequence[Selector], source: P
         out |= ids
     for match in item.cidrs:
         out |= source.cidr(match, subject)
+    for fqdn in item.fqdns:
+        out.add(source.fqdn(fqdn, subject))
     return out
 
 
+def _l7(port: PortMatch) -> _L7:
+    return (port.l7_parser, port.dns) if port.l7 and port.l7_parser is not None else None
+
+
 def _add_item(
-    acc: dict[_Key, tuple[set[RuleRef], bool]],
+    acc: _Acc,
     subject: int,
     item: PeerRule,
     peers: Set[int],
@@ -153,18 +175,18 @@ def _add_item(
     own_ports: NamedPorts,
     source: PeerSource,
 ) -> None:
-    fixed: list[tuple[Protocol, int, int, int | None, bool]] = []
+    fixed: list[_Spec] = []
     named: list[PortMatch] = []
     if item.l3_only:
-        fixed.append((Protocol.ANY, 0, 0, None, False))
+        fixed.append((Protocol.ANY, 0, 0, None, None))
     for port in item.ports:
         if port.name is not None:
             named.append(port)
         else:
-            fixed.extend((proto, port.low, port.high, None, port.l7) for proto in _protocols(port.protocol))
-    fixed.extend((Protocol.ICMP, 0, 0, icmp_type, False) for icmp_type in item.icmp_types)
+            fixed.extend((proto, port.low, port.high, None, _l7(port)) for proto in _protocols(port.protocol))
+    fixed.extend((Protocol.ICMP, 0, 0, icmp_type, None) for icmp_type in item.icmp_types)
     for peer in peers:
-        specs: Iterable[tuple[Protocol, int, int, int | None, bool]] = fixed
+        specs: Iterable[_Spec] = fixed
         if named and direction is Direction.INGRESS:
             specs = [*fixed, *_resolve_named(named, own_ports)]
         elif named and peer == ANY_IDENTITY:
@@ -178,41 +200,44 @@ def _add_item(
         _put(acc, item, peer, specs)
 
 
-def _put(
-    acc: dict[_Key, tuple[set[RuleRef], bool]],
-    item: PeerRule,
-    peer: int,
-    specs: Iterable[tuple[Protocol, int, int, int | None, bool]],
-) -> None:
+def _put(acc: _Acc, item: PeerRule, peer: int, specs: Iterable[_Spec]) -> None:
     l7_allowed = item.verdict is Verdict.ALLOW
     for proto, low, high, icmp_type, l7 in specs:
         key = (peer, proto, low, high, icmp_type, item.verdict)
         found = acc.get(key)
-        redirect = l7 and l7_allowed
+        redirect = l7 if l7_allowed else None
         if found is None:
             acc[key] = ({item.ref}, redirect)
         else:
             found[0].add(item.ref)
-            acc[key] = (found[0], found[1] and redirect)
+            acc[key] = (found[0], _merge_l7(found[1], redirect))
+
+
+def _merge_l7(first: _L7, second: _L7) -> _L7:
+    """L4 wins over L7; one kind: the union of the rules; two kinds: the first."""
+    if first is None or second is None:
+        return None
+    if first[0] != second[0]:
+        return first
+    merged = tuple(sorted(set(first[1]) | set(second[1]), key=lambda r: (r.match_name or "", r.match_pattern or "")))
+    return first[0], merged
 
 
 def _protocols(protocol: Protocol) -> tuple[Protocol, ...]:
     return _ANY_EXPANSION if protocol is Protocol.ANY else (protocol,)
 
 
-def _resolve_named(
-    named: Iterable[PortMatch], ports: NamedPorts
-) -> Iterable[tuple[Protocol, int, int, int | None, bool]]:
+def _resolve_named(named: Iterable[PortMatch], ports: NamedPorts) -> Iterable[_Spec]:
     for match in named:
         assert match.name is not None
         for proto_name, number in ports.get(match.name, ()):
             proto = _BY_NAME.get(proto_name)
             if proto is None or (match.protocol is not Protocol.ANY and proto is not match.protocol):
                 continue
-            yield proto, number, number, None, match.l7
+            yield proto, number, number, None, _l7(match)
 
 
-def _entry(key: _Key, refs: set[RuleRef], l7: bool) -> PolicyEntry:
+def _entry(key: _Key, refs: set[RuleRef], l7: _L7) -> PolicyEntry:
     peer, proto, low, high, icmp_type, verdict = key
     ordered = tuple(sorted(refs, key=lambda r: (r.kind, r.namespace, r.name, r.uid, r.rule_index, r.section)))
     return PolicyEntry(
@@ -222,7 +247,9 @@ def _entry(key: _Key, refs: set[RuleRef], l7: bool) -> PolicyEntry:
         port_high=high if low else 0,
         icmp_type=icmp_type,
         verdict=verdict,
-        l7_redirect=l7,
+        l7_redirect=l7 is not None,
+        l7_parser=l7[0] if l7 is not None else None,
+        dns=l7[1] if l7 is not None else (),
         rules=ordered,
     )
 

@@ -83,14 +83,22 @@ FEATURES: tuple[Feature, ...] = (
             "L4 ports and ranges; a named port resolves against the pod that owns it"),
     Feature("icmps", "`icmps` (IPv4 types, by number or name)", _E, "ICMP types"),
     Feature("metadata", "`specs`, `labels`, `description` (also top-level)", _E, "several rules; no effect"),
+    Feature("dns", "`toPorts[].rules.dns` (`matchName`, `matchPattern`)", _E,
+            "the selected pods' queries on the port go through the node's DNS proxy (UDP and TCP): a name no "
+            "rule matches is answered REFUSED, others are forwarded to the server the pod asked; every query "
+            "is an L7 flow. The node reports the policy enforcing only while its proxy runs and the redirect is "
+            "in place; without a proxy the queries are dropped, never passed unfiltered"),
+    Feature("toFQDNs", "`toFQDNs` (`matchName`, `matchPattern`)", _E,
+            "an address is allowed once the pod itself resolved a matching name through the DNS proxy (a "
+            "`rules.dns` rule must send its queries there), for the answer's TTL (at least `--fqdn-min-ttl`, "
+            "at most `--fqdn-max-ips-per-endpoint` addresses per pod), then no longer; pod and node addresses "
+            "in answers are ignored. Reported enforcing only while the node's DNS proxy runs"),
     # --- partial: L3/L4 enforced, the named part not
     Feature("nodeSelector", "`nodeSelector` (CCNP host policy)", _P,
             "not enforced: Ciliary has no host firewall, traffic of the selected nodes is not filtered"),
     Feature("toServices", "`toServices`", _P,
             "not enforced: the item allows nothing (its rule still makes the pods default-deny); "
             "in `egressDeny` it denies nothing"),
-    Feature("toFQDNs", "`toFQDNs`", _P,
-            "not enforced: the item allows nothing (its rule still makes the pods default-deny)"),
     Feature("http", "`toPorts[].rules.http` (`path`, `method`, `host`, `headers`)", _P,
             "not enforced (no L7 proxy): the port is open at L3/L4 to the selected peers and every request "
             "on it is allowed, none is answered 403"),
@@ -98,8 +106,6 @@ FEATURES: tuple[Feature, ...] = (
             "not enforced: header conditions and their mismatch actions are not applied"),
     Feature("kafka", "`toPorts[].rules.kafka`", _P,
             "not enforced (no L7 proxy): the port is open at L3/L4, every Kafka request is allowed"),
-    Feature("dns", "`toPorts[].rules.dns`", _P,
-            "not enforced (no DNS proxy): the port is open at L3/L4, every query is allowed"),
     Feature("l7proto", "`toPorts[].rules.l7proto`, `toPorts[].rules.l7`", _P,
             "not enforced (no L7 proxy): the port is open at L3/L4, every request is allowed"),
     Feature("tls", "`toPorts[].terminatingTLS`, `toPorts[].originatingTLS`", _P,
@@ -240,8 +246,6 @@ def _item_gaps(item: IngressRule | IngressDenyRule | EgressRule | EgressDenyRule
         entity_field, entities = "toEntities", item.to_entities
         if item.to_services:
             yield _gap(f"{path}.toServices", "toServices")
-        if isinstance(item, EgressRule) and item.to_fqdns:
-            yield _gap(f"{path}.toFQDNs", "toFQDNs")
     for name, values in cidr_fields:
         written: Sequence[str | CIDRRule] = values or []
         for j, value in enumerate(written):
@@ -286,8 +290,6 @@ def _port_rule_gaps(rule: PortRule, path: str) -> Iterator[Gap]:
                     yield _gap(f"{path}.rules.http[{k}].headerMatches", "headerMatches")
         if l7.kafka is not None:
             yield _gap(f"{path}.rules.kafka", "kafka")
-        if l7.dns is not None:
-            yield _gap(f"{path}.rules.dns", "dns")
         if l7.l7proto is not None or l7.l7 is not None:
             yield _gap(f"{path}.rules.l7proto", "l7proto")
     if rule.terminating_tls is not None:

@@ -67,6 +67,13 @@
 /* policy_value.flags */
 #define CY_POLICY_DENY (1U << 0)
 
+/* Proxy redirection (lib/redirect.h): the mark that routes a packet assigned to a
+ * proxy socket to local delivery, and the routing table holding the local route.
+ * ciliary.nodeagent.proxy_routing installs the matching rule with the same numbers. */
+#define CY_MARK_TO_PROXY 0x0A00
+#define CY_MARK_PROXY_MASK 0x0F00
+#define CY_PROXY_TABLE 2005
+
 /* Reserved identities (Cilium's numbering). */
 #define CY_ID_ANY 0   /* in policy keys: any peer */
 #define CY_ID_WORLD 2 /* peer not in the ipcache */
@@ -110,6 +117,7 @@
 #define CY_TCP_FIN 0x01
 #define CY_TCP_SYN 0x02
 #define CY_TCP_RST 0x04
+#define CY_TCP_ACK 0x10
 
 #endif /* CY_CONSTS_H */
 /* ---- include/drop_reasons.h ---- */
@@ -132,6 +140,9 @@
 #define CY_DROP_INVALID_L3 8 /* dropped: IPv4 header shorter than 20 bytes (ihl < 5, truncated) */
 #define CY_DROP_UNSUPPORTED_L3 9 /* dropped: IPv6 (no IPv6 policy yet) other than ND */
 #define CY_DROP_SPOOFED_SOURCE 10 /* dropped: IPv4 from a pod's veth whose source is not the pod's address */
+
+#define CY_DROP_PROXY_UNAVAILABLE 11 /* dropped: its entry redirects to a proxy and no proxy socket listens */
+#define CY_OK_PROXY 12       /* forwarded: an allow entry matched and the packet went to the node's proxy */
 
 #define CY_REASON_MAX 16
 
@@ -180,8 +191,10 @@ struct policy_key {
 };
 
 struct policy_value {
-	__u32 cookie; /* rule cookie for flow events (crc32 of the rule refs) */
-	__u32 flags;  /* CY_POLICY_DENY in cy_policy_deny */
+	__u32 cookie;     /* rule cookie for flow events (crc32 of the rule refs) */
+	__u16 flags;      /* CY_POLICY_DENY in cy_policy_deny */
+	__u16 proxy_port; /* host order; != 0: deliver to the node-local proxy on this
+			   * port (lib/redirect.h); cy_policy entries of CY_DIR_EGRESS only */
 };
 
 /* cy_ct key: one connection as seen from one local pod, the same for both of
@@ -727,14 +740,16 @@ static __always_inline struct policy_value *cy_policy_probe(int deny, __u32 ep_i
 	return val;
 }
 
-/* Returns a drop_reasons.h code; *cookie gets the deciding rule's cookie.
+/* Returns a drop_reasons.h code; *cookie gets the deciding rule's cookie and
+ * *proxy_port the allowing entry's proxy port (0: no redirect; lib/redirect.h).
  * has_deny: the endpoint's CY_EP_*_DENY flag of dir (0 skips cy_policy_deny). */
 static __always_inline __u8 cy_policy_verdict(__u32 ep_id, __u8 dir, __u32 has_deny,
 					      __u32 identity, __u8 proto, __u16 port,
-					      __u32 *cookie)
+					      __u32 *cookie, __u16 *proxy_port)
 {
 	struct policy_value *val;
 
+	*proxy_port = 0;
 	if (has_deny) {
 		val = cy_policy_probe(1, ep_id, dir, identity, proto, port);
 		if (val) {
@@ -745,6 +760,7 @@ static __always_inline __u8 cy_policy_verdict(__u32 ep_id, __u8 dir, __u32 has_d
 	val = cy_policy_probe(0, ep_id, dir, identity, proto, port);
 	if (val) {
 		*cookie = val->cookie;
+		*proxy_port = val->proxy_port;
 		return CY_OK_POLICY;
 	}
 	*cookie = 0;
@@ -870,6 +886,79 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, const struct c
 }
 
 #endif /* CY_CONNTRACK_H */
+/* ---- lib/redirect.h ---- */
+/* redirect.h - hand a pod's packet to a node-local proxy socket, transparently.
+ *
+ * One concept: a policy entry whose policy_value.proxy_port is set sends the
+ * matching packets to the proxy listening on that port in the node's network
+ * namespace, without rewriting them. The proxy sees the pod's address and port
+ * as the peer and the original destination as its local address (TCP: the
+ * accepted socket's name; UDP: IP_RECVORIGDSTADDR), and answers from the
+ * original destination (IP_TRANSPARENT), so the pod never sees the proxy.
+ *
+ * How: bpf_sk_lookup_{tcp,udp} finds the socket and bpf_sk_assign() attaches
+ * it to the skb; the stack then delivers the packet to that socket, provided
+ * routing sends it to local delivery. That is what the mark is for: the agent
+ * keeps, inside the node's namespace only,
+ *     ip rule add fwmark CY_MARK_TO_PROXY/CY_MARK_PROXY_MASK lookup CY_PROXY_TABLE
+ *     ip route add local 0.0.0.0/0 dev lo table CY_PROXY_TABLE
+ * (ciliary.nodeagent.proxy_routing; the numbers are rendered there from the
+ * same constants). bpf_sk_assign is valid at tc ingress only: cy_from_pod, the
+ * pod's egress. The proxy socket needs IP_TRANSPARENT.
+ *
+ * TCP: a connection's first packet (SYN without ACK) is assigned to the
+ * proxy's listener, found by the proxy port; the listener's request socket
+ * then carries the original 4-tuple, so every later packet (the handshake's
+ * ACK, data) only needs the mark: local delivery finds that request or
+ * accepted socket by its 4-tuple, as for any local connection. (Assigning the
+ * listener to those packets would hand them to the listener itself, which
+ * does not know the half-open connection.)
+ * UDP: always the proxy's socket on the proxy port.
+ *
+ * Fail closed: no proxy socket, or a protocol other than TCP/UDP -> the
+ * caller drops the packet (CY_DROP_PROXY_UNAVAILABLE); it is never passed
+ * unproxied.
+ */
+#ifndef CY_REDIRECT_H
+#define CY_REDIRECT_H
+
+/* 0: assigned (the caller returns TC_ACT_OK); -1: no socket (drop). */
+static __always_inline int cy_redirect_to_proxy(struct __sk_buff *skb, const struct cy_packet *p,
+						__u16 proxy_port)
+{
+	struct bpf_sock_tuple tuple = {};
+	struct bpf_sock *sk = 0;
+	long err;
+
+	tuple.ipv4.saddr = p->saddr;
+	tuple.ipv4.daddr = p->daddr;
+	tuple.ipv4.sport = p->sport;
+	tuple.ipv4.dport = p->dport;
+	if (p->protocol == CY_PROTO_TCP) {
+		if ((p->tcp_flags & (CY_TCP_SYN | CY_TCP_ACK)) != CY_TCP_SYN)
+			goto mark;
+		tuple.ipv4.dport = bpf_htons(proxy_port);
+		sk = bpf_sk_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+		if (sk && sk->state != BPF_TCP_LISTEN) {
+			bpf_sk_release(sk);
+			sk = 0;
+		}
+	} else if (p->protocol == CY_PROTO_UDP) {
+		tuple.ipv4.dport = bpf_htons(proxy_port);
+		sk = bpf_sk_lookup_udp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+	}
+	if (!sk)
+		return -1;
+	err = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	if (err)
+		return -1;
+mark:
+	skb->mark = (skb->mark & ~CY_MARK_PROXY_MASK) | CY_MARK_TO_PROXY;
+	return 0;
+}
+
+#endif /* CY_REDIRECT_H */
 /* ---- lib/enforce.h ---- */
 /* enforce.h - the per-packet decision shared by both hooks.
  *
@@ -896,7 +985,11 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, const struct c
  *      -> CY_DROP_INVALID; on an unenforced one they pass;
  *   3. direction not enforced -> pass (CY_OK_UNENFORCED);
  *   4. policy.h verdict: deny entry -> drop, allow entry -> pass, else drop
- *      (the deny map is probed only when the endpoint's CY_EP_*_DENY is set).
+ *      (the deny map is probed only when the endpoint's CY_EP_*_DENY is set);
+ *   5. cy_from_pod only: an allow entry with a proxy port hands the packet to
+ *      the node's proxy (redirect.h, CY_OK_PROXY); no proxy socket ->
+ *      CY_DROP_PROXY_UNAVAILABLE. The connection is tracked as usual, so the
+ *      proxy's answers (sent from the original destination) pass as replies.
  * One cy_ct lookup per packet (conntrack.h) tells replies from forward
  * packets. Forwarded forward-direction packets create/refresh a cy_ct entry; a flow
  * event is emitted for every drop and every new connection (every packet when
@@ -960,6 +1053,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 	struct endpoint_info *ep, *src_ep = 0;
 	__u32 pod_addr, peer_addr, peer_id = 0, cookie = 0;
 	__u32 flags, enforced, has_deny;
+	__u16 proxy_port = 0;
 	__u64 ct_now = 0;
 	__u8 reason;
 	int parsed, is_new;
@@ -1021,13 +1115,16 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 	if (enforced) {
 		peer_id = cy_identity_of(peer_addr);
 		reason = cy_policy_verdict(ep->ep_id, dir, has_deny, peer_id, p.protocol,
-					   p.policy_port, &cookie);
+					   p.policy_port, &cookie, &proxy_port);
+		if (dir == CY_DIR_EGRESS && reason == CY_OK_POLICY && proxy_port)
+			reason = cy_redirect_to_proxy(skb, &p, proxy_port) ? CY_DROP_PROXY_UNAVAILABLE
+									   : CY_OK_PROXY;
 	} else {
 		reason = CY_OK_UNENFORCED;
 	}
 
 	cy_count(dir, reason, p.len);
-	if (reason == CY_DROP_POLICY || reason == CY_DROP_POLICY_DENY) {
+	if (reason == CY_DROP_POLICY || reason == CY_DROP_POLICY_DENY || reason == CY_DROP_PROXY_UNAVAILABLE) {
 		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie);
 		return TC_ACT_SHOT;
 	}
