@@ -184,10 +184,10 @@ def node_key(endpoint: flow_pb2.Endpoint, ip: str) -> tuple[str, str]:
 def _protocol_port(flow: flow_pb2.Flow) -> tuple[str, int]:
     l4 = flow.l4
     for name in ("TCP", "UDP", "SCTP"):
-        if l4.HasField(name):  # type: ignore[arg-type]
+        if l4.HasField(name):
             return name, int(getattr(l4, name).destination_port)
     for name in ("ICMPv4", "ICMPv6"):
-        if l4.HasField(name):  # type: ignore[arg-type]
+        if l4.HasField(name):
             return name, 0
     return "other", 0
 
