@@ -343,7 +343,7 @@ class Lab:
                 f"export ETCDCTL_CERT={root.cert_file}",
                 f"export ETCDCTL_KEY={root.key_file}",
                 f"export LAB_WORLD_IP={WORLD_IP}",
-                # the relay runs in the process lab; the chart does not deploy one yet
+                # the relay and the service map run in the process lab; the chart deploys neither yet
                 *([] if self.config().get("real_nodes") else [f"export HUBBLE_SERVER=127.0.0.1:{self.relay_port()}",
                                                               f"export CILIARY_UI_URL=http://127.0.0.1:{self.ui_port()}"]),
                 f"export PATH={Path(sys.executable).parent}:{self.bins.kubectl.parent}:{self.bins.etcdctl.parent}:"
