@@ -86,6 +86,8 @@ def test_env_exports_the_service_map_and_its_json_api(lab: LabHandle, scene: str
     xwing = edges["xwing", "deathstar", "TCP", 80]
     assert xwing["state"] == "dropped" and xwing["drop_reasons"].get("POLICY_DENIED", 0) > 0
     assert graph["unavailable_nodes"] == [] and "default" in get_json(f"{base}/api/namespaces")["namespaces"]
+    only = get_json(f"{base}/api/service-map?pod=default/xwing&to-port=80&window=600")
+    assert {(names.get(e["source"]), names.get(e["target"])) for e in only["edges"]} == {("xwing", "deathstar")}
     with pytest.raises(urllib.error.HTTPError) as bad:
         get_json(f"{base}/api/service-map?verdict=SOMETIMES")
     assert bad.value.code == 400
@@ -105,8 +107,15 @@ def test_chromium_renders_the_star_wars_map(lab: LabHandle, scene: str, tool: An
             page = context.new_page()
             page.on("request", lambda request: requests.append(request.url))
             page.goto(f"{base}/?namespace=default&window=600")
-            page.wait_for_selector(f"{DROPPED_EDGE}[data-state=dropped]", timeout=30_000)
-            page.wait_for_selector(f"{FORWARDED_EDGE}[data-state=forwarded]", timeout=30_000)
+            for edge in (f"{DROPPED_EDGE}[data-state=dropped]", f"{FORWARDED_EDGE}[data-state=forwarded]"):
+                try:
+                    page.wait_for_selector(edge, timeout=60_000)
+                except Exception:  # noqa: BLE001 (say what the page and the API showed instead)
+                    graph = get_json(f"{base}/api/service-map?namespace=default&window=600")
+                    pytest.fail(f"{edge} not drawn; status {page.text_content('#status')!r}, notice "
+                                f"{page.text_content('#notice')!r}; API nodes {[n['name'] for n in graph['nodes']]} "
+                                f"edges {[(e['source'][-40:], e['target'][-40:], e['state']) for e in graph['edges']]} "
+                                f"unavailable {graph['unavailable_nodes']}")
             for name in STAR_WARS:
                 node = page.locator(f'g.node[data-name="{name}"][data-namespace="default"]')
                 assert node.count() == 1, name
@@ -140,6 +149,15 @@ def test_chromium_renders_the_star_wars_map(lab: LabHandle, scene: str, tool: An
             page.select_option("#verdict", "DROPPED")
             page.wait_for_selector(f"{FORWARDED_EDGE}", state="detached", timeout=30_000)
             assert page.locator(f"{DROPPED_EDGE}[data-state=dropped]").count() == 1
+            # a `hubble observe` filter typed in: --pod default/tiefighter, any verdict
+            page.select_option("#verdict", "")
+            page.fill("#f-pod", "default/tiefighter")
+            page.press("#f-pod", "Enter")
+            page.wait_for_selector(f"{DROPPED_EDGE}", state="detached", timeout=30_000)
+            assert page.locator(f"{FORWARDED_EDGE}[data-state=forwarded]").count() == 1
+            assert "pod=default%2Ftiefighter" in page.url
+            assert "stale" not in (page.get_attribute("#map", "class") or "")
+            assert "error" not in (page.get_attribute("#status", "class") or "")
         finally:
             context.close()
     assert (tmp_path / "service-map.png").stat().st_size > 10_000

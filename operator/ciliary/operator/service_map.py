@@ -18,9 +18,7 @@ What the graph says, and only that (it is built from the flows the Observer API 
 - an edge's ``state``: the verdict at the last observation point the edge has (the destination's
   ingress when any flow of the edge was seen there, else the source's egress): ``forwarded`` (all
   forwarded there, and no drop anywhere), ``dropped`` (drops and nothing forwarded there), ``mixed``
-  (both). xwing -> deathstar under Cilium's rule1 is ``dropped`` though xwing's egress forwarded it;
-- :class:`MapQuery` / :func:`parse_query`: the page's URL parameters as one ``GetFlows`` request,
-  filtered as ``hubble observe --namespace NS --verdict V --since W --last N`` would be.
+  (both). xwing -> deathstar under Cilium's rule1 is ``dropped`` though xwing's egress forwarded it.
 
 :func:`layout` places the nodes in columns by their distance from the sources (pure, deterministic),
 so the page only draws.
@@ -28,12 +26,9 @@ so the page only draws.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-from google.protobuf import timestamp_pb2
 
 from ciliary.hubbleapi import flow_pb2, observer_pb2
 
@@ -45,70 +40,6 @@ RECENT_FLOWS = 50
 MAX_PODS_SHOWN = 8
 NAME_LABELS = 3
 COLUMN_WIDTH, ROW_HEIGHT, MARGIN = 440, 110, 40  # the page's node boxes are 210 x 72
-DEFAULT_WINDOW_S, MAX_WINDOW_S = 300, 86400
-DEFAULT_LIMIT, MAX_LIMIT = 2000, 20000
-NAMESPACE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-
-
-class QueryError(ValueError):
-    """A service-map query parameter that cannot be honoured; names the parameter and the value."""
-
-    def __init__(self, parameter: str, value: str, problem: str) -> None:
-        super().__init__(f"{parameter}={value!r}: {problem}")
-        self.parameter = parameter
-        self.value = value
-
-
-@dataclass(frozen=True)
-class MapQuery:
-    """What the map shows: flows of ``namespace`` (either end; all namespaces when empty) with one of
-    ``verdicts`` (all when empty), of the last ``window_s`` seconds, at most ``limit`` per Ciliary node."""
-
-    namespace: str = ""
-    verdicts: tuple[str, ...] = ()
-    window_s: int = DEFAULT_WINDOW_S
-    limit: int = DEFAULT_LIMIT
-
-    def request(self, now: float) -> observer_pb2.GetFlowsRequest:
-        """The GetFlows request (no follow): the filters `hubble observe --namespace NS --verdict V` sends."""
-        base: dict[str, Any] = {"verdict": [flow_pb2.Verdict.Value(v) for v in self.verdicts]}
-        if self.namespace:
-            whitelist = [flow_pb2.FlowFilter(source_pod=[f"{self.namespace}/"], **base),
-                         flow_pb2.FlowFilter(destination_pod=[f"{self.namespace}/"], **base)]
-        else:
-            whitelist = [flow_pb2.FlowFilter(**base)] if self.verdicts else []
-        since = now - self.window_s
-        return observer_pb2.GetFlowsRequest(
-            number=self.limit, whitelist=whitelist,
-            since=timestamp_pb2.Timestamp(seconds=int(since), nanos=int(since % 1 * 1e9)))
-
-
-def parse_query(params: Mapping[str, str]) -> MapQuery:
-    """A :class:`MapQuery` from URL parameters (``namespace``, ``verdict`` comma-separated, ``window``
-    seconds, ``limit``); raises :class:`QueryError` for anything else than what it accepts."""
-    unknown = sorted(set(params) - {"namespace", "verdict", "window", "limit"})
-    if unknown:
-        raise QueryError(unknown[0], params[unknown[0]], "unknown parameter")
-    namespace = params.get("namespace", "").strip()
-    if namespace and not NAMESPACE_RE.match(namespace):
-        raise QueryError("namespace", namespace, "not a Kubernetes namespace name")
-    verdicts = tuple(sorted({v.strip().upper() for v in params.get("verdict", "").split(",") if v.strip()}))
-    for verdict in verdicts:
-        if verdict not in ("FORWARDED", "DROPPED"):
-            raise QueryError("verdict", verdict, "one of FORWARDED, DROPPED")
-
-    def bounded(name: str, default: int, top: int) -> int:
-        raw = params.get(name, "")
-        try:
-            value = int(raw) if raw else default
-        except ValueError:
-            raise QueryError(name, raw, "not an integer") from None
-        if not 1 <= value <= top:
-            raise QueryError(name, raw, f"must be between 1 and {top}")
-        return value
-
-    return MapQuery(namespace, verdicts, bounded("window", DEFAULT_WINDOW_S, MAX_WINDOW_S),
-                    bounded("limit", DEFAULT_LIMIT, MAX_LIMIT))
 
 
 @dataclass

@@ -8,9 +8,10 @@ busy browser cannot slow the relay's gRPC clients, and it talks to the relay exa
 
 - ``GET /``: one self-contained page (HTML, CSS and script inline; it fetches nothing but this
   server's ``/api/*``) drawing the graph and a flow table, refreshed every ``--refresh`` seconds;
-- ``GET /api/service-map?namespace=&verdict=&window=&limit=``: the graph as JSON
-  (``ciliary.operator.service_map``), built per request from one ``GetFlows`` (no follow) to the
-  server; a bad parameter is 400 naming it, an unreachable server 502;
+- ``GET /api/service-map?namespace=&verdict=&window=&limit=`` and ``hubble observe``'s filters
+  (``service_map_query``): the graph as JSON (``service_map``), built per request from one
+  ``GetFlows`` (no follow) to the server; a bad parameter is 400 naming it (also when the server
+  refuses a value), an unreachable server 502;
 - ``GET /api/namespaces``: ``GetNamespaces``; ``GET /healthz``.
 """
 
@@ -30,7 +31,7 @@ import grpc
 from aiohttp import web
 
 from ciliary.hubbleapi import observer_pb2, observer_pb2_grpc
-from ciliary.operator import service_map
+from ciliary.operator import service_map, service_map_query
 
 log = logging.getLogger("ciliary.ui")
 CALL_TIMEOUT_S = 15.0
@@ -57,8 +58,8 @@ class ServiceMapApp:
 
     async def graph(self, request: web.Request) -> web.Response:
         try:
-            query = service_map.parse_query(dict(request.query))
-        except service_map.QueryError as exc:
+            query = service_map_query.parse_query(request.query.items())
+        except service_map_query.QueryError as exc:
             return web.json_response({"error": str(exc), "parameter": exc.parameter}, status=400)
         builder = service_map.ServiceMap()
         started = time.monotonic()
@@ -72,7 +73,8 @@ class ServiceMapApp:
             return web.json_response({"error": f"{exc.code().name}: {exc.details()}", "server": self.server},
                                      status=status)
         body = builder.graph()
-        body.update({"namespace": query.namespace, "verdicts": list(query.verdicts), "window_seconds": query.window_s,
+        body.update({"namespace": query.namespace, "verdicts": list(query.verdicts),
+                     "criteria": {name: list(values) for name, values in query.criteria}, "window_seconds": query.window_s,
                      "limit_per_node": query.limit, "server": self.server, "generated_at": time.time(),
                      "query_ms": round((time.monotonic() - started) * 1000, 1)})
         return web.json_response(body, headers={"Cache-Control": "no-store"})

@@ -1,13 +1,9 @@
-"""The service map's pure core (ciliary.operator.service_map): Hubble flows -> nodes, edges, layout, and
-the URL parameters -> GetFlows request. The flows are the ones Ciliary's agents emit for the Star Wars
-scene (deathstar and xwing on node-1, tiefighter on node-2, rule1 allowing org=empire on 80/TCP)."""
+"""The service map's pure core (ciliary.operator.service_map): Hubble flows -> nodes, edges, layout.
+The flows are the ones Ciliary's agents emit for the Star Wars scene (deathstar and xwing on node-1, tiefighter on node-2, rule1 allowing org=empire on 80/TCP)."""
 
 from __future__ import annotations
 
-import pytest
-
 from ciliary.hubbleapi import flow_pb2, observer_pb2, relay_pb2
-from ciliary.nodeagent import hubble_filter
 from ciliary.operator import service_map
 
 NS_LABEL = "k8s:io.kubernetes.pod.namespace=default"
@@ -182,31 +178,3 @@ def test_layout_terminates_on_cycles_and_self_loops() -> None:
     assert nodes["tiefighter"]["x"] < nodes["xwing"]["x"]
     positions = {(n["x"], n["y"]) for n in nodes.values()}
     assert len(positions) == 3  # no two nodes on one spot
-
-
-def test_parse_query_accepts_the_documented_parameters_only() -> None:
-    q = service_map.parse_query({"namespace": "default", "verdict": "dropped,FORWARDED", "window": "60",
-                                 "limit": "10"})
-    assert (q.namespace, q.verdicts, q.window_s, q.limit) == ("default", ("DROPPED", "FORWARDED"), 60, 10)
-    assert service_map.parse_query({}) == service_map.MapQuery()
-    for params, parameter in (({"namespace": "Bad_NS"}, "namespace"), ({"verdict": "AUDIT"}, "verdict"),
-                              ({"window": "0"}, "window"), ({"window": "x"}, "window"),
-                              ({"limit": "999999"}, "limit"), ({"pod": "x"}, "pod")):
-        with pytest.raises(service_map.QueryError) as info:
-            service_map.parse_query(params)
-        assert info.value.parameter == parameter
-
-
-def test_request_filters_as_hubble_observe_namespace_and_verdict() -> None:
-    request = service_map.MapQuery(namespace="default", verdicts=("DROPPED",), window_s=60,
-                                   limit=100).request(now=1700000100.5)
-    assert request.number == 100 and not request.follow
-    assert (request.since.seconds, request.since.nanos) == (1700000040, 500_000_000)
-    matches = hubble_filter.compile_filters(request.whitelist, request.blacklist)
-    flows = [r.flow for r in star_wars()]
-    assert [f.verdict for f in flows if matches(f)] == [flow_pb2.DROPPED, flow_pb2.DROPPED]
-    other = flow("xwing", "deathstar", at="ingress", verdict=flow_pb2.DROPPED)
-    other.source.namespace = other.destination.namespace = "kube-system"
-    assert not matches(other)
-    everything = service_map.MapQuery().request(now=1700000100)
-    assert not everything.whitelist and everything.number == service_map.DEFAULT_LIMIT

@@ -1,6 +1,6 @@
 """``ciliary-ui``'s HTTP shell over a real agent Observer API on loopback (an in-process FlowHub behind
-``observer_server``): the graph JSON, the namespace filter sent as a GetFlows filter, 400 for a bad
-parameter, 502 when the server is unreachable, and a page that loads nothing from elsewhere."""
+``observer_server``): the graph JSON, the filters sent as GetFlows filters, 400 for a bad
+parameter (ours or the server's), 502 when the server is unreachable, and a page that loads nothing from elsewhere."""
 
 from __future__ import annotations
 
@@ -77,6 +77,10 @@ async def test_graph_json_from_the_observer_api(ui) -> None:  # type: ignore[no-
         assert (await r.json())["nodes"] == []  # the server filtered: nothing of that namespace
     async with session.get(f"{base}/api/service-map?verdict=FORWARDED") as r:
         assert {e["state"] for e in (await r.json())["edges"]} == {"forwarded"}
+    async with session.get(f"{base}/api/service-map?to-port=443&label=org%3Dalliance") as r:
+        body = await r.json()
+        assert [e["port"] for e in body["edges"]] == [443]
+        assert body["criteria"] == {"label": ["org=alliance"], "to-port": ["443"]}
     async with session.get(f"{base}/api/namespaces") as r:
         assert (await r.json())["namespaces"] == ["default"]
     async with session.get(f"{base}/healthz") as r:
@@ -86,9 +90,12 @@ async def test_graph_json_from_the_observer_api(ui) -> None:  # type: ignore[no-
 async def test_bad_parameters_are_400_naming_the_parameter(ui) -> None:  # type: ignore[no-untyped-def]
     session, base = ui
     for query, parameter in (("namespace=NOT%20OK", "namespace"), ("verdict=MAYBE", "verdict"),
-                             ("window=-1", "window"), ("pod=x", "pod")):
+                             ("window=-1", "window"), ("podd=x", "podd")):
         async with session.get(f"{base}/api/service-map?{query}") as r:
             assert r.status == 400 and (await r.json())["parameter"] == parameter
+    # a value only the server can judge: refused there (INVALID_ARGUMENT), 400 here with its message
+    async with session.get(f"{base}/api/service-map?to-port=eighty") as r:
+        assert r.status == 400 and "destination_port" in (await r.json())["error"]
 
 
 async def test_unreachable_server_is_502() -> None:
