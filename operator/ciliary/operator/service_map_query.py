@@ -65,11 +65,11 @@ class MapQuery:
     criteria: tuple[tuple[str, tuple[str, ...]], ...] = field(default=())
 
     def whitelist(self) -> list[flow_pb2.FlowFilter]:
-        base: dict[str, list[Any]] = {}
+        base: dict[str, Any] = {}
         if self.verdicts:
             base["verdict"] = [flow_pb2.Verdict.Value(v) for v in self.verdicts]
-        source: dict[str, list[Any]] = {}
-        destination: dict[str, list[Any]] = {}
+        source: dict[str, Any] = {}
+        destination: dict[str, Any] = {}
         pods = any(name in ("pod", "from-pod", "to-pod") for name, _ in self.criteria)
         if self.namespace and not pods:
             source["source_pod"] = [f"{self.namespace}/"]
