@@ -26,6 +26,7 @@ so the page only draws.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,10 +146,17 @@ class ServiceMap:
         self.replies_omitted = 0
         self.lost_events = 0
         self.unavailable_nodes: set[str] = set()
-        self.recent: list[dict[str, Any]] = []
+        self.recent: collections.deque[tuple[flow_pb2.Flow, str, str, str, int]] = collections.deque(
+            maxlen=RECENT_FLOWS)  # (flow, source node, destination node, protocol, port): rows made on demand
+        self._keys: dict[tuple[str, tuple[str, ...], int, str], tuple[str, str]] = {}
 
     def _node(self, endpoint: flow_pb2.Endpoint, ip: str) -> MapNode:
-        key, kind = node_key(endpoint, ip)
+        labels_key = tuple(endpoint.labels)
+        memo = (endpoint.namespace, labels_key, endpoint.identity, "" if labels_key or endpoint.identity else ip)
+        keyed = self._keys.get(memo)
+        if keyed is None:
+            keyed = self._keys[memo] = node_key(endpoint, ip)
+        key, kind = keyed
         node = self.nodes.get(key)
         if node is None:
             labels = list(endpoint.labels)
@@ -206,19 +214,7 @@ class ServiceMap:
             edge.policies[f"{policy.namespace}/{policy.name}" if policy.namespace else policy.name] = None
         src.flows_out += 1
         dst.flows_in += 1
-        self.recent.append({
-            "time": flow.time.ToJsonString() if flow.HasField("time") else "",
-            "node": flow.node_name,
-            "source": (src.id, flow.source.pod_name, src_ip),
-            "destination": (dst.id, flow.destination.pod_name, dst_ip),
-            "protocol": protocol, "port": port,
-            "verdict": flow_pb2.Verdict.Name(flow.verdict),
-            "drop_reason": flow_pb2.DropReason.Name(flow.drop_reason_desc) if dropped else "",
-            "direction": flow_pb2.TrafficDirection.Name(flow.traffic_direction),
-            "summary": flow.Summary,
-        })
-        if len(self.recent) > 2 * RECENT_FLOWS:
-            del self.recent[:-RECENT_FLOWS]
+        self.recent.append((flow, src.id, dst.id, protocol, port))
 
     def graph(self) -> dict[str, Any]:
         positions = layout(self.nodes, [(e.source, e.target) for e in self.edges.values()])
@@ -238,13 +234,18 @@ class ServiceMap:
                                                                       if n.namespace}),
                 "flows_read": self.flows_read, "replies_omitted": self.replies_omitted,
                 "lost_events": self.lost_events, "unavailable_nodes": sorted(self.unavailable_nodes),
-                "recent_flows": [self._named(row) for row in reversed(self.recent[-RECENT_FLOWS:])]}
+                "recent_flows": [self._row(*row) for row in reversed(self.recent)]}
 
-    def _named(self, row: dict[str, Any]) -> dict[str, Any]:
-        """A recent flow with its ends named as the graph knows them now (a later flow may name a pod)."""
-        (src, src_pod, src_ip), (dst, dst_pod, dst_ip) = row["source"], row["destination"]
-        return {**row, "source": _endpoint_text(self.nodes[src], src_pod, src_ip),
-                "destination": _endpoint_text(self.nodes[dst], dst_pod, dst_ip)}
+    def _row(self, flow: flow_pb2.Flow, src: str, dst: str, protocol: str, port: int) -> dict[str, Any]:
+        """A recent flow for the table, its ends named as the graph knows them now (a later flow may have
+        named a pod)."""
+        dropped = flow.verdict == flow_pb2.DROPPED
+        return {"time": flow.time.ToJsonString() if flow.HasField("time") else "", "node": flow.node_name,
+                "source": _endpoint_text(self.nodes[src], flow.source.pod_name, flow.IP.source),
+                "destination": _endpoint_text(self.nodes[dst], flow.destination.pod_name, flow.IP.destination),
+                "protocol": protocol, "port": port, "verdict": flow_pb2.Verdict.Name(flow.verdict),
+                "drop_reason": flow_pb2.DropReason.Name(flow.drop_reason_desc) if dropped else "",
+                "direction": flow_pb2.TrafficDirection.Name(flow.traffic_direction), "summary": flow.Summary}
 
 
 def build(responses: Iterable[observer_pb2.GetFlowsResponse]) -> dict[str, Any]:
