@@ -124,6 +124,7 @@ class Lab:
                             env=self.child_env())
         self.start_operator(ports)
         self.start_relay(ports)
+        self.start_service_map()
         self.wait_ready(names, seconds=180)
         elapsed = time.monotonic() - t0
         say(f"lab: {len(names)} nodes Ready in {elapsed:.1f} s")
@@ -245,6 +246,17 @@ class Lab:
                                                *self.etcd_flags(access.OPERATOR_USER), "--refresh", "1"],
                         env=self.child_env())
 
+    def ui_port(self) -> int:
+        """The port of ``ciliary-ui``, the service map (``CILIARY_UI_URL``)."""
+        return self._saved_port(self.layout.state_dir / "ui-port")
+
+    def start_service_map(self) -> None:
+        """``ciliary-ui``: the service map page, a client of the relay like the hubble CLI."""
+        if processes.running_pid(self.layout, "ui"):
+            return
+        processes.spawn(self.layout, "ui", [self.bin("ciliary-ui"), "--listen", f"127.0.0.1:{self.ui_port()}",
+                                            "--server", f"127.0.0.1:{self.relay_port()}"], env=self.child_env())
+
     def start_operator(self, ports: controlplane.Ports) -> None:
         operator = self.bin("ciliary-operator")
         if processes.running_pid(self.layout, "operator") or importlib.util.find_spec("ciliary.operator.main") is None:
@@ -341,8 +353,9 @@ class Lab:
                 f"export ETCDCTL_KEY={root.key_file}",
                 f"export LAB_WORLD_IP={WORLD_IP}",
                 f"export LAB_WORLD_DNS_IP={WORLD_DNS_IP}",
-                # the relay runs in the process lab; the chart does not deploy one yet
-                *([] if self.config().get("real_nodes") else [f"export HUBBLE_SERVER=127.0.0.1:{self.relay_port()}"]),
+                # the relay and the service map run in the process lab; the chart deploys neither yet
+                *([] if self.config().get("real_nodes") else [f"export HUBBLE_SERVER=127.0.0.1:{self.relay_port()}",
+                                                              f"export CILIARY_UI_URL=http://127.0.0.1:{self.ui_port()}"]),
                 f"export PATH={Path(sys.executable).parent}:{self.bins.kubectl.parent}:{self.bins.etcdctl.parent}:"
                 f"{tools.built_path('hubble').parent}:{tools.built_path('helm').parent}:$PATH",
                 *self.real_node_env_lines()]
