@@ -8,7 +8,10 @@ a write refused) keeps the previous contents (the engine undoes partial writes) 
 in ``GET /v1/services`` and by ``ciliary service list``. :meth:`document` reads the kernel's maps.
 The intent's health-check node ports and kube-proxy's health port are served by
 ``service_health.HealthPorts``; they report the load balancer healthy only while the kernel's
-maps hold the latest intent.
+maps hold the latest intent. With external devices (``--lb-devices``, default auto) the engine's
+maps also serve clients outside the node: ``datapath.lb_device.DeviceLB`` attaches tc programs to
+those devices after the socket programs are attached (a device that cannot be chosen or attached is
+an error of the load balancer, retried like a failed start).
 """
 
 from __future__ import annotations
@@ -25,21 +28,23 @@ from aiohttp import web
 
 from ciliary.nodeagent import lb_planning, service_health, watching
 from ciliary.nodeagent.datapath import errors as dp_errors
-from ciliary.nodeagent.datapath import lb_engine
+from ciliary.nodeagent.datapath import lb_device, lb_engine
 from ciliary.operator.services.intent import NodeLBIntent, parse_lb_intent
 from ciliary.operator.store import keyspace
 
 log = logging.getLogger(__name__)
 
-APPLY_ERRORS = (OSError, dp_errors.DatapathError, lb_planning.LBCapacityError)
+APPLY_ERRORS = (OSError, dp_errors.DatapathError, lb_planning.LBCapacityError, lb_device.DeviceSelectionError)
 
 
 class LoadBalancing:
     def __init__(self, node: str, *, cgroup: Path, bpffs: Path,
                  client_factory: Callable[[], watching.WatchClient], netns: str | None = None,
-                 proxy_healthz: tuple[str, int] | None = None) -> None:
+                 devices: tuple[str, ...] | None = None, proxy_healthz: tuple[str, int] | None = None) -> None:
+        """``devices``: the external devices (None: auto; (): no north-south load balancing)."""
         self.node = node
         self.engine = lb_engine.SocketLB(node, cgroup=cgroup, bpffs=bpffs, netns=netns)
+        self.devices = None if devices == () else lb_device.DeviceLB(node, devices=devices, bpffs=bpffs, netns=netns)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="socket-lb")
         self.started = asyncio.Event()
         self.wanted: NodeLBIntent | None = None
@@ -67,6 +72,8 @@ class LoadBalancing:
         while not stop.is_set():
             try:
                 await self.call(self.engine.start)
+                if self.devices is not None:
+                    await self.call(self.devices.start, self.engine.context)
                 break
             except APPLY_ERRORS as exc:
                 self.error = f"socket load balancer not started: {exc}"
@@ -118,11 +125,14 @@ class LoadBalancing:
         doc = lb_engine.document(self.node, state, self.applied, self.error)
         doc["in_sync"] = self.applied is not None and self.applied == self.wanted
         doc["health_checks"] = self.ports.document()
+        doc["north_south"] = await self.call(self.devices.document) if self.devices is not None else None
         return doc
 
     async def close(self) -> None:
         await self.ports.close()
         await self.call(self.engine.close)
+        if self.devices is not None:
+            await self.call(self.devices.close)
         self._executor.shutdown(wait=True)
 
 

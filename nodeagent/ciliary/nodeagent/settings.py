@@ -37,6 +37,7 @@ DEFAULTS: dict[str, str] = {
     "KUBECONFIG": "",  # empty: the in-cluster service account (direct status mode only)
     "LB_CGROUP": "",  # empty: no socket load balancing
     "PROXY_HEALTHZ_ADDR": "0.0.0.0:10256",  # kube-proxy's; only with LB_CGROUP; "off": not served
+    "LB_DEVICES": "auto",  # north-south (tc) load balancing devices; only with LB_CGROUP; "off": none
 }
 
 
@@ -73,6 +74,9 @@ class AgentSettings(pydantic.BaseModel):
     proxy_healthz_addr: str = pydantic.Field(
         default="0.0.0.0:10256",
         description="HOST:PORT of kube-proxy's /healthz and /livez, served with --lb-cgroup; empty: not served.")
+    lb_devices: tuple[str, ...] | None = pydantic.Field(
+        default=None, description="External devices for north-south load balancing (with --lb-cgroup); "
+                                  "None: auto (the default-route devices); (): off.")
 
     @property
     def health_addr(self) -> str:
@@ -84,6 +88,20 @@ def parse_host_port(raw: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit():
         raise ValueError(f"address {raw!r} must look like HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def parse_devices(raw: str) -> tuple[str, ...] | None:
+    """``auto`` -> None; ``off`` or empty -> (); else the comma-separated device names."""
+    text = raw.strip()
+    if text.lower() == "auto":
+        return None
+    if text.lower() in ("", "off"):
+        return ()
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    bad = [n for n in names if not n or "/" in n or len(n) > 15 or any(c.isspace() for c in n)]
+    if bad:
+        raise ValueError(f"--lb-devices: {bad[0]!r} is not a device name")
+    return names
 
 
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -148,6 +166,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help=f"with --lb-cgroup: where kube-proxy's /healthz and /livez are answered, in the "
                              f"node's network namespace (kube-proxy's port is 10256); off: not served "
                              f"[env {ENV_PREFIX}PROXY_HEALTHZ_ADDR]")
+    parser.add_argument("--lb-devices", default=default("LB_DEVICES"), metavar="DEV[,DEV]",
+                        help=f"with --lb-cgroup: the node's external devices whose tc ingress/egress serve NodePort, "
+                             f"ExternalIP and LoadBalancer frontends to clients outside the node (SNAT to the "
+                             f"device's address for backends on other nodes); auto: the devices carrying a default "
+                             f"route, else every device with an IPv4 address shorter than /32; off: none "
+                             f"[env {ENV_PREFIX}LB_DEVICES]")
     parser.add_argument("--log-level", default=default("LOG_LEVEL"), metavar="LEVEL",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"],
                         help=f"log level [env {ENV_PREFIX}LOG_LEVEL]")
@@ -192,6 +216,7 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Age
             kubeconfig=ns.kubeconfig,
             lb_cgroup=Path(ns.lb_cgroup) if ns.lb_cgroup else None,
             proxy_healthz_addr=proxy_healthz,
+            lb_devices=parse_devices(ns.lb_devices),
         )
     except (ValueError, pydantic.ValidationError) as exc:
         parser.error(str(exc))

@@ -27,9 +27,9 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ciliary.nodeagent import rendering
-from ciliary.nodeagent.planning import diff_map
 from ciliary.nodeagent.datapath import compiling, errors, loading, maps
 from ciliary.nodeagent.datapath.lb_engine import LBRenderContext
+from ciliary.nodeagent.planning import diff_map
 
 log = logging.getLogger(__name__)
 
