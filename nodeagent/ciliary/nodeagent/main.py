@@ -148,6 +148,7 @@ class Agent:
             return None
         return {"started": self.lb.started.is_set(), "error": self.lb.error, "applies": self.lb.applies,
                 "devices": [d.name for d in self.lb.devices.devices] if self.lb.devices else [],
+                "devices_error": self.lb.devices_error,
                 "in_sync": self.lb.applied is not None and self.lb.applied == self.lb.wanted}
 
     def health_view(self) -> health.EnforcementView:

@@ -79,7 +79,9 @@ def render_text(node: str, doc: dict[str, Any] | str) -> list[str]:
         lines.append(f"  health-check :{hc['port']}  {hc['service']}  local endpoints {hc['local_endpoints']}, "
                      f"{answer}")
     ns = doc.get("north_south")
-    if ns:
+    if ns and ns.get("error"):
+        lines.append(f"  north-south: {ns['error']}")
+    elif ns:
         devices = ", ".join(f"{d['name']} (SNAT {d['snat_address']})" for d in ns["devices"]) or "none found"
         counted = ", ".join(f"{k} {v}" for k, v in ns["counters"].items() if v)
         lines.append(f"  north-south on {devices}; packets: {counted or 'none yet'}")
