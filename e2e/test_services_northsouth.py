@@ -168,7 +168,8 @@ def svc(lab: Any) -> Iterator[dict[str, Any]]:
         wait_for(lambda n=node: backends(lab, n, NODE_IPS["node-1"], 30180) == want, 240, f"NodePort on {node}")
         wait_for(lambda n=node: backends(lab, n, NODE_IPS["node-1"], 30182) == [f"{ips['web-1']}:8080"], 60,
                  f"the Local NodePort on {node}")
-        doc = services_doc(lab, node)["north_south"]
+        doc = wait_for(lambda n=node: (d := services_doc(lab, n)["north_south"])["devices"] and d, 240,
+                       f"the north-south programs attached on {node}")
         assert [d["name"] for d in doc["devices"]] == ["eth0"], doc  # --lb-devices auto picked the node's eth0
         assert doc["devices"][0]["snat_address"] == NODE_IPS[node]
     try:
