@@ -9,7 +9,7 @@
 #define CY_NS_NEW 1              /* a new connection to a frontend: backend chosen, translated */
 #define CY_NS_FORWARD 2          /* a packet of a known connection, client -> backend, translated */
 #define CY_NS_REPLY 3            /* a reply, backend -> client, translated back */
-#define CY_NS_DROP_NO_BACKEND 4  /* dropped: the frontend has no backend (TCP: answered with a RST) */
+#define CY_NS_DROP_NO_BACKEND 4  /* refused: the frontend has no backend (a TCP SYN is answered with a RST, also counted below; the rest is dropped) */
 #define CY_NS_DROP_NO_LOCAL 5    /* dropped: externalTrafficPolicy Local and no backend on this node */
 #define CY_NS_DROP_FRAGMENT 6    /* dropped: an IPv4 fragment of a frontend's or a translated connection's packet */
 #define CY_NS_DROP_NAT_PORTS 7   /* dropped: no free SNAT port for this backend */

@@ -17,7 +17,9 @@
  *     on by a route lookup (bpf_fib_lookup, then bpf_redirect, or
  *     bpf_redirect_neigh when the neighbour is not resolved yet), bypassing
  *     the node's input path, which would refuse its own address as a source.
- * A frontend without backends drops the packet (CY_NS_DROP_NO_BACKEND); with
+ * A frontend without backends refuses a TCP SYN with a RST (cy_ns_reset) and
+ * drops everything else, UDP included (CY_NS_DROP_NO_BACKEND: no ICMP port
+ * unreachable is built); with
  * externalTrafficPolicy Local the frontend's external entry (scope
  * CY_LB_SCOPE_EXTERNAL) holds this node's backends only, and none here drops
  * (CY_NS_DROP_NO_LOCAL). Fragments of such packets cannot be translated and
@@ -214,6 +216,74 @@ static __always_inline __u16 cy_ns_snat_port(struct lb4_nat_key *rkey, struct lb
 	return 0;
 }
 
+/* Refuse a TCP SYN (no ACK, no payload, IPv4 header without options) to a
+ * frontend without backends as kube-proxy's REJECT does: the SYN becomes, in
+ * place, a RST|ACK from the frontend (seq 0, ack = the SYN's seq + 1, TCP
+ * options cut off) sent back out of the device. Checksums are updated with the
+ * replace helpers only, so a checksum the device completes later (partial)
+ * stays right: swapping the addresses and the ports changes no sum. */
+static __always_inline int cy_ns_reset(struct __sk_buff *skb, __u32 l4off)
+{
+	struct iphdr ip;
+	struct tcphdr tcp;
+	__u8 macs[12], swapped[12];
+	__u32 csum = l4off + 16, doff, tot, word, seq, ack;
+	__u16 flags_old, flags_new, zero16 = 0;
+
+	if (l4off != CY_NS_ETH_HLEN + sizeof(ip) || bpf_skb_load_bytes(skb, CY_NS_ETH_HLEN, &ip, sizeof(ip)) < 0 ||
+	    bpf_skb_load_bytes(skb, l4off, &tcp, sizeof(tcp)) < 0 || bpf_skb_load_bytes(skb, 0, macs, 12) < 0)
+		return cy_ns_drop(CY_NS_DROP_NO_BACKEND);
+	doff = tcp.doff * 4;
+	tot = bpf_ntohs(ip.tot_len);
+	if (doff < sizeof(tcp) || tot != sizeof(ip) + doff)
+		return cy_ns_drop(CY_NS_DROP_NO_BACKEND);
+	seq = tcp.seq;
+	ack = bpf_htonl(bpf_ntohl(tcp.seq) + 1);
+	__builtin_memcpy(&flags_old, (__u8 *)&tcp + 12, 2);
+	((__u8 *)&flags_new)[0] = 0x50;          /* data offset 5 words */
+	((__u8 *)&flags_new)[1] = 0x14;          /* RST | ACK */
+	if (bpf_l4_csum_replace(skb, csum, seq, 0, 4) < 0 || bpf_l4_csum_replace(skb, csum, tcp.ack_seq, ack, 4) < 0 ||
+	    bpf_l4_csum_replace(skb, csum, flags_old, flags_new, 2) < 0 ||
+	    bpf_l4_csum_replace(skb, csum, tcp.window, 0, 2) < 0 ||
+	    bpf_l4_csum_replace(skb, csum, tcp.urg_ptr, 0, 2) < 0 ||
+	    bpf_l4_csum_replace(skb, csum, bpf_htons(doff), bpf_htons(sizeof(tcp)), BPF_F_PSEUDO_HDR | 2) < 0 ||
+	    bpf_l3_csum_replace(skb, CY_NS_IP_CSUM, ip.tot_len, bpf_htons(sizeof(ip) + sizeof(tcp)), 2) < 0)
+		return cy_ns_drop(CY_NS_DROP_REWRITE);
+#pragma unroll
+	for (int i = 0; i < 10; i++) { /* the options leave the segment: their words leave the sum */
+		if ((__u32)(sizeof(tcp) + i * 4) >= doff)
+			break;
+		if (bpf_skb_load_bytes(skb, l4off + sizeof(tcp) + i * 4, &word, 4) < 0 ||
+		    bpf_l4_csum_replace(skb, csum, word, 0, 4) < 0)
+			return cy_ns_drop(CY_NS_DROP_REWRITE);
+	}
+	if (bpf_skb_load_bytes(skb, csum, &tcp.check, 2) < 0 ||
+	    bpf_skb_load_bytes(skb, CY_NS_IP_CSUM, &ip.check, 2) < 0)
+		return cy_ns_drop(CY_NS_DROP_REWRITE);
+	word = ip.saddr;
+	ip.saddr = ip.daddr;
+	ip.daddr = word;
+	ip.tot_len = bpf_htons(sizeof(ip) + sizeof(tcp));
+	flags_old = tcp.source;
+	tcp.source = tcp.dest;
+	tcp.dest = flags_old;
+	tcp.seq = 0;
+	tcp.ack_seq = ack;
+	__builtin_memcpy((__u8 *)&tcp + 12, &flags_new, 2);
+	tcp.window = zero16;
+	tcp.urg_ptr = zero16;
+	__builtin_memcpy(swapped, macs + 6, 6);
+	__builtin_memcpy(swapped + 6, macs, 6);
+	if (bpf_skb_store_bytes(skb, 0, swapped, 12, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, CY_NS_ETH_HLEN, &ip, sizeof(ip), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, l4off, &tcp, sizeof(tcp), 0) < 0 ||
+	    bpf_skb_change_tail(skb, l4off + sizeof(tcp), 0) < 0)
+		return cy_ns_drop(CY_NS_DROP_REWRITE);
+	cy_ns_count(CY_NS_DROP_NO_BACKEND);
+	cy_ns_count(CY_NS_RST_SENT);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
 /* A new connection to frontend `svc` (slot 0 entry of `key`): choose its
  * backend, write both NAT entries, translate. */
 static __always_inline int cy_ns_new(struct __sk_buff *skb, const struct cy_packet *p, __u32 l4off,
@@ -227,8 +297,13 @@ static __always_inline int cy_ns_new(struct __sk_buff *skb, const struct cy_pack
 	__u32 backend_id, frontend_id = svc->backend_id;
 	__u64 life = cy_ns_lifetime(p, 0);
 
-	if (svc->count == 0)
-		return cy_ns_drop(svc->flags & CY_LB_F_NO_LOCAL ? CY_NS_DROP_NO_LOCAL : CY_NS_DROP_NO_BACKEND);
+	if (svc->count == 0) {
+		if (svc->flags & CY_LB_F_NO_LOCAL)
+			return cy_ns_drop(CY_NS_DROP_NO_LOCAL);
+		if (p->protocol == CY_PROTO_TCP && (p->tcp_flags & (CY_TCP_SYN | CY_NS_TCP_ACK)) == CY_TCP_SYN)
+			return cy_ns_reset(skb, l4off);
+		return cy_ns_drop(CY_NS_DROP_NO_BACKEND);
+	}
 	key->slot = (__u16)(bpf_get_prandom_u32() % svc->count) + 1;
 	entry = cy_lb4_svc.lookup(key);
 	if (!entry)

@@ -169,6 +169,7 @@ def net(tool: Any) -> Iterator[tuple[Net, lb_device.DeviceLB]]:
             fe(FrontendKind.NODE_PORT, net.node_ip, 30080, "UDP", [local_udp, remote_udp]),
             fe(FrontendKind.EXTERNAL_IP, "203.0.113.7", 80, "TCP", [local, remote]),
             fe(FrontendKind.NODE_PORT, net.node_ip, 30081, "TCP", []),
+            fe(FrontendKind.NODE_PORT, net.node_ip, 30081, "UDP", []),
             fe(FrontendKind.CLUSTER_IP, net.node_ip, 30084, "TCP", [local, remote]),
             fe(FrontendKind.LOAD_BALANCER, "203.0.113.7", 82, "TCP", [local, remote], "Local"),
             fe(FrontendKind.NODE_PORT, net.node_ip, 30083, "TCP", [remote], "Local"),
@@ -213,12 +214,16 @@ def test_external_ip_routed_to_the_node(net: tuple[Net, lb_device.DeviceLB]) -> 
     assert {r["peer"] for r in results} == {"203.0.113.7:80"}
 
 
-def test_no_backends_is_dropped_and_counted(net: tuple[Net, lb_device.DeviceLB]) -> None:
+def test_no_backends_tcp_is_refused_with_a_reset_udp_dropped(net: tuple[Net, lb_device.DeviceLB]) -> None:
     n, dev = net
-    before = dev.counters()["drop-no-backend"]
-    results = n.probe("tcp", n.node_ip, 30081, count=1, timeout=1.0)
+    before = dev.counters()
+    results = n.probe("tcp", n.node_ip, 30081, count=3, timeout=3.0)
+    assert results == [{"ok": False, "error": "ConnectionRefusedError"}] * 3, results  # a RST, not a timeout
+    after = dev.counters()
+    assert after["rst-sent"] - before["rst-sent"] == 3 and after["no-backend"] - before["no-backend"] == 3
+    results = n.probe("udp", n.node_ip, 30081, count=1, timeout=1.0)
     assert results == [{"ok": False, "error": "TimeoutError"}], results
-    assert dev.counters()["drop-no-backend"] > before
+    assert dev.counters()["no-backend"] - after["no-backend"] == 1
 
 
 def test_a_cluster_ip_frontend_is_not_served_from_outside(net: tuple[Net, lb_device.DeviceLB]) -> None:
