@@ -5,7 +5,9 @@ The test builds its own namespaces: an underlay bridge joining ``world`` (10.77.
 (10.78.<t>.2 on node, 10.79.<t>.2 on node2, node routes the latter via node2). Every backend answers
 with its name and the address:port it saw the client as, so the SNAT decision is visible. The node's
 LB maps are filled by ``lb_engine.SocketLB`` (attached to a private cgroup) from a ``NodeLBIntent``;
-``DeviceLB`` attaches to the node's ``eth0``. Everything is removed at the end, also on failure.
+``DeviceLB`` attaches to the node's ``eth0``. Every veth computes and verifies checksums in software (rx
+and tx checksum offload off), so a wrong checksum after a rewrite loses the packet; the lab e2e covers
+the offloaded (partial checksum) case. Everything is removed at the end, also on failure.
 """
 
 from __future__ import annotations
@@ -69,6 +71,18 @@ print(json.dumps(out))
 """
 
 
+SOFTWARE_CHECKSUMS = r"""
+import sys
+from pyroute2.ethtool import Ethtool
+ethtool = Ethtool()
+for name in sys.argv[1:]:
+    features = ethtool.get_features(name)
+    features.features["rx-checksum"].enable = False
+    features.features["tx-checksum-ip-generic"].enable = False
+    ethtool.set_features(name, features)
+"""
+
+
 def sh(*argv: str, netns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
     cmd = ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=check)
@@ -95,6 +109,7 @@ class Net:
         sh("ip", "-n", self.under, "link", "set", port, "master", "br0", "up")
         sh("ip", "-n", netns, "addr", "add", f"{address}/24", "dev", "eth0")
         sh("ip", "-n", netns, "link", "set", "eth0", "up")
+        sh(sys.executable, "-c", SOFTWARE_CHECKSUMS, "eth0", netns=netns)
 
     def _pod(self, node: str, pod: str, ip: str, name: str) -> None:
         self._ns(pod)
@@ -107,6 +122,8 @@ class Net:
         sh("ip", "-n", pod, "link", "set", "eth0", "up")
         sh("ip", "-n", pod, "route", "add", "169.254.1.1/32", "dev", "eth0", "scope", "link")
         sh("ip", "-n", pod, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0")
+        sh(sys.executable, "-c", SOFTWARE_CHECKSUMS, "eth0", netns=pod)
+        sh(sys.executable, "-c", SOFTWARE_CHECKSUMS, veth, netns=node)
         proc = subprocess.Popen(["ip", "netns", "exec", pod, sys.executable, "-c", SERVER, name],
                                 stdout=subprocess.PIPE, text=True)
         self.servers.append(proc)
