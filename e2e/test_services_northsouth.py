@@ -208,12 +208,17 @@ def test_external_ip_routed_to_a_node(lab: Any, svc: Any) -> None:
         topology.ip("route", "del", f"{EXTERNAL_IP}/32", netns=world_ns, check=False)
 
 
-def test_nodeport_without_endpoints_is_dropped_and_counted(lab: Any, svc: Any) -> None:
+def test_nodeport_without_endpoints_is_refused(lab: Any, svc: Any) -> None:
+    """kube-proxy REJECTs: the world host's connect() fails at once with ECONNREFUSED (a RST from the node)."""
     wait_for(lambda: backends(lab, "node-1", NODE_IPS["node-1"], 30181) == [], 30, "the empty NodePort")
-    before = counters(lab, "node-1")["drop-no-backend"]
-    results = world(lab, "tcp", NODE_IPS["node-1"], 30181, count=1, timeout=1.0)
-    assert results == [{"ok": False, "error": "TimeoutError"}], results
-    assert counters(lab, "node-1")["drop-no-backend"] > before
+    before = counters(lab, "node-1")["rst-sent"]
+    began = time.monotonic()
+    results = world(lab, "tcp", NODE_IPS["node-1"], 30181, count=3, timeout=5.0)
+    took = time.monotonic() - began
+    assert results == [{"ok": False, "error": "ConnectionRefusedError"}] * 3, results
+    assert counters(lab, "node-1")["rst-sent"] - before == 3
+    print(f"\nthree connects from the world host to a NodePort without endpoints refused in {took:.2f} s "
+          f"(interpreter start included)")
 
 
 def test_external_traffic_policy_local_serves_only_where_a_backend_runs(lab: Any, svc: Any) -> None:

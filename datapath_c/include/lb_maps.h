@@ -1,8 +1,9 @@
-/* lb_maps.h - the socket load balancer's maps and their types, declared once.
+/* lb_maps.h - the load balancer's frontend and backend maps and their types, declared once.
  *
  * Filled by the agent from its node's load-balancing intent
  * (ciliary.nodeagent.lb_planning); read by the cgroup sock_addr programs
- * (programs/sock_*.c.j2, logic in lib/lb.h). Pinned under CY_PIN_DIR next to
+ * (programs/sock_*.c.j2, logic in lib/lb.h) and by the north-south tc
+ * programs on the external devices (programs/tc_lb_*.c.j2, lib/lb_nodeport.h). Pinned under CY_PIN_DIR next to
  * the policy maps, so a restarted agent and all four programs share them.
  * Addresses and ports are in network byte order. Sizes come from the
  * rendered CY_LB_* defines (programs/lb_macros.j2).
