@@ -166,7 +166,7 @@ def svc(lab: Any) -> Iterator[dict[str, Any]]:
     vip = json.loads(lab.kubectl("get", "svc", "web", "-n", NS, "-o", "json").stdout)["spec"]["clusterIP"]
     empty = json.loads(lab.kubectl("get", "svc", "empty", "-n", NS, "-o", "json").stdout)["spec"]["clusterIP"]
     want = sorted(f"{ips[w]}:8080" for w in ("web-1", "web-2"))
-    wait_for(lambda: backends_of(lab, "node-1", vip, 80) == want, 60, "both web pods behind the ClusterIP")
+    wait_for(lambda: backends_of(lab, "node-1", vip, 80) == want, 240, "both web pods behind the ClusterIP")
     for node in ("node-1", "node-2"):
         port = int((lab.lab.layout.node_dir(node) / "health-port").read_text())
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/enforcement", timeout=5) as resp:

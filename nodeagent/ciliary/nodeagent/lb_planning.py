@@ -8,6 +8,14 @@ slots), unused backends last. Frontend and backend ids already in the kernel are
 sockets and affinity entries refer to them); new ids are above every id in use, never reused
 within the maps' lifetime. The NodePorts of the intent's frontends (port, protocol) go to the
 bind guard's map.
+
+North-south (``lb_device``): frontends of kind NodePort, ExternalIP and LoadBalancer carry
+``FLAG_EXTERNAL`` (the device programs serve only those); a backend running on this node
+(``BackendIntent.node`` is the intent's node) carries ``BACKEND_LOCAL`` (reached without SNAT).
+An external frontend whose ``traffic_policy`` is ``Local`` also gets entries of scope
+``SCOPE_EXTERNAL``: the backends of its set that run on this node, ``FLAG_NO_LOCAL`` when there
+are endpoints but none here; its own entry carries ``FLAG_EXT_LOCAL`` and is written after them.
+Socket clients (pods and the host) keep the whole set, as kube-proxy treats pod traffic.
 """
 
 from __future__ import annotations
@@ -21,6 +29,10 @@ from ciliary.operator.services.intent import PROTOCOL_NUMBERS, FrontendKind, Nod
 
 FLAG_NO_LOCAL = 0x1
 FLAG_AFFINITY = 0x2
+FLAG_EXTERNAL = 0x4
+FLAG_EXT_LOCAL = 0x8
+BACKEND_LOCAL = 0x1
+SCOPE_EXTERNAL = 1
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -29,6 +41,8 @@ class ServiceKey:
     port: int
     proto: int
     slot: int = 0
+    scope: int = 0
+    """0: every client; ``SCOPE_EXTERNAL``: clients from outside the node (externalTrafficPolicy Local)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +59,8 @@ class Backend:
     address: IPv4Address
     port: int
     proto: int
+    flags: int = 0
+    """``BACKEND_LOCAL``: runs on this node."""
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -83,7 +99,8 @@ class LBCapacityError(ValueError):
 
 
 def desired_state(intent: NodeLBIntent, observed: LBState) -> LBState:
-    fe_ids = {(k.address, k.port, k.proto): v.backend_id for k, v in observed.services.items() if k.slot == 0}
+    fe_ids = {(k.address, k.port, k.proto): v.backend_id for k, v in observed.services.items()
+              if k.slot == 0 and k.scope == 0}
     be_ids = {be: ident for ident, be in observed.backends.items()}
     next_id = max([0, *fe_ids.values(), *be_ids.values()]) + 1
     services: dict[ServiceKey, ServiceValue] = {}
@@ -95,17 +112,30 @@ def desired_state(intent: NodeLBIntent, observed: LBState) -> LBState:
         if ident is None:
             ident = fe_ids[(address, fe.port, proto)] = next_id
             next_id += 1
-        flags = (FLAG_NO_LOCAL if fe.no_local_backends else 0) | (FLAG_AFFINITY if fe.affinity_timeout else 0)
+        external = fe.kind != FrontendKind.CLUSTER_IP
+        ext_local = external and fe.traffic_policy == "Local"
+        flags = ((FLAG_NO_LOCAL if fe.no_local_backends else 0) | (FLAG_AFFINITY if fe.affinity_timeout else 0)
+                 | (FLAG_EXTERNAL if external else 0) | (FLAG_EXT_LOCAL if ext_local else 0))
         services[ServiceKey(address, fe.port, proto, 0)] = ServiceValue(ident, len(fe.backends), flags,
                                                                         fe.affinity_timeout)
+        ids = []
         for slot, be in enumerate(fe.backends, start=1):
-            backend = Backend(IPv4Address(be.address), be.port, proto)
+            backend = Backend(IPv4Address(be.address), be.port, proto,
+                              BACKEND_LOCAL if be.node and be.node == intent.node else 0)
             bid = be_ids.get(backend)
             if bid is None:
                 bid = be_ids[backend] = next_id
                 next_id += 1
             backends[bid] = backend
+            ids.append(bid)
             services[ServiceKey(address, fe.port, proto, slot)] = ServiceValue(bid)
+        if ext_local:
+            local = [bid for bid in ids if backends[bid].flags & BACKEND_LOCAL]
+            no_local = FLAG_NO_LOCAL if ids and not local else 0
+            services[ServiceKey(address, fe.port, proto, 0, SCOPE_EXTERNAL)] = ServiceValue(
+                ident, len(local), FLAG_EXTERNAL | no_local)
+            for slot, bid in enumerate(local, start=1):
+                services[ServiceKey(address, fe.port, proto, slot, SCOPE_EXTERNAL)] = ServiceValue(bid)
     nodeports = {NodePortKey(fe.port, PROTOCOL_NUMBERS[fe.protocol]): 1
                  for fe in intent.frontends if fe.kind == FrontendKind.NODE_PORT}
     return LBState(services, backends, nodeports)
@@ -120,9 +150,11 @@ def plan(intent: NodeLBIntent, observed: LBState, *, services_size: int, backend
         raise LBCapacityError("cy_lb4_be", peak, backends_size)
     be_up = {k: v for k, v in sorted(desired.backends.items()) if observed.backends.get(k) != v}
     changed = {k: v for k, v in desired.services.items() if observed.services.get(k) != v}
-    svc_up = dict(sorted(changed.items(), key=lambda kv: (kv[0].slot == 0, kv[0])))
+    # slots before the entries that count them; an external scope's own entry before the
+    # frontend's (whose FLAG_EXT_LOCAL sends external clients to it)
+    svc_up = dict(sorted(changed.items(), key=lambda kv: (kv[0].slot == 0, kv[0].scope == 0, kv[0])))
     gone = [k for k in observed.services if k not in desired.services]
-    svc_del = tuple(sorted(gone, key=lambda k: (k.slot != 0, k)))
+    svc_del = tuple(sorted(gone, key=lambda k: (k.slot != 0, k.scope, k)))
     be_del = tuple(sorted(k for k in observed.backends if k not in desired.backends))
     return LBPlan(desired, MapDiff(be_up, ()), MapDiff(svc_up, svc_del), MapDiff({}, be_del),
                   diff_map(observed.nodeports, desired.nodeports))

@@ -76,6 +76,7 @@ class Agent:
             self.lb = load_balancing.LoadBalancing(
                 config.node_name, cgroup=config.lb_cgroup, bpffs=config.bpffs_dir,
                 client_factory=self._lb_watch_client, netns=config.netns or None,
+                devices=config.lb_devices,
                 proxy_healthz=settings.parse_host_port(config.proxy_healthz_addr) if config.proxy_healthz_addr
                 else None)
         if config.datapath:
@@ -155,6 +156,8 @@ class Agent:
         if self.lb is None:
             return None
         return {"started": self.lb.started.is_set(), "error": self.lb.error, "applies": self.lb.applies,
+                "devices": [d.name for d in self.lb.devices.devices] if self.lb.devices else [],
+                "devices_error": self.lb.devices_error,
                 "in_sync": self.lb.applied is not None and self.lb.applied == self.lb.wanted}
 
     def health_view(self) -> health.EnforcementView:

@@ -40,6 +40,7 @@ DEFAULTS: dict[str, str] = {
     "DNS_PROXY_PORT": "10053",  # 0: no DNS proxy (rules.dns and toFQDNs are then reported not enforced)
     "FQDN_MIN_TTL": "3600",  # Cilium's --tofqdns-min-ttl default
     "FQDN_MAX_IPS_PER_ENDPOINT": "1000",
+    "LB_DEVICES": "auto",  # north-south (tc) load balancing devices; only with LB_CGROUP; "off": none
 }
 
 
@@ -82,6 +83,9 @@ class AgentSettings(pydantic.BaseModel):
         default=3600, ge=0, description="Seconds an address learnt from a DNS answer is kept at least.")
     fqdn_max_ips_per_endpoint: int = pydantic.Field(
         default=1000, ge=1, description="Learnt addresses kept per endpoint (the ones expiring first go).")
+    lb_devices: tuple[str, ...] | None = pydantic.Field(
+        default=None, description="External devices for north-south load balancing (with --lb-cgroup); "
+                                  "None: auto (the default-route devices); (): off.")
 
     @property
     def health_addr(self) -> str:
@@ -93,6 +97,20 @@ def parse_host_port(raw: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit():
         raise ValueError(f"address {raw!r} must look like HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def parse_devices(raw: str) -> tuple[str, ...] | None:
+    """``auto`` -> None; ``off`` or empty -> (); else the comma-separated device names."""
+    text = raw.strip()
+    if text.lower() == "auto":
+        return None
+    if text.lower() in ("", "off"):
+        return ()
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    bad = [n for n in names if not n or "/" in n or len(n) > 15 or any(c.isspace() for c in n)]
+    if bad:
+        raise ValueError(f"--lb-devices: {bad[0]!r} is not a device name")
+    return names
 
 
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -164,6 +182,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help=f"minimum time an address learnt for toFQDNs is allowed [env {ENV_PREFIX}FQDN_MIN_TTL]")
     parser.add_argument("--fqdn-max-ips-per-endpoint", default=default("FQDN_MAX_IPS_PER_ENDPOINT"), metavar="N",
                         help=f"learnt addresses kept per pod [env {ENV_PREFIX}FQDN_MAX_IPS_PER_ENDPOINT]")
+    parser.add_argument("--lb-devices", default=default("LB_DEVICES"), metavar="DEV[,DEV]",
+                        help=f"with --lb-cgroup: the node's external devices whose tc ingress/egress serve NodePort, "
+                             f"ExternalIP and LoadBalancer frontends to clients outside the node (SNAT to the "
+                             f"device's address for backends on other nodes); auto: the devices carrying a default "
+                             f"route, else every device with an IPv4 address shorter than /32; off: none "
+                             f"[env {ENV_PREFIX}LB_DEVICES]")
     parser.add_argument("--log-level", default=default("LOG_LEVEL"), metavar="LEVEL",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"],
                         help=f"log level [env {ENV_PREFIX}LOG_LEVEL]")
@@ -211,6 +235,7 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Age
             dns_proxy_port=ns.dns_proxy_port,
             fqdn_min_ttl=ns.fqdn_min_ttl,
             fqdn_max_ips_per_endpoint=ns.fqdn_max_ips_per_endpoint,
+            lb_devices=parse_devices(ns.lb_devices),
         )
     except (ValueError, pydantic.ValidationError) as exc:
         parser.error(str(exc))

@@ -52,12 +52,16 @@ class LBRenderContext:
     backends_size: int = 65536
     revsk_size: int = 65536
     affinity_size: int = 65536
+    nat_size: int = 65536
+    """cy_lb4_nat: two entries per north-south connection."""
+    snat_ports: tuple[int, int] = (61000, 65535)
+    """Source ports of SNATed north-south connections: above Linux's default ephemeral range."""
     host_netns_cookie: int = 0
     """Cookie of the node's network namespace (the bind guard's); 0 until ``start`` reads it."""
 
 
 class ServiceKeyC(ct.Structure):
-    _fields_ = [("address", ct.c_uint32), ("dport", ct.c_uint16), ("proto", ct.c_uint8), ("pad", ct.c_uint8),
+    _fields_ = [("address", ct.c_uint32), ("dport", ct.c_uint16), ("proto", ct.c_uint8), ("scope", ct.c_uint8),
                 ("slot", ct.c_uint16), ("pad2", ct.c_uint16)]
 
 
@@ -67,7 +71,7 @@ class ServiceValueC(ct.Structure):
 
 
 class BackendC(ct.Structure):
-    _fields_ = [("address", ct.c_uint32), ("port", ct.c_uint16), ("proto", ct.c_uint8), ("pad", ct.c_uint8)]
+    _fields_ = [("address", ct.c_uint32), ("port", ct.c_uint16), ("proto", ct.c_uint8), ("flags", ct.c_uint8)]
 
 
 class BackendIdC(ct.Structure):
@@ -84,15 +88,16 @@ class FlagC(ct.Structure):
 
 SERVICES: maps.Codec[lb_planning.ServiceKey, lb_planning.ServiceValue] = maps.Codec(
     "cy_lb4_svc", ServiceKeyC, ServiceValueC,
-    lambda k: ServiceKeyC(maps.addr_to_u32(k.address), socket.htons(k.port), k.proto, 0, k.slot, 0),
-    lambda c: lb_planning.ServiceKey(maps.u32_to_addr(c.address), socket.ntohs(c.dport), c.proto, c.slot),
+    lambda k: ServiceKeyC(maps.addr_to_u32(k.address), socket.htons(k.port), k.proto, k.scope, k.slot, 0),
+    lambda c: lb_planning.ServiceKey(maps.u32_to_addr(c.address), socket.ntohs(c.dport), c.proto, c.slot,
+                                     c.scope),
     lambda v: ServiceValueC(v.backend_id, v.count, v.flags, v.affinity_timeout, 0),
     lambda c: lb_planning.ServiceValue(c.backend_id, c.count, c.flags, c.affinity_timeout))
 
 BACKENDS: maps.Codec[int, lb_planning.Backend] = maps.Codec(
     "cy_lb4_be", BackendIdC, BackendC, lambda i: BackendIdC(i), lambda c: int(c.id),
-    lambda b: BackendC(maps.addr_to_u32(b.address), socket.htons(b.port), b.proto, 0),
-    lambda c: lb_planning.Backend(maps.u32_to_addr(c.address), socket.ntohs(c.port), c.proto))
+    lambda b: BackendC(maps.addr_to_u32(b.address), socket.htons(b.port), b.proto, b.flags),
+    lambda c: lb_planning.Backend(maps.u32_to_addr(c.address), socket.ntohs(c.port), c.proto, c.flags))
 
 
 NODEPORTS: maps.Codec[lb_planning.NodePortKey, int] = maps.Codec(
@@ -220,25 +225,42 @@ class SocketLB:
                 pinned.unlink()
 
 
+def _slots(state: lb_planning.LBState, key: lb_planning.ServiceKey, count: int) -> list[dict[str, Any]]:
+    backends = []
+    for slot in range(1, count + 1):
+        slot_entry = state.services.get(dataclasses.replace(key, slot=slot))
+        be = state.backends.get(slot_entry.backend_id) if slot_entry else None
+        backends.append({"slot": slot, "id": slot_entry.backend_id if slot_entry else None,
+                         "address": str(be.address) if be else None, "port": be.port if be else None,
+                         "local": bool(be.flags & lb_planning.BACKEND_LOCAL) if be else None})
+    return backends
+
+
+FLAG_NAMES = (("no-local-backends", lb_planning.FLAG_NO_LOCAL), ("affinity", lb_planning.FLAG_AFFINITY),
+              ("external", lb_planning.FLAG_EXTERNAL), ("external-local", lb_planning.FLAG_EXT_LOCAL))
+
+
 def document(node: str, state: lb_planning.LBState, intent: NodeLBIntent | None, error: str = "") -> dict[str, Any]:
-    """What the kernel's maps hold, frontend by frontend (``GET /v1/services``, ``ciliary service list``)."""
+    """What the kernel's maps hold, frontend by frontend (``GET /v1/services``, ``ciliary service list``).
+
+    A frontend with externalTrafficPolicy Local also shows ``external_backends``: the set clients from
+    outside the node get on the external devices (its scope-external entries)."""
     names = {(IPv4Address(fe.address), fe.port, fe.protocol): fe for fe in (intent.frontends if intent else ())}
     protos = {6: "TCP", 17: "UDP", 132: "SCTP"}
     rows = []
-    for key in sorted(k for k in state.services if k.slot == 0):
+    for key in sorted(k for k in state.services if k.slot == 0 and k.scope == 0):
         entry = state.services[key]
         proto = protos.get(key.proto, str(key.proto))
-        backends = []
-        for slot in range(1, entry.count + 1):
-            slot_entry = state.services.get(dataclasses.replace(key, slot=slot))
-            be = state.backends.get(slot_entry.backend_id) if slot_entry else None
-            backends.append({"slot": slot, "id": slot_entry.backend_id if slot_entry else None,
-                             "address": str(be.address) if be else None, "port": be.port if be else None})
         fe = names.get((key.address, key.port, proto))
-        rows.append({"id": entry.backend_id, "address": str(key.address), "port": key.port, "protocol": proto,
-                     "service": fe.service if fe else "", "kind": str(fe.kind) if fe else "",
-                     "flags": [n for n, bit in (("no-local-backends", lb_planning.FLAG_NO_LOCAL),
-                                                ("affinity", lb_planning.FLAG_AFFINITY)) if entry.flags & bit],
-                     "affinity_timeout": entry.affinity_timeout, "backends": backends})
+        row = {"id": entry.backend_id, "address": str(key.address), "port": key.port, "protocol": proto,
+               "service": fe.service if fe else "", "kind": str(fe.kind) if fe else "",
+               "flags": [n for n, bit in FLAG_NAMES if entry.flags & bit],
+               "affinity_timeout": entry.affinity_timeout, "backends": _slots(state, key, entry.count)}
+        ext_key = dataclasses.replace(key, scope=lb_planning.SCOPE_EXTERNAL)
+        ext = state.services.get(ext_key)
+        if ext is not None:
+            row["external_backends"] = _slots(state, ext_key, ext.count)
+            row["external_flags"] = [n for n, bit in FLAG_NAMES if ext.flags & bit]
+        rows.append(row)
     return {"node": node, "frontends": rows,
             "problems": [p.model_dump() for p in intent.problems] if intent else [], "error": error}
