@@ -167,11 +167,15 @@ def svc(lab: Any) -> Iterator[dict[str, Any]]:
     empty = json.loads(lab.kubectl("get", "svc", "empty", "-n", NS, "-o", "json").stdout)["spec"]["clusterIP"]
     want = sorted(f"{ips[w]}:8080" for w in ("web-1", "web-2"))
     wait_for(lambda: backends_of(lab, "node-1", vip, 80) == want, 240, "both web pods behind the ClusterIP")
-    for node in ("node-1", "node-2"):
+    for node in ("node-1", "node-2"):  # each node compiles its own programs: wait for both
         port = int((lab.lab.layout.node_dir(node) / "health-port").read_text())
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/enforcement", timeout=5) as resp:
-            status = json.load(resp)["load_balancing"]
-        assert status["started"] and status["error"] == "", status
+
+        def lb_status(port: int = port) -> dict[str, Any]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/enforcement", timeout=5) as resp:
+                return dict(json.load(resp)["load_balancing"])
+
+        status = wait_for(lambda: (s := lb_status())["started"] and s, 240, f"{node}'s load balancer started")
+        assert status["error"] == "", status
     try:
         yield {"vip": vip, "empty": empty, "ips": ips, "client": Client(lab)}
     finally:
