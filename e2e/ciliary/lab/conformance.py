@@ -1,23 +1,28 @@
-"""``make conformance`` (scaffold): the upstream ``e2e.test`` against a real-node lab, with a focus list.
+"""``make conformance``: the upstream ``e2e.test`` against a real-node lab, one run per focus list.
 
 ``e2e.test`` (built from ``k8s.io/kubernetes/test/e2e`` by setup/build-node-tools.sh) runs inside the
 first node's network namespace, where the apiserver is the gateway's relay on 127.0.0.1:6443 and every
 node and pod address is routed (the root namespace has no lab route, so NodePort and pod-IP probes made
-by the suite itself would fail there). The focus and skip regexes come from ``e2e/conformance.txt``:
-one per line, ``!`` marks a skip, ``#`` a comment saying why. The JUnit report lands in
-``<lab>/conformance/``; the summary counts passed, failed and skipped specs.
+by the suite itself would fail there). A focus list (``e2e/conformance.txt``, the short one; the areas
+in ``e2e/conformance/``) holds one ginkgo regex per line, ``!`` marks a skip, ``#`` a comment saying
+why. Each list is one *area*, named after its file: its run writes its JUnit report and ``e2e.log``
+under ``<lab>/conformance/<area>/`` (copied to ``--log-dir`` as ``conformance-<area>.log``) and prints
+the specs run, passed, failed and skipped (by the spec itself at run time) and the duration.
 
 Run ``ciliary lab up --real-nodes`` first. Until Ciliary replaces kube-proxy, the lab's kube-proxy
-serves Services.
+serves Services; Ciliary's operator and agents enforce NetworkPolicy.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +32,32 @@ from ciliary.lab.lab import Lab, LabError
 from ciliary.lab.nodeconfig import APISERVER_RELAY_PORT
 
 SUITE_NODE = re.compile(r"^\[\w*Suite\]")
+#: ginkgo's JUnit message for a spec left out by --focus/--skip (a spec that skips itself adds " - why")
+NOT_SELECTED = "skipped"
 
 
 @dataclass(frozen=True)
 class FocusList:
     focus: tuple[str, ...]
     skip: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AreaResult:
+    area: str
+    passed: int
+    failed: int
+    skipped: int
+    seconds: float
+    failures: tuple[str, ...]
+
+    @property
+    def run(self) -> int:
+        return self.passed + self.failed + self.skipped
+
+    def line(self) -> str:
+        return (f"conformance {self.area}: {self.run} specs run, {self.passed} passed, {self.failed} failed, "
+                f"{self.skipped} skipped ({self.seconds:.0f} s)")
 
 
 def parse_focus(text: str) -> FocusList:
@@ -46,14 +71,42 @@ def parse_focus(text: str) -> FocusList:
     return FocusList(tuple(focus), tuple(skip))
 
 
+def uncommented_skips(text: str) -> list[str]:
+    """Skip lines with no reason: neither a trailing comment nor a comment line right above them."""
+    missing = []
+    previous = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("!") and "#" not in line and not previous.startswith(("#", "!")):
+            missing.append(line)
+        previous = line
+    return missing
+
+
+def selected(spec_names: Iterable[str], focus: FocusList) -> list[str]:
+    """The specs ``focus`` runs, as ginkgo selects them (regexes here are also valid Python)."""
+    want = re.compile("|".join(focus.focus))
+    drop = re.compile("|".join(focus.skip)) if focus.skip else None
+    return [s for s in spec_names if want.search(s) and not (drop and drop.search(s))]
+
+
+def list_specs(e2e_test: Path) -> list[str]:
+    """Every spec name ``e2e.test --list-tests`` prints (its lines are ``file:line: name``)."""
+    out = subprocess.run([str(e2e_test), "--list-tests"], capture_output=True, text=True, timeout=300,
+                         check=True).stdout
+    return [m.group(1) for m in re.finditer(r"^\s*\S+\.go:\d+: (.*)$", out, re.MULTILINE)]
+
+
 def summarize(junit: str) -> dict[str, int]:
-    """Counts of a ginkgo JUnit report: passed, failed, skipped specs."""
+    """Counts of a ginkgo JUnit report: passed, failed, and skipped (at run time) specs."""
     counts = {"passed": 0, "failed": 0, "skipped": 0}
     for case in ET.fromstring(junit).iter("testcase"):
         if SUITE_NODE.match(case.get("name", "")):
             continue  # [SynchronizedBeforeSuite] and the like: set-up, not specs
-        if case.find("skipped") is not None:
-            counts["skipped"] += 1
+        skipped = case.find("skipped")
+        if skipped is not None:
+            if skipped.get("message", NOT_SELECTED) != NOT_SELECTED:
+                counts["skipped"] += 1  # not selected by the focus list: not counted at all
         elif case.find("failure") is not None or case.find("error") is not None:
             counts["failed"] += 1
         else:
@@ -61,42 +114,91 @@ def summarize(junit: str) -> dict[str, int]:
     return counts
 
 
-def run(lab: Lab, focus_file: Path, *, timeout: float = 3600) -> dict[str, int]:
+def failed_specs(junit: str) -> list[str]:
+    return [case.get("name", "") for case in ET.fromstring(junit).iter("testcase")
+            if not SUITE_NODE.match(case.get("name", ""))
+            and (case.find("failure") is not None or case.find("error") is not None)]
+
+
+def area_name(focus_file: Path) -> str:
+    return "short" if focus_file.name == "conformance.txt" else focus_file.stem
+
+
+def run(lab: Lab, focus_file: Path, *, log_dir: Path | None = None, timeout: float = 4 * 3600) -> AreaResult:
     if not lab.config().get("real_nodes"):
         raise LabError("the upstream suites need real nodes: `ciliary lab up --real-nodes` first")
     focus = parse_focus(focus_file.read_text())
     if not focus.focus:
         raise LabError(f"{focus_file} focuses on nothing")
-    out = lab.layout.state_dir / "conformance"
-    out.mkdir(parents=True, exist_ok=True)
+    area = area_name(focus_file)
+    out = lab.layout.state_dir / "conformance" / area
+    if out.exists():
+        shutil.rmtree(out)  # a report of an earlier run must not be counted again
+    out.mkdir(parents=True)
     kubeconfig = out / "e2e.kubeconfig"
     write_kubeconfig(kubeconfig, server=f"https://127.0.0.1:{APISERVER_RELAY_PORT}", pki=lab.layout.pki_dir,
                      user="admin")
     node = lab.node_names()[0]
     argv = ["nsenter", f"--net={topology.NETNS_DIR / lab.layout.node_netns(node)}",
             str(tools.built_path("e2e.test")), f"--kubeconfig={kubeconfig}", f"--kubectl-path={lab.bins.kubectl}",
-            "--provider=skeleton", f"--report-dir={out}", "--ginkgo.no-color",
+            "--provider=skeleton", f"--report-dir={out}", "--ginkgo.no-color", "--ginkgo.v",
             f"--ginkgo.focus={'|'.join(focus.focus)}",
             *([f"--ginkgo.skip={'|'.join(focus.skip)}"] if focus.skip else [])]
-    with (out / "e2e.log").open("w") as log:
-        subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=out)
+    t0 = time.monotonic()
+    log_path = out / "e2e.log"
+    try:
+        with log_path.open("w") as log:
+            log.write(f"# {' '.join(argv)}\n")
+            log.flush()
+            subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=out)
+    finally:
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(log_path, log_dir / f"conformance-{area}.log")
+    seconds = time.monotonic() - t0
     reports = sorted(out.glob("junit*.xml"))
     if not reports:
-        raise LabError(f"e2e.test wrote no JUnit report; see {out / 'e2e.log'}")
-    return summarize(reports[-1].read_text())
+        raise LabError(f"e2e.test wrote no JUnit report; see {log_path}")
+    junit = reports[-1].read_text()
+    counts = summarize(junit)
+    return AreaResult(area, counts["passed"], counts["failed"], counts["skipped"], seconds,
+                      tuple(failed_specs(junit)))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ciliary.lab.conformance", description=__doc__.split("\n")[0])
-    parser.add_argument("--focus-file", type=Path, default=Path("e2e/conformance.txt"))
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ciliary.lab.conformance",
+                                     description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--focus-file", type=Path, action="append",
+                        help="a focus list; repeat for several areas (default e2e/conformance.txt)")
+    parser.add_argument("--log-dir", type=Path, help="copy each area's e2e.test output to DIR/conformance-AREA.log")
+    parser.add_argument("--list", action="store_true",
+                        help="print the specs each list selects from e2e.test --list-tests; run nothing")
     args = parser.parse_args(argv)
+    files: list[Path] = args.focus_file or [Path("e2e/conformance.txt")]
+    if args.list:
+        names = list_specs(tools.built_path("e2e.test"))
+        for focus_file in files:
+            chosen = selected(names, parse_focus(focus_file.read_text()))
+            print(f"# {area_name(focus_file)}: {len(chosen)} specs")
+            print("\n".join(chosen))
+        return 0
+    results: list[AreaResult] = []
     try:
-        counts = run(Lab.from_env(), args.focus_file)
+        lab = Lab.from_env()
+        for focus_file in files:
+            result = run(lab, focus_file, log_dir=args.log_dir)
+            results.append(result)
+            print(result.line(), flush=True)
+            for name in result.failures:
+                print(f"  FAILED {name}", flush=True)
     except LabError as exc:
         print(f"conformance: {exc}", file=sys.stderr)
         return 1
-    print(f"conformance: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped")
-    return 1 if counts["failed"] else 0
+    if len(results) > 1:
+        total = AreaResult("total", sum(r.passed for r in results), sum(r.failed for r in results),
+                           sum(r.skipped for r in results), sum(r.seconds for r in results), ())
+        print(total.line())
+    return 1 if any(r.failed for r in results) else 0
 
 
 if __name__ == "__main__":

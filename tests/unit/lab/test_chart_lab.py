@@ -119,7 +119,11 @@ def test_conformance_focus_list_and_junit_summary() -> None:
     focus = conformance.parse_focus((ROOT / "e2e" / "conformance.txt").read_text())
     assert focus.focus and all(f.startswith(r"\[sig-network\]") for f in focus.focus)
     assert focus.skip == (r"\[Disruptive\]|\[Serial\]|\[Slow\]|\[Flaky\]",)
+    # ginkgo reports a spec the focus did not select as skipped with the bare message "skipped", one that
+    # skipped itself as "skipped - <why>": only the latter counts
     junit = ("<testsuites><testsuite><testcase name='[SynchronizedBeforeSuite]'/><testcase name='[ReportAfterSuite]"
              " Kubernetes e2e suite report'/><testcase name='a'/><testcase name='b'><failure/></testcase>"
-             "<testcase name='c'><skipped/></testcase></testsuite></testsuites>")
+             "<testcase name='c'><skipped message='skipped - need 3 zones'/></testcase>"
+             "<testcase name='d'><skipped message='skipped'/></testcase></testsuite></testsuites>")
     assert conformance.summarize(junit) == {"passed": 1, "failed": 1, "skipped": 1}
+    assert conformance.failed_specs(junit) == ["b"]
