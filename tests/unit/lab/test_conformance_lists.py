@@ -47,12 +47,25 @@ SERVICES_LEFT_OUT = [
     "[sig-network] Networking should provide Internet connection for containers [Feature:Networking-IPv4]",
     "[sig-network] LoadBalancers [Feature:LoadBalancer] should be able to change the type and ports of a TCP "
     "service [Slow]",
-    "[sig-network] DNS should provide DNS for services [Conformance]",
+    "[sig-network] DNS should provide /etc/hosts entries for the cluster [Conformance]",
     "[sig-network] HostPort validates that there is no conflict between pods with same hostPort but different "
     "hostIP and protocol [LinuxOnly] [Conformance]",
     "[sig-network] [Feature:IPv6DualStack] should create service with ipv6 cluster ip",
     "[sig-network] Netpol NetworkPolicy between server and client should support a 'default-deny-ingress' policy "
     "[Feature:NetworkPolicy]",
+]
+DNS_RUN = [
+    "[sig-network] DNS should provide DNS for services [Conformance]",
+    "[sig-network] DNS HostNetwork spec.Hostname field is silently ignored and the node hostname is used when "
+    "hostNetwork is set to true for a Pod",
+]
+DNS_LEFT_OUT = [
+    "[sig-network] DNS configMap nameserver Change stubDomain should be able to change stubDomain configuration "
+    "[Slow] [Serial]",
+    "[sig-network] DNS should provide DNS for the cluster [Provider:GCE]",
+    "[sig-network] DNS should work with a service name that starts with a digit "
+    "[FeatureGate:RelaxedServiceNameValidation] [Alpha] [Feature:OffByDefault]",
+    "[sig-network] Services should serve a basic endpoint from pods [Conformance]",
 ]
 
 
@@ -68,7 +81,8 @@ def test_uncommented_skips_finds_a_bare_skip() -> None:
 
 
 @pytest.mark.parametrize(("name", "run", "left_out"), [
-    ("netpol", NETPOL_RUN, NETPOL_LEFT_OUT), ("services", SERVICES_RUN, SERVICES_LEFT_OUT)])
+    ("netpol", NETPOL_RUN, NETPOL_LEFT_OUT), ("services", SERVICES_RUN, SERVICES_LEFT_OUT),
+    ("dns", DNS_RUN, DNS_LEFT_OUT)])
 def test_area_selects_what_it_says(name: str, run: list[str], left_out: list[str]) -> None:
     focus = conformance.parse_focus((ROOT / "e2e" / "conformance" / f"{name}.txt").read_text())
     assert conformance.selected(run + left_out, focus) == run
