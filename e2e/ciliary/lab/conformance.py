@@ -124,7 +124,29 @@ def area_name(focus_file: Path) -> str:
     return "short" if focus_file.name == "conformance.txt" else focus_file.stem
 
 
-def run(lab: Lab, focus_file: Path, *, log_dir: Path | None = None, timeout: float = 4 * 3600) -> AreaResult:
+def go_regex_literal(text: str) -> str:
+    """``text`` as a regex matching itself, escaping only what RE2 (Go) accepts escaped."""
+    return re.sub(r"([\\.+*?()|\[\]{}^$])", r"\\\1", text)
+
+
+def shard_focus(names: Sequence[str], shards: int) -> list[FocusList]:
+    """``names`` dealt round-robin into ``shards`` focus lists of exact spec names."""
+    return [FocusList(("|".join(go_regex_literal(n) for n in names[i::shards]),), ())
+            for i in range(shards) if names[i::shards]]
+
+
+def e2e_argv(lab: Lab, out: Path, kubeconfig: Path, focus: FocusList) -> list[str]:
+    node = lab.node_names()[0]
+    return ["nsenter", f"--net={topology.NETNS_DIR / lab.layout.node_netns(node)}",
+            str(tools.built_path("e2e.test")), f"--kubeconfig={kubeconfig}", f"--kubectl-path={lab.bins.kubectl}",
+            "--provider=skeleton", f"--report-dir={out}", "--ginkgo.no-color", "--ginkgo.v",
+            f"--ginkgo.focus={'|'.join(focus.focus)}",
+            *([f"--ginkgo.skip={'|'.join(focus.skip)}"] if focus.skip else [])]
+
+
+def run(lab: Lab, focus_file: Path, *, log_dir: Path | None = None, shards: int = 1,
+        timeout: float = 4 * 3600) -> AreaResult:
+    """One area: ``shards`` e2e.test processes side by side (each a share of the specs), counts merged."""
     if not lab.config().get("real_nodes"):
         raise LabError("the upstream suites need real nodes: `ciliary lab up --real-nodes` first")
     focus = parse_focus(focus_file.read_text())
@@ -138,31 +160,44 @@ def run(lab: Lab, focus_file: Path, *, log_dir: Path | None = None, timeout: flo
     kubeconfig = out / "e2e.kubeconfig"
     write_kubeconfig(kubeconfig, server=f"https://127.0.0.1:{APISERVER_RELAY_PORT}", pki=lab.layout.pki_dir,
                      user="admin")
-    node = lab.node_names()[0]
-    argv = ["nsenter", f"--net={topology.NETNS_DIR / lab.layout.node_netns(node)}",
-            str(tools.built_path("e2e.test")), f"--kubeconfig={kubeconfig}", f"--kubectl-path={lab.bins.kubectl}",
-            "--provider=skeleton", f"--report-dir={out}", "--ginkgo.no-color", "--ginkgo.v",
-            f"--ginkgo.focus={'|'.join(focus.focus)}",
-            *([f"--ginkgo.skip={'|'.join(focus.skip)}"] if focus.skip else [])]
+    parts = [focus] if shards <= 1 else shard_focus(selected(list_specs(tools.built_path("e2e.test")), focus),
+                                                    shards)
+    dirs = [out] if len(parts) == 1 else [out / f"shard-{i + 1}" for i in range(len(parts))]
     t0 = time.monotonic()
-    log_path = out / "e2e.log"
+    procs = []
     try:
-        with log_path.open("w") as log:
-            log.write(f"# {' '.join(argv)}\n")
-            log.flush()
-            subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=out)
+        for part, where in zip(parts, dirs, strict=True):
+            where.mkdir(parents=True, exist_ok=True)
+            argv = e2e_argv(lab, where, kubeconfig, part)
+            with (where / "e2e.log").open("w") as log:
+                log.write(f"# {' '.join(argv)}\n")
+                log.flush()
+                procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=where))
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         if log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(log_path, log_dir / f"conformance-{area}.log")
+            with (log_dir / f"conformance-{area}.log").open("w") as merged:
+                for where in dirs:
+                    merged.write((where / "e2e.log").read_text(errors="replace"))
     seconds = time.monotonic() - t0
-    reports = sorted(out.glob("junit*.xml"))
-    if not reports:
-        raise LabError(f"e2e.test wrote no JUnit report; see {log_path}")
-    junit = reports[-1].read_text()
-    counts = summarize(junit)
-    return AreaResult(area, counts["passed"], counts["failed"], counts["skipped"], seconds,
-                      tuple(failed_specs(junit)))
+    counts = {"passed": 0, "failed": 0, "skipped": 0}
+    failures: list[str] = []
+    for where in dirs:
+        reports = sorted(where.glob("junit*.xml"))
+        if not reports:
+            raise LabError(f"e2e.test wrote no JUnit report; see {where / 'e2e.log'}")
+        junit = reports[-1].read_text()
+        for key, value in summarize(junit).items():
+            counts[key] += value
+        failures += failed_specs(junit)
+    return AreaResult(area, counts["passed"], counts["failed"], counts["skipped"], seconds, tuple(failures))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -171,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--focus-file", type=Path, action="append",
                         help="a focus list; repeat for several areas (default e2e/conformance.txt)")
     parser.add_argument("--log-dir", type=Path, help="copy each area's e2e.test output to DIR/conformance-AREA.log")
+    parser.add_argument("--shards", type=int, default=1,
+                        help="run each area as N e2e.test processes side by side (default 1)")
     parser.add_argument("--list", action="store_true",
                         help="print the specs each list selects from e2e.test --list-tests; run nothing")
     args = parser.parse_args(argv)
@@ -186,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         lab = Lab.from_env()
         for focus_file in files:
-            result = run(lab, focus_file, log_dir=args.log_dir)
+            result = run(lab, focus_file, log_dir=args.log_dir, shards=args.shards)
             results.append(result)
             print(result.line(), flush=True)
             for name in result.failures:

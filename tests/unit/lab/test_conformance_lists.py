@@ -93,3 +93,18 @@ def test_area_result_line() -> None:
     result = conformance.AreaResult("netpol", passed=40, failed=3, skipped=1, seconds=1800.4, failures=("x",))
     assert result.run == 44
     assert result.line() == "conformance netpol: 44 specs run, 40 passed, 3 failed, 1 skipped (1800 s)"
+
+
+def test_shards_split_the_selected_specs_into_exact_name_regexes() -> None:
+    names = NETPOL_RUN + SERVICES_RUN
+    parts = conformance.shard_focus(names, 3)
+    assert len(parts) == 3
+    chosen = [conformance.selected(names, part) for part in parts]
+    assert sorted(sum(chosen, [])) == sorted(names)  # every spec in exactly one shard
+    assert all(len(c) in (3, 2) for c in chosen)
+    assert conformance.shard_focus(names[:1], 3) == [conformance.FocusList((conformance.go_regex_literal(names[0]),),
+                                                                          ())]
+
+
+def test_go_regex_literal_escapes_only_regex_syntax() -> None:
+    assert conformance.go_regex_literal("a [b] (c). 'd': e|f") == r"a \[b\] \(c\)\. 'd': e\|f"
