@@ -8,7 +8,8 @@ second build returns at once and a changed input builds a new image.
 
 Images (names as the pods and upstream e2e suites use them):
 - ``registry.k8s.io/pause:3.10.1``: the sandbox image; agnhost alone, running ``agnhost pause``;
-- ``registry.k8s.io/e2e-test-images/agnhost:2.56``: agnhost on Debian with curl, dig, ip, nc;
+- ``registry.k8s.io/e2e-test-images/agnhost:2.56``: agnhost on Debian with curl, wget, dig, ip, nc, conntrack
+  (the upstream suites exec them in agnhost pods, e.g. `wget` to count a Service's backends);
 - ``registry.k8s.io/e2e-test-images/jessie-dnsutils:1.7``: the upstream DNS specs' second querier (they run
   ``sh -c`` with dig, getent, hostname, awk in it): the same Debian root filesystem as agnhost;
 - ``docker.io/lab/app:latest``: the lab's per-pod test servers (``ciliary.lab.podserver``) on
@@ -186,7 +187,7 @@ def assemble(reference: str, base: Path | None, files: Sequence[FileEntry], conf
     return BuiltImage(reference, root / "layout", archive)
 
 
-AGNHOST_ROOTFS = ("ca-certificates", "curl", "dnsutils", "iproute2", "netcat-openbsd", "procps")
+AGNHOST_ROOTFS = ("ca-certificates", "conntrack", "curl", "dnsutils", "iproute2", "netcat-openbsd", "procps", "wget")
 APP_ROOTFS = ("python3",)
 
 
