@@ -8,8 +8,9 @@ second build returns at once and a changed input builds a new image.
 
 Images (names as the pods and upstream e2e suites use them):
 - ``registry.k8s.io/pause:3.10.1``: the sandbox image; agnhost alone, running ``agnhost pause``;
-- ``registry.k8s.io/e2e-test-images/agnhost:2.56``: agnhost on Debian with curl, wget, dig, ip, nc, conntrack
-  (the upstream suites exec them in agnhost pods, e.g. `wget` to count a Service's backends);
+- ``registry.k8s.io/e2e-test-images/agnhost:2.56``: agnhost and ``/coredns`` on Debian with curl, wget, dig,
+  ip, nc, conntrack (the upstream suites exec them in agnhost pods, e.g. ``wget`` to count a Service's
+  backends, ``/coredns`` as a pod's own DNS server);
 - ``registry.k8s.io/e2e-test-images/jessie-dnsutils:1.7``: the upstream DNS specs' second querier (they run
   ``sh -c`` with dig, getent, hostname, awk in it): the same Debian root filesystem as agnhost;
 - ``docker.io/lab/app:latest``: the lab's per-pod test servers (``ciliary.lab.podserver``) on
@@ -200,10 +201,12 @@ def pause_image(bins: NodeBinaries) -> BuiltImage:
 def agnhost_image(bins: NodeBinaries, suite: str) -> BuiltImage:
     spec = RootfsSpec("debian-agnhost", suite, AGNHOST_ROOTFS)
     base = build_rootfs(spec)
-    return assemble(AGNHOST_IMAGE, base, [FileEntry("/agnhost", source=bins.agnhost, mode=0o755)],
+    # upstream's agnhost image also carries /coredns (the DNS specs run their own server from it)
+    return assemble(AGNHOST_IMAGE, base, [FileEntry("/agnhost", source=bins.agnhost, mode=0o755),
+                                          FileEntry("/coredns", source=bins.coredns, mode=0o755)],
                     ImageConfig(entrypoint=["/agnhost"], cmd=["pause"], env={"PATH": PATH_ENV}),
-                    key_parts=[spec.key(), file_digest(bins.agnhost)],
-                    history=[f"mmdebstrap minbase {suite} + {' '.join(spec.packages)}", "agnhost"])
+                    key_parts=[spec.key(), file_digest(bins.agnhost), file_digest(bins.coredns)],
+                    history=[f"mmdebstrap minbase {suite} + {' '.join(spec.packages)}", "agnhost, coredns"])
 
 
 def dnsutils_image(suite: str) -> BuiltImage:
