@@ -50,14 +50,16 @@ class AreaResult:
     skipped: int
     seconds: float
     failures: tuple[str, ...]
+    interrupted: int = 0
 
     @property
     def run(self) -> int:
-        return self.passed + self.failed + self.skipped
+        return self.passed + self.failed + self.skipped + self.interrupted
 
     def line(self) -> str:
+        stopped = f", {self.interrupted} interrupted" if self.interrupted else ""
         return (f"conformance {self.area}: {self.run} specs run, {self.passed} passed, {self.failed} failed, "
-                f"{self.skipped} skipped ({self.seconds:.0f} s)")
+                f"{self.skipped} skipped{stopped} ({self.seconds:.0f} s)")
 
 
 def parse_focus(text: str) -> FocusList:
@@ -98,16 +100,21 @@ def list_specs(e2e_test: Path) -> list[str]:
 
 
 def summarize(junit: str) -> dict[str, int]:
-    """Counts of a ginkgo JUnit report: passed, failed, and skipped (at run time) specs."""
-    counts = {"passed": 0, "failed": 0, "skipped": 0}
+    """Counts of a ginkgo JUnit report: passed, failed, skipped (by the spec at run time) and interrupted
+    specs (the run was stopped while they ran: no verdict). Specs never started are not counted."""
+    counts = {"passed": 0, "failed": 0, "skipped": 0, "interrupted": 0}
     for case in ET.fromstring(junit).iter("testcase"):
         if SUITE_NODE.match(case.get("name", "")):
             continue  # [SynchronizedBeforeSuite] and the like: set-up, not specs
         skipped = case.find("skipped")
+        error = case.find("error")
         if skipped is not None:
-            if skipped.get("message", NOT_SELECTED) != NOT_SELECTED:
-                counts["skipped"] += 1  # not selected by the focus list: not counted at all
-        elif case.find("failure") is not None or case.find("error") is not None:
+            message = skipped.get("message", NOT_SELECTED)
+            if message != NOT_SELECTED and "nterrupt" not in message:
+                counts["skipped"] += 1  # not selected, or not reached before an interrupt: not counted
+        elif error is not None and error.get("type") == "interrupted":
+            counts["interrupted"] += 1
+        elif case.find("failure") is not None or error is not None:
             counts["failed"] += 1
         else:
             counts["passed"] += 1
@@ -115,9 +122,13 @@ def summarize(junit: str) -> dict[str, int]:
 
 
 def failed_specs(junit: str) -> list[str]:
-    return [case.get("name", "") for case in ET.fromstring(junit).iter("testcase")
-            if not SUITE_NODE.match(case.get("name", ""))
-            and (case.find("failure") is not None or case.find("error") is not None)]
+    failed = []
+    for case in ET.fromstring(junit).iter("testcase"):
+        error = case.find("error")
+        if not SUITE_NODE.match(case.get("name", "")) and (
+                case.find("failure") is not None or (error is not None and error.get("type") != "interrupted")):
+            failed.append(case.get("name", ""))
+    return failed
 
 
 def area_name(focus_file: Path) -> str:
@@ -187,7 +198,7 @@ def run(lab: Lab, focus_file: Path, *, log_dir: Path | None = None, shards: int 
                 for where in dirs:
                     merged.write((where / "e2e.log").read_text(errors="replace"))
     seconds = time.monotonic() - t0
-    counts = {"passed": 0, "failed": 0, "skipped": 0}
+    counts = {"passed": 0, "failed": 0, "skipped": 0, "interrupted": 0}
     failures: list[str] = []
     for where in dirs:
         reports = sorted(where.glob("junit*.xml"))
@@ -197,7 +208,8 @@ def run(lab: Lab, focus_file: Path, *, log_dir: Path | None = None, shards: int 
         for key, value in summarize(junit).items():
             counts[key] += value
         failures += failed_specs(junit)
-    return AreaResult(area, counts["passed"], counts["failed"], counts["skipped"], seconds, tuple(failures))
+    return AreaResult(area, counts["passed"], counts["failed"], counts["skipped"], seconds, tuple(failures),
+                      counts["interrupted"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -233,7 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if len(results) > 1:
         total = AreaResult("total", sum(r.passed for r in results), sum(r.failed for r in results),
-                           sum(r.skipped for r in results), sum(r.seconds for r in results), ())
+                           sum(r.skipped for r in results), sum(r.seconds for r in results), (),
+                           sum(r.interrupted for r in results))
         print(total.line())
     return 1 if any(r.failed for r in results) else 0
 

@@ -125,5 +125,11 @@ def test_conformance_focus_list_and_junit_summary() -> None:
              " Kubernetes e2e suite report'/><testcase name='a'/><testcase name='b'><failure/></testcase>"
              "<testcase name='c'><skipped message='skipped - need 3 zones'/></testcase>"
              "<testcase name='d'><skipped message='skipped'/></testcase></testsuite></testsuites>")
-    assert conformance.summarize(junit) == {"passed": 1, "failed": 1, "skipped": 1}
+    assert conformance.summarize(junit) == {"passed": 1, "failed": 1, "skipped": 1, "interrupted": 0}
     assert conformance.failed_specs(junit) == ["b"]
+    # a run stopped on purpose: the running spec has no verdict, the ones after it never started
+    stopped = ("<testsuites><testsuite><testcase name='a'/><testcase name='e'><error type='interrupted'/></testcase>"
+               "<testcase name='f'><skipped message='skipped - interrupted by user'/></testcase>"
+               "<testcase name='g'><error type='panicked'/></testcase></testsuite></testsuites>")
+    assert conformance.summarize(stopped) == {"passed": 1, "failed": 1, "skipped": 0, "interrupted": 1}
+    assert conformance.failed_specs(stopped) == ["g"]

@@ -108,3 +108,9 @@ def test_shards_split_the_selected_specs_into_exact_name_regexes() -> None:
 
 def test_go_regex_literal_escapes_only_regex_syntax() -> None:
     assert conformance.go_regex_literal("a [b] (c). 'd': e|f") == r"a \[b\] \(c\)\. 'd': e\|f"
+
+
+def test_area_result_line_names_interrupted_specs() -> None:
+    result = conformance.AreaResult("services", 30, 5, 1, 600.0, (), interrupted=1)
+    assert result.run == 37
+    assert result.line() == "conformance services: 37 specs run, 30 passed, 5 failed, 1 skipped, 1 interrupted (600 s)"
