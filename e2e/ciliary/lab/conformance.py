@@ -112,7 +112,7 @@ def summarize(junit: str) -> dict[str, int]:
             message = skipped.get("message", NOT_SELECTED)
             if message != NOT_SELECTED and "nterrupt" not in message:
                 counts["skipped"] += 1  # not selected, or not reached before an interrupt: not counted
-        elif error is not None and error.get("type") == "interrupted":
+        elif _stopped(case):
             counts["interrupted"] += 1
         elif case.find("failure") is not None or error is not None:
             counts["failed"] += 1
@@ -121,14 +121,18 @@ def summarize(junit: str) -> dict[str, int]:
     return counts
 
 
+def _stopped(case: ET.Element) -> bool:
+    """The run was stopped while this spec ran (an interrupt, or ginkgo's whole-suite timeout)."""
+    error, failure = case.find("error"), case.find("failure")
+    return ((error is not None and error.get("type") == "interrupted")
+            or (failure is not None and failure.get("type") == "timedout"
+                and failure.get("message", "") in ("", "A suite timeout occurred")))
+
+
 def failed_specs(junit: str) -> list[str]:
-    failed = []
-    for case in ET.fromstring(junit).iter("testcase"):
-        error = case.find("error")
-        if not SUITE_NODE.match(case.get("name", "")) and (
-                case.find("failure") is not None or (error is not None and error.get("type") != "interrupted")):
-            failed.append(case.get("name", ""))
-    return failed
+    return [case.get("name", "") for case in ET.fromstring(junit).iter("testcase")
+            if not SUITE_NODE.match(case.get("name", "")) and not _stopped(case)
+            and (case.find("failure") is not None or case.find("error") is not None)]
 
 
 def area_name(focus_file: Path) -> str:
@@ -151,6 +155,7 @@ def e2e_argv(lab: Lab, out: Path, kubeconfig: Path, focus: FocusList) -> list[st
     return ["nsenter", f"--net={topology.NETNS_DIR / lab.layout.node_netns(node)}",
             str(tools.built_path("e2e.test")), f"--kubeconfig={kubeconfig}", f"--kubectl-path={lab.bins.kubectl}",
             "--provider=skeleton", f"--report-dir={out}", "--ginkgo.no-color", "--ginkgo.v",
+            "--ginkgo.timeout=24h",  # ginkgo's default stops a whole suite after 1 h
             f"--ginkgo.focus={'|'.join(focus.focus)}",
             *([f"--ginkgo.skip={'|'.join(focus.skip)}"] if focus.skip else [])]
 

@@ -130,6 +130,7 @@ def test_conformance_focus_list_and_junit_summary() -> None:
     # a run stopped on purpose: the running spec has no verdict, the ones after it never started
     stopped = ("<testsuites><testsuite><testcase name='a'/><testcase name='e'><error type='interrupted'/></testcase>"
                "<testcase name='f'><skipped message='skipped - interrupted by user'/></testcase>"
-               "<testcase name='g'><error type='panicked'/></testcase></testsuite></testsuites>")
-    assert conformance.summarize(stopped) == {"passed": 1, "failed": 1, "skipped": 0, "interrupted": 1}
+               "<testcase name='g'><error type='panicked'/></testcase><testcase name='h'><failure type='timedout'"
+               " message='A suite timeout occurred'/></testcase></testsuite></testsuites>")
+    assert conformance.summarize(stopped) == {"passed": 1, "failed": 1, "skipped": 0, "interrupted": 2}
     assert conformance.failed_specs(stopped) == ["g"]
