@@ -12,7 +12,7 @@ from ciliary.lab import conformance
 ROOT = Path(__file__).resolve().parents[3]
 LISTS = sorted((ROOT / "e2e" / "conformance").glob("*.txt")) + [ROOT / "e2e" / "conformance.txt"]
 
-#: spec names as e2e.test v1.34.4 --list-tests prints them (a sample of each kind the lists decide on)
+#: spec names as the pinned e2e.test --list-tests prints them (a sample of each kind the lists decide on)
 NETPOL_RUN = [
     "[sig-network] Netpol API should support creating NetworkPolicy API operations",
     "[sig-network] Netpol NetworkPolicy between server and client should support a 'default-deny-ingress' policy "
