@@ -1,7 +1,7 @@
 """Ciliary's Grafana dashboards (charts/ciliary/dashboards/): every PromQL expression parses
 (``promtool check rules``, Debian's prometheus package) and reads only series the agent exports
 (the exposition of ``flowapi.metrics_registry`` after every kind of flow). The same expressions are
-queried against a real Prometheus scraping the lab's agents in e2e/test_service_map.py."""
+queried against a real Prometheus scraping the lab's agents in e2e/test_service_map_browser.py."""
 
 from __future__ import annotations
 
