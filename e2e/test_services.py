@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from ciliary.lab import topology
+from service_probe import PROBE
 
 pytestmark = pytest.mark.e2e
 
@@ -73,33 +74,17 @@ spec:
   ports: [{{port: 80}}]
 """
 
-PROBE = r"""
-import json, socket, sys, time
-kind, ip, port, count, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
-out = []
-for _ in range(count):
-    began = time.monotonic()
-    try:
-        if kind == "tcp":
-            s = socket.create_connection((ip, port), timeout=timeout)
-            peer = s.getpeername()
-            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            data = b""
-            while chunk := s.recv(4096):
-                data += chunk
-            s.close()
-            body = data.partition(b"\r\n\r\n")[2].decode().strip()
-        else:
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            s.settimeout(timeout)
-            s.sendto(b"hello", (ip, port))
-            data, peer = s.recvfrom(4096)
-            s.close()
-            body = data.decode()
-        out.append({"ok": True, "peer": f"{peer[0]}:{peer[1]}", "body": body})
-    except OSError as exc:
-        out.append({"ok": False, "errno": exc.errno, "error": str(exc), "seconds": time.monotonic() - began})
-print(json.dumps(out))
+
+
+WEB_NODEPORT = f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: web-np, namespace: {NS}}}
+spec:
+  type: NodePort
+  selector: {{app: web}}
+  externalIPs: [203.0.113.10]
+  ports: [{{name: http, port: 8000, targetPort: http, nodePort: 30080}}]
 """
 
 
@@ -266,16 +251,7 @@ spec:
 
 
 def test_nodeport_on_every_node_address_and_an_external_ip_from_a_pod(lab: Any, svc: dict[str, Any]) -> None:
-    lab.apply(f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: web-np, namespace: {NS}}}
-spec:
-  type: NodePort
-  selector: {{app: web}}
-  externalIPs: [203.0.113.10]
-  ports: [{{name: http, port: 8000, targetPort: http, nodePort: 30080}}]
-""")
+    lab.apply(WEB_NODEPORT)
     want = sorted(f"{svc['ips'][w]}:8080" for w in ("web-1", "web-2"))
     for address, port in (("192.0.2.11", 30080), ("192.0.2.12", 30080), ("203.0.113.10", 8000)):
         wait_for(lambda a=address, p=port: backends_of(lab, "node-1", a, p) == want, 30, f"{address}:{port}")
@@ -284,11 +260,12 @@ spec:
         assert {r["body"] for r in results} == {f"{NS}/web-1", f"{NS}/web-2"}, (address, results)
 
 
-def test_clusterip_from_the_node_host(lab: Any, svc: dict[str, Any]) -> None:
-    """A process of node-1 itself (its network namespace, a cgroup below the node's) reaches the Service."""
+def on_node_host(lab: Any, node: str, code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -c code args`` as a process of ``node`` itself: its network namespace, a cgroup below the
+    node's (where the socket programs are attached); the cgroup is removed afterwards."""
     from ciliary.lab import cgroups
 
-    host_cgroup = cgroups.ensure(cgroups.lab_root(lab.lab.layout.cgroup_name) / "node-1" / "host-e2e")
+    host_cgroup = cgroups.ensure(cgroups.lab_root(lab.lab.layout.cgroup_name) / node / f"host-e2e-{os.getpid()}")
     procs = str(host_cgroup / "cgroup.procs")
 
     def enter() -> None:
@@ -296,16 +273,21 @@ def test_clusterip_from_the_node_host(lab: Any, svc: dict[str, Any]) -> None:
             f.write(str(os.getpid()))
 
     try:
-        out = subprocess.run(["nsenter", f"--net={topology.NETNS_DIR / lab.lab.layout.node_netns('node-1')}",
-                              sys.executable, "-c", PROBE, "tcp", svc["vip"], "80", "12", "2"],
-                             capture_output=True, text=True, timeout=90, preexec_fn=enter)
-        assert out.returncode == 0, out.stderr
-        results = json.loads(out.stdout)
-        assert all(r["ok"] for r in results), results
-        assert {r["body"] for r in results} == {f"{NS}/web-1", f"{NS}/web-2"}, results
+        return subprocess.run(["nsenter", f"--net={topology.NETNS_DIR / lab.lab.layout.node_netns(node)}",
+                               sys.executable, "-c", code, *args],
+                              capture_output=True, text=True, timeout=90, preexec_fn=enter)
     finally:
         cgroups.kill_all(host_cgroup)
         host_cgroup.rmdir()
+
+
+def test_clusterip_from_the_node_host(lab: Any, svc: dict[str, Any]) -> None:
+    """A process of node-1 itself reaches the Service."""
+    out = on_node_host(lab, "node-1", PROBE, "tcp", svc["vip"], "80", "12", "2")
+    assert out.returncode == 0, out.stderr
+    results = json.loads(out.stdout)
+    assert all(r["ok"] for r in results), results
+    assert {r["body"] for r in results} == {f"{NS}/web-1", f"{NS}/web-2"}, results
 
 
 def _http_from_world(lab: Any, url: str) -> tuple[int, dict[str, Any]]:
@@ -362,26 +344,8 @@ spec:
 
 def test_a_node_process_cannot_take_a_nodeport(lab: Any, svc: dict[str, Any]) -> None:
     """The bind guard: NodePort 30080 (web-np, made by the NodePort test or here) is the load balancer's."""
-    from ciliary.lab import cgroups
-
-    lab.apply(f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: web-np, namespace: {NS}}}
-spec:
-  type: NodePort
-  selector: {{app: web}}
-  externalIPs: [203.0.113.10]
-  ports: [{{name: http, port: 8000, targetPort: http, nodePort: 30080}}]
-""")
+    lab.apply(WEB_NODEPORT)
     wait_for(lambda: backends_of(lab, "node-1", "192.0.2.11", 30080), 30, "NodePort 30080 on node-1")
-    host_cgroup = cgroups.ensure(cgroups.lab_root(lab.lab.layout.cgroup_name) / "node-1" / "host-bind-e2e")
-    procs = str(host_cgroup / "cgroup.procs")
-
-    def enter() -> None:
-        with open(procs, "w") as f:
-            f.write(str(os.getpid()))
-
     code = ("import socket, sys\n"
             "for port in (30080, 30079):\n"
             "    s = socket.socket()\n"
@@ -390,12 +354,6 @@ spec:
             "    except OSError as e:\n"
             "        print(port, e.errno)\n"
             "    s.close()\n")
-    try:
-        out = subprocess.run(["nsenter", f"--net={topology.NETNS_DIR / lab.lab.layout.node_netns('node-1')}",
-                              sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
-                             preexec_fn=enter)
-        assert out.returncode == 0, out.stderr
-        assert out.stdout.split("\n")[:2] == ["30080 98", "30079 bound"], out.stdout  # 98: EADDRINUSE
-    finally:
-        cgroups.kill_all(host_cgroup)
-        host_cgroup.rmdir()
+    out = on_node_host(lab, "node-1", code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["30080 98", "30079 bound"], out.stdout  # 98: EADDRINUSE
