@@ -4,11 +4,11 @@ filters ``hubble observe`` sends for the same flags, judged by the agent's own f
 from __future__ import annotations
 
 import pytest
+from test_service_map import flow, star_wars
 
 from ciliary.hubbleapi import flow_pb2
 from ciliary.nodeagent import hubble_filter
 from ciliary.operator import service_map_query as q
-from test_service_map import flow, star_wars
 
 
 def matcher(query: q.MapQuery):  # type: ignore[no-untyped-def]
