@@ -185,10 +185,14 @@ class RealNode:
             self.bins.kubelet, self.paths, self.ip), self._kubelet_mount_ns()), env=self._env())
         processes.wait_alive(self.layout, name, 2.0)
 
-    def start(self, built: Sequence[images.BuiltImage], pod_cidr: str, cni_plugin: Path,
-              registry_port: int | None = None) -> None:
+    def start_runtime(self, pod_cidr: str, cni_plugin: Path, registry_port: int | None = None) -> None:
+        """Files and containerd (no apiserver needed: images can be imported while the cluster starts)."""
         self.prepare(pod_cidr, cni_plugin, registry_port)
         self.start_containerd()
+
+    def start(self, built: Sequence[images.BuiltImage], pod_cidr: str, cni_plugin: Path,
+              registry_port: int | None = None) -> None:
+        self.start_runtime(pod_cidr, cni_plugin, registry_port)
         self.import_images(built)
         self.start_kubelet()
 
