@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -306,8 +307,10 @@ def teardown_all(layout: LabLayout) -> list[str]:
         bins: NodeBinaries | None = NodeBinaries.discover()
     except (OSError, tools.VersionsFileError):
         bins = None  # no versions.env here: skip the graceful task removal, the cgroup kill still works
-    for node in found:
-        teardown_node(layout, node, bins)
+    # nodes are independent: side by side (most of the time is waiting for processes to exit)
+    with ThreadPoolExecutor(max_workers=len(found)) as pool:
+        for done in [pool.submit(teardown_node, layout, node, bins) for node in found]:
+            done.result()
     return found
 
 

@@ -115,16 +115,19 @@ def project_dependencies(root: Path) -> list[str]:
     return list(tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"])
 
 
-def _digest_files(paths: list[Path]) -> str:
+def _digest_files(paths: list[Path], root: Path | None = None) -> str:
+    """Over the files' contents and their names relative to ``root`` (else their base names): the same
+    tree in another checkout (a worktree, skaffold's copy) has the same digest and reuses the cache."""
     h = hashlib.sha256()
     for p in sorted(paths):
-        h.update(str(p).encode() + b"\0" + p.read_bytes() + b"\0")
+        name = p.relative_to(root).as_posix() if root else p.name
+        h.update(name.encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 
 def wheelhouse(root: Path) -> Path:
     """The locked dependencies as wheels for this python3 (cached by pyproject + lock)."""
-    key = _digest_files([root / "pyproject.toml", root / "setup" / "requirements-lock.txt"])
+    key = _digest_files([root / "pyproject.toml", root / "setup" / "requirements-lock.txt"], root)
     out = images.images_dir() / "wheels" / key
     if (out / ".complete").exists():
         return out
@@ -196,7 +199,7 @@ def source_digest(root: Path) -> str:
     files = [root / "pyproject.toml", root / "README.md"]
     for d in SOURCE_DIRS:
         files += [p for p in (root / d).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
-    return _digest_files(files)
+    return _digest_files(files, root)
 
 
 def project_image(root: Path, suite: str, target: str, tag: str) -> BuiltImage:

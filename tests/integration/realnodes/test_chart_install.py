@@ -331,7 +331,7 @@ def test_skaffold_dev_redeploys_on_a_source_change_and_cleans_up_on_exit(chart_l
             except subprocess.TimeoutExpired:
                 os.killpg(dev.pid, signal.SIGKILL)
                 dev.wait(timeout=30)
-                raise AssertionError(f"skaffold dev did not stop on SIGINT:\n{transcript.read_text()[-3000:]}")
+                raise AssertionError(f"skaffold dev did not stop on SIGINT:\n{transcript.read_text()[-3000:]}") from None
     text = transcript.read_text(errors="replace")
     print(text[-6000:])
     assert "Cleaning up..." in text, text[-3000:]

@@ -73,3 +73,18 @@ def test_source_digest_changes_with_a_source_file(tmp_path: Path) -> None:
     first = projectimages.source_digest(tmp_path)
     (tmp_path / "operator" / "a.py").write_text("x = 2\n")
     assert projectimages.source_digest(tmp_path) != first
+
+
+def test_the_same_tree_in_another_checkout_has_the_same_digests(tmp_path: Path) -> None:
+    """A worktree or skaffold's copy of the repository reuses the image cache (keys never name the path)."""
+    trees = [tmp_path / "one", tmp_path / "elsewhere" / "two"]
+    for root in trees:
+        for d in projectimages.SOURCE_DIRS:
+            (root / d).mkdir(parents=True)
+        (root / "pyproject.toml").write_text("[project]\n")
+        (root / "README.md").write_text("r\n")
+        (root / "operator" / "a.py").write_text("x = 1\n")
+    assert projectimages.source_digest(trees[0]) == projectimages.source_digest(trees[1])
+    # a file moved to another directory is a different tree
+    (trees[1] / "operator" / "a.py").rename(trees[1] / "nodeagent" / "a.py")
+    assert projectimages.source_digest(trees[0]) != projectimages.source_digest(trees[1])
