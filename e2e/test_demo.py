@@ -58,7 +58,9 @@ def test_make_demo_runs_the_scene_on_real_kubelets_with_ciliary_installed_by_its
     pods = text.split("$ kubectl get pods -n kube-system -o wide")[1].split("==")[0]
     for node in ("node-1", "node-2"):
         assert re.search(rf"ciliary-agent-\S+\s+1/1\s+Running\s.*\s{node}\s", pods), pods
-    assert re.search(r"ciliary-operator-\S+\s+1/1\s+Running", pods), pods
+    # every container ready (the operator pod has two)
+    assert re.search(r"ciliary-operator-\S+\s+(\d)/\1\s+Running", pods), pods
+    assert re.search(r"ciliary-etcd-0\s+1/1\s+Running", pods), pods
     assert_the_scene(text)
     assert "not shown here: `ciliary observe` and `ciliary policy trace`" in text
 

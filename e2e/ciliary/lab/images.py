@@ -20,6 +20,7 @@ Images (names as the pods and upstream e2e suites use them):
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -28,7 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -107,11 +109,29 @@ def sources_lines(suite: str) -> list[str]:
             f"deb {DEBIAN_SECURITY_MIRROR} {suite}-security main"]
 
 
+@contextmanager
+def build_lock(target: Path) -> Iterator[None]:
+    """Held while ``target`` is built: the cache is shared by every checkout and session on the machine,
+    and two builds of one key must not write the same files (the holder's builds are bounded)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def build_rootfs(spec: RootfsSpec, *, log: bool = True) -> Path:
     """``<cache>/images/rootfs/<name>-<key>.tar``, made by mmdebstrap once."""
     out = images_dir() / "rootfs" / f"{spec.name}-{spec.key()}.tar"
     if out.exists():
         return out
+    with build_lock(out):
+        return out if out.exists() else _mmdebstrap(spec, out, log=log)
+
+
+def _mmdebstrap(spec: RootfsSpec, out: Path, *, log: bool) -> Path:
     if not shutil.which("mmdebstrap"):
         raise ImageBuildError(spec.name, "mmdebstrap is not installed (setup/setup.sh installs it)")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -165,6 +185,13 @@ def assemble(reference: str, base: Path | None, files: Sequence[FileEntry], conf
     if hit:
         return hit
     root = image_root(reference, key_parts, config)
+    with build_lock(root):
+        hit = cached(reference, key_parts, config)
+        return hit if hit else _assemble(root, reference, base, files, config, history)
+
+
+def _assemble(root: Path, reference: str, base: Path | None, files: Sequence[FileEntry], config: ImageConfig,
+              history: Sequence[str]) -> BuiltImage:
     archive = root / "image.tar"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)

@@ -131,6 +131,11 @@ def wheelhouse(root: Path) -> Path:
     out = images.images_dir() / "wheels" / key
     if (out / ".complete").exists():
         return out
+    with images.build_lock(out):
+        return out if (out / ".complete").exists() else _pip_wheel(root, out)
+
+
+def _pip_wheel(root: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "-w", str(out),
                            "-c", str(root / "setup" / "requirements-lock.txt"), *project_dependencies(root)],

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from ciliary.lab import projectimages
+from ciliary.lab import images, projectimages
 from ciliary.lab.images import ImageBuildError
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -88,3 +89,25 @@ def test_the_same_tree_in_another_checkout_has_the_same_digests(tmp_path: Path) 
     # a file moved to another directory is a different tree
     (trees[1] / "operator" / "a.py").rename(trees[1] / "nodeagent" / "a.py")
     assert projectimages.source_digest(trees[0]) != projectimages.source_digest(trees[1])
+
+
+def test_builds_of_one_cache_entry_take_turns(tmp_path: Path) -> None:
+    """Two builders of the same key (two checkouts, two sessions) never write the entry at the same time."""
+    inside: list[int] = []
+    overlapped = threading.Event()
+
+    def build() -> None:
+        with images.build_lock(tmp_path / "entry.tar"):
+            inside.append(1)
+            if len(inside) > 1:
+                overlapped.set()
+            threading.Event().wait(0.2)
+            inside.pop()
+
+    threads = [threading.Thread(target=build) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert not overlapped.is_set()
+    assert (tmp_path / "entry.tar.lock").exists() and not (tmp_path / "entry.tar").exists()
