@@ -35,6 +35,7 @@ def run_demo(*args: str, kind: str, letter: str, timeout: float) -> str:
         out = subprocess.run([sys.executable, "-m", "ciliary.lab.demo", *args], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=timeout)
         text = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout)
+        print(text)  # the demo as a user sees it (pytest -s)
         assert out.returncode == 0, text[-4000:] + out.stderr[-2000:]
         return text
     finally:

@@ -47,6 +47,8 @@ DEBIAN_SECURITY_MIRROR = os.environ.get("CILIARY_DEBIAN_SECURITY_MIRROR", "http:
 DPKG_EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*",
                  "/usr/share/lintian/*")
 PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: builds of one image reference kept in the cache (each archive is a full copy, up to 1.1 GB)
+KEPT_BUILDS = 3
 
 
 class ImageBuildError(RuntimeError):
@@ -203,9 +205,11 @@ def _assemble(root: Path, reference: str, base: Path | None, files: Sequence[Fil
         layers.append(writer.add_layer(top))
     writer.add_image(reference, layers, config, history=history)
     ociimage.write_archive(root / "layout", archive)
-    # one build per reference is kept: an archive holds a full copy of its base layer
-    for older in root.parent.glob(f"{_slug(reference)}-*"):
-        if older != root and len(older.name) == len(root.name):
+    # an archive holds a full copy of its base layer: the newest few builds per reference are kept (not
+    # only the newest, as another checkout or session may be importing the one before)
+    builds = [b for b in root.parent.glob(f"{_slug(reference)}-*") if b.is_dir() and len(b.name) == len(root.name)]
+    for older in sorted(builds, key=lambda b: b.stat().st_mtime, reverse=True)[KEPT_BUILDS:]:
+        if older != root:
             shutil.rmtree(older, ignore_errors=True)
     return BuiltImage(reference, root / "layout", archive)
 

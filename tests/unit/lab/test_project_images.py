@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import zipfile
 from pathlib import Path
@@ -111,3 +112,20 @@ def test_builds_of_one_cache_entry_take_turns(tmp_path: Path) -> None:
         t.join(timeout=10)
     assert not overlapped.is_set()
     assert (tmp_path / "entry.tar.lock").exists() and not (tmp_path / "entry.tar").exists()
+
+
+def test_the_cache_keeps_the_newest_builds_of_a_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new build removes the oldest, never one another session may still import (the newest few stay)."""
+    monkeypatch.setenv("CILIARY_CACHE", str(tmp_path))
+    built = []
+    for n in range(images.KEPT_BUILDS + 2):
+        built.append(images.assemble("docker.io/lab/t:1", None, [images.FileEntry("/f", data=str(n).encode())],
+                                     images.ImageConfig(entrypoint=["/f"]), key_parts=[str(n)], history=["t"]))
+        os.utime(built[-1].archive.parent, (1000 + n, 1000 + n))
+    kept = [b for b in built if b.archive.exists()]
+    assert kept == built[-images.KEPT_BUILDS:]
+    # a second build of a kept key is the cached one
+    again = images.assemble("docker.io/lab/t:1", None, [images.FileEntry("/f", data=b"x")],
+                            images.ImageConfig(entrypoint=["/f"]), key_parts=[str(images.KEPT_BUILDS + 1)],
+                            history=["t"])
+    assert again == built[-1]
