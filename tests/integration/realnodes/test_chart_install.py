@@ -299,16 +299,19 @@ def test_skaffold_dev_redeploys_on_a_source_change_and_cleans_up_on_exit(chart_l
         dev = subprocess.Popen(argv, cwd=copy, env=env, stdout=out, stderr=subprocess.STDOUT,
                                start_new_session=True)
     try:
-        def watching(times: int) -> bool:
+        def watching(since: int = 0) -> bool:
+            """skaffold dev waits for changes after a build and deploy that began after offset ``since``."""
             if dev.poll() is not None:
                 raise AssertionError(f"skaffold dev exited ({dev.returncode}):\n{transcript.read_text()[-4000:]}")
-            return transcript.read_text(errors="replace").count("Watching for changes...") >= times
+            text = transcript.read_text(errors="replace")[since:]
+            built = max(text.find("Build [ciliary-agent] succeeded"), text.find("ciliary-agent: Found"))
+            return built >= 0 and "Watching for changes..." in text[built:]
 
         def tail() -> str:
             return transcript.read_text(errors="replace")[-4000:] + lab.kubectl(
                 "get", "pods", "-n", chartinstall.NAMESPACE, "-o", "wide").stdout
 
-        wait_for("skaffold dev's first deploy", lambda: watching(1), 900, tail)
+        wait_for("skaffold dev's first deploy", watching, 900, tail)
         first = agent_image(lab)
         assert first.startswith(f"{repo}/ciliary-agent:") and "@sha256:" in first, first
         wait_for("the agents on the first image", lambda: agents_running(lab, first), 300, tail)
@@ -316,11 +319,15 @@ def test_skaffold_dev_redeploys_on_a_source_change_and_cleans_up_on_exit(chart_l
 
         t1 = time.monotonic()
         changed = copy / "nodeagent" / "ciliary" / "nodeagent" / "main.py"
+        edited_at = len(transcript.read_text(errors="replace"))
         changed.write_text(changed.read_text() + "\n# changed by the skaffold dev test\n")
-        wait_for("skaffold dev's rebuild and redeploy", lambda: watching(2), 900, tail)
+        wait_for("skaffold dev's rebuild and redeploy", lambda: watching(edited_at), 900, tail)
+        rebuilt = transcript.read_text(errors="replace")[edited_at:]
+        assert "Build [ciliary-agent] succeeded" in rebuilt, rebuilt[-4000:]
         second = agent_image(lab)
         assert second.startswith(f"{repo}/ciliary-agent:") and "@sha256:" in second, second
-        assert second.split("@")[1] != first.split("@")[1], "a source change left the agent image's digest as it was"
+        assert second.split("@")[1] != first.split("@")[1], \
+            f"a source change left the agent image's digest as it was:\n{rebuilt[-4000:]}"
         wait_for("the agents on the rebuilt image", lambda: agents_running(lab, second), 300, tail)
         print(f"skaffold dev: rebuilt and redeployed in {time.monotonic() - t1:.1f} s")
     finally:
