@@ -17,6 +17,8 @@ configuration.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import os
 import time
@@ -61,6 +63,29 @@ def repository_root() -> Path:
     return tools.versions_file().resolve().parents[1]
 
 
+def pinned_images(built: Sequence[images.BuiltImage], into: Path) -> list[images.BuiltImage]:
+    """The archives hard-linked into the lab's state directory (removed with it by ``lab down``).
+
+    The image cache is shared by every checkout and session on the machine, and a build elsewhere may
+    remove an older entry while this lab still imports it; the lab's own link keeps the file. Where the
+    cache is on another filesystem the cache's path is used as it is.
+    """
+    into.mkdir(parents=True, exist_ok=True)
+    pinned = []
+    for image in built:
+        link = into / f"{image.archive.parent.name}.tar"
+        if not link.exists():
+            try:
+                os.link(image.archive, link)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                pinned.append(image)
+                continue
+        pinned.append(dataclasses.replace(image, archive=link))
+    return pinned
+
+
 def deferred_images(built: Sequence[images.BuiltImage]) -> tuple[list[images.BuiltImage], list[images.BuiltImage]]:
     """(what a node needs before its kubelet starts, what only workloads use and may follow)."""
     later = [b for b in built if b.reference in WORKLOAD_IMAGES]
@@ -90,7 +115,10 @@ def up(lab: Lab, nodes: Sequence[str], *, chart: bool = False, ready_seconds: fl
     def stamp(what: str) -> None:
         say(f"lab: {what} ({time.monotonic() - t0:.1f} s)")
 
-    built = lab_images(chart)
+    try:
+        built = pinned_images(lab_images(chart), layout.state_dir / "images")
+    except FileNotFoundError:  # removed from the shared cache between build and link: build it again
+        built = pinned_images(lab_images(chart), layout.state_dir / "images")
     stamp(f"{len(built)} images ready")
     config = lab.config()
     if config.get("nodes") and not config.get("real_nodes"):
