@@ -167,6 +167,13 @@ def rootfs_spec(root: Path, suite: str, agent: bool) -> RootfsSpec:
 
 
 def project_wheel(root: Path, into: Path) -> Path:
+    # setuptools builds in <root>/build: one wheel build per checkout at a time (two labs of one checkout)
+    checkout = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    with images.build_lock(images.images_dir() / "locks" / f"wheel-{checkout}"):
+        return _build_wheel(root, into)
+
+
+def _build_wheel(root: Path, into: Path) -> Path:
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--disable-pip-version-check",
                            "-w", str(into), str(root)], capture_output=True, text=True, timeout=600, cwd=into)
     # setuptools builds in <root>/build and never removes a module deleted from the source (as setup.sh)
