@@ -1,5 +1,5 @@
 # Ciliary — the two commands a newcomer runs (as root, on Debian):
-#   make demo   set-up, lab up, and the demo
+#   make demo   set-up, a lab of real kubelets with Ciliary installed by its Helm chart, and the demo
 #   make test   set-up and the whole suite (lint, types, layering, unit, integration, e2e)
 SHELL := /bin/bash
 VENV  ?= $(CURDIR)/.venv
@@ -7,17 +7,21 @@ PY    := $(VENV)/bin/python
 CILIARY := $(VENV)/bin/ciliary
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-real-nodes conformance test lint unit integration e2e lab-up lab-down clean bench
+.PHONY: setup demo demo-real-nodes demo-process conformance test lint unit integration e2e lab-up lab-down clean bench
 
 setup:
 	@setup/setup.sh
 
+# the Star Wars scene on real kubelets, Ciliary installed by its Helm chart (ciliary lab up --real-nodes)
 demo: setup
 	@$(PY) -m ciliary.lab.demo
 
-# the same scene on real kubelets, Ciliary installed by its Helm chart (ciliary lab up --real-nodes)
-demo-real-nodes: setup
-	@$(PY) -m ciliary.lab.demo --real-nodes
+# the former name of `make demo`
+demo-real-nodes: demo
+
+# the fast development mode: the same scene on the process lab (ciliary lab up: no kubelet, no images)
+demo-process: setup
+	@$(PY) -m ciliary.lab.demo --process
 
 # the upstream e2e.test against a running real-node lab (ciliary lab up --real-nodes), one run per focus list
 # (area): Netpol with Ciliary's enforcement; Services & co. and DNS with kube-proxy (~2 h in all); counts per area.

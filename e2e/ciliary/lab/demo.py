@@ -1,17 +1,17 @@
-"""``make demo``: the lab and the Star Wars scene, enforced in the kernel.
+"""``make demo``: a lab of real kubelets, Ciliary installed by its Helm chart, and the Star Wars scene.
 
-deathstar (org=empire, class=deathstar, TCP 80) and xwing (org=alliance) on
-node-1, tiefighter (org=empire) on node-2. Without a policy both ships land;
-with Cilium's L3/L4 ``rule1`` (only org=empire into the deathstar on 80/TCP) the
-tiefighter lands, the xwing times out, the drop shows in ``ciliary observe``,
-``ciliary policy trace`` explains it, and the policy's status shows where it is
-enforced. Every step prints the command a user would type to do the same.
+The lab is ``ciliary lab up --real-nodes``: containerd and a kubelet per node, then ``helm install`` of
+both charts with the images the set-up built without docker. deathstar (org=empire, class=deathstar,
+TCP 80) and xwing (org=alliance) on node-1, tiefighter (org=empire) on node-2, all three the lab app
+image (``docker.io/lab/app``). Without a policy both ships land; with Cilium's L3/L4 ``rule1`` (only
+org=empire into the deathstar on 80/TCP) the tiefighter lands, the xwing times out, and the policy's
+status shows where it is enforced. Every step prints the command a user would type to do the same.
+``ciliary observe`` and ``ciliary policy trace`` read Ciliary's etcd, which there is the chart's bundled
+etcd inside the cluster, out of the CLI's reach from the lab: those two steps are left out and say so.
 
-``--real-nodes`` (``make demo-real-nodes``, or ``CILIARY_DEMO_REAL_NODES=1 make demo``) runs the same
-scene on a lab of real kubelets with Ciliary installed by its Helm chart (``ciliary lab up
---real-nodes``): the ships are the lab app image (``docker.io/lab/app``). ``ciliary observe`` and
-``ciliary policy trace`` read Ciliary's etcd, which there is the chart's bundled etcd inside the cluster,
-out of the CLI's reach from the lab: those two steps are left out and say so.
+``--process`` (``make demo-process``) is the fast development mode: the same scene on the process lab
+(``ciliary lab up``: agents, operator and Ciliary's own pod runtime as processes, no kubelet, no images),
+where the drop also shows in ``ciliary observe`` and ``ciliary policy trace`` explains it.
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ def wait_enforced(lab: Lab, seconds: float = 60) -> None:
     print((done.stdout or done.stderr).strip(), flush=True)
 
 
-def run(real_nodes: bool = False) -> int:
+def run(real_nodes: bool = True) -> int:
+    t0 = time.monotonic()
     lab = Lab.from_env()
     if real_nodes:
         from ciliary.lab import reallab  # builds images and runs kubelets: only when asked
@@ -178,16 +179,26 @@ def run(real_nodes: bool = False) -> int:
     print(f"\n{BOLD}Try it yourself:{RESET} eval $(ciliary lab env); kubectl get cnp; "
           "ciliary observe --follow; ciliary lab exec xwing -- curl -m 2 http://" + ip)
     print("Remove everything with: ciliary lab down")
+    print(f"{DIM}demo: lab and scene in {time.monotonic() - t0:.0f} s{RESET}", flush=True)
     if not ok:
         print(f"{RED}demo: something did not behave as shown above{RESET}", file=sys.stderr)
     return 0 if ok else 1
 
 
+def real_nodes_wanted(args: list[str], environ: dict[str, str]) -> bool:
+    """Real kubelets unless ``--process`` (or ``CILIARY_DEMO_PROCESS=1``); ``--real-nodes`` is the default."""
+    unknown = [a for a in args if a not in ("--process", "--real-nodes")]
+    if unknown or {"--process", "--real-nodes"} <= set(args):
+        raise LabError(f"usage: python -m ciliary.lab.demo [--process | --real-nodes] (got {' '.join(args)})")
+    if "--real-nodes" in args:
+        return True
+    return "--process" not in args and environ.get("CILIARY_DEMO_PROCESS", "") not in ("1", "true", "yes")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    real_nodes = "--real-nodes" in args or os.environ.get("CILIARY_DEMO_REAL_NODES", "") in ("1", "true", "yes")
     try:
-        return run(real_nodes)
+        return run(real_nodes_wanted(args, dict(os.environ)))
     except LabError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1

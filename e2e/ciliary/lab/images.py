@@ -24,6 +24,7 @@ Images (names as the pods and upstream e2e suites use them):
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -32,7 +33,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,6 +52,8 @@ DEBIAN_SECURITY_MIRROR = os.environ.get("CILIARY_DEBIAN_SECURITY_MIRROR", "http:
 DPKG_EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*",
                  "/usr/share/lintian/*")
 PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: builds of one image reference kept in the cache (each archive is a full copy, up to 1.1 GB)
+KEPT_BUILDS = 3
 
 
 class ImageBuildError(RuntimeError):
@@ -112,11 +116,29 @@ def sources_lines(suite: str) -> list[str]:
             f"deb {DEBIAN_SECURITY_MIRROR} {suite}-security main"]
 
 
+@contextmanager
+def build_lock(target: Path) -> Iterator[None]:
+    """Held while ``target`` is built: the cache is shared by every checkout and session on the machine,
+    and two builds of one key must not write the same files (the holder's builds are bounded)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def build_rootfs(spec: RootfsSpec, *, log: bool = True) -> Path:
     """``<cache>/images/rootfs/<name>-<key>.tar``, made by mmdebstrap once."""
     out = images_dir() / "rootfs" / f"{spec.name}-{spec.key()}.tar"
     if out.exists():
         return out
+    with build_lock(out):
+        return out if out.exists() else _mmdebstrap(spec, out, log=log)
+
+
+def _mmdebstrap(spec: RootfsSpec, out: Path, *, log: bool) -> Path:
     if not shutil.which("mmdebstrap"):
         raise ImageBuildError(spec.name, "mmdebstrap is not installed (setup/setup.sh installs it)")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -170,6 +192,13 @@ def assemble(reference: str, base: Path | None, files: Sequence[FileEntry], conf
     if hit:
         return hit
     root = image_root(reference, key_parts, config)
+    with build_lock(root):
+        hit = cached(reference, key_parts, config)
+        return hit if hit else _assemble(root, reference, base, files, config, history)
+
+
+def _assemble(root: Path, reference: str, base: Path | None, files: Sequence[FileEntry], config: ImageConfig,
+              history: Sequence[str]) -> BuiltImage:
     archive = root / "image.tar"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
@@ -181,9 +210,11 @@ def assemble(reference: str, base: Path | None, files: Sequence[FileEntry], conf
         layers.append(writer.add_layer(top))
     writer.add_image(reference, layers, config, history=history)
     ociimage.write_archive(root / "layout", archive)
-    # one build per reference is kept: an archive holds a full copy of its base layer
-    for older in root.parent.glob(f"{_slug(reference)}-*"):
-        if older != root and len(older.name) == len(root.name):
+    # an archive holds a full copy of its base layer: the newest few builds per reference are kept (not
+    # only the newest, as another checkout or session may be importing the one before)
+    builds = [b for b in root.parent.glob(f"{_slug(reference)}-*") if b.is_dir() and len(b.name) == len(root.name)]
+    for older in sorted(builds, key=lambda b: b.stat().st_mtime, reverse=True)[KEPT_BUILDS:]:
+        if older != root:
             shutil.rmtree(older, ignore_errors=True)
     return BuiltImage(reference, root / "layout", archive)
 

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,10 +186,14 @@ class RealNode:
             self.bins.kubelet, self.paths, self.ip), self._kubelet_mount_ns()), env=self._env())
         processes.wait_alive(self.layout, name, 2.0)
 
-    def start(self, built: Sequence[images.BuiltImage], pod_cidr: str, cni_plugin: Path,
-              registry_port: int | None = None) -> None:
+    def start_runtime(self, pod_cidr: str, cni_plugin: Path, registry_port: int | None = None) -> None:
+        """Files and containerd (no apiserver needed: images can be imported while the cluster starts)."""
         self.prepare(pod_cidr, cni_plugin, registry_port)
         self.start_containerd()
+
+    def start(self, built: Sequence[images.BuiltImage], pod_cidr: str, cni_plugin: Path,
+              registry_port: int | None = None) -> None:
+        self.start_runtime(pod_cidr, cni_plugin, registry_port)
         self.import_images(built)
         self.start_kubelet()
 
@@ -302,8 +307,10 @@ def teardown_all(layout: LabLayout) -> list[str]:
         bins: NodeBinaries | None = NodeBinaries.discover()
     except (OSError, tools.VersionsFileError):
         bins = None  # no versions.env here: skip the graceful task removal, the cgroup kill still works
-    for node in found:
-        teardown_node(layout, node, bins)
+    # nodes are independent: side by side (most of the time is waiting for processes to exit)
+    with ThreadPoolExecutor(max_workers=len(found)) as pool:
+        for done in [pool.submit(teardown_node, layout, node, bins) for node in found]:
+            done.result()
     return found
 
 

@@ -115,19 +115,27 @@ def project_dependencies(root: Path) -> list[str]:
     return list(tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"])
 
 
-def _digest_files(paths: list[Path]) -> str:
+def _digest_files(paths: list[Path], root: Path | None = None) -> str:
+    """Over the files' contents and their names relative to ``root`` (else their base names): the same
+    tree in another checkout (a worktree, skaffold's copy) has the same digest and reuses the cache."""
     h = hashlib.sha256()
     for p in sorted(paths):
-        h.update(str(p).encode() + b"\0" + p.read_bytes() + b"\0")
+        name = p.relative_to(root).as_posix() if root else p.name
+        h.update(name.encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 
 def wheelhouse(root: Path) -> Path:
     """The locked dependencies as wheels for this python3 (cached by pyproject + lock)."""
-    key = _digest_files([root / "pyproject.toml", root / "setup" / "requirements-lock.txt"])
+    key = _digest_files([root / "pyproject.toml", root / "setup" / "requirements-lock.txt"], root)
     out = images.images_dir() / "wheels" / key
     if (out / ".complete").exists():
         return out
+    with images.build_lock(out):
+        return out if (out / ".complete").exists() else _pip_wheel(root, out)
+
+
+def _pip_wheel(root: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "-w", str(out),
                            "-c", str(root / "setup" / "requirements-lock.txt"), *project_dependencies(root)],
@@ -159,6 +167,13 @@ def rootfs_spec(root: Path, suite: str, agent: bool) -> RootfsSpec:
 
 
 def project_wheel(root: Path, into: Path) -> Path:
+    # setuptools builds in <root>/build: one wheel build per checkout at a time (two labs of one checkout)
+    checkout = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    with images.build_lock(images.images_dir() / "locks" / f"wheel-{checkout}"):
+        return _build_wheel(root, into)
+
+
+def _build_wheel(root: Path, into: Path) -> Path:
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--disable-pip-version-check",
                            "-w", str(into), str(root)], capture_output=True, text=True, timeout=600, cwd=into)
     # setuptools builds in <root>/build and never removes a module deleted from the source (as setup.sh)
@@ -196,7 +211,7 @@ def source_digest(root: Path) -> str:
     files = [root / "pyproject.toml", root / "README.md"]
     for d in SOURCE_DIRS:
         files += [p for p in (root / d).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
-    return _digest_files(files)
+    return _digest_files(files, root)
 
 
 def project_image(root: Path, suite: str, target: str, tag: str) -> BuiltImage:

@@ -1,21 +1,24 @@
 """Bring up a lab whose nodes are real (containerd + kubelet), in one call — not yet ``ciliary lab up``.
 
-Order: images (cached) → control plane with the real-node apiserver flags → node namespaces on the
-underlay and the world host → each node's Ciliary agent (as a process, as today) → lab registry,
-node gateway, kube-scheduler → each node's containerd (images imported) and kubelet → all nodes
-Ready. ``Lab.down`` removes all of it (``kubeletnode.teardown_all`` runs first).
+Order: images (cached) → node namespaces on the underlay and the world host → each node's containerd,
+importing the images, side by side with: the control plane with the real-node apiserver flags → each
+node's Ciliary agent (as a process, without the chart) → lab registry, node gateway, kube-scheduler →
+each node's kubelet once its images are in → all nodes Ready. ``Lab.down`` removes all of it
+(``kubeletnode.teardown_all`` runs first).
 
 With ``chart=True`` Ciliary is installed by its Helm charts instead of running as lab processes:
 no agent process; the project's images and the etcd image are built and imported too; every node
 namespace gets the ``kubernetes`` Service and cluster DNS addresses (``ciliary.lab.nodeservices``: gateway
 relay and a CoreDNS per node); the nodes run in private mount namespaces (``kubeletnode`` chart mode);
-once the kubelets registered, ``helm install`` (``ciliary.lab.chartinstall``) and the wait for every
-agent, the operator and etcd. Nodes are Ready only once the chart's install-cni wrote their CNI
+``helm install`` (``ciliary.lab.chartinstall``) before the kubelets start (its objects wait for them), and
+the wait for every agent, the operator and etcd. Nodes are Ready only once the chart's install-cni wrote their CNI
 configuration.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import os
 import time
@@ -41,6 +44,8 @@ from ciliary.lab.nodebins import NodeBinaries
 
 #: every real node runs containerd, kubelet, kube-proxy and CoreDNS on a shared machine
 MAX_REAL_NODES = 8
+#: images only pods of users and tests run: imported while the chart's pods start
+WORKLOAD_IMAGES = (images.APP_IMAGE, images.AGNHOST_IMAGE)
 
 
 def lab_images(chart: bool) -> list[images.BuiltImage]:
@@ -58,14 +63,63 @@ def repository_root() -> Path:
     return tools.versions_file().resolve().parents[1]
 
 
+def pinned_images(built: Sequence[images.BuiltImage], into: Path) -> list[images.BuiltImage]:
+    """The archives hard-linked into the lab's state directory (removed with it by ``lab down``).
+
+    The image cache is shared by every checkout and session on the machine, and a build elsewhere may
+    remove an older entry while this lab still imports it; the lab's own link keeps the file. Where the
+    cache is on another filesystem the cache's path is used as it is.
+    """
+    into.mkdir(parents=True, exist_ok=True)
+    pinned = []
+    for image in built:
+        link = into / f"{image.archive.parent.name}.tar"
+        if not link.exists():
+            try:
+                os.link(image.archive, link)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                pinned.append(image)
+                continue
+        pinned.append(dataclasses.replace(image, archive=link))
+    return pinned
+
+
+def deferred_images(built: Sequence[images.BuiltImage]) -> tuple[list[images.BuiltImage], list[images.BuiltImage]]:
+    """(what a node needs before its kubelet starts, what only workloads use and may follow)."""
+    later = [b for b in built if b.reference in WORKLOAD_IMAGES]
+    return [b for b in built if b.reference not in WORKLOAD_IMAGES], later
+
+
+def _timed(step: Callable[[], object]) -> float:
+    t = time.monotonic()
+    step()
+    return time.monotonic() - t
+
+
 def up(lab: Lab, nodes: Sequence[str], *, chart: bool = False, ready_seconds: float = 180,
        say: Callable[[str], None] = lambda _: None) -> list[kubeletnode.RealNode]:
-    """Start (or complete) a real-node lab with ``nodes``; returns the nodes once all are Ready."""
+    """Start (or complete) a real-node lab with ``nodes``; returns the nodes once all are Ready.
+
+    The image import into each node's containerd is most of the time, so it starts first, side by side
+    on every node, while the control plane, the cluster services and (chart mode) the chart's objects
+    come up; each kubelet starts once its node holds the sandbox and chart images, and the workload
+    images (lab app, agnhost) follow while the chart's pods start. Returns once every node is Ready
+    and holds every image.
+    """
     layout = lab.layout
     bins = NodeBinaries.discover().require()
     t0 = time.monotonic()
-    built = lab_images(chart)
-    say(f"lab: {len(built)} images ready ({time.monotonic() - t0:.1f} s)")
+
+    def stamp(what: str) -> None:
+        say(f"lab: {what} ({time.monotonic() - t0:.1f} s)")
+
+    try:
+        built = pinned_images(lab_images(chart), layout.state_dir / "images")
+    except FileNotFoundError:  # removed from the shared cache between build and link: build it again
+        built = pinned_images(lab_images(chart), layout.state_dir / "images")
+    stamp(f"{len(built)} images ready")
     config = lab.config()
     if config.get("nodes") and not config.get("real_nodes"):
         raise LabError("this lab runs its nodes as processes: `ciliary lab down` first, then `ciliary lab up "
@@ -73,45 +127,65 @@ def up(lab: Lab, nodes: Sequence[str], *, chart: bool = False, ready_seconds: fl
     ports = lab.ports()
     controlplane.save_config(layout, ports, max(node_index(n) for n in nodes))
     layout.config_file.write_text(json.dumps({**lab.config(), "real_nodes": True, "chart": chart}))
-    controlplane.start(layout, lab.bins, ports,
-                       apiserver_args=realcluster.apiserver_args(layout, static_kubernetes_endpoints=chart),
-                       pod_tokens=chart)
-    say(f"lab: control plane ({time.monotonic() - t0:.1f} s)")
-    lab.create_nodes(nodes)
+    apiserver_args = realcluster.apiserver_args(layout, static_kubernetes_endpoints=chart)  # makes the lab CA
     topology.ensure_underlay(layout)
     for node in nodes:
         topology.ensure_node(layout, node, nodes)
     topology.ensure_world(layout, nodes)
-    lab.start_world()
-    if not chart:
-        for node in nodes:
-            lab.start_node_processes(node, ports, pod_runtime=False)
-    registry = realcluster.start_registry(layout, bins)
-    if chart:
-        for node in nodes:
-            nodeservices.add_service_address(layout.node_netns(node))
-    realcluster.start_gateway(layout, ports, nodes, registry_port=registry, kubernetes_service=chart)
-    realcluster.start_scheduler(layout, bins, ports)
-    if chart:
-        lab.kubectl("apply", "-f", "-", input=nodeservices.SERVICES)
-        for node in nodes:
-            nodeservices.start_kube_proxy(layout, bins.kube_proxy, node)
-            nodeservices.start_coredns(layout, bins.coredns, node)
+    stamp("node namespaces")
+    registry = realcluster.registry_port(layout)
     host = nodehost.detect_host()
     cgroups = nodehost.cgroup_layout()
     real = [kubeletnode.RealNode(layout, node, bins, lab.bins, host, cgroups, chart=chart) for node in nodes]
     plugin = kubeletnode.cni_plugin_path()
-    # nodes start side by side: most of the time is the image import into each node's containerd
+    first, later = deferred_images(built)
+
+    def runtime(n: kubeletnode.RealNode) -> tuple[float, float]:
+        return (_timed(lambda: n.start_runtime(pod_cidr(node_index(n.node)), plugin, registry_port=registry)),
+                _timed(lambda: n.import_images(first)))
+
     with ThreadPoolExecutor(max_workers=len(real)) as pool:
-        for started in [pool.submit(n.start, built, pod_cidr(node_index(n.node)), plugin, registry_port=registry)
-                        for n in real]:
-            started.result()
-    say(f"lab: containerd and kubelet started on {len(real)} nodes ({time.monotonic() - t0:.1f} s)")
-    if chart:
-        chartinstall.install(repository_root(), layout.kubeconfig, layout.state_dir)
-        say(f"lab: helm install ciliary-crds, ciliary ({time.monotonic() - t0:.1f} s)")
-        chartinstall.wait_ready(lambda *a, **k: lab.kubectl(*a, **k), nodes, ready_seconds, say=say)
-        say(f"lab: Ciliary agents, operator and etcd ready ({time.monotonic() - t0:.1f} s)")
+        runtimes = {n.node: pool.submit(runtime, n) for n in real}
+        try:
+            controlplane.start(layout, lab.bins, ports, apiserver_args=apiserver_args, pod_tokens=chart)
+            stamp("control plane")
+            lab.create_nodes(nodes)
+            lab.start_world()
+            if not chart:
+                for node in nodes:
+                    lab.start_node_processes(node, ports, pod_runtime=False)
+            realcluster.start_registry(layout, bins)
+            if chart:
+                for node in nodes:
+                    nodeservices.add_service_address(layout.node_netns(node))
+            realcluster.start_gateway(layout, ports, nodes, registry_port=registry, kubernetes_service=chart)
+            realcluster.start_scheduler(layout, bins, ports)
+            stamp("registry, gateway, scheduler")
+            if chart:
+                lab.kubectl("apply", "-f", "-", input=nodeservices.SERVICES)
+                for node in nodes:
+                    nodeservices.start_kube_proxy(layout, bins.kube_proxy, node)
+                    nodeservices.start_coredns(layout, bins.coredns, node)
+                stamp("kube-proxy and CoreDNS")
+                # the chart's objects wait in the apiserver for the kubelets
+                chartinstall.install(repository_root(), layout.kubeconfig, layout.state_dir)
+                stamp("helm install ciliary-crds, ciliary")
+            workloads = {}
+            for n in real:
+                containerd, imported = runtimes[n.node].result()
+                n.start_kubelet()
+                stamp(f"{n.node}: kubelet started (containerd {containerd:.1f} s, sandbox and chart images "
+                      f"{imported:.1f} s)")
+                workloads[n.node] = pool.submit(n.import_images, later)
+            if chart:
+                chartinstall.wait_ready(lambda *a, **k: lab.kubectl(*a, **k), nodes, ready_seconds, say=say)
+                stamp("Ciliary agents, operator and etcd ready")
+            for name, pending in workloads.items():
+                pending.result()
+                stamp(f"{name}: workload images imported")
+        finally:
+            for started in runtimes.values():
+                started.cancel()
     wait_ready(lab, real, ready_seconds)
     say(f"lab: {len(real)} real nodes Ready in {time.monotonic() - t0:.1f} s")
     return real

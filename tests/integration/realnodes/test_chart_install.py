@@ -12,12 +12,18 @@ project's own builder, pushes them to the lab registry and upgrades both release
 on both nodes then run the pushed images by digest). ``helm uninstall`` removes the release's objects. The lab is
 torn down afterwards, also on failure: no namespace, mount, cgroup or process left, nothing written to
 the host's /opt/cni, /etc/cni or /opt/ciliary, no address in the root namespace.
+
+Last, one ``skaffold dev -p lab`` iteration from a copy of the repository: it installs both releases
+afresh (after the uninstall above), a change to a source file rebuilds both images and rolls the agent
+DaemonSet onto a new digest on every node, and SIGINT ends it with both releases removed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import time
 import urllib.request
@@ -185,17 +191,22 @@ def test_pods_get_their_network_from_the_chart_and_policy_is_enforced(chart_lab:
     assert lab.kubectl("delete", "namespace", NS, "--wait=true", "--timeout=120s", timeout=150).returncode == 0
 
 
+def skaffold_env(lab: ChartLab) -> dict[str, str]:
+    """The environment ``eval $(ciliary lab env)`` gives a shell, plus a private HOME for skaffold."""
+    env = dict(os.environ)
+    for line in lab.lab.env_lines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        env[key] = value.replace("$PATH", os.environ.get("PATH", ""))
+    assert env["SKAFFOLD_DEFAULT_REPO"].startswith("localhost:")
+    env.update(SKAFFOLD_UPDATE_CHECK="false", SKAFFOLD_INTERACTIVE="false", HOME=str(lab.lab.layout.state_dir))
+    return env
+
+
 def test_skaffold_run_builds_pushes_to_the_lab_registry_and_deploys_the_charts(chart_lab: ChartLab) -> None:
     """``skaffold run -p lab``: the project's own builder, the lab registry, helm upgrade of both releases."""
     lab = chart_lab
-    env_lines = lab.lab.env_lines()
-    env = dict(os.environ)
-    for line in env_lines:
-        key, _, value = line.removeprefix("export ").partition("=")
-        env[key] = value.replace("$PATH", os.environ.get("PATH", ""))
+    env = skaffold_env(lab)
     repo = env["SKAFFOLD_DEFAULT_REPO"]
-    assert repo.startswith("localhost:")
-    env.update(SKAFFOLD_UPDATE_CHECK="false", SKAFFOLD_INTERACTIVE="false", HOME=str(lab.lab.layout.state_dir))
     t0 = time.monotonic()
     run = subprocess.run([str(tools.built_path("skaffold")), "run", "-p", "lab", "--default-repo", repo,
                           "--kube-context", "ciliary-lab", "--update-check=false", "--interactive=false"],
@@ -221,19 +232,118 @@ def test_skaffold_run_builds_pushes_to_the_lab_registry_and_deploys_the_charts(c
     assert {p["spec"]["nodeName"] for p in agents if p["status"]["phase"] == "Running"} == set(NODES)
 
 
+def release_gone(lab: ChartLab) -> bool:
+    """No object of the ``ciliary`` release is left, in the namespace or cluster-wide."""
+    label = f"app.kubernetes.io/instance={chartinstall.RELEASE}"
+    out = lab.kubectl("get", "daemonsets,deployments,statefulsets,pods,services,configmaps,secrets,"
+                      "serviceaccounts,roles,rolebindings", "-n", chartinstall.NAMESPACE, "-l", label, "-o", "name")
+    cluster = lab.kubectl("get", "clusterroles,clusterrolebindings", "-l", label, "-o", "name")
+    return out.returncode == 0 and cluster.returncode == 0 and not out.stdout.strip() and not cluster.stdout.strip()
+
+
 def test_helm_uninstall_removes_the_release(chart_lab: ChartLab) -> None:
     lab = chart_lab
     chartinstall.uninstall(lab.lab.layout.kubeconfig)
     label = f"app.kubernetes.io/instance={chartinstall.RELEASE}"
-
-    def gone() -> bool:
-        out = lab.kubectl("get", "daemonsets,deployments,statefulsets,pods,services,configmaps,secrets,"
-                          "serviceaccounts,roles,rolebindings", "-n", chartinstall.NAMESPACE, "-l", label, "-o", "name")
-        cluster = lab.kubectl("get", "clusterroles,clusterrolebindings", "-l", label, "-o", "name")
-        return out.returncode == 0 and cluster.returncode == 0 and not out.stdout.strip() \
-            and not cluster.stdout.strip()
-
-    wait_for("the release's objects deleted", gone, 120,
+    wait_for("the release's objects deleted", lambda: release_gone(lab), 120,
              lambda: lab.kubectl("get", "all", "-n", chartinstall.NAMESPACE, "-l", label).stdout)
     # the CRDs stay (the crds chart's default keep: true), as the chart's README says
     assert lab.kubectl("get", "crd", "ciliumnetworkpolicies.cilium.io").returncode == 0
+
+
+def repository_copy(into: Path) -> Path:
+    """The checkout's files (tracked and new, not ignored) under ``into``, sharing the checkout's venv."""
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "-co", "--exclude-standard"],
+                            capture_output=True, text=True, check=True, timeout=60).stdout
+    for name in filter(None, listed.split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            (into / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, into / name)
+    (into / ".venv").symlink_to(ROOT / ".venv")  # skaffold.yaml's buildCommand is .venv/bin/python
+    return into
+
+
+def agent_image(lab: ChartLab) -> str:
+    out = lab.kubectl("get", "daemonset", "ciliary-agent", "-n", chartinstall.NAMESPACE, "-o", "json")
+    if out.returncode != 0:
+        return ""
+    return str(json.loads(out.stdout)["spec"]["template"]["spec"]["containers"][0]["image"])
+
+
+def agents_running(lab: ChartLab, image: str) -> bool:
+    """The agent DaemonSet rolled out with ``image`` and a Ready agent pod of that image on every node."""
+    out = lab.kubectl("get", "daemonset", "ciliary-agent", "-n", chartinstall.NAMESPACE, "-o", "json")
+    if out.returncode != 0 or not chartinstall.workload_ready(json.loads(out.stdout)):
+        return False
+    pods = json.loads(lab.kubectl("get", "pods", "-n", chartinstall.NAMESPACE, "-l",
+                                  "app.kubernetes.io/component=agent", "-o", "json").stdout)["items"]
+    on = {p["spec"]["nodeName"] for p in pods if p["metadata"].get("deletionTimestamp") is None
+          and p["spec"]["containers"][0]["image"] == image
+          and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))}
+    return on == set(NODES)
+
+
+def test_skaffold_dev_redeploys_on_a_source_change_and_cleans_up_on_exit(chart_lab: ChartLab,
+                                                                        tmp_path: Path) -> None:
+    """One ``skaffold dev -p lab`` iteration: deploy, edit a source file, rebuild + redeploy, SIGINT, cleanup."""
+    lab = chart_lab
+    env = skaffold_env(lab)
+    repo = env["SKAFFOLD_DEFAULT_REPO"]
+    copy = repository_copy(tmp_path / "repo")
+    transcript = tmp_path / "skaffold-dev.txt"
+    argv = [str(tools.built_path("skaffold")), "dev", "-p", "lab", "--default-repo", repo, "--kube-context",
+            "ciliary-lab", "--update-check=false", "--interactive=false", "--port-forward=off"]
+    t0 = time.monotonic()
+    with transcript.open("w") as out:
+        dev = subprocess.Popen(argv, cwd=copy, env=env, stdout=out, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        def watching(since: int = 0) -> bool:
+            """skaffold dev waits for changes after a build and deploy that began after offset ``since``."""
+            if dev.poll() is not None:
+                raise AssertionError(f"skaffold dev exited ({dev.returncode}):\n{transcript.read_text()[-4000:]}")
+            text = transcript.read_text(errors="replace")[since:]
+            built = max(text.find("Build [ciliary-agent] succeeded"), text.find("ciliary-agent: Found"))
+            return built >= 0 and "Watching for changes..." in text[built:]
+
+        def tail() -> str:
+            return transcript.read_text(errors="replace")[-4000:] + lab.kubectl(
+                "get", "pods", "-n", chartinstall.NAMESPACE, "-o", "wide").stdout
+
+        wait_for("skaffold dev's first deploy", watching, 900, tail)
+        first = agent_image(lab)
+        assert first.startswith(f"{repo}/ciliary-agent:") and "@sha256:" in first, first
+        wait_for("the agents on the first image", lambda: agents_running(lab, first), 300, tail)
+        print(f"skaffold dev: deployed in {time.monotonic() - t0:.1f} s")
+
+        t1 = time.monotonic()
+        changed = copy / "nodeagent" / "ciliary" / "nodeagent" / "main.py"
+        edited_at = len(transcript.read_text(errors="replace"))
+        changed.write_text(changed.read_text() + "\n# changed by the skaffold dev test\n")
+        wait_for("skaffold dev's rebuild and redeploy", lambda: watching(edited_at), 900, tail)
+        rebuilt = transcript.read_text(errors="replace")[edited_at:]
+        assert "Build [ciliary-agent] succeeded" in rebuilt, rebuilt[-4000:]
+        second = agent_image(lab)
+        assert second.startswith(f"{repo}/ciliary-agent:") and "@sha256:" in second, second
+        assert second.split("@")[1] != first.split("@")[1], \
+            f"a source change left the agent image's digest as it was:\n{rebuilt[-4000:]}"
+        wait_for("the agents on the rebuilt image", lambda: agents_running(lab, second), 300, tail)
+        print(f"skaffold dev: rebuilt and redeployed in {time.monotonic() - t1:.1f} s")
+    finally:
+        if dev.poll() is None:
+            dev.send_signal(signal.SIGINT)
+            try:
+                dev.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                os.killpg(dev.pid, signal.SIGKILL)
+                dev.wait(timeout=30)
+                raise AssertionError(f"skaffold dev did not stop on SIGINT:\n{transcript.read_text()[-3000:]}") from None
+    text = transcript.read_text(errors="replace")
+    print(text[-6000:])
+    assert "Cleaning up..." in text, text[-3000:]
+    wait_for("the release's objects deleted by skaffold dev", lambda: release_gone(lab), 120,
+             lambda: lab.kubectl("get", "all", "-n", chartinstall.NAMESPACE).stdout)
+    helm = subprocess.run([str(tools.built_path("helm")), f"--kubeconfig={lab.lab.layout.kubeconfig}", "list", "-a",
+                           "-n", chartinstall.NAMESPACE, "-q"], capture_output=True, text=True, timeout=60)
+    assert helm.returncode == 0 and not helm.stdout.strip(), helm.stdout + helm.stderr

@@ -134,3 +134,18 @@ def test_conformance_focus_list_and_junit_summary() -> None:
                " message='A suite timeout occurred'/></testcase></testsuite></testsuites>")
     assert conformance.summarize(stopped) == {"passed": 1, "failed": 1, "skipped": 0, "interrupted": 2}
     assert conformance.failed_specs(stopped) == ["g"]
+
+
+def test_a_lab_imports_its_own_links_to_the_image_archives(tmp_path: Path) -> None:
+    """Another checkout's build may drop a cache entry while the lab imports it: the lab's link keeps it."""
+    from ciliary.lab import images, reallab
+
+    entry = tmp_path / "cache" / "lab_app_latest-0123456789abcdef"
+    entry.mkdir(parents=True)
+    (entry / "image.tar").write_bytes(b"archive")
+    built = [images.BuiltImage("docker.io/lab/app:latest", entry / "layout", entry / "image.tar")]
+    (pinned,) = reallab.pinned_images(built, tmp_path / "lab" / "images")
+    assert pinned.archive == tmp_path / "lab" / "images" / "lab_app_latest-0123456789abcdef.tar"
+    (entry / "image.tar").unlink()  # the cache entry goes
+    assert pinned.archive.read_bytes() == b"archive"
+    assert reallab.pinned_images(built, tmp_path / "lab" / "images") == [pinned]  # a second lab up reuses it

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from ciliary.lab import projectimages
+from ciliary.lab import images, projectimages
 from ciliary.lab.images import ImageBuildError
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -73,3 +75,57 @@ def test_source_digest_changes_with_a_source_file(tmp_path: Path) -> None:
     first = projectimages.source_digest(tmp_path)
     (tmp_path / "operator" / "a.py").write_text("x = 2\n")
     assert projectimages.source_digest(tmp_path) != first
+
+
+def test_the_same_tree_in_another_checkout_has_the_same_digests(tmp_path: Path) -> None:
+    """A worktree or skaffold's copy of the repository reuses the image cache (keys never name the path)."""
+    trees = [tmp_path / "one", tmp_path / "elsewhere" / "two"]
+    for root in trees:
+        for d in projectimages.SOURCE_DIRS:
+            (root / d).mkdir(parents=True)
+        (root / "pyproject.toml").write_text("[project]\n")
+        (root / "README.md").write_text("r\n")
+        (root / "operator" / "a.py").write_text("x = 1\n")
+    assert projectimages.source_digest(trees[0]) == projectimages.source_digest(trees[1])
+    # a file moved to another directory is a different tree
+    (trees[1] / "operator" / "a.py").rename(trees[1] / "nodeagent" / "a.py")
+    assert projectimages.source_digest(trees[0]) != projectimages.source_digest(trees[1])
+
+
+def test_builds_of_one_cache_entry_take_turns(tmp_path: Path) -> None:
+    """Two builders of the same key (two checkouts, two sessions) never write the entry at the same time."""
+    inside: list[int] = []
+    overlapped = threading.Event()
+
+    def build() -> None:
+        with images.build_lock(tmp_path / "entry.tar"):
+            inside.append(1)
+            if len(inside) > 1:
+                overlapped.set()
+            threading.Event().wait(0.2)
+            inside.pop()
+
+    threads = [threading.Thread(target=build) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert not overlapped.is_set()
+    assert (tmp_path / "entry.tar.lock").exists() and not (tmp_path / "entry.tar").exists()
+
+
+def test_the_cache_keeps_the_newest_builds_of_a_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new build removes the oldest, never one another session may still import (the newest few stay)."""
+    monkeypatch.setenv("CILIARY_CACHE", str(tmp_path))
+    built = []
+    for n in range(images.KEPT_BUILDS + 2):
+        built.append(images.assemble("docker.io/lab/t:1", None, [images.FileEntry("/f", data=str(n).encode())],
+                                     images.ImageConfig(entrypoint=["/f"]), key_parts=[str(n)], history=["t"]))
+        os.utime(built[-1].archive.parent, (1000 + n, 1000 + n))
+    kept = [b for b in built if b.archive.exists()]
+    assert kept == built[-images.KEPT_BUILDS:]
+    # a second build of a kept key is the cached one
+    again = images.assemble("docker.io/lab/t:1", None, [images.FileEntry("/f", data=b"x")],
+                            images.ImageConfig(entrypoint=["/f"]), key_parts=[str(images.KEPT_BUILDS + 1)],
+                            history=["t"])
+    assert again == built[-1]
