@@ -8,7 +8,9 @@
   control plane alone in an image (``etcd_image``; the chart's default names registry.k8s.io's);
 - no PersistentVolumeClaim for etcd (the lab has no storage provisioner): an emptyDir;
 - ``agent.sysResource=false`` where the machine's root lacks CAP_SYS_RESOURCE (runc cannot grant what it
-  does not hold; the kernel is checked to be >= 5.11, where BPF maps are not charged to RLIMIT_MEMLOCK).
+  does not hold; the kernel is checked to be >= 5.11, where BPF maps are not charged to RLIMIT_MEMLOCK);
+- ``agent.loadBalancing.cgroupPath``: each node's own cgroup root (the chart's default, the host's cgroup2
+  root, is right for a real node but here would be the whole machine's, shared by every lab node).
 
 Everything else is the chart's default: operator Deployment and bundled etcd on the node network
 (``operator.hostNetwork``, ``etcd.hostNetwork``), agent DaemonSet whose ``install-cni`` init container
@@ -69,12 +71,28 @@ def memlock_free_kernel(release: str) -> bool:
     return (major, minor) >= (5, 11)
 
 
-def lab_values(*, sys_resource: bool = True) -> dict[str, Any]:
-    """``sys_resource``: whether this machine's root may grant CAP_SYS_RESOURCE (``nodehost.detect_host``)."""
+def lab_values(*, sys_resource: bool = True, cgroup_prefix: str = "") -> dict[str, Any]:
+    """``sys_resource``: whether this machine's root may grant CAP_SYS_RESOURCE (``nodehost.detect_host``);
+    ``cgroup_prefix``: the nodes' cgroup roots are ``<prefix><node>`` (the socket load balancer of each node
+    attaches there, never to the machine's root cgroup, which every lab node and the machine share)."""
+    agent: dict[str, Any] = {} if sys_resource else {"sysResource": False}
+    if cgroup_prefix:
+        agent["loadBalancing"] = {"cgroupPath": f"{cgroup_prefix}$(CILIARY_AGENT_NODE_NAME)"}
+    else:
+        agent["loadBalancing"] = {"enabled": False}
     return {
         "etcd": {"image": etcd_image_reference(), "persistence": {"enabled": False}},
-        **({} if sys_resource else {"agent": {"sysResource": False}}),
+        "agent": agent,
     }
+
+
+def node_cgroup_prefix(prefix: str) -> str:
+    """Where the lab's node cgroup roots (``kubeletnode``: ``/ciliary-<prefix>-<node>``) sit, relative to
+    /sys/fs/cgroup in cgroup2 (``unified/`` on hybrid hosts)."""
+    unified = nodehost.cgroup_layout().unified
+    below = unified.relative_to("/sys/fs/cgroup").as_posix() + "/" if unified and unified != Path("/sys/fs/cgroup") \
+        else ""
+    return f"{below}ciliary-{prefix}-"
 
 
 def helm(helm_bin: Path, kubeconfig: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -82,7 +100,8 @@ def helm(helm_bin: Path, kubeconfig: Path, *args: str, timeout: float = 300) -> 
                           timeout=timeout)
 
 
-def install(root: Path, kubeconfig: Path, state_dir: Path, *, extra_values: dict[str, Any] | None = None) -> None:
+def install(root: Path, kubeconfig: Path, state_dir: Path, *, extra_values: dict[str, Any] | None = None,
+            cgroup_prefix: str = "") -> None:
     """``helm upgrade --install`` both charts (idempotent: a second ``lab up`` upgrades in place)."""
     helm_bin = tools.built_path("helm")
     values = state_dir / "chart-values.yaml"
@@ -90,7 +109,8 @@ def install(root: Path, kubeconfig: Path, state_dir: Path, *, extra_values: dict
     if host.restrict_oom_score_adj and not memlock_free_kernel(platform.release()):
         raise ChartInstallError(RELEASE, f"root lacks CAP_SYS_RESOURCE and kernel {platform.release()} (< 5.11) "
                                 "charges BPF maps to RLIMIT_MEMLOCK: the agent cannot run here")
-    values.write_text(yaml.safe_dump({**lab_values(sys_resource=not host.restrict_oom_score_adj),
+    values.write_text(yaml.safe_dump({**lab_values(sys_resource=not host.restrict_oom_score_adj,
+                                                   cgroup_prefix=cgroup_prefix),
                                       **(extra_values or {})}, sort_keys=False))
     for release, chart, extra in ((CRDS_RELEASE, root / "charts" / "ciliary-crds", []),
                                   (RELEASE, root / "charts" / "ciliary", ["-f", str(values)])):

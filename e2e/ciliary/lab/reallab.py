@@ -168,7 +168,8 @@ def up(lab: Lab, nodes: Sequence[str], *, chart: bool = False, ready_seconds: fl
                     nodeservices.start_coredns(layout, bins.coredns, node)
                 stamp("kube-proxy and CoreDNS")
                 # the chart's objects wait in the apiserver for the kubelets
-                chartinstall.install(repository_root(), layout.kubeconfig, layout.state_dir)
+                chartinstall.install(repository_root(), layout.kubeconfig, layout.state_dir,
+                                     cgroup_prefix=chartinstall.node_cgroup_prefix(layout.prefix))
                 stamp("helm install ciliary-crds, ciliary")
             workloads = {}
             for n in real:

@@ -7,7 +7,8 @@ Two kinds of listener, both opened in the node's network namespace (``netns_sock
   "localEndpoints": N, "serviceProxyHealthy": bool}``, status 200 when the node has a ready
   endpoint of the Service and the load balancer is healthy, 503 otherwise, so an external
   load balancer sends traffic only to nodes that can serve it locally;
-* kube-proxy's own health port (``--proxy-healthz-addr``, ``0.0.0.0:10256`` by default):
+* kube-proxy's own health port (``--proxy-healthz-addr``, ``0.0.0.0:10256`` by default; ``off``, for
+  nodes where kube-proxy still runs and answers both kinds itself, serves neither kind):
   ``/healthz`` and ``/livez`` give ``{"lastUpdated", "currentTime", "nodeEligible"}`` with 200
   while the kernel's LB maps hold the intent the agent was last given, 503 before the first
   apply and while an apply is failing.
@@ -109,8 +110,9 @@ class HealthPorts:
         return web.json_response(body, status=status)
 
     async def reconcile(self, checks: Iterable[HealthCheckIntent]) -> None:
-        """Serve exactly ``checks``: new ports opened, gone ones closed, counts updated in place."""
-        self.checks = {c.port: c for c in checks}
+        """Serve exactly ``checks``: new ports opened, gone ones closed, counts updated in place. Without a
+        kube-proxy health address (kube-proxy still runs on the node and answers them) none is served."""
+        self.checks = {c.port: c for c in checks} if self.proxy_healthz is not None else {}
         for port in sorted(set(self.listeners) - set(self.checks)):
             await self.listeners.pop(port).stop()
         self.errors = {p: e for p, e in self.errors.items() if p in self.checks}

@@ -81,7 +81,7 @@ def test_a_port_in_use_is_reported_not_fatal(netns: str) -> None:
 
     async def scenario() -> None:
         ports = HealthPorts("n1", netns=netns, health=lambda: ProxyHealth(True, 1.0), clock=lambda: 2.0,
-                            proxy_healthz=None)
+                            proxy_healthz=("127.0.0.1", 10257))
         try:
             await ports.reconcile([HealthCheckIntent(service="a/web", port=32003, local_endpoints=1)])
             doc = ports.document()
@@ -98,3 +98,20 @@ def test_a_port_in_use_is_reported_not_fatal(netns: str) -> None:
 def test_a_missing_namespace_is_a_specific_error() -> None:
     with pytest.raises(netns_sockets.NetnsSocketError, match="cy-no-such-netns"):
         netns_sockets.listen_tcp("cy-no-such-netns", "127.0.0.1", 32004)
+
+
+def test_without_kube_proxy_answers_no_health_check_port_is_opened(netns: str) -> None:
+    """--proxy-healthz-addr off: kube-proxy still runs on the node and answers both kinds itself."""
+
+    async def scenario() -> None:
+        ports = HealthPorts("n1", netns=netns, health=lambda: ProxyHealth(True, 1.0), clock=lambda: 2.0,
+                            proxy_healthz=None)
+        await ports.start()
+        try:
+            await ports.reconcile([HealthCheckIntent(service="a/web", port=32005, local_endpoints=1)])
+            assert ports.document() == [] and ports.listeners == {}
+            assert (await get(netns, "http://127.0.0.1:32005/"))[0] == 0
+        finally:
+            await ports.close()
+
+    asyncio.run(scenario())

@@ -39,9 +39,12 @@ def test_workload_ready_needs_every_replica_of_the_current_generation() -> None:
     assert not chartinstall.workload_ready({**deploy, "status": {"observedGeneration": 3, "readyReplicas": 0}})
 
 
-def test_lab_values_replace_only_the_etcd_image_and_its_volume() -> None:
+def test_lab_values_replace_only_the_etcd_image_its_volume_and_the_load_balancers_cgroup() -> None:
     values = chartinstall.lab_values()
-    assert set(values) == {"etcd"}
+    assert set(values) == {"etcd", "agent"}
+    assert values["agent"] == {"loadBalancing": {"enabled": False}}  # never the machine's root cgroup
+    per_node = chartinstall.lab_values(cgroup_prefix="unified/ciliary-rd-")["agent"]
+    assert per_node == {"loadBalancing": {"cgroupPath": "unified/ciliary-rd-$(CILIARY_AGENT_NODE_NAME)"}}
     assert values["etcd"]["image"].startswith("docker.io/lab/etcd:v")
     assert values["etcd"]["persistence"] == {"enabled": False}
 
@@ -79,7 +82,8 @@ def test_cni_runtime_takes_only_the_plugin_and_its_dependencies(tmp_path: Path) 
 
 
 def test_lab_drops_sys_resource_only_where_root_cannot_grant_it() -> None:
-    assert chartinstall.lab_values(sys_resource=False)["agent"] == {"sysResource": False}
+    assert chartinstall.lab_values(sys_resource=False)["agent"]["sysResource"] is False
+    assert "sysResource" not in chartinstall.lab_values()["agent"]
     assert chartinstall.memlock_free_kernel("6.18.44-fc-v1252")
     assert chartinstall.memlock_free_kernel("5.11.0")
     assert not chartinstall.memlock_free_kernel("5.10.210")

@@ -171,3 +171,14 @@ def test_external_frontends_local_backends_and_the_local_policy_scope() -> None:
     assert key("203.0.113.2", 80, 0, lb_planning.SCOPE_EXTERNAL) not in svc
     remote = state.backends[svc[key("203.0.113.2", 80, 1)].backend_id]
     assert remote.flags == 0  # node unknown: not local (SNAT)
+
+
+def test_a_hybrid_hosts_cgroup_root_resolves_to_its_unified_mount(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ciliary.nodeagent.datapath.lb_engine import cgroup2_dir
+
+    (tmp_path / "unified").mkdir()
+    (tmp_path / "unified" / "cgroup.controllers").write_text("")
+    assert cgroup2_dir(tmp_path) == tmp_path / "unified"
+    (tmp_path / "cgroup.controllers").write_text("")
+    assert cgroup2_dir(tmp_path) == tmp_path  # a cgroup2 directory is used as it is
+    assert cgroup2_dir(tmp_path / "nowhere") == tmp_path / "nowhere"

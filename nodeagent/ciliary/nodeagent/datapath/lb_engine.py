@@ -154,6 +154,7 @@ class SocketLB:
         self.close()
         self._prog_fds = {hook: loading.open_pinned(path) for hook, path in paths.items()}
         self._map_fds = {name: loading.open_pinned(self.pin_dir / name) for name in MAP_NAMES}
+        self.cgroup = cgroup2_dir(self.cgroup)
         cg = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for hook, (_, attach) in HOOKS.items():
@@ -238,6 +239,14 @@ def _slots(state: lb_planning.LBState, key: lb_planning.ServiceKey, count: int) 
 
 FLAG_NAMES = (("no-local-backends", lb_planning.FLAG_NO_LOCAL), ("affinity", lb_planning.FLAG_AFFINITY),
               ("external", lb_planning.FLAG_EXTERNAL), ("external-local", lb_planning.FLAG_EXT_LOCAL))
+
+
+def cgroup2_dir(path: Path) -> Path:
+    """``path`` if it is a cgroup v2 directory, else its ``unified/`` (the cgroup2 mount of a hybrid host's
+    /sys/fs/cgroup) when that is one; a path that is neither is returned as given (attaching then fails)."""
+    if not (path / "cgroup.controllers").exists() and (path / "unified" / "cgroup.controllers").exists():
+        return path / "unified"
+    return path
 
 
 def document(node: str, state: lb_planning.LBState, intent: NodeLBIntent | None, error: str = "") -> dict[str, Any]:
