@@ -88,6 +88,21 @@ class RuleRef(_Frozen):
         return f"{self.kind} {where} rule {self.rule_index} {self.section}"
 
 
+class HttpRule(_Frozen):
+    """One allowed kind of HTTP request (``toPorts[].rules.http[]``): every field that is set must match.
+
+    ``method``, ``path`` and ``host`` are regular expressions matched against the whole value
+    (``path`` against the whole request target, query string included, as Cilium's proxy does);
+    ``headers`` are ``"Name"`` (present) or ``"Name: value"`` (exact value). An empty rule
+    allows every request (visibility only)."""
+
+    method: str = Field(default="", description="Regex over the whole method; empty: any.")
+    path: str = Field(default="", description="Regex over the whole path (with query); empty: any.")
+    host: str = Field(default="", description="Regex over the whole host (:authority); empty: any.")
+    headers: tuple[str, ...] = Field(default=(), description='"Name" or "Name: value", all required.')
+    rule: RuleRef | None = Field(default=None, description="The policy rule this HTTP rule belongs to.")
+
+
 class PolicyEntry(_Frozen):
     """One policy-map entry of one endpoint in one direction."""
 
@@ -97,7 +112,10 @@ class PolicyEntry(_Frozen):
     port_high: int = Field(default=0, ge=0, le=65535, description="Last destination port (inclusive).")
     icmp_type: int | None = Field(default=None, ge=0, le=255, description="ICMP type for ICMP entries.")
     verdict: Verdict = Field(description="allow or deny.")
-    l7_redirect: bool = Field(default=False, description="Reserved: redirect to an L7 proxy (later).")
+    l7_redirect: bool = Field(default=False, description="The port rule has L7 rules (any kind).")
+    http: tuple[HttpRule, ...] | None = Field(
+        default=None, description="Ingress HTTP entries: connections are redirected to the node's HTTP proxy, "
+                                  "which allows only requests matching one of these rules (None: no redirect).")
     rules: tuple[RuleRef, ...] = Field(default=(), description="Rules this entry derives from.")
 
     @model_validator(mode="after")

@@ -33,6 +33,10 @@ Semantics (documented for users):
 - ICMP types give protocol-ICMP entries with ``icmp_type`` set;
 - a port rule with L7 rules gives allow entries with ``l7_redirect=True``; when
   an L4-only allow and an L7 allow produce the same entry, L4 wins (no redirect);
+- ingress HTTP rules (``compiling.http_matches``) give the entry its ``http`` rules,
+  each naming its policy rule; entries merged from several HTTP items carry all
+  their rules (OR); merged with an L4-only or non-HTTP item, ``http`` is None
+  (no redirect: the port is open to that peer at L4, as in Cilium);
 - with ``allow_host_ingress`` (Kubernetes' allow-localhost), an enforced ingress
   direction always allows the ``host`` identity (kubelet probes).
 """
@@ -46,13 +50,14 @@ from ciliary.operator.intents import (
     ANY_IDENTITY,
     Direction,
     DirectionPolicy,
+    HttpRule,
     PolicyEntry,
     Protocol,
     RuleRef,
     Verdict,
     sorted_entries,
 )
-from ciliary.operator.policy.compiling import CidrMatch, CompiledRule, PeerRule, PortMatch
+from ciliary.operator.policy.compiling import CidrMatch, CompiledRule, HttpMatch, PeerRule, PortMatch
 from ciliary.operator.policy.identities import Reserved
 from ciliary.operator.policy.named_ports import NamedPorts, PortOwners
 from ciliary.operator.policy.selection import Selector
@@ -63,6 +68,9 @@ _BY_NAME = {"TCP": Protocol.TCP, "UDP": Protocol.UDP, "SCTP": Protocol.SCTP}
 
 _Key = tuple[int, Protocol, int, int, int | None, Verdict]
 """(peer identity, protocol, port low, port high, icmp type, verdict)."""
+_Spec = tuple[Protocol, int, int, int | None, bool, tuple[HttpMatch, ...] | None]
+"""(protocol, port low, port high, icmp type, l7, http rules) of one item's port."""
+_Acc = dict[_Key, tuple[set[RuleRef], bool, list[HttpRule] | None]]
 
 
 class PeerSource(TypingProtocol):
@@ -109,13 +117,13 @@ def direction_policy(
     default_deny = any(r.default_deny(direction) for r in relevant)
     requires = tuple(sorted({req for r in relevant for item in r.items(direction) for req in item.requires},
                             key=lambda s: s.requirements))
-    acc: dict[_Key, tuple[set[RuleRef], bool]] = {}
+    acc: _Acc = {}
     for rule in relevant:
         for item in rule.items(direction):
             peers = _peers(subject, item, requires if item.verdict is Verdict.ALLOW else (), source)
             if peers:
                 _add_item(acc, subject, item, peers, direction, own_ports, source)
-    entries = [_entry(key, refs, l7) for key, (refs, l7) in acc.items()]
+    entries = [_entry(key, refs, l7, http) for key, (refs, l7, http) in acc.items()]
     if not default_deny:
         if not any(e.verdict is Verdict.DENY for e in entries):
             return NOT_ENFORCED
@@ -145,7 +153,7 @@ def _peers(subject: int, item: PeerRule, requires: Sequence[Selector], source: P
 
 
 def _add_item(
-    acc: dict[_Key, tuple[set[RuleRef], bool]],
+    acc: _Acc,
     subject: int,
     item: PeerRule,
     peers: Set[int],
@@ -153,18 +161,19 @@ def _add_item(
     own_ports: NamedPorts,
     source: PeerSource,
 ) -> None:
-    fixed: list[tuple[Protocol, int, int, int | None, bool]] = []
+    fixed: list[_Spec] = []
     named: list[PortMatch] = []
     if item.l3_only:
-        fixed.append((Protocol.ANY, 0, 0, None, False))
+        fixed.append((Protocol.ANY, 0, 0, None, False, None))
     for port in item.ports:
         if port.name is not None:
             named.append(port)
         else:
-            fixed.extend((proto, port.low, port.high, None, port.l7) for proto in _protocols(port.protocol))
-    fixed.extend((Protocol.ICMP, 0, 0, icmp_type, False) for icmp_type in item.icmp_types)
+            fixed.extend((proto, port.low, port.high, None, port.l7, _http_of(port, proto))
+                         for proto in _protocols(port.protocol))
+    fixed.extend((Protocol.ICMP, 0, 0, icmp_type, False, None) for icmp_type in item.icmp_types)
     for peer in peers:
-        specs: Iterable[tuple[Protocol, int, int, int | None, bool]] = fixed
+        specs: Iterable[_Spec] = fixed
         if named and direction is Direction.INGRESS:
             specs = [*fixed, *_resolve_named(named, own_ports)]
         elif named and peer == ANY_IDENTITY:
@@ -178,42 +187,44 @@ def _add_item(
         _put(acc, item, peer, specs)
 
 
-def _put(
-    acc: dict[_Key, tuple[set[RuleRef], bool]],
-    item: PeerRule,
-    peer: int,
-    specs: Iterable[tuple[Protocol, int, int, int | None, bool]],
-) -> None:
+def _http_of(port: PortMatch, proto: Protocol) -> tuple[HttpMatch, ...] | None:
+    """HTTP rules apply on TCP only (a port rule with protocol ANY expands to UDP and SCTP too)."""
+    return port.http if proto is Protocol.TCP else None
+
+
+def _put(acc: _Acc, item: PeerRule, peer: int, specs: Iterable[_Spec]) -> None:
     l7_allowed = item.verdict is Verdict.ALLOW
-    for proto, low, high, icmp_type, l7 in specs:
+    for proto, low, high, icmp_type, l7, http in specs:
         key = (peer, proto, low, high, icmp_type, item.verdict)
         found = acc.get(key)
         redirect = l7 and l7_allowed
+        rules = None if http is None or not l7_allowed else [
+            HttpRule(method=h.method, path=h.path, host=h.host, headers=h.headers, rule=item.ref) for h in http]
         if found is None:
-            acc[key] = ({item.ref}, redirect)
+            acc[key] = ({item.ref}, redirect, rules)
         else:
             found[0].add(item.ref)
-            acc[key] = (found[0], found[1] and redirect)
+            merged = None if found[2] is None or rules is None else found[2] + rules
+            acc[key] = (found[0], found[1] and redirect, merged)
 
 
 def _protocols(protocol: Protocol) -> tuple[Protocol, ...]:
     return _ANY_EXPANSION if protocol is Protocol.ANY else (protocol,)
 
 
-def _resolve_named(
-    named: Iterable[PortMatch], ports: NamedPorts
-) -> Iterable[tuple[Protocol, int, int, int | None, bool]]:
+def _resolve_named(named: Iterable[PortMatch], ports: NamedPorts) -> Iterable[_Spec]:
     for match in named:
         assert match.name is not None
         for proto_name, number in ports.get(match.name, ()):
             proto = _BY_NAME.get(proto_name)
             if proto is None or (match.protocol is not Protocol.ANY and proto is not match.protocol):
                 continue
-            yield proto, number, number, None, match.l7
+            yield proto, number, number, None, match.l7, _http_of(match, proto)
 
 
-def _entry(key: _Key, refs: set[RuleRef], l7: bool) -> PolicyEntry:
+def _entry(key: _Key, refs: set[RuleRef], l7: bool, http: list[HttpRule] | None) -> PolicyEntry:
     peer, proto, low, high, icmp_type, verdict = key
+    unique = None if http is None or not l7 else tuple(dict.fromkeys(http))
     ordered = tuple(sorted(refs, key=lambda r: (r.kind, r.namespace, r.name, r.uid, r.rule_index, r.section)))
     return PolicyEntry(
         identity=peer,
@@ -223,6 +234,7 @@ def _entry(key: _Key, refs: set[RuleRef], l7: bool) -> PolicyEntry:
         icmp_type=icmp_type,
         verdict=verdict,
         l7_redirect=l7,
+        http=unique,
         rules=ordered,
     )
 
