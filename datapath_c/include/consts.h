@@ -46,6 +46,7 @@
 
 /* policy_value.flags */
 #define CY_POLICY_DENY (1U << 0)
+#define CY_POLICY_HTTP (1U << 1) /* allow entry with HTTP rules: redirect to the proxy (lib/l7redirect.h) */
 
 /* Reserved identities (Cilium's numbering). */
 #define CY_ID_ANY 0   /* in policy keys: any peer */

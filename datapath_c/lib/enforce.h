@@ -23,7 +23,11 @@
  *      -> CY_DROP_INVALID; on an unenforced one they pass;
  *   3. direction not enforced -> pass (CY_OK_UNENFORCED);
  *   4. policy.h verdict: deny entry -> drop, allow entry -> pass, else drop
- *      (the deny map is probed only when the endpoint's CY_EP_*_DENY is set).
+ *      (the deny map is probed only when the endpoint's CY_EP_*_DENY is set);
+ *      cy_to_pod only (l7redirect.h): an allow entry with HTTP rules redirects the
+ *      packet to the node's proxy (CY_OK_TO_PROXY) instead of passing it, and a
+ *      packet of the proxy's own connection to the pod passes without a lookup
+ *      (CY_OK_FROM_PROXY), tracked so that the pod's replies pass.
  * One cy_ct lookup per packet (conntrack.h) tells replies from forward
  * packets. Forwarded forward-direction packets create/refresh a cy_ct entry; a flow
  * event is emitted for every drop and every new connection (every packet when
@@ -85,7 +89,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 	struct ct_key ct_key = {};
 	struct ct_entry *ct_entry = 0;
 	struct endpoint_info *ep, *src_ep = 0;
-	__u32 pod_addr, peer_addr, peer_id = 0, cookie = 0;
+	__u32 pod_addr, peer_addr, peer_id = 0, cookie = 0, vflags = 0;
 	__u32 flags, enforced, has_deny;
 	__u64 ct_now = 0;
 	__u8 reason;
@@ -145,16 +149,20 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_SHOT;
 	}
 
-	if (enforced) {
+	if (enforced && dir == CY_DIR_INGRESS && cy_from_proxy(skb)) {
+		reason = CY_OK_FROM_PROXY;
+	} else if (enforced) {
 		peer_id = cy_identity_of(peer_addr);
 		reason = cy_policy_verdict(ep->ep_id, dir, has_deny, peer_id, p.protocol,
-					   p.policy_port, &cookie);
+					   p.policy_port, &cookie, &vflags);
+		if (reason == CY_OK_POLICY && dir == CY_DIR_INGRESS && (vflags & CY_POLICY_HTTP))
+			reason = CY_PROXY_IFINDEX ? CY_OK_TO_PROXY : CY_DROP_PROXY_UNAVAILABLE;
 	} else {
 		reason = CY_OK_UNENFORCED;
 	}
 
 	cy_count(dir, reason, p.len);
-	if (reason == CY_DROP_POLICY || reason == CY_DROP_POLICY_DENY) {
+	if (reason == CY_DROP_POLICY || reason == CY_DROP_POLICY_DENY || reason == CY_DROP_PROXY_UNAVAILABLE) {
 		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie);
 		return TC_ACT_SHOT;
 	}
@@ -164,6 +172,8 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 			peer_id = cy_identity_of(peer_addr);
 		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie);
 	}
+	if (reason == CY_OK_TO_PROXY)
+		return cy_redirect_to_proxy(skb);
 	return TC_ACT_OK;
 #undef CY_SRC_ID
 #undef CY_DST_ID

@@ -79,11 +79,12 @@ static __always_inline struct policy_value *cy_policy_probe(int deny, __u32 ep_i
 	return val;
 }
 
-/* Returns a drop_reasons.h code; *cookie gets the deciding rule's cookie.
+/* Returns a drop_reasons.h code; *cookie gets the deciding rule's cookie and
+ * *vflags the deciding allow entry's policy_value.flags (0 otherwise).
  * has_deny: the endpoint's CY_EP_*_DENY flag of dir (0 skips cy_policy_deny). */
 static __always_inline __u8 cy_policy_verdict(__u32 ep_id, __u8 dir, __u32 has_deny,
 					      __u32 identity, __u8 proto, __u16 port,
-					      __u32 *cookie)
+					      __u32 *cookie, __u32 *vflags)
 {
 	struct policy_value *val;
 
@@ -97,6 +98,7 @@ static __always_inline __u8 cy_policy_verdict(__u32 ep_id, __u8 dir, __u32 has_d
 	val = cy_policy_probe(0, ep_id, dir, identity, proto, port);
 	if (val) {
 		*cookie = val->cookie;
+		*vflags = val->flags;
 		return CY_OK_POLICY;
 	}
 	*cookie = 0;

@@ -26,6 +26,10 @@ A flow (:func:`enrich`)::
    "src": {"ip", "port", "identity", "labels": [...], "namespace", "pod"},
    "dst": {...same...}, "tcp_flags": ["SYN"], "policy": [RuleRef as JSON, ...], "ifindex": 7}
 
+An L7 flow (an HTTP request judged by the node's Envoy, ``l7_flows``) adds ``"type": "L7"`` and
+``"l7": {"http": {"method", "url", "host", "code", "protocol", "latency_ms"}}``; its verdict is
+DROPPED (``drop_reason`` ``L7_DENIED``: answered 403) or FORWARDED, ``policy`` the allowing rule.
+
 ``direction`` is from the local pod's point of view (ingress: to the pod). ICMP
 flows carry the ICMP type in ``dst.port`` and 0 in ``src.port``. ``policy`` lists
 the rules of the deciding entry (``Datapath.rules_for(cookie)``), empty when no
@@ -62,7 +66,8 @@ DEFAULT_LAST = 20
 PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 132: "SCTP", 58: "ICMPv6"}
 DROP_REASONS = {"DROP_POLICY": "POLICY_DENIED", "DROP_POLICY_DENY": "POLICY_DENY_RULE", "DROP_INVALID": "INVALID",
                 "DROP_FRAGMENT": "FRAGMENT_NO_L4", "DROP_INVALID_L3": "INVALID_L3",
-                "DROP_UNSUPPORTED_L3": "UNSUPPORTED_L3", "DROP_SPOOFED_SOURCE": "SPOOFED_SOURCE"}
+                "DROP_UNSUPPORTED_L3": "UNSUPPORTED_L3", "DROP_SPOOFED_SOURCE": "SPOOFED_SOURCE",
+                "DROP_PROXY_UNAVAILABLE": "PROXY_UNAVAILABLE"}
 TCP_FLAGS = ((0x01, "FIN"), (0x02, "SYN"), (0x04, "RST"), (0x08, "PSH"), (0x10, "ACK"), (0x20, "URG"),
              (0x40, "ECE"), (0x80, "CWR"))
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace="
@@ -151,7 +156,18 @@ def enrich(event: Any, index: IntentIndex, rules_for: Callable[[int], Iterable[i
         "tcp_flags": tcp_flag_names(event.tcp_flags) if event.protocol == 6 else [],
         "policy": [r.model_dump(mode="json") for r in rules_for(event.cookie)] if event.cookie else [],
         "ifindex": event.ifindex,
+        **_l7_fields(event),
     }
+
+
+def _l7_fields(event: Any) -> dict[str, Any]:
+    """An L7 flow (``l7_flows.L7Event``): its HTTP request and the rule that allowed it."""
+    http = getattr(event, "http", None)
+    if http is None:
+        return {}
+    rule = getattr(event, "rule", None)
+    return {"type": "L7", "l7": {"http": http.as_json()},
+            "policy": [rule.model_dump(mode="json")] if rule is not None else []}
 
 
 # ---------------------------------------------------------------- filters

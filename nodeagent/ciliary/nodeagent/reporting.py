@@ -17,6 +17,9 @@ Policy report semantics (Cilium's ``.status.nodes.<node>``):
   error names the pods that are missing;
 - applied without error: ok=true, enforcing=true, generation and
   localPolicyRevision of the applied intent;
+- a policy whose HTTP rules this node's Envoy enforces (``envoy_config.policies_needing_proxy``)
+  is enforcing only while Envoy runs with the configuration of the intent in force
+  (``proxy(applied)`` returns "" then); otherwise enforcing=false and the error says why;
 - the newest intent failed to apply (or could not be parsed): ok=false,
   error=the typed error's message, enforcing=whether the state still in force
   enforces the policy (then with the generation in force).
@@ -32,7 +35,7 @@ from typing import Any
 
 import aetcd
 
-from ciliary.nodeagent import enforcing, planning
+from ciliary.nodeagent import enforcing, envoy_config, planning
 from ciliary.operator import intents
 from ciliary.operator.status import reports
 from ciliary.operator.store import keyspace
@@ -48,8 +51,13 @@ def now_rfc3339() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def desired_reports(node: str, outcome: enforcing.Outcome, *, now: str) -> dict[str, Report]:
-    """Every report this node should have in etcd right now, by key."""
+def desired_reports(node: str, outcome: enforcing.Outcome, *, now: str,
+                    proxy: Callable[[intents.NodeIntent], str] | None = None) -> dict[str, Report]:
+    """Every report this node should have in etcd right now, by key.
+
+    ``proxy(intent)``: why the node's L7 proxy does not enforce the HTTP rules of ``intent``
+    ("" when it does); None: no proxy on this node (a policy with HTTP rules is not enforcing).
+    """
     applied = outcome.applied
     wanted = outcome.wanted or applied
     status = reports.NodeStatusReport(
@@ -66,14 +74,20 @@ def desired_reports(node: str, outcome: enforcing.Outcome, *, now: str) -> dict[
     if not outcome.error:
         # Everything in force is enforced as wanted (a newer intent still being applied
         # is reported once it is in force), where the kernel shows it.
+        needs_proxy = envoy_config.policies_needing_proxy(applied) if applied is not None else set()
+        proxy_problem = ""
+        if needs_proxy and applied is not None:
+            proxy_problem = proxy(applied) if proxy is not None else "no L7 proxy on this node"
         for uid, ref in sorted(in_force.items()):
             assert applied is not None
             missing = not_in_kernel(applied, uid, outcome)
             broken = outcome.datapath_problems
+            l7 = proxy_problem if uid in needs_proxy else ""
             out[keyspace.report_key(uid, node)] = reports.PolicyReport(
                 node=node, policy_uid=uid, kind=ref.kind, namespace=ref.namespace, name=ref.name,
-                generation=ref.generation, ok=True, enforcing=not missing and not broken, last_updated=now,
-                error=broken_message(broken) or missing_message(missing, applied.revision),
+                generation=ref.generation, ok=True, enforcing=not missing and not broken and not l7,
+                last_updated=now,
+                error=broken_message(broken) or missing_message(missing, applied.revision) or l7,
                 local_policy_revision=applied.revision)
         return out
     policies = {p.uid: p for p in (wanted.policies if wanted else ())}
@@ -148,7 +162,7 @@ class Reporter:
 
     def __init__(self, *, node: str, lease: Callable[[], Any], client: Callable[[], Any | None],
                  outcome: Callable[[], enforcing.Outcome], now: Callable[[], str] = now_rfc3339,
-                 direct: Any | None = None) -> None:
+                 direct: Any | None = None, proxy: Callable[[intents.NodeIntent], str] | None = None) -> None:
         self.node = node
         self.direct = direct
         """A ``direct_status.DirectStatusWriter`` in direct mode: policy status written by this agent too."""
@@ -156,6 +170,7 @@ class Reporter:
         self._client = client
         self._outcome = outcome
         self._now = now
+        self._proxy = proxy
         self._wake = asyncio.Event()
         self.written: dict[str, Report] = {}
         self.written_lease: int | None = None
@@ -188,7 +203,7 @@ class Reporter:
             return False
         if lease.id != self.written_lease:
             await self._adopt(client, lease.id)
-        desired = desired_reports(self.node, self._outcome(), now=self._now())
+        desired = desired_reports(self.node, self._outcome(), now=self._now(), proxy=self._proxy)
         puts, deletes = plan_writes(self.written, desired)
         for key, report in puts.items():
             await asyncio.wait_for(client.put(key.encode(), report.to_wire(), lease=lease), 5)

@@ -118,6 +118,12 @@ class Reason(enum.IntEnum):
     """IPv6 other than link-scoped Neighbor Discovery: no IPv6 policy exists yet."""
     DROP_SPOOFED_SOURCE = 10
     """IPv4 leaving a pod's veth with a source address that is not the pod's."""
+    OK_TO_PROXY = 11
+    """Redirected to the node's HTTP proxy: the deciding allow entry has HTTP rules (lib/l7redirect.h)."""
+    OK_FROM_PROXY = 12
+    """The node's HTTP proxy connecting to the pod (the request was judged by the proxy)."""
+    DROP_PROXY_UNAVAILABLE = 13
+    """HTTP rules apply but the datapath was built without a proxy device."""
 
 
 REASON_MAX = 16
