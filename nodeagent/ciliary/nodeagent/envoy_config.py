@@ -54,6 +54,8 @@ DENY_BODY = "Access denied\r\n"
 MAX_RANGE_PORTS = 256
 """An HTTP rule on a port range covers at most this many ports (one filter chain per port)."""
 SOL_SOCKET, SO_MARK = 1, 36
+ORIGINAL_DST_HEADER = "x-envoy-original-dst-host"
+"""Set by every forwarding route (overwriting a client's): where the original-destination cluster connects."""
 ACCESS_LOG_FORMAT = {
     "time": "%START_TIME(%s.%6f)%", "method": "%REQ(:METHOD)%", "path": "%REQ(:PATH)%",
     "host": "%REQ(:AUTHORITY)%", "status": "%RESPONSE_CODE%", "route": "%ROUTE_NAME%",
@@ -166,7 +168,11 @@ def _forward(name: str, headers: list[dict[str, Any]]) -> dict[str, Any]:
     match: dict[str, Any] = {"prefix": "/"}
     if headers:
         match["headers"] = headers
-    return {"name": name, "match": match, "route": {"cluster": CLUSTER_NAME, "timeout": "0s"}}
+    # the original-destination cluster connects to the address in this header: the connection's
+    # local address, which for the transparent listener is the pod's address and port
+    return {"name": name, "match": match, "route": {"cluster": CLUSTER_NAME, "timeout": "0s"},
+            "request_headers_to_add": [{"header": {"key": ORIGINAL_DST_HEADER, "value": "%DOWNSTREAM_LOCAL_ADDRESS%"},
+                                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}
 
 
 def routes(rules: tuple[intents.HttpRule, ...] | None) -> list[dict[str, Any]]:
@@ -240,6 +246,7 @@ def bootstrap(*, node: str, admin_socket: str, lds_path: str,
             "name": CLUSTER_NAME,
             "type": "ORIGINAL_DST",
             "lb_policy": "CLUSTER_PROVIDED",
+            "original_dst_lb_config": {"use_http_header": True},
             "connect_timeout": "5s",
             "cleanup_interval": "60s",
             "circuit_breakers": {"thresholds": [{"max_connections": 100000, "max_pending_requests": 100000,

@@ -22,9 +22,11 @@ import os
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -284,10 +286,12 @@ def make_datapath(config: settings.AgentSettings) -> enforcing.DatapathLike:
     context = rendering.RenderContext(pin_dir=str(pin_dir))
     if config.l7_proxy:
         try:
-            device = proxy_plumbing.ensure(config.netns, config.proxy_port)
+            # pyroute2's sync API runs its own event loop: never inside the agent's running one
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                device = pool.submit(proxy_plumbing.ensure, config.netns, config.proxy_port).result()
             context = rendering.RenderContext(pin_dir=str(pin_dir), proxy_ifindex=device.ifindex,
                                               proxy_mac=device.mac)
-        except (proxy_plumbing.PlumbingFailed, OSError) as exc:
+        except (proxy_plumbing.PlumbingFailed, OSError, subprocess.SubprocessError) as exc:
             log.error("No proxy device: traffic that HTTP rules redirect is dropped",
                       extra={"node": config.node_name, "error": str(exc)})
     return engine.Datapath(config.node_name, netns=config.netns or None, bpffs=config.bpffs_dir, context=context)

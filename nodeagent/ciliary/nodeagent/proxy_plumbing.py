@@ -13,7 +13,13 @@ in the node's network namespace (``--netns``, or the agent's own) it creates
   which Envoy finds by the packet's original destination;
 - policy routing: ``ip rule fwmark TO_PROXY_MARK/MARK_MASK lookup 2012`` and
   ``local 0.0.0.0/0 dev lo`` in table 2012, so a marked packet is delivered locally
-  whatever its destination address.
+  whatever its destination address;
+- ``net.ipv4.ip_early_demux=0`` (a per-namespace switch): Envoy's accepted sockets carry the
+  pod's address, so with early demux every later packet of the connection, arriving on the
+  node's eth0 or a client pod's veth on its way to the pod, would be matched to Envoy's socket
+  before routing and then dropped by the forwarding path (which refuses a packet that already
+  has a socket) instead of reaching the pod's veth and being redirected (seen in the lab:
+  handshakes stuck in SYN-RECV). The cost is one routing lookup per received packet.
 
 Why TPROXY and not ``bpf_sk_assign``: ``cy_to_pod`` runs at tc egress, where a socket
 cannot be assigned, so a second program on the proxy device's ingress would be needed;
@@ -81,22 +87,24 @@ def ensure(netns: str, port: int) -> ProxyDevice:
     ipr = IPRoute(netns=netns, flags=0) if netns else IPRoute()
     try:
         if not ipr.link_lookup(ifname=PROXY_DEVICE):
-            try:
-                ipr.link("add", ifname=HOST_END, kind="veth", peer=PROXY_DEVICE)
-            except NetlinkError as exc:
-                raise PlumbingFailed(netns, "veth", str(exc)) from exc
+            ipr.link("add", ifname=HOST_END, kind="veth", peer=PROXY_DEVICE)
         for name in (HOST_END, PROXY_DEVICE):
             ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
         index = ipr.link_lookup(ifname=PROXY_DEVICE)[0]
         mac = str(ipr.get_links(index)[0].get_attr("IFLA_ADDRESS")).lower()
-        rules = [r for r in ipr.get_rules(family=2) if r.get_attr("FRA_TABLE") == ROUTE_TABLE]
-        if not rules:
-            ipr.rule("add", table=ROUTE_TABLE, priority=RULE_PRIORITY, fwmark=TO_PROXY_MARK, fwmask=MARK_MASK)
-        ipr.route("replace", dst="0.0.0.0/0", type="local", table=ROUTE_TABLE,
-                  oif=ipr.link_lookup(ifname="lo")[0])
+    except (NetlinkError, OSError, IndexError) as exc:
+        raise PlumbingFailed(netns, "proxy device", str(exc)) from exc
     finally:
         ipr.close()
-    _run(netns, "rp_filter", ["sysctl", "-qw", f"net.ipv4.conf.{PROXY_DEVICE}.rp_filter=0"])
+    mark = f"0x{TO_PROXY_MARK:x}/0x{MARK_MASK:x}"
+    rules = subprocess.run(_in_netns(netns, ["ip", "rule", "show", "table", str(ROUTE_TABLE)]),
+                           capture_output=True, text=True, timeout=20, check=False).stdout
+    if "fwmark" not in rules:
+        _run(netns, "ip rule", ["ip", "rule", "add", "fwmark", mark, "lookup", str(ROUTE_TABLE),
+                                "priority", str(RULE_PRIORITY)])
+    _run(netns, "ip route", ["ip", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", str(ROUTE_TABLE)])
+    _run(netns, "sysctls", ["sysctl", "-qw", f"net.ipv4.conf.{PROXY_DEVICE}.rp_filter=0",
+                            "net.ipv4.ip_early_demux=0"])
     rule = tproxy_rule(port)
     if _run(netns, "iptables check", ["iptables", "-w", "-t", "mangle", "-C", *rule], check=False) != 0:
         _run(netns, "iptables", ["iptables", "-w", "-t", "mangle", "-A", *rule])

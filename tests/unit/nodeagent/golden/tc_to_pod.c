@@ -66,6 +66,7 @@
 
 /* policy_value.flags */
 #define CY_POLICY_DENY (1U << 0)
+#define CY_POLICY_HTTP (1U << 1) /* allow entry with HTTP rules: redirect to the proxy (lib/l7redirect.h) */
 
 /* Reserved identities (Cilium's numbering). */
 #define CY_ID_ANY 0   /* in policy keys: any peer */
@@ -132,6 +133,9 @@
 #define CY_DROP_INVALID_L3 8 /* dropped: IPv4 header shorter than 20 bytes (ihl < 5, truncated) */
 #define CY_DROP_UNSUPPORTED_L3 9 /* dropped: IPv6 (no IPv6 policy yet) other than ND */
 #define CY_DROP_SPOOFED_SOURCE 10 /* dropped: IPv4 from a pod's veth whose source is not the pod's address */
+#define CY_OK_TO_PROXY 11    /* redirected: an allow entry with HTTP rules hands the packet to the node's proxy */
+#define CY_OK_FROM_PROXY 12  /* forwarded: the node's proxy connects to the pod (judged by the proxy) */
+#define CY_DROP_PROXY_UNAVAILABLE 13 /* dropped: HTTP rules apply but the datapath has no proxy device */
 
 #define CY_REASON_MAX 16
 
@@ -727,11 +731,12 @@ static __always_inline struct policy_value *cy_policy_probe(int deny, __u32 ep_i
 	return val;
 }
 
-/* Returns a drop_reasons.h code; *cookie gets the deciding rule's cookie.
+/* Returns a drop_reasons.h code; *cookie gets the deciding rule's cookie and
+ * *vflags the deciding allow entry's policy_value.flags (0 otherwise).
  * has_deny: the endpoint's CY_EP_*_DENY flag of dir (0 skips cy_policy_deny). */
 static __always_inline __u8 cy_policy_verdict(__u32 ep_id, __u8 dir, __u32 has_deny,
 					      __u32 identity, __u8 proto, __u16 port,
-					      __u32 *cookie)
+					      __u32 *cookie, __u32 *vflags)
 {
 	struct policy_value *val;
 
@@ -745,6 +750,7 @@ static __always_inline __u8 cy_policy_verdict(__u32 ep_id, __u8 dir, __u32 has_d
 	val = cy_policy_probe(0, ep_id, dir, identity, proto, port);
 	if (val) {
 		*cookie = val->cookie;
+		*vflags = val->flags;
 		return CY_OK_POLICY;
 	}
 	*cookie = 0;
@@ -870,6 +876,63 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, const struct c
 }
 
 #endif /* CY_CONNTRACK_H */
+/* ---- lib/l7redirect.h ---- */
+/* l7redirect.h - hand a pod's ingress connections to the node's HTTP proxy (Envoy).
+ *
+ * An allow entry of an ingress direction whose policy_value.flags carries
+ * CY_POLICY_HTTP (the entry has HTTP rules, ciliary.operator.intents.PolicyEntry.http)
+ * does not deliver the packet to the pod: cy_to_pod runs at tc EGRESS of the pod's
+ * host veth, where a packet cannot be assigned to a local socket (bpf_sk_assign
+ * works at tc ingress only). So the packet is marked CY_MARK_TO_PROXY, its
+ * destination MAC is set to the proxy device's (the node-local veth CY_PROXY_IFINDEX,
+ * created by the agent, ciliary.nodeagent.proxy_plumbing) and it is redirected to
+ * that device's INGRESS. There it re-enters the node's stack: an iptables TPROXY rule
+ * on the mark hands it to Envoy's transparent listener (by the original destination
+ * address and port, which Envoy then sees as its local address; the source is
+ * untouched), and a policy-routing rule on the mark delivers it locally. Every
+ * forward packet of the connection takes this path (they are all re-evaluated).
+ *
+ * The proxy's own connection to the pod carries socket mark CY_MARK_FROM_PROXY
+ * (SO_MARK, ciliary.nodeagent.envoy_config): cy_to_pod lets those packets through
+ * without a policy lookup and never redirects them again (the request was judged by
+ * the proxy on behalf of the original peer). Only a process of the node's network
+ * namespace with CAP_NET_ADMIN can set a mark: a packet's mark is cleared when it
+ * crosses into another network namespace, so a pod cannot forge it.
+ * CY_PROXY_IFINDEX 0 (no proxy device) drops what should be redirected
+ * (CY_DROP_PROXY_UNAVAILABLE): an HTTP rule is never widened to an L4 allow.
+ */
+#ifndef CY_L7REDIRECT_H
+#define CY_L7REDIRECT_H
+
+#ifndef CY_PROXY_IFINDEX
+#define CY_PROXY_IFINDEX 0
+#define CY_PROXY_MAC {0, 0, 0, 0, 0, 0}
+#endif
+
+#define CY_MARK_MASK 0x0F00
+#define CY_MARK_TO_PROXY 0x0C00
+#define CY_MARK_FROM_PROXY 0x0D00
+
+/* Was this packet sent by the node's proxy (its upstream connection to a pod)? */
+static __always_inline int cy_from_proxy(const struct __sk_buff *skb)
+{
+	return (skb->mark & CY_MARK_MASK) == CY_MARK_FROM_PROXY;
+}
+
+/* Redirect skb to the proxy device's ingress; TC_ACT_SHOT if there is none. */
+static __always_inline int cy_redirect_to_proxy(struct __sk_buff *skb)
+{
+	__u8 mac[6] = CY_PROXY_MAC;
+
+	if (!CY_PROXY_IFINDEX)
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, 0, mac, 6, 0) < 0)
+		return TC_ACT_SHOT;
+	skb->mark = CY_MARK_TO_PROXY;
+	return bpf_redirect(CY_PROXY_IFINDEX, BPF_F_INGRESS);
+}
+
+#endif /* CY_L7REDIRECT_H */
 /* ---- lib/enforce.h ---- */
 /* enforce.h - the per-packet decision shared by both hooks.
  *
@@ -896,7 +959,11 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, const struct c
  *      -> CY_DROP_INVALID; on an unenforced one they pass;
  *   3. direction not enforced -> pass (CY_OK_UNENFORCED);
  *   4. policy.h verdict: deny entry -> drop, allow entry -> pass, else drop
- *      (the deny map is probed only when the endpoint's CY_EP_*_DENY is set).
+ *      (the deny map is probed only when the endpoint's CY_EP_*_DENY is set);
+ *      cy_to_pod only (l7redirect.h): an allow entry with HTTP rules redirects the
+ *      packet to the node's proxy (CY_OK_TO_PROXY) instead of passing it, and a
+ *      packet of the proxy's own connection to the pod passes without a lookup
+ *      (CY_OK_FROM_PROXY), tracked so that the pod's replies pass.
  * One cy_ct lookup per packet (conntrack.h) tells replies from forward
  * packets. Forwarded forward-direction packets create/refresh a cy_ct entry; a flow
  * event is emitted for every drop and every new connection (every packet when
@@ -958,7 +1025,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 	struct ct_key ct_key = {};
 	struct ct_entry *ct_entry = 0;
 	struct endpoint_info *ep, *src_ep = 0;
-	__u32 pod_addr, peer_addr, peer_id = 0, cookie = 0;
+	__u32 pod_addr, peer_addr, peer_id = 0, cookie = 0, vflags = 0;
 	__u32 flags, enforced, has_deny;
 	__u64 ct_now = 0;
 	__u8 reason;
@@ -1018,16 +1085,20 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_SHOT;
 	}
 
-	if (enforced) {
+	if (enforced && dir == CY_DIR_INGRESS && cy_from_proxy(skb)) {
+		reason = CY_OK_FROM_PROXY;
+	} else if (enforced) {
 		peer_id = cy_identity_of(peer_addr);
 		reason = cy_policy_verdict(ep->ep_id, dir, has_deny, peer_id, p.protocol,
-					   p.policy_port, &cookie);
+					   p.policy_port, &cookie, &vflags);
+		if (reason == CY_OK_POLICY && dir == CY_DIR_INGRESS && (vflags & CY_POLICY_HTTP))
+			reason = CY_PROXY_IFINDEX ? CY_OK_TO_PROXY : CY_DROP_PROXY_UNAVAILABLE;
 	} else {
 		reason = CY_OK_UNENFORCED;
 	}
 
 	cy_count(dir, reason, p.len);
-	if (reason == CY_DROP_POLICY || reason == CY_DROP_POLICY_DENY) {
+	if (reason == CY_DROP_POLICY || reason == CY_DROP_POLICY_DENY || reason == CY_DROP_PROXY_UNAVAILABLE) {
 		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie);
 		return TC_ACT_SHOT;
 	}
@@ -1037,6 +1108,8 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 			peer_id = cy_identity_of(peer_addr);
 		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie);
 	}
+	if (reason == CY_OK_TO_PROXY)
+		return cy_redirect_to_proxy(skb);
 	return TC_ACT_OK;
 #undef CY_SRC_ID
 #undef CY_DST_ID
