@@ -27,8 +27,12 @@ def test_demo_shows_the_scene(tmp_path):
                              text=True, timeout=600)
         text = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout)
         assert out.returncode == 0, text[-4000:] + out.stderr[-2000:]
-        after_policy = text.split("The tiefighter (org=empire) lands")[1]
+        after_policy, l7 = text.split("The tiefighter (org=empire) lands")[1].split("Apply an L7 policy")
         assert after_policy.count("Ship landed") == 1 and "timed out" in after_policy
+        assert "Ship landed" in l7 and "HTTP/1.1 403 Forbidden Access denied" in l7
+        assert re.search(r"default/tiefighter:\d+ \(ID:\d+\) -> default/deathstar:80 .*PUT /v1/exhaust-port => 403 "
+                         r"ingress DROPPED \(L7_DENIED\)", l7), l7
+        assert re.search(r"POST /v1/request-landing => 200 ingress FORWARDED +by CiliumNetworkPolicy default/rule1", l7)
         assert re.search(r"default/xwing:\d+ \(ID:\d+\) -> default/deathstar:80 .* DROPPED \(POLICY_DENIED\)", text)
         assert "CiliumNetworkPolicy default/rule1 rule 0 ingress[0]" in text
         assert '"enforcing": true' in text
