@@ -50,6 +50,7 @@ DROP_CODES: dict[str, int] = {
     "DROP_INVALID_L3": flow_pb2.CT_TRUNCATED_OR_INVALID_HEADER,
     "DROP_UNSUPPORTED_L3": flow_pb2.UNSUPPORTED_L3_PROTOCOL,
     "DROP_SPOOFED_SOURCE": flow_pb2.INVALID_SOURCE_IP,
+    "DROP_PROXY_UNAVAILABLE": flow_pb2.PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL,
 }
 """Ciliary drop reason (``maps.Reason`` name) -> Cilium drop code (``flow.DropReason``)."""
 

@@ -9,6 +9,7 @@
 #define CY_EVENTS_PAGES 256
 #define CY_TRACE_ALL 0
 
+
 #include <uapi/linux/pkt_cls.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/ip.h>
