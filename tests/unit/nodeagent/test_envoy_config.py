@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 from pathlib import Path
@@ -203,3 +204,20 @@ def test_http_entries_set_the_redirect_flag_only_on_ingress_and_l4_wins() -> Non
     assert flags == {TIEFIGHTER: planning.POLICY_HTTP, XWING: 0}
     allow, _ = planning.direction_maps(1, planning.MapDirection.EGRESS, policy)
     assert {v.flags for v in allow.values()} == {0}
+
+
+def test_trace_says_http_rules_apply_from_the_intent_and_from_the_kernel() -> None:
+    from ciliary.nodeagent import kernelview
+    from ciliary.operator.policy import tracing
+
+    intent = node_intent(entry(TIEFIGHTER), entry(1, http=None))
+    side = tracing._Side(ipaddress.IPv4Address(intent.endpoints[0].ipv4), "node-1", intent.endpoints[0])
+    part = tracing._evaluate(intents.Direction.INGRESS, side, TIEFIGHTER, 6, 80)
+    assert part.verdict == "ALLOWED" and part.http and "others get 403" in part.describe()
+    host = tracing._evaluate(intents.Direction.INGRESS, side, 1, 6, 80)
+    assert not host.http and "403" not in host.describe()
+    # the kernel's maps keep the redirect flag: the datapath's view says the same
+    keys = {k: v for k, v in planning.direction_maps(1, planning.MapDirection.INGRESS,
+                                                     intent.endpoints[0].ingress)[0].items()}
+    made, _notes = kernelview._direction_entries(keys, intents.Verdict.ALLOW, lambda _c: (REF,))
+    assert {(e.identity, e.http is not None) for e in made} == {(TIEFIGHTER, True), (1, False)}
