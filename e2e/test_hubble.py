@@ -163,6 +163,8 @@ def test_status_and_list_nodes(scene: Any) -> None:
     assert nodes.returncode == 0, nodes.stderr
     rows = [line.split() for line in nodes.stdout.splitlines()[1:] if line.strip()]
     assert [(r[0], r[1]) for r in rows] == [("node-1", "Connected"), ("node-2", "Connected")], nodes.stdout
+    version = hubble_run(hubble, "version")
+    assert version.returncode == 0 and version.stdout.startswith("hubble v1."), version.stdout  # built with -X
 
 
 def test_malformed_filter_is_invalid_argument_and_the_relay_keeps_serving(scene: Any) -> None:

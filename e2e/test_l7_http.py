@@ -160,7 +160,7 @@ def test_each_request_is_an_l7_flow_naming_the_rule(lab: LabHandle, scene: str) 
     assert denied["policy"] == []
     # the kernel's flow for the redirected connection says where it went
     kernel = agent_json(lab, "node-1", f"/v1/flows?last=500&pod={NS}/deathstar")
-    assert any(f["reason"] == "OK_TO_PROXY" for f in kernel if "l7" not in f)
+    assert any(f["reason"] == "OK_PROXY" for f in kernel if "l7" not in f)
 
 
 def test_envoy_is_restarted_and_the_policy_keeps_working(lab: LabHandle, scene: str) -> None:

@@ -166,12 +166,16 @@ def svc(lab: Any) -> Iterator[dict[str, Any]]:
     vip = json.loads(lab.kubectl("get", "svc", "web", "-n", NS, "-o", "json").stdout)["spec"]["clusterIP"]
     empty = json.loads(lab.kubectl("get", "svc", "empty", "-n", NS, "-o", "json").stdout)["spec"]["clusterIP"]
     want = sorted(f"{ips[w]}:8080" for w in ("web-1", "web-2"))
-    wait_for(lambda: backends_of(lab, "node-1", vip, 80) == want, 60, "both web pods behind the ClusterIP")
-    for node in ("node-1", "node-2"):
+    wait_for(lambda: backends_of(lab, "node-1", vip, 80) == want, 240, "both web pods behind the ClusterIP")
+    for node in ("node-1", "node-2"):  # each node compiles its own programs: wait for both
         port = int((lab.lab.layout.node_dir(node) / "health-port").read_text())
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/enforcement", timeout=5) as resp:
-            status = json.load(resp)["load_balancing"]
-        assert status["started"] and status["error"] == "", status
+
+        def lb_status(port: int = port) -> dict[str, Any]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/enforcement", timeout=5) as resp:
+                return dict(json.load(resp)["load_balancing"])
+
+        status = wait_for(lambda: (s := lb_status())["started"] and s, 240, f"{node}'s load balancer started")
+        assert status["error"] == "", status
     try:
         yield {"vip": vip, "empty": empty, "ips": ips, "client": Client(lab)}
     finally:
@@ -299,6 +303,99 @@ def test_clusterip_from_the_node_host(lab: Any, svc: dict[str, Any]) -> None:
         results = json.loads(out.stdout)
         assert all(r["ok"] for r in results), results
         assert {r["body"] for r in results} == {f"{NS}/web-1", f"{NS}/web-2"}, results
+    finally:
+        cgroups.kill_all(host_cgroup)
+        host_cgroup.rmdir()
+
+
+def _http_from_world(lab: Any, url: str) -> tuple[int, dict[str, Any]]:
+    """GET ``url`` from the world host's namespace: (status, JSON body); (0, {}) when nothing answers."""
+    code = ("import json, sys, urllib.request, urllib.error\n"
+            "try:\n"
+            "    r = urllib.request.urlopen(sys.argv[1], timeout=3); print(r.status, r.read().decode())\n"
+            "except urllib.error.HTTPError as e:\n"
+            "    print(e.code, e.read().decode())\n"
+            "except OSError:\n"
+            "    print(0, '{}')\n")
+    out = subprocess.run(["nsenter", f"--net={topology.NETNS_DIR / lab.lab.layout.world_netns}",
+                          sys.executable, "-c", code, url], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    status, _, body = out.stdout.strip().partition(" ")
+    return int(status), json.loads(body)
+
+
+def test_health_check_node_port_answers_200_only_where_a_backend_runs(lab: Any, svc: dict[str, Any]) -> None:
+    """eTP=Local: an external load balancer asks each node's healthCheckNodePort (kube-proxy's JSON)."""
+    lab.apply(f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: web-local, namespace: {NS}}}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  selector: {{app: web, pod: one}}
+  ports: [{{name: http, port: 8001, targetPort: http}}]
+""")
+    lab.kubectl("label", "pod", "web-1", "-n", NS, "pod=one", "--overwrite")
+    spec = json.loads(lab.kubectl("get", "svc", "web-local", "-n", NS, "-o", "json").stdout)["spec"]
+    hc = int(spec["healthCheckNodePort"])
+    try:
+        one = wait_for(lambda: (r := _http_from_world(lab, f"http://192.0.2.11:{hc}/healthz"))[0] == 200 and r,
+                       30, "node-1 (web-1 runs there) answers 200")
+        assert one[1] == {"service": {"namespace": NS, "name": "web-local"}, "localEndpoints": 1,
+                          "serviceProxyHealthy": True}, one
+        two = _http_from_world(lab, f"http://192.0.2.12:{hc}/")
+        assert two == (503, {"service": {"namespace": NS, "name": "web-local"}, "localEndpoints": 0,
+                             "serviceProxyHealthy": True}), two
+        # the endpoint leaves node-1: its node turns 503 as well
+        lab.kubectl("label", "pod", "web-1", "-n", NS, "pod-")
+        wait_for(lambda: _http_from_world(lab, f"http://192.0.2.11:{hc}/")[0] == 503, 30,
+                 "node-1 answers 503 once its endpoint is gone")
+        # kube-proxy's own health port, answered by the agent that replaces it
+        status, body = _http_from_world(lab, "http://192.0.2.12:10256/healthz")
+        assert status == 200 and body["nodeEligible"] is True and body["lastUpdated"], (status, body)
+    finally:
+        lab.kubectl("delete", "svc", "web-local", "-n", NS, check=False)
+    wait_for(lambda: _http_from_world(lab, f"http://192.0.2.11:{hc}/")[0] == 0, 30,
+             "the health-check port is closed once the Service is gone")
+
+
+def test_a_node_process_cannot_take_a_nodeport(lab: Any, svc: dict[str, Any]) -> None:
+    """The bind guard: NodePort 30080 (web-np, made by the NodePort test or here) is the load balancer's."""
+    from ciliary.lab import cgroups
+
+    lab.apply(f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: web-np, namespace: {NS}}}
+spec:
+  type: NodePort
+  selector: {{app: web}}
+  externalIPs: [203.0.113.10]
+  ports: [{{name: http, port: 8000, targetPort: http, nodePort: 30080}}]
+""")
+    wait_for(lambda: backends_of(lab, "node-1", "192.0.2.11", 30080), 30, "NodePort 30080 on node-1")
+    host_cgroup = cgroups.ensure(cgroups.lab_root(lab.lab.layout.cgroup_name) / "node-1" / "host-bind-e2e")
+    procs = str(host_cgroup / "cgroup.procs")
+
+    def enter() -> None:
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+
+    code = ("import socket, sys\n"
+            "for port in (30080, 30079):\n"
+            "    s = socket.socket()\n"
+            "    try:\n"
+            "        s.bind(('0.0.0.0', port)); print(port, 'bound')\n"
+            "    except OSError as e:\n"
+            "        print(port, e.errno)\n"
+            "    s.close()\n")
+    try:
+        out = subprocess.run(["nsenter", f"--net={topology.NETNS_DIR / lab.lab.layout.node_netns('node-1')}",
+                              sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                             preexec_fn=enter)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split("\n")[:2] == ["30080 98", "30079 bound"], out.stdout  # 98: EADDRINUSE
     finally:
         cgroups.kill_all(host_cgroup)
         host_cgroup.rmdir()

@@ -13,7 +13,9 @@ HUBBLE_DIR="$CACHE/bin/hubble-$HUBBLE_VERSION"
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 log() { printf '[setup] %s\n' "$*"; }
 
-[ -x "$HUBBLE_DIR/hubble" ] && exit 0
+# A binary that does not know its version (built before the -X flag below) is rebuilt once.
+built() { [ -x "$HUBBLE_DIR/hubble" ] && "$HUBBLE_DIR/hubble" version 2>/dev/null | grep -q "^hubble $HUBBLE_VERSION "; }
+built && exit 0
 command -v go >/dev/null || { echo "setup: Go is needed to build hubble $HUBBLE_VERSION" >&2; exit 1; }
 grep -qE "^[[:space:]]*github.com/cilium/cilium $HUBBLE_VERSION( |$)" "$HERE/go/hubble/go.mod" || {
   echo "setup: setup/go/hubble/go.mod does not require github.com/cilium/cilium $HUBBLE_VERSION (versions.env)" >&2
@@ -21,11 +23,12 @@ grep -qE "^[[:space:]]*github.com/cilium/cilium $HUBBLE_VERSION( |$)" "$HERE/go/
 mkdir -p "$CACHE/bin"
 exec 8>"$CACHE/.hubble-build.lock"
 flock 8
-[ -x "$HUBBLE_DIR/hubble" ] && exit 0
+built && exit 0
 log "building the hubble CLI from github.com/cilium/cilium $HUBBLE_VERSION (cold: ~5 min)"
 t0=$(date +%s)
 tmp="$HUBBLE_DIR.partial"; rm -rf "$tmp"; mkdir -p "$tmp"
-(cd "$HERE/go/hubble" && go build -trimpath -buildvcs=false -ldflags "-s -w" -o "$tmp/hubble" \
+(cd "$HERE/go/hubble" && go build -trimpath -buildvcs=false \
+    -ldflags "-s -w -X github.com/cilium/cilium/hubble/pkg.Version=$HUBBLE_VERSION" -o "$tmp/hubble" \
     github.com/cilium/cilium/hubble)
 rm -rf "$HUBBLE_DIR"; mv "$tmp" "$HUBBLE_DIR"
 log "built $("$HUBBLE_DIR/hubble" version 2>/dev/null | head -1) in $(( $(date +%s) - t0 )) s"

@@ -8,6 +8,7 @@
 #  5. the real-node binaries (containerd, kubelet, scheduler, kube-proxy, agnhost, registry, e2e.test,
 #     skaffold; build-node-tools.sh) and the lab's images (ciliary.lab.images), cached by version/content
 #  6. the hubble CLI (build-hubble.sh), cached by version
+# Debian's chromium is the service map's browser test's browser (driven by playwright, no browser download)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -22,7 +23,7 @@ if [ "$(id -u)" != 0 ]; then echo "setup: run as root (the lab creates network n
 # --- 1. Debian packages -------------------------------------------------------
 APT_PACKAGES=(python3 python3-venv python3-dev python3-bpfcc libbpf1 bpftool linux-headers-amd64 iproute2 iptables
               openssl curl ca-certificates iputils-ping util-linux etcd-server etcd-client jq procps psmisc git make golang-go
-              runc mmdebstrap prometheus)
+              runc mmdebstrap prometheus chromium)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

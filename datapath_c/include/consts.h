@@ -48,6 +48,13 @@
 #define CY_POLICY_DENY (1U << 0)
 #define CY_POLICY_HTTP (1U << 1) /* allow entry with HTTP rules: redirect to the proxy (lib/l7redirect.h) */
 
+/* Proxy redirection (lib/redirect.h): the mark that routes a packet assigned to a
+ * proxy socket to local delivery, and the routing table holding the local route.
+ * ciliary.nodeagent.proxy_routing installs the matching rule with the same numbers. */
+#define CY_MARK_TO_PROXY 0x0A00
+#define CY_MARK_PROXY_MASK 0x0F00
+#define CY_PROXY_TABLE 2005
+
 /* Reserved identities (Cilium's numbering). */
 #define CY_ID_ANY 0   /* in policy keys: any peer */
 #define CY_ID_WORLD 2 /* peer not in the ipcache */
@@ -91,5 +98,6 @@
 #define CY_TCP_FIN 0x01
 #define CY_TCP_SYN 0x02
 #define CY_TCP_RST 0x04
+#define CY_TCP_ACK 0x10
 
 #endif /* CY_CONSTS_H */

@@ -1,8 +1,9 @@
-/* lb_maps.h - the socket load balancer's maps and their types, declared once.
+/* lb_maps.h - the load balancer's frontend and backend maps and their types, declared once.
  *
  * Filled by the agent from its node's load-balancing intent
  * (ciliary.nodeagent.lb_planning); read by the cgroup sock_addr programs
- * (programs/sock_*.c.j2, logic in lib/lb.h). Pinned under CY_PIN_DIR next to
+ * (programs/sock_*.c.j2, logic in lib/lb.h) and by the north-south tc
+ * programs on the external devices (programs/tc_lb_*.c.j2, lib/lb_nodeport.h). Pinned under CY_PIN_DIR next to
  * the policy maps, so a restarted agent and all four programs share them.
  * Addresses and ports are in network byte order. Sizes come from the
  * rendered CY_LB_* defines (programs/lb_macros.j2).
@@ -16,15 +17,20 @@
 
 /* A frontend (address, port, L4 protocol) and a slot: slot 0 is the
  * frontend's own entry, slots 1..count name its backends. TCP and UDP on
- * one port are different keys. */
+ * one port are different keys. Scope 0 serves every client; a frontend whose
+ * slot 0 carries CY_LB_F_EXT_LOCAL also has entries of scope
+ * CY_LB_SCOPE_EXTERNAL: the backends clients from outside the node get
+ * (externalTrafficPolicy Local: this node's only). */
 struct lb4_key {
 	__u32 address;
 	__u16 dport;
 	__u8 proto;
-	__u8 pad;
+	__u8 scope;
 	__u16 slot;
 	__u16 pad2;
 };
+
+#define CY_LB_SCOPE_EXTERNAL 1
 
 /* Slot 0: backend_id is the frontend's id (rev-NAT, affinity), count the
  * number of backend slots, flags CY_LB_F_*. Slot n: backend_id only. */
@@ -38,13 +44,17 @@ struct lb4_service {
 
 #define CY_LB_F_NO_LOCAL 0x1 /* Local policy, endpoints elsewhere only: drop */
 #define CY_LB_F_AFFINITY 0x2 /* sessionAffinity ClientIP */
+#define CY_LB_F_EXTERNAL 0x4 /* NodePort, ExternalIP, LoadBalancer: served on the external devices too */
+#define CY_LB_F_EXT_LOCAL 0x8 /* external clients use the CY_LB_SCOPE_EXTERNAL entries */
 
 struct lb4_backend {
 	__u32 address;
 	__u16 port;
 	__u8 proto;
-	__u8 pad;
+	__u8 flags; /* CY_LB_BE_* */
 };
+
+#define CY_LB_BE_LOCAL 0x1 /* runs on this node: reached without SNAT */
 
 /* The frontend a socket was translated from: key (socket cookie, backend
  * address, backend port), so recvmsg/getpeername show the frontend. */
@@ -76,6 +86,14 @@ struct lb4_affinity_value {
 	__u16 pad;
 };
 
+/* A NodePort (port in network byte order, L4 protocol): the bind hook keeps
+ * host processes off it (lib/lb_bind.h). */
+struct lb4_nodeport_key {
+	__u16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
 /* cy_lb4_svc: frontends and their backend slots, CY_LB_SERVICES_MAX entries. */
 BPF_TABLE_PINNED("hash", struct lb4_key, struct lb4_service, cy_lb4_svc,
 		 CY_LB_SERVICES_MAX, CY_PIN_DIR "/cy_lb4_svc");
@@ -92,5 +110,10 @@ BPF_TABLE_PINNED("lru_hash", struct lb4_sock_key, struct lb4_frontend, cy_lb4_re
 /* cy_lb4_aff: session affinity (LRU). */
 BPF_TABLE_PINNED("lru_hash", struct lb4_affinity_key, struct lb4_affinity_value, cy_lb4_aff,
 		 CY_LB_AFFINITY_MAX, CY_PIN_DIR "/cy_lb4_aff");
+
+/* cy_lb4_nodeport: the NodePorts of this node's frontends (value unused: 1),
+ * CY_LB_SERVICES_MAX entries. */
+BPF_TABLE_PINNED("hash", struct lb4_nodeport_key, __u8, cy_lb4_nodeport,
+		 CY_LB_SERVICES_MAX, CY_PIN_DIR "/cy_lb4_nodeport");
 
 #endif /* CY_LB_MAPS_H */

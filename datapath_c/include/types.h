@@ -41,8 +41,10 @@ struct policy_key {
 };
 
 struct policy_value {
-	__u32 cookie; /* rule cookie for flow events (crc32 of the rule refs) */
-	__u32 flags;  /* CY_POLICY_DENY in cy_policy_deny */
+	__u32 cookie;     /* rule cookie for flow events (crc32 of the rule refs) */
+	__u16 flags;      /* CY_POLICY_DENY in cy_policy_deny */
+	__u16 proxy_port; /* host order; != 0: deliver to the node-local proxy on this
+			   * port (lib/redirect.h); cy_policy entries of CY_DIR_EGRESS only */
 };
 
 /* cy_ct key: one connection as seen from one local pod, the same for both of

@@ -8,7 +8,11 @@ second build returns at once and a changed input builds a new image.
 
 Images (names as the pods and upstream e2e suites use them):
 - ``registry.k8s.io/pause:3.10.1``: the sandbox image; agnhost alone, running ``agnhost pause``;
-- ``registry.k8s.io/e2e-test-images/agnhost:2.56``: agnhost on Debian with curl, dig, ip, nc;
+- ``registry.k8s.io/e2e-test-images/agnhost:2.56``: agnhost and ``/coredns`` on Debian with curl, wget, dig,
+  ip, nc, conntrack (the upstream suites exec them in agnhost pods, e.g. ``wget`` to count a Service's
+  backends, ``/coredns`` as a pod's own DNS server);
+- ``registry.k8s.io/e2e-test-images/jessie-dnsutils:1.7``: the upstream DNS specs' second querier (they run
+  ``sh -c`` with dig, getent, hostname, awk in it): the same Debian root filesystem as agnhost;
 - ``docker.io/lab/app:latest``: the lab's per-pod test servers (``ciliary.lab.podserver``) on
   Debian's python3.
 
@@ -38,6 +42,7 @@ from ciliary.lab.nodeconfig import SANDBOX_IMAGE
 from ciliary.lab.ociimage import FileEntry, ImageConfig, LayoutWriter
 
 AGNHOST_IMAGE = "registry.k8s.io/e2e-test-images/agnhost:2.56"
+DNSUTILS_IMAGE = "registry.k8s.io/e2e-test-images/jessie-dnsutils:1.7"
 APP_IMAGE = "docker.io/lab/app:latest"
 DEBIAN_MIRROR = os.environ.get("CILIARY_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 DEBIAN_SECURITY_MIRROR = os.environ.get("CILIARY_DEBIAN_SECURITY_MIRROR", "http://deb.debian.org/debian-security")
@@ -183,7 +188,7 @@ def assemble(reference: str, base: Path | None, files: Sequence[FileEntry], conf
     return BuiltImage(reference, root / "layout", archive)
 
 
-AGNHOST_ROOTFS = ("ca-certificates", "curl", "dnsutils", "iproute2", "netcat-openbsd", "procps")
+AGNHOST_ROOTFS = ("ca-certificates", "conntrack", "curl", "dnsutils", "iproute2", "netcat-openbsd", "procps", "wget")
 APP_ROOTFS = ("python3",)
 
 
@@ -196,10 +201,20 @@ def pause_image(bins: NodeBinaries) -> BuiltImage:
 def agnhost_image(bins: NodeBinaries, suite: str) -> BuiltImage:
     spec = RootfsSpec("debian-agnhost", suite, AGNHOST_ROOTFS)
     base = build_rootfs(spec)
-    return assemble(AGNHOST_IMAGE, base, [FileEntry("/agnhost", source=bins.agnhost, mode=0o755)],
+    # upstream's agnhost image also carries /coredns (the DNS specs run their own server from it)
+    return assemble(AGNHOST_IMAGE, base, [FileEntry("/agnhost", source=bins.agnhost, mode=0o755),
+                                          FileEntry("/coredns", source=bins.coredns, mode=0o755)],
                     ImageConfig(entrypoint=["/agnhost"], cmd=["pause"], env={"PATH": PATH_ENV}),
-                    key_parts=[spec.key(), file_digest(bins.agnhost)],
-                    history=[f"mmdebstrap minbase {suite} + {' '.join(spec.packages)}", "agnhost"])
+                    key_parts=[spec.key(), file_digest(bins.agnhost), file_digest(bins.coredns)],
+                    history=[f"mmdebstrap minbase {suite} + {' '.join(spec.packages)}", "agnhost, coredns"])
+
+
+def dnsutils_image(suite: str) -> BuiltImage:
+    """Debian with dig and getent under the name the upstream DNS specs use (upstream: Debian jessie)."""
+    spec = RootfsSpec("debian-agnhost", suite, AGNHOST_ROOTFS)
+    base = build_rootfs(spec)
+    return assemble(DNSUTILS_IMAGE, base, [], ImageConfig(cmd=["sleep", "infinity"], env={"PATH": PATH_ENV}),
+                    key_parts=[spec.key()], history=[f"mmdebstrap minbase {suite} + {' '.join(spec.packages)}"])
 
 
 def app_image(suite: str) -> BuiltImage:
@@ -217,7 +232,8 @@ def build_all(*, log: bool = True) -> list[BuiltImage]:
     bins = NodeBinaries.discover().require()
     suite = debian_suite()
     built = []
-    for make in (lambda: pause_image(bins), lambda: agnhost_image(bins, suite), lambda: app_image(suite)):
+    for make in (lambda: pause_image(bins), lambda: agnhost_image(bins, suite), lambda: dnsutils_image(suite),
+                 lambda: app_image(suite)):
         t0 = time.monotonic()
         image = make()
         built.append(image)

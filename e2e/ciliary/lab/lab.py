@@ -23,6 +23,7 @@ from pathlib import Path
 from ciliary.lab import cgroups, controlplane, etcdsecurity, kubeletnode, processes, tools, topology
 from ciliary.lab.layout import (
     MAX_NODES,
+    WORLD_DNS_IP,
     WORLD_IP,
     WORLD_TCP_PORTS,
     WORLD_UDP_PORTS,
@@ -123,6 +124,7 @@ class Lab:
                             env=self.child_env())
         self.start_operator(ports)
         self.start_relay(ports)
+        self.start_service_map()
         self.wait_ready(names, seconds=180)
         elapsed = time.monotonic() - t0
         say(f"lab: {len(names)} nodes Ready in {elapsed:.1f} s")
@@ -171,10 +173,16 @@ class Lab:
         self.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
 
     def start_world(self) -> None:
+        world_ns = f"--net={topology.NETNS_DIR / self.layout.world_netns}"
+        if not processes.running_pid(self.layout, "world-dns"):
+            processes.spawn(self.layout, "world-dns", ["nsenter", world_ns, sys.executable, "-m",
+                                                       "ciliary.lab.worlddns", "--address", WORLD_DNS_IP],
+                            env=self.child_env())
         if processes.running_pid(self.layout, "world"):
             return
-        argv = ["nsenter", f"--net={topology.NETNS_DIR / self.layout.world_netns}", sys.executable, "-m",
-                "ciliary.lab.podserver", "--name", "world"]
+        # bound to WORLD_IP only: the DNS server owns port 53 of the world's second address
+        argv = ["nsenter", world_ns, sys.executable, "-m",
+                "ciliary.lab.podserver", "--name", "world", "--bind", WORLD_IP]
         for p in WORLD_TCP_PORTS:
             argv += ["--tcp", str(p)]
         for p in WORLD_UDP_PORTS:
@@ -198,6 +206,8 @@ class Lab:
                 # socket load balancing for every pod of the node (their cgroups live below this one)
                 "--lb-cgroup", str(cgroups.ensure(cgroups.lab_root(self.layout.cgroup_name) / node)),
                 "--hubble-addr", f"127.0.0.1:{self.hubble_port(node)}",
+                # the lab's TTLs are the world DNS server's (seconds), so expiry is observable
+                "--fqdn-min-ttl", "1",
                 *(["--direct-status", "on", "--kubeconfig", str(self.layout.state_dir / "runtime.kubeconfig")]
                   if self.direct_status() else []),
             ], env={**self.child_env(), "CILIARY_AGENT_NETNS": self.layout.node_netns(node),
@@ -235,6 +245,17 @@ class Lab:
                                                "--etcd-endpoints", ports.etcd_endpoint,
                                                *self.etcd_flags(access.OPERATOR_USER), "--refresh", "1"],
                         env=self.child_env())
+
+    def ui_port(self) -> int:
+        """The port of ``ciliary-ui``, the service map (``CILIARY_UI_URL``)."""
+        return self._saved_port(self.layout.state_dir / "ui-port")
+
+    def start_service_map(self) -> None:
+        """``ciliary-ui``: the service map page, a client of the relay like the hubble CLI."""
+        if processes.running_pid(self.layout, "ui"):
+            return
+        processes.spawn(self.layout, "ui", [self.bin("ciliary-ui"), "--listen", f"127.0.0.1:{self.ui_port()}",
+                                            "--server", f"127.0.0.1:{self.relay_port()}"], env=self.child_env())
 
     def start_operator(self, ports: controlplane.Ports) -> None:
         operator = self.bin("ciliary-operator")
@@ -331,8 +352,10 @@ class Lab:
                 f"export ETCDCTL_CERT={root.cert_file}",
                 f"export ETCDCTL_KEY={root.key_file}",
                 f"export LAB_WORLD_IP={WORLD_IP}",
-                # the relay runs in the process lab; the chart does not deploy one yet
-                *([] if self.config().get("real_nodes") else [f"export HUBBLE_SERVER=127.0.0.1:{self.relay_port()}"]),
+                f"export LAB_WORLD_DNS_IP={WORLD_DNS_IP}",
+                # the relay and the service map run in the process lab; the chart deploys neither yet
+                *([] if self.config().get("real_nodes") else [f"export HUBBLE_SERVER=127.0.0.1:{self.relay_port()}",
+                                                              f"export CILIARY_UI_URL=http://127.0.0.1:{self.ui_port()}"]),
                 f"export PATH={Path(sys.executable).parent}:{self.bins.kubectl.parent}:{self.bins.etcdctl.parent}:"
                 f"{tools.built_path('hubble').parent}:{tools.built_path('helm').parent}:$PATH",
                 *self.real_node_env_lines()]

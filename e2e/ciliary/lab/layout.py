@@ -23,6 +23,8 @@ from ciliary.lab import tools
 
 UNDERLAY = ipaddress.IPv4Network("192.0.2.0/24")
 WORLD_IP = "192.0.2.100"
+WORLD_DNS_IP = "192.0.2.53"
+"""The world host's second address: its DNS server (``ciliary.lab.worlddns``), UDP and TCP 53."""
 WORLD_TCP_PORTS = (80, 443, 8080)
 WORLD_UDP_PORTS = (53,)
 MAX_NODES = 80

@@ -9,7 +9,9 @@ gateway process (run in the root namespace) joins them in both directions:
   (``setns`` acts per thread; a socket stays in the namespace it was made in).
 - apiserver → kubelet (exec, logs, port-forward): the apiserver's egress selector sends
   ``cluster`` traffic as HTTP CONNECT over a unix socket; the gateway dials the target address
-  from inside the node namespace that owns it (node IP → namespace), and refuses any other target.
+  from inside the node namespace that owns it (node IP, or a pod address in the node's pod CIDR →
+  namespace: the apiserver's pod and service proxy, ``pods/proxy``, reach pods this way), and refuses
+  any other target.
 
 - pods → apiserver (chart mode): ``--service HOST:PORT=TARGET`` adds a listener on ``HOST:PORT`` in
   every node namespace (the ``kubernetes`` Service's ClusterIP and port, a local address of each node
@@ -19,7 +21,7 @@ gateway process (run in the root namespace) joins them in both directions:
   clients (skaffold, ``ctr push``).
 
 Run: ``python -m ciliary.lab.nodegateway --apiserver-port PORT [--forward PORT] [--service H:P=T] --egress-socket PATH
---node NAME=NETNS=IP ...``. Bytes are copied, never parsed, after the CONNECT head.
+--node NAME=NETNS=IP[=POD_CIDR] ...``. Bytes are copied, never parsed, after the CONNECT head.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import asyncio
 import contextlib
 import ctypes
 import functools
+import ipaddress
 import logging
 import os
 import signal
@@ -62,14 +65,24 @@ class GatewayNode:
     name: str
     netns: str
     ip: str
+    pod_cidr: str = ""  # the node's pods' addresses (empty: none are dialled through it)
 
     @classmethod
     def parse(cls, text: str) -> GatewayNode:
-        name, netns, ip = text.split("=", 2)
-        return cls(name, netns, ip)
+        name, netns, ip, *cidr = text.split("=", 3)
+        return cls(name, netns, ip, *cidr)
 
     def flag(self) -> str:
-        return f"{self.name}={self.netns}={self.ip}"
+        return f"{self.name}={self.netns}={self.ip}" + (f"={self.pod_cidr}" if self.pod_cidr else "")
+
+    def owns(self, host: str) -> bool:
+        """``host`` is this node's address or one of its pods'."""
+        if host == self.ip:
+            return True
+        try:
+            return bool(self.pod_cidr) and ipaddress.ip_address(host) in ipaddress.ip_network(self.pod_cidr)
+        except ValueError:
+            return False
 
 
 def in_netns(netns: str, make: Callable[[], T]) -> T:
@@ -161,7 +174,6 @@ class Gateway:
                  nodes: Sequence[GatewayNode]) -> None:
         self.relays = relays
         self.egress_socket = egress_socket
-        self.netns_by_ip = {n.ip: n.netns for n in nodes}
         self.nodes = list(nodes)
         self.servers: list[asyncio.base_events.Server] = []
 
@@ -196,9 +208,9 @@ class Gateway:
             writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
             writer.close()
             return
-        netns = self.netns_by_ip.get(host)
+        netns = next((n.netns for n in self.nodes if n.owns(host)), None)
         if netns is None:
-            log.warning("egress target not a lab node: %s:%d", host, port)
+            log.warning("egress target neither a lab node nor one of its pods: %s:%d", host, port)
             writer.write(b"HTTP/1.1 403 Forbidden\r\n\r\n")
             writer.close()
             return

@@ -51,14 +51,14 @@ class _Echo(asyncio.DatagramProtocol):
         self.transport.sendto(data, addr)
 
 
-async def serve(name: str, tcp: list[int], udp: list[int]) -> None:
+async def serve(name: str, tcp: list[int], udp: list[int], bind: str = "0.0.0.0") -> None:
     loop = asyncio.get_running_loop()
     servers = []
     for port in tcp:
         servers.append(await asyncio.start_server(
-            lambda r, w: _serve_http(name, r, w), host="0.0.0.0", port=port, reuse_address=True))
+            lambda r, w: _serve_http(name, r, w), host=bind, port=port, reuse_address=True))
     for port in udp:
-        await loop.create_datagram_endpoint(_Echo, local_addr=("0.0.0.0", port))
+        await loop.create_datagram_endpoint(_Echo, local_addr=(bind, port))
     print(f"serving {name}: tcp={tcp} udp={udp}", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -73,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True, help="name to answer with (NAMESPACE/POD)")
     parser.add_argument("--tcp", type=int, action="append", default=[], help="TCP port serving HTTP")
     parser.add_argument("--udp", type=int, action="append", default=[], help="UDP port echoing")
+    parser.add_argument("--bind", default="0.0.0.0", help="address to listen on")
     args = parser.parse_args(argv)
     try:
-        asyncio.run(serve(args.name, args.tcp, args.udp))
+        asyncio.run(serve(args.name, args.tcp, args.udp, args.bind))
     except OSError as exc:
         print(f"cannot serve: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ciliary.lab import controlplane, nodeconfig, nodegateway, pki, processes
 from ciliary.lab.kubeconfigs import write_kubeconfig
-from ciliary.lab.layout import LabLayout, node_index, node_ip
+from ciliary.lab.layout import LabLayout, node_index, node_ip, pod_cidr
 from ciliary.lab.nodebins import NodeBinaries
 
 GATEWAY = "node-gateway"
@@ -76,7 +76,8 @@ def start_gateway(layout: LabLayout, ports: controlplane.Ports, nodes: Sequence[
             *(["--service", f"{nodeconfig.NODE_SERVICES_IP}:443={ports.apiserver}"] if kubernetes_service
               else [])]
     for node in nodes:
-        argv += ["--node", nodegateway.GatewayNode(node, layout.node_netns(node), node_ip(node_index(node))).flag()]
+        argv += ["--node", nodegateway.GatewayNode(node, layout.node_netns(node), node_ip(node_index(node)),
+                                                   pod_cidr(node_index(node))).flag()]
     processes.spawn(layout, GATEWAY, argv, env={"PYTHONUNBUFFERED": "1"})
     log = layout.log_dir / f"{GATEWAY}.log"
     deadline = time.monotonic() + seconds

@@ -70,6 +70,7 @@ SYSTEM_TOOLS: dict[str, str] = {
     "mmdebstrap": "mmdebstrap",
     "promtool": "prometheus",
     "prometheus": "prometheus",
+    "chromium": "chromium",  # the service map's browser test (driven by playwright)
 }
 
 # what `ciliary lab up` runs besides the control plane

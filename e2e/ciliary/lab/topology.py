@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from ciliary.lab.layout import UNDERLAY, WORLD_IP, LabLayout, node_index, node_ip, pod_cidr
+from ciliary.lab.layout import UNDERLAY, WORLD_DNS_IP, WORLD_IP, LabLayout, node_index, node_ip, pod_cidr
 
 NETNS_DIR = Path("/run/netns")
 
@@ -92,6 +92,7 @@ def ensure_world(layout: LabLayout, all_nodes: Sequence[str]) -> None:
     ns = layout.world_netns
     ensure_netns(ns)
     _attach_host(layout, ns, "w0", WORLD_IP)
+    ip("addr", "replace", f"{WORLD_DNS_IP}/{UNDERLAY.prefixlen}", "dev", "eth0", netns=ns)
     for node in all_nodes:
         j = node_index(node)
         ip("route", "replace", pod_cidr(j), "via", node_ip(j), netns=ns)

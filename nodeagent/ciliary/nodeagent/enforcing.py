@@ -109,6 +109,9 @@ class Outcome:
     """time.monotonic() of the last read-back."""
     datapath_problems: tuple[str, ...] = ()
     """What the last check found broken in the kernel (a pin gone, a program detached); empty: healthy."""
+    proxy_problems: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """L7 parser -> why its node-local proxy cannot enforce (empty string: it can). A policy whose
+    entries redirect to a parser listed with a problem is not reported enforcing."""
 
 
 class Enforcer:
@@ -140,6 +143,19 @@ class Enforcer:
         self._invalid = ""
         self._update(wanted=intent)
         return self._request()
+
+    def refresh_intent(self, intent: intents.NodeIntent) -> int:
+        """The same operator intent, re-expanded by the agent (toFQDNs learnt addresses): apply it soon.
+
+        Unlike :meth:`set_intent` it does not clear an invalid-intent error: the newest etcd value
+        is still the one that could not be parsed."""
+        self._update(wanted=intent)
+        return self._request()
+
+    def set_proxy_problems(self, problems: Mapping[str, str]) -> None:
+        """The node-local proxies' state (reported with every policy that needs them)."""
+        if dict(problems) != dict(self.outcome.proxy_problems):
+            self._update(proxy_problems=dict(problems))
 
     def set_invalid(self, message: str) -> None:
         """The newest etcd value could not be parsed: keep enforcing, report the error."""

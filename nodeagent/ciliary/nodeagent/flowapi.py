@@ -161,10 +161,12 @@ def enrich(event: Any, index: IntentIndex, rules_for: Callable[[int], Iterable[i
 
 
 def _l7_fields(event: Any) -> dict[str, Any]:
-    """An L7 flow (``l7_flows.L7Event``): its HTTP request and the rule that allowed it."""
+    """An L7 flow: an HTTP request (``l7_flows.L7Event``) and the rule that allowed it, or a DNS
+    exchange (the DNS proxy's event, whose ``l7`` is already a dict)."""
     http = getattr(event, "http", None)
     if http is None:
-        return {}
+        l7 = getattr(event, "l7", None)
+        return {"l7": l7} if l7 else {}
     rule = getattr(event, "rule", None)
     return {"type": "L7", "l7": {"http": http.as_json()},
             "policy": [rule.model_dump(mode="json")] if rule is not None else []}

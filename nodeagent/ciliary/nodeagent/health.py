@@ -6,7 +6,8 @@
   has been broken for more than ``WATCH_GRACE_S``;
 - ``GET /readyz`` → 200 ``{"node", "ready": true, "problems": []}`` only while the node is
   registered in etcd, the datapath is loaded and healthy, the intent watch works and has read the
-  intent, and the newest intent is applied without error (or there is none); else 503 with
+  intent, the newest intent is applied without error (or there is none) and, with ``--lb-cgroup``,
+  the socket load balancer is attached (a pod started before it would reach no Service); else 503 with
   ``"ready": false`` and the ``problems``. An agent with ``--datapath off`` is never ready;
 - extra routes registered by the caller (the flow API of ``flowapi``).
 
@@ -57,6 +58,8 @@ class EnforcementView:
     wanted_revision: int | None = None
     applied_revision: int | None = None
     apply_error: str = ""
+    lb_not_started: str = ""
+    """Why the socket load balancer (``--lb-cgroup``) is not attached yet; empty: attached or not configured."""
 
 
 def liveness_problems(view: EnforcementView, *, grace: float = WATCH_GRACE_S) -> list[str]:
@@ -88,6 +91,8 @@ def readiness_problems(view: EnforcementView) -> list[str]:
         problems.append(f"intent revision {view.wanted_revision} not applied (applied: {view.applied_revision})")
     if view.apply_error:
         problems.append(f"newest intent not applied: {view.apply_error}")
+    if view.lb_not_started:
+        problems.append(f"socket load balancer: {view.lb_not_started}")
     return problems
 
 

@@ -37,7 +37,7 @@ EMITTER = "Ciliary"
 EVENT_DROP = 1
 EVENT_TRACE = 4
 EVENT_POLICY_VERDICT = 5
-EVENT_ACCESS_LOG = 129
+EVENT_L7 = 129
 """Cilium's monitor type of an L7 (proxy access log) record."""
 TRACE_TO_ENDPOINT = 0
 TRACE_FROM_ENDPOINT = 5
@@ -50,7 +50,7 @@ DROP_CODES: dict[str, int] = {
     "DROP_INVALID_L3": flow_pb2.CT_TRUNCATED_OR_INVALID_HEADER,
     "DROP_UNSUPPORTED_L3": flow_pb2.UNSUPPORTED_L3_PROTOCOL,
     "DROP_SPOOFED_SOURCE": flow_pb2.INVALID_SOURCE_IP,
-    "DROP_PROXY_UNAVAILABLE": flow_pb2.PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL,
+    "DROP_PROXY_UNAVAILABLE": flow_pb2.SOCKET_LOOKUP_FAILED,
 }
 """Ciliary drop reason (``maps.Reason`` name) -> Cilium drop code (``flow.DropReason``)."""
 
@@ -146,14 +146,17 @@ def to_flow(event: Any, index: Any, rules: Iterable[intents.RuleRef], revision: 
         flow.l4.ICMPv6.CopyFrom(flow_pb2.ICMPv6(type=event.sport))
         flow.Summary = f"ICMPv6 type {event.sport}"
     http = getattr(event, "http", None)
+    l7 = getattr(event, "l7", None)
     if http is not None:  # an L7 flow (l7_flows.L7Event): the request the node's proxy judged
         flow.Type = flow_pb2.L7
-        flow.event_type.CopyFrom(flow_pb2.CiliumEventType(type=EVENT_ACCESS_LOG))
+        flow.event_type.CopyFrom(flow_pb2.CiliumEventType(type=EVENT_L7))
         flow.l7.CopyFrom(flow_pb2.Layer7(type=flow_pb2.REQUEST, latency_ns=http.duration_ms * 1_000_000,
                                          http=flow_pb2.HTTP(code=http.code, method=http.method, url=http.url,
                                                             protocol=http.protocol)))
         flow.Summary = f"{http.protocol} {http.method} {http.url} => {http.code}"
         rules = [event.rule] if event.rule is not None else []
+    elif l7 and l7.get("type") == "dns":
+        _dns(flow, l7)
     policies = [policy_of(rule, revision) for rule in rules]
     if policies:
         if not dropped:
@@ -161,3 +164,19 @@ def to_flow(event: Any, index: Any, rules: Iterable[intents.RuleRef], revision: 
         elif reason == "DROP_POLICY_DENY":
             (flow.ingress_denied_by if ingress else flow.egress_denied_by).extend(policies)
     return flow
+
+
+RCODES = {"NOERROR": 0, "FORMERR": 1, "SERVFAIL": 2, "NXDOMAIN": 3, "NOTIMP": 4, "REFUSED": 5}
+
+
+def _dns(flow: flow_pb2.Flow, l7: dict[str, Any]) -> None:
+    """A DNS exchange seen by the node's DNS proxy (``dns_proxy.L7FlowEvent``) as Hubble's ``Flow.l7.dns``."""
+    flow.Type = flow_pb2.L7
+    flow.event_type.CopyFrom(flow_pb2.CiliumEventType(type=EVENT_L7))
+    rcode = str(l7.get("rcode", ""))
+    flow.l7.CopyFrom(flow_pb2.Layer7(
+        type=flow_pb2.RESPONSE, latency_ns=int(float(l7.get("latency_ms", 0)) * 1_000_000),
+        dns=flow_pb2.DNS(query=str(l7.get("query", "")) + ".", ips=list(l7.get("ips", ())),
+                         ttl=int(l7.get("ttl", 0)), observation_source="proxy", rcode=RCODES.get(rcode, 0),
+                         qtypes=[str(l7.get("qtype", ""))], rrtypes=["A"] if l7.get("ips") else [])))
+    flow.Summary = f"DNS Answer {rcode} {l7.get('query', '')} {','.join(l7.get('ips', ()))}".rstrip()

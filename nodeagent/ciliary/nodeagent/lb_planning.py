@@ -6,7 +6,16 @@ never sees a frontend whose slots are not written yet: backends first, then back
 then each frontend's own entry (its count), then deletions (a frontend's own entry before its
 slots), unused backends last. Frontend and backend ids already in the kernel are kept (open
 sockets and affinity entries refer to them); new ids are above every id in use, never reused
-within the maps' lifetime.
+within the maps' lifetime. The NodePorts of the intent's frontends (port, protocol) go to the
+bind guard's map.
+
+North-south (``lb_device``): frontends of kind NodePort, ExternalIP and LoadBalancer carry
+``FLAG_EXTERNAL`` (the device programs serve only those); a backend running on this node
+(``BackendIntent.node`` is the intent's node) carries ``BACKEND_LOCAL`` (reached without SNAT).
+An external frontend whose ``traffic_policy`` is ``Local`` also gets entries of scope
+``SCOPE_EXTERNAL``: the backends of its set that run on this node, ``FLAG_NO_LOCAL`` when there
+are endpoints but none here; its own entry carries ``FLAG_EXT_LOCAL`` and is written after them.
+Socket clients (pods and the host) keep the whole set, as kube-proxy treats pod traffic.
 """
 
 from __future__ import annotations
@@ -15,11 +24,15 @@ import dataclasses
 from collections.abc import Mapping
 from ipaddress import IPv4Address
 
-from ciliary.nodeagent.planning import MapDiff
-from ciliary.operator.services.intent import PROTOCOL_NUMBERS, NodeLBIntent
+from ciliary.nodeagent.planning import MapDiff, diff_map
+from ciliary.operator.services.intent import PROTOCOL_NUMBERS, FrontendKind, NodeLBIntent
 
 FLAG_NO_LOCAL = 0x1
 FLAG_AFFINITY = 0x2
+FLAG_EXTERNAL = 0x4
+FLAG_EXT_LOCAL = 0x8
+BACKEND_LOCAL = 0x1
+SCOPE_EXTERNAL = 1
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -28,6 +41,8 @@ class ServiceKey:
     port: int
     proto: int
     slot: int = 0
+    scope: int = 0
+    """0: every client; ``SCOPE_EXTERNAL``: clients from outside the node (externalTrafficPolicy Local)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,12 +59,22 @@ class Backend:
     address: IPv4Address
     port: int
     proto: int
+    flags: int = 0
+    """``BACKEND_LOCAL``: runs on this node."""
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class NodePortKey:
+    port: int
+    proto: int
 
 
 @dataclasses.dataclass(frozen=True)
 class LBState:
     services: Mapping[ServiceKey, ServiceValue] = dataclasses.field(default_factory=dict)
     backends: Mapping[int, Backend] = dataclasses.field(default_factory=dict)
+    nodeports: Mapping[NodePortKey, int] = dataclasses.field(default_factory=dict)
+    """NodePorts host processes may not bind (value always 1)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +83,11 @@ class LBPlan:
     backend_upserts: MapDiff[int, Backend]
     service_writes: MapDiff[ServiceKey, ServiceValue]
     backend_deletes: MapDiff[int, Backend]
+    nodeport_writes: MapDiff[NodePortKey, int] = dataclasses.field(default_factory=MapDiff)
 
     def __len__(self) -> int:
-        return len(self.backend_upserts) + len(self.service_writes) + len(self.backend_deletes)
+        return (len(self.backend_upserts) + len(self.service_writes) + len(self.backend_deletes)
+                + len(self.nodeport_writes))
 
 
 class LBCapacityError(ValueError):
@@ -72,7 +99,8 @@ class LBCapacityError(ValueError):
 
 
 def desired_state(intent: NodeLBIntent, observed: LBState) -> LBState:
-    fe_ids = {(k.address, k.port, k.proto): v.backend_id for k, v in observed.services.items() if k.slot == 0}
+    fe_ids = {(k.address, k.port, k.proto): v.backend_id for k, v in observed.services.items()
+              if k.slot == 0 and k.scope == 0}
     be_ids = {be: ident for ident, be in observed.backends.items()}
     next_id = max([0, *fe_ids.values(), *be_ids.values()]) + 1
     services: dict[ServiceKey, ServiceValue] = {}
@@ -84,18 +112,33 @@ def desired_state(intent: NodeLBIntent, observed: LBState) -> LBState:
         if ident is None:
             ident = fe_ids[(address, fe.port, proto)] = next_id
             next_id += 1
-        flags = (FLAG_NO_LOCAL if fe.no_local_backends else 0) | (FLAG_AFFINITY if fe.affinity_timeout else 0)
+        external = fe.kind != FrontendKind.CLUSTER_IP
+        ext_local = external and fe.traffic_policy == "Local"
+        flags = ((FLAG_NO_LOCAL if fe.no_local_backends else 0) | (FLAG_AFFINITY if fe.affinity_timeout else 0)
+                 | (FLAG_EXTERNAL if external else 0) | (FLAG_EXT_LOCAL if ext_local else 0))
         services[ServiceKey(address, fe.port, proto, 0)] = ServiceValue(ident, len(fe.backends), flags,
                                                                         fe.affinity_timeout)
+        ids = []
         for slot, be in enumerate(fe.backends, start=1):
-            backend = Backend(IPv4Address(be.address), be.port, proto)
+            backend = Backend(IPv4Address(be.address), be.port, proto,
+                              BACKEND_LOCAL if be.node and be.node == intent.node else 0)
             bid = be_ids.get(backend)
             if bid is None:
                 bid = be_ids[backend] = next_id
                 next_id += 1
             backends[bid] = backend
+            ids.append(bid)
             services[ServiceKey(address, fe.port, proto, slot)] = ServiceValue(bid)
-    return LBState(services, backends)
+        if ext_local:
+            local = [bid for bid in ids if backends[bid].flags & BACKEND_LOCAL]
+            no_local = FLAG_NO_LOCAL if ids and not local else 0
+            services[ServiceKey(address, fe.port, proto, 0, SCOPE_EXTERNAL)] = ServiceValue(
+                ident, len(local), FLAG_EXTERNAL | no_local)
+            for slot, bid in enumerate(local, start=1):
+                services[ServiceKey(address, fe.port, proto, slot, SCOPE_EXTERNAL)] = ServiceValue(bid)
+    nodeports = {NodePortKey(fe.port, PROTOCOL_NUMBERS[fe.protocol]): 1
+                 for fe in intent.frontends if fe.kind == FrontendKind.NODE_PORT}
+    return LBState(services, backends, nodeports)
 
 
 def plan(intent: NodeLBIntent, observed: LBState, *, services_size: int, backends_size: int) -> LBPlan:
@@ -107,8 +150,11 @@ def plan(intent: NodeLBIntent, observed: LBState, *, services_size: int, backend
         raise LBCapacityError("cy_lb4_be", peak, backends_size)
     be_up = {k: v for k, v in sorted(desired.backends.items()) if observed.backends.get(k) != v}
     changed = {k: v for k, v in desired.services.items() if observed.services.get(k) != v}
-    svc_up = dict(sorted(changed.items(), key=lambda kv: (kv[0].slot == 0, kv[0])))
+    # slots before the entries that count them; an external scope's own entry before the
+    # frontend's (whose FLAG_EXT_LOCAL sends external clients to it)
+    svc_up = dict(sorted(changed.items(), key=lambda kv: (kv[0].slot == 0, kv[0].scope == 0, kv[0])))
     gone = [k for k in observed.services if k not in desired.services]
-    svc_del = tuple(sorted(gone, key=lambda k: (k.slot != 0, k)))
+    svc_del = tuple(sorted(gone, key=lambda k: (k.slot != 0, k.scope, k)))
     be_del = tuple(sorted(k for k in observed.backends if k not in desired.backends))
-    return LBPlan(desired, MapDiff(be_up, ()), MapDiff(svc_up, svc_del), MapDiff({}, be_del))
+    return LBPlan(desired, MapDiff(be_up, ()), MapDiff(svc_up, svc_del), MapDiff({}, be_del),
+                  diff_map(observed.nodeports, desired.nodeports))

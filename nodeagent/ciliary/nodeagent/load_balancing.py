@@ -6,41 +6,58 @@ thread, follows ``/ciliary/lbintents/v1/<node>`` with an ``IntentWatcher`` and a
 version in order. A failed start is retried with a bounded back-off; a failed apply (a map full,
 a write refused) keeps the previous contents (the engine undoes partial writes) and is reported
 in ``GET /v1/services`` and by ``ciliary service list``. :meth:`document` reads the kernel's maps.
+The intent's health-check node ports and kube-proxy's health port are served by
+``service_health.HealthPorts``; they report the load balancer healthy only while the kernel's
+maps hold the latest intent. With external devices (``--lb-devices``, default auto) the engine's
+maps also serve clients outside the node: ``datapath.lb_device.DeviceLB`` attaches tc programs to
+those devices once the socket programs are attached, in a worker of its own (a device that cannot
+be chosen or attached is retried with a bounded back-off and shown as ``north_south.error``); the
+health answers count the load balancer healthy only once they are attached.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from ciliary.nodeagent import lb_planning, watching
+from ciliary.nodeagent import lb_planning, service_health, watching
 from ciliary.nodeagent.datapath import errors as dp_errors
-from ciliary.nodeagent.datapath import lb_engine
+from ciliary.nodeagent.datapath import lb_device, lb_engine
 from ciliary.operator.services.intent import NodeLBIntent, parse_lb_intent
 from ciliary.operator.store import keyspace
 
 log = logging.getLogger(__name__)
 
-APPLY_ERRORS = (OSError, dp_errors.DatapathError, lb_planning.LBCapacityError)
+APPLY_ERRORS = (OSError, dp_errors.DatapathError, lb_planning.LBCapacityError, lb_device.DeviceSelectionError)
 
 
 class LoadBalancing:
     def __init__(self, node: str, *, cgroup: Path, bpffs: Path,
-                 client_factory: Callable[[], watching.WatchClient]) -> None:
+                 client_factory: Callable[[], watching.WatchClient], netns: str | None = None,
+                 devices: tuple[str, ...] | None = None, proxy_healthz: tuple[str, int] | None = None) -> None:
+        """``devices``: the external devices (None: auto; (): no north-south load balancing)."""
         self.node = node
-        self.engine = lb_engine.SocketLB(node, cgroup=cgroup, bpffs=bpffs)
+        self.engine = lb_engine.SocketLB(node, cgroup=cgroup, bpffs=bpffs, netns=netns)
+        self.devices = None if devices == () else lb_device.DeviceLB(node, devices=devices, bpffs=bpffs, netns=netns)
+        self.devices_error = ""
+        self._device_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="device-lb")
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="socket-lb")
         self.started = asyncio.Event()
         self.wanted: NodeLBIntent | None = None
         self.applied: NodeLBIntent | None = None
         self.error = ""
         self.applies = 0
+        self.last_applied: float | None = None
+        self.ports = service_health.HealthPorts(node, netns=netns, health=self.health, clock=time.time,
+                                                proxy_healthz=proxy_healthz)
         self.watcher = watching.IntentWatcher(
             node=node, client_factory=client_factory, on_intent=self._on_intent, on_invalid=self._on_invalid,
             on_deleted=self._on_deleted, key=keyspace.node_lb_intent_key(node), parse=parse_lb_intent)
@@ -48,7 +65,13 @@ class LoadBalancing:
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    def health(self) -> service_health.ProxyHealth:
+        healthy = (self.started.is_set() and not self.error and self.applied is not None
+                   and self.applied == self.wanted and (self.devices is None or self.devices.started))
+        return service_health.ProxyHealth(healthy=healthy, last_updated=self.last_applied)
+
     async def run(self, stop: asyncio.Event) -> None:
+        await self.ports.start()
         delay = 0.5
         while not stop.is_set():
             try:
@@ -67,10 +90,36 @@ class LoadBalancing:
         self.started.set()
         if self.wanted is not None:
             await self._apply(self.wanted)
-        await self.watcher.run(stop)
+        devices = asyncio.create_task(self._start_devices(stop)) if self.devices is not None else None
+        try:
+            await self.watcher.run(stop)
+        finally:
+            if devices is not None:
+                devices.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await devices
+
+    async def _start_devices(self, stop: asyncio.Event) -> None:
+        """Attach the north-south programs (own worker: compiling them does not hold up map updates)."""
+        assert self.devices is not None
+        delay = 0.5
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            try:
+                await loop.run_in_executor(self._device_executor, self.devices.start, self.engine.context)
+                self.devices_error = ""
+                return
+            except APPLY_ERRORS as exc:
+                self.devices_error = f"north-south load balancer not started: {exc}"
+                log.error("North-south load balancer failed to start", extra={"node": self.node, "error": str(exc)})
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except TimeoutError:
+                    delay = min(delay * 2, 10.0)
 
     async def _on_intent(self, intent: NodeLBIntent, mod_revision: int) -> None:
         self.wanted = intent
+        await self.ports.reconcile(intent.health_checks)
         if self.started.is_set():
             await self._apply(intent)
 
@@ -84,6 +133,7 @@ class LoadBalancing:
             return
         self.applied, self.error = intent, ""
         self.applies += 1
+        self.last_applied = time.time()
         log.info("Load-balancing intent applied", extra={
             "node": self.node, "frontends": result.frontends, "backends": result.backends,
             "map_writes": result.map_writes})
@@ -101,10 +151,22 @@ class LoadBalancing:
         state = await self.call(self.engine.observe)
         doc = lb_engine.document(self.node, state, self.applied, self.error)
         doc["in_sync"] = self.applied is not None and self.applied == self.wanted
+        doc["health_checks"] = self.ports.document()
+        doc["north_south"] = None
+        if self.devices is not None:
+            doc["north_south"] = {"devices": [], "counters": {}, "nat_entries": 0, "error": self.devices_error or
+                                  "not attached yet"}
+            if self.devices.started:
+                doc["north_south"] = {**await asyncio.get_running_loop().run_in_executor(
+                    self._device_executor, self.devices.document), "error": ""}
         return doc
 
     async def close(self) -> None:
+        await self.ports.close()
         await self.call(self.engine.close)
+        if self.devices is not None:
+            await asyncio.get_running_loop().run_in_executor(self._device_executor, self.devices.close)
+        self._device_executor.shutdown(wait=True)
         self._executor.shutdown(wait=True)
 
 

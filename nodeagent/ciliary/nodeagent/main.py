@@ -36,6 +36,7 @@ from aiohttp import web
 
 from ciliary.nodeagent import (
     datapath_api,
+    dns_service,
     endpoint_api,
     endpoints,
     enforcing,
@@ -79,14 +80,22 @@ class Agent:
                 config.node_name, netns=config.netns, run_dir=config.state_dir / "envoy",
                 admin_socket=config.socket_path.parent / "envoy-admin.sock", port=config.proxy_port,
                 binary=envoy_proxy.envoy_binary(config.envoy), publish=self.flows.publish)
+        self.dns: dns_service.DNSService | None = None
         if config.datapath and config.lb_cgroup is not None:
-            self.lb = load_balancing.LoadBalancing(config.node_name, cgroup=config.lb_cgroup,
-                                                   bpffs=config.bpffs_dir, client_factory=self._lb_watch_client)
+            self.lb = load_balancing.LoadBalancing(
+                config.node_name, cgroup=config.lb_cgroup, bpffs=config.bpffs_dir,
+                client_factory=self._lb_watch_client, netns=config.netns or None,
+                devices=config.lb_devices,
+                proxy_healthz=settings.parse_host_port(config.proxy_healthz_addr) if config.proxy_healthz_addr
+                else None)
         if config.datapath:
             self.datapath = (datapath_factory or make_datapath)(config)
             self.enforcer = enforcing.Enforcer(node=config.node_name, datapath=self.datapath,
                                                registry=self.registry, on_outcome=self._on_outcome)
             self.registry.subscribe(self.enforcer.on_endpoint_event)
+            dns = self.dns = dns_service.DNSService(config, self.enforcer, self.flows.publish)
+            if hasattr(self.datapath, "proxy_ports"):  # the fakes of unit tests have none
+                self.datapath.proxy_ports = dict(dns.proxy_ports)
             self.watcher = watching.IntentWatcher(
                 node=config.node_name, client_factory=self._watch_client, on_intent=self._on_intent,
                 on_invalid=self._on_invalid, on_deleted=self._on_deleted)
@@ -114,7 +123,10 @@ class Agent:
         assert self.enforcer is not None
         log.info("Node intent received", extra={"node": self.config.node_name, "revision": intent.revision,
                                                 "mod_revision": mod_revision, "endpoints": len(intent.endpoints)})
-        self.enforcer.set_intent(intent)
+        if self.dns is not None:
+            self.dns.on_intent(intent)
+        else:
+            self.enforcer.set_intent(intent)
 
     async def _on_invalid(self, message: str, mod_revision: int) -> None:
         assert self.enforcer is not None
@@ -154,13 +166,16 @@ class Agent:
                 "last_compiled": list(o.last_compiled), "last_map_writes": o.last_map_writes,
                 "last_attached": o.last_attached, "endpoints": o.endpoints, "unplaced": list(o.unplaced),
                 "program_hashes": dict(o.program_hashes), "load_balancing": self.lb_status(),
-                "l7_proxy": self.proxy.status() if self.proxy is not None else None}
+                "l7_proxy": self.proxy.status() if self.proxy is not None else None,
+                "proxies": dict(o.proxy_problems)}
 
     def lb_status(self) -> dict[str, object] | None:
         """The socket load balancer's state (None: not configured, no --lb-cgroup)."""
         if self.lb is None:
             return None
         return {"started": self.lb.started.is_set(), "error": self.lb.error, "applies": self.lb.applies,
+                "devices": [d.name for d in self.lb.devices.devices] if self.lb.devices else [],
+                "devices_error": self.lb.devices_error,
                 "in_sync": self.lb.applied is not None and self.lb.applied == self.lb.wanted}
 
     def health_view(self) -> health.EnforcementView:
@@ -175,13 +190,18 @@ class Agent:
             watch_broken_for=None if broken is None else time.monotonic() - broken,
             wanted_revision=o.wanted.revision if o.wanted else None,
             applied_revision=o.applied.revision if o.applied else None,
-            apply_error=o.error if o.started else "")
+            apply_error=o.error if o.started else "",
+            lb_not_started=(self.lb.error or "not attached yet") if self.lb and not self.lb.started.is_set() else "")
 
     def _routes(self, app: web.Application) -> None:
         async def enforcement(_request: web.Request) -> web.Response:
             return web.json_response(self.enforcement())
 
+        async def dns(_request: web.Request) -> web.Response:
+            return web.json_response(self.dns.view() if self.dns is not None else {"port": 0, "running": False})
+
         app.router.add_get("/v1/enforcement", enforcement)
+        app.router.add_get("/v1/dns", dns)
 
     async def _run_flows(self) -> None:
         """Once the datapath runs: attach its flow reader to the loop and pump events into the hub."""
@@ -234,6 +254,8 @@ class Agent:
                          asyncio.create_task(self.watcher.run(self.stop), name="watcher"),
                          asyncio.create_task(self.reporter.run(self.stop), name="reporter"),
                          asyncio.create_task(self._run_flows(), name="flows")]
+                if self.dns is not None:
+                    tasks.append(asyncio.create_task(self.dns.run(self.stop), name="dns"))
             if self.lb is not None:
                 tasks.append(asyncio.create_task(self.lb.run(self.stop), name="load-balancing"))
             if self.proxy is not None:

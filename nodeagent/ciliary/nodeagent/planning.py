@@ -92,6 +92,8 @@ class PolicyValue:
 
     cookie: int
     flags: int = 0
+    proxy_port: int = 0
+    """!= 0: matching packets go to the node-local proxy on this port (egress entries only)."""
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -189,12 +191,31 @@ def entry_keys(ep_id: int, direction: MapDirection, entry: intents.PolicyEntry) 
 PolicyMap = dict[PolicyKey, PolicyValue]
 
 
-def direction_maps(ep_id: int, direction: MapDirection, policy: intents.DirectionPolicy) -> tuple[PolicyMap, PolicyMap]:
+ProxyPorts = Mapping[str, int]
+"""L7 parser (``PolicyEntry.l7_parser``: "dns", "http", ...) -> port of the node-local proxy running it."""
+
+
+def proxy_port_of(direction: MapDirection, entry: intents.PolicyEntry, proxy_ports: ProxyPorts) -> int:
+    """The proxy port an allow entry redirects to (0: none).
+
+    Only egress entries redirect (``bpf_sk_assign`` works at tc ingress of the host veth,
+    which is the pod's egress); only entries flagged ``l7_redirect`` whose parser has a
+    running proxy. An entry whose parser has no proxy here stays a plain L3/L4 allow
+    (the operator reports that part as not enforced).
+    """
+    if direction is not MapDirection.EGRESS or not entry.l7_redirect or entry.l7_parser is None:
+        return 0
+    return proxy_ports.get(entry.l7_parser, 0)
+
+
+def direction_maps(ep_id: int, direction: MapDirection, policy: intents.DirectionPolicy,
+                   proxy_ports: ProxyPorts | None = None) -> tuple[PolicyMap, PolicyMap]:
     """(allow, deny) map contents of one endpoint direction.
 
     Several entries may share a key (same verdict map): the smallest cookie wins, so
     the contents do not depend on entry order; the HTTP redirect flag stays only if every
-    entry of the key has it (an L4 allow wins over HTTP rules).
+    entry of the key has it (an L4 allow wins over HTTP rules); a redirecting egress entry
+    beats a plain one only through its cookie (the operator never emits both for one key).
     """
     allow: PolicyMap = {}
     deny: PolicyMap = {}
@@ -202,7 +223,9 @@ def direction_maps(ep_id: int, direction: MapDirection, policy: intents.Directio
         is_deny = entry.verdict is intents.Verdict.DENY
         target = deny if is_deny else allow
         http = not is_deny and direction is MapDirection.INGRESS and entry.http is not None
-        value = PolicyValue(rule_cookie(entry.rules), POLICY_DENY if is_deny else (POLICY_HTTP if http else 0))
+        port = 0 if is_deny else proxy_port_of(direction, entry, proxy_ports or {})
+        value = PolicyValue(rule_cookie(entry.rules), POLICY_DENY if is_deny else (POLICY_HTTP if http else 0),
+                            port)
         for key in entry_keys(ep_id, direction, entry):
             old = target.get(key)
             if old is None or value.cookie < old.cookie:
@@ -322,7 +345,7 @@ def allocate_endpoint_ids(wanted: Iterable[IPv4Address],
 
 
 def desired_maps(intent: intents.NodeIntent, ids: Mapping[IPv4Address, int],
-                 veths: Mapping[IPv4Address, HostVeth]) -> tuple[
+                 veths: Mapping[IPv4Address, HostVeth], proxy_ports: ProxyPorts | None = None) -> tuple[
                      dict[IPv4Network, IpcacheValue], dict[IPv4Address, EndpointValue], PolicyMap, PolicyMap]:
     ipcache = {IPv4Network(e.cidr): IpcacheValue(e.identity) for e in intent.ipcache}
     endpoints: dict[IPv4Address, EndpointValue] = {}
@@ -335,7 +358,7 @@ def desired_maps(intent: intents.NodeIntent, ids: Mapping[IPv4Address, int],
         ep_id = ids[ip]
         own_deny: PolicyMap = {}
         for direction in intents.Direction:
-            a, d = direction_maps(ep_id, MapDirection.of(direction), endpoint.direction(direction))
+            a, d = direction_maps(ep_id, MapDirection.of(direction), endpoint.direction(direction), proxy_ports)
             allow.update(a)
             own_deny.update(d)
         deny.update(own_deny)
@@ -372,17 +395,18 @@ def deny_flag_steps(observed: Mapping[IPv4Address, EndpointValue],
 
 
 def plan(desired: intents.NodeIntent, observed: DatapathState, *, programs: Mapping[str, str],
-         veths: Mapping[IPv4Address, HostVeth]) -> Plan:
+         veths: Mapping[IPv4Address, HostVeth], proxy_ports: ProxyPorts | None = None) -> Plan:
     """The changes that make ``observed`` enforce ``desired``.
 
     ``programs`` maps each hook to the sha256 of its program rendered for this node;
-    ``veths`` is the endpoint registry: pod IPv4 -> its host-side veth.
+    ``veths`` is the endpoint registry: pod IPv4 -> its host-side veth; ``proxy_ports``
+    the node-local proxies running (:func:`proxy_port_of`).
     """
     compile_hooks = tuple(h for h in HOOKS if programs[h] != observed.programs.get(h))
     intent_ips = {IPv4Address(e.ipv4) for e in desired.endpoints}
     placed = sorted(ip for ip in intent_ips if ip in veths)
     ids = allocate_endpoint_ids(placed, observed.endpoints)
-    ipcache, endpoints, allow, deny = desired_maps(desired, ids, veths)
+    ipcache, endpoints, allow, deny = desired_maps(desired, ids, veths, proxy_ports)
     # every write but the last carries the revision the kernel already shows (0 for a new endpoint);
     # the stamps, written last, say "every write of this revision is done" (see write_order)
     unstamped = {ip: dataclasses.replace(v, revision=observed.endpoints[ip].revision if ip in observed.endpoints

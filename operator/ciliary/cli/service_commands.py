@@ -2,6 +2,7 @@
 
 Read from the LB maps by each node's agent (``GET /v1/services``), never from the operator's
 intent: a node whose agent cannot be read is listed with the reason and the command exits 2.
+Health-check node ports (``externalTrafficPolicy: Local``) follow with what they answer now.
 Service problems (a targetPort naming no container port, a NodePort outside the range, more
 backends than a frontend holds) are printed after the frontends, as the operator published them.
 """
@@ -68,6 +69,22 @@ def render_text(node: str, doc: dict[str, Any] | str) -> list[str]:
                 "(none: refused)"
         extra = f"  [affinity {fe['affinity_timeout']}s]" if "affinity" in fe["flags"] else ""
         lines.append(f"  {fe['id']:>4}  {frontend:<24} {fe['service'] + ' ' + fe['kind']:<28} {backends}{extra}")
+        if "external_backends" in fe:
+            ext = ", ".join(f"{b['slot']}) {b['address']}:{b['port']}" for b in fe["external_backends"]) or (
+                "(none: dropped, no local backend)" if "no-local-backends" in fe.get("external_flags", [])
+                else "(none: dropped)")
+            lines.append(f"  {'':>4}  {'':<24} {'  from outside (Local):':<28} {ext}")
+    for hc in doc.get("health_checks", []):
+        answer = f"answers {hc['status']}" if hc["serving"] else f"not served: {hc['error']}"
+        lines.append(f"  health-check :{hc['port']}  {hc['service']}  local endpoints {hc['local_endpoints']}, "
+                     f"{answer}")
+    ns = doc.get("north_south")
+    if ns and ns.get("error"):
+        lines.append(f"  north-south: {ns['error']}")
+    elif ns:
+        devices = ", ".join(f"{d['name']} (SNAT {d['snat_address']})" for d in ns["devices"]) or "none found"
+        counted = ", ".join(f"{k} {v}" for k, v in ns["counters"].items() if v)
+        lines.append(f"  north-south on {devices}; packets: {counted or 'none yet'}")
     for p in doc.get("problems", []):
         lines.append(f"  error: {p['service']}: {p['reason']}: {p['message']}")
     if doc.get("error"):

@@ -101,6 +101,16 @@ class HttpRule(_Frozen):
     host: str = Field(default="", description="Regex over the whole host (:authority); empty: any.")
     headers: tuple[str, ...] = Field(default=(), description='"Name" or "Name: value", all required.')
     rule: RuleRef | None = Field(default=None, description="The policy rule this HTTP rule belongs to.")
+L7Parser = Literal["dns", "http", "kafka", "l7proto"]
+"""Which L7 rules a redirecting entry carries, i.e. which node-local proxy must see its traffic."""
+
+
+class DNSRule(_Frozen):
+    """One ``rules.dns`` item: exactly one of the two is set (``dns_names`` matches them)."""
+
+    match_name: str | None = Field(default=None, description="A fully qualified name, compared case-blind.")
+    match_pattern: str | None = Field(default=None, description="A name where `*` stands for any run of "
+                                                                "characters other than a dot; `*` alone is any name.")
 
 
 class PolicyEntry(_Frozen):
@@ -112,7 +122,11 @@ class PolicyEntry(_Frozen):
     port_high: int = Field(default=0, ge=0, le=65535, description="Last destination port (inclusive).")
     icmp_type: int | None = Field(default=None, ge=0, le=255, description="ICMP type for ICMP entries.")
     verdict: Verdict = Field(description="allow or deny.")
-    l7_redirect: bool = Field(default=False, description="The port rule has L7 rules (any kind).")
+    l7_redirect: bool = Field(default=False, description="Matching traffic goes through the node's L7 proxy "
+                                                           "for l7_parser (allow entries only).")
+    l7_parser: L7Parser | None = Field(default=None, description="The L7 rules' kind when l7_redirect is set.")
+    dns: tuple[DNSRule, ...] = Field(default=(), description="l7_parser dns: the names a query may ask for "
+                                                             "(any rule matching allows it).")
     http: tuple[HttpRule, ...] | None = Field(
         default=None, description="Ingress HTTP entries: connections are redirected to the node's HTTP proxy, "
                                   "which allows only requests matching one of these rules (None: no redirect).")
@@ -205,6 +219,12 @@ class NodeIntent(_Frozen):
         default_factory=dict, description="Identity -> its labels, for flows and explain."
     )
     policies: tuple[PolicyRef, ...] = Field(default=(), description="Policies selecting local endpoints.")
+    fqdn_selectors: Mapping[int, DNSRule] = Field(
+        default_factory=dict,
+        description="toFQDNs selector identity -> its matchName/matchPattern. Entries name these identities as "
+                    "peers; no address has one in the ipcache: the agent gives each address learnt from a DNS "
+                    "answer its own node-local identity and copies, per endpoint that resolved the name, the "
+                    "entries of every selector the name matches (ciliary.nodeagent.fqdn_expansion).")
 
     def content_hash(self) -> str:
         """Hash of everything but the revision: unchanged content is never rewritten."""

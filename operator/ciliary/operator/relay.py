@@ -11,7 +11,8 @@ Peers: the agents' registration records in etcd (``observerAddr``), re-read ever
 - ``observer.Observer/GetFlows``: the request (validated here first: a malformed filter is
   INVALID_ARGUMENT before any node is asked) goes to every node; without ``follow`` the answers
   are merged in time order (``number`` is per node, as with Hubble Relay); with ``follow`` every node's
-  stream is forwarded as it arrives (history per node first). A node that cannot be reached is
+  stream is forwarded as it arrives (history per node first), and a node that joins while a client
+  follows is followed from then on. A node that cannot be reached is
   reported in-stream as a ``node_status`` NODE_UNAVAILABLE event and the others still answer;
 - ``ServerStatus`` (sums, connected and unavailable nodes), ``GetNodes``, ``GetNamespaces`` (union);
 - ``peer.Peer/Notify`` (every node, then changes) and ``grpc.health.v1.Health``.
@@ -38,6 +39,8 @@ from ciliary.operator.store.etcdclient import EtcdConfigError, EtcdStore, connec
 
 log = logging.getLogger("ciliary.relay")
 CALL_TIMEOUT_S = 5.0
+PEERS_CHANGED = "peers-changed"
+"""Queued by a following GetFlows when the peer set changes."""
 
 
 class Peers:
@@ -113,7 +116,8 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
             for response in relay_merge.merge_history(answers.values()):
                 yield response
             return
-        queue: asyncio.Queue[observer_pb2.GetFlowsResponse | BaseException | None] = asyncio.Queue(maxsize=4096)
+        queue: asyncio.Queue[observer_pb2.GetFlowsResponse | BaseException | str | None] = asyncio.Queue(
+            maxsize=4096)
 
         async def pump(name: str, address: str) -> None:
             try:
@@ -126,22 +130,44 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
                     await queue.put(unavailable_event([name], exc.details() or exc.code().name))
             await queue.put(None)  # this node's stream ended (``until`` passed, or the node went away)
 
-        tasks = [asyncio.create_task(pump(n, a)) for n, a in peers.items()]
-        running = len(tasks)
+        async def watch_peers() -> None:
+            """Wake the loop below whenever the peer set changes: nodes that join later are followed too."""
+            while True:
+                async with self.peers.changed:
+                    await self.peers.changed.wait()
+                await queue.put(PEERS_CHANGED)
+
+        streams: dict[tuple[str, str], asyncio.Task[None]] = {}
+
+        def start_new(current: dict[str, str]) -> int:
+            started = 0
+            for name, address in current.items():
+                task = streams.get((name, address))
+                if task is None or task.done():
+                    streams[(name, address)] = asyncio.create_task(pump(name, address))
+                    started += 1
+            return started
+
+        running = start_new(peers)
+        watcher = asyncio.create_task(watch_peers())
         try:
             while running:
                 item = await queue.get()
                 if item is None:
                     running -= 1
                     continue
+                if isinstance(item, str):  # PEERS_CHANGED
+                    running += start_new(dict(self.peers.current))
+                    continue
                 if isinstance(item, BaseException):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(item))
                     return
                 yield item
         finally:
-            for task in tasks:
+            watcher.cancel()
+            for task in streams.values():
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(watcher, *streams.values(), return_exceptions=True)
 
     async def ServerStatus(self, request: observer_pb2.ServerStatusRequest,
                            context: grpc.aio.ServicerContext) -> observer_pb2.ServerStatusResponse:

@@ -133,3 +133,25 @@ def test_a_revoked_allow_cuts_the_known_connection_at_its_next_forward_packet(en
     env.apply(DirectionPolicy(enforced=True))  # b's ingress now allows nothing
     assert env.a_to_b(ACK) == (TC_ACT_OK, TC_ACT_SHOT)
     assert env.b_to_a(ACK) == (TC_ACT_OK, TC_ACT_OK), "replies of the connection still pass b's egress"
+
+
+def test_a_gone_endpoints_entries_are_removed_and_its_address_reused_passes_nothing_as_a_reply(env: Env) -> None:
+    env.a_to_b(SYN)
+    env.b_to_a(SYN_ACK)
+    assert len(env.entries()) == 2
+    a, b = env.topo.pods
+    # b goes away: its entry goes with it; a's (an endpoint still) stays
+    env.revision += 1
+    only_a = intents.NodeIntent(node=env.dp.node, revision=env.revision, endpoints=(
+        intents.EndpointIntent(namespace="t", pod="a", ipv4=a.ip, identity=ID_A),))
+    env.dp.apply(only_a, {a.ip: planning.HostVeth(a.host_ifname, a.host_ifindex)})
+    assert list(env.entries()) == [(env.a, env.b, SPORT, DPORT, TCP)]
+    # a new pod gets b's address (another endpoint, egress enforced, nothing allowed): the old
+    # connection's "reply" from it is a new connection now, judged by its policy and dropped
+    env.revision += 1
+    newcomer = intents.NodeIntent(node=env.dp.node, revision=env.revision, endpoints=(
+        intents.EndpointIntent(namespace="t", pod="a", ipv4=a.ip, identity=ID_A),
+        intents.EndpointIntent(namespace="t", pod="b2", ipv4=b.ip, identity=ID_B,
+                               egress=DirectionPolicy(enforced=True))))
+    env.dp.apply(newcomer, {p.ip: planning.HostVeth(p.host_ifname, p.host_ifindex) for p in env.topo.pods})
+    assert env.b_to_a(SYN_ACK)[0] == TC_ACT_SHOT

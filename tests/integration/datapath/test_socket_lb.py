@@ -341,3 +341,48 @@ def test_random_intents_behave_as_written_in_the_kernel(lb: lb_engine.SocketLB, 
                 assert line == f"peer {VIP}:{port}" and len(hits) == 1 and hits[0] in idx, (shape, line, hits)
 
     check()
+
+
+def bind_in_cgroup(engine: lb_engine.SocketLB, port: int, *, kind: int = socket.SOCK_STREAM,
+                   own_netns: bool = False) -> str:
+    """bind(0.0.0.0:port) from a child in the cgroup (optionally in a network namespace of its own)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            (engine.cgroup / "cgroup.procs").write_text(str(os.getpid()))
+            if own_netns:
+                import ctypes
+                if ctypes.CDLL(None, use_errno=True).unshare(0x40000000) != 0:  # CLONE_NEWNET: like a pod
+                    raise OSError(ctypes.get_errno(), "unshare")
+            s = socket.socket(socket.AF_INET, kind)
+            try:
+                s.bind(("0.0.0.0", port))
+                result = "bound"
+            except OSError as exc:
+                result = f"error {exc.errno}"
+            s.close()
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            result = f"crash {exc!r}"
+        os.write(write, result.encode())
+        os._exit(0)
+    os.close(write)
+    out = os.read(read, 4096).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    return out
+
+
+def test_host_processes_cannot_bind_a_nodeport_and_pods_can(lb: lb_engine.SocketLB) -> None:
+    nodeport = FrontendIntent(service="default/web", kind=FrontendKind.NODE_PORT, address="192.0.2.250",
+                              port=31234, protocol="TCP")
+    lb.apply(NodeLBIntent(node=NODE, frontends=(nodeport,)))
+    try:
+        assert bind_in_cgroup(lb, 31234) == f"error {errno.EADDRINUSE}"
+        assert bind_in_cgroup(lb, 31234, kind=socket.SOCK_DGRAM) == "bound"  # a TCP NodePort only
+        assert bind_in_cgroup(lb, 31235) == "bound"
+        assert bind_in_cgroup(lb, 31234, own_netns=True) == "bound"  # a pod's namespace is its own
+    finally:
+        lb.apply(NodeLBIntent(node=NODE))
+    assert bind_in_cgroup(lb, 31234) == "bound"  # the Service is gone: the port is free again

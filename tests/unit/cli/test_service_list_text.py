@@ -24,3 +24,29 @@ def test_rendering_names_refusal_drop_affinity_and_problems() -> None:
     assert "error: ns/bad: NodePortOutOfRange" in text
     assert service_commands.render_text("node-2", "no agent is registered") == [
         "node-2: cannot read the load balancer: no agent is registered"]
+
+
+def test_rendering_shows_health_check_ports_and_why_one_is_not_served() -> None:
+    doc = {"node": "node-1", "error": "", "frontends": [], "problems": [], "health_checks": [
+        {"service": "ns/web", "port": 32000, "local_endpoints": 2, "serving": True, "status": 200, "error": ""},
+        {"service": "ns/db", "port": 32001, "local_endpoints": 0, "serving": False, "status": None,
+         "error": "listening socket 0.0.0.0:32001 in netns n1: Address already in use"}]}
+    text = "\n".join(service_commands.render_text("node-1", doc))
+    assert "health-check :32000  ns/web  local endpoints 2, answers 200" in text
+    assert "health-check :32001  ns/db  local endpoints 0, not served: listening socket" in text
+
+
+def test_rendering_shows_the_external_local_set_and_the_north_south_devices() -> None:
+    doc = {"node": "node-2", "error": "", "problems": [], "frontends": [
+        {"id": 7, "address": "192.0.2.12", "port": 30182, "protocol": "TCP", "service": "ns/one", "kind": "NodePort",
+         "flags": ["external", "external-local"], "affinity_timeout": 0,
+         "backends": [{"slot": 1, "id": 3, "address": "10.244.1.5", "port": 8080}],
+         "external_backends": [], "external_flags": ["no-local-backends", "external"]}],
+        "north_south": {"devices": [{"name": "eth0", "ifindex": 2, "snat_address": "192.0.2.12"}],
+                        "counters": {"new": 3, "reply": 9, "no-backend": 0}, "nat_entries": 6, "error": ""}}
+    text = "\n".join(service_commands.render_text("node-2", doc))
+    assert "1) 10.244.1.5:8080" in text  # socket clients on the node keep the whole set
+    assert "from outside (Local):" in text and "(none: dropped, no local backend)" in text
+    assert "north-south on eth0 (SNAT 192.0.2.12); packets: new 3, reply 9" in text
+    pending = {**doc, "north_south": {"devices": [], "counters": {}, "nat_entries": 0, "error": "not attached yet"}}
+    assert "  north-south: not attached yet" in service_commands.render_text("node-2", pending)

@@ -119,7 +119,18 @@ def test_conformance_focus_list_and_junit_summary() -> None:
     focus = conformance.parse_focus((ROOT / "e2e" / "conformance.txt").read_text())
     assert focus.focus and all(f.startswith(r"\[sig-network\]") for f in focus.focus)
     assert focus.skip == (r"\[Disruptive\]|\[Serial\]|\[Slow\]|\[Flaky\]",)
+    # ginkgo reports a spec the focus did not select as skipped with the bare message "skipped", one that
+    # skipped itself as "skipped - <why>": only the latter counts
     junit = ("<testsuites><testsuite><testcase name='[SynchronizedBeforeSuite]'/><testcase name='[ReportAfterSuite]"
              " Kubernetes e2e suite report'/><testcase name='a'/><testcase name='b'><failure/></testcase>"
-             "<testcase name='c'><skipped/></testcase></testsuite></testsuites>")
-    assert conformance.summarize(junit) == {"passed": 1, "failed": 1, "skipped": 1}
+             "<testcase name='c'><skipped message='skipped - need 3 zones'/></testcase>"
+             "<testcase name='d'><skipped message='skipped'/></testcase></testsuite></testsuites>")
+    assert conformance.summarize(junit) == {"passed": 1, "failed": 1, "skipped": 1, "interrupted": 0}
+    assert conformance.failed_specs(junit) == ["b"]
+    # a run stopped on purpose: the running spec has no verdict, the ones after it never started
+    stopped = ("<testsuites><testsuite><testcase name='a'/><testcase name='e'><error type='interrupted'/></testcase>"
+               "<testcase name='f'><skipped message='skipped - interrupted by user'/></testcase>"
+               "<testcase name='g'><error type='panicked'/></testcase><testcase name='h'><failure type='timedout'"
+               " message='A suite timeout occurred'/></testcase></testsuite></testsuites>")
+    assert conformance.summarize(stopped) == {"passed": 1, "failed": 1, "skipped": 0, "interrupted": 2}
+    assert conformance.failed_specs(stopped) == ["g"]

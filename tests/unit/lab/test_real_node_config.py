@@ -128,6 +128,17 @@ def test_parse_connect_refuses(head: bytes) -> None:
 def test_gateway_node_flag_round_trips() -> None:
     node = nodegateway.GatewayNode("node-1", "t1-node-1", "192.0.2.11")
     assert nodegateway.GatewayNode.parse(node.flag()) == node
+    with_pods = nodegateway.GatewayNode("node-1", "t1-node-1", "192.0.2.11", "10.244.1.0/24")
+    assert nodegateway.GatewayNode.parse(with_pods.flag()) == with_pods
+
+
+def test_gateway_dials_a_node_or_its_pods_from_that_node_and_nothing_else() -> None:
+    # the apiserver's pods/proxy (upstream DNS and Services specs read pods through it) CONNECTs to pod IPs
+    node = nodegateway.GatewayNode("node-1", "t1-node-1", "192.0.2.11", "10.244.1.0/24")
+    assert node.owns("192.0.2.11") and node.owns("10.244.1.7")
+    assert not node.owns("10.244.2.7") and not node.owns("192.0.2.12") and not node.owns("127.0.0.1")
+    assert not node.owns("not-an-address")
+    assert not nodegateway.GatewayNode("node-1", "t1-node-1", "192.0.2.11").owns("10.244.1.7")
 
 
 def test_mounts_under_finds_only_mounts_below_the_roots_deepest_first() -> None:

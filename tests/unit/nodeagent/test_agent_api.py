@@ -135,6 +135,7 @@ HEALTHY = health.EnforcementView(datapath=True, started=True, watch_synced=True,
     ({"wanted_revision": 5}, [], ["intent revision 5 not applied (applied: 4)"]),
     ({"apply_error": "map cy_policy needs 70000 entries"}, [],
      ["newest intent not applied: map cy_policy needs 70000 entries"]),
+    ({"lb_not_started": "not attached yet"}, [], ["socket load balancer: not attached yet"]),
 ])
 def test_liveness_and_readiness_reasons(changes, live, ready):
     import dataclasses

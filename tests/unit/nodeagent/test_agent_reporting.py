@@ -173,3 +173,31 @@ def test_a_broken_datapath_enforces_nothing_even_with_every_stamp_in_place() -> 
                                 local_endpoints=frozenset({"10.0.0.1"}))
     report = reporting.desired_reports(NODE, healthy, now="t")[keyspace.report_key("u1", NODE)]
     assert isinstance(report, reports.PolicyReport) and report.enforcing  # the same outcome, unbroken: enforcing
+
+
+def test_policy_needing_the_dns_proxy_is_not_enforcing_while_it_cannot() -> None:
+    rule = intents.RuleRef(kind="CiliumNetworkPolicy", namespace="default", name="rule1", uid="u1", rule_index=0,
+                           section="egress[0]")
+    dns = intents.PolicyEntry(identity=0, protocol=intents.Protocol.UDP, port_low=53, verdict=intents.Verdict.ALLOW,
+                              l7_redirect=True, l7_parser="dns", rules=(rule,))
+    fqdn = intents.PolicyEntry(identity=(2 << 24) + 1, verdict=intents.Verdict.ALLOW,
+                               rules=(rule.model_copy(update={"uid": "u2"}),))
+    i = intents.NodeIntent(node=NODE, revision=7, policies=(P1, P2), endpoints=(intents.EndpointIntent(
+        namespace="default", pod="p", ipv4="10.0.0.2", identity=300, policies=("u1", "u2"),
+        egress=intents.DirectionPolicy(enforced=True, entries=(dns, fqdn))),),
+        fqdn_selectors={(2 << 24) + 1: intents.DNSRule(match_name="a.test")})
+    assert reporting.proxy_parsers(i, "u1") == {"dns"} and reporting.proxy_parsers(i, "u2") == {"dns"}
+    down = enforcing.Outcome(started=True, wanted=i, applied=i, proxy_problems={"dns": "DNS proxy not running: x"})
+    for uid in ("u1", "u2"):
+        report = reporting.desired_reports(NODE, down, now="t")[keyspace.report_key(uid, NODE)]
+        assert isinstance(report, reports.PolicyReport)
+        assert (report.ok, report.enforcing, report.error) == (True, False, "DNS proxy not running: x")
+    up = enforcing.Outcome(started=True, wanted=i, applied=i, proxy_problems={"dns": ""})
+    report = reporting.desired_reports(NODE, up, now="t")[keyspace.report_key("u1", NODE)]
+    assert isinstance(report, reports.PolicyReport) and report.enforcing and report.error == ""
+    # a policy without such entries is unaffected by a proxy problem
+    plain = intent(7, P1)
+    report = reporting.desired_reports(NODE, enforcing.Outcome(started=True, wanted=plain, applied=plain,
+                                                               proxy_problems={"dns": "down"}), now="t")[
+        keyspace.report_key("u1", NODE)]
+    assert isinstance(report, reports.PolicyReport) and report.enforcing

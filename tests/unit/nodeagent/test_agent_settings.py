@@ -121,3 +121,16 @@ def test_socket_load_balancing_is_off_unless_a_cgroup_is_given(tls_env):
     env = {"CILIARY_AGENT_NODE_NAME": "n1", "CILIARY_AGENT_LB_CGROUP": "/sys/fs/cgroup/x", **tls_env}
     assert settings.load_settings([], env).lb_cgroup == Path("/sys/fs/cgroup/x")
     assert settings.load_settings(["--lb-cgroup", "/cg/y"], env).lb_cgroup == Path("/cg/y")
+
+
+def test_dns_proxy_flags(tls_env):
+    env = {"CILIARY_AGENT_NODE_NAME": "n1", **tls_env}
+    s = settings.load_settings([], env)
+    assert (s.dns_proxy_port, s.fqdn_min_ttl, s.fqdn_max_ips_per_endpoint) == (10053, 3600, 1000)
+    s = settings.load_settings(["--dns-proxy-port", "0", "--fqdn-min-ttl", "1"],
+                               {**env, "CILIARY_AGENT_FQDN_MAX_IPS_PER_ENDPOINT": "5"})
+    assert (s.dns_proxy_port, s.fqdn_min_ttl, s.fqdn_max_ips_per_endpoint) == (0, 1, 5)
+    with pytest.raises(SystemExit):
+        settings.load_settings(["--dns-proxy-port", "70000"], env)
+    with pytest.raises(SystemExit):
+        settings.load_settings(["--fqdn-max-ips-per-endpoint", "0"], env)

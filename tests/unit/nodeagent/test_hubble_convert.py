@@ -126,3 +126,24 @@ def test_rule_cookie_lookup_feeds_policy_names() -> None:
     entry = flowapi.RingEntry(event("forwarded", maps.Reason.OK_POLICY, cookie=cookie), INDEX,
                               {cookie: (ALLOW,)}.get)  # type: ignore[arg-type]
     assert [p.name for p in hubble_query.flow_of(entry).ingress_allowed_by] == ["rule1"]
+
+
+def test_dns_exchange_becomes_flow_l7_dns() -> None:
+    from ciliary.nodeagent.dns_proxy import L7FlowEvent
+
+    def dns_event(verdict: str, reason: str, rcode: str, ips: list[str]) -> L7FlowEvent:
+        return L7FlowEvent(time=1700000000.5, src=IPv4Address("10.0.0.2"), dst=IPv4Address("192.0.2.53"),
+                           sport=5555, dport=53, protocol=17, verdict=verdict, reason=reason, src_identity=300,
+                           dst_identity=2, cookie=0, l7={"type": "dns", "query": "api.world.test", "qtype": "A",
+                                                          "rcode": rcode, "ips": ips, "ttl": 30, "latency_ms": 1.5})
+
+    ok = hubble_convert.to_flow(dns_event("forwarded", "DNS_ALLOWED", "NOERROR", ["192.0.2.100"]), INDEX, (ALLOW,))
+    assert ok.Type == flow_pb2.L7 and ok.verdict == flow_pb2.FORWARDED and ok.event_type.type == 129
+    assert (ok.l7.dns.query, list(ok.l7.dns.ips), ok.l7.dns.ttl, ok.l7.dns.rcode) == (
+        "api.world.test.", ["192.0.2.100"], 30, 0)
+    assert ok.l7.type == flow_pb2.RESPONSE and ok.l7.latency_ns == 1_500_000 and list(ok.l7.dns.qtypes) == ["A"]
+    refused = hubble_convert.to_flow(dns_event("dropped", "DNS_REFUSED", "REFUSED", []), INDEX, ())
+    assert refused.verdict == flow_pb2.DROPPED and refused.l7.dns.rcode == 5 and not refused.l7.dns.ips
+    # the flow API carries the same record
+    assert flowapi.enrich(dns_event("dropped", "DNS_REFUSED", "REFUSED", []), INDEX, lambda _c: ())["l7"][
+        "rcode"] == "REFUSED"

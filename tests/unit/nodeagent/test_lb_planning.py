@@ -31,7 +31,10 @@ def applied(observed: LBState, step: lb_planning.LBPlan) -> LBState:
         del services[k]
     for b in step.backend_deletes.deletes:
         del backends[b]
-    return LBState(services, backends)
+    nodeports = {**observed.nodeports, **step.nodeport_writes.upserts}
+    for n in step.nodeport_writes.deletes:
+        del nodeports[n]
+    return LBState(services, backends, nodeports)
 
 
 def test_frontend_entry_slots_and_backends() -> None:
@@ -73,10 +76,13 @@ def test_capacity_is_checked_before_writing() -> None:
 
 
 frontends = st.lists(st.builds(
-    lambda a, port, proto, bes, aff: fe(f"10.96.0.{a}", port, proto, [(f"10.244.0.{b}", 8080) for b in bes],
-                                        affinity_timeout=aff),
+    lambda a, port, proto, bes, aff, kind, policy: FrontendIntent(
+        service="ns/s", kind=kind, address=f"10.96.0.{a}", port=port, protocol=proto, affinity_timeout=aff,
+        traffic_policy=policy, backends=tuple(BackendIntent(address=f"10.244.0.{b}", port=8080, node="nm"[b % 2])
+                                              for b in bes)),
     st.integers(1, 4), st.sampled_from([53, 80]), st.sampled_from(["TCP", "UDP"]),
-    st.lists(st.integers(1, 6), unique=True, max_size=4), st.sampled_from([0, 30])),
+    st.lists(st.integers(1, 6), unique=True, max_size=4), st.sampled_from([0, 30]),
+    st.sampled_from([FrontendKind.CLUSTER_IP, FrontendKind.NODE_PORT]), st.sampled_from(["Cluster", "Local"])),
     max_size=6, unique_by=lambda f: f.key)
 
 
@@ -92,14 +98,76 @@ def test_applying_the_plan_reaches_the_desired_state_in_a_safe_order(before: lis
     masters = [i for i, k in enumerate(ups) if k.slot == 0]
     slots = [i for i, k in enumerate(ups) if k.slot != 0]
     assert not masters or not slots or max(slots) < min(masters)
+    # an external scope's own entry is written before the frontend entry that sends clients to it
+    scoped = [i for i, k in enumerate(ups) if k.slot == 0 and k.scope]
+    plain = [i for i, k in enumerate(ups) if k.slot == 0 and not k.scope]
+    assert not scoped or not plain or max(scoped) < min(plain)
     dels = list(step.service_writes.deletes)
     assert [k.slot == 0 for k in dels] == sorted((k.slot == 0 for k in dels), reverse=True)
-    # every slot a frontend counts points at an existing backend
+    # every slot a frontend counts points at an existing backend; a flagged frontend has its external scope
     for key, value in step.desired.services.items():
         if key.slot == 0:
             for slot in range(1, value.count + 1):
-                entry = step.desired.services[ServiceKey(key.address, key.port, key.proto, slot)]
+                entry = step.desired.services[ServiceKey(key.address, key.port, key.proto, slot, key.scope)]
                 assert entry.backend_id in step.desired.backends
+                if key.scope:
+                    assert step.desired.backends[entry.backend_id].flags & lb_planning.BACKEND_LOCAL
+            if value.flags & lb_planning.FLAG_EXT_LOCAL:
+                assert ServiceKey(key.address, key.port, key.proto, 0, lb_planning.SCOPE_EXTERNAL) in \
+                    step.desired.services
     # planning again from the result changes nothing
     again = plan(NodeLBIntent(node="n", frontends=tuple(after)), step.desired, **SIZES)
     assert len(again) == 0 and again.service_writes == MapDiff({}, ())
+
+
+def test_nodeports_of_the_intent_are_the_bind_guards_keys() -> None:
+    def np(address: str, port: int, protocol: str) -> FrontendIntent:
+        return FrontendIntent(service="ns/s", kind=FrontendKind.NODE_PORT, address=address, port=port,
+                              protocol=protocol)
+
+    first = NodeLBIntent(node="n", frontends=(np("192.0.2.11", 30080, "TCP"), np("192.0.2.12", 30080, "TCP"),
+                                               np("192.0.2.11", 30080, "UDP"), fe("10.96.0.1", 80, "TCP", [])))
+    step = plan(first, LBState(), **SIZES)
+    NP = lb_planning.NodePortKey
+    assert step.desired.nodeports == {NP(30080, 6): 1, NP(30080, 17): 1}  # one key per port and protocol
+    state = applied(LBState(), step)
+    second = NodeLBIntent(node="n", frontends=(np("192.0.2.11", 30081, "TCP"),))
+    step2 = plan(second, state, **SIZES)
+    assert step2.nodeport_writes == MapDiff({NP(30081, 6): 1}, (NP(30080, 6), NP(30080, 17)))
+    assert applied(state, step2).nodeports == {NP(30081, 6): 1}
+
+
+def test_external_frontends_local_backends_and_the_local_policy_scope() -> None:
+    """NodePort/ExternalIP/LoadBalancer are external; backends on the intent's node are local; a Local
+    external frontend gets a scope-external set of its local backends (socket clients keep all)."""
+    def be(address: str, node: str) -> BackendIntent:
+        return BackendIntent(address=address, port=8080, node=node)
+
+    intent = NodeLBIntent(node="n1", frontends=(
+        FrontendIntent(service="ns/s", kind=FrontendKind.CLUSTER_IP, address="10.96.0.1", port=80, protocol="TCP",
+                       backends=(be("10.244.1.2", "n1"), be("10.244.2.2", "n2"))),
+        FrontendIntent(service="ns/s", kind=FrontendKind.NODE_PORT, address="192.0.2.11", port=30080,
+                       protocol="TCP", traffic_policy="Local", backends=(be("10.244.1.2", "n1"), be("10.244.2.2", "n2"))),
+        FrontendIntent(service="ns/s", kind=FrontendKind.LOAD_BALANCER, address="203.0.113.1", port=80,
+                       protocol="TCP", traffic_policy="Local", backends=(be("10.244.2.2", "n2"),)),
+        FrontendIntent(service="ns/s", kind=FrontendKind.EXTERNAL_IP, address="203.0.113.2", port=80,
+                       protocol="TCP", backends=(be("10.244.2.2", ""),))))
+    state = plan(intent, LBState(), **SIZES).desired
+    svc = state.services
+
+    def key(address: str, port: int, slot: int = 0, scope: int = 0) -> ServiceKey:
+        return ServiceKey(IPv4Address(address), port, 6, slot, scope)
+
+    assert svc[key("10.96.0.1", 80)].flags == 0
+    assert svc[key("192.0.2.11", 30080)].flags == lb_planning.FLAG_EXTERNAL | lb_planning.FLAG_EXT_LOCAL
+    assert svc[key("192.0.2.11", 30080)].count == 2  # socket clients: the whole set
+    ext = svc[key("192.0.2.11", 30080, 0, lb_planning.SCOPE_EXTERNAL)]
+    assert (ext.count, ext.flags) == (1, lb_planning.FLAG_EXTERNAL)
+    only = state.backends[svc[key("192.0.2.11", 30080, 1, lb_planning.SCOPE_EXTERNAL)].backend_id]
+    assert (str(only.address), only.flags) == ("10.244.1.2", lb_planning.BACKEND_LOCAL)
+    lb_ext = svc[key("203.0.113.1", 80, 0, lb_planning.SCOPE_EXTERNAL)]
+    assert (lb_ext.count, lb_ext.flags) == (0, lb_planning.FLAG_EXTERNAL | lb_planning.FLAG_NO_LOCAL)
+    assert svc[key("203.0.113.2", 80)].flags == lb_planning.FLAG_EXTERNAL  # Cluster: no scope entries
+    assert key("203.0.113.2", 80, 0, lb_planning.SCOPE_EXTERNAL) not in svc
+    remote = state.backends[svc[key("203.0.113.2", 80, 1)].backend_id]
+    assert remote.flags == 0  # node unknown: not local (SNAT)

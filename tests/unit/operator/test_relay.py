@@ -146,3 +146,32 @@ async def test_relay_follow_with_until_ends(cluster) -> None:  # type: ignore[no
 
 async def _read_all(call):  # type: ignore[no-untyped-def]
     return [r async for r in call]
+
+
+async def test_relay_follow_picks_up_a_node_that_joins_later(cluster) -> None:  # type: ignore[no-untyped-def]
+    hubs, channel, peers = cluster
+    call = observer_pb2_grpc.ObserverStub(channel).GetFlows(observer_pb2.GetFlowsRequest(
+        follow=True, whitelist=[flow_pb2.FlowFilter(destination_port=["8443"])]))
+    late = flowapi.FlowHub("n3", capacity=64)
+    late.set_intent(intents.NodeIntent(node="n3", revision=1, endpoints=(intents.EndpointIntent(
+        namespace="ns-n3", pod="p", ipv4="10.0.0.2", identity=300),)))
+    address = f"127.0.0.1:{free_port()}"
+    server = await observer_server.start(late, address)
+    try:
+        for _ in range(250):  # bounded: until the first two agents have the relay as follower
+            if all(h.stats()["followers"] for h in hubs):
+                break
+            await asyncio.sleep(0.02)
+        await peers.set({**peers.current, "n3": address})
+        for _ in range(250):  # bounded: until the late agent has the relay as follower too
+            if late.stats()["followers"]:
+                break
+            await asyncio.sleep(0.02)
+        late.publish([event(dport=8443, sport=7)])
+        got = await asyncio.wait_for(call.read(), 5)
+        while not got.HasField("flow"):
+            got = await asyncio.wait_for(call.read(), 5)
+        assert got.node_name == "n3"
+    finally:
+        call.cancel()
+        await server.stop(grace=None)

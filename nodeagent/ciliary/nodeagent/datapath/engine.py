@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ciliary.nodeagent import planning, rendering
-from ciliary.nodeagent.datapath import compiling, errors, flows, loading, maps
+from ciliary.nodeagent.datapath import compiling, conntrack_purge, errors, flows, loading, maps
 from ciliary.operator import intents
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,8 @@ class Datapath:
         self._reader: flows.FlowReader | None = None
         self._started = False
         self._rendered: tuple[rendering.RenderContext, dict[str, rendering.RenderedProgram]] | None = None
+        self.proxy_ports: dict[str, int] = {}
+        """L7 parser -> port of the node-local proxy serving it (set by the agent; read at each apply)."""
 
     # ------------------------------------------------------------ lifecycle
 
@@ -260,7 +262,7 @@ class Datapath:
         rendered = self._render()
         hashes = {hook: p.sha256 for hook, p in rendered.items()}
         observed = self._state
-        the_plan = planning.plan(intent, observed, programs=hashes, veths=veths)
+        the_plan = planning.plan(intent, observed, programs=hashes, veths=veths, proxy_ports=dict(self.proxy_ports))
 
         # 1. Programs: compile and verify before touching anything.
         if the_plan.compile:
@@ -268,6 +270,11 @@ class Datapath:
 
         # 2. Maps: all capacities first, then writes with an undo log (planning.write_order).
         state = dataclasses.replace(self._write_maps(the_plan, observed), programs=dict(hashes))
+        before = {ip: v.ep_id for ip, v in observed.endpoints.items()}
+        if conntrack_purge.endpoints_replaced(before, {ip: v.ep_id for ip, v in state.endpoints.items()}):
+            purged = conntrack_purge.purge(self._fd("cy_ct"), {maps.addr_to_u32(ip): v.ep_id
+                                                               for ip, v in state.endpoints.items()})
+            log.info("Conntrack entries of gone endpoints removed", extra={"node": self.node, "entries": purged})
         self._rules = {planning.rule_cookie(e.rules): e.rules
                        for ep in intent.endpoints for d in (ep.ingress, ep.egress) for e in d.entries}
 

@@ -1,7 +1,8 @@
-"""The socket load balancer of one node: four cgroup programs and their LB maps.
+"""The socket load balancer of one node: five cgroup programs and their LB maps.
 
-``SocketLB(node, cgroup=..., bpffs=...)`` renders ``programs/sock_<hook>.c.j2`` (one program per
-hook: connect4, sendmsg4, recvmsg4, getpeername4), adopts the programs pinned under their hash in
+``SocketLB(node, cgroup=..., bpffs=..., netns=...)`` renders ``programs/sock_<hook>.c.j2`` (one
+program per hook: connect4, sendmsg4, recvmsg4, getpeername4, and bind4, the NodePort bind guard,
+which needs the cookie of the node's network namespace ``netns``), adopts the programs pinned under their hash in
 ``<bpffs>/ciliary/<node>/`` (as ``lbprog_<hook>_<hash>``) or compiles them in the compiler child (``compiling``, as
 ``CGROUP_SOCK_ADDR`` with their expected attach type), and attaches each to the cgroup v2
 directory with ``bpf_prog_attach`` (flags 0: a second attach replaces ours atomically; the
@@ -22,7 +23,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from ciliary.nodeagent import lb_planning, rendering
+from ciliary.nodeagent import lb_planning, netns_sockets, rendering
 from ciliary.nodeagent.datapath import compiling, errors, libbpf, loading, maps
 from ciliary.operator.services.intent import NodeLBIntent
 
@@ -33,9 +34,10 @@ HOOKS: Mapping[str, tuple[str, int]] = {
     "sendmsg4": ("CGROUP_SOCK_ADDR", 14),  # BPF_CGROUP_UDP4_SENDMSG
     "recvmsg4": ("CGROUP_SOCK_ADDR", 19),  # BPF_CGROUP_UDP4_RECVMSG
     "getpeername4": ("CGROUP_SOCK_ADDR", 29),  # BPF_CGROUP_INET4_GETPEERNAME
+    "bind4": ("CGROUP_SOCK_ADDR", 8),  # BPF_CGROUP_INET4_BIND
 }
 """hook -> (bcc program type, kernel attach type)."""
-MAP_NAMES = ("cy_lb4_svc", "cy_lb4_be", "cy_lb4_revsk", "cy_lb4_aff")
+MAP_NAMES = ("cy_lb4_svc", "cy_lb4_be", "cy_lb4_revsk", "cy_lb4_aff", "cy_lb4_nodeport")
 PIN_PREFIX = "lbprog_"
 """Program pins are ``lbprog_<hook>_<hash16>``: never ``prog_*``, which the policy engine owns (and prunes)."""
 
@@ -50,10 +52,16 @@ class LBRenderContext:
     backends_size: int = 65536
     revsk_size: int = 65536
     affinity_size: int = 65536
+    nat_size: int = 65536
+    """cy_lb4_nat: two entries per north-south connection."""
+    snat_ports: tuple[int, int] = (61000, 65535)
+    """Source ports of SNATed north-south connections: above Linux's default ephemeral range."""
+    host_netns_cookie: int = 0
+    """Cookie of the node's network namespace (the bind guard's); 0 until ``start`` reads it."""
 
 
 class ServiceKeyC(ct.Structure):
-    _fields_ = [("address", ct.c_uint32), ("dport", ct.c_uint16), ("proto", ct.c_uint8), ("pad", ct.c_uint8),
+    _fields_ = [("address", ct.c_uint32), ("dport", ct.c_uint16), ("proto", ct.c_uint8), ("scope", ct.c_uint8),
                 ("slot", ct.c_uint16), ("pad2", ct.c_uint16)]
 
 
@@ -63,24 +71,40 @@ class ServiceValueC(ct.Structure):
 
 
 class BackendC(ct.Structure):
-    _fields_ = [("address", ct.c_uint32), ("port", ct.c_uint16), ("proto", ct.c_uint8), ("pad", ct.c_uint8)]
+    _fields_ = [("address", ct.c_uint32), ("port", ct.c_uint16), ("proto", ct.c_uint8), ("flags", ct.c_uint8)]
 
 
 class BackendIdC(ct.Structure):
     _fields_ = [("id", ct.c_uint32)]
 
 
+class NodePortKeyC(ct.Structure):
+    _fields_ = [("port", ct.c_uint16), ("proto", ct.c_uint8), ("pad", ct.c_uint8)]
+
+
+class FlagC(ct.Structure):
+    _fields_ = [("value", ct.c_uint8)]
+
+
 SERVICES: maps.Codec[lb_planning.ServiceKey, lb_planning.ServiceValue] = maps.Codec(
     "cy_lb4_svc", ServiceKeyC, ServiceValueC,
-    lambda k: ServiceKeyC(maps.addr_to_u32(k.address), socket.htons(k.port), k.proto, 0, k.slot, 0),
-    lambda c: lb_planning.ServiceKey(maps.u32_to_addr(c.address), socket.ntohs(c.dport), c.proto, c.slot),
+    lambda k: ServiceKeyC(maps.addr_to_u32(k.address), socket.htons(k.port), k.proto, k.scope, k.slot, 0),
+    lambda c: lb_planning.ServiceKey(maps.u32_to_addr(c.address), socket.ntohs(c.dport), c.proto, c.slot,
+                                     c.scope),
     lambda v: ServiceValueC(v.backend_id, v.count, v.flags, v.affinity_timeout, 0),
     lambda c: lb_planning.ServiceValue(c.backend_id, c.count, c.flags, c.affinity_timeout))
 
 BACKENDS: maps.Codec[int, lb_planning.Backend] = maps.Codec(
     "cy_lb4_be", BackendIdC, BackendC, lambda i: BackendIdC(i), lambda c: int(c.id),
-    lambda b: BackendC(maps.addr_to_u32(b.address), socket.htons(b.port), b.proto, 0),
-    lambda c: lb_planning.Backend(maps.u32_to_addr(c.address), socket.ntohs(c.port), c.proto))
+    lambda b: BackendC(maps.addr_to_u32(b.address), socket.htons(b.port), b.proto, b.flags),
+    lambda c: lb_planning.Backend(maps.u32_to_addr(c.address), socket.ntohs(c.port), c.proto, c.flags))
+
+
+NODEPORTS: maps.Codec[lb_planning.NodePortKey, int] = maps.Codec(
+    "cy_lb4_nodeport", NodePortKeyC, FlagC,
+    lambda k: NodePortKeyC(socket.htons(k.port), k.proto, 0),
+    lambda c: lb_planning.NodePortKey(socket.ntohs(c.port), c.proto),
+    lambda v: FlagC(v), lambda c: int(c.value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +117,10 @@ class LBApplyResult:
 class SocketLB:
     """One node's socket load balancer. Not thread-safe: drive it from one thread."""
 
-    def __init__(self, node: str, *, cgroup: Path, bpffs: Path = Path("/sys/fs/bpf"),
+    def __init__(self, node: str, *, cgroup: Path, bpffs: Path = Path("/sys/fs/bpf"), netns: str | None = None,
                  context: LBRenderContext | None = None, template_root: Path = rendering.DATAPATH_C_DIR) -> None:
         self.node = node
+        self.netns = netns
         self.cgroup = cgroup
         self.bpffs = bpffs
         self.pin_dir = bpffs / "ciliary" / node
@@ -115,6 +140,8 @@ class SocketLB:
         """Adopt or compile the programs, open the maps, attach to the cgroup. Idempotent."""
         loading.ensure_bpffs(self.bpffs)
         self.pin_dir.mkdir(parents=True, exist_ok=True)
+        if not self.context.host_netns_cookie:
+            self.context = dataclasses.replace(self.context, host_netns_cookie=netns_sockets.netns_cookie(self.netns))
         programs = self.render()
         jobs: list[tuple[rendering.RenderedProgram, Path]] = []
         paths: dict[str, Path] = {}
@@ -152,7 +179,8 @@ class SocketLB:
 
     def observe(self) -> lb_planning.LBState:
         return lb_planning.LBState(maps.read_map(self._map_fds["cy_lb4_svc"], SERVICES),
-                                   maps.read_map(self._map_fds["cy_lb4_be"], BACKENDS))
+                                   maps.read_map(self._map_fds["cy_lb4_be"], BACKENDS),
+                                   maps.read_map(self._map_fds["cy_lb4_nodeport"], NODEPORTS))
 
     def apply(self, intent: NodeLBIntent) -> LBApplyResult:
         observed = self.observe()
@@ -160,11 +188,14 @@ class SocketLB:
                                 backends_size=self.context.backends_size)
         undo = maps.UndoLog()
         svc_fd, be_fd = self._map_fds["cy_lb4_svc"], self._map_fds["cy_lb4_be"]
+        np_fd = self._map_fds["cy_lb4_nodeport"]
         try:
             maps.apply_upserts(be_fd, BACKENDS, observed.backends, step.backend_upserts, undo)
             maps.apply_upserts(svc_fd, SERVICES, observed.services, step.service_writes, undo)
             maps.apply_deletes(svc_fd, SERVICES, observed.services, step.service_writes, undo)
             maps.apply_deletes(be_fd, BACKENDS, observed.backends, step.backend_deletes, undo)
+            maps.apply_upserts(np_fd, NODEPORTS, observed.nodeports, step.nodeport_writes, undo)
+            maps.apply_deletes(np_fd, NODEPORTS, observed.nodeports, step.nodeport_writes, undo)
         except errors.MapWriteFailed:
             undo.rollback()
             raise
@@ -194,25 +225,42 @@ class SocketLB:
                 pinned.unlink()
 
 
+def _slots(state: lb_planning.LBState, key: lb_planning.ServiceKey, count: int) -> list[dict[str, Any]]:
+    backends = []
+    for slot in range(1, count + 1):
+        slot_entry = state.services.get(dataclasses.replace(key, slot=slot))
+        be = state.backends.get(slot_entry.backend_id) if slot_entry else None
+        backends.append({"slot": slot, "id": slot_entry.backend_id if slot_entry else None,
+                         "address": str(be.address) if be else None, "port": be.port if be else None,
+                         "local": bool(be.flags & lb_planning.BACKEND_LOCAL) if be else None})
+    return backends
+
+
+FLAG_NAMES = (("no-local-backends", lb_planning.FLAG_NO_LOCAL), ("affinity", lb_planning.FLAG_AFFINITY),
+              ("external", lb_planning.FLAG_EXTERNAL), ("external-local", lb_planning.FLAG_EXT_LOCAL))
+
+
 def document(node: str, state: lb_planning.LBState, intent: NodeLBIntent | None, error: str = "") -> dict[str, Any]:
-    """What the kernel's maps hold, frontend by frontend (``GET /v1/services``, ``ciliary service list``)."""
+    """What the kernel's maps hold, frontend by frontend (``GET /v1/services``, ``ciliary service list``).
+
+    A frontend with externalTrafficPolicy Local also shows ``external_backends``: the set clients from
+    outside the node get on the external devices (its scope-external entries)."""
     names = {(IPv4Address(fe.address), fe.port, fe.protocol): fe for fe in (intent.frontends if intent else ())}
     protos = {6: "TCP", 17: "UDP", 132: "SCTP"}
     rows = []
-    for key in sorted(k for k in state.services if k.slot == 0):
+    for key in sorted(k for k in state.services if k.slot == 0 and k.scope == 0):
         entry = state.services[key]
         proto = protos.get(key.proto, str(key.proto))
-        backends = []
-        for slot in range(1, entry.count + 1):
-            slot_entry = state.services.get(dataclasses.replace(key, slot=slot))
-            be = state.backends.get(slot_entry.backend_id) if slot_entry else None
-            backends.append({"slot": slot, "id": slot_entry.backend_id if slot_entry else None,
-                             "address": str(be.address) if be else None, "port": be.port if be else None})
         fe = names.get((key.address, key.port, proto))
-        rows.append({"id": entry.backend_id, "address": str(key.address), "port": key.port, "protocol": proto,
-                     "service": fe.service if fe else "", "kind": str(fe.kind) if fe else "",
-                     "flags": [n for n, bit in (("no-local-backends", lb_planning.FLAG_NO_LOCAL),
-                                                ("affinity", lb_planning.FLAG_AFFINITY)) if entry.flags & bit],
-                     "affinity_timeout": entry.affinity_timeout, "backends": backends})
+        row = {"id": entry.backend_id, "address": str(key.address), "port": key.port, "protocol": proto,
+               "service": fe.service if fe else "", "kind": str(fe.kind) if fe else "",
+               "flags": [n for n, bit in FLAG_NAMES if entry.flags & bit],
+               "affinity_timeout": entry.affinity_timeout, "backends": _slots(state, key, entry.count)}
+        ext_key = dataclasses.replace(key, scope=lb_planning.SCOPE_EXTERNAL)
+        ext = state.services.get(ext_key)
+        if ext is not None:
+            row["external_backends"] = _slots(state, ext_key, ext.count)
+            row["external_flags"] = [n for n, bit in FLAG_NAMES if ext.flags & bit]
+        rows.append(row)
     return {"node": node, "frontends": rows,
             "problems": [p.model_dump() for p in intent.problems] if intent else [], "error": error}

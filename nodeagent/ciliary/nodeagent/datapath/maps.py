@@ -60,7 +60,7 @@ class PolicyKeyC(ct.Structure):
 
 
 class PolicyValueC(ct.Structure):
-    _fields_ = [("cookie", ct.c_uint32), ("flags", ct.c_uint32)]
+    _fields_ = [("cookie", ct.c_uint32), ("flags", ct.c_uint16), ("proxy_port", ct.c_uint16)]
 
 
 class CtKeyC(ct.Structure):
@@ -118,12 +118,12 @@ class Reason(enum.IntEnum):
     """IPv6 other than link-scoped Neighbor Discovery: no IPv6 policy exists yet."""
     DROP_SPOOFED_SOURCE = 10
     """IPv4 leaving a pod's veth with a source address that is not the pod's."""
-    OK_TO_PROXY = 11
-    """Redirected to the node's HTTP proxy: the deciding allow entry has HTTP rules (lib/l7redirect.h)."""
-    OK_FROM_PROXY = 12
+    DROP_PROXY_UNAVAILABLE = 11
+    """Its allow entry redirects to a node-local proxy and no proxy socket listens (fail closed)."""
+    OK_PROXY = 12
+    """Allowed and handed to the node-local proxy: egress DNS (lib/redirect.h), ingress HTTP (lib/l7redirect.h)."""
+    OK_FROM_PROXY = 13
     """The node's HTTP proxy connecting to the pod (the request was judged by the proxy)."""
-    DROP_PROXY_UNAVAILABLE = 13
-    """HTTP rules apply but the datapath was built without a proxy device."""
 
 
 REASON_MAX = 16
@@ -195,7 +195,8 @@ EP_IFINDEX: Codec[int, IPv4Address] = Codec(
 
 def _policy_codec(name: str) -> Codec[planning.PolicyKey, planning.PolicyValue]:
     return Codec(name, PolicyKeyC, PolicyValueC, encode_policy_key, decode_policy_key,
-                 lambda v: PolicyValueC(v.cookie, v.flags), lambda c: planning.PolicyValue(c.cookie, c.flags))
+                 lambda v: PolicyValueC(v.cookie, v.flags, v.proxy_port),
+                 lambda c: planning.PolicyValue(c.cookie, c.flags, c.proxy_port))
 
 
 POLICY = _policy_codec("cy_policy")

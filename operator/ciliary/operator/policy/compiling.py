@@ -8,8 +8,11 @@ for every valid policy. Decisions taken here (documented for users):
 
 - an item with no L3 peer field but with ``toPorts``/``icmps`` matches any peer
   (identity 0); an item with neither L3 nor L4 fields matches nothing;
-- ``toServices`` and ``toFQDNs`` are not enforced yet: an item with only those
-  peers allows nothing (its rule still switches the endpoint to default-deny);
+- ``toServices`` is not enforced yet: an item with only those peers allows
+  nothing (its rule still switches the endpoint to default-deny);
+- ``toFQDNs`` items keep their selectors (lower-cased, without a final dot):
+  each becomes a selector identity (``identities.assign_fqdn_identities``)
+  whose addresses the agent learns from DNS answers;
 - ``nodeSelector`` rules (host firewall) select no endpoint and are skipped;
 - IPv6 prefixes and IPv6 ICMP types are skipped (the datapath is IPv4-only); an
   item whose written peers or ICMP types are all skipped this way matches nothing
@@ -42,7 +45,7 @@ from ciliary.operator.api.rules import (
     Rule,
 )
 from ciliary.operator.api.selectors import LabelSelector
-from ciliary.operator.intents import Direction, PolicyRef, Protocol, RuleRef, Verdict
+from ciliary.operator.intents import Direction, DNSRule, L7Parser, PolicyRef, Protocol, RuleRef, Verdict
 from ciliary.operator.policy import selection
 from ciliary.operator.policy.selection import Selector
 
@@ -86,6 +89,9 @@ class PortMatch:
     high: int = 0
     name: str | None = None
     l7: bool = False
+    l7_parser: L7Parser | None = None
+    dns: tuple[DNSRule, ...] = ()
+    """``rules.dns`` of the port rule (l7_parser "dns")."""
     http: tuple[HttpMatch, ...] | None = None
     """HTTP rules to enforce in the node's proxy (ingress, plain HTTP only); None: no HTTP redirect."""
 
@@ -118,6 +124,8 @@ class PeerRule:
     any_peer: bool = False
     ports: tuple[PortMatch, ...] = ()
     icmp_types: tuple[int, ...] = ()
+    fqdns: tuple[DNSRule, ...] = ()
+    """``toFQDNs`` selectors (egress allow items)."""
     l4_written: bool = False
     """The item has ``toPorts`` or ``icmps`` (even if none of them could be kept, e.g. IPv6 ICMP types)."""
 
@@ -248,6 +256,8 @@ def _egress(item: EgressRule | EgressDenyRule, ref: RuleRef, verdict: Verdict, n
     cidrs = _cidrs(item.to_cidr, item.to_cidr_set)
     other_l3 = bool(item.to_services) or bool(getattr(item, "to_fqdns", None)) or \
         bool(item.to_cidr) or bool(item.to_cidr_set)
+    fqdns = tuple(sorted({fqdn_selector(f.match_name, f.match_pattern) for f in getattr(item, "to_fqdns", None) or ()},
+                         key=lambda r: (r.match_name or "", r.match_pattern or "")))
     return _peer_rule(
         ref,
         Direction.EGRESS,
@@ -260,7 +270,16 @@ def _egress(item: EgressRule | EgressDenyRule, ref: RuleRef, verdict: Verdict, n
         other_l3=other_l3,
         port_rules=item.to_ports,
         icmps=item.icmps,
+        fqdns=fqdns,
     )
+
+
+def fqdn_selector(match_name: str | None, match_pattern: str | None) -> DNSRule:
+    """A toFQDNs (or rules.dns) item in canonical form: lower case, no final dot."""
+    def canon(text: str | None) -> str | None:
+        return None if text is None else text.strip().lower().rstrip(".")
+
+    return DNSRule(match_name=canon(match_name), match_pattern=canon(match_pattern))
 
 
 def _peer_rule(
@@ -277,6 +296,7 @@ def _peer_rule(
     port_rules: Sequence[PortRule | PortDenyRule] | None,
     icmps: Sequence[ICMPRule] | None,
     http_proxy: bool = False,
+    fqdns: tuple[DNSRule, ...] = (),
 ) -> PeerRule:
     selectors = tuple(selection.scope_peer(selection.from_api(s), namespace) for s in endpoints or ())
     scoped_requires = tuple(selection.scope_peer(selection.from_api(s), namespace) for s in requires or ())
@@ -295,6 +315,7 @@ def _peer_rule(
         any_peer=not has_l3 and has_l4,
         ports=ports,
         icmp_types=icmp_types,
+        fqdns=fqdns if verdict is Verdict.ALLOW else (),
         l4_written=has_l4,
     )
 
@@ -313,20 +334,32 @@ def http_matches(rule: PortRule) -> tuple[HttpMatch, ...] | None:
                            headers=tuple(h.headers or ())) for h in rule.rules.http) or (HttpMatch(),)
 
 
+def _l7_of(rule: PortRule | PortDenyRule) -> tuple[L7Parser | None, tuple[DNSRule, ...]]:
+    if not isinstance(rule, PortRule) or rule.rules is None:
+        return None, ()
+    kinds = rule.rules.kinds()
+    if not kinds:
+        return None, ()
+    parser: L7Parser = kinds[0]  # type: ignore[assignment]  # validation allows one kind per port rule
+    dns = tuple(fqdn_selector(d.match_name, d.match_pattern) for d in rule.rules.dns or ())
+    return parser, dns
+
+
 def _ports(rule: PortRule | PortDenyRule, http_proxy: bool) -> Iterable[PortMatch]:
-    l7 = isinstance(rule, PortRule) and rule.rules is not None and bool(rule.rules.kinds())
+    parser, dns = _l7_of(rule)
+    l7 = parser is not None
     http = http_matches(rule) if http_proxy and isinstance(rule, PortRule) else None
     if not rule.ports:
-        yield PortMatch(Protocol.ANY, l7=l7, http=http)
+        yield PortMatch(Protocol.ANY, l7=l7, l7_parser=parser, dns=dns, http=http)
         return
     for port in rule.ports:
         protocol = _PROTOCOLS.get(port.protocol or "ANY", Protocol.ANY)
         if port.is_named:
-            yield PortMatch(protocol, name=port.port, l7=l7, http=http)
+            yield PortMatch(protocol, name=port.port, l7=l7, l7_parser=parser, dns=dns, http=http)
             continue
         low = port.number or 0
         high = max(low, port.end_port or 0) if low else 0
-        yield PortMatch(protocol, low, high, l7=l7, http=http)
+        yield PortMatch(protocol, low, high, l7=l7, l7_parser=parser, dns=dns, http=http)
 
 
 def _icmp_types(rule: ICMPRule) -> Iterable[int]:

@@ -7,7 +7,10 @@ meaning, not by wording: per endpoint and direction, whether it is enforced, and
 for each (verdict, peer identity, protocol) the set of ports covered (ranges merged,
 "any port" as 0-65535, an ICMP type as a one-port range); the ipcache as the
 address -> identity map the datapath consults (local endpoints first). Rule names
-are not compared: they come from the agent's last applied intent.
+are not compared: they come from the agent's last applied intent. What the agent
+adds on its own for ``toFQDNs`` (addresses learnt from DNS answers, with their
+node-local identities, ``identities.FIRST_LEARNT_IDENTITY``..``MAX_LEARNT_IDENTITY``,
+and their entries) is not the operator's and is left out of the comparison.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from ciliary.operator.intents import DirectionPolicy, EndpointIntent, NodeIntent, PolicyEntry, Protocol
+from ciliary.operator.policy.identities import FIRST_LEARNT_IDENTITY, MAX_LEARNT_IDENTITY
 
 Coverage = dict[tuple[str, int, int], list[tuple[int, int]]]
 
@@ -101,6 +105,24 @@ def _identity_of(cache: dict[str, int], address: str) -> int | None:
     return None if best is None else best[1]
 
 
+def _learnt(identity: int) -> bool:
+    return FIRST_LEARNT_IDENTITY <= identity <= MAX_LEARNT_IDENTITY
+
+
+def operator_part(held: NodeIntent) -> NodeIntent:
+    """``held`` without what the agent learnt for toFQDNs (learnt identities' ipcache entries and entries)."""
+    if not any(_learnt(e.identity) for e in held.ipcache):
+        return held
+
+    def strip(policy: DirectionPolicy) -> DirectionPolicy:
+        return policy.model_copy(update={"entries": tuple(e for e in policy.entries if not _learnt(e.identity))})
+
+    endpoints = tuple(e.model_copy(update={"ingress": strip(e.ingress), "egress": strip(e.egress)})
+                      for e in held.endpoints)
+    return held.model_copy(update={"endpoints": endpoints,
+                                   "ipcache": tuple(e for e in held.ipcache if not _learnt(e.identity))})
+
+
 def differences(wanted: NodeIntent, held: NodeIntent, *, endpoints: Iterable[str] | None = None,
                 peers: Iterable[str] | None = None) -> list[str]:
     """Every way ``held`` (the datapath's view) differs from ``wanted`` (the operator's intent).
@@ -109,6 +131,7 @@ def differences(wanted: NodeIntent, held: NodeIntent, *, endpoints: Iterable[str
     the ipcache comparison to the identities those addresses resolve to (``trace``).
     """
     only = set(endpoints) if endpoints is not None else None
+    held = operator_part(held)
     by_ip = {e.ipv4: e for e in held.endpoints}
     out: list[str] = []
     for endpoint in wanted.endpoints:

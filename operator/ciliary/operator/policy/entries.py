@@ -31,8 +31,14 @@ Semantics (documented for users):
   (world, CIDRs, host, remote nodes) declare no named ports; a name that
   resolves nowhere gives no entry;
 - ICMP types give protocol-ICMP entries with ``icmp_type`` set;
-- a port rule with L7 rules gives allow entries with ``l7_redirect=True``; when
-  an L4-only allow and an L7 allow produce the same entry, L4 wins (no redirect);
+- a ``toFQDNs`` selector is one peer identity (its selector identity); the
+  agent turns it into the addresses its endpoints resolved;
+- a port rule with L7 rules gives allow entries with ``l7_redirect=True``, the
+  rules' kind (``l7_parser``) and, for DNS, the ``rules.dns`` items; when an
+  L4-only allow and an L7 allow produce the same entry, L4 wins (no redirect);
+  two L7 allows of one kind producing the same entry carry the union of their
+  rules (a request matching either is allowed, as Cilium merges them); two
+  kinds on one entry (Cilium refuses the policy) keep the first kind met;
 - ingress HTTP rules (``compiling.http_matches``) give the entry its ``http`` rules,
   each naming its policy rule; entries merged from several HTTP items carry all
   their rules (OR); merged with an L4-only or non-HTTP item, ``http`` is None
@@ -50,7 +56,9 @@ from ciliary.operator.intents import (
     ANY_IDENTITY,
     Direction,
     DirectionPolicy,
+    DNSRule,
     HttpRule,
+    L7Parser,
     PolicyEntry,
     Protocol,
     RuleRef,
@@ -68,9 +76,11 @@ _BY_NAME = {"TCP": Protocol.TCP, "UDP": Protocol.UDP, "SCTP": Protocol.SCTP}
 
 _Key = tuple[int, Protocol, int, int, int | None, Verdict]
 """(peer identity, protocol, port low, port high, icmp type, verdict)."""
-_Spec = tuple[Protocol, int, int, int | None, bool, tuple[HttpMatch, ...] | None]
-"""(protocol, port low, port high, icmp type, l7, http rules) of one item's port."""
-_Acc = dict[_Key, tuple[set[RuleRef], bool, list[HttpRule] | None]]
+_L7 = tuple[L7Parser, tuple[DNSRule, ...]] | None
+"""The L7 part of one port: (kind, DNS rules), or None for a plain L4 port."""
+_Spec = tuple[Protocol, int, int, int | None, _L7, tuple[HttpMatch, ...] | None]
+"""(protocol, port low, port high, icmp type, L7 part, ingress HTTP rules) of one item's port."""
+_Acc = dict[_Key, tuple[set[RuleRef], _L7, list[HttpRule] | None]]
 
 
 class PeerSource(TypingProtocol):
@@ -90,6 +100,10 @@ class PeerSource(TypingProtocol):
 
     def cidr(self, match: CidrMatch, user: int) -> Set[int]:
         """Identities (CIDR and world) a CIDR match stands for."""
+        ...
+
+    def fqdn(self, selector: DNSRule, user: int) -> int:
+        """The selector identity of one ``toFQDNs`` item."""
         ...
 
     def named_ports(self, peer: int, user: int) -> NamedPorts:
@@ -149,7 +163,13 @@ def _peers(subject: int, item: PeerRule, requires: Sequence[Selector], source: P
         out |= ids
     for match in item.cidrs:
         out |= source.cidr(match, subject)
+    for fqdn in item.fqdns:
+        out.add(source.fqdn(fqdn, subject))
     return out
+
+
+def _l7(port: PortMatch) -> _L7:
+    return (port.l7_parser, port.dns) if port.l7 and port.l7_parser is not None else None
 
 
 def _add_item(
@@ -164,14 +184,14 @@ def _add_item(
     fixed: list[_Spec] = []
     named: list[PortMatch] = []
     if item.l3_only:
-        fixed.append((Protocol.ANY, 0, 0, None, False, None))
+        fixed.append((Protocol.ANY, 0, 0, None, None, None))
     for port in item.ports:
         if port.name is not None:
             named.append(port)
         else:
-            fixed.extend((proto, port.low, port.high, None, port.l7, _http_of(port, proto))
+            fixed.extend((proto, port.low, port.high, None, _l7(port), _http_of(port, proto))
                          for proto in _protocols(port.protocol))
-    fixed.extend((Protocol.ICMP, 0, 0, icmp_type, False, None) for icmp_type in item.icmp_types)
+    fixed.extend((Protocol.ICMP, 0, 0, icmp_type, None, None) for icmp_type in item.icmp_types)
     for peer in peers:
         specs: Iterable[_Spec] = fixed
         if named and direction is Direction.INGRESS:
@@ -197,7 +217,7 @@ def _put(acc: _Acc, item: PeerRule, peer: int, specs: Iterable[_Spec]) -> None:
     for proto, low, high, icmp_type, l7, http in specs:
         key = (peer, proto, low, high, icmp_type, item.verdict)
         found = acc.get(key)
-        redirect = l7 and l7_allowed
+        redirect = l7 if l7_allowed else None
         rules = None if http is None or not l7_allowed else [
             HttpRule(method=h.method, path=h.path, host=h.host, headers=h.headers, rule=item.ref) for h in http]
         if found is None:
@@ -205,7 +225,17 @@ def _put(acc: _Acc, item: PeerRule, peer: int, specs: Iterable[_Spec]) -> None:
         else:
             found[0].add(item.ref)
             merged = None if found[2] is None or rules is None else found[2] + rules
-            acc[key] = (found[0], found[1] and redirect, merged)
+            acc[key] = (found[0], _merge_l7(found[1], redirect), merged)
+
+
+def _merge_l7(first: _L7, second: _L7) -> _L7:
+    """L4 wins over L7; one kind: the union of the rules; two kinds: the first."""
+    if first is None or second is None:
+        return None
+    if first[0] != second[0]:
+        return first
+    merged = tuple(sorted(set(first[1]) | set(second[1]), key=lambda r: (r.match_name or "", r.match_pattern or "")))
+    return first[0], merged
 
 
 def _protocols(protocol: Protocol) -> tuple[Protocol, ...]:
@@ -219,10 +249,10 @@ def _resolve_named(named: Iterable[PortMatch], ports: NamedPorts) -> Iterable[_S
             proto = _BY_NAME.get(proto_name)
             if proto is None or (match.protocol is not Protocol.ANY and proto is not match.protocol):
                 continue
-            yield proto, number, number, None, match.l7, _http_of(match, proto)
+            yield proto, number, number, None, _l7(match), _http_of(match, proto)
 
 
-def _entry(key: _Key, refs: set[RuleRef], l7: bool, http: list[HttpRule] | None) -> PolicyEntry:
+def _entry(key: _Key, refs: set[RuleRef], l7: _L7, http: list[HttpRule] | None) -> PolicyEntry:
     peer, proto, low, high, icmp_type, verdict = key
     unique = None if http is None or not l7 else tuple(dict.fromkeys(http))
     ordered = tuple(sorted(refs, key=lambda r: (r.kind, r.namespace, r.name, r.uid, r.rule_index, r.section)))
@@ -233,7 +263,9 @@ def _entry(key: _Key, refs: set[RuleRef], l7: bool, http: list[HttpRule] | None)
         port_high=high if low else 0,
         icmp_type=icmp_type,
         verdict=verdict,
-        l7_redirect=l7,
+        l7_redirect=l7 is not None,
+        l7_parser=l7[0] if l7 is not None else None,
+        dns=l7[1] if l7 is not None else (),
         http=unique,
         rules=ordered,
     )

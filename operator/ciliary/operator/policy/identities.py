@@ -14,7 +14,11 @@ Owns
 - the numbering plan: cluster identities are allocated from 256 to 65535
   (Cilium's ``MinimalAllocationIdentity``/``MaximumAllocationIdentity``); CIDR
   identities are *local-scope* numbers ``1<<24 | n`` starting at 16777217, held
-  by the operator only (they never go through the etcd allocator);
+  by the operator only (they never go through the etcd allocator); toFQDNs
+  selector identities are ``2<<24 | n`` (:func:`assign_fqdn_identities`), also
+  held by the operator; they name a selector in policy entries and never own an
+  address in the operator's ipcache; ``3<<24 | n`` is left to the agents, which
+  number the addresses they learn from DNS answers there;
 - :class:`IdentityAllocator`, the interface of a cluster allocator, and
   :class:`InMemoryIdentityAllocator` for tests and benchmarks. The etcd
   compare-and-swap allocator lives in the async shell: it allocates (awaiting
@@ -28,8 +32,9 @@ import hashlib
 import ipaddress
 from collections.abc import Iterable, Mapping
 from enum import IntEnum
-from typing import Protocol
+from typing import Protocol, TypeVar
 
+from ciliary.operator.intents import DNSRule
 from ciliary.operator.policy.inputs import NamespaceInfo, PodInfo
 from ciliary.operator.policy.selection import (
     CIDR_SOURCE,
@@ -43,11 +48,19 @@ from ciliary.operator.policy.selection import (
     LabelSet,
 )
 
+T = TypeVar("T")
+
 MIN_CLUSTER_IDENTITY = 256
 MAX_CLUSTER_IDENTITY = 65535
 LOCAL_IDENTITY_FLAG = 1 << 24
 FIRST_CIDR_IDENTITY = LOCAL_IDENTITY_FLAG + 1
 MAX_CIDR_IDENTITY = (2 << 24) - 1
+FIRST_FQDN_SELECTOR_IDENTITY = (2 << 24) + 1
+MAX_FQDN_SELECTOR_IDENTITY = (3 << 24) - 1
+FIRST_LEARNT_IDENTITY = (3 << 24) + 1
+MAX_LEARNT_IDENTITY = (4 << 24) - 1
+"""Agent-local: addresses learnt from DNS answers (``ciliary.nodeagent.fqdn_expansion``); never in an intent."""
+FQDN_SOURCE = "fqdn"
 DEFAULT_CLUSTER_NAME = "default"
 
 
@@ -252,3 +265,28 @@ def assign_cidr_identities(
         out[prefix] = candidate
         used.add(candidate)
     return out
+
+
+def assign_fqdn_identities(selectors: Iterable[T], previous: Mapping[T, int]) -> dict[T, int]:
+    """Identities for toFQDNs selectors: keep previous numbers, give new selectors the lowest free ones."""
+    wanted = sorted(set(selectors), key=repr)
+    out = {s: previous[s] for s in wanted if s in previous}
+    used = set(out.values())
+    candidate = FIRST_FQDN_SELECTOR_IDENTITY
+    for selector in wanted:
+        if selector in out:
+            continue
+        while candidate in used:
+            candidate += 1
+        if candidate > MAX_FQDN_SELECTOR_IDENTITY:
+            raise IdentityExhaustedError("no free toFQDNs selector identity left")
+        out[selector] = candidate
+        used.add(candidate)
+    return out
+
+
+def fqdn_label(selector: DNSRule) -> str:
+    """The label shown for a toFQDNs selector identity (flows, ``policy get``)."""
+    if selector.match_name is not None:
+        return f"{FQDN_SOURCE}:matchName={selector.match_name}"
+    return f"{FQDN_SOURCE}:matchPattern={selector.match_pattern}"

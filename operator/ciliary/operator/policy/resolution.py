@@ -38,6 +38,7 @@ from ciliary.operator.intents import (
     SCHEMA_VERSION,
     Direction,
     DirectionPolicy,
+    DNSRule,
     EndpointIntent,
     IpcacheEntry,
     NodeIntent,
@@ -45,7 +46,12 @@ from ciliary.operator.intents import (
 )
 from ciliary.operator.policy import entries, identities
 from ciliary.operator.policy.compiling import CidrMatch, CompiledRule
-from ciliary.operator.policy.identities import IdentityAllocator, InMemoryIdentityAllocator, Reserved
+from ciliary.operator.policy.identities import (
+    IdentityAllocator,
+    InMemoryIdentityAllocator,
+    Reserved,
+    fqdn_label,
+)
 from ciliary.operator.policy.inputs import NamespaceInfo, NodeInfo, PodInfo
 from ciliary.operator.policy.named_ports import NamedPortIndex, NamedPorts, PortOwners
 from ciliary.operator.policy.repository import RepositorySnapshot
@@ -118,13 +124,16 @@ class Resolver(entries.PeerSource):
         self._identity_pods: dict[int, set[str]] = {}
         self._ports = NamedPortIndex()
         self._cidr_ids: dict[Network, int] = {}
+        self._fqdn_ids: dict[DNSRule, int] = {}
+        self._fqdn_selectors: dict[int, DNSRule] = {}
         self._rules: tuple[CompiledRule, ...] = ()
         self._subject_rules: dict[int, tuple[CompiledRule, ...]] = {}
         self._subject_rules_complete = False
         self._selections: dict[Selector, set[int]] = {}
         self._selector_users: dict[Selector, set[int]] = {}
         self._cidr_cache: dict[CidrMatch, frozenset[int]] = {}
-        self._users: dict[str, set[int]] = {"cluster": set(), "world": set(), "cidr": set(), "ports": set()}
+        self._users: dict[str, set[int]] = {"cluster": set(), "world": set(), "cidr": set(), "ports": set(),
+                                            "fqdn": set()}
         self._policy_cache: dict[tuple[int, PortsKey], _EndpointPolicy] = {}
         self._cache_keys: dict[int, set[tuple[int, PortsKey]]] = {}
         self._dirty: set[int] = set()
@@ -185,7 +194,7 @@ class Resolver(entries.PeerSource):
                 else:
                     intent = previous.model_copy(update={
                         "revision": revision, "ipcache": self._node_ipcache(name),
-                        "identity_labels": self._identity_labels,
+                        "identity_labels": self._identity_labels, "fqdn_selectors": self._fqdn_selectors,
                     })
                 if previous is None or intent != previous.model_copy(update={"revision": revision}):
                     changed.add(name)
@@ -234,6 +243,15 @@ class Resolver(entries.PeerSource):
             self._users["cidr"].clear()
             self._users["world"].clear()
             self._ipcache_dirty = True
+        fqdn_ids = identities.assign_fqdn_identities(
+            (f for rule in self._rules for item in rule.egress for f in item.fqdns), self._fqdn_ids)
+        if fqdn_ids != self._fqdn_ids:
+            self._fqdn_ids = fqdn_ids
+            self._fqdn_selectors = {number: selector for selector, number in sorted(fqdn_ids.items(),
+                                                                                   key=lambda kv: kv[1])}
+            self._dirty |= self._users["fqdn"]
+            self._users["fqdn"].clear()
+            self._ipcache_dirty = True  # every intent carries the selector table and its labels
 
     # ------------------------------------------------------------------- pods
 
@@ -345,6 +363,10 @@ class Resolver(entries.PeerSource):
             found = self._cidr_cache[match] = frozenset(ids)
         return found
 
+    def fqdn(self, selector: DNSRule, user: int) -> int:
+        self._users["fqdn"].add(user)
+        return self._fqdn_ids[selector]
+
     def named_ports(self, peer: int, user: int) -> NamedPorts:
         self._users["ports"].add(user)
         return self._ports.of(peer)
@@ -414,6 +436,7 @@ class Resolver(entries.PeerSource):
             ipcache=self._node_ipcache(node),
             identity_labels=self._identity_labels,
             policies=tuple(sorted(refs, key=lambda r: (r.kind, r.namespace, r.name, r.uid))),
+            fqdn_selectors=self._fqdn_selectors,
         )
 
     # ---------------------------------------------------------------- ipcache
@@ -451,6 +474,8 @@ class Resolver(entries.PeerSource):
         self._ipcache_entries = fresh
         self._ipcache_base = base
         labels = {ident: labels.strings() for ident, labels in self._index.items()}
+        for number, selector in self._fqdn_selectors.items():
+            labels[number] = (fqdn_label(selector),)
         if labels != self._identity_labels:
             self._identity_labels = dict(sorted(labels.items()))
         self._ipcache_dirty = False

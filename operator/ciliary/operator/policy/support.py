@@ -38,6 +38,8 @@ from ciliary.operator.api.rules import (
     IngressRule,
     Rule,
 )
+from ciliary.operator.api.selectors import LabelSelector
+from ciliary.operator.policy import identities, selection
 from ciliary.operator.policy.compiling import ICMP_V4_TYPES, http_matches
 
 MAX_MESSAGE = 1024
@@ -86,14 +88,22 @@ FEATURES: tuple[Feature, ...] = (
             "connections from the selected peers to the port go through the node's Envoy; a request matching "
             "none of the rules gets 403 `Access denied`. Enforced=True on a node only while its Envoy runs "
             "with the policy's configuration"),
+    Feature("dns", "`toPorts[].rules.dns` (`matchName`, `matchPattern`)", _E,
+            "the selected pods' queries on the port go through the node's DNS proxy (UDP and TCP): a name no "
+            "rule matches is answered REFUSED, others are forwarded to the server the pod asked; every query "
+            "is an L7 flow. The node reports the policy enforcing only while its proxy runs and the redirect is "
+            "in place; without a proxy the queries are dropped, never passed unfiltered"),
+    Feature("toFQDNs", "`toFQDNs` (`matchName`, `matchPattern`)", _E,
+            "an address is allowed once the pod itself resolved a matching name through the DNS proxy (a "
+            "`rules.dns` rule must send its queries there), for the answer's TTL (at least `--fqdn-min-ttl`, "
+            "at most `--fqdn-max-ips-per-endpoint` addresses per pod), then no longer; pod and node addresses "
+            "in answers are ignored. Reported enforcing only while the node's DNS proxy runs"),
     # --- partial: L3/L4 enforced, the named part not
     Feature("nodeSelector", "`nodeSelector` (CCNP host policy)", _P,
             "not enforced: Ciliary has no host firewall, traffic of the selected nodes is not filtered"),
     Feature("toServices", "`toServices`", _P,
             "not enforced: the item allows nothing (its rule still makes the pods default-deny); "
             "in `egressDeny` it denies nothing"),
-    Feature("toFQDNs", "`toFQDNs`", _P,
-            "not enforced: the item allows nothing (its rule still makes the pods default-deny)"),
     Feature("http-egress", "`toPorts[].rules.http` in `egress`", _P,
             "not enforced (no egress HTTP redirect yet): the port is open at L3/L4 to the selected peers and "
             "every request on it is allowed"),
@@ -105,8 +115,6 @@ FEATURES: tuple[Feature, ...] = (
             "`path`, `method`, `host` and `headers` are)"),
     Feature("kafka", "`toPorts[].rules.kafka`", _P,
             "not enforced (no Kafka proxy): the port is open at L3/L4, every Kafka request is allowed"),
-    Feature("dns", "`toPorts[].rules.dns`", _P,
-            "not enforced (no DNS proxy): the port is open at L3/L4, every query is allowed"),
     Feature("l7proto", "`toPorts[].rules.l7proto`, `toPorts[].rules.l7`", _P,
             "not enforced (no proxy for these parsers): the port is open at L3/L4, every request is allowed"),
     Feature("tls", "`toPorts[].terminatingTLS`, `toPorts[].originatingTLS`", _P,
@@ -123,6 +131,11 @@ FEATURES: tuple[Feature, ...] = (
             "selected pods is dropped on that direction (`UNSUPPORTED_L3`), although the policy allows it"),
     Feature("unresolved-entities", "`fromEntities`/`toEntities`: `kube-apiserver`, `unmanaged`, `world-ipv6`",
             _P, "not enforced: no address is classified as this entity, so it selects no peer"),
+    Feature("unrepresentable-label", "a selector on a pod label key security identities do not carry "
+            "(`pod-template-hash`, `controller-revision-hash`, `statefulset.kubernetes.io/pod-name`, "
+            "`kubernetes.io/*`, `k8s.io/*`, …)", _P,
+            "not enforced as written: pods cannot be told apart by such a key; as in Cilium it counts as absent "
+            "on every pod, so `NotIn`/`DoesNotExist` on it hold for every pod and `In`/`Exists` for none"),
     # --- refused
     Feature("nodeSelector-in-cnp", "`nodeSelector` in a CiliumNetworkPolicy", _R,
             "Valid=False (nodeSelector is for CCNPs)"),
@@ -184,7 +197,35 @@ IPV6_ALLOWING_ENTITIES = frozenset({"all", "world"})
 """Entities whose peers include IPv6 addresses, which an enforced direction drops."""
 
 
+def unrepresentable_keys(selector: LabelSelector | None) -> list[str]:
+    """Keys of a CNP selector naming pod labels that identities drop (``identities.is_relevant_pod_label``)."""
+    if selector is None:
+        return []
+    out = []
+    for raw in [*(selector.match_labels or {}), *(e.key for e in selector.match_expressions or ())]:
+        source, key = selection.parse_key(raw)
+        if source not in (selection.K8S_SOURCE, selection.ANY_SOURCE):
+            continue
+        if key == selection.NAMESPACE_KEY or key.startswith(IDENTITY_KEY_PREFIX):
+            continue  # the namespace and Cilium's own keys are on every pod identity
+        if not identities.is_relevant_pod_label(key):
+            out.append(raw)
+    return out
+
+
+IDENTITY_KEY_PREFIX = "io.cilium.k8s."
+"""Namespace labels, service account and cluster: keys Ciliary adds to every pod identity."""
+
+
+def _selector_gaps(selectors: Iterable[LabelSelector | None], path: str) -> Iterator[Gap]:
+    for j, selector in enumerate(selectors):
+        if unrepresentable_keys(selector):
+            yield _gap(f"{path}[{j}]", "unrepresentable-label")
+
+
 def _rule_gaps(rule: Rule, path: str) -> Iterator[Gap]:
+    if unrepresentable_keys(rule.endpoint_selector):
+        yield _gap(f"{path}.endpointSelector", "unrepresentable-label")
     if rule.node_selector is not None:
         yield _gap(f"{path}.nodeSelector", "nodeSelector")
     default_deny = rule.enable_default_deny
@@ -201,6 +242,10 @@ def _rule_gaps(rule: Rule, path: str) -> Iterator[Gap]:
 
 
 def _item_gaps(item: IngressRule | IngressDenyRule | EgressRule | EgressDenyRule, path: str) -> Iterator[Gap]:
+    side = "from" if isinstance(item, (IngressRule, IngressDenyRule)) else "to"
+    for kind in ("Endpoints", "Requires"):
+        selectors = getattr(item, f"{side}_{kind.lower()}", None) or ()
+        yield from _selector_gaps(selectors, f"{path}.{side}{kind}")
     cidr_fields: tuple[tuple[str, Sequence[str | CIDRRule] | None], ...]
     if isinstance(item, (IngressRule, IngressDenyRule)):
         cidr_fields = (("fromCIDR", item.from_cidr), ("fromCIDRSet", item.from_cidr_set))
@@ -210,8 +255,6 @@ def _item_gaps(item: IngressRule | IngressDenyRule | EgressRule | EgressDenyRule
         entity_field, entities = "toEntities", item.to_entities
         if item.to_services:
             yield _gap(f"{path}.toServices", "toServices")
-        if isinstance(item, EgressRule) and item.to_fqdns:
-            yield _gap(f"{path}.toFQDNs", "toFQDNs")
     for name, values in cidr_fields:
         written: Sequence[str | CIDRRule] = values or []
         for j, value in enumerate(written):
@@ -259,8 +302,6 @@ def _port_rule_gaps(rule: PortRule, path: str, ingress: bool) -> Iterator[Gap]:
                     yield _gap(f"{path}.rules.http[{k}].headerMatches", "headerMatches")
         if l7.kafka is not None:
             yield _gap(f"{path}.rules.kafka", "kafka")
-        if l7.dns is not None:
-            yield _gap(f"{path}.rules.dns", "dns")
         if l7.l7proto is not None or l7.l7 is not None:
             yield _gap(f"{path}.rules.l7proto", "l7proto")
     if rule.terminating_tls is not None:

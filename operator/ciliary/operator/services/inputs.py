@@ -60,6 +60,8 @@ class ServiceInfo:
     """``status.loadBalancer.ingress[].ip``."""
     internal_traffic_policy: str = "Cluster"
     external_traffic_policy: str = "Cluster"
+    health_check_node_port: int | None = None
+    """``spec.healthCheckNodePort`` (allocated for ``externalTrafficPolicy: Local`` load balancers)."""
     affinity_timeout: int = 0
     """Seconds of ClientIP session affinity; 0: no affinity."""
     proxy_name: str | None = None
@@ -135,6 +137,7 @@ def service_from_body(body: Mapping[str, Any]) -> ServiceInfo:
         load_balancer_ips=lb_ips if spec.get("type") == "LoadBalancer" else (),
         internal_traffic_policy=str(spec.get("internalTrafficPolicy") or "Cluster"),
         external_traffic_policy=str(spec.get("externalTrafficPolicy") or "Cluster"),
+        health_check_node_port=int(spec["healthCheckNodePort"]) if spec.get("healthCheckNodePort") else None,
         affinity_timeout=affinity,
         proxy_name=str(labels[PROXY_NAME_LABEL]) if PROXY_NAME_LABEL in labels else None,
     )

@@ -6,7 +6,9 @@ with :func:`parse_lb_intent` and fills its LB maps from it. A frontend is (addre
 protocol): the same port on TCP and UDP is two frontends. A frontend's backends are final: the
 traffic policy, the terminating fallback and this node's locality have been applied; an empty
 tuple means "refuse" (no endpoints), or, with ``no_local_backends``, "drop" (a Local policy and
-no endpoint on this node).
+no endpoint on this node). A Service with ``externalTrafficPolicy: Local`` and a
+``healthCheckNodePort`` also gets a :class:`HealthCheckIntent` on every node: the number of its
+ready endpoints on that node, which the agent serves on that port as kube-proxy does.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-LB_SCHEMA_VERSION = 1
+LB_SCHEMA_VERSION = 2
 MAX_BACKENDS_PER_FRONTEND = 256
 """Backend slots of one frontend in the datapath (``CY_LB_SLOTS_MAX``); more is refused, never cut."""
 
@@ -109,10 +111,19 @@ class ProblemIntent(_Frozen):
     message: str
 
 
+class HealthCheckIntent(_Frozen):
+    """A ``healthCheckNodePort`` this node answers: 200 with local endpoints, 503 without."""
+
+    service: str = Field(description="namespace/name of the Service.")
+    port: int = Field(ge=1, le=65535, description="The Service's healthCheckNodePort.")
+    local_endpoints: int = Field(ge=0, description="Ready endpoints of the Service on this node.")
+
+
 class NodeLBIntent(_Frozen):
     schema_version: int = Field(default=LB_SCHEMA_VERSION)
     node: str
     frontends: tuple[FrontendIntent, ...] = ()
+    health_checks: tuple[HealthCheckIntent, ...] = ()
     problems: tuple[ProblemIntent, ...] = ()
 
     def content_hash(self) -> str:

@@ -11,7 +11,10 @@ For every Service this proxy serves (not headless, not ExternalName, no foreign
   backends), the NodePort on every node's address, each ExternalIP and each LoadBalancer ingress
   IP. Those external frontends are reached here only by clients on a node (socket load
   balancing), which, as in kube-proxy for pod-originated traffic and in Cilium, use the
-  cluster-wide set whatever externalTrafficPolicy says (the policy is carried for display).
+  cluster-wide set whatever externalTrafficPolicy says (the policy is carried for display);
+* health checks: a Service with ``externalTrafficPolicy: Local`` and a ``healthCheckNodePort``
+  gets, on every node, the number of its distinct ready endpoint addresses on that node (any
+  port; kube-proxy counts ready local endpoints too), served by the agent on that port.
 
 Bad input never spills over: a problem (``errors``) removes only the frontends it concerns and is
 listed in every node's intent. Two Services claiming one frontend: the first by namespace/name
@@ -32,6 +35,7 @@ from ciliary.operator.services.intent import (
     BackendState,
     FrontendIntent,
     FrontendKind,
+    HealthCheckIntent,
     NodeLBIntent,
     ProblemIntent,
 )
@@ -110,6 +114,7 @@ class _Accumulator:
     nodes: Mapping[str, str | None]
     frontends: dict[str, dict[tuple[str, int, str], FrontendIntent]] = field(default_factory=dict)
     owners: dict[tuple[str, int, str], str] = field(default_factory=dict)
+    health_checks: dict[str, list[HealthCheckIntent]] = field(default_factory=dict)
     problems: dict[str, list[errors.ServiceProblem]] = field(default_factory=dict)
 
     def problem(self, p: errors.ServiceProblem) -> None:
@@ -168,6 +173,17 @@ def _resolve_port(acc: _Accumulator, service: ServiceInfo, port: ServicePort, sl
             table.setdefault(fe.key, fe)
 
 
+def _health_checks(acc: _Accumulator, service: ServiceInfo, slices: list[SliceInfo]) -> None:
+    port = service.health_check_node_port
+    if not port or service.external_traffic_policy != "Local":
+        return
+    ready = {(ep.node or "", ep.addresses[0]) for sl in slices for ep in sl.endpoints if ep.ready and ep.addresses}
+    for node in acc.nodes:
+        count = sum(1 for where, _ in ready if where == node)
+        acc.health_checks.setdefault(node, []).append(
+            HealthCheckIntent(service=service.key, port=port, local_endpoints=count))
+
+
 def resolve(services: Mapping[str, ServiceInfo], slices: Mapping[str, SliceInfo],
             nodes: Mapping[str, str | None], config: ResolverConfig = ResolverConfig()) -> LBResolution:
     """Every node's load-balancing intent. ``nodes``: node name -> its InternalIP (None if unknown)."""
@@ -183,9 +199,12 @@ def resolve(services: Mapping[str, ServiceInfo], slices: Mapping[str, SliceInfo]
             continue
         for port in service.ports:
             _resolve_port(acc, service, port, by_service.get(service.key, []), config)
+        _health_checks(acc, service, by_service.get(service.key, []))
     problems = tuple(ProblemIntent(service=k, reason=p.reason, message=p.message)
                      for k in sorted(acc.problems) for p in acc.problems[k])
     intents = {node: NodeLBIntent(node=node, frontends=tuple(v for _, v in sorted(acc.frontends.get(node, {}).items())),
-                                  problems=problems)
+                                  problems=problems,
+                                  health_checks=tuple(sorted(acc.health_checks.get(node, []),
+                                                             key=lambda h: (h.port, h.service))))
                for node in acc.nodes}
     return LBResolution(intents=intents, problems={k: tuple(v) for k, v in acc.problems.items()})

@@ -69,6 +69,13 @@
 #define CY_POLICY_DENY (1U << 0)
 #define CY_POLICY_HTTP (1U << 1) /* allow entry with HTTP rules: redirect to the proxy (lib/l7redirect.h) */
 
+/* Proxy redirection (lib/redirect.h): the mark that routes a packet assigned to a
+ * proxy socket to local delivery, and the routing table holding the local route.
+ * ciliary.nodeagent.proxy_routing installs the matching rule with the same numbers. */
+#define CY_MARK_TO_PROXY 0x0A00
+#define CY_MARK_PROXY_MASK 0x0F00
+#define CY_PROXY_TABLE 2005
+
 /* Reserved identities (Cilium's numbering). */
 #define CY_ID_ANY 0   /* in policy keys: any peer */
 #define CY_ID_WORLD 2 /* peer not in the ipcache */
@@ -112,6 +119,7 @@
 #define CY_TCP_FIN 0x01
 #define CY_TCP_SYN 0x02
 #define CY_TCP_RST 0x04
+#define CY_TCP_ACK 0x10
 
 #endif /* CY_CONSTS_H */
 /* ---- include/drop_reasons.h ---- */
@@ -134,9 +142,9 @@
 #define CY_DROP_INVALID_L3 8 /* dropped: IPv4 header shorter than 20 bytes (ihl < 5, truncated) */
 #define CY_DROP_UNSUPPORTED_L3 9 /* dropped: IPv6 (no IPv6 policy yet) other than ND */
 #define CY_DROP_SPOOFED_SOURCE 10 /* dropped: IPv4 from a pod's veth whose source is not the pod's address */
-#define CY_OK_TO_PROXY 11    /* redirected: an allow entry with HTTP rules hands the packet to the node's proxy */
-#define CY_OK_FROM_PROXY 12  /* forwarded: the node's proxy connects to the pod (judged by the proxy) */
-#define CY_DROP_PROXY_UNAVAILABLE 13 /* dropped: HTTP rules apply but the datapath has no proxy device */
+#define CY_DROP_PROXY_UNAVAILABLE 11 /* dropped: its entry redirects to a proxy and no proxy (socket or device) is there */
+#define CY_OK_PROXY 12       /* forwarded: an allow entry matched and the packet went to the node's proxy */
+#define CY_OK_FROM_PROXY 13  /* forwarded: the node's HTTP proxy connects to the pod (judged by the proxy) */
 
 #define CY_REASON_MAX 16
 
@@ -185,8 +193,10 @@ struct policy_key {
 };
 
 struct policy_value {
-	__u32 cookie; /* rule cookie for flow events (crc32 of the rule refs) */
-	__u32 flags;  /* CY_POLICY_DENY in cy_policy_deny */
+	__u32 cookie;     /* rule cookie for flow events (crc32 of the rule refs) */
+	__u16 flags;      /* CY_POLICY_DENY in cy_policy_deny */
+	__u16 proxy_port; /* host order; != 0: deliver to the node-local proxy on this
+			   * port (lib/redirect.h); cy_policy entries of CY_DIR_EGRESS only */
 };
 
 /* cy_ct key: one connection as seen from one local pod, the same for both of
@@ -733,14 +743,17 @@ static __always_inline struct policy_value *cy_policy_probe(int deny, __u32 ep_i
 }
 
 /* Returns a drop_reasons.h code; *cookie gets the deciding rule's cookie and
- * *vflags the deciding allow entry's policy_value.flags (0 otherwise).
+ * *vflags the deciding allow entry's policy_value.flags (0 otherwise), *proxy_port its
+ * proxy port (0: no redirect; lib/redirect.h).
  * has_deny: the endpoint's CY_EP_*_DENY flag of dir (0 skips cy_policy_deny). */
 static __always_inline __u8 cy_policy_verdict(__u32 ep_id, __u8 dir, __u32 has_deny,
 					      __u32 identity, __u8 proto, __u16 port,
-					      __u32 *cookie, __u32 *vflags)
+					      __u32 *cookie, __u32 *vflags, __u16 *proxy_port)
 {
 	struct policy_value *val;
 
+	*proxy_port = 0;
+	*vflags = 0;
 	if (has_deny) {
 		val = cy_policy_probe(1, ep_id, dir, identity, proto, port);
 		if (val) {
@@ -752,6 +765,7 @@ static __always_inline __u8 cy_policy_verdict(__u32 ep_id, __u8 dir, __u32 has_d
 	if (val) {
 		*cookie = val->cookie;
 		*vflags = val->flags;
+		*proxy_port = val->proxy_port;
 		return CY_OK_POLICY;
 	}
 	*cookie = 0;
@@ -877,6 +891,79 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, const struct c
 }
 
 #endif /* CY_CONNTRACK_H */
+/* ---- lib/redirect.h ---- */
+/* redirect.h - hand a pod's packet to a node-local proxy socket, transparently.
+ *
+ * One concept: a policy entry whose policy_value.proxy_port is set sends the
+ * matching packets to the proxy listening on that port in the node's network
+ * namespace, without rewriting them. The proxy sees the pod's address and port
+ * as the peer and the original destination as its local address (TCP: the
+ * accepted socket's name; UDP: IP_RECVORIGDSTADDR), and answers from the
+ * original destination (IP_TRANSPARENT), so the pod never sees the proxy.
+ *
+ * How: bpf_sk_lookup_{tcp,udp} finds the socket and bpf_sk_assign() attaches
+ * it to the skb; the stack then delivers the packet to that socket, provided
+ * routing sends it to local delivery. That is what the mark is for: the agent
+ * keeps, inside the node's namespace only,
+ *     ip rule add fwmark CY_MARK_TO_PROXY/CY_MARK_PROXY_MASK lookup CY_PROXY_TABLE
+ *     ip route add local 0.0.0.0/0 dev lo table CY_PROXY_TABLE
+ * (ciliary.nodeagent.proxy_routing; the numbers are rendered there from the
+ * same constants). bpf_sk_assign is valid at tc ingress only: cy_from_pod, the
+ * pod's egress. The proxy socket needs IP_TRANSPARENT.
+ *
+ * TCP: a connection's first packet (SYN without ACK) is assigned to the
+ * proxy's listener, found by the proxy port; the listener's request socket
+ * then carries the original 4-tuple, so every later packet (the handshake's
+ * ACK, data) only needs the mark: local delivery finds that request or
+ * accepted socket by its 4-tuple, as for any local connection. (Assigning the
+ * listener to those packets would hand them to the listener itself, which
+ * does not know the half-open connection.)
+ * UDP: always the proxy's socket on the proxy port.
+ *
+ * Fail closed: no proxy socket, or a protocol other than TCP/UDP -> the
+ * caller drops the packet (CY_DROP_PROXY_UNAVAILABLE); it is never passed
+ * unproxied.
+ */
+#ifndef CY_REDIRECT_H
+#define CY_REDIRECT_H
+
+/* 0: assigned (the caller returns TC_ACT_OK); -1: no socket (drop). */
+static __always_inline int cy_redirect_to_proxy(struct __sk_buff *skb, const struct cy_packet *p,
+						__u16 proxy_port)
+{
+	struct bpf_sock_tuple tuple = {};
+	struct bpf_sock *sk = 0;
+	long err;
+
+	tuple.ipv4.saddr = p->saddr;
+	tuple.ipv4.daddr = p->daddr;
+	tuple.ipv4.sport = p->sport;
+	tuple.ipv4.dport = p->dport;
+	if (p->protocol == CY_PROTO_TCP) {
+		if ((p->tcp_flags & (CY_TCP_SYN | CY_TCP_ACK)) != CY_TCP_SYN)
+			goto mark;
+		tuple.ipv4.dport = bpf_htons(proxy_port);
+		sk = bpf_sk_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+		if (sk && sk->state != BPF_TCP_LISTEN) {
+			bpf_sk_release(sk);
+			sk = 0;
+		}
+	} else if (p->protocol == CY_PROTO_UDP) {
+		tuple.ipv4.dport = bpf_htons(proxy_port);
+		sk = bpf_sk_lookup_udp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+	}
+	if (!sk)
+		return -1;
+	err = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	if (err)
+		return -1;
+mark:
+	skb->mark = (skb->mark & ~CY_MARK_PROXY_MASK) | CY_MARK_TO_PROXY;
+	return 0;
+}
+
+#endif /* CY_REDIRECT_H */
 /* ---- lib/l7redirect.h ---- */
 /* l7redirect.h - hand a pod's ingress connections to the node's HTTP proxy (Envoy).
  *
@@ -884,7 +971,7 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, const struct c
  * CY_POLICY_HTTP (the entry has HTTP rules, ciliary.operator.intents.PolicyEntry.http)
  * does not deliver the packet to the pod: cy_to_pod runs at tc EGRESS of the pod's
  * host veth, where a packet cannot be assigned to a local socket (bpf_sk_assign
- * works at tc ingress only). So the packet is marked CY_MARK_TO_PROXY, its
+ * works at tc ingress only). So the packet is marked CY_MARK_TO_L7PROXY, its
  * destination MAC is set to the proxy device's (the node-local veth CY_PROXY_IFINDEX,
  * created by the agent, ciliary.nodeagent.proxy_plumbing) and it is redirected to
  * that device's INGRESS. There it re-enters the node's stack: an iptables TPROXY rule
@@ -893,7 +980,7 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, const struct c
  * untouched), and a policy-routing rule on the mark delivers it locally. Every
  * forward packet of the connection takes this path (they are all re-evaluated).
  *
- * The proxy's own connection to the pod carries socket mark CY_MARK_FROM_PROXY
+ * The proxy's own connection to the pod carries socket mark CY_MARK_FROM_L7PROXY
  * (SO_MARK, ciliary.nodeagent.envoy_config): cy_to_pod lets those packets through
  * without a policy lookup and never redirects them again (the request was judged by
  * the proxy on behalf of the original peer). Only a process of the node's network
@@ -910,18 +997,20 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, const struct c
 #define CY_PROXY_MAC {0, 0, 0, 0, 0, 0}
 #endif
 
-#define CY_MARK_MASK 0x0F00
-#define CY_MARK_TO_PROXY 0x0C00
-#define CY_MARK_FROM_PROXY 0x0D00
+/* Marks of the ingress HTTP path, in the CY_MARK_PROXY_MASK nibble shared with
+ * lib/redirect.h (whose egress mark is CY_MARK_TO_PROXY); ciliary.nodeagent.envoy_config
+ * and proxy_plumbing (table 2012) use the same numbers. */
+#define CY_MARK_TO_L7PROXY 0x0C00
+#define CY_MARK_FROM_L7PROXY 0x0D00
 
 /* Was this packet sent by the node's proxy (its upstream connection to a pod)? */
 static __always_inline int cy_from_proxy(const struct __sk_buff *skb)
 {
-	return (skb->mark & CY_MARK_MASK) == CY_MARK_FROM_PROXY;
+	return (skb->mark & CY_MARK_PROXY_MASK) == CY_MARK_FROM_L7PROXY;
 }
 
 /* Redirect skb to the proxy device's ingress; TC_ACT_SHOT if there is none. */
-static __always_inline int cy_redirect_to_proxy(struct __sk_buff *skb)
+static __always_inline int cy_redirect_to_l7proxy(struct __sk_buff *skb)
 {
 	__u8 mac[6] = CY_PROXY_MAC;
 
@@ -929,7 +1018,7 @@ static __always_inline int cy_redirect_to_proxy(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	if (bpf_skb_store_bytes(skb, 0, mac, 6, 0) < 0)
 		return TC_ACT_SHOT;
-	skb->mark = CY_MARK_TO_PROXY;
+	skb->mark = CY_MARK_TO_L7PROXY;
 	return bpf_redirect(CY_PROXY_IFINDEX, BPF_F_INGRESS);
 }
 
@@ -961,8 +1050,13 @@ static __always_inline int cy_redirect_to_proxy(struct __sk_buff *skb)
  *   3. direction not enforced -> pass (CY_OK_UNENFORCED);
  *   4. policy.h verdict: deny entry -> drop, allow entry -> pass, else drop
  *      (the deny map is probed only when the endpoint's CY_EP_*_DENY is set);
- *      cy_to_pod only (l7redirect.h): an allow entry with HTTP rules redirects the
- *      packet to the node's proxy (CY_OK_TO_PROXY) instead of passing it, and a
+ *   5. cy_from_pod only: an allow entry with a proxy port hands the packet to
+ *      the node's proxy (redirect.h, CY_OK_PROXY); no proxy socket ->
+ *      CY_DROP_PROXY_UNAVAILABLE. The connection is tracked as usual, so the
+ *      proxy's answers (sent from the original destination) pass as replies.
+ *   6. cy_to_pod only (l7redirect.h): an allow entry with HTTP rules
+ *      (CY_POLICY_HTTP) redirects the packet to the node's HTTP proxy (CY_OK_PROXY;
+ *      no proxy device -> CY_DROP_PROXY_UNAVAILABLE) instead of passing it, and a
  *      packet of the proxy's own connection to the pod passes without a lookup
  *      (CY_OK_FROM_PROXY), tracked so that the pod's replies pass.
  * One cy_ct lookup per packet (conntrack.h) tells replies from forward
@@ -1028,6 +1122,8 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 	struct endpoint_info *ep, *src_ep = 0;
 	__u32 pod_addr, peer_addr, peer_id = 0, cookie = 0, vflags = 0;
 	__u32 flags, enforced, has_deny;
+	__u16 proxy_port = 0;
+	int to_l7proxy = 0;
 	__u64 ct_now = 0;
 	__u8 reason;
 	int parsed, is_new;
@@ -1091,9 +1187,14 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 	} else if (enforced) {
 		peer_id = cy_identity_of(peer_addr);
 		reason = cy_policy_verdict(ep->ep_id, dir, has_deny, peer_id, p.protocol,
-					   p.policy_port, &cookie, &vflags);
-		if (reason == CY_OK_POLICY && dir == CY_DIR_INGRESS && (vflags & CY_POLICY_HTTP))
-			reason = CY_PROXY_IFINDEX ? CY_OK_TO_PROXY : CY_DROP_PROXY_UNAVAILABLE;
+					   p.policy_port, &cookie, &vflags, &proxy_port);
+		if (reason == CY_OK_POLICY && dir == CY_DIR_INGRESS && (vflags & CY_POLICY_HTTP)) {
+			reason = CY_PROXY_IFINDEX ? CY_OK_PROXY : CY_DROP_PROXY_UNAVAILABLE;
+			to_l7proxy = 1;
+		} else if (dir == CY_DIR_EGRESS && reason == CY_OK_POLICY && proxy_port) {
+			reason = cy_redirect_to_proxy(skb, &p, proxy_port) ? CY_DROP_PROXY_UNAVAILABLE
+									   : CY_OK_PROXY;
+		}
 	} else {
 		reason = CY_OK_UNENFORCED;
 	}
@@ -1109,8 +1210,8 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 			peer_id = cy_identity_of(peer_addr);
 		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie);
 	}
-	if (reason == CY_OK_TO_PROXY)
-		return cy_redirect_to_proxy(skb);
+	if (to_l7proxy)
+		return cy_redirect_to_l7proxy(skb);
 	return TC_ACT_OK;
 #undef CY_SRC_ID
 #undef CY_DST_ID

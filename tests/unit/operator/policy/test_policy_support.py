@@ -91,7 +91,8 @@ EXAMPLES: list[tuple[str, dict[str, Any], str, str]] = [
     ("toServices", {"endpointSelector": APP, "egressDeny": [
         {"toServices": [{"k8sServiceSelector": {"selector": {"matchLabels": {"t": "db"}}}}]}]}, CNP,
      "spec.egressDeny[0].toServices"),
-    ("toFQDNs", egress(toFQDNs=[{"matchName": "example.com"}], toPorts=[PORT80]), CNP, "spec.egress[0].toFQDNs"),
+    ("toFQDNs", egress(toFQDNs=[{"matchName": "example.com"}, {"matchPattern": "*.example.com"}],
+                       toPorts=[PORT80]), CNP, ""),
     ("http", l7({"http": [{"method": "POST", "path": "/v1/request-landing"}]}), CNP, ""),
     ("http", l7({"http": [{}, {"host": "a[.]io", "headers": ["X-A", "X-B: 1"]}]}), CNP, ""),
     ("http-egress", l7({"http": [{}]}, direction="egress"), CNP, "spec.egress[0].toPorts[0].rules.http"),
@@ -101,8 +102,8 @@ EXAMPLES: list[tuple[str, dict[str, Any], str, str]] = [
      CNP, "spec.ingress[0].toPorts[0].rules.http[0].headerMatches"),
     ("kafka", l7({"kafka": [{"role": "produce", "topic": "t"}]}, port="9092"), CNP,
      "spec.ingress[0].toPorts[0].rules.kafka"),
-    ("dns", l7({"dns": [{"matchPattern": "*"}]}, direction="egress", port="53", proto="UDP"), CNP,
-     "spec.egress[0].toPorts[0].rules.dns"),
+    ("dns", l7({"dns": [{"matchPattern": "*"}, {"matchName": "api.world.test"}]}, direction="egress", port="53",
+                proto="UDP"), CNP, ""),
     ("l7proto", l7({"l7proto": "cassandra", "l7": [{"query_action": "select"}]}), CNP,
      "spec.ingress[0].toPorts[0].rules.l7proto"),
     ("tls", egress(toPorts=[{"ports": [{"port": "443", "protocol": "TCP"}],
@@ -124,6 +125,13 @@ EXAMPLES: list[tuple[str, dict[str, Any], str, str]] = [
     ("unresolved-entities", ingress(fromEntities=["world-ipv4", "unmanaged"]), CNP,
      "spec.ingress[0].fromEntities[1]"),
     ("unresolved-entities", egress(toEntities=["world-ipv6"]), CNP, "spec.egress[0].toEntities[0]"),
+    ("unrepresentable-label", {"endpointSelector": {"matchExpressions": [
+        {"key": "k8s:statefulset.kubernetes.io/pod-name", "operator": "NotIn", "values": ["db-0"]}]},
+        "ingress": [{"fromEndpoints": [{}]}]}, CNP, "spec.endpointSelector"),
+    ("unrepresentable-label", ingress(fromEndpoints=[{}, {"matchLabels": {"pod-template-hash": "abc"}}]), CNP,
+     "spec.ingress[0].fromEndpoints[1]"),
+    ("unrepresentable-label", egress(toEndpoints=[APP], toRequires=[{"matchExpressions": [
+        {"key": "any:kubernetes.io/hostname", "operator": "DoesNotExist"}]}]), CNP, "spec.egress[0].toRequires[0]"),
     ("nodeSelector-in-cnp", {"nodeSelector": {}, "ingress": [{}]}, CNP, ""),
     ("l7-in-deny", {"endpointSelector": APP, "ingressDeny": [{"toPorts": [{**PORT80, "rules": {"http": [{}]}}]}]},
      CNP, ""),
@@ -250,3 +258,12 @@ def test_each_endpoint_lists_the_policies_selecting_it() -> None:
     repo.upsert(parse_policy(body(ingress(fromEndpoints=[{}]))))
     intent = resolve_cluster(ClusterState(repo.snapshot(), PODS, {"ns": NamespaceInfo("ns", {})}, NODES))["n1"]
     assert {e.pod: e.policies for e in intent.endpoints} == {"a": ("uid-p",), "b": ()}
+
+
+@pytest.mark.parametrize("key", ["k8s:io.kubernetes.pod.namespace", "io.cilium.k8s.policy.serviceaccount",
+                                 "k8s:io.cilium.k8s.namespace.labels.team", "app.kubernetes.io/name", "app",
+                                 "reserved:host", "cidr:10.0.0.0/8"])
+def test_keys_identities_carry_are_no_gap(key: str) -> None:
+    spec = ingress(fromEndpoints=[{"matchExpressions": [{"key": key, "operator": "Exists"}]}])
+    _, enforced, gaps = status_of(body(spec))
+    assert gaps == () and enforced["status"] == "True", (gaps, enforced)

@@ -225,3 +225,34 @@ def test_wire_round_trip_and_schema_refusal() -> None:
     with pytest.raises(LBIntentSchemaError):
         parse_lb_intent("node-1", b"not json")
     assert NodeLBIntent(node="x").content_hash() == NodeLBIntent(node="x").content_hash()
+
+
+def test_health_check_node_port_counts_ready_endpoints_per_node() -> None:
+    svc = service(type="LoadBalancer", externalTrafficPolicy="Local", healthCheckNodePort=32000,
+                  ports=[{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080},
+                         {"name": "alt", "port": 81, "targetPort": 8081, "nodePort": 30081}])
+    result = run([svc], [eslice("web-a", "web", [ep("10.0.1.5"), ep("10.0.1.6"), ep("10.0.1.7", ready=False),
+                                                   ep("10.0.2.5", "node-2", ready=False, serving=True,
+                                                      terminating=True)],
+                                ports=[{"name": "http", "port": 8080, "protocol": "TCP"},
+                                       {"name": "alt", "port": 8081, "protocol": "TCP"}])])
+    checks = {node: [(h.service, h.port, h.local_endpoints) for h in intent.health_checks]
+              for node, intent in result.intents.items()}
+    # two ready endpoints on node-1 (counted once across both ports); node-2's only endpoint is terminating
+    assert checks == {"node-1": [("default/web", 32000, 2)], "node-2": [("default/web", 32000, 0)]}
+
+
+@pytest.mark.parametrize("spec", [{"type": "LoadBalancer", "healthCheckNodePort": 32000},
+                                  {"type": "LoadBalancer", "externalTrafficPolicy": "Local"},
+                                  {"type": "ClusterIP", "clusterIP": "None", "externalTrafficPolicy": "Local",
+                                   "healthCheckNodePort": 32000}])
+def test_no_health_check_without_local_policy_a_port_or_a_served_service(spec: dict[str, Any]) -> None:
+    result = run([service(**spec)], [eslice("web-a", "web", [ep("10.0.1.5")])])
+    assert all(intent.health_checks == () for intent in result.intents.values())
+
+
+def test_health_checks_survive_the_wire() -> None:
+    svc = service(type="LoadBalancer", externalTrafficPolicy="Local", healthCheckNodePort=32000)
+    intent = run([svc], [eslice("web-a", "web", [ep("10.0.1.5")])]).intents["node-1"]
+    assert parse_lb_intent("node-1", intent.to_wire()) == intent
+    assert intent.health_checks[0].local_endpoints == 1

@@ -1,0 +1,205 @@
+/* lb_nodeport.h - north-south load balancing on a node's external device (tc).
+ *
+ * A TCP or UDP packet arriving on the device (cy_ns_from_device, tc ingress)
+ * for a frontend the agent marked external (CY_LB_F_EXTERNAL: a NodePort, an
+ * ExternalIP or a LoadBalancer IP; ClusterIPs are not served from outside)
+ * gets a backend once per connection, remembered in cy_lb4_nat:
+ *   - a backend on this node (CY_LB_BE_LOCAL): the destination becomes the
+ *     backend, the client's address stays; the node's stack routes the packet
+ *     to the pod's veth, where the pod's ingress policy sees the client. The
+ *     reply leaves through this device, where cy_ns_to_device (tc egress)
+ *     puts the frontend back as its source;
+ *   - a backend elsewhere: the destination becomes the backend and the source
+ *     this device's address (cy_lb4_dev) and a port of
+ *     CY_LB_SNAT_PORT_MIN..MAX, so the reply comes back here; the backend's
+ *     policy sees this node's address. The reply (backend -> that address and
+ *     port) is translated back to frontend -> client on ingress. Both are sent
+ *     on by a route lookup (bpf_fib_lookup, then bpf_redirect, or
+ *     bpf_redirect_neigh when the neighbour is not resolved yet), bypassing
+ *     the node's input path, which would refuse its own address as a source.
+ * Rewriting and sending: lib/lb_nat.h. A frontend without backends refuses a
+ * TCP SYN with a RST (lib/lb_reject.h) and drops everything else, UDP
+ * included (CY_NS_DROP_NO_BACKEND: no ICMP port unreachable is built); with
+ * externalTrafficPolicy Local the frontend's external entry (scope
+ * CY_LB_SCOPE_EXTERNAL) holds this node's backends only, and none here drops
+ * (CY_NS_DROP_NO_LOCAL). Fragments of such packets cannot be translated and
+ * are dropped (CY_NS_DROP_FRAGMENT); every other fragment, non-TCP/UDP
+ * packet (ICMP, SCTP, ...) and non-IPv4 packet passes untouched. A known
+ * connection whose backend left the maps picks a new one.
+ */
+#ifndef CY_LIB_LB_NODEPORT_H
+#define CY_LIB_LB_NODEPORT_H
+
+/* The forward entry's backend is still the one the maps hold under its id. */
+static __always_inline int cy_ns_backend_alive(const struct lb4_nat_entry *e)
+{
+	__u32 id = e->backend_id;
+	struct lb4_backend *be = cy_lb4_be.lookup(&id);
+
+	return be && be->address == e->daddr && be->port == e->dport;
+}
+
+/* A free SNAT port towards (backend, port) on `snat`: the reply entry is
+ * written under it. Returns the port (network order) or 0. */
+static __always_inline __u16 cy_ns_snat_port(struct lb4_nat_key *rkey, struct lb4_nat_entry *rev, __u64 now)
+{
+	struct lb4_nat_entry *old;
+	__u16 port;
+
+#pragma unroll
+	for (int i = 0; i < CY_LB_SNAT_TRIES; i++) {
+		port = CY_LB_SNAT_PORT_MIN + bpf_get_prandom_u32() % (CY_LB_SNAT_PORT_MAX - CY_LB_SNAT_PORT_MIN + 1);
+		rkey->dport = bpf_htons(port);
+		old = cy_lb4_nat.lookup(rkey);
+		if (old && old->expires >= now)
+			continue;
+		if (cy_lb4_nat.update(rkey, rev) == 0)
+			return rkey->dport;
+	}
+	return 0;
+}
+
+/* A new connection to frontend `svc` (slot 0 entry of `key`): choose its
+ * backend, write both NAT entries, translate. */
+static __always_inline int cy_ns_new(struct __sk_buff *skb, const struct cy_packet *p, __u32 l4off,
+				     struct lb4_key *key, struct lb4_service *svc, struct lb4_nat_key *nkey,
+				     __u32 snat, __u64 now)
+{
+	struct lb4_nat_entry fwd = {}, rev = {};
+	struct lb4_nat_key rkey = {};
+	struct lb4_service *entry;
+	struct lb4_backend *be;
+	__u32 backend_id, frontend_id = svc->backend_id;
+	__u64 life = cy_ns_lifetime(p, 0);
+
+	if (svc->count == 0) {
+		if (svc->flags & CY_LB_F_NO_LOCAL)
+			return cy_ns_drop(CY_NS_DROP_NO_LOCAL);
+		if (p->protocol == CY_PROTO_TCP && (p->tcp_flags & (CY_TCP_SYN | CY_NS_TCP_ACK)) == CY_TCP_SYN)
+			return cy_ns_reset(skb, l4off);
+		return cy_ns_drop(CY_NS_DROP_NO_BACKEND);
+	}
+	key->slot = (__u16)(bpf_get_prandom_u32() % svc->count) + 1;
+	entry = cy_lb4_svc.lookup(key);
+	if (!entry)
+		return cy_ns_drop(CY_NS_DROP_NO_BACKEND);
+	backend_id = entry->backend_id;
+	be = cy_lb4_be.lookup(&backend_id);
+	if (!be)
+		return cy_ns_drop(CY_NS_DROP_NO_BACKEND);
+	fwd.expires = rev.expires = now + life;
+	fwd.daddr = be->address;
+	fwd.dport = be->port;
+	fwd.backend_id = backend_id;
+	fwd.frontend_id = frontend_id;
+	rev.saddr = p->daddr;
+	rev.sport = p->dport;
+	rev.daddr = p->saddr;
+	rev.dport = p->sport;
+	rkey.saddr = be->address;
+	rkey.sport = be->port;
+	rkey.proto = p->protocol;
+	if (be->flags & CY_LB_BE_LOCAL) {
+		fwd.saddr = p->saddr;
+		fwd.sport = p->sport;
+		rkey.daddr = p->saddr;
+		rkey.dport = p->sport;
+		rkey.hook = CY_NAT_AT_EGRESS;
+		cy_lb4_nat.update(&rkey, &rev);
+	} else {
+		if (!snat)
+			return cy_ns_drop(CY_NS_DROP_NO_ROUTE);
+		rev.flags = CY_NAT_F_REDIRECT;
+		fwd.flags = CY_NAT_F_REDIRECT;
+		fwd.saddr = snat;
+		rkey.daddr = snat;
+		rkey.hook = CY_NAT_AT_INGRESS;
+		fwd.sport = cy_ns_snat_port(&rkey, &rev, now);
+		if (!fwd.sport)
+			return cy_ns_drop(CY_NS_DROP_NAT_PORTS);
+	}
+	cy_lb4_nat.update(nkey, &fwd);
+	return cy_ns_apply(skb, p, l4off, &fwd, CY_NS_NEW);
+}
+
+/* tc ingress of an external device. */
+static __always_inline int cy_ns_from_device(struct __sk_buff *skb)
+{
+	struct cy_packet p = {};
+	struct lb4_nat_key nkey = {};
+	struct lb4_key key = {};
+	struct lb4_nat_entry *e;
+	struct lb4_service *svc;
+	struct lb4_device *dev;
+	__u32 ifindex = skb->ifindex, l4off, snat;
+	__u64 now;
+
+	dev = cy_lb4_dev.lookup(&ifindex);
+	if (!dev)
+		return TC_ACT_OK;
+	snat = dev->snat_addr;
+	if (cy_parse(skb, &p) != CY_PARSE_OK || (p.protocol != CY_PROTO_TCP && p.protocol != CY_PROTO_UDP))
+		return TC_ACT_OK; /* not IPv4 TCP/UDP, or a fragment without ports: not ours */
+	if (cy_ns_l4_offset(skb, &l4off) < 0)
+		return TC_ACT_OK;
+	now = bpf_ktime_get_coarse_ns();
+	cy_ns_key(&p, CY_NAT_AT_INGRESS, &nkey);
+	e = cy_lb4_nat.lookup(&nkey);
+	if (e && e->expires >= now) {
+		if (p.is_fragment)
+			return cy_ns_drop(CY_NS_DROP_FRAGMENT);
+		if (!e->backend_id) {
+			cy_ns_refresh(e, &p, now);
+			return cy_ns_apply(skb, &p, l4off, e, CY_NS_REPLY);
+		}
+		if (cy_ns_backend_alive(e)) {
+			cy_ns_refresh(e, &p, now);
+			return cy_ns_apply(skb, &p, l4off, e, CY_NS_FORWARD);
+		}
+	}
+	key.address = p.daddr;
+	key.dport = p.dport;
+	key.proto = p.protocol;
+	svc = cy_lb4_svc.lookup(&key);
+	if (!svc || !(svc->flags & CY_LB_F_EXTERNAL))
+		return TC_ACT_OK;
+	if (p.is_fragment)
+		return cy_ns_drop(CY_NS_DROP_FRAGMENT);
+	if (svc->flags & CY_LB_F_EXT_LOCAL) {
+		key.scope = CY_LB_SCOPE_EXTERNAL;
+		svc = cy_lb4_svc.lookup(&key);
+		if (!svc)
+			return cy_ns_drop(CY_NS_DROP_NO_LOCAL);
+	}
+	return cy_ns_new(skb, &p, l4off, &key, svc, &nkey, snat, now);
+}
+
+/* tc egress of an external device: replies of local backends. */
+static __always_inline int cy_ns_to_device(struct __sk_buff *skb)
+{
+	struct cy_packet p = {};
+	struct lb4_nat_key nkey = {};
+	struct lb4_nat_entry *e;
+	__u32 ifindex = skb->ifindex, l4off;
+	__u64 now;
+
+	if (!cy_lb4_dev.lookup(&ifindex))
+		return TC_ACT_OK;
+	if (cy_parse(skb, &p) != CY_PARSE_OK || (p.protocol != CY_PROTO_TCP && p.protocol != CY_PROTO_UDP))
+		return TC_ACT_OK;
+	cy_ns_key(&p, CY_NAT_AT_EGRESS, &nkey);
+	e = cy_lb4_nat.lookup(&nkey);
+	if (!e)
+		return TC_ACT_OK;
+	now = bpf_ktime_get_coarse_ns();
+	if (e->expires < now)
+		return TC_ACT_OK;
+	if (p.is_fragment)
+		return cy_ns_drop(CY_NS_DROP_FRAGMENT);
+	if (cy_ns_l4_offset(skb, &l4off) < 0)
+		return TC_ACT_OK;
+	cy_ns_refresh(e, &p, now);
+	return cy_ns_apply(skb, &p, l4off, e, CY_NS_REPLY);
+}
+
+#endif /* CY_LIB_LB_NODEPORT_H */

@@ -1,0 +1,251 @@
+"""North-south Services: the world host reaches NodePorts and an ExternalIP through the tc programs on each
+node's eth0 (``--lb-devices``, auto), with real traffic in the lab.
+
+Pods (namespace ``nsvc``): ``web-1`` on node-1 (also labelled ``which=one``), ``web-2`` on node-2 (app=web;
+TCP 8080 ``http``, UDP 53 ``dns``). The world host (192.0.2.100, its own namespace) is not a node: no socket
+load balancer runs there, so every answer proves the translation on the node's device. A backend on the
+node the world host asked keeps the client's address; one on the other node sees the asked node's
+address (SNAT), which the policy test makes visible.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from ciliary.lab import topology
+
+pytestmark = pytest.mark.e2e
+
+NS = "nsvc"
+NODE_IPS = {"node-1": "192.0.2.11", "node-2": "192.0.2.12"}
+EXTERNAL_IP = "203.0.113.20"
+MANIFESTS = f"""
+apiVersion: v1
+kind: Namespace
+metadata: {{name: {NS}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: web-1, namespace: {NS}, labels: {{app: web, which: one}}}}
+spec:
+  nodeName: node-1
+  containers: [{{name: c, image: lab, ports: [{{containerPort: 8080, name: http}},
+                                            {{containerPort: 53, name: dns, protocol: UDP}}]}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: web-2, namespace: {NS}, labels: {{app: web}}}}
+spec:
+  nodeName: node-2
+  containers: [{{name: c, image: lab, ports: [{{containerPort: 8080, name: http}},
+                                            {{containerPort: 53, name: dns, protocol: UDP}}]}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web-np, namespace: {NS}}}
+spec:
+  type: NodePort
+  selector: {{app: web}}
+  externalIPs: [{EXTERNAL_IP}]
+  ports:
+  - {{name: http, port: 80, targetPort: http, nodePort: 30180}}
+  - {{name: dns, port: 53, protocol: UDP, targetPort: dns, nodePort: 30153}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: one-local, namespace: {NS}}}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  selector: {{app: web, which: one}}
+  ports: [{{name: http, port: 80, targetPort: http, nodePort: 30182}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: empty-np, namespace: {NS}}}
+spec:
+  type: NodePort
+  selector: {{app: nobody}}
+  ports: [{{port: 80, nodePort: 30181}}]
+"""
+
+DENY_WORLD_HOST = f"""
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: deny-world-host, namespace: {NS}}}
+spec:
+  endpointSelector: {{matchLabels: {{app: web}}}}
+  ingress: [{{fromEntities: [all]}}]
+  ingressDeny: [{{fromCIDR: [192.0.2.100/32]}}]
+"""
+
+PROBE = r"""
+import json, socket, sys, time
+kind, ip, port, count, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+out = []
+for _ in range(count):
+    try:
+        if kind == "tcp":
+            s = socket.create_connection((ip, port), timeout=timeout)
+            peer = s.getpeername()
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+            body = data.partition(b"\r\n\r\n")[2].decode().strip()
+        else:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(timeout)
+            s.sendto(b"hello", (ip, port))
+            data, peer = s.recvfrom(4096)
+            body = data.decode()
+        s.close()
+        out.append({"ok": True, "peer": f"{peer[0]}:{peer[1]}", "body": body})
+    except OSError as exc:
+        out.append({"ok": False, "error": type(exc).__name__})
+print(json.dumps(out))
+"""
+
+
+def world(lab: Any, kind: str, ip: str, port: int, count: int = 1, timeout: float = 2.0) -> list[dict[str, Any]]:
+    """Connections from the world host's namespace (no cgroup of any node: nothing translates at connect)."""
+    out = subprocess.run(["nsenter", f"--net={topology.NETNS_DIR / lab.lab.layout.world_netns}", sys.executable,
+                          "-c", PROBE, kind, ip, str(port), str(count), str(timeout)],
+                         capture_output=True, text=True, timeout=60 + count * timeout)
+    assert out.returncode == 0, out.stderr
+    return list(json.loads(out.stdout))
+
+
+def services_doc(lab: Any, node: str) -> dict[str, Any]:
+    import urllib.request
+
+    port = int((lab.lab.layout.node_dir(node) / "health-port").read_text())
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/services", timeout=5) as resp:
+        return dict(json.load(resp))
+
+
+def wait_for(check: Any, seconds: float, what: str) -> Any:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            got = check()
+        except OSError:
+            got = None
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {seconds} s: {what}")
+        time.sleep(0.1)
+
+
+def backends(lab: Any, node: str, ip: str, port: int, proto: str = "TCP") -> list[str] | None:
+    for fe in services_doc(lab, node)["frontends"]:
+        if (fe["address"], fe["port"], fe["protocol"]) == (ip, port, proto):
+            return sorted(f"{b['address']}:{b['port']}" for b in fe["backends"])
+    return None
+
+
+def counters(lab: Any, node: str) -> dict[str, int]:
+    return dict(services_doc(lab, node)["north_south"]["counters"])
+
+
+@pytest.fixture(scope="module")
+def svc(lab: Any) -> Iterator[dict[str, Any]]:
+    if not lab.lab.layout.config_file.exists():
+        lab.lab.up(2, log=False)
+    lab.apply(MANIFESTS)
+    pods = {name: lab.wait_running(name, NS) for name in ("web-1", "web-2")}
+    ips = {name: pod["status"]["podIP"] for name, pod in pods.items()}
+    want = sorted(f"{ips[w]}:8080" for w in ("web-1", "web-2"))
+    for node in NODE_IPS:
+        wait_for(lambda n=node: backends(lab, n, NODE_IPS["node-1"], 30180) == want, 240, f"NodePort on {node}")
+        wait_for(lambda n=node: backends(lab, n, NODE_IPS["node-1"], 30182) == [f"{ips['web-1']}:8080"], 60,
+                 f"the Local NodePort on {node}")
+        doc = wait_for(lambda n=node: (d := services_doc(lab, n)["north_south"])["devices"] and d, 240,
+                       f"the north-south programs attached on {node}")
+        assert [d["name"] for d in doc["devices"]] == ["eth0"], doc  # --lb-devices auto picked the node's eth0
+        assert doc["devices"][0]["snat_address"] == NODE_IPS[node]
+    try:
+        yield {"ips": ips}
+    finally:
+        lab.kubectl("delete", "namespace", NS, "--wait=false", check=False)
+
+
+def test_nodeport_from_the_world_host_reaches_both_backends_through_either_node(lab: Any, svc: Any) -> None:
+    for node, address in NODE_IPS.items():
+        before = counters(lab, node)
+        results = world(lab, "tcp", address, 30180, count=16)
+        assert all(r["ok"] for r in results), (node, results)
+        assert {r["body"] for r in results} == {f"{NS}/web-1", f"{NS}/web-2"}, (node, results)
+        assert {r["peer"] for r in results} == {f"{address}:30180"}  # the world host sees only the frontend
+        after = counters(lab, node)
+        assert after["new"] - before["new"] >= 16 and after["reply"] > before["reply"], (before, after)
+
+
+def test_nodeport_udp_from_the_world_host(lab: Any, svc: Any) -> None:
+    for address in NODE_IPS.values():
+        results = world(lab, "udp", address, 30153, count=8)
+        assert all(r["ok"] and r["body"] == "hello" for r in results), results
+        assert {r["peer"] for r in results} == {f"{address}:30153"}  # the reply shows the frontend
+
+
+def test_external_ip_routed_to_a_node(lab: Any, svc: Any) -> None:
+    world_ns = lab.lab.layout.world_netns  # the route exists only inside the lab's world namespace
+    topology.ip("route", "replace", f"{EXTERNAL_IP}/32", "via", NODE_IPS["node-1"], netns=world_ns)
+    try:
+        results = world(lab, "tcp", EXTERNAL_IP, 80, count=16)
+        assert all(r["ok"] for r in results), results
+        assert {r["body"] for r in results} == {f"{NS}/web-1", f"{NS}/web-2"}, results
+        assert {r["peer"] for r in results} == {f"{EXTERNAL_IP}:80"}
+    finally:
+        topology.ip("route", "del", f"{EXTERNAL_IP}/32", netns=world_ns, check=False)
+
+
+def test_nodeport_without_endpoints_is_refused(lab: Any, svc: Any) -> None:
+    """kube-proxy REJECTs: the world host's connect() fails at once with ECONNREFUSED (a RST from the node)."""
+    wait_for(lambda: backends(lab, "node-1", NODE_IPS["node-1"], 30181) == [], 30, "the empty NodePort")
+    before = counters(lab, "node-1")["rst-sent"]
+    began = time.monotonic()
+    results = world(lab, "tcp", NODE_IPS["node-1"], 30181, count=3, timeout=5.0)
+    took = time.monotonic() - began
+    assert results == [{"ok": False, "error": "ConnectionRefusedError"}] * 3, results
+    assert counters(lab, "node-1")["rst-sent"] - before == 3
+    print(f"\nthree connects from the world host to a NodePort without endpoints refused in {took:.2f} s "
+          f"(interpreter start included)")
+
+
+def test_external_traffic_policy_local_serves_only_where_a_backend_runs(lab: Any, svc: Any) -> None:
+    results = world(lab, "tcp", NODE_IPS["node-1"], 30182, count=8)
+    assert all(r["ok"] for r in results) and {r["body"] for r in results} == {f"{NS}/web-1"}, results
+    before = counters(lab, "node-2")["drop-no-local-backend"]
+    results = world(lab, "tcp", NODE_IPS["node-2"], 30182, count=1, timeout=1.0)
+    assert results == [{"ok": False, "error": "TimeoutError"}], results
+    assert counters(lab, "node-2")["drop-no-local-backend"] > before
+
+
+def test_the_backends_policy_sees_the_world_host_locally_and_the_node_through_snat(lab: Any, svc: Any) -> None:
+    """A CNP denying 192.0.2.100 on the web pods: a backend on the node asked sees the world host and drops
+    it; the backend on the other node sees the asked node's address (remote-node) and answers."""
+    lab.apply(DENY_WORLD_HOST)
+    try:
+        wait_for(lambda: world(lab, "tcp", svc["ips"]["web-1"], 8080, count=1, timeout=1.0)[0]["ok"] is False,
+                 60, "the policy in force (the world host cannot reach web-1 directly)")
+        for node, address in NODE_IPS.items():
+            results = world(lab, "tcp", address, 30180, count=16, timeout=1.0)
+            other = f"{NS}/web-2" if node == "node-1" else f"{NS}/web-1"
+            assert {r["body"] for r in results if r["ok"]} == {other}, (node, results)
+            assert any(not r["ok"] for r in results), (node, results)  # the local backend's share is dropped
+        # externalTrafficPolicy Local keeps the client's address: always denied
+        results = world(lab, "tcp", NODE_IPS["node-1"], 30182, count=3, timeout=1.0)
+        assert not any(r["ok"] for r in results), results
+    finally:
+        lab.kubectl("delete", "cnp", "deny-world-host", "-n", NS, check=False)
+    wait_for(lambda: all(r["ok"] for r in world(lab, "tcp", NODE_IPS["node-1"], 30182, count=2)), 60,
+             "the world host served again once the policy is gone")

@@ -1,0 +1,100 @@
+"""Health-check node ports served in a network namespace the agent is not in (real sockets, real netns).
+
+The test creates its own namespace (loopback only), runs ``service_health.HealthPorts`` from the
+root namespace as the process lab's agent does, and asks from inside the namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from ciliary.nodeagent import netns_sockets
+from ciliary.nodeagent.service_health import HealthPorts, ProxyHealth
+from ciliary.operator.services.intent import HealthCheckIntent
+
+GET = ("import sys, urllib.request, urllib.error\n"
+       "try:\n"
+       "    r = urllib.request.urlopen(sys.argv[1], timeout=2); print(r.status, r.read().decode())\n"
+       "except urllib.error.HTTPError as e:\n"
+       "    print(e.code, e.read().decode())\n"
+       "except OSError:\n"
+       "    print(0, '{}')\n")
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = f"cy-hp-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=10)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, timeout=10)
+
+
+async def get(netns: str, url: str) -> tuple[int, dict[str, object]]:
+    proc = await asyncio.create_subprocess_exec("ip", "netns", "exec", netns, sys.executable, "-c", GET, url,
+                                                stdout=subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    status, _, body = out.decode().strip().partition(" ")
+    return int(status), json.loads(body)
+
+
+def test_ports_open_answer_and_close_inside_the_namespace(netns: str) -> None:
+    health = {"now": ProxyHealth(healthy=False, last_updated=None)}
+
+    async def scenario() -> None:
+        ports = HealthPorts("n1", netns=netns, health=lambda: health["now"], clock=lambda: 1_700_000_000.0,
+                            proxy_healthz=("127.0.0.1", 10256))
+        await ports.start()
+        try:
+            assert (await get(netns, "http://127.0.0.1:10256/healthz"))[0] == 503  # nothing applied yet
+            await ports.reconcile([HealthCheckIntent(service="a/web", port=32001, local_endpoints=1),
+                                   HealthCheckIntent(service="a/db", port=32002, local_endpoints=0)])
+            assert (await get(netns, "http://127.0.0.1:32001/"))[0] == 503  # the proxy is not healthy
+            health["now"] = ProxyHealth(healthy=True, last_updated=1_699_999_999.0)
+            assert await get(netns, "http://127.0.0.1:32001/anything") == (200, {
+                "service": {"namespace": "a", "name": "web"}, "localEndpoints": 1, "serviceProxyHealthy": True})
+            assert (await get(netns, "http://127.0.0.1:32002/"))[0] == 503
+            assert (await get(netns, "http://127.0.0.1:10256/livez"))[0] == 200
+            # counts change in place; a Service that is gone closes its port
+            await ports.reconcile([HealthCheckIntent(service="a/db", port=32002, local_endpoints=3)])
+            assert (await get(netns, "http://127.0.0.1:32002/"))[1]["localEndpoints"] == 3
+            assert (await get(netns, "http://127.0.0.1:32001/"))[0] == 0
+            assert [d["port"] for d in ports.document()] == [32002]
+        finally:
+            await ports.close()
+        assert (await get(netns, "http://127.0.0.1:32002/"))[0] == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_port_in_use_is_reported_not_fatal(netns: str) -> None:
+    taken = netns_sockets.listen_tcp(netns, "0.0.0.0", 32003)
+
+    async def scenario() -> None:
+        ports = HealthPorts("n1", netns=netns, health=lambda: ProxyHealth(True, 1.0), clock=lambda: 2.0,
+                            proxy_healthz=None)
+        try:
+            await ports.reconcile([HealthCheckIntent(service="a/web", port=32003, local_endpoints=1)])
+            doc = ports.document()
+            assert doc[0]["serving"] is False and "Address already in use" in doc[0]["error"], doc
+        finally:
+            await ports.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        taken.close()
+
+
+def test_a_missing_namespace_is_a_specific_error() -> None:
+    with pytest.raises(netns_sockets.NetnsSocketError, match="cy-no-such-netns"):
+        netns_sockets.listen_tcp("cy-no-such-netns", "127.0.0.1", 32004)

@@ -1,0 +1,273 @@
+"""North-south load balancing (``datapath.lb_device``) on a real kernel: tc on a node's device, real traffic.
+
+The test builds its own namespaces: an underlay bridge joining ``world`` (10.77.<t>.100), ``node``
+(10.77.<t>.1, the node under test) and ``node2`` (10.77.<t>.2); a pod behind a veth on each node
+(10.78.<t>.2 on node, 10.79.<t>.2 on node2, node routes the latter via node2). Every backend answers
+with its name and the address:port it saw the client as, so the SNAT decision is visible. The node's
+LB maps are filled by ``lb_engine.SocketLB`` (attached to a private cgroup) from a ``NodeLBIntent``;
+``DeviceLB`` attaches to the node's ``eth0``. Every veth computes and verifies checksums in software (rx
+and tx checksum offload off), so a wrong checksum after a rewrite loses the packet; the lab e2e covers
+the offloaded (partial checksum) case. Everything is removed at the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from ciliary.lab import cgroups
+from ciliary.nodeagent.datapath import lb_device, lb_engine
+from ciliary.operator.services.intent import BackendIntent, FrontendIntent, FrontendKind, NodeLBIntent
+
+pytestmark = pytest.mark.integration
+
+SERVER = r"""
+import socket, sys, threading
+name = sys.argv[1]
+def tcp():
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", 8080)); s.listen(128)
+    while True:
+        c, peer = s.accept()
+        c.sendall(f"{name} {peer[0]}:{peer[1]}".encode()); c.close()
+def udp():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 8053))
+    while True:
+        data, peer = s.recvfrom(2048)
+        s.sendto(f"{name} {peer[0]}:{peer[1]}".encode(), peer)
+threading.Thread(target=udp, daemon=True).start()
+print("ready", flush=True)
+tcp()
+"""
+
+PROBE = r"""
+import json, socket, sys
+kind, ip, port, count, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+out = []
+for _ in range(count):
+    try:
+        if kind == "tcp":
+            s = socket.create_connection((ip, port), timeout=timeout)
+            peer, data = s.getpeername(), b""
+            while chunk := s.recv(4096):
+                data += chunk
+        else:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(timeout)
+            s.sendto(b"x" * 100, (ip, port))
+            data, peer = s.recvfrom(4096)
+        s.close()
+        out.append({"ok": True, "peer": f"{peer[0]}:{peer[1]}", "body": data.decode()})
+    except OSError as exc:
+        out.append({"ok": False, "error": type(exc).__name__})
+print(json.dumps(out))
+"""
+
+
+SOFTWARE_CHECKSUMS = r"""
+import sys
+from pyroute2.ethtool import Ethtool
+ethtool = Ethtool()
+for name in sys.argv[1:]:
+    features = ethtool.get_features(name)
+    features.features["rx-checksum"].enable = False
+    features.features["tx-checksum-ip-generic"].enable = False
+    ethtool.set_features(name, features)
+"""
+
+
+def sh(*argv: str, netns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    cmd = ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=check)
+
+
+class Net:
+    """The namespaces, links and server processes of one test module."""
+
+    def __init__(self) -> None:
+        self.tag = secrets.token_hex(3)
+        t = 20 + secrets.randbelow(200)
+        self.under, self.world, self.node, self.node2 = (f"cyt-ns-{self.tag}-{n}" for n in ("u", "w", "n1", "n2"))
+        self.pod1, self.pod2 = f"cyt-ns-{self.tag}-p1", f"cyt-ns-{self.tag}-p2"
+        self.world_ip, self.node_ip, self.node2_ip = f"10.77.{t}.100", f"10.77.{t}.1", f"10.77.{t}.2"
+        self.pod1_ip, self.pod2_ip = f"10.78.{t}.2", f"10.79.{t}.2"
+        self.servers: list[subprocess.Popen[str]] = []
+
+    def _ns(self, name: str) -> None:
+        sh("ip", "netns", "add", name)
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+
+    def _wire(self, netns: str, port: str, address: str) -> None:
+        sh("ip", "-n", self.under, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", netns)
+        sh("ip", "-n", self.under, "link", "set", port, "master", "br0", "up")
+        sh("ip", "-n", netns, "addr", "add", f"{address}/24", "dev", "eth0")
+        sh("ip", "-n", netns, "link", "set", "eth0", "up")
+        sh(sys.executable, "-c", SOFTWARE_CHECKSUMS, "eth0", netns=netns)
+
+    def _pod(self, node: str, pod: str, ip: str, name: str) -> None:
+        self._ns(pod)
+        veth = "cy" + secrets.token_hex(5)
+        sh("ip", "-n", node, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", pod)
+        sh("ip", "-n", node, "addr", "add", "169.254.1.1/32", "dev", veth)
+        sh("ip", "-n", node, "link", "set", veth, "up")
+        sh("ip", "-n", node, "route", "add", f"{ip}/32", "dev", veth)
+        sh("ip", "-n", pod, "addr", "add", f"{ip}/32", "dev", "eth0")
+        sh("ip", "-n", pod, "link", "set", "eth0", "up")
+        sh("ip", "-n", pod, "route", "add", "169.254.1.1/32", "dev", "eth0", "scope", "link")
+        sh("ip", "-n", pod, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0")
+        sh(sys.executable, "-c", SOFTWARE_CHECKSUMS, "eth0", netns=pod)
+        sh(sys.executable, "-c", SOFTWARE_CHECKSUMS, veth, netns=node)
+        proc = subprocess.Popen(["ip", "netns", "exec", pod, sys.executable, "-c", SERVER, name],
+                                stdout=subprocess.PIPE, text=True)
+        self.servers.append(proc)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+
+    def up(self) -> Net:
+        for name in (self.under, self.world, self.node, self.node2):
+            self._ns(name)
+        sh("ip", "-n", self.under, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", self.under, "link", "set", "br0", "up")
+        for netns, port, address in ((self.world, "w0", self.world_ip), (self.node, "n1", self.node_ip),
+                                     (self.node2, "n2", self.node2_ip)):
+            self._wire(netns, port, address)
+        for node in (self.node, self.node2):
+            sh("sysctl", "-qw", "net.ipv4.ip_forward=1", netns=node)
+        self._pod(self.node, self.pod1, self.pod1_ip, "local")
+        self._pod(self.node2, self.pod2, self.pod2_ip, "remote")
+        sh("ip", "-n", self.node, "route", "add", f"{self.pod2_ip}/32", "via", self.node2_ip)
+        sh("ip", "-n", self.world, "route", "add", f"{self.pod1_ip}/32", "via", self.node_ip)
+        sh("ip", "-n", self.world, "route", "add", "203.0.113.7/32", "via", self.node_ip)
+        return self
+
+    def down(self) -> None:
+        for proc in self.servers:
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        for name in (self.pod1, self.pod2, self.world, self.node, self.node2, self.under):
+            sh("ip", "netns", "del", name, check=False)
+
+    def probe(self, kind: str, ip: str, port: int, count: int = 1, timeout: float = 2.0) -> list[dict[str, Any]]:
+        out = sh(sys.executable, "-c", PROBE, kind, ip, str(port), str(count), str(timeout), netns=self.world)
+        return list(json.loads(out.stdout))
+
+
+def fe(kind: FrontendKind, address: str, port: int, protocol: str, backends: list[BackendIntent],
+       policy: str = "Cluster") -> FrontendIntent:
+    return FrontendIntent(service="default/web", kind=kind, address=address, port=port, protocol=protocol,
+                          backends=tuple(backends), traffic_policy=policy)
+
+
+@pytest.fixture(scope="module")
+def net(tool: Any) -> Iterator[tuple[Net, lb_device.DeviceLB]]:
+    tool("ip")
+    net = Net()
+    node = f"cyt-ns-{net.tag}"
+    cgroup = cgroups.ensure(cgroups.cgroup2_root() / f"ciliary-test-ns-{os.getpid()}")
+    sock = lb_engine.SocketLB(node, cgroup=cgroup, netns=net.node)
+    dev = lb_device.DeviceLB(node, devices=["eth0"], netns=net.node)
+    try:
+        net.up()
+        sock.start()
+        dev.start(sock.context)
+        local = BackendIntent(address=net.pod1_ip, port=8080, node=node)
+        remote = BackendIntent(address=net.pod2_ip, port=8080, node="other")
+        local_udp = BackendIntent(address=net.pod1_ip, port=8053, node=node)
+        remote_udp = BackendIntent(address=net.pod2_ip, port=8053, node="other")
+        sock.apply(NodeLBIntent(node=node, frontends=(
+            fe(FrontendKind.NODE_PORT, net.node_ip, 30080, "TCP", [local, remote]),
+            fe(FrontendKind.NODE_PORT, net.node_ip, 30080, "UDP", [local_udp, remote_udp]),
+            fe(FrontendKind.EXTERNAL_IP, "203.0.113.7", 80, "TCP", [local, remote]),
+            fe(FrontendKind.NODE_PORT, net.node_ip, 30081, "TCP", []),
+            fe(FrontendKind.NODE_PORT, net.node_ip, 30081, "UDP", []),
+            fe(FrontendKind.CLUSTER_IP, net.node_ip, 30084, "TCP", [local, remote]),
+            fe(FrontendKind.LOAD_BALANCER, "203.0.113.7", 82, "TCP", [local, remote], "Local"),
+            fe(FrontendKind.NODE_PORT, net.node_ip, 30083, "TCP", [remote], "Local"),
+        )))
+        yield net, dev
+    finally:
+        dev.teardown()
+        sock.teardown()
+        net.down()
+        cgroups.kill_all(cgroup)
+        cgroup.rmdir()
+
+
+def bodies(results: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    assert all(r["ok"] for r in results), results
+    return [tuple(r["body"].split(" ")[0:1] + [r["body"].split(" ")[1].split(":")[0]]) for r in results]
+
+
+def test_nodeport_tcp_reaches_both_backends_snat_only_for_the_remote_one(net: tuple[Net, lb_device.DeviceLB]) -> None:
+    n, dev = net
+    before = dev.counters()
+    results = n.probe("tcp", n.node_ip, 30080, count=24)
+    seen = set(bodies(results))
+    # the local pod sees the world host; the remote one sees the node (SNAT), so its reply comes back here
+    assert seen == {("local", n.world_ip), ("remote", n.node_ip)}, results
+    assert {r["peer"] for r in results} == {f"{n.node_ip}:30080"}  # the client only ever sees the frontend
+    after = dev.counters()
+    assert after["new"] - before["new"] == 24 and after["reply"] > before["reply"], (before, after)
+
+
+def test_nodeport_udp_reaches_both_backends(net: tuple[Net, lb_device.DeviceLB]) -> None:
+    n, _ = net
+    results = n.probe("udp", n.node_ip, 30080, count=24)
+    assert set(bodies(results)) == {("local", n.world_ip), ("remote", n.node_ip)}, results
+    assert {r["peer"] for r in results} == {f"{n.node_ip}:30080"}
+
+
+def test_external_ip_routed_to_the_node(net: tuple[Net, lb_device.DeviceLB]) -> None:
+    n, _ = net
+    results = n.probe("tcp", "203.0.113.7", 80, count=16)
+    assert set(bodies(results)) == {("local", n.world_ip), ("remote", n.node_ip)}, results
+    assert {r["peer"] for r in results} == {"203.0.113.7:80"}
+
+
+def test_no_backends_tcp_is_refused_with_a_reset_udp_dropped(net: tuple[Net, lb_device.DeviceLB]) -> None:
+    n, dev = net
+    before = dev.counters()
+    results = n.probe("tcp", n.node_ip, 30081, count=3, timeout=3.0)
+    assert results == [{"ok": False, "error": "ConnectionRefusedError"}] * 3, results  # a RST, not a timeout
+    after = dev.counters()
+    assert after["rst-sent"] - before["rst-sent"] == 3 and after["no-backend"] - before["no-backend"] == 3
+    results = n.probe("udp", n.node_ip, 30081, count=1, timeout=1.0)
+    assert results == [{"ok": False, "error": "TimeoutError"}], results
+    assert dev.counters()["no-backend"] - after["no-backend"] == 1
+
+
+def test_a_cluster_ip_frontend_is_not_served_from_outside(net: tuple[Net, lb_device.DeviceLB]) -> None:
+    n, dev = net
+    before = dev.counters()["new"]
+    results = n.probe("tcp", n.node_ip, 30084, count=1, timeout=1.0)
+    assert results[0]["ok"] is False and results[0]["error"] == "ConnectionRefusedError", results  # node's stack
+    assert dev.counters()["new"] == before
+
+
+def test_external_traffic_policy_local_keeps_the_client_and_drops_without_local_backend(
+        net: tuple[Net, lb_device.DeviceLB]) -> None:
+    n, dev = net
+    results = n.probe("tcp", "203.0.113.7", 82, count=12)
+    assert set(bodies(results)) == {("local", n.world_ip)}, results  # only the local backend, client IP kept
+    before = dev.counters()["drop-no-local-backend"]
+    results = n.probe("tcp", n.node_ip, 30083, count=1, timeout=1.0)
+    assert results == [{"ok": False, "error": "TimeoutError"}], results
+    assert dev.counters()["drop-no-local-backend"] > before
+
+
+def test_other_traffic_through_the_device_passes_untouched(net: tuple[Net, lb_device.DeviceLB]) -> None:
+    n, dev = net
+    before = dev.counters()
+    results = n.probe("tcp", n.pod1_ip, 8080, count=3)
+    assert set(bodies(results)) == {("local", n.world_ip)} and {r["peer"] for r in results} == {
+        f"{n.pod1_ip}:8080"}, results
+    ping = sh("ping", "-c", "1", "-W", "2", n.node_ip, netns=n.world, check=False)
+    assert ping.returncode == 0, ping.stdout
+    assert dev.counters() == before
