@@ -44,6 +44,7 @@ def run_demo(*args: str, kind: str, letter: str, timeout: float) -> str:
 
 def assert_the_scene(text: str) -> None:
     before_policy, after_policy = text.split("The tiefighter (org=empire) lands")
+    after_policy = after_policy.split("Apply an L7 policy")[0]
     before_policy = before_policy.split("Without a policy every ship may land")[1]
     assert before_policy.count("Ship landed") == 2 and "timed out" not in before_policy
     assert after_policy.count("Ship landed") == 1 and "timed out" in after_policy
@@ -64,6 +65,7 @@ def test_make_demo_runs_the_scene_on_real_kubelets_with_ciliary_installed_by_its
     assert re.search(r"ciliary-etcd-0\s+1/1\s+Running", pods), pods
     assert_the_scene(text)
     assert "not shown here: `ciliary observe` and `ciliary policy trace`" in text
+    assert "The L7 step (HTTP rules through Envoy) runs on the process lab" in text
 
 
 def test_make_demo_process_runs_the_scene_on_the_process_lab():
@@ -72,3 +74,9 @@ def test_make_demo_process_runs_the_scene_on_the_process_lab():
     assert_the_scene(text)
     assert re.search(r"default/xwing:\d+ \(ID:\d+\) -> default/deathstar:80 .* DROPPED \(POLICY_DENIED\)", text)
     assert "CiliumNetworkPolicy default/rule1 rule 0 ingress[0]" in text
+    # the L7 step: node-1's Envoy answers what the HTTP rule does not allow, both requests are L7 flows
+    l7 = text.split("Apply an L7 policy")[1]
+    assert "Ship landed" in l7 and "HTTP/1.1 403 Forbidden Access denied" in l7
+    assert re.search(r"default/tiefighter:\d+ \(ID:\d+\) -> default/deathstar:80 .*PUT /v1/exhaust-port => 403 "
+                     r"ingress DROPPED \(L7_DENIED\)", l7), l7
+    assert re.search(r"POST /v1/request-landing => 200 ingress FORWARDED +by CiliumNetworkPolicy default/rule1", l7)

@@ -46,6 +46,7 @@
 
 /* policy_value.flags */
 #define CY_POLICY_DENY (1U << 0)
+#define CY_POLICY_HTTP (1U << 1) /* allow entry with HTTP rules: redirect to the proxy (lib/l7redirect.h) */
 
 /* Proxy redirection (lib/redirect.h): the mark that routes a packet assigned to a
  * proxy socket to local delivery, and the routing table holding the local route.

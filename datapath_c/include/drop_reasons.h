@@ -17,9 +17,9 @@
 #define CY_DROP_INVALID_L3 8 /* dropped: IPv4 header shorter than 20 bytes (ihl < 5, truncated) */
 #define CY_DROP_UNSUPPORTED_L3 9 /* dropped: IPv6 (no IPv6 policy yet) other than ND */
 #define CY_DROP_SPOOFED_SOURCE 10 /* dropped: IPv4 from a pod's veth whose source is not the pod's address */
-
-#define CY_DROP_PROXY_UNAVAILABLE 11 /* dropped: its entry redirects to a proxy and no proxy socket listens */
+#define CY_DROP_PROXY_UNAVAILABLE 11 /* dropped: its entry redirects to a proxy and no proxy (socket or device) is there */
 #define CY_OK_PROXY 12       /* forwarded: an allow entry matched and the packet went to the node's proxy */
+#define CY_OK_FROM_PROXY 13  /* forwarded: the node's HTTP proxy connects to the pod (judged by the proxy) */
 
 #define CY_REASON_MAX 16
 

@@ -28,6 +28,11 @@
  *      the node's proxy (redirect.h, CY_OK_PROXY); no proxy socket ->
  *      CY_DROP_PROXY_UNAVAILABLE. The connection is tracked as usual, so the
  *      proxy's answers (sent from the original destination) pass as replies.
+ *   6. cy_to_pod only (l7redirect.h): an allow entry with HTTP rules
+ *      (CY_POLICY_HTTP) redirects the packet to the node's HTTP proxy (CY_OK_PROXY;
+ *      no proxy device -> CY_DROP_PROXY_UNAVAILABLE) instead of passing it, and a
+ *      packet of the proxy's own connection to the pod passes without a lookup
+ *      (CY_OK_FROM_PROXY), tracked so that the pod's replies pass.
  * One cy_ct lookup per packet (conntrack.h) tells replies from forward
  * packets. Forwarded forward-direction packets create/refresh a cy_ct entry; a flow
  * event is emitted for every drop and every new connection (every packet when
@@ -89,9 +94,10 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 	struct ct_key ct_key = {};
 	struct ct_entry *ct_entry = 0;
 	struct endpoint_info *ep, *src_ep = 0;
-	__u32 pod_addr, peer_addr, peer_id = 0, cookie = 0;
+	__u32 pod_addr, peer_addr, peer_id = 0, cookie = 0, vflags = 0;
 	__u32 flags, enforced, has_deny;
 	__u16 proxy_port = 0;
+	int to_l7proxy = 0;
 	__u64 ct_now = 0;
 	__u8 reason;
 	int parsed, is_new;
@@ -150,13 +156,19 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_SHOT;
 	}
 
-	if (enforced) {
+	if (enforced && dir == CY_DIR_INGRESS && cy_from_proxy(skb)) {
+		reason = CY_OK_FROM_PROXY;
+	} else if (enforced) {
 		peer_id = cy_identity_of(peer_addr);
 		reason = cy_policy_verdict(ep->ep_id, dir, has_deny, peer_id, p.protocol,
-					   p.policy_port, &cookie, &proxy_port);
-		if (dir == CY_DIR_EGRESS && reason == CY_OK_POLICY && proxy_port)
+					   p.policy_port, &cookie, &vflags, &proxy_port);
+		if (reason == CY_OK_POLICY && dir == CY_DIR_INGRESS && (vflags & CY_POLICY_HTTP)) {
+			reason = CY_PROXY_IFINDEX ? CY_OK_PROXY : CY_DROP_PROXY_UNAVAILABLE;
+			to_l7proxy = 1;
+		} else if (dir == CY_DIR_EGRESS && reason == CY_OK_POLICY && proxy_port) {
 			reason = cy_redirect_to_proxy(skb, &p, proxy_port) ? CY_DROP_PROXY_UNAVAILABLE
 									   : CY_OK_PROXY;
+		}
 	} else {
 		reason = CY_OK_UNENFORCED;
 	}
@@ -172,6 +184,8 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 			peer_id = cy_identity_of(peer_addr);
 		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie);
 	}
+	if (to_l7proxy)
+		return cy_redirect_to_l7proxy(skb);
 	return TC_ACT_OK;
 #undef CY_SRC_ID
 #undef CY_DST_ID

@@ -80,15 +80,17 @@ static __always_inline struct policy_value *cy_policy_probe(int deny, __u32 ep_i
 }
 
 /* Returns a drop_reasons.h code; *cookie gets the deciding rule's cookie and
- * *proxy_port the allowing entry's proxy port (0: no redirect; lib/redirect.h).
+ * *vflags the deciding allow entry's policy_value.flags (0 otherwise), *proxy_port its
+ * proxy port (0: no redirect; lib/redirect.h).
  * has_deny: the endpoint's CY_EP_*_DENY flag of dir (0 skips cy_policy_deny). */
 static __always_inline __u8 cy_policy_verdict(__u32 ep_id, __u8 dir, __u32 has_deny,
 					      __u32 identity, __u8 proto, __u16 port,
-					      __u32 *cookie, __u16 *proxy_port)
+					      __u32 *cookie, __u32 *vflags, __u16 *proxy_port)
 {
 	struct policy_value *val;
 
 	*proxy_port = 0;
+	*vflags = 0;
 	if (has_deny) {
 		val = cy_policy_probe(1, ep_id, dir, identity, proto, port);
 		if (val) {
@@ -99,6 +101,7 @@ static __always_inline __u8 cy_policy_verdict(__u32 ep_id, __u8 dir, __u32 has_d
 	val = cy_policy_probe(0, ep_id, dir, identity, proto, port);
 	if (val) {
 		*cookie = val->cookie;
+		*vflags = val->flags;
 		*proxy_port = val->proxy_port;
 		return CY_OK_POLICY;
 	}

@@ -8,6 +8,11 @@ org=empire into the deathstar on 80/TCP) the tiefighter lands, the xwing times o
 status shows where it is enforced. Every step prints the command a user would type to do the same.
 ``ciliary observe`` and ``ciliary policy trace`` read Ciliary's etcd, which there is the chart's bundled
 etcd inside the cluster, out of the CLI's reach from the lab: those two steps are left out and say so.
+Then, on the process lab (``--process``), the L7 step (Cilium's ``sw_l3_l4_l7_policy``): ``rule1``
+gains an HTTP rule, enforced by node-1's Envoy: the tiefighter's ``POST /v1/request-landing`` lands,
+its ``PUT /v1/exhaust-port`` gets ``403 Access denied``, and both requests show as L7 flows. On real
+nodes that step is left out and says why (the agent image has no iptables for the proxy's TPROXY
+rule yet: such a policy reports not enforcing there, and its traffic is dropped).
 
 ``--process`` (``make demo-process``) is the fast development mode: the same scene on the process lab
 (``ciliary lab up``: agents, operator and Ciliary's own pod runtime as processes, no kubelet, no images),
@@ -79,6 +84,21 @@ spec:
     toPorts: [{ports: [{port: "80", protocol: TCP}]}]
 """
 
+L7_POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: rule1, namespace: default}
+spec:
+  description: L7 policy to restrict access to specific HTTP call
+  endpointSelector: {matchLabels: {org: empire, class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {org: empire}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http: [{method: POST, path: /v1/request-landing}]
+"""
+
 BOLD, DIM, GREEN, RED, RESET = "\033[1m", "\033[2m", "\033[32m", "\033[31m", "\033[0m"
 
 
@@ -101,12 +121,12 @@ def wait_running(lab: Lab, names: list[str], seconds: float = 90) -> dict[str, d
     raise LabError("demo pods did not become Running; see `ciliary lab status`")
 
 
-def land(lab: Lab, ship: str, ip: str) -> bool:
+def land(lab: Lab, ship: str, ip: str, method: str = "POST", path: str = "/v1/request-landing") -> bool:
     """Cilium's getting-started check: POST /v1/request-landing to the deathstar."""
-    show(f"kubectl exec {ship} -- curl -s -XPOST deathstar.default.svc/v1/request-landing   "
-         f"# here: ciliary lab exec {ship} -- probe http {ip} 80")
-    code = lab.exec([sys.executable, "-m", "ciliary.lab.probe", "http", ip, "80", "--timeout", "3"],
-                    pod=ship, namespace="default", world=False)
+    show(f"kubectl exec {ship} -- curl -s -X{method} deathstar.default.svc{path}   "
+         f"# here: ciliary lab exec {ship} -- probe http {ip} 80 --method {method} --path {path}")
+    code = lab.exec([sys.executable, "-m", "ciliary.lab.probe", "http", ip, "80", "--timeout", "3",
+                     "--method", method, "--path", path], pod=ship, namespace="default", world=False)
     print(f"   {GREEN}Ship landed{RESET}" if code == 0 else f"   {RED}no answer: the request timed out{RESET}",
           flush=True)
     return code == 0
@@ -125,6 +145,36 @@ def wait_enforced(lab: Lab, seconds: float = 60) -> None:
     show("kubectl wait --for=condition=Enforced cnp/rule1")
     done = lab.kubectl("wait", "--for=condition=Enforced", f"--timeout={int(seconds)}s", "cnp/rule1", check=False)
     print((done.stdout or done.stderr).strip(), flush=True)
+
+
+def l7_step(lab: Lab, ip: str) -> bool:
+    """rule1 with an HTTP rule: the deathstar's node's Envoy answers what the rule does not allow."""
+    step("Apply an L7 policy: empire ships may only POST /v1/request-landing (enforced by node-1's Envoy)")
+    show("kubectl apply -f sw_l3_l4_l7_policy.yaml")
+    print(lab.kubectl("apply", "-f", "-", input=L7_POLICY).stdout.strip())
+    wait_enforced(lab)
+    ok = land(lab, "tiefighter", ip)
+    show(f"ciliary lab exec tiefighter -- probe http {ip} 80 --method PUT --path /v1/exhaust-port")
+    out = subprocess.run([sys.executable, "-m", "ciliary.cli.main", "lab", "exec", "tiefighter", "--",
+                          sys.executable, "-m", "ciliary.lab.probe", "http", ip, "80", "--timeout", "3",
+                          "--method", "PUT", "--path", "/v1/exhaust-port"], capture_output=True, text=True,
+                         timeout=60)
+    answer = out.stdout.strip()
+    print(f"   {RED}{answer}{RESET}" if answer else f"   {RED}no answer{RESET}", flush=True)
+    ok &= answer == "HTTP/1.1 403 Forbidden Access denied"
+    step("Each request is an L7 flow: method, path, status and the deciding rule")
+    deadline = time.monotonic() + 15
+    text = ""
+    while time.monotonic() < deadline:
+        found = subprocess.run([sys.executable, "-m", "ciliary.cli.main", "observe", "--pod", "default/deathstar",
+                                "--last", "200"], capture_output=True, text=True, timeout=60).stdout
+        text = "\n".join(line for line in found.splitlines() if " HTTP/" in line)
+        if "PUT /v1/exhaust-port => 403" in text and "POST /v1/request-landing => 200" in text:
+            break
+        time.sleep(1)
+    show("ciliary observe --pod default/deathstar --last 200 | grep HTTP")
+    print("\n".join(text.splitlines()[-2:]), flush=True)
+    return ok and "PUT /v1/exhaust-port => 403" in text
 
 
 def run(real_nodes: bool = True) -> int:
@@ -172,6 +222,12 @@ def run(real_nodes: bool = True) -> int:
         step("Why? The same entries the kernel holds, explained")
         ciliary("policy", "trace", "--src", "default/xwing", "--dst", "default/deathstar", "--dport", "80/tcp")
         ciliary("policy", "trace", "--src", "default/tiefighter", "--dst", "default/deathstar", "--dport", "80/tcp")
+    if not real_nodes:
+        ok &= l7_step(lab, ip)
+    else:
+        step("The L7 step (HTTP rules through Envoy) runs on the process lab: make demo-process")
+        print("   (not here: the agent image has no iptables for the proxy's TPROXY rule yet; an HTTP policy "
+              "reports not enforcing on these nodes and its traffic is dropped)")
     step("Where the policy is enforced, per node, in its status")
     show("kubectl get cnp rule1 -o jsonpath='{.status}'")
     status = lab.kubectl("get", "cnp", "rule1", "-o", "json").stdout

@@ -1,6 +1,7 @@
 """Connectivity probes run inside a pod or the world host (``ciliary lab exec … -- python -m ciliary.lab.probe``).
 
   probe http IP PORT      HTTP GET /; prints the status line and body; exit 0 on 200
+                          (--method PUT --path /v1/exhaust-port: another request line)
   probe udp IP PORT       sends a datagram, expects it echoed; exit 0 on echo
   probe ping IP           one ICMP echo through ping(8); exit 0 on reply
 Exit status 1 means refused or timed out (the message says which), so tests and
@@ -15,11 +16,12 @@ import subprocess
 import sys
 
 
-def http(ip: str, port: int, timeout: float) -> int:
+def http(ip: str, port: int, timeout: float, method: str = "GET", path: str = "/") -> int:
     try:
         with socket.create_connection((ip, port), timeout=timeout) as sock:
             sock.settimeout(timeout)
-            sock.sendall(f"GET / HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n".encode())
+            sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: {ip}\r\nContent-Length: 0\r\n"
+                         f"Connection: close\r\n\r\n".encode())
             data = b""
             while len(data) < 65536:
                 chunk = sock.recv(4096)
@@ -68,9 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("ip")
     parser.add_argument("port", type=int, nargs="?", default=0)
     parser.add_argument("--timeout", type=float, default=2.0)
+    parser.add_argument("--method", default="GET", help="HTTP method (http only)")
+    parser.add_argument("--path", default="/", help="HTTP request target (http only)")
     args = parser.parse_args(argv)
     if args.kind == "http":
-        return http(args.ip, args.port, args.timeout)
+        return http(args.ip, args.port, args.timeout, args.method, args.path)
     if args.kind == "udp":
         return udp(args.ip, args.port, args.timeout)
     return ping(args.ip, args.timeout)

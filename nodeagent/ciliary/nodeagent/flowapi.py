@@ -26,6 +26,10 @@ A flow (:func:`enrich`)::
    "src": {"ip", "port", "identity", "labels": [...], "namespace", "pod"},
    "dst": {...same...}, "tcp_flags": ["SYN"], "policy": [RuleRef as JSON, ...], "ifindex": 7}
 
+An L7 flow (an HTTP request judged by the node's Envoy, ``l7_flows``) adds ``"type": "L7"`` and
+``"l7": {"http": {"method", "url", "host", "code", "protocol", "latency_ms"}}``; its verdict is
+DROPPED (``drop_reason`` ``L7_DENIED``: answered 403) or FORWARDED, ``policy`` the allowing rule.
+
 ``direction`` is from the local pod's point of view (ingress: to the pod). ICMP
 flows carry the ICMP type in ``dst.port`` and 0 in ``src.port``. ``policy`` lists
 the rules of the deciding entry (``Datapath.rules_for(cookie)``), empty when no
@@ -152,8 +156,20 @@ def enrich(event: Any, index: IntentIndex, rules_for: Callable[[int], Iterable[i
         "tcp_flags": tcp_flag_names(event.tcp_flags) if event.protocol == 6 else [],
         "policy": [r.model_dump(mode="json") for r in rules_for(event.cookie)] if event.cookie else [],
         "ifindex": event.ifindex,
-        **({"l7": event.l7} if getattr(event, "l7", None) else {}),
+        **_l7_fields(event),
     }
+
+
+def _l7_fields(event: Any) -> dict[str, Any]:
+    """An L7 flow: an HTTP request (``l7_flows.L7Event``) and the rule that allowed it, or a DNS
+    exchange (the DNS proxy's event, whose ``l7`` is already a dict)."""
+    http = getattr(event, "http", None)
+    if http is None:
+        l7 = getattr(event, "l7", None)
+        return {"l7": l7} if l7 else {}
+    rule = getattr(event, "rule", None)
+    return {"type": "L7", "l7": {"http": http.as_json()},
+            "policy": [rule.model_dump(mode="json")] if rule is not None else []}
 
 
 # ---------------------------------------------------------------- filters

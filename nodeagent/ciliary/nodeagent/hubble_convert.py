@@ -17,7 +17,9 @@ What each Hubble field carries, and what Ciliary leaves empty:
   reply and unenforced traffic name no policy;
 - ``node_name``, ``Type`` L3_L4, ``IP``, ``l4`` (ports, TCP flags, ICMP type), ``interface``, and
   ``Summary`` (``TCP Flags: SYN``, ``ICMPv4 EchoRequest``: the text the CLI's compact output shows).
-- Left empty: ethernet, DNS names, services, L7, ``policy_match_type``, trace contexts.
+- L7 flows (``l7_flows.L7Event``, an HTTP request judged by the node's proxy): ``Type`` L7 and
+  ``l7.http`` (code, method, url, protocol), ``latency_ns``; DROPPED when answered 403.
+- Left empty: ethernet, DNS names, services, ``policy_match_type``, trace contexts.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ EVENT_DROP = 1
 EVENT_TRACE = 4
 EVENT_POLICY_VERDICT = 5
 EVENT_L7 = 129
+"""Cilium's monitor type of an L7 (proxy access log) record."""
 TRACE_TO_ENDPOINT = 0
 TRACE_FROM_ENDPOINT = 5
 
@@ -142,8 +145,17 @@ def to_flow(event: Any, index: Any, rules: Iterable[intents.RuleRef], revision: 
     elif proto == 58:
         flow.l4.ICMPv6.CopyFrom(flow_pb2.ICMPv6(type=event.sport))
         flow.Summary = f"ICMPv6 type {event.sport}"
+    http = getattr(event, "http", None)
     l7 = getattr(event, "l7", None)
-    if l7 and l7.get("type") == "dns":
+    if http is not None:  # an L7 flow (l7_flows.L7Event): the request the node's proxy judged
+        flow.Type = flow_pb2.L7
+        flow.event_type.CopyFrom(flow_pb2.CiliumEventType(type=EVENT_L7))
+        flow.l7.CopyFrom(flow_pb2.Layer7(type=flow_pb2.REQUEST, latency_ns=http.duration_ms * 1_000_000,
+                                         http=flow_pb2.HTTP(code=http.code, method=http.method, url=http.url,
+                                                            protocol=http.protocol)))
+        flow.Summary = f"{http.protocol} {http.method} {http.url} => {http.code}"
+        rules = [event.rule] if event.rule is not None else []
+    elif l7 and l7.get("type") == "dns":
         _dns(flow, l7)
     policies = [policy_of(rule, revision) for rule in rules]
     if policies:

@@ -67,12 +67,16 @@ def merge_blocks(keys: Iterable[PolicyKey]) -> list[tuple[int, int]]:
 
 
 def range_entries(identity: int, protocol: int, low: int, high: int, verdict: intents.Verdict,
-                  rules: tuple[intents.RuleRef, ...]) -> tuple[list[intents.PolicyEntry], str]:
-    """PolicyEntries that cover exactly [low, high] for (identity, protocol); a note when they cannot."""
+                  rules: tuple[intents.RuleRef, ...], http: bool = False) -> tuple[list[intents.PolicyEntry], str]:
+    """PolicyEntries that cover exactly [low, high] for (identity, protocol); a note when they cannot.
+
+    ``http``: the keys carry the HTTP redirect flag; the entries say so with ``http=()`` (the rules
+    themselves live in the node's Envoy, not in the kernel)."""
     proto = intents.Protocol(protocol)
+    l7: dict[str, Any] = {"l7_redirect": True, "http": ()} if http else {}
 
     def entry(**ports: Any) -> intents.PolicyEntry:
-        return intents.PolicyEntry(identity=identity, protocol=proto, verdict=verdict, rules=rules, **ports)
+        return intents.PolicyEntry(identity=identity, protocol=proto, verdict=verdict, rules=rules, **l7, **ports)
 
     if (low, high) == ANY_RANGE:
         return [entry()], ""
@@ -96,17 +100,17 @@ def range_entries(identity: int, protocol: int, low: int, high: int, verdict: in
 def _direction_entries(keys: Mapping[PolicyKey, PolicyValue], verdict: intents.Verdict,
                        rules_for: Callable[[int], tuple[intents.RuleRef, ...]]
                        ) -> tuple[list[intents.PolicyEntry], list[str]]:
-    groups: dict[tuple[int, int, int], list[PolicyKey]] = defaultdict(list)
+    groups: dict[tuple[int, int, int, bool], list[PolicyKey]] = defaultdict(list)
     for key, value in keys.items():
-        groups[(key.identity, key.protocol, value.cookie)].append(key)
+        groups[(key.identity, key.protocol, value.cookie, bool(value.flags & planning.POLICY_HTTP))].append(key)
     out: list[intents.PolicyEntry] = []
     notes: list[str] = []
-    for (identity, protocol, cookie), group in sorted(groups.items()):
+    for (identity, protocol, cookie, http), group in sorted(groups.items()):
         if protocol not in {int(p) for p in intents.Protocol}:
             notes.append(f"identity {identity}: protocol {protocol} is not a protocol entries can name")
             continue
         for low, high in merge_blocks(group):
-            made, note = range_entries(identity, protocol, low, high, verdict, rules_for(cookie))
+            made, note = range_entries(identity, protocol, low, high, verdict, rules_for(cookie), http)
             out.extend(made)
             if note:
                 notes.append(note)

@@ -22,9 +22,11 @@ import os
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +40,7 @@ from ciliary.nodeagent import (
     endpoint_api,
     endpoints,
     enforcing,
+    envoy_proxy,
     flowapi,
     health,
     load_balancing,
@@ -71,6 +74,12 @@ class Agent:
         self._indexed: object = None
         self._api: Any = None  # kubernetes_asyncio client, direct status mode only
         self.lb: load_balancing.LoadBalancing | None = None
+        self.proxy: envoy_proxy.EnvoyProxy | None = None
+        if config.datapath and config.l7_proxy:
+            self.proxy = envoy_proxy.EnvoyProxy(
+                config.node_name, netns=config.netns, run_dir=config.state_dir / "envoy",
+                admin_socket=config.socket_path.parent / "envoy-admin.sock", port=config.proxy_port,
+                binary=envoy_proxy.envoy_binary(config.envoy), publish=self.flows.publish)
         self.dns: dns_service.DNSService | None = None
         if config.datapath and config.lb_cgroup is not None:
             self.lb = load_balancing.LoadBalancing(
@@ -93,7 +102,7 @@ class Agent:
             enforcer = self.enforcer
             self.reporter = reporting.Reporter(node=config.node_name, lease=lambda: self.registration.lease,
                                                client=lambda: self.registration.client,
-                                               outcome=lambda: enforcer.outcome)
+                                               outcome=lambda: enforcer.outcome, proxy=self.proxy_problem)
 
     async def _on_endpoint_change(self, event: endpoints.EndpointEvent) -> None:
         self.registration.request_update()
@@ -128,10 +137,18 @@ class Agent:
             log.warning("Node intent deleted; the state in force keeps enforcing",
                         extra={"node": self.config.node_name, "mod_revision": mod_revision})
 
+    def proxy_problem(self, intent: intents.NodeIntent) -> str:
+        """Why this node's Envoy does not enforce the HTTP rules of ``intent`` ("" when it does)."""
+        if self.proxy is None:
+            return "L7 proxy disabled on this node (--l7-proxy off): HTTP rules are not enforced"
+        return self.proxy.problem(intent)
+
     def _on_outcome(self, outcome: enforcing.Outcome) -> None:
         if outcome.applied is not self._indexed:
             self._indexed = outcome.applied
             self.flows.set_intent(outcome.applied)
+            if self.proxy is not None:
+                self.proxy.set_intent(outcome.applied)
         if self.reporter is not None:
             self.reporter.poke()
 
@@ -149,6 +166,7 @@ class Agent:
                 "last_compiled": list(o.last_compiled), "last_map_writes": o.last_map_writes,
                 "last_attached": o.last_attached, "endpoints": o.endpoints, "unplaced": list(o.unplaced),
                 "program_hashes": dict(o.program_hashes), "load_balancing": self.lb_status(),
+                "l7_proxy": self.proxy.status() if self.proxy is not None else None,
                 "proxies": dict(o.proxy_problems)}
 
     def lb_status(self) -> dict[str, object] | None:
@@ -240,6 +258,8 @@ class Agent:
                     tasks.append(asyncio.create_task(self.dns.run(self.stop), name="dns"))
             if self.lb is not None:
                 tasks.append(asyncio.create_task(self.lb.run(self.stop), name="load-balancing"))
+            if self.proxy is not None:
+                tasks.append(asyncio.create_task(self.proxy.run(self.stop), name="l7-proxy"))
             log.info("Agent started", extra={"node": self.config.node_name, "pid": os.getpid(),
                                              "datapath": self.config.datapath})
             stop_task = asyncio.ensure_future(self.stop.wait())
@@ -275,10 +295,28 @@ class Agent:
 
 
 def make_datapath(config: settings.AgentSettings) -> enforcing.DatapathLike:
-    """The eBPF datapath, pinning under ``<bpffs-dir>/ciliary/<node>/`` (libbpf; bcc runs in a compiler child)."""
+    """The eBPF datapath, pinning under ``<bpffs-dir>/ciliary/<node>/`` (libbpf; bcc runs in a compiler child).
+
+    With the L7 proxy on, the proxy device is set up first (``proxy_plumbing``) and rendered into
+    the programs; if that fails, packets that HTTP rules would redirect are dropped (logged, and
+    every policy with HTTP rules reports not enforcing on this node).
+    """
+    from ciliary.nodeagent import proxy_plumbing, rendering
     from ciliary.nodeagent.datapath import engine
 
-    return engine.Datapath(config.node_name, netns=config.netns or None, bpffs=config.bpffs_dir)
+    pin_dir = config.bpffs_dir / "ciliary" / config.node_name
+    context = rendering.RenderContext(pin_dir=str(pin_dir))
+    if config.l7_proxy:
+        try:
+            # pyroute2's sync API runs its own event loop: never inside the agent's running one
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                device = pool.submit(proxy_plumbing.ensure, config.netns, config.proxy_port).result()
+            context = rendering.RenderContext(pin_dir=str(pin_dir), proxy_ifindex=device.ifindex,
+                                              proxy_mac=device.mac)
+        except (proxy_plumbing.PlumbingFailed, OSError, subprocess.SubprocessError) as exc:
+            log.error("No proxy device: traffic that HTTP rules redirect is dropped",
+                      extra={"node": config.node_name, "error": str(exc)})
+    return engine.Datapath(config.node_name, netns=config.netns or None, bpffs=config.bpffs_dir, context=context)
 
 
 async def run_agent(config: settings.AgentSettings) -> None:

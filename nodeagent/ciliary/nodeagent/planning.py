@@ -49,6 +49,8 @@ EP_EGRESS_DENY = 1 << 3
 EP_DENY_FLAGS = EP_INGRESS_DENY | EP_EGRESS_DENY
 """``CY_EP_*_DENY``: cy_policy_deny holds entries of the endpoint and direction."""
 POLICY_DENY = 1 << 0
+POLICY_HTTP = 1 << 1
+"""consts.h CY_POLICY_HTTP: an ingress allow entry with HTTP rules, redirected to the node's proxy."""
 
 
 def enforced_flag(direction: MapDirection) -> int:
@@ -211,20 +213,26 @@ def direction_maps(ep_id: int, direction: MapDirection, policy: intents.Directio
     """(allow, deny) map contents of one endpoint direction.
 
     Several entries may share a key (same verdict map): the smallest cookie wins, so
-    the contents do not depend on entry order; a redirecting entry beats a plain one
-    only through its cookie (the operator never emits both for one key: L4 wins there).
+    the contents do not depend on entry order; the HTTP redirect flag stays only if every
+    entry of the key has it (an L4 allow wins over HTTP rules); a redirecting egress entry
+    beats a plain one only through its cookie (the operator never emits both for one key).
     """
     allow: PolicyMap = {}
     deny: PolicyMap = {}
     for entry in policy.entries:
         is_deny = entry.verdict is intents.Verdict.DENY
         target = deny if is_deny else allow
+        http = not is_deny and direction is MapDirection.INGRESS and entry.http is not None
         port = 0 if is_deny else proxy_port_of(direction, entry, proxy_ports or {})
-        value = PolicyValue(rule_cookie(entry.rules), POLICY_DENY if is_deny else 0, port)
+        value = PolicyValue(rule_cookie(entry.rules), POLICY_DENY if is_deny else (POLICY_HTTP if http else 0),
+                            port)
         for key in entry_keys(ep_id, direction, entry):
             old = target.get(key)
             if old is None or value.cookie < old.cookie:
-                target[key] = value
+                flags = value.flags if old is None else value.flags & old.flags
+                target[key] = dataclasses.replace(value, flags=flags)
+            elif old.flags & ~value.flags:
+                target[key] = dataclasses.replace(old, flags=old.flags & value.flags)
     return allow, deny
 
 

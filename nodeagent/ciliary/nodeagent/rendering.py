@@ -60,6 +60,15 @@ class RenderContext:
     """cy_events ring buffer size in 4 KiB pages (a power of two)."""
     trace_all: bool = False
     """Emit a flow event for every packet instead of new flows and drops only."""
+    proxy_ifindex: int = 0
+    """ifindex of the node-local device whose ingress receives packets for the HTTP proxy; 0: none
+    (packets that HTTP rules would redirect are dropped, ``lib/l7redirect.h``)."""
+    proxy_mac: str = "00:00:00:00:00:00"
+    """MAC address of that device (a redirected packet's destination MAC)."""
+
+    def proxy_mac_bytes(self) -> str:
+        """The MAC as a C initializer list, e.g. ``0x02, 0x00, ...``."""
+        return ", ".join(f"0x{part}" for part in self.proxy_mac.split(":"))
 
     def __post_init__(self) -> None:
         if not self.pin_dir.startswith("/") or '"' in self.pin_dir or "\\" in self.pin_dir:
@@ -67,6 +76,8 @@ class RenderContext:
         for name in ("ipcache_size", "endpoints_size", "policy_size", "ct_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.proxy_ifindex < 0 or not re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", self.proxy_mac):
+            raise ValueError(f"bad proxy device: ifindex {self.proxy_ifindex}, MAC {self.proxy_mac!r}")
         pages = self.events_pages
         if pages < 1 or pages & (pages - 1):
             raise ValueError(f"events_pages must be a power of two, not {pages}")

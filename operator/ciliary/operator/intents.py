@@ -88,6 +88,19 @@ class RuleRef(_Frozen):
         return f"{self.kind} {where} rule {self.rule_index} {self.section}"
 
 
+class HttpRule(_Frozen):
+    """One allowed kind of HTTP request (``toPorts[].rules.http[]``): every field that is set must match.
+
+    ``method``, ``path`` and ``host`` are regular expressions matched against the whole value
+    (``path`` against the whole request target, query string included, as Cilium's proxy does);
+    ``headers`` are ``"Name"`` (present) or ``"Name: value"`` (exact value). An empty rule
+    allows every request (visibility only)."""
+
+    method: str = Field(default="", description="Regex over the whole method; empty: any.")
+    path: str = Field(default="", description="Regex over the whole path (with query); empty: any.")
+    host: str = Field(default="", description="Regex over the whole host (:authority); empty: any.")
+    headers: tuple[str, ...] = Field(default=(), description='"Name" or "Name: value", all required.')
+    rule: RuleRef | None = Field(default=None, description="The policy rule this HTTP rule belongs to.")
 L7Parser = Literal["dns", "http", "kafka", "l7proto"]
 """Which L7 rules a redirecting entry carries, i.e. which node-local proxy must see its traffic."""
 
@@ -114,6 +127,9 @@ class PolicyEntry(_Frozen):
     l7_parser: L7Parser | None = Field(default=None, description="The L7 rules' kind when l7_redirect is set.")
     dns: tuple[DNSRule, ...] = Field(default=(), description="l7_parser dns: the names a query may ask for "
                                                              "(any rule matching allows it).")
+    http: tuple[HttpRule, ...] | None = Field(
+        default=None, description="Ingress HTTP entries: connections are redirected to the node's HTTP proxy, "
+                                  "which allows only requests matching one of these rules (None: no redirect).")
     rules: tuple[RuleRef, ...] = Field(default=(), description="Rules this entry derives from.")
 
     @model_validator(mode="after")

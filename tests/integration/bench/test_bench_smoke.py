@@ -42,6 +42,13 @@ def test_datapath_bench_smoke() -> None:
     assert not {n for n in netns() - before if n.startswith("cyt-dp-")}, "the bench left network namespaces"
 
 
+def test_l7_http_bench_smoke() -> None:
+    out = run("bench/bench_l7_http.py")
+    rows = re.findall(r"^(near|far)\s+(keepalive|new)\s+\d+\s+\d+\s+[0-9.]+\s", out, re.M)
+    assert sorted(rows) == [("far", "keepalive"), ("far", "new"), ("near", "keepalive"), ("near", "new")], out
+    assert not (ROOT / ".lab-bench-l7").exists() or not any((ROOT / ".lab-bench-l7").glob("*.pid")), out
+
+
 def test_policy_change_bench_smoke() -> None:
     out = run("bench/bench_policy_change.py")
     rows = re.findall(r"^\s*(\d+)\s+(\d+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+) \|", out, re.M)

@@ -112,7 +112,8 @@ def test_query_refuses_bad_masks_and_time_windows() -> None:
         hubble_query.plan(observer_pb2.GetFlowsRequest(field_mask=field_mask_pb2.FieldMask(paths=["nope"])))
     with pytest.raises(hubble_filter.FilterError, match="field_mask"):
         hubble_query.plan(observer_pb2.GetFlowsRequest(field_mask=field_mask_pb2.FieldMask(paths=["source.nope"])))
-    # published fields Ciliary never sets (the compact output of hubble asks for them) select nothing
+    # published fields Ciliary's schema leaves out (the compact output of hubble asks for them) select
+    # nothing; declared ones (l7: HTTP flows) are kept
     query = hubble_query.plan(observer_pb2.GetFlowsRequest(
         field_mask=field_mask_pb2.FieldMask(paths=["ethernet", "l7.dns.query", "verdict"])))
     assert query.mask is not None and list(query.mask.paths) == ["l7.dns.query", "verdict"]

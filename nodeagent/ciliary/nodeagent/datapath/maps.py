@@ -121,7 +121,9 @@ class Reason(enum.IntEnum):
     DROP_PROXY_UNAVAILABLE = 11
     """Its allow entry redirects to a node-local proxy and no proxy socket listens (fail closed)."""
     OK_PROXY = 12
-    """Allowed and handed to the node-local proxy (lib/redirect.h)."""
+    """Allowed and handed to the node-local proxy: egress DNS (lib/redirect.h), ingress HTTP (lib/l7redirect.h)."""
+    OK_FROM_PROXY = 13
+    """The node's HTTP proxy connecting to the pod (the request was judged by the proxy)."""
 
 
 REASON_MAX = 16

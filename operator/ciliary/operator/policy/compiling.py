@@ -22,6 +22,8 @@ for every valid policy. Decisions taken here (documented for users):
 - a port rule without ports covers every port of TCP, UDP and SCTP; ``port`` unset or
   ``"0"`` covers every port of its protocol; ``ANY`` is expanded later into
   TCP, UDP and SCTP;
+- ``rules.http`` of an ingress allow item (without TLS or server names) is carried as
+  :class:`HttpMatch` items for the node's HTTP proxy; other L7 kinds only set ``l7``;
 - ``RuleRef.rule_index`` is the position in ``spec`` followed by ``specs``.
 """
 
@@ -69,6 +71,16 @@ _PROTOCOLS = {"TCP": Protocol.TCP, "UDP": Protocol.UDP, "SCTP": Protocol.SCTP, "
 
 
 @dataclass(frozen=True, slots=True)
+class HttpMatch:
+    """One ``rules.http[]`` item, normalised (unset fields are empty: match anything)."""
+
+    method: str = ""
+    path: str = ""
+    host: str = ""
+    headers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class PortMatch:
     """One port (range) of a port rule; ``name`` is set for a named port (resolved later)."""
 
@@ -80,6 +92,8 @@ class PortMatch:
     l7_parser: L7Parser | None = None
     dns: tuple[DNSRule, ...] = ()
     """``rules.dns`` of the port rule (l7_parser "dns")."""
+    http: tuple[HttpMatch, ...] | None = None
+    """HTTP rules to enforce in the node's proxy (ingress, plain HTTP only); None: no HTTP redirect."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +248,7 @@ def _ingress(
         other_l3=written,
         port_rules=item.to_ports,
         icmps=item.icmps,
+        http_proxy=verdict is Verdict.ALLOW,
     )
 
 
@@ -280,11 +295,12 @@ def _peer_rule(
     other_l3: bool,
     port_rules: Sequence[PortRule | PortDenyRule] | None,
     icmps: Sequence[ICMPRule] | None,
+    http_proxy: bool = False,
     fqdns: tuple[DNSRule, ...] = (),
 ) -> PeerRule:
     selectors = tuple(selection.scope_peer(selection.from_api(s), namespace) for s in endpoints or ())
     scoped_requires = tuple(selection.scope_peer(selection.from_api(s), namespace) for s in requires or ())
-    ports = tuple(p for rule in port_rules or () for p in _ports(rule))
+    ports = tuple(p for rule in port_rules or () for p in _ports(rule, http_proxy))
     icmp_types = tuple(sorted({t for rule in icmps or () for t in _icmp_types(rule)}))
     has_l3 = bool(selectors) or bool(cidrs) or bool(entities) or other_l3
     has_l4 = bool(port_rules) or bool(icmps)
@@ -304,6 +320,20 @@ def _peer_rule(
     )
 
 
+def http_matches(rule: PortRule) -> tuple[HttpMatch, ...] | None:
+    """The HTTP rules the node's proxy enforces for an ingress port rule; None when it is not proxied.
+
+    Proxied: ``rules.http`` without TLS interception or server names (a TLS stream cannot be read
+    by the proxy, so such a port stays open at L3/L4: ``support`` reports it).
+    """
+    if rule.rules is None or rule.rules.http is None:
+        return None
+    if rule.terminating_tls is not None or rule.originating_tls is not None or rule.server_names:
+        return None
+    return tuple(HttpMatch(method=h.method or "", path=h.path or "", host=h.host or "",
+                           headers=tuple(h.headers or ())) for h in rule.rules.http) or (HttpMatch(),)
+
+
 def _l7_of(rule: PortRule | PortDenyRule) -> tuple[L7Parser | None, tuple[DNSRule, ...]]:
     if not isinstance(rule, PortRule) or rule.rules is None:
         return None, ()
@@ -315,20 +345,21 @@ def _l7_of(rule: PortRule | PortDenyRule) -> tuple[L7Parser | None, tuple[DNSRul
     return parser, dns
 
 
-def _ports(rule: PortRule | PortDenyRule) -> Iterable[PortMatch]:
+def _ports(rule: PortRule | PortDenyRule, http_proxy: bool) -> Iterable[PortMatch]:
     parser, dns = _l7_of(rule)
     l7 = parser is not None
+    http = http_matches(rule) if http_proxy and isinstance(rule, PortRule) else None
     if not rule.ports:
-        yield PortMatch(Protocol.ANY, l7=l7, l7_parser=parser, dns=dns)
+        yield PortMatch(Protocol.ANY, l7=l7, l7_parser=parser, dns=dns, http=http)
         return
     for port in rule.ports:
         protocol = _PROTOCOLS.get(port.protocol or "ANY", Protocol.ANY)
         if port.is_named:
-            yield PortMatch(protocol, name=port.port, l7=l7, l7_parser=parser, dns=dns)
+            yield PortMatch(protocol, name=port.port, l7=l7, l7_parser=parser, dns=dns, http=http)
             continue
         low = port.number or 0
         high = max(low, port.end_port or 0) if low else 0
-        yield PortMatch(protocol, low, high, l7=l7, l7_parser=parser, dns=dns)
+        yield PortMatch(protocol, low, high, l7=l7, l7_parser=parser, dns=dns, http=http)
 
 
 def _icmp_types(rule: ICMPRule) -> Iterable[int]:

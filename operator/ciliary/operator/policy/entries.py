@@ -39,6 +39,10 @@ Semantics (documented for users):
   two L7 allows of one kind producing the same entry carry the union of their
   rules (a request matching either is allowed, as Cilium merges them); two
   kinds on one entry (Cilium refuses the policy) keep the first kind met;
+- ingress HTTP rules (``compiling.http_matches``) give the entry its ``http`` rules,
+  each naming its policy rule; entries merged from several HTTP items carry all
+  their rules (OR); merged with an L4-only or non-HTTP item, ``http`` is None
+  (no redirect: the port is open to that peer at L4, as in Cilium);
 - with ``allow_host_ingress`` (Kubernetes' allow-localhost), an enforced ingress
   direction always allows the ``host`` identity (kubelet probes).
 """
@@ -53,6 +57,7 @@ from ciliary.operator.intents import (
     Direction,
     DirectionPolicy,
     DNSRule,
+    HttpRule,
     L7Parser,
     PolicyEntry,
     Protocol,
@@ -60,7 +65,7 @@ from ciliary.operator.intents import (
     Verdict,
     sorted_entries,
 )
-from ciliary.operator.policy.compiling import CidrMatch, CompiledRule, PeerRule, PortMatch
+from ciliary.operator.policy.compiling import CidrMatch, CompiledRule, HttpMatch, PeerRule, PortMatch
 from ciliary.operator.policy.identities import Reserved
 from ciliary.operator.policy.named_ports import NamedPorts, PortOwners
 from ciliary.operator.policy.selection import Selector
@@ -73,8 +78,9 @@ _Key = tuple[int, Protocol, int, int, int | None, Verdict]
 """(peer identity, protocol, port low, port high, icmp type, verdict)."""
 _L7 = tuple[L7Parser, tuple[DNSRule, ...]] | None
 """The L7 part of one port: (kind, DNS rules), or None for a plain L4 port."""
-_Spec = tuple[Protocol, int, int, int | None, _L7]
-_Acc = dict[_Key, tuple[set[RuleRef], _L7]]
+_Spec = tuple[Protocol, int, int, int | None, _L7, tuple[HttpMatch, ...] | None]
+"""(protocol, port low, port high, icmp type, L7 part, ingress HTTP rules) of one item's port."""
+_Acc = dict[_Key, tuple[set[RuleRef], _L7, list[HttpRule] | None]]
 
 
 class PeerSource(TypingProtocol):
@@ -131,7 +137,7 @@ def direction_policy(
             peers = _peers(subject, item, requires if item.verdict is Verdict.ALLOW else (), source)
             if peers:
                 _add_item(acc, subject, item, peers, direction, own_ports, source)
-    entries = [_entry(key, refs, l7) for key, (refs, l7) in acc.items()]
+    entries = [_entry(key, refs, l7, http) for key, (refs, l7, http) in acc.items()]
     if not default_deny:
         if not any(e.verdict is Verdict.DENY for e in entries):
             return NOT_ENFORCED
@@ -178,13 +184,14 @@ def _add_item(
     fixed: list[_Spec] = []
     named: list[PortMatch] = []
     if item.l3_only:
-        fixed.append((Protocol.ANY, 0, 0, None, None))
+        fixed.append((Protocol.ANY, 0, 0, None, None, None))
     for port in item.ports:
         if port.name is not None:
             named.append(port)
         else:
-            fixed.extend((proto, port.low, port.high, None, _l7(port)) for proto in _protocols(port.protocol))
-    fixed.extend((Protocol.ICMP, 0, 0, icmp_type, None) for icmp_type in item.icmp_types)
+            fixed.extend((proto, port.low, port.high, None, _l7(port), _http_of(port, proto))
+                         for proto in _protocols(port.protocol))
+    fixed.extend((Protocol.ICMP, 0, 0, icmp_type, None, None) for icmp_type in item.icmp_types)
     for peer in peers:
         specs: Iterable[_Spec] = fixed
         if named and direction is Direction.INGRESS:
@@ -200,17 +207,25 @@ def _add_item(
         _put(acc, item, peer, specs)
 
 
+def _http_of(port: PortMatch, proto: Protocol) -> tuple[HttpMatch, ...] | None:
+    """HTTP rules apply on TCP only (a port rule with protocol ANY expands to UDP and SCTP too)."""
+    return port.http if proto is Protocol.TCP else None
+
+
 def _put(acc: _Acc, item: PeerRule, peer: int, specs: Iterable[_Spec]) -> None:
     l7_allowed = item.verdict is Verdict.ALLOW
-    for proto, low, high, icmp_type, l7 in specs:
+    for proto, low, high, icmp_type, l7, http in specs:
         key = (peer, proto, low, high, icmp_type, item.verdict)
         found = acc.get(key)
         redirect = l7 if l7_allowed else None
+        rules = None if http is None or not l7_allowed else [
+            HttpRule(method=h.method, path=h.path, host=h.host, headers=h.headers, rule=item.ref) for h in http]
         if found is None:
-            acc[key] = ({item.ref}, redirect)
+            acc[key] = ({item.ref}, redirect, rules)
         else:
             found[0].add(item.ref)
-            acc[key] = (found[0], _merge_l7(found[1], redirect))
+            merged = None if found[2] is None or rules is None else found[2] + rules
+            acc[key] = (found[0], _merge_l7(found[1], redirect), merged)
 
 
 def _merge_l7(first: _L7, second: _L7) -> _L7:
@@ -234,11 +249,12 @@ def _resolve_named(named: Iterable[PortMatch], ports: NamedPorts) -> Iterable[_S
             proto = _BY_NAME.get(proto_name)
             if proto is None or (match.protocol is not Protocol.ANY and proto is not match.protocol):
                 continue
-            yield proto, number, number, None, _l7(match)
+            yield proto, number, number, None, _l7(match), _http_of(match, proto)
 
 
-def _entry(key: _Key, refs: set[RuleRef], l7: _L7) -> PolicyEntry:
+def _entry(key: _Key, refs: set[RuleRef], l7: _L7, http: list[HttpRule] | None) -> PolicyEntry:
     peer, proto, low, high, icmp_type, verdict = key
+    unique = None if http is None or not l7 else tuple(dict.fromkeys(http))
     ordered = tuple(sorted(refs, key=lambda r: (r.kind, r.namespace, r.name, r.uid, r.rule_index, r.section)))
     return PolicyEntry(
         identity=peer,
@@ -250,6 +266,7 @@ def _entry(key: _Key, refs: set[RuleRef], l7: _L7) -> PolicyEntry:
         l7_redirect=l7 is not None,
         l7_parser=l7[0] if l7 is not None else None,
         dns=l7[1] if l7 is not None else (),
+        http=unique,
         rules=ordered,
     )
 

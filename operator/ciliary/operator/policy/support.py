@@ -8,7 +8,8 @@ as Markdown; README.md carries it and a unit test keeps the two equal).
 
 Levels:
 
-- ``enforced``: enforced exactly as written;
+- ``enforced``: enforced exactly as written (ingress HTTP rules: by the node's Envoy, and a
+  node reports the policy enforcing only while its Envoy runs with the configuration);
 - ``partial``: accepted; the policy's L3/L4 part is enforced, this construct is
   not (the row says what happens instead). A policy using it never reads
   ``Enforced=True``: its status shows ``Enforced=False`` with reason
@@ -39,7 +40,7 @@ from ciliary.operator.api.rules import (
 )
 from ciliary.operator.api.selectors import LabelSelector
 from ciliary.operator.policy import identities, selection
-from ciliary.operator.policy.compiling import ICMP_V4_TYPES
+from ciliary.operator.policy.compiling import ICMP_V4_TYPES, http_matches
 
 MAX_MESSAGE = 1024
 
@@ -83,6 +84,10 @@ FEATURES: tuple[Feature, ...] = (
             "L4 ports and ranges; a named port resolves against the pod that owns it"),
     Feature("icmps", "`icmps` (IPv4 types, by number or name)", _E, "ICMP types"),
     Feature("metadata", "`specs`, `labels`, `description` (also top-level)", _E, "several rules; no effect"),
+    Feature("http", "`toPorts[].rules.http` in `ingress` (`path`, `method`, `host`, `headers`)", _E,
+            "connections from the selected peers to the port go through the node's Envoy; a request matching "
+            "none of the rules gets 403 `Access denied`. Enforced=True on a node only while its Envoy runs "
+            "with the policy's configuration"),
     Feature("dns", "`toPorts[].rules.dns` (`matchName`, `matchPattern`)", _E,
             "the selected pods' queries on the port go through the node's DNS proxy (UDP and TCP): a name no "
             "rule matches is answered REFUSED, others are forwarded to the server the pod asked; every query "
@@ -99,15 +104,19 @@ FEATURES: tuple[Feature, ...] = (
     Feature("toServices", "`toServices`", _P,
             "not enforced: the item allows nothing (its rule still makes the pods default-deny); "
             "in `egressDeny` it denies nothing"),
-    Feature("http", "`toPorts[].rules.http` (`path`, `method`, `host`, `headers`)", _P,
-            "not enforced (no L7 proxy): the port is open at L3/L4 to the selected peers and every request "
-            "on it is allowed, none is answered 403"),
+    Feature("http-egress", "`toPorts[].rules.http` in `egress`", _P,
+            "not enforced (no egress HTTP redirect yet): the port is open at L3/L4 to the selected peers and "
+            "every request on it is allowed"),
+    Feature("http-tls", "`toPorts[].rules.http` with `terminatingTLS`, `originatingTLS` or `serverNames`", _P,
+            "not enforced (no TLS interception): the connection is not redirected to the proxy, the port is "
+            "open at L3/L4 to the selected peers"),
     Feature("headerMatches", "`toPorts[].rules.http[].headerMatches`", _P,
-            "not enforced: header conditions and their mismatch actions are not applied"),
+            "not enforced: header conditions and their mismatch actions are not applied (the rule's "
+            "`path`, `method`, `host` and `headers` are)"),
     Feature("kafka", "`toPorts[].rules.kafka`", _P,
-            "not enforced (no L7 proxy): the port is open at L3/L4, every Kafka request is allowed"),
+            "not enforced (no Kafka proxy): the port is open at L3/L4, every Kafka request is allowed"),
     Feature("l7proto", "`toPorts[].rules.l7proto`, `toPorts[].rules.l7`", _P,
-            "not enforced (no L7 proxy): the port is open at L3/L4, every request is allowed"),
+            "not enforced (no proxy for these parsers): the port is open at L3/L4, every request is allowed"),
     Feature("tls", "`toPorts[].terminatingTLS`, `toPorts[].originatingTLS`", _P,
             "not enforced: no TLS interception, the connection passes end to end at L3/L4"),
     Feature("serverNames", "`toPorts[].serverNames`", _P,
@@ -261,7 +270,7 @@ def _item_gaps(item: IngressRule | IngressDenyRule | EgressRule | EgressDenyRule
     port_rules: Sequence[PortRule | PortDenyRule] = item.to_ports or ()
     for j, port_rule in enumerate(port_rules):
         if isinstance(port_rule, PortRule):
-            yield from _port_rule_gaps(port_rule, f"{path}.toPorts[{j}]")
+            yield from _port_rule_gaps(port_rule, f"{path}.toPorts[{j}]", isinstance(item, IngressRule))
 
 
 def _is_ipv6(value: str | CIDRRule) -> bool:
@@ -280,11 +289,14 @@ def _icmp_gaps(rules: Iterable[ICMPRule] | None, path: str) -> Iterator[Gap]:
                 yield _gap(f"{path}[{i}].fields[{j}]", "ipv6-icmp")
 
 
-def _port_rule_gaps(rule: PortRule, path: str) -> Iterator[Gap]:
+def _port_rule_gaps(rule: PortRule, path: str, ingress: bool) -> Iterator[Gap]:
     l7 = rule.rules
     if l7 is not None:
         if l7.http is not None:
-            yield _gap(f"{path}.rules.http", "http")
+            if not ingress:
+                yield _gap(f"{path}.rules.http", "http-egress")
+            elif http_matches(rule) is None:
+                yield _gap(f"{path}.rules.http", "http-tls")
             for k, http in enumerate(l7.http):
                 if http.header_matches:
                     yield _gap(f"{path}.rules.http[{k}].headerMatches", "headerMatches")

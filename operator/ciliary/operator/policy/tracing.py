@@ -51,6 +51,8 @@ class DirectionTrace:
     verdict: Verdict
     reason: Literal["allowed", "denied-by-rule", "default-deny", "not-enforced"]
     rules: tuple[RuleRef, ...] = ()
+    http: bool = False
+    """The deciding entry hands the connection to the node's HTTP proxy: only matching requests pass."""
 
     def describe(self) -> str:
         if self.reason == "not-enforced":
@@ -63,8 +65,10 @@ class DirectionTrace:
             why = "traffic from the local host is always allowed"
         else:
             why = "enableDefaultDeny is false for this direction"
+        l7 = "; at L7 only the HTTP requests its rules allow, judged by the node's Envoy (others get 403)" \
+            if self.http else ""
         return f"{self.direction.value} at {self.endpoint} ({self.node}), peer identity {self.peer_identity}: " \
-               f"{self.verdict} ({why})"
+               f"{self.verdict} ({why}{l7})"
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,8 @@ def _evaluate(direction: Direction, side: _Side, peer: int, proto: int, dport: i
         verdict="ALLOWED" if decision.allowed else "DENIED",
         reason=decision.reason,
         rules=decision.entry.rules if decision.entry is not None else (),
+        http=decision.allowed and direction is Direction.INGRESS and decision.entry is not None
+        and decision.entry.http is not None,
     )
 
 
@@ -285,7 +291,7 @@ def trace_datapath(
         identities[0 if direction is Direction.EGRESS else 1] = held_endpoint.identity
         part = _evaluate(direction, _Side(side.ip, side.node, held_endpoint), peer_identity, proto, dport)
         part = DirectionTrace(part.direction, part.node, name, part.peer_identity, part.verdict, part.reason,
-                              part.rules)
+                              part.rules, part.http)
         directions.append(DatapathDirection(direction, side.node, name, "datapath", part, intent_part))
     verdicts = {d.verdict for d in directions}
     verdict: DatapathVerdict = "DENIED" if "DENIED" in verdicts else "UNKNOWN" if "UNKNOWN" in verdicts \

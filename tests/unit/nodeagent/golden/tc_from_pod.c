@@ -9,6 +9,7 @@
 #define CY_EVENTS_PAGES 256
 #define CY_TRACE_ALL 0
 
+
 #include <uapi/linux/pkt_cls.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/ip.h>
@@ -66,6 +67,7 @@
 
 /* policy_value.flags */
 #define CY_POLICY_DENY (1U << 0)
+#define CY_POLICY_HTTP (1U << 1) /* allow entry with HTTP rules: redirect to the proxy (lib/l7redirect.h) */
 
 /* Proxy redirection (lib/redirect.h): the mark that routes a packet assigned to a
  * proxy socket to local delivery, and the routing table holding the local route.
@@ -140,9 +142,9 @@
 #define CY_DROP_INVALID_L3 8 /* dropped: IPv4 header shorter than 20 bytes (ihl < 5, truncated) */
 #define CY_DROP_UNSUPPORTED_L3 9 /* dropped: IPv6 (no IPv6 policy yet) other than ND */
 #define CY_DROP_SPOOFED_SOURCE 10 /* dropped: IPv4 from a pod's veth whose source is not the pod's address */
-
-#define CY_DROP_PROXY_UNAVAILABLE 11 /* dropped: its entry redirects to a proxy and no proxy socket listens */
+#define CY_DROP_PROXY_UNAVAILABLE 11 /* dropped: its entry redirects to a proxy and no proxy (socket or device) is there */
 #define CY_OK_PROXY 12       /* forwarded: an allow entry matched and the packet went to the node's proxy */
+#define CY_OK_FROM_PROXY 13  /* forwarded: the node's HTTP proxy connects to the pod (judged by the proxy) */
 
 #define CY_REASON_MAX 16
 
@@ -741,15 +743,17 @@ static __always_inline struct policy_value *cy_policy_probe(int deny, __u32 ep_i
 }
 
 /* Returns a drop_reasons.h code; *cookie gets the deciding rule's cookie and
- * *proxy_port the allowing entry's proxy port (0: no redirect; lib/redirect.h).
+ * *vflags the deciding allow entry's policy_value.flags (0 otherwise), *proxy_port its
+ * proxy port (0: no redirect; lib/redirect.h).
  * has_deny: the endpoint's CY_EP_*_DENY flag of dir (0 skips cy_policy_deny). */
 static __always_inline __u8 cy_policy_verdict(__u32 ep_id, __u8 dir, __u32 has_deny,
 					      __u32 identity, __u8 proto, __u16 port,
-					      __u32 *cookie, __u16 *proxy_port)
+					      __u32 *cookie, __u32 *vflags, __u16 *proxy_port)
 {
 	struct policy_value *val;
 
 	*proxy_port = 0;
+	*vflags = 0;
 	if (has_deny) {
 		val = cy_policy_probe(1, ep_id, dir, identity, proto, port);
 		if (val) {
@@ -760,6 +764,7 @@ static __always_inline __u8 cy_policy_verdict(__u32 ep_id, __u8 dir, __u32 has_d
 	val = cy_policy_probe(0, ep_id, dir, identity, proto, port);
 	if (val) {
 		*cookie = val->cookie;
+		*vflags = val->flags;
 		*proxy_port = val->proxy_port;
 		return CY_OK_POLICY;
 	}
@@ -959,6 +964,65 @@ mark:
 }
 
 #endif /* CY_REDIRECT_H */
+/* ---- lib/l7redirect.h ---- */
+/* l7redirect.h - hand a pod's ingress connections to the node's HTTP proxy (Envoy).
+ *
+ * An allow entry of an ingress direction whose policy_value.flags carries
+ * CY_POLICY_HTTP (the entry has HTTP rules, ciliary.operator.intents.PolicyEntry.http)
+ * does not deliver the packet to the pod: cy_to_pod runs at tc EGRESS of the pod's
+ * host veth, where a packet cannot be assigned to a local socket (bpf_sk_assign
+ * works at tc ingress only). So the packet is marked CY_MARK_TO_L7PROXY, its
+ * destination MAC is set to the proxy device's (the node-local veth CY_PROXY_IFINDEX,
+ * created by the agent, ciliary.nodeagent.proxy_plumbing) and it is redirected to
+ * that device's INGRESS. There it re-enters the node's stack: an iptables TPROXY rule
+ * on the mark hands it to Envoy's transparent listener (by the original destination
+ * address and port, which Envoy then sees as its local address; the source is
+ * untouched), and a policy-routing rule on the mark delivers it locally. Every
+ * forward packet of the connection takes this path (they are all re-evaluated).
+ *
+ * The proxy's own connection to the pod carries socket mark CY_MARK_FROM_L7PROXY
+ * (SO_MARK, ciliary.nodeagent.envoy_config): cy_to_pod lets those packets through
+ * without a policy lookup and never redirects them again (the request was judged by
+ * the proxy on behalf of the original peer). Only a process of the node's network
+ * namespace with CAP_NET_ADMIN can set a mark: a packet's mark is cleared when it
+ * crosses into another network namespace, so a pod cannot forge it.
+ * CY_PROXY_IFINDEX 0 (no proxy device) drops what should be redirected
+ * (CY_DROP_PROXY_UNAVAILABLE): an HTTP rule is never widened to an L4 allow.
+ */
+#ifndef CY_L7REDIRECT_H
+#define CY_L7REDIRECT_H
+
+#ifndef CY_PROXY_IFINDEX
+#define CY_PROXY_IFINDEX 0
+#define CY_PROXY_MAC {0, 0, 0, 0, 0, 0}
+#endif
+
+/* Marks of the ingress HTTP path, in the CY_MARK_PROXY_MASK nibble shared with
+ * lib/redirect.h (whose egress mark is CY_MARK_TO_PROXY); ciliary.nodeagent.envoy_config
+ * and proxy_plumbing (table 2012) use the same numbers. */
+#define CY_MARK_TO_L7PROXY 0x0C00
+#define CY_MARK_FROM_L7PROXY 0x0D00
+
+/* Was this packet sent by the node's proxy (its upstream connection to a pod)? */
+static __always_inline int cy_from_proxy(const struct __sk_buff *skb)
+{
+	return (skb->mark & CY_MARK_PROXY_MASK) == CY_MARK_FROM_L7PROXY;
+}
+
+/* Redirect skb to the proxy device's ingress; TC_ACT_SHOT if there is none. */
+static __always_inline int cy_redirect_to_l7proxy(struct __sk_buff *skb)
+{
+	__u8 mac[6] = CY_PROXY_MAC;
+
+	if (!CY_PROXY_IFINDEX)
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, 0, mac, 6, 0) < 0)
+		return TC_ACT_SHOT;
+	skb->mark = CY_MARK_TO_L7PROXY;
+	return bpf_redirect(CY_PROXY_IFINDEX, BPF_F_INGRESS);
+}
+
+#endif /* CY_L7REDIRECT_H */
 /* ---- lib/enforce.h ---- */
 /* enforce.h - the per-packet decision shared by both hooks.
  *
@@ -990,6 +1054,11 @@ mark:
  *      the node's proxy (redirect.h, CY_OK_PROXY); no proxy socket ->
  *      CY_DROP_PROXY_UNAVAILABLE. The connection is tracked as usual, so the
  *      proxy's answers (sent from the original destination) pass as replies.
+ *   6. cy_to_pod only (l7redirect.h): an allow entry with HTTP rules
+ *      (CY_POLICY_HTTP) redirects the packet to the node's HTTP proxy (CY_OK_PROXY;
+ *      no proxy device -> CY_DROP_PROXY_UNAVAILABLE) instead of passing it, and a
+ *      packet of the proxy's own connection to the pod passes without a lookup
+ *      (CY_OK_FROM_PROXY), tracked so that the pod's replies pass.
  * One cy_ct lookup per packet (conntrack.h) tells replies from forward
  * packets. Forwarded forward-direction packets create/refresh a cy_ct entry; a flow
  * event is emitted for every drop and every new connection (every packet when
@@ -1051,9 +1120,10 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 	struct ct_key ct_key = {};
 	struct ct_entry *ct_entry = 0;
 	struct endpoint_info *ep, *src_ep = 0;
-	__u32 pod_addr, peer_addr, peer_id = 0, cookie = 0;
+	__u32 pod_addr, peer_addr, peer_id = 0, cookie = 0, vflags = 0;
 	__u32 flags, enforced, has_deny;
 	__u16 proxy_port = 0;
+	int to_l7proxy = 0;
 	__u64 ct_now = 0;
 	__u8 reason;
 	int parsed, is_new;
@@ -1112,13 +1182,19 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_SHOT;
 	}
 
-	if (enforced) {
+	if (enforced && dir == CY_DIR_INGRESS && cy_from_proxy(skb)) {
+		reason = CY_OK_FROM_PROXY;
+	} else if (enforced) {
 		peer_id = cy_identity_of(peer_addr);
 		reason = cy_policy_verdict(ep->ep_id, dir, has_deny, peer_id, p.protocol,
-					   p.policy_port, &cookie, &proxy_port);
-		if (dir == CY_DIR_EGRESS && reason == CY_OK_POLICY && proxy_port)
+					   p.policy_port, &cookie, &vflags, &proxy_port);
+		if (reason == CY_OK_POLICY && dir == CY_DIR_INGRESS && (vflags & CY_POLICY_HTTP)) {
+			reason = CY_PROXY_IFINDEX ? CY_OK_PROXY : CY_DROP_PROXY_UNAVAILABLE;
+			to_l7proxy = 1;
+		} else if (dir == CY_DIR_EGRESS && reason == CY_OK_POLICY && proxy_port) {
 			reason = cy_redirect_to_proxy(skb, &p, proxy_port) ? CY_DROP_PROXY_UNAVAILABLE
 									   : CY_OK_PROXY;
+		}
 	} else {
 		reason = CY_OK_UNENFORCED;
 	}
@@ -1134,6 +1210,8 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 			peer_id = cy_identity_of(peer_addr);
 		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie);
 	}
+	if (to_l7proxy)
+		return cy_redirect_to_l7proxy(skb);
 	return TC_ACT_OK;
 #undef CY_SRC_ID
 #undef CY_DST_ID

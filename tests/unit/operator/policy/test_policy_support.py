@@ -93,9 +93,11 @@ EXAMPLES: list[tuple[str, dict[str, Any], str, str]] = [
      "spec.egressDeny[0].toServices"),
     ("toFQDNs", egress(toFQDNs=[{"matchName": "example.com"}, {"matchPattern": "*.example.com"}],
                        toPorts=[PORT80]), CNP, ""),
-    ("http", l7({"http": [{"method": "POST", "path": "/v1/request-landing"}]}), CNP,
-     "spec.ingress[0].toPorts[0].rules.http"),
-    ("http", l7({"http": [{}]}, direction="egress"), CNP, "spec.egress[0].toPorts[0].rules.http"),
+    ("http", l7({"http": [{"method": "POST", "path": "/v1/request-landing"}]}), CNP, ""),
+    ("http", l7({"http": [{}, {"host": "a[.]io", "headers": ["X-A", "X-B: 1"]}]}), CNP, ""),
+    ("http-egress", l7({"http": [{}]}, direction="egress"), CNP, "spec.egress[0].toPorts[0].rules.http"),
+    ("http-tls", ingress(toPorts=[{**PORT80, "rules": {"http": [{}]}, "terminatingTLS": {"secret": {"name": "s"}}}]),
+     CNP, "spec.ingress[0].toPorts[0].rules.http"),
     ("headerMatches", l7({"http": [{"headerMatches": [{"name": "x-token", "value": "s", "mismatch": "REPLACE"}]}]}),
      CNP, "spec.ingress[0].toPorts[0].rules.http[0].headerMatches"),
     ("kafka", l7({"kafka": [{"role": "produce", "topic": "t"}]}, port="9092"), CNP,
@@ -177,7 +179,7 @@ def test_every_row_gives_its_status(key: str, spec: dict[str, Any], kind: str, p
         assert valid["status"] == "True", valid
         assert (enforced["status"], enforced["reason"]) == ("False", "PartiallyEnforced"), enforced
         keys = {g.feature.key for g in gaps}
-        assert key in keys and keys - {key} <= ({"http"} if key == "headerMatches" else set()), keys
+        assert key in keys and keys - {key} <= ({"tls"} if key == "http-tls" else set()), keys
         assert f"{path}: " in enforced["message"] or f"{path}, " in enforced["message"], enforced["message"]
         assert feature.what in enforced["message"]
     else:
@@ -191,16 +193,16 @@ def test_every_row_has_an_example_and_keys_are_unique() -> None:
 
 
 def test_partial_with_no_endpoint_selected_is_not_true() -> None:
-    raw = body(l7({"http": [{"path": "/"}]}))
+    raw = body(l7({"kafka": [{"topic": "t"}]}))
     outcome = ingest_policy(ClusterModel(), raw)
     cond, summary = enforcement.enforced_condition(PolicyView.from_body(raw), {}, {},
                                                    unenforced=outcome.unenforced)
     assert (cond["status"], cond["reason"], summary) == ("False", "PartiallyEnforced", "0/0 nodes")
-    assert "rules.http" in cond["message"]
+    assert "rules.kafka" in cond["message"]
 
 
 def test_not_assessed_is_pending_and_nodes_not_enforcing_wins() -> None:
-    raw = body(l7({"http": [{"path": "/"}]}))
+    raw = body(l7({"kafka": [{"topic": "t"}]}))
     view = PolicyView.from_body(raw)
     cond, _ = enforcement.enforced_condition(view, {}, {}, unenforced=None)
     assert (cond["status"], cond["reason"]) == ("False", "Pending")

