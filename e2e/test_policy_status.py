@@ -44,7 +44,20 @@ spec: {nodeName: node-3, containers: [{name: c, image: lab}]}
 
 RULE1 = (ROOT / "crds" / "examples" / "starwars-rule1.yaml").read_text()
 INVALID = (ROOT / "crds" / "invalid" / "l7-on-udp.yaml").read_text()
-HTTP_L7 = (ROOT / "crds" / "examples" / "http-l7.yaml").read_text()
+HTTP_L7 = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: http-l7}
+spec:
+  endpointSelector: {matchLabels: {org: empire, class: deathstar}}
+  egress:
+  - toEndpoints: [{matchLabels: {org: empire}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules: {http: [{method: POST, path: /v1/request-landing}]}
+"""
+"""Egress HTTP rules: not enforced yet (no egress HTTP redirect), the support table's partial row
+``http-egress`` (ingress HTTP rules are enforced by the node's Envoy: e2e/test_l7_http.py)."""
 
 
 @pytest.fixture(scope="module")
@@ -106,15 +119,16 @@ def test_invalid_policy_shows_its_error(lab3):
 
 
 def test_l7_policy_is_partially_enforced_never_true_and_says_so(lab3):
-    """HTTP rules are not enforced (no proxy): L3/L4 in force on every node, Enforced=False/PartiallyEnforced
-    naming the field, a Warning Event, and a request the HTTP rules would refuse is answered (no 403)."""
+    """Egress HTTP rules are not enforced (no egress redirect): L3/L4 in force on every node,
+    Enforced=False/PartiallyEnforced naming the field, a Warning Event, and a request the HTTP rules would
+    refuse is answered (no 403)."""
     lab3.apply(HTTP_L7)
     st = wait_status(lab3, "http-l7", lambda s: condition(s, "Enforced").get("reason") == "PartiallyEnforced"
                      and s.get("enforcement") == "2/2 nodes", 60, "Enforced=False, PartiallyEnforced on 2/2 nodes")
     enforced = condition(st, "Enforced")
     assert enforced["status"] == "False" and enforced["observedGeneration"] == 1
-    assert "spec.ingress[0].toPorts[0].rules.http" in enforced["message"], enforced
-    assert "none is answered 403" in enforced["message"], enforced
+    assert "spec.egress[0].toPorts[0].rules.http" in enforced["message"], enforced
+    assert "every request on it is allowed" in enforced["message"], enforced
     assert condition(st, "Valid")["status"] == "True"
     assert all(e["ok"] and e["enforcing"] for e in st["nodes"].values()), st["nodes"]  # the L3/L4 part
     deadline = time.monotonic() + 30
@@ -127,7 +141,7 @@ def test_l7_policy_is_partially_enforced_never_true_and_says_so(lab3):
     assert events, lab3.events("http-l7")
     assert events[0]["type"] == "Warning" and "rules.http" in events[0]["message"]
     assert events[0]["involvedObject"]["kind"] == "CiliumNetworkPolicy"
-    # nothing filters HTTP: a GET of / (which the rules would refuse) from an empire pod is answered
+    # nothing filters HTTP on the way out: a GET of / (which the rules would refuse) from a selected pod is answered
     ip = json.loads(lab3.kubectl("get", "pod", "deathstar-1", "-o", "json").stdout)["status"]["podIP"]
     assert lab3.probe("http", ip, 80, pod="deathstar-2", timeout=3).returncode == 0
     lab3.kubectl("delete", "cnp", "http-l7")
