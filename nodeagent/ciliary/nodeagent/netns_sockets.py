@@ -93,13 +93,6 @@ class NetnsSocketError(OSError):
         self.netns, self.address = netns, address
 
 
-def _setns(fd: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
 def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
@@ -147,8 +140,7 @@ def _in_netns(netns: str | None, address: str, make: Callable[[], socket.socket]
 
     def enter_and_make() -> None:
         try:
-            with open(netns_path(netns), "rb") as ns:
-                _setns(ns.fileno())
+            _enter(netns)
             result.append(make())
         except OSError as exc:  # reported to the caller below
             result.append(exc)

@@ -120,6 +120,15 @@ def parse_devices(raw: str) -> tuple[str, ...] | None:
     return names
 
 
+def optional_address(raw: str) -> str:
+    """A HOST:PORT flag that ``off`` (or empty) turns off: "" then; checked otherwise."""
+    value = raw.strip()
+    if value.lower() in ("", "off"):
+        return ""
+    parse_host_port(value)
+    return value
+
+
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     def default(name: str) -> str:
         return environ.get(ENV_PREFIX + name, DEFAULTS[name])
@@ -215,12 +224,8 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Age
         parser.error(f"--datapath / {ENV_PREFIX}DATAPATH must be on or off, not {ns.datapath!r}")
     try:
         health_host, health_port = parse_host_port(ns.health_addr)
-        hubble_addr = "" if ns.hubble_addr.strip().lower() in ("", "off") else ns.hubble_addr.strip()
-        if hubble_addr:
-            parse_host_port(hubble_addr)
-        proxy_healthz = "" if ns.proxy_healthz_addr.strip().lower() in ("", "off") else ns.proxy_healthz_addr.strip()
-        if proxy_healthz:
-            parse_host_port(proxy_healthz)
+        hubble_addr = optional_address(ns.hubble_addr)
+        proxy_healthz = optional_address(ns.proxy_healthz_addr)
         insecure = str(ns.etcd_insecure).strip().lower() in ("1", "true", "yes", "on")
         etcd_endpoints, etcd_tls = connection_settings(ns.etcd_endpoints, ca_file=ns.etcd_ca_file,
                                                        cert_file=ns.etcd_cert_file, key_file=ns.etcd_key_file,
