@@ -89,9 +89,9 @@ spec:
 
 
 class Client:
-    def __init__(self, lab: Any) -> None:
+    def __init__(self, lab: Any, pod: str = "client") -> None:
         self.lab = lab
-        self.netns, self.cgroup = lab.lab.pod_target("client", NS)
+        self.netns, self.cgroup = lab.lab.pod_target(pod, NS)
 
     def probe(self, kind: str, ip: str, port: int, count: int = 1, timeout: float = 2.0) -> list[dict[str, Any]]:
         assert self.cgroup is not None, "the process lab gives every pod a cgroup"
@@ -224,6 +224,42 @@ def test_session_affinity_client_ip(lab: Any, svc: dict[str, Any]) -> None:
     finally:
         lab.kubectl("patch", "svc", "web", "-n", NS, "--type=json",
                     "-p", json.dumps([{"op": "replace", "path": "/spec/sessionAffinity", "value": "None"}]))
+
+
+def test_hairpin_a_backend_reaches_itself_through_its_service(lab: Any, svc: dict[str, Any]) -> None:
+    """web-1 asks its own Service: some connections land on web-1 itself (kube-proxy's hairpin case)."""
+    results = Client(lab, "web-1").probe("tcp", svc["vip"], 80, count=30)
+    assert all(r["ok"] for r in results), results
+    assert {r["body"] for r in results} == {f"{NS}/web-1", f"{NS}/web-2"}, results
+
+
+ONLY_FROM_CLIENT = f"""
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: web-only-from-client, namespace: {NS}}}
+spec:
+  endpointSelector: {{matchLabels: {{app: web}}}}
+  ingress:
+  - fromEndpoints: [{{matchLabels: {{app: client}}}}]
+    toPorts: [{{ports: [{{port: "8080", protocol: TCP}}]}}]
+"""
+
+
+def test_the_backend_sees_the_client_pods_address(lab: Any, svc: dict[str, Any]) -> None:
+    """Through the ClusterIP the client pod's own address arrives (nothing is masqueraded): a policy on
+    the backends that admits only app=client lets every request through, on both nodes."""
+    web2 = Client(lab, "web-2")
+    lab.apply(ONLY_FROM_CLIENT)
+    try:
+        wait_for(lambda: not web2.probe("tcp", svc["ips"]["web-1"], 8080, timeout=1.0)[0]["ok"], 60,
+                 "the policy in force (web-2 cannot reach web-1)")
+        results = svc["client"].probe("tcp", svc["vip"], 80, count=20)
+        assert all(r["ok"] for r in results), results
+        assert {r["body"] for r in results} == {f"{NS}/web-1", f"{NS}/web-2"}, results
+    finally:
+        lab.kubectl("delete", "cnp", "web-only-from-client", "-n", NS, check=False)
+    wait_for(lambda: web2.probe("tcp", svc["ips"]["web-1"], 8080, timeout=1.0)[0]["ok"], 60,
+             "web-2 reaches web-1 again once the policy is gone")
 
 
 def test_bad_target_port_is_an_event_and_listed_while_others_keep_working(lab: Any, svc: dict[str, Any]) -> None:
