@@ -1,7 +1,8 @@
 """The e2e Services tests' client: a script run inside a namespace (a pod's, a node's, the world host's).
 
 ``python -c PROBE kind ip port count timeout`` makes ``count`` TCP requests (one connection each,
-an HTTP GET; the lab's servers answer with their pod's name) or UDP exchanges to ``ip:port`` and
+an HTTP GET; the lab's servers answer with their pod's name) or UDP exchanges (``udp``, or
+``udp-connected`` on a connected socket, which reports an ICMP port unreachable) to ``ip:port`` and
 prints one JSON result per attempt: ``{"ok": true, "peer", "body"}`` or ``{"ok": false, "errno",
 "kind" (the exception's class), "error", "seconds"}``.
 """
@@ -22,11 +23,19 @@ for _ in range(count):
                 data += chunk
             s.close()
             body = data.partition(b"\r\n\r\n")[2].decode().strip()
-        else:
+        elif kind == "udp":
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             s.settimeout(timeout)
             s.sendto(b"hello", (ip, port))
             data, peer = s.recvfrom(4096)
+            s.close()
+            body = data.decode()
+        else:  # udp-connected: an ICMP error for the datagram fails recv() (an unconnected socket ignores it)
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(timeout)
+            s.connect((ip, port))
+            s.send(b"hello")
+            data, peer = s.recv(4096), s.getpeername()
             s.close()
             body = data.decode()
         out.append({"ok": True, "peer": f"{peer[0]}:{peer[1]}", "body": body})

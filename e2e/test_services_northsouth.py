@@ -74,7 +74,9 @@ metadata: {{name: empty-np, namespace: {NS}}}
 spec:
   type: NodePort
   selector: {{app: nobody}}
-  ports: [{{port: 80, nodePort: 30181}}]
+  ports:
+  - {{name: tcp, port: 80, nodePort: 30181}}
+  - {{name: udp, port: 80, protocol: UDP, nodePort: 30181}}
 """
 
 DENY_WORLD_HOST = f"""
@@ -184,8 +186,10 @@ def test_external_ip_routed_to_a_node(lab: Any, svc: Any) -> None:
 
 
 def test_nodeport_without_endpoints_is_refused(lab: Any, svc: Any) -> None:
-    """kube-proxy REJECTs: the world host's connect() fails at once with ECONNREFUSED (a RST from the node)."""
-    wait_for(lambda: backends(lab, "node-1", NODE_IPS["node-1"], 30181) == [], 30, "the empty NodePort")
+    """kube-proxy REJECTs: the world host's connect() fails at once with ECONNREFUSED (a RST from the node);
+    a UDP datagram gets an ICMP port unreachable."""
+    wait_for(lambda: backends(lab, "node-1", NODE_IPS["node-1"], 30181) == [] and
+             backends(lab, "node-1", NODE_IPS["node-1"], 30181, "UDP") == [], 30, "the empty NodePort")
     before = counters(lab, "node-1")["rst-sent"]
     began = time.monotonic()
     results = world(lab, "tcp", NODE_IPS["node-1"], 30181, count=3, timeout=5.0)
@@ -194,6 +198,11 @@ def test_nodeport_without_endpoints_is_refused(lab: Any, svc: Any) -> None:
     assert counters(lab, "node-1")["rst-sent"] - before == 3
     print(f"\nthree connects from the world host to a NodePort without endpoints refused in {took:.2f} s "
           f"(interpreter start included)")
+    # UDP: an ICMP port unreachable from the node, which the world host's connected socket reports
+    before = counters(lab, "node-1")["icmp-sent"]
+    results = world(lab, "udp-connected", NODE_IPS["node-1"], 30181, count=3, timeout=5.0)
+    assert [(r["ok"], r.get("kind")) for r in results] == [(False, "ConnectionRefusedError")] * 3, results
+    assert counters(lab, "node-1")["icmp-sent"] - before == 3
 
 
 def test_external_traffic_policy_local_serves_only_where_a_backend_runs(lab: Any, svc: Any) -> None:

@@ -9,13 +9,14 @@
 #define CY_NS_NEW 1              /* a new connection to a frontend: backend chosen, translated */
 #define CY_NS_FORWARD 2          /* a packet of a known connection, client -> backend, translated */
 #define CY_NS_REPLY 3            /* a reply, backend -> client, translated back */
-#define CY_NS_DROP_NO_BACKEND 4  /* refused: the frontend has no backend (a TCP SYN is answered with a RST, also counted below; the rest is dropped) */
+#define CY_NS_DROP_NO_BACKEND 4  /* refused: the frontend has no backend (a TCP SYN is answered with a RST, a UDP datagram with an ICMP port unreachable, both also counted below; the rest is dropped) */
 #define CY_NS_DROP_NO_LOCAL 5    /* dropped: externalTrafficPolicy Local and no backend on this node */
 #define CY_NS_DROP_FRAGMENT 6    /* dropped: an IPv4 fragment of a frontend's or a translated connection's packet */
 #define CY_NS_DROP_NAT_PORTS 7   /* dropped: no free SNAT port for this backend */
 #define CY_NS_DROP_NO_ROUTE 8    /* dropped: no route / neighbour to send the translated packet on */
 #define CY_NS_DROP_REWRITE 9     /* dropped: the kernel refused a rewrite (checksum or store helper) */
 #define CY_NS_RST_SENT 10        /* a TCP RST answered a connection attempt to a frontend without backends */
+#define CY_NS_ICMP_SENT 11       /* an ICMP port unreachable answered a UDP datagram to a frontend without backends */
 
 #define CY_NS_REASON_MAX 16
 

@@ -18,8 +18,8 @@
  *     bpf_redirect_neigh when the neighbour is not resolved yet), bypassing
  *     the node's input path, which would refuse its own address as a source.
  * Rewriting and sending: lib/lb_nat.h. A frontend without backends refuses a
- * TCP SYN with a RST (lib/lb_reject.h) and drops everything else, UDP
- * included (CY_NS_DROP_NO_BACKEND: no ICMP port unreachable is built); with
+ * TCP SYN with a RST and a UDP datagram with an ICMP port unreachable
+ * (lib/lb_reject.h) and drops everything else (CY_NS_DROP_NO_BACKEND); with
  * externalTrafficPolicy Local the frontend's external entry (scope
  * CY_LB_SCOPE_EXTERNAL) holds this node's backends only, and none here drops
  * (CY_NS_DROP_NO_LOCAL). Fragments of such packets cannot be translated and
@@ -77,6 +77,8 @@ static __always_inline int cy_ns_new(struct __sk_buff *skb, const struct cy_pack
 			return cy_ns_drop(CY_NS_DROP_NO_LOCAL);
 		if (p->protocol == CY_PROTO_TCP && (p->tcp_flags & (CY_TCP_SYN | CY_NS_TCP_ACK)) == CY_TCP_SYN)
 			return cy_ns_reset(skb, l4off);
+		if (p->protocol == CY_PROTO_UDP)
+			return cy_ns_unreachable(skb, l4off);
 		return cy_ns_drop(CY_NS_DROP_NO_BACKEND);
 	}
 	key->slot = (__u16)(bpf_get_prandom_u32() % svc->count) + 1;

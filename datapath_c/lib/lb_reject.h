@@ -1,8 +1,9 @@
 /* lb_reject.h - the north-south refusal of a connection to a frontend without
  * backends: kube-proxy REJECTs it, so the client's connect() fails at once.
  *
- * Used by lib/lb_nodeport.h (cy_ns_new) for TCP only; UDP, which would need an
- * ICMP port unreachable grown around the datagram, is dropped and counted there.
+ * Used by lib/lb_nodeport.h (cy_ns_new): a TCP SYN gets a RST (cy_ns_reset), a
+ * UDP datagram an ICMP port unreachable (cy_ns_unreachable), as kube-proxy's
+ * REJECT rule answers both.
  */
 #ifndef CY_LIB_LB_REJECT_H
 #define CY_LIB_LB_REJECT_H
@@ -72,6 +73,69 @@ static __always_inline int cy_ns_reset(struct __sk_buff *skb, __u32 l4off)
 		return cy_ns_drop(CY_NS_DROP_REWRITE);
 	cy_ns_count(CY_NS_DROP_NO_BACKEND);
 	cy_ns_count(CY_NS_RST_SENT);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* The bytes after the Ethernet header of an ICMP port unreachable that quotes
+ * the datagram's IPv4 header (no options) and its first 8 bytes (RFC 792). */
+struct cy_ns_icmp_unreach {
+	struct iphdr ip;
+	__u8 type;
+	__u8 code;
+	__u16 check;
+	__u32 unused;
+	struct iphdr quoted_ip;
+	__u8 quoted_l4[8];
+};
+
+static __always_inline __u16 cy_ns_csum_fold(__s64 sum)
+{
+	__u32 s = (__u32)sum;
+
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)~s;
+}
+
+/* Refuse a UDP datagram (IPv4 header without options) to a frontend without
+ * backends as kube-proxy's REJECT does: the datagram becomes, in place, an
+ * ICMP destination unreachable / port unreachable from the frontend address
+ * to the client, quoting its header, sent back out of the device. The client's
+ * connected socket then fails with ECONNREFUSED instead of waiting. */
+static __always_inline int cy_ns_unreachable(struct __sk_buff *skb, __u32 l4off)
+{
+	struct cy_ns_icmp_unreach out = {};
+	__u8 macs[12], swapped[12];
+	__u32 size = sizeof(out);
+
+	if (l4off != CY_NS_ETH_HLEN + sizeof(struct iphdr) ||
+	    bpf_skb_load_bytes(skb, CY_NS_ETH_HLEN, &out.quoted_ip, sizeof(out.quoted_ip)) < 0 ||
+	    bpf_skb_load_bytes(skb, l4off, out.quoted_l4, sizeof(out.quoted_l4)) < 0 ||
+	    bpf_skb_load_bytes(skb, 0, macs, 12) < 0)
+		return cy_ns_drop(CY_NS_DROP_NO_BACKEND);
+	/* room for the new IPv4 and ICMP headers in front of the quoted datagram,
+	 * then everything past the quoted 8 bytes cut off */
+	if (bpf_skb_adjust_room(skb, sizeof(struct iphdr) + 8, BPF_ADJ_ROOM_MAC, 0) < 0 ||
+	    bpf_skb_change_tail(skb, CY_NS_ETH_HLEN + size, 0) < 0)
+		return cy_ns_drop(CY_NS_DROP_REWRITE);
+	out.ip.version = 4;
+	out.ip.ihl = 5;
+	out.ip.tot_len = bpf_htons(size);
+	out.ip.ttl = 64;
+	out.ip.protocol = CY_PROTO_ICMP;
+	out.ip.saddr = out.quoted_ip.daddr;
+	out.ip.daddr = out.quoted_ip.saddr;
+	out.ip.check = cy_ns_csum_fold(bpf_csum_diff(0, 0, (__be32 *)&out.ip, sizeof(out.ip), 0));
+	out.type = 3; /* destination unreachable */
+	out.code = 3; /* port unreachable */
+	out.check = cy_ns_csum_fold(bpf_csum_diff(0, 0, (__be32 *)&out.type, size - sizeof(out.ip), 0));
+	__builtin_memcpy(swapped, macs + 6, 6);
+	__builtin_memcpy(swapped + 6, macs, 6);
+	if (bpf_skb_store_bytes(skb, 0, swapped, 12, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, CY_NS_ETH_HLEN, &out, size, 0) < 0)
+		return cy_ns_drop(CY_NS_DROP_REWRITE);
+	cy_ns_count(CY_NS_DROP_NO_BACKEND);
+	cy_ns_count(CY_NS_ICMP_SENT);
 	return bpf_redirect(skb->ifindex, 0);
 }
 

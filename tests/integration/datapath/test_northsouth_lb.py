@@ -59,10 +59,15 @@ for _ in range(count):
             peer, data = s.getpeername(), b""
             while chunk := s.recv(4096):
                 data += chunk
-        else:
+        elif kind == "udp":
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(timeout)
             s.sendto(b"x" * 100, (ip, port))
             data, peer = s.recvfrom(4096)
+        else:  # "udp-connected": an ICMP error for the datagram fails recv() (unconnected sockets ignore it)
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(timeout)
+            s.connect((ip, port))
+            s.send(b"x" * 100)
+            data, peer = s.recv(4096), s.getpeername()
         s.close()
         out.append({"ok": True, "peer": f"{peer[0]}:{peer[1]}", "body": data.decode()})
     except OSError as exc:
@@ -231,16 +236,22 @@ def test_external_ip_routed_to_the_node(net: tuple[Net, lb_device.DeviceLB]) -> 
     assert {r["peer"] for r in results} == {"203.0.113.7:80"}
 
 
-def test_no_backends_tcp_is_refused_with_a_reset_udp_dropped(net: tuple[Net, lb_device.DeviceLB]) -> None:
+def test_no_backends_tcp_is_refused_with_a_reset_udp_with_port_unreachable(
+        net: tuple[Net, lb_device.DeviceLB]) -> None:
     n, dev = net
     before = dev.counters()
     results = n.probe("tcp", n.node_ip, 30081, count=3, timeout=3.0)
     assert results == [{"ok": False, "error": "ConnectionRefusedError"}] * 3, results  # a RST, not a timeout
     after = dev.counters()
     assert after["rst-sent"] - before["rst-sent"] == 3 and after["no-backend"] - before["no-backend"] == 3
-    results = n.probe("udp", n.node_ip, 30081, count=1, timeout=1.0)
-    assert results == [{"ok": False, "error": "TimeoutError"}], results
-    assert dev.counters()["no-backend"] - after["no-backend"] == 1
+    # kube-proxy's REJECT: an ICMP port unreachable, which a connected UDP socket reports as refused
+    results = n.probe("udp-connected", n.node_ip, 30081, count=3, timeout=3.0)
+    assert results == [{"ok": False, "error": "ConnectionRefusedError"}] * 3, (results, {k: v for k, v in dev.counters().items() if v})
+    last = dev.counters()
+    assert last["icmp-sent"] - after["icmp-sent"] == 3 and last["no-backend"] - after["no-backend"] == 3
+    # the same socket kind still gets answers from a frontend with backends
+    results = n.probe("udp-connected", n.node_ip, 30080, count=4)
+    assert all(r["ok"] for r in results) and {r["peer"] for r in results} == {f"{n.node_ip}:30080"}, results
 
 
 def test_a_cluster_ip_frontend_is_not_served_from_outside(net: tuple[Net, lb_device.DeviceLB]) -> None:
