@@ -233,3 +233,49 @@ def test_the_backends_policy_sees_the_world_host_locally_and_the_node_through_sn
         lab.kubectl("delete", "cnp", "deny-world-host", "-n", NS, check=False)
     wait_for(lambda: all(r["ok"] for r in world(lab, "tcp", NODE_IPS["node-1"], 30182, count=2)), 60,
              "the world host served again once the policy is gone")
+
+
+LB_IP = "203.0.113.30"
+
+
+def _lb_source_ranges(lab: Any, node: str) -> list[str] | None:
+    for fe in services_doc(lab, node)["frontends"]:
+        if (fe["address"], fe["port"], fe["protocol"]) == (LB_IP, 8090, "TCP"):
+            return list(fe.get("source_ranges", []))
+    return None
+
+
+def test_load_balancer_ip_with_source_ranges(lab: Any, svc: Any) -> None:
+    """A LoadBalancer Service whose ingress IP the test assigns (as MetalLB would, through the status
+    subresource) serves the world host while its loadBalancerSourceRanges admit it, and drops it once
+    they do not (kube-proxy's firewall chain), counted on the node."""
+    lab.apply(f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: web-lb, namespace: {NS}}}
+spec:
+  type: LoadBalancer
+  selector: {{app: web}}
+  loadBalancerSourceRanges: [192.0.2.100/32]
+  ports: [{{name: http, port: 8090, targetPort: http}}]
+""")
+    world_ns = lab.lab.layout.world_netns
+    try:
+        lab.kubectl("patch", "svc", "web-lb", "-n", NS, "--subresource=status", "--type=merge",
+                    "-p", json.dumps({"status": {"loadBalancer": {"ingress": [{"ip": LB_IP}]}}}))
+        topology.ip("route", "replace", f"{LB_IP}/32", "via", NODE_IPS["node-1"], netns=world_ns)
+        wait_for(lambda: _lb_source_ranges(lab, "node-1") == ["192.0.2.100/32"], 60,
+                 "the load balancer IP with its range in node-1's maps")
+        results = world(lab, "tcp", LB_IP, 8090, count=12)
+        assert all(r["ok"] for r in results), results
+        assert {r["body"] for r in results} == {f"{NS}/web-1", f"{NS}/web-2"}, results
+        lab.kubectl("patch", "svc", "web-lb", "-n", NS, "--type=merge",
+                    "-p", json.dumps({"spec": {"loadBalancerSourceRanges": ["198.51.100.0/24"]}}))
+        wait_for(lambda: _lb_source_ranges(lab, "node-1") == ["198.51.100.0/24"], 60, "the new range")
+        before = counters(lab, "node-1")["drop-source-range"]
+        results = world(lab, "tcp", LB_IP, 8090, count=2, timeout=1.0)
+        assert [r.get("kind") for r in results] == ["TimeoutError"] * 2, results
+        assert counters(lab, "node-1")["drop-source-range"] - before >= 2
+    finally:
+        topology.ip("route", "del", f"{LB_IP}/32", netns=world_ns, check=False)
+        lab.kubectl("delete", "svc", "web-lb", "-n", NS, check=False)

@@ -46,6 +46,7 @@ struct lb4_service {
 #define CY_LB_F_AFFINITY 0x2 /* sessionAffinity ClientIP */
 #define CY_LB_F_EXTERNAL 0x4 /* NodePort, ExternalIP, LoadBalancer: served on the external devices too */
 #define CY_LB_F_EXT_LOCAL 0x8 /* external clients use the CY_LB_SCOPE_EXTERNAL entries */
+#define CY_LB_F_SRC_RANGES 0x10 /* loadBalancerSourceRanges: external clients must match cy_lb4_srcrange */
 
 struct lb4_backend {
 	__u32 address;
@@ -110,6 +111,20 @@ BPF_TABLE_PINNED("lru_hash", struct lb4_sock_key, struct lb4_frontend, cy_lb4_re
 /* cy_lb4_aff: session affinity (LRU). */
 BPF_TABLE_PINNED("lru_hash", struct lb4_affinity_key, struct lb4_affinity_value, cy_lb4_aff,
 		 CY_LB_AFFINITY_MAX, CY_PIN_DIR "/cy_lb4_aff");
+
+/* A client range a frontend admits from outside the node: LPM key whose
+ * prefixlen counts the 32 bits of the frontend id plus the range's bits. */
+struct lb4_srcrange_key {
+	__u32 prefixlen;
+	__u32 frontend_id;
+	__u32 addr;
+};
+
+/* cy_lb4_srcrange: loadBalancerSourceRanges of the frontends flagged
+ * CY_LB_F_SRC_RANGES (value unused: 1), CY_LB_SERVICES_MAX entries; read by
+ * the north-south programs (lib/lb_nodeport.h). */
+BPF_TABLE_PINNED("lpm_trie", struct lb4_srcrange_key, __u8, cy_lb4_srcrange,
+		 CY_LB_SERVICES_MAX, CY_PIN_DIR "/cy_lb4_srcrange", BPF_F_NO_PREALLOC);
 
 /* cy_lb4_nodeport: the NodePorts of this node's frontends (value unused: 1),
  * CY_LB_SERVICES_MAX entries. */

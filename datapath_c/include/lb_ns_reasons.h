@@ -16,6 +16,7 @@
 #define CY_NS_DROP_NO_ROUTE 8    /* dropped: no route / neighbour to send the translated packet on */
 #define CY_NS_DROP_REWRITE 9     /* dropped: the kernel refused a rewrite (checksum or store helper) */
 #define CY_NS_RST_SENT 10        /* a TCP RST answered a connection attempt to a frontend without backends */
+#define CY_NS_DROP_SOURCE_RANGE 12 /* dropped: a new connection from outside a LoadBalancer frontend's loadBalancerSourceRanges */
 #define CY_NS_ICMP_SENT 11       /* an ICMP port unreachable answered a UDP datagram to a frontend without backends */
 
 #define CY_NS_REASON_MAX 16

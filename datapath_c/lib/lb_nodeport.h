@@ -22,13 +22,23 @@
  * (lib/lb_reject.h) and drops everything else (CY_NS_DROP_NO_BACKEND); with
  * externalTrafficPolicy Local the frontend's external entry (scope
  * CY_LB_SCOPE_EXTERNAL) holds this node's backends only, and none here drops
- * (CY_NS_DROP_NO_LOCAL). Fragments of such packets cannot be translated and
+ * (CY_NS_DROP_NO_LOCAL). A LoadBalancer frontend with loadBalancerSourceRanges
+ * (CY_LB_F_SRC_RANGES) takes new connections only from clients inside them
+ * (cy_lb4_srcrange; others: CY_NS_DROP_SOURCE_RANGE). Fragments of such packets cannot be translated and
  * are dropped (CY_NS_DROP_FRAGMENT); every other fragment, non-TCP/UDP
  * packet (ICMP, SCTP, ...) and non-IPv4 packet passes untouched. A known
  * connection whose backend left the maps picks a new one.
  */
 #ifndef CY_LIB_LB_NODEPORT_H
 #define CY_LIB_LB_NODEPORT_H
+
+/* loadBalancerSourceRanges: the client is inside one of the frontend's ranges. */
+static __always_inline int cy_ns_source_admitted(__u32 frontend_id, __u32 saddr)
+{
+	struct lb4_srcrange_key key = {.prefixlen = 64, .frontend_id = frontend_id, .addr = saddr};
+
+	return cy_lb4_srcrange.lookup(&key) != NULL;
+}
 
 /* The forward entry's backend is still the one the maps hold under its id. */
 static __always_inline int cy_ns_backend_alive(const struct lb4_nat_entry *e)
@@ -167,6 +177,8 @@ static __always_inline int cy_ns_from_device(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	if (p.is_fragment)
 		return cy_ns_drop(CY_NS_DROP_FRAGMENT);
+	if ((svc->flags & CY_LB_F_SRC_RANGES) && !cy_ns_source_admitted(svc->backend_id, p.saddr))
+		return cy_ns_drop(CY_NS_DROP_SOURCE_RANGE);
 	if (svc->flags & CY_LB_F_EXT_LOCAL) {
 		key.scope = CY_LB_SCOPE_EXTERNAL;
 		svc = cy_lb4_svc.lookup(&key);

@@ -16,13 +16,17 @@ An external frontend whose ``traffic_policy`` is ``Local`` also gets entries of 
 ``SCOPE_EXTERNAL``: the backends of its set that run on this node, ``FLAG_NO_LOCAL`` when there
 are endpoints but none here; its own entry carries ``FLAG_EXT_LOCAL`` and is written after them.
 Socket clients (pods and the host) keep the whole set, as kube-proxy treats pod traffic.
+A LoadBalancer frontend with ``source_ranges`` carries ``FLAG_SOURCE_RANGES`` and its IPv4 ranges go to
+``cy_lb4_srcrange`` under its frontend id (written before the entry that turns the check on); the
+device programs drop a new connection from any other client (an IPv6-only list admits no IPv4
+client: the flag with no IPv4 range drops them all).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network, ip_network
 
 from ciliary.nodeagent.planning import MapDiff, diff_map
 from ciliary.operator.services.intent import PROTOCOL_NUMBERS, FrontendKind, NodeLBIntent
@@ -31,6 +35,7 @@ FLAG_NO_LOCAL = 0x1
 FLAG_AFFINITY = 0x2
 FLAG_EXTERNAL = 0x4
 FLAG_EXT_LOCAL = 0x8
+FLAG_SOURCE_RANGES = 0x10
 BACKEND_LOCAL = 0x1
 SCOPE_EXTERNAL = 1
 
@@ -69,12 +74,20 @@ class NodePortKey:
     proto: int
 
 
+@dataclasses.dataclass(frozen=True, order=True)
+class SourceRangeKey:
+    frontend_id: int
+    network: IPv4Network
+
+
 @dataclasses.dataclass(frozen=True)
 class LBState:
     services: Mapping[ServiceKey, ServiceValue] = dataclasses.field(default_factory=dict)
     backends: Mapping[int, Backend] = dataclasses.field(default_factory=dict)
     nodeports: Mapping[NodePortKey, int] = dataclasses.field(default_factory=dict)
     """NodePorts host processes may not bind (value always 1)."""
+    source_ranges: Mapping[SourceRangeKey, int] = dataclasses.field(default_factory=dict)
+    """Clients a frontend with ``FLAG_SOURCE_RANGES`` admits from outside the node (value always 1)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,10 +97,13 @@ class LBPlan:
     service_writes: MapDiff[ServiceKey, ServiceValue]
     backend_deletes: MapDiff[int, Backend]
     nodeport_writes: MapDiff[NodePortKey, int] = dataclasses.field(default_factory=MapDiff)
+    source_range_writes: MapDiff[SourceRangeKey, int] = dataclasses.field(default_factory=MapDiff)
+    """Upserts go before the service writes (a frontend's check never runs against a missing range);
+    deletions after them."""
 
     def __len__(self) -> int:
         return (len(self.backend_upserts) + len(self.service_writes) + len(self.backend_deletes)
-                + len(self.nodeport_writes))
+                + len(self.nodeport_writes) + len(self.source_range_writes))
 
 
 class LBCapacityError(ValueError):
@@ -105,6 +121,7 @@ def desired_state(intent: NodeLBIntent, observed: LBState) -> LBState:
     next_id = max([0, *fe_ids.values(), *be_ids.values()]) + 1
     services: dict[ServiceKey, ServiceValue] = {}
     backends: dict[int, Backend] = {}
+    ranges: dict[SourceRangeKey, int] = {}
     for fe in intent.frontends:
         proto = PROTOCOL_NUMBERS[fe.protocol]
         address = IPv4Address(fe.address)
@@ -114,8 +131,15 @@ def desired_state(intent: NodeLBIntent, observed: LBState) -> LBState:
             next_id += 1
         external = fe.kind != FrontendKind.CLUSTER_IP
         ext_local = external and fe.traffic_policy == "Local"
+        restricted = external and bool(fe.source_ranges)
         flags = ((FLAG_NO_LOCAL if fe.no_local_backends else 0) | (FLAG_AFFINITY if fe.affinity_timeout else 0)
-                 | (FLAG_EXTERNAL if external else 0) | (FLAG_EXT_LOCAL if ext_local else 0))
+                 | (FLAG_EXTERNAL if external else 0) | (FLAG_EXT_LOCAL if ext_local else 0)
+                 | (FLAG_SOURCE_RANGES if restricted else 0))
+        if restricted:
+            for cidr in fe.source_ranges:
+                network = ip_network(cidr)
+                if isinstance(network, IPv4Network):
+                    ranges[SourceRangeKey(ident, network)] = 1
         services[ServiceKey(address, fe.port, proto, 0)] = ServiceValue(ident, len(fe.backends), flags,
                                                                         fe.affinity_timeout)
         ids = []
@@ -138,13 +162,17 @@ def desired_state(intent: NodeLBIntent, observed: LBState) -> LBState:
                 services[ServiceKey(address, fe.port, proto, slot, SCOPE_EXTERNAL)] = ServiceValue(bid)
     nodeports = {NodePortKey(fe.port, PROTOCOL_NUMBERS[fe.protocol]): 1
                  for fe in intent.frontends if fe.kind == FrontendKind.NODE_PORT}
-    return LBState(services, backends, nodeports)
+    return LBState(services, backends, nodeports, ranges)
 
 
-def plan(intent: NodeLBIntent, observed: LBState, *, services_size: int, backends_size: int) -> LBPlan:
+def plan(intent: NodeLBIntent, observed: LBState, *, services_size: int, backends_size: int,
+         source_ranges_size: int = 65536) -> LBPlan:
     desired = desired_state(intent, observed)
     if len(desired.services) > services_size:
         raise LBCapacityError("cy_lb4_svc", len(desired.services), services_size)
+    if len(set(desired.source_ranges) | set(observed.source_ranges)) > source_ranges_size:
+        raise LBCapacityError("cy_lb4_srcrange", len(set(desired.source_ranges) | set(observed.source_ranges)),
+                              source_ranges_size)
     peak = len(set(desired.backends) | set(observed.backends))  # unused backends go last
     if peak > backends_size:
         raise LBCapacityError("cy_lb4_be", peak, backends_size)
@@ -157,4 +185,5 @@ def plan(intent: NodeLBIntent, observed: LBState, *, services_size: int, backend
     svc_del = tuple(sorted(gone, key=lambda k: (k.slot != 0, k.scope, k)))
     be_del = tuple(sorted(k for k in observed.backends if k not in desired.backends))
     return LBPlan(desired, MapDiff(be_up, ()), MapDiff(svc_up, svc_del), MapDiff({}, be_del),
-                  diff_map(observed.nodeports, desired.nodeports))
+                  diff_map(observed.nodeports, desired.nodeports),
+                  diff_map(observed.source_ranges, desired.source_ranges))

@@ -74,6 +74,9 @@ def render_text(node: str, doc: dict[str, Any] | str) -> list[str]:
                 "(none: dropped, no local backend)" if "no-local-backends" in fe.get("external_flags", [])
                 else "(none: dropped)")
             lines.append(f"  {'':>4}  {'':<24} {'  from outside (Local):':<28} {ext}")
+        if "source-ranges" in fe["flags"]:
+            ranges = ", ".join(fe.get("source_ranges", [])) or "none in IPv4: every outside client dropped"
+            lines.append(f"  {'':>4}  {'':<24} {'  outside clients only from:':<28} {ranges}")
     for hc in doc.get("health_checks", []):
         answer = f"answers {hc['status']}" if hc["serving"] else f"not served: {hc['error']}"
         lines.append(f"  health-check :{hc['port']}  {hc['service']}  local endpoints {hc['local_endpoints']}, "

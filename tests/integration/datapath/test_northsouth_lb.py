@@ -165,9 +165,9 @@ class Net:
 
 
 def fe(kind: FrontendKind, address: str, port: int, protocol: str, backends: list[BackendIntent],
-       policy: str = "Cluster") -> FrontendIntent:
+       policy: str = "Cluster", source_ranges: tuple[str, ...] = ()) -> FrontendIntent:
     return FrontendIntent(service="default/web", kind=kind, address=address, port=port, protocol=protocol,
-                          backends=tuple(backends), traffic_policy=policy)
+                          backends=tuple(backends), traffic_policy=policy, source_ranges=source_ranges)
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +195,10 @@ def net(tool: Any) -> Iterator[tuple[Net, lb_device.DeviceLB]]:
             fe(FrontendKind.CLUSTER_IP, net.node_ip, 30084, "TCP", [local, remote]),
             fe(FrontendKind.LOAD_BALANCER, "203.0.113.7", 82, "TCP", [local, remote], "Local"),
             fe(FrontendKind.NODE_PORT, net.node_ip, 30083, "TCP", [remote], "Local"),
+            fe(FrontendKind.LOAD_BALANCER, "203.0.113.7", 83, "TCP", [local, remote],
+               source_ranges=(f"{net.world_ip}/32",)),
+            fe(FrontendKind.LOAD_BALANCER, "203.0.113.7", 84, "TCP", [local, remote],
+               source_ranges=("198.51.100.0/24", "2001:db8::/32")),
         )))
         yield net, dev
     finally:
@@ -282,3 +286,16 @@ def test_other_traffic_through_the_device_passes_untouched(net: tuple[Net, lb_de
     ping = sh("ping", "-c", "1", "-W", "2", n.node_ip, netns=n.world, check=False)
     assert ping.returncode == 0, ping.stdout
     assert dev.counters() == before
+
+
+def test_load_balancer_source_ranges_admit_only_clients_inside_them(net: tuple[Net, lb_device.DeviceLB]) -> None:
+    """loadBalancerSourceRanges: the world host inside the range is served; a frontend whose ranges leave
+    it out drops its connection attempts (counted), as kube-proxy's firewall chain does."""
+    n, dev = net
+    results = n.probe("tcp", "203.0.113.7", 83, count=8)
+    assert set(bodies(results)) == {("local", n.world_ip), ("remote", n.node_ip)}, results
+    before = dev.counters()
+    results = n.probe("tcp", "203.0.113.7", 84, count=2, timeout=1.0)
+    assert [r["error"] for r in results] == ["TimeoutError"] * 2, results
+    after = dev.counters()
+    assert after["drop-source-range"] - before["drop-source-range"] >= 2 and after["new"] == before["new"]

@@ -50,3 +50,15 @@ def test_rendering_shows_the_external_local_set_and_the_north_south_devices() ->
     assert "north-south on eth0 (SNAT 192.0.2.12); packets: new 3, reply 9" in text
     pending = {**doc, "north_south": {"devices": [], "counters": {}, "nat_entries": 0, "error": "not attached yet"}}
     assert "  north-south: not attached yet" in service_commands.render_text("node-2", pending)
+
+
+def test_rendering_shows_load_balancer_source_ranges() -> None:
+    def row(ident: int, ranges: list[str]) -> dict[str, object]:
+        return {"id": ident, "address": "203.0.113.1", "port": 80 + ident, "protocol": "TCP", "service": "ns/lb",
+                "kind": "LoadBalancer", "flags": ["external", "source-ranges"], "affinity_timeout": 0,
+                "backends": [], "source_ranges": ranges}
+
+    doc = {"node": "node-1", "error": "", "problems": [], "frontends": [row(1, ["192.0.2.0/24"]), row(2, [])]}
+    text = "\n".join(service_commands.render_text("node-1", doc))
+    assert "outside clients only from: 192.0.2.0/24" in text
+    assert "none in IPv4: every outside client dropped" in text

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 from hypothesis import given, settings
@@ -34,7 +34,10 @@ def applied(observed: LBState, step: lb_planning.LBPlan) -> LBState:
     nodeports = {**observed.nodeports, **step.nodeport_writes.upserts}
     for n in step.nodeport_writes.deletes:
         del nodeports[n]
-    return LBState(services, backends, nodeports)
+    ranges = {**observed.source_ranges, **step.source_range_writes.upserts}
+    for r in step.source_range_writes.deletes:
+        del ranges[r]
+    return LBState(services, backends, nodeports, ranges)
 
 
 def test_frontend_entry_slots_and_backends() -> None:
@@ -182,3 +185,29 @@ def test_a_hybrid_hosts_cgroup_root_resolves_to_its_unified_mount(tmp_path) -> N
     (tmp_path / "cgroup.controllers").write_text("")
     assert cgroup2_dir(tmp_path) == tmp_path  # a cgroup2 directory is used as it is
     assert cgroup2_dir(tmp_path / "nowhere") == tmp_path / "nowhere"
+
+
+def test_load_balancer_source_ranges_flag_the_frontend_and_fill_the_range_map() -> None:
+    """IPv4 ranges go to the map under the frontend's id; an IPv6-only list still flags the frontend (it
+    admits no IPv4 client); a change writes new ranges and deletes the old ones; no ranges: no flag."""
+    def lb(address: str, ranges: tuple[str, ...]) -> FrontendIntent:
+        return FrontendIntent(service="ns/s", kind=FrontendKind.LOAD_BALANCER, address=address, port=80,
+                              protocol="TCP", source_ranges=ranges)
+
+    SR = lb_planning.SourceRangeKey
+    intent = NodeLBIntent(node="n", frontends=(lb("203.0.113.1", ("192.0.2.0/24", "2001:db8::/32")),
+                                               lb("203.0.113.2", ("2001:db8::/32",)), lb("203.0.113.3", ())))
+    state = applied(LBState(), plan(intent, LBState(), **SIZES))
+    svc = {str(k.address): v for k, v in state.services.items() if k.slot == 0}
+    flag = lb_planning.FLAG_SOURCE_RANGES
+    assert svc["203.0.113.1"].flags & flag and svc["203.0.113.2"].flags & flag
+    assert not svc["203.0.113.3"].flags & flag
+    assert state.source_ranges == {SR(svc["203.0.113.1"].backend_id, IPv4Network("192.0.2.0/24")): 1}
+    changed = NodeLBIntent(node="n", frontends=(lb("203.0.113.1", ("198.51.100.7/32",)),))
+    step = plan(changed, state, **SIZES)
+    ident = svc["203.0.113.1"].backend_id
+    assert step.source_range_writes == MapDiff({SR(ident, IPv4Network("198.51.100.7/32")): 1},
+                                               (SR(ident, IPv4Network("192.0.2.0/24")),))
+    assert applied(state, step) == step.desired
+    with pytest.raises(LBCapacityError, match="cy_lb4_srcrange"):
+        plan(changed, state, **SIZES, source_ranges_size=1)

@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 from collections.abc import Mapping
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ HOOKS: Mapping[str, tuple[str, int]] = {
     "bind4": ("CGROUP_SOCK_ADDR", 8),  # BPF_CGROUP_INET4_BIND
 }
 """hook -> (bcc program type, kernel attach type)."""
-MAP_NAMES = ("cy_lb4_svc", "cy_lb4_be", "cy_lb4_revsk", "cy_lb4_aff", "cy_lb4_nodeport")
+MAP_NAMES = ("cy_lb4_svc", "cy_lb4_be", "cy_lb4_revsk", "cy_lb4_aff", "cy_lb4_nodeport", "cy_lb4_srcrange")
 PIN_PREFIX = "lbprog_"
 """Program pins are ``lbprog_<hook>_<hash16>``: never ``prog_*``, which the policy engine owns (and prunes)."""
 
@@ -86,6 +86,10 @@ class FlagC(ct.Structure):
     _fields_ = [("value", ct.c_uint8)]
 
 
+class SourceRangeKeyC(ct.Structure):
+    _fields_ = [("prefixlen", ct.c_uint32), ("frontend_id", ct.c_uint32), ("addr", ct.c_uint32)]
+
+
 SERVICES: maps.Codec[lb_planning.ServiceKey, lb_planning.ServiceValue] = maps.Codec(
     "cy_lb4_svc", ServiceKeyC, ServiceValueC,
     lambda k: ServiceKeyC(maps.addr_to_u32(k.address), socket.htons(k.port), k.proto, k.scope, k.slot, 0),
@@ -104,6 +108,13 @@ NODEPORTS: maps.Codec[lb_planning.NodePortKey, int] = maps.Codec(
     "cy_lb4_nodeport", NodePortKeyC, FlagC,
     lambda k: NodePortKeyC(socket.htons(k.port), k.proto, 0),
     lambda c: lb_planning.NodePortKey(socket.ntohs(c.port), c.proto),
+    lambda v: FlagC(v), lambda c: int(c.value))
+
+
+SOURCE_RANGES: maps.Codec[lb_planning.SourceRangeKey, int] = maps.Codec(
+    "cy_lb4_srcrange", SourceRangeKeyC, FlagC,
+    lambda k: SourceRangeKeyC(32 + k.network.prefixlen, k.frontend_id, maps.addr_to_u32(k.network.network_address)),
+    lambda c: lb_planning.SourceRangeKey(c.frontend_id, IPv4Network((maps.u32_to_addr(c.addr), c.prefixlen - 32))),
     lambda v: FlagC(v), lambda c: int(c.value))
 
 
@@ -181,22 +192,26 @@ class SocketLB:
     def observe(self) -> lb_planning.LBState:
         return lb_planning.LBState(maps.read_map(self._map_fds["cy_lb4_svc"], SERVICES),
                                    maps.read_map(self._map_fds["cy_lb4_be"], BACKENDS),
-                                   maps.read_map(self._map_fds["cy_lb4_nodeport"], NODEPORTS))
+                                   maps.read_map(self._map_fds["cy_lb4_nodeport"], NODEPORTS),
+                                   maps.read_map(self._map_fds["cy_lb4_srcrange"], SOURCE_RANGES))
 
     def apply(self, intent: NodeLBIntent) -> LBApplyResult:
         observed = self.observe()
         step = lb_planning.plan(intent, observed, services_size=self.context.services_size,
-                                backends_size=self.context.backends_size)
+                                backends_size=self.context.backends_size,
+                                source_ranges_size=self.context.services_size)
         undo = maps.UndoLog()
         svc_fd, be_fd = self._map_fds["cy_lb4_svc"], self._map_fds["cy_lb4_be"]
-        np_fd = self._map_fds["cy_lb4_nodeport"]
+        np_fd, sr_fd = self._map_fds["cy_lb4_nodeport"], self._map_fds["cy_lb4_srcrange"]
         try:
+            maps.apply_upserts(sr_fd, SOURCE_RANGES, observed.source_ranges, step.source_range_writes, undo)
             maps.apply_upserts(be_fd, BACKENDS, observed.backends, step.backend_upserts, undo)
             maps.apply_upserts(svc_fd, SERVICES, observed.services, step.service_writes, undo)
             maps.apply_deletes(svc_fd, SERVICES, observed.services, step.service_writes, undo)
             maps.apply_deletes(be_fd, BACKENDS, observed.backends, step.backend_deletes, undo)
             maps.apply_upserts(np_fd, NODEPORTS, observed.nodeports, step.nodeport_writes, undo)
             maps.apply_deletes(np_fd, NODEPORTS, observed.nodeports, step.nodeport_writes, undo)
+            maps.apply_deletes(sr_fd, SOURCE_RANGES, observed.source_ranges, step.source_range_writes, undo)
         except errors.MapWriteFailed:
             undo.rollback()
             raise
@@ -238,7 +253,8 @@ def _slots(state: lb_planning.LBState, key: lb_planning.ServiceKey, count: int) 
 
 
 FLAG_NAMES = (("no-local-backends", lb_planning.FLAG_NO_LOCAL), ("affinity", lb_planning.FLAG_AFFINITY),
-              ("external", lb_planning.FLAG_EXTERNAL), ("external-local", lb_planning.FLAG_EXT_LOCAL))
+              ("external", lb_planning.FLAG_EXTERNAL), ("external-local", lb_planning.FLAG_EXT_LOCAL),
+              ("source-ranges", lb_planning.FLAG_SOURCE_RANGES))
 
 
 def cgroup2_dir(path: Path) -> Path:
@@ -265,6 +281,9 @@ def document(node: str, state: lb_planning.LBState, intent: NodeLBIntent | None,
                "service": fe.service if fe else "", "kind": str(fe.kind) if fe else "",
                "flags": [n for n, bit in FLAG_NAMES if entry.flags & bit],
                "affinity_timeout": entry.affinity_timeout, "backends": _slots(state, key, entry.count)}
+        if entry.flags & lb_planning.FLAG_SOURCE_RANGES:
+            row["source_ranges"] = sorted(str(k.network) for k in state.source_ranges
+                                          if k.frontend_id == entry.backend_id)
         ext_key = dataclasses.replace(key, scope=lb_planning.SCOPE_EXTERNAL)
         ext = state.services.get(ext_key)
         if ext is not None:

@@ -66,6 +66,10 @@ class ServiceInfo:
     """Seconds of ClientIP session affinity; 0: no affinity."""
     proxy_name: str | None = None
     """The ``service-proxy-name`` label: a Service carrying it belongs to another proxy."""
+    source_ranges: tuple[str, ...] = ()
+    """``spec.loadBalancerSourceRanges`` (or, when empty, the legacy annotation
+    ``service.beta.kubernetes.io/load-balancer-source-ranges``) of a LoadBalancer Service, as
+    normalised CIDRs (IPv4 and IPv6): only these clients may use its load balancer IPs."""
 
     @property
     def key(self) -> str:
@@ -140,7 +144,27 @@ def service_from_body(body: Mapping[str, Any]) -> ServiceInfo:
         health_check_node_port=int(spec["healthCheckNodePort"]) if spec.get("healthCheckNodePort") else None,
         affinity_timeout=affinity,
         proxy_name=str(labels[PROXY_NAME_LABEL]) if PROXY_NAME_LABEL in labels else None,
+        source_ranges=_source_ranges(spec, meta.get("annotations") or {}) if spec.get("type") == "LoadBalancer"
+        else (),
     )
+
+
+SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-ranges"
+
+
+def _source_ranges(spec: Mapping[str, Any], annotations: Mapping[str, Any]) -> tuple[str, ...]:
+    """The field wins; the annotation (comma-separated) counts only without it, as in kube-proxy.
+    The apiserver validates both as CIDRs; an entry that still does not parse is left out."""
+    raw = list(spec.get("loadBalancerSourceRanges") or [])
+    if not raw:
+        raw = [part for part in str(annotations.get(SOURCE_RANGES_ANNOTATION) or "").split(",") if part.strip()]
+    ranges = []
+    for item in raw:
+        try:
+            ranges.append(str(ipaddress.ip_network(str(item).strip(), strict=False)))
+        except ValueError:
+            continue
+    return tuple(dict.fromkeys(ranges))
 
 
 def _target(value: Any, port: int) -> int | str:

@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-LB_SCHEMA_VERSION = 2
+LB_SCHEMA_VERSION = 3
 MAX_BACKENDS_PER_FRONTEND = 256
 """Backend slots of one frontend in the datapath (``CY_LB_SLOTS_MAX``); more is refused, never cut."""
 
@@ -85,11 +85,19 @@ class FrontendIntent(_Frozen):
     traffic_policy: str = Field(default="Cluster", description="The traffic policy applied (Cluster or Local).")
     no_local_backends: bool = Field(default=False, description="Local policy, endpoints exist, none here: drop.")
     affinity_timeout: int = Field(default=0, ge=0, description="ClientIP session affinity seconds; 0: none.")
+    source_ranges: tuple[str, ...] = Field(
+        default=(), description="loadBalancerSourceRanges of a LoadBalancer frontend (CIDRs, IPv4 and IPv6): "
+                                "clients from outside the node outside them are dropped; empty: no restriction.")
 
     @field_validator("address")
     @classmethod
     def _ip(cls, value: str) -> str:
         return _check_ipv4(value)
+
+    @field_validator("source_ranges")
+    @classmethod
+    def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(str(ipaddress.ip_network(item, strict=False)) for item in value)
 
     @field_validator("protocol")
     @classmethod

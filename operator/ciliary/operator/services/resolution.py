@@ -158,7 +158,9 @@ def _resolve_port(acc: _Accumulator, service: ServiceInfo, port: ServicePort, sl
                                          no_local_backends=local_policy and not backends and bool(cluster),
                                          **common))
         wanted += [FrontendIntent(kind=kind, address=ip, port=number, backends=cluster,
-                                  traffic_policy=service.external_traffic_policy, **common)
+                                  traffic_policy=service.external_traffic_policy,
+                                  source_ranges=service.source_ranges if kind == FrontendKind.LOAD_BALANCER
+                                  else (), **common)
                    for kind, ip, number in external]
         table = acc.frontends.setdefault(node, {})
         for fe in wanted:

@@ -126,6 +126,28 @@ def test_nodeport_on_every_node_address_external_and_load_balancer_ips() -> None
     assert fes[("192.0.2.11", 30080, "TCP")].traffic_policy == "Local"
 
 
+def test_load_balancer_source_ranges_restrict_only_the_load_balancer_frontends() -> None:
+    """kube-proxy applies loadBalancerSourceRanges to the load balancer IPs only; the field wins over the
+    legacy annotation, which counts without it; ranges are normalised."""
+    def lb(**extra: Any) -> dict[str, Any]:
+        return service(type="LoadBalancer", externalIPs=["203.0.113.7"],
+                       ports=[{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}],
+                       status={"loadBalancer": {"ingress": [{"ip": "198.51.100.5"}]}}, **extra)
+
+    fes = frontends(run([lb(loadBalancerSourceRanges=["192.0.2.7/24", "2001:db8::/32"])], []))
+    assert fes[("198.51.100.5", 80, "TCP")].source_ranges == ("192.0.2.0/24", "2001:db8::/32")
+    assert all(not fe.source_ranges for key, fe in fes.items() if key[0] != "198.51.100.5")
+    body = lb()
+    body["metadata"]["annotations"] = {inputs.SOURCE_RANGES_ANNOTATION: "10.0.0.0/8, 172.16.0.0/12"}
+    assert frontends(run([body], []))[("198.51.100.5", 80, "TCP")].source_ranges == ("10.0.0.0/8",
+                                                                                     "172.16.0.0/12")
+    both = lb(loadBalancerSourceRanges=["192.0.2.0/24"])
+    both["metadata"]["annotations"] = {inputs.SOURCE_RANGES_ANNOTATION: "10.0.0.0/8"}
+    assert frontends(run([both], []))[("198.51.100.5", 80, "TCP")].source_ranges == ("192.0.2.0/24",)
+    plain = service(type="NodePort", loadBalancerSourceRanges=["192.0.2.0/24"])
+    assert all(not fe.source_ranges for fe in frontends(run([plain], [])).values())
+
+
 def test_session_affinity_client_ip_with_default_and_explicit_timeout() -> None:
     fe = frontends(run([service(sessionAffinity="ClientIP")], []))[("10.96.0.10", 80, "TCP")]
     assert fe.affinity_timeout == 10800
