@@ -74,11 +74,17 @@ struct lb4_frontend {
 
 /* Session affinity: (client network-namespace cookie, frontend id). A pod
  * has its own network namespace and one IPv4, so this is ClientIP. */
+/* Session affinity is remembered per client: a socket client by its network
+ * namespace's cookie (its pod, or the node), a client from outside the node
+ * (north-south) by its IPv4 address; client_kind keeps the two apart. */
 struct lb4_affinity_key {
-	__u64 netns_cookie;
+	__u64 client;
 	__u32 frontend_id;
-	__u32 pad;
+	__u32 client_kind;
 };
+
+#define CY_LB_AFF_NETNS 0   /* client: bpf_get_netns_cookie */
+#define CY_LB_AFF_ADDRESS 1 /* client: the IPv4 source address (network order) */
 
 struct lb4_affinity_value {
 	__u64 last_used_ns;

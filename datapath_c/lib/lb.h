@@ -25,27 +25,6 @@ static __always_inline int cy_lb4_fail(struct lb4_service *svc)
 	return CY_SYSCALL_FAIL;
 }
 
-/* The backend of an affinity entry, if still in slot `slot` of the frontend. */
-static __always_inline __u32 cy_lb4_affine(struct lb4_key *key, struct lb4_service *svc,
-					   struct lb4_affinity_key *akey, __u16 *slot)
-{
-	struct lb4_affinity_value *seen = cy_lb4_aff.lookup(akey);
-	if (!seen)
-		return 0;
-	__u64 now = bpf_ktime_get_ns();
-	if (now - seen->last_used_ns > (__u64)svc->affinity_timeout * 1000000000ULL)
-		return 0;
-	if (seen->slot == 0 || seen->slot > svc->count)
-		return 0;
-	key->slot = seen->slot;
-	struct lb4_service *entry = cy_lb4_svc.lookup(key);
-	key->slot = 0;
-	if (!entry || entry->backend_id != seen->backend_id)
-		return 0;
-	*slot = seen->slot;
-	return seen->backend_id;
-}
-
 /* Translate ctx's destination if it is a frontend of protocol `proto`;
  * `per_socket` picks the slot by socket cookie instead of at random. Every
  * translation is recorded for recvmsg/getpeername. */
@@ -67,7 +46,8 @@ static __always_inline int cy_lb4_translate(struct bpf_sock_addr *ctx, __u8 prot
 	__u32 backend_id = 0;
 	__u16 slot = 0;
 	if (flags & CY_LB_F_AFFINITY) {
-		akey.netns_cookie = bpf_get_netns_cookie(ctx);
+		akey.client = bpf_get_netns_cookie(ctx);
+		akey.client_kind = CY_LB_AFF_NETNS;
 		akey.frontend_id = frontend_id;
 		backend_id = cy_lb4_affine(&key, svc, &akey, &slot);
 	}
@@ -84,11 +64,7 @@ static __always_inline int cy_lb4_translate(struct bpf_sock_addr *ctx, __u8 prot
 	if (!backend)
 		return cy_lb4_fail(svc);
 	if (flags & CY_LB_F_AFFINITY) {
-		struct lb4_affinity_value now = {};
-		now.last_used_ns = bpf_ktime_get_ns();
-		now.backend_id = backend_id;
-		now.slot = slot;
-		cy_lb4_aff.update(&akey, &now);
+		cy_lb4_remember(&akey, backend_id, slot);
 	}
 	struct lb4_sock_key skey = {};
 	skey.cookie = bpf_get_socket_cookie(ctx);

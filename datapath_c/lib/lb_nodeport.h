@@ -27,7 +27,9 @@
  * (cy_lb4_srcrange; others: CY_NS_DROP_SOURCE_RANGE). Fragments of such packets cannot be translated and
  * are dropped (CY_NS_DROP_FRAGMENT); every other fragment, non-TCP/UDP
  * packet (ICMP, SCTP, ...) and non-IPv4 packet passes untouched. A known
- * connection whose backend left the maps picks a new one.
+ * connection whose backend left the maps picks a new one. With session
+ * affinity (CY_LB_F_AFFINITY) a new connection goes to the backend the same
+ * client address used last within the timeout (lib/lb_affinity.h).
  */
 #ifndef CY_LIB_LB_NODEPORT_H
 #define CY_LIB_LB_NODEPORT_H
@@ -79,7 +81,9 @@ static __always_inline int cy_ns_new(struct __sk_buff *skb, const struct cy_pack
 	struct lb4_nat_key rkey = {};
 	struct lb4_service *entry;
 	struct lb4_backend *be;
-	__u32 backend_id, frontend_id = svc->backend_id;
+	struct lb4_affinity_key akey = {};
+	__u32 backend_id = 0, frontend_id = svc->backend_id;
+	__u16 slot = 0;
 	__u64 life = cy_ns_lifetime(p, 0);
 
 	if (svc->count == 0) {
@@ -91,14 +95,25 @@ static __always_inline int cy_ns_new(struct __sk_buff *skb, const struct cy_pack
 			return cy_ns_unreachable(skb, l4off);
 		return cy_ns_drop(CY_NS_DROP_NO_BACKEND);
 	}
-	key->slot = (__u16)(bpf_get_prandom_u32() % svc->count) + 1;
-	entry = cy_lb4_svc.lookup(key);
-	if (!entry)
-		return cy_ns_drop(CY_NS_DROP_NO_BACKEND);
-	backend_id = entry->backend_id;
+	if (svc->flags & CY_LB_F_AFFINITY) {
+		akey.client = p->saddr;
+		akey.client_kind = CY_LB_AFF_ADDRESS;
+		akey.frontend_id = frontend_id;
+		backend_id = cy_lb4_affine(key, svc, &akey, &slot);
+	}
+	if (!backend_id) {
+		slot = (__u16)(bpf_get_prandom_u32() % svc->count) + 1;
+		key->slot = slot;
+		entry = cy_lb4_svc.lookup(key);
+		if (!entry)
+			return cy_ns_drop(CY_NS_DROP_NO_BACKEND);
+		backend_id = entry->backend_id;
+	}
 	be = cy_lb4_be.lookup(&backend_id);
 	if (!be)
 		return cy_ns_drop(CY_NS_DROP_NO_BACKEND);
+	if (svc->flags & CY_LB_F_AFFINITY)
+		cy_lb4_remember(&akey, backend_id, slot);
 	fwd.expires = rev.expires = now + life;
 	fwd.daddr = be->address;
 	fwd.dport = be->port;

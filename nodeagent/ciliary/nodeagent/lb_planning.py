@@ -157,7 +157,8 @@ def desired_state(intent: NodeLBIntent, observed: LBState) -> LBState:
             local = [bid for bid in ids if backends[bid].flags & BACKEND_LOCAL]
             no_local = FLAG_NO_LOCAL if ids and not local else 0
             services[ServiceKey(address, fe.port, proto, 0, SCOPE_EXTERNAL)] = ServiceValue(
-                ident, len(local), FLAG_EXTERNAL | no_local)
+                ident, len(local), FLAG_EXTERNAL | no_local | (FLAG_AFFINITY if fe.affinity_timeout else 0),
+                fe.affinity_timeout)
             for slot, bid in enumerate(local, start=1):
                 services[ServiceKey(address, fe.port, proto, slot, SCOPE_EXTERNAL)] = ServiceValue(bid)
     nodeports = {NodePortKey(fe.port, PROTOCOL_NUMBERS[fe.protocol]): 1

@@ -165,9 +165,10 @@ class Net:
 
 
 def fe(kind: FrontendKind, address: str, port: int, protocol: str, backends: list[BackendIntent],
-       policy: str = "Cluster", source_ranges: tuple[str, ...] = ()) -> FrontendIntent:
+       policy: str = "Cluster", source_ranges: tuple[str, ...] = (), affinity: int = 0) -> FrontendIntent:
     return FrontendIntent(service="default/web", kind=kind, address=address, port=port, protocol=protocol,
-                          backends=tuple(backends), traffic_policy=policy, source_ranges=source_ranges)
+                          backends=tuple(backends), traffic_policy=policy, source_ranges=source_ranges,
+                          affinity_timeout=affinity)
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +200,7 @@ def net(tool: Any) -> Iterator[tuple[Net, lb_device.DeviceLB]]:
                source_ranges=(f"{net.world_ip}/32",)),
             fe(FrontendKind.LOAD_BALANCER, "203.0.113.7", 84, "TCP", [local, remote],
                source_ranges=("198.51.100.0/24", "2001:db8::/32")),
+            fe(FrontendKind.NODE_PORT, net.node_ip, 30085, "TCP", [local, remote], affinity=60),
         )))
         yield net, dev
     finally:
@@ -299,3 +301,13 @@ def test_load_balancer_source_ranges_admit_only_clients_inside_them(net: tuple[N
     assert [r["error"] for r in results] == ["TimeoutError"] * 2, results
     after = dev.counters()
     assert after["drop-source-range"] - before["drop-source-range"] >= 2 and after["new"] == before["new"]
+
+
+def test_session_affinity_keeps_an_outside_client_on_one_backend(net: tuple[Net, lb_device.DeviceLB]) -> None:
+    """sessionAffinity ClientIP from outside: every new connection of the world host goes to the backend its
+    first one got (the frontend without affinity spreads the same client over both)."""
+    n, _ = net
+    results = n.probe("tcp", n.node_ip, 30085, count=16)
+    assert len(set(bodies(results))) == 1, results
+    spread = n.probe("tcp", n.node_ip, 30080, count=16)
+    assert len(set(bodies(spread))) == 2, spread
