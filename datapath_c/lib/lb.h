@@ -9,7 +9,8 @@
  * Backends are chosen at random at connect(); for unconnected UDP (sendmsg)
  * by the socket's cookie, so one socket keeps one backend while the set is
  * unchanged; with session affinity, the one this client's network namespace
- * used last within the timeout.
+ * used last within the timeout. IPv6 sockets get the same for IPv4-mapped
+ * destinations (::ffff:a.b.c.d: an IPv6 socket talking to an IPv4 Service).
  */
 #ifndef CY_LIB_LB_H
 #define CY_LIB_LB_H
@@ -25,20 +26,30 @@ static __always_inline int cy_lb4_fail(struct lb4_service *svc)
 	return CY_SYSCALL_FAIL;
 }
 
-/* Translate ctx's destination if it is a frontend of protocol `proto`;
- * `per_socket` picks the slot by socket cookie instead of at random. Every
- * translation is recorded for recvmsg/getpeername. */
-static __always_inline int cy_lb4_translate(struct bpf_sock_addr *ctx, __u8 proto, int per_socket)
+/* cy_lb4_choose's outcomes. */
+#define CY_LB_NOT_FRONTEND 0
+#define CY_LB_TRANSLATED 1
+#define CY_LB_REFUSED 2
+
+/* The backend for a socket of protocol `proto` asking for (address, port)
+ * (network order): CY_LB_TRANSLATED with *to set when it is a frontend with a
+ * backend (the translation recorded for recvmsg/getpeername), CY_LB_REFUSED
+ * (the syscall's error set) when it has none, CY_LB_NOT_FRONTEND otherwise.
+ * `per_socket` picks the slot by socket cookie instead of at random. */
+static __always_inline int cy_lb4_choose(struct bpf_sock_addr *ctx, __u32 address, __u16 port, __u8 proto,
+					 int per_socket, struct lb4_frontend *to)
 {
 	struct lb4_key key = {};
-	key.address = ctx->user_ip4;
-	key.dport = (__u16)ctx->user_port;
+	key.address = address;
+	key.dport = port;
 	key.proto = proto;
 	struct lb4_service *svc = cy_lb4_svc.lookup(&key);
 	if (!svc)
-		return CY_SYSCALL_PASS;
-	if (svc->count == 0)
-		return cy_lb4_fail(svc);
+		return CY_LB_NOT_FRONTEND;
+	if (svc->count == 0) {
+		cy_lb4_fail(svc);
+		return CY_LB_REFUSED;
+	}
 	__u32 frontend_id = svc->backend_id;
 	__u16 count = svc->count;
 	__u16 flags = svc->flags;
@@ -56,26 +67,69 @@ static __always_inline int cy_lb4_translate(struct bpf_sock_addr *ctx, __u8 prot
 		slot = (__u16)(pick % count) + 1;
 		key.slot = slot;
 		struct lb4_service *entry = cy_lb4_svc.lookup(&key);
-		if (!entry)
-			return cy_lb4_fail(svc);
+		if (!entry) {
+			cy_lb4_fail(svc);
+			return CY_LB_REFUSED;
+		}
 		backend_id = entry->backend_id;
 	}
 	struct lb4_backend *backend = cy_lb4_be.lookup(&backend_id);
-	if (!backend)
-		return cy_lb4_fail(svc);
-	if (flags & CY_LB_F_AFFINITY) {
-		cy_lb4_remember(&akey, backend_id, slot);
+	if (!backend) {
+		cy_lb4_fail(svc);
+		return CY_LB_REFUSED;
 	}
+	if (flags & CY_LB_F_AFFINITY)
+		cy_lb4_remember(&akey, backend_id, slot);
 	struct lb4_sock_key skey = {};
 	skey.cookie = bpf_get_socket_cookie(ctx);
 	skey.address = backend->address;
 	skey.port = backend->port;
 	struct lb4_frontend front = {};
-	front.address = key.address;
-	front.port = key.dport;
+	front.address = address;
+	front.port = port;
 	cy_lb4_revsk.update(&skey, &front);
-	ctx->user_ip4 = backend->address;
-	ctx->user_port = backend->port;
+	to->address = backend->address;
+	to->port = backend->port;
+	return CY_LB_TRANSLATED;
+}
+
+/* An IPv4 socket: translate ctx's destination if it is a frontend. */
+static __always_inline int cy_lb4_translate(struct bpf_sock_addr *ctx, __u8 proto, int per_socket)
+{
+	struct lb4_frontend to = {};
+	int outcome = cy_lb4_choose(ctx, ctx->user_ip4, (__u16)ctx->user_port, proto, per_socket, &to);
+
+	if (outcome == CY_LB_REFUSED)
+		return CY_SYSCALL_FAIL;
+	if (outcome == CY_LB_TRANSLATED) {
+		ctx->user_ip4 = to.address;
+		ctx->user_port = to.port;
+	}
+	return CY_SYSCALL_PASS;
+}
+
+/* ::ffff:a.b.c.d, the IPv4-mapped form an IPv6 socket uses for IPv4 peers. */
+static __always_inline int cy_lb6_is_v4_mapped(struct bpf_sock_addr *ctx)
+{
+	return ctx->user_ip6[0] == 0 && ctx->user_ip6[1] == 0 && ctx->user_ip6[2] == bpf_htonl(0x0000ffff);
+}
+
+/* An IPv6 socket: translate an IPv4-mapped destination like an IPv4 one (the
+ * backend stays IPv4-mapped); any other IPv6 destination passes untouched. */
+static __always_inline int cy_lb6_translate_v4_mapped(struct bpf_sock_addr *ctx, __u8 proto, int per_socket)
+{
+	struct lb4_frontend to = {};
+	int outcome;
+
+	if (!cy_lb6_is_v4_mapped(ctx))
+		return CY_SYSCALL_PASS;
+	outcome = cy_lb4_choose(ctx, ctx->user_ip6[3], (__u16)ctx->user_port, proto, per_socket, &to);
+	if (outcome == CY_LB_REFUSED)
+		return CY_SYSCALL_FAIL;
+	if (outcome == CY_LB_TRANSLATED) {
+		ctx->user_ip6[3] = to.address;
+		ctx->user_port = to.port;
+	}
 	return CY_SYSCALL_PASS;
 }
 
@@ -89,6 +143,24 @@ static __always_inline int cy_lb4_reverse(struct bpf_sock_addr *ctx)
 	struct lb4_frontend *front = cy_lb4_revsk.lookup(&skey);
 	if (front) {
 		ctx->user_ip4 = front->address;
+		ctx->user_port = front->port;
+	}
+	return CY_SYSCALL_PASS;
+}
+
+/* The same for an IPv6 socket's IPv4-mapped peer. */
+static __always_inline int cy_lb6_reverse_v4_mapped(struct bpf_sock_addr *ctx)
+{
+	struct lb4_sock_key skey = {};
+
+	if (!cy_lb6_is_v4_mapped(ctx))
+		return CY_SYSCALL_PASS;
+	skey.cookie = bpf_get_socket_cookie(ctx);
+	skey.address = ctx->user_ip6[3];
+	skey.port = (__u16)ctx->user_port;
+	struct lb4_frontend *front = cy_lb4_revsk.lookup(&skey);
+	if (front) {
+		ctx->user_ip6[3] = front->address;
 		ctx->user_port = front->port;
 	}
 	return CY_SYSCALL_PASS;

@@ -80,8 +80,10 @@ def servers() -> Iterator[Servers]:
         s.close()
 
 
-def in_cgroup(engine: lb_engine.SocketLB, work: list[tuple[str, int]], *, udp: bool = False) -> list[str]:
-    """Run connects (or UDP exchanges) to (VIP, port) from a child in the cgroup; one result line each."""
+def in_cgroup(engine: lb_engine.SocketLB, work: list[tuple[str, int]], *, udp: bool = False,
+              family: int = socket.AF_INET) -> list[str]:
+    """Run connects (or UDP exchanges) to (VIP, port) from a child in the cgroup; one result line each.
+    ``family`` AF_INET6: IPv6 sockets, addresses given IPv4-mapped (``::ffff:a.b.c.d``)."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: join the cgroup, do the work, report, exit without cleanup handlers
@@ -91,7 +93,7 @@ def in_cgroup(engine: lb_engine.SocketLB, work: list[tuple[str, int]], *, udp: b
             (engine.cgroup / "cgroup.procs").write_text(str(os.getpid()))
             for address, port in work:
                 if udp:
-                    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    s = socket.socket(family, socket.SOCK_DGRAM)
                     s.settimeout(3)
                     try:
                         s.sendto(b"ping", (address, port))
@@ -101,7 +103,7 @@ def in_cgroup(engine: lb_engine.SocketLB, work: list[tuple[str, int]], *, udp: b
                         out.append(f"error {exc.errno}")
                     s.close()
                     continue
-                s = socket.socket()
+                s = socket.socket(family)
                 s.settimeout(3)
                 try:
                     s.connect((address, port))
@@ -344,8 +346,8 @@ def test_random_intents_behave_as_written_in_the_kernel(lb: lb_engine.SocketLB, 
 
 
 def bind_in_cgroup(engine: lb_engine.SocketLB, port: int, *, kind: int = socket.SOCK_STREAM,
-                   own_netns: bool = False) -> str:
-    """bind(0.0.0.0:port) from a child in the cgroup (optionally in a network namespace of its own)."""
+                   own_netns: bool = False, address: str = "0.0.0.0") -> str:
+    """bind(address:port) from a child in the cgroup (optionally in a network namespace of its own)."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -356,9 +358,9 @@ def bind_in_cgroup(engine: lb_engine.SocketLB, port: int, *, kind: int = socket.
                 import ctypes
                 if ctypes.CDLL(None, use_errno=True).unshare(0x40000000) != 0:  # CLONE_NEWNET: like a pod
                     raise OSError(ctypes.get_errno(), "unshare")
-            s = socket.socket(socket.AF_INET, kind)
+            s = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, kind)
             try:
-                s.bind(("0.0.0.0", port))
+                s.bind((address, port))
                 result = "bound"
             except OSError as exc:
                 result = f"error {exc.errno}"
@@ -383,6 +385,38 @@ def test_host_processes_cannot_bind_a_nodeport_and_pods_can(lb: lb_engine.Socket
         assert bind_in_cgroup(lb, 31234, kind=socket.SOCK_DGRAM) == "bound"  # a TCP NodePort only
         assert bind_in_cgroup(lb, 31235) == "bound"
         assert bind_in_cgroup(lb, 31234, own_netns=True) == "bound"  # a pod's namespace is its own
+        assert bind_in_cgroup(lb, 31234, address="::") == f"error {errno.EADDRINUSE}"  # IPv6 wildcard too
+        assert bind_in_cgroup(lb, 31234, address="::ffff:127.0.0.1") == f"error {errno.EADDRINUSE}"
     finally:
         lb.apply(NodeLBIntent(node=NODE))
     assert bind_in_cgroup(lb, 31234) == "bound"  # the Service is gone: the port is free again
+
+
+def test_ipv6_sockets_reach_an_ipv4_service_through_its_mapped_address(lb: lb_engine.SocketLB,
+                                                                       servers: Servers) -> None:
+    """An IPv6 socket (as dual-stack runtimes open) asking for ``::ffff:<ClusterIP>`` is translated like an
+    IPv4 one: TCP reaches both backends and getpeername shows the frontend; a UDP reply shows it too;
+    no backends refuses at once; a plain IPv6 destination passes untouched."""
+    tcp, udp = servers.ports("tcp"), servers.ports("udp")
+    lb.apply(NodeLBIntent(node=NODE, frontends=(frontend(80, "TCP", [("127.0.0.1", p) for p in tcp]),
+                                                frontend(53, "UDP", [("127.0.0.1", udp[0])]),
+                                                frontend(81, "TCP", []))))
+    mapped = f"::ffff:{VIP}"
+    lines = in_cgroup(lb, [(mapped, 80)] * 30, family=socket.AF_INET6)
+    assert lines == [f"peer {mapped}:80"] * 30, lines
+    hits = accepted_by(servers, 30)
+    assert len(hits) == 30 and set(hits) == {0, 1}, hits
+    import threading
+
+    def echo() -> None:
+        data, peer = servers.udp[0].recvfrom(100)
+        servers.udp[0].sendto(data, peer)
+
+    t = threading.Thread(target=echo)
+    t.start()
+    assert in_cgroup(lb, [(mapped, 53)], udp=True, family=socket.AF_INET6) == [f"udp-peer {mapped}:53"]
+    t.join(5)
+    assert in_cgroup(lb, [(mapped, 81)], family=socket.AF_INET6) == [f"error {errno.ECONNREFUSED}"]
+    # not IPv4-mapped: untouched (nothing routes this documentation prefix: the kernel says so at once)
+    assert in_cgroup(lb, [("2001:db8::1", 80)], family=socket.AF_INET6)[0] in (
+        f"error {errno.ENETUNREACH}", f"error {errno.EHOSTUNREACH}", "error None")

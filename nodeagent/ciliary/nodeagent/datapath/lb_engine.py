@@ -1,7 +1,8 @@
-"""The socket load balancer of one node: five cgroup programs and their LB maps.
+"""The socket load balancer of one node: ten cgroup programs and their LB maps.
 
 ``SocketLB(node, cgroup=..., bpffs=..., netns=...)`` renders ``programs/sock_<hook>.c.j2`` (one
-program per hook: connect4, sendmsg4, recvmsg4, getpeername4, and bind4, the NodePort bind guard,
+program per hook: connect4, sendmsg4, recvmsg4, getpeername4, their IPv6 twins for IPv4-mapped
+destinations of IPv6 sockets, and bind4/bind6, the NodePort bind guard,
 which needs the cookie of the node's network namespace ``netns``), adopts the programs pinned under their hash in
 ``<bpffs>/ciliary/<node>/`` (as ``lbprog_<hook>_<hash>``) or compiles them in the compiler child (``compiling``, as
 ``CGROUP_SOCK_ADDR`` with their expected attach type), and attaches each to the cgroup v2
@@ -35,6 +36,11 @@ HOOKS: Mapping[str, tuple[str, int]] = {
     "recvmsg4": ("CGROUP_SOCK_ADDR", 19),  # BPF_CGROUP_UDP4_RECVMSG
     "getpeername4": ("CGROUP_SOCK_ADDR", 29),  # BPF_CGROUP_INET4_GETPEERNAME
     "bind4": ("CGROUP_SOCK_ADDR", 8),  # BPF_CGROUP_INET4_BIND
+    "connect6": ("CGROUP_SOCK_ADDR", 11),  # BPF_CGROUP_INET6_CONNECT
+    "sendmsg6": ("CGROUP_SOCK_ADDR", 15),  # BPF_CGROUP_UDP6_SENDMSG
+    "recvmsg6": ("CGROUP_SOCK_ADDR", 20),  # BPF_CGROUP_UDP6_RECVMSG
+    "getpeername6": ("CGROUP_SOCK_ADDR", 30),  # BPF_CGROUP_INET6_GETPEERNAME
+    "bind6": ("CGROUP_SOCK_ADDR", 9),  # BPF_CGROUP_INET6_BIND
 }
 """hook -> (bcc program type, kernel attach type)."""
 MAP_NAMES = ("cy_lb4_svc", "cy_lb4_be", "cy_lb4_revsk", "cy_lb4_aff", "cy_lb4_nodeport", "cy_lb4_srcrange")
