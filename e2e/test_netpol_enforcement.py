@@ -74,10 +74,10 @@ def pods(lab) -> Pods:
         pod = lab.wait_running(name, ns)
         ips[qualified] = pod["status"]["podIP"]
         nodes[qualified] = pod["spec"]["nodeName"]
-        netns[qualified] = lab.lab.layout.pod_netns(ns, name, pod["metadata"]["uid"])
-    netns["world"] = lab.lab.layout.world_netns
+        netns[qualified] = lab.netns(name, ns)
+    netns["world"] = lab.world_netns()
     for node in NODE_IP:
-        netns[node] = lab.lab.layout.node_netns(node)
+        netns[node] = lab.node_netns(node)
     assert nodes == PLACEMENT
     return Pods(lab, ips, netns, nodes)
 
@@ -118,7 +118,7 @@ spec:
     events = poll_events(lab, "from-pod-b", "PolicyEnforced")
     assert any(e["type"] == "Normal" and e["message"].startswith("1/1 nodes") for e in events), events
     listed = lab.ciliary("policy", "get", "--kind", "NetworkPolicy", "-o", "json",
-                         "--etcd-endpoints", lab.lab.ports().etcd_endpoint)
+                         "--etcd-endpoints", lab.etcd_endpoint)
     rows = {(r["namespace"], r["name"]): r for r in json.loads(listed.stdout or "[]")}
     assert rows.get((NS_X, "from-pod-b"), {}).get("enforcement") == "1/1 nodes", listed.stdout + listed.stderr
 

@@ -28,7 +28,6 @@ import json
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -147,7 +146,7 @@ class Pods:
         return self.ips[name]
 
     def run(self, path: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-        argv = ["nsenter", f"--net=/run/netns/{self.netns[path.src]}", sys.executable, "-m",
+        argv = ["nsenter", f"--net={self.netns[path.src]}", sys.executable, "-m",
                 "ciliary.lab.probe", path.kind, self.ip(path.dst)]
         if path.port:
             argv.append(str(path.port))
@@ -199,10 +198,10 @@ def pods(lab) -> Pods:
         pod = lab.wait_running(name, ns)
         ips[qualified] = pod["status"]["podIP"]
         nodes[qualified] = pod["spec"]["nodeName"]
-        netns[qualified] = lab.lab.layout.pod_netns(ns, name, pod["metadata"]["uid"])
-    netns["world"] = lab.lab.layout.world_netns
+        netns[qualified] = lab.netns(name, ns)
+    netns["world"] = lab.world_netns()
     for node in NODE_IP:
-        netns[node] = lab.lab.layout.node_netns(node)
+        netns[node] = lab.node_netns(node)
     assert nodes == {"pe-a/client": "node-1", "pe-a/other": "node-1", "pe-a/local": "node-1",
                      "pe-a/server": "node-2", "pe-b/remote": "node-2"}
     return Pods(lab, ips, netns, nodes)
@@ -273,17 +272,12 @@ class Policies:
 
 def trace(lab, src: str, dst: str, dport: str, *more: str) -> subprocess.CompletedProcess[str]:
     """``ciliary policy trace`` against this lab's etcd, never an ETCDCTL_ENDPOINTS of the caller's shell."""
-    return lab.ciliary("policy", "trace", "--etcd-endpoints", lab.lab.ports().etcd_endpoint,
+    return lab.ciliary("policy", "trace", "--etcd-endpoints", lab.etcd_endpoint,
                        "--src", src, "--dst", dst, "--dport", dport, *more)
 
 
 def agent_get(lab, node: str, path: str) -> str:
-    try:
-        port = (lab.lab.layout.node_dir(node) / "health-port").read_text().strip()
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-            return resp.read().decode()
-    except OSError as exc:
-        return f"<{exc}>"
+    return str(lab.agent_get(node, path))
 
 
 @pytest.fixture
@@ -539,7 +533,7 @@ spec:
 
     # `policy get` shows node-2's maps: the server's ingress is enforced and holds the deny entries
     got = lab.ciliary("policy", "get", "--node", "node-2", "-o", "json", "--etcd-endpoints",
-                      lab.lab.ports().etcd_endpoint)
+                      lab.etcd_endpoint)
     assert got.returncode == 0, got.stderr
     held = json.loads(got.stdout)
     assert held["source"] == "datapath" and held["differences"] == [], got.stdout[:3000]
@@ -570,7 +564,7 @@ spec:
         observed: list[dict] = []
         deadline = time.monotonic() + 10
         while not observed and time.monotonic() < deadline:
-            out = lab.ciliary("observe", "--etcd-endpoints", lab.lab.ports().etcd_endpoint,
+            out = lab.ciliary("observe", "--etcd-endpoints", lab.etcd_endpoint,
                               "--node", "node-2", "--pod", SERVER, "--verdict", "DROPPED",
                               "--protocol", "tcp", "--port", "80",
                               "--last", "200", "-o", "json")
