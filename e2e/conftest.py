@@ -58,11 +58,25 @@ def process_lab(tool) -> Iterator[LabHandle]:
         handle.lab.down(log=False)
 
 
+def namespaced_leftovers(handle: LabHandle) -> set[str]:
+    """Namespaces and default-namespace pods, cluster policies (as ``kind/name``): what a module may leave."""
+    out = handle.kubectl("get", "namespaces,pods,ciliumclusterwidenetworkpolicies", "-n", "default", "-o", "name",
+                         check=False)
+    return set(out.stdout.split()) if out.returncode == 0 else set()
+
+
 @pytest.fixture(scope="module")
-def lab(request: pytest.FixtureRequest) -> LabHandle:
-    if on_real_nodes(request.module):
-        chart = request.getfixturevalue("chart_lab")
-        ensure_installed(chart)
-        return LabHandle(chart.lab)
-    handle: LabHandle = request.getfixturevalue("process_lab")
-    return handle
+def lab(request: pytest.FixtureRequest) -> Iterator[LabHandle]:
+    if not on_real_nodes(request.module):
+        yield request.getfixturevalue("process_lab")
+        return
+    chart = request.getfixturevalue("chart_lab")
+    ensure_installed(chart)
+    handle = LabHandle(chart.lab)
+    before = namespaced_leftovers(handle)
+    yield handle
+    # the real-node lab outlives the module (other modules, other suites): remove what the module made
+    made = sorted(namespaced_leftovers(handle) - before)
+    if made:
+        handle.kubectl("delete", *made, "-n", "default", "--wait=true", "--timeout=180s", "--ignore-not-found",
+                       check=False)
