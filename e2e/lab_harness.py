@@ -139,14 +139,14 @@ class LabHandle:
         """The chart's etcd CA, operator certificate and key (from its Secret) and a kubeconfig through a
         node's apiserver relay, written under the lab's state directory."""
         where = self.lab.layout.state_dir / "e2e-cli"
+        where.mkdir(parents=True, exist_ok=True)
         files = (where / "ca.crt", where / "operator.crt", where / "operator.key")
-        if not all(f.exists() for f in files):
-            where.mkdir(parents=True, exist_ok=True)
-            out = self.kubectl("get", "secret", "-n", "kube-system", "ciliary-etcd-tls", "-o", "json")
-            data = json.loads(out.stdout)["data"]
-            for f in files:
-                f.write_bytes(base64.b64decode(data[f.name]))
-                f.chmod(0o600)
+        # read every time: a reinstalled chart (chart_installed) makes a new CA and certificates
+        out = self.kubectl("get", "secret", "-n", "kube-system", "ciliary-etcd-tls", "-o", "json")
+        data = json.loads(out.stdout)["data"]
+        for f in files:
+            f.touch(mode=0o600)
+            f.write_bytes(base64.b64decode(data[f.name]))
         kubeconfig = where / "relay.kubeconfig"
         if not kubeconfig.exists():
             write_kubeconfig(kubeconfig, server=f"https://127.0.0.1:{APISERVER_RELAY_PORT}",
