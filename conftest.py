@@ -24,6 +24,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import suite_rules  # noqa: E402
 
+#: the session's real-node lab with Ciliary installed by its chart (``chart_lab``, ``chart_installed``)
+pytest_plugins = ("realnode_lab",)
+
 PRIVILEGED_DIRS = {"integration": ROOT / "tests" / "integration", "e2e": ROOT / "e2e"}
 
 

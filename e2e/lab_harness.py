@@ -1,28 +1,53 @@
-"""The handle e2e tests drive a lab with: kubectl, pods, probes, the ciliary CLI."""
+"""The handle e2e tests drive a lab with: kubectl, pods, probes, the ciliary CLI.
+
+The same handle drives the process lab (``ciliary lab up``: Ciliary's own pod runtime, agents and operator
+as processes, Ciliary's etcd is the control plane's) and the real-node lab (``ciliary lab up
+--real-nodes``: kubelets, Ciliary installed by its chart, Ciliary's etcd is the chart's bundled etcd on a
+node's network). On real nodes a manifest's ``image: lab`` containers become the lab app image
+(``ciliary.lab.labimage``), and the ``ciliary`` CLI runs inside the network namespace of the node that
+hosts the chart's etcd, with the chart's operator certificates and a kubeconfig through that node's
+apiserver relay.
+"""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ciliary.lab import topology
+from ciliary.lab import labimage, topology
+from ciliary.lab.kubeconfigs import write_kubeconfig
 from ciliary.lab.lab import Lab
+from ciliary.lab.nodeconfig import APISERVER_RELAY_PORT
 from ciliary.operator.store import access
+
+#: the chart's bundled etcd (host network) as seen from inside the node that runs it: the server
+#: certificate names 127.0.0.1
+CHART_ETCD_ENDPOINT = "https://127.0.0.1:2379"
+#: the chart agent's /healthz, /readyz and /v1/... listener (charts/ciliary values ``agent.healthAddr``)
+CHART_AGENT_HEALTH = "127.0.0.1:9876"
 
 
 @dataclass
 class LabHandle:
     lab: Lab
 
+    @property
+    def real_nodes(self) -> bool:
+        return bool(self.lab.config().get("real_nodes"))
+
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        if input and args and args[0] in ("apply", "create") and self.real_nodes:
+            input = labimage.manifest_for_real_nodes(input)
         return self.lab.kubectl(*args, input=input, check=check)
 
     def apply(self, manifest: str) -> None:
@@ -45,6 +70,31 @@ class LabHandle:
                               f"involvedObject.name={name}", check=False).stdout
         pytest.fail(f"pod {namespace}/{name} not Running after {seconds} s: {pod.get('status')}\n{events}")
 
+    def netns(self, pod: str, namespace: str = "default") -> str:
+        """The path of the pod's network namespace file (either lab: a containerd pod's is not in /run/netns)."""
+        return str(self.lab.pod_target(pod, namespace)[0])
+
+    def node_netns(self, node: str) -> str:
+        return str(topology.NETNS_DIR / self.lab.layout.node_netns(node))
+
+    def world_netns(self) -> str:
+        return str(topology.NETNS_DIR / self.lab.layout.world_netns)
+
+    def agent_get(self, node: str, path: str, timeout: float = 5) -> str:
+        """GET an agent's health/debug endpoint (``/v1/enforcement``, ``/metrics``, ...); ``<error>`` if none."""
+        if self.real_nodes:
+            out = subprocess.run(["nsenter", f"--net={self.node_netns(node)}", sys.executable, "-c",
+                                  "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+                                  f"'http://{CHART_AGENT_HEALTH}{path}', timeout={timeout}).read().decode())"],
+                                 capture_output=True, text=True, timeout=timeout + 30)
+            return out.stdout if out.returncode == 0 else f"<{out.stderr.strip()[-300:]}>"
+        try:
+            port = (self.lab.layout.node_dir(node) / "health-port").read_text().strip()
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
+                return str(resp.read().decode())
+        except OSError as exc:
+            return f"<{exc}>"
+
     def events(self, name: str, namespace: str = "default") -> list[dict[str, Any]]:
         out = self.kubectl("get", "events", "-n", namespace, "--field-selector",
                            f"involvedObject.name={name}", "-o", "json")
@@ -65,17 +115,56 @@ class LabHandle:
         return subprocess.run([*argv, "--timeout", str(timeout)], capture_output=True, text=True,
                               timeout=timeout + 30)
 
+    @property
+    def etcd_endpoint(self) -> str:
+        """Ciliary's etcd as :meth:`ciliary` reaches it (on real nodes: from inside the etcd pod's node)."""
+        return CHART_ETCD_ENDPOINT if self.real_nodes else self.lab.ports().etcd_endpoint
+
     def ciliary(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "ciliary.cli.main", *args], capture_output=True, text=True,
-                              timeout=300, env=self.env())
+        argv = [sys.executable, "-m", "ciliary.cli.main", *args]
+        if self.real_nodes:
+            argv = ["nsenter", f"--net={self.node_netns(self.chart_etcd_node())}", *argv]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=300, env=self.env())
+
+    def chart_etcd_node(self) -> str:
+        out = self.kubectl("get", "pods", "-n", "kube-system", "-l", "app.kubernetes.io/component=etcd", "-o",
+                           "json")
+        nodes = [p["spec"].get("nodeName") for p in json.loads(out.stdout)["items"]
+                 if p["status"].get("phase") == "Running"]
+        if not nodes:
+            pytest.fail(f"the chart's etcd runs on no node:\n{self.kubectl('get', 'pods', '-A').stdout}")
+        return str(nodes[0])
+
+    def chart_credentials(self) -> tuple[Path, Path, Path, Path]:
+        """The chart's etcd CA, operator certificate and key (from its Secret) and a kubeconfig through a
+        node's apiserver relay, written under the lab's state directory."""
+        where = self.lab.layout.state_dir / "e2e-cli"
+        where.mkdir(parents=True, exist_ok=True)
+        files = (where / "ca.crt", where / "operator.crt", where / "operator.key")
+        # read every time: a reinstalled chart (chart_installed) makes a new CA and certificates
+        out = self.kubectl("get", "secret", "-n", "kube-system", "ciliary-etcd-tls", "-o", "json")
+        data = json.loads(out.stdout)["data"]
+        for f in files:
+            f.touch(mode=0o600)
+            f.write_bytes(base64.b64decode(data[f.name]))
+        kubeconfig = where / "relay.kubeconfig"
+        if not kubeconfig.exists():
+            write_kubeconfig(kubeconfig, server=f"https://127.0.0.1:{APISERVER_RELAY_PORT}",
+                             pki=self.lab.layout.pki_dir, user="admin")
+        return (*files, kubeconfig)
 
     def env(self) -> dict[str, str]:
         """This lab's environment: never an etcd or kubeconfig the calling shell points at."""
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("ETCDCTL_", "CILIARY_ETCD_")) and k != "KUBECONFIG"}
+        lab_env = {"CILIARY_LAB_DIR": str(self.lab.layout.state_dir), "CILIARY_LAB_PREFIX": self.lab.layout.prefix}
+        if self.real_nodes:
+            ca, cert, key, kubeconfig = self.chart_credentials()
+            return {**env, **lab_env, "KUBECONFIG": str(kubeconfig), "CILIARY_ETCD_ENDPOINTS": CHART_ETCD_ENDPOINT,
+                    "CILIARY_ETCD_CA_FILE": str(ca), "CILIARY_ETCD_CERT_FILE": str(cert),
+                    "CILIARY_ETCD_KEY_FILE": str(key)}
         tls = self.lab.etcd_certs().client(access.OPERATOR_USER)
-        return {**env, "CILIARY_LAB_DIR": str(self.lab.layout.state_dir),
-                "CILIARY_LAB_PREFIX": self.lab.layout.prefix,
+        return {**env, **lab_env,
                 "CILIARY_ETCD_ENDPOINTS": self.lab.ports().etcd_endpoint,
                 "CILIARY_ETCD_CA_FILE": str(tls.ca_file), "CILIARY_ETCD_CERT_FILE": str(tls.cert_file),
                 "CILIARY_ETCD_KEY_FILE": str(tls.key_file)}

@@ -26,6 +26,9 @@ from ciliary.operator.store import access, keyspace
 from ciliary.operator.store.etcdclient import EtcdEndpoint, make_client
 
 pytestmark = pytest.mark.e2e
+#: process lab: it stops and restarts the agent *process* (ciliary.lab.processes) and reads the control plane's
+#: etcd as the node's user; on real nodes the agent is a DaemonSet pod and Ciliary's etcd the chart's (not ported)
+REAL_NODES = False
 
 ROOT = Path(__file__).resolve().parents[1]
 PODS = """

@@ -27,6 +27,10 @@ from ciliary.lab.layout import WORLD_DNS_IP, WORLD_IP
 from lab_harness import LabHandle
 
 pytestmark = pytest.mark.e2e
+#: process lab: on real nodes (chart lab, 2026-12-05) 2 of 3 pass; test_dns_rules_and_fqdns_enforced fails: the
+#: client still reaches the world host 20 s after short.world.test's 3 s TTL ran out (cause not found yet), and
+#: its `ciliary observe` reads agents at their registered loopback address (test_policy_explained.py)
+REAL_NODES = False
 
 NS = "fq"
 POLICY = "dns-fqdn"

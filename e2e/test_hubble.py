@@ -23,6 +23,9 @@ from ciliary.lab import demo
 from lab_harness import LabHandle
 
 pytestmark = pytest.mark.e2e
+#: process lab: the Hubble relay and the agents' observer ports are the process lab's (Lab.relay_port,
+#: health_port); the chart deploys no relay and its agents listen on their node's loopback
+REAL_NODES = False
 
 ROOT = Path(__file__).resolve().parents[1]
 STAR_WARS = ("deathstar", "tiefighter", "xwing")

@@ -18,6 +18,9 @@ from ciliary.lab import cgroups, processes, topology
 from ciliary.lab.layout import WORLD_IP
 
 pytestmark = pytest.mark.e2e
+#: process lab: it tests the process lab's own pod runtime (veths, namespace names, cgroups, port conflicts,
+#: `lab env`); real nodes have their counterparts in tests/integration/realnodes
+REAL_NODES = False
 
 PODS = """
 apiVersion: v1

@@ -24,11 +24,9 @@ same-node; the world host is 192.0.2.100 and node-i is 192.0.2.(10+i).
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,6 +36,9 @@ import pytest
 from ciliary.lab.layout import WORLD_IP
 
 pytestmark = pytest.mark.e2e
+#: on the session's real-node lab (kubelets, Ciliary installed by its chart): passes there (e2e/conftest.py);
+#: the CLI's explanations of these verdicts run on the process lab: test_policy_explained.py says why
+REAL_NODES = True
 
 NS_A, NS_B = "pe-a", "pe-b"
 NODE_IP = {"node-1": "192.0.2.11", "node-2": "192.0.2.12"}
@@ -147,7 +148,7 @@ class Pods:
         return self.ips[name]
 
     def run(self, path: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-        argv = ["nsenter", f"--net=/run/netns/{self.netns[path.src]}", sys.executable, "-m",
+        argv = ["nsenter", f"--net={self.netns[path.src]}", sys.executable, "-m",
                 "ciliary.lab.probe", path.kind, self.ip(path.dst)]
         if path.port:
             argv.append(str(path.port))
@@ -199,10 +200,10 @@ def pods(lab) -> Pods:
         pod = lab.wait_running(name, ns)
         ips[qualified] = pod["status"]["podIP"]
         nodes[qualified] = pod["spec"]["nodeName"]
-        netns[qualified] = lab.lab.layout.pod_netns(ns, name, pod["metadata"]["uid"])
-    netns["world"] = lab.lab.layout.world_netns
+        netns[qualified] = lab.netns(name, ns)
+    netns["world"] = lab.world_netns()
     for node in NODE_IP:
-        netns[node] = lab.lab.layout.node_netns(node)
+        netns[node] = lab.node_netns(node)
     assert nodes == {"pe-a/client": "node-1", "pe-a/other": "node-1", "pe-a/local": "node-1",
                      "pe-a/server": "node-2", "pe-b/remote": "node-2"}
     return Pods(lab, ips, netns, nodes)
@@ -273,17 +274,12 @@ class Policies:
 
 def trace(lab, src: str, dst: str, dport: str, *more: str) -> subprocess.CompletedProcess[str]:
     """``ciliary policy trace`` against this lab's etcd, never an ETCDCTL_ENDPOINTS of the caller's shell."""
-    return lab.ciliary("policy", "trace", "--etcd-endpoints", lab.lab.ports().etcd_endpoint,
+    return lab.ciliary("policy", "trace", "--etcd-endpoints", lab.etcd_endpoint,
                        "--src", src, "--dst", dst, "--dport", dport, *more)
 
 
 def agent_get(lab, node: str, path: str) -> str:
-    try:
-        port = (lab.lab.layout.node_dir(node) / "health-port").read_text().strip()
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-            return resp.read().decode()
-    except OSError as exc:
-        return f"<{exc}>"
+    return str(lab.agent_get(node, path))
 
 
 @pytest.fixture
@@ -501,8 +497,7 @@ def test_host_is_always_allowed_into_its_pods(pods, policies):
 
 # --- deny, default deny, replies --------------------------------------------------------------
 
-def test_deny_beats_allow_and_is_explained(lab, pods, policies):
-    policies.enforce(cnp("deny-wins", """
+DENY_WINS = cnp("deny-wins", """
 spec:
   endpointSelector: {matchLabels: {tier: backend}}
   ingress:
@@ -512,7 +507,11 @@ spec:
   - fromEndpoints: [{matchLabels: {app: client}}]
     toPorts:
     - ports: [{port: "8080", protocol: TCP}]
-"""), first_drop=http(OTHER, SERVER))
+""")
+
+
+def enforce_deny_wins(pods: Pods, policies: Policies) -> None:
+    policies.enforce(DENY_WINS, first_drop=http(OTHER, SERVER))
     check(pods,
           allowed=[http(CLIENT, SERVER), http(CLIENT, SERVER, 8081), udp(CLIENT, SERVER),
                    ping(CLIENT, SERVER), http(CLIENT, LOCAL)],
@@ -520,67 +519,10 @@ spec:
                   http(REMOTE, SERVER)],
           diagnose=lambda: policies.diagnose([http(CLIENT, SERVER, 8080), http(OTHER, LOCAL)]))
 
-    # the trace evaluates what node-2's datapath holds (read by its agent) and names the deny rule
-    out = trace(lab, OTHER, SERVER, "80/tcp", "-o", "json")
-    assert out.returncode == 0, out.stderr
-    explained = json.loads(out.stdout)
-    assert explained["verdict"] == "DENIED" and explained["source"] == "datapath", out.stdout
-    assert explained["differences"] == [] and explained["intentVerdict"] == "DENIED", out.stdout
-    ingress = next(d for d in explained["directions"] if d["direction"] == "ingress")
-    assert ingress["verdict"] == "DENIED" and ingress["node"] == "node-2", out.stdout
-    assert ingress["source"] == "datapath" and ingress["reason"] == "denied-by-rule", out.stdout
-    rules = ingress["rules"]
-    assert any(r.get("name") == "deny-wins" and r.get("namespace") == NS_A for r in rules), out.stdout
-    text = trace(lab, OTHER, SERVER, "80/tcp").stdout
-    assert text.startswith("DENIED (from the datapath of node-1, node-2)") and "deny-wins" in text, text
-    assert "WARNING" not in text, text
-    allowed = json.loads(trace(lab, CLIENT, SERVER, "8081/tcp", "-o", "json").stdout)
-    assert allowed["verdict"] == "ALLOWED" and allowed["differences"] == [], allowed
 
-    # `policy get` shows node-2's maps: the server's ingress is enforced and holds the deny entries
-    got = lab.ciliary("policy", "get", "--node", "node-2", "-o", "json", "--etcd-endpoints",
-                      lab.lab.ports().etcd_endpoint)
-    assert got.returncode == 0, got.stderr
-    held = json.loads(got.stdout)
-    assert held["source"] == "datapath" and held["differences"] == [], got.stdout[:3000]
-    served = next(e for e in held["endpoints"] if e["pod"] == "server" and e["namespace"] == NS_A)
-    assert served["ingress"]["enforced"], served
-    denies = [e for e in served["ingress"]["entries"] if e["verdict"] == "deny"]
-    assert any(any(r["name"] == "deny-wins" for r in e["rules"]) for e in denies), served
-
-    # the datapath reported the drop: node-2's flow API (and `ciliary observe`, once it exists)
-    other_ip, server_ip = pods.ip(OTHER), pods.ip(SERVER)
-    flows: list[dict] = []
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        body = agent_get(lab, "node-2", f"/v1/flows?verdict=DROPPED&ip={server_ip}&last=200")
-        flows = [json.loads(line) for line in body.splitlines() if line.startswith("{")]
-        flows = [f for f in flows if f["src"]["ip"] == other_ip and f["dst"]["ip"] == server_ip
-                 and f["direction"] == "ingress"]
-        if flows:
-            break
-        pods.dropped(http(OTHER, SERVER))
-    assert flows, f"no DROPPED flow {other_ip} -> {server_ip} on node-2: {body[:2000]}"
-    flow = flows[-1]
-    assert flow["drop_reason"] == "POLICY_DENY_RULE", flow
-    assert flow["dst"]["pod"] == "server" and flow["dst"]["namespace"] == NS_A, flow
-    assert any("deny-wins" in json.dumps(r) for r in flow["policy"]), flow
-
-    if "observe" in lab.ciliary("--help").stdout:  # the CLI over the same flows
-        observed: list[dict] = []
-        deadline = time.monotonic() + 10
-        while not observed and time.monotonic() < deadline:
-            out = lab.ciliary("observe", "--etcd-endpoints", lab.lab.ports().etcd_endpoint,
-                              "--node", "node-2", "--pod", SERVER, "--verdict", "DROPPED",
-                              "--protocol", "tcp", "--port", "80",
-                              "--last", "200", "-o", "json")
-            lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-            observed = [f for f in lines if f["src"]["ip"] == other_ip and f["dst"]["ip"] == server_ip]
-            if not observed:
-                pods.dropped(http(OTHER, SERVER))
-        assert observed, out.stdout + out.stderr
-        assert observed[-1]["drop_reason"] == "POLICY_DENY_RULE", observed[-1]
-        assert any("deny-wins" in json.dumps(r) for r in observed[-1]["policy"]), observed[-1]
+def test_deny_beats_allow(pods, policies):
+    """The explanation of the same policy (trace, policy get, flows): test_policy_explained.py."""
+    enforce_deny_wins(pods, policies)
 
 
 def test_default_deny_egress_only_lets_replies_out(pods, policies):

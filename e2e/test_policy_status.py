@@ -23,6 +23,8 @@ from ciliary.operator.store.etcdclient import EtcdEndpoint, make_client
 from lab_harness import LabHandle
 
 pytestmark = pytest.mark.e2e
+#: process lab: a 3-node lab of its own (lab3) that removes a node and kills an agent process
+REAL_NODES = False
 ROOT = Path(__file__).resolve().parents[1]
 
 PODS = """

@@ -25,6 +25,9 @@ from ciliary.lab import demo
 from lab_harness import LabHandle
 
 pytestmark = pytest.mark.e2e
+#: process lab: the service map UI and the relay it reads are started by the process lab only (Lab.ui_port);
+#: the chart deploys neither
+REAL_NODES = False
 
 ROOT = Path(__file__).resolve().parents[1]
 STAR_WARS = ("deathstar", "tiefighter", "xwing")

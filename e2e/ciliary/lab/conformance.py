@@ -34,6 +34,9 @@ from ciliary.lab.nodeconfig import APISERVER_RELAY_PORT
 SUITE_NODE = re.compile(r"^\[\w*Suite\]")
 #: ginkgo's JUnit message for a spec left out by --focus/--skip (a spec that skips itself adds " - why")
 NOT_SELECTED = "skipped"
+VERDICTS = ("passed", "failed", "skipped", "interrupted")
+TOPIC = re.compile(r"\[sig-network\] ([\w-]+)")
+SIG = re.compile(r"\[sig-[\w-]+\]")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class AreaResult:
     seconds: float
     failures: tuple[str, ...]
     interrupted: int = 0
+    specs: tuple[tuple[str, str], ...] = ()  # (spec name, verdict) of every spec counted
 
     @property
     def run(self) -> int:
@@ -60,6 +64,15 @@ class AreaResult:
         stopped = f", {self.interrupted} interrupted" if self.interrupted else ""
         return (f"conformance {self.area}: {self.run} specs run, {self.passed} passed, {self.failed} failed, "
                 f"{self.skipped} skipped{stopped} ({self.seconds:.0f} s)")
+
+    def topic_lines(self) -> list[str]:
+        """One line per focus area inside this list (Services, Netpol, DNS, ...) with its counts."""
+        lines = []
+        for name, counts in per_topic(self.specs).items():
+            stopped = f", {counts['interrupted']} interrupted" if counts["interrupted"] else ""
+            lines.append(f"  {name}: {sum(counts.values())} run, {counts['passed']} passed, {counts['failed']} "
+                         f"failed, {counts['skipped']} skipped{stopped}")
+        return lines
 
 
 def parse_focus(text: str) -> FocusList:
@@ -99,25 +112,52 @@ def list_specs(e2e_test: Path) -> list[str]:
     return [m.group(1) for m in re.finditer(r"^\s*\S+\.go:\d+: (.*)$", out, re.MULTILINE)]
 
 
-def summarize(junit: str) -> dict[str, int]:
-    """Counts of a ginkgo JUnit report: passed, failed, skipped (by the spec at run time) and interrupted
-    specs (the run was stopped while they ran: no verdict). Specs never started are not counted."""
-    counts = {"passed": 0, "failed": 0, "skipped": 0, "interrupted": 0}
+def verdicts(junit: str) -> list[tuple[str, str]]:
+    """(spec name, verdict) of a ginkgo JUnit report: passed, failed, skipped (by the spec at run time) or
+    interrupted (the run was stopped while it ran: no verdict). Specs not selected, or never started, are
+    left out, and so are ginkgo's suite nodes ([SynchronizedBeforeSuite] and the like: set-up, not specs)."""
+    found: list[tuple[str, str]] = []
     for case in ET.fromstring(junit).iter("testcase"):
-        if SUITE_NODE.match(case.get("name", "")):
-            continue  # [SynchronizedBeforeSuite] and the like: set-up, not specs
+        name = case.get("name", "")
+        if SUITE_NODE.match(name):
+            continue
         skipped = case.find("skipped")
-        error = case.find("error")
         if skipped is not None:
             message = skipped.get("message", NOT_SELECTED)
             if message != NOT_SELECTED and "nterrupt" not in message:
-                counts["skipped"] += 1  # not selected, or not reached before an interrupt: not counted
+                found.append((name, "skipped"))  # not selected, or not reached before an interrupt: left out
         elif _stopped(case):
-            counts["interrupted"] += 1
-        elif case.find("failure") is not None or error is not None:
-            counts["failed"] += 1
+            found.append((name, "interrupted"))
+        elif case.find("failure") is not None or case.find("error") is not None:
+            found.append((name, "failed"))
         else:
-            counts["passed"] += 1
+            found.append((name, "passed"))
+    return found
+
+
+def summarize(junit: str) -> dict[str, int]:
+    """Counts of a ginkgo JUnit report's verdicts (see :func:`verdicts`)."""
+    counts = dict.fromkeys(VERDICTS, 0)
+    for _, verdict in verdicts(junit):
+        counts[verdict] += 1
+    return counts
+
+
+def topic(spec: str) -> str:
+    """The focus area a spec belongs to: the word after ``[sig-network]`` (Services, EndpointSlice,
+    Networking, Netpol, DNS, ...), else its SIG."""
+    found = TOPIC.search(spec)
+    if found:
+        return found.group(1)
+    sig = SIG.search(spec)
+    return sig.group(0) if sig else "other"
+
+
+def per_topic(specs: Iterable[tuple[str, str]]) -> dict[str, dict[str, int]]:
+    """Verdict counts of ``specs`` (name, verdict) by :func:`topic`, topics in order of first appearance."""
+    counts: dict[str, dict[str, int]] = {}
+    for name, verdict in specs:
+        counts.setdefault(topic(name), dict.fromkeys(VERDICTS, 0))[verdict] += 1
     return counts
 
 
@@ -203,8 +243,9 @@ def run(lab: Lab, focus_file: Path, *, log_dir: Path | None = None, shards: int 
                 for where in dirs:
                     merged.write((where / "e2e.log").read_text(errors="replace"))
     seconds = time.monotonic() - t0
-    counts = {"passed": 0, "failed": 0, "skipped": 0, "interrupted": 0}
+    counts = dict.fromkeys(VERDICTS, 0)
     failures: list[str] = []
+    specs: list[tuple[str, str]] = []
     for where in dirs:
         reports = sorted(where.glob("junit*.xml"))
         if not reports:
@@ -213,8 +254,9 @@ def run(lab: Lab, focus_file: Path, *, log_dir: Path | None = None, shards: int 
         for key, value in summarize(junit).items():
             counts[key] += value
         failures += failed_specs(junit)
+        specs += verdicts(junit)
     return AreaResult(area, counts["passed"], counts["failed"], counts["skipped"], seconds, tuple(failures),
-                      counts["interrupted"])
+                      counts["interrupted"], tuple(specs))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -243,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = run(lab, focus_file, log_dir=args.log_dir, shards=args.shards)
             results.append(result)
             print(result.line(), flush=True)
+            print("\n".join(result.topic_lines()), flush=True)
             for name in result.failures:
                 print(f"  FAILED {name}", flush=True)
     except LabError as exc:

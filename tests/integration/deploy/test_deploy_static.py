@@ -250,7 +250,7 @@ def test_agent_is_not_privileged_and_only_mount_bpf_fs_is(helm: Helm) -> None:
     agent = spec["containers"][0]
     caps = agent["securityContext"]["capabilities"]
     assert caps["drop"] == ["ALL"]
-    assert set(caps["add"]) == {"BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN", "SYS_RESOURCE"}
+    assert set(caps["add"]) == {"BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN", "NET_BIND_SERVICE", "SYS_RESOURCE"}
     env = {e["name"]: e for e in agent["env"]}
     assert env["CILIARY_AGENT_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     mounts = {m["mountPath"] for m in agent["volumeMounts"]}

@@ -9,9 +9,10 @@ plugin: traffic flows before any policy; a CiliumNetworkPolicy admits only the `
 to the servers on both nodes; its ``.status.nodes`` shows both nodes enforcing; the other client is
 dropped on the same node and across nodes. ``skaffold run -p lab`` rebuilds both images with the
 project's own builder, pushes them to the lab registry and upgrades both releases with them (the agents
-on both nodes then run the pushed images by digest). ``helm uninstall`` removes the release's objects. The lab is
-torn down afterwards, also on failure: no namespace, mount, cgroup or process left, nothing written to
-the host's /opt/cni, /etc/cni or /opt/ciliary, no address in the root namespace.
+on both nodes then run the pushed images by digest). ``helm uninstall`` removes the release's objects. The lab
+is the session's (``chart_lab``, tests/realnode_lab.py), torn down at the end of the session, also on
+failure: no namespace, mount, cgroup or process left, nothing written to the host's /opt/cni, /etc/cni or
+/opt/ciliary, no address in the root namespace.
 
 Last, one ``skaffold dev -p lab`` iteration from a copy of the repository: it installs both releases
 afresh (after the uninstall above), a change to a source file rebuilds both images and rolls the agent
@@ -27,82 +28,27 @@ import signal
 import subprocess
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from realnode_helpers import ROOT, lab_images, node_binaries
 
-from ciliary.lab import chartinstall, kubeletnode, nodehost, reallab, sessions, tools, topology
-from ciliary.lab.lab import Lab
-from ciliary.lab.layout import Binaries, pod_cidr
+from ciliary.lab import chartinstall, tools
+from ciliary.lab.layout import pod_cidr
+from realnode_lab import NODES, ROOT, ChartLab, wait_for
 
 pytestmark = pytest.mark.integration
-NODES = ["node-1", "node-2"]
 NS = "chartdemo"
-HOST_PATHS = (Path("/opt/cni"), Path("/etc/cni"), Path("/opt/ciliary"), Path("/var/lib/ciliary"))
 
 
-@dataclass
-class ChartLab:
-    lab: Lab
-    nodes: list[kubeletnode.RealNode]
-
-    def kubectl(self, *args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(self.lab.bins.kubectl), f"--kubeconfig={self.lab.layout.kubeconfig}", *args],
-                              input=input, capture_output=True, text=True, timeout=timeout)
-
-    def connects(self, client: str, ip: str) -> bool:
-        out = self.kubectl("exec", "-n", NS, client, "--", "/agnhost", "connect", f"{ip}:8080", "--timeout=3s",
-                           timeout=30)
-        return out.returncode == 0
+def connects(lab: ChartLab, client: str, ip: str) -> bool:
+    out = lab.kubectl("exec", "-n", NS, client, "--", "/agnhost", "connect", f"{ip}:8080", "--timeout=3s",
+                      timeout=30)
+    return out.returncode == 0
 
 
-def root_addresses() -> str:
-    return subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True, check=True).stdout + \
-        subprocess.run(["ip", "route"], capture_output=True, text=True, check=True).stdout
-
-
-def wait_for(what: str, check: Callable[[], Any], seconds: float, on_timeout: Callable[[], str]) -> Any:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(1)
-    raise AssertionError(f"{what} not reached within {seconds:.0f} s\n{on_timeout()}")
-
-
-@pytest.fixture(scope="module")
-def chart_lab() -> Iterator[ChartLab]:
-    node_binaries()
-    lab_images()
-    sessions.reap_stale(ROOT, "chartnode", "h")
-    layout = sessions.session_layout(ROOT, "chartnode", "h")
-    lab = Lab(layout, Binaries.discover())
-    before = root_addresses()
-    host_paths_before = {p: p.exists() for p in HOST_PATHS}
-    try:
-        t0 = time.monotonic()
-        nodes = reallab.up(lab, NODES, chart=True, ready_seconds=420, say=print)
-        print(f"chart lab up in {time.monotonic() - t0:.1f} s")
-        yield ChartLab(lab, nodes)
-        assert root_addresses() == before, "the root namespace gained an address or route"
-    finally:
-        lab.down(log=False)
-        for name in NODES:
-            paths = kubeletnode.node_paths(layout, name)
-            assert not paths.state.exists() and not paths.run.exists()
-            assert not kubeletnode.mounts_under([paths.state, paths.run], Path("/proc/self/mountinfo").read_text())
-            assert not nodehost.pids_under(nodehost.cgroup_layout(), paths.cgroup_root)
-            assert not topology.netns_exists(layout.node_netns(name))
-        assert {p: p.exists() for p in HOST_PATHS} == host_paths_before, "a node wrote to the host's directories"
-
-
-def test_the_chart_runs_operator_agents_and_etcd_and_installs_the_cni_plugin(chart_lab: ChartLab) -> None:
-    lab = chart_lab
+def test_the_chart_runs_operator_agents_and_etcd_and_installs_the_cni_plugin(chart_installed: ChartLab) -> None:
+    lab = chart_installed
     pods = json.loads(lab.kubectl("get", "pods", "-n", chartinstall.NAMESPACE, "-o", "json").stdout)["items"]
     agents = {p["spec"]["nodeName"]: p for p in pods if p["metadata"]["labels"].get(
         "app.kubernetes.io/component") == "agent"}
@@ -140,8 +86,8 @@ POLICY = {
 }
 
 
-def test_pods_get_their_network_from_the_chart_and_policy_is_enforced(chart_lab: ChartLab) -> None:
-    lab = chart_lab
+def test_pods_get_their_network_from_the_chart_and_policy_is_enforced(chart_installed: ChartLab) -> None:
+    lab = chart_installed
     assert lab.kubectl("create", "namespace", NS).returncode == 0
     # pods are admitted once the namespace's default ServiceAccount exists (token volumes are on here)
     wait_for("the default ServiceAccount", lambda: lab.kubectl("get", "serviceaccount", "default", "-n", NS)
@@ -164,7 +110,7 @@ def test_pods_get_their_network_from_the_chart_and_policy_is_enforced(chart_lab:
     # before any policy both clients reach both servers (so the denials below are the policy's doing)
     for client in ("frontend", "other"):
         for ip in servers:
-            assert wait_for(f"{client} → {ip} before policy", lambda c=client, i=ip: lab.connects(c, i), 30,
+            assert wait_for(f"{client} → {ip} before policy", lambda c=client, i=ip: connects(lab, c, i), 30,
                             lambda: "")
 
     applied = lab.kubectl("apply", "-f", "-", input=json.dumps(POLICY))
@@ -185,8 +131,8 @@ def test_pods_get_their_network_from_the_chart_and_policy_is_enforced(chart_lab:
     assert status["enforcement"] == "2/2 nodes"
 
     for ip in servers:
-        assert lab.connects("frontend", ip), f"frontend → {ip} denied under a policy that allows it"
-        assert not lab.connects("other", ip), f"other → {ip} allowed under a policy that denies it"
+        assert connects(lab, "frontend", ip), f"frontend → {ip} denied under a policy that allows it"
+        assert not connects(lab, "other", ip), f"other → {ip} allowed under a policy that denies it"
 
     assert lab.kubectl("delete", "namespace", NS, "--wait=true", "--timeout=120s", timeout=150).returncode == 0
 

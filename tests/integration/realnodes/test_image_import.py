@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from realnode_helpers import ROOT, lab_images, node_binaries
 
 from ciliary.lab import images, kubeletnode, nodeconfig, nodehost, ociimage, processes, projectimages
 from ciliary.lab.nodebins import NodeBinaries
+from realnode_lab import ROOT, lab_images, node_binaries
 
 pytestmark = pytest.mark.integration
 

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from realnode_helpers import ROOT, lab_images, node_binaries
 
 from ciliary.lab import kubeletnode, nodehost, processes, realcluster, reallab, sessions, topology
 from ciliary.lab.lab import Lab
 from ciliary.lab.layout import Binaries, pod_cidr
+from realnode_lab import ROOT, lab_images, node_binaries
 
 pytestmark = pytest.mark.integration
 NODE = "node-1"

@@ -114,3 +114,33 @@ def test_area_result_line_names_interrupted_specs() -> None:
     result = conformance.AreaResult("services", 30, 5, 1, 600.0, (), interrupted=1)
     assert result.run == 37
     assert result.line() == "conformance services: 37 specs run, 30 passed, 5 failed, 1 skipped, 1 interrupted (600 s)"
+
+
+def test_verdicts_name_each_counted_spec_and_topics_group_them_by_area() -> None:
+    junit = ("<testsuites><testsuite><testcase name='[SynchronizedBeforeSuite]'/>"
+             "<testcase name='[It] [sig-network] Services should serve a basic endpoint from pods [Conformance]'/>"
+             "<testcase name='[It] [sig-network] Netpol NetworkPolicy between server and client should support a "
+             "&apos;default-deny-ingress&apos; policy [Feature:NetworkPolicy]'><failure/></testcase>"
+             "<testcase name='[It] [sig-network] DNS should provide DNS for services'><skipped message='skipped - "
+             "no jessie'/></testcase>"
+             "<testcase name='[It] [sig-network] Networking Granular Checks: Pods x'><error type='interrupted'/>"
+             "</testcase><testcase name='[It] [sig-network] DNS y'><skipped message='skipped'/></testcase>"
+             "<testcase name='[It] [sig-apps] Deployment z'/></testsuite></testsuites>")
+    found = conformance.verdicts(junit)
+    assert [v for _, v in found] == ["passed", "failed", "skipped", "interrupted", "passed"]
+    assert conformance.summarize(junit) == {"passed": 2, "failed": 1, "skipped": 1, "interrupted": 1}
+    assert [conformance.topic(n) for n, _ in found] == ["Services", "Netpol", "DNS", "Networking", "[sig-apps]"]
+    assert conformance.topic("no sig at all") == "other"
+    result = conformance.AreaResult("short", 2, 1, 1, 60.0, (), 1, tuple(found))
+    assert result.topic_lines() == ["  Services: 1 run, 1 passed, 0 failed, 0 skipped",
+                                    "  Netpol: 1 run, 0 passed, 1 failed, 0 skipped",
+                                    "  DNS: 1 run, 0 passed, 0 failed, 1 skipped",
+                                    "  Networking: 1 run, 0 passed, 0 failed, 0 skipped, 1 interrupted",
+                                    "  [sig-apps]: 1 run, 1 passed, 0 failed, 0 skipped"]
+
+
+def test_the_short_list_selects_one_spec_of_every_area_and_no_variant() -> None:
+    focus = conformance.parse_focus((ROOT / "e2e" / "conformance.txt").read_text())
+    chosen = conformance.selected(NETPOL_RUN + NETPOL_LEFT_OUT + SERVICES_RUN + DNS_RUN, focus)
+    assert {conformance.topic(n) for n in chosen} == {"Services", "Netpol", "DNS"}
+    assert not any("UDP" in n or "SCTP" in n or "Netpol API" in n for n in chosen), chosen

@@ -1,0 +1,102 @@
+"""Why a packet was dropped, explained by the CLI and the agents: ``ciliary policy trace``, ``ciliary policy
+get --node``, the agent's flow API and ``ciliary observe``, on the pods of test_policy_enforcement under its
+``deny-wins`` policy (deny beats allow).
+
+Runs on the process lab (``REAL_NODES`` below is False): the CLI reads each node's datapath from the agent
+at the API address the agent registered in etcd, and the chart's agents register their loopback listener
+(``agent.healthAddr`` 127.0.0.1:9876, the node's own loopback): from anywhere but that node the address
+reaches no agent, or another node's. A trace of node-2's datapath run on node-1 reads node-1's agent
+(seen on real nodes: "pe-a/server is not in the datapath's endpoint map"), so these assertions would be
+wrong there, not merely unreachable, until agents register an address other nodes can reach.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from test_policy_enforcement import (  # noqa: F401  (pods, policies: the module's fixtures, reused here)
+    CLIENT,
+    NS_A,
+    OTHER,
+    SERVER,
+    agent_get,
+    enforce_deny_wins,
+    http,
+    pods,
+    policies,
+    trace,
+)
+
+pytestmark = pytest.mark.e2e
+#: the CLI reaches agents at their registered loopback address: not on real nodes yet (docstring)
+REAL_NODES = False
+
+
+def test_deny_wins_is_explained_by_trace_policy_get_and_flows(lab, pods, policies):  # noqa: F811
+    enforce_deny_wins(pods, policies)
+    # the trace evaluates what node-2's datapath holds (read by its agent) and names the deny rule
+    out = trace(lab, OTHER, SERVER, "80/tcp", "-o", "json")
+    assert out.returncode == 0, out.stderr
+    explained = json.loads(out.stdout)
+    assert explained["verdict"] == "DENIED" and explained["source"] == "datapath", out.stdout
+    assert explained["differences"] == [] and explained["intentVerdict"] == "DENIED", out.stdout
+    ingress = next(d for d in explained["directions"] if d["direction"] == "ingress")
+    assert ingress["verdict"] == "DENIED" and ingress["node"] == "node-2", out.stdout
+    assert ingress["source"] == "datapath" and ingress["reason"] == "denied-by-rule", out.stdout
+    rules = ingress["rules"]
+    assert any(r.get("name") == "deny-wins" and r.get("namespace") == NS_A for r in rules), out.stdout
+    text = trace(lab, OTHER, SERVER, "80/tcp").stdout
+    assert text.startswith("DENIED (from the datapath of node-1, node-2)") and "deny-wins" in text, text
+    assert "WARNING" not in text, text
+    allowed = json.loads(trace(lab, CLIENT, SERVER, "8081/tcp", "-o", "json").stdout)
+    assert allowed["verdict"] == "ALLOWED" and allowed["differences"] == [], allowed
+
+    # `policy get` shows node-2's maps: the server's ingress is enforced and holds the deny entries
+    got = lab.ciliary("policy", "get", "--node", "node-2", "-o", "json", "--etcd-endpoints",
+                      lab.etcd_endpoint)
+    assert got.returncode == 0, got.stderr
+    held = json.loads(got.stdout)
+    assert held["source"] == "datapath" and held["differences"] == [], got.stdout[:3000]
+    served = next(e for e in held["endpoints"] if e["pod"] == "server" and e["namespace"] == NS_A)
+    assert served["ingress"]["enforced"], served
+    denies = [e for e in served["ingress"]["entries"] if e["verdict"] == "deny"]
+    assert any(any(r["name"] == "deny-wins" for r in e["rules"]) for e in denies), served
+
+    # the datapath reported the drop: node-2's flow API (and `ciliary observe`, once it exists)
+    other_ip, server_ip = pods.ip(OTHER), pods.ip(SERVER)
+    flows: list[dict] = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        body = agent_get(lab, "node-2", f"/v1/flows?verdict=DROPPED&ip={server_ip}&last=200")
+        flows = [json.loads(line) for line in body.splitlines() if line.startswith("{")]
+        flows = [f for f in flows if f["src"]["ip"] == other_ip and f["dst"]["ip"] == server_ip
+                 and f["direction"] == "ingress"]
+        if flows:
+            break
+        pods.dropped(http(OTHER, SERVER))
+    assert flows, f"no DROPPED flow {other_ip} -> {server_ip} on node-2: {body[:2000]}"
+    flow = flows[-1]
+    assert flow["drop_reason"] == "POLICY_DENY_RULE", flow
+    assert flow["dst"]["pod"] == "server" and flow["dst"]["namespace"] == NS_A, flow
+    assert any("deny-wins" in json.dumps(r) for r in flow["policy"]), flow
+
+    if "observe" in lab.ciliary("--help").stdout:  # the CLI over the same flows
+        observed: list[dict] = []
+        deadline = time.monotonic() + 10
+        while not observed and time.monotonic() < deadline:
+            out = lab.ciliary("observe", "--etcd-endpoints", lab.etcd_endpoint,
+                              "--node", "node-2", "--pod", SERVER, "--verdict", "DROPPED",
+                              "--protocol", "tcp", "--port", "80",
+                              "--last", "200", "-o", "json")
+            lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+            observed = [f for f in lines if f["src"]["ip"] == other_ip and f["dst"]["ip"] == server_ip]
+            if not observed:
+                pods.dropped(http(OTHER, SERVER))
+        assert observed, out.stdout + out.stderr
+        assert observed[-1]["drop_reason"] == "POLICY_DENY_RULE", observed[-1]
+        assert any("deny-wins" in json.dumps(r) for r in observed[-1]["policy"]), observed[-1]
+
+

@@ -1,0 +1,26 @@
+"""Every e2e module that uses the ``lab`` fixture says which lab it runs on (e2e/conftest.py), and one that
+stays on the process lab says why in the comment above its ``REAL_NODES = False``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+E2E = Path(__file__).resolve().parents[3] / "e2e"
+USES_LAB = re.compile(r"^def \w+\((?:[^)]*\b)?lab\b[,:)]", re.MULTILINE)
+MODULES = sorted(p for p in E2E.glob("test_*.py") if USES_LAB.search(p.read_text()))
+
+
+def test_the_lab_fixture_is_used_by_the_modules_expected() -> None:
+    assert {"test_policy_enforcement", "test_netpol_enforcement", "test_services"} <= {p.stem for p in MODULES}
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.stem)
+def test_each_module_declares_its_lab_and_says_why_not_real_nodes(path: Path) -> None:
+    lines = path.read_text().splitlines()
+    declared = [i for i, line in enumerate(lines) if re.match(r"REAL_NODES = (True|False)$", line)]
+    assert len(declared) == 1, f"{path.name}: one `REAL_NODES = True|False` line at module level"
+    above = lines[declared[0] - 1]
+    assert above.startswith("#: "), f"{path.name}: a `#:` comment above REAL_NODES says why (or that it passes)"
