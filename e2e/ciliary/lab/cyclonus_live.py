@@ -12,7 +12,9 @@ the same agnhost, whose ``connect`` and ``serve-hostname`` take the flags cyclon
 ``e2e.test``, cyclonus runs in the first node's network namespace against the gateway's apiserver
 relay. Probes go to pod addresses by default (``--destination-type pod-ip``): the policy decision
 alone, without the lab's DNS and Service translation on the path (the upstream Netpol specs probe
-through ClusterIPs). ``--dry-run`` lists the selected cases offline (cyclonus's mock cluster).
+through ClusterIPs). A pod's probe of itself is left out of the verdict (``--ignore-loopback``): it
+goes over the pod's loopback and never reaches a datapath (README "Kubernetes NetworkPolicy").
+``--dry-run`` lists the selected cases offline (cyclonus's mock cluster).
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ class Settings:
     job_timeout_seconds: int = 3
     server_protocols: tuple[str, ...] = ("TCP", "UDP")
     server_ports: tuple[int, ...] = (80, 81)
+    #: a pod's connection to its own address stays inside its network namespace (over lo), where no
+    #: datapath of Ciliary's (nor Cilium's) sees it: cyclonus's truth table would judge it by policy
+    ignore_loopback: bool = True
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,8 @@ def generate_argv(binary: Path, tags: FocusList, settings: Settings, *, junit: P
             f"--job-timeout-seconds={settings.job_timeout_seconds}"]
     if settings.destination_type:
         argv.append(f"--destination-type={settings.destination_type}")
+    if settings.ignore_loopback:
+        argv.append("--ignore-loopback")
     if dry_run:
         argv += ["--mock", "--dry-run"]
     else:
@@ -236,9 +243,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--destination-type", default=defaults.destination_type,
                         choices=("pod-ip", "service-ip", "service-name", ""),
                         help="what probes connect to (default pod-ip; '' keeps each case's own: service-name)")
+    parser.add_argument("--ignore-loopback", action=argparse.BooleanOptionalAction, default=defaults.ignore_loopback,
+                        help="leave a pod's probe of itself out of the verdict (default: yes; it never reaches "
+                             "the datapath)")
     args = parser.parse_args(argv)
     settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)
-                           if f.type in ("int", "str")})
+                           if f.type in ("int", "str", "bool")})
     try:
         tags = read_tags(args.tags_file)
         if args.dry_run:

@@ -65,15 +65,17 @@ def test_generate_argv_passes_the_list_and_the_settings() -> None:
     assert "--include=peer-pods,action" in argv and "--exclude=sctp,multi-peer" in argv
     assert "--server-protocol=TCP,UDP" in argv and "--server-port=80,81" in argv
     assert "--destination-type=pod-ip" in argv and "--job-timeout-seconds=3" in argv
+    assert "--ignore-loopback" in argv
     assert "--cleanup-namespaces" in argv and "--junit-results-file=/tmp/j.xml" in argv
     assert "--mock" not in argv
 
 
 def test_an_empty_exclusion_list_is_still_passed_so_cyclonus_drops_its_defaults() -> None:
-    argv = cyclonus_live.generate_argv(Path("c"), FocusList(("peer-pods",), ()), Settings(destination_type=""),
+    argv = cyclonus_live.generate_argv(Path("c"), FocusList(("peer-pods",), ()), Settings(destination_type="",
+                                                                                       ignore_loopback=False),
                                        dry_run=True)
     assert "--exclude=" in argv
-    assert not any(a.startswith("--destination-type") for a in argv)
+    assert not any(a.startswith(("--destination-type", "--ignore-loopback")) for a in argv)
     assert argv[-2:] == ["--mock", "--dry-run"] and "--cleanup-namespaces" not in argv
 
 
