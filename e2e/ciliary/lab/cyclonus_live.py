@@ -95,10 +95,17 @@ class RunResult:
     failed: int
     seconds: float
     failures: tuple[Case, ...]
+    #: probe cells of the cases' last tries: observed differently from cyclonus's truth table / as it says
+    wrong_cells: int = 0
+    correct_cells: int = 0
+    #: cases selected; more than passed + failed when the run was stopped before its end
+    selected: int = 0
 
     def line(self) -> str:
-        return (f"cyclonus generate: {self.passed + self.failed} cases, {self.passed} passed, "
-                f"{self.failed} failed ({self.seconds:.0f} s)")
+        done = self.passed + self.failed
+        stopped = f" (stopped: {done} of {self.selected} cases finished)" if self.selected > done else ""
+        return (f"cyclonus generate: {done} cases, {self.passed} passed, {self.failed} failed; probe cells "
+                f"{self.correct_cells} correct, {self.wrong_cells} wrong ({self.seconds:.0f} s){stopped}")
 
 
 def read_tags(path: Path) -> FocusList:
@@ -145,20 +152,34 @@ def listed_cases(output: str) -> list[Case]:
             for m in re.finditer(r"^test #(\d+): (.*)\n - tags: (.*)$", output, re.MULTILINE)]
 
 
-def finished_cases(output: str) -> int:
-    return len(re.findall(r"^finished policy #\d+$", output, re.MULTILINE))
+def case_verdicts(output: str) -> dict[int, tuple[int, int]]:
+    """Each finished case's probe cells, summed over its steps' last tries: (wrong, correct). cyclonus prints
+    ``N wrong, M ignored, K correct`` after each step and ``finished policy #N`` after each case."""
+    verdicts: dict[int, tuple[int, int]] = {}
+    wrong = correct = 0
+    for line in output.splitlines():
+        if re.match(r"^starting test case #\d+$", line):
+            wrong = correct = 0
+        elif step := re.search(r"(\d+) wrong, \d+ ignored, (\d+) correct$", line):
+            wrong, correct = wrong + int(step.group(1)), correct + int(step.group(2))
+        elif finished := re.match(r"^finished policy #(\d+)$", line):
+            verdicts[int(finished.group(1))] = (wrong, correct)
+    return verdicts
 
 
-def junit_result(junit: str, cases: Sequence[Case], seconds: float) -> RunResult:
-    """Counts from cyclonus's JUnit file: one testcase per case, in order, with ``<failure>`` if it failed."""
-    by_number = {c.number: c for c in cases}
-    passed, failures = 0, []
-    for number, case in enumerate(ET.fromstring(junit).iter("testcase"), start=1):
-        if case.find("failure") is None and case.find("error") is None:
-            passed += 1
-        else:
-            failures.append(by_number.get(number, Case(number, case.get("name", ""))))
-    return RunResult(passed, len(failures), seconds, tuple(failures))
+def run_result(output: str, seconds: float, junit: str | None = None) -> RunResult:
+    """Counts of a (possibly stopped) run from its output; cyclonus's JUnit report, written only at the
+    end, must agree with it (one testcase per case, in order, with ``<failure>`` if it failed)."""
+    cases = {c.number: c for c in listed_cases(output)}
+    verdicts = case_verdicts(output)
+    failures = tuple(cases.get(n, Case(n, "?")) for n, (wrong, _) in sorted(verdicts.items()) if wrong)
+    if junit is not None:
+        reported = [c.find("failure") is not None for c in ET.fromstring(junit).iter("testcase")]
+        if [n for n, failed in enumerate(reported, start=1) if failed] != [c.number for c in failures]:
+            raise LabError(f"cyclonus's JUnit report ({sum(reported)} of {len(reported)} failed) disagrees with "
+                           f"its output ({len(failures)} of {len(verdicts)} failed)")
+    return RunResult(len(verdicts) - len(failures), len(failures), seconds, failures,
+                     sum(w for w, _ in verdicts.values()), sum(c for _, c in verdicts.values()), len(cases))
 
 
 def provide_agnhost(lab: Lab) -> None:
@@ -203,6 +224,8 @@ def run(lab: Lab, tags: FocusList, settings: Settings, *, log_dir: Path | None =
                                     env={**os.environ, "KUBECONFIG": str(kubeconfig)})
             try:
                 proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                log.write(f"\n# stopped by ciliary.lab.cyclonus_live after {timeout:.0f} s\n")
             finally:
                 if proc.poll() is None:
                     proc.kill()
@@ -214,10 +237,9 @@ def run(lab: Lab, tags: FocusList, settings: Settings, *, log_dir: Path | None =
             shutil.copyfile(log_path, log_dir / "conformance-cyclonus.log")
     seconds = time.monotonic() - t0
     output = log_path.read_text(errors="replace")
-    if not junit.exists():
-        raise LabError(f"cyclonus stopped (exit {proc.returncode}) after {finished_cases(output)} of "
-                       f"{len(listed_cases(output))} cases without a report; see {log_path}")
-    return junit_result(junit.read_text(), listed_cases(output), seconds)
+    if not listed_cases(output):
+        raise LabError(f"cyclonus stopped (exit {proc.returncode}) before its first case; see {log_path}")
+    return run_result(output, seconds, junit.read_text() if junit.exists() else None)
 
 
 def dry_run(tags: FocusList, settings: Settings) -> list[Case]:

@@ -10,6 +10,7 @@ import pytest
 from ciliary.lab import cyclonus_live
 from ciliary.lab.conformance import FocusList
 from ciliary.lab.cyclonus_live import Case, Settings, TagListError
+from ciliary.lab.lab import LabError
 
 ROOT = Path(__file__).resolve().parents[3]
 LIST = ROOT / "e2e" / "conformance" / "cyclonus.txt"
@@ -22,8 +23,19 @@ test #1: egress: deny all
 test #2: Create/delete pod
  - tags: action, create-pod, delete-pod
 starting test case #1
+evaluating test case: egress: deny all
+step 1 on all available ports/protocols:
+0 wrong, 36 ignored, 288 correct
 finished policy #1
 starting test case #2
+evaluating test case: Create/delete pod
+step 1 on all available ports/protocols:
+0 wrong, 36 ignored, 288 correct
+step 2 on all available ports/protocols:
+Discrepancy found:4 wrong, 36 ignored, 284 correct
+step 3 on all available ports/protocols:
+0 wrong, 36 ignored, 288 correct
+finished policy #2
 """
 #: its JUnit file (go-junit-report's layout): one testcase per case, in order
 JUNIT = """<testsuite tests="2" failures="1" time="" name="cyclonus">
@@ -79,15 +91,28 @@ def test_an_empty_exclusion_list_is_still_passed_so_cyclonus_drops_its_defaults(
     assert argv[-2:] == ["--mock", "--dry-run"] and "--cleanup-namespaces" not in argv
 
 
-def test_listing_and_junit_give_counts_and_the_failed_cases_with_their_tags() -> None:
+def test_the_output_gives_counts_and_the_failed_cases_with_their_tags() -> None:
     cases = cyclonus_live.listed_cases(LISTING)
     assert cases == [Case(1, "egress: deny all", ("deny-all", "direction", "egress", "rule")),
                      Case(2, "Create/delete pod", ("action", "create-pod", "delete-pod"))]
-    assert cyclonus_live.finished_cases(LISTING) == 1
-    result = cyclonus_live.junit_result(JUNIT, cases, 61.2)
-    assert (result.passed, result.failed) == (1, 1)
+    assert cyclonus_live.case_verdicts(LISTING) == {1: (0, 288), 2: (4, 860)}
+    result = cyclonus_live.run_result(LISTING, 61.2, JUNIT)
+    assert (result.passed, result.failed, result.wrong_cells, result.correct_cells) == (1, 1, 4, 1148)
     assert result.failures == (cases[1],)
-    assert result.line() == "cyclonus generate: 2 cases, 1 passed, 1 failed (61 s)"
+    assert result.line() == ("cyclonus generate: 2 cases, 1 passed, 1 failed; probe cells 1148 correct, 4 wrong "
+                             "(61 s)")
+
+
+def test_a_stopped_run_counts_the_cases_it_finished() -> None:
+    stopped = LISTING[:LISTING.index("finished policy #2")]
+    result = cyclonus_live.run_result(stopped, 10.0)  # no JUnit report: cyclonus writes it at the end
+    assert (result.passed, result.failed, result.selected) == (1, 0, 2)
+    assert result.line().endswith("(stopped: 1 of 2 cases finished)")
+
+
+def test_a_junit_report_that_disagrees_with_the_output_is_an_error() -> None:
+    with pytest.raises(LabError, match="disagrees"):
+        cyclonus_live.run_result(LISTING, 1.0, JUNIT.replace('<failure message="" type=""></failure>', ""))
 
 
 def test_main_refuses_a_bad_list_before_touching_any_lab(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
