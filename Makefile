@@ -7,7 +7,7 @@ PY    := $(VENV)/bin/python
 CILIARY := $(VENV)/bin/ciliary
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-real-nodes demo-process conformance test lint unit integration e2e lab-up lab-down clean bench
+.PHONY: setup demo demo-real-nodes demo-process conformance conformance-cyclonus test lint unit integration e2e lab-up lab-down clean bench
 
 setup:
 	@setup/setup.sh
@@ -30,6 +30,12 @@ FOCUS ?= e2e/conformance/netpol.txt e2e/conformance/services.txt e2e/conformance
 CONFORMANCE_LOG_DIR ?= /tmp
 conformance: setup
 	@$(PY) -m ciliary.lab.conformance $(foreach f,$(FOCUS),--focus-file $(f)) --log-dir $(CONFORMANCE_LOG_DIR)
+
+# cyclonus's live `generate` run against a running real-node lab: the generator tags of
+# e2e/conformance/cyclonus.txt (38 cases, ~20-40 min on the shared machine); prints passed/failed cases.
+# Its output: $(CONFORMANCE_LOG_DIR)/conformance-cyclonus.log
+conformance-cyclonus: setup
+	@$(PY) -m ciliary.lab.cyclonus_live --log-dir $(CONFORMANCE_LOG_DIR)
 
 lint: setup
 	$(VENV)/bin/ruff check operator nodeagent e2e tests bench
