@@ -166,3 +166,14 @@ def test_chart_lints_with_the_hubble_parts_off(helm: Helm) -> None:
         args = [a for s in sets for a in ("--set", s)]
         done = helm.run("lint", "--strict", str(CHART), *args)
         assert "0 chart(s) failed" in done.stdout and "[WARNING]" not in done.stdout
+
+
+def test_the_operator_serves_its_metrics_where_the_value_says(helm: Helm) -> None:
+    from ciliary.operator import main
+
+    for sets, wanted in (((), "127.0.0.1:9963"),
+                         (("operator.prometheusServeAddr=$(CILIARY_OPERATOR_POD_IP):9963",), f"{NODE_IP}:9963"),
+                         (("operator.prometheusServeAddr=off",), "")):
+        operator = find(documents(helm.template(CHART, *sets)), "Deployment", "-operator")["spec"]["template"]
+        env = _environment(_container(operator["spec"], "operator"))
+        assert main._metrics_address(env["CILIARY_OPERATOR_PROMETHEUS_SERVE_ADDR"]) == wanted
