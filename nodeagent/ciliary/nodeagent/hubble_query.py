@@ -10,6 +10,9 @@ kept flows the request asks for, :meth:`FlowQuery.wants` judges a followed flow.
   as a newer flow arrives;
 - ``field_mask``: only the named Flow fields are sent; a path naming a published field Ciliary
   never sets selects nothing; a path that names no published field is refused.
+
+The whitelist also gives a first pass over the raw events (``hubble_prefilter``): an event it rejects
+is neither converted nor judged by the full filter; what is sent is what the full filter selects.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 from google.protobuf import field_mask_pb2
 
 from ciliary.hubbleapi import flow_pb2, observer_pb2
-from ciliary.nodeagent import hubble_convert, hubble_filter
+from ciliary.nodeagent import hubble_convert, hubble_filter, hubble_prefilter
 
 
 def flow_of(entry: object) -> flow_pb2.Flow:
@@ -79,6 +82,8 @@ class FlowQuery:
     since_ns: int | None
     until_ns: int | None
     mask: field_mask_pb2.FieldMask | None
+    prefilter: hubble_prefilter.RawCheck | None = None
+    """A necessary condition on a ring entry's raw event (None: every event may match)."""
 
     def _in_time(self, flow: flow_pb2.Flow) -> bool:
         t = _nanos(flow.time)
@@ -93,8 +98,10 @@ class FlowQuery:
         if not self.first:
             ordered.reverse()  # newest first: stop after the last N
         timed = self.since_ns is not None or self.until_ns is not None
-        matches = self.matches
+        matches, first_pass = self.matches, self.prefilter
         for entry in ordered:
+            if first_pass is not None and not first_pass(entry.event, entry.index):  # type: ignore[attr-defined]
+                continue
             flow = entry.flow or flow_of(entry)  # type: ignore[attr-defined]
             if (not timed or self._in_time(flow)) and matches(flow):
                 picked.append(flow)
@@ -103,6 +110,10 @@ class FlowQuery:
         if not self.first:
             picked.reverse()
         return picked
+
+    def may_want(self, entry: object) -> bool:
+        """False when ``entry``'s flow cannot match (decided on the raw event, nothing converted)."""
+        return self.prefilter is None or self.prefilter(entry.event, entry.index)  # type: ignore[attr-defined]
 
     def wants(self, flow: flow_pb2.Flow) -> bool:
         return self._in_time(flow) and self.matches(flow)
@@ -129,4 +140,5 @@ def plan(request: observer_pb2.GetFlowsRequest) -> FlowQuery:
     if request.HasField("field_mask") and request.field_mask.paths:
         mask = field_mask_pb2.FieldMask(paths=_mask_paths(request.field_mask))
     return FlowQuery(matches=matches, number=request.number, first=request.first, follow=request.follow,
-                     since_ns=since, until_ns=until, mask=mask)
+                     since_ns=since, until_ns=until, mask=mask,
+                     prefilter=hubble_prefilter.compile_prefilter(request.whitelist))

@@ -99,6 +99,8 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
                     yield lost_response(node, queue.lost - reported)
                     reported = queue.lost
                 for entry in batch:
+                    if query.until_ns is None and not query.may_want(entry):
+                        continue  # cannot match: not converted (with `until`, every flow's time is read)
                     flow = hubble_query.flow_of(entry)
                     if query.past_until(flow):
                         return
