@@ -13,7 +13,9 @@ Used per filter (AND of these; OR across the whitelist): verdict, traffic direct
 source/destination identity, source/destination port, source/destination pod (when every value names
 a pod prefix). Other fields are left to the full filter. The blacklist is left to the full filter
 too (a NOT cannot be narrowed by a necessary condition). No prefilter (None) when some whitelist
-filter sets none of these fields, or the whitelist is empty.
+filter sets none of these fields, or the whitelist is empty. A verdict every whitelist filter asks
+for (``hubble observe --pod X --verdict DROPPED`` sends two filters with the same verdict) is checked
+once, first and inline: most events of a ring fail it.
 """
 
 from __future__ import annotations
@@ -31,12 +33,23 @@ L4_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132, "ICMPv4": 1, "ICMPv6": 58}
 PORTED = (6, 17, 132)
 
 
-def _verdict(raw: object, cache: dict[object, int] = {}) -> int:  # noqa: B006 (a deliberate memo)
+def flow_verdict(raw: object) -> int:
     """The flow verdict ``to_flow`` gives an event verdict (DROPPED for "dropped" in any case)."""
-    found = cache.get(raw)
-    if found is None:
-        found = cache[raw] = flow_pb2.DROPPED if str(raw).lower() == "dropped" else flow_pb2.FORWARDED
-    return found
+    return flow_pb2.DROPPED if str(raw).lower() == "dropped" else flow_pb2.FORWARDED
+
+
+def _verdict_check(verdicts: set[int]) -> RawCheck:
+    accepted: dict[object, bool] = {}
+    """Raw verdict value -> accepted (events carry a handful of distinct values)."""
+
+    def check(event: Any, _index: Any) -> bool:
+        raw = event.verdict
+        ok = accepted.get(raw)
+        if ok is None:
+            ok = accepted[raw] = flow_verdict(raw) in verdicts
+        return ok
+
+    return check
 
 
 def _pod_check(values: Sequence[str], source: bool) -> RawCheck | None:
@@ -62,11 +75,10 @@ def _pod_check(values: Sequence[str], source: bool) -> RawCheck | None:
     return check
 
 
-def _checks(f: flow_pb2.FlowFilter) -> list[RawCheck]:
+def _checks(f: flow_pb2.FlowFilter, *, verdict: bool = True) -> list[RawCheck]:
     checks: list[RawCheck] = []
-    if f.verdict:
-        verdicts = set(f.verdict)
-        checks.append(lambda e, _i: _verdict(e.verdict) in verdicts)
+    if f.verdict and verdict:
+        checks.append(_verdict_check(set(f.verdict)))
     if f.traffic_direction:
         directions = set(f.traffic_direction)
         checks.append(lambda e, _i: (flow_pb2.INGRESS if e.direction == "ingress" else flow_pb2.EGRESS) in directions)
@@ -93,24 +105,52 @@ def _checks(f: flow_pb2.FlowFilter) -> list[RawCheck]:
 
 
 def _all(checks: Sequence[RawCheck]) -> RawCheck:
+    """AND, cheapest first as written (verdict, then the rest), without a generator per event."""
     if len(checks) == 1:
         return checks[0]
-    return lambda e, i: all(check(e, i) for check in checks)
+    if len(checks) == 2:
+        first, second = checks
+        return lambda e, i: first(e, i) and second(e, i)
+    first, rest = checks[0], _all(checks[1:])
+    return lambda e, i: first(e, i) and rest(e, i)
+
+
+def _gated(verdicts: set[int], rest: RawCheck | None) -> RawCheck:
+    """The verdict every filter asks for, checked first and inline (most events fail it), then ``rest``."""
+    accepted: dict[object, bool] = {}
+
+    def check(event: Any, index: Any) -> bool:
+        raw = event.verdict
+        ok = accepted.get(raw)
+        if ok is None:
+            ok = accepted[raw] = flow_verdict(raw) in verdicts
+        return ok and (rest is None or rest(event, index))
+
+    return check
 
 
 def compile_prefilter(whitelist: Iterable[flow_pb2.FlowFilter]) -> RawCheck | None:
     """The first pass for ``whitelist`` (validated by ``hubble_filter.compile_filters`` first), or None."""
+    filters = list(whitelist)
+    shared = set(filters[0].verdict) if filters else set()
+    if shared and all(set(f.verdict) == shared for f in filters):  # e.g. hubble's --pod X --verdict V
+        rests = [_checks(f, verdict=False) for f in filters]
+        rest = None if any(not checks for checks in rests) else _any([_all(checks) for checks in rests])
+        return _gated(shared, rest)
     per_filter = []
-    for f in whitelist:
+    for f in filters:
         checks = _checks(f)
         if not checks:
             return None  # this filter may pass any event: no first pass can narrow the OR
         per_filter.append(_all(checks))
     if not per_filter:
         return None
+    return _any(per_filter)
+
+
+def _any(per_filter: Sequence[RawCheck]) -> RawCheck:
+    """OR of ``per_filter`` without a generator per event."""
     if len(per_filter) == 1:
         return per_filter[0]
-    if len(per_filter) == 2:
-        first, second = per_filter
-        return lambda e, i: first(e, i) or second(e, i)
-    return lambda e, i: any(check(e, i) for check in per_filter)
+    first, rest = per_filter[0], _any(per_filter[1:])
+    return lambda e, i: first(e, i) or rest(e, i)

@@ -11,8 +11,10 @@ kept flows the request asks for, :meth:`FlowQuery.wants` judges a followed flow.
 - ``field_mask``: only the named Flow fields are sent; a path naming a published field Ciliary
   never sets selects nothing; a path that names no published field is refused.
 
-The whitelist also gives a first pass over the raw events (``hubble_prefilter``): an event it rejects
-is neither converted nor judged by the full filter; what is sent is what the full filter selects.
+The whitelist also gives a first pass over the raw events (``hubble_prefilter``): a ring entry not
+converted yet that it rejects is neither converted nor judged by the full filter (an entry already
+converted goes straight to the full filter, which is as cheap on a kept flow); what is sent is what the
+full filter selects.
 """
 
 from __future__ import annotations
@@ -36,6 +38,17 @@ def flow_of(entry: object) -> flow_pb2.Flow:
         flow = hubble_convert.to_flow(event, entry.index, rules, entry.index.revision)  # type: ignore[attr-defined]
         entry.flow = flow  # type: ignore[attr-defined]
     return flow
+
+
+def response_wire(entry: object, node: str) -> bytes:
+    """The serialized ``GetFlowsResponse`` of a ring entry's flow (whole, no field mask), built once and
+    cached on the entry: sending a kept flow again costs no copy and no serialization."""
+    wire = entry.wire  # type: ignore[attr-defined]
+    if wire is None:
+        flow = flow_of(entry)
+        wire = observer_pb2.GetFlowsResponse(flow=flow, node_name=node, time=flow.time).SerializeToString()
+        entry.wire = wire  # type: ignore[attr-defined]
+    return wire
 
 
 def _nanos(ts: object) -> int:
@@ -91,20 +104,26 @@ class FlowQuery:
 
     def history(self, entries: Iterable[object]) -> list[flow_pb2.Flow]:
         """The kept flows to send first, oldest first."""
+        return [entry.flow for entry in self.history_entries(entries)]
+
+    def history_entries(self, entries: Iterable[object]) -> list[Any]:
+        """The ring entries whose flows to send first, oldest first (each converted: ``entry.flow`` set)."""
         if self.follow and not self.number and self.since_ns is None:
             return []
-        picked: list[flow_pb2.Flow] = []
+        picked: list[Any] = []
         ordered = list(entries)
         if not self.first:
             ordered.reverse()  # newest first: stop after the last N
         timed = self.since_ns is not None or self.until_ns is not None
         matches, first_pass = self.matches, self.prefilter
         for entry in ordered:
-            if first_pass is not None and not first_pass(entry.event, entry.index):  # type: ignore[attr-defined]
-                continue
-            flow = entry.flow or flow_of(entry)  # type: ignore[attr-defined]
+            flow = entry.flow  # type: ignore[attr-defined]
+            if flow is None:  # not converted yet: convert only what the first pass cannot rule out
+                if first_pass is not None and not first_pass(entry.event, entry.index):  # type: ignore[attr-defined]
+                    continue
+                flow = flow_of(entry)
             if (not timed or self._in_time(flow)) and matches(flow):
-                picked.append(flow)
+                picked.append(entry)
                 if self.number and len(picked) >= self.number:
                     break
         if not self.first:
