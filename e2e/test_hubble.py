@@ -201,14 +201,18 @@ def test_compact_output_and_agent_metrics(lab: LabHandle, scene: Any) -> None:
     assert drop_lines and float(drop_lines[0].rsplit(" ", 1)[1]) > 0, metrics
 
 
-def test_prometheus_scrapes_the_agents(lab: LabHandle, scene: Any, tool: Any, tmp_path: Path) -> None:
-    """A real Prometheus (Debian's) scrapes every agent's /metrics; the drops of the scene are there."""
+def test_prometheus_scrapes_the_agents_and_the_operator(lab: LabHandle, scene: Any, tool: Any,
+                                                       tmp_path: Path) -> None:
+    """A real Prometheus (Debian's) scrapes every agent's /metrics and the operator's; the drops of the
+    scene are there, and the operator's reconcile passes, status writes and rule1 as a valid policy."""
     _, _, deathstar, _ = scene
     lab.probe("http", deathstar, 80, pod="xwing", timeout=1)
+    operator = f"127.0.0.1:{lab.lab.operator_metrics_port()}"
     targets = [f"127.0.0.1:{lab.lab.health_port(node)}" for node in ("node-1", "node-2")]
     (tmp_path / "prometheus.yml").write_text(json.dumps({
         "global": {"scrape_interval": "1s"},
-        "scrape_configs": [{"job_name": "ciliary-agents", "static_configs": [{"targets": targets}]}]}))
+        "scrape_configs": [{"job_name": "ciliary-agents", "static_configs": [{"targets": targets}]},
+                           {"job_name": "ciliary-operator", "static_configs": [{"targets": [operator]}]}]}))
     port = socket_port()
     proc = subprocess.Popen([str(tool("prometheus")), f"--config.file={tmp_path / 'prometheus.yml'}",
                              f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
@@ -237,10 +241,26 @@ def test_prometheus_scrapes_the_agents(lab: LabHandle, scene: Any, tool: Any, tm
         for _ in range(30):  # every target scraped and up (each on its own schedule)
             with urllib.request.urlopen(up, timeout=5) as r:
                 ups = {row["metric"]["instance"]: row["value"][1] for row in json.loads(r.read())["data"]["result"]}
-            if ups == dict.fromkeys(targets, "1"):
+            if ups == dict.fromkeys([*targets, operator], "1"):
                 break
             time.sleep(1)
-        assert ups == dict.fromkeys(targets, "1"), ups
+        assert ups == dict.fromkeys([*targets, operator], "1"), ups
+
+        def value(expression: str) -> float:
+            url = f"http://127.0.0.1:{port}/api/v1/query?query={urllib.parse.quote(expression)}"
+            with urllib.request.urlopen(url, timeout=5) as r:
+                result = json.loads(r.read())["data"]["result"]
+            assert len(result) == 1, (expression, result)
+            return float(result[0]["value"][1])
+
+        job = '{job="ciliary-operator"}'
+        assert value('cilium_operator_reconcile_runs_total{job="ciliary-operator",loop="policy"}') >= 1
+        assert value('cilium_operator_reconcile_duration_seconds_count{job="ciliary-operator",loop="policy"}') >= 1
+        assert value(f'sum(cilium_operator_intents_written_total{job})') >= 1
+        assert value('cilium_operator_status_handover_writes_total{job="ciliary-operator",outcome="success"}') >= 1
+        assert value('cilium_operator_policies{kind="CiliumNetworkPolicy",valid="true"}') >= 1  # rule1
+        assert value(f'cilium_policy{job}') >= 1 and value(f'cilium_identity{job}') >= 3
+        assert value(f'cilium_nodes_all_num{job}') == 2
     finally:
         proc.terminate()
         try:

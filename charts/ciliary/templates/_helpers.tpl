@@ -164,3 +164,26 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-etcd-agents" (include "ciliary.fullname" .) }}
 {{- end }}
 {{- end }}
+
+{{/* The agent's Hubble Observer listen address (agent.hubble.listenAddress; "" = the node's address when the
+     relay runs, else loopback). $(CILIARY_AGENT_HOST_IP) is expanded by the kubelet (defined before it). */}}
+{{- define "ciliary.agentHubbleAddr" -}}
+{{- if .Values.agent.hubble.listenAddress }}
+{{- .Values.agent.hubble.listenAddress }}
+{{- else if .Values.relay.enabled }}
+{{- print "$(CILIARY_AGENT_HOST_IP):4244" }}
+{{- else }}
+{{- print "127.0.0.1:4244" }}
+{{- end }}
+{{- end }}
+
+{{/* HOST:PORT of the Observer API the UI reads: ui.server, else the relay's Service. */}}
+{{- define "ciliary.uiServer" -}}
+{{- if .Values.ui.server }}
+{{- .Values.ui.server }}
+{{- else if .Values.relay.enabled }}
+{{- printf "%s.%s.svc:%d" .Values.relay.service.name .Release.Namespace (int .Values.relay.service.port) }}
+{{- else }}
+{{- fail "ui.enabled with relay.enabled=false needs ui.server (HOST:PORT of a Hubble Observer API)" }}
+{{- end }}
+{{- end }}

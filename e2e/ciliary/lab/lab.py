@@ -246,6 +246,10 @@ class Lab:
                                                *self.etcd_flags(access.OPERATOR_USER), "--refresh", "1"],
                         env=self.child_env())
 
+    def operator_metrics_port(self) -> int:
+        """The port of the operator's Prometheus metrics (``GET /metrics``)."""
+        return self._saved_port(self.layout.state_dir / "operator-metrics-port")
+
     def ui_port(self) -> int:
         """The port of ``ciliary-ui``, the service map (``CILIARY_UI_URL``)."""
         return self._saved_port(self.layout.state_dir / "ui-port")
@@ -264,6 +268,7 @@ class Lab:
         processes.spawn(self.layout, "operator", [operator, "--kubeconfig", str(self.layout.kubeconfig),
                                                   "--etcd-endpoints", ports.etcd_endpoint,
                                                   *self.etcd_flags(access.OPERATOR_USER),
+                                                  "--prometheus-serve-addr", f"127.0.0.1:{self.operator_metrics_port()}",
                                                   *(["--no-enable-k8s-event-handover"] if self.direct_status() else [])],
                         env=self.child_env())
 

@@ -125,15 +125,17 @@ class EntryQueue(asyncio.Queue["RingEntry"]):
 
 class RingEntry:
     """One kept event with the intent index and rule lookup in force when it arrived; ``flow`` caches
-    its Hubble form (``hubble_convert.to_flow``), built the first time a Hubble client reads it."""
+    its Hubble form (``hubble_convert.to_flow``), built the first time a Hubble client reads it, and
+    ``wire`` the serialized GetFlowsResponse carrying it, built the first time it is sent."""
 
-    __slots__ = ("event", "flow", "index", "rules_for")
+    __slots__ = ("event", "flow", "index", "rules_for", "wire")
 
     def __init__(self, event: Any, index: IntentIndex, rules_for: Callable[[int], Iterable[intents.RuleRef]]) -> None:
         self.event = event
         self.index = index
         self.rules_for = rules_for
         self.flow: Any = None
+        self.wire: bytes | None = None
 
 
 def enrich(event: Any, index: IntentIndex, rules_for: Callable[[int], Iterable[intents.RuleRef]]) -> dict[str, Any]:

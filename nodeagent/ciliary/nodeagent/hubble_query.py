@@ -10,6 +10,11 @@ kept flows the request asks for, :meth:`FlowQuery.wants` judges a followed flow.
   as a newer flow arrives;
 - ``field_mask``: only the named Flow fields are sent; a path naming a published field Ciliary
   never sets selects nothing; a path that names no published field is refused.
+
+The whitelist also gives a first pass over the raw events (``hubble_prefilter``): a ring entry not
+converted yet that it rejects is neither converted nor judged by the full filter (an entry already
+converted goes straight to the full filter, which is as cheap on a kept flow); what is sent is what the
+full filter selects.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 from google.protobuf import field_mask_pb2
 
 from ciliary.hubbleapi import flow_pb2, observer_pb2
-from ciliary.nodeagent import hubble_convert, hubble_filter
+from ciliary.nodeagent import hubble_convert, hubble_filter, hubble_prefilter
 
 
 def flow_of(entry: object) -> flow_pb2.Flow:
@@ -33,6 +38,17 @@ def flow_of(entry: object) -> flow_pb2.Flow:
         flow = hubble_convert.to_flow(event, entry.index, rules, entry.index.revision)  # type: ignore[attr-defined]
         entry.flow = flow  # type: ignore[attr-defined]
     return flow
+
+
+def response_wire(entry: object, node: str) -> bytes:
+    """The serialized ``GetFlowsResponse`` of a ring entry's flow (whole, no field mask), built once and
+    cached on the entry: sending a kept flow again costs no copy and no serialization."""
+    wire = entry.wire  # type: ignore[attr-defined]
+    if wire is None:
+        flow = flow_of(entry)
+        wire = observer_pb2.GetFlowsResponse(flow=flow, node_name=node, time=flow.time).SerializeToString()
+        entry.wire = wire  # type: ignore[attr-defined]
+    return wire
 
 
 def _nanos(ts: object) -> int:
@@ -79,6 +95,8 @@ class FlowQuery:
     since_ns: int | None
     until_ns: int | None
     mask: field_mask_pb2.FieldMask | None
+    prefilter: hubble_prefilter.RawCheck | None = None
+    """A necessary condition on a ring entry's raw event (None: every event may match)."""
 
     def _in_time(self, flow: flow_pb2.Flow) -> bool:
         t = _nanos(flow.time)
@@ -86,23 +104,35 @@ class FlowQuery:
 
     def history(self, entries: Iterable[object]) -> list[flow_pb2.Flow]:
         """The kept flows to send first, oldest first."""
+        return [entry.flow for entry in self.history_entries(entries)]
+
+    def history_entries(self, entries: Iterable[object]) -> list[Any]:
+        """The ring entries whose flows to send first, oldest first (each converted: ``entry.flow`` set)."""
         if self.follow and not self.number and self.since_ns is None:
             return []
-        picked: list[flow_pb2.Flow] = []
+        picked: list[Any] = []
         ordered = list(entries)
         if not self.first:
             ordered.reverse()  # newest first: stop after the last N
         timed = self.since_ns is not None or self.until_ns is not None
-        matches = self.matches
+        matches, first_pass = self.matches, self.prefilter
         for entry in ordered:
-            flow = entry.flow or flow_of(entry)  # type: ignore[attr-defined]
+            flow = entry.flow  # type: ignore[attr-defined]
+            if flow is None:  # not converted yet: convert only what the first pass cannot rule out
+                if first_pass is not None and not first_pass(entry.event, entry.index):  # type: ignore[attr-defined]
+                    continue
+                flow = flow_of(entry)
             if (not timed or self._in_time(flow)) and matches(flow):
-                picked.append(flow)
+                picked.append(entry)
                 if self.number and len(picked) >= self.number:
                     break
         if not self.first:
             picked.reverse()
         return picked
+
+    def may_want(self, entry: object) -> bool:
+        """False when ``entry``'s flow cannot match (decided on the raw event, nothing converted)."""
+        return self.prefilter is None or self.prefilter(entry.event, entry.index)  # type: ignore[attr-defined]
 
     def wants(self, flow: flow_pb2.Flow) -> bool:
         return self._in_time(flow) and self.matches(flow)
@@ -129,4 +159,5 @@ def plan(request: observer_pb2.GetFlowsRequest) -> FlowQuery:
     if request.HasField("field_mask") and request.field_mask.paths:
         mask = field_mask_pb2.FieldMask(paths=_mask_paths(request.field_mask))
     return FlowQuery(matches=matches, number=request.number, first=request.first, follow=request.follow,
-                     since_ns=since, until_ns=until, mask=mask)
+                     since_ns=since, until_ns=until, mask=mask,
+                     prefilter=hubble_prefilter.compile_prefilter(request.whitelist))

@@ -68,7 +68,7 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
         self.rate = FlowRate()
 
     async def GetFlows(self, request: observer_pb2.GetFlowsRequest,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[observer_pb2.GetFlowsResponse]:
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[observer_pb2.GetFlowsResponse | bytes]:
         try:
             query = hubble_query.plan(request)
         except hubble_filter.FilterError as exc:
@@ -77,8 +77,8 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
             return
         node = self.hub.node
         with self.hub.follow_entries(FOLLOW_QUEUE) if query.follow else _no_queue() as queue:
-            for flow in query.history(list(self.hub.ring)):
-                yield observer_pb2.GetFlowsResponse(flow=query.shape(flow), node_name=node, time=flow.time)
+            for entry in query.history_entries(list(self.hub.ring)):
+                yield self._response(query, entry)
             if queue is None:
                 return
             reported = 0
@@ -99,11 +99,21 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
                     yield lost_response(node, queue.lost - reported)
                     reported = queue.lost
                 for entry in batch:
+                    if query.until_ns is None and not query.may_want(entry):
+                        continue  # cannot match: not converted (with `until`, every flow's time is read)
                     flow = hubble_query.flow_of(entry)
                     if query.past_until(flow):
                         return
                     if query.wants(flow):
-                        yield observer_pb2.GetFlowsResponse(flow=query.shape(flow), node_name=node, time=flow.time)
+                        yield self._response(query, entry)
+
+    def _response(self, query: hubble_query.FlowQuery, entry: Any) -> observer_pb2.GetFlowsResponse | bytes:
+        """A flow's response: its cached serialized form (``hubble_query.response_wire``), or with a field mask
+        a message of the kept fields (``add_observer`` sends either)."""
+        if query.mask is None:
+            return hubble_query.response_wire(entry, self.hub.node)
+        flow = entry.flow
+        return observer_pb2.GetFlowsResponse(flow=query.shape(flow), node_name=self.hub.node, time=flow.time)
 
     def status(self) -> observer_pb2.ServerStatusResponse:
         return observer_pb2.ServerStatusResponse(
@@ -187,10 +197,35 @@ def listen(server: grpc.aio.Server, address: str, what: str) -> None:
         raise OSError(f"cannot listen on {address} ({what})")
 
 
+def _wire(response: observer_pb2.GetFlowsResponse | bytes) -> bytes:
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+def add_observer(servicer: ObserverService, server: grpc.aio.Server) -> None:
+    """``observer.Observer`` as the generated ``add_ObserverServicer_to_server`` registers it, except that
+    GetFlows may yield already serialized responses (bytes), which are sent as they are."""
+    messages = observer_pb2
+    handlers = {
+        "GetFlows": grpc.unary_stream_rpc_method_handler(
+            servicer.GetFlows, request_deserializer=messages.GetFlowsRequest.FromString, response_serializer=_wire),
+        "GetNodes": grpc.unary_unary_rpc_method_handler(
+            servicer.GetNodes, request_deserializer=messages.GetNodesRequest.FromString,
+            response_serializer=messages.GetNodesResponse.SerializeToString),
+        "GetNamespaces": grpc.unary_unary_rpc_method_handler(
+            servicer.GetNamespaces, request_deserializer=messages.GetNamespacesRequest.FromString,
+            response_serializer=messages.GetNamespacesResponse.SerializeToString),
+        "ServerStatus": grpc.unary_unary_rpc_method_handler(
+            servicer.ServerStatus, request_deserializer=messages.ServerStatusRequest.FromString,
+            response_serializer=messages.ServerStatusResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("observer.Observer", handlers),))
+    server.add_registered_method_handlers("observer.Observer", handlers)
+
+
 async def start(hub: flowapi.FlowHub, address: str) -> grpc.aio.Server:
     """Serve the Observer, Peer and Health services on ``address`` (HOST:PORT); returns the started server."""
     server = grpc.aio.server()
-    observer_pb2_grpc.add_ObserverServicer_to_server(ObserverService(hub, address), server)
+    add_observer(ObserverService(hub, address), server)
     peer_pb2_grpc.add_PeerServicer_to_server(SelfPeer(hub.node, address), server)
     await set_serving(add_health(server))
     listen(server, address, "Hubble Observer API")

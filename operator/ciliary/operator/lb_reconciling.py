@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ciliary.operator.kube.service_model import ServiceModel
+from ciliary.operator.operator_metrics import LoopStats
 from ciliary.operator.services.errors import ServiceProblem
 from ciliary.operator.services.resolution import LBResolution, ResolverConfig, resolve
 from ciliary.operator.store.publishing import IntentPublisher
@@ -47,6 +48,8 @@ class LBReconciler:
         self.settle_seconds = settle_seconds
         self.poll = poll
         self.stats = LBStats()
+        self.loop_stats = LoopStats()
+        """Every pass since start (the Prometheus metrics' source)."""
         self.last: LBResolution | None = None
 
     async def run_once(self) -> LBResolution:
@@ -58,6 +61,7 @@ class LBReconciler:
         self.stats.passes += 1
         self.stats.last_written = written
         self.stats.last_duration_ms = (time.perf_counter() - t0) * 1000
+        self.loop_stats.record(self.stats.last_duration_ms / 1000, len(written))
         self.last = result
         log.info("lb pass %d: %d services, %d LB intents written%s in %.1f ms", self.stats.passes,
                  len(self.model.services), len(written), f" ({','.join(written)})" if written else "",

@@ -9,6 +9,8 @@ from the agents' reports in etcd; off: agents patch it themselves and the operat
 writes only the conditions) and ``--status-interval`` (seconds between two status
 writes of one policy, default 1). Load balancing (Services -> per-node LB intents, ``lb_reconciling``):
 ``--endpoints-api endpointslices|endpoints``, ``--node-port-range LOW-HIGH``, ``--service-proxy-name``.
+Prometheus metrics (``operator_metrics``) on ``GET /metrics`` of ``--prometheus-serve-addr`` (default off; a
+taken address is logged and the operator goes on without them).
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import kopf
+import prometheus_client
+from aiohttp import web
 from kubernetes_asyncio.client.rest import ApiException
 
+from ciliary.operator import operator_metrics
 from ciliary.operator.kube import handlers, kubeapi, service_handlers
 from ciliary.operator.kube.cluster_model import ClusterModel
 from ciliary.operator.kube.service_events import ServiceEventPoster
@@ -97,8 +102,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service-proxy-name", default=env("CILIARY_OPERATOR_SERVICE_PROXY_NAME", ""),
                    help="Services labelled service.kubernetes.io/service-proxy-name with another value are "
                         "left to that proxy")
+    p.add_argument("--prometheus-serve-addr", default=env("CILIARY_OPERATOR_PROMETHEUS_SERVE_ADDR", "off"),
+                   metavar="HOST:PORT", help="serve Prometheus metrics on GET /metrics here (Cilium's operator "
+                                             "port is 9963); off: not served (default)")
     p.add_argument("--log-level", default=env("CILIARY_OPERATOR_LOG_LEVEL", "INFO"), help="log level")
     return p
+
+
+def _metrics_address(text: str) -> str:
+    value = text.strip()
+    if value.lower() in ("", "off"):
+        return ""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"--prometheus-serve-addr {text!r} is not HOST:PORT or off")
+    return value
+
+
+async def serve_metrics(registry: prometheus_client.CollectorRegistry, address: str) -> web.AppRunner | None:
+    """``GET /metrics`` on ``address``; None (logged) when it cannot listen: metrics never stop the operator."""
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=prometheus_client.generate_latest(registry),
+                            headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    host, _, port = address.rpartition(":")
+    try:
+        await web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port)).start()
+    except OSError as exc:
+        log.error("Prometheus metrics not served", extra={"address": address, "error": str(exc)})
+        await runner.cleanup()
+        return None
+    log.info("Prometheus metrics serving", extra={"address": address})
+    return runner
 
 
 def _port_range(text: str | tuple[int, int]) -> tuple[int, int]:
@@ -154,6 +193,13 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
     lb = LBReconciler(services, lambda: {name: node.ipv4 for name, node in model.nodes.items()}, lb_publisher,
                       ServiceEventPoster(api), ResolverConfig(node_port_range=_port_range(args.node_port_range),
                                                               proxy_name=args.service_proxy_name))
+    metrics_runner = None
+    if args.prometheus_serve_addr:
+        metrics = prometheus_client.CollectorRegistry(auto_describe=False)
+        metrics.register(operator_metrics.OperatorMetrics(
+            {"policy": lambda: reconciler.loop_stats, "lb": lambda: lb.loop_stats}, handover.metrics_view(),
+            identities=lambda: len(allocator.canonical_of), nodes=lambda: len(model.nodes)))
+        metrics_runner = await serve_metrics(metrics, args.prometheus_serve_addr)
     settings = kopf.OperatorSettings()
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
@@ -183,6 +229,8 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
             task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await api.close()
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
     if leader is not None:
         if leader.lost.is_set():
             await store.close()
@@ -215,6 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("kopf").setLevel(logging.WARNING)
+    try:
+        args.prometheus_serve_addr = _metrics_address(args.prometheus_serve_addr)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
     try:
         args.etcd = connection_settings(args.etcd_endpoints, ca_file=args.etcd_ca_file,
                                         cert_file=args.etcd_cert_file, key_file=args.etcd_key_file,

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from ciliary.operator.kube.cluster_model import ClusterModel
+from ciliary.operator.operator_metrics import LoopStats
 from ciliary.operator.policy import identities
 from ciliary.operator.policy.resolution import Resolution, Resolver, is_endpoint
 from ciliary.operator.store.identities import EtcdIdentityAllocator
@@ -45,6 +46,8 @@ class Reconciler:
         self.settle_seconds = settle_seconds
         self.gc_interval = gc_interval
         self.stats = ReconcileStats()
+        self.loop_stats = LoopStats()
+        """Every pass since start (the Prometheus metrics' source)."""
         self.synced = asyncio.Event()
         self.last: Resolution | None = None
         self._pod_identities: dict[str, tuple[object, object, int]] = {}
@@ -75,6 +78,7 @@ class Reconciler:
         self.resolved = {uid: stored.ref.generation for uid, stored in state.policies.policies.items()}
         self.stats.passes += 1
         self.stats.last_duration_ms = (time.perf_counter() - t0) * 1000
+        self.loop_stats.record(self.stats.last_duration_ms / 1000, len(written))
         self.stats.last_written = written
         self.stats.last_revision = resolution.revision
         self.last = resolution

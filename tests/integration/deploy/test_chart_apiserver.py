@@ -47,6 +47,8 @@ VARIANTS = {
                         "etcd.tls.existingCAConfigMap=my-etcd-ca-cert"),
     "existing-secret-shared-agents": ("etcd.tls.existingSecret=my-etcd-tls", "etcd.nodeEnrollment.enabled=false",
                                       "etcd.tls.existingAgentsSecret=my-etcd-agents"),
+    "ui-without-relay": ("relay.enabled=false", "ui.server=relay.example:4245",
+                         "operator.prometheusServeAddr=$(CILIARY_OPERATOR_POD_IP):9963"),
 }
 
 

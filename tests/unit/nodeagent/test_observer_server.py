@@ -152,3 +152,22 @@ async def test_follow_with_until_ends_when_the_clock_passes_it(served) -> None: 
     call = observer_pb2_grpc.ObserverStub(channel).GetFlows(observer_pb2.GetFlowsRequest(follow=True, until=until))
     got = await asyncio.wait_for(collect(call), 5)  # no flow arrives: the stream still ends
     assert got == []
+
+
+async def test_sent_again_from_the_cached_wire_form_and_masked_on_request(served) -> None:  # type: ignore[no-untyped-def]
+    """A kept flow is serialized once (``RingEntry.wire``) and the bytes sent again are the same response;
+    with a field mask the response carries only the named fields (never the cached whole flow)."""
+    hub, channel, _ = served
+    hub.publish([event(sport=41000 + n) for n in range(3)])
+    stub = observer_pb2_grpc.ObserverStub(channel)
+    first = await collect(stub.GetFlows(observer_pb2.GetFlowsRequest(number=3)))
+    assert all(entry.wire is not None for entry in list(hub.ring)[-3:])
+    again = await collect(stub.GetFlows(observer_pb2.GetFlowsRequest(number=3)))
+    assert [r.SerializeToString() for r in again] == [r.SerializeToString() for r in first]
+    expected = [observer_pb2.GetFlowsResponse(flow=e.flow, node_name="n1", time=e.flow.time) for e in list(hub.ring)[-3:]]
+    assert first == expected
+    masked = await collect(stub.GetFlows(observer_pb2.GetFlowsRequest(
+        number=3, field_mask={"paths": ["verdict", "l4.TCP.source_port"]})))
+    assert [r.flow.l4.TCP.source_port for r in masked] == [41000, 41001, 41002]
+    assert all(not r.flow.source.labels and not r.flow.IP.source and r.flow.verdict == flow_pb2.DROPPED
+               for r in masked)

@@ -51,6 +51,7 @@ import grpc
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.rest import ApiException
 
+from ciliary.operator import operator_metrics
 from ciliary.operator.kube import kubeapi
 from ciliary.operator.status import enforcement, netpol_events
 from ciliary.operator.status.enforcement import Expectation, PolicyView
@@ -201,6 +202,14 @@ class StatusHandover:
         self._limit = asyncio.Semaphore(concurrency)
         self.report_mirror = PrefixMirror(store, keyspace.REPORTS_PREFIX, self._report_put, self._report_deleted)
         self.intent_mirror = PrefixMirror(store, keyspace.INTENTS_PREFIX, self._intent_put, self._intent_deleted)
+
+    def metrics_view(self) -> operator_metrics.HandoverView:
+        """What the operator's Prometheus metrics read of this handover (at scrape time)."""
+        return operator_metrics.HandoverView(
+            writes=lambda: self.stats.writes, failures=lambda: self.stats.failures,
+            pending=lambda: self.schedule.pending,
+            policies=lambda: [(view.kind, operator_metrics.validity(self.valid.get(uid)))
+                              for uid, view in self.policies.items()])
 
     # ------------------------------------------------------------ inputs
 
