@@ -102,7 +102,8 @@ class Agent:
             enforcer = self.enforcer
             self.reporter = reporting.Reporter(node=config.node_name, lease=lambda: self.registration.lease,
                                                client=lambda: self.registration.client,
-                                               outcome=lambda: enforcer.outcome, proxy=self.proxy_problem)
+                                               outcome=lambda: enforcer.outcome, proxy=self.proxy_problem,
+                                               egress_proxies=self.egress_proxies)
 
     async def _on_endpoint_change(self, event: endpoints.EndpointEvent) -> None:
         self.registration.request_update()
@@ -136,6 +137,12 @@ class Agent:
         if mod_revision:
             log.warning("Node intent deleted; the state in force keeps enforcing",
                         extra={"node": self.config.node_name, "mod_revision": mod_revision})
+
+    def egress_proxies(self) -> set[str] | None:
+        """The proxy kinds the datapath redirects egress entries to (the others are dropped); None for
+        the fakes of unit tests, which have no ``proxy_ports``."""
+        ports = getattr(self.datapath, "proxy_ports", None)
+        return None if ports is None else set(ports)
 
     def proxy_problem(self, intent: intents.NodeIntent) -> str:
         """Why this node's Envoy does not enforce the HTTP rules of ``intent`` ("" when it does)."""
