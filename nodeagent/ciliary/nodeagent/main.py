@@ -92,8 +92,10 @@ class Agent:
             self.datapath = (datapath_factory or make_datapath)(config)
             self.enforcer = enforcing.Enforcer(node=config.node_name, datapath=self.datapath,
                                                registry=self.registry, on_outcome=self._on_outcome)
-            self.registry.subscribe(self.enforcer.on_endpoint_event)
             dns = self.dns = dns_service.DNSService(config, self.enforcer, self.flows.publish)
+            # the DNS service first: a replaced endpoint's learnt addresses are gone before the apply
+            self.registry.subscribe(dns.on_endpoint_event)
+            self.registry.subscribe(self.enforcer.on_endpoint_event)
             if hasattr(self.datapath, "proxy_ports"):  # the fakes of unit tests have none
                 self.datapath.proxy_ports = dict(dns.proxy_ports)
             self.watcher = watching.IntentWatcher(

@@ -359,11 +359,24 @@ class Plan:
 
 
 def allocate_endpoint_ids(wanted: Iterable[IPv4Address],
-                          observed: Mapping[IPv4Address, EndpointValue]) -> dict[IPv4Address, int]:
-    """Keep the id an address already has; give new ones the smallest free id."""
+                          observed: Mapping[IPv4Address, EndpointValue],
+                          veths: Mapping[IPv4Address, HostVeth] | None = None) -> dict[IPv4Address, int]:
+    """Keep the id an endpoint already has; give new ones the smallest free id.
+
+    An endpoint is its (address, host veth): an address now behind another veth than the one
+    the kernel shows (``veths``; a new pod got the address before the old pod's removal was
+    applied) is a new endpoint, and never gets the old one's id back (its conntrack entries
+    are purged as another endpoint's, ``conntrack_purge``).
+    """
     wanted = sorted(set(wanted))
-    ids = {ip: observed[ip].ep_id for ip in wanted if ip in observed}
-    used = set(ids.values())
+    veths = veths or {}
+
+    def same_endpoint(ip: IPv4Address) -> bool:
+        veth = veths.get(ip)
+        return veth is None or observed[ip].ifindex in (0, veth.ifindex)
+
+    ids = {ip: observed[ip].ep_id for ip in wanted if ip in observed and same_endpoint(ip)}
+    used = set(ids.values()) | {observed[ip].ep_id for ip in wanted if ip in observed and ip not in ids}
     next_id = 1
     for ip in wanted:
         if ip in ids:
@@ -438,7 +451,7 @@ def plan(desired: intents.NodeIntent, observed: DatapathState, *, programs: Mapp
     compile_hooks = tuple(h for h in HOOKS if programs[h] != observed.programs.get(h))
     intent_ips = {IPv4Address(e.ipv4) for e in desired.endpoints}
     placed = sorted(ip for ip in intent_ips if ip in veths)
-    ids = allocate_endpoint_ids(placed, observed.endpoints)
+    ids = allocate_endpoint_ids(placed, observed.endpoints, veths)
     ipcache, endpoints, allow, deny = desired_maps(desired, ids, veths, proxy_ports)
     # every write but the last carries the revision the kernel already shows (0 for a new endpoint);
     # the stamps, written last, say "every write of this revision is done" (see write_order)
