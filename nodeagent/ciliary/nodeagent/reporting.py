@@ -127,9 +127,9 @@ def not_in_kernel(applied: intents.NodeIntent, uid: str, outcome: enforcing.Outc
 def proxy_needs(applied: intents.NodeIntent, uid: str) -> tuple[set[str], set[str]]:
     """(ingress, egress): the kinds of node-local proxy policy ``uid``'s entries on this node need.
 
-    Ingress HTTP rules the node's Envoy reads need ``"http"``; any other ingress L7 entry needs its
-    parser (no node has an ingress proxy for it); egress L7 entries need their parser, ``toFQDNs``
-    the DNS proxy (``planning.needed_proxy``)."""
+    Ingress HTTP rules the node's Envoy reads need ``"http"``; any other ingress L7 entry (HTTP
+    inside TLS, Kafka, ...) needs ``"<parser> (no ingress proxy)"``, which no node runs; egress
+    L7 entries need their parser, ``toFQDNs`` the DNS proxy (``planning.needed_proxy``)."""
     ingress: set[str] = set()
     egress: set[str] = set()
     for endpoint in applied.endpoints:
@@ -140,7 +140,7 @@ def proxy_needs(applied: intents.NodeIntent, uid: str) -> tuple[set[str], set[st
             if entry.http is not None:
                 ingress.add("http")
             elif kind is not None:
-                ingress.add(kind)
+                ingress.add(f"{kind}{UNPROXIED}")
         for entry in endpoint.egress.entries:
             if not any(r.uid == uid for r in entry.rules):
                 continue
@@ -150,6 +150,10 @@ def proxy_needs(applied: intents.NodeIntent, uid: str) -> tuple[set[str], set[st
             if entry.identity in applied.fqdn_selectors:
                 egress.add("dns")
     return ingress, egress
+
+
+UNPROXIED = " (no ingress proxy)"
+"""Suffix of an ingress kind no node has a proxy for (:func:`proxy_needs`)."""
 
 
 def proxy_parsers(applied: intents.NodeIntent, uid: str) -> set[str]:
@@ -172,8 +176,8 @@ def proxy_message(applied: intents.NodeIntent, uid: str, problems: Mapping[str, 
     redirected = set(problems) - {"http"} if egress_proxies is None else set(egress_proxies)
     found: list[str] = []
     for kind in sorted(ingress):
-        if kind != "http":
-            found.append(_no_proxy("ingress", kind))
+        if kind.endswith(UNPROXIED):
+            found.append(_no_proxy("ingress", kind.removesuffix(UNPROXIED)))
         elif problems.get(kind):
             found.append(problems[kind])
     for kind in sorted(egress):

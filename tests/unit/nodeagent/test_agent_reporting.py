@@ -237,3 +237,6 @@ def test_a_policy_whose_l7_rules_have_no_proxy_here_names_the_missing_proxy() ->
     # Kafka on ingress: no node has a Kafka proxy
     r = report_of((l7("kafka", 9092),), (), {"dns": ""}, {"dns"})
     assert not r.enforcing and "no ingress kafka proxy" in r.error
+    # HTTP inside TLS on ingress (no HTTP rules Envoy reads): not Envoy's, even while Envoy runs
+    r = report_of((l7("http", 443),), (), {"dns": "", "http": ""}, {"dns"})
+    assert not r.enforcing and "no ingress http proxy" in r.error
