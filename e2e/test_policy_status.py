@@ -58,8 +58,9 @@ spec:
     - ports: [{port: "80", protocol: TCP}]
       rules: {http: [{method: POST, path: /v1/request-landing}]}
 """
-"""Egress HTTP rules: not enforced yet (no egress HTTP redirect), the support table's partial row
-``http-egress`` (ingress HTTP rules are enforced by the node's Envoy: e2e/test_l7_http.py)."""
+"""Egress HTTP rules: not enforced yet (no egress HTTP proxy), the support table's partial row
+``http-egress``: fail closed, the port's connections are dropped (ingress HTTP rules are enforced by
+the node's Envoy: e2e/test_l7_http.py)."""
 
 
 @pytest.fixture(scope="module")
@@ -121,18 +122,23 @@ def test_invalid_policy_shows_its_error(lab3):
 
 
 def test_l7_policy_is_partially_enforced_never_true_and_says_so(lab3):
-    """Egress HTTP rules are not enforced (no egress redirect): L3/L4 in force on every node,
-    Enforced=False/PartiallyEnforced naming the field, a Warning Event, and a request the HTTP rules would
-    refuse is answered (no 403)."""
+    """Egress HTTP rules are not enforced (no egress HTTP proxy): they fail closed. Every node reports the
+    policy not enforcing, naming the missing proxy; Enforced=False naming the field, a Warning Event, and a
+    request on the port (which the HTTP rules would allow or refuse) is dropped, never passed at L3/L4."""
+    ip = json.loads(lab3.kubectl("get", "pod", "deathstar-1", "-o", "json").stdout)["status"]["podIP"]
+    assert lab3.probe("http", ip, 80, pod="deathstar-2", timeout=3).returncode == 0  # answered before the policy
     lab3.apply(HTTP_L7)
-    st = wait_status(lab3, "http-l7", lambda s: condition(s, "Enforced").get("reason") == "PartiallyEnforced"
-                     and s.get("enforcement") == "2/2 nodes", 60, "Enforced=False, PartiallyEnforced on 2/2 nodes")
+    st = wait_status(lab3, "http-l7", lambda s: condition(s, "Enforced").get("reason") == "NodesNotEnforcing"
+                     and s.get("enforcement") == "0/2 nodes" and len(s.get("nodes") or {}) == 2, 60,
+                     "Enforced=False, NodesNotEnforcing on 0/2 nodes")
     enforced = condition(st, "Enforced")
     assert enforced["status"] == "False" and enforced["observedGeneration"] == 1
     assert "spec.egress[0].toPorts[0].rules.http" in enforced["message"], enforced
-    assert "every request on it is allowed" in enforced["message"], enforced
+    assert "PROXY_UNAVAILABLE" in enforced["message"], enforced
     assert condition(st, "Valid")["status"] == "True"
-    assert all(e["ok"] and e["enforcing"] for e in st["nodes"].values()), st["nodes"]  # the L3/L4 part
+    for entry in st["nodes"].values():  # applied (ok) but not enforcing, naming the missing proxy
+        assert entry["ok"] and not entry["enforcing"], st["nodes"]
+        assert "no egress http proxy" in entry.get("error", ""), st["nodes"]
     deadline = time.monotonic() + 30
     events: list[dict] = []
     while time.monotonic() < deadline:
@@ -143,9 +149,8 @@ def test_l7_policy_is_partially_enforced_never_true_and_says_so(lab3):
     assert events, lab3.events("http-l7")
     assert events[0]["type"] == "Warning" and "rules.http" in events[0]["message"]
     assert events[0]["involvedObject"]["kind"] == "CiliumNetworkPolicy"
-    # nothing filters HTTP on the way out: a GET of / (which the rules would refuse) from a selected pod is answered
-    ip = json.loads(lab3.kubectl("get", "pod", "deathstar-1", "-o", "json").stdout)["status"]["podIP"]
-    assert lab3.probe("http", ip, 80, pod="deathstar-2", timeout=3).returncode == 0
+    # fail closed: nothing filters HTTP on the way out, so the port's connections are dropped
+    assert lab3.probe("http", ip, 80, pod="deathstar-2", timeout=3).returncode != 0
     lab3.kubectl("delete", "cnp", "http-l7")
 
 

@@ -47,6 +47,10 @@
 /* policy_value.flags */
 #define CY_POLICY_DENY (1U << 0)
 #define CY_POLICY_HTTP (1U << 1) /* allow entry with HTTP rules: redirect to the proxy (lib/l7redirect.h) */
+/* allow entry whose L7 rules need a proxy this node does not run: drop it
+ * (CY_DROP_PROXY_UNAVAILABLE), never pass it as a plain L3/L4 allow
+ * (ciliary.nodeagent.planning.entry_flags) */
+#define CY_POLICY_NO_PROXY (1U << 2)
 
 /* Proxy redirection (lib/redirect.h): the mark that routes a packet assigned to a
  * proxy socket to local delivery, and the routing table holding the local route.

@@ -13,6 +13,13 @@ socket a query is dropped (``PROXY_UNAVAILABLE``), never passed unfiltered.
 Until both the proxy and the node's proxy routing (``proxy_routing``) are up,
 every policy needing the DNS proxy is reported not enforcing with the reason
 (``Enforcer.set_proxy_problems``).
+
+What a pod resolved belongs to that pod, i.e. to its (address, host veth): the veth
+behind the address is noted when an answer is learnt, and when the registry shows
+another veth behind it (a new pod got the address, possibly before the old pod's
+removal was applied) or none, the learnt addresses are forgotten (``on_endpoint_event``,
+which the agent subscribes before the enforcer, so the apply of the new veth already
+carries no inherited grant).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import logging
 import time
 from typing import Any
 
-from ciliary.nodeagent import dns_policy, enforcing, fqdn_cache, fqdn_expansion, proxy_routing
+from ciliary.nodeagent import dns_policy, endpoints, enforcing, fqdn_cache, fqdn_expansion, proxy_routing
 from ciliary.nodeagent.dns_proxy import DNSProxy
 from ciliary.nodeagent.netns_sockets import NetnsSockets
 from ciliary.nodeagent.settings import AgentSettings
@@ -46,6 +53,8 @@ class DNSService:
         self.ids = fqdn_expansion.LearntIdentities()
         self.base: intents.NodeIntent | None = None
         self._grants: dict[str, dict[str, frozenset[int]]] = {}
+        self._learnt_on: dict[str, int] = {}
+        """Pod address -> the host veth ifindex behind it when its cached answers were learnt."""
         self.sockets = NetnsSockets(config.netns or None)
         self.proxy = DNSProxy(sockets=self.sockets, port=self.port, verdict=self._verdict, learn=self._learn,
                               publish=publish)
@@ -83,10 +92,38 @@ class DNSService:
         return dns_policy.query_verdict(self.enforcer.outcome.applied, client, server, port, protocol)
 
     async def _learn(self, client: str, names: list[str], answers: list[tuple[str, int]]) -> None:
+        veth = self._veth_of(client)
+        if self._learnt_on.get(client, veth) != veth:
+            self.cache.drop(client)  # another pod's answers (its removal not seen yet): not this one's
+        self._learnt_on[client] = veth
         self.cache.record(client, names, answers, time.monotonic())
         request = self._apply()
         if request is not None:
             await self.enforcer.wait_applied(request, APPLY_WAIT_S)
+
+    # ------------------------------------------------------------------ endpoints
+
+    def _veth_of(self, address: str, *, ignore: int = 0) -> int:
+        """The host veth ifindex of the registry's endpoint with ``address`` (0: none; the newest if several)."""
+        return max((e.host_ifindex for e in self.enforcer.registry.list()
+                    if str(e.ipv4) == address and e.host_ifindex != ignore), default=0)
+
+    async def on_endpoint_event(self, event: endpoints.EndpointEvent) -> None:
+        """Registry listener: an address whose veth changed (or went) loses what its old pod resolved."""
+        address = str(event.endpoint.ipv4)
+        learnt = self._learnt_on.get(address)
+        if learnt is None:
+            return
+        if event.kind is endpoints.EventKind.ADDED:
+            current = event.endpoint.host_ifindex
+        else:
+            current = self._veth_of(address, ignore=event.endpoint.host_ifindex)
+        if current == learnt:
+            return
+        del self._learnt_on[address]
+        if self.cache.drop(address):
+            log.info("Learnt addresses of a replaced endpoint forgotten", extra={"ip": address})
+            self._apply()
 
     # ------------------------------------------------------------------ state
 

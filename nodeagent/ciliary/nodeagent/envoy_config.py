@@ -13,7 +13,9 @@ the allow entry deciding it carries HTTP rules, ``datapath_c/lib/l7redirect.h``)
   identity) with ``source_prefix_ranges`` = the identity's prefixes. Envoy picks the chain
   with the longest matching source prefix, which is the ipcache's longest-prefix rule; the
   chain of the "any peer" entries holds ``0.0.0.0/0`` (an ipcache miss is world) and every
-  prefix nested inside another chain's prefix whose identity has no chain of its own.
+  prefix nested inside another chain's prefix whose identity has no chain of its own. World
+  has no prefix: when entries allow it (e.g. a client through a NodePort), ``0.0.0.0/0`` is
+  the world chain's and the "any peer" chain lists the prefixes of every unchained identity.
   The document is rewritten whenever the intent (ipcache included) changes.
 - A chain's routes are the HTTP rules of every allow entry covering (peer, TCP, port):
   the peer's own entries and the any-peer ones (several rules are OR'ed; each route is
@@ -49,6 +51,8 @@ TO_PROXY_MARK = 0x0C00
 FROM_PROXY_MARK = 0x0D00
 """Socket mark of the proxy's upstream connections (the tc program lets them through)."""
 MARK_MASK = 0x0F00
+WORLD = 2
+"""The world identity (consts.h CY_ID_WORLD): what the datapath gives an address no ipcache prefix holds."""
 DENY_ROUTE = "cy-default-deny"
 DENY_BODY = "Access denied\r\n"
 MAX_RANGE_PORTS = 256
@@ -118,7 +122,7 @@ def _rules_for(own: list[intents.PolicyEntry], anyone: list[intents.PolicyEntry]
 
 
 def chains(intent: intents.NodeIntent) -> list[Chain]:
-    """Every filter chain of the listener, in a stable order."""
+    """Every filter chain of the listener, in a stable order (see the module docstring; :func:`_port_chains`)."""
     prefixes: dict[int, list[ipaddress.IPv4Network]] = {}
     for item in intent.ipcache:
         prefixes.setdefault(item.identity, []).append(ipaddress.IPv4Network(item.cidr))
@@ -126,20 +130,43 @@ def chains(intent: intents.NodeIntent) -> list[Chain]:
     for endpoint, ports in sorted(policed_ports(intent).items(), key=lambda kv: ipaddress.IPv4Address(kv[0])):
         entries = next(e for e in intent.endpoints if e.ipv4 == endpoint).ingress.entries
         for port in sorted(ports):
-            anyone = _covering(entries, intents.ANY_IDENTITY, port)
-            peers = sorted({e.identity for e in entries if e.identity != intents.ANY_IDENTITY
-                            and _covering(entries, e.identity, port)})
-            own_nets = {peer: prefixes.get(peer, []) for peer in peers}
-            taken = [net for nets in own_nets.values() for net in nets]
-            for peer in peers:
-                if own_nets[peer]:
-                    out.append(Chain(endpoint, port, tuple(str(n) for n in sorted(own_nets[peer])),
-                                     _rules_for(_covering(entries, peer, port), anyone), f"{endpoint}:{port}/id{peer}"))
-            nested = sorted({net for identity, nets in prefixes.items() if identity not in own_nets for net in nets
-                             if any(net != outer and net.subnet_of(outer) for outer in taken)})
-            default: tuple[intents.HttpRule, ...] | None = _rules_for([], anyone) if anyone else ()
-            out.append(Chain(endpoint, port, ("0.0.0.0/0", *(str(n) for n in nested)), default,
-                             f"{endpoint}:{port}/any"))
+            out.extend(_port_chains(endpoint, port, entries, prefixes))
+    return out
+
+
+def _port_chains(endpoint: str, port: int, entries: tuple[intents.PolicyEntry, ...],
+                 prefixes: Mapping[int, list[ipaddress.IPv4Network]]) -> list[Chain]:
+    """The chains of one (endpoint, port): each source address reaches the chain of the identity the
+    datapath gives it (ipcache longest prefix, world when none matches).
+
+    A peer identity with prefixes gets a chain of them. World, the identity of every address no
+    ipcache prefix holds, has none: when entries allow it, its chain holds ``0.0.0.0/0`` and the
+    any-peer chain then lists every prefix of the identities without a chain of their own (so
+    those addresses never pass as world); otherwise the any-peer chain holds ``0.0.0.0/0`` plus
+    the prefixes nested inside a chained prefix. A chain never has an empty prefix list (Envoy
+    would match every source with it).
+    """
+    anyone = _covering(entries, intents.ANY_IDENTITY, port)
+    peers = sorted({e.identity for e in entries if e.identity != intents.ANY_IDENTITY
+                    and _covering(entries, e.identity, port)})
+    own_nets = {peer: list(prefixes.get(peer, [])) for peer in peers}
+    everything = ipaddress.IPv4Network("0.0.0.0/0")
+    world_chained = WORLD in own_nets and not any(net == everything for nets in prefixes.values() for net in nets)
+    if world_chained:
+        own_nets[WORLD].append(everything)
+    taken = [net for nets in own_nets.values() for net in nets]
+    out = [Chain(endpoint, port, tuple(str(n) for n in sorted(own_nets[peer])),
+                 _rules_for(_covering(entries, peer, port), anyone), f"{endpoint}:{port}/id{peer}")
+           for peer in peers if own_nets[peer]]
+    others = {net for identity, nets in prefixes.items() if identity not in own_nets for net in nets}
+    if world_chained:
+        sources = tuple(str(n) for n in sorted(others))
+    else:
+        nested = sorted(net for net in others if any(net != outer and net.subnet_of(outer) for outer in taken))
+        sources = ("0.0.0.0/0", *(str(n) for n in nested))
+    default: tuple[intents.HttpRule, ...] | None = _rules_for([], anyone) if anyone else ()
+    if sources:
+        out.append(Chain(endpoint, port, sources, default, f"{endpoint}:{port}/any"))
     return out
 
 

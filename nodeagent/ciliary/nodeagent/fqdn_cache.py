@@ -74,6 +74,10 @@ class FQDNCache:
         self.evicted += len(gone)
         return True
 
+    def drop(self, endpoint: str) -> bool:
+        """Forget everything ``endpoint`` resolved (its pod is gone or replaced); True when it had anything."""
+        return self._endpoints.pop(endpoint, None) is not None
+
     def expire(self, now: float) -> bool:
         """Drop every (name, address) due at ``now``; True when something was dropped."""
         changed = False

@@ -11,6 +11,9 @@ Decoding (:func:`kernel_intent`):
 - policy keys are grouped by (endpoint, direction, verdict map, identity, protocol,
   cookie); their port prefix blocks are merged back into ranges; a block of 0 bits is
   "any port"; a single ICMP "port" is the ICMP type (also type 0);
+- allow keys flagged ``POLICY_NO_PROXY`` (L7 rules without a proxy on this node) are
+  dropped by the datapath: they are shown as deny entries and noted under
+  ``unrepresentable`` (a deny entry never says more than the kernel allows);
 - deny entries of a direction whose ``CY_EP_*_DENY`` flag is clear are never probed
   by the datapath: they are left out of the view and listed under ``inactive``;
 - keys of no endpoint, and what the entry model cannot say (port 0 of TCP/UDP), are
@@ -147,8 +150,15 @@ def kernel_intent(node: str, state: planning.DatapathState, *, revision: int = 0
                 inactive.append(f"{name.namespace}/{name.pod} {direction.value}: {len(deny_keys)} deny keys "
                                 "not probed (the endpoint's deny flag is clear)")
                 deny_keys = {}
-            for verdict, table in ((intents.Verdict.DENY, deny_keys),
-                                   (intents.Verdict.ALLOW, keys.get((value.ep_id, d, False), {}))):
+            allow_keys = keys.get((value.ep_id, d, False), {})
+            no_proxy = {k: v for k, v in allow_keys.items() if v.flags & planning.POLICY_NO_PROXY}
+            if no_proxy:
+                unrepresentable.append(
+                    f"{name.namespace}/{name.pod} {direction.value}: {len(no_proxy)} allow keys need a proxy "
+                    "this node does not run: their packets are dropped (PROXY_UNAVAILABLE), shown as deny entries")
+            for verdict, table in ((intents.Verdict.DENY, deny_keys), (intents.Verdict.DENY, no_proxy),
+                                   (intents.Verdict.ALLOW, {k: v for k, v in allow_keys.items()
+                                                            if k not in no_proxy})):
                 entries, notes = _direction_entries(table, verdict, rules_for)
                 made.extend(entries)
                 unrepresentable.extend(f"{name.namespace}/{name.pod} {direction.value}: {n}" for n in notes)

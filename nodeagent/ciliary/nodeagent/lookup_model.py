@@ -4,7 +4,8 @@
 (``datapath_c/lib/enforce.h``) and ``cy_policy_verdict`` (``lib/policy.h``)
 decide from the map contents ``planning`` writes: the endpoint's flags, then
 up to four LPM probes of the deny map (only when its deny flag is set), then
-up to four of the allow map. The unit tests check it against
+up to four of the allow map (whose hit drops when it needs a proxy the node does
+not run, ``POLICY_NO_PROXY``). The unit tests check it against
 ``ciliary.operator.intents.evaluate_entries``, and check that every
 intermediate state of ``planning.write_order`` stays within the old and the
 new policy.
@@ -25,7 +26,7 @@ Table = Mapping[PolicyKey, PolicyValue]
 @dataclasses.dataclass(frozen=True)
 class LookupResult:
     allowed: bool
-    reason: Literal["allowed", "denied-by-rule", "default-deny", "not-enforced"]
+    reason: Literal["allowed", "denied-by-rule", "default-deny", "not-enforced", "proxy-unavailable"]
     cookie: int = 0
 
 
@@ -63,6 +64,8 @@ def simulate_lookup(allow: Table, deny: Table, *, flags: int, ep_id: int, direct
         if hit is not None:
             return LookupResult(False, "denied-by-rule", hit.cookie)
     hit = _probe(allow, ep_id, direction, identity, protocol, port)
+    if hit is not None and hit.flags & planning.POLICY_NO_PROXY:
+        return LookupResult(False, "proxy-unavailable", hit.cookie)
     if hit is not None:
         return LookupResult(True, "allowed", hit.cookie)
     return LookupResult(False, "default-deny")

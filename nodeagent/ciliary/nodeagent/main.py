@@ -46,6 +46,8 @@ from ciliary.nodeagent import (
     load_balancing,
     logs,
     observer_server,
+    proxy_plumbing,
+    proxy_plumbing_keeper,
     registration,
     reporting,
     settings,
@@ -81,6 +83,7 @@ class Agent:
                 admin_socket=config.socket_path.parent / "envoy-admin.sock", port=config.proxy_port,
                 binary=envoy_proxy.envoy_binary(config.envoy), publish=self.flows.publish)
         self.dns: dns_service.DNSService | None = None
+        self.plumbing: proxy_plumbing_keeper.PlumbingKeeper | None = None
         if config.datapath and config.lb_cgroup is not None:
             self.lb = load_balancing.LoadBalancing(
                 config.node_name, cgroup=config.lb_cgroup, bpffs=config.bpffs_dir,
@@ -92,17 +95,25 @@ class Agent:
             self.datapath = (datapath_factory or make_datapath)(config)
             self.enforcer = enforcing.Enforcer(node=config.node_name, datapath=self.datapath,
                                                registry=self.registry, on_outcome=self._on_outcome)
-            self.registry.subscribe(self.enforcer.on_endpoint_event)
             dns = self.dns = dns_service.DNSService(config, self.enforcer, self.flows.publish)
+            # the DNS service first: a replaced endpoint's learnt addresses are gone before the apply
+            self.registry.subscribe(dns.on_endpoint_event)
+            self.registry.subscribe(self.enforcer.on_endpoint_event)
             if hasattr(self.datapath, "proxy_ports"):  # the fakes of unit tests have none
                 self.datapath.proxy_ports = dict(dns.proxy_ports)
             self.watcher = watching.IntentWatcher(
                 node=config.node_name, client_factory=self._watch_client, on_intent=self._on_intent,
                 on_invalid=self._on_invalid, on_deleted=self._on_deleted)
             enforcer = self.enforcer
+            context = getattr(self.datapath, "context", None)  # the fakes of unit tests have none
+            if self.proxy is not None and context is not None:
+                device = proxy_plumbing.ProxyDevice(context.proxy_ifindex, context.proxy_mac) \
+                    if context.proxy_ifindex else None
+                self.plumbing = proxy_plumbing_keeper.PlumbingKeeper(config.netns, config.proxy_port, device)
             self.reporter = reporting.Reporter(node=config.node_name, lease=lambda: self.registration.lease,
                                                client=lambda: self.registration.client,
-                                               outcome=lambda: enforcer.outcome, proxy=self.proxy_problem)
+                                               outcome=lambda: enforcer.outcome, proxy=self.proxy_problem,
+                                               egress_proxies=self.egress_proxies)
 
     async def _on_endpoint_change(self, event: endpoints.EndpointEvent) -> None:
         self.registration.request_update()
@@ -137,10 +148,18 @@ class Agent:
             log.warning("Node intent deleted; the state in force keeps enforcing",
                         extra={"node": self.config.node_name, "mod_revision": mod_revision})
 
+    def egress_proxies(self) -> set[str] | None:
+        """The proxy kinds the datapath redirects egress entries to (the others are dropped); None for
+        the fakes of unit tests, which have no ``proxy_ports``."""
+        ports = getattr(self.datapath, "proxy_ports", None)
+        return None if ports is None else set(ports)
+
     def proxy_problem(self, intent: intents.NodeIntent) -> str:
         """Why this node's Envoy does not enforce the HTTP rules of ``intent`` ("" when it does)."""
         if self.proxy is None:
             return "L7 proxy disabled on this node (--l7-proxy off): HTTP rules are not enforced"
+        if self.plumbing is not None and self.plumbing.problems:
+            return f"L7 proxy plumbing: {'; '.join(self.plumbing.problems)}"
         return self.proxy.problem(intent)
 
     def _on_outcome(self, outcome: enforcing.Outcome) -> None:
@@ -260,6 +279,8 @@ class Agent:
                 tasks.append(asyncio.create_task(self.lb.run(self.stop), name="load-balancing"))
             if self.proxy is not None:
                 tasks.append(asyncio.create_task(self.proxy.run(self.stop), name="l7-proxy"))
+            if self.plumbing is not None:
+                tasks.append(asyncio.create_task(self.plumbing.run(self.stop), name="l7-plumbing"))
             log.info("Agent started", extra={"node": self.config.node_name, "pid": os.getpid(),
                                              "datapath": self.config.datapath})
             stop_task = asyncio.ensure_future(self.stop.wait())
@@ -299,9 +320,10 @@ def make_datapath(config: settings.AgentSettings) -> enforcing.DatapathLike:
 
     With the L7 proxy on, the proxy device is set up first (``proxy_plumbing``) and rendered into
     the programs; if that fails, packets that HTTP rules would redirect are dropped (logged, and
-    every policy with HTTP rules reports not enforcing on this node).
+    every policy with HTTP rules reports not enforcing on this node). With it off, whatever an
+    earlier run set up is removed.
     """
-    from ciliary.nodeagent import proxy_plumbing, rendering
+    from ciliary.nodeagent import rendering
     from ciliary.nodeagent.datapath import engine
 
     pin_dir = config.bpffs_dir / "ciliary" / config.node_name
@@ -316,6 +338,12 @@ def make_datapath(config: settings.AgentSettings) -> enforcing.DatapathLike:
         except (proxy_plumbing.PlumbingFailed, OSError, subprocess.SubprocessError) as exc:
             log.error("No proxy device: traffic that HTTP rules redirect is dropped",
                       extra={"node": config.node_name, "error": str(exc)})
+    else:
+        try:  # an earlier run with the proxy on left its device, rules and sysctl behind
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                pool.submit(proxy_plumbing.teardown, config.netns).result()
+        except (proxy_plumbing.PlumbingFailed, OSError, subprocess.SubprocessError) as exc:
+            log.error("Could not remove the L7 proxy plumbing", extra={"node": config.node_name, "error": str(exc)})
     return engine.Datapath(config.node_name, netns=config.netns or None, bpffs=config.bpffs_dir, context=context)
 
 

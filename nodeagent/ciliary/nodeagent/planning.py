@@ -51,6 +51,9 @@ EP_DENY_FLAGS = EP_INGRESS_DENY | EP_EGRESS_DENY
 POLICY_DENY = 1 << 0
 POLICY_HTTP = 1 << 1
 """consts.h CY_POLICY_HTTP: an ingress allow entry with HTTP rules, redirected to the node's proxy."""
+POLICY_NO_PROXY = 1 << 2
+"""consts.h CY_POLICY_NO_PROXY: an allow entry whose L7 rules need a proxy this node does not run: its
+packets are dropped (``PROXY_UNAVAILABLE``), never passed as a plain L3/L4 allow."""
 
 
 def enforced_flag(direction: MapDirection) -> int:
@@ -195,17 +198,47 @@ ProxyPorts = Mapping[str, int]
 """L7 parser (``PolicyEntry.l7_parser``: "dns", "http", ...) -> port of the node-local proxy running it."""
 
 
+def needed_proxy(entry: intents.PolicyEntry) -> intents.L7Parser | None:
+    """The kind of node-local proxy an allow entry's traffic must go through (None: a plain L3/L4 entry).
+
+    The kind is the entry's L7 parser (``"dns"``, ``"http"``, ``"kafka"``, ...): whatever the
+    direction, an entry carrying L7 rules is enforced as written only by such a proxy.
+    """
+    if entry.verdict is not intents.Verdict.ALLOW or not entry.l7_redirect or entry.l7_parser is None:
+        return None
+    return entry.l7_parser
+
+
 def proxy_port_of(direction: MapDirection, entry: intents.PolicyEntry, proxy_ports: ProxyPorts) -> int:
     """The proxy port an allow entry redirects to (0: none).
 
-    Only egress entries redirect (``bpf_sk_assign`` works at tc ingress of the host veth,
-    which is the pod's egress); only entries flagged ``l7_redirect`` whose parser has a
-    running proxy. An entry whose parser has no proxy here stays a plain L3/L4 allow
-    (the operator reports that part as not enforced).
+    Only egress entries redirect through a port (``bpf_sk_assign`` works at tc ingress of the
+    host veth, which is the pod's egress); only entries flagged ``l7_redirect`` whose parser has
+    a running proxy. An entry whose parser has no proxy here is dropped (:func:`entry_flags`).
     """
-    if direction is not MapDirection.EGRESS or not entry.l7_redirect or entry.l7_parser is None:
+    kind = needed_proxy(entry)
+    if direction is not MapDirection.EGRESS or kind is None:
         return 0
-    return proxy_ports.get(entry.l7_parser, 0)
+    return proxy_ports.get(kind, 0)
+
+
+def entry_flags(direction: MapDirection, entry: intents.PolicyEntry, proxy_ports: ProxyPorts) -> int:
+    """``CY_POLICY_*`` of one entry's map values on a node running the proxies ``proxy_ports``.
+
+    Fail closed: an allow entry that needs a proxy kind (:func:`needed_proxy`) the node cannot
+    hand it to gets :data:`POLICY_NO_PROXY` (the datapath drops its packets with
+    ``PROXY_UNAVAILABLE``). Egress: the kind must have a port in ``proxy_ports``. Ingress: only
+    HTTP rules the node's Envoy reads (``entry.http`` set) have a proxy, through
+    :data:`POLICY_HTTP` (whose redirect the datapath itself drops when the node has no Envoy
+    device); any other ingress L7 entry (TLS-wrapped HTTP, Kafka, ...) has none.
+    """
+    if entry.verdict is intents.Verdict.DENY:
+        return POLICY_DENY
+    if direction is MapDirection.INGRESS and entry.http is not None:
+        return POLICY_HTTP
+    if needed_proxy(entry) is not None and not proxy_port_of(direction, entry, proxy_ports):
+        return POLICY_NO_PROXY
+    return 0
 
 
 def direction_maps(ep_id: int, direction: MapDirection, policy: intents.DirectionPolicy,
@@ -213,19 +246,19 @@ def direction_maps(ep_id: int, direction: MapDirection, policy: intents.Directio
     """(allow, deny) map contents of one endpoint direction.
 
     Several entries may share a key (same verdict map): the smallest cookie wins, so
-    the contents do not depend on entry order; the HTTP redirect flag stays only if every
-    entry of the key has it (an L4 allow wins over HTTP rules); a redirecting egress entry
-    beats a plain one only through its cookie (the operator never emits both for one key).
+    the contents do not depend on entry order; the HTTP redirect and no-proxy flags stay
+    only if every entry of the key has them (an L4 allow wins over L7 rules); a redirecting
+    egress entry beats a plain one only through its cookie (the operator never emits both
+    for one key).
     """
     allow: PolicyMap = {}
     deny: PolicyMap = {}
+    ports = proxy_ports or {}
     for entry in policy.entries:
         is_deny = entry.verdict is intents.Verdict.DENY
         target = deny if is_deny else allow
-        http = not is_deny and direction is MapDirection.INGRESS and entry.http is not None
-        port = 0 if is_deny else proxy_port_of(direction, entry, proxy_ports or {})
-        value = PolicyValue(rule_cookie(entry.rules), POLICY_DENY if is_deny else (POLICY_HTTP if http else 0),
-                            port)
+        port = 0 if is_deny else proxy_port_of(direction, entry, ports)
+        value = PolicyValue(rule_cookie(entry.rules), entry_flags(direction, entry, ports), port)
         for key in entry_keys(ep_id, direction, entry):
             old = target.get(key)
             if old is None or value.cookie < old.cookie:
@@ -326,11 +359,24 @@ class Plan:
 
 
 def allocate_endpoint_ids(wanted: Iterable[IPv4Address],
-                          observed: Mapping[IPv4Address, EndpointValue]) -> dict[IPv4Address, int]:
-    """Keep the id an address already has; give new ones the smallest free id."""
+                          observed: Mapping[IPv4Address, EndpointValue],
+                          veths: Mapping[IPv4Address, HostVeth] | None = None) -> dict[IPv4Address, int]:
+    """Keep the id an endpoint already has; give new ones the smallest free id.
+
+    An endpoint is its (address, host veth): an address now behind another veth than the one
+    the kernel shows (``veths``; a new pod got the address before the old pod's removal was
+    applied) is a new endpoint, and never gets the old one's id back (its conntrack entries
+    are purged as another endpoint's, ``conntrack_purge``).
+    """
     wanted = sorted(set(wanted))
-    ids = {ip: observed[ip].ep_id for ip in wanted if ip in observed}
-    used = set(ids.values())
+    veths = veths or {}
+
+    def same_endpoint(ip: IPv4Address) -> bool:
+        veth = veths.get(ip)
+        return veth is None or observed[ip].ifindex in (0, veth.ifindex)
+
+    ids = {ip: observed[ip].ep_id for ip in wanted if ip in observed and same_endpoint(ip)}
+    used = set(ids.values()) | {observed[ip].ep_id for ip in wanted if ip in observed and ip not in ids}
     next_id = 1
     for ip in wanted:
         if ip in ids:
@@ -405,7 +451,7 @@ def plan(desired: intents.NodeIntent, observed: DatapathState, *, programs: Mapp
     compile_hooks = tuple(h for h in HOOKS if programs[h] != observed.programs.get(h))
     intent_ips = {IPv4Address(e.ipv4) for e in desired.endpoints}
     placed = sorted(ip for ip in intent_ips if ip in veths)
-    ids = allocate_endpoint_ids(placed, observed.endpoints)
+    ids = allocate_endpoint_ids(placed, observed.endpoints, veths)
     ipcache, endpoints, allow, deny = desired_maps(desired, ids, veths, proxy_ports)
     # every write but the last carries the revision the kernel already shows (0 for a new endpoint);
     # the stamps, written last, say "every write of this revision is done" (see write_order)

@@ -1,13 +1,18 @@
 """The node-namespace plumbing that delivers redirected connections to the node's Envoy.
 
-Owns :func:`ensure` (idempotent; run once at agent start, before the datapath renders):
-in the node's network namespace (``--netns``, or the agent's own) it creates
+Owns :func:`ensure` (idempotent: creates what is missing, repairs what is wrong, removes what
+an earlier configuration left, e.g. the TPROXY rule of a previous ``--proxy-port``),
+:func:`check` (what is missing or wrong, as problems) and :func:`teardown` (everything
+removed, for an agent running with ``--l7-proxy off``); ``proxy_plumbing_keeper`` re-checks
+and repairs periodically. In the node's network namespace (``--netns``, or the agent's own)
+the plumbing is
 
 - the proxy device: a veth pair ``cy_l7h``/``cy_l7p``, both up, with reverse-path
   filtering off on ``cy_l7p``. ``cy_to_pod`` redirects a packet to ``cy_l7p``'s ingress
   with its destination MAC set to ``cy_l7p``'s (``datapath_c/lib/l7redirect.h``): the pair
   exists only to give the packet a device to re-enter the stack on (the lab's kernel has
-  no dummy devices); nothing is sent through it;
+  no dummy devices); nothing is sent through it. Its ifindex and MAC are rendered into the
+  programs: a pair re-created later gets them back (``ip link add ... index``);
 - an iptables ``mangle PREROUTING`` rule: TCP arriving on ``cy_l7p`` with mark
   ``TO_PROXY_MARK`` is handed (TPROXY) to the transparent listener on the proxy port,
   which Envoy finds by the packet's original destination;
@@ -82,32 +87,157 @@ def tproxy_rule(port: int) -> list[str]:
             "-j", "TPROXY", "--on-port", str(port), "--tproxy-mark", mark]
 
 
-def ensure(netns: str, port: int) -> ProxyDevice:
-    """Create what is missing; return the proxy device's ifindex and MAC."""
+MARK = f"0x{TO_PROXY_MARK:x}/0x{MARK_MASK:x}"
+EARLY_DEMUX = "net.ipv4.ip_early_demux"
+
+
+def _output(netns: str, argv: Sequence[str]) -> str:
+    return subprocess.run(_in_netns(netns, argv), capture_output=True, text=True, timeout=20, check=False).stdout
+
+
+def _device(netns: str) -> tuple[int, str, bool] | None:
+    """(ifindex, MAC, up) of the proxy device; None when it does not exist."""
     ipr = IPRoute(netns=netns, flags=0) if netns else IPRoute()
     try:
-        if not ipr.link_lookup(ifname=PROXY_DEVICE):
-            ipr.link("add", ifname=HOST_END, kind="veth", peer=PROXY_DEVICE)
-        for name in (HOST_END, PROXY_DEVICE):
-            ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
-        index = ipr.link_lookup(ifname=PROXY_DEVICE)[0]
-        mac = str(ipr.get_links(index)[0].get_attr("IFLA_ADDRESS")).lower()
+        found = ipr.link_lookup(ifname=PROXY_DEVICE)
+        if not found:
+            return None
+        link = ipr.get_links(found[0])[0]
+        return found[0], str(link.get_attr("IFLA_ADDRESS")).lower(), bool(link["flags"] & 1)  # IFF_UP
     except (NetlinkError, OSError, IndexError) as exc:
         raise PlumbingFailed(netns, "proxy device", str(exc)) from exc
     finally:
         ipr.close()
-    mark = f"0x{TO_PROXY_MARK:x}/0x{MARK_MASK:x}"
-    rules = subprocess.run(_in_netns(netns, ["ip", "rule", "show", "table", str(ROUTE_TABLE)]),
-                           capture_output=True, text=True, timeout=20, check=False).stdout
-    if "fwmark" not in rules:
-        _run(netns, "ip rule", ["ip", "rule", "add", "fwmark", mark, "lookup", str(ROUTE_TABLE),
+
+
+def _our_rules(netns: str) -> list[tuple[str, bool]]:
+    """(priority, is the wanted rule) of every ``ip rule`` that looks up our table."""
+    out = []
+    for line in _output(netns, ["ip", "rule", "show", "table", str(ROUTE_TABLE)]).splitlines():
+        prio, _, rest = line.partition(":")
+        if prio.strip().isdigit():
+            out.append((prio.strip(), prio.strip() == str(RULE_PRIORITY) and f"fwmark {MARK} " in rest + " "))
+    return out
+
+
+def _our_tproxy_rules(netns: str) -> list[list[str]]:
+    """Every mangle PREROUTING TPROXY rule on the proxy device, as ``iptables -S`` prints it (without -A)."""
+    out = []
+    for line in _output(netns, ["iptables", "-w", "-t", "mangle", "-S", "PREROUTING"]).splitlines():
+        words = line.split()
+        if words[:1] == ["-A"] and f"-i {PROXY_DEVICE} " in line + " " and "-j TPROXY" in line:
+            out.append(words[1:])
+    return out
+
+
+def _port_of(rule: Sequence[str]) -> int:
+    return int(rule[rule.index("--on-port") + 1]) if "--on-port" in rule else 0
+
+
+def _sysctl(netns: str, name: str) -> str:
+    return _output(netns, ["sysctl", "-n", name]).strip()
+
+
+def ensure(netns: str, port: int, device: ProxyDevice | None = None) -> ProxyDevice:
+    """Create what is missing, repair what is wrong, remove what is stale; return the proxy device.
+
+    ``device``: the device the programs were rendered with; a missing pair is re-created with its
+    ifindex and MAC (so the programs need no re-render).
+    """
+    found = _device(netns)
+    if found is None and device is not None:
+        _run(netns, "proxy device", ["ip", "link", "add", PROXY_DEVICE, "index", str(device.ifindex), "address",
+                                     device.mac, "type", "veth", "peer", "name", HOST_END])
+    elif found is None:
+        _run(netns, "proxy device", ["ip", "link", "add", PROXY_DEVICE, "type", "veth", "peer", "name", HOST_END])
+    found = _device(netns)
+    if found is None:
+        raise PlumbingFailed(netns, "proxy device", f"{PROXY_DEVICE} missing after creation")
+    if device is not None and found[1] != device.mac:
+        _run(netns, "proxy device", ["ip", "link", "set", PROXY_DEVICE, "address", device.mac])
+    for name in (HOST_END, PROXY_DEVICE):
+        _run(netns, "proxy device", ["ip", "link", "set", name, "up"])
+    index, mac, _up = _device(netns) or (0, "", False)
+    rules = _our_rules(netns)
+    for prio, wanted in rules:
+        if not wanted:
+            _run(netns, "ip rule", ["ip", "rule", "del", "priority", prio, "table", str(ROUTE_TABLE)], check=False)
+    wanted_count = sum(wanted for _p, wanted in rules)
+    if wanted_count != 1:
+        for _ in range(wanted_count):  # duplicates: remove all, add one
+            _run(netns, "ip rule", ["ip", "rule", "del", "priority", str(RULE_PRIORITY), "table", str(ROUTE_TABLE)],
+                 check=False)
+        _run(netns, "ip rule", ["ip", "rule", "add", "fwmark", MARK, "lookup", str(ROUTE_TABLE),
                                 "priority", str(RULE_PRIORITY)])
     _run(netns, "ip route", ["ip", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", str(ROUTE_TABLE)])
-    _run(netns, "sysctls", ["sysctl", "-qw", f"net.ipv4.conf.{PROXY_DEVICE}.rp_filter=0",
-                            "net.ipv4.ip_early_demux=0"])
-    rule = tproxy_rule(port)
-    if _run(netns, "iptables check", ["iptables", "-w", "-t", "mangle", "-C", *rule], check=False) != 0:
-        _run(netns, "iptables", ["iptables", "-w", "-t", "mangle", "-A", *rule])
+    _run(netns, "sysctls", ["sysctl", "-qw", f"net.ipv4.conf.{PROXY_DEVICE}.rp_filter=0", f"{EARLY_DEMUX}=0"])
+    kept = False
+    for rule in _our_tproxy_rules(netns):
+        if _port_of(rule) == port and not kept:
+            kept = True
+            continue
+        _run(netns, "iptables (stale rule)", ["iptables", "-w", "-t", "mangle", "-D", *rule])
+        log.info("Stale proxy rule removed", extra={"netns": netns, "rule": " ".join(rule)})
+    if not kept:
+        _run(netns, "iptables", ["iptables", "-w", "-t", "mangle", "-A", *tproxy_rule(port)])
     log.info("Proxy plumbing ready", extra={"netns": netns, "device": PROXY_DEVICE, "ifindex": index,
                                             "port": port})
     return ProxyDevice(ifindex=index, mac=mac)
+
+
+def check(netns: str, port: int, device: ProxyDevice | None) -> list[str]:
+    """What of the plumbing for ``port`` (and the rendered ``device``) is missing or wrong; empty: all in place."""
+    problems: list[str] = []
+    found = _device(netns)
+    if found is None:
+        problems.append(f"no proxy device {PROXY_DEVICE}")
+    else:
+        index, mac, up = found
+        if device is not None and (index, mac) != (device.ifindex, device.mac):
+            problems.append(f"{PROXY_DEVICE} is ifindex {index} {mac}, the programs redirect to "
+                            f"ifindex {device.ifindex} {device.mac}")
+        if not up:
+            problems.append(f"{PROXY_DEVICE} is down")
+    rules = _our_rules(netns)
+    if not any(wanted for _p, wanted in rules):
+        problems.append(f"no ip rule fwmark {MARK} lookup {ROUTE_TABLE}")
+    if any(not wanted for _p, wanted in rules):
+        problems.append(f"stale ip rules looking up table {ROUTE_TABLE}")
+    if "local default dev lo" not in _output(netns, ["ip", "route", "show", "table", str(ROUTE_TABLE)]):
+        problems.append(f"no local default route in table {ROUTE_TABLE}")
+    if _sysctl(netns, EARLY_DEMUX) != "0":
+        problems.append(f"{EARLY_DEMUX} is not 0")
+    tproxy = _our_tproxy_rules(netns)
+    if not any(_port_of(rule) == port for rule in tproxy):
+        problems.append(f"no TPROXY rule to port {port} in mangle PREROUTING")
+    stale = sorted({_port_of(rule) for rule in tproxy if _port_of(rule) != port})
+    if stale:
+        problems.append(f"stale TPROXY rules to ports {', '.join(map(str, stale))}")
+    return problems
+
+
+def teardown(netns: str) -> list[str]:
+    """Remove every piece of the plumbing (L7 proxy off); what was removed, for the log and tests.
+
+    ``ip_early_demux`` is set back to 1 (the kernel's default) only when something of the
+    plumbing was still there: a node that never ran the proxy keeps its own setting.
+    """
+    removed: list[str] = []
+    if _device(netns) is not None:
+        _run(netns, "teardown", ["ip", "link", "del", PROXY_DEVICE], check=False)
+        removed.append(f"device {PROXY_DEVICE}")
+    for prio, _wanted in _our_rules(netns):
+        _run(netns, "teardown", ["ip", "rule", "del", "priority", prio, "table", str(ROUTE_TABLE)], check=False)
+        removed.append(f"ip rule {prio}")
+    if _output(netns, ["ip", "route", "show", "table", str(ROUTE_TABLE)]).strip():
+        _run(netns, "teardown", ["ip", "route", "flush", "table", str(ROUTE_TABLE)], check=False)
+        removed.append(f"routes of table {ROUTE_TABLE}")
+    for rule in _our_tproxy_rules(netns):
+        _run(netns, "teardown", ["iptables", "-w", "-t", "mangle", "-D", *rule], check=False)
+        removed.append(f"TPROXY rule to port {_port_of(rule)}")
+    if removed and _sysctl(netns, EARLY_DEMUX) == "0":
+        _run(netns, "teardown", ["sysctl", "-qw", f"{EARLY_DEMUX}=1"], check=False)
+        removed.append(f"{EARLY_DEMUX}=0")
+    if removed:
+        log.info("Proxy plumbing removed (L7 proxy off)", extra={"netns": netns, "removed": removed})
+    return removed

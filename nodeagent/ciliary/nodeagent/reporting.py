@@ -18,10 +18,11 @@ Policy report semantics (Cilium's ``.status.nodes.<node>``):
 - applied without error: ok=true, enforcing=true, generation and
   localPolicyRevision of the applied intent;
 - a policy with entries that need a node-local proxy (``rules.dns``, ``toFQDNs``:
-  the DNS proxy; ingress HTTP rules: the node's Envoy, ``proxy(applied)``) is
-  enforcing only while that proxy can enforce (``Outcome.proxy_problems``, plus
-  ``"http"``: Envoy's problem for the intent in force); otherwise enforcing=false
-  with the proxy's problem;
+  the DNS proxy; ingress HTTP rules: the node's Envoy, ``proxy(applied)``; any other
+  L7 rules: a proxy of their kind) is enforcing only while that proxy can enforce
+  (``Outcome.proxy_problems``, plus ``"http"``: Envoy's problem for the intent in
+  force); a kind the node has no proxy for (its traffic is dropped) is a problem
+  too; otherwise enforcing=false with the proxy's problem;
 - the newest intent failed to apply (or could not be parsed): ok=false,
   error=the typed error's message, enforcing=whether the state still in force
   enforces the policy (then with the generation in force).
@@ -32,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 from typing import Any
 
 import aetcd
@@ -54,11 +55,13 @@ def now_rfc3339() -> str:
 
 
 def desired_reports(node: str, outcome: enforcing.Outcome, *, now: str,
-                    proxy: Callable[[intents.NodeIntent], str] | None = None) -> dict[str, Report]:
+                    proxy: Callable[[intents.NodeIntent], str] | None = None,
+                    egress_proxies: Set[str] | None = None) -> dict[str, Report]:
     """Every report this node should have in etcd right now, by key.
 
     ``proxy(intent)``: why the node's L7 proxy does not enforce the HTTP rules of ``intent``
     ("" when it does); None: no proxy on this node (a policy with HTTP rules is not enforcing).
+    ``egress_proxies``: the proxy kinds egress entries are redirected to (:func:`proxy_message`).
     """
     applied = outcome.applied
     wanted = outcome.wanted or applied
@@ -83,7 +86,7 @@ def desired_reports(node: str, outcome: enforcing.Outcome, *, now: str,
             assert applied is not None
             missing = not_in_kernel(applied, uid, outcome)
             broken = outcome.datapath_problems
-            message = proxy_message(applied, uid, problems)
+            message = proxy_message(applied, uid, problems, egress_proxies)
             out[keyspace.report_key(uid, node)] = reports.PolicyReport(
                 node=node, policy_uid=uid, kind=ref.kind, namespace=ref.namespace, name=ref.name,
                 generation=ref.generation, ok=True, enforcing=not missing and not broken and not message,
@@ -121,31 +124,72 @@ def not_in_kernel(applied: intents.NodeIntent, uid: str, outcome: enforcing.Outc
             if e.ipv4 in outcome.local_endpoints and (kernel is None or kernel.get(e.ipv4) != stamp)]
 
 
-def proxy_parsers(applied: intents.NodeIntent, uid: str) -> set[str]:
-    """The node-local proxies policy ``uid``'s entries on this node need (``toFQDNs`` needs the DNS proxy,
-    ingress HTTP rules the node's Envoy: ``"http"``)."""
-    needed: set[str] = set()
+def proxy_needs(applied: intents.NodeIntent, uid: str) -> tuple[set[str], set[str]]:
+    """(ingress, egress): the kinds of node-local proxy policy ``uid``'s entries on this node need.
+
+    Ingress HTTP rules the node's Envoy reads need ``"http"``; any other ingress L7 entry (HTTP
+    inside TLS, Kafka, ...) needs ``"<parser> (no ingress proxy)"``, which no node runs; egress
+    L7 entries need their parser, ``toFQDNs`` the DNS proxy (``planning.needed_proxy``)."""
+    ingress: set[str] = set()
+    egress: set[str] = set()
     for endpoint in applied.endpoints:
-        if any(entry.http is not None and any(r.uid == uid for r in entry.rules)
-               for entry in endpoint.ingress.entries):
-            needed.add("http")
-    for endpoint in applied.endpoints:
+        for entry in endpoint.ingress.entries:
+            if not any(r.uid == uid for r in entry.rules):
+                continue
+            kind = planning.needed_proxy(entry)
+            if entry.http is not None:
+                ingress.add("http")
+            elif kind is not None:
+                ingress.add(f"{kind}{UNPROXIED}")
         for entry in endpoint.egress.entries:
             if not any(r.uid == uid for r in entry.rules):
                 continue
-            if entry.l7_redirect and entry.l7_parser is not None:
-                needed.add(entry.l7_parser)
+            kind = planning.needed_proxy(entry)
+            if kind is not None:
+                egress.add(kind)
             if entry.identity in applied.fqdn_selectors:
-                needed.add("dns")
-    return needed
+                egress.add("dns")
+    return ingress, egress
 
 
-def proxy_message(applied: intents.NodeIntent, uid: str, problems: Mapping[str, str]) -> str:
-    """Why the proxies policy ``uid`` needs cannot enforce it here (empty: they can, or it needs none)."""
-    if not problems:
-        return ""
-    found = [problems[p] for p in sorted(proxy_parsers(applied, uid)) if problems.get(p)]
-    return "; ".join(found)
+UNPROXIED = " (no ingress proxy)"
+"""Suffix of an ingress kind no node has a proxy for (:func:`proxy_needs`)."""
+
+
+def proxy_parsers(applied: intents.NodeIntent, uid: str) -> set[str]:
+    """Every kind of node-local proxy policy ``uid``'s entries on this node need (:func:`proxy_needs`)."""
+    ingress, egress = proxy_needs(applied, uid)
+    return ingress | egress
+
+
+def proxy_message(applied: intents.NodeIntent, uid: str, problems: Mapping[str, str],
+                  egress_proxies: Set[str] | None = None) -> str:
+    """Why the proxies policy ``uid`` needs cannot enforce it here (empty: they can, or it needs none).
+
+    ``problems``: proxy kind -> its problem ("" when it runs; ``"http"`` is the node's Envoy).
+    ``egress_proxies``: the kinds the datapath redirects egress entries to (``Datapath.proxy_ports``;
+    None: the kinds in ``problems`` other than ``"http"``, whose Envoy serves ingress). A needed
+    kind without a proxy here is a problem of its own: the datapath drops that traffic
+    (``PROXY_UNAVAILABLE``, ``planning.entry_flags``), so the policy is not enforced as written.
+    """
+    ingress, egress = proxy_needs(applied, uid)
+    redirected = set(problems) - {"http"} if egress_proxies is None else set(egress_proxies)
+    found: list[str] = []
+    for kind in sorted(ingress):
+        if kind.endswith(UNPROXIED):
+            found.append(_no_proxy("ingress", kind.removesuffix(UNPROXIED)))
+        elif problems.get(kind):
+            found.append(problems[kind])
+    for kind in sorted(egress):
+        if problems.get(kind):
+            found.append(problems[kind])
+        elif kind not in redirected:
+            found.append(_no_proxy("egress", kind))
+    return "; ".join(dict.fromkeys(found))
+
+
+def _no_proxy(direction: str, kind: str) -> str:
+    return f"no {direction} {kind} proxy on this node: the traffic of those rules is dropped (PROXY_UNAVAILABLE)"
 
 
 def broken_message(problems: tuple[str, ...]) -> str:
@@ -190,7 +234,8 @@ class Reporter:
 
     def __init__(self, *, node: str, lease: Callable[[], Any], client: Callable[[], Any | None],
                  outcome: Callable[[], enforcing.Outcome], now: Callable[[], str] = now_rfc3339,
-                 direct: Any | None = None, proxy: Callable[[intents.NodeIntent], str] | None = None) -> None:
+                 direct: Any | None = None, proxy: Callable[[intents.NodeIntent], str] | None = None,
+                 egress_proxies: Callable[[], Set[str] | None] | None = None) -> None:
         self.node = node
         self.direct = direct
         """A ``direct_status.DirectStatusWriter`` in direct mode: policy status written by this agent too."""
@@ -199,6 +244,7 @@ class Reporter:
         self._outcome = outcome
         self._now = now
         self._proxy = proxy
+        self._egress_proxies = egress_proxies
         self._wake = asyncio.Event()
         self.written: dict[str, Report] = {}
         self.written_lease: int | None = None
@@ -231,7 +277,8 @@ class Reporter:
             return False
         if lease.id != self.written_lease:
             await self._adopt(client, lease.id)
-        desired = desired_reports(self.node, self._outcome(), now=self._now(), proxy=self._proxy)
+        desired = desired_reports(self.node, self._outcome(), now=self._now(), proxy=self._proxy,
+                                  egress_proxies=self._egress_proxies() if self._egress_proxies else None)
         puts, deletes = plan_writes(self.written, desired)
         for key, report in puts.items():
             await asyncio.wait_for(client.put(key.encode(), report.to_wire(), lease=lease), 5)

@@ -16,6 +16,7 @@ import ctypes as ct
 import socket
 import struct
 from collections.abc import Iterator
+from ipaddress import IPv4Address
 
 import pytest
 from dp_packets import TC_ACT_OK, TC_ACT_SHOT, TCP, Runner, frame
@@ -37,19 +38,19 @@ SPORT, DPORT = 40000, 8080
 class Env:
     def __init__(self, topo: Topology, dp: engine.Datapath) -> None:
         self.topo, self.dp = topo, dp
-        self.a, self.b = (str(p.ip) for p in topo.pods)
+        self.a, self.b = (str(p.ip) for p in topo.pods[:2])
         self.runner = Runner(dp)
         self.revision = 0
 
     def apply(self, b_in: DirectionPolicy) -> None:
         """a unenforced; b's ingress as given; b's egress enforced with nothing allowed."""
         self.revision += 1
-        a, b = self.topo.pods
+        a, b = self.topo.pods[:2]
         eps = (intents.EndpointIntent(namespace="t", pod="a", ipv4=a.ip, identity=ID_A),
                intents.EndpointIntent(namespace="t", pod="b", ipv4=b.ip, identity=ID_B, ingress=b_in,
                                       egress=DirectionPolicy(enforced=True)))
         intent = intents.NodeIntent(node=self.dp.node, revision=self.revision, endpoints=eps)
-        self.dp.apply(intent, {p.ip: planning.HostVeth(p.host_ifname, p.host_ifindex) for p in self.topo.pods})
+        self.dp.apply(intent, {p.ip: planning.HostVeth(p.host_ifname, p.host_ifindex) for p in self.topo.pods[:2]})
 
     def entries(self) -> dict[tuple[str, str, int, int, int], tuple[int, int]]:
         """cy_ct as {(pod, peer, pod port, peer port, protocol): (origin direction, expires)}."""
@@ -80,7 +81,7 @@ ALLOW_A = DirectionPolicy(enforced=True, entries=(
 
 @pytest.fixture()
 def env() -> Iterator[Env]:
-    topo = Topology(pods=2)
+    topo = Topology(pods=3)  # the third pod's veth stands for a new pod handed b's address
     dp: engine.Datapath | None = None
     the_env: Env | None = None
     try:
@@ -139,7 +140,7 @@ def test_a_gone_endpoints_entries_are_removed_and_its_address_reused_passes_noth
     env.a_to_b(SYN)
     env.b_to_a(SYN_ACK)
     assert len(env.entries()) == 2
-    a, b = env.topo.pods
+    a, b, _c = env.topo.pods
     # b goes away: its entry goes with it; a's (an endpoint still) stays
     env.revision += 1
     only_a = intents.NodeIntent(node=env.dp.node, revision=env.revision, endpoints=(
@@ -153,5 +154,27 @@ def test_a_gone_endpoints_entries_are_removed_and_its_address_reused_passes_noth
         intents.EndpointIntent(namespace="t", pod="a", ipv4=a.ip, identity=ID_A),
         intents.EndpointIntent(namespace="t", pod="b2", ipv4=b.ip, identity=ID_B,
                                egress=DirectionPolicy(enforced=True))))
-    env.dp.apply(newcomer, {p.ip: planning.HostVeth(p.host_ifname, p.host_ifindex) for p in env.topo.pods})
+    env.dp.apply(newcomer, {p.ip: planning.HostVeth(p.host_ifname, p.host_ifindex) for p in env.topo.pods[:2]})
+    assert env.b_to_a(SYN_ACK)[0] == TC_ACT_SHOT
+
+
+def test_an_address_handed_to_a_new_pod_before_the_old_ones_removal_is_applied_is_a_new_endpoint(
+        env: Env) -> None:
+    """b's address moves to another veth in one apply (the old pod's removal and the new pod's add coalesced):
+    a new endpoint id, so b's connection entry is purged and nothing from the new pod passes as its reply."""
+    env.a_to_b(SYN)
+    env.b_to_a(SYN_ACK)
+    assert len(env.entries()) == 2
+    a, b, c = env.topo.pods
+    old_id = env.dp.observe().endpoints[IPv4Address(b.ip)].ep_id
+    env.revision += 1
+    newcomer = intents.NodeIntent(node=env.dp.node, revision=env.revision, endpoints=(
+        intents.EndpointIntent(namespace="t", pod="a", ipv4=a.ip, identity=ID_A),
+        intents.EndpointIntent(namespace="t", pod="b2", ipv4=b.ip, identity=ID_B,
+                               egress=DirectionPolicy(enforced=True))))
+    env.dp.apply(newcomer, {a.ip: planning.HostVeth(a.host_ifname, a.host_ifindex),
+                            b.ip: planning.HostVeth(c.host_ifname, c.host_ifindex)})  # b's address, c's veth
+    held = env.dp.observe().endpoints[IPv4Address(b.ip)]
+    assert held.ifindex == c.host_ifindex and held.ep_id != old_id
+    assert list(env.entries()) == [(env.a, env.b, SPORT, DPORT, TCP)]  # b's side purged, a's kept
     assert env.b_to_a(SYN_ACK)[0] == TC_ACT_SHOT

@@ -201,3 +201,42 @@ def test_policy_needing_the_dns_proxy_is_not_enforcing_while_it_cannot() -> None
                                                                proxy_problems={"dns": "down"}), now="t")[
         keyspace.report_key("u1", NODE)]
     assert isinstance(report, reports.PolicyReport) and report.enforcing
+
+
+def test_a_policy_whose_l7_rules_have_no_proxy_here_names_the_missing_proxy() -> None:
+    """--dns-proxy-port 0, egress HTTP or ingress Kafka: the datapath drops that traffic; the node says why."""
+    rule = intents.RuleRef(kind="CiliumNetworkPolicy", namespace="default", name="rule1", uid="u1", rule_index=0,
+                           section="egress[0]")
+
+    def l7(parser: str, port: int) -> intents.PolicyEntry:
+        return intents.PolicyEntry(identity=0, protocol=intents.Protocol.TCP, port_low=port,
+                                   verdict=intents.Verdict.ALLOW, l7_redirect=True, l7_parser=parser,  # type: ignore[arg-type]
+                                   rules=(rule,))
+
+    def report_of(ingress: tuple[intents.PolicyEntry, ...], egress: tuple[intents.PolicyEntry, ...],
+                  problems: dict[str, str], egress_proxies: set[str] | None) -> reports.PolicyReport:
+        i = intents.NodeIntent(node=NODE, revision=7, policies=(P1,), endpoints=(intents.EndpointIntent(
+            namespace="default", pod="p", ipv4="10.0.0.2", identity=300, policies=("u1",),
+            ingress=intents.DirectionPolicy(enforced=bool(ingress), entries=ingress),
+            egress=intents.DirectionPolicy(enforced=bool(egress), entries=egress)),))
+        outcome = enforcing.Outcome(started=True, wanted=i, applied=i, proxy_problems=problems)
+        report = reporting.desired_reports(NODE, outcome, now="t", egress_proxies=egress_proxies)[
+            keyspace.report_key("u1", NODE)]
+        assert isinstance(report, reports.PolicyReport)
+        return report
+
+    # egress HTTP with the DNS proxy running (and no egress HTTP proxy): dropped, so not enforcing
+    r = report_of((), (l7("http", 80),), {"dns": ""}, {"dns"})
+    assert not r.enforcing and "no egress http proxy" in r.error and "PROXY_UNAVAILABLE" in r.error
+    r = report_of((), (l7("http", 80),), {"dns": ""}, None)  # the kinds in the problems, Envoy's "http" aside
+    assert not r.enforcing and "no egress http proxy" in r.error
+    assert report_of((), (l7("http", 80),), {"dns": ""}, {"dns", "http"}).enforcing  # once one is wired up
+    # DNS rules without a DNS proxy (--dns-proxy-port 0): no port in the datapath
+    r = report_of((), (l7("dns", 53),), {}, set())
+    assert not r.enforcing and "no egress dns proxy" in r.error
+    # Kafka on ingress: no node has a Kafka proxy
+    r = report_of((l7("kafka", 9092),), (), {"dns": ""}, {"dns"})
+    assert not r.enforcing and "no ingress kafka proxy" in r.error
+    # HTTP inside TLS on ingress (no HTTP rules Envoy reads): not Envoy's, even while Envoy runs
+    r = report_of((l7("http", 443),), (), {"dns": "", "http": ""}, {"dns"})
+    assert not r.enforcing and "no ingress http proxy" in r.error

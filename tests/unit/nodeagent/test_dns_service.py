@@ -9,13 +9,14 @@ from typing import Any
 import pytest
 from test_fqdn_cache import POD, node_intent  # type: ignore[import-not-found]
 
-from ciliary.nodeagent import dns_service, settings
+from ciliary.nodeagent import dns_service, endpoints, settings
 from ciliary.nodeagent.enforcing import Outcome
 from ciliary.operator import intents
 
 
 class RecordingEnforcer:
-    def __init__(self) -> None:
+    def __init__(self, registry: endpoints.EndpointRegistry) -> None:
+        self.registry = registry
         self.calls: list[tuple[str, intents.NodeIntent]] = []
         self.waited: list[int] = []
         self.problems: dict[str, str] = {}
@@ -45,7 +46,7 @@ def make(tmp_path: Path, *extra: str) -> tuple[dns_service.DNSService, Recording
         path.write_text("x")
         env[f"CILIARY_AGENT_ETCD_{name}_FILE"] = str(path)
     config = settings.load_settings(["--fqdn-min-ttl", "0", *extra], env)
-    enforcer = RecordingEnforcer()
+    enforcer = RecordingEnforcer(endpoints.EndpointRegistry(tmp_path))
     return dns_service.DNSService(config, enforcer, lambda _events: None), enforcer  # type: ignore[arg-type]
 
 
@@ -88,3 +89,46 @@ def test_routing_problems_are_named(tmp_path: Path) -> None:
     assert service.problem() == ""
     view: dict[str, Any] = service.view()
     assert view["port"] == 10053 and view["problem"] == "" and view["learnt"] == []
+
+
+def pod(container: str, ifindex: int) -> endpoints.Endpoint:
+    return endpoints.Endpoint(container_id=container, netns=f"/run/netns/{container}", ifname="eth0",
+                              host_ifname=f"cy{ifindex}", host_ifindex=ifindex, mac="02:00:00:00:00:01", ipv4=POD)
+
+
+async def test_a_new_pod_with_the_address_does_not_inherit_what_the_old_one_resolved(tmp_path: Path) -> None:
+    """The new pod's veth shows up before the old pod's removal: the old pod's learnt addresses are dropped
+    (and the intent handed over again without them) before the enforcer hears of the new veth."""
+    service, enforcer = make(tmp_path)
+    registry = enforcer.registry
+    registry.subscribe(service.on_endpoint_event)
+    base = node_intent()
+    service.on_intent(base)
+    await registry.upsert(pod("old", 7))
+    await service._learn(POD, ["api.world.test"], [("192.0.2.100", 300)])
+    assert any(e.cidr == "192.0.2.100/32" for e in enforcer.calls[-1][1].ipcache)
+    await registry.upsert(pod("old", 7).model_copy(update={"pod_name": "same-veth"}))  # same pod, same veth
+    assert service.cache.names_by_address()
+    calls = len(enforcer.calls)
+    await registry.upsert(pod("new", 9))  # the address on another veth, the old pod still registered
+    assert not service.cache.names_by_address()
+    assert len(enforcer.calls) == calls + 1 and enforcer.calls[-1] == ("refresh", base)
+    # the new pod resolves; the old pod's late removal does not take the new pod's answers away
+    await service._learn(POD, ["api.world.test"], [("192.0.2.100", 300)])
+    await registry.remove("old")
+    assert service.cache.names_by_address()
+    # the new pod goes: its answers go with it
+    await registry.remove("new")
+    assert not service.cache.names_by_address()
+
+
+async def test_answers_learnt_for_an_address_then_behind_another_veth_start_afresh(tmp_path: Path) -> None:
+    """No registry event in between (events are processed in order, but the proxy may answer first)."""
+    service, enforcer = make(tmp_path)
+    service.on_intent(node_intent())
+    await enforcer.registry.upsert(pod("old", 7))
+    await service._learn(POD, ["api.world.test"], [("192.0.2.100", 300)])
+    await enforcer.registry.remove("old")  # not subscribed: the service does not hear of it
+    await enforcer.registry.upsert(pod("new", 9))
+    await service._learn(POD, ["www.world.test"], [("192.0.2.101", 300)])
+    assert [a for names in service.cache.names_by_address().values() for a in names] == ["192.0.2.101"]

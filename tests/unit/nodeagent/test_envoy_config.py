@@ -221,3 +221,36 @@ def test_trace_says_http_rules_apply_from_the_intent_and_from_the_kernel() -> No
                                                      intent.endpoints[0].ingress)[0].items()}
     made, _notes = kernelview._direction_entries(keys, intents.Verdict.ALLOW, lambda _c: (REF,))
     assert {(e.identity, e.http is not None) for e in made} == {(TIEFIGHTER, True), (1, False)}
+
+
+def _sources(chain: dict[str, Any]) -> set[tuple[str, int]]:
+    return {(p["address_prefix"], p["prefix_len"]) for p in chain["filter_chain_match"]["source_prefix_ranges"]}
+
+
+def test_world_allowed_with_http_rules_gets_a_chain_of_everything_no_prefix_holds() -> None:
+    """World (a client through a NodePort) has no ipcache prefix: its requests must meet its own rules, not the
+    default chain's 403; addresses of other identities (tiefighter with no entry here) never pass as world."""
+    world_rule = intents.HttpRule(method="GET", path="/public", rule=REF2)
+    intent = node_intent(entry(envoy_config.WORLD, http=(world_rule,)), entry(XWING),
+                         ipcache=(("10.0.0.0/8", CIDR_ID),))
+    doc = envoy_config.listener(intent, port=1, access_log="/a")
+    assert doc is not None
+    by_name = {c["name"]: c for c in doc["filter_chains"]}
+    world = by_name["10.244.1.5:80/id2"]
+    assert _sources(world) == {("0.0.0.0", 0)}
+    assert [envoy_config.rule_of_route(r["name"]) for r in routes_of(world)[:1]] == [REF2]
+    assert routes_of(world)[-1]["name"] == envoy_config.DENY_ROUTE
+    assert _sources(by_name["10.244.1.5:80/id302"]) == {("10.244.1.9", 32)}
+    other = by_name["10.244.1.5:80/any"]  # every unchained identity's prefixes: only a 403 for them
+    assert _sources(other) >= {("10.244.2.7", 32), ("10.0.0.0", 8)} and ("0.0.0.0", 0) not in _sources(other)
+    assert [r["name"] for r in routes_of(other)] == [envoy_config.DENY_ROUTE]
+    assert all(c["filter_chain_match"]["source_prefix_ranges"] for c in doc["filter_chains"])
+
+
+def test_world_allowed_but_every_address_held_by_a_prefix_gets_no_chain() -> None:
+    """An ipcache prefix 0.0.0.0/0 (a CIDR identity) leaves no address to world: no chain claims it."""
+    intent = node_intent(entry(envoy_config.WORLD), ipcache=(("0.0.0.0/0", CIDR_ID),))
+    doc = envoy_config.listener(intent, port=1, access_log="/a")
+    assert doc is not None
+    names = [c["name"] for c in doc["filter_chains"]]
+    assert "10.244.1.5:80/id2" not in names

@@ -143,3 +143,16 @@ def test_orphaned_keys_unknown_protocols_and_unnamed_endpoints_are_listed() -> N
     endpoint = view.intent.endpoints[0]
     assert endpoint.pod == str(A) and endpoint.ingress.enforced and not endpoint.egress.enforced
     assert {e.cidr: e.identity for e in view.intent.ipcache} == {"10.1.0.0/16": 3000, f"{A}/32": 1001}
+
+
+def test_an_allow_without_its_proxy_is_shown_as_the_drop_the_kernel_makes() -> None:
+    """A DNS entry on a node without a DNS proxy (POLICY_NO_PROXY) is not read back as an allow of port 53."""
+    dns = PolicyEntry(identity=0, protocol=Protocol.UDP, port_low=53, verdict=Verdict.ALLOW, l7_redirect=True,
+                      l7_parser="dns", rules=(RULE,))
+    plain = PolicyEntry(identity=1002, protocol=Protocol.TCP, port_low=80, verdict=Verdict.ALLOW, rules=(RULE,))
+    intent = node(DirectionPolicy(), DirectionPolicy(enforced=True, entries=(dns, plain)))
+    view = kernelview.kernel_intent("n1", observed(intent), names=NAMES)  # no proxy ports: none runs
+    held = view.intent.endpoints[0].egress
+    assert not intents.evaluate_entries(held, identity=1002, protocol=17, port=53).allowed
+    assert intents.evaluate_entries(held, identity=1002, protocol=6, port=80).allowed
+    assert any("ns/a egress" in u and "PROXY_UNAVAILABLE" in u for u in view.unrepresentable)

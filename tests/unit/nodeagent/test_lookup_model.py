@@ -238,3 +238,16 @@ def test_no_write_lets_through_what_neither_old_nor_new_policy_allows(
         for packet in packets:
             if lookup(state, *packet)[0]:
                 assert lookup(old, *packet)[0] or lookup(new, *packet)[0], (packet, state)
+
+
+def test_an_allow_needing_a_missing_proxy_drops() -> None:
+    """POLICY_NO_PROXY: the hit allows at L3/L4 but its L7 rules have no proxy here -> dropped, never passed."""
+    dns = PolicyEntry(identity=0, protocol=Protocol.UDP, port_low=53, verdict=Verdict.ALLOW, l7_redirect=True,
+                      l7_parser="dns")
+    policy = DirectionPolicy(enforced=True, entries=(dns,))
+    flags = planning.EP_EGRESS_ENFORCED
+    for ports, expected in (({}, (False, "proxy-unavailable")), ({"dns": 10053}, (True, "allowed"))):
+        allow, deny = planning.direction_maps(1, MapDirection.EGRESS, policy, ports)
+        got = simulate_lookup(allow, deny, flags=flags, ep_id=1, direction=MapDirection.EGRESS, identity=5,
+                              protocol=17, port=53)
+        assert (got.allowed, got.reason) == expected

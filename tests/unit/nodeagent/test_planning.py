@@ -147,6 +147,25 @@ def test_new_pod_takes_the_smallest_free_id() -> None:
     assert p.endpoint_ids == {B: 1, C: 2}
 
 
+def test_an_address_behind_a_new_veth_is_a_new_endpoint() -> None:
+    """A new pod got A's address before the old pod's removal was applied: new id (the old one is not reused),
+    so the conntrack purge sees a replacement; the old id's entries are deleted, the new veth attached."""
+    policy = DirectionPolicy(enforced=True, entries=(ALLOW_80,))
+    state = applied(intent(endpoint(A, 1001, ingress=policy), endpoint(B, 1002)), {A: VETH[A], B: VETH[B]})
+    assert {ip: v.ep_id for ip, v in state.endpoints.items()} == {A: 1, B: 2}
+    new_veth = HostVeth("cy00000000009", 19)
+    p = planning.plan(intent(endpoint(A, 1001, ingress=policy), endpoint(B, 1002)), state, programs=PROGRAMS,
+                      veths={A: new_veth, B: VETH[B]})
+    assert p.endpoint_ids == {A: 3, B: 2}
+    assert p.endpoints.upserts[A].ep_id == 3 and p.endpoints.upserts[A].ifindex == 19
+    assert [k.ep_id for k in p.policy.deletes] == [1] and [k.ep_id for k in p.policy.upserts] == [3]
+    assert p.ep_ifindex.upserts == {19: A} and p.ep_ifindex.deletes == (11,)
+    # the same veth again (an agent restart reading the pins back) keeps the id
+    same = planning.plan(intent(endpoint(A, 1001, ingress=policy), endpoint(B, 1002)), state, programs=PROGRAMS,
+                         veths={A: VETH[A], B: VETH[B]})
+    assert same.endpoint_ids == {A: 1, B: 2} and same.map_writes == 0
+
+
 def test_endpoint_without_a_veth_is_reported_not_programmed() -> None:
     p = planning.plan(intent(endpoint(A, 1001), endpoint(B, 1002)), DatapathState(), programs=PROGRAMS,
                       veths={A: VETH[A]})

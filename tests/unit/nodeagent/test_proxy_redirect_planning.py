@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import re
 from ipaddress import IPv4Address
 
-from ciliary.nodeagent import planning, proxy_routing
+from ciliary.nodeagent import planning, proxy_routing, rendering
 from ciliary.nodeagent.datapath import maps
 from ciliary.nodeagent.planning import MapDirection
 from ciliary.operator import intents
@@ -18,13 +19,53 @@ HTTP = PolicyEntry(identity=0, protocol=Protocol.TCP, port_low=80, verdict=Verdi
 PLAIN = PolicyEntry(identity=0, protocol=Protocol.TCP, port_low=443, verdict=Verdict.ALLOW)
 
 
+KAFKA = PolicyEntry(identity=0, protocol=Protocol.TCP, port_low=9092, verdict=Verdict.ALLOW, l7_redirect=True,
+                    l7_parser="kafka")
+INGRESS_HTTP = PolicyEntry(identity=0, protocol=Protocol.TCP, port_low=80, verdict=Verdict.ALLOW, l7_redirect=True,
+                           l7_parser="http", http=(intents.HttpRule(method="GET"),))
+
+
 def test_only_egress_entries_of_a_running_proxy_redirect() -> None:
     ports = {"dns": 10053}
     assert planning.proxy_port_of(MapDirection.EGRESS, DNS, ports) == 10053
     assert planning.proxy_port_of(MapDirection.INGRESS, DNS, ports) == 0  # bpf_sk_assign: tc ingress only
-    assert planning.proxy_port_of(MapDirection.EGRESS, HTTP, ports) == 0  # no HTTP proxy here: plain allow
+    assert planning.proxy_port_of(MapDirection.EGRESS, HTTP, ports) == 0  # no HTTP proxy here
     assert planning.proxy_port_of(MapDirection.EGRESS, PLAIN, ports) == 0
     assert planning.proxy_port_of(MapDirection.EGRESS, DNS, {}) == 0
+
+
+def test_the_kind_of_proxy_an_entry_needs() -> None:
+    assert [planning.needed_proxy(e) for e in (DNS, HTTP, KAFKA, PLAIN)] == ["dns", "http", "kafka", None]
+    assert planning.needed_proxy(PLAIN.model_copy(update={"verdict": Verdict.DENY})) is None
+
+
+def test_an_entry_whose_proxy_the_node_lacks_drops_instead_of_passing_at_l4() -> None:
+    """Fail closed: --dns-proxy-port 0, egress HTTP or Kafka with no proxy of that kind -> POLICY_NO_PROXY."""
+    no = planning.POLICY_NO_PROXY
+    egress = MapDirection.EGRESS
+    assert planning.entry_flags(egress, DNS, {}) == no
+    assert planning.entry_flags(egress, DNS, {"dns": 10053}) == 0
+    assert planning.entry_flags(egress, HTTP, {"dns": 10053}) == no
+    assert planning.entry_flags(egress, HTTP, {"http": 15001}) == 0  # an egress HTTP proxy wired up
+    assert planning.entry_flags(egress, KAFKA, {"dns": 10053, "http": 15001}) == no
+    assert planning.entry_flags(egress, PLAIN, {}) == 0
+    # ingress: only HTTP rules Envoy reads have a proxy (POLICY_HTTP; no Envoy device -> the datapath drops)
+    assert planning.entry_flags(MapDirection.INGRESS, INGRESS_HTTP, {}) == planning.POLICY_HTTP
+    assert planning.entry_flags(MapDirection.INGRESS, HTTP, {"http": 15001}) == no  # e.g. HTTP inside TLS
+    assert planning.entry_flags(MapDirection.INGRESS, KAFKA, {}) == no
+    assert planning.entry_flags(egress, PLAIN.model_copy(update={"verdict": Verdict.DENY}), {}) \
+        == planning.POLICY_DENY
+    policy = DirectionPolicy(enforced=True, entries=(DNS, HTTP, PLAIN))
+    allow, _deny = planning.direction_maps(3, egress, policy, {})
+    assert {k.port: (v.flags, v.proxy_port) for k, v in allow.items()} == {53: (no, 0), 80: (no, 0), 443: (0, 0)}
+
+
+def test_an_l4_allow_of_the_same_key_wins_over_a_missing_proxy() -> None:
+    """As the operator merges them: an L4-only allow of the same port opens it at L4 (no L7 rules to enforce)."""
+    plain53 = PolicyEntry(identity=0, protocol=Protocol.UDP, port_low=53, verdict=Verdict.ALLOW)
+    for entries in ((DNS, plain53), (plain53, DNS)):
+        allow, _ = planning.direction_maps(3, MapDirection.EGRESS, DirectionPolicy(enforced=True, entries=entries))
+        assert [v.flags for v in allow.values()] == [0]
 
 
 def test_map_values_carry_the_port() -> None:
@@ -46,6 +87,10 @@ def test_constants_come_from_consts_h() -> None:
     c = proxy_routing.datapath_constants()
     assert (c.mark, c.mask, c.table) == (0x0A00, 0x0F00, 2005)
     assert c.mark & c.mask == c.mark
+    consts = (rendering.DATAPATH_C_DIR / "include/consts.h").read_text()
+    for name, value in (("HTTP", planning.POLICY_HTTP), ("NO_PROXY", planning.POLICY_NO_PROXY)):
+        found = re.search(rf"#define CY_POLICY_{name} \(1U << (\d+)\)", consts)
+        assert found and 1 << int(found.group(1)) == value, name
 
 
 def test_plan_passes_proxy_ports_through() -> None:

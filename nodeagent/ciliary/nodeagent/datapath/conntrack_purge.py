@@ -5,7 +5,8 @@
 entry in the reply direction passes without a policy lookup. When a pod goes away its entries
 would otherwise stay until they expire (TCP: 6 h) or the LRU evicts them, and a new pod that
 gets the same address could send a packet matching an old tuple and have it pass as a reply.
-After every apply that removes an endpoint or gives an address to another endpoint, the
+After every apply that removes an endpoint or gives an address to another endpoint (an address
+behind a new host veth is a new endpoint: ``planning.allocate_endpoint_ids``), the
 engine calls :func:`purge`: entries whose pod address is no endpoint of the node, or an
 endpoint with another ``ep_id``, are deleted. :func:`stale_keys` is the pure decision.
 """

@@ -92,7 +92,8 @@ FEATURES: tuple[Feature, ...] = (
             "the selected pods' queries on the port go through the node's DNS proxy (UDP and TCP): a name no "
             "rule matches is answered REFUSED, others are forwarded to the server the pod asked; every query "
             "is an L7 flow. The node reports the policy enforcing only while its proxy runs and the redirect is "
-            "in place; without a proxy the queries are dropped, never passed unfiltered"),
+            "in place; on a node without a DNS proxy (`--dns-proxy-port 0`) or with it down the queries are "
+            "dropped (`PROXY_UNAVAILABLE`), never passed unfiltered"),
     Feature("toFQDNs", "`toFQDNs` (`matchName`, `matchPattern`)", _E,
             "an address is allowed once the pod itself resolved a matching name through the DNS proxy (a "
             "`rules.dns` rule must send its queries there), for the answer's TTL (at least `--fqdn-min-ttl`, "
@@ -105,18 +106,20 @@ FEATURES: tuple[Feature, ...] = (
             "not enforced: the item allows nothing (its rule still makes the pods default-deny); "
             "in `egressDeny` it denies nothing"),
     Feature("http-egress", "`toPorts[].rules.http` in `egress`", _P,
-            "not enforced (no egress HTTP redirect yet): the port is open at L3/L4 to the selected peers and "
-            "every request on it is allowed"),
+            "not enforced (no egress HTTP proxy yet): connections to the port are dropped "
+            "(`PROXY_UNAVAILABLE`), never passed unfiltered; the node reports the policy not enforcing"),
     Feature("http-tls", "`toPorts[].rules.http` with `terminatingTLS`, `originatingTLS` or `serverNames`", _P,
-            "not enforced (no TLS interception): the connection is not redirected to the proxy, the port is "
-            "open at L3/L4 to the selected peers"),
+            "not enforced (no TLS interception): connections to the port are dropped (`PROXY_UNAVAILABLE`), "
+            "never passed unfiltered; the node reports the policy not enforcing"),
     Feature("headerMatches", "`toPorts[].rules.http[].headerMatches`", _P,
             "not enforced: header conditions and their mismatch actions are not applied (the rule's "
             "`path`, `method`, `host` and `headers` are)"),
     Feature("kafka", "`toPorts[].rules.kafka`", _P,
-            "not enforced (no Kafka proxy): the port is open at L3/L4, every Kafka request is allowed"),
+            "not enforced (no Kafka proxy): connections to the port are dropped (`PROXY_UNAVAILABLE`); the "
+            "node reports the policy not enforcing"),
     Feature("l7proto", "`toPorts[].rules.l7proto`, `toPorts[].rules.l7`", _P,
-            "not enforced (no proxy for these parsers): the port is open at L3/L4, every request is allowed"),
+            "not enforced (no proxy for these parsers): connections to the port are dropped "
+            "(`PROXY_UNAVAILABLE`); the node reports the policy not enforcing"),
     Feature("tls", "`toPorts[].terminatingTLS`, `toPorts[].originatingTLS`", _P,
             "not enforced: no TLS interception, the connection passes end to end at L3/L4"),
     Feature("serverNames", "`toPorts[].serverNames`", _P,

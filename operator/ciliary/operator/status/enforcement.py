@@ -185,8 +185,9 @@ def enforced_condition(policy: PolicyView, expected: Mapping[str, Expectation],
                                                    f"nodes hosting selected endpoints; not enforced: "
                                                    f"{unenforced}"), summary
         return cond(True, "Enforced", f"Enforced on all {len(targets)} nodes hosting selected endpoints"), summary
+    partly = f"; not enforced as written anywhere: {unenforced}" if unenforced else ""
     return cond(False, "NodesNotEnforcing", f"Enforced on {enforcing} of {len(targets)} nodes; "
-                                            f"not on {_name_nodes(problems)}"), summary
+                                            f"not on {_name_nodes(problems)}{partly}"), summary
 
 
 def node_failed(report: PolicyReport | None, generation: int) -> bool:

@@ -68,6 +68,10 @@
 /* policy_value.flags */
 #define CY_POLICY_DENY (1U << 0)
 #define CY_POLICY_HTTP (1U << 1) /* allow entry with HTTP rules: redirect to the proxy (lib/l7redirect.h) */
+/* allow entry whose L7 rules need a proxy this node does not run: drop it
+ * (CY_DROP_PROXY_UNAVAILABLE), never pass it as a plain L3/L4 allow
+ * (ciliary.nodeagent.planning.entry_flags) */
+#define CY_POLICY_NO_PROXY (1U << 2)
 
 /* Proxy redirection (lib/redirect.h): the mark that routes a packet assigned to a
  * proxy socket to local delivery, and the routing table holding the local route.
@@ -1050,6 +1054,8 @@ static __always_inline int cy_redirect_to_l7proxy(struct __sk_buff *skb)
  *   3. direction not enforced -> pass (CY_OK_UNENFORCED);
  *   4. policy.h verdict: deny entry -> drop, allow entry -> pass, else drop
  *      (the deny map is probed only when the endpoint's CY_EP_*_DENY is set);
+ *      an allow entry flagged CY_POLICY_NO_PROXY (its L7 rules need a proxy
+ *      this node does not run) -> CY_DROP_PROXY_UNAVAILABLE, both hooks;
  *   5. cy_from_pod only: an allow entry with a proxy port hands the packet to
  *      the node's proxy (redirect.h, CY_OK_PROXY); no proxy socket ->
  *      CY_DROP_PROXY_UNAVAILABLE. The connection is tracked as usual, so the
@@ -1188,7 +1194,9 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		peer_id = cy_identity_of(peer_addr);
 		reason = cy_policy_verdict(ep->ep_id, dir, has_deny, peer_id, p.protocol,
 					   p.policy_port, &cookie, &vflags, &proxy_port);
-		if (reason == CY_OK_POLICY && dir == CY_DIR_INGRESS && (vflags & CY_POLICY_HTTP)) {
+		if (reason == CY_OK_POLICY && (vflags & CY_POLICY_NO_PROXY)) {
+			reason = CY_DROP_PROXY_UNAVAILABLE;
+		} else if (reason == CY_OK_POLICY && dir == CY_DIR_INGRESS && (vflags & CY_POLICY_HTTP)) {
 			reason = CY_PROXY_IFINDEX ? CY_OK_PROXY : CY_DROP_PROXY_UNAVAILABLE;
 			to_l7proxy = 1;
 		} else if (dir == CY_DIR_EGRESS && reason == CY_OK_POLICY && proxy_port) {

@@ -208,6 +208,7 @@ def test_not_assessed_is_pending_and_nodes_not_enforcing_wins() -> None:
     assert (cond["status"], cond["reason"]) == ("False", "Pending")
     cond, _ = enforcement.enforced_condition(view, {"n1": Expectation(3)}, {}, unenforced="x: y")
     assert (cond["status"], cond["reason"]) == ("False", "NodesNotEnforcing")
+    assert cond["message"].endswith("not enforced as written anywhere: x: y")  # still named
 
 
 def test_readme_carries_the_table() -> None:
