@@ -22,8 +22,8 @@ for every valid policy. Decisions taken here (documented for users):
 - a port rule without ports covers every port of TCP, UDP and SCTP; ``port`` unset or
   ``"0"`` covers every port of its protocol; ``ANY`` is expanded later into
   TCP, UDP and SCTP;
-- ``rules.http`` of an ingress allow item (without TLS or server names) is carried as
-  :class:`HttpMatch` items for the node's HTTP proxy; other L7 kinds only set ``l7``;
+- ``rules.http`` of an allow item, ingress or egress (without TLS or server names), is
+  carried as :class:`HttpMatch` items for the node's HTTP proxy; other L7 kinds only set ``l7``;
 - ``RuleRef.rule_index`` is the position in ``spec`` followed by ``specs``.
 """
 
@@ -270,6 +270,7 @@ def _egress(item: EgressRule | EgressDenyRule, ref: RuleRef, verdict: Verdict, n
         other_l3=other_l3,
         port_rules=item.to_ports,
         icmps=item.icmps,
+        http_proxy=verdict is Verdict.ALLOW,
         fqdns=fqdns,
     )
 
@@ -321,7 +322,7 @@ def _peer_rule(
 
 
 def http_matches(rule: PortRule) -> tuple[HttpMatch, ...] | None:
-    """The HTTP rules the node's proxy enforces for an ingress port rule; None when it is not proxied.
+    """The HTTP rules the node's proxy enforces for a port rule of an allow item; None when it is not proxied.
 
     Proxied: ``rules.http`` without TLS interception or server names (a TLS stream cannot be read
     by the proxy, so such a port stays open at L3/L4: ``support`` reports it).

@@ -39,7 +39,7 @@ Semantics (documented for users):
   two L7 allows of one kind producing the same entry carry the union of their
   rules (a request matching either is allowed, as Cilium merges them); two
   kinds on one entry (Cilium refuses the policy) keep the first kind met;
-- ingress HTTP rules (``compiling.http_matches``) give the entry its ``http`` rules,
+- HTTP rules (``compiling.http_matches``, ingress and egress) give the entry its ``http`` rules,
   each naming its policy rule; entries merged from several HTTP items carry all
   their rules (OR); merged with an L4-only or non-HTTP item, ``http`` is None
   (no redirect: the port is open to that peer at L4, as in Cilium);
