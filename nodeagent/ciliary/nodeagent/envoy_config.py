@@ -193,11 +193,9 @@ def _forward(name: str, headers: list[dict[str, Any]], cluster: str = CLUSTER_NA
     match: dict[str, Any] = {"prefix": "/"}
     if headers:
         match["headers"] = headers
-    if cluster == EGRESS_CLUSTER_NAME:  # connects to the downstream connection's original destination
-        return {"name": name, "match": match, "route": {"cluster": cluster, "timeout": "0s"}}
     # the original-destination cluster connects to the address in this header: the connection's
     # local address, which for the transparent listener is the pod's address and port
-    return {"name": name, "match": match, "route": {"cluster": CLUSTER_NAME, "timeout": "0s"},
+    return {"name": name, "match": match, "route": {"cluster": cluster, "timeout": "0s"},
             "request_headers_to_add": [{"header": {"key": ORIGINAL_DST_HEADER, "value": "%DOWNSTREAM_LOCAL_ADDRESS%"},
                                         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}
 
@@ -375,6 +373,7 @@ def bootstrap(*, node: str, admin_socket: str, lds_path: str,
             "name": EGRESS_CLUSTER_NAME,
             "type": "ORIGINAL_DST",
             "lb_policy": "CLUSTER_PROVIDED",
+            "original_dst_lb_config": {"use_http_header": True},
             "connect_timeout": "5s",
             "cleanup_interval": "60s",
             "circuit_breakers": {"thresholds": [{"max_connections": 100000, "max_pending_requests": 100000,

@@ -99,7 +99,8 @@ def test_egress_listener_original_source_and_its_cluster() -> None:
     assert first["filter_chain_match"]["source_prefix_ranges"] == [{"address_prefix": A, "prefix_len": 32}]
     assert first["filter_chain_match"]["prefix_ranges"] == [{"address_prefix": "10.244.2.9", "prefix_len": 32}]
     allow, deny = routes_of(first)
-    assert allow["route"]["cluster"] == envoy_config.EGRESS_CLUSTER_NAME and "request_headers_to_add" not in allow
+    assert allow["route"]["cluster"] == envoy_config.EGRESS_CLUSTER_NAME
+    assert allow["request_headers_to_add"][0]["header"]["value"] == "%DOWNSTREAM_LOCAL_ADDRESS%"
     assert envoy_config.rule_of_route(allow["name"]) == REF
     assert deny["direct_response"]["status"] == 403
     log_format = first["filters"][0]["typed_config"]["access_log"][0]["typed_config"]["log_format"]["json_format"]
