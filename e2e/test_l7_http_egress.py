@@ -1,7 +1,8 @@
 """Egress HTTP policy enforced by the node's Envoy, proven with real traffic in the lab.
 
 Pods (namespace ``l7g``): shuttle (class=shuttle, the client the policy selects) and near (app=api,
-TCP 80) on node-1, far (app=api, TCP 80) and guarded (app=guarded, TCP 80) on node-2. The policy
+TCP 80) on node-1, far (app=api, TCP 80), guarded (app=guarded, TCP 80) and scout (class=scout,
+the toFQDNs client) on node-2. The policy
 lets shuttle send ``GET /v1/public…`` to app=api pods and ``GET /world…`` to the world host
 (``toCIDR``), and anything at L7 to guarded. guarded's own ingress policy admits nobody, far's
 admits only class=shuttle: what Envoy forwards leaves from shuttle's address, so the destination's
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.e2e
 
 NS = "l7g"
 WORLD = "192.0.2.100"
+WORLD_DNS = "192.0.2.53"
 MANIFEST = f"""
 apiVersion: v1
 kind: Namespace
@@ -52,6 +54,13 @@ metadata: {{name: far, namespace: {NS}, labels: {{app: api}}}}
 spec:
   nodeName: node-2
   containers: [{{name: c, image: lab, ports: [{{containerPort: 80}}]}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: scout, namespace: {NS}, labels: {{class: scout}}}}
+spec:
+  nodeName: node-2
+  containers: [{{name: c, image: lab}}]
 ---
 apiVersion: v1
 kind: Pod
@@ -104,6 +113,27 @@ spec:
 """
 
 
+FQDN_POLICY = f"""
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: fqdn-http, namespace: {NS}}}
+spec:
+  endpointSelector: {{matchLabels: {{class: scout}}}}
+  egress:
+  - toCIDR: ["{WORLD_DNS}/32"]
+    toPorts:
+    - ports: [{{port: "53", protocol: UDP}}]
+      rules:
+        dns: [{{matchPattern: "*.world.test"}}]
+  - toFQDNs: [{{matchName: api.world.test}}]
+    toPorts:
+    - ports: [{{port: "80", protocol: TCP}}]
+      rules:
+        http:
+        - {{method: GET, path: '/api(/.*)?'}}
+"""
+
+
 def request(lab: LabHandle, pod: str, ip: str, method: str, path: str, timeout: float = 3.0) -> tuple[int, str]:
     """(returncode, output) of one HTTP request from ``pod``; the probe prints the status line and body."""
     netns, _ = lab.lab.pod_target(pod, NS)
@@ -132,7 +162,7 @@ def wait_for(what: str, check: Any, seconds: float = 60) -> Any:
 @pytest.fixture(scope="module")
 def scene(lab: LabHandle) -> Iterator[dict[str, str]]:
     lab.apply(MANIFEST)
-    for pod in ("shuttle", "near", "far", "guarded"):
+    for pod in ("shuttle", "scout", "near", "far", "guarded"):
         lab.wait_running(pod, NS)
     ips = {pod: str(lab.pod(pod, NS)["status"]["podIP"]) for pod in ("shuttle", "near", "far", "guarded")}
     lab.apply(POLICY)
@@ -213,3 +243,37 @@ def test_policy_reads_enforced_with_envoy_and_removal_restores_plain_traffic(lab
         lambda r: r[1] if r[1].startswith("HTTP/1.1 200") else None)(
         request(lab, "shuttle", WORLD, "POST", "/anything")))
     assert "world" in out, out
+
+
+def resolve(lab: LabHandle, pod: str, name: str) -> dict[str, Any]:
+    netns, _ = lab.lab.pod_target(pod, NS)
+    argv = ["nsenter", f"--net={netns}", sys.executable, "-m", "ciliary.lab.dnsprobe", name, WORLD_DNS,
+            "--timeout", "3"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else {}
+    result["returncode"] = out.returncode
+    return result
+
+
+def test_http_rules_on_to_fqdns_peers(lab: LabHandle, scene: dict[str, str]) -> None:
+    """scout may send GET /api… to what api.world.test resolves to, only after resolving it itself."""
+    lab.apply(FQDN_POLICY)
+    done = lab.kubectl("wait", "--for=condition=Enforced", "--timeout=90s", "-n", NS, "cnp/fqdn-http", check=False)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    code, out = request(lab, "scout", WORLD, "GET", "/api/v1", timeout=1.5)
+    assert code == 1 and out.startswith("timeout"), out  # not resolved yet: dropped in the kernel
+    answer = resolve(lab, "scout", "api.world.test")
+    assert answer["returncode"] == 0, answer
+    began = time.monotonic()
+    code, out = request(lab, "scout", WORLD, "GET", "/api/v1")
+    assert code == 0 and out.startswith("HTTP/1.1 200"), (out, time.monotonic() - began)
+    code, out = request(lab, "scout", WORLD, "DELETE", "/api/v1")
+    assert out == "HTTP/1.1 403 Forbidden Access denied", out
+
+    def seen() -> set[tuple[str, int, str]]:
+        flows = agent_json(lab, "node-2", f"/v1/flows?last=500&pod={NS}/scout")
+        found = {(f["l7"]["http"]["method"], f["l7"]["http"]["code"], f["direction"]) for f in flows
+                 if f.get("l7", {}).get("http")}
+        return found if {("GET", 200, "egress"), ("DELETE", 403, "egress")} <= found else set()
+
+    wait_for("scout's egress L7 flows (GET 200, DELETE 403)", seen)
