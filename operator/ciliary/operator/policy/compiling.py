@@ -45,7 +45,16 @@ from ciliary.operator.api.rules import (
     Rule,
 )
 from ciliary.operator.api.selectors import LabelSelector
-from ciliary.operator.intents import Direction, DNSRule, L7Parser, PolicyRef, Protocol, RuleRef, Verdict
+from ciliary.operator.intents import (
+    Direction,
+    DNSRule,
+    HeaderMatch,
+    L7Parser,
+    PolicyRef,
+    Protocol,
+    RuleRef,
+    Verdict,
+)
 from ciliary.operator.policy import selection
 from ciliary.operator.policy.selection import Selector
 
@@ -78,6 +87,7 @@ class HttpMatch:
     path: str = ""
     host: str = ""
     headers: tuple[str, ...] = ()
+    header_matches: tuple[HeaderMatch, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,7 +342,10 @@ def http_matches(rule: PortRule) -> tuple[HttpMatch, ...] | None:
     if rule.terminating_tls is not None or rule.originating_tls is not None or rule.server_names:
         return None
     return tuple(HttpMatch(method=h.method or "", path=h.path or "", host=h.host or "",
-                           headers=tuple(h.headers or ())) for h in rule.rules.http) or (HttpMatch(),)
+                           headers=tuple(h.headers or ()),
+                           header_matches=tuple(HeaderMatch(name=m.name, value=m.value or "", mismatch=m.mismatch)
+                                                for m in h.header_matches or () if m.secret is None))
+                 for h in rule.rules.http) or (HttpMatch(),)
 
 
 def _l7_of(rule: PortRule | PortDenyRule) -> tuple[L7Parser | None, tuple[DNSRule, ...]]:

@@ -94,6 +94,14 @@ FEATURES: tuple[Feature, ...] = (
             "rules to the original destination from the pod's own address (the destination's ingress policy "
             "still applies) and answers others 403 `Access denied`. Enforced=True on a node only while its "
             "Envoy runs with the policy's configuration; without it the connections are dropped"),
+    Feature("headerMatches", "`toPorts[].rules.http[].headerMatches` with an inline `value` (`mismatch` unset, "
+            "`LOG`, `ADD`, `DELETE`, `REPLACE`)", _E,
+            "without `mismatch` the header must have the value (an empty value: be present) for the rule to "
+            "allow the request; with an action the rule allows it either way and Envoy, when the header does "
+            "not match, logs it (`LOG`, in the L7 flow), adds the value (`ADD`), removes the header (`DELETE`) "
+            "or sets it (`REPLACE`) before forwarding. At most 4 headers with actions per rule (more: Valid=False); "
+            "when several rules allow a request, only the first one's actions apply (Cilium applies every "
+            "matching rule's)"),
     Feature("dns", "`toPorts[].rules.dns` (`matchName`, `matchPattern`)", _E,
             "the selected pods' queries on the port go through the node's DNS proxy (UDP and TCP): a name no "
             "rule matches is answered REFUSED, others are forwarded to the server the pod asked; every query "
@@ -113,9 +121,9 @@ FEATURES: tuple[Feature, ...] = (
     Feature("http-tls", "`toPorts[].rules.http` with `terminatingTLS`, `originatingTLS` or `serverNames`", _P,
             "not enforced (no TLS interception): the connection is not redirected to the proxy, the port is "
             "open at L3/L4 to the selected peers"),
-    Feature("headerMatches", "`toPorts[].rules.http[].headerMatches`", _P,
-            "not enforced: header conditions and their mismatch actions are not applied (the rule's "
-            "`path`, `method`, `host` and `headers` are)"),
+    Feature("headerMatches-secret", "`toPorts[].rules.http[].headerMatches[]` with a `secret`", _P,
+            "not enforced (no Secret reading): the header match is left out, with its mismatch action (the "
+            "rule's other conditions and inline header matches apply)"),
     Feature("kafka", "`toPorts[].rules.kafka`", _P,
             "not enforced (no Kafka proxy): the port is open at L3/L4, every Kafka request is allowed"),
     Feature("l7proto", "`toPorts[].rules.l7proto`, `toPorts[].rules.l7`", _P,
@@ -299,8 +307,9 @@ def _port_rule_gaps(rule: PortRule, path: str) -> Iterator[Gap]:
             if http_matches(rule) is None:
                 yield _gap(f"{path}.rules.http", "http-tls")
             for k, http in enumerate(l7.http):
-                if http.header_matches:
-                    yield _gap(f"{path}.rules.http[{k}].headerMatches", "headerMatches")
+                for m, match in enumerate(http.header_matches or ()):
+                    if match.secret is not None:
+                        yield _gap(f"{path}.rules.http[{k}].headerMatches[{m}].secret", "headerMatches-secret")
         if l7.kafka is not None:
             yield _gap(f"{path}.rules.kafka", "kafka")
         if l7.l7proto is not None or l7.l7 is not None:

@@ -29,3 +29,16 @@ def test_operator_carries_egress_http_rules_on_redirecting_entries() -> None:
         {"toCIDR": ["192.0.2.100/32"], "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}]}]}))
     web = next(e for e in resolve_cluster(both)["n1"].endpoints if e.pod == "web" and e.namespace == "a")
     assert [(e.l7_redirect, e.http) for e in web.egress.entries if e.port_low == 80] == [(False, None)]
+
+
+def test_header_matches_ride_on_the_rule_and_secret_ones_are_left_out() -> None:
+    state = state_of(cnp({"endpointSelector": WEB, "egress": [
+        {"toCIDR": ["192.0.2.100/32"], "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}], "rules": {"http": [
+            {"path": "/private", "headerMatches": [
+                {"name": "Access-Token", "value": "s3cret", "mismatch": "REPLACE"}, {"name": "X-Need"},
+                {"name": "X-From-Secret", "value": "fallback", "secret": {"name": "tok"}}]}]}}]}]}))
+    web = next(e for e in resolve_cluster(state)["n1"].endpoints if e.pod == "web" and e.namespace == "a")
+    http = next(e for e in web.egress.entries if e.port_low == 80).http
+    assert http is not None and http[0].header_matches == (
+        intents.HeaderMatch(name="Access-Token", value="s3cret", mismatch="REPLACE"),
+        intents.HeaderMatch(name="X-Need"))
