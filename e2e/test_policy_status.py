@@ -46,21 +46,21 @@ spec: {nodeName: node-3, containers: [{name: c, image: lab}]}
 
 RULE1 = (ROOT / "crds" / "examples" / "starwars-rule1.yaml").read_text()
 INVALID = (ROOT / "crds" / "invalid" / "l7-on-udp.yaml").read_text()
-HTTP_L7 = """
+KAFKA_L7 = """
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
-metadata: {name: http-l7}
+metadata: {name: kafka-l7}
 spec:
   endpointSelector: {matchLabels: {org: empire, class: deathstar}}
   egress:
   - toEndpoints: [{matchLabels: {org: empire}}]
     toPorts:
     - ports: [{port: "80", protocol: TCP}]
-      rules: {http: [{method: POST, path: /v1/request-landing}]}
+      rules: {kafka: [{role: produce, topic: empire-announce}]}
 """
-"""Egress HTTP rules: not enforced yet (no egress HTTP proxy), the support table's partial row
-``http-egress``: fail closed, the port's connections are dropped (ingress HTTP rules are enforced by
-the node's Envoy: e2e/test_l7_http.py)."""
+"""Kafka rules: not enforced (no Kafka proxy), the support table's partial row ``kafka``: fail closed, the
+port's connections are dropped (HTTP rules, ingress and egress, are enforced by the node's Envoy:
+e2e/test_l7_http.py, e2e/test_l7_http_egress.py)."""
 
 
 @pytest.fixture(scope="module")
@@ -122,36 +122,36 @@ def test_invalid_policy_shows_its_error(lab3):
 
 
 def test_l7_policy_is_partially_enforced_never_true_and_says_so(lab3):
-    """Egress HTTP rules are not enforced (no egress HTTP proxy): they fail closed. Every node reports the
-    policy not enforcing, naming the missing proxy; Enforced=False naming the field, a Warning Event, and a
-    request on the port (which the HTTP rules would allow or refuse) is dropped, never passed at L3/L4."""
+    """Kafka rules are not enforced (no Kafka proxy): they fail closed. Every node reports the policy not
+    enforcing, naming the missing proxy; Enforced=False naming the field, a Warning Event, and a request on
+    the port (which the Kafka rules would judge) is dropped, never passed at L3/L4."""
     ip = json.loads(lab3.kubectl("get", "pod", "deathstar-1", "-o", "json").stdout)["status"]["podIP"]
     assert lab3.probe("http", ip, 80, pod="deathstar-2", timeout=3).returncode == 0  # answered before the policy
-    lab3.apply(HTTP_L7)
-    st = wait_status(lab3, "http-l7", lambda s: condition(s, "Enforced").get("reason") == "NodesNotEnforcing"
+    lab3.apply(KAFKA_L7)
+    st = wait_status(lab3, "kafka-l7", lambda s: condition(s, "Enforced").get("reason") == "NodesNotEnforcing"
                      and s.get("enforcement") == "0/2 nodes" and len(s.get("nodes") or {}) == 2, 60,
                      "Enforced=False, NodesNotEnforcing on 0/2 nodes")
     enforced = condition(st, "Enforced")
     assert enforced["status"] == "False" and enforced["observedGeneration"] == 1
-    assert "spec.egress[0].toPorts[0].rules.http" in enforced["message"], enforced
+    assert "spec.egress[0].toPorts[0].rules.kafka" in enforced["message"], enforced
     assert "PROXY_UNAVAILABLE" in enforced["message"], enforced
     assert condition(st, "Valid")["status"] == "True"
     for entry in st["nodes"].values():  # applied (ok) but not enforcing, naming the missing proxy
         assert entry["ok"] and not entry["enforcing"], st["nodes"]
-        assert "no egress http proxy" in entry.get("error", ""), st["nodes"]
+        assert "no egress kafka proxy" in entry.get("error", ""), st["nodes"]
     deadline = time.monotonic() + 30
     events: list[dict] = []
     while time.monotonic() < deadline:
-        events = [e for e in lab3.events("http-l7") if e.get("reason") == "PolicyPartiallyEnforced"]
+        events = [e for e in lab3.events("kafka-l7") if e.get("reason") == "PolicyPartiallyEnforced"]
         if events:
             break
         time.sleep(0.5)
-    assert events, lab3.events("http-l7")
-    assert events[0]["type"] == "Warning" and "rules.http" in events[0]["message"]
+    assert events, lab3.events("kafka-l7")
+    assert events[0]["type"] == "Warning" and "rules.kafka" in events[0]["message"]
     assert events[0]["involvedObject"]["kind"] == "CiliumNetworkPolicy"
-    # fail closed: nothing filters HTTP on the way out, so the port's connections are dropped
+    # fail closed: nothing parses Kafka on the way out, so the port's connections are dropped
     assert lab3.probe("http", ip, 80, pod="deathstar-2", timeout=3).returncode != 0
-    lab3.kubectl("delete", "cnp", "http-l7")
+    lab3.kubectl("delete", "cnp", "kafka-l7")
 
 
 def test_agent_killed_and_not_restarted_turns_its_entry_stale(lab3):

@@ -1,7 +1,7 @@
 """The node's Envoy configuration, computed from the node intent (pure: no I/O).
 
-Owns :func:`listener_document` (the LDS file: one transparent listener holding a filter
-chain per redirected (local endpoint, port, peer set)), :func:`bootstrap` (Envoy's start-up
+Owns :func:`listener_document` (the LDS file: the ingress and egress transparent listeners,
+each holding a filter chain per redirected (local endpoint, port, peer set)), :func:`bootstrap` (Envoy's start-up
 configuration: admin socket, the original-destination cluster, LDS from a file) and
 :func:`policed_ports` (which (endpoint, port) pairs the proxy polices, for status).
 
@@ -22,14 +22,32 @@ the allow entry deciding it carries HTTP rules, ``datapath_c/lib/l7redirect.h``)
   named after its policy rule, as JSON, so the access log names the deciding rule). If one
   covering entry has no HTTP rules (an L4 allow), every request is allowed (L4 wins, as
   in Cilium). The last route answers ``403`` with the body ``Access denied``.
-- Rule semantics: ``method``/``path``/``host`` are RE2 regular expressions matched against
-  the whole ``:method``/``:path``/``:authority`` (``:path`` includes the query string);
-  ``headers`` entries ``"Name"`` require presence, ``"Name: value"`` the exact value. Paths
+- Rule semantics (the routes themselves: ``envoy_routes``): ``method``/``path``/``host`` are
+  RE2 regular expressions matched against the whole ``:method``/``:path``/``:authority``
+  (``:path`` includes the query string); ``headers`` entries ``"Name"`` require presence,
+  ``"Name: value"`` the exact value; ``headerMatches`` with their mismatch actions. Paths
   are normalised (RFC 3986, merged slashes) before matching and forwarded normalised.
 - The proxy's upstream connection to the pod is opened from the node (source: the node's
   address towards the pod) with socket mark :data:`FROM_PROXY_MARK`, which the pod's tc
   program recognises (never redirected again); the pod therefore sees the node's address,
   not the client's.
+
+Egress (a second transparent listener, :data:`EGRESS_LISTENER_NAME`, on the port after the
+ingress one; ``cy_from_pod`` assigns the pod's connection to it, ``datapath_c/lib/redirect.h``):
+
+- the client is the local pod, known from the connection's source address: one filter chain
+  per (pod address, destination port, destination identity) with ``source_prefix_ranges``
+  the pod's /32 and ``prefix_ranges`` the destination identity's ipcache prefixes (world: also
+  ``0.0.0.0/0``, an ipcache miss). Envoy matches the destination prefix before the source, so
+  every pod redirected on a port gets a chain for every destination group of that port (its
+  own rules, possibly none: 403), otherwise one pod's more specific prefix would hide
+  another's chain;
+- a chain's routes are the HTTP rules of the pod's egress allow entries covering (destination
+  identity, TCP, port), OR'ed with its any-peer entries; an L4 allow among them allows all;
+- the upstream connection leaves from the pod's own address (``original_src``, with socket
+  mark :data:`FROM_EGRESS_PROXY_MARK`), so the destination's ingress policy judges the pod's
+  identity, on any node; the node plumbing (``proxy_plumbing``) routes the answers to Envoy's
+  socket. This mark is not :data:`FROM_PROXY_MARK`: nothing skips the destination's policy.
 """
 
 from __future__ import annotations
@@ -41,30 +59,38 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ciliary.nodeagent import envoy_routes
 from ciliary.operator import intents
 
 LISTENER_NAME = "cy_ingress_http"
-CLUSTER_NAME = "cy_original_dst"
+CLUSTER_NAME = envoy_routes.CLUSTER_NAME
+EGRESS_CLUSTER_NAME = envoy_routes.EGRESS_CLUSTER_NAME
+DENY_ROUTE = envoy_routes.DENY_ROUTE
+DENY_BODY = envoy_routes.DENY_BODY
+ORIGINAL_DST_HEADER = envoy_routes.ORIGINAL_DST_HEADER
+routes = envoy_routes.routes
+route_name = envoy_routes.route_name
+rule_of_route = envoy_routes.rule_of_route
 DEFAULT_PORT = 15001
 TO_PROXY_MARK = 0x0C00
 """skb mark of a packet the tc program hands to the proxy (policy routing delivers it locally)."""
 FROM_PROXY_MARK = 0x0D00
 """Socket mark of the proxy's upstream connections (the tc program lets them through)."""
-MARK_MASK = 0x0F00
-WORLD = 2
+FROM_EGRESS_PROXY_MARK = 0x0E00
+"""Socket mark of the egress listener's upstream connections (sent from the client pod's address; the
+node plumbing routes their answers back to Envoy; the tc programs judge them like any packet)."""
+EGRESS_LISTENER_NAME = "cy_egress_http"
+WORLD_IDENTITY = 2
 """The world identity (consts.h CY_ID_WORLD): what the datapath gives an address no ipcache prefix holds."""
-DENY_ROUTE = "cy-default-deny"
-DENY_BODY = "Access denied\r\n"
+MARK_MASK = 0x0F00
 MAX_RANGE_PORTS = 256
 """An HTTP rule on a port range covers at most this many ports (one filter chain per port)."""
 SOL_SOCKET, SO_MARK = 1, 36
-ORIGINAL_DST_HEADER = "x-envoy-original-dst-host"
-"""Set by every forwarding route (overwriting a client's): where the original-destination cluster connects."""
 ACCESS_LOG_FORMAT = {
     "time": "%START_TIME(%s.%6f)%", "method": "%REQ(:METHOD)%", "path": "%REQ(:PATH)%",
     "host": "%REQ(:AUTHORITY)%", "status": "%RESPONSE_CODE%", "route": "%ROUTE_NAME%",
     "src": "%DOWNSTREAM_REMOTE_ADDRESS%", "dst": "%DOWNSTREAM_LOCAL_ADDRESS%", "protocol": "%PROTOCOL%",
-    "duration_ms": "%DURATION%", "flags": "%RESPONSE_FLAGS%",
+    "duration_ms": "%DURATION%", "flags": "%RESPONSE_FLAGS%", "mismatch": "%METADATA(ROUTE:ciliary:mismatch)%",
 }
 
 
@@ -88,11 +114,13 @@ class Chain:
     name: str
 
 
-def policed_ports(intent: intents.NodeIntent) -> dict[str, set[int]]:
-    """Local endpoint address -> the TCP ports whose ingress connections some entry redirects to the proxy."""
+def policed_ports(intent: intents.NodeIntent, direction: intents.Direction = intents.Direction.INGRESS
+                  ) -> dict[str, set[int]]:
+    """Local endpoint address -> the TCP ports whose connections (in ``direction``) some entry redirects
+    to the proxy."""
     out: dict[str, set[int]] = {}
     for endpoint in intent.endpoints:
-        for entry in endpoint.ingress.entries:
+        for entry in endpoint.direction(direction).entries:
             if entry.http is None or entry.verdict is not intents.Verdict.ALLOW:
                 continue
             high = entry.port_high or entry.port_low
@@ -105,8 +133,8 @@ def policed_ports(intent: intents.NodeIntent) -> dict[str, set[int]]:
 
 def policies_needing_proxy(intent: intents.NodeIntent) -> set[str]:
     """UIDs of the policies whose HTTP rules this node's proxy enforces."""
-    return {rule.uid for e in intent.endpoints for entry in e.ingress.entries if entry.http is not None
-            for rule in entry.rules}
+    return {rule.uid for e in intent.endpoints for entry in (*e.ingress.entries, *e.egress.entries)
+            if entry.http is not None and entry.verdict is intents.Verdict.ALLOW for rule in entry.rules}
 
 
 def _covering(entries: Iterable[intents.PolicyEntry], identity: int, port: int) -> list[intents.PolicyEntry]:
@@ -151,9 +179,9 @@ def _port_chains(endpoint: str, port: int, entries: tuple[intents.PolicyEntry, .
                     and _covering(entries, e.identity, port)})
     own_nets = {peer: list(prefixes.get(peer, [])) for peer in peers}
     everything = ipaddress.IPv4Network("0.0.0.0/0")
-    world_chained = WORLD in own_nets and not any(net == everything for nets in prefixes.values() for net in nets)
+    world_chained = WORLD_IDENTITY in own_nets and not any(net == everything for nets in prefixes.values() for net in nets)
     if world_chained:
-        own_nets[WORLD].append(everything)
+        own_nets[WORLD_IDENTITY].append(everything)
     taken = [net for nets in own_nets.values() for net in nets]
     out = [Chain(endpoint, port, tuple(str(n) for n in sorted(own_nets[peer])),
                  _rules_for(_covering(entries, peer, port), anyone), f"{endpoint}:{port}/id{peer}")
@@ -170,73 +198,40 @@ def _port_chains(endpoint: str, port: int, entries: tuple[intents.PolicyEntry, .
     return out
 
 
-def route_name(rule: intents.RuleRef | None) -> str:
-    """The route's name: its policy rule as compact JSON (read back from the access log)."""
-    if rule is None:
-        return "cy-allow"
-    return json.dumps(rule.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+def _prefixes(cidrs: Iterable[str]) -> list[dict[str, Any]]:
+    nets = [ipaddress.IPv4Network(cidr) for cidr in cidrs]
+    return [{"address_prefix": str(net.network_address), "prefix_len": net.prefixlen} for net in nets]
 
 
-def _header_matchers(rule: intents.HttpRule) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for name, regex in ((":method", rule.method), (":path", rule.path), (":authority", rule.host)):
-        if regex:
-            out.append({"name": name, "string_match": {"safe_regex": {"regex": regex}}})
-    for header in rule.headers:
-        name, sep, value = header.partition(":")
-        if sep:
-            out.append({"name": name.strip(), "string_match": {"exact": value.strip()}})
-        else:
-            out.append({"name": name.strip(), "present_match": True})
-    return out
-
-
-def _forward(name: str, headers: list[dict[str, Any]]) -> dict[str, Any]:
-    match: dict[str, Any] = {"prefix": "/"}
-    if headers:
-        match["headers"] = headers
-    # the original-destination cluster connects to the address in this header: the connection's
-    # local address, which for the transparent listener is the pod's address and port
-    return {"name": name, "match": match, "route": {"cluster": CLUSTER_NAME, "timeout": "0s"},
-            "request_headers_to_add": [{"header": {"key": ORIGINAL_DST_HEADER, "value": "%DOWNSTREAM_LOCAL_ADDRESS%"},
-                                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}
-
-
-def routes(rules: tuple[intents.HttpRule, ...] | None) -> list[dict[str, Any]]:
-    """A chain's routes: one per allowed kind of request, then the 403."""
-    out = [_forward("cy-allow", [])] if rules is None else [
-        _forward(route_name(rule.rule), _header_matchers(rule)) for rule in rules]
-    out.append({"name": DENY_ROUTE, "match": {"prefix": "/"},
-                "direct_response": {"status": 403, "body": {"inline_string": DENY_BODY}}})
-    return out
-
-
-def _filter_chain(chain: Chain, access_log: str) -> dict[str, Any]:
-    sources = []
-    for cidr in chain.sources:
-        net = ipaddress.IPv4Network(cidr)
-        sources.append({"address_prefix": str(net.network_address), "prefix_len": net.prefixlen})
+def _http_filter(name: str, rules: tuple[intents.HttpRule, ...] | None, access_log: str, *,
+                 egress: bool = False) -> dict[str, Any]:
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
                  "HttpConnectionManager",
-        "stat_prefix": "cy_ingress",
+        "stat_prefix": "cy_egress" if egress else "cy_ingress",
         "codec_type": "AUTO",
         "normalize_path": True,
         "merge_slashes": True,
-        "route_config": {"name": chain.name, "virtual_hosts": [
-            {"name": "any", "domains": ["*"], "routes": routes(chain.rules)}]},
+        "route_config": {"name": name, "virtual_hosts": [
+            {"name": "any", "domains": ["*"],
+             "routes": routes(rules, EGRESS_CLUSTER_NAME if egress else CLUSTER_NAME)}]},
         "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
         "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-            "path": access_log, "log_format": {"json_format": ACCESS_LOG_FORMAT}}}],
+            "path": access_log, "log_format": {"json_format": {
+                **ACCESS_LOG_FORMAT, "direction": "egress" if egress else "ingress"}}}}],
     }
+    return {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+
+
+def _filter_chain(chain: Chain, access_log: str) -> dict[str, Any]:
     return {
         "name": chain.name,
         "filter_chain_match": {"destination_port": chain.port,
                                "prefix_ranges": [{"address_prefix": chain.endpoint, "prefix_len": 32}],
-                               "source_prefix_ranges": sources},
-        "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}],
+                               "source_prefix_ranges": _prefixes(chain.sources)},
+        "filters": [_http_filter(chain.name, chain.rules, access_log)],
     }
 
 
@@ -254,10 +249,89 @@ def listener(intent: intents.NodeIntent, *, port: int, access_log: str) -> dict[
     }
 
 
-def listener_document(intent: intents.NodeIntent, *, port: int, access_log: str) -> tuple[str, dict[str, Any]]:
-    """(version, the LDS DiscoveryResponse for Envoy's file-based LDS)."""
+@dataclass(frozen=True, slots=True)
+class EgressChain:
+    """One egress filter chain: connections from local pod ``source`` to ``destinations``:``port``."""
+
+    source: str
+    port: int
+    destinations: tuple[str, ...]
+    rules: tuple[intents.HttpRule, ...] | None
+    """None: every request allowed (an L4 allow covers the destination)."""
+    name: str
+
+
+def egress_chains(intent: intents.NodeIntent) -> list[EgressChain]:
+    """Every filter chain of the egress listener, in a stable order."""
+    prefixes: dict[int, list[ipaddress.IPv4Network]] = {}
+    for item in intent.ipcache:
+        prefixes.setdefault(item.identity, []).append(ipaddress.IPv4Network(item.cidr))
+    by_port: dict[int, list[str]] = {}
+    for source, ports in policed_ports(intent, intents.Direction.EGRESS).items():
+        for port in ports:
+            by_port.setdefault(port, []).append(source)
+    entries_of = {e.ipv4: e.egress.entries for e in intent.endpoints}
+    out: list[EgressChain] = []
+    for port, sources in sorted(by_port.items()):
+        sources.sort(key=ipaddress.IPv4Address)
+        peers = sorted({e.identity for s in sources for e in entries_of[s] if e.identity != intents.ANY_IDENTITY
+                        and _covering(entries_of[s], e.identity, port)})
+        groups: list[tuple[str, int | None, list[ipaddress.IPv4Network]]] = []
+        for peer in peers:
+            nets = sorted(set(prefixes.get(peer, [])) | ({ipaddress.IPv4Network("0.0.0.0/0")}
+                                                          if peer == WORLD_IDENTITY else set()))
+            if nets:
+                groups.append((f"id{peer}", peer, nets))
+        taken = [net for _, _, nets in groups for net in nets]
+        own = {peer for _, peer, _ in groups}
+        nested = sorted({net for identity, nets in prefixes.items() if identity not in own for net in nets
+                         if any(net != outer and net.subnet_of(outer) for outer in taken)})
+        if WORLD_IDENTITY not in own:
+            groups.append(("any", None, [ipaddress.IPv4Network("0.0.0.0/0"), *nested]))
+        elif nested:
+            groups.append(("other", None, nested))
+        for source in sources:
+            anyone = _covering(entries_of[source], intents.ANY_IDENTITY, port)
+            for label, dest, nets in groups:
+                rules = (_rules_for(_covering(entries_of[source], dest, port), anyone) if dest is not None
+                         else _rules_for([], anyone) if anyone else ())
+                out.append(EgressChain(source, port, tuple(str(n) for n in nets), rules,
+                                       f"egress {source}:{port}/{label}"))
+    return out
+
+
+def _egress_filter_chain(chain: EgressChain, access_log: str) -> dict[str, Any]:
+    return {
+        "name": chain.name,
+        "filter_chain_match": {"destination_port": chain.port, "prefix_ranges": _prefixes(chain.destinations),
+                               "source_prefix_ranges": _prefixes((f"{chain.source}/32",))},
+        "filters": [_http_filter(chain.name, chain.rules, access_log, egress=True)],
+    }
+
+
+def egress_listener(intent: intents.NodeIntent, *, port: int, access_log: str) -> dict[str, Any] | None:
+    """The transparent egress listener (None: no pod's egress is redirected on this node)."""
+    found = egress_chains(intent)
+    if not found:
+        return None
+    return {
+        "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+        "name": EGRESS_LISTENER_NAME,
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
+        "transparent": True,
+        "listener_filters": [{"name": "envoy.filters.listener.original_src", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_src.v3.OriginalSrc",
+            "mark": FROM_EGRESS_PROXY_MARK}}],
+        "filter_chains": [_egress_filter_chain(chain, access_log) for chain in found],
+    }
+
+
+def listener_document(intent: intents.NodeIntent, *, port: int, access_log: str,
+                      egress_port: int = 0) -> tuple[str, dict[str, Any]]:
+    """(version, the LDS DiscoveryResponse for Envoy's file-based LDS); ``egress_port`` 0: no egress listener."""
     resource = listener(intent, port=port, access_log=access_log)
-    resources = [] if resource is None else [resource]
+    egress = egress_listener(intent, port=egress_port, access_log=access_log) if egress_port else None
+    resources = [r for r in (resource, egress) if r is not None]
     digest = hashlib.sha256(json.dumps(resources, sort_keys=True).encode()).hexdigest()[:16]
     version = f"{intent.revision}-{digest}"
     return version, {"version_info": version, "resources": resources}
@@ -282,22 +356,24 @@ def bootstrap(*, node: str, admin_socket: str, lds_path: str,
                 "source_address": {"address": "0.0.0.0", "port_value": 0},
                 "socket_options": [{"level": SOL_SOCKET, "name": SO_MARK, "int_value": upstream_mark,
                                     "state": "STATE_PREBIND"}]},
+        }, {
+            # the egress listener's: its original_src filter binds each upstream connection to the
+            # client pod's address and sets FROM_EGRESS_PROXY_MARK
+            "name": EGRESS_CLUSTER_NAME,
+            "type": "ORIGINAL_DST",
+            "lb_policy": "CLUSTER_PROVIDED",
+            "original_dst_lb_config": {"use_http_header": True},
+            "connect_timeout": "5s",
+            "cleanup_interval": "60s",
+            "circuit_breakers": {"thresholds": [{"max_connections": 100000, "max_pending_requests": 100000,
+                                                 "max_requests": 100000}]},
         }]},
         "dynamic_resources": {"lds_config": {"path_config_source": {"path": lds_path},
                                              "resource_api_version": "V3"}},
     }
 
 
-def rule_of_route(name: str) -> intents.RuleRef | None:
-    """The policy rule a route name (from the access log) stands for; None for the default routes."""
-    if not name.startswith("{"):
-        return None
-    try:
-        return intents.RuleRef.model_validate(json.loads(name))
-    except ValueError:
-        return None
-
-
 def peers_by_chain(intent: intents.NodeIntent) -> Mapping[str, tuple[str, ...]]:
-    """Chain name -> its source prefixes (diagnostics: ``/v1/enforcement``)."""
-    return {chain.name: chain.sources for chain in chains(intent)}
+    """Chain name -> its peer prefixes (ingress: sources; egress: destinations) (diagnostics)."""
+    return {**{chain.name: chain.sources for chain in chains(intent)},
+            **{chain.name: chain.destinations for chain in egress_chains(intent)}}

@@ -10,7 +10,8 @@ holds the admin API on a unix socket, the static original-destination cluster an
 ``lds_config.path_config_source``; every new intent rewrites the LDS file (one transparent
 listener, ``envoy_config.listener_document``) by writing a temporary file and renaming it
 over the old one: Envoy watches the file's directory and loads a whole document or none,
-keeping the previous listener when it rejects one. Chosen over xDS over gRPC because the
+keeping the previous listener when it rejects one. The egress listener (``cy_from_pod``'s
+HTTP redirect) listens on :func:`egress_port`. Chosen over xDS over gRPC because the
 agent is the only source of the configuration and already holds all of it: an xDS server
 would add Envoy's protobuf API, a gRPC service and its ACK/NACK state machine to the agent
 for no gain; the admin API gives the same acknowledgement (``listener_manager.lds.
@@ -67,6 +68,11 @@ def envoy_binary(configured: str) -> str | None:
     return shutil.which("envoy")
 
 
+def egress_port(port: int) -> int:
+    """The egress listener's port: the one after the ingress listener's ``--proxy-port``."""
+    return port + 1 if port < 65535 else port - 1
+
+
 def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
@@ -81,6 +87,7 @@ class EnvoyProxy:
         self.run_dir = run_dir
         self.admin_socket = admin_socket
         self.port = port
+        self.egress_port = egress_port(port)
         self.binary = binary
         self.publish = publish
         self.lds_path = run_dir / "lds.json"
@@ -112,7 +119,8 @@ class EnvoyProxy:
         self._identity_of = l7_flows.identity_lookup(intent)
         try:
             version, document = envoy_config.listener_document(intent, port=self.port,
-                                                               access_log=str(self.access_log))
+                                                               access_log=str(self.access_log),
+                                                               egress_port=self.egress_port)
         except envoy_config.ProxyConfigError as exc:
             self.config_error = str(exc)
             log.error("HTTP rules cannot be configured", extra={"node": self.node, "error": str(exc)})
@@ -150,7 +158,8 @@ class EnvoyProxy:
         return {"running": running, "pid": self.process.pid if running and self.process else None,
                 "starts": self.starts, "last_exit": self.last_exit, "wanted_version": self.wanted_version,
                 "accepted_version": self.accepted_version, "rejected": self.rejected,
-                "config_error": self.config_error, "port": self.port, "bad_log_lines": self.bad_lines}
+                "config_error": self.config_error, "port": self.port, "egress_port": self.egress_port,
+                "bad_log_lines": self.bad_lines}
 
     # ---------------------------------------------------------------- process
 

@@ -2,8 +2,9 @@
 
 Envoy writes one JSON object per HTTP request (``envoy_config.ACCESS_LOG_FORMAT``): time,
 method, path, host, status, the route that decided (named after its policy rule, or
-``cy-default-deny``), and the connection's original addresses (the listener is transparent,
-so the downstream local address is the pod's). :func:`parse_line` turns it into an
+``cy-default-deny``), the listener's direction (``ingress``: the pod is the destination;
+``egress``: the pod is the client) and the connection's original addresses (the listeners are
+transparent, so the downstream local address is the original destination). :func:`parse_line` turns it into an
 :class:`L7Event`, which has the attributes of ``datapath.flows.FlowEvent`` the flow ring,
 ``flowapi.enrich``, ``hubble_convert.to_flow`` and the metrics read, plus ``http`` and ``rule``.
 
@@ -35,10 +36,13 @@ class HttpInfo:
     code: int
     protocol: str
     duration_ms: int
+    mismatch: str = ""
+    """headerMatches that did not match, with their action: ``"Name:ACTION,..."`` (empty: none)."""
 
     def as_json(self) -> dict[str, Any]:
-        return {"method": self.method, "url": self.url, "host": self.host, "code": self.code,
-                "protocol": self.protocol, "latency_ms": self.duration_ms}
+        found = {"method": self.method, "url": self.url, "host": self.host, "code": self.code,
+                 "protocol": self.protocol, "latency_ms": self.duration_ms}
+        return {**found, "header_mismatch": self.mismatch} if self.mismatch else found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,10 +102,13 @@ def parse_line(line: str, identity_of: Callable[[str], int]) -> L7Event:
     rule = envoy_config.rule_of_route(route)
     info = HttpInfo(method=str(data.get("method") or ""), url=str(data.get("path") or ""),
                     host=str(data.get("host") or ""), code=_int(data.get("status")),
-                    protocol=str(data.get("protocol") or ""), duration_ms=_int(data.get("duration_ms")))
+                    protocol=str(data.get("protocol") or ""), duration_ms=_int(data.get("duration_ms")),
+                    mismatch="" if data.get("mismatch") in (None, "", "-") else str(data["mismatch"]))
+    direction = "egress" if data.get("direction") == "egress" else "ingress"
     return L7Event(time=when, src=src, dst=dst, sport=sport, dport=dport,
                    verdict="dropped" if denied else "forwarded", reason="L7_DENIED" if denied else "L7_ALLOWED",
-                   src_identity=identity_of(str(src)), dst_identity=identity_of(str(dst)), http=info, rule=rule)
+                   src_identity=identity_of(str(src)), dst_identity=identity_of(str(dst)), http=info, rule=rule,
+                   direction=direction)
 
 
 def identity_lookup(intent: intents.NodeIntent | None) -> Callable[[str], int]:

@@ -100,7 +100,10 @@ class Agent:
             self.registry.subscribe(dns.on_endpoint_event)
             self.registry.subscribe(self.enforcer.on_endpoint_event)
             if hasattr(self.datapath, "proxy_ports"):  # the fakes of unit tests have none
-                self.datapath.proxy_ports = dict(dns.proxy_ports)
+                # egress HTTP entries go to Envoy's egress listener; while it does not listen, the
+                # kernel finds no socket there and drops them (PROXY_UNAVAILABLE)
+                http = {"http": self.proxy.egress_port} if self.proxy is not None else {}
+                self.datapath.proxy_ports = {**dns.proxy_ports, **http}
             self.watcher = watching.IntentWatcher(
                 node=config.node_name, client_factory=self._watch_client, on_intent=self._on_intent,
                 on_invalid=self._on_invalid, on_deleted=self._on_deleted)

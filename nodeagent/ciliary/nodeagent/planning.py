@@ -214,10 +214,11 @@ def proxy_port_of(direction: MapDirection, entry: intents.PolicyEntry, proxy_por
 
     Only egress entries redirect through a port (``bpf_sk_assign`` works at tc ingress of the
     host veth, which is the pod's egress); only entries flagged ``l7_redirect`` whose parser has
-    a running proxy. An entry whose parser has no proxy here is dropped (:func:`entry_flags`).
+    a running proxy. An entry whose parser has no proxy here is dropped (:func:`entry_flags`), and
+    so is an HTTP entry whose rules Envoy cannot read (``http`` None: HTTP inside TLS).
     """
     kind = needed_proxy(entry)
-    if direction is not MapDirection.EGRESS or kind is None:
+    if direction is not MapDirection.EGRESS or kind is None or (kind == "http" and entry.http is None):
         return 0
     return proxy_ports.get(kind, 0)
 

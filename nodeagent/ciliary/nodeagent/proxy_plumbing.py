@@ -19,6 +19,16 @@ the plumbing is
 - policy routing: ``ip rule fwmark TO_PROXY_MARK/MARK_MASK lookup 2012`` and
   ``local 0.0.0.0/0 dev lo`` in table 2012, so a marked packet is delivered locally
   whatever its destination address;
+- for the egress listener, whose upstream connections leave from the client pod's address with
+  socket mark ``FROM_EGRESS_PROXY_MARK``: two iptables ``mangle PREROUTING`` rules. An
+  unmarked packet that belongs to such an established transparent socket takes the socket's
+  mark (``-m socket --transparent --nowildcard --restore-skmark``), and that mark becomes
+  ``TO_PROXY_MARK``, which the table-2012 rule delivers locally. Without them an answer
+  addressed to the pod would be forwarded to the pod instead of Envoy. (A routing rule on
+  ``FROM_EGRESS_PROXY_MARK`` itself would also send the upstream connection's own outgoing
+  packets to ``lo``.) The policy routing of ``lib/redirect.h`` (table 2005,
+  ``proxy_routing``) is ensured too: the pod's connection reaches the egress listener through
+  it, also on a node without a DNS proxy;
 - ``net.ipv4.ip_early_demux=0`` (a per-namespace switch): Envoy's accepted sockets carry the
   pod's address, so with early demux every later packet of the connection, arriving on the
   node's eth0 or a client pod's veth on its way to the pod, would be matched to Envoy's socket
@@ -44,7 +54,8 @@ from collections.abc import Sequence
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ciliary.nodeagent.envoy_config import MARK_MASK, TO_PROXY_MARK
+from ciliary.nodeagent import proxy_routing
+from ciliary.nodeagent.envoy_config import FROM_EGRESS_PROXY_MARK, MARK_MASK, TO_PROXY_MARK
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +96,16 @@ def tproxy_rule(port: int) -> list[str]:
     mark = f"0x{TO_PROXY_MARK:x}/0x{MARK_MASK:x}"
     return ["PREROUTING", "-i", PROXY_DEVICE, "-p", "tcp", "-m", "mark", "--mark", mark,
             "-j", "TPROXY", "--on-port", str(port), "--tproxy-mark", mark]
+
+
+def egress_answer_rules() -> list[list[str]]:
+    """The mangle PREROUTING rules (without the -A/-C/-D verb) that route answers to the egress listener's
+    upstream sockets to Envoy, in order."""
+    unmarked = ["-m", "mark", "--mark", f"0/0x{MARK_MASK:x}"]
+    egress = f"0x{FROM_EGRESS_PROXY_MARK:x}/0x{MARK_MASK:x}"
+    return [["PREROUTING", *unmarked, "-m", "socket", "--transparent", "--nowildcard", "--restore-skmark"],
+            ["PREROUTING", "-m", "mark", "--mark", egress, "-j", "MARK", "--set-xmark",
+             f"0x{TO_PROXY_MARK:x}/0x{MARK_MASK:x}"]]
 
 
 MARK = f"0x{TO_PROXY_MARK:x}/0x{MARK_MASK:x}"
@@ -180,6 +201,13 @@ def ensure(netns: str, port: int, device: ProxyDevice | None = None) -> ProxyDev
         log.info("Stale proxy rule removed", extra={"netns": netns, "rule": " ".join(rule)})
     if not kept:
         _run(netns, "iptables", ["iptables", "-w", "-t", "mangle", "-A", *tproxy_rule(port)])
+    for rule in egress_answer_rules():
+        if _run(netns, "iptables check", ["iptables", "-w", "-t", "mangle", "-C", *rule], check=False) != 0:
+            _run(netns, "iptables", ["iptables", "-w", "-t", "mangle", "-A", *rule])
+    try:
+        proxy_routing.ensure(netns or None)
+    except (proxy_routing.ProxyRoutingError, OSError) as exc:
+        raise PlumbingFailed(netns, "proxy routing", str(exc)) from exc
     log.info("Proxy plumbing ready", extra={"netns": netns, "device": PROXY_DEVICE, "ifindex": index,
                                             "port": port})
     return ProxyDevice(ifindex=index, mac=mac)
@@ -213,6 +241,9 @@ def check(netns: str, port: int, device: ProxyDevice | None) -> list[str]:
     stale = sorted({_port_of(rule) for rule in tproxy if _port_of(rule) != port})
     if stale:
         problems.append(f"stale TPROXY rules to ports {', '.join(map(str, stale))}")
+    for rule in egress_answer_rules():
+        if _run(netns, "iptables check", ["iptables", "-w", "-t", "mangle", "-C", *rule], check=False) != 0:
+            problems.append(f"no egress answer rule in mangle: {' '.join(rule[1:])}")
     return problems
 
 
@@ -235,6 +266,11 @@ def teardown(netns: str) -> list[str]:
     for rule in _our_tproxy_rules(netns):
         _run(netns, "teardown", ["iptables", "-w", "-t", "mangle", "-D", *rule], check=False)
         removed.append(f"TPROXY rule to port {_port_of(rule)}")
+    for rule in egress_answer_rules():
+        for _ in range(8):  # duplicates too, bounded
+            if _run(netns, "teardown", ["iptables", "-w", "-t", "mangle", "-D", *rule], check=False) != 0:
+                break
+            removed.append("egress answer rule")
     if removed and _sysctl(netns, EARLY_DEMUX) == "0":
         _run(netns, "teardown", ["sysctl", "-qw", f"{EARLY_DEMUX}=1"], check=False)
         removed.append(f"{EARLY_DEMUX}=0")

@@ -129,7 +129,8 @@ def proxy_needs(applied: intents.NodeIntent, uid: str) -> tuple[set[str], set[st
 
     Ingress HTTP rules the node's Envoy reads need ``"http"``; any other ingress L7 entry (HTTP
     inside TLS, Kafka, ...) needs ``"<parser> (no ingress proxy)"``, which no node runs; egress
-    L7 entries need their parser, ``toFQDNs`` the DNS proxy (``planning.needed_proxy``)."""
+    L7 entries need their parser, ``toFQDNs`` the DNS proxy (``planning.needed_proxy``); egress HTTP
+    rules Envoy cannot read (inside TLS) need ``"http (no ...)"`` too."""
     ingress: set[str] = set()
     egress: set[str] = set()
     for endpoint in applied.endpoints:
@@ -145,15 +146,17 @@ def proxy_needs(applied: intents.NodeIntent, uid: str) -> tuple[set[str], set[st
             if not any(r.uid == uid for r in entry.rules):
                 continue
             kind = planning.needed_proxy(entry)
-            if kind is not None:
+            if kind == "http" and entry.http is None:
+                egress.add(f"{kind}{UNPROXIED}")
+            elif kind is not None:
                 egress.add(kind)
             if entry.identity in applied.fqdn_selectors:
                 egress.add("dns")
     return ingress, egress
 
 
-UNPROXIED = " (no ingress proxy)"
-"""Suffix of an ingress kind no node has a proxy for (:func:`proxy_needs`)."""
+UNPROXIED = " (no proxy reads it)"
+"""Suffix of a kind whose rules no proxy on any node reads (:func:`proxy_needs`)."""
 
 
 def proxy_parsers(applied: intents.NodeIntent, uid: str) -> set[str]:
@@ -181,7 +184,9 @@ def proxy_message(applied: intents.NodeIntent, uid: str, problems: Mapping[str, 
         elif problems.get(kind):
             found.append(problems[kind])
     for kind in sorted(egress):
-        if problems.get(kind):
+        if kind.endswith(UNPROXIED):
+            found.append(_no_proxy("egress", kind.removesuffix(UNPROXIED)))
+        elif problems.get(kind):
             found.append(problems[kind])
         elif kind not in redirected:
             found.append(_no_proxy("egress", kind))

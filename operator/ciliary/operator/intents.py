@@ -88,6 +88,20 @@ class RuleRef(_Frozen):
         return f"{self.kind} {where} rule {self.rule_index} {self.section}"
 
 
+HeaderMismatch = Literal["LOG", "ADD", "DELETE", "REPLACE"]
+
+
+class HeaderMatch(_Frozen):
+    """One ``headerMatches[]`` item with its value inline: ``mismatch`` None means the header must have
+    ``value`` (or, with an empty value, be present) for the rule to allow the request; with an action the
+    rule allows the request either way and the proxy applies the action when the header does not match."""
+
+    name: str = Field(description="Header name (case-insensitive).")
+    value: str = Field(default="", description="Expected value; empty: presence only.")
+    mismatch: HeaderMismatch | None = Field(default=None, description="Action on mismatch; None: no match, "
+                                                                       "no allow.")
+
+
 class HttpRule(_Frozen):
     """One allowed kind of HTTP request (``toPorts[].rules.http[]``): every field that is set must match.
 
@@ -100,6 +114,7 @@ class HttpRule(_Frozen):
     path: str = Field(default="", description="Regex over the whole path (with query); empty: any.")
     host: str = Field(default="", description="Regex over the whole host (:authority); empty: any.")
     headers: tuple[str, ...] = Field(default=(), description='"Name" or "Name: value", all required.')
+    header_matches: tuple[HeaderMatch, ...] = Field(default=(), description="headerMatches, values inline.")
     rule: RuleRef | None = Field(default=None, description="The policy rule this HTTP rule belongs to.")
 L7Parser = Literal["dns", "http", "kafka", "l7proto"]
 """Which L7 rules a redirecting entry carries, i.e. which node-local proxy must see its traffic."""

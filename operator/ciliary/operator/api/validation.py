@@ -277,6 +277,20 @@ def _check_http(rule: PortRuleHTTP, path: str) -> Iterable[PolicyProblem]:
     for i, header in enumerate(rule.headers or ()):
         if not header.split(":", 1)[0].strip():
             yield PolicyProblem(f"{path}.headers[{i}]", 'a header must be "Name" or "Name: value"')
+    acting = [m for m in rule.header_matches or () if m.mismatch is not None]
+    if len(acting) > MAX_HEADER_ACTIONS:
+        yield PolicyProblem(f"{path}.headerMatches", f"at most {MAX_HEADER_ACTIONS} header matches with a "
+                                                     f"mismatch action per rule, found {len(acting)}")
+    for i, match in enumerate(rule.header_matches or ()):
+        if not HEADER_NAME.match(match.name) or match.name.lower() == "host":
+            yield PolicyProblem(f"{path}.headerMatches[{i}].name",
+                                f'"{match.name}" is not a header name the proxy can match and rewrite')
+
+
+MAX_HEADER_ACTIONS = 4
+"""The proxy gives a rule one route per combination of its mismatch-action headers (2**n)."""
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+"""An HTTP header name (RFC 9110 token); pseudo-headers (``:path``) and ``host`` cannot be rewritten."""
 
 
 def regex_problem(pattern: str) -> str | None:

@@ -22,8 +22,8 @@ for every valid policy. Decisions taken here (documented for users):
 - a port rule without ports covers every port of TCP, UDP and SCTP; ``port`` unset or
   ``"0"`` covers every port of its protocol; ``ANY`` is expanded later into
   TCP, UDP and SCTP;
-- ``rules.http`` of an ingress allow item (without TLS or server names) is carried as
-  :class:`HttpMatch` items for the node's HTTP proxy; other L7 kinds only set ``l7``;
+- ``rules.http`` of an allow item, ingress or egress (without TLS or server names), is
+  carried as :class:`HttpMatch` items for the node's HTTP proxy; other L7 kinds only set ``l7``;
 - ``RuleRef.rule_index`` is the position in ``spec`` followed by ``specs``.
 """
 
@@ -45,7 +45,16 @@ from ciliary.operator.api.rules import (
     Rule,
 )
 from ciliary.operator.api.selectors import LabelSelector
-from ciliary.operator.intents import Direction, DNSRule, L7Parser, PolicyRef, Protocol, RuleRef, Verdict
+from ciliary.operator.intents import (
+    Direction,
+    DNSRule,
+    HeaderMatch,
+    L7Parser,
+    PolicyRef,
+    Protocol,
+    RuleRef,
+    Verdict,
+)
 from ciliary.operator.policy import selection
 from ciliary.operator.policy.selection import Selector
 
@@ -78,6 +87,7 @@ class HttpMatch:
     path: str = ""
     host: str = ""
     headers: tuple[str, ...] = ()
+    header_matches: tuple[HeaderMatch, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +280,7 @@ def _egress(item: EgressRule | EgressDenyRule, ref: RuleRef, verdict: Verdict, n
         other_l3=other_l3,
         port_rules=item.to_ports,
         icmps=item.icmps,
+        http_proxy=verdict is Verdict.ALLOW,
         fqdns=fqdns,
     )
 
@@ -321,17 +332,25 @@ def _peer_rule(
 
 
 def http_matches(rule: PortRule) -> tuple[HttpMatch, ...] | None:
-    """The HTTP rules the node's proxy enforces for an ingress port rule; None when it is not proxied.
+    """The HTTP rules the node's proxy enforces for a port rule of an allow item; None when it is not proxied.
 
     Proxied: ``rules.http`` without TLS interception or server names (a TLS stream cannot be read
-    by the proxy, so such a port stays open at L3/L4: ``support`` reports it).
+    by the proxy) and without a header condition whose value is in a Secret (not read yet). The
+    others are not proxied: the node drops their connections (``PROXY_UNAVAILABLE``) and
+    ``support`` reports them. A header match with a Secret and a mismatch action is left out (its
+    rule allows either way; only the action is missing, reported too).
     """
     if rule.rules is None or rule.rules.http is None:
         return None
     if rule.terminating_tls is not None or rule.originating_tls is not None or rule.server_names:
         return None
+    if any(m.secret is not None and m.mismatch is None for h in rule.rules.http for m in h.header_matches or ()):
+        return None  # a condition on a Secret's value nobody reads: fail closed (support row headerMatches-secret)
     return tuple(HttpMatch(method=h.method or "", path=h.path or "", host=h.host or "",
-                           headers=tuple(h.headers or ())) for h in rule.rules.http) or (HttpMatch(),)
+                           headers=tuple(h.headers or ()),
+                           header_matches=tuple(HeaderMatch(name=m.name, value=m.value or "", mismatch=m.mismatch)
+                                                for m in h.header_matches or () if m.secret is None))
+                 for h in rule.rules.http) or (HttpMatch(),)
 
 
 def _l7_of(rule: PortRule | PortDenyRule) -> tuple[L7Parser | None, tuple[DNSRule, ...]]:

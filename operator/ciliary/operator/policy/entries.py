@@ -39,7 +39,7 @@ Semantics (documented for users):
   two L7 allows of one kind producing the same entry carry the union of their
   rules (a request matching either is allowed, as Cilium merges them); two
   kinds on one entry (Cilium refuses the policy) keep the first kind met;
-- ingress HTTP rules (``compiling.http_matches``) give the entry its ``http`` rules,
+- HTTP rules (``compiling.http_matches``, ingress and egress) give the entry its ``http`` rules,
   each naming its policy rule; entries merged from several HTTP items carry all
   their rules (OR); merged with an L4-only or non-HTTP item, ``http`` is None
   (no redirect: the port is open to that peer at L4, as in Cilium);
@@ -219,7 +219,8 @@ def _put(acc: _Acc, item: PeerRule, peer: int, specs: Iterable[_Spec]) -> None:
         found = acc.get(key)
         redirect = l7 if l7_allowed else None
         rules = None if http is None or not l7_allowed else [
-            HttpRule(method=h.method, path=h.path, host=h.host, headers=h.headers, rule=item.ref) for h in http]
+            HttpRule(method=h.method, path=h.path, host=h.host, headers=h.headers, header_matches=h.header_matches,
+                     rule=item.ref) for h in http]
         if found is None:
             acc[key] = ({item.ref}, redirect, rules)
         else:

@@ -8,8 +8,8 @@ as Markdown; README.md carries it and a unit test keeps the two equal).
 
 Levels:
 
-- ``enforced``: enforced exactly as written (ingress HTTP rules: by the node's Envoy, and a
-  node reports the policy enforcing only while its Envoy runs with the configuration);
+- ``enforced``: enforced exactly as written (HTTP rules, ingress and egress: by the node's Envoy,
+  and a node reports the policy enforcing only while its Envoy runs with the configuration);
 - ``partial``: accepted; the policy's L3/L4 part is enforced, this construct is
   not (the row says what happens instead). A policy using it never reads
   ``Enforced=True``: its status shows ``Enforced=False`` with reason
@@ -88,6 +88,20 @@ FEATURES: tuple[Feature, ...] = (
             "connections from the selected peers to the port go through the node's Envoy; a request matching "
             "none of the rules gets 403 `Access denied`. Enforced=True on a node only while its Envoy runs "
             "with the policy's configuration"),
+    Feature("http-egress", "`toPorts[].rules.http` in `egress` (`path`, `method`, `host`, `headers`)", _E,
+            "the selected pods' connections to the port and the selected peers (`toEndpoints`, `toCIDR`, "
+            "`toEntities`, `toFQDNs`) go through the node's Envoy, which forwards a request matching one of the "
+            "rules to the original destination from the pod's own address (the destination's ingress policy "
+            "still applies) and answers others 403 `Access denied`. Enforced=True on a node only while its "
+            "Envoy runs with the policy's configuration; without it the connections are dropped"),
+    Feature("headerMatches", "`toPorts[].rules.http[].headerMatches` with an inline `value` (`mismatch` unset, "
+            "`LOG`, `ADD`, `DELETE`, `REPLACE`)", _E,
+            "without `mismatch` the header must have the value (an empty value: be present) for the rule to "
+            "allow the request; with an action the rule allows it either way and Envoy, when the header does "
+            "not match, logs it (`LOG`, in the L7 flow), adds the value (`ADD`), removes the header (`DELETE`) "
+            "or sets it (`REPLACE`) before forwarding. At most 4 headers with actions per rule (more: Valid=False); "
+            "when several rules allow a request, only the first one's actions apply (Cilium applies every "
+            "matching rule's)"),
     Feature("dns", "`toPorts[].rules.dns` (`matchName`, `matchPattern`)", _E,
             "the selected pods' queries on the port go through the node's DNS proxy (UDP and TCP): a name no "
             "rule matches is answered REFUSED, others are forwarded to the server the pod asked; every query "
@@ -105,15 +119,13 @@ FEATURES: tuple[Feature, ...] = (
     Feature("toServices", "`toServices`", _P,
             "not enforced: the item allows nothing (its rule still makes the pods default-deny); "
             "in `egressDeny` it denies nothing"),
-    Feature("http-egress", "`toPorts[].rules.http` in `egress`", _P,
-            "not enforced (no egress HTTP proxy yet): connections to the port are dropped "
-            "(`PROXY_UNAVAILABLE`), never passed unfiltered; the node reports the policy not enforcing"),
     Feature("http-tls", "`toPorts[].rules.http` with `terminatingTLS`, `originatingTLS` or `serverNames`", _P,
             "not enforced (no TLS interception): connections to the port are dropped (`PROXY_UNAVAILABLE`), "
             "never passed unfiltered; the node reports the policy not enforcing"),
-    Feature("headerMatches", "`toPorts[].rules.http[].headerMatches`", _P,
-            "not enforced: header conditions and their mismatch actions are not applied (the rule's "
-            "`path`, `method`, `host` and `headers` are)"),
+    Feature("headerMatches-secret", "`toPorts[].rules.http[].headerMatches[]` with a `secret`", _P,
+            "not enforced (no Secret reading): without `mismatch` the port's connections are dropped "
+            "(`PROXY_UNAVAILABLE`), never passed unchecked; with `mismatch` the match and its action are left "
+            "out (the rule allows as it would)"),
     Feature("kafka", "`toPorts[].rules.kafka`", _P,
             "not enforced (no Kafka proxy): connections to the port are dropped (`PROXY_UNAVAILABLE`); the "
             "node reports the policy not enforcing"),
@@ -273,7 +285,7 @@ def _item_gaps(item: IngressRule | IngressDenyRule | EgressRule | EgressDenyRule
     port_rules: Sequence[PortRule | PortDenyRule] = item.to_ports or ()
     for j, port_rule in enumerate(port_rules):
         if isinstance(port_rule, PortRule):
-            yield from _port_rule_gaps(port_rule, f"{path}.toPorts[{j}]", isinstance(item, IngressRule))
+            yield from _port_rule_gaps(port_rule, f"{path}.toPorts[{j}]")
 
 
 def _is_ipv6(value: str | CIDRRule) -> bool:
@@ -292,17 +304,16 @@ def _icmp_gaps(rules: Iterable[ICMPRule] | None, path: str) -> Iterator[Gap]:
                 yield _gap(f"{path}[{i}].fields[{j}]", "ipv6-icmp")
 
 
-def _port_rule_gaps(rule: PortRule, path: str, ingress: bool) -> Iterator[Gap]:
+def _port_rule_gaps(rule: PortRule, path: str) -> Iterator[Gap]:
     l7 = rule.rules
     if l7 is not None:
         if l7.http is not None:
-            if not ingress:
-                yield _gap(f"{path}.rules.http", "http-egress")
-            elif http_matches(rule) is None:
+            if http_matches(rule) is None:
                 yield _gap(f"{path}.rules.http", "http-tls")
             for k, http in enumerate(l7.http):
-                if http.header_matches:
-                    yield _gap(f"{path}.rules.http[{k}].headerMatches", "headerMatches")
+                for m, match in enumerate(http.header_matches or ()):
+                    if match.secret is not None:
+                        yield _gap(f"{path}.rules.http[{k}].headerMatches[{m}].secret", "headerMatches-secret")
         if l7.kafka is not None:
             yield _gap(f"{path}.rules.kafka", "kafka")
         if l7.l7proto is not None or l7.l7 is not None:

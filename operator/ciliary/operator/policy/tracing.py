@@ -146,8 +146,7 @@ def _evaluate(direction: Direction, side: _Side, peer: int, proto: int, dport: i
         verdict="ALLOWED" if decision.allowed else "DENIED",
         reason=decision.reason,
         rules=decision.entry.rules if decision.entry is not None else (),
-        http=decision.allowed and direction is Direction.INGRESS and decision.entry is not None
-        and decision.entry.http is not None,
+        http=decision.allowed and decision.entry is not None and decision.entry.http is not None,
     )
 
 

@@ -71,6 +71,16 @@ def test_l7_generic_needs_l7proto() -> None:
     assert "l7 rules need l7proto" in _problems(_l7({"l7": [{"a": "b"}]}))[0]
 
 
+def test_header_matches_names_and_action_count_are_checked() -> None:
+    acting = [{"name": f"x-{i}", "value": "v", "mismatch": "LOG"} for i in range(5)]
+    (problem,) = _problems(_l7({"http": [{"headerMatches": acting}]}))
+    assert problem.startswith("spec.ingress[0].toPorts[0].rules.http[0].headerMatches: at most 4")
+    assert _problems(_l7({"http": [{"headerMatches": acting[:4] + [{"name": "x-5"}]}]})) == []
+    for bad in (":path", "Host", "x token"):
+        (problem,) = _problems(_l7({"http": [{"headerMatches": [{"name": bad, "value": "v"}]}]}))
+        assert problem.startswith("spec.ingress[0].toPorts[0].rules.http[0].headerMatches[0].name:"), problem
+
+
 @pytest.mark.parametrize("field", ["path", "method", "host"])
 def test_http_regexes_are_checked(field: str) -> None:
     (problem,) = _problems(_l7({"http": [{field: "a(b"}]}))

@@ -1,0 +1,124 @@
+"""The routes of one HTTP filter chain of the node's Envoy, from HTTP rules (pure: no I/O).
+
+Owns :func:`routes` (a chain's route list: the allowed kinds of request, then the 403),
+:func:`route_name`/:func:`rule_of_route` (a route is named after its policy rule, as JSON, so
+the access log names the deciding rule) and the constants of the forwarding routes.
+
+Rule semantics: ``method``/``path``/``host`` are RE2 regular expressions matched against the
+whole ``:method``/``:path``/``:authority``; ``headers`` entries ``"Name"`` require presence,
+``"Name: value"`` the exact value; ``headerMatches`` without ``mismatch`` likewise (an empty
+value: presence). A header match with a mismatch action never stops the rule from allowing:
+Envoy evaluates routes in order and picks the first that matches, so such a rule becomes one
+route per combination of its action headers matching or not (every header matching first;
+the match is the header's condition, or the same condition inverted), and each route applies
+the actions of the headers it saw not matching: ``ADD`` appends the value, ``REPLACE`` sets it,
+``DELETE`` removes the header (nothing for a presence-only match), ``LOG`` changes nothing;
+all four name the mismatch in the route's metadata, which the access log carries into the flow.
+Only the first allowing rule's actions apply.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+from ciliary.operator import intents
+
+CLUSTER_NAME = "cy_original_dst"
+EGRESS_CLUSTER_NAME = "cy_egress_original_dst"
+DENY_ROUTE = "cy-default-deny"
+DENY_BODY = "Access denied\r\n"
+ORIGINAL_DST_HEADER = "x-envoy-original-dst-host"
+"""Set by every forwarding route (overwriting a client's): where the original-destination cluster connects."""
+
+
+def route_name(rule: intents.RuleRef | None) -> str:
+    """The route's name: its policy rule as compact JSON (read back from the access log)."""
+    if rule is None:
+        return "cy-allow"
+    return json.dumps(rule.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def _header_matcher(name: str, value: str, *, invert: bool = False) -> dict[str, Any]:
+    found: dict[str, Any] = {"name": name, "string_match": {"exact": value}} if value else \
+        {"name": name, "present_match": True}
+    if invert:
+        found["invert_match"] = True
+    return found
+
+
+def _header_matchers(rule: intents.HttpRule) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for name, regex in ((":method", rule.method), (":path", rule.path), (":authority", rule.host)):
+        if regex:
+            out.append({"name": name, "string_match": {"safe_regex": {"regex": regex}}})
+    for header in rule.headers:
+        name, _sep, value = header.partition(":")
+        out.append(_header_matcher(name.strip(), value.strip()))
+    out.extend(_header_matcher(m.name, m.value) for m in rule.header_matches if m.mismatch is None)
+    return out
+
+
+def _on_mismatch(match: intents.HeaderMatch) -> dict[str, Any]:
+    """What a route does for a header with a mismatch action that does not match (LOG: nothing)."""
+    if match.mismatch == "ADD":
+        return {"request_headers_to_add": [{"header": {"key": match.name, "value": match.value},
+                                            "append_action": "APPEND_IF_EXISTS_OR_ADD"}]}
+    if match.mismatch == "REPLACE":
+        return {"request_headers_to_add": [{"header": {"key": match.name, "value": match.value},
+                                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}
+    if match.mismatch == "DELETE" and match.value:
+        return {"request_headers_to_remove": [match.name]}
+    return {}
+
+
+def _rule_routes(rule: intents.HttpRule, cluster: str) -> list[dict[str, Any]]:
+    """A rule's routes: one, or with mismatch-action headers one per combination of them matching or
+    not (every header matching first), each applying the actions of the headers that do not match."""
+    base = _header_matchers(rule)
+    acting = [m for m in rule.header_matches if m.mismatch is not None]
+    out = []
+    for combination in itertools.product((True, False), repeat=len(acting)):
+        route = _forward(route_name(rule.rule), base + [
+            _header_matcher(m.name, m.value, invert=not ok) for m, ok in zip(acting, combination, strict=True)],
+            cluster)
+        missed = [m for m, ok in zip(acting, combination, strict=True) if not ok]
+        for match in missed:
+            for key, items in _on_mismatch(match).items():
+                route.setdefault(key, []).extend(items)
+        if missed:
+            route["metadata"] = {"filter_metadata": {"ciliary": {"mismatch": ",".join(
+                f"{m.name}:{m.mismatch}" for m in missed)}}}
+        out.append(route)
+    return out
+
+
+def _forward(name: str, headers: list[dict[str, Any]], cluster: str = CLUSTER_NAME) -> dict[str, Any]:
+    match: dict[str, Any] = {"prefix": "/"}
+    if headers:
+        match["headers"] = headers
+    # the original-destination cluster connects to the address in this header: the connection's
+    # local address, which for the transparent listener is the pod's address and port
+    return {"name": name, "match": match, "route": {"cluster": cluster, "timeout": "0s"},
+            "request_headers_to_add": [{"header": {"key": ORIGINAL_DST_HEADER, "value": "%DOWNSTREAM_LOCAL_ADDRESS%"},
+                                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}
+
+
+def routes(rules: tuple[intents.HttpRule, ...] | None, cluster: str = CLUSTER_NAME) -> list[dict[str, Any]]:
+    """A chain's routes: one per allowed kind of request, then the 403."""
+    out = [_forward("cy-allow", [], cluster)] if rules is None else [
+        route for rule in rules for route in _rule_routes(rule, cluster)]
+    out.append({"name": DENY_ROUTE, "match": {"prefix": "/"},
+                "direct_response": {"status": 403, "body": {"inline_string": DENY_BODY}}})
+    return out
+
+
+def rule_of_route(name: str) -> intents.RuleRef | None:
+    """The policy rule a route name (from the access log) stands for; None for the default routes."""
+    if not name.startswith("{"):
+        return None
+    try:
+        return intents.RuleRef.model_validate(json.loads(name))
+    except ValueError:
+        return None
