@@ -225,7 +225,7 @@ class Run:
         except OSError:
             return ""
         for line in text.splitlines():
-            if "too large" in line:
+            if "too large" in line or "ResourceExhausted" in line:
                 return "operator: " + line.strip()[-150:]
         return ""
 
@@ -235,6 +235,23 @@ class Run:
     def rss_mib(self, process: str) -> float:
         pid = processes.running_pid(self.lab.layout, process)
         return processes.rss_kib(pid) / 1024 if pid else 0.0
+
+    def log_counts(self) -> str:
+        """How often the components acted so far (where the time went), from their logs."""
+        def count(name: str, text: str) -> int:
+            try:
+                return (self.lab.layout.log_dir / f"{name}.log").read_text(errors="replace").count(text)
+            except OSError:
+                return 0
+        if self.mode == "ciliary":
+            return (f"operator published intents {count('operator', 'published ')} times, agent-node-1 applied "
+                    f"its LB intent {count('agent-node-1', 'Load-balancing intent applied')} times")
+        out = subprocess.run(["ip", "netns", "exec", self.lab.layout.node_netns("node-1"), "curl", "-s", "-m", "5",
+                              "http://127.0.0.1:10249/metrics"], capture_output=True, text=True, timeout=30).stdout
+        metric = {line.split()[0]: line.split()[1] for line in out.splitlines()
+                  if line.startswith("kubeproxy_sync_proxy_rules_duration_seconds_")}
+        return (f"kube-proxy-node-1 synced {metric.get('kubeproxy_sync_proxy_rules_duration_seconds_count', '?')} "
+                f"times, {float(metric.get('kubeproxy_sync_proxy_rules_duration_seconds_sum', 'nan')):.1f} s in all")
 
     # --- measurements ----------------------------------------------------------------------------------
     def program(self, count: int, deadline: float) -> tuple[ko.Figure, ko.Figure, float]:
@@ -302,7 +319,11 @@ def measure_mode(mode: str, sizes: tuple[int, ...], args: argparse.Namespace, tc
     """Every figure of one proxy, keyed by row name; a failed step becomes a failed figure, never a crash."""
     figures: dict[str, ko.Figure] = {}
     top = sizes[-1]
+    failed_at = 0
     for size in sizes:
+        if failed_at:  # a larger bulk create cannot succeed where a smaller one failed: not run
+            figures[f"program {size}"] = ko.Figure(None, load(), f"not run: failed at {failed_at:,}")
+            continue
         run = Run(mode, tcpload)
         try:
             run.up()
@@ -314,8 +335,10 @@ def measure_mode(mode: str, sizes: tuple[int, ...], args: argparse.Namespace, tc
                 say(f"{mode}: rates at 10 Services done")
             total, lag, created = run.program(size, deadline=args.program_timeout)
             figures[f"program {size}"], figures[f"lag {size}"] = total, lag
+            if total.value is None:
+                failed_at = size
             figures[f"create {size}"] = ko.Figure(created, load())
-            say(f"{mode}: {size} Services: {ko.show(total, ' s')}, creates took {created:.1f} s")
+            say(f"{mode}: {size} Services: {ko.show(total, ' s')}, creates took {created:.1f} s; {run.log_counts()}")
             if size == top and total.value is not None:
                 figures[f"change {top}"] = run.change(size)
                 for kind in ("clusterip", "nodeport"):
@@ -327,6 +350,7 @@ def measure_mode(mode: str, sizes: tuple[int, ...], args: argparse.Namespace, tc
         except Exception as exc:  # noqa: BLE001 - recorded as this proxy's failure, the other proxies still run
             say(f"{mode}: size {size} failed: {exc}")
             figures.setdefault(f"program {size}", ko.Figure(None, load(), str(exc)[:160]))
+            failed_at = failed_at or size
         finally:
             run.down()
     return figures

@@ -18,6 +18,7 @@ import pytest
 from ciliary.lab import processes, sessions
 from ciliary.lab.lab import Lab, LabError
 from ciliary.lab.layout import Binaries
+from ciliary.operator.store import access
 from lab_harness import LabHandle
 
 pytestmark = pytest.mark.e2e
@@ -83,8 +84,12 @@ def test_kube_proxy_serves_cluster_ip_and_node_port_and_ciliary_lb_is_off(kp_lab
         assert pid and b"--lb-cgroup" not in Path(f"/proc/{pid}/cmdline").read_bytes()
     operator = processes.running_pid(layout, "operator")
     assert operator and b"--no-load-balancing" in Path(f"/proc/{operator}/cmdline").read_bytes()
-    intents = kp_lab.ciliary("service", "list", "-o", "json")
-    assert "10.96." not in intents.stdout, intents.stdout
+    root = kp_lab.lab.etcd_certs().client(access.ROOT_USER)
+    keys = subprocess.run([str(kp_lab.lab.bins.etcdctl), "--endpoints", kp_lab.lab.ports().etcd_endpoint,
+                           "--cacert", str(root.ca_file), "--cert", str(root.cert_file), "--key", str(root.key_file),
+                           "get", "--prefix", "--keys-only", "/ciliary/"], capture_output=True, text=True, check=True)
+    assert "/ciliary/intents/" in keys.stdout or "/ciliary/nodes/" in keys.stdout, keys.stdout  # etcd was read
+    assert "/ciliary/lbintents/" not in keys.stdout, "the operator wrote load-balancing intents"
 
 
 def test_a_lab_keeps_the_proxy_it_was_brought_up_with(kp_lab: LabHandle) -> None:

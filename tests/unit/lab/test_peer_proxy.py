@@ -33,3 +33,13 @@ def test_an_unknown_mode_is_refused_before_anything_starts() -> None:
         nodeservices.kube_proxy_argv(Path("/bin/kube-proxy"), Path("/k.conf"), "node-1", "ipvs")
     with pytest.raises(peerproxy.PeerProxyError, match="ipvs"):
         peerproxy.check("ipvs")
+
+
+def test_the_operator_resolves_services_unless_told_another_proxy_serves_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ciliary.operator.main import build_parser as operator_parser
+
+    monkeypatch.delenv("CILIARY_OPERATOR_LOAD_BALANCING", raising=False)
+    assert operator_parser().parse_args([]).load_balancing is True
+    assert operator_parser().parse_args(["--no-load-balancing"]).load_balancing is False
+    monkeypatch.setenv("CILIARY_OPERATOR_LOAD_BALANCING", "false")
+    assert operator_parser().parse_args([]).load_balancing is False
