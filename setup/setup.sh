@@ -23,7 +23,7 @@ if [ "$(id -u)" != 0 ]; then echo "setup: run as root (the lab creates network n
 # --- 1. Debian packages -------------------------------------------------------
 APT_PACKAGES=(python3 python3-venv python3-dev python3-bpfcc libbpf1 bpftool linux-headers-amd64 iproute2 iptables
               openssl curl ca-certificates iputils-ping util-linux etcd-server etcd-client jq procps psmisc git make golang-go
-              runc mmdebstrap prometheus chromium)
+              runc mmdebstrap prometheus chromium nftables)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

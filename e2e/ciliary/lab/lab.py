@@ -20,7 +20,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ciliary.lab import cgroups, controlplane, etcdsecurity, kubeletnode, processes, tools, topology
+from ciliary.lab import (
+    cgroups,
+    controlplane,
+    etcdsecurity,
+    kubeletnode,
+    peerproxy,
+    processes,
+    tools,
+    topology,
+)
 from ciliary.lab.layout import (
     MAX_NODES,
     WORLD_DNS_IP,
@@ -85,8 +94,12 @@ class Lab:
         return str(local) if local.exists() else (shutil.which(name) or name)
 
     # --- up ----------------------------------------------------------------
-    def up(self, nodes: int, *, log: bool = True) -> float:
-        """Start (or complete) the lab with ``nodes`` nodes; returns seconds until all nodes were Ready."""
+    def up(self, nodes: int, *, log: bool = True, kube_proxy: str | None = None) -> float:
+        """Start (or complete) the lab with ``nodes`` nodes; returns seconds until all nodes were Ready.
+
+        ``kube_proxy`` (iptables or nftables): the real kube-proxy proxies Services instead of Ciliary's load
+        balancer (``ciliary.lab.peerproxy``); a lab keeps the choice it was first brought up with.
+        """
         if os.geteuid() != 0:
             raise LabError("the lab needs root (it creates network namespaces and loads eBPF): run as root")
         if not 1 <= nodes <= MAX_NODES:
@@ -100,11 +113,23 @@ class Lab:
             raise LabError("; ".join(map(str, absent)))
         if self.config().get("real_nodes"):
             raise LabError("this lab runs real nodes: use `ciliary lab up --real-nodes`, or `ciliary lab down` first")
+        saved_proxy = self.kube_proxy_mode()
+        if self.config().get("nodes") and kube_proxy is not None and kube_proxy != saved_proxy:
+            raise LabError(f"this lab runs with {'kube-proxy ' + saved_proxy if saved_proxy else 'Ciliary load balancing'}"
+                           ": `ciliary lab down` first to switch")
+        proxy = kube_proxy or saved_proxy
+        if proxy:
+            try:
+                peerproxy.check(proxy)
+            except peerproxy.PeerProxyError as exc:
+                raise LabError(str(exc)) from exc
         t0 = time.monotonic()
         say = print if log else (lambda *a, **k: None)
         nodes = max(nodes, int(str(self.config().get("nodes", 0))))
         ports = self.ports()
         controlplane.save_config(self.layout, ports, nodes)
+        if proxy:
+            self.layout.config_file.write_text(json.dumps({**self.config(), "kube_proxy": proxy}))
         say(f"lab: control plane (etcd {ports.etcd_endpoint}, kube-apiserver {ports.apiserver_url})")
         controlplane.start(self.layout, self.bins, ports)
         self.install_crds()
@@ -122,6 +147,9 @@ class Lab:
         if not processes.running_pid(self.layout, "scheduler"):
             processes.spawn(self.layout, "scheduler", [sys.executable, "-m", "ciliary.lab.scheduling"],
                             env=self.child_env())
+        if proxy:
+            say(f"lab: kube-proxy ({proxy} mode) in every node namespace, Ciliary's load balancer off")
+            peerproxy.start(self.layout, ports, names, proxy)
         self.start_operator(ports)
         self.start_relay(ports)
         self.start_service_map()
@@ -203,8 +231,10 @@ class Lab:
                 *self.etcd_flags(access.node_user(node)),
                 "--socket", str(self.layout.agent_socket(node)), "--state-dir", str(state / "agent"),
                 "--health-addr", f"127.0.0.1:{health}",
-                # socket load balancing for every pod of the node (their cgroups live below this one)
-                "--lb-cgroup", str(cgroups.ensure(cgroups.lab_root(self.layout.cgroup_name) / node)),
+                # socket load balancing for every pod of the node (their cgroups live below this one),
+                # unless the real kube-proxy proxies Services in this lab
+                *([] if self.kube_proxy_mode() else
+                  ["--lb-cgroup", str(cgroups.ensure(cgroups.lab_root(self.layout.cgroup_name) / node))]),
                 "--hubble-addr", f"127.0.0.1:{self.hubble_port(node)}",
                 # the lab's TTLs are the world DNS server's (seconds), so expiry is observable
                 "--fqdn-min-ttl", "1",
@@ -269,8 +299,14 @@ class Lab:
                                                   "--etcd-endpoints", ports.etcd_endpoint,
                                                   *self.etcd_flags(access.OPERATOR_USER),
                                                   "--prometheus-serve-addr", f"127.0.0.1:{self.operator_metrics_port()}",
-                                                  *(["--no-enable-k8s-event-handover"] if self.direct_status() else [])],
+                                                  *(["--no-enable-k8s-event-handover"] if self.direct_status() else []),
+                                                  *(["--no-load-balancing"] if self.kube_proxy_mode() else [])],
                         env=self.child_env())
+
+    def kube_proxy_mode(self) -> str | None:
+        """The real kube-proxy's mode when it proxies this lab's Services (``lab up --kube-proxy``), else None."""
+        mode = self.config().get("kube_proxy")
+        return str(mode) if mode else None
 
     def direct_status(self) -> bool:
         """CILIARY_LAB_STATUS_MODE=direct: agents patch policy status themselves (no handover)."""

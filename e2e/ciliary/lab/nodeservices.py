@@ -183,8 +183,26 @@ def kube_proxy_name(node: str) -> str:
     return f"kube-proxy-{node}"
 
 
-def start_kube_proxy(layout: LabLayout, kube_proxy: Path, node: str) -> None:
-    """kube-proxy (iptables) in ``node``'s namespace; it touches no machine-wide sysctl (conntrack limits off)."""
+#: kube-proxy's proxy modes the lab can run (``--proxy-mode``); nftables needs Debian's ``nft``
+KUBE_PROXY_MODES = ("iptables", "nftables")
+
+
+def kube_proxy_argv(kube_proxy: Path, kubeconfig: Path, node: str, mode: str = "iptables") -> list[str]:
+    """kube-proxy's command line for ``node`` (run inside the node's namespace). Pure.
+
+    It touches no machine-wide sysctl (conntrack limits off); metrics and healthz on the node's loopback.
+    """
+    if mode not in KUBE_PROXY_MODES:
+        raise ValueError(f"kube-proxy mode {mode!r}: one of {', '.join(KUBE_PROXY_MODES)}")
+    return [str(kube_proxy), f"--kubeconfig={kubeconfig}", f"--hostname-override={node}", f"--proxy-mode={mode}",
+            f"--bind-address={node_ip(node_index(node))}", "--cluster-cidr=10.244.0.0/16",
+            "--conntrack-max-per-core=0", "--conntrack-tcp-timeout-established=0s",
+            "--conntrack-tcp-timeout-close-wait=0s", "--metrics-bind-address=127.0.0.1:10249",
+            "--healthz-bind-address=127.0.0.1:10256", "--v=1"]
+
+
+def start_kube_proxy(layout: LabLayout, kube_proxy: Path, node: str, mode: str = "iptables") -> None:
+    """kube-proxy (``mode``: iptables or nftables) in ``node``'s namespace, through the node's apiserver relay."""
     name = kube_proxy_name(node)
     if processes.running_pid(layout, name):
         return
@@ -193,12 +211,6 @@ def start_kube_proxy(layout: LabLayout, kube_proxy: Path, node: str) -> None:
     kubeconfig.parent.mkdir(parents=True, exist_ok=True)
     write_kubeconfig(kubeconfig, server=f"https://127.0.0.1:{APISERVER_RELAY_PORT}", pki=layout.pki_dir,
                      user="kube-proxy")
-    processes.spawn(layout, name, [
-        "nsenter", f"--net={topology.NETNS_DIR / layout.node_netns(node)}", str(kube_proxy),
-        f"--kubeconfig={kubeconfig}", f"--hostname-override={node}", "--proxy-mode=iptables",
-        f"--bind-address={node_ip(node_index(node))}", "--cluster-cidr=10.244.0.0/16",
-        "--conntrack-max-per-core=0", "--conntrack-tcp-timeout-established=0s",
-        "--conntrack-tcp-timeout-close-wait=0s", "--metrics-bind-address=127.0.0.1:10249",
-        "--healthz-bind-address=127.0.0.1:10256", "--v=1",
-    ])
+    processes.spawn(layout, name, ["nsenter", f"--net={topology.NETNS_DIR / layout.node_netns(node)}",
+                                   *kube_proxy_argv(kube_proxy, kubeconfig, node, mode)])
     processes.wait_alive(layout, name, 2.0)

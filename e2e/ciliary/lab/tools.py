@@ -64,6 +64,7 @@ SYSTEM_TOOLS: dict[str, str] = {
     "bpftool": "bpftool",
     "iptables": "iptables",
     "iptables-restore": "iptables",
+    "nft": "nftables",  # kube-proxy in nftables mode (`ciliary lab up --kube-proxy nftables`)
     "openssl": "openssl",
     "ping": "iputils-ping",
     "runc": "runc",

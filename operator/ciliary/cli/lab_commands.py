@@ -27,6 +27,10 @@ def register(sub: Any) -> None:
     up.add_argument("--real-nodes", action="store_true",
                     help="nodes run containerd and kubelet (plus kube-proxy and CoreDNS), and Ciliary is installed "
                          "by its Helm charts (operator Deployment, agent DaemonSet, bundled etcd)")
+    up.add_argument("--kube-proxy", nargs="?", const="iptables", default=None, choices=("iptables", "nftables"),
+                    metavar="MODE",
+                    help="the real kube-proxy (MODE iptables, the default, or nftables) proxies Services instead "
+                         "of Ciliary's load balancer: the peer for comparisons (process lab only)")
     up.set_defaults(func=_up)
 
     down = cmds.add_parser("down", help="remove everything the lab created",
@@ -69,10 +73,12 @@ def _run(fn: Any) -> int:
 
 def _up(args: argparse.Namespace) -> int:
     if args.real_nodes:
+        if args.kube_proxy:
+            raise UserError("--kube-proxy is for the process lab (real nodes run kube-proxy already)")
         from ciliary.lab import reallab  # the real-node lab imports the image builders: only when asked
 
         return _run(lambda: reallab.up_command(Lab.from_env(), args.nodes) and 0)
-    return _run(lambda: Lab.from_env().up(args.nodes) and 0)
+    return _run(lambda: Lab.from_env().up(args.nodes, kube_proxy=args.kube_proxy) and 0)
 
 
 def _remove_node(args: argparse.Namespace) -> int:

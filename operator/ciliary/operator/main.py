@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prometheus-serve-addr", default=env("CILIARY_OPERATOR_PROMETHEUS_SERVE_ADDR", "off"),
                    metavar="HOST:PORT", help="serve Prometheus metrics on GET /metrics here (Cilium's operator "
                                              "port is 9963); off: not served (default)")
+    p.add_argument("--load-balancing", action=argparse.BooleanOptionalAction,
+                   default=_env_bool("CILIARY_OPERATOR_LOAD_BALANCING", True),
+                   help="resolve Services and EndpointSlices into per-node load-balancing intents (default on; "
+                        "off when another proxy, e.g. kube-proxy, serves Services)")
     p.add_argument("--log-level", default=env("CILIARY_OPERATOR_LOG_LEVEL", "INFO"), help="log level")
     return p
 
@@ -189,7 +193,8 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
                               wait_for=[reconciler.synced], require_assessment=True)
     handlers.register(registry, model, handover)
     services = ServiceModel()
-    service_handlers.register(registry, services, args.endpoints_api)
+    if args.load_balancing:
+        service_handlers.register(registry, services, args.endpoints_api)
     lb = LBReconciler(services, lambda: {name: node.ipv4 for name, node in model.nodes.items()}, lb_publisher,
                       ServiceEventPoster(api), ResolverConfig(node_port_range=_port_range(args.node_port_range),
                                                               proxy_name=args.service_proxy_name))
@@ -205,16 +210,18 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
     settings.watching.server_timeout = 300
     await list_with_retries(api, model, handover)
     handover.policies_listed.set()
-    await service_handlers.initial_list(api, services, args.endpoints_api)
+    if args.load_balancing:
+        await service_handlers.initial_list(api, services, args.endpoints_api)
     listed = asyncio.Event()
     listed.set()
     tasks: list[asyncio.Task[Any]] = [
         asyncio.create_task(kopf.operator(registry=registry, settings=settings, standalone=True,
                                           clusterwide=True, stop_flag=stop), name="kopf"),
         asyncio.create_task(reconciler.run(listed), name="reconciler"),
-        asyncio.create_task(lb.run(listed), name="lb-reconciler"),
         asyncio.create_task(handover.run(), name="handover"),
     ]
+    if args.load_balancing:
+        tasks.append(asyncio.create_task(lb.run(listed), name="lb-reconciler"))
     if leader is not None:
         async def stop_when_lost(lost: asyncio.Event) -> None:
             await lost.wait()

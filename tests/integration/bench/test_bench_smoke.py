@@ -73,3 +73,13 @@ def test_netpol_resolution_bench_smoke() -> None:
                      r"[1-9]\d* policy entries\)$", out, re.M), out
     for row in ("full resolution:", "incremental, one NetworkPolicy edit", "peak RSS:"):
         assert re.search(rf"^{row}.*\d+\.\d", out, re.M), out
+
+
+def test_kube_proxy_bench_smoke() -> None:
+    out = run("bench/bench_kube_proxy.py")
+    number = r"[0-9.,]+ ?(s|/s|MiB) \(load \d+\)"
+    for what in ("program 50 Services, from first create", "one Service change at 50",
+                 "CRR ClusterIP from a pod, 10 Services", "RR NodePort from the world host, 50 Services",
+                 "RSS at 50 Services x 3: agent vs kube-proxy"):
+        assert re.search(rf"^{re.escape(what)}\s+{number}\s+{number}\s+[0-9.]+x$", out, re.M), out
+    assert not list(ROOT.glob(".lab-benchkp-*")), "the bench left its lab directory"

@@ -1,0 +1,407 @@
+"""Ciliary's kube-proxy replacement vs the real kube-proxy v1.34 (iptables, nftables), in one run, as ratios.
+
+Run as root from the repository root:
+
+    .venv/bin/python bench/bench_kube_proxy.py [--services 1000,5000,10000] [--modes ciliary,iptables,nftables]
+                                               [--crr-n 2000] [--rr-n 10000] [--reps 3]
+    .venv/bin/python bench/bench_kube_proxy.py --smoke     # tiny sizes: proves the bench still runs
+
+The lab is the process lab (``ciliary lab up``), two nodes, identical for every proxy apart from the
+switch ``--kube-proxy MODE`` (``ciliary.lab.peerproxy``): with it the agents run without Ciliary's load
+balancer, the operator without Service intents, and each node namespace runs kube-proxy. Every size gets
+a fresh lab (so each bulk create starts from an empty cluster), taken down afterwards, also on failure.
+Pods (namespace ``kpb``): ``client`` on node-1; ``bk-1..3`` on node-2 (the lab's pod server on 8080, the
+C load generator ``bench/tcpload.c`` serving on 9000).
+
+- **Programming time**: N selector-less Services (fixed ClusterIPs, port 80) and one EndpointSlice each
+  (the three backends, port 8080) are created through the apiserver (8 parallel clients); from the first
+  create, the client pod probes every ClusterIP with TCP connects (``frontend_probe.py``) until each has
+  answered once: "all answer" = the last first answer, so every frontend is checked, none sampled. Also
+  shown: the same time counted from the last create's reply (the proxy's lag behind the apiserver).
+- **One Service change at the largest size**: a Service's port 80 -> 81 (JSON patch); time from the
+  patch until ClusterIP:81 answers.
+- **CRR / RR** (``tcpload``: a new connection per 64 B request/response, resp. 64 B round trips on one
+  connection) through the rate Service's ClusterIP from the client pod and through its NodePort (node-1's
+  address, backends on node-2) from the world host, with 10 Services and with the largest size; median of
+  ``--reps`` runs after one warm-up.
+- **Memory** at the largest size × 3 backends: RSS of node-1's agent (Ciliary) and of node-1's kube-proxy
+  (peers); the agent's RSS in the peer labs (load balancer off) is shown beside it.
+Ratios say how many times better Ciliary is (> 1: Ciliary faster / smaller). The machine is shared:
+every figure carries the 1-minute load average at the time it was taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "nodeagent"), str(ROOT / "e2e"), str(ROOT / "bench")]
+
+import kpr_objects as ko  # noqa: E402
+import loadgen  # noqa: E402
+from ciliary.lab import processes, sessions  # noqa: E402
+from ciliary.lab.lab import Lab  # noqa: E402
+from ciliary.lab.layout import Binaries  # noqa: E402
+from ciliary.lab.topology import NETNS_DIR  # noqa: E402
+from kpr_api import Api  # noqa: E402
+
+NS = "kpb"
+RATE_PORT, PROBE_PORT, NODE_PORT = 9000, 8080, 30900
+NODE_1_IP = "192.0.2.11"
+PROBER = ROOT / "bench" / "frontend_probe.py"
+PODS = f"""
+apiVersion: v1
+kind: Namespace
+metadata: {{name: {NS}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: {NS}}}
+spec: {{nodeName: node-1, containers: [{{name: c, image: lab}}]}}
+""" + "".join(f"""---
+apiVersion: v1
+kind: Pod
+metadata: {{name: bk-{i}, namespace: {NS}}}
+spec: {{nodeName: node-2, containers: [{{name: c, image: lab, ports: [{{containerPort: {PROBE_PORT}}}]}}]}}
+""" for i in (1, 2, 3))
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+class BenchError(RuntimeError):
+    """A step of the bench did not complete; carries the proxy mode."""
+
+    def __init__(self, mode: str, message: str) -> None:
+        super().__init__(f"{mode}: {message}")
+        self.mode = mode
+
+
+class Run:
+    """One fresh lab with one proxy: pods, servers, and the measurements made in it."""
+
+    def __init__(self, mode: str, tcpload: Path) -> None:
+        self.mode = mode
+        self.tcpload = tcpload
+        self.lab = Lab(sessions.session_layout(ROOT, "benchkp", "k"), Binaries.discover())
+        self.servers: list[loadgen.Server] = []
+        self.operator_log_offset = 0
+        self.api: Api | None = None
+
+    # --- set-up --------------------------------------------------------------------------------------
+    def up(self) -> None:
+        self.lab.down(log=False)
+        self.lab.up(2, log=False, kube_proxy=None if self.mode == "ciliary" else self.mode)
+        self.lab.kubectl("apply", "-f", "-", input=PODS)
+        self.lab.kubectl("wait", "--for=condition=Ready", "--timeout=180s", "-n", NS,
+                         "pod/client", "pod/bk-1", "pod/bk-2", "pod/bk-3")
+        pods = json.loads(self.lab.kubectl("get", "pods", "-n", NS, "-o", "json").stdout)["items"]
+        self.ips = {p["metadata"]["name"]: p["status"]["podIP"] for p in pods}
+        self.backends = [(self.ips[f"bk-{i}"], "node-2") for i in (1, 2, 3)]
+        for i in (1, 2, 3):
+            netns, _ = self.lab.pod_target(f"bk-{i}", NS)
+            self.servers.append(loadgen.Server(self.tcpload, netns.name, RATE_PORT))
+        self.client_netns, self.client_cgroup = self.lab.pod_target("client", NS)
+        loadgen.tune_client_netns(self.client_netns.name)
+        loadgen.tune_client_netns(self.lab.layout.world_netns)
+        ports = self.lab.ports()
+        pki = self.lab.layout.pki_dir
+        self.api = Api("127.0.0.1", ports.apiserver, ca=pki / "ca.crt", cert=pki / "admin.crt", key=pki / "admin.key")
+        rate = [(ko.service("rate", NS, ko.RATE_IP, RATE_PORT, node_port=NODE_PORT),
+                 ko.endpoint_slice("rate", NS, self.backends, RATE_PORT))]
+        fillers = [(ko.service(f"fill-{i}", NS, ko.filler_ip(i), PROBE_PORT),
+                    ko.endpoint_slice(f"fill-{i}", NS, self.backends, PROBE_PORT)) for i in range(9)]
+        self.api.create_pairs(rate + fillers)
+        self.wait_agents_ready(300)
+        targets = [(ko.RATE_IP, ko.SERVICE_PORT)] + [(ko.filler_ip(i), ko.SERVICE_PORT) for i in range(9)]
+        result = self.probe(targets, deadline=300)
+        if result["answered"] != len(targets):
+            raise BenchError(self.mode, f"the 10 first Services did not all answer within 300 s: {result}")
+        # north-south programs attach after the socket ones: measure nothing before the NodePort answers
+        result = self.probe([(NODE_1_IP, NODE_PORT)], deadline=300, world=True)
+        if result["answered"] != 1:
+            raise BenchError(self.mode, f"the NodePort did not answer the world host within 300 s: {result}")
+
+    def wait_agents_ready(self, seconds: float) -> None:
+        """Both agents' /readyz 200 (their datapath compiled and attached; with Ciliary's load balancer, its
+        socket programs too), so no measurement includes an agent's start."""
+        deadline = time.monotonic() + seconds
+        for node in ("node-1", "node-2"):
+            url = f"http://127.0.0.1:{self.lab.health_port(node)}/readyz"
+            while True:
+                try:
+                    with urllib.request.urlopen(url, timeout=5) as resp:
+                        if resp.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise BenchError(self.mode, f"agent on {node} not ready after {seconds:.0f} s")
+                time.sleep(1.0)
+
+    def down(self) -> None:
+        for server in self.servers:
+            server.stop()
+        self.servers.clear()
+        if self.api:
+            self.api.close()
+        self.lab.down(log=False)
+
+    # --- tools ------------------------------------------------------------------------------------------
+    def in_client(self) -> Callable[[], None]:
+        procs = self.client_cgroup / "cgroup.procs" if self.client_cgroup else None
+
+        def enter() -> None:
+            if procs:
+                procs.write_text(str(os.getpid()))
+        return enter
+
+    def start_probe(self, targets: list[tuple[str, int]], deadline: float, gap: float = 0.2, *,
+                    world: bool = False) -> subprocess.Popen[str]:
+        """The prober in the client pod (its namespace and cgroup), or on the world host."""
+        with tempfile.NamedTemporaryFile("w", prefix="kpbench-targets-", suffix=".json", delete=False) as f:
+            json.dump(targets, f)
+        netns = NETNS_DIR / self.lab.layout.world_netns if world else self.client_netns
+        try:
+            proc = subprocess.Popen(["nsenter", f"--net={netns}", sys.executable, str(PROBER),
+                                     "--targets", f.name, "--deadline", str(deadline), "--gap", str(gap)],
+                                    stdout=subprocess.PIPE, text=True, preexec_fn=None if world else self.in_client())
+            assert proc.stdout is not None
+            ready, _, _ = select.select([proc.stdout], [], [], 60)
+            if not ready or proc.stdout.readline().strip() != "READY":
+                proc.kill()
+                proc.communicate()
+                raise BenchError(self.mode, "frontend prober did not start")
+        finally:
+            os.unlink(f.name)  # read before READY
+        return proc
+
+    def finish_probe(self, proc: subprocess.Popen[str], deadline: float) -> dict[str, Any]:
+        """The prober's result; a lab process that died or an operator log line saying its intent was
+        refused ends the wait early (no point probing for the rest of the deadline)."""
+        end = time.monotonic() + deadline + 60
+        while proc.poll() is None and time.monotonic() < end:
+            fatal = self.fatal()
+            if fatal:
+                proc.kill()
+                proc.communicate()
+                return {"answered": -1, "error": fatal}
+            time.sleep(1.0)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+            raise BenchError(self.mode, "frontend prober overran its deadline")
+        out, _ = proc.communicate()
+        return dict(json.loads(out.strip().splitlines()[-1]))
+
+    def fatal(self) -> str:
+        """Why the proxy under test can no longer get there ('' while nothing says so)."""
+        layout = self.lab.layout
+        watched = ["operator", "agent-node-1", "agent-node-2"]
+        if self.mode != "ciliary":
+            watched += ["kube-proxy-node-1", "kube-proxy-node-2"]
+        for name in watched:
+            if not processes.running_pid(layout, name):
+                return f"{name} exited (see its log)"
+        log = layout.log_dir / "operator.log"
+        try:
+            with log.open("rb") as f:
+                f.seek(self.operator_log_offset)
+                text = f.read().decode(errors="replace")
+                self.operator_log_offset = f.tell()
+        except OSError:
+            return ""
+        for line in text.splitlines():
+            if "too large" in line or "ResourceExhausted" in line:
+                return "operator: " + line.strip()[-150:]
+        return ""
+
+    def probe(self, targets: list[tuple[str, int]], deadline: float, *, world: bool = False) -> dict[str, Any]:
+        return self.finish_probe(self.start_probe(targets, deadline, world=world), deadline)
+
+    def rss_mib(self, process: str) -> float:
+        pid = processes.running_pid(self.lab.layout, process)
+        return processes.rss_kib(pid) / 1024 if pid else 0.0
+
+    def log_counts(self) -> str:
+        """How often the components acted so far (where the time went), from their logs."""
+        def count(name: str, text: str) -> int:
+            try:
+                return (self.lab.layout.log_dir / f"{name}.log").read_text(errors="replace").count(text)
+            except OSError:
+                return 0
+        if self.mode == "ciliary":
+            return (f"operator published intents {count('operator', 'published ')} times, agent-node-1 applied "
+                    f"its LB intent {count('agent-node-1', 'Load-balancing intent applied')} times")
+        out = subprocess.run(["ip", "netns", "exec", self.lab.layout.node_netns("node-1"), "curl", "-s", "-m", "5",
+                              "http://127.0.0.1:10249/metrics"], capture_output=True, text=True, timeout=30).stdout
+        metric = {line.split()[0]: line.split()[1] for line in out.splitlines()
+                  if line.startswith("kubeproxy_sync_proxy_rules_duration_seconds_")}
+        return (f"kube-proxy-node-1 synced {metric.get('kubeproxy_sync_proxy_rules_duration_seconds_count', '?')} "
+                f"times, {float(metric.get('kubeproxy_sync_proxy_rules_duration_seconds_sum', 'nan')):.1f} s in all")
+
+    # --- measurements ----------------------------------------------------------------------------------
+    def program(self, count: int, deadline: float) -> tuple[ko.Figure, ko.Figure, float]:
+        """Bulk-create ``count`` Services + slices; (time to all answer from the first create, from the last
+        create's reply, seconds the creates took)."""
+        assert self.api is not None
+        targets = [(ko.bulk_ip(i), ko.SERVICE_PORT) for i in range(count)]
+        prober = self.start_probe(targets, deadline)
+        t0 = time.monotonic()
+        try:
+            self.api.create_pairs(ko.bulk_objects(count, NS, self.backends, PROBE_PORT))
+        except Exception:
+            prober.kill()
+            prober.communicate()
+            raise
+        created = time.monotonic()
+        result = self.finish_probe(prober, deadline)
+        now = load()
+        if result["answered"] != count:
+            why = result.get("error") or f"{result['answered']} of {count} answered within {deadline:.0f} s"
+            return ko.Figure(None, now, why), ko.Figure(None, now, why), created - t0
+        return (ko.Figure(result["last"] - t0, now), ko.Figure(max(0.0, result["last"] - created), now),
+                created - t0)
+
+    def change(self, count: int) -> ko.Figure:
+        """One Service of ``count`` changes its port 80 -> 81: seconds until ClusterIP:81 answers."""
+        assert self.api is not None
+        index = count // 2
+        prober = self.start_probe([(ko.bulk_ip(index), ko.SERVICE_PORT + 1)], 120, gap=0.005)
+        t0 = time.monotonic()
+        self.api.json_patch(f"/api/v1/namespaces/{NS}/services/svc-{index}",
+                            [{"op": "replace", "path": "/spec/ports/0/port", "value": ko.SERVICE_PORT + 1}])
+        result = self.finish_probe(prober, 120)
+        if result["answered"] != 1:
+            return ko.Figure(None, load(), result.get("error") or "port 81 did not answer within 120 s")
+        return ko.Figure(result["last"] - t0, load())
+
+    def rate(self, kind: str, mode: str, n: int, reps: int) -> ko.Figure:
+        """Median transactions/s of ``reps`` tcpload runs (after one warm-up), ClusterIP from the client pod
+        or NodePort from the world host."""
+        if kind == "clusterip":
+            argv = ["nsenter", f"--net={self.client_netns}", str(self.tcpload), mode, ko.RATE_IP,
+                    str(ko.SERVICE_PORT)]
+            enter: Callable[[], None] | None = self.in_client()
+        else:
+            argv = ["ip", "netns", "exec", self.lab.layout.world_netns, str(self.tcpload), mode, NODE_1_IP,
+                    str(NODE_PORT)]
+            enter = None
+        rates, loads = [], []
+        for i in range(reps + 1):
+            count = max(50, n // 10) if i == 0 else n
+            out = subprocess.run([*argv, str(count), "64"], capture_output=True, text=True, timeout=60 + count * 0.02,
+                                 preexec_fn=enter)
+            words = out.stdout.split()
+            if out.returncode != 0 or len(words) != 2 or words[0] != "ok":
+                return ko.Figure(None, load(), f"tcpload {mode}: {out.stdout.strip()} {out.stderr.strip()}"[:120])
+            if i:
+                rates.append(count / float(words[1]))
+                loads.append(load())
+        return ko.Figure(statistics.median(rates), statistics.median(loads))
+
+
+def measure_mode(mode: str, sizes: tuple[int, ...], args: argparse.Namespace, tcpload: Path,
+                 say: Callable[[str], None]) -> dict[str, ko.Figure]:
+    """Every figure of one proxy, keyed by row name; a failed step becomes a failed figure, never a crash."""
+    figures: dict[str, ko.Figure] = {}
+    top = sizes[-1]
+    failed_at = 0
+    for size in sizes:
+        if failed_at:  # a larger bulk create cannot succeed where a smaller one failed: not run
+            figures[f"program {size}"] = ko.Figure(None, load(), f"not run: failed at {failed_at:,}")
+            continue
+        run = Run(mode, tcpload)
+        try:
+            run.up()
+            say(f"{mode}: lab up for {size} Services (load {load():.0f})")
+            if size == sizes[0]:
+                for kind in ("clusterip", "nodeport"):
+                    for m, n in (("crr", args.crr_n), ("rr", args.rr_n)):
+                        figures[f"{m} {kind} 10"] = run.rate(kind, m, n, args.reps)
+                say(f"{mode}: rates at 10 Services done")
+            total, lag, created = run.program(size, deadline=args.program_timeout)
+            figures[f"program {size}"], figures[f"lag {size}"] = total, lag
+            if total.value is None:
+                failed_at = size
+            figures[f"create {size}"] = ko.Figure(created, load())
+            say(f"{mode}: {size} Services: {ko.show(total, ' s')}, creates took {created:.1f} s; {run.log_counts()}")
+            if size == top and total.value is not None:
+                figures[f"change {top}"] = run.change(size)
+                for kind in ("clusterip", "nodeport"):
+                    for m, n in (("crr", args.crr_n), ("rr", args.rr_n)):
+                        figures[f"{m} {kind} {top}"] = run.rate(kind, m, n, args.reps)
+                figures[f"rss {top}"] = ko.Figure(run.rss_mib("agent-node-1" if mode == "ciliary"
+                                                               else "kube-proxy-node-1"), load())
+                figures[f"agent rss {top}"] = ko.Figure(run.rss_mib("agent-node-1"), load())
+        except Exception as exc:  # noqa: BLE001 - recorded as this proxy's failure, the other proxies still run
+            say(f"{mode}: size {size} failed: {exc}")
+            figures.setdefault(f"program {size}", ko.Figure(None, load(), str(exc)[:160]))
+            failed_at = failed_at or size
+        finally:
+            run.down()
+    return figures
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--services", default=",".join(map(str, ko.DEFAULT_SIZES)), help="bulk sizes, e.g. 1000,5000,10000")
+    ap.add_argument("--modes", default="ciliary,iptables,nftables", help="proxies to run, in order")
+    ap.add_argument("--crr-n", type=int, default=2000)
+    ap.add_argument("--rr-n", type=int, default=10000)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--program-timeout", type=float, default=0.0,
+                    help="seconds a bulk create may take to answer (default 120 + 0.06 per Service)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: proves the bench runs")
+    args = ap.parse_args()
+    if args.smoke:
+        args.services, args.modes, args.crr_n, args.rr_n, args.reps = "50", "ciliary,iptables", 100, 200, 1
+    sizes = ko.parse_sizes(args.services)
+    modes = [m for m in args.modes.split(",") if m]
+    if not args.program_timeout:
+        args.program_timeout = 120 + 0.06 * sizes[-1]
+    say: Callable[[str], None] = lambda text: print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)  # noqa: E731
+    sessions.reap_stale(ROOT, "benchkp", "k")
+    with tempfile.TemporaryDirectory(prefix="kpbench-") as tmp:
+        tcpload = loadgen.build(Path(tmp))
+        results = {mode: measure_mode(mode, sizes, args, tcpload, say) for mode in modes}
+    peers = [m for m in modes if m != "ciliary"]
+    top = sizes[-1]
+    rows: list[tuple[str, str, bool, dict[str, ko.Figure]]] = []
+
+    def row(what: str, unit: str, lower: bool, key: str) -> None:
+        rows.append((what, unit, lower, {m: results[m][key] for m in modes if key in results[m]}))
+
+    for size in sizes:
+        row(f"program {size:,} Services, from first create", " s", True, f"program {size}")
+        row("  of which after the last create returned", " s", True, f"lag {size}")
+        row("  (apiserver creates took)", " s", True, f"create {size}")
+    row(f"one Service change at {top:,}", " s", True, f"change {top}")
+    for size_key, label in (("10", "10"), (str(top), f"{top:,}")):
+        for kind, where in (("clusterip", "ClusterIP from a pod"), ("nodeport", "NodePort from the world host")):
+            row(f"CRR {where}, {label} Services", "/s", False, f"crr {kind} {size_key}")
+            row(f"RR {where}, {label} Services", "/s", False, f"rr {kind} {size_key}")
+    row(f"RSS at {top:,} Services x 3: agent vs kube-proxy", " MiB", True, f"rss {top}")
+    row("  node-1 agent RSS (LB off in peer labs)", " MiB", True, f"agent rss {top}")
+    print()
+    print(f"bench_kube_proxy: {', '.join(modes)}; sizes {', '.join(map(str, sizes))}; CRR n={args.crr_n}, "
+          f"RR n={args.rr_n}, median of {args.reps}; ratio = how many times better Ciliary is")
+    print(ko.table(rows, peers))
+    print("command: .venv/bin/python bench/bench_kube_proxy.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
