@@ -26,6 +26,10 @@ from lab_harness import LabHandle
 
 pytestmark = pytest.mark.e2e
 
+#: process lab: egress HTTP rules go through Envoy by iptables rules (TPROXY, the socket match), and the
+#: chart's agent image has no iptables (README, make demo): on real nodes an HTTP policy reports not enforcing
+REAL_NODES = False
+
 NS = "l7g"
 WORLD = "192.0.2.100"
 WORLD_DNS = "192.0.2.53"

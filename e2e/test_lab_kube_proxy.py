@@ -23,6 +23,9 @@ from lab_harness import LabHandle
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
+#: process lab: `ciliary lab up --kube-proxy` is a switch of the process lab (the peer of bench_kube_proxy);
+#: the real-node lab installs Ciliary by its chart with the load balancer on
+REAL_NODES = False
 MANIFESTS = """
 apiVersion: v1
 kind: Pod

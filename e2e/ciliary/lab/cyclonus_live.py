@@ -39,9 +39,9 @@ from ciliary.lab.lab import Lab, LabError
 from ciliary.lab.nodebins import NodeBinaries
 from ciliary.lab.nodeconfig import APISERVER_RELAY_PORT
 
-#: the image cyclonus v0.5.6 runs its pods from (``--image-registry`` + this path)
+#: the image the pinned cyclonus (setup/versions.env) runs its pods from (``--image-registry`` + this path)
 CYCLONUS_AGNHOST_IMAGE = "registry.k8s.io/e2e-test-images/agnhost:2.43"
-#: every generator tag cyclonus v0.5.6 accepts (``cyclonus generate --help``)
+#: every generator tag the pinned cyclonus (setup/versions.env) accepts (``cyclonus generate --help``)
 VALID_TAGS = frozenset((
     "action", "all-namespaces", "all-pods", "allow-all", "any-peer", "any-port", "any-port-protocol", "conflict",
     "create-namespace", "create-pod", "create-policy", "delete-namespace", "delete-pod", "delete-policy",

@@ -15,7 +15,7 @@ from ciliary.lab.lab import LabError
 ROOT = Path(__file__).resolve().parents[3]
 LIST = ROOT / "e2e" / "conformance" / "cyclonus.txt"
 
-#: what cyclonus v0.5.6 prints before it runs (two of the list's cases)
+#: what the pinned cyclonus (setup/versions.env) prints before it runs (two of the list's cases)
 LISTING = """testing 2 cases
 
 test #1: egress: deny all

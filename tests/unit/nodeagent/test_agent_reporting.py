@@ -230,7 +230,11 @@ def test_a_policy_whose_l7_rules_have_no_proxy_here_names_the_missing_proxy() ->
     assert not r.enforcing and "no egress http proxy" in r.error and "PROXY_UNAVAILABLE" in r.error
     r = report_of((), (l7("http", 80),), {"dns": ""}, None)  # the kinds in the problems, Envoy's "http" aside
     assert not r.enforcing and "no egress http proxy" in r.error
-    assert report_of((), (l7("http", 80),), {"dns": ""}, {"dns", "http"}).enforcing  # once one is wired up
+    readable = l7("http", 80).model_copy(update={"http": (intents.HttpRule(method="GET"),)})
+    assert "no egress http proxy" not in report_of((), (readable,), {"dns": ""}, {"dns", "http"}).error  # wired up
+    # HTTP inside TLS on egress (no HTTP rules Envoy reads): dropped even with the egress proxy wired up
+    r = report_of((), (l7("http", 443),), {"dns": "", "http": ""}, {"dns", "http"})
+    assert not r.enforcing and "no egress http proxy" in r.error
     # DNS rules without a DNS proxy (--dns-proxy-port 0): no port in the datapath
     r = report_of((), (l7("dns", 53),), {}, set())
     assert not r.enforcing and "no egress dns proxy" in r.error

@@ -231,7 +231,7 @@ def test_world_allowed_with_http_rules_gets_a_chain_of_everything_no_prefix_hold
     """World (a client through a NodePort) has no ipcache prefix: its requests must meet its own rules, not the
     default chain's 403; addresses of other identities (tiefighter with no entry here) never pass as world."""
     world_rule = intents.HttpRule(method="GET", path="/public", rule=REF2)
-    intent = node_intent(entry(envoy_config.WORLD, http=(world_rule,)), entry(XWING),
+    intent = node_intent(entry(envoy_config.WORLD_IDENTITY, http=(world_rule,)), entry(XWING),
                          ipcache=(("10.0.0.0/8", CIDR_ID),))
     doc = envoy_config.listener(intent, port=1, access_log="/a")
     assert doc is not None
@@ -249,7 +249,7 @@ def test_world_allowed_with_http_rules_gets_a_chain_of_everything_no_prefix_hold
 
 def test_world_allowed_but_every_address_held_by_a_prefix_gets_no_chain() -> None:
     """An ipcache prefix 0.0.0.0/0 (a CIDR identity) leaves no address to world: no chain claims it."""
-    intent = node_intent(entry(envoy_config.WORLD), ipcache=(("0.0.0.0/0", CIDR_ID),))
+    intent = node_intent(entry(envoy_config.WORLD_IDENTITY), ipcache=(("0.0.0.0/0", CIDR_ID),))
     doc = envoy_config.listener(intent, port=1, access_log="/a")
     assert doc is not None
     names = [c["name"] for c in doc["filter_chains"]]

@@ -158,8 +158,8 @@ def test_egress_http_policy_enforcing_only_with_envoy_in_step() -> None:
                                 local_endpoints=frozenset({A, B}))
     key = keyspace.report_key("u9", "node-1")
 
-    def report(proxy: Any) -> reports.PolicyReport:
-        found = reporting.desired_reports("node-1", outcome, now="t", proxy=proxy)[key]
+    def report(proxy: Any, egress: frozenset[str] = frozenset({"dns", "http"})) -> reports.PolicyReport:
+        found = reporting.desired_reports("node-1", outcome, now="t", proxy=proxy, egress_proxies=egress)[key]
         assert isinstance(found, reports.PolicyReport)
         return found
 
@@ -167,6 +167,9 @@ def test_egress_http_policy_enforcing_only_with_envoy_in_step() -> None:
     down = report(lambda _i: "L7 proxy (Envoy) not running: exit status 1")
     assert not down.enforcing and "not running" in down.error
     assert not report(None).enforcing
+    # the datapath without the egress listener's port (--l7-proxy off): dropped, named
+    off = report(lambda _i: "", frozenset({"dns"}))
+    assert not off.enforcing and "no egress http proxy" in off.error
 
 
 def test_egress_entries_redirect_to_envoys_egress_port() -> None:

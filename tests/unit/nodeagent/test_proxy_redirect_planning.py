@@ -46,7 +46,8 @@ def test_an_entry_whose_proxy_the_node_lacks_drops_instead_of_passing_at_l4() ->
     assert planning.entry_flags(egress, DNS, {}) == no
     assert planning.entry_flags(egress, DNS, {"dns": 10053}) == 0
     assert planning.entry_flags(egress, HTTP, {"dns": 10053}) == no
-    assert planning.entry_flags(egress, HTTP, {"http": 15001}) == 0  # an egress HTTP proxy wired up
+    assert planning.entry_flags(egress, INGRESS_HTTP, {"http": 15001}) == 0  # an egress HTTP proxy wired up
+    assert planning.entry_flags(egress, HTTP, {"http": 15001}) == no  # rules Envoy cannot read (HTTP inside TLS)
     assert planning.entry_flags(egress, KAFKA, {"dns": 10053, "http": 15001}) == no
     assert planning.entry_flags(egress, PLAIN, {}) == 0
     # ingress: only HTTP rules Envoy reads have a proxy (POLICY_HTTP; no Envoy device -> the datapath drops)
@@ -69,7 +70,7 @@ def test_an_l4_allow_of_the_same_key_wins_over_a_missing_proxy() -> None:
 
 
 def test_map_values_carry_the_port() -> None:
-    policy = DirectionPolicy(enforced=True, entries=(DNS, HTTP, PLAIN))
+    policy = DirectionPolicy(enforced=True, entries=(DNS, INGRESS_HTTP, PLAIN))
     allow, deny = planning.direction_maps(3, MapDirection.EGRESS, policy, {"dns": 10053, "http": 15001})
     assert not deny
     by_port = {k.port: v.proxy_port for k, v in allow.items()}

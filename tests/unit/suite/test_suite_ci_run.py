@@ -28,10 +28,11 @@ def test_skips():
 
 
 def run(tmp_path: Path, test_text: str, *, ci: bool, allow: str = "") -> subprocess.CompletedProcess[str]:
-    """pytest on ``tests/test_tiny.py`` in a copy of the suite's machinery (root conftest, suite_rules)."""
+    """pytest on ``tests/test_tiny.py`` in a copy of the suite's machinery (root conftest, suite_rules, realnode_lab)."""
     (tmp_path / "tests").mkdir(exist_ok=True)
     shutil.copy(ROOT / "conftest.py", tmp_path / "conftest.py")
     shutil.copy(ROOT / "tests" / "suite_rules.py", tmp_path / "tests" / "suite_rules.py")
+    shutil.copy(ROOT / "tests" / "realnode_lab.py", tmp_path / "tests" / "realnode_lab.py")
     (tmp_path / "tests" / "skip_allowlist.txt").write_text("# tiny\n" + allow)
     (tmp_path / "tests" / "test_tiny.py").write_text(test_text)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CI", "PYTEST_"))}

@@ -40,7 +40,7 @@ from ciliary.operator.api.rules import (
 )
 from ciliary.operator.api.selectors import LabelSelector
 from ciliary.operator.policy import identities, selection
-from ciliary.operator.policy.compiling import ICMP_V4_TYPES, http_matches
+from ciliary.operator.policy.compiling import ICMP_V4_TYPES
 
 MAX_MESSAGE = 1024
 
@@ -308,7 +308,7 @@ def _port_rule_gaps(rule: PortRule, path: str) -> Iterator[Gap]:
     l7 = rule.rules
     if l7 is not None:
         if l7.http is not None:
-            if http_matches(rule) is None:
+            if rule.terminating_tls is not None or rule.originating_tls is not None or rule.server_names:
                 yield _gap(f"{path}.rules.http", "http-tls")
             for k, http in enumerate(l7.http):
                 for m, match in enumerate(http.header_matches or ()):

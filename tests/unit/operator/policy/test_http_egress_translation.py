@@ -31,14 +31,25 @@ def test_operator_carries_egress_http_rules_on_redirecting_entries() -> None:
     assert [(e.l7_redirect, e.http) for e in web.egress.entries if e.port_low == 80] == [(False, None)]
 
 
-def test_header_matches_ride_on_the_rule_and_secret_ones_are_left_out() -> None:
+def test_header_matches_ride_on_the_rule_and_secret_ones_with_an_action_are_left_out() -> None:
     state = state_of(cnp({"endpointSelector": WEB, "egress": [
         {"toCIDR": ["192.0.2.100/32"], "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}], "rules": {"http": [
             {"path": "/private", "headerMatches": [
                 {"name": "Access-Token", "value": "s3cret", "mismatch": "REPLACE"}, {"name": "X-Need"},
-                {"name": "X-From-Secret", "value": "fallback", "secret": {"name": "tok"}}]}]}}]}]}))
+                {"name": "X-From-Secret", "value": "fallback", "secret": {"name": "tok"}, "mismatch": "LOG"}]}]}}]}]}))
     web = next(e for e in resolve_cluster(state)["n1"].endpoints if e.pod == "web" and e.namespace == "a")
     http = next(e for e in web.egress.entries if e.port_low == 80).http
     assert http is not None and http[0].header_matches == (
         intents.HeaderMatch(name="Access-Token", value="s3cret", mismatch="REPLACE"),
         intents.HeaderMatch(name="X-Need"))
+
+
+def test_a_header_condition_from_a_secret_fails_closed() -> None:
+    """Without ``mismatch`` the Secret's value is a condition nobody checks: the entry carries no HTTP rules
+    Envoy reads, so the node drops the port's connections (PROXY_UNAVAILABLE) instead of allowing more."""
+    state = state_of(cnp({"endpointSelector": WEB, "egress": [
+        {"toCIDR": ["192.0.2.100/32"], "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}], "rules": {"http": [
+            {"path": "/private", "headerMatches": [{"name": "X-From-Secret", "secret": {"name": "tok"}}]}]}}]}]}))
+    web = next(e for e in resolve_cluster(state)["n1"].endpoints if e.pod == "web" and e.namespace == "a")
+    entry = next(e for e in web.egress.entries if e.port_low == 80)
+    assert entry.l7_redirect and entry.l7_parser == "http" and entry.http is None
