@@ -158,18 +158,20 @@ def register(registry: kopf.OperatorRegistry, model: ClusterModel, observer: Pol
     kopf.on.event(NETPOL_GROUP, NETPOL_VERSION, NETPOL_PLURAL, id="networkpolicy_event",
                   registry=registry)(netpol_event)
 
-    def pod_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+    async def pod_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         uid = body["metadata"]["uid"]
         model.set_pod(uid, None if type == "DELETED" else pod_from_body(body))
 
-    def namespace_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+    async def namespace_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         name = body["metadata"]["name"]
         model.set_namespace(name, None if type == "DELETED" else namespace_from_body(body))
 
-    def node_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+    async def node_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         name = body["metadata"]["name"]
         model.set_node(name, None if type == "DELETED" else node_from_body(body))
 
+    # async: kopf runs a sync handler in a worker thread, where it would change the model while the
+    # reconcile loop (on the event loop) iterates it ("dictionary changed size during iteration")
     kopf.on.event("", "v1", "pods", id="pod_event", registry=registry)(pod_event)
     kopf.on.event("", "v1", "namespaces", id="namespace_event", registry=registry)(namespace_event)
     kopf.on.event("", "v1", "nodes", id="node_event", registry=registry)(node_event)
