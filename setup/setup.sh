@@ -88,10 +88,12 @@ fi
 # images (mmdebstrap: mostly network and disk) build while the registry's Go build runs.
 # e2e.test and skaffold (~16 min cold together) are not built here until something runs them
 # (`make conformance`, `skaffold dev` against the lab): `setup/build-node-tools.sh e2e skaffold`.
-"$ROOT/setup/build-node-tools.sh" containerd kubernetes-node
+# The images hold agnhost and CoreDNS (the agnhost image serves cluster DNS in conformance tests):
+# those are built before; the registry's build runs beside the images.
+"$ROOT/setup/build-node-tools.sh" containerd kubernetes-node coredns
 (cd "$ROOT" && "$VENV/bin/python" -m ciliary.lab.images build) &
 images_pid=$!
-"$ROOT/setup/build-node-tools.sh" registry coredns
+"$ROOT/setup/build-node-tools.sh" registry
 wait "$images_pid"
 
 # --- 7. the hubble CLI (issue 11: the Observer API's test client; cached by version) ---------

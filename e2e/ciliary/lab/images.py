@@ -260,7 +260,7 @@ def app_image(suite: str) -> BuiltImage:
 
 
 def build_all(*, log: bool = True) -> list[BuiltImage]:
-    bins = NodeBinaries.discover().require()
+    bins = NodeBinaries.discover().require("agnhost", "coredns")  # what the images hold (set-up builds them first)
     suite = debian_suite()
     built = []
     for make in (lambda: pause_image(bins), lambda: agnhost_image(bins, suite), lambda: dnsutils_image(suite),

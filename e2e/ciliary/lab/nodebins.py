@@ -52,11 +52,13 @@ class NodeBinaries:
             agnhost=built("agnhost"), registry=built("registry"), coredns=built("coredns"), runc=runc,
         )
 
-    def missing(self) -> list[Path]:
-        return [p for p in vars(self).values() if not os.access(p, os.X_OK)]
+    def missing(self, *only: str) -> list[Path]:
+        """The binaries not built yet (of the fields ``only`` names, or all)."""
+        return [p for name, p in vars(self).items() if (not only or name in only) and not os.access(p, os.X_OK)]
 
-    def require(self) -> NodeBinaries:
-        missing = self.missing()
+    def require(self, *only: str) -> NodeBinaries:
+        """Self when every binary (of the fields ``only`` names, or all) is there; else the error naming them."""
+        missing = self.missing(*only)
         if missing:
             raise NodeBinariesMissingError(missing)
         return self
