@@ -45,7 +45,10 @@ lint: setup
 unit: setup
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
+# the suite also runs the upstream e2e.test short list and `skaffold run`/`skaffold dev` on real nodes:
+# both are built (cached by version) here rather than by every `make setup`
 test: setup lint
+	@setup/build-node-tools.sh e2e skaffold
 	$(PY) -m pytest tests e2e $(PYTEST_ARGS)
 
 lab-up: setup
