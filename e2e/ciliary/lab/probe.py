@@ -16,11 +16,13 @@ import subprocess
 import sys
 
 
-def http(ip: str, port: int, timeout: float, method: str = "GET", path: str = "/") -> int:
+def http(ip: str, port: int, timeout: float, method: str = "GET", path: str = "/",
+         headers: tuple[str, ...] = ()) -> int:
+    extra = "".join(f"{header}\r\n" for header in headers)
     try:
         with socket.create_connection((ip, port), timeout=timeout) as sock:
             sock.settimeout(timeout)
-            sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: {ip}\r\nContent-Length: 0\r\n"
+            sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: {ip}\r\nContent-Length: 0\r\n{extra}"
                          f"Connection: close\r\n\r\n".encode())
             data = b""
             while len(data) < 65536:
@@ -72,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=2.0)
     parser.add_argument("--method", default="GET", help="HTTP method (http only)")
     parser.add_argument("--path", default="/", help="HTTP request target (http only)")
+    parser.add_argument("--header", action="append", default=[], help='"Name: value", repeatable (http only)')
     args = parser.parse_args(argv)
     if args.kind == "http":
-        return http(args.ip, args.port, args.timeout, args.method, args.path)
+        return http(args.ip, args.port, args.timeout, args.method, args.path, tuple(args.header))
     if args.kind == "udp":
         return udp(args.ip, args.port, args.timeout)
     return ping(args.ip, args.timeout)

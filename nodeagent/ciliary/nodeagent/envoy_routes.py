@@ -9,8 +9,9 @@ whole ``:method``/``:path``/``:authority``; ``headers`` entries ``"Name"`` requi
 ``"Name: value"`` the exact value; ``headerMatches`` without ``mismatch`` likewise (an empty
 value: presence). A header match with a mismatch action never stops the rule from allowing:
 Envoy evaluates routes in order and picks the first that matches, so such a rule becomes one
-route per combination of its action headers matching or not (every header matching first;
-the match is the header's condition, or the same condition inverted), and each route applies
+route per combination of its action headers matching or not (a route requires the matching
+ones; routes with more matching headers come first, so the first route that matches names
+exactly the headers that match), and each route applies
 the actions of the headers it saw not matching: ``ADD`` appends the value, ``REPLACE`` sets it,
 ``DELETE`` removes the header (nothing for a presence-only match), ``LOG`` changes nothing;
 all four name the mismatch in the route's metadata, which the access log carries into the flow.
@@ -40,12 +41,10 @@ def route_name(rule: intents.RuleRef | None) -> str:
     return json.dumps(rule.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
 
-def _header_matcher(name: str, value: str, *, invert: bool = False) -> dict[str, Any]:
-    found: dict[str, Any] = {"name": name, "string_match": {"exact": value}} if value else \
-        {"name": name, "present_match": True}
-    if invert:
-        found["invert_match"] = True
-    return found
+def _header_matcher(name: str, value: str) -> dict[str, Any]:
+    if value:
+        return {"name": name, "string_match": {"exact": value}}
+    return {"name": name, "present_match": True}
 
 
 def _header_matchers(rule: intents.HttpRule) -> list[dict[str, Any]]:
@@ -79,10 +78,12 @@ def _rule_routes(rule: intents.HttpRule, cluster: str) -> list[dict[str, Any]]:
     base = _header_matchers(rule)
     acting = [m for m in rule.header_matches if m.mismatch is not None]
     out = []
-    for combination in itertools.product((True, False), repeat=len(acting)):
+    # most matching headers first: the first route whose headers all match is then the one naming
+    # exactly the matching set (Envoy's inverted matchers never match an absent header: not used)
+    combinations = sorted(itertools.product((True, False), repeat=len(acting)), key=lambda c: -sum(c))
+    for combination in combinations:
         route = _forward(route_name(rule.rule), base + [
-            _header_matcher(m.name, m.value, invert=not ok) for m, ok in zip(acting, combination, strict=True)],
-            cluster)
+            _header_matcher(m.name, m.value) for m, ok in zip(acting, combination, strict=True) if ok], cluster)
         missed = [m for m, ok in zip(acting, combination, strict=True) if not ok]
         for match in missed:
             for key, items in _on_mismatch(match).items():
