@@ -128,30 +128,32 @@ def test_l7_policy_is_partially_enforced_never_true_and_says_so(lab3):
     ip = json.loads(lab3.kubectl("get", "pod", "deathstar-1", "-o", "json").stdout)["status"]["podIP"]
     assert lab3.probe("http", ip, 80, pod="deathstar-2", timeout=3).returncode == 0  # answered before the policy
     lab3.apply(KAFKA_L7)
-    st = wait_status(lab3, "kafka-l7", lambda s: condition(s, "Enforced").get("reason") == "NodesNotEnforcing"
-                     and s.get("enforcement") == "0/2 nodes" and len(s.get("nodes") or {}) == 2, 60,
-                     "Enforced=False, NodesNotEnforcing on 0/2 nodes")
-    enforced = condition(st, "Enforced")
-    assert enforced["status"] == "False" and enforced["observedGeneration"] == 1
-    assert "spec.egress[0].toPorts[0].rules.kafka" in enforced["message"], enforced
-    assert "PROXY_UNAVAILABLE" in enforced["message"], enforced
-    assert condition(st, "Valid")["status"] == "True"
-    for entry in st["nodes"].values():  # applied (ok) but not enforcing, naming the missing proxy
-        assert entry["ok"] and not entry["enforcing"], st["nodes"]
-        assert "no egress kafka proxy" in entry.get("error", ""), st["nodes"]
-    deadline = time.monotonic() + 30
-    events: list[dict] = []
-    while time.monotonic() < deadline:
-        events = [e for e in lab3.events("kafka-l7") if e.get("reason") == "PolicyPartiallyEnforced"]
-        if events:
-            break
-        time.sleep(0.5)
-    assert events, lab3.events("kafka-l7")
-    assert events[0]["type"] == "Warning" and "rules.kafka" in events[0]["message"]
-    assert events[0]["involvedObject"]["kind"] == "CiliumNetworkPolicy"
-    # fail closed: nothing parses Kafka on the way out, so the port's connections are dropped
-    assert lab3.probe("http", ip, 80, pod="deathstar-2", timeout=3).returncode != 0
-    lab3.kubectl("delete", "cnp", "kafka-l7")
+    try:
+        st = wait_status(lab3, "kafka-l7", lambda s: condition(s, "Enforced").get("reason") == "NodesNotEnforcing"
+                         and s.get("enforcement") == "0/2 nodes" and len(s.get("nodes") or {}) == 2, 60,
+                         "Enforced=False, NodesNotEnforcing on 0/2 nodes")
+        enforced = condition(st, "Enforced")
+        assert enforced["status"] == "False" and enforced["observedGeneration"] == 1
+        assert "spec.egress[0].toPorts[0].rules.kafka" in enforced["message"], enforced
+        assert "PROXY_UNAVAILABLE" in enforced["message"], enforced
+        assert condition(st, "Valid")["status"] == "True"
+        for entry in st["nodes"].values():  # applied (ok) but not enforcing, naming the missing proxy
+            assert entry["ok"] and not entry["enforcing"], st["nodes"]
+            assert "no egress kafka proxy" in entry.get("error", ""), st["nodes"]
+        deadline = time.monotonic() + 30
+        events: list[dict] = []
+        while time.monotonic() < deadline:
+            events = [e for e in lab3.events("kafka-l7") if e.get("reason") == "PolicyPartiallyEnforced"]
+            if events:
+                break
+            time.sleep(0.5)
+        assert events, lab3.events("kafka-l7")
+        assert events[0]["type"] == "Warning" and "rules.kafka" in events[0]["message"]
+        assert events[0]["involvedObject"]["kind"] == "CiliumNetworkPolicy"
+        # fail closed: nothing parses Kafka on the way out, so the port's connections are dropped
+        assert lab3.probe("http", ip, 80, pod="deathstar-2", timeout=3).returncode != 0
+    finally:
+        lab3.kubectl("delete", "cnp", "kafka-l7")
 
 
 def test_agent_killed_and_not_restarted_turns_its_entry_stale(lab3):

@@ -143,7 +143,13 @@ def _covering(entries: Iterable[intents.PolicyEntry], identity: int, port: int) 
 
 
 def _rules_for(own: list[intents.PolicyEntry], anyone: list[intents.PolicyEntry]) -> tuple[intents.HttpRule, ...] | None:
-    covering = own + anyone
+    """The HTTP rules a chain allows (None: every request, a plain L3/L4 entry covers it).
+
+    An L7 entry without rules Envoy reads (HTTP inside TLS, a header condition from a Secret, Kafka)
+    allows nothing here: the kernel drops its own traffic (``PROXY_UNAVAILABLE``), so it must not
+    open the chain for the peers another entry sends to the proxy.
+    """
+    covering = [e for e in own + anyone if not (e.l7_redirect and e.l7_parser is not None and e.http is None)]
     if any(e.http is None for e in covering):
         return None
     return tuple(dict.fromkeys(rule for e in covering for rule in e.http or ()))

@@ -91,8 +91,22 @@ def _rule_routes(rule: intents.HttpRule, cluster: str) -> list[dict[str, Any]]:
         if missed:
             route["metadata"] = {"filter_metadata": {"ciliary": {"mismatch": ",".join(
                 f"{m.name}:{m.mismatch}" for m in missed)}}}
-        out.append(route)
+        out.append(_destination_last(route))
     return out
+
+
+def _destination_last(route: dict[str, Any]) -> dict[str, Any]:
+    """The original-destination header is the proxy's own, set after every action (Envoy applies the list in
+    order); an action naming it is left out (validation refuses such names too), so no policy can point
+    the proxy at another address."""
+    reserved = ORIGINAL_DST_HEADER.lower()
+    adds = route.get("request_headers_to_add", [])
+    own = [a for a in adds if a["header"]["key"] == ORIGINAL_DST_HEADER
+           and a["header"]["value"] == "%DOWNSTREAM_LOCAL_ADDRESS%"]
+    route["request_headers_to_add"] = [a for a in adds if a["header"]["key"].lower() != reserved] + own[:1]
+    if "request_headers_to_remove" in route:
+        route["request_headers_to_remove"] = [h for h in route["request_headers_to_remove"] if h.lower() != reserved]
+    return route
 
 
 def _forward(name: str, headers: list[dict[str, Any]], cluster: str = CLUSTER_NAME) -> dict[str, Any]:

@@ -262,12 +262,23 @@ def direction_maps(ep_id: int, direction: MapDirection, policy: intents.Directio
         value = PolicyValue(rule_cookie(entry.rules), entry_flags(direction, entry, ports), port)
         for key in entry_keys(ep_id, direction, entry):
             old = target.get(key)
-            if old is None or value.cookie < old.cookie:
-                flags = value.flags if old is None else value.flags & old.flags
-                target[key] = dataclasses.replace(value, flags=flags)
-            elif old.flags & ~value.flags:
-                target[key] = dataclasses.replace(old, flags=old.flags & value.flags)
+            target[key] = value if old is None else _merged(old, value)
     return allow, deny
+
+
+def _merged(old: PolicyValue, new: PolicyValue) -> PolicyValue:
+    """One key's value from two entries (port ranges of different entries can share an LPM key).
+
+    A no-proxy value never wins over one that passes or redirects (AND-ing its flags with the HTTP
+    flag, or taking its port 0 beside a redirect, would turn L7 entries into a plain allow that skips
+    the proxy); between two others the smaller cookie wins and the HTTP flag stays only if both have it
+    (an L4 allow wins over L7 rules); between two no-proxy values the smaller cookie.
+    """
+    old_np, new_np = bool(old.flags & POLICY_NO_PROXY), bool(new.flags & POLICY_NO_PROXY)
+    if old_np != new_np:
+        return new if old_np else old
+    winner = new if new.cookie < old.cookie else old
+    return dataclasses.replace(winner, flags=old.flags & new.flags)
 
 
 def endpoint_flags(endpoint: intents.EndpointIntent, deny: Mapping[PolicyKey, PolicyValue]) -> int:

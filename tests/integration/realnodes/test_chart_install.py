@@ -7,7 +7,8 @@ install-cni init container installs ciliary-cni into each node's /opt/cni/bin an
 the bundled etcd (TLS, per-node enrollment). Then, on agnhost pods the kubelets start through that
 plugin: traffic flows before any policy; a CiliumNetworkPolicy admits only the ``role=frontend`` client
 to the servers on both nodes; its ``.status.nodes`` shows both nodes enforcing; the other client is
-dropped on the same node and across nodes. ``skaffold run -p lab`` rebuilds both images with the
+dropped on the same node and across nodes, which the real ``hubble`` CLI sees through the chart's relay
+(Service ``hubble-relay``) on both nodes, and the chart's service map (Service ``hubble-ui``) draws. ``skaffold run -p lab`` rebuilds both images with the
 project's own builder, pushes them to the lab registry and upgrades both releases with them (the agents
 on both nodes then run the pushed images by digest). ``helm uninstall`` removes the release's objects. The lab
 is the session's (``chart_lab``, tests/realnode_lab.py), torn down at the end of the session, also on
@@ -134,7 +135,54 @@ def test_pods_get_their_network_from_the_chart_and_policy_is_enforced(chart_inst
         assert connects(lab, "frontend", ip), f"frontend → {ip} denied under a policy that allows it"
         assert not connects(lab, "other", ip), f"other → {ip} allowed under a policy that denies it"
 
+    relay_and_service_map_show_the_drops(lab, servers)
     assert lab.kubectl("delete", "namespace", NS, "--wait=true", "--timeout=120s", timeout=150).returncode == 0
+
+
+def in_node(lab: ChartLab, node: str, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``argv`` in ``node``'s network namespace (the node's addresses and its kube-proxy's ClusterIPs)."""
+    return subprocess.run(["ip", "netns", "exec", lab.lab.layout.node_netns(node), *argv], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def relay_and_service_map_show_the_drops(lab: ChartLab, servers: list[str]) -> None:
+    """The chart's relay (a container of the operator pod, Service hubble-relay) merges both nodes' Observer
+    APIs: the real ``hubble`` CLI sees the denied connections at each server's node; the chart's service map
+    (Service hubble-ui) draws the other -> server edge as dropped."""
+    hubble = str(tools.find("hubble"))
+    pods = json.loads(lab.kubectl("get", "pods", "-n", chartinstall.NAMESPACE, "-o", "json").stdout)["items"]
+    operator = next(p for p in pods if p["metadata"]["labels"].get("app.kubernetes.io/component") == "operator")
+    node = operator["spec"]["nodeName"]
+    relay = json.loads(lab.kubectl("get", "service", "hubble-relay", "-n", chartinstall.NAMESPACE, "-o",
+                                   "json").stdout)["spec"]["clusterIP"]
+
+    def drops() -> dict[str, str] | None:
+        out = in_node(lab, node, hubble, "observe", "--server", f"{relay}:80", "--namespace", NS, "--verdict",
+                      "DROPPED", "--last", "100", "-o", "json")
+        flows = [json.loads(line)["flow"] for line in out.stdout.splitlines() if '"flow"' in line]
+        seen = {f["IP"]["destination"]: f["node_name"] for f in flows
+                if "k8s:role=other" in f.get("source", {}).get("labels", [])}
+        return seen if set(servers) <= set(seen) else None
+
+    seen = wait_for("hubble observe through hubble-relay shows both drops", drops, 60,
+                    lambda: in_node(lab, node, hubble, "status", "--server", f"{relay}:80").stdout)
+    assert set(seen.values()) == set(NODES), f"drops observed on {seen}: the relay reaches both agents"
+    status = in_node(lab, node, hubble, "status", "--server", f"{relay}:80")
+    assert "Connected Nodes: 2/2" in status.stdout, status.stdout + status.stderr
+
+    ui = json.loads(lab.kubectl("get", "service", "hubble-ui", "-n", chartinstall.NAMESPACE, "-o",
+                                "json").stdout)["spec"]["clusterIP"]
+
+    def dropped_edge() -> list[Any] | None:
+        out = in_node(lab, node, "curl", "-sf", "--max-time", "10",
+                      f"http://{ui}/api/service-map?namespace={NS}&verdict=DROPPED&window=600")
+        if out.returncode != 0:
+            return None
+        edges = json.loads(out.stdout)["edges"]
+        return [e for e in edges if e.get("state") == "dropped" and e.get("dropped", 0) > 0] or None
+
+    wait_for("the chart's service map draws a dropped edge", dropped_edge, 120,
+             lambda: lab.kubectl("get", "pods", "-n", chartinstall.NAMESPACE, "-o", "wide").stdout)
 
 
 def skaffold_env(lab: ChartLab) -> dict[str, str]:

@@ -12,6 +12,7 @@ from ciliary.nodeagent import (
     enforcing,
     envoy_config,
     envoy_proxy,
+    envoy_routes,
     l7_flows,
     planning,
     proxy_plumbing,
@@ -205,7 +206,7 @@ def test_header_matches_without_action_are_conditions_with_actions_one_route_per
     assert no_old["match"]["headers"] == [*base, token]  # after `both`: X-Old does not match
     assert no_old["request_headers_to_remove"] == ["X-Old"]
     assert no_old["metadata"]["filter_metadata"]["ciliary"]["mismatch"] == "X-Old:DELETE"
-    assert no_token["request_headers_to_add"][1] == {"header": {"key": "Access-Token", "value": "s3cret"},
+    assert no_token["request_headers_to_add"][0] == {"header": {"key": "Access-Token", "value": "s3cret"},
                                                      "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
     assert no_token["match"]["headers"] == [*base, old] and "request_headers_to_remove" not in no_token
     assert neither["match"]["headers"] == base
@@ -219,7 +220,7 @@ def test_header_matches_without_action_are_conditions_with_actions_one_route_per
                                rule=REF)
         missed = envoy_config.routes((one,))[1]
         assert missed["metadata"]["filter_metadata"]["ciliary"]["mismatch"] == f"X-A:{action}"
-        assert missed["request_headers_to_add"][1:] == extra.get("request_headers_to_add", [])
+        assert missed["request_headers_to_add"][:-1] == extra.get("request_headers_to_add", [])  # ours last
         assert "request_headers_to_remove" not in missed
 
 
@@ -250,3 +251,29 @@ def test_header_mismatch_reaches_the_flow() -> None:
     for none in ("-", None):
         event = l7_flows.parse_line(json.dumps({**line, "mismatch": none}), l7_flows.identity_lookup(intent))
         assert "header_mismatch" not in event.http.as_json()
+
+
+def test_no_header_action_can_change_where_the_proxy_forwards() -> None:
+    """Even a header action naming the original-destination header (validation refuses it) comes before the
+    proxy's own setting of it, which Envoy applies last: the request still goes to the original destination."""
+    dst = envoy_config.ORIGINAL_DST_HEADER
+    rule = intents.HttpRule(header_matches=(
+        intents.HeaderMatch(name=dst, value="10.244.1.9:5432", mismatch="REPLACE"),
+        intents.HeaderMatch(name="X-A", value="1", mismatch="ADD")))
+    for route in envoy_routes.routes((rule,))[:-1]:
+        dst_values = [h["header"]["value"] for h in route["request_headers_to_add"] if h["header"]["key"] == dst]
+        assert dst_values == ["%DOWNSTREAM_LOCAL_ADDRESS%"], route  # the action on it is left out
+        assert route["request_headers_to_add"][-1]["header"]["key"] == dst, route
+
+
+def test_an_l7_entry_envoy_cannot_read_opens_no_chain() -> None:
+    """An any-destination entry with HTTP rules Envoy cannot read (HTTP inside TLS: ``http`` None) is dropped by
+    the kernel; it must not turn the chains of a destination redirected for readable rules into allow-all."""
+    unreadable = entry(intents.ANY_IDENTITY).model_copy(update={"http": None})
+    intent = node_intent((entry(SERVER), unreadable))
+    server = [c for c in envoy_config.egress_chains(intent) if c.source == A and c.name.endswith(f"id{SERVER}")]
+    assert server and all(c.rules == (GET_PUBLIC,) for c in server), server
+    plain = entry(intents.ANY_IDENTITY, http=None)  # a plain L3/L4 allow of the port: every request
+    intent = node_intent((entry(SERVER), plain))
+    server = [c for c in envoy_config.egress_chains(intent) if c.source == A and c.name.endswith(f"id{SERVER}")]
+    assert server and all(c.rules is None for c in server), server

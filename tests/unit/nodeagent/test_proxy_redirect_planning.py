@@ -103,3 +103,26 @@ def test_plan_passes_proxy_ports_through() -> None:
                          veths=veths, proxy_ports={"dns": 10053})
     values = [v for _k, v in plan.policy.upserts.items()]
     assert values and all(v.proxy_port == 10053 for v in values)
+
+
+def test_entries_sharing_a_key_never_merge_into_a_plain_allow_that_skips_the_proxy() -> None:
+    """Two entries of one peer whose port ranges share an LPM key: readable HTTP rules (redirect / POLICY_HTTP)
+    and rules no proxy here reads (NO_PROXY). The key keeps the redirect, whatever the cookies' order."""
+    readable = INGRESS_HTTP.model_copy(update={"port_low": 80, "port_high": 95})
+    unreadable = HTTP.model_copy(update={"port_low": 80, "port_high": 127})  # http None: e.g. inside TLS
+    ref = intents.RuleRef(kind="CiliumNetworkPolicy", namespace="d", name="p", uid="u", rule_index=0,
+                          section="s")
+    for first, second in ((readable, unreadable), (unreadable, readable)):
+        for cookie_order in ((0, 1), (1, 0)):
+            entries = tuple(e.model_copy(update={"rules": (ref.model_copy(update={"rule_index": c}),)})
+                            for e, c in zip((first, second), cookie_order, strict=True))
+            policy = DirectionPolicy(enforced=True, entries=entries)
+            egress, _ = planning.direction_maps(3, MapDirection.EGRESS, policy, {"http": 15001})
+            ingress, _ = planning.direction_maps(3, MapDirection.INGRESS, policy, {"http": 15001})
+            assert any(k.port == 80 and k.port_bits == 12 for k in egress)  # the block 80-95 both entries hold
+            for key, value in egress.items():
+                if key.port < 96:  # covered by both: redirected, never plain
+                    assert value.proxy_port == 15001 and not value.flags & planning.POLICY_NO_PROXY, (key, value)
+            for key, value in ingress.items():
+                if key.port < 96:
+                    assert value.flags & planning.POLICY_HTTP and not value.flags & planning.POLICY_NO_PROXY

@@ -240,6 +240,11 @@ def _check_l7(
     for i, port in enumerate(ports):
         if kinds and port.number == 0:
             yield PolicyProblem(f"{path}.ports[{i}].port", "L7 rules cannot be used with port 0 (all ports)")
+        elif kinds and port.end_port is not None and port.number and \
+                port.end_port - port.number + 1 > MAX_L7_RANGE_PORTS:
+            yield PolicyProblem(f"{path}.ports[{i}].endPort",
+                                f"L7 rules cover at most {MAX_L7_RANGE_PORTS} ports per range (the node's proxy "
+                                f"listens per port), found {port.end_port - port.number + 1}")
         for kind in kinds:
             if kind != "dns" and port.protocol != "TCP":
                 yield PolicyProblem(
@@ -282,15 +287,22 @@ def _check_http(rule: PortRuleHTTP, path: str) -> Iterable[PolicyProblem]:
         yield PolicyProblem(f"{path}.headerMatches", f"at most {MAX_HEADER_ACTIONS} header matches with a "
                                                      f"mismatch action per rule, found {len(acting)}")
     for i, match in enumerate(rule.header_matches or ()):
-        if not HEADER_NAME.match(match.name) or match.name.lower() == "host":
+        if not HEADER_NAME.match(match.name) or match.name.lower() == "host" \
+                or match.name.lower().startswith(PROXY_HEADER_PREFIX):
             yield PolicyProblem(f"{path}.headerMatches[{i}].name",
                                 f'"{match.name}" is not a header name the proxy can match and rewrite')
 
 
 MAX_HEADER_ACTIONS = 4
+MAX_L7_RANGE_PORTS = 256
+"""Ports of one range with L7 rules (the node's Envoy has a filter chain per port: nodeagent envoy_config's
+``MAX_RANGE_PORTS``; a wider range would stop the whole node's proxy configuration, so it is refused here)."""
 """The proxy gives a rule one route per combination of its mismatch-action headers (2**n)."""
 HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 """An HTTP header name (RFC 9110 token); pseudo-headers (``:path``) and ``host`` cannot be rewritten."""
+PROXY_HEADER_PREFIX = "x-envoy-"
+"""Headers the node's proxy acts on (e.g. the original destination it forwards to): never matched or rewritten
+by a policy (a REPLACE of one could send an allowed request to any address past the destination's policy)."""
 
 
 def regex_problem(pattern: str) -> str | None:

@@ -318,6 +318,8 @@ def _port_rule_gaps(rule: PortRule, path: str) -> Iterator[Gap]:
             yield _gap(f"{path}.rules.kafka", "kafka")
         if l7.l7proto is not None or l7.l7 is not None:
             yield _gap(f"{path}.rules.l7proto", "l7proto")
+    if l7 is not None and l7.kinds():
+        return  # the port's connections are dropped (the gaps above): TLS and server names change nothing more
     if rule.terminating_tls is not None:
         yield _gap(f"{path}.terminatingTLS", "tls")
     if rule.originating_tls is not None:

@@ -76,7 +76,7 @@ def test_header_matches_names_and_action_count_are_checked() -> None:
     (problem,) = _problems(_l7({"http": [{"headerMatches": acting}]}))
     assert problem.startswith("spec.ingress[0].toPorts[0].rules.http[0].headerMatches: at most 4")
     assert _problems(_l7({"http": [{"headerMatches": acting[:4] + [{"name": "x-5"}]}]})) == []
-    for bad in (":path", "Host", "x token"):
+    for bad in (":path", "Host", "x token", "X-Envoy-Original-Dst-Host", "x-envoy-upstream-rq-timeout-ms"):
         (problem,) = _problems(_l7({"http": [{"headerMatches": [{"name": bad, "value": "v"}]}]}))
         assert problem.startswith("spec.ingress[0].toPorts[0].rules.http[0].headerMatches[0].name:"), problem
 
@@ -200,3 +200,13 @@ def test_problems_in_specs_carry_their_index() -> None:
     body["specs"] = [_l7({"http": [{"path": "("}]})]
     (problem,) = validate_policy(parse_policy(body))
     assert problem.path == "specs[0].ingress[0].toPorts[0].rules.http[0].path"
+
+
+def test_l7_rules_on_a_port_range_wider_than_the_proxy_serves_are_refused() -> None:
+    """Envoy gets a filter chain per port: a wider range would stop the node's whole proxy configuration."""
+    spec = _l7({"http": [{"method": "GET"}]})
+    spec["ingress"][0]["toPorts"][0]["ports"][0]["endPort"] = 80 + 255
+    assert _problems(spec) == []
+    spec["ingress"][0]["toPorts"][0]["ports"][0]["endPort"] = 80 + 256
+    (problem,) = _problems(spec)
+    assert problem.startswith("spec.ingress[0].toPorts[0].ports[0].endPort: L7 rules cover at most 256"), problem
