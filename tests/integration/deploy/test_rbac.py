@@ -56,7 +56,8 @@ pytestmark = pytest.mark.integration
 #: kopf.warn -> kopf posting: POST core/v1 events (never patch/get);
 #: kopf's resource observer (clusterwide, scanning enabled) -> list + watch CRDs;
 #: service_handlers.register/initial_list -> kopf.on.event on services and endpointslices, list_service_for_all_
-#: namespaces, list_endpoint_slice_for_all_namespaces; service_events -> POST core/v1 events (covered above).
+#: namespaces, list_endpoint_slice_for_all_namespaces; service_events -> POST core/v1 events (covered above);
+#: handlers.register -> kopf.on.event on secrets (TLS contexts' rotation), reconciling -> read_namespaced_secret.
 OPERATOR_USES: frozenset[tuple[str, str, str]] = frozenset({
     ("", "namespaces", "list"), ("", "namespaces", "watch"),
     ("", "nodes", "list"), ("", "nodes", "watch"),
@@ -72,6 +73,7 @@ OPERATOR_USES: frozenset[tuple[str, str, str]] = frozenset({
     ("discovery.k8s.io", "endpointslices", "list"), ("discovery.k8s.io", "endpointslices", "watch"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+    ("", "secrets", "get"), ("", "secrets", "list"), ("", "secrets", "watch"),
 })
 
 REFUSAL = re.compile(r"Forbidden|forbidden|Not enough permissions|Code: 403|\(403\)|status 403")
