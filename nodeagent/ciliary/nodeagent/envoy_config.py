@@ -47,7 +47,10 @@ ingress one; ``cy_from_pod`` assigns the pod's connection to it, ``datapath_c/li
 - the upstream connection leaves from the pod's own address (``original_src``, with socket
   mark :data:`FROM_EGRESS_PROXY_MARK`), so the destination's ingress policy judges the pod's
   identity, on any node; the node plumbing (``proxy_plumbing``) routes the answers to Envoy's
-  socket. This mark is not :data:`FROM_PROXY_MARK`: nothing skips the destination's policy.
+  socket. This mark is not :data:`FROM_PROXY_MARK`: nothing skips the destination's policy;
+- HTTP rules inside TLS (``terminatingTLS`` + ``originatingTLS``): the chain terminates the pod's
+  TLS and the allowed requests go to a TLS cluster of the CDS file (:func:`cluster_document`);
+  chains, clusters and PEM files are ``envoy_tls``'s.
 """
 
 from __future__ import annotations
@@ -356,6 +359,9 @@ def _egress_filter_chain(chain: EgressChain, access_log: str, intent: intents.No
     match.update(tls.match)
     out["transport_socket"] = tls.transport_socket
     http = _http_filter(chain.name, chain.rules, access_log, egress=True, cluster=tls.cluster or "")
+    # the cluster comes from the CDS file (written first); should Envoy read this LDS before it, a
+    # request finds no cluster (503) instead of the whole listener update being rejected
+    http["typed_config"]["route_config"]["validate_clusters"] = False
     out["filters"] = [envoy_tls.sni_filter(), http]
     return out
 

@@ -61,10 +61,15 @@ def secret_reader(api: client.ApiClient, *, timeout: float = 5.0
             if exc.status == 404:
                 return None
             raise
-        try:
-            body = json.loads(await response.read())  # an aiohttp response (not preloaded into a model)
+        try:  # an aiohttp response (not preloaded into a model, so no error is raised for its status)
+            status = int(response.status)
+            body = json.loads(await response.read())
         finally:
             response.release()
+        if status == 404:
+            return None
+        if status >= 400 or body.get("kind") != "Secret":
+            raise ApiException(status=status, reason=str(body.get("reason", "unexpected answer")))
         return secret_from_body(body)
 
     return read
