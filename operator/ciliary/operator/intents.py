@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from enum import Enum, StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 """Bumped on any incompatible change; agents refuse intents of a version they do not know."""
@@ -323,6 +323,9 @@ def parse_node_intent(node: str, raw: bytes | str | Mapping[str, Any]) -> NodeIn
         )
     try:
         return NodeIntent.model_validate(data)
+    except ValidationError as exc:  # the message names fields, never values (an intent may carry TLS keys)
+        where = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+        raise IntentSchemaError(node, f"{exc.error_count()} invalid field(s): {where}") from None
     except ValueError as exc:
         raise IntentSchemaError(node, str(exc)) from exc
 

@@ -133,3 +133,14 @@ def test_tls_and_plain_http_rules_on_one_entry_conflict() -> None:
     attached, problems = tls_secrets.attach(resolved["n1"], {("a", "intercept"): INTERCEPT,
                                                             ("kube-system", "world-ca"): TRUST})
     assert entry_443(attached).http is None and "conflicting TLS contexts" in problems[0].message
+
+
+def test_a_malformed_intent_is_refused_without_quoting_its_values() -> None:
+    resolved = resolve_cluster(state_of(cnp(egress(port_rule(**BOTH)))))
+    attached, _ = tls_secrets.attach(resolved["n1"], {("a", "intercept"): INTERCEPT,
+                                                     ("kube-system", "world-ca"): TRUST})
+    data = json.loads(attached.to_wire())
+    data["tls_secrets"]["a/intercept"]["private_key"] = [KEY]  # wrong type: the value must not be echoed
+    with pytest.raises(intents.IntentSchemaError) as refused:
+        intents.parse_node_intent("n1", json.dumps(data))
+    assert "tls_secrets" in str(refused.value) and "BEGIN" not in str(refused.value)
