@@ -115,7 +115,8 @@ class Reconciler:
             try:
                 data = await self.fetch_secret(*key) if self.fetch_secret is not None else None
             except Exception as exc:  # noqa: BLE001 - read again next pass; until then the port fails closed
-                log.warning("could not read Secret %s/%s: %s", *key, type(exc).__name__)
+                log.warning("could not read Secret %s/%s: %s %s %s", *key, type(exc).__name__,
+                            getattr(exc, "status", ""), getattr(exc, "reason", ""))
                 continue
             if key not in self.model.secrets:  # a watch event may have come first, with newer data
                 self.model.secrets[key] = data
