@@ -63,7 +63,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ciliary.nodeagent import envoy_routes, envoy_tls
+from ciliary.nodeagent import envoy_bootstrap, envoy_routes, envoy_tls
 from ciliary.operator import intents
 
 LISTENER_NAME = "cy_ingress_http"
@@ -78,8 +78,8 @@ rule_of_route = envoy_routes.rule_of_route
 DEFAULT_PORT = 15001
 TO_PROXY_MARK = 0x0C00
 """skb mark of a packet the tc program hands to the proxy (policy routing delivers it locally)."""
-FROM_PROXY_MARK = 0x0D00
-"""Socket mark of the proxy's upstream connections (the tc program lets them through)."""
+FROM_PROXY_MARK = envoy_bootstrap.FROM_PROXY_MARK
+bootstrap = envoy_bootstrap.bootstrap
 FROM_EGRESS_PROXY_MARK = 0x0E00
 """Socket mark of the egress listener's upstream connections (sent from the client pod's address; the
 node plumbing routes their answers back to Envoy; the tc programs judge them like any packet)."""
@@ -89,7 +89,6 @@ WORLD_IDENTITY = 2
 MARK_MASK = 0x0F00
 MAX_RANGE_PORTS = 256
 """An HTTP rule on a port range covers at most this many ports (one filter chain per port)."""
-SOL_SOCKET, SO_MARK = 1, 36
 ACCESS_LOG_FORMAT = {
     "time": "%START_TIME(%s.%6f)%", "method": "%REQ(:METHOD)%", "path": "%REQ(:PATH)%",
     "host": "%REQ(:AUTHORITY)%", "status": "%RESPONSE_CODE%", "route": "%ROUTE_NAME%",
@@ -406,44 +405,6 @@ def listener_document(intent: intents.NodeIntent, *, port: int, access_log: str,
 def cluster_document(intent: intents.NodeIntent, version: str, *, secrets_dir: str) -> dict[str, Any]:
     """The CDS DiscoveryResponse: the TLS clusters of egress interception (``envoy_tls``)."""
     return {"version_info": version, "resources": envoy_tls.clusters(intent, secrets_dir)}
-
-
-def bootstrap(*, node: str, admin_socket: str, lds_path: str, cds_path: str = "",
-              upstream_mark: int = FROM_PROXY_MARK) -> dict[str, Any]:
-    """Envoy's start-up configuration: admin on a unix socket, the original-destination cluster, LDS from a file."""
-    return {
-        "node": {"id": node, "cluster": "ciliary"},
-        "admin": {"address": {"pipe": {"path": admin_socket}}},
-        "static_resources": {"clusters": [{
-            "name": CLUSTER_NAME,
-            "type": "ORIGINAL_DST",
-            "lb_policy": "CLUSTER_PROVIDED",
-            "original_dst_lb_config": {"use_http_header": True},
-            "connect_timeout": "5s",
-            "cleanup_interval": "60s",
-            "circuit_breakers": {"thresholds": [{"max_connections": 100000, "max_pending_requests": 100000,
-                                                 "max_requests": 100000}]},
-            "upstream_bind_config": {
-                "source_address": {"address": "0.0.0.0", "port_value": 0},
-                "socket_options": [{"level": SOL_SOCKET, "name": SO_MARK, "int_value": upstream_mark,
-                                    "state": "STATE_PREBIND"}]},
-        }, {
-            # the egress listener's: its original_src filter binds each upstream connection to the
-            # client pod's address and sets FROM_EGRESS_PROXY_MARK
-            "name": EGRESS_CLUSTER_NAME,
-            "type": "ORIGINAL_DST",
-            "lb_policy": "CLUSTER_PROVIDED",
-            "original_dst_lb_config": {"use_http_header": True},
-            "connect_timeout": "5s",
-            "cleanup_interval": "60s",
-            "circuit_breakers": {"thresholds": [{"max_connections": 100000, "max_pending_requests": 100000,
-                                                 "max_requests": 100000}]},
-        }]},
-        "dynamic_resources": {"lds_config": {"path_config_source": {"path": lds_path},
-                                             "resource_api_version": "V3"},
-                              **({"cds_config": {"path_config_source": {"path": cds_path},
-                                                 "resource_api_version": "V3"}} if cds_path else {})},
-    }
 
 
 def peers_by_chain(intent: intents.NodeIntent) -> Mapping[str, tuple[str, ...]]:
