@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent / "policy"))  # test_policy_resolution's tables
 
 from test_handover_shell import UID, cnp, feed, make
@@ -103,3 +105,42 @@ async def _problems_reach_the_status() -> None:
     assert "ns/absent" in events[0]["message"] and "BEGIN" not in json.dumps(events)
     await reporter({})
     assert handover.desired(UID).enforced["status"] == "True"
+
+
+class FakeResponse:
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        self.status, self.body, self.released = status, body, False
+
+    async def read(self) -> bytes:
+        return json.dumps(self.body).encode()
+
+    def release(self) -> None:
+        self.released = True
+
+
+def test_the_secret_reader_decodes_items_and_tells_missing_from_refused(monkeypatch: Any) -> None:
+    """A raw (not preloaded) read raises nothing for an error status: 404 must read as missing, 403 as an error."""
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    from ciliary.operator.kube import kubeapi
+
+    answers = {"there": FakeResponse(200, {"kind": "Secret", **body({"ca.crt": CA.cert_pem})}),
+               "gone": FakeResponse(404, {"kind": "Status", "reason": "NotFound"}),
+               "forbidden": FakeResponse(403, {"kind": "Status", "reason": "Forbidden"})}
+
+    class FakeCoreApi:
+        def __init__(self, api: Any) -> None:
+            pass
+
+        async def read_namespaced_secret(self, name: str, namespace: str, **kw: Any) -> FakeResponse:
+            assert kw["_preload_content"] is False
+            return answers[name]
+
+    monkeypatch.setattr(kubeapi.client, "CoreV1Api", FakeCoreApi)
+    read = kubeapi.secret_reader(None)  # type: ignore[arg-type]
+    assert asyncio.run(read("ns", "there")) == {"ca.crt": CA.cert_pem.encode()}
+    assert asyncio.run(read("ns", "gone")) is None
+    with pytest.raises(ApiException) as refused:
+        asyncio.run(read("ns", "forbidden"))
+    assert refused.value.status == 403
+    assert all(r.released for r in answers.values())
