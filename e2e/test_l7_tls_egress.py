@@ -256,3 +256,12 @@ def test_secrets_never_in_status_or_policy_get_and_rotation_republishes(lab: Lab
     assert "world-tls /public/rotated" in out, out
     out = https(lab, "shuttle", scene.files / "intercept-ca.crt", "/public/rotated")
     assert out.startswith("error SSLCertVerificationError"), out
+
+
+def test_no_log_of_the_lab_holds_key_material(lab: LabHandle, scene: Scene) -> None:
+    """Every log file of the lab (operator, agents, Envoy's own and access logs, apiserver, etcd) after the
+    Secrets were read, published, written for Envoy and rotated: no PEM block in any of them."""
+    logs = [p for p in lab.lab.layout.state_dir.rglob("*.log*") if p.is_file()]
+    assert any("operator" in p.name for p in logs) and any("envoy" in str(p) for p in logs), logs
+    leaked = [str(p) for p in logs if b"-----BEGIN " in p.read_bytes()]
+    assert leaked == [], leaked
