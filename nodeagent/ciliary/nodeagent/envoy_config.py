@@ -269,17 +269,27 @@ class EgressChain:
     server_names: tuple[str, ...] = ()
     """A copy of a chain without server names, matching the names other chains of its group match
     (Envoy matches server names before the source address)."""
+    conflict: bool = False
+    """Its rules mix TLS contexts (or TLS and plain HTTP): it denies every request (:func:`egress_conflicts`)."""
 
 
 def _egress_tls(rules: tuple[intents.HttpRule, ...] | None, covering: list[intents.PolicyEntry]
-                ) -> tuple[tuple[intents.HttpRule, ...] | None, intents.TlsInterception | None, bool]:
-    """(rules, TLS interception, pass-through) of one egress chain; mixed TLS handling denies (fail closed)."""
+                ) -> tuple[tuple[intents.HttpRule, ...] | None, intents.TlsInterception | None, bool, bool]:
+    """(rules, TLS interception, pass-through, conflict) of one egress chain; mixed TLS handling denies
+    (fail closed)."""
     found = envoy_tls.chain_tls(rules, covering)
     if rules is None:
-        return None, None, found is not None
+        return None, None, found is not None, False
     if isinstance(found, envoy_tls.Conflict):
-        return (), None, False
-    return rules, found, False
+        return (), None, False, True
+    return rules, found, False, False
+
+
+def egress_conflicts(intent: intents.NodeIntent) -> list[str]:
+    """The egress chains that deny every request because their rules mix TLS contexts, or TLS and plain HTTP
+    (e.g. an any-peer port rule with TLS and a peer's without): the policies are then not enforced as
+    written on this node (the agent reports it, ``envoy_proxy``)."""
+    return [c.name for c in egress_chains(intent) if c.conflict]
 
 
 def _with_server_names(chains: list[EgressChain]) -> list[EgressChain]:
@@ -334,9 +344,9 @@ def egress_chains(intent: intents.NodeIntent) -> list[EgressChain]:
                 covering = _covering(entries_of[source], dest, port) if dest is not None else []
                 rules = (_rules_for(covering, anyone) if dest is not None
                          else _rules_for([], anyone) if anyone else ())
-                rules, tls, passthrough = _egress_tls(rules, covering + anyone)
+                rules, tls, passthrough, conflict = _egress_tls(rules, covering + anyone)
                 out.append(EgressChain(source, port, tuple(str(n) for n in nets), rules,
-                                       f"egress {source}:{port}/{label}", tls, passthrough))
+                                       f"egress {source}:{port}/{label}", tls, passthrough, conflict=conflict))
     return _with_server_names(out)
 
 

@@ -116,6 +116,7 @@ class EnvoyProxy:
         self.accepted_cds_version = ""
         self.rejected = 0
         self.config_error = ""
+        self.conflicts = ""
         self.last_exit = ""
         self.starts = 0
         self.bad_lines = 0
@@ -142,6 +143,9 @@ class EnvoyProxy:
             log.error("HTTP rules cannot be configured", extra={"node": self.node, "error": str(exc)})
             return
         self.config_error = ""
+        conflicts = envoy_config.egress_conflicts(intent)
+        self.conflicts = ("TLS interception: these egress chains mix TLS contexts (or TLS and plain HTTP rules) "
+                          f"and deny every request: {', '.join(conflicts[:5])}") if conflicts else ""
         if version == self.wanted_version:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -186,6 +190,8 @@ class EnvoyProxy:
             return f"L7 proxy: not configured for revision {intent.revision} yet"
         if self.config_error:
             return f"L7 proxy: {self.config_error}"
+        if self.conflicts:
+            return f"L7 proxy: {self.conflicts}"
         if self.process is None or self.process.returncode is not None:
             return f"L7 proxy (Envoy) not running{': ' + self.last_exit if self.last_exit else ''}"
         if self.accepted_version != self.wanted_version or self.accepted_cds_version != self.wanted_version:

@@ -22,9 +22,11 @@ port rule with ``rules.http``; ``policy.tls_secrets`` on the operator side):
   against, the name the pod asked for (its SNI, else the request's host: ``auto_sni``,
   ``auto_san_validation``). A certificate in the originating Secret is presented as the
   proxy's client certificate;
-- fail closed: a chain whose covering rules mix TLS contexts (or TLS and plain HTTP) denies
-  every request (its rules become none); the operator never publishes an entry whose Secret
-  could not be read (its HTTP rules are dropped: the kernel drops the connections).
+- fail closed: a chain whose covering rules mix TLS contexts (or TLS and plain HTTP, e.g. an
+  any-peer port rule with TLS and a peer's without) denies every request (its rules become
+  none) and the node reports its HTTP policies not enforcing, naming the chain; the operator
+  never publishes an entry whose Secret could not be read (its HTTP rules are dropped: the
+  kernel drops the connections).
 
 **Secrets reach Envoy as files**, not SDS: each PEM item is written by the agent
 (``envoy_proxy``) into ``<run dir>/tls/`` (directory 0700, files 0600, created with those

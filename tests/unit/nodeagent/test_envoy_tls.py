@@ -95,6 +95,8 @@ def test_fail_closed_without_material_or_with_mixed_rules_and_l4_passes_tls_thro
     plain = intents.HttpRule(method="GET", rule=REF)
     mixed = {c.name: c for c in envoy_config.egress_chains(tls_intent((GET_TLS, plain)))}
     assert mixed[f"egress {A}:443/id{SERVER}"].rules == () and mixed[f"egress {A}:443/id{SERVER}"].tls is None
+    assert envoy_config.egress_conflicts(tls_intent((GET_TLS, plain))) == [f"egress {A}:443/id{SERVER}"]
+    assert envoy_config.egress_conflicts(tls_intent()) == []
     # an L4 allow of the same destination wins: TCP pass-through, the pod's TLS untouched
     l4 = node_intent((entry(SERVER, http=(GET_TLS,), port=443), entry(0, http=None, port=443)))
     chains = {c.name: c for c in envoy_config.egress_chains(l4.model_copy(update={"tls_secrets": MATERIAL}))}
@@ -147,3 +149,15 @@ def test_the_agent_writes_pem_files_0600_in_a_0700_directory_and_removes_unused_
     proxy.set_intent(tls_intent(material=rotated))
     assert proxy.wanted_version != before
     assert (secrets / envoy_tls.file_name(key2)).exists() and not (secrets / envoy_tls.file_name(KEY)).exists()
+
+
+def test_a_conflicting_chain_makes_the_node_report_http_policies_not_enforced(tmp_path: Path) -> None:
+    proxy = envoy_proxy.EnvoyProxy("n", netns="", run_dir=tmp_path / "envoy", admin_socket=tmp_path / "a.sock",
+                                   port=15001, binary="/nonexistent/envoy", publish=lambda _: None)
+    plain = intents.HttpRule(method="GET", rule=REF)
+    mixed = tls_intent((GET_TLS, plain))
+    proxy.set_intent(mixed)
+    assert "mix TLS contexts" in proxy.problem(mixed) and f"egress {A}:443/id{SERVER}" in proxy.problem(mixed)
+    fine = tls_intent()
+    proxy.set_intent(fine)
+    assert "mix TLS" not in proxy.problem(fine)  # (not running here: another problem)
