@@ -47,11 +47,15 @@ ingress one; ``cy_from_pod`` assigns the pod's connection to it, ``datapath_c/li
 - the upstream connection leaves from the pod's own address (``original_src``, with socket
   mark :data:`FROM_EGRESS_PROXY_MARK`), so the destination's ingress policy judges the pod's
   identity, on any node; the node plumbing (``proxy_plumbing``) routes the answers to Envoy's
-  socket. This mark is not :data:`FROM_PROXY_MARK`: nothing skips the destination's policy.
+  socket. This mark is not :data:`FROM_PROXY_MARK`: nothing skips the destination's policy;
+- HTTP rules inside TLS (``terminatingTLS`` + ``originatingTLS``): the chain terminates the pod's
+  TLS and the allowed requests go to a TLS cluster of the CDS file (:func:`cluster_document`);
+  chains, clusters and PEM files are ``envoy_tls``'s.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import json
@@ -59,7 +63,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ciliary.nodeagent import envoy_routes
+from ciliary.nodeagent import envoy_bootstrap, envoy_routes, envoy_tls
 from ciliary.operator import intents
 
 LISTENER_NAME = "cy_ingress_http"
@@ -74,8 +78,8 @@ rule_of_route = envoy_routes.rule_of_route
 DEFAULT_PORT = 15001
 TO_PROXY_MARK = 0x0C00
 """skb mark of a packet the tc program hands to the proxy (policy routing delivers it locally)."""
-FROM_PROXY_MARK = 0x0D00
-"""Socket mark of the proxy's upstream connections (the tc program lets them through)."""
+FROM_PROXY_MARK = envoy_bootstrap.FROM_PROXY_MARK
+bootstrap = envoy_bootstrap.bootstrap
 FROM_EGRESS_PROXY_MARK = 0x0E00
 """Socket mark of the egress listener's upstream connections (sent from the client pod's address; the
 node plumbing routes their answers back to Envoy; the tc programs judge them like any packet)."""
@@ -85,7 +89,6 @@ WORLD_IDENTITY = 2
 MARK_MASK = 0x0F00
 MAX_RANGE_PORTS = 256
 """An HTTP rule on a port range covers at most this many ports (one filter chain per port)."""
-SOL_SOCKET, SO_MARK = 1, 36
 ACCESS_LOG_FORMAT = {
     "time": "%START_TIME(%s.%6f)%", "method": "%REQ(:METHOD)%", "path": "%REQ(:PATH)%",
     "host": "%REQ(:AUTHORITY)%", "status": "%RESPONSE_CODE%", "route": "%ROUTE_NAME%",
@@ -210,7 +213,7 @@ def _prefixes(cidrs: Iterable[str]) -> list[dict[str, Any]]:
 
 
 def _http_filter(name: str, rules: tuple[intents.HttpRule, ...] | None, access_log: str, *,
-                 egress: bool = False) -> dict[str, Any]:
+                 egress: bool = False, cluster: str = "") -> dict[str, Any]:
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
                  "HttpConnectionManager",
@@ -220,7 +223,7 @@ def _http_filter(name: str, rules: tuple[intents.HttpRule, ...] | None, access_l
         "merge_slashes": True,
         "route_config": {"name": name, "virtual_hosts": [
             {"name": "any", "domains": ["*"],
-             "routes": routes(rules, EGRESS_CLUSTER_NAME if egress else CLUSTER_NAME)}]},
+             "routes": routes(rules, cluster or (EGRESS_CLUSTER_NAME if egress else CLUSTER_NAME))}]},
         "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
         "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
@@ -265,6 +268,51 @@ class EgressChain:
     rules: tuple[intents.HttpRule, ...] | None
     """None: every request allowed (an L4 allow covers the destination)."""
     name: str
+    tls: intents.TlsInterception | None = None
+    """The rules apply inside TLS (``envoy_tls``)."""
+    passthrough: bool = False
+    """An L4 allow wins on a port whose rules intercept TLS: the connection passes untouched."""
+    server_names: tuple[str, ...] = ()
+    """A copy of a chain without server names, matching the names other chains of its group match
+    (Envoy matches server names before the source address)."""
+    conflict: bool = False
+    """Its rules mix TLS contexts (or TLS and plain HTTP): it denies every request (:func:`egress_conflicts`)."""
+
+
+def _egress_tls(rules: tuple[intents.HttpRule, ...] | None, covering: list[intents.PolicyEntry]
+                ) -> tuple[tuple[intents.HttpRule, ...] | None, intents.TlsInterception | None, bool, bool]:
+    """(rules, TLS interception, pass-through, conflict) of one egress chain; mixed TLS handling denies
+    (fail closed)."""
+    found = envoy_tls.chain_tls(rules, covering)
+    if rules is None:
+        return None, None, found is not None, False
+    if isinstance(found, envoy_tls.Conflict):
+        return (), None, False, True
+    return rules, found, False, False
+
+
+def egress_conflicts(intent: intents.NodeIntent) -> list[str]:
+    """The egress chains that deny every request because their rules mix TLS contexts, or TLS and plain HTTP
+    (e.g. an any-peer port rule with TLS and a peer's without): the policies are then not enforced as
+    written on this node (the agent reports it, ``envoy_proxy``)."""
+    return [c.name for c in egress_chains(intent) if c.conflict]
+
+
+def _with_server_names(chains: list[EgressChain]) -> list[EgressChain]:
+    """Every chain plus, per (port, destinations) where some chain matches server names, a copy of each
+    chain without names matching all of them (else a pod asking for such a name would only find other
+    pods' chains)."""
+    names: dict[tuple[int, tuple[str, ...]], set[str]] = {}
+    for chain in chains:
+        if chain.tls is not None and chain.tls.server_names:
+            names.setdefault((chain.port, chain.destinations), set()).update(chain.tls.server_names)
+    out = list(chains)
+    for chain in chains:
+        wanted = names.get((chain.port, chain.destinations))
+        if wanted and not (chain.tls is not None and chain.tls.server_names):
+            out.append(dataclasses.replace(chain, server_names=tuple(sorted(wanted)),
+                                           name=f"{chain.name}/sni"))
+    return out
 
 
 def egress_chains(intent: intents.NodeIntent) -> list[EgressChain]:
@@ -299,27 +347,50 @@ def egress_chains(intent: intents.NodeIntent) -> list[EgressChain]:
         for source in sources:
             anyone = _covering(entries_of[source], intents.ANY_IDENTITY, port)
             for label, dest, nets in groups:
-                rules = (_rules_for(_covering(entries_of[source], dest, port), anyone) if dest is not None
+                covering = _covering(entries_of[source], dest, port) if dest is not None else []
+                rules = (_rules_for(covering, anyone) if dest is not None
                          else _rules_for([], anyone) if anyone else ())
+                rules, tls, passthrough, conflict = _egress_tls(rules, covering + anyone)
                 out.append(EgressChain(source, port, tuple(str(n) for n in nets), rules,
-                                       f"egress {source}:{port}/{label}"))
+                                       f"egress {source}:{port}/{label}", tls, passthrough, conflict=conflict))
+    return _with_server_names(out)
+
+
+def _egress_filter_chain(chain: EgressChain, access_log: str, intent: intents.NodeIntent,
+                         secrets_dir: str) -> dict[str, Any]:
+    match: dict[str, Any] = {"destination_port": chain.port, "prefix_ranges": _prefixes(chain.destinations),
+                             "source_prefix_ranges": _prefixes((f"{chain.source}/32",))}
+    if chain.server_names:
+        match["server_names"] = list(chain.server_names)
+    out: dict[str, Any] = {"name": chain.name, "filter_chain_match": match}
+    if chain.passthrough:
+        out["filters"] = [envoy_tls.passthrough_filter("cy_egress_passthrough", EGRESS_CLUSTER_NAME)]
+        return out
+    tls = envoy_tls.tls_chain(intent, chain.tls, secrets_dir) if chain.tls is not None else None
+    if tls is None:
+        rules = chain.rules if chain.tls is None else ()  # TLS material missing: deny (fail closed)
+        out["filters"] = [_http_filter(chain.name, rules, access_log, egress=True)]
+        return out
+    match.update(tls.match)
+    out["transport_socket"] = tls.transport_socket
+    http = _http_filter(chain.name, chain.rules, access_log, egress=True, cluster=tls.cluster or "")
+    # the cluster comes from the CDS file (written first); should Envoy read this LDS before it, a
+    # request finds no cluster (503) instead of the whole listener update being rejected
+    http["typed_config"]["route_config"]["validate_clusters"] = False
+    out["filters"] = [envoy_tls.sni_filter(), http]
     return out
 
 
-def _egress_filter_chain(chain: EgressChain, access_log: str) -> dict[str, Any]:
-    return {
-        "name": chain.name,
-        "filter_chain_match": {"destination_port": chain.port, "prefix_ranges": _prefixes(chain.destinations),
-                               "source_prefix_ranges": _prefixes((f"{chain.source}/32",))},
-        "filters": [_http_filter(chain.name, chain.rules, access_log, egress=True)],
-    }
-
-
-def egress_listener(intent: intents.NodeIntent, *, port: int, access_log: str) -> dict[str, Any] | None:
-    """The transparent egress listener (None: no pod's egress is redirected on this node)."""
+def egress_listener(intent: intents.NodeIntent, *, port: int, access_log: str,
+                    secrets_dir: str = "") -> dict[str, Any] | None:
+    """The transparent egress listener (None: no pod's egress is redirected on this node); TLS files are
+    named under ``secrets_dir``."""
     found = egress_chains(intent)
     if not found:
         return None
+    inspector = [{"name": "envoy.filters.listener.tls_inspector", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}] \
+        if any(c.tls is not None or c.server_names for c in found) else []
     return {
         "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
         "name": EGRESS_LISTENER_NAME,
@@ -327,56 +398,29 @@ def egress_listener(intent: intents.NodeIntent, *, port: int, access_log: str) -
         "transparent": True,
         "listener_filters": [{"name": "envoy.filters.listener.original_src", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_src.v3.OriginalSrc",
-            "mark": FROM_EGRESS_PROXY_MARK}}],
-        "filter_chains": [_egress_filter_chain(chain, access_log) for chain in found],
+            "mark": FROM_EGRESS_PROXY_MARK}}, *inspector],
+        "filter_chains": [_egress_filter_chain(chain, access_log, intent, secrets_dir) for chain in found],
     }
 
 
 def listener_document(intent: intents.NodeIntent, *, port: int, access_log: str,
-                      egress_port: int = 0) -> tuple[str, dict[str, Any]]:
-    """(version, the LDS DiscoveryResponse for Envoy's file-based LDS); ``egress_port`` 0: no egress listener."""
+                      egress_port: int = 0, secrets_dir: str = "") -> tuple[str, dict[str, Any]]:
+    """(version, the LDS DiscoveryResponse for Envoy's file-based LDS); ``egress_port`` 0: no egress listener.
+
+    The version covers the TLS clusters too (:func:`cluster_document`, same version)."""
     resource = listener(intent, port=port, access_log=access_log)
-    egress = egress_listener(intent, port=egress_port, access_log=access_log) if egress_port else None
+    egress = egress_listener(intent, port=egress_port, access_log=access_log,
+                             secrets_dir=secrets_dir) if egress_port else None
     resources = [r for r in (resource, egress) if r is not None]
-    digest = hashlib.sha256(json.dumps(resources, sort_keys=True).encode()).hexdigest()[:16]
+    clusters = envoy_tls.clusters(intent, secrets_dir) if egress_port else []
+    digest = hashlib.sha256(json.dumps([resources, clusters], sort_keys=True).encode()).hexdigest()[:16]
     version = f"{intent.revision}-{digest}"
     return version, {"version_info": version, "resources": resources}
 
 
-def bootstrap(*, node: str, admin_socket: str, lds_path: str,
-              upstream_mark: int = FROM_PROXY_MARK) -> dict[str, Any]:
-    """Envoy's start-up configuration: admin on a unix socket, the original-destination cluster, LDS from a file."""
-    return {
-        "node": {"id": node, "cluster": "ciliary"},
-        "admin": {"address": {"pipe": {"path": admin_socket}}},
-        "static_resources": {"clusters": [{
-            "name": CLUSTER_NAME,
-            "type": "ORIGINAL_DST",
-            "lb_policy": "CLUSTER_PROVIDED",
-            "original_dst_lb_config": {"use_http_header": True},
-            "connect_timeout": "5s",
-            "cleanup_interval": "60s",
-            "circuit_breakers": {"thresholds": [{"max_connections": 100000, "max_pending_requests": 100000,
-                                                 "max_requests": 100000}]},
-            "upstream_bind_config": {
-                "source_address": {"address": "0.0.0.0", "port_value": 0},
-                "socket_options": [{"level": SOL_SOCKET, "name": SO_MARK, "int_value": upstream_mark,
-                                    "state": "STATE_PREBIND"}]},
-        }, {
-            # the egress listener's: its original_src filter binds each upstream connection to the
-            # client pod's address and sets FROM_EGRESS_PROXY_MARK
-            "name": EGRESS_CLUSTER_NAME,
-            "type": "ORIGINAL_DST",
-            "lb_policy": "CLUSTER_PROVIDED",
-            "original_dst_lb_config": {"use_http_header": True},
-            "connect_timeout": "5s",
-            "cleanup_interval": "60s",
-            "circuit_breakers": {"thresholds": [{"max_connections": 100000, "max_pending_requests": 100000,
-                                                 "max_requests": 100000}]},
-        }]},
-        "dynamic_resources": {"lds_config": {"path_config_source": {"path": lds_path},
-                                             "resource_api_version": "V3"}},
-    }
+def cluster_document(intent: intents.NodeIntent, version: str, *, secrets_dir: str) -> dict[str, Any]:
+    """The CDS DiscoveryResponse: the TLS clusters of egress interception (``envoy_tls``)."""
+    return {"version_info": version, "resources": envoy_tls.clusters(intent, secrets_dir)}
 
 
 def peers_by_chain(intent: intents.NodeIntent) -> Mapping[str, tuple[str, ...]]:

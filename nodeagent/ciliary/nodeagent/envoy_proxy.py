@@ -15,7 +15,12 @@ HTTP redirect) listens on :func:`egress_port`. Chosen over xDS over gRPC because
 agent is the only source of the configuration and already holds all of it: an xDS server
 would add Envoy's protobuf API, a gRPC service and its ACK/NACK state machine to the agent
 for no gain; the admin API gives the same acknowledgement (``listener_manager.lds.
-version_text`` names the version in force, ``update_rejected`` counts refusals).
+version_text`` names the version in force, ``update_rejected`` counts refusals). TLS
+interception (``envoy_tls``) adds a CDS file (its TLS clusters, same version, written before
+the LDS file and acknowledged through ``cluster_manager.cds.version_text``) and the PEM files
+of the intent's TLS material in ``<run dir>/tls`` (directory 0700, files created 0600 by
+``os.open`` and renamed into place, named by content; unused ones removed): Envoy reads key
+material only from those files, never from the LDS/CDS documents.
 
 Status (:meth:`problem`): a policy whose HTTP rules this node enforces counts as enforced
 only when Envoy runs and reports the version computed from the intent in force; otherwise
@@ -42,7 +47,7 @@ from typing import Any
 
 import aiohttp
 
-from ciliary.nodeagent import envoy_config, l7_flows
+from ciliary.nodeagent import envoy_config, envoy_tls, l7_flows
 from ciliary.operator import intents
 
 log = logging.getLogger(__name__)
@@ -73,6 +78,13 @@ def egress_port(port: int) -> int:
     return port + 1 if port < 65535 else port - 1
 
 
+def _replace(path: Path, document: dict[str, Any]) -> None:
+    """Write ``document`` as JSON by a rename over ``path`` (Envoy loads a whole file or none)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(document, separators=(",", ":")))
+    os.replace(tmp, path)
+
+
 def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
@@ -91,6 +103,8 @@ class EnvoyProxy:
         self.binary = binary
         self.publish = publish
         self.lds_path = run_dir / "lds.json"
+        self.cds_path = run_dir / "cds.json"
+        self.secrets_dir = run_dir / envoy_tls.SECRETS_DIR
         self.access_log = run_dir / "access.log"
         self.bootstrap_path = run_dir / "bootstrap.json"
         self.pid_file = run_dir / "envoy.pid"
@@ -99,8 +113,10 @@ class EnvoyProxy:
         self.intent: intents.NodeIntent | None = None
         self.wanted_version = ""
         self.accepted_version = ""
+        self.accepted_cds_version = ""
         self.rejected = 0
         self.config_error = ""
+        self.conflicts = ""
         self.last_exit = ""
         self.starts = 0
         self.bad_lines = 0
@@ -120,22 +136,51 @@ class EnvoyProxy:
         try:
             version, document = envoy_config.listener_document(intent, port=self.port,
                                                                access_log=str(self.access_log),
-                                                               egress_port=self.egress_port)
+                                                               egress_port=self.egress_port,
+                                                               secrets_dir=str(self.secrets_dir))
         except envoy_config.ProxyConfigError as exc:
             self.config_error = str(exc)
             log.error("HTTP rules cannot be configured", extra={"node": self.node, "error": str(exc)})
             return
         self.config_error = ""
+        conflicts = envoy_config.egress_conflicts(intent)
+        self.conflicts = ("TLS interception: these egress chains mix TLS contexts (or TLS and plain HTTP rules) "
+                          f"and deny every request: {', '.join(conflicts[:5])}") if conflicts else ""
         if version == self.wanted_version:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.lds_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(document, separators=(",", ":")))
-        os.replace(tmp, self.lds_path)
+        keep = self._write_secrets(envoy_tls.secret_files(intent))
+        _replace(self.cds_path, envoy_config.cluster_document(intent, version, secrets_dir=str(self.secrets_dir)))
+        _replace(self.lds_path, document)
+        self._remove_secrets_except(keep)
         self.wanted_version = version
         log.info("Proxy configuration written", extra={"node": self.node, "version": version,
                                                        "listeners": len(document["resources"])})
         self._wake.set()
+
+    def _write_secrets(self, files: dict[str, str] | Any) -> set[str]:
+        """Write the PEM files not there yet (0600, in a 0700 directory); returns the names in use."""
+        self.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.secrets_dir, 0o700)
+        for name, content in files.items():
+            path = self.secrets_dir / name
+            if path.exists():
+                continue
+            tmp = self.secrets_dir / f".{name}.tmp"
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(content)
+            os.replace(tmp, path)
+        return set(files)
+
+    def _remove_secrets_except(self, keep: set[str]) -> None:
+        """Remove PEM files no configuration names (after the new documents are in place)."""
+        for path in self.secrets_dir.glob("*.pem"):
+            if path.name not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
 
     def problem(self, intent: intents.NodeIntent) -> str:
         """Why the HTTP rules of ``intent`` are not enforced by this node's Envoy ("" when they are)."""
@@ -145,9 +190,11 @@ class EnvoyProxy:
             return f"L7 proxy: not configured for revision {intent.revision} yet"
         if self.config_error:
             return f"L7 proxy: {self.config_error}"
+        if self.conflicts:
+            return f"L7 proxy: {self.conflicts}"
         if self.process is None or self.process.returncode is not None:
             return f"L7 proxy (Envoy) not running{': ' + self.last_exit if self.last_exit else ''}"
-        if self.accepted_version != self.wanted_version:
+        if self.accepted_version != self.wanted_version or self.accepted_cds_version != self.wanted_version:
             if self.rejected:
                 return f"L7 proxy (Envoy) rejected configuration {self.wanted_version} (see {self.envoy_log})"
             return f"L7 proxy (Envoy) has not loaded configuration {self.wanted_version} yet"
@@ -184,8 +231,11 @@ class EnvoyProxy:
             self.admin_socket.unlink()
         if not self.lds_path.exists():
             self.lds_path.write_text(json.dumps({"version_info": "", "resources": []}))
+        if not self.cds_path.exists():
+            self.cds_path.write_text(json.dumps({"version_info": "", "resources": []}))
         self.bootstrap_path.write_text(json.dumps(envoy_config.bootstrap(
-            node=self.node, admin_socket=str(self.admin_socket), lds_path=str(self.lds_path))))
+            node=self.node, admin_socket=str(self.admin_socket), lds_path=str(self.lds_path),
+            cds_path=str(self.cds_path))))
         self.access_log.touch()
         self._stop_stale()
         out = self.envoy_log.open("ab")
@@ -198,6 +248,7 @@ class EnvoyProxy:
         self.pid_file.write_text(str(self.process.pid))
         self.starts += 1
         self.accepted_version = ""
+        self.accepted_cds_version = ""
         log.info("Envoy started", extra={"node": self.node, "pid": self.process.pid, "starts": self.starts})
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -245,7 +296,8 @@ class EnvoyProxy:
 
     async def _poll_admin(self, session: aiohttp.ClientSession) -> None:
         try:
-            async with session.get("http://envoy/stats?filter=^listener_manager\\.lds\\.") as response:
+            async with session.get("http://envoy/stats?filter=^(listener_manager\\.lds|cluster_manager\\.cds)\\."
+                                   ) as response:
                 text = await response.text()
         except (TimeoutError, aiohttp.ClientError, OSError):
             return
@@ -256,6 +308,8 @@ class EnvoyProxy:
                 if accepted != self.accepted_version:
                     self.accepted_version = accepted
                     log.info("Envoy loaded configuration", extra={"node": self.node, "version": accepted})
+            elif name == "cluster_manager.cds.version_text":
+                self.accepted_cds_version = value.strip().strip('"')
             elif name == "listener_manager.lds.update_rejected" and value.strip().isdigit():
                 rejected = int(value)
                 if rejected > self.rejected:

@@ -180,12 +180,12 @@ def proxy_message(applied: intents.NodeIntent, uid: str, problems: Mapping[str, 
     found: list[str] = []
     for kind in sorted(ingress):
         if kind.endswith(UNPROXIED):
-            found.append(_no_proxy("ingress", kind.removesuffix(UNPROXIED)))
+            found.append(_no_proxy("ingress", kind.removesuffix(UNPROXIED), unreadable=True))
         elif problems.get(kind):
             found.append(problems[kind])
     for kind in sorted(egress):
         if kind.endswith(UNPROXIED):
-            found.append(_no_proxy("egress", kind.removesuffix(UNPROXIED)))
+            found.append(_no_proxy("egress", kind.removesuffix(UNPROXIED), unreadable=True))
         elif problems.get(kind):
             found.append(problems[kind])
         elif kind not in redirected:
@@ -193,8 +193,10 @@ def proxy_message(applied: intents.NodeIntent, uid: str, problems: Mapping[str, 
     return "; ".join(dict.fromkeys(found))
 
 
-def _no_proxy(direction: str, kind: str) -> str:
-    return f"no {direction} {kind} proxy on this node: the traffic of those rules is dropped (PROXY_UNAVAILABLE)"
+def _no_proxy(direction: str, kind: str, *, unreadable: bool = False) -> str:
+    why = (" reads these rules (e.g. HTTP inside TLS without both contexts or without its Secret, or a header "
+           "value from a Secret: see the policy's status)") if unreadable and kind == "http" else " on this node"
+    return f"no {direction} {kind} proxy{why}: the traffic of those rules is dropped (PROXY_UNAVAILABLE)"
 
 
 def broken_message(problems: tuple[str, ...]) -> str:

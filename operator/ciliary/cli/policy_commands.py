@@ -100,7 +100,7 @@ def _get(args: argparse.Namespace) -> int:
             raise UserError(f"no intent published for node {args.node!r} (is the operator running? "
                             "is the node name right?)")
         data: dict[str, Any] = {"node": args.node, "source": "operator intent (not read from the datapath)",
-                                **published[args.node].model_dump(mode="json")}
+                                **published[args.node].public_dump()}
     else:
         held = asyncio.run(datapath_client.read_datapaths(target, [args.node]))[args.node]
         if isinstance(held, str):

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from enum import Enum, StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 """Bumped on any incompatible change; agents refuse intents of a version they do not know."""
@@ -102,6 +102,44 @@ class HeaderMatch(_Frozen):
                                                                        "no allow.")
 
 
+class TlsContextRef(_Frozen):
+    """A ``terminatingTLS``/``originatingTLS`` context: the Secret and the item names written in the policy.
+
+    ``namespace`` empty in a policy means the selected endpoint's namespace; the operator fills it in
+    before publishing. Item names None: Cilium's defaults (``ca.crt``, ``tls.crt``, ``tls.key``), each used
+    only when present; a named item must exist."""
+
+    namespace: str = Field(default="", description="Namespace of the Secret (filled in by the operator).")
+    name: str = Field(description="Name of the Secret.")
+    trusted_ca: str | None = Field(default=None, description="Item with the trusted CA bundle (default ca.crt).")
+    certificate: str | None = Field(default=None, description="Item with the certificate chain (default tls.crt).")
+    private_key: str | None = Field(default=None, description="Item with the private key (default tls.key).")
+
+    def key(self) -> str:
+        """The key of this context's material in :attr:`NodeIntent.tls_secrets` (no secret in it)."""
+        items = [self.trusted_ca, self.certificate, self.private_key]
+        suffix = "" if items == [None, None, None] else "?" + ",".join(i or "" for i in items)
+        return f"{self.namespace}/{self.name}{suffix}"
+
+
+class TlsInterception(_Frozen):
+    """HTTP rules inside TLS (egress): the proxy terminates the pod's TLS with ``terminating``'s certificate
+    and re-originates TLS to the destination, validating it against ``originating``'s CA."""
+
+    terminating: TlsContextRef = Field(description="terminatingTLS: the certificate the pod is shown.")
+    originating: TlsContextRef = Field(description="originatingTLS: the CA the destination is checked with.")
+    server_names: tuple[str, ...] = Field(default=(), description="serverNames: allowed SNI values; empty: any.")
+
+
+class TlsMaterial(_Frozen):
+    """The PEM items of one TLS context, read from its Secret by the operator (only in the intents of nodes
+    hosting a selected endpoint). Never printed: the fields are left out of ``repr``."""
+
+    trusted_ca: str = Field(default="", repr=False, description="PEM CA bundle; empty: none.")
+    certificate: str = Field(default="", repr=False, description="PEM certificate chain; empty: none.")
+    private_key: str = Field(default="", repr=False, description="PEM private key; empty: none.")
+
+
 class HttpRule(_Frozen):
     """One allowed kind of HTTP request (``toPorts[].rules.http[]``): every field that is set must match.
 
@@ -116,6 +154,10 @@ class HttpRule(_Frozen):
     headers: tuple[str, ...] = Field(default=(), description='"Name" or "Name: value", all required.')
     header_matches: tuple[HeaderMatch, ...] = Field(default=(), description="headerMatches, values inline.")
     rule: RuleRef | None = Field(default=None, description="The policy rule this HTTP rule belongs to.")
+    tls: TlsInterception | None = Field(default=None, description="Egress: the rule applies inside TLS "
+                                                                   "(terminatingTLS/originatingTLS).")
+
+
 L7Parser = Literal["dns", "http", "kafka", "l7proto"]
 """Which L7 rules a redirecting entry carries, i.e. which node-local proxy must see its traffic."""
 
@@ -240,6 +282,22 @@ class NodeIntent(_Frozen):
                     "peers; no address has one in the ipcache: the agent gives each address learnt from a DNS "
                     "answer its own node-local identity and copies, per endpoint that resolved the name, the "
                     "entries of every selector the name matches (ciliary.nodeagent.fqdn_expansion).")
+    tls_secrets: Mapping[str, TlsMaterial] = Field(
+        default_factory=dict, description="TlsContextRef.key() -> the context's PEM items, for the TLS contexts "
+                                          "of this node's entries (never printed).")
+
+    def __repr_args__(self) -> Any:  # the TLS material never reaches a log line through repr()
+        return [(k, v) for k, v in super().__repr_args__() if k != "tls_secrets"]
+
+    def public_dump(self) -> dict[str, Any]:
+        """The intent as JSON for people (``policy get --intent``): each TLS context's material replaced by
+        which items it has and a short digest (rotation shows; the PEM never does)."""
+        data = self.model_dump(mode="json", exclude={"tls_secrets"})
+        data["tls_secrets"] = {key: {item: f"<{len(value)} bytes, sha256 "
+                                           f"{hashlib.sha256(value.encode()).hexdigest()[:12]}>"
+                                     for item, value in material.model_dump().items() if value}
+                               for key, material in sorted(self.tls_secrets.items())}
+        return data
 
     def content_hash(self) -> str:
         """Hash of everything but the revision: unchanged content is never rewritten."""
@@ -265,6 +323,9 @@ def parse_node_intent(node: str, raw: bytes | str | Mapping[str, Any]) -> NodeIn
         )
     try:
         return NodeIntent.model_validate(data)
+    except ValidationError as exc:  # the message names fields, never values (an intent may carry TLS keys)
+        where = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+        raise IntentSchemaError(node, f"{exc.error_count()} invalid field(s): {where}") from None
     except ValueError as exc:
         raise IntentSchemaError(node, str(exc)) from exc
 

@@ -38,6 +38,7 @@ from ciliary.operator.lb_reconciling import LBReconciler
 from ciliary.operator.reconciling import Reconciler
 from ciliary.operator.services.resolution import ResolverConfig
 from ciliary.operator.status.handover import StatusHandover
+from ciliary.operator.status.tls_events import TlsProblemReporter
 from ciliary.operator.store import leadership
 from ciliary.operator.store.etcdclient import (
     INSECURE_WARNING,
@@ -185,12 +186,13 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
     api = await kubeapi.api_client(args.kubeconfig or None)
     model = ClusterModel()
     registry = kopf.OperatorRegistry()
-    reconciler = Reconciler(model, allocator, publisher)
+    reconciler = Reconciler(model, allocator, publisher, fetch_secret=kubeapi.secret_reader(api))
     handover = StatusHandover(store, api, interval=args.status_interval,
                               write_nodes=args.enable_k8s_event_handover,
                               node_names=lambda: model.nodes.keys(),
                               resolved_generation=reconciler.resolved_generation,
                               wait_for=[reconciler.synced], require_assessment=True)
+    reconciler.report_tls = TlsProblemReporter(handover, api)
     handlers.register(registry, model, handover)
     services = ServiceModel()
     if args.load_balancing:

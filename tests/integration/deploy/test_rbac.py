@@ -56,7 +56,8 @@ pytestmark = pytest.mark.integration
 #: kopf.warn -> kopf posting: POST core/v1 events (never patch/get);
 #: kopf's resource observer (clusterwide, scanning enabled) -> list + watch CRDs;
 #: service_handlers.register/initial_list -> kopf.on.event on services and endpointslices, list_service_for_all_
-#: namespaces, list_endpoint_slice_for_all_namespaces; service_events -> POST core/v1 events (covered above).
+#: namespaces, list_endpoint_slice_for_all_namespaces; service_events -> POST core/v1 events (covered above);
+#: handlers.register -> kopf.on.event on secrets (TLS contexts' rotation), reconciling -> read_namespaced_secret.
 OPERATOR_USES: frozenset[tuple[str, str, str]] = frozenset({
     ("", "namespaces", "list"), ("", "namespaces", "watch"),
     ("", "nodes", "list"), ("", "nodes", "watch"),
@@ -72,8 +73,14 @@ OPERATOR_USES: frozenset[tuple[str, str, str]] = frozenset({
     ("discovery.k8s.io", "endpointslices", "list"), ("discovery.k8s.io", "endpointslices", "watch"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+    ("", "secrets", "get"), ("", "secrets", "list"), ("", "secrets", "watch"),
 })
 
+TLS_SPEC = {"endpointSelector": {"matchLabels": {"app": "media"}}, "egress": [{
+    "toCIDR": ["192.0.2.100/32"], "toPorts": [{"ports": [{"port": "443", "protocol": "TCP"}],
+                                              "rules": {"http": [{"method": "GET"}]},
+                                              "terminatingTLS": {"secret": {"name": "intercept"}},
+                                              "originatingTLS": {"secret": {"name": "world-ca"}}}]}]}
 REFUSAL = re.compile(r"Forbidden|forbidden|Not enough permissions|Code: 403|\(403\)|status 403")
 VALID_SPEC = yaml.safe_load((ROOT / "crds" / "examples" / "l4-ports.yaml").read_text())["spec"]
 INVALID_SPEC = yaml.safe_load((ROOT / "crds" / "invalid" / "cidr-except-outside.yaml").read_text())["spec"]
@@ -176,6 +183,9 @@ class Lifecycle:
              "metadata": {"name": "invalid", "namespace": self.ns}, "spec": INVALID_SPEC},
             {"apiVersion": "cilium.io/v2", "kind": "CiliumClusterwideNetworkPolicy",
              "metadata": {"name": self.ccnp}, "spec": CCNP_SPEC},
+            # TLS interception: the operator reads the Secrets its contexts name (get; they need not exist)
+            {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+             "metadata": {"name": "tls", "namespace": self.ns}, "spec": TLS_SPEC},
         ]
         kubectl_ok(self.kube, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
                                                                     "items": [pod, *policies]}))
@@ -202,7 +212,7 @@ class Lifecycle:
         return missing
 
     def delete_policies(self) -> None:
-        self.kube.kubectl("delete", "cnp", "valid", "invalid", "-n", self.ns, "--wait=false")
+        self.kube.kubectl("delete", "cnp", "valid", "invalid", "tls", "-n", self.ns, "--wait=false")
         self.kube.kubectl("delete", "ccnp", self.ccnp, "--wait=false")
 
     def cleanup(self) -> None:

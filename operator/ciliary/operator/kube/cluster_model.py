@@ -4,11 +4,17 @@ kopf's watch handlers feed Kubernetes bodies in; this module turns each into the
 frozen inputs of ``policy.inputs`` (parsed once, at the edge), keeps the policy
 repository, and raises a ``dirty`` flag the reconciler waits on. It holds no
 client: the async shell around it does the I/O.
+
+Secrets: only those the TLS contexts of published intents name (``wanted_secrets``, set by
+the reconciler) are held, decoded (:func:`secret_from_body`); every other Secret event is
+dropped unread, so the operator's memory holds no Secret no policy uses.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,6 +56,19 @@ def node_from_body(body: Mapping[str, Any]) -> NodeInfo:
                     labels=dict(meta.get("labels") or {}))
 
 
+def secret_from_body(body: Mapping[str, Any]) -> dict[str, bytes]:
+    """A Secret's items, decoded (an item that is not base64 is left out: as if missing)."""
+    out: dict[str, bytes] = {}
+    for item, value in (body.get("data") or {}).items():
+        try:
+            out[item] = base64.b64decode(value or "", validate=True)
+        except (binascii.Error, ValueError):
+            continue
+    for item, value in (body.get("stringData") or {}).items():  # never in a read object; harmless
+        out.setdefault(item, str(value).encode())
+    return out
+
+
 class ClusterModel:
     """Pods, namespaces, nodes and valid policies, plus a change flag."""
 
@@ -58,6 +77,12 @@ class ClusterModel:
         self.namespaces: dict[str, NamespaceInfo] = {}
         self.nodes: dict[str, NodeInfo] = {}
         self.repository = PolicyRepository()
+        self.wanted_secrets: set[tuple[str, str]] = set()
+        """(namespace, name) of the Secrets TLS contexts of the intents name (the reconciler sets it)."""
+        self.secrets: dict[tuple[str, str], Mapping[str, bytes] | None] = {}
+        """The wanted Secrets' items as last seen (None: known not to exist)."""
+        self.secrets_generation = 0
+        """Bumped whenever a held Secret changes."""
         self.dirty = asyncio.Event()
 
     def _set(self, table: dict[str, Any], key: str, value: Any | None) -> None:
@@ -76,6 +101,21 @@ class ClusterModel:
 
     def set_node(self, name: str, node: NodeInfo | None) -> None:
         self._set(self.nodes, name, node)
+
+    def set_secret(self, key: tuple[str, str], data: Mapping[str, bytes] | None) -> None:
+        """A Secret event (``data`` None: deleted); ignored unless the Secret is wanted."""
+        if key not in self.wanted_secrets:
+            return
+        if key not in self.secrets or self.secrets[key] != data:
+            self.secrets[key] = data
+            self.secrets_generation += 1
+            self.dirty.set()
+
+    def want_secrets(self, wanted: set[tuple[str, str]]) -> None:
+        """Hold exactly these Secrets from now on (the others are forgotten)."""
+        self.wanted_secrets = set(wanted)
+        for key in [k for k in self.secrets if k not in wanted]:
+            del self.secrets[key]
 
     def upsert_policy(self, policy: AnyPolicy | NetworkPolicy) -> None:
         """Raises PolicyInvalidError (repository unchanged) for an invalid policy."""

@@ -36,6 +36,7 @@ from ciliary.operator.kube.cluster_model import (
     namespace_from_body,
     node_from_body,
     pod_from_body,
+    secret_from_body,
 )
 from ciliary.operator.kube.kubeapi import (
     GROUP,
@@ -111,8 +112,10 @@ def report_gaps(observer: PolicyObserver, uid: str, generation: int, outcome: Po
         observer.assessed(uid, generation, outcome.unenforced)
 
 
-def register(registry: kopf.OperatorRegistry, model: ClusterModel, observer: PolicyObserver) -> None:
-    """Register every handler into ``registry`` (no module-level state)."""
+def register(registry: kopf.OperatorRegistry, model: ClusterModel, observer: PolicyObserver, *,
+             watch_secrets: bool = True) -> None:
+    """Register every handler into ``registry`` (no module-level state); ``watch_secrets``: the Secrets TLS
+    contexts name (rotation)."""
 
     warned: set[tuple[str, int]] = set()
     """(uid, generation) already given a PolicyPartiallyEnforced Event by this process."""
@@ -175,6 +178,16 @@ def register(registry: kopf.OperatorRegistry, model: ClusterModel, observer: Pol
     kopf.on.event("", "v1", "pods", id="pod_event", registry=registry)(pod_event)
     kopf.on.event("", "v1", "namespaces", id="namespace_event", registry=registry)(namespace_event)
     kopf.on.event("", "v1", "nodes", id="node_event", registry=registry)(node_event)
+
+    async def secret_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        # only the Secrets TLS contexts name are read (the model drops the others unread); never logged
+        meta = body.get("metadata", {})
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        if key in model.wanted_secrets:
+            model.set_secret(key, None if type == "DELETED" else secret_from_body(body))
+
+    if watch_secrets:
+        kopf.on.event("", "v1", "secrets", id="secret_event", registry=registry)(secret_event)
 
 
 async def initial_list(api: client.ApiClient, model: ClusterModel, observer: PolicyObserver) -> None:

@@ -3,16 +3,21 @@
 The policy kinds' API coordinates (``GROUP``, ``VERSION``, ``POLICY_PLURALS``)
 live here once; :func:`patch_policy_status` is the one way both the operator's
 status handover and an agent in direct-status mode patch a policy's status
-subresource (a CNP when a namespace is given, a CCNP otherwise).
+subresource (a CNP when a namespace is given, a CCNP otherwise); :func:`secret_reader`
+reads one Secret's items (TLS interception), raw, so nothing logs a model of it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from ciliary.operator.kube.cluster_model import secret_from_body
 
 GROUP, VERSION = "cilium.io", "v2"
 POLICY_PLURALS = {"CiliumNetworkPolicy": "ciliumnetworkpolicies",
@@ -41,3 +46,30 @@ async def patch_policy_status(custom: client.CustomObjectsApi, kind: str, namesp
             GROUP, VERSION, namespace, plural, name, patch, _content_type=MERGE_PATCH, _request_timeout=timeout)
     return await custom.patch_cluster_custom_object_status(  # type: ignore[call-arg]
         GROUP, VERSION, plural, name, patch, _content_type=MERGE_PATCH, _request_timeout=timeout)
+
+
+def secret_reader(api: client.ApiClient, *, timeout: float = 5.0
+                  ) -> Callable[[str, str], Awaitable[dict[str, bytes] | None]]:
+    """``read(namespace, name)``: the Secret's decoded items, None when it does not exist (other errors raise)."""
+    core = client.CoreV1Api(api)
+
+    async def read(namespace: str, name: str) -> dict[str, bytes] | None:
+        try:
+            response: Any = await core.read_namespaced_secret(
+                name, namespace, _preload_content=False, _request_timeout=timeout)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        try:  # an aiohttp response (not preloaded into a model, so no error is raised for its status)
+            status = int(response.status)
+            body = json.loads(await response.read())
+        finally:
+            response.release()
+        if status == 404:
+            return None
+        if status >= 400 or body.get("kind") != "Secret":
+            raise ApiException(status=status, reason=str(body.get("reason", "unexpected answer")))
+        return secret_from_body(body)
+
+    return read

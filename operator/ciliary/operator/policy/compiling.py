@@ -23,7 +23,10 @@ for every valid policy. Decisions taken here (documented for users):
   ``"0"`` covers every port of its protocol; ``ANY`` is expanded later into
   TCP, UDP and SCTP;
 - ``rules.http`` of an allow item, ingress or egress (without TLS or server names), is
-  carried as :class:`HttpMatch` items for the node's HTTP proxy; other L7 kinds only set ``l7``;
+  carried as :class:`HttpMatch` items for the node's HTTP proxy; on egress also with both
+  ``terminatingTLS`` and ``originatingTLS`` (and optional ``serverNames``): the items then
+  carry the TLS contexts (a Secret's namespace defaults to the policy's, in a CCNP to the
+  selected endpoint's: left empty here); other L7 kinds only set ``l7``;
 - ``RuleRef.rule_index`` is the position in ``spec`` followed by ``specs``.
 """
 
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 
 from ciliary.operator.api.networkpolicy import NetworkPolicy
 from ciliary.operator.api.policies import AnyPolicy
-from ciliary.operator.api.ports import ICMPRule, PortDenyRule, PortRule
+from ciliary.operator.api.ports import ICMPRule, PortDenyRule, PortRule, TLSContext
 from ciliary.operator.api.rules import (
     CIDRRule,
     EgressDenyRule,
@@ -53,6 +56,8 @@ from ciliary.operator.intents import (
     PolicyRef,
     Protocol,
     RuleRef,
+    TlsContextRef,
+    TlsInterception,
     Verdict,
 )
 from ciliary.operator.policy import selection
@@ -88,6 +93,8 @@ class HttpMatch:
     host: str = ""
     headers: tuple[str, ...] = ()
     header_matches: tuple[HeaderMatch, ...] = ()
+    tls: TlsInterception | None = None
+    """Egress HTTP inside TLS (both contexts written); its Secrets are read when intents are published."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +289,7 @@ def _egress(item: EgressRule | EgressDenyRule, ref: RuleRef, verdict: Verdict, n
         icmps=item.icmps,
         http_proxy=verdict is Verdict.ALLOW,
         fqdns=fqdns,
+        tls_proxy=True,
     )
 
 
@@ -308,10 +316,11 @@ def _peer_rule(
     icmps: Sequence[ICMPRule] | None,
     http_proxy: bool = False,
     fqdns: tuple[DNSRule, ...] = (),
+    tls_proxy: bool = False,
 ) -> PeerRule:
     selectors = tuple(selection.scope_peer(selection.from_api(s), namespace) for s in endpoints or ())
     scoped_requires = tuple(selection.scope_peer(selection.from_api(s), namespace) for s in requires or ())
-    ports = tuple(p for rule in port_rules or () for p in _ports(rule, http_proxy))
+    ports = tuple(p for rule in port_rules or () for p in _ports(rule, http_proxy, tls_proxy, namespace))
     icmp_types = tuple(sorted({t for rule in icmps or () for t in _icmp_types(rule)}))
     has_l3 = bool(selectors) or bool(cidrs) or bool(entities) or other_l3
     has_l4 = bool(port_rules) or bool(icmps)
@@ -331,26 +340,47 @@ def _peer_rule(
     )
 
 
-def http_matches(rule: PortRule) -> tuple[HttpMatch, ...] | None:
+def tls_interception(rule: PortRule, namespace: str = "") -> TlsInterception | None:
+    """The TLS contexts of an egress port rule the proxy can intercept: both ``terminatingTLS`` and
+    ``originatingTLS`` written (None otherwise)."""
+    if rule.terminating_tls is None or rule.originating_tls is None:
+        return None
+    return TlsInterception(terminating=_context(rule.terminating_tls, namespace),
+                           originating=_context(rule.originating_tls, namespace),
+                           server_names=tuple(sorted({n.lower().rstrip(".") for n in rule.server_names or ()})))
+
+
+def _context(context: TLSContext, namespace: str) -> TlsContextRef:
+    return TlsContextRef(namespace=context.secret.namespace or namespace, name=context.secret.name,
+                         trusted_ca=context.trusted_ca, certificate=context.certificate,
+                         private_key=context.private_key)
+
+
+def http_matches(rule: PortRule, *, tls: bool = False, namespace: str = "") -> tuple[HttpMatch, ...] | None:
     """The HTTP rules the node's proxy enforces for a port rule of an allow item; None when it is not proxied.
 
-    Proxied: ``rules.http`` without TLS interception or server names (a TLS stream cannot be read
-    by the proxy) and without a header condition whose value is in a Secret (not read yet). The
-    others are not proxied: the node drops their connections (``PROXY_UNAVAILABLE``) and
-    ``support`` reports them. A header match with a Secret and a mismatch action is left out (its
-    rule allows either way; only the action is missing, reported too).
+    Proxied: ``rules.http`` without TLS contexts or server names, or (``tls``: egress) with both
+    ``terminatingTLS`` and ``originatingTLS`` (the proxy terminates and re-originates TLS), and
+    without a header condition whose value is in a Secret (not read yet). The others (one TLS
+    context alone, ``serverNames`` without both, ingress TLS) are not proxied: the node drops their
+    connections (``PROXY_UNAVAILABLE``) and ``support`` reports them. A header match with a Secret
+    and a mismatch action is left out (its rule allows either way; only the action is missing,
+    reported too).
     """
     if rule.rules is None or rule.rules.http is None:
         return None
-    if rule.terminating_tls is not None or rule.originating_tls is not None or rule.server_names:
+    intercepted = tls_interception(rule, namespace) if tls else None
+    written = rule.terminating_tls is not None or rule.originating_tls is not None or bool(rule.server_names)
+    if written and intercepted is None:
         return None
     if any(m.secret is not None and m.mismatch is None for h in rule.rules.http for m in h.header_matches or ()):
         return None  # a condition on a Secret's value nobody reads: fail closed (support row headerMatches-secret)
     return tuple(HttpMatch(method=h.method or "", path=h.path or "", host=h.host or "",
                            headers=tuple(h.headers or ()),
                            header_matches=tuple(HeaderMatch(name=m.name, value=m.value or "", mismatch=m.mismatch)
-                                                for m in h.header_matches or () if m.secret is None))
-                 for h in rule.rules.http) or (HttpMatch(),)
+                                                for m in h.header_matches or () if m.secret is None),
+                           tls=intercepted)
+                 for h in rule.rules.http) or (HttpMatch(tls=intercepted),)
 
 
 def _l7_of(rule: PortRule | PortDenyRule) -> tuple[L7Parser | None, tuple[DNSRule, ...]]:
@@ -364,10 +394,12 @@ def _l7_of(rule: PortRule | PortDenyRule) -> tuple[L7Parser | None, tuple[DNSRul
     return parser, dns
 
 
-def _ports(rule: PortRule | PortDenyRule, http_proxy: bool) -> Iterable[PortMatch]:
+def _ports(rule: PortRule | PortDenyRule, http_proxy: bool, tls_proxy: bool = False,
+           namespace: str = "") -> Iterable[PortMatch]:
     parser, dns = _l7_of(rule)
     l7 = parser is not None
-    http = http_matches(rule) if http_proxy and isinstance(rule, PortRule) else None
+    http = http_matches(rule, tls=tls_proxy, namespace=namespace) if http_proxy and isinstance(rule, PortRule) \
+        else None
     if not rule.ports:
         yield PortMatch(Protocol.ANY, l7=l7, l7_parser=parser, dns=dns, http=http)
         return

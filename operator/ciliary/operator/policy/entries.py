@@ -220,7 +220,7 @@ def _put(acc: _Acc, item: PeerRule, peer: int, specs: Iterable[_Spec]) -> None:
         redirect = l7 if l7_allowed else None
         rules = None if http is None or not l7_allowed else [
             HttpRule(method=h.method, path=h.path, host=h.host, headers=h.headers, header_matches=h.header_matches,
-                     rule=item.ref) for h in http]
+                     rule=item.ref, tls=h.tls) for h in http]
         if found is None:
             acc[key] = ({item.ref}, redirect, rules)
         else:

@@ -8,8 +8,9 @@ as Markdown; README.md carries it and a unit test keeps the two equal).
 
 Levels:
 
-- ``enforced``: enforced exactly as written (HTTP rules, ingress and egress: by the node's Envoy,
-  and a node reports the policy enforcing only while its Envoy runs with the configuration);
+- ``enforced``: enforced exactly as written (HTTP rules, ingress and egress, and egress HTTP rules inside
+  TLS: by the node's Envoy, and a node reports the policy enforcing only while its Envoy runs with the
+  configuration);
 - ``partial``: accepted; the policy's L3/L4 part is enforced, this construct is
   not (the row says what happens instead). A policy using it never reads
   ``Enforced=True``: its status shows ``Enforced=False`` with reason
@@ -102,6 +103,17 @@ FEATURES: tuple[Feature, ...] = (
             "or sets it (`REPLACE`) before forwarding. At most 4 headers with actions per rule (more: Valid=False); "
             "when several rules allow a request, only the first one's actions apply (Cilium applies every "
             "matching rule's)"),
+    Feature("http-tls-egress", "`toPorts[].rules.http` in `egress` with both `terminatingTLS` and "
+            "`originatingTLS` (Secrets; optional `serverNames`)", _E,
+            "TLS interception: the node's Envoy terminates the pod's TLS with the `terminatingTLS` Secret's "
+            "`tls.crt`/`tls.key` (the pod must trust their CA; a `ca.crt` there requires a client certificate), "
+            "applies the HTTP rules inside TLS (403 `Access denied`) and re-originates TLS to the original "
+            "destination, verifying it against the `originatingTLS` Secret's `ca.crt` (required) and the name the "
+            "pod asked for; with `serverNames` a pod asking for another name is disconnected. The Secrets' items "
+            "go only into the intents of nodes hosting selected pods, are published again when a Secret "
+            "changes, and never appear in logs, flows, status or `policy get`. A missing Secret or item, or a key "
+            "not matching its certificate: the port's connections are dropped (`PROXY_UNAVAILABLE`), "
+            "Enforced=False naming the Secret, Warning Event `TLSSecretProblem`"),
     Feature("dns", "`toPorts[].rules.dns` (`matchName`, `matchPattern`)", _E,
             "the selected pods' queries on the port go through the node's DNS proxy (UDP and TCP): a name no "
             "rule matches is answered REFUSED, others are forwarded to the server the pod asked; every query "
@@ -119,9 +131,11 @@ FEATURES: tuple[Feature, ...] = (
     Feature("toServices", "`toServices`", _P,
             "not enforced: the item allows nothing (its rule still makes the pods default-deny); "
             "in `egressDeny` it denies nothing"),
-    Feature("http-tls", "`toPorts[].rules.http` with `terminatingTLS`, `originatingTLS` or `serverNames`", _P,
-            "not enforced (no TLS interception): connections to the port are dropped (`PROXY_UNAVAILABLE`), "
-            "never passed unfiltered; the node reports the policy not enforcing"),
+    Feature("http-tls", "`toPorts[].rules.http` in `ingress` with `terminatingTLS`, `originatingTLS` or "
+            "`serverNames`; in `egress` with only one of the two contexts, or `serverNames` without both", _P,
+            "not enforced (no ingress TLS termination; egress interception needs both contexts): connections to "
+            "the port are dropped (`PROXY_UNAVAILABLE`), never passed unfiltered; the node reports the policy "
+            "not enforcing"),
     Feature("headerMatches-secret", "`toPorts[].rules.http[].headerMatches[]` with a `secret`", _P,
             "not enforced (no Secret reading): without `mismatch` the port's connections are dropped "
             "(`PROXY_UNAVAILABLE`), never passed unchecked; with `mismatch` the match and its action are left "
@@ -132,9 +146,9 @@ FEATURES: tuple[Feature, ...] = (
     Feature("l7proto", "`toPorts[].rules.l7proto`, `toPorts[].rules.l7`", _P,
             "not enforced (no proxy for these parsers): connections to the port are dropped "
             "(`PROXY_UNAVAILABLE`); the node reports the policy not enforcing"),
-    Feature("tls", "`toPorts[].terminatingTLS`, `toPorts[].originatingTLS`", _P,
+    Feature("tls", "`toPorts[].terminatingTLS`, `toPorts[].originatingTLS` without `rules.http`", _P,
             "not enforced: no TLS interception, the connection passes end to end at L3/L4"),
-    Feature("serverNames", "`toPorts[].serverNames`", _P,
+    Feature("serverNames", "`toPorts[].serverNames` without `rules.http`", _P,
             "not enforced: the TLS server name is not checked, every name is allowed on the port"),
     Feature("ipv6-cidr", "IPv6 prefixes in `fromCIDR`/`toCIDR`/`fromCIDRSet`/`toCIDRSet`", _P,
             "not enforced (IPv4-only datapath): they allow (or deny) nothing"),
@@ -285,7 +299,7 @@ def _item_gaps(item: IngressRule | IngressDenyRule | EgressRule | EgressDenyRule
     port_rules: Sequence[PortRule | PortDenyRule] = item.to_ports or ()
     for j, port_rule in enumerate(port_rules):
         if isinstance(port_rule, PortRule):
-            yield from _port_rule_gaps(port_rule, f"{path}.toPorts[{j}]")
+            yield from _port_rule_gaps(port_rule, f"{path}.toPorts[{j}]", egress=isinstance(item, EgressRule))
 
 
 def _is_ipv6(value: str | CIDRRule) -> bool:
@@ -304,11 +318,14 @@ def _icmp_gaps(rules: Iterable[ICMPRule] | None, path: str) -> Iterator[Gap]:
                 yield _gap(f"{path}[{i}].fields[{j}]", "ipv6-icmp")
 
 
-def _port_rule_gaps(rule: PortRule, path: str) -> Iterator[Gap]:
+def _port_rule_gaps(rule: PortRule, path: str, *, egress: bool = False) -> Iterator[Gap]:
     l7 = rule.rules
+    has_http = l7 is not None and l7.http is not None
     if l7 is not None:
         if l7.http is not None:
-            if rule.terminating_tls is not None or rule.originating_tls is not None or rule.server_names:
+            tls_written = rule.terminating_tls is not None or rule.originating_tls is not None or rule.server_names
+            intercepted = egress and rule.terminating_tls is not None and rule.originating_tls is not None
+            if tls_written and not intercepted:
                 yield _gap(f"{path}.rules.http", "http-tls")
             for k, http in enumerate(l7.http):
                 for m, match in enumerate(http.header_matches or ()):
@@ -318,8 +335,8 @@ def _port_rule_gaps(rule: PortRule, path: str) -> Iterator[Gap]:
             yield _gap(f"{path}.rules.kafka", "kafka")
         if l7.l7proto is not None or l7.l7 is not None:
             yield _gap(f"{path}.rules.l7proto", "l7proto")
-    if l7 is not None and l7.kinds():
-        return  # the port's connections are dropped (the gaps above): TLS and server names change nothing more
+    if has_http or (l7 is not None and l7.kinds()):
+        return  # with L7 rules: intercepted, or the port's connections are dropped (the gaps above)
     if rule.terminating_tls is not None:
         yield _gap(f"{path}.terminatingTLS", "tls")
     if rule.originating_tls is not None:

@@ -186,6 +186,8 @@ class StatusHandover:
         """policy uid -> the Valid condition of its latest generation (from the policy handlers)."""
         self.unenforced: dict[str, tuple[int, str]] = {}
         """policy uid -> (generation, what of it is not enforced as written; "" nothing), from the handlers."""
+        self.tls: dict[str, str] = {}
+        """policy uid -> why its TLS interception is not enforced (a Secret or item missing; the reconciler)."""
         self.require_assessment = require_assessment
         """True (the operator): no Enforced=True for a generation the handlers have not assessed."""
         self.node_policies: dict[str, dict[str, int]] = {}
@@ -239,6 +241,13 @@ class StatusHandover:
         if self.unenforced.get(uid) != (generation, unenforced):
             self.unenforced[uid] = (generation, unenforced)
             self._mark(uid)
+
+    def tls_problems(self, problems: Mapping[str, str]) -> None:
+        """The TLS problems of every policy now (policy uid -> message); a policy absent has none."""
+        for uid in set(self.tls) | set(problems):
+            if self.tls.get(uid) != problems.get(uid):
+                self._mark(uid)
+        self.tls = dict(problems)
 
     def forget_policy(self, uid: str) -> None:
         self.policies.pop(uid, None)
@@ -334,6 +343,8 @@ class StatusHandover:
         generation, gaps = self.unenforced.get(uid, (None, ""))
         unenforced: str | None = gaps if generation == view.generation else \
             (None if self.require_assessment else "")
+        if unenforced is not None and self.tls.get(uid):
+            unenforced = "; ".join(part for part in (self.tls[uid], unenforced) if part)
         return enforcement.desired_status(
             view, self.expected.get(uid, {}), self.reports.get(uid, {}), present=self._present,
             write_nodes=self.write_nodes, resolved_generation=resolved,

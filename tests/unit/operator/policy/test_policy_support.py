@@ -96,10 +96,21 @@ EXAMPLES: list[tuple[str, dict[str, Any], str, str]] = [
     ("http", l7({"http": [{"method": "POST", "path": "/v1/request-landing"}]}), CNP, ""),
     ("http", l7({"http": [{}, {"host": "a[.]io", "headers": ["X-A", "X-B: 1"]}]}), CNP, ""),
     ("http-egress", l7({"http": [{}]}, direction="egress"), CNP, ""),
+    ("http-tls-egress", egress(toPorts=[{"ports": [{"port": "443", "protocol": "TCP"}], "rules": {"http": [{}]},
+                                         "terminatingTLS": {"secret": {"name": "s"}},
+                                         "originatingTLS": {"secret": {"name": "ca"}},
+                                         "serverNames": ["api.world.test"]}]), CNP, ""),
     ("http-egress", l7({"http": [{"method": "GET", "path": "/v1/.*", "headers": ["X-A"]}]}, direction="egress"),
      CNP, ""),
     ("http-tls", ingress(toPorts=[{**PORT80, "rules": {"http": [{}]}, "terminatingTLS": {"secret": {"name": "s"}}}]),
      CNP, "spec.ingress[0].toPorts[0].rules.http"),
+    ("http-tls", ingress(toPorts=[{**PORT80, "rules": {"http": [{}]}, "terminatingTLS": {"secret": {"name": "s"}},
+                                   "originatingTLS": {"secret": {"name": "ca"}}}]),
+     CNP, "spec.ingress[0].toPorts[0].rules.http"),
+    ("http-tls", egress(toPorts=[{**PORT80, "rules": {"http": [{}]}, "terminatingTLS": {"secret": {"name": "s"}}}]),
+     CNP, "spec.egress[0].toPorts[0].rules.http"),
+    ("http-tls", egress(toPorts=[{**PORT80, "rules": {"http": [{}]}, "serverNames": ["a.io"]}]),
+     CNP, "spec.egress[0].toPorts[0].rules.http"),
     ("headerMatches", l7({"http": [{"headerMatches": [{"name": "x-token", "value": "s", "mismatch": "REPLACE"}]}]}),
      CNP, ""),
     ("headerMatches", l7({"http": [{"headerMatches": [{"name": "X-Mode", "value": "fast"}, {"name": "X-Trace"},
@@ -189,7 +200,7 @@ def test_every_row_gives_its_status(key: str, spec: dict[str, Any], kind: str, p
         assert valid["status"] == "True", valid
         assert (enforced["status"], enforced["reason"]) == ("False", "PartiallyEnforced"), enforced
         keys = {g.feature.key for g in gaps}
-        assert key in keys and keys - {key} <= ({"tls"} if key == "http-tls" else set()), keys
+        assert keys == {key}, keys
         assert f"{path}: " in enforced["message"] or f"{path}, " in enforced["message"], enforced["message"]
         assert feature.what in enforced["message"]
     else:
