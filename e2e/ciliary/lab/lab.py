@@ -394,9 +394,11 @@ class Lab:
                 f"export ETCDCTL_KEY={root.key_file}",
                 f"export LAB_WORLD_IP={WORLD_IP}",
                 f"export LAB_WORLD_DNS_IP={WORLD_DNS_IP}",
-                # the relay and the service map run in the process lab; the chart deploys neither yet
-                *([] if self.config().get("real_nodes") else [f"export HUBBLE_SERVER=127.0.0.1:{self.relay_port()}",
-                                                              f"export CILIARY_UI_URL=http://127.0.0.1:{self.ui_port()}"]),
+                # the relay and the service map: processes of the process lab; on real nodes the chart's
+                # Services, forwarded to the same ports by ciliary.lab.serviceforward
+                *([] if self.config().get("real_nodes") and not processes.running_pid(self.layout, "service-forward")
+                  else [f"export HUBBLE_SERVER=127.0.0.1:{self.relay_port()}",
+                        f"export CILIARY_UI_URL=http://127.0.0.1:{self.ui_port()}"]),
                 f"export PATH={Path(sys.executable).parent}:{self.bins.kubectl.parent}:{self.bins.etcdctl.parent}:"
                 f"{tools.built_path('hubble').parent}:{tools.built_path('helm').parent}:$PATH",
                 *self.real_node_env_lines()]

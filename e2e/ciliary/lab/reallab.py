@@ -21,6 +21,7 @@ import dataclasses
 import errno
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,7 @@ from ciliary.lab import (
     processes,
     projectimages,
     realcluster,
+    serviceforward,
     topology,
 )
 from ciliary.lab.lab import Lab, LabError
@@ -181,6 +183,8 @@ def up(lab: Lab, nodes: Sequence[str], *, chart: bool = False, ready_seconds: fl
             if chart:
                 chartinstall.wait_ready(lambda *a, **k: lab.kubectl(*a, **k), nodes, ready_seconds, say=say)
                 stamp("Ciliary agents, operator and etcd ready")
+                if start_service_forward(lab, nodes[0]):
+                    stamp("hubble-relay and hubble-ui reachable from this shell (HUBBLE_SERVER, CILIARY_UI_URL)")
             for name, pending in workloads.items():
                 pending.result()
                 stamp(f"{name}: workload images imported")
@@ -190,6 +194,34 @@ def up(lab: Lab, nodes: Sequence[str], *, chart: bool = False, ready_seconds: fl
     wait_ready(lab, real, ready_seconds)
     say(f"lab: {len(real)} real nodes Ready in {time.monotonic() - t0:.1f} s")
     return real
+
+
+SERVICE_FORWARD = "service-forward"
+"""The lab process giving the chart's hubble-relay and hubble-ui Services a root-namespace port each."""
+
+
+def start_service_forward(lab: Lab, node: str, seconds: float = 20) -> bool:
+    """(Re)start ``serviceforward`` for the chart's ``hubble-relay`` and ``hubble-ui`` Services (dialled from
+    ``node``'s namespace) on the lab's relay and UI ports; False when the chart deploys neither."""
+    forwards = [serviceforward.Forward(port, chartinstall.NAMESPACE, service)
+                for service, port in (("hubble-relay", lab.relay_port()), ("hubble-ui", lab.ui_port()))
+                if lab.kubectl("get", "service", service, "-n", chartinstall.NAMESPACE, check=False).returncode == 0]
+    if not forwards:
+        return False
+    processes.stop(lab.layout, SERVICE_FORWARD)
+    argv = [sys.executable, "-m", "ciliary.lab.serviceforward", "--netns", lab.layout.node_netns(node),
+            "--kubectl", str(lab.bins.kubectl), "--kubeconfig", str(lab.layout.kubeconfig),
+            *(a for f in forwards for a in ("--forward", f.flag()))]
+    processes.spawn(lab.layout, SERVICE_FORWARD, argv, env={"PYTHONUNBUFFERED": "1"})
+    log = lab.layout.log_dir / f"{SERVICE_FORWARD}.log"
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not processes.running_pid(lab.layout, SERVICE_FORWARD):
+            raise processes.ProcessStartError(SERVICE_FORWARD, log)
+        if log.exists() and "forward ready" in log.read_text(errors="replace"):
+            return True
+        time.sleep(0.1)
+    raise LabError(f"{SERVICE_FORWARD} not ready after {seconds:.0f} s; see {log}")
 
 
 def ready_nodes(node_list: dict[str, object]) -> set[str]:

@@ -184,6 +184,18 @@ def relay_and_service_map_show_the_drops(lab: ChartLab, servers: list[str]) -> N
     wait_for("the chart's service map draws a dropped edge", dropped_edge, 120,
              lambda: lab.kubectl("get", "pods", "-n", chartinstall.NAMESPACE, "-o", "wide").stdout)
 
+    # as a user does, from the root namespace: `eval $(ciliary lab env)` then the real CLI (HUBBLE_SERVER is
+    # the lab's forward of Service hubble-relay, ciliary.lab.serviceforward) and the service map's URL
+    env = skaffold_env(lab)
+    assert env.get("HUBBLE_SERVER", "").startswith("127.0.0.1:"), "ciliary lab env exports HUBBLE_SERVER"
+    status = subprocess.run([hubble, "status"], env=env, capture_output=True, text=True, timeout=60)
+    assert "Connected Nodes: 2/2" in status.stdout, status.stdout + status.stderr
+    observed = subprocess.run([hubble, "observe", "--namespace", NS, "--verdict", "DROPPED", "--last", "100",
+                               "-o", "json"], env=env, capture_output=True, text=True, timeout=60)
+    assert any('"flow"' in line for line in observed.stdout.splitlines()), observed.stdout + observed.stderr
+    page = urllib.request.urlopen(f"{env['CILIARY_UI_URL']}/api/service-map?namespace={NS}&window=600", timeout=20)
+    assert "edges" in json.loads(page.read())
+
 
 def skaffold_env(lab: ChartLab) -> dict[str, str]:
     """The environment ``eval $(ciliary lab env)`` gives a shell, plus a private HOME for skaffold."""
