@@ -14,6 +14,7 @@ exceptions on *remove* are logged, because a removal cannot be refused.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import enum
 import json
@@ -133,6 +134,17 @@ class EndpointRegistry:
             await self._notify(EndpointEvent(EventKind.REMOVED, endpoint), strict=False)
             log.info("Endpoint removed", extra={"container": container_id, "ip": str(endpoint.ipv4)})
             return endpoint
+
+    async def forget_missing(self, present: Callable[[Endpoint], bool]) -> builtins.list[Endpoint]:
+        """Remove the endpoints whose host veth is gone (``present`` False): a pod deleted while the agent
+        was down leaves its record behind, and attaching to a device that no longer exists would fail every
+        later apply. No packet can cross a device that does not exist, so forgetting it widens nothing."""
+        gone = [e for e in self.list() if not present(e)]
+        for endpoint in gone:
+            log.warning("Endpoint's host veth is gone; forgetting it", extra={
+                "container": endpoint.container_id, "veth": endpoint.host_ifname, "ip": str(endpoint.ipv4)})
+            await self.remove(endpoint.container_id)
+        return gone
 
     async def _notify(self, event: EndpointEvent, *, strict: bool) -> None:
         for listener in list(self._listeners):

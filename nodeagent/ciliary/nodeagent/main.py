@@ -239,6 +239,8 @@ class Agent:
 
     async def serve(self) -> None:
         self.registry.load()
+        if self.config.datapath:
+            await self.registry.forget_missing(host_veth_present(self.config.netns))
         runners: list[web.AppRunner] = []
         hubble_server: Any = None
         reg_task: asyncio.Task[None] | None = None
@@ -316,6 +318,18 @@ class Agent:
             with contextlib.suppress(FileNotFoundError):
                 endpoint_api.remove_stale_socket(self.config.socket_path)
             log.info("Agent stopped", extra={"node": self.config.node_name})
+
+
+def host_veth_present(netns: str) -> Callable[[endpoints.Endpoint], bool]:
+    """Whether an endpoint's host veth still exists (same name and ifindex) in the node's namespace."""
+    from pyroute2 import IPRoute
+
+    ipr = IPRoute(netns=netns, flags=0) if netns else IPRoute()
+    try:
+        links = {(str(link.get_attr("IFLA_IFNAME")), int(link["index"])) for link in ipr.get_links()}
+    finally:
+        ipr.close()
+    return lambda endpoint: (endpoint.host_ifname, endpoint.host_ifindex) in links
 
 
 def make_datapath(config: settings.AgentSettings) -> enforcing.DatapathLike:
