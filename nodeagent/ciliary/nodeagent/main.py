@@ -240,7 +240,9 @@ class Agent:
     async def serve(self) -> None:
         self.registry.load()
         if self.config.datapath:
-            await self.registry.forget_missing(host_veth_present(self.config.netns))
+            # pyroute2's IPRoute runs its own event loop: build the check in a worker thread
+            present = await asyncio.get_running_loop().run_in_executor(None, host_veth_present, self.config.netns)
+            await self.registry.forget_missing(present)
         runners: list[web.AppRunner] = []
         hubble_server: Any = None
         reg_task: asyncio.Task[None] | None = None
