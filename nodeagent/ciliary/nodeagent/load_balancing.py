@@ -2,8 +2,9 @@
 
 Runs when the agent has ``--lb-cgroup``. :class:`LoadBalancing` starts the engine
 (``datapath.lb_engine.SocketLB``: compile or adopt, attach to the cgroup) in its own worker
-thread, follows ``/ciliary/lbintents/v1/<node>`` with an ``IntentWatcher`` and applies every
-version in order. A failed start is retried with a bounded back-off; a failed apply (a map full,
+thread, follows the node's sharded intent (``/ciliary/lbintents/v2/<node>/``) with an
+``lb_watching.LBIntentWatcher`` and applies every complete version in order (never a half-written
+one). A failed start is retried with a bounded back-off; a failed apply (a map full,
 a write refused) keeps the previous contents (the engine undoes partial writes) and is reported
 in ``GET /v1/services`` and by ``ciliary service list``. :meth:`document` reads the kernel's maps.
 The intent's health-check node ports and kube-proxy's health port are served by
@@ -28,11 +29,10 @@ from typing import Any
 
 from aiohttp import web
 
-from ciliary.nodeagent import lb_planning, service_health, watching
+from ciliary.nodeagent import lb_planning, lb_watching, service_health, watching
 from ciliary.nodeagent.datapath import errors as dp_errors
 from ciliary.nodeagent.datapath import lb_device, lb_engine
-from ciliary.operator.services.intent import NodeLBIntent, parse_lb_intent
-from ciliary.operator.store import keyspace
+from ciliary.operator.services.intent import NodeLBIntent
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,9 @@ class LoadBalancing:
         self.last_applied: float | None = None
         self.ports = service_health.HealthPorts(node, netns=netns, health=self.health, clock=time.time,
                                                 proxy_healthz=proxy_healthz)
-        self.watcher = watching.IntentWatcher(
+        self.watcher = lb_watching.LBIntentWatcher(
             node=node, client_factory=client_factory, on_intent=self._on_intent, on_invalid=self._on_invalid,
-            on_deleted=self._on_deleted, key=keyspace.node_lb_intent_key(node), parse=parse_lb_intent)
+            on_deleted=self._on_deleted)
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

@@ -15,9 +15,8 @@ the last good state keeps enforcing. A deleted key goes to ``on_deleted``.
 For health: ``synced`` is set once the key was first read (and handed over);
 ``broken_since`` is the monotonic time of the first failure since the watch last
 worked (None while it works), so ``/healthz`` can fail a watch that stays broken.
-Called by ``main.Agent``; the etcd client is injected (a fake in unit tests). The same watcher
-follows the node's load-balancing intent (``key`` = ``keyspace.node_lb_intent_key``, ``parse`` =
-``parse_lb_intent``; ``load_balancing``).
+Called by ``main.Agent``; the etcd client is injected (a fake in unit tests). ``lb_watching``
+extends it to the node's sharded load-balancing intent (a prefix instead of one key).
 """
 
 from __future__ import annotations
@@ -53,7 +52,8 @@ class WatchClient(Protocol):
 
     async def get_range(self, range_start: bytes, range_end: bytes) -> Any: ...
 
-    async def watch(self, key: bytes, *, start_revision: int | None = None) -> Any: ...
+    async def watch(self, key: bytes, *, start_revision: int | None = None, range_end: bytes | None = None) -> Any:
+        """``range_end``: only the sharded LB intent's watch (a prefix) passes it."""
 
     async def close(self) -> None: ...
 
@@ -132,7 +132,7 @@ class IntentWatcher:
             await self._full_get(client)
             delivered = True
         assert self.next_revision is not None
-        watch = await client.watch(self.key, start_revision=self.next_revision)
+        watch = await self._open_watch(client, self.next_revision)
         self.connected = True
         self.broken_since = None
         stopper = asyncio.ensure_future(stop.wait())
@@ -146,6 +146,9 @@ class IntentWatcher:
         finally:
             stopper.cancel()
         return delivered
+
+    async def _open_watch(self, client: WatchClient, start_revision: int) -> Any:
+        return await client.watch(self.key, start_revision=start_revision)
 
     async def _full_get(self, client: WatchClient) -> None:
         # [key, key + NUL) holds exactly this key, and, unlike a plain get, always answers with the

@@ -2,7 +2,7 @@
 
 Waits for the service model's ``dirty`` flag (or, every ``poll`` seconds, a change of the nodes'
 addresses, the NodePort frontends), lets a burst settle, resolves (``services.resolution``, pure),
-publishes the intents whose content changed (``/ciliary/lbintents/v1/<node>``) and posts a Warning
+publishes the shards whose content changed (``store.lb_publishing``, ``/ciliary/lbintents/v2/<node>/``) and posts a Warning
 Event per new Service problem. ``stats`` counts passes and the last pass's writes.
 """
 
@@ -19,7 +19,7 @@ from ciliary.operator.kube.service_model import ServiceModel
 from ciliary.operator.operator_metrics import LoopStats
 from ciliary.operator.services.errors import ServiceProblem
 from ciliary.operator.services.resolution import LBResolution, ResolverConfig, resolve
-from ciliary.operator.store.publishing import IntentPublisher
+from ciliary.operator.store.lb_publishing import LBIntentPublisher
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class LBStats:
 
 class LBReconciler:
     def __init__(self, model: ServiceModel, nodes: Callable[[], Mapping[str, str | None]],
-                 publisher: IntentPublisher, events: ProblemSink | None, config: ResolverConfig,
+                 publisher: LBIntentPublisher, events: ProblemSink | None, config: ResolverConfig,
                  *, settle_seconds: float = 0.02, poll: float = 1.0) -> None:
         self.model = model
         self.nodes = nodes

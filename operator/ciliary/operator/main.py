@@ -48,6 +48,7 @@ from ciliary.operator.store.etcdclient import (
     connection_settings,
 )
 from ciliary.operator.store.identities import EtcdIdentityAllocator
+from ciliary.operator.store.lb_publishing import LBIntentPublisher
 from ciliary.operator.store.publishing import IntentPublisher
 
 log = logging.getLogger("ciliary.operator")
@@ -179,7 +180,7 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
             return
     allocator = EtcdIdentityAllocator(store, grace_seconds=args.identity_gc_grace)
     publisher = IntentPublisher(store)
-    lb_publisher = IntentPublisher.for_lb_intents(store)
+    lb_publisher = LBIntentPublisher(store)
     await allocator.load()
     await publisher.load()
     await lb_publisher.load()

@@ -1,7 +1,8 @@
 """The operator's load-balancing shell against the real apiserver and etcd.
 
 Selector-less Services with hand-written endpoints (so the test controls every endpoint): the
-operator publishes each node's LB intent under ``/ciliary/lbintents/v1/<node>``, reading v1
+operator publishes each node's LB intent as shards under ``/ciliary/lbintents/v2/<node>/`` (read
+back here as the agent does: complete, matching the manifest), reading v1
 Endpoints with ``--endpoints-api endpoints`` and EndpointSlices by default; a NodePort outside the
 operator's ``--node-port-range`` gets a Warning Event and no NodePort frontend, the other Services
 are unaffected.
@@ -15,7 +16,9 @@ from collections.abc import Iterator
 import pytest
 from op_harness import OperatorProcess, etcd_get_prefix, wait_for
 
-from ciliary.operator.services.intent import FrontendKind, NodeLBIntent, parse_lb_intent
+from ciliary.operator.services import sharding
+from ciliary.operator.services.intent import FrontendKind, NodeLBIntent
+from ciliary.operator.store import keyspace
 
 pytestmark = pytest.mark.integration
 
@@ -67,9 +70,13 @@ spec:
 
 
 def lb_intents(kube) -> dict[str, NodeLBIntent]:
-    rows = etcd_get_prefix(kube, "/ciliary/lbintents/v1/")
-    return {k.rsplit("/", 1)[1]: parse_lb_intent(k.rsplit("/", 1)[1], v) for k, (_, v) in rows.items()
-            if k.rsplit("/", 1)[1] in NODES}
+    rows = etcd_get_prefix(kube, keyspace.LB_INTENTS_PREFIX)
+    values: dict[str, dict[str, bytes]] = {}
+    for key, (_, value) in rows.items():
+        node, part = keyspace.lb_intent_part_from_key(key)
+        values.setdefault(node, {})[part] = value
+    assembled = {node: sharding.assemble(node, values[node]) for node in NODES if node in values}
+    return {node: intent for node, intent in assembled.items() if intent is not None}
 
 
 def cluster_ip(kube, name: str) -> str:

@@ -37,9 +37,11 @@ def key_classes() -> dict[str, str]:
         "own intent": keyspace.node_intent_key(OWN),
         "other node's intent": keyspace.node_intent_key(OTHER),
         "intent of a node whose name it prefixes": keyspace.node_intent_key(PREFIXED),
-        "own lb intent": keyspace.node_lb_intent_key(OWN),
-        "other node's lb intent": keyspace.node_lb_intent_key(OTHER),
-        "lb intent of a node whose name it prefixes": keyspace.node_lb_intent_key(PREFIXED),
+        "own lb intent": keyspace.node_lb_intent_key(OWN, "manifest"),
+        "own lb shard": keyspace.node_lb_intent_key(OWN, "s07"),
+        "other node's lb intent": keyspace.node_lb_intent_key(OTHER, "manifest"),
+        "lb intent of a node whose name it prefixes": keyspace.node_lb_intent_key(PREFIXED, "manifest"),
+        "lb shard of a node whose name it prefixes": keyspace.node_lb_intent_key(PREFIXED, "s07"),
         "own registration": keyspace.node_key(OWN),
         "other node's registration": keyspace.node_key(OTHER),
         "own status": keyspace.node_status_key(OWN),
@@ -108,9 +110,10 @@ def test_a_node_agent_reaches_exactly_its_own_keys(kube: Any, creds: dict[str, E
         assert got["own intent"] == (True, False)
         assert got["other node's intent"] == (False, False)
         assert got["intent of a node whose name it prefixes"] == (False, False)
-        assert got["own lb intent"] == (True, False)
+        assert got["own lb intent"] == (True, False) and got["own lb shard"] == (True, False)
         assert got["other node's lb intent"] == (False, False)
         assert got["lb intent of a node whose name it prefixes"] == (False, False)
+        assert got["lb shard of a node whose name it prefixes"] == (False, False)
         assert not any(write for what, (_, write) in got.items() if not what.startswith("own "))
         assert got["identity"] == (True, False) and got["own registration"] == (True, True)
         print("\nnode agent:", got)
@@ -166,6 +169,44 @@ def test_a_node_cannot_list_intents_or_watch_another_nodes_intent(kube: Any, cre
         assert mine.created and not mine.canceled
 
     run(kube, creds["node"], body)
+
+
+def test_a_node_reads_and_watches_its_whole_lb_prefix_and_no_wider_range(
+        kube: Any, creds: dict[str, EtcdTLS]) -> None:
+    """The agent's LB reads: one range read of its prefix, a watch of it; node-1's range ends before node-10's."""
+    own, prefixed = keyspace.node_lb_intent_prefix(OWN), keyspace.node_lb_intent_prefix(PREFIXED)
+
+    async def operator_writes(client: aetcd.Client) -> None:
+        await asyncio.sleep(0.5)
+        await client.put((own + "manifest").encode(), b"m")
+        await client.put((prefixed + "manifest").encode(), b"theirs")  # inside node-1's range? must not be
+        await asyncio.sleep(0.5)
+        await client.put((own + "s01").encode(), b"shard")
+
+    async def node(client: aetcd.Client) -> None:
+        end = access.prefix_range_end(own).encode()
+        watch = await client.watch(own.encode(), range_end=end)
+        writer = asyncio.create_task(asyncio.to_thread(run, kube, creds["operator"], operator_writes))
+        events = [await asyncio.wait_for(watch.__aiter__().__anext__(), 10) for _ in range(2)]
+        await writer
+        await watch.cancel()
+        assert [bytes(e.kv.key).decode() for e in events] == [own + "manifest", own + "s01"]
+        rows = await client.get_range(own.encode(), end)
+        assert {bytes(kv.key).decode() for kv in rows} == {own + "manifest", own + "s01"}
+        for wider in (keyspace.LB_INTENTS_PREFIX, own[:-1], prefixed):
+            with pytest.raises(aetcd.ClientError, match="permission denied"):
+                await client.get_range(wider.encode(), access.prefix_range_end(wider).encode())
+        theirs = await first_watch_response(client, prefixed + "manifest")
+        assert theirs.canceled and "permission denied" in theirs.cancel_reason
+
+    async def wipe(client: aetcd.Client) -> None:
+        for prefix in (own, prefixed):
+            await client.delete_prefix(prefix.encode())
+
+    try:
+        run(kube, creds["node"], node, timeout=15)
+    finally:
+        run(kube, creds["root"], wipe)
 
 
 def test_a_node_watches_its_intent_and_its_lease_bound_keys_go_with_the_lease(

@@ -16,9 +16,11 @@ KEYS = {
     "own intent": keyspace.node_intent_key(OWN),
     "other intent": keyspace.node_intent_key(OTHER),
     "prefixed intent": keyspace.node_intent_key(PREFIXED),
-    "own lb intent": keyspace.node_lb_intent_key(OWN),
-    "other lb intent": keyspace.node_lb_intent_key(OTHER),
-    "prefixed lb intent": keyspace.node_lb_intent_key(PREFIXED),
+    "own lb intent": keyspace.node_lb_intent_key(OWN, "manifest"),
+    "own lb shard": keyspace.node_lb_intent_key(OWN, "s07"),
+    "other lb intent": keyspace.node_lb_intent_key(OTHER, "manifest"),
+    "prefixed lb intent": keyspace.node_lb_intent_key(PREFIXED, "manifest"),
+    "prefixed lb shard": keyspace.node_lb_intent_key(PREFIXED, "s07"),
     "own registration": keyspace.node_key(OWN),
     "other registration": keyspace.node_key(PREFIXED),
     "own status": keyspace.node_status_key(OWN),
@@ -37,8 +39,10 @@ NODE_MATRIX = {
     "other intent": (False, False),
     "prefixed intent": (False, False),
     "own lb intent": (True, False),
+    "own lb shard": (True, False),
     "other lb intent": (False, False),
     "prefixed lb intent": (False, False),
+    "prefixed lb shard": (False, False),
     "own registration": (True, True),
     "other registration": (False, False),
     "own status": (True, True),
@@ -55,8 +59,10 @@ OPERATOR_MATRIX = {
     "other intent": (True, True),
     "prefixed intent": (True, True),
     "own lb intent": (True, True),
+    "own lb shard": (True, True),
     "other lb intent": (True, True),
     "prefixed lb intent": (True, True),
+    "prefixed lb shard": (True, True),
     "own registration": (True, False),
     "other registration": (True, False),
     "own status": (True, False),
@@ -103,6 +109,18 @@ def test_grants_map_to_etcd_ranges() -> None:
     own = Grant(Permission.READWRITE, keyspace.node_reports_prefix("node-1"), prefix=True)
     assert not own.covers(keyspace.report_key("u", "node-10"))
     assert own.range_end <= keyspace.report_key("u", "node-10")
+
+
+def test_a_nodes_lb_prefix_is_one_range_ending_before_a_longer_names() -> None:
+    grant = next(g for g in access.node_role("node-1").grants if g.key.startswith(keyspace.LB_INTENTS_PREFIX))
+    assert grant.prefix and grant.key == "/ciliary/lbintents/v2/node-1/"
+    assert grant.range_end == "/ciliary/lbintents/v2/node-10"  # '/' + 1: node-10's keys start at the end
+    assert not grant.covers(keyspace.node_lb_intent_key("node-10", "manifest"))
+    assert not grant.covers(keyspace.LB_INTENTS_PREFIX + "node-1")  # no key without the slash either
+    assert keyspace.lb_intent_part_from_key(keyspace.node_lb_intent_key("node-1", "s03")) == ("node-1", "s03")
+    for bad in ("/ciliary/lbintents/v2/node-1", "/ciliary/lbintents/v2/node-1/", "/ciliary/lbintents/v2/a/b/c"):
+        with pytest.raises(ValueError):
+            keyspace.lb_intent_part_from_key(bad)
 
 
 def test_report_keys_are_node_first_and_parse_back() -> None:

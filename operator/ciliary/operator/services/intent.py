@@ -1,8 +1,8 @@
 """The operator-to-agent wire schema of load balancing: what one node's socket load balancer holds.
 
-The operator resolves Services into one :class:`NodeLBIntent` per node and publishes it at
-``keyspace.node_lb_intent_key`` (readable by that node's agent only); the agent parses it back
-with :func:`parse_lb_intent` and fills its LB maps from it. A frontend is (address, port,
+The operator resolves Services into one :class:`NodeLBIntent` per node and publishes it as shards
+under ``keyspace.node_lb_intent_prefix`` (``services.sharding``; readable by that node's agent
+only); the agent assembles it back and fills its LB maps from it. A frontend is (address, port,
 protocol): the same port on TCP and UDP is two frontends. A frontend's backends are final: the
 traffic policy, the terminating fallback and this node's locality have been applied; an empty
 tuple means "refuse" (no endpoints), or, with ``no_local_backends``, "drop" (a Local policy and
@@ -22,7 +22,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-LB_SCHEMA_VERSION = 3
+LB_SCHEMA_VERSION = 4
+"""4: stored as shards (``services.sharding``); values leave out fields at their defaults."""
 MAX_BACKENDS_PER_FRONTEND = 256
 """Backend slots of one frontend in the datapath (``CY_LB_SLOTS_MAX``); more is refused, never cut."""
 

@@ -9,8 +9,9 @@ from the client certificate's common name, so a component's certificate CN *is* 
   reads the node registrations, the per-node statuses and the policy reports.
 * The agent of node ``N`` (user :func:`node_user`) reads only its own intents (policy and load
   balancing) and the
-  shared identities; it writes only its own registration, its own status and the reports
-  under its own prefix (``/ciliary/reports/v1/N/``).
+  shared identities (its load-balancing intent is every key under ``/ciliary/lbintents/v2/N/``);
+  it writes only its own registration, its own status and the reports under its own prefix
+  (``/ciliary/reports/v1/N/``).
 
 A grant on a single key is exact (no range end), so node ``n1`` never matches ``n10``;
 per-node prefixes end with ``/`` for the same reason.
@@ -128,7 +129,7 @@ def node_role(node: str) -> Role:
     rw, r = Permission.READWRITE, Permission.READ
     return Role(name=user, user=user, grants=(
         Grant(r, keyspace.node_intent_key(node)),
-        Grant(r, keyspace.node_lb_intent_key(node)),
+        Grant(r, keyspace.node_lb_intent_prefix(node), prefix=True),
         Grant(r, keyspace.IDENTITIES_PREFIX, prefix=True),
         Grant(rw, keyspace.node_key(node)),
         Grant(rw, keyspace.node_status_key(node)),

@@ -7,7 +7,8 @@ node first), so etcd's key and prefix permissions can confine each agent to its 
 
   /ciliary/nodes/v1/<node>                  agent registration, bound to its lease
   /ciliary/intents/v1/<node>                the NodeIntent the operator publishes
-  /ciliary/lbintents/v1/<node>              the NodeLBIntent (load balancing) the operator publishes
+  /ciliary/lbintents/v2/<node>/manifest     the node's load-balancing intent: which shards make it up
+  /ciliary/lbintents/v2/<node>/<shard>      one shard of it (``services.sharding``), both written by the operator
   /ciliary/identities/v1/id/<number>        identity -> its labels (allocation record)
   /ciliary/identities/v1/labels/<sha256>    labels -> identity (compare-and-swap index)
   /ciliary/reports/v1/<node>/<policy-uid>   per-policy enforcement report, bound to the agent lease
@@ -19,7 +20,7 @@ from __future__ import annotations
 ROOT = "/ciliary"
 NODES_PREFIX = f"{ROOT}/nodes/v1/"
 INTENTS_PREFIX = f"{ROOT}/intents/v1/"
-LB_INTENTS_PREFIX = f"{ROOT}/lbintents/v1/"
+LB_INTENTS_PREFIX = f"{ROOT}/lbintents/v2/"
 IDENTITIES_PREFIX = f"{ROOT}/identities/v1/"
 IDENTITY_ID_PREFIX = f"{IDENTITIES_PREFIX}id/"
 IDENTITY_LABELS_PREFIX = f"{IDENTITIES_PREFIX}labels/"
@@ -41,8 +42,25 @@ def node_intent_key(node: str) -> str:
     return INTENTS_PREFIX + _segment(node, "node name")
 
 
-def node_lb_intent_key(node: str) -> str:
-    return LB_INTENTS_PREFIX + _segment(node, "node name")
+def node_lb_intent_prefix(node: str) -> str:
+    """Every key of ``node``'s load-balancing intent (and only of it: the slash keeps ``n1`` from ``n10``)."""
+    return f"{LB_INTENTS_PREFIX}{_segment(node, 'node name')}/"
+
+
+def node_lb_intent_key(node: str, part: str) -> str:
+    """One key of ``node``'s load-balancing intent: its manifest or one of its shards."""
+    return node_lb_intent_prefix(node) + _segment(part, "load-balancing intent part")
+
+
+def lb_intent_part_from_key(key: str | bytes) -> tuple[str, str]:
+    """``(node, part)`` of a key under :data:`LB_INTENTS_PREFIX`."""
+    text = key.decode() if isinstance(key, bytes) else key
+    if not text.startswith(LB_INTENTS_PREFIX):
+        raise ValueError(f"key {text!r} is not under {LB_INTENTS_PREFIX!r}")
+    node, _, part = text[len(LB_INTENTS_PREFIX):].partition("/")
+    if not node or not part or "/" in part:
+        raise ValueError(f"key {text!r} is not a load-balancing intent key")
+    return node, part
 
 
 def node_status_key(node: str) -> str:

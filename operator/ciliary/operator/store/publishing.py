@@ -11,8 +11,7 @@ its put (its new mod revision) or, when the compare fails, reads what is there.
 Up to ``concurrency`` nodes are written at once (a policy that selects pods on
 every node of a 1,000-node cluster rewrites 1,000 keys).
 
-The same publisher writes the load-balancing intents (``for_lb_intents``): another prefix, key
-function and parser, the same write discipline.
+The load-balancing intents are sharded and written by ``lb_publishing`` instead.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ciliary.operator.intents import IntentSchemaError, parse_node_intent
-from ciliary.operator.services.intent import LBIntentSchemaError, parse_lb_intent
 from ciliary.operator.store import keyspace
 from ciliary.operator.store.etcdclient import EtcdStore
 
@@ -39,14 +37,14 @@ class Published:
 
 
 class PublishableIntent(Protocol):
-    """What the publisher needs of an intent (``NodeIntent``, ``NodeLBIntent``)."""
+    """What the publisher needs of an intent (``NodeIntent``)."""
 
     def content_hash(self) -> str: ...
 
     def to_wire(self) -> bytes: ...
 
 
-_SCHEMA_ERRORS = (IntentSchemaError, LBIntentSchemaError)
+_SCHEMA_ERRORS = (IntentSchemaError,)
 
 
 class IntentPublisher:
@@ -60,12 +58,6 @@ class IntentPublisher:
         self.prefix = prefix
         self.key_of = key_of
         self.parse = parse
-
-    @classmethod
-    def for_lb_intents(cls, store: EtcdStore, *, concurrency: int = 32) -> IntentPublisher:
-        """The publisher of the load-balancing intents (``/ciliary/lbintents/v1/<node>``)."""
-        return cls(store, concurrency=concurrency, prefix=keyspace.LB_INTENTS_PREFIX,
-                   key_of=keyspace.node_lb_intent_key, parse=parse_lb_intent)
 
     async def load(self) -> None:
         """Learn what is already in etcd (an operator restart rewrites nothing unchanged)."""

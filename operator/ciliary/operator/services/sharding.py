@@ -1,0 +1,243 @@
+"""One node's load-balancing intent on the wire: a manifest and shards, each far below etcd's value limit.
+
+A :class:`~.intent.NodeLBIntent` at 10,000 Services x 3 backends is ~4.4 MB of JSON, and etcd refuses a
+request over 1.5 MiB (``--max-request-bytes``), so the operator stores it as shards under the node's
+prefix (``keyspace.node_lb_intent_prefix``)::
+
+  /ciliary/lbintents/v2/<node>/manifest   {schema_version, node, shards: {name: sha256 of its value}}
+  /ciliary/lbintents/v2/<node>/s<NN>      {schema_version, node, shard, frontends, health_checks, problems}
+
+**Fixed shard count by a stable hash of the Service key** (``SHARD_COUNT`` = 64, shard ``s`` +
+``sha256(namespace/name) mod 64``), not size-bounded shards: a Service's frontends, health check and
+problems always land in the same shard whatever else changes, so one Service change rewrites exactly
+one shard (size-bounded packing moves Services between shards when a neighbour grows, rewriting
+several), and the assignment needs no state. Sizes (``tests/unit/operator/services/test_lb_sharding.py``):
+~70 KB per shard at 10,000 Services x 3 backends, ~0.7 MB only at ~100,000; a Service with
+``MAX_BACKENDS_PER_FRONTEND`` (256) backends is ~20 KB per frontend. Values drop fields
+at their defaults. A shard over ``SHARD_LIMIT_BYTES`` (1 MiB) is refused
+(:class:`LBShardTooLargeError`): the node's previous intent stays, nothing is cut or widened.
+Empty shards are not stored.
+
+**Consistency.** A change larger than one etcd transaction (``--max-txn-ops``, the request size) is
+written in several; the agent may see shard A new and shard B old. It never applies such a mix: the
+manifest is written last and names every shard with the digest of its value, and :class:`ShardAssembler`
+yields an intent only while every shard the manifest names is present with exactly that digest (keys
+the manifest does not name are ignored: stale shards are deleted after it). So the agent applies
+either the previous complete intent or the new one, never a mixture (a mixture could, say, hold a
+deleted Service's NodePort beside the new owner's). Within any one shard each Service is complete
+anyway: it lives entirely in one shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import Field
+
+from ciliary.operator.services.intent import (
+    LB_SCHEMA_VERSION,
+    FrontendIntent,
+    HealthCheckIntent,
+    LBIntentSchemaError,
+    NodeLBIntent,
+    ProblemIntent,
+    _Frozen,
+)
+
+SHARD_COUNT = 64
+SHARD_LIMIT_BYTES = 1 << 20
+"""Largest shard value written (etcd refuses requests over 1.5 MiB by default)."""
+MANIFEST = "manifest"
+
+
+class LBShardTooLargeError(ValueError):
+    """A shard of a node's LB intent exceeds :data:`SHARD_LIMIT_BYTES`; carries node, shard and size."""
+
+    def __init__(self, node: str, shard: str, size: int, services: tuple[str, ...]) -> None:
+        super().__init__(f"load-balancing intent for {node!r}: shard {shard} is {size} bytes, over the "
+                         f"{SHARD_LIMIT_BYTES}-byte limit (Services {', '.join(services[:5])}"
+                         f"{', ...' if len(services) > 5 else ''}); the previous intent stays")
+        self.node, self.shard, self.size, self.services = node, shard, size, services
+
+
+class LBShard(_Frozen):
+    schema_version: int = Field(default=LB_SCHEMA_VERSION)
+    node: str
+    shard: str
+    frontends: tuple[FrontendIntent, ...] = ()
+    health_checks: tuple[HealthCheckIntent, ...] = ()
+    problems: tuple[ProblemIntent, ...] = ()
+
+
+class LBManifest(_Frozen):
+    schema_version: int = Field(default=LB_SCHEMA_VERSION)
+    node: str
+    shards: dict[str, str] = Field(default_factory=dict, description="shard name -> sha256 of its value")
+
+
+def shard_of(service: str, count: int = SHARD_COUNT) -> str:
+    """The shard of a Service (``namespace/name``): stable across processes and releases."""
+    number = int.from_bytes(hashlib.sha256(service.encode()).digest()[:8], "big") % count
+    return f"s{number:02d}"
+
+
+def digest(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _wire(shard: LBShard) -> bytes:
+    data = shard.model_dump(mode="json", exclude_defaults=True)
+    # the header always travels, defaults or not: the schema version is what an agent checks first
+    data.update(schema_version=shard.schema_version, node=shard.node, shard=shard.shard)
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class ShardedIntent:
+    """A node's intent as etcd values: ``shards`` (name -> value) and the ``manifest`` naming them."""
+
+    node: str
+    shards: dict[str, bytes]
+    digests: dict[str, str]
+    manifest: bytes
+
+
+def split(intent: NodeLBIntent, *, count: int = SHARD_COUNT, limit: int = SHARD_LIMIT_BYTES) -> ShardedIntent:
+    """Shard ``intent`` by Service; raises :class:`LBShardTooLargeError` for a shard over ``limit``."""
+    parts: dict[str, dict[str, list[Any]]] = {}
+
+    def bucket(service: str) -> dict[str, list[Any]]:
+        return parts.setdefault(shard_of(service, count), {"frontends": [], "health_checks": [], "problems": []})
+
+    for fe in intent.frontends:
+        bucket(fe.service)["frontends"].append(fe)
+    for hc in intent.health_checks:
+        bucket(hc.service)["health_checks"].append(hc)
+    for problem in intent.problems:
+        bucket(problem.service)["problems"].append(problem)
+    shards: dict[str, bytes] = {}
+    for name in sorted(parts):
+        body = parts[name]
+        shard = LBShard.model_construct(schema_version=intent.schema_version, node=intent.node, shard=name,
+                                        frontends=tuple(body["frontends"]),
+                                        health_checks=tuple(body["health_checks"]),
+                                        problems=tuple(body["problems"]))
+        raw = _wire(shard)
+        if len(raw) > limit:
+            services = tuple(sorted({item.service for items in body.values() for item in items}))
+            raise LBShardTooLargeError(intent.node, name, len(raw), services)
+        shards[name] = raw
+    digests = {name: digest(raw) for name, raw in shards.items()}
+    manifest = LBManifest(schema_version=intent.schema_version, node=intent.node, shards=digests)
+    return ShardedIntent(node=intent.node, shards=shards, digests=digests, manifest=_wire_manifest(manifest))
+
+
+def _wire_manifest(manifest: LBManifest) -> bytes:
+    # the shards map is written even when empty: an empty manifest is "no Services", not "missing"
+    return json.dumps(manifest.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
+
+
+def _load(node: str, what: str, raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise LBIntentSchemaError(node, f"{what}: not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise LBIntentSchemaError(node, f"{what}: not a JSON object")
+    if data.get("schema_version") != LB_SCHEMA_VERSION:
+        raise LBIntentSchemaError(node, f"{what}: unknown schema version {data.get('schema_version')!r} "
+                                        f"(this agent speaks {LB_SCHEMA_VERSION})")
+    if data.get("node") != node:
+        raise LBIntentSchemaError(node, f"{what} names node {data.get('node')!r}")
+    return data
+
+
+def parse_manifest(node: str, raw: bytes) -> LBManifest:
+    data = _load(node, MANIFEST, raw)
+    try:
+        return LBManifest.model_validate(data)
+    except ValueError as exc:
+        raise LBIntentSchemaError(node, f"manifest: {exc}") from exc
+
+
+def parse_shard(node: str, name: str, raw: bytes) -> LBShard:
+    data = _load(node, f"shard {name}", raw)
+    try:
+        shard = LBShard.model_validate(data)
+    except ValueError as exc:
+        raise LBIntentSchemaError(node, f"shard {name}: {exc}") from exc
+    if shard.shard != name:
+        raise LBIntentSchemaError(node, f"shard {name} holds shard {shard.shard!r}")
+    return shard
+
+
+def union(node: str, shards: list[LBShard], schema_version: int = LB_SCHEMA_VERSION) -> NodeLBIntent:
+    """The intent the shards make up, ordered as ``resolution`` orders a whole intent."""
+    frontends = sorted((fe for s in shards for fe in s.frontends), key=lambda fe: fe.key)
+    health = sorted((h for s in shards for h in s.health_checks), key=lambda h: (h.port, h.service))
+    problems = sorted((p for s in shards for p in s.problems), key=lambda p: p.service)  # stable: in order
+    return NodeLBIntent.model_construct(schema_version=schema_version, node=node, frontends=tuple(frontends),
+                                        health_checks=tuple(health), problems=tuple(problems))
+
+
+class ShardAssembler:
+    """The keys of one node's prefix as they arrive (a range read, then watch events), and the intent they hold.
+
+    :meth:`current` is the complete intent, or None while the values do not match the manifest (an
+    update is half-written) or there is no manifest; it raises :class:`LBIntentSchemaError` for an
+    unknown schema version or a malformed value. Parsed shards are cached by digest.
+    """
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.raw: dict[str, bytes] = {}
+        self.digests: dict[str, str] = {}
+        self._parsed: dict[str, tuple[str, LBShard]] = {}
+
+    def reset(self, values: Mapping[str, bytes]) -> None:
+        self.raw, self.digests = {}, {}
+        for part, raw in values.items():
+            self.put(part, raw)
+
+    def put(self, part: str, raw: bytes) -> None:
+        self.raw[part] = raw
+        self.digests[part] = digest(raw)
+
+    def delete(self, part: str) -> None:
+        self.raw.pop(part, None)
+        self.digests.pop(part, None)
+        self._parsed.pop(part, None)
+
+    @property
+    def empty(self) -> bool:
+        return not self.raw
+
+    def manifest_digest(self) -> str | None:
+        return self.digests.get(MANIFEST)
+
+    def current(self) -> NodeLBIntent | None:
+        raw = self.raw.get(MANIFEST)
+        if raw is None:
+            return None
+        manifest = parse_manifest(self.node, raw)
+        if any(self.digests.get(name) != want for name, want in manifest.shards.items()):
+            return None  # half-written: keep what is applied
+        shards = []
+        for name, want in sorted(manifest.shards.items()):
+            cached = self._parsed.get(name)
+            if cached is None or cached[0] != want:
+                cached = (want, parse_shard(self.node, name, self.raw[name]))
+                self._parsed[name] = cached
+            shards.append(cached[1])
+        return union(self.node, shards, manifest.schema_version)
+
+
+def assemble(node: str, values: Mapping[str, bytes]) -> NodeLBIntent | None:
+    """The intent a node's keys (part name -> value) hold; None when incomplete (see :class:`ShardAssembler`)."""
+    assembler = ShardAssembler(node)
+    assembler.reset(values)
+    return assembler.current()
