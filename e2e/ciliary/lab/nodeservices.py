@@ -20,7 +20,6 @@ None of these addresses exists in the root namespace; they vanish with the node 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from ciliary.lab import pki, processes, topology
@@ -168,15 +167,8 @@ def start_coredns(layout: LabLayout, coredns: Path, node: str, *, seconds: float
     config.write_text(corefile(kubeconfig))
     processes.spawn(layout, name, ["nsenter", f"--net={topology.NETNS_DIR / layout.node_netns(node)}",
                                    str(coredns), "-conf", str(config)])
-    log = layout.log_dir / f"{name}.log"
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not processes.running_pid(layout, name):
-            raise processes.ProcessStartError(name, log)
-        if log.exists() and "CoreDNS-" in log.read_text(errors="replace"):
-            return
-        time.sleep(0.2)
-    raise DnsStartError(node, f"CoreDNS not started after {seconds:.0f} s; see {log}")
+    if not processes.wait_for_line(layout, name, "CoreDNS-", seconds, poll=0.2):
+        raise DnsStartError(node, f"CoreDNS not started after {seconds:.0f} s; see {layout.log_dir / name}.log")
 
 
 def kube_proxy_name(node: str) -> str:

@@ -141,3 +141,17 @@ def wait_alive(layout: LabLayout, name: str, seconds: float) -> None:
         if running_pid(layout, name) is None:
             raise ProcessStartError(name, layout.log_dir / f"{name}.log")
         time.sleep(0.1)
+
+
+def wait_for_line(layout: LabLayout, name: str, text: str, seconds: float, poll: float = 0.1) -> bool:
+    """Wait until lab process ``name``'s log contains ``text``: True when it does, False after ``seconds``;
+    :class:`ProcessStartError` as soon as the process is gone."""
+    log = layout.log_dir / f"{name}.log"
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not running_pid(layout, name):
+            raise ProcessStartError(name, log)
+        if log.exists() and text in log.read_text(errors="replace"):
+            return True
+        time.sleep(poll)
+    return False

@@ -79,15 +79,8 @@ def start_gateway(layout: LabLayout, ports: controlplane.Ports, nodes: Sequence[
         argv += ["--node", nodegateway.GatewayNode(node, layout.node_netns(node), node_ip(node_index(node)),
                                                    pod_cidr(node_index(node))).flag()]
     processes.spawn(layout, GATEWAY, argv, env={"PYTHONUNBUFFERED": "1"})
-    log = layout.log_dir / f"{GATEWAY}.log"
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not processes.running_pid(layout, GATEWAY):
-            raise processes.ProcessStartError(GATEWAY, log)
-        if log.exists() and "gateway ready" in log.read_text(errors="replace"):
-            return
-        time.sleep(0.1)
-    raise ClusterStartError(GATEWAY, f"not ready after {seconds:.0f} s; see {log}")
+    if not processes.wait_for_line(layout, GATEWAY, "gateway ready", seconds):
+        raise ClusterStartError(GATEWAY, f"not ready after {seconds:.0f} s; see {layout.log_dir / GATEWAY}.log")
 
 
 def start_scheduler(layout: LabLayout, bins: NodeBinaries, ports: controlplane.Ports) -> None:

@@ -213,15 +213,9 @@ def start_service_forward(lab: Lab, node: str, seconds: float = 20) -> bool:
             "--kubectl", str(lab.bins.kubectl), "--kubeconfig", str(lab.layout.kubeconfig),
             *(a for f in forwards for a in ("--forward", f.flag()))]
     processes.spawn(lab.layout, SERVICE_FORWARD, argv, env={"PYTHONUNBUFFERED": "1"})
-    log = lab.layout.log_dir / f"{SERVICE_FORWARD}.log"
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not processes.running_pid(lab.layout, SERVICE_FORWARD):
-            raise processes.ProcessStartError(SERVICE_FORWARD, log)
-        if log.exists() and "forward ready" in log.read_text(errors="replace"):
-            return True
-        time.sleep(0.1)
-    raise LabError(f"{SERVICE_FORWARD} not ready after {seconds:.0f} s; see {log}")
+    if not processes.wait_for_line(lab.layout, SERVICE_FORWARD, "forward ready", seconds):
+        raise LabError(f"{SERVICE_FORWARD} not ready after {seconds:.0f} s; see {lab.layout.log_dir}")
+    return True
 
 
 def ready_nodes(node_list: dict[str, object]) -> set[str]:
