@@ -1,8 +1,9 @@
 """The node-namespace plumbing that delivers redirected connections to the node's Envoy.
 
 Owns :func:`ensure` (idempotent: creates what is missing, repairs what is wrong, removes what
-an earlier configuration left, e.g. the TPROXY rule of a previous ``--proxy-port``),
-:func:`check` (what is missing or wrong, as problems) and :func:`teardown` (everything
+an earlier configuration left, e.g. the TPROXY rule of a previous ``--proxy-port``, or a proxy
+device re-created under another ifindex than the programs were rendered with),
+:func:`check` (what is missing or wrong, as problems, ``proxy_routing``'s table included) and :func:`teardown` (everything
 removed, for an agent running with ``--l7-proxy off``); ``proxy_plumbing_keeper`` re-checks
 and repairs periodically. In the node's network namespace (``--netns``, or the agent's own)
 the plumbing is
@@ -166,6 +167,12 @@ def ensure(netns: str, port: int, device: ProxyDevice | None = None) -> ProxyDev
     ifindex and MAC (so the programs need no re-render).
     """
     found = _device(netns)
+    if found is not None and device is not None and found[0] != device.ifindex:
+        # Re-created by someone else under another ifindex: the programs redirect to the rendered one.
+        _run(netns, "proxy device", ["ip", "link", "del", PROXY_DEVICE])
+        log.warning("Proxy device had another ifindex; re-creating it", extra={
+            "netns": netns, "found": found[0], "rendered": device.ifindex})
+        found = None
     if found is None and device is not None:
         _run(netns, "proxy device", ["ip", "link", "add", PROXY_DEVICE, "index", str(device.ifindex), "address",
                                      device.mac, "type", "veth", "peer", "name", HOST_END])
@@ -244,6 +251,10 @@ def check(netns: str, port: int, device: ProxyDevice | None) -> list[str]:
     for rule in egress_answer_rules():
         if _run(netns, "iptables check", ["iptables", "-w", "-t", "mangle", "-C", *rule], check=False) != 0:
             problems.append(f"no egress answer rule in mangle: {' '.join(rule[1:])}")
+    try:
+        problems += proxy_routing.check(netns or None)  # table 2005: how a pod's connection reaches Envoy
+    except (proxy_routing.ProxyRoutingError, OSError) as exc:
+        problems.append(str(exc))
     return problems
 
 

@@ -184,6 +184,8 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
     await allocator.load()
     await publisher.load()
     await lb_publisher.load()
+    if not args.load_balancing:
+        await lb_publisher.withdraw_all()
     api = await kubeapi.api_client(args.kubeconfig or None)
     model = ClusterModel()
     registry = kopf.OperatorRegistry()

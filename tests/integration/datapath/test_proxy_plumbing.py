@@ -2,7 +2,8 @@
 
 Each test gets its own network namespace (created and deleted here): the plumbing for one
 ``--proxy-port``, then what breaks it in real life — another port (an agent restarted with a
-new ``--proxy-port``), a flushed mangle table, a deleted device — and ``check`` must name it,
+new ``--proxy-port``), a flushed mangle table, a deleted device, a device re-created under another
+ifindex, the deleted rule and route of the redirect table (``proxy_routing``) — and ``check`` must name it,
 ``ensure`` (and the keeper that runs it periodically) must repair it, leaving exactly one rule
 of each kind; ``teardown`` must leave nothing and put ``ip_early_demux`` back.
 """
@@ -96,3 +97,24 @@ def test_teardown_removes_everything_and_restores_early_demux(netns: str) -> Non
     assert tproxy_ports(netns) == []
     assert sh(netns, "sysctl", "-n", proxy_plumbing.EARLY_DEMUX).strip() == "1"
     assert proxy_plumbing.teardown(netns) == []  # nothing left: nothing done (a node that never ran L7)
+
+
+def test_a_recreated_device_and_the_redirect_table_are_noticed_and_repaired(netns: str) -> None:
+    from ciliary.nodeagent import proxy_routing
+
+    device = proxy_plumbing.ensure(netns, 15001)
+    table = str(proxy_routing.datapath_constants().table)
+    sh(netns, "ip", "link", "del", proxy_plumbing.PROXY_DEVICE)
+    sh(netns, "ip", "link", "add", "cyt-filler", "index", str(device.ifindex), "type", "veth", "peer", "name",
+       "cyt-filler2")  # the old ifindex is taken for a moment, so the new pair gets another one
+    sh(netns, "ip", "link", "add", proxy_plumbing.PROXY_DEVICE, "type", "veth", "peer", "name", "cyt-other")
+    sh(netns, "ip", "link", "del", "cyt-filler")
+    sh(netns, "ip", "route", "flush", "table", table)
+    sh(netns, "ip", "rule", "del", "table", table)
+    problems = proxy_plumbing.check(netns, 15001, device)
+    assert any(p.startswith(f"{proxy_plumbing.PROXY_DEVICE} is ifindex ") for p in problems), problems
+    assert f"no local default route in table {table}" in problems
+    assert any(p.startswith("no ip rule fwmark") and p.endswith(f"lookup {table}") for p in problems), problems
+    proxy_plumbing.ensure(netns, 15001, device)
+    assert proxy_plumbing.check(netns, 15001, device) == []  # the rendered ifindex and MAC again, table back
+    assert f"{device.ifindex}: {proxy_plumbing.PROXY_DEVICE}@" in sh(netns, "ip", "-o", "link")

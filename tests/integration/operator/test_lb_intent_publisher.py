@@ -3,7 +3,8 @@
 One value of the whole intent (~5 MB here) would be refused by etcd (``--max-request-bytes``,
 1.5 MiB): the shards are written in transactions under etcd's op and size limits, then the
 manifest. A one-Service change rewrites one shard and the manifest; an unchanged pass writes
-nothing; a concurrent writer is not overwritten blindly; a departed node's prefix is deleted.
+nothing; a concurrent writer is not overwritten blindly; a departed node's prefix is deleted; an
+operator without load balancing deletes them all (``withdraw_all``).
 """
 
 from __future__ import annotations
@@ -96,6 +97,11 @@ async def _scenario(kube) -> None:
         assert await mine.publish({"lbpub-node-10": big["lbpub-node-10"]}) == []
         assert (await read_back(store, "lbpub-node-1"))[1] == {}
         assert (await read_back(store, "lbpub-node-10"))[0] == big["lbpub-node-10"]
+        # an operator restarted without load balancing deletes what an earlier run published
+        await own(other)
+        assert await other.withdraw_all() == ["lbpub-node-10"]
+        assert (await read_back(store, "lbpub-node-10"))[1] == {} and other.seen == {}
+        assert await other.withdraw_all() == []
     finally:
         for node in NODES:
             await store.call(lambda c, n=node: c.delete_prefix(keyspace.node_lb_intent_prefix(n).encode()))

@@ -122,6 +122,20 @@ class LBIntentPublisher:
             log.info("deleted load-balancing intent of departed node %s", node)
         return written
 
+    async def withdraw_all(self) -> list[str]:
+        """Delete every node's load-balancing intent (the operator runs without load balancing).
+
+        Agents program whatever load-balancing intent etcd holds, so an intent left by an earlier run
+        would go on translating Services beside the proxy that now owns them (kube-proxy, say).
+        Returns the nodes whose intent was deleted.
+        """
+        withdrawn = sorted(self.seen)
+        if withdrawn:
+            await self.publish({})
+            log.warning("Load balancing is off: deleted the load-balancing intents an earlier run published",
+                        extra={"nodes": withdrawn[:20]})
+        return withdrawn
+
     async def _publish_node(self, node: str, intent: NodeLBIntent) -> bool:
         try:
             sharded = sharding.split(intent)
