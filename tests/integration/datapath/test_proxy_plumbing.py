@@ -118,3 +118,26 @@ def test_a_recreated_device_and_the_redirect_table_are_noticed_and_repaired(netn
     proxy_plumbing.ensure(netns, 15001, device)
     assert proxy_plumbing.check(netns, 15001, device) == []  # the rendered ifindex and MAC again, table back
     assert f"{device.ifindex}: {proxy_plumbing.PROXY_DEVICE}@" in sh(netns, "ip", "-o", "link")
+
+
+def test_in_the_nodes_own_namespace_sysctls_are_written_under_the_given_dir(netns: str, tmp_path) -> None:
+    """An agent in the node's namespace (real nodes: a container, /proc/sys read-only) writes the network
+    sysctls as files under ``--sysctl-net-dir`` (the chart mounts the node's /proc/sys/net there)."""
+    import sys
+
+    mounted = tmp_path / "net"  # stands for the chart's /host/proc/sys/net: a bind mount of the real one
+    script = (
+        "import pathlib, sys; from ciliary.nodeagent import proxy_plumbing as p; "
+        "p.SYSCTL_NET_DIR = pathlib.Path(sys.argv[1]); d = p.ensure('', 15001); "
+        "assert p.check('', 15001, d) == [], p.check('', 15001, d); "
+        "print(p.teardown(''))")
+    out = subprocess.run(["ip", "netns", "exec", netns, "unshare", "--mount", "sh", "-c",
+                          f'mkdir -p {mounted} && mount --bind /proc/sys/net {mounted} && '
+                          # /proc/sys read-only, as a container runtime mounts it: only the dir is writable
+                          'mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && '
+                          '! sh -c "echo 1 > /proc/sys/net/ipv4/ip_forward" 2>/dev/null && '
+                          f'"$0" -c "$1" {mounted} && test "$(cat /proc/sys/net/ipv4/ip_early_demux)" = 1',
+                          sys.executable, script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ip_early_demux=0" in out.stdout  # it was set (through the mounted dir), then put back
+    assert sh(netns, "cat", "/proc/sys/net/ipv4/ip_early_demux").strip() == "1"

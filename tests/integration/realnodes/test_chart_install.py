@@ -214,7 +214,8 @@ def test_skaffold_run_builds_pushes_to_the_lab_registry_and_deploys_the_charts(c
     env = skaffold_env(lab)
     repo = env["SKAFFOLD_DEFAULT_REPO"]
     t0 = time.monotonic()
-    run = subprocess.run([str(tools.built_path("skaffold")), "run", "-p", "lab", "--default-repo", repo,
+    assert shutil.which("skaffold", path=env["PATH"]) == str(tools.built_path("skaffold"))  # eval $(ciliary lab env)
+    run = subprocess.run(["skaffold", "run", "-p", "lab", "--default-repo", repo,
                           "--kube-context", "ciliary-lab", "--update-check=false", "--interactive=false"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     print(f"skaffold run in {time.monotonic() - t0:.1f} s")

@@ -34,6 +34,14 @@ def test_agent_facts_include_the_entrypoint_script_heredoc() -> None:
     assert "EOF" not in script
 
 
+def test_the_agent_image_gets_the_packages_its_stage_installs() -> None:
+    packages = projectimages.agent_packages(ROOT)
+    assert {"python3-bpfcc", "bpftool", "iproute2", "iptables", "linux-headers-amd64"} <= set(packages)
+    assert packages[:len(projectimages.OPERATOR_PACKAGES)] == projectimages.OPERATOR_PACKAGES
+    assert projectimages.apt_packages("FROM x AS agent\nRUN apt-get update \\\n && apt-get install -y "
+                                      "--no-install-recommends a b \\\n c && rm -rf y\n", "agent") == ("a", "b", "c")
+
+
 def test_an_unknown_target_is_refused() -> None:
     with pytest.raises(ImageBuildError):
         projectimages.target_facts(DOCKERFILE, "nope")
