@@ -407,7 +407,9 @@ def listener_document(intent: intents.NodeIntent, *, port: int, access_log: str,
                       egress_port: int = 0, secrets_dir: str = "") -> tuple[str, dict[str, Any]]:
     """(version, the LDS DiscoveryResponse for Envoy's file-based LDS); ``egress_port`` 0: no egress listener.
 
-    The version covers the TLS clusters too (:func:`cluster_document`, same version)."""
+    The version covers the TLS clusters too (:func:`cluster_document`, same version). Header values from
+    Secrets are written into the routes (the file is the agent's alone: ``envoy_proxy``)."""
+    intent = envoy_routes.with_secret_values(intent)
     resource = listener(intent, port=port, access_log=access_log)
     egress = egress_listener(intent, port=egress_port, access_log=access_log,
                              secrets_dir=secrets_dir) if egress_port else None

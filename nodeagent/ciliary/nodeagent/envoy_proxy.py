@@ -20,7 +20,9 @@ interception (``envoy_tls``) adds a CDS file (its TLS clusters, same version, wr
 the LDS file and acknowledged through ``cluster_manager.cds.version_text``) and the PEM files
 of the intent's TLS material in ``<run dir>/tls`` (directory 0700, files created 0600 by
 ``os.open`` and renamed into place, named by content; unused ones removed): Envoy reads key
-material only from those files, never from the LDS/CDS documents.
+material only from those files, never from the LDS/CDS documents. Header values from Secrets
+(``headerMatches[].secret``) must be in the routes themselves: the LDS and CDS files are
+written with mode 0600 too (Envoy runs as the agent's user).
 
 Status (:meth:`problem`): a policy whose HTTP rules this node enforces counts as enforced
 only when Envoy runs and reports the version computed from the intent in force; otherwise
@@ -79,9 +81,13 @@ def egress_port(port: int) -> int:
 
 
 def _replace(path: Path, document: dict[str, Any]) -> None:
-    """Write ``document`` as JSON by a rename over ``path`` (Envoy loads a whole file or none)."""
+    """Write ``document`` as JSON by a rename over ``path`` (Envoy loads a whole file or none); mode 0600: the
+    routes may hold header values from Secrets."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(document, separators=(",", ":")))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(json.dumps(document, separators=(",", ":")))
     os.replace(tmp, path)
 
 

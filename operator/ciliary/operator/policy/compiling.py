@@ -26,7 +26,9 @@ for every valid policy. Decisions taken here (documented for users):
   carried as :class:`HttpMatch` items for the node's HTTP proxy; on egress also with both
   ``terminatingTLS`` and ``originatingTLS`` (and optional ``serverNames``): the items then
   carry the TLS contexts (a Secret's namespace defaults to the policy's, in a CCNP to the
-  selected endpoint's: left empty here); other L7 kinds only set ``l7``;
+  selected endpoint's: left empty here); a ``headerMatches`` item with a ``secret`` keeps the
+  Secret's reference (same namespace rule), read when intents are published; other L7 kinds
+  only set ``l7``;
 - ``RuleRef.rule_index`` is the position in ``spec`` followed by ``specs``.
 """
 
@@ -56,6 +58,7 @@ from ciliary.operator.intents import (
     PolicyRef,
     Protocol,
     RuleRef,
+    SecretRef,
     TlsContextRef,
     TlsInterception,
     Verdict,
@@ -360,12 +363,12 @@ def http_matches(rule: PortRule, *, tls: bool = False, namespace: str = "") -> t
     """The HTTP rules the node's proxy enforces for a port rule of an allow item; None when it is not proxied.
 
     Proxied: ``rules.http`` without TLS contexts or server names, or (``tls``: egress) with both
-    ``terminatingTLS`` and ``originatingTLS`` (the proxy terminates and re-originates TLS), and
-    without a header condition whose value is in a Secret (not read yet). The others (one TLS
-    context alone, ``serverNames`` without both, ingress TLS) are not proxied: the node drops their
-    connections (``PROXY_UNAVAILABLE``) and ``support`` reports them. A header match with a Secret
-    and a mismatch action is left out (its rule allows either way; only the action is missing,
-    reported too).
+    ``terminatingTLS`` and ``originatingTLS`` (the proxy terminates and re-originates TLS). The
+    others (one TLS context alone, ``serverNames`` without both, ingress TLS) are not proxied: the
+    node drops their connections (``PROXY_UNAVAILABLE``) and ``support`` reports them. A header
+    match with a ``secret`` keeps the Secret's reference (namespace: the policy's, in a CCNP left
+    empty for the selected endpoint's) and its inline ``value`` (Cilium's fallback); the operator
+    reads the Secret when it publishes the intents (``policy.header_secrets``).
     """
     if rule.rules is None or rule.rules.http is None:
         return None
@@ -373,12 +376,13 @@ def http_matches(rule: PortRule, *, tls: bool = False, namespace: str = "") -> t
     written = rule.terminating_tls is not None or rule.originating_tls is not None or bool(rule.server_names)
     if written and intercepted is None:
         return None
-    if any(m.secret is not None and m.mismatch is None for h in rule.rules.http for m in h.header_matches or ()):
-        return None  # a condition on a Secret's value nobody reads: fail closed (support row headerMatches-secret)
     return tuple(HttpMatch(method=h.method or "", path=h.path or "", host=h.host or "",
                            headers=tuple(h.headers or ()),
-                           header_matches=tuple(HeaderMatch(name=m.name, value=m.value or "", mismatch=m.mismatch)
-                                                for m in h.header_matches or () if m.secret is None),
+                           header_matches=tuple(HeaderMatch(
+                               name=m.name, value=m.value or "", mismatch=m.mismatch,
+                               secret=None if m.secret is None else SecretRef(
+                                   namespace=m.secret.namespace or namespace, name=m.secret.name))
+                               for m in h.header_matches or ()),
                            tls=intercepted)
                  for h in rule.rules.http) or (HttpMatch(tls=intercepted),)
 

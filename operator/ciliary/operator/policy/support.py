@@ -103,6 +103,15 @@ FEATURES: tuple[Feature, ...] = (
             "or sets it (`REPLACE`) before forwarding. At most 4 headers with actions per rule (more: Valid=False); "
             "when several rules allow a request, only the first one's actions apply (Cilium applies every "
             "matching rule's)"),
+    Feature("headerMatches-secret", "`toPorts[].rules.http[].headerMatches[]` with a `secret` (with or without "
+            "`mismatch`)", _E,
+            "as with an inline value; the value is the Secret's only item (its namespace defaults to the selected "
+            "pod's), read by the operator and put only into the intents of nodes hosting selected pods, published "
+            "again when the Secret changes, never in logs, flows, status or `policy get`. A Secret that is "
+            "missing, has not exactly one item or whose value is no header value (e.g. a final newline): the "
+            "inline `value` is matched instead when written (Cilium's fallback), otherwise the port's connections "
+            "are dropped (`PROXY_UNAVAILABLE`); either way Enforced=False naming the Secret and a Warning Event "
+            "`HeaderSecretProblem`"),
     Feature("http-tls-egress", "`toPorts[].rules.http` in `egress` with both `terminatingTLS` and "
             "`originatingTLS` (Secrets; optional `serverNames`)", _E,
             "TLS interception: the node's Envoy terminates the pod's TLS with the `terminatingTLS` Secret's "
@@ -136,10 +145,6 @@ FEATURES: tuple[Feature, ...] = (
             "not enforced (no ingress TLS termination; egress interception needs both contexts): connections to "
             "the port are dropped (`PROXY_UNAVAILABLE`), never passed unfiltered; the node reports the policy "
             "not enforcing"),
-    Feature("headerMatches-secret", "`toPorts[].rules.http[].headerMatches[]` with a `secret`", _P,
-            "not enforced (no Secret reading): without `mismatch` the port's connections are dropped "
-            "(`PROXY_UNAVAILABLE`), never passed unchecked; with `mismatch` the match and its action are left "
-            "out (the rule allows as it would)"),
     Feature("kafka", "`toPorts[].rules.kafka`", _P,
             "not enforced (no Kafka proxy): connections to the port are dropped (`PROXY_UNAVAILABLE`); the "
             "node reports the policy not enforcing"),
@@ -327,10 +332,6 @@ def _port_rule_gaps(rule: PortRule, path: str, *, egress: bool = False) -> Itera
             intercepted = egress and rule.terminating_tls is not None and rule.originating_tls is not None
             if tls_written and not intercepted:
                 yield _gap(f"{path}.rules.http", "http-tls")
-            for k, http in enumerate(l7.http):
-                for m, match in enumerate(http.header_matches or ()):
-                    if match.secret is not None:
-                        yield _gap(f"{path}.rules.http[{k}].headerMatches[{m}].secret", "headerMatches-secret")
         if l7.kafka is not None:
             yield _gap(f"{path}.rules.kafka", "kafka")
         if l7.l7proto is not None or l7.l7 is not None:
