@@ -58,6 +58,12 @@ POLL_S = 0.2
 RESTART_S = (0.5, 30.0)
 ACCESS_LOG_MAX = 32 << 20
 PR_SET_PDEATHSIG = 1
+DRAIN_S = 5
+"""Envoy's ``--drain-time-s`` with ``--drain-strategy immediate``: when a configuration changes a filter chain
+(new rules, a rotated Secret, another peer prefix), a connection already on the old chain gets
+``Connection: close`` on its next response and is closed after at most this long. Envoy's default (600 s,
+gradual) let a kept-alive connection, e.g. one the egress Envoy of another node pooled, be judged by the
+old rules for minutes (README Known defects: at most one request per such connection, within this time)."""
 
 
 def envoy_binary(configured: str) -> str | None:
@@ -219,7 +225,7 @@ class EnvoyProxy:
     def _argv(self) -> list[str]:
         assert self.binary is not None
         argv = [self.binary, "-c", str(self.bootstrap_path), "--disable-hot-restart", "--log-level", "warning",
-                "--concurrency", "2"]
+                "--concurrency", "2", "--drain-strategy", "immediate", "--drain-time-s", str(DRAIN_S)]
         return ["ip", "netns", "exec", self.netns, *argv] if self.netns else argv
 
     def _stop_stale(self) -> None:
