@@ -155,8 +155,8 @@ class EnvoyProxy:
             log.error("HTTP rules cannot be configured", extra={"node": self.node, "error": str(exc)})
             return
         self.config_error = ""
-        conflicts = envoy_config.egress_conflicts(intent)
-        self.conflicts = ("TLS interception: these egress chains mix TLS contexts (or TLS and plain HTTP rules) "
+        conflicts = envoy_config.ingress_conflicts(intent) + envoy_config.egress_conflicts(intent)
+        self.conflicts = ("TLS: these chains mix TLS contexts (or TLS and plain HTTP rules) "
                           f"and deny every request: {', '.join(conflicts[:5])}") if conflicts else ""
         if version == self.wanted_version:
             return

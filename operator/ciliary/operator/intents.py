@@ -138,11 +138,18 @@ class TlsContextRef(_Frozen):
 
 
 class TlsInterception(_Frozen):
-    """HTTP rules inside TLS (egress): the proxy terminates the pod's TLS with ``terminating``'s certificate
-    and re-originates TLS to the destination, validating it against ``originating``'s CA."""
+    """HTTP rules inside TLS. Egress: the proxy terminates the pod's TLS with ``terminating``'s certificate
+    and re-originates TLS to the destination, validating it against ``originating``'s CA (both required).
+    Ingress: the proxy terminates the client's TLS with ``terminating``'s certificate and forwards to the
+    pod over TLS validated against ``originating``'s CA, or, without ``originating``, as plain HTTP."""
 
-    terminating: TlsContextRef = Field(description="terminatingTLS: the certificate the pod is shown.")
-    originating: TlsContextRef = Field(description="originatingTLS: the CA the destination is checked with.")
+    terminating: TlsContextRef = Field(description="terminatingTLS: the certificate the client is shown.")
+    originating: TlsContextRef | None = Field(default=None, description="originatingTLS: the CA the upstream "
+                                                                         "is checked with; None (ingress "
+                                                                         "only): plain HTTP to the pod.")
+
+    def contexts(self) -> tuple[TlsContextRef, ...]:
+        return (self.terminating,) if self.originating is None else (self.terminating, self.originating)
     server_names: tuple[str, ...] = Field(default=(), description="serverNames: allowed SNI values; empty: any.")
 
 
@@ -177,7 +184,7 @@ class HttpRule(_Frozen):
     header_matches: tuple[HeaderMatch, ...] = Field(default=(), description="headerMatches (values inline or "
                                                                              "from Secrets).")
     rule: RuleRef | None = Field(default=None, description="The policy rule this HTTP rule belongs to.")
-    tls: TlsInterception | None = Field(default=None, description="Egress: the rule applies inside TLS "
+    tls: TlsInterception | None = Field(default=None, description="The rule applies inside TLS "
                                                                    "(terminatingTLS/originatingTLS).")
 
 

@@ -8,7 +8,7 @@ as Markdown; README.md carries it and a unit test keeps the two equal).
 
 Levels:
 
-- ``enforced``: enforced exactly as written (HTTP rules, ingress and egress, and egress HTTP rules inside
+- ``enforced``: enforced exactly as written (HTTP rules, ingress and egress, and HTTP rules inside
   TLS: by the node's Envoy, and a node reports the policy enforcing only while its Envoy runs with the
   configuration);
 - ``partial``: accepted; the policy's L3/L4 part is enforced, this construct is
@@ -123,6 +123,18 @@ FEATURES: tuple[Feature, ...] = (
             "changes, and never appear in logs, flows, status or `policy get`. A missing Secret or item, or a key "
             "not matching its certificate: the port's connections are dropped (`PROXY_UNAVAILABLE`), "
             "Enforced=False naming the Secret, Warning Event `TLSSecretProblem`"),
+    Feature("http-tls-ingress", "`toPorts[].rules.http` in `ingress` with `terminatingTLS` (Secret; optional "
+            "`originatingTLS`, `serverNames`)", _E,
+            "TLS termination: the node's Envoy terminates the client's TLS with the `terminatingTLS` Secret's "
+            "`tls.crt`/`tls.key` (a `ca.crt` there requires a client certificate signed by it), applies the "
+            "HTTP rules inside TLS (403 `Access denied`) and forwards an allowed request to the pod: with "
+            "`originatingTLS` over a new TLS connection verified against that Secret's `ca.crt` (required) and "
+            "the name the client asked for, without it as plain HTTP (as Cilium's proxy does). Plain text from "
+            "the peer to the port gets 403 `Access denied`; with `serverNames` another name is disconnected. "
+            "Secrets as for egress interception (only the intents of nodes hosting selected pods, rotation, "
+            "never shown); a missing Secret or item, or a key not matching its certificate: the port's "
+            "connections are dropped (`PROXY_UNAVAILABLE`), Enforced=False naming the Secret, Warning Event "
+            "`TLSSecretProblem`"),
     Feature("dns", "`toPorts[].rules.dns` (`matchName`, `matchPattern`)", _E,
             "the selected pods' queries on the port go through the node's DNS proxy (UDP and TCP): a name no "
             "rule matches is answered REFUSED, others are forwarded to the server the pod asked; every query "
@@ -140,11 +152,11 @@ FEATURES: tuple[Feature, ...] = (
     Feature("toServices", "`toServices`", _P,
             "not enforced: the item allows nothing (its rule still makes the pods default-deny); "
             "in `egressDeny` it denies nothing"),
-    Feature("http-tls", "`toPorts[].rules.http` in `ingress` with `terminatingTLS`, `originatingTLS` or "
-            "`serverNames`; in `egress` with only one of the two contexts, or `serverNames` without both", _P,
-            "not enforced (no ingress TLS termination; egress interception needs both contexts): connections to "
-            "the port are dropped (`PROXY_UNAVAILABLE`), never passed unfiltered; the node reports the policy "
-            "not enforcing"),
+    Feature("http-tls", "`toPorts[].rules.http` in `ingress` with `originatingTLS` or `serverNames` but no "
+            "`terminatingTLS`; in `egress` with only one of the two contexts, or `serverNames` without both", _P,
+            "not enforced (ingress termination needs `terminatingTLS`, egress interception both contexts): "
+            "connections to the port are dropped (`PROXY_UNAVAILABLE`), never passed unfiltered; the node "
+            "reports the policy not enforcing"),
     Feature("kafka", "`toPorts[].rules.kafka`", _P,
             "not enforced (no Kafka proxy): connections to the port are dropped (`PROXY_UNAVAILABLE`); the "
             "node reports the policy not enforcing"),
@@ -329,7 +341,7 @@ def _port_rule_gaps(rule: PortRule, path: str, *, egress: bool = False) -> Itera
     if l7 is not None:
         if l7.http is not None:
             tls_written = rule.terminating_tls is not None or rule.originating_tls is not None or rule.server_names
-            intercepted = egress and rule.terminating_tls is not None and rule.originating_tls is not None
+            intercepted = rule.terminating_tls is not None and (rule.originating_tls is not None or not egress)
             if tls_written and not intercepted:
                 yield _gap(f"{path}.rules.http", "http-tls")
         if l7.kafka is not None:
