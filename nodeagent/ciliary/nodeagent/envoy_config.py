@@ -32,6 +32,13 @@ the allow entry deciding it carries HTTP rules, ``datapath_c/lib/l7redirect.h``)
   program recognises (never redirected again); the pod therefore sees the node's address,
   not the client's.
 
+Ingress TLS termination (``terminatingTLS``, optional ``originatingTLS``): a chain whose rules carry
+TLS contexts matches TLS connections only and terminates them; its allowed requests go to the pod
+over TLS (a CDS cluster of ``envoy_tls``) or, without ``originatingTLS``, as plain HTTP through
+:data:`CLUSTER_NAME`. Mixed TLS handling on one chain denies (``ingress_conflicts``); an L4 allow
+passes the TLS through untouched; with ``serverNames`` the port's other chains get copies matching
+those names (Envoy matches server names before the source).
+
 Egress (a second transparent listener, :data:`EGRESS_LISTENER_NAME`, on the port after the
 ingress one; ``cy_from_pod`` assigns the pod's connection to it, ``datapath_c/lib/redirect.h``):
 
@@ -115,6 +122,14 @@ class Chain:
     rules: tuple[intents.HttpRule, ...] | None
     """None: every request allowed (an L4 allow covers the peer)."""
     name: str
+    tls: intents.TlsInterception | None = None
+    """The client's TLS is terminated here (``terminatingTLS``; ``envoy_tls``)."""
+    passthrough: bool = False
+    """An L4 allow wins on a port whose rules terminate TLS: the connection passes to the pod untouched."""
+    server_names: tuple[str, ...] = ()
+    """A copy of a chain without server names, matching the names other chains of its port match."""
+    conflict: bool = False
+    """Its rules mix TLS contexts (or TLS and plain HTTP): it denies every request."""
 
 
 def policed_ports(intent: intents.NodeIntent, direction: intents.Direction = intents.Direction.INGRESS
@@ -192,8 +207,9 @@ def _port_chains(endpoint: str, port: int, entries: tuple[intents.PolicyEntry, .
     if world_chained:
         own_nets[WORLD_IDENTITY].append(everything)
     taken = [net for nets in own_nets.values() for net in nets]
-    out = [Chain(endpoint, port, tuple(str(n) for n in sorted(own_nets[peer])),
-                 _rules_for(_covering(entries, peer, port), anyone), f"{endpoint}:{port}/id{peer}")
+    out = [_tls_of(Chain(endpoint, port, tuple(str(n) for n in sorted(own_nets[peer])),
+                         _rules_for(_covering(entries, peer, port), anyone), f"{endpoint}:{port}/id{peer}"),
+                   _covering(entries, peer, port) + anyone)
            for peer in peers if own_nets[peer]]
     others = {net for identity, nets in prefixes.items() if identity not in own_nets for net in nets}
     if world_chained:
@@ -203,8 +219,31 @@ def _port_chains(endpoint: str, port: int, entries: tuple[intents.PolicyEntry, .
         sources = ("0.0.0.0/0", *(str(n) for n in nested))
     default: tuple[intents.HttpRule, ...] | None = _rules_for([], anyone) if anyone else ()
     if sources:
-        out.append(Chain(endpoint, port, sources, default, f"{endpoint}:{port}/any"))
-    return out
+        out.append(_tls_of(Chain(endpoint, port, sources, default, f"{endpoint}:{port}/any"), anyone))
+    return _ingress_server_names(out)
+
+
+def _tls_of(chain: Chain, covering: list[intents.PolicyEntry]) -> Chain:
+    """``chain`` with the TLS termination its covering entries ask for (mixed: it denies everything)."""
+    rules, tls, passthrough, conflict = _egress_tls(chain.rules, covering)
+    if tls is None and not passthrough and not conflict:
+        return chain
+    return dataclasses.replace(chain, rules=rules, tls=tls, passthrough=passthrough, conflict=conflict)
+
+
+def _ingress_server_names(chains: list[Chain]) -> list[Chain]:
+    """Every chain of one (endpoint, port) plus, when some chain matches server names, a copy of each chain
+    without names matching all of them (Envoy matches server names before the source address)."""
+    wanted = sorted({n for c in chains if c.tls is not None for n in c.tls.server_names})
+    if not wanted:
+        return chains
+    return chains + [dataclasses.replace(c, server_names=tuple(wanted), name=f"{c.name}/sni") for c in chains
+                     if not (c.tls is not None and c.tls.server_names)]
+
+
+def ingress_conflicts(intent: intents.NodeIntent) -> list[str]:
+    """The ingress chains that deny every request because their rules mix TLS contexts, or TLS and plain HTTP."""
+    return [c.name for c in chains(intent) if c.conflict]
 
 
 def _prefixes(cidrs: Iterable[str]) -> list[dict[str, Any]]:
@@ -234,28 +273,52 @@ def _http_filter(name: str, rules: tuple[intents.HttpRule, ...] | None, access_l
     return {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
 
 
-def _filter_chain(chain: Chain, access_log: str) -> dict[str, Any]:
-    return {
-        "name": chain.name,
-        "filter_chain_match": {"destination_port": chain.port,
-                               "prefix_ranges": [{"address_prefix": chain.endpoint, "prefix_len": 32}],
-                               "source_prefix_ranges": _prefixes(chain.sources)},
-        "filters": [_http_filter(chain.name, chain.rules, access_log)],
-    }
+def _filter_chain(chain: Chain, access_log: str, intent: intents.NodeIntent, secrets_dir: str) -> dict[str, Any]:
+    match: dict[str, Any] = {"destination_port": chain.port,
+                             "prefix_ranges": [{"address_prefix": chain.endpoint, "prefix_len": 32}],
+                             "source_prefix_ranges": _prefixes(chain.sources)}
+    if chain.server_names:
+        match["server_names"] = list(chain.server_names)
+    out: dict[str, Any] = {"name": chain.name, "filter_chain_match": match}
+    if chain.passthrough:
+        out["filters"] = [envoy_tls.passthrough_filter("cy_ingress_passthrough", CLUSTER_NAME)]
+        return out
+    tls = envoy_tls.tls_chain(intent, chain.tls, secrets_dir, ingress=True) if chain.tls is not None else None
+    if tls is None:
+        rules = chain.rules if chain.tls is None else ()  # TLS material missing: deny (fail closed)
+        out["filters"] = [_http_filter(chain.name, rules, access_log)]
+        return out
+    match.update(tls.match)
+    out["transport_socket"] = tls.transport_socket
+    http = _http_filter(chain.name, chain.rules, access_log, cluster=tls.cluster or CLUSTER_NAME)
+    http["typed_config"]["route_config"]["validate_clusters"] = False  # the TLS cluster is the CDS file's
+    out["filters"] = [envoy_tls.sni_filter(), http] if tls.cluster else [http]
+    return out
 
 
-def listener(intent: intents.NodeIntent, *, port: int, access_log: str) -> dict[str, Any] | None:
+def _tls_inspector(needed: bool) -> list[dict[str, Any]]:
+    return [{"name": "envoy.filters.listener.tls_inspector", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}] \
+        if needed else []
+
+
+def listener(intent: intents.NodeIntent, *, port: int, access_log: str, secrets_dir: str = ""
+             ) -> dict[str, Any] | None:
     """The transparent listener (None: nothing on this node is redirected)."""
     found = chains(intent)
     if not found:
         return None
-    return {
+    out = {
         "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
         "name": LISTENER_NAME,
         "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
         "transparent": True,
-        "filter_chains": [_filter_chain(chain, access_log) for chain in found],
+        "filter_chains": [_filter_chain(chain, access_log, intent, secrets_dir) for chain in found],
     }
+    inspector = _tls_inspector(any(c.tls is not None or c.server_names for c in found))
+    if inspector:
+        out["listener_filters"] = inspector
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,9 +451,7 @@ def egress_listener(intent: intents.NodeIntent, *, port: int, access_log: str,
     found = egress_chains(intent)
     if not found:
         return None
-    inspector = [{"name": "envoy.filters.listener.tls_inspector", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}] \
-        if any(c.tls is not None or c.server_names for c in found) else []
+    inspector = _tls_inspector(any(c.tls is not None or c.server_names for c in found))
     return {
         "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
         "name": EGRESS_LISTENER_NAME,
@@ -407,19 +468,22 @@ def listener_document(intent: intents.NodeIntent, *, port: int, access_log: str,
                       egress_port: int = 0, secrets_dir: str = "") -> tuple[str, dict[str, Any]]:
     """(version, the LDS DiscoveryResponse for Envoy's file-based LDS); ``egress_port`` 0: no egress listener.
 
-    The version covers the TLS clusters too (:func:`cluster_document`, same version)."""
-    resource = listener(intent, port=port, access_log=access_log)
+    The version covers the TLS clusters too (:func:`cluster_document`, same version). Header values from
+    Secrets are written into the routes (the file is the agent's alone: ``envoy_proxy``)."""
+    intent = envoy_routes.with_secret_values(intent)
+    resource = listener(intent, port=port, access_log=access_log, secrets_dir=secrets_dir)
     egress = egress_listener(intent, port=egress_port, access_log=access_log,
                              secrets_dir=secrets_dir) if egress_port else None
     resources = [r for r in (resource, egress) if r is not None]
-    clusters = envoy_tls.clusters(intent, secrets_dir) if egress_port else []
+    clusters = envoy_tls.clusters(intent, secrets_dir, egress=bool(egress_port))
     digest = hashlib.sha256(json.dumps([resources, clusters], sort_keys=True).encode()).hexdigest()[:16]
     version = f"{intent.revision}-{digest}"
     return version, {"version_info": version, "resources": resources}
 
 
 def cluster_document(intent: intents.NodeIntent, version: str, *, secrets_dir: str) -> dict[str, Any]:
-    """The CDS DiscoveryResponse: the TLS clusters of egress interception (``envoy_tls``)."""
+    """The CDS DiscoveryResponse: the TLS clusters of egress interception and ingress re-origination
+    (``envoy_tls``)."""
     return {"version_info": version, "resources": envoy_tls.clusters(intent, secrets_dir)}
 
 

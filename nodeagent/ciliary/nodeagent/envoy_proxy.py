@@ -20,7 +20,9 @@ interception (``envoy_tls``) adds a CDS file (its TLS clusters, same version, wr
 the LDS file and acknowledged through ``cluster_manager.cds.version_text``) and the PEM files
 of the intent's TLS material in ``<run dir>/tls`` (directory 0700, files created 0600 by
 ``os.open`` and renamed into place, named by content; unused ones removed): Envoy reads key
-material only from those files, never from the LDS/CDS documents.
+material only from those files, never from the LDS/CDS documents. Header values from Secrets
+(``headerMatches[].secret``) must be in the routes themselves: the LDS and CDS files are
+written with mode 0600 too (Envoy runs as the agent's user).
 
 Status (:meth:`problem`): a policy whose HTTP rules this node enforces counts as enforced
 only when Envoy runs and reports the version computed from the intent in force; otherwise
@@ -56,6 +58,12 @@ POLL_S = 0.2
 RESTART_S = (0.5, 30.0)
 ACCESS_LOG_MAX = 32 << 20
 PR_SET_PDEATHSIG = 1
+DRAIN_S = 5
+"""Envoy's ``--drain-time-s`` with ``--drain-strategy immediate``: when a configuration changes a filter chain
+(new rules, a rotated Secret, another peer prefix), a connection already on the old chain gets
+``Connection: close`` on its next response and is closed after at most this long. Envoy's default (600 s,
+gradual) let a kept-alive connection, e.g. one the egress Envoy of another node pooled, be judged by the
+old rules for minutes (README Known defects: at most one request per such connection, within this time)."""
 
 
 def envoy_binary(configured: str) -> str | None:
@@ -79,9 +87,13 @@ def egress_port(port: int) -> int:
 
 
 def _replace(path: Path, document: dict[str, Any]) -> None:
-    """Write ``document`` as JSON by a rename over ``path`` (Envoy loads a whole file or none)."""
+    """Write ``document`` as JSON by a rename over ``path`` (Envoy loads a whole file or none); mode 0600: the
+    routes may hold header values from Secrets."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(document, separators=(",", ":")))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(json.dumps(document, separators=(",", ":")))
     os.replace(tmp, path)
 
 
@@ -143,8 +155,8 @@ class EnvoyProxy:
             log.error("HTTP rules cannot be configured", extra={"node": self.node, "error": str(exc)})
             return
         self.config_error = ""
-        conflicts = envoy_config.egress_conflicts(intent)
-        self.conflicts = ("TLS interception: these egress chains mix TLS contexts (or TLS and plain HTTP rules) "
+        conflicts = envoy_config.ingress_conflicts(intent) + envoy_config.egress_conflicts(intent)
+        self.conflicts = ("TLS: these chains mix TLS contexts (or TLS and plain HTTP rules) "
                           f"and deny every request: {', '.join(conflicts[:5])}") if conflicts else ""
         if version == self.wanted_version:
             return
@@ -213,7 +225,7 @@ class EnvoyProxy:
     def _argv(self) -> list[str]:
         assert self.binary is not None
         argv = [self.binary, "-c", str(self.bootstrap_path), "--disable-hot-restart", "--log-level", "warning",
-                "--concurrency", "2"]
+                "--concurrency", "2", "--drain-strategy", "immediate", "--drain-time-s", str(DRAIN_S)]
         return ["ip", "netns", "exec", self.netns, *argv] if self.netns else argv
 
     def _stop_stale(self) -> None:

@@ -15,7 +15,9 @@ exactly the headers that match), and each route applies
 the actions of the headers it saw not matching: ``ADD`` appends the value, ``REPLACE`` sets it,
 ``DELETE`` removes the header (nothing for a presence-only match), ``LOG`` changes nothing;
 all four name the mismatch in the route's metadata, which the access log carries into the flow.
-Only the first allowing rule's actions apply.
+Only the first allowing rule's actions apply. A header value from a Secret is the intent's
+(``header_secrets``, :func:`with_secret_values`); a rule whose Secret value is missing allows
+nothing.
 """
 
 from __future__ import annotations
@@ -72,9 +74,37 @@ def _on_mismatch(match: intents.HeaderMatch) -> dict[str, Any]:
     return {}
 
 
+def with_secret_values(intent: intents.NodeIntent) -> intents.NodeIntent:
+    """``intent`` with each header match naming a Secret given that Secret's value (``header_secrets``) as its
+    own; a match whose value the intent lacks keeps its Secret (its rule then allows nothing:
+    :func:`_rule_routes`). The result is only for rendering Envoy's configuration, never published."""
+    if not intent.header_secrets:
+        return intent
+
+    def rule_of(rule: intents.HttpRule) -> intents.HttpRule:
+        if not any(m.secret is not None for m in rule.header_matches):
+            return rule
+        matches = tuple(m.model_copy(update={"value": intent.header_secrets[m.secret.key()].value, "secret": None})
+                        if m.secret is not None and m.secret.key() in intent.header_secrets else m
+                        for m in rule.header_matches)
+        return rule.model_copy(update={"header_matches": matches})
+
+    def entry_of(entry: intents.PolicyEntry) -> intents.PolicyEntry:
+        return entry if entry.http is None else entry.model_copy(update={"http": tuple(map(rule_of, entry.http))})
+
+    endpoints = tuple(e.model_copy(update={
+        "ingress": e.ingress.model_copy(update={"entries": tuple(map(entry_of, e.ingress.entries))}),
+        "egress": e.egress.model_copy(update={"entries": tuple(map(entry_of, e.egress.entries))})})
+        for e in intent.endpoints)
+    return intent.model_copy(update={"endpoints": endpoints})
+
+
 def _rule_routes(rule: intents.HttpRule, cluster: str) -> list[dict[str, Any]]:
     """A rule's routes: one, or with mismatch-action headers one per combination of them matching or
-    not (every header matching first), each applying the actions of the headers that do not match."""
+    not (every header matching first), each applying the actions of the headers that do not match.
+    No route for a rule with a header value from a Secret it does not hold (fail closed: it allows nothing)."""
+    if any(m.secret is not None for m in rule.header_matches):
+        return []
     base = _header_matchers(rule)
     acting = [m for m in rule.header_matches if m.mismatch is not None]
     out = []

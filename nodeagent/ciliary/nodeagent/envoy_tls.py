@@ -1,4 +1,5 @@
-"""TLS interception in the node's Envoy (egress): filter chains, upstream clusters and secret files (pure).
+"""TLS in the node's Envoy (egress interception, ingress termination): filter chains, upstream clusters and
+secret files (pure).
 
 Owns :func:`chain_tls` (which TLS context one egress filter chain's rules ask for),
 :func:`filter_chain` (the chain that terminates the pod's TLS and applies the HTTP rules
@@ -28,6 +29,11 @@ port rule with ``rules.http``; ``policy.tls_secrets`` on the operator side):
   never publishes an entry whose Secret could not be read (its HTTP rules are dropped: the
   kernel drops the connections).
 
+Ingress termination (``envoy_config`` builds the chains) uses the same pieces: the terminating
+context's ``DownstreamTlsContext`` on the pod's chain, and with ``originatingTLS`` an ingress
+cluster (:data:`INGRESS_TLS_CLUSTER_PREFIX`, upstream from the node with the ingress mark, the
+pod verified against the CA and the client's name); without it, plain HTTP to the pod.
+
 **Secrets reach Envoy as files**, not SDS: each PEM item is written by the agent
 (``envoy_proxy``) into ``<run dir>/tls/`` (directory 0700, files 0600, created with those
 modes, owned by the agent's user, which Envoy runs as) under a name derived from its content
@@ -43,9 +49,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ciliary.nodeagent import envoy_bootstrap
 from ciliary.operator import intents
 
 TLS_CLUSTER_PREFIX = "cy_egress_tls_"
+INGRESS_TLS_CLUSTER_PREFIX = "cy_ingress_tls_"
 TLS_SOCKET = "envoy.transport_sockets.tls"
 _TLS_API = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
 SECRETS_DIR = "tls"
@@ -95,9 +103,10 @@ def material(intent: intents.NodeIntent, ref: intents.TlsContextRef) -> intents.
     return intent.tls_secrets.get(ref.key())
 
 
-def cluster_name(originating: intents.TlsMaterial) -> str:
+def cluster_name(originating: intents.TlsMaterial, *, ingress: bool = False) -> str:
     """The upstream cluster of one originating context (by its content: rotation gives a new cluster)."""
-    return TLS_CLUSTER_PREFIX + _digest(originating.trusted_ca, originating.certificate, originating.private_key)
+    prefix = INGRESS_TLS_CLUSTER_PREFIX if ingress else TLS_CLUSTER_PREFIX
+    return prefix + _digest(originating.trusted_ca, originating.certificate, originating.private_key)
 
 
 def _certificate(secrets_dir: str, m: intents.TlsMaterial) -> list[dict[str, Any]]:
@@ -117,14 +126,21 @@ def downstream_context(secrets_dir: str, terminating: intents.TlsMaterial) -> di
     return {"name": TLS_SOCKET, "typed_config": context}
 
 
-def cluster(secrets_dir: str, originating: intents.TlsMaterial) -> dict[str, Any]:
-    """The original-destination cluster re-originating TLS, verifying the server with the CA."""
+def cluster(secrets_dir: str, originating: intents.TlsMaterial, *, ingress: bool = False) -> dict[str, Any]:
+    """The original-destination cluster re-originating TLS, verifying the server with the CA. Ingress: to the
+    local pod, from the node with the ingress upstream mark (as the plain ingress cluster)."""
     common: dict[str, Any] = {"validation_context": {"trusted_ca": _path(secrets_dir, originating.trusted_ca)}}
     if originating.certificate:
         common["tls_certificates"] = _certificate(secrets_dir, originating)
+    bind = {"upstream_bind_config": {
+        "source_address": {"address": "0.0.0.0", "port_value": 0},
+        "socket_options": [{"level": envoy_bootstrap.SOL_SOCKET, "name": envoy_bootstrap.SO_MARK,
+                            "int_value": envoy_bootstrap.FROM_PROXY_MARK, "state": "STATE_PREBIND"}]}} \
+        if ingress else {}
     return {
         "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
-        "name": cluster_name(originating),
+        "name": cluster_name(originating, ingress=ingress),
+        **bind,
         "type": "ORIGINAL_DST",
         "lb_policy": "CLUSTER_PROVIDED",
         "original_dst_lb_config": {"use_http_header": True},
@@ -172,25 +188,35 @@ class TlsChain:
     sni: bool
 
 
-def tls_chain(intent: intents.NodeIntent, tls: intents.TlsInterception, secrets_dir: str) -> TlsChain | None:
-    """The TLS parts of an intercepting chain; None when the intent lacks the material (deny instead)."""
+def tls_chain(intent: intents.NodeIntent, tls: intents.TlsInterception, secrets_dir: str, *,
+              ingress: bool = False) -> TlsChain | None:
+    """The TLS parts of a terminating chain; None when the intent lacks the material (deny instead). Without an
+    originating context (ingress only) the cluster is None: plain HTTP to the pod."""
     terminating = material(intent, tls.terminating)
-    originating = material(intent, tls.originating)
-    if terminating is None or originating is None or not terminating.certificate or not originating.trusted_ca:
+    if terminating is None or not terminating.certificate:
+        return None
+    upstream: str | None = None
+    if tls.originating is not None:
+        originating = material(intent, tls.originating)
+        if originating is None or not originating.trusted_ca:
+            return None
+        upstream = cluster_name(originating, ingress=ingress)
+    elif not ingress:
         return None
     match: dict[str, Any] = {"transport_protocol": "tls"}
     if tls.server_names:
         match["server_names"] = list(tls.server_names)
-    return TlsChain(match, downstream_context(secrets_dir, terminating), cluster_name(originating), True)
+    return TlsChain(match, downstream_context(secrets_dir, terminating), upstream, upstream is not None)
 
 
-def originating_materials(intent: intents.NodeIntent) -> list[intents.TlsMaterial]:
-    """The originating contexts the intent's egress entries use (one cluster each)."""
+def originating_materials(intent: intents.NodeIntent, direction: intents.Direction = intents.Direction.EGRESS
+                          ) -> list[intents.TlsMaterial]:
+    """The originating contexts the intent's entries of ``direction`` use (one cluster each)."""
     out: dict[str, intents.TlsMaterial] = {}
     for endpoint in intent.endpoints:
-        for entry in endpoint.egress.entries:
+        for entry in endpoint.direction(direction).entries:
             for rule in entry.http or ():
-                if rule.tls is None:
+                if rule.tls is None or rule.tls.originating is None:
                     continue
                 found = material(intent, rule.tls.originating)
                 if found is not None and found.trusted_ca:
@@ -198,9 +224,14 @@ def originating_materials(intent: intents.NodeIntent) -> list[intents.TlsMateria
     return [out[name] for name in sorted(out)]
 
 
-def clusters(intent: intents.NodeIntent, secrets_dir: str) -> list[dict[str, Any]]:
-    """The CDS resources: one TLS cluster per originating context."""
-    return [cluster(secrets_dir, m) for m in originating_materials(intent)]
+def clusters(intent: intents.NodeIntent, secrets_dir: str, *, egress: bool = True) -> list[dict[str, Any]]:
+    """The CDS resources: one TLS cluster per originating context of each direction (``egress`` False: the
+    node has no egress listener)."""
+    out = [cluster(secrets_dir, m, ingress=True)
+           for m in originating_materials(intent, intents.Direction.INGRESS)]
+    if egress:
+        out += [cluster(secrets_dir, m) for m in originating_materials(intent)]
+    return out
 
 
 def secret_files(intent: intents.NodeIntent) -> Mapping[str, str]:

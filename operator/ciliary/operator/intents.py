@@ -91,13 +91,28 @@ class RuleRef(_Frozen):
 HeaderMismatch = Literal["LOG", "ADD", "DELETE", "REPLACE"]
 
 
+class SecretRef(_Frozen):
+    """A Secret holding one header value (``headerMatches[].secret``); ``namespace`` empty in a policy means
+    the selected endpoint's namespace (the operator fills it in before publishing)."""
+
+    namespace: str = Field(default="", description="Namespace of the Secret (filled in by the operator).")
+    name: str = Field(description="Name of the Secret.")
+
+    def key(self) -> str:
+        """The key of this Secret's value in :attr:`NodeIntent.header_secrets` (no secret in it)."""
+        return f"{self.namespace}/{self.name}"
+
+
 class HeaderMatch(_Frozen):
-    """One ``headerMatches[]`` item with its value inline: ``mismatch`` None means the header must have
-    ``value`` (or, with an empty value, be present) for the rule to allow the request; with an action the
-    rule allows the request either way and the proxy applies the action when the header does not match."""
+    """One ``headerMatches[]`` item: ``mismatch`` None means the header must have the expected value (or, with
+    an empty value, be present) for the rule to allow the request; with an action the rule allows the request
+    either way and the proxy applies the action when the header does not match. The expected value is
+    ``value``, or with ``secret`` the Secret's only item (:attr:`NodeIntent.header_secrets`)."""
 
     name: str = Field(description="Header name (case-insensitive).")
-    value: str = Field(default="", description="Expected value; empty: presence only.")
+    value: str = Field(default="", description="Expected value; empty: presence only (ignored with secret).")
+    secret: SecretRef | None = Field(default=None, description="The Secret whose only item is the expected "
+                                                               "value; its value is in header_secrets.")
     mismatch: HeaderMismatch | None = Field(default=None, description="Action on mismatch; None: no match, "
                                                                        "no allow.")
 
@@ -123,11 +138,18 @@ class TlsContextRef(_Frozen):
 
 
 class TlsInterception(_Frozen):
-    """HTTP rules inside TLS (egress): the proxy terminates the pod's TLS with ``terminating``'s certificate
-    and re-originates TLS to the destination, validating it against ``originating``'s CA."""
+    """HTTP rules inside TLS. Egress: the proxy terminates the pod's TLS with ``terminating``'s certificate
+    and re-originates TLS to the destination, validating it against ``originating``'s CA (both required).
+    Ingress: the proxy terminates the client's TLS with ``terminating``'s certificate and forwards to the
+    pod over TLS validated against ``originating``'s CA, or, without ``originating``, as plain HTTP."""
 
-    terminating: TlsContextRef = Field(description="terminatingTLS: the certificate the pod is shown.")
-    originating: TlsContextRef = Field(description="originatingTLS: the CA the destination is checked with.")
+    terminating: TlsContextRef = Field(description="terminatingTLS: the certificate the client is shown.")
+    originating: TlsContextRef | None = Field(default=None, description="originatingTLS: the CA the upstream "
+                                                                         "is checked with; None (ingress "
+                                                                         "only): plain HTTP to the pod.")
+
+    def contexts(self) -> tuple[TlsContextRef, ...]:
+        return (self.terminating,) if self.originating is None else (self.terminating, self.originating)
     server_names: tuple[str, ...] = Field(default=(), description="serverNames: allowed SNI values; empty: any.")
 
 
@@ -138,6 +160,13 @@ class TlsMaterial(_Frozen):
     trusted_ca: str = Field(default="", repr=False, description="PEM CA bundle; empty: none.")
     certificate: str = Field(default="", repr=False, description="PEM certificate chain; empty: none.")
     private_key: str = Field(default="", repr=False, description="PEM private key; empty: none.")
+
+
+class HeaderSecret(_Frozen):
+    """A header value read from a Secret by the operator (only in the intents of nodes hosting a selected
+    endpoint). Never printed: left out of ``repr``."""
+
+    value: str = Field(default="", repr=False, description="The expected header value.")
 
 
 class HttpRule(_Frozen):
@@ -152,9 +181,10 @@ class HttpRule(_Frozen):
     path: str = Field(default="", description="Regex over the whole path (with query); empty: any.")
     host: str = Field(default="", description="Regex over the whole host (:authority); empty: any.")
     headers: tuple[str, ...] = Field(default=(), description='"Name" or "Name: value", all required.')
-    header_matches: tuple[HeaderMatch, ...] = Field(default=(), description="headerMatches, values inline.")
+    header_matches: tuple[HeaderMatch, ...] = Field(default=(), description="headerMatches (values inline or "
+                                                                             "from Secrets).")
     rule: RuleRef | None = Field(default=None, description="The policy rule this HTTP rule belongs to.")
-    tls: TlsInterception | None = Field(default=None, description="Egress: the rule applies inside TLS "
+    tls: TlsInterception | None = Field(default=None, description="The rule applies inside TLS "
                                                                    "(terminatingTLS/originatingTLS).")
 
 
@@ -286,17 +316,24 @@ class NodeIntent(_Frozen):
         default_factory=dict, description="TlsContextRef.key() -> the context's PEM items, for the TLS contexts "
                                           "of this node's entries (never printed).")
 
+    header_secrets: Mapping[str, HeaderSecret] = Field(
+        default_factory=dict, description="SecretRef.key() -> the header value read from that Secret, for the "
+                                          "headerMatches of this node's entries (never printed).")
+
     def __repr_args__(self) -> Any:  # the TLS material never reaches a log line through repr()
-        return [(k, v) for k, v in super().__repr_args__() if k != "tls_secrets"]
+        return [(k, v) for k, v in super().__repr_args__() if k not in ("tls_secrets", "header_secrets")]
 
     def public_dump(self) -> dict[str, Any]:
         """The intent as JSON for people (``policy get --intent``): each TLS context's material replaced by
-        which items it has and a short digest (rotation shows; the PEM never does)."""
-        data = self.model_dump(mode="json", exclude={"tls_secrets"})
-        data["tls_secrets"] = {key: {item: f"<{len(value)} bytes, sha256 "
-                                           f"{hashlib.sha256(value.encode()).hexdigest()[:12]}>"
+        which items it has and a short digest (rotation shows; the PEM never does), each header value read
+        from a Secret by its length."""
+        data = self.model_dump(mode="json", exclude={"tls_secrets", "header_secrets"})
+        data["tls_secrets"] = {key: {item: _digest_text(value)
                                      for item, value in material.model_dump().items() if value}
                                for key, material in sorted(self.tls_secrets.items())}
+        # a header value may be a short token: no digest (one could be guessed from it), only its length
+        data["header_secrets"] = {key: f"<hidden, {len(secret.value)} bytes>"
+                                  for key, secret in sorted(self.header_secrets.items())}
         return data
 
     def content_hash(self) -> str:
@@ -306,6 +343,11 @@ class NodeIntent(_Frozen):
 
     def to_wire(self) -> bytes:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
+
+
+def _digest_text(value: str) -> str:
+    """What people see of a secret value: its length and a short digest (rotation shows, the value never)."""
+    return f"<{len(value)} bytes, sha256 {hashlib.sha256(value.encode()).hexdigest()[:12]}>"
 
 
 def parse_node_intent(node: str, raw: bytes | str | Mapping[str, Any]) -> NodeIntent:

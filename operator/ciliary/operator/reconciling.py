@@ -5,10 +5,11 @@ sure every endpoint's label set has an identity in etcd, runs the incremental
 resolver (pure) and publishes the intents whose content changed. Identities no
 pod uses any more are garbage-collected after their grace period.
 
-TLS interception: before publishing, the intents get the items of the Secrets their TLS
-contexts name (``policy.tls_secrets.attach``); a Secret named for the first time is read
+TLS interception and header values from Secrets: before publishing, the intents get the items
+of the Secrets their TLS contexts name (``policy.tls_secrets.attach``) and the values of those
+their header matches name (``policy.header_secrets.attach``); a Secret named for the first time is read
 once (``fetch_secret``), later changes come from the Secret watch (``ClusterModel.set_secret``).
-The problems found (a Secret or item missing, a key not matching) go to ``report_tls``
+The problems found (a Secret or item missing, a key not matching, a bad header value) go to ``report_tls``
 (policy uid -> message naming the Secret, never its content).
 
 Every finished pass logs ``reconcile pass <n> complete at revision <r>: <k> intents
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from ciliary.operator.intents import NodeIntent
 from ciliary.operator.kube.cluster_model import ClusterModel
 from ciliary.operator.operator_metrics import LoopStats
-from ciliary.operator.policy import identities, tls_secrets
+from ciliary.operator.policy import header_secrets, identities, tls_secrets
 from ciliary.operator.policy.resolution import Resolution, Resolver, is_endpoint
 from ciliary.operator.store.identities import EtcdIdentityAllocator
 from ciliary.operator.store.publishing import IntentPublisher
@@ -106,10 +107,11 @@ class Reconciler:
         """The intents with their TLS material (see the module docstring); unchanged when none names a Secret."""
         plain = self._plain
         self._plain = {node: intent for node, intent in intents.items()
-                       if plain.get(node) is intent or not any(True for _ in tls_secrets.contexts(intent))}
-        with_contexts = {node: tls_secrets.fill_namespaces(intent) for node, intent in intents.items()
-                         if node not in self._plain}
-        wanted = tls_secrets.references(with_contexts.values())
+                       if plain.get(node) is intent or not (any(True for _ in tls_secrets.contexts(intent))
+                                                            or header_secrets.names_secrets(intent))}
+        with_contexts = {node: header_secrets.fill_namespaces(tls_secrets.fill_namespaces(intent))
+                         for node, intent in intents.items() if node not in self._plain}
+        wanted = tls_secrets.references(with_contexts.values()) | header_secrets.references(with_contexts.values())
         self.model.want_secrets(wanted)
         for key in sorted(wanted - self.model.secrets.keys()):
             try:
@@ -130,6 +132,8 @@ class Reconciler:
                 attached, found = held[2], held[3]
             else:
                 attached, found = tls_secrets.attach(intents[node], self.model.secrets)
+                attached, more = header_secrets.attach(attached, self.model.secrets)
+                found = found + more
             cache[node] = (intents[node], self.model.secrets_generation, attached, found)
             out[node] = attached
             for problem in found:

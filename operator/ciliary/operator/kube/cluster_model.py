@@ -5,7 +5,7 @@ frozen inputs of ``policy.inputs`` (parsed once, at the edge), keeps the policy
 repository, and raises a ``dirty`` flag the reconciler waits on. It holds no
 client: the async shell around it does the I/O.
 
-Secrets: only those the TLS contexts of published intents name (``wanted_secrets``, set by
+Secrets: only those the TLS contexts and header matches of published intents name (``wanted_secrets``, set by
 the reconciler) are held, decoded (:func:`secret_from_body`); every other Secret event is
 dropped unread, so the operator's memory holds no Secret no policy uses.
 """

@@ -24,9 +24,11 @@ for every valid policy. Decisions taken here (documented for users):
   TCP, UDP and SCTP;
 - ``rules.http`` of an allow item, ingress or egress (without TLS or server names), is
   carried as :class:`HttpMatch` items for the node's HTTP proxy; on egress also with both
-  ``terminatingTLS`` and ``originatingTLS`` (and optional ``serverNames``): the items then
-  carry the TLS contexts (a Secret's namespace defaults to the policy's, in a CCNP to the
-  selected endpoint's: left empty here); other L7 kinds only set ``l7``;
+  ``terminatingTLS`` and ``originatingTLS``, on ingress with ``terminatingTLS`` (and optional
+  ``originatingTLS``), either with optional ``serverNames``: the items then carry the TLS contexts (a Secret's namespace defaults to the policy's, in a CCNP to the
+  selected endpoint's: left empty here); a ``headerMatches`` item with a ``secret`` keeps the
+  Secret's reference (same namespace rule), read when intents are published; other L7 kinds
+  only set ``l7``;
 - ``RuleRef.rule_index`` is the position in ``spec`` followed by ``specs``.
 """
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from ciliary.operator.api.networkpolicy import NetworkPolicy
 from ciliary.operator.api.policies import AnyPolicy
@@ -56,6 +59,7 @@ from ciliary.operator.intents import (
     PolicyRef,
     Protocol,
     RuleRef,
+    SecretRef,
     TlsContextRef,
     TlsInterception,
     Verdict,
@@ -266,6 +270,7 @@ def _ingress(
         port_rules=item.to_ports,
         icmps=item.icmps,
         http_proxy=verdict is Verdict.ALLOW,
+        tls_proxy="ingress",
     )
 
 
@@ -289,7 +294,7 @@ def _egress(item: EgressRule | EgressDenyRule, ref: RuleRef, verdict: Verdict, n
         icmps=item.icmps,
         http_proxy=verdict is Verdict.ALLOW,
         fqdns=fqdns,
-        tls_proxy=True,
+        tls_proxy="egress",
     )
 
 
@@ -316,7 +321,7 @@ def _peer_rule(
     icmps: Sequence[ICMPRule] | None,
     http_proxy: bool = False,
     fqdns: tuple[DNSRule, ...] = (),
-    tls_proxy: bool = False,
+    tls_proxy: TlsSide | None = None,
 ) -> PeerRule:
     selectors = tuple(selection.scope_peer(selection.from_api(s), namespace) for s in endpoints or ())
     scoped_requires = tuple(selection.scope_peer(selection.from_api(s), namespace) for s in requires or ())
@@ -340,13 +345,15 @@ def _peer_rule(
     )
 
 
-def tls_interception(rule: PortRule, namespace: str = "") -> TlsInterception | None:
-    """The TLS contexts of an egress port rule the proxy can intercept: both ``terminatingTLS`` and
-    ``originatingTLS`` written (None otherwise)."""
-    if rule.terminating_tls is None or rule.originating_tls is None:
+def tls_interception(rule: PortRule, namespace: str = "", *, ingress: bool = False) -> TlsInterception | None:
+    """The TLS contexts of a port rule the proxy can handle (None otherwise): on egress both
+    ``terminatingTLS`` and ``originatingTLS`` written; on ingress ``terminatingTLS``, with or without
+    ``originatingTLS`` (without: plain HTTP to the pod, as Cilium's proxy does)."""
+    if rule.terminating_tls is None or (rule.originating_tls is None and not ingress):
         return None
     return TlsInterception(terminating=_context(rule.terminating_tls, namespace),
-                           originating=_context(rule.originating_tls, namespace),
+                           originating=None if rule.originating_tls is None else _context(rule.originating_tls,
+                                                                                           namespace),
                            server_names=tuple(sorted({n.lower().rstrip(".") for n in rule.server_names or ()})))
 
 
@@ -356,29 +363,35 @@ def _context(context: TLSContext, namespace: str) -> TlsContextRef:
                          private_key=context.private_key)
 
 
-def http_matches(rule: PortRule, *, tls: bool = False, namespace: str = "") -> tuple[HttpMatch, ...] | None:
+TlsSide = Literal["ingress", "egress"]
+
+
+def http_matches(rule: PortRule, *, tls: TlsSide | None = None, namespace: str = ""
+                 ) -> tuple[HttpMatch, ...] | None:
     """The HTTP rules the node's proxy enforces for a port rule of an allow item; None when it is not proxied.
 
-    Proxied: ``rules.http`` without TLS contexts or server names, or (``tls``: egress) with both
-    ``terminatingTLS`` and ``originatingTLS`` (the proxy terminates and re-originates TLS), and
-    without a header condition whose value is in a Secret (not read yet). The others (one TLS
-    context alone, ``serverNames`` without both, ingress TLS) are not proxied: the node drops their
-    connections (``PROXY_UNAVAILABLE``) and ``support`` reports them. A header match with a Secret
-    and a mismatch action is left out (its rule allows either way; only the action is missing,
-    reported too).
+    Proxied: ``rules.http`` without TLS contexts or server names, or with the contexts
+    :func:`tls_interception` takes for the side ``tls`` (egress: both; ingress: ``terminatingTLS``,
+    optionally ``originatingTLS``). The others (egress with one context alone, ``originatingTLS`` or
+    ``serverNames`` without ``terminatingTLS``) are not proxied: the node drops their connections
+    (``PROXY_UNAVAILABLE``) and ``support`` reports them. A header
+    match with a ``secret`` keeps the Secret's reference (namespace: the policy's, in a CCNP left
+    empty for the selected endpoint's) and its inline ``value`` (Cilium's fallback); the operator
+    reads the Secret when it publishes the intents (``policy.header_secrets``).
     """
     if rule.rules is None or rule.rules.http is None:
         return None
-    intercepted = tls_interception(rule, namespace) if tls else None
+    intercepted = tls_interception(rule, namespace, ingress=tls == "ingress") if tls else None
     written = rule.terminating_tls is not None or rule.originating_tls is not None or bool(rule.server_names)
     if written and intercepted is None:
         return None
-    if any(m.secret is not None and m.mismatch is None for h in rule.rules.http for m in h.header_matches or ()):
-        return None  # a condition on a Secret's value nobody reads: fail closed (support row headerMatches-secret)
     return tuple(HttpMatch(method=h.method or "", path=h.path or "", host=h.host or "",
                            headers=tuple(h.headers or ()),
-                           header_matches=tuple(HeaderMatch(name=m.name, value=m.value or "", mismatch=m.mismatch)
-                                                for m in h.header_matches or () if m.secret is None),
+                           header_matches=tuple(HeaderMatch(
+                               name=m.name, value=m.value or "", mismatch=m.mismatch,
+                               secret=None if m.secret is None else SecretRef(
+                                   namespace=m.secret.namespace or namespace, name=m.secret.name))
+                               for m in h.header_matches or ()),
                            tls=intercepted)
                  for h in rule.rules.http) or (HttpMatch(tls=intercepted),)
 
@@ -394,7 +407,7 @@ def _l7_of(rule: PortRule | PortDenyRule) -> tuple[L7Parser | None, tuple[DNSRul
     return parser, dns
 
 
-def _ports(rule: PortRule | PortDenyRule, http_proxy: bool, tls_proxy: bool = False,
+def _ports(rule: PortRule | PortDenyRule, http_proxy: bool, tls_proxy: TlsSide | None = None,
            namespace: str = "") -> Iterable[PortMatch]:
     parser, dns = _l7_of(rule)
     l7 = parser is not None

@@ -8,7 +8,7 @@ as Markdown; README.md carries it and a unit test keeps the two equal).
 
 Levels:
 
-- ``enforced``: enforced exactly as written (HTTP rules, ingress and egress, and egress HTTP rules inside
+- ``enforced``: enforced exactly as written (HTTP rules, ingress and egress, and HTTP rules inside
   TLS: by the node's Envoy, and a node reports the policy enforcing only while its Envoy runs with the
   configuration);
 - ``partial``: accepted; the policy's L3/L4 part is enforced, this construct is
@@ -103,6 +103,15 @@ FEATURES: tuple[Feature, ...] = (
             "or sets it (`REPLACE`) before forwarding. At most 4 headers with actions per rule (more: Valid=False); "
             "when several rules allow a request, only the first one's actions apply (Cilium applies every "
             "matching rule's)"),
+    Feature("headerMatches-secret", "`toPorts[].rules.http[].headerMatches[]` with a `secret` (with or without "
+            "`mismatch`)", _E,
+            "as with an inline value; the value is the Secret's only item (its namespace defaults to the selected "
+            "pod's), read by the operator and put only into the intents of nodes hosting selected pods, published "
+            "again when the Secret changes, never in logs, flows, status or `policy get`. A Secret that is "
+            "missing, has not exactly one item or whose value is no header value (e.g. a final newline): the "
+            "inline `value` is matched instead when written (Cilium's fallback), otherwise the port's connections "
+            "are dropped (`PROXY_UNAVAILABLE`); either way Enforced=False naming the Secret and a Warning Event "
+            "`HeaderSecretProblem`"),
     Feature("http-tls-egress", "`toPorts[].rules.http` in `egress` with both `terminatingTLS` and "
             "`originatingTLS` (Secrets; optional `serverNames`)", _E,
             "TLS interception: the node's Envoy terminates the pod's TLS with the `terminatingTLS` Secret's "
@@ -114,6 +123,18 @@ FEATURES: tuple[Feature, ...] = (
             "changes, and never appear in logs, flows, status or `policy get`. A missing Secret or item, or a key "
             "not matching its certificate: the port's connections are dropped (`PROXY_UNAVAILABLE`), "
             "Enforced=False naming the Secret, Warning Event `TLSSecretProblem`"),
+    Feature("http-tls-ingress", "`toPorts[].rules.http` in `ingress` with `terminatingTLS` (Secret; optional "
+            "`originatingTLS`, `serverNames`)", _E,
+            "TLS termination: the node's Envoy terminates the client's TLS with the `terminatingTLS` Secret's "
+            "`tls.crt`/`tls.key` (a `ca.crt` there requires a client certificate signed by it), applies the "
+            "HTTP rules inside TLS (403 `Access denied`) and forwards an allowed request to the pod: with "
+            "`originatingTLS` over a new TLS connection verified against that Secret's `ca.crt` (required) and "
+            "the name the client asked for, without it as plain HTTP (as Cilium's proxy does). Plain text from "
+            "the peer to the port gets 403 `Access denied`; with `serverNames` another name is disconnected. "
+            "Secrets as for egress interception (only the intents of nodes hosting selected pods, rotation, "
+            "never shown); a missing Secret or item, or a key not matching its certificate: the port's "
+            "connections are dropped (`PROXY_UNAVAILABLE`), Enforced=False naming the Secret, Warning Event "
+            "`TLSSecretProblem`"),
     Feature("dns", "`toPorts[].rules.dns` (`matchName`, `matchPattern`)", _E,
             "the selected pods' queries on the port go through the node's DNS proxy (UDP and TCP): a name no "
             "rule matches is answered REFUSED, others are forwarded to the server the pod asked; every query "
@@ -131,15 +152,11 @@ FEATURES: tuple[Feature, ...] = (
     Feature("toServices", "`toServices`", _P,
             "not enforced: the item allows nothing (its rule still makes the pods default-deny); "
             "in `egressDeny` it denies nothing"),
-    Feature("http-tls", "`toPorts[].rules.http` in `ingress` with `terminatingTLS`, `originatingTLS` or "
-            "`serverNames`; in `egress` with only one of the two contexts, or `serverNames` without both", _P,
-            "not enforced (no ingress TLS termination; egress interception needs both contexts): connections to "
-            "the port are dropped (`PROXY_UNAVAILABLE`), never passed unfiltered; the node reports the policy "
-            "not enforcing"),
-    Feature("headerMatches-secret", "`toPorts[].rules.http[].headerMatches[]` with a `secret`", _P,
-            "not enforced (no Secret reading): without `mismatch` the port's connections are dropped "
-            "(`PROXY_UNAVAILABLE`), never passed unchecked; with `mismatch` the match and its action are left "
-            "out (the rule allows as it would)"),
+    Feature("http-tls", "`toPorts[].rules.http` in `ingress` with `originatingTLS` or `serverNames` but no "
+            "`terminatingTLS`; in `egress` with only one of the two contexts, or `serverNames` without both", _P,
+            "not enforced (ingress termination needs `terminatingTLS`, egress interception both contexts): "
+            "connections to the port are dropped (`PROXY_UNAVAILABLE`), never passed unfiltered; the node "
+            "reports the policy not enforcing"),
     Feature("kafka", "`toPorts[].rules.kafka`", _P,
             "not enforced (no Kafka proxy): connections to the port are dropped (`PROXY_UNAVAILABLE`); the "
             "node reports the policy not enforcing"),
@@ -324,13 +341,9 @@ def _port_rule_gaps(rule: PortRule, path: str, *, egress: bool = False) -> Itera
     if l7 is not None:
         if l7.http is not None:
             tls_written = rule.terminating_tls is not None or rule.originating_tls is not None or rule.server_names
-            intercepted = egress and rule.terminating_tls is not None and rule.originating_tls is not None
+            intercepted = rule.terminating_tls is not None and (rule.originating_tls is not None or not egress)
             if tls_written and not intercepted:
                 yield _gap(f"{path}.rules.http", "http-tls")
-            for k, http in enumerate(l7.http):
-                for m, match in enumerate(http.header_matches or ()):
-                    if match.secret is not None:
-                        yield _gap(f"{path}.rules.http[{k}].headerMatches[{m}].secret", "headerMatches-secret")
         if l7.kafka is not None:
             yield _gap(f"{path}.rules.kafka", "kafka")
         if l7.l7proto is not None or l7.l7 is not None:

@@ -5,15 +5,16 @@ Owns :func:`references` (the Secrets the TLS contexts of a set of intents name, 
 with Cilium's item rules) and :func:`attach` (an intent with its ``tls_secrets`` filled in, and
 the problems found). The reconciler (the async shell) fetches and watches exactly the Secrets
 :func:`references` names and calls :func:`attach` before publishing, so a Secret's items go
-only into the intents of nodes hosting an endpoint whose egress entries name it, and a changed
+only into the intents of nodes hosting an endpoint whose entries (egress interception, ingress
+termination) name it, and a changed
 Secret changes those intents' content (rotation: they are published again).
 
 Item rules (Cilium's ``TLSContext``): ``trustedCA``/``certificate``/``privateKey`` name the
 items, defaulting to ``ca.crt``/``tls.crt``/``tls.key``; a default item is used only when the
 Secret has it, a named item must exist, and at least one item must be found. On top, what the
 proxy needs: a terminating context must give a certificate and its private key (that match),
-an originating context a CA (the destination is always verified; Ciliary never re-originates
-TLS without checking the server). A ``ca.crt`` in a terminating context makes the proxy require
+an originating context a CA (the destination, or on ingress the pod, is always verified; Ciliary
+never re-originates TLS without checking the server). A ``ca.crt`` in a terminating context makes the proxy require
 a client certificate signed by it; a certificate in an originating context is presented as the
 proxy's client certificate (as in Cilium).
 
@@ -26,7 +27,7 @@ policy's status and a Warning Event.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -69,18 +70,27 @@ class TlsProblem:
     message: str
 
 
+def _directions(endpoint: EndpointIntent) -> tuple[tuple[str, DirectionPolicy], ...]:
+    return ("ingress", endpoint.ingress), ("egress", endpoint.egress)
+
+
+def _map_entries(intent: NodeIntent, change: Callable[[PolicyEntry, str], PolicyEntry]) -> NodeIntent:
+    """``intent`` with ``change(entry, endpoint namespace)`` applied to every entry of both directions."""
+    endpoints = []
+    for endpoint in intent.endpoints:
+        update = {}
+        for name, policy in _directions(endpoint):
+            entries = tuple(change(entry, endpoint.namespace) for entry in policy.entries)
+            if entries != policy.entries:
+                update[name] = DirectionPolicy(enforced=policy.enforced, entries=entries)
+        endpoints.append(endpoint.model_copy(update=update) if update else endpoint)
+    out = tuple(endpoints)
+    return intent if out == intent.endpoints else intent.model_copy(update={"endpoints": out})
+
+
 def fill_namespaces(intent: NodeIntent) -> NodeIntent:
     """``intent`` with each TLS context's empty Secret namespace set to its endpoint's namespace."""
-    endpoints = []
-    changed = False
-    for endpoint in intent.endpoints:
-        entries = tuple(_filled(entry, endpoint.namespace) for entry in endpoint.egress.entries)
-        if entries != endpoint.egress.entries:
-            changed = True
-            endpoint = endpoint.model_copy(update={"egress": DirectionPolicy(
-                enforced=endpoint.egress.enforced, entries=entries)})
-        endpoints.append(endpoint)
-    return intent.model_copy(update={"endpoints": tuple(endpoints)}) if changed else intent
+    return _map_entries(intent, _filled)
 
 
 def _filled(entry: PolicyEntry, namespace: str) -> PolicyEntry:
@@ -91,18 +101,21 @@ def _filled(entry: PolicyEntry, namespace: str) -> PolicyEntry:
         return context if context.namespace else context.model_copy(update={"namespace": namespace})
 
     rules = tuple(r if r.tls is None else r.model_copy(update={"tls": r.tls.model_copy(update={
-        "terminating": ref(r.tls.terminating), "originating": ref(r.tls.originating)})}) for r in entry.http)
+        "terminating": ref(r.tls.terminating),
+        "originating": None if r.tls.originating is None else ref(r.tls.originating)})}) for r in entry.http)
     return entry.model_copy(update={"http": rules})
 
 
 def contexts(intent: NodeIntent) -> Iterable[tuple[TlsContextRef, Role]]:
-    """Every TLS context the intent's egress entries name (namespaces filled in)."""
+    """Every TLS context the intent's entries (both directions) name (namespaces filled in)."""
     for endpoint in intent.endpoints:
-        for entry in endpoint.egress.entries:
-            for rule in entry.http or ():
-                if rule.tls is not None:
-                    yield rule.tls.terminating, "terminatingTLS"
-                    yield rule.tls.originating, "originatingTLS"
+        for _, policy in _directions(endpoint):
+            for entry in policy.entries:
+                for rule in entry.http or ():
+                    if rule.tls is not None:
+                        yield rule.tls.terminating, "terminatingTLS"
+                        if rule.tls.originating is not None:
+                            yield rule.tls.originating, "originatingTLS"
 
 
 def references(intents: Iterable[NodeIntent]) -> set[SecretKey]:
@@ -184,24 +197,18 @@ def attach(intent: NodeIntent, secrets: Mapping[SecretKey, SecretData | None]
         except TlsMaterialError as exc:
             failed[key] = str(exc)
     problems: dict[tuple[str, str], None] = {}
-    endpoints: list[EndpointIntent] = []
-    for endpoint in intent.endpoints:
-        entries = []
-        for entry in endpoint.egress.entries:
-            why = _entry_problem(entry, failed)
-            if why:
-                for rule in entry.rules:
-                    problems[(rule.uid, why)] = None
-                entry = entry.model_copy(update={"http": None})
-            entries.append(entry)
-        if tuple(entries) != endpoint.egress.entries:
-            endpoint = endpoint.model_copy(update={"egress": DirectionPolicy(enforced=endpoint.egress.enforced,
-                                                                             entries=tuple(entries))})
-        endpoints.append(endpoint)
-    used = {ref.key() for e in endpoints for entry in e.egress.entries for rule in entry.http or ()
-            if rule.tls is not None for ref in (rule.tls.terminating, rule.tls.originating)}
-    out = intent.model_copy(update={"endpoints": tuple(endpoints),
-                                    "tls_secrets": {k: v for k, v in sorted(found.items()) if k in used}})
+
+    def checked(entry: PolicyEntry, _namespace: str) -> PolicyEntry:
+        why = _entry_problem(entry, failed)
+        if not why:
+            return entry
+        for rule in entry.rules:
+            problems[(rule.uid, why)] = None
+        return entry.model_copy(update={"http": None})
+
+    out = _map_entries(intent, checked)
+    used = {ref.key() for ref, _ in contexts(out)}
+    out = out.model_copy(update={"tls_secrets": {k: v for k, v in sorted(found.items()) if k in used}})
     return out, [TlsProblem(uid, message) for uid, message in problems]
 
 
@@ -213,7 +220,7 @@ def _entry_problem(entry: PolicyEntry, failed: Mapping[str, str]) -> str:
         return "conflicting TLS contexts (or TLS and plain HTTP rules) on one port and peer: not enforced"
     for rule in entry.http:
         if rule.tls is not None:
-            for ref in (rule.tls.terminating, rule.tls.originating):
+            for ref in rule.tls.contexts():
                 if ref.key() in failed:
                     return failed[ref.key()]
     return ""

@@ -31,25 +31,18 @@ def test_operator_carries_egress_http_rules_on_redirecting_entries() -> None:
     assert [(e.l7_redirect, e.http) for e in web.egress.entries if e.port_low == 80] == [(False, None)]
 
 
-def test_header_matches_ride_on_the_rule_and_secret_ones_with_an_action_are_left_out() -> None:
+def test_header_matches_ride_on_the_rule_with_their_secret_references() -> None:
     state = state_of(cnp({"endpointSelector": WEB, "egress": [
         {"toCIDR": ["192.0.2.100/32"], "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}], "rules": {"http": [
             {"path": "/private", "headerMatches": [
                 {"name": "Access-Token", "value": "s3cret", "mismatch": "REPLACE"}, {"name": "X-Need"},
-                {"name": "X-From-Secret", "value": "fallback", "secret": {"name": "tok"}, "mismatch": "LOG"}]}]}}]}]}))
+                {"name": "X-From-Secret", "value": "fallback", "secret": {"name": "tok"}, "mismatch": "LOG"},
+                {"name": "X-Other", "secret": {"namespace": "b", "name": "t2"}}]}]}}]}]}))
     web = next(e for e in resolve_cluster(state)["n1"].endpoints if e.pod == "web" and e.namespace == "a")
     http = next(e for e in web.egress.entries if e.port_low == 80).http
     assert http is not None and http[0].header_matches == (
         intents.HeaderMatch(name="Access-Token", value="s3cret", mismatch="REPLACE"),
-        intents.HeaderMatch(name="X-Need"))
-
-
-def test_a_header_condition_from_a_secret_fails_closed() -> None:
-    """Without ``mismatch`` the Secret's value is a condition nobody checks: the entry carries no HTTP rules
-    Envoy reads, so the node drops the port's connections (PROXY_UNAVAILABLE) instead of allowing more."""
-    state = state_of(cnp({"endpointSelector": WEB, "egress": [
-        {"toCIDR": ["192.0.2.100/32"], "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}], "rules": {"http": [
-            {"path": "/private", "headerMatches": [{"name": "X-From-Secret", "secret": {"name": "tok"}}]}]}}]}]}))
-    web = next(e for e in resolve_cluster(state)["n1"].endpoints if e.pod == "web" and e.namespace == "a")
-    entry = next(e for e in web.egress.entries if e.port_low == 80)
-    assert entry.l7_redirect and entry.l7_parser == "http" and entry.http is None
+        intents.HeaderMatch(name="X-Need"),
+        intents.HeaderMatch(name="X-From-Secret", value="fallback", mismatch="LOG",
+                            secret=intents.SecretRef(namespace="a", name="tok")),
+        intents.HeaderMatch(name="X-Other", secret=intents.SecretRef(namespace="b", name="t2")))

@@ -47,17 +47,31 @@ def test_both_contexts_ride_on_the_http_rules_other_shapes_fail_closed() -> None
     assert tls is not None and tls.server_names == ("api.world.test",)
     # a CNP's Secret without a namespace is in the policy's namespace
     assert (tls.terminating.namespace, tls.terminating.name) == ("a", "intercept")
-    assert (tls.originating.namespace, tls.originating.name) == ("kube-system", "world-ca")
     # one context alone, or serverNames alone: not interceptable, the port fails closed (no HTTP rules)
     for partial in ({"terminatingTLS": BOTH["terminatingTLS"]}, {"originatingTLS": BOTH["originatingTLS"]},
                     {"serverNames": ["api.world.test"]}):
         entry = entry_443(resolve_cluster(state_of(cnp(egress(port_rule(**partial)))))["n1"])
         assert entry.l7_redirect and entry.http is None, partial
-    # ingress TLS termination is not built: fails closed too
-    ingress = cnp({"endpointSelector": WEB, "ingress": [{"fromEndpoints": [{}], "toPorts": [port_rule(**BOTH)]}]})
+    assert tls.originating is not None and (tls.originating.namespace, tls.originating.name) == (
+        "kube-system", "world-ca")
+
+
+def ingress_443(rule: dict[str, Any]) -> list[intents.PolicyEntry]:
+    ingress = cnp({"endpointSelector": WEB, "ingress": [{"fromEndpoints": [{}], "toPorts": [rule]}]})
     web = next(e for e in resolve_cluster(state_of(ingress))["n1"].endpoints if e.pod == "web")
-    found = [(e.l7_redirect, e.http) for e in web.ingress.entries if e.port_low == 443]
-    assert found and set(found) == {(True, None)}
+    return [e for e in web.ingress.entries if e.port_low == 443]
+
+
+def test_ingress_terminates_with_or_without_originating_and_fails_closed_without_terminating() -> None:
+    for contexts, originating in ((BOTH, "world-ca"), ({"terminatingTLS": BOTH["terminatingTLS"]}, None)):
+        found = ingress_443(port_rule(serverNames=["web.a.test"], **contexts))
+        assert found and all(e.l7_redirect and e.http for e in found)
+        tls = found[0].http[0].tls  # type: ignore[index]
+        assert tls is not None and tls.terminating.name == "intercept" and tls.server_names == ("web.a.test",)
+        assert (tls.originating.name if tls.originating else None) == originating
+    for partial in ({"originatingTLS": BOTH["originatingTLS"]}, {"serverNames": ["web.a.test"]}):
+        found = ingress_443(port_rule(**partial))
+        assert found and {(e.l7_redirect, e.http) for e in found} == {(True, None)}, partial
 
 
 def test_secrets_go_only_to_nodes_hosting_selected_pods_and_rotation_changes_the_intent() -> None:
@@ -144,3 +158,17 @@ def test_a_malformed_intent_is_refused_without_quoting_its_values() -> None:
     with pytest.raises(intents.IntentSchemaError) as refused:
         intents.parse_node_intent("n1", json.dumps(data))
     assert "tls_secrets" in str(refused.value) and "BEGIN" not in str(refused.value)
+
+
+def test_ingress_contexts_are_read_and_fail_closed_like_egress() -> None:
+    ingress = cnp({"endpointSelector": WEB, "ingress": [{"fromEndpoints": [{}], "toPorts": [
+        port_rule(terminatingTLS={"secret": {"name": "intercept"}})]}]})
+    resolved = resolve_cluster(state_of(ingress))
+    assert tls_secrets.references(resolved.values()) == {("a", "intercept")}
+    n1, problems = tls_secrets.attach(resolved["n1"], {("a", "intercept"): INTERCEPT})
+    assert problems == [] and set(n1.tls_secrets) == {"a/intercept"}
+    failed, problems = tls_secrets.attach(resolved["n1"], {})
+    web = next(e for e in failed.endpoints if e.pod == "web")
+    assert {(e.l7_redirect, e.http) for e in web.ingress.entries if e.port_low == 443} == {(True, None)}
+    assert failed.tls_secrets == {} and [p.message for p in problems] == [
+        "terminatingTLS Secret a/intercept: not found"]
