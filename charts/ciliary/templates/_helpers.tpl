@@ -169,7 +169,12 @@ app.kubernetes.io/component: {{ .component }}
      relay runs, else loopback). $(CILIARY_AGENT_HOST_IP) is expanded by the kubelet (defined before it). */}}
 {{- define "ciliary.agentHubbleAddr" -}}
 {{- if .Values.agent.hubble.listenAddress }}
-{{- .Values.agent.hubble.listenAddress }}
+{{- $a := .Values.agent.hubble.listenAddress }}
+{{- $local := or (eq $a "off") (hasPrefix "127." $a) (hasPrefix "localhost:" $a) (hasPrefix "[::1]:" $a) }}
+{{- if not (or $local (include "ciliary.hubbleTLS" .) .Values.agent.hubble.insecure) }}
+{{- fail "agent.hubble.listenAddress off loopback needs relay.enabled (the chart's Hubble certificates) or agent.hubble.insecure=true" }}
+{{- end }}
+{{- $a }}
 {{- else if .Values.relay.enabled }}
 {{- print "$(CILIARY_AGENT_HOST_IP):4244" }}
 {{- else }}
@@ -185,5 +190,35 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s.%s.svc:%d" .Values.relay.service.name .Release.Namespace (int .Values.relay.service.port) }}
 {{- else }}
 {{- fail "ui.enabled with relay.enabled=false needs ui.server (HOST:PORT of a Hubble Observer API)" }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the agents' Observer API is mutual TLS (the relay runs and agent.hubble.insecure is off). */}}
+{{- define "ciliary.hubbleTLS" -}}
+{{- if and .Values.relay.enabled (not .Values.agent.hubble.insecure) }}true{{ end }}
+{{- end }}
+
+{{/* Secret the agents mount for their Observer API: ca.crt (the CA of the relay's client certificate), tls.crt and
+     tls.key (the agents' shared server certificate for *.<relay.tls.clusterName>.hubble-grpc.cilium.io). */}}
+{{- define "ciliary.hubbleServerSecret" -}}
+{{- .Values.relay.tls.existingServerSecret | default (printf "%s-hubble-server-certs" (include "ciliary.fullname" .)) }}
+{{- end }}
+
+{{/* Secret the relay container mounts: ca.crt (the CA of the agents' server certificate), tls.crt and tls.key
+     (the relay's client certificate). */}}
+{{- define "ciliary.hubbleRelayClientSecret" -}}
+{{- .Values.relay.tls.existingClientSecret | default (printf "%s-hubble-relay-client-certs" (include "ciliary.fullname" .)) }}
+{{- end }}
+
+{{/* Secret with ca.crt and the ciliary-relay etcd user's tls.crt/tls.key (bundled etcd): the generated
+     <release>-etcd-relay, or etcd.tls.existingRelaySecret with etcd.tls.existingSecret. */}}
+{{- define "ciliary.etcdRelaySecret" -}}
+{{- if .Values.etcd.tls.existingSecret }}
+{{- if not .Values.etcd.tls.existingRelaySecret }}
+{{- fail "etcd.tls.existingSecret with relay.enabled needs etcd.tls.existingRelaySecret (a Secret with ca.crt, tls.crt and tls.key of the etcd user ciliary-relay, which may only read the node records)" }}
+{{- end }}
+{{- .Values.etcd.tls.existingRelaySecret }}
+{{- else }}
+{{- printf "%s-etcd-relay" (include "ciliary.fullname" .) }}
 {{- end }}
 {{- end }}

@@ -273,7 +273,7 @@ class Lab:
             return
         processes.spawn(self.layout, "relay", [self.bin("ciliary-relay"), "--listen", f"127.0.0.1:{self.relay_port()}",
                                                "--etcd-endpoints", ports.etcd_endpoint,
-                                               *self.etcd_flags(access.OPERATOR_USER), "--refresh", "1"],
+                                               *self.etcd_flags(access.RELAY_USER), "--refresh", "1"],
                         env=self.child_env())
 
     def operator_metrics_port(self) -> int:

@@ -264,7 +264,9 @@ class Agent:
             ))
             if self.config.hubble_addr:
                 try:
-                    hubble_server = await observer_server.start(self.flows, self.config.hubble_addr)
+                    hubble_server = await observer_server.start(
+                        self.flows, self.config.hubble_addr, tls=self.config.hubble_tls,
+                        insecure=self.config.hubble_insecure, socket=self.config.hubble_socket)
                 except OSError as exc:  # observability only: enforcement goes on without it
                     log.error("Hubble Observer API not served", extra={"address": self.config.hubble_addr,
                                                                        "error": str(exc)})
@@ -394,7 +396,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "socket": str(config.socket_path), "state_dir": str(config.state_dir),
         "health": config.health_addr, "lease_ttl": config.lease_ttl,
         "datapath": config.datapath, "netns": config.netns, "bpffs_dir": str(config.bpffs_dir),
-        "etcd_tls": config.etcd_tls is not None,
+        "etcd_tls": config.etcd_tls is not None, "hubble": config.hubble_addr,
+        "hubble_tls": config.hubble_tls is not None, "hubble_socket": config.hubble_socket,
     })
     if config.etcd_insecure:
         log.warning(INSECURE_WARNING, extra={"node": config.node_name})

@@ -1,6 +1,7 @@
 """The agent's Hubble-compatible gRPC server (the async shell over ``hubble_query`` and the flow ring).
 
-Serves, plaintext on ``--hubble-addr``:
+Serves on ``--hubble-addr`` (mutual TLS off loopback, as ``observer_tls`` decides) and, plaintext, on the
+optional unix socket ``--hubble-socket``:
 
 - ``observer.Observer``: ``GetFlows`` (history from the agent's flow ring, then, with ``follow``,
   every new flow; a follower that reads too slowly loses flows, counted in ``ServerStatus`` and
@@ -25,7 +26,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ciliary.hubbleapi import flow_pb2, observer_pb2, observer_pb2_grpc, peer_pb2, peer_pb2_grpc, relay_pb2
-from ciliary.nodeagent import flowapi, hubble_convert, hubble_filter, hubble_query
+from ciliary.nodeagent import flowapi, hubble_convert, hubble_filter, hubble_query, observer_tls
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,10 @@ class FlowRate:
 
 
 class ObserverService(observer_pb2_grpc.ObserverServicer):
-    def __init__(self, hub: flowapi.FlowHub, address: str) -> None:
+    def __init__(self, hub: flowapi.FlowHub, address: str, *, tls: bool = False) -> None:
         self.hub = hub
         self.address = address
+        self.tls = tls
         self.rate = FlowRate()
 
     async def GetFlows(self, request: observer_pb2.GetFlowsRequest,
@@ -127,7 +129,7 @@ class ObserverService(observer_pb2_grpc.ObserverServicer):
 
     def node(self) -> observer_pb2.Node:
         return observer_pb2.Node(name=self.hub.node, version=version(), address=self.address,
-                                 state=relay_pb2.NODE_CONNECTED, tls=observer_pb2.TLS(enabled=False),
+                                 state=relay_pb2.NODE_CONNECTED, tls=observer_pb2.TLS(enabled=self.tls),
                                  uptime_ns=int((time.time() - self.hub.started) * 1e9),
                                  num_flows=len(self.hub.ring), max_flows=self.hub.ring.maxlen or 0,
                                  seen_flows=self.hub.seen)
@@ -187,10 +189,13 @@ async def set_serving(servicer: Any) -> None:
         await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
-def listen(server: grpc.aio.Server, address: str, what: str) -> None:
-    """Add a plaintext port; a taken or invalid address is an OSError naming ``what``."""
+def listen(server: grpc.aio.Server, address: str, what: str,
+           credentials: grpc.ServerCredentials | None = None) -> None:
+    """Add a port (TLS with ``credentials``, else plaintext); a taken or invalid address is an OSError naming
+    ``what``."""
     try:
-        bound = server.add_insecure_port(address)
+        bound = (server.add_secure_port(address, credentials) if credentials is not None
+                 else server.add_insecure_port(address))
     except RuntimeError as exc:  # grpc raises when the address is taken
         raise OSError(f"cannot listen on {address} ({what}): {exc}") from exc
     if bound == 0:
@@ -222,13 +227,26 @@ def add_observer(servicer: ObserverService, server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers("observer.Observer", handlers)
 
 
-async def start(hub: flowapi.FlowHub, address: str) -> grpc.aio.Server:
-    """Serve the Observer, Peer and Health services on ``address`` (HOST:PORT); returns the started server."""
+async def start(hub: flowapi.FlowHub, address: str, *, tls: observer_tls.ServerTLS | None = None,
+                insecure: bool = False, socket: str = "") -> grpc.aio.Server:
+    """Serve the Observer, Peer and Health services on ``address`` (HOST:PORT; mutual TLS unless loopback or
+    ``insecure``, ``observer_tls.server_mode``) and, plaintext, on the unix socket ``socket`` when given;
+    returns the started server. An address that may not be served as configured is an OSError."""
+    try:
+        mode = observer_tls.server_mode(address, tls, insecure=insecure)
+    except observer_tls.ObserverTLSError as exc:
+        raise OSError(str(exc)) from exc
+    credentials = observer_tls.server_credentials(tls) if mode is observer_tls.Mode.TLS and tls else None
     server = grpc.aio.server()
-    add_observer(ObserverService(hub, address), server)
+    add_observer(ObserverService(hub, address, tls=credentials is not None), server)
     peer_pb2_grpc.add_PeerServicer_to_server(SelfPeer(hub.node, address), server)
     await set_serving(add_health(server))
-    listen(server, address, "Hubble Observer API")
+    listen(server, address, "Hubble Observer API", credentials)
+    if socket:
+        listen(server, f"unix:{socket}", "Hubble Observer API (local socket)")
     await server.start()
-    log.info("Hubble Observer API serving", extra={"node": hub.node, "address": address})
+    if credentials is None and not observer_tls.is_local(address):
+        log.warning(observer_tls.INSECURE_WARNING, extra={"node": hub.node, "address": address})
+    log.info("Hubble Observer API serving", extra={"node": hub.node, "address": address, "mode": mode.value,
+                                                  "socket": socket})
     return server

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pydantic
 
+from ciliary.nodeagent import observer_tls
 from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdTLS, connection_settings
 
 ENV_PREFIX = "CILIARY_AGENT_"
@@ -27,6 +28,11 @@ DEFAULTS: dict[str, str] = {
     "STATE_DIR": "/var/lib/ciliary/agent",
     "HEALTH_ADDR": "127.0.0.1:9876",
     "HUBBLE_ADDR": "127.0.0.1:4244",  # "off": no Observer API
+    "HUBBLE_SOCKET": "",  # empty: none; a unix socket also serving the Observer API, plaintext (local use)
+    "HUBBLE_TLS_CERT_FILE": "",
+    "HUBBLE_TLS_KEY_FILE": "",
+    "HUBBLE_TLS_CLIENT_CA_FILE": "",
+    "HUBBLE_INSECURE": "off",
     "FLOW_BUFFER_SIZE": "4096",
     "LEASE_TTL": "10",
     "LOG_LEVEL": "INFO",
@@ -64,6 +70,12 @@ class AgentSettings(pydantic.BaseModel):
     health_port: int = pydantic.Field(ge=0, le=65535)
     hubble_addr: str = pydantic.Field(
         default="127.0.0.1:4244", description="HOST:PORT of the Hubble Observer API (gRPC); empty: not served.")
+    hubble_socket: str = pydantic.Field(
+        default="", description="Unix socket also serving the Observer API, plaintext (local use); empty: none.")
+    hubble_tls: observer_tls.ServerTLS | None = pydantic.Field(
+        default=None, description="Mutual TLS of the Observer API (required off loopback unless hubble_insecure).")
+    hubble_insecure: bool = pydantic.Field(
+        default=False, description="Plaintext Observer API on a non-loopback address was explicitly accepted.")
     flow_buffer_size: int = pydantic.Field(
         default=4096, ge=16, le=1 << 20, description="Flows kept in the agent's ring (Hubble's Max Flows).")
     lease_ttl: int = pydantic.Field(ge=2, le=3600, description="etcd lease TTL in seconds; refreshed every ttl/3.")
@@ -167,8 +179,22 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--health-addr", default=default("HEALTH_ADDR"), metavar="HOST:PORT",
                         help=f"listen address of /healthz and /readyz [env {ENV_PREFIX}HEALTH_ADDR]")
     parser.add_argument("--hubble-addr", default=default("HUBBLE_ADDR"), metavar="HOST:PORT",
-                        help=f"listen address of the Hubble-compatible Observer API (gRPC, plaintext); off: not "
-                             f"served [env {ENV_PREFIX}HUBBLE_ADDR]")
+                        help=f"listen address of the Hubble-compatible Observer API (gRPC; mutual TLS unless the "
+                             f"address is loopback); off: not served [env {ENV_PREFIX}HUBBLE_ADDR]")
+    parser.add_argument("--hubble-socket", default=default("HUBBLE_SOCKET"), metavar="PATH",
+                        help=f"unix socket also serving the Observer API, plaintext, for local clients "
+                             f"(hubble --server unix://PATH); empty: none [env {ENV_PREFIX}HUBBLE_SOCKET]")
+    parser.add_argument("--hubble-tls-cert-file", default=default("HUBBLE_TLS_CERT_FILE"), metavar="PATH",
+                        help=f"the Observer API's server certificate [env {ENV_PREFIX}HUBBLE_TLS_CERT_FILE]")
+    parser.add_argument("--hubble-tls-key-file", default=default("HUBBLE_TLS_KEY_FILE"), metavar="PATH",
+                        help=f"private key of --hubble-tls-cert-file [env {ENV_PREFIX}HUBBLE_TLS_KEY_FILE]")
+    parser.add_argument("--hubble-tls-client-ca-file", default=default("HUBBLE_TLS_CLIENT_CA_FILE"), metavar="PATH",
+                        help=f"CA that must have signed a client's certificate (the relay's); a client without "
+                             f"one is refused [env {ENV_PREFIX}HUBBLE_TLS_CLIENT_CA_FILE]")
+    parser.add_argument("--hubble-insecure", action="store_const", const="on", default=default("HUBBLE_INSECURE"),
+                        help=f"serve the Observer API in plaintext on a non-loopback --hubble-addr (no encryption, "
+                             f"no authentication: anyone reaching it reads every flow; tests only) "
+                             f"[env {ENV_PREFIX}HUBBLE_INSECURE=on]")
     parser.add_argument("--flow-buffer-size", default=default("FLOW_BUFFER_SIZE"), metavar="N",
                         help=f"flows kept in memory for `ciliary observe` and the Observer API (16..1048576) "
                              f"[env {ENV_PREFIX}FLOW_BUFFER_SIZE]")
@@ -223,6 +249,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _on(raw: object) -> bool:
+    return str(raw).strip().lower() in ("1", "true", "yes", "on")
+
+
 def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> AgentSettings:
     """Parse flags over environment; invalid values exit with status 2 and a usage message."""
     parser = build_parser(environ)
@@ -232,8 +262,14 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Age
     try:
         health_host, health_port = parse_host_port(ns.health_addr)
         hubble_addr = optional_address(ns.hubble_addr)
+        hubble_insecure = _on(ns.hubble_insecure)
+        hubble_files = observer_tls.files(ns.hubble_tls_cert_file, ns.hubble_tls_key_file,
+                                          ns.hubble_tls_client_ca_file, what="--hubble-tls-*")
+        hubble_tls = observer_tls.ServerTLS(*hubble_files) if hubble_files else None
+        if hubble_addr:
+            observer_tls.server_mode(hubble_addr, hubble_tls, insecure=hubble_insecure)
         proxy_healthz = optional_address(ns.proxy_healthz_addr)
-        insecure = str(ns.etcd_insecure).strip().lower() in ("1", "true", "yes", "on")
+        insecure = _on(ns.etcd_insecure)
         etcd_endpoints, etcd_tls = connection_settings(ns.etcd_endpoints, ca_file=ns.etcd_ca_file,
                                                        cert_file=ns.etcd_cert_file, key_file=ns.etcd_key_file,
                                                        insecure=insecure)
@@ -247,6 +283,9 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Age
             health_host=health_host,
             health_port=health_port,
             hubble_addr=hubble_addr,
+            hubble_socket=ns.hubble_socket.strip(),
+            hubble_tls=hubble_tls,
+            hubble_insecure=hubble_insecure,
             flow_buffer_size=ns.flow_buffer_size,
             lease_ttl=ns.lease_ttl,
             log_level=ns.log_level.upper(),

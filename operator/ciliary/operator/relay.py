@@ -2,11 +2,14 @@
 
 Its own process, not a part of the operator: the operator may run as several replicas of which
 only the elected leader works, while the relay is stateless, serves clients from any replica and
-must not stop when leadership moves; it needs only read access to the node registrations, which
-the operator's etcd user has.
+must not stop when leadership moves; it needs only read access to the node registrations: its own
+etcd user (``access.RELAY_USER``) can read them and nothing else.
 
 Peers: the agents' registration records in etcd (``observerAddr``), re-read every
-``--refresh`` seconds, or a fixed ``--peer NAME=HOST:PORT`` list. Served (plaintext, ``--listen``):
+``--refresh`` seconds, or a fixed ``--peer NAME=HOST:PORT`` list. Peers are dialled with mutual TLS
+(``--hubble-tls-*``: the relay's client certificate; the agent's certificate checked against the server CA
+for ``<node>.<cluster>.hubble-grpc.cilium.io``, ``observer_tls``); without certificates only loopback peers
+are dialled (plaintext), unless ``--hubble-insecure``. Served (plaintext, ``--listen``):
 
 - ``observer.Observer/GetFlows``: the request (validated here first: a malformed filter is
   INVALID_ARGUMENT before any node is asked) goes to every node; without ``follow`` the answers
@@ -32,7 +35,7 @@ from typing import Any
 import grpc
 
 from ciliary.hubbleapi import observer_pb2, observer_pb2_grpc, peer_pb2, peer_pb2_grpc, relay_pb2
-from ciliary.nodeagent import hubble_filter, hubble_query, observer_server
+from ciliary.nodeagent import hubble_filter, hubble_query, observer_server, observer_tls
 from ciliary.operator import relay_merge
 from ciliary.operator.store import keyspace
 from ciliary.operator.store.etcdclient import EtcdConfigError, EtcdStore, connection_settings
@@ -46,25 +49,35 @@ PEERS_CHANGED = "peers-changed"
 class Peers:
     """The current peer set and a channel per address."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: observer_tls.ClientTLS | None = None, *, insecure: bool = False) -> None:
         self.current: dict[str, str] = {}
         self.changed = asyncio.Condition()
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.tls = tls
+        self.insecure = insecure
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
+        self._credentials = observer_tls.channel_credentials(tls) if tls is not None else None
 
     async def set(self, peers: dict[str, str]) -> None:
         if peers == self.current:
             return
         log.info("Relay peers", extra={"peers": ",".join(f"{n}={a}" for n, a in sorted(peers.items()))})
-        for address in set(self._channels) - set(peers.values()):
-            await self._channels.pop(address).close()
+        for key in set(self._channels) - set(peers.items()):
+            await self._channels.pop(key).close()
         async with self.changed:
             self.current = dict(peers)
             self.changed.notify_all()
 
-    def stub(self, address: str) -> observer_pb2_grpc.ObserverStub:
-        if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address)
-        return observer_pb2_grpc.ObserverStub(self._channels[address])
+    def stub(self, name: str, address: str) -> observer_pb2_grpc.ObserverStub:
+        """A stub of node ``name`` at ``address``; ObserverTLSError when it may not be dialled as configured."""
+        key = (name, address)
+        if key not in self._channels:
+            mode = observer_tls.dial_mode(address, self.tls, insecure=self.insecure)
+            if mode is observer_tls.Mode.TLS and self._credentials is not None and self.tls is not None:
+                options = [("grpc.ssl_target_name_override", observer_tls.server_name(name, self.tls.cluster))]
+                self._channels[key] = grpc.aio.secure_channel(address, self._credentials, options=options)
+            else:
+                self._channels[key] = grpc.aio.insecure_channel(address)
+        return observer_pb2_grpc.ObserverStub(self._channels[key])
 
     async def close(self) -> None:
         for channel in self._channels.values():
@@ -85,10 +98,10 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
         """``call`` on every peer at once: (answers by node, unreachable nodes)."""
         peers = dict(self.peers.current)
 
-        async def one(address: str) -> Any:
-            return await asyncio.wait_for(call(self.peers.stub(address)), CALL_TIMEOUT_S)
+        async def one(name: str, address: str) -> Any:
+            return await asyncio.wait_for(call(self.peers.stub(name, address)), CALL_TIMEOUT_S)
 
-        results = await asyncio.gather(*(one(a) for a in peers.values()), return_exceptions=True)
+        results = await asyncio.gather(*(one(n, a) for n, a in peers.items()), return_exceptions=True)
         answers, down = {}, []
         for name, result in zip(peers, results, strict=True):
             if isinstance(result, BaseException):
@@ -121,13 +134,15 @@ class RelayObserver(observer_pb2_grpc.ObserverServicer):
 
         async def pump(name: str, address: str) -> None:
             try:
-                async for response in self.peers.stub(address).GetFlows(request):
+                async for response in self.peers.stub(name, address).GetFlows(request):
                     await queue.put(response)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     await queue.put(exc)
                 else:
                     await queue.put(unavailable_event([name], exc.details() or exc.code().name))
+            except observer_tls.ObserverTLSError as exc:
+                await queue.put(unavailable_event([name], str(exc)))
             await queue.put(None)  # this node's stream ended (``until`` passed, or the node went away)
 
         async def watch_peers() -> None:
@@ -238,13 +253,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--etcd-cert-file", default=env("CILIARY_RELAY_ETCD_CERT_FILE", ""))
     p.add_argument("--etcd-key-file", default=env("CILIARY_RELAY_ETCD_KEY_FILE", ""))
     p.add_argument("--etcd-insecure", action="store_true", help="accept plain http:// etcd (tests only)")
+    p.add_argument("--hubble-tls-cert-file", default=env("CILIARY_RELAY_HUBBLE_TLS_CERT_FILE", ""),
+                   help="the relay's client certificate towards the agents' Observer APIs")
+    p.add_argument("--hubble-tls-key-file", default=env("CILIARY_RELAY_HUBBLE_TLS_KEY_FILE", ""))
+    p.add_argument("--hubble-tls-server-ca-file", default=env("CILIARY_RELAY_HUBBLE_TLS_SERVER_CA_FILE", ""),
+                   help="CA that must have signed every agent's server certificate")
+    p.add_argument("--hubble-tls-cluster", default=env("CILIARY_RELAY_HUBBLE_TLS_CLUSTER", observer_tls.DEFAULT_CLUSTER),
+                   help="an agent's certificate must name <node>.<cluster>.hubble-grpc.cilium.io")
+    p.add_argument("--hubble-insecure", action="store_true",
+                   default=env("CILIARY_RELAY_HUBBLE_INSECURE", "") in ("1", "true", "on", "yes"),
+                   help="dial non-loopback agents in plaintext (tests only; warned on every start)")
     p.add_argument("--refresh", type=float, default=2.0, help="seconds between reads of the node records")
     p.add_argument("--log-level", default=env("CILIARY_RELAY_LOG_LEVEL", "INFO"))
     return p
 
 
 async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
-    peers = Peers()
+    peers = Peers(args.hubble_tls, insecure=args.hubble_insecure)
     store: EtcdStore | None = None
     tasks: list[asyncio.Task[None]] = []
     if args.peer:
@@ -272,6 +297,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if any("=" not in p for p in args.peer):
         parser.error("--peer must look like NAME=HOST:PORT")
+    try:
+        found = observer_tls.files(args.hubble_tls_cert_file, args.hubble_tls_key_file,
+                                   args.hubble_tls_server_ca_file, what="--hubble-tls-*")
+    except ValueError as exc:
+        parser.error(str(exc))
+    args.hubble_tls = observer_tls.ClientTLS(*found, cluster=args.hubble_tls_cluster) if found else None
+    if args.hubble_insecure and args.hubble_tls is None:
+        log.warning("Relay dials non-loopback agents in plaintext (--hubble-insecure): their flows cross the network "
+                    "unencrypted, and the agents serve them to anyone; for tests only")
     if not args.peer:
         try:
             args.etcd = connection_settings(args.etcd_endpoints, ca_file=args.etcd_ca_file,

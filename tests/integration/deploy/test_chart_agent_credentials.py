@@ -26,16 +26,20 @@ pytestmark = pytest.mark.integration
 USER_SECRETS = ("etcd.tls.existingSecret=my-etcd-tls", "etcd.tls.existingCASecret=my-etcd-ca")
 CONFIGURATIONS: dict[str, tuple[str, ...]] = {
     "default": (),
-    "existing-secret": (*USER_SECRETS, "etcd.tls.existingCAConfigMap=my-etcd-ca-cert"),
+    "existing-secret": (*USER_SECRETS, "etcd.tls.existingCAConfigMap=my-etcd-ca-cert",
+                        "etcd.tls.existingRelaySecret=my-etcd-relay"),
     "enrollment-disabled": ("etcd.nodeEnrollment.enabled=false",),
     "existing-secret-enrollment-disabled": (*USER_SECRETS, "etcd.nodeEnrollment.enabled=false",
-                                            "etcd.tls.existingAgentsSecret=my-etcd-agents"),
+                                            "etcd.tls.existingAgentsSecret=my-etcd-agents",
+                                            "etcd.tls.existingRelaySecret=my-etcd-relay"),
 }
 # keys no node may read: any etcd user's key but the shared agents' own, and the CA key
 FORBIDDEN_KEYS = {"root.key", "operator.key", "server.key", "ca.key", "agent.key"}
 # the user-supplied Secrets that hold such keys by contract (values.yaml, etcd.tls)
-FORBIDDEN_USER_SECRETS = {"my-etcd-tls", "my-etcd-ca"}
+FORBIDDEN_USER_SECRETS = {"my-etcd-tls", "my-etcd-ca", "my-etcd-relay"}
 AGENT_SECRET_KEYS = {"ca.crt", "tls.crt", "tls.key"}
+HUBBLE_SERVER = "cy-ciliary-hubble-server-certs"
+"""The agents' own Observer API certificate (test_chart_hubble_tls.py): no etcd key in it."""
 
 
 def references(node: Any, kind: str) -> Iterator[str]:
@@ -72,7 +76,8 @@ def rendered(helm: Helm) -> dict[str, list[dict[str, Any]]]:
 def test_the_reference_walk_finds_secrets_wherever_a_pod_names_them(rendered: dict[str, Any]) -> None:
     # the operator pod does reference the generated etcd-tls Secret (its own and root's pair) and the CA Secret
     operator = pod_template(rendered["default"], "Deployment", "-operator")
-    assert set(references(operator, "secret")) == {"cy-ciliary-etcd-tls", "cy-ciliary-etcd-ca"}
+    assert set(references(operator, "secret")) == {"cy-ciliary-etcd-tls", "cy-ciliary-etcd-ca", "cy-ciliary-etcd-relay",
+                                                   "cy-ciliary-hubble-relay-client-certs"}
     sample = {"spec": {"volumes": [{"projected": {"sources": [{"secret": {"name": "a"}}]}}],
                        "containers": [{"env": [{"valueFrom": {"secretKeyRef": {"name": "b", "key": "k"}}}],
                                        "envFrom": [{"secretRef": {"name": "c"}}]}],
@@ -109,7 +114,7 @@ def test_enrolled_agents_trust_etcd_through_a_ca_only_config_map(rendered: dict[
         volume = next(v for v in agent["spec"]["volumes"] if v["name"] == "etcd-tls")
         assert volume == {"name": "etcd-tls", "configMap": {"name": config_map, "defaultMode": 0o444,
                                                             "items": [{"key": "ca.crt", "path": "ca.crt"}]}}
-        assert set(references(agent, "secret")) == set()
+        assert set(references(agent, "secret")) == {HUBBLE_SERVER}, "no etcd Secret"
     generated = find(rendered["default"], "ConfigMap", "-etcd-ca-cert")
     assert set(generated["data"]) == {"ca.crt"}
 
@@ -125,15 +130,17 @@ def test_shared_agents_get_a_secret_of_their_own(rendered: dict[str, Any]) -> No
     assert "agent.crt" not in tls and "agent.key" not in tls
     assert agents["data"]["ca.crt"] == tls["ca.crt"]
     agent = pod_template(docs, "DaemonSet", "-agent")
-    assert set(references(agent, "secret")) == {"cy-ciliary-etcd-agents"}
+    assert set(references(agent, "secret")) == {"cy-ciliary-etcd-agents", HUBBLE_SERVER}
     user = pod_template(rendered["existing-secret-enrollment-disabled"], "DaemonSet", "-agent")
-    assert set(references(user, "secret")) == {"my-etcd-agents"}
-    assert not [d for d in rendered["existing-secret-enrollment-disabled"] if d["kind"] == "Secret"]
+    assert set(references(user, "secret")) == {"my-etcd-agents", HUBBLE_SERVER}
+    assert not [d for d in rendered["existing-secret-enrollment-disabled"]
+                if d["kind"] == "Secret" and "-hubble-" not in d["metadata"]["name"]], "no etcd Secret generated"
 
 
 @pytest.mark.parametrize(("sets", "needed"), [
-    ((*USER_SECRETS,), "etcd.tls.existingCAConfigMap"),
-    (("etcd.tls.existingSecret=my-etcd-tls", "etcd.nodeEnrollment.enabled=false"), "etcd.tls.existingAgentsSecret"),
+    ((*USER_SECRETS, "etcd.tls.existingRelaySecret=r"), "etcd.tls.existingCAConfigMap"),
+    (("etcd.tls.existingSecret=my-etcd-tls", "etcd.nodeEnrollment.enabled=false", "etcd.tls.existingRelaySecret=r"),
+     "etcd.tls.existingAgentsSecret"),
 ], ids=["enrolled", "shared-agents"])
 def test_existing_secret_without_an_agent_only_source_is_refused(helm: Helm, sets: tuple[str, ...],
                                                                  needed: str) -> None:

@@ -51,12 +51,13 @@ class ChartEtcd:
             (self.dir / name).write_bytes(base64.b64decode(value))
             (self.dir / name).chmod(0o600)
         # etcd.nodeEnrollment.enabled=false: the shared agents' pair, in a Secret of its own
-        agents = [d for d in self.docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-etcd-agents")]
-        for doc in agents:
-            for name, value in doc["data"].items():
-                target = self.dir / name.replace("tls.", "agent.")
-                target.write_bytes(base64.b64decode(value))
-                target.chmod(0o600)
+        # and the Hubble relay's pair (user ciliary-relay), in a Secret of its own as well
+        for suffix, user in (("-etcd-agents", "agent"), ("-etcd-relay", "relay")):
+            for doc in [d for d in self.docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith(suffix)]:
+                for name, value in doc["data"].items():
+                    target = self.dir / name.replace("tls.", f"{user}.")
+                    target.write_bytes(base64.b64decode(value))
+                    target.chmod(0o600)
         sts = find(self.docs, "StatefulSet", "-etcd")
         self.args = sts["spec"]["template"]["spec"]["containers"][0]["command"]
         self.port, peer = free_port(), free_port()
@@ -229,6 +230,11 @@ def test_chart_identities_after_bootstrap(chart_etcd: ChartEtcd) -> None:
     assert allowed(chart_etcd, "n2", registration, write=True) and allowed(chart_etcd, "n2", report, write=True)
     assert not allowed(chart_etcd, "n2", keyspace.node_key("n1"), write=True)
     assert not allowed(chart_etcd, "n2", identity, write=True)
+    # the relay's pair: the node records, read only; no intent, identity or registration write
+    assert allowed(chart_etcd, "relay", registration, write=False)
+    for key in (intent, identity, registration, keyspace.node_lb_intent_key("n1", "manifest")):
+        assert not allowed(chart_etcd, "relay", key, write=True), key
+    assert not allowed(chart_etcd, "relay", intent, write=False) and not allowed(chart_etcd, "relay", report, write=False)
 
 
 def test_shared_agent_user_only_when_enrollment_is_off(shared_agents_etcd: ChartEtcd) -> None:

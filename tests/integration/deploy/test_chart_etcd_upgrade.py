@@ -50,6 +50,8 @@ def test_the_shared_agent_pair_moves_to_its_own_secret_and_stays(kube: Any, helm
     tls, agents = find(fresh, "Secret", "-etcd-tls")["data"], find(fresh, "Secret", "-etcd-agents")["data"]
     old = {**tls, "agent.crt": agents["tls.crt"], "agent.key": agents["tls.key"]}  # the layout before
     apply_secret(kube, namespace, f"{RELEASE}-ciliary-etcd-tls", old)
+    # the relay's etcd pair as a release that had it left it (without it: the refusal tested below)
+    apply_secret(kube, namespace, f"{RELEASE}-ciliary-etcd-relay", find(fresh, "Secret", "-etcd-relay")["data"])
 
     upgraded = documents(render_with_lookup(kube, helm, namespace, SHARED).stdout)
     assert find(upgraded, "Secret", "-etcd-tls")["data"] == tls, "kept, without the agent pair"
@@ -69,3 +71,15 @@ def test_no_agent_pair_and_no_ca_key_is_refused(kube: Any, helm: Helm, namespace
     apply_secret(kube, namespace, f"{RELEASE}-ciliary-etcd-tls", tls)
     refused = render_with_lookup(kube, helm, namespace, SHARED, check=False)
     assert refused.returncode != 0 and "cannot issue the ciliary-agents certificate" in refused.stderr, refused.stderr
+
+
+def test_no_relay_pair_and_no_ca_key_is_refused(kube: Any, helm: Helm, namespace: str) -> None:
+    """A release installed before the relay had its own etcd user, with enrollment off (no CA key kept): the
+    relay's certificate cannot be issued, and the chart says so rather than falling back to the operator's."""
+    fresh = documents(helm.template(CHART, SHARED, namespace=namespace))
+    apply_secret(kube, namespace, f"{RELEASE}-ciliary-etcd-tls", find(fresh, "Secret", "-etcd-tls")["data"])
+    apply_secret(kube, namespace, f"{RELEASE}-ciliary-etcd-agents", find(fresh, "Secret", "-etcd-agents")["data"])
+    refused = render_with_lookup(kube, helm, namespace, SHARED, check=False)
+    assert refused.returncode != 0 and "cannot issue the ciliary-relay etcd certificate" in refused.stderr, \
+        refused.stderr
+    assert "relay.enabled=false" in refused.stderr

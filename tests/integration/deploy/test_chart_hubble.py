@@ -55,10 +55,13 @@ def test_the_relay_runs_in_every_operator_pod_behind_the_hubble_relay_service(he
     assert args.listen == f"{NODE_IP}:4245"
     assert args.etcd_endpoints == f"https://{RELEASE}-ciliary-etcd.{NAMESPACE}.svc:2379"
     assert not args.etcd_insecure
-    # the operator's own etcd credentials, from the volume the operator container mounts: no new Secret
-    assert env["CILIARY_RELAY_ETCD_CERT_FILE"] == "/etc/ciliary/etcd-tls/tls.crt"
-    assert {"name": "etcd-tls", "mountPath": "/etc/ciliary/etcd-tls", "readOnly": True} in container["volumeMounts"]
-    assert {m["name"] for m in container["volumeMounts"]} == {"tmp", "etcd-tls"}, "never the root credentials"
+    # its own etcd user (ciliary-relay: node records, read only), never the operator's or root's credentials
+    assert env["CILIARY_RELAY_ETCD_CERT_FILE"] == "/etc/ciliary/etcd-relay/tls.crt"
+    assert {"name": "etcd-relay", "mountPath": "/etc/ciliary/etcd-relay", "readOnly": True} in container["volumeMounts"]
+    assert {m["name"] for m in container["volumeMounts"]} == {"tmp", "etcd-relay", "hubble-tls"}
+    assert env["CILIARY_RELAY_HUBBLE_TLS_CERT_FILE"] == "/etc/ciliary/hubble-tls/tls.crt"
+    assert env["CILIARY_RELAY_HUBBLE_TLS_SERVER_CA_FILE"] == "/etc/ciliary/hubble-tls/ca.crt"
+    assert not args.hubble_insecure
     assert container["readinessProbe"]["grpc"]["port"] == 4245
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
@@ -92,6 +95,8 @@ def test_agents_serve_the_observer_api_on_the_node_address_the_relay_reaches(hel
     loaded = settings.load_settings([], _with_files(env, tmp_path))
     assert loaded.hubble_addr == f"{NODE_IP}:4244"  # also what the node record tells the relay
     assert loaded.flow_buffer_size == 4096
+    assert loaded.hubble_tls is not None and not loaded.hubble_insecure, "off loopback: mutual TLS"
+    assert loaded.hubble_socket == "/run/ciliary/hubble.sock"
 
     chosen = find(documents(helm.template(CHART, "agent.hubble.listenAddress=off",
                                           "agent.hubble.flowBufferSize=65536")), "DaemonSet", "-agent")
@@ -154,10 +159,12 @@ def test_the_relay_follows_external_etcd_settings(helm: Helm) -> None:
     args = relay.build_parser().parse_args([_expand(a, env) for a in container["args"]])
     assert args.etcd_insecure and args.etcd_endpoints == "http://e1:2379"
     assert "CILIARY_RELAY_ETCD_CERT_FILE" not in env
+    assert "etcd-relay" not in {m["name"] for m in container["volumeMounts"]}
     tls = documents(helm.template(CHART, "etcd.enabled=false", "etcd.external.endpoints={https://e1:2379}",
                                   "etcd.external.tls.secretName=etcd-client"))
     container = _container(find(tls, "Deployment", "-operator")["spec"]["template"]["spec"], "relay")
     assert "--etcd-insecure" not in container["args"]
+    # an external etcd: the one client Secret the chart is given (etcd.external.tls.secretName), no relay user
     assert _environment(container)["CILIARY_RELAY_ETCD_KEY_FILE"] == "/etc/ciliary/etcd-tls/tls.key"
 
 

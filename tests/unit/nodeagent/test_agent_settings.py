@@ -31,7 +31,8 @@ def test_defaults(tls_env):
 
 
 def test_hubble_addr_flag_env_and_off(tls_env):
-    env = {"CILIARY_AGENT_NODE_NAME": "n1", "CILIARY_AGENT_HUBBLE_ADDR": "0.0.0.0:5555", **tls_env}
+    env = {"CILIARY_AGENT_NODE_NAME": "n1", "CILIARY_AGENT_HUBBLE_ADDR": "0.0.0.0:5555",
+           "CILIARY_AGENT_HUBBLE_INSECURE": "on", **tls_env}
     assert settings.load_settings([], env).hubble_addr == "0.0.0.0:5555"
     assert settings.load_settings(["--hubble-addr", "off"], env).hubble_addr == ""
     assert settings.load_settings(["--flow-buffer-size", "65536"], env).flow_buffer_size == 65536
@@ -40,6 +41,42 @@ def test_hubble_addr_flag_env_and_off(tls_env):
     with pytest.raises(SystemExit) as info:
         settings.load_settings(["--hubble-addr", "nowhere"], env)
     assert info.value.code == 2
+
+
+def _hubble_files(tmp_path):
+    paths = {}
+    for name in ("cert", "key", "client-ca"):
+        paths[name] = tmp_path / f"hubble-{name}.pem"
+        paths[name].write_text("x")
+    return ["--hubble-tls-cert-file", str(paths["cert"]), "--hubble-tls-key-file", str(paths["key"]),
+            "--hubble-tls-client-ca-file", str(paths["client-ca"])]
+
+
+def test_a_non_loopback_observer_api_needs_mutual_tls_or_the_insecure_flag(tls_env, tmp_path, capsys):
+    env = {"CILIARY_AGENT_NODE_NAME": "n1", **tls_env}
+    with pytest.raises(SystemExit) as info:
+        settings.load_settings(["--hubble-addr", "192.0.2.7:4244"], env)
+    assert info.value.code == 2 and "--hubble-insecure" in capsys.readouterr().err
+    plain = settings.load_settings(["--hubble-addr", "192.0.2.7:4244", "--hubble-insecure"], env)
+    assert plain.hubble_insecure and plain.hubble_tls is None
+    secured = settings.load_settings(["--hubble-addr", "192.0.2.7:4244", *_hubble_files(tmp_path)], env)
+    assert secured.hubble_tls is not None and not secured.hubble_insecure
+    assert secured.hubble_tls.client_ca_file == tmp_path / "hubble-client-ca.pem"
+    for local in ("127.0.0.1:4244", "[::1]:4244", "localhost:4244"):
+        assert settings.load_settings(["--hubble-addr", local], env).hubble_tls is None
+    socket = settings.load_settings(["--hubble-socket", "/run/ciliary/hubble.sock"], env)
+    assert socket.hubble_socket == "/run/ciliary/hubble.sock"
+
+
+def test_hubble_tls_files_come_all_three_and_exist(tls_env, tmp_path, capsys):
+    env = {"CILIARY_AGENT_NODE_NAME": "n1", **tls_env}
+    files = _hubble_files(tmp_path)
+    with pytest.raises(SystemExit):
+        settings.load_settings(files[:4], env)
+    assert "CA file is missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        settings.load_settings([*files[:5], str(tmp_path / "absent.pem")], env)
+    assert "no such file" in capsys.readouterr().err
 
 
 def test_env_then_flags(tls_env):

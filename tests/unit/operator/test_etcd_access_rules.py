@@ -75,6 +75,17 @@ OPERATOR_MATRIX = {
     "kubernetes": (False, False),
 }
 
+RELAY_MATRIX = {what: (what.endswith("registration"), False) for what in KEYS}
+"""The Hubble relay reads the node registrations (their Observer API addresses) and nothing else."""
+
+
+@pytest.mark.parametrize("what", sorted(KEYS))
+def test_relay_role_matrix(what: str) -> None:
+    role = access.relay_role()
+    key = KEYS[what]
+    assert (role.allows(key, write=False), role.allows(key, write=True)) == RELAY_MATRIX[what]
+    assert role.user == access.RELAY_USER == "ciliary-relay"
+
 
 @pytest.mark.parametrize("what", sorted(KEYS))
 def test_node_role_matrix(what: str) -> None:

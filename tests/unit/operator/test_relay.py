@@ -175,3 +175,34 @@ async def test_relay_follow_picks_up_a_node_that_joins_later(cluster) -> None:  
     finally:
         call.cancel()
         await server.stop(grace=None)
+
+
+def test_a_relay_without_certificates_dials_only_loopback_peers_unless_insecure() -> None:
+    """A peer off loopback without client certificates: refused before any channel is made (the node is then
+    reported unavailable); ``--hubble-insecure`` dials it in plaintext."""
+    from ciliary.nodeagent import observer_tls
+
+    async def go() -> None:
+        strict, loose = relay.Peers(), relay.Peers(insecure=True)
+        try:
+            strict.stub("n1", "127.0.0.1:4244")
+            with pytest.raises(observer_tls.ObserverTLSError) as info:
+                strict.stub("n2", "192.0.2.7:4244")
+            assert info.value.address == "192.0.2.7:4244"
+            loose.stub("n2", "192.0.2.7:4244")
+            await strict.set({"n2": "192.0.2.7:4244"})
+            nodes = await relay.RelayObserver(strict).GetNodes(observer_pb2.GetNodesRequest(), None)  # type: ignore[arg-type]
+            assert [(n.name, n.state) for n in nodes.nodes] == [("n2", relay_pb2.NODE_UNAVAILABLE)]
+        finally:
+            await strict.close()
+            await loose.close()
+
+    asyncio.run(go())
+
+
+def test_the_relay_parser_takes_all_three_tls_files_or_none(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("c", "k", "ca"):
+        (tmp_path / name).write_text("x")
+    with pytest.raises(SystemExit):
+        relay.main(["--peer", "n=127.0.0.1:1", "--hubble-tls-cert-file", str(tmp_path / "c")])
+    assert "is missing" in capsys.readouterr().err

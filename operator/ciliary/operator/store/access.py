@@ -7,6 +7,8 @@ from the client certificate's common name, so a component's certificate CN *is* 
 
 * The operator reads and writes the intents (policy and load balancing), the identities and its election keys, and
   reads the node registrations, the per-node statuses and the policy reports.
+* The Hubble relay (:func:`relay_role`) reads the node registrations (each names its Observer API
+  address) and nothing else.
 * The agent of node ``N`` (user :func:`node_user`) reads only its own intents (policy and load
   balancing) and the
   shared identities (its load-balancing intent is every key under ``/ciliary/lbintents/v2/N/``);
@@ -36,6 +38,8 @@ OPERATOR_USER = "ciliary-operator"
 NODE_USER_PREFIX = "ciliary-node-"
 SHARED_AGENTS_USER = "ciliary-agents"
 """The chart's shared agent user when per-node enrollment is off (see :func:`shared_agents_role`)."""
+RELAY_USER = "ciliary-relay"
+"""The Hubble relay's user (``ciliary-relay``): it reads the node registrations only."""
 OPERATOR_PREFIX = f"{keyspace.ROOT}/operator/"
 """The operator's own keys (the leader election key lives here)."""
 
@@ -122,6 +126,10 @@ def operator_role() -> Role:
         Grant(r, keyspace.NODE_STATUS_PREFIX, prefix=True),
         Grant(r, keyspace.REPORTS_PREFIX, prefix=True),
     ))
+
+
+def relay_role() -> Role:
+    return Role(name=RELAY_USER, user=RELAY_USER, grants=(Grant(Permission.READ, keyspace.NODES_PREFIX, prefix=True),))
 
 
 def node_role(node: str) -> Role:
