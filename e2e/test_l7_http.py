@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 
-from ciliary.lab import topology
 from lab_harness import LabHandle
 
 pytestmark = pytest.mark.e2e
@@ -187,63 +186,6 @@ def test_each_request_is_an_l7_flow_naming_the_rule(lab: LabHandle, scene: str) 
     # the kernel's flow for the redirected connection says where it went
     kernel = agent_json(lab, "node-1", f"/v1/flows?last=500&pod={NS}/deathstar")
     assert any(f["reason"] == "OK_PROXY" for f in kernel if "l7" not in f)
-
-
-WORLD_NODEPORT = 30183
-NODE_1 = "192.0.2.11"
-WORLD_POLICY = f"""
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {{name: l7-world, namespace: {NS}}}
-spec:
-  endpointSelector: {{matchLabels: {{org: empire, class: deathstar}}}}
-  ingress:
-  - fromEntities: [world-ipv4]
-    toPorts:
-    - ports: [{{port: "80", protocol: TCP}}]
-      rules: {{http: [{{method: GET, path: /v1/public}}]}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: deathstar-np, namespace: {NS}}}
-spec:
-  type: NodePort
-  externalTrafficPolicy: Local
-  selector: {{org: empire, class: deathstar}}
-  ports: [{{port: 80, targetPort: 80, nodePort: {WORLD_NODEPORT}}}]
-"""
-
-
-def world_request(lab: LabHandle, method: str, path: str, timeout: float = 3.0) -> tuple[int, str]:
-    """One HTTP request from the lab's world host to node-1's NodePort (Local: the client address is kept)."""
-    netns = topology.NETNS_DIR / lab.lab.layout.world_netns
-    argv = ["nsenter", f"--net={netns}", sys.executable, "-m", "ciliary.lab.probe", "http", NODE_1,
-            str(WORLD_NODEPORT), "--method", method, "--path", path, "--timeout", str(timeout)]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30)
-    return proc.returncode, proc.stdout.strip()
-
-
-def test_world_through_a_nodeport_meets_its_own_http_rules(lab: LabHandle, scene: str) -> None:
-    """World has no ipcache prefix: its requests reach the world chain (0.0.0.0/0) with the world rule, not a
-    403 for everything; the rules of other peers (the empire's POST) never apply to it."""
-    lab.apply(WORLD_POLICY)
-    try:
-        done = lab.kubectl("wait", "--for=condition=Enforced", "--timeout=90s", "-n", NS, "cnp/l7-world",
-                           check=False)
-        assert done.returncode == 0, (done.stdout, done.stderr)
-
-        def public() -> str | None:
-            _code, out = world_request(lab, "GET", "/v1/public")
-            return out if out.startswith("HTTP/1.1 200") else None
-
-        out = wait_for("the world host's allowed request answered 200", public, 90)
-        assert f"{NS}/deathstar" in out, out
-        _code, out = world_request(lab, "POST", "/v1/request-landing")  # the empire's rule, not the world's
-        assert out == "HTTP/1.1 403 Forbidden Access denied", out
-        _code, out = world_request(lab, "GET", "/v1/private")
-        assert out.startswith("HTTP/1.1 403"), out
-    finally:
-        lab.kubectl("delete", "-n", NS, "cnp/l7-world", "service/deathstar-np", check=False)
 
 
 def test_envoy_is_restarted_and_the_policy_keeps_working(lab: LabHandle, scene: str) -> None:

@@ -8,11 +8,10 @@ org=empire into the deathstar on 80/TCP) the tiefighter lands, the xwing times o
 status shows where it is enforced. Every step prints the command a user would type to do the same.
 ``ciliary observe`` and ``ciliary policy trace`` read Ciliary's etcd, which there is the chart's bundled
 etcd inside the cluster, out of the CLI's reach from the lab: those two steps are left out and say so.
-Then, on the process lab (``--process``), the L7 step (Cilium's ``sw_l3_l4_l7_policy``): ``rule1``
-gains an HTTP rule, enforced by node-1's Envoy: the tiefighter's ``POST /v1/request-landing`` lands,
-its ``PUT /v1/exhaust-port`` gets ``403 Access denied``, and both requests show as L7 flows. On real
-nodes that step is left out and says why (the agent image has no iptables for the proxy's TPROXY
-rule yet: such a policy reports not enforcing there, and its traffic is dropped).
+Then the L7 step (Cilium's ``sw_l3_l4_l7_policy``): ``rule1`` gains an HTTP rule, enforced by
+node-1's Envoy: the tiefighter's ``POST /v1/request-landing`` lands, its ``PUT /v1/exhaust-port`` gets
+``403 Access denied``, and both requests show as L7 flows (on real nodes read by the real ``hubble``
+CLI from the chart's relay; on the process lab by ``ciliary observe``).
 
 ``--process`` (``make demo-process``) is the fast development mode: the same scene on the process lab
 (``ciliary lab up``: agents, operator and Ciliary's own pod runtime as processes, no kubelet, no images),
@@ -27,6 +26,7 @@ import subprocess
 import sys
 import time
 
+from ciliary.lab import tools
 from ciliary.lab.lab import Lab, LabError
 
 MANIFEST = """
@@ -147,7 +147,7 @@ def wait_enforced(lab: Lab, seconds: float = 60) -> None:
     print((done.stdout or done.stderr).strip(), flush=True)
 
 
-def l7_step(lab: Lab, ip: str) -> bool:
+def l7_step(lab: Lab, ip: str, real_nodes: bool = False) -> bool:
     """rule1 with an HTTP rule: the deathstar's node's Envoy answers what the rule does not allow."""
     step("Apply an L7 policy: empire ships may only POST /v1/request-landing (enforced by node-1's Envoy)")
     show("kubectl apply -f sw_l3_l4_l7_policy.yaml")
@@ -166,15 +166,36 @@ def l7_step(lab: Lab, ip: str) -> bool:
     deadline = time.monotonic() + 15
     text = ""
     while time.monotonic() < deadline:
-        found = subprocess.run([sys.executable, "-m", "ciliary.cli.main", "observe", "--pod", "default/deathstar",
-                                "--last", "200"], capture_output=True, text=True, timeout=60).stdout
-        text = "\n".join(line for line in found.splitlines() if " HTTP/" in line)
+        text = hubble_l7_lines(lab) if real_nodes else "\n".join(
+            line for line in subprocess.run(
+                [sys.executable, "-m", "ciliary.cli.main", "observe", "--pod", "default/deathstar", "--last", "200"],
+                capture_output=True, text=True, timeout=60).stdout.splitlines() if " HTTP/" in line)
         if "PUT /v1/exhaust-port => 403" in text and "POST /v1/request-landing => 200" in text:
             break
         time.sleep(1)
-    show("ciliary observe --pod default/deathstar --last 200 | grep HTTP")
+    show("hubble observe --pod default/deathstar --last 500 -o json   # the L7 flows, through the chart's relay"
+         if real_nodes else "ciliary observe --pod default/deathstar --last 200 | grep HTTP")
     print("\n".join(text.splitlines()[-2:]), flush=True)
-    return ok and "PUT /v1/exhaust-port => 403" in text
+    return ok and "PUT /v1/exhaust-port => 403" in text and "POST /v1/request-landing => 200" in text
+
+
+def hubble_l7_lines(lab: Lab) -> str:
+    """The deathstar's HTTP responses as ``METHOD PATH => CODE VERDICT``, read by the real hubble CLI from the
+    chart's relay (forwarded to this shell by the real-node lab, as ``HUBBLE_SERVER``)."""
+    out = subprocess.run([str(tools.built_path("hubble")), "observe", "--server", f"127.0.0.1:{lab.relay_port()}",
+                          "--pod", "default/deathstar", "--last", "500", "-o", "json"],
+                         capture_output=True, text=True, timeout=60)
+    lines = []
+    for line in out.stdout.splitlines():
+        try:
+            flow = json.loads(line)["flow"]
+            http = flow["l7"]["http"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if http.get("code"):
+            path = "/" + str(http.get("url", "")).split("://", 1)[-1].partition("/")[2]
+            lines.append(f"{http.get('method')} {path} => {http['code']} {flow.get('verdict', '')}")
+    return "\n".join(lines)
 
 
 def run(real_nodes: bool = True) -> int:
@@ -222,12 +243,7 @@ def run(real_nodes: bool = True) -> int:
         step("Why? The same entries the kernel holds, explained")
         ciliary("policy", "trace", "--src", "default/xwing", "--dst", "default/deathstar", "--dport", "80/tcp")
         ciliary("policy", "trace", "--src", "default/tiefighter", "--dst", "default/deathstar", "--dport", "80/tcp")
-    if not real_nodes:
-        ok &= l7_step(lab, ip)
-    else:
-        step("The L7 step (HTTP rules through Envoy) runs on the process lab: make demo-process")
-        print("   (not here: the agent image has no iptables for the proxy's TPROXY rule yet; an HTTP policy "
-              "reports not enforcing on these nodes and its traffic is dropped)")
+    ok &= l7_step(lab, ip, real_nodes)
     step("Where the policy is enforced, per node, in its status")
     show("kubectl get cnp rule1 -o jsonpath='{.status}'")
     status = lab.kubectl("get", "cnp", "rule1", "-o", "json").stdout
