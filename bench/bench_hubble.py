@@ -13,9 +13,13 @@ forwarded flows between other pods) through the same ``FlowHub.publish`` the age
    process, server and client together, which a loaded machine distorts less): ``--pod default/deathstar --verdict DROPPED``
    with number=20, and the same over the whole ring (number=0);
    The same requests from the real ``hubble observe`` CLI: the server's CPU per request (this
-   process serves only) and the CLI's wall time;
+   process serves only), the CLI's wall time and its own CPU time;
+   a bulk stream, ``hubble observe --last 16384`` with no filter (run twice: the second sends only kept
+   serialized responses): flows/s, and per flow the server's CPU and the CLI's (receiving, decoding,
+   printing JSON) — the two costs every followed flow also pays;
 2. follow throughput to ``hubble observe --follow -o json`` (the real CLI, setup/build-hubble.sh):
    (a) a burst that fits the follower queue, timed until the CLI printed all of it (no loss);
+   with the CLI's CPU per flow;
    (b) events published as fast as the loop allows for ``--seconds``: published/s, printed/s and
    the follower's losses (counted by the server, reported in-stream).
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -35,6 +40,7 @@ from pathlib import Path
 import grpc
 
 REPO = Path(__file__).resolve().parents[1]
+BULK = 16384
 sys.path.insert(0, str(REPO / "e2e"))
 
 from ciliary.hubbleapi import flow_pb2, observer_pb2, observer_pb2_grpc  # noqa: E402
@@ -75,6 +81,26 @@ async def latency(stub: observer_pb2_grpc.ObserverStub,
     async for _ in stub.GetFlows(request):
         count += 1
     return (time.perf_counter() - t0) * 1000, count, (time.process_time() - c0) * 1000
+
+
+async def observe(hubble: str, address: str, flags: list[str]) -> tuple[float, float, float, int]:
+    """One ``hubble observe -o json`` run: (wall ms, this process's CPU ms (the server's), the CLI's CPU ms,
+    lines printed)."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0, c0 = time.perf_counter(), time.process_time()
+    cli = await asyncio.create_subprocess_exec(hubble, "observe", "--server", address, "-o", "json", *flags,
+                                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    out, _ = await cli.communicate()
+    wall, cpu = (time.perf_counter() - t0) * 1000, (time.process_time() - c0) * 1000
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cli_cpu = (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) * 1000
+    return wall, cpu, cli_cpu, out.count(b"\n")
+
+
+def cpu_of(pid: int) -> float:
+    """A running process's user + system CPU seconds (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def selection(hub: flowapi.FlowHub, whitelist: list[flow_pb2.FlowFilter]) -> None:
@@ -127,19 +153,22 @@ async def main() -> None:
             entry.flow = entry.wire = None
 
     hubble = str(tools.find("hubble"))
-    # the real CLI as the client: this process's CPU is then the server's alone
+    # the real CLI as the client: this process's CPU is then the server's alone; the CLI's own CPU from
+    # RUSAGE_CHILDREN (what it costs to receive, decode and print, whatever the server does)
     for label, flags in (("--last 20", ["--last", "20"]), ("--all", ["--all"])):
-        cli_runs: list[tuple[float, float, int]] = []
-        for _ in range(5):
-            t0, c0 = time.perf_counter(), time.process_time()
-            cli = await asyncio.create_subprocess_exec(
-                hubble, "observe", "--server", address, "--pod", "default/deathstar", "--verdict", "DROPPED",
-                "-o", "json", *flags, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-            out, _ = await cli.communicate()
-            cli_runs.append(((time.perf_counter() - t0) * 1000, (time.process_time() - c0) * 1000, out.count(b"\n")))
-        print(f"hubble observe --pod default/deathstar --verdict DROPPED {label}: {cli_runs[-1][2]} flows; server CPU "
+        cli_runs = [await observe(hubble, address, ["--pod", "default/deathstar", "--verdict", "DROPPED", *flags])
+                    for _ in range(5)]
+        print(f"hubble observe --pod default/deathstar --verdict DROPPED {label}: {cli_runs[-1][3]} flows; server CPU "
               f"median {statistics.median(r[1] for r in cli_runs):.1f} ms per request; CLI wall time (start-up and "
-              f"JSON output included) median {statistics.median(r[0] for r in cli_runs):.0f} ms")
+              f"JSON output included) median {statistics.median(r[0] for r in cli_runs):.0f} ms, CLI CPU median "
+              f"{statistics.median(r[2] for r in cli_runs):.0f} ms")
+    # a bulk stream with nothing to convert (second run): the per-flow cost of the gRPC stream on each side
+    bulk = min(BULK, len(hub.ring))
+    for run in ("first (converts)", "then"):
+        wall, server_cpu, cli_cpu, count = await observe(hubble, address, ["--last", str(bulk)])
+        print(f"hubble observe --last {bulk} -o json, no filter, {run}: {count} flows in {wall / 1000:.2f} s "
+              f"({count / wall * 1000:.0f}/s); server CPU {server_cpu * 1000 / max(count, 1):.0f} us per flow, "
+              f"CLI CPU {cli_cpu * 1000 / max(count, 1):.0f} us per flow")
     proc = subprocess.Popen([hubble, "observe", "--server", address, "--follow", "-o", "json"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert proc.stdout is not None
@@ -167,14 +196,17 @@ async def main() -> None:
     # (a) a burst that fits the follower's queue: time until the CLI printed every flow (no loss allowed)
     burst = observer_server.FOLLOW_QUEUE - 384
     lost0 = hub.lost_followers
+    cli0 = cpu_of(proc.pid)
     t0 = time.perf_counter()
     hub.publish([synthetic(k, time.time()) for k in range(burst)])
     while lines < burst and time.perf_counter() - t0 < 120:  # bounded
         await asyncio.sleep(0.005)
         drain()
     elapsed = time.perf_counter() - t0
+    cli_cpu = cpu_of(proc.pid) - cli0
     print(f"follow, burst of {burst}: hubble observe --follow printed {lines} flows in {elapsed:.2f} s "
-          f"({lines / elapsed:.0f}/s), lost {hub.lost_followers - lost0}")
+          f"({lines / elapsed:.0f}/s), lost {hub.lost_followers - lost0}; CLI CPU {cli_cpu * 1e6 / max(lines, 1):.0f} "
+          f"us per flow")
     # (b) publishing as fast as the loop allows for --seconds: what the follower gets, what it loses
     lines, lost0, published, n = 0, hub.lost_followers, 0, 0
     t0 = time.perf_counter()

@@ -107,17 +107,18 @@ def to_flow(event: Any, index: Any, rules: Iterable[intents.RuleRef], revision: 
     reason = getattr(event.reason, "name", str(event.reason))
     dropped = str(event.verdict).lower() == "dropped"
     ingress = event.direction == "ingress"
+    src, dst = str(event.src), str(event.dst)  # each formatted once (ipaddress's __str__ is slow)
     flow = flow_pb2.Flow(
         time=timestamp(event.time), emitter=flow_pb2.Emitter(name=EMITTER), node_name=index.node,
         verdict=flow_pb2.DROPPED if dropped else flow_pb2.FORWARDED, Type=flow_pb2.L3_L4,
         traffic_direction=flow_pb2.INGRESS if ingress else flow_pb2.EGRESS,
         reply=bool(event.is_reply), is_reply=wrappers_pb2.BoolValue(value=bool(event.is_reply)),
-        source=_endpoint(index, str(event.src), event.src_identity),
-        destination=_endpoint(index, str(event.dst), event.dst_identity),
+        source=_endpoint(index, src, event.src_identity),
+        destination=_endpoint(index, dst, event.dst_identity),
         interface=flow_pb2.NetworkInterface(index=event.ifindex),
     )
     version = flow_pb2.IPv6 if isinstance(event.src, ipaddress.IPv6Address) else flow_pb2.IPv4
-    flow.IP.CopyFrom(flow_pb2.IP(source=str(event.src), destination=str(event.dst), ipVersion=version))
+    flow.IP.CopyFrom(flow_pb2.IP(source=src, destination=dst, ipVersion=version))
     if dropped:
         code = DROP_CODES.get(reason, flow_pb2.DROP_REASON_UNKNOWN)
         flow.drop_reason = code

@@ -45,10 +45,37 @@ def response_wire(entry: object, node: str) -> bytes:
     cached on the entry: sending a kept flow again costs no copy and no serialization."""
     wire = entry.wire  # type: ignore[attr-defined]
     if wire is None:
-        flow = flow_of(entry)
-        wire = observer_pb2.GetFlowsResponse(flow=flow, node_name=node, time=flow.time).SerializeToString()
+        wire = response_bytes(flow_of(entry), node)
         entry.wire = wire  # type: ignore[attr-defined]
     return wire
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_FLOW_TAG = b"\x0a"  # GetFlowsResponse.flow: field 1, length-delimited
+_NODE_NAME_TAG = _varint(1000 << 3 | 2)  # GetFlowsResponse.node_name
+_TIME_TAG = _varint(1001 << 3 | 2)  # GetFlowsResponse.time
+
+
+def response_bytes(flow: flow_pb2.Flow, node: str) -> bytes:
+    """``GetFlowsResponse(flow=flow, node_name=node, time=flow.time).SerializeToString()``, byte for byte,
+    written around the flow's own serialization: no response message built, the flow not copied into one."""
+    body = flow.SerializeToString()
+    parts = [_FLOW_TAG, _varint(len(body)), body]
+    if node:
+        name = node.encode()
+        parts += [_NODE_NAME_TAG, _varint(len(name)), name]
+    if flow.HasField("time"):
+        stamp = flow.time.SerializeToString()
+        parts += [_TIME_TAG, _varint(len(stamp)), stamp]
+    return b"".join(parts)
 
 
 def _nanos(ts: object) -> int:
