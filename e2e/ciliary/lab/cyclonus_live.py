@@ -241,7 +241,10 @@ def run(lab: Lab, tags: FocusList, settings: Settings, *, log_dir: Path | None =
     seconds = time.monotonic() - t0
     output = log_path.read_text(errors="replace")
     flows = cyclonus_witness.read_flows(flow_files)
-    witness = (f"flows of x, y, z recorded: {len(flows)} ({', '.join(p.name for p in flow_files)})",
+    checked, disagree = cyclonus_witness.self_check(output, flows, ignore_loopback=settings.ignore_loopback)
+    witness = (f"flows of x, y, z recorded: {len(flows)} ({', '.join(p.name for p in flow_files)}); self-check: "
+               f"{checked} probes of the correct steps, {len(disagree)} the flows disagree with",
+               *(f"self-check disagrees: {line}" for line in disagree),
                *cyclonus_witness.witness(output, flows, ignore_loopback=settings.ignore_loopback))
     (out / "witness.txt").write_text("\n".join(witness) + "\n")
     if log_dir is not None:

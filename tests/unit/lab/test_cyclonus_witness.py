@@ -69,8 +69,9 @@ T_TRY0, T_TRY1, T_END = 1796507416.0, 1796507503.0, 1796507558.0  # 21:50:16, 21
 
 
 def flow(verdict: str, reason: str, time: str, *, port: int = 80, src: str = "10.244.2.20",
-         dst: str = "10.244.1.16", namespace: str = "x", src_namespace: str = "z") -> dict[str, object]:
-    return {"time": time, "node": "node-1", "verdict": verdict, "reason": reason, "direction": "ingress",
+         dst: str = "10.244.1.16", namespace: str = "x", src_namespace: str = "z", direction: str = "ingress",
+         node: str = "node-1") -> dict[str, object]:
+    return {"time": time, "node": node, "verdict": verdict, "reason": reason, "direction": direction,
             "protocol": "UDP", "src": {"ip": src, "port": 40001, "namespace": src_namespace, "pod": ""},
             "dst": {"ip": dst, "port": port, "namespace": namespace, "pod": "a"}}
 
@@ -90,27 +91,34 @@ def test_a_pods_probe_of_itself_counts_only_without_ignore_loopback() -> None:
         ("x/a", "x/a"), ("z/c", "x/a")}
 
 
-def test_a_dropped_probe_is_not_the_datapaths_allow() -> None:
-    flows = [flow("DROPPED", "DROP_POLICY", "2026-12-05T21:51:38.102030405Z"),
+#: z/c's datagram leaves z/c's unenforced egress (node-2) and is dropped at x/a's ingress (node-1)
+LEFT_Z_C = flow("FORWARDED", "OK_UNENFORCED", "2026-12-05T21:51:38.1Z", direction="egress", node="node-2")
+
+
+def test_a_probe_dropped_at_the_destination_is_not_the_datapaths_allow() -> None:
+    flows = [LEFT_Z_C, flow("DROPPED", "DROP_POLICY", "2026-12-05T21:51:38.102030405Z"),
              flow("DROPPED", "DROP_POLICY", "2026-12-05T21:52:36.5Z", port=81)]
-    lines = w.witness(CASE_14, flows)
-    assert lines == [
+    assert w.witness(CASE_14, flows) == [
         "#14 try 0: z/c -> x/a UDP/80 allowed: the datapath dropped 1 packet(s) (node-1 ingress DROP_POLICY) "
-        "and forwarded none: the probe's outcome is not the datapath's",
+        "and admitted none: the probe's outcome is not the datapath's",
         "#14 try 1: z/c -> x/a UDP/81 allowed: the datapath dropped 1 packet(s) (node-1 ingress DROP_POLICY) "
-        "and forwarded none: the probe's outcome is not the datapath's"]
+        "and admitted none: the probe's outcome is not the datapath's"]
 
 
-def test_a_forwarded_packet_is_named_and_other_tuples_or_times_are_not_matched() -> None:
+def test_only_the_destinations_ingress_admits_and_other_tuples_or_times_are_not_matched() -> None:
     cell = w.wrong_cells(CASE_14)[0]
     flows = [flow("FORWARDED", "OK_UNENFORCED", "2026-12-05T21:51:40Z"),
              flow("DROPPED", "DROP_POLICY", "2026-12-05T21:51:40Z", port=81),          # another port
              flow("DROPPED", "DROP_POLICY", "2026-12-05T21:51:40Z", src="10.244.2.18"),  # another source
              flow("DROPPED", "DROP_POLICY", "2026-12-05T21:40:00Z")]                    # before the try
     assert w.matching(cell, flows) == flows[:1]
-    assert w.verdict(cell, w.matching(cell, flows)).endswith(
-        "the datapath FORWARDED 1 packet(s) (node-1 ingress OK_UNENFORCED)")
-    assert w.verdict(cell, []).endswith("no flow of it recorded (an address without an endpoint passes without one)")
+    assert w.verdict(cell, w.matching(cell, [LEFT_Z_C, *flows])).endswith(
+        "the datapath FORWARDED 1 packet(s) at the destination's ingress (node-1 ingress OK_UNENFORCED)")
+    assert w.verdict(cell, [LEFT_Z_C]).endswith(
+        "only the source's egress recorded it (node-2 egress OK_UNENFORCED); nothing at the destination's "
+        "ingress (a reply of a tracked connection, or an address without an endpoint)")
+    assert w.verdict(cell, []).endswith(
+        "no flow of it recorded (a reply of a tracked connection, or an address without an endpoint)")
 
 
 def test_only_flows_of_the_given_namespaces_are_kept() -> None:
@@ -162,3 +170,33 @@ def test_the_recorder_writes_one_file_per_node(flow_api: str, tmp_path: Path) ->
     paths = recorder.stop()
     assert paths == [tmp_path / "flows-node-1.jsonl"]
     assert [f["verdict"] for f in w.read_flows(paths)] == ["DROPPED"]
+
+
+CORRECT_STEP = f"""resources:
+{RESOURCES}
+starting test case #1
+time="2026-12-05T21:50:16Z" level=info msg="running kube probe on try 1"
+evaluating test case: pods by label + ns by label
+step 1 on all available ports/protocols:
+0 wrong, 3 ignored, 8 correct
+{HEADER}| z/c    | X X X X | . . . . | . . . . |
++--------+---------+---------+---------+
+
+finished policy #1
+starting test case #2
+time="2026-12-05T21:51:00Z" level=info msg="cluster state reset"
+"""
+
+
+def test_the_self_check_turns_every_probe_of_a_correct_step_and_needs_the_flows_to_agree() -> None:
+    ports = (("TCP", 80), ("TCP", 81), ("UDP", 80), ("UDP", 81))
+    flows = [{**flow("DROPPED", "DROP_POLICY", "2026-12-05T21:50:20Z", port=port), "protocol": protocol}
+             for protocol, port in ports]
+    flows += [{**flow("FORWARDED", "OK_UNENFORCED", "2026-12-05T21:50:21Z", port=port, dst="10.244.2.18",
+                      node="node-2"), "protocol": protocol} for protocol, port in ports]
+    assert w.self_check(CORRECT_STEP, flows) == (8, [])
+    checked, disagree = w.self_check(CORRECT_STEP, flows[:-1])  # z/c -> x/c UDP/81: its forward not recorded
+    assert checked == 8
+    assert disagree == ["#1 try 0: z/c -> x/c UDP/81 blocked: no flow of it recorded (a reply of a tracked "
+                        "connection, or an address without an endpoint)"]
+    assert w.wrong_cells(CORRECT_STEP) == []  # the run itself had no wrong cell
