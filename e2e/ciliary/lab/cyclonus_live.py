@@ -28,10 +28,10 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from ciliary.lab import images, tools, topology
+from ciliary.lab import cyclonus_witness, images, tools, topology
 from ciliary.lab.conformance import FocusList, parse_focus, uncommented_skips
 from ciliary.lab.kubeconfigs import write_kubeconfig
 from ciliary.lab.kubeletnode import node_paths
@@ -100,6 +100,8 @@ class RunResult:
     correct_cells: int = 0
     #: cases selected; more than passed + failed when the run was stopped before its end
     selected: int = 0
+    #: what the datapath's flows say of each wrong cell of every try (``cyclonus_witness``)
+    witness: tuple[str, ...] = ()
 
     def line(self) -> str:
         done = self.passed + self.failed
@@ -215,6 +217,9 @@ def run(lab: Lab, tags: FocusList, settings: Settings, *, log_dir: Path | None =
     argv = ["nsenter", f"--net={topology.NETNS_DIR / lab.layout.node_netns(node)}",
             *generate_argv(tools.built_path("cyclonus"), tags, settings, junit=junit)]
     log_path = out / "cyclonus.log"
+    recorder = cyclonus_witness.FlowRecorder(
+        out, lab.node_names(), {n: ["nsenter", f"--net={topology.NETNS_DIR / lab.layout.node_netns(n)}"]
+                                for n in lab.node_names()}, NAMESPACES)
     t0 = time.monotonic()
     try:
         with log_path.open("w") as log:
@@ -231,15 +236,25 @@ def run(lab: Lab, tags: FocusList, settings: Settings, *, log_dir: Path | None =
                     proc.kill()
                     proc.wait()
     finally:
+        flow_files = recorder.stop()
         remove_namespaces(lab)  # also after a failure or a timeout (cyclonus cleans up only when it ends)
-        if log_dir is not None:
-            log_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(log_path, log_dir / "conformance-cyclonus.log")
     seconds = time.monotonic() - t0
     output = log_path.read_text(errors="replace")
+    flows = cyclonus_witness.read_flows(flow_files)
+    checked, disagree = cyclonus_witness.self_check(output, flows, ignore_loopback=settings.ignore_loopback)
+    witness = (f"flows of x, y, z recorded: {len(flows)} ({', '.join(p.name for p in flow_files)}); self-check: "
+               f"{checked} probes of the correct steps, {len(disagree)} the flows disagree with",
+               *(f"self-check disagrees: {line}" for line in disagree),
+               *cyclonus_witness.witness(output, flows, ignore_loopback=settings.ignore_loopback))
+    (out / "witness.txt").write_text("\n".join(witness) + "\n")
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log_path, log_dir / "conformance-cyclonus.log")
+        shutil.copyfile(out / "witness.txt", log_dir / "conformance-cyclonus-witness.txt")
     if not listed_cases(output):
         raise LabError(f"cyclonus stopped (exit {proc.returncode}) before its first case; see {log_path}")
-    return run_result(output, seconds, junit.read_text() if junit.exists() else None)
+    result = run_result(output, seconds, junit.read_text() if junit.exists() else None)
+    return replace(result, witness=witness)
 
 
 def dry_run(tags: FocusList, settings: Settings) -> list[Case]:
@@ -286,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(result.line(), flush=True)
     for case in result.failures:
         print(f"  FAILED #{case.number}: {case.description} [{', '.join(case.tags)}]", flush=True)
+    for line in result.witness:
+        print(f"  witness: {line}", flush=True)
     return 1 if result.failed else 0
 
 
