@@ -233,12 +233,22 @@ def _tls_of(chain: Chain, covering: list[intents.PolicyEntry]) -> Chain:
 
 def _ingress_server_names(chains: list[Chain]) -> list[Chain]:
     """Every chain of one (endpoint, port) plus, when some chain matches server names, a copy of each chain
-    without names matching all of them (Envoy matches server names before the source address)."""
+    without names matching all of them, and for each chain with names a copy without them that denies.
+
+    Envoy matches server names before the source address: a connection whose SNI (or plain text: none) a
+    peer's named chain does not match would otherwise fall to the longest source prefix among the chains
+    without names (another peer's CIDR or world chain), and be judged by that peer's rules. So every chain
+    exists on both sides of the server-name split, and a peer's connection always meets its own sources'
+    chain: its rules, or a deny.
+    """
     wanted = sorted({n for c in chains if c.tls is not None for n in c.tls.server_names})
     if not wanted:
         return chains
+    named = [c for c in chains if c.tls is not None and c.tls.server_names]
     return chains + [dataclasses.replace(c, server_names=tuple(wanted), name=f"{c.name}/sni") for c in chains
-                     if not (c.tls is not None and c.tls.server_names)]
+                     if c not in named] + [
+        dataclasses.replace(c, rules=(), tls=None, passthrough=False, conflict=False, name=f"{c.name}/other-sni")
+        for c in named]
 
 
 def ingress_conflicts(intent: intents.NodeIntent) -> list[str]:

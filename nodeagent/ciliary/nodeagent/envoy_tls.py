@@ -203,7 +203,10 @@ def tls_chain(intent: intents.NodeIntent, tls: intents.TlsInterception, secrets_
         upstream = cluster_name(originating, ingress=ingress)
     elif not ingress:
         return None
-    match: dict[str, Any] = {"transport_protocol": "tls"}
+    # No transport_protocol: Envoy matches it before the source address, so a peer's plain text would fall
+    # to another peer's (CIDR, world) chain. Without it the peer meets its own chain whatever it sends, and
+    # plain text fails the TLS handshake there (closed).
+    match: dict[str, Any] = {}
     if tls.server_names:
         match["server_names"] = list(tls.server_names)
     return TlsChain(match, downstream_context(secrets_dir, terminating), upstream, upstream is not None)

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from test_envoy_config import DEATHSTAR, REF, TIEFIGHTER, XWING, entry, node_intent  # type: ignore[import-not-found]
+from test_envoy_config import CIDR_ID, DEATHSTAR, REF, TIEFIGHTER, XWING, entry, node_intent  # type: ignore[import-not-found]
 
 from ciliary.lab.testca import TestCA
 from ciliary.nodeagent import envoy_bootstrap, envoy_config, envoy_proxy, envoy_tls
@@ -55,7 +55,7 @@ def test_terminates_the_clients_tls_and_reencrypts_to_the_pod_verifying_the_ca()
     listener = doc["resources"][0]
     assert [f["name"] for f in listener["listener_filters"]] == ["envoy.filters.listener.tls_inspector"]
     chain = ingress_chain(doc, f"{EP}:443/id{TIEFIGHTER}")
-    assert chain["filter_chain_match"]["transport_protocol"] == "tls"
+    assert "transport_protocol" not in chain["filter_chain_match"]  # its own peers only, whatever they send
     context = chain["transport_socket"]["typed_config"]
     assert context["common_tls_context"]["tls_certificates"][0]["certificate_chain"]["filename"] == \
         f"/run/tls/{envoy_tls.file_name(CERT)}"
@@ -75,7 +75,7 @@ def test_terminates_the_clients_tls_and_reencrypts_to_the_pod_verifying_the_ca()
 def test_without_originating_the_request_goes_to_the_pod_as_plain_http() -> None:
     _, doc = document(tls_intent(entry(TIEFIGHTER, port=443, http=(rule(PLAIN),))))
     chain = ingress_chain(doc, f"{EP}:443/id{TIEFIGHTER}")
-    assert chain["transport_socket"] and chain["filter_chain_match"]["transport_protocol"] == "tls"
+    assert chain["transport_socket"] and "transport_protocol" not in chain["filter_chain_match"]
     routes = hcm(chain)["route_config"]["virtual_hosts"][0]["routes"]
     assert routes[0]["route"]["cluster"] == envoy_config.CLUSTER_NAME
 
@@ -126,3 +126,60 @@ def test_envoy_accepts_the_termination_config(tmp_path: Path) -> None:
     proc = subprocess.run([binary, "--mode", "validate", "-c", str(tmp_path / "boot.json")], capture_output=True,
                           text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def envoy_pick(doc: dict[str, Any], dst: str, port: int, src: str, sni: str | None, tls: bool) -> str | None:
+    """The chain Envoy's filter-chain matching picks (its documented order: destination port, destination IP,
+    server names, transport protocol, source IP; each step keeps the most specific matching chains, else those
+    without that criterion)."""
+    import ipaddress
+
+    def most_specific(chains: list[dict[str, Any]], key: str, value: Any, score: Any) -> list[dict[str, Any]]:
+        scored = [(score(c["filter_chain_match"][key], value), c) for c in chains if key in c["filter_chain_match"]]
+        scored = [(s, c) for s, c in scored if s is not None]
+        if scored:
+            best = max(s for s, _ in scored)
+            return [c for s, c in scored if s == best]
+        return [c for c in chains if key not in c["filter_chain_match"]]
+
+    def prefix_score(prefixes: list[dict[str, Any]], addr: str) -> int | None:
+        lens = [p["prefix_len"] for p in prefixes if ipaddress.ip_address(addr) in ipaddress.ip_network(
+            f"{p['address_prefix']}/{p['prefix_len']}")]
+        return max(lens) if lens else None
+
+    listener = next(r for r in doc["resources"] if r["name"] == envoy_config.LISTENER_NAME)
+    chains = [c for c in listener["filter_chains"] if c["filter_chain_match"].get("destination_port") in (None, port)]
+    chains = most_specific(chains, "prefix_ranges", dst, prefix_score)
+    chains = most_specific(chains, "server_names", sni, lambda names, s: 1 if s in names else None)
+    chains = most_specific(chains, "transport_protocol", "tls" if tls else "raw_buffer",
+                           lambda want, got: 1 if want == got else None)
+    chains = most_specific(chains, "source_prefix_ranges", src, prefix_score)
+    return chains[0]["name"] if len(chains) == 1 else None
+
+
+def test_a_tls_peer_never_falls_to_another_peers_chain() -> None:
+    """Review finding: plain text (or another name) from a peer whose chain terminates TLS must meet that peer's
+    sources, never a CIDR or world chain that happens to contain its address (Envoy matches server names and the
+    transport before the source)."""
+    cidr_allow = entry(CIDR_ID, port=443, http=None)
+    tiefighter = "10.244.2.7"
+    plain_tls = entry(TIEFIGHTER, port=443, http=(rule(PLAIN),))
+    intent = tls_intent(cidr_allow, plain_tls).model_copy(update={"ipcache": tls_intent().ipcache + (
+        intents.IpcacheEntry(cidr="10.0.0.0/8", identity=CIDR_ID),)})
+    _, doc = document(intent)
+    own = f"{EP}:443/id{TIEFIGHTER}"
+    for is_tls in (True, False):
+        assert envoy_pick(doc, EP, 443, tiefighter, None, is_tls) == own
+    assert envoy_pick(doc, EP, 443, "10.9.9.9", None, False) == f"{EP}:443/id{CIDR_ID}"
+    # with server names: another name or none (plain text) meets the peer's own deny copy
+    named = rule(PLAIN.model_copy(update={"server_names": ("deathstar.test",)}))
+    _, doc = document(tls_intent(cidr_allow, entry(TIEFIGHTER, port=443, http=(named,))).model_copy(
+        update={"ipcache": tls_intent().ipcache + (intents.IpcacheEntry(cidr="10.0.0.0/8", identity=CIDR_ID),)}))
+    assert envoy_pick(doc, EP, 443, tiefighter, "deathstar.test", True) == own
+    for sni, is_tls in ((None, False), ("other.test", True), (None, True)):
+        picked = envoy_pick(doc, EP, 443, tiefighter, sni, is_tls)
+        assert picked == f"{own}/other-sni", (sni, is_tls, picked)
+        chain = ingress_chain(doc, picked)
+        assert "transport_socket" not in chain
+        assert [r.get("direct_response", {}).get("status") for r in hcm(chain)["route_config"]["virtual_hosts"][0][
+            "routes"]] == [403]
