@@ -64,14 +64,19 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import ipaddress
 import json
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ciliary.nodeagent import envoy_bootstrap, envoy_routes, envoy_tls
 from ciliary.operator import intents
+
+_VERSION_KEY = os.urandom(32)
+"""Keys the configuration version (:func:`listener_document`); one per agent process."""
 
 LISTENER_NAME = "cy_ingress_http"
 CLUSTER_NAME = envoy_routes.CLUSTER_NAME
@@ -486,15 +491,20 @@ def listener_document(intent: intents.NodeIntent, *, port: int, access_log: str,
                              secrets_dir=secrets_dir) if egress_port else None
     resources = [r for r in (resource, egress) if r is not None]
     clusters = envoy_tls.clusters(intent, secrets_dir, egress=bool(egress_port))
-    digest = hashlib.sha256(json.dumps([resources, clusters], sort_keys=True).encode()).hexdigest()[:16]
+    # keyed per process: the version is logged and shown, and the document holds header values from Secrets,
+    # so a plain digest of it could be used to guess a short value
+    digest = hmac.new(_VERSION_KEY, json.dumps([resources, clusters], sort_keys=True).encode(),
+                      hashlib.sha256).hexdigest()[:16]
     version = f"{intent.revision}-{digest}"
     return version, {"version_info": version, "resources": resources}
 
 
-def cluster_document(intent: intents.NodeIntent, version: str, *, secrets_dir: str) -> dict[str, Any]:
-    """The CDS DiscoveryResponse: the TLS clusters of egress interception and ingress re-origination
+def cluster_document(intent: intents.NodeIntent, version: str, *, secrets_dir: str,
+                     egress: bool = True) -> dict[str, Any]:
+    """The CDS DiscoveryResponse: the TLS clusters of egress interception (``egress``: the node has an egress
+    listener; as given to :func:`listener_document`, whose version covers them) and ingress re-origination
     (``envoy_tls``)."""
-    return {"version_info": version, "resources": envoy_tls.clusters(intent, secrets_dir)}
+    return {"version_info": version, "resources": envoy_tls.clusters(intent, secrets_dir, egress=egress)}
 
 
 def peers_by_chain(intent: intents.NodeIntent) -> Mapping[str, tuple[str, ...]]:

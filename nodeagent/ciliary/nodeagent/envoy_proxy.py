@@ -162,7 +162,8 @@ class EnvoyProxy:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         keep = self._write_secrets(envoy_tls.secret_files(intent))
-        _replace(self.cds_path, envoy_config.cluster_document(intent, version, secrets_dir=str(self.secrets_dir)))
+        _replace(self.cds_path, envoy_config.cluster_document(intent, version, secrets_dir=str(self.secrets_dir),
+                                                              egress=bool(self.egress_port)))
         _replace(self.lds_path, document)
         self._remove_secrets_except(keep)
         self.wanted_version = version

@@ -357,6 +357,23 @@ def tls_interception(rule: PortRule, namespace: str = "", *, ingress: bool = Fal
                            server_names=tuple(sorted({n.lower().rstrip(".") for n in rule.server_names or ()})))
 
 
+def foreign_secret_namespaces(rule: PortRule, namespace: str) -> list[str]:
+    """The header-value Secret namespaces a port rule of a namespaced policy (``namespace``) names other than
+    its own.
+
+    A CiliumNetworkPolicy may only take header values from Secrets of its own namespace: the operator can
+    read every Secret, and a value written (``REPLACE``/``ADD``) into the pod's own requests would hand
+    another namespace's secret to whoever may write policies in this one. TLS contexts may name other
+    namespaces, as Cilium's examples do (README Known defects). Cluster-wide policies (empty ``namespace``)
+    may name any namespace.
+    """
+    if not namespace or rule.rules is None:
+        return []
+    written = [m.secret.namespace for h in rule.rules.http or () for m in h.header_matches or ()
+               if m.secret is not None]
+    return sorted({ns for ns in written if ns and ns != namespace})
+
+
 def _context(context: TLSContext, namespace: str) -> TlsContextRef:
     return TlsContextRef(namespace=context.secret.namespace or namespace, name=context.secret.name,
                          trusted_ca=context.trusted_ca, certificate=context.certificate,
@@ -381,6 +398,8 @@ def http_matches(rule: PortRule, *, tls: TlsSide | None = None, namespace: str =
     """
     if rule.rules is None or rule.rules.http is None:
         return None
+    if foreign_secret_namespaces(rule, namespace):
+        return None  # a namespaced policy names another namespace's Secret: not proxied, dropped (support)
     intercepted = tls_interception(rule, namespace, ingress=tls == "ingress") if tls else None
     written = rule.terminating_tls is not None or rule.originating_tls is not None or bool(rule.server_names)
     if written and intercepted is None:

@@ -136,6 +136,10 @@ def value(ref: SecretRef, data: SecretData | None) -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise HeaderSecretError(ref, f"item {item!r} is not UTF-8 text") from None
+    if not text:
+        # an empty value would only require the header to be present: a placeholder Secret must not turn a
+        # secret match into that
+        raise HeaderSecretError(ref, f"item {item!r} is empty")
     if not _valid_header_value(text):
         raise HeaderSecretError(ref, f"item {item!r} is not an HTTP header value (control characters, e.g. a "
                                      "final newline, or leading/trailing blanks)")

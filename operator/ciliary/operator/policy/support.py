@@ -41,7 +41,7 @@ from ciliary.operator.api.rules import (
 )
 from ciliary.operator.api.selectors import LabelSelector
 from ciliary.operator.policy import identities, selection
-from ciliary.operator.policy.compiling import ICMP_V4_TYPES
+from ciliary.operator.policy.compiling import ICMP_V4_TYPES, foreign_secret_namespaces
 
 MAX_MESSAGE = 1024
 
@@ -153,6 +153,11 @@ FEATURES: tuple[Feature, ...] = (
     Feature("toServices", "`toServices`", _P,
             "not enforced: the item allows nothing (its rule still makes the pods default-deny); "
             "in `egressDeny` it denies nothing"),
+    Feature("foreign-secret", "`headerMatches[].secret` of another namespace in a CiliumNetworkPolicy", _P,
+            "not enforced: a namespaced policy may only take header values from Secrets of its own namespace (the "
+            "operator reads every Secret; a value written into the pod's own requests would hand another "
+            "namespace's secret to whoever may write policies here); the port's connections are dropped "
+            "(`PROXY_UNAVAILABLE`). A cluster-wide policy may name any namespace"),
     Feature("http-tls", "`toPorts[].rules.http` in `ingress` with `originatingTLS` or `serverNames` but no "
             "`terminatingTLS`; in `egress` with only one of the two contexts, or `serverNames` without both", _P,
             "not enforced (ingress termination needs `terminatingTLS`, egress interception both contexts): "
@@ -216,7 +221,18 @@ def gaps(policy: AnyPolicy) -> tuple[Gap, ...]:
     found: list[Gap] = []
     for path, rule in policy.rules_with_paths():
         found.extend(_rule_gaps(rule, path))
+        found.extend(_foreign_secret_gaps(rule, path, policy.namespace))
     return tuple(found)
+
+
+def _foreign_secret_gaps(rule: Rule, path: str, namespace: str) -> Iterator[Gap]:
+    sections: tuple[tuple[str, Sequence[IngressRule | EgressRule]], ...] = (
+        ("ingress", rule.ingress or ()), ("egress", rule.egress or ()))
+    for name, items in sections:
+        for i, item in enumerate(items):
+            for j, port_rule in enumerate(item.to_ports or ()):
+                if isinstance(port_rule, PortRule) and foreign_secret_namespaces(port_rule, namespace):
+                    yield _gap(f"{path}.{name}[{i}].toPorts[{j}]", "foreign-secret")
 
 
 def message(found: Sequence[Gap]) -> str:

@@ -76,6 +76,7 @@ def test_a_missing_secret_with_inline_value_falls_back_to_it_and_says_so() -> No
     ({"token": b"s3cret\n"}, "item 'token' is not an HTTP header value"),
     ({"token": b" s3cret"}, "item 'token' is not an HTTP header value"),
     ({"token": b"\xff\xfe"}, "item 'token' is not UTF-8 text"),
+    ({"token": b""}, "item 'token' is empty"),  # review: a placeholder must not become a presence match
 ])
 def test_a_secret_that_gives_no_header_value_is_refused(data: dict[str, bytes], why: str) -> None:
     ref = intents.SecretRef(namespace="a", name="tok")
@@ -87,7 +88,6 @@ def test_a_secret_that_gives_no_header_value_is_refused(data: dict[str, bytes], 
 
 def test_values_cilium_allows() -> None:
     ref = intents.SecretRef(namespace="a", name="tok")
-    assert header_secrets.value(ref, {"x": b""}) == ""  # presence only
     assert header_secrets.value(ref, {"x": "Bearer a\tb é".encode()}) == "Bearer a\tb é"
 
 
@@ -107,3 +107,16 @@ def test_an_agent_reading_an_intent_gets_the_value_back() -> None:
     out, _ = header_secrets.attach(resolved["n2"], TOKEN)
     again = intents.parse_node_intent("n2", out.to_wire())
     assert again == out and again.header_secrets["a/tok"].value == "s3cret-v1"
+
+
+def test_a_cnp_naming_another_namespaces_secret_is_not_proxied_and_reads_nothing() -> None:
+    """Review finding: a CNP in namespace a naming kube-system's Secret would get its value written into its own
+    pod's requests (REPLACE) — a namespaced policy may only use Secrets of its own namespace."""
+    policy = ingress_db({"name": "X-Token", "secret": {"namespace": "kube-system", "name": "tok"},
+                         "mismatch": "REPLACE"})
+    resolved = resolve_cluster(state_of(policy))
+    assert header_secrets.references(resolved.values()) == set()  # never read
+    entry = port80(resolved["n2"], "a/db")
+    assert entry.l7_redirect and entry.http is None  # dropped (PROXY_UNAVAILABLE), support says why
+    own = ingress_db({"name": "X-Token", "secret": {"namespace": "a", "name": "tok"}})
+    assert header_secrets.references(resolve_cluster(state_of(own)).values()) == {("a", "tok")}

@@ -37,7 +37,7 @@ def test_header_matches_ride_on_the_rule_with_their_secret_references() -> None:
             {"path": "/private", "headerMatches": [
                 {"name": "Access-Token", "value": "s3cret", "mismatch": "REPLACE"}, {"name": "X-Need"},
                 {"name": "X-From-Secret", "value": "fallback", "secret": {"name": "tok"}, "mismatch": "LOG"},
-                {"name": "X-Other", "secret": {"namespace": "b", "name": "t2"}}]}]}}]}]}))
+                {"name": "X-Other", "secret": {"namespace": "a", "name": "t2"}}]}]}}]}]}))
     web = next(e for e in resolve_cluster(state)["n1"].endpoints if e.pod == "web" and e.namespace == "a")
     http = next(e for e in web.egress.entries if e.port_low == 80).http
     assert http is not None and http[0].header_matches == (
@@ -45,4 +45,4 @@ def test_header_matches_ride_on_the_rule_with_their_secret_references() -> None:
         intents.HeaderMatch(name="X-Need"),
         intents.HeaderMatch(name="X-From-Secret", value="fallback", mismatch="LOG",
                             secret=intents.SecretRef(namespace="a", name="tok")),
-        intents.HeaderMatch(name="X-Other", secret=intents.SecretRef(namespace="b", name="t2")))
+        intents.HeaderMatch(name="X-Other", secret=intents.SecretRef(namespace="a", name="t2")))

@@ -124,6 +124,15 @@ EXAMPLES: list[tuple[str, dict[str, Any], str, str]] = [
     ("headerMatches-secret", l7({"http": [{"headerMatches": [{"name": "x-a", "value": "1"}, {
         "name": "x-token", "value": "v", "secret": {"name": "s"}, "mismatch": "REPLACE"}]}]}, direction="egress"),
      CNP, ""),
+    ("headerMatches-secret", l7({"http": [{"headerMatches": [{"name": "x-token", "secret": {
+        "namespace": "vault", "name": "s"}, "mismatch": "REPLACE"}]}]}, direction="egress"), CCNP, ""),
+    ("headerMatches-secret", l7({"http": [{"headerMatches": [{"name": "x-token", "secret": {
+        "namespace": "ns", "name": "s"}}]}]}), CNP, ""),  # its own namespace, written out
+    ("foreign-secret", l7({"http": [{"headerMatches": [{"name": "x-token", "secret": {
+        "namespace": "kube-system", "name": "s"}, "mismatch": "REPLACE"}]}]}, direction="egress"), CNP,
+     "spec.egress[0].toPorts[0]"),
+    ("http-tls-ingress", ingress(toPorts=[{**PORT80, "rules": {"http": [{}]}, "terminatingTLS": {"secret": {
+        "namespace": "other", "name": "s"}}}]), CNP, ""),  # TLS Secrets of other namespaces: as Cilium
     ("kafka", l7({"kafka": [{"role": "produce", "topic": "t"}]}, port="9092"), CNP,
      "spec.ingress[0].toPorts[0].rules.kafka"),
     ("dns", l7({"dns": [{"matchPattern": "*"}, {"matchName": "api.world.test"}]}, direction="egress", port="53",
