@@ -22,9 +22,9 @@ import pytest
 from lab_harness import LabHandle
 
 pytestmark = pytest.mark.e2e
-#: process lab: HTTP rules go through Envoy by iptables rules (TPROXY, the socket match), and the chart's
-#: agent image has no iptables (README, make demo): on real nodes an HTTP policy reports not enforcing
-REAL_NODES = False
+#: on the real-node lab (kubelets, Ciliary installed by its chart): the agent image carries Envoy and iptables
+#: (TPROXY, the socket match), so HTTP header rules are enforced there as in the process lab
+REAL_NODES = True
 
 NS = "l7h"
 MANIFEST = f"""

@@ -25,9 +25,9 @@ from lab_harness import LabHandle
 
 pytestmark = pytest.mark.e2e
 
-#: process lab: egress HTTP rules go through Envoy by iptables rules (TPROXY, the socket match), and the
-#: chart's agent image has no iptables (README, make demo): on real nodes an HTTP policy reports not enforcing
-REAL_NODES = False
+#: on the real-node lab (kubelets, Ciliary installed by its chart): the agent image carries Envoy and iptables
+#: (TPROXY, the socket match) and the chart mounts the node's /proc/sys/net, so egress HTTP rules are enforced
+REAL_NODES = True
 
 NS = "l7g"
 WORLD = "192.0.2.100"
