@@ -234,7 +234,11 @@ def test_rotation_reaches_both_envoys_and_no_value_leaks(lab: LabHandle, vault: 
     for node, pod in (("node-1", "courier"), ("node-2", "vault")):
         raw = json.dumps(flows(lab, node, pod))
         assert not any(v in raw for v in (TOKEN_1, TOKEN_2)), node  # header values the clients sent are not
-    logs = [p for p in lab.lab.layout.state_dir.rglob("*.log*") if p.is_file()]
-    assert any("operator" in p.name for p in logs) and any("envoy" in str(p) for p in logs), logs
+    state = lab.lab.layout.state_dir
+    # process lab: logs/operator.log, <node>/envoy/...; real nodes: the kubelets' pod logs
+    # (nodes/<node>/pod-logs/kube-system_ciliary-operator-.../operator/0.log) and the agents' state dirs
+    logs = [p for p in state.rglob("*.log*") if p.is_file()]
+    names = [str(p.relative_to(state)) for p in logs]
+    assert any("operator" in n for n in names) and any("envoy" in n for n in names), names
     leaked = [str(p) for p in logs if any(v.encode() in p.read_bytes() for v in values)]
     assert leaked == [], leaked
