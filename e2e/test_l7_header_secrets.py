@@ -26,9 +26,9 @@ from ciliary.nodeagent import envoy_proxy
 from lab_harness import LabHandle
 
 pytestmark = pytest.mark.e2e
-#: process lab: HTTP rules go through Envoy by iptables rules (TPROXY, the socket match), and the chart's
-#: agent image has no iptables (README, make demo): on real nodes an HTTP policy reports not enforcing
-REAL_NODES = False
+#: on the real-node lab (kubelets, Ciliary installed by its chart): the agent image carries Envoy and iptables
+#: (TPROXY, the socket match), so header rules with values from Secrets are enforced there as well
+REAL_NODES = True
 
 NS = "l7s"
 TOKEN_1, TOKEN_2, TEAM = "tok-7f3a91", "tok-2b8c44", "blue-c0ffee"
