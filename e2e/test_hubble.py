@@ -23,8 +23,9 @@ from ciliary.lab import demo
 from lab_harness import LabHandle
 
 pytestmark = pytest.mark.e2e
-#: process lab: the Hubble relay and the agents' observer ports are the process lab's (Lab.relay_port,
-#: health_port); the chart deploys no relay and its agents listen on their node's loopback
+#: process lab: it reads the process lab's relay, agent and operator metrics ports on the machine's loopback
+#: (Lab.relay_port, health_port, operator_metrics_port); the chart's relay (in the operator pod) and its
+#: agents' node-local listeners are other addresses: not ported yet
 REAL_NODES = False
 
 ROOT = Path(__file__).resolve().parents[1]

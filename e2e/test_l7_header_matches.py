@@ -14,7 +14,6 @@ import json
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,9 +22,9 @@ import pytest
 from lab_harness import LabHandle
 
 pytestmark = pytest.mark.e2e
-#: process lab: HTTP rules go through Envoy by iptables rules (TPROXY, the socket match), and the chart's
-#: agent image has no iptables (README, make demo): on real nodes an HTTP policy reports not enforcing
-REAL_NODES = False
+#: on the real-node lab (kubelets, Ciliary installed by its chart): the agent image carries Envoy and iptables
+#: (TPROXY, the socket match), so HTTP header rules are enforced there as in the process lab
+REAL_NODES = True
 
 NS = "l7h"
 MANIFEST = f"""
@@ -97,9 +96,9 @@ def request(lab: LabHandle, ip: str, path: str, *headers: str) -> str:
 
 
 def agent_flows(lab: LabHandle, node: str, query: str) -> list[dict[str, Any]]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{lab.lab.health_port(node)}/v1/flows?{query}",
-                                timeout=10) as response:
-        return [json.loads(line) for line in response.read().decode().splitlines() if line]
+    body = lab.agent_get(node, f"/v1/flows?{query}", timeout=10)
+    assert not body.startswith("<"), body  # the agent did not answer
+    return [json.loads(line) for line in body.splitlines() if line]
 
 
 @pytest.fixture(scope="module")

@@ -26,9 +26,9 @@ from ciliary.nodeagent import envoy_proxy
 from lab_harness import LabHandle
 
 pytestmark = pytest.mark.e2e
-#: process lab: HTTP rules go through Envoy by iptables rules (TPROXY, the socket match), and the chart's
-#: agent image has no iptables (README, make demo): on real nodes an HTTP policy reports not enforcing
-REAL_NODES = False
+#: on the real-node lab (kubelets, Ciliary installed by its chart): the agent image carries Envoy and iptables
+#: (TPROXY, the socket match), so header rules with values from Secrets are enforced there as well
+REAL_NODES = True
 
 NS = "l7s"
 TOKEN_1, TOKEN_2, TEAM = "tok-7f3a91", "tok-2b8c44", "blue-c0ffee"
@@ -234,7 +234,11 @@ def test_rotation_reaches_both_envoys_and_no_value_leaks(lab: LabHandle, vault: 
     for node, pod in (("node-1", "courier"), ("node-2", "vault")):
         raw = json.dumps(flows(lab, node, pod))
         assert not any(v in raw for v in (TOKEN_1, TOKEN_2)), node  # header values the clients sent are not
-    logs = [p for p in lab.lab.layout.state_dir.rglob("*.log*") if p.is_file()]
-    assert any("operator" in p.name for p in logs) and any("envoy" in str(p) for p in logs), logs
+    state = lab.lab.layout.state_dir
+    # process lab: logs/operator.log, <node>/envoy/...; real nodes: the kubelets' pod logs
+    # (nodes/<node>/pod-logs/kube-system_ciliary-operator-.../operator/0.log) and the agents' state dirs
+    logs = [p for p in state.rglob("*.log*") if p.is_file()]
+    names = [str(p.relative_to(state)) for p in logs]
+    assert any("operator" in n for n in names) and any("envoy" in n for n in names), names
     leaked = [str(p) for p in logs if any(v.encode() in p.read_bytes() for v in values)]
     assert leaked == [], leaked

@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,9 +25,9 @@ from lab_harness import LabHandle
 
 pytestmark = pytest.mark.e2e
 
-#: process lab: egress HTTP rules go through Envoy by iptables rules (TPROXY, the socket match), and the
-#: chart's agent image has no iptables (README, make demo): on real nodes an HTTP policy reports not enforcing
-REAL_NODES = False
+#: on the real-node lab (kubelets, Ciliary installed by its chart): the agent image carries Envoy and iptables
+#: (TPROXY, the socket match) and the chart mounts the node's /proc/sys/net, so egress HTTP rules are enforced
+REAL_NODES = True
 
 NS = "l7g"
 WORLD = "192.0.2.100"
@@ -148,8 +147,8 @@ def request(lab: LabHandle, pod: str, ip: str, method: str, path: str, timeout: 
 
 
 def agent_json(lab: LabHandle, node: str, path: str) -> Any:
-    with urllib.request.urlopen(f"http://127.0.0.1:{lab.lab.health_port(node)}{path}", timeout=10) as response:
-        body = response.read().decode()
+    body = lab.agent_get(node, path, timeout=10)
+    assert not body.startswith("<"), body  # the agent did not answer
     return [json.loads(line) for line in body.splitlines() if line] if "flows" in path else json.loads(body)
 
 

@@ -30,9 +30,9 @@ from lab_harness import LabHandle
 
 pytestmark = pytest.mark.e2e
 
-#: process lab: egress HTTP(S) rules go through Envoy by iptables rules (TPROXY, the socket match), which the
-#: chart's agent image lacks (README); the HTTPS server is started in the process lab's world namespace
-REAL_NODES = False
+#: on the real-node lab (kubelets, Ciliary installed by its chart): the agent image carries Envoy and iptables;
+#: the HTTPS server runs in the lab's world namespace, which the real-node lab has too
+REAL_NODES = True
 
 NS = "l7t"
 WORLD = "192.0.2.100"
@@ -261,7 +261,11 @@ def test_secrets_never_in_status_or_policy_get_and_rotation_republishes(lab: Lab
 def test_no_log_of_the_lab_holds_key_material(lab: LabHandle, scene: Scene) -> None:
     """Every log file of the lab (operator, agents, Envoy's own and access logs, apiserver, etcd) after the
     Secrets were read, published, written for Envoy and rotated: no PEM block in any of them."""
-    logs = [p for p in lab.lab.layout.state_dir.rglob("*.log*") if p.is_file()]
-    assert any("operator" in p.name for p in logs) and any("envoy" in str(p) for p in logs), logs
+    state = lab.lab.layout.state_dir
+    # process lab: logs/operator.log, <node>/envoy/...; real nodes: the kubelets' pod logs
+    # (nodes/<node>/pod-logs/kube-system_ciliary-operator-.../operator/0.log) and the agents' state dirs
+    logs = [p for p in state.rglob("*.log*") if p.is_file()]
+    names = [str(p.relative_to(state)) for p in logs]
+    assert any("operator" in n for n in names) and any("envoy" in n for n in names), names
     leaked = [str(p) for p in logs if b"-----BEGIN " in p.read_bytes()]
     assert leaked == [], leaked

@@ -29,9 +29,9 @@ from lab_harness import LabHandle
 
 pytestmark = pytest.mark.e2e
 
-#: process lab: ingress HTTP(S) rules go through Envoy by iptables rules (TPROXY), which the chart's agent image
-#: lacks (README); the HTTPS server is started in the process lab's pod network namespace
-REAL_NODES = False
+#: on the real-node lab (kubelets, Ciliary installed by its chart): the agent image carries Envoy and iptables
+#: (TPROXY); the HTTPS server runs in the server pod's own network namespace, found on either lab
+REAL_NODES = True
 
 NS = "l7i"
 NAME = "vault.l7i.test"

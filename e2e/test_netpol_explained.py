@@ -21,7 +21,8 @@ from test_netpol_enforcement import (  # noqa: F401  (pods, policies: the module
 from test_policy_enforcement import trace
 
 pytestmark = pytest.mark.e2e
-#: the CLI reaches agents at their registered loopback address: not on real nodes yet (docstring)
+#: the CLI reaches agents at their registered loopback address: not on real nodes yet (docstring); it passed
+#: there on 2026-12-06, its trace reading the etcd node's agent for every node, which is no evidence
 REAL_NODES = False
 
 

@@ -25,8 +25,8 @@ from ciliary.lab import demo
 from lab_harness import LabHandle
 
 pytestmark = pytest.mark.e2e
-#: process lab: the service map UI and the relay it reads are started by the process lab only (Lab.ui_port);
-#: the chart deploys neither
+#: process lab: it opens the process lab's UI on the machine's loopback (Lab.ui_port); the chart's UI is a
+#: pod (ciliary-ui) reading the chart's relay, reached another way: not ported yet
 REAL_NODES = False
 
 ROOT = Path(__file__).resolve().parents[1]

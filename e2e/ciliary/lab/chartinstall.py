@@ -10,7 +10,9 @@
 - ``agent.sysResource=false`` where the machine's root lacks CAP_SYS_RESOURCE (runc cannot grant what it
   does not hold; the kernel is checked to be >= 5.11, where BPF maps are not charged to RLIMIT_MEMLOCK);
 - ``agent.loadBalancing.cgroupPath``: each node's own cgroup root (the chart's default, the host's cgroup2
-  root, is right for a real node but here would be the whole machine's, shared by every lab node).
+  root, is right for a real node but here would be the whole machine's, shared by every lab node);
+- the agents' ``--fqdn-min-ttl`` 1 s (``agent.extraEnv``), as the process lab's: an address learnt from a
+  DNS answer stays allowed for the answer's TTL, not the default hour, so expiry is testable.
 
 Everything else is the chart's default: operator Deployment and bundled etcd on the node network
 (``operator.hostNetwork``, ``etcd.hostNetwork``), agent DaemonSet whose ``install-cni`` init container
@@ -71,11 +73,17 @@ def memlock_free_kernel(release: str) -> bool:
     return (major, minor) >= (5, 11)
 
 
+#: seconds an address learnt from a DNS answer stays allowed at least, on the lab's agents (default: an hour)
+LAB_FQDN_MIN_TTL = "1"
+
+
 def lab_values(*, sys_resource: bool = True, cgroup_prefix: str = "") -> dict[str, Any]:
     """``sys_resource``: whether this machine's root may grant CAP_SYS_RESOURCE (``nodehost.detect_host``);
     ``cgroup_prefix``: the nodes' cgroup roots are ``<prefix><node>`` (the socket load balancer of each node
     attaches there, never to the machine's root cgroup, which every lab node and the machine share)."""
     agent: dict[str, Any] = {} if sys_resource else {"sysResource": False}
+    # as the process lab's agents (lab.py): a DNS answer's TTL decides how long its addresses stay allowed
+    agent["extraEnv"] = [{"name": "CILIARY_AGENT_FQDN_MIN_TTL", "value": LAB_FQDN_MIN_TTL}]
     if cgroup_prefix:
         agent["loadBalancing"] = {"cgroupPath": f"{cgroup_prefix}$(CILIARY_AGENT_NODE_NAME)"}
     else:

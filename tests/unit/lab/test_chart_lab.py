@@ -42,9 +42,10 @@ def test_workload_ready_needs_every_replica_of_the_current_generation() -> None:
 def test_lab_values_replace_only_the_etcd_image_its_volume_and_the_load_balancers_cgroup() -> None:
     values = chartinstall.lab_values()
     assert set(values) == {"etcd", "agent"}
-    assert values["agent"] == {"loadBalancing": {"enabled": False}}  # never the machine's root cgroup
+    ttl = [{"name": "CILIARY_AGENT_FQDN_MIN_TTL", "value": "1"}]  # DNS answers' TTLs decide, as in the process lab
+    assert values["agent"] == {"loadBalancing": {"enabled": False}, "extraEnv": ttl}  # never the machine's root cgroup
     per_node = chartinstall.lab_values(cgroup_prefix="unified/ciliary-rd-")["agent"]
-    assert per_node == {"loadBalancing": {"cgroupPath": "unified/ciliary-rd-$(CILIARY_AGENT_NODE_NAME)"}}
+    assert per_node == {"loadBalancing": {"cgroupPath": "unified/ciliary-rd-$(CILIARY_AGENT_NODE_NAME)"}, "extraEnv": ttl}
     assert values["etcd"]["image"].startswith("docker.io/lab/etcd:v")
     assert values["etcd"]["persistence"] == {"enabled": False}
 
