@@ -44,9 +44,10 @@ VARIANTS = {
                                 "agent.directStatus=true", "cni.install=false", "etcd.persistence.enabled=false"),
     "shared-agents": ("etcd.nodeEnrollment.enabled=false",),
     "existing-secret": ("etcd.tls.existingSecret=my-etcd-tls", "etcd.tls.existingCASecret=my-etcd-ca",
-                        "etcd.tls.existingCAConfigMap=my-etcd-ca-cert"),
+                        "etcd.tls.existingCAConfigMap=my-etcd-ca-cert", "etcd.tls.existingRelaySecret=my-etcd-relay"),
     "existing-secret-shared-agents": ("etcd.tls.existingSecret=my-etcd-tls", "etcd.nodeEnrollment.enabled=false",
-                                      "etcd.tls.existingAgentsSecret=my-etcd-agents"),
+                                      "etcd.tls.existingAgentsSecret=my-etcd-agents",
+                                      "etcd.tls.existingRelaySecret=my-etcd-relay"),
     "ui-without-relay": ("relay.enabled=false", "ui.server=relay.example:4245",
                          "operator.prometheusServeAddr=$(CILIARY_OPERATOR_POD_IP):9963"),
 }
