@@ -65,7 +65,11 @@ def test_make_demo_runs_the_scene_on_real_kubelets_with_ciliary_installed_by_its
     assert re.search(r"ciliary-etcd-0\s+1/1\s+Running", pods), pods
     assert_the_scene(text)
     assert "not shown here: `ciliary observe` and `ciliary policy trace`" in text
-    assert "The L7 step (HTTP rules through Envoy) runs on the process lab" in text
+    # the L7 step runs here too: node-1's Envoy answers, the real hubble CLI reads both L7 flows from the relay
+    l7 = text.split("Apply an L7 policy")[1]
+    assert "Ship landed" in l7 and "HTTP/1.1 403 Forbidden Access denied" in l7, l7
+    assert "$ hubble observe --pod default/deathstar" in l7, l7
+    assert "POST /v1/request-landing => 200 FORWARDED" in l7 and "PUT /v1/exhaust-port => 403 DROPPED" in l7, l7
 
 
 def test_make_demo_process_runs_the_scene_on_the_process_lab():
