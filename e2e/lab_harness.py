@@ -168,3 +168,14 @@ class LabHandle:
                 "CILIARY_ETCD_ENDPOINTS": self.lab.ports().etcd_endpoint,
                 "CILIARY_ETCD_CA_FILE": str(tls.ca_file), "CILIARY_ETCD_CERT_FILE": str(tls.cert_file),
                 "CILIARY_ETCD_KEY_FILE": str(tls.key_file)}
+
+
+def wait_for(what: str, check: Any, seconds: float = 60) -> Any:
+    """``check()``'s first truthy result, polled every 0.5 s; the test fails after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}")

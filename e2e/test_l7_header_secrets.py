@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from ciliary.nodeagent import envoy_proxy
-from lab_harness import LabHandle
+from lab_harness import LabHandle, wait_for
 
 pytestmark = pytest.mark.e2e
 #: on the real-node lab (kubelets, Ciliary installed by its chart): the agent image carries Envoy and iptables
@@ -123,16 +123,6 @@ def request(lab: LabHandle, pod: str, ip: str, path: str, *headers: str, timeout
     argv = ["nsenter", f"--net={netns}", sys.executable, "-m", "ciliary.lab.probe", "http", ip, "80",
             "--path", path, "--timeout", str(timeout), *(f"--header={h}" for h in headers)]
     return subprocess.run(argv, capture_output=True, text=True, timeout=40).stdout.strip()
-
-
-def wait_for(what: str, check: Any, seconds: float = 60) -> Any:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def flows(lab: LabHandle, node: str, pod: str) -> list[dict[str, Any]]:

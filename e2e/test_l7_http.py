@@ -13,14 +13,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from lab_harness import LabHandle
+from lab_harness import LabHandle, wait_for
 
 pytestmark = pytest.mark.e2e
 #: on the real-node lab (kubelets, Ciliary installed by its chart): the agent image carries Envoy, iptables
@@ -112,16 +111,6 @@ def host_pid(lab: LabHandle, node: str, pid: int, command: str) -> int:
             found.append(int(status.parent.name))
     assert len(found) == 1, f"{command} with container pid {pid}: host pids {found}"
     return found[0]
-
-
-def wait_for(what: str, check: Any, seconds: float = 60) -> Any:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from lab_harness import LabHandle
+from lab_harness import LabHandle, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -150,16 +150,6 @@ def agent_json(lab: LabHandle, node: str, path: str) -> Any:
     body = lab.agent_get(node, path, timeout=10)
     assert not body.startswith("<"), body  # the agent did not answer
     return [json.loads(line) for line in body.splitlines() if line] if "flows" in path else json.loads(body)
-
-
-def wait_for(what: str, check: Any, seconds: float = 60) -> Any:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

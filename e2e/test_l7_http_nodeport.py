@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from ciliary.lab import topology
-from lab_harness import LabHandle
+from lab_harness import LabHandle, wait_for
 
 pytestmark = pytest.mark.e2e
 #: process lab: on the real-node lab (kube-proxy serves NodePorts from outside there, the chart's north-south
@@ -53,16 +51,6 @@ spec:
         http:
         - {{method: POST, path: /v1/request-landing}}
 """
-
-
-def wait_for(what: str, check: Any, seconds: float = 60) -> Any:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import pytest
 
 from ciliary.lab.testca import TestCA
-from lab_harness import LabHandle
+from lab_harness import LabHandle, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -152,16 +151,6 @@ def https(lab: LabHandle, scene: Scene, port: int, ca: str, path: str, *, name: 
             str(scene.files / ca), path, str(timeout)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30, env=dict(os.environ))
     return proc.stdout.strip() or proc.stderr.strip()[-300:]
-
-
-def wait_for(what: str, check: Any, seconds: float = 60) -> Any:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
