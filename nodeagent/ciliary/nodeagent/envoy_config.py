@@ -268,6 +268,10 @@ def _prefixes(cidrs: Iterable[str]) -> list[dict[str, Any]]:
 
 def _http_filter(name: str, rules: tuple[intents.HttpRule, ...] | None, access_log: str, *,
                  egress: bool = False, cluster: str = "") -> dict[str, Any]:
+    try:
+        chain_routes = routes(rules, cluster or (EGRESS_CLUSTER_NAME if egress else CLUSTER_NAME))
+    except envoy_routes.RouteLimitError as exc:
+        raise ProxyConfigError(name, str(exc)) from exc
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
                  "HttpConnectionManager",
@@ -277,7 +281,7 @@ def _http_filter(name: str, rules: tuple[intents.HttpRule, ...] | None, access_l
         "merge_slashes": True,
         "route_config": {"name": name, "virtual_hosts": [
             {"name": "any", "domains": ["*"],
-             "routes": routes(rules, cluster or (EGRESS_CLUSTER_NAME if egress else CLUSTER_NAME))}]},
+             "routes": chain_routes}]},
         "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
         "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {

@@ -31,6 +31,7 @@ import ipaddress
 import re
 from collections.abc import Iterable, Sequence
 
+from ciliary.operator import intents
 from ciliary.operator.api.errors import PolicyProblem
 from ciliary.operator.api.policies import AnyPolicy
 from ciliary.operator.api.ports import (
@@ -258,6 +259,13 @@ def _check_l7(
         yield from _check_fqdn(dns, f"{where}.dns[{i}]")
     for i, http in enumerate(rules.http or ()):
         yield from _check_http(http, f"{where}.http[{i}]")
+    routes = intents.header_action_routes([sum(1 for m in http.header_matches or () if m.mismatch is not None)
+                                           for http in rules.http or ()])
+    if routes > intents.MAX_HEADER_ACTION_ROUTES:
+        yield PolicyProblem(f"{where}.http", f"these rules' headerMatches with mismatch actions need {routes} proxy "
+                                             f"routes (every set of rules allowing a request together applies all "
+                                             f"their actions), at most {intents.MAX_HEADER_ACTION_ROUTES}: fewer "
+                                             f"rules or fewer headers with actions")
     for i, kafka in enumerate(rules.kafka or ()):
         if kafka.role is not None and kafka.api_key is not None:
             yield PolicyProblem(f"{where}.kafka[{i}]", "role and apiKey are mutually exclusive")

@@ -101,8 +101,9 @@ FEATURES: tuple[Feature, ...] = (
             "allow the request; with an action the rule allows it either way and Envoy, when the header does "
             "not match, logs it (`LOG`, in the L7 flow), adds the value (`ADD`), removes the header (`DELETE`) "
             "or sets it (`REPLACE`) before forwarding. At most 4 headers with actions per rule (more: Valid=False); "
-            "when several rules allow a request, only the first one's actions apply (Cilium applies every "
-            "matching rule's)"),
+            "when several rules allow a request, the actions of every one of them apply, in rule order. Rules "
+            "with actions needing more than 512 proxy routes on one port and peer (each set of them allowing "
+            "together) stop the node's proxy configuration: Enforced=False naming the port"),
     Feature("headerMatches-secret", "`toPorts[].rules.http[].headerMatches[]` with a `secret` (with or without "
             "`mismatch`)", _E,
             "as with an inline value; the value is the Secret's only item (its namespace defaults to the selected "

@@ -1,0 +1,152 @@
+"""headerMatches mismatch actions of several HTTP rules: the routes Envoy gets give the same verdict and the same
+rewritten request as a reference model of the policy semantics (every rule that allows a request applies the
+actions of its headers that do not match, in rule order), on generated rules and requests.
+
+Envoy's side is simulated from the route documents: routes in order, the first whose matchers all match the
+request is taken (header matchers: ``safe_regex`` full match, ``exact``, ``present_match``), then its
+``request_headers_to_remove`` and ``request_headers_to_add`` are applied as Envoy applies them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ciliary.nodeagent import envoy_config, envoy_routes
+from ciliary.operator import intents
+from ciliary.operator.api import validation
+from ciliary.operator.api import parse_policy
+
+Request = dict[str, str]
+
+
+def _matches(matcher: dict[str, Any], request: Request) -> bool:
+    value = request.get(matcher["name"].lower())
+    if matcher.get("present_match"):
+        return value is not None
+    if value is None:
+        return False
+    string_match = matcher["string_match"]
+    if "exact" in string_match:
+        return bool(value == string_match["exact"])
+    return re.fullmatch(string_match["safe_regex"]["regex"], value) is not None
+
+
+def envoy(routes: list[dict[str, Any]], request: Request) -> tuple[bool, Request]:
+    """(allowed, the request as forwarded) under Envoy's first-match routing."""
+    for route in routes:
+        if all(_matches(m, request) for m in route["match"].get("headers", ())):
+            if "direct_response" in route:
+                return False, request
+            out = dict(request)
+            for name in route.get("request_headers_to_remove", ()):
+                out.pop(name.lower(), None)
+            for add in route.get("request_headers_to_add", ()):
+                key, value = add["header"]["key"].lower(), add["header"]["value"]
+                if key == envoy_routes.ORIGINAL_DST_HEADER:
+                    continue
+                if add["append_action"] == "APPEND_IF_EXISTS_OR_ADD" and key in out:
+                    out[key] = f"{out[key]},{value}"
+                else:
+                    out[key] = value
+            return True, out
+    raise AssertionError("no route matched: the deny route is missing")
+
+
+def _header_ok(match: intents.HeaderMatch, request: Request) -> bool:
+    value = request.get(match.name.lower())
+    return value is not None and (not match.value or value == match.value)
+
+
+def reference(rules: tuple[intents.HttpRule, ...], request: Request) -> tuple[bool, Request]:
+    """The policy's meaning: allowed when some rule allows; each allowing rule's mismatched headers act."""
+    allowing = [rule for rule in rules
+                if (not rule.path or re.fullmatch(rule.path, request.get(":path", "")))
+                and (not rule.method or re.fullmatch(rule.method, request.get(":method", "")))
+                and all(_header_ok(m, request) for m in rule.header_matches if m.mismatch is None)]
+    if not allowing:
+        return False, request
+    out = dict(request)
+    for rule in allowing:
+        for match in rule.header_matches:
+            if match.mismatch is None or _header_ok(match, request):
+                continue
+            key = match.name.lower()
+            if match.mismatch == "ADD":
+                out[key] = f"{out[key]},{match.value}" if key in out else match.value
+            elif match.mismatch == "REPLACE":
+                out[key] = match.value
+            elif match.mismatch == "DELETE" and match.value:
+                out.pop(key, None)
+    return True, out
+
+
+NAMES = ("X-A", "X-B", "Token")
+VALUES = ("1", "2")
+header_matches = st.builds(intents.HeaderMatch, name=st.sampled_from(NAMES), value=st.sampled_from(VALUES),
+                           mismatch=st.sampled_from((None, "LOG", "ADD", "DELETE", "REPLACE")))
+rules_st = st.lists(st.builds(intents.HttpRule, path=st.sampled_from(("", "/a", "/a|/b", "/b.*")),
+                              method=st.sampled_from(("", "GET")),
+                              header_matches=st.lists(header_matches, max_size=2).map(tuple)),
+                    min_size=1, max_size=3).map(tuple)
+requests_st = st.fixed_dictionaries(
+    {":path": st.sampled_from(("/a", "/b", "/bc", "/c")), ":method": st.sampled_from(("GET", "POST"))},
+    optional={name.lower(): st.sampled_from(VALUES) for name in NAMES})
+
+
+@settings(max_examples=400, deadline=None)
+@given(rules=rules_st, requests=st.lists(requests_st, min_size=1, max_size=6))
+def test_routes_apply_every_allowing_rules_actions(rules: tuple[intents.HttpRule, ...], requests: list[Request]) -> None:
+    routes = envoy_routes.routes(rules)
+    for request in requests:
+        assert envoy(routes, request) == reference(rules, request), (rules, request)
+
+
+def test_two_rules_both_act_and_the_flow_names_the_first() -> None:
+    """The case the first-match routes got wrong before: a request both rules allow gets both rules' actions."""
+    first = intents.HttpRule(path="/a", header_matches=(intents.HeaderMatch(name="X-A", value="1", mismatch="ADD"),))
+    second = intents.HttpRule(method="GET", header_matches=(
+        intents.HeaderMatch(name="Token", value="2", mismatch="REPLACE"),))
+    routes = envoy_routes.routes((first, second))
+    allowed, out = envoy(routes, {":path": "/a", ":method": "GET", "token": "9"})
+    assert allowed and out["x-a"] == "1" and out["token"] == "2", out
+    taken = next(r for r in routes if all(_matches(m, {":path": "/a", ":method": "GET", "token": "9"})
+                                          for m in r["match"].get("headers", ())))
+    assert taken["metadata"]["filter_metadata"]["ciliary"]["mismatch"] == "X-A:ADD,Token:REPLACE"
+    # only the second allows: only its action
+    assert envoy(routes, {":path": "/c", ":method": "GET"}) == (True, {":path": "/c", ":method": "GET", "token": "2"})
+    # a plain rule listed first no longer hides the acting rule's action
+    plain = intents.HttpRule(path="/a")
+    assert envoy(envoy_routes.routes((plain, first)), {":path": "/a"}) == (True, {":path": "/a", "x-a": "1"})
+
+
+def _acting(n: int) -> intents.HttpRule:
+    return intents.HttpRule(header_matches=tuple(intents.HeaderMatch(name=f"X-{i}", value="1", mismatch="ADD")
+                                                 for i in range(n)))
+
+
+def test_too_many_action_routes_stop_the_configuration_never_cut_it_short() -> None:
+    assert len(envoy_routes.routes((_acting(4), _acting(4)))) == 17 * 17 - 1 + 1  # 288 + the deny route
+    with pytest.raises(envoy_routes.RouteLimitError, match="need 4912 proxy routes"):
+        envoy_routes.routes((_acting(4), _acting(4), _acting(4)))
+    with pytest.raises(envoy_config.ProxyConfigError, match="need 4912 proxy routes"):
+        envoy_config._http_filter("10.0.0.5:80/any", (_acting(4), _acting(4), _acting(4)), "/dev/null")
+
+
+def test_validation_refuses_a_port_rule_needing_too_many_routes() -> None:
+    def policy(n_rules: int) -> dict[str, Any]:
+        http = [{"headerMatches": [{"name": f"X-{i}", "value": "1", "mismatch": "ADD"} for i in range(4)]}
+                for _ in range(n_rules)]
+        return {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+                "metadata": {"name": "p", "namespace": "default"},
+                "spec": {"endpointSelector": {}, "ingress": [{"toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}],
+                                                                           "rules": {"http": http}}]}]}}
+
+    assert not [p for p in validation.validate_policy(parse_policy(policy(2))) if "proxy routes" in p.message]
+    problems = [p for p in validation.validate_policy(parse_policy(policy(3))) if "proxy routes" in p.message]
+    assert [p.path for p in problems] == ["spec.ingress[0].toPorts[0].rules.http"], problems
+    assert "need 4912 proxy routes" in problems[0].message
