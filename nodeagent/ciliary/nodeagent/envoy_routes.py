@@ -32,6 +32,7 @@ import json
 from typing import Any
 
 from ciliary.operator import intents
+from ciliary.operator.policy import header_actions
 
 CLUSTER_NAME = "cy_original_dst"
 EGRESS_CLUSTER_NAME = "cy_egress_original_dst"
@@ -104,22 +105,12 @@ def with_secret_values(intent: intents.NodeIntent) -> intents.NodeIntent:
     return intent.model_copy(update={"endpoints": endpoints})
 
 
-MAX_ROUTES = intents.MAX_HEADER_ACTION_ROUTES
-"""Routes one chain may get from rules with mismatch actions; beyond it the node's proxy configuration is refused
-(:class:`RouteLimitError`), never cut short."""
-
-
 class RouteLimitError(ValueError):
-    """The rules of one chain would need more than :data:`MAX_ROUTES` routes."""
+    """The rules of one chain would need more than ``header_actions.MAX_ROUTES`` routes."""
 
 
 def _acting(rule: intents.HttpRule) -> list[intents.HeaderMatch]:
     return [m for m in rule.header_matches if m.mismatch is not None]
-
-
-def _route_count(acting_rules: list[intents.HttpRule]) -> int:
-    """Routes :func:`_together_routes` gives: every non-empty set of the rules, 2**(their action headers) each."""
-    return intents.header_action_routes([len(_acting(rule)) for rule in acting_rules])
 
 
 def _together_routes(rules: tuple[intents.HttpRule, ...], cluster: str) -> list[dict[str, Any]]:
@@ -162,14 +153,15 @@ def _rule_routes(rules: tuple[intents.HttpRule, ...], cluster: str) -> list[dict
     from a Secret it does not hold (fail closed: it allows nothing)."""
     held = [rule for rule in rules if not any(m.secret is not None for m in rule.header_matches)]
     acting = [rule for rule in held if _acting(rule)]
-    if _route_count(acting) > MAX_ROUTES:
+    sets = header_actions.action_sets([header_actions.ActingRule(r.method, r.path, r.host, len(_acting(r)))
+                                       for r in acting])
+    if sets.over:
         raise RouteLimitError(f"{len(acting)} HTTP rules with headerMatches mismatch actions on one port and peer "
-                              f"need {_route_count(acting)} proxy routes (at most {MAX_ROUTES}): fewer rules or "
-                              f"fewer headers with actions")
+                              f"need more than {header_actions.MAX_ROUTES} proxy routes: fewer rules or fewer "
+                              f"headers with actions, or literal paths that tell the rules apart")
     out = []
-    for size in range(len(acting), 0, -1):
-        for together in itertools.combinations(acting, size):
-            out.extend(_together_routes(together, cluster))
+    for chosen in sets.sets:
+        out.extend(_together_routes(tuple(acting[i] for i in chosen), cluster))
     out.extend(route for rule in held if not _acting(rule) for route in _together_routes((rule,), cluster))
     return out
 

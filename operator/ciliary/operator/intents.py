@@ -103,22 +103,6 @@ class SecretRef(_Frozen):
         return f"{self.namespace}/{self.name}"
 
 
-MAX_HEADER_ACTION_ROUTES = 512
-"""Proxy routes the HTTP rules of one port and peer may need for their headerMatches mismatch actions: every
-non-empty set of the rules with actions, times 2**(their action headers) (the node's Envoy applies the actions of
-every rule that allows a request). The operator refuses a port rule that alone needs more; the agent refuses a
-node configuration in which several policies' rules together need more."""
-
-
-def header_action_routes(actions_per_rule: list[int]) -> int:
-    """Proxy routes for rules with these numbers of mismatch-action headers (rules without any add none)."""
-    total = 1
-    for n in actions_per_rule:
-        if n:
-            total *= 1 + 2 ** n
-    return total - 1
-
-
 class HeaderMatch(_Frozen):
     """One ``headerMatches[]`` item: ``mismatch`` None means the header must have the expected value (or, with
     an empty value, be present) for the rule to allow the request; with an action the rule allows the request

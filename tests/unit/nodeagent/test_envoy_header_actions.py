@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from ciliary.nodeagent import envoy_config, envoy_routes
 from ciliary.operator import intents
-from ciliary.operator.api import validation
-from ciliary.operator.api import parse_policy
+from ciliary.operator.api import parse_policy, validation
+from ciliary.operator.policy import header_actions
 
 Request = dict[str, str]
 
@@ -89,8 +89,8 @@ NAMES = ("X-A", "X-B", "Token")
 VALUES = ("1", "2")
 header_matches = st.builds(intents.HeaderMatch, name=st.sampled_from(NAMES), value=st.sampled_from(VALUES),
                            mismatch=st.sampled_from((None, "LOG", "ADD", "DELETE", "REPLACE")))
-rules_st = st.lists(st.builds(intents.HttpRule, path=st.sampled_from(("", "/a", "/a|/b", "/b.*")),
-                              method=st.sampled_from(("", "GET")),
+rules_st = st.lists(st.builds(intents.HttpRule, path=st.sampled_from(("", "/a", "/c", "/a|/b", "/b.*")),
+                              method=st.sampled_from(("", "GET", "POST")),
                               header_matches=st.lists(header_matches, max_size=2).map(tuple)),
                     min_size=1, max_size=3).map(tuple)
 requests_st = st.fixed_dictionaries(
@@ -131,16 +131,19 @@ def _acting(n: int) -> intents.HttpRule:
 
 def test_too_many_action_routes_stop_the_configuration_never_cut_it_short() -> None:
     assert len(envoy_routes.routes((_acting(4), _acting(4)))) == 17 * 17 - 1 + 1  # 288 + the deny route
-    with pytest.raises(envoy_routes.RouteLimitError, match="need 4912 proxy routes"):
+    with pytest.raises(envoy_routes.RouteLimitError, match="need more than 512 proxy routes"):
         envoy_routes.routes((_acting(4), _acting(4), _acting(4)))
-    with pytest.raises(envoy_config.ProxyConfigError, match="need 4912 proxy routes"):
+    with pytest.raises(envoy_config.ProxyConfigError, match="need more than 512 proxy routes"):
         envoy_config._http_filter("10.0.0.5:80/any", (_acting(4), _acting(4), _acting(4)), "/dev/null")
+    # rules that can never allow one request together (different literal paths) are not combined
+    apart = tuple(r.model_copy(update={"path": f"/p{i}"}) for i, r in enumerate([_acting(4)] * 20))
+    assert len(envoy_routes.routes(apart)) == 20 * 16 + 1
 
 
 def test_validation_refuses_a_port_rule_needing_too_many_routes() -> None:
-    def policy(n_rules: int) -> dict[str, Any]:
-        http = [{"headerMatches": [{"name": f"X-{i}", "value": "1", "mismatch": "ADD"} for i in range(4)]}
-                for _ in range(n_rules)]
+    def policy(n_rules: int, paths: bool = False) -> dict[str, Any]:
+        http = [{"headerMatches": [{"name": f"X-{i}", "value": "1", "mismatch": "ADD"} for i in range(4)],
+                 **({"path": f"/p{n}"} if paths else {})} for n in range(n_rules)]
         return {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
                 "metadata": {"name": "p", "namespace": "default"},
                 "spec": {"endpointSelector": {}, "ingress": [{"toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}],
@@ -149,4 +152,14 @@ def test_validation_refuses_a_port_rule_needing_too_many_routes() -> None:
     assert not [p for p in validation.validate_policy(parse_policy(policy(2))) if "proxy routes" in p.message]
     problems = [p for p in validation.validate_policy(parse_policy(policy(3))) if "proxy routes" in p.message]
     assert [p.path for p in problems] == ["spec.ingress[0].toPorts[0].rules.http"], problems
-    assert "need 4912 proxy routes" in problems[0].message
+    assert "need more than 512 proxy routes" in problems[0].message
+    assert not [p for p in validation.validate_policy(parse_policy(policy(20, paths=True))) if "proxy routes" in p.message]
+
+
+def test_action_sets_leave_out_rules_that_cannot_overlap() -> None:
+    rule = header_actions.ActingRule
+    sets = header_actions.action_sets([rule("GET", "/a", "", 1), rule("", "/b", "", 1), rule("", ".*", "", 1),
+                                       rule("POST", "", "", 1)])
+    # /a and /b never together, GET and POST never together; the regex overlaps everything
+    assert sets.sets == ((1, 2, 3), (0, 2), (1, 2), (1, 3), (2, 3), (0,), (1,), (2,), (3,))
+    assert sets.routes == 8 + 4 * 4 + 4 * 2 and not sets.over
