@@ -208,6 +208,13 @@ def test_compact_output_and_agent_metrics(lab: LabHandle, scene: Any) -> None:
     drop_lines = [line for line in metrics.splitlines()
                   if line.startswith('hubble_drop_total{') and 'reason="POLICY_DENIED"' in line]
     assert drop_lines and float(drop_lines[0].rsplit(" ", 1)[1]) > 0, metrics
+    # the same drops as policy verdicts of the default deny, and tiefighter's allowed request by port
+    verdicts = [line for line in metrics.splitlines() if line.startswith("hubble_policy_verdicts_total{")
+                and 'direction="ingress"' in line and 'match="none"' in line and 'action="dropped"' in line]
+    assert verdicts and float(verdicts[0].rsplit(" ", 1)[1]) > 0, metrics
+    ports = [line for line in metrics.splitlines() if line.startswith("hubble_port_distribution_total{")
+             and 'port="80"' in line and 'protocol="TCP"' in line]
+    assert ports and float(ports[0].rsplit(" ", 1)[1]) > 0, metrics
 
 
 def test_prometheus_scrapes_the_agents_and_the_operator(lab: LabHandle, scene: Any, tool: Any,
