@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -95,6 +96,23 @@ class LabHandle:
         except OSError as exc:
             return f"<{exc}>"
 
+    def assert_own_agent(self, node: str, via: str) -> None:
+        """``via`` (how the CLI says it reached node's agent, ``ciliary.cli.agent_access``) is node's own agent,
+        checked outside the CLI: a pod kubectl places on node, the CLI's own node's loopback (real nodes), or the
+        port node's agent process wrote (process lab)."""
+        if self.real_nodes:
+            pod = re.fullmatch(rf"in pod kube-system/(\S+) on node (\S+) \(kubectl exec, {re.escape(CHART_AGENT_HEALTH)}\)",
+                               via)
+            if pod is None:  # the CLI runs in the chart etcd's node: its loopback is that node's agent
+                assert via == f"at http://{CHART_AGENT_HEALTH}" and node == self.chart_etcd_node(), (node, via)
+                return
+            assert pod.group(2) == node, (node, via)
+            placed = self.kubectl("get", "pod", "-n", "kube-system", pod.group(1), "-o", "jsonpath={.spec.nodeName}")
+            assert placed.stdout == node, (node, via, placed.stdout)
+        else:
+            port = (self.lab.layout.node_dir(node) / "health-port").read_text().strip()
+            assert via == f"at http://127.0.0.1:{port}", (node, via)
+
     def events(self, name: str, namespace: str = "default") -> list[dict[str, Any]]:
         out = self.kubectl("get", "events", "-n", namespace, "--field-selector",
                            f"involvedObject.name={name}", "-o", "json")
@@ -160,7 +178,8 @@ class LabHandle:
         lab_env = {"CILIARY_LAB_DIR": str(self.lab.layout.state_dir), "CILIARY_LAB_PREFIX": self.lab.layout.prefix}
         if self.real_nodes:
             ca, cert, key, kubeconfig = self.chart_credentials()
-            return {**env, **lab_env, "KUBECONFIG": str(kubeconfig), "CILIARY_ETCD_ENDPOINTS": CHART_ETCD_ENDPOINT,
+            return {**env, **lab_env, "KUBECONFIG": str(kubeconfig), "CILIARY_KUBECTL": str(self.lab.bins.kubectl),
+                    "CILIARY_ETCD_ENDPOINTS": CHART_ETCD_ENDPOINT,
                     "CILIARY_ETCD_CA_FILE": str(ca), "CILIARY_ETCD_CERT_FILE": str(cert),
                     "CILIARY_ETCD_KEY_FILE": str(key)}
         tls = self.lab.etcd_certs().client(access.OPERATOR_USER)
