@@ -5,8 +5,9 @@ as processes, Ciliary's etcd is the control plane's) and the real-node lab (``ci
 --real-nodes``: kubelets, Ciliary installed by its chart, Ciliary's etcd is the chart's bundled etcd on a
 node's network). On real nodes a manifest's ``image: lab`` containers become the lab app image
 (``ciliary.lab.labimage``), and the ``ciliary`` CLI runs inside the network namespace of the node that
-hosts the chart's etcd, with the chart's operator certificates and a kubeconfig through that node's
-apiserver relay.
+hosts the chart's etcd, with the chart's operator certificates, a kubeconfig through that node's
+apiserver relay and the lab's kubectl (``CILIARY_KUBECTL``): the CLI reaches every other node's agent
+through that node's agent pod (``ciliary.cli.agent_access``).
 """
 
 from __future__ import annotations
