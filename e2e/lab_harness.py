@@ -6,12 +6,13 @@ as processes, Ciliary's etcd is the control plane's) and the real-node lab (``ci
 --real-nodes``: kubelets, Ciliary installed by its chart, Ciliary's etcd is the chart's bundled etcd on a
 node's network). On real nodes a manifest's ``image: lab`` containers become the lab app image
 (``ciliary.lab.labimage``), and the ``ciliary`` CLI runs inside the network namespace of the node that
-hosts the chart's etcd, with the chart's operator certificates and a kubeconfig through that node's
-apiserver relay. The relay and the service map are the chart's ``hubble-relay`` and ``hubble-ui`` Services,
-which the lab forwards to the same loopback ports as the process lab's (``ciliary.lab.serviceforward``); the
-agents' and the operator's metrics listeners are the chart's node-local ones (host network, a node's
-loopback), read inside that node's network namespace, and forwarded for a scrape from this shell
-(:meth:`LabHandle.scrape_targets`).
+hosts the chart's etcd, with the chart's operator certificates, a kubeconfig through that node's
+apiserver relay and the lab's kubectl (``CILIARY_KUBECTL``): the CLI reaches every other node's agent
+through that node's agent pod (``ciliary.cli.agent_access``). The relay and the service map are the chart's
+``hubble-relay`` and ``hubble-ui`` Services, which the lab forwards to the same loopback ports as the process
+lab's (``ciliary.lab.serviceforward``); the agents' and the operator's metrics listeners are the chart's
+node-local ones (host network, a node's loopback), read inside that node's network namespace, and forwarded
+for a scrape from this shell (:meth:`LabHandle.scrape_targets`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import select
 import subprocess
 import sys
@@ -106,6 +108,23 @@ class LabHandle:
                 return str(resp.read().decode())
         except OSError as exc:
             return f"<{exc}>"
+
+    def assert_own_agent(self, node: str, via: str) -> None:
+        """``via`` (how the CLI says it reached node's agent, ``ciliary.cli.agent_access``) is node's own agent,
+        checked outside the CLI: a pod kubectl places on node, the CLI's own node's loopback (real nodes), or the
+        port node's agent process wrote (process lab)."""
+        if self.real_nodes:
+            pod = re.fullmatch(rf"in pod kube-system/(\S+) on node (\S+) \(kubectl exec, {re.escape(CHART_AGENT_HEALTH)}\)",
+                               via)
+            if pod is None:  # the CLI runs in the chart etcd's node: its loopback is that node's agent
+                assert via == f"at http://{CHART_AGENT_HEALTH}" and node == self.chart_etcd_node(), (node, via)
+                return
+            assert pod.group(2) == node, (node, via)
+            placed = self.kubectl("get", "pod", "-n", "kube-system", pod.group(1), "-o", "jsonpath={.spec.nodeName}")
+            assert placed.stdout == node, (node, via, placed.stdout)
+        else:
+            port = (self.lab.layout.node_dir(node) / "health-port").read_text().strip()
+            assert via == f"at http://127.0.0.1:{port}", (node, via)
 
     # --- Hubble: the relay, the service map, metrics ------------------------------------------------------
     def relay_address(self) -> str:
@@ -276,7 +295,8 @@ class LabHandle:
         lab_env = {"CILIARY_LAB_DIR": str(self.lab.layout.state_dir), "CILIARY_LAB_PREFIX": self.lab.layout.prefix}
         if self.real_nodes:
             ca, cert, key, kubeconfig = self.chart_credentials()
-            return {**env, **lab_env, "KUBECONFIG": str(kubeconfig), "CILIARY_ETCD_ENDPOINTS": CHART_ETCD_ENDPOINT,
+            return {**env, **lab_env, "KUBECONFIG": str(kubeconfig), "CILIARY_KUBECTL": str(self.lab.bins.kubectl),
+                    "CILIARY_ETCD_ENDPOINTS": CHART_ETCD_ENDPOINT,
                     "CILIARY_ETCD_CA_FILE": str(ca), "CILIARY_ETCD_CERT_FILE": str(cert),
                     "CILIARY_ETCD_KEY_FILE": str(key)}
         tls = self.lab.etcd_certs().client(access.OPERATOR_USER)
