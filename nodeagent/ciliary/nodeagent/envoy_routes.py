@@ -145,6 +145,24 @@ def _in_envoys_order(missed: list[intents.HeaderMatch]) -> list[intents.HeaderMa
     return [m for i, m in enumerate(missed) if i >= last_delete.get(m.name.lower(), -1)]
 
 
+def _action_sets(acting: list[intents.HttpRule]) -> header_actions.ActionSets:
+    return header_actions.action_sets([header_actions.ActingRule(r.method, r.path, r.host, len(_acting(r)))
+                                       for r in acting])
+
+
+def route_limit_problem(rules: tuple[intents.HttpRule, ...] | None) -> str:
+    """Why a chain with ``rules`` cannot get its routes ("" when it can): its rules with headerMatches actions
+    would need more than ``header_actions.MAX_ROUTES`` routes (the chain then denies every request)."""
+    if not rules:
+        return ""
+    acting = [rule for rule in rules if _acting(rule) and not any(m.secret is not None for m in rule.header_matches)]
+    if not _action_sets(acting).over:
+        return ""
+    return (f"{len(acting)} HTTP rules with headerMatches mismatch actions on one port and peer need more than "
+            f"{header_actions.MAX_ROUTES} proxy routes: fewer rules or fewer headers with actions, or literal "
+            f"paths that tell the rules apart")
+
+
 def _rule_routes(rules: tuple[intents.HttpRule, ...], cluster: str) -> list[dict[str, Any]]:
     """The allowing routes of a chain's rules. Rules with mismatch-action headers: a route set per non-empty
     subset of them, larger subsets first (a request allowed by the rules M first matches a route of a subset
@@ -153,12 +171,9 @@ def _rule_routes(rules: tuple[intents.HttpRule, ...], cluster: str) -> list[dict
     from a Secret it does not hold (fail closed: it allows nothing)."""
     held = [rule for rule in rules if not any(m.secret is not None for m in rule.header_matches)]
     acting = [rule for rule in held if _acting(rule)]
-    sets = header_actions.action_sets([header_actions.ActingRule(r.method, r.path, r.host, len(_acting(r)))
-                                       for r in acting])
+    sets = _action_sets(acting)
     if sets.over:
-        raise RouteLimitError(f"{len(acting)} HTTP rules with headerMatches mismatch actions on one port and peer "
-                              f"need more than {header_actions.MAX_ROUTES} proxy routes: fewer rules or fewer "
-                              f"headers with actions, or literal paths that tell the rules apart")
+        raise RouteLimitError(route_limit_problem(rules))
     out = []
     for chosen in sets.sets:
         out.extend(_together_routes(tuple(acting[i] for i in chosen), cluster))

@@ -14,31 +14,35 @@ families at scrape time:
   (packets; Cilium also counts bytes, which the flow events do not carry per direction here);
 - ``hubble_flow_ring_size`` / ``hubble_flow_ring_capacity`` (the ring's fill, the "map pressure"
   of the observer);
-- ``hubble_policy_verdicts_total{direction, match, action}``: the policy's verdicts on new traffic (not
-  replies, not unenforced endpoints). ``match`` says what decided: ``none`` (no rule: default deny),
+- ``hubble_policy_verdicts_total{direction, match, action}``: the policy's verdicts on new traffic: drops,
+  a TCP SYN without ACK, other protocols' events (with ``--monitor-aggregation none`` every non-TCP
+  packet); not replies, not a connection's later FIN/RST reports, not unenforced endpoints. ``match`` says what decided: ``none`` (no rule: default deny),
   ``deny`` (a deny rule), ``allow`` (an allow rule; the datapath does not record whether it was an L3,
   L4 or L3/L4 entry, so Hubble's ``l3-only``/``l3-l4``/``l4-only``/``all`` are not told apart),
   ``l7/http`` (handed to the node's HTTP proxy), ``l7/dns`` (the DNS proxy); ``action`` forwarded,
   dropped or redirected (to a proxy);
-- ``hubble_port_distribution_total{protocol, port}``: forwarded new TCP/UDP/SCTP traffic by destination
-  port; the first :data:`MAX_PORTS` ports seen per protocol get their own series, the others count as
+- ``hubble_port_distribution_total{protocol, port}``: forwarded new TCP/UDP/SCTP traffic (as above) by
+  destination port; the first :data:`MAX_PORTS` ports seen per protocol get their own series, the others count as
   ``port="other"``;
 - ``hubble_http_requests_total{method, protocol, reporter}``, ``hubble_http_responses_total{method,
   status, reporter}``, ``hubble_http_request_duration_seconds{method, reporter}`` (histogram): the
   requests the node's Envoy judged (``reporter`` server for a pod's ingress, client for its egress;
-  methods outside the standard ones count as ``other``);
+  methods outside the standard ones, status codes outside the registered ones and protocols other than
+  HTTP/1.0, 1.1, 2 and 3 count as ``other``);
 - ``hubble_dns_queries_total{qtypes}``, ``hubble_dns_responses_total{rcode, qtypes, ips_returned}``:
-  the exchanges of the node's DNS proxy (a refused name counts as answered ``REFUSED``;
-  ``ips_returned`` above 10 counts as ``10+``).
+  the exchanges of the node's DNS proxy (a refused name counts as answered ``REFUSED``; record types
+  and response codes outside a fixed list count as ``other``, ``ips_returned`` above 10 as ``10+``).
 
-Every label takes values from small fixed sets (verdicts, reasons, protocols, directions, flags, HTTP
-methods and status codes, DNS record types and codes) or a capped one (ports): the series count is
-bounded whatever the traffic. No pod or identity labels.
+Every label takes values from fixed sets (verdicts, reasons, protocols, directions, flags, HTTP methods,
+versions and registered status codes, DNS record types and codes) or a capped one (ports): the series
+count is bounded whatever the traffic (``bench/bench_metrics.py`` measures the scrape with every one of
+them present). No pod or identity labels.
 """
 
 from __future__ import annotations
 
 import collections
+import http
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -60,6 +64,20 @@ _MATCH = {"OK_POLICY": ("allow", "forwarded"), "DROP_POLICY": ("none", "dropped"
           "DROP_POLICY_DENY": ("deny", "dropped"), "OK_PROXY": ("proxy", "redirected"),
           "DNS_ALLOWED": ("l7/dns", "forwarded"), "DNS_REFUSED": ("l7/dns", "dropped")}
 _PORTED = (6, 17, 132)
+DNS_QTYPES = frozenset({"A", "AAAA", "ANY", "CAA", "CNAME", "DNSKEY", "DS", "HTTPS", "MX", "NAPTR", "NS", "PTR",
+                        "SOA", "SRV", "SVCB", "TXT"})
+DNS_RCODES = frozenset({"NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN", "YXRRSET",
+                        "NXRRSET", "NOTAUTH", "NOTZONE", "BADVERS"})
+HTTP_STATUSES = frozenset(str(s.value) for s in http.HTTPStatus)
+_TCP_SYN, _TCP_ACK = 0x02, 0x10
+
+
+def _opens(event: Any) -> bool:
+    """Is ``event`` (not a reply) the verdict on a new flow: a drop, a TCP SYN without ACK, or another protocol's
+    event (which monitor aggregation emits for the first packet only, unless ``none``)? Not a connection's
+    later flag reports (its FIN or RST)."""
+    return (event.verdict == "dropped" or event.protocol != 6
+            or event.tcp_flags & (_TCP_SYN | _TCP_ACK) == _TCP_SYN)
 
 
 def count_key(event: Any) -> CountKey:
@@ -78,17 +96,19 @@ class DetailCounter:
     def add(self, event: Any) -> None:
         if event.is_reply:
             return
-        http = getattr(event, "http", None)
-        if http is not None:
-            method = http.method if http.method in HTTP_METHODS else "other"
+        request = getattr(event, "http", None)
+        if request is not None:
+            method = request.method if request.method in HTTP_METHODS else "other"
             reporter = "server" if event.direction == "ingress" else "client"
-            self.counts["http_req", method, http.protocol or "", reporter] += 1
-            if http.code:
-                self.counts["http_resp", method, str(http.code), reporter] += 1
-            seconds = http.duration_ms / 1000
+            protocol = request.protocol if request.protocol in ("HTTP/1.0", "HTTP/1.1", "HTTP/2", "HTTP/3") else "other"
+            self.counts["http_req", method, protocol, reporter] += 1
+            if request.code:
+                status = str(request.code) if str(request.code) in HTTP_STATUSES else "other"
+                self.counts["http_resp", method, status, reporter] += 1
+            seconds = request.duration_ms / 1000
             bucket = next((str(b) for b in DURATION_BUCKETS if seconds <= b), "+Inf")
             self.counts["http_dur", method, reporter, bucket] += 1
-            self.counts["http_sum_ms", method, reporter] += http.duration_ms
+            self.counts["http_sum_ms", method, reporter] += request.duration_ms
             self.counts["verdict", event.direction, "l7/http",
                         "forwarded" if event.verdict == "forwarded" else "dropped"] += 1
             return
@@ -96,9 +116,14 @@ class DetailCounter:
         l7 = getattr(event, "l7", None)
         if l7 and l7.get("type") == "dns":
             qtype = str(l7.get("qtype", ""))
+            qtype = qtype if qtype in DNS_QTYPES else "other"
+            rcode = str(l7.get("rcode", ""))
+            rcode = rcode if rcode in DNS_RCODES else "other"
             ips = len(l7.get("ips", ()))
             self.counts["dns_q", qtype] += 1
-            self.counts["dns_r", str(l7.get("rcode", "")), qtype, "10+" if ips > 10 else str(ips)] += 1
+            self.counts["dns_r", rcode, qtype, "10+" if ips > 10 else str(ips)] += 1
+        elif not _opens(event):
+            return  # a tracked connection's later flags (medium aggregation): not a verdict on new traffic
         match = _MATCH.get(reason)
         if match is not None:
             kind, action = match

@@ -87,6 +87,6 @@ def test_kube_proxy_bench_smoke() -> None:
 
 def test_metrics_bench_smoke() -> None:
     out = run("bench/bench_metrics.py")
-    for label in ("agent at its most series", "agent padded to --series 500"):
+    for label in ("agent at its most series", "agent padded to --series 6000"):
         assert re.search(rf"^{label}: \d+ series, \d+ bytes; Prometheus scrape_duration_seconds over [1-9]\d* scrapes: "
                          r"median [0-9.]+ ms, .*up=1;", out, re.M), out

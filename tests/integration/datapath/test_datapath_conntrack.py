@@ -208,6 +208,10 @@ def test_medium_aggregation_reports_a_connections_first_packet_and_each_new_flag
     assert sorted(seen()) == [("egress", FIN_ACK, False), ("ingress", FIN_ACK, False)]
     env.a_to_b(FIN_ACK)  # a retransmitted FIN: already reported
     assert seen() == []
+    env.a_to_b(SYN)  # a new connection on the closed one's tuple (its entry still lives): reported again
+    assert sorted(seen()) == [("egress", SYN, False), ("ingress", SYN, False)]
+    env.b_to_a(SYN_ACK)
+    assert sorted(seen()) == [("egress", SYN_ACK, True), ("ingress", SYN_ACK, True)]
     for _ in range(3):  # a new connection b's egress does not allow: every packet is a drop event
         env.b_to_a(SYN, sport=DPORT + 1)
     drops = [e for _ in range(5) for e in reader.poll(50) if e.verdict == "dropped"]

@@ -124,8 +124,8 @@ def test_two_rules_both_act_and_the_flow_names_the_first() -> None:
     assert envoy(envoy_routes.routes((plain, first)), {":path": "/a"}) == (True, {":path": "/a", "x-a": "1"})
 
 
-def _acting(n: int) -> intents.HttpRule:
-    return intents.HttpRule(header_matches=tuple(intents.HeaderMatch(name=f"X-{i}", value="1", mismatch="ADD")
+def _acting(n: int, tag: str = "") -> intents.HttpRule:
+    return intents.HttpRule(header_matches=tuple(intents.HeaderMatch(name=f"X-{tag}{i}", value="1", mismatch="ADD")
                                                  for i in range(n)))
 
 
@@ -133,8 +133,12 @@ def test_too_many_action_routes_stop_the_configuration_never_cut_it_short() -> N
     assert len(envoy_routes.routes((_acting(4), _acting(4)))) == 17 * 17 - 1 + 1  # 288 + the deny route
     with pytest.raises(envoy_routes.RouteLimitError, match="need more than 512 proxy routes"):
         envoy_routes.routes((_acting(4), _acting(4), _acting(4)))
-    with pytest.raises(envoy_config.ProxyConfigError, match="need more than 512 proxy routes"):
-        envoy_config._http_filter("10.0.0.5:80/any", (_acting(4), _acting(4), _acting(4)), "/dev/null")
+    # the chain alone fails closed: it denies every request, the node's other chains are written
+    hcm = envoy_config._http_filter("10.0.0.5:80/any", (_acting(4), _acting(4), _acting(4)), "/dev/null")
+    only = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    assert [r["name"] for r in only] == [envoy_routes.DENY_ROUTE]
+    assert "need more than 512 proxy routes" in envoy_routes.route_limit_problem((_acting(4),) * 3)
+    assert envoy_routes.route_limit_problem((_acting(4),) * 2) == "" and envoy_routes.route_limit_problem(None) == ""
     # rules that can never allow one request together (different literal paths) are not combined
     apart = tuple(r.model_copy(update={"path": f"/p{i}"}) for i, r in enumerate([_acting(4)] * 20))
     assert len(envoy_routes.routes(apart)) == 20 * 16 + 1
@@ -163,3 +167,19 @@ def test_action_sets_leave_out_rules_that_cannot_overlap() -> None:
     # /a and /b never together, GET and POST never together; the regex overlaps everything
     assert sets.sets == ((1, 2, 3), (0, 2), (1, 2), (1, 3), (2, 3), (0,), (1,), (2,), (3,))
     assert sets.routes == 8 + 4 * 4 + 4 * 2 and not sets.over
+
+
+def test_an_over_limit_chain_denies_alone_and_is_named() -> None:
+    """Two peers of one pod's port: tiefighter's rules need too many routes, xwing's do not. tiefighter's chain
+    denies every request and is named (the agent reports the node's L7 policies not enforced); xwing's keeps
+    its routes: the node's configuration is still written, never left at the last one."""
+    from test_envoy_config import TIEFIGHTER, XWING, entry, node_intent, routes_of
+
+    intent = node_intent(entry(TIEFIGHTER, http=(_acting(4, "a"), _acting(4, "b"), _acting(4, "c"))),
+                         entry(XWING, http=(_acting(1),)))
+    assert envoy_config.route_limit_chains(intent) == ["10.244.1.5:80/id301"]
+    doc = envoy_config.listener(intent, port=15001, access_log="/x/access.log")
+    assert doc is not None
+    by_name = {c["name"]: c for c in doc["filter_chains"]}
+    assert [r["name"] for r in routes_of(by_name["10.244.1.5:80/id301"])] == [envoy_routes.DENY_ROUTE]
+    assert len(routes_of(by_name["10.244.1.5:80/id302"])) == 2 + 1

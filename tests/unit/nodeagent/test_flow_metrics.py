@@ -93,7 +93,9 @@ def test_policy_verdicts_ports_http_and_dns() -> None:
                 + [event("forwarded", maps.Reason.OK_PROXY, dport=80)]
                 + [event("forwarded", maps.Reason.OK_PROXY, dport=53, protocol=17, direction="egress")]
                 + [_http("GET", 200, 3), _http("GET", 403, 0), _http("BREW", 200, 700, "egress")]
-                + [_dns("NOERROR", 2), _dns("NOERROR", 12), _dns("REFUSED", 0, "dropped")])
+                + [_dns("NOERROR", 2), _dns("NOERROR", 12), _dns("REFUSED", 0, "dropped")]
+                # a tracked connection's FIN report (medium aggregation): not a verdict on new traffic
+                + [event("forwarded", maps.Reason.OK_POLICY, dport=8080, flags=0x11)])
     got = samples(flowapi.metrics_registry(hub))
 
     def verdicts(direction: str, match: str, action: str) -> float:
@@ -129,3 +131,15 @@ def test_port_series_are_capped() -> None:
     assert len(ports) == flow_metrics.MAX_PORTS + 1
     got = samples(flowapi.metrics_registry(hub))
     assert got["hubble_port_distribution_total", (("port", "other"), ("protocol", "TCP"))] == 2000 - 256
+
+
+def test_upstream_chosen_labels_fall_back_to_other() -> None:
+    hub = flowapi.FlowHub("n1")
+    odd = _dns("NOERROR", 1)
+    odd = dns_proxy.L7FlowEvent(**{**odd.__dict__, "l7": {**odd.l7, "qtype": "TYPE65000", "rcode": "RCODE3000"}})
+    hub.publish([odd, _http("GET", 999, 1), _http("GET", 418, 1)])
+    got = samples(flowapi.metrics_registry(hub))
+    assert got["hubble_dns_queries_total", (("qtypes", "other"),)] == 1
+    assert got["hubble_dns_responses_total", (("ips_returned", "1"), ("qtypes", "other"), ("rcode", "other"))] == 1
+    assert got["hubble_http_responses_total", (("method", "GET"), ("reporter", "server"), ("status", "other"))] == 1
+    assert got["hubble_http_responses_total", (("method", "GET"), ("reporter", "server"), ("status", "418"))] == 1
