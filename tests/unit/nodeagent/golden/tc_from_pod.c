@@ -888,6 +888,14 @@ static __always_inline int cy_ct_new_flags(struct ct_entry *entry, const struct 
 	if (!CY_TRACE_FLAGS || !entry || p->protocol != CY_PROTO_TCP)
 		return 0;
 	flags = p->tcp_flags & (CY_TCP_FIN | CY_TCP_SYN | CY_TCP_RST);
+	/* a new connection on the tuple of one that closed (its entry still
+	 * lives out the close lifetime): its reports start over */
+	if (side == 0 && (p->tcp_flags & (CY_TCP_SYN | CY_TCP_ACK)) == CY_TCP_SYN &&
+	    ((entry->reported[0] | entry->reported[1]) & (CY_TCP_FIN | CY_TCP_RST))) {
+		entry->reported[0] = flags;
+		entry->reported[1] = 0;
+		return 1;
+	}
 	if (!(flags & ~entry->reported[side]))
 		return 0;
 	entry->reported[side] |= flags;
