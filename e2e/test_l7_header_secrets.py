@@ -246,9 +246,10 @@ for line in sys.stdin:
     name, _, value = header.partition(":")
     try:
         conn.request("GET", path, headers={name.strip(): value.strip()} if name else {})
+        port = conn.sock.getsockname()[1]  # before the answer: a "Connection: close" one closes the socket
         answer = conn.getresponse()
         body = answer.read().decode(errors="replace").strip()
-        print(answer.status, answer.getheader("Connection") or "-", conn.sock.getsockname()[1], body[:40], flush=True)
+        print(answer.status, answer.getheader("Connection") or "-", port, body[:40], flush=True)
     except Exception as exc:
         print("error", type(exc).__name__, exc, flush=True)
 """
