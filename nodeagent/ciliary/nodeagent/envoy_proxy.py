@@ -141,6 +141,7 @@ class EnvoyProxy:
         self.accepted_cds_version = ""
         self.accepted_routes: dict[str, str] = {}
         self._written: dict[str, str] = {}
+        self._generation = 0
         self.rejected = 0
         self.config_error = ""
         self.conflicts = ""
@@ -192,6 +193,11 @@ class EnvoyProxy:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
         self._remove_secrets_except(keep)
+        # only an answer of Envoy asked after these writes counts (an earlier one may show a version that is
+        # wanted again but was replaced in between)
+        self._generation += 1
+        self.accepted_lds_version = self.accepted_cds_version = ""
+        self.accepted_routes = {}
         self.wanted_version = docs.version
         self.wanted_lds_version = lds_version
         self.wanted_routes = {name: doc["version_info"] for name, doc in docs.routes.items()}
@@ -354,15 +360,21 @@ class EnvoyProxy:
                                              "log_tail": self._log_tail()})
 
     async def _poll_admin(self, session: aiohttp.ClientSession) -> None:
+        generation = self._generation
         try:
             async with session.get("http://envoy/stats?filter=^(listener_manager\\.lds|cluster_manager\\.cds)\\.|"
                                    "\\.rds\\..*\\.update_rejected$") as response:
                 text = await response.text()
+            routes = None
             if not self._in_step() and self.wanted_routes:
                 async with session.get("http://envoy" + envoy_rds.CONFIG_DUMP_PATH) as response:
-                    self.accepted_routes = envoy_rds.accepted_routes(await response.text())
+                    routes = envoy_rds.accepted_routes(await response.text())
         except (TimeoutError, aiohttp.ClientError, OSError):
             return
+        if generation != self._generation:
+            return  # new documents were written meanwhile: ask again
+        if routes is not None:
+            self.accepted_routes = routes
         rejected = 0
         for line in text.splitlines():
             name, _, value = line.partition(": ")

@@ -5,6 +5,7 @@ every route configuration."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -118,23 +119,81 @@ def test_the_agent_rewrites_only_the_changed_route_file_and_removes_unnamed_ones
     assert "token-two" in (proxy.rds_dir / envoy_rds.file_name(CHAIN)).read_text()
 
 
+class FakeEnvoy:
+    """The admin API's answers (stats, the route configurations' config dump) of an Envoy holding ``lds`` and
+    ``routes``; ``hold`` keeps the next answer back until set."""
+
+    def __init__(self) -> None:
+        self.lds, self.routes = "", {}  # type: ignore[var-annotated]
+        self.hold: asyncio.Event | None = None
+        self.dumps = 0
+
+    def get(self, url: str) -> Any:
+        envoy = self
+
+        class Answer:
+            async def __aenter__(self) -> Answer:
+                if envoy.hold is not None:
+                    await envoy.hold.wait()
+                return self
+
+            async def __aexit__(self, *exc: object) -> None:
+                return None
+
+            async def text(self) -> str:
+                if url.endswith(envoy_rds.CONFIG_DUMP_PATH):
+                    envoy.dumps += 1
+                    return json.dumps({"configs": [{"version_info": v, "route_config": {"name": n}}
+                                                   for n, v in envoy.routes.items()]})
+                return (f'listener_manager.lds.version_text: "{envoy.lds}"\n'
+                        f'cluster_manager.cds.version_text: "{envoy.lds}"\nlistener_manager.lds.update_rejected: 0\n')
+
+        return Answer()
+
+
 def test_not_enforced_before_envoy_acknowledged_every_route_configuration(tmp_path: Path) -> None:
     class Running:
         returncode = None
         pid = 1
 
-    proxy = proxy_at(tmp_path)
-    intent = with_token("token-one")
-    proxy.set_intent(intent)
-    proxy.process = Running()  # type: ignore[assignment]
-    proxy.accepted_lds_version = proxy.accepted_cds_version = proxy.wanted_lds_version
-    proxy.accepted_routes = {n: v for n, v in proxy.wanted_routes.items() if n != CHAIN}
-    assert "has not loaded configuration" in proxy.problem(intent)
-    proxy.accepted_routes[CHAIN] = "an older version"
-    assert "has not loaded configuration" in proxy.problem(intent)
-    proxy.accepted_routes = dict(proxy.wanted_routes)
-    assert proxy.problem(intent) == ""
-    rotated = with_token("token-two")
-    proxy.set_intent(rotated)  # only its routes change: LDS and CDS stay acknowledged
-    assert proxy.accepted_lds_version == proxy.wanted_lds_version
-    assert "has not loaded configuration" in proxy.problem(rotated)
+    async def scenario() -> None:
+        proxy, envoy = proxy_at(tmp_path), FakeEnvoy()
+        session: Any = envoy
+        intent = with_token("token-one")
+        proxy.set_intent(intent)
+        proxy.process = Running()  # type: ignore[assignment]
+        envoy.lds, envoy.routes = proxy.wanted_lds_version, {n: v for n, v in proxy.wanted_routes.items() if n != CHAIN}
+        await proxy._poll_admin(session)
+        assert "has not loaded configuration" in proxy.problem(intent)  # one route configuration missing
+        envoy.routes[CHAIN] = "an older version"
+        await proxy._poll_admin(session)
+        assert "has not loaded configuration" in proxy.problem(intent)
+        envoy.routes = dict(proxy.wanted_routes)
+        await proxy._poll_admin(session)
+        assert proxy.problem(intent) == "" and proxy.status()["accepted_version"] == proxy.wanted_version
+        dumps = envoy.dumps
+        await proxy._poll_admin(session)
+        assert envoy.dumps == dumps  # in step: the config dump is not asked for
+        old_routes = dict(envoy.routes)
+        rotated = with_token("token-two")
+        proxy.set_intent(rotated)  # only its routes change: the LDS version stays, Envoy's old routes do not count
+        assert proxy.wanted_lds_version == envoy.lds
+        assert "has not loaded configuration" in proxy.problem(rotated)
+        await proxy._poll_admin(session)
+        assert "has not loaded configuration" in proxy.problem(rotated)
+        # an answer asked before new documents were written is not taken: here Envoy answers with the first
+        # intent's routes while the agent goes back to that intent (same versions) after a third one
+        envoy.hold = asyncio.Event()
+        polling = asyncio.create_task(proxy._poll_admin(session))
+        await asyncio.sleep(0)
+        proxy.set_intent(with_token("token-three"))
+        proxy.set_intent(intent)
+        envoy.routes = old_routes
+        envoy.hold.set()
+        await polling
+        assert "has not loaded configuration" in proxy.problem(intent)
+        envoy.hold = None
+        await proxy._poll_admin(session)  # asked after the writes: counts
+        assert proxy.problem(intent) == ""
+
+    asyncio.run(scenario())
