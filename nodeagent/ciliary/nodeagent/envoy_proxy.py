@@ -184,8 +184,8 @@ class EnvoyProxy:
         files = {envoy_rds.file_name(name): doc for name, doc in docs.routes.items()}
         changed = sum(self._write(self.rds_dir / name, doc) for name, doc in files.items())
         lds_version = docs.listeners["version_info"]
-        self._write(self.cds_path, envoy_config.cluster_document(intent, lds_version, secrets_dir=str(self.secrets_dir),
-                                                                 egress=bool(self.egress_port)))
+        clusters_changed = self._write(self.cds_path, envoy_config.cluster_document(
+            intent, lds_version, secrets_dir=str(self.secrets_dir), egress=bool(self.egress_port)))
         listeners_changed = self._write(self.lds_path, docs.listeners)
         for path in self.rds_dir.glob("*.json"):
             if path.name not in files:
@@ -193,11 +193,13 @@ class EnvoyProxy:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
         self._remove_secrets_except(keep)
-        # only an answer of Envoy asked after these writes counts (an earlier one may show a version that is
-        # wanted again but was replaced in between)
-        self._generation += 1
-        self.accepted_lds_version = self.accepted_cds_version = ""
-        self.accepted_routes = {}
+        if changed or clusters_changed or listeners_changed:
+            # only an answer of Envoy asked after these writes counts (an earlier one may show a version that
+            # is wanted again but was replaced in between); no write (a new revision, same documents): what
+            # Envoy acknowledged still holds
+            self._generation += 1
+            self.accepted_lds_version = self.accepted_cds_version = ""
+            self.accepted_routes = {}
         self.wanted_version = docs.version
         self.wanted_lds_version = lds_version
         self.wanted_routes = {name: doc["version_info"] for name, doc in docs.routes.items()}

@@ -195,5 +195,10 @@ def test_not_enforced_before_envoy_acknowledged_every_route_configuration(tmp_pa
         envoy.hold = None
         await proxy._poll_admin(session)  # asked after the writes: counts
         assert proxy.problem(intent) == ""
+        # a new revision with the same documents writes nothing: still enforced, no need to ask Envoy again
+        again = intent.model_copy(update={"revision": intent.revision + 1})
+        before = proxy.wanted_version
+        proxy.set_intent(again)
+        assert proxy.wanted_version != before and proxy.problem(again) == ""
 
     asyncio.run(scenario())
