@@ -1,30 +1,40 @@
-"""The handle e2e tests drive a lab with: kubectl, pods, probes, the ciliary CLI.
+"""The handle e2e tests drive a lab with: kubectl, pods, probes, the ciliary CLI, the Hubble relay, the
+service map and the agents' and operator's metrics.
 
 The same handle drives the process lab (``ciliary lab up``: Ciliary's own pod runtime, agents and operator
 as processes, Ciliary's etcd is the control plane's) and the real-node lab (``ciliary lab up
 --real-nodes``: kubelets, Ciliary installed by its chart, Ciliary's etcd is the chart's bundled etcd on a
 node's network). On real nodes a manifest's ``image: lab`` containers become the lab app image
 (``ciliary.lab.labimage``), and the ``ciliary`` CLI runs inside the network namespace of the node that
-hosts the chart's etcd, with the chart's operator certificates and a kubeconfig through that node's
-apiserver relay.
+hosts the chart's etcd, with the chart's operator certificates, a kubeconfig through that node's
+apiserver relay and the lab's kubectl (``CILIARY_KUBECTL``): the CLI reaches every other node's agent
+through that node's agent pod (``ciliary.cli.agent_access``). The relay and the service map are the chart's
+``hubble-relay`` and ``hubble-ui`` Services, which the lab forwards to the same loopback ports as the process
+lab's (``ciliary.lab.serviceforward``); the agents' and the operator's metrics listeners are the chart's
+node-local ones (host network, a node's loopback), read inside that node's network namespace, and forwarded
+for a scrape from this shell (:meth:`LabHandle.scrape_targets`).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import re
+import select
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ciliary.lab import labimage, topology
+from ciliary.lab import controlplane, labimage, processes, reallab, topology
 from ciliary.lab.kubeconfigs import write_kubeconfig
 from ciliary.lab.lab import Lab
 from ciliary.lab.nodeconfig import APISERVER_RELAY_PORT
@@ -33,8 +43,16 @@ from ciliary.operator.store import access
 #: the chart's bundled etcd (host network) as seen from inside the node that runs it: the server
 #: certificate names 127.0.0.1
 CHART_ETCD_ENDPOINT = "https://127.0.0.1:2379"
-#: the chart agent's /healthz, /readyz and /v1/... listener (charts/ciliary values ``agent.healthAddr``)
+#: the chart agent's /healthz, /readyz, /metrics and /v1/... listener (charts/ciliary values ``agent.healthAddr``)
 CHART_AGENT_HEALTH = "127.0.0.1:9876"
+
+
+@dataclass(frozen=True)
+class ScrapeTargets:
+    """``host:port`` addresses a process of this shell (a real Prometheus) scrapes ``/metrics`` at."""
+
+    agents: dict[str, str]
+    operator: str
 
 
 @dataclass
@@ -83,17 +101,134 @@ class LabHandle:
     def agent_get(self, node: str, path: str, timeout: float = 5) -> str:
         """GET an agent's health/debug endpoint (``/v1/enforcement``, ``/metrics``, ...); ``<error>`` if none."""
         if self.real_nodes:
-            out = subprocess.run(["nsenter", f"--net={self.node_netns(node)}", sys.executable, "-c",
-                                  "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
-                                  f"'http://{CHART_AGENT_HEALTH}{path}', timeout={timeout}).read().decode())"],
-                                 capture_output=True, text=True, timeout=timeout + 30)
-            return out.stdout if out.returncode == 0 else f"<{out.stderr.strip()[-300:]}>"
+            return http_get_in(self.node_netns(node), f"http://{CHART_AGENT_HEALTH}{path}", timeout)
         try:
             port = (self.lab.layout.node_dir(node) / "health-port").read_text().strip()
             with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
                 return str(resp.read().decode())
         except OSError as exc:
             return f"<{exc}>"
+
+    def assert_own_agent(self, node: str, via: str) -> None:
+        """``via`` (how the CLI says it reached node's agent, ``ciliary.cli.agent_access``) is node's own agent,
+        checked outside the CLI: a pod kubectl places on node, the CLI's own node's loopback (real nodes), or the
+        port node's agent process wrote (process lab)."""
+        if self.real_nodes:
+            pod = re.fullmatch(rf"in pod kube-system/(\S+) on node (\S+) \(kubectl exec, {re.escape(CHART_AGENT_HEALTH)}\)",
+                               via)
+            if pod is None:  # the CLI runs in the chart etcd's node: its loopback is that node's agent
+                assert via == f"at http://{CHART_AGENT_HEALTH}" and node == self.chart_etcd_node(), (node, via)
+                return
+            assert pod.group(2) == node, (node, via)
+            placed = self.kubectl("get", "pod", "-n", "kube-system", pod.group(1), "-o", "jsonpath={.spec.nodeName}")
+            assert placed.stdout == node, (node, via, placed.stdout)
+        else:
+            port = (self.lab.layout.node_dir(node) / "health-port").read_text().strip()
+            assert via == f"at http://127.0.0.1:{port}", (node, via)
+
+    # --- Hubble: the relay, the service map, metrics ------------------------------------------------------
+    def relay_address(self) -> str:
+        """The cluster's one Hubble address from this shell (``HUBBLE_SERVER``): the process lab's
+        ``ciliary-relay``, or the chart's ``hubble-relay`` Service through the lab's forward."""
+        self._need_service_forward()
+        return f"127.0.0.1:{self.lab.relay_port()}"
+
+    def ui_url(self) -> str:
+        """The service map from this shell (``CILIARY_UI_URL``): the process lab's ``ciliary-ui``, or the
+        chart's ``hubble-ui`` Service through the lab's forward."""
+        self._need_service_forward()
+        return f"http://127.0.0.1:{self.lab.ui_port()}"
+
+    def _need_service_forward(self) -> None:
+        if self.real_nodes and not processes.running_pid(self.lab.layout, reallab.SERVICE_FORWARD):
+            pytest.fail(f"the lab's {reallab.SERVICE_FORWARD} is not running: the chart's relay and UI are "
+                        "unreachable from this shell (`ciliary lab up --real-nodes` starts it)")
+
+    def agent_metrics(self, node: str) -> str:
+        """The node's agent's ``/metrics`` (Prometheus text); the test fails when it does not answer."""
+        text = self.agent_get(node, "/metrics", timeout=10)
+        if text.startswith("<"):
+            pytest.fail(f"the agent of {node} served no /metrics: {text}")
+        return text
+
+    def operator_address(self) -> tuple[str | None, str]:
+        """The operator's metrics listener: (the node namespace it is reached in, None for this shell's,
+        and ``host:port``). On real nodes: the chart's operator pod (host network) and the
+        ``CILIARY_OPERATOR_PROMETHEUS_SERVE_ADDR`` its pod spec gives (``operator.prometheusServeAddr``)."""
+        if not self.real_nodes:
+            return None, f"127.0.0.1:{self.lab.operator_metrics_port()}"
+        out = self.kubectl("get", "pods", "-n", "kube-system", "-l", "app.kubernetes.io/component=operator",
+                           "-o", "json")
+        pods = [p for p in json.loads(out.stdout)["items"] if p["status"].get("phase") == "Running"]
+        if not pods:
+            pytest.fail(f"no Running operator pod:\n{self.kubectl('get', 'pods', '-A').stdout}")
+        pod = pods[0]
+        if not pod["spec"].get("hostNetwork"):
+            pytest.fail("the chart's operator is not on the host network: its metrics are not node-local")
+        env = {e["name"]: e.get("value", "") for c in pod["spec"]["containers"] for e in c.get("env", [])}
+        addr = env.get("CILIARY_OPERATOR_PROMETHEUS_SERVE_ADDR", "off")
+        if addr == "off":
+            pytest.fail("the chart's operator serves no metrics (operator.prometheusServeAddr: off)")
+        addr = addr.replace("$(CILIARY_OPERATOR_POD_IP)", pod["status"].get("podIP", ""))
+        return self.node_netns(pod["spec"]["nodeName"]), addr
+
+    def operator_metrics(self) -> str:
+        """The operator's ``/metrics`` (Prometheus text); the test fails when it does not answer."""
+        netns, addr = self.operator_address()
+        if netns is not None:
+            text = http_get_in(netns, f"http://{addr}/metrics", 10)
+        else:
+            try:
+                with urllib.request.urlopen(f"http://{addr}/metrics", timeout=10) as resp:
+                    text = str(resp.read().decode())
+            except OSError as exc:
+                text = f"<{exc}>"
+        if text.startswith("<"):
+            pytest.fail(f"the operator served no /metrics at {addr}: {text}")
+        return text
+
+    @contextlib.contextmanager
+    def scrape_targets(self, nodes: Sequence[str]) -> Iterator[ScrapeTargets]:
+        """Addresses of this shell where the agents' of ``nodes`` and the operator's ``/metrics`` answer, for a
+        real Prometheus run here. Process lab: their own loopback ports. Real nodes: the chart's listeners are
+        on each node's loopback, so one ``ciliary.lab.serviceforward`` per node namespace forwards a free
+        loopback port of this shell to each (stopped on exit)."""
+        if not self.real_nodes:
+            yield ScrapeTargets({n: f"127.0.0.1:{self.lab.health_port(n)}" for n in nodes},
+                                self.operator_address()[1])
+            return
+        operator_netns, operator_addr = self.operator_address()
+        wanted: dict[str, list[tuple[str, str]]] = {}  # netns -> (what, address in it)
+        for node in nodes:
+            wanted.setdefault(self.node_netns(node), []).append((node, CHART_AGENT_HEALTH))
+        assert operator_netns is not None
+        wanted.setdefault(operator_netns, []).append(("operator", operator_addr))
+        found: dict[str, str] = {}
+        procs: list[subprocess.Popen[str]] = []
+        try:
+            for netns, listeners in wanted.items():
+                argv = [sys.executable, "-m", "ciliary.lab.serviceforward", "--netns", Path(netns).name]
+                for what, addr in listeners:
+                    found[what] = f"127.0.0.1:{controlplane.free_port()}"
+                    argv += ["--forward", f"{found[what].rsplit(':', 1)[1]}={addr}"]
+                proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                procs.append(proc)
+                assert proc.stdout is not None
+                ready, _, _ = select.select([proc.stdout], [], [], 30)  # it binds and says so, or exits
+                line = proc.stdout.readline() if ready else "<nothing after 30 s>"
+                if line.strip() != "forward ready":
+                    proc.kill()
+                    pytest.fail(f"metrics forward for {netns} not ready: {line!r} {proc.communicate(timeout=10)}")
+            yield ScrapeTargets({n: found[n] for n in nodes}, found["operator"])
+        finally:
+            for proc in procs:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=10)
 
     def events(self, name: str, namespace: str = "default") -> list[dict[str, Any]]:
         out = self.kubectl("get", "events", "-n", namespace, "--field-selector",
@@ -160,7 +295,8 @@ class LabHandle:
         lab_env = {"CILIARY_LAB_DIR": str(self.lab.layout.state_dir), "CILIARY_LAB_PREFIX": self.lab.layout.prefix}
         if self.real_nodes:
             ca, cert, key, kubeconfig = self.chart_credentials()
-            return {**env, **lab_env, "KUBECONFIG": str(kubeconfig), "CILIARY_ETCD_ENDPOINTS": CHART_ETCD_ENDPOINT,
+            return {**env, **lab_env, "KUBECONFIG": str(kubeconfig), "CILIARY_KUBECTL": str(self.lab.bins.kubectl),
+                    "CILIARY_ETCD_ENDPOINTS": CHART_ETCD_ENDPOINT,
                     "CILIARY_ETCD_CA_FILE": str(ca), "CILIARY_ETCD_CERT_FILE": str(cert),
                     "CILIARY_ETCD_KEY_FILE": str(key)}
         tls = self.lab.etcd_certs().client(access.OPERATOR_USER)
@@ -168,6 +304,15 @@ class LabHandle:
                 "CILIARY_ETCD_ENDPOINTS": self.lab.ports().etcd_endpoint,
                 "CILIARY_ETCD_CA_FILE": str(tls.ca_file), "CILIARY_ETCD_CERT_FILE": str(tls.cert_file),
                 "CILIARY_ETCD_KEY_FILE": str(tls.key_file)}
+
+
+def http_get_in(netns: str, url: str, timeout: float) -> str:
+    """GET ``url`` from inside network namespace ``netns`` (a path); the body, or ``<error>``."""
+    out = subprocess.run(["nsenter", f"--net={netns}", sys.executable, "-c",
+                          "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+                          f"{url!r}, timeout={timeout}).read().decode())"],
+                         capture_output=True, text=True, timeout=timeout + 30)
+    return out.stdout if out.returncode == 0 else f"<{out.stderr.strip()[-300:]}>"
 
 
 def wait_for(what: str, check: Any, seconds: float = 60) -> Any:

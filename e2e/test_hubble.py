@@ -1,9 +1,18 @@
 """The real ``hubble`` CLI (built from github.com/cilium/cilium, setup/build-hubble.sh) against the lab's
-relay (``ciliary-relay``, ``HUBBLE_SERVER`` of ``ciliary lab env``) and the agents' Observer APIs.
+relay (``HUBBLE_SERVER`` of ``ciliary lab env``) and the agents' Observer APIs; a real Prometheus (Debian's)
+scraping every agent's and the operator's metrics.
 
 The Star Wars scene: deathstar and xwing on node-1, tiefighter on node-2, Cilium's ``rule1``
 (only org=empire into the deathstar on 80/TCP). xwing's connections are dropped at the deathstar's
 ingress; tiefighter's are forwarded, allowed by rule1.
+
+Runs on the real-node lab: Ciliary installed by its chart. The relay is the chart's (the ``hubble-relay``
+Service, a container of the operator pod), which the lab forwards to the loopback port the process lab's
+``ciliary-relay`` listens on, so ``HUBBLE_SERVER`` and the CLI are the same. The metrics are the chart's
+node-local listeners (host network): each agent's ``agent.healthAddr`` (``/metrics``) and the operator's
+``operator.prometheusServeAddr``, read inside the node's network namespace; Prometheus, run in this shell,
+scrapes them through a loopback forward per node (``LabHandle.scrape_targets``), where the process lab's
+agents and operator listen on this shell's loopback themselves.
 """
 
 from __future__ import annotations
@@ -20,13 +29,13 @@ from typing import Any
 import pytest
 
 from ciliary.lab import demo
-from lab_harness import LabHandle
+from lab_harness import LabHandle, ScrapeTargets
 
 pytestmark = pytest.mark.e2e
-#: process lab: it reads the process lab's relay, agent and operator metrics ports on the machine's loopback
-#: (Lab.relay_port, health_port, operator_metrics_port); the chart's relay (in the operator pod) and its
-#: agents' node-local listeners are other addresses: not ported yet
-REAL_NODES = False
+#: real nodes: the real hubble CLI against the chart's relay (the hubble-relay Service the lab forwards to
+#: HUBBLE_SERVER), and a real Prometheus scraping the chart's agents' and operator's node-local metrics
+#: listeners (LabHandle.relay_address, agent_metrics, scrape_targets)
+REAL_NODES = True
 
 ROOT = Path(__file__).resolve().parents[1]
 STAR_WARS = ("deathstar", "tiefighter", "xwing")
@@ -54,7 +63,7 @@ def scene(lab: LabHandle, tool: Any) -> Any:
         assert time.monotonic() < deadline, "rule1 not enforced after 60 s"
         time.sleep(0.5)
     assert lab.probe("http", deathstar, 80, pod="tiefighter", timeout=3).returncode == 0
-    server = f"127.0.0.1:{lab.lab.relay_port()}"
+    server = lab.relay_address()
     try:
         yield hubble, server, deathstar, rfc3339(began)
     finally:
@@ -195,11 +204,17 @@ def test_compact_output_and_agent_metrics(lab: LabHandle, scene: Any) -> None:
         shown = hubble_run(hubble, *args, "--server", server)
         print(f"$ hubble {' '.join(args)}\n{shown.stdout}")
     # the node-1 agent counts the drops under Hubble's metric names
-    with urllib.request.urlopen(f"http://127.0.0.1:{lab.lab.health_port('node-1')}/metrics", timeout=10) as r:
-        metrics = r.read().decode()
+    metrics = lab.agent_metrics("node-1")
     drop_lines = [line for line in metrics.splitlines()
                   if line.startswith('hubble_drop_total{') and 'reason="POLICY_DENIED"' in line]
     assert drop_lines and float(drop_lines[0].rsplit(" ", 1)[1]) > 0, metrics
+    # the same drops as policy verdicts of the default deny, and tiefighter's allowed request by port
+    verdicts = [line for line in metrics.splitlines() if line.startswith("hubble_policy_verdicts_total{")
+                and 'direction="ingress"' in line and 'match="none"' in line and 'action="dropped"' in line]
+    assert verdicts and float(verdicts[0].rsplit(" ", 1)[1]) > 0, metrics
+    ports = [line for line in metrics.splitlines() if line.startswith("hubble_port_distribution_total{")
+             and 'port="80"' in line and 'protocol="TCP"' in line]
+    assert ports and float(ports[0].rsplit(" ", 1)[1]) > 0, metrics
 
 
 def test_prometheus_scrapes_the_agents_and_the_operator(lab: LabHandle, scene: Any, tool: Any,
@@ -208,8 +223,13 @@ def test_prometheus_scrapes_the_agents_and_the_operator(lab: LabHandle, scene: A
     scene are there, and the operator's reconcile passes, status writes and rule1 as a valid policy."""
     _, _, deathstar, _ = scene
     lab.probe("http", deathstar, 80, pod="xwing", timeout=1)
-    operator = f"127.0.0.1:{lab.lab.operator_metrics_port()}"
-    targets = [f"127.0.0.1:{lab.lab.health_port(node)}" for node in ("node-1", "node-2")]
+    with lab.scrape_targets(("node-1", "node-2")) as scrape:
+        prometheus_checks(lab, scrape, tool, tmp_path)
+
+
+def prometheus_checks(lab: LabHandle, scrape: ScrapeTargets, tool: Any, tmp_path: Path) -> None:
+    operator = scrape.operator
+    targets = list(scrape.agents.values())
     (tmp_path / "prometheus.yml").write_text(json.dumps({
         "global": {"scrape_interval": "1s"},
         "scrape_configs": [{"job_name": "ciliary-agents", "static_configs": [{"targets": targets}]},
@@ -223,7 +243,7 @@ def test_prometheus_scrapes_the_agents_and_the_operator(lab: LabHandle, scene: A
         query = f"http://127.0.0.1:{port}/api/v1/query?query={promql}"
         # deathstar's node (node-1) counts the drops; wait for its series, not for the first instance
         # Prometheus happens to scrape (it scrapes the two targets independently)
-        wanted = f"127.0.0.1:{lab.lab.health_port(lab.pod('deathstar')['spec']['nodeName'])}"
+        wanted = scrape.agents[lab.pod("deathstar")["spec"]["nodeName"]]
         by_instance: dict[str, float] = {}
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:

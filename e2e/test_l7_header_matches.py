@@ -5,7 +5,8 @@ node-2, whose ingress policy (its node's Envoy) admits only requests carrying th
 So what courier's egress Envoy did to a request shows at vault's ingress: a request courier sends
 without the token arrives with it (REPLACE), an added header arrives (ADD), a wrong-valued header
 is removed (DELETE) and refused by vault; a header condition without an action (no ``mismatch``)
-refuses the request at courier's side; LOG lets it pass and names the mismatch in the L7 flow.
+refuses the request at courier's side; LOG lets it pass and names the mismatch in the L7 flow; a request
+two rules allow gets the actions of both (vault admits ``/both`` only with both headers set).
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ spec:
           headerMatches: [{{name: X-Team, value: blue}}]
         - path: /log
           headerMatches: [{{name: X-Audit, value: "yes", mismatch: LOG}}]
+        - path: /both
+          headerMatches: [{{name: X-Both-Token, value: t1, mismatch: REPLACE}}]
+        - path: "/bo.*"
+          headerMatches: [{{name: X-Both-Add, value: a1, mismatch: ADD}}]
 ---
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -85,6 +90,8 @@ spec:
         - {{path: /strip, headers: ["X-Secret"]}}
         - {{path: /needs}}
         - {{path: /log}}
+        - {{path: /both, headers: ["X-Both-Token: t1", "X-Both-Add: a1"]}}
+        - {{path: /bolt}}
 """
 
 
@@ -158,3 +165,21 @@ def test_log_passes_and_names_the_mismatch_in_the_flow(lab: LabHandle, vault: st
     assert logged, "no L7 flow for /log"
     http = logged[-1]["l7"]["http"]
     assert http["code"] == 200 and http["header_mismatch"] == "X-Audit:LOG", logged[-1]
+
+
+def test_two_allowing_rules_both_act(lab: LabHandle, vault: str) -> None:
+    """``/both`` is allowed by the ``/both`` rule (REPLACE X-Both-Token) and the ``/bo.*`` rule (ADD X-Both-Add):
+    courier's Envoy applies both actions, so vault, which requires both headers, answers 200. ``/bolt`` is
+    allowed by the second rule alone: only its action, vault admits the path anyway."""
+    out = request(lab, vault, "/both")
+    assert out.startswith("HTTP/1.1 200"), out
+    out = request(lab, vault, "/both", "X-Both-Token: wrong")
+    assert out.startswith("HTTP/1.1 200"), out
+    assert request(lab, vault, "/bolt").startswith("HTTP/1.1 200")
+    deadline = time.monotonic() + 30
+    both: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and not both:
+        both = [f for f in agent_flows(lab, "node-1", f"last=300&pod={NS}/courier")
+                if f.get("l7", {}).get("http", {}).get("url") == "/both"]
+        time.sleep(0.5)
+    assert both and both[-1]["l7"]["http"]["header_mismatch"] == "X-Both-Token:REPLACE,X-Both-Add:ADD", both[-1:]

@@ -1,13 +1,14 @@
 """A NetworkPolicy's verdict explained by ``ciliary policy trace``, on the pods of test_netpol_enforcement
 under its ``from-pod-b`` policy: the trace names the NetworkPolicy's rule.
 
-Runs on the process lab (``REAL_NODES`` below is False) for the reason test_policy_explained.py gives: the
-trace reads each node's datapath from the agent at the address it registered in etcd, and the chart's
-agents register their node-local loopback listener, so on real nodes a trace run on one node reads that
-node's agent for every node.
+Runs on the real-node lab (``REAL_NODES`` below): the trace reads each node's datapath from that node's
+agent (through its agent pod where the registered address is another node's loopback), and the test
+checks which agent answered, as test_policy_explained.py does.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
@@ -21,12 +22,16 @@ from test_netpol_enforcement import (  # noqa: F401  (pods, policies: the module
 from test_policy_enforcement import trace
 
 pytestmark = pytest.mark.e2e
-#: the CLI reaches agents at their registered loopback address: not on real nodes yet (docstring); it passed
-#: there on 2026-12-06, its trace reading the etcd node's agent for every node, which is no evidence
-REAL_NODES = False
+#: on the session's real-node lab: the CLI reaches each node's agent through that node's agent pod, and the
+#: test checks which agent answered (docstring)
+REAL_NODES = True
 
 
 def test_a_networkpolicy_verdict_is_traced_to_its_rule(lab, pods, policies):  # noqa: F811
     enforce_from_pod_b(pods, policies)
     traced = trace(lab, XB, XA, "80/tcp")
     assert "NetworkPolicy np-x/from-pod-b rule 0 ingress[0]" in traced.stdout, traced.stdout + traced.stderr
+    read = dict(re.findall(r"^  (node-\d)'s datapath read by its agent (.+)$", traced.stdout, re.M))
+    assert sorted(read) == ["node-1", "node-2"], traced.stdout
+    for node, via in read.items():
+        lab.assert_own_agent(node, via)

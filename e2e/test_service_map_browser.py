@@ -5,6 +5,12 @@ The Star Wars scene of the demo: deathstar and xwing on node-1, tiefighter on no
 (only org=empire into the deathstar on 80/TCP). The page must show the three workloads in namespace
 default, a forwarded edge tiefighter -> deathstar and a dropped one xwing -> deathstar, both TCP/80,
 update by itself when new flows arrive, and load nothing from anywhere but its own server.
+
+Runs on the real-node lab: the service map is the chart's (the ``hubble-ui`` Service, ``ciliary-ui``
+reading the chart's relay), which the lab forwards to the loopback port the process lab's ``ciliary-ui``
+listens on, so ``CILIARY_UI_URL`` is the same. The dashboard's Prometheus scrapes the chart agents'
+node-local ``/metrics`` listeners (host network) through a loopback forward per node
+(``LabHandle.scrape_targets``), where the process lab's agents listen on this shell's loopback themselves.
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ from ciliary.lab import demo
 from lab_harness import LabHandle
 
 pytestmark = pytest.mark.e2e
-#: process lab: it opens the process lab's UI on the machine's loopback (Lab.ui_port); the chart's UI is a
-#: pod (ciliary-ui) reading the chart's relay, reached another way: not ported yet
-REAL_NODES = False
+#: real nodes: Chromium opens the chart's service map (the hubble-ui Service the lab forwards to
+#: CILIARY_UI_URL, reading the chart's relay); the dashboard's Prometheus scrapes the chart's agents'
+#: node-local metrics listeners (LabHandle.ui_url, scrape_targets)
+REAL_NODES = True
 
 ROOT = Path(__file__).resolve().parents[1]
 STAR_WARS = ("deathstar", "tiefighter", "xwing")
@@ -87,7 +94,7 @@ def get_json(url: str) -> Any:
 def test_env_exports_the_service_map_and_its_json_api(lab: LabHandle, scene: str) -> None:
     star_wars_traffic(lab, scene)
     base = ui_url(lab)
-    assert base == f"http://127.0.0.1:{lab.lab.ui_port()}"
+    assert base == lab.ui_url()
     graph = get_json(f"{base}/api/service-map?namespace=default&window=600")
     names = {n["id"]: n["name"] for n in graph["nodes"] if n["namespace"] == "default"}
     assert set(STAR_WARS) <= set(names.values()), graph["nodes"]
@@ -191,10 +198,14 @@ def free_port() -> int:
 def test_grafana_dashboard_queries_a_real_prometheus(lab: LabHandle, scene: str, tool: Any, tmp_path: Path) -> None:
     """Every expression of charts/ciliary/dashboards/ runs on a real Prometheus scraping both agents after
     the scene's traffic, reads only series the agents export, and the drop panels see the xwing's drops."""
+    lab.probe("http", scene, 80, pod="xwing", timeout=1)
+    with lab.scrape_targets(("node-1", "node-2")) as scrape:
+        dashboard_checks(list(scrape.agents.values()), tool, tmp_path)
+
+
+def dashboard_checks(targets: list[str], tool: Any, tmp_path: Path) -> None:
     from grafana_dashboard import DASHBOARDS, expressions, metric_names
 
-    lab.probe("http", scene, 80, pod="xwing", timeout=1)
-    targets = [f"127.0.0.1:{lab.lab.health_port(node)}" for node in ("node-1", "node-2")]
     (tmp_path / "prometheus.yml").write_text(json.dumps({
         "global": {"scrape_interval": "1s"},
         "scrape_configs": [{"job_name": "ciliary-agents", "static_configs": [{"targets": targets}]}]}))

@@ -29,6 +29,10 @@
 #ifndef CY_TRACE_ALL
 #define CY_TRACE_ALL 0 /* 1: one flow event per packet; 0: new flows and drops only */
 #endif
+#ifndef CY_TRACE_FLAGS
+#define CY_TRACE_FLAGS 1 /* 1 (with CY_TRACE_ALL 0): also a packet of a tracked TCP connection
+			  * carrying a flag not reported yet in its direction */
+#endif
 
 /* Direction of a policy as seen by the endpoint (types.h: policy_key.direction). */
 #define CY_DIR_INGRESS 1 /* traffic entering the pod: tc egress of the host veth */

@@ -68,7 +68,9 @@ struct ct_entry {
 	__u32 cookie;   /* rule that allowed the connection (last forward packet's) */
 	__u8 origin;    /* CY_DIR_* of the hook whose allowed packet opened it: the
 			 * forward direction; packets at the other hook are replies */
-	__u8 pad[7];
+	__u8 reported[2]; /* TCP flags already reported in a flow event (monitor
+			   * aggregation, events.h): [0] forward, [1] reply */
+	__u8 pad[5];
 };
 
 struct counter {

@@ -87,6 +87,34 @@ static __always_inline int cy_ct_is_reply(const struct ct_entry *entry, __u8 dir
 	return entry && entry->origin != dir;
 }
 
+/* Monitor aggregation (CY_TRACE_FLAGS): does the TCP packet p of the live
+ * entry carry a flag its direction (side 0: forward, 1: reply) has not
+ * reported yet? If so the flags are marked reported (the entry is written
+ * only then: a few times per connection) and the caller emits a flow event,
+ * so a connection shows its first packet, the answer, and the FIN or RST of
+ * each side, not every packet (ACK, PSH, URG are not reported on their own). A new entry's opening flags are marked by
+ * cy_ct_track. Two CPUs racing may both report a flag: never none. */
+static __always_inline int cy_ct_new_flags(struct ct_entry *entry, const struct cy_packet *p, int side)
+{
+	__u8 flags;
+
+	if (!CY_TRACE_FLAGS || !entry || p->protocol != CY_PROTO_TCP)
+		return 0;
+	flags = p->tcp_flags & (CY_TCP_FIN | CY_TCP_SYN | CY_TCP_RST);
+	/* a new connection on the tuple of one that closed (its entry still
+	 * lives out the close lifetime): its reports start over */
+	if (side == 0 && (p->tcp_flags & (CY_TCP_SYN | CY_TCP_ACK)) == CY_TCP_SYN &&
+	    ((entry->reported[0] | entry->reported[1]) & (CY_TCP_FIN | CY_TCP_RST))) {
+		entry->reported[0] = flags;
+		entry->reported[1] = 0;
+		return 1;
+	}
+	if (!(flags & ~entry->reported[side]))
+		return 0;
+	entry->reported[side] |= flags;
+	return 1;
+}
+
 /* Record an allowed forward packet; entry is cy_ct_find's answer for its key.
  * Returns 1 when the entry is new. */
 static __always_inline int cy_ct_track(const struct cy_packet *p, const struct ct_key *key,
@@ -110,6 +138,8 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, const struct c
 	fresh.ep_id = ep_id;
 	fresh.cookie = cookie;
 	fresh.origin = dir;
+	if (p->protocol == CY_PROTO_TCP)
+		fresh.reported[0] = p->tcp_flags & (CY_TCP_FIN | CY_TCP_SYN | CY_TCP_RST);
 	cy_ct.update((struct ct_key *)key, &fresh);
 	return 1;
 }

@@ -38,7 +38,9 @@
  * One cy_ct lookup per packet (conntrack.h) tells replies from forward
  * packets. Forwarded forward-direction packets create/refresh a cy_ct entry; a flow
  * event is emitted for every drop and every new connection (every packet when
- * CY_TRACE_ALL). The peer's identity (ipcache.h) is looked up only when the
+ * CY_TRACE_ALL), and with CY_TRACE_FLAGS for a tracked TCP packet, forward or
+ * reply, carrying a flag its direction has not reported yet (conntrack.h
+ * cy_ct_new_flags: the answer to the handshake, FIN, RST). The peer's identity (ipcache.h) is looked up only when the
  * verdict or an event needs it: replies and unenforced packets of a known
  * connection, most of the traffic, skip that lookup.
  */
@@ -128,7 +130,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		if (cy_ct_is_reply(ct_entry, dir)) {
 			cy_ct_refresh(ct_entry, &p, ct_now);
 			cy_count(dir, CY_OK_REPLY, p.len);
-			if (CY_TRACE_ALL) {
+			if (CY_TRACE_ALL || cy_ct_new_flags(ct_entry, &p, 1)) {
 				ep = cy_endpoints.lookup(&pod_addr);
 				peer_id = cy_identity_of(peer_addr);
 				cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, CY_OK_REPLY, 1, ep ? ep->ep_id : 0,
@@ -183,7 +185,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_SHOT;
 	}
 	is_new = cy_ct_track(&p, &ct_key, ct_entry, dir, ep->ep_id, cookie, ct_now);
-	if (is_new || CY_TRACE_ALL) {
+	if (is_new || CY_TRACE_ALL || cy_ct_new_flags(ct_entry, &p, 0)) {
 		if (!enforced)
 			peer_id = cy_identity_of(peer_addr);
 		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie);

@@ -150,12 +150,23 @@ def matching(cell: Cell, flows: Iterable[dict[str, object]]) -> list[dict[str, o
     return out
 
 
+def _opening(flow: dict[str, object]) -> bool:
+    """A flow of a new connection's first packet: not TCP, or TCP with SYN and without ACK."""
+    if flow.get("protocol") != "TCP":
+        return True
+    flags = flow.get("tcp_flags") or []
+    return isinstance(flags, list) and "SYN" in flags and "ACK" not in flags
+
+
 def verdict(cell: Cell, flows: Sequence[dict[str, object]]) -> str:
     """One line: what the datapath did with the cell's packets. A probe crosses two hooks, the source's
     egress and the destination's ingress; a drop at either blocks it, and only the destination's ingress
     forwarding it (a new connection's first packet) lets it through. A packet taken for a reply of a
-    tracked connection, or one to an address without an endpoint, passes without a flow."""
-    admitted = [f for f in flows if f.get("verdict") == "FORWARDED" and f.get("direction") == "ingress"]
+    tracked connection, or one to an address without an endpoint, passes without a flow. Only an opening
+    flow counts as admitted: the agents' default monitor aggregation also reports a TCP connection's later
+    FIN/RST, which may be an earlier step's connection closing in this one's time window."""
+    admitted = [f for f in flows if f.get("verdict") == "FORWARDED" and f.get("direction") == "ingress"
+                and not f.get("is_reply") and _opening(f)]
     dropped = [f for f in flows if f.get("verdict") == "DROPPED"]
 
     def summary(group: Sequence[dict[str, object]]) -> str:

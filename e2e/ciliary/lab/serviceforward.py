@@ -1,4 +1,5 @@
-"""Root-namespace addresses for in-cluster Services of the real-node lab (the Hubble relay, the service map).
+"""Root-namespace addresses for in-cluster Services and node-local listeners of the real-node lab (the Hubble
+relay, the service map; for e2e scrapes, the chart agents' and operator's metrics listeners).
 
 On real nodes the chart's ``hubble-relay`` and ``hubble-ui`` Services have ClusterIPs that only the node
 namespaces route (kube-proxy there), and no lab address may exist in the root namespace. This process,
@@ -7,10 +8,12 @@ for every connection, dials the Service's ClusterIP and first port from inside `
 entered the namespace makes the socket: ``nodegateway.in_netns``), then copies bytes both ways. The
 ClusterIP is read with ``--kubectl`` and kept until a dial fails (a re-installed chart gets new ones). So
 ``eval $(ciliary lab env)`` gives ``HUBBLE_SERVER`` and ``CILIARY_UI_URL`` that work from the user's shell,
-as on the process lab.
+as on the process lab. ``--forward PORT=HOST:PORT`` dials that address as is from inside ``--netns`` (a
+host-network pod's listener on the node's loopback, e.g. the chart agent's ``/metrics``), so a process of
+the root namespace (a real Prometheus in e2e) can reach it; no kubectl is needed for those.
 
-Run: ``python -m ciliary.lab.serviceforward --netns NETNS --kubectl PATH --kubeconfig PATH --forward
-PORT=NAMESPACE/SERVICE [...]``; prints ``forward ready`` once every listener is bound.
+Run: ``python -m ciliary.lab.serviceforward --netns NETNS [--kubectl PATH --kubeconfig PATH] --forward
+PORT=NAMESPACE/SERVICE|PORT=HOST:PORT [...]``; prints ``forward ready`` once every listener is bound.
 """
 
 from __future__ import annotations
@@ -35,23 +38,33 @@ DIAL_SECONDS = 5.0
 
 @dataclass(frozen=True)
 class Forward:
+    """A root-namespace port and what it dials in the node namespace: a Service, or a fixed ``address``."""
+
     port: int
-    namespace: str
-    service: str
+    namespace: str = ""
+    service: str = ""
+    address: tuple[str, int] | None = None
 
     @classmethod
     def parse(cls, text: str) -> Forward:
-        """``PORT=NAMESPACE/SERVICE``; ValueError naming the text when malformed."""
+        """``PORT=NAMESPACE/SERVICE`` or ``PORT=HOST:PORT``; ValueError naming the text when malformed."""
         try:
             port, target = text.split("=", 1)
+            if "/" not in target:
+                host, target_port = target.rsplit(":", 1)
+                if not host:
+                    raise ValueError(text)
+                return cls(int(port), address=(host, int(target_port)))
             namespace, service = target.split("/", 1)
             if not namespace or not service:
                 raise ValueError(text)
             return cls(int(port), namespace, service)
         except ValueError as exc:
-            raise ValueError(f"--forward {text!r}: want PORT=NAMESPACE/SERVICE") from exc
+            raise ValueError(f"--forward {text!r}: want PORT=NAMESPACE/SERVICE or PORT=HOST:PORT") from exc
 
     def flag(self) -> str:
+        if self.address is not None:
+            return f"{self.port}={self.address[0]}:{self.address[1]}"
         return f"{self.port}={self.namespace}/{self.service}"
 
 
@@ -84,6 +97,8 @@ async def _serve_one(cluster: Cluster, forward: Forward) -> asyncio.Server:
     known: list[tuple[str, int]] = []
 
     def connect() -> socket.socket:
+        if forward.address is not None:
+            return cluster.dial(forward.address)
         for attempt in range(2):  # the known address, then (once) a fresh one
             if attempt or not known:
                 known[:] = [cluster.resolve(forward)]
@@ -124,11 +139,13 @@ async def serve(cluster: Cluster, forwards: Sequence[Forward]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ciliary.lab.serviceforward", description=__doc__.split("\n")[0])
     parser.add_argument("--netns", required=True, help="the node namespace to dial from")
-    parser.add_argument("--kubectl", required=True, help="kubectl binary (reads the Services' ClusterIPs)")
-    parser.add_argument("--kubeconfig", required=True)
+    parser.add_argument("--kubectl", default="", help="kubectl binary (reads the Services' ClusterIPs)")
+    parser.add_argument("--kubeconfig", default="")
     parser.add_argument("--forward", action="append", required=True, type=Forward.parse,
-                        help="PORT=NAMESPACE/SERVICE (repeatable)")
+                        help="PORT=NAMESPACE/SERVICE or PORT=HOST:PORT (repeatable)")
     args = parser.parse_args(argv)
+    if any(f.address is None for f in args.forward) and not (args.kubectl and args.kubeconfig):
+        parser.error("a PORT=NAMESPACE/SERVICE forward needs --kubectl and --kubeconfig")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     asyncio.run(serve(Cluster(args.netns, args.kubectl, args.kubeconfig), args.forward))
     return 0

@@ -263,6 +263,15 @@ def ingress_conflicts(intent: intents.NodeIntent) -> list[str]:
     return [c.name for c in chains(intent) if c.conflict]
 
 
+def route_limit_chains(intent: intents.NodeIntent) -> list[str]:
+    """The chains (ingress and egress) that deny every request because their rules' headerMatches actions need
+    more routes than Envoy is given (``envoy_routes.route_limit_problem``): their policies are then not
+    enforced as written on this node (the agent reports it, ``envoy_proxy``); the node's other chains are."""
+    intent = envoy_routes.with_secret_values(intent)
+    found: list[Chain | EgressChain] = [*chains(intent), *egress_chains(intent)]
+    return [c.name for c in found if envoy_routes.route_limit_problem(c.rules)]
+
+
 def _prefixes(cidrs: Iterable[str]) -> list[dict[str, Any]]:
     nets = [ipaddress.IPv4Network(cidr) for cidr in cidrs]
     return [{"address_prefix": str(net.network_address), "prefix_len": net.prefixlen} for net in nets]
@@ -280,9 +289,12 @@ class _Routes:
 
 def _http_filter(name: str, rules: tuple[intents.HttpRule, ...] | None, access_log: str, where: _Routes, *,
                  egress: bool = False, cluster: str = "", validate_clusters: bool | None = None) -> dict[str, Any]:
-    config = envoy_rds.route_configuration(
-        name, routes(rules, cluster or (EGRESS_CLUSTER_NAME if egress else CLUSTER_NAME)),
-        validate_clusters=validate_clusters)
+    cluster = cluster or (EGRESS_CLUSTER_NAME if egress else CLUSTER_NAME)
+    try:
+        chain_routes = routes(rules, cluster)
+    except envoy_routes.RouteLimitError:  # fail closed on this chain alone: it denies (route_limit_chains)
+        chain_routes = routes((), cluster)
+    config = envoy_rds.route_configuration(name, chain_routes, validate_clusters=validate_clusters)
     hcm: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
                  "HttpConnectionManager",

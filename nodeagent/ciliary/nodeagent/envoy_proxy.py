@@ -60,6 +60,7 @@ import aiohttp
 
 from ciliary.nodeagent import envoy_config, envoy_rds, envoy_tls, l7_flows
 from ciliary.operator import intents
+from ciliary.operator.policy import header_actions
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,11 @@ class EnvoyProxy:
         conflicts = envoy_config.ingress_conflicts(intent) + envoy_config.egress_conflicts(intent)
         self.conflicts = ("TLS: these chains mix TLS contexts (or TLS and plain HTTP rules) "
                           f"and deny every request: {', '.join(conflicts[:5])}") if conflicts else ""
+        limited = envoy_config.route_limit_chains(intent)
+        if limited:
+            self.conflicts = "; ".join(filter(None, [self.conflicts, (
+                "headerMatches: the mismatch actions of these chains' HTTP rules need more than "
+                f"{header_actions.MAX_ROUTES} proxy routes, so they deny every request: {', '.join(limited[:5])}")]))
         if docs.version == self.wanted_version:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,12 @@ exactly the headers that match), and each route applies
 the actions of the headers it saw not matching: ``ADD`` appends the value, ``REPLACE`` sets it,
 ``DELETE`` removes the header (nothing for a presence-only match), ``LOG`` changes nothing;
 all four name the mismatch in the route's metadata, which the access log carries into the flow.
-Only the first allowing rule's actions apply. A header value from a Secret is the intent's
+When several rules allow a request, the actions of every one of them apply (as Cilium's proxy runs the
+header actions of each matching rule): the rules with actions get routes for each set of them
+allowing together, largest sets first, so the first route that matches requires exactly the rules
+that allow the request (see :func:`routes`); rules without actions follow them. Every rule's headers are
+matched against the request as it arrived, and the actions of the allowing rules apply as if one after the
+other in rule order. A header value from a Secret is the intent's
 (``header_secrets``, :func:`with_secret_values`); a rule whose Secret value is missing allows
 nothing.
 """
@@ -27,6 +32,7 @@ import json
 from typing import Any
 
 from ciliary.operator import intents
+from ciliary.operator.policy import header_actions
 
 CLUSTER_NAME = "cy_original_dst"
 EGRESS_CLUSTER_NAME = "cy_egress_original_dst"
@@ -99,29 +105,79 @@ def with_secret_values(intent: intents.NodeIntent) -> intents.NodeIntent:
     return intent.model_copy(update={"endpoints": endpoints})
 
 
-def _rule_routes(rule: intents.HttpRule, cluster: str) -> list[dict[str, Any]]:
-    """A rule's routes: one, or with mismatch-action headers one per combination of them matching or
-    not (every header matching first), each applying the actions of the headers that do not match.
-    No route for a rule with a header value from a Secret it does not hold (fail closed: it allows nothing)."""
-    if any(m.secret is not None for m in rule.header_matches):
-        return []
-    base = _header_matchers(rule)
-    acting = [m for m in rule.header_matches if m.mismatch is not None]
+class RouteLimitError(ValueError):
+    """The rules of one chain would need more than ``header_actions.MAX_ROUTES`` routes."""
+
+
+def _acting(rule: intents.HttpRule) -> list[intents.HeaderMatch]:
+    return [m for m in rule.header_matches if m.mismatch is not None]
+
+
+def _together_routes(rules: tuple[intents.HttpRule, ...], cluster: str) -> list[dict[str, Any]]:
+    """The routes of the rules in ``rules`` allowing one request together: each route requires every rule's
+    own matchers and the action headers it names as matching, and applies the actions of the others (in
+    rule order). Largest combinations of matching headers first; named after the first rule."""
+    base = [m for rule in rules for m in _header_matchers(rule)]
+    acting = [m for rule in rules for m in _acting(rule)]
     out = []
     # most matching headers first: the first route whose headers all match is then the one naming
     # exactly the matching set (Envoy's inverted matchers never match an absent header: not used)
     combinations = sorted(itertools.product((True, False), repeat=len(acting)), key=lambda c: -sum(c))
     for combination in combinations:
-        route = _forward(route_name(rule.rule), base + [
+        route = _forward(route_name(rules[0].rule), base + [
             _header_matcher(m.name, m.value) for m, ok in zip(acting, combination, strict=True) if ok], cluster)
         missed = [m for m, ok in zip(acting, combination, strict=True) if not ok]
-        for match in missed:
+        for match in _in_envoys_order(missed):
             for key, items in _on_mismatch(match).items():
                 route.setdefault(key, []).extend(items)
         if missed:
             route["metadata"] = {"filter_metadata": {"ciliary": {"mismatch": ",".join(
                 f"{m.name}:{m.mismatch}" for m in missed)}}}
         out.append(_destination_last(route))
+    return out
+
+
+def _in_envoys_order(missed: list[intents.HeaderMatch]) -> list[intents.HeaderMatch]:
+    """The actions of ``missed`` (in rule order) that Envoy, which removes a route's headers before it adds any,
+    must be given for the same result as applying them one after the other: an ``ADD``/``REPLACE`` of a header
+    that a later ``DELETE`` removes is left out."""
+    last_delete = {m.name.lower(): i for i, m in enumerate(missed) if m.mismatch == "DELETE" and m.value}
+    return [m for i, m in enumerate(missed) if i >= last_delete.get(m.name.lower(), -1)]
+
+
+def _action_sets(acting: list[intents.HttpRule]) -> header_actions.ActionSets:
+    return header_actions.action_sets([header_actions.ActingRule(r.method, r.path, r.host, len(_acting(r)))
+                                       for r in acting])
+
+
+def route_limit_problem(rules: tuple[intents.HttpRule, ...] | None) -> str:
+    """Why a chain with ``rules`` cannot get its routes ("" when it can): its rules with headerMatches actions
+    would need more than ``header_actions.MAX_ROUTES`` routes (the chain then denies every request)."""
+    if not rules:
+        return ""
+    acting = [rule for rule in rules if _acting(rule) and not any(m.secret is not None for m in rule.header_matches)]
+    if not _action_sets(acting).over:
+        return ""
+    return (f"{len(acting)} HTTP rules with headerMatches mismatch actions on one port and peer need more than "
+            f"{header_actions.MAX_ROUTES} proxy routes: fewer rules or fewer headers with actions, or literal "
+            f"paths that tell the rules apart")
+
+
+def _rule_routes(rules: tuple[intents.HttpRule, ...], cluster: str) -> list[dict[str, Any]]:
+    """The allowing routes of a chain's rules. Rules with mismatch-action headers: a route set per non-empty
+    subset of them, larger subsets first (a request allowed by the rules M first matches a route of a subset
+    of M, and the subsets as large as M come first, so the route taken is M's own: every allowing rule's
+    actions apply); then the rules without actions, one route each. No route for a rule with a header value
+    from a Secret it does not hold (fail closed: it allows nothing)."""
+    held = [rule for rule in rules if not any(m.secret is not None for m in rule.header_matches)]
+    acting = [rule for rule in held if _acting(rule)]
+    sets = _action_sets(acting)
+    if sets.over:
+        raise RouteLimitError(route_limit_problem(rules))
+    out = []
+    for chosen in sets.sets:
+        out.extend(_together_routes(tuple(acting[i] for i in chosen), cluster))
+    out.extend(route for rule in held if not _acting(rule) for route in _together_routes((rule,), cluster))
     return out
 
 
@@ -152,8 +208,7 @@ def _forward(name: str, headers: list[dict[str, Any]], cluster: str = CLUSTER_NA
 
 def routes(rules: tuple[intents.HttpRule, ...] | None, cluster: str = CLUSTER_NAME) -> list[dict[str, Any]]:
     """A chain's routes: one per allowed kind of request, then the 403."""
-    out = [_forward("cy-allow", [], cluster)] if rules is None else [
-        route for rule in rules for route in _rule_routes(rule, cluster)]
+    out = [_forward("cy-allow", [], cluster)] if rules is None else _rule_routes(rules, cluster)
     out.append({"name": DENY_ROUTE, "match": {"prefix": "/"},
                 "direct_response": {"status": 403, "body": {"inline_string": DENY_BODY}}})
     return out

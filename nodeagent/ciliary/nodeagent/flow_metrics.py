@@ -13,18 +13,40 @@ families at scrape time:
 - ``cilium_drop_count_total{reason, direction}`` and ``cilium_forward_count_total{direction}``
   (packets; Cilium also counts bytes, which the flow events do not carry per direction here);
 - ``hubble_flow_ring_size`` / ``hubble_flow_ring_capacity`` (the ring's fill, the "map pressure"
-  of the observer).
+  of the observer);
+- ``hubble_policy_verdicts_total{direction, match, action}``: the policy's verdicts on new traffic: drops,
+  a TCP SYN without ACK, other protocols' events (with ``--monitor-aggregation none`` every non-TCP
+  packet); not replies, not a connection's later FIN/RST reports, not unenforced endpoints. ``match`` says what decided: ``none`` (no rule: default deny),
+  ``deny`` (a deny rule), ``allow`` (an allow rule; the datapath does not record whether it was an L3,
+  L4 or L3/L4 entry, so Hubble's ``l3-only``/``l3-l4``/``l4-only``/``all`` are not told apart),
+  ``l7/http`` (handed to the node's HTTP proxy), ``l7/dns`` (the DNS proxy); ``action`` forwarded,
+  dropped or redirected (to a proxy);
+- ``hubble_port_distribution_total{protocol, port}``: forwarded new TCP/UDP/SCTP traffic (as above) by
+  destination port; the first :data:`MAX_PORTS` ports seen per protocol get their own series, the others count as
+  ``port="other"``;
+- ``hubble_http_requests_total{method, protocol, reporter}``, ``hubble_http_responses_total{method,
+  status, reporter}``, ``hubble_http_request_duration_seconds{method, reporter}`` (histogram): the
+  requests the node's Envoy judged (``reporter`` server for a pod's ingress, client for its egress;
+  methods outside the standard ones, status codes outside the registered ones and protocols other than
+  HTTP/1.0, 1.1, 2 and 3 count as ``other``);
+- ``hubble_dns_queries_total{qtypes}``, ``hubble_dns_responses_total{rcode, qtypes, ips_returned}``:
+  the exchanges of the node's DNS proxy (a refused name counts as answered ``REFUSED``; record types
+  and response codes outside a fixed list count as ``other``, ``ips_returned`` above 10 as ``10+``).
 
-Every label takes values from small fixed sets (verdicts, reasons, protocols, directions, flags):
-the series count is bounded whatever the traffic. No port, pod or identity labels.
+Every label takes values from fixed sets (verdicts, reasons, protocols, directions, flags, HTTP methods,
+versions and registered status codes, DNS record types and codes) or a capped one (ports): the series
+count is bounded whatever the traffic (``bench/bench_metrics.py`` measures the scrape with every one of
+them present). No pod or identity labels.
 """
 
 from __future__ import annotations
 
+import collections
+import http
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from ciliary.hubbleapi import flow_pb2
@@ -35,10 +57,85 @@ PROTOCOLS = {1: "ICMPv4", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP"}
 CountKey = tuple[str, str, int, str, int, bool]
 """(verdict, reason name, IP protocol, direction, TCP flags, IPv6) as ``FlowHub`` counts them."""
 
+MAX_PORTS = 256
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_MATCH = {"OK_POLICY": ("allow", "forwarded"), "DROP_POLICY": ("none", "dropped"),
+          "DROP_POLICY_DENY": ("deny", "dropped"), "OK_PROXY": ("proxy", "redirected"),
+          "DNS_ALLOWED": ("l7/dns", "forwarded"), "DNS_REFUSED": ("l7/dns", "dropped")}
+_PORTED = (6, 17, 132)
+DNS_QTYPES = frozenset({"A", "AAAA", "ANY", "CAA", "CNAME", "DNSKEY", "DS", "HTTPS", "MX", "NAPTR", "NS", "PTR",
+                        "SOA", "SRV", "SVCB", "TXT"})
+DNS_RCODES = frozenset({"NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN", "YXRRSET",
+                        "NXRRSET", "NOTAUTH", "NOTZONE", "BADVERS"})
+HTTP_STATUSES = frozenset(str(s.value) for s in http.HTTPStatus)
+_TCP_SYN, _TCP_ACK = 0x02, 0x10
+
+
+def _opens(event: Any) -> bool:
+    """Is ``event`` (not a reply) the verdict on a new flow: a drop, a TCP SYN without ACK, or another protocol's
+    event (which monitor aggregation emits for the first packet only, unless ``none``)? Not a connection's
+    later flag reports (its FIN or RST)."""
+    return (event.verdict == "dropped" or event.protocol != 6
+            or event.tcp_flags & (_TCP_SYN | _TCP_ACK) == _TCP_SYN)
+
 
 def count_key(event: Any) -> CountKey:
     return (event.verdict, getattr(event.reason, "name", str(event.reason)), event.protocol, event.direction,
             event.tcp_flags if event.protocol == 6 else 0, event.src.version == 6)
+
+
+class DetailCounter:
+    """The counts of the per-kind metrics (policy verdicts, ports, HTTP, DNS), one :meth:`add` per published
+    event. Replies add nothing; labels are bounded as the module says."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[tuple[str, ...]] = collections.Counter()
+        self.ports: dict[int, set[int]] = {}
+
+    def add(self, event: Any) -> None:
+        if event.is_reply:
+            return
+        request = getattr(event, "http", None)
+        if request is not None:
+            method = request.method if request.method in HTTP_METHODS else "other"
+            reporter = "server" if event.direction == "ingress" else "client"
+            protocol = request.protocol if request.protocol in ("HTTP/1.0", "HTTP/1.1", "HTTP/2", "HTTP/3") else "other"
+            self.counts["http_req", method, protocol, reporter] += 1
+            if request.code:
+                status = str(request.code) if str(request.code) in HTTP_STATUSES else "other"
+                self.counts["http_resp", method, status, reporter] += 1
+            seconds = request.duration_ms / 1000
+            bucket = next((str(b) for b in DURATION_BUCKETS if seconds <= b), "+Inf")
+            self.counts["http_dur", method, reporter, bucket] += 1
+            self.counts["http_sum_ms", method, reporter] += request.duration_ms
+            self.counts["verdict", event.direction, "l7/http",
+                        "forwarded" if event.verdict == "forwarded" else "dropped"] += 1
+            return
+        reason = getattr(event.reason, "name", str(event.reason))
+        l7 = getattr(event, "l7", None)
+        if l7 and l7.get("type") == "dns":
+            qtype = str(l7.get("qtype", ""))
+            qtype = qtype if qtype in DNS_QTYPES else "other"
+            rcode = str(l7.get("rcode", ""))
+            rcode = rcode if rcode in DNS_RCODES else "other"
+            ips = len(l7.get("ips", ()))
+            self.counts["dns_q", qtype] += 1
+            self.counts["dns_r", rcode, qtype, "10+" if ips > 10 else str(ips)] += 1
+        elif not _opens(event):
+            return  # a tracked connection's later flags (medium aggregation): not a verdict on new traffic
+        match = _MATCH.get(reason)
+        if match is not None:
+            kind, action = match
+            if kind == "proxy":
+                kind = "l7/dns" if event.direction == "egress" and event.dport == 53 else "l7/http"
+            self.counts["verdict", event.direction, kind, action] += 1
+        if event.verdict == "forwarded" and event.protocol in _PORTED and not l7:
+            seen = self.ports.setdefault(event.protocol, set())
+            if event.dport not in seen and len(seen) < MAX_PORTS:
+                seen.add(event.dport)
+            port = str(event.dport) if event.dport in seen else "other"
+            self.counts["port", PROTOCOLS[event.protocol], port] += 1
 
 
 def _add_all(family: CounterMetricFamily, values: Mapping[tuple[str, ...], int]) -> None:
@@ -50,10 +147,12 @@ class FlowMetrics(Collector):
     """Collects from ``counts()`` (the hub's counter), ``lost()`` ({source: n}) and ``ring()`` (size, capacity)."""
 
     def __init__(self, counts: Callable[[], Mapping[CountKey, int]], lost: Callable[[], Mapping[str, int]],
-                 ring: Callable[[], tuple[int, int]]) -> None:
+                 ring: Callable[[], tuple[int, int]],
+                 details: Callable[[], Mapping[tuple[str, ...], int]] = dict) -> None:
         self.counts = counts
         self.lost = lost
         self.ring = ring
+        self.details = details
 
     def collect(self) -> Iterator[Any]:
         processed: dict[tuple[str, ...], int] = {}
@@ -105,3 +204,35 @@ class FlowMetrics(Collector):
         size, capacity = self.ring()
         yield GaugeMetricFamily("hubble_flow_ring_size", "Flows kept in the agent's flow ring", value=size)
         yield GaugeMetricFamily("hubble_flow_ring_capacity", "Capacity of the agent's flow ring", value=capacity)
+        yield from detail_families(dict(self.details()))
+
+
+def detail_families(details: Mapping[tuple[str, ...], int]) -> Iterator[Any]:
+    """The per-kind families from :class:`DetailCounter` counts."""
+    by_kind: dict[str, dict[tuple[str, ...], int]] = {}
+    for key, n in details.items():
+        by_kind.setdefault(key[0], {})[key[1:]] = n
+    for kind, name, doc, labels in (
+            ("verdict", "hubble_policy_verdicts", "Policy verdicts on new traffic", ["direction", "match", "action"]),
+            ("port", "hubble_port_distribution", "Forwarded new traffic by destination port", ["protocol", "port"]),
+            ("http_req", "hubble_http_requests", "HTTP requests judged by the node's proxy",
+             ["method", "protocol", "reporter"]),
+            ("http_resp", "hubble_http_responses", "HTTP responses seen by the node's proxy",
+             ["method", "status", "reporter"]),
+            ("dns_q", "hubble_dns_queries", "DNS queries seen by the node's DNS proxy", ["qtypes"]),
+            ("dns_r", "hubble_dns_responses", "DNS responses given by the node's DNS proxy",
+             ["rcode", "qtypes", "ips_returned"])):
+        family = CounterMetricFamily(name, doc, labels=labels)
+        _add_all(family, by_kind.get(kind, {}))
+        yield family
+    histogram = HistogramMetricFamily("hubble_http_request_duration_seconds", "HTTP request duration at the "
+                                      "node's proxy", labels=["method", "reporter"])
+    durations = by_kind.get("http_dur", {})
+    sums = by_kind.get("http_sum_ms", {})
+    for method, reporter in sorted({(m, r) for m, r, _b in durations}):
+        cumulative, buckets = 0, []
+        for bound in (*map(str, DURATION_BUCKETS), "+Inf"):
+            cumulative += durations.get((method, reporter, bound), 0)
+            buckets.append((bound, cumulative))
+        histogram.add_metric([method, reporter], buckets, sums.get((method, reporter), 0) / 1000)
+    yield histogram

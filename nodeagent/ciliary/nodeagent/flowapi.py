@@ -252,6 +252,8 @@ class FlowHub:
         self.lost_followers = 0
         self.counts: collections.Counter[flow_metrics.CountKey] = collections.Counter()
         """Every published event by ``flow_metrics.count_key`` (the Prometheus metrics' source)."""
+        self.details = flow_metrics.DetailCounter()
+        """The per-kind counts (policy verdicts, ports, HTTP, DNS) of the same events."""
         self._followers: set[asyncio.Queue[dict[str, Any]]] = set()
         self._entry_followers: set[EntryQueue] = set()
         """Hubble followers (observer_server): handed ring entries, converted by the reader."""
@@ -264,9 +266,10 @@ class FlowHub:
         """Enrich and keep ``events``; hand them to every follower (dropping for full ones)."""
         count = 0
         index, rules_for = self.index, self.rules_for
-        counts, key = self.counts, flow_metrics.count_key
+        counts, key, detail = self.counts, flow_metrics.count_key, self.details.add
         for event in events:
             counts[key(event)] += 1
+            detail(event)
             entry = RingEntry(event, index, rules_for)
             self.ring.append(entry)
             count += 1
@@ -393,7 +396,8 @@ def metrics_registry(hub: FlowHub) -> prometheus_client.CollectorRegistry:
                 "observer_events_queue": hub.lost_reader() + hub.lost_followers}
 
     registry.register(flow_metrics.FlowMetrics(lambda: hub.counts, lost,
-                                               lambda: (len(hub.ring), hub.ring.maxlen or 0)))
+                                               lambda: (len(hub.ring), hub.ring.maxlen or 0),
+                                               lambda: hub.details.counts))
     return registry
 
 

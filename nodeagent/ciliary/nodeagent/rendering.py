@@ -60,6 +60,10 @@ class RenderContext:
     """cy_events ring buffer size in 4 KiB pages (a power of two)."""
     trace_all: bool = False
     """Emit a flow event for every packet instead of new flows and drops only."""
+    trace_flags: bool = True
+    """(Without ``trace_all``) also emit one for a packet of a tracked TCP connection carrying a flag not
+    reported yet in its direction (SYN, FIN, RST: the handshake's answer, each side's close): Cilium's ``medium``
+    monitor aggregation."""
     proxy_ifindex: int = 0
     """ifindex of the node-local device whose ingress receives packets for the HTTP proxy; 0: none
     (packets that HTTP rules would redirect are dropped, ``lib/l7redirect.h``)."""

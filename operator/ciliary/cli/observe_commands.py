@@ -1,9 +1,11 @@
 """``ciliary observe``: every verdict of the datapath, from one node or all of them.
 
 Finds the agents through their registrations in etcd (``/ciliary/nodes/v1/<node>``
-carries each agent's API address), asks each for its flows (``GET /v1/flows``,
-filters applied by the agent), merges them by time and prints them compact or as
-JSON lines. ``--follow`` keeps streaming from every node until interrupted. A node
+carries each agent's API address), reaches each as ``agent_access`` says (directly, or
+through its pod when the address is the node's own loopback), asks each for its flows
+(``GET /v1/flows``, filters applied by the agent), merges them by time and prints them
+compact or as JSON lines. A flow (or counter) that names another node than the one
+asked is refused: that node's answer is reported as unreadable, never shown. ``--follow`` keeps streaming from every node until interrupted. A node
 whose agent does not answer is named on stderr; the others still print. The
 agents count events they could not keep (``/v1/flows/stats``): ``--stats`` shows it.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import Mapping
@@ -19,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from ciliary.cli import targets
+from ciliary.cli import agent_access, targets
 from ciliary.cli.errors import UserError
 from ciliary.operator.store import keyspace
 from ciliary.operator.store.etcdclient import EtcdUnavailableError
@@ -48,6 +51,7 @@ def register(sub: Any) -> None:
     p.add_argument("--last", type=int, default=20, help="how many recent flows per node (default 20)")
     p.add_argument("--stats", action="store_true", help="print each agent's seen/lost counters instead")
     targets.add_etcd_arguments(p)
+    agent_access.add_arguments(p)
     p.set_defaults(func=_observe)
 
 
@@ -142,18 +146,22 @@ def compact(flow: Mapping[str, Any], color: bool) -> str:
             f"{flow.get('protocol', '')}{flags} {flow.get('direction', '')} {shown}{why}")
 
 
-async def _stream(session: aiohttp.ClientSession, node: str, address: str, params: dict[str, str],
-                  out: asyncio.Queue[tuple[str, dict[str, Any] | None, str]]) -> None:
+async def _stream(access: agent_access.AgentAccess, session: aiohttp.ClientSession, node: str, address: str,
+                  params: dict[str, str], out: asyncio.Queue[tuple[str, dict[str, Any] | None, str]]) -> None:
+    lines = access.stream_lines(session, node, address, "/v1/flows", params, follow=params.get("follow") == "1")
     try:
-        async with session.get(f"http://{address}/v1/flows", params=params) as resp:
-            if resp.status != 200:
-                await out.put((node, None, f"{resp.status} {(await resp.text()).strip()}"))
-                return
-            async for line in resp.content:
-                if line.strip():
-                    await out.put((node, json.loads(line), ""))
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        await out.put((node, None, f"agent at {address} did not answer: {exc}"))
+        async with contextlib.aclosing(lines):
+            async for via, line in lines:
+                if not line.strip():
+                    continue
+                flow = json.loads(line)
+                agent_access.check_node(node, flow, via)
+                await out.put((node, flow, ""))
+    except agent_access.AgentUnreachableError as exc:
+        await out.put((node, None, str(exc)))
+        return
+    except ValueError as exc:
+        await out.put((node, None, f"unreadable flow from the agent: {exc}"))
         return
     await out.put((node, None, ""))
 
@@ -167,18 +175,21 @@ async def run(args: argparse.Namespace) -> int:
         agents = {args.node: agents[args.node]}
     if not agents:
         raise UserError("no node agent is registered in etcd (is the lab up?)")
+    try:
+        access = agent_access.AgentAccess.from_args(args, timeout_s=15)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
     timeout = aiohttp.ClientTimeout(total=None if args.follow else 15, sock_connect=3)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         if args.stats:
             for node, address in sorted(agents.items()):
                 try:
-                    async with session.get(f"http://{address}/v1/flows/stats") as resp:
-                        print(json.dumps(await resp.json()))
-                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    print(f"ciliary: {node}: agent at {address} did not answer: {exc}", file=sys.stderr)
+                    print(json.dumps((await access.get_json(session, node, address, "/v1/flows/stats")).body))
+                except agent_access.AgentUnreachableError as exc:
+                    print(f"ciliary: {node}: {exc}", file=sys.stderr)
             return 0
         queue: asyncio.Queue[tuple[str, dict[str, Any] | None, str]] = asyncio.Queue()
-        tasks = [asyncio.create_task(_stream(session, n, a, query(args, pods), queue)) for n, a in agents.items()]
+        tasks = [asyncio.create_task(_stream(access, session, n, a, query(args, pods), queue)) for n, a in agents.items()]
         color = sys.stdout.isatty() and args.output == "compact"
         pending = len(tasks)
         backlog: list[dict[str, Any]] = []

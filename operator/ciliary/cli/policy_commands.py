@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from ciliary.cli import datapath_client, policy_listing, targets
+from ciliary.cli import agent_access, datapath_client, policy_listing, targets
 from ciliary.cli.errors import UserError
 from ciliary.operator.intents import IntentSchemaError, NodeIntent, parse_node_intent
 from ciliary.operator.policy import divergence, tracing
@@ -49,6 +49,7 @@ def register(sub: Any) -> None:
     get.add_argument("-o", "--output", choices=["yaml", "json", "table"], default=None,
                      help="output format (default: yaml; table for --kind)")
     targets.add_etcd_arguments(get)
+    agent_access.add_arguments(get)
     get.set_defaults(func=_get)
 
     tr = cmds.add_parser("trace", help="would a packet from SRC to DST pass, and which rule decides?",
@@ -64,6 +65,7 @@ def register(sub: Any) -> None:
     tr.add_argument("--dport", required=True, help="PORT/PROTO, e.g. 80/tcp, 53/udp, 8/icmp (ICMP type)")
     tr.add_argument("-o", "--output", choices=["text", "json"], default="text", help="output format")
     targets.add_etcd_arguments(tr)
+    agent_access.add_arguments(tr)
     tr.set_defaults(func=_trace)
 
 
@@ -86,6 +88,13 @@ async def load_intents(target: targets.EtcdTarget, node: str | None = None) -> d
         raise UserError(str(exc)) from exc
 
 
+def _access(args: argparse.Namespace) -> agent_access.AgentAccess:
+    try:
+        return agent_access.AgentAccess.from_args(args, timeout_s=datapath_client.TIMEOUT_S)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+
+
 def _get(args: argparse.Namespace) -> int:
     if (args.node is None) == (args.kind is None):
         raise UserError("give exactly one of --node NODE and --kind KIND")
@@ -102,7 +111,7 @@ def _get(args: argparse.Namespace) -> int:
         data: dict[str, Any] = {"node": args.node, "source": "operator intent (not read from the datapath)",
                                 **published[args.node].public_dump()}
     else:
-        held = asyncio.run(datapath_client.read_datapaths(target, [args.node]))[args.node]
+        held = asyncio.run(datapath_client.read_datapaths(target, [args.node], _access(args)))[args.node]
         if isinstance(held, str):
             raise UserError(f"cannot read the datapath of node {args.node!r}: {held}. Not showing the operator's "
                             "intent in its place (--intent prints what was published)")
@@ -110,7 +119,7 @@ def _get(args: argparse.Namespace) -> int:
         diffs = divergence.differences(wanted, held.intent) if wanted is not None else [
             "the operator published no intent for this node"]
         doc = held.document
-        data = {"node": args.node, "source": "datapath", "appliedRevision": doc.get("appliedRevision"),
+        data = {"node": args.node, "source": "datapath", "agent": held.via, "appliedRevision": doc.get("appliedRevision"),
                 "publishedRevision": wanted.revision if wanted is not None else None,
                 "agentError": doc.get("error", ""), "differences": diffs,
                 "endpoints": [e.model_dump(mode="json") for e in held.intent.endpoints],
@@ -158,7 +167,7 @@ def _trace(args: argparse.Namespace) -> int:
     src, dst = _qualify(args.src), _qualify(args.dst)
     try:
         nodes = tracing.involved_nodes(published, src, dst)
-        held = asyncio.run(datapath_client.read_datapaths(target, nodes))
+        held = asyncio.run(datapath_client.read_datapaths(target, nodes, _access(args)))
         result = tracing.trace_datapath(published, {n: h if isinstance(h, str) else h.intent for n, h in held.items()},
                                         src, dst, port, proto or "tcp")
     except tracing.TraceError as exc:
@@ -170,9 +179,13 @@ def _trace(args: argparse.Namespace) -> int:
             "directions": [_direction_json(d) for d in result.directions],
             "intentVerdict": result.intent.verdict, "differences": list(result.differences),
             "unreachable": dict(result.unreachable),
+            "agents": {n: h.via for n, h in sorted(held.items()) if not isinstance(h, str)},
         }, indent=2))
     else:
         print(result.describe())
+        for node, h in sorted(held.items()):
+            if not isinstance(h, str):
+                print(f"  {node}'s datapath read by its agent {h.via}")
     return 2 if result.verdict == "UNKNOWN" else 0
 
 

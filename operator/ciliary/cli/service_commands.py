@@ -17,7 +17,8 @@ from typing import Any
 
 import aiohttp
 
-from ciliary.cli import datapath_client, targets
+from ciliary.cli import agent_access, datapath_client, targets
+from ciliary.cli.errors import UserError
 
 EXIT_UNREADABLE = 2
 
@@ -33,27 +34,26 @@ def register(sub: Any) -> None:
     lst.add_argument("--node", help="only this node (default: every registered node)")
     lst.add_argument("-o", "--output", choices=["text", "json"], default="text", help="output format")
     targets.add_etcd_arguments(lst)
+    agent_access.add_arguments(lst)
     lst.set_defaults(func=_list)
 
 
-async def _read(target: targets.EtcdTarget, node: str | None) -> dict[str, dict[str, Any] | str]:
+async def _read(target: targets.EtcdTarget, node: str | None,
+                access: agent_access.AgentAccess) -> dict[str, dict[str, Any] | str]:
     addresses = await datapath_client.agent_addresses(target)
     wanted = [node] if node else sorted(addresses)
     timeout = aiohttp.ClientTimeout(total=datapath_client.TIMEOUT_S, sock_connect=3)
     out: dict[str, dict[str, Any] | str] = {}
     async with aiohttp.ClientSession(timeout=timeout) as session:
         for name in wanted:
-            address = addresses.get(name)
-            if address is None:
-                out[name] = "no agent is registered for the node (is it running?)"
-                continue
             try:
-                async with session.get(f"http://{address}/v1/services") as resp:
-                    body = await resp.json(content_type=None)
-                    out[name] = body if resp.status == 200 else \
-                        f"the agent at {address} answered {resp.status}: {body.get('error', body)}"
-            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-                out[name] = f"the agent at {address} did not answer: {exc or type(exc).__name__}"
+                answer = await access.get_json(session, name, addresses.get(name), "/v1/services")
+            except agent_access.AgentUnreachableError as exc:
+                out[name] = str(exc)
+                continue
+            body = answer.body
+            out[name] = body if answer.status == 200 else \
+                f"the agent {answer.via} answered {answer.status}: {body.get('error', body)}"
     return out
 
 
@@ -96,7 +96,11 @@ def render_text(node: str, doc: dict[str, Any] | str) -> list[str]:
 
 
 def _list(args: argparse.Namespace) -> int:
-    results = asyncio.run(_read(targets.etcd_target(args), args.node))
+    try:
+        access = agent_access.AgentAccess.from_args(args, timeout_s=datapath_client.TIMEOUT_S)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    results = asyncio.run(_read(targets.etcd_target(args), args.node, access))
     if args.output == "json":
         print(json.dumps(results, indent=2, sort_keys=True))
     else:

@@ -83,3 +83,10 @@ def test_kube_proxy_bench_smoke() -> None:
                  "RSS at 50 Services x 3: agent vs kube-proxy"):
         assert re.search(rf"^{re.escape(what)}\s+{number}\s+{number}\s+[0-9.]+x$", out, re.M), out
     assert not list(ROOT.glob(".lab-benchkp-*")), "the bench left its lab directory"
+
+
+def test_metrics_bench_smoke() -> None:
+    out = run("bench/bench_metrics.py")
+    for label in ("agent at its most series", "agent padded to --series 6000"):
+        assert re.search(rf"^{label}: \d+ series, \d+ bytes; Prometheus scrape_duration_seconds over [1-9]\d* scrapes: "
+                         r"median [0-9.]+ ms, .*up=1;", out, re.M), out

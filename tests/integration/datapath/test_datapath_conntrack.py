@@ -22,8 +22,8 @@ import pytest
 from dp_packets import TC_ACT_OK, TC_ACT_SHOT, TCP, Runner, frame
 from dp_topology import Topology
 
-from ciliary.nodeagent import planning
-from ciliary.nodeagent.datapath import engine, libbpf, maps
+from ciliary.nodeagent import planning, rendering
+from ciliary.nodeagent.datapath import engine, flows, libbpf, maps
 from ciliary.operator import intents
 from ciliary.operator.intents import DirectionPolicy, PolicyEntry, Protocol, Verdict
 
@@ -178,3 +178,70 @@ def test_an_address_handed_to_a_new_pod_before_the_old_ones_removal_is_applied_i
     assert held.ifindex == c.host_ifindex and held.ep_id != old_id
     assert list(env.entries()) == [(env.a, env.b, SPORT, DPORT, TCP)]  # b's side purged, a's kept
     assert env.b_to_a(SYN_ACK)[0] == TC_ACT_SHOT
+
+
+def test_medium_aggregation_reports_a_connections_first_packet_and_each_new_flag(env: Env) -> None:
+    """The programs of the agent's default (``--monitor-aggregation medium``): a connection shows its SYN, the
+    answer, and the FIN of each side, each once per direction and hook; the handshake's ACK, data packets and
+    repeated flags show nothing. Drops are every packet."""
+    reader = env.dp.flows()
+    reader.drain()
+
+    def seen() -> list[tuple[str, int, bool]]:
+        got: list[flows.FlowEvent] = []
+        for _ in range(5):
+            got += reader.poll(50)
+        return [(e.direction, e.tcp_flags, e.is_reply) for e in got if e.protocol == TCP and SPORT in (e.sport, e.dport)]
+
+    env.a_to_b(SYN)
+    assert sorted(seen()) == [("egress", SYN, False), ("ingress", SYN, False)]  # a's egress, b's ingress
+    env.b_to_a(SYN_ACK)
+    assert sorted(seen()) == [("egress", SYN_ACK, True), ("ingress", SYN_ACK, True)]  # b's egress, a's ingress
+    env.a_to_b(ACK)
+    for _ in range(10):  # data: nothing new
+        env.a_to_b(ACK | 0x08)
+        env.b_to_a(ACK | 0x08)
+    assert seen() == []
+    env.b_to_a(FIN_ACK)
+    assert sorted(seen()) == [("egress", FIN_ACK, True), ("ingress", FIN_ACK, True)]
+    env.a_to_b(FIN_ACK)
+    assert sorted(seen()) == [("egress", FIN_ACK, False), ("ingress", FIN_ACK, False)]
+    env.a_to_b(FIN_ACK)  # a retransmitted FIN: already reported
+    assert seen() == []
+    env.a_to_b(SYN)  # a new connection on the closed one's tuple (its entry still lives): reported again
+    assert sorted(seen()) == [("egress", SYN, False), ("ingress", SYN, False)]
+    env.b_to_a(SYN_ACK)
+    assert sorted(seen()) == [("egress", SYN_ACK, True), ("ingress", SYN_ACK, True)]
+    for _ in range(3):  # a new connection b's egress does not allow: every packet is a drop event
+        env.b_to_a(SYN, sport=DPORT + 1)
+    drops = [e for _ in range(5) for e in reader.poll(50) if e.verdict == "dropped"]
+    assert len(drops) == 3, drops
+
+
+def test_maximum_aggregation_reports_the_first_packet_only() -> None:
+    topo = Topology(pods=2)
+    dp: engine.Datapath | None = None
+    the_env: Env | None = None
+    try:
+        topo.up()
+        dp = engine.Datapath(f"cyt-{topo.tag}", netns=topo.node_ns,
+                             context=rendering.RenderContext(pin_dir=f"/sys/fs/bpf/ciliary/cyt-{topo.tag}",
+                                                             trace_flags=False))
+        dp.start()
+        the_env = Env(topo, dp)
+        the_env.apply(ALLOW_A)
+        reader = dp.flows()
+        reader.drain()
+        the_env.a_to_b(SYN)
+        the_env.b_to_a(SYN_ACK)
+        the_env.a_to_b(ACK)
+        the_env.b_to_a(FIN_ACK)
+        the_env.a_to_b(FIN_ACK)
+        got = [e for _ in range(5) for e in reader.poll(50) if e.protocol == TCP and SPORT in (e.sport, e.dport)]
+        assert sorted((e.direction, e.tcp_flags) for e in got) == [("egress", SYN), ("ingress", SYN)], got
+    finally:
+        if the_env is not None:
+            the_env.runner.close()
+        if dp is not None:
+            dp.teardown()
+        topo.down()

@@ -193,10 +193,20 @@ def test_the_self_check_turns_every_probe_of_a_correct_step_and_needs_the_flows_
     flows = [{**flow("DROPPED", "DROP_POLICY", "2026-12-05T21:50:20Z", port=port), "protocol": protocol}
              for protocol, port in ports]
     flows += [{**flow("FORWARDED", "OK_UNENFORCED", "2026-12-05T21:50:21Z", port=port, dst="10.244.2.18",
-                      node="node-2"), "protocol": protocol} for protocol, port in ports]
+                      node="node-2"), "protocol": protocol, "tcp_flags": ["SYN"] if protocol == "TCP" else []}
+              for protocol, port in ports]
     assert w.self_check(CORRECT_STEP, flows) == (8, [])
     checked, disagree = w.self_check(CORRECT_STEP, flows[:-1])  # z/c -> x/c UDP/81: its forward not recorded
     assert checked == 8
     assert disagree == ["#1 try 0: z/c -> x/c UDP/81 blocked: no flow of it recorded (a reply of a tracked "
                         "connection, or an address without an endpoint)"]
     assert w.wrong_cells(CORRECT_STEP) == []  # the run itself had no wrong cell
+
+
+def test_a_tcp_connections_later_flags_are_not_an_admission() -> None:
+    """With the agents' medium monitor aggregation a TCP connection also reports its FIN: an earlier step's
+    connection closing in this cell's window is not the datapath admitting this probe; its SYN is."""
+    tcp = {**flow("FORWARDED", "OK_POLICY", "2026-12-05T21:51:40Z"), "protocol": "TCP"}
+    assert not w._opening({**tcp, "tcp_flags": ["FIN", "ACK"]})
+    assert not w._opening({**tcp, "tcp_flags": ["SYN", "ACK"]})
+    assert w._opening({**tcp, "tcp_flags": ["SYN"]}) and w._opening(flow("FORWARDED", "OK_POLICY", "x"))

@@ -171,3 +171,13 @@ def test_dns_proxy_flags(tls_env):
         settings.load_settings(["--dns-proxy-port", "70000"], env)
     with pytest.raises(SystemExit):
         settings.load_settings(["--fqdn-max-ips-per-endpoint", "0"], env)
+
+
+def test_monitor_aggregation_default_env_flag_and_bad_value(tls_env, capsys):
+    env = {"CILIARY_AGENT_NODE_NAME": "n1", **tls_env}
+    assert settings.load_settings([], env).monitor_aggregation == "medium"
+    assert settings.load_settings([], {**env, "CILIARY_AGENT_MONITOR_AGGREGATION": "none"}).monitor_aggregation == "none"
+    assert settings.load_settings(["--monitor-aggregation", "maximum"], env).monitor_aggregation == "maximum"
+    with pytest.raises(SystemExit) as info:
+        settings.load_settings(["--monitor-aggregation", "low"], env)
+    assert info.value.code == 2 and "--monitor-aggregation" in capsys.readouterr().err

@@ -4,6 +4,7 @@ counts that match what was published, and an exposition `promtool check metrics`
 from __future__ import annotations
 
 import subprocess
+from ipaddress import IPv4Address
 from typing import Any
 
 import prometheus_client
@@ -12,7 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from test_hubble_convert import INTENT, event
 
-from ciliary.nodeagent import flowapi
+from ciliary.nodeagent import dns_proxy, flow_metrics, flowapi, l7_flows
 from ciliary.nodeagent.datapath import maps
 
 
@@ -64,3 +65,81 @@ async def test_metrics_route_passes_promtool(tool: Any) -> None:
     assert "hubble_flows_processed_total" in text
     check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def _http(method: str, code: int, ms: int, direction: str = "ingress") -> l7_flows.L7Event:
+    return l7_flows.L7Event(time=1.0, src=IPv4Address("10.0.1.5"), dst=IPv4Address("10.0.0.2"), sport=40000, dport=80,
+                            verdict="dropped" if code == 403 else "forwarded",
+                            reason="L7_DENIED" if code == 403 else "L7_ALLOWED", src_identity=301, dst_identity=300,
+                            http=l7_flows.HttpInfo(method=method, url="/x", host="h", code=code, protocol="HTTP/1.1",
+                                                   duration_ms=ms), rule=None, direction=direction)
+
+
+def _dns(rcode: str, ips: int, verdict: str = "forwarded") -> dns_proxy.L7FlowEvent:
+    return dns_proxy.L7FlowEvent(time=1.0, src=IPv4Address("10.0.1.5"), dst=IPv4Address("10.0.0.10"), sport=5353,
+                                 dport=53, protocol=17, verdict=verdict,
+                                 reason="DNS_ALLOWED" if verdict == "forwarded" else "DNS_REFUSED",
+                                 src_identity=301, dst_identity=2, cookie=0,
+                                 l7={"type": "dns", "query": "a.test", "qtype": "A", "rcode": rcode,
+                                     "ips": [f"10.9.0.{i}" for i in range(ips)]})
+
+
+def test_policy_verdicts_ports_http_and_dns() -> None:
+    hub = flowapi.FlowHub("n1")
+    hub.set_intent(INTENT)
+    hub.publish([event() for _ in range(2)] + [event(reason=maps.Reason.DROP_POLICY_DENY)]
+                + [event("forwarded", maps.Reason.OK_POLICY, dport=8080) for _ in range(4)]
+                + [event("forwarded", maps.Reason.OK_REPLY, is_reply=True, dport=8080)]  # a reply: not a verdict
+                + [event("forwarded", maps.Reason.OK_PROXY, dport=80)]
+                + [event("forwarded", maps.Reason.OK_PROXY, dport=53, protocol=17, direction="egress")]
+                + [_http("GET", 200, 3), _http("GET", 403, 0), _http("BREW", 200, 700, "egress")]
+                + [_dns("NOERROR", 2), _dns("NOERROR", 12), _dns("REFUSED", 0, "dropped")]
+                # a tracked connection's FIN report (medium aggregation): not a verdict on new traffic
+                + [event("forwarded", maps.Reason.OK_POLICY, dport=8080, flags=0x11)])
+    got = samples(flowapi.metrics_registry(hub))
+
+    def verdicts(direction: str, match: str, action: str) -> float:
+        return got.get(("hubble_policy_verdicts_total",
+                        (("action", action), ("direction", direction), ("match", match))), 0)
+
+    assert verdicts("ingress", "none", "dropped") == 2 and verdicts("ingress", "deny", "dropped") == 1
+    assert verdicts("ingress", "allow", "forwarded") == 4
+    assert verdicts("ingress", "l7/http", "redirected") == 1 and verdicts("egress", "l7/dns", "redirected") == 1
+    assert verdicts("ingress", "l7/http", "forwarded") == 1 and verdicts("ingress", "l7/http", "dropped") == 1
+    assert verdicts("egress", "l7/dns", "forwarded") == 2 and verdicts("egress", "l7/dns", "dropped") == 1
+    assert got["hubble_port_distribution_total", (("port", "8080"), ("protocol", "TCP"))] == 4  # the reply not
+    assert got["hubble_port_distribution_total", (("port", "80"), ("protocol", "TCP"))] == 1
+    assert got["hubble_http_requests_total", (("method", "GET"), ("protocol", "HTTP/1.1"), ("reporter", "server"))] == 2
+    assert got["hubble_http_requests_total", (("method", "other"), ("protocol", "HTTP/1.1"), ("reporter", "client"))] == 1
+    assert got["hubble_http_responses_total", (("method", "GET"), ("reporter", "server"), ("status", "403"))] == 1
+    assert got["hubble_http_request_duration_seconds_bucket", (("le", "0.005"), ("method", "GET"),
+                                                                ("reporter", "server"))] == 2
+    assert got["hubble_http_request_duration_seconds_bucket", (("le", "0.5"), ("method", "other"),
+                                                                ("reporter", "client"))] == 0
+    assert got["hubble_http_request_duration_seconds_count", (("method", "other"), ("reporter", "client"))] == 1
+    assert got["hubble_http_request_duration_seconds_sum", (("method", "other"), ("reporter", "client"))] == 0.7
+    assert got["hubble_dns_queries_total", (("qtypes", "A"),)] == 3
+    assert got["hubble_dns_responses_total", (("ips_returned", "10+"), ("qtypes", "A"), ("rcode", "NOERROR"))] == 1
+    assert got["hubble_dns_responses_total", (("ips_returned", "0"), ("qtypes", "A"), ("rcode", "REFUSED"))] == 1
+
+
+def test_port_series_are_capped() -> None:
+    hub = flowapi.FlowHub("n1")
+    hub.publish([event("forwarded", maps.Reason.OK_POLICY, dport=p) for p in range(1, 2001)])
+    ports = {labels for name, labels in samples(flowapi.metrics_registry(hub))
+             if name == "hubble_port_distribution_total"}
+    assert len(ports) == flow_metrics.MAX_PORTS + 1
+    got = samples(flowapi.metrics_registry(hub))
+    assert got["hubble_port_distribution_total", (("port", "other"), ("protocol", "TCP"))] == 2000 - 256
+
+
+def test_upstream_chosen_labels_fall_back_to_other() -> None:
+    hub = flowapi.FlowHub("n1")
+    odd = _dns("NOERROR", 1)
+    odd = dns_proxy.L7FlowEvent(**{**odd.__dict__, "l7": {**odd.l7, "qtype": "TYPE65000", "rcode": "RCODE3000"}})
+    hub.publish([odd, _http("GET", 999, 1), _http("GET", 418, 1)])
+    got = samples(flowapi.metrics_registry(hub))
+    assert got["hubble_dns_queries_total", (("qtypes", "other"),)] == 1
+    assert got["hubble_dns_responses_total", (("ips_returned", "1"), ("qtypes", "other"), ("rcode", "other"))] == 1
+    assert got["hubble_http_responses_total", (("method", "GET"), ("reporter", "server"), ("status", "other"))] == 1
+    assert got["hubble_http_responses_total", (("method", "GET"), ("reporter", "server"), ("status", "418"))] == 1

@@ -70,7 +70,7 @@ class CtKeyC(ct.Structure):
 
 class CtEntryC(ct.Structure):
     _fields_ = [("expires", ct.c_uint64), ("ep_id", ct.c_uint32), ("cookie", ct.c_uint32),
-                ("origin", ct.c_uint8), ("pad", ct.c_uint8 * 7)]
+                ("origin", ct.c_uint8), ("reported", ct.c_uint8 * 2), ("pad", ct.c_uint8 * 5)]
 
 
 class CounterC(ct.Structure):

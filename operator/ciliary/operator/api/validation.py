@@ -52,6 +52,7 @@ from ciliary.operator.api.rules import (
     ServiceSelector,
 )
 from ciliary.operator.api.selectors import LabelSelector
+from ciliary.operator.policy import header_actions
 
 __all__ = ["PolicyProblem", "validate_policy"]
 
@@ -258,6 +259,16 @@ def _check_l7(
         yield from _check_fqdn(dns, f"{where}.dns[{i}]")
     for i, http in enumerate(rules.http or ()):
         yield from _check_http(http, f"{where}.http[{i}]")
+    acting = [header_actions.ActingRule(http.method or "", http.path or "", http.host or "",
+                                        sum(1 for m in http.header_matches or () if m.mismatch is not None))
+              for http in rules.http or ()]
+    sets = header_actions.action_sets([rule for rule in acting if rule.actions])
+    if sets.over:
+        yield PolicyProblem(f"{where}.http", f"these rules' headerMatches with mismatch actions need more than "
+                                             f"{header_actions.MAX_ROUTES} proxy routes (each set of rules that can "
+                                             f"allow a request together gets a route per combination of their action "
+                                             f"headers): fewer rules or fewer headers with actions, or literal "
+                                             f"paths that tell the rules apart")
     for i, kafka in enumerate(rules.kafka or ()):
         if kafka.role is not None and kafka.api_key is not None:
             yield PolicyProblem(f"{where}.kafka[{i}]", "role and apiKey are mutually exclusive")

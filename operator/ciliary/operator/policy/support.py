@@ -101,8 +101,11 @@ FEATURES: tuple[Feature, ...] = (
             "allow the request; with an action the rule allows it either way and Envoy, when the header does "
             "not match, logs it (`LOG`, in the L7 flow), adds the value (`ADD`), removes the header (`DELETE`) "
             "or sets it (`REPLACE`) before forwarding. At most 4 headers with actions per rule (more: Valid=False); "
-            "when several rules allow a request, only the first one's actions apply (Cilium applies every "
-            "matching rule's)"),
+            "when several rules allow a request, the actions of every one of them apply, in rule order. A port "
+            "rule whose rules with actions would need more than 512 proxy routes (each set of them that can allow "
+            "a request together) is refused (Valid=False); when several policies' rules on one port and peer need "
+            "more, that port and peer deny every request (fail closed) and the node reports its HTTP policies "
+            "not enforced, naming the chain"),
     Feature("headerMatches-secret", "`toPorts[].rules.http[].headerMatches[]` with a `secret` (with or without "
             "`mismatch`)", _E,
             "as with an inline value; the value is the Secret's only item (its namespace defaults to the selected "

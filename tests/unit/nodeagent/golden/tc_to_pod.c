@@ -8,6 +8,7 @@
 #define CY_CT_MAX 65536
 #define CY_EVENTS_PAGES 256
 #define CY_TRACE_ALL 0
+#define CY_TRACE_FLAGS 1
 
 
 #include <uapi/linux/pkt_cls.h>
@@ -49,6 +50,10 @@
 /* Feature switches. */
 #ifndef CY_TRACE_ALL
 #define CY_TRACE_ALL 0 /* 1: one flow event per packet; 0: new flows and drops only */
+#endif
+#ifndef CY_TRACE_FLAGS
+#define CY_TRACE_FLAGS 1 /* 1 (with CY_TRACE_ALL 0): also a packet of a tracked TCP connection
+			  * carrying a flag not reported yet in its direction */
 #endif
 
 /* Direction of a policy as seen by the endpoint (types.h: policy_key.direction). */
@@ -224,7 +229,9 @@ struct ct_entry {
 	__u32 cookie;   /* rule that allowed the connection (last forward packet's) */
 	__u8 origin;    /* CY_DIR_* of the hook whose allowed packet opened it: the
 			 * forward direction; packets at the other hook are replies */
-	__u8 pad[7];
+	__u8 reported[2]; /* TCP flags already reported in a flow event (monitor
+			   * aggregation, events.h): [0] forward, [1] reply */
+	__u8 pad[5];
 };
 
 struct counter {
@@ -867,6 +874,26 @@ static __always_inline int cy_ct_is_reply(const struct ct_entry *entry, __u8 dir
 	return entry && entry->origin != dir;
 }
 
+/* Monitor aggregation (CY_TRACE_FLAGS): does the TCP packet p of the live
+ * entry carry a flag its direction (side 0: forward, 1: reply) has not
+ * reported yet? If so the flags are marked reported (the entry is written
+ * only then: a few times per connection) and the caller emits a flow event,
+ * so a connection shows its first packet, the answer, and the FIN or RST of
+ * each side, not every packet (ACK, PSH, URG are not reported on their own). A new entry's opening flags are marked by
+ * cy_ct_track. Two CPUs racing may both report a flag: never none. */
+static __always_inline int cy_ct_new_flags(struct ct_entry *entry, const struct cy_packet *p, int side)
+{
+	__u8 flags;
+
+	if (!CY_TRACE_FLAGS || !entry || p->protocol != CY_PROTO_TCP)
+		return 0;
+	flags = p->tcp_flags & (CY_TCP_FIN | CY_TCP_SYN | CY_TCP_RST);
+	if (!(flags & ~entry->reported[side]))
+		return 0;
+	entry->reported[side] |= flags;
+	return 1;
+}
+
 /* Record an allowed forward packet; entry is cy_ct_find's answer for its key.
  * Returns 1 when the entry is new. */
 static __always_inline int cy_ct_track(const struct cy_packet *p, const struct ct_key *key,
@@ -890,6 +917,8 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, const struct c
 	fresh.ep_id = ep_id;
 	fresh.cookie = cookie;
 	fresh.origin = dir;
+	if (p->protocol == CY_PROTO_TCP)
+		fresh.reported[0] = p->tcp_flags & (CY_TCP_FIN | CY_TCP_SYN | CY_TCP_RST);
 	cy_ct.update((struct ct_key *)key, &fresh);
 	return 1;
 }
@@ -1068,7 +1097,9 @@ static __always_inline int cy_redirect_to_l7proxy(struct __sk_buff *skb)
  * One cy_ct lookup per packet (conntrack.h) tells replies from forward
  * packets. Forwarded forward-direction packets create/refresh a cy_ct entry; a flow
  * event is emitted for every drop and every new connection (every packet when
- * CY_TRACE_ALL). The peer's identity (ipcache.h) is looked up only when the
+ * CY_TRACE_ALL), and with CY_TRACE_FLAGS for a tracked TCP packet, forward or
+ * reply, carrying a flag its direction has not reported yet (conntrack.h
+ * cy_ct_new_flags: the answer to the handshake, FIN, RST). The peer's identity (ipcache.h) is looked up only when the
  * verdict or an event needs it: replies and unenforced packets of a known
  * connection, most of the traffic, skip that lookup.
  */
@@ -1158,7 +1189,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		if (cy_ct_is_reply(ct_entry, dir)) {
 			cy_ct_refresh(ct_entry, &p, ct_now);
 			cy_count(dir, CY_OK_REPLY, p.len);
-			if (CY_TRACE_ALL) {
+			if (CY_TRACE_ALL || cy_ct_new_flags(ct_entry, &p, 1)) {
 				ep = cy_endpoints.lookup(&pod_addr);
 				peer_id = cy_identity_of(peer_addr);
 				cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, CY_OK_REPLY, 1, ep ? ep->ep_id : 0,
@@ -1213,7 +1244,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_SHOT;
 	}
 	is_new = cy_ct_track(&p, &ct_key, ct_entry, dir, ep->ep_id, cookie, ct_now);
-	if (is_new || CY_TRACE_ALL) {
+	if (is_new || CY_TRACE_ALL || cy_ct_new_flags(ct_entry, &p, 0)) {
 		if (!enforced)
 			peer_id = cy_identity_of(peer_addr);
 		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie);

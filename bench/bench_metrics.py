@@ -1,0 +1,218 @@
+"""Scrape time of the agent's ``/metrics``, judged by a real Prometheus (Debian's, installed by the set-up).
+
+  .venv/bin/python bench/bench_metrics.py [--series 10000] [--scrapes 20] [--smoke]
+
+The agent's real HTTP listener (``health.build_app`` with ``flowapi.add_routes``, the routes the agent
+serves) runs in this process on loopback, with a flow hub whose counters hold every label combination
+the agent can export (every verdict x drop reason x protocol x direction x TCP flag set x address
+family, and every value of the per-kind metrics' labels, ports at their cap): the most series Ciliary's
+flow metrics can ever have, since every label is bounded (``flow_metrics``). A second target pads the
+same registry with synthetic counter series up to ``--series`` in all, to measure what a larger scrape
+costs on the same path (prometheus_client's exposition inside the agent's aiohttp handler).
+
+Prometheus scrapes both targets every second; the figures are its own ``scrape_duration_seconds``
+(median and max over ``--scrapes`` scrapes) and ``scrape_samples_scraped``, plus this process's CPU
+per scrape (the server side). Target (issue 11): a scrape < 50 ms with 10k series.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / p) for p in ("operator", "nodeagent", "e2e")]
+
+from aiohttp import web  # noqa: E402
+from prometheus_client.core import CounterMetricFamily  # noqa: E402
+from prometheus_client.registry import Collector  # noqa: E402
+
+from ciliary.nodeagent import flow_metrics, flowapi, health  # noqa: E402
+from ciliary.nodeagent.datapath import maps  # noqa: E402
+
+TCP_FLAGS = range(0, 0x40)  # FIN SYN RST PSH ACK URG in every combination
+
+
+class Registration:
+    etcd_connected = True
+    registered = True
+
+
+class Padding(Collector):
+    """``n`` counter series of one family (20 label values per label, like a per-pod metric)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def collect(self) -> Iterator[Any]:
+        family = CounterMetricFamily("bench_padding", "Synthetic series", labels=["namespace", "pod", "port"])
+        for i in range(self.n):
+            family.add_metric([f"ns-{i % 20}", f"pod-{i // 20}", str(i % 7)], i)
+        yield family
+
+
+def fill(hub: flowapi.FlowHub) -> None:
+    """Every count key the agent can hold (``flow_metrics.count_key``) and every per-kind key
+    (``flow_metrics.DetailCounter``: each label at every value it can take, ports at their cap)."""
+    for verdict, reason, proto, direction, v6 in product(("forwarded", "dropped"), maps.Reason, (1, 6, 17, 58, 132),
+                                                         ("ingress", "egress"), (False, True)):
+        for flags in (TCP_FLAGS if proto == 6 else (0,)):
+            hub.counts[(verdict, reason.name, proto, direction, flags, v6)] += 1 + flags
+    details = hub.details.counts
+    methods = (*sorted(flow_metrics.HTTP_METHODS), "other")
+    reporters = ("server", "client")
+    for direction, match, action in product(("ingress", "egress"), ("none", "deny", "allow", "l7/http", "l7/dns"),
+                                            ("forwarded", "dropped", "redirected")):
+        details["verdict", direction, match, action] += 1
+    for protocol in ("TCP", "UDP", "SCTP"):
+        for port in (*map(str, range(1, flow_metrics.MAX_PORTS + 1)), "other"):
+            details["port", protocol, port] += 1
+    for method, reporter in product(methods, reporters):
+        for version in ("HTTP/1.0", "HTTP/1.1", "HTTP/2", "HTTP/3", "other"):
+            details["http_req", method, version, reporter] += 1
+        for status in (*sorted(flow_metrics.HTTP_STATUSES), "other"):
+            details["http_resp", method, status, reporter] += 1
+        for bucket in (*map(str, flow_metrics.DURATION_BUCKETS), "+Inf"):
+            details["http_dur", method, reporter, bucket] += 1
+        details["http_sum_ms", method, reporter] += 1
+    for qtype in (*sorted(flow_metrics.DNS_QTYPES), "other"):
+        details["dns_q", qtype] += 1
+        for rcode in (*sorted(flow_metrics.DNS_RCODES), "other"):
+            for ips in (*map(str, range(11)), "10+"):
+                details["dns_r", rcode, qtype, ips] += 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def serve(padding: int) -> tuple[web.AppRunner, int]:
+    hub = flowapi.FlowHub("bench")
+    fill(hub)
+    app = health.build_app(health.HealthSources("bench", Registration(), []), [flowapi.add_routes(hub)])
+    if padding:
+        app[flowapi.METRICS_KEY].register(Padding(padding))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, port
+
+
+def fetch(port: int) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return bytes(r.read())
+
+
+def series_of(body: bytes) -> int:
+    return sum(1 for line in body.decode().splitlines() if line and not line.startswith("#"))
+
+
+def query(prom: int, expression: str) -> dict[str, float]:
+    url = f"http://127.0.0.1:{prom}/api/v1/query?query={urllib.parse.quote(expression)}"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        result = json.loads(r.read())["data"]["result"]
+    return {row["metric"]["job"]: float(row["value"][1]) for row in result}
+
+
+def exposition_cpu_ms(port_padding: int, reps: int = 7) -> float:
+    """Median CPU of ``generate_latest`` over the agent's registry (padded with ``port_padding`` series): the
+    handler's whole work per scrape, measured without HTTP or Prometheus."""
+    import prometheus_client
+
+    hub = flowapi.FlowHub("bench")
+    fill(hub)
+    registry = flowapi.metrics_registry(hub)
+    if port_padding:
+        registry.register(Padding(port_padding))
+    times = []
+    for _ in range(reps):
+        c0 = time.process_time()
+        prometheus_client.generate_latest(registry)
+        times.append((time.process_time() - c0) * 1000)
+    return statistics.median(times)
+
+
+async def scraped(padding: int, scrapes: int) -> tuple[list[float], float, float, float, bytes]:
+    """One target (the agent's app, padded with ``padding`` series) scraped by its own Prometheus every second:
+    (Prometheus's scrape durations in ms, samples scraped, up, this process's CPU ms per scrape, the body)."""
+    runner, port = await serve(padding)
+    try:
+        body = await asyncio.to_thread(fetch, port)
+        with tempfile.TemporaryDirectory(prefix="bench-metrics-") as tmp:
+            prom = free_port()
+            Path(tmp, "prometheus.yml").write_text(json.dumps({
+                "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+                "scrape_configs": [{"job_name": "agent", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}]}))
+            proc = subprocess.Popen(["/usr/bin/prometheus", f"--config.file={tmp}/prometheus.yml",
+                                     f"--storage.tsdb.path={tmp}/data", f"--web.listen-address=127.0.0.1:{prom}"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                durations: list[float] = []
+                samples = up = 0.0
+                last = None
+                c0 = time.process_time()
+                deadline = time.monotonic() + scrapes * 3 + 60
+                while len(durations) < scrapes and time.monotonic() < deadline:
+                    await asyncio.sleep(0.3)  # the server runs on this loop: let it answer
+                    try:
+                        row = await asyncio.to_thread(query, prom, "scrape_duration_seconds")
+                        stamp = await asyncio.to_thread(query, prom, "timestamp(scrape_duration_seconds)")
+                        samples = (await asyncio.to_thread(query, prom, "scrape_samples_scraped")).get("agent", 0)
+                        up = (await asyncio.to_thread(query, prom, "up")).get("agent", 0)
+                    except OSError:
+                        continue
+                    if "agent" in row and stamp.get("agent") != last:
+                        last = stamp.get("agent")
+                        durations.append(row["agent"] * 1000)
+                cpu = (time.process_time() - c0) * 1000 / max(len(durations), 1)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+        return durations, samples, up, cpu, body
+    finally:
+        await runner.cleanup()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--series", type=int, default=10000)
+    parser.add_argument("--scrapes", type=int, default=20)
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args()
+    if args.smoke:
+        args.series, args.scrapes = 6000, 3
+    padding = 0
+    for label in ("agent at its most series", f"agent padded to --series {args.series}"):
+        used = padding
+        durations, samples, up, cpu, body = await scraped(used, args.scrapes)
+        padding = max(0, args.series - series_of(body))
+        load = os.getloadavg()[0]
+        if not durations:
+            print(f"{label}: Prometheus recorded no scrape (up={up:.0f})")
+            continue
+        print(f"{label}: {series_of(body)} series, {len(body)} bytes; Prometheus scrape_duration_seconds over "
+              f"{len(durations)} scrapes: median {statistics.median(durations):.1f} ms, max {max(durations):.1f} ms; "
+              f"scrape_samples_scraped {samples:.0f}, up={up:.0f}; server CPU (this process) {cpu:.1f} ms per scrape;"
+              f" exposition alone {exposition_cpu_ms(used):.1f} ms CPU (median of 7); load average {load:.1f} on "
+              f"{os.cpu_count()} CPUs; target < 50 ms")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
