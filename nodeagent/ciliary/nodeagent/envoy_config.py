@@ -1,7 +1,8 @@
 """The node's Envoy configuration, computed from the node intent (pure: no I/O).
 
-Owns :func:`listener_document` (the LDS file: the ingress and egress transparent listeners,
-each holding a filter chain per redirected (local endpoint, port, peer set)), :func:`bootstrap` (Envoy's start-up
+Owns :func:`documents` (the LDS file: the ingress and egress transparent listeners, each holding a
+filter chain per redirected (local endpoint, port, peer set) whose HTTP connection manager names its
+route configuration, and those route configurations, one RDS file each: ``envoy_rds``), :func:`bootstrap` (Envoy's start-up
 configuration: admin socket, the original-destination cluster, LDS from a file) and
 :func:`policed_ports` (which (endpoint, port) pairs the proxy polices, for status).
 
@@ -17,7 +18,8 @@ the allow entry deciding it carries HTTP rules, ``datapath_c/lib/l7redirect.h``)
   has no prefix: when entries allow it (e.g. a client through a NodePort), ``0.0.0.0/0`` is
   the world chain's and the "any peer" chain lists the prefixes of every unchained identity.
   The document is rewritten whenever the intent (ipcache included) changes.
-- A chain's routes are the HTTP rules of every allow entry covering (peer, TCP, port):
+- A chain's routes (its route configuration, named after the chain, delivered by RDS so that a change of
+  rules leaves the chain and its connections in place) are the HTTP rules of every allow entry covering (peer, TCP, port):
   the peer's own entries and the any-peer ones (several rules are OR'ed; each route is
   named after its policy rule, as JSON, so the access log names the deciding rule). If one
   covering entry has no HTTP rules (an L4 allow), every request is allowed (L4 wins, as
@@ -72,7 +74,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ciliary.nodeagent import envoy_bootstrap, envoy_routes, envoy_tls
+from ciliary.nodeagent import envoy_bootstrap, envoy_rds, envoy_routes, envoy_tls
 from ciliary.operator import intents
 
 _VERSION_KEY = os.urandom(32)
@@ -275,34 +277,50 @@ def _prefixes(cidrs: Iterable[str]) -> list[dict[str, Any]]:
     return [{"address_prefix": str(net.network_address), "prefix_len": net.prefixlen} for net in nets]
 
 
-def _http_filter(name: str, rules: tuple[intents.HttpRule, ...] | None, access_log: str, *,
-                 egress: bool = False, cluster: str = "") -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class _Routes:
+    """Where a listener's HTTP connection managers find their routes: ``configs`` collects each chain's route
+    configuration (name -> configuration) and the managers reference them by RDS from ``rds_dir``; ``configs``
+    None: inline routes (one self-contained listener)."""
+
+    rds_dir: str = ""
+    configs: dict[str, dict[str, Any]] | None = None
+
+
+def _http_filter(name: str, rules: tuple[intents.HttpRule, ...] | None, access_log: str, where: _Routes, *,
+                 egress: bool = False, cluster: str = "", validate_clusters: bool | None = None) -> dict[str, Any]:
     cluster = cluster or (EGRESS_CLUSTER_NAME if egress else CLUSTER_NAME)
     try:
         chain_routes = routes(rules, cluster)
     except envoy_routes.RouteLimitError:  # fail closed on this chain alone: it denies (route_limit_chains)
         chain_routes = routes((), cluster)
-    hcm = {
+    config = envoy_rds.route_configuration(name, chain_routes, validate_clusters=validate_clusters)
+    hcm: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
                  "HttpConnectionManager",
         "stat_prefix": "cy_egress" if egress else "cy_ingress",
         "codec_type": "AUTO",
         "normalize_path": True,
         "merge_slashes": True,
-        "route_config": {"name": name, "virtual_hosts": [
-            {"name": "any", "domains": ["*"],
-             "routes": chain_routes}]},
+    }
+    if where.configs is None:
+        hcm["route_config"] = {k: v for k, v in config.items() if k != "@type"}
+    else:
+        where.configs[name] = config
+        hcm["rds"] = envoy_rds.rds_reference(name, where.rds_dir)
+    hcm.update({
         "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
         "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
             "path": access_log, "log_format": {"json_format": {
                 **ACCESS_LOG_FORMAT, "direction": "egress" if egress else "ingress"}}}}],
-    }
+    })
     return {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
 
 
-def _filter_chain(chain: Chain, access_log: str, intent: intents.NodeIntent, secrets_dir: str) -> dict[str, Any]:
+def _filter_chain(chain: Chain, access_log: str, intent: intents.NodeIntent, secrets_dir: str,
+                  where: _Routes) -> dict[str, Any]:
     match: dict[str, Any] = {"destination_port": chain.port,
                              "prefix_ranges": [{"address_prefix": chain.endpoint, "prefix_len": 32}],
                              "source_prefix_ranges": _prefixes(chain.sources)}
@@ -315,12 +333,12 @@ def _filter_chain(chain: Chain, access_log: str, intent: intents.NodeIntent, sec
     tls = envoy_tls.tls_chain(intent, chain.tls, secrets_dir, ingress=True) if chain.tls is not None else None
     if tls is None:
         rules = chain.rules if chain.tls is None else ()  # TLS material missing: deny (fail closed)
-        out["filters"] = [_http_filter(chain.name, rules, access_log)]
+        out["filters"] = [_http_filter(chain.name, rules, access_log, where)]
         return out
     match.update(tls.match)
     out["transport_socket"] = tls.transport_socket
-    http = _http_filter(chain.name, chain.rules, access_log, cluster=tls.cluster or CLUSTER_NAME)
-    http["typed_config"]["route_config"]["validate_clusters"] = False  # the TLS cluster is the CDS file's
+    http = _http_filter(chain.name, chain.rules, access_log, where, cluster=tls.cluster or CLUSTER_NAME,
+                        validate_clusters=False)  # the TLS cluster is the CDS file's
     out["filters"] = [envoy_tls.sni_filter(), http] if tls.cluster else [http]
     return out
 
@@ -331,9 +349,12 @@ def _tls_inspector(needed: bool) -> list[dict[str, Any]]:
         if needed else []
 
 
-def listener(intent: intents.NodeIntent, *, port: int, access_log: str, secrets_dir: str = ""
-             ) -> dict[str, Any] | None:
-    """The transparent listener (None: nothing on this node is redirected)."""
+def listener(intent: intents.NodeIntent, *, port: int, access_log: str, secrets_dir: str = "",
+             rds_dir: str = "", route_configs: dict[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """The transparent listener (None: nothing on this node is redirected); with ``route_configs`` its chains
+    reference their routes by RDS (files under ``rds_dir``) and the route configurations are added to it,
+    else they hold them inline."""
+    where = _Routes(rds_dir, route_configs)
     found = chains(intent)
     if not found:
         return None
@@ -342,7 +363,7 @@ def listener(intent: intents.NodeIntent, *, port: int, access_log: str, secrets_
         "name": LISTENER_NAME,
         "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
         "transparent": True,
-        "filter_chains": [_filter_chain(chain, access_log, intent, secrets_dir) for chain in found],
+        "filter_chains": [_filter_chain(chain, access_log, intent, secrets_dir, where) for chain in found],
     }
     inspector = _tls_inspector(any(c.tls is not None or c.server_names for c in found))
     if inspector:
@@ -449,7 +470,7 @@ def egress_chains(intent: intents.NodeIntent) -> list[EgressChain]:
 
 
 def _egress_filter_chain(chain: EgressChain, access_log: str, intent: intents.NodeIntent,
-                         secrets_dir: str) -> dict[str, Any]:
+                         secrets_dir: str, where: _Routes) -> dict[str, Any]:
     match: dict[str, Any] = {"destination_port": chain.port, "prefix_ranges": _prefixes(chain.destinations),
                              "source_prefix_ranges": _prefixes((f"{chain.source}/32",))}
     if chain.server_names:
@@ -461,22 +482,24 @@ def _egress_filter_chain(chain: EgressChain, access_log: str, intent: intents.No
     tls = envoy_tls.tls_chain(intent, chain.tls, secrets_dir) if chain.tls is not None else None
     if tls is None:
         rules = chain.rules if chain.tls is None else ()  # TLS material missing: deny (fail closed)
-        out["filters"] = [_http_filter(chain.name, rules, access_log, egress=True)]
+        out["filters"] = [_http_filter(chain.name, rules, access_log, where, egress=True)]
         return out
     match.update(tls.match)
     out["transport_socket"] = tls.transport_socket
-    http = _http_filter(chain.name, chain.rules, access_log, egress=True, cluster=tls.cluster or "")
-    # the cluster comes from the CDS file (written first); should Envoy read this LDS before it, a
-    # request finds no cluster (503) instead of the whole listener update being rejected
-    http["typed_config"]["route_config"]["validate_clusters"] = False
+    # the cluster comes from the CDS file (written first); should Envoy read these routes before it, a
+    # request finds no cluster (503) instead of the whole update being rejected
+    http = _http_filter(chain.name, chain.rules, access_log, where, egress=True, cluster=tls.cluster or "",
+                        validate_clusters=False)
     out["filters"] = [envoy_tls.sni_filter(), http]
     return out
 
 
-def egress_listener(intent: intents.NodeIntent, *, port: int, access_log: str,
-                    secrets_dir: str = "") -> dict[str, Any] | None:
+def egress_listener(intent: intents.NodeIntent, *, port: int, access_log: str, secrets_dir: str = "",
+                    rds_dir: str = "", route_configs: dict[str, dict[str, Any]] | None = None
+                    ) -> dict[str, Any] | None:
     """The transparent egress listener (None: no pod's egress is redirected on this node); TLS files are
-    named under ``secrets_dir``."""
+    named under ``secrets_dir``; routes as for :func:`listener`."""
+    where = _Routes(rds_dir, route_configs)
     found = egress_chains(intent)
     if not found:
         return None
@@ -489,35 +512,62 @@ def egress_listener(intent: intents.NodeIntent, *, port: int, access_log: str,
         "listener_filters": [{"name": "envoy.filters.listener.original_src", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_src.v3.OriginalSrc",
             "mark": FROM_EGRESS_PROXY_MARK}}, *inspector],
-        "filter_chains": [_egress_filter_chain(chain, access_log, intent, secrets_dir) for chain in found],
+        "filter_chains": [_egress_filter_chain(chain, access_log, intent, secrets_dir, where) for chain in found],
     }
+
+
+@dataclass(frozen=True, slots=True)
+class Documents:
+    """Everything the agent writes for Envoy from one intent (``envoy_proxy``)."""
+
+    version: str
+    """The configuration's version (revision and a keyed digest of all of it): logged, shown in status."""
+    listeners: dict[str, Any]
+    """The LDS DiscoveryResponse; its version (shared by the CDS file) covers listeners and TLS clusters only,
+    so it stays byte-identical when only routes change."""
+    routes: dict[str, dict[str, Any]]
+    """Route configuration name -> its RDS DiscoveryResponse (one file each, ``envoy_rds``), versioned alone."""
+
+
+def _digest(value: Any) -> str:
+    # keyed per process: versions are logged and shown, and routes hold header values from Secrets, so a
+    # plain digest of them could be used to guess a short value
+    return hmac.new(_VERSION_KEY, json.dumps(value, sort_keys=True).encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def documents(intent: intents.NodeIntent, *, port: int, access_log: str, egress_port: int = 0,
+              secrets_dir: str = "", rds_dir: str = "") -> Documents:
+    """The LDS document and the route configurations of ``intent`` (``egress_port`` 0: no egress listener);
+    chains reference their routes by RDS from files under ``rds_dir`` (default: ``rds`` beside the access log).
+
+    Header values from Secrets are written into the routes (the files are the agent's alone: ``envoy_proxy``)."""
+    intent = envoy_routes.with_secret_values(intent)
+    rds_dir = rds_dir or os.path.join(os.path.dirname(access_log), envoy_rds.RDS_DIR)
+    configs: dict[str, dict[str, Any]] = {}
+    resource = listener(intent, port=port, access_log=access_log, secrets_dir=secrets_dir, rds_dir=rds_dir,
+                        route_configs=configs)
+    egress = egress_listener(intent, port=egress_port, access_log=access_log, secrets_dir=secrets_dir,
+                             rds_dir=rds_dir, route_configs=configs) if egress_port else None
+    resources = [r for r in (resource, egress) if r is not None]
+    clusters = envoy_tls.clusters(intent, secrets_dir, egress=bool(egress_port))
+    lds_version = _digest([resources, clusters])
+    routes = {name: envoy_rds.route_document(config, _digest(config)) for name, config in sorted(configs.items())}
+    version = f"{intent.revision}-{_digest([lds_version, {n: d['version_info'] for n, d in routes.items()}])}"
+    return Documents(version, {"version_info": lds_version, "resources": resources}, routes)
 
 
 def listener_document(intent: intents.NodeIntent, *, port: int, access_log: str,
                       egress_port: int = 0, secrets_dir: str = "") -> tuple[str, dict[str, Any]]:
-    """(version, the LDS DiscoveryResponse for Envoy's file-based LDS); ``egress_port`` 0: no egress listener.
-
-    The version covers the TLS clusters too (:func:`cluster_document`, same version). Header values from
-    Secrets are written into the routes (the file is the agent's alone: ``envoy_proxy``)."""
-    intent = envoy_routes.with_secret_values(intent)
-    resource = listener(intent, port=port, access_log=access_log, secrets_dir=secrets_dir)
-    egress = egress_listener(intent, port=egress_port, access_log=access_log,
-                             secrets_dir=secrets_dir) if egress_port else None
-    resources = [r for r in (resource, egress) if r is not None]
-    clusters = envoy_tls.clusters(intent, secrets_dir, egress=bool(egress_port))
-    # keyed per process: the version is logged and shown, and the document holds header values from Secrets,
-    # so a plain digest of it could be used to guess a short value
-    digest = hmac.new(_VERSION_KEY, json.dumps([resources, clusters], sort_keys=True).encode(),
-                      hashlib.sha256).hexdigest()[:16]
-    version = f"{intent.revision}-{digest}"
-    return version, {"version_info": version, "resources": resources}
+    """(the configuration's version, the LDS document) of :func:`documents`."""
+    docs = documents(intent, port=port, access_log=access_log, egress_port=egress_port, secrets_dir=secrets_dir)
+    return docs.version, docs.listeners
 
 
 def cluster_document(intent: intents.NodeIntent, version: str, *, secrets_dir: str,
                      egress: bool = True) -> dict[str, Any]:
     """The CDS DiscoveryResponse: the TLS clusters of egress interception (``egress``: the node has an egress
-    listener; as given to :func:`listener_document`, whose version covers them) and ingress re-origination
-    (``envoy_tls``)."""
+    listener; as given to :func:`documents`, whose LDS version, given here, covers them) and ingress
+    re-origination (``envoy_tls``)."""
     return {"version_info": version, "resources": envoy_tls.clusters(intent, secrets_dir, egress=egress)}
 
 

@@ -7,25 +7,34 @@ Envoy of a previous agent, found by its pid file, is stopped first).
 
 Configuration: Envoy's **file-based dynamic resources**. The bootstrap (written once)
 holds the admin API on a unix socket, the static original-destination cluster and
-``lds_config.path_config_source``; every new intent rewrites the LDS file (one transparent
-listener, ``envoy_config.listener_document``) by writing a temporary file and renaming it
+``lds_config.path_config_source``; every new intent rewrites the files whose content changed
+(``envoy_config.documents``): one route configuration per HTTP filter chain in ``<run dir>/rds``
+(RDS, ``envoy_rds``; written first), the CDS file, then the LDS file (the transparent listeners,
+whose chains name their route configurations), each by writing a temporary file and renaming it
 over the old one: Envoy watches the file's directory and loads a whole document or none,
-keeping the previous listener when it rejects one. The egress listener (``cy_from_pod``'s
+keeping the previous one when it rejects one. A change of HTTP rules (or of a header value from a
+Secret) rewrites route files only: the chains and their connections stay, and the next request of
+each connection is judged by the new routes. A change of a chain itself (its peer prefixes, TLS
+handling, an L4 allow replacing rules) still replaces the chain and drains its connections
+(:data:`DRAIN_S`). The egress listener (``cy_from_pod``'s
 HTTP redirect) listens on :func:`egress_port`. Chosen over xDS over gRPC because the
 agent is the only source of the configuration and already holds all of it: an xDS server
 would add Envoy's protobuf API, a gRPC service and its ACK/NACK state machine to the agent
 for no gain; the admin API gives the same acknowledgement (``listener_manager.lds.
-version_text`` names the version in force, ``update_rejected`` counts refusals). TLS
+version_text`` names the version in force, ``update_rejected`` counts refusals; each route
+configuration's version in force is read from ``/config_dump?resource=dynamic_route_configs``, masked
+to names and versions, while one is not acknowledged yet). TLS
 interception (``envoy_tls``) adds a CDS file (its TLS clusters, same version, written before
 the LDS file and acknowledged through ``cluster_manager.cds.version_text``) and the PEM files
 of the intent's TLS material in ``<run dir>/tls`` (directory 0700, files created 0600 by
 ``os.open`` and renamed into place, named by content; unused ones removed): Envoy reads key
 material only from those files, never from the LDS/CDS documents. Header values from Secrets
-(``headerMatches[].secret``) must be in the routes themselves: the LDS and CDS files are
-written with mode 0600 too (Envoy runs as the agent's user).
+(``headerMatches[].secret``) must be in the routes themselves: the route files (in a 0700
+directory), the LDS and CDS files are written with mode 0600 too (Envoy runs as the agent's user).
 
 Status (:meth:`problem`): a policy whose HTTP rules this node enforces counts as enforced
-only when Envoy runs and reports the version computed from the intent in force; otherwise
+only when Envoy runs and reports the versions computed from the intent in force (listeners,
+clusters and every route configuration); otherwise
 the problem says why (not running, not acknowledged yet, rejected, not expressible).
 
 Flows: Envoy writes one JSON line per request to its access log; the agent reads new
@@ -49,7 +58,7 @@ from typing import Any
 
 import aiohttp
 
-from ciliary.nodeagent import envoy_config, envoy_tls, l7_flows
+from ciliary.nodeagent import envoy_config, envoy_rds, envoy_tls, l7_flows
 from ciliary.operator import intents
 from ciliary.operator.policy import header_actions
 
@@ -61,10 +70,9 @@ ACCESS_LOG_MAX = 32 << 20
 PR_SET_PDEATHSIG = 1
 DRAIN_S = 5
 """Envoy's ``--drain-time-s`` with ``--drain-strategy immediate``: when a configuration changes a filter chain
-(new rules, a rotated Secret, another peer prefix), a connection already on the old chain gets
-``Connection: close`` on its next response and is closed after at most this long. Envoy's default (600 s,
-gradual) let a kept-alive connection, e.g. one the egress Envoy of another node pooled, be judged by the
-old rules for minutes (README Known defects: at most one request per such connection, within this time)."""
+(another peer prefix, other TLS handling; never new HTTP rules or a rotated Secret, which change only its
+route configuration), a connection already on the old chain gets ``Connection: close`` on its next response
+and is closed after at most this long (Envoy's default: 600 s, gradual)."""
 
 
 def envoy_binary(configured: str) -> str | None:
@@ -87,14 +95,14 @@ def egress_port(port: int) -> int:
     return port + 1 if port < 65535 else port - 1
 
 
-def _replace(path: Path, document: dict[str, Any]) -> None:
-    """Write ``document`` as JSON by a rename over ``path`` (Envoy loads a whole file or none); mode 0600: the
+def _replace(path: Path, content: str) -> None:
+    """Write ``content`` by a rename over ``path`` (Envoy loads a whole file or none); mode 0600: the
     routes may hold header values from Secrets."""
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as out:
-        out.write(json.dumps(document, separators=(",", ":")))
+        out.write(content)
     os.replace(tmp, path)
 
 
@@ -117,6 +125,7 @@ class EnvoyProxy:
         self.publish = publish
         self.lds_path = run_dir / "lds.json"
         self.cds_path = run_dir / "cds.json"
+        self.rds_dir = run_dir / envoy_rds.RDS_DIR
         self.secrets_dir = run_dir / envoy_tls.SECRETS_DIR
         self.access_log = run_dir / "access.log"
         self.bootstrap_path = run_dir / "bootstrap.json"
@@ -125,8 +134,15 @@ class EnvoyProxy:
         self.process: asyncio.subprocess.Process | None = None
         self.intent: intents.NodeIntent | None = None
         self.wanted_version = ""
+        self.wanted_lds_version = ""
+        self.wanted_routes: dict[str, str] = {}
         self.accepted_version = ""
+        """The configuration version Envoy acknowledged whole: listeners, clusters and every route configuration."""
+        self.accepted_lds_version = ""
         self.accepted_cds_version = ""
+        self.accepted_routes: dict[str, str] = {}
+        self._written: dict[str, str] = {}
+        self._generation = 0
         self.rejected = 0
         self.config_error = ""
         self.conflicts = ""
@@ -141,16 +157,17 @@ class EnvoyProxy:
     # ---------------------------------------------------------------- configuration
 
     def set_intent(self, intent: intents.NodeIntent | None) -> None:
-        """Write the LDS document of ``intent`` (the intent now in force in the datapath)."""
+        """Write the documents of ``intent`` (the intent now in force in the datapath): changed route
+        configurations first, then CDS, then LDS (a new chain's routes are there before it), then remove the
+        route files no chain names any more."""
         if intent is None:
             return
         self.intent = intent
         self._identity_of = l7_flows.identity_lookup(intent)
         try:
-            version, document = envoy_config.listener_document(intent, port=self.port,
-                                                               access_log=str(self.access_log),
-                                                               egress_port=self.egress_port,
-                                                               secrets_dir=str(self.secrets_dir))
+            docs = envoy_config.documents(intent, port=self.port, access_log=str(self.access_log),
+                                          egress_port=self.egress_port, secrets_dir=str(self.secrets_dir),
+                                          rds_dir=str(self.rds_dir))
         except envoy_config.ProxyConfigError as exc:
             self.config_error = str(exc)
             log.error("HTTP rules cannot be configured", extra={"node": self.node, "error": str(exc)})
@@ -164,18 +181,47 @@ class EnvoyProxy:
             self.conflicts = "; ".join(filter(None, [self.conflicts, (
                 "headerMatches: the mismatch actions of these chains' HTTP rules need more than "
                 f"{header_actions.MAX_ROUTES} proxy routes, so they deny every request: {', '.join(limited[:5])}")]))
-        if version == self.wanted_version:
+        if docs.version == self.wanted_version:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.rds_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.rds_dir, 0o700)
         keep = self._write_secrets(envoy_tls.secret_files(intent))
-        _replace(self.cds_path, envoy_config.cluster_document(intent, version, secrets_dir=str(self.secrets_dir),
-                                                              egress=bool(self.egress_port)))
-        _replace(self.lds_path, document)
+        files = {envoy_rds.file_name(name): doc for name, doc in docs.routes.items()}
+        changed = sum(self._write(self.rds_dir / name, doc) for name, doc in files.items())
+        lds_version = docs.listeners["version_info"]
+        clusters_changed = self._write(self.cds_path, envoy_config.cluster_document(
+            intent, lds_version, secrets_dir=str(self.secrets_dir), egress=bool(self.egress_port)))
+        listeners_changed = self._write(self.lds_path, docs.listeners)
+        for path in self.rds_dir.glob("*.json"):
+            if path.name not in files:
+                self._written.pop(str(path), None)
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
         self._remove_secrets_except(keep)
-        self.wanted_version = version
-        log.info("Proxy configuration written", extra={"node": self.node, "version": version,
-                                                       "listeners": len(document["resources"])})
+        if changed or clusters_changed or listeners_changed:
+            # only an answer of Envoy asked after these writes counts (an earlier one may show a version that
+            # is wanted again but was replaced in between); no write (a new revision, same documents): what
+            # Envoy acknowledged still holds
+            self._generation += 1
+            self.accepted_lds_version = self.accepted_cds_version = ""
+            self.accepted_routes = {}
+        self.wanted_version = docs.version
+        self.wanted_lds_version = lds_version
+        self.wanted_routes = {name: doc["version_info"] for name, doc in docs.routes.items()}
+        log.info("Proxy configuration written", extra={
+            "node": self.node, "version": docs.version, "listeners": len(docs.listeners["resources"]),
+            "listeners_changed": listeners_changed, "route_configs": len(files), "route_configs_changed": changed})
         self._wake.set()
+
+    def _write(self, path: Path, document: dict[str, Any]) -> bool:
+        """Replace ``path`` by ``document`` unless it already holds it (Envoy then has nothing to reload)."""
+        content = json.dumps(document, separators=(",", ":"))
+        if self._written.get(str(path)) == content and path.exists():
+            return False
+        _replace(path, content)
+        self._written[str(path)] = content
+        return True
 
     def _write_secrets(self, files: dict[str, str] | Any) -> set[str]:
         """Write the PEM files not there yet (0600, in a 0700 directory); returns the names in use."""
@@ -213,11 +259,17 @@ class EnvoyProxy:
             return f"L7 proxy: {self.conflicts}"
         if self.process is None or self.process.returncode is not None:
             return f"L7 proxy (Envoy) not running{': ' + self.last_exit if self.last_exit else ''}"
-        if self.accepted_version != self.wanted_version or self.accepted_cds_version != self.wanted_version:
+        if not self._in_step():
             if self.rejected:
                 return f"L7 proxy (Envoy) rejected configuration {self.wanted_version} (see {self.envoy_log})"
             return f"L7 proxy (Envoy) has not loaded configuration {self.wanted_version} yet"
         return ""
+
+    def _in_step(self) -> bool:
+        """Envoy acknowledged the wanted listeners, clusters and every wanted route configuration."""
+        return (bool(self.wanted_version) and self.accepted_lds_version == self.wanted_lds_version
+                and self.accepted_cds_version == self.wanted_lds_version
+                and all(self.accepted_routes.get(name) == version for name, version in self.wanted_routes.items()))
 
     def status(self) -> dict[str, Any]:
         running = self.process is not None and self.process.returncode is None
@@ -267,7 +319,9 @@ class EnvoyProxy:
         self.pid_file.write_text(str(self.process.pid))
         self.starts += 1
         self.accepted_version = ""
+        self.accepted_lds_version = ""
         self.accepted_cds_version = ""
+        self.accepted_routes = {}
         log.info("Envoy started", extra={"node": self.node, "pid": self.process.pid, "starts": self.starts})
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -314,28 +368,37 @@ class EnvoyProxy:
                                              "log_tail": self._log_tail()})
 
     async def _poll_admin(self, session: aiohttp.ClientSession) -> None:
+        generation = self._generation
         try:
-            async with session.get("http://envoy/stats?filter=^(listener_manager\\.lds|cluster_manager\\.cds)\\."
-                                   ) as response:
+            async with session.get("http://envoy/stats?filter=^(listener_manager\\.lds|cluster_manager\\.cds)\\.|"
+                                   "\\.rds\\..*\\.update_rejected$") as response:
                 text = await response.text()
+            routes = None
+            if not self._in_step() and self.wanted_routes:
+                async with session.get("http://envoy" + envoy_rds.CONFIG_DUMP_PATH) as response:
+                    routes = envoy_rds.accepted_routes(await response.text())
         except (TimeoutError, aiohttp.ClientError, OSError):
             return
+        if generation != self._generation:
+            return  # new documents were written meanwhile: ask again
+        if routes is not None:
+            self.accepted_routes = routes
+        rejected = 0
         for line in text.splitlines():
             name, _, value = line.partition(": ")
             if name == "listener_manager.lds.version_text":
-                accepted = value.strip().strip('"')
-                if accepted != self.accepted_version:
-                    self.accepted_version = accepted
-                    log.info("Envoy loaded configuration", extra={"node": self.node, "version": accepted})
+                self.accepted_lds_version = value.strip().strip('"')
             elif name == "cluster_manager.cds.version_text":
                 self.accepted_cds_version = value.strip().strip('"')
-            elif name == "listener_manager.lds.update_rejected" and value.strip().isdigit():
-                rejected = int(value)
-                if rejected > self.rejected:
-                    log.error("Envoy rejected its configuration", extra={"node": self.node,
-                                                                         "version": self.wanted_version,
-                                                                         "log_tail": self._log_tail()})
-                self.rejected = rejected
+            elif name.endswith(".update_rejected") and value.strip().isdigit():
+                rejected += int(value)  # LDS's and every route configuration's
+        if rejected > self.rejected:
+            log.error("Envoy rejected its configuration", extra={"node": self.node, "version": self.wanted_version,
+                                                                 "log_tail": self._log_tail()})
+        self.rejected = rejected
+        if self._in_step() and self.accepted_version != self.wanted_version:
+            self.accepted_version = self.wanted_version
+            log.info("Envoy loaded configuration", extra={"node": self.node, "version": self.wanted_version})
 
     def _log_tail(self) -> str:
         with contextlib.suppress(OSError):

@@ -101,7 +101,7 @@ def test_no_http_entries_no_listener_and_version_changes_with_content() -> None:
     plain = node_intent(entry(TIEFIGHTER, http=None))
     assert envoy_config.listener(plain, port=1, access_log="/a") is None
     version, doc = envoy_config.listener_document(plain, port=1, access_log="/a")
-    assert doc == {"version_info": version, "resources": []} and version.startswith("4-")
+    assert doc["resources"] == [] and version.startswith("4-")
     v2, _ = envoy_config.listener_document(node_intent(entry(TIEFIGHTER)), port=1, access_log="/a")
     assert v2 != version
     assert envoy_config.policies_needing_proxy(plain) == set()

@@ -8,6 +8,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from envoy_inline import inline_document  # type: ignore[import-not-found]
+
 from ciliary.nodeagent import (
     enforcing,
     envoy_config,
@@ -91,7 +93,7 @@ def test_without_world_the_default_group_is_any_and_an_l4_allow_wins() -> None:
 
 def test_egress_listener_original_source_and_its_cluster() -> None:
     intent = node_intent((entry(SERVER),))
-    version, doc = envoy_config.listener_document(intent, port=15001, access_log="/x/a.log", egress_port=15002)
+    version, doc = inline_document(intent, port=15001, access_log="/x/a.log", egress_port=15002)
     assert [r["name"] for r in doc["resources"]] == [envoy_config.EGRESS_LISTENER_NAME]
     listener = doc["resources"][0]
     assert listener["transparent"] is True and listener["address"]["socket_address"]["port_value"] == 15002
@@ -107,8 +109,8 @@ def test_egress_listener_original_source_and_its_cluster() -> None:
     log_format = first["filters"][0]["typed_config"]["access_log"][0]["typed_config"]["log_format"]["json_format"]
     assert log_format["direction"] == "egress"
     # no egress port: no egress listener; the version follows the content
-    assert envoy_config.listener_document(intent, port=15001, access_log="/x/a.log")[1]["resources"] == []
-    assert envoy_config.listener_document(intent, port=15001, access_log="/x/a.log")[0] != version
+    assert inline_document(intent, port=15001, access_log="/x/a.log")[1]["resources"] == []
+    assert inline_document(intent, port=15001, access_log="/x/a.log")[0] != version
     clusters = envoy_config.bootstrap(node="n", admin_socket="/s", lds_path="/l")["static_resources"]["clusters"]
     egress = next(c for c in clusters if c["name"] == envoy_config.EGRESS_CLUSTER_NAME)
     assert egress["type"] == "ORIGINAL_DST" and "upstream_bind_config" not in egress
@@ -124,7 +126,7 @@ def test_envoy_accepts_both_listeners(tmp_path: Path) -> None:
         namespace="default", pod="c", ipv4="10.244.1.7", identity=SERVER, policies=("u9",),
         ingress=intents.DirectionPolicy(enforced=True, entries=(entry(SHUTTLE),)))
     intent = intent.model_copy(update={"endpoints": (*intent.endpoints, ingress_side)})
-    _, doc = envoy_config.listener_document(intent, port=15001, access_log=str(tmp_path / "a.log"), egress_port=15002)
+    _, doc = inline_document(intent, port=15001, access_log=str(tmp_path / "a.log"), egress_port=15002)
     assert len(doc["resources"]) == 2
     boot = envoy_config.bootstrap(node="n", admin_socket=str(tmp_path / "admin.sock"), lds_path=str(tmp_path / "l"))
     boot["static_resources"]["listeners"] = [{k: v for k, v in r.items() if k != "@type"} for r in doc["resources"]]
@@ -231,7 +233,7 @@ def test_envoy_accepts_header_match_routes(tmp_path: Path) -> None:
         TOKEN, intents.HeaderMatch(name="X-Log", value="1", mismatch="LOG"),
         intents.HeaderMatch(name="X-Add", value="1", mismatch="ADD"), intents.HeaderMatch(name="X-Need")), rule=REF)
     intent = node_intent((entry(SERVER, http=(rule,)),))
-    _, doc = envoy_config.listener_document(intent, port=15001, access_log=str(tmp_path / "a.log"), egress_port=15002)
+    _, doc = inline_document(intent, port=15001, access_log=str(tmp_path / "a.log"), egress_port=15002)
     boot = envoy_config.bootstrap(node="n", admin_socket=str(tmp_path / "admin.sock"), lds_path=str(tmp_path / "l"))
     boot["static_resources"]["listeners"] = [{k: v for k, v in r.items() if k != "@type"} for r in doc["resources"]]
     del boot["dynamic_resources"]

@@ -134,7 +134,8 @@ def test_too_many_action_routes_stop_the_configuration_never_cut_it_short() -> N
     with pytest.raises(envoy_routes.RouteLimitError, match="need more than 512 proxy routes"):
         envoy_routes.routes((_acting(4), _acting(4), _acting(4)))
     # the chain alone fails closed: it denies every request, the node's other chains are written
-    hcm = envoy_config._http_filter("10.0.0.5:80/any", (_acting(4), _acting(4), _acting(4)), "/dev/null")
+    hcm = envoy_config._http_filter("10.0.0.5:80/any", (_acting(4), _acting(4), _acting(4)), "/dev/null",
+                                    envoy_config._Routes())  # routes inline
     only = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
     assert [r["name"] for r in only] == [envoy_routes.DENY_ROUTE]
     assert "need more than 512 proxy routes" in envoy_routes.route_limit_problem((_acting(4),) * 3)

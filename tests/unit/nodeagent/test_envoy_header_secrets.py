@@ -9,9 +9,10 @@ import stat
 import subprocess
 from pathlib import Path
 
-from test_envoy_egress import REF, SERVER, entry, node_intent  # type: ignore[import-not-found]
+from envoy_inline import inline_document  # type: ignore[import-not-found]
+from test_envoy_egress import REF, SERVER, A, entry, node_intent  # type: ignore[import-not-found]
 
-from ciliary.nodeagent import envoy_config, envoy_proxy, envoy_routes
+from ciliary.nodeagent import envoy_config, envoy_proxy, envoy_rds, envoy_routes
 from ciliary.operator import intents
 
 SECRET = intents.SecretRef(namespace="default", name="tok")
@@ -26,7 +27,7 @@ def with_secret(*matches: intents.HeaderMatch, value: str | None = "s3cret") -> 
 
 
 def server_routes(intent: intents.NodeIntent) -> list[dict[str, object]]:
-    _, doc = envoy_config.listener_document(intent, port=15001, access_log="/tmp/a.log", egress_port=15002)
+    _, doc = inline_document(intent, port=15001, access_log="/tmp/a.log", egress_port=15002)
     chain = next(c for c in doc["resources"][0]["filter_chains"] if c["name"].endswith(f"id{SERVER}"))
     return list(chain["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"])
 
@@ -55,7 +56,7 @@ def test_envoy_accepts_secret_valued_routes(tmp_path: Path) -> None:
     intent = with_secret(intents.HeaderMatch(name="X-Team", secret=SECRET),
                          intents.HeaderMatch(name="Access-Token", secret=SECRET, mismatch="REPLACE"),
                          value="Bearer a\tb")
-    _, doc = envoy_config.listener_document(intent, port=15001, access_log=str(tmp_path / "a.log"), egress_port=15002)
+    _, doc = inline_document(intent, port=15001, access_log=str(tmp_path / "a.log"), egress_port=15002)
     boot = envoy_config.bootstrap(node="n", admin_socket=str(tmp_path / "admin.sock"), lds_path=str(tmp_path / "l"))
     boot["static_resources"]["listeners"] = [{k: v for k, v in r.items() if k != "@type"} for r in doc["resources"]]
     del boot["dynamic_resources"]
@@ -65,7 +66,7 @@ def test_envoy_accepts_secret_valued_routes(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
-def test_the_lds_and_cds_files_are_0600(tmp_path: Path) -> None:
+def test_the_route_lds_and_cds_files_are_0600(tmp_path: Path) -> None:
     proxy = envoy_proxy.EnvoyProxy("n", netns="", run_dir=tmp_path / "run", admin_socket=tmp_path / "admin.sock",
                                    port=15001, binary=None, publish=lambda _: None)
     old = os.umask(0o022)
@@ -73,10 +74,15 @@ def test_the_lds_and_cds_files_are_0600(tmp_path: Path) -> None:
         proxy.set_intent(with_secret(intents.HeaderMatch(name="X-Team", secret=SECRET)))
     finally:
         os.umask(old)
-    for path in (proxy.lds_path, proxy.cds_path):
+    routes = sorted(proxy.rds_dir.iterdir())
+    assert routes and stat.S_IMODE(proxy.rds_dir.stat().st_mode) == 0o700
+    for path in (proxy.lds_path, proxy.cds_path, *routes):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
-    assert "s3cret" in proxy.lds_path.read_text()  # where Envoy must read it; nowhere else of the run dir
-    assert [p.name for p in (tmp_path / "run").iterdir() if p.is_file() and "s3cret" in p.read_text()] == ["lds.json"]
+    # where Envoy must read it (the route configuration of the chain whose rule names the Secret); nowhere else
+    holding = [p.relative_to(tmp_path / "run") for p in (tmp_path / "run").rglob("*") if p.is_file()
+               and "s3cret" in p.read_text()]
+    assert holding == [Path("rds") / envoy_rds.file_name(f"egress {A}:80/id{SERVER}")], holding
+    assert "s3cret" not in proxy.lds_path.read_text() and "s3cret" not in proxy.wanted_version
 
 
 def test_rendering_never_publishes_the_resolved_values() -> None:

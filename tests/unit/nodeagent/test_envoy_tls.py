@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from envoy_inline import inline_document  # type: ignore[import-not-found]
 from test_envoy_egress import REF, SERVER, A, B, entry, node_intent  # type: ignore[import-not-found]
 
 from ciliary.lab.testca import TestCA
@@ -40,7 +41,7 @@ def chain_named(doc: dict[str, Any], name: str) -> dict[str, Any]:
 
 def test_an_intercepting_chain_terminates_with_the_certificate_and_reoriginates_verifying_the_ca() -> None:
     intent = tls_intent()
-    _, doc = envoy_config.listener_document(intent, port=15001, access_log="/x/a.log", egress_port=15002,
+    _, doc = inline_document(intent, port=15001, access_log="/x/a.log", egress_port=15002,
                                             secrets_dir="/run/tls")
     listener = doc["resources"][0]
     assert [f["name"] for f in listener["listener_filters"]][-1] == "envoy.filters.listener.tls_inspector"
@@ -78,14 +79,14 @@ def test_server_names_match_and_other_pods_chains_get_a_copy_for_those_names() -
     # b intercepts without names: its chain also exists for the names a's chain matches
     copy = chains[f"egress {B}:443/id{SERVER}/sni"]
     assert copy.server_names == ("api.world.test",) and copy.tls == TLS
-    _, doc = envoy_config.listener_document(intent, port=15001, access_log="/x/a.log", egress_port=15002,
+    _, doc = inline_document(intent, port=15001, access_log="/x/a.log", egress_port=15002,
                                             secrets_dir="/run/tls")
     assert chain_named(doc, f"egress {A}:443/id{SERVER}")["filter_chain_match"]["server_names"] == ["api.world.test"]
 
 
 def test_fail_closed_without_material_or_with_mixed_rules_and_l4_passes_tls_through() -> None:
     # material missing (never published so, but the agent still denies): a plain 403 chain, no TLS
-    _, doc = envoy_config.listener_document(tls_intent(material={}), port=15001, access_log="/x/a.log",
+    _, doc = inline_document(tls_intent(material={}), port=15001, access_log="/x/a.log",
                                             egress_port=15002, secrets_dir="/run/tls")
     chain = chain_named(doc, f"egress {A}:443/id{SERVER}")
     assert "transport_socket" not in chain
@@ -115,7 +116,7 @@ def test_envoy_accepts_the_interception_config(tmp_path: Path) -> None:
     secrets.mkdir()
     for name, content in envoy_tls.secret_files(intent).items():
         (secrets / name).write_text(content)
-    version, doc = envoy_config.listener_document(intent, port=15001, access_log=str(tmp_path / "a.log"),
+    version, doc = inline_document(intent, port=15001, access_log=str(tmp_path / "a.log"),
                                                   egress_port=15002, secrets_dir=str(secrets))
     boot = envoy_config.bootstrap(node="n", admin_socket=str(tmp_path / "admin.sock"), lds_path=str(tmp_path / "l"))
     boot["static_resources"]["listeners"] = [{k: v for k, v in r.items() if k != "@type"} for r in doc["resources"]]
@@ -139,7 +140,7 @@ def test_the_agent_writes_pem_files_0600_in_a_0700_directory_and_removes_unused_
     assert names == sorted(envoy_tls.secret_files(tls_intent()))
     assert all(stat.S_IMODE((secrets / n).stat().st_mode) == 0o600 for n in names)
     cds = json.loads((tmp_path / "envoy" / "cds.json").read_text())
-    assert cds["version_info"] == proxy.wanted_version and len(cds["resources"]) == 1
+    assert cds["version_info"] == proxy.wanted_lds_version and len(cds["resources"]) == 1
     for path in (tmp_path / "envoy").glob("*.json"):
         assert "BEGIN" not in path.read_text(), path
     # rotation: the new key gets a new file, the old one goes

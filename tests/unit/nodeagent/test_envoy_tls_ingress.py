@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from envoy_inline import inline_document  # type: ignore[import-not-found]
 from test_envoy_config import CIDR_ID, DEATHSTAR, REF, TIEFIGHTER, XWING, entry, node_intent  # type: ignore[import-not-found]
 
 from ciliary.lab.testca import TestCA
@@ -36,7 +37,7 @@ def tls_intent(*entries: intents.PolicyEntry, material: dict[str, intents.TlsMat
 
 
 def document(intent: intents.NodeIntent) -> tuple[str, dict[str, Any]]:
-    return envoy_config.listener_document(intent, port=15001, access_log="/x/a.log", egress_port=15002,
+    return inline_document(intent, port=15001, access_log="/x/a.log", egress_port=15002,
                                           secrets_dir="/run/tls")
 
 
@@ -114,7 +115,7 @@ def test_envoy_accepts_the_termination_config(tmp_path: Path) -> None:
     secrets.mkdir()
     for name, content in envoy_tls.secret_files(intent).items():
         (secrets / name).write_text(content)
-    version, doc = envoy_config.listener_document(intent, port=15001, access_log=str(tmp_path / "a.log"),
+    version, doc = inline_document(intent, port=15001, access_log=str(tmp_path / "a.log"),
                                                   egress_port=15002, secrets_dir=str(secrets))
     boot = envoy_config.bootstrap(node="n", admin_socket=str(tmp_path / "admin.sock"), lds_path=str(tmp_path / "l"))
     boot["static_resources"]["listeners"] = [{k: v for k, v in r.items() if k != "@type"} for r in doc["resources"]]
