@@ -543,11 +543,18 @@ def documents(intent: intents.NodeIntent, *, port: int, access_log: str, egress_
     Header values from Secrets are written into the routes (the files are the agent's alone: ``envoy_proxy``)."""
     intent = envoy_routes.with_secret_values(intent)
     rds_dir = rds_dir or os.path.join(os.path.dirname(access_log), envoy_rds.RDS_DIR)
-    configs: dict[str, dict[str, Any]] = {}
+    configs: dict[str, dict[str, Any]] | None = {}
     resource = listener(intent, port=port, access_log=access_log, secrets_dir=secrets_dir, rds_dir=rds_dir,
                         route_configs=configs)
     egress = egress_listener(intent, port=egress_port, access_log=access_log, secrets_dir=secrets_dir,
                              rds_dir=rds_dir, route_configs=configs) if egress_port else None
+    if configs is not None and len(configs) > envoy_rds.MAX_ROUTE_FILES:
+        # more chains than the node's Envoy gets route files (inotify instances): routes inline, as before RDS
+        configs = None
+        resource = listener(intent, port=port, access_log=access_log, secrets_dir=secrets_dir)
+        egress = egress_listener(intent, port=egress_port, access_log=access_log,
+                                 secrets_dir=secrets_dir) if egress_port else None
+    configs = configs or {}
     resources = [r for r in (resource, egress) if r is not None]
     clusters = envoy_tls.clusters(intent, secrets_dir, egress=bool(egress_port))
     lds_version = _digest([resources, clusters])

@@ -18,7 +18,9 @@ configuration per file (a file with two is rejected), so each chain's route conf
 file, named after the chain (never after its content: the name must stay when the rules change) and
 renamed into place like the LDS file. Each file is one subscription of Envoy, one inotify instance
 (``fs.inotify.max_user_instances``, 128 by default per user, bounds the chains of one node's Envoy
-together with everything else its user watches).
+together with everything else its user watches). So a node with more than :data:`MAX_ROUTE_FILES` chains
+keeps its routes inline in the listeners (``envoy_config.documents``): a rules change then replaces the
+chains it changes and drains their connections, as before RDS.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ RDS_DIR = "rds"
 """The directory of the route configuration files, under the proxy's run directory (0700)."""
 CONFIG_DUMP_PATH = "/config_dump?resource=dynamic_route_configs&mask=version_info,route_config.name"
 """The admin API query naming each route configuration Envoy holds and the version it acknowledged."""
+
+MAX_ROUTE_FILES = 24
+"""Route configurations served from files (one inotify instance each) per node Envoy; more chains: inline routes.
+Two lab nodes share one machine's per-user budget with the kubelets and containerd."""
 
 
 def file_name(route_config: str) -> str:

@@ -202,3 +202,17 @@ def test_not_enforced_before_envoy_acknowledged_every_route_configuration(tmp_pa
         assert proxy.wanted_version != before and proxy.problem(again) == ""
 
     asyncio.run(scenario())
+
+
+def test_more_chains_than_route_files_keep_their_routes_inline() -> None:
+    """Each route file costs Envoy an inotify instance: past ``MAX_ROUTE_FILES`` chains the node's listeners hold
+    their routes inline (no route file), as before route discovery."""
+    many = envoy_rds.MAX_ROUTE_FILES + 1
+    wide = node_intent(tuple(entry(SERVER, port=8000 + i) for i in range(many)))
+    built = docs(wide)
+    managers = hcms(built.listeners)
+    assert len(managers) >= many and built.routes == {}
+    assert all("route_config" in m and "rds" not in m for m in managers.values())
+    narrow = docs(node_intent(tuple(entry(SERVER, port=8000 + i) for i in range(3))))
+    assert 0 < len(narrow.routes) == len(hcms(narrow.listeners)) <= envoy_rds.MAX_ROUTE_FILES
+    assert all("rds" in m for m in hcms(narrow.listeners).values())
