@@ -8,7 +8,8 @@ the agent can export (every verdict x drop reason x protocol x direction x TCP f
 family, and every value of the per-kind metrics' labels, ports at their cap): the most series Ciliary's
 flow metrics can ever have, since every label is bounded (``flow_metrics``). A second target pads the
 same registry with synthetic counter series up to ``--series`` in all, to measure what a larger scrape
-costs on the same path (prometheus_client's exposition inside the agent's aiohttp handler).
+costs on the same path (the collectors and ``flow_metrics.text_exposition`` inside the agent's aiohttp
+handler).
 
 Prometheus scrapes both targets every second; the figures are its own ``scrape_duration_seconds``
 (median and max over ``--scrapes`` scrapes) and ``scrape_samples_scraped``, plus this process's CPU
@@ -132,10 +133,8 @@ def query(prom: int, expression: str) -> dict[str, float]:
 
 
 def exposition_cpu_ms(port_padding: int, reps: int = 7) -> float:
-    """Median CPU of ``generate_latest`` over the agent's registry (padded with ``port_padding`` series): the
-    handler's whole work per scrape, measured without HTTP or Prometheus."""
-    import prometheus_client
-
+    """Median CPU of the agent's exposition (``flow_metrics.text_exposition``, as GET /metrics) of its registry
+    (padded with ``port_padding`` series): the handler's whole work per scrape, without HTTP or Prometheus."""
     hub = flowapi.FlowHub("bench")
     fill(hub)
     registry = flowapi.metrics_registry(hub)
@@ -144,7 +143,7 @@ def exposition_cpu_ms(port_padding: int, reps: int = 7) -> float:
     times = []
     for _ in range(reps):
         c0 = time.process_time()
-        prometheus_client.generate_latest(registry)
+        flow_metrics.text_exposition(registry.collect())
         times.append((time.process_time() - c0) * 1000)
     return statistics.median(times)
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import collections
 import http
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -236,3 +236,39 @@ def detail_families(details: Mapping[tuple[str, ...], int]) -> Iterator[Any]:
             buckets.append((bound, cumulative))
         histogram.add_metric([method, reporter], buckets, sums.get((method, reporter), 0) / 1000)
     yield histogram
+
+
+_EXPOSED_TYPES = {"counter", "gauge", "histogram"}
+
+
+def _label_value(value: str) -> str:
+    if "\\" in value or "\n" in value or '"' in value:
+        return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return value
+
+
+def _number(value: float) -> str:
+    if value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return repr(float(value))
+
+
+def text_exposition(families: Iterable[Any]) -> bytes:
+    """Prometheus text format 0.0.4 of counter, gauge and histogram ``families`` (what the agent's collectors
+    yield), written directly: about twice as fast as ``prometheus_client.generate_latest`` for thousands of
+    series (``bench/bench_metrics.py``); ``promtool check metrics`` accepts it
+    (``tests/unit/nodeagent/test_flow_metrics.py``)."""
+    out: list[str] = []
+    for family in families:
+        if family.type not in _EXPOSED_TYPES:
+            raise ValueError(f"metric family {family.name}: type {family.type} is not exposed here")
+        name = f"{family.name}_total" if family.type == "counter" else family.name
+        doc = family.documentation.replace("\\", "\\\\").replace("\n", "\\n")
+        out.append(f"# HELP {name} {doc}\n# TYPE {name} {family.type}\n")
+        for sample in family.samples:
+            if sample.labels:
+                labels = ",".join(f'{k}="{_label_value(v)}"' for k, v in sample.labels.items())
+                out.append(f"{sample.name}{{{labels}}} {_number(sample.value)}\n")
+            else:
+                out.append(f"{sample.name} {_number(sample.value)}\n")
+    return "".join(out).encode()

@@ -384,7 +384,7 @@ async def get_flows(request: web.Request) -> web.StreamResponse:
 
 
 async def get_metrics(request: web.Request) -> web.Response:
-    body = prometheus_client.generate_latest(request.app[METRICS_KEY])
+    body = flow_metrics.text_exposition(request.app[METRICS_KEY].collect())
     return web.Response(body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
 
 

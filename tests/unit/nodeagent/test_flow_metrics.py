@@ -143,3 +143,29 @@ def test_upstream_chosen_labels_fall_back_to_other() -> None:
     assert got["hubble_dns_responses_total", (("ips_returned", "1"), ("qtypes", "other"), ("rcode", "other"))] == 1
     assert got["hubble_http_responses_total", (("method", "GET"), ("reporter", "server"), ("status", "other"))] == 1
     assert got["hubble_http_responses_total", (("method", "GET"), ("reporter", "server"), ("status", "418"))] == 1
+
+
+def test_the_agents_exposition_says_what_prometheus_client_says() -> None:
+    """GET /metrics writes the text itself (flow_metrics.text_exposition); parsed, it is sample for sample what
+    prometheus_client's own exposition of the same registry gives, with a label value needing escapes too."""
+    hub = flowapi.FlowHub("n1")
+    hub.set_intent(INTENT)
+    hub.publish([event(), event("forwarded", maps.Reason.OK_POLICY, flags=0x12), _http("GET", 200, 3),
+                 _http("POST", 503, 1200, "egress"), _dns("NOERROR", 3)])
+    registry = flowapi.metrics_registry(hub)
+
+    class Odd(prometheus_client.registry.Collector):
+        def collect(self):  # type: ignore[no-untyped-def]
+            family = prometheus_client.core.GaugeMetricFamily("odd", 'line\nwith "quotes" \\', labels=["v"])
+            family.add_metric(['a "b"\nc\\d'], 0.25)
+            yield family
+
+    registry.register(Odd())
+    ours = flow_metrics.text_exposition(registry.collect()).decode()
+    theirs = prometheus_client.generate_latest(registry).decode()
+
+    def parsed(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    assert parsed(ours) == parsed(theirs) and len(parsed(ours)) > 20
