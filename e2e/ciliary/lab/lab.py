@@ -46,6 +46,13 @@ from ciliary.lab.layout import (
 from ciliary.operator.store import access
 
 
+def mode_of(config: dict[str, object]) -> str:
+    """How the lab proxies Services, as ``lab status`` and ``lab env`` (``CILIARY_LAB_SERVICES``) say it. Pure."""
+    if config.get("real_nodes"):
+        return "kube-proxy-replacement" if config.get("kube_proxy_replacement") else "kube-proxy"
+    return f"kube-proxy-{config['kube_proxy']}" if config.get("kube_proxy") else "kube-proxy-replacement"
+
+
 class LabError(RuntimeError):
     """Something the user must fix before the lab can work (message says what)."""
 
@@ -393,6 +400,7 @@ class Lab:
                 f"export ETCDCTL_CERT={root.cert_file}",
                 f"export ETCDCTL_KEY={root.key_file}",
                 f"export LAB_WORLD_IP={WORLD_IP}",
+                f"export CILIARY_LAB_SERVICES={mode_of(self.config())}",
                 f"export LAB_WORLD_DNS_IP={WORLD_DNS_IP}",
                 # the relay and the service map: processes of the process lab; on real nodes the chart's
                 # Services, forwarded to the same ports by ciliary.lab.serviceforward
@@ -422,6 +430,7 @@ class Lab:
         lines = [f"lab {self.layout.prefix} in {self.layout.state_dir}"]
         if not self.layout.config_file.exists():
             return lines[0] + ": not up (run `ciliary lab up`)"
+        lines.append(f"Services: {mode_of(self.config())}")
         lines.append("\nPROCESS                      PID      RSS")
         for name in processes.names(self.layout):
             pid = processes.running_pid(self.layout, name)
