@@ -35,6 +35,8 @@ import yaml
 
 from ciliary.lab import images, nodehost, tools
 from ciliary.lab.images import BuiltImage, file_digest
+from ciliary.lab.layout import node_index, node_ip
+from ciliary.lab.nodeconfig import NODE_SERVICES_IP
 from ciliary.lab.ociimage import FileEntry, ImageConfig
 
 RELEASE = "ciliary"
@@ -91,6 +93,13 @@ class KubeProxyFree:
     api_port: int
     etcd_node: str
     etcd_node_ip: str
+
+
+def kube_proxy_free(nodes: Sequence[str]) -> KubeProxyFree:
+    """The chart's bootstrap addresses in a lab without kube-proxy: the apiserver through the node gateway's
+    relay on ``NODE_SERVICES_IP`` (local to every node namespace), etcd pinned to the first node. Pure."""
+    first = sorted(nodes, key=node_index)[0]
+    return KubeProxyFree(api_host=NODE_SERVICES_IP, api_port=443, etcd_node=first, etcd_node_ip=node_ip(node_index(first)))
 
 
 def lab_values(*, sys_resource: bool = True, cgroup_prefix: str = "",

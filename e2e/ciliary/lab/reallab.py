@@ -45,9 +45,8 @@ from ciliary.lab import (
     topology,
 )
 from ciliary.lab.lab import Lab, LabError, mode_of
-from ciliary.lab.layout import node_index, node_ip, node_name, pod_cidr
+from ciliary.lab.layout import node_index, node_name, pod_cidr
 from ciliary.lab.nodebins import NodeBinaries
-from ciliary.lab.nodeconfig import NODE_SERVICES_IP
 
 #: every real node runs containerd, kubelet, kube-proxy and CoreDNS on a shared machine
 MAX_REAL_NODES = 8
@@ -104,7 +103,7 @@ def install_chart(lab: Lab, root: Path | None = None) -> None:
     config = lab.config()
     chartinstall.install(root or repository_root(), lab.layout.kubeconfig, lab.layout.state_dir,
                          cgroup_prefix=chartinstall.node_cgroup_prefix(lab.layout.prefix),
-                         kube_proxy_free=kube_proxy_free_values(lab.node_names())
+                         kube_proxy_free=chartinstall.kube_proxy_free(lab.node_names())
                          if config.get("kube_proxy_replacement") else None)
 
 
@@ -112,14 +111,6 @@ def _timed(step: Callable[[], object]) -> float:
     t = time.monotonic()
     step()
     return time.monotonic() - t
-
-
-def kube_proxy_free_values(nodes: Sequence[str]) -> chartinstall.KubeProxyFree:
-    """The chart's bootstrap addresses without kube-proxy: the apiserver through the node gateway's relay on
-    ``NODE_SERVICES_IP`` (local to every node namespace), etcd pinned to the first node. Pure."""
-    first = sorted(nodes, key=node_index)[0]
-    return chartinstall.KubeProxyFree(api_host=NODE_SERVICES_IP, api_port=443, etcd_node=first,
-                                      etcd_node_ip=node_ip(node_index(first)))
 
 
 def up(lab: Lab, nodes: Sequence[str], *, chart: bool = False, ready_seconds: float = 180,

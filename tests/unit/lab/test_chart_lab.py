@@ -172,10 +172,9 @@ def test_lab_values_without_kube_proxy_bootstrap_the_chart_without_any_cluster_i
 
 
 def test_kube_proxy_free_lab_pins_etcd_to_the_first_node_and_dials_the_node_gateway() -> None:
-    from ciliary.lab import reallab
     from ciliary.lab.lab import mode_of
 
-    free = reallab.kube_proxy_free_values(["node-2", "node-1"])
+    free = chartinstall.kube_proxy_free(["node-2", "node-1"])
     assert (free.etcd_node, free.etcd_node_ip) == ("node-1", "192.0.2.11")
     assert (free.api_host, free.api_port) == (nodeconfig.NODE_SERVICES_IP, 443)
     assert mode_of({"real_nodes": True, "kube_proxy_replacement": True}) == "kube-proxy-replacement"
