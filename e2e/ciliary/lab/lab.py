@@ -425,14 +425,15 @@ class Lab:
         lines = [f"export SKAFFOLD_DEFAULT_REPO=localhost:{registry.read_text().strip()}",
                  f"export CILIARY_LAB_SYS_RESOURCE={sys_resource}",
                  f"export CILIARY_LAB_ETCD_IMAGE={chartinstall.etcd_image_reference()}"]
+        # skaffold.yaml's lab profile: the load balancer `lab up` installs the chart with, on each node's cgroup
+        lines += ["export CILIARY_LAB_LB_ENABLED=true",
+                  f"export CILIARY_LAB_LB_CGROUP_PREFIX={chartinstall.node_cgroup_prefix(self.layout.prefix)}"]
         if self.config().get("kube_proxy_replacement") and self.node_names():
-            # skaffold.yaml's lab profile: the values `lab up` installs the chart with when no kube-proxy runs
+            # and without kube-proxy: north-south, kube-proxy's health ports, the bootstrap addresses
             free = chartinstall.kube_proxy_free(self.node_names())
             lb = chartinstall.lab_values(cgroup_prefix=chartinstall.node_cgroup_prefix(self.layout.prefix),
                                          kube_proxy_free=free)["agent"]["loadBalancing"]
-            lines += ["export CILIARY_LAB_LB_ENABLED=true",
-                      f"export CILIARY_LAB_LB_CGROUP_PREFIX={chartinstall.node_cgroup_prefix(self.layout.prefix)}",
-                      f"export CILIARY_LAB_LB_DEVICES={lb['devices']}",
+            lines += [f"export CILIARY_LAB_LB_DEVICES={lb['devices']}",
                       f"export CILIARY_LAB_PROXY_HEALTHZ_ADDR={lb['proxyHealthzAddr']}",
                       f"export CILIARY_LAB_K8S_SERVICE_HOST={free.api_host}",
                       f"export CILIARY_LAB_ETCD_HOST_ALIAS={free.etcd_node_ip}",
