@@ -231,6 +231,13 @@ def start_service_forward(lab: Lab, node: str, seconds: float = 20) -> bool:
     argv = [sys.executable, "-m", "ciliary.lab.serviceforward", "--netns", lab.layout.node_netns(node),
             "--kubectl", str(lab.bins.kubectl), "--kubeconfig", str(lab.layout.kubeconfig),
             *(a for f in forwards for a in ("--forward", f.flag()))]
+    unified = nodehost.cgroup_layout().unified
+    if unified is not None:
+        # a process of the node: in its cgroup, where the chart's socket load balancer translates ClusterIPs
+        # (the only translation without kube-proxy); the group goes with the node's cgroup root at `lab down`
+        group = unified / kubeletnode.node_paths(lab.layout, node).cgroup_root.lstrip("/") / SERVICE_FORWARD
+        group.mkdir(parents=True, exist_ok=True)
+        argv = ["sh", "-c", 'echo $$ > "$1/cgroup.procs" && shift && exec "$@"', "sh", str(group), *argv]
     processes.spawn(lab.layout, SERVICE_FORWARD, argv, env={"PYTHONUNBUFFERED": "1"})
     if not processes.wait_for_line(lab.layout, SERVICE_FORWARD, "forward ready", seconds):
         raise LabError(f"{SERVICE_FORWARD} not ready after {seconds:.0f} s; see {lab.layout.log_dir}")
