@@ -30,7 +30,7 @@ from ciliary.lab.lab import Lab
 from ciliary.lab.layout import CONTROL_PLANE_TOOLS, Binaries, LabLayout
 from ciliary.lab.tools import LAB_SYSTEM_TOOLS
 from lab_harness import LabHandle
-from realnode_lab import ensure_installed
+from realnode_lab import ensure_installed, require_mode
 from suite_rules import TRUE_WORDS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +71,7 @@ def lab(request: pytest.FixtureRequest) -> Iterator[LabHandle]:
         yield request.getfixturevalue("process_lab")
         return
     chart = request.getfixturevalue("chart_lab")
+    require_mode(chart.lab, request.module)
     ensure_installed(chart)
     handle = LabHandle(chart.lab)
     before = namespaced_leftovers(handle)

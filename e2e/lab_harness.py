@@ -34,9 +34,9 @@ from typing import Any
 
 import pytest
 
-from ciliary.lab import controlplane, labimage, processes, reallab, topology
+from ciliary.lab import cgroups, controlplane, kubeletnode, labimage, nodehost, processes, reallab, topology
 from ciliary.lab.kubeconfigs import write_kubeconfig
-from ciliary.lab.lab import Lab
+from ciliary.lab.lab import Lab, mode_of
 from ciliary.lab.nodeconfig import APISERVER_RELAY_PORT
 from ciliary.operator.store import access
 
@@ -108,6 +108,28 @@ class LabHandle:
                 return str(resp.read().decode())
         except OSError as exc:
             return f"<{exc}>"
+
+    def agent_json(self, node: str, path: str, timeout: float = 5) -> dict[str, Any]:
+        """An agent's JSON document (``/v1/services``, ``/v1/enforcement``); OSError when it does not answer 200."""
+        text = self.agent_get(node, path, timeout)
+        if text.startswith("<"):
+            raise OSError(f"{node} {path}: {text}")
+        return dict(json.loads(text))
+
+    def node_host_cgroup(self, node: str) -> Path:
+        """The cgroup v2 directory of ``node``'s own processes (the node's socket load balancer is attached
+        there): the process lab's node group, or a real node's cgroup root (its kubelet's ``cgroupRoot``)."""
+        if self.real_nodes:
+            unified = nodehost.cgroup_layout().unified
+            assert unified is not None, "real nodes need cgroup v2"
+            return unified / kubeletnode.node_paths(self.lab.layout, node).cgroup_root.lstrip("/")
+        return cgroups.lab_root(self.lab.layout.cgroup_name) / node
+
+    @property
+    def kube_proxy_replacement(self) -> bool:
+        """Ciliary's load balancer alone serves Services (the process lab without ``--kube-proxy``, or a
+        real-node lab up with ``--kube-proxy-replacement``)."""
+        return mode_of(self.lab.config()) == "kube-proxy-replacement"
 
     def assert_own_agent(self, node: str, via: str) -> None:
         """``via`` (how the CLI says it reached node's agent, ``ciliary.cli.agent_access``) is node's own agent,

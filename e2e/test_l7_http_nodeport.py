@@ -1,6 +1,6 @@
 """Ingress HTTP policy for the world host through a NodePort, enforced by the node's Envoy (real traffic).
 
-Split from test_l7_http.py, which runs on real nodes: this scene does not pass there yet (below).
+Split from test_l7_http.py: this scene needs the real-node lab without kube-proxy (below).
 deathstar (org=empire, class=deathstar) on node-1 behind a NodePort Service with
 ``externalTrafficPolicy: Local`` (the client address is kept); a policy allows the world host
 ``GET /v1/public`` and another allows org=empire ``POST /v1/request-landing``. The world host's requests
@@ -19,10 +19,10 @@ from ciliary.lab import topology
 from lab_harness import LabHandle, wait_for
 
 pytestmark = pytest.mark.e2e
-#: process lab: on the real-node lab (kube-proxy serves NodePorts from outside there, the chart's north-south
-#: devices are off) the world host's allowed request through the NodePort was not answered within 90 s
-#: (2026-12-06, not diagnosed yet); test_l7_http.py covers the pod-to-pod HTTP rules on real nodes
-REAL_NODES = False
+#: real nodes without kube-proxy (REAL_NODES_MODE), where the chart's tc programs on eth0 serve the NodePort:
+#: passes there (2026-12-06); with kube-proxy serving it instead the world host's allowed request was not answered
+REAL_NODES = True
+REAL_NODES_MODE = "kube-proxy-replacement"
 
 NS = "l7w"
 MANIFEST = f"""

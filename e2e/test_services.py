@@ -15,8 +15,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,9 +24,10 @@ from ciliary.lab import topology
 from service_probe import PROBE
 
 pytestmark = pytest.mark.e2e
-#: process lab: on real nodes kube-proxy translates ClusterIPs as well, so an answer would not prove the
-#: socket load balancer this module tests; it also reads the process agents' service maps by their health port
-REAL_NODES = False
+#: real nodes without kube-proxy (REAL_NODES_MODE): there only Ciliary's load balancer translates a ClusterIP or a
+#: NodePort, so an answer proves it; with kube-proxy beside it an answer would not
+REAL_NODES = True
+REAL_NODES_MODE = "kube-proxy-replacement"
 
 NS = "svc"
 MANIFESTS = f"""
@@ -97,7 +96,7 @@ class Client:
         self.netns, self.cgroup = lab.lab.pod_target(pod, NS)
 
     def probe(self, kind: str, ip: str, port: int, count: int = 1, timeout: float = 2.0) -> list[dict[str, Any]]:
-        assert self.cgroup is not None, "the process lab gives every pod a cgroup"
+        assert self.cgroup is not None, "every pod has a cgroup v2 group (the socket programs' attach point)"
         procs = str(self.cgroup / "cgroup.procs")
 
         def enter() -> None:  # between fork and exec: into the pod's cgroup, where the programs are attached
@@ -112,9 +111,7 @@ class Client:
 
 
 def services_doc(lab: Any, node: str) -> dict[str, Any]:
-    port = int((lab.lab.layout.node_dir(node) / "health-port").read_text())
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/services", timeout=5) as resp:
-        return dict(json.load(resp))
+    return dict(lab.agent_json(node, "/v1/services"))
 
 
 LAST_ERROR: list[str] = []
@@ -124,8 +121,7 @@ def backends_of(lab: Any, node: str, ip: str, port: int, proto: str = "TCP") -> 
     try:
         doc = services_doc(lab, node)
     except OSError as exc:  # 503 while the load balancer starts (compiles)
-        body = exc.read().decode() if isinstance(exc, urllib.error.HTTPError) else ""
-        LAST_ERROR[:] = [f"{exc} {body}"]
+        LAST_ERROR[:] = [str(exc)]
         return None
     for fe in doc["frontends"]:
         if (fe["address"], fe["port"], fe["protocol"]) == (ip, port, proto):
@@ -156,11 +152,8 @@ def svc(lab: Any) -> Iterator[dict[str, Any]]:
     want = sorted(f"{ips[w]}:8080" for w in ("web-1", "web-2"))
     wait_for(lambda: backends_of(lab, "node-1", vip, 80) == want, 240, "both web pods behind the ClusterIP")
     for node in ("node-1", "node-2"):  # each node compiles its own programs: wait for both
-        port = int((lab.lab.layout.node_dir(node) / "health-port").read_text())
-
-        def lb_status(port: int = port) -> dict[str, Any]:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/enforcement", timeout=5) as resp:
-                return dict(json.load(resp)["load_balancing"])
+        def lb_status(node: str = node) -> dict[str, Any]:
+            return dict(lab.agent_json(node, "/v1/enforcement")["load_balancing"])
 
         status = wait_for(lambda: (s := lb_status())["started"] and s, 240, f"{node}'s load balancer started")
         assert status["error"] == "", status
@@ -304,7 +297,7 @@ def on_node_host(lab: Any, node: str, code: str, *args: str) -> subprocess.Compl
     node's (where the socket programs are attached); the cgroup is removed afterwards."""
     from ciliary.lab import cgroups
 
-    host_cgroup = cgroups.ensure(cgroups.lab_root(lab.lab.layout.cgroup_name) / node / f"host-e2e-{os.getpid()}")
+    host_cgroup = cgroups.ensure(lab.node_host_cgroup(node) / f"host-e2e-{os.getpid()}")
     procs = str(host_cgroup / "cgroup.procs")
 
     def enter() -> None:

@@ -23,10 +23,10 @@ from ciliary.lab import topology
 from service_probe import PROBE
 
 pytestmark = pytest.mark.e2e
-#: process lab: the chart lab runs `agent.loadBalancing.devices: off` (kube-proxy serves NodePorts), so the
-#: tc programs on eth0 this module tests are not attached there (run 2026-12-05: 6 errors, the NodePort never
-#: showed in the agent's map, read through the process agents' health port)
-REAL_NODES = False
+#: real nodes without kube-proxy (REAL_NODES_MODE): the chart's agents attach the tc programs on eth0 there
+#: (`agent.loadBalancing.devices: auto`); with kube-proxy the chart runs `devices: off` and kube-proxy answers
+REAL_NODES = True
+REAL_NODES_MODE = "kube-proxy-replacement"
 
 NS = "nsvc"
 NODE_IPS = {"node-1": "192.0.2.11", "node-2": "192.0.2.12"}
@@ -105,11 +105,7 @@ def world(lab: Any, kind: str, ip: str, port: int, count: int = 1, timeout: floa
 
 
 def services_doc(lab: Any, node: str) -> dict[str, Any]:
-    import urllib.request
-
-    port = int((lab.lab.layout.node_dir(node) / "health-port").read_text())
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/services", timeout=5) as resp:
-        return dict(json.load(resp))
+    return dict(lab.agent_json(node, "/v1/services"))
 
 
 def wait_for(check: Any, seconds: float, what: str) -> Any:

@@ -8,6 +8,11 @@ and the e2e modules that run on real pods. The lab is torn down at the end of th
 failure, and the teardown checks that nothing is left (namespace, mount, cgroup, process, host
 directory, root-namespace address).
 
+The lab runs kube-proxy beside Ciliary unless a collected module says ``REAL_NODES_MODE =
+"kube-proxy-replacement"`` (or ``CILIARY_E2E_REAL_NODES_MODE`` chooses): then no kube-proxy runs and Ciliary's
+load balancer serves every Service (``ciliary lab up --real-nodes --kube-proxy-replacement``); a module that needs
+that mode fails on a lab without it (``require_mode``).
+
 ``CILIARY_E2E_LAB=<state dir>`` attaches to a real-node lab that is already up (``CILIARY_LAB_DIR=<dir>
 CILIARY_LAB_PREFIX=<prefix> ciliary lab up --real-nodes``; the prefix is taken from
 ``CILIARY_LAB_PREFIX``, default ``cy`` as ``ciliary lab up``'s): nothing is brought up or torn down, so
@@ -24,7 +29,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,11 +100,44 @@ def attached_lab(state_dir: str) -> ChartLab:
     return ChartLab(lab, nodes, attached=True)
 
 
+#: the real-node lab's Service modes: kube-proxy beside Ciliary's socket load balancer, or Ciliary alone
+KUBE_PROXY, KUBE_PROXY_REPLACEMENT = "kube-proxy", "kube-proxy-replacement"
+MODE_ENV = "CILIARY_E2E_REAL_NODES_MODE"
+MODE_ATTR = "REAL_NODES_MODE"
+"""A module-level ``REAL_NODES_MODE = "kube-proxy-replacement"`` says a module needs the lab without kube-proxy;
+modules without it pass in either mode."""
+
+
+def wanted_mode(modules: Iterable[object], environ: Mapping[str, str]) -> str:
+    """The mode the session's lab comes up in: ``CILIARY_E2E_REAL_NODES_MODE`` if set, else the replacement when a
+    collected module needs it, else kube-proxy. Pure."""
+    if environ.get(MODE_ENV):
+        if environ[MODE_ENV] not in (KUBE_PROXY, KUBE_PROXY_REPLACEMENT):
+            raise ValueError(f"{MODE_ENV}={environ[MODE_ENV]!r}: {KUBE_PROXY} or {KUBE_PROXY_REPLACEMENT}")
+        return environ[MODE_ENV]
+    needed = {getattr(m, MODE_ATTR, None) for m in modules}
+    return KUBE_PROXY_REPLACEMENT if KUBE_PROXY_REPLACEMENT in needed else KUBE_PROXY
+
+
+def lab_mode(lab: Lab) -> str:
+    return KUBE_PROXY_REPLACEMENT if lab.config().get("kube_proxy_replacement") else KUBE_PROXY
+
+
+def require_mode(lab: Lab, module: object) -> None:
+    """Fail (never skip) a module that needs the replacement on a lab with kube-proxy (an attached one)."""
+    need = getattr(module, MODE_ATTR, None)
+    if need and need != lab_mode(lab):
+        pytest.fail(f"{getattr(module, '__name__', module)} needs the real-node lab in {need} mode; this one runs "
+                    f"{lab_mode(lab)} (`ciliary lab up --real-nodes --kube-proxy-replacement`, or "
+                    f"{MODE_ENV}={need})", pytrace=False)
+
+
 @pytest.fixture(scope="session")
-def chart_lab() -> Iterator[ChartLab]:
+def chart_lab(request: pytest.FixtureRequest) -> Iterator[ChartLab]:
     if os.environ.get(ATTACH_ENV):
         yield attached_lab(os.environ[ATTACH_ENV])
         return
+    mode = wanted_mode({item.module for item in request.session.items if getattr(item, "module", None)}, os.environ)
     node_binaries()
     lab_images()
     sessions.reap_stale(ROOT, "chartnode", "h")
@@ -109,8 +147,9 @@ def chart_lab() -> Iterator[ChartLab]:
     host_paths_before = {p: p.exists() for p in HOST_PATHS}
     try:
         t0 = time.monotonic()
-        nodes = reallab.up(lab, NODES, chart=True, ready_seconds=420, say=print)
-        print(f"chart lab up in {time.monotonic() - t0:.1f} s")
+        nodes = reallab.up(lab, NODES, chart=True, ready_seconds=420, say=print,
+                           kube_proxy_replacement=mode == KUBE_PROXY_REPLACEMENT)
+        print(f"chart lab ({mode}) up in {time.monotonic() - t0:.1f} s")
         yield ChartLab(lab, nodes)
         assert root_addresses() == before, "the root namespace gained an address or route"
     finally:
@@ -133,8 +172,7 @@ def release_deployed(lab: ChartLab) -> bool:
 def ensure_installed(lab: ChartLab, *, ready_seconds: float = 420) -> None:
     """Both releases installed (again, if an earlier test removed them) and every agent, operator, etcd Ready."""
     if not release_deployed(lab):
-        chartinstall.install(ROOT, lab.lab.layout.kubeconfig, lab.lab.layout.state_dir,
-                             cgroup_prefix=chartinstall.node_cgroup_prefix(lab.lab.layout.prefix))
+        reallab.install_chart(lab.lab, ROOT)
     chartinstall.wait_ready(lambda *a, **k: lab.lab.kubectl(*a, **k), lab.lab.node_names(), ready_seconds)
 
 

@@ -222,3 +222,34 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-etcd-relay" (include "ciliary.fullname" .) }}
 {{- end }}
 {{- end }}
+
+{{/* Environment for clusters without kube-proxy, where nothing translates a ClusterIP before the agents run:
+KUBERNETES_SERVICE_HOST/PORT when `k8sServiceHost` is set; with `etcd.clientHostAlias`, gRPC's native resolver
+(the C library's, which reads the hostAliases in /etc/hosts first; gRPC's default c-ares resolver asks the
+unreachable cluster DNS first for a short name under the pods' `ndots:5` and times out). */}}
+{{- define "ciliary.k8sServiceEnv" -}}
+{{- if .Values.k8sServiceHost }}
+- name: KUBERNETES_SERVICE_HOST
+  value: {{ .Values.k8sServiceHost | quote }}
+- name: KUBERNETES_SERVICE_PORT
+  value: {{ .Values.k8sServicePort | toString | quote }}
+{{- end }}
+{{- if and .Values.etcd.enabled .Values.etcd.clientHostAlias }}
+- name: GRPC_DNS_RESOLVER
+  value: native
+{{- end }}
+{{- end }}
+
+{{/* hostAliases giving the bundled etcd Service's name `etcd.clientHostAlias` (the pods that need etcd before
+the agents' load balancer is programmed: operator, agents). */}}
+{{- define "ciliary.etcdHostAliases" -}}
+{{- if and .Values.etcd.enabled .Values.etcd.clientHostAlias }}
+{{- if not .Values.etcd.hostNetwork }}
+{{- fail "etcd.clientHostAlias needs etcd.hostNetwork (the alias is the etcd node's own address)" }}
+{{- end }}
+hostAliases:
+- ip: {{ .Values.etcd.clientHostAlias | quote }}
+  hostnames:
+  - {{ printf "%s-etcd.%s.svc" (include "ciliary.fullname" .) .Release.Namespace }}
+{{- end }}
+{{- end }}

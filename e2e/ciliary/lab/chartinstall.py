@@ -22,6 +22,7 @@ etcd enrollment, TLS everywhere. ``wait_ready`` waits for the agents on every no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import subprocess
@@ -34,6 +35,8 @@ import yaml
 
 from ciliary.lab import images, nodehost, tools
 from ciliary.lab.images import BuiltImage, file_digest
+from ciliary.lab.layout import node_index, node_ip
+from ciliary.lab.nodeconfig import NODE_SERVICES_IP
 from ciliary.lab.ociimage import FileEntry, ImageConfig
 
 RELEASE = "ciliary"
@@ -77,21 +80,53 @@ def memlock_free_kernel(release: str) -> bool:
 LAB_FQDN_MIN_TTL = "1"
 
 
-def lab_values(*, sys_resource: bool = True, cgroup_prefix: str = "") -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class KubeProxyFree:
+    """How a lab without kube-proxy installs the chart (``lab up --real-nodes --kube-proxy-replacement``).
+
+    Nothing translates a ClusterIP before the agents' load balancer is programmed, and it is programmed through
+    the operator and etcd: those reach the apiserver at ``api_host:api_port`` (``k8sServiceHost``; in the lab
+    the node-local address where the node gateway relays to the apiserver) and etcd at ``etcd_node_ip`` (the
+    bundled etcd pinned to ``etcd_node``, its Service's name aliased to that node's address)."""
+
+    api_host: str
+    api_port: int
+    etcd_node: str
+    etcd_node_ip: str
+
+
+def kube_proxy_free(nodes: Sequence[str]) -> KubeProxyFree:
+    """The chart's bootstrap addresses in a lab without kube-proxy: the apiserver through the node gateway's
+    relay on ``NODE_SERVICES_IP`` (local to every node namespace), etcd pinned to the first node. Pure."""
+    first = sorted(nodes, key=node_index)[0]
+    return KubeProxyFree(api_host=NODE_SERVICES_IP, api_port=443, etcd_node=first, etcd_node_ip=node_ip(node_index(first)))
+
+
+def lab_values(*, sys_resource: bool = True, cgroup_prefix: str = "",
+               kube_proxy_free: KubeProxyFree | None = None) -> dict[str, Any]:
     """``sys_resource``: whether this machine's root may grant CAP_SYS_RESOURCE (``nodehost.detect_host``);
     ``cgroup_prefix``: the nodes' cgroup roots are ``<prefix><node>`` (the socket load balancer of each node
-    attaches there, never to the machine's root cgroup, which every lab node and the machine share)."""
+    attaches there, never to the machine's root cgroup, which every lab node and the machine share);
+    ``kube_proxy_free``: no kube-proxy runs, Ciliary's load balancer serves every Service (socket level and
+    north-south on the nodes' devices, kube-proxy's health ports). Pure."""
     agent: dict[str, Any] = {} if sys_resource else {"sysResource": False}
     # as the process lab's agents (lab.py): a DNS answer's TTL decides how long its addresses stay allowed
     agent["extraEnv"] = [{"name": "CILIARY_AGENT_FQDN_MIN_TTL", "value": LAB_FQDN_MIN_TTL}]
     if cgroup_prefix:
         agent["loadBalancing"] = {"cgroupPath": f"{cgroup_prefix}$(CILIARY_AGENT_NODE_NAME)"}
+        if kube_proxy_free:
+            agent["loadBalancing"] |= {"devices": "auto", "proxyHealthzAddr": "0.0.0.0:10256"}
+    elif kube_proxy_free:
+        raise ChartInstallError(RELEASE, "without kube-proxy the agents' load balancer needs the nodes' cgroups")
     else:
         agent["loadBalancing"] = {"enabled": False}
-    return {
-        "etcd": {"image": etcd_image_reference(), "persistence": {"enabled": False}},
-        "agent": agent,
-    }
+    etcd: dict[str, Any] = {"image": etcd_image_reference(), "persistence": {"enabled": False}}
+    values: dict[str, Any] = {"etcd": etcd, "agent": agent}
+    if kube_proxy_free:
+        etcd["nodeSelector"] = {"kubernetes.io/os": "linux", "kubernetes.io/hostname": kube_proxy_free.etcd_node}
+        etcd["clientHostAlias"] = kube_proxy_free.etcd_node_ip
+        values |= {"k8sServiceHost": kube_proxy_free.api_host, "k8sServicePort": kube_proxy_free.api_port}
+    return values
 
 
 def node_cgroup_prefix(prefix: str) -> str:
@@ -109,7 +144,7 @@ def helm(helm_bin: Path, kubeconfig: Path, *args: str, timeout: float = 300) -> 
 
 
 def install(root: Path, kubeconfig: Path, state_dir: Path, *, extra_values: dict[str, Any] | None = None,
-            cgroup_prefix: str = "") -> None:
+            cgroup_prefix: str = "", kube_proxy_free: KubeProxyFree | None = None) -> None:
     """``helm upgrade --install`` both charts (idempotent: a second ``lab up`` upgrades in place)."""
     helm_bin = tools.built_path("helm")
     values = state_dir / "chart-values.yaml"
@@ -118,7 +153,7 @@ def install(root: Path, kubeconfig: Path, state_dir: Path, *, extra_values: dict
         raise ChartInstallError(RELEASE, f"root lacks CAP_SYS_RESOURCE and kernel {platform.release()} (< 5.11) "
                                 "charges BPF maps to RLIMIT_MEMLOCK: the agent cannot run here")
     values.write_text(yaml.safe_dump({**lab_values(sys_resource=not host.restrict_oom_score_adj,
-                                                   cgroup_prefix=cgroup_prefix),
+                                                   cgroup_prefix=cgroup_prefix, kube_proxy_free=kube_proxy_free),
                                       **(extra_values or {})}, sort_keys=False))
     for release, chart, extra in ((CRDS_RELEASE, root / "charts" / "ciliary-crds", []),
                                   (RELEASE, root / "charts" / "ciliary", ["-f", str(values)])):

@@ -9,8 +9,8 @@ why. Each list is one *area*, named after its file: its run writes its JUnit rep
 under ``<lab>/conformance/<area>/`` (copied to ``--log-dir`` as ``conformance-<area>.log``) and prints
 the specs run, passed, failed and skipped (by the spec itself at run time) and the duration.
 
-Run ``ciliary lab up --real-nodes`` first. Until Ciliary replaces kube-proxy, the lab's kube-proxy
-serves Services; Ciliary's operator and agents enforce NetworkPolicy.
+Run ``ciliary lab up --real-nodes`` first: its kube-proxy serves Services, Ciliary's operator and agents
+enforce NetworkPolicy; with ``--kube-proxy-replacement`` no kube-proxy runs and Ciliary serves Services too.
 """
 
 from __future__ import annotations

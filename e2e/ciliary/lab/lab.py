@@ -46,6 +46,13 @@ from ciliary.lab.layout import (
 from ciliary.operator.store import access
 
 
+def mode_of(config: dict[str, object]) -> str:
+    """How the lab proxies Services, as ``lab status`` and ``lab env`` (``CILIARY_LAB_SERVICES``) say it. Pure."""
+    if config.get("real_nodes"):
+        return "kube-proxy-replacement" if config.get("kube_proxy_replacement") else "kube-proxy"
+    return f"kube-proxy-{config['kube_proxy']}" if config.get("kube_proxy") else "kube-proxy-replacement"
+
+
 class LabError(RuntimeError):
     """Something the user must fix before the lab can work (message says what)."""
 
@@ -393,6 +400,7 @@ class Lab:
                 f"export ETCDCTL_CERT={root.cert_file}",
                 f"export ETCDCTL_KEY={root.key_file}",
                 f"export LAB_WORLD_IP={WORLD_IP}",
+                f"export CILIARY_LAB_SERVICES={mode_of(self.config())}",
                 f"export LAB_WORLD_DNS_IP={WORLD_DNS_IP}",
                 # the relay and the service map: processes of the process lab; on real nodes the chart's
                 # Services, forwarded to the same ports by ciliary.lab.serviceforward
@@ -414,14 +422,29 @@ class Lab:
         sys_resource = "false" if values.exists() and "sysResource: false" in values.read_text() else "true"
         from ciliary.lab import chartinstall  # it imports the image builders; only real-node labs need it
 
-        return [f"export SKAFFOLD_DEFAULT_REPO=localhost:{registry.read_text().strip()}",
-                f"export CILIARY_LAB_SYS_RESOURCE={sys_resource}",
-                f"export CILIARY_LAB_ETCD_IMAGE={chartinstall.etcd_image_reference()}"]
+        lines = [f"export SKAFFOLD_DEFAULT_REPO=localhost:{registry.read_text().strip()}",
+                 f"export CILIARY_LAB_SYS_RESOURCE={sys_resource}",
+                 f"export CILIARY_LAB_ETCD_IMAGE={chartinstall.etcd_image_reference()}"]
+        # skaffold.yaml's lab profile: the load balancer `lab up` installs the chart with, on each node's cgroup
+        lines += ["export CILIARY_LAB_LB_ENABLED=true",
+                  f"export CILIARY_LAB_LB_CGROUP_PREFIX={chartinstall.node_cgroup_prefix(self.layout.prefix)}"]
+        if self.config().get("kube_proxy_replacement") and self.node_names():
+            # and without kube-proxy: north-south, kube-proxy's health ports, the bootstrap addresses
+            free = chartinstall.kube_proxy_free(self.node_names())
+            lb = chartinstall.lab_values(cgroup_prefix=chartinstall.node_cgroup_prefix(self.layout.prefix),
+                                         kube_proxy_free=free)["agent"]["loadBalancing"]
+            lines += [f"export CILIARY_LAB_LB_DEVICES={lb['devices']}",
+                      f"export CILIARY_LAB_PROXY_HEALTHZ_ADDR={lb['proxyHealthzAddr']}",
+                      f"export CILIARY_LAB_K8S_SERVICE_HOST={free.api_host}",
+                      f"export CILIARY_LAB_ETCD_HOST_ALIAS={free.etcd_node_ip}",
+                      f"export CILIARY_LAB_ETCD_NODE={free.etcd_node}"]
+        return lines
 
     def status(self) -> str:
         lines = [f"lab {self.layout.prefix} in {self.layout.state_dir}"]
         if not self.layout.config_file.exists():
             return lines[0] + ": not up (run `ciliary lab up`)"
+        lines.append(f"Services: {mode_of(self.config())}")
         lines.append("\nPROCESS                      PID      RSS")
         for name in processes.names(self.layout):
             pid = processes.running_pid(self.layout, name)

@@ -5,8 +5,8 @@ through a ClusterIP Service, every in-cluster client reaches the apiserver throu
 
 - kube-proxy (iptables mode, built from the Kubernetes wrapper module) runs in every node namespace,
   as user ``system:kube-proxy`` (bound to ``system:node-proxier`` by the apiserver's defaults), through
-  the node's apiserver relay; its rules live in the node namespace only. Ciliary does not replace
-  kube-proxy yet.
+  the node's apiserver relay; its rules live in the node namespace only. Not in a lab up with
+  ``--kube-proxy-replacement``: there the chart's agents serve every Service.
 - ``default/kubernetes`` (10.96.0.1:443) and ``kube-system/kube-dns`` (10.96.0.10:53) get one static
   endpoint each, ``NODE_SERVICES_IP`` (a TEST-NET-2 address local to every node namespace): there the
   node gateway relays :443 to the apiserver on the root namespace's loopback

@@ -13,9 +13,13 @@ import secrets
 import subprocess
 from pathlib import Path
 
+from ciliary.lab.nodeconfig import NODE_SERVICES_IP
+
 SERVING_SANS = (
     "IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
-    "DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:10.96.0.1"
+    "DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:10.96.0.1,"
+    # NODE_SERVICES_IP: the chart's components dial the apiserver there without kube-proxy (k8sServiceHost)
+    f"IP:{NODE_SERVICES_IP}"
 )
 
 

@@ -13,6 +13,10 @@ relay and a CoreDNS per node); the nodes run in private mount namespaces (``kube
 ``helm install`` (``ciliary.lab.chartinstall``) before the kubelets start (its objects wait for them), and
 the wait for every agent, the operator and etcd. Nodes are Ready only once the chart's install-cni wrote their CNI
 configuration.
+
+With ``kube_proxy_replacement=True`` (``lab up --real-nodes --kube-proxy-replacement``) no kube-proxy runs:
+the chart's agents load-balance every Service (socket level, north-south on the nodes' devices, kube-proxy's
+health ports), and the chart reaches the apiserver and etcd without a ClusterIP (``kube_proxy_free_values``).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from ciliary.lab import (
     serviceforward,
     topology,
 )
-from ciliary.lab.lab import Lab, LabError
+from ciliary.lab.lab import Lab, LabError, mode_of
 from ciliary.lab.layout import node_index, node_name, pod_cidr
 from ciliary.lab.nodebins import NodeBinaries
 
@@ -94,6 +98,15 @@ def deferred_images(built: Sequence[images.BuiltImage]) -> tuple[list[images.Bui
     return [b for b in built if b.reference not in WORKLOAD_IMAGES], later
 
 
+def install_chart(lab: Lab, root: Path | None = None) -> None:
+    """``helm upgrade --install`` of both charts as this lab's mode needs them (again after an uninstall)."""
+    config = lab.config()
+    chartinstall.install(root or repository_root(), lab.layout.kubeconfig, lab.layout.state_dir,
+                         cgroup_prefix=chartinstall.node_cgroup_prefix(lab.layout.prefix),
+                         kube_proxy_free=chartinstall.kube_proxy_free(lab.node_names())
+                         if config.get("kube_proxy_replacement") else None)
+
+
 def _timed(step: Callable[[], object]) -> float:
     t = time.monotonic()
     step()
@@ -101,6 +114,7 @@ def _timed(step: Callable[[], object]) -> float:
 
 
 def up(lab: Lab, nodes: Sequence[str], *, chart: bool = False, ready_seconds: float = 180,
+       kube_proxy_replacement: bool = False,
        say: Callable[[str], None] = lambda _: None) -> list[kubeletnode.RealNode]:
     """Start (or complete) a real-node lab with ``nodes``; returns the nodes once all are Ready.
 
@@ -126,9 +140,14 @@ def up(lab: Lab, nodes: Sequence[str], *, chart: bool = False, ready_seconds: fl
     if config.get("nodes") and not config.get("real_nodes"):
         raise LabError("this lab runs its nodes as processes: `ciliary lab down` first, then `ciliary lab up "
                        "--real-nodes`")
+    if kube_proxy_replacement and not chart:
+        raise LabError("--kube-proxy-replacement needs Ciliary installed by its chart")
+    if config.get("nodes") and bool(config.get("kube_proxy_replacement")) != kube_proxy_replacement:
+        raise LabError(f"this lab runs with {mode_of(config)}: `ciliary lab down` first to change it")
     ports = lab.ports()
     controlplane.save_config(layout, ports, max(node_index(n) for n in nodes))
-    layout.config_file.write_text(json.dumps({**lab.config(), "real_nodes": True, "chart": chart}))
+    layout.config_file.write_text(json.dumps({**lab.config(), "real_nodes": True, "chart": chart,
+                                              "kube_proxy_replacement": kube_proxy_replacement}))
     apiserver_args = realcluster.apiserver_args(layout, static_kubernetes_endpoints=chart)  # makes the lab CA
     topology.ensure_underlay(layout)
     for node in nodes:
@@ -166,12 +185,12 @@ def up(lab: Lab, nodes: Sequence[str], *, chart: bool = False, ready_seconds: fl
             if chart:
                 lab.kubectl("apply", "-f", "-", input=nodeservices.SERVICES)
                 for node in nodes:
-                    nodeservices.start_kube_proxy(layout, bins.kube_proxy, node)
+                    if not kube_proxy_replacement:
+                        nodeservices.start_kube_proxy(layout, bins.kube_proxy, node)
                     nodeservices.start_coredns(layout, bins.coredns, node)
-                stamp("kube-proxy and CoreDNS")
+                stamp("CoreDNS" if kube_proxy_replacement else "kube-proxy and CoreDNS")
                 # the chart's objects wait in the apiserver for the kubelets
-                chartinstall.install(repository_root(), layout.kubeconfig, layout.state_dir,
-                                     cgroup_prefix=chartinstall.node_cgroup_prefix(layout.prefix))
+                install_chart(lab)
                 stamp("helm install ciliary-crds, ciliary")
             workloads = {}
             for n in real:
@@ -212,6 +231,13 @@ def start_service_forward(lab: Lab, node: str, seconds: float = 20) -> bool:
     argv = [sys.executable, "-m", "ciliary.lab.serviceforward", "--netns", lab.layout.node_netns(node),
             "--kubectl", str(lab.bins.kubectl), "--kubeconfig", str(lab.layout.kubeconfig),
             *(a for f in forwards for a in ("--forward", f.flag()))]
+    unified = nodehost.cgroup_layout().unified
+    if unified is not None:
+        # a process of the node: in its cgroup, where the chart's socket load balancer translates ClusterIPs
+        # (the only translation without kube-proxy); the group goes with the node's cgroup root at `lab down`
+        group = unified / kubeletnode.node_paths(lab.layout, node).cgroup_root.lstrip("/") / SERVICE_FORWARD
+        group.mkdir(parents=True, exist_ok=True)
+        argv = ["sh", "-c", 'echo $$ > "$1/cgroup.procs" && shift && exec "$@"', "sh", str(group), *argv]
     processes.spawn(lab.layout, SERVICE_FORWARD, argv, env={"PYTHONUNBUFFERED": "1"})
     if not processes.wait_for_line(lab.layout, SERVICE_FORWARD, "forward ready", seconds):
         raise LabError(f"{SERVICE_FORWARD} not ready after {seconds:.0f} s; see {lab.layout.log_dir}")
@@ -246,14 +272,18 @@ def wait_ready(lab: Lab, real: Sequence[kubeletnode.RealNode], seconds: float) -
     raise LabError(f"real nodes not Ready after {seconds:.0f} s; see {lab.layout.log_dir}")
 
 
-def up_command(lab: Lab, count: int, *, say: Callable[[str], None] = print) -> float:
-    """``ciliary lab up --real-nodes``: ``count`` real nodes with Ciliary installed by its charts."""
+def up_command(lab: Lab, count: int, *, kube_proxy_replacement: bool = False,
+               say: Callable[[str], None] = print) -> float:
+    """``ciliary lab up --real-nodes [--kube-proxy-replacement]``: ``count`` real nodes with Ciliary installed by
+    its charts; with the replacement no kube-proxy runs and Ciliary's load balancer serves every Service."""
     if os.geteuid() != 0:
         raise LabError("the lab needs root (network namespaces, mounts, eBPF): run as root")
     if not 1 <= count <= MAX_REAL_NODES:
         raise LabError(f"--nodes must be between 1 and {MAX_REAL_NODES} with --real-nodes")
     t0 = time.monotonic()
-    up(lab, [node_name(i) for i in range(1, count + 1)], chart=True, ready_seconds=420, say=say)
+    up(lab, [node_name(i) for i in range(1, count + 1)], chart=True, ready_seconds=420,
+       kube_proxy_replacement=kube_proxy_replacement, say=say)
+    say(f"lab: Services: {mode_of(lab.config())}")
     elapsed = time.monotonic() - t0
     say("lab: run `eval $(ciliary lab env)` to use kubectl and helm against it; `ciliary lab down` removes it")
     return elapsed

@@ -27,6 +27,9 @@ def register(sub: Any) -> None:
     up.add_argument("--real-nodes", action="store_true",
                     help="nodes run containerd and kubelet (plus kube-proxy and CoreDNS), and Ciliary is installed "
                          "by its Helm charts (operator Deployment, agent DaemonSet, bundled etcd)")
+    up.add_argument("--kube-proxy-replacement", action="store_true",
+                    help="with --real-nodes: no kube-proxy; Ciliary's chart serves every Service (socket load "
+                         "balancing, NodePorts and external IPs on the nodes' devices, kube-proxy's health ports)")
     up.add_argument("--kube-proxy", nargs="?", const="iptables", default=None, choices=("iptables", "nftables"),
                     metavar="MODE",
                     help="the real kube-proxy (MODE iptables, the default, or nftables) proxies Services instead "
@@ -77,7 +80,10 @@ def _up(args: argparse.Namespace) -> int:
             raise UserError("--kube-proxy is for the process lab (real nodes run kube-proxy already)")
         from ciliary.lab import reallab  # the real-node lab imports the image builders: only when asked
 
-        return _run(lambda: reallab.up_command(Lab.from_env(), args.nodes) and 0)
+        return _run(lambda: reallab.up_command(Lab.from_env(), args.nodes,
+                                               kube_proxy_replacement=args.kube_proxy_replacement) and 0)
+    if args.kube_proxy_replacement:
+        raise UserError("--kube-proxy-replacement is for --real-nodes (the process lab replaces kube-proxy already)")
     return _run(lambda: Lab.from_env().up(args.nodes, kube_proxy=args.kube_proxy) and 0)
 
 

@@ -299,3 +299,32 @@ def test_external_etcd_replaces_the_bundled_one(helm: Helm) -> None:
     assert env["CILIARY_AGENT_ETCD_CERT_FILE"] == "/etc/ciliary/etcd-tls/tls.crt"
     missing = helm.run("template", "x", str(CHART), "--set", "etcd.enabled=false", check=False)
     assert missing.returncode != 0 and "etcd.external.endpoints" in missing.stderr
+
+
+def test_without_kube_proxy_the_components_dial_the_apiserver_and_etcd_without_a_cluster_ip(helm: Helm) -> None:
+    """k8sServiceHost and etcd.clientHostAlias: every container that talks to the apiserver or etcd before the
+    agents' load balancer is programmed gets the direct addresses; by default nothing changes."""
+    docs = documents(helm.template(CHART, "k8sServiceHost=198.51.100.1", "k8sServicePort=6443",
+                                   "etcd.clientHostAlias=192.0.2.11"))
+    operator = find(docs, "Deployment", "-operator")["spec"]["template"]["spec"]
+    agent = find(docs, "DaemonSet", "-agent")["spec"]["template"]["spec"]
+    etcd = find(docs, "Service", "-etcd")["metadata"]
+    alias = [{"ip": "192.0.2.11", "hostnames": [f"{etcd['name']}.{etcd['namespace']}.svc"]}]
+    for pod in (operator, agent):
+        assert pod["hostAliases"] == alias
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            if c["name"] == "mount-bpf-fs":
+                continue
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            assert (env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")) == \
+                ("198.51.100.1", "6443"), c["name"]
+            assert env.get("GRPC_DNS_RESOLVER") == "native", c["name"]
+    plain = documents(helm.template())
+    for kind, suffix in (("Deployment", "-operator"), ("DaemonSet", "-agent")):
+        pod = find(plain, kind, suffix)["spec"]["template"]["spec"]
+        assert "hostAliases" not in pod
+        assert not [e for c in pod.get("initContainers", []) + pod["containers"] for e in c.get("env", [])
+                    if e["name"] in ("KUBERNETES_SERVICE_HOST", "GRPC_DNS_RESOLVER")]
+    refused = helm.run("template", "x", str(CHART), "--set", "etcd.clientHostAlias=192.0.2.11",
+                       "--set", "etcd.hostNetwork=false", check=False)
+    assert refused.returncode != 0 and "etcd.hostNetwork" in refused.stderr

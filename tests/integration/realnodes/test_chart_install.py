@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from ciliary.lab import chartinstall, tools
+from ciliary.lab import cgroups, chartinstall, kubeletnode, nodehost, tools
 from ciliary.lab.layout import pod_cidr
 from realnode_lab import NODES, ROOT, ChartLab, wait_for
 
@@ -140,9 +140,22 @@ def test_pods_get_their_network_from_the_chart_and_policy_is_enforced(chart_inst
 
 
 def in_node(lab: ChartLab, node: str, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """``argv`` in ``node``'s network namespace (the node's addresses and its kube-proxy's ClusterIPs)."""
-    return subprocess.run(["ip", "netns", "exec", lab.lab.layout.node_netns(node), *argv], capture_output=True,
-                          text=True, timeout=timeout)
+    """``argv`` as a process of ``node``: its network namespace and a cgroup below the node's cgroup root, where
+    the chart's socket load balancer is attached (the ClusterIPs then answer with or without kube-proxy)."""
+    unified = nodehost.cgroup_layout().unified
+    assert unified is not None, "real nodes need cgroup v2"
+    group = unified / kubeletnode.node_paths(lab.lab.layout, node).cgroup_root.lstrip("/") / f"test-{os.getpid()}"
+    group.mkdir(exist_ok=True)
+
+    def enter() -> None:
+        (group / "cgroup.procs").write_text(str(os.getpid()))
+
+    try:
+        return subprocess.run(["ip", "netns", "exec", lab.lab.layout.node_netns(node), *argv], capture_output=True,
+                              text=True, timeout=timeout, preexec_fn=enter)
+    finally:
+        cgroups.kill_all(group)
+        group.rmdir()
 
 
 def relay_and_service_map_show_the_drops(lab: ChartLab, servers: list[str]) -> None:

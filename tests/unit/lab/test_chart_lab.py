@@ -154,3 +154,30 @@ def test_a_lab_imports_its_own_links_to_the_image_archives(tmp_path: Path) -> No
     (entry / "image.tar").unlink()  # the cache entry goes
     assert pinned.archive.read_bytes() == b"archive"
     assert reallab.pinned_images(built, tmp_path / "lab" / "images") == [pinned]  # a second lab up reuses it
+
+
+def test_lab_values_without_kube_proxy_bootstrap_the_chart_without_any_cluster_ip() -> None:
+    free = chartinstall.KubeProxyFree(api_host="198.51.100.1", api_port=443, etcd_node="node-1",
+                                      etcd_node_ip="192.0.2.11")
+    values = chartinstall.lab_values(cgroup_prefix="unified/ciliary-h3-", kube_proxy_free=free)
+    assert values["agent"]["loadBalancing"] == {"cgroupPath": "unified/ciliary-h3-$(CILIARY_AGENT_NODE_NAME)",
+                                                "devices": "auto", "proxyHealthzAddr": "0.0.0.0:10256"}
+    assert (values["k8sServiceHost"], values["k8sServicePort"]) == ("198.51.100.1", 443)
+    assert values["etcd"]["clientHostAlias"] == "192.0.2.11"
+    assert values["etcd"]["nodeSelector"]["kubernetes.io/hostname"] == "node-1"
+    # no per-node cgroup: the load balancer would be off, and nothing would serve Services
+    with pytest.raises(chartinstall.ChartInstallError):
+        chartinstall.lab_values(kube_proxy_free=free)
+    assert "k8sServiceHost" not in chartinstall.lab_values(cgroup_prefix="unified/ciliary-h3-")
+
+
+def test_kube_proxy_free_lab_pins_etcd_to_the_first_node_and_dials_the_node_gateway() -> None:
+    from ciliary.lab.lab import mode_of
+
+    free = chartinstall.kube_proxy_free(["node-2", "node-1"])
+    assert (free.etcd_node, free.etcd_node_ip) == ("node-1", "192.0.2.11")
+    assert (free.api_host, free.api_port) == (nodeconfig.NODE_SERVICES_IP, 443)
+    assert mode_of({"real_nodes": True, "kube_proxy_replacement": True}) == "kube-proxy-replacement"
+    assert mode_of({"real_nodes": True}) == "kube-proxy"
+    assert mode_of({"nodes": 2}) == "kube-proxy-replacement"
+    assert mode_of({"nodes": 2, "kube_proxy": "nftables"}) == "kube-proxy-nftables"

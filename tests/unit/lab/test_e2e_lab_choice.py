@@ -24,3 +24,26 @@ def test_each_module_declares_its_lab_and_says_why_not_real_nodes(path: Path) ->
     assert len(declared) == 1, f"{path.name}: one `REAL_NODES = True|False` line at module level"
     above = lines[declared[0] - 1]
     assert above.startswith("#: "), f"{path.name}: a `#:` comment above REAL_NODES says why (or that it passes)"
+
+
+def test_the_session_lab_runs_without_kube_proxy_when_a_module_needs_it() -> None:
+    import types
+
+    import realnode_lab
+
+    plain, needs = types.SimpleNamespace(), types.SimpleNamespace(REAL_NODES_MODE="kube-proxy-replacement")
+    assert realnode_lab.wanted_mode([plain], {}) == "kube-proxy"
+    assert realnode_lab.wanted_mode([plain, needs], {}) == "kube-proxy-replacement"
+    assert realnode_lab.wanted_mode([needs], {"CILIARY_E2E_REAL_NODES_MODE": "kube-proxy"}) == "kube-proxy"
+    assert realnode_lab.wanted_mode([plain], {"CILIARY_E2E_REAL_NODES_MODE": "kube-proxy-replacement"}) == \
+        "kube-proxy-replacement"
+    with pytest.raises(ValueError):
+        realnode_lab.wanted_mode([], {"CILIARY_E2E_REAL_NODES_MODE": "iptables"})
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.stem)
+def test_a_module_names_only_a_known_real_node_mode(path: Path) -> None:
+    modes = re.findall(r'^REAL_NODES_MODE = "([^"]*)"$', path.read_text(), re.MULTILINE)
+    assert modes in ([], ["kube-proxy-replacement"]), f"{path.name}: REAL_NODES_MODE {modes}"
+    if modes:
+        assert "REAL_NODES = True" in path.read_text(), f"{path.name}: a real-node mode without REAL_NODES = True"

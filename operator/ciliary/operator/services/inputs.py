@@ -119,7 +119,9 @@ def service_from_body(body: Mapping[str, Any]) -> ServiceInfo:
     status = body.get("status", {}) or {}
     labels = meta.get("labels") or {}
     raw_ips = list(spec.get("clusterIPs") or []) or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
-    headless = any(str(ip) == "None" for ip in raw_ips)
+    # kube-proxy serves neither a Service without a ClusterIP nor one labelled service.kubernetes.io/headless (the
+    # EndpointSlice controller drops that label from the slices of a Service with a ClusterIP: read it here)
+    headless = any(str(ip) == "None" for ip in raw_ips) or HEADLESS_LABEL in labels
     ports = tuple(
         ServicePort(name=str(p.get("name") or ""), protocol=str(p.get("protocol") or "TCP").upper(),
                     port=int(p["port"]),

@@ -159,8 +159,9 @@ def test_session_affinity_client_ip_with_default_and_explicit_timeout() -> None:
 @pytest.mark.parametrize("svc", [
     service(labels={"service.kubernetes.io/service-proxy-name": "other-proxy"}),
     service(clusterIP="None"),
+    service(labels={"service.kubernetes.io/headless": ""}),
     service(type="ExternalName", externalName="example.com", clusterIP=""),
-], ids=["service-proxy-name", "headless", "external-name"])
+], ids=["service-proxy-name", "headless", "labelled-headless", "external-name"])
 def test_opted_out_services_get_no_frontend(svc: dict[str, Any]) -> None:
     assert frontends(run([svc], [eslice("web-1", "web", [ep("10.244.1.5")])])) == {}
 
