@@ -193,8 +193,8 @@ class EnvoyProxy:
         clusters_changed = self._write(self.cds_path, envoy_config.cluster_document(
             intent, lds_version, secrets_dir=str(self.secrets_dir), egress=bool(self.egress_port)))
         listeners_changed = self._write(self.lds_path, docs.listeners)
-        for path in self.rds_dir.glob("*.json"):
-            if path.name not in files:
+        for path in [*self.rds_dir.glob("*.json"), *self.rds_dir.glob("*.tmp")]:
+            if path.name not in files:  # gone chains' files, and a write an earlier run left half done
                 self._written.pop(str(path), None)
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()

@@ -72,11 +72,14 @@ class WrongAgentError(AgentUnreachableError):
 
 
 def is_loopback(address: str) -> bool:
+    """Is ``address`` node-local: a loopback address, or the unspecified one (an agent listening on every
+    address of its node registers ``0.0.0.0``, which from elsewhere reaches some other host's port)?"""
     host = address.rsplit(":", 1)[0].strip("[]")
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host)
+        return ip.is_loopback or ip.is_unspecified
     except ValueError:
         return False
 
@@ -204,10 +207,13 @@ class AgentAccess:
         pod = await self.agent_pod(node)
         via = f"in pod {self.namespace}/{pod} on node {node} (kubectl exec, {address})"
         query = f"?{urlencode(dict(params))}" if params else ""
-        proc = await asyncio.create_subprocess_exec(
-            self.kubectl, "exec", "-n", self.namespace, pod, "-c", AGENT_CONTAINER, "--", "python3", "-c", _FETCH,
-            address, path + query, str(timeout_s),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.kubectl, "exec", "-n", self.namespace, pod, "-c", AGENT_CONTAINER, "--", "python3", "-c",
+                _FETCH, address, path + query, str(timeout_s),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        except OSError as exc:
+            raise AgentUnreachableError(node, f"could not run {self.kubectl!r}: {exc}") from exc
         assert proc.stdout is not None and proc.stderr is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s + 20 if timeout_s else None
@@ -239,9 +245,12 @@ class AgentAccess:
             raise AgentUnreachableError(node, "kubectl not found (install it or set CILIARY_KUBECTL) to reach "
                                               "the agent through its pod")
         if self._pods is None:
-            proc = await asyncio.create_subprocess_exec(
-                self.kubectl, "get", "pods", "-n", self.namespace, "-l", AGENT_SELECTOR, "-o", "json",
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    self.kubectl, "get", "pods", "-n", self.namespace, "-l", AGENT_SELECTOR, "-o", "json",
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            except OSError as exc:
+                raise AgentUnreachableError(node, f"could not run {self.kubectl!r} (CILIARY_KUBECTL): {exc}") from exc
             try:
                 out, err = await asyncio.wait_for(proc.communicate(), 30)
             except TimeoutError as exc:
@@ -250,8 +259,15 @@ class AgentAccess:
             if proc.returncode != 0:
                 raise AgentUnreachableError(node, f"kubectl could not list the agent pods in {self.namespace!r}: "
                                                   f"{err.decode(errors='replace').strip()[-300:]}")
-            self._pods = agent_pods_by_node(json.loads(out))
+            try:
+                self._pods = agent_pods_by_node(json.loads(out))
+            except (ValueError, KeyError, AttributeError) as exc:
+                raise AgentUnreachableError(node, f"kubectl's pod list was not understood: {exc}") from exc
         pod = self._pods.get(node)
+        if pod == AMBIGUOUS:
+            raise AgentUnreachableError(node, f"more than one Running agent pod ({AGENT_SELECTOR}, owned by a "
+                                              f"DaemonSet) on node {node!r} in namespace {self.namespace!r}: "
+                                              "refusing to pick one")
         if pod is None:
             raise AgentUnreachableError(node, f"no Running agent pod ({AGENT_SELECTOR}) on node {node!r} in "
                                               f"namespace {self.namespace!r} (--agent-namespace)")
@@ -270,13 +286,21 @@ class AgentAccess:
         return tried
 
 
+AMBIGUOUS = "\0ambiguous"
+"""What :func:`agent_pods_by_node` gives a node with more than one candidate pod (the CLI then refuses)."""
+
+
 def agent_pods_by_node(pod_list: Mapping[str, Any]) -> dict[str, str]:
-    """node -> the name of its Running agent pod, from a ``kubectl get pods -o json`` list."""
+    """node -> the name of its Running agent pod owned by a DaemonSet, from a ``kubectl get pods -o json`` list;
+    :data:`AMBIGUOUS` for a node with several (another release, or a look-alike pod: never guessed)."""
     out: dict[str, str] = {}
     for pod in pod_list.get("items", []):
         node = pod.get("spec", {}).get("nodeName")
-        if node and pod.get("status", {}).get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp"):
-            out[node] = pod["metadata"]["name"]
+        owners = pod["metadata"].get("ownerReferences") or []
+        if not node or pod.get("status", {}).get("phase") != "Running" or pod["metadata"].get("deletionTimestamp") \
+                or not any(o.get("kind") == "DaemonSet" and o.get("controller") for o in owners):
+            continue
+        out[node] = AMBIGUOUS if node in out else pod["metadata"]["name"]
     return out
 
 

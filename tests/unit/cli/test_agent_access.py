@@ -72,14 +72,18 @@ async def agents() -> AsyncIterator[dict[str, str]]:
             await r.cleanup()
 
 
+DS = [{"kind": "DaemonSet", "name": "ciliary-agent", "controller": True}]
+
+
 def _fake_kubectl(tmp_path: Path, pod_agents: dict[str, str], calls: Path) -> str:
     """A kubectl: ``get pods`` lists one Running agent pod per node (and a terminating one); ``exec`` runs
     the given python3 script with the address of the pod's node's agent instead of the loopback asked."""
     pods = {"items": [
-        {"metadata": {"name": f"ciliary-agent-{node}"}, "spec": {"nodeName": node}, "status": {"phase": "Running"}}
+        {"metadata": {"name": f"ciliary-agent-{node}", "ownerReferences": DS}, "spec": {"nodeName": node},
+         "status": {"phase": "Running"}}
         for node in pod_agents] + [
-        {"metadata": {"name": "ciliary-agent-old", "deletionTimestamp": "x"}, "spec": {"nodeName": "node-1"},
-         "status": {"phase": "Running"}}]}
+        {"metadata": {"name": "ciliary-agent-old", "deletionTimestamp": "x", "ownerReferences": DS},
+         "spec": {"nodeName": "node-1"}, "status": {"phase": "Running"}}]}
     script = tmp_path / "kubectl"
     script.write_text(f"""#!{sys.executable}
 import json, subprocess, sys
@@ -105,6 +109,7 @@ async def _get(access: AgentAccess, node: str, address: str | None, path: str = 
 
 @pytest.mark.parametrize("address,loopback", [
     ("127.0.0.1:9876", True), ("127.1.2.3:1", True), ("localhost:9876", True), ("[::1]:9876", True),
+    ("0.0.0.0:9876", True), ("[::]:9876", True),
     ("192.0.2.12:9876", False), ("[2001:db8::1]:1", False), ("agent.example:1", False)])
 def test_loopback_addresses_are_recognised(address: str, loopback: bool) -> None:
     assert agent_access.is_loopback(address) is loopback
@@ -122,11 +127,25 @@ def test_an_answer_must_name_the_node_asked_for() -> None:
 
 def test_agent_pods_by_node_keeps_running_pods_not_terminating_ones() -> None:
     listed = {"items": [
-        {"metadata": {"name": "a1"}, "spec": {"nodeName": "node-1"}, "status": {"phase": "Running"}},
-        {"metadata": {"name": "a1-old", "deletionTimestamp": "t"}, "spec": {"nodeName": "node-1"},
+        {"metadata": {"name": "a1", "ownerReferences": DS}, "spec": {"nodeName": "node-1"},
          "status": {"phase": "Running"}},
-        {"metadata": {"name": "a2"}, "spec": {"nodeName": "node-2"}, "status": {"phase": "Pending"}}]}
+        {"metadata": {"name": "a1-old", "deletionTimestamp": "t", "ownerReferences": DS},
+         "spec": {"nodeName": "node-1"}, "status": {"phase": "Running"}},
+        {"metadata": {"name": "a2", "ownerReferences": DS}, "spec": {"nodeName": "node-2"},
+         "status": {"phase": "Pending"}},
+        # a look-alike pod with the agent's labels but no DaemonSet: never chosen
+        {"metadata": {"name": "fake"}, "spec": {"nodeName": "node-3"}, "status": {"phase": "Running"}}]}
     assert agent_access.agent_pods_by_node(listed) == {"node-1": "a1"}
+    # two DaemonSet pods on one node (another release): ambiguous, and the CLI refuses to pick
+    listed["items"].append({"metadata": {"name": "a1-other", "ownerReferences": DS}, "spec": {"nodeName": "node-1"},
+                            "status": {"phase": "Running"}})
+    assert agent_access.agent_pods_by_node(listed) == {"node-1": agent_access.AMBIGUOUS}
+
+
+async def test_a_kubectl_that_cannot_run_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
+    missing = AgentAccess("exec", kubectl=str(tmp_path / "no-such-kubectl"))
+    with pytest.raises(AgentUnreachableError, match="could not run"):
+        await _get(missing, "node-2", "127.0.0.1:9876")
 
 
 async def test_direct_reading_of_another_nodes_agent_is_refused_with_what_to_do(agents) -> None:

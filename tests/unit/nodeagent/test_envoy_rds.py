@@ -109,12 +109,14 @@ def test_the_agent_rewrites_only_the_changed_route_file_and_removes_unnamed_ones
     proxy.set_intent(with_token("token-one"))
     stale = proxy.rds_dir / "gone-000000000000.json"
     stale.write_text("{}")
-    files = {p.name: p.stat().st_ino for p in proxy.rds_dir.iterdir() if p != stale}
+    half = proxy.rds_dir / "gone-000000000000.tmp"  # a write an earlier run left half done (may hold a value)
+    half.write_text("{}")
+    files = {p.name: p.stat().st_ino for p in proxy.rds_dir.iterdir() if p not in (stale, half)}
     lds = (proxy.lds_path.stat().st_ino, proxy.lds_path.read_bytes())
     proxy.set_intent(with_token("token-two"))
     assert (proxy.lds_path.stat().st_ino, proxy.lds_path.read_bytes()) == lds  # not even renamed over
     now = {p.name: p.stat().st_ino for p in proxy.rds_dir.iterdir()}
-    assert set(now) == set(files)  # the stale file went
+    assert set(now) == set(files)  # the stale file and the half-written one went
     assert [n for n in now if now[n] != files[n]] == [envoy_rds.file_name(CHAIN)]
     assert "token-two" in (proxy.rds_dir / envoy_rds.file_name(CHAIN)).read_text()
 
