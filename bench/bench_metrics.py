@@ -45,7 +45,7 @@ from prometheus_client.registry import Collector  # noqa: E402
 from ciliary.nodeagent import flow_metrics, flowapi, health  # noqa: E402
 from ciliary.nodeagent.datapath import maps  # noqa: E402
 
-TCP_FLAGS = range(0, 0x40)  # FIN SYN RST PSH ACK URG in every combination
+TCP_FLAGS = range(0, 0x100)  # FIN SYN RST PSH ACK URG ECE CWR in every combination
 
 
 class Registration:

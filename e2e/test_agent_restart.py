@@ -24,6 +24,7 @@ import pytest
 from ciliary.lab import processes
 from ciliary.operator.store import access, keyspace
 from ciliary.operator.store.etcdclient import EtcdEndpoint, make_client
+from lab_harness import wait_for
 
 pytestmark = pytest.mark.e2e
 #: process lab: it stops and restarts the agent *process* (ciliary.lab.processes) and reads the control plane's
@@ -76,16 +77,6 @@ def landed(lab: Any, pod: str, ip: str) -> bool:
     return lab.probe("http", ip, 80, pod=pod, timeout=1.5).returncode == 0
 
 
-def wait_for(predicate: Any, seconds: float, what: str) -> Any:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {seconds} s waiting for {what}")
-
-
 def traffic(lab: Any, pod: str, ip: str, rounds: int) -> subprocess.Popen[str]:
     netns, _ = lab.lab.pod_target(pod, "default")  # the pod's namespace file
     return subprocess.Popen(["nsenter", f"--net={netns}", sys.executable, "-c", LOOP, ip, "80",
@@ -121,14 +112,14 @@ def test_kill_9_of_the_agent_keeps_enforcing_and_the_restart_adopts(lab: Any) ->
     lab.wait_running("tiefighter")
     lab.wait_running("xwing")
     lab.kubectl("apply", "-f", str(ROOT / "crds" / "examples" / "starwars-rule1.yaml"))
-    wait_for(lambda: not landed(lab, "xwing", deathstar), 60, "rule1 enforced (xwing dropped)")
+    wait_for("rule1 enforced (xwing dropped)", lambda: not landed(lab, "xwing", deathstar), 60)
     assert landed(lab, "tiefighter", deathstar)
-    wait_for(lambda: any(r["name"] == "rule1" and r["ok"] for r in reports_of(lab, "node-2")), 30,
-             "rule1 reported ok by node-2")
+    wait_for("rule1 reported ok by node-2",
+             lambda: any(r["name"] == "rule1" and r["ok"] for r in reports_of(lab, "node-2")), 30)
 
     layout, node = lab.lab.layout, "node-2"
     port = lab.lab.health_port(node)
-    before = wait_for(lambda: enforcement(port), 10, "the agent's enforcement status")
+    before = wait_for("the agent's enforcement status", lambda: enforcement(port), 10)
     allowed = traffic(lab, "tiefighter", deathstar, rounds=100)
     denied = traffic(lab, "xwing", deathstar, rounds=20)  # each denied connect waits its 0.5 s timeout
     try:
@@ -138,11 +129,11 @@ def test_kill_9_of_the_agent_keeps_enforcing_and_the_restart_adopts(lab: Any) ->
         import os
 
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: processes.running_pid(layout, f"agent-{node}") is None, 10, "the agent gone")
+        wait_for("the agent gone", lambda: processes.running_pid(layout, f"agent-{node}") is None, 10)
         time.sleep(1)
         lab.lab.start_node_processes(node, lab.lab.ports())
-        after = wait_for(lambda: (e := enforcement(port)) and e.get("applied_revision") is not None and e,
-                         90, "the restarted agent to apply")
+        after = wait_for("the restarted agent to apply",
+                         lambda: (e := enforcement(port)) and e.get("applied_revision") is not None and e, 90)
         out_allowed, _ = allowed.communicate(timeout=60)
         out_denied, _ = denied.communicate(timeout=60)
     finally:
@@ -157,6 +148,6 @@ def test_kill_9_of_the_agent_keeps_enforcing_and_the_restart_adopts(lab: Any) ->
     assert after["program_hashes"] == before["program_hashes"]
     assert after["last_compiled"] == [] and after["last_attached"] == 0 and after["last_map_writes"] == 0
     assert after["error"] == ""
-    wait_for(lambda: any(r["name"] == "rule1" and r["ok"] and r["enforcing"] for r in reports_of(lab, node)),
-             30, "rule1 reported again after the restart")
+    wait_for("rule1 reported again after the restart",
+             lambda: any(r["name"] == "rule1" and r["ok"] and r["enforcing"] for r in reports_of(lab, node)), 30)
     assert landed(lab, "tiefighter", deathstar) and not landed(lab, "xwing", deathstar)

@@ -155,9 +155,16 @@ def route_limit_problem(rules: tuple[intents.HttpRule, ...] | None) -> str:
     would need more than ``header_actions.MAX_ROUTES`` routes (the chain then denies every request)."""
     if not rules:
         return ""
-    acting = [rule for rule in rules if _acting(rule) and not any(m.secret is not None for m in rule.header_matches)]
-    if not _action_sets(acting).over:
-        return ""
+    acting = [rule for rule in _held(rules) if _acting(rule)]
+    return _limit_message(acting) if _action_sets(acting).over else ""
+
+
+def _held(rules: tuple[intents.HttpRule, ...]) -> list[intents.HttpRule]:
+    """The rules that can allow anything: not those with a header value from a Secret the intent lacks."""
+    return [rule for rule in rules if not any(m.secret is not None for m in rule.header_matches)]
+
+
+def _limit_message(acting: list[intents.HttpRule]) -> str:
     return (f"{len(acting)} HTTP rules with headerMatches mismatch actions on one port and peer need more than "
             f"{header_actions.MAX_ROUTES} proxy routes: fewer rules or fewer headers with actions, or literal "
             f"paths that tell the rules apart")
@@ -169,11 +176,11 @@ def _rule_routes(rules: tuple[intents.HttpRule, ...], cluster: str) -> list[dict
     of M, and the subsets as large as M come first, so the route taken is M's own: every allowing rule's
     actions apply); then the rules without actions, one route each. No route for a rule with a header value
     from a Secret it does not hold (fail closed: it allows nothing)."""
-    held = [rule for rule in rules if not any(m.secret is not None for m in rule.header_matches)]
+    held = _held(rules)
     acting = [rule for rule in held if _acting(rule)]
     sets = _action_sets(acting)
     if sets.over:
-        raise RouteLimitError(route_limit_problem(rules))
+        raise RouteLimitError(_limit_message(acting))
     out = []
     for chosen in sets.sets:
         out.extend(_together_routes(tuple(acting[i] for i in chosen), cluster))

@@ -143,6 +143,23 @@ def _add_all(family: CounterMetricFamily, values: Mapping[tuple[str, ...], int])
         family.add_metric(list(labels), n)
 
 
+_Plan = tuple[tuple[str, ...], tuple[str, str] | None, tuple[str, str] | None, str | None, tuple[tuple[str, str], ...]]
+"""(hubble_flows_processed labels, hubble_drop labels, cilium_drop_count labels, cilium_forward_count direction,
+hubble_tcp_flags labels per flag set) of one count key."""
+
+
+def _plan(count_key: CountKey) -> _Plan:
+    verdict, reason, proto, direction, tcp_flags, v6 = count_key
+    protocol = PROTOCOLS.get(proto, "Unknown")
+    family = "IPv6" if v6 else "IPv4"
+    flag_keys = tuple((flag, family) for bit, flag in hubble_convert.TCP_FLAG_FIELDS if tcp_flags & bit)
+    if verdict == "dropped":
+        name = flow_pb2.DropReason.Name(hubble_convert.DROP_CODES.get(reason, flow_pb2.DROP_REASON_UNKNOWN))
+        return ("Drop", "", "DROPPED", protocol), (name, protocol), (name, direction.upper()), None, flag_keys
+    subtype = "to-endpoint" if direction == "ingress" else "from-endpoint"
+    return ("Trace", subtype, "FORWARDED", protocol), None, None, direction.upper(), flag_keys
+
+
 class FlowMetrics(Collector):
     """Collects from ``counts()`` (the hub's counter), ``lost()`` ({source: n}) and ``ring()`` (size, capacity)."""
 
@@ -153,6 +170,8 @@ class FlowMetrics(Collector):
         self.lost = lost
         self.ring = ring
         self.details = details
+        self._plans: dict[CountKey, _Plan] = {}
+        """Each count key's series, worked out once (the keys are bounded: ``count_key``)."""
 
     def collect(self) -> Iterator[Any]:
         processed: dict[tuple[str, ...], int] = {}
@@ -160,23 +179,20 @@ class FlowMetrics(Collector):
         flags: dict[tuple[str, ...], int] = {}
         cilium_drops: dict[tuple[str, ...], int] = {}
         cilium_forwards: dict[str, int] = {}
-        for (verdict, reason, proto, direction, tcp_flags, v6), n in dict(self.counts()).items():
-            protocol = PROTOCOLS.get(proto, "Unknown")
-            dropped = verdict == "dropped"
-            if dropped:
-                code = hubble_convert.DROP_CODES.get(reason, flow_pb2.DROP_REASON_UNKNOWN)
-                name = flow_pb2.DropReason.Name(code)
-                key = ("Drop", "", "DROPPED", protocol)
-                drops[name, protocol] = drops.get((name, protocol), 0) + n
-                cilium_drops[name, direction.upper()] = cilium_drops.get((name, direction.upper()), 0) + n
-            else:
-                key = ("Trace", "to-endpoint" if direction == "ingress" else "from-endpoint", "FORWARDED", protocol)
-                cilium_forwards[direction.upper()] = cilium_forwards.get(direction.upper(), 0) + n
+        plans = self._plans
+        for count_key, n in dict(self.counts()).items():
+            plan = plans.get(count_key)
+            if plan is None:
+                plan = plans[count_key] = _plan(count_key)
+            key, drop, cilium_drop, forward, flag_keys = plan
             processed[key] = processed.get(key, 0) + n
-            for bit, flag in hubble_convert.TCP_FLAG_FIELDS:
-                if tcp_flags & bit:
-                    fam = "IPv6" if v6 else "IPv4"
-                    flags[flag, fam] = flags.get((flag, fam), 0) + n
+            if drop is not None and cilium_drop is not None:
+                drops[drop] = drops.get(drop, 0) + n
+                cilium_drops[cilium_drop] = cilium_drops.get(cilium_drop, 0) + n
+            if forward is not None:
+                cilium_forwards[forward] = cilium_forwards.get(forward, 0) + n
+            for flag_key in flag_keys:
+                flags[flag_key] = flags.get(flag_key, 0) + n
         family = CounterMetricFamily("hubble_flows_processed", "Flows processed by the agent's observer",
                                      labels=["type", "subtype", "verdict", "protocol"])
         _add_all(family, processed)

@@ -14,13 +14,9 @@ judged by the new rules (not answered with ``Connection: close``).
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from ciliary.nodeagent import envoy_proxy, netns_sockets
 from ciliary.operator import intents
@@ -48,15 +44,6 @@ def intent_of(revision: int, path: str, token: str) -> intents.NodeIntent:
         header_secrets={SECRET.key(): intents.HeaderSecret(value=token)})
 
 
-@pytest.fixture
-def netns() -> Iterator[str]:
-    name = f"cy-rds-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=10)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False, timeout=10)
 
 
 class Client:

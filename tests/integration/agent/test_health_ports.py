@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
@@ -28,15 +26,6 @@ GET = ("import sys, urllib.request, urllib.error\n"
        "    print(0, '{}')\n")
 
 
-@pytest.fixture
-def netns() -> Iterator[str]:
-    name = f"cy-hp-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=10)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False, timeout=10)
 
 
 async def get(netns: str, url: str) -> tuple[int, dict[str, object]]:

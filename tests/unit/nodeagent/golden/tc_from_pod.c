@@ -874,6 +874,9 @@ static __always_inline int cy_ct_is_reply(const struct ct_entry *entry, __u8 dir
 	return entry && entry->origin != dir;
 }
 
+/* The TCP flags monitor aggregation reports once per direction. */
+#define CY_CT_REPORTED_FLAGS (CY_TCP_FIN | CY_TCP_SYN | CY_TCP_RST)
+
 /* Monitor aggregation (CY_TRACE_FLAGS): does the TCP packet p of the live
  * entry carry a flag its direction (side 0: forward, 1: reply) has not
  * reported yet? If so the flags are marked reported (the entry is written
@@ -887,7 +890,7 @@ static __always_inline int cy_ct_new_flags(struct ct_entry *entry, const struct 
 
 	if (!CY_TRACE_FLAGS || !entry || p->protocol != CY_PROTO_TCP)
 		return 0;
-	flags = p->tcp_flags & (CY_TCP_FIN | CY_TCP_SYN | CY_TCP_RST);
+	flags = p->tcp_flags & CY_CT_REPORTED_FLAGS;
 	/* a new connection on the tuple of one that closed (its entry still
 	 * lives out the close lifetime): its reports start over */
 	if (side == 0 && (p->tcp_flags & (CY_TCP_SYN | CY_TCP_ACK)) == CY_TCP_SYN &&
@@ -926,7 +929,7 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, const struct c
 	fresh.cookie = cookie;
 	fresh.origin = dir;
 	if (p->protocol == CY_PROTO_TCP)
-		fresh.reported[0] = p->tcp_flags & (CY_TCP_FIN | CY_TCP_SYN | CY_TCP_RST);
+		fresh.reported[0] = p->tcp_flags & CY_CT_REPORTED_FLAGS;
 	cy_ct.update((struct ct_key *)key, &fresh);
 	return 1;
 }
