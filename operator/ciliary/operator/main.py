@@ -194,6 +194,7 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
                               write_nodes=args.enable_k8s_event_handover,
                               node_names=lambda: model.nodes.keys(),
                               resolved_generation=reconciler.resolved_generation,
+                              intents_revision=lambda: reconciler.intents_revision,
                               wait_for=[reconciler.synced], require_assessment=True)
     reconciler.report_tls = TlsProblemReporter(handover, api)
     handlers.register(registry, model, handover)

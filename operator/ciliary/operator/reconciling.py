@@ -69,6 +69,8 @@ class Reconciler:
         self._tls_cache: dict[str, tuple[NodeIntent, int, NodeIntent, list[tls_secrets.TlsProblem]]] = {}
         self.resolved: dict[str, int] = {}
         """Policy uid -> metadata.generation as of the last published resolution (status handover reads it)."""
+        self.intents_revision = 0
+        """The etcd revision by which the intents of that resolution were written (status handover reads it)."""
 
     async def run_once(self) -> Resolution:
         t0 = time.perf_counter()
@@ -92,6 +94,7 @@ class Reconciler:
         resolution = self.resolver.update(state)
         written = await self.publisher.publish(await self.with_tls(resolution.intents))
         self.resolved = {uid: stored.ref.generation for uid, stored in state.policies.policies.items()}
+        self.intents_revision = self.publisher.latest_mod_revision()
         self.stats.passes += 1
         self.stats.last_duration_ms = (time.perf_counter() - t0) * 1000
         self.loop_stats.record(self.stats.last_duration_ms / 1000, len(written))

@@ -122,6 +122,44 @@ async def test_revision_floor_is_learned_from_intent_changes() -> None:
     assert fake.body["status"]["enforcement"] == "1/1 nodes"
 
 
+async def test_resolved_but_not_yet_mirrored_intents_are_pending_not_no_endpoints() -> None:
+    """The CI failure of stop 19: the operator had published node a's intent (etcd revision 40) but the
+    intent watch had not delivered it; "no node lists the policy" read as NoEndpoints, Enforced=True."""
+    written = {"revision": 40}
+    handover, fake = make(cnp(), resolved_generation=lambda uid: 1,
+                          intents_revision=lambda: written["revision"])
+    handover.intent_mirror.revision = 39
+    handover.unenforced[UID] = (1, "")
+    await flush_all(handover)
+    enforced = next(c for c in fake.body["status"]["conditions"] if c["type"] == "Enforced")
+    assert (enforced["status"], enforced["reason"]) == ("False", "Pending")
+    assert UID in handover._lagging
+    # the watch delivers the intent (mod revision 40): the policy is marked again and comes out right
+    handover.intent_mirror.revision = 40
+    handover._intent_put(keyspace.node_intent_key("a"), intent("a", 3))
+    handover._report_put(keyspace.report_key(UID, "a"), report("a", rev=3).to_wire())
+    handover._mark_caught_up()
+    assert not handover._lagging
+    await flush_all(handover)
+    status = fake.body["status"]
+    enforced = next(c for c in status["conditions"] if c["type"] == "Enforced")
+    assert (enforced["status"], enforced["reason"]) == ("True", "Enforced") and set(status["nodes"]) == {"a"}
+    # a policy that selects nothing, resolved in a pass that wrote another policy's intents: Pending until
+    # the mirror has seen that write, then NoEndpoints (marked again without any event of its own)
+    handover._intent_deleted(keyspace.node_intent_key("a"))
+    handover._report_deleted(keyspace.report_key(UID, "a"))
+    written["revision"] = 41
+    await flush_all(handover)
+    assert fake.body["status"]["enforcement"] == "0/0 nodes"
+    enforced = next(c for c in fake.body["status"]["conditions"] if c["type"] == "Enforced")
+    assert enforced["reason"] == "Pending"
+    handover.intent_mirror.revision = 41
+    handover._mark_caught_up()
+    await flush_all(handover)
+    enforced = next(c for c in fake.body["status"]["conditions"] if c["type"] == "Enforced")
+    assert (enforced["status"], enforced["reason"]) == ("True", "NoEndpoints")
+
+
 async def test_stale_watch_event_does_not_regress_the_view() -> None:
     handover, fake = make(cnp())
     feed(handover, ["a"])

@@ -16,7 +16,9 @@ its own write responses) and the ``Valid`` condition they computed
 (``validated``), and what of a valid generation is not enforced as written
 (``assessed``: such a policy reads ``Enforced=False``, ``PartiallyEnforced``):
 the handover is the one writer of ``.status``, so a policy
-edit costs one write for Valid and Enforced together. Per policy it computes the desired status with the
+edit costs one write for Valid and Enforced together. A generation the operator has resolved counts
+as resolved only once the intent mirror has seen the etcd revision its intents were written at
+(``intents_revision``): before that, which nodes must enforce it is not known here. Per policy it computes the desired status with the
 pure ``enforcement`` module and sends the smallest merge patch to the status
 subresource, at most once per ``interval`` per policy and only when something
 other than ``lastUpdated`` changed; roll-out progress alone (more nodes caught
@@ -168,7 +170,7 @@ class StatusHandover:
                  resolved_generation: Callable[[str], int | None] | None = None,
                  wait_for: Sequence[asyncio.Event] = (), concurrency: int = 8,
                  progress_interval: float | None = None, clock: Callable[[], float] = time.monotonic,
-                 require_assessment: bool = False) -> None:
+                 require_assessment: bool = False, intents_revision: Callable[[], int] | None = None) -> None:
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
         self.interval = interval
@@ -176,6 +178,12 @@ class StatusHandover:
         self.write_nodes = write_nodes
         self.node_names = node_names
         self.resolved_generation = resolved_generation
+        self.intents_revision = intents_revision
+        """The etcd revision by which the intents of the resolution ``resolved_generation`` describes were
+        written: until the intent mirror has seen it, the resolved generation counts as not resolved yet (the
+        nodes that must enforce it are not known here: read as "none", that would be ``NoEndpoints``)."""
+        self._lagging: set[str] = set()
+        """Policies flushed while the intent mirror was behind ``intents_revision`` (marked again once it is not)."""
         self.wait_for = tuple(wait_for)
         self.clock = clock
         self.schedule = FlushSchedule(interval)
@@ -295,9 +303,13 @@ class StatusHandover:
             log.warning("Ignored malformed intent of %s: %s", node, exc)
             refs, revision = {}, 0
         self._set_intent(node, refs, revision)
+        if self._lagging:
+            self._wake.set()  # _mark_caught_up may have work now
 
     def _intent_deleted(self, key: str) -> None:
         self._set_intent(keyspace.node_from_key(keyspace.INTENTS_PREFIX, key), {}, 0)
+        if self._lagging:
+            self._wake.set()  # _mark_caught_up may have work now
 
     def _set_intent(self, node: str, refs: dict[str, int], revision: int) -> None:
         before = self.node_policies.get(node, {})
@@ -340,6 +352,9 @@ class StatusHandover:
     def desired(self, uid: str) -> enforcement.DesiredStatus:
         view = self.policies[uid]
         resolved = self.resolved_generation(uid) if self.resolved_generation else None
+        if resolved is not None and self._intents_behind():
+            resolved = None
+            self._lagging.add(uid)
         generation, gaps = self.unenforced.get(uid, (None, ""))
         unenforced: str | None = gaps if generation == view.generation else \
             (None if self.require_assessment else "")
@@ -350,6 +365,16 @@ class StatusHandover:
             write_nodes=self.write_nodes, resolved_generation=resolved,
             resolution_known=self.resolved_generation is not None, valid=self.valid.get(uid),
             unenforced=unenforced)
+
+    def _intents_behind(self) -> bool:
+        return self.intents_revision is not None and self.intent_mirror.revision < self.intents_revision()
+
+    def _mark_caught_up(self) -> None:
+        """Mark again the policies flushed while the intent mirror lagged, once it has caught up."""
+        if self._lagging and not self._intents_behind():
+            lagging, self._lagging = self._lagging, set()
+            for uid in lagging:
+                self._mark(uid)
 
     async def flush(self, uids: Sequence[str]) -> None:
         writes = []
@@ -448,6 +473,7 @@ class StatusHandover:
                         task.result()
                 self._wake.clear()
                 self._refresh_nodes()
+                self._mark_caught_up()
                 due = self.schedule.due(self.clock())
                 if due:
                     await self.flush(due)

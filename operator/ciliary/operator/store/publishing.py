@@ -75,6 +75,10 @@ class IntentPublisher:
         seen = self.published.get(node)
         return seen.revision if seen else None
 
+    def latest_mod_revision(self) -> int:
+        """The etcd revision by which every intent published (or found) so far was in etcd."""
+        return max((seen.mod_revision for seen in self.published.values()), default=0)
+
     async def publish(self, intents: Mapping[str, PublishableIntent]) -> list[str]:
         """Write the intents whose content changed; delete departed nodes. Returns nodes written."""
         limit = asyncio.Semaphore(self.concurrency)
