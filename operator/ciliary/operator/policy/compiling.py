@@ -358,19 +358,23 @@ def tls_interception(rule: PortRule, namespace: str = "", *, ingress: bool = Fal
 
 
 def foreign_secret_namespaces(rule: PortRule, namespace: str) -> list[str]:
-    """The header-value Secret namespaces a port rule of a namespaced policy (``namespace``) names other than
-    its own.
+    """The Secret namespaces a port rule of a namespaced policy (``namespace``) names other than its own:
+    header values (``headerMatches[].secret``) and TLS material (``terminatingTLS``/``originatingTLS``).
 
-    A CiliumNetworkPolicy may only take header values from Secrets of its own namespace: the operator can
-    read every Secret, and a value written (``REPLACE``/``ADD``) into the pod's own requests would hand
-    another namespace's secret to whoever may write policies in this one. TLS contexts may name other
-    namespaces, as Cilium's examples do (README Known defects). Cluster-wide policies (empty ``namespace``)
-    may name any namespace.
+    A CiliumNetworkPolicy may only use Secrets of its own namespace: the operator can read every Secret, and
+    whoever may write policies in one namespace must not make the node's proxy use another's material (a
+    header value written into the pod's requests, a client certificate presented upstream in another
+    namespace's name, a server certificate shown to the pod). Cilium's guides put the TLS Secrets in
+    ``kube-system`` for a policy in ``default``: such a port rule is not proxied here (its connections are
+    dropped, ``support`` row ``foreign-secret``). Cluster-wide policies (empty ``namespace``) may name any
+    namespace.
     """
-    if not namespace or rule.rules is None:
+    if not namespace:
         return []
-    written = [m.secret.namespace for h in rule.rules.http or () for m in h.header_matches or ()
-               if m.secret is not None]
+    written = [m.secret.namespace for h in (rule.rules.http or () if rule.rules is not None else ())
+               for m in h.header_matches or () if m.secret is not None]
+    written += [context.secret.namespace for context in (rule.terminating_tls, rule.originating_tls)
+                if context is not None]
     return sorted({ns for ns in written if ns and ns != namespace})
 
 

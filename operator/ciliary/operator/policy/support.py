@@ -156,11 +156,13 @@ FEATURES: tuple[Feature, ...] = (
     Feature("toServices", "`toServices`", _P,
             "not enforced: the item allows nothing (its rule still makes the pods default-deny); "
             "in `egressDeny` it denies nothing"),
-    Feature("foreign-secret", "`headerMatches[].secret` of another namespace in a CiliumNetworkPolicy", _P,
-            "not enforced: a namespaced policy may only take header values from Secrets of its own namespace (the "
-            "operator reads every Secret; a value written into the pod's own requests would hand another "
-            "namespace's secret to whoever may write policies here); the port's connections are dropped "
-            "(`PROXY_UNAVAILABLE`). A cluster-wide policy may name any namespace"),
+    Feature("foreign-secret", "`headerMatches[].secret`, `terminatingTLS.secret` or `originatingTLS.secret` of "
+            "another namespace in a CiliumNetworkPolicy", _P,
+            "not enforced: a namespaced policy may only use Secrets of its own namespace (the operator reads "
+            "every Secret; a header value written into the pod's requests, or a certificate the proxy presents, "
+            "would hand another namespace's secret to whoever may write policies here; Cilium's guides put TLS "
+            "Secrets in `kube-system`: move them, or write a cluster-wide policy); the port's connections are "
+            "dropped (`PROXY_UNAVAILABLE`). A cluster-wide policy may name any namespace"),
     Feature("http-tls", "`toPorts[].rules.http` in `ingress` with `originatingTLS` or `serverNames` but no "
             "`terminatingTLS`; in `egress` with only one of the two contexts, or `serverNames` without both", _P,
             "not enforced (ingress termination needs `terminatingTLS`, egress interception both contexts): "

@@ -131,8 +131,14 @@ EXAMPLES: list[tuple[str, dict[str, Any], str, str]] = [
     ("foreign-secret", l7({"http": [{"headerMatches": [{"name": "x-token", "secret": {
         "namespace": "kube-system", "name": "s"}, "mismatch": "REPLACE"}]}]}, direction="egress"), CNP,
      "spec.egress[0].toPorts[0]"),
+    ("foreign-secret", ingress(toPorts=[{**PORT80, "rules": {"http": [{}]}, "terminatingTLS": {"secret": {
+        "namespace": "other", "name": "s"}}}]), CNP, "spec.ingress[0].toPorts[0]"),  # TLS material too
+    ("foreign-secret", egress(toPorts=[{"ports": [{"port": "443", "protocol": "TCP"}], "rules": {"http": [{}]},
+                                        "terminatingTLS": {"secret": {"name": "s"}},
+                                        "originatingTLS": {"secret": {"namespace": "kube-system", "name": "ca"}}}]),
+     CNP, "spec.egress[0].toPorts[0]"),  # as Cilium's guide writes it: not here
     ("http-tls-ingress", ingress(toPorts=[{**PORT80, "rules": {"http": [{}]}, "terminatingTLS": {"secret": {
-        "namespace": "other", "name": "s"}}}]), CNP, ""),  # TLS Secrets of other namespaces: as Cilium
+        "namespace": "other", "name": "s"}}}]), CCNP, ""),  # a cluster-wide policy may name any namespace
     ("kafka", l7({"kafka": [{"role": "produce", "topic": "t"}]}, port="9092"), CNP,
      "spec.ingress[0].toPorts[0].rules.kafka"),
     ("dns", l7({"dns": [{"matchPattern": "*"}, {"matchName": "api.world.test"}]}, direction="egress", port="53",
@@ -249,13 +255,20 @@ def test_readme_carries_the_table() -> None:
 
 
 def test_examples_directory_says_what_is_not_enforced() -> None:
-    """crds/examples: a partial example says so in its header comment and promises no 403."""
+    """crds/examples: an example says PartiallyEnforced in its header comment exactly when it is partial (as
+    ``kubectl apply`` puts it: a CiliumNetworkPolicy without a namespace lands in ``default``), and none
+    promises a 403."""
     for path in sorted((ROOT / "crds/examples").glob("*.yaml")):
         text = path.read_text()
         assert "403" not in text and "Access denied" not in text, path.name
-        found = support.gaps(parse_policy(yaml.safe_load(text)))
-        if found:
-            assert "PartiallyEnforced" in text.split("apiVersion")[0], path.name
+        raw = yaml.safe_load(text)
+        if raw["kind"] == "CiliumNetworkPolicy":
+            raw["metadata"].setdefault("namespace", "default")
+        found = support.gaps(parse_policy(raw))
+        head = text.split("apiVersion")[0]
+        assert ("PartiallyEnforced" in head) == bool(found), (path.name, sorted({g.feature.key for g in found}))
+        assert ("not enforce" in head or "no host firewall" in head or "is dropped" in head) == bool(found), \
+            path.name
 
 
 # --- resolution never widens what it cannot enforce ---------------------------------------------

@@ -30,8 +30,9 @@ def egress(rule: dict[str, Any]) -> dict[str, Any]:
     return {"endpointSelector": WEB, "egress": [{"toCIDR": ["192.0.2.100/32"], "toPorts": [rule]}]}
 
 
-BOTH = {"terminatingTLS": {"secret": {"name": "intercept"}},
-        "originatingTLS": {"secret": {"namespace": "kube-system", "name": "world-ca"}}}
+BOTH = {"terminatingTLS": {"secret": {"name": "intercept"}}, "originatingTLS": {"secret": {"name": "world-ca"}}}
+ELSEWHERE = {**BOTH, "originatingTLS": {"secret": {"namespace": "kube-system", "name": "world-ca"}}}
+"""As Cilium's guide writes it: the CA bundle in kube-system (a cluster-wide policy may; a namespaced may not)."""
 
 
 def entry_443(intent: intents.NodeIntent, pod: str = "web", namespace: str = "a") -> intents.PolicyEntry:
@@ -52,8 +53,7 @@ def test_both_contexts_ride_on_the_http_rules_other_shapes_fail_closed() -> None
                     {"serverNames": ["api.world.test"]}):
         entry = entry_443(resolve_cluster(state_of(cnp(egress(port_rule(**partial)))))["n1"])
         assert entry.l7_redirect and entry.http is None, partial
-    assert tls.originating is not None and (tls.originating.namespace, tls.originating.name) == (
-        "kube-system", "world-ca")
+    assert tls.originating is not None and (tls.originating.namespace, tls.originating.name) == ("a", "world-ca")
 
 
 def ingress_443(rule: dict[str, Any]) -> list[intents.PolicyEntry]:
@@ -76,14 +76,14 @@ def test_ingress_terminates_with_or_without_originating_and_fails_closed_without
 
 def test_secrets_go_only_to_nodes_hosting_selected_pods_and_rotation_changes_the_intent() -> None:
     resolved = resolve_cluster(state_of(cnp(egress(port_rule(**BOTH)))))  # selects a/web on n1 only
-    secrets = {("a", "intercept"): INTERCEPT, ("kube-system", "world-ca"): TRUST}
+    secrets = {("a", "intercept"): INTERCEPT, ("a", "world-ca"): TRUST}
     assert tls_secrets.references(resolved.values()) == set(secrets)
     n1, problems = tls_secrets.attach(resolved["n1"], secrets)
     n2, _ = tls_secrets.attach(resolved["n2"], secrets)
     assert problems == [] and n2.tls_secrets == {}
-    assert set(n1.tls_secrets) == {"a/intercept", "kube-system/world-ca"}
+    assert set(n1.tls_secrets) == {"a/intercept", "a/world-ca"}
     assert n1.tls_secrets["a/intercept"].private_key == KEY
-    assert n1.tls_secrets["kube-system/world-ca"].trusted_ca == WORLD_CA.cert_pem
+    assert n1.tls_secrets["a/world-ca"].trusted_ca == WORLD_CA.cert_pem
     # rotation: new items, new content hash (published again)
     cert2, key2 = CA.issue("api.world.test")
     rotated, _ = tls_secrets.attach(resolved["n1"], {**secrets, ("a", "intercept"): {
@@ -97,7 +97,7 @@ def test_secrets_go_only_to_nodes_hosting_selected_pods_and_rotation_changes_the
 
 
 def test_a_ccnp_secret_namespace_is_each_endpoints() -> None:
-    policy = ccnp(egress(port_rule(**BOTH)))
+    policy = ccnp(egress(port_rule(**ELSEWHERE)))
     resolved = resolve_cluster(state_of(policy))  # a/web on n1, b/web on n2
     assert tls_secrets.references([tls_secrets.fill_namespaces(resolved["n1"])]) == {
         ("a", "intercept"), ("kube-system", "world-ca")}
@@ -105,15 +105,22 @@ def test_a_ccnp_secret_namespace_is_each_endpoints() -> None:
         ("b", "intercept"), ("kube-system", "world-ca")}
 
 
+def test_a_cnp_naming_another_namespaces_secret_is_not_proxied_and_reads_none() -> None:
+    resolved = resolve_cluster(state_of(cnp(egress(port_rule(**ELSEWHERE)))))
+    entry = entry_443(resolved["n1"])
+    assert entry.l7_redirect and entry.http is None  # dropped (PROXY_UNAVAILABLE); support row foreign-secret
+    assert tls_secrets.references([tls_secrets.fill_namespaces(resolved["n1"])]) == set()
+
+
 @pytest.mark.parametrize(("secrets", "needle"), [
-    ({("kube-system", "world-ca"): TRUST}, "terminatingTLS Secret a/intercept: not found"),
-    ({("a", "intercept"): {"tls.crt": CERT.encode()}, ("kube-system", "world-ca"): TRUST},
+    ({("a", "world-ca"): TRUST}, "terminatingTLS Secret a/intercept: not found"),
+    ({("a", "intercept"): {"tls.crt": CERT.encode()}, ("a", "world-ca"): TRUST},
      "a certificate needs its private key"),
     ({("a", "intercept"): {"tls.crt": CERT.encode(), "tls.key": CA.issue("x")[1].encode()},
-      ("kube-system", "world-ca"): TRUST}, "the private key does not match the certificate"),
-    ({("a", "intercept"): INTERCEPT, ("kube-system", "world-ca"): {"ca-certificates.crt": TRUST["ca.crt"]}},
-     "originatingTLS Secret kube-system/world-ca: TLS certificates not found in the Secret"),
-    ({("a", "intercept"): INTERCEPT, ("kube-system", "world-ca"): {"ca.crt": b"not pem"}}, "not PEM text"),
+      ("a", "world-ca"): TRUST}, "the private key does not match the certificate"),
+    ({("a", "intercept"): INTERCEPT, ("a", "world-ca"): {"ca-certificates.crt": TRUST["ca.crt"]}},
+     "originatingTLS Secret a/world-ca: TLS certificates not found in the Secret"),
+    ({("a", "intercept"): INTERCEPT, ("a", "world-ca"): {"ca.crt": b"not pem"}}, "not PEM text"),
 ])
 def test_a_missing_or_bad_secret_fails_closed_naming_it_never_its_content(
         secrets: dict[tuple[str, str], dict[str, bytes]], needle: str) -> None:
@@ -145,14 +152,14 @@ def test_tls_and_plain_http_rules_on_one_entry_conflict() -> None:
         {"toCIDR": ["192.0.2.100/32"], "toPorts": [port_rule()]}]})
     resolved = resolve_cluster(state_of(both))
     attached, problems = tls_secrets.attach(resolved["n1"], {("a", "intercept"): INTERCEPT,
-                                                            ("kube-system", "world-ca"): TRUST})
+                                                            ("a", "world-ca"): TRUST})
     assert entry_443(attached).http is None and "conflicting TLS contexts" in problems[0].message
 
 
 def test_a_malformed_intent_is_refused_without_quoting_its_values() -> None:
     resolved = resolve_cluster(state_of(cnp(egress(port_rule(**BOTH)))))
     attached, _ = tls_secrets.attach(resolved["n1"], {("a", "intercept"): INTERCEPT,
-                                                     ("kube-system", "world-ca"): TRUST})
+                                                     ("a", "world-ca"): TRUST})
     data = json.loads(attached.to_wire())
     data["tls_secrets"]["a/intercept"]["private_key"] = [KEY]  # wrong type: the value must not be echoed
     with pytest.raises(intents.IntentSchemaError) as refused:
