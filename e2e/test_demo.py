@@ -1,8 +1,8 @@
 """`make demo` works as shown: the Star Wars scene from a fresh lab, checked line by line.
 
 ``make demo`` (no flag) is the real-node lab: kubelets and containerd per node, Ciliary installed by its
-Helm chart. ``make demo-process`` (``--process``) is the same scene on the process lab, where the drop
-also shows in ``ciliary observe`` and ``ciliary policy trace`` names the deciding rule.
+Helm chart. ``make demo-process`` (``--process``) is the same scene on the process lab. In both the drop
+shows in ``ciliary observe`` and ``ciliary policy trace`` names the deciding rule.
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ def test_make_demo_runs_the_scene_on_real_kubelets_with_ciliary_installed_by_its
     assert re.search(r"ciliary-operator-\S+\s+(\d)/\1\s+Running", pods), pods
     assert re.search(r"ciliary-etcd-0\s+1/1\s+Running", pods), pods
     assert_the_scene(text)
-    assert "not shown here: `ciliary observe` and `ciliary policy trace`" in text
+    # the CLI after `eval $(ciliary lab env)`: the chart's etcd through the forwarded port, each agent via its pod
+    assert "$ eval $(ciliary lab env)" in text
+    assert_flows_and_traces(text)
     # the L7 step runs here too: node-1's Envoy answers, the real hubble CLI reads both L7 flows from the relay
     l7 = text.split("Apply an L7 policy")[1]
     assert "Ship landed" in l7 and "HTTP/1.1 403 Forbidden Access denied" in l7, l7
@@ -72,12 +74,22 @@ def test_make_demo_runs_the_scene_on_real_kubelets_with_ciliary_installed_by_its
     assert "POST /v1/request-landing => 200 FORWARDED" in l7 and "PUT /v1/exhaust-port => 403 DROPPED" in l7, l7
 
 
+def assert_flows_and_traces(text: str) -> None:
+    """``ciliary observe`` shows the xwing's drop; ``ciliary policy trace`` denies it and names rule1 for the
+    tiefighter, both from the nodes' datapaths."""
+    assert re.search(r"default/xwing:\d+ \(ID:\d+\) -> default/deathstar:80 .* DROPPED \(POLICY_DENIED\)", text)
+    traces = text.split("$ ciliary policy trace --src default/xwing")[1].split("Apply an L7 policy")[0]
+    denied, allowed = traces.split("$ ciliary policy trace --src default/tiefighter")
+    assert denied.split("\n", 1)[1].startswith("DENIED (from the datapath"), denied
+    assert allowed.split("\n", 1)[1].startswith("ALLOWED (from the datapath"), allowed
+    assert "CiliumNetworkPolicy default/rule1 rule 0 ingress[0]" in allowed, allowed
+
+
 def test_make_demo_process_runs_the_scene_on_the_process_lab():
     text = run_demo("--process", kind="demoproc", letter="p", timeout=600)
     assert "ciliary lab up --nodes 2" in text
     assert_the_scene(text)
-    assert re.search(r"default/xwing:\d+ \(ID:\d+\) -> default/deathstar:80 .* DROPPED \(POLICY_DENIED\)", text)
-    assert "CiliumNetworkPolicy default/rule1 rule 0 ingress[0]" in text
+    assert_flows_and_traces(text)
     # the L7 step: node-1's Envoy answers what the HTTP rule does not allow, both requests are L7 flows
     l7 = text.split("Apply an L7 policy")[1]
     assert "Ship landed" in l7 and "HTTP/1.1 403 Forbidden Access denied" in l7

@@ -22,6 +22,8 @@ etcd enrollment, TLS everywhere. ``wait_ready`` waits for the agents on every no
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import json
 import platform
@@ -43,6 +45,11 @@ RELEASE = "ciliary"
 CRDS_RELEASE = "ciliary-crds"
 NAMESPACE = "kube-system"
 ETCD_IMAGE_REPOSITORY = "docker.io/lab/etcd"
+ETCD_SERVICE = f"{RELEASE}-etcd"
+"""The bundled etcd's Service (client port only)."""
+ETCD_TLS_SECRET = f"{RELEASE}-etcd-tls"
+"""The chart-generated etcd CA and client certificates (``ca.crt``, ``operator.crt``, ``operator.key``, ...)."""
+CLI_ETCD_ITEMS = ("ca.crt", "operator.crt", "operator.key")
 
 
 class ChartInstallError(RuntimeError):
@@ -51,6 +58,28 @@ class ChartInstallError(RuntimeError):
     def __init__(self, release: str, message: str) -> None:
         super().__init__(f"{release}: {message}")
         self.release = release
+
+
+def cli_etcd_files(kubectl: Callable[..., subprocess.CompletedProcess[str]], where: Path
+                   ) -> tuple[Path, Path, Path] | None:
+    """The chart etcd's CA and the operator's client certificate and key, read from the chart's Secret and
+    written (0600, in a 0700 directory) under ``where``: what the lab's user needs for ``ciliary policy
+    trace``/``get`` and ``ciliary observe`` against the chart's etcd. Read every time (a reinstalled chart
+    makes new ones); None when the Secret or an item cannot be read."""
+    out = kubectl("get", "secret", "-n", NAMESPACE, ETCD_TLS_SECRET, "-o", "json", check=False)
+    if out.returncode != 0:
+        return None
+    data = (json.loads(out.stdout).get("data") or {})
+    try:
+        items = {name: base64.b64decode(data[name], validate=True) for name in CLI_ETCD_ITEMS}
+    except (KeyError, binascii.Error, ValueError):
+        return None
+    where.mkdir(mode=0o700, parents=True, exist_ok=True)
+    files = tuple(where / name for name in CLI_ETCD_ITEMS)
+    for path in files:
+        path.touch(mode=0o600)
+        path.write_bytes(items[path.name])
+    return files[0], files[1], files[2]
 
 
 def etcd_image_reference() -> str:

@@ -6,16 +6,17 @@ TCP 80) and xwing (org=alliance) on node-1, tiefighter (org=empire) on node-2, a
 image (``docker.io/lab/app``). Without a policy both ships land; with Cilium's L3/L4 ``rule1`` (only
 org=empire into the deathstar on 80/TCP) the tiefighter lands, the xwing times out, and the policy's
 status shows where it is enforced. Every step prints the command a user would type to do the same.
-``ciliary observe`` and ``ciliary policy trace`` read Ciliary's etcd, which there is the chart's bundled
-etcd inside the cluster, out of the CLI's reach from the lab: those two steps are left out and say so.
+``ciliary observe`` shows the drop and ``ciliary policy trace`` explains both verdicts: on real nodes after
+``eval $(ciliary lab env)``, which points the CLI at the chart's etcd (forwarded to a root-namespace port by
+the lab's service forward; the operator's client certificate from the chart's Secret) and lets it reach each
+node's agent through its pod (``kubectl exec``).
 Then the L7 step (Cilium's ``sw_l3_l4_l7_policy``): ``rule1`` gains an HTTP rule, enforced by
 node-1's Envoy: the tiefighter's ``POST /v1/request-landing`` lands, its ``PUT /v1/exhaust-port`` gets
 ``403 Access denied``, and both requests show as L7 flows (on real nodes read by the real ``hubble``
 CLI from the chart's relay; on the process lab by ``ciliary observe``).
 
 ``--process`` (``make demo-process``) is the fast development mode: the same scene on the process lab
-(``ciliary lab up``: agents, operator and Ciliary's own pod runtime as processes, no kubelet, no images),
-where the drop also shows in ``ciliary observe`` and ``ciliary policy trace`` explains it.
+(``ciliary lab up``: agents, operator and Ciliary's own pod runtime as processes, no kubelet, no images).
 """
 
 from __future__ import annotations
@@ -234,15 +235,18 @@ def run(real_nodes: bool = True) -> int:
     ok &= land(lab, "tiefighter", ip)
     ok &= not land(lab, "xwing", ip)
     if real_nodes:
-        step("Flows and traces read Ciliary's etcd: in this lab it is the chart's, inside the cluster")
-        print("   (not shown here: `ciliary observe` and `ciliary policy trace` need the CLI to reach it)")
-    else:
-        step("Every verdict is a flow: the drop, seen by the deathstar's node")
-        text = ciliary("observe", "--verdict", "DROPPED", "--pod", "default/deathstar", "--last", "3")
-        ok &= "DROPPED" in text
-        step("Why? The same entries the kernel holds, explained")
-        ciliary("policy", "trace", "--src", "default/xwing", "--dst", "default/deathstar", "--dport", "80/tcp")
-        ciliary("policy", "trace", "--src", "default/tiefighter", "--dst", "default/deathstar", "--dport", "80/tcp")
+        step("The CLI reaches the chart's etcd (a forwarded port, mutual TLS) and each node's agent (its pod)")
+        show("eval $(ciliary lab env)")
+        os.environ.update(lab_env(lab))
+    step("Every verdict is a flow: the drop, seen by the deathstar's node")
+    text = ciliary("observe", "--verdict", "DROPPED", "--pod", "default/deathstar", "--last", "3")
+    ok &= "DROPPED" in text
+    step("Why? The same entries the kernel holds, explained")
+    text = ciliary("policy", "trace", "--src", "default/xwing", "--dst", "default/deathstar", "--dport", "80/tcp")
+    ok &= text.startswith("DENIED")
+    text = ciliary("policy", "trace", "--src", "default/tiefighter", "--dst", "default/deathstar", "--dport",
+                   "80/tcp")
+    ok &= text.startswith("ALLOWED")
     ok &= l7_step(lab, ip, real_nodes)
     step("Where the policy is enforced, per node, in its status")
     show("kubectl get cnp rule1 -o jsonpath='{.status}'")
@@ -255,6 +259,15 @@ def run(real_nodes: bool = True) -> int:
     if not ok:
         print(f"{RED}demo: something did not behave as shown above{RESET}", file=sys.stderr)
     return 0 if ok else 1
+
+
+def lab_env(lab: Lab) -> dict[str, str]:
+    """What ``eval $(ciliary lab env)`` sets (``$PATH`` expanded)."""
+    env = {}
+    for line in lab.env_lines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        env[key] = value.replace("$PATH", os.environ.get("PATH", ""))
+    return env
 
 
 def real_nodes_wanted(args: list[str], environ: dict[str, str]) -> bool:

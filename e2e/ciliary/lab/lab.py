@@ -291,6 +291,10 @@ class Lab:
         """The port of ``ciliary-ui``, the service map (``CILIARY_UI_URL``)."""
         return self._saved_port(self.layout.state_dir / "ui-port")
 
+    def etcd_forward_port(self) -> int:
+        """Real nodes: the root-namespace port forwarded to the chart's etcd Service (``CILIARY_ETCD_ENDPOINTS``)."""
+        return self._saved_port(self.layout.state_dir / "etcd-forward-port")
+
     def start_service_map(self) -> None:
         """``ciliary-ui``: the service map page, a client of the relay like the hubble CLI."""
         if processes.running_pid(self.layout, "ui"):
@@ -411,7 +415,24 @@ class Lab:
                 f"{tools.built_path('hubble').parent}:{tools.built_path('helm').parent}:"
                 # skaffold when built (setup/build-node-tools.sh skaffold; make test builds it)
                 f"{f'{skaffold.parent}:' if (skaffold := tools.built_path('skaffold')).exists() else ''}$PATH",
-                *self.real_node_env_lines()]
+                *self.chart_cli_env_lines(), *self.real_node_env_lines()]
+
+    def chart_cli_env_lines(self) -> list[str]:
+        """Real nodes: the CLI's way to the chart's etcd (the service forward's port, the operator's client
+        certificate from the chart's Secret) and to the agents (kubectl exec: ``ciliary.cli.agent_access``)."""
+        port = self.layout.state_dir / "etcd-forward-port"
+        if not self.config().get("real_nodes") or not port.exists() or \
+                not processes.running_pid(self.layout, "service-forward"):
+            return []
+        from ciliary.lab import chartinstall  # it imports the image builders; only real-node labs need it
+
+        files = chartinstall.cli_etcd_files(lambda *a, **k: self.kubectl(*a, **k), self.layout.state_dir / "cli-etcd")
+        if files is None:
+            return []
+        ca, cert, key = files
+        return [f"export CILIARY_ETCD_ENDPOINTS=https://127.0.0.1:{port.read_text().strip()}",
+                f"export CILIARY_ETCD_CA_FILE={ca}", f"export CILIARY_ETCD_CERT_FILE={cert}",
+                f"export CILIARY_ETCD_KEY_FILE={key}", f"export CILIARY_KUBECTL={self.bins.kubectl}"]
 
     def real_node_env_lines(self) -> list[str]:
         """For ``skaffold run -p lab``: the lab registry as default repository, and the agent capability."""

@@ -220,10 +220,12 @@ SERVICE_FORWARD = "service-forward"
 
 
 def start_service_forward(lab: Lab, node: str, seconds: float = 20) -> bool:
-    """(Re)start ``serviceforward`` for the chart's ``hubble-relay`` and ``hubble-ui`` Services (dialled from
-    ``node``'s namespace) on the lab's relay and UI ports; False when the chart deploys neither."""
+    """(Re)start ``serviceforward`` for the chart's ``hubble-relay``, ``hubble-ui`` and etcd Services (dialled
+    from ``node``'s namespace) on the lab's relay, UI and etcd-forward ports; False when the chart deploys none.
+    The etcd port is mutual TLS as inside the cluster: ``ciliary lab env`` gives the CLI a certificate."""
     forwards = [serviceforward.Forward(port, chartinstall.NAMESPACE, service)
-                for service, port in (("hubble-relay", lab.relay_port()), ("hubble-ui", lab.ui_port()))
+                for service, port in (("hubble-relay", lab.relay_port()), ("hubble-ui", lab.ui_port()),
+                                      (chartinstall.ETCD_SERVICE, lab.etcd_forward_port()))
                 if lab.kubectl("get", "service", service, "-n", chartinstall.NAMESPACE, check=False).returncode == 0]
     if not forwards:
         return False
