@@ -247,6 +247,12 @@ the agents' load balancer is programmed: operator, agents). */}}
 {{- if not .Values.etcd.hostNetwork }}
 {{- fail "etcd.clientHostAlias needs etcd.hostNetwork (the alias is the etcd node's own address)" }}
 {{- end }}
+{{- if not (regexMatch "^([0-9]{1,3}\\.){3}[0-9]{1,3}$" (toString .Values.etcd.clientHostAlias)) }}
+{{- fail (printf "etcd.clientHostAlias %q is not an IPv4 address (the etcd node's own address)" (toString .Values.etcd.clientHostAlias)) }}
+{{- end }}
+{{- if not (index (.Values.etcd.nodeSelector | default dict) "kubernetes.io/hostname") }}
+{{- fail "etcd.clientHostAlias needs etcd.nodeSelector with kubernetes.io/hostname: the node whose address it is (an etcd pod elsewhere leaves the operator and agents dialling an address where no etcd listens)" }}
+{{- end }}
 hostAliases:
 - ip: {{ .Values.etcd.clientHostAlias | quote }}
   hostnames:

@@ -301,11 +301,14 @@ def test_external_etcd_replaces_the_bundled_one(helm: Helm) -> None:
     assert missing.returncode != 0 and "etcd.external.endpoints" in missing.stderr
 
 
+PINNED = "etcd.nodeSelector.kubernetes\\.io/hostname=node-1"
+
+
 def test_without_kube_proxy_the_components_dial_the_apiserver_and_etcd_without_a_cluster_ip(helm: Helm) -> None:
     """k8sServiceHost and etcd.clientHostAlias: every container that talks to the apiserver or etcd before the
     agents' load balancer is programmed gets the direct addresses; by default nothing changes."""
     docs = documents(helm.template(CHART, "k8sServiceHost=198.51.100.1", "k8sServicePort=6443",
-                                   "etcd.clientHostAlias=192.0.2.11"))
+                                   "etcd.clientHostAlias=192.0.2.11", PINNED))
     operator = find(docs, "Deployment", "-operator")["spec"]["template"]["spec"]
     agent = find(docs, "DaemonSet", "-agent")["spec"]["template"]["spec"]
     etcd = find(docs, "Service", "-etcd")["metadata"]
@@ -325,6 +328,12 @@ def test_without_kube_proxy_the_components_dial_the_apiserver_and_etcd_without_a
         assert "hostAliases" not in pod
         assert not [e for c in pod.get("initContainers", []) + pod["containers"] for e in c.get("env", [])
                     if e["name"] in ("KUBERNETES_SERVICE_HOST", "GRPC_DNS_RESOLVER")]
-    refused = helm.run("template", "x", str(CHART), "--set", "etcd.clientHostAlias=192.0.2.11",
+    refused = helm.run("template", "x", str(CHART), "--set", "etcd.clientHostAlias=192.0.2.11", "--set", PINNED,
                        "--set", "etcd.hostNetwork=false", check=False)
     assert refused.returncode != 0 and "etcd.hostNetwork" in refused.stderr
+    # not pinned to the node whose address it is: etcd could run elsewhere, the alias then reaches no etcd
+    unpinned = helm.run("template", "x", str(CHART), "--set", "etcd.clientHostAlias=192.0.2.11", check=False)
+    assert unpinned.returncode != 0 and "kubernetes.io/hostname" in unpinned.stderr, unpinned.stderr
+    named = helm.run("template", "x", str(CHART), "--set", "etcd.clientHostAlias=etcd.example", "--set", PINNED,
+                     check=False)
+    assert named.returncode != 0 and "is not an IPv4 address" in named.stderr, named.stderr
