@@ -2,36 +2,40 @@
 
 tiefighter (org=empire) lands on the deathstar, xwing (org=alliance) times out. Then,
 while both keep connecting (2 connections per 100 ms for about 10 s), the agent of
-deathstar's node is killed with SIGKILL and restarted the way the lab starts it: no
-allowed connection fails, no denied connection succeeds, and the restarted agent
-adopts the pinned datapath (no program attached again) and reports again.
+deathstar's node is killed with SIGKILL: on real nodes the init process of the ``agent``
+container of the chart's DaemonSet pod (from the host, as the kernel's OOM killer would),
+which the kubelet restarts in the same pod. No allowed connection fails, no denied
+connection succeeds, and the restarted agent adopts the pinned datapath (no program
+attached again) and reports again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ciliary.lab import processes
+from ciliary.lab import kubeletnode, processes
 from ciliary.operator.store import access, keyspace
-from ciliary.operator.store.etcdclient import EtcdEndpoint, make_client
+from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdTLS, make_client
 from lab_harness import wait_for
 
 pytestmark = pytest.mark.e2e
-#: process lab: it stops and restarts the agent *process* (ciliary.lab.processes) and reads the control plane's
-#: etcd as the node's user; on real nodes the agent is a DaemonSet pod and Ciliary's etcd the chart's (not ported)
-REAL_NODES = False
+#: on the session's real-node lab: the agent is the chart's DaemonSet pod, killed from the host and restarted by
+#: its kubelet (a deploy behaviour); Ciliary's etcd is the chart's, read through the lab's etcd forward
+REAL_NODES = True
 
 ROOT = Path(__file__).resolve().parents[1]
+AGENT_SELECTOR = "app.kubernetes.io/part-of=ciliary,app.kubernetes.io/component=agent"
 PODS = """
 apiVersion: v1
 kind: Pod
@@ -83,20 +87,27 @@ def traffic(lab: Any, pod: str, ip: str, rounds: int) -> subprocess.Popen[str]:
                              str(rounds), "2"], stdout=subprocess.PIPE, text=True)
 
 
-def enforcement(port: int) -> dict[str, Any] | None:
+def enforcement(lab: Any, node: str) -> dict[str, Any] | None:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/enforcement", timeout=2) as r:
-            return dict(json.loads(r.read()))
-    except OSError:
+        return lab.agent_json(node, "/v1/enforcement", timeout=2)
+    except (OSError, ValueError):
         return None
 
 
 def reports_of(lab: Any, node: str) -> list[dict[str, Any]]:
-    """``node``'s reports, read with its own agent's etcd credentials (its prefix is all it may list)."""
+    """``node``'s reports: on the process lab read with its own agent's etcd credentials (its prefix is all it
+    may list); on real nodes with the operator's, through the lab's forward to the chart's etcd."""
+    if lab.real_nodes:
+        env = dict(line.removeprefix("export ").split("=", 1) for line in lab.lab.chart_cli_env_lines())
+        assert env, "no forward to the chart's etcd (ciliary lab env)"
+        endpoint = env["CILIARY_ETCD_ENDPOINTS"]
+        tls = EtcdTLS(Path(env["CILIARY_ETCD_CA_FILE"]), Path(env["CILIARY_ETCD_CERT_FILE"]),
+                      Path(env["CILIARY_ETCD_KEY_FILE"]))
+    else:
+        endpoint, tls = lab.lab.ports().etcd_endpoint, lab.lab.etcd_certs().client(access.node_user(node))
 
     async def get() -> list[dict[str, Any]]:
-        tls = lab.lab.etcd_certs().client(access.node_user(node))
-        client = make_client(EtcdEndpoint.parse(lab.lab.ports().etcd_endpoint), tls, 5)
+        client = make_client(EtcdEndpoint.parse(endpoint), tls, 5)
         try:
             rows = await client.get_prefix(keyspace.node_reports_prefix(node).encode())
             return [json.loads(kv.value) for kv in rows]
@@ -104,6 +115,36 @@ def reports_of(lab: Any, node: str) -> list[dict[str, Any]]:
             await client.close()
 
     return asyncio.run(get())
+
+
+def agent_pod(lab: Any, node: str) -> dict[str, Any]:
+    out = lab.kubectl("get", "pods", "-n", "kube-system", "-l", AGENT_SELECTOR, "-o", "json")
+    found = [p for p in json.loads(out.stdout)["items"] if p["spec"].get("nodeName") == node]
+    assert len(found) == 1, [p["metadata"]["name"] for p in found]
+    return dict(found[0])
+
+
+def restarts(pod: dict[str, Any]) -> int:
+    return next(int(c.get("restartCount", 0)) for c in pod["status"].get("containerStatuses", [])
+                if c["name"] == "agent")
+
+
+def kill_agent(lab: Any, node: str) -> Callable[[], bool]:
+    """SIGKILL ``node``'s agent; returns a check that the lab (process) or its kubelet (real nodes) has
+    started it again."""
+    if lab.real_nodes:
+        pod = agent_pod(lab, node)
+        before = restarts(pod)
+        os.kill(kubeletnode.container_pid(lab.lab.layout, pod, "agent"), signal.SIGKILL)
+        return lambda: restarts(agent_pod(lab, node)) > before
+    layout = lab.lab.layout
+    pid = processes.running_pid(layout, f"agent-{node}")
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_for("the agent gone", lambda: processes.running_pid(layout, f"agent-{node}") is None, 10)
+    time.sleep(1)
+    lab.lab.start_node_processes(node, lab.lab.ports())
+    return lambda: True
 
 
 def test_kill_9_of_the_agent_keeps_enforcing_and_the_restart_adopts(lab: Any) -> None:
@@ -117,23 +158,16 @@ def test_kill_9_of_the_agent_keeps_enforcing_and_the_restart_adopts(lab: Any) ->
     wait_for("rule1 reported ok by node-2",
              lambda: any(r["name"] == "rule1" and r["ok"] for r in reports_of(lab, "node-2")), 30)
 
-    layout, node = lab.lab.layout, "node-2"
-    port = lab.lab.health_port(node)
-    before = wait_for("the agent's enforcement status", lambda: enforcement(port), 10)
+    node = "node-2"
+    before = wait_for("the agent's enforcement status", lambda: enforcement(lab, node), 10)
     allowed = traffic(lab, "tiefighter", deathstar, rounds=100)
     denied = traffic(lab, "xwing", deathstar, rounds=20)  # each denied connect waits its 0.5 s timeout
     try:
         time.sleep(2)
-        pid = processes.running_pid(layout, f"agent-{node}")
-        assert pid is not None
-        import os
-
-        os.kill(pid, signal.SIGKILL)
-        wait_for("the agent gone", lambda: processes.running_pid(layout, f"agent-{node}") is None, 10)
-        time.sleep(1)
-        lab.lab.start_node_processes(node, lab.lab.ports())
+        restarted = kill_agent(lab, node)
+        wait_for("the agent started again", restarted, 60)
         after = wait_for("the restarted agent to apply",
-                         lambda: (e := enforcement(port)) and e.get("applied_revision") is not None and e, 90)
+                         lambda: (e := enforcement(lab, node)) and e.get("applied_revision") is not None and e, 90)
         out_allowed, _ = allowed.communicate(timeout=60)
         out_denied, _ = denied.communicate(timeout=60)
     finally:

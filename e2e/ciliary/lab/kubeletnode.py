@@ -328,15 +328,15 @@ def cni_plugin_path() -> Path:
     return Path(found)
 
 
-def pod_exec_target(layout: LabLayout, pod: dict[str, Any]) -> tuple[Path, Path | None]:
-    """Where ``ciliary lab exec`` runs for a pod on a real node: its first running container's network
-    namespace (``/proc/<pid>/ns/net``, the pid from the node's containerd) and cgroup v2 group."""
+def container_pid(layout: LabLayout, pod: dict[str, Any], container: str | None = None) -> int:
+    """The host pid of a running container's task (its init process) on a real node, from the node's
+    containerd: ``container`` by name, or the pod's first running container."""
     name = f"{pod['metadata'].get('namespace')}/{pod['metadata']['name']}"
     node = pod["spec"].get("nodeName")
     ids = [s["containerID"].split("://", 1)[-1] for s in pod.get("status", {}).get("containerStatuses", [])
-           if s.get("containerID") and "running" in s.get("state", {})]
+           if s.get("containerID") and "running" in s.get("state", {}) and container in (None, s.get("name"))]
     if not node or not ids:
-        raise NodeStartError(str(node), f"pod {name} has no running container")
+        raise NodeStartError(str(node), f"pod {name} has no running container{f' {container}' if container else ''}")
     bins = NodeBinaries.discover()
     listed = subprocess.run([str(bins.ctr), "--address", str(node_paths(layout, node).containerd_socket),
                              "--namespace", "k8s.io", "tasks", "list"], capture_output=True, text=True, timeout=30)
@@ -344,7 +344,13 @@ def pod_exec_target(layout: LabLayout, pod: dict[str, Any]) -> tuple[Path, Path 
             if len(fields) >= 2 and fields[1].isdigit()}
     if ids[0] not in pids:
         raise NodeStartError(node, f"pod {name}: container {ids[0][:12]} has no task on {node}")
-    pid = pids[ids[0]]
+    return int(pids[ids[0]])
+
+
+def pod_exec_target(layout: LabLayout, pod: dict[str, Any]) -> tuple[Path, Path | None]:
+    """Where ``ciliary lab exec`` runs for a pod on a real node: its first running container's network
+    namespace (``/proc/<pid>/ns/net``, the pid from the node's containerd) and cgroup v2 group."""
+    pid = container_pid(layout, pod)
     unified = nodehost.cgroup_layout().unified
     group = next((line.split("::", 1)[1] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
                   if line.startswith("0::")), None) if unified else None
