@@ -33,6 +33,10 @@
 #define CY_TRACE_FLAGS 1 /* 1 (with CY_TRACE_ALL 0): also a packet of a tracked TCP connection
 			  * carrying a flag not reported yet in its direction */
 #endif
+#ifndef CY_TRACE_INTERVAL_S
+#define CY_TRACE_INTERVAL_S 5 /* with CY_TRACE_FLAGS: also a tracked connection's packet when its
+			       * direction reported nothing for this many seconds; 0: never */
+#endif
 
 /* Direction of a policy as seen by the endpoint (types.h: policy_key.direction). */
 #define CY_DIR_INGRESS 1 /* traffic entering the pod: tc egress of the host veth */

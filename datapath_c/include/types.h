@@ -70,7 +70,9 @@ struct ct_entry {
 			 * forward direction; packets at the other hook are replies */
 	__u8 reported[2]; /* TCP flags already reported in a flow event (monitor
 			   * aggregation, events.h): [0] forward, [1] reply */
-	__u8 pad[5];
+	__u8 pad;
+	__u16 last_report[2]; /* coarse clock second (mod 2^16) of the side's last
+			       * flow event: [0] forward, [1] reply (interval reports) */
 };
 
 struct counter {

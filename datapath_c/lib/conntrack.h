@@ -101,7 +101,7 @@ static __always_inline int cy_ct_new_flags(struct ct_entry *entry, const struct 
 {
 	__u8 flags;
 
-	if (!CY_TRACE_FLAGS || !entry || p->protocol != CY_PROTO_TCP)
+	if (p->protocol != CY_PROTO_TCP)
 		return 0;
 	flags = p->tcp_flags & CY_CT_REPORTED_FLAGS;
 	/* a new connection on the tuple of one that closed (its entry still
@@ -116,6 +116,35 @@ static __always_inline int cy_ct_new_flags(struct ct_entry *entry, const struct 
 		return 0;
 	entry->reported[side] |= flags;
 	return 1;
+}
+
+/* The coarse clock's second, mod 2^16 (ct_entry.last_report). */
+static __always_inline __u16 cy_ct_second(__u64 now)
+{
+	return (__u16)(now / 1000000000ULL);
+}
+
+/* Monitor aggregation (CY_TRACE_FLAGS): is a flow event due for packet p of
+ * the live entry on its side (0: forward, 1: reply)? When it carries a TCP
+ * flag the side has not reported (cy_ct_new_flags), or the side reported
+ * nothing for CY_TRACE_INTERVAL_S seconds (any protocol: a long connection
+ * shows it is alive, as Cilium's monitor interval does). The side's time is
+ * stamped then: the entry is written a few times per connection and once per
+ * interval at most. */
+static __always_inline int cy_ct_report_due(struct ct_entry *entry, const struct cy_packet *p, int side,
+					    __u64 now)
+{
+	__u16 second;
+
+	if (!CY_TRACE_FLAGS || !entry || side < 0 || side > 1)
+		return 0;
+	second = cy_ct_second(now);
+	if (cy_ct_new_flags(entry, p, side) ||
+	    (CY_TRACE_INTERVAL_S && (__u16)(second - entry->last_report[side]) >= CY_TRACE_INTERVAL_S)) {
+		entry->last_report[side] = second;
+		return 1;
+	}
+	return 0;
 }
 
 /* Record an allowed forward packet; entry is cy_ct_find's answer for its key.
@@ -143,6 +172,7 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, const struct c
 	fresh.origin = dir;
 	if (p->protocol == CY_PROTO_TCP)
 		fresh.reported[0] = p->tcp_flags & CY_CT_REPORTED_FLAGS;
+	fresh.last_report[0] = cy_ct_second(now); /* the opening packet is reported */
 	cy_ct.update((struct ct_key *)key, &fresh);
 	return 1;
 }

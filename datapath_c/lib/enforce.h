@@ -130,7 +130,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		if (cy_ct_is_reply(ct_entry, dir)) {
 			cy_ct_refresh(ct_entry, &p, ct_now);
 			cy_count(dir, CY_OK_REPLY, p.len);
-			if (CY_TRACE_ALL || cy_ct_new_flags(ct_entry, &p, 1)) {
+			if (CY_TRACE_ALL || cy_ct_report_due(ct_entry, &p, 1, ct_now)) {
 				ep = cy_endpoints.lookup(&pod_addr);
 				peer_id = cy_identity_of(peer_addr);
 				cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, CY_OK_REPLY, 1, ep ? ep->ep_id : 0,
@@ -185,7 +185,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_SHOT;
 	}
 	is_new = cy_ct_track(&p, &ct_key, ct_entry, dir, ep->ep_id, cookie, ct_now);
-	if (is_new || CY_TRACE_ALL || cy_ct_new_flags(ct_entry, &p, 0)) {
+	if (is_new || CY_TRACE_ALL || cy_ct_report_due(ct_entry, &p, 0, ct_now)) {
 		if (!enforced)
 			peer_id = cy_identity_of(peer_addr);
 		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie);

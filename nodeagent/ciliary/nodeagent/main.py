@@ -349,7 +349,9 @@ def make_datapath(config: settings.AgentSettings) -> enforcing.DatapathLike:
 
     pin_dir = config.bpffs_dir / "ciliary" / config.node_name
     trace_all, trace_flags = config.monitor_aggregation == "none", config.monitor_aggregation == "medium"
-    context = rendering.RenderContext(pin_dir=str(pin_dir), trace_all=trace_all, trace_flags=trace_flags)
+    interval = config.monitor_aggregation_interval
+    context = rendering.RenderContext(pin_dir=str(pin_dir), trace_all=trace_all, trace_flags=trace_flags,
+                                      trace_interval_s=interval)
     proxy_plumbing.SYSCTL_NET_DIR = config.sysctl_net_dir
     if config.l7_proxy:
         try:
@@ -357,7 +359,8 @@ def make_datapath(config: settings.AgentSettings) -> enforcing.DatapathLike:
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 device = pool.submit(proxy_plumbing.ensure, config.netns, config.proxy_port).result()
             context = rendering.RenderContext(pin_dir=str(pin_dir), proxy_ifindex=device.ifindex,
-                                              proxy_mac=device.mac, trace_all=trace_all, trace_flags=trace_flags)
+                                              proxy_mac=device.mac, trace_all=trace_all, trace_flags=trace_flags,
+                                              trace_interval_s=interval)
         except (proxy_plumbing.PlumbingFailed, OSError, subprocess.SubprocessError) as exc:
             log.error("No proxy device: traffic that HTTP rules redirect is dropped",
                       extra={"node": config.node_name, "error": str(exc)})

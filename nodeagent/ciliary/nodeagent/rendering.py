@@ -64,6 +64,9 @@ class RenderContext:
     """(Without ``trace_all``) also emit one for a packet of a tracked TCP connection carrying a flag not
     reported yet in its direction (SYN, FIN, RST: the handshake's answer, each side's close): Cilium's ``medium``
     monitor aggregation."""
+    trace_interval_s: int = 5
+    """(With ``trace_flags``) also one for a tracked connection's packet when its direction reported nothing for
+    this many seconds (any protocol; Cilium's monitor interval); 0: never."""
     proxy_ifindex: int = 0
     """ifindex of the node-local device whose ingress receives packets for the HTTP proxy; 0: none
     (packets that HTTP rules would redirect are dropped, ``lib/l7redirect.h``)."""
@@ -77,6 +80,8 @@ class RenderContext:
     def __post_init__(self) -> None:
         if not self.pin_dir.startswith("/") or '"' in self.pin_dir or "\\" in self.pin_dir:
             raise ValueError(f"pin_dir must be an absolute path without quotes: {self.pin_dir!r}")
+        if not 0 <= self.trace_interval_s <= 3600:
+            raise ValueError(f"trace_interval_s must be 0..3600 seconds: {self.trace_interval_s}")
         for name in ("ipcache_size", "endpoints_size", "policy_size", "ct_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")

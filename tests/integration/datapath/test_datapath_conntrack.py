@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes as ct
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address
 
@@ -86,7 +87,10 @@ def env() -> Iterator[Env]:
     the_env: Env | None = None
     try:
         topo.up()
-        dp = engine.Datapath(f"cyt-{topo.tag}", netns=topo.node_ns)
+        # a long monitor interval: these tests count the flag reports alone (the interval has its own test)
+        dp = engine.Datapath(f"cyt-{topo.tag}", netns=topo.node_ns,
+                             context=rendering.RenderContext(pin_dir=f"/sys/fs/bpf/ciliary/cyt-{topo.tag}",
+                                                             trace_interval_s=3600))
         dp.start()
         the_env = Env(topo, dp)
         the_env.apply(ALLOW_A)
@@ -216,6 +220,47 @@ def test_medium_aggregation_reports_a_connections_first_packet_and_each_new_flag
         env.b_to_a(SYN, sport=DPORT + 1)
     drops = [e for _ in range(5) for e in reader.poll(50) if e.verdict == "dropped"]
     assert len(drops) == 3, drops
+
+
+def test_medium_aggregation_reports_a_quiet_direction_again_after_the_interval() -> None:
+    """``--monitor-aggregation-interval 2``: a long connection's data shows once per direction and hook after two
+    seconds without a report on that side, then not again within them."""
+    topo = Topology(pods=2)
+    dp: engine.Datapath | None = None
+    the_env: Env | None = None
+    try:
+        topo.up()
+        dp = engine.Datapath(f"cyt-{topo.tag}", netns=topo.node_ns,
+                             context=rendering.RenderContext(pin_dir=f"/sys/fs/bpf/ciliary/cyt-{topo.tag}",
+                                                             trace_interval_s=2))
+        dp.start()
+        the_env = Env(topo, dp)
+        the_env.apply(ALLOW_A)
+        reader = dp.flows()
+        reader.drain()
+
+        def seen() -> list[tuple[str, int, bool]]:
+            got = [e for _ in range(5) for e in reader.poll(50)]
+            return sorted((e.direction, e.tcp_flags, e.is_reply) for e in got
+                          if e.protocol == TCP and SPORT in (e.sport, e.dport))
+
+        the_env.a_to_b(SYN)
+        the_env.b_to_a(SYN_ACK)
+        the_env.a_to_b(ACK)
+        assert len(seen()) == 4  # the SYN and its answer, each at two hooks
+        time.sleep(3.1)  # 3 or more seconds on the coarse clock's count, whichever second the reports fell in
+        data = ACK | 0x08
+        for _ in range(3):
+            the_env.a_to_b(data)
+            the_env.b_to_a(data)
+        assert seen() == [("egress", data, False), ("egress", data, True),
+                          ("ingress", data, False), ("ingress", data, True)]
+    finally:
+        if the_env is not None:
+            the_env.runner.close()
+        if dp is not None:
+            dp.teardown()
+        topo.down()
 
 
 def test_maximum_aggregation_reports_the_first_packet_only() -> None:

@@ -178,6 +178,10 @@ def test_monitor_aggregation_default_env_flag_and_bad_value(tls_env, capsys):
     assert settings.load_settings([], env).monitor_aggregation == "medium"
     assert settings.load_settings([], {**env, "CILIARY_AGENT_MONITOR_AGGREGATION": "none"}).monitor_aggregation == "none"
     assert settings.load_settings(["--monitor-aggregation", "maximum"], env).monitor_aggregation == "maximum"
+    assert settings.load_settings([], env).monitor_aggregation_interval == 5
+    assert settings.load_settings([], {**env, "CILIARY_AGENT_MONITOR_AGGREGATION_INTERVAL": "0"}
+                                  ).monitor_aggregation_interval == 0
+    assert settings.load_settings(["--monitor-aggregation-interval", "30"], env).monitor_aggregation_interval == 30
     with pytest.raises(SystemExit) as info:
         settings.load_settings(["--monitor-aggregation", "low"], env)
     assert info.value.code == 2 and "--monitor-aggregation" in capsys.readouterr().err

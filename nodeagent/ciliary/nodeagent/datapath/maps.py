@@ -70,7 +70,8 @@ class CtKeyC(ct.Structure):
 
 class CtEntryC(ct.Structure):
     _fields_ = [("expires", ct.c_uint64), ("ep_id", ct.c_uint32), ("cookie", ct.c_uint32),
-                ("origin", ct.c_uint8), ("reported", ct.c_uint8 * 2), ("pad", ct.c_uint8 * 5)]
+                ("origin", ct.c_uint8), ("reported", ct.c_uint8 * 2), ("pad", ct.c_uint8),
+                ("last_report", ct.c_uint16 * 2)]
 
 
 class CounterC(ct.Structure):

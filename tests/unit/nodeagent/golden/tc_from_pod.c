@@ -9,6 +9,7 @@
 #define CY_EVENTS_PAGES 256
 #define CY_TRACE_ALL 0
 #define CY_TRACE_FLAGS 1
+#define CY_TRACE_INTERVAL_S 5
 
 
 #include <uapi/linux/pkt_cls.h>
@@ -54,6 +55,10 @@
 #ifndef CY_TRACE_FLAGS
 #define CY_TRACE_FLAGS 1 /* 1 (with CY_TRACE_ALL 0): also a packet of a tracked TCP connection
 			  * carrying a flag not reported yet in its direction */
+#endif
+#ifndef CY_TRACE_INTERVAL_S
+#define CY_TRACE_INTERVAL_S 5 /* with CY_TRACE_FLAGS: also a tracked connection's packet when its
+			       * direction reported nothing for this many seconds; 0: never */
 #endif
 
 /* Direction of a policy as seen by the endpoint (types.h: policy_key.direction). */
@@ -231,7 +236,9 @@ struct ct_entry {
 			 * forward direction; packets at the other hook are replies */
 	__u8 reported[2]; /* TCP flags already reported in a flow event (monitor
 			   * aggregation, events.h): [0] forward, [1] reply */
-	__u8 pad[5];
+	__u8 pad;
+	__u16 last_report[2]; /* coarse clock second (mod 2^16) of the side's last
+			       * flow event: [0] forward, [1] reply (interval reports) */
 };
 
 struct counter {
@@ -888,7 +895,7 @@ static __always_inline int cy_ct_new_flags(struct ct_entry *entry, const struct 
 {
 	__u8 flags;
 
-	if (!CY_TRACE_FLAGS || !entry || p->protocol != CY_PROTO_TCP)
+	if (p->protocol != CY_PROTO_TCP)
 		return 0;
 	flags = p->tcp_flags & CY_CT_REPORTED_FLAGS;
 	/* a new connection on the tuple of one that closed (its entry still
@@ -903,6 +910,35 @@ static __always_inline int cy_ct_new_flags(struct ct_entry *entry, const struct 
 		return 0;
 	entry->reported[side] |= flags;
 	return 1;
+}
+
+/* The coarse clock's second, mod 2^16 (ct_entry.last_report). */
+static __always_inline __u16 cy_ct_second(__u64 now)
+{
+	return (__u16)(now / 1000000000ULL);
+}
+
+/* Monitor aggregation (CY_TRACE_FLAGS): is a flow event due for packet p of
+ * the live entry on its side (0: forward, 1: reply)? When it carries a TCP
+ * flag the side has not reported (cy_ct_new_flags), or the side reported
+ * nothing for CY_TRACE_INTERVAL_S seconds (any protocol: a long connection
+ * shows it is alive, as Cilium's monitor interval does). The side's time is
+ * stamped then: the entry is written a few times per connection and once per
+ * interval at most. */
+static __always_inline int cy_ct_report_due(struct ct_entry *entry, const struct cy_packet *p, int side,
+					    __u64 now)
+{
+	__u16 second;
+
+	if (!CY_TRACE_FLAGS || !entry || side < 0 || side > 1)
+		return 0;
+	second = cy_ct_second(now);
+	if (cy_ct_new_flags(entry, p, side) ||
+	    (CY_TRACE_INTERVAL_S && (__u16)(second - entry->last_report[side]) >= CY_TRACE_INTERVAL_S)) {
+		entry->last_report[side] = second;
+		return 1;
+	}
+	return 0;
 }
 
 /* Record an allowed forward packet; entry is cy_ct_find's answer for its key.
@@ -930,6 +966,7 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, const struct c
 	fresh.origin = dir;
 	if (p->protocol == CY_PROTO_TCP)
 		fresh.reported[0] = p->tcp_flags & CY_CT_REPORTED_FLAGS;
+	fresh.last_report[0] = cy_ct_second(now); /* the opening packet is reported */
 	cy_ct.update((struct ct_key *)key, &fresh);
 	return 1;
 }
@@ -1200,7 +1237,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		if (cy_ct_is_reply(ct_entry, dir)) {
 			cy_ct_refresh(ct_entry, &p, ct_now);
 			cy_count(dir, CY_OK_REPLY, p.len);
-			if (CY_TRACE_ALL || cy_ct_new_flags(ct_entry, &p, 1)) {
+			if (CY_TRACE_ALL || cy_ct_report_due(ct_entry, &p, 1, ct_now)) {
 				ep = cy_endpoints.lookup(&pod_addr);
 				peer_id = cy_identity_of(peer_addr);
 				cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, CY_OK_REPLY, 1, ep ? ep->ep_id : 0,
@@ -1255,7 +1292,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_SHOT;
 	}
 	is_new = cy_ct_track(&p, &ct_key, ct_entry, dir, ep->ep_id, cookie, ct_now);
-	if (is_new || CY_TRACE_ALL || cy_ct_new_flags(ct_entry, &p, 0)) {
+	if (is_new || CY_TRACE_ALL || cy_ct_report_due(ct_entry, &p, 0, ct_now)) {
 		if (!enforced)
 			peer_id = cy_identity_of(peer_addr);
 		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie);
