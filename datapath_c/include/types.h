@@ -94,7 +94,8 @@ struct flow_event {
 	__u8 direction;  /* CY_DIR_* */
 	__u8 is_reply;
 	__u8 family;     /* 4 or 6 */
-	__u8 pad;
+	__u8 established; /* a forward packet of a tracked connection, not its first
+			   * (monitor aggregation's flag and interval reports) */
 	__u32 ep_id;
 	__u32 src_identity;
 	__u32 dst_identity;

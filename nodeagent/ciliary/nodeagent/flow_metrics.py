@@ -15,8 +15,8 @@ families at scrape time:
 - ``hubble_flow_ring_size`` / ``hubble_flow_ring_capacity`` (the ring's fill, the "map pressure"
   of the observer);
 - ``hubble_policy_verdicts_total{direction, match, action}``: the policy's verdicts on new traffic: drops,
-  a TCP SYN without ACK, other protocols' events (with ``--monitor-aggregation none`` every non-TCP
-  packet); not replies, not a connection's later FIN/RST reports, not unenforced endpoints. ``match`` says what decided: ``none`` (no rule: default deny),
+  a TCP SYN without ACK, another protocol's first packet; not replies, not a connection's later reports (FIN/RST,
+  the monitor interval's, ``none``'s every packet: ``established`` in the event), not unenforced endpoints. ``match`` says what decided: ``none`` (no rule: default deny),
   ``deny`` (a deny rule), ``allow`` (an allow rule; the datapath does not record whether it was an L3,
   L4 or L3/L4 entry, so Hubble's ``l3-only``/``l3-l4``/``l4-only``/``all`` are not told apart),
   ``l7/http`` (handed to the node's HTTP proxy), ``l7/dns`` (the DNS proxy); ``action`` forwarded,
@@ -74,10 +74,13 @@ _TCP_SYN, _TCP_ACK = 0x02, 0x10
 
 def _opens(event: Any) -> bool:
     """Is ``event`` (not a reply) the verdict on a new flow: a drop, a TCP SYN without ACK, or another protocol's
-    event (which monitor aggregation emits for the first packet only, unless ``none``)? Not a connection's
-    later flag reports (its FIN or RST)."""
-    return (event.verdict == "dropped" or event.protocol != 6
-            or event.tcp_flags & (_TCP_SYN | _TCP_ACK) == _TCP_SYN)
+    first packet? Not a connection's later reports (its FIN or RST, the monitor interval's, every packet's with
+    ``--monitor-aggregation none``: the datapath marks them ``established``)."""
+    if event.verdict == "dropped":
+        return True
+    if event.protocol == 6:
+        return event.tcp_flags & (_TCP_SYN | _TCP_ACK) == _TCP_SYN
+    return not getattr(event, "established", False)
 
 
 def count_key(event: Any) -> CountKey:

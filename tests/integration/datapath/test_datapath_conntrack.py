@@ -239,22 +239,24 @@ def test_medium_aggregation_reports_a_quiet_direction_again_after_the_interval()
         reader = dp.flows()
         reader.drain()
 
-        def seen() -> list[tuple[str, int, bool]]:
+        def seen() -> list[tuple[str, int, bool, bool]]:
             got = [e for _ in range(5) for e in reader.poll(50)]
-            return sorted((e.direction, e.tcp_flags, e.is_reply) for e in got
+            return sorted((e.direction, e.tcp_flags, e.is_reply, e.established) for e in got
                           if e.protocol == TCP and SPORT in (e.sport, e.dport))
 
         the_env.a_to_b(SYN)
         the_env.b_to_a(SYN_ACK)
         the_env.a_to_b(ACK)
-        assert len(seen()) == 4  # the SYN and its answer, each at two hooks
+        # the SYN and its answer, each at two hooks; only the SYN opens (replies are never "established")
+        assert seen() == [("egress", SYN, False, False), ("egress", SYN_ACK, True, False),
+                          ("ingress", SYN, False, False), ("ingress", SYN_ACK, True, False)]
         time.sleep(3.1)  # 3 or more seconds on the coarse clock's count, whichever second the reports fell in
         data = ACK | 0x08
         for _ in range(3):
             the_env.a_to_b(data)
             the_env.b_to_a(data)
-        assert seen() == [("egress", data, False), ("egress", data, True),
-                          ("ingress", data, False), ("ingress", data, True)]
+        assert seen() == [("egress", data, False, True), ("egress", data, True, False),
+                          ("ingress", data, False, True), ("ingress", data, True, False)]
     finally:
         if the_env is not None:
             the_env.runner.close()

@@ -95,7 +95,10 @@ def test_policy_verdicts_ports_http_and_dns() -> None:
                 + [_http("GET", 200, 3), _http("GET", 403, 0), _http("BREW", 200, 700, "egress")]
                 + [_dns("NOERROR", 2), _dns("NOERROR", 12), _dns("REFUSED", 0, "dropped")]
                 # a tracked connection's FIN report (medium aggregation): not a verdict on new traffic
-                + [event("forwarded", maps.Reason.OK_POLICY, dport=8080, flags=0x11)])
+                + [event("forwarded", maps.Reason.OK_POLICY, dport=8080, flags=0x11)]
+                # a UDP exchange: its first packet is a verdict, the monitor interval's later report is not
+                + [event("forwarded", maps.Reason.OK_POLICY, dport=5353, protocol=17, flags=0),
+                   event("forwarded", maps.Reason.OK_POLICY, dport=5353, protocol=17, flags=0, established=True)])
     got = samples(flowapi.metrics_registry(hub))
 
     def verdicts(direction: str, match: str, action: str) -> float:
@@ -103,7 +106,8 @@ def test_policy_verdicts_ports_http_and_dns() -> None:
                         (("action", action), ("direction", direction), ("match", match))), 0)
 
     assert verdicts("ingress", "none", "dropped") == 2 and verdicts("ingress", "deny", "dropped") == 1
-    assert verdicts("ingress", "allow", "forwarded") == 4
+    assert verdicts("ingress", "allow", "forwarded") == 5  # 4 TCP SYNs, 1 UDP first packet
+    assert got["hubble_port_distribution_total", (("port", "5353"), ("protocol", "UDP"))] == 1
     assert verdicts("ingress", "l7/http", "redirected") == 1 and verdicts("egress", "l7/dns", "redirected") == 1
     assert verdicts("ingress", "l7/http", "forwarded") == 1 and verdicts("ingress", "l7/http", "dropped") == 1
     assert verdicts("egress", "l7/dns", "forwarded") == 2 and verdicts("egress", "l7/dns", "dropped") == 1

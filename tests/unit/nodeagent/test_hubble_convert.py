@@ -27,11 +27,11 @@ INDEX = flowapi.IntentIndex.of("n1", INTENT)
 
 def event(verdict: str = "dropped", reason: maps.Reason = maps.Reason.DROP_POLICY, *, sport: int = 40000,
           dport: int = 80, cookie: int = 0, protocol: int = 6, direction: str = "ingress", is_reply: bool = False,
-          t: float = 1700000000.5, flags: int = 0x02) -> flows.FlowEvent:
+          t: float = 1700000000.5, flags: int = 0x02, established: bool = False) -> flows.FlowEvent:
     return flows.FlowEvent(time=t, src=IPv4Address("10.0.1.5"), dst=IPv4Address("10.0.0.2"),
                            sport=sport, dport=dport, protocol=protocol, tcp_flags=flags, verdict=verdict,
                            reason=reason, direction=direction, is_reply=is_reply, ep_id=1, src_identity=301,
-                           dst_identity=300, cookie=cookie, ifindex=7, length=60)
+                           dst_identity=300, cookie=cookie, ifindex=7, length=60, established=established)
 
 
 def test_dropped_flow_carries_hubble_fields() -> None:

@@ -50,6 +50,9 @@ class FlowEvent:
     """Rule cookie (planning.rule_cookie) of the deciding entry; 0 when none."""
     ifindex: int
     length: int
+    established: bool = False
+    """A forward packet of a tracked connection, not its first (monitor aggregation's flag and interval
+    reports, or every packet with ``none``)."""
 
 
 def decode(raw: bytes, *, mono_to_wall: float | None = None) -> FlowEvent:
@@ -77,6 +80,7 @@ def decode(raw: bytes, *, mono_to_wall: float | None = None) -> FlowEvent:
         cookie=ev.cookie,
         ifindex=ev.ifindex,
         length=ev.len,
+        established=bool(ev.established),
     )
 
 

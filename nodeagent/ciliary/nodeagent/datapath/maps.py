@@ -88,7 +88,7 @@ class FlowEventC(ct.Structure):
     _fields_ = [("ts_ns", ct.c_uint64), ("saddr", ct.c_uint32), ("daddr", ct.c_uint32),
                 ("sport", ct.c_uint16), ("dport", ct.c_uint16), ("protocol", ct.c_uint8),
                 ("tcp_flags", ct.c_uint8), ("verdict", ct.c_uint8), ("reason", ct.c_uint8),
-                ("direction", ct.c_uint8), ("is_reply", ct.c_uint8), ("family", ct.c_uint8), ("pad", ct.c_uint8),
+                ("direction", ct.c_uint8), ("is_reply", ct.c_uint8), ("family", ct.c_uint8), ("established", ct.c_uint8),
                 ("ep_id", ct.c_uint32), ("src_identity", ct.c_uint32), ("dst_identity", ct.c_uint32),
                 ("cookie", ct.c_uint32), ("ifindex", ct.c_uint32), ("len", ct.c_uint32),
                 ("saddr6", ct.c_uint8 * 16), ("daddr6", ct.c_uint8 * 16)]

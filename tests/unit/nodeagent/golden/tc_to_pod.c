@@ -260,7 +260,8 @@ struct flow_event {
 	__u8 direction;  /* CY_DIR_* */
 	__u8 is_reply;
 	__u8 family;     /* 4 or 6 */
-	__u8 pad;
+	__u8 established; /* a forward packet of a tracked connection, not its first
+			   * (monitor aggregation's flag and interval reports) */
 	__u32 ep_id;
 	__u32 src_identity;
 	__u32 dst_identity;
@@ -614,7 +615,7 @@ static __always_inline void cy_count(__u8 dir, __u8 reason, __u32 len)
 
 static __always_inline void cy_emit(struct __sk_buff *skb, const struct cy_packet *p, __u8 dir,
 				    __u8 verdict, __u8 reason, __u8 is_reply, __u32 ep_id,
-				    __u32 src_identity, __u32 dst_identity, __u32 cookie)
+				    __u32 src_identity, __u32 dst_identity, __u32 cookie, __u8 established)
 {
 	struct flow_event ev = {};
 
@@ -633,6 +634,7 @@ static __always_inline void cy_emit(struct __sk_buff *skb, const struct cy_packe
 	ev.reason = reason;
 	ev.direction = dir;
 	ev.is_reply = is_reply;
+	ev.established = established;
 	ev.ep_id = ep_id;
 	ev.src_identity = src_identity;
 	ev.dst_identity = dst_identity;
@@ -1168,7 +1170,7 @@ static __always_inline int cy_enforce_ipv6(struct __sk_buff *skb, const struct c
 		return TC_ACT_OK;
 	cy_count(dir, CY_DROP_UNSUPPORTED_L3, p->len);
 	cy_emit(skb, p, dir, CY_VERDICT_DROPPED, CY_DROP_UNSUPPORTED_L3, 0, ep->ep_id,
-		dir == CY_DIR_EGRESS ? ep->identity : 0, dir == CY_DIR_EGRESS ? 0 : ep->identity, 0);
+		dir == CY_DIR_EGRESS ? ep->identity : 0, dir == CY_DIR_EGRESS ? 0 : ep->identity, 0, 0);
 	return TC_ACT_SHOT;
 }
 
@@ -1195,7 +1197,7 @@ static __always_inline int cy_spoofed_source(struct __sk_buff *skb, const struct
 	ep = cy_endpoints.lookup(pod);
 	cy_count(CY_DIR_EGRESS, CY_DROP_SPOOFED_SOURCE, p->len);
 	cy_emit(skb, p, CY_DIR_EGRESS, CY_VERDICT_DROPPED, CY_DROP_SPOOFED_SOURCE, 0, ep ? ep->ep_id : 0,
-		ep ? ep->identity : 0, 0, 0);
+		ep ? ep->identity : 0, 0, 0, 0);
 	return 1;
 }
 
@@ -1218,7 +1220,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_OK;
 	if (parsed == CY_PARSE_BAD_L3) {
 		cy_count(dir, CY_DROP_INVALID_L3, p.len);
-		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, CY_DROP_INVALID_L3, 0, 0, 0, 0, 0);
+		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, CY_DROP_INVALID_L3, 0, 0, 0, 0, 0, 0);
 		return TC_ACT_SHOT;
 	}
 	if (parsed == CY_PARSE_IPV6)
@@ -1242,7 +1244,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 				peer_id = cy_identity_of(peer_addr);
 				cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, CY_OK_REPLY, 1, ep ? ep->ep_id : 0,
 					dir == CY_DIR_EGRESS ? (ep ? ep->identity : 0) : peer_id,
-					dir == CY_DIR_EGRESS ? peer_id : (ep ? ep->identity : 0), 0);
+					dir == CY_DIR_EGRESS ? peer_id : (ep ? ep->identity : 0), 0, 0);
 			}
 			return TC_ACT_OK;
 		}
@@ -1263,7 +1265,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		reason = parsed == CY_PARSE_SHORT ? CY_DROP_INVALID : CY_DROP_FRAGMENT;
 		peer_id = cy_identity_of(peer_addr);
 		cy_count(dir, reason, p.len);
-		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, 0);
+		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, 0, 0);
 		return TC_ACT_SHOT;
 	}
 
@@ -1288,14 +1290,14 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 
 	cy_count(dir, reason, p.len);
 	if (reason == CY_DROP_POLICY || reason == CY_DROP_POLICY_DENY || reason == CY_DROP_PROXY_UNAVAILABLE) {
-		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie);
+		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie, 0);
 		return TC_ACT_SHOT;
 	}
 	is_new = cy_ct_track(&p, &ct_key, ct_entry, dir, ep->ep_id, cookie, ct_now);
 	if (is_new || CY_TRACE_ALL || cy_ct_report_due(ct_entry, &p, 0, ct_now)) {
 		if (!enforced)
 			peer_id = cy_identity_of(peer_addr);
-		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie);
+		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie, !is_new);
 	}
 	if (to_l7proxy)
 		return cy_redirect_to_l7proxy(skb);
