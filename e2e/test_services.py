@@ -283,13 +283,19 @@ spec:
 
 
 def test_nodeport_on_every_node_address_and_an_external_ip_from_a_pod(lab: Any, svc: dict[str, Any]) -> None:
+    """The client pod (node-1) reaches the NodePort on both nodes' addresses and the ExternalIP, each spreading
+    over both backends. Each node translates its own NodePort only: node-2's address leaves node-1
+    untranslated and node-2's programs serve it (as kube-proxy does; an externalTrafficPolicy Local there
+    is node-2's to apply)."""
     lab.apply(WEB_NODEPORT)
     want = sorted(f"{svc['ips'][w]}:8080" for w in ("web-1", "web-2"))
-    for address, port in (("192.0.2.11", 30080), ("192.0.2.12", 30080), ("203.0.113.10", 8000)):
-        wait_for(lambda a=address, p=port: backends_of(lab, "node-1", a, p) == want, 30, f"{address}:{port}")
+    for node, address, port in (("node-1", "192.0.2.11", 30080), ("node-2", "192.0.2.12", 30080),
+                                ("node-1", "203.0.113.10", 8000)):
+        wait_for(lambda n=node, a=address, p=port: backends_of(lab, n, a, p) == want, 30, f"{address}:{port}")
         results = svc["client"].probe("tcp", address, port, count=12)
         assert all(r["ok"] for r in results), (address, results)
         assert {r["body"] for r in results} == {f"{NS}/web-1", f"{NS}/web-2"}, (address, results)
+    assert backends_of(lab, "node-1", "192.0.2.12", 30080) is None  # not node-1's to translate
 
 
 def on_node_host(lab: Any, node: str, code: str, *args: str) -> subprocess.CompletedProcess[str]:

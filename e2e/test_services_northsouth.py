@@ -11,6 +11,7 @@ address (SNAT), which the policy test makes visible.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -104,6 +105,23 @@ def world(lab: Any, kind: str, ip: str, port: int, count: int = 1, timeout: floa
     return list(json.loads(out.stdout))
 
 
+def from_pod(lab: Any, pod: str, kind: str, ip: str, port: int, count: int = 1,
+             timeout: float = 2.0) -> list[dict[str, Any]]:
+    """Connections from ``pod``: its network namespace and cgroup (where its node's socket programs act)."""
+    netns, cgroup = lab.lab.pod_target(pod, NS)
+    assert cgroup is not None, "every pod has a cgroup v2 group (the socket programs' attach point)"
+
+    def enter() -> None:  # between fork and exec: into the pod's cgroup
+        with open(cgroup / "cgroup.procs", "w") as f:
+            f.write(str(os.getpid()))
+
+    out = subprocess.run(["nsenter", f"--net={netns}", sys.executable, "-c", PROBE, kind, ip, str(port), str(count),
+                          str(timeout)], capture_output=True, text=True, timeout=60 + count * timeout,
+                         preexec_fn=enter)
+    assert out.returncode == 0, out.stderr
+    return list(json.loads(out.stdout))
+
+
 def services_doc(lab: Any, node: str) -> dict[str, Any]:
     return dict(lab.agent_json(node, "/v1/services"))
 
@@ -142,8 +160,9 @@ def svc(lab: Any) -> Iterator[dict[str, Any]]:
     ips = {name: pod["status"]["podIP"] for name, pod in pods.items()}
     want = sorted(f"{ips[w]}:8080" for w in ("web-1", "web-2"))
     for node in NODE_IPS:
-        wait_for(lambda n=node: backends(lab, n, NODE_IPS["node-1"], 30180) == want, 240, f"NodePort on {node}")
-        wait_for(lambda n=node: backends(lab, n, NODE_IPS["node-1"], 30182) == [f"{ips['web-1']}:8080"], 60,
+        # each node's own NodePort (another node's is that node's to serve)
+        wait_for(lambda n=node: backends(lab, n, NODE_IPS[n], 30180) == want, 240, f"NodePort on {node}")
+        wait_for(lambda n=node: backends(lab, n, NODE_IPS[n], 30182) == [f"{ips['web-1']}:8080"], 60,
                  f"the Local NodePort on {node}")
         doc = wait_for(lambda n=node: (d := services_doc(lab, n)["north_south"])["devices"] and d, 240,
                        f"the north-south programs attached on {node}")
@@ -212,6 +231,21 @@ def test_external_traffic_policy_local_serves_only_where_a_backend_runs(lab: Any
     results = world(lab, "tcp", NODE_IPS["node-2"], 30182, count=1, timeout=1.0)
     assert [(r["ok"], r.get("kind")) for r in results] == [(False, "TimeoutError")], results
     assert counters(lab, "node-2")["drop-no-local-backend"] > before
+
+
+def test_a_pod_asking_another_nodes_local_nodeport_is_that_nodes_to_serve(lab: Any, svc: Any) -> None:
+    """``externalTrafficPolicy: Local``, the only endpoint web-1 on node-1: web-1 asking node-2's NodePort is not
+    translated on node-1 (node-2's NodePort is node-2's to serve) and node-2, without a local endpoint, drops it,
+    as kube-proxy does (the upstream spec "should fallback to local terminating endpoints when there are no ready
+    endpoints with externalTrafficPolicy=Local" asks this of a terminating endpoint); node-1's own NodePort
+    answers the pod from the cluster-wide set."""
+    assert backends(lab, "node-1", NODE_IPS["node-2"], 30182) is None
+    before = counters(lab, "node-2")["drop-no-local-backend"]
+    results = from_pod(lab, "web-1", "tcp", NODE_IPS["node-2"], 30182, timeout=1.0)
+    assert [(r["ok"], r.get("kind")) for r in results] == [(False, "TimeoutError")], results
+    assert counters(lab, "node-2")["drop-no-local-backend"] > before
+    results = from_pod(lab, "web-2", "tcp", NODE_IPS["node-1"], 30182, count=3)
+    assert all(r["ok"] for r in results) and {r["body"] for r in results} == {f"{NS}/web-1"}, results
 
 
 def test_the_backends_policy_sees_the_world_host_locally_and_the_node_through_snat(lab: Any, svc: Any) -> None:

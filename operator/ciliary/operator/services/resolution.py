@@ -8,10 +8,12 @@ For every Service this proxy serves (not headless, not ExternalName, no foreign
   target ports resolve per pod); the usable set is the ready endpoints, or, when none is ready,
   the serving-and-terminating ones (independently for the cluster-wide and the node-local set);
 * frontends: each ClusterIP (internalTrafficPolicy applies: ``Local`` keeps only this node's
-  backends), the NodePort on every node's address, each ExternalIP and each LoadBalancer ingress
-  IP. Those external frontends are reached here only by clients on a node (socket load
-  balancing), which, as in kube-proxy for pod-originated traffic and in Cilium, use the
-  cluster-wide set whatever externalTrafficPolicy says (the policy is carried for display);
+  backends), the NodePort on this node's own address (another node's NodePort is that node's to
+  serve: a client here is not translated, its connection goes to that node, which applies its own
+  externalTrafficPolicy, as with kube-proxy and Cilium's socket load balancer), each ExternalIP and
+  each LoadBalancer ingress IP. Clients on a node (socket load balancing) use the cluster-wide set
+  for these external frontends whatever externalTrafficPolicy says, as kube-proxy does for
+  pod-originated traffic; the device programs apply it to clients from outside;
 * health checks: a Service with ``externalTrafficPolicy: Local`` and a ``healthCheckNodePort``
   gets, on every node, the number of its distinct ready endpoint addresses on that node (any
   port; kube-proxy counts ready local endpoints too), served by the agent on that port.
@@ -161,7 +163,7 @@ def _resolve_port(acc: _Accumulator, service: ServiceInfo, port: ServicePort, sl
                                   traffic_policy=service.external_traffic_policy,
                                   source_ranges=service.source_ranges if kind == FrontendKind.LOAD_BALANCER
                                   else (), **common)
-                   for kind, ip, number in external]
+                   for kind, ip, number in external if kind != FrontendKind.NODE_PORT or ip == acc.nodes[node]]
         table = acc.frontends.setdefault(node, {})
         for fe in wanted:
             owner = acc.owners.setdefault(fe.key, service.key)

@@ -110,7 +110,7 @@ def test_local_fallback_to_terminating_is_per_node() -> None:
     assert [(b.address, b.state) for b in on2.backends] == [("10.244.2.5", BackendState.TERMINATING)]
 
 
-def test_nodeport_on_every_node_address_external_and_load_balancer_ips() -> None:
+def test_nodeport_on_each_nodes_own_address_external_and_load_balancer_ips() -> None:
     svc = service(type="LoadBalancer", externalIPs=["203.0.113.7"], externalTrafficPolicy="Local",
                   ports=[{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}],
                   status={"loadBalancer": {"ingress": [{"ip": "198.51.100.5"}]}})
@@ -118,9 +118,11 @@ def test_nodeport_on_every_node_address_external_and_load_balancer_ips() -> None
     kinds = {k: fe.kind for k, fe in fes.items()}
     assert kinds == {("10.96.0.10", 80, "TCP"): FrontendKind.CLUSTER_IP,
                      ("192.0.2.11", 30080, "TCP"): FrontendKind.NODE_PORT,
-                     ("192.0.2.12", 30080, "TCP"): FrontendKind.NODE_PORT,
                      ("203.0.113.7", 80, "TCP"): FrontendKind.EXTERNAL_IP,
                      ("198.51.100.5", 80, "TCP"): FrontendKind.LOAD_BALANCER}
+    # node-2's NodePort is node-2's: a client on node-1 goes there untranslated (its externalTrafficPolicy)
+    assert [fe.address for fe in frontends(run([svc], [eslice("web-1", "web", [ep("10.244.2.5", "node-2")])]),
+                                           "node-2").values() if fe.kind is FrontendKind.NODE_PORT] == ["192.0.2.12"]
     # socket-level clients are on a node: external frontends use the cluster-wide set
     assert all(fe.backends[0].address == "10.244.2.5" for fe in fes.values())
     assert fes[("192.0.2.11", 30080, "TCP")].traffic_policy == "Local"
