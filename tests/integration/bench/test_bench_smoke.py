@@ -96,7 +96,8 @@ def test_metrics_bench_smoke() -> None:
 
 def test_dns_proxy_bench_smoke() -> None:
     out = run("bench/bench_dns_proxy.py")
-    row = re.search(r"^\s*4\s+([0-9.]+)\s+([0-9.]+)\s+[0-9.]+\s+[0-9.]+/[0-9.]+\s+[0-9.]+/[0-9.]+\s+\d+$", out, re.M)
+    row = re.search(r"^\s*4\s+([0-9.]+)\s+([0-9.]+)\s+[0-9.]+\s+[0-9.]+/[0-9.]+\s+[0-9.]+/[0-9.]+\s+\d+"
+                    r"\s+\d+/\d+\s+[0-9.]+/[0-9.]+\s*$", out, re.M)
     assert row, out
     assert float(row[1]) > 0 and float(row[2]) > 0, "no answer direct or through the proxy"
     assert not list(ROOT.glob(".lab-benchdns-*")), "the bench left its lab directory"
