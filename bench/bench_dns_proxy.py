@@ -12,13 +12,15 @@ outstanding (1: one after the other; a query unanswered after 1 s counts as lost
 replaced). First with no policy (direct), then with a CNP whose ``rules.dns`` sends the
 pod's queries through the node's proxy and whose ``toFQDNs`` learns the answer (after
 ``kubectl wait --for=condition=Enforced``). Prints answers/s, p50/p99 latency and the
-ratio proxy/direct per window.
+ratio proxy/direct per window, with the load average when each run started and the CPU time the
+node's agent (which runs the proxy) spent per answer (``/proc/<pid>/task/*/schedstat``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,13 +85,29 @@ print(json.dumps({"answers": len(lat), "qps": round(len(lat) / seconds, 1), "los
 """
 
 
+def agent_cpu_ns(lab: Lab) -> int:
+    """CPU time node-1's agent has used so far, all threads (ns)."""
+    pid = json.loads((lab.layout.run_dir / "agent-node-1.pid").read_text())["pid"]
+    total = 0
+    for task in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            total += int(task.read_text().split()[0])
+        except OSError:
+            continue
+    return total
+
+
 def load(lab: Lab, seconds: float, window: int) -> dict[str, float]:
     netns, _ = lab.pod_target("client", NS)
+    began, average = agent_cpu_ns(lab), os.getloadavg()[0]
     out = subprocess.run(["nsenter", f"--net={netns}", sys.executable, "-c", LOADGEN, WORLD_DNS_IP,
                           str(seconds), str(window)], capture_output=True, text=True, timeout=seconds + 60)
     if out.returncode != 0:
         raise RuntimeError(out.stderr)
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    result = dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    result["agent_us"] = (agent_cpu_ns(lab) - began) / max(1, result["answers"]) / 1e3
+    result["load"] = average
+    return result
 
 
 def main() -> None:
@@ -115,12 +133,13 @@ def main() -> None:
         proxied = {w: load(lab, args.seconds, w) for w in windows}
         print(f"DNS over UDP, {args.seconds:g} s per run, one pod -> {WORLD_DNS_IP} (api.world.test)")
         print(f"{'window':>6} {'direct q/s':>11} {'proxy q/s':>10} {'ratio':>6} {'direct p50/p99 ms':>18} "
-              f"{'proxy p50/p99 ms':>17} {'lost':>5}")
+              f"{'proxy p50/p99 ms':>17} {'lost':>5} {'agent us/answer':>15} {'load':>9}")
         for w in windows:
             d, p = direct[w], proxied[w]
             ratio = p["qps"] / d["qps"] if d["qps"] else 0.0
             print(f"{w:>6} {d['qps']:>11} {p['qps']:>10} {ratio:>6.2f} {d['p50_ms']!s:>8}/{d['p99_ms']!s:<9} "
-                  f"{p['p50_ms']!s:>8}/{p['p99_ms']!s:<8} {int(d['lost']) + int(p['lost']):>5}")
+                  f"{p['p50_ms']!s:>8}/{p['p99_ms']!s:<8} {int(d['lost']) + int(p['lost']):>5} "
+              f"{d['agent_us']:>6.0f}/{p['agent_us']:<8.0f} {d['load']:>4.1f}/{p['load']:<4.1f}")
     finally:
         lab.down(log=False)
 

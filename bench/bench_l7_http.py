@@ -1,20 +1,32 @@
 """HTTP through the node's Envoy (ingress L7 policy) vs direct (L3/L4 policy only), same pods.
 
-Run as root from the repository root:  .venv/bin/python bench/bench_l7_http.py [--requests 2000] [--smoke]
+Run as root from the repository root:  .venv/bin/python bench/bench_l7_http.py [--requests 2000]
+[--rounds 2] [--clients 4] [--smoke]
 
-A fresh lab (own prefix and state directory, taken down afterwards): server pod on node-1 runs a
-keep-alive HTTP/1.1 server on port 8080 answering 1 KiB bodies; client pods on node-1 (same node)
-and node-2 (cross node). For each policy (``l4``: fromEndpoints client on 8080/TCP; ``l7``: the
-same with ``http: [{method: GET, path: /.*}]``) and each client, one Python client in the client
-pod's namespace measures sequential requests: keep-alive (one connection) and new connection per
-request; requests/s, p50 and p99 latency. Figures are printed with the l7/l4 ratios, never asserted
-(machines are shared and noisy; the client is Python, so absolute numbers include its own cost).
+A fresh lab (own state directory, prefix ``CILIARY_LAB_PREFIX`` or ``cybl7``, taken down afterwards):
+server pod on node-1 runs a keep-alive HTTP/1.1 server on port 8080 answering 1 KiB bodies (headers
+and body in one write); client pods on node-1 (same node) and node-2 (cross node). For each policy
+(``l4``: fromEndpoints client on 8080/TCP; ``l7``: the same with ``http: [{method: GET, path: /.*}]``)
+and each client, Python clients in the client pod's namespace measure: ``keepalive`` (one connection,
+sequential requests), ``new`` (a new connection per request) and ``ka-xN`` (``--clients`` keep-alive
+connections in parallel, one process each: the moderate-load row). Requests/s, p50 and p99 latency.
+
+The policies alternate (``l4 l7 l7 l4 l4 l7 ...``; one of ``--rounds`` is one l4 and one l7 pass) and
+each pass first checks that the path is the one it claims (node-1's Envoy counts upstream requests
+under l7 and none under l4). Figures are the median over rounds, with each round's l7/l4 ratio; never
+asserted (machines are shared and noisy; the client is Python, so absolute numbers include its own
+cost). With each figure the bench prints the load average and, per request, the CPU time and the
+run-queue wait (``/proc/<pid>/task/*/schedstat``) of the clients, the server, node-1's Envoy and
+node-1's agent (which turns Envoy's access log into flows): on a loaded machine the run-queue wait
+says how much of a latency is scheduling rather than the proxy's own work.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +37,7 @@ sys.path.insert(0, str(ROOT / "e2e"))
 
 from ciliary.lab.lab import Lab  # noqa: E402
 from ciliary.lab.layout import Binaries, LabLayout  # noqa: E402
+from ciliary.nodeagent.envoy_config import CLUSTER_NAME  # noqa: E402
 
 NS = "bench-l7"
 PODS = f"""
@@ -83,24 +96,31 @@ asyncio.run(main())
 
 CLIENT = r"""
 import http.client, json, sys, time
-ip, n, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+ip, n, mode, start_at = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+def sched():
+    return [int(x) for x in open("/proc/self/schedstat").read().split()[:2]]
 lat = []
 conn = None
-t0 = time.perf_counter()
+while time.monotonic() < start_at:
+    time.sleep(0.001)
+s0 = sched()
+t0 = time.monotonic()
 for i in range(n):
     s = time.perf_counter()
     if conn is None or mode == "new":
         conn = http.client.HTTPConnection(ip, 8080, timeout=5)
-    conn.request("GET", "/bench", headers={} if mode == "keepalive" else {"Connection": "close"})
+    conn.request("GET", "/bench", headers={} if mode != "new" else {"Connection": "close"})
     r = conn.getresponse(); body = r.read()
     assert r.status == 200 and len(body) == 1024, (r.status, len(body))
     if mode == "new":
         conn.close(); conn = None
-    lat.append(time.perf_counter() - s)
-total = time.perf_counter() - t0
-lat.sort()
-print(json.dumps({"rps": n / total, "p50_ms": lat[n // 2] * 1e3, "p99_ms": lat[int(n * 0.99)] * 1e3}))
+    lat.append(round((time.perf_counter() - s) * 1e6))
+t1 = time.monotonic()
+s1 = sched()
+print(json.dumps({"t0": t0, "t1": t1, "lat": lat, "cpu_ns": s1[0] - s0[0], "wait_ns": s1[1] - s0[1]}))
 """
+MODES = ("keepalive", "new", "ka-x{clients}")
+WHO = ("client", "server", "envoy", "agent")
 
 
 def in_pod(lab: Lab, pod: str, argv: list[str], **kwargs: object) -> subprocess.Popen[str]:
@@ -109,12 +129,44 @@ def in_pod(lab: Lab, pod: str, argv: list[str], **kwargs: object) -> subprocess.
                             text=True, **kwargs)  # type: ignore[call-overload]
 
 
-def measure(lab: Lab, pod: str, ip: str, n: int, mode: str) -> dict[str, float]:
-    proc = in_pod(lab, pod, [sys.executable, "-c", CLIENT, ip, str(n), mode])
-    out, err = proc.communicate(timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"client in {pod} failed: {err[-2000:]}")
-    return dict(json.loads(out))
+def schedstat(pid: int) -> tuple[int, int]:
+    """CPU time and run-queue wait (ns) of the threads ``pid`` has now (0, 0 once it is gone)."""
+    cpu = wait = 0
+    for task in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            fields = task.read_text().split()
+        except OSError:
+            continue
+        cpu, wait = cpu + int(fields[0]), wait + int(fields[1])
+    return cpu, wait
+
+
+def measure(lab: Lab, pod: str, ip: str, n: int, mode: str, watched: dict[str, int]) -> dict[str, float]:
+    """Requests/s, p50/p99 (ms), the load average, and per request the CPU time and run-queue wait (us)
+    of the client processes and of each ``watched`` process."""
+    clients = int(mode.split("x")[1]) if mode.startswith("ka-x") else 1
+    start_at = time.monotonic() + 0.5  # the clients start together, after their interpreters are up
+    before = {name: schedstat(pid) for name, pid in watched.items()}
+    load = os.getloadavg()[0]
+    procs = [in_pod(lab, pod, [sys.executable, "-c", CLIENT, ip, str(max(1, n // clients)),
+                               "new" if mode == "new" else "keepalive", str(start_at)]) for _ in range(clients)]
+    outs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"client in {pod} failed: {err[-2000:]}")
+        outs.append(json.loads(out))
+    after = {name: schedstat(pid) for name, pid in watched.items()}
+    lat = sorted(x for o in outs for x in o["lat"])
+    total = len(lat)
+    result = {"rps": total / (max(o["t1"] for o in outs) - min(o["t0"] for o in outs)),
+              "p50_ms": lat[total // 2] / 1e3, "p99_ms": lat[int(total * 0.99)] / 1e3, "load": load,
+              "client_cpu": sum(o["cpu_ns"] for o in outs) / total / 1e3,
+              "client_wait": sum(o["wait_ns"] for o in outs) / total / 1e3}
+    for name in watched:
+        result[f"{name}_cpu"] = (after[name][0] - before[name][0]) / total / 1e3
+        result[f"{name}_wait"] = (after[name][1] - before[name][1]) / total / 1e3
+    return result
 
 
 def wait_enforced(lab: Lab) -> None:
@@ -126,14 +178,80 @@ def wait_enforced(lab: Lab) -> None:
     raise RuntimeError("policy not enforced")
 
 
+def proxied_requests(admin_socket: str) -> int:
+    """Requests node-1's Envoy has sent to pods so far (its ingress cluster's upstream_rq_total)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(admin_socket)
+        sock.sendall(b"GET /stats?filter=upstream_rq_total HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    for line in data.decode().splitlines():
+        if line.startswith(f"cluster.{CLUSTER_NAME}.upstream_rq_total:"):
+            return int(line.split(":")[1])
+    return 0
+
+
+def wait_path(lab: Lab, ip: str, policy: str, admin_socket: str) -> None:
+    """Wait (at most 60 s) until a request from each client takes the path ``policy`` names."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ok = True
+        for pod in ("near", "far"):
+            before = proxied_requests(admin_socket)
+            measure(lab, pod, ip, 1, "keepalive", {})
+            ok = ok and (proxied_requests(admin_socket) > before) == (policy == "l7")
+        if ok:
+            return
+        time.sleep(1)
+    raise RuntimeError(f"requests do not take the {policy} path")
+
+
+def median(values: list[float]) -> float:
+    ordered, half = sorted(values), len(values) // 2
+    return ordered[half] if len(ordered) % 2 else (ordered[half - 1] + ordered[half]) / 2
+
+
+def report(results: dict[tuple[int, str, str, str], dict[str, float]], rounds: int, modes: list[str]) -> None:
+    def cells(pol: str, pod: str, mode: str) -> list[dict[str, float]]:
+        return [results[r, pol, pod, mode] for r in range(rounds)]
+
+    print(f"{'client':<6} {'mode':<9} {'l4 req/s':>9} {'l7 req/s':>9} {'ratio':>6} {'l4 p50':>7} {'l7 p50':>7} "
+          f"{'l4 p99':>7} {'l7 p99':>7} {'added p99 ms':>12}  ratio per round")
+    for pod in ("near", "far"):
+        for mode in modes:
+            a, b = ({k: median([c[k] for c in cells(pol, pod, mode)]) for k in ("rps", "p50_ms", "p99_ms")}
+                    for pol in ("l4", "l7"))
+            per_round = " ".join(f"{y['rps'] / x['rps']:.2f}"
+                                 for x, y in zip(cells("l4", pod, mode), cells("l7", pod, mode), strict=True))
+            print(f"{pod:<6} {mode:<9} {a['rps']:>9.0f} {b['rps']:>9.0f} {b['rps'] / a['rps']:>6.2f} "
+                  f"{a['p50_ms']:>7.3f} {b['p50_ms']:>7.3f} {a['p99_ms']:>7.3f} {b['p99_ms']:>7.3f} "
+                  f"{b['p99_ms'] - a['p99_ms']:>12.3f}  {per_round}")
+    print("\nper request (median over rounds): CPU us / run-queue wait us of the client processes, the server, "
+          "node-1's Envoy and node-1's agent; load average (1 min) when each round's measurement started")
+    print(f"{'client':<6} {'mode':<9} {'policy':<6} " + " ".join(f"{who:>11}" for who in WHO) + "  load")
+    for pod in ("near", "far"):
+        for mode in modes:
+            for pol in ("l4", "l7"):
+                got = cells(pol, pod, mode)
+                cols = " ".join(f"{median([c[who + '_cpu'] for c in got]):>5.0f}/"
+                                f"{median([c[who + '_wait'] for c in got]):<5.0f}" for who in WHO)
+                loads = ",".join(f"{c['load']:.1f}" for c in got)
+                print(f"{pod:<6} {mode:<9} {pol:<6} {cols}  {loads}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--smoke", action="store_true", help="30 requests per measurement (checks the bench runs)")
+    parser.add_argument("--rounds", type=int, default=2, help="l4/l7 pairs, alternating (default 2)")
+    parser.add_argument("--clients", type=int, default=4, help="parallel keep-alive connections of the ka-xN row")
+    parser.add_argument("--smoke", action="store_true", help="30 requests, 1 round, 2 clients (checks the bench runs)")
     args = parser.parse_args()
     if args.smoke:
-        args.requests = 30
-    layout = LabLayout(state_dir=ROOT / ".lab-bench-l7", prefix="cybl7")
+        args.requests, args.rounds, args.clients = 30, 1, 2
+    modes = [m.format(clients=args.clients) for m in MODES]
+    layout = LabLayout(state_dir=ROOT / ".lab-bench-l7", prefix=os.environ.get("CILIARY_LAB_PREFIX", "cybl7"))
     lab = Lab(layout, Binaries.discover())
     lab.down(log=False)
     server: subprocess.Popen[str] | None = None
@@ -144,24 +262,22 @@ def main() -> None:
             lab.kubectl("wait", "--for=condition=Ready", "--timeout=120s", "-n", NS, f"pod/{pod}")
         ip = json.loads(lab.kubectl("get", "pod", "server", "-n", NS, "-o", "json").stdout)["status"]["podIP"]
         server = in_pod(lab, "server", [sys.executable, "-c", SERVER])
+        envoy_dir = layout.node_dir("node-1") / "agent" / "envoy"
+        admin_socket = json.loads((envoy_dir / "bootstrap.json").read_text())["admin"]["address"]["pipe"]["path"]
+        watched = {"server": server.pid, "envoy": int((envoy_dir / "envoy.pid").read_text()),
+                   "agent": int(json.loads((layout.run_dir / "agent-node-1.pid").read_text())["pid"])}
         time.sleep(1)
-        results: dict[tuple[str, str, str], dict[str, float]] = {}
-        for policy in ("l4", "l7"):
-            lab.kubectl("apply", "-f", "-", input=POLICY.format(ns=NS, rules=RULES[policy]))
-            wait_enforced(lab)
-            time.sleep(2)
-            for pod in ("near", "far"):
-                for mode in ("keepalive", "new"):
-                    measure(lab, pod, ip, max(50, args.requests // 10), mode)  # warm-up
-                    results[policy, pod, mode] = measure(lab, pod, ip, args.requests, mode)
-        print(f"{'client':<6} {'mode':<9} {'l4 req/s':>9} {'l7 req/s':>9} {'ratio':>6} "
-              f"{'l4 p50':>7} {'l7 p50':>7} {'l4 p99':>7} {'l7 p99':>7} {'added p99 ms':>12}")
-        for pod in ("near", "far"):
-            for mode in ("keepalive", "new"):
-                a, b = results["l4", pod, mode], results["l7", pod, mode]
-                print(f"{pod:<6} {mode:<9} {a['rps']:>9.0f} {b['rps']:>9.0f} {b['rps'] / a['rps']:>6.2f} "
-                      f"{a['p50_ms']:>7.3f} {b['p50_ms']:>7.3f} {a['p99_ms']:>7.3f} {b['p99_ms']:>7.3f} "
-                      f"{b['p99_ms'] - a['p99_ms']:>12.3f}")
+        results: dict[tuple[int, str, str, str], dict[str, float]] = {}
+        for rnd in range(args.rounds):
+            for policy in ("l4", "l7") if rnd % 2 == 0 else ("l7", "l4"):
+                lab.kubectl("apply", "-f", "-", input=POLICY.format(ns=NS, rules=RULES[policy]))
+                wait_enforced(lab)
+                wait_path(lab, ip, policy, admin_socket)
+                for pod in ("near", "far"):
+                    for mode in modes:
+                        measure(lab, pod, ip, max(50, args.requests // 10), mode, {})  # warm-up
+                        results[rnd, policy, pod, mode] = measure(lab, pod, ip, args.requests, mode, watched)
+        report(results, args.rounds, modes)
     finally:
         if server is not None:
             server.kill()

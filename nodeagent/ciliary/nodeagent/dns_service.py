@@ -93,10 +93,12 @@ class DNSService:
 
     async def _learn(self, client: str, names: list[str], answers: list[tuple[str, int]]) -> None:
         veth = self._veth_of(client)
+        dropped = False
         if self._learnt_on.get(client, veth) != veth:
-            self.cache.drop(client)  # another pod's answers (its removal not seen yet): not this one's
+            dropped = self.cache.drop(client)  # another pod's answers (its removal not seen yet): not this one's
         self._learnt_on[client] = veth
-        self.cache.record(client, names, answers, time.monotonic())
+        if not self.cache.record(client, names, answers, time.monotonic()) and not dropped:
+            return  # the pairs it had (later expiries only): the grants of the last _apply still hold
         request = self._apply()
         if request is not None:
             await self.enforcer.wait_applied(request, APPLY_WAIT_S)

@@ -17,6 +17,7 @@ with reason ``L7_DENIED``; a request forwarded by a rule's route is ``forwarded`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import json
 from collections.abc import Callable
@@ -26,6 +27,10 @@ from ciliary.nodeagent import envoy_config
 from ciliary.operator import intents
 
 WORLD = 2
+_IPV4 = functools.lru_cache(maxsize=4096)(ipaddress.IPv4Address)
+"""Parsed addresses (every line names two; a node sees few distinct ones)."""
+_RULE_OF_ROUTE = functools.lru_cache(maxsize=1024)(envoy_config.rule_of_route)
+"""Route name -> its (frozen) rule: a route name is a policy rule as JSON, parsed once."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,9 +81,9 @@ class BadLogLine(ValueError):
         self.line = line
 
 
-def _address(raw: Any) -> tuple[ipaddress.IPv4Address, int]:
+def _address(raw: Any) -> tuple[str, ipaddress.IPv4Address, int]:
     host, _, port = str(raw).rpartition(":")
-    return ipaddress.IPv4Address(host), int(port)
+    return host, _IPV4(host), int(port)
 
 
 def _int(raw: Any) -> int:
@@ -92,14 +97,14 @@ def parse_line(line: str, identity_of: Callable[[str], int]) -> L7Event:
     """One access log line as an :class:`L7Event`; ``identity_of`` maps an address to its identity."""
     try:
         data = json.loads(line)
-        src, sport = _address(data["src"])
-        dst, dport = _address(data["dst"])
+        src_host, src, sport = _address(data["src"])
+        dst_host, dst, dport = _address(data["dst"])
         when = float(data["time"])
     except (ValueError, KeyError, TypeError) as exc:
         raise BadLogLine(line, str(exc)) from exc
     route = str(data.get("route") or "")
     denied = route == envoy_config.DENY_ROUTE
-    rule = envoy_config.rule_of_route(route)
+    rule = _RULE_OF_ROUTE(route)
     info = HttpInfo(method=str(data.get("method") or ""), url=str(data.get("path") or ""),
                     host=str(data.get("host") or ""), code=_int(data.get("status")),
                     protocol=str(data.get("protocol") or ""), duration_ms=_int(data.get("duration_ms")),
@@ -107,7 +112,7 @@ def parse_line(line: str, identity_of: Callable[[str], int]) -> L7Event:
     direction = "egress" if data.get("direction") == "egress" else "ingress"
     return L7Event(time=when, src=src, dst=dst, sport=sport, dport=dport,
                    verdict="dropped" if denied else "forwarded", reason="L7_DENIED" if denied else "L7_ALLOWED",
-                   src_identity=identity_of(str(src)), dst_identity=identity_of(str(dst)), http=info, rule=rule,
+                   src_identity=identity_of(src_host), dst_identity=identity_of(dst_host), http=info, rule=rule,
                    direction=direction)
 
 
@@ -119,6 +124,7 @@ def identity_lookup(intent: intents.NodeIntent | None) -> Callable[[str], int]:
                   key=lambda pair: -pair[0].prefixlen)
     local = {e.ipv4: e.identity for e in intent.endpoints}
 
+    @functools.lru_cache(maxsize=4096)  # one per intent: its answers never change
     def lookup(ip: str) -> int:
         if ip in local:
             return local[ip]

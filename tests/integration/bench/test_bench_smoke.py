@@ -44,8 +44,10 @@ def test_datapath_bench_smoke() -> None:
 
 def test_l7_http_bench_smoke() -> None:
     out = run("bench/bench_l7_http.py")
-    rows = re.findall(r"^(near|far)\s+(keepalive|new)\s+\d+\s+\d+\s+[0-9.]+\s", out, re.M)
-    assert sorted(rows) == [("far", "keepalive"), ("far", "new"), ("near", "keepalive"), ("near", "new")], out
+    rows = re.findall(r"^(near|far)\s+(keepalive|new|ka-x2)\s+\d+\s+\d+\s+[0-9.]+\s.*\s[0-9.]+$", out, re.M)
+    assert sorted(rows) == [(pod, mode) for pod in ("far", "near") for mode in ("ka-x2", "keepalive", "new")], out
+    accounting = re.findall(r"^(near|far)\s+(keepalive|new|ka-x2)\s+(l4|l7)\s+(?:\d+/\d+\s+){4}[0-9.]+$", out, re.M)
+    assert len(accounting) == 12, out
     assert not (ROOT / ".lab-bench-l7").exists() or not any((ROOT / ".lab-bench-l7").glob("*.pid")), out
 
 
@@ -90,3 +92,12 @@ def test_metrics_bench_smoke() -> None:
     for label in ("agent at its most series", "agent padded to --series 6000"):
         assert re.search(rf"^{label}: \d+ series, \d+ bytes; Prometheus scrape_duration_seconds over [1-9]\d* scrapes: "
                          r"median [0-9.]+ ms, .*up=1;", out, re.M), out
+
+
+def test_dns_proxy_bench_smoke() -> None:
+    out = run("bench/bench_dns_proxy.py")
+    row = re.search(r"^\s*4\s+([0-9.]+)\s+([0-9.]+)\s+[0-9.]+\s+[0-9.]+/[0-9.]+\s+[0-9.]+/[0-9.]+\s+\d+"
+                    r"\s+\d+/\d+\s+[0-9.]+/[0-9.]+\s*$", out, re.M)
+    assert row, out
+    assert float(row[1]) > 0 and float(row[2]) > 0, "no answer direct or through the proxy"
+    assert not list(ROOT.glob(".lab-benchdns-*")), "the bench left its lab directory"

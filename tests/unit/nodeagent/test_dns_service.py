@@ -68,6 +68,20 @@ async def test_learning_hands_over_the_expanded_intent_and_waits_for_it(tmp_path
     assert service.proxy_ports == {"dns": 10053}
 
 
+async def test_an_answer_already_learnt_costs_no_grants_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    service, enforcer = make(tmp_path)
+    service.on_intent(node_intent())
+    await service._learn(POD, ["api.world.test"], [("192.0.2.100", 30)])
+    passes: list[int] = []
+    real = dns_service.fqdn_expansion.grants
+    monkeypatch.setattr(dns_service.fqdn_expansion, "grants", lambda *a: passes.append(1) or real(*a))
+    await service._learn(POD, ["api.world.test"], [("192.0.2.100", 60)])  # a later expiry only
+    assert passes == [] and len(enforcer.calls) == 2
+    await service._learn(POD, ["api.world.test"], [("192.0.2.100", 60), ("192.0.2.102", 60)])  # a new address
+    assert passes and len(enforcer.calls) == 3 and enforcer.waited == [2, 3]
+    assert any(e.cidr == "192.0.2.102/32" for e in enforcer.calls[-1][1].ipcache)
+
+
 @pytest.mark.parametrize(("flags", "expected"), [
     (("--dns-proxy-port", "0"), "no DNS proxy on this node"),
     ((), "DNS proxy not running"),
