@@ -44,13 +44,10 @@ def test_each_case_gets_its_event() -> None:
 def test_the_pod_handler_posts_on_change_only(monkeypatch: Any) -> None:
     posted: list[tuple[str, str, str, str]] = []
 
-    def record(kind: str) -> Any:
-        def post(body: Any, *, reason: str, message: str) -> None:
-            posted.append((kind, body["kind"], body["metadata"]["name"], reason))
-        return post
+    def post(body: Any, *, type: str, reason: str, message: str) -> None:
+        posted.append((type, body["kind"], body["metadata"]["name"], reason))
 
-    monkeypatch.setattr(kopf, "warn", record("Warning"))
-    monkeypatch.setattr(kopf, "info", record("Normal"))
+    monkeypatch.setattr(kopf, "event", post)
     registry = kopf.OperatorRegistry()
     model = ClusterModel()
     handlers.register(registry, model, _Observer())  # type: ignore[arg-type]

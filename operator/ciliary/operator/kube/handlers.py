@@ -212,8 +212,9 @@ def register(registry: kopf.OperatorRegistry, model: ClusterModel, observer: Pol
         notices = visibility_notices(body)
         if notices and told.get(uid) != notices:
             pod = kopf.Body({"apiVersion": "v1", "kind": "Pod", "metadata": body.get("metadata", {})})
-            for notice in notices:
-                (kopf.warn if notice.warning else kopf.info)(pod, reason=notice.reason, message=notice.message)
+            for notice in notices:  # kopf.event: the operator's posting level (WARNING) would drop kopf.info's
+                kopf.event(pod, type="Warning" if notice.warning else "Normal", reason=notice.reason,
+                           message=notice.message)
         if notices:
             told[uid] = notices
         else:

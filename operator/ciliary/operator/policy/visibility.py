@@ -13,7 +13,7 @@ an empty HTTP rule, or DNS ``matchPattern: "*"``) and never changes a verdict:
 - for each annotated protocol and port, every peer identity whose traffic there the datapath
   decides by a plain allow entry gets a redirecting allow entry for exactly that peer, protocol and
   port (it replaces an entry with that very key), carrying the rules of the entries it stands in
-  for (flows still name them). The datapath's lookup (``lib/policy.h``) tries the peer's
+  for (flows still name them: its HTTP rules are one allow-all rule per such policy rule). The datapath's lookup (``lib/policy.h``) tries the peer's
   (protocol, then any-protocol) entries before the any-peer ones, longest port prefix first, so
   such an entry decides for that peer, port and protocol only, and allows what was allowed;
 - where the deciding entries already carry L7 rules (or a mix of plain and L7 entries could decide),
@@ -76,14 +76,15 @@ def _observe(entries: list[PolicyEntry], item: VisibilityTuple, direction: Direc
             continue
         exact = [e for e in deciding if e.identity == peer and e.protocol is proto
                  and e.port_low == port and (e.port_high or port) == port]
-        refs = {r for e in deciding for r in e.rules}
+        refs = tuple(sorted({r for e in deciding for r in e.rules},
+                            key=lambda r: (r.kind, r.namespace, r.name, r.uid, r.rule_index, r.section)))
+        # one allow-all HTTP rule per allowing policy rule, so the L7 flow names the rule that allowed it
+        http = tuple(HttpRule(rule=r) for r in refs) or ALLOW_ALL_HTTP
         redirect = PolicyEntry(
             identity=peer, protocol=proto, port_low=port, port_high=port, verdict=Verdict.ALLOW,
             l7_redirect=True, l7_parser=item.parser,
             dns=ALLOW_ALL_DNS if item.parser == "dns" else (),
-            http=ALLOW_ALL_HTTP if item.parser == "http" else None,
-            rules=tuple(sorted(refs, key=lambda r: (r.kind, r.namespace, r.name, r.uid, r.rule_index, r.section))),
-            visibility=True,
+            http=http if item.parser == "http" else None, rules=refs, visibility=True,
         )
         out = [e for e in out if e not in exact]
         out.append(redirect)

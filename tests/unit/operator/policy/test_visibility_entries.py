@@ -59,8 +59,9 @@ def test_allowed_peers_get_their_own_redirect_and_denied_ones_stay_denied() -> N
     db = endpoint(state, "db")
     web_id = endpoint(state, "web").identity
     (seen,) = [e for e in db.ingress.entries if e.visibility]
-    assert (seen.identity, seen.port_low, seen.http, seen.verdict) == (web_id, 5432, (HttpRule(),), Verdict.ALLOW)
-    assert seen.rules and seen.rules[0].name == "p"  # flows still name the allowing policy
+    assert (seen.identity, seen.port_low, seen.verdict) == (web_id, 5432, Verdict.ALLOW)
+    assert seen.rules and seen.rules[0].name == "p"  # flows still name the allowing policy, L7 flows too
+    assert seen.http == tuple(HttpRule(rule=r) for r in seen.rules)
     assert [e for e in db.ingress.entries if not e.visibility] == [
         e for e in before.ingress.entries if (e.identity, e.port_low) != (web_id, 5432)]
     assert db.policies == before.policies
