@@ -5,7 +5,9 @@ annotated with a refused value (Kafka), both on node-1; ``client`` on node-2 and
 (a) with no policy, the client's request is answered and is an L7 flow with method, path and status;
 (b) an L3/L4 policy admitting only the client keeps the intruder dropped in the kernel and the client
 observed, and the policy reads Enforced=True; (c) the refused annotation gives a Warning Event on its pod
-and changes nothing: the request is answered and is no L7 flow.
+and changes nothing: the request is answered and is no L7 flow; (d) ``watcher`` (node-1, annotated
+``<Egress/53/UDP/DNS>,<Egress/80/TCP/HTTP>``, no policy) resolves a name at the world host's DNS server
+and fetches from its HTTP server: both answered, both L7 flows.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from ciliary.lab.layout import WORLD_DNS_IP, WORLD_IP
 from lab_harness import LabHandle, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -55,6 +58,17 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
+metadata:
+  name: watcher
+  namespace: {NS}
+  labels: {{app: watcher}}
+  annotations: {{policy.cilium.io/proxy-visibility: "<Egress/53/UDP/DNS>,<Egress/80/TCP/HTTP>"}}
+spec:
+  nodeName: node-1
+  containers: [{{name: c, image: lab}}]
+---
+apiVersion: v1
+kind: Pod
 metadata: {{name: client, namespace: {NS}, labels: {{app: client}}}}
 spec:
   nodeName: node-2
@@ -79,6 +93,14 @@ spec:
 """
 
 
+def resolve(lab: LabHandle, pod: str, name: str) -> dict[str, Any]:
+    netns, _ = lab.lab.pod_target(pod, NS)
+    argv = ["nsenter", f"--net={netns}", sys.executable, "-m", "ciliary.lab.dnsprobe", name, WORLD_DNS_IP,
+            "--timeout", "3"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout.strip()
+    return json.loads(out.splitlines()[-1]) if out else {}
+
+
 def request(lab: LabHandle, pod: str, ip: str, path: str, timeout: float = 3.0) -> tuple[int, str]:
     netns, _ = lab.lab.pod_target(pod, NS)
     argv = ["nsenter", f"--net={netns}", sys.executable, "-m", "ciliary.lab.probe", "http", ip, "80",
@@ -88,9 +110,11 @@ def request(lab: LabHandle, pod: str, ip: str, path: str, timeout: float = 3.0) 
 
 
 def l7_flows(lab: LabHandle, pod: str, path: str) -> list[dict[str, Any]]:
+    """``pod``'s L7 flows on node-1: HTTP ones of request target ``path``, DNS ones of query ``path``."""
     body = lab.agent_get("node-1", f"/v1/flows?last=500&pod={NS}/{pod}", timeout=10)
     flows = [json.loads(line) for line in body.splitlines() if line.startswith("{")]
-    return [f for f in flows if f.get("l7") and f["l7"]["http"]["url"] == path]
+    return [f for f in flows if isinstance(f.get("l7"), dict)
+            and (f["l7"].get("http", {}).get("url") == path or f["l7"].get("query") == path)]
 
 
 def events(lab: LabHandle, pod: str, reason: str) -> list[str]:
@@ -102,7 +126,7 @@ def events(lab: LabHandle, pod: str, reason: str) -> list[str]:
 @pytest.fixture(scope="module")
 def scene(lab: LabHandle) -> Iterator[dict[str, str]]:
     lab.apply(MANIFEST)
-    for pod in ("server", "typo", "client", "intruder"):
+    for pod in ("server", "typo", "watcher", "client", "intruder"):
         lab.wait_running(pod, NS)
     try:
         yield {pod: str(lab.pod(pod, NS)["status"]["podIP"]) for pod in ("server", "typo")}
@@ -150,3 +174,19 @@ def test_a_refused_annotation_warns_and_changes_nothing(lab: LabHandle, scene: d
     assert code == 0 and out.startswith("HTTP/1.1 200"), out
     kernel = lab.agent_get("node-1", f"/v1/flows?last=500&pod={NS}/typo", timeout=10)
     assert '"OK_PROXY"' not in kernel and not l7_flows(lab, "typo", "/plain")
+
+
+def test_egress_dns_and_http_are_observed_and_answered(lab: LabHandle, scene: dict[str, str]) -> None:
+    wait_for("the watcher's VisibilityEnabled Event", lambda: events(lab, "watcher", "VisibilityEnabled"))
+
+    def seen() -> tuple[dict[str, Any], dict[str, Any]] | None:
+        answer = resolve(lab, "watcher", "api.world.test")
+        assert (answer.get("rcode"), answer.get("ips")) == ("NOERROR", [WORLD_IP]), answer  # never blocked
+        code, out = request(lab, "watcher", WORLD_IP, "/egress-seen")
+        assert code == 0 and out.startswith("HTTP/1.1 200"), out
+        dns, http = l7_flows(lab, "watcher", "api.world.test"), l7_flows(lab, "watcher", "/egress-seen")
+        return (dns[-1], http[-1]) if dns and http else None
+
+    dns, http = wait_for("the watcher's DNS and HTTP L7 flows", seen)
+    assert (dns["verdict"], dns["l7"]["rcode"], dns["l7"]["ips"]) == ("FORWARDED", "NOERROR", [WORLD_IP]), dns
+    assert (http["verdict"], http["direction"], http["l7"]["http"]["code"]) == ("FORWARDED", "egress", 200), http
