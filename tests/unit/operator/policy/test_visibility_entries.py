@@ -18,7 +18,8 @@ from ciliary.operator.intents import (
     Verdict,
 )
 from ciliary.operator.kube.cluster_model import pod_from_body
-from ciliary.operator.policy.resolution import resolve_cluster
+from ciliary.operator.policy.identities import InMemoryIdentityAllocator
+from ciliary.operator.policy.resolution import Resolver, resolve_cluster
 from ciliary.operator.policy.visibility import apply_visibility
 
 HTTP80 = VisibilityTuple("ingress", 80, "TCP", "http")
@@ -112,3 +113,21 @@ def test_the_annotation_reaches_resolution_through_the_pod_body() -> None:
     assert refused.visibility == ()
     state = state_of(pods=[refused if p.uid == "u-a-db" else p for p in PODS])
     assert not endpoint(state, "db").ingress.enforced  # a refused annotation changes nothing
+
+
+def test_the_marker_survives_the_wire() -> None:
+    seen = PolicyEntry(identity=0, verdict=Verdict.ALLOW, visibility=True)
+    assert PolicyEntry.model_validate(seen.model_dump(mode="json")) == seen
+    assert PolicyEntry.model_validate({"identity": 0, "verdict": "allow"}).visibility is False
+
+
+def test_incremental_resolution_follows_the_annotation_both_ways() -> None:
+    allocator = InMemoryIdentityAllocator()
+    resolver = Resolver(allocator)
+    bare, seen = state_of(), state_of(pods=annotated("db", "a", HTTP80))
+    for state in (bare, seen, bare, seen):
+        got = resolver.update(state).intents
+        assert {n: i.content_hash() for n, i in got.items()} == {
+            n: i.content_hash() for n, i in resolve_cluster(state, allocator).items()}
+    assert "n2" in resolver.update(bare).changed  # db's node
+    assert not endpoint(bare, "db").ingress.enforced
