@@ -18,6 +18,7 @@ from ciliary.operator.intents import (
     Verdict,
 )
 from ciliary.operator.kube.cluster_model import pod_from_body
+from ciliary.operator.policy import tracing
 from ciliary.operator.policy.identities import InMemoryIdentityAllocator
 from ciliary.operator.policy.resolution import Resolver, resolve_cluster
 from ciliary.operator.policy.visibility import apply_visibility
@@ -131,3 +132,15 @@ def test_incremental_resolution_follows_the_annotation_both_ways() -> None:
             n: i.content_hash() for n, i in resolve_cluster(state, allocator).items()}
     assert "n2" in resolver.update(bare).changed  # db's node
     assert not endpoint(bare, "db").ingress.enforced
+
+
+def test_trace_says_the_connection_is_observed() -> None:
+    policy = cnp({"endpointSelector": DB, "ingress": [{"fromEndpoints": [WEB], "toPorts": [
+        {"ports": [{"port": "5432", "protocol": "TCP"}]}]}]})
+    ingress = tracing.trace(state_of(policy, pods=annotated("db", "a", PG)), "a/web", "a/db", 5432).ingress
+    assert ingress is not None and ingress.visibility and not ingress.http
+    assert "observed at L7" in ingress.describe() and "p rule 0 ingress[0]" in ingress.describe()
+    bare = tracing.trace(state_of(pods=annotated("db", "a", HTTP80)), "a/web", "a/db", 80).ingress
+    assert bare is not None and bare.visibility and "no rule denies it" in bare.describe()
+    other = tracing.trace(state_of(pods=annotated("db", "a", HTTP80)), "a/web", "a/db", 81).ingress
+    assert other is not None and other.verdict == "ALLOWED" and not other.visibility
