@@ -159,7 +159,8 @@ def policed_ports(intent: intents.NodeIntent, direction: intents.Direction = int
 def policies_needing_proxy(intent: intents.NodeIntent) -> set[str]:
     """UIDs of the policies whose HTTP rules this node's proxy enforces."""
     return {rule.uid for e in intent.endpoints for entry in (*e.ingress.entries, *e.egress.entries)
-            if entry.http is not None and entry.verdict is intents.Verdict.ALLOW for rule in entry.rules}
+            if entry.http is not None and entry.verdict is intents.Verdict.ALLOW and not entry.visibility
+            for rule in entry.rules}
 
 
 def _covering(entries: Iterable[intents.PolicyEntry], identity: int, port: int) -> list[intents.PolicyEntry]:

@@ -232,9 +232,15 @@ def entry_flags(direction: MapDirection, entry: intents.PolicyEntry, proxy_ports
     HTTP rules the node's Envoy reads (``entry.http`` set) have a proxy, through
     :data:`POLICY_HTTP` (whose redirect the datapath itself drops when the node has no Envoy
     device); any other ingress L7 entry (TLS-wrapped HTTP, Kafka, ...) has none.
+
+    A visibility entry (``entry.visibility``: a pod's proxy-visibility annotation, whose L7 rules
+    allow everything) whose proxy kind the node does not run is a plain allow (0): seeing the
+    traffic must never change its verdict.
     """
     if entry.verdict is intents.Verdict.DENY:
         return POLICY_DENY
+    if entry.visibility and (entry.l7_parser is None or entry.l7_parser not in proxy_ports):
+        return 0
     if direction is MapDirection.INGRESS and entry.http is not None:
         return POLICY_HTTP
     if needed_proxy(entry) is not None and not proxy_port_of(direction, entry, proxy_ports):

@@ -130,12 +130,13 @@ def proxy_needs(applied: intents.NodeIntent, uid: str) -> tuple[set[str], set[st
     Ingress HTTP rules the node's Envoy reads need ``"http"``; any other ingress L7 entry (HTTP
     inside TLS, Kafka, ...) needs ``"<parser> (no ingress proxy)"``, which no node runs; egress
     L7 entries need their parser, ``toFQDNs`` the DNS proxy (``planning.needed_proxy``); egress HTTP
-    rules Envoy cannot read (inside TLS) need ``"http (no ...)"`` too."""
+    rules Envoy cannot read (inside TLS) need ``"http (no ...)"`` too. Visibility entries (a pod's
+    proxy-visibility annotation) need nothing: visibility is not policy."""
     ingress: set[str] = set()
     egress: set[str] = set()
     for endpoint in applied.endpoints:
         for entry in endpoint.ingress.entries:
-            if not any(r.uid == uid for r in entry.rules):
+            if entry.visibility or not any(r.uid == uid for r in entry.rules):
                 continue
             kind = planning.needed_proxy(entry)
             if entry.http is not None:
@@ -143,7 +144,7 @@ def proxy_needs(applied: intents.NodeIntent, uid: str) -> tuple[set[str], set[st
             elif kind is not None:
                 ingress.add(f"{kind}{UNPROXIED}")
         for entry in endpoint.egress.entries:
-            if not any(r.uid == uid for r in entry.rules):
+            if entry.visibility or not any(r.uid == uid for r in entry.rules):
                 continue
             kind = planning.needed_proxy(entry)
             if kind == "http" and entry.http is None:

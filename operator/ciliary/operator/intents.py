@@ -218,6 +218,10 @@ class PolicyEntry(_Frozen):
         default=None, description="Ingress HTTP entries: connections are redirected to the node's HTTP proxy, "
                                   "which allows only requests matching one of these rules (None: no redirect).")
     rules: tuple[RuleRef, ...] = Field(default=(), description="Rules this entry derives from.")
+    visibility: bool = Field(default=False, description="The redirect is for observation only (a pod's "
+                                                        "proxy-visibility annotation): its L7 rules allow every "
+                                                        "request; no policy's status depends on it, and a node "
+                                                        "without the proxy passes it at L4.")
 
     @model_validator(mode="after")
     def _ports_ordered(self) -> PolicyEntry:

@@ -20,6 +20,7 @@ from typing import Any
 
 from ciliary.operator.api import AnyPolicy
 from ciliary.operator.api.networkpolicy import NetworkPolicy
+from ciliary.operator.api.visibility import pod_visibility
 from ciliary.operator.policy.inputs import ContainerPort, NamespaceInfo, NodeInfo, PodInfo
 from ciliary.operator.policy.repository import PolicyRepository
 from ciliary.operator.policy.resolution import ClusterState
@@ -40,6 +41,7 @@ def pod_from_body(body: Mapping[str, Any]) -> PodInfo:
         ipv4=ipv4 if status.get("phase") not in TERMINAL_PHASES else None,
         labels=dict(meta.get("labels") or {}), service_account=spec.get("serviceAccountName", "") or "",
         container_ports=ports, host_network=bool(spec.get("hostNetwork")),
+        visibility=pod_visibility(meta.get("annotations")).tuples,
     )
 
 

@@ -11,7 +11,8 @@ which parts of a valid policy are not enforced as written (``policy.support``;
 the policy then never reads ``Enforced=True``), with one Warning Event
 ``PolicyPartiallyEnforced`` per generation. An
 invalid policy never changes enforcement: a new one is not added, and an edit
-that breaks an enforced policy leaves the last valid version in force.
+that breaks an enforced policy leaves the last valid version in force. Pods carrying a
+proxy-visibility annotation get Events saying what it does (:func:`visibility_notices`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ciliary.operator.api import (
     PolicyParseError,
     PolicyProblem,
     parse_policy,
+    visibility,
 )
 from ciliary.operator.api.networkpolicy import parse_network_policy
 from ciliary.operator.kube.cluster_model import (
@@ -112,6 +114,43 @@ def report_gaps(observer: PolicyObserver, uid: str, generation: int, outcome: Po
         observer.assessed(uid, generation, outcome.unenforced)
 
 
+@dataclass(frozen=True)
+class Notice:
+    """One Event to post on a pod about its proxy-visibility annotation."""
+
+    warning: bool
+    reason: str
+    message: str
+
+
+def visibility_notices(body: Mapping[str, Any]) -> tuple[Notice, ...]:
+    """The Events a pod's proxy-visibility annotation calls for (pure; none without the annotation).
+
+    Warning ``VisibilityAnnotationInvalid``: the value is refused whole, nothing of the pod changes;
+    Warning ``VisibilityAnnotationIgnored``: both keys are present, the older one is not read; Warning
+    ``VisibilityNotApplied``: a host-network pod (not an endpoint); Normal ``VisibilityEnabled``: the
+    ports whose traffic goes through the node's proxy to be observed."""
+    meta, spec = body.get("metadata", {}) or {}, body.get("spec", {}) or {}
+    found = visibility.pod_visibility(meta.get("annotations"))
+    if not found.key:
+        return ()
+    out: list[Notice] = []
+    if found.ignored:
+        out.append(Notice(True, "VisibilityAnnotationIgnored",
+                          f"{found.ignored} is ignored: {found.key} is present too and is the one read"))
+    if found.problem:
+        out.append(Notice(True, "VisibilityAnnotationInvalid",
+                          f"{found.problem}; the annotation is not applied (no proxy redirect, policy unchanged)"))
+    elif spec.get("hostNetwork"):
+        out.append(Notice(True, "VisibilityNotApplied",
+                          f"{found.key}: the pod is on the host network (not an endpoint): not applied"))
+    else:
+        out.append(Notice(False, "VisibilityEnabled",
+                          f"L7 visibility: {found.describe()} go through the node's proxy to be observed "
+                          f"(verdicts unchanged; visibility is not policy)"))
+    return tuple(out)
+
+
 def register(registry: kopf.OperatorRegistry, model: ClusterModel, observer: PolicyObserver, *,
              watch_secrets: bool = True) -> None:
     """Register every handler into ``registry`` (no module-level state); ``watch_secrets``: the Secrets TLS
@@ -161,9 +200,25 @@ def register(registry: kopf.OperatorRegistry, model: ClusterModel, observer: Pol
     kopf.on.event(NETPOL_GROUP, NETPOL_VERSION, NETPOL_PLURAL, id="networkpolicy_event",
                   registry=registry)(netpol_event)
 
+    told: dict[str, tuple[Notice, ...]] = {}
+    """Pod uid -> the visibility Events last posted for it by this process (posted again only on change)."""
+
     async def pod_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         uid = body["metadata"]["uid"]
         model.set_pod(uid, None if type == "DELETED" else pod_from_body(body))
+        if type == "DELETED":
+            told.pop(uid, None)
+            return
+        notices = visibility_notices(body)
+        if notices and told.get(uid) != notices:
+            pod = kopf.Body({"apiVersion": "v1", "kind": "Pod", "metadata": body.get("metadata", {})})
+            for notice in notices:  # kopf.event: the operator's posting level (WARNING) would drop kopf.info's
+                kopf.event(pod, type="Warning" if notice.warning else "Normal", reason=notice.reason,
+                           message=notice.message)
+        if notices:
+            told[uid] = notices
+        else:
+            told.pop(uid, None)
 
     async def namespace_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         name = body["metadata"]["name"]

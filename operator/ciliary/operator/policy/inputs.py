@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from ciliary.operator.api.visibility import VisibilityTuple
+
 
 @dataclass(frozen=True, slots=True)
 class ContainerPort:
@@ -35,6 +37,9 @@ class PodInfo:
     container_ports: tuple[ContainerPort, ...] = ()
     host_network: bool = False
     """A host-network pod is not an endpoint: its traffic carries the node's identity."""
+    visibility: tuple[VisibilityTuple, ...] = ()
+    """The ports its proxy-visibility annotation sends through the node's proxy (``policy.visibility``);
+    empty when it has none or a refused one."""
 
     def named_ports(self) -> dict[str, tuple[tuple[str, int], ...]]:
         """Port name -> ((protocol, port), ...) of this pod."""

@@ -17,6 +17,7 @@ identity first, then equality) and recomputes only what depends on the change:
   holds the named container ports by identity);
 - endpoint policies cached per (identity, named ports); only identities whose
   inputs changed are recomputed, and only nodes holding them are rebuilt;
+- a pod's proxy-visibility tuples are laid over its endpoint's entries (``visibility``), per pod;
 - the ipcache (pod /32 -> pod identity, node IP -> host on its own node and
   remote-node elsewhere, CIDR prefixes of rules -> local CIDR identities; a pod
   or node address wins over an equal CIDR prefix) is shared by every node.
@@ -56,6 +57,7 @@ from ciliary.operator.policy.inputs import NamespaceInfo, NodeInfo, PodInfo
 from ciliary.operator.policy.named_ports import NamedPortIndex, NamedPorts, PortOwners
 from ciliary.operator.policy.repository import RepositorySnapshot
 from ciliary.operator.policy.selection import LabelSet, SelectionIndex, Selector
+from ciliary.operator.policy.visibility import apply_visibility
 
 Network = ipaddress.IPv4Network
 PortsKey = tuple[tuple[str, tuple[tuple[str, int], ...]], ...]
@@ -413,8 +415,9 @@ class Resolver(entries.PeerSource):
         if cached is not None and cached[0] is policy and cached[1].identity == ident:
             return cached
         intent = EndpointIntent(
-            namespace=pod.namespace, pod=pod.name, uid=pod.uid, ipv4=pod.ipv4 or "",
-            identity=ident, ingress=policy.ingress, egress=policy.egress, policies=policy.uids,
+            namespace=pod.namespace, pod=pod.name, uid=pod.uid, ipv4=pod.ipv4 or "", identity=ident,
+            ingress=apply_visibility(policy.ingress, pod.visibility, Direction.INGRESS),
+            egress=apply_visibility(policy.egress, pod.visibility, Direction.EGRESS), policies=policy.uids,
         )
         self._endpoint_cache[pod.uid] = (policy, intent)
         return policy, intent

@@ -29,9 +29,11 @@ from ciliary.operator.intents import (
     RuleRef,
     evaluate_entries,
 )
+from ciliary.operator.intents import Verdict as PolicyVerdict
 from ciliary.operator.policy import divergence
 from ciliary.operator.policy.identities import Reserved
 from ciliary.operator.policy.resolution import ClusterState, Resolution, resolve_cluster
+from ciliary.operator.policy.visibility import deciding_entries
 
 Verdict = Literal["ALLOWED", "DENIED"]
 
@@ -53,6 +55,8 @@ class DirectionTrace:
     rules: tuple[RuleRef, ...] = ()
     http: bool = False
     """The deciding entry hands the connection to the node's HTTP proxy: only matching requests pass."""
+    visibility: bool = False
+    """The deciding entry is a proxy-visibility redirect: observed at L7, every request allowed."""
 
     def describe(self) -> str:
         if self.reason == "not-enforced":
@@ -61,12 +65,16 @@ class DirectionTrace:
             why = "default deny"
         elif self.rules:
             why = "; ".join(r.describe() for r in self.rules)
+        elif self.visibility:
+            why = "no rule denies it"
         elif self.peer_identity == Reserved.HOST and self.direction is Direction.INGRESS:
             why = "traffic from the local host is always allowed"
         else:
             why = "enableDefaultDeny is false for this direction"
         l7 = "; at L7 only the HTTP requests its rules allow, judged by the node's Envoy (others get 403)" \
             if self.http else ""
+        if self.visibility:
+            l7 = "; observed at L7 by the node's proxy (the pod's proxy-visibility annotation), every request allowed"
         return f"{self.direction.value} at {self.endpoint} ({self.node}), peer identity {self.peer_identity}: " \
                f"{self.verdict} ({why}{l7})"
 
@@ -137,7 +145,15 @@ def lookup_identity(intent: NodeIntent, ip: ipaddress.IPv4Address) -> int:
 
 def _evaluate(direction: Direction, side: _Side, peer: int, proto: int, dport: int) -> DirectionTrace:
     assert side.endpoint is not None and side.node is not None
-    decision = evaluate_entries(side.endpoint.direction(direction), identity=peer, protocol=proto, port=dport)
+    policy = side.endpoint.direction(direction)
+    decision = evaluate_entries(policy, identity=peer, protocol=proto, port=dport)
+    entry, seen = decision.entry, False
+    if decision.allowed and policy.enforced and proto in (int(Protocol.TCP), int(Protocol.UDP)):
+        # the datapath's pick among the allow entries (most specific first): a visibility redirect?
+        allows = [e for e in policy.entries if e.verdict is PolicyVerdict.ALLOW]
+        found = [e for e in deciding_entries(allows, peer, Protocol(proto), dport) if e.visibility]
+        if found:
+            entry, seen = found[0], True
     return DirectionTrace(
         direction=direction,
         node=side.node,
@@ -145,8 +161,9 @@ def _evaluate(direction: Direction, side: _Side, peer: int, proto: int, dport: i
         peer_identity=peer,
         verdict="ALLOWED" if decision.allowed else "DENIED",
         reason=decision.reason,
-        rules=decision.entry.rules if decision.entry is not None else (),
-        http=decision.allowed and decision.entry is not None and decision.entry.http is not None,
+        rules=entry.rules if entry is not None else (),
+        http=decision.allowed and entry is not None and entry.http is not None and not seen,
+        visibility=seen,
     )
 
 
@@ -290,7 +307,7 @@ def trace_datapath(
         identities[0 if direction is Direction.EGRESS else 1] = held_endpoint.identity
         part = _evaluate(direction, _Side(side.ip, side.node, held_endpoint), peer_identity, proto, dport)
         part = DirectionTrace(part.direction, part.node, name, part.peer_identity, part.verdict, part.reason,
-                              part.rules, part.http)
+                              part.rules, part.http, part.visibility)
         directions.append(DatapathDirection(direction, side.node, name, "datapath", part, intent_part))
     verdicts = {d.verdict for d in directions}
     verdict: DatapathVerdict = "DENIED" if "DENIED" in verdicts else "UNKNOWN" if "UNKNOWN" in verdicts \
