@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +98,8 @@ def reports_of(lab: Any, node: str) -> list[dict[str, Any]]:
     """``node``'s reports: on the process lab read with its own agent's etcd credentials (its prefix is all it
     may list); on real nodes with the operator's, through the lab's forward to the chart's etcd."""
     if lab.real_nodes:
-        env = dict(line.removeprefix("export ").split("=", 1) for line in lab.lab.chart_cli_env_lines())
-        assert env, "no forward to the chart's etcd (ciliary lab env)"
+        env = lab.lab.env()
+        assert "CILIARY_ETCD_ENDPOINTS" in env, "no forward to the chart's etcd (ciliary lab env)"
         endpoint = env["CILIARY_ETCD_ENDPOINTS"]
         tls = EtcdTLS(Path(env["CILIARY_ETCD_CA_FILE"]), Path(env["CILIARY_ETCD_CERT_FILE"]),
                       Path(env["CILIARY_ETCD_KEY_FILE"]))
@@ -147,7 +147,18 @@ def kill_agent(lab: Any, node: str) -> Callable[[], bool]:
     return lambda: True
 
 
-def test_kill_9_of_the_agent_keeps_enforcing_and_the_restart_adopts(lab: Any) -> None:
+@pytest.fixture
+def starwars(lab: Any) -> Iterator[None]:
+    """The scene's pods and rule1, removed afterwards (the lab is shared with later modules)."""
+    try:
+        yield
+    finally:
+        lab.kubectl("delete", "cnp", "rule1", "--ignore-not-found", check=False)
+        lab.kubectl("delete", "pod", "deathstar", "tiefighter", "xwing", "--ignore-not-found", "--wait=false",
+                    check=False)
+
+
+def test_kill_9_of_the_agent_keeps_enforcing_and_the_restart_adopts(lab: Any, starwars: None) -> None:
     lab.apply(PODS)
     deathstar = lab.wait_running("deathstar")["status"]["podIP"]
     lab.wait_running("tiefighter")

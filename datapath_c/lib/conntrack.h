@@ -172,7 +172,9 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, const struct c
 	fresh.origin = dir;
 	if (p->protocol == CY_PROTO_TCP)
 		fresh.reported[0] = p->tcp_flags & CY_CT_REPORTED_FLAGS;
-	fresh.last_report[0] = cy_ct_second(now); /* the opening packet is reported */
+	/* the opening packet is reported; the replies' clock starts with it too, so
+	 * a UDP answer is reported after a quiet interval, as a later request is */
+	fresh.last_report[0] = fresh.last_report[1] = cy_ct_second(now);
 	cy_ct.update((struct ct_key *)key, &fresh);
 	return 1;
 }

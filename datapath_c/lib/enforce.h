@@ -188,7 +188,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 	if (is_new || CY_TRACE_ALL || cy_ct_report_due(ct_entry, &p, 0, ct_now)) {
 		if (!enforced)
 			peer_id = cy_identity_of(peer_addr);
-		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie, !is_new);
+		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie, ct_entry ? 1 : 0);
 	}
 	if (to_l7proxy)
 		return cy_redirect_to_l7proxy(skb);

@@ -75,9 +75,11 @@ def cli_etcd_files(kubectl: Callable[..., subprocess.CompletedProcess[str]], whe
     except (KeyError, binascii.Error, ValueError):
         return None
     where.mkdir(mode=0o700, parents=True, exist_ok=True)
+    where.chmod(0o700)
     files = tuple(where / name for name in CLI_ETCD_ITEMS)
     for path in files:
         path.touch(mode=0o600)
+        path.chmod(0o600)  # touch leaves an existing file's mode as it was
         path.write_bytes(items[path.name])
     return files[0], files[1], files[2]
 

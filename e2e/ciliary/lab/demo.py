@@ -237,7 +237,7 @@ def run(real_nodes: bool = True) -> int:
     if real_nodes:
         step("The CLI reaches the chart's etcd (a forwarded port, mutual TLS) and each node's agent (its pod)")
         show("eval $(ciliary lab env)")
-        os.environ.update(lab_env(lab))
+        os.environ.update(lab.env())
     step("Every verdict is a flow: the drop, seen by the deathstar's node")
     text = ciliary("observe", "--verdict", "DROPPED", "--pod", "default/deathstar", "--last", "3")
     ok &= "DROPPED" in text
@@ -259,15 +259,6 @@ def run(real_nodes: bool = True) -> int:
     if not ok:
         print(f"{RED}demo: something did not behave as shown above{RESET}", file=sys.stderr)
     return 0 if ok else 1
-
-
-def lab_env(lab: Lab) -> dict[str, str]:
-    """What ``eval $(ciliary lab env)`` sets (``$PATH`` expanded)."""
-    env = {}
-    for line in lab.env_lines():
-        key, _, value = line.removeprefix("export ").partition("=")
-        env[key] = value.replace("$PATH", os.environ.get("PATH", ""))
-    return env
 
 
 def real_nodes_wanted(args: list[str], environ: dict[str, str]) -> bool:

@@ -417,6 +417,14 @@ class Lab:
                 f"{f'{skaffold.parent}:' if (skaffold := tools.built_path('skaffold')).exists() else ''}$PATH",
                 *self.chart_cli_env_lines(), *self.real_node_env_lines()]
 
+    def env(self) -> dict[str, str]:
+        """What ``eval $(ciliary lab env)`` sets, as a dict (``$PATH`` expanded from this process's)."""
+        out = {}
+        for line in self.env_lines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            out[key] = value.replace("$PATH", os.environ.get("PATH", ""))
+        return out
+
     def chart_cli_env_lines(self) -> list[str]:
         """Real nodes: the CLI's way to the chart's etcd (the service forward's port, the operator's client
         certificate from the chart's Secret) and to the agents (kubectl exec: ``ciliary.cli.agent_access``)."""

@@ -17,7 +17,9 @@ an empty HTTP rule, or DNS ``matchPattern: "*"``) and never changes a verdict:
   (protocol, then any-protocol) entries before the any-peer ones, longest port prefix first, so
   such an entry decides for that peer, port and protocol only, and allows what was allowed;
 - where the deciding entries already carry L7 rules (or a mix of plain and L7 entries could decide),
-  nothing is added: those rules stay exactly as the policies wrote them;
+  nothing is added: those rules stay exactly as the policies wrote them; nor where any entry of the
+  peer or of any peer covering the port carries L7 rules (the node's Envoy joins a peer's entries with
+  the any-peer ones into one chain: their header actions or TLS contexts would reach this peer);
 - deny entries are untouched (the datapath probes them first); a peer with no allow entry stays
   denied, it gets no entry;
 - the added entries carry ``visibility=True``: no policy's status depends on them, and a node
@@ -73,6 +75,10 @@ def _observe(entries: list[PolicyEntry], item: VisibilityTuple, direction: Direc
             continue
         deciding = deciding_entries(allows, peer, proto, port)
         if not deciding or any(e.l7_redirect or e.http is not None for e in deciding):
+            continue
+        # the node's Envoy builds a peer's chain from its own and the any-peer entries together: any-peer L7
+        # rules (header actions, TLS contexts) would then apply to this peer, which the kernel never sent them
+        if any(e.l7_redirect or e.http is not None for e in allows if e.identity in (peer, ANY_IDENTITY)):
             continue
         exact = [e for e in deciding if e.identity == peer and e.protocol is proto
                  and e.port_low == port and (e.port_high or port) == port]

@@ -10,7 +10,7 @@ For every Service this proxy serves (not headless, not ExternalName, no foreign
 * frontends: each ClusterIP (internalTrafficPolicy applies: ``Local`` keeps only this node's
   backends), the NodePort on this node's own address (another node's NodePort is that node's to
   serve: a client here is not translated, its connection goes to that node, which applies its own
-  externalTrafficPolicy, as with kube-proxy and Cilium's socket load balancer), each ExternalIP and
+  externalTrafficPolicy, as with kube-proxy; Cilium's socket load balancer translates it here), each ExternalIP and
   each LoadBalancer ingress IP. Clients on a node (socket load balancing) use the cluster-wide set
   for these external frontends whatever externalTrafficPolicy says, as kube-proxy does for
   pod-originated traffic; the device programs apply it to clients from outside;
@@ -116,6 +116,8 @@ class _Accumulator:
     nodes: Mapping[str, str | None]
     frontends: dict[str, dict[tuple[str, int, str], FrontendIntent]] = field(default_factory=dict)
     owners: dict[tuple[str, int, str], str] = field(default_factory=dict)
+    conflicts: set[tuple[tuple[str, int, str], str]] = field(default_factory=set)
+    """(frontend, Service) conflicts already listed: once each, whichever node's intent has the frontend."""
     health_checks: dict[str, list[HealthCheckIntent]] = field(default_factory=dict)
     problems: dict[str, list[errors.ServiceProblem]] = field(default_factory=dict)
 
@@ -168,7 +170,8 @@ def _resolve_port(acc: _Accumulator, service: ServiceInfo, port: ServicePort, sl
         for fe in wanted:
             owner = acc.owners.setdefault(fe.key, service.key)
             if owner != service.key:
-                if node == next(iter(acc.nodes)):
+                if (fe.key, service.key) not in acc.conflicts:
+                    acc.conflicts.add((fe.key, service.key))
                     acc.problem(errors.ServiceProblem(
                         service.namespace, service.name, "FrontendConflict",
                         f"port {label}: {fe.address}:{fe.port}/{fe.protocol} is already a frontend of {owner}; "

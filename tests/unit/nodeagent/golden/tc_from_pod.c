@@ -968,7 +968,9 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, const struct c
 	fresh.origin = dir;
 	if (p->protocol == CY_PROTO_TCP)
 		fresh.reported[0] = p->tcp_flags & CY_CT_REPORTED_FLAGS;
-	fresh.last_report[0] = cy_ct_second(now); /* the opening packet is reported */
+	/* the opening packet is reported; the replies' clock starts with it too, so
+	 * a UDP answer is reported after a quiet interval, as a later request is */
+	fresh.last_report[0] = fresh.last_report[1] = cy_ct_second(now);
 	cy_ct.update((struct ct_key *)key, &fresh);
 	return 1;
 }
@@ -1297,7 +1299,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 	if (is_new || CY_TRACE_ALL || cy_ct_report_due(ct_entry, &p, 0, ct_now)) {
 		if (!enforced)
 			peer_id = cy_identity_of(peer_addr);
-		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie, !is_new);
+		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie, ct_entry ? 1 : 0);
 	}
 	if (to_l7proxy)
 		return cy_redirect_to_l7proxy(skb);

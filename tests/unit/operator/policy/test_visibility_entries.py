@@ -104,6 +104,16 @@ def test_an_entry_with_the_very_key_is_replaced_and_a_mixed_decision_is_skipped(
     assert apply_visibility(mixed, [HTTP80], Direction.INGRESS).entries == mixed.entries
 
 
+def test_a_peer_joined_with_any_peer_l7_rules_in_envoys_chain_gets_no_redirect() -> None:
+    """The node's Envoy builds a peer's chain from its entries and the any-peer ones together: a redirect for a
+    peer the policy exempted from any-peer L7 rules (here a header ADD) would apply them to it. Nothing added."""
+    header_add = PolicyEntry(identity=0, protocol=Protocol.TCP, port_low=80, verdict=Verdict.ALLOW,
+                             l7_redirect=True, l7_parser="http", http=(HttpRule(method="GET"),))
+    exempt = PolicyEntry(identity=2000, protocol=Protocol.TCP, port_low=80, verdict=Verdict.ALLOW)
+    policy = DirectionPolicy(enforced=True, entries=(header_add, exempt))
+    assert apply_visibility(policy, [HTTP80], Direction.INGRESS).entries == policy.entries
+
+
 def test_the_annotation_reaches_resolution_through_the_pod_body() -> None:
     body = {"metadata": {"namespace": "a", "name": "db", "uid": "u-a-db", "labels": {"app": "db"},
                          "annotations": {"io.cilium.proxy-visibility": "<Ingress/80/TCP/HTTP>"}},

@@ -223,6 +223,16 @@ def test_two_services_claiming_one_external_ip_first_keeps_it() -> None:
     assert [p.reason for p in r.problems["default/b"]] == ["FrontendConflict"]
 
 
+def test_a_nodeport_conflict_is_listed_once_per_node_address() -> None:
+    """Each node's intent has only its own NodePort: a conflict on node-2's is listed too, and once."""
+    port = [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}]
+    a = service("a", type="NodePort", ports=port)
+    b = service("b", clusterIP="10.96.0.11", type="NodePort", ports=port)
+    r = run([b, a], [])
+    listed = sorted(p.message for p in r.problems["default/b"] if p.reason == "FrontendConflict")
+    assert len(listed) == 2 and "192.0.2.11:30080/TCP" in listed[0] and "192.0.2.12:30080/TCP" in listed[1]
+
+
 def test_v1_endpoints_fallback_reads_subsets() -> None:
     body = {"metadata": {"name": "web", "namespace": "default"},
             "subsets": [{"addresses": [{"ip": "10.244.1.5", "nodeName": "node-1"}],
