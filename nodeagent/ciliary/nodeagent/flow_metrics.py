@@ -1,8 +1,9 @@
 """Prometheus metrics of the agent's flows, named as Hubble and Cilium name them (pure: no HTTP).
 
-The flow hub counts every published event by (verdict, reason, protocol, direction, TCP flags)
-(``FlowHub.counts``, one dict update per event); :class:`FlowMetrics` turns those counts into
-families at scrape time:
+The flow hub counts every published event by (verdict, reason, protocol, direction, TCP flags, family)
+(``FlowHub.counts``, one dict update per event); at each scrape :class:`FlowCounts` folds the keys counted
+since the last one into per-series totals (a scrape costs the series, not the tens of thousands of count keys)
+and :class:`FlowMetrics` turns the totals into families:
 
 - ``hubble_flows_processed_total{type, subtype, verdict, protocol}`` (type Drop or Trace,
   subtype the observation point: to-endpoint, from-endpoint; empty for drops);
@@ -163,27 +164,36 @@ def _plan(count_key: CountKey) -> _Plan:
     return ("Trace", subtype, "FORWARDED", protocol), None, None, direction.upper(), flag_keys
 
 
-class FlowMetrics(Collector):
-    """Collects from ``counts()`` (the hub's counter), ``lost()`` ({source: n}) and ``ring()`` (size, capacity)."""
+class FlowCounts:
+    """The counts behind the flow families. The hub adds one to ``pending[count_key(event)]`` per event (its hot
+    path: one dict update); :meth:`fold` moves what is pending into one total per series and empties it. A scrape
+    folds, then reads the totals: it costs the series plus the count keys that changed since the last scrape, never
+    every count key the agent ever saw (tens of thousands: every TCP flag set of every verdict, reason, protocol,
+    direction and family). The hub publishes and the agent scrapes on one event loop, synchronously: the fold's swap
+    of ``pending`` needs no lock."""
 
-    def __init__(self, counts: Callable[[], Mapping[CountKey, int]], lost: Callable[[], Mapping[str, int]],
-                 ring: Callable[[], tuple[int, int]],
-                 details: Callable[[], Mapping[tuple[str, ...], int]] = dict) -> None:
-        self.counts = counts
-        self.lost = lost
-        self.ring = ring
-        self.details = details
+    def __init__(self) -> None:
+        self.pending: collections.Counter[CountKey] = collections.Counter()
+        self.processed: dict[tuple[str, ...], int] = {}
+        """hubble_flows_processed: (type, subtype, verdict, protocol) -> flows."""
+        self.drops: dict[tuple[str, ...], int] = {}
+        """hubble_drop: (reason, protocol) -> flows."""
+        self.flags: dict[tuple[str, ...], int] = {}
+        """hubble_tcp_flags: (flag, family) -> flows."""
+        self.cilium_drops: dict[tuple[str, ...], int] = {}
+        """cilium_drop_count: (reason, direction) -> packets."""
+        self.cilium_forwards: dict[str, int] = {}
+        """cilium_forward_count: direction -> packets."""
+        self.folded = 0
+        """Count keys folded so far (one per key per fold that found it pending)."""
         self._plans: dict[CountKey, _Plan] = {}
         """Each count key's series, worked out once (the keys are bounded: ``count_key``)."""
 
-    def collect(self) -> Iterator[Any]:
-        processed: dict[tuple[str, ...], int] = {}
-        drops: dict[tuple[str, ...], int] = {}
-        flags: dict[tuple[str, ...], int] = {}
-        cilium_drops: dict[tuple[str, ...], int] = {}
-        cilium_forwards: dict[str, int] = {}
-        plans = self._plans
-        for count_key, n in dict(self.counts()).items():
+    def fold(self) -> None:
+        pending, self.pending = self.pending, collections.Counter()
+        plans, processed, drops, flags = self._plans, self.processed, self.drops, self.flags
+        cilium_drops, cilium_forwards = self.cilium_drops, self.cilium_forwards
+        for count_key, n in pending.items():
             plan = plans.get(count_key)
             if plan is None:
                 plan = plans[count_key] = _plan(count_key)
@@ -196,6 +206,26 @@ class FlowMetrics(Collector):
                 cilium_forwards[forward] = cilium_forwards.get(forward, 0) + n
             for flag_key in flag_keys:
                 flags[flag_key] = flags.get(flag_key, 0) + n
+        self.folded += len(pending)
+
+
+class FlowMetrics(Collector):
+    """Collects from ``counts`` (the hub's, folded at each collect), ``lost()`` ({source: n}), ``ring()`` (size,
+    capacity) and ``details()`` (:class:`DetailCounter` counts)."""
+
+    def __init__(self, counts: FlowCounts, lost: Callable[[], Mapping[str, int]],
+                 ring: Callable[[], tuple[int, int]],
+                 details: Callable[[], Mapping[tuple[str, ...], int]] = dict) -> None:
+        self.counts = counts
+        self.lost = lost
+        self.ring = ring
+        self.details = details
+
+    def collect(self) -> Iterator[Any]:
+        counts = self.counts
+        counts.fold()
+        processed, drops, flags = counts.processed, counts.drops, counts.flags
+        cilium_drops, cilium_forwards = counts.cilium_drops, counts.cilium_forwards
         family = CounterMetricFamily("hubble_flows_processed", "Flows processed by the agent's observer",
                                      labels=["type", "subtype", "verdict", "protocol"])
         _add_all(family, processed)

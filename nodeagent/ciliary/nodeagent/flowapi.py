@@ -250,8 +250,8 @@ class FlowHub:
         self.lost_reader: Callable[[], int] = lambda: 0
         self.seen = 0
         self.lost_followers = 0
-        self.counts: collections.Counter[flow_metrics.CountKey] = collections.Counter()
-        """Every published event by ``flow_metrics.count_key`` (the Prometheus metrics' source)."""
+        self.counts = flow_metrics.FlowCounts()
+        """Every published event by ``flow_metrics.count_key``, folded into per-series totals at each scrape."""
         self.details = flow_metrics.DetailCounter()
         """The per-kind counts (policy verdicts, ports, HTTP, DNS) of the same events."""
         self._followers: set[asyncio.Queue[dict[str, Any]]] = set()
@@ -266,7 +266,7 @@ class FlowHub:
         """Enrich and keep ``events``; hand them to every follower (dropping for full ones)."""
         count = 0
         index, rules_for = self.index, self.rules_for
-        counts, key, detail = self.counts, flow_metrics.count_key, self.details.add
+        counts, key, detail = self.counts.pending, flow_metrics.count_key, self.details.add
         for event in events:
             counts[key(event)] += 1
             detail(event)
@@ -395,7 +395,7 @@ def metrics_registry(hub: FlowHub) -> prometheus_client.CollectorRegistry:
         return {"perf_event_ring_buffer": hub.lost_kernel(),
                 "observer_events_queue": hub.lost_reader() + hub.lost_followers}
 
-    registry.register(flow_metrics.FlowMetrics(lambda: hub.counts, lost,
+    registry.register(flow_metrics.FlowMetrics(hub.counts, lost,
                                                lambda: (len(hub.ring), hub.ring.maxlen or 0),
                                                lambda: hub.details.counts))
     return registry
