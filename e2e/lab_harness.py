@@ -293,13 +293,13 @@ class LabHandle:
         return str(nodes[0])
 
     def chart_credentials(self) -> tuple[Path, Path, Path, Path]:
-        """The chart's etcd CA, operator certificate and key (from its Secret) and a kubeconfig through a
-        node's apiserver relay, written under the lab's state directory."""
+        """The chart's etcd CA, the ``ciliary-reader`` certificate and key (from its Secret: the CLI reads, it
+        never writes) and a kubeconfig through a node's apiserver relay, under the lab's state directory."""
         where = self.lab.layout.state_dir / "e2e-cli"
         where.mkdir(parents=True, exist_ok=True)
-        files = (where / "ca.crt", where / "operator.crt", where / "operator.key")
+        files = (where / "ca.crt", where / "tls.crt", where / "tls.key")
         # read every time: a reinstalled chart (chart_installed) makes a new CA and certificates
-        out = self.kubectl("get", "secret", "-n", "kube-system", "ciliary-etcd-tls", "-o", "json")
+        out = self.kubectl("get", "secret", "-n", "kube-system", "ciliary-etcd-reader", "-o", "json")
         data = json.loads(out.stdout)["data"]
         for f in files:
             f.touch(mode=0o600)
@@ -321,7 +321,7 @@ class LabHandle:
                     "CILIARY_ETCD_ENDPOINTS": CHART_ETCD_ENDPOINT,
                     "CILIARY_ETCD_CA_FILE": str(ca), "CILIARY_ETCD_CERT_FILE": str(cert),
                     "CILIARY_ETCD_KEY_FILE": str(key)}
-        tls = self.lab.etcd_certs().client(access.OPERATOR_USER)
+        tls = self.lab.etcd_certs().client(access.READER_USER)
         return {**env, **lab_env,
                 "CILIARY_ETCD_ENDPOINTS": self.lab.ports().etcd_endpoint,
                 "CILIARY_ETCD_CA_FILE": str(tls.ca_file), "CILIARY_ETCD_CERT_FILE": str(tls.cert_file),

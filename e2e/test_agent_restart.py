@@ -96,7 +96,8 @@ def enforcement(lab: Any, node: str) -> dict[str, Any] | None:
 
 def reports_of(lab: Any, node: str) -> list[dict[str, Any]]:
     """``node``'s reports: on the process lab read with its own agent's etcd credentials (its prefix is all it
-    may list); on real nodes with the operator's, through the lab's forward to the chart's etcd."""
+    may list); on real nodes as ``ciliary-reader`` (``ciliary lab env``), through the lab's forward to the
+    chart's etcd."""
     if lab.real_nodes:
         env = lab.lab.env()
         assert "CILIARY_ETCD_ENDPOINTS" in env, "no forward to the chart's etcd (ciliary lab env)"

@@ -49,7 +49,9 @@ ETCD_SERVICE = f"{RELEASE}-etcd"
 """The bundled etcd's Service (client port only)."""
 ETCD_TLS_SECRET = f"{RELEASE}-etcd-tls"
 """The chart-generated etcd CA and client certificates (``ca.crt``, ``operator.crt``, ``operator.key``, ...)."""
-CLI_ETCD_ITEMS = ("ca.crt", "operator.crt", "operator.key")
+ETCD_READER_SECRET = f"{RELEASE}-etcd-reader"
+"""The chart-generated certificate of the etcd user ``ciliary-reader`` (the CLI's: reads, never writes)."""
+CLI_ETCD_ITEMS = ("ca.crt", "tls.crt", "tls.key")
 
 
 class ChartInstallError(RuntimeError):
@@ -62,11 +64,11 @@ class ChartInstallError(RuntimeError):
 
 def cli_etcd_files(kubectl: Callable[..., subprocess.CompletedProcess[str]], where: Path
                    ) -> tuple[Path, Path, Path] | None:
-    """The chart etcd's CA and the operator's client certificate and key, read from the chart's Secret and
-    written (0600, in a 0700 directory) under ``where``: what the lab's user needs for ``ciliary policy
-    trace``/``get`` and ``ciliary observe`` against the chart's etcd. Read every time (a reinstalled chart
-    makes new ones); None when the Secret or an item cannot be read."""
-    out = kubectl("get", "secret", "-n", NAMESPACE, ETCD_TLS_SECRET, "-o", "json", check=False)
+    """The chart etcd's CA and the ``ciliary-reader`` client certificate and key, read from the chart's Secret
+    and written (0600, in a 0700 directory) under ``where``: what the lab's user needs for ``ciliary policy
+    trace``/``get`` and ``ciliary observe`` against the chart's etcd, and no key that could write there. Read
+    every time (a reinstalled chart makes new ones); None when the Secret or an item cannot be read."""
+    out = kubectl("get", "secret", "-n", NAMESPACE, ETCD_READER_SECRET, "-o", "json", check=False)
     if out.returncode != 0:
         return None
     data = (json.loads(out.stdout).get("data") or {})

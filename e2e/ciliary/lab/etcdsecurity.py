@@ -7,6 +7,7 @@ is on, and each caller is the etcd user named by its certificate's CN:
   kube-apiserver         read/write under ``/registry/`` (and its compaction key) only
   ciliary-operator       the operator's role (``ciliary.operator.store.access.operator_role``)
   ciliary-relay          the Hubble relay: node registrations, read only (``access.relay_role``)
+  ciliary-reader         the command line (``ciliary lab env``): reads, never writes (``access.reader_role``)
   ciliary-node-<node>    one per node agent (``access.node_role``)
 
 Certificates live in ``pki/etcd/`` (a CA of their own). The roles come from the access
@@ -74,7 +75,7 @@ class EtcdPKI:
         # its CN names no etcd user, so that connection has no permission of its own
         pki.ensure_cert(self.directory, "server", "/CN=ciliary-lab-etcd", server=True, sans=ETCD_SANS,
                         client_too=True)
-        for user in (access.ROOT_USER, APISERVER_USER, access.OPERATOR_USER, access.RELAY_USER):
+        for user in (access.ROOT_USER, APISERVER_USER, access.OPERATOR_USER, access.RELAY_USER, access.READER_USER):
             self.issue(user)
 
 
@@ -99,8 +100,9 @@ async def _bootstrap(endpoint: EtcdEndpoint, root: EtcdTLS, roles: Sequence[Role
 
 
 def bootstrap(endpoint: str, certs: EtcdPKI, nodes: Sequence[str] = ()) -> None:
-    """Create the kube-apiserver, operator and node roles and turn authentication on (idempotent)."""
-    roles = [APISERVER_ROLE, access.operator_role(), access.relay_role(), *(access.node_role(n) for n in nodes)]
+    """Create the kube-apiserver, operator, relay, reader and node roles and turn authentication on (idempotent)."""
+    roles = [APISERVER_ROLE, access.operator_role(), access.relay_role(), access.reader_role(),
+             *(access.node_role(n) for n in nodes)]
     for node in nodes:
         certs.node(node)
     asyncio.run(_bootstrap(EtcdEndpoint.parse(endpoint), certs.client(access.ROOT_USER), roles))

@@ -415,7 +415,7 @@ class Lab:
                 f"{tools.built_path('hubble').parent}:{tools.built_path('helm').parent}:"
                 # skaffold when built (setup/build-node-tools.sh skaffold; make test builds it)
                 f"{f'{skaffold.parent}:' if (skaffold := tools.built_path('skaffold')).exists() else ''}$PATH",
-                *self.chart_cli_env_lines(), *self.real_node_env_lines()]
+                *self.process_cli_env_lines(), *self.chart_cli_env_lines(), *self.real_node_env_lines()]
 
     def env(self) -> dict[str, str]:
         """What ``eval $(ciliary lab env)`` sets, as a dict (``$PATH`` expanded from this process's)."""
@@ -425,8 +425,17 @@ class Lab:
             out[key] = value.replace("$PATH", os.environ.get("PATH", ""))
         return out
 
+    def process_cli_env_lines(self) -> list[str]:
+        """The process lab: the CLI reads its etcd as ``ciliary-reader`` (etcdctl above is root)."""
+        if self.config().get("real_nodes"):
+            return []
+        reader = self.etcd_certs().client(access.READER_USER)
+        return [f"export CILIARY_ETCD_ENDPOINTS={self.ports().etcd_endpoint}",
+                f"export CILIARY_ETCD_CA_FILE={reader.ca_file}", f"export CILIARY_ETCD_CERT_FILE={reader.cert_file}",
+                f"export CILIARY_ETCD_KEY_FILE={reader.key_file}"]
+
     def chart_cli_env_lines(self) -> list[str]:
-        """Real nodes: the CLI's way to the chart's etcd (the service forward's port, the operator's client
+        """Real nodes: the CLI's way to the chart's etcd (the service forward's port, the ``ciliary-reader``
         certificate from the chart's Secret) and to the agents (kubectl exec: ``ciliary.cli.agent_access``)."""
         port = self.layout.state_dir / "etcd-forward-port"
         if not self.config().get("real_nodes") or not port.exists() or \

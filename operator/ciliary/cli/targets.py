@@ -2,8 +2,8 @@
 
 etcd is reached with mutual TLS: the CA and client certificate come from ``--etcd-ca-file``,
 ``--etcd-cert-file`` and ``--etcd-key-file``, else ``CILIARY_ETCD_CA_FILE``/``_CERT_FILE``/``_KEY_FILE``,
-else etcdctl's ``ETCDCTL_CACERT``/``ETCDCTL_CERT``/``ETCDCTL_KEY``, else the local lab's operator
-certificate (the CLI only reads what the operator may read). Plain ``http://`` only with
+else etcdctl's ``ETCDCTL_CACERT``/``ETCDCTL_CERT``/``ETCDCTL_KEY``, else the local lab's certificate of
+the etcd user ``ciliary-reader`` (``store.access.reader_role``: it reads, it cannot write). Plain ``http://`` only with
 ``--etcd-insecure`` (or ``CILIARY_ETCD_INSECURE=1``).
 """
 
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ciliary.cli.errors import UserError
+from ciliary.operator.store import access
 from ciliary.operator.store.etcdclient import (
     INSECURE_WARNING,
     EtcdConfigError,
@@ -28,8 +29,8 @@ from ciliary.operator.store.etcdclient import (
 )
 
 log = logging.getLogger(__name__)
-LAB_ETCD_USER = "ciliary-operator"
-"""The lab certificate the CLI uses (``pki/etcd/<user>.crt``): read access to registrations and intents."""
+LAB_ETCD_USER = access.READER_USER
+"""The lab certificate the CLI uses (``pki/etcd/<user>.crt``): reads intents, identities and what agents write."""
 
 
 def lab_config() -> dict[str, object]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import subprocess
 import sys
 import tempfile
@@ -51,8 +52,8 @@ class ChartEtcd:
             (self.dir / name).write_bytes(base64.b64decode(value))
             (self.dir / name).chmod(0o600)
         # etcd.nodeEnrollment.enabled=false: the shared agents' pair, in a Secret of its own
-        # and the Hubble relay's pair (user ciliary-relay), in a Secret of its own as well
-        for suffix, user in (("-etcd-agents", "agent"), ("-etcd-relay", "relay")):
+        # and the Hubble relay's pair (user ciliary-relay) and the CLI's (ciliary-reader), in Secrets of their own
+        for suffix, user in (("-etcd-agents", "agent"), ("-etcd-relay", "relay"), ("-etcd-reader", "reader")):
             for doc in [d for d in self.docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith(suffix)]:
                 for name, value in doc["data"].items():
                     target = self.dir / name.replace("tls.", f"{user}.")
@@ -235,6 +236,19 @@ def test_chart_identities_after_bootstrap(chart_etcd: ChartEtcd) -> None:
     for key in (intent, identity, registration, keyspace.node_lb_intent_key("n1", "manifest")):
         assert not allowed(chart_etcd, "relay", key, write=True), key
     assert not allowed(chart_etcd, "relay", intent, write=False) and not allowed(chart_etcd, "relay", report, write=False)
+    # the CLI's pair (ciliary-reader): what `ciliary policy trace/get`, `observe` and `service list` read, no write;
+    # a Secret no pod references
+    for key in (intent, identity, registration, report, keyspace.node_lb_intent_key("n1", "manifest")):
+        assert allowed(chart_etcd, "reader", key, write=False), key
+        assert not allowed(chart_etcd, "reader", key, write=True), key
+    assert not allowed(chart_etcd, "reader", f"{access.OPERATOR_PREFIX}v1/leader", write=False)
+    from cryptography import x509
+
+    reader = find(chart_etcd.docs, "Secret", "-etcd-reader")
+    pem = base64.b64decode(reader["data"]["tls.crt"])
+    assert x509.load_pem_x509_certificate(pem).subject.rfc4514_string() == f"CN={access.READER_USER}"
+    pods = [d for d in chart_etcd.docs if d["kind"] in ("Deployment", "DaemonSet", "StatefulSet")]
+    assert pods and not any(reader["metadata"]["name"] in json.dumps(d) for d in pods)
 
 
 def test_shared_agent_user_only_when_enrollment_is_off(shared_agents_etcd: ChartEtcd) -> None:

@@ -1,7 +1,8 @@
 """etcd locked down for real: mutual TLS, authentication on, the roles of ``store.access``.
 
 Against the session's lab etcd (TLS only, ``--client-cert-auth``, auth enabled): every key
-class is read and written with a node agent's credentials, the operator's and the Hubble relay's, and the
+class is read and written with a node agent's credentials, the operator's, the Hubble relay's and the CLI's
+(``ciliary-reader``), and the
 outcome must be exactly what the access rules say; clients without a certificate, with a
 certificate of another CA, or over plain HTTP are refused; and the components refuse a
 plain-HTTP endpoint unless ``--etcd-insecure`` is given, logging a warning when it is.
@@ -77,7 +78,8 @@ async def matrix(client: aetcd.Client) -> dict[str, tuple[bool, bool]]:
 @pytest.fixture(scope="module")
 def creds(kube: Any) -> dict[str, EtcdTLS]:
     return {"node": kube.etcd_node_tls(OWN), "operator": kube.etcd_tls(access.OPERATOR_USER),
-            "relay": kube.etcd_tls(access.RELAY_USER), "root": kube.etcd_tls(access.ROOT_USER)}
+            "relay": kube.etcd_tls(access.RELAY_USER), "reader": kube.etcd_tls(access.READER_USER),
+            "root": kube.etcd_tls(access.ROOT_USER)}
 
 
 def run(kube: Any, tls: EtcdTLS | None, body: Any, *, timeout: float = 5.0, endpoint: str | None = None) -> Any:
@@ -149,6 +151,24 @@ def test_the_relay_reads_the_node_records_and_writes_nothing(kube: Any, creds: d
         assert not any(write for _read, write in got.values()), "the relay writes nothing, no intent above all"
         assert [what for what, (read, _w) in got.items() if read] == ["own registration", "other node's registration"]
         print("\nrelay:", got)
+    finally:
+        cleanup(kube, creds)
+
+
+def test_the_cli_reader_reads_intents_and_agent_records_and_writes_nothing(
+        kube: Any, creds: dict[str, EtcdTLS]) -> None:
+    try:
+        got = run(kube, creds["reader"], matrix)
+        role = access.reader_role()
+        expected = {what: (role.allows(key, write=False), role.allows(key, write=True))
+                    for what, key in key_classes().items()}
+        assert got == expected
+        assert not any(write for _read, write in got.values()), "the CLI's certificate writes nothing"
+        for what in ("own intent", "other node's intent", "own lb shard", "own registration", "own status",
+                     "own report", "identity"):
+            assert got[what] == (True, False), what
+        assert got["operator election key"] == (False, False) and got["kubernetes objects"] == (False, False)
+        print("\nreader:", got)
     finally:
         cleanup(kube, creds)
 

@@ -87,6 +87,26 @@ def test_relay_role_matrix(what: str) -> None:
     assert role.user == access.RELAY_USER == "ciliary-relay"
 
 
+READER_MATRIX = {what: (OPERATOR_MATRIX[what][0] and what != "leader key", False) for what in KEYS}
+"""The command line's user reads what the operator reads but the election key, and writes nothing."""
+
+
+@pytest.mark.parametrize("what", sorted(KEYS))
+def test_reader_role_matrix(what: str) -> None:
+    role = access.reader_role()
+    key = KEYS[what]
+    assert (role.allows(key, write=False), role.allows(key, write=True)) == READER_MATRIX[what]
+    assert role.user == access.READER_USER == "ciliary-reader"
+
+
+def test_the_reader_reads_every_key_the_cli_reads() -> None:
+    """``ciliary policy get``/``trace``, ``observe`` and ``service list`` read these prefixes (ciliary.cli)."""
+    role = access.reader_role()
+    for key in (keyspace.node_intent_key("n1"), keyspace.node_key("n1"), keyspace.report_key("u", "n1"),
+                keyspace.node_lb_intent_key("n1", "manifest"), keyspace.node_status_key("n1")):
+        assert role.allows(key, write=False) and not role.allows(key, write=True), key
+
+
 @pytest.mark.parametrize("what", sorted(KEYS))
 def test_node_role_matrix(what: str) -> None:
     role = access.node_role(OWN)

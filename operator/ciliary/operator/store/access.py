@@ -9,6 +9,10 @@ from the client certificate's common name, so a component's certificate CN *is* 
   reads the node registrations, the per-node statuses and the policy reports.
 * The Hubble relay (:func:`relay_role`) reads the node registrations (each names its Observer API
   address) and nothing else.
+* The command line (:func:`reader_role`, user ``ciliary-reader``: ``ciliary policy get``/``trace``,
+  ``ciliary observe``, ``ciliary service list``) reads what the operator reads and writes (intents,
+  identities, registrations, statuses, reports) and writes nothing: a person debugging a policy holds no
+  key that could change enforcement.
 * The agent of node ``N`` (user :func:`node_user`) reads only its own intents (policy and load
   balancing) and the
   shared identities (its load-balancing intent is every key under ``/ciliary/lbintents/v2/N/``);
@@ -40,6 +44,8 @@ SHARED_AGENTS_USER = "ciliary-agents"
 """The chart's shared agent user when per-node enrollment is off (see :func:`shared_agents_role`)."""
 RELAY_USER = "ciliary-relay"
 """The Hubble relay's user (``ciliary-relay``): it reads the node registrations only."""
+READER_USER = "ciliary-reader"
+"""The command line's user (``ciliary-reader``): reads intents, identities and what agents write; writes nothing."""
 OPERATOR_PREFIX = f"{keyspace.ROOT}/operator/"
 """The operator's own keys (the leader election key lives here)."""
 
@@ -130,6 +136,13 @@ def operator_role() -> Role:
 
 def relay_role() -> Role:
     return Role(name=RELAY_USER, user=RELAY_USER, grants=(Grant(Permission.READ, keyspace.NODES_PREFIX, prefix=True),))
+
+
+def reader_role() -> Role:
+    r = Permission.READ
+    return Role(name=READER_USER, user=READER_USER, grants=tuple(Grant(r, prefix, prefix=True) for prefix in (
+        keyspace.INTENTS_PREFIX, keyspace.LB_INTENTS_PREFIX, keyspace.IDENTITIES_PREFIX, keyspace.NODES_PREFIX,
+        keyspace.NODE_STATUS_PREFIX, keyspace.REPORTS_PREFIX)))
 
 
 def node_role(node: str) -> Role:

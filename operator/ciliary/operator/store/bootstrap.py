@@ -2,9 +2,10 @@
 
 Run as etcd's ``root`` (a client certificate with CN ``root``) once per etcd, before the
 components start: the chart runs it as the operator pod's init container. It applies
-``access.operator_role()``, ``access.relay_role()`` (the Hubble relay: node records, read only) and, with ``--shared-agents``, ``access.shared_agents_role()`` (the
-chart's agent user when per-node enrollment is off), or ``--node NAME`` roles (one per node, as the lab does), and
-turns authentication on. Idempotent; etcd not answering yet is retried for a bounded time.
+``access.operator_role()``, ``access.relay_role()`` (the Hubble relay: node records, read only),
+``access.reader_role()`` (the command line: reads, never writes) and, with ``--shared-agents``,
+``access.shared_agents_role()`` (the chart's agent user when per-node enrollment is off), or ``--node NAME``
+roles (one per node, as the lab does), and turns authentication on. Idempotent; etcd not answering yet is retried for a bounded time.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def bootstrap(client: aetcd.Client, *, shared_agents: bool, nodes: Sequence[str]) -> None:
-    roles = [access.operator_role(), access.relay_role(), *([access.shared_agents_role()] if shared_agents else []),
+    roles = [access.operator_role(), access.relay_role(), access.reader_role(),
+             *([access.shared_agents_role()] if shared_agents else []),
              *(access.node_role(n) for n in nodes)]
     for role in roles:
         await accounts.apply_role(client, role)
