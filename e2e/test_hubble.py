@@ -212,6 +212,10 @@ def test_compact_output_and_agent_metrics(lab: LabHandle, scene: Any) -> None:
     verdicts = [line for line in metrics.splitlines() if line.startswith("hubble_policy_verdicts_total{")
                 and 'direction="ingress"' in line and 'match="none"' in line and 'action="dropped"' in line]
     assert verdicts and float(verdicts[0].rsplit(" ", 1)[1]) > 0, metrics
+    # tiefighter's request was allowed by rule1's entry naming its identity and port 80: Hubble's "l3-l4"
+    allowed = [line for line in metrics.splitlines() if line.startswith("hubble_policy_verdicts_total{")
+               and 'direction="ingress"' in line and 'match="l3-l4"' in line and 'action="forwarded"' in line]
+    assert allowed and float(allowed[0].rsplit(" ", 1)[1]) > 0, metrics
     ports = [line for line in metrics.splitlines() if line.startswith("hubble_port_distribution_total{")
              and 'port="80"' in line and 'protocol="TCP"' in line]
     assert ports and float(ports[0].rsplit(" ", 1)[1]) > 0, metrics

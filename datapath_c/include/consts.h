@@ -59,6 +59,19 @@
  * (CY_DROP_PROXY_UNAVAILABLE), never pass it as a plain L3/L4 allow
  * (ciliary.nodeagent.planning.entry_flags) */
 #define CY_POLICY_NO_PROXY (1U << 2)
+/* the key's port block is "any port" (0 port bits): tells the match types apart */
+#define CY_POLICY_ANY_PORT (1U << 3)
+
+/* flow_event.match_type: what kind of entry decided, numbered as Hubble's
+ * Flow.policy_match_type (none when no entry did: default deny, unenforced,
+ * replies). "proto" kinds: a protocol with any port. */
+#define CY_MATCH_NONE 0
+#define CY_MATCH_L3_ONLY 1    /* a peer identity, any protocol and port */
+#define CY_MATCH_L3_L4 2      /* a peer identity and a port */
+#define CY_MATCH_L4_ONLY 3    /* any peer, a port */
+#define CY_MATCH_ALL 4        /* any peer, any protocol and port */
+#define CY_MATCH_L3_PROTO 5   /* a peer identity and a protocol, any port */
+#define CY_MATCH_PROTO_ONLY 6 /* any peer, a protocol, any port */
 
 /* Proxy redirection (lib/redirect.h): the mark that routes a packet assigned to a
  * proxy socket to local delivery, and the routing table holding the local route.

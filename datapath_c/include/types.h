@@ -104,6 +104,8 @@ struct flow_event {
 	__u32 len;
 	__u32 saddr6[4]; /* family 6 only (saddr, daddr are then 0) */
 	__u32 daddr6[4];
+	__u8 match_type; /* CY_MATCH_*: the kind of policy entry that decided */
+	__u8 pad[3];     /* the struct's tail padding before it grew: still 88 bytes */
 };
 
 #endif /* CY_TYPES_H */

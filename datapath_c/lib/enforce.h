@@ -61,7 +61,7 @@ static __always_inline int cy_enforce_ipv6(struct __sk_buff *skb, const struct c
 		return TC_ACT_OK;
 	cy_count(dir, CY_DROP_UNSUPPORTED_L3, p->len);
 	cy_emit(skb, p, dir, CY_VERDICT_DROPPED, CY_DROP_UNSUPPORTED_L3, 0, ep->ep_id,
-		dir == CY_DIR_EGRESS ? ep->identity : 0, dir == CY_DIR_EGRESS ? 0 : ep->identity, 0, 0);
+		dir == CY_DIR_EGRESS ? ep->identity : 0, dir == CY_DIR_EGRESS ? 0 : ep->identity, 0, 0, 0);
 	return TC_ACT_SHOT;
 }
 
@@ -88,7 +88,7 @@ static __always_inline int cy_spoofed_source(struct __sk_buff *skb, const struct
 	ep = cy_endpoints.lookup(pod);
 	cy_count(CY_DIR_EGRESS, CY_DROP_SPOOFED_SOURCE, p->len);
 	cy_emit(skb, p, CY_DIR_EGRESS, CY_VERDICT_DROPPED, CY_DROP_SPOOFED_SOURCE, 0, ep ? ep->ep_id : 0,
-		ep ? ep->identity : 0, 0, 0, 0);
+		ep ? ep->identity : 0, 0, 0, 0, 0);
 	return 1;
 }
 
@@ -101,6 +101,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 	__u32 pod_addr, peer_addr, peer_id = 0, cookie = 0, vflags = 0;
 	__u32 flags, enforced, has_deny;
 	__u16 proxy_port = 0;
+	__u8 match_type = CY_MATCH_NONE;
 	int to_l7proxy = 0;
 	__u64 ct_now = 0;
 	__u8 reason;
@@ -111,7 +112,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_OK;
 	if (parsed == CY_PARSE_BAD_L3) {
 		cy_count(dir, CY_DROP_INVALID_L3, p.len);
-		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, CY_DROP_INVALID_L3, 0, 0, 0, 0, 0, 0);
+		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, CY_DROP_INVALID_L3, 0, 0, 0, 0, 0, 0, 0);
 		return TC_ACT_SHOT;
 	}
 	if (parsed == CY_PARSE_IPV6)
@@ -135,7 +136,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 				peer_id = cy_identity_of(peer_addr);
 				cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, CY_OK_REPLY, 1, ep ? ep->ep_id : 0,
 					dir == CY_DIR_EGRESS ? (ep ? ep->identity : 0) : peer_id,
-					dir == CY_DIR_EGRESS ? peer_id : (ep ? ep->identity : 0), 0, 0);
+					dir == CY_DIR_EGRESS ? peer_id : (ep ? ep->identity : 0), 0, 0, 0);
 			}
 			return TC_ACT_OK;
 		}
@@ -156,7 +157,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		reason = parsed == CY_PARSE_SHORT ? CY_DROP_INVALID : CY_DROP_FRAGMENT;
 		peer_id = cy_identity_of(peer_addr);
 		cy_count(dir, reason, p.len);
-		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, 0, 0);
+		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, 0, 0, 0);
 		return TC_ACT_SHOT;
 	}
 
@@ -165,7 +166,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 	} else if (enforced) {
 		peer_id = cy_identity_of(peer_addr);
 		reason = cy_policy_verdict(ep->ep_id, dir, has_deny, peer_id, p.protocol,
-					   p.policy_port, &cookie, &vflags, &proxy_port);
+					   p.policy_port, &cookie, &vflags, &proxy_port, &match_type);
 		if (reason == CY_OK_POLICY && (vflags & CY_POLICY_NO_PROXY)) {
 			reason = CY_DROP_PROXY_UNAVAILABLE;
 		} else if (reason == CY_OK_POLICY && dir == CY_DIR_INGRESS && (vflags & CY_POLICY_HTTP)) {
@@ -181,14 +182,16 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 
 	cy_count(dir, reason, p.len);
 	if (reason == CY_DROP_POLICY || reason == CY_DROP_POLICY_DENY || reason == CY_DROP_PROXY_UNAVAILABLE) {
-		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie, 0);
+		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie, 0,
+			match_type);
 		return TC_ACT_SHOT;
 	}
 	is_new = cy_ct_track(&p, &ct_key, ct_entry, dir, ep->ep_id, cookie, ct_now);
 	if (is_new || CY_TRACE_ALL || cy_ct_report_due(ct_entry, &p, 0, ct_now)) {
 		if (!enforced)
 			peer_id = cy_identity_of(peer_addr);
-		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie, ct_entry ? 1 : 0);
+		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie,
+			ct_entry ? 1 : 0, match_type);
 	}
 	if (to_l7proxy)
 		return cy_redirect_to_l7proxy(skb);

@@ -8,7 +8,8 @@
 
 static __always_inline void cy_emit(struct __sk_buff *skb, const struct cy_packet *p, __u8 dir,
 				    __u8 verdict, __u8 reason, __u8 is_reply, __u32 ep_id,
-				    __u32 src_identity, __u32 dst_identity, __u32 cookie, __u8 established)
+				    __u32 src_identity, __u32 dst_identity, __u32 cookie, __u8 established,
+				    __u8 match_type)
 {
 	struct flow_event ev = {};
 
@@ -28,6 +29,7 @@ static __always_inline void cy_emit(struct __sk_buff *skb, const struct cy_packe
 	ev.direction = dir;
 	ev.is_reply = is_reply;
 	ev.established = established;
+	ev.match_type = match_type;
 	ev.ep_id = ep_id;
 	ev.src_identity = src_identity;
 	ev.dst_identity = dst_identity;

@@ -42,13 +42,27 @@ static __always_inline struct policy_value *cy_policy_get(int deny, struct polic
 	return cy_policy.lookup(key);
 }
 
-/* The four probes of one map, most specific first (see above). */
+/* Hubble's match type of a hit: by_identity when the key named the peer's
+ * identity, key_proto the key's protocol (0: any), the value's ANY_PORT flag
+ * whether its port block was "any port". */
+static __always_inline __u8 cy_match_type(int by_identity, __u8 key_proto, const struct policy_value *val)
+{
+	if (!(val->flags & CY_POLICY_ANY_PORT))
+		return by_identity ? CY_MATCH_L3_L4 : CY_MATCH_L4_ONLY;
+	if (key_proto)
+		return by_identity ? CY_MATCH_L3_PROTO : CY_MATCH_PROTO_ONLY;
+	return by_identity ? CY_MATCH_L3_ONLY : CY_MATCH_ALL;
+}
+
+/* The four probes of one map, most specific first (see above); *match gets
+ * the hit's match type. */
 static __always_inline struct policy_value *cy_policy_probe(int deny, __u32 ep_id, __u8 dir,
 							    __u32 identity, __u8 proto,
-							    __u16 port)
+							    __u16 port, __u8 *match)
 {
 	struct policy_key key = {};
 	struct policy_value *val;
+	int by_identity = identity != CY_ID_ANY;
 
 	key.prefixlen = CY_POLICY_FULL_BITS;
 	key.ep_id = ep_id;
@@ -57,48 +71,59 @@ static __always_inline struct policy_value *cy_policy_probe(int deny, __u32 ep_i
 	key.identity = identity;
 	key.protocol = proto;
 	val = cy_policy_get(deny, &key);
-	if (val)
+	if (val) {
+		*match = cy_match_type(by_identity, proto, val);
 		return val;
+	}
 	if (proto != 0) {
 		key.protocol = 0;
 		val = cy_policy_get(deny, &key);
-		if (val)
+		if (val) {
+			*match = cy_match_type(by_identity, 0, val);
 			return val;
+		}
 	}
-	if (identity == CY_ID_ANY)
+	if (!by_identity)
 		return 0;
 	key.identity = CY_ID_ANY;
 	key.protocol = proto;
 	val = cy_policy_get(deny, &key);
-	if (val)
+	if (val) {
+		*match = cy_match_type(0, proto, val);
 		return val;
+	}
 	if (proto != 0) {
 		key.protocol = 0;
 		val = cy_policy_get(deny, &key);
+		if (val)
+			*match = cy_match_type(0, 0, val);
 	}
 	return val;
 }
 
 /* Returns a drop_reasons.h code; *cookie gets the deciding rule's cookie and
  * *vflags the deciding allow entry's policy_value.flags (0 otherwise), *proxy_port its
- * proxy port (0: no redirect; lib/redirect.h).
+ * proxy port (0: no redirect; lib/redirect.h), *match the deciding entry's match
+ * type (CY_MATCH_NONE when none decided).
  * has_deny: the endpoint's CY_EP_*_DENY flag of dir (0 skips cy_policy_deny). */
 static __always_inline __u8 cy_policy_verdict(__u32 ep_id, __u8 dir, __u32 has_deny,
 					      __u32 identity, __u8 proto, __u16 port,
-					      __u32 *cookie, __u32 *vflags, __u16 *proxy_port)
+					      __u32 *cookie, __u32 *vflags, __u16 *proxy_port,
+					      __u8 *match)
 {
 	struct policy_value *val;
 
 	*proxy_port = 0;
 	*vflags = 0;
+	*match = CY_MATCH_NONE;
 	if (has_deny) {
-		val = cy_policy_probe(1, ep_id, dir, identity, proto, port);
+		val = cy_policy_probe(1, ep_id, dir, identity, proto, port, match);
 		if (val) {
 			*cookie = val->cookie;
 			return CY_DROP_POLICY_DENY;
 		}
 	}
-	val = cy_policy_probe(0, ep_id, dir, identity, proto, port);
+	val = cy_policy_probe(0, ep_id, dir, identity, proto, port, match);
 	if (val) {
 		*cookie = val->cookie;
 		*vflags = val->flags;

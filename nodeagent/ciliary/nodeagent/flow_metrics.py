@@ -17,10 +17,11 @@ and :class:`FlowMetrics` turns the totals into families:
   of the observer);
 - ``hubble_policy_verdicts_total{direction, match, action}``: the policy's verdicts on new traffic: drops,
   a TCP SYN without ACK, another protocol's first packet; not replies, not a connection's later reports (FIN/RST,
-  the monitor interval's, ``none``'s every packet: ``established`` in the event), not unenforced endpoints. ``match`` says what decided: ``none`` (no rule: default deny),
-  ``deny`` (a deny rule), ``allow`` (an allow rule; the datapath does not record whether it was an L3,
-  L4 or L3/L4 entry, so Hubble's ``l3-only``/``l3-l4``/``l4-only``/``all`` are not told apart),
-  ``l7/http`` (handed to the node's HTTP proxy), ``l7/dns`` (the DNS proxy); ``action`` forwarded,
+  the monitor interval's, ``none``'s every packet: ``established`` in the event), not unenforced endpoints. ``match`` says what decided, as Hubble names it: ``none`` (no rule:
+  default deny), the kind of the allow or deny entry the datapath found (``l3-only``: the peer named, any port;
+  ``l3-l4``: peer and port; ``l4-only``: a port for any peer; ``all``: any peer, any port; ``l3-proto`` and
+  ``proto-only``: a protocol with any port; ``allow``/``deny`` only from a program older than the match
+  types), ``l7/http`` (handed to the node's HTTP proxy), ``l7/dns`` (the DNS proxy); ``action`` forwarded,
   dropped or redirected (to a proxy);
 - ``hubble_port_distribution_total{protocol, port}``: forwarded new TCP/UDP/SCTP traffic (as above) by
   destination port; the first :data:`MAX_PORTS` ports seen per protocol get their own series, the others count as
@@ -133,6 +134,9 @@ class DetailCounter:
             kind, action = match
             if kind == "proxy":
                 kind = "l7/dns" if event.direction == "egress" and event.dport == 53 else "l7/http"
+            elif kind in ("allow", "deny"):
+                match_type: int = getattr(event, "match_type", 0)
+                kind = hubble_convert.MATCH_TYPES.get(match_type, kind) if match_type else kind
             self.counts["verdict", event.direction, kind, action] += 1
         if event.verdict == "forwarded" and event.protocol in _PORTED and not l7:
             seen = self.ports.setdefault(event.protocol, set())

@@ -15,11 +15,13 @@ What each Hubble field carries, and what Ciliary leaves empty:
 - policy names: the rules of the deciding policy entry go to ``ingress/egress_allowed_by``
   (verdict FORWARDED) or ``ingress/egress_denied_by`` (a deny rule); a default-deny drop, a
   reply and unenforced traffic name no policy;
+- ``policy_match_type``: the kind of entry that decided (Hubble's numbers: 1 L3-Only, 2 L3-L4, 3 L4-Only,
+  4 all, 5 L3-Proto, 6 Proto-Only; the datapath's ``CY_MATCH_*``), unset when none did;
 - ``node_name``, ``Type`` L3_L4, ``IP``, ``l4`` (ports, TCP flags, ICMP type), ``interface``, and
   ``Summary`` (``TCP Flags: SYN``, ``ICMPv4 EchoRequest``: the text the CLI's compact output shows).
 - L7 flows (``l7_flows.L7Event``, an HTTP request judged by the node's proxy): ``Type`` L7 and
   ``l7.http`` (code, method, url, protocol), ``latency_ns``; DROPPED when answered 403.
-- Left empty: ethernet, DNS names, services, ``policy_match_type``, trace contexts.
+- Left empty: ethernet, DNS names, services, trace contexts.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ from ciliary.hubbleapi import flow_pb2
 from ciliary.operator import intents
 
 EMITTER = "Ciliary"
+MATCH_TYPES = {0: "none", 1: "l3-only", 2: "l3-l4", 3: "l4-only", 4: "all", 5: "l3-proto", 6: "proto-only"}
+"""Hubble's names of the policy match types (``policy_match_type``; lower case as in
+``hubble_policy_verdicts_total``'s ``match`` label): l3 = the peer's identity was named, l4 = a port,
+proto = a protocol with any port, all = none of them (consts.h ``CY_MATCH_*``)."""
 EVENT_DROP = 1
 EVENT_TRACE = 4
 EVENT_POLICY_VERDICT = 5
@@ -116,6 +122,7 @@ def to_flow(event: Any, index: Any, rules: Iterable[intents.RuleRef], revision: 
         source=_endpoint(index, src, event.src_identity),
         destination=_endpoint(index, dst, event.dst_identity),
         interface=flow_pb2.NetworkInterface(index=event.ifindex),
+        policy_match_type=getattr(event, "match_type", 0),
     )
     version = flow_pb2.IPv6 if isinstance(event.src, ipaddress.IPv6Address) else flow_pb2.IPv4
     flow.IP.CopyFrom(flow_pb2.IP(source=src, destination=dst, ipVersion=version))

@@ -54,6 +54,9 @@ POLICY_HTTP = 1 << 1
 POLICY_NO_PROXY = 1 << 2
 """consts.h CY_POLICY_NO_PROXY: an allow entry whose L7 rules need a proxy this node does not run: its
 packets are dropped (``PROXY_UNAVAILABLE``), never passed as a plain L3/L4 allow."""
+POLICY_ANY_PORT = 1 << 3
+"""consts.h CY_POLICY_ANY_PORT: the key's port block is "any port" (no port bits); the datapath tells
+Hubble's match types apart with it (an entry naming a port vs one naming a protocol or nothing)."""
 
 
 def enforced_flag(direction: MapDirection) -> int:
@@ -267,8 +270,9 @@ def direction_maps(ep_id: int, direction: MapDirection, policy: intents.Directio
         port = 0 if is_deny else proxy_port_of(direction, entry, ports)
         value = PolicyValue(rule_cookie(entry.rules), entry_flags(direction, entry, ports), port)
         for key in entry_keys(ep_id, direction, entry):
+            keyed = value if key.port_bits else dataclasses.replace(value, flags=value.flags | POLICY_ANY_PORT)
             old = target.get(key)
-            target[key] = value if old is None else _merged(old, value)
+            target[key] = keyed if old is None else _merged(old, keyed)
     return allow, deny
 
 

@@ -110,7 +110,7 @@ def test_policy_verdicts_ports_http_and_dns() -> None:
                         (("action", action), ("direction", direction), ("match", match))), 0)
 
     assert verdicts("ingress", "none", "dropped") == 2 and verdicts("ingress", "deny", "dropped") == 1
-    assert verdicts("ingress", "allow", "forwarded") == 5  # 4 TCP SYNs, 1 UDP first packet
+    assert verdicts("ingress", "allow", "forwarded") == 5  # 4 TCP SYNs, 1 UDP first packet (programs without types)
     assert got["hubble_port_distribution_total", (("port", "5353"), ("protocol", "UDP"))] == 1
     assert verdicts("ingress", "l7/http", "redirected") == 1 and verdicts("egress", "l7/dns", "redirected") == 1
     assert verdicts("ingress", "l7/http", "forwarded") == 1 and verdicts("ingress", "l7/http", "dropped") == 1
@@ -245,3 +245,23 @@ def test_folding_between_scrapes_gives_the_totals_of_one_fold() -> None:
     ours = flow_metrics.text_exposition(registries[1].collect()).decode()
     assert {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(ours) for s in family.samples} == want
+
+
+def test_policy_verdicts_name_the_kind_of_entry_that_decided() -> None:
+    """The datapath's match type becomes Hubble's ``match`` label (l3-only, l3-l4, ...); none for default deny."""
+    hub = flowapi.FlowHub("n1")
+    hub.set_intent(INTENT)
+    hub.publish([event("forwarded", maps.Reason.OK_POLICY, match=2) for _ in range(3)]
+                + [event("forwarded", maps.Reason.OK_POLICY, match=m, direction="egress") for m in (1, 3, 4, 5, 6)]
+                + [event(reason=maps.Reason.DROP_POLICY_DENY, match=1), event()])
+    got = samples(flowapi.metrics_registry(hub))
+
+    def verdicts(direction: str, match: str, action: str) -> float:
+        return got.get(("hubble_policy_verdicts_total",
+                        (("action", action), ("direction", direction), ("match", match))), 0)
+
+    assert verdicts("ingress", "l3-l4", "forwarded") == 3
+    for name in ("l3-only", "l4-only", "all", "l3-proto", "proto-only"):
+        assert verdicts("egress", name, "forwarded") == 1, name
+    assert verdicts("ingress", "l3-only", "dropped") == 1 and verdicts("ingress", "none", "dropped") == 1
+    assert verdicts("ingress", "allow", "forwarded") == 0 and verdicts("ingress", "deny", "dropped") == 0

@@ -27,11 +27,23 @@ INDEX = flowapi.IntentIndex.of("n1", INTENT)
 
 def event(verdict: str = "dropped", reason: maps.Reason = maps.Reason.DROP_POLICY, *, sport: int = 40000,
           dport: int = 80, cookie: int = 0, protocol: int = 6, direction: str = "ingress", is_reply: bool = False,
-          t: float = 1700000000.5, flags: int = 0x02, established: bool = False) -> flows.FlowEvent:
+          t: float = 1700000000.5, flags: int = 0x02, established: bool = False, match: int = 0) -> flows.FlowEvent:
     return flows.FlowEvent(time=t, src=IPv4Address("10.0.1.5"), dst=IPv4Address("10.0.0.2"),
                            sport=sport, dport=dport, protocol=protocol, tcp_flags=flags, verdict=verdict,
                            reason=reason, direction=direction, is_reply=is_reply, ep_id=1, src_identity=301,
-                           dst_identity=300, cookie=cookie, ifindex=7, length=60, established=established)
+                           dst_identity=300, cookie=cookie, ifindex=7, length=60, established=established,
+                           match_type=match)
+
+
+def test_the_policy_match_type_is_the_datapaths() -> None:
+    """Hubble's numbers (1 L3-Only, 2 L3-L4, 3 L4-Only, 4 all, 5 L3-Proto, 6 Proto-Only); unset when none decided."""
+    assert hubble_convert.to_flow(event(), INDEX, ()).policy_match_type == 0
+    allowed = hubble_convert.to_flow(event("forwarded", maps.Reason.OK_POLICY, match=2), INDEX, ())
+    assert allowed.policy_match_type == 2
+    as_json = json_format.MessageToDict(allowed, preserving_proto_field_name=True)
+    assert as_json["policy_match_type"] == 2
+    assert hubble_convert.MATCH_TYPES == {0: "none", 1: "l3-only", 2: "l3-l4", 3: "l4-only", 4: "all",
+                                          5: "l3-proto", 6: "proto-only"}
 
 
 def test_dropped_flow_carries_hubble_fields() -> None:

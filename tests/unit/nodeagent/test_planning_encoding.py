@@ -70,3 +70,19 @@ def test_rule_cookie_is_stable_and_order_free() -> None:
     r2 = intents.RuleRef(kind="CiliumNetworkPolicy", namespace="a", name="y", rule_index=1, section="ingress[1]")
     assert planning.rule_cookie([r1, r2]) == planning.rule_cookie([r2, r1]) != 0
     assert planning.rule_cookie([]) == 0
+
+
+def test_any_port_keys_carry_the_any_port_flag_and_port_keys_do_not() -> None:
+    """CY_POLICY_ANY_PORT marks a key whose port block is "any port": the datapath's match types need it
+    (a protocol or nothing vs a port); an ICMP type 0 entry is a port, not "any"."""
+    entries = (PolicyEntry(identity=7, protocol=Protocol.TCP, port_low=80, verdict=Verdict.ALLOW),
+               PolicyEntry(identity=7, protocol=Protocol.UDP, verdict=Verdict.ALLOW),
+               PolicyEntry(identity=0, protocol=Protocol.ANY, verdict=Verdict.ALLOW),
+               PolicyEntry(identity=0, protocol=Protocol.ICMP, icmp_type=0, verdict=Verdict.ALLOW),
+               PolicyEntry(identity=9, protocol=Protocol.ANY, verdict=Verdict.DENY))
+    allow, deny = planning.direction_maps(3, MapDirection.INGRESS, intents.DirectionPolicy(enforced=True,
+                                                                                           entries=entries))
+    flagged = {(k.identity, k.protocol, k.port_bits): bool(v.flags & planning.POLICY_ANY_PORT)
+               for k, v in {**allow, **deny}.items()}
+    assert flagged == {(7, 6, 16): False, (7, 17, 0): True, (0, 0, 0): True, (0, 1, 16): False, (9, 0, 0): True}
+    assert all(v.flags & planning.POLICY_DENY for v in deny.values())

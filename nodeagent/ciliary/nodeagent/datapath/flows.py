@@ -53,6 +53,9 @@ class FlowEvent:
     established: bool = False
     """A forward packet of a tracked connection, not its first (monitor aggregation's flag and interval
     reports, or every packet with ``none``)."""
+    match_type: int = 0
+    """consts.h ``CY_MATCH_*`` (Hubble's ``policy_match_type`` numbers): the kind of entry that decided
+    (``hubble_convert.MATCH_TYPES``); 0 when none did (default deny, replies, unenforced endpoints)."""
 
 
 def decode(raw: bytes, *, mono_to_wall: float | None = None) -> FlowEvent:
@@ -81,6 +84,7 @@ def decode(raw: bytes, *, mono_to_wall: float | None = None) -> FlowEvent:
         ifindex=ev.ifindex,
         length=ev.len,
         established=bool(ev.established),
+        match_type=ev.match_type,
     )
 
 

@@ -91,7 +91,8 @@ class FlowEventC(ct.Structure):
                 ("direction", ct.c_uint8), ("is_reply", ct.c_uint8), ("family", ct.c_uint8), ("established", ct.c_uint8),
                 ("ep_id", ct.c_uint32), ("src_identity", ct.c_uint32), ("dst_identity", ct.c_uint32),
                 ("cookie", ct.c_uint32), ("ifindex", ct.c_uint32), ("len", ct.c_uint32),
-                ("saddr6", ct.c_uint8 * 16), ("daddr6", ct.c_uint8 * 16)]
+                ("saddr6", ct.c_uint8 * 16), ("daddr6", ct.c_uint8 * 16), ("match_type", ct.c_uint8),
+                ("pad", ct.c_uint8 * 3)]
 
 
 STRUCT_SIZES = {

@@ -82,6 +82,19 @@
  * (CY_DROP_PROXY_UNAVAILABLE), never pass it as a plain L3/L4 allow
  * (ciliary.nodeagent.planning.entry_flags) */
 #define CY_POLICY_NO_PROXY (1U << 2)
+/* the key's port block is "any port" (0 port bits): tells the match types apart */
+#define CY_POLICY_ANY_PORT (1U << 3)
+
+/* flow_event.match_type: what kind of entry decided, numbered as Hubble's
+ * Flow.policy_match_type (none when no entry did: default deny, unenforced,
+ * replies). "proto" kinds: a protocol with any port. */
+#define CY_MATCH_NONE 0
+#define CY_MATCH_L3_ONLY 1    /* a peer identity, any protocol and port */
+#define CY_MATCH_L3_L4 2      /* a peer identity and a port */
+#define CY_MATCH_L4_ONLY 3    /* any peer, a port */
+#define CY_MATCH_ALL 4        /* any peer, any protocol and port */
+#define CY_MATCH_L3_PROTO 5   /* a peer identity and a protocol, any port */
+#define CY_MATCH_PROTO_ONLY 6 /* any peer, a protocol, any port */
 
 /* Proxy redirection (lib/redirect.h): the mark that routes a packet assigned to a
  * proxy socket to local delivery, and the routing table holding the local route.
@@ -270,6 +283,8 @@ struct flow_event {
 	__u32 len;
 	__u32 saddr6[4]; /* family 6 only (saddr, daddr are then 0) */
 	__u32 daddr6[4];
+	__u8 match_type; /* CY_MATCH_*: the kind of policy entry that decided */
+	__u8 pad[3];     /* the struct's tail padding before it grew: still 88 bytes */
 };
 
 #endif /* CY_TYPES_H */
@@ -615,7 +630,8 @@ static __always_inline void cy_count(__u8 dir, __u8 reason, __u32 len)
 
 static __always_inline void cy_emit(struct __sk_buff *skb, const struct cy_packet *p, __u8 dir,
 				    __u8 verdict, __u8 reason, __u8 is_reply, __u32 ep_id,
-				    __u32 src_identity, __u32 dst_identity, __u32 cookie, __u8 established)
+				    __u32 src_identity, __u32 dst_identity, __u32 cookie, __u8 established,
+				    __u8 match_type)
 {
 	struct flow_event ev = {};
 
@@ -635,6 +651,7 @@ static __always_inline void cy_emit(struct __sk_buff *skb, const struct cy_packe
 	ev.direction = dir;
 	ev.is_reply = is_reply;
 	ev.established = established;
+	ev.match_type = match_type;
 	ev.ep_id = ep_id;
 	ev.src_identity = src_identity;
 	ev.dst_identity = dst_identity;
@@ -725,13 +742,27 @@ static __always_inline struct policy_value *cy_policy_get(int deny, struct polic
 	return cy_policy.lookup(key);
 }
 
-/* The four probes of one map, most specific first (see above). */
+/* Hubble's match type of a hit: by_identity when the key named the peer's
+ * identity, key_proto the key's protocol (0: any), the value's ANY_PORT flag
+ * whether its port block was "any port". */
+static __always_inline __u8 cy_match_type(int by_identity, __u8 key_proto, const struct policy_value *val)
+{
+	if (!(val->flags & CY_POLICY_ANY_PORT))
+		return by_identity ? CY_MATCH_L3_L4 : CY_MATCH_L4_ONLY;
+	if (key_proto)
+		return by_identity ? CY_MATCH_L3_PROTO : CY_MATCH_PROTO_ONLY;
+	return by_identity ? CY_MATCH_L3_ONLY : CY_MATCH_ALL;
+}
+
+/* The four probes of one map, most specific first (see above); *match gets
+ * the hit's match type. */
 static __always_inline struct policy_value *cy_policy_probe(int deny, __u32 ep_id, __u8 dir,
 							    __u32 identity, __u8 proto,
-							    __u16 port)
+							    __u16 port, __u8 *match)
 {
 	struct policy_key key = {};
 	struct policy_value *val;
+	int by_identity = identity != CY_ID_ANY;
 
 	key.prefixlen = CY_POLICY_FULL_BITS;
 	key.ep_id = ep_id;
@@ -740,48 +771,59 @@ static __always_inline struct policy_value *cy_policy_probe(int deny, __u32 ep_i
 	key.identity = identity;
 	key.protocol = proto;
 	val = cy_policy_get(deny, &key);
-	if (val)
+	if (val) {
+		*match = cy_match_type(by_identity, proto, val);
 		return val;
+	}
 	if (proto != 0) {
 		key.protocol = 0;
 		val = cy_policy_get(deny, &key);
-		if (val)
+		if (val) {
+			*match = cy_match_type(by_identity, 0, val);
 			return val;
+		}
 	}
-	if (identity == CY_ID_ANY)
+	if (!by_identity)
 		return 0;
 	key.identity = CY_ID_ANY;
 	key.protocol = proto;
 	val = cy_policy_get(deny, &key);
-	if (val)
+	if (val) {
+		*match = cy_match_type(0, proto, val);
 		return val;
+	}
 	if (proto != 0) {
 		key.protocol = 0;
 		val = cy_policy_get(deny, &key);
+		if (val)
+			*match = cy_match_type(0, 0, val);
 	}
 	return val;
 }
 
 /* Returns a drop_reasons.h code; *cookie gets the deciding rule's cookie and
  * *vflags the deciding allow entry's policy_value.flags (0 otherwise), *proxy_port its
- * proxy port (0: no redirect; lib/redirect.h).
+ * proxy port (0: no redirect; lib/redirect.h), *match the deciding entry's match
+ * type (CY_MATCH_NONE when none decided).
  * has_deny: the endpoint's CY_EP_*_DENY flag of dir (0 skips cy_policy_deny). */
 static __always_inline __u8 cy_policy_verdict(__u32 ep_id, __u8 dir, __u32 has_deny,
 					      __u32 identity, __u8 proto, __u16 port,
-					      __u32 *cookie, __u32 *vflags, __u16 *proxy_port)
+					      __u32 *cookie, __u32 *vflags, __u16 *proxy_port,
+					      __u8 *match)
 {
 	struct policy_value *val;
 
 	*proxy_port = 0;
 	*vflags = 0;
+	*match = CY_MATCH_NONE;
 	if (has_deny) {
-		val = cy_policy_probe(1, ep_id, dir, identity, proto, port);
+		val = cy_policy_probe(1, ep_id, dir, identity, proto, port, match);
 		if (val) {
 			*cookie = val->cookie;
 			return CY_DROP_POLICY_DENY;
 		}
 	}
-	val = cy_policy_probe(0, ep_id, dir, identity, proto, port);
+	val = cy_policy_probe(0, ep_id, dir, identity, proto, port, match);
 	if (val) {
 		*cookie = val->cookie;
 		*vflags = val->flags;
@@ -1172,7 +1214,7 @@ static __always_inline int cy_enforce_ipv6(struct __sk_buff *skb, const struct c
 		return TC_ACT_OK;
 	cy_count(dir, CY_DROP_UNSUPPORTED_L3, p->len);
 	cy_emit(skb, p, dir, CY_VERDICT_DROPPED, CY_DROP_UNSUPPORTED_L3, 0, ep->ep_id,
-		dir == CY_DIR_EGRESS ? ep->identity : 0, dir == CY_DIR_EGRESS ? 0 : ep->identity, 0, 0);
+		dir == CY_DIR_EGRESS ? ep->identity : 0, dir == CY_DIR_EGRESS ? 0 : ep->identity, 0, 0, 0);
 	return TC_ACT_SHOT;
 }
 
@@ -1199,7 +1241,7 @@ static __always_inline int cy_spoofed_source(struct __sk_buff *skb, const struct
 	ep = cy_endpoints.lookup(pod);
 	cy_count(CY_DIR_EGRESS, CY_DROP_SPOOFED_SOURCE, p->len);
 	cy_emit(skb, p, CY_DIR_EGRESS, CY_VERDICT_DROPPED, CY_DROP_SPOOFED_SOURCE, 0, ep ? ep->ep_id : 0,
-		ep ? ep->identity : 0, 0, 0, 0);
+		ep ? ep->identity : 0, 0, 0, 0, 0);
 	return 1;
 }
 
@@ -1212,6 +1254,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 	__u32 pod_addr, peer_addr, peer_id = 0, cookie = 0, vflags = 0;
 	__u32 flags, enforced, has_deny;
 	__u16 proxy_port = 0;
+	__u8 match_type = CY_MATCH_NONE;
 	int to_l7proxy = 0;
 	__u64 ct_now = 0;
 	__u8 reason;
@@ -1222,7 +1265,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_OK;
 	if (parsed == CY_PARSE_BAD_L3) {
 		cy_count(dir, CY_DROP_INVALID_L3, p.len);
-		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, CY_DROP_INVALID_L3, 0, 0, 0, 0, 0, 0);
+		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, CY_DROP_INVALID_L3, 0, 0, 0, 0, 0, 0, 0);
 		return TC_ACT_SHOT;
 	}
 	if (parsed == CY_PARSE_IPV6)
@@ -1246,7 +1289,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 				peer_id = cy_identity_of(peer_addr);
 				cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, CY_OK_REPLY, 1, ep ? ep->ep_id : 0,
 					dir == CY_DIR_EGRESS ? (ep ? ep->identity : 0) : peer_id,
-					dir == CY_DIR_EGRESS ? peer_id : (ep ? ep->identity : 0), 0, 0);
+					dir == CY_DIR_EGRESS ? peer_id : (ep ? ep->identity : 0), 0, 0, 0);
 			}
 			return TC_ACT_OK;
 		}
@@ -1267,7 +1310,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		reason = parsed == CY_PARSE_SHORT ? CY_DROP_INVALID : CY_DROP_FRAGMENT;
 		peer_id = cy_identity_of(peer_addr);
 		cy_count(dir, reason, p.len);
-		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, 0, 0);
+		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, 0, 0, 0);
 		return TC_ACT_SHOT;
 	}
 
@@ -1276,7 +1319,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 	} else if (enforced) {
 		peer_id = cy_identity_of(peer_addr);
 		reason = cy_policy_verdict(ep->ep_id, dir, has_deny, peer_id, p.protocol,
-					   p.policy_port, &cookie, &vflags, &proxy_port);
+					   p.policy_port, &cookie, &vflags, &proxy_port, &match_type);
 		if (reason == CY_OK_POLICY && (vflags & CY_POLICY_NO_PROXY)) {
 			reason = CY_DROP_PROXY_UNAVAILABLE;
 		} else if (reason == CY_OK_POLICY && dir == CY_DIR_INGRESS && (vflags & CY_POLICY_HTTP)) {
@@ -1292,14 +1335,16 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 
 	cy_count(dir, reason, p.len);
 	if (reason == CY_DROP_POLICY || reason == CY_DROP_POLICY_DENY || reason == CY_DROP_PROXY_UNAVAILABLE) {
-		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie, 0);
+		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie, 0,
+			match_type);
 		return TC_ACT_SHOT;
 	}
 	is_new = cy_ct_track(&p, &ct_key, ct_entry, dir, ep->ep_id, cookie, ct_now);
 	if (is_new || CY_TRACE_ALL || cy_ct_report_due(ct_entry, &p, 0, ct_now)) {
 		if (!enforced)
 			peer_id = cy_identity_of(peer_addr);
-		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie, ct_entry ? 1 : 0);
+		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie,
+			ct_entry ? 1 : 0, match_type);
 	}
 	if (to_l7proxy)
 		return cy_redirect_to_l7proxy(skb);
