@@ -20,8 +20,9 @@ import pytest
 from dp_packets import TC_ACT_OK, TC_ACT_SHOT, TCP, Runner, frame
 from dp_topology import Topology
 
-from ciliary.nodeagent import hubble_convert, planning, rendering
+from ciliary.nodeagent import hubble_convert, lookup_model, planning, rendering
 from ciliary.nodeagent.datapath import engine, flows
+from ciliary.nodeagent.planning import MapDirection
 from ciliary.operator import intents
 from ciliary.operator.intents import DirectionPolicy, PolicyEntry, Protocol, Verdict
 
@@ -103,6 +104,15 @@ def env() -> Iterator[Env]:
         topo.down()
 
 
+def modelled(entries: tuple[PolicyEntry, ...]) -> lookup_model.LookupResult:
+    """``lookup_model``'s answer for the SYN over the map contents ``planning`` writes for b's ingress."""
+    policy = DirectionPolicy(enforced=True, entries=entries)
+    allow, deny = planning.direction_maps(1, MapDirection.INGRESS, policy)
+    flags = planning.enforced_flag(MapDirection.INGRESS) | (planning.deny_flag(MapDirection.INGRESS) if deny else 0)
+    return lookup_model.simulate_lookup(allow, deny, flags=flags, ep_id=1, direction=MapDirection.INGRESS,
+                                        identity=ID_A, protocol=int(Protocol.TCP), port=DPORT)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_the_event_names_the_kind_of_entry_that_decided(env: Env, case: str) -> None:
     entries, verdict, match = CASES[case]
@@ -112,6 +122,9 @@ def test_the_event_names_the_kind_of_entry_that_decided(env: Env, case: str) -> 
     assert len(events) == 1, events
     assert events[0].match_type == match, (case, hubble_convert.MATCH_TYPES.get(events[0].match_type))
     assert events[0].verdict == ("forwarded" if verdict == TC_ACT_OK else "dropped")
+    # the Python model of the lookup says the same
+    model = modelled(entries)
+    assert (model.allowed, model.match_type) == (verdict == TC_ACT_OK, match), model
 
 
 def test_an_unenforced_endpoint_reports_no_match(env: Env) -> None:

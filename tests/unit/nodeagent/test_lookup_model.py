@@ -251,3 +251,37 @@ def test_an_allow_needing_a_missing_proxy_drops() -> None:
         got = simulate_lookup(allow, deny, flags=flags, ep_id=1, direction=MapDirection.EGRESS, identity=5,
                               protocol=17, port=53)
         assert (got.allowed, got.reason) == expected
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(entries(), max_size=12), st.sampled_from([1001, 1002, 1003]), st.sampled_from([6, 17, 132]), PORTS)
+def test_the_match_type_names_an_entry_that_covers_the_packet(entry_list: list[PolicyEntry], identity: int,
+                                                              protocol: int, port: int) -> None:
+    """When an entry decides, its match type (CY_MATCH_*) describes an entry of that verdict covering the packet:
+    l3 kinds name the peer's identity, l4 kinds a port, proto kinds a protocol with any port; the peer's own
+    identity is preferred whenever one of its entries covers the packet (the probe order)."""
+    from ciliary.nodeagent import lookup_model
+
+    policy = DirectionPolicy(enforced=True, entries=tuple(entry_list))
+    state = programmed(endpoint(A, ingress=policy))
+    ep = state.endpoints[A]
+    got = simulate_lookup(state.policy, state.policy_deny, flags=ep.flags, ep_id=ep.ep_id,
+                          direction=MapDirection.INGRESS, identity=identity, protocol=protocol, port=port)
+    if got.reason == "default-deny":
+        assert got.match_type == 0
+        return
+    verdict = Verdict.DENY if got.reason == "denied-by-rule" else Verdict.ALLOW
+    covering = [e for e in entry_list if e.verdict is verdict and e.identity in (0, identity)
+                and e.protocol in (Protocol.ANY, protocol)
+                and (e.port_low == 0 or e.port_low <= port <= (e.port_high or e.port_low))]
+    by_identity = got.match_type in (lookup_model.MATCH_L3_ONLY, lookup_model.MATCH_L3_L4, lookup_model.MATCH_L3_PROTO)
+    assert by_identity == any(e.identity == identity for e in covering), (got, covering)
+    kinds = {
+        lookup_model.MATCH_L3_L4: lambda e: e.identity == identity and e.port_low != 0,
+        lookup_model.MATCH_L4_ONLY: lambda e: e.identity == 0 and e.port_low != 0,
+        lookup_model.MATCH_L3_PROTO: lambda e: e.identity == identity and e.port_low == 0 and e.protocol == protocol,
+        lookup_model.MATCH_PROTO_ONLY: lambda e: e.identity == 0 and e.port_low == 0 and e.protocol == protocol,
+        lookup_model.MATCH_L3_ONLY: lambda e: e.identity == identity and e.port_low == 0 and e.protocol == 0,
+        lookup_model.MATCH_ALL: lambda e: e.identity == 0 and e.port_low == 0 and e.protocol == 0,
+    }
+    assert any(kinds[got.match_type](e) for e in covering), (got, covering)
