@@ -30,7 +30,8 @@ REAL_NODES = True
 def test_a_networkpolicy_verdict_is_traced_to_its_rule(lab, pods, policies):  # noqa: F811
     enforce_from_pod_b(pods, policies)
     traced = trace(lab, XB, XA, "80/tcp")
-    assert "NetworkPolicy np-x/from-pod-b rule 0 ingress[0]" in traced.stdout, traced.stdout + traced.stderr
+    assert "NetworkPolicy np-x/from-pod-b rule 0 ingress[0]; matched l3-only" in traced.stdout, \
+        traced.stdout + traced.stderr
     read = dict(re.findall(r"^  (node-\d)'s datapath read by its agent (.+)$", traced.stdout, re.M))
     assert sorted(read) == ["node-1", "node-2"], traced.stdout
     for node, via in read.items():

@@ -285,3 +285,24 @@ def test_the_match_type_names_an_entry_that_covers_the_packet(entry_list: list[P
         lookup_model.MATCH_ALL: lambda e: e.identity == 0 and e.port_low == 0 and e.protocol == 0,
     }
     assert any(kinds[got.match_type](e) for e in covering), (got, covering)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(entries(), max_size=12), st.sampled_from([1001, 1002, 1003]), st.sampled_from([1, 6, 17, 132]),
+       PORTS)
+def test_policy_trace_names_the_match_type_the_datapath_records(entry_list: list[PolicyEntry], identity: int,
+                                                                protocol: int, port: int) -> None:
+    """``ciliary policy trace`` (tracing.match_kind, over the intent's entries) names the kind of entry the lookup
+    over the planned maps finds (lookup_model, checked against the kernel in
+    tests/integration/datapath/test_datapath_match_types.py)."""
+    from ciliary.nodeagent import hubble_convert
+    from ciliary.operator.policy import tracing
+
+    policy = DirectionPolicy(enforced=True, entries=tuple(entry_list))
+    state = programmed(endpoint(A, ingress=policy))
+    ep = state.endpoints[A]
+    got = simulate_lookup(state.policy, state.policy_deny, flags=ep.flags, ep_id=ep.ep_id,
+                          direction=MapDirection.INGRESS, identity=identity, protocol=protocol, port=port)
+    verdict = Verdict.DENY if got.reason == "denied-by-rule" else Verdict.ALLOW
+    traced = tracing.match_kind([e for e in entry_list if e.verdict is verdict], identity, protocol, port)
+    assert traced == (hubble_convert.MATCH_TYPES[got.match_type] if got.match_type else ""), (got, traced)

@@ -73,7 +73,7 @@ def decide(state: DatapathState, direction: MapDirection, peer: int, proto: int,
     ep = state.endpoints[A]
     got = lookup_model.simulate_lookup(state.policy, state.policy_deny, flags=ep.flags, ep_id=ep.ep_id,
                                        direction=direction, identity=peer, protocol=proto, port=port)
-    hit = lookup_model._probe(state.policy, ep.ep_id, direction, peer, proto, port)
+    hit, _ = lookup_model._probe(state.policy, ep.ep_id, direction, peer, proto, port)
     return got, hit
 
 

@@ -17,14 +17,16 @@ evaluated. For ICMP, ``dport`` is the ICMP type.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from ciliary.operator.intents import (
+    ANY_IDENTITY,
     Direction,
     EndpointIntent,
     NodeIntent,
+    PolicyEntry,
     Protocol,
     RuleRef,
     evaluate_entries,
@@ -57,6 +59,9 @@ class DirectionTrace:
     """The deciding entry hands the connection to the node's HTTP proxy: only matching requests pass."""
     visibility: bool = False
     """The deciding entry is a proxy-visibility redirect: observed at L7, every request allowed."""
+    match: str = ""
+    """Hubble's name of the kind of entry the datapath's lookup finds first (:func:`match_kind`: ``l3-l4``,
+    ``l3-only``, ...), what the flow's ``policy_match_type`` says; empty when no entry decided."""
 
     def describe(self) -> str:
         if self.reason == "not-enforced":
@@ -75,8 +80,9 @@ class DirectionTrace:
             if self.http else ""
         if self.visibility:
             l7 = "; observed at L7 by the node's proxy (the pod's proxy-visibility annotation), every request allowed"
+        kind = f"; matched {self.match}" if self.match else ""
         return f"{self.direction.value} at {self.endpoint} ({self.node}), peer identity {self.peer_identity}: " \
-               f"{self.verdict} ({why}{l7})"
+               f"{self.verdict} ({why}{l7}{kind})"
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,29 @@ def lookup_identity(intent: NodeIntent, ip: ipaddress.IPv4Address) -> int:
     return best
 
 
+def match_kind(entries: Sequence[PolicyEntry], peer: int, proto: int, port: int) -> str:
+    """Hubble's match type of the entry the datapath finds among ``entries`` (all of one verdict) for the packet.
+
+    The lookup (datapath_c/lib/policy.h) tries (peer, protocol), (peer, any protocol), (any peer, protocol),
+    (any peer, any protocol) and stops at the first with an entry covering the packet; there the longest port
+    prefix wins, so an entry naming a port (or an ICMP type) beats one of any port. l3 = the peer's identity,
+    l4 = a port, proto = a protocol with any port; "" when no entry covers the packet."""
+    peers = (peer, ANY_IDENTITY) if peer != ANY_IDENTITY else (ANY_IDENTITY,)
+    protocols = (proto, int(Protocol.ANY)) if proto != int(Protocol.ANY) else (int(Protocol.ANY),)
+    for who in peers:
+        for what in protocols:
+            group = [e for e in entries if e.identity == who and int(e.protocol) == what and e.covers(peer, proto, port)]
+            if not group:
+                continue
+            l3 = who != ANY_IDENTITY
+            if any(e.port_low != 0 or e.icmp_type is not None for e in group):
+                return "l3-l4" if l3 else "l4-only"
+            if what != int(Protocol.ANY):
+                return "l3-proto" if l3 else "proto-only"
+            return "l3-only" if l3 else "all"
+    return ""
+
+
 def _evaluate(direction: Direction, side: _Side, peer: int, proto: int, dport: int) -> DirectionTrace:
     assert side.endpoint is not None and side.node is not None
     policy = side.endpoint.direction(direction)
@@ -164,6 +193,9 @@ def _evaluate(direction: Direction, side: _Side, peer: int, proto: int, dport: i
         rules=entry.rules if entry is not None else (),
         http=decision.allowed and entry is not None and entry.http is not None and not seen,
         visibility=seen,
+        match=match_kind([e for e in policy.entries if e.verdict is (
+            PolicyVerdict.DENY if decision.reason == "denied-by-rule" else PolicyVerdict.ALLOW)], peer, proto, dport)
+        if decision.reason in ("allowed", "denied-by-rule") else "",
     )
 
 

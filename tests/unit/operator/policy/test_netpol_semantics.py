@@ -248,3 +248,19 @@ def test_a_status_from_the_server_is_accepted_and_ignored() -> None:
     body = netpol({"podSelector": {}, "ingress": []})
     body["status"] = {"conditions": [{"type": "PolicyAccepted", "status": "True"}], "future": 1}
     assert parse_network_policy(body).spec.effective_policy_types() == {"Ingress"}
+
+
+def test_trace_names_the_kind_of_entry_that_matched() -> None:
+    """Hubble's match type in the trace: a NetworkPolicy port for any peer is l4-only, a peer without ports
+    l3-only (as e2e/test_netpol_explained.py expects of ``from-pod-b``), a peer and a port l3-l4."""
+    cases = (({"ingress": [{"ports": [{"port": 80}]}]}, "l4-only"),
+             ({"ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]}, "l3-only"),
+             ({"ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}], "ports": [{"port": 80}]}]},
+              "l3-l4"))
+    for spec, kind in cases:
+        state = state_of(netpol({"podSelector": POD_A, **spec}, name="web"))
+        result = tracing.trace(state, ip_of("x/b"), ip_of("x/a"), 80, "TCP")
+        assert result.ingress is not None and result.ingress.match == kind, (spec, result.describe())
+        assert f"; matched {kind})" in result.describe()
+    denied = tracing.trace(state, ip_of("y/b"), ip_of("x/a"), 80, "TCP")
+    assert denied.ingress is not None and denied.ingress.match == "" and "matched" not in denied.describe()
