@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from ciliary.operator.intents import (
@@ -338,8 +338,7 @@ def trace_datapath(
             continue
         identities[0 if direction is Direction.EGRESS else 1] = held_endpoint.identity
         part = _evaluate(direction, _Side(side.ip, side.node, held_endpoint), peer_identity, proto, dport)
-        part = DirectionTrace(part.direction, part.node, name, part.peer_identity, part.verdict, part.reason,
-                              part.rules, part.http, part.visibility)
+        part = replace(part, endpoint=name)
         directions.append(DatapathDirection(direction, side.node, name, "datapath", part, intent_part))
     verdicts = {d.verdict for d in directions}
     verdict: DatapathVerdict = "DENIED" if "DENIED" in verdicts else "UNKNOWN" if "UNKNOWN" in verdicts \

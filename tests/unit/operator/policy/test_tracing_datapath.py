@@ -38,6 +38,8 @@ def test_agreeing_datapath_gives_the_intents_verdict_without_warnings() -> None:
     ingress = result.directions[1]
     assert ingress.source == "datapath" and ingress.trace is not None and ingress.trace.rules == (RULE,)
     assert "from the datapath of n1, n2" in result.describe() and "WARNING" not in result.describe()
+    # the kind of entry the kernel's lookup finds (the peer's identity and port 80): kept through the datapath path
+    assert ingress.trace.match == "l3-l4" and "; matched l3-l4)" in result.describe()
     assert tracing.trace_datapath(PUBLISHED, dict(PUBLISHED), "default/client", "default/server", 81).verdict == \
         "DENIED"
 
