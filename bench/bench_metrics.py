@@ -51,7 +51,7 @@ from aiohttp import web  # noqa: E402
 from prometheus_client.core import CounterMetricFamily  # noqa: E402
 from prometheus_client.registry import Collector  # noqa: E402
 
-from ciliary.nodeagent import flow_metrics, flowapi, health  # noqa: E402
+from ciliary.nodeagent import flow_metrics, flowapi, health, hubble_convert  # noqa: E402
 from ciliary.nodeagent.datapath import flows, maps  # noqa: E402
 
 TCP_FLAGS = range(0, 0x100)  # FIN SYN RST PSH ACK URG ECE CWR in every combination
@@ -90,8 +90,8 @@ def fill(hub: flowapi.FlowHub) -> None:
     details = hub.details.counts
     methods = (*sorted(flow_metrics.HTTP_METHODS), "other")
     reporters = ("server", "client")
-    for direction, match, action in product(("ingress", "egress"), ("none", "deny", "allow", "l7/http", "l7/dns"),
-                                            ("forwarded", "dropped", "redirected")):
+    matches = ("deny", "allow", *hubble_convert.MATCH_TYPES.values(), "l7/http", "l7/dns")
+    for direction, match, action in product(("ingress", "egress"), matches, ("forwarded", "dropped", "redirected")):
         details["verdict", direction, match, action] += 1
     for protocol in ("TCP", "UDP", "SCTP"):
         for port in (*map(str, range(1, flow_metrics.MAX_PORTS + 1)), "other"):

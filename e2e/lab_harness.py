@@ -297,6 +297,8 @@ class LabHandle:
         never writes) and a kubeconfig through a node's apiserver relay, under the lab's state directory."""
         where = self.lab.layout.state_dir / "e2e-cli"
         where.mkdir(parents=True, exist_ok=True)
+        for stale in ("operator.crt", "operator.key"):  # the operator's pair, used here before ciliary-reader
+            (where / stale).unlink(missing_ok=True)
         files = (where / "ca.crt", where / "tls.crt", where / "tls.key")
         # read every time: a reinstalled chart (chart_installed) makes a new CA and certificates
         out = self.kubectl("get", "secret", "-n", "kube-system", "ciliary-etcd-reader", "-o", "json")

@@ -78,6 +78,8 @@ def cli_etcd_files(kubectl: Callable[..., subprocess.CompletedProcess[str]], whe
         return None
     where.mkdir(mode=0o700, parents=True, exist_ok=True)
     where.chmod(0o700)
+    for stale in ("operator.crt", "operator.key"):  # the operator's pair, written here before ciliary-reader existed
+        (where / stale).unlink(missing_ok=True)
     files = tuple(where / name for name in CLI_ETCD_ITEMS)
     for path in files:
         path.touch(mode=0o600)
