@@ -17,7 +17,6 @@ for a scrape from this shell (:meth:`LabHandle.scrape_targets`).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -295,17 +294,12 @@ class LabHandle:
     def chart_credentials(self) -> tuple[Path, Path, Path, Path]:
         """The chart's etcd CA, the ``ciliary-reader`` certificate and key (from its Secret: the CLI reads, it
         never writes) and a kubeconfig through a node's apiserver relay, under the lab's state directory."""
+        from ciliary.lab import chartinstall  # it imports the image builders; only real-node labs need it
+
         where = self.lab.layout.state_dir / "e2e-cli"
-        where.mkdir(parents=True, exist_ok=True)
-        for stale in ("operator.crt", "operator.key"):  # the operator's pair, used here before ciliary-reader
-            (where / stale).unlink(missing_ok=True)
-        files = (where / "ca.crt", where / "tls.crt", where / "tls.key")
         # read every time: a reinstalled chart (chart_installed) makes a new CA and certificates
-        out = self.kubectl("get", "secret", "-n", "kube-system", "ciliary-etcd-reader", "-o", "json")
-        data = json.loads(out.stdout)["data"]
-        for f in files:
-            f.touch(mode=0o600)
-            f.write_bytes(base64.b64decode(data[f.name]))
+        files = chartinstall.cli_etcd_files(lambda *a, **k: self.kubectl(*a, **k), where)
+        assert files is not None, f"no {chartinstall.ETCD_READER_SECRET} Secret with ca.crt, tls.crt and tls.key"
         kubeconfig = where / "relay.kubeconfig"
         if not kubeconfig.exists():
             write_kubeconfig(kubeconfig, server=f"https://127.0.0.1:{APISERVER_RELAY_PORT}",

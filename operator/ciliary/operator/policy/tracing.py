@@ -60,8 +60,10 @@ class DirectionTrace:
     visibility: bool = False
     """The deciding entry is a proxy-visibility redirect: observed at L7, every request allowed."""
     match: str = ""
-    """Hubble's name of the kind of entry the datapath's lookup finds first (:func:`match_kind`: ``l3-l4``,
-    ``l3-only``, ...), what the flow's ``policy_match_type`` says; empty when no entry decided."""
+    """Hubble's name of the kind of entry the datapath's lookup finds first among the traced entries
+    (:func:`match_kind`: ``l3-l4``, ``l3-only``, ...); empty when no entry decided. Entries read back from a
+    node's maps have a rule's port blocks merged, so a rule with both an any-port and a port entry of one peer
+    and protocol reads as the any-port kind there (the kernel's flow says ``l3-l4``)."""
 
     def describe(self) -> str:
         if self.reason == "not-enforced":
@@ -150,26 +152,19 @@ def lookup_identity(intent: NodeIntent, ip: ipaddress.IPv4Address) -> int:
 
 
 def match_kind(entries: Sequence[PolicyEntry], peer: int, proto: int, port: int) -> str:
-    """Hubble's match type of the entry the datapath finds among ``entries`` (all of one verdict) for the packet.
-
-    The lookup (datapath_c/lib/policy.h) tries (peer, protocol), (peer, any protocol), (any peer, protocol),
-    (any peer, any protocol) and stops at the first with an entry covering the packet; there the longest port
-    prefix wins, so an entry naming a port (or an ICMP type) beats one of any port. l3 = the peer's identity,
-    l4 = a port, proto = a protocol with any port; "" when no entry covers the packet."""
-    peers = (peer, ANY_IDENTITY) if peer != ANY_IDENTITY else (ANY_IDENTITY,)
-    protocols = (proto, int(Protocol.ANY)) if proto != int(Protocol.ANY) else (int(Protocol.ANY),)
-    for who in peers:
-        for what in protocols:
-            group = [e for e in entries if e.identity == who and int(e.protocol) == what and e.covers(peer, proto, port)]
-            if not group:
-                continue
-            l3 = who != ANY_IDENTITY
-            if any(e.port_low != 0 or e.icmp_type is not None for e in group):
-                return "l3-l4" if l3 else "l4-only"
-            if what != int(Protocol.ANY):
-                return "l3-proto" if l3 else "proto-only"
-            return "l3-only" if l3 else "all"
-    return ""
+    """Hubble's match type of the entry the datapath finds among ``entries`` (all of one verdict) for the packet:
+    in the first group of :func:`deciding_entries` the longest port prefix wins, so an entry naming a port (or an
+    ICMP type) beats one of any port. l3 = the peer's identity, l4 = a port, proto = a protocol with any port;
+    "" when no entry covers the packet."""
+    group = deciding_entries(entries, peer, proto, port)
+    if not group:
+        return ""
+    l3 = group[0].identity != ANY_IDENTITY
+    if any(e.port_low != 0 or e.icmp_type is not None for e in group):
+        return "l3-l4" if l3 else "l4-only"
+    if group[0].protocol is not Protocol.ANY:
+        return "l3-proto" if l3 else "proto-only"
+    return "l3-only" if l3 else "all"
 
 
 def _evaluate(direction: Direction, side: _Side, peer: int, proto: int, dport: int) -> DirectionTrace:

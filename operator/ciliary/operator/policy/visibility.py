@@ -97,17 +97,18 @@ def _observe(entries: list[PolicyEntry], item: VisibilityTuple, direction: Direc
     return out
 
 
-def deciding_entries(allows: Sequence[PolicyEntry], peer: int, proto: Protocol, port: int) -> list[PolicyEntry]:
-    """The allow entries among which the datapath picks the one deciding for ``peer``, ``proto``, ``port``.
+def deciding_entries(entries: Sequence[PolicyEntry], peer: int, proto: int, port: int) -> list[PolicyEntry]:
+    """The entries (all of one verdict) among which the datapath picks the one deciding for ``peer``, ``proto``,
+    ``port`` (for ICMP the port is the type).
 
     The lookup tries (peer, protocol), (peer, any protocol), (any peer, protocol), (any peer, any
-    protocol) in this order and stops at the first group with an entry covering the port (within a
+    protocol) in this order and stops at the first group with an entry covering the packet (within a
     group the longest port prefix wins): the entries of that first group."""
     peers = (peer, ANY_IDENTITY) if peer != ANY_IDENTITY else (ANY_IDENTITY,)
+    protocols = (proto, int(Protocol.ANY)) if proto != int(Protocol.ANY) else (int(Protocol.ANY),)
     for who in peers:
-        for what in (proto, Protocol.ANY):
-            group = [e for e in allows if e.identity == who and e.protocol is what and e.icmp_type is None
-                     and e.covers(who, int(proto), port)]
+        for what in protocols:
+            group = [e for e in entries if e.identity == who and int(e.protocol) == what and e.covers(who, proto, port)]
             if group:
                 return group
     return []
