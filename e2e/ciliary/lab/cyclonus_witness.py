@@ -14,7 +14,8 @@ probe, whatever cyclonus read. Checked on a live run (3 cases, 864 probes): ever
 blocked had a drop and none admitted, every one it saw allowed had its ingress forward.
 
 Owns the parsing of cyclonus's output (:func:`wrong_cells`: pod addresses, expected and observed
-tables, the time window of each try), the matching (:func:`witness`, pure) and the recorder (a
+tables, the time window of each try), the pods' addresses as the flows name them (:func:`addressed`:
+cyclonus prints addresses once, before the pods a case adds exist), the matching (:func:`witness`, pure) and the recorder (a
 child process per node; ``python -m ciliary.lab.cyclonus_witness follow URL NAMESPACES`` is what
 runs inside the node's network namespace).
 """
@@ -28,7 +29,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -186,8 +187,42 @@ def verdict(cell: Cell, flows: Sequence[dict[str, object]]) -> str:
     return f"{cell.name()}: no flow of it recorded (a reply of a tracked connection, or an address without an endpoint)"
 
 
+def pod_addresses(flows: Iterable[dict[str, object]]) -> dict[str, list[tuple[float, str]]]:
+    """``namespace/pod`` -> (time, address) of every flow end that names its pod. An agent names the pods
+    of its own node, so each pod is named by the flows its node records, including pods a case adds
+    after cyclonus printed its table of addresses (a namespace it creates, a pod it adds)."""
+    seen: dict[str, list[tuple[float, str]]] = {}
+    for flow in flows:
+        when = _seconds(str(flow.get("time", "1970-01-01T00:00:00Z")))
+        for end in (flow.get("src"), flow.get("dst")):
+            if isinstance(end, dict) and end.get("namespace") and end.get("pod") and end.get("ip"):
+                seen.setdefault(f"{end['namespace']}/{end['pod']}", []).append((when, str(end["ip"])))
+    return seen
+
+
+def address(pod: str, start: float, end: float, seen: dict[str, list[tuple[float, str]]], printed: str) -> str:
+    """The pod's address during a try: the one its node's flows name within the try's window, else the one
+    cyclonus printed, else the one named closest in time (a pod that was recreated has a new address)."""
+    named = seen.get(pod, [])
+    inside = [ip for when, ip in named if start - SLACK_S <= when <= end + SLACK_S]
+    if inside:
+        return max(set(inside), key=inside.count)
+    if printed or not named:
+        return printed
+    return min(named, key=lambda item: min(abs(item[0] - start), abs(item[0] - end)))[1]
+
+
+def addressed(cells: Iterable[Cell], flows: Sequence[dict[str, object]]) -> list[Cell]:
+    """The cells with each end's address as the flows of its try name it (see :func:`address`)."""
+    seen = pod_addresses(flows)
+    return [replace(cell, source_ip=address(cell.source, cell.start, cell.end, seen, cell.source_ip),
+                    destination_ip=address(cell.destination, cell.start, cell.end, seen, cell.destination_ip))
+            for cell in cells]
+
+
 def witness(output: str, flows: Sequence[dict[str, object]], *, ignore_loopback: bool = True) -> list[str]:
-    return [verdict(cell, matching(cell, flows)) for cell in wrong_cells(output, ignore_loopback=ignore_loopback)]
+    cells = addressed(wrong_cells(output, ignore_loopback=ignore_loopback), flows)
+    return [verdict(cell, matching(cell, flows)) for cell in cells]
 
 
 def turned(output: str) -> str:
@@ -216,7 +251,7 @@ def self_check(output: str, flows: Sequence[dict[str, object]], *, ignore_loopba
     """Does the witness agree with every probe of the correct steps? (probes checked, the lines that disagree:
     a blocked probe must show a drop and nothing admitted, an allowed one its ingress forward)."""
     checked, disagree = 0, []
-    for cell in wrong_cells(turned(output), ignore_loopback=ignore_loopback):
+    for cell in addressed(wrong_cells(turned(output), ignore_loopback=ignore_loopback), flows):
         line = verdict(cell, matching(cell, flows))
         checked += 1
         admitted = "FORWARDED" in line and "at the destination's ingress" in line

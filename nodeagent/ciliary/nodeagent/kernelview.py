@@ -10,7 +10,7 @@ Decoding (:func:`kernel_intent`):
 - an endpoint's directions are enforced as its ``CY_EP_*_ENFORCED`` flags say;
 - policy keys are grouped by (endpoint, direction, verdict map, identity, protocol,
   cookie); their port prefix blocks are merged back into ranges; a block of 0 bits is
-  "any port"; a single ICMP "port" is the ICMP type (also type 0);
+  "any port", kept as an entry of its own (the lookup tells it from a port key); a single ICMP "port" is the ICMP type (also type 0);
 - allow keys flagged ``POLICY_NO_PROXY`` (L7 rules without a proxy on this node) are
   dropped by the datapath: they are shown as deny entries and noted under
   ``unrepresentable`` (a deny entry never says more than the kernel allows);
@@ -58,15 +58,18 @@ class KernelView:
 
 
 def merge_blocks(keys: Iterable[PolicyKey]) -> list[tuple[int, int]]:
-    """The port ranges covered by ``keys``' prefix blocks, merged ([0, 65535] when any block is "any")."""
-    ranges = sorted(ANY_RANGE if k.port_bits == 0 else k.port_range() for k in keys)
+    """The port ranges covered by ``keys``' prefix blocks, merged; an "any port" block (0 bits) stays a
+    range of its own ([0, 65535]) beside the port blocks: the datapath probes a port key before the
+    any-port key of the same identity, so the two are distinct kinds of match (Hubble's l3-l4 and
+    l3-proto) even where the any-port key already admits the port."""
+    keys = list(keys)
     merged: list[tuple[int, int]] = []
-    for low, high in ranges:
+    for low, high in sorted(k.port_range() for k in keys if k.port_bits != 0):
         if merged and low <= merged[-1][1] + 1:
             merged[-1] = (merged[-1][0], max(merged[-1][1], high))
         else:
             merged.append((low, high))
-    return merged
+    return ([ANY_RANGE] if any(k.port_bits == 0 for k in keys) else []) + merged
 
 
 def range_entries(identity: int, protocol: int, low: int, high: int, verdict: intents.Verdict,

@@ -121,6 +121,37 @@ def test_only_the_destinations_ingress_admits_and_other_tuples_or_times_are_not_
         "no flow of it recorded (a reply of a tracked connection, or an address without an endpoint)")
 
 
+#: case #35's shape: a step adds pod x/d, which cyclonus's table of addresses (printed once, first) lacks
+CASE_ADDS_A_POD = CASE_14.replace("| Z/C ", "| X/D ").replace("z/c", "x/d")
+
+
+def test_a_pod_the_case_adds_gets_its_address_from_the_flows_that_name_it() -> None:
+    cells = w.wrong_cells(CASE_ADDS_A_POD)
+    assert [(c.source, c.source_ip) for c in cells] == [("x/d", ""), ("x/d", "")]
+    # x/d's node names it (its egress), x/a's node drops the probe at x/a's ingress
+    named = {"time": "2026-12-05T21:51:38Z", "node": "node-2", "verdict": "FORWARDED", "reason": "OK_UNENFORCED",
+             "direction": "egress", "protocol": "UDP", "src": {"ip": "10.244.2.30", "port": 40001,
+                                                               "namespace": "x", "pod": "d"},
+             "dst": {"ip": "10.244.1.16", "port": 80, "namespace": "x", "pod": ""}}
+    flows = [named, flow("DROPPED", "DROP_POLICY", "2026-12-05T21:51:38.1Z", src="10.244.2.30", src_namespace="x")]
+    assert [(c.source_ip, c.destination_ip) for c in w.addressed(cells, flows)] == [
+        ("10.244.2.30", "10.244.1.16"), ("10.244.2.30", "10.244.1.16")]
+    assert w.witness(CASE_ADDS_A_POD, flows)[0] == (
+        "#14 try 0: x/d -> x/a UDP/80 allowed: the datapath dropped 1 packet(s) (node-1 ingress DROP_POLICY) "
+        "and admitted none: the probe's outcome is not the datapath's")
+    # without a flow that names x/d the witness cannot find its probes: it says so, as before
+    assert w.witness(CASE_ADDS_A_POD, flows[1:])[0].endswith("no flow of it recorded (a reply of a tracked "
+                                                              "connection, or an address without an endpoint)")
+
+
+def test_an_address_named_in_the_try_wins_over_the_printed_one_and_the_nearest_is_the_last_resort() -> None:
+    seen = {"x/a": [(100.0, "10.0.0.1"), (200.0, "10.0.0.2"), (205.0, "10.0.0.2")]}
+    assert w.address("x/a", 198.0, 210.0, seen, "10.0.0.9") == "10.0.0.2"   # recreated: the try's own address
+    assert w.address("x/a", 400.0, 410.0, seen, "10.0.0.9") == "10.0.0.9"   # not named in the try: cyclonus's
+    assert w.address("x/a", 400.0, 410.0, seen, "") == "10.0.0.2"           # neither: the nearest named
+    assert w.address("y/b", 100.0, 110.0, seen, "") == ""
+
+
 def test_only_flows_of_the_given_namespaces_are_kept() -> None:
     assert w.keep(flow("DROPPED", "DROP_POLICY", "2026-12-05T21:51:40Z"), frozenset({"x"}))
     assert w.keep(flow("DROPPED", "DROP_POLICY", "2026-12-05T21:51:40Z", namespace="netpol-x-1"), frozenset({"z"}))

@@ -92,6 +92,11 @@ def test_decoded_maps_mean_what_the_intent_meant(a_in: DirectionPolicy, a_out: D
                 got = intents.evaluate_entries(held.direction(direction), identity=identity, protocol=protocol,
                                                port=port)
                 assert (got.allowed, got.reason) == (want.allowed, want.reason)
+                for verdict in Verdict:  # and the same kind of entry matches (Hubble's match type)
+                    held_v = [e for e in held.direction(direction).entries if e.verdict is verdict]
+                    want_v = [e for e in wanted.direction(direction).entries if e.verdict is verdict]
+                    assert tracing.match_kind(held_v, identity, protocol, port) == tracing.match_kind(
+                        want_v, identity, protocol, port)
                 if got.entry is not None:  # the cookie names the rules back (of one of the entries sharing a key)
                     assert got.entry.rules in ((), (RULE,))
     for ip in ("10.0.0.2", "10.0.0.9", "10.0.1.1", "192.0.2.5", "8.8.8.8"):

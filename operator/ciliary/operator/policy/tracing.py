@@ -62,8 +62,8 @@ class DirectionTrace:
     match: str = ""
     """Hubble's name of the kind of entry the datapath's lookup finds first among the traced entries
     (:func:`match_kind`: ``l3-l4``, ``l3-only``, ...); empty when no entry decided. Entries read back from a
-    node's maps have a rule's port blocks merged, so a rule with both an any-port and a port entry of one peer
-    and protocol reads as the any-port kind there (the kernel's flow says ``l3-l4``)."""
+    node's maps keep an any-port key apart from the port keys beside it (``kernelview.merge_blocks``), so the
+    kind is the one the kernel's flow records."""
 
     def describe(self) -> str:
         if self.reason == "not-enforced":
