@@ -374,6 +374,10 @@ spec:
         # kube-proxy's own health port, answered by the agent that replaces it
         status, body = _http_from_world(lab, "http://192.0.2.12:10256/healthz")
         assert status == 200 and body["nodeEligible"] is True and body["lastUpdated"], (status, body)
+        # and its status port, on the node's loopback as kube-proxy's: the mode that serves the node's Services
+        mode = on_node_host(lab, "node-2", "import urllib.request as u; r = u.urlopen("
+                            "'http://127.0.0.1:10249/proxyMode', timeout=3); print(r.status, r.read().decode())")
+        assert mode.stdout.split() == ["200", "ebpf"], (mode.stdout, mode.stderr)
     finally:
         lab.kubectl("delete", "svc", "web-local", "-n", NS, check=False)
     wait_for(lambda: _http_from_world(lab, f"http://192.0.2.11:{hc}/")[0] == 0, 30,

@@ -150,7 +150,8 @@ def lab_values(*, sys_resource: bool = True, cgroup_prefix: str = "",
     if cgroup_prefix:
         agent["loadBalancing"] = {"cgroupPath": f"{cgroup_prefix}$(CILIARY_AGENT_NODE_NAME)"}
         if kube_proxy_free:
-            agent["loadBalancing"] |= {"devices": "auto", "proxyHealthzAddr": "0.0.0.0:10256"}
+            agent["loadBalancing"] |= {"devices": "auto", "proxyHealthzAddr": "0.0.0.0:10256",
+                                       "proxyStatusAddr": "127.0.0.1:10249"}
     elif kube_proxy_free:
         raise ChartInstallError(RELEASE, "without kube-proxy the agents' load balancer needs the nodes' cgroups")
     else:

@@ -473,6 +473,7 @@ class Lab:
                                          kube_proxy_free=free)["agent"]["loadBalancing"]
             lines += [f"export CILIARY_LAB_LB_DEVICES={lb['devices']}",
                       f"export CILIARY_LAB_PROXY_HEALTHZ_ADDR={lb['proxyHealthzAddr']}",
+                      f"export CILIARY_LAB_PROXY_STATUS_ADDR={lb['proxyStatusAddr']}",
                       f"export CILIARY_LAB_K8S_SERVICE_HOST={free.api_host}",
                       f"export CILIARY_LAB_ETCD_HOST_ALIAS={free.etcd_node_ip}",
                       f"export CILIARY_LAB_ETCD_NODE={free.etcd_node}"]

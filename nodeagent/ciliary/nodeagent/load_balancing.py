@@ -42,7 +42,8 @@ APPLY_ERRORS = (OSError, dp_errors.DatapathError, lb_planning.LBCapacityError, l
 class LoadBalancing:
     def __init__(self, node: str, *, cgroup: Path, bpffs: Path,
                  client_factory: Callable[[], watching.WatchClient], netns: str | None = None,
-                 devices: tuple[str, ...] | None = None, proxy_healthz: tuple[str, int] | None = None) -> None:
+                 devices: tuple[str, ...] | None = None, proxy_healthz: tuple[str, int] | None = None,
+                 proxy_status: tuple[str, int] | None = None) -> None:
         """``devices``: the external devices (None: auto; (): no north-south load balancing)."""
         self.node = node
         self.engine = lb_engine.SocketLB(node, cgroup=cgroup, bpffs=bpffs, netns=netns)
@@ -57,7 +58,7 @@ class LoadBalancing:
         self.applies = 0
         self.last_applied: float | None = None
         self.ports = service_health.HealthPorts(node, netns=netns, health=self.health, clock=time.time,
-                                                proxy_healthz=proxy_healthz)
+                                                proxy_healthz=proxy_healthz, proxy_status=proxy_status)
         self.watcher = lb_watching.LBIntentWatcher(
             node=node, client_factory=client_factory, on_intent=self._on_intent, on_invalid=self._on_invalid,
             on_deleted=self._on_deleted)

@@ -90,6 +90,8 @@ class Agent:
                 client_factory=self._lb_watch_client, netns=config.netns or None,
                 devices=config.lb_devices,
                 proxy_healthz=settings.parse_host_port(config.proxy_healthz_addr) if config.proxy_healthz_addr
+                else None,
+                proxy_status=settings.parse_host_port(config.proxy_status_addr) if config.proxy_status_addr
                 else None)
         if config.datapath:
             self.datapath = (datapath_factory or make_datapath)(config)

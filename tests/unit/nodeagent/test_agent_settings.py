@@ -160,6 +160,18 @@ def test_socket_load_balancing_is_off_unless_a_cgroup_is_given(tls_env):
     assert settings.load_settings(["--lb-cgroup", "/cg/y"], env).lb_cgroup == Path("/cg/y")
 
 
+def test_kube_proxys_ports_default_flag_env_and_off(tls_env):
+    env = {"CILIARY_AGENT_NODE_NAME": "n1", **tls_env}
+    s = settings.load_settings([], env)
+    assert (s.proxy_healthz_addr, s.proxy_status_addr) == ("0.0.0.0:10256", "127.0.0.1:10249")
+    s = settings.load_settings(["--proxy-status-addr", "off"], {**env, "CILIARY_AGENT_PROXY_HEALTHZ_ADDR": "off"})
+    assert (s.proxy_healthz_addr, s.proxy_status_addr) == ("", "")
+    assert settings.load_settings([], {**env, "CILIARY_AGENT_PROXY_STATUS_ADDR": "0.0.0.0:20249"}
+                                  ).proxy_status_addr == "0.0.0.0:20249"
+    with pytest.raises(SystemExit):
+        settings.load_settings(["--proxy-status-addr", "10249"], env)
+
+
 def test_dns_proxy_flags(tls_env):
     env = {"CILIARY_AGENT_NODE_NAME": "n1", **tls_env}
     s = settings.load_settings([], env)
