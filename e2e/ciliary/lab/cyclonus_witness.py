@@ -139,16 +139,33 @@ def matching(cell: Cell, flows: Iterable[dict[str, object]]) -> list[dict[str, o
     """The flows of the cell's tuple in its try (source and destination address, protocol, port)."""
     out = []
     for flow in flows:
-        src, dst = flow.get("src") or {}, flow.get("dst") or {}
-        if not (isinstance(src, dict) and isinstance(dst, dict)):
-            continue
-        if (src.get("ip"), dst.get("ip"), flow.get("protocol"), dst.get("port")) != (
-                cell.source_ip, cell.destination_ip, cell.protocol, cell.port):
+        if _tuple(flow) != (cell.source_ip, cell.destination_ip, cell.protocol, cell.port):
             continue
         when = _seconds(str(flow.get("time", "1970-01-01T00:00:00Z")))
         if cell.start - SLACK_S <= when <= cell.end + SLACK_S:
             out.append(flow)
     return out
+
+
+def _tuple(flow: dict[str, object]) -> tuple[object, object, object, object]:
+    src, dst = flow.get("src") or {}, flow.get("dst") or {}
+    if not (isinstance(src, dict) and isinstance(dst, dict)):
+        return (None, None, None, None)
+    return (src.get("ip"), dst.get("ip"), flow.get("protocol"), dst.get("port"))
+
+
+def by_tuple(flows: Iterable[dict[str, object]]) -> dict[tuple[object, object, object, object], list[dict[str, object]]]:
+    """The flows grouped by (source address, destination address, protocol, destination port): a run's
+    tens of thousands of flows are matched against as many probes, so each cell looks at its own tuple's."""
+    out: dict[tuple[object, object, object, object], list[dict[str, object]]] = {}
+    for flow in flows:
+        out.setdefault(_tuple(flow), []).append(flow)
+    return out
+
+
+def _cell_flows(cell: Cell, index: dict[tuple[object, object, object, object], list[dict[str, object]]]
+                ) -> list[dict[str, object]]:
+    return matching(cell, index.get((cell.source_ip, cell.destination_ip, cell.protocol, cell.port), []))
 
 
 def _opening(flow: dict[str, object]) -> bool:
@@ -204,9 +221,10 @@ def address(pod: str, start: float, end: float, seen: dict[str, list[tuple[float
     """The pod's address during a try: the one its node's flows name within the try's window, else the one
     cyclonus printed, else the one named closest in time (a pod that was recreated has a new address)."""
     named = seen.get(pod, [])
-    inside = [ip for when, ip in named if start - SLACK_S <= when <= end + SLACK_S]
-    if inside:
-        return max(set(inside), key=inside.count)
+    inside = sorted((when, ip) for when, ip in named if start - SLACK_S <= when <= end + SLACK_S)
+    if inside:  # the address named most often in the window; of equals, the one named last
+        ips = [ip for _, ip in inside]
+        return max(reversed(ips), key=ips.count)
     if printed or not named:
         return printed
     return min(named, key=lambda item: min(abs(item[0] - start), abs(item[0] - end)))[1]
@@ -221,8 +239,8 @@ def addressed(cells: Iterable[Cell], flows: Sequence[dict[str, object]]) -> list
 
 
 def witness(output: str, flows: Sequence[dict[str, object]], *, ignore_loopback: bool = True) -> list[str]:
-    cells = addressed(wrong_cells(output, ignore_loopback=ignore_loopback), flows)
-    return [verdict(cell, matching(cell, flows)) for cell in cells]
+    cells, index = addressed(wrong_cells(output, ignore_loopback=ignore_loopback), flows), by_tuple(flows)
+    return [verdict(cell, _cell_flows(cell, index)) for cell in cells]
 
 
 def turned(output: str) -> str:
@@ -251,8 +269,9 @@ def self_check(output: str, flows: Sequence[dict[str, object]], *, ignore_loopba
     """Does the witness agree with every probe of the correct steps? (probes checked, the lines that disagree:
     a blocked probe must show a drop and nothing admitted, an allowed one its ingress forward)."""
     checked, disagree = 0, []
+    index = by_tuple(flows)
     for cell in addressed(wrong_cells(turned(output), ignore_loopback=ignore_loopback), flows):
-        line = verdict(cell, matching(cell, flows))
+        line = verdict(cell, _cell_flows(cell, index))
         checked += 1
         admitted = "FORWARDED" in line and "at the destination's ingress" in line
         refused = "admitted none" in line

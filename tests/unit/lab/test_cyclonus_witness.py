@@ -70,10 +70,10 @@ T_TRY0, T_TRY1, T_END = 1796507416.0, 1796507503.0, 1796507558.0  # 21:50:16, 21
 
 def flow(verdict: str, reason: str, time: str, *, port: int = 80, src: str = "10.244.2.20",
          dst: str = "10.244.1.16", namespace: str = "x", src_namespace: str = "z", direction: str = "ingress",
-         node: str = "node-1") -> dict[str, object]:
+         node: str = "node-1", pod: str = "a") -> dict[str, object]:
     return {"time": time, "node": node, "verdict": verdict, "reason": reason, "direction": direction,
             "protocol": "UDP", "src": {"ip": src, "port": 40001, "namespace": src_namespace, "pod": ""},
-            "dst": {"ip": dst, "port": port, "namespace": namespace, "pod": "a"}}
+            "dst": {"ip": dst, "port": port, "namespace": namespace, "pod": pod}}
 
 
 def test_the_wrong_cells_of_each_try_with_its_window_and_addresses() -> None:
@@ -147,6 +147,8 @@ def test_a_pod_the_case_adds_gets_its_address_from_the_flows_that_name_it() -> N
 def test_an_address_named_in_the_try_wins_over_the_printed_one_and_the_nearest_is_the_last_resort() -> None:
     seen = {"x/a": [(100.0, "10.0.0.1"), (200.0, "10.0.0.2"), (205.0, "10.0.0.2")]}
     assert w.address("x/a", 198.0, 210.0, seen, "10.0.0.9") == "10.0.0.2"   # recreated: the try's own address
+    assert w.address("x/a", 95.0, 202.0, seen, "") == "10.0.0.2"            # named most often in the window
+    assert w.address("x/a", 95.0, 195.0, seen, "") == "10.0.0.2"            # as often: the one named last
     assert w.address("x/a", 400.0, 410.0, seen, "10.0.0.9") == "10.0.0.9"   # not named in the try: cyclonus's
     assert w.address("x/a", 400.0, 410.0, seen, "") == "10.0.0.2"           # neither: the nearest named
     assert w.address("y/b", 100.0, 110.0, seen, "") == ""
@@ -224,7 +226,7 @@ def test_the_self_check_turns_every_probe_of_a_correct_step_and_needs_the_flows_
     flows = [{**flow("DROPPED", "DROP_POLICY", "2026-12-05T21:50:20Z", port=port), "protocol": protocol}
              for protocol, port in ports]
     flows += [{**flow("FORWARDED", "OK_UNENFORCED", "2026-12-05T21:50:21Z", port=port, dst="10.244.2.18",
-                      node="node-2"), "protocol": protocol, "tcp_flags": ["SYN"] if protocol == "TCP" else []}
+                      node="node-2", pod="c"), "protocol": protocol, "tcp_flags": ["SYN"] if protocol == "TCP" else []}
               for protocol, port in ports]
     assert w.self_check(CORRECT_STEP, flows) == (8, [])
     checked, disagree = w.self_check(CORRECT_STEP, flows[:-1])  # z/c -> x/c UDP/81: its forward not recorded
