@@ -15,8 +15,8 @@ blocked had a drop and none admitted, every one it saw allowed had its ingress f
 
 Owns the parsing of cyclonus's output (:func:`wrong_cells`: pod addresses, expected and observed
 tables, the time window of each try), the pods' addresses as the flows name them (:func:`addressed`:
-cyclonus prints addresses once, before the pods a case adds exist), the matching (:func:`witness`, pure) and the recorder (a
-child process per node; ``python -m ciliary.lab.cyclonus_witness follow URL NAMESPACES`` is what
+cyclonus prints addresses once, before the pods a case adds exist), the matching (:func:`witness`,
+pure) and the recorder (a child process per node; ``python -m ciliary.lab.cyclonus_witness follow URL NAMESPACES`` is what
 runs inside the node's network namespace).
 """
 
@@ -28,6 +28,7 @@ import re
 import subprocess
 import sys
 import urllib.request
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -147,24 +148,27 @@ def matching(cell: Cell, flows: Iterable[dict[str, object]]) -> list[dict[str, o
     return out
 
 
-def _tuple(flow: dict[str, object]) -> tuple[object, object, object, object]:
+#: (source address, destination address, protocol, destination port)
+FlowKey = tuple[object, object, object, object]
+
+
+def _tuple(flow: dict[str, object]) -> FlowKey:
     src, dst = flow.get("src") or {}, flow.get("dst") or {}
     if not (isinstance(src, dict) and isinstance(dst, dict)):
         return (None, None, None, None)
     return (src.get("ip"), dst.get("ip"), flow.get("protocol"), dst.get("port"))
 
 
-def by_tuple(flows: Iterable[dict[str, object]]) -> dict[tuple[object, object, object, object], list[dict[str, object]]]:
+def by_tuple(flows: Iterable[dict[str, object]]) -> dict[FlowKey, list[dict[str, object]]]:
     """The flows grouped by (source address, destination address, protocol, destination port): a run's
     tens of thousands of flows are matched against as many probes, so each cell looks at its own tuple's."""
-    out: dict[tuple[object, object, object, object], list[dict[str, object]]] = {}
+    out: dict[FlowKey, list[dict[str, object]]] = {}
     for flow in flows:
         out.setdefault(_tuple(flow), []).append(flow)
     return out
 
 
-def _cell_flows(cell: Cell, index: dict[tuple[object, object, object, object], list[dict[str, object]]]
-                ) -> list[dict[str, object]]:
+def _cell_flows(cell: Cell, index: dict[FlowKey, list[dict[str, object]]]) -> list[dict[str, object]]:
     return matching(cell, index.get((cell.source_ip, cell.destination_ip, cell.protocol, cell.port), []))
 
 
@@ -223,8 +227,8 @@ def address(pod: str, start: float, end: float, seen: dict[str, list[tuple[float
     named = seen.get(pod, [])
     inside = sorted((when, ip) for when, ip in named if start - SLACK_S <= when <= end + SLACK_S)
     if inside:  # the address named most often in the window; of equals, the one named last
-        ips = [ip for _, ip in inside]
-        return max(reversed(ips), key=ips.count)
+        counts = Counter(ip for _, ip in inside)
+        return max(reversed([ip for _, ip in inside]), key=counts.__getitem__)
     if printed or not named:
         return printed
     return min(named, key=lambda item: min(abs(item[0] - start), abs(item[0] - end)))[1]

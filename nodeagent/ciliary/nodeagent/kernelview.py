@@ -10,7 +10,8 @@ Decoding (:func:`kernel_intent`):
 - an endpoint's directions are enforced as its ``CY_EP_*_ENFORCED`` flags say;
 - policy keys are grouped by (endpoint, direction, verdict map, identity, protocol,
   cookie); their port prefix blocks are merged back into ranges; a block of 0 bits is
-  "any port", kept as an entry of its own (the lookup tells it from a port key); a single ICMP "port" is the ICMP type (also type 0);
+  "any port", kept as an entry of its own (the lookup tells it from a port key); a single
+  ICMP "port" is the ICMP type (also type 0);
 - allow keys flagged ``POLICY_NO_PROXY`` (L7 rules without a proxy on this node) are
   dropped by the datapath: they are shown as deny entries and noted under
   ``unrepresentable`` (a deny entry never says more than the kernel allows);

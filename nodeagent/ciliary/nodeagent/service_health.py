@@ -1,6 +1,6 @@
 """What kube-proxy answers over HTTP, answered by the agent when it replaces kube-proxy.
 
-Two kinds of listener, both opened in the node's network namespace (``netns_sockets``):
+Three kinds of listener, all opened in the node's network namespace (``netns_sockets``):
 
 * one per ``healthCheckNodePort`` of this node's load-balancing intent (Services with
   ``externalTrafficPolicy: Local``): any path gets ``{"service": {"namespace", "name"},
@@ -18,7 +18,8 @@ Two kinds of listener, both opened in the node's network namespace (``netns_sock
   upstream e2e ask it to learn which proxy they face, and a name of kube-proxy's would be a lie).
 
 The replies are pure (:func:`health_check_reply`, :func:`proxy_health_reply`); the listeners
-are a thin aiohttp shell reconciled from each applied intent.
+are a thin aiohttp shell: kube-proxy's two ports opened once at start, the health-check node
+ports reconciled from each applied intent.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ class _Listener:
 
 
 class HealthPorts:
-    """The health-check node ports of this node and kube-proxy's health port, kept equal to the intent."""
+    """The health-check node ports of this node, kept equal to the intent, and kube-proxy's health and
+    status ports."""
 
     def __init__(self, node: str, *, netns: str | None, health: Callable[[], ProxyHealth],
                  clock: Callable[[], float], proxy_healthz: tuple[str, int] | None,
@@ -119,8 +121,8 @@ class HealthPorts:
         try:
             await listener.start()
         except OSError as exc:
-            log.error(f"{what} not served", extra={"node": self.node, "address": f"{address[0]}:{address[1]}",
-                                                   "error": str(exc)})
+            log.error("kube-proxy port not served", extra={
+                "node": self.node, "port": what, "address": f"{address[0]}:{address[1]}", "error": str(exc)})
             return None
         return listener
 

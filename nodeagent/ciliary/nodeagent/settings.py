@@ -258,7 +258,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                              f"[env {ENV_PREFIX}PROXY_HEALTHZ_ADDR]")
     parser.add_argument("--proxy-status-addr", default=default("PROXY_STATUS_ADDR"), metavar="HOST:PORT",
                         help=f"with --lb-cgroup: where kube-proxy's /proxyMode is answered (`ebpf`), in the node's "
-                             f"network namespace (kube-proxy's metrics port is 127.0.0.1:10249); off: not served "
+                             f"network namespace (kube-proxy's metrics port is 127.0.0.1:10249); off: not served, "
+                             f"as wherever kube-proxy still runs (it binds the port itself) "
                              f"[env {ENV_PREFIX}PROXY_STATUS_ADDR]")
     parser.add_argument("--dns-proxy-port", default=default("DNS_PROXY_PORT"), metavar="PORT",
                         help=f"port of the node's DNS proxy (rules.dns, toFQDNs), UDP and TCP, in the node's "
