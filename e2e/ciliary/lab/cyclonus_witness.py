@@ -28,9 +28,11 @@ import re
 import subprocess
 import sys
 import urllib.request
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from operator import itemgetter
 from pathlib import Path
 from typing import TextIO
 
@@ -209,23 +211,26 @@ def verdict(cell: Cell, flows: Sequence[dict[str, object]]) -> str:
 
 
 def pod_addresses(flows: Iterable[dict[str, object]]) -> dict[str, list[tuple[float, str]]]:
-    """``namespace/pod`` -> (time, address) of every flow end that names its pod. An agent names the pods
-    of its own node, so each pod is named by the flows its node records, including pods a case adds
-    after cyclonus printed its table of addresses (a namespace it creates, a pod it adds)."""
+    """``namespace/pod`` -> (time, address) of every flow end that names its pod, in time order. An agent
+    names the pods of its own node, so each pod is named by the flows its node records, including pods a
+    case adds after cyclonus printed its table of addresses (a namespace it creates, a pod it adds)."""
     seen: dict[str, list[tuple[float, str]]] = {}
     for flow in flows:
         when = _seconds(str(flow.get("time", "1970-01-01T00:00:00Z")))
         for end in (flow.get("src"), flow.get("dst")):
             if isinstance(end, dict) and end.get("namespace") and end.get("pod") and end.get("ip"):
                 seen.setdefault(f"{end['namespace']}/{end['pod']}", []).append((when, str(end["ip"])))
+    for named in seen.values():
+        named.sort()
     return seen
 
 
 def address(pod: str, start: float, end: float, seen: dict[str, list[tuple[float, str]]], printed: str) -> str:
     """The pod's address during a try: the one its node's flows name within the try's window, else the one
     cyclonus printed, else the one named closest in time (a pod that was recreated has a new address)."""
-    named = seen.get(pod, [])
-    inside = sorted((when, ip) for when, ip in named if start - SLACK_S <= when <= end + SLACK_S)
+    named = seen.get(pod, [])  # in time order (pod_addresses): the window is a slice
+    first = bisect_left(named, start - SLACK_S, key=itemgetter(0))
+    inside = named[first:bisect_right(named, end + SLACK_S, lo=first, key=itemgetter(0))]
     if inside:  # the address named most often in the window; of equals, the one named last
         counts = Counter(ip for _, ip in inside)
         return max(reversed([ip for _, ip in inside]), key=counts.__getitem__)

@@ -37,7 +37,8 @@ from ciliary.nodeagent import planning
 from ciliary.nodeagent.planning import MapDirection, PolicyKey, PolicyValue
 from ciliary.operator import intents
 
-ANY_RANGE = (0, 0xFFFF)
+#: a span of :func:`merge_blocks`: the "any port" key (0 bits), an entry of its own whatever the port keys cover
+ANY_PORT = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,11 +59,11 @@ class KernelView:
     unrepresentable: tuple[str, ...] = ()
 
 
-def merge_blocks(keys: Iterable[PolicyKey]) -> list[tuple[int, int]]:
-    """The port ranges covered by ``keys``' prefix blocks, merged; an "any port" block (0 bits) stays a
-    range of its own ([0, 65535]) beside the port blocks: the datapath probes a port key before the
-    any-port key of the same identity, so the two are distinct kinds of match (Hubble's l3-l4 and
-    l3-proto) even where the any-port key already admits the port."""
+def merge_blocks(keys: Iterable[PolicyKey]) -> list[tuple[int, int] | None]:
+    """The port ranges covered by ``keys``' prefix blocks, merged, after :data:`ANY_PORT` when one key is
+    "any port" (0 bits): the datapath probes a port key before the any-port key of the same identity, so
+    the two are distinct kinds of match (Hubble's l3-l4 and l3-proto) even where the any-port key already
+    admits the port."""
     keys = list(keys)
     merged: list[tuple[int, int]] = []
     for low, high in sorted(k.port_range() for k in keys if k.port_bits != 0):
@@ -70,12 +71,14 @@ def merge_blocks(keys: Iterable[PolicyKey]) -> list[tuple[int, int]]:
             merged[-1] = (merged[-1][0], max(merged[-1][1], high))
         else:
             merged.append((low, high))
-    return ([ANY_RANGE] if any(k.port_bits == 0 for k in keys) else []) + merged
+    any_port: list[tuple[int, int] | None] = [ANY_PORT] if any(k.port_bits == 0 for k in keys) else []
+    return any_port + merged
 
 
-def range_entries(identity: int, protocol: int, low: int, high: int, verdict: intents.Verdict,
+def range_entries(identity: int, protocol: int, span: tuple[int, int] | None, verdict: intents.Verdict,
                   rules: tuple[intents.RuleRef, ...], http: bool = False) -> tuple[list[intents.PolicyEntry], str]:
-    """PolicyEntries that cover exactly [low, high] for (identity, protocol); a note when they cannot.
+    """PolicyEntries that cover exactly the ports [low, high] of ``span`` (:data:`ANY_PORT`: any port) for
+    (identity, protocol); a note when they cannot.
 
     ``http``: the keys carry the HTTP redirect flag; the entries say so with ``http=()`` (the rules
     themselves live in the node's Envoy, not in the kernel)."""
@@ -85,8 +88,9 @@ def range_entries(identity: int, protocol: int, low: int, high: int, verdict: in
     def entry(**ports: Any) -> intents.PolicyEntry:
         return intents.PolicyEntry(identity=identity, protocol=proto, verdict=verdict, rules=rules, **l7, **ports)
 
-    if (low, high) == ANY_RANGE:
+    if span is ANY_PORT:
         return [entry()], ""
+    low, high = span
     out: list[intents.PolicyEntry] = []
     note = ""
     if low == 0:
@@ -116,8 +120,8 @@ def _direction_entries(keys: Mapping[PolicyKey, PolicyValue], verdict: intents.V
         if protocol not in {int(p) for p in intents.Protocol}:
             notes.append(f"identity {identity}: protocol {protocol} is not a protocol entries can name")
             continue
-        for low, high in merge_blocks(group):
-            made, note = range_entries(identity, protocol, low, high, verdict, rules_for(cookie), http)
+        for span in merge_blocks(group):
+            made, note = range_entries(identity, protocol, span, verdict, rules_for(cookie), http)
             out.extend(made)
             if note:
                 notes.append(note)

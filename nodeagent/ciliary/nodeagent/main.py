@@ -89,10 +89,8 @@ class Agent:
                 config.node_name, cgroup=config.lb_cgroup, bpffs=config.bpffs_dir,
                 client_factory=self._lb_watch_client, netns=config.netns or None,
                 devices=config.lb_devices,
-                proxy_healthz=settings.parse_host_port(config.proxy_healthz_addr) if config.proxy_healthz_addr
-                else None,
-                proxy_status=settings.parse_host_port(config.proxy_status_addr) if config.proxy_status_addr
-                else None)
+                proxy_healthz=settings.host_port(config.proxy_healthz_addr),
+                proxy_status=settings.host_port(config.proxy_status_addr))
         if config.datapath:
             self.datapath = (datapath_factory or make_datapath)(config)
             self.enforcer = enforcing.Enforcer(node=config.node_name, datapath=self.datapath,

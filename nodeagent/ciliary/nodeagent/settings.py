@@ -153,6 +153,11 @@ def parse_devices(raw: str) -> tuple[str, ...] | None:
     return names
 
 
+def host_port(address: str) -> tuple[str, int] | None:
+    """A checked HOST:PORT setting as (host, port); None for "" (turned off: :func:`optional_address`)."""
+    return parse_host_port(address) if address else None
+
+
 def optional_address(raw: str) -> str:
     """A HOST:PORT flag that ``off`` (or empty) turns off: "" then; checked otherwise."""
     value = raw.strip()
