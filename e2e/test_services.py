@@ -249,7 +249,7 @@ def test_the_backend_sees_the_client_pods_address(lab: Any, svc: dict[str, Any])
     try:
         wait_for(lambda: not web2.probe("tcp", svc["ips"]["web-1"], 8080, timeout=1.0)[0]["ok"], 60,
                  "the policy in force (web-2 cannot reach web-1)")
-        results = svc["client"].probe("tcp", svc["vip"], 80, count=20)
+        results = svc["client"].probe("tcp", svc["vip"], 80, count=32)
         assert all(r["ok"] for r in results), results
         assert {r["body"] for r in results} == {f"{NS}/web-1", f"{NS}/web-2"}, results
     finally:
@@ -292,7 +292,7 @@ def test_nodeport_on_every_node_address_and_an_external_ip_from_a_pod(lab: Any, 
     for node, address, port in (("node-1", "192.0.2.11", 30080), ("node-2", "192.0.2.12", 30080),
                                 ("node-1", "203.0.113.10", 8000)):
         wait_for(lambda n=node, a=address, p=port: backends_of(lab, n, a, p) == want, 30, f"{address}:{port}")
-        results = svc["client"].probe("tcp", address, port, count=12)
+        results = svc["client"].probe("tcp", address, port, count=32)
         assert all(r["ok"] for r in results), (address, results)
         assert {r["body"] for r in results} == {f"{NS}/web-1", f"{NS}/web-2"}, (address, results)
     assert backends_of(lab, "node-1", "192.0.2.12", 30080) is None  # not node-1's to translate

@@ -177,7 +177,7 @@ def svc(lab: Any) -> Iterator[dict[str, Any]]:
 def test_nodeport_from_the_world_host_reaches_both_backends_through_either_node(lab: Any, svc: Any) -> None:
     for node, address in NODE_IPS.items():
         before = counters(lab, node)
-        results = world(lab, "tcp", address, 30180, count=16)
+        results = world(lab, "tcp", address, 30180, count=32)
         assert all(r["ok"] for r in results), (node, results)
         assert {r["body"] for r in results} == {f"{NS}/web-1", f"{NS}/web-2"}, (node, results)
         assert {r["peer"] for r in results} == {f"{address}:30180"}  # the world host sees only the frontend
@@ -196,7 +196,7 @@ def test_external_ip_routed_to_a_node(lab: Any, svc: Any) -> None:
     world_ns = lab.lab.layout.world_netns  # the route exists only inside the lab's world namespace
     topology.ip("route", "replace", f"{EXTERNAL_IP}/32", "via", NODE_IPS["node-1"], netns=world_ns)
     try:
-        results = world(lab, "tcp", EXTERNAL_IP, 80, count=16)
+        results = world(lab, "tcp", EXTERNAL_IP, 80, count=32)
         assert all(r["ok"] for r in results), results
         assert {r["body"] for r in results} == {f"{NS}/web-1", f"{NS}/web-2"}, results
         assert {r["peer"] for r in results} == {f"{EXTERNAL_IP}:80"}
@@ -300,7 +300,7 @@ spec:
         topology.ip("route", "replace", f"{LB_IP}/32", "via", NODE_IPS["node-1"], netns=world_ns)
         wait_for(lambda: _lb_source_ranges(lab, "node-1") == ["192.0.2.100/32"], 60,
                  "the load balancer IP with its range in node-1's maps")
-        results = world(lab, "tcp", LB_IP, 8090, count=12)
+        results = world(lab, "tcp", LB_IP, 8090, count=32)
         assert all(r["ok"] for r in results), results
         assert {r["body"] for r in results} == {f"{NS}/web-1", f"{NS}/web-2"}, results
         lab.kubectl("patch", "svc", "web-lb", "-n", NS, "--type=merge",
