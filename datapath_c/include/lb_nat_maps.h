@@ -13,6 +13,9 @@
 #error "CY_PIN_DIR must be rendered (programs/lb_macros.j2)"
 #endif
 
+/* Clients whose ICMP error budget is tracked at once. */
+#define CY_NS_ICMP_PEERS 16384
+
 /* Where a NAT entry is looked up: the device's tc ingress or tc egress. */
 #define CY_NAT_AT_INGRESS 1
 #define CY_NAT_AT_EGRESS 2
@@ -60,6 +63,20 @@ BPF_TABLE_PINNED("lru_hash", struct lb4_nat_key, struct lb4_nat_entry, cy_lb4_na
 
 /* cy_lb4_dev: ifindex -> lb4_device, the devices the agent attached to. */
 BPF_TABLE_PINNED("hash", __u32, struct lb4_device, cy_lb4_dev, 64, CY_PIN_DIR "/cy_lb4_dev");
+
+/* What is left of a budget for ICMP errors (lib/lb_icmp_budget.h). */
+struct lb4_icmp_budget {
+	__u64 stamp;  /* bpf_ktime_get_ns() of the last refill */
+	__s64 credit; /* per client: nanoseconds of credit; node-wide: messages */
+};
+
+/* cy_lb4_icmppeer: client IPv4 address -> its budget (LRU: an evicted client
+ * starts again with a full one, as a new peer does in the kernel). */
+BPF_TABLE_PINNED("lru_hash", __u32, struct lb4_icmp_budget, cy_lb4_icmppeer, CY_NS_ICMP_PEERS,
+		 CY_PIN_DIR "/cy_lb4_icmppeer");
+
+/* cy_lb4_icmpnode: one entry, the node-wide budget. */
+BPF_TABLE_PINNED("array", __u32, struct lb4_icmp_budget, cy_lb4_icmpnode, 1, CY_PIN_DIR "/cy_lb4_icmpnode");
 
 /* cy_lb4_nsct: packets per outcome (CY_NS_*, lib/lb_nodeport.h), per CPU. */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, cy_lb4_nsct, CY_NS_REASON_MAX, CY_PIN_DIR "/cy_lb4_nsct");

@@ -18,6 +18,7 @@
 #define CY_NS_RST_SENT 10        /* a TCP RST answered a connection attempt to a frontend without backends */
 #define CY_NS_DROP_SOURCE_RANGE 12 /* dropped: a new connection from outside a LoadBalancer frontend's loadBalancerSourceRanges */
 #define CY_NS_ICMP_SENT 11       /* an ICMP port unreachable answered a UDP datagram to a frontend without backends */
+#define CY_NS_ICMP_LIMITED 13    /* a UDP datagram to a frontend without backends dropped unanswered: the node's ICMP rate limits (lib/lb_icmp_budget.h) */
 
 #define CY_NS_REASON_MAX 16
 

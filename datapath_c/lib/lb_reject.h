@@ -3,7 +3,8 @@
  *
  * Used by lib/lb_nodeport.h (cy_ns_new): a TCP SYN gets a RST (cy_ns_reset), a
  * UDP datagram an ICMP port unreachable (cy_ns_unreachable), as kube-proxy's
- * REJECT rule answers both.
+ * REJECT rule answers both. The ICMP errors keep within the node's kernel's
+ * rate limits (lib/lb_icmp_budget.h); the RSTs, like the REJECT rule's, have none.
  */
 #ifndef CY_LIB_LB_REJECT_H
 #define CY_LIB_LB_REJECT_H
@@ -101,18 +102,24 @@ static __always_inline __u16 cy_ns_csum_fold(__s64 sum)
  * backends as kube-proxy's REJECT does: the datagram becomes, in place, an
  * ICMP destination unreachable / port unreachable from the frontend address
  * to the client, quoting its header, sent back out of the device. The client's
- * connected socket then fails with ECONNREFUSED instead of waiting. */
+ * connected socket then fails with ECONNREFUSED instead of waiting. Its
+ * checksum is right whether the datagram's own was complete or partial. */
 static __always_inline int cy_ns_unreachable(struct __sk_buff *skb, __u32 l4off)
 {
 	struct cy_ns_icmp_unreach out = {};
 	__u8 macs[12], swapped[12];
 	__u32 size = sizeof(out);
+	__u16 seed, completed;
 
 	if (l4off != CY_NS_ETH_HLEN + sizeof(struct iphdr) ||
 	    bpf_skb_load_bytes(skb, CY_NS_ETH_HLEN, &out.quoted_ip, sizeof(out.quoted_ip)) < 0 ||
 	    bpf_skb_load_bytes(skb, l4off, out.quoted_l4, sizeof(out.quoted_l4)) < 0 ||
 	    bpf_skb_load_bytes(skb, 0, macs, 12) < 0)
 		return cy_ns_drop(CY_NS_DROP_NO_BACKEND);
+	if (!cy_ns_icmp_allowed(out.quoted_ip.saddr)) {
+		cy_ns_count(CY_NS_ICMP_LIMITED);
+		return cy_ns_drop(CY_NS_DROP_NO_BACKEND);
+	}
 	/* room for the new IPv4 and ICMP headers in front of the quoted datagram,
 	 * then everything past the quoted 8 bytes cut off */
 	if (bpf_skb_adjust_room(skb, sizeof(struct iphdr) + 8, BPF_ADJ_ROOM_MAC, 0) < 0 ||
@@ -128,11 +135,25 @@ static __always_inline int cy_ns_unreachable(struct __sk_buff *skb, __u32 l4off)
 	out.ip.check = cy_ns_csum_fold(bpf_csum_diff(0, 0, (__be32 *)&out.ip, sizeof(out.ip), 0));
 	out.type = 3; /* destination unreachable */
 	out.code = 3; /* port unreachable */
+	/* A datagram whose checksum its sender left to a device (partial) holds
+	 * only the pseudo-header seed in its checksum field, and the skb still
+	 * tells the device to complete the checksum there, over the bytes from
+	 * that header on: over the quoted 8 bytes now, on whichever device
+	 * completes it on the way back. So the ICMP sum is taken with the value
+	 * that completion writes, then moved to the bytes as they are with the
+	 * replace helper, which changes nothing on a partial skb: right in both
+	 * cases. (0 and 0xffff, the value a completed zero is sent as, add the
+	 * same to a one's complement sum.) */
+	__builtin_memcpy(&seed, out.quoted_l4 + 6, 2);
+	completed = cy_ns_csum_fold(bpf_csum_diff(0, 0, (__be32 *)out.quoted_l4, sizeof(out.quoted_l4), 0));
+	__builtin_memcpy(out.quoted_l4 + 6, &completed, 2);
 	out.check = cy_ns_csum_fold(bpf_csum_diff(0, 0, (__be32 *)&out.type, size - sizeof(out.ip), 0));
+	__builtin_memcpy(out.quoted_l4 + 6, &seed, 2);
 	__builtin_memcpy(swapped, macs + 6, 6);
 	__builtin_memcpy(swapped + 6, macs, 6);
 	if (bpf_skb_store_bytes(skb, 0, swapped, 12, 0) < 0 ||
-	    bpf_skb_store_bytes(skb, CY_NS_ETH_HLEN, &out, size, 0) < 0)
+	    bpf_skb_store_bytes(skb, CY_NS_ETH_HLEN, &out, size, 0) < 0 ||
+	    bpf_l4_csum_replace(skb, CY_NS_ETH_HLEN + sizeof(out.ip) + 2, completed, seed, 2) < 0)
 		return cy_ns_drop(CY_NS_DROP_REWRITE);
 	cy_ns_count(CY_NS_DROP_NO_BACKEND);
 	cy_ns_count(CY_NS_ICMP_SENT);

@@ -6,8 +6,10 @@ The test builds its own namespaces: an underlay bridge joining ``world`` (10.77.
 with its name and the address:port it saw the client as, so the SNAT decision is visible. The node's
 LB maps are filled by ``lb_engine.SocketLB`` (attached to a private cgroup) from a ``NodeLBIntent``;
 ``DeviceLB`` attaches to the node's ``eth0``. Every veth computes and verifies checksums in software (rx
-and tx checksum offload off), so a wrong checksum after a rewrite loses the packet; the lab e2e covers
-the offloaded (partial checksum) case. Everything is removed at the end, also on failure.
+and tx checksum offload off), so a wrong checksum after a rewrite loses the packet; one test turns the
+world host's transmit offload on (partial checksums arriving at the node), and the lab e2e covers the
+offloaded case throughout. Each test that counts ICMP answers sends from a world address of its own
+(the node limits them per client). Everything is removed at the end, also on failure.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import pytest
 
 from ciliary.lab import cgroups
-from ciliary.nodeagent.datapath import lb_device, lb_engine
+from ciliary.nodeagent.datapath import icmp_limits, lb_device, lb_engine
 from ciliary.operator.services.intent import BackendIntent, FrontendIntent, FrontendKind, NodeLBIntent
 
 pytestmark = pytest.mark.integration
@@ -51,11 +53,12 @@ tcp()
 PROBE = r"""
 import json, socket, sys
 kind, ip, port, count, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+source = (sys.argv[6], 0) if len(sys.argv) > 6 else None
 out = []
 for _ in range(count):
     try:
         if kind == "tcp":
-            s = socket.create_connection((ip, port), timeout=timeout)
+            s = socket.create_connection((ip, port), timeout=timeout, source_address=source)
             peer, data = s.getpeername(), b""
             while chunk := s.recv(4096):
                 data += chunk
@@ -65,6 +68,8 @@ for _ in range(count):
             data, peer = s.recvfrom(4096)
         else:  # "udp-connected": an ICMP error for the datagram fails recv() (unconnected sockets ignore it)
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(timeout)
+            if source:
+                s.bind(source)
             s.connect((ip, port))
             s.send(b"x" * 100)
             data, peer = s.recv(4096), s.getpeername()
@@ -75,15 +80,42 @@ for _ in range(count):
 print(json.dumps(out))
 """
 
+BURST = r"""
+import json, socket, struct, sys, time
+source, ip, port, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+raw.settimeout(0.1)
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.bind((source, 0))
+started = time.monotonic()
+for _ in range(count):
+    udp.sendto(b"x" * 100, (ip, port))
+sending = time.monotonic() - started
+answers, deadline = 0, time.monotonic() + 1.0
+while time.monotonic() < deadline:
+    try:
+        data = raw.recv(2048)
+    except TimeoutError:
+        continue
+    icmp = data[(data[0] & 15) * 4:]
+    quoted = icmp[8:]
+    l4 = quoted[(quoted[0] & 15) * 4:]
+    if icmp[:2] == bytes([3, 3]) and quoted[9] == 17 and socket.inet_ntoa(quoted[12:16]) == source \
+            and struct.unpack("!H", l4[2:4])[0] == port:
+        answers += 1
+print(json.dumps({"answers": answers, "sending_seconds": sending}))
+"""
+"""Send ``count`` UDP datagrams from ``source`` as fast as possible; count the ICMP port unreachables that come back."""
 
 SOFTWARE_CHECKSUMS = r"""
 import sys
 from pyroute2.ethtool import Ethtool
 ethtool = Ethtool()
-for name in sys.argv[1:]:
+transmit_offload = sys.argv[1] == "tx-offload"
+for name in sys.argv[2:]:
     features = ethtool.get_features(name)
     features.features["rx-checksum"].enable = False
-    features.features["tx-checksum-ip-generic"].enable = False
+    features.features["tx-checksum-ip-generic"].enable = transmit_offload
     ethtool.set_features(name, features)
 """
 
@@ -114,7 +146,7 @@ class Net:
         sh("ip", "-n", self.under, "link", "set", port, "master", "br0", "up")
         sh("ip", "-n", netns, "addr", "add", f"{address}/24", "dev", "eth0")
         sh("ip", "-n", netns, "link", "set", "eth0", "up")
-        sh(sys.executable, "-c", SOFTWARE_CHECKSUMS, "eth0", netns=netns)
+        sh(sys.executable, "-c", SOFTWARE_CHECKSUMS, "software", "eth0", netns=netns)
 
     def _pod(self, node: str, pod: str, ip: str, name: str) -> None:
         self._ns(pod)
@@ -127,8 +159,8 @@ class Net:
         sh("ip", "-n", pod, "link", "set", "eth0", "up")
         sh("ip", "-n", pod, "route", "add", "169.254.1.1/32", "dev", "eth0", "scope", "link")
         sh("ip", "-n", pod, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0")
-        sh(sys.executable, "-c", SOFTWARE_CHECKSUMS, "eth0", netns=pod)
-        sh(sys.executable, "-c", SOFTWARE_CHECKSUMS, veth, netns=node)
+        sh(sys.executable, "-c", SOFTWARE_CHECKSUMS, "software", "eth0", netns=pod)
+        sh(sys.executable, "-c", SOFTWARE_CHECKSUMS, "software", veth, netns=node)
         proc = subprocess.Popen(["ip", "netns", "exec", pod, sys.executable, "-c", SERVER, name],
                                 stdout=subprocess.PIPE, text=True)
         self.servers.append(proc)
@@ -159,9 +191,21 @@ class Net:
         for name in (self.pod1, self.pod2, self.world, self.node, self.node2, self.under):
             sh("ip", "netns", "del", name, check=False)
 
-    def probe(self, kind: str, ip: str, port: int, count: int = 1, timeout: float = 2.0) -> list[dict[str, Any]]:
-        out = sh(sys.executable, "-c", PROBE, kind, ip, str(port), str(count), str(timeout), netns=self.world)
+    def probe(self, kind: str, ip: str, port: int, count: int = 1, timeout: float = 2.0,
+              source: str | None = None) -> list[dict[str, Any]]:
+        out = sh(sys.executable, "-c", PROBE, kind, ip, str(port), str(count), str(timeout), *([source] if source else []),
+                 netns=self.world)
         return list(json.loads(out.stdout))
+
+    def client_address(self, host: int) -> str:
+        """One more address of the world host (10.77.<t>.<host>): a client the node has not answered yet."""
+        address = self.world_ip.rsplit(".", 1)[0] + f".{host}"
+        sh("ip", "-n", self.world, "addr", "add", f"{address}/24", "dev", "eth0")
+        return address
+
+    def burst(self, source: str, ip: str, port: int, count: int) -> dict[str, Any]:
+        return dict(json.loads(sh(sys.executable, "-c", BURST, source, ip, str(port), str(count),
+                                  netns=self.world).stdout))
 
 
 def fe(kind: FrontendKind, address: str, port: int, protocol: str, backends: list[BackendIntent],
@@ -263,6 +307,68 @@ def test_no_backends_tcp_is_refused_with_a_reset_udp_with_port_unreachable(
     # the same socket kind still gets answers from a frontend with backends
     results = n.probe("udp-connected", n.node_ip, 30080, count=4)
     assert all(r["ok"] for r in results) and {r["peer"] for r in results} == {f"{n.node_ip}:30080"}, results
+
+
+def test_refusals_of_a_partial_checksum_survive_a_software_checksum_on_the_way_back(
+        net: tuple[Net, lb_device.DeviceLB]) -> None:
+    """The client's datagram arrives with its checksum still to be completed (the world host offloads it:
+    CHECKSUM_PARTIAL), and the node's device completes checksums in software as it sends the refusal back:
+    the RST and the ICMP port unreachable built from that datagram must still carry right checksums, or
+    the client's stack drops them and its connect()/recv() waits instead of failing at once."""
+    n, dev = net
+    client = n.client_address(110)  # its own ICMP budget on the node
+    sh(sys.executable, "-c", SOFTWARE_CHECKSUMS, "tx-offload", "eth0", netns=n.world)
+    try:
+        before = dev.counters()
+        results = n.probe("tcp", n.node_ip, 30081, count=3, timeout=3.0, source=client)
+        assert results == [{"ok": False, "error": "ConnectionRefusedError"}] * 3, results
+        results = n.probe("udp-connected", n.node_ip, 30081, count=3, timeout=3.0, source=client)
+        assert results == [{"ok": False, "error": "ConnectionRefusedError"}] * 3, results
+        after = dev.counters()
+        assert (after["rst-sent"] - before["rst-sent"], after["icmp-sent"] - before["icmp-sent"]) == (3, 3)
+    finally:
+        sh(sys.executable, "-c", SOFTWARE_CHECKSUMS, "software", "eth0", netns=n.world)
+
+
+def test_icmp_refusals_keep_to_the_per_client_limit_as_the_kernels_own_do(
+        net: tuple[Net, lb_device.DeviceLB]) -> None:
+    """A burst of 20 datagrams to a frontend without backends: the node answers the client's first six and
+    drops the rest unanswered (counted), as node2's kernel does for the same burst to a closed port of its
+    own (net.ipv4.icmp_ratelimit 1000 ms, a burst of six: the kernel's defaults, read from the node)."""
+    n, dev = net
+    client = n.client_address(111)
+    before = dev.counters()
+    ours = n.burst(client, n.node_ip, 30081, 20)
+    after = dev.counters()
+    kernels = n.burst(client, n.node2_ip, 9, 20)
+    refill = int(ours["sending_seconds"]) + 1  # one more credit per second the burst took (it takes ms)
+    assert 6 <= ours["answers"] < 6 + refill and 6 <= kernels["answers"] < 6 + refill, (ours, kernels)
+    assert after["icmp-sent"] - before["icmp-sent"] == ours["answers"], (before, after)
+    assert after["icmp-rate-limited"] - before["icmp-rate-limited"] == 20 - ours["answers"], (before, after)
+    assert after["no-backend"] - before["no-backend"] == 20
+
+
+def test_icmp_refusals_keep_to_the_node_wide_limit(net: tuple[Net, lb_device.DeviceLB]) -> None:
+    """With the node's net.ipv4.icmp_msgs_burst at 4 (per-client limit off, 1 message a second), a burst
+    from a new client gets four answers: the programs are rendered with the node's own sysctls."""
+    n, dev = net
+    client = n.client_address(112)
+    limits = {"net.ipv4.icmp_ratelimit": "0", "net.ipv4.icmp_msgs_burst": "4", "net.ipv4.icmp_msgs_per_sec": "1"}
+    defaults = {name: sh("sysctl", "-n", name, netns=n.node).stdout.strip() for name in limits}
+    try:
+        sh("sysctl", "-qw", *(f"{k}={v}" for k, v in limits.items()), netns=n.node)
+        dev.teardown()  # a fresh node-wide budget: a lower burst, like the kernel's, caps only the next refill
+        dev.start()
+        assert dev.context.icmp_limits == icmp_limits.IcmpLimits(peer_interval_ms=0, per_second=1, burst=4)
+        before = dev.counters()
+        ours = n.burst(client, n.node_ip, 30081, 20)
+        after = dev.counters()
+        assert 4 <= ours["answers"] < 4 + int(ours["sending_seconds"]) + 1, ours
+        assert after["icmp-rate-limited"] - before["icmp-rate-limited"] == 20 - ours["answers"], (before, after)
+    finally:
+        sh("sysctl", "-qw", *(f"{k}={v}" for k, v in defaults.items()), netns=n.node)
+        dev.start()
+    assert dev.context.icmp_limits == icmp_limits.IcmpLimits()
 
 
 def test_a_cluster_ip_frontend_is_not_served_from_outside(net: tuple[Net, lb_device.DeviceLB]) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ciliary.nodeagent import rendering
-from ciliary.nodeagent.datapath import compiling, errors, loading, maps
+from ciliary.nodeagent.datapath import compiling, errors, icmp_limits, loading, maps
 from ciliary.nodeagent.datapath.lb_engine import LBRenderContext
 from ciliary.nodeagent.planning import diff_map
 
@@ -39,13 +39,13 @@ TC_HANDLE = 0xC2
 TC_PRIO = 1
 ETH_P_ALL = 0x0003
 PIN_PREFIX = "nsprog_"
-MAP_NAMES = ("cy_lb4_dev", "cy_lb4_nat", "cy_lb4_nsct")
+MAP_NAMES = ("cy_lb4_dev", "cy_lb4_nat", "cy_lb4_nsct", "cy_lb4_icmppeer", "cy_lb4_icmpnode")
 AUTO = "auto"
 
 NS_REASONS: Mapping[int, str] = {
     1: "new", 2: "forward", 3: "reply", 4: "no-backend", 5: "drop-no-local-backend", 6: "drop-fragment",
     7: "drop-no-snat-port", 8: "drop-no-route", 9: "drop-rewrite-failed", 10: "rst-sent",
-    11: "icmp-sent", 12: "drop-source-range"}
+    11: "icmp-sent", 12: "drop-source-range", 13: "icmp-rate-limited"}
 """``include/lb_ns_reasons.h``: index of ``cy_lb4_nsct`` -> name."""
 NS_REASON_MAX = 16
 
@@ -187,6 +187,7 @@ class DeviceLB:
         """Adopt or compile, open the maps, write ``cy_lb4_dev`` and attach to every device. Idempotent."""
         if context is not None:
             self.context = context
+        self.context = dataclasses.replace(self.context, icmp_limits=icmp_limits.read(self.netns))
         loading.ensure_bpffs(self.bpffs)
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         devices = choose_devices(read_links(self.netns), self.wanted)

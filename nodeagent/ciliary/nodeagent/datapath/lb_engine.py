@@ -26,6 +26,7 @@ from typing import Any
 
 from ciliary.nodeagent import lb_planning, netns_sockets, rendering
 from ciliary.nodeagent.datapath import compiling, errors, libbpf, loading, maps
+from ciliary.nodeagent.datapath.icmp_limits import IcmpLimits
 from ciliary.operator.services.intent import NodeLBIntent
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ class LBRenderContext:
     """Source ports of SNATed north-south connections: above Linux's default ephemeral range."""
     host_netns_cookie: int = 0
     """Cookie of the node's network namespace (the bind guard's); 0 until ``start`` reads it."""
+    icmp_limits: IcmpLimits = IcmpLimits()
+    """The node's ICMP error rate limits (the north-south refusals'); ``DeviceLB.start`` reads them."""
 
 
 class ServiceKeyC(ct.Structure):
