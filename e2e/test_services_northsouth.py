@@ -10,6 +10,7 @@ address (SNAT), which the policy test makes visible.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 
 from ciliary.lab import topology
+from ciliary.lab.layout import LB_IP_POOL
 from service_probe import PROBE
 
 pytestmark = pytest.mark.e2e
@@ -269,20 +271,34 @@ def test_the_backends_policy_sees_the_world_host_locally_and_the_node_through_sn
              "the world host served again once the policy is gone")
 
 
-LB_IP = "203.0.113.30"
+LB_POOL = ipaddress.ip_network(LB_IP_POOL)
 
 
-def _lb_source_ranges(lab: Any, node: str) -> list[str] | None:
+def _lb_source_ranges(lab: Any, node: str, address: str) -> list[str] | None:
     for fe in services_doc(lab, node)["frontends"]:
-        if (fe["address"], fe["port"], fe["protocol"]) == (LB_IP, 8090, "TCP"):
+        if (fe["address"], fe["port"], fe["protocol"]) == (address, 8090, "TCP"):
             return list(fe.get("source_ranges", []))
     return None
 
 
-def test_load_balancer_ip_with_source_ranges(lab: Any, svc: Any) -> None:
-    """A LoadBalancer Service whose ingress IP the test assigns (as MetalLB would, through the status
-    subresource) serves the world host while its loadBalancerSourceRanges admit it, and drops it once
-    they do not (kube-proxy's firewall chain), counted on the node."""
+def _lb_status(lab: Any, name: str) -> tuple[list[str], dict[str, Any]]:
+    """The Service's ingress IPs and its LB IPAM condition."""
+    status = json.loads(lab.kubectl("get", "svc", name, "-n", NS, "-o", "json").stdout).get("status", {})
+    ips = [i["ip"] for i in status.get("loadBalancer", {}).get("ingress", [])]
+    condition = next((c for c in status.get("conditions", []) if c["type"] == "io.cilium/lb-ipam-request-satisfied"),
+                     {})
+    return ips, condition
+
+
+def _drops(lab: Any) -> int:
+    return sum(counters(lab, node)["drop-source-range"] for node in NODE_IPS)
+
+
+def test_load_balancer_ip_from_the_pool_with_source_ranges(lab: Any, svc: Any) -> None:
+    """LB IPAM gives a LoadBalancer Service an IP from the lab's CiliumLoadBalancerIPPool (the world host
+    routes the pool to the nodes, as MetalLB's peers would); it serves the world host while the Service's
+    loadBalancerSourceRanges admit it, and drops it once they do not (kube-proxy's firewall chain), counted.
+    A Service asking for an address outside every pool gets none, and a condition saying why."""
     lab.apply(f"""
 apiVersion: v1
 kind: Service
@@ -292,24 +308,45 @@ spec:
   selector: {{app: web}}
   loadBalancerSourceRanges: [192.0.2.100/32]
   ports: [{{name: http, port: 8090, targetPort: http}}]
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web-lb-asks
+  namespace: {NS}
+  annotations: {{lbipam.cilium.io/ips: 198.51.100.77}}
+spec:
+  type: LoadBalancer
+  selector: {{app: web}}
+  ports: [{{name: http, port: 8091, targetPort: http}}]
 """)
-    world_ns = lab.lab.layout.world_netns
     try:
-        lab.kubectl("patch", "svc", "web-lb", "-n", NS, "--subresource=status", "--type=merge",
-                    "-p", json.dumps({"status": {"loadBalancer": {"ingress": [{"ip": LB_IP}]}}}))
-        topology.ip("route", "replace", f"{LB_IP}/32", "via", NODE_IPS["node-1"], netns=world_ns)
-        wait_for(lambda: _lb_source_ranges(lab, "node-1") == ["192.0.2.100/32"], 60,
-                 "the load balancer IP with its range in node-1's maps")
-        results = world(lab, "tcp", LB_IP, 8090, count=32)
+        ips, condition = wait_for(lambda: (got := _lb_status(lab, "web-lb"))[0] and got, 60,
+                                  "an IP from the lab's pool in the Service's status")
+        assert len(ips) == 1 and ipaddress.ip_address(ips[0]) in LB_POOL, ips
+        assert (condition["status"], condition["reason"]) == ("True", "satisfied"), condition
+        asks = wait_for(lambda: (got := _lb_status(lab, "web-lb-asks"))[1] and got, 60, "the refused request's condition")
+        assert asks[0] == [] and (asks[1]["status"], asks[1]["reason"]) == ("False", "no_pool"), asks
+        assert "198.51.100.77" in asks[1]["message"], asks
+        pool = json.loads(lab.kubectl("get", "ippools", "lab-pool", "-o", "json").stdout)
+        used = {c["type"]: c for c in pool["status"]["conditions"]}["cilium.io/IPsUsed"]["message"]
+        assert int(used) >= 1, pool["status"]
+        address = ips[0]
+        for node in NODE_IPS:
+            wait_for(lambda n=node: _lb_source_ranges(lab, n, address) == ["192.0.2.100/32"], 60,
+                     f"the load balancer IP with its range in {node}'s maps")
+        results = world(lab, "tcp", address, 8090, count=32)
         assert all(r["ok"] for r in results), results
         assert {r["body"] for r in results} == {f"{NS}/web-1", f"{NS}/web-2"}, results
         lab.kubectl("patch", "svc", "web-lb", "-n", NS, "--type=merge",
                     "-p", json.dumps({"spec": {"loadBalancerSourceRanges": ["198.51.100.0/24"]}}))
-        wait_for(lambda: _lb_source_ranges(lab, "node-1") == ["198.51.100.0/24"], 60, "the new range")
-        before = counters(lab, "node-1")["drop-source-range"]
-        results = world(lab, "tcp", LB_IP, 8090, count=2, timeout=1.0)
+        for node in NODE_IPS:
+            wait_for(lambda n=node: _lb_source_ranges(lab, n, address) == ["198.51.100.0/24"], 60,
+                     f"the new range on {node}")
+        before = _drops(lab)
+        results = world(lab, "tcp", address, 8090, count=2, timeout=1.0)
         assert [r.get("kind") for r in results] == ["TimeoutError"] * 2, results
-        assert counters(lab, "node-1")["drop-source-range"] - before >= 2
+        assert _drops(lab) - before >= 2
+        assert _lb_status(lab, "web-lb")[0] == ips  # the address stays with the Service
     finally:
-        topology.ip("route", "del", f"{LB_IP}/32", netns=world_ns, check=False)
-        lab.kubectl("delete", "svc", "web-lb", "-n", NS, check=False)
+        lab.kubectl("delete", "svc", "web-lb", "web-lb-asks", "-n", NS, check=False)

@@ -45,7 +45,7 @@ from ciliary.lab import (
     topology,
 )
 from ciliary.lab.lab import Lab, LabError, mode_of
-from ciliary.lab.layout import node_index, node_name, pod_cidr
+from ciliary.lab.layout import LB_IP_POOL, node_index, node_name, pod_cidr
 from ciliary.lab.nodebins import NodeBinaries
 
 #: every real node runs containerd, kubelet, kube-proxy and CoreDNS on a shared machine
@@ -98,13 +98,28 @@ def deferred_images(built: Sequence[images.BuiltImage]) -> tuple[list[images.Bui
     return [b for b in built if b.reference not in WORKLOAD_IMAGES], later
 
 
+LAB_POOL = f"""apiVersion: cilium.io/v2
+kind: CiliumLoadBalancerIPPool
+metadata: {{name: lab-pool}}
+spec:
+  blocks: [{{cidr: {LB_IP_POOL}}}]
+"""
+"""LB IPAM's pool in the lab: LoadBalancer Services get their IPs from it (the world host routes it)."""
+
+
 def install_chart(lab: Lab, root: Path | None = None) -> None:
-    """``helm upgrade --install`` of both charts as this lab's mode needs them (again after an uninstall)."""
+    """``helm upgrade --install`` of both charts as this lab's mode needs them (again after an uninstall),
+    then the lab's CiliumLoadBalancerIPPool."""
     config = lab.config()
     chartinstall.install(root or repository_root(), lab.layout.kubeconfig, lab.layout.state_dir,
                          cgroup_prefix=chartinstall.node_cgroup_prefix(lab.layout.prefix),
                          kube_proxy_free=chartinstall.kube_proxy_free(lab.node_names())
                          if config.get("kube_proxy_replacement") else None)
+    for _ in range(60):  # bounded: the CRD the chart just installed may take a moment to be served
+        if lab.kubectl("apply", "-f", "-", input=LAB_POOL, check=False).returncode == 0:
+            return
+        time.sleep(0.5)
+    lab.kubectl("apply", "-f", "-", input=LAB_POOL)  # the last try raises with kubectl's message
 
 
 def _timed(step: Callable[[], object]) -> float:

@@ -14,7 +14,16 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from ciliary.lab.layout import UNDERLAY, WORLD_DNS_IP, WORLD_IP, LabLayout, node_index, node_ip, pod_cidr
+from ciliary.lab.layout import (
+    LB_IP_POOL,
+    UNDERLAY,
+    WORLD_DNS_IP,
+    WORLD_IP,
+    LabLayout,
+    node_index,
+    node_ip,
+    pod_cidr,
+)
 
 NETNS_DIR = Path("/run/netns")
 
@@ -96,6 +105,9 @@ def ensure_world(layout: LabLayout, all_nodes: Sequence[str]) -> None:
     for node in all_nodes:
         j = node_index(node)
         ip("route", "replace", pod_cidr(j), "via", node_ip(j), netns=ns)
+    if all_nodes:  # the LoadBalancer IPs, spread over every node (ECMP)
+        hops = [w for node in all_nodes for w in ("nexthop", "via", node_ip(node_index(node)))]
+        ip("route", "replace", LB_IP_POOL, *hops, netns=ns)
 
 
 def remove_node(layout: LabLayout, node: str) -> None:

@@ -8,7 +8,8 @@ NodeIntent per node into etcd. Flags (each also as ``CILIARY_OPERATOR_*``):
 from the agents' reports in etcd; off: agents patch it themselves and the operator
 writes only the conditions) and ``--status-interval`` (seconds between two status
 writes of one policy, default 1). Load balancing (Services -> per-node LB intents, ``lb_reconciling``):
-``--endpoints-api endpointslices|endpoints``, ``--node-port-range LOW-HIGH``, ``--service-proxy-name``.
+``--endpoints-api endpointslices|endpoints``, ``--node-port-range LOW-HIGH``, ``--service-proxy-name``; with it,
+LB IPAM (CiliumLoadBalancerIPPools -> LoadBalancer Services' IPs, ``lb_ipam_reconciling``).
 Prometheus metrics (``operator_metrics``) on ``GET /metrics`` of ``--prometheus-serve-addr`` (default off; a
 taken address is logged and the operator goes on without them).
 """
@@ -34,6 +35,8 @@ from ciliary.operator.kube import handlers, kubeapi, service_handlers
 from ciliary.operator.kube.cluster_model import ClusterModel
 from ciliary.operator.kube.service_events import ServiceEventPoster
 from ciliary.operator.kube.service_model import ServiceModel
+from ciliary.operator.lb_ipam_reconciling import LBIPAMReconciler, PoolModel
+from ciliary.operator.lb_ipam_reconciling import initial_list as lb_ipam_initial_list
 from ciliary.operator.lb_reconciling import LBReconciler
 from ciliary.operator.reconciling import Reconciler
 from ciliary.operator.services.resolution import ResolverConfig
@@ -199,8 +202,10 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
     reconciler.report_tls = TlsProblemReporter(handover, api)
     handlers.register(registry, model, handover)
     services = ServiceModel()
+    pools = PoolModel()
     if args.load_balancing:
-        service_handlers.register(registry, services, args.endpoints_api)
+        service_handlers.register(registry, services, args.endpoints_api, pools)
+    ipam = LBIPAMReconciler(services, pools, api)
     lb = LBReconciler(services, lambda: {name: node.ipv4 for name, node in model.nodes.items()}, lb_publisher,
                       ServiceEventPoster(api), ResolverConfig(node_port_range=_port_range(args.node_port_range),
                                                               proxy_name=args.service_proxy_name))
@@ -218,6 +223,7 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
     handover.policies_listed.set()
     if args.load_balancing:
         await service_handlers.initial_list(api, services, args.endpoints_api)
+        await lb_ipam_initial_list(api, pools)
     listed = asyncio.Event()
     listed.set()
     tasks: list[asyncio.Task[Any]] = [
@@ -228,6 +234,7 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
     ]
     if args.load_balancing:
         tasks.append(asyncio.create_task(lb.run(listed), name="lb-reconciler"))
+        tasks.append(asyncio.create_task(ipam.run(listed), name="lb-ipam"))
     if leader is not None:
         async def stop_when_lost(lost: asyncio.Event) -> None:
             await lost.wait()

@@ -57,7 +57,10 @@ pytestmark = pytest.mark.integration
 #: kopf's resource observer (clusterwide, scanning enabled) -> list + watch CRDs;
 #: service_handlers.register/initial_list -> kopf.on.event on services and endpointslices, list_service_for_all_
 #: namespaces, list_endpoint_slice_for_all_namespaces; service_events -> POST core/v1 events (covered above);
-#: handlers.register -> kopf.on.event on secrets (TLS contexts' rotation), reconciling -> read_namespaced_secret.
+#: handlers.register -> kopf.on.event on secrets (TLS contexts' rotation), reconciling -> read_namespaced_secret;
+#: service_handlers.register -> kopf.on.event on ciliumloadbalancerippools, lb_ipam_reconciling.initial_list ->
+#: list_cluster_custom_object; LBIPAMReconciler -> patch_namespaced_service_status,
+#: patch_cluster_custom_object_status (merge patches).
 OPERATOR_USES: frozenset[tuple[str, str, str]] = frozenset({
     ("", "namespaces", "list"), ("", "namespaces", "watch"),
     ("", "nodes", "list"), ("", "nodes", "watch"),
@@ -74,6 +77,8 @@ OPERATOR_USES: frozenset[tuple[str, str, str]] = frozenset({
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
     ("", "secrets", "get"), ("", "secrets", "list"), ("", "secrets", "watch"),
+    ("cilium.io", "ciliumloadbalancerippools", "list"), ("cilium.io", "ciliumloadbalancerippools", "watch"),
+    ("cilium.io", "ciliumloadbalancerippools/status", "patch"), ("", "services/status", "patch"),
 })
 
 TLS_SPEC = {"endpointSelector": {"matchLabels": {"app": "media"}}, "egress": [{
@@ -164,6 +169,7 @@ class Lifecycle:
         self.ns = f"rbac-{self.suffix}"
         self.node = f"rbac-node-{self.suffix}"
         self.ccnp = f"rbac-ccnp-{self.suffix}"
+        self.pool = f"rbac-pool-{self.suffix}"
 
     def create(self) -> None:
         objects = [
@@ -186,6 +192,12 @@ class Lifecycle:
             # TLS interception: the operator reads the Secrets its contexts name (get; they need not exist)
             {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
              "metadata": {"name": "tls", "namespace": self.ns}, "spec": TLS_SPEC},
+            # LB IPAM: the pool's counts and the Service's IP go into their status subresources
+            {"apiVersion": "cilium.io/v2", "kind": "CiliumLoadBalancerIPPool", "metadata": {"name": self.pool},
+             "spec": {"blocks": [{"cidr": "198.51.100.0/30"}],
+                      "serviceSelector": {"matchLabels": {"io.kubernetes.service.namespace": self.ns}}}},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "media-lb", "namespace": self.ns},
+             "spec": {"type": "LoadBalancer", "selector": {"app": "media"}, "ports": [{"port": 80}]}},
         ]
         kubectl_ok(self.kube, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
                                                                     "items": [pod, *policies]}))
@@ -209,6 +221,13 @@ class Lifecycle:
                                    "--field-selector", "reason=PolicyInvalid,involvedObject.name=invalid")
         if events.returncode != 0 or not json.loads(events.stdout or "{}").get("items"):
             missing.append("PolicyInvalid Event for cnp/invalid")
+        lb = self.kube.kubectl("get", "svc", "media-lb", "-n", self.ns, "-o", "jsonpath={.status.loadBalancer.ingress[0].ip}")
+        if lb.returncode != 0 or not str(lb.stdout).startswith("198.51.100."):
+            missing.append("an LB IPAM address on svc/media-lb")
+        used = self.kube.kubectl("get", "ippools", self.pool, "-o",
+                                 'jsonpath={.status.conditions[?(@.type=="cilium.io/IPsUsed")].message}')
+        if used.returncode != 0 or str(used.stdout).strip() != "1":
+            missing.append(f"IPsUsed 1 on ippool/{self.pool}")
         return missing
 
     def delete_policies(self) -> None:
@@ -217,6 +236,7 @@ class Lifecycle:
 
     def cleanup(self) -> None:
         self.delete_policies()
+        self.kube.kubectl("delete", "ippools", self.pool, "--wait=false")
         self.kube.kubectl("delete", "namespace", self.ns, "--wait=false")
         self.kube.kubectl("delete", "node", self.node, "--wait=false")
 

@@ -6,7 +6,8 @@ the LB reconcile loop iterates it on the event loop (seen at 5,000 Services: "di
 size during iteration", the event lost). Which endpoint
 API is watched is the operator's ``--endpoints-api`` flag (``endpointslices``, the default, or
 ``endpoints`` for clusters without the EndpointSlice API). :func:`initial_list` lists everything
-once before the first LB reconcile.
+once before the first LB reconcile. With LB IPAM, CiliumLoadBalancerIPPools are watched too (into a
+``PoolModel``).
 """
 
 from __future__ import annotations
@@ -16,14 +17,21 @@ from typing import Any
 import kopf
 from kubernetes_asyncio import client
 
+from ciliary.operator.kube.kubeapi import GROUP, VERSION
 from ciliary.operator.kube.service_model import ServiceModel
+from ciliary.operator.lb_ipam_reconciling import POOL_PLURAL, PoolModel
 
 ENDPOINT_APIS = ("endpointslices", "endpoints")
 
 
-def register(registry: kopf.OperatorRegistry, model: ServiceModel, endpoints_api: str) -> None:
+def register(registry: kopf.OperatorRegistry, model: ServiceModel, endpoints_api: str,
+             pools: PoolModel | None = None) -> None:
     async def service_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         model.set_service(dict(body), deleted=type == "DELETED")
+
+    async def pool_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        if pools is not None:
+            pools.set_pool(dict(body), deleted=type == "DELETED")
 
     async def slice_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         model.set_slice(dict(body), deleted=type == "DELETED")
@@ -32,6 +40,8 @@ def register(registry: kopf.OperatorRegistry, model: ServiceModel, endpoints_api
         model.set_endpoints(dict(body), deleted=type == "DELETED")
 
     kopf.on.event("", "v1", "services", id="service_event", registry=registry)(service_event)
+    if pools is not None:
+        kopf.on.event(GROUP, VERSION, POOL_PLURAL, id="lbippool_event", registry=registry)(pool_event)
     if endpoints_api == "endpoints":
         kopf.on.event("", "v1", "endpoints", id="endpoints_event", registry=registry)(endpoints_event)
     else:

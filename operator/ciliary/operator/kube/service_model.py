@@ -33,14 +33,19 @@ class ServiceModel:
         self.bodies: dict[str, Mapping[str, Any]] = {}
         """Service ``namespace/name`` -> its last body (events are posted about it)."""
         self.dirty = asyncio.Event()
+        self.bodies_changed = asyncio.Event()
+        """Set whenever a Service body changes, status included (LB IPAM's trigger)."""
 
     def set_service(self, body: Mapping[str, Any], *, deleted: bool = False) -> None:
         key = _key(body)
         if deleted:
-            self.bodies.pop(key, None)
+            if self.bodies.pop(key, None) is not None:
+                self.bodies_changed.set()
             if self.services.pop(key, None) is not None:
                 self.dirty.set()
             return
+        if self.bodies.get(key) != body:
+            self.bodies_changed.set()
         self.bodies[key] = body
         info = service_from_body(body)
         if self.services.get(key) != info:

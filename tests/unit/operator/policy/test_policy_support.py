@@ -262,6 +262,8 @@ def test_examples_directory_says_what_is_not_enforced() -> None:
         text = path.read_text()
         assert "403" not in text and "Access denied" not in text, path.name
         raw = yaml.safe_load(text)
+        if raw["kind"] not in ("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy"):
+            continue  # a pool (lb-ippool.yaml): not a policy
         if raw["kind"] == "CiliumNetworkPolicy":
             raw["metadata"].setdefault("namespace", "default")
         found = support.gaps(parse_policy(raw))
