@@ -335,9 +335,12 @@ spec:
         for node in NODE_IPS:
             wait_for(lambda n=node: _lb_source_ranges(lab, n, address) == ["192.0.2.100/32"], 60,
                      f"the load balancer IP with its range in {node}'s maps")
+        new = {node: counters(lab, node)["new"] for node in NODE_IPS}
         results = world(lab, "tcp", address, 8090, count=32)
         assert all(r["ok"] for r in results), results
         assert {r["body"] for r in results} == {f"{NS}/web-1", f"{NS}/web-2"}, results
+        # the world host's route spreads connections over both nodes, and each serves the pool's address
+        assert all(counters(lab, node)["new"] > new[node] for node in NODE_IPS), new
         lab.kubectl("patch", "svc", "web-lb", "-n", NS, "--type=merge",
                     "-p", json.dumps({"spec": {"loadBalancerSourceRanges": ["198.51.100.0/24"]}}))
         for node in NODE_IPS:

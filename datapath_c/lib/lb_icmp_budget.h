@@ -50,49 +50,66 @@ static __always_inline int cy_ns_icmp_peer_allows(__u32 client, __u64 now)
 	return 1;
 }
 
-/* One message more from this node: a credit left, or a refill of
- * icmp_msgs_per_sec per second elapsed (at most one second's, at most the
- * burst) once 20 ms have passed since the last. */
-static __always_inline int cy_ns_icmp_node_allows(__u64 now)
+/* The node-wide budget, or NULL when the map cannot be read. */
+static __always_inline struct lb4_icmp_budget *cy_ns_icmp_node(void)
 {
 	__u32 zero = 0;
-	struct lb4_icmp_budget *b = cy_lb4_icmpnode.lookup(&zero);
-	__u64 elapsed;
-	__s64 credit;
 
-	if (!b)
-		return 0;
+	return cy_lb4_icmpnode.lookup(&zero);
+}
+
+/* Has the node a credit for one more message? A credit left, or a refill of
+ * icmp_msgs_per_sec per second elapsed (at most one second's, at most the
+ * burst) once 20 ms have passed since the last refill and it adds at least
+ * one message (a refill that adds none keeps the time it counts from). Spends
+ * nothing: cy_ns_icmp_node_spend does, once the message is allowed. */
+static __always_inline int cy_ns_icmp_node_has(struct lb4_icmp_budget *b, __u64 now)
+{
+	__u64 elapsed;
+	__s64 credit, added;
+
 	if (b->stamp == 0) { /* first use: a full burst */
 		b->stamp = now;
 		b->credit = CY_NS_ICMP_NODE_BURST;
 	}
-	if (b->credit <= 0) {
-		elapsed = now - b->stamp;
-		if (elapsed > CY_NS_SECOND_NS)
-			elapsed = CY_NS_SECOND_NS;
-		if (elapsed < CY_NS_ICMP_NODE_STEP_NS)
-			return 0;
-		credit = b->credit + (__s64)(CY_NS_ICMP_NODE_PER_SEC * elapsed / CY_NS_SECOND_NS);
-		if (credit > CY_NS_ICMP_NODE_BURST)
-			credit = CY_NS_ICMP_NODE_BURST;
-		b->stamp = now;
-		b->credit = credit;
-		if (credit <= 0)
-			return 0;
-	}
-	__sync_fetch_and_add(&b->credit, -1);
-	return 1;
+	if (b->credit > 0)
+		return 1;
+	elapsed = now - b->stamp;
+	if (elapsed > CY_NS_SECOND_NS)
+		elapsed = CY_NS_SECOND_NS;
+	if (elapsed < CY_NS_ICMP_NODE_STEP_NS)
+		return 0;
+	added = (__s64)(CY_NS_ICMP_NODE_PER_SEC * elapsed / CY_NS_SECOND_NS);
+	if (added <= 0)
+		return 0;
+	credit = b->credit + added;
+	if (credit > CY_NS_ICMP_NODE_BURST)
+		credit = CY_NS_ICMP_NODE_BURST;
+	b->stamp = now;
+	b->credit = credit;
+	return credit > 0;
 }
 
-/* May the node answer this client with one more ICMP error? Per client first,
- * then node-wide, the kernel's order. */
+static __always_inline void cy_ns_icmp_node_spend(struct lb4_icmp_budget *b)
+{
+	__sync_fetch_and_add(&b->credit, -1);
+}
+
+/* May the node answer this client with one more ICMP error? The kernel's
+ * order: the node-wide budget is asked without spending, then the client's
+ * (spent when it allows), then the node-wide credit is spent. */
 static __always_inline int cy_ns_icmp_allowed(__u32 client)
 {
 	__u64 now = bpf_ktime_get_ns();
+	struct lb4_icmp_budget *node;
 
 	if (!CY_NS_ICMP_LIMITED_TYPE)
 		return 1;
-	return cy_ns_icmp_peer_allows(client, now) && cy_ns_icmp_node_allows(now);
+	node = cy_ns_icmp_node();
+	if (!node || !cy_ns_icmp_node_has(node, now) || !cy_ns_icmp_peer_allows(client, now))
+		return 0;
+	cy_ns_icmp_node_spend(node);
+	return 1;
 }
 
 #endif /* CY_LIB_LB_ICMP_BUDGET_H */

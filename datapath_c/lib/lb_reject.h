@@ -3,8 +3,10 @@
  *
  * Used by lib/lb_nodeport.h (cy_ns_new): a TCP SYN gets a RST (cy_ns_reset), a
  * UDP datagram an ICMP port unreachable (cy_ns_unreachable), as kube-proxy's
- * REJECT rule answers both. The ICMP errors keep within the node's kernel's
- * rate limits (lib/lb_icmp_budget.h); the RSTs, like the REJECT rule's, have none.
+ * REJECT rule refuses both (it answers TCP with an ICMP port unreachable too;
+ * a RST fails the client's connect() the same way). The ICMP errors keep
+ * within the node's kernel's rate limits (lib/lb_icmp_budget.h); the RSTs,
+ * like those the kernel sends for its own closed ports, have none.
  */
 #ifndef CY_LIB_LB_REJECT_H
 #define CY_LIB_LB_REJECT_H

@@ -24,10 +24,11 @@ from ciliary.lab import tools
 UNDERLAY = ipaddress.IPv4Network("192.0.2.0/24")
 WORLD_IP = "192.0.2.100"
 WORLD_DNS_IP = "192.0.2.53"
+"""The world host's second address: its DNS server (``ciliary.lab.worlddns``), UDP and TCP 53."""
 LB_IP_POOL = "203.0.113.128/26"
 """The real-node lab's CiliumLoadBalancerIPPool (``lab-pool``): LB IPAM gives LoadBalancer Services their IPs
-from it; the world host routes it to the nodes (ECMP), as a router peering with them would."""
-"""The world host's second address: its DNS server (``ciliary.lab.worlddns``), UDP and TCP 53."""
+from it; the world host routes it to the nodes (ECMP over ports, so connections spread over the nodes), as
+a router peering with them would."""
 WORLD_TCP_PORTS = (80, 443, 8080)
 WORLD_UDP_PORTS = (53,)
 MAX_NODES = 80

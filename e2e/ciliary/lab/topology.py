@@ -105,9 +105,10 @@ def ensure_world(layout: LabLayout, all_nodes: Sequence[str]) -> None:
     for node in all_nodes:
         j = node_index(node)
         ip("route", "replace", pod_cidr(j), "via", node_ip(j), netns=ns)
-    if all_nodes:  # the LoadBalancer IPs, spread over every node (ECMP)
+    if all_nodes:  # the LoadBalancer IPs, spread over every node (ECMP, hashed over the ports too)
         hops = [w for node in all_nodes for w in ("nexthop", "via", node_ip(node_index(node)))]
         ip("route", "replace", LB_IP_POOL, *hops, netns=ns)
+        sysctl(ns, "net.ipv4.fib_multipath_hash_policy", "1")
 
 
 def remove_node(layout: LabLayout, node: str) -> None:

@@ -24,7 +24,13 @@ from ciliary.operator.api.lb_ippool import LBIPPool, PoolInvalidError, parse_poo
 from ciliary.operator.kube.kubeapi import GROUP, MERGE_PATCH, VERSION
 from ciliary.operator.kube.service_model import ServiceModel
 from ciliary.operator.services.lb_ipam import allocate
-from ciliary.operator.services.lb_ipam_patches import claim_from_body, managed, pool_patch, service_patch
+from ciliary.operator.services.lb_ipam_patches import (
+    claim_from_body,
+    managed,
+    pool_patch,
+    release_patch,
+    service_patch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,7 @@ class LBIPAMReconciler:
                  settle_seconds: float = 0.05, poll: float = 30.0, timeout: float = 10.0) -> None:
         self.services = services
         self.pools = pools
+        self.api = api
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.settle_seconds = settle_seconds
@@ -71,9 +78,15 @@ class LBIPAMReconciler:
         bodies = dict(self.services.bodies)
         if not self.pools.bodies and not any(managed(b) for b in bodies.values()):
             return 0  # dormant
-        result = allocate(parsed, [claim_from_body(b) for b in bodies.values()])
+        claims = {key: claim_from_body(b) for key, b in bodies.items()}
+        result = allocate(parsed, claims.values())
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         written = 0
+        for key, claim in claims.items():
+            release = None if claim.eligible else release_patch(bodies[key])
+            if release is not None and await self._patch_service(key, release):
+                written += 1
+                log.info("LB IPAM: Service %s is no longer a LoadBalancer without a class: its IPs released", key)
         for key, outcome in result.services.items():
             body = bodies[key]
             if not self.pools.bodies and not managed(body):
@@ -92,12 +105,14 @@ class LBIPAMReconciler:
     async def _patch_service(self, key: str, patch: Mapping[str, Any]) -> bool:
         namespace, name = key.split("/", 1)
         try:
-            await self.core.patch_namespaced_service_status(  # type: ignore[call-arg]
+            written = await self.core.patch_namespaced_service_status(  # type: ignore[call-arg]
                 name, namespace, patch, _content_type=MERGE_PATCH, _request_timeout=self.timeout)
         except ApiException as exc:
             if exc.status != 404:
                 log.warning("LB IPAM: status of Service %s not written: %s %s", key, exc.status, exc.reason)
             return False
+        # the next pass sees this write even if its watch event has not arrived yet
+        self.services.set_service(self.api.sanitize_for_serialization(written))
         return True
 
     async def _patch_pool(self, name: str, patch: Mapping[str, Any]) -> bool:

@@ -14,199 +14,19 @@ offloaded case throughout. Each test that counts ICMP answers sends from a world
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import secrets
-import subprocess
 import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from northsouth_net import SOFTWARE_CHECKSUMS, Net, sh
 
 from ciliary.lab import cgroups
 from ciliary.nodeagent.datapath import icmp_limits, lb_device, lb_engine
 from ciliary.operator.services.intent import BackendIntent, FrontendIntent, FrontendKind, NodeLBIntent
 
 pytestmark = pytest.mark.integration
-
-SERVER = r"""
-import socket, sys, threading
-name = sys.argv[1]
-def tcp():
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", 8080)); s.listen(128)
-    while True:
-        c, peer = s.accept()
-        c.sendall(f"{name} {peer[0]}:{peer[1]}".encode()); c.close()
-def udp():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 8053))
-    while True:
-        data, peer = s.recvfrom(2048)
-        s.sendto(f"{name} {peer[0]}:{peer[1]}".encode(), peer)
-threading.Thread(target=udp, daemon=True).start()
-print("ready", flush=True)
-tcp()
-"""
-
-PROBE = r"""
-import json, socket, sys
-kind, ip, port, count, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
-source = (sys.argv[6], 0) if len(sys.argv) > 6 else None
-out = []
-for _ in range(count):
-    try:
-        if kind == "tcp":
-            s = socket.create_connection((ip, port), timeout=timeout, source_address=source)
-            peer, data = s.getpeername(), b""
-            while chunk := s.recv(4096):
-                data += chunk
-        elif kind == "udp":
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(timeout)
-            s.sendto(b"x" * 100, (ip, port))
-            data, peer = s.recvfrom(4096)
-        else:  # "udp-connected": an ICMP error for the datagram fails recv() (unconnected sockets ignore it)
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(timeout)
-            if source:
-                s.bind(source)
-            s.connect((ip, port))
-            s.send(b"x" * 100)
-            data, peer = s.recv(4096), s.getpeername()
-        s.close()
-        out.append({"ok": True, "peer": f"{peer[0]}:{peer[1]}", "body": data.decode()})
-    except OSError as exc:
-        out.append({"ok": False, "error": type(exc).__name__})
-print(json.dumps(out))
-"""
-
-BURST = r"""
-import json, socket, struct, sys, time
-source, ip, port, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-raw.settimeout(0.1)
-udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-udp.bind((source, 0))
-started = time.monotonic()
-for _ in range(count):
-    udp.sendto(b"x" * 100, (ip, port))
-sending = time.monotonic() - started
-answers, deadline = 0, time.monotonic() + 1.0
-while time.monotonic() < deadline:
-    try:
-        data = raw.recv(2048)
-    except TimeoutError:
-        continue
-    icmp = data[(data[0] & 15) * 4:]
-    quoted = icmp[8:]
-    l4 = quoted[(quoted[0] & 15) * 4:]
-    if icmp[:2] == bytes([3, 3]) and quoted[9] == 17 and socket.inet_ntoa(quoted[12:16]) == source \
-            and struct.unpack("!H", l4[2:4])[0] == port:
-        answers += 1
-print(json.dumps({"answers": answers, "sending_seconds": sending}))
-"""
-"""Send ``count`` UDP datagrams from ``source`` as fast as possible; count the ICMP port unreachables that come back."""
-
-SOFTWARE_CHECKSUMS = r"""
-import sys
-from pyroute2.ethtool import Ethtool
-ethtool = Ethtool()
-transmit_offload = sys.argv[1] == "tx-offload"
-for name in sys.argv[2:]:
-    features = ethtool.get_features(name)
-    features.features["rx-checksum"].enable = False
-    features.features["tx-checksum-ip-generic"].enable = transmit_offload
-    ethtool.set_features(name, features)
-"""
-
-
-def sh(*argv: str, netns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    cmd = ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=check)
-
-
-class Net:
-    """The namespaces, links and server processes of one test module."""
-
-    def __init__(self) -> None:
-        self.tag = secrets.token_hex(3)
-        t = 20 + secrets.randbelow(200)
-        self.under, self.world, self.node, self.node2 = (f"cyt-ns-{self.tag}-{n}" for n in ("u", "w", "n1", "n2"))
-        self.pod1, self.pod2 = f"cyt-ns-{self.tag}-p1", f"cyt-ns-{self.tag}-p2"
-        self.world_ip, self.node_ip, self.node2_ip = f"10.77.{t}.100", f"10.77.{t}.1", f"10.77.{t}.2"
-        self.pod1_ip, self.pod2_ip = f"10.78.{t}.2", f"10.79.{t}.2"
-        self.servers: list[subprocess.Popen[str]] = []
-
-    def _ns(self, name: str) -> None:
-        sh("ip", "netns", "add", name)
-        sh("ip", "-n", name, "link", "set", "lo", "up")
-
-    def _wire(self, netns: str, port: str, address: str) -> None:
-        sh("ip", "-n", self.under, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", netns)
-        sh("ip", "-n", self.under, "link", "set", port, "master", "br0", "up")
-        sh("ip", "-n", netns, "addr", "add", f"{address}/24", "dev", "eth0")
-        sh("ip", "-n", netns, "link", "set", "eth0", "up")
-        sh(sys.executable, "-c", SOFTWARE_CHECKSUMS, "software", "eth0", netns=netns)
-
-    def _pod(self, node: str, pod: str, ip: str, name: str) -> None:
-        self._ns(pod)
-        veth = "cy" + secrets.token_hex(5)
-        sh("ip", "-n", node, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", pod)
-        sh("ip", "-n", node, "addr", "add", "169.254.1.1/32", "dev", veth)
-        sh("ip", "-n", node, "link", "set", veth, "up")
-        sh("ip", "-n", node, "route", "add", f"{ip}/32", "dev", veth)
-        sh("ip", "-n", pod, "addr", "add", f"{ip}/32", "dev", "eth0")
-        sh("ip", "-n", pod, "link", "set", "eth0", "up")
-        sh("ip", "-n", pod, "route", "add", "169.254.1.1/32", "dev", "eth0", "scope", "link")
-        sh("ip", "-n", pod, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0")
-        sh(sys.executable, "-c", SOFTWARE_CHECKSUMS, "software", "eth0", netns=pod)
-        sh(sys.executable, "-c", SOFTWARE_CHECKSUMS, "software", veth, netns=node)
-        proc = subprocess.Popen(["ip", "netns", "exec", pod, sys.executable, "-c", SERVER, name],
-                                stdout=subprocess.PIPE, text=True)
-        self.servers.append(proc)
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-
-    def up(self) -> Net:
-        for name in (self.under, self.world, self.node, self.node2):
-            self._ns(name)
-        sh("ip", "-n", self.under, "link", "add", "br0", "type", "bridge")
-        sh("ip", "-n", self.under, "link", "set", "br0", "up")
-        for netns, port, address in ((self.world, "w0", self.world_ip), (self.node, "n1", self.node_ip),
-                                     (self.node2, "n2", self.node2_ip)):
-            self._wire(netns, port, address)
-        for node in (self.node, self.node2):
-            sh("sysctl", "-qw", "net.ipv4.ip_forward=1", netns=node)
-        self._pod(self.node, self.pod1, self.pod1_ip, "local")
-        self._pod(self.node2, self.pod2, self.pod2_ip, "remote")
-        sh("ip", "-n", self.node, "route", "add", f"{self.pod2_ip}/32", "via", self.node2_ip)
-        sh("ip", "-n", self.world, "route", "add", f"{self.pod1_ip}/32", "via", self.node_ip)
-        sh("ip", "-n", self.world, "route", "add", "203.0.113.7/32", "via", self.node_ip)
-        return self
-
-    def down(self) -> None:
-        for proc in self.servers:
-            proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
-        for name in (self.pod1, self.pod2, self.world, self.node, self.node2, self.under):
-            sh("ip", "netns", "del", name, check=False)
-
-    def probe(self, kind: str, ip: str, port: int, count: int = 1, timeout: float = 2.0,
-              source: str | None = None) -> list[dict[str, Any]]:
-        out = sh(sys.executable, "-c", PROBE, kind, ip, str(port), str(count), str(timeout), *([source] if source else []),
-                 netns=self.world)
-        return list(json.loads(out.stdout))
-
-    def client_address(self, host: int) -> str:
-        """One more address of the world host (10.77.<t>.<host>): a client the node has not answered yet."""
-        address = self.world_ip.rsplit(".", 1)[0] + f".{host}"
-        sh("ip", "-n", self.world, "addr", "add", f"{address}/24", "dev", "eth0")
-        return address
-
-    def burst(self, source: str, ip: str, port: int, count: int) -> dict[str, Any]:
-        return dict(json.loads(sh(sys.executable, "-c", BURST, source, ip, str(port), str(count),
-                                  netns=self.world).stdout))
-
 
 def fe(kind: FrontendKind, address: str, port: int, protocol: str, backends: list[BackendIntent],
        policy: str = "Cluster", source_ranges: tuple[str, ...] = (), affinity: int = 0) -> FrontendIntent:
@@ -365,6 +185,10 @@ def test_icmp_refusals_keep_to_the_node_wide_limit(net: tuple[Net, lb_device.Dev
         after = dev.counters()
         assert 4 <= ours["answers"] < 4 + int(ours["sending_seconds"]) + 1, ours
         assert after["icmp-rate-limited"] - before["icmp-rate-limited"] == 20 - ours["answers"], (before, after)
+        # then a steady stream, one datagram every 100 ms for 2.5 s: the one-a-second refill still comes
+        # (a refill of less than a message must not restart the second it counts)
+        steady = n.burst(client, n.node_ip, 30081, 25, interval=0.1)
+        assert 2 <= steady["answers"] <= 3, steady
     finally:
         sh("sysctl", "-qw", *(f"{k}={v}" for k, v in defaults.items()), netns=n.node)
         dev.start()

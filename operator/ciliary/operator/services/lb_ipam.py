@@ -15,8 +15,10 @@ terms (docs.cilium.io, "LoadBalancer IP Address Management"):
   separated, or the deprecated ``spec.loadBalancerIP``) are given all or none; otherwise the lowest
   free address of the first pool that serves the Service.
 
-Ciliary balances IPv4 only, so an IPv6-only Service, a requested IPv6 address and sharing keys
-(``lbipam.cilium.io/sharing-key``) are refused with a condition saying so, never half served.
+Ciliary balances IPv4 only, so a Service that needs an IPv6 address (IPv6-only, ``RequireDualStack``), a
+requested IPv6 address and sharing keys (``lbipam.cilium.io/sharing-key``) are refused with a condition
+saying so; a pool's counts are of its IPv4 addresses. A Service that stops being eligible (another type,
+a class) loses what LB IPAM gave it (``lb_ipam_patches.release_patch``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class ServiceClaim:
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
     ip_families: tuple[str, ...] = ("IPv4",)
+    ip_family_policy: str = "SingleStack"
     load_balancer_ip: str = ""
     holds: tuple[str, ...] = ()
     """The IPs in its ``status.loadBalancer.ingress`` now."""
@@ -128,7 +131,7 @@ def selects(selector: LabelSelector | None, claim: ServiceClaim) -> bool:
 
 def _requested(claim: ServiceClaim) -> list[str]:
     raw = claim.annotations.get(IPS_ANNOTATION, "")
-    parts = [p.strip() for p in raw.split(",") if p.strip()]
+    parts = list(dict.fromkeys(p.strip() for p in raw.split(",") if p.strip()))  # each once, in order
     return parts or ([claim.load_balancer_ip] if claim.load_balancer_ip else [])
 
 
@@ -192,7 +195,7 @@ def allocate(pools: Sequence[LBIPPool], claims: Iterable[ServiceClaim]) -> Alloc
     reports = {}
     for pool in pools:
         ranges = _ranges(pool)
-        total = sum(r.last - r.first + 1 for r in ranges)
+        total = sum(r.last - r.first + 1 for r in ranges if r.version == 4)  # IPv6 blocks give nothing here
         used = sum(1 for a in state.used if any(r.version == 4 and r.first <= a <= r.last for r in ranges))
         conflict = state.conflicts.get(pool.name, "")
         reports[pool.name] = PoolReport(total=total, used=0 if conflict else used, conflict=conflict)
@@ -206,14 +209,18 @@ def _release(state: _Pools, kept: list[int]) -> None:
 
 def _decide(claim: ServiceClaim, state: _Pools, kept: list[int]) -> Outcome:
     if SHARING_ANNOTATION in claim.annotations:
+        _release(state, kept)
         return Outcome((), False, "unsupported",
                        f"{SHARING_ANNOTATION}: sharing an IP between Services is not supported by Ciliary")
-    if "IPv4" not in claim.ip_families:
-        return Outcome((), False, "unsupported", "Ciliary balances IPv4 only: an IPv6-only Service gets no IP")
+    if "IPv4" not in claim.ip_families or claim.ip_family_policy == "RequireDualStack":
+        _release(state, kept)
+        return Outcome((), False, "unsupported", "Ciliary balances IPv4 only: a Service that needs an IPv6 "
+                                                 "address gets none")
     wanted = _requested(claim)
     if wanted:
         return _requested_outcome(claim, state, kept, wanted)
     if kept:
+        _release(state, kept[1:])
         return Outcome((str(ipaddress.IPv4Address(kept[0])),), True, "satisfied")
     address, matched = state.free(claim)
     if address is None:

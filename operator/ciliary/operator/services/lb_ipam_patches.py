@@ -3,7 +3,8 @@
 :func:`claim_from_body` reads what :mod:`ciliary.operator.services.lb_ipam` needs from a Service body.
 :func:`service_patch` and :func:`pool_patch` return the JSON merge patch of the status subresource
 that makes an object show its outcome, or None when it already does, so the reconciler writes only
-what changed (its own write comes back as a watch event and plans nothing). A Service's other
+what changed (its own write comes back as a watch event and plans nothing); :func:`release_patch`
+undoes LB IPAM's part of a Service that is no longer a LoadBalancer without a class. A Service's other
 conditions are kept; a pool shows Cilium's conditions ``cilium.io/IPsTotal``, ``IPsAvailable``,
 ``IPsUsed`` (counts as messages) and ``cilium.io/PoolConflict``.
 """
@@ -27,7 +28,9 @@ def claim_from_body(body: Mapping[str, Any]) -> ServiceClaim:
         created=str(meta.get("creationTimestamp", "")), type=str(spec.get("type") or "ClusterIP"),
         load_balancer_class=spec.get("loadBalancerClass") or None, labels=dict(meta.get("labels") or {}),
         annotations=dict(meta.get("annotations") or {}),
-        ip_families=tuple(spec.get("ipFamilies") or ("IPv4",)), load_balancer_ip=str(spec.get("loadBalancerIP") or ""),
+        ip_families=tuple(spec.get("ipFamilies") or ("IPv4",)),
+        ip_family_policy=str(spec.get("ipFamilyPolicy") or "SingleStack"),
+        load_balancer_ip=str(spec.get("loadBalancerIP") or ""),
         holds=tuple(str(i["ip"]) for i in ingress if isinstance(i, Mapping) and i.get("ip")))
 
 
@@ -91,3 +94,12 @@ def pool_patch(body: Mapping[str, Any], report: PoolReport | None, invalid: str,
                             conflict, generation, now, by_type.get(POOL_CONDITIONS[3])))
     merged = _merged(conditions, fresh)
     return None if merged is None else {"status": {"conditions": merged}}
+
+
+def release_patch(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """For a Service LB IPAM gave IPs to that is no longer eligible: no ingress IPs, no LB IPAM condition."""
+    if not managed(body):
+        return None
+    status = body.get("status") or {}
+    return {"status": {"loadBalancer": {"ingress": []},
+                       "conditions": [c for c in status.get("conditions") or [] if c.get("type") != CONDITION]}}

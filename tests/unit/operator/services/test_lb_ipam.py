@@ -144,3 +144,103 @@ def test_pool_patch_counts_and_conflict() -> None:
     refused = pool_patch({"metadata": {"name": "p"}}, None, "spec.blocks.0: bad", NOW)
     assert refused is not None and {c["type"]: c for c in refused["status"]["conditions"]}[
         "cilium.io/PoolConflict"]["status"] == "True"
+
+
+def test_kept_addresses_beyond_the_first_are_released_and_requests_are_deduplicated() -> None:
+    pools = [pool("p", {"cidr": "192.0.2.0/29"})]
+    got = allocate(pools, [svc("a", holds=("192.0.2.1", "192.0.2.2")),
+                           svc("bb", annotations={"lbipam.cilium.io/ips": "192.0.2.2,192.0.2.2"})])
+    assert got.services["ns/a"].ips == ("192.0.2.1",)
+    assert got.services["ns/bb"].ips == ("192.0.2.2",) and got.pools["p"].used == 2
+
+
+def test_a_service_that_needs_ipv6_is_refused_and_ipv6_blocks_count_nothing() -> None:
+    pools = [pool("p", {"cidr": "192.0.2.0/30"}, {"cidr": "2001:db8::/126"})]
+    got = allocate(pools, [svc("a", ip_families=("IPv4", "IPv6"), ip_family_policy="RequireDualStack",
+                               holds=("192.0.2.0",))])
+    assert got.services["ns/a"].reason == "unsupported" and got.pools["p"].used == 0
+    assert got.pools["p"].total == 4
+
+
+class FakeCore:
+    def __init__(self, fail: int = 0) -> None:
+        self.patches: list[tuple[str, str, dict]] = []
+        self.fail = fail
+
+    async def patch_namespaced_service_status(self, name: str, namespace: str, body: dict, **_: object) -> dict:
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        if self.fail:
+            raise ApiException(status=self.fail, reason="Forbidden")
+        self.patches.append((namespace, name, body))
+        return {"apiVersion": "v1", "kind": "Service", "metadata": {"namespace": namespace, "name": name},
+                "spec": {"type": "LoadBalancer"}, **body}
+
+
+class FakeCustom:
+    def __init__(self) -> None:
+        self.patches: list[tuple[str, dict]] = []
+
+    async def patch_cluster_custom_object_status(self, group: str, version: str, plural: str, name: str,
+                                                 body: dict, **_: object) -> dict:
+        self.patches.append((name, body))
+        return body
+
+
+class FakeApi:
+    @staticmethod
+    def sanitize_for_serialization(obj: object) -> object:
+        return obj
+
+
+def reconciler(fail: int = 0):  # type: ignore[no-untyped-def]
+    from ciliary.operator.kube.service_model import ServiceModel
+    from ciliary.operator.lb_ipam_reconciling import LBIPAMReconciler, PoolModel
+
+    services, pools = ServiceModel(), PoolModel()
+    rec = LBIPAMReconciler(services, pools, FakeApi())  # type: ignore[arg-type]
+    rec.core, rec.custom = FakeCore(fail), FakeCustom()  # type: ignore[assignment]
+    return rec, services, pools
+
+
+def lb_body(name: str, **spec: object) -> dict:
+    return {"metadata": {"namespace": "ns", "name": name, "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"type": "LoadBalancer", "ports": [{"port": 80}], **spec}}
+
+
+def test_the_loop_sleeps_without_pools_then_writes_once_and_converges() -> None:
+    import asyncio
+
+    rec, services, pools = reconciler()
+    services.set_service(lb_body("a"))
+    assert asyncio.run(rec.run_once()) == 0 and rec.core.patches == []  # dormant: no pool, nothing managed
+    pools.set_pool({"metadata": {"name": "p", "creationTimestamp": "2026-01-01T00:00:00Z"},
+                    "spec": {"blocks": [{"cidr": "192.0.2.0/30"}]}})
+    assert asyncio.run(rec.run_once()) == 2  # the Service's status and the pool's
+    assert services.bodies["ns/a"]["status"]["loadBalancer"]["ingress"] == [{"ip": "192.0.2.0", "ipMode": "VIP"}]
+    pools.set_pool({**pools.bodies["p"], "status": rec.custom.patches[-1][1]["status"]})
+    assert asyncio.run(rec.run_once()) == 0  # its own writes plan nothing more
+    # the Service becomes a ClusterIP: LB IPAM takes back its IP and its condition
+    services.set_service({**services.bodies["ns/a"], "spec": {"type": "ClusterIP"}})
+    asyncio.run(rec.run_once())
+    released = rec.core.patches[-1][2]["status"]
+    assert released["loadBalancer"] == {"ingress": []} and released["conditions"] == []
+    # every pool gone: a Service LB IPAM still manages reads no_pool; one it never touched is left alone
+    services.set_service(lb_body("b", type="LoadBalancer"))
+    asyncio.run(rec.run_once())
+    pools.set_pool(pools.bodies["p"], deleted=True)
+    services.set_service(lb_body("untouched"))
+    asyncio.run(rec.run_once())
+    last = {name: body for _, name, body in rec.core.patches}
+    assert last["b"]["status"]["loadBalancer"] == {"ingress": []} and "untouched" not in last
+    assert [c["reason"] for c in last["b"]["status"]["conditions"]] == ["no_pool"]
+
+
+def test_a_refused_write_is_logged_and_the_pass_goes_on(caplog) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    rec, services, pools = reconciler(fail=403)
+    pools.set_pool({"metadata": {"name": "p"}, "spec": {"blocks": [{"cidr": "192.0.2.0/30"}]}})
+    services.set_service(lb_body("a"))
+    assert asyncio.run(rec.run_once()) == 1  # the pool's status only
+    assert "status of Service ns/a not written: 403 Forbidden" in caplog.text
