@@ -3,7 +3,8 @@
 ``schema`` objects are refused by ``kubectl apply`` (tested in
 tests/integration/apiserver); ``operator`` objects are accepted by the apiserver
 and then get ``Valid=False`` with their message and a ``PolicyInvalid`` Event from
-the running operator. Every object in crds/examples gets ``Valid=True``.
+the running operator. Every policy in crds/examples gets ``Valid=True``; the pool example
+(a CiliumLoadBalancerIPPool) gets its counts from LB IPAM.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def _header(path: Path, key: str) -> str:
 
 OPERATOR_LAYER = sorted(p for p in (ROOT / "crds" / "invalid").glob("*.yaml") if _header(p, "expect") == "operator")
 EXAMPLES = sorted((ROOT / "crds" / "examples").glob("*.yaml"))
+POOL_KIND = "CiliumLoadBalancerIPPool"
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,14 @@ def _object(path: Path) -> tuple[str, str, bool]:
     import yaml
 
     body = yaml.safe_load(path.read_text())
-    return body["kind"], body["metadata"]["name"], body["kind"] == "CiliumClusterwideNetworkPolicy"
+    return body["kind"], body["metadata"]["name"], body["kind"] in ("CiliumClusterwideNetworkPolicy", POOL_KIND)
+
+
+def _pool_conditions(kube, name: str) -> dict:
+    out = kube.kubectl("get", "ciliumloadbalancerippools", name, "-o", "json")
+    if out.returncode != 0:
+        return {}
+    return {c["type"]: c for c in json.loads(out.stdout).get("status", {}).get("conditions", [])}
 
 
 def _valid(kube, kind: str, name: str, clusterwide: bool):
@@ -90,6 +99,12 @@ def test_every_example_is_valid(kube, running, path):
     done = kube.kubectl("apply", "--server-side", *ns_args, "-f", str(path))
     assert done.returncode == 0, done.stderr
     try:
+        if kind == POOL_KIND:  # 203.0.113.64/28 without its first and last (14) + 198.51.100.10-20 (11)
+            conds = wait_for(lambda: _pool_conditions(kube, name).get("cilium.io/IPsTotal") and
+                             _pool_conditions(kube, name), 30, f"IPsTotal on {name}", running)
+            assert conds["cilium.io/IPsTotal"]["message"] == "25", conds
+            assert conds["cilium.io/PoolConflict"]["status"] == "False", conds
+            return
         cond = wait_for(lambda: _valid(kube, kind, name, clusterwide), 30, f"Valid on {name}", running)
         assert cond["status"] == "True", cond
     finally:
