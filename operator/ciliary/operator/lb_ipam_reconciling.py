@@ -64,7 +64,6 @@ class LBIPAMReconciler:
         self.settle_seconds = settle_seconds
         self.poll = poll
         self.timeout = timeout
-        self.passes = 0
 
     async def run_once(self) -> int:
         """One pass; returns the number of objects patched."""
@@ -99,7 +98,6 @@ class LBIPAMReconciler:
             patch = pool_patch(body, result.pools.get(name), invalid.get(name, ""), now)
             if patch is not None and await self._patch_pool(name, patch):
                 written += 1
-        self.passes += 1
         return written
 
     async def _patch_service(self, key: str, patch: Mapping[str, Any]) -> bool:

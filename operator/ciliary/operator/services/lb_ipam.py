@@ -141,8 +141,10 @@ class _Pools:
     def __init__(self, pools: Sequence[LBIPPool]) -> None:
         self.order: list[tuple[LBIPPool, list[_Range]]] = []
         self.conflicts: dict[str, str] = {}
+        self.ranges = {pool.name: _ranges(pool) for pool in pools}
+        """Every pool's ranges, conflicting ones included (their counts)."""
         for pool in sorted(pools, key=lambda p: (p.created, p.name)):
-            ranges = _ranges(pool)
+            ranges = self.ranges[pool.name]
             clash = next(((mine, theirs, other.name) for mine in ranges for other, rs in self.order
                           for theirs in rs if mine.version == theirs.version and mine.first <= theirs.last
                           and theirs.first <= mine.last), None)
@@ -194,7 +196,7 @@ def allocate(pools: Sequence[LBIPPool], claims: Iterable[ServiceClaim]) -> Alloc
     outcomes = {claim.key: _decide(claim, state, kept.get(claim.key, [])) for claim in ordered}
     reports = {}
     for pool in pools:
-        ranges = _ranges(pool)
+        ranges = state.ranges[pool.name]
         total = sum(r.last - r.first + 1 for r in ranges if r.version == 4)  # IPv6 blocks give nothing here
         used = sum(1 for a in state.used if any(r.version == 4 and r.first <= a <= r.last for r in ranges))
         conflict = state.conflicts.get(pool.name, "")
