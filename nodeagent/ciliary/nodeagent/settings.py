@@ -293,8 +293,11 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Age
     """Parse flags over environment; invalid values exit with status 2 and a usage message."""
     parser = build_parser(environ)
     ns = parser.parse_args(argv)
-    if ns.datapath not in ("on", "off"):  # an environment default escapes argparse's choices
-        parser.error(f"--datapath / {ENV_PREFIX}DATAPATH must be on or off, not {ns.datapath!r}")
+    for action in parser._actions:  # an environment default escapes argparse's choices: check them all
+        value = getattr(ns, action.dest, None)
+        if action.choices is not None and value not in action.choices:
+            parser.error(f"{action.option_strings[0]} / {ENV_PREFIX}{action.dest.upper()} must be one of "
+                         f"{', '.join(map(str, action.choices))}, not {value!r}")
     try:
         health_host, health_port = parse_host_port(ns.health_addr)
         hubble_addr = optional_address(ns.hubble_addr)

@@ -153,6 +153,19 @@ def test_datapath_is_on_by_default_and_auto_is_gone(tls_env):
         settings.load_settings([], {**node, "CILIARY_AGENT_DATAPATH": "auto"})
 
 
+def test_every_on_off_switch_from_the_environment_is_checked(tls_env, capsys):
+    """An environment value escapes argparse's choices: ``CILIARY_AGENT_DIRECT_STATUS=true`` (what the chart
+    once set) used to turn direct status off silently; now every switch refuses a value it does not know."""
+    node = {"CILIARY_AGENT_NODE_NAME": "n", **tls_env}
+    assert settings.load_settings([], {**node, "CILIARY_AGENT_DIRECT_STATUS": "on"}).direct_status is True
+    assert settings.load_settings([], node).direct_status is False
+    for env in ("DIRECT_STATUS", "L7_PROXY", "MONITOR_AGGREGATION"):
+        with pytest.raises(SystemExit) as caught:
+            settings.load_settings([], {**node, f"CILIARY_AGENT_{env}": "true"})
+        assert caught.value.code == 2
+        assert f"CILIARY_AGENT_{env} must be one of" in capsys.readouterr().err
+
+
 def test_socket_load_balancing_is_off_unless_a_cgroup_is_given(tls_env):
     assert settings.load_settings([], {"CILIARY_AGENT_NODE_NAME": "n1", **tls_env}).lb_cgroup is None
     env = {"CILIARY_AGENT_NODE_NAME": "n1", "CILIARY_AGENT_LB_CGROUP": "/sys/fs/cgroup/x", **tls_env}
