@@ -7,7 +7,7 @@ PY    := $(VENV)/bin/python
 CILIARY := $(VENV)/bin/ciliary
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-real-nodes demo-process conformance conformance-cyclonus test lint unit integration e2e lab-up lab-down clean bench
+.PHONY: setup demo demo-real-nodes conformance conformance-cyclonus test lint unit integration e2e lab-up lab-down clean bench
 
 setup:
 	@setup/setup.sh
@@ -18,10 +18,6 @@ demo: setup
 
 # the former name of `make demo`
 demo-real-nodes: demo
-
-# the fast development mode: the same scene on the process lab (ciliary lab up: no kubelet, no images)
-demo-process: setup
-	@$(PY) -m ciliary.lab.demo --process
 
 # the upstream e2e.test against a running real-node lab (ciliary lab up --real-nodes), one run per focus list
 # (area): Netpol with Ciliary's enforcement; Services & co. and DNS with kube-proxy (~2 h in all); counts per area.

@@ -1,61 +1,26 @@
-"""The e2e lab fixture: a real lab (control plane, nodes, pods, world host) for real traffic.
+"""The e2e lab fixture: the session's real-node lab (control plane, kubelets, pods, world host) for real traffic.
 
-``lab`` is module-scoped and hands each module one of two session labs:
+``lab`` is module-scoped and hands each module the **real-node lab** (``chart_lab``, tests/realnode_lab.py:
+kubelets and containerd per node, Ciliary installed by its Helm chart; the same lab the chart and conformance
+tests use); the release is put back first if an earlier test removed it, and what the module left in the
+default namespace (namespaces, pods, cluster-wide policies) is deleted after it. A module that sets
+``REAL_NODES = False`` asks for no ``lab``: it brings up a lab of its own (e2e/test_lab_kube_proxy.py).
 
-- the **real-node lab** (``chart_lab``, tests/realnode_lab.py: kubelets and containerd per node, Ciliary
-  installed by its Helm chart; the same lab the chart and conformance tests use) for a module that sets
-  ``REAL_NODES = True`` — the modules that pass there; ``chart_installed`` puts the release back if an
-  earlier test removed it;
-- the **process lab** (``ciliary lab up``: Ciliary's own pod runtime) for the others, each saying in its
-  ``REAL_NODES`` comment why it does not run on real nodes yet.
-
-``CILIARY_E2E_REAL_NODES=1`` puts every module on the real-node lab (to find out which pass there);
 ``CILIARY_E2E_LAB=<state dir>`` attaches to a real-node lab already up (tests/realnode_lab.py).
 
-Each session lab has its own prefix and state directory (``.lab-e2e-<pid>``, ``.lab-chartnode-<pid>``,
-see ``ciliary.lab.sessions``), so it never touches a lab the user (or another session) has running; it is
-taken down after the session, also when tests fail.
+The session lab has its own prefix and state directory (``.lab-chartnode-<pid>``, see
+``ciliary.lab.sessions``), so it never touches a lab the user (or another session) has running; it is taken
+down after the session, also when tests fail.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from ciliary.lab import sessions
-from ciliary.lab.lab import Lab
-from ciliary.lab.layout import CONTROL_PLANE_TOOLS, Binaries, LabLayout
-from ciliary.lab.tools import LAB_SYSTEM_TOOLS
 from lab_harness import LabHandle
 from realnode_lab import ensure_installed, require_mode
-from suite_rules import TRUE_WORDS
-
-ROOT = Path(__file__).resolve().parents[1]
-ALL_REAL_ENV = "CILIARY_E2E_REAL_NODES"
-
-
-def e2e_layout() -> LabLayout:
-    return sessions.session_layout(ROOT, "e2e", "e")
-
-
-def on_real_nodes(module: object) -> bool:
-    return bool(getattr(module, "REAL_NODES", False)) or os.environ.get(ALL_REAL_ENV, "").lower() in TRUE_WORDS
-
-
-@pytest.fixture(scope="session")
-def process_lab(tool) -> Iterator[LabHandle]:
-    for name in (*CONTROL_PLANE_TOOLS, *LAB_SYSTEM_TOOLS):
-        tool(name)
-    sessions.reap_stale(ROOT, "e2e", "e")
-    handle = LabHandle(Lab(e2e_layout(), Binaries.discover()))
-    try:
-        handle.lab.up(2, log=False)
-        yield handle
-    finally:
-        handle.lab.down(log=False)
 
 
 def namespaced_leftovers(handle: LabHandle) -> set[str]:
@@ -67,9 +32,9 @@ def namespaced_leftovers(handle: LabHandle) -> set[str]:
 
 @pytest.fixture(scope="module")
 def lab(request: pytest.FixtureRequest) -> Iterator[LabHandle]:
-    if not on_real_nodes(request.module):
-        yield request.getfixturevalue("process_lab")
-        return
+    if getattr(request.module, "REAL_NODES", True) is False:
+        pytest.fail(f"{request.module.__name__} says REAL_NODES = False: it brings up its own lab, not `lab`",
+                    pytrace=False)
     chart = request.getfixturevalue("chart_lab")
     require_mode(chart.lab, request.module)
     ensure_installed(chart)

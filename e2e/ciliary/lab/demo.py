@@ -12,11 +12,8 @@ the lab's service forward; the operator's client certificate from the chart's Se
 node's agent through its pod (``kubectl exec``).
 Then the L7 step (Cilium's ``sw_l3_l4_l7_policy``): ``rule1`` gains an HTTP rule, enforced by
 node-1's Envoy: the tiefighter's ``POST /v1/request-landing`` lands, its ``PUT /v1/exhaust-port`` gets
-``403 Access denied``, and both requests show as L7 flows (on real nodes read by the real ``hubble``
-CLI from the chart's relay; on the process lab by ``ciliary observe``).
-
-``--process`` (``make demo-process``) is the fast development mode: the same scene on the process lab
-(``ciliary lab up``: agents, operator and Ciliary's own pod runtime as processes, no kubelet, no images).
+``403 Access denied``, and both requests show as L7 flows, read by the real ``hubble`` CLI from the chart's
+relay.
 """
 
 from __future__ import annotations
@@ -27,31 +24,8 @@ import subprocess
 import sys
 import time
 
-from ciliary.lab import tools
+from ciliary.lab import reallab, tools
 from ciliary.lab.lab import Lab, LabError
-
-MANIFEST = """
-apiVersion: v1
-kind: Pod
-metadata: {name: deathstar, namespace: default, labels: {org: empire, class: deathstar}}
-spec:
-  nodeName: node-1
-  containers: [{name: deathstar, image: lab, ports: [{containerPort: 80, name: http}]}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: tiefighter, namespace: default, labels: {org: empire, class: tiefighter}}
-spec:
-  nodeName: node-2
-  containers: [{name: spaceship, image: lab}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: xwing, namespace: default, labels: {org: alliance, class: xwing}}
-spec:
-  nodeName: node-1
-  containers: [{name: spaceship, image: lab}]
-"""
 
 
 def real_manifest() -> str:
@@ -148,7 +122,7 @@ def wait_enforced(lab: Lab, seconds: float = 60) -> None:
     print((done.stdout or done.stderr).strip(), flush=True)
 
 
-def l7_step(lab: Lab, ip: str, real_nodes: bool = False) -> bool:
+def l7_step(lab: Lab, ip: str) -> bool:
     """rule1 with an HTTP rule: the deathstar's node's Envoy answers what the rule does not allow."""
     step("Apply an L7 policy: empire ships may only POST /v1/request-landing (enforced by node-1's Envoy)")
     show("kubectl apply -f sw_l3_l4_l7_policy.yaml")
@@ -167,15 +141,11 @@ def l7_step(lab: Lab, ip: str, real_nodes: bool = False) -> bool:
     deadline = time.monotonic() + 15
     text = ""
     while time.monotonic() < deadline:
-        text = hubble_l7_lines(lab) if real_nodes else "\n".join(
-            line for line in subprocess.run(
-                [sys.executable, "-m", "ciliary.cli.main", "observe", "--pod", "default/deathstar", "--last", "200"],
-                capture_output=True, text=True, timeout=60).stdout.splitlines() if " HTTP/" in line)
+        text = hubble_l7_lines(lab)
         if "PUT /v1/exhaust-port => 403" in text and "POST /v1/request-landing => 200" in text:
             break
         time.sleep(1)
-    show("hubble observe --pod default/deathstar --last 500 -o json   # the L7 flows, through the chart's relay"
-         if real_nodes else "ciliary observe --pod default/deathstar --last 200 | grep HTTP")
+    show("hubble observe --pod default/deathstar --last 500 -o json   # the L7 flows, through the chart's relay")
     print("\n".join(text.splitlines()[-2:]), flush=True)
     return ok and "PUT /v1/exhaust-port => 403" in text and "POST /v1/request-landing => 200" in text
 
@@ -199,25 +169,18 @@ def hubble_l7_lines(lab: Lab) -> str:
     return "\n".join(lines)
 
 
-def run(real_nodes: bool = True) -> int:
+def run() -> int:
     t0 = time.monotonic()
     lab = Lab.from_env()
-    if real_nodes:
-        from ciliary.lab import reallab  # builds images and runs kubelets: only when asked
-
-        step("Bringing the lab up: control plane, 2 nodes with containerd and kubelet, Ciliary by its Helm chart")
-        show("ciliary lab up --real-nodes --nodes 2")
-        reallab.up_command(lab, 2)
-        show("kubectl get pods -n kube-system -o wide")
-        print(lab.kubectl("get", "pods", "-n", "kube-system", "-o", "wide").stdout.strip())
-    else:
-        step("Bringing the lab up: etcd, kube-apiserver, kube-controller-manager, 2 nodes, the operator, agents")
-        show("ciliary lab up --nodes 2")
-        lab.up(2)
+    step("Bringing the lab up: control plane, 2 nodes with containerd and kubelet, Ciliary by its Helm chart")
+    show("ciliary lab up --real-nodes --nodes 2")
+    reallab.up_command(lab, 2)
+    show("kubectl get pods -n kube-system -o wide")
+    print(lab.kubectl("get", "pods", "-n", "kube-system", "-o", "wide").stdout.strip())
     step("A long time ago, in a container cluster far, far away... (Star Wars demo, as in Cilium's guide)")
     show("kubectl apply -f starwars.yaml")
-    print(lab.kubectl("apply", "-f", "-", input=real_manifest() if real_nodes else MANIFEST).stdout.strip())
-    pods = wait_running(lab, ["deathstar", "tiefighter", "xwing"], 180 if real_nodes else 90)
+    print(lab.kubectl("apply", "-f", "-", input=real_manifest()).stdout.strip())
+    pods = wait_running(lab, ["deathstar", "tiefighter", "xwing"], 180)
     show("kubectl get pods -o wide")
     print(lab.kubectl("get", "pods", "-o", "wide", "-L", "org,class").stdout.strip())
     ip = str(pods["deathstar"]["status"]["podIP"])  # type: ignore[index]
@@ -234,10 +197,9 @@ def run(real_nodes: bool = True) -> int:
     step("The tiefighter (org=empire) lands; the xwing (org=alliance) times out")
     ok &= land(lab, "tiefighter", ip)
     ok &= not land(lab, "xwing", ip)
-    if real_nodes:
-        step("The CLI reaches the chart's etcd (a forwarded port, mutual TLS) and each node's agent (its pod)")
-        show("eval $(ciliary lab env)")
-        os.environ.update(lab.env())
+    step("The CLI reaches the chart's etcd (a forwarded port, mutual TLS) and each node's agent (its pod)")
+    show("eval $(ciliary lab env)")
+    os.environ.update(lab.env())
     step("Every verdict is a flow: the drop, seen by the deathstar's node")
     text = ciliary("observe", "--verdict", "DROPPED", "--pod", "default/deathstar", "--last", "3")
     ok &= "DROPPED" in text
@@ -247,7 +209,7 @@ def run(real_nodes: bool = True) -> int:
     text = ciliary("policy", "trace", "--src", "default/tiefighter", "--dst", "default/deathstar", "--dport",
                    "80/tcp")
     ok &= text.startswith("ALLOWED")
-    ok &= l7_step(lab, ip, real_nodes)
+    ok &= l7_step(lab, ip)
     step("Where the policy is enforced, per node, in its status")
     show("kubectl get cnp rule1 -o jsonpath='{.status}'")
     status = lab.kubectl("get", "cnp", "rule1", "-o", "json").stdout
@@ -261,20 +223,19 @@ def run(real_nodes: bool = True) -> int:
     return 0 if ok else 1
 
 
-def real_nodes_wanted(args: list[str], environ: dict[str, str]) -> bool:
-    """Real kubelets unless ``--process`` (or ``CILIARY_DEMO_PROCESS=1``); ``--real-nodes`` is the default."""
-    unknown = [a for a in args if a not in ("--process", "--real-nodes")]
-    if unknown or {"--process", "--real-nodes"} <= set(args):
-        raise LabError(f"usage: python -m ciliary.lab.demo [--process | --real-nodes] (got {' '.join(args)})")
-    if "--real-nodes" in args:
-        return True
-    return "--process" not in args and environ.get("CILIARY_DEMO_PROCESS", "") not in ("1", "true", "yes")
+def check_args(args: list[str]) -> None:
+    """``--real-nodes`` (the only lab, kept for old scripts) or nothing; the process-lab demo is gone."""
+    if "--process" in args:
+        raise LabError("the process-lab demo is gone: `make demo` runs the scene on real kubelets")
+    if [a for a in args if a != "--real-nodes"]:
+        raise LabError(f"usage: python -m ciliary.lab.demo [--real-nodes] (got {' '.join(args)})")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
-        return run(real_nodes_wanted(args, dict(os.environ)))
+        check_args(args)
+        return run()
     except LabError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1

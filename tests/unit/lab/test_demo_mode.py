@@ -1,26 +1,24 @@
-"""Which lab ``make demo`` brings up: real kubelets by default, the process lab only when asked."""
+"""``make demo``'s arguments: real kubelets always; the process-lab demo is gone and says so."""
 
 from __future__ import annotations
 
 import pytest
 
-from ciliary.lab.demo import real_nodes_wanted
+from ciliary.lab.demo import check_args
 from ciliary.lab.lab import LabError
 
 
-def test_make_demo_is_the_real_node_lab_by_default() -> None:
-    assert real_nodes_wanted([], {}) is True
-    assert real_nodes_wanted(["--real-nodes"], {}) is True
+def test_make_demo_takes_no_argument_or_the_old_real_nodes_flag() -> None:
+    check_args([])
+    check_args(["--real-nodes"])
 
 
-def test_the_process_lab_is_a_named_mode() -> None:
-    assert real_nodes_wanted(["--process"], {}) is False
-    assert real_nodes_wanted([], {"CILIARY_DEMO_PROCESS": "1"}) is False
-    # an explicit flag beats the environment
-    assert real_nodes_wanted(["--real-nodes"], {"CILIARY_DEMO_PROCESS": "1"}) is True
+def test_the_process_lab_demo_is_refused_with_where_to_go() -> None:
+    with pytest.raises(LabError, match="process-lab demo is gone: `make demo` runs the scene on real kubelets"):
+        check_args(["--process"])
 
 
-@pytest.mark.parametrize("args", [["--proces"], ["--process", "--real-nodes"], ["extra"]])
-def test_unknown_or_contradictory_flags_are_refused(args: list[str]) -> None:
+@pytest.mark.parametrize("args", [["--proces"], ["--real-nodes", "extra"]])
+def test_unknown_flags_are_refused(args: list[str]) -> None:
     with pytest.raises(LabError, match="usage"):
-        real_nodes_wanted(args, {})
+        check_args(args)
