@@ -227,10 +227,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--bpffs-dir", default=default("BPFFS_DIR"), metavar="DIR",
                         help=f"directory on a bpf filesystem under which the agent pins (<DIR>/ciliary/<node>/) "
                              f"[env {ENV_PREFIX}BPFFS_DIR]")
-    parser.add_argument("--datapath", default=default("DATAPATH"), choices=["on", "off"],
+    parser.add_argument("--datapath", default=default("DATAPATH"), type=_switch, choices=["on", "off"],
                         help=f"enforce intents with the eBPF datapath; off is for tests only: the agent then "
                              f"refuses every endpoint, so no pod comes up unenforced [env {ENV_PREFIX}DATAPATH]")
-    parser.add_argument("--direct-status", default=default("DIRECT_STATUS"), choices=["on", "off"],
+    parser.add_argument("--direct-status", default=default("DIRECT_STATUS"), type=_switch, choices=["on", "off"],
                         help=f"write each policy's .status.nodes.<node> directly (for an operator running "
                              f"--no-enable-k8s-event-handover) [env {ENV_PREFIX}DIRECT_STATUS]")
     parser.add_argument("--kubeconfig", default=default("KUBECONFIG"), metavar="PATH",
@@ -249,7 +249,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help=f"with medium: also a tracked connection's packet when its direction showed nothing "
                              f"for this many seconds, any protocol (Cilium's monitor interval); 0: never "
                              f"[env {ENV_PREFIX}MONITOR_AGGREGATION_INTERVAL]")
-    parser.add_argument("--l7-proxy", default=default("L7_PROXY"), choices=["on", "off"],
+    parser.add_argument("--l7-proxy", default=default("L7_PROXY"), type=_switch, choices=["on", "off"],
                         help=f"run the node's Envoy for ingress HTTP rules [env {ENV_PREFIX}L7_PROXY]")
     parser.add_argument("--proxy-port", default=default("PROXY_PORT"), metavar="PORT",
                         help=f"port of Envoy's transparent listener in the node's namespace [env {ENV_PREFIX}PROXY_PORT]")
@@ -279,10 +279,17 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                              f"device's address for backends on other nodes); auto: the devices carrying a default "
                              f"route, else every device with an IPv4 address shorter than /32; off: none "
                              f"[env {ENV_PREFIX}LB_DEVICES]")
-    parser.add_argument("--log-level", default=default("LOG_LEVEL"), metavar="LEVEL",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"],
+    parser.add_argument("--log-level", default=default("LOG_LEVEL"), metavar="LEVEL", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL"],
                         help=f"log level [env {ENV_PREFIX}LOG_LEVEL]")
     return parser
+
+
+def _switch(raw: str) -> str:
+    """An on/off switch's value: on and off, or a boolean word (true/false, yes/no, 1/0); anything else is
+    returned as given, for the choices check to refuse by name."""
+    word = raw.strip().lower()
+    return "on" if word in ("on", "true", "yes", "1") else "off" if word in ("off", "false", "no", "0") else raw
 
 
 def _on(raw: object) -> bool:

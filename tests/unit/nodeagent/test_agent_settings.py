@@ -153,15 +153,21 @@ def test_datapath_is_on_by_default_and_auto_is_gone(tls_env):
         settings.load_settings([], {**node, "CILIARY_AGENT_DATAPATH": "auto"})
 
 
-def test_every_on_off_switch_from_the_environment_is_checked(tls_env, capsys):
+def test_every_switch_from_the_environment_is_checked(tls_env, capsys):
     """An environment value escapes argparse's choices: ``CILIARY_AGENT_DIRECT_STATUS=true`` (what the chart
-    once set) used to turn direct status off silently; now every switch refuses a value it does not know."""
+    once set) used to turn direct status off silently. Now on/off switches read boolean words, log levels
+    any case, and a value a switch does not know stops the agent naming the variable."""
     node = {"CILIARY_AGENT_NODE_NAME": "n", **tls_env}
-    assert settings.load_settings([], {**node, "CILIARY_AGENT_DIRECT_STATUS": "on"}).direct_status is True
+    for word, on in (("on", True), ("true", True), ("Yes", True), ("1", True), ("off", False), ("false", False)):
+        assert settings.load_settings([], {**node, "CILIARY_AGENT_DIRECT_STATUS": word}).direct_status is on
     assert settings.load_settings([], node).direct_status is False
-    for env in ("DIRECT_STATUS", "L7_PROXY", "MONITOR_AGGREGATION"):
+    assert settings.load_settings(["--l7-proxy", "false"], node).l7_proxy is False
+    for level, expected in (("warn", "WARN"), ("Info", "INFO"), ("CRITICAL", "CRITICAL")):
+        assert settings.load_settings([], {**node, "CILIARY_AGENT_LOG_LEVEL": level}).log_level == expected
+    for env, value in (("DIRECT_STATUS", "maybe"), ("L7_PROXY", "enabled"), ("MONITOR_AGGREGATION", "true"),
+                       ("LOG_LEVEL", "loud")):
         with pytest.raises(SystemExit) as caught:
-            settings.load_settings([], {**node, f"CILIARY_AGENT_{env}": "true"})
+            settings.load_settings([], {**node, f"CILIARY_AGENT_{env}": value})
         assert caught.value.code == 2
         assert f"CILIARY_AGENT_{env} must be one of" in capsys.readouterr().err
 
