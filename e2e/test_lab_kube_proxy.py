@@ -1,9 +1,11 @@
-"""``ciliary lab up --kube-proxy``: the real kube-proxy proxies the lab's Services instead of Ciliary.
+"""``ciliary lab up --real-nodes --kube-proxy``: the peer, where the real kube-proxy alone proxies Services.
 
-A lab of its own (two nodes, kube-proxy in iptables mode): a ClusterIP answers from a pod on the other
-node and a NodePort answers from the world host, both through kube-proxy's rules in the node namespace
-(its chains name the Service), while Ciliary's load balancer is off: the agents attach no socket
-programs, the operator writes no load-balancing intent. A lab keeps the proxy it was brought up with.
+A real-node lab of its own (two kubelets, Ciliary installed by its chart with its load balancer off,
+kube-proxy in iptables mode in every node namespace): a ClusterIP answers from a pod on the other node and a
+NodePort answers from the world host, both through kube-proxy's rules in the node namespace (its chains
+name the Service), while Ciliary's load balancer is off: the agents run without the socket load balancer,
+the operator without Service intents. A lab keeps the proxy it was brought up with. This is the peer
+``bench/bench_kube_proxy.py`` compares against.
 """
 
 from __future__ import annotations
@@ -15,16 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from ciliary.lab import processes, sessions
-from ciliary.lab.lab import Lab, LabError
+from ciliary.lab import chartinstall, kubeletnode, nodeservices, processes, reallab, sessions
+from ciliary.lab.lab import Lab, LabError, mode_of
 from ciliary.lab.layout import Binaries
-from ciliary.operator.store import access
 from lab_harness import LabHandle
+from realnode_lab import NODES, lab_images, node_binaries
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
-#: process lab: `ciliary lab up --kube-proxy` is a switch of the process lab (the peer of bench_kube_proxy);
-#: the real-node lab installs Ciliary by its chart with the load balancer on
+#: a real-node lab of its own: the session's lab runs Ciliary's load balancer (with or without kube-proxy)
 REAL_NODES = False
 MANIFESTS = """
 apiVersion: v1
@@ -51,10 +52,12 @@ spec:
 
 @pytest.fixture(scope="module")
 def kp_lab() -> Iterator[LabHandle]:
+    node_binaries()
+    lab_images()
     sessions.reap_stale(ROOT, "kubeproxy", "y")
     handle = LabHandle(Lab(sessions.session_layout(ROOT, "kubeproxy", "y"), Binaries.discover()))
     try:
-        handle.lab.up(2, log=False, kube_proxy="iptables")
+        reallab.up(handle.lab, NODES, chart=True, kube_proxy="iptables", ready_seconds=420)
         handle.apply(MANIFESTS)
         handle.wait_running("web")
         handle.wait_running("client")
@@ -70,32 +73,37 @@ def answered(lab: LabHandle, ip: str, port: int, *, pod: str | None = None, worl
     return False
 
 
+def container_environ(lab: LabHandle, component: str, container: str) -> list[list[bytes]]:
+    """Each running ``component`` pod's ``container`` environment, as read from its process."""
+    pods = json.loads(lab.kubectl("get", "pods", "-n", chartinstall.NAMESPACE, "-l",
+                                  f"app.kubernetes.io/part-of=ciliary,app.kubernetes.io/component={component}",
+                                  "-o", "json").stdout)["items"]
+    assert pods, f"no {component} pod"
+    return [Path(f"/proc/{kubeletnode.container_pid(lab.lab.layout, p, container)}/environ").read_bytes().split(b"\0")
+            for p in pods]
+
+
 def test_kube_proxy_serves_cluster_ip_and_node_port_and_ciliary_lb_is_off(kp_lab: LabHandle) -> None:
     layout = kp_lab.lab.layout
-    assert kp_lab.lab.kube_proxy_mode() == "iptables"
-    for node in ("node-1", "node-2"):
-        assert processes.running_pid(layout, f"kube-proxy-{node}"), f"no kube-proxy on {node}"
+    assert mode_of(kp_lab.lab.config()) == "kube-proxy-iptables"
+    for node in NODES:
+        assert processes.running_pid(layout, nodeservices.kube_proxy_name(node)), f"no kube-proxy on {node}"
     cluster_ip = json.loads(kp_lab.kubectl("get", "svc", "web", "-o", "json").stdout)["spec"]["clusterIP"]
     assert answered(kp_lab, cluster_ip, 80, pod="client"), "ClusterIP not answered from a pod"
     assert answered(kp_lab, "192.0.2.11", 30280, world=True), "NodePort not answered from the world host"
     rules = subprocess.run(["ip", "netns", "exec", layout.node_netns("node-1"), "iptables-save", "-t", "nat"],
                            capture_output=True, text=True, check=True).stdout
     assert f"-d {cluster_ip}/32" in rules and "default/web" in rules, "kube-proxy's rules do not name the Service"
-    # Ciliary's load balancer is off: agents without --lb-cgroup, operator without Service intents
-    for node in ("node-1", "node-2"):
-        pid = processes.running_pid(layout, f"agent-{node}")
-        assert pid and b"--lb-cgroup" not in Path(f"/proc/{pid}/cmdline").read_bytes()
-    operator = processes.running_pid(layout, "operator")
-    assert operator and b"--no-load-balancing" in Path(f"/proc/{operator}/cmdline").read_bytes()
-    root = kp_lab.lab.etcd_certs().client(access.ROOT_USER)
-    keys = subprocess.run([str(kp_lab.lab.bins.etcdctl), "--endpoints", kp_lab.lab.ports().etcd_endpoint,
-                           "--cacert", str(root.ca_file), "--cert", str(root.cert_file), "--key", str(root.key_file),
-                           "get", "--prefix", "--keys-only", "/ciliary/"], capture_output=True, text=True, check=True)
-    assert "/ciliary/intents/" in keys.stdout or "/ciliary/nodes/" in keys.stdout, keys.stdout  # etcd was read
-    assert "/ciliary/lbintents/" not in keys.stdout, "the operator wrote load-balancing intents"
+    # Ciliary's load balancer is off: agents without --lb-cgroup, the operator without Service intents
+    for environ in container_environ(kp_lab, "agent", "agent"):
+        assert not [v for v in environ if v.startswith(b"CILIARY_AGENT_LB_CGROUP=")], environ
+        assert b"CILIARY_AGENT_NODE_NAME=node-1" in environ or b"CILIARY_AGENT_NODE_NAME=node-2" in environ
+    for environ in container_environ(kp_lab, "operator", "operator"):
+        assert b"CILIARY_OPERATOR_LOAD_BALANCING=false" in environ, environ
 
 
 def test_a_lab_keeps_the_proxy_it_was_brought_up_with(kp_lab: LabHandle) -> None:
-    with pytest.raises(LabError, match="kube-proxy iptables"):
-        kp_lab.lab.up(2, log=False, kube_proxy="nftables")
+    for switch in ({"kube_proxy_replacement": True}, {"kube_proxy": "nftables"}, {}):
+        with pytest.raises(LabError, match="this lab runs with kube-proxy-iptables"):
+            reallab.up(kp_lab.lab, NODES, chart=True, **switch)  # type: ignore[arg-type]
     assert answered(kp_lab, "192.0.2.12", 30280, world=True), "the lab broke after the refused switch"

@@ -138,15 +138,24 @@ def kube_proxy_free(nodes: Sequence[str]) -> KubeProxyFree:
 
 
 def lab_values(*, sys_resource: bool = True, cgroup_prefix: str = "",
-               kube_proxy_free: KubeProxyFree | None = None) -> dict[str, Any]:
+               kube_proxy_free: KubeProxyFree | None = None, load_balancing: bool = True) -> dict[str, Any]:
     """``sys_resource``: whether this machine's root may grant CAP_SYS_RESOURCE (``nodehost.detect_host``);
     ``cgroup_prefix``: the nodes' cgroup roots are ``<prefix><node>`` (the socket load balancer of each node
     attaches there, never to the machine's root cgroup, which every lab node and the machine share);
     ``kube_proxy_free``: no kube-proxy runs, Ciliary's load balancer serves every Service (socket level and
-    north-south on the nodes' devices, kube-proxy's health ports). Pure."""
+    north-south on the nodes' devices, kube-proxy's health ports); ``load_balancing`` False: the peer lab
+    (``--kube-proxy``), kube-proxy alone serves Services: no load-balancing program in any agent, no Service
+    intent from the operator. Pure."""
+    if kube_proxy_free and not load_balancing:
+        raise ChartInstallError(RELEASE, "without kube-proxy and without Ciliary's load balancer nothing serves "
+                                "Services")
     agent: dict[str, Any] = {} if sys_resource else {"sysResource": False}
     # as the process lab's agents (lab.py): a DNS answer's TTL decides how long its addresses stay allowed
     agent["extraEnv"] = [{"name": "CILIARY_AGENT_FQDN_MIN_TTL", "value": LAB_FQDN_MIN_TTL}]
+    if not load_balancing:
+        agent["loadBalancing"] = {"enabled": False}
+        return {"etcd": {"image": etcd_image_reference(), "persistence": {"enabled": False}}, "agent": agent,
+                "operator": {"extraEnv": [{"name": "CILIARY_OPERATOR_LOAD_BALANCING", "value": "false"}]}}
     if cgroup_prefix:
         agent["loadBalancing"] = {"cgroupPath": f"{cgroup_prefix}$(CILIARY_AGENT_NODE_NAME)"}
         if kube_proxy_free:
@@ -180,7 +189,8 @@ def helm(helm_bin: Path, kubeconfig: Path, *args: str, timeout: float = 300) -> 
 
 
 def install(root: Path, kubeconfig: Path, state_dir: Path, *, extra_values: dict[str, Any] | None = None,
-            cgroup_prefix: str = "", kube_proxy_free: KubeProxyFree | None = None) -> None:
+            cgroup_prefix: str = "", kube_proxy_free: KubeProxyFree | None = None,
+            load_balancing: bool = True) -> None:
     """``helm upgrade --install`` both charts (idempotent: a second ``lab up`` upgrades in place)."""
     helm_bin = tools.built_path("helm")
     values = state_dir / "chart-values.yaml"
@@ -189,7 +199,8 @@ def install(root: Path, kubeconfig: Path, state_dir: Path, *, extra_values: dict
         raise ChartInstallError(RELEASE, f"root lacks CAP_SYS_RESOURCE and kernel {platform.release()} (< 5.11) "
                                 "charges BPF maps to RLIMIT_MEMLOCK: the agent cannot run here")
     values.write_text(yaml.safe_dump({**lab_values(sys_resource=not host.restrict_oom_score_adj,
-                                                   cgroup_prefix=cgroup_prefix, kube_proxy_free=kube_proxy_free),
+                                                   cgroup_prefix=cgroup_prefix, kube_proxy_free=kube_proxy_free,
+                                                   load_balancing=load_balancing),
                                       **(extra_values or {})}, sort_keys=False))
     for release, chart, extra in ((CRDS_RELEASE, root / "charts" / "ciliary-crds", []),
                                   (RELEASE, root / "charts" / "ciliary", ["-f", str(values)])):

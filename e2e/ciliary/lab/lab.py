@@ -49,6 +49,8 @@ from ciliary.operator.store import access
 def mode_of(config: dict[str, object]) -> str:
     """How the lab proxies Services, as ``lab status`` and ``lab env`` (``CILIARY_LAB_SERVICES``) say it. Pure."""
     if config.get("real_nodes"):
+        if config.get("kube_proxy"):  # the peer: kube-proxy alone, Ciliary's load balancer off
+            return f"kube-proxy-{config['kube_proxy']}"
         return "kube-proxy-replacement" if config.get("kube_proxy_replacement") else "kube-proxy"
     return f"kube-proxy-{config['kube_proxy']}" if config.get("kube_proxy") else "kube-proxy-replacement"
 
@@ -464,7 +466,7 @@ class Lab:
                  f"export CILIARY_LAB_SYS_RESOURCE={sys_resource}",
                  f"export CILIARY_LAB_ETCD_IMAGE={chartinstall.etcd_image_reference()}"]
         # skaffold.yaml's lab profile: the load balancer `lab up` installs the chart with, on each node's cgroup
-        lines += ["export CILIARY_LAB_LB_ENABLED=true",
+        lines += [f"export CILIARY_LAB_LB_ENABLED={'false' if self.config().get('kube_proxy') else 'true'}",
                   f"export CILIARY_LAB_LB_CGROUP_PREFIX={chartinstall.node_cgroup_prefix(self.layout.prefix)}"]
         if self.config().get("kube_proxy_replacement") and self.node_names():
             # and without kube-proxy: north-south, kube-proxy's health ports, the bootstrap addresses

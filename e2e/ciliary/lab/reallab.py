@@ -38,6 +38,7 @@ from ciliary.lab import (
     kubeletnode,
     nodehost,
     nodeservices,
+    peerproxy,
     processes,
     projectimages,
     realcluster,
@@ -114,7 +115,8 @@ def install_chart(lab: Lab, root: Path | None = None) -> None:
     chartinstall.install(root or repository_root(), lab.layout.kubeconfig, lab.layout.state_dir,
                          cgroup_prefix=chartinstall.node_cgroup_prefix(lab.layout.prefix),
                          kube_proxy_free=chartinstall.kube_proxy_free(lab.node_names())
-                         if config.get("kube_proxy_replacement") else None)
+                         if config.get("kube_proxy_replacement") else None,
+                         load_balancing=not config.get("kube_proxy"))
     for _ in range(60):  # bounded: the CRD the chart just installed may take a moment to be served
         if lab.kubectl("apply", "-f", "-", input=LAB_POOL, check=False).returncode == 0:
             return
@@ -129,7 +131,7 @@ def _timed(step: Callable[[], object]) -> float:
 
 
 def up(lab: Lab, nodes: Sequence[str], *, chart: bool = False, ready_seconds: float = 180,
-       kube_proxy_replacement: bool = False,
+       kube_proxy_replacement: bool = False, kube_proxy: str | None = None,
        say: Callable[[str], None] = lambda _: None) -> list[kubeletnode.RealNode]:
     """Start (or complete) a real-node lab with ``nodes``; returns the nodes once all are Ready.
 
@@ -157,12 +159,19 @@ def up(lab: Lab, nodes: Sequence[str], *, chart: bool = False, ready_seconds: fl
                        "--real-nodes`")
     if kube_proxy_replacement and not chart:
         raise LabError("--kube-proxy-replacement needs Ciliary installed by its chart")
-    if config.get("nodes") and bool(config.get("kube_proxy_replacement")) != kube_proxy_replacement:
+    if kube_proxy and (kube_proxy_replacement or not chart):
+        raise LabError("--kube-proxy (the peer: kube-proxy alone, Ciliary's load balancer off) needs Ciliary "
+                       "installed by its chart and no --kube-proxy-replacement")
+    if kube_proxy:
+        peerproxy.check(kube_proxy)
+    wanted = mode_of({"real_nodes": True, "kube_proxy_replacement": kube_proxy_replacement, "kube_proxy": kube_proxy})
+    if config.get("real_nodes") and lab.node_names() and mode_of(config) != wanted:
         raise LabError(f"this lab runs with {mode_of(config)}: `ciliary lab down` first to change it")
     ports = lab.ports()
     controlplane.save_config(layout, ports, max(node_index(n) for n in nodes))
     layout.config_file.write_text(json.dumps({**lab.config(), "real_nodes": True, "chart": chart,
-                                              "kube_proxy_replacement": kube_proxy_replacement}))
+                                              "kube_proxy_replacement": kube_proxy_replacement,
+                                              "kube_proxy": kube_proxy}))
     apiserver_args = realcluster.apiserver_args(layout, static_kubernetes_endpoints=chart)  # makes the lab CA
     topology.ensure_underlay(layout)
     for node in nodes:
@@ -201,7 +210,7 @@ def up(lab: Lab, nodes: Sequence[str], *, chart: bool = False, ready_seconds: fl
                 lab.kubectl("apply", "-f", "-", input=nodeservices.SERVICES)
                 for node in nodes:
                     if not kube_proxy_replacement:
-                        nodeservices.start_kube_proxy(layout, bins.kube_proxy, node)
+                        nodeservices.start_kube_proxy(layout, bins.kube_proxy, node, kube_proxy or "iptables")
                     nodeservices.start_coredns(layout, bins.coredns, node)
                 stamp("CoreDNS" if kube_proxy_replacement else "kube-proxy and CoreDNS")
                 # the chart's objects wait in the apiserver for the kubelets
@@ -289,17 +298,18 @@ def wait_ready(lab: Lab, real: Sequence[kubeletnode.RealNode], seconds: float) -
     raise LabError(f"real nodes not Ready after {seconds:.0f} s; see {lab.layout.log_dir}")
 
 
-def up_command(lab: Lab, count: int, *, kube_proxy_replacement: bool = False,
+def up_command(lab: Lab, count: int, *, kube_proxy_replacement: bool = False, kube_proxy: str | None = None,
                say: Callable[[str], None] = print) -> float:
-    """``ciliary lab up --real-nodes [--kube-proxy-replacement]``: ``count`` real nodes with Ciliary installed by
-    its charts; with the replacement no kube-proxy runs and Ciliary's load balancer serves every Service."""
+    """``ciliary lab up --real-nodes [--kube-proxy-replacement | --kube-proxy MODE]``: ``count`` real nodes with
+    Ciliary installed by its charts; with the replacement no kube-proxy runs and Ciliary's load balancer serves
+    every Service; with ``--kube-proxy`` (the peer) kube-proxy in MODE alone serves them."""
     if os.geteuid() != 0:
         raise LabError("the lab needs root (network namespaces, mounts, eBPF): run as root")
     if not 1 <= count <= MAX_REAL_NODES:
         raise LabError(f"--nodes must be between 1 and {MAX_REAL_NODES} with --real-nodes")
     t0 = time.monotonic()
     up(lab, [node_name(i) for i in range(1, count + 1)], chart=True, ready_seconds=420,
-       kube_proxy_replacement=kube_proxy_replacement, say=say)
+       kube_proxy_replacement=kube_proxy_replacement, kube_proxy=kube_proxy, say=say)
     say(f"lab: Services: {mode_of(lab.config())}")
     elapsed = time.monotonic() - t0
     say("lab: run `eval $(ciliary lab env)` to use kubectl and helm against it; `ciliary lab down` removes it")

@@ -33,7 +33,8 @@ def register(sub: Any) -> None:
     up.add_argument("--kube-proxy", nargs="?", const="iptables", default=None, choices=("iptables", "nftables"),
                     metavar="MODE",
                     help="the real kube-proxy (MODE iptables, the default, or nftables) proxies Services instead "
-                         "of Ciliary's load balancer: the peer for comparisons (process lab only)")
+                         "of Ciliary's load balancer: the peer for comparisons (with --real-nodes: the chart with "
+                         "its load balancer off)")
     up.set_defaults(func=_up)
 
     down = cmds.add_parser("down", help="remove everything the lab created",
@@ -76,12 +77,14 @@ def _run(fn: Any) -> int:
 
 def _up(args: argparse.Namespace) -> int:
     if args.real_nodes:
-        if args.kube_proxy:
-            raise UserError("--kube-proxy is for the process lab (real nodes run kube-proxy already)")
+        if args.kube_proxy and args.kube_proxy_replacement:
+            raise UserError("--kube-proxy (kube-proxy alone) and --kube-proxy-replacement (no kube-proxy) exclude "
+                            "each other")
         from ciliary.lab import reallab  # the real-node lab imports the image builders: only when asked
 
         return _run(lambda: reallab.up_command(Lab.from_env(), args.nodes,
-                                               kube_proxy_replacement=args.kube_proxy_replacement) and 0)
+                                               kube_proxy_replacement=args.kube_proxy_replacement,
+                                               kube_proxy=args.kube_proxy) and 0)
     if args.kube_proxy_replacement:
         raise UserError("--kube-proxy-replacement is for --real-nodes (the process lab replaces kube-proxy already)")
     return _run(lambda: Lab.from_env().up(args.nodes, kube_proxy=args.kube_proxy) and 0)

@@ -182,3 +182,18 @@ def test_kube_proxy_free_lab_pins_etcd_to_the_first_node_and_dials_the_node_gate
     assert mode_of({"real_nodes": True}) == "kube-proxy"
     assert mode_of({"nodes": 2}) == "kube-proxy-replacement"
     assert mode_of({"nodes": 2, "kube_proxy": "nftables"}) == "kube-proxy-nftables"
+
+
+def test_the_real_node_peer_turns_ciliarys_load_balancer_off_in_agents_and_operator() -> None:
+    from ciliary.lab.lab import mode_of
+
+    values = chartinstall.lab_values(cgroup_prefix="unified/ciliary-y1-", load_balancing=False)
+    assert values["agent"]["loadBalancing"] == {"enabled": False}
+    assert {"name": "CILIARY_OPERATOR_LOAD_BALANCING", "value": "false"} in values["operator"]["extraEnv"]
+    assert "k8sServiceHost" not in values
+    assert "operator" not in chartinstall.lab_values(cgroup_prefix="unified/ciliary-y1-")
+    free = chartinstall.kube_proxy_free(["node-1"])
+    with pytest.raises(chartinstall.ChartInstallError, match="nothing serves Services"):
+        chartinstall.lab_values(cgroup_prefix="p-", kube_proxy_free=free, load_balancing=False)
+    assert mode_of({"real_nodes": True, "kube_proxy": "iptables"}) == "kube-proxy-iptables"
+    assert mode_of({"real_nodes": True, "kube_proxy": None}) == "kube-proxy"
