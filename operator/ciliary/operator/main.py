@@ -163,10 +163,17 @@ def _port_range(text: str | tuple[int, int]) -> tuple[int, int]:
 
 
 def _env_bool(name: str, default: bool) -> bool:
+    """A boolean from the environment; a word that is neither true nor false stops the operator naming the
+    variable (taking it for false would, for example, turn the status handover off without a word)."""
     value = os.environ.get(name)
     if value is None or not value.strip():
         return default
-    return value.strip().lower() in ("1", "true", "yes", "on")
+    word = value.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise SystemExit(f"ciliary-operator: {name}={value!r} is neither true nor false")
 
 
 async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
@@ -280,6 +287,10 @@ async def list_with_retries(api: Any, model: ClusterModel, observer: handlers.Po
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for action in parser._actions:  # an environment default escapes argparse's choices
+        if action.choices is not None and getattr(args, action.dest, None) not in action.choices:
+            parser.error(f"{action.option_strings[0]}: {getattr(args, action.dest)!r} (from the environment) is not "
+                         f"one of {', '.join(map(str, action.choices))}")
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("kopf").setLevel(logging.WARNING)
