@@ -39,7 +39,7 @@ REAL_NODES = True
 
 ROOT = Path(__file__).resolve().parents[1]
 STAR_WARS = ("deathstar", "tiefighter", "xwing")
-PODS = demo.MANIFEST  # the demo's Star Wars scene, the one `make demo` shows
+PODS = demo.real_manifest()  # the demo's Star Wars scene, the one `make demo` shows
 
 
 def delete_scene(lab: LabHandle) -> None:

@@ -54,7 +54,7 @@ def delete_scene(lab: LabHandle) -> None:
 def scene(lab: LabHandle) -> Any:
     """The scene with rule1 enforced and both kinds of traffic sent once; yields the deathstar's IP."""
     delete_scene(lab)  # another test of the session may have placed the same pods elsewhere
-    lab.apply(demo.MANIFEST)
+    lab.apply(demo.real_manifest())
     deathstar = lab.wait_running("deathstar")["status"]["podIP"]
     lab.wait_running("tiefighter")
     lab.wait_running("xwing")
