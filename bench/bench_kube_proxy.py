@@ -6,7 +6,7 @@ Run as root from the repository root:
                                                [--crr-n 2000] [--rr-n 10000] [--reps 3]
     .venv/bin/python bench/bench_kube_proxy.py --smoke     # tiny sizes: proves the bench still runs
 
-The lab is the process lab (``ciliary lab up``), two nodes, identical for every proxy apart from the
+The lab is the process lab (``ciliary lab up --process``), two nodes, identical for every proxy apart from the
 switch ``--kube-proxy MODE`` (``ciliary.lab.peerproxy``): with it the agents run without Ciliary's load
 balancer, the operator without Service intents, and each node namespace runs kube-proxy. Every size gets
 a fresh lab (so each bulk create starts from an empty cluster), taken down afterwards, also on failure.

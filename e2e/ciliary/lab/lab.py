@@ -121,7 +121,8 @@ class Lab:
         if absent:
             raise LabError("; ".join(map(str, absent)))
         if self.config().get("real_nodes"):
-            raise LabError("this lab runs real nodes: use `ciliary lab up --real-nodes`, or `ciliary lab down` first")
+            raise LabError("this lab runs real nodes: use `ciliary lab up` (without --process), or `ciliary lab down` "
+                           "first")
         saved_proxy = self.kube_proxy_mode()
         if self.config().get("nodes") and kube_proxy is not None and kube_proxy != saved_proxy:
             raise LabError(f"this lab runs with {'kube-proxy ' + saved_proxy if saved_proxy else 'Ciliary load balancing'}"

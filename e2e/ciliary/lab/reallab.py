@@ -1,4 +1,4 @@
-"""Bring up a lab whose nodes are real (containerd + kubelet), in one call — not yet ``ciliary lab up``.
+"""Bring up a lab whose nodes are real (containerd + kubelet), in one call: ``ciliary lab up`` (the default).
 
 Order: images (cached) → node namespaces on the underlay and the world host → each node's containerd,
 importing the images, side by side with: the control plane with the real-node apiserver flags → each
@@ -155,8 +155,8 @@ def up(lab: Lab, nodes: Sequence[str], *, chart: bool = False, ready_seconds: fl
     stamp(f"{len(built)} images ready")
     config = lab.config()
     if config.get("nodes") and not config.get("real_nodes"):
-        raise LabError("this lab runs its nodes as processes: `ciliary lab down` first, then `ciliary lab up "
-                       "--real-nodes`")
+        raise LabError("this lab runs its nodes as processes: `ciliary lab up --process` completes it; "
+                       "`ciliary lab down` first, then `ciliary lab up`, for real nodes")
     if kube_proxy_replacement and not chart:
         raise LabError("--kube-proxy-replacement needs Ciliary installed by its chart")
     if kube_proxy and (kube_proxy_replacement or not chart):

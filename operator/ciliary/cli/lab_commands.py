@@ -25,8 +25,12 @@ def register(sub: Any) -> None:
                          description="Start the lab, or complete it if parts are missing. Safe to run twice.")
     up.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
     up.add_argument("--real-nodes", action="store_true",
-                    help="nodes run containerd and kubelet (plus kube-proxy and CoreDNS), and Ciliary is installed "
-                         "by its Helm charts (operator Deployment, agent DaemonSet, bundled etcd)")
+                    help="the default: nodes run containerd and kubelet (plus kube-proxy and CoreDNS), and Ciliary "
+                         "is installed by its Helm charts (operator Deployment, agent DaemonSet, bundled etcd)")
+    up.add_argument("--process", action="store_true",
+                    help="the process lab, a development mode: Ciliary's own pod runtime, agents and operator as "
+                         "processes, no kubelet, no images (the benches' lab); a running process lab is kept "
+                         "without the flag")
     up.add_argument("--kube-proxy-replacement", action="store_true",
                     help="with --real-nodes: no kube-proxy; Ciliary's chart serves every Service (socket load "
                          "balancing, NodePorts and external IPs on the nodes' devices, kube-proxy's health ports)")
@@ -75,8 +79,16 @@ def _run(fn: Any) -> int:
     return int(result or 0)
 
 
+def process_lab_wanted(process: bool, real_nodes: bool, config: dict[str, object]) -> bool:
+    """Real nodes unless ``--process``, or a process lab is already up and ``--real-nodes`` is not given (so a
+    second ``lab up`` completes the lab that runs). Pure."""
+    if process and real_nodes:
+        raise UserError("--process (the process lab) and --real-nodes (kubelets) exclude each other")
+    return process or (not real_nodes and bool(config.get("nodes")) and not config.get("real_nodes"))
+
+
 def _up(args: argparse.Namespace) -> int:
-    if args.real_nodes:
+    if not process_lab_wanted(args.process, args.real_nodes, Lab.from_env().config()):
         if args.kube_proxy and args.kube_proxy_replacement:
             raise UserError("--kube-proxy (kube-proxy alone) and --kube-proxy-replacement (no kube-proxy) exclude "
                             "each other")
@@ -86,7 +98,7 @@ def _up(args: argparse.Namespace) -> int:
                                                kube_proxy_replacement=args.kube_proxy_replacement,
                                                kube_proxy=args.kube_proxy) and 0)
     if args.kube_proxy_replacement:
-        raise UserError("--kube-proxy-replacement is for --real-nodes (the process lab replaces kube-proxy already)")
+        raise UserError("--kube-proxy-replacement is for real nodes (the process lab replaces kube-proxy already)")
     return _run(lambda: Lab.from_env().up(args.nodes, kube_proxy=args.kube_proxy) and 0)
 
 

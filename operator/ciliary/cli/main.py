@@ -31,7 +31,7 @@ and are enforced in the kernel of every node; each policy's status shows where.
 
 EPILOG = """\
 Start here:
-  ciliary lab up            start a local 2-node lab (real kube-apiserver, etcd, eBPF)
+  ciliary lab up            start a local 2-node lab (real kubelets, Ciliary by its chart)
   eval $(ciliary lab env)   point kubectl and etcdctl at it
   ciliary lab status        see nodes, pods and processes
   ciliary policy trace --src default/a --dst default/b --dport 80/tcp
