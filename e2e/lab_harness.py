@@ -1,9 +1,9 @@
 """The handle e2e tests drive a lab with: kubectl, pods, probes, the ciliary CLI, the Hubble relay, the
 service map and the agents' and operator's metrics.
 
-The same handle drives the process lab (``ciliary lab up``: Ciliary's own pod runtime, agents and operator
-as processes, Ciliary's etcd is the control plane's) and the real-node lab (``ciliary lab up
---real-nodes``: kubelets, Ciliary installed by its chart, Ciliary's etcd is the chart's bundled etcd on a
+The same handle drives the process lab (``ciliary lab up --process``: Ciliary's own pod runtime, agents and
+operator as processes, Ciliary's etcd is the control plane's) and the real-node lab (``ciliary lab up``:
+kubelets, Ciliary installed by its chart, Ciliary's etcd is the chart's bundled etcd on a
 node's network). On real nodes a manifest's ``image: lab`` containers become the lab app image
 (``ciliary.lab.labimage``), and the ``ciliary`` CLI runs inside the network namespace of the node that
 hosts the chart's etcd, with the chart's operator certificates, a kubeconfig through that node's

@@ -11,6 +11,7 @@ the operator without Service intents. A lab keeps the proxy it was brought up wi
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 from ciliary.lab import chartinstall, kubeletnode, nodeservices, processes, reallab, sessions
 from ciliary.lab.lab import Lab, LabError, mode_of
 from ciliary.lab.layout import Binaries
+from ciliary.operator.store import keyspace
 from lab_harness import LabHandle
 from realnode_lab import NODES, lab_images, node_binaries
 
@@ -100,6 +102,16 @@ def test_kube_proxy_serves_cluster_ip_and_node_port_and_ciliary_lb_is_off(kp_lab
         assert b"CILIARY_AGENT_NODE_NAME=node-1" in environ or b"CILIARY_AGENT_NODE_NAME=node-2" in environ
     for environ in container_environ(kp_lab, "operator", "operator"):
         assert b"CILIARY_OPERATOR_LOAD_BALANCING=false" in environ, environ
+    # and it wrote none: the chart's etcd, read as the CLI reads it (`eval $(ciliary lab env)`)
+    etcdctl = ('etcdctl --dial-timeout=5s --endpoints="$CILIARY_ETCD_ENDPOINTS" --cacert="$CILIARY_ETCD_CA_FILE" '
+               '--cert="$CILIARY_ETCD_CERT_FILE" --key="$CILIARY_ETCD_KEY_FILE" get --prefix --keys-only')
+    script = "\n".join(["set -e", *kp_lab.lab.env_lines(), "unset ${!ETCDCTL_*}",
+                         f"{etcdctl} {keyspace.NODES_PREFIX}", f"{etcdctl} {keyspace.LB_INTENTS_PREFIX}"])
+    keys = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PATH": kp_lab.lab.env()["PATH"]})
+    assert keys.returncode == 0, keys.stderr
+    assert f"{keyspace.NODES_PREFIX}node-1" in keys.stdout, keys.stdout  # etcd was read
+    assert keyspace.LB_INTENTS_PREFIX not in keys.stdout, "the operator wrote load-balancing intents"
 
 
 def test_a_lab_keeps_the_proxy_it_was_brought_up_with(kp_lab: LabHandle) -> None:

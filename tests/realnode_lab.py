@@ -95,6 +95,9 @@ def attached_lab(state_dir: str) -> ChartLab:
     if not (config.get("real_nodes") and config.get("chart")):
         pytest.fail(f"{ATTACH_ENV}={state_dir}: no real-node lab with the chart there "
                     "(`ciliary lab up --real-nodes` with CILIARY_LAB_DIR and CILIARY_LAB_PREFIX)", pytrace=False)
+    if config.get("kube_proxy"):
+        pytest.fail(f"{ATTACH_ENV}={state_dir}: that lab is the peer (`--kube-proxy`: Ciliary's load balancer off); "
+                    "the suites need `ciliary lab up` or `ciliary lab up --kube-proxy-replacement`", pytrace=False)
     bins, host, cgroups = node_binaries(), nodehost.detect_host(), nodehost.cgroup_layout()
     nodes = [kubeletnode.RealNode(layout, n, bins, lab.bins, host, cgroups, chart=True) for n in lab.node_names()]
     return ChartLab(lab, nodes, attached=True)

@@ -155,7 +155,7 @@ def lab_values(*, sys_resource: bool = True, cgroup_prefix: str = "",
     if not load_balancing:
         agent["loadBalancing"] = {"enabled": False}
         return {"etcd": {"image": etcd_image_reference(), "persistence": {"enabled": False}}, "agent": agent,
-                "operator": {"extraEnv": [{"name": "CILIARY_OPERATOR_LOAD_BALANCING", "value": "false"}]}}
+                "operator": {"loadBalancing": False}}
     if cgroup_prefix:
         agent["loadBalancing"] = {"cgroupPath": f"{cgroup_prefix}$(CILIARY_AGENT_NODE_NAME)"}
         if kube_proxy_free:

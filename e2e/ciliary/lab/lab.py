@@ -467,7 +467,9 @@ class Lab:
                  f"export CILIARY_LAB_SYS_RESOURCE={sys_resource}",
                  f"export CILIARY_LAB_ETCD_IMAGE={chartinstall.etcd_image_reference()}"]
         # skaffold.yaml's lab profile: the load balancer `lab up` installs the chart with, on each node's cgroup
-        lines += [f"export CILIARY_LAB_LB_ENABLED={'false' if self.config().get('kube_proxy') else 'true'}",
+        peer = bool(self.config().get("kube_proxy"))  # kube-proxy alone: Ciliary's load balancer off everywhere
+        lines += [f"export CILIARY_LAB_LB_ENABLED={'false' if peer else 'true'}",
+                  f"export CILIARY_LAB_OPERATOR_LB={'false' if peer else 'true'}",
                   f"export CILIARY_LAB_LB_CGROUP_PREFIX={chartinstall.node_cgroup_prefix(self.layout.prefix)}"]
         if self.config().get("kube_proxy_replacement") and self.node_names():
             # and without kube-proxy: north-south, kube-proxy's health ports, the bootstrap addresses

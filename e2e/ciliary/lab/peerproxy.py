@@ -1,4 +1,5 @@
-"""The real kube-proxy as the process lab's Service proxy (``ciliary lab up --kube-proxy [MODE]``): the peer.
+"""The real kube-proxy as the process lab's Service proxy (``ciliary lab up --process --kube-proxy [MODE]``): the
+peer (on real nodes, ``ciliary lab up --kube-proxy`` is ``reallab``'s).
 
 With a mode set, the lab is the same lab with one switch flipped: the node agents run without
 Ciliary's load balancer (no ``--lb-cgroup``, so neither the socket programs nor the north-south tc

@@ -148,11 +148,6 @@ def up(lab: Lab, nodes: Sequence[str], *, chart: bool = False, ready_seconds: fl
     def stamp(what: str) -> None:
         say(f"lab: {what} ({time.monotonic() - t0:.1f} s)")
 
-    try:
-        built = pinned_images(lab_images(chart), layout.state_dir / "images")
-    except FileNotFoundError:  # removed from the shared cache between build and link: build it again
-        built = pinned_images(lab_images(chart), layout.state_dir / "images")
-    stamp(f"{len(built)} images ready")
     config = lab.config()
     if config.get("nodes") and not config.get("real_nodes"):
         raise LabError("this lab runs its nodes as processes: `ciliary lab up --process` completes it; "
@@ -162,11 +157,19 @@ def up(lab: Lab, nodes: Sequence[str], *, chart: bool = False, ready_seconds: fl
     if kube_proxy and (kube_proxy_replacement or not chart):
         raise LabError("--kube-proxy (the peer: kube-proxy alone, Ciliary's load balancer off) needs Ciliary "
                        "installed by its chart and no --kube-proxy-replacement")
-    if kube_proxy:
-        peerproxy.check(kube_proxy)
     wanted = mode_of({"real_nodes": True, "kube_proxy_replacement": kube_proxy_replacement, "kube_proxy": kube_proxy})
     if config.get("real_nodes") and lab.node_names() and mode_of(config) != wanted:
         raise LabError(f"this lab runs with {mode_of(config)}: `ciliary lab down` first to change it")
+    if kube_proxy:
+        try:
+            peerproxy.check(kube_proxy)
+        except peerproxy.PeerProxyError as exc:
+            raise LabError(str(exc)) from exc
+    try:
+        built = pinned_images(lab_images(chart), layout.state_dir / "images")
+    except FileNotFoundError:  # removed from the shared cache between build and link: build it again
+        built = pinned_images(lab_images(chart), layout.state_dir / "images")
+    stamp(f"{len(built)} images ready")
     ports = lab.ports()
     controlplane.save_config(layout, ports, max(node_index(n) for n in nodes))
     layout.config_file.write_text(json.dumps({**lab.config(), "real_nodes": True, "chart": chart,
@@ -306,8 +309,13 @@ def up_command(lab: Lab, count: int, *, kube_proxy_replacement: bool = False, ku
     if os.geteuid() != 0:
         raise LabError("the lab needs root (network namespaces, mounts, eBPF): run as root")
     if not 1 <= count <= MAX_REAL_NODES:
-        raise LabError(f"--nodes must be between 1 and {MAX_REAL_NODES} with --real-nodes")
+        raise LabError(f"--nodes must be between 1 and {MAX_REAL_NODES} on real nodes (`--process`: more)")
     t0 = time.monotonic()
+    config = lab.config()
+    if config.get("real_nodes") and not (kube_proxy_replacement or kube_proxy):
+        # no mode asked: a running lab keeps the one it was brought up with
+        kube_proxy_replacement = bool(config.get("kube_proxy_replacement"))
+        kube_proxy = str(config["kube_proxy"]) if config.get("kube_proxy") else None
     up(lab, [node_name(i) for i in range(1, count + 1)], chart=True, ready_seconds=420,
        kube_proxy_replacement=kube_proxy_replacement, kube_proxy=kube_proxy, say=say)
     say(f"lab: Services: {mode_of(lab.config())}")

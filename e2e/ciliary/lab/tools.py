@@ -64,7 +64,7 @@ SYSTEM_TOOLS: dict[str, str] = {
     "bpftool": "bpftool",
     "iptables": "iptables",
     "iptables-restore": "iptables",
-    "nft": "nftables",  # kube-proxy in nftables mode (`ciliary lab up --kube-proxy nftables`)
+    "nft": "nftables",  # kube-proxy in nftables mode (`ciliary lab up [--process] --kube-proxy nftables`)
     "openssl": "openssl",
     "ping": "iputils-ping",
     "runc": "runc",
@@ -74,7 +74,7 @@ SYSTEM_TOOLS: dict[str, str] = {
     "chromium": "chromium",  # the service map's browser test (driven by playwright)
 }
 
-# what `ciliary lab up` runs besides the control plane
+# what `ciliary lab up --process` runs besides the control plane
 LAB_SYSTEM_TOOLS = ("ip", "nsenter", "mount", "sysctl", "openssl", "ping")
 
 

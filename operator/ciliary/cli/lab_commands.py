@@ -32,13 +32,13 @@ def register(sub: Any) -> None:
                          "processes, no kubelet, no images (the benches' lab); a running process lab is kept "
                          "without the flag")
     up.add_argument("--kube-proxy-replacement", action="store_true",
-                    help="with --real-nodes: no kube-proxy; Ciliary's chart serves every Service (socket load "
+                    help="real nodes: no kube-proxy; Ciliary's chart serves every Service (socket load "
                          "balancing, NodePorts and external IPs on the nodes' devices, kube-proxy's health ports)")
     up.add_argument("--kube-proxy", nargs="?", const="iptables", default=None, choices=("iptables", "nftables"),
                     metavar="MODE",
                     help="the real kube-proxy (MODE iptables, the default, or nftables) proxies Services instead "
-                         "of Ciliary's load balancer: the peer for comparisons (with --real-nodes: the chart with "
-                         "its load balancer off)")
+                         "of Ciliary's load balancer: the peer for comparisons (on real nodes: the chart with "
+                         "its load balancer off in agents and operator); a running lab keeps its mode")
     up.set_defaults(func=_up)
 
     down = cmds.add_parser("down", help="remove everything the lab created",

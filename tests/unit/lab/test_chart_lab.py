@@ -189,7 +189,7 @@ def test_the_real_node_peer_turns_ciliarys_load_balancer_off_in_agents_and_opera
 
     values = chartinstall.lab_values(cgroup_prefix="unified/ciliary-y1-", load_balancing=False)
     assert values["agent"]["loadBalancing"] == {"enabled": False}
-    assert {"name": "CILIARY_OPERATOR_LOAD_BALANCING", "value": "false"} in values["operator"]["extraEnv"]
+    assert values["operator"] == {"loadBalancing": False}
     assert "k8sServiceHost" not in values
     assert "operator" not in chartinstall.lab_values(cgroup_prefix="unified/ciliary-y1-")
     free = chartinstall.kube_proxy_free(["node-1"])
