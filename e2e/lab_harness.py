@@ -44,6 +44,9 @@ from ciliary.operator.store import access
 CHART_ETCD_ENDPOINT = "https://127.0.0.1:2379"
 #: the chart agent's /healthz, /readyz, /metrics and /v1/... listener (charts/ciliary values ``agent.healthAddr``)
 CHART_AGENT_HEALTH = "127.0.0.1:9876"
+#: etcdctl with the CLI's etcd and reader certificate (``CILIARY_ETCD_*`` from ``ciliary lab env``)
+CLI_ETCDCTL = ('etcdctl --dial-timeout=5s --endpoints="$CILIARY_ETCD_ENDPOINTS" --cacert="$CILIARY_ETCD_CA_FILE" '
+               '--cert="$CILIARY_ETCD_CERT_FILE" --key="$CILIARY_ETCD_KEY_FILE"')
 
 
 @dataclass(frozen=True)
@@ -305,6 +308,14 @@ class LabHandle:
             write_kubeconfig(kubeconfig, server=f"https://127.0.0.1:{APISERVER_RELAY_PORT}",
                              pki=self.lab.layout.pki_dir, user="admin")
         return (*files, kubeconfig)
+
+    def user_shell(self, *lines: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """``lines`` in bash after ``eval $(ciliary lab env)``, as a user's shell runs them (``set -e``); etcdctl's
+        own variables (the lab's Kubernetes etcd, as root) unset, so each command names the etcd it means
+        (``CLI_ETCDCTL``: the chart's, as the CLI's reader)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ETCDCTL_", "CILIARY_ETCD_"))}
+        script = "\n".join(["set -e", *self.lab.env_lines(), "unset ${!ETCDCTL_*}", *lines])
+        return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=timeout, env=env)
 
     def env(self) -> dict[str, str]:
         """This lab's environment: never an etcd or kubeconfig the calling shell points at."""

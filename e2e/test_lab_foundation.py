@@ -18,6 +18,7 @@ import pytest
 
 from ciliary.lab import topology
 from ciliary.lab.layout import WORLD_IP
+from lab_harness import CLI_ETCDCTL
 
 pytestmark = pytest.mark.e2e
 #: on the session's real-node lab: kubelets and containerd run the pods, ciliary-cni wires them
@@ -148,21 +149,11 @@ def test_lab_env_gives_the_cli_the_charts_etcd_as_a_reader(lab):
     """``eval $(ciliary lab env)``: the CLI's etcd is the chart's (mutual TLS through the lab's forward) as
     ``ciliary-reader``: it reads every node's registration, a write is refused, and without a client
     certificate etcd refuses the connection."""
-    etcdctl = ('etcdctl --dial-timeout=5s --endpoints="$CILIARY_ETCD_ENDPOINTS" --cacert="$CILIARY_ETCD_CA_FILE" '
-               '--cert="$CILIARY_ETCD_CERT_FILE" --key="$CILIARY_ETCD_KEY_FILE"')
-    env = lab.env()
-
-    def run(*lines: str) -> subprocess.CompletedProcess[str]:
-        # etcdctl's own variables (the lab's Kubernetes etcd) give way to the flags naming the chart's
-        return subprocess.run(["bash", "-c", "\n".join(["set -e", *lab.lab.env_lines(), "unset ${!ETCDCTL_*}",
-                                                        *lines])],
-                              capture_output=True, text=True, timeout=60, env=env)
-
-    read = run(f"{etcdctl} get --prefix --keys-only /ciliary/nodes/v1/")
+    read = lab.user_shell(f"{CLI_ETCDCTL} get --prefix --keys-only /ciliary/nodes/v1/")
     assert read.returncode == 0, read.stderr
     assert "/ciliary/nodes/v1/node-1" in read.stdout and "/ciliary/nodes/v1/node-2" in read.stdout, read.stdout
-    write = run(f"{etcdctl} put /ciliary/nodes/v1/node-9 forged")
+    write = lab.user_shell(f"{CLI_ETCDCTL} put /ciliary/nodes/v1/node-9 forged")
     assert write.returncode != 0 and "permission denied" in write.stderr, (write.stdout, write.stderr)
-    no_cert = run('etcdctl --dial-timeout=3s --endpoints="$CILIARY_ETCD_ENDPOINTS" '
-                  '--cacert="$CILIARY_ETCD_CA_FILE" get /ciliary/')
+    no_cert = lab.user_shell('etcdctl --dial-timeout=3s --endpoints="$CILIARY_ETCD_ENDPOINTS" '
+                             '--cacert="$CILIARY_ETCD_CA_FILE" get /ciliary/')
     assert no_cert.returncode != 0, no_cert.stdout

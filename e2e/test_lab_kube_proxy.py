@@ -11,7 +11,6 @@ the operator without Service intents. A lab keeps the proxy it was brought up wi
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from ciliary.lab import chartinstall, kubeletnode, nodeservices, processes, real
 from ciliary.lab.lab import Lab, LabError, mode_of
 from ciliary.lab.layout import Binaries
 from ciliary.operator.store import keyspace
-from lab_harness import LabHandle
+from lab_harness import CLI_ETCDCTL, LabHandle
 from realnode_lab import NODES, lab_images, node_binaries
 
 pytestmark = pytest.mark.e2e
@@ -103,12 +102,8 @@ def test_kube_proxy_serves_cluster_ip_and_node_port_and_ciliary_lb_is_off(kp_lab
     for environ in container_environ(kp_lab, "operator", "operator"):
         assert b"CILIARY_OPERATOR_LOAD_BALANCING=false" in environ, environ
     # and it wrote none: the chart's etcd, read as the CLI reads it (`eval $(ciliary lab env)`)
-    etcdctl = ('etcdctl --dial-timeout=5s --endpoints="$CILIARY_ETCD_ENDPOINTS" --cacert="$CILIARY_ETCD_CA_FILE" '
-               '--cert="$CILIARY_ETCD_CERT_FILE" --key="$CILIARY_ETCD_KEY_FILE" get --prefix --keys-only')
-    script = "\n".join(["set -e", *kp_lab.lab.env_lines(), "unset ${!ETCDCTL_*}",
-                         f"{etcdctl} {keyspace.NODES_PREFIX}", f"{etcdctl} {keyspace.LB_INTENTS_PREFIX}"])
-    keys = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PATH": kp_lab.lab.env()["PATH"]})
+    keys = kp_lab.user_shell(*(f"{CLI_ETCDCTL} get --prefix --keys-only {prefix}"
+                               for prefix in (keyspace.NODES_PREFIX, keyspace.LB_INTENTS_PREFIX)))
     assert keys.returncode == 0, keys.stderr
     assert f"{keyspace.NODES_PREFIX}node-1" in keys.stdout, keys.stdout  # etcd was read
     assert keyspace.LB_INTENTS_PREFIX not in keys.stdout, "the operator wrote load-balancing intents"

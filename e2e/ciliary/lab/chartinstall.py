@@ -152,11 +152,7 @@ def lab_values(*, sys_resource: bool = True, cgroup_prefix: str = "",
     agent: dict[str, Any] = {} if sys_resource else {"sysResource": False}
     # as the process lab's agents (lab.py): a DNS answer's TTL decides how long its addresses stay allowed
     agent["extraEnv"] = [{"name": "CILIARY_AGENT_FQDN_MIN_TTL", "value": LAB_FQDN_MIN_TTL}]
-    if not load_balancing:
-        agent["loadBalancing"] = {"enabled": False}
-        return {"etcd": {"image": etcd_image_reference(), "persistence": {"enabled": False}}, "agent": agent,
-                "operator": {"loadBalancing": False}}
-    if cgroup_prefix:
+    if cgroup_prefix and load_balancing:
         agent["loadBalancing"] = {"cgroupPath": f"{cgroup_prefix}$(CILIARY_AGENT_NODE_NAME)"}
         if kube_proxy_free:
             agent["loadBalancing"] |= {"devices": "auto", "proxyHealthzAddr": "0.0.0.0:10256",
@@ -167,6 +163,8 @@ def lab_values(*, sys_resource: bool = True, cgroup_prefix: str = "",
         agent["loadBalancing"] = {"enabled": False}
     etcd: dict[str, Any] = {"image": etcd_image_reference(), "persistence": {"enabled": False}}
     values: dict[str, Any] = {"etcd": etcd, "agent": agent}
+    if not load_balancing:
+        values["operator"] = {"loadBalancing": False}
     if kube_proxy_free:
         etcd["nodeSelector"] = {"kubernetes.io/os": "linux", "kubernetes.io/hostname": kube_proxy_free.etcd_node}
         etcd["clientHostAlias"] = kube_proxy_free.etcd_node_ip

@@ -48,11 +48,11 @@ from ciliary.operator.store import access
 
 def mode_of(config: dict[str, object]) -> str:
     """How the lab proxies Services, as ``lab status`` and ``lab env`` (``CILIARY_LAB_SERVICES``) say it. Pure."""
-    if config.get("real_nodes"):
-        if config.get("kube_proxy"):  # the peer: kube-proxy alone, Ciliary's load balancer off
-            return f"kube-proxy-{config['kube_proxy']}"
-        return "kube-proxy-replacement" if config.get("kube_proxy_replacement") else "kube-proxy"
-    return f"kube-proxy-{config['kube_proxy']}" if config.get("kube_proxy") else "kube-proxy-replacement"
+    if config.get("kube_proxy"):  # the peer, either lab: kube-proxy alone, Ciliary's load balancer off
+        return f"kube-proxy-{config['kube_proxy']}"
+    if config.get("real_nodes") and not config.get("kube_proxy_replacement"):
+        return "kube-proxy"  # beside Ciliary's socket load balancer
+    return "kube-proxy-replacement"
 
 
 class LabError(RuntimeError):
