@@ -1,9 +1,10 @@
 """DNS queries per second through the node's DNS proxy versus straight to the server.
 
-Run as root from the repository root (brings up its own one-node lab under
-``.lab-benchdns-<pid>``, prefix ``d<pid>``, and takes it down afterwards, also on failure):
+Run as root from the repository root. It brings up its own real-node lab (two kubelet nodes, Ciliary
+installed by its Helm chart, as ``ciliary lab up``; under ``.lab-benchdns-<pid>``, prefix ``d<pid>``) and
+takes it down afterwards, also on failure; ``--lab DIR`` runs it on a real-node lab already up instead:
 
-    .venv/bin/python bench/bench_dns_proxy.py [--seconds 5] [--window 1,32]
+    .venv/bin/python bench/bench_dns_proxy.py [--seconds 5] [--window 1,32] [--lab .lab]
     .venv/bin/python bench/bench_dns_proxy.py --smoke     # one short run: proves the bench still runs
 
 One pod on node-1 asks the world host's DNS server (192.0.2.53, ``ciliary.lab.worlddns``)
@@ -13,7 +14,8 @@ replaced). First with no policy (direct), then with a CNP whose ``rules.dns`` se
 pod's queries through the node's proxy and whose ``toFQDNs`` learns the answer (after
 ``kubectl wait --for=condition=Enforced``). Prints answers/s, p50/p99 latency and the
 ratio proxy/direct per window, with the load average when each run started and the CPU time the
-node's agent (which runs the proxy) spent per answer (``/proc/<pid>/task/*/schedstat``).
+node's agent (which runs the proxy; its container's process) spent per answer
+(``/proc/<pid>/task/*/schedstat``).
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "e2e"))
 
-from ciliary.lab import sessions  # noqa: E402
+import bench_labs  # noqa: E402
+from ciliary.lab import labimage  # noqa: E402
 from ciliary.lab.lab import Lab  # noqa: E402
-from ciliary.lab.layout import WORLD_DNS_IP, Binaries  # noqa: E402
+from ciliary.lab.layout import WORLD_DNS_IP  # noqa: E402
 
 NS = "benchdns"
 POD = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client", "namespace": NS, "labels": {"app": "c"}},
@@ -85,9 +88,8 @@ print(json.dumps({"answers": len(lat), "qps": round(len(lat) / seconds, 1), "los
 """
 
 
-def agent_cpu_ns(lab: Lab) -> int:
-    """CPU time node-1's agent has used so far, all threads (ns)."""
-    pid = json.loads((lab.layout.run_dir / "agent-node-1.pid").read_text())["pid"]
+def agent_cpu_ns(pid: int) -> int:
+    """CPU time the agent ``pid`` has used so far, all threads (ns)."""
     total = 0
     for task in Path(f"/proc/{pid}/task").glob("*/schedstat"):
         try:
@@ -99,49 +101,55 @@ def agent_cpu_ns(lab: Lab) -> int:
 
 def load(lab: Lab, seconds: float, window: int) -> dict[str, float]:
     netns, _ = lab.pod_target("client", NS)
-    began, average = agent_cpu_ns(lab), os.getloadavg()[0]
+    pid = bench_labs.agent_pid(lab, "node-1")
+    began, average = agent_cpu_ns(pid), os.getloadavg()[0]
     out = subprocess.run(["nsenter", f"--net={netns}", sys.executable, "-c", LOADGEN, WORLD_DNS_IP,
                           str(seconds), str(window)], capture_output=True, text=True, timeout=seconds + 60)
     if out.returncode != 0:
         raise RuntimeError(out.stderr)
     result = dict(json.loads(out.stdout.strip().splitlines()[-1]))
-    result["agent_us"] = (agent_cpu_ns(lab) - began) / max(1, result["answers"]) / 1e3
+    result["agent_us"] = (agent_cpu_ns(pid) - began) / max(1, result["answers"]) / 1e3
     result["load"] = average
     return result
+
+
+def run(lab: Lab, seconds: float, windows: list[int]) -> None:
+    bench_labs.ensure_ready(lab)
+    lab.kubectl("create", "namespace", NS)
+    lab.kubectl("apply", "-f", "-", input=labimage.manifest_for_real_nodes(json.dumps(POD)))
+    lab.kubectl("wait", "--for=condition=Ready", "--timeout=180s", "-n", NS, "pod/client")
+    direct = {w: load(lab, seconds, w) for w in windows}
+    lab.kubectl("apply", "-f", "-", input=json.dumps(CNP))
+    lab.kubectl("wait", "--for=condition=Enforced", "--timeout=120s", "-n", NS, "cnp/dns")
+    load(lab, 1.0, 1)  # warm-up: the first answer is learnt (toFQDNs) and applied
+    proxied = {w: load(lab, seconds, w) for w in windows}
+    print(f"DNS over UDP, {seconds:g} s per run, one pod -> {WORLD_DNS_IP} (api.world.test)")
+    print(f"{'window':>6} {'direct q/s':>11} {'proxy q/s':>10} {'ratio':>6} {'direct p50/p99 ms':>18} "
+          f"{'proxy p50/p99 ms':>17} {'lost':>5} {'agent us/answer':>15} {'load':>9}")
+    for w in windows:
+        d, p = direct[w], proxied[w]
+        ratio = p["qps"] / d["qps"] if d["qps"] else 0.0
+        print(f"{w:>6} {d['qps']:>11} {p['qps']:>10} {ratio:>6.2f} {d['p50_ms']!s:>8}/{d['p99_ms']!s:<9} "
+              f"{p['p50_ms']!s:>8}/{p['p99_ms']!s:<8} {int(d['lost']) + int(p['lost']):>5} "
+              f"{d['agent_us']:>6.0f}/{p['agent_us']:<8.0f} {d['load']:>4.1f}/{p['load']:<4.1f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--window", default="1,32", help="queries outstanding (comma separated)")
+    parser.add_argument("--lab", metavar="DIR", help="run on this real-node lab, already up (its state directory)")
     parser.add_argument("--smoke", action="store_true", help="one short run")
     args = parser.parse_args()
     if args.smoke:
         args.seconds, args.window = 1.0, "4"
     windows = [int(w) for w in args.window.split(",")]
-    sessions.reap_stale(ROOT, "benchdns", "d")
-    lab = Lab(sessions.session_layout(ROOT, "benchdns", "d"), Binaries.discover())
-    try:
-        lab.up(1, log=False)
-        lab.kubectl("create", "namespace", NS)
-        lab.kubectl("apply", "-f", "-", input=json.dumps(POD))
-        lab.kubectl("wait", "--for=condition=Ready", "--timeout=120s", "-n", NS, "pod/client")
-        direct = {w: load(lab, args.seconds, w) for w in windows}
-        lab.kubectl("apply", "-f", "-", input=json.dumps(CNP))
-        lab.kubectl("wait", "--for=condition=Enforced", "--timeout=120s", "-n", NS, "cnp/dns")
-        load(lab, 1.0, 1)  # warm-up: the first answer is learnt (toFQDNs) and applied
-        proxied = {w: load(lab, args.seconds, w) for w in windows}
-        print(f"DNS over UDP, {args.seconds:g} s per run, one pod -> {WORLD_DNS_IP} (api.world.test)")
-        print(f"{'window':>6} {'direct q/s':>11} {'proxy q/s':>10} {'ratio':>6} {'direct p50/p99 ms':>18} "
-              f"{'proxy p50/p99 ms':>17} {'lost':>5} {'agent us/answer':>15} {'load':>9}")
-        for w in windows:
-            d, p = direct[w], proxied[w]
-            ratio = p["qps"] / d["qps"] if d["qps"] else 0.0
-            print(f"{w:>6} {d['qps']:>11} {p['qps']:>10} {ratio:>6.2f} {d['p50_ms']!s:>8}/{d['p99_ms']!s:<9} "
-                  f"{p['p50_ms']!s:>8}/{p['p99_ms']!s:<8} {int(d['lost']) + int(p['lost']):>5} "
-              f"{d['agent_us']:>6.0f}/{p['agent_us']:<8.0f} {d['load']:>4.1f}/{p['load']:<4.1f}")
-    finally:
-        lab.down(log=False)
+    with bench_labs.real_lab("benchdns", "d", args.lab) as lab:
+        try:
+            run(lab, args.seconds, windows)
+        finally:
+            lab.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", "--timeout=120s",
+                        check=False)
 
 
 if __name__ == "__main__":

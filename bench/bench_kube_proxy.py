@@ -3,15 +3,19 @@
 Run as root from the repository root:
 
     .venv/bin/python bench/bench_kube_proxy.py [--services 1000,5000,10000] [--modes ciliary,iptables,nftables]
-                                               [--crr-n 2000] [--rr-n 10000] [--reps 3]
+                                               [--crr-n 2000] [--rr-n 10000] [--reps 3] [--lab MODE=DIR ...]
     .venv/bin/python bench/bench_kube_proxy.py --smoke     # tiny sizes: proves the bench still runs
 
-The lab is the process lab (``ciliary lab up --process``), two nodes, identical for every proxy apart from the
-switch ``--kube-proxy MODE`` (``ciliary.lab.peerproxy``): with it the agents run without Ciliary's load
-balancer, the operator without Service intents, and each node namespace runs kube-proxy. Every size gets
-a fresh lab (so each bulk create starts from an empty cluster), taken down afterwards, also on failure.
-Pods (namespace ``kpb``): ``client`` on node-1; ``bk-1..3`` on node-2 (the lab's pod server on 8080, the
-C load generator ``bench/tcpload.c`` serving on 9000).
+The lab is the real-node lab (two kubelet nodes, Ciliary installed by its Helm chart), the same for every
+proxy apart from the mode ``ciliary lab up`` is given: ``--kube-proxy-replacement`` for Ciliary (no
+kube-proxy: the agents serve every Service) and ``--kube-proxy MODE`` for the peer (each node runs the real
+kube-proxy in MODE; the chart's agents run without Ciliary's load balancer, the operator without Service
+intents). Every size gets a fresh lab (so each bulk create starts from an almost empty cluster), taken
+down afterwards, also on failure; ``--lab MODE=DIR`` runs MODE's sizes on a lab already up in that mode
+instead (the bench removes only its namespace). The bulk Services take the first addresses of their range
+no Service holds (``kpr_objects.free_window``). Pods (namespace ``kpb``): ``client`` on node-1; ``bk-1..3``
+on node-2 (the lab app serving 8080, the C load generator ``bench/tcpload.c`` serving on 9000 in the pod's
+network namespace).
 
 - **Programming time**: N selector-less Services (fixed ClusterIPs, port 80) and one EndpointSlice each
   (the three backends, port 8080) are created through the apiserver (8 parallel clients); from the first
@@ -24,8 +28,8 @@ C load generator ``bench/tcpload.c`` serving on 9000).
   connection) through the rate Service's ClusterIP from the client pod and through its NodePort (node-1's
   address, backends on node-2) from the world host, with 10 Services and with the largest size; median of
   ``--reps`` runs after one warm-up.
-- **Memory** at the largest size × 3 backends: RSS of node-1's agent (Ciliary) and of node-1's kube-proxy
-  (peers); the agent's RSS in the peer labs (load balancer off) is shown beside it.
+- **Memory** at the largest size × 3 backends: RSS of node-1's agent (Ciliary; its container's process) and
+  of node-1's kube-proxy (peers); the agent's RSS in the peer labs (load balancer off) is shown beside it.
 Ratios say how many times better Ciliary is (> 1: Ciliary faster / smaller). The machine is shared:
 every figure carries the 1-minute load average at the time it was taken.
 """
@@ -33,6 +37,7 @@ every figure carries the 1-minute load average at the time it was taken.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import select
@@ -41,7 +46,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,11 +53,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "nodeagent"), str(ROOT / "e2e"), str(ROOT / "bench")]
 
+import bench_labs  # noqa: E402
 import kpr_objects as ko  # noqa: E402
 import loadgen  # noqa: E402
-from ciliary.lab import processes, sessions  # noqa: E402
-from ciliary.lab.lab import Lab  # noqa: E402
-from ciliary.lab.layout import Binaries  # noqa: E402
+from ciliary.lab import chartinstall, labimage, processes  # noqa: E402
+from ciliary.lab.lab import Lab, mode_of  # noqa: E402
 from ciliary.lab.topology import NETNS_DIR  # noqa: E402
 from kpr_api import Api  # noqa: E402
 
@@ -62,10 +66,6 @@ RATE_PORT, PROBE_PORT, NODE_PORT = 9000, 8080, 30900
 NODE_1_IP = "192.0.2.11"
 PROBER = ROOT / "bench" / "frontend_probe.py"
 PODS = f"""
-apiVersion: v1
-kind: Namespace
-metadata: {{name: {NS}}}
----
 apiVersion: v1
 kind: Pod
 metadata: {{name: client, namespace: {NS}}}
@@ -91,41 +91,61 @@ class BenchError(RuntimeError):
 
 
 class Run:
-    """One fresh lab with one proxy: pods, servers, and the measurements made in it."""
+    """One lab with one proxy: pods, servers, and the measurements made in it."""
 
-    def __init__(self, mode: str, tcpload: Path) -> None:
+    def __init__(self, mode: str, tcpload: Path, attach: str | None = None) -> None:
         self.mode = mode
         self.tcpload = tcpload
-        self.lab = Lab(sessions.session_layout(ROOT, "benchkp", "k"), Binaries.discover())
+        self.attach = attach
+        self.stack = contextlib.ExitStack()
+        self.lab: Lab | None = None
         self.servers: list[loadgen.Server] = []
-        self.operator_log_offset = 0
+        self.operator_lines = 0
+        self.restarts: dict[str, int] = {}
         self.api: Api | None = None
+        self.bulk_first = 0
+
+    @property
+    def the_lab(self) -> Lab:
+        if self.lab is None:
+            raise BenchError(self.mode, "no lab")
+        return self.lab
 
     # --- set-up --------------------------------------------------------------------------------------
     def up(self) -> None:
-        self.lab.down(log=False)
-        self.lab.up(2, log=False, kube_proxy=None if self.mode == "ciliary" else self.mode)
-        self.lab.kubectl("apply", "-f", "-", input=PODS)
-        self.lab.kubectl("wait", "--for=condition=Ready", "--timeout=180s", "-n", NS,
-                         "pod/client", "pod/bk-1", "pod/bk-2", "pod/bk-3")
-        pods = json.loads(self.lab.kubectl("get", "pods", "-n", NS, "-o", "json").stdout)["items"]
+        ciliary = self.mode == "ciliary"
+        self.lab = lab = self.stack.enter_context(bench_labs.real_lab(
+            "benchkp", "k", self.attach, kube_proxy_replacement=ciliary, kube_proxy=None if ciliary else self.mode))
+        wanted = "kube-proxy-replacement" if ciliary else f"kube-proxy-{self.mode}"
+        if mode_of(lab.config()) != wanted:
+            raise BenchError(self.mode, f"--lab {self.attach}: that lab's Services are {mode_of(lab.config())}, "
+                                        f"this mode needs {wanted}")
+        bench_labs.ensure_ready(lab, 300)
+        self.stack.callback(lambda: lab.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true",
+                                                "--timeout=300s", check=False))
+        lab.kubectl("create", "namespace", NS)
+        lab.kubectl("apply", "-f", "-", input=labimage.manifest_for_real_nodes(PODS))
+        lab.kubectl("wait", "--for=condition=Ready", "--timeout=180s", "-n", NS,
+                    "pod/client", "pod/bk-1", "pod/bk-2", "pod/bk-3")
+        pods = json.loads(lab.kubectl("get", "pods", "-n", NS, "-o", "json").stdout)["items"]
         self.ips = {p["metadata"]["name"]: p["status"]["podIP"] for p in pods}
         self.backends = [(self.ips[f"bk-{i}"], "node-2") for i in (1, 2, 3)]
         for i in (1, 2, 3):
-            netns, _ = self.lab.pod_target(f"bk-{i}", NS)
-            self.servers.append(loadgen.Server(self.tcpload, netns.name, RATE_PORT))
-        self.client_netns, self.client_cgroup = self.lab.pod_target("client", NS)
-        loadgen.tune_client_netns(self.client_netns.name)
-        loadgen.tune_client_netns(self.lab.layout.world_netns)
-        ports = self.lab.ports()
-        pki = self.lab.layout.pki_dir
+            netns, _ = lab.pod_target(f"bk-{i}", NS)
+            self.servers.append(loadgen.Server(self.tcpload, str(netns), RATE_PORT))
+        self.client_netns, self.client_cgroup = lab.pod_target("client", NS)
+        loadgen.tune_client_netns(str(self.client_netns))
+        loadgen.tune_client_netns(lab.layout.world_netns)
+        ports = lab.ports()
+        pki = lab.layout.pki_dir
         self.api = Api("127.0.0.1", ports.apiserver, ca=pki / "ca.crt", cert=pki / "admin.crt", key=pki / "admin.key")
+        self.restarts = self.container_restarts()
+        self.operator_lines = len(bench_labs.operator_log(lab).splitlines())
         rate = [(ko.service("rate", NS, ko.RATE_IP, RATE_PORT, node_port=NODE_PORT),
                  ko.endpoint_slice("rate", NS, self.backends, RATE_PORT))]
         fillers = [(ko.service(f"fill-{i}", NS, ko.filler_ip(i), PROBE_PORT),
                     ko.endpoint_slice(f"fill-{i}", NS, self.backends, PROBE_PORT)) for i in range(9)]
         self.api.create_pairs(rate + fillers)
-        self.wait_agents_ready(300)
         targets = [(ko.RATE_IP, ko.SERVICE_PORT)] + [(ko.filler_ip(i), ko.SERVICE_PORT) for i in range(9)]
         result = self.probe(targets, deadline=300)
         if result["answered"] != len(targets):
@@ -135,22 +155,14 @@ class Run:
         if result["answered"] != 1:
             raise BenchError(self.mode, f"the NodePort did not answer the world host within 300 s: {result}")
 
-    def wait_agents_ready(self, seconds: float) -> None:
-        """Both agents' /readyz 200 (their datapath compiled and attached; with Ciliary's load balancer, its
-        socket programs too), so no measurement includes an agent's start."""
-        deadline = time.monotonic() + seconds
-        for node in ("node-1", "node-2"):
-            url = f"http://127.0.0.1:{self.lab.health_port(node)}/readyz"
-            while True:
-                try:
-                    with urllib.request.urlopen(url, timeout=5) as resp:
-                        if resp.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise BenchError(self.mode, f"agent on {node} not ready after {seconds:.0f} s")
-                time.sleep(1.0)
+    def container_restarts(self) -> dict[str, int]:
+        """Restarts so far of every container of the chart's pods (``<pod>/<container>``)."""
+        out = self.the_lab.kubectl("get", "pods", "-n", chartinstall.NAMESPACE, "-l",
+                                   "app.kubernetes.io/part-of=ciliary", "-o", "json", check=False)
+        if out.returncode != 0:
+            return dict(self.restarts)
+        return {f"{pod['metadata']['name']}/{c['name']}": int(c.get("restartCount", 0))
+                for pod in json.loads(out.stdout)["items"] for c in pod.get("status", {}).get("containerStatuses", [])}
 
     def down(self) -> None:
         for server in self.servers:
@@ -158,7 +170,7 @@ class Run:
         self.servers.clear()
         if self.api:
             self.api.close()
-        self.lab.down(log=False)
+        self.stack.close()
 
     # --- tools ------------------------------------------------------------------------------------------
     def in_client(self) -> Callable[[], None]:
@@ -170,14 +182,15 @@ class Run:
         return enter
 
     def start_probe(self, targets: list[tuple[str, int]], deadline: float, gap: float = 0.2, *,
-                    world: bool = False) -> subprocess.Popen[str]:
+                    world: bool = False, attempt: float = 0.1) -> subprocess.Popen[str]:
         """The prober in the client pod (its namespace and cgroup), or on the world host."""
         with tempfile.NamedTemporaryFile("w", prefix="kpbench-targets-", suffix=".json", delete=False) as f:
             json.dump(targets, f)
-        netns = NETNS_DIR / self.lab.layout.world_netns if world else self.client_netns
+        netns = NETNS_DIR / self.the_lab.layout.world_netns if world else self.client_netns
         try:
             proc = subprocess.Popen(["nsenter", f"--net={netns}", sys.executable, str(PROBER),
-                                     "--targets", f.name, "--deadline", str(deadline), "--gap", str(gap)],
+                                     "--targets", f.name, "--deadline", str(deadline), "--gap", str(gap),
+                                     "--attempt", str(attempt)],
                                     stdout=subprocess.PIPE, text=True, preexec_fn=None if world else self.in_client())
             assert proc.stdout is not None
             ready, _, _ = select.select([proc.stdout], [], [], 60)
@@ -208,23 +221,20 @@ class Run:
         return dict(json.loads(out.strip().splitlines()[-1]))
 
     def fatal(self) -> str:
-        """Why the proxy under test can no longer get there ('' while nothing says so)."""
-        layout = self.lab.layout
-        watched = ["operator", "agent-node-1", "agent-node-2"]
+        """Why the proxy under test can no longer get there ('' while nothing says so): a chart container
+        restarted, a peer's kube-proxy exited, or the operator logged that an intent was refused."""
+        lab = self.the_lab
         if self.mode != "ciliary":
-            watched += ["kube-proxy-node-1", "kube-proxy-node-2"]
-        for name in watched:
-            if not processes.running_pid(layout, name):
-                return f"{name} exited (see its log)"
-        log = layout.log_dir / "operator.log"
-        try:
-            with log.open("rb") as f:
-                f.seek(self.operator_log_offset)
-                text = f.read().decode(errors="replace")
-                self.operator_log_offset = f.tell()
-        except OSError:
-            return ""
-        for line in text.splitlines():
+            for name in ("kube-proxy-node-1", "kube-proxy-node-2"):
+                if not processes.running_pid(lab.layout, name):
+                    return f"{name} exited (see its log)"
+        now = self.container_restarts()
+        restarted = sorted(name for name, count in now.items() if count > self.restarts.get(name, count))
+        if restarted:
+            return f"restarted: {', '.join(restarted)} (kubectl logs --previous)"
+        lines = bench_labs.operator_log(lab).splitlines()
+        fresh, self.operator_lines = lines[self.operator_lines:], len(lines)
+        for line in fresh:
             if "too large" in line or "ResourceExhausted" in line:
                 return "operator: " + line.strip()[-150:]
         return ""
@@ -233,22 +243,22 @@ class Run:
         return self.finish_probe(self.start_probe(targets, deadline, world=world), deadline)
 
     def rss_mib(self, process: str) -> float:
-        pid = processes.running_pid(self.lab.layout, process)
+        """RSS of node-1's agent (``agent``: its container's process) or of a lab process (kube-proxy)."""
+        if process == "agent":
+            return processes.rss_kib(bench_labs.agent_pid(self.the_lab, "node-1")) / 1024
+        pid = processes.running_pid(self.the_lab.layout, process)
         return processes.rss_kib(pid) / 1024 if pid else 0.0
 
     def log_counts(self) -> str:
         """How often the components acted so far (where the time went), from their logs."""
-        def count(name: str, text: str) -> int:
-            try:
-                return (self.lab.layout.log_dir / f"{name}.log").read_text(errors="replace").count(text)
-            except OSError:
-                return 0
+        lab = self.the_lab
         if self.mode == "ciliary":
-            return (f"operator published intents {count('operator', 'published ')} times, agent-node-1 applied "
-                    f"its LB intent {count('agent-node-1', 'Load-balancing intent applied')} times")
-        out = subprocess.run(["ip", "netns", "exec", self.lab.layout.node_netns("node-1"), "curl", "-s", "-m", "5",
+            agent = bench_labs.agent_log(lab, "node-1")
+            return (f"operator published intents {bench_labs.operator_log(lab).count('published ')} times, "
+                    f"node-1's agent applied its LB intent {agent.count('Load-balancing intent applied')} times")
+        out = subprocess.run(["ip", "netns", "exec", lab.layout.node_netns("node-1"), "curl", "-s", "-m", "5",
                               "http://127.0.0.1:10249/metrics"], capture_output=True, text=True, timeout=30).stdout
-        metric = {line.split()[0]: line.split()[1] for line in out.splitlines()
+        metric = {line.split()[0].split("{")[0]: line.split()[-1] for line in out.splitlines()  # labels dropped
                   if line.startswith("kubeproxy_sync_proxy_rules_duration_seconds_")}
         return (f"kube-proxy-node-1 synced {metric.get('kubeproxy_sync_proxy_rules_duration_seconds_count', '?')} "
                 f"times, {float(metric.get('kubeproxy_sync_proxy_rules_duration_seconds_sum', 'nan')):.1f} s in all")
@@ -258,11 +268,13 @@ class Run:
         """Bulk-create ``count`` Services + slices; (time to all answer from the first create, from the last
         create's reply, seconds the creates took)."""
         assert self.api is not None
-        targets = [(ko.bulk_ip(i), ko.SERVICE_PORT) for i in range(count)]
+        services = json.loads(self.the_lab.kubectl("get", "services", "-A", "-o", "json").stdout)["items"]
+        self.bulk_first = first = ko.free_window({svc["spec"].get("clusterIP", "") for svc in services}, count)
+        targets = [(ko.bulk_ip(i), ko.SERVICE_PORT) for i in range(first, first + count)]
         prober = self.start_probe(targets, deadline)
         t0 = time.monotonic()
         try:
-            self.api.create_pairs(ko.bulk_objects(count, NS, self.backends, PROBE_PORT))
+            self.api.create_pairs(ko.bulk_objects(count, NS, self.backends, PROBE_PORT, first))
         except Exception:
             prober.kill()
             prober.communicate()
@@ -279,8 +291,8 @@ class Run:
     def change(self, count: int) -> ko.Figure:
         """One Service of ``count`` changes its port 80 -> 81: seconds until ClusterIP:81 answers."""
         assert self.api is not None
-        index = count // 2
-        prober = self.start_probe([(ko.bulk_ip(index), ko.SERVICE_PORT + 1)], 120, gap=0.005)
+        index = self.bulk_first + count // 2
+        prober = self.start_probe([(ko.bulk_ip(index), ko.SERVICE_PORT + 1)], 120, gap=0.005, attempt=0.02)
         t0 = time.monotonic()
         self.api.json_patch(f"/api/v1/namespaces/{NS}/services/svc-{index}",
                             [{"op": "replace", "path": "/spec/ports/0/port", "value": ko.SERVICE_PORT + 1}])
@@ -297,7 +309,7 @@ class Run:
                     str(ko.SERVICE_PORT)]
             enter: Callable[[], None] | None = self.in_client()
         else:
-            argv = ["ip", "netns", "exec", self.lab.layout.world_netns, str(self.tcpload), mode, NODE_1_IP,
+            argv = ["ip", "netns", "exec", self.the_lab.layout.world_netns, str(self.tcpload), mode, NODE_1_IP,
                     str(NODE_PORT)]
             enter = None
         rates, loads = [], []
@@ -324,7 +336,7 @@ def measure_mode(mode: str, sizes: tuple[int, ...], args: argparse.Namespace, tc
         if failed_at:  # a larger bulk create cannot succeed where a smaller one failed: not run
             figures[f"program {size}"] = ko.Figure(None, load(), f"not run: failed at {failed_at:,}")
             continue
-        run = Run(mode, tcpload)
+        run = Run(mode, tcpload, args.labs.get(mode))
         try:
             run.up()
             say(f"{mode}: lab up for {size} Services (load {load():.0f})")
@@ -344,9 +356,9 @@ def measure_mode(mode: str, sizes: tuple[int, ...], args: argparse.Namespace, tc
                 for kind in ("clusterip", "nodeport"):
                     for m, n in (("crr", args.crr_n), ("rr", args.rr_n)):
                         figures[f"{m} {kind} {top}"] = run.rate(kind, m, n, args.reps)
-                figures[f"rss {top}"] = ko.Figure(run.rss_mib("agent-node-1" if mode == "ciliary"
+                figures[f"rss {top}"] = ko.Figure(run.rss_mib("agent" if mode == "ciliary"
                                                                else "kube-proxy-node-1"), load())
-                figures[f"agent rss {top}"] = ko.Figure(run.rss_mib("agent-node-1"), load())
+                figures[f"agent rss {top}"] = ko.Figure(run.rss_mib("agent"), load())
         except Exception as exc:  # noqa: BLE001 - recorded as this proxy's failure, the other proxies still run
             say(f"{mode}: size {size} failed: {exc}")
             figures.setdefault(f"program {size}", ko.Figure(None, load(), str(exc)[:160]))
@@ -365,8 +377,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--program-timeout", type=float, default=0.0,
                     help="seconds a bulk create may take to answer (default 120 + 0.06 per Service)")
+    ap.add_argument("--lab", action="append", default=[], metavar="MODE=DIR",
+                    help="run MODE on this real-node lab, already up in that mode (its state directory)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: proves the bench runs")
     args = ap.parse_args()
+    args.labs = dict(item.split("=", 1) for item in args.lab if "=" in item)
+    if len(args.labs) != len(args.lab):
+        ap.error(f"--lab takes MODE=DIR, e.g. --lab ciliary=.lab (got {args.lab})")
     if args.smoke:
         args.services, args.modes, args.crr_n, args.rr_n, args.reps = "50", "ciliary,iptables", 100, 200, 1
     sizes = ko.parse_sizes(args.services)
@@ -374,7 +391,8 @@ def main() -> None:
     if not args.program_timeout:
         args.program_timeout = 120 + 0.06 * sizes[-1]
     say: Callable[[str], None] = lambda text: print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)  # noqa: E731
-    sessions.reap_stale(ROOT, "benchkp", "k")
+    if set(args.labs) - set(modes):
+        ap.error(f"--lab names modes that do not run: {sorted(set(args.labs) - set(modes))} (--modes {args.modes})")
     with tempfile.TemporaryDirectory(prefix="kpbench-") as tmp:
         tcpload = loadgen.build(Path(tmp))
         results = {mode: measure_mode(mode, sizes, args, tcpload, say) for mode in modes}

@@ -1,10 +1,11 @@
 """HTTP through the node's Envoy (ingress L7 policy) vs direct (L3/L4 policy only), same pods.
 
 Run as root from the repository root:  .venv/bin/python bench/bench_l7_http.py [--requests 2000]
-[--rounds 2] [--clients 4] [--smoke]
+[--rounds 2] [--clients 4] [--lab DIR] [--smoke]
 
-A fresh lab (own state directory, prefix ``CILIARY_LAB_PREFIX`` or ``cybl7``, taken down afterwards):
-server pod on node-1 runs a keep-alive HTTP/1.1 server on port 8080 answering 1 KiB bodies (headers
+It brings up its own real-node lab (two kubelet nodes, Ciliary installed by its Helm chart, as ``ciliary
+lab up``; under ``.lab-benchl7-<pid>``, prefix ``l<pid>``) and takes it down afterwards, also on failure;
+``--lab DIR`` runs it on a real-node lab already up instead. The server pod on node-1 runs a keep-alive HTTP/1.1 server on port 8080 answering 1 KiB bodies (headers
 and body in one write); client pods on node-1 (same node) and node-2 (cross node). For each policy
 (``l4``: fromEndpoints client on 8080/TCP; ``l7``: the same with ``http: [{method: GET, path: /.*}]``)
 and each client, Python clients in the client pod's namespace measure: ``keepalive`` (one connection,
@@ -17,13 +18,15 @@ under l7 and none under l4). Figures are the median over rounds, with each round
 asserted (machines are shared and noisy; the client is Python, so absolute numbers include its own
 cost). With each figure the bench prints the load average and, per request, the CPU time and the
 run-queue wait (``/proc/<pid>/task/*/schedstat``) of the clients, the server, node-1's Envoy and
-node-1's agent (which turns Envoy's access log into flows): on a loaded machine the run-queue wait
+node-1's agent (which turns Envoy's access log into flows; Envoy is the agent container's child): on a
+loaded machine the run-queue wait
 says how much of a latency is scheduling rather than the proxy's own work.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -35,16 +38,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "e2e"))
 
+import bench_labs  # noqa: E402
+from ciliary.lab import labimage  # noqa: E402
 from ciliary.lab.lab import Lab  # noqa: E402
-from ciliary.lab.layout import Binaries, LabLayout  # noqa: E402
 from ciliary.nodeagent.envoy_config import CLUSTER_NAME  # noqa: E402
 
 NS = "bench-l7"
+#: the chart agent's Envoy run directory (values ``agent.stateDir``, then the agent's ``envoy``)
+ENVOY_DIR = "/var/lib/ciliary/agent/envoy"
 PODS = f"""
-apiVersion: v1
-kind: Namespace
-metadata: {{name: {NS}}}
----
 apiVersion: v1
 kind: Pod
 metadata: {{name: server, namespace: {NS}, labels: {{app: server}}}}
@@ -208,6 +210,21 @@ def wait_path(lab: Lab, ip: str, policy: str, admin_socket: str) -> None:
     raise RuntimeError(f"requests do not take the {policy} path")
 
 
+def envoy_pid(agent: int) -> int:
+    """The pid of the Envoy the agent ``agent`` runs (a descendant of the agent's process)."""
+    todo, seen = [agent], set()
+    while todo:
+        pid = todo.pop()
+        seen.add(pid)
+        for children in Path(f"/proc/{pid}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in children.read_text().split() if int(c) not in seen]
+        with contextlib.suppress(OSError):
+            if pid != agent and Path(f"/proc/{pid}/comm").read_text().strip() == "envoy":
+                return pid
+    raise RuntimeError(f"the agent (pid {agent}) runs no Envoy")
+
+
 def median(values: list[float]) -> float:
     ordered, half = sorted(values), len(values) // 2
     return ordered[half] if len(ordered) % 2 else (ordered[half - 1] + ordered[half]) / 2
@@ -246,43 +263,52 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=2, help="l4/l7 pairs, alternating (default 2)")
     parser.add_argument("--clients", type=int, default=4, help="parallel keep-alive connections of the ka-xN row")
+    parser.add_argument("--lab", metavar="DIR", help="run on this real-node lab, already up (its state directory)")
     parser.add_argument("--smoke", action="store_true", help="30 requests, 1 round, 2 clients (checks the bench runs)")
     args = parser.parse_args()
     if args.smoke:
         args.requests, args.rounds, args.clients = 30, 1, 2
     modes = [m.format(clients=args.clients) for m in MODES]
-    layout = LabLayout(state_dir=ROOT / ".lab-bench-l7", prefix=os.environ.get("CILIARY_LAB_PREFIX", "cybl7"))
-    lab = Lab(layout, Binaries.discover())
-    lab.down(log=False)
+    with bench_labs.real_lab("benchl7", "l", args.lab) as lab:
+        try:
+            run(lab, args.requests, args.rounds, modes)
+        finally:
+            lab.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", "--timeout=120s",
+                        check=False)
+
+
+def run(lab: Lab, requests: int, rounds: int, modes: list[str]) -> None:
+    bench_labs.ensure_ready(lab)
     server: subprocess.Popen[str] | None = None
     try:
-        lab.up(2, log=False)
-        lab.kubectl("apply", "-f", "-", input=PODS)
+        lab.kubectl("create", "namespace", NS)
+        lab.kubectl("apply", "-f", "-", input=labimage.manifest_for_real_nodes(PODS))
         for pod in ("server", "near", "far"):
-            lab.kubectl("wait", "--for=condition=Ready", "--timeout=120s", "-n", NS, f"pod/{pod}")
+            lab.kubectl("wait", "--for=condition=Ready", "--timeout=180s", "-n", NS, f"pod/{pod}")
         ip = json.loads(lab.kubectl("get", "pod", "server", "-n", NS, "-o", "json").stdout)["status"]["podIP"]
         server = in_pod(lab, "server", [sys.executable, "-c", SERVER])
-        envoy_dir = layout.node_dir("node-1") / "agent" / "envoy"
+        agent = bench_labs.agent_pid(lab, "node-1")
+        # the agent's Envoy directory is in node-1's mount namespace: reached through the agent's root
+        envoy_dir = Path(f"/proc/{agent}/root{ENVOY_DIR}")
         admin_socket = json.loads((envoy_dir / "bootstrap.json").read_text())["admin"]["address"]["pipe"]["path"]
-        watched = {"server": server.pid, "envoy": int((envoy_dir / "envoy.pid").read_text()),
-                   "agent": int(json.loads((layout.run_dir / "agent-node-1.pid").read_text())["pid"])}
+        admin_socket = f"/proc/{agent}/root{admin_socket}"
+        watched = {"server": server.pid, "envoy": envoy_pid(agent), "agent": agent}
         time.sleep(1)
         results: dict[tuple[int, str, str, str], dict[str, float]] = {}
-        for rnd in range(args.rounds):
+        for rnd in range(rounds):
             for policy in ("l4", "l7") if rnd % 2 == 0 else ("l7", "l4"):
                 lab.kubectl("apply", "-f", "-", input=POLICY.format(ns=NS, rules=RULES[policy]))
                 wait_enforced(lab)
                 wait_path(lab, ip, policy, admin_socket)
                 for pod in ("near", "far"):
                     for mode in modes:
-                        measure(lab, pod, ip, max(50, args.requests // 10), mode, {})  # warm-up
-                        results[rnd, policy, pod, mode] = measure(lab, pod, ip, args.requests, mode, watched)
-        report(results, args.rounds, modes)
+                        measure(lab, pod, ip, max(50, requests // 10), mode, {})  # warm-up
+                        results[rnd, policy, pod, mode] = measure(lab, pod, ip, requests, mode, watched)
+        report(results, rounds, modes)
     finally:
         if server is not None:
             server.kill()
             server.wait()
-        lab.down(log=False)
 
 
 if __name__ == "__main__":

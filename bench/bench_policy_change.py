@@ -1,38 +1,41 @@
 """Policy change to enforced, end to end: apply of a CNP edit -> operator -> etcd -> agent -> kernel map.
 
-Run as root from the repository root (brings up its own one-node lab under
-``.lab-benchpc-<pid>``, prefix ``q<pid>``, and takes it down afterwards, also on failure):
+Run as root from the repository root. It brings up its own real-node lab (two kubelet nodes, Ciliary
+installed by its Helm chart, as ``ciliary lab up``; under ``.lab-benchpc-<pid>``, prefix ``q<pid>``) and
+takes it down afterwards, also on failure; ``--lab DIR`` runs it on a real-node lab already up instead:
 
-    .venv/bin/python bench/bench_policy_change.py [--changes 120] [--gap 0.3] [--kubectl]
+    .venv/bin/python bench/bench_policy_change.py [--changes 120] [--gap 0.3] [--kubectl] [--lab .lab]
     .venv/bin/python bench/bench_policy_change.py --smoke     # a few changes: proves the bench still runs
 
-Set-up: the lab's real operator and agent; a server pod and a client pod on
+Set-up: the chart's operator and agents; a server pod and a client pod on
 node-1 and one CiliumNetworkPolicy allowing client -> server:80. Each change
 is an apply of an edit of that CNP (server-side apply, the request
 ``kubectl apply --server-side`` sends; ``--kubectl`` runs ``kubectl apply``
 instead and starts the clock before the process starts) that alternately adds
-and removes either 1 port (1 map entry) or 1,000 ports (1,000 entries). The bench
-polls the agent's pinned ``cy_policy`` map (libbpf, from this process) until
-the entries appear or are gone: that moment is "enforced". p50/p99 over
-``--changes`` changes per size. Target: p99 < 250 ms for 1 entry.
+and removes either 1 port (1 map entry) or 1,000 ports (1,000 entries). A watcher
+inside node-1's mount namespace (its own bpffs) polls the agent's pinned ``cy_policy``
+map through libbpf until the entries appear or are gone: that moment is "enforced".
+p50/p99 over ``--changes`` changes per size. Target: p99 < 250 ms for 1 entry.
 
 Per-stage timestamps of each change: the apply returned (apiserver answered),
 the operator had written the node's intent to etcd (its "reconcile pass N
-complete at revision R: K intents written (<nodes>) in <ms> ms" log line, logged when the write returned; ms
-resolution) and how long that reconcile pass took, the map shows the change.
-Everything goes through the ``Lab`` (its kubeconfig/PKI, its logs, its bpffs
-pins): nothing here talks to etcd, so it keeps working whatever etcd's transport.
+complete at revision R: K intents written (<nodes>) in <ms> ms" log line, read from the
+operator pod's log, logged when the write returned; ms resolution) and how long that
+reconcile pass took, the map shows the change. Nothing here talks to etcd.
 """
 
 from __future__ import annotations
 
 import argparse
+import calendar
+import contextlib
 import ctypes as ct
+import dataclasses
 import functools
 import json
-import os
 import re
 import ssl
+import subprocess
 import sys
 import time
 import urllib.request
@@ -44,11 +47,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "nodeagent"), str(ROOT / "e2e")]
 
-from ciliary.lab import sessions  # noqa: E402
+import bench_labs  # noqa: E402
+from ciliary.lab import labimage  # noqa: E402
 from ciliary.lab.lab import Lab  # noqa: E402
-from ciliary.lab.layout import Binaries  # noqa: E402
 from ciliary.nodeagent import planning  # noqa: E402
-from ciliary.nodeagent.datapath import libbpf, maps  # noqa: E402
 
 NS = "bench-pc"
 NODE = "node-1"
@@ -108,27 +110,93 @@ class Applier:
 
 
 class PolicyMap:
-    """The agent's pinned ``cy_policy`` map, read through libbpf from this process."""
+    """The agent's pinned ``cy_policy`` map on ``node``, read by a watcher inside the node's mount namespace.
 
-    def __init__(self, lab: Lab) -> None:
-        """Wait (bounded) until the agent's datapath has pinned its maps, then open the policy map."""
-        root = lab.layout.bpffs_dir / NODE
-        wait_until(f"a pinned cy_policy under {root}", lambda: any(root.glob("**/cy_policy")), 180, 0.2)
-        self.fd = libbpf.obj_get(sorted(root.glob("**/cy_policy"))[0])
+    The watcher (this file, ``--watch-map``) opens the pin through libbpf and answers JSON lines on its
+    stdin. A wait is sent *before* the apply it times, so the watcher is already polling when the change
+    lands; it answers with the ``CLOCK_MONOTONIC`` instant it saw the map change (the same clock as this
+    process's ``time.monotonic()``).
+    """
 
-    def read(self) -> dict[planning.PolicyKey, planning.PolicyValue]:
-        return maps.read_map(self.fd, maps.POLICY)
+    def __init__(self, lab: Lab, node: str) -> None:
+        argv = [*bench_labs.node_mounts_argv(lab, node), sys.executable, str(Path(__file__).resolve()),
+                "--watch-map", node]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.ask({"op": "open"})
+
+    def send(self, request: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+
+    def answer(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise BenchFailed(f"the map watcher exited ({self.proc.wait(5)})")
+        reply: dict[str, Any] = json.loads(line)
+        if "error" in reply:
+            raise BenchFailed(reply["error"])
+        return reply
+
+    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.send(request)
+        return self.answer()
+
+    def read(self) -> list[planning.PolicyKey]:
+        return [key_of(k) for k in self.ask({"op": "keys"})["keys"]]
 
     def count(self) -> int:
-        return maps.count_entries(self.fd, maps.PolicyKeyC)
+        return int(self.ask({"op": "keys"})["count"])
 
-    def has(self, key: planning.PolicyKey) -> bool:
-        value = maps.PolicyValueC()
-        found = libbpf.lib.bpf_map_lookup_elem(self.fd, ct.byref(maps.encode_policy_key(key)), ct.byref(value)) == 0
-        return found and key in self.read()  # an LPM lookup may answer a shorter prefix: confirm the exact key
+    def start_wait(self, what: str, keys: list[planning.PolicyKey], present: bool, baseline: int,
+                   seconds: float = WAIT_S, step: float = 0.001) -> None:
+        self.send({"op": "wait", "what": what, "keys": [list(dataclasses.astuple(k)) for k in keys],
+                   "present": present, "baseline": baseline, "seconds": seconds, "step": step})
 
     def close(self) -> None:
-        os.close(self.fd)
+        with contextlib.suppress(OSError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def key_of(fields: list[int]) -> planning.PolicyKey:
+    ep_id, direction, identity, protocol, port, bits = fields
+    return planning.PolicyKey(ep_id, planning.MapDirection(direction), identity, protocol, port, bits)
+
+
+def watch_map(node: str) -> None:
+    """The watcher: inside the node's mount namespace, answer the bench's requests about ``cy_policy``."""
+    from ciliary.nodeagent.datapath import libbpf, maps
+
+    def reply(body: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(body) + "\n")
+        sys.stdout.flush()
+
+    fd = -1
+    root = Path("/sys/fs/bpf/ciliary") / node  # the chart agent's pin directory (its bpffs is the node's)
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            if request["op"] == "open":
+                wait_until(f"a pinned cy_policy under {root} on {node}", lambda: any(root.glob("**/cy_policy")),
+                           180, 0.2)
+                fd = libbpf.obj_get(sorted(root.glob("**/cy_policy"))[0])
+                reply({"ok": True})
+            elif request["op"] == "keys":
+                held = maps.read_map(fd, maps.POLICY)
+                reply({"keys": [list(dataclasses.astuple(k)) for k in held], "count": len(held)})
+            else:
+                keys = [key_of(k) for k in request["keys"]]
+                check = functools.partial(shows, fd, keys, request["present"], request["baseline"])
+                reply({"t": wait_until(request["what"], check, request["seconds"], request["step"])})
+        except BenchFailed as exc:
+            reply({"error": str(exc)})
 
 
 def wait_until(what: str, predicate: Callable[[], bool], seconds: float = WAIT_S, step: float = 0.001) -> float:
@@ -175,13 +243,19 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def shows(pmap: PolicyMap, keys: list[planning.PolicyKey], present: bool, baseline: int) -> bool:
+def shows(fd: int, keys: list[planning.PolicyKey], present: bool, baseline: int) -> bool:
     """The map holds all ``keys`` (``present``) or none of them (one key: one lookup; many: count first)."""
+    from ciliary.nodeagent.datapath import libbpf, maps
+
     if len(keys) == 1:
-        return pmap.has(keys[0]) == present
-    if pmap.count() != (baseline + len(keys) if present else baseline):
+        value = maps.PolicyValueC()
+        found = libbpf.lib.bpf_map_lookup_elem(fd, ct.byref(maps.encode_policy_key(keys[0])), ct.byref(value)) == 0
+        if found:  # an LPM lookup may answer a shorter prefix: confirm the exact key
+            found = keys[0] in maps.read_map(fd, maps.POLICY)
+        return found == present
+    if maps.count_entries(fd, maps.PolicyKeyC) != (baseline + len(keys) if present else baseline):
         return False
-    held = pmap.read()
+    held = maps.read_map(fd, maps.POLICY)
     return all((k in held) == present for k in keys)
 
 
@@ -193,11 +267,11 @@ def measure(size: int, changes: int, gap: float, applier: Applier, pmap: PolicyM
     series = Series(size)
     for r in range(changes):
         adding = r % 2 == 0
+        pmap.start_wait(f"change {r}", keys, adding, baseline, step=0.001 if size == 1 else 0.002)
         wall0, t0 = time.time(), time.monotonic()
         applier.apply(cnp([BASE_PORT, *extra] if adding else [BASE_PORT]))
         t_returned = time.monotonic()
-        t_map = wait_until(f"change {r}", functools.partial(shows, pmap, keys, adding, baseline),
-                           step=0.001 if size == 1 else 0.002)
+        t_map = float(pmap.answer()["t"])
         series.samples.append(Sample(wall0, (t_map - t0) * 1000, (t_returned - t0) * 1000))
         time.sleep(gap)
     return series
@@ -208,9 +282,9 @@ WRITE_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \S+ \S+ reco
 
 
 def operator_writes(lab: Lab) -> list[Write]:
-    log = lab.layout.log_dir / "operator.log"
-    text = log.read_text(errors="replace") if log.exists() else ""
-    return [Write(time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(m[2]) / 1000,
+    """The operator's intent writes, from its pod's log (the container's clock is UTC)."""
+    text = bench_labs.operator_log(lab)
+    return [Write(calendar.timegm(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(m[2]) / 1000,
                   tuple(m[3].split(",")), float(m[4])) for m in WRITE_LINE.finditer(text)]
 
 
@@ -257,34 +331,40 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,1000", help="entries per change (comma separated)")
     parser.add_argument("--gap", type=float, default=0.3, help="seconds between a change enforced and the next")
     parser.add_argument("--kubectl", action="store_true", help="apply with the kubectl process (clock includes it)")
+    parser.add_argument("--lab", metavar="DIR", help="run on this real-node lab, already up (its state directory)")
     parser.add_argument("--smoke", action="store_true", help="a few changes: checks the bench runs")
+    parser.add_argument("--watch-map", metavar="NODE", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.watch_map:
+        watch_map(args.watch_map)
+        return
     if args.smoke:
         args.changes, args.sizes, args.gap = 4, "1,100", 0.1
-    sessions.reap_stale(ROOT, "benchpc", "q")
-    lab = Lab(sessions.session_layout(ROOT, "benchpc", "q"), Binaries.discover())
-    pmap: PolicyMap | None = None
-    try:
-        lab.up(1, log=False)
-        lab.kubectl("create", "namespace", NS)
-        lab.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
-                                                          "items": [pod("server"), pod("client")]}))
-        lab.kubectl("wait", "--for=condition=Ready", "--timeout=120s", "-n", NS, "pod/server", "pod/client")
-        applier = Applier(lab, args.kubectl)
-        applier.apply(cnp([BASE_PORT]))
-        pmap = PolicyMap(lab)
-        wait_until("the base policy in the map", lambda: any(k.port == BASE_PORT for k in pmap.read()), 60)
-        template = next(k for k in pmap.read() if k.port == BASE_PORT)
-        baseline = pmap.count()
-        time.sleep(1.0)  # the status writes of the set-up are done
-        series = [measure(int(size), args.changes, args.gap, applier, pmap, template, baseline)
-                  for size in args.sizes.split(",")]
-        attribute(series, operator_writes(lab))
-        report(series, "kubectl apply" if args.kubectl else "server-side apply")
-    finally:
-        if pmap is not None:
-            pmap.close()
-        lab.down(log=False)
+    with bench_labs.real_lab("benchpc", "q", args.lab) as lab:
+        pmap: PolicyMap | None = None
+        try:
+            bench_labs.ensure_ready(lab)
+            lab.kubectl("create", "namespace", NS)
+            manifest = {"apiVersion": "v1", "kind": "List", "items": [pod("server"), pod("client")]}
+            lab.kubectl("apply", "-f", "-", input=labimage.manifest_for_real_nodes(json.dumps(manifest)))
+            lab.kubectl("wait", "--for=condition=Ready", "--timeout=180s", "-n", NS, "pod/server", "pod/client")
+            applier = Applier(lab, args.kubectl)
+            applier.apply(cnp([BASE_PORT]))
+            pmap = PolicyMap(lab, NODE)
+            wait_until("the base policy in the map", lambda: any(k.port == BASE_PORT for k in pmap.read()), 60,
+                       0.05)
+            template = next(k for k in pmap.read() if k.port == BASE_PORT)
+            baseline = pmap.count()
+            time.sleep(1.0)  # the status writes of the set-up are done
+            series = [measure(int(size), args.changes, args.gap, applier, pmap, template, baseline)
+                      for size in args.sizes.split(",")]
+            attribute(series, operator_writes(lab))
+            report(series, "kubectl apply" if args.kubectl else "server-side apply")
+        finally:
+            if pmap is not None:
+                pmap.close()
+            lab.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", "--timeout=120s",
+                        check=False)
 
 
 if __name__ == "__main__":

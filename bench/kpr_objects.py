@@ -13,13 +13,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-#: bulk Services take ClusterIPs from here (inside the lab's 10.96.0.0/16, clear of the dynamic
-#: allocations the lab makes itself: ``kubernetes`` is 10.96.0.1)
+#: bulk Services take ClusterIPs from here (inside the lab's 10.96.0.0/16); the apiserver hands out
+#: addresses of this range to Services that ask for none too, so a run starts at the first window of its
+#: size that no Service holds (:func:`free_window`)
 BULK_BASE = ipaddress.IPv4Address("10.96.64.0")
 BULK_MAX = 16384  # 10.96.64.0/18
-#: the Service the rate tests go through (ClusterIP + NodePort) and the few fillers beside it
-RATE_IP = "10.96.60.1"
-FILLER_BASE = ipaddress.IPv4Address("10.96.60.10")
+#: the Service the rate tests go through (ClusterIP + NodePort) and the few fillers beside it: in the
+#: range's lowest 256 addresses, which the apiserver keeps for Services that name their ClusterIP (it
+#: allocates there only when the rest of the range is full)
+RATE_IP = "10.96.0.200"
+FILLER_BASE = ipaddress.IPv4Address("10.96.0.210")
 SERVICE_PORT = 80
 MANAGED_BY = "bench.ciliary.io"
 DEFAULT_SIZES = (1000, 5000, 10000)
@@ -76,10 +79,25 @@ def endpoint_slice(service_name: str, namespace: str, backends: Sequence[tuple[s
 
 
 def bulk_objects(count: int, namespace: str, backends: Sequence[tuple[str, str]],
-                 port: int) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """``count`` (Service, EndpointSlice) pairs ``svc-<i>`` on ``bulk_ip(i)``."""
+                 port: int, first: int = 0) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """``count`` (Service, EndpointSlice) pairs ``svc-<i>`` on ``bulk_ip(i)``, ``i`` from ``first``."""
     return [(service(f"svc-{i}", namespace, bulk_ip(i), port), endpoint_slice(f"svc-{i}", namespace, backends, port))
-            for i in range(count)]
+            for i in range(first, first + count)]
+
+
+def free_window(taken: set[str], count: int) -> int:
+    """The first index ``i`` such that ``bulk_ip(i) .. bulk_ip(i + count - 1)`` are all free of ``taken``
+    (ClusterIPs Services hold already). Pure."""
+    held = sorted(int(ipaddress.IPv4Address(ip)) - int(BULK_BASE) for ip in taken
+                  if ip and ip != "None" and 0 <= int(ipaddress.IPv4Address(ip)) - int(BULK_BASE) < BULK_MAX)
+    first = 0
+    for index in held:
+        if index >= first + count:
+            break
+        first = max(first, index + 1)
+    if first + count > BULK_MAX:
+        raise SizeError(str(count), f"no {count} free addresses in a row from {BULK_BASE} (Services hold {len(held)})")
+    return first
 
 
 def filler_ip(index: int) -> str:

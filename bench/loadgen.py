@@ -29,7 +29,10 @@ def build(out_dir: Path) -> Path:
 
 
 def netns_argv(netns: str | None, argv: list[str]) -> list[str]:
-    return ["ip", "netns", "exec", netns, *argv] if netns else argv
+    """``argv`` inside ``netns``: a name under /run/netns, or a path (a real pod's ``/proc/<pid>/ns/net``)."""
+    if not netns:
+        return argv
+    return ["nsenter", f"--net={netns}", *argv] if netns.startswith("/") else ["ip", "netns", "exec", netns, *argv]
 
 
 def tune_client_netns(netns: str) -> None:

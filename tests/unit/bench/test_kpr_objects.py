@@ -28,6 +28,29 @@ def test_bulk_addresses_are_distinct_and_stay_in_their_range() -> None:
         ko.bulk_ip(ko.BULK_MAX)
 
 
+def test_the_rate_and_filler_services_sit_in_the_band_the_apiserver_keeps_for_named_cluster_ips() -> None:
+    import ipaddress
+    band = ipaddress.IPv4Network("10.96.0.0/24")
+    assert all(ipaddress.IPv4Address(ip) in band for ip in (ko.RATE_IP, ko.filler_ip(0), ko.filler_ip(8)))
+    assert {"10.96.0.1", "10.96.0.10"}.isdisjoint({ko.RATE_IP, *(ko.filler_ip(i) for i in range(9))})
+
+
+def test_a_bulk_window_skips_every_address_a_service_already_holds() -> None:
+    assert ko.free_window(set(), 50) == 0
+    assert ko.free_window({"10.96.0.10", "None", "", "10.96.38.30"}, 50) == 0  # outside the bulk range
+    assert ko.free_window({"10.96.64.20"}, 50) == 21
+    assert ko.free_window({"10.96.64.20"}, 20) == 0
+    assert ko.free_window({"10.96.64.20", "10.96.64.60", "10.96.64.3"}, 30) == 21
+    assert ko.free_window({"10.96.64.20", "10.96.64.40", "10.96.64.3"}, 30) == 41
+    first = ko.free_window({"10.96.64.0", "10.96.64.5"}, 5)
+    assert first == 6 and {ko.bulk_ip(i) for i in range(first, first + 5)}.isdisjoint({"10.96.64.0", "10.96.64.5"})
+    with pytest.raises(ko.SizeError):
+        ko.free_window({"10.96.127.255"}, ko.BULK_MAX)
+    pairs = ko.bulk_objects(2, "kpb", [("10.244.2.2", "node-2")], 8080, first=21)
+    assert [svc["metadata"]["name"] for svc, _ in pairs] == ["svc-21", "svc-22"]
+    assert [svc["spec"]["clusterIP"] for svc, _ in pairs] == ["10.96.64.21", "10.96.64.22"]
+
+
 def test_each_service_gets_one_slice_with_every_backend_on_the_named_port() -> None:
     backends = [("10.244.2.2", "node-2"), ("10.244.2.3", "node-2"), ("10.244.2.4", "node-2")]
     pairs = ko.bulk_objects(3, "kpb", backends, 8080)

@@ -1,0 +1,112 @@
+"""The real-node lab a bench runs on, and how a bench reaches inside one of its nodes.
+
+A bench either brings up a lab of its own (``reallab.up``: kubelets and containerd per node, Ciliary
+installed by its Helm chart, as ``ciliary lab up``; under ``.lab-<kind>-<pid>``, taken down afterwards,
+also on failure) or runs on a real-node lab already up (``--lab DIR``: the state directory ``ciliary lab
+up`` left, its prefix from ``CILIARY_LAB_PREFIX`` as the CLI's; nothing is brought up or taken down,
+the bench removes only the namespace it made). The smoke tests use the second way on the test session's
+lab, so ``make test`` pays for no lab of its own per bench.
+
+A chart-mode node keeps its bpffs (the agent's pinned maps) in a mount namespace of its own, the one its
+containerd started; :func:`node_mounts_argv` enters it, together with the node's network namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "nodeagent"), str(ROOT / "e2e")]
+
+from ciliary.lab import chartinstall, kubeletnode, processes, reallab, sessions  # noqa: E402
+from ciliary.lab.lab import Lab  # noqa: E402
+from ciliary.lab.layout import Binaries, LabLayout  # noqa: E402
+from ciliary.lab.topology import NETNS_DIR  # noqa: E402
+
+NODES = ("node-1", "node-2")
+
+
+class BenchLabError(RuntimeError):
+    """The lab a bench was pointed at cannot carry it; says which lab and why."""
+
+
+def attached(state_dir: str) -> Lab:
+    """A real-node lab with the chart that is already up (``--lab DIR``)."""
+    layout = LabLayout(state_dir=Path(state_dir).resolve(), prefix=os.environ.get("CILIARY_LAB_PREFIX", "cy"))
+    lab = Lab(layout, Binaries.discover())
+    config = lab.config()
+    if not (config.get("real_nodes") and config.get("chart")):
+        raise BenchLabError(f"--lab {state_dir}: no real-node lab with the chart there (`ciliary lab up`, with "
+                            "CILIARY_LAB_DIR and CILIARY_LAB_PREFIX if not the default)")
+    return lab
+
+
+@contextlib.contextmanager
+def real_lab(kind: str, letter: str, attach: str | None, *, nodes: Sequence[str] = NODES,
+             kube_proxy_replacement: bool = False, kube_proxy: str | None = None) -> Iterator[Lab]:
+    """The lab the bench runs on: ``attach`` (a state directory) or one of its own, up for the block."""
+    if attach:
+        lab = attached(attach)
+        yield lab
+        return
+    sessions.reap_stale(ROOT, kind, letter)
+    lab = Lab(sessions.session_layout(ROOT, kind, letter), Binaries.discover())
+    try:
+        reallab.up(lab, list(nodes), chart=True, ready_seconds=420, kube_proxy_replacement=kube_proxy_replacement,
+                   kube_proxy=kube_proxy)
+        yield lab
+    finally:
+        lab.down(log=False)
+
+
+def ensure_ready(lab: Lab, seconds: float = 300) -> None:
+    """Every agent, the operator and etcd Ready (an attached lab may still be starting them)."""
+    chartinstall.wait_ready(lambda *a, **k: lab.kubectl(*a, **k), lab.node_names(), seconds)
+
+
+def node_mounts_argv(lab: Lab, node: str) -> list[str]:
+    """``nsenter`` into ``node``'s network and mount namespaces (its own bpffs, /run/ciliary)."""
+    pid = processes.running_pid(lab.layout, f"containerd-{node}")
+    if pid is None:
+        raise BenchLabError(f"{node}: its containerd is not running (its mount namespace is the node's)")
+    return ["nsenter", f"--net={NETNS_DIR / lab.layout.node_netns(node)}", f"--mount=/proc/{pid}/ns/mnt", "--wd=/"]
+
+
+def operator_log(lab: Lab) -> str:
+    """The chart operator's log (every container start of the Deployment's pod; empty if none answers)."""
+    out = lab.kubectl("logs", "-n", chartinstall.NAMESPACE, f"deployment/{chartinstall.RELEASE}-operator",
+                      "-c", "operator", "--tail=-1", check=False)
+    return out.stdout if out.returncode == 0 else ""
+
+
+def agent_pid(lab: Lab, node: str) -> int:
+    """The host pid of ``node``'s agent: the chart DaemonSet pod's ``agent`` container (its entrypoint execs
+    the agent)."""
+    pods = agent_pods(lab, node)
+    if not pods:
+        raise BenchLabError(f"no agent pod on {node}")
+    return kubeletnode.container_pid(lab.layout, pods[0], "agent")
+
+
+def agent_pods(lab: Lab, node: str) -> list[dict[str, Any]]:
+    """The chart's agent pod on ``node`` (a list: none while the DaemonSet replaces it)."""
+    out = lab.kubectl("get", "pods", "-n", chartinstall.NAMESPACE, "-l",
+                      "app.kubernetes.io/part-of=ciliary,app.kubernetes.io/component=agent",
+                      "--field-selector", f"spec.nodeName={node}", "-o", "json", check=False)
+    return list(json.loads(out.stdout)["items"]) if out.returncode == 0 else []
+
+
+def agent_log(lab: Lab, node: str) -> str:
+    """``node``'s agent log (its pod's ``agent`` container; empty if none answers)."""
+    pods = agent_pods(lab, node)
+    if not pods:
+        return ""
+    out = lab.kubectl("logs", "-n", chartinstall.NAMESPACE, pods[0]["metadata"]["name"], "-c", "agent", "--tail=-1",
+                      check=False)
+    return out.stdout if out.returncode == 0 else ""
