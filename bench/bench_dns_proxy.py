@@ -28,9 +28,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "e2e"))
+sys.path[:0] = [str(ROOT / "e2e"), str(ROOT / "bench")]
 
-import bench_labs  # noqa: E402
+import real_node_lab  # noqa: E402
 from ciliary.lab import labimage  # noqa: E402
 from ciliary.lab.lab import Lab  # noqa: E402
 from ciliary.lab.layout import WORLD_DNS_IP  # noqa: E402
@@ -101,7 +101,7 @@ def agent_cpu_ns(pid: int) -> int:
 
 def load(lab: Lab, seconds: float, window: int) -> dict[str, float]:
     netns, _ = lab.pod_target("client", NS)
-    pid = bench_labs.agent_pid(lab, "node-1")
+    pid = real_node_lab.agent_pid(lab, "node-1")
     began, average = agent_cpu_ns(pid), os.getloadavg()[0]
     out = subprocess.run(["nsenter", f"--net={netns}", sys.executable, "-c", LOADGEN, WORLD_DNS_IP,
                           str(seconds), str(window)], capture_output=True, text=True, timeout=seconds + 60)
@@ -114,7 +114,7 @@ def load(lab: Lab, seconds: float, window: int) -> dict[str, float]:
 
 
 def run(lab: Lab, seconds: float, windows: list[int]) -> None:
-    bench_labs.ensure_ready(lab)
+    real_node_lab.ensure_ready(lab)
     lab.kubectl("create", "namespace", NS)
     lab.kubectl("apply", "-f", "-", input=labimage.manifest_for_real_nodes(json.dumps(POD)))
     lab.kubectl("wait", "--for=condition=Ready", "--timeout=180s", "-n", NS, "pod/client")
@@ -144,7 +144,7 @@ def main() -> None:
     if args.smoke:
         args.seconds, args.window = 1.0, "4"
     windows = [int(w) for w in args.window.split(",")]
-    with bench_labs.real_lab("benchdns", "d", args.lab) as lab:
+    with real_node_lab.real_lab("benchdns", "d", args.lab) as lab:
         try:
             run(lab, args.seconds, windows)
         finally:

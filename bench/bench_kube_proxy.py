@@ -53,9 +53,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "nodeagent"), str(ROOT / "e2e"), str(ROOT / "bench")]
 
-import bench_labs  # noqa: E402
 import kpr_objects as ko  # noqa: E402
 import loadgen  # noqa: E402
+import real_node_lab  # noqa: E402
 from ciliary.lab import chartinstall, labimage, processes  # noqa: E402
 from ciliary.lab.lab import Lab, mode_of  # noqa: E402
 from ciliary.lab.topology import NETNS_DIR  # noqa: E402
@@ -114,13 +114,13 @@ class Run:
     # --- set-up --------------------------------------------------------------------------------------
     def up(self) -> None:
         ciliary = self.mode == "ciliary"
-        self.lab = lab = self.stack.enter_context(bench_labs.real_lab(
+        self.lab = lab = self.stack.enter_context(real_node_lab.real_lab(
             "benchkp", "k", self.attach, kube_proxy_replacement=ciliary, kube_proxy=None if ciliary else self.mode))
         wanted = "kube-proxy-replacement" if ciliary else f"kube-proxy-{self.mode}"
         if mode_of(lab.config()) != wanted:
             raise BenchError(self.mode, f"--lab {self.attach}: that lab's Services are {mode_of(lab.config())}, "
                                         f"this mode needs {wanted}")
-        bench_labs.ensure_ready(lab, 300)
+        real_node_lab.ensure_ready(lab, 300)
         self.stack.callback(lambda: lab.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true",
                                                 "--timeout=300s", check=False))
         lab.kubectl("create", "namespace", NS)
@@ -140,7 +140,7 @@ class Run:
         pki = lab.layout.pki_dir
         self.api = Api("127.0.0.1", ports.apiserver, ca=pki / "ca.crt", cert=pki / "admin.crt", key=pki / "admin.key")
         self.restarts = self.container_restarts()
-        self.operator_lines = len(bench_labs.operator_log(lab).splitlines())
+        self.operator_lines = len(real_node_lab.operator_log(lab).splitlines())
         rate = [(ko.service("rate", NS, ko.RATE_IP, RATE_PORT, node_port=NODE_PORT),
                  ko.endpoint_slice("rate", NS, self.backends, RATE_PORT))]
         fillers = [(ko.service(f"fill-{i}", NS, ko.filler_ip(i), PROBE_PORT),
@@ -232,7 +232,7 @@ class Run:
         restarted = sorted(name for name, count in now.items() if count > self.restarts.get(name, count))
         if restarted:
             return f"restarted: {', '.join(restarted)} (kubectl logs --previous)"
-        lines = bench_labs.operator_log(lab).splitlines()
+        lines = real_node_lab.operator_log(lab).splitlines()
         fresh, self.operator_lines = lines[self.operator_lines:], len(lines)
         for line in fresh:
             if "too large" in line or "ResourceExhausted" in line:
@@ -245,7 +245,7 @@ class Run:
     def rss_mib(self, process: str) -> float:
         """RSS of node-1's agent (``agent``: its container's process) or of a lab process (kube-proxy)."""
         if process == "agent":
-            return processes.rss_kib(bench_labs.agent_pid(self.the_lab, "node-1")) / 1024
+            return processes.rss_kib(real_node_lab.agent_pid(self.the_lab, "node-1")) / 1024
         pid = processes.running_pid(self.the_lab.layout, process)
         return processes.rss_kib(pid) / 1024 if pid else 0.0
 
@@ -253,8 +253,8 @@ class Run:
         """How often the components acted so far (where the time went), from their logs."""
         lab = self.the_lab
         if self.mode == "ciliary":
-            agent = bench_labs.agent_log(lab, "node-1")
-            return (f"operator published intents {bench_labs.operator_log(lab).count('published ')} times, "
+            agent = real_node_lab.agent_log(lab, "node-1")
+            return (f"operator published intents {real_node_lab.operator_log(lab).count('published ')} times, "
                     f"node-1's agent applied its LB intent {agent.count('Load-balancing intent applied')} times")
         out = subprocess.run(["ip", "netns", "exec", lab.layout.node_netns("node-1"), "curl", "-s", "-m", "5",
                               "http://127.0.0.1:10249/metrics"], capture_output=True, text=True, timeout=30).stdout

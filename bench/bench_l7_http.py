@@ -36,9 +36,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "e2e"))
+sys.path[:0] = [str(ROOT / "e2e"), str(ROOT / "bench")]
 
-import bench_labs  # noqa: E402
+import real_node_lab  # noqa: E402
 from ciliary.lab import labimage  # noqa: E402
 from ciliary.lab.lab import Lab  # noqa: E402
 from ciliary.nodeagent.envoy_config import CLUSTER_NAME  # noqa: E402
@@ -269,7 +269,7 @@ def main() -> None:
     if args.smoke:
         args.requests, args.rounds, args.clients = 30, 1, 2
     modes = [m.format(clients=args.clients) for m in MODES]
-    with bench_labs.real_lab("benchl7", "l", args.lab) as lab:
+    with real_node_lab.real_lab("benchl7", "l", args.lab) as lab:
         try:
             run(lab, args.requests, args.rounds, modes)
         finally:
@@ -278,7 +278,7 @@ def main() -> None:
 
 
 def run(lab: Lab, requests: int, rounds: int, modes: list[str]) -> None:
-    bench_labs.ensure_ready(lab)
+    real_node_lab.ensure_ready(lab)
     server: subprocess.Popen[str] | None = None
     try:
         lab.kubectl("create", "namespace", NS)
@@ -287,7 +287,7 @@ def run(lab: Lab, requests: int, rounds: int, modes: list[str]) -> None:
             lab.kubectl("wait", "--for=condition=Ready", "--timeout=180s", "-n", NS, f"pod/{pod}")
         ip = json.loads(lab.kubectl("get", "pod", "server", "-n", NS, "-o", "json").stdout)["status"]["podIP"]
         server = in_pod(lab, "server", [sys.executable, "-c", SERVER])
-        agent = bench_labs.agent_pid(lab, "node-1")
+        agent = real_node_lab.agent_pid(lab, "node-1")
         # the agent's Envoy directory is in node-1's mount namespace: reached through the agent's root
         envoy_dir = Path(f"/proc/{agent}/root{ENVOY_DIR}")
         admin_socket = json.loads((envoy_dir / "bootstrap.json").read_text())["admin"]["address"]["pipe"]["path"]

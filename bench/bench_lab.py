@@ -23,7 +23,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from bench import bench_labs
+from bench import real_node_lab
 
 from ciliary.lab import kubeletnode, processes
 from ciliary.lab.lab import Lab
@@ -63,9 +63,9 @@ def footprint(lab: Lab) -> dict[str, list[int]]:
 
 def measure(nodes: int) -> tuple[float, float, dict[str, list[int]]]:
     t0 = time.monotonic()
-    with bench_labs.real_lab("benchlab", "b", None, nodes=[f"node-{i}" for i in range(1, nodes + 1)]) as lab:
+    with real_node_lab.real_lab("benchlab", "b", None, nodes=[f"node-{i}" for i in range(1, nodes + 1)]) as lab:
         ready = time.monotonic() - t0
-        bench_labs.ensure_ready(lab)
+        real_node_lab.ensure_ready(lab)
         agents = time.monotonic() - t0
         time.sleep(5)  # let the processes settle after start-up
         return ready, agents, footprint(lab)

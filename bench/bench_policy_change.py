@@ -45,9 +45,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "nodeagent"), str(ROOT / "e2e")]
+sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "nodeagent"), str(ROOT / "e2e"), str(ROOT / "bench")]
 
-import bench_labs  # noqa: E402
+import real_node_lab  # noqa: E402
 from ciliary.lab import labimage  # noqa: E402
 from ciliary.lab.lab import Lab  # noqa: E402
 from ciliary.nodeagent import planning  # noqa: E402
@@ -119,7 +119,7 @@ class PolicyMap:
     """
 
     def __init__(self, lab: Lab, node: str) -> None:
-        argv = [*bench_labs.node_mounts_argv(lab, node), sys.executable, str(Path(__file__).resolve()),
+        argv = [*real_node_lab.node_mounts_argv(lab, node), sys.executable, str(Path(__file__).resolve()),
                 "--watch-map", node]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.ask({"op": "open"})
@@ -283,7 +283,7 @@ WRITE_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \S+ \S+ reco
 
 def operator_writes(lab: Lab) -> list[Write]:
     """The operator's intent writes, from its pod's log (the container's clock is UTC)."""
-    text = bench_labs.operator_log(lab)
+    text = real_node_lab.operator_log(lab)
     return [Write(calendar.timegm(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(m[2]) / 1000,
                   tuple(m[3].split(",")), float(m[4])) for m in WRITE_LINE.finditer(text)]
 
@@ -340,10 +340,10 @@ def main() -> None:
         return
     if args.smoke:
         args.changes, args.sizes, args.gap = 4, "1,100", 0.1
-    with bench_labs.real_lab("benchpc", "q", args.lab) as lab:
+    with real_node_lab.real_lab("benchpc", "q", args.lab) as lab:
         pmap: PolicyMap | None = None
         try:
-            bench_labs.ensure_ready(lab)
+            real_node_lab.ensure_ready(lab)
             lab.kubectl("create", "namespace", NS)
             manifest = {"apiVersion": "v1", "kind": "List", "items": [pod("server"), pod("client")]}
             lab.kubectl("apply", "-f", "-", input=labimage.manifest_for_real_nodes(json.dumps(manifest)))
