@@ -6,7 +6,8 @@ tests use); the release is put back first if an earlier test removed it, and wha
 default namespace (namespaces, pods, cluster-wide policies) is deleted after it. A module that sets
 ``REAL_NODES = False`` asks for no ``lab``: it brings up a lab of its own (e2e/test_lab_kube_proxy.py).
 
-``CILIARY_E2E_LAB=<state dir>`` attaches to a real-node lab already up (tests/realnode_lab.py).
+``CILIARY_E2E_LAB=<state dir>`` attaches to a real-node lab already up (tests/realnode_lab.py). A module finding
+the lab gone (its ``lab.json`` removed by an earlier test) fails saying so; nothing brings up another lab.
 
 The session lab has its own prefix and state directory (``.lab-chartnode-<pid>``, see
 ``ciliary.lab.sessions``), so it never touches a lab the user (or another session) has running; it is taken
@@ -36,6 +37,9 @@ def lab(request: pytest.FixtureRequest) -> Iterator[LabHandle]:
         pytest.fail(f"{request.module.__name__} says REAL_NODES = False: it brings up its own lab, not `lab`",
                     pytrace=False)
     chart = request.getfixturevalue("chart_lab")
+    if not chart.lab.layout.config_file.exists():
+        pytest.fail(f"the session's real-node lab in {chart.lab.layout.state_dir} is gone (taken down by an earlier "
+                    "test?): run the suite again", pytrace=False)
     require_mode(chart.lab, request.module)
     ensure_installed(chart)
     handle = LabHandle(chart.lab)

@@ -1,16 +1,14 @@
 """The handle e2e tests drive a lab with: kubectl, pods, probes, the ciliary CLI, the Hubble relay, the
 service map and the agents' and operator's metrics.
 
-The same handle drives the process lab (``ciliary lab up --process``: Ciliary's own pod runtime, agents and
-operator as processes, Ciliary's etcd is the control plane's) and the real-node lab (``ciliary lab up``:
-kubelets, Ciliary installed by its chart, Ciliary's etcd is the chart's bundled etcd on a
-node's network). On real nodes a manifest's ``image: lab`` containers become the lab app image
-(``ciliary.lab.labimage``), and the ``ciliary`` CLI runs inside the network namespace of the node that
-hosts the chart's etcd, with the chart's operator certificates, a kubeconfig through that node's
+The lab is the real-node lab (``ciliary lab up``: kubelets, Ciliary installed by its chart, Ciliary's etcd
+is the chart's bundled etcd on a node's network). A manifest's ``image: lab`` containers become the lab app
+image (``ciliary.lab.labimage``), and the ``ciliary`` CLI runs inside the network namespace of the node that
+hosts the chart's etcd, with the chart's ``ciliary-reader`` certificate, a kubeconfig through that node's
 apiserver relay and the lab's kubectl (``CILIARY_KUBECTL``): the CLI reaches every other node's agent
 through that node's agent pod (``ciliary.cli.agent_access``). The relay and the service map are the chart's
-``hubble-relay`` and ``hubble-ui`` Services, which the lab forwards to the same loopback ports as the process
-lab's (``ciliary.lab.serviceforward``); the agents' and the operator's metrics listeners are the chart's
+``hubble-relay`` and ``hubble-ui`` Services, which the lab forwards to loopback ports of this shell
+(``ciliary.lab.serviceforward``); the agents' and the operator's metrics listeners are the chart's
 node-local ones (host network, a node's loopback), read inside that node's network namespace, and forwarded
 for a scrape from this shell (:meth:`LabHandle.scrape_targets`).
 """
@@ -25,7 +23,6 @@ import select
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +30,10 @@ from typing import Any
 
 import pytest
 
-from ciliary.lab import cgroups, controlplane, kubeletnode, labimage, nodehost, processes, reallab, topology
+from ciliary.lab import controlplane, kubeletnode, labimage, nodehost, processes, reallab, topology
 from ciliary.lab.kubeconfigs import write_kubeconfig
 from ciliary.lab.lab import Lab, mode_of
 from ciliary.lab.nodeconfig import APISERVER_RELAY_PORT
-from ciliary.operator.store import access
 
 #: the chart's bundled etcd (host network) as seen from inside the node that runs it: the server
 #: certificate names 127.0.0.1
@@ -61,12 +57,8 @@ class ScrapeTargets:
 class LabHandle:
     lab: Lab
 
-    @property
-    def real_nodes(self) -> bool:
-        return bool(self.lab.config().get("real_nodes"))
-
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-        if input and args and args[0] in ("apply", "create") and self.real_nodes:
+        if input and args and args[0] in ("apply", "create"):
             input = labimage.manifest_for_real_nodes(input)
         return self.lab.kubectl(*args, input=input, check=check)
 
@@ -91,7 +83,7 @@ class LabHandle:
         pytest.fail(f"pod {namespace}/{name} not Running after {seconds} s: {pod.get('status')}\n{events}")
 
     def netns(self, pod: str, namespace: str = "default") -> str:
-        """The path of the pod's network namespace file (either lab: a containerd pod's is not in /run/netns)."""
+        """The path of the pod's network namespace file (a containerd pod's is not in /run/netns)."""
         return str(self.lab.pod_target(pod, namespace)[0])
 
     def node_netns(self, node: str) -> str:
@@ -102,14 +94,7 @@ class LabHandle:
 
     def agent_get(self, node: str, path: str, timeout: float = 5) -> str:
         """GET an agent's health/debug endpoint (``/v1/enforcement``, ``/metrics``, ...); ``<error>`` if none."""
-        if self.real_nodes:
-            return http_get_in(self.node_netns(node), f"http://{CHART_AGENT_HEALTH}{path}", timeout)
-        try:
-            port = (self.lab.layout.node_dir(node) / "health-port").read_text().strip()
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
-                return str(resp.read().decode())
-        except OSError as exc:
-            return f"<{exc}>"
+        return http_get_in(self.node_netns(node), f"http://{CHART_AGENT_HEALTH}{path}", timeout)
 
     def agent_json(self, node: str, path: str, timeout: float = 5) -> dict[str, Any]:
         """An agent's JSON document (``/v1/services``, ``/v1/enforcement``); OSError when it does not answer 200."""
@@ -120,53 +105,45 @@ class LabHandle:
 
     def node_host_cgroup(self, node: str) -> Path:
         """The cgroup v2 directory of ``node``'s own processes (the node's socket load balancer is attached
-        there): the process lab's node group, or a real node's cgroup root (its kubelet's ``cgroupRoot``)."""
-        if self.real_nodes:
-            unified = nodehost.cgroup_layout().unified
-            assert unified is not None, "real nodes need cgroup v2"
-            return unified / kubeletnode.node_paths(self.lab.layout, node).cgroup_root.lstrip("/")
-        return cgroups.lab_root(self.lab.layout.cgroup_name) / node
+        there): the node's cgroup root (its kubelet's ``cgroupRoot``)."""
+        unified = nodehost.cgroup_layout().unified
+        assert unified is not None, "real nodes need cgroup v2"
+        return unified / kubeletnode.node_paths(self.lab.layout, node).cgroup_root.lstrip("/")
 
     @property
     def kube_proxy_replacement(self) -> bool:
-        """Ciliary's load balancer alone serves Services (the process lab without ``--kube-proxy``, or a
-        real-node lab up with ``--kube-proxy-replacement``)."""
+        """Ciliary's load balancer alone serves Services (a lab up with ``--kube-proxy-replacement``)."""
         return mode_of(self.lab.config()) == "kube-proxy-replacement"
 
     def assert_own_agent(self, node: str, via: str) -> None:
         """``via`` (how the CLI says it reached node's agent, ``ciliary.cli.agent_access``) is node's own agent,
-        checked outside the CLI: a pod kubectl places on node, the CLI's own node's loopback (real nodes), or the
-        port node's agent process wrote (process lab)."""
-        if self.real_nodes:
-            pod = re.fullmatch(rf"in pod kube-system/(\S+) on node (\S+) \(kubectl exec, {re.escape(CHART_AGENT_HEALTH)}\)",
-                               via)
-            if pod is None:  # the CLI runs in the chart etcd's node: its loopback is that node's agent
-                assert via == f"at http://{CHART_AGENT_HEALTH}" and node == self.chart_etcd_node(), (node, via)
-                return
-            assert pod.group(2) == node, (node, via)
-            placed = self.kubectl("get", "pod", "-n", "kube-system", pod.group(1), "-o", "jsonpath={.spec.nodeName}")
-            assert placed.stdout == node, (node, via, placed.stdout)
-        else:
-            port = (self.lab.layout.node_dir(node) / "health-port").read_text().strip()
-            assert via == f"at http://127.0.0.1:{port}", (node, via)
+        checked outside the CLI: a pod kubectl places on node, or the CLI's own node's loopback."""
+        pod = re.fullmatch(rf"in pod kube-system/(\S+) on node (\S+) \(kubectl exec, {re.escape(CHART_AGENT_HEALTH)}\)",
+                           via)
+        if pod is None:  # the CLI runs in the chart etcd's node: its loopback is that node's agent
+            assert via == f"at http://{CHART_AGENT_HEALTH}" and node == self.chart_etcd_node(), (node, via)
+            return
+        assert pod.group(2) == node, (node, via)
+        placed = self.kubectl("get", "pod", "-n", "kube-system", pod.group(1), "-o", "jsonpath={.spec.nodeName}")
+        assert placed.stdout == node, (node, via, placed.stdout)
 
     # --- Hubble: the relay, the service map, metrics ------------------------------------------------------
     def relay_address(self) -> str:
-        """The cluster's one Hubble address from this shell (``HUBBLE_SERVER``): the process lab's
-        ``ciliary-relay``, or the chart's ``hubble-relay`` Service through the lab's forward."""
+        """The cluster's one Hubble address from this shell (``HUBBLE_SERVER``): the chart's ``hubble-relay``
+        Service through the lab's forward."""
         self._need_service_forward()
         return f"127.0.0.1:{self.lab.relay_port()}"
 
     def ui_url(self) -> str:
-        """The service map from this shell (``CILIARY_UI_URL``): the process lab's ``ciliary-ui``, or the
-        chart's ``hubble-ui`` Service through the lab's forward."""
+        """The service map from this shell (``CILIARY_UI_URL``): the chart's ``hubble-ui`` Service through the
+        lab's forward."""
         self._need_service_forward()
         return f"http://127.0.0.1:{self.lab.ui_port()}"
 
     def _need_service_forward(self) -> None:
-        if self.real_nodes and not processes.running_pid(self.lab.layout, reallab.SERVICE_FORWARD):
+        if not processes.running_pid(self.lab.layout, reallab.SERVICE_FORWARD):
             pytest.fail(f"the lab's {reallab.SERVICE_FORWARD} is not running: the chart's relay and UI are "
-                        "unreachable from this shell (`ciliary lab up --real-nodes` starts it)")
+                        "unreachable from this shell (`ciliary lab up` starts it)")
 
     def agent_metrics(self, node: str) -> str:
         """The node's agent's ``/metrics`` (Prometheus text); the test fails when it does not answer."""
@@ -175,12 +152,10 @@ class LabHandle:
             pytest.fail(f"the agent of {node} served no /metrics: {text}")
         return text
 
-    def operator_address(self) -> tuple[str | None, str]:
-        """The operator's metrics listener: (the node namespace it is reached in, None for this shell's,
-        and ``host:port``). On real nodes: the chart's operator pod (host network) and the
-        ``CILIARY_OPERATOR_PROMETHEUS_SERVE_ADDR`` its pod spec gives (``operator.prometheusServeAddr``)."""
-        if not self.real_nodes:
-            return None, f"127.0.0.1:{self.lab.operator_metrics_port()}"
+    def operator_address(self) -> tuple[str, str]:
+        """The operator's metrics listener: (the node namespace it is reached in, ``host:port``): the chart's
+        operator pod (host network) and the ``CILIARY_OPERATOR_PROMETHEUS_SERVE_ADDR`` its pod spec gives
+        (``operator.prometheusServeAddr``)."""
         out = self.kubectl("get", "pods", "-n", "kube-system", "-l", "app.kubernetes.io/component=operator",
                            "-o", "json")
         pods = [p for p in json.loads(out.stdout)["items"] if p["status"].get("phase") == "Running"]
@@ -199,14 +174,7 @@ class LabHandle:
     def operator_metrics(self) -> str:
         """The operator's ``/metrics`` (Prometheus text); the test fails when it does not answer."""
         netns, addr = self.operator_address()
-        if netns is not None:
-            text = http_get_in(netns, f"http://{addr}/metrics", 10)
-        else:
-            try:
-                with urllib.request.urlopen(f"http://{addr}/metrics", timeout=10) as resp:
-                    text = str(resp.read().decode())
-            except OSError as exc:
-                text = f"<{exc}>"
+        text = http_get_in(netns, f"http://{addr}/metrics", 10)
         if text.startswith("<"):
             pytest.fail(f"the operator served no /metrics at {addr}: {text}")
         return text
@@ -214,18 +182,13 @@ class LabHandle:
     @contextlib.contextmanager
     def scrape_targets(self, nodes: Sequence[str]) -> Iterator[ScrapeTargets]:
         """Addresses of this shell where the agents' of ``nodes`` and the operator's ``/metrics`` answer, for a
-        real Prometheus run here. Process lab: their own loopback ports. Real nodes: the chart's listeners are
-        on each node's loopback, so one ``ciliary.lab.serviceforward`` per node namespace forwards a free
-        loopback port of this shell to each (stopped on exit)."""
-        if not self.real_nodes:
-            yield ScrapeTargets({n: f"127.0.0.1:{self.lab.health_port(n)}" for n in nodes},
-                                self.operator_address()[1])
-            return
+        real Prometheus run here. The chart's listeners are on each node's loopback, so one
+        ``ciliary.lab.serviceforward`` per node namespace forwards a free loopback port of this shell to each
+        (stopped on exit)."""
         operator_netns, operator_addr = self.operator_address()
         wanted: dict[str, list[tuple[str, str]]] = {}  # netns -> (what, address in it)
         for node in nodes:
             wanted.setdefault(self.node_netns(node), []).append((node, CHART_AGENT_HEALTH))
-        assert operator_netns is not None
         wanted.setdefault(operator_netns, []).append(("operator", operator_addr))
         found: dict[str, str] = {}
         procs: list[subprocess.Popen[str]] = []
@@ -276,13 +239,12 @@ class LabHandle:
 
     @property
     def etcd_endpoint(self) -> str:
-        """Ciliary's etcd as :meth:`ciliary` reaches it (on real nodes: from inside the etcd pod's node)."""
-        return CHART_ETCD_ENDPOINT if self.real_nodes else self.lab.ports().etcd_endpoint
+        """Ciliary's etcd as :meth:`ciliary` reaches it (from inside the etcd pod's node)."""
+        return CHART_ETCD_ENDPOINT
 
     def ciliary(self, *args: str) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-m", "ciliary.cli.main", *args]
-        if self.real_nodes:
-            argv = ["nsenter", f"--net={self.node_netns(self.chart_etcd_node())}", *argv]
+        argv = ["nsenter", f"--net={self.node_netns(self.chart_etcd_node())}", sys.executable, "-m",
+                "ciliary.cli.main", *args]
         return subprocess.run(argv, capture_output=True, text=True, timeout=300, env=self.env())
 
     def chart_etcd_node(self) -> str:
@@ -297,7 +259,7 @@ class LabHandle:
     def chart_credentials(self) -> tuple[Path, Path, Path, Path]:
         """The chart's etcd CA, the ``ciliary-reader`` certificate and key (from its Secret: the CLI reads, it
         never writes) and a kubeconfig through a node's apiserver relay, under the lab's state directory."""
-        from ciliary.lab import chartinstall  # it imports the image builders; only real-node labs need it
+        from ciliary.lab import chartinstall  # it imports the image builders: only when a test asks
 
         where = self.lab.layout.state_dir / "e2e-cli"
         # read every time: a reinstalled chart (chart_installed) makes a new CA and certificates
@@ -322,17 +284,11 @@ class LabHandle:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("ETCDCTL_", "CILIARY_ETCD_")) and k != "KUBECONFIG"}
         lab_env = {"CILIARY_LAB_DIR": str(self.lab.layout.state_dir), "CILIARY_LAB_PREFIX": self.lab.layout.prefix}
-        if self.real_nodes:
-            ca, cert, key, kubeconfig = self.chart_credentials()
-            return {**env, **lab_env, "KUBECONFIG": str(kubeconfig), "CILIARY_KUBECTL": str(self.lab.bins.kubectl),
-                    "CILIARY_ETCD_ENDPOINTS": CHART_ETCD_ENDPOINT,
-                    "CILIARY_ETCD_CA_FILE": str(ca), "CILIARY_ETCD_CERT_FILE": str(cert),
-                    "CILIARY_ETCD_KEY_FILE": str(key)}
-        tls = self.lab.etcd_certs().client(access.READER_USER)
-        return {**env, **lab_env,
-                "CILIARY_ETCD_ENDPOINTS": self.lab.ports().etcd_endpoint,
-                "CILIARY_ETCD_CA_FILE": str(tls.ca_file), "CILIARY_ETCD_CERT_FILE": str(tls.cert_file),
-                "CILIARY_ETCD_KEY_FILE": str(tls.key_file)}
+        ca, cert, key, kubeconfig = self.chart_credentials()
+        return {**env, **lab_env, "KUBECONFIG": str(kubeconfig), "CILIARY_KUBECTL": str(self.lab.bins.kubectl),
+                "CILIARY_ETCD_ENDPOINTS": CHART_ETCD_ENDPOINT,
+                "CILIARY_ETCD_CA_FILE": str(ca), "CILIARY_ETCD_CERT_FILE": str(cert),
+                "CILIARY_ETCD_KEY_FILE": str(key)}
 
 
 def http_get_in(netns: str, url: str, timeout: float) -> str:

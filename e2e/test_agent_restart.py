@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from ciliary.lab import kubeletnode, processes
-from ciliary.operator.store import access, keyspace
+from ciliary.lab import kubeletnode
+from ciliary.operator.store import keyspace
 from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdTLS, make_client
 from lab_harness import wait_for
 
@@ -95,17 +95,13 @@ def enforcement(lab: Any, node: str) -> dict[str, Any] | None:
 
 
 def reports_of(lab: Any, node: str) -> list[dict[str, Any]]:
-    """``node``'s reports: on the process lab read with its own agent's etcd credentials (its prefix is all it
-    may list); on real nodes as ``ciliary-reader`` (``ciliary lab env``), through the lab's forward to the
+    """``node``'s reports, read as ``ciliary-reader`` (``ciliary lab env``), through the lab's forward to the
     chart's etcd."""
-    if lab.real_nodes:
-        env = lab.lab.env()
-        assert "CILIARY_ETCD_ENDPOINTS" in env, "no forward to the chart's etcd (ciliary lab env)"
-        endpoint = env["CILIARY_ETCD_ENDPOINTS"]
-        tls = EtcdTLS(Path(env["CILIARY_ETCD_CA_FILE"]), Path(env["CILIARY_ETCD_CERT_FILE"]),
-                      Path(env["CILIARY_ETCD_KEY_FILE"]))
-    else:
-        endpoint, tls = lab.lab.ports().etcd_endpoint, lab.lab.etcd_certs().client(access.node_user(node))
+    env = lab.lab.env()
+    assert "CILIARY_ETCD_ENDPOINTS" in env, "no forward to the chart's etcd (ciliary lab env)"
+    endpoint = env["CILIARY_ETCD_ENDPOINTS"]
+    tls = EtcdTLS(Path(env["CILIARY_ETCD_CA_FILE"]), Path(env["CILIARY_ETCD_CERT_FILE"]),
+                  Path(env["CILIARY_ETCD_KEY_FILE"]))
 
     async def get() -> list[dict[str, Any]]:
         client = make_client(EtcdEndpoint.parse(endpoint), tls, 5)
@@ -131,21 +127,12 @@ def restarts(pod: dict[str, Any]) -> int:
 
 
 def kill_agent(lab: Any, node: str) -> Callable[[], bool]:
-    """SIGKILL ``node``'s agent; returns a check that the lab (process) or its kubelet (real nodes) has
+    """SIGKILL ``node``'s agent (its container's init process); returns a check that its kubelet has
     started it again."""
-    if lab.real_nodes:
-        pod = agent_pod(lab, node)
-        before = restarts(pod)
-        os.kill(kubeletnode.container_pid(lab.lab.layout, pod, "agent"), signal.SIGKILL)
-        return lambda: restarts(agent_pod(lab, node)) > before
-    layout = lab.lab.layout
-    pid = processes.running_pid(layout, f"agent-{node}")
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    wait_for("the agent gone", lambda: processes.running_pid(layout, f"agent-{node}") is None, 10)
-    time.sleep(1)
-    lab.lab.start_node_processes(node, lab.lab.ports())
-    return lambda: True
+    pod = agent_pod(lab, node)
+    before = restarts(pod)
+    os.kill(kubeletnode.container_pid(lab.lab.layout, pod, "agent"), signal.SIGKILL)
+    return lambda: restarts(agent_pod(lab, node)) > before
 
 
 @pytest.fixture

@@ -7,12 +7,11 @@ The Star Wars scene: deathstar and xwing on node-1, tiefighter on node-2, Cilium
 ingress; tiefighter's are forwarded, allowed by rule1.
 
 Runs on the real-node lab: Ciliary installed by its chart. The relay is the chart's (the ``hubble-relay``
-Service, a container of the operator pod), which the lab forwards to the loopback port the process lab's
-``ciliary-relay`` listens on, so ``HUBBLE_SERVER`` and the CLI are the same. The metrics are the chart's
-node-local listeners (host network): each agent's ``agent.healthAddr`` (``/metrics``) and the operator's
-``operator.prometheusServeAddr``, read inside the node's network namespace; Prometheus, run in this shell,
-scrapes them through a loopback forward per node (``LabHandle.scrape_targets``), where the process lab's
-agents and operator listen on this shell's loopback themselves.
+Service, a container of the operator pod), which the lab forwards to a loopback port of this shell
+(``HUBBLE_SERVER``). The metrics are the chart's node-local listeners (host network): each agent's
+``agent.healthAddr`` (``/metrics``) and the operator's ``operator.prometheusServeAddr``, read inside the
+node's network namespace; Prometheus, run in this shell, scrapes them through a loopback forward per node
+(``LabHandle.scrape_targets``).
 """
 
 from __future__ import annotations

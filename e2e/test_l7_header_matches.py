@@ -24,7 +24,7 @@ from lab_harness import LabHandle
 
 pytestmark = pytest.mark.e2e
 #: on the real-node lab (kubelets, Ciliary installed by its chart): the agent image carries Envoy and iptables
-#: (TPROXY, the socket match), so HTTP header rules are enforced there as in the process lab
+#: (TPROXY, the socket match), so HTTP header rules are enforced there
 REAL_NODES = True
 
 NS = "l7h"

@@ -229,8 +229,8 @@ def test_rotation_reaches_both_envoys_and_no_value_leaks(lab: LabHandle, vault: 
         raw = json.dumps(flows(lab, node, pod))
         assert not any(v in raw for v in (TOKEN_1, TOKEN_2)), node  # header values the clients sent are not
     state = lab.lab.layout.state_dir
-    # process lab: logs/operator.log, <node>/envoy/...; real nodes: the kubelets' pod logs
-    # (nodes/<node>/pod-logs/kube-system_ciliary-operator-.../operator/0.log) and the agents' state dirs
+    # the kubelets' pod logs (nodes/<node>/pod-logs/kube-system_ciliary-operator-.../operator/0.log) and the
+    # agents' state dirs
     logs = [p for p in state.rglob("*.log*") if p.is_file()]
     names = [str(p.relative_to(state)) for p in logs]
     assert any("operator" in n for n in names) and any("envoy" in n for n in names), names

@@ -93,9 +93,7 @@ def agent_json(lab: LabHandle, node: str, path: str) -> Any:
 
 
 def host_pid(lab: LabHandle, node: str, pid: int, command: str) -> int:
-    """The lab host's pid of a process ``node``'s agent reports by ``pid`` (on real nodes, its container's pid)."""
-    if not lab.real_nodes:
-        return pid
+    """The lab host's pid of a process ``node``'s agent reports by ``pid`` (its container's pid)."""
     node_net = os.stat(lab.node_netns(node)).st_ino
     found = []
     for status in Path("/proc").glob("[0-9]*/status"):

@@ -251,8 +251,8 @@ def test_no_log_of_the_lab_holds_key_material(lab: LabHandle, scene: Scene) -> N
     """Every log file of the lab (operator, agents, Envoy's own and access logs, apiserver, etcd) after the
     Secrets were read, published, written for Envoy and rotated: no PEM block in any of them."""
     state = lab.lab.layout.state_dir
-    # process lab: logs/operator.log, <node>/envoy/...; real nodes: the kubelets' pod logs
-    # (nodes/<node>/pod-logs/kube-system_ciliary-operator-.../operator/0.log) and the agents' state dirs
+    # the kubelets' pod logs (nodes/<node>/pod-logs/kube-system_ciliary-operator-.../operator/0.log) and the
+    # agents' state dirs
     logs = [p for p in state.rglob("*.log*") if p.is_file()]
     names = [str(p.relative_to(state)) for p in logs]
     assert any("operator" in n for n in names) and any("envoy" in n for n in names), names

@@ -6,7 +6,7 @@ the first expected drop, check a matrix of paths (HTTP 200 / UDP echo land, deni
 ones time out), delete it and wait until traffic flows again. One test per
 construct; the first also checks the evidence a NetworkPolicy has instead of a
 status: a ``PolicyEnforced`` Event and ``ciliary policy get --kind NetworkPolicy`` (``ciliary policy trace``
-naming the NetworkPolicy's rule: test_netpol_explained.py, on the process lab). Runs on the session's
+naming the NetworkPolicy's rule: test_netpol_explained.py). Runs on the session's
 real-node lab (``REAL_NODES``, e2e/conftest.py).
 
 Pods (module scope; namespace ``np-x`` has label ns=x, ``np-y`` ns=y); every pod
@@ -66,8 +66,6 @@ MANIFESTS = "---\n".join([
 
 @pytest.fixture(scope="module")
 def pods(lab) -> Pods:
-    if not lab.lab.layout.config_file.exists():  # an earlier module took the session's lab down
-        lab.lab.up(2, log=False)
     applied = lab.kubectl("apply", "-f", "-", input=MANIFESTS, check=False)
     assert applied.returncode == 0, applied.stderr
     ips, netns, nodes = {}, {}, {}

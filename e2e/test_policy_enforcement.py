@@ -37,7 +37,7 @@ from ciliary.lab.layout import WORLD_IP
 
 pytestmark = pytest.mark.e2e
 #: on the session's real-node lab (kubelets, Ciliary installed by its chart): passes there (e2e/conftest.py);
-#: the CLI's explanations of these verdicts run on the process lab: test_policy_explained.py says why
+#: on the session's real-node lab; the CLI's explanations of these verdicts: test_policy_explained.py
 REAL_NODES = True
 
 NS_A, NS_B = "pe-a", "pe-b"
@@ -191,8 +191,6 @@ def poll(probe: Callable[[], tuple[bool, str]], seconds: float = ENFORCE_SECONDS
 
 @pytest.fixture(scope="module")
 def pods(lab) -> Pods:
-    if not lab.lab.layout.config_file.exists():  # an earlier module took the session's lab down
-        lab.lab.up(2, log=False)
     lab.apply(MANIFESTS)
     ips, netns, nodes = {}, {}, {}
     for qualified in PODS:

@@ -6,8 +6,8 @@ Runs on the real-node lab (``REAL_NODES`` below). The chart's agents register th
 listener (``agent.healthAddr`` 127.0.0.1:9876), which from the CLI's node (the chart etcd's) reaches that
 node's agent only; the CLI reaches every other node's agent through its agent pod (``kubectl exec``,
 ``ciliary.cli.agent_access``) and refuses any answer that names another node. Every answer here is checked
-to come from its own node's agent: a pod that kubectl places on that node (real nodes), or the port that
-node's agent process listens on (process lab); and reading node-2 "directly" from another node is refused.
+to come from its own node's agent (a pod that kubectl places on that node, or the CLI's own node's loopback),
+and reading node-2 "directly" from another node is refused.
 """
 
 from __future__ import annotations
@@ -37,15 +37,14 @@ pytestmark = pytest.mark.e2e
 REAL_NODES = True
 
 
-def real_nodes_exec(lab) -> tuple[str, ...]:
-    """On real nodes: every agent through its pod (the CLI's own node's too), so each answer's pod is checked."""
-    return ("--agent-access", "exec") if lab.real_nodes else ()
+#: every agent through its pod (the CLI's own node's too), so each answer's pod is checked
+EVERY_AGENT_BY_EXEC = ("--agent-access", "exec")
 
 
 def test_deny_wins_is_explained_by_trace_policy_get_and_flows(lab, pods, policies):  # noqa: F811
     enforce_deny_wins(pods, policies)
     # the trace evaluates what node-2's datapath holds (read by its agent) and names the deny rule
-    out = trace(lab, OTHER, SERVER, "80/tcp", "-o", "json", *real_nodes_exec(lab))
+    out = trace(lab, OTHER, SERVER, "80/tcp", "-o", "json", *EVERY_AGENT_BY_EXEC)
     assert out.returncode == 0, out.stderr
     explained = json.loads(out.stdout)
     assert explained["verdict"] == "DENIED" and explained["source"] == "datapath", out.stdout
@@ -65,14 +64,14 @@ def test_deny_wins_is_explained_by_trace_policy_get_and_flows(lab, pods, policie
     assert sorted(read) == ["node-1", "node-2"], text
     for node, via in read.items():
         lab.assert_own_agent(node, via)
-    if lab.real_nodes:  # node-2's registered loopback, asked from another node, answers as that node: refused
-        here = lab.chart_etcd_node()
-        away = "node-2" if here == "node-1" else "node-1"
-        direct = trace(lab, OTHER, SERVER, "80/tcp", "-o", "json", "--agent-access", "direct")
-        assert direct.returncode == 2, direct.stdout + direct.stderr
-        refused = json.loads(direct.stdout)
-        assert refused["verdict"] == "UNKNOWN" and sorted(refused["agents"]) == [here], direct.stdout
-        assert f"answers as node {here!r}, not {away!r}" in refused["unreachable"][away], direct.stdout
+    # node-2's registered loopback, asked from another node, answers as that node: refused
+    here = lab.chart_etcd_node()
+    away = "node-2" if here == "node-1" else "node-1"
+    direct = trace(lab, OTHER, SERVER, "80/tcp", "-o", "json", "--agent-access", "direct")
+    assert direct.returncode == 2, direct.stdout + direct.stderr
+    refused = json.loads(direct.stdout)
+    assert refused["verdict"] == "UNKNOWN" and sorted(refused["agents"]) == [here], direct.stdout
+    assert f"answers as node {here!r}, not {away!r}" in refused["unreachable"][away], direct.stdout
     allowed = json.loads(trace(lab, CLIENT, SERVER, "8081/tcp", "-o", "json").stdout)
     assert allowed["verdict"] == "ALLOWED" and allowed["differences"] == [], allowed
 

@@ -7,10 +7,9 @@ default, a forwarded edge tiefighter -> deathstar and a dropped one xwing -> dea
 update by itself when new flows arrive, and load nothing from anywhere but its own server.
 
 Runs on the real-node lab: the service map is the chart's (the ``hubble-ui`` Service, ``ciliary-ui``
-reading the chart's relay), which the lab forwards to the loopback port the process lab's ``ciliary-ui``
-listens on, so ``CILIARY_UI_URL`` is the same. The dashboard's Prometheus scrapes the chart agents'
-node-local ``/metrics`` listeners (host network) through a loopback forward per node
-(``LabHandle.scrape_targets``), where the process lab's agents listen on this shell's loopback themselves.
+reading the chart's relay), which the lab forwards to a loopback port of this shell (``CILIARY_UI_URL``).
+The dashboard's Prometheus scrapes the chart agents' node-local ``/metrics`` listeners (host network)
+through a loopback forward per node (``LabHandle.scrape_targets``).
 """
 
 from __future__ import annotations

@@ -142,8 +142,6 @@ def wait_for(check: Any, seconds: float = 30.0, what: str = "") -> Any:
 
 @pytest.fixture(scope="module")
 def svc(lab: Any) -> Iterator[dict[str, Any]]:
-    if not lab.lab.layout.config_file.exists():
-        lab.lab.up(2, log=False)
     lab.apply(MANIFESTS)
     pods = {name: lab.wait_running(name, NS) for name in ("web-1", "web-2", "client")}
     ips = {name: pod["status"]["podIP"] for name, pod in pods.items()}

@@ -155,8 +155,6 @@ def counters(lab: Any, node: str) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def svc(lab: Any) -> Iterator[dict[str, Any]]:
-    if not lab.lab.layout.config_file.exists():
-        lab.lab.up(2, log=False)
     lab.apply(MANIFESTS)
     pods = {name: lab.wait_running(name, NS) for name in ("web-1", "web-2")}
     ips = {name: pod["status"]["podIP"] for name, pod in pods.items()}

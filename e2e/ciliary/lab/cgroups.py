@@ -1,8 +1,9 @@
-"""Per-pod cgroup v2 directories for the lab's workloads.
+"""cgroup v2 directories for the lab and the processes in them.
 
-Layout: ``<cgroup2 mount>/ciliary-<prefix>/<node>/<pod uid>``. Socket-level load
-balancing attaches eBPF programs to these later. Where the machine has no cgroup2
-mount (pure v1 hosts), one is mounted at ``/run/ciliary/cgroup2``.
+The lab's subtree is ``<cgroup2 mount>/ciliary-<prefix>``; ``<node>`` below it is where a node agent
+started by the lab (real nodes without the chart) attaches socket-level load balancing, and ``lab down``
+kills whatever runs below it and removes it. Where the machine has no cgroup2 mount (pure v1 hosts), one
+is mounted at ``/run/ciliary/cgroup2``.
 """
 
 from __future__ import annotations
@@ -29,10 +30,6 @@ def cgroup2_root() -> Path:
 
 def lab_root(cgroup_name: str) -> Path:
     return cgroup2_root() / cgroup_name
-
-
-def pod_cgroup(cgroup_name: str, node: str, uid: str) -> Path:
-    return lab_root(cgroup_name) / node / uid
 
 
 def ensure(path: Path) -> Path:

@@ -11,7 +11,7 @@
   does not hold; the kernel is checked to be >= 5.11, where BPF maps are not charged to RLIMIT_MEMLOCK);
 - ``agent.loadBalancing.cgroupPath``: each node's own cgroup root (the chart's default, the host's cgroup2
   root, is right for a real node but here would be the whole machine's, shared by every lab node);
-- the agents' ``--fqdn-min-ttl`` 1 s (``agent.extraEnv``), as the process lab's: an address learnt from a
+- the agents' ``--fqdn-min-ttl`` 1 s (``agent.extraEnv``): an address learnt from a
   DNS answer stays allowed for the answer's TTL, not the default hour, so expiry is testable.
 
 Everything else is the chart's default: operator Deployment and bundled etcd on the node network
@@ -150,7 +150,7 @@ def lab_values(*, sys_resource: bool = True, cgroup_prefix: str = "",
         raise ChartInstallError(RELEASE, "without kube-proxy and without Ciliary's load balancer nothing serves "
                                 "Services")
     agent: dict[str, Any] = {} if sys_resource else {"sysResource": False}
-    # as the process lab's agents (lab.py): a DNS answer's TTL decides how long its addresses stay allowed
+    # as Lab.start_agent's agents: a DNS answer's TTL decides how long its addresses stay allowed
     agent["extraEnv"] = [{"name": "CILIARY_AGENT_FQDN_MIN_TTL", "value": LAB_FQDN_MIN_TTL}]
     if cgroup_prefix and load_balancing:
         agent["loadBalancing"] = {"cgroupPath": f"{cgroup_prefix}$(CILIARY_AGENT_NODE_NAME)"}

@@ -204,7 +204,7 @@ def run(lab: Lab, focus_file: Path, *, log_dir: Path | None = None, shards: int 
         timeout: float = 4 * 3600) -> AreaResult:
     """One area: ``shards`` e2e.test processes side by side (each a share of the specs), counts merged."""
     if not lab.config().get("real_nodes"):
-        raise LabError("the upstream suites need real nodes: `ciliary lab up --real-nodes` first")
+        raise LabError("the upstream suites need a running lab of real nodes: `ciliary lab up` first")
     focus = parse_focus(focus_file.read_text())
     if not focus.focus:
         raise LabError(f"{focus_file} focuses on nothing")

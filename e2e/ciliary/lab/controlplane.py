@@ -147,8 +147,8 @@ def start_apiserver(layout: LabLayout, bins: Binaries, ports: Ports, extra_args:
             "--service-cluster-ip-range=10.96.0.0/16",
             "--authorization-mode=Node,RBAC",
             "--allow-privileged=true",
-            # Pods are realised by the lab's runtime, not a kubelet: no token volumes needed,
-            # and no race between namespace creation and its default ServiceAccount.
+            # without pod_tokens (no chart, or no kubelet at all: the integration tests' control plane) no
+            # token volumes are needed, and no race between namespace creation and its default ServiceAccount
             *([] if pod_tokens else ["--disable-admission-plugins=ServiceAccount"]),
             "--profiling=false", "--v=0", *extra_args,
         ])

@@ -203,7 +203,7 @@ def remove_namespaces(lab: Lab) -> None:
 def run(lab: Lab, tags: FocusList, settings: Settings, *, log_dir: Path | None = None,
         timeout: float = 3600) -> RunResult:
     if not lab.config().get("real_nodes"):
-        raise LabError("cyclonus needs real nodes: `ciliary lab up --real-nodes` first")
+        raise LabError("cyclonus needs a running lab of real nodes: `ciliary lab up` first")
     out = lab.layout.state_dir / "conformance" / "cyclonus"
     if out.exists():
         shutil.rmtree(out)  # an earlier run's report must not be counted again

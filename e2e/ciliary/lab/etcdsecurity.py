@@ -114,18 +114,6 @@ def add_node(endpoint: str, certs: EtcdPKI, node: str) -> EtcdTLS:
     return certs.node(node)
 
 
-def remove_node(endpoint: str, certs: EtcdPKI, node: str) -> None:
-    """Delete ``node``'s etcd user and role (its certificate then opens nothing)."""
-    async def run() -> None:
-        client = make_client(EtcdEndpoint.parse(endpoint), certs.client(access.ROOT_USER), 10.0)
-        try:
-            await accounts.delete_role(client, access.node_role(node))
-        finally:
-            await client.close()
-
-    asyncio.run(run())
-
-
 def tls_context(tls: EtcdTLS) -> ssl.SSLContext:
     """An SSL context presenting ``tls``'s client certificate (for etcd's /health and /version)."""
     ctx = ssl.create_default_context(cafile=str(tls.ca_file))

@@ -1,15 +1,15 @@
-"""``ciliary lab``: bring the lab up, show it, run commands in it, and take it down.
+"""``ciliary lab``: one lab's state and the parts every lab shares; show it, run commands in it, take it down.
 
-``up`` is safe to repeat (running parts are left alone, missing ones are started,
-more nodes can be added); ``down`` removes everything the lab created, also after
-an ``up`` that crashed half way: processes, pod workloads and their cgroups,
-network namespaces (and with them every veth and the bridge), bpffs pins, sockets,
-and the state directory.
+``ciliary.lab.reallab`` brings a lab up (real kubelets and containerd per node); ``Lab`` holds what it
+builds on: the lab's configuration (``lab.json``), ports and nodes, the CRDs, the Node objects, the
+world host, a node's Ciliary agent as a process (real nodes without the chart), and ``ciliary lab
+status``, ``env`` and ``exec``. ``down`` removes everything a lab created, also after an ``up`` that
+crashed half way, and also a lab of the removed process lab: processes, cgroups, network namespaces
+(and with them every veth and the bridge), bpffs pins, sockets, real nodes' mounts, and the state directory.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -20,18 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ciliary.lab import (
-    cgroups,
-    controlplane,
-    etcdsecurity,
-    kubeletnode,
-    peerproxy,
-    processes,
-    tools,
-    topology,
-)
+from ciliary.lab import cgroups, controlplane, etcdsecurity, kubeletnode, processes, tools, topology
 from ciliary.lab.layout import (
-    MAX_NODES,
     WORLD_DNS_IP,
     WORLD_IP,
     WORLD_TCP_PORTS,
@@ -39,7 +29,6 @@ from ciliary.lab.layout import (
     Binaries,
     LabLayout,
     node_index,
-    node_ip,
     node_name,
     pod_cidr,
 )
@@ -48,11 +37,21 @@ from ciliary.operator.store import access
 
 def mode_of(config: dict[str, object]) -> str:
     """How the lab proxies Services, as ``lab status`` and ``lab env`` (``CILIARY_LAB_SERVICES``) say it. Pure."""
-    if config.get("kube_proxy"):  # the peer, either lab: kube-proxy alone, Ciliary's load balancer off
+    if config.get("kube_proxy"):  # the peer: kube-proxy alone, Ciliary's load balancer off
         return f"kube-proxy-{config['kube_proxy']}"
-    if config.get("real_nodes") and not config.get("kube_proxy_replacement"):
-        return "kube-proxy"  # beside Ciliary's socket load balancer
-    return "kube-proxy-replacement"
+    if config.get("kube_proxy_replacement"):
+        return "kube-proxy-replacement"
+    return "kube-proxy"  # beside Ciliary's socket load balancer
+
+
+PROCESS_LAB_GONE = ("this state directory holds a process lab (`ciliary lab up --process`), which was removed "
+                    "from Ciliary: `ciliary lab down` takes it down, then `ciliary lab up` brings up real nodes")
+"""What ``lab up`` says to a lab the old process lab left running (its ``lab.json`` has nodes, no ``real_nodes``)."""
+
+
+def is_process_lab(config: dict[str, object]) -> bool:
+    """A ``lab.json`` the removed process lab wrote: nodes, but not real ones. Pure."""
+    return bool(config.get("nodes")) and not config.get("real_nodes")
 
 
 class LabError(RuntimeError):
@@ -101,73 +100,6 @@ class Lab:
     def bin(self, name: str) -> str:
         local = Path(sys.executable).parent / name
         return str(local) if local.exists() else (shutil.which(name) or name)
-
-    # --- up ----------------------------------------------------------------
-    def up(self, nodes: int, *, log: bool = True, kube_proxy: str | None = None) -> float:
-        """Start (or complete) the lab with ``nodes`` nodes; returns seconds until all nodes were Ready.
-
-        ``kube_proxy`` (iptables or nftables): the real kube-proxy proxies Services instead of Ciliary's load
-        balancer (``ciliary.lab.peerproxy``); a lab keeps the choice it was first brought up with.
-        """
-        if os.geteuid() != 0:
-            raise LabError("the lab needs root (it creates network namespaces and loads eBPF): run as root")
-        if not 1 <= nodes <= MAX_NODES:
-            raise LabError(f"--nodes must be between 1 and {MAX_NODES}")
-        missing = self.bins.missing()
-        if missing:
-            raise LabError("control-plane binaries missing: " + ", ".join(map(str, missing))
-                           + " — run `make setup` first")
-        absent = tools.missing(tools.LAB_SYSTEM_TOOLS)
-        if absent:
-            raise LabError("; ".join(map(str, absent)))
-        if self.config().get("real_nodes"):
-            raise LabError("this lab runs real nodes: use `ciliary lab up` (without --process), or `ciliary lab down` "
-                           "first")
-        saved_proxy = self.kube_proxy_mode()
-        if self.config().get("nodes") and kube_proxy is not None and kube_proxy != saved_proxy:
-            raise LabError(f"this lab runs with {'kube-proxy ' + saved_proxy if saved_proxy else 'Ciliary load balancing'}"
-                           ": `ciliary lab down` first to switch")
-        proxy = kube_proxy or saved_proxy
-        if proxy:
-            try:
-                peerproxy.check(proxy)
-            except peerproxy.PeerProxyError as exc:
-                raise LabError(str(exc)) from exc
-        t0 = time.monotonic()
-        say = print if log else (lambda *a, **k: None)
-        nodes = max(nodes, int(str(self.config().get("nodes", 0))))
-        ports = self.ports()
-        controlplane.save_config(self.layout, ports, nodes)
-        if proxy:
-            self.layout.config_file.write_text(json.dumps({**self.config(), "kube_proxy": proxy}))
-        say(f"lab: control plane (etcd {ports.etcd_endpoint}, kube-apiserver {ports.apiserver_url})")
-        controlplane.start(self.layout, self.bins, ports)
-        self.install_crds()
-        names = self.node_names()
-        self.create_nodes(names)
-        say(f"lab: network (underlay 192.0.2.0/24, {len(names)} nodes, world host {WORLD_IP})")
-        topology.ensure_underlay(self.layout)
-        for node in names:
-            topology.ensure_node(self.layout, node, names)
-        topology.ensure_world(self.layout, names)
-        self.start_world()
-        say("lab: node agents, pod runtimes, scheduler")
-        for node in names:
-            self.start_node_processes(node, ports)
-        if not processes.running_pid(self.layout, "scheduler"):
-            processes.spawn(self.layout, "scheduler", [sys.executable, "-m", "ciliary.lab.scheduling"],
-                            env=self.child_env())
-        if proxy:
-            say(f"lab: kube-proxy ({proxy} mode) in every node namespace, Ciliary's load balancer off")
-            peerproxy.start(self.layout, ports, names, proxy)
-        self.start_operator(ports)
-        self.start_relay(ports)
-        self.start_service_map()
-        self.wait_ready(names, seconds=180)
-        elapsed = time.monotonic() - t0
-        say(f"lab: {len(names)} nodes Ready in {elapsed:.1f} s")
-        say(f"lab: run `eval $({Path(sys.argv[0]).name} lab env)` to use kubectl and etcdctl against it")
-        return elapsed
 
     def child_env(self) -> dict[str, str]:
         return {"CILIARY_LAB_DIR": str(self.layout.state_dir), "CILIARY_LAB_PREFIX": self.layout.prefix,
@@ -227,8 +159,8 @@ class Lab:
             argv += ["--udp", str(p)]
         processes.spawn(self.layout, "world", argv, env=self.child_env())
 
-    def start_node_processes(self, node: str, ports: controlplane.Ports, *, pod_runtime: bool = True) -> None:
-        """The node's agent and, unless ``pod_runtime`` is False (a real kubelet runs pods), its pod runtime."""
+    def start_agent(self, node: str, ports: controlplane.Ports) -> None:
+        """The node's Ciliary agent as a lab process (real nodes without the chart: the kubelet runs the pods)."""
         state = self.layout.node_dir(node)
         state.mkdir(parents=True, exist_ok=True)
         self.layout.agent_socket(node).parent.mkdir(parents=True, exist_ok=True)
@@ -241,10 +173,7 @@ class Lab:
                 *self.etcd_flags(access.node_user(node)),
                 "--socket", str(self.layout.agent_socket(node)), "--state-dir", str(state / "agent"),
                 "--health-addr", f"127.0.0.1:{health}",
-                # socket load balancing for every pod of the node (their cgroups live below this one),
-                # unless the real kube-proxy proxies Services in this lab
-                *([] if self.kube_proxy_mode() else
-                  ["--lb-cgroup", str(cgroups.ensure(cgroups.lab_root(self.layout.cgroup_name) / node))]),
+                "--lb-cgroup", str(cgroups.ensure(cgroups.lab_root(self.layout.cgroup_name) / node)),
                 "--hubble-addr", f"127.0.0.1:{self.hubble_port(node)}",
                 # the lab's TTLs are the world DNS server's (seconds), so expiry is observable
                 "--fqdn-min-ttl", "1",
@@ -252,10 +181,6 @@ class Lab:
                   if self.direct_status() else []),
             ], env={**self.child_env(), "CILIARY_AGENT_NETNS": self.layout.node_netns(node),
                     "CILIARY_AGENT_BPFFS_DIR": str(self.layout.bpffs_dir / node)})
-        runtime = f"runtime-{node}"
-        if pod_runtime and not processes.running_pid(self.layout, runtime):
-            processes.spawn(self.layout, runtime, [sys.executable, "-m", "ciliary.lab.podruntime", "--node", node],
-                            env=self.child_env())
 
     def health_port(self, node: str) -> int:
         return self._saved_port(self.layout.node_dir(node) / "health-port")
@@ -265,7 +190,8 @@ class Lab:
         return self._saved_port(self.layout.node_dir(node) / "hubble-port")
 
     def relay_port(self) -> int:
-        """The port of ``ciliary-relay``, the cluster's one Hubble address (``HUBBLE_SERVER``)."""
+        """This shell's port for the chart's ``hubble-relay`` Service, the cluster's one Hubble address
+        (``HUBBLE_SERVER``; ``reallab.start_service_forward``)."""
         return self._saved_port(self.layout.state_dir / "relay-port")
 
     @staticmethod
@@ -277,108 +203,24 @@ class Lab:
         path.write_text(str(port))
         return port
 
-    def start_relay(self, ports: controlplane.Ports) -> None:
-        """``ciliary-relay``: every agent's Observer API on one address, peers from etcd's node records."""
-        if processes.running_pid(self.layout, "relay"):
-            return
-        processes.spawn(self.layout, "relay", [self.bin("ciliary-relay"), "--listen", f"127.0.0.1:{self.relay_port()}",
-                                               "--etcd-endpoints", ports.etcd_endpoint,
-                                               *self.etcd_flags(access.RELAY_USER), "--refresh", "1"],
-                        env=self.child_env())
-
-    def operator_metrics_port(self) -> int:
-        """The port of the operator's Prometheus metrics (``GET /metrics``)."""
-        return self._saved_port(self.layout.state_dir / "operator-metrics-port")
-
     def ui_port(self) -> int:
-        """The port of ``ciliary-ui``, the service map (``CILIARY_UI_URL``)."""
+        """This shell's port for the chart's ``hubble-ui`` Service, the service map (``CILIARY_UI_URL``)."""
         return self._saved_port(self.layout.state_dir / "ui-port")
 
     def etcd_forward_port(self) -> int:
-        """Real nodes: the root-namespace port forwarded to the chart's etcd Service (``CILIARY_ETCD_ENDPOINTS``)."""
+        """The root-namespace port forwarded to the chart's etcd Service (``CILIARY_ETCD_ENDPOINTS``)."""
         return self._saved_port(self.layout.state_dir / "etcd-forward-port")
 
-    def start_service_map(self) -> None:
-        """``ciliary-ui``: the service map page, a client of the relay like the hubble CLI."""
-        if processes.running_pid(self.layout, "ui"):
-            return
-        processes.spawn(self.layout, "ui", [self.bin("ciliary-ui"), "--listen", f"127.0.0.1:{self.ui_port()}",
-                                            "--server", f"127.0.0.1:{self.relay_port()}"], env=self.child_env())
-
-    def start_operator(self, ports: controlplane.Ports) -> None:
-        operator = self.bin("ciliary-operator")
-        if processes.running_pid(self.layout, "operator") or importlib.util.find_spec("ciliary.operator.main") is None:
-            return
-        processes.spawn(self.layout, "operator", [operator, "--kubeconfig", str(self.layout.kubeconfig),
-                                                  "--etcd-endpoints", ports.etcd_endpoint,
-                                                  *self.etcd_flags(access.OPERATOR_USER),
-                                                  "--prometheus-serve-addr", f"127.0.0.1:{self.operator_metrics_port()}",
-                                                  *(["--no-enable-k8s-event-handover"] if self.direct_status() else []),
-                                                  *(["--no-load-balancing"] if self.kube_proxy_mode() else [])],
-                        env=self.child_env())
-
-    def kube_proxy_mode(self) -> str | None:
-        """The real kube-proxy's mode when it proxies this lab's Services (``lab up --kube-proxy``), else None."""
-        mode = self.config().get("kube_proxy")
-        return str(mode) if mode else None
-
     def direct_status(self) -> bool:
-        """CILIARY_LAB_STATUS_MODE=direct: agents patch policy status themselves (no handover)."""
+        """CILIARY_LAB_STATUS_MODE=direct: agents started by :meth:`start_agent` patch policy status themselves."""
         return os.environ.get("CILIARY_LAB_STATUS_MODE", "handover") == "direct"
-
-    def wait_ready(self, names: Sequence[str], *, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            out = self.kubectl("get", "nodes", "-o", "json", check=False)
-            if out.returncode == 0:
-                ready = {n["metadata"]["name"] for n in json.loads(out.stdout)["items"]
-                         if any(c["type"] == "Ready" and c["status"] == "True"
-                                for c in n.get("status", {}).get("conditions", []))}
-                if set(names) <= ready:
-                    return
-            for node in names:
-                for proc in (f"agent-{node}", f"runtime-{node}"):
-                    if not processes.running_pid(self.layout, proc):
-                        raise processes.ProcessStartError(proc, self.layout.log_dir / f"{proc}.log")
-            time.sleep(0.5)
-        raise LabError(f"nodes not Ready after {seconds:.0f} s; see {self.layout.log_dir}")
-
-    def remove_node(self, node: str, *, log: bool = True) -> None:
-        """Take one node out of the lab: its processes, pods, namespace and Node object.
-
-        ``lab up`` brings every node back.
-        """
-        say = print if log else (lambda *a, **k: None)
-        if node not in self.node_names():
-            raise LabError(f"{node} is not a node of this lab (nodes: {', '.join(self.node_names()) or 'none'})")
-        for name in (f"runtime-{node}", f"agent-{node}"):
-            if processes.stop(self.layout, name):
-                say(f"lab: stopped {name}")
-        cgroups.remove_tree(cgroups.lab_root(self.layout.cgroup_name) / node)
-        pods_dir = self.layout.node_dir(node) / "pods"
-        for record in pods_dir.glob("*.json") if pods_dir.exists() else []:
-            try:
-                netns = json.loads(record.read_text())["netns"]
-            except (OSError, ValueError, KeyError):
-                continue
-            topology.ip("netns", "del", netns, check=False)
-        topology.remove_node(self.layout, node)
-        shutil.rmtree(self.layout.node_dir(node), ignore_errors=True)
-        shutil.rmtree(self.layout.bpffs_dir / node, ignore_errors=True)
-        self.kubectl("delete", "node", node, "--ignore-not-found", "--wait=false")
-        if processes.running_pid(self.layout, "etcd"):
-            etcdsecurity.remove_node(self.ports().etcd_endpoint, self.etcd_certs(), node)
-        config = self.config()
-        before = config.get("removed")
-        config["removed"] = sorted({*(before if isinstance(before, list) else []), node})
-        self.layout.config_file.write_text(json.dumps(config))
-        say(f"lab: removed {node}")
 
     # --- down --------------------------------------------------------------
     def down(self, *, log: bool = True) -> None:
         say = print if log else (lambda *a, **k: None)
         for node in kubeletnode.teardown_all(self.layout):  # real nodes first: their mounts live in state_dir
             say(f"lab: removed real node {node}")
+        # a lab of the removed process lab: its scheduler and pod runtimes first (no pod started meanwhile)
         order = ["scheduler"] + [n for n in processes.names(self.layout) if n.startswith("runtime-")]
         order += [n for n in processes.names(self.layout) if n not in order and n not in
                   ("kube-controller-manager", "kube-apiserver", "etcd")]
@@ -409,16 +251,15 @@ class Lab:
                 f"export LAB_WORLD_IP={WORLD_IP}",
                 f"export CILIARY_LAB_SERVICES={mode_of(self.config())}",
                 f"export LAB_WORLD_DNS_IP={WORLD_DNS_IP}",
-                # the relay and the service map: processes of the process lab; on real nodes the chart's
-                # Services, forwarded to the same ports by ciliary.lab.serviceforward
-                *([] if self.config().get("real_nodes") and not processes.running_pid(self.layout, "service-forward")
-                  else [f"export HUBBLE_SERVER=127.0.0.1:{self.relay_port()}",
-                        f"export CILIARY_UI_URL=http://127.0.0.1:{self.ui_port()}"]),
+                # the relay and the service map: the chart's Services, forwarded by ciliary.lab.serviceforward
+                *([f"export HUBBLE_SERVER=127.0.0.1:{self.relay_port()}",
+                   f"export CILIARY_UI_URL=http://127.0.0.1:{self.ui_port()}"]
+                  if processes.running_pid(self.layout, "service-forward") else []),
                 f"export PATH={Path(sys.executable).parent}:{self.bins.kubectl.parent}:{self.bins.etcdctl.parent}:"
                 f"{tools.built_path('hubble').parent}:{tools.built_path('helm').parent}:"
                 # skaffold when built (setup/build-node-tools.sh skaffold; make test builds it)
                 f"{f'{skaffold.parent}:' if (skaffold := tools.built_path('skaffold')).exists() else ''}$PATH",
-                *self.process_cli_env_lines(), *self.chart_cli_env_lines(), *self.real_node_env_lines()]
+                *self.chart_cli_env_lines(), *self.real_node_env_lines()]
 
     def env(self) -> dict[str, str]:
         """What ``eval $(ciliary lab env)`` sets, as a dict (``$PATH`` expanded from this process's)."""
@@ -428,23 +269,13 @@ class Lab:
             out[key] = value.replace("$PATH", os.environ.get("PATH", ""))
         return out
 
-    def process_cli_env_lines(self) -> list[str]:
-        """The process lab: the CLI reads its etcd as ``ciliary-reader`` (etcdctl above is root)."""
-        if self.config().get("real_nodes"):
-            return []
-        reader = self.etcd_certs().client(access.READER_USER)
-        return [f"export CILIARY_ETCD_ENDPOINTS={self.ports().etcd_endpoint}",
-                f"export CILIARY_ETCD_CA_FILE={reader.ca_file}", f"export CILIARY_ETCD_CERT_FILE={reader.cert_file}",
-                f"export CILIARY_ETCD_KEY_FILE={reader.key_file}"]
-
     def chart_cli_env_lines(self) -> list[str]:
-        """Real nodes: the CLI's way to the chart's etcd (the service forward's port, the ``ciliary-reader``
+        """The CLI's way to the chart's etcd (the service forward's port, the ``ciliary-reader``
         certificate from the chart's Secret) and to the agents (kubectl exec: ``ciliary.cli.agent_access``)."""
         port = self.layout.state_dir / "etcd-forward-port"
-        if not self.config().get("real_nodes") or not port.exists() or \
-                not processes.running_pid(self.layout, "service-forward"):
+        if not port.exists() or not processes.running_pid(self.layout, "service-forward"):
             return []
-        from ciliary.lab import chartinstall  # it imports the image builders; only real-node labs need it
+        from ciliary.lab import chartinstall  # it imports the image builders: only when a chart runs
 
         files = chartinstall.cli_etcd_files(lambda *a, **k: self.kubectl(*a, **k), self.layout.state_dir / "cli-etcd")
         if files is None:
@@ -457,11 +288,11 @@ class Lab:
     def real_node_env_lines(self) -> list[str]:
         """For ``skaffold run -p lab``: the lab registry as default repository, and the agent capability."""
         registry = self.layout.state_dir / "registry-port"
-        if not self.config().get("real_nodes") or not registry.exists():
+        if not registry.exists():
             return []
         values = self.layout.state_dir / "chart-values.yaml"
         sys_resource = "false" if values.exists() and "sysResource: false" in values.read_text() else "true"
-        from ciliary.lab import chartinstall  # it imports the image builders; only real-node labs need it
+        from ciliary.lab import chartinstall  # it imports the image builders: only when a lab runs
 
         lines = [f"export SKAFFOLD_DEFAULT_REPO=localhost:{registry.read_text().strip()}",
                  f"export CILIARY_LAB_SYS_RESOURCE={sys_resource}",
@@ -488,7 +319,10 @@ class Lab:
         lines = [f"lab {self.layout.prefix} in {self.layout.state_dir}"]
         if not self.layout.config_file.exists():
             return lines[0] + ": not up (run `ciliary lab up`)"
-        lines.append(f"Services: {mode_of(self.config())}")
+        if is_process_lab(self.config()):
+            lines.append("a lab of the removed process lab: `ciliary lab down` removes it")
+        else:
+            lines.append(f"Services: {mode_of(self.config())}")
         lines.append("\nPROCESS                      PID      RSS")
         for name in processes.names(self.layout):
             pid = processes.running_pid(self.layout, name)
@@ -504,17 +338,10 @@ class Lab:
         out = self.kubectl("get", "pod", pod, "-n", namespace, "-o", "json", check=False)
         if out.returncode != 0:
             raise LabError(f"pod {namespace}/{pod} not found")
-        obj = json.loads(out.stdout)
-        if self.config().get("real_nodes"):
-            try:
-                return kubeletnode.pod_exec_target(self.layout, obj)
-            except kubeletnode.NodeStartError as exc:
-                raise LabError(str(exc)) from exc
-        node, uid = obj["spec"].get("nodeName"), obj["metadata"]["uid"]
-        netns = self.layout.pod_netns(namespace, pod, uid)
-        if not node or not topology.netns_exists(netns):
-            raise LabError(f"pod {namespace}/{pod} is not running (phase {obj.get('status', {}).get('phase')})")
-        return topology.NETNS_DIR / netns, cgroups.pod_cgroup(self.layout.cgroup_name, node, uid)
+        try:
+            return kubeletnode.pod_exec_target(self.layout, json.loads(out.stdout))
+        except kubeletnode.NodeStartError as exc:
+            raise LabError(str(exc)) from exc
 
     def exec(self, command: Sequence[str], *, pod: str | None, namespace: str, world: bool) -> int:
         if not command:
@@ -537,6 +364,3 @@ class Lab:
 
         return subprocess.call(["nsenter", f"--net={netns}", *command], preexec_fn=enter)
 
-
-def node_ips(names: Sequence[str]) -> dict[str, str]:
-    return {n: node_ip(node_index(n)) for n in names}

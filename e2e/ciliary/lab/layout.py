@@ -31,7 +31,6 @@ from it; the world host routes it to the nodes (ECMP over ports, so connections 
 a router peering with them would."""
 WORLD_TCP_PORTS = (80, 443, 8080)
 WORLD_UDP_PORTS = (53,)
-MAX_NODES = 80
 CONTROL_PLANE_TOOLS = ("etcd", "etcdctl", "kube-apiserver", "kube-controller-manager", "kubectl")
 
 
@@ -111,9 +110,6 @@ class LabLayout:
 
     def node_netns(self, node: str) -> str:
         return f"{self.prefix}-{node}"
-
-    def pod_netns(self, namespace: str, pod: str, uid: str) -> str:
-        return f"{self.prefix}-pod-{namespace}-{pod}-{uid[:8]}"
 
     def owns_netns(self, name: str) -> bool:
         return name.startswith(f"{self.prefix}-")

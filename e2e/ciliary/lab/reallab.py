@@ -1,10 +1,11 @@
-"""Bring up a lab whose nodes are real (containerd + kubelet), in one call: ``ciliary lab up`` (the default).
+"""Bring up the lab, whose nodes are real (containerd + kubelet), in one call: ``ciliary lab up``.
 
 Order: images (cached) → node namespaces on the underlay and the world host → each node's containerd,
 importing the images, side by side with: the control plane with the real-node apiserver flags → each
 node's Ciliary agent (as a process, without the chart) → lab registry, node gateway, kube-scheduler →
 each node's kubelet once its images are in → all nodes Ready. ``Lab.down`` removes all of it
-(``kubeletnode.teardown_all`` runs first).
+(``kubeletnode.teardown_all`` runs first). A state directory the removed process lab left running is refused
+before anything starts (``ciliary lab down`` removes it).
 
 With ``chart=True`` Ciliary is installed by its Helm charts instead of running as lab processes:
 no agent process; the project's images and the etcd image are built and imported too; every node
@@ -14,7 +15,7 @@ relay and a CoreDNS per node); the nodes run in private mount namespaces (``kube
 the wait for every agent, the operator and etcd. Nodes are Ready only once the chart's install-cni wrote their CNI
 configuration.
 
-With ``kube_proxy_replacement=True`` (``lab up --real-nodes --kube-proxy-replacement``) no kube-proxy runs:
+With ``kube_proxy_replacement=True`` (``lab up --kube-proxy-replacement``) no kube-proxy runs:
 the chart's agents load-balance every Service (socket level, north-south on the nodes' devices, kube-proxy's
 health ports), and the chart reaches the apiserver and etcd without a ClusterIP (``kube_proxy_free_values``).
 """
@@ -45,7 +46,7 @@ from ciliary.lab import (
     serviceforward,
     topology,
 )
-from ciliary.lab.lab import Lab, LabError, mode_of
+from ciliary.lab.lab import PROCESS_LAB_GONE, Lab, LabError, is_process_lab, mode_of
 from ciliary.lab.layout import LB_IP_POOL, node_index, node_name, pod_cidr
 from ciliary.lab.nodebins import NodeBinaries
 
@@ -149,9 +150,8 @@ def up(lab: Lab, nodes: Sequence[str], *, chart: bool = False, ready_seconds: fl
         say(f"lab: {what} ({time.monotonic() - t0:.1f} s)")
 
     config = lab.config()
-    if config.get("nodes") and not config.get("real_nodes"):
-        raise LabError("this lab runs its nodes as processes: `ciliary lab up --process` completes it; "
-                       "`ciliary lab down` first, then `ciliary lab up`, for real nodes")
+    if is_process_lab(config):
+        raise LabError(PROCESS_LAB_GONE)
     if kube_proxy_replacement and not chart:
         raise LabError("--kube-proxy-replacement needs Ciliary installed by its chart")
     if kube_proxy and (kube_proxy_replacement or not chart):
@@ -201,7 +201,7 @@ def up(lab: Lab, nodes: Sequence[str], *, chart: bool = False, ready_seconds: fl
             lab.start_world()
             if not chart:
                 for node in nodes:
-                    lab.start_node_processes(node, ports, pod_runtime=False)
+                    lab.start_agent(node, ports)
             realcluster.start_registry(layout, bins)
             if chart:
                 for node in nodes:
@@ -303,15 +303,17 @@ def wait_ready(lab: Lab, real: Sequence[kubeletnode.RealNode], seconds: float) -
 
 def up_command(lab: Lab, count: int, *, kube_proxy_replacement: bool = False, kube_proxy: str | None = None,
                say: Callable[[str], None] = print) -> float:
-    """``ciliary lab up --real-nodes [--kube-proxy-replacement | --kube-proxy MODE]``: ``count`` real nodes with
+    """``ciliary lab up [--kube-proxy-replacement | --kube-proxy MODE]``: ``count`` real nodes with
     Ciliary installed by its charts; with the replacement no kube-proxy runs and Ciliary's load balancer serves
     every Service; with ``--kube-proxy`` (the peer) kube-proxy in MODE alone serves them."""
     if os.geteuid() != 0:
         raise LabError("the lab needs root (network namespaces, mounts, eBPF): run as root")
-    if not 1 <= count <= MAX_REAL_NODES:
-        raise LabError(f"--nodes must be between 1 and {MAX_REAL_NODES} on real nodes (`--process`: more)")
-    t0 = time.monotonic()
     config = lab.config()
+    if is_process_lab(config):  # before anything is built or started
+        raise LabError(PROCESS_LAB_GONE)
+    if not 1 <= count <= MAX_REAL_NODES:
+        raise LabError(f"--nodes must be between 1 and {MAX_REAL_NODES}")
+    t0 = time.monotonic()
     if config.get("real_nodes") and not (kube_proxy_replacement or kube_proxy):
         # no mode asked: a running lab keeps the one it was brought up with
         kube_proxy_replacement = bool(config.get("kube_proxy_replacement"))

@@ -7,8 +7,8 @@ run in the root namespace, listens on ``127.0.0.1:PORT`` for each ``--forward PO
 for every connection, dials the Service's ClusterIP and first port from inside ``--netns`` (a thread that
 entered the namespace makes the socket: ``nodegateway.in_netns``), then copies bytes both ways. The
 ClusterIP is read with ``--kubectl`` and kept until a dial fails (a re-installed chart gets new ones). So
-``eval $(ciliary lab env)`` gives ``HUBBLE_SERVER`` and ``CILIARY_UI_URL`` that work from the user's shell,
-as on the process lab. ``--forward PORT=HOST:PORT`` dials that address as is from inside ``--netns`` (a
+``eval $(ciliary lab env)`` gives ``HUBBLE_SERVER`` and ``CILIARY_UI_URL`` that work from the user's
+shell. ``--forward PORT=HOST:PORT`` dials that address as is from inside ``--netns`` (a
 host-network pod's listener on the node's loopback, e.g. the chart agent's ``/metrics``), so a process of
 the root namespace (a real Prometheus in e2e) can reach it; no kubectl is needed for those.
 

@@ -64,7 +64,7 @@ SYSTEM_TOOLS: dict[str, str] = {
     "bpftool": "bpftool",
     "iptables": "iptables",
     "iptables-restore": "iptables",
-    "nft": "nftables",  # kube-proxy in nftables mode (`ciliary lab up [--process] --kube-proxy nftables`)
+    "nft": "nftables",  # kube-proxy in nftables mode (`ciliary lab up --kube-proxy nftables`)
     "openssl": "openssl",
     "ping": "iputils-ping",
     "runc": "runc",
@@ -73,9 +73,6 @@ SYSTEM_TOOLS: dict[str, str] = {
     "prometheus": "prometheus",
     "chromium": "chromium",  # the service map's browser test (driven by playwright)
 }
-
-# what `ciliary lab up --process` runs besides the control plane
-LAB_SYSTEM_TOOLS = ("ip", "nsenter", "mount", "sysctl", "openssl", "ping")
 
 
 class VersionsFileError(RuntimeError):

@@ -111,15 +111,6 @@ def ensure_world(layout: LabLayout, all_nodes: Sequence[str]) -> None:
         sysctl(ns, "net.ipv4.fib_multipath_hash_policy", "1")
 
 
-def remove_node(layout: LabLayout, node: str) -> None:
-    ns = layout.node_netns(node)
-    if netns_exists(ns):
-        ip("netns", "del", ns, check=False)
-    under = layout.underlay_netns
-    if netns_exists(under):
-        ip("link", "del", f"n{node_index(node)}", netns=under, check=False)
-
-
 def remove_all(layout: LabLayout) -> list[str]:
     """Delete every namespace of this lab (pods, nodes, world, underlay); return their names."""
     removed = []

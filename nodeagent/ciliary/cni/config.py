@@ -1,6 +1,6 @@
 """The network configuration the runtime passes on stdin, parsed once into a model.
 
-Shape (what the lab's pod runtime and a node's ``/etc/cni/net.d`` file contain)::
+Shape (what a node's ``/etc/cni/net.d`` file contains)::
 
     {
       "cniVersion": "1.0.0",            # one of SUPPORTED_VERSIONS

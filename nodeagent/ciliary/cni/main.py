@@ -1,6 +1,6 @@
 """``ciliary-cni``: the CNI entry point — read env and stdin, dispatch, print JSON.
 
-The runtime (kubelet's container runtime, or the lab's pod runtime) runs this
+The runtime (kubelet's container runtime, e.g. containerd) runs this
 executable in the node's network namespace with ``CNI_COMMAND`` and friends set
 (see ``invocation``) and the network configuration on stdin (see ``config``).
 Success: the result (ADD) or version info (VERSION) on stdout, exit 0; DEL and CHECK

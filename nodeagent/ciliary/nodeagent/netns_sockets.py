@@ -1,7 +1,8 @@
 """Sockets created inside the node's network namespace, for an agent that runs outside it.
 
-The agent may live outside the namespace whose veths it manages (the process lab gives it
-``--netns``; on a real node it runs with ``hostNetwork`` and ``netns`` is None). ``setns(2)``
+The agent may live outside the namespace whose veths it manages (an agent the lab starts as a process,
+without the chart, is given its node's namespace; on a real node it runs with ``hostNetwork`` and
+``netns`` is None). ``setns(2)``
 changes only the calling thread, and a socket belongs to the namespace it was created in for
 its whole life, so the caller then uses it from the event loop like any other. Two ways in:
 

@@ -1,4 +1,4 @@
-"""``ciliary lab …`` subcommands: thin argument handling over ``ciliary.lab.lab``."""
+"""``ciliary lab …`` subcommands: thin argument handling over ``ciliary.lab.lab`` and ``ciliary.lab.reallab``."""
 
 from __future__ import annotations
 
@@ -14,43 +14,37 @@ from ciliary.lab.topology import TopologyError
 
 def register(sub: Any) -> None:
     lab = sub.add_parser(
-        "lab", help="run a local lab: real control plane, nodes and pods in network namespaces",
+        "lab", help="run a local lab: real control plane, kubelets and pods in network namespaces",
         description="A local lab on this machine: etcd, kube-apiserver and kube-controller-manager on "
-                    "loopback, one network namespace per node, pods realised through Ciliary's CNI plugin, "
-                    "and a 'world' host outside the cluster (192.0.2.100). Nothing in it can reach the "
-                    "machine's real network. State lives in ./.lab (CILIARY_LAB_DIR).")
+                    "loopback, one network namespace per node with containerd and a kubelet, Ciliary installed "
+                    "by its Helm charts, pods wired by Ciliary's CNI plugin, and a 'world' host outside the "
+                    "cluster (192.0.2.100). Nothing in it can reach the machine's real network. State lives in "
+                    "./.lab (CILIARY_LAB_DIR).")
     cmds = lab.add_subparsers(dest="lab_command", metavar="COMMAND", required=True)
 
     up = cmds.add_parser("up", help="start the lab (safe to repeat; adds nodes if asked for more)",
-                         description="Start the lab, or complete it if parts are missing. Safe to run twice.")
+                         description="Start the lab, or complete it if parts are missing. Safe to run twice. "
+                                     "Nodes run containerd and kubelet (plus kube-proxy and CoreDNS), and Ciliary "
+                                     "is installed by its Helm charts (operator Deployment, agent DaemonSet, "
+                                     "bundled etcd).")
     up.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
     up.add_argument("--real-nodes", action="store_true",
-                    help="the default: nodes run containerd and kubelet (plus kube-proxy and CoreDNS), and Ciliary "
-                         "is installed by its Helm charts (operator Deployment, agent DaemonSet, bundled etcd)")
-    up.add_argument("--process", action="store_true",
-                    help="the process lab, a development mode: Ciliary's own pod runtime, agents and operator as "
-                         "processes, no kubelet, no images (the benches' lab); a running process lab is kept "
-                         "without the flag")
+                    help="accepted for old scripts and changes nothing: every lab runs real nodes")
     up.add_argument("--kube-proxy-replacement", action="store_true",
-                    help="real nodes: no kube-proxy; Ciliary's chart serves every Service (socket load "
+                    help="no kube-proxy; Ciliary's chart serves every Service (socket load "
                          "balancing, NodePorts and external IPs on the nodes' devices, kube-proxy's health ports)")
     up.add_argument("--kube-proxy", nargs="?", const="iptables", default=None, choices=("iptables", "nftables"),
                     metavar="MODE",
                     help="the real kube-proxy (MODE iptables, the default, or nftables) proxies Services instead "
-                         "of Ciliary's load balancer: the peer for comparisons (on real nodes: the chart with "
-                         "its load balancer off in agents and operator); a running lab keeps its mode")
+                         "of Ciliary's load balancer: the peer for comparisons (the chart with its load balancer "
+                         "off in agents and operator); a running lab keeps its mode")
     up.set_defaults(func=_up)
 
     down = cmds.add_parser("down", help="remove everything the lab created",
                            description="Stop every lab process and remove its namespaces, veths, bridge, "
-                                       "cgroups, bpffs pins and state. Works after a crashed `lab up`.")
+                                       "cgroups, bpffs pins, node mounts and state. Works after a crashed "
+                                       "`lab up`, and on a lab the removed process lab left running.")
     down.set_defaults(func=_down)
-
-    rm = cmds.add_parser("remove-node", help="take one node out of the lab (`lab up` brings it back)",
-                         description="Stop a node's agent and pod runtime, remove its pods' and its own network "
-                                     "namespaces, and delete its Node object, as if the machine left the cluster.")
-    rm.add_argument("node", help="node name, e.g. node-2")
-    rm.set_defaults(func=_remove_node)
 
     status = cmds.add_parser("status", help="show nodes, pods and lab processes with their memory",
                              description="Show the lab's processes (pid, RSS), nodes and pods.")
@@ -79,31 +73,15 @@ def _run(fn: Any) -> int:
     return int(result or 0)
 
 
-def process_lab_wanted(process: bool, real_nodes: bool, config: dict[str, object]) -> bool:
-    """Real nodes unless ``--process``, or a process lab is already up and ``--real-nodes`` is not given (so a
-    second ``lab up`` completes the lab that runs). Pure."""
-    if process and real_nodes:
-        raise UserError("--process (the process lab) and --real-nodes (kubelets) exclude each other")
-    return process or (not real_nodes and bool(config.get("nodes")) and not config.get("real_nodes"))
-
-
 def _up(args: argparse.Namespace) -> int:
-    if not process_lab_wanted(args.process, args.real_nodes, Lab.from_env().config()):
-        if args.kube_proxy and args.kube_proxy_replacement:
-            raise UserError("--kube-proxy (kube-proxy alone) and --kube-proxy-replacement (no kube-proxy) exclude "
-                            "each other")
-        from ciliary.lab import reallab  # the real-node lab imports the image builders: only when asked
+    if args.kube_proxy and args.kube_proxy_replacement:
+        raise UserError("--kube-proxy (kube-proxy alone) and --kube-proxy-replacement (no kube-proxy) exclude "
+                        "each other")
+    from ciliary.lab import reallab  # it imports the image builders: only when a lab comes up
 
-        return _run(lambda: reallab.up_command(Lab.from_env(), args.nodes,
-                                               kube_proxy_replacement=args.kube_proxy_replacement,
-                                               kube_proxy=args.kube_proxy) and 0)
-    if args.kube_proxy_replacement:
-        raise UserError("--kube-proxy-replacement is for real nodes (the process lab replaces kube-proxy already)")
-    return _run(lambda: Lab.from_env().up(args.nodes, kube_proxy=args.kube_proxy) and 0)
-
-
-def _remove_node(args: argparse.Namespace) -> int:
-    return _run(lambda: Lab.from_env().remove_node(args.node))
+    return _run(lambda: reallab.up_command(Lab.from_env(), args.nodes,
+                                           kube_proxy_replacement=args.kube_proxy_replacement,
+                                           kube_proxy=args.kube_proxy) and 0)
 
 
 def _down(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """Health-check node ports served in a network namespace the agent is not in (real sockets, real netns).
 
 The test creates its own namespace (loopback only), runs ``service_health.HealthPorts`` from the
-root namespace as the process lab's agent does, and asks from inside the namespace.
+root namespace as an agent the lab starts as a process does (real nodes without the chart:
+``Lab.start_agent``, ``CILIARY_AGENT_NETNS``), and asks from inside the namespace.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def test_workload_ready_needs_every_replica_of_the_current_generation() -> None:
 def test_lab_values_replace_only_the_etcd_image_its_volume_and_the_load_balancers_cgroup() -> None:
     values = chartinstall.lab_values()
     assert set(values) == {"etcd", "agent"}
-    ttl = [{"name": "CILIARY_AGENT_FQDN_MIN_TTL", "value": "1"}]  # DNS answers' TTLs decide, as in the process lab
+    ttl = [{"name": "CILIARY_AGENT_FQDN_MIN_TTL", "value": "1"}]  # the DNS answers' TTLs decide
     assert values["agent"] == {"loadBalancing": {"enabled": False}, "extraEnv": ttl}  # never the machine's root cgroup
     per_node = chartinstall.lab_values(cgroup_prefix="unified/ciliary-rd-")["agent"]
     assert per_node == {"loadBalancing": {"cgroupPath": "unified/ciliary-rd-$(CILIARY_AGENT_NODE_NAME)"}, "extraEnv": ttl}
@@ -180,8 +180,7 @@ def test_kube_proxy_free_lab_pins_etcd_to_the_first_node_and_dials_the_node_gate
     assert (free.api_host, free.api_port) == (nodeconfig.NODE_SERVICES_IP, 443)
     assert mode_of({"real_nodes": True, "kube_proxy_replacement": True}) == "kube-proxy-replacement"
     assert mode_of({"real_nodes": True}) == "kube-proxy"
-    assert mode_of({"nodes": 2}) == "kube-proxy-replacement"
-    assert mode_of({"nodes": 2, "kube_proxy": "nftables"}) == "kube-proxy-nftables"
+    assert mode_of({"real_nodes": True, "kube_proxy": "nftables"}) == "kube-proxy-nftables"
 
 
 def test_the_real_node_peer_turns_ciliarys_load_balancer_off_in_agents_and_operator() -> None:

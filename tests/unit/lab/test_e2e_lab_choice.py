@@ -1,5 +1,6 @@
-"""Every e2e module that uses the ``lab`` fixture says which lab it runs on (e2e/conftest.py), and one that
-stays on the process lab says why in the comment above its ``REAL_NODES = False``."""
+"""Every e2e module that uses the ``lab`` fixture says which lab it runs on (e2e/conftest.py): a ``#:`` comment
+above its ``REAL_NODES = True`` says why it passes on the session's real-node lab, or above ``REAL_NODES = False``
+why it brings up a lab of its own."""
 
 from __future__ import annotations
 
