@@ -258,10 +258,17 @@ class Run:
                     f"node-1's agent applied its LB intent {agent.count('Load-balancing intent applied')} times")
         out = subprocess.run(["ip", "netns", "exec", lab.layout.node_netns("node-1"), "curl", "-s", "-m", "5",
                               "http://127.0.0.1:10249/metrics"], capture_output=True, text=True, timeout=30).stdout
-        metric = {line.split()[0].split("{")[0]: line.split()[-1] for line in out.splitlines()  # labels dropped
-                  if line.startswith("kubeproxy_sync_proxy_rules_duration_seconds_")}
-        return (f"kube-proxy-node-1 synced {metric.get('kubeproxy_sync_proxy_rules_duration_seconds_count', '?')} "
-                f"times, {float(metric.get('kubeproxy_sync_proxy_rules_duration_seconds_sum', 'nan')):.1f} s in all")
+        metric: dict[str, float] = {}
+        for line in out.splitlines():  # labelled series of one metric are summed
+            if line.startswith(("kubeproxy_sync_proxy_rules_duration_seconds_",
+                                "kubeproxy_sync_partial_proxy_rules_duration_seconds_")):
+                name = line.split()[0].split("{")[0]
+                metric[name] = metric.get(name, 0.0) + float(line.split()[-1])
+
+        def syncs(kind: str) -> str:
+            count, total = (metric.get(f"kubeproxy_sync_{kind}proxy_rules_duration_seconds_{x}") for x in ("count", "sum"))
+            return "?" if count is None or total is None else f"{count:.0f} ({total:.1f} s)"
+        return f"kube-proxy-node-1 full syncs {syncs('')}, partial syncs {syncs('partial_')}"
 
     # --- measurements ----------------------------------------------------------------------------------
     def program(self, count: int, deadline: float) -> tuple[ko.Figure, ko.Figure, float]:
