@@ -148,8 +148,9 @@ def main() -> None:
         try:
             run(lab, args.seconds, windows)
         finally:
-            lab.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", "--timeout=120s",
-                        check=False)
+            if args.lab:  # an own lab goes as a whole
+                lab.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", "--timeout=120s",
+                            check=False)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ NS = "kpb"
 RATE_PORT, PROBE_PORT, NODE_PORT = 9000, 8080, 30900
 NODE_1_IP = "192.0.2.11"
 PROBER = ROOT / "bench" / "frontend_probe.py"
+FATAL_EVERY_S = 5.0  # how often a running probe checks that the proxy under test can still get there
 PODS = f"""
 apiVersion: v1
 kind: Pod
@@ -100,7 +101,7 @@ class Run:
         self.stack = contextlib.ExitStack()
         self.lab: Lab | None = None
         self.servers: list[loadgen.Server] = []
-        self.operator_lines = 0
+        self.checked = 0.0
         self.restarts: dict[str, int] = {}
         self.api: Api | None = None
         self.bulk_first = 0
@@ -121,8 +122,9 @@ class Run:
             raise BenchError(self.mode, f"--lab {self.attach}: that lab's Services are {mode_of(lab.config())}, "
                                         f"this mode needs {wanted}")
         real_node_lab.ensure_ready(lab, 300)
-        self.stack.callback(lambda: lab.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true",
-                                                "--timeout=300s", check=False))
+        if self.attach:  # an own lab goes as a whole
+            self.stack.callback(lambda: lab.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true",
+                                                    "--timeout=300s", check=False))
         lab.kubectl("create", "namespace", NS)
         lab.kubectl("apply", "-f", "-", input=labimage.manifest_for_real_nodes(PODS))
         lab.kubectl("wait", "--for=condition=Ready", "--timeout=180s", "-n", NS,
@@ -140,7 +142,6 @@ class Run:
         pki = lab.layout.pki_dir
         self.api = Api("127.0.0.1", ports.apiserver, ca=pki / "ca.crt", cert=pki / "admin.crt", key=pki / "admin.key")
         self.restarts = self.container_restarts()
-        self.operator_lines = len(real_node_lab.operator_log(lab).splitlines())
         rate = [(ko.service("rate", NS, ko.RATE_IP, RATE_PORT, node_port=NODE_PORT),
                  ko.endpoint_slice("rate", NS, self.backends, RATE_PORT))]
         fillers = [(ko.service(f"fill-{i}", NS, ko.filler_ip(i), PROBE_PORT),
@@ -207,12 +208,14 @@ class Run:
         refused ends the wait early (no point probing for the rest of the deadline)."""
         end = time.monotonic() + deadline + 60
         while proc.poll() is None and time.monotonic() < end:
-            fatal = self.fatal()
-            if fatal:
-                proc.kill()
-                proc.communicate()
-                return {"answered": -1, "error": fatal}
-            time.sleep(1.0)
+            if time.monotonic() - self.checked >= FATAL_EVERY_S:  # two kubectl calls: not every second
+                self.checked = time.monotonic()
+                fatal = self.fatal()
+                if fatal:
+                    proc.kill()
+                    proc.communicate()
+                    return {"answered": -1, "error": fatal}
+            time.sleep(0.2)
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
@@ -232,9 +235,7 @@ class Run:
         restarted = sorted(name for name, count in now.items() if count > self.restarts.get(name, count))
         if restarted:
             return f"restarted: {', '.join(restarted)} (kubectl logs --previous)"
-        lines = real_node_lab.operator_log(lab).splitlines()
-        fresh, self.operator_lines = lines[self.operator_lines:], len(lines)
-        for line in fresh:
+        for line in real_node_lab.operator_log(lab, since=f"{FATAL_EVERY_S + 2:.0f}s").splitlines():
             if "too large" in line or "ResourceExhausted" in line:
                 return "operator: " + line.strip()[-150:]
         return ""
@@ -299,7 +300,7 @@ class Run:
         """One Service of ``count`` changes its port 80 -> 81: seconds until ClusterIP:81 answers."""
         assert self.api is not None
         index = self.bulk_first + count // 2
-        prober = self.start_probe([(ko.bulk_ip(index), ko.SERVICE_PORT + 1)], 120, gap=0.005, attempt=0.02)
+        prober = self.start_probe([(ko.bulk_ip(index), ko.SERVICE_PORT + 1)], 120, gap=0.005, attempt=0.05)
         t0 = time.monotonic()
         self.api.json_patch(f"/api/v1/namespaces/{NS}/services/svc-{index}",
                             [{"op": "replace", "path": "/spec/ports/0/port", "value": ko.SERVICE_PORT + 1}])

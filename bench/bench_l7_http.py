@@ -273,8 +273,9 @@ def main() -> None:
         try:
             run(lab, args.requests, args.rounds, modes)
         finally:
-            lab.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", "--timeout=120s",
-                        check=False)
+            if args.lab:  # an own lab goes as a whole
+                lab.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", "--timeout=120s",
+                            check=False)
 
 
 def run(lab: Lab, requests: int, rounds: int, modes: list[str]) -> None:

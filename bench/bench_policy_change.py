@@ -122,7 +122,11 @@ class PolicyMap:
         argv = [*real_node_lab.node_mounts_argv(lab, node), sys.executable, str(Path(__file__).resolve()),
                 "--watch-map", node]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-        self.ask({"op": "open"})
+        try:
+            self.ask({"op": "open"})
+        except BaseException:
+            self.close()
+            raise
 
     def send(self, request: dict[str, Any]) -> None:
         assert self.proc.stdin is not None
@@ -146,11 +150,14 @@ class PolicyMap:
     def read(self) -> list[planning.PolicyKey]:
         return [key_of(k) for k in self.ask({"op": "keys"})["keys"]]
 
-    def count(self) -> int:
-        return int(self.ask({"op": "keys"})["count"])
+    def count(self, ep_id: int) -> int:
+        """Entries of the endpoint ``ep_id``."""
+        return sum(1 for k in self.read() if k.ep_id == ep_id)
 
     def start_wait(self, what: str, keys: list[planning.PolicyKey], present: bool, baseline: int,
                    seconds: float = WAIT_S, step: float = 0.001) -> None:
+        """Ask for the instant the map holds all ``keys`` (``present``) or none; ``baseline``: the entries of
+        their endpoint without them."""
         self.send({"op": "wait", "what": what, "keys": [list(dataclasses.astuple(k)) for k in keys],
                    "present": present, "baseline": baseline, "seconds": seconds, "step": step})
 
@@ -163,6 +170,20 @@ class PolicyMap:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def base_entry(pmap: PolicyMap, before: set[planning.PolicyKey], seconds: float = 60) -> planning.PolicyKey:
+    """The server's ingress entry for the base policy's port: a key that was not in the map ``before``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        new = [k for k in pmap.read() if k not in before and k.port == BASE_PORT and k.port_bits == 16
+               and k.direction == planning.MapDirection.INGRESS]
+        if len({k.ep_id for k in new}) == 1:
+            return new[0]
+        if len({k.ep_id for k in new}) > 1:
+            raise BenchFailed(f"the base policy's entry appeared for several endpoints: {new}")
+        time.sleep(0.05)
+    raise BenchFailed(f"the base policy in the map: not seen within {seconds:.0f} s")
 
 
 def key_of(fields: list[int]) -> planning.PolicyKey:
@@ -244,7 +265,8 @@ def pct(values: list[float], q: float) -> float:
 
 
 def shows(fd: int, keys: list[planning.PolicyKey], present: bool, baseline: int) -> bool:
-    """The map holds all ``keys`` (``present``) or none of them (one key: one lookup; many: count first)."""
+    """The map holds all ``keys`` (``present``) or none of them (one key: one lookup; many: the entries of
+    their endpoint counted first, ``baseline`` without them; other endpoints' entries are not looked at)."""
     from ciliary.nodeagent.datapath import libbpf, maps
 
     if len(keys) == 1:
@@ -253,9 +275,10 @@ def shows(fd: int, keys: list[planning.PolicyKey], present: bool, baseline: int)
         if found:  # an LPM lookup may answer a shorter prefix: confirm the exact key
             found = keys[0] in maps.read_map(fd, maps.POLICY)
         return found == present
-    if maps.count_entries(fd, maps.PolicyKeyC) != (baseline + len(keys) if present else baseline):
+    ep_id = keys[0].ep_id
+    held = {k for k in maps.read_map(fd, maps.POLICY) if k.ep_id == ep_id}
+    if len(held) != (baseline + len(keys) if present else baseline):
         return False
-    held = maps.read_map(fd, maps.POLICY)
     return all((k in held) == present for k in keys)
 
 
@@ -349,12 +372,11 @@ def main() -> None:
             lab.kubectl("apply", "-f", "-", input=labimage.manifest_for_real_nodes(json.dumps(manifest)))
             lab.kubectl("wait", "--for=condition=Ready", "--timeout=180s", "-n", NS, "pod/server", "pod/client")
             applier = Applier(lab, args.kubectl)
-            applier.apply(cnp([BASE_PORT]))
             pmap = PolicyMap(lab, NODE)
-            wait_until("the base policy in the map", lambda: any(k.port == BASE_PORT for k in pmap.read()), 60,
-                       0.05)
-            template = next(k for k in pmap.read() if k.port == BASE_PORT)
-            baseline = pmap.count()
+            before = set(pmap.read())  # other endpoints' entries (an attached lab may hold other policies)
+            applier.apply(cnp([BASE_PORT]))
+            template = base_entry(pmap, before)
+            baseline = pmap.count(template.ep_id)
             time.sleep(1.0)  # the status writes of the set-up are done
             series = [measure(int(size), args.changes, args.gap, applier, pmap, template, baseline)
                       for size in args.sizes.split(",")]
@@ -363,8 +385,9 @@ def main() -> None:
         finally:
             if pmap is not None:
                 pmap.close()
-            lab.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", "--timeout=120s",
-                        check=False)
+            if args.lab:  # an own lab goes as a whole
+                lab.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", "--timeout=120s",
+                            check=False)
 
 
 if __name__ == "__main__":

@@ -3,14 +3,15 @@
     python frontend_probe.py --targets FILE --deadline SECONDS [--gap SECONDS] [--attempt SECONDS]
     # FILE: [["10.96.64.0", 80], ...]
 
-Sweeps the frontends that have not answered yet with non-blocking TCP connects (at most 256 at a time, each
+Sweeps the frontends that have not answered yet with non-blocking TCP connects (at most 192 at a time, each
 given ``--attempt`` seconds, default 0.1): a completed handshake is an answer (the socket is closed at once),
-a refusal, an unreachable network or a timeout is not. A frontend no proxy serves yet usually gets no
-answer at all (on the lab's nodes the Service range is on-link: its SYN is never answered), and the kernel
-would retransmit that SYN only after a second; a fresh connect per sweep instead keeps the resolution at
-about one attempt plus the gap. Sleeps ``--gap`` between sweeps so the prober does not starve the proxies it
-waits for. Prints one JSON object: answered, total, first and last answer (CLOCK_MONOTONIC seconds, the
-clock every process of the machine shares), sweeps. Exits when every frontend answered or at the deadline.
+a refusal, an unreachable network or a timeout is not. A frontend no proxy serves yet gets no answer at all
+on the lab's nodes (its packets leave towards the world host, which drops them), and the kernel would
+retransmit that SYN only after a second; a fresh connect per sweep instead keeps the resolution at one
+sweep plus the gap, a sweep taking about one attempt per 192 frontends still pending. Sleeps ``--gap``
+between sweeps so the prober does not starve the proxies it waits for. Prints one JSON object: answered,
+total, first and last answer (CLOCK_MONOTONIC seconds, the clock every process of the machine shares),
+sweeps. Exits when every frontend answered or at the deadline.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import selectors
 import socket
 import time
 
-IN_FLIGHT = 256  # most are unanswered frontends; answered ones spread over three backends
+IN_FLIGHT = 192  # answered ones spread over three backends: ~64 each, below the lab app's backlog (100)
 
 
 def sweep(pending: list[tuple[str, int]], answered: dict[tuple[str, int], float], attempt: float) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -37,9 +38,14 @@ class BenchLabError(RuntimeError):
 
 
 def attached(state_dir: str) -> Lab:
-    """A real-node lab with the chart that is already up (``--lab DIR``)."""
-    layout = LabLayout(state_dir=Path(state_dir).resolve(), prefix=os.environ.get("CILIARY_LAB_PREFIX", "cy"))
-    lab = Lab(layout, Binaries.discover())
+    """A real-node lab with the chart that is already up (``--lab DIR``), under the prefix its ``lab.json``
+    records (``CILIARY_LAB_PREFIX``, if set, must agree: namespaces are found by it)."""
+    path = Path(state_dir).resolve()
+    recorded = Lab(LabLayout(state_dir=path, prefix="cy"), Binaries.discover()).config().get("prefix")
+    wanted = os.environ.get("CILIARY_LAB_PREFIX")
+    if recorded and wanted and recorded != wanted:
+        raise BenchLabError(f"--lab {state_dir}: that lab's prefix is {recorded}, CILIARY_LAB_PREFIX says {wanted}")
+    lab = Lab(LabLayout(state_dir=path, prefix=str(recorded or wanted or "cy")), Binaries.discover())
     config = lab.config()
     if not (config.get("real_nodes") and config.get("chart")):
         raise BenchLabError(f"--lab {state_dir}: no real-node lab with the chart there (`ciliary lab up`, with "
@@ -47,17 +53,27 @@ def attached(state_dir: str) -> Lab:
     return lab
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (a timeout, a Ctrl-C'd parent) ends the bench through its ``finally`` blocks: pods, the
+    bench's namespace and its own lab are removed as on any other exit."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 @contextlib.contextmanager
 def real_lab(kind: str, letter: str, attach: str | None, *, nodes: Sequence[str] = NODES,
              kube_proxy_replacement: bool = False, kube_proxy: str | None = None) -> Iterator[Lab]:
-    """The lab the bench runs on: ``attach`` (a state directory) or one of its own, up for the block."""
+    """The lab the bench runs on: ``attach`` (a state directory) or one of its own, up for the block. Says
+    which on stdout (``lab: attached to DIR`` / ``lab: own lab DIR``)."""
+    exit_on_sigterm()
     if attach:
         lab = attached(attach)
+        print(f"lab: attached to {lab.layout.state_dir}", flush=True)
         yield lab
         return
     sessions.reap_stale(ROOT, kind, letter)
     lab = Lab(sessions.session_layout(ROOT, kind, letter), Binaries.discover())
     try:
+        print(f"lab: own lab {lab.layout.state_dir}", flush=True)
         reallab.up(lab, list(nodes), chart=True, ready_seconds=420, kube_proxy_replacement=kube_proxy_replacement,
                    kube_proxy=kube_proxy)
         yield lab
@@ -78,10 +94,11 @@ def node_mounts_argv(lab: Lab, node: str) -> list[str]:
     return ["nsenter", f"--net={NETNS_DIR / lab.layout.node_netns(node)}", f"--mount=/proc/{pid}/ns/mnt", "--wd=/"]
 
 
-def operator_log(lab: Lab) -> str:
-    """The chart operator's log (every container start of the Deployment's pod; empty if none answers)."""
+def operator_log(lab: Lab, since: str | None = None) -> str:
+    """The chart operator's log (its current container; ``since``, e.g. ``5s``: only that recent part; empty if
+    none answers)."""
     out = lab.kubectl("logs", "-n", chartinstall.NAMESPACE, f"deployment/{chartinstall.RELEASE}-operator",
-                      "-c", "operator", "--tail=-1", check=False)
+                      "-c", "operator", *([f"--since={since}"] if since else ["--tail=-1"]), check=False)
     return out.stdout if out.returncode == 0 else ""
 
 

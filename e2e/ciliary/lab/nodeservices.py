@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ciliary.lab import pki, processes, topology
 from ciliary.lab.kubeconfigs import write_kubeconfig
-from ciliary.lab.layout import LabLayout, node_index, node_ip
+from ciliary.lab.layout import WORLD_IP, LabLayout, node_index, node_ip
 from ciliary.lab.nodeconfig import APISERVER_RELAY_PORT, CLUSTER_DNS_IP, NODE_SERVICES_IP
 
 COREDNS_USER = "system:lab-coredns"
@@ -125,11 +125,16 @@ def add_service_address(netns: str) -> None:
 
     The route lets the node's own clients (host-network pods) connect to a ClusterIP at all: a locally
     made packet is routed before kube-proxy's DNAT (and re-routed after it), and a node namespace has no
-    default route. Pods' packets are translated on arrival, before routing.
+    default route. Pods' packets are translated on arrival, before routing. The route goes through the
+    world host, as a node's default route goes through its network's router: a packet to an address no
+    proxy serves leaves towards it and is not answered (the world host does not forward). On-link instead,
+    every such address would get a neighbour entry of its own, and the kernel's neighbour table (1,024
+    entries by default) is shared by every namespace of the machine: probing thousands of unserved
+    ClusterIPs (bench/frontend_probe.py) would overflow it for the whole host.
     """
     if f" {NODE_SERVICES_IP}/32 " not in topology.ip("-o", "addr", "show", "dev", "lo", netns=netns).stdout:
         topology.ip("addr", "add", f"{NODE_SERVICES_IP}/32", "dev", "lo", netns=netns)
-    topology.ip("route", "replace", SERVICE_CIDR, "dev", "eth0", netns=netns)
+    topology.ip("route", "replace", SERVICE_CIDR, "via", WORLD_IP, "dev", "eth0", netns=netns)
 
 
 def corefile(kubeconfig: Path) -> str:

@@ -3,8 +3,10 @@
 Figures are not asserted (the machine is shared); what is checked is that every
 bench completes, prints the rows it promises (with numbers), and leaves no
 network namespace, lab directory or bpffs pin of its own behind. A bench that needs a cluster runs on
-the session's real-node lab (``chart_lab``, tests/realnode_lab.py; the bench's ``--lab``), so the smoke
-tests bring up no lab of their own.
+the session's real-node lab (``chart_lab``, tests/realnode_lab.py; the bench's ``--lab``, and it says
+``lab: attached to DIR``), so only the kube-proxy bench brings up a lab of its own: its peer's, with
+kube-proxy (and Ciliary's too when the session's lab has kube-proxy). A bench that overruns is sent
+SIGTERM, which ends it through its clean-up, and then killed.
 """
 
 from __future__ import annotations
@@ -32,10 +34,22 @@ def run(*argv: str, lab: ChartLab | None = None, prefix: str | None = None, time
         extra = ["--lab", str(lab.lab.layout.state_dir)]
     if prefix is not None:
         env = {**ENV, "CILIARY_LAB_PREFIX": prefix}
-    out = subprocess.run([sys.executable, *argv, "--smoke", *extra], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=timeout)
-    assert out.returncode == 0, f"{argv} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out.stdout
+    proc = subprocess.Popen([sys.executable, *argv, "--smoke", *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # the bench's finally blocks remove its pods, namespace and own lab
+        try:
+            stdout, stderr = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        pytest.fail(f"{argv} overran {timeout:.0f} s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    assert proc.returncode == 0, f"{argv} failed ({proc.returncode}):\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    if lab is not None:
+        assert f"lab: attached to {lab.lab.layout.state_dir}" in stdout, stdout[-3000:]
+    return stdout
 
 
 def netns() -> set[str]:
@@ -98,6 +112,8 @@ def test_kube_proxy_bench_smoke(chart_lab: ChartLab) -> None:
     attach = ["--lab", f"ciliary={chart_lab.lab.layout.state_dir}"] if lab_mode(chart_lab.lab) == KUBE_PROXY_REPLACEMENT \
         else []
     out = run("bench/bench_kube_proxy.py", *attach, prefix=chart_lab.lab.layout.prefix, timeout=900)
+    if attach:
+        assert f"lab: attached to {chart_lab.lab.layout.state_dir}" in out, out
     number = r"[0-9.,]+ ?(s|/s|MiB) \(load \d+\)"
     for what in ("program 50 Services, from first create", "one Service change at 50",
                  "CRR ClusterIP from a pod, 10 Services", "RR NodePort from the world host, 50 Services",
