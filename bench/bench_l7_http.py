@@ -212,15 +212,9 @@ def wait_path(lab: Lab, ip: str, policy: str, admin_socket: str) -> None:
 
 def envoy_pid(agent: int) -> int:
     """The pid of the Envoy the agent ``agent`` runs (a descendant of the agent's process)."""
-    todo, seen = [agent], set()
-    while todo:
-        pid = todo.pop()
-        seen.add(pid)
-        for children in Path(f"/proc/{pid}/task").glob("*/children"):
-            with contextlib.suppress(OSError):
-                todo += [int(c) for c in children.read_text().split() if int(c) not in seen]
+    for pid in real_node_lab.descendants(agent)[1:]:
         with contextlib.suppress(OSError):
-            if pid != agent and Path(f"/proc/{pid}/comm").read_text().strip() == "envoy":
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "envoy":
                 return pid
     raise RuntimeError(f"the agent (pid {agent}) runs no Envoy")
 

@@ -21,7 +21,6 @@ import contextlib
 import json
 import time
 from collections import defaultdict
-from pathlib import Path
 
 from bench import real_node_lab
 
@@ -31,17 +30,7 @@ from ciliary.lab.lab import Lab
 
 def tree_rss_kib(pid: int) -> int:
     """RSS of ``pid`` and every process below it (KiB)."""
-    total, todo, seen = 0, [pid], set()
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        total += processes.rss_kib(p)
-        for children in Path(f"/proc/{p}/task").glob("*/children"):
-            with contextlib.suppress(OSError):
-                todo += [int(c) for c in children.read_text().split()]
-    return total
+    return sum(processes.rss_kib(p) for p in real_node_lab.descendants(pid))
 
 
 def footprint(lab: Lab) -> dict[str, list[int]]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -25,9 +24,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "nodeagent"), str(ROOT / "e2e")]
 
+from ciliary.cli.agent_access import AGENT_SELECTOR  # noqa: E402
 from ciliary.lab import chartinstall, kubeletnode, processes, reallab, sessions  # noqa: E402
-from ciliary.lab.lab import Lab  # noqa: E402
-from ciliary.lab.layout import Binaries, LabLayout  # noqa: E402
+from ciliary.lab.lab import Lab, LabError  # noqa: E402
+from ciliary.lab.layout import Binaries  # noqa: E402
 from ciliary.lab.topology import NETNS_DIR  # noqa: E402
 
 NODES = ("node-1", "node-2")
@@ -38,19 +38,11 @@ class BenchLabError(RuntimeError):
 
 
 def attached(state_dir: str) -> Lab:
-    """A real-node lab with the chart that is already up (``--lab DIR``), under the prefix its ``lab.json``
-    records (``CILIARY_LAB_PREFIX``, if set, must agree: namespaces are found by it)."""
-    path = Path(state_dir).resolve()
-    recorded = Lab(LabLayout(state_dir=path, prefix="cy"), Binaries.discover()).config().get("prefix")
-    wanted = os.environ.get("CILIARY_LAB_PREFIX")
-    if recorded and wanted and recorded != wanted:
-        raise BenchLabError(f"--lab {state_dir}: that lab's prefix is {recorded}, CILIARY_LAB_PREFIX says {wanted}")
-    lab = Lab(LabLayout(state_dir=path, prefix=str(recorded or wanted or "cy")), Binaries.discover())
-    config = lab.config()
-    if not (config.get("real_nodes") and config.get("chart")):
-        raise BenchLabError(f"--lab {state_dir}: no real-node lab with the chart there (`ciliary lab up`, with "
-                            "CILIARY_LAB_DIR and CILIARY_LAB_PREFIX if not the default)")
-    return lab
+    """A real-node lab with the chart that is already up (``--lab DIR``; ``reallab.attached``)."""
+    try:
+        return reallab.attached(state_dir)
+    except LabError as exc:
+        raise BenchLabError(f"--lab {exc}") from exc
 
 
 def exit_on_sigterm() -> None:
@@ -113,9 +105,7 @@ def agent_pid(lab: Lab, node: str) -> int:
 
 def agent_pods(lab: Lab, node: str) -> list[dict[str, Any]]:
     """The chart's agent pod on ``node`` (a list: none while the DaemonSet replaces it)."""
-    out = lab.kubectl("get", "pods", "-n", chartinstall.NAMESPACE, "-l",
-                      "app.kubernetes.io/part-of=ciliary,app.kubernetes.io/component=agent",
-                      "--field-selector", f"spec.nodeName={node}", "-o", "json", check=False)
+    out = lab.kubectl("get", "pods", "-n", chartinstall.NAMESPACE, "-l", AGENT_SELECTOR, "--field-selector", f"spec.nodeName={node}", "-o", "json", check=False)
     return list(json.loads(out.stdout)["items"]) if out.returncode == 0 else []
 
 
@@ -127,3 +117,17 @@ def agent_log(lab: Lab, node: str) -> str:
     out = lab.kubectl("logs", "-n", chartinstall.NAMESPACE, pods[0]["metadata"]["name"], "-c", "agent", "--tail=-1",
                       check=False)
     return out.stdout if out.returncode == 0 else ""
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (``/proc/<pid>/task/*/children``; a process gone meanwhile is skipped)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        if p in found:
+            continue
+        found.append(p)
+        for children in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in children.read_text().split()]
+    return found

@@ -38,8 +38,8 @@ import pytest
 
 import suite_rules
 from ciliary.lab import chartinstall, images, kubeletnode, nodehost, reallab, sessions, tools, topology
-from ciliary.lab.lab import Lab
-from ciliary.lab.layout import Binaries, LabLayout
+from ciliary.lab.lab import Lab, LabError
+from ciliary.lab.layout import Binaries
 from ciliary.lab.nodebins import NodeBinaries
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,12 +89,11 @@ def wait_for(what: str, check: Callable[[], Any], seconds: float, on_timeout: Ca
 
 def attached_lab(state_dir: str) -> ChartLab:
     """A running real-node lab with the chart, as ``ciliary lab up --real-nodes`` left it."""
-    layout = LabLayout(state_dir=Path(state_dir).resolve(), prefix=os.environ.get("CILIARY_LAB_PREFIX", "cy"))
-    lab = Lab(layout, Binaries.discover())
-    config = lab.config()
-    if not (config.get("real_nodes") and config.get("chart")):
-        pytest.fail(f"{ATTACH_ENV}={state_dir}: no real-node lab with the chart there "
-                    "(`ciliary lab up --real-nodes` with CILIARY_LAB_DIR and CILIARY_LAB_PREFIX)", pytrace=False)
+    try:
+        lab = reallab.attached(state_dir)
+    except LabError as exc:
+        pytest.fail(f"{ATTACH_ENV}={exc}", pytrace=False)
+    layout, config = lab.layout, lab.config()
     if config.get("kube_proxy"):
         pytest.fail(f"{ATTACH_ENV}={state_dir}: that lab is the peer (`--kube-proxy`: Ciliary's load balancer off); "
                     "the suites need `ciliary lab up` or `ciliary lab up --kube-proxy-replacement`", pytrace=False)

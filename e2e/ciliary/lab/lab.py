@@ -84,9 +84,7 @@ class Lab:
     def node_names(self) -> list[str]:
         config = self.config()
         count = int(str(config.get("nodes", 0)))
-        removed = config.get("removed")
-        gone = set(removed) if isinstance(removed, list) else set()
-        return [node_name(i) for i in range(1, count + 1) if node_name(i) not in gone]
+        return [node_name(i) for i in range(1, count + 1)]
 
     def etcd_certs(self) -> etcdsecurity.EtcdPKI:
         return etcdsecurity.etcd_pki(self.layout.pki_dir)

@@ -47,7 +47,7 @@ from ciliary.lab import (
     topology,
 )
 from ciliary.lab.lab import PROCESS_LAB_GONE, Lab, LabError, is_process_lab, mode_of
-from ciliary.lab.layout import LB_IP_POOL, node_index, node_name, pod_cidr
+from ciliary.lab.layout import LB_IP_POOL, Binaries, LabLayout, node_index, node_name, pod_cidr
 from ciliary.lab.nodebins import NodeBinaries
 
 #: every real node runs containerd, kubelet, kube-proxy and CoreDNS on a shared machine
@@ -299,6 +299,22 @@ def wait_ready(lab: Lab, real: Sequence[kubeletnode.RealNode], seconds: float) -
                                                       lab.layout.log_dir / f"{node.proc_name(what)}.log")
         time.sleep(0.5)
     raise LabError(f"real nodes not Ready after {seconds:.0f} s; see {lab.layout.log_dir}")
+
+
+def attached(state_dir: str | Path) -> Lab:
+    """A real-node lab with the chart that is already up, by its state directory, under the prefix its
+    ``lab.json`` records (``CILIARY_LAB_PREFIX``, if set, must agree: namespaces are found by it)."""
+    path = Path(state_dir).resolve()
+    recorded = Lab(LabLayout(state_dir=path, prefix="cy"), Binaries.discover()).config().get("prefix")
+    wanted = os.environ.get("CILIARY_LAB_PREFIX")
+    if recorded and wanted and recorded != wanted:
+        raise LabError(f"{state_dir}: that lab's prefix is {recorded}, CILIARY_LAB_PREFIX says {wanted}")
+    lab = Lab(LabLayout(state_dir=path, prefix=str(recorded or wanted or "cy")), Binaries.discover())
+    config = lab.config()
+    if not (config.get("real_nodes") and config.get("chart")):
+        raise LabError(f"{state_dir}: no real-node lab with the chart there (`ciliary lab up`, with "
+                       "CILIARY_LAB_DIR and CILIARY_LAB_PREFIX if not the default)")
+    return lab
 
 
 def up_command(lab: Lab, count: int, *, kube_proxy_replacement: bool = False, kube_proxy: str | None = None,
