@@ -29,7 +29,10 @@
  * packet (ICMP, SCTP, ...) and non-IPv4 packet passes untouched. A known
  * connection whose backend left the maps picks a new one. With session
  * affinity (CY_LB_F_AFFINITY) a new connection goes to the backend the same
- * client address used last within the timeout (lib/lb_affinity.h).
+ * client address used last within the timeout (lib/lb_affinity.h). A TCP
+ * SYN that reuses the four addresses and ports of a closed connection to a
+ * local backend, now straight to the backend, first ends that connection's
+ * reply entry (cy_ns_forget_reused).
  */
 #ifndef CY_LIB_LB_NODEPORT_H
 #define CY_LIB_LB_NODEPORT_H
@@ -69,6 +72,30 @@ static __always_inline __u16 cy_ns_snat_port(struct lb4_nat_key *rkey, struct lb
 			return rkey->dport;
 	}
 	return 0;
+}
+
+/* A TCP SYN that no frontend takes, for a local backend that still has the
+ * reply entry (egress) of a closed north-south connection with these same
+ * four addresses and ports: the client reused its port to reach the backend
+ * directly (a pod whose node's socket programs already picked the backend),
+ * and the old entry would turn the backend's answer into the frontend's,
+ * which the client refuses. The old connection is over: end its entry. */
+static __always_inline void cy_ns_forget_reused(const struct cy_packet *p)
+{
+	struct lb4_nat_key rkey = {};
+	struct lb4_nat_entry *old;
+
+	if (p->protocol != CY_PROTO_TCP || (p->tcp_flags & (CY_TCP_SYN | CY_NS_TCP_ACK)) != CY_TCP_SYN)
+		return;
+	rkey.saddr = p->daddr;
+	rkey.sport = p->dport;
+	rkey.daddr = p->saddr;
+	rkey.dport = p->sport;
+	rkey.proto = p->protocol;
+	rkey.hook = CY_NAT_AT_EGRESS;
+	old = cy_lb4_nat.lookup(&rkey);
+	if (old && (old->flags & CY_NAT_F_CLOSING))
+		cy_lb4_nat.delete(&rkey);
 }
 
 /* A new connection to frontend `svc` (slot 0 entry of `key`): choose its
@@ -188,8 +215,10 @@ static __always_inline int cy_ns_from_device(struct __sk_buff *skb)
 	key.dport = p.dport;
 	key.proto = p.protocol;
 	svc = cy_lb4_svc.lookup(&key);
-	if (!svc || !(svc->flags & CY_LB_F_EXTERNAL))
+	if (!svc || !(svc->flags & CY_LB_F_EXTERNAL)) {
+		cy_ns_forget_reused(&p);
 		return TC_ACT_OK;
+	}
 	if (p.is_fragment)
 		return cy_ns_drop(CY_NS_DROP_FRAGMENT);
 	if ((svc->flags & CY_LB_F_SRC_RANGES) && !cy_ns_source_admitted(svc->backend_id, p.saddr))
