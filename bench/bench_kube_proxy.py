@@ -123,8 +123,7 @@ class Run:
                                         f"this mode needs {wanted}")
         real_node_lab.ensure_ready(lab, 300)
         if self.attach:  # an own lab goes as a whole
-            self.stack.callback(lambda: lab.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true",
-                                                    "--timeout=300s", check=False))
+            self.stack.callback(delete_namespace, lab)
         lab.kubectl("create", "namespace", NS)
         lab.kubectl("apply", "-f", "-", input=labimage.manifest_for_real_nodes(PODS))
         lab.kubectl("wait", "--for=condition=Ready", "--timeout=180s", "-n", NS,
@@ -372,8 +371,22 @@ def measure_mode(mode: str, sizes: tuple[int, ...], args: argparse.Namespace, tc
             figures.setdefault(f"program {size}", ko.Figure(None, load(), str(exc)[:160]))
             failed_at = failed_at or size
         finally:
-            run.down()
+            try:
+                run.down()
+            except Exception as exc:  # noqa: BLE001 - the figures stand; the clean-up's failure is said
+                say(f"{mode}: clean-up after {size} Services failed: {exc}")
     return figures
+
+
+def delete_namespace(lab: Lab, seconds: float = 900) -> None:
+    """Delete the bench's namespace on an attached lab and wait until it is gone (10,000 Services and their
+    EndpointSlices take the namespace controller minutes; one kubectl call may wait at most 120 s)."""
+    lab.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=false", check=False)
+    deadline = time.monotonic() + seconds
+    while lab.kubectl("get", "namespace", NS, check=False).returncode == 0:
+        if time.monotonic() > deadline:
+            raise BenchError("clean-up", f"namespace {NS} still there after {seconds:.0f} s")
+        time.sleep(2)
 
 
 def main() -> None:

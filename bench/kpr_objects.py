@@ -17,7 +17,7 @@ from typing import Any
 #: addresses of this range to Services that ask for none too, so a run starts at the first window of its
 #: size that no Service holds (:func:`free_window`)
 BULK_BASE = ipaddress.IPv4Address("10.96.64.0")
-BULK_MAX = 16384  # 10.96.64.0/18
+BULK_MAX = 49151  # 10.96.64.0 .. 10.96.255.254 (the range's last address is its broadcast, never a ClusterIP)
 #: the Service the rate tests go through (ClusterIP + NodePort) and the few fillers beside it: in the
 #: range's lowest 256 addresses, which the apiserver keeps for Services that name their ClusterIP (it
 #: allocates there only when the rest of the range is full)

@@ -22,7 +22,7 @@ def test_sizes_are_sorted_unique_and_bounded() -> None:
 def test_bulk_addresses_are_distinct_and_stay_in_their_range() -> None:
     ips = {ko.bulk_ip(i) for i in range(ko.BULK_MAX)}
     assert len(ips) == ko.BULK_MAX
-    assert ko.bulk_ip(0) == "10.96.64.0" and ko.bulk_ip(ko.BULK_MAX - 1) == "10.96.127.255"
+    assert ko.bulk_ip(0) == "10.96.64.0" and ko.bulk_ip(ko.BULK_MAX - 1) == "10.96.255.254"
     assert ko.RATE_IP not in ips and ko.filler_ip(8) not in ips
     with pytest.raises(IndexError):
         ko.bulk_ip(ko.BULK_MAX)
