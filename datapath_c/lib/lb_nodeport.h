@@ -30,9 +30,10 @@
  * connection whose backend left the maps picks a new one. With session
  * affinity (CY_LB_F_AFFINITY) a new connection goes to the backend the same
  * client address used last within the timeout (lib/lb_affinity.h). A TCP
- * SYN that reuses the four addresses and ports of a closed connection to a
- * local backend, now straight to the backend, first ends that connection's
- * reply entry (cy_ns_forget_reused).
+ * SYN on the entry of a connection that ended (FIN or RST seen) opens a new
+ * one; one that reuses the four addresses and ports of an ended connection to
+ * a local backend, now straight to the backend, first ends that connection's
+ * entries (cy_ns_forget_reused).
  */
 #ifndef CY_LIB_LB_NODEPORT_H
 #define CY_LIB_LB_NODEPORT_H
@@ -74,18 +75,27 @@ static __always_inline __u16 cy_ns_snat_port(struct lb4_nat_key *rkey, struct lb
 	return 0;
 }
 
+/* A TCP SYN opening a connection (SYN without ACK). */
+static __always_inline int cy_ns_opens(const struct cy_packet *p)
+{
+	return p->protocol == CY_PROTO_TCP && (p->tcp_flags & (CY_TCP_SYN | CY_NS_TCP_ACK)) == CY_TCP_SYN;
+}
+
 /* A TCP SYN that no frontend takes, for a local backend that still has the
- * reply entry (egress) of a closed north-south connection with these same
+ * reply entry (egress) of an ended north-south connection with these same
  * four addresses and ports: the client reused its port to reach the backend
  * directly (a pod whose node's socket programs already picked the backend),
  * and the old entry would turn the backend's answer into the frontend's,
- * which the client refuses. The old connection is over: end its entry. */
-static __always_inline void cy_ns_forget_reused(const struct cy_packet *p)
+ * which the client refuses. Ended: a FIN or RST seen either way (the reply
+ * entry closing, or its forward entry closing or gone), as a client that
+ * resets marks only the forward one. Both entries go; a live connection's
+ * stay (the backend cannot take a second one on the same four anyway). */
+static __always_inline void cy_ns_forget_reused(const struct cy_packet *p, __u64 now)
 {
-	struct lb4_nat_key rkey = {};
-	struct lb4_nat_entry *old;
+	struct lb4_nat_key rkey = {}, fkey = {};
+	struct lb4_nat_entry *old, *fwd;
 
-	if (p->protocol != CY_PROTO_TCP || (p->tcp_flags & (CY_TCP_SYN | CY_NS_TCP_ACK)) != CY_TCP_SYN)
+	if (!cy_ns_opens(p))
 		return;
 	rkey.saddr = p->daddr;
 	rkey.sport = p->dport;
@@ -94,8 +104,20 @@ static __always_inline void cy_ns_forget_reused(const struct cy_packet *p)
 	rkey.proto = p->protocol;
 	rkey.hook = CY_NAT_AT_EGRESS;
 	old = cy_lb4_nat.lookup(&rkey);
-	if (old && (old->flags & CY_NAT_F_CLOSING))
-		cy_lb4_nat.delete(&rkey);
+	if (!old)
+		return;
+	fkey.saddr = p->saddr;
+	fkey.sport = p->sport;
+	fkey.daddr = old->saddr; /* the frontend the connection went to */
+	fkey.dport = old->sport;
+	fkey.proto = p->protocol;
+	fkey.hook = CY_NAT_AT_INGRESS;
+	fwd = cy_lb4_nat.lookup(&fkey);
+	if (!(old->flags & CY_NAT_F_CLOSING) && fwd && fwd->expires >= now && !(fwd->flags & CY_NAT_F_CLOSING))
+		return;
+	cy_lb4_nat.delete(&rkey);
+	if (fwd)
+		cy_lb4_nat.delete(&fkey);
 }
 
 /* A new connection to frontend `svc` (slot 0 entry of `key`): choose its
@@ -116,7 +138,7 @@ static __always_inline int cy_ns_new(struct __sk_buff *skb, const struct cy_pack
 	if (svc->count == 0) {
 		if (svc->flags & CY_LB_F_NO_LOCAL)
 			return cy_ns_drop(CY_NS_DROP_NO_LOCAL);
-		if (p->protocol == CY_PROTO_TCP && (p->tcp_flags & (CY_TCP_SYN | CY_NS_TCP_ACK)) == CY_TCP_SYN)
+		if (cy_ns_opens(p))
 			return cy_ns_reset(skb, l4off);
 		if (p->protocol == CY_PROTO_UDP)
 			return cy_ns_unreachable(skb, l4off);
@@ -199,7 +221,8 @@ static __always_inline int cy_ns_from_device(struct __sk_buff *skb)
 	now = bpf_ktime_get_coarse_ns();
 	cy_ns_key(&p, CY_NAT_AT_INGRESS, &nkey);
 	e = cy_lb4_nat.lookup(&nkey);
-	if (e && e->expires >= now) {
+	/* a SYN on an entry whose connection ended opens a new one: chosen afresh below */
+	if (e && e->expires >= now && !(cy_ns_opens(&p) && (e->flags & CY_NAT_F_CLOSING))) {
 		if (p.is_fragment)
 			return cy_ns_drop(CY_NS_DROP_FRAGMENT);
 		if (!e->backend_id) {
@@ -216,7 +239,7 @@ static __always_inline int cy_ns_from_device(struct __sk_buff *skb)
 	key.proto = p.protocol;
 	svc = cy_lb4_svc.lookup(&key);
 	if (!svc || !(svc->flags & CY_LB_F_EXTERNAL)) {
-		cy_ns_forget_reused(&p);
+		cy_ns_forget_reused(&p, now);
 		return TC_ACT_OK;
 	}
 	if (p.is_fragment)

@@ -3,7 +3,8 @@
 :class:`Net` builds them: an underlay bridge joining ``world`` (10.77.<t>.100), ``node`` (10.77.<t>.1, the
 node under test) and ``node2`` (10.77.<t>.2); a pod behind a veth on each node (10.78.<t>.2 on node,
 10.79.<t>.2 on node2). Every backend (``SERVER``) answers with its name and the address:port it saw the
-client as; ``PROBE`` connects from the world host, ``BURST`` fires datagrams and counts the ICMP errors
+client as (on 8081 it keeps the connection until the client ends it); ``PROBE`` connects from the world
+host, ``SAME_PORT`` reuses source ports in given steps, ``BURST`` fires datagrams and counts the ICMP errors
 that come back; every veth checks checksums in software (``SOFTWARE_CHECKSUMS``). ``Net.down`` removes
 everything.
 """
@@ -26,12 +27,24 @@ def tcp():
     while True:
         c, peer = s.accept()
         c.sendall(f"{name} {peer[0]}:{peer[1]}".encode()); c.close()
+def hold():  # answers, then keeps the connection until the client ends it (a client that resets)
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", 8081)); s.listen(128)
+    while True:
+        c, peer = s.accept()
+        c.settimeout(10)
+        try:
+            c.sendall(f"{name} {peer[0]}:{peer[1]}".encode()); c.recv(1)
+        except OSError:
+            pass
+        c.close()
 def udp():
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 8053))
     while True:
         data, peer = s.recvfrom(2048)
         s.sendto(f"{name} {peer[0]}:{peer[1]}".encode(), peer)
 threading.Thread(target=udp, daemon=True).start()
+threading.Thread(target=hold, daemon=True).start()
 print("ready", flush=True)
 tcp()
 """
@@ -94,6 +107,29 @@ while time.monotonic() < deadline:
 print(json.dumps({"answers": answers, "sending_seconds": sending}))
 """
 """Send ``count`` UDP datagrams from ``source`` as fast as possible; count the ICMP port unreachables that come back."""
+
+SAME_PORT = r"""
+import json, socket, struct, sys
+steps = json.loads(sys.argv[1])
+def connect(local_port, ip, port, reset):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.settimeout(3)
+    try:
+        s.bind(("0.0.0.0", local_port)); s.connect((ip, port))
+        data = s.recv(4096)
+        if not reset:
+            while chunk := s.recv(4096):
+                data += chunk
+        else:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return {"ok": True, "body": data.decode()}
+    except OSError as exc:
+        return {"ok": False, "error": str(exc)}
+    finally:
+        s.close()
+print(json.dumps([connect(*step) for step in steps]))
+"""
+"""Connect from the world host as each step ``[local port, ip, port, reset]`` says, in order: read the answer,
+then close after the server did (``reset`` false) or reset at once (true). One result per step."""
 
 SOFTWARE_CHECKSUMS = r"""
 import sys
@@ -184,6 +220,9 @@ class Net:
         out = sh(sys.executable, "-c", PROBE, kind, ip, str(port), str(count), str(timeout), *([source] if source else []),
                  netns=self.world)
         return list(json.loads(out.stdout))
+
+    def same_port(self, steps: list[tuple[int, str, int, bool]]) -> list[dict[str, Any]]:
+        return list(json.loads(sh(sys.executable, "-c", SAME_PORT, json.dumps(steps), netns=self.world).stdout))
 
     def client_address(self, host: int) -> str:
         """One more address of the world host (10.77.<t>.<host>): a client the node has not answered yet."""

@@ -65,6 +65,9 @@ def net(tool: Any) -> Iterator[tuple[Net, lb_device.DeviceLB]]:
             fe(FrontendKind.LOAD_BALANCER, "203.0.113.7", 84, "TCP", [local, remote],
                source_ranges=("198.51.100.0/24", "2001:db8::/32")),
             fe(FrontendKind.NODE_PORT, net.node_ip, 30085, "TCP", [local, remote], affinity=60),
+            fe(FrontendKind.NODE_PORT, net.node_ip, 30086, "TCP", [local]),
+            fe(FrontendKind.NODE_PORT, net.node_ip, 30087, "TCP", [BackendIntent(address=net.pod1_ip, port=8081,
+                                                                                node=node)]),
         )))
         yield net, dev
     finally:
@@ -246,3 +249,22 @@ def test_session_affinity_keeps_an_outside_client_on_one_backend(net: tuple[Net,
     assert len(set(bodies(results))) == 1, results
     spread = n.probe("tcp", n.node_ip, 30080, count=SPREAD)
     assert len(set(bodies(spread))) == 2, spread
+
+
+def test_a_client_port_reused_straight_to_the_backend_and_back_through_the_nodeport(
+        net: tuple[Net, lb_device.DeviceLB]) -> None:
+    """The world host reaches the local backend through a NodePort, then from the same port straight at the
+    backend (which sees the same four addresses and ports again), then through the NodePort once more: every
+    step answered. Once after a connection the backend closed (its FIN ends the reply entry), once after one
+    the client reset (only the forward entry sees the RST). Without the clean-up of an ended connection's
+    entries the direct step's answer left as the NodePort's and the client refused it, or the last step
+    reused the old forward entry with no reply entry left."""
+    n, _ = net
+    pod = n.pod1_ip
+    closed = n.same_port([(42101, n.node_ip, 30086, False), (42101, pod, 8080, False), (42101, n.node_ip, 30086, False)])
+    reset = n.same_port([(42102, n.node_ip, 30087, True), (42102, pod, 8081, True), (42102, n.node_ip, 30087, True)])
+    for results in (closed, reset):
+        assert all(r["ok"] for r in results), results
+        assert [r["body"].split(" ")[0] for r in results] == ["local"] * 3, results
+        # the backend saw the world host's own address and port every time (no SNAT for a local backend)
+        assert len({r["body"].split(" ")[1] for r in results}) == 1, results
