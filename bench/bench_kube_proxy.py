@@ -165,12 +165,14 @@ class Run:
                 for pod in json.loads(out.stdout)["items"] for c in pod.get("status", {}).get("containerStatuses", [])}
 
     def down(self) -> None:
-        for server in self.servers:
-            server.stop()
-        self.servers.clear()
-        if self.api:
-            self.api.close()
-        self.stack.close()
+        try:
+            for server in self.servers:
+                server.stop()
+            self.servers.clear()
+            if self.api:
+                self.api.close()
+        finally:
+            self.stack.close()  # the lab (or the attached lab's namespace) goes whatever failed before
 
     # --- tools ------------------------------------------------------------------------------------------
     def in_client(self) -> Callable[[], None]:
@@ -375,18 +377,27 @@ def measure_mode(mode: str, sizes: tuple[int, ...], args: argparse.Namespace, tc
                 run.down()
             except Exception as exc:  # noqa: BLE001 - the figures stand; the clean-up's failure is said
                 say(f"{mode}: clean-up after {size} Services failed: {exc}")
+                failed_at = failed_at or size  # a later size would run on a lab in an unknown state
     return figures
 
 
 def delete_namespace(lab: Lab, seconds: float = 900) -> None:
     """Delete the bench's namespace on an attached lab and wait until it is gone (10,000 Services and their
     EndpointSlices take the namespace controller minutes; one kubectl call may wait at most 120 s)."""
-    lab.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=false", check=False)
     deadline = time.monotonic() + seconds
-    while lab.kubectl("get", "namespace", NS, check=False).returncode == 0:
-        if time.monotonic() > deadline:
-            raise BenchError("clean-up", f"namespace {NS} still there after {seconds:.0f} s")
+    deleted = False
+    while time.monotonic() < deadline:
+        try:
+            if not deleted:
+                deleted = lab.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=false",
+                                      check=False).returncode == 0
+            out = lab.kubectl("get", "namespace", NS, "--ignore-not-found", "-o", "name", check=False)
+            if deleted and out.returncode == 0 and not out.stdout.strip():
+                return
+        except subprocess.TimeoutExpired:
+            pass  # a busy apiserver: ask again
         time.sleep(2)
+    raise BenchError("clean-up", f"namespace {NS} still there after {seconds:.0f} s")
 
 
 def main() -> None:

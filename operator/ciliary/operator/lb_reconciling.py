@@ -71,11 +71,13 @@ class LBReconciler:
 
     async def settle(self) -> None:
         """Let a burst of changes in before the next pass: return once none came for ``settle_seconds``, or
-        after as long as the last pass took (at most ``settle_max``), whichever is first. A pass holds the
-        event loop (resolution is synchronous): with a fixed short settle, a bulk create of thousands of
-        Services had the operator resolve everything again after every few events it took in, so it fell
-        minutes behind the apiserver; this way a burst's passes take at most about half the loop's time. A
-        lone change still waits only ``settle_seconds``."""
+        after as long as the last pass took (resolution and publishing; at most ``settle_max``), whichever
+        is first. Resolution is synchronous and holds the event loop: with a fixed short settle, a bulk
+        create of 10,000 Services had the operator resolve everything again after every few events it took
+        in, and it fell minutes behind the apiserver; this way, while passes take under ``settle_max``, a
+        burst's passes hold the loop at most about half the time. The price: under steady churn (changes
+        less than ``settle_seconds`` apart) a change waits up to the last pass's duration instead of
+        ``settle_seconds``; a lone change in a quiet cluster still waits only ``settle_seconds``."""
         budget = min(max(self.settle_seconds, self.stats.last_duration_ms / 1000), self.settle_max)
         deadline = time.monotonic() + budget
         while (left := deadline - time.monotonic()) > 0:
