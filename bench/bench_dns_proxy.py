@@ -149,8 +149,7 @@ def main() -> None:
             run(lab, args.seconds, windows)
         finally:
             if args.lab:  # an own lab goes as a whole
-                lab.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", "--timeout=120s",
-                            check=False)
+                real_node_lab.delete_namespace(lab, NS)
 
 
 if __name__ == "__main__":

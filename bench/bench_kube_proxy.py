@@ -381,23 +381,11 @@ def measure_mode(mode: str, sizes: tuple[int, ...], args: argparse.Namespace, tc
     return figures
 
 
-def delete_namespace(lab: Lab, seconds: float = 900) -> None:
-    """Delete the bench's namespace on an attached lab and wait until it is gone (10,000 Services and their
-    EndpointSlices take the namespace controller minutes; one kubectl call may wait at most 120 s)."""
-    deadline = time.monotonic() + seconds
-    deleted = False
-    while time.monotonic() < deadline:
-        try:
-            if not deleted:
-                deleted = lab.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=false",
-                                      check=False).returncode == 0
-            out = lab.kubectl("get", "namespace", NS, "--ignore-not-found", "-o", "name", check=False)
-            if deleted and out.returncode == 0 and not out.stdout.strip():
-                return
-        except subprocess.TimeoutExpired:
-            pass  # a busy apiserver: ask again
-        time.sleep(2)
-    raise BenchError("clean-up", f"namespace {NS} still there after {seconds:.0f} s")
+def delete_namespace(lab: Lab) -> None:
+    """The bench's namespace off an attached lab: 10,000 Services and their EndpointSlices take the namespace
+    controller minutes."""
+    if not real_node_lab.delete_namespace(lab, NS, 900):
+        raise BenchError("clean-up", f"namespace {NS} still there after 900 s")
 
 
 def main() -> None:

@@ -268,8 +268,7 @@ def main() -> None:
             run(lab, args.requests, args.rounds, modes)
         finally:
             if args.lab:  # an own lab goes as a whole
-                lab.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", "--timeout=120s",
-                            check=False)
+                real_node_lab.delete_namespace(lab, NS)
 
 
 def run(lab: Lab, requests: int, rounds: int, modes: list[str]) -> None:

@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -131,3 +133,23 @@ def descendants(pid: int) -> list[int]:
             with contextlib.suppress(OSError):
                 todo += [int(c) for c in children.read_text().split()]
     return found
+
+
+def delete_namespace(lab: Lab, namespace: str, seconds: float = 120) -> bool:
+    """Delete a bench's namespace on an attached lab (an own lab goes as a whole) and wait until it is gone,
+    at most ``seconds``: False if it is still there. Polls instead of ``kubectl delete --wait``, which one
+    kubectl call (limited to 120 s) cannot do for 10,000 Services; a failing or slow kubectl is asked again."""
+    deadline = time.monotonic() + seconds
+    deleted = False
+    while time.monotonic() < deadline:
+        try:
+            if not deleted:
+                deleted = lab.kubectl("delete", "namespace", namespace, "--ignore-not-found", "--wait=false",
+                                      check=False).returncode == 0
+            out = lab.kubectl("get", "namespace", namespace, "--ignore-not-found", "-o", "name", check=False)
+            if deleted and out.returncode == 0 and not out.stdout.strip():
+                return True
+        except subprocess.TimeoutExpired:
+            pass  # a busy apiserver: ask again
+        time.sleep(1)
+    return False
