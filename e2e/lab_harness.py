@@ -16,6 +16,7 @@ for a scrape from this shell (:meth:`LabHandle.scrape_targets`).
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import re
@@ -289,6 +290,20 @@ class LabHandle:
                 "CILIARY_ETCD_ENDPOINTS": CHART_ETCD_ENDPOINT,
                 "CILIARY_ETCD_CA_FILE": str(ca), "CILIARY_ETCD_CERT_FILE": str(cert),
                 "CILIARY_ETCD_KEY_FILE": str(key)}
+
+
+def lab_logs(state_dir: Path) -> dict[Path, bytes]:
+    """Every log file (``*.log*``) under a lab's state directory with its content, as it is now. Containerd's
+    snapshots and the pods' directories change while the lab runs: a directory or file gone between listing
+    and reading is skipped (it holds nothing any more; ``Path.rglob`` raised instead)."""
+    found: dict[Path, bytes] = {}
+    for root, _dirs, files in os.walk(state_dir):  # a directory that vanished is passed over
+        for name in fnmatch.filter(files, "*.log*"):
+            path = Path(root, name)
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                if path.is_file():
+                    found[path] = path.read_bytes()
+    return found
 
 
 def http_get_in(netns: str, url: str, timeout: float) -> str:

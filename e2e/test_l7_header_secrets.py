@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from lab_harness import LabHandle, wait_for
+from lab_harness import LabHandle, lab_logs, wait_for
 
 pytestmark = pytest.mark.e2e
 #: on the real-node lab (kubelets, Ciliary installed by its chart): the agent image carries Envoy and iptables
@@ -231,10 +231,10 @@ def test_rotation_reaches_both_envoys_and_no_value_leaks(lab: LabHandle, vault: 
     state = lab.lab.layout.state_dir
     # the kubelets' pod logs (nodes/<node>/pod-logs/kube-system_ciliary-operator-.../operator/0.log) and the
     # agents' state dirs
-    logs = [p for p in state.rglob("*.log*") if p.is_file()]
+    logs = lab_logs(state)
     names = [str(p.relative_to(state)) for p in logs]
     assert any("operator" in n for n in names) and any("envoy" in n for n in names), names
-    leaked = [str(p) for p in logs if any(v.encode() in p.read_bytes() for v in values)]
+    leaked = [str(p) for p, data in logs.items() if any(v.encode() in data for v in values)]
     assert leaked == [], leaked
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from ciliary.lab.testca import TestCA
-from lab_harness import LabHandle, wait_for
+from lab_harness import LabHandle, lab_logs, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -253,8 +253,8 @@ def test_no_log_of_the_lab_holds_key_material(lab: LabHandle, scene: Scene) -> N
     state = lab.lab.layout.state_dir
     # the kubelets' pod logs (nodes/<node>/pod-logs/kube-system_ciliary-operator-.../operator/0.log) and the
     # agents' state dirs
-    logs = [p for p in state.rglob("*.log*") if p.is_file()]
+    logs = lab_logs(state)
     names = [str(p.relative_to(state)) for p in logs]
     assert any("operator" in n for n in names) and any("envoy" in n for n in names), names
-    leaked = [str(p) for p in logs if b"-----BEGIN " in p.read_bytes()]
+    leaked = [str(p) for p, data in logs.items() if b"-----BEGIN " in data]
     assert leaked == [], leaked

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from ciliary.lab.testca import TestCA
-from lab_harness import LabHandle, wait_for
+from lab_harness import LabHandle, lab_logs, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -263,6 +263,6 @@ def test_no_key_material_in_status_policy_get_or_logs(lab: LabHandle, scene: Sce
     intent = lab.ciliary("policy", "get", "--node", "node-2", "--intent", "-o", "json")
     assert intent.returncode == 0, intent.stderr
     assert "BEGIN" not in intent.stdout and f"{NS}/front" in intent.stdout
-    logs = [p for p in lab.lab.layout.state_dir.rglob("*.log*") if p.is_file()]
-    leaked = [str(p) for p in logs if b"-----BEGIN " in p.read_bytes()]
+    logs = lab_logs(lab.lab.layout.state_dir)
+    leaked = [str(p) for p, data in logs.items() if b"-----BEGIN " in data]
     assert leaked == [], leaked
