@@ -47,6 +47,7 @@ struct lb4_service {
 #define CY_LB_F_EXTERNAL 0x4 /* NodePort, ExternalIP, LoadBalancer: served on the external devices too */
 #define CY_LB_F_EXT_LOCAL 0x8 /* external clients use the CY_LB_SCOPE_EXTERNAL entries */
 #define CY_LB_F_SRC_RANGES 0x10 /* loadBalancerSourceRanges: external clients must match cy_lb4_srcrange */
+#define CY_LB_F_DSR 0x20 /* external clients reach backends on other nodes by direct server return (lib/lb_dsr.h) */
 
 struct lb4_backend {
 	__u32 address;

@@ -34,7 +34,8 @@ struct lb4_nat_key {
 /* What such a packet becomes. A connection has two entries: the forward one
  * (client -> frontend, at ingress; backend_id != 0) and the reply one
  * (backend -> client at egress for a local backend; backend -> SNAT address
- * at ingress for a remote one). */
+ * at ingress for a remote one). With DSR the entry node has the forward one
+ * only, and the backend's node the reply one (backend -> client at egress). */
 struct lb4_nat_entry {
 	__u64 expires;     /* bpf_ktime_get_coarse_ns() deadline */
 	__u32 saddr;       /* rewrite the source to this address and port */
@@ -49,6 +50,7 @@ struct lb4_nat_entry {
 
 #define CY_NAT_F_REDIRECT 0x1 /* send the rewritten packet back out by a route lookup (SNAT path) */
 #define CY_NAT_F_CLOSING 0x2  /* TCP FIN or RST seen: short lifetime from now on */
+#define CY_NAT_F_DSR 0x4      /* direct server return: only the destination is rewritten, a TCP SYN and every UDP datagram carry the DSR option (lib/lb_dsr.h) */
 
 /* An external device of the node: the address remote backends see as the
  * source (SNAT). A packet on a device without an entry passes untouched. */

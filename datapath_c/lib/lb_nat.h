@@ -128,8 +128,9 @@ static __always_inline int cy_ns_rewrite(struct __sk_buff *skb, const struct cy_
 static long (*cy_redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) =
 	(void *)BPF_FUNC_redirect_neigh;
 
-/* Send a translated packet on by a route lookup for its new destination. */
-static __always_inline int cy_ns_send(struct __sk_buff *skb, __u32 saddr, __u32 daddr, __u8 proto)
+/* Send a translated packet on by a route lookup for its new destination;
+ * one too big for the route's MTU is dropped, counted as `too_big`. */
+static __always_inline int cy_ns_send(struct __sk_buff *skb, __u32 saddr, __u32 daddr, __u8 proto, __u32 too_big)
 {
 	struct bpf_fib_lookup fib = {};
 	int rc;
@@ -149,6 +150,8 @@ static __always_inline int cy_ns_send(struct __sk_buff *skb, __u32 saddr, __u32 
 	}
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
 		return cy_redirect_neigh(fib.ifindex, 0, 0, 0);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return cy_ns_drop(too_big);
 	return cy_ns_drop(CY_NS_DROP_NO_ROUTE);
 }
 
@@ -165,7 +168,7 @@ static __always_inline int cy_ns_apply(struct __sk_buff *skb, const struct cy_pa
 	cy_ns_count(reason);
 	if (!(flags & CY_NAT_F_REDIRECT))
 		return TC_ACT_OK;
-	return cy_ns_send(skb, saddr, daddr, p->protocol);
+	return cy_ns_send(skb, saddr, daddr, p->protocol, CY_NS_DROP_NO_ROUTE);
 }
 
 #endif /* CY_LIB_LB_NAT_H */

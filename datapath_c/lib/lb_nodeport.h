@@ -9,7 +9,11 @@
  *     to the pod's veth, where the pod's ingress policy sees the client. The
  *     reply leaves through this device, where cy_ns_to_device (tc egress)
  *     puts the frontend back as its source;
- *   - a backend elsewhere: the destination becomes the backend and the source
+ *   - a backend elsewhere, the frontend flagged CY_LB_F_DSR: direct server
+ *     return, only the destination becomes the backend and the backend's
+ *     node answers the client itself (lib/lb_dsr.h; that node's side is
+ *     cy_dsr_learn, for a packet to no frontend);
+ *   - a backend elsewhere otherwise: the destination becomes the backend and the source
  *     this device's address (cy_lb4_dev) and a port of
  *     CY_LB_SNAT_PORT_MIN..MAX, so the reply comes back here; the backend's
  *     policy sees this node's address. The reply (backend -> that address and
@@ -182,6 +186,13 @@ static __always_inline int cy_ns_new(struct __sk_buff *skb, const struct cy_pack
 		rkey.dport = p->sport;
 		rkey.hook = CY_NAT_AT_EGRESS;
 		cy_lb4_nat.update(&rkey, &rev);
+	} else if (svc->flags & CY_LB_F_DSR) {
+		/* direct server return: the backend's node answers the client itself (lib/lb_dsr.h) */
+		fwd.flags = CY_NAT_F_REDIRECT | CY_NAT_F_DSR;
+		fwd.saddr = p->saddr;
+		fwd.sport = p->sport;
+		cy_lb4_nat.update(nkey, &fwd);
+		return cy_dsr_forward(skb, p, l4off, &fwd, CY_NS_NEW);
 	} else {
 		if (!snat)
 			return cy_ns_drop(CY_NS_DROP_NO_ROUTE);
@@ -231,6 +242,8 @@ static __always_inline int cy_ns_from_device(struct __sk_buff *skb)
 		}
 		if (cy_ns_backend_alive(e)) {
 			cy_ns_refresh(e, &p, now);
+			if (e->flags & CY_NAT_F_DSR)
+				return cy_dsr_forward(skb, &p, l4off, e, CY_NS_FORWARD);
 			return cy_ns_apply(skb, &p, l4off, e, CY_NS_FORWARD);
 		}
 	}
@@ -240,6 +253,7 @@ static __always_inline int cy_ns_from_device(struct __sk_buff *skb)
 	svc = cy_lb4_svc.lookup(&key);
 	if (!svc || !(svc->flags & CY_LB_F_EXTERNAL)) {
 		cy_ns_forget_reused(&p, now);
+		cy_dsr_learn(skb, &p, now); /* a DSR connection another node sent to a backend here */
 		return TC_ACT_OK;
 	}
 	if (p.is_fragment)

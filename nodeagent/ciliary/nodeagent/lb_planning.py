@@ -19,7 +19,8 @@ Socket clients (pods and the host) keep the whole set, as kube-proxy treats pod 
 A LoadBalancer frontend with ``source_ranges`` carries ``FLAG_SOURCE_RANGES`` and its IPv4 ranges go to
 ``cy_lb4_srcrange`` under its frontend id (written before the entry that turns the check on); the
 device programs drop a new connection from any other client (an IPv6-only list admits no IPv4
-client: the flag with no IPv4 range drops them all).
+client: the flag with no IPv4 range drops them all). An external frontend with ``dsr`` carries ``FLAG_DSR``:
+its clients from outside reach backends on other nodes by direct server return (``lib/lb_dsr.h``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ FLAG_AFFINITY = 0x2
 FLAG_EXTERNAL = 0x4
 FLAG_EXT_LOCAL = 0x8
 FLAG_SOURCE_RANGES = 0x10
+FLAG_DSR = 0x20
 BACKEND_LOCAL = 0x1
 SCOPE_EXTERNAL = 1
 
@@ -134,7 +136,7 @@ def desired_state(intent: NodeLBIntent, observed: LBState) -> LBState:
         restricted = external and bool(fe.source_ranges)
         flags = ((FLAG_NO_LOCAL if fe.no_local_backends else 0) | (FLAG_AFFINITY if fe.affinity_timeout else 0)
                  | (FLAG_EXTERNAL if external else 0) | (FLAG_EXT_LOCAL if ext_local else 0)
-                 | (FLAG_SOURCE_RANGES if restricted else 0))
+                 | (FLAG_SOURCE_RANGES if restricted else 0) | (FLAG_DSR if external and fe.dsr else 0))
         if restricted:
             for cidr in fe.source_ranges:
                 network = ip_network(cidr)

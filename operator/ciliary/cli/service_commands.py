@@ -68,6 +68,7 @@ def render_text(node: str, doc: dict[str, Any] | str) -> list[str]:
             backends = "(none: dropped, no local backend)" if "no-local-backends" in fe["flags"] else \
                 "(none: refused)"
         extra = f"  [affinity {fe['affinity_timeout']}s]" if "affinity" in fe["flags"] else ""
+        extra += "  [DSR from outside]" if "dsr" in fe["flags"] else ""
         lines.append(f"  {fe['id']:>4}  {frontend:<24} {fe['service'] + ' ' + fe['kind']:<28} {backends}{extra}")
         if "external_backends" in fe:
             ext = ", ".join(f"{b['slot']}) {b['address']}:{b['port']}" for b in fe["external_backends"]) or (

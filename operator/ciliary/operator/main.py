@@ -8,7 +8,8 @@ NodeIntent per node into etcd. Flags (each also as ``CILIARY_OPERATOR_*``):
 from the agents' reports in etcd; off: agents patch it themselves and the operator
 writes only the conditions) and ``--status-interval`` (seconds between two status
 writes of one policy, default 1). Load balancing (Services -> per-node LB intents, ``lb_reconciling``):
-``--endpoints-api endpointslices|endpoints``, ``--node-port-range LOW-HIGH``, ``--service-proxy-name``; with it,
+``--endpoints-api endpointslices|endpoints``, ``--node-port-range LOW-HIGH``, ``--lb-mode snat|dsr``,
+``--service-proxy-name``; with it,
 LB IPAM (CiliumLoadBalancerIPPools -> LoadBalancer Services' IPs, ``lb_ipam_reconciling``).
 Prometheus metrics (``operator_metrics``) on ``GET /metrics`` of ``--prometheus-serve-addr`` (default off; a
 taken address is logged and the operator goes on without them).
@@ -39,7 +40,7 @@ from ciliary.operator.lb_ipam_reconciling import LBIPAMReconciler, PoolModel
 from ciliary.operator.lb_ipam_reconciling import initial_list as lb_ipam_initial_list
 from ciliary.operator.lb_reconciling import LBReconciler
 from ciliary.operator.reconciling import Reconciler
-from ciliary.operator.services.resolution import ResolverConfig
+from ciliary.operator.services.resolution import LB_MODES, ResolverConfig
 from ciliary.operator.status.handover import StatusHandover
 from ciliary.operator.status.tls_events import TlsProblemReporter
 from ciliary.operator.store import leadership
@@ -104,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-port-range", type=_port_range, default=env("CILIARY_OPERATOR_NODE_PORT_RANGE",
                                                                         "30000-32767"),
                    help="NodePorts served, LOW-HIGH (must match kube-apiserver's --service-node-port-range)")
+    p.add_argument("--lb-mode", choices=LB_MODES, default=env("CILIARY_OPERATOR_LB_MODE", "snat"),
+                   help="how clients from outside the cluster reach a backend on another node: snat (the "
+                        "default; the backend sees the node, replies return through it) or dsr (direct server "
+                        "return: the backend sees the client and its node answers it); a Service's annotation "
+                        "service.cilium.io/forwarding-mode chooses for itself")
     p.add_argument("--service-proxy-name", default=env("CILIARY_OPERATOR_SERVICE_PROXY_NAME", ""),
                    help="Services labelled service.kubernetes.io/service-proxy-name with another value are "
                         "left to that proxy")
@@ -215,7 +221,8 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
     ipam = LBIPAMReconciler(services, pools, api)
     lb = LBReconciler(services, lambda: {name: node.ipv4 for name, node in model.nodes.items()}, lb_publisher,
                       ServiceEventPoster(api), ResolverConfig(node_port_range=_port_range(args.node_port_range),
-                                                              proxy_name=args.service_proxy_name))
+                                                              proxy_name=args.service_proxy_name,
+                                                              lb_mode=args.lb_mode))
     metrics_runner = None
     if args.prometheus_serve_addr:
         metrics = prometheus_client.CollectorRegistry(auto_describe=False)

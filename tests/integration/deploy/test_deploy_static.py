@@ -284,6 +284,24 @@ def test_more_than_one_operator_needs_leader_election(helm: Helm) -> None:
     assert single["spec"]["strategy"]["type"] == "Recreate"
 
 
+def test_the_operators_lb_mode_comes_from_the_value(helm: Helm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``operator.lbMode`` reaches the operator as CILIARY_OPERATOR_LB_MODE, which its parser reads; a value that
+    is neither snat nor dsr is refused by the operator at start (argparse's choices), never taken as snat."""
+    from ciliary.operator.main import build_parser, main
+
+    for sets, wanted in (((), "snat"), (("operator.lbMode=dsr",), "dsr")):
+        operator = find(documents(helm.template(CHART, *sets)), "Deployment", "-operator")["spec"]["template"]
+        env = {e["name"]: e.get("value") for e in operator["spec"]["containers"][0]["env"]}
+        assert env["CILIARY_OPERATOR_LB_MODE"] == wanted
+        monkeypatch.setenv("CILIARY_OPERATOR_LB_MODE", wanted)
+        assert build_parser().parse_args([]).lb_mode == wanted
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--lb-mode", "direct"])
+    monkeypatch.setenv("CILIARY_OPERATOR_LB_MODE", "direct")  # the chart's path: the environment
+    with pytest.raises(SystemExit):
+        main([])
+
+
 def test_external_etcd_replaces_the_bundled_one(helm: Helm) -> None:
     docs = documents(helm.template(CHART, "etcd.enabled=false",
                                    "etcd.external.endpoints={https://e1:2379,https://e2:2379}",

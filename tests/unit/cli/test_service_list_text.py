@@ -5,7 +5,7 @@ from __future__ import annotations
 from ciliary.cli import service_commands
 
 
-def test_rendering_names_refusal_drop_affinity_and_problems() -> None:
+def test_rendering_names_refusal_drop_affinity_dsr_and_problems() -> None:
     doc = {"node": "node-1", "error": "", "frontends": [
         {"id": 1, "address": "10.96.0.10", "port": 80, "protocol": "TCP", "service": "ns/web", "kind": "ClusterIP",
          "flags": ["affinity"], "affinity_timeout": 60,
@@ -14,11 +14,16 @@ def test_rendering_names_refusal_drop_affinity_and_problems() -> None:
         {"id": 2, "address": "10.96.0.11", "port": 80, "protocol": "UDP", "service": "ns/empty", "kind": "ClusterIP",
          "flags": [], "affinity_timeout": 0, "backends": []},
         {"id": 5, "address": "10.96.0.12", "port": 80, "protocol": "TCP", "service": "ns/local", "kind": "ClusterIP",
-         "flags": ["no-local-backends"], "affinity_timeout": 0, "backends": []}],
+         "flags": ["no-local-backends"], "affinity_timeout": 0, "backends": []},
+        {"id": 6, "address": "192.0.2.11", "port": 30080, "protocol": "TCP", "service": "ns/web", "kind": "NodePort",
+         "flags": ["external", "dsr"], "affinity_timeout": 0,
+         "backends": [{"slot": 1, "id": 4, "address": "10.244.2.5", "port": 8080}]}],
         "problems": [{"service": "ns/bad", "reason": "NodePortOutOfRange", "message": "port http: nodePort 80 ..."}]}
     text = "\n".join(service_commands.render_text("node-1", doc))
     assert "10.96.0.10:80/TCP" in text and "1) 10.244.1.5:8080, 2) 10.244.2.5:8080" in text
     assert "[affinity 60s]" in text
+    assert [line for line in text.splitlines() if "[DSR from outside]" in line] == [
+        "     6  192.0.2.11:30080/TCP     ns/web NodePort              1) 10.244.2.5:8080  [DSR from outside]"]
     assert "10.96.0.11:80/UDP" in text and "(none: refused)" in text
     assert "(none: dropped, no local backend)" in text
     assert "error: ns/bad: NodePortOutOfRange" in text

@@ -211,3 +211,15 @@ def test_load_balancer_source_ranges_flag_the_frontend_and_fill_the_range_map() 
     assert applied(state, step) == step.desired
     with pytest.raises(LBCapacityError, match="cy_lb4_srcrange"):
         plan(changed, state, **SIZES, source_ranges_size=1)
+
+
+def test_dsr_flags_external_frontends_only() -> None:
+    def fe(kind: FrontendKind, address: str, dsr: bool) -> FrontendIntent:
+        return FrontendIntent(service="ns/s", kind=kind, address=address, port=80, protocol="TCP", dsr=dsr)
+
+    intent = NodeLBIntent(node="n", frontends=(fe(FrontendKind.NODE_PORT, "192.0.2.1", True),
+                                               fe(FrontendKind.LOAD_BALANCER, "203.0.113.1", False),
+                                               fe(FrontendKind.CLUSTER_IP, "10.96.0.1", True)))
+    state = applied(LBState(), plan(intent, LBState(), **SIZES))
+    flags = {str(k.address): v.flags & lb_planning.FLAG_DSR for k, v in state.services.items() if k.slot == 0}
+    assert flags == {"192.0.2.1": lb_planning.FLAG_DSR, "203.0.113.1": 0, "10.96.0.1": 0}

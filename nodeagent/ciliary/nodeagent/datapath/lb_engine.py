@@ -263,7 +263,7 @@ def _slots(state: lb_planning.LBState, key: lb_planning.ServiceKey, count: int) 
 
 FLAG_NAMES = (("no-local-backends", lb_planning.FLAG_NO_LOCAL), ("affinity", lb_planning.FLAG_AFFINITY),
               ("external", lb_planning.FLAG_EXTERNAL), ("external-local", lb_planning.FLAG_EXT_LOCAL),
-              ("source-ranges", lb_planning.FLAG_SOURCE_RANGES))
+              ("source-ranges", lb_planning.FLAG_SOURCE_RANGES), ("dsr", lb_planning.FLAG_DSR))
 
 
 def cgroup2_dir(path: Path) -> Path:

@@ -38,6 +38,13 @@ def node_port_out_of_range(namespace: str, name: str, port: str, node_port: int,
                           f"its NodePort frontends are not installed")
 
 
+def forwarding_mode_invalid(namespace: str, name: str, value: str, default: str) -> ServiceProblem:
+    """A ``service.cilium.io/forwarding-mode`` that is neither ``dsr`` nor ``snat``: the node-wide mode applies."""
+    return ServiceProblem(namespace, name, "ForwardingModeInvalid",
+                          f"annotation service.cilium.io/forwarding-mode {value!r} is not 'dsr' or 'snat'; "
+                          f"the operator's --lb-mode ({default}) applies")
+
+
 def too_many_backends(namespace: str, name: str, port: str, count: int, limit: int) -> ServiceProblem:
     """More backends than a frontend's slots hold: the frontend is not installed (never a subset)."""
     return ServiceProblem(namespace, name, "TooManyBackends",

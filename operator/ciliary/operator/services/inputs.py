@@ -21,6 +21,7 @@ from typing import Any
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 HEADLESS_LABEL = "service.kubernetes.io/headless"
+FORWARDING_MODE_ANNOTATION = "service.cilium.io/forwarding-mode"
 DEFAULT_AFFINITY_TIMEOUT = 10800
 """Seconds: Kubernetes' default ``sessionAffinityConfig.clientIP.timeoutSeconds``."""
 
@@ -70,6 +71,9 @@ class ServiceInfo:
     """``spec.loadBalancerSourceRanges`` (or, when empty, the legacy annotation
     ``service.beta.kubernetes.io/load-balancer-source-ranges``) of a LoadBalancer Service, as
     normalised CIDRs (IPv4 and IPv6): only these clients may use its load balancer IPs."""
+    forwarding_mode: str | None = None
+    """The ``service.cilium.io/forwarding-mode`` annotation as written (``dsr``, ``snat``, or anything else,
+    which resolution reports); None: the operator's ``--lb-mode`` applies."""
 
     @property
     def key(self) -> str:
@@ -148,6 +152,8 @@ def service_from_body(body: Mapping[str, Any]) -> ServiceInfo:
         proxy_name=str(labels[PROXY_NAME_LABEL]) if PROXY_NAME_LABEL in labels else None,
         source_ranges=_source_ranges(spec, meta.get("annotations") or {}) if spec.get("type") == "LoadBalancer"
         else (),
+        forwarding_mode=(str((meta.get("annotations") or {})[FORWARDING_MODE_ANNOTATION]).strip()
+                         if FORWARDING_MODE_ANNOTATION in (meta.get("annotations") or {}) else None),
     )
 
 

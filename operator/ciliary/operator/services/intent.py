@@ -86,6 +86,10 @@ class FrontendIntent(_Frozen):
     traffic_policy: str = Field(default="Cluster", description="The traffic policy applied (Cluster or Local).")
     no_local_backends: bool = Field(default=False, description="Local policy, endpoints exist, none here: drop.")
     affinity_timeout: int = Field(default=0, ge=0, description="ClientIP session affinity seconds; 0: none.")
+    dsr: bool = Field(default=False, description="Clients from outside reach backends on other nodes by direct "
+                                                 "server return (the backend sees the client, its node answers "
+                                                 "it); False: SNAT. Only for NodePort, ExternalIP and "
+                                                 "LoadBalancer frontends.")
     source_ranges: tuple[str, ...] = Field(
         default=(), description="loadBalancerSourceRanges of a LoadBalancer frontend (CIDRs, IPv4 and IPv6): "
                                 "clients from outside the node outside them are dropped; empty: no restriction.")

@@ -16,7 +16,11 @@ For every Service this proxy serves (not headless, not ExternalName, no foreign
   pod-originated traffic; the device programs apply it to clients from outside;
 * health checks: a Service with ``externalTrafficPolicy: Local`` and a ``healthCheckNodePort``
   gets, on every node, the number of its distinct ready endpoint addresses on that node (any
-  port; kube-proxy counts ready local endpoints too), served by the agent on that port.
+  port; kube-proxy counts ready local endpoints too), served by the agent on that port;
+* forwarding mode of the external frontends (``FrontendIntent.dsr``): the Service's
+  ``service.cilium.io/forwarding-mode`` annotation (``dsr`` or ``snat``), else the operator's
+  ``--lb-mode``; any other value is a ``ForwardingModeInvalid`` problem and the default applies
+  (a Service keeps working, its Event says which mode it got).
 
 Bad input never spills over: a problem (``errors``) removes only the frontends it concerns and is
 listed in every node's intent. Two Services claiming one frontend: the first by namespace/name
@@ -45,6 +49,10 @@ from ciliary.operator.services.intent import (
 SERVED_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
 
 
+LB_MODES = ("snat", "dsr")
+"""How clients from outside the cluster reach a backend on another node than the one they came in by."""
+
+
 @dataclass(frozen=True)
 class ResolverConfig:
     node_port_range: tuple[int, int] = (30000, 32767)
@@ -52,6 +60,9 @@ class ResolverConfig:
     max_backends: int = MAX_BACKENDS_PER_FRONTEND
     proxy_name: str = ""
     """This proxy's name: a Service labelled service-proxy-name with another value is not served."""
+    lb_mode: str = "snat"
+    """How clients from outside reach backends on other nodes (``--lb-mode``): ``snat`` or ``dsr``; a Service's
+    ``service.cilium.io/forwarding-mode`` annotation chooses for itself."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +163,7 @@ def _resolve_port(acc: _Accumulator, service: ServiceInfo, port: ServicePort, sl
     external += [(FrontendKind.LOAD_BALANCER, ip, port.port) for ip in service.load_balancer_ips]
     common = {"service": service.key, "port_name": port.name, "protocol": port.protocol,
               "affinity_timeout": service.affinity_timeout}
+    dsr = forwarding_mode(service, config) == "dsr"
     local_policy = service.internal_traffic_policy == "Local"
     for node in acc.nodes:
         wanted: list[FrontendIntent] = []
@@ -164,7 +176,7 @@ def _resolve_port(acc: _Accumulator, service: ServiceInfo, port: ServicePort, sl
         wanted += [FrontendIntent(kind=kind, address=ip, port=number, backends=cluster,
                                   traffic_policy=service.external_traffic_policy,
                                   source_ranges=service.source_ranges if kind == FrontendKind.LOAD_BALANCER
-                                  else (), **common)
+                                  else (), dsr=dsr, **common)
                    for kind, ip, number in external if kind != FrontendKind.NODE_PORT or ip == acc.nodes[node]]
         table = acc.frontends.setdefault(node, {})
         for fe in wanted:
@@ -178,6 +190,12 @@ def _resolve_port(acc: _Accumulator, service: ServiceInfo, port: ServicePort, sl
                         f"not installed for this Service"))
                 continue
             table.setdefault(fe.key, fe)
+
+
+def forwarding_mode(service: ServiceInfo, config: ResolverConfig) -> str:
+    """``dsr`` or ``snat``: the Service's annotation when it names one, else the operator's ``--lb-mode``."""
+    written = (service.forwarding_mode or "").lower()
+    return written if written in LB_MODES else config.lb_mode
 
 
 def _health_checks(acc: _Accumulator, service: ServiceInfo, slices: list[SliceInfo]) -> None:
@@ -204,6 +222,9 @@ def resolve(services: Mapping[str, ServiceInfo], slices: Mapping[str, SliceInfo]
         service = services[key]
         if not served(service, config):
             continue
+        if service.forwarding_mode is not None and service.forwarding_mode.lower() not in LB_MODES:
+            acc.problem(errors.forwarding_mode_invalid(service.namespace, service.name, service.forwarding_mode,
+                                                       config.lb_mode))
         for port in service.ports:
             _resolve_port(acc, service, port, by_service.get(service.key, []), config)
         _health_checks(acc, service, by_service.get(service.key, []))

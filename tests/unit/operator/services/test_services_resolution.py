@@ -291,3 +291,38 @@ def test_health_checks_survive_the_wire() -> None:
     intent = run([svc], [eslice("web-a", "web", [ep("10.0.1.5")])]).intents["node-1"]
     assert parse_lb_intent("node-1", intent.to_wire()) == intent
     assert intent.health_checks[0].local_endpoints == 1
+
+
+def test_forwarding_mode_from_lb_mode_and_the_annotation_external_frontends_only() -> None:
+    """``--lb-mode`` sets the default; ``service.cilium.io/forwarding-mode`` (dsr or snat, any case) chooses for
+    its Service; another value is a problem on that Service alone, which keeps the default; a ClusterIP is
+    never DSR (its clients are on the nodes: socket load balancing)."""
+    def lb(name: str, mode: str | None) -> dict[str, Any]:
+        body = service(name, clusterIP=f"10.96.0.{20 + len(name)}", type="LoadBalancer",
+                       externalIPs=[f"203.0.113.{len(name)}"],
+                       ports=[{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30000 + len(name)}],
+                       status={"loadBalancer": {"ingress": [{"ip": f"198.51.100.{len(name)}"}]}})
+        if mode is not None:
+            body["metadata"]["annotations"] = {inputs.FORWARDING_MODE_ANNOTATION: mode}
+        return body
+
+    bodies = [lb("a", None), lb("bb", "dsr"), lb("ccc", "SNAT"), lb("dddd", "direct")]
+
+    def modes(config: ResolverConfig) -> tuple[dict[str, set[bool]], Any]:
+        r = run(bodies, [], config)
+        out: dict[str, set[bool]] = {}
+        for fe in frontends(r).values():
+            if fe.kind is FrontendKind.CLUSTER_IP:
+                assert fe.dsr is False
+            else:
+                out.setdefault(fe.service, set()).add(fe.dsr)
+        return out, r
+
+    snat, r = modes(ResolverConfig())
+    assert snat == {"default/a": {False}, "default/bb": {True}, "default/ccc": {False}, "default/dddd": {False}}
+    assert [p.reason for p in r.problems["default/dddd"]] == ["ForwardingModeInvalid"]
+    assert "'direct'" in r.problems["default/dddd"][0].message and "(snat)" in r.problems["default/dddd"][0].message
+    assert set(r.problems) == {"default/dddd"}
+    dsr, r = modes(ResolverConfig(lb_mode="dsr"))
+    assert dsr == {"default/a": {True}, "default/bb": {True}, "default/ccc": {False}, "default/dddd": {True}}
+    assert "(dsr)" in r.problems["default/dddd"][0].message

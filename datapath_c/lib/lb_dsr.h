@@ -1,0 +1,142 @@
+/* lb_dsr.h - direct server return (DSR) for north-south connections.
+ *
+ * A frontend flagged CY_LB_F_DSR whose new connection gets a backend on
+ * another node (lib/lb_nodeport.h, cy_ns_new) keeps the client's address and
+ * port: the entry node rewrites only the destination, and tells the
+ * backend's node which frontend the client asked for in an IPv4 option
+ * inserted right after the fixed header (struct cy_dsr_opt: CY_DSR_OPT_TYPE,
+ * length 8, the frontend's port and address, network order). A TCP SYN
+ * carries it (the backend's node needs it once per connection) and so does
+ * every UDP datagram (no connection start to rely on). The packet goes on by
+ * a route lookup (cy_ns_send), as on the SNAT path.
+ *
+ * The backend's node reads the option at the tc ingress of its own external
+ * device (cy_dsr_learn) and writes the same reply entry a local backend's
+ * connection has (backend -> client at egress, rewritten to frontend ->
+ * client): the backend's answers leave that node straight for the client
+ * (cy_ns_to_device) and never cross the entry node. The option is believed
+ * only for a frontend this node also serves from outside (an external entry
+ * of cy_lb4_svc, or one of its NodePorts): a packet cannot make a pod's
+ * replies come from an address no Service gives. The option stays in the
+ * packet; Linux ignores an IPv4 option it does not know in a packet it
+ * receives.
+ *
+ * Limits: a client packet whose IPv4 header already has options cannot carry
+ * it, nor one that the 8 bytes make too big for the route's MTU (a UDP
+ * datagram within 8 bytes of it): both are dropped, counted CY_NS_DROP_DSR.
+ */
+#ifndef CY_LIB_LB_DSR_H
+#define CY_LIB_LB_DSR_H
+
+#define CY_DSR_OPT_TYPE 0x9a /* copied into fragments (0x80), option class 0, number 26 */
+#define CY_DSR_OPT_LEN 8
+#define CY_NS_IP_BASE_LEN 20
+
+struct cy_dsr_opt {
+	__u8 type;
+	__u8 len;
+	__u16 port;    /* the frontend's port */
+	__u32 address; /* the frontend's address */
+};
+
+/* The packets of a DSR connection that carry the option. */
+static __always_inline int cy_dsr_carries(const struct cy_packet *p)
+{
+	return p->protocol == CY_PROTO_UDP ||
+	       (p->protocol == CY_PROTO_TCP && (p->tcp_flags & (CY_TCP_SYN | CY_NS_TCP_ACK)) == CY_TCP_SYN);
+}
+
+/* Insert the option after the fixed IPv4 header: version/ihl, total length
+ * and the header checksum follow. The packet's header must have no options. */
+static __always_inline int cy_dsr_insert(struct __sk_buff *skb, __u32 frontend, __u16 port)
+{
+	struct cy_dsr_opt opt = {.type = CY_DSR_OPT_TYPE, .len = CY_DSR_OPT_LEN, .port = port, .address = frontend};
+	__u8 old[4], now[4];
+	__u16 total;
+	__s64 diff;
+
+	if (bpf_skb_load_bytes(skb, CY_NS_ETH_HLEN, old, sizeof(old)) < 0)
+		return -1;
+	if ((old[0] & 0xf) != CY_NS_IP_BASE_LEN / 4)
+		return -1;
+	total = ((__u16)old[2] << 8 | old[3]) + CY_DSR_OPT_LEN;
+	now[0] = old[0] + CY_DSR_OPT_LEN / 4;
+	now[1] = old[1];
+	now[2] = total >> 8;
+	now[3] = total & 0xff;
+	diff = bpf_csum_diff((__be32 *)old, sizeof(old), (__be32 *)now, sizeof(now), 0);
+	diff = bpf_csum_diff(NULL, 0, (__be32 *)&opt, sizeof(opt), diff);
+	if (diff < 0)
+		return -1;
+	if (bpf_skb_adjust_room(skb, CY_DSR_OPT_LEN, BPF_ADJ_ROOM_NET, 0) < 0)
+		return -1;
+	if (bpf_skb_store_bytes(skb, CY_NS_ETH_HLEN, now, sizeof(now), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, CY_NS_ETH_HLEN + CY_NS_IP_BASE_LEN, &opt, sizeof(opt), 0) < 0 ||
+	    bpf_l3_csum_replace(skb, CY_NS_IP_CSUM, 0, diff, 0) < 0)
+		return -1;
+	return 0;
+}
+
+/* The entry node: translate a DSR connection's packet (destination only, as
+ * entry e says), add the option where it belongs, send it on. */
+static __always_inline int cy_dsr_forward(struct __sk_buff *skb, const struct cy_packet *p, __u32 l4off,
+					  const struct lb4_nat_entry *e, __u32 reason)
+{
+	__u32 daddr = e->daddr;
+	__u16 dport = e->dport;
+
+	if (cy_ns_rewrite(skb, p, l4off, p->saddr, p->sport, daddr, dport) < 0)
+		return cy_ns_drop(CY_NS_DROP_REWRITE);
+	if (cy_dsr_carries(p) && cy_dsr_insert(skb, p->daddr, p->dport) < 0)
+		return cy_ns_drop(CY_NS_DROP_DSR);
+	cy_ns_count(reason);
+	return cy_ns_send(skb, p->saddr, daddr, p->protocol, CY_NS_DROP_DSR);
+}
+
+/* The backend's node: a packet for no frontend (a local pod's address) that
+ * carries the option of a frontend this node serves from outside: remember
+ * its connection's reply entry. */
+static __always_inline void cy_dsr_learn(struct __sk_buff *skb, const struct cy_packet *p, __u64 now)
+{
+	struct cy_dsr_opt opt = {};
+	struct lb4_key fkey = {};
+	struct lb4_nodeport_key npkey = {};
+	struct lb4_nat_key rkey = {};
+	struct lb4_nat_entry rev = {};
+	struct lb4_service *svc;
+	__u8 vihl;
+
+	if (!cy_dsr_carries(p) || p->is_fragment)
+		return;
+	if (bpf_skb_load_bytes(skb, CY_NS_ETH_HLEN, &vihl, 1) < 0 ||
+	    (vihl & 0xf) != (CY_NS_IP_BASE_LEN + CY_DSR_OPT_LEN) / 4)
+		return;
+	if (bpf_skb_load_bytes(skb, CY_NS_ETH_HLEN + CY_NS_IP_BASE_LEN, &opt, sizeof(opt)) < 0 ||
+	    opt.type != CY_DSR_OPT_TYPE || opt.len != CY_DSR_OPT_LEN)
+		return;
+	fkey.address = opt.address;
+	fkey.dport = opt.port;
+	fkey.proto = p->protocol;
+	svc = cy_lb4_svc.lookup(&fkey);
+	if (!svc || !(svc->flags & CY_LB_F_EXTERNAL)) {
+		npkey.port = opt.port;
+		npkey.proto = p->protocol;
+		if (!cy_lb4_nodeport.lookup(&npkey))
+			return;
+	}
+	rkey.saddr = p->daddr;
+	rkey.sport = p->dport;
+	rkey.daddr = p->saddr;
+	rkey.dport = p->sport;
+	rkey.proto = p->protocol;
+	rkey.hook = CY_NAT_AT_EGRESS;
+	rev.expires = now + cy_ns_lifetime(p, 0);
+	rev.saddr = opt.address;
+	rev.sport = opt.port;
+	rev.daddr = p->saddr;
+	rev.dport = p->sport;
+	cy_lb4_nat.update(&rkey, &rev);
+	cy_ns_count(CY_NS_DSR_LEARNT);
+}
+
+#endif /* CY_LIB_LB_DSR_H */
