@@ -26,6 +26,7 @@ its clients from outside reach backends on other nodes by direct server return (
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv4Network, ip_network
 
@@ -40,6 +41,12 @@ FLAG_SOURCE_RANGES = 0x10
 FLAG_DSR = 0x20
 BACKEND_LOCAL = 0x1
 SCOPE_EXTERNAL = 1
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _address(text: str) -> IPv4Address:
+    """Parsed once per address string: at 10,000 Services a plan parses ~40,000 of them, the same each time."""
+    return IPv4Address(text)
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -126,7 +133,7 @@ def desired_state(intent: NodeLBIntent, observed: LBState) -> LBState:
     ranges: dict[SourceRangeKey, int] = {}
     for fe in intent.frontends:
         proto = PROTOCOL_NUMBERS[fe.protocol]
-        address = IPv4Address(fe.address)
+        address = _address(fe.address)
         ident = fe_ids.get((address, fe.port, proto))
         if ident is None:
             ident = fe_ids[(address, fe.port, proto)] = next_id
@@ -146,7 +153,7 @@ def desired_state(intent: NodeLBIntent, observed: LBState) -> LBState:
                                                                         fe.affinity_timeout)
         ids = []
         for slot, be in enumerate(fe.backends, start=1):
-            backend = Backend(IPv4Address(be.address), be.port, proto,
+            backend = Backend(_address(be.address), be.port, proto,
                               BACKEND_LOCAL if be.node and be.node == intent.node else 0)
             bid = be_ids.get(backend)
             if bid is None:

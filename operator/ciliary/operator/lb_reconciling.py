@@ -2,7 +2,7 @@
 
 Waits for the service model's ``dirty`` flag (or, every ``poll`` seconds, a change of the nodes'
 addresses, the NodePort frontends), lets a burst settle (:meth:`LBReconciler.settle`), resolves
-(``services.resolution``, pure), publishes the shards whose content changed (``store.lb_publishing``, ``/ciliary/lbintents/v2/<node>/``) and posts a Warning
+(``services.resolution``, pure; Services whose inputs did not change come from its ``ResolutionCache``), publishes the shards whose content changed (``store.lb_publishing``, ``/ciliary/lbintents/v2/<node>/``) and posts a Warning
 Event per new Service problem. ``stats`` counts passes and the last pass's writes.
 """
 
@@ -18,7 +18,7 @@ from typing import Protocol
 from ciliary.operator.kube.service_model import ServiceModel
 from ciliary.operator.operator_metrics import LoopStats
 from ciliary.operator.services.errors import ServiceProblem
-from ciliary.operator.services.resolution import LBResolution, ResolverConfig, resolve
+from ciliary.operator.services.resolution import LBResolution, ResolutionCache, ResolverConfig, resolve
 from ciliary.operator.store.lb_publishing import LBIntentPublisher
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,13 @@ class LBReconciler:
         self.loop_stats = LoopStats()
         """Every pass since start (the Prometheus metrics' source)."""
         self.last: LBResolution | None = None
+        self.cache = ResolutionCache()
+        """Each Service's resolution, kept while its inputs are the same: a pass re-resolves what changed."""
 
     async def run_once(self) -> LBResolution:
         t0 = time.perf_counter()
-        result = resolve(dict(self.model.services), dict(self.model.slices), dict(self.nodes()), self.config)
+        misses = self.cache.misses
+        result = resolve(self.model.services, self.model.slices, dict(self.nodes()), self.config, self.cache)
         written = await self.publisher.publish(result.intents)
         if self.events is not None and result.problems:
             await self.events.post(result.problems, self.model.bodies)
@@ -64,9 +67,9 @@ class LBReconciler:
         self.stats.last_duration_ms = (time.perf_counter() - t0) * 1000
         self.loop_stats.record(self.stats.last_duration_ms / 1000, len(written))
         self.last = result
-        log.info("lb pass %d: %d services, %d LB intents written%s in %.1f ms", self.stats.passes,
-                 len(self.model.services), len(written), f" ({','.join(written)})" if written else "",
-                 self.stats.last_duration_ms)
+        log.info("lb pass %d: %d services (%d resolved again), %d LB intents written%s in %.1f ms",
+                 self.stats.passes, len(self.model.services), self.cache.misses - misses, len(written),
+                 f" ({','.join(written)})" if written else "", self.stats.last_duration_ms)
         return result
 
     async def settle(self) -> None:

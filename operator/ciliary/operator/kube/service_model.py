@@ -55,7 +55,13 @@ class ServiceModel:
     def set_slice(self, body: Mapping[str, Any], *, deleted: bool = False) -> None:
         key = _key(body)
         info = None if deleted else slice_from_body(body)
-        self._replace(lambda k: k == key, {} if info is None else {key: info})
+        if self.slices.get(key) == info:  # one key: no scan of every slice (10,000 Services, 10,000 events)
+            return
+        if info is None:
+            del self.slices[key]
+        else:
+            self.slices[key] = info
+        self.dirty.set()
 
     def set_endpoints(self, body: Mapping[str, Any], *, deleted: bool = False) -> None:
         """A v1 Endpoints object: its subsets replace every slice-shaped value it gave before."""

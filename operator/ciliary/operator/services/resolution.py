@@ -122,74 +122,78 @@ def _candidate(ep: SliceEndpoint, port: int) -> _Candidate:
     return _Candidate(ep.addresses[0], port, ep.ready, ep.serving, ep.terminating, ep.node or "", ep.pod or "")
 
 
-@dataclass
-class _Accumulator:
-    nodes: Mapping[str, str | None]
-    frontends: dict[str, dict[tuple[str, int, str], FrontendIntent]] = field(default_factory=dict)
-    owners: dict[tuple[str, int, str], str] = field(default_factory=dict)
-    conflicts: set[tuple[tuple[str, int, str], str]] = field(default_factory=set)
-    """(frontend, Service) conflicts already listed: once each, whichever node's intent has the frontend."""
-    health_checks: dict[str, list[HealthCheckIntent]] = field(default_factory=dict)
-    problems: dict[str, list[errors.ServiceProblem]] = field(default_factory=dict)
+@dataclass(frozen=True)
+class ServiceWants:
+    """One Service's share of every node's intent before frontends are shared out between Services: what
+    depends on this Service, its slices, the nodes and the config only, so it can be kept while they stay."""
 
-    def problem(self, p: errors.ServiceProblem) -> None:
-        self.problems.setdefault(f"{p.namespace}/{p.name}", []).append(p)
+    frontends: Mapping[str, tuple[tuple[str, FrontendIntent], ...]]
+    """node -> (Service port label, frontend) in the order the Service asks for them."""
+    problems: tuple[errors.ServiceProblem, ...] = ()
+    health_checks: Mapping[str, HealthCheckIntent] = field(default_factory=dict)
 
 
-def _resolve_port(acc: _Accumulator, service: ServiceInfo, port: ServicePort, slices: list[SliceInfo],
+def _wants(service: ServiceInfo, slices: list[SliceInfo], nodes: Mapping[str, str | None],
+           config: ResolverConfig) -> ServiceWants:
+    frontends: dict[str, list[tuple[str, FrontendIntent]]] = {node: [] for node in nodes}
+    problems: list[errors.ServiceProblem] = []
+    if service.forwarding_mode is not None and service.forwarding_mode.lower() not in LB_MODES:
+        problems.append(errors.forwarding_mode_invalid(service.namespace, service.name, service.forwarding_mode,
+                                                       config.lb_mode))
+    for port in service.ports:
+        _resolve_port(frontends, problems, service, port, slices, nodes, config)
+    return ServiceWants(frontends={node: tuple(items) for node, items in frontends.items()},
+                        problems=tuple(problems), health_checks=_health_checks(service, slices, nodes))
+
+
+def _resolve_port(frontends: dict[str, list[tuple[str, FrontendIntent]]], problems: list[errors.ServiceProblem],
+                  service: ServiceInfo, port: ServicePort, slices: list[SliceInfo], nodes: Mapping[str, str | None],
                   config: ResolverConfig) -> None:
     label = port.name or str(port.port)
     if port.protocol not in PROTOCOL_NUMBERS:
         return
     candidates, unresolved = _candidates(service, port, slices)
     if unresolved:
-        acc.problem(errors.target_port_unresolved(service.namespace, service.name, label,
-                                                  str(port.target_port), unresolved))
+        problems.append(errors.target_port_unresolved(service.namespace, service.name, label,
+                                                      str(port.target_port), unresolved))
     cluster = usable(candidates)
     if len(cluster) > config.max_backends:
-        acc.problem(errors.too_many_backends(service.namespace, service.name, label, len(cluster),
-                                             config.max_backends))
+        problems.append(errors.too_many_backends(service.namespace, service.name, label, len(cluster),
+                                                 config.max_backends))
         return
     external: list[tuple[FrontendKind, str, int]] = []
     if port.node_port and service.type in ("NodePort", "LoadBalancer"):
         low, high = config.node_port_range
         if low <= port.node_port <= high:
-            external += [(FrontendKind.NODE_PORT, ip, port.node_port)
-                         for _, ip in sorted(acc.nodes.items()) if ip]
+            external += [(FrontendKind.NODE_PORT, ip, port.node_port) for _, ip in sorted(nodes.items()) if ip]
         else:
-            acc.problem(errors.node_port_out_of_range(service.namespace, service.name, label, port.node_port,
-                                                      low, high))
+            problems.append(errors.node_port_out_of_range(service.namespace, service.name, label, port.node_port,
+                                                          low, high))
     external += [(FrontendKind.EXTERNAL_IP, ip, port.port) for ip in service.external_ips]
     external += [(FrontendKind.LOAD_BALANCER, ip, port.port) for ip in service.load_balancer_ips]
     common = {"service": service.key, "port_name": port.name, "protocol": port.protocol,
               "affinity_timeout": service.affinity_timeout}
     dsr = forwarding_mode(service, config) == "dsr"
     local_policy = service.internal_traffic_policy == "Local"
-    for node in acc.nodes:
-        wanted: list[FrontendIntent] = []
-        for ip in service.cluster_ips:
-            backends = usable(c for c in candidates if c.node == node) if local_policy else cluster
-            wanted.append(FrontendIntent(kind=FrontendKind.CLUSTER_IP, address=ip, port=port.port,
-                                         backends=backends, traffic_policy=service.internal_traffic_policy,
-                                         no_local_backends=local_policy and not backends and bool(cluster),
-                                         **common))
-        wanted += [FrontendIntent(kind=kind, address=ip, port=number, backends=cluster,
-                                  traffic_policy=service.external_traffic_policy,
-                                  source_ranges=service.source_ranges if kind == FrontendKind.LOAD_BALANCER
-                                  else (), dsr=dsr, **common)
-                   for kind, ip, number in external if kind != FrontendKind.NODE_PORT or ip == acc.nodes[node]]
-        table = acc.frontends.setdefault(node, {})
-        for fe in wanted:
-            owner = acc.owners.setdefault(fe.key, service.key)
-            if owner != service.key:
-                if (fe.key, service.key) not in acc.conflicts:
-                    acc.conflicts.add((fe.key, service.key))
-                    acc.problem(errors.ServiceProblem(
-                        service.namespace, service.name, "FrontendConflict",
-                        f"port {label}: {fe.address}:{fe.port}/{fe.protocol} is already a frontend of {owner}; "
-                        f"not installed for this Service"))
-                continue
-            table.setdefault(fe.key, fe)
+    outside = {(kind, ip, number): FrontendIntent(kind=kind, address=ip, port=number, backends=cluster,
+                                                  traffic_policy=service.external_traffic_policy,
+                                                  source_ranges=service.source_ranges
+                                                  if kind == FrontendKind.LOAD_BALANCER else (), dsr=dsr, **common)
+               for kind, ip, number in external}
+    inside = None if local_policy else [
+        FrontendIntent(kind=FrontendKind.CLUSTER_IP, address=ip, port=port.port, backends=cluster,
+                       traffic_policy=service.internal_traffic_policy, **common) for ip in service.cluster_ips]
+    for node in nodes:
+        wanted = inside
+        if wanted is None:
+            backends = usable(c for c in candidates if c.node == node)
+            wanted = [FrontendIntent(kind=FrontendKind.CLUSTER_IP, address=ip, port=port.port, backends=backends,
+                                     traffic_policy=service.internal_traffic_policy,
+                                     no_local_backends=not backends and bool(cluster), **common)
+                      for ip in service.cluster_ips]
+        frontends[node] += [(label, fe) for fe in wanted]
+        frontends[node] += [(label, fe) for (kind, ip, _), fe in outside.items()
+                            if kind != FrontendKind.NODE_PORT or ip == nodes[node]]
 
 
 def forwarding_mode(service: ServiceInfo, config: ResolverConfig) -> str:
@@ -198,41 +202,95 @@ def forwarding_mode(service: ServiceInfo, config: ResolverConfig) -> str:
     return written if written in LB_MODES else config.lb_mode
 
 
-def _health_checks(acc: _Accumulator, service: ServiceInfo, slices: list[SliceInfo]) -> None:
+def _health_checks(service: ServiceInfo, slices: list[SliceInfo],
+                   nodes: Mapping[str, str | None]) -> dict[str, HealthCheckIntent]:
     port = service.health_check_node_port
     if not port or service.external_traffic_policy != "Local":
-        return
+        return {}
     ready = {(ep.node or "", ep.addresses[0]) for sl in slices for ep in sl.endpoints if ep.ready and ep.addresses}
-    for node in acc.nodes:
-        count = sum(1 for where, _ in ready if where == node)
-        acc.health_checks.setdefault(node, []).append(
-            HealthCheckIntent(service=service.key, port=port, local_endpoints=count))
+    return {node: HealthCheckIntent(service=service.key, port=port,
+                                    local_endpoints=sum(1 for where, _ in ready if where == node))
+            for node in nodes}
+
+
+class ResolutionCache:
+    """Each Service's :class:`ServiceWants` from the last pass, kept while the Service, its slices, the nodes
+    and the config are the same (compared by value; the service model keeps unchanged values as they
+    were, so an unchanged Service costs a comparison): a change to one Service of 10,000 re-resolves that one.
+    The sharing out of frontends between Services (conflicts) is done again every pass."""
+
+    def __init__(self) -> None:
+        self._context: tuple[tuple[tuple[str, str | None], ...], ResolverConfig] | None = None
+        self._entries: dict[str, tuple[ServiceInfo, tuple[SliceInfo, ...], ServiceWants]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def wants(self, service: ServiceInfo, slices: list[SliceInfo], nodes: Mapping[str, str | None],
+              config: ResolverConfig) -> ServiceWants:
+        context = (tuple(nodes.items()), config)
+        if context != self._context:
+            self._context, self._entries = context, {}
+        key, own = service.key, tuple(slices)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] == service and entry[1] == own:
+            self.hits += 1
+            return entry[2]
+        self.misses += 1
+        found = _wants(service, slices, nodes, config)
+        self._entries[key] = (service, own, found)
+        return found
+
+    def keep_only(self, keys: Iterable[str]) -> None:
+        wanted = set(keys)
+        for key in [k for k in self._entries if k not in wanted]:
+            del self._entries[key]
 
 
 def resolve(services: Mapping[str, ServiceInfo], slices: Mapping[str, SliceInfo],
-            nodes: Mapping[str, str | None], config: ResolverConfig = ResolverConfig()) -> LBResolution:
-    """Every node's load-balancing intent. ``nodes``: node name -> its InternalIP (None if unknown)."""
-    acc = _Accumulator(nodes=dict(sorted(nodes.items())))
+            nodes: Mapping[str, str | None], config: ResolverConfig = ResolverConfig(),
+            cache: ResolutionCache | None = None) -> LBResolution:
+    """Every node's load-balancing intent. ``nodes``: node name -> its InternalIP (None if unknown).
+    With ``cache`` (kept across passes), only Services whose inputs changed are resolved again."""
+    nodes = dict(sorted(nodes.items()))
+    cache = cache if cache is not None else ResolutionCache()
     by_service: dict[str, list[SliceInfo]] = {}
     for key in sorted(slices):
         sl = slices[key]
         if not sl.headless:
             by_service.setdefault(sl.service_key, []).append(sl)
+    tables: dict[str, dict[tuple[str, int, str], FrontendIntent]] = {node: {} for node in nodes}
+    owners: dict[tuple[str, int, str], str] = {}
+    conflicts: set[tuple[tuple[str, int, str], str]] = set()  # listed once each, whichever node has the frontend
+    health_checks: dict[str, list[HealthCheckIntent]] = {node: [] for node in nodes}
+    found: dict[str, list[errors.ServiceProblem]] = {}
     for key in sorted(services):
         service = services[key]
         if not served(service, config):
             continue
-        if service.forwarding_mode is not None and service.forwarding_mode.lower() not in LB_MODES:
-            acc.problem(errors.forwarding_mode_invalid(service.namespace, service.name, service.forwarding_mode,
-                                                       config.lb_mode))
-        for port in service.ports:
-            _resolve_port(acc, service, port, by_service.get(service.key, []), config)
-        _health_checks(acc, service, by_service.get(service.key, []))
+        wants = cache.wants(service, by_service.get(key, []), nodes, config)
+        mine = list(wants.problems)
+        for node, items in wants.frontends.items():
+            table = tables[node]
+            for label, fe in items:
+                owner = owners.setdefault(fe.key, key)
+                if owner != key:
+                    if (fe.key, key) not in conflicts:
+                        conflicts.add((fe.key, key))
+                        mine.append(errors.ServiceProblem(
+                            service.namespace, service.name, "FrontendConflict",
+                            f"port {label}: {fe.address}:{fe.port}/{fe.protocol} is already a frontend of {owner}; "
+                            f"not installed for this Service"))
+                    continue
+                table.setdefault(fe.key, fe)
+        for node, hc in wants.health_checks.items():
+            health_checks[node].append(hc)
+        if mine:
+            found[key] = mine
+    cache.keep_only(services)
     problems = tuple(ProblemIntent(service=k, reason=p.reason, message=p.message)
-                     for k in sorted(acc.problems) for p in acc.problems[k])
-    intents = {node: NodeLBIntent(node=node, frontends=tuple(v for _, v in sorted(acc.frontends.get(node, {}).items())),
+                     for k in sorted(found) for p in found[k])
+    intents = {node: NodeLBIntent(node=node, frontends=tuple(v for _, v in sorted(tables[node].items())),
                                   problems=problems,
-                                  health_checks=tuple(sorted(acc.health_checks.get(node, []),
-                                                             key=lambda h: (h.port, h.service))))
-               for node in acc.nodes}
-    return LBResolution(intents=intents, problems={k: tuple(v) for k, v in acc.problems.items()})
+                                  health_checks=tuple(sorted(health_checks[node], key=lambda h: (h.port, h.service))))
+               for node in nodes}
+    return LBResolution(intents=intents, problems={k: tuple(v) for k, v in found.items()})

@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import Field
@@ -104,10 +104,25 @@ class ShardedIntent:
     shards: dict[str, bytes]
     digests: dict[str, str]
     manifest: bytes
+    made_of: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    """Shard name -> the frontends, health checks and problems it was made of (the next ``split`` reuses the
+    value of a shard made of the very same objects)."""
+    schema_version: int = LB_SCHEMA_VERSION
 
 
-def split(intent: NodeLBIntent, *, count: int = SHARD_COUNT, limit: int = SHARD_LIMIT_BYTES) -> ShardedIntent:
-    """Shard ``intent`` by Service; raises :class:`LBShardTooLargeError` for a shard over ``limit``."""
+def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def split(intent: NodeLBIntent, *, count: int = SHARD_COUNT, limit: int = SHARD_LIMIT_BYTES,
+          previous: ShardedIntent | None = None) -> ShardedIntent:
+    """Shard ``intent`` by Service; raises :class:`LBShardTooLargeError` for a shard over ``limit``.
+
+    With ``previous`` (this node's last split), a shard made of the very same objects (identity, not equality:
+    the resolution cache hands unchanged Services' values on as they were) keeps its value and digest without
+    being serialised again: at 10,000 Services one change serialises one shard."""
+    if previous is not None and (previous.node != intent.node or previous.schema_version != intent.schema_version):
+        previous = None
     parts: dict[str, dict[str, list[Any]]] = {}
 
     def bucket(service: str) -> dict[str, list[Any]]:
@@ -120,8 +135,14 @@ def split(intent: NodeLBIntent, *, count: int = SHARD_COUNT, limit: int = SHARD_
     for problem in intent.problems:
         bucket(problem.service)["problems"].append(problem)
     shards: dict[str, bytes] = {}
+    digests: dict[str, str] = {}
+    made_of: dict[str, tuple[Any, ...]] = {}
     for name in sorted(parts):
         body = parts[name]
+        made_of[name] = (*body["frontends"], None, *body["health_checks"], None, *body["problems"])
+        if previous is not None and name in previous.made_of and _same(previous.made_of[name], made_of[name]):
+            shards[name], digests[name] = previous.shards[name], previous.digests[name]
+            continue
         shard = LBShard.model_construct(schema_version=intent.schema_version, node=intent.node, shard=name,
                                         frontends=tuple(body["frontends"]),
                                         health_checks=tuple(body["health_checks"]),
@@ -131,9 +152,10 @@ def split(intent: NodeLBIntent, *, count: int = SHARD_COUNT, limit: int = SHARD_
             services = tuple(sorted({item.service for items in body.values() for item in items}))
             raise LBShardTooLargeError(intent.node, name, len(raw), services)
         shards[name] = raw
-    digests = {name: digest(raw) for name, raw in shards.items()}
+        digests[name] = digest(raw)
     manifest = LBManifest(schema_version=intent.schema_version, node=intent.node, shards=digests)
-    return ShardedIntent(node=intent.node, shards=shards, digests=digests, manifest=_wire_manifest(manifest))
+    return ShardedIntent(node=intent.node, shards=shards, digests=digests, manifest=_wire_manifest(manifest),
+                         made_of=made_of, schema_version=intent.schema_version)
 
 
 def _wire_manifest(manifest: LBManifest) -> bytes:

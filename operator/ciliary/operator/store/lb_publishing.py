@@ -72,6 +72,8 @@ class LBIntentPublisher:
         self.transactions = 0
         self.errors: dict[str, str] = {}
         self.concurrency = concurrency
+        self.last_split: dict[str, sharding.ShardedIntent] = {}
+        """node -> its last split: unchanged shards are not serialised again (``sharding.split``)."""
 
     async def load(self) -> None:
         """Learn what is already in etcd (an operator restart rewrites nothing unchanged)."""
@@ -117,6 +119,7 @@ class LBIntentPublisher:
             await self.store.transaction([], [self.store.ops.delete(prefix.encode(),
                                                                     prefix_range_end(prefix).encode())])
             self.writes += len(self.seen.pop(node).digests)
+            self.last_split.pop(node, None)
             self.transactions += 1
             self.errors.pop(node, None)
             log.info("deleted load-balancing intent of departed node %s", node)
@@ -138,7 +141,8 @@ class LBIntentPublisher:
 
     async def _publish_node(self, node: str, intent: NodeLBIntent) -> bool:
         try:
-            sharded = sharding.split(intent)
+            sharded = sharding.split(intent, previous=self.last_split.get(node))
+            self.last_split[node] = sharded
         except sharding.LBShardTooLargeError as exc:
             if self.errors.get(node) != str(exc):
                 log.error("Load-balancing intent not published", extra={"node": node, "error": str(exc)})
