@@ -1,12 +1,11 @@
 """North-south Services: the world host reaches NodePorts and an ExternalIP through the tc programs on each
 node's eth0 (``--lb-devices``, auto), with real traffic in the lab.
 
-Pods (namespace ``nsvc``): ``web-1`` on node-1 (also labelled ``which=one``), ``web-2`` on node-2 (``which=two``;
-both app=web, TCP 8080 ``http``, UDP 53 ``dns``); ``two-dsr`` serves web-2 by direct server return (its
-``service.cilium.io/forwarding-mode`` annotation). The world host (192.0.2.100, its own namespace) is not a node: no socket
+Pods (namespace ``nsvc``): ``web-1`` on node-1 (also labelled ``which=one``), ``web-2`` on node-2 (app=web;
+TCP 8080 ``http``, UDP 53 ``dns``). The world host (192.0.2.100, its own namespace) is not a node: no socket
 load balancer runs there, so every answer proves the translation on the node's device. A backend on the
 node the world host asked keeps the client's address; one on the other node sees the asked node's
-address (SNAT), which the policy test makes visible.
+address (SNAT), which the policy test makes visible. Direct server return: ``test_services_dsr.py``.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import pytest
 
 from ciliary.lab import topology
 from ciliary.lab.layout import LB_IP_POOL
+from northsouth_lab import backends, counters, services_doc, wait_for, world
 from service_probe import PROBE, failed
 
 pytestmark = pytest.mark.e2e
@@ -50,7 +50,7 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
-metadata: {{name: web-2, namespace: {NS}, labels: {{app: web, which: two}}}}
+metadata: {{name: web-2, namespace: {NS}, labels: {{app: web}}}}
 spec:
   nodeName: node-2
   containers: [{{name: c, image: lab, ports: [{{containerPort: 8080, name: http}},
@@ -78,19 +78,6 @@ spec:
 ---
 apiVersion: v1
 kind: Service
-metadata:
-  name: two-dsr
-  namespace: {NS}
-  annotations: {{service.cilium.io/forwarding-mode: dsr}}
-spec:
-  type: NodePort
-  selector: {{app: web, which: two}}
-  ports:
-  - {{name: http, port: 80, targetPort: http, nodePort: 30183}}
-  - {{name: dns, port: 53, protocol: UDP, targetPort: dns, nodePort: 30184}}
----
-apiVersion: v1
-kind: Service
 metadata: {{name: empty-np, namespace: {NS}}}
 spec:
   type: NodePort
@@ -111,16 +98,6 @@ spec:
 """
 
 
-
-def world(lab: Any, kind: str, ip: str, port: int, count: int = 1, timeout: float = 2.0) -> list[dict[str, Any]]:
-    """Connections from the world host's namespace (no cgroup of any node: nothing translates at connect)."""
-    out = subprocess.run(["nsenter", f"--net={topology.NETNS_DIR / lab.lab.layout.world_netns}", sys.executable,
-                          "-c", PROBE, kind, ip, str(port), str(count), str(timeout)],
-                         capture_output=True, text=True, timeout=60 + count * timeout)
-    assert out.returncode == 0, out.stderr
-    return list(json.loads(out.stdout))
-
-
 def from_pod(lab: Any, pod: str, kind: str, ip: str, port: int, count: int = 1,
              timeout: float = 2.0) -> list[dict[str, Any]]:
     """Connections from ``pod``: its network namespace and cgroup (where its node's socket programs act)."""
@@ -138,35 +115,6 @@ def from_pod(lab: Any, pod: str, kind: str, ip: str, port: int, count: int = 1,
     return list(json.loads(out.stdout))
 
 
-def services_doc(lab: Any, node: str) -> dict[str, Any]:
-    return dict(lab.agent_json(node, "/v1/services"))
-
-
-def wait_for(check: Any, seconds: float, what: str) -> Any:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            got = check()
-        except OSError:
-            got = None
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {seconds} s: {what}")
-        time.sleep(0.1)
-
-
-def backends(lab: Any, node: str, ip: str, port: int, proto: str = "TCP") -> list[str] | None:
-    for fe in services_doc(lab, node)["frontends"]:
-        if (fe["address"], fe["port"], fe["protocol"]) == (ip, port, proto):
-            return sorted(f"{b['address']}:{b['port']}" for b in fe["backends"])
-    return None
-
-
-def counters(lab: Any, node: str) -> dict[str, int]:
-    return dict(services_doc(lab, node)["north_south"]["counters"])
-
-
 @pytest.fixture(scope="module")
 def svc(lab: Any) -> Iterator[dict[str, Any]]:
     lab.apply(MANIFESTS)
@@ -178,8 +126,6 @@ def svc(lab: Any) -> Iterator[dict[str, Any]]:
         wait_for(lambda n=node: backends(lab, n, NODE_IPS[n], 30180) == want, 240, f"NodePort on {node}")
         wait_for(lambda n=node: backends(lab, n, NODE_IPS[n], 30182) == [f"{ips['web-1']}:8080"], 60,
                  f"the Local NodePort on {node}")
-        wait_for(lambda n=node: backends(lab, n, NODE_IPS[n], 30183) == [f"{ips['web-2']}:8080"], 60,
-                 f"the DSR NodePort on {node}")
         doc = wait_for(lambda n=node: (d := services_doc(lab, n)["north_south"])["devices"] and d, 240,
                        f"the north-south programs attached on {node}")
         assert [d["name"] for d in doc["devices"]] == ["eth0"], doc  # --lb-devices auto picked the node's eth0
@@ -367,70 +313,3 @@ spec:
         assert _lb_status(lab, "web-lb")[0] == ips  # the address stays with the Service
     finally:
         lab.kubectl("delete", "svc", "web-lb", "web-lb-asks", "-n", NS, check=False)
-
-
-def _dsr_flagged(lab: Any, node: str, port: int, proto: str) -> bool:
-    return any((fe["port"], fe["protocol"]) == (port, proto) and "dsr" in fe["flags"]
-               for fe in services_doc(lab, node)["frontends"])
-
-
-def test_dsr_the_backends_node_answers_the_world_host_itself(lab: Any, svc: Any) -> None:
-    """``two-dsr`` through node-1, whose only backend web-2 runs on node-2: node-1 rewrites only the destination and
-    tells node-2 the frontend in an IPv4 option; node-2 learns the connection and sends web-2's answers straight
-    to the world host as node-1:30183. The world host sees only the frontend it asked."""
-    assert _dsr_flagged(lab, "node-1", 30183, "TCP") and _dsr_flagged(lab, "node-1", 30184, "UDP")
-    assert not _dsr_flagged(lab, "node-1", 30180, "TCP")
-    entry, backend = counters(lab, "node-1"), counters(lab, "node-2")
-    results = world(lab, "tcp", NODE_IPS["node-1"], 30183, count=8)
-    assert not failed(results), failed(results)
-    assert {r["body"] for r in results} == {f"{NS}/web-2"} and {r["peer"] for r in results} == {
-        f"{NODE_IPS['node-1']}:30183"}, results
-    results = world(lab, "udp", NODE_IPS["node-1"], 30184, count=4)
-    assert all(r["ok"] and r["body"] == "hello" for r in results), results
-    assert {r["peer"] for r in results} == {f"{NODE_IPS['node-1']}:30184"}, results
-    entry2, backend2 = counters(lab, "node-1"), counters(lab, "node-2")
-    assert entry2["new"] - entry["new"] >= 8 + 4, (entry, entry2)
-    assert backend2["dsr-learnt"] - backend["dsr-learnt"] >= 8 + 4, (backend, backend2)
-    listed = lab.ciliary("service", "list", "--node", "node-1")
-    assert listed.returncode == 0, listed.stderr
-    assert [line for line in listed.stdout.splitlines() if "[DSR from outside]" in line], listed.stdout
-
-
-def test_dsr_backend_policy_sees_the_world_host_where_snat_shows_the_node(lab: Any, svc: Any) -> None:
-    """A CNP denying 192.0.2.100 on the web pods: through node-1, web-2 answers ``web-np`` (SNAT: it sees node-1)
-    and never ``two-dsr`` (DSR: it sees the world host itself, as the issue asks)."""
-    lab.apply(DENY_WORLD_HOST)
-    try:
-        wait_for(lambda: world(lab, "tcp", svc["ips"]["web-2"], 8080, count=1, timeout=1.0)[0]["ok"] is False,
-                 60, "the policy in force (the world host cannot reach web-2 directly)")
-        results = world(lab, "tcp", NODE_IPS["node-1"], 30183, count=4, timeout=1.0)
-        assert not any(r["ok"] for r in results), results
-        results = world(lab, "tcp", NODE_IPS["node-1"], 30180, count=16, timeout=1.0)
-        assert {r["body"] for r in results if r["ok"]} == {f"{NS}/web-2"}, results
-    finally:
-        lab.kubectl("delete", "cnp", "deny-world-host", "-n", NS, check=False)
-    wait_for(lambda: all(r["ok"] for r in world(lab, "tcp", NODE_IPS["node-1"], 30183, count=2)), 60,
-             "the world host served through DSR again once the policy is gone")
-
-
-def test_an_unknown_forwarding_mode_is_a_warning_event_and_the_default_applies(lab: Any, svc: Any) -> None:
-    lab.apply(f"""
-apiVersion: v1
-kind: Service
-metadata:
-  name: bad-mode
-  namespace: {NS}
-  annotations: {{service.cilium.io/forwarding-mode: direct}}
-spec:
-  type: NodePort
-  selector: {{app: web, which: two}}
-  ports: [{{name: http, port: 80, targetPort: http, nodePort: 30185}}]
-""")
-    events = wait_for(lambda: [e for e in lab.events("bad-mode", NS) if e["reason"] == "ForwardingModeInvalid"],
-                      30, "a ForwardingModeInvalid Event on the Service")
-    assert events[0]["type"] == "Warning" and "'direct'" in events[0]["message"], events
-    wait_for(lambda: backends(lab, "node-1", NODE_IPS["node-1"], 30185) == [f"{svc['ips']['web-2']}:8080"], 60,
-             "bad-mode's NodePort served anyway")
-    assert not _dsr_flagged(lab, "node-1", 30185, "TCP")  # the lab's --lb-mode: snat
-    results = world(lab, "tcp", NODE_IPS["node-1"], 30185, count=4)
-    assert not failed(results) and {r["body"] for r in results} == {f"{NS}/web-2"}, results

@@ -57,6 +57,7 @@ struct lb4_backend {
 };
 
 #define CY_LB_BE_LOCAL 0x1 /* runs on this node: reached without SNAT */
+#define CY_LB_BE_NODE 0x2  /* runs on a node of the cluster (its endpoint names one): that node's programs can answer by DSR */
 
 /* The frontend a socket was translated from: key (socket cookie, backend
  * address, backend port), so recvmsg/getpeername show the frontend. */
@@ -133,8 +134,9 @@ struct lb4_srcrange_key {
 BPF_TABLE_PINNED("lpm_trie", struct lb4_srcrange_key, __u8, cy_lb4_srcrange,
 		 CY_LB_SERVICES_MAX, CY_PIN_DIR "/cy_lb4_srcrange", BPF_F_NO_PREALLOC);
 
-/* cy_lb4_nodeport: the NodePorts of this node's frontends (value unused: 1),
- * CY_LB_SERVICES_MAX entries. */
+/* cy_lb4_nodeport: the NodePorts of this node's frontends (value: 1, plus
+ * CY_LB_NP_DSR for a NodePort served by DSR), CY_LB_SERVICES_MAX entries. */
+#define CY_LB_NP_DSR 0x2
 BPF_TABLE_PINNED("hash", struct lb4_nodeport_key, __u8, cy_lb4_nodeport,
 		 CY_LB_SERVICES_MAX, CY_PIN_DIR "/cy_lb4_nodeport");
 

@@ -50,7 +50,8 @@ struct lb4_nat_entry {
 
 #define CY_NAT_F_REDIRECT 0x1 /* send the rewritten packet back out by a route lookup (SNAT path) */
 #define CY_NAT_F_CLOSING 0x2  /* TCP FIN or RST seen: short lifetime from now on */
-#define CY_NAT_F_DSR 0x4      /* direct server return: only the destination is rewritten, a TCP SYN and every UDP datagram carry the DSR option (lib/lb_dsr.h) */
+#define CY_NAT_F_DSR 0x4      /* forward entry, direct server return: only the destination is rewritten, a TCP SYN and every UDP datagram carry the DSR option (lib/lb_dsr.h) */
+#define CY_NAT_F_DSR_LEARNT 0x8 /* reply entry learnt from a DSR option (lib/lb_dsr.h): no forward entry on this node */
 
 /* An external device of the node: the address remote backends see as the
  * source (SNAT). A packet on a device without an entry passes untouched. */

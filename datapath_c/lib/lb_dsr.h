@@ -1,7 +1,9 @@
 /* lb_dsr.h - direct server return (DSR) for north-south connections.
  *
  * A frontend flagged CY_LB_F_DSR whose new connection gets a backend on
- * another node (lib/lb_nodeport.h, cy_ns_new) keeps the client's address and
+ * another node of the cluster (CY_LB_BE_NODE; a backend outside the cluster
+ * cannot answer by DSR and gets SNAT, as does a client packet whose IPv4
+ * header already has options) keeps the client's address and
  * port: the entry node rewrites only the destination, and tells the
  * backend's node which frontend the client asked for in an IPv4 option
  * inserted right after the fixed header (struct cy_dsr_opt: CY_DSR_OPT_TYPE,
@@ -15,15 +17,20 @@
  * connection has (backend -> client at egress, rewritten to frontend ->
  * client): the backend's answers leave that node straight for the client
  * (cy_ns_to_device) and never cross the entry node. The option is believed
- * only for a frontend this node also serves from outside (an external entry
- * of cy_lb4_svc, or one of its NodePorts): a packet cannot make a pod's
- * replies come from an address no Service gives. The option stays in the
- * packet; Linux ignores an IPv4 option it does not know in a packet it
- * receives.
+ * only for a DSR frontend this node serves too: an ExternalIP or
+ * LoadBalancer IP entry flagged CY_LB_F_DSR, or a NodePort of this node
+ * flagged CY_LB_NP_DSR in cy_lb4_nodeport (for a NodePort the address is the
+ * entry node's and is not checked against the nodes' addresses; that the
+ * packet's destination is one of the frontend's backends is not checked
+ * either). A live learnt entry naming another frontend is never replaced,
+ * and cy_ns_forget_reused leaves live learnt entries alone. The option stays
+ * in the packet; Linux ignores an IPv4 option it does not know in a packet
+ * it receives.
  *
- * Limits: a client packet whose IPv4 header already has options cannot carry
- * it, nor one that the 8 bytes make too big for the route's MTU (a UDP
- * datagram within 8 bytes of it): both are dropped, counted CY_NS_DROP_DSR.
+ * Limits: a UDP datagram of a DSR connection whose IPv4 header has options,
+ * or that the 8 bytes make too big for the route's MTU (within 8 bytes of
+ * it), is dropped, counted CY_NS_DROP_DSR (TCP carries the option on the SYN
+ * only).
  */
 #ifndef CY_LIB_LB_DSR_H
 #define CY_LIB_LB_DSR_H
@@ -31,6 +38,7 @@
 #define CY_DSR_OPT_TYPE 0x9a /* copied into fragments (0x80), option class 0, number 26 */
 #define CY_DSR_OPT_LEN 8
 #define CY_NS_IP_BASE_LEN 20
+#define CY_DSR_MAX_TOTAL (0xffff - CY_DSR_OPT_LEN)
 
 struct cy_dsr_opt {
 	__u8 type;
@@ -47,8 +55,9 @@ static __always_inline int cy_dsr_carries(const struct cy_packet *p)
 }
 
 /* Insert the option after the fixed IPv4 header: version/ihl, total length
- * and the header checksum follow. The packet's header must have no options. */
-static __always_inline int cy_dsr_insert(struct __sk_buff *skb, __u32 frontend, __u16 port)
+ * and the header checksum follow; *total is the new IPv4 total length. The
+ * packet's header must have no options. */
+static __always_inline int cy_dsr_insert(struct __sk_buff *skb, __u32 frontend, __u16 port, __u16 *total_out)
 {
 	struct cy_dsr_opt opt = {.type = CY_DSR_OPT_TYPE, .len = CY_DSR_OPT_LEN, .port = port, .address = frontend};
 	__u8 old[4], now[4];
@@ -59,7 +68,10 @@ static __always_inline int cy_dsr_insert(struct __sk_buff *skb, __u32 frontend, 
 		return -1;
 	if ((old[0] & 0xf) != CY_NS_IP_BASE_LEN / 4)
 		return -1;
-	total = ((__u16)old[2] << 8 | old[3]) + CY_DSR_OPT_LEN;
+	total = (__u16)old[2] << 8 | old[3];
+	if (total > CY_DSR_MAX_TOTAL)
+		return -1;
+	total += CY_DSR_OPT_LEN;
 	now[0] = old[0] + CY_DSR_OPT_LEN / 4;
 	now[1] = old[1];
 	now[2] = total >> 8;
@@ -74,6 +86,7 @@ static __always_inline int cy_dsr_insert(struct __sk_buff *skb, __u32 frontend, 
 	    bpf_skb_store_bytes(skb, CY_NS_ETH_HLEN + CY_NS_IP_BASE_LEN, &opt, sizeof(opt), 0) < 0 ||
 	    bpf_l3_csum_replace(skb, CY_NS_IP_CSUM, 0, diff, 0) < 0)
 		return -1;
+	*total_out = total;
 	return 0;
 }
 
@@ -83,14 +96,33 @@ static __always_inline int cy_dsr_forward(struct __sk_buff *skb, const struct cy
 					  const struct lb4_nat_entry *e, __u32 reason)
 {
 	__u32 daddr = e->daddr;
-	__u16 dport = e->dport;
+	__u16 dport = e->dport, total = 0;
 
 	if (cy_ns_rewrite(skb, p, l4off, p->saddr, p->sport, daddr, dport) < 0)
 		return cy_ns_drop(CY_NS_DROP_REWRITE);
-	if (cy_dsr_carries(p) && cy_dsr_insert(skb, p->daddr, p->dport) < 0)
+	if (!cy_dsr_carries(p)) {
+		cy_ns_count(reason);
+		return cy_ns_send(skb, p->saddr, daddr, p->protocol, 0, CY_NS_DROP_NO_ROUTE);
+	}
+	if (cy_dsr_insert(skb, p->daddr, p->dport, &total) < 0)
 		return cy_ns_drop(CY_NS_DROP_DSR);
 	cy_ns_count(reason);
-	return cy_ns_send(skb, p->saddr, daddr, p->protocol, CY_NS_DROP_DSR);
+	/* the IPv4 length with the option, checked against the route's MTU */
+	return cy_ns_send(skb, p->saddr, daddr, p->protocol, total, CY_NS_DROP_DSR);
+}
+
+/* A DSR frontend named by an option, as this node serves it. */
+static __always_inline int cy_dsr_frontend_served(const struct cy_dsr_opt *opt, __u8 proto)
+{
+	struct lb4_key fkey = {.address = opt->address, .dport = opt->port, .proto = proto};
+	struct lb4_nodeport_key npkey = {.port = opt->port, .proto = proto};
+	struct lb4_service *svc = cy_lb4_svc.lookup(&fkey);
+	__u8 *np;
+
+	if (svc)
+		return (svc->flags & (CY_LB_F_EXTERNAL | CY_LB_F_DSR)) == (CY_LB_F_EXTERNAL | CY_LB_F_DSR);
+	np = cy_lb4_nodeport.lookup(&npkey);
+	return np && (*np & CY_LB_NP_DSR);
 }
 
 /* The backend's node: a packet for no frontend (a local pod's address) that
@@ -99,11 +131,9 @@ static __always_inline int cy_dsr_forward(struct __sk_buff *skb, const struct cy
 static __always_inline void cy_dsr_learn(struct __sk_buff *skb, const struct cy_packet *p, __u64 now)
 {
 	struct cy_dsr_opt opt = {};
-	struct lb4_key fkey = {};
-	struct lb4_nodeport_key npkey = {};
 	struct lb4_nat_key rkey = {};
 	struct lb4_nat_entry rev = {};
-	struct lb4_service *svc;
+	struct lb4_nat_entry *old;
 	__u8 vihl;
 
 	if (!cy_dsr_carries(p) || p->is_fragment)
@@ -114,22 +144,19 @@ static __always_inline void cy_dsr_learn(struct __sk_buff *skb, const struct cy_
 	if (bpf_skb_load_bytes(skb, CY_NS_ETH_HLEN + CY_NS_IP_BASE_LEN, &opt, sizeof(opt)) < 0 ||
 	    opt.type != CY_DSR_OPT_TYPE || opt.len != CY_DSR_OPT_LEN)
 		return;
-	fkey.address = opt.address;
-	fkey.dport = opt.port;
-	fkey.proto = p->protocol;
-	svc = cy_lb4_svc.lookup(&fkey);
-	if (!svc || !(svc->flags & CY_LB_F_EXTERNAL)) {
-		npkey.port = opt.port;
-		npkey.proto = p->protocol;
-		if (!cy_lb4_nodeport.lookup(&npkey))
-			return;
-	}
+	if (!cy_dsr_frontend_served(&opt, p->protocol))
+		return;
 	rkey.saddr = p->daddr;
 	rkey.sport = p->dport;
 	rkey.daddr = p->saddr;
 	rkey.dport = p->sport;
 	rkey.proto = p->protocol;
 	rkey.hook = CY_NAT_AT_EGRESS;
+	old = cy_lb4_nat.lookup(&rkey);
+	if (old && old->expires >= now && !(old->flags & CY_NAT_F_CLOSING) &&
+	    (old->saddr != opt.address || old->sport != opt.port))
+		return; /* a live connection of another frontend: never taken over */
+	rev.flags = CY_NAT_F_DSR_LEARNT;
 	rev.expires = now + cy_ns_lifetime(p, 0);
 	rev.saddr = opt.address;
 	rev.sport = opt.port;

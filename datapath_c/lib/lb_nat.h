@@ -128,16 +128,19 @@ static __always_inline int cy_ns_rewrite(struct __sk_buff *skb, const struct cy_
 static long (*cy_redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) =
 	(void *)BPF_FUNC_redirect_neigh;
 
-/* Send a translated packet on by a route lookup for its new destination;
- * one too big for the route's MTU is dropped, counted as `too_big`. */
-static __always_inline int cy_ns_send(struct __sk_buff *skb, __u32 saddr, __u32 daddr, __u8 proto, __u32 too_big)
+/* Send a translated packet on by a route lookup for its new destination.
+ * tot_len 0: the kernel checks the skb against the device (GSO aware);
+ * otherwise the IPv4 total length checked against the route's MTU. A packet
+ * too big is dropped, counted as `too_big`. */
+static __always_inline int cy_ns_send(struct __sk_buff *skb, __u32 saddr, __u32 daddr, __u8 proto, __u16 tot_len,
+				      __u32 too_big)
 {
 	struct bpf_fib_lookup fib = {};
 	int rc;
 
 	fib.family = CY_NS_AF_INET;
 	fib.l4_protocol = proto;
-	fib.tot_len = 0; /* the kernel checks the skb itself (GSO aware) */
+	fib.tot_len = tot_len;
 	fib.ipv4_src = saddr;
 	fib.ipv4_dst = daddr;
 	fib.ifindex = skb->ifindex;
@@ -168,7 +171,7 @@ static __always_inline int cy_ns_apply(struct __sk_buff *skb, const struct cy_pa
 	cy_ns_count(reason);
 	if (!(flags & CY_NAT_F_REDIRECT))
 		return TC_ACT_OK;
-	return cy_ns_send(skb, saddr, daddr, p->protocol, CY_NS_DROP_NO_ROUTE);
+	return cy_ns_send(skb, saddr, daddr, p->protocol, 0, CY_NS_DROP_NO_ROUTE);
 }
 
 #endif /* CY_LIB_LB_NAT_H */

@@ -9,7 +9,8 @@
  *     to the pod's veth, where the pod's ingress policy sees the client. The
  *     reply leaves through this device, where cy_ns_to_device (tc egress)
  *     puts the frontend back as its source;
- *   - a backend elsewhere, the frontend flagged CY_LB_F_DSR: direct server
+ *   - a backend on another node (CY_LB_BE_NODE), the frontend flagged
+ *     CY_LB_F_DSR, the client's IPv4 header without options: direct server
  *     return, only the destination becomes the backend and the backend's
  *     node answers the client itself (lib/lb_dsr.h; that node's side is
  *     cy_dsr_learn, for a packet to no frontend);
@@ -117,6 +118,8 @@ static __always_inline void cy_ns_forget_reused(const struct cy_packet *p, __u64
 	fkey.proto = p->protocol;
 	fkey.hook = CY_NAT_AT_INGRESS;
 	fwd = cy_lb4_nat.lookup(&fkey);
+	if ((old->flags & CY_NAT_F_DSR_LEARNT) && old->expires >= now && !(old->flags & CY_NAT_F_CLOSING))
+		return; /* a live DSR connection another node sent here: no forward entry on this node */
 	if (!(old->flags & CY_NAT_F_CLOSING) && fwd && fwd->expires >= now && !(fwd->flags & CY_NAT_F_CLOSING))
 		return;
 	cy_lb4_nat.delete(&rkey);
@@ -186,7 +189,7 @@ static __always_inline int cy_ns_new(struct __sk_buff *skb, const struct cy_pack
 		rkey.dport = p->sport;
 		rkey.hook = CY_NAT_AT_EGRESS;
 		cy_lb4_nat.update(&rkey, &rev);
-	} else if (svc->flags & CY_LB_F_DSR) {
+	} else if ((svc->flags & CY_LB_F_DSR) && (be->flags & CY_LB_BE_NODE) && l4off == CY_NS_ETH_HLEN + CY_NS_IP_BASE_LEN) {
 		/* direct server return: the backend's node answers the client itself (lib/lb_dsr.h) */
 		fwd.flags = CY_NAT_F_REDIRECT | CY_NAT_F_DSR;
 		fwd.saddr = p->saddr;

@@ -11,7 +11,9 @@ bind guard's map.
 
 North-south (``lb_device``): frontends of kind NodePort, ExternalIP and LoadBalancer carry
 ``FLAG_EXTERNAL`` (the device programs serve only those); a backend running on this node
-(``BackendIntent.node`` is the intent's node) carries ``BACKEND_LOCAL`` (reached without SNAT).
+(``BackendIntent.node`` is the intent's node) carries ``BACKEND_LOCAL`` (reached without SNAT); one whose
+endpoint names a node carries ``BACKEND_ON_NODE`` (that node's programs can answer it by DSR; a backend outside
+the cluster always gets SNAT).
 An external frontend whose ``traffic_policy`` is ``Local`` also gets entries of scope
 ``SCOPE_EXTERNAL``: the backends of its set that run on this node, ``FLAG_NO_LOCAL`` when there
 are endpoints but none here; its own entry carries ``FLAG_EXT_LOCAL`` and is written after them.
@@ -20,7 +22,9 @@ A LoadBalancer frontend with ``source_ranges`` carries ``FLAG_SOURCE_RANGES`` an
 ``cy_lb4_srcrange`` under its frontend id (written before the entry that turns the check on); the
 device programs drop a new connection from any other client (an IPv6-only list admits no IPv4
 client: the flag with no IPv4 range drops them all). An external frontend with ``dsr`` carries ``FLAG_DSR``:
-its clients from outside reach backends on other nodes by direct server return (``lib/lb_dsr.h``).
+its clients from outside reach backends on other nodes by direct server return (``lib/lb_dsr.h``); its
+NodePort's entry in the bind guard's map carries ``NODEPORT_DSR`` (the backend's node believes a DSR option
+naming it only then).
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ FLAG_EXT_LOCAL = 0x8
 FLAG_SOURCE_RANGES = 0x10
 FLAG_DSR = 0x20
 BACKEND_LOCAL = 0x1
+BACKEND_ON_NODE = 0x2
+NODEPORT_DSR = 0x2
 SCOPE_EXTERNAL = 1
 
 
@@ -154,7 +160,8 @@ def desired_state(intent: NodeLBIntent, observed: LBState) -> LBState:
         ids = []
         for slot, be in enumerate(fe.backends, start=1):
             backend = Backend(_address(be.address), be.port, proto,
-                              BACKEND_LOCAL if be.node and be.node == intent.node else 0)
+                              (BACKEND_LOCAL if be.node and be.node == intent.node else 0)
+                              | (BACKEND_ON_NODE if be.node else 0))
             bid = be_ids.get(backend)
             if bid is None:
                 bid = be_ids[backend] = next_id
@@ -170,7 +177,7 @@ def desired_state(intent: NodeLBIntent, observed: LBState) -> LBState:
                 fe.affinity_timeout)
             for slot, bid in enumerate(local, start=1):
                 services[ServiceKey(address, fe.port, proto, slot, SCOPE_EXTERNAL)] = ServiceValue(bid)
-    nodeports = {NodePortKey(fe.port, PROTOCOL_NUMBERS[fe.protocol]): 1
+    nodeports = {NodePortKey(fe.port, PROTOCOL_NUMBERS[fe.protocol]): 1 | (NODEPORT_DSR if fe.dsr else 0)
                  for fe in intent.frontends if fe.kind == FrontendKind.NODE_PORT}
     return LBState(services, backends, nodeports, ranges)
 

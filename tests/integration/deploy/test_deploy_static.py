@@ -284,7 +284,8 @@ def test_more_than_one_operator_needs_leader_election(helm: Helm) -> None:
     assert single["spec"]["strategy"]["type"] == "Recreate"
 
 
-def test_the_operators_lb_mode_comes_from_the_value(helm: Helm, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_operators_lb_mode_comes_from_the_value(helm: Helm, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """``operator.lbMode`` reaches the operator as CILIARY_OPERATOR_LB_MODE, which its parser reads; a value that
     is neither snat nor dsr is refused by the operator at start (argparse's choices), never taken as snat."""
     from ciliary.operator.main import build_parser, main
@@ -300,6 +301,7 @@ def test_the_operators_lb_mode_comes_from_the_value(helm: Helm, monkeypatch: pyt
     monkeypatch.setenv("CILIARY_OPERATOR_LB_MODE", "direct")  # the chart's path: the environment
     with pytest.raises(SystemExit):
         main([])
+    assert "--lb-mode: 'direct' (from the environment) is not one of snat, dsr" in capsys.readouterr().err
 
 
 def test_external_etcd_replaces_the_bundled_one(helm: Helm) -> None:

@@ -167,7 +167,7 @@ def test_external_frontends_local_backends_and_the_local_policy_scope() -> None:
     ext = svc[key("192.0.2.11", 30080, 0, lb_planning.SCOPE_EXTERNAL)]
     assert (ext.count, ext.flags) == (1, lb_planning.FLAG_EXTERNAL)
     only = state.backends[svc[key("192.0.2.11", 30080, 1, lb_planning.SCOPE_EXTERNAL)].backend_id]
-    assert (str(only.address), only.flags) == ("10.244.1.2", lb_planning.BACKEND_LOCAL)
+    assert (str(only.address), only.flags) == ("10.244.1.2", lb_planning.BACKEND_LOCAL | lb_planning.BACKEND_ON_NODE)
     lb_ext = svc[key("203.0.113.1", 80, 0, lb_planning.SCOPE_EXTERNAL)]
     assert (lb_ext.count, lb_ext.flags) == (0, lb_planning.FLAG_EXTERNAL | lb_planning.FLAG_NO_LOCAL)
     assert svc[key("203.0.113.2", 80)].flags == lb_planning.FLAG_EXTERNAL  # Cluster: no scope entries
@@ -223,3 +223,18 @@ def test_dsr_flags_external_frontends_only() -> None:
     state = applied(LBState(), plan(intent, LBState(), **SIZES))
     flags = {str(k.address): v.flags & lb_planning.FLAG_DSR for k, v in state.services.items() if k.slot == 0}
     assert flags == {"192.0.2.1": lb_planning.FLAG_DSR, "203.0.113.1": 0, "10.96.0.1": 0}
+    # the backend's node believes an option naming a NodePort only when its own NodePort entry says DSR
+    assert state.nodeports == {lb_planning.NodePortKey(80, 6): 1 | lb_planning.NODEPORT_DSR}
+
+
+def test_a_backend_is_on_a_node_only_when_its_endpoint_names_one() -> None:
+    def be(address: str, node: str) -> BackendIntent:
+        return BackendIntent(address=address, port=8080, node=node)
+
+    intent = NodeLBIntent(node="n", frontends=(FrontendIntent(
+        service="ns/s", kind=FrontendKind.NODE_PORT, address="192.0.2.1", port=30080, protocol="TCP", dsr=True,
+        backends=(be("10.244.1.2", "n"), be("10.244.2.2", "other"), be("198.51.100.9", ""))),))
+    state = applied(LBState(), plan(intent, LBState(), **SIZES))
+    flags = {str(b.address): b.flags for b in state.backends.values()}
+    local, on_node = lb_planning.BACKEND_LOCAL, lb_planning.BACKEND_ON_NODE
+    assert flags == {"10.244.1.2": local | on_node, "10.244.2.2": on_node, "198.51.100.9": 0}

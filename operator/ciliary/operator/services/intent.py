@@ -22,8 +22,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-LB_SCHEMA_VERSION = 4
-"""4: stored as shards (``services.sharding``); values leave out fields at their defaults."""
+LB_SCHEMA_VERSION = 5
+"""4: stored as shards (``services.sharding``); values leave out fields at their defaults. 5: ``FrontendIntent.dsr``
+(an agent of 4 would refuse a DSR frontend as malformed: it refuses the version instead, and keeps what it has)."""
 MAX_BACKENDS_PER_FRONTEND = 256
 """Backend slots of one frontend in the datapath (``CY_LB_SLOTS_MAX``); more is refused, never cut."""
 

@@ -225,11 +225,14 @@ class ResolutionCache:
         self.hits = 0
         self.misses = 0
 
-    def wants(self, service: ServiceInfo, slices: list[SliceInfo], nodes: Mapping[str, str | None],
-              config: ResolverConfig) -> ServiceWants:
+    def begin(self, nodes: Mapping[str, str | None], config: ResolverConfig) -> None:
+        """A pass starts: a change of the nodes or the config forgets everything."""
         context = (tuple(nodes.items()), config)
         if context != self._context:
             self._context, self._entries = context, {}
+
+    def wants(self, service: ServiceInfo, slices: list[SliceInfo], nodes: Mapping[str, str | None],
+              config: ResolverConfig) -> ServiceWants:
         key, own = service.key, tuple(slices)
         entry = self._entries.get(key)
         if entry is not None and entry[0] == service and entry[1] == own:
@@ -253,6 +256,7 @@ def resolve(services: Mapping[str, ServiceInfo], slices: Mapping[str, SliceInfo]
     With ``cache`` (kept across passes), only Services whose inputs changed are resolved again."""
     nodes = dict(sorted(nodes.items()))
     cache = cache if cache is not None else ResolutionCache()
+    cache.begin(nodes, config)
     by_service: dict[str, list[SliceInfo]] = {}
     for key in sorted(slices):
         sl = slices[key]
@@ -263,10 +267,11 @@ def resolve(services: Mapping[str, ServiceInfo], slices: Mapping[str, SliceInfo]
     conflicts: set[tuple[tuple[str, int, str], str]] = set()  # listed once each, whichever node has the frontend
     health_checks: dict[str, list[HealthCheckIntent]] = {node: [] for node in nodes}
     found: dict[str, list[errors.ServiceProblem]] = {}
-    for key in sorted(services):
-        service = services[key]
+    for name in sorted(services):
+        service = services[name]
         if not served(service, config):
             continue
+        key = service.key
         wants = cache.wants(service, by_service.get(key, []), nodes, config)
         mine = list(wants.problems)
         for node, items in wants.frontends.items():
@@ -286,7 +291,7 @@ def resolve(services: Mapping[str, ServiceInfo], slices: Mapping[str, SliceInfo]
             health_checks[node].append(hc)
         if mine:
             found[key] = mine
-    cache.keep_only(services)
+    cache.keep_only(s.key for s in services.values())
     problems = tuple(ProblemIntent(service=k, reason=p.reason, message=p.message)
                      for k in sorted(found) for p in found[k])
     intents = {node: NodeLBIntent(node=node, frontends=tuple(v for _, v in sorted(tables[node].items())),

@@ -1,0 +1,91 @@
+"""The agent applies the newest load-balancing intent, coalescing versions that arrive while an apply runs."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ciliary.nodeagent import load_balancing
+from ciliary.nodeagent.datapath import errors as dp_errors
+from ciliary.operator.services.intent import FrontendIntent, FrontendKind, NodeLBIntent
+
+
+class SlowEngine:
+    """Stands in for ``lb_engine.SocketLB``: each apply takes ``seconds``; intents named in ``refuse`` fail."""
+
+    def __init__(self, seconds: float, refuse: tuple[int, ...] = ()) -> None:
+        self.seconds, self.refuse = seconds, refuse
+        self.applied: list[int] = []
+        self.lock = threading.Lock()
+
+    def apply(self, intent: NodeLBIntent) -> Any:
+        time.sleep(self.seconds)
+        version = len(intent.frontends)
+        if version in self.refuse:
+            raise dp_errors.DatapathError(f"refused {version}")
+        with self.lock:
+            self.applied.append(version)
+        return type("Result", (), {"frontends": version, "backends": 0, "map_writes": 1})()
+
+
+def intent(version: int) -> NodeLBIntent:
+    """An intent told apart by its number of frontends."""
+    return NodeLBIntent(node="n1", frontends=tuple(
+        FrontendIntent(service="ns/s", kind=FrontendKind.CLUSTER_IP, address=f"10.96.0.{i + 1}", port=80,
+                       protocol="TCP") for i in range(version)))
+
+
+def make(engine: SlowEngine) -> load_balancing.LoadBalancing:
+    lb = load_balancing.LoadBalancing("n1", cgroup=Path("/nonexistent"), bpffs=Path("/nonexistent"),
+                                      client_factory=lambda: None, devices=())  # type: ignore[arg-type,return-value]
+    lb.engine = engine  # type: ignore[assignment]
+    return lb
+
+
+def test_versions_that_arrive_during_an_apply_are_coalesced_into_the_newest() -> None:
+    async def scenario() -> tuple[list[int], int]:
+        engine = SlowEngine(0.3)
+        lb = make(engine)
+        task = asyncio.create_task(lb._apply_latest())
+        try:
+            await lb._on_intent(intent(1), 1)
+            await asyncio.sleep(0.05)  # the first apply is running
+            for version in range(2, 8):
+                await lb._on_intent(intent(version), version)
+            for _ in range(100):  # bounded: at most 10 s
+                if lb.applied is not None and len(lb.applied.frontends) == 7:
+                    break
+                await asyncio.sleep(0.1)
+            return list(engine.applied), lb.applies
+        finally:
+            task.cancel()
+            lb._executor.shutdown(wait=True)
+
+    applied, applies = asyncio.run(scenario())
+    assert applied == [1, 7] and applies == 2  # not 1, 2, 3, ..., 7 in turn
+
+
+def test_a_refused_intent_is_not_retried_until_a_newer_one_comes() -> None:
+    async def scenario() -> tuple[list[int], str, str]:
+        engine = SlowEngine(0.01, refuse=(2,))
+        lb = make(engine)
+        task = asyncio.create_task(lb._apply_latest())
+        try:
+            await lb._on_intent(intent(1), 1)
+            await asyncio.sleep(0.3)
+            await lb._on_intent(intent(2), 2)
+            await asyncio.sleep(0.3)
+            refused = lb.error
+            await lb._on_intent(intent(3), 3)
+            await asyncio.sleep(0.3)
+            return list(engine.applied), refused, lb.error
+        finally:
+            task.cancel()
+            lb._executor.shutdown(wait=True)
+
+    applied, refused, error = asyncio.run(scenario())
+    assert applied == [1, 3]
+    assert "refused 2" in refused and error == ""
