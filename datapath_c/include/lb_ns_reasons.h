@@ -20,7 +20,7 @@
 #define CY_NS_ICMP_SENT 11       /* an ICMP port unreachable answered a UDP datagram to a frontend without backends */
 #define CY_NS_ICMP_LIMITED 13    /* a UDP datagram to a frontend without backends dropped unanswered: the node's ICMP rate limits (lib/lb_icmp_budget.h) */
 #define CY_NS_DSR_LEARNT 14      /* a backend's node read the DSR option of a new connection: its replies will leave as the frontend (lib/lb_dsr.h) */
-#define CY_NS_DROP_DSR 15        /* dropped at the entry node: a DSR packet could not carry its option (the client's IPv4 header has options, the option makes it too big for the route, or the kernel refused) */
+#define CY_NS_DROP_DSR 15        /* dropped: a DSR packet could not carry its option (its IPv4 header has options, the option makes it too big for the route, or the kernel refused), or a new connection to a local backend would take the four addresses and ports of a live DSR connection */
 
 #define CY_NS_REASON_MAX 16
 

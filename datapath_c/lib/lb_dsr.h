@@ -22,8 +22,11 @@
  * flagged CY_LB_NP_DSR in cy_lb4_nodeport (for a NodePort the address is the
  * entry node's and is not checked against the nodes' addresses; that the
  * packet's destination is one of the frontend's backends is not checked
- * either). A live learnt entry naming another frontend is never replaced,
- * and cy_ns_forget_reused leaves live learnt entries alone. The option stays
+ * either). A live learnt entry is never replaced by an option naming another
+ * frontend, nor by a new connection to a local backend through this node's
+ * own frontends (cy_ns_new drops that SYN: the four addresses and ports are
+ * in use), and cy_ns_forget_reused leaves live learnt entries alone; the
+ * client's FIN or RST ends one (cy_dsr_client_ends), as the backend's does. The option stays
  * in the packet; Linux ignores an IPv4 option it does not know in a packet
  * it receives.
  *
@@ -123,6 +126,30 @@ static __always_inline int cy_dsr_frontend_served(const struct cy_dsr_opt *opt, 
 		return (svc->flags & (CY_LB_F_EXTERNAL | CY_LB_F_DSR)) == (CY_LB_F_EXTERNAL | CY_LB_F_DSR);
 	np = cy_lb4_nodeport.lookup(&npkey);
 	return np && (*np & CY_LB_NP_DSR);
+}
+
+/* The backend's node: a client's FIN or RST on a DSR connection sent here
+ * marks its learnt entry closing (short lifetime), as the backend's own FIN
+ * or RST does on its way out (cy_ns_refresh): a client that resets ends the
+ * connection for this node too. */
+static __always_inline void cy_dsr_client_ends(const struct cy_packet *p, __u64 now)
+{
+	struct lb4_nat_key rkey = {};
+	struct lb4_nat_entry *e;
+
+	if (p->protocol != CY_PROTO_TCP || !(p->tcp_flags & (CY_TCP_FIN | CY_TCP_RST)))
+		return;
+	rkey.saddr = p->daddr;
+	rkey.sport = p->dport;
+	rkey.daddr = p->saddr;
+	rkey.dport = p->sport;
+	rkey.proto = p->protocol;
+	rkey.hook = CY_NAT_AT_EGRESS;
+	e = cy_lb4_nat.lookup(&rkey);
+	if (e && (e->flags & CY_NAT_F_DSR_LEARNT) && !(e->flags & CY_NAT_F_CLOSING)) {
+		e->flags |= CY_NAT_F_CLOSING;
+		e->expires = now + CY_LB_NAT_LIFETIME_CLOSE;
+	}
 }
 
 /* The backend's node: a packet for no frontend (a local pod's address) that

@@ -134,6 +134,7 @@ static __always_inline int cy_ns_new(struct __sk_buff *skb, const struct cy_pack
 				     __u32 snat, __u64 now)
 {
 	struct lb4_nat_entry fwd = {}, rev = {};
+	struct lb4_nat_entry *old;
 	struct lb4_nat_key rkey = {};
 	struct lb4_service *entry;
 	struct lb4_backend *be;
@@ -188,6 +189,9 @@ static __always_inline int cy_ns_new(struct __sk_buff *skb, const struct cy_pack
 		rkey.daddr = p->saddr;
 		rkey.dport = p->sport;
 		rkey.hook = CY_NAT_AT_EGRESS;
+		old = cy_lb4_nat.lookup(&rkey);
+		if (old && (old->flags & CY_NAT_F_DSR_LEARNT) && old->expires >= now && !(old->flags & CY_NAT_F_CLOSING))
+			return cy_ns_drop(CY_NS_DROP_DSR); /* these four are a live DSR connection's (lib/lb_dsr.h) */
 		cy_lb4_nat.update(&rkey, &rev);
 	} else if ((svc->flags & CY_LB_F_DSR) && (be->flags & CY_LB_BE_NODE) && l4off == CY_NS_ETH_HLEN + CY_NS_IP_BASE_LEN) {
 		/* direct server return: the backend's node answers the client itself (lib/lb_dsr.h) */
@@ -256,6 +260,7 @@ static __always_inline int cy_ns_from_device(struct __sk_buff *skb)
 	svc = cy_lb4_svc.lookup(&key);
 	if (!svc || !(svc->flags & CY_LB_F_EXTERNAL)) {
 		cy_ns_forget_reused(&p, now);
+		cy_dsr_client_ends(&p, now);
 		cy_dsr_learn(skb, &p, now); /* a DSR connection another node sent to a backend here */
 		return TC_ACT_OK;
 	}

@@ -129,15 +129,43 @@ class LBCapacityError(ValueError):
         self.map_name, self.wanted, self.capacity = map_name, wanted, capacity
 
 
+def _backend_ids(wanted: list[Backend], observed: Mapping[int, Backend], next_id: int) -> tuple[dict[Backend, int], int]:
+    """Ids of the backends wanted: the one the kernel holds for the same value; else, for a backend whose flags
+    alone changed, its old id (no other wanted value holds it; the flags are rewritten in place: renumbering
+    would move established north-south connections and affinity entries to other backends); else a new one."""
+    by_value = {be: ident for ident, be in observed.items()}
+    ids = {be: by_value[be] for be in wanted if be in by_value}
+    taken = set(ids.values())
+    by_place = {(be.address, be.port, be.proto): ident for ident, be in observed.items()}
+    for be in wanted:
+        if be in ids:
+            continue
+        moved = by_place.get((be.address, be.port, be.proto))
+        if moved is not None and moved not in taken:
+            ids[be] = moved
+        else:
+            ids[be] = next_id
+            next_id += 1
+        taken.add(ids[be])
+    return ids, next_id
+
+
 def desired_state(intent: NodeLBIntent, observed: LBState) -> LBState:
     fe_ids = {(k.address, k.port, k.proto): v.backend_id for k, v in observed.services.items()
               if k.slot == 0 and k.scope == 0}
-    be_ids = {be: ident for ident, be in observed.backends.items()}
-    next_id = max([0, *fe_ids.values(), *be_ids.values()]) + 1
+    next_id = max([0, *fe_ids.values(), *observed.backends]) + 1
+    chosen: list[list[Backend]] = []
+    for fe in intent.frontends:
+        proto = PROTOCOL_NUMBERS[fe.protocol]
+        chosen.append([Backend(_address(be.address), be.port, proto,
+                               (BACKEND_LOCAL if be.node and be.node == intent.node else 0)
+                               | (BACKEND_ON_NODE if be.node else 0)) for be in fe.backends])
+    be_ids, next_id = _backend_ids(list(dict.fromkeys(be for items in chosen for be in items)), observed.backends,
+                                   next_id)
     services: dict[ServiceKey, ServiceValue] = {}
     backends: dict[int, Backend] = {}
     ranges: dict[SourceRangeKey, int] = {}
-    for fe in intent.frontends:
+    for fe, wanted in zip(intent.frontends, chosen, strict=True):
         proto = PROTOCOL_NUMBERS[fe.protocol]
         address = _address(fe.address)
         ident = fe_ids.get((address, fe.port, proto))
@@ -158,14 +186,8 @@ def desired_state(intent: NodeLBIntent, observed: LBState) -> LBState:
         services[ServiceKey(address, fe.port, proto, 0)] = ServiceValue(ident, len(fe.backends), flags,
                                                                         fe.affinity_timeout)
         ids = []
-        for slot, be in enumerate(fe.backends, start=1):
-            backend = Backend(_address(be.address), be.port, proto,
-                              (BACKEND_LOCAL if be.node and be.node == intent.node else 0)
-                              | (BACKEND_ON_NODE if be.node else 0))
-            bid = be_ids.get(backend)
-            if bid is None:
-                bid = be_ids[backend] = next_id
-                next_id += 1
+        for slot, backend in enumerate(wanted, start=1):
+            bid = be_ids[backend]
             backends[bid] = backend
             ids.append(bid)
             services[ServiceKey(address, fe.port, proto, slot)] = ServiceValue(bid)

@@ -56,6 +56,9 @@ class LoadBalancing:
         self.started = asyncio.Event()
         self.wanted: NodeLBIntent | None = None
         self._wanted_changed = asyncio.Event()
+        self.refused = ""
+        """Why the newest published intent was refused (until a valid one comes): an apply of an older one that
+        finishes meanwhile must not clear it from ``error``."""
         self.applied: NodeLBIntent | None = None
         self.error = ""
         self.applies = 0
@@ -114,7 +117,11 @@ class LoadBalancing:
                 await self._wanted_changed.wait()
                 continue
             tried = intent
-            await self._apply(intent)
+            try:
+                await self._apply(intent)
+            except Exception as exc:  # never let the applier die silently: say it, wait for the next intent
+                self.error = f"load-balancing intent not applied: {type(exc).__name__}: {exc}"
+                log.exception("Load-balancing intent not applied", extra={"node": self.node})
 
     async def _start_devices(self, stop: asyncio.Event) -> None:
         """Attach the north-south programs (own worker: compiling them does not hold up map updates)."""
@@ -136,6 +143,7 @@ class LoadBalancing:
 
     async def _on_intent(self, intent: NodeLBIntent, mod_revision: int) -> None:
         self.wanted = intent
+        self.refused = ""
         self._wanted_changed.set()
         await self.ports.reconcile(intent.health_checks)
 
@@ -147,7 +155,7 @@ class LoadBalancing:
             log.error("Load-balancing intent not applied; the previous maps stay",
                       extra={"node": self.node, "error": str(exc)})
             return
-        self.applied, self.error = intent, ""
+        self.applied, self.error = intent, self.refused
         self.applies += 1
         self.last_applied = time.time()
         log.info("Load-balancing intent applied", extra={
@@ -155,7 +163,7 @@ class LoadBalancing:
             "map_writes": result.map_writes})
 
     async def _on_invalid(self, message: str, mod_revision: int) -> None:
-        self.error = f"load-balancing intent refused: {message}"
+        self.refused = self.error = f"load-balancing intent refused: {message}"
 
     async def _on_deleted(self, mod_revision: int) -> None:
         if mod_revision:

@@ -5,8 +5,9 @@ reaches its NodePorts) and ``node2``, where the only backend runs (pod 10.79.<t>
 address:port it saw the client as). Both nodes get ``lb_engine.SocketLB`` (private cgroups) and
 ``lb_device.DeviceLB`` on their ``eth0``. ``node`` serves NodePort 30090 (TCP and UDP) with DSR, 30091
 with SNAT, 30092 with DSR although ``node2`` serves no such frontend, 30093 with DSR although ``node2``
-serves it with SNAT, and 30094 with DSR to a backend whose endpoint names no node (outside the cluster);
-``node2`` serves NodePorts 30090, 30091 and 30093 with its pod as a local backend. With DSR the pod sees the world host itself and its answers
+serves it with SNAT, 30094 with DSR to a backend whose endpoint names no node (outside the cluster), and
+30095 with DSR to the pod's port that holds a connection until the client ends it; ``node2`` serves
+NodePorts 30090, 30091, 30093 and 30095 with its pod as a local backend. With DSR the pod sees the world host itself and its answers
 leave ``node2`` straight for the world host, with the frontend ``node:30090`` as their source; ``node`` sees
 none of them. Everything is removed at the end, also on failure.
 """
@@ -41,6 +42,34 @@ except OSError as exc:
 """
 """Send one UDP datagram of ``size`` bytes; say whether an answer came back."""
 
+ONE_PORT_TWO_WAYS = r"""
+import json, socket, struct, sys
+entry, other, port, how = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+def sock(timeout):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.settimeout(timeout); return s
+first = sock(3); first.bind(("0.0.0.0", 0)); first.connect((entry, port))
+out = {"greeting": first.recv(4096).decode()}
+local = first.getsockname()[1]
+if how == "reset":  # end the DSR connection with a RST from the client
+    first.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)); first.close()
+second = sock(1.5); second.bind(("0.0.0.0", local))
+try:
+    second.connect((other, port)); out["second"] = second.recv(4096).decode()
+except OSError as exc:
+    out["second"] = type(exc).__name__
+second.close()
+if how == "hold":  # the hold server closes after one byte: its FIN must still come back as the entry frontend
+    first.sendall(b"x")
+    try:
+        out["first_ended_cleanly"] = first.recv(4096) == b""
+    except OSError as exc:
+        out["first_ended_cleanly"] = type(exc).__name__
+print(json.dumps(out))
+"""
+"""From one local port: connect to ``entry:port`` (DSR to the hold server) and read its greeting; then,
+with the first connection held (``hold``) or reset (``reset``), connect from the same port to
+``other:port`` (the backend node's own NodePort, the same pod). One JSON object of what happened."""
+
 
 def fe(node_ip: str, port: int, protocol: str, backends: list[BackendIntent], dsr: bool) -> FrontendIntent:
     return FrontendIntent(service="default/web", kind=FrontendKind.NODE_PORT, address=node_ip, port=port,
@@ -69,6 +98,7 @@ def nodes(tool: Any) -> Iterator[Nodes]:
             dev.start(sock.context)
         pod = {proto: BackendIntent(address=net.pod2_ip, port=port, node=names[1])
                for proto, port in (("TCP", 8080), ("UDP", 8053))}
+        hold = BackendIntent(address=net.pod2_ip, port=8081, node=names[1])  # answers, then waits for the client
         socks[0].apply(NodeLBIntent(node=names[0], frontends=(
             fe(net.node_ip, 30090, "TCP", [pod["TCP"]], dsr=True),
             fe(net.node_ip, 30090, "UDP", [pod["UDP"]], dsr=True),
@@ -76,12 +106,14 @@ def nodes(tool: Any) -> Iterator[Nodes]:
             fe(net.node_ip, 30092, "TCP", [pod["TCP"]], dsr=True),
             fe(net.node_ip, 30093, "TCP", [pod["TCP"]], dsr=True),
             fe(net.node_ip, 30094, "TCP", [BackendIntent(address=net.pod2_ip, port=8080, node="")], dsr=True),
+            fe(net.node_ip, 30095, "TCP", [hold], dsr=True),
         )))
         socks[1].apply(NodeLBIntent(node=names[1], frontends=(
             fe(net.node2_ip, 30090, "TCP", [pod["TCP"]], dsr=True),
             fe(net.node2_ip, 30090, "UDP", [pod["UDP"]], dsr=True),
             fe(net.node2_ip, 30091, "TCP", [pod["TCP"]], dsr=False),
             fe(net.node2_ip, 30093, "TCP", [pod["TCP"]], dsr=False),
+            fe(net.node2_ip, 30095, "TCP", [hold], dsr=True),
         )))
         yield Nodes(net, devs[0], devs[1])
     finally:
@@ -161,4 +193,27 @@ def test_a_datagram_the_option_makes_too_big_is_dropped_and_counted(nodes: Nodes
     too_big = json.loads(sh(sys.executable, "-c", BIG_DATAGRAM, n.node_ip, "30090", str(1500 - 28 - 7),
                             netns=n.world).stdout)
     assert too_big["answered"] is False, too_big
-    assert nodes.entry.counters()["drop-dsr-option"] - entry["drop-dsr-option"] == 1
+    assert nodes.entry.counters()["drop-dsr"] - entry["drop-dsr"] == 1
+
+
+def test_a_live_dsr_connection_keeps_its_four_addresses_and_ports(nodes: Nodes) -> None:
+    """While a DSR connection through node is open, a SYN from the same client port to node2's own NodePort
+    (the same pod, so the same four addresses and ports at the pod) is dropped on node2: letting it in would
+    turn the live connection's answers into node2's and reset it (the pod answers that SYN with an ACK of the
+    live connection, which the client's second socket resets). The held connection ends cleanly."""
+    n = nodes.net
+    backend = nodes.backend.counters()
+    out = json.loads(sh(sys.executable, "-c", ONE_PORT_TWO_WAYS, n.node_ip, n.node2_ip, "30095", "hold",
+                        netns=n.world).stdout)
+    assert out["greeting"].startswith("remote ") and out["second"] == "TimeoutError", out
+    assert out["first_ended_cleanly"] is True, out
+    assert nodes.backend.counters()["drop-dsr"] > backend["drop-dsr"]
+
+
+def test_a_client_reset_ends_the_dsr_connection_on_the_backends_node(nodes: Nodes) -> None:
+    """The client resets its DSR connection (the pod sends nothing back): node2 sees the RST and ends the
+    learnt entry, so the same client port may reach the pod again at once through node2's own NodePort."""
+    n = nodes.net
+    out = json.loads(sh(sys.executable, "-c", ONE_PORT_TWO_WAYS, n.node_ip, n.node2_ip, "30095", "reset",
+                        netns=n.world).stdout)
+    assert out["greeting"].startswith("remote ") and out["second"].startswith("remote "), out

@@ -47,7 +47,7 @@ def make(engine: SlowEngine) -> load_balancing.LoadBalancing:
 
 def test_versions_that_arrive_during_an_apply_are_coalesced_into_the_newest() -> None:
     async def scenario() -> tuple[list[int], int]:
-        engine = SlowEngine(0.3)
+        engine = SlowEngine(0.5)
         lb = make(engine)
         task = asyncio.create_task(lb._apply_latest())
         try:
@@ -89,3 +89,26 @@ def test_a_refused_intent_is_not_retried_until_a_newer_one_comes() -> None:
     applied, refused, error = asyncio.run(scenario())
     assert applied == [1, 3]
     assert "refused 2" in refused and error == ""
+
+
+def test_a_refusal_of_the_newest_intent_survives_an_older_apply_that_finishes_meanwhile() -> None:
+    async def scenario() -> tuple[str, bool]:
+        engine = SlowEngine(0.3)
+        lb = make(engine)
+        lb.started.set()  # health() then depends on the error and on applied == wanted only
+        task = asyncio.create_task(lb._apply_latest())
+        try:
+            await lb._on_intent(intent(1), 1)
+            await asyncio.sleep(0.05)  # intent 1 is being applied
+            await lb._on_invalid("shard s3: not JSON", 2)  # the next version published is malformed
+            for _ in range(100):  # bounded: at most 10 s
+                if lb.applied is not None:
+                    break
+                await asyncio.sleep(0.1)
+            return lb.error, lb.health().healthy
+        finally:
+            task.cancel()
+            lb._executor.shutdown(wait=True)
+
+    error, healthy = asyncio.run(scenario())
+    assert error == "load-balancing intent refused: shard s3: not JSON" and healthy is False

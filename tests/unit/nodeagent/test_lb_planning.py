@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -238,3 +239,17 @@ def test_a_backend_is_on_a_node_only_when_its_endpoint_names_one() -> None:
     flags = {str(b.address): b.flags for b in state.backends.values()}
     local, on_node = lb_planning.BACKEND_LOCAL, lb_planning.BACKEND_ON_NODE
     assert flags == {"10.244.1.2": local | on_node, "10.244.2.2": on_node, "198.51.100.9": 0}
+
+
+def test_a_backend_keeps_its_id_when_only_its_flags_change() -> None:
+    """An agent that starts setting a new flag (an upgrade) rewrites the flags under the same id: renumbering
+    would move established north-south connections and affinity entries to other backends."""
+    intent = NodeLBIntent(node="n", frontends=(FrontendIntent(
+        service="ns/s", kind=FrontendKind.NODE_PORT, address="192.0.2.1", port=30080, protocol="TCP",
+        backends=(BackendIntent(address="10.244.2.2", port=8080, node="other"),)),))
+    state = applied(LBState(), plan(intent, LBState(), **SIZES))
+    (ident, backend), = state.backends.items()
+    older = dataclasses.replace(state, backends={ident: dataclasses.replace(backend, flags=0)})
+    step = plan(intent, older, **SIZES)
+    assert list(step.desired.backends) == [ident] and step.backend_deletes.deletes == ()
+    assert step.backend_upserts.upserts == {ident: backend}

@@ -33,11 +33,12 @@ class Model:
         self.dirty = Burst(burst_s)
 
 
-async def timed_settle(last_pass_s: float, burst_s: float, settle_max: float = 5.0) -> tuple[float, int]:
+async def timed_settle(last_pass_s: float, burst_s: float, settle_max: float = 5.0,
+                       settle_burst: float = 0.0) -> tuple[float, int]:
     """settle() (short settle 0.1 s) after a pass of ``last_pass_s``: (seconds it took, turns another task
     had meanwhile)."""
     rec = LBReconciler(Model(burst_s), dict, None, None, None,  # type: ignore[arg-type]
-                       settle_seconds=0.1, settle_max=settle_max)
+                       settle_seconds=0.1, settle_burst=settle_burst, settle_max=settle_max)
     rec.stats.last_duration_ms = last_pass_s * 1000
     turns = 0
 
@@ -71,3 +72,10 @@ def test_the_wait_is_capped_and_a_burst_that_ends_ends_it() -> None:
     assert 0.6 <= took < 4.0, took
     took, _ = asyncio.run(timed_settle(last_pass_s=100.0, burst_s=0.5))
     assert 0.55 <= took < 4.0, took  # the burst's 0.5 s, then 0.1 s without a change
+
+
+def test_a_burst_after_a_quick_pass_is_let_in_for_the_burst_floor_and_a_lone_change_is_not() -> None:
+    took, _ = asyncio.run(timed_settle(last_pass_s=0.05, burst_s=60, settle_burst=0.8))
+    assert 0.8 <= took < 4.0, took
+    took, _ = asyncio.run(timed_settle(last_pass_s=0.05, burst_s=0, settle_burst=0.8))
+    assert took < 0.5, took  # the short settle only: 0.1 s without a change

@@ -45,7 +45,7 @@ AUTO = "auto"
 NS_REASONS: Mapping[int, str] = {
     1: "new", 2: "forward", 3: "reply", 4: "no-backend", 5: "drop-no-local-backend", 6: "drop-fragment",
     7: "drop-no-snat-port", 8: "drop-no-route", 9: "drop-rewrite-failed", 10: "rst-sent",
-    11: "icmp-sent", 12: "drop-source-range", 13: "icmp-rate-limited", 14: "dsr-learnt", 15: "drop-dsr-option"}
+    11: "icmp-sent", 12: "drop-source-range", 13: "icmp-rate-limited", 14: "dsr-learnt", 15: "drop-dsr"}
 """``include/lb_ns_reasons.h``: index of ``cy_lb4_nsct`` -> name."""
 NS_REASON_MAX = 16
 
