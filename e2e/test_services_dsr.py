@@ -19,6 +19,7 @@ from northsouth_lab import backends, counters, services_doc, wait_for, world
 from service_probe import failed
 
 pytestmark = pytest.mark.e2e
+#: real nodes without kube-proxy: the chart's agents attach the north-south programs on each node's eth0
 REAL_NODES = True
 REAL_NODES_MODE = "kube-proxy-replacement"
 

@@ -33,12 +33,11 @@ class Model:
         self.dirty = Burst(burst_s)
 
 
-async def timed_settle(last_pass_s: float, burst_s: float, settle_max: float = 5.0,
-                       settle_burst: float = 0.0) -> tuple[float, int]:
+async def timed_settle(last_pass_s: float, burst_s: float, settle_max: float = 5.0) -> tuple[float, int]:
     """settle() (short settle 0.1 s) after a pass of ``last_pass_s``: (seconds it took, turns another task
     had meanwhile)."""
     rec = LBReconciler(Model(burst_s), dict, None, None, None,  # type: ignore[arg-type]
-                       settle_seconds=0.1, settle_burst=settle_burst, settle_max=settle_max)
+                       settle_seconds=0.1, settle_max=settle_max)
     rec.stats.last_duration_ms = last_pass_s * 1000
     turns = 0
 
@@ -74,8 +73,18 @@ def test_the_wait_is_capped_and_a_burst_that_ends_ends_it() -> None:
     assert 0.55 <= took < 4.0, took  # the burst's 0.5 s, then 0.1 s without a change
 
 
-def test_a_burst_after_a_quick_pass_is_let_in_for_the_burst_floor_and_a_lone_change_is_not() -> None:
-    took, _ = asyncio.run(timed_settle(last_pass_s=0.05, burst_s=60, settle_burst=0.8))
-    assert 0.8 <= took < 4.0, took
-    took, _ = asyncio.run(timed_settle(last_pass_s=0.05, burst_s=0, settle_burst=0.8))
-    assert took < 0.5, took  # the short settle only: 0.1 s without a change
+def test_at_most_one_pass_per_settle_burst_and_a_change_after_a_quiet_spell_goes_at_once() -> None:
+    """A change 0.2 s after a pass waits until 0.8 s after it (everything that came meanwhile goes in that
+    next pass); a change after a quiet spell longer than that waits only the short settle."""
+    async def one(since_pass: float) -> float:
+        rec = LBReconciler(Model(0), dict, None, None, None,  # type: ignore[arg-type]
+                           settle_seconds=0.1, settle_burst=0.8)
+        rec.last_pass_end = time.monotonic() - since_pass
+        t0 = time.monotonic()
+        await rec.settle()
+        return time.monotonic() - t0
+
+    soon = asyncio.run(one(0.2))
+    assert 0.55 <= soon < 3.0, soon  # 0.8 - 0.2, minus asyncio's timer resolution
+    later = asyncio.run(one(5.0))
+    assert later < 0.5, later
