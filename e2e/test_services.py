@@ -221,6 +221,8 @@ def test_session_affinity_client_ip(lab: Any, svc: dict[str, Any]) -> None:
     finally:
         lab.kubectl("patch", "svc", "web", "-n", NS, "--type=json",
                     "-p", json.dumps([{"op": "replace", "path": "/spec/sessionAffinity", "value": "None"}]))
+        # the next tests count backends: affinity left in the maps would send each client to one
+        wait_for(lambda: not affine(), 30, "affinity gone from node-1's maps")
 
 
 def test_hairpin_a_backend_reaches_itself_through_its_service(lab: Any, svc: dict[str, Any]) -> None:
