@@ -139,12 +139,7 @@ static __always_inline void cy_dsr_client_ends(const struct cy_packet *p, __u64 
 
 	if (p->protocol != CY_PROTO_TCP || !(p->tcp_flags & (CY_TCP_FIN | CY_TCP_RST)))
 		return;
-	rkey.saddr = p->daddr;
-	rkey.sport = p->dport;
-	rkey.daddr = p->saddr;
-	rkey.dport = p->sport;
-	rkey.proto = p->protocol;
-	rkey.hook = CY_NAT_AT_EGRESS;
+	cy_ns_reply_key(p, &rkey);
 	e = cy_lb4_nat.lookup(&rkey);
 	if (e && (e->flags & CY_NAT_F_DSR_LEARNT) && !(e->flags & CY_NAT_F_CLOSING)) {
 		e->flags |= CY_NAT_F_CLOSING;
@@ -173,12 +168,7 @@ static __always_inline void cy_dsr_learn(struct __sk_buff *skb, const struct cy_
 		return;
 	if (!cy_dsr_frontend_served(&opt, p->protocol))
 		return;
-	rkey.saddr = p->daddr;
-	rkey.sport = p->dport;
-	rkey.daddr = p->saddr;
-	rkey.dport = p->sport;
-	rkey.proto = p->protocol;
-	rkey.hook = CY_NAT_AT_EGRESS;
+	cy_ns_reply_key(p, &rkey);
 	old = cy_lb4_nat.lookup(&rkey);
 	if (old && old->expires >= now && !(old->flags & CY_NAT_F_CLOSING) &&
 	    (old->saddr != opt.address || old->sport != opt.port))

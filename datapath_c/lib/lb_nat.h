@@ -80,6 +80,18 @@ static __always_inline void cy_ns_key(const struct cy_packet *p, __u8 hook, stru
 	key->hook = hook;
 }
 
+/* The key of the reply entry a local backend's answers to p meet at the
+ * device's egress: p's addresses and ports swapped. */
+static __always_inline void cy_ns_reply_key(const struct cy_packet *p, struct lb4_nat_key *key)
+{
+	key->saddr = p->daddr;
+	key->sport = p->dport;
+	key->daddr = p->saddr;
+	key->dport = p->sport;
+	key->proto = p->protocol;
+	key->hook = CY_NAT_AT_EGRESS;
+}
+
 /* Offset of the L4 header (after Ethernet and the IPv4 header with options). */
 static __always_inline int cy_ns_l4_offset(struct __sk_buff *skb, __u32 *l4off)
 {

@@ -102,12 +102,7 @@ static __always_inline void cy_ns_forget_reused(const struct cy_packet *p, __u64
 
 	if (!cy_ns_opens(p))
 		return;
-	rkey.saddr = p->daddr;
-	rkey.sport = p->dport;
-	rkey.daddr = p->saddr;
-	rkey.dport = p->sport;
-	rkey.proto = p->protocol;
-	rkey.hook = CY_NAT_AT_EGRESS;
+	cy_ns_reply_key(p, &rkey);
 	old = cy_lb4_nat.lookup(&rkey);
 	if (!old)
 		return;
