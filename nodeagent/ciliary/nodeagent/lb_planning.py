@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from ipaddress import IPv4Address, IPv4Network, ip_network
 
 from ciliary.nodeagent.planning import MapDiff, diff_map
-from ciliary.operator.services.intent import PROTOCOL_NUMBERS, FrontendKind, NodeLBIntent
+from ciliary.operator.services.intent import PROTOCOL_NUMBERS, FrontendIntent, FrontendKind, NodeLBIntent
 
 FLAG_NO_LOCAL = 0x1
 FLAG_AFFINITY = 0x2
@@ -129,19 +129,36 @@ class LBCapacityError(ValueError):
         self.map_name, self.wanted, self.capacity = map_name, wanted, capacity
 
 
-def _backend_ids(wanted: list[Backend], observed: Mapping[int, Backend], next_id: int) -> tuple[dict[Backend, int], int]:
-    """Ids of the backends wanted: the one the kernel holds for the same value; else, for a backend whose flags
-    alone changed, its old id (no other wanted value holds it; the flags are rewritten in place: renumbering
-    would move established north-south connections and affinity entries to other backends); else a new one."""
-    by_value = {be: ident for ident, be in observed.items()}
-    ids = {be: by_value[be] for be in wanted if be in by_value}
+Place = tuple[IPv4Address, int, int]
+"""A backend's (address, port, protocol): its identity apart from its flags."""
+
+
+def places(backends: Mapping[int, Backend]) -> dict[Place, list[int]]:
+    """Ids of ``backends`` by place, lowest first (the candidates a backend whose flags changed takes over)."""
+    out: dict[Place, list[int]] = {}
+    for ident in sorted(backends):
+        be = backends[ident]
+        out.setdefault((be.address, be.port, be.proto), []).append(ident)
+    return out
+
+
+def assign_backend_ids(wanted: list[Backend], known: Callable[[Backend], int | None],
+                       by_place: Mapping[Place, list[int]], next_id: int) -> tuple[dict[Backend, int], int]:
+    """Ids of the backends ``wanted`` (distinct): the one ``known`` gives for the same value; else, for a backend
+    whose flags alone changed, the lowest id of its place in ``by_place`` that no other wanted value holds (the
+    flags are rewritten in place: renumbering would move established north-south connections and affinity
+    entries to other backends); else a new one."""
+    ids = {}
+    for be in wanted:
+        ident = known(be)
+        if ident is not None:
+            ids[be] = ident
     taken = set(ids.values())
-    by_place = {(be.address, be.port, be.proto): ident for ident, be in observed.items()}
     for be in wanted:
         if be in ids:
             continue
-        moved = by_place.get((be.address, be.port, be.proto))
-        if moved is not None and moved not in taken:
+        moved = next((i for i in by_place.get((be.address, be.port, be.proto), ()) if i not in taken), None)
+        if moved is not None:
             ids[be] = moved
         else:
             ids[be] = next_id
@@ -150,79 +167,142 @@ def _backend_ids(wanted: list[Backend], observed: Mapping[int, Backend], next_id
     return ids, next_id
 
 
-def desired_state(intent: NodeLBIntent, observed: LBState) -> LBState:
+def frontend_backends(fe: FrontendIntent, node: str) -> tuple[Backend, ...]:
+    """The backends ``fe`` wants on ``node``, in slot order, with their flags."""
+    proto = PROTOCOL_NUMBERS[fe.protocol]
+    return tuple(Backend(_address(be.address), be.port, proto,
+                         (BACKEND_LOCAL if be.node and be.node == node else 0) | (BACKEND_ON_NODE if be.node else 0))
+                 for be in fe.backends)
+
+
+def frontend_key(fe: FrontendIntent) -> ServiceKey:
+    """The frontend's own entry (slot 0, every client): its value holds the frontend's id."""
+    return ServiceKey(_address(fe.address), fe.port, PROTOCOL_NUMBERS[fe.protocol])
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontendPart:
+    """What one frontend puts in the maps: its entries, the backends its slots name, its source ranges."""
+
+    fe: FrontendIntent
+    ident: int
+    services: Mapping[ServiceKey, ServiceValue]
+    backends: Mapping[int, Backend]
+    ranges: Mapping[SourceRangeKey, int]
+
+
+def frontend_part(fe: FrontendIntent, ident: int, wanted: tuple[Backend, ...],
+                  be_ids: Mapping[Backend, int]) -> FrontendPart:
+    """The entries of ``fe`` under frontend id ``ident``, its backends ``wanted`` numbered by ``be_ids``."""
+    key = frontend_key(fe)
+    address, port, proto = key.address, key.port, key.proto
+    external = fe.kind != FrontendKind.CLUSTER_IP
+    ext_local = external and fe.traffic_policy == "Local"
+    restricted = external and bool(fe.source_ranges)
+    flags = ((FLAG_NO_LOCAL if fe.no_local_backends else 0) | (FLAG_AFFINITY if fe.affinity_timeout else 0)
+             | (FLAG_EXTERNAL if external else 0) | (FLAG_EXT_LOCAL if ext_local else 0)
+             | (FLAG_SOURCE_RANGES if restricted else 0) | (FLAG_DSR if external and fe.dsr else 0))
+    ranges: dict[SourceRangeKey, int] = {}
+    if restricted:
+        for cidr in fe.source_ranges:
+            network = ip_network(cidr)
+            if isinstance(network, IPv4Network):
+                ranges[SourceRangeKey(ident, network)] = 1
+    services = {key: ServiceValue(ident, len(fe.backends), flags, fe.affinity_timeout)}
+    backends: dict[int, Backend] = {}
+    local = []
+    for slot, backend in enumerate(wanted, start=1):
+        bid = be_ids[backend]
+        backends[bid] = backend
+        services[ServiceKey(address, port, proto, slot)] = ServiceValue(bid)
+        if backend.flags & BACKEND_LOCAL:
+            local.append(bid)
+    if ext_local:
+        no_local = FLAG_NO_LOCAL if wanted and not local else 0
+        services[ServiceKey(address, port, proto, 0, SCOPE_EXTERNAL)] = ServiceValue(
+            ident, len(local), FLAG_EXTERNAL | no_local | (FLAG_AFFINITY if fe.affinity_timeout else 0),
+            fe.affinity_timeout)
+        for slot, bid in enumerate(local, start=1):
+            services[ServiceKey(address, port, proto, slot, SCOPE_EXTERNAL)] = ServiceValue(bid)
+    return FrontendPart(fe, ident, services, backends, ranges)
+
+
+def nodeports_of(intent: NodeLBIntent) -> dict[NodePortKey, int]:
+    return {NodePortKey(fe.port, PROTOCOL_NUMBERS[fe.protocol]): 1 | (NODEPORT_DSR if fe.dsr else 0)
+            for fe in intent.frontends if fe.kind == FrontendKind.NODE_PORT}
+
+
+def desired_parts(intent: NodeLBIntent, observed: LBState) -> tuple[LBState, list[FrontendPart]]:
+    """The maps' contents ``intent`` wants, planned from scratch against ``observed`` (ids it holds are kept), and
+    each frontend's part of them, in intent order."""
     fe_ids = {(k.address, k.port, k.proto): v.backend_id for k, v in observed.services.items()
               if k.slot == 0 and k.scope == 0}
     next_id = max([0, *fe_ids.values(), *observed.backends]) + 1
-    chosen: list[list[Backend]] = []
-    for fe in intent.frontends:
-        proto = PROTOCOL_NUMBERS[fe.protocol]
-        chosen.append([Backend(_address(be.address), be.port, proto,
-                               (BACKEND_LOCAL if be.node and be.node == intent.node else 0)
-                               | (BACKEND_ON_NODE if be.node else 0)) for be in fe.backends])
-    be_ids, next_id = _backend_ids(list(dict.fromkeys(be for items in chosen for be in items)), observed.backends,
-                                   next_id)
+    chosen = [frontend_backends(fe, intent.node) for fe in intent.frontends]
+    by_value = {be: ident for ident, be in observed.backends.items()}
+    be_ids, next_id = assign_backend_ids(list(dict.fromkeys(be for items in chosen for be in items)),
+                                         by_value.get, places(observed.backends), next_id)
     services: dict[ServiceKey, ServiceValue] = {}
     backends: dict[int, Backend] = {}
     ranges: dict[SourceRangeKey, int] = {}
+    parts = []
     for fe, wanted in zip(intent.frontends, chosen, strict=True):
-        proto = PROTOCOL_NUMBERS[fe.protocol]
-        address = _address(fe.address)
-        ident = fe_ids.get((address, fe.port, proto))
+        key = frontend_key(fe)
+        ident = fe_ids.get((key.address, key.port, key.proto))
         if ident is None:
-            ident = fe_ids[(address, fe.port, proto)] = next_id
+            ident = fe_ids[(key.address, key.port, key.proto)] = next_id
             next_id += 1
-        external = fe.kind != FrontendKind.CLUSTER_IP
-        ext_local = external and fe.traffic_policy == "Local"
-        restricted = external and bool(fe.source_ranges)
-        flags = ((FLAG_NO_LOCAL if fe.no_local_backends else 0) | (FLAG_AFFINITY if fe.affinity_timeout else 0)
-                 | (FLAG_EXTERNAL if external else 0) | (FLAG_EXT_LOCAL if ext_local else 0)
-                 | (FLAG_SOURCE_RANGES if restricted else 0) | (FLAG_DSR if external and fe.dsr else 0))
-        if restricted:
-            for cidr in fe.source_ranges:
-                network = ip_network(cidr)
-                if isinstance(network, IPv4Network):
-                    ranges[SourceRangeKey(ident, network)] = 1
-        services[ServiceKey(address, fe.port, proto, 0)] = ServiceValue(ident, len(fe.backends), flags,
-                                                                        fe.affinity_timeout)
-        ids = []
-        for slot, backend in enumerate(wanted, start=1):
-            bid = be_ids[backend]
-            backends[bid] = backend
-            ids.append(bid)
-            services[ServiceKey(address, fe.port, proto, slot)] = ServiceValue(bid)
-        if ext_local:
-            local = [bid for bid in ids if backends[bid].flags & BACKEND_LOCAL]
-            no_local = FLAG_NO_LOCAL if ids and not local else 0
-            services[ServiceKey(address, fe.port, proto, 0, SCOPE_EXTERNAL)] = ServiceValue(
-                ident, len(local), FLAG_EXTERNAL | no_local | (FLAG_AFFINITY if fe.affinity_timeout else 0),
-                fe.affinity_timeout)
-            for slot, bid in enumerate(local, start=1):
-                services[ServiceKey(address, fe.port, proto, slot, SCOPE_EXTERNAL)] = ServiceValue(bid)
-    nodeports = {NodePortKey(fe.port, PROTOCOL_NUMBERS[fe.protocol]): 1 | (NODEPORT_DSR if fe.dsr else 0)
-                 for fe in intent.frontends if fe.kind == FrontendKind.NODE_PORT}
-    return LBState(services, backends, nodeports, ranges)
+        part = frontend_part(fe, ident, wanted, be_ids)
+        services.update(part.services)
+        backends.update(part.backends)
+        ranges.update(part.ranges)
+        parts.append(part)
+    return LBState(services, backends, nodeports_of(intent), ranges), parts
+
+
+def desired_state(intent: NodeLBIntent, observed: LBState) -> LBState:
+    return desired_parts(intent, observed)[0]
+
+
+def check_capacity(desired: LBState, *, backend_peak: int, range_peak: int, services_size: int,
+                   backends_size: int, source_ranges_size: int) -> None:
+    """Refuse a plan whose maps would not hold it (unused backends and ranges are deleted last: their peak)."""
+    if len(desired.services) > services_size:
+        raise LBCapacityError("cy_lb4_svc", len(desired.services), services_size)
+    if range_peak > source_ranges_size:
+        raise LBCapacityError("cy_lb4_srcrange", range_peak, source_ranges_size)
+    if backend_peak > backends_size:
+        raise LBCapacityError("cy_lb4_be", backend_peak, backends_size)
+
+
+def ordered_service_writes(changed: Mapping[ServiceKey, ServiceValue],
+                           gone: Iterable[ServiceKey]) -> MapDiff[ServiceKey, ServiceValue]:
+    """Slots before the entries that count them; an external scope's own entry before the frontend's (whose
+    ``FLAG_EXT_LOCAL`` sends external clients to it); deletions: a frontend's own entry before its slots."""
+    svc_up = dict(sorted(changed.items(), key=lambda kv: (kv[0].slot == 0, kv[0].scope == 0, kv[0])))
+    return MapDiff(svc_up, tuple(sorted(gone, key=lambda k: (k.slot != 0, k.scope, k))))
 
 
 def plan(intent: NodeLBIntent, observed: LBState, *, services_size: int, backends_size: int,
          source_ranges_size: int = 65536) -> LBPlan:
-    desired = desired_state(intent, observed)
-    if len(desired.services) > services_size:
-        raise LBCapacityError("cy_lb4_svc", len(desired.services), services_size)
-    if len(set(desired.source_ranges) | set(observed.source_ranges)) > source_ranges_size:
-        raise LBCapacityError("cy_lb4_srcrange", len(set(desired.source_ranges) | set(observed.source_ranges)),
-                              source_ranges_size)
-    peak = len(set(desired.backends) | set(observed.backends))  # unused backends go last
-    if peak > backends_size:
-        raise LBCapacityError("cy_lb4_be", peak, backends_size)
+    """Plan from scratch: every entry of ``observed`` compared (``lb_incremental`` plans only what changed)."""
+    return plan_towards(desired_state(intent, observed), observed, services_size=services_size,
+                        backends_size=backends_size, source_ranges_size=source_ranges_size)
+
+
+def plan_towards(desired: LBState, observed: LBState, *, services_size: int, backends_size: int,
+                 source_ranges_size: int = 65536) -> LBPlan:
+    check_capacity(desired, backend_peak=len(set(desired.backends) | set(observed.backends)),
+                   range_peak=len(set(desired.source_ranges) | set(observed.source_ranges)),
+                   services_size=services_size, backends_size=backends_size, source_ranges_size=source_ranges_size)
     be_up = {k: v for k, v in sorted(desired.backends.items()) if observed.backends.get(k) != v}
     changed = {k: v for k, v in desired.services.items() if observed.services.get(k) != v}
-    # slots before the entries that count them; an external scope's own entry before the
-    # frontend's (whose FLAG_EXT_LOCAL sends external clients to it)
-    svc_up = dict(sorted(changed.items(), key=lambda kv: (kv[0].slot == 0, kv[0].scope == 0, kv[0])))
     gone = [k for k in observed.services if k not in desired.services]
-    svc_del = tuple(sorted(gone, key=lambda k: (k.slot != 0, k.scope, k)))
     be_del = tuple(sorted(k for k in observed.backends if k not in desired.backends))
-    return LBPlan(desired, MapDiff(be_up, ()), MapDiff(svc_up, svc_del), MapDiff({}, be_del),
+    return LBPlan(desired, MapDiff(be_up, ()), ordered_service_writes(changed, gone), MapDiff({}, be_del),
                   diff_map(observed.nodeports, desired.nodeports),
-                  diff_map(observed.source_ranges, desired.source_ranges))
+                  sorted_diff(diff_map(observed.source_ranges, desired.source_ranges)))
+
+
+def sorted_diff(diff: MapDiff[SourceRangeKey, int]) -> MapDiff[SourceRangeKey, int]:
+    return MapDiff(dict(sorted(diff.upserts.items())), tuple(sorted(diff.deletes)))

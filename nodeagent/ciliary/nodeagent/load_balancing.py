@@ -3,7 +3,9 @@
 Runs when the agent has ``--lb-cgroup``. :class:`LoadBalancing` starts the engine
 (``datapath.lb_engine.SocketLB``: compile or adopt, attach to the cgroup) in its own worker
 thread, follows the node's sharded intent (``/ciliary/lbintents/v2/<node>/``) with an
-``lb_watching.LBIntentWatcher`` and applies the latest complete version (never a half-written one):
+``lb_watching.LBIntentWatcher`` and applies the latest complete version (never a half-written one; the engine
+plans only what changed since its last apply, and every ``RESYNC_INTERVAL_S`` reads its maps back: entries
+someone else changed are put right by applying the intent again):
 versions that arrive while one is being applied are not applied one by one, only the newest of them
 afterwards (at 10,000 Services an apply takes about a second; during a bulk create the operator publishes
 a version every few hundred milliseconds, and applying each in turn left the maps minutes behind). A failed start is retried with a bounded back-off; a failed apply (a map full,
@@ -38,6 +40,10 @@ from ciliary.operator.services.intent import NodeLBIntent
 
 log = logging.getLogger(__name__)
 
+RESYNC_INTERVAL_S = 60.0
+"""How often the kernel's LB maps are read back and compared with what the engine wrote (about 0.6 s of the
+engine's thread at 10,000 Services); a difference is logged and the intent applied again from what the kernel
+holds."""
 APPLY_ERRORS = (OSError, dp_errors.DatapathError, lb_planning.LBCapacityError, lb_device.DeviceSelectionError)
 
 
@@ -45,7 +51,7 @@ class LoadBalancing:
     def __init__(self, node: str, *, cgroup: Path, bpffs: Path,
                  client_factory: Callable[[], watching.WatchClient], netns: str | None = None,
                  devices: tuple[str, ...] | None = None, proxy_healthz: tuple[str, int] | None = None,
-                 proxy_status: tuple[str, int] | None = None) -> None:
+                 proxy_status: tuple[str, int] | None = None, resync_interval: float = RESYNC_INTERVAL_S) -> None:
         """``devices``: the external devices (None: auto; (): no north-south load balancing)."""
         self.node = node
         self.engine = lb_engine.SocketLB(node, cgroup=cgroup, bpffs=bpffs, netns=netns)
@@ -56,6 +62,9 @@ class LoadBalancing:
         self.started = asyncio.Event()
         self.wanted: NodeLBIntent | None = None
         self._wanted_changed = asyncio.Event()
+        self.resync_interval = resync_interval
+        self._reapply = False
+        """The maps drifted from what was written: apply the newest intent again even if it was tried."""
         self.refused = ""
         """Why the newest published intent was refused (until a valid one comes): an apply of an older one that
         finishes meanwhile must not clear it from ``error``."""
@@ -96,11 +105,12 @@ class LoadBalancing:
         self.error = ""
         self.started.set()
         applier = asyncio.create_task(self._apply_latest())
+        resync = asyncio.create_task(self._resync_periodically(stop))
         devices = asyncio.create_task(self._start_devices(stop)) if self.devices is not None else None
         try:
             await self.watcher.run(stop)
         finally:
-            for task in (applier, devices):
+            for task in (applier, resync, devices):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -112,16 +122,35 @@ class LoadBalancing:
         tried: NodeLBIntent | None = None
         while True:
             intent = self.wanted
-            if intent is None or intent is tried:
+            if intent is None or (intent is tried and not self._reapply):
                 self._wanted_changed.clear()
                 await self._wanted_changed.wait()
                 continue
-            tried = intent
+            tried, self._reapply = intent, False
             try:
                 await self._apply(intent)
             except Exception as exc:  # never let the applier die silently: say it, wait for the next intent
                 self.error = f"load-balancing intent not applied: {type(exc).__name__}: {exc}"
                 log.exception("Load-balancing intent not applied", extra={"node": self.node})
+
+    async def _resync_periodically(self, stop: asyncio.Event) -> None:
+        """Every ``resync_interval``: the kernel's maps still hold what was written, or the intent goes again."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), self.resync_interval)
+                return
+            except TimeoutError:
+                pass
+            try:
+                drifted = await self.call(self.engine.resync)
+            except APPLY_ERRORS as exc:
+                log.error("Load-balancing maps not read back", extra={"node": self.node, "error": str(exc)})
+                continue
+            if drifted:
+                log.warning("Load-balancing maps differ from what was written; applying the intent again",
+                            extra={"node": self.node})
+                self._reapply = True
+                self._wanted_changed.set()
 
     async def _start_devices(self, stop: asyncio.Event) -> None:
         """Attach the north-south programs (own worker: compiling them does not hold up map updates)."""

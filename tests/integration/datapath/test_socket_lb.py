@@ -13,12 +13,13 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from ipaddress import IPv4Address
 
 import pytest
 
 from ciliary.lab import cgroups
 from ciliary.nodeagent import lb_planning
-from ciliary.nodeagent.datapath import lb_engine
+from ciliary.nodeagent.datapath import lb_engine, maps
 from ciliary.operator.services.intent import BackendIntent, FrontendIntent, FrontendKind, NodeLBIntent
 
 pytestmark = pytest.mark.integration
@@ -420,3 +421,22 @@ def test_ipv6_sockets_reach_an_ipv4_service_through_its_mapped_address(lb: lb_en
     # not IPv4-mapped: untouched (nothing routes this documentation prefix: the kernel says so at once)
     assert in_cgroup(lb, [("2001:db8::1", 80)], family=socket.AF_INET6)[0] in (
         f"error {errno.ENETUNREACH}", f"error {errno.EHOSTUNREACH}", "error None")
+
+
+def test_entries_changed_behind_the_engines_back_are_found_and_put_right(lb: lb_engine.SocketLB,
+                                                                         servers: Servers) -> None:
+    """The engine plans from what it wrote, not from a read of the kernel each time; its periodic read-back
+    (``resync``) finds an entry someone else deleted, and the next apply of the same intent writes it again."""
+    tcp = servers.ports("tcp")
+    wanted = NodeLBIntent(node=NODE, frontends=(frontend(80, "TCP", [("127.0.0.1", tcp[0])]),))
+    lb.apply(wanted)
+    assert lb.resync() is False  # nothing changed
+    assert lb.apply(wanted).map_writes == 0
+    slot = lb_planning.ServiceKey(IPv4Address(VIP), 80, 6, 1)
+    assert slot in lb.observe().services
+    maps._delete(lb._map_fds["cy_lb4_svc"], lb_engine.SERVICES, slot)
+    assert lb.resync() is True
+    assert lb.apply(wanted).map_writes == 1
+    assert slot in lb.observe().services and lb.resync() is False
+    in_cgroup(lb, [(VIP, 80)])
+    assert accepted_by(servers, 1) == [0]

@@ -112,3 +112,39 @@ def test_a_refusal_of_the_newest_intent_survives_an_older_apply_that_finishes_me
 
     error, healthy = asyncio.run(scenario())
     assert error == "load-balancing intent refused: shard s3: not JSON" and healthy is False
+
+
+def test_maps_that_drifted_from_what_was_written_get_the_newest_intent_again() -> None:
+    """The periodic read-back says the kernel's maps differ from what the engine wrote: the intent already
+    applied is applied again (an unchanged intent is otherwise never re-applied)."""
+    class DriftingEngine(SlowEngine):
+        drifted = False
+
+        def resync(self) -> bool:
+            found, self.drifted = self.drifted, False
+            return found
+
+    async def scenario() -> list[int]:
+        engine = DriftingEngine(0.01)
+        lb = make(engine)
+        lb.resync_interval = 0.05
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(lb._apply_latest()), asyncio.create_task(lb._resync_periodically(stop))]
+        try:
+            await lb._on_intent(intent(1), 1)
+            await asyncio.sleep(0.3)
+            first = list(engine.applied)
+            engine.drifted = True
+            for _ in range(100):  # bounded: at most 10 s
+                if len(engine.applied) > len(first):
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.3)  # no drift any more: no further apply
+            return [len(first), *engine.applied]
+        finally:
+            stop.set()
+            for task in tasks:
+                task.cancel()
+            lb._executor.shutdown(wait=True)
+
+    assert asyncio.run(scenario()) == [1, 1, 1]

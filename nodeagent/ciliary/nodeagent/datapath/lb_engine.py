@@ -7,8 +7,9 @@ which needs the cookie of the node's network namespace ``netns``), adopts the pr
 ``<bpffs>/ciliary/<node>/`` (as ``lbprog_<hook>_<hash>``) or compiles them in the compiler child (``compiling``, as
 ``CGROUP_SOCK_ADDR`` with their expected attach type), and attaches each to the cgroup v2
 directory with ``bpf_prog_attach`` (flags 0: a second attach replaces ours atomically; the
-attachment outlives the agent, like the pins). ``apply(intent)`` plans (``lb_planning``) against
-what the maps hold and writes the difference, undoing it when a write fails.
+attachment outlives the agent, like the pins). ``apply(intent)`` plans against what the maps hold
+(``lb_incremental``: the kernel's contents read at the first apply after a start or a failed write, then
+what this engine wrote) and writes the difference, undoing it when a write fails.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from ciliary.nodeagent import lb_planning, netns_sockets, rendering
+from ciliary.nodeagent import lb_incremental, lb_planning, netns_sockets, rendering
 from ciliary.nodeagent.datapath import compiling, errors, libbpf, loading, maps
 from ciliary.nodeagent.datapath.icmp_limits import IcmpLimits
 from ciliary.operator.services.intent import NodeLBIntent
@@ -148,6 +149,9 @@ class SocketLB:
         self._root = template_root
         self._prog_fds: dict[str, int] = {}
         self._map_fds: dict[str, int] = {}
+        self._planner: lb_incremental.LBPlanner | None = None
+        """What the maps hold, as this engine wrote them (read from the kernel at the first apply after a start
+        or a failed write): one change plans only what changed."""
         self.started = False
 
     def render(self) -> dict[str, rendering.RenderedProgram]:
@@ -204,11 +208,23 @@ class SocketLB:
                                    maps.read_map(self._map_fds["cy_lb4_nodeport"], NODEPORTS),
                                    maps.read_map(self._map_fds["cy_lb4_srcrange"], SOURCE_RANGES))
 
+    def resync(self) -> bool:
+        """Read the maps; True when they no longer hold what this engine wrote (someone else wrote or deleted
+        entries): its record is dropped, so the next apply plans against what the kernel holds."""
+        if self._planner is None:
+            return False
+        if self.observe() == self._planner.state:
+            return False
+        self._planner = None
+        return True
+
     def apply(self, intent: NodeLBIntent) -> LBApplyResult:
-        observed = self.observe()
-        step = lb_planning.plan(intent, observed, services_size=self.context.services_size,
-                                backends_size=self.context.backends_size,
-                                source_ranges_size=self.context.services_size)
+        if self._planner is None:
+            self._planner = lb_incremental.LBPlanner(self.observe(), services_size=self.context.services_size,
+                                                     backends_size=self.context.backends_size,
+                                                     source_ranges_size=self.context.services_size)
+        observed = self._planner.state
+        step = self._planner.plan(intent)
         undo = maps.UndoLog()
         svc_fd, be_fd = self._map_fds["cy_lb4_svc"], self._map_fds["cy_lb4_be"]
         np_fd, sr_fd = self._map_fds["cy_lb4_nodeport"], self._map_fds["cy_lb4_srcrange"]
@@ -223,7 +239,9 @@ class SocketLB:
             maps.apply_deletes(sr_fd, SOURCE_RANGES, observed.source_ranges, step.source_range_writes, undo)
         except errors.MapWriteFailed:
             undo.rollback()
+            self._planner = None  # the rollback may have been partial: read the kernel again next time
             raise
+        self._planner.commit(step)
         frontends = sum(1 for k in step.desired.services if k.slot == 0)
         return LBApplyResult(len(step), frontends, len(step.desired.backends))
 
@@ -232,6 +250,7 @@ class SocketLB:
             os.close(fd)
         self._prog_fds.clear()
         self._map_fds.clear()
+        self._planner = None
         self.started = False
 
     def teardown(self) -> None:
