@@ -62,6 +62,8 @@ class LoadBalancing:
         self.started = asyncio.Event()
         self.wanted: NodeLBIntent | None = None
         self._wanted_changed = asyncio.Event()
+        self._wanted_at = 0.0
+        """When the newest intent was handed over (``time.monotonic``)."""
         self.resync_interval = resync_interval
         self._reapply = False
         """The maps drifted from what was written: apply the newest intent again even if it was tried."""
@@ -171,12 +173,14 @@ class LoadBalancing:
                     delay = min(delay * 2, 10.0)
 
     async def _on_intent(self, intent: NodeLBIntent, mod_revision: int) -> None:
+        self._wanted_at = time.monotonic()
         self.wanted = intent
         self.refused = ""
         self._wanted_changed.set()
         await self.ports.reconcile(intent.health_checks)
 
     async def _apply(self, intent: NodeLBIntent) -> None:
+        handed = self._wanted_at
         try:
             result = await self.call(self.engine.apply, intent)
         except APPLY_ERRORS as exc:
@@ -189,7 +193,8 @@ class LoadBalancing:
         self.last_applied = time.time()
         log.info("Load-balancing intent applied", extra={
             "node": self.node, "frontends": result.frontends, "backends": result.backends,
-            "map_writes": result.map_writes})
+            "map_writes": result.map_writes, "plan_ms": result.plan_ms, "write_ms": result.write_ms,
+            "ms_since_handed_over": round((time.monotonic() - handed) * 1000, 1)})
 
     async def _on_invalid(self, message: str, mod_revision: int) -> None:
         self.refused = self.error = f"load-balancing intent refused: {message}"

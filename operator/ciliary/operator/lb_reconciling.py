@@ -63,6 +63,7 @@ class LBReconciler:
         t0 = time.perf_counter()
         misses = self.cache.misses
         result = resolve(self.model.services, self.model.slices, dict(self.nodes()), self.config, self.cache)
+        resolved_ms = (time.perf_counter() - t0) * 1000
         written = await self.publisher.publish(result.intents)
         if self.events is not None and result.problems:
             await self.events.post(result.problems, self.model.bodies)
@@ -72,9 +73,9 @@ class LBReconciler:
         self.loop_stats.record(self.stats.last_duration_ms / 1000, len(written))
         self.last = result
         self.last_pass_end = time.monotonic()
-        log.info("lb pass %d: %d services (%d resolved again), %d LB intents written%s in %.1f ms",
-                 self.stats.passes, len(self.model.services), self.cache.misses - misses, len(written),
-                 f" ({','.join(written)})" if written else "", self.stats.last_duration_ms)
+        log.info("lb pass %d: %d services (%d resolved again), %d LB intents written%s in %.1f ms (resolution "
+                 "%.1f ms)", self.stats.passes, len(self.model.services), self.cache.misses - misses, len(written),
+                 f" ({','.join(written)})" if written else "", self.stats.last_duration_ms, resolved_ms)
         return result
 
     async def settle(self) -> None:

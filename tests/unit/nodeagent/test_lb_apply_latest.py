@@ -28,7 +28,8 @@ class SlowEngine:
             raise dp_errors.DatapathError(f"refused {version}")
         with self.lock:
             self.applied.append(version)
-        return type("Result", (), {"frontends": version, "backends": 0, "map_writes": 1})()
+        return type("Result", (), {"frontends": version, "backends": 0, "map_writes": 1, "plan_ms": 0.0,
+                                   "write_ms": 0.0})()
 
 
 def intent(version: int) -> NodeLBIntent:

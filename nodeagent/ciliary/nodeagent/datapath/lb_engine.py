@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import os
 import socket
+import time
 from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -133,6 +134,8 @@ class LBApplyResult:
     map_writes: int
     frontends: int
     backends: int
+    plan_ms: float = 0.0
+    write_ms: float = 0.0
 
 
 class SocketLB:
@@ -224,7 +227,9 @@ class SocketLB:
                                                      backends_size=self.context.backends_size,
                                                      source_ranges_size=self.context.services_size)
         observed = self._planner.state
+        t0 = time.perf_counter()
         step = self._planner.plan(intent)
+        t1 = time.perf_counter()
         undo = maps.UndoLog()
         svc_fd, be_fd = self._map_fds["cy_lb4_svc"], self._map_fds["cy_lb4_be"]
         np_fd, sr_fd = self._map_fds["cy_lb4_nodeport"], self._map_fds["cy_lb4_srcrange"]
@@ -242,8 +247,10 @@ class SocketLB:
             self._planner = None  # the rollback may have been partial: read the kernel again next time
             raise
         self._planner.commit(step)
+        t2 = time.perf_counter()
         frontends = sum(1 for k in step.desired.services if k.slot == 0)
-        return LBApplyResult(len(step), frontends, len(step.desired.backends))
+        return LBApplyResult(len(step), frontends, len(step.desired.backends), round((t1 - t0) * 1000, 1),
+                             round((t2 - t1) * 1000, 1))
 
     def close(self) -> None:
         for fd in (*self._prog_fds.values(), *self._map_fds.values()):
