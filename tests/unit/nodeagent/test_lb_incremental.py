@@ -93,3 +93,21 @@ def test_one_change_among_ten_thousand_frontends_plans_only_that_frontend(monkey
     assert len(step.service_writes.upserts) == 4 and len(step.service_writes.deletes) == 4  # port 80 -> 81
     assert step.backend_upserts.upserts == {} and step.backend_deletes.deletes == ()  # same backends, same ids
     print(f"one change among 10,000 frontends planned in {took * 1000:.1f} ms")
+
+
+def test_an_equal_new_frontend_object_is_compared_by_value_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A re-read shard hands on equal new objects: the part takes the new one, so the next plan of the same
+    intent compares by identity only (by value, 10,000 frontends took an agent 120-170 ms per apply)."""
+    fes = tuple(FrontendIntent(service="ns/s", kind=FrontendKind.CLUSTER_IP, address=f"10.96.0.{i}", port=80,
+                               protocol="TCP") for i in range(1, 6))
+    planner = lb_incremental.LBPlanner(LBState(), **SIZES3)
+    planner.commit(planner.plan(NodeLBIntent(node="n", frontends=fes)))
+    copies = NodeLBIntent(node="n", frontends=tuple(fe.model_copy() for fe in fes))
+    compared = []
+    real_eq = FrontendIntent.__eq__
+    monkeypatch.setattr(FrontendIntent, "__eq__", lambda a, b: compared.append(a) or real_eq(a, b))
+    step = planner.plan(copies)
+    assert len(step) == 0 and len(compared) == 5
+    planner.commit(step)
+    compared.clear()
+    assert len(planner.plan(copies)) == 0 and compared == []

@@ -9,7 +9,8 @@ manifest's mod revision. A pass writes, per node whose values differ:
    (``TXN_MAX_OPS`` below etcd's default ``--max-txn-ops`` of 128, ``TXN_MAX_BYTES`` below its
    1.5 MiB ``--max-request-bytes``);
 2. then, in one last transaction, the manifest (naming every shard with its digest) and the
-   deletes of the shards no longer needed.
+   deletes of the shards no longer needed; the last batch of step 1 goes into this transaction when
+   both fit (one Service change is one transaction per node).
 
 Every transaction compares the manifest's mod revision with the one last seen (or its absence),
 so two operator replicas cannot interleave blindly (and the leader fence of ``EtcdStore`` applies
@@ -62,6 +63,11 @@ def batches(puts: list[tuple[str, bytes]], *, max_ops: int = TXN_MAX_OPS,
         out[-1].append((part, raw))
         size += len(raw) + len(part) + 64
     return out
+
+
+def _fits_with_manifest(batch: list[tuple[str, bytes]], manifest: bytes) -> bool:
+    size = sum(len(raw) + len(part) + 64 for part, raw in batch) + len(manifest) + 64
+    return len(batch) + 2 <= TXN_MAX_OPS and size <= TXN_MAX_BYTES
 
 
 class LBIntentPublisher:
@@ -167,7 +173,11 @@ class LBIntentPublisher:
         puts = [(part, raw) for part, raw in sorted(sharded.shards.items())
                 if seen.digests.get(part) != sharded.digests[part]]
         stale = sorted(part for part in seen.digests if part != sharding.MANIFEST and part not in sharded.shards)
-        for batch in batches(puts):
+        groups = batches(puts)
+        # the last batch goes with the manifest when both fit in one transaction: a change of a few Services
+        # is then one etcd commit, not two
+        last = groups.pop() if groups and _fits_with_manifest(groups[-1], sharded.manifest) else []
+        for batch in groups:
             ok, _ = await self.store.transaction(
                 [guard], [t.put(keyspace.node_lb_intent_key(node, part).encode(), raw) for part, raw in batch])
             self.transactions += 1
@@ -178,12 +188,17 @@ class LBIntentPublisher:
                 seen.digests[part] = sharded.digests[part]
             self.seen[node] = seen
         deletes = [t.delete(keyspace.node_lb_intent_key(node, part).encode()) for part in stale]
-        head, rest = deletes[:TXN_MAX_OPS - 2], deletes[TXN_MAX_OPS - 2:]
+        room = TXN_MAX_OPS - 2 - len(last)
+        head, rest = deletes[:room], deletes[room:]
         ok, responses = await self.store.transaction(
-            [guard], [t.put(manifest_key, sharded.manifest), *head, t.get(manifest_key)])
+            [guard], [*(t.put(keyspace.node_lb_intent_key(node, part).encode(), raw) for part, raw in last),
+                      t.put(manifest_key, sharded.manifest), *head, t.get(manifest_key)])
         self.transactions += 1
         if not ok:
             return False
+        for part, _raw in last:
+            seen.digests[part] = sharded.digests[part]
+        self.writes += len(last)
         rows = responses[-1] if responses else []
         current = rows[0][1] if rows else None
         seen.manifest_mod = int(current.mod_revision) if current is not None else 0
