@@ -13,7 +13,7 @@ taken out, only those of frontends that came or changed are planned, and only th
 The result is exactly what ``lb_planning.plan`` gives from the same state (ids included:
 ``tests/unit/nodeagent/test_lb_incremental.py`` checks it on random intent sequences), in the same write order.
 
-The first plan and one for an intent naming a frontend twice are made from scratch (after a failed write the
+The first plan, one for another node and one for an intent naming a frontend twice are made from scratch (after a failed write the
 engine reads the kernel again and starts a new planner). :meth:`LBPlanner.plan` changes nothing; :meth:`LBPlanner.commit` adopts a plan once
 its writes are done.
 """
@@ -53,10 +53,6 @@ def _book(node: str, parts: list[FrontendPart]) -> _Book | None:
             refs[bid] = refs.get(bid, 0) + 1
             live[be] = bid
     return _Book(node, by_key, refs, live)
-
-
-def _unchanged(part: FrontendPart | None, fe: FrontendIntent | None) -> bool:
-    return part is not None and fe is not None and (part.fe is fe or part.fe == fe)
 
 
 @dataclasses.dataclass
@@ -127,8 +123,8 @@ class LBPlanner:
         touched_ranges: set[lb_planning.SourceRangeKey] = set()
         for part in removed:
             del parts[part.fe.key]
-            for key in part.services:
-                del services[key]
+            for entry_key in part.services:
+                del services[entry_key]
             touched.update(part.services)
             for rng in part.ranges:
                 del ranges[rng]
@@ -145,15 +141,15 @@ class LBPlanner:
         chosen = [lb_planning.frontend_backends(fe, intent.node) for fe in added]
         be_ids, next_id = lb_planning.assign_backend_ids(
             list(dict.fromkeys(be for items in chosen for be in items)),
-            lambda be: live.get(be) or orphans.get(be), lb_planning.places({bid: be for be, bid in orphans.items()}),
+            lambda be: live[be] if be in live else orphans.get(be), lb_planning.places({bid: be for be, bid in orphans.items()}),
             next_id)
         new_ids: dict[tuple[object, ...], int] = {}
         for fe, wanted in zip(added, chosen, strict=True):
-            key = lb_planning.frontend_key(fe)
-            entry = old.services.get(key)
-            ident = entry.backend_id if entry is not None else new_ids.get((key.address, key.port, key.proto))
+            own = lb_planning.frontend_key(fe)
+            entry = old.services.get(own)
+            ident = entry.backend_id if entry is not None else new_ids.get((own.address, own.port, own.proto))
             if ident is None:
-                ident = new_ids[(key.address, key.port, key.proto)] = next_id
+                ident = new_ids[(own.address, own.port, own.proto)] = next_id
                 next_id += 1
             part = lb_planning.frontend_part(fe, ident, wanted, be_ids)
             parts[fe.key] = part

@@ -1,12 +1,12 @@
 """Plan the socket load balancer's map contents from a load-balancing intent (pure).
 
-Called by ``datapath.lb_engine``. :func:`plan` takes the node's ``NodeLBIntent`` and what the
-kernel's LB maps hold now and returns the writes, ordered so a program reading concurrently
-never sees a frontend whose slots are not written yet: backends first, then backend slots,
-then each frontend's own entry (its count), then deletions (a frontend's own entry before its
-slots), unused backends last. Frontend and backend ids already in the kernel are kept (open
-sockets and affinity entries refer to them); new ids are above every id in use, never reused
-within the maps' lifetime. The NodePorts of the intent's frontends (port, protocol) go to the
+:func:`plan` takes the node's ``NodeLBIntent`` and what the LB maps hold and returns the writes
+from scratch (``lb_incremental`` gives the same plan from what changed; ``datapath.lb_engine`` uses
+that), ordered so a program reading concurrently never sees a frontend whose slots are not written
+yet: backends first, then backend slots, then each frontend's own entry (its count), then deletions
+(a frontend's own entry before its slots), unused backends last. Frontend and backend ids the maps
+hold are kept (open sockets and affinity entries refer to them); a backend whose flags alone changed
+keeps its id; other new ids are above every id the maps hold. The NodePorts of the intent's frontends (port, protocol) go to the
 bind guard's map.
 
 North-south (``lb_device``): frontends of kind NodePort, ExternalIP and LoadBalancer carry

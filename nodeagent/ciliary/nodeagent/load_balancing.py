@@ -13,7 +13,8 @@ a write refused) keeps the previous contents (the engine undoes partial writes) 
 in ``GET /v1/services`` and by ``ciliary service list``. :meth:`document` reads the kernel's maps.
 The intent's health-check node ports and kube-proxy's health port are served by
 ``service_health.HealthPorts``; they report the load balancer healthy only while the kernel's
-maps hold the latest intent. With external devices (``--lb-devices``, default auto) the engine's
+maps hold the latest intent (as the engine wrote it; a read-back that finds them changed makes it
+unhealthy until the intent is applied again). With external devices (``--lb-devices``, default auto) the engine's
 maps also serve clients outside the node: ``datapath.lb_device.DeviceLB`` attaches tc programs to
 those devices once the socket programs are attached, in a worker of its own (a device that cannot
 be chosen or attached is retried with a bounded back-off and shown as ``north_south.error``); the
@@ -145,12 +146,14 @@ class LoadBalancing:
                 pass
             try:
                 drifted = await self.call(self.engine.resync)
-            except APPLY_ERRORS as exc:
-                log.error("Load-balancing maps not read back", extra={"node": self.node, "error": str(exc)})
+            except Exception:  # never let the read-back die silently: say it, try again next time
+                log.exception("Load-balancing maps not read back", extra={"node": self.node})
                 continue
             if drifted:
                 log.warning("Load-balancing maps differ from what was written; applying the intent again",
                             extra={"node": self.node})
+                self.applied = None  # health and in_sync say so until the maps hold the intent again
+                self._wanted_at = time.monotonic()
                 self._reapply = True
                 self._wanted_changed.set()
 

@@ -153,6 +153,7 @@ class SocketLB:
         self._prog_fds: dict[str, int] = {}
         self._map_fds: dict[str, int] = {}
         self._planner: lb_incremental.LBPlanner | None = None
+        self._write_failed = False
         """What the maps hold, as this engine wrote them (read from the kernel at the first apply after a start
         or a failed write): one change plans only what changed."""
         self.started = False
@@ -213,9 +214,10 @@ class SocketLB:
 
     def resync(self) -> bool:
         """Read the maps; True when they no longer hold what this engine wrote (someone else wrote or deleted
-        entries): its record is dropped, so the next apply plans against what the kernel holds."""
+        entries; or the last apply's write failed): its record is dropped, so the next apply plans against what
+        the kernel holds."""
         if self._planner is None:
-            return False
+            return self._write_failed  # the maps hold what a partial rollback left: apply again
         if self.observe() == self._planner.state:
             return False
         self._planner = None
@@ -245,8 +247,10 @@ class SocketLB:
         except errors.MapWriteFailed:
             undo.rollback()
             self._planner = None  # the rollback may have been partial: read the kernel again next time
+            self._write_failed = True
             raise
         self._planner.commit(step)
+        self._write_failed = False
         t2 = time.perf_counter()
         frontends = sum(1 for k in step.desired.services if k.slot == 0)
         return LBApplyResult(len(step), frontends, len(step.desired.backends), round((t1 - t0) * 1000, 1),
