@@ -6,8 +6,8 @@ that), ordered so a program reading concurrently never sees a frontend whose slo
 yet: backends first, then backend slots, then each frontend's own entry (its count), then deletions
 (a frontend's own entry before its slots), unused backends last. Frontend and backend ids the maps
 hold are kept (open sockets and affinity entries refer to them); a backend whose flags alone changed
-keeps its id; other new ids are above every id the maps hold. The NodePorts of the intent's frontends (port, protocol) go to the
-bind guard's map.
+keeps its id; other new ids are above every id the maps hold. The NodePorts of the intent's frontends
+(port, protocol) go to the bind guard's map.
 
 North-south (``lb_device``): frontends of kind NodePort, ExternalIP and LoadBalancer carry
 ``FLAG_EXTERNAL`` (the device programs serve only those); a backend running on this node
@@ -235,8 +235,7 @@ def nodeports_of(intent: NodeLBIntent) -> dict[NodePortKey, int]:
 def desired_parts(intent: NodeLBIntent, observed: LBState) -> tuple[LBState, list[FrontendPart]]:
     """The maps' contents ``intent`` wants, planned from scratch against ``observed`` (ids it holds are kept), and
     each frontend's part of them, in intent order."""
-    fe_ids = {(k.address, k.port, k.proto): v.backend_id for k, v in observed.services.items()
-              if k.slot == 0 and k.scope == 0}
+    fe_ids = {k: v.backend_id for k, v in observed.services.items() if k.slot == 0 and k.scope == 0}
     next_id = max([0, *fe_ids.values(), *observed.backends]) + 1
     chosen = [frontend_backends(fe, intent.node) for fe in intent.frontends]
     by_value = {be: ident for ident, be in observed.backends.items()}
@@ -248,9 +247,9 @@ def desired_parts(intent: NodeLBIntent, observed: LBState) -> tuple[LBState, lis
     parts = []
     for fe, wanted in zip(intent.frontends, chosen, strict=True):
         key = frontend_key(fe)
-        ident = fe_ids.get((key.address, key.port, key.proto))
+        ident = fe_ids.get(key)
         if ident is None:
-            ident = fe_ids[(key.address, key.port, key.proto)] = next_id
+            ident = fe_ids[key] = next_id
             next_id += 1
         part = frontend_part(fe, ident, wanted, be_ids)
         services.update(part.services)

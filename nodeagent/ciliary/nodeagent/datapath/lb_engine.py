@@ -153,9 +153,10 @@ class SocketLB:
         self._prog_fds: dict[str, int] = {}
         self._map_fds: dict[str, int] = {}
         self._planner: lb_incremental.LBPlanner | None = None
-        self._write_failed = False
         """What the maps hold, as this engine wrote them (read from the kernel at the first apply after a start
         or a failed write): one change plans only what changed."""
+        self._write_failed = False
+        """The last apply's write failed (its rollback may have been partial): ``resync`` says apply again."""
         self.started = False
 
     def render(self) -> dict[str, rendering.RenderedProgram]:

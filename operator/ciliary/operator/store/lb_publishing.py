@@ -66,8 +66,8 @@ def batches(puts: list[tuple[str, bytes]], *, max_ops: int = TXN_MAX_OPS,
 
 
 def _fits_with_manifest(batch: list[tuple[str, bytes]], manifest: bytes) -> bool:
-    size = sum(len(raw) + len(part) + 64 for part, raw in batch) + len(manifest) + 64
-    return len(batch) + 2 <= TXN_MAX_OPS and size <= TXN_MAX_BYTES
+    """``batch``, the manifest's put and its get fit in one transaction (``batches`` packs the puts)."""
+    return len(batches([*batch, (sharding.MANIFEST, manifest)], max_ops=TXN_MAX_OPS - 1)) == 1
 
 
 class LBIntentPublisher:
