@@ -1,9 +1,11 @@
 """The operator's load-balancing loop: Services + endpoints + node addresses -> LB intents in etcd.
 
 Waits for the service model's ``dirty`` flag (or, every ``poll`` seconds, a change of the nodes'
-addresses, the NodePort frontends), lets a burst settle (:meth:`LBReconciler.settle`), resolves
-(``services.resolution``, pure; Services whose inputs did not change come from its ``ResolutionCache``), publishes the shards whose content changed (``store.lb_publishing``, ``/ciliary/lbintents/v2/<node>/``) and posts a Warning
-Event per new Service problem. ``stats`` counts passes and the last pass's writes.
+addresses, the NodePort frontends), lets a burst settle (:meth:`LBReconciler.settle`), brings
+the intents up to date (``services.incremental_resolution``, pure: only Services whose inputs changed
+are resolved again, only their shards rebuilt), publishes the shards whose content changed
+(``store.lb_publishing``, ``/ciliary/lbintents/v2/<node>/``) and posts a Warning Event per new Service
+problem. ``stats`` counts passes and the last pass's writes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Protocol
 from ciliary.operator.kube.service_model import ServiceModel
 from ciliary.operator.operator_metrics import LoopStats
 from ciliary.operator.services.errors import ServiceProblem
-from ciliary.operator.services.resolution import LBResolution, ResolutionCache, ResolverConfig, resolve
+from ciliary.operator.services.incremental_resolution import IncrementalResolver, LBUpdate
+from ciliary.operator.services.resolution import ResolverConfig
 from ciliary.operator.store.lb_publishing import LBIntentPublisher
 
 log = logging.getLogger(__name__)
@@ -55,16 +58,15 @@ class LBReconciler:
         self.stats = LBStats()
         self.loop_stats = LoopStats()
         """Every pass since start (the Prometheus metrics' source)."""
-        self.last: LBResolution | None = None
-        self.cache = ResolutionCache()
-        """Each Service's resolution, kept while its inputs are the same: a pass re-resolves what changed."""
+        self.last: LBUpdate | None = None
+        self.resolver = IncrementalResolver(config)
+        """Every node's shards, kept between passes: a pass resolves again only what changed."""
 
-    async def run_once(self) -> LBResolution:
+    async def run_once(self) -> LBUpdate:
         t0 = time.perf_counter()
-        misses = self.cache.misses
-        result = resolve(self.model.services, self.model.slices, dict(self.nodes()), self.config, self.cache)
+        result = self.resolver.update(self.model.services, self.model.slices, self.nodes())
         resolved_ms = (time.perf_counter() - t0) * 1000
-        written = await self.publisher.publish(result.intents)
+        written = await self.publisher.publish_shards(result.shards)
         if self.events is not None and result.problems:
             await self.events.post(result.problems, self.model.bodies)
         self.stats.passes += 1
@@ -73,9 +75,9 @@ class LBReconciler:
         self.loop_stats.record(self.stats.last_duration_ms / 1000, len(written))
         self.last = result
         self.last_pass_end = time.monotonic()
-        log.info("lb pass %d: %d services (%d resolved again), %d LB intents written%s in %.1f ms (resolution "
-                 "%.1f ms)", self.stats.passes, len(self.model.services), self.cache.misses - misses, len(written),
-                 f" ({','.join(written)})" if written else "", self.stats.last_duration_ms, resolved_ms)
+        log.info("lb pass %d: %d services (%d resolved again, %d shards rebuilt), %d LB intents written%s in %.1f ms "
+                 "(resolution %.1f ms)", self.stats.passes, len(self.model.services), result.resolved, result.rebuilt,
+                 len(written), f" ({','.join(written)})" if written else "", self.stats.last_duration_ms, resolved_ms)
         return result
 
     async def settle(self) -> None:

@@ -133,7 +133,7 @@ class ServiceWants:
     health_checks: Mapping[str, HealthCheckIntent] = field(default_factory=dict)
 
 
-def _wants(service: ServiceInfo, slices: list[SliceInfo], nodes: Mapping[str, str | None],
+def wants_of(service: ServiceInfo, slices: list[SliceInfo], nodes: Mapping[str, str | None],
            config: ResolverConfig) -> ServiceWants:
     frontends: dict[str, list[tuple[str, FrontendIntent]]] = {node: [] for node in nodes}
     problems: list[errors.ServiceProblem] = []
@@ -213,50 +213,18 @@ def _health_checks(service: ServiceInfo, slices: list[SliceInfo],
             for node in nodes}
 
 
-class ResolutionCache:
-    """Each Service's :class:`ServiceWants` from the last pass, kept while the Service, its slices, the nodes
-    and the config are the same (compared by value; the service model keeps unchanged values as they
-    were, so an unchanged Service costs a comparison): a change to one Service of 10,000 re-resolves that one.
-    The sharing out of frontends between Services (conflicts) is done again every pass."""
-
-    def __init__(self) -> None:
-        self._context: tuple[tuple[tuple[str, str | None], ...], ResolverConfig] | None = None
-        self._entries: dict[str, tuple[ServiceInfo, tuple[SliceInfo, ...], ServiceWants]] = {}
-        self.hits = 0
-        self.misses = 0
-
-    def begin(self, nodes: Mapping[str, str | None], config: ResolverConfig) -> None:
-        """A pass starts: a change of the nodes or the config forgets everything."""
-        context = (tuple(nodes.items()), config)
-        if context != self._context:
-            self._context, self._entries = context, {}
-
-    def wants(self, service: ServiceInfo, slices: list[SliceInfo], nodes: Mapping[str, str | None],
-              config: ResolverConfig) -> ServiceWants:
-        key, own = service.key, tuple(slices)
-        entry = self._entries.get(key)
-        if entry is not None and entry[0] == service and entry[1] == own:
-            self.hits += 1
-            return entry[2]
-        self.misses += 1
-        found = _wants(service, slices, nodes, config)
-        self._entries[key] = (service, own, found)
-        return found
-
-    def keep_only(self, keys: Iterable[str]) -> None:
-        wanted = set(keys)
-        for key in [k for k in self._entries if k not in wanted]:
-            del self._entries[key]
+def conflict(service: ServiceInfo, label: str, fe: FrontendIntent, owner: str) -> errors.ServiceProblem:
+    """``service`` asks for a frontend ``owner`` (first by namespace/name) already has."""
+    return errors.ServiceProblem(service.namespace, service.name, "FrontendConflict",
+                                 f"port {label}: {fe.address}:{fe.port}/{fe.protocol} is already a frontend of "
+                                 f"{owner}; not installed for this Service")
 
 
 def resolve(services: Mapping[str, ServiceInfo], slices: Mapping[str, SliceInfo],
-            nodes: Mapping[str, str | None], config: ResolverConfig = ResolverConfig(),
-            cache: ResolutionCache | None = None) -> LBResolution:
-    """Every node's load-balancing intent. ``nodes``: node name -> its InternalIP (None if unknown).
-    With ``cache`` (kept across passes), only Services whose inputs changed are resolved again."""
+            nodes: Mapping[str, str | None], config: ResolverConfig = ResolverConfig()) -> LBResolution:
+    """Every node's load-balancing intent, from scratch. ``nodes``: node name -> its InternalIP (None if unknown).
+    The operator's loop keeps the result up to date instead (``incremental_resolution``), equal to this."""
     nodes = dict(sorted(nodes.items()))
-    cache = cache if cache is not None else ResolutionCache()
-    cache.begin(nodes, config)
     by_service: dict[str, list[SliceInfo]] = {}
     for key in sorted(slices):
         sl = slices[key]
@@ -272,7 +240,7 @@ def resolve(services: Mapping[str, ServiceInfo], slices: Mapping[str, SliceInfo]
         if not served(service, config):
             continue
         key = service.key
-        wants = cache.wants(service, by_service.get(key, []), nodes, config)
+        wants = wants_of(service, by_service.get(key, []), nodes, config)
         mine = list(wants.problems)
         for node, items in wants.frontends.items():
             table = tables[node]
@@ -281,17 +249,13 @@ def resolve(services: Mapping[str, ServiceInfo], slices: Mapping[str, SliceInfo]
                 if owner != key:
                     if (fe.key, key) not in conflicts:
                         conflicts.add((fe.key, key))
-                        mine.append(errors.ServiceProblem(
-                            service.namespace, service.name, "FrontendConflict",
-                            f"port {label}: {fe.address}:{fe.port}/{fe.protocol} is already a frontend of {owner}; "
-                            f"not installed for this Service"))
+                        mine.append(conflict(service, label, fe, owner))
                     continue
                 table.setdefault(fe.key, fe)
         for node, hc in wants.health_checks.items():
             health_checks[node].append(hc)
         if mine:
             found[key] = mine
-    cache.keep_only(s.key for s in services.values())
     problems = tuple(ProblemIntent(service=k, reason=p.reason, message=p.message)
                      for k in sorted(found) for p in found[k])
     intents = {node: NodeLBIntent(node=node, frontends=tuple(v for _, v in sorted(tables[node].items())),

@@ -35,7 +35,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import Field
 
@@ -99,6 +99,14 @@ def _wire(shard: LBShard) -> bytes:
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
 
+class ShardBody(NamedTuple):
+    """What one shard of one node holds, each part in the order the whole intent has it."""
+
+    frontends: tuple[FrontendIntent, ...] = ()
+    health_checks: tuple[HealthCheckIntent, ...] = ()
+    problems: tuple[ProblemIntent, ...] = ()
+
+
 @dataclass(frozen=True)
 class ShardedIntent:
     """A node's intent as etcd values: ``shards`` (name -> value) and the ``manifest`` naming them."""
@@ -107,58 +115,68 @@ class ShardedIntent:
     shards: dict[str, bytes]
     digests: dict[str, str]
     manifest: bytes
-    made_of: dict[str, tuple[Any, ...]] = field(default_factory=dict)
-    """Shard name -> the frontends, health checks and problems it was made of (the next ``split`` reuses the
-    value of a shard made of the very same objects)."""
+    bodies: dict[str, ShardBody] = field(default_factory=dict)
+    """Shard name -> what its value was made of (the next ``encode`` reuses the value of an equal body)."""
     schema_version: int = LB_SCHEMA_VERSION
 
 
-def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+def bodies_of(intent: NodeLBIntent, count: int = SHARD_COUNT) -> dict[str, ShardBody]:
+    """``intent`` cut by Service into its non-empty shards."""
+    parts: dict[str, tuple[list[Any], list[Any], list[Any]]] = {}
+
+    def bucket(service: str) -> tuple[list[Any], list[Any], list[Any]]:
+        return parts.setdefault(shard_of(service, count), ([], [], []))
+
+    for fe in intent.frontends:
+        bucket(fe.service)[0].append(fe)
+    for hc in intent.health_checks:
+        bucket(hc.service)[1].append(hc)
+    for problem in intent.problems:
+        bucket(problem.service)[2].append(problem)
+    return {name: ShardBody(tuple(f), tuple(h), tuple(p)) for name, (f, h, p) in parts.items()}
 
 
 def split(intent: NodeLBIntent, *, count: int = SHARD_COUNT, limit: int = SHARD_LIMIT_BYTES,
           previous: ShardedIntent | None = None) -> ShardedIntent:
-    """Shard ``intent`` by Service; raises :class:`LBShardTooLargeError` for a shard over ``limit``.
+    """Shard ``intent`` by Service (:func:`bodies_of`, then :func:`encode`)."""
+    return encode(intent.node, bodies_of(intent, count), limit=limit, previous=previous,
+                  schema_version=intent.schema_version)
 
-    With ``previous`` (this node's last split), a shard made of the very same objects (identity, not equality:
-    the resolution cache hands unchanged Services' values on as they were) keeps its value and digest without
-    being serialised again: at 10,000 Services one change serialises one shard."""
-    if previous is not None and (previous.node != intent.node or previous.schema_version != intent.schema_version):
+
+def encode(node: str, bodies: Mapping[str, ShardBody], *, limit: int = SHARD_LIMIT_BYTES,
+           previous: ShardedIntent | None = None, schema_version: int = LB_SCHEMA_VERSION) -> ShardedIntent:
+    """A node's shards as etcd values and their manifest; raises :class:`LBShardTooLargeError` for a shard
+    over ``limit``. Empty bodies are not stored.
+
+    With ``previous`` (this node's last encoding), a body equal to the one a shard was made of keeps its value and
+    digest without being serialised again (the comparison is by identity first: the operator's resolver hands an
+    unchanged shard's body on as it was), so at 10,000 Services one change serialises one shard."""
+    if previous is not None and (previous.node != node or previous.schema_version != schema_version):
         previous = None
-    parts: dict[str, dict[str, list[Any]]] = {}
-
-    def bucket(service: str) -> dict[str, list[Any]]:
-        return parts.setdefault(shard_of(service, count), {"frontends": [], "health_checks": [], "problems": []})
-
-    for fe in intent.frontends:
-        bucket(fe.service)["frontends"].append(fe)
-    for hc in intent.health_checks:
-        bucket(hc.service)["health_checks"].append(hc)
-    for problem in intent.problems:
-        bucket(problem.service)["problems"].append(problem)
     shards: dict[str, bytes] = {}
     digests: dict[str, str] = {}
-    made_of: dict[str, tuple[Any, ...]] = {}
-    for name in sorted(parts):
-        body = parts[name]
-        made_of[name] = (*body["frontends"], None, *body["health_checks"], None, *body["problems"])
-        if previous is not None and name in previous.made_of and _same(previous.made_of[name], made_of[name]):
+    kept: dict[str, ShardBody] = {}
+    for name in sorted(bodies):
+        body = bodies[name]
+        if not (body.frontends or body.health_checks or body.problems):
+            continue
+        kept[name] = body
+        before = previous.bodies.get(name) if previous is not None else None
+        if previous is not None and before is not None and (before is body or before == body):
             shards[name], digests[name] = previous.shards[name], previous.digests[name]
             continue
-        shard = LBShard.model_construct(schema_version=intent.schema_version, node=intent.node, shard=name,
-                                        frontends=tuple(body["frontends"]),
-                                        health_checks=tuple(body["health_checks"]),
-                                        problems=tuple(body["problems"]))
+        shard = LBShard.model_construct(schema_version=schema_version, node=node, shard=name,
+                                        frontends=body.frontends, health_checks=body.health_checks,
+                                        problems=body.problems)
         raw = _wire(shard)
         if len(raw) > limit:
-            services = tuple(sorted({item.service for items in body.values() for item in items}))
-            raise LBShardTooLargeError(intent.node, name, len(raw), services)
+            services = tuple(sorted({item.service for items in body for item in items}))
+            raise LBShardTooLargeError(node, name, len(raw), services)
         shards[name] = raw
         digests[name] = digest(raw)
-    manifest = LBManifest(schema_version=intent.schema_version, node=intent.node, shards=digests)
-    return ShardedIntent(node=intent.node, shards=shards, digests=digests, manifest=_wire_manifest(manifest),
-                         made_of=made_of, schema_version=intent.schema_version)
+    manifest = LBManifest(schema_version=schema_version, node=node, shards=digests)
+    return ShardedIntent(node=node, shards=shards, digests=digests, manifest=_wire_manifest(manifest),
+                         bodies=kept, schema_version=schema_version)
 
 
 def _wire_manifest(manifest: LBManifest) -> bytes:

@@ -1,7 +1,8 @@
 """Publishing the load-balancing intents into etcd as shards: only changed shards, the manifest last.
 
-Each node's :class:`~ciliary.operator.services.intent.NodeLBIntent` is split by
-``services.sharding`` into shards and a manifest under ``keyspace.node_lb_intent_prefix``.
+Each node's shards (``services.sharding.ShardBody``, as the operator's resolver keeps them, or a whole
+:class:`~ciliary.operator.services.intent.NodeLBIntent` cut by ``sharding.bodies_of``) are encoded by
+``services.sharding`` into values and a manifest under ``keyspace.node_lb_intent_prefix``.
 The publisher remembers, per node, the digest of every value etcd holds under that prefix and the
 manifest's mod revision. A pass writes, per node whose values differ:
 
@@ -79,7 +80,7 @@ class LBIntentPublisher:
         self.errors: dict[str, str] = {}
         self.concurrency = concurrency
         self.last_split: dict[str, sharding.ShardedIntent] = {}
-        """node -> its last split: unchanged shards are not serialised again (``sharding.split``)."""
+        """node -> its last encoding: unchanged shards are not serialised again (``sharding.encode``)."""
 
     async def load(self) -> None:
         """Learn what is already in etcd (an operator restart rewrites nothing unchanged)."""
@@ -104,14 +105,19 @@ class LBIntentPublisher:
             self._learn(kv)
 
     async def publish(self, intents: Mapping[str, NodeLBIntent]) -> list[str]:
-        """Write the nodes whose values changed; delete departed nodes' prefixes. Returns nodes written."""
+        """:meth:`publish_shards` of whole intents."""
+        return await self.publish_shards({node: sharding.bodies_of(intent) for node, intent in intents.items()})
+
+    async def publish_shards(self, shards: Mapping[str, Mapping[str, sharding.ShardBody]]) -> list[str]:
+        """Write the nodes (node -> shard name -> body) whose values changed; delete departed nodes' prefixes.
+        Returns the nodes written."""
         limit = asyncio.Semaphore(self.concurrency)
 
         async def one(node: str) -> bool:
             async with limit:
-                return await self._publish_node(node, intents[node])
+                return await self._publish_node(node, shards[node])
 
-        nodes = sorted(intents)
+        nodes = sorted(shards)
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = [group.create_task(one(node)) for node in nodes]
@@ -120,7 +126,7 @@ class LBIntentPublisher:
         written = [node for node, task in zip(nodes, tasks, strict=True) if task.result()]
         if written:
             log.info("published %d load-balancing intent(s)", len(written), extra={"nodes": written[:20]})
-        for node in sorted(set(self.seen) - set(intents)):
+        for node in sorted(set(self.seen) - set(shards)):
             prefix = keyspace.node_lb_intent_prefix(node)
             await self.store.transaction([], [self.store.ops.delete(prefix.encode(),
                                                                     prefix_range_end(prefix).encode())])
@@ -145,9 +151,9 @@ class LBIntentPublisher:
                         extra={"nodes": withdrawn[:20]})
         return withdrawn
 
-    async def _publish_node(self, node: str, intent: NodeLBIntent) -> bool:
+    async def _publish_node(self, node: str, bodies: Mapping[str, sharding.ShardBody]) -> bool:
         try:
-            sharded = sharding.split(intent, previous=self.last_split.get(node))
+            sharded = sharding.encode(node, bodies, previous=self.last_split.get(node))
             self.last_split[node] = sharded
         except sharding.LBShardTooLargeError as exc:
             if self.errors.get(node) != str(exc):

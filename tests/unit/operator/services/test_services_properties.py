@@ -7,16 +7,14 @@ reference computed directly from the inputs.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ciliary.operator.services import sharding
 from ciliary.operator.services.inputs import ServiceInfo, ServicePort, SliceEndpoint, SliceInfo, SlicePort
 from ciliary.operator.services.intent import BackendState, FrontendKind
-from ciliary.operator.services.resolution import ResolutionCache, ResolverConfig, resolve
+from ciliary.operator.services.resolution import ResolverConfig, resolve
 
 NODES = {"n1": "192.0.2.11", "n2": "192.0.2.12", "n3": "192.0.2.13"}
 CONFIG = ResolverConfig(node_port_range=(30000, 30999), max_backends=6)
@@ -119,41 +117,3 @@ def test_input_order_does_not_matter(cluster: tuple[dict[str, ServiceInfo], dict
     second = resolve(dict(reversed(list(services.items()))), dict(items), dict(reversed(list(NODES.items()))),
                      CONFIG)
     assert {n: i.to_wire() for n, i in first.intents.items()} == {n: i.to_wire() for n, i in second.intents.items()}
-
-
-@SETTINGS
-@given(clusters(), clusters(), st.randoms(use_true_random=False), st.booleans())
-def test_a_warm_cache_resolves_exactly_as_a_fresh_pass(
-        before: tuple[dict[str, ServiceInfo], dict[str, SliceInfo]],
-        other: tuple[dict[str, ServiceInfo], dict[str, SliceInfo]], rnd: random.Random, move_node: bool) -> None:
-    """Pass 1 fills the cache; pass 2 mixes kept, changed, new and deleted Services and slices (and sometimes a
-    node's address changes): it gives the intents and problems a fresh resolution gives, and splitting them
-    into shards with the last split as ``previous`` gives the very bytes of a split from scratch."""
-    cache = ResolutionCache()
-    first = resolve(*before, NODES, CONFIG, cache)
-    services = {k: rnd.choice([v, other[0].get(k, v)]) for k, v in before[0].items() if rnd.random() < 0.8}
-    services.update({k: v for k, v in other[0].items() if k not in before[0] and rnd.random() < 0.5})
-    slices = {k: rnd.choice([v, other[1].get(k, v)]) for k, v in before[1].items() if rnd.random() < 0.8}
-    slices.update({k: v for k, v in other[1].items() if k not in before[1] and rnd.random() < 0.5})
-    nodes = {**NODES, "n2": "192.0.2.22"} if move_node else NODES
-    warm = resolve(services, slices, nodes, CONFIG, cache)
-    fresh = resolve(services, slices, nodes, CONFIG)
-    assert {n: i.to_wire() for n, i in warm.intents.items()} == {n: i.to_wire() for n, i in fresh.intents.items()}
-    assert warm.problems == fresh.problems
-    for node, intent in warm.intents.items():
-        reused = sharding.split(intent, count=4, previous=sharding.split(first.intents[node], count=4))
-        scratch = sharding.split(intent, count=4)
-        assert (reused.shards, reused.digests, reused.manifest) == (scratch.shards, scratch.digests, scratch.manifest)
-
-
-def test_the_cache_resolves_again_only_what_changed() -> None:
-    svcs = {f"default/s{i}": ServiceInfo("default", f"s{i}", cluster_ips=(f"10.96.0.{i + 1}",),
-                                         ports=(ServicePort("http", "TCP", 80, 8080),)) for i in range(50)}
-    cache = ResolutionCache()
-    resolve(svcs, {}, NODES, CONFIG, cache)
-    assert (cache.hits, cache.misses) == (0, 50)
-    svcs["default/s7"] = dataclasses.replace(svcs["default/s7"], affinity_timeout=60)
-    resolve(svcs, {}, NODES, CONFIG, cache)
-    assert (cache.hits, cache.misses) == (49, 51)
-    resolve(svcs, {}, {**NODES, "n4": "192.0.2.14"}, CONFIG, cache)  # a node joins: everything again
-    assert cache.misses == 101
