@@ -26,7 +26,7 @@ import dataclasses
 from ciliary.nodeagent import lb_planning
 from ciliary.nodeagent.lb_planning import Backend, FrontendPart, LBPlan, LBState, ServiceKey
 from ciliary.nodeagent.planning import MapDiff, diff_map
-from ciliary.operator.services.intent import FrontendIntent, NodeLBIntent
+from ciliary.operator.services.intent import FrontendIntent, FrontendKind, NodeLBIntent, frontend_key
 
 FrontendId = tuple[str, int, str]
 """``FrontendIntent.key``: address, port, protocol."""
@@ -77,7 +77,7 @@ class LBPlanner:
         added: list[FrontendIntent] = []
         refreshed: dict[FrontendId, FrontendIntent] = {}
         for fe in intent.frontends:
-            key = fe.key
+            key = frontend_key(fe)
             fresh[key] = fe
             part = book.parts.get(key)
             if part is None:
@@ -164,7 +164,11 @@ class LBPlanner:
         for bid in orphans.values():
             if bid not in refs:
                 backends.pop(bid, None)
-        nodeports = lb_planning.nodeports_of(intent)
+        # NodePorts come from the NODE_PORT frontends alone: none went, came or changed, none changed
+        if any(fe.kind == FrontendKind.NODE_PORT for fe in (*added, *(part.fe for part in removed))):
+            nodeports = lb_planning.nodeports_of(intent)
+        else:
+            nodeports = dict(old.nodeports)
         desired = LBState(services, backends, nodeports, ranges)
         be_up = {k: backends[k] for k in sorted(touched_backends)
                  if k in backends and old.backends.get(k) != backends[k]}

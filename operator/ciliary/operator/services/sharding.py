@@ -47,6 +47,7 @@ from ciliary.operator.services.intent import (
     NodeLBIntent,
     ProblemIntent,
     _Frozen,
+    frontend_key,
 )
 
 SHARD_COUNT = 64
@@ -220,7 +221,7 @@ def parse_shard(node: str, name: str, raw: bytes) -> LBShard:
 
 def union(node: str, shards: list[LBShard], schema_version: int = LB_SCHEMA_VERSION) -> NodeLBIntent:
     """The intent the shards make up, ordered as ``resolution`` orders a whole intent."""
-    frontends = sorted((fe for s in shards for fe in s.frontends), key=lambda fe: fe.key)
+    frontends = sorted((fe for s in shards for fe in s.frontends), key=frontend_key)
     health = sorted((h for s in shards for h in s.health_checks), key=lambda h: (h.port, h.service))
     problems = sorted((p for s in shards for p in s.problems), key=lambda p: p.service)  # stable: in order
     return NodeLBIntent.model_construct(schema_version=schema_version, node=node, frontends=tuple(frontends),
