@@ -23,7 +23,8 @@ network namespace).
   answered once: "all answer" = the last first answer, so every frontend is checked, none sampled. Also
   shown: the same time counted from the last create's reply (the proxy's lag behind the apiserver).
 - **One Service change at the largest size**: a Service's port 80 -> 81 (JSON patch); time from the
-  patch until ClusterIP:81 answers.
+  patch until ClusterIP:81 answers (the prober starts a connect every 5 ms, each given 50 ms: the
+  resolution is 5 ms for every proxy).
 - **CRR / RR** (``tcpload``: a new connection per 64 B request/response, resp. 64 B round trips on one
   connection) through the rate Service's ClusterIP from the client pod and through its NodePort (node-1's
   address, backends on node-2) from the world host, with 10 Services and with the largest size; median of

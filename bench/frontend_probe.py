@@ -12,6 +12,12 @@ sweep plus the gap, a sweep taking about one attempt per 192 frontends still pen
 between sweeps so the prober does not starve the proxies it waits for. Prints one JSON object: answered,
 total, first and last answer (CLOCK_MONOTONIC seconds, the clock every process of the machine shares),
 sweeps. Exits when every frontend answered or at the deadline.
+
+One frontend alone (a Service change) is probed with overlapping attempts instead: a new connect every
+``--gap`` while earlier ones are still in flight (each still given ``--attempt``), so the resolution is the
+gap, not an attempt plus the gap (a connect made before the proxy changed may never complete, whatever the
+proxy: the socket load balancer translates at connect(), iptables and nftables the SYN they saw, whose
+retransmission comes only after a second).
 """
 
 from __future__ import annotations
@@ -46,13 +52,13 @@ def sweep(pending: list[tuple[str, int]], answered: dict[tuple[str, int], float]
             else:
                 s.close()
         for key, _ in sel.select(timeout=min(0.05, attempt / 4)):
-            s = key.fileobj
-            assert isinstance(s, socket.socket)
-            target, _t = started.pop(s)
-            sel.unregister(s)
-            if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+            done = key.fileobj
+            assert isinstance(done, socket.socket)
+            target, _t = started.pop(done)
+            sel.unregister(done)
+            if done.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
                 answered[target] = time.monotonic()
-            s.close()
+            done.close()
         now = time.monotonic()
         for s, (_target, t) in list(started.items()):
             if now - t > attempt:
@@ -60,6 +66,57 @@ def sweep(pending: list[tuple[str, int]], answered: dict[tuple[str, int], float]
                 sel.unregister(s)
                 s.close()
     sel.close()
+
+
+def _connect(target: tuple[str, int]) -> tuple[socket.socket, int]:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setblocking(False)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    return s, s.connect_ex(target)
+
+
+def overlap(target: tuple[str, int], gap: float, attempt: float, end: float) -> tuple[float | None, int]:
+    """(when ``target`` first answered or None at ``end``, connects made): a connect every ``gap`` seconds."""
+    sel = selectors.DefaultSelector()
+    started: dict[socket.socket, float] = {}
+    made = 0
+    answered: float | None = None
+    next_at = time.monotonic()
+    try:
+        while answered is None and time.monotonic() < end:
+            now = time.monotonic()
+            if now >= next_at:
+                next_at = now + gap
+                s, code = _connect(target)
+                made += 1
+                if code == 0:
+                    answered = time.monotonic()
+                    s.close()
+                    break
+                if code == errno.EINPROGRESS:
+                    started[s] = now
+                    sel.register(s, selectors.EVENT_WRITE)
+                else:
+                    s.close()
+            for key, _ in sel.select(timeout=max(0.0, next_at - time.monotonic())):
+                done = key.fileobj
+                assert isinstance(done, socket.socket)
+                started.pop(done)
+                sel.unregister(done)
+                if done.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 and answered is None:
+                    answered = time.monotonic()
+                done.close()
+            now = time.monotonic()
+            for s, t in list(started.items()):
+                if now - t > attempt:
+                    started.pop(s)
+                    sel.unregister(s)
+                    s.close()
+    finally:
+        for s in started:
+            s.close()
+        sel.close()
+    return answered, made
 
 
 def main() -> None:
@@ -75,7 +132,11 @@ def main() -> None:
     answered: dict[tuple[str, int], float] = {}
     end = time.monotonic() + args.deadline
     sweeps = 0
-    while len(answered) < len(targets) and time.monotonic() < end:
+    if len(targets) == 1:
+        when, sweeps = overlap(targets[0], args.gap, args.attempt, end)
+        if when is not None:
+            answered[targets[0]] = when
+    while len(targets) > 1 and len(answered) < len(targets) and time.monotonic() < end:
         sweep([t for t in targets if t not in answered], answered, args.attempt)
         sweeps += 1
         if len(answered) < len(targets):
