@@ -17,7 +17,7 @@ One frontend alone (a Service change) is probed with overlapping attempts instea
 ``--gap`` while earlier ones are still in flight (each still given ``--attempt``), so the resolution is the
 gap, not an attempt plus the gap (a connect made before the proxy changed may never complete, whatever the
 proxy: the socket load balancer translates at connect(), iptables and nftables the SYN they saw, whose
-retransmission comes only after a second).
+retransmission comes only after a second); its ``sweeps`` are then the connects made.
 """
 
 from __future__ import annotations

@@ -164,7 +164,8 @@ class LBPlanner:
         for bid in orphans.values():
             if bid not in refs:
                 backends.pop(bid, None)
-        # NodePorts come from the NODE_PORT frontends alone: none went, came or changed, none changed
+        # the NodePort map comes from the NODE_PORT frontends alone: when none of them went, came or changed,
+        # it stays as it is
         if any(fe.kind == FrontendKind.NODE_PORT for fe in (*added, *(part.fe for part in removed))):
             nodeports = lb_planning.nodeports_of(intent)
         else:

@@ -19,7 +19,7 @@ as to every write); after a lost compare the publisher re-reads the node's prefi
 boundedly. Agents apply a node's intent only while the values match the manifest
 (``sharding.ShardAssembler``), so the transactions of step 1 are never applied half. A node
 that left has its whole prefix deleted. ``writes`` counts values put and deleted; ``transactions``
-the etcd transactions. A node whose intent cannot be split (a shard over the size limit) keeps its
+the etcd transactions. A node whose shards cannot be stored (one over the size limit) keeps its
 previous intent and is named in ``errors``.
 """
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import random
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ciliary.operator.services import sharding
+from ciliary.operator.services import incremental_resolution, sharding
 from ciliary.operator.services.incremental_resolution import IncrementalResolver
 from ciliary.operator.services.inputs import ServiceInfo, ServicePort, SliceEndpoint, SliceInfo, SlicePort
 from ciliary.operator.services.resolution import ResolverConfig, resolve
@@ -78,6 +79,7 @@ def test_every_pass_equals_a_resolution_from_scratch(steps: list[tuple[dict[str,
                                                                       dict[str, str | None]]],
                                                      rnd: random.Random) -> None:
     resolver = IncrementalResolver(CONFIG, shard_count=COUNT)
+    encoded: dict[str, sharding.ShardedIntent] = {}
     svcs, sls, nodes = steps[0]
     for i, step in enumerate(steps):
         if i:
@@ -85,9 +87,15 @@ def test_every_pass_equals_a_resolution_from_scratch(steps: list[tuple[dict[str,
             nodes = step[2] if rnd.random() < 0.3 else nodes
         got = resolver.update(svcs, sls, nodes)
         fresh = resolve(svcs, sls, nodes, CONFIG)
-        assert got.problems == fresh.problems
+        assert list(got.problems.items()) == sorted(fresh.problems.items())  # Events go out in Service order
         assert {n: dict(b) for n, b in got.shards.items()} == {
             n: sharding.bodies_of(intent, COUNT) for n, intent in fresh.intents.items()}
+        for node, bodies in got.shards.items():  # values kept from the last pass: the very bytes from scratch
+            reused = sharding.encode(node, bodies, previous=encoded.get(node))
+            scratch = sharding.encode(node, bodies)
+            assert (reused.shards, reused.digests, reused.manifest) == (scratch.shards, scratch.digests,
+                                                                        scratch.manifest)
+            encoded[node] = reused
         again = resolver.update(dict(svcs), dict(sls), dict(nodes))  # nothing changed: the very same bodies
         assert again.resolved == 0 and again.rebuilt == 0
         assert all(again.shards[n][s] is b for n, bodies in got.shards.items() for s, b in bodies.items())
@@ -124,3 +132,23 @@ def test_a_frontend_passes_to_the_next_claimant_when_its_owner_goes() -> None:
     after = resolver.update(svcs, {}, NODES)
     assert after.problems == {} and after.resolved == 1
     assert [fe.service for b in after.shards["n1"].values() for fe in b.frontends] == ["default/s002"]
+
+
+def test_a_pass_that_raises_leaves_the_next_one_to_start_from_scratch(monkeypatch: pytest.MonkeyPatch) -> None:
+    svcs = {s.key: s for s in (_service(i) for i in range(20))}
+    resolver = IncrementalResolver()
+    resolver.update(svcs, {}, NODES)
+    svcs["default/s003"] = dataclasses.replace(svcs["default/s003"], cluster_ips=("10.96.9.9",))
+    real = incremental_resolution.wants_of
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("resolution failed")
+
+    monkeypatch.setattr(incremental_resolution, "wants_of", broken)
+    with pytest.raises(RuntimeError):
+        resolver.update(svcs, {}, NODES)
+    monkeypatch.setattr(incremental_resolution, "wants_of", real)
+    after = resolver.update(svcs, {}, NODES)
+    assert after.resolved == 20  # nothing the failed pass half-did is trusted
+    assert {n: dict(b) for n, b in after.shards.items()} == {
+        n: sharding.bodies_of(i) for n, i in resolve(svcs, {}, NODES).intents.items()}
