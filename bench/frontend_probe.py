@@ -32,6 +32,13 @@ import time
 IN_FLIGHT = 192  # answered ones spread over three backends: ~64 each, below the lab app's backlog (100)
 
 
+def _connect(target: tuple[str, int]) -> tuple[socket.socket, int]:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setblocking(False)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    return s, s.connect_ex(target)
+
+
 def sweep(pending: list[tuple[str, int]], answered: dict[tuple[str, int], float], attempt: float) -> None:
     sel = selectors.DefaultSelector()
     queue = list(pending)
@@ -39,10 +46,7 @@ def sweep(pending: list[tuple[str, int]], answered: dict[tuple[str, int], float]
     while queue or started:
         while queue and len(started) < IN_FLIGHT:
             target = queue.pop()
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.setblocking(False)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-            code = s.connect_ex(target)
+            s, code = _connect(target)
             if code == 0:
                 answered[target] = time.monotonic()
                 s.close()
@@ -66,13 +70,6 @@ def sweep(pending: list[tuple[str, int]], answered: dict[tuple[str, int], float]
                 sel.unregister(s)
                 s.close()
     sel.close()
-
-
-def _connect(target: tuple[str, int]) -> tuple[socket.socket, int]:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setblocking(False)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    return s, s.connect_ex(target)
 
 
 def overlap(target: tuple[str, int], gap: float, attempt: float, end: float) -> tuple[float | None, int]:

@@ -48,7 +48,6 @@ class LBReconciler:
         self.nodes = nodes
         self.publisher = publisher
         self.events = events
-        self.config = config
         self.settle_seconds = settle_seconds
         self.settle_burst = settle_burst
         self.last_pass_end = -float("inf")

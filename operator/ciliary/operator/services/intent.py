@@ -114,10 +114,12 @@ class FrontendIntent(_Frozen):
         return value
 
     @property
-    def key(self) -> tuple[str, int, str]:
-        return (self.address, self.port, self.protocol)
+    def key(self) -> FrontendKey:
+        return frontend_key(self)
 
 
+FrontendKey = tuple[str, int, str]
+"""A frontend's identity in the maps: address, port, protocol."""
 frontend_key = operator.attrgetter("address", "port", "protocol")
 """``FrontendIntent.key`` as one C call (loops over 10,000 frontends: about a third of the property's cost)."""
 

@@ -134,7 +134,7 @@ class ServiceWants:
 
 
 def wants_of(service: ServiceInfo, slices: list[SliceInfo], nodes: Mapping[str, str | None],
-           config: ResolverConfig) -> ServiceWants:
+             config: ResolverConfig) -> ServiceWants:
     frontends: dict[str, list[tuple[str, FrontendIntent]]] = {node: [] for node in nodes}
     problems: list[errors.ServiceProblem] = []
     if service.forwarding_mode is not None and service.forwarding_mode.lower() not in LB_MODES:

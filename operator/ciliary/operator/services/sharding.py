@@ -107,6 +107,11 @@ class ShardBody(NamedTuple):
     health_checks: tuple[HealthCheckIntent, ...] = ()
     problems: tuple[ProblemIntent, ...] = ()
 
+    @property
+    def empty(self) -> bool:
+        """Holds nothing (not stored)."""
+        return not (self.frontends or self.health_checks or self.problems)
+
 
 @dataclass(frozen=True)
 class ShardedIntent:
@@ -159,7 +164,7 @@ def encode(node: str, bodies: Mapping[str, ShardBody], *, limit: int = SHARD_LIM
     kept: dict[str, ShardBody] = {}
     for name in sorted(bodies):
         body = bodies[name]
-        if not (body.frontends or body.health_checks or body.problems):
+        if body.empty:
             continue
         kept[name] = body
         before = previous.bodies.get(name) if previous is not None else None
