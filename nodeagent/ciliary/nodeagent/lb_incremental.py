@@ -14,6 +14,12 @@ planned, and only their entries are compared. The result is exactly what ``lb_pl
 same state, ids and write order included (``tests/unit/nodeagent/test_lb_incremental.py`` checks it on
 random intent sequences).
 
+**Shards.** Given the intent's shards too (``shards``: shard name -> that shard's frontends, as the agent's
+shard assembler hands them on; the intent is their union, sorted by ``frontend_key``), the planner walks only
+the shards whose frontends tuple is not the one it planned last: one Service change at 10,000 Services looks
+at one shard's ~160 frontends instead of all 10,000 (offline ~1 ms instead of ~11). A frontend that appears
+in a changed shard while an unchanged one still holds it is a frontend named twice: planned from scratch.
+
 The first plan, one for another node and one for an intent naming a frontend twice are made from scratch
 (after a failed write the engine reads the kernel again and starts a new planner). :meth:`LBPlanner.plan`
 changes nothing; :meth:`LBPlanner.commit` adopts a plan once its writes are done.
@@ -22,6 +28,8 @@ changes nothing; :meth:`LBPlanner.commit` adopts a plan once its writes are done
 from __future__ import annotations
 
 import dataclasses
+import operator
+from collections.abc import Mapping
 
 from ciliary.nodeagent import lb_planning
 from ciliary.nodeagent.lb_planning import Backend, FrontendPart, LBPlan, LBState, ServiceKey
@@ -30,6 +38,24 @@ from ciliary.operator.services.intent import FrontendIntent, FrontendKind, NodeL
 
 FrontendId = tuple[str, int, str]
 """``FrontendIntent.key``: address, port, protocol."""
+_IDENT = operator.attrgetter("ident")
+Shards = Mapping[str, tuple[FrontendIntent, ...]]
+"""Shard name -> the shard's frontends (the intent is their union)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShardBook:
+    """Which frontends each shard held when last planned: its frontends tuple (identity says unchanged), its
+    keys, and each key's shard."""
+
+    frontends: dict[str, tuple[FrontendIntent, ...]]
+    members: dict[str, tuple[FrontendId, ...]]
+    home: dict[FrontendId, str]
+
+
+def _shard_book(shards: Shards) -> _ShardBook:
+    members = {name: tuple(frontend_key(fe) for fe in fes) for name, fes in shards.items()}
+    return _ShardBook(dict(shards), members, {key: name for name, keys in members.items() for key in keys})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +67,12 @@ class _Book:
     parts: dict[FrontendId, FrontendPart]
     refs: dict[int, int]
     live: dict[Backend, int]
+    top: int
+    """The highest frontend id of the parts (0: none)."""
+    shards: _ShardBook | None = None
 
 
-def _book(node: str, parts: list[FrontendPart]) -> _Book | None:
+def _book(node: str, parts: list[FrontendPart], shards: Shards | None) -> _Book | None:
     by_key = {part.fe.key: part for part in parts}
     if len(by_key) != len(parts):
         return None  # a frontend named twice: plan the next intent from scratch too
@@ -53,7 +82,8 @@ def _book(node: str, parts: list[FrontendPart]) -> _Book | None:
         for bid, be in part.backends.items():
             refs[bid] = refs.get(bid, 0) + 1
             live[be] = bid
-    return _Book(node, by_key, refs, live)
+    top = max(map(_IDENT, parts), default=0)
+    return _Book(node, by_key, refs, live, top, None if shards is None else _shard_book(shards))
 
 
 @dataclasses.dataclass
@@ -68,10 +98,13 @@ class LBPlanner:
     full_plans: int = 0
     """Plans made from scratch (the first, one for another node, one for an intent naming a frontend twice)."""
 
-    def plan(self, intent: NodeLBIntent) -> LBPlan:
+    def plan(self, intent: NodeLBIntent, shards: Shards | None = None) -> LBPlan:
+        """The writes from what the maps hold to ``intent``; ``shards``: its shards, when it is their union."""
         book = self._book
         if book is None or book.node != intent.node:
-            return self._plan_from_scratch(intent)
+            return self._plan_from_scratch(intent, shards)
+        if shards is not None and book.shards is not None:
+            return self._plan_shards(intent, book, book.shards, shards)
         fresh: dict[FrontendId, FrontendIntent] = {}
         removed: list[FrontendPart] = []
         added: list[FrontendIntent] = []
@@ -90,10 +123,50 @@ class LBPlanner:
                 removed.append(part)
                 added.append(fe)
         if len(fresh) != len(intent.frontends):
-            return self._plan_from_scratch(intent)
+            return self._plan_from_scratch(intent, shards)
         if len(fresh) - len(added) + len(removed) != len(book.parts):
             removed += [part for key, part in book.parts.items() if key not in fresh]
-        return self._plan_changes(intent, book, removed, added, refreshed)
+        return self._plan_changes(intent, book, removed, added, refreshed,
+                                  None if shards is None else _shard_book(shards))
+
+    def _plan_shards(self, intent: NodeLBIntent, book: _Book, was: _ShardBook, shards: Shards) -> LBPlan:
+        """:meth:`plan` walking only the shards whose frontends are not the tuple planned last."""
+        changed = [name for name in sorted(shards.keys() | was.frontends.keys())
+                   if shards.get(name) is not was.frontends.get(name)]
+        fresh: dict[FrontendId, FrontendIntent] = {}
+        removed: list[FrontendPart] = []
+        added: list[FrontendIntent] = []
+        refreshed: dict[FrontendId, FrontendIntent] = {}
+        members = dict(was.members)
+        home = dict(was.home)
+        for name in changed:
+            for key in members.pop(name, ()):
+                del home[key]
+        for name in changed:
+            fes = shards.get(name, ())
+            keys = tuple(frontend_key(fe) for fe in fes)
+            for key, fe in zip(keys, fes, strict=True):
+                if key in fresh or key in home:
+                    return self._plan_from_scratch(intent, shards)  # named twice (in an unchanged shard too)
+                fresh[key] = fe
+                part = book.parts.get(key)
+                if part is None:
+                    added.append(fe)
+                elif part.fe is fe:
+                    continue
+                elif part.fe == fe:
+                    refreshed[key] = fe
+                else:
+                    removed.append(part)
+                    added.append(fe)
+            if fes:
+                members[name] = keys
+                home.update(dict.fromkeys(keys, name))
+        for name in changed:
+            removed += [book.parts[key] for key in was.members.get(name, ()) if key not in fresh]
+        added.sort(key=frontend_key)  # the intent's order: the union of the shards is sorted by it
+        return self._plan_changes(intent, book, removed, added, refreshed,
+                                  _ShardBook({n: fes for n, fes in shards.items() if fes}, members, home))
 
     def _sizes(self) -> dict[str, int]:
         return {"services_size": self.services_size, "backends_size": self.backends_size,
@@ -104,15 +177,16 @@ class LBPlanner:
         assert self._pending is not None and self._pending[0] is step, "commit the plan made last"
         self.state, self._book, self._pending = step.desired, self._pending[1], None
 
-    def _plan_from_scratch(self, intent: NodeLBIntent) -> LBPlan:
+    def _plan_from_scratch(self, intent: NodeLBIntent, shards: Shards | None) -> LBPlan:
         self.full_plans += 1
         desired, parts = lb_planning.desired_parts(intent, self.state)
         step = lb_planning.plan_towards(desired, self.state, **self._sizes())
-        self._pending = (step, _book(intent.node, parts))
+        self._pending = (step, _book(intent.node, parts, shards))
         return step
 
     def _plan_changes(self, intent: NodeLBIntent, book: _Book, removed: list[FrontendPart],
-                      added: list[FrontendIntent], refreshed: dict[FrontendId, FrontendIntent]) -> LBPlan:
+                      added: list[FrontendIntent], refreshed: dict[FrontendId, FrontendIntent],
+                      shard_book: _ShardBook | None) -> LBPlan:
         old = self.state
         services, backends, ranges = dict(old.services), dict(old.backends), dict(old.source_ranges)
         parts, refs, live = dict(book.parts), dict(book.refs), dict(book.live)
@@ -138,7 +212,7 @@ class LBPlanner:
             touched_backends.update(part.backends)
         # ids as a plan from scratch against ``old`` gives them: every frontend's own entry and every backend
         # of ``old`` counts for the next new id; a backend value any part still names keeps its id
-        next_id = max([0, *(part.ident for part in book.parts.values()), *old.backends]) + 1
+        next_id = max(book.top, max(old.backends, default=0)) + 1
         chosen = [lb_planning.frontend_backends(fe, intent.node) for fe in added]
         be_ids, next_id = lb_planning.assign_backend_ids(
             list(dict.fromkeys(be for items in chosen for be in items)),
@@ -183,5 +257,10 @@ class LBPlanner:
                                    range_peak=len(ranges) + len(range_diff.deletes), **self._sizes())
         step = LBPlan(desired, MapDiff(be_up, ()), lb_planning.ordered_service_writes(changed, gone),
                       MapDiff({}, be_del), diff_map(old.nodeports, nodeports), range_diff)
-        self._pending = (step, _Book(intent.node, parts, refs, live))
+        top = book.top
+        if any(part.ident == top for part in removed):
+            top = max(map(_IDENT, parts.values()), default=0)
+        else:
+            top = max([top, *(parts[frontend_key(fe)].ident for fe in added)])
+        self._pending = (step, _Book(intent.node, parts, refs, live, top, shard_book))
         return step

@@ -19,7 +19,7 @@ from typing import Any
 
 from ciliary.nodeagent import watching
 from ciliary.operator.services import sharding
-from ciliary.operator.services.intent import LBIntentSchemaError
+from ciliary.operator.services.intent import FrontendIntent, LBIntentSchemaError, NodeLBIntent
 from ciliary.operator.store import keyspace
 from ciliary.operator.store.access import prefix_range_end
 
@@ -42,6 +42,14 @@ class LBIntentWatcher(watching.IntentWatcher):
         """Digest of the manifest last handed over (None: nothing; "": deleted; "!": refused)."""
         self.pending = False
         """The values do not match the manifest (an update is half-written)."""
+        self._handed_shards: tuple[NodeLBIntent, dict[str, tuple[FrontendIntent, ...]]] | None = None
+
+    def shards_of(self, intent: NodeLBIntent) -> dict[str, tuple[FrontendIntent, ...]] | None:
+        """Shard name -> frontends of ``intent`` when it is the intent handed over last (it is their union), else
+        None (``lb_incremental`` then compares every frontend)."""
+        if self._handed_shards is None or self._handed_shards[0] is not intent:
+            return None
+        return self._handed_shards[1]
 
     async def _open_watch(self, client: watching.WatchClient, start_revision: int) -> Any:
         return await client.watch(self.key, range_end=self.range_end, start_revision=start_revision)
@@ -92,4 +100,5 @@ class LBIntentWatcher(watching.IntentWatcher):
         self.pending = False
         if manifest != self.handed:
             self.handed = manifest
+            self._handed_shards = (intent, self.assembler.shards)
             await self._on_intent(intent, revision)

@@ -34,7 +34,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ciliary.nodeagent import lb_planning, lb_watching, service_health, watching
+from ciliary.nodeagent import lb_incremental, lb_planning, lb_watching, service_health, watching
 from ciliary.nodeagent.datapath import errors as dp_errors
 from ciliary.nodeagent.datapath import lb_device, lb_engine
 from ciliary.operator.services.intent import NodeLBIntent
@@ -62,6 +62,8 @@ class LoadBalancing:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="socket-lb")
         self.started = asyncio.Event()
         self.wanted: NodeLBIntent | None = None
+        self._wanted_shards: lb_incremental.Shards | None = None
+        """The shards ``wanted`` is the union of (the watcher's), for the planner."""
         self._wanted_changed = asyncio.Event()
         self._wanted_at = 0.0
         """When the newest intent was handed over (``time.monotonic``)."""
@@ -124,14 +126,14 @@ class LoadBalancing:
         A refused one is not tried again until a newer one comes (the previous maps stay, the error shows)."""
         tried: NodeLBIntent | None = None
         while True:
-            intent = self.wanted
+            intent, shards = self.wanted, self._wanted_shards
             if intent is None or (intent is tried and not self._reapply):
                 self._wanted_changed.clear()
                 await self._wanted_changed.wait()
                 continue
             tried, self._reapply = intent, False
             try:
-                await self._apply(intent)
+                await self._apply(intent, shards)
             except Exception as exc:  # never let the applier die silently: say it, wait for the next intent
                 self.error = f"load-balancing intent not applied: {type(exc).__name__}: {exc}"
                 log.exception("Load-balancing intent not applied", extra={"node": self.node})
@@ -177,15 +179,15 @@ class LoadBalancing:
 
     async def _on_intent(self, intent: NodeLBIntent, mod_revision: int) -> None:
         self._wanted_at = time.monotonic()
-        self.wanted = intent
+        self.wanted, self._wanted_shards = intent, self.watcher.shards_of(intent)
         self.refused = ""
         self._wanted_changed.set()
         await self.ports.reconcile(intent.health_checks)
 
-    async def _apply(self, intent: NodeLBIntent) -> None:
+    async def _apply(self, intent: NodeLBIntent, shards: lb_incremental.Shards | None = None) -> None:
         handed = self._wanted_at
         try:
-            result = await self.call(self.engine.apply, intent)
+            result = await self.call(self.engine.apply, intent, shards)
         except APPLY_ERRORS as exc:
             self.error = f"load-balancing intent not applied: {exc}"
             log.error("Load-balancing intent not applied; the previous maps stay",

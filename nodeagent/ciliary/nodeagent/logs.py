@@ -21,11 +21,12 @@ def _quote(value: object) -> str:
 
 
 class KeyValueFormatter(logging.Formatter):
-    """``ts=… level=… logger=… msg=… <extras>`` (exceptions appended on following lines)."""
+    """``ts=… level=… logger=… msg=… <extras>`` (exceptions appended on following lines); ``ts`` to the
+    millisecond, so an agent's lines line up with the operator's when timing a change end to end."""
 
     def format(self, record: logging.LogRecord) -> str:
         fields = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "ts": f"{self.formatTime(record, '%Y-%m-%dT%H:%M:%S')}.{int(record.msecs):03d}",
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),

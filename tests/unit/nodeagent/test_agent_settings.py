@@ -1,6 +1,7 @@
 """Settings from flags over environment, and the key=value log formatter."""
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,7 @@ def test_key_value_formatter():
     assert 'msg="Node registered"' in line
     assert "node=n1 lease=5" in line
     assert 'path="/a b"' in line
+    assert re.match(r"ts=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3} level=INFO", line)  # to the millisecond
 
 
 def test_datapath_is_on_by_default_and_auto_is_gone(tls_env):

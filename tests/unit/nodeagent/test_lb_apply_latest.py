@@ -21,7 +21,7 @@ class SlowEngine:
         self.applied: list[int] = []
         self.lock = threading.Lock()
 
-    def apply(self, intent: NodeLBIntent) -> Any:
+    def apply(self, intent: NodeLBIntent, shards: Any = None) -> Any:
         time.sleep(self.seconds)
         version = len(intent.frontends)
         if version in self.refuse:

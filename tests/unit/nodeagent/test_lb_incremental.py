@@ -118,3 +118,73 @@ def test_an_equal_new_frontend_object_is_compared_by_value_once(monkeypatch) -> 
     planner.commit(step)
     compared.clear()
     assert len(planner.plan(copies)) == 0 and compared == []
+
+
+@st.composite
+def sharded_intents(draw: st.DrawFn) -> list[tuple[NodeLBIntent, dict[str, tuple[FrontendIntent, ...]]]]:
+    """Intents as the shard assembler hands them on: the sorted union of a few shards, each shard either the
+    very tuple of the intent before (unchanged) or a new one (new frontends, equal copies, a frontend that moved
+    from another shard, or one an unchanged shard still holds: named twice)."""
+    pool: list[FrontendIntent] = draw(st.lists(frontend, min_size=1, max_size=10))
+    shards: dict[str, tuple[FrontendIntent, ...]] = {}
+    out = []
+    for _ in range(draw(st.integers(2, 6))):
+        shards = dict(shards)
+        for name in ("s0", "s1", "s2"):
+            if shards and draw(st.booleans()):
+                continue  # unchanged: the same tuple
+            chosen = draw(st.lists(st.sampled_from(pool), max_size=4, unique_by=lambda f: f.key))
+            copies = draw(st.lists(st.booleans(), min_size=len(chosen), max_size=len(chosen)))
+            shards[name] = tuple(sorted((fe.model_copy() if copy else fe for fe, copy in zip(chosen, copies,
+                                                                                              strict=True)),
+                                        key=lambda f: f.key))
+        shards = {name: fes for name, fes in shards.items() if fes}
+        node = draw(st.sampled_from(["n", "n", "n", "m"]))
+        union = tuple(sorted((fe for fes in shards.values() for fe in fes), key=lambda f: f.key))
+        out.append((NodeLBIntent(node=node, frontends=union), shards))
+        pool.extend(draw(st.lists(frontend, max_size=2)))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(sharded_intents())
+def test_planning_by_shard_is_the_plan_from_scratch_against_the_same_state(
+        sequence: list[tuple[NodeLBIntent, dict[str, tuple[FrontendIntent, ...]]]]) -> None:
+    planner = lb_incremental.LBPlanner(LBState(), **SIZES3)
+    for intent, shards in sequence:
+        before = planner.state
+        step = planner.plan(intent, shards)
+        scratch = lb_planning.plan(intent, before, **SIZES3)
+        assert step == scratch
+        for ours, theirs in ((step.service_writes, scratch.service_writes),
+                             (step.backend_upserts, scratch.backend_upserts),
+                             (step.source_range_writes, scratch.source_range_writes)):
+            assert list(ours.upserts.items()) == list(theirs.upserts.items())  # the same write order
+            assert ours.deletes == theirs.deletes
+        planner.commit(step)
+
+
+def test_one_change_in_one_shard_walks_only_that_shard(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    fes = [FrontendIntent(service=f"ns/s{i}", kind=FrontendKind.CLUSTER_IP, address=f"10.96.{i // 256}.{i % 256}",
+                          port=80, protocol="TCP", backends=(BackendIntent(address="10.244.0.1", port=8080),))
+           for i in range(10_000)]
+    shards = {f"s{n:02d}": tuple(fes[n::64]) for n in range(64)}
+
+    def intent_of(shards: dict[str, tuple[FrontendIntent, ...]]) -> NodeLBIntent:
+        return NodeLBIntent(node="n", frontends=tuple(sorted((fe for s in shards.values() for fe in s),
+                                                             key=lambda f: f.key)))
+
+    planner = lb_incremental.LBPlanner(LBState(), **{**SIZES3, "services_size": 65536, "backends_size": 65536})
+    planner.commit(planner.plan(intent_of(shards), shards))
+    changed = dict(shards)
+    changed["s07"] = tuple(fe.model_copy(update={"port": 81}) if fe is fes[7] else fe for fe in shards["s07"])
+    walked = []
+    real_key = lb_incremental.frontend_key
+    monkeypatch.setattr(lb_incremental, "frontend_key", lambda fe: walked.append(fe) or real_key(fe))
+    intent = intent_of(changed)
+    step = planner.plan(intent, changed)
+    assert step == lb_planning.plan(intent, planner.state, **{**SIZES3, "services_size": 65536,
+                                                               "backends_size": 65536})
+    assert len(step.service_writes.upserts) == 2 and len(step.service_writes.deletes) == 2  # port 80 -> 81
+    assert len(walked) <= 2 * len(shards["s07"]) + 2  # that shard's ~157 frontends, not 10,000
+    assert planner.full_plans == 1

@@ -187,3 +187,24 @@ async def test_a_compaction_resync_hands_the_intent_over_again() -> None:
     watcher.next_revision = None  # what a RevisionCompactedError does
     await watcher.run(asyncio.Event(), max_rounds=1)
     assert [g[0] for g in sink.got] == ["intent", "intent"] and sink.got[1][1] == first and etcd.gets == 2
+
+
+async def test_the_shards_of_the_intent_handed_over_make_it_up_and_unchanged_ones_stay_the_same_tuple() -> None:
+    etcd, sink = FakeEtcd(), Sink()
+    first = intent(200)
+    publish(etcd, NODE, first)
+    watcher = make(etcd, sink)
+    await watcher.run(asyncio.Event(), max_rounds=1)
+    handed = sink.got[-1][1]
+    before = watcher.shards_of(handed)
+    assert before is not None and watcher.shards_of(first) is None  # only for the very intent handed over
+    one_changed = NodeLBIntent(node=NODE, frontends=tuple(
+        fe.model_copy(update={"port": 81}) if fe.service == "ns/s7" else fe for fe in first.frontends))
+    publish(etcd, NODE, one_changed, first)
+    await watcher.run(asyncio.Event(), max_rounds=1)
+    handed = sink.got[-1][1]
+    after = watcher.shards_of(handed)
+    assert handed == one_changed and after is not None
+    assert sorted((fe for fes in after.values() for fe in fes), key=sharding.frontend_key) == list(handed.frontends)
+    new = [name for name in after if after[name] is not before.get(name)]
+    assert new == [sharding.shard_of("ns/s7")]  # every other shard's frontends: the very same tuple

@@ -224,14 +224,15 @@ class SocketLB:
         self._planner = None
         return True
 
-    def apply(self, intent: NodeLBIntent) -> LBApplyResult:
+    def apply(self, intent: NodeLBIntent, shards: lb_incremental.Shards | None = None) -> LBApplyResult:
+        """Write the maps towards ``intent`` (``shards``: its shards, see ``lb_incremental``)."""
         if self._planner is None:
             self._planner = lb_incremental.LBPlanner(self.observe(), services_size=self.context.services_size,
                                                      backends_size=self.context.backends_size,
                                                      source_ranges_size=self.context.services_size)
         observed = self._planner.state
         t0 = time.perf_counter()
-        step = self._planner.plan(intent)
+        step = self._planner.plan(intent, shards)
         t1 = time.perf_counter()
         undo = maps.UndoLog()
         svc_fd, be_fd = self._map_fds["cy_lb4_svc"], self._map_fds["cy_lb4_be"]
@@ -253,8 +254,7 @@ class SocketLB:
         self._planner.commit(step)
         self._write_failed = False
         t2 = time.perf_counter()
-        frontends = sum(1 for k in step.desired.services if k.slot == 0)
-        return LBApplyResult(len(step), frontends, len(step.desired.backends), round((t1 - t0) * 1000, 1),
+        return LBApplyResult(len(step), len(intent.frontends), len(step.desired.backends), round((t1 - t0) * 1000, 1),
                              round((t2 - t1) * 1000, 1))
 
     def close(self) -> None:

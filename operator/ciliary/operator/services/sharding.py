@@ -30,6 +30,7 @@ anyway: it lives entirely in one shard.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import json
@@ -224,13 +225,64 @@ def parse_shard(node: str, name: str, raw: bytes) -> LBShard:
     return shard
 
 
-def union(node: str, shards: list[LBShard], schema_version: int = LB_SCHEMA_VERSION) -> NodeLBIntent:
-    """The intent the shards make up, ordered as ``resolution`` orders a whole intent."""
-    frontends = sorted((fe for s in shards for fe in s.frontends), key=frontend_key)
+def union(node: str, shards: list[LBShard], schema_version: int = LB_SCHEMA_VERSION, *,
+          frontends: tuple[FrontendIntent, ...] | None = None) -> NodeLBIntent:
+    """The intent the shards make up, ordered as ``resolution`` orders a whole intent (``frontends``: their
+    frontends so ordered already, by a :class:`FrontendUnion`)."""
+    if frontends is None:
+        frontends = tuple(sorted((fe for s in shards for fe in s.frontends), key=frontend_key))
     health = sorted((h for s in shards for h in s.health_checks), key=lambda h: (h.port, h.service))
     problems = sorted((p for s in shards for p in s.problems), key=lambda p: p.service)  # stable: in order
-    return NodeLBIntent.model_construct(schema_version=schema_version, node=node, frontends=tuple(frontends),
+    return NodeLBIntent.model_construct(schema_version=schema_version, node=node, frontends=frontends,
                                         health_checks=tuple(health), problems=tuple(problems))
+
+
+class FrontendUnion:
+    """The shards' frontends sorted by ``frontend_key`` (as :func:`union` orders them), kept from one intent to
+    the next: only the frontends of shards whose tuple is new are looked at, and only keys that went or came
+    move in the list (sorting all 10,000 frontends again took an agent ~9 ms per change). While a key appears
+    twice (a malformed intent) the list is sorted from scratch, as :func:`union` does."""
+
+    def __init__(self) -> None:
+        self.shards: dict[str, tuple[FrontendIntent, ...]] = {}
+        self.items: list[FrontendIntent] = []
+        self.keys: list[Any] = []
+        self.unique = True
+
+    def update(self, shards: Mapping[str, tuple[FrontendIntent, ...]]) -> tuple[FrontendIntent, ...]:
+        changed = [name for name in shards.keys() | self.shards.keys() if shards.get(name) is not self.shards.get(name)]
+        if not self.unique or not self._patch(changed, shards):
+            self._rebuild(shards)
+        self.shards = dict(shards)
+        return tuple(self.items)
+
+    def _rebuild(self, shards: Mapping[str, tuple[FrontendIntent, ...]]) -> None:
+        self.items = sorted((fe for _name, fes in sorted(shards.items()) for fe in fes), key=frontend_key)
+        self.keys = list(map(frontend_key, self.items))
+        self.unique = len(set(self.keys)) == len(self.keys)
+
+    def _patch(self, changed: list[str], shards: Mapping[str, tuple[FrontendIntent, ...]]) -> bool:
+        """Move only what changed; False (and the list half-patched) when a key would appear twice."""
+        went = {frontend_key(fe): fe for name in changed for fe in self.shards.get(name, ())}
+        came: dict[Any, FrontendIntent] = {}
+        for name in changed:
+            for fe in shards.get(name, ()):
+                key = frontend_key(fe)
+                if key in came:
+                    return False
+                came[key] = fe
+        keys, items = self.keys, self.items
+        for key in went.keys() - came.keys():
+            del items[(at := bisect.bisect_left(keys, key))], keys[at]
+        for key in came.keys() & went.keys():
+            items[bisect.bisect_left(keys, key)] = came[key]
+        for key in sorted(came.keys() - went.keys()):
+            at = bisect.bisect_left(keys, key)
+            if at < len(keys) and keys[at] == key:
+                return False  # an unchanged shard holds it too
+            items.insert(at, came[key])
+            keys.insert(at, key)
+        return True
 
 
 class ShardAssembler:
@@ -238,7 +290,9 @@ class ShardAssembler:
 
     :meth:`current` is the complete intent, or None while the values do not match the manifest (an
     update is half-written) or there is no manifest; it raises :class:`LBIntentSchemaError` for an
-    unknown schema version or a malformed value. Parsed shards are cached by digest.
+    unknown schema version or a malformed value. Parsed shards are cached by digest, so an unchanged
+    shard's frontends are the very same tuple in every intent (``shards``; the agent's planner walks only
+    the shards whose tuple is new).
     """
 
     def __init__(self, node: str) -> None:
@@ -246,6 +300,9 @@ class ShardAssembler:
         self.raw: dict[str, bytes] = {}
         self.digests: dict[str, str] = {}
         self._parsed: dict[str, tuple[str, LBShard]] = {}
+        self.shards: dict[str, tuple[FrontendIntent, ...]] = {}
+        """Shard name -> frontends, of the intent :meth:`current` returned last."""
+        self._union = FrontendUnion()
 
     def reset(self, values: Mapping[str, bytes]) -> None:
         self.raw, self.digests = {}, {}
@@ -282,7 +339,8 @@ class ShardAssembler:
                 cached = (want, parse_shard(self.node, name, self.raw[name]))
                 self._parsed[name] = cached
             shards.append(cached[1])
-        return union(self.node, shards, manifest.schema_version)
+        self.shards = {shard.shard: shard.frontends for shard in shards}
+        return union(self.node, shards, manifest.schema_version, frontends=self._union.update(self.shards))
 
 
 def assemble(node: str, values: Mapping[str, bytes]) -> NodeLBIntent | None:

@@ -212,3 +212,29 @@ def test_batches_respect_the_op_and_size_limits() -> None:
     assert all(len(batch) <= TXN_MAX_OPS for batch in out)
     assert all(sum(len(raw) for _, raw in batch) <= 1 << 20 for batch in out)
     assert len(out) == 6  # 3 per MiB for the big ones (3+3+3+1), then 250 small ones: 100 per txn
+
+
+_union_frontend = st.builds(
+    lambda a, port, proto, svc: FrontendIntent(service=f"ns/s{svc}", kind=FrontendKind.CLUSTER_IP,
+                                               address=f"10.96.0.{a}", port=port, protocol=proto),
+    st.integers(1, 4), st.sampled_from([53, 80]), st.sampled_from(["TCP", "UDP"]), st.integers(0, 2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.fixed_dictionaries({name: st.one_of(st.none(), st.lists(_union_frontend, max_size=5))
+                                       for name in ("s0", "s1", "s2")}), min_size=1, max_size=6))
+def test_the_kept_union_is_the_union_sorted_from_scratch(steps: list[dict]) -> None:
+    """``FrontendUnion`` (the assembler's, kept between intents) equals ``union``'s sort of all frontends, for
+    shards kept as the very same tuple (None below), replaced by new ones (keys that stay, go, come, move
+    between shards) and keys named twice (within a shard or across shards)."""
+    kept = sharding.FrontendUnion()
+    shards: dict[str, tuple[FrontendIntent, ...]] = {}
+    for step in steps:
+        shards = {name: shards.get(name, ()) if fes is None else
+                  tuple(sorted(fes, key=sharding.frontend_key)) for name, fes in step.items()}
+        shards = {name: fes for name, fes in shards.items() if fes}
+        got = kept.update(shards)
+        want = sharding.union(NODE, [sharding.LBShard.model_construct(
+            schema_version=1, node=NODE, shard=name, frontends=fes, health_checks=(), problems=())
+            for name, fes in sorted(shards.items())]).frontends
+        assert len(got) == len(want) and all(a is b for a, b in zip(got, want, strict=True))
