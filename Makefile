@@ -42,10 +42,11 @@ unit: setup
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 # the suite also runs the upstream e2e.test short list and `skaffold run`/`skaffold dev` on real nodes:
-# both are built (cached by version) here rather than by every `make setup`
+# both are built (cached by version) here rather than by every `make setup`; the 40 slowest tests are listed
+# at the end (the suite must stay under 45 minutes on 2 cores)
 test: setup lint
 	@setup/build-node-tools.sh e2e skaffold
-	$(PY) -m pytest tests e2e $(PYTEST_ARGS)
+	$(PY) -m pytest tests e2e --durations=40 $(PYTEST_ARGS)
 
 lab-up: setup
 	$(CILIARY) lab up
