@@ -304,9 +304,10 @@ class Run:
         seconds from each patch until that ClusterIP:81 answers."""
         assert self.api is not None
         out = []
+        step = max(1, count // times)  # distinct Services (k * step < count)
         for k in range(times):
             time.sleep(2.0)  # the proxy is idle again (kube-proxy syncs at most once a second)
-            index = self.bulk_first + (count // 2 + k * (count // max(times, 1) + 1)) % count
+            index = self.bulk_first + (count // 2 + k * step) % count
             prober = self.start_probe([(ko.bulk_ip(index), ko.SERVICE_PORT + 1)], 120, gap=0.005, attempt=0.05)
             t0 = time.monotonic()
             self.api.json_patch(f"/api/v1/namespaces/{NS}/services/svc-{index}",
@@ -373,7 +374,8 @@ def measure_mode(mode: str, sizes: tuple[int, ...], args: argparse.Namespace, tc
                 if len(done) != len(each):
                     figures[f"change {top}"] = each[-1]
                 else:
-                    figures[f"change {top}"] = done[len(done) // 2]
+                    figures[f"change {top}"] = ko.Figure(statistics.median(f.value or 0.0 for f in done),
+                                                         max(f.load for f in done))
                     figures[f"change min {top}"], figures[f"change max {top}"] = done[0], done[-1]
                 say(f"{mode}: {len(each)} changes: " + ", ".join(ko.show(f, " s") for f in each))
                 for kind in ("clusterip", "nodeport"):
@@ -409,7 +411,8 @@ def main() -> None:
     ap.add_argument("--crr-n", type=int, default=2000)
     ap.add_argument("--rr-n", type=int, default=10000)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--changes", type=int, default=5, help="Service changes at the largest size (median shown)")
+    ap.add_argument("--changes", type=int, default=5,
+                    help="Service changes at the largest size, at least 1 (median shown)")
     ap.add_argument("--program-timeout", type=float, default=0.0,
                     help="seconds a bulk create may take to answer (default 120 + 0.06 per Service)")
     ap.add_argument("--lab", action="append", default=[], metavar="MODE=DIR",
@@ -421,7 +424,9 @@ def main() -> None:
         ap.error(f"--lab takes MODE=DIR, e.g. --lab ciliary=.lab (got {args.lab})")
     if args.smoke:
         args.services, args.modes, args.crr_n, args.rr_n, args.reps = "50", "ciliary,iptables", 100, 200, 1
-        args.changes = 2
+        args.changes = 3
+    if args.changes < 1 or args.changes > 100:
+        ap.error(f"--changes takes 1 to 100 (got {args.changes})")
     sizes = ko.parse_sizes(args.services)
     modes = [m for m in args.modes.split(",") if m]
     if not args.program_timeout:

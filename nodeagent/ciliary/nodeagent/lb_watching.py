@@ -9,6 +9,8 @@ manifest's digest) and differs from the last one handed over. While an update is
 operator writes large changes in several transactions, the manifest last) nothing is handed over and
 the previous intent stays applied. An unknown schema version or a malformed value goes to
 ``on_invalid``; an empty prefix (nothing published, or the node's intent deleted) to ``on_deleted``.
+:meth:`LBIntentWatcher.shards_of` gives the shards of the intent handed over last (the agent's planner
+walks only those that changed).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class LBIntentWatcher(watching.IntentWatcher):
         self.pending = False
         """The values do not match the manifest (an update is half-written)."""
         self._handed_shards: tuple[NodeLBIntent, dict[str, tuple[FrontendIntent, ...]]] | None = None
+        """The intent handed over last and its shards (:meth:`shards_of`)."""
 
     def shards_of(self, intent: NodeLBIntent) -> dict[str, tuple[FrontendIntent, ...]] | None:
         """Shard name -> frontends of ``intent`` when it is the intent handed over last (it is their union), else

@@ -115,7 +115,7 @@ def test_kube_proxy_bench_smoke(chart_lab: ChartLab) -> None:
     if attach:
         assert f"lab: attached to {chart_lab.lab.layout.state_dir}" in out, out
     number = r"[0-9.,]+ ?(s|/s|MiB) \(load \d+\)"
-    for what in ("program 50 Services, from first create", "one Service change at 50 (median of 2)", "  slowest of them",
+    for what in ("program 50 Services, from first create", "one Service change at 50 (median of 3)", "  slowest of them",
                  "CRR ClusterIP from a pod, 10 Services", "RR NodePort from the world host, 50 Services",
                  "RSS at 50 Services x 3: agent vs kube-proxy"):
         assert re.search(rf"^{re.escape(what)}\s+{number}\s+{number}\s+[0-9.]+x$", out, re.M), out

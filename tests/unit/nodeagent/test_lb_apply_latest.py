@@ -19,9 +19,11 @@ class SlowEngine:
     def __init__(self, seconds: float, refuse: tuple[int, ...] = ()) -> None:
         self.seconds, self.refuse = seconds, refuse
         self.applied: list[int] = []
+        self.shards: list[tuple[NodeLBIntent, Any]] = []
         self.lock = threading.Lock()
 
     def apply(self, intent: NodeLBIntent, shards: Any = None) -> Any:
+        self.shards.append((intent, shards))
         time.sleep(self.seconds)
         version = len(intent.frontends)
         if version in self.refuse:
@@ -149,3 +151,35 @@ def test_maps_that_drifted_from_what_was_written_get_the_newest_intent_again() -
             lb._executor.shutdown(wait=True)
 
     assert asyncio.run(scenario()) == [1, 1, 1]
+
+
+def test_the_engine_gets_the_shards_the_watcher_handed_over_with_that_very_intent() -> None:
+    """The planner walks only the shards whose tuple is new: it must get the shards of the intent it plans,
+    and none (compare every frontend) for an intent the watcher did not assemble."""
+    assembled, other = intent(2), intent(3)
+    shards = {"s01": assembled.frontends}
+
+    async def scenario() -> list[tuple[NodeLBIntent, Any]]:
+        engine = SlowEngine(0.0)
+        lb = make(engine)
+        lb.watcher._handed_shards = (assembled, shards)  # what the watcher records as it hands ``assembled`` over
+        task = asyncio.create_task(lb._apply_latest())
+        try:
+            await lb._on_intent(assembled, 1)
+            for _ in range(100):  # bounded: at most 5 s
+                if engine.shards:
+                    break
+                await asyncio.sleep(0.05)
+            await lb._on_intent(other, 2)
+            for _ in range(100):
+                if len(engine.shards) == 2:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+        return engine.shards
+
+    got = asyncio.run(scenario())
+    assert len(got) == 2
+    assert got[0][0] is assembled and got[0][1] is shards
+    assert got[1][0] is other and got[1][1] is None  # not the intent the watcher handed over with those shards

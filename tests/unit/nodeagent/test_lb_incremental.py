@@ -138,7 +138,8 @@ def sharded_intents(draw: st.DrawFn) -> list[tuple[NodeLBIntent, dict[str, tuple
             shards[name] = tuple(sorted((fe.model_copy() if copy else fe for fe, copy in zip(chosen, copies,
                                                                                               strict=True)),
                                         key=lambda f: f.key))
-        shards = {name: fes for name, fes in shards.items() if fes}
+        if draw(st.booleans()):  # empty shards dropped, or kept as ()
+            shards = {name: fes for name, fes in shards.items() if fes}
         node = draw(st.sampled_from(["n", "n", "n", "m"]))
         union = tuple(sorted((fe for fes in shards.values() for fe in fes), key=lambda f: f.key))
         out.append((NodeLBIntent(node=node, frontends=union), shards))
@@ -147,13 +148,18 @@ def sharded_intents(draw: st.DrawFn) -> list[tuple[NodeLBIntent, dict[str, tuple
 
 
 @settings(max_examples=300, deadline=None)
-@given(sharded_intents())
+@given(sharded_intents(), st.data())
 def test_planning_by_shard_is_the_plan_from_scratch_against_the_same_state(
-        sequence: list[tuple[NodeLBIntent, dict[str, tuple[FrontendIntent, ...]]]]) -> None:
-    planner = lb_incremental.LBPlanner(LBState(), **SIZES3)
+        sequence: list[tuple[NodeLBIntent, dict[str, tuple[FrontendIntent, ...]]]], data: st.DataObject) -> None:
+    """Also: plans handed no shards between ones handed shards, and a new planner (what the engine makes after
+    a failed write or a drift) in the middle, starting from what the maps hold."""
+    start = LBState() if data.draw(st.booleans()) else lb_planning.plan(sequence[0][0], LBState(), **SIZES3).desired
+    planner = lb_incremental.LBPlanner(start, **SIZES3)
     for intent, shards in sequence:
+        if data.draw(st.integers(0, 5)) == 0:
+            planner = lb_incremental.LBPlanner(planner.state, **SIZES3)
         before = planner.state
-        step = planner.plan(intent, shards)
+        step = planner.plan(intent, shards if data.draw(st.integers(0, 3)) else None)
         scratch = lb_planning.plan(intent, before, **SIZES3)
         assert step == scratch
         for ours, theirs in ((step.service_writes, scratch.service_writes),
@@ -188,3 +194,16 @@ def test_one_change_in_one_shard_walks_only_that_shard(monkeypatch) -> None:  # 
     assert len(step.service_writes.upserts) == 2 and len(step.service_writes.deletes) == 2  # port 80 -> 81
     assert len(walked) <= 2 * len(shards["s07"]) + 2  # that shard's ~157 frontends, not 10,000
     assert planner.full_plans == 1
+
+
+def test_shards_that_do_not_make_up_the_intent_are_not_trusted() -> None:
+    fes = tuple(FrontendIntent(service="ns/s", kind=FrontendKind.CLUSTER_IP, address=f"10.96.0.{i}", port=80,
+                               protocol="TCP", backends=(BackendIntent(address="10.244.0.1", port=8080),))
+                for i in range(1, 5))
+    planner = lb_incremental.LBPlanner(LBState(), **SIZES3)
+    shards = {"s0": fes[:2], "s1": fes[2:]}
+    planner.commit(planner.plan(NodeLBIntent(node="n", frontends=fes), shards))
+    grown = NodeLBIntent(node="n", frontends=(*fes, fes[0].model_copy(update={"address": "10.96.0.9"})))
+    step = planner.plan(grown, shards)  # stale shards handed with a newer intent
+    assert step == lb_planning.plan(grown, planner.state, **SIZES3) and len(step.service_writes.upserts) == 2
+    assert planner.full_plans == 2

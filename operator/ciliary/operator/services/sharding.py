@@ -26,6 +26,11 @@ the manifest does not name are ignored: stale shards are deleted after it). So t
 either the previous complete intent or the new one, never a mixture (a mixture could, say, hold a
 deleted Service's NodePort beside the new owner's). Within any one shard each Service is complete
 anyway: it lives entirely in one shard.
+
+**Assembling, again and again.** :class:`ShardAssembler` keeps parsed shards by digest, so an unchanged
+shard's frontends are the same tuple in every intent (``shards``), and keeps the intent's sorted frontends
+between versions (:class:`FrontendUnion`): one Service change costs the agent one shard's parse, not 10,000
+frontends sorted again.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from pydantic import Field
 from ciliary.operator.services.intent import (
     LB_SCHEMA_VERSION,
     FrontendIntent,
+    FrontendKey,
     HealthCheckIntent,
     LBIntentSchemaError,
     NodeLBIntent,
@@ -240,17 +246,19 @@ def union(node: str, shards: list[LBShard], schema_version: int = LB_SCHEMA_VERS
 class FrontendUnion:
     """The shards' frontends sorted by ``frontend_key`` (as :func:`union` orders them), kept from one intent to
     the next: only the frontends of shards whose tuple is new are looked at, and only keys that went or came
-    move in the list (sorting all 10,000 frontends again took an agent ~9 ms per change). While a key appears
-    twice (a malformed intent) the list is sorted from scratch, as :func:`union` does."""
+    move in the list (sorting all 10,000 frontends again took ~4 ms per change offline, and the whole assembly
+    10-12 ms, now 2 ms). While a key appears twice (a malformed intent) the list is sorted from scratch, as
+    :func:`union` does."""
 
     def __init__(self) -> None:
         self.shards: dict[str, tuple[FrontendIntent, ...]] = {}
         self.items: list[FrontendIntent] = []
-        self.keys: list[Any] = []
+        self.keys: list[FrontendKey] = []
         self.unique = True
 
     def update(self, shards: Mapping[str, tuple[FrontendIntent, ...]]) -> tuple[FrontendIntent, ...]:
-        changed = [name for name in shards.keys() | self.shards.keys() if shards.get(name) is not self.shards.get(name)]
+        changed = [name for name in shards.keys() | self.shards.keys()
+                   if shards.get(name) is not self.shards.get(name)]
         if not self.unique or not self._patch(changed, shards):
             self._rebuild(shards)
         self.shards = dict(shards)
@@ -264,7 +272,7 @@ class FrontendUnion:
     def _patch(self, changed: list[str], shards: Mapping[str, tuple[FrontendIntent, ...]]) -> bool:
         """Move only what changed; False (and the list half-patched) when a key would appear twice."""
         went = {frontend_key(fe): fe for name in changed for fe in self.shards.get(name, ())}
-        came: dict[Any, FrontendIntent] = {}
+        came: dict[FrontendKey, FrontendIntent] = {}
         for name in changed:
             for fe in shards.get(name, ()):
                 key = frontend_key(fe)
