@@ -63,7 +63,8 @@ class LBReconciler:
 
     async def run_once(self) -> LBUpdate:
         t0 = time.perf_counter()
-        result = self.resolver.update(self.model.services, self.model.slices, self.nodes())
+        result = self.resolver.update(self.model.services, self.model.slices, self.nodes(),
+                                      self.model.take_touched())
         resolved_ms = (time.perf_counter() - t0) * 1000
         written = await self.publisher.publish_shards(result.shards)
         if self.events is not None and result.problems:

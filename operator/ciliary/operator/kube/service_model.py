@@ -3,7 +3,8 @@
 Fed by ``service_handlers`` (kopf watch events and the initial listing); bodies are parsed once,
 at the edge, into ``services.inputs`` values. Endpoints come either from EndpointSlices (the
 default) or, behind ``--endpoints-api endpoints``, from v1 Endpoints objects (each subset one
-slice-shaped value). ``dirty`` is set on every change; the LB reconciler waits on it.
+slice-shaped value). ``dirty`` is set on every change; the LB reconciler waits on it, and takes the keys
+changed since its last pass (:meth:`ServiceModel.take_touched`), so its resolver looks only at those.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
+from ciliary.operator.services.incremental_resolution import Touched
 from ciliary.operator.services.inputs import (
     ServiceInfo,
     SliceInfo,
@@ -33,6 +35,8 @@ class ServiceModel:
         self.bodies: dict[str, Mapping[str, Any]] = {}
         """Service ``namespace/name`` -> its last body (events are posted about it)."""
         self.dirty = asyncio.Event()
+        self._touched_services: set[str] = set()
+        self._touched_slices: set[str] = set()
         self.bodies_changed = asyncio.Event()
         """Set whenever a Service body changes, status included (LB IPAM's trigger)."""
 
@@ -42,6 +46,7 @@ class ServiceModel:
             if self.bodies.pop(key, None) is not None:
                 self.bodies_changed.set()
             if self.services.pop(key, None) is not None:
+                self._touched_services.add(key)
                 self.dirty.set()
             return
         if self.bodies.get(key) != body:
@@ -50,6 +55,7 @@ class ServiceModel:
         info = service_from_body(body)
         if self.services.get(key) != info:
             self.services[key] = info
+            self._touched_services.add(key)
             self.dirty.set()
 
     def set_slice(self, body: Mapping[str, Any], *, deleted: bool = False) -> None:
@@ -61,6 +67,7 @@ class ServiceModel:
             del self.slices[key]
         else:
             self.slices[key] = info
+        self._touched_slices.add(key)
         self.dirty.set()
 
     def set_endpoints(self, body: Mapping[str, Any], *, deleted: bool = False) -> None:
@@ -76,4 +83,12 @@ class ServiceModel:
         for k in old:
             del self.slices[k]
         self.slices.update(fresh)
+        self._touched_slices.update(old.keys() | fresh.keys())
         self.dirty.set()
+
+    def take_touched(self) -> Touched:
+        """The Service and slice keys set or deleted since the last call (the LB pass's hint)."""
+        touched = Touched(frozenset(self._touched_services), frozenset(self._touched_slices))
+        self._touched_services.clear()
+        self._touched_slices.clear()
+        return touched

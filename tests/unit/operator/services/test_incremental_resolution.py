@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ciliary.operator.services import incremental_resolution, sharding
-from ciliary.operator.services.incremental_resolution import IncrementalResolver
+from ciliary.operator.services.incremental_resolution import IncrementalResolver, Touched
 from ciliary.operator.services.inputs import ServiceInfo, ServicePort, SliceEndpoint, SliceInfo, SlicePort
 from ciliary.operator.services.resolution import ResolverConfig, resolve
 
@@ -82,10 +82,18 @@ def test_every_pass_equals_a_resolution_from_scratch(steps: list[tuple[dict[str,
     encoded: dict[str, sharding.ShardedIntent] = {}
     svcs, sls, nodes = steps[0]
     for i, step in enumerate(steps):
+        touched = None
         if i:
+            before_svcs, before_sls = svcs, sls
             svcs, sls = _mix(rnd, svcs, step[0]), _mix(rnd, sls, step[1])
             nodes = step[2] if rnd.random() < 0.3 else nodes
-        got = resolver.update(svcs, sls, nodes)
+            if rnd.random() < 0.7:  # as the service model tells: the keys set or deleted, and some others
+                touched = Touched(
+                    {k for k in before_svcs.keys() | svcs.keys() if before_svcs.get(k) is not svcs.get(k)
+                     or rnd.random() < 0.2},
+                    {k for k in before_sls.keys() | sls.keys() if before_sls.get(k) is not sls.get(k)
+                     or rnd.random() < 0.2})
+        got = resolver.update(svcs, sls, nodes, touched)
         fresh = resolve(svcs, sls, nodes, CONFIG)
         assert list(got.problems.items()) == sorted(fresh.problems.items())  # Events go out in Service order
         assert {n: dict(b) for n, b in got.shards.items()} == {
