@@ -95,10 +95,10 @@ class IncrementalResolver:
         """Every node's shards for these inputs. ``nodes``: node name -> its InternalIP (None if unknown);
         ``touched``: the keys set or deleted since the last pass (None: check every key).
         A pass that raises leaves nothing half-kept: the next one starts from scratch."""
-        ordered = dict(sorted(nodes.items()))
-        if ordered != self._nodes:
-            self._reset(ordered)
         try:
+            ordered = dict(sorted(nodes.items()))
+            if ordered != self._nodes:
+                self._reset(ordered)
             return self._update(services, slices, None if self._whole else touched)
         except BaseException:
             self._reset({})

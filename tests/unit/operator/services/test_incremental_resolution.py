@@ -104,7 +104,8 @@ def test_every_pass_equals_a_resolution_from_scratch(steps: list[tuple[dict[str,
             assert (reused.shards, reused.digests, reused.manifest) == (scratch.shards, scratch.digests,
                                                                         scratch.manifest)
             encoded[node] = reused
-        again = resolver.update(dict(svcs), dict(sls), dict(nodes))  # nothing changed: the very same bodies
+        # nothing changed (told so, or told nothing): the very same bodies
+        again = resolver.update(dict(svcs), dict(sls), dict(nodes), rnd.choice([None, Touched(set(), set())]))
         assert again.resolved == 0 and again.rebuilt == 0
         assert all(again.shards[n][s] is b for n, bodies in got.shards.items() for s, b in bodies.items())
 
@@ -154,9 +155,10 @@ def test_a_pass_that_raises_leaves_the_next_one_to_start_from_scratch(monkeypatc
 
     monkeypatch.setattr(incremental_resolution, "wants_of", broken)
     with pytest.raises(RuntimeError):
-        resolver.update(svcs, {}, NODES)
+        resolver.update(svcs, {}, NODES, Touched({"default/s003"}, set()))
     monkeypatch.setattr(incremental_resolution, "wants_of", real)
-    after = resolver.update(svcs, {}, NODES)
-    assert after.resolved == 20  # nothing the failed pass half-did is trusted
+    svcs["default/s004"] = dataclasses.replace(svcs["default/s004"], affinity_timeout=60)
+    after = resolver.update(svcs, {}, NODES, Touched({"default/s004"}, set()))  # s003's touch went with the failure
+    assert after.resolved == 20  # nothing the failed pass half-did is trusted: every key checked
     assert {n: dict(b) for n, b in after.shards.items()} == {
         n: sharding.bodies_of(i) for n, i in resolve(svcs, {}, NODES).intents.items()}
