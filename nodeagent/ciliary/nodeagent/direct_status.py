@@ -53,6 +53,10 @@ def _comparable(entry: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in entry.items() if k != "lastUpdated"}
 
 
+def _name(report: PolicyReport) -> tuple[str, str, str]:
+    return report.kind, report.namespace, report.name
+
+
 class DirectStatusWriter:
     """Writes this node's entry of each policy's ``.status.nodes`` (merge patch), once per report change."""
 
@@ -61,6 +65,8 @@ class DirectStatusWriter:
         self.node = node
         self.written: dict[str, dict[str, Any]] = {}
         """policy uid -> the entry last written."""
+        self.holder: dict[tuple[str, str, str], str] = {}
+        """(kind, namespace, name) -> uid of the policy whose entry this writer last wrote under that name."""
         self.writes = 0
         self.failures = 0
         self.last_error = ""
@@ -83,12 +89,21 @@ class DirectStatusWriter:
         sent = await self._patch(report, _entry_patch(old, entry))
         if sent:
             self.written[report.policy_uid] = entry
+            self.holder[_name(report)] = report.policy_uid
         return sent
 
     async def remove(self, report: PolicyReport) -> bool:
-        """Remove this node's entry (the node no longer enforces the policy)."""
+        """Remove this node's entry (the node no longer enforces the policy).
+
+        Patches go by name, so once a policy deleted and created again under its name (a new uid) has this
+        node's entry, removing the old one's would wipe the new one's: that removal is not sent (the old
+        object is gone with its status)."""
         self._settled(report.policy_uid)
         self.written.pop(report.policy_uid, None)
+        holder = self.holder.get(_name(report))
+        if holder is not None and holder != report.policy_uid:
+            return True
+        self.holder.pop(_name(report), None)
         return await self._patch(report, None)
 
     def _settled(self, uid: str) -> None:

@@ -182,6 +182,23 @@ async def test_direct_writer_once_per_change() -> None:
     assert writer.writes == 3
 
 
+async def test_direct_writer_keeps_the_entry_of_a_policy_created_again_under_its_name() -> None:
+    """The policy deleted and created again (new uid) while the agent's reports move in one pass: the new
+    report's write comes before the old one's removal (puts before deletes), and both patch by name. The
+    removal must not wipe the new object's entry (seen in CI: ``.status.nodes`` stayed empty)."""
+    fake = FakeCustom(cnp())
+    writer = DirectStatusWriter(None, "a")  # type: ignore[arg-type]
+    writer.custom = fake  # type: ignore[assignment]
+    assert await writer.write(report("a"))
+    fake.body = {**cnp(), "metadata": {**cnp()["metadata"], "uid": "u-2"}}  # deleted and created again
+    again = report("a").model_copy(update={"policy_uid": "u-2"})
+    assert await writer.write(again)
+    assert await writer.remove(report("a"))  # the old uid's report is gone
+    assert fake.body["status"]["nodes"]["a"]["enforcing"] is True
+    assert await writer.remove(again)  # the new one's removal still goes
+    assert fake.body["status"]["nodes"] == {}
+
+
 async def test_policy_edit_costs_one_write_for_valid_and_enforced() -> None:
     handover, fake = make(cnp())
     handover.validated(UID, {"type": "Valid", "status": "True", "reason": "Validated", "message": "ok",
