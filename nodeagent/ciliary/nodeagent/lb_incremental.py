@@ -88,6 +88,22 @@ def _book(node: str, parts: list[FrontendPart], shards: Shards | None) -> _Book 
     return _Book(node, by_key, refs, live, top, None if shards is None else _shard_book(shards))
 
 
+def _compare(book: _Book, key: FrontendId, fe: FrontendIntent, removed: list[FrontendPart],
+             added: list[FrontendIntent], refreshed: dict[FrontendId, FrontendIntent]) -> None:
+    """Sort one wanted frontend against the planned one: new, unchanged (the same object), equal (the part
+    takes the new object: identity decides next time) or changed."""
+    part = book.parts.get(key)
+    if part is None:
+        added.append(fe)
+    elif part.fe is fe:
+        return
+    elif part.fe == fe:
+        refreshed[key] = fe
+    else:
+        removed.append(part)
+        added.append(fe)
+
+
 @dataclasses.dataclass
 class LBPlanner:
     state: LBState
@@ -114,16 +130,7 @@ class LBPlanner:
         for fe in intent.frontends:
             key = frontend_key(fe)
             fresh[key] = fe
-            part = book.parts.get(key)
-            if part is None:
-                added.append(fe)
-            elif part.fe is fe:
-                continue
-            elif part.fe == fe:
-                refreshed[key] = fe  # the part holds the new object: identity decides next time
-            else:
-                removed.append(part)
-                added.append(fe)
+            _compare(book, key, fe, removed, added, refreshed)
         if len(fresh) != len(intent.frontends):
             return self._plan_from_scratch(intent, shards)
         if len(fresh) - len(added) + len(removed) != len(book.parts):
@@ -151,16 +158,7 @@ class LBPlanner:
                 if key in fresh or key in home:
                     return self._plan_from_scratch(intent, shards)  # named twice (in an unchanged shard too)
                 fresh[key] = fe
-                part = book.parts.get(key)
-                if part is None:
-                    added.append(fe)
-                elif part.fe is fe:
-                    continue
-                elif part.fe == fe:
-                    refreshed[key] = fe
-                else:
-                    removed.append(part)
-                    added.append(fe)
+                _compare(book, key, fe, removed, added, refreshed)
             if fes:
                 members[name] = keys
                 home.update(dict.fromkeys(keys, name))

@@ -14,6 +14,15 @@ from ciliary.operator.services.intent import BackendIntent, FrontendIntent, Fron
 
 SIZES3 = {**SIZES, "source_ranges_size": 1000}
 
+
+def assert_same_plan(step: lb_planning.LBPlan, scratch: lb_planning.LBPlan) -> None:
+    assert step == scratch
+    for ours, theirs in ((step.service_writes, scratch.service_writes),
+                         (step.backend_upserts, scratch.backend_upserts),
+                         (step.source_range_writes, scratch.source_range_writes)):
+        assert list(ours.upserts.items()) == list(theirs.upserts.items())  # the same write order
+        assert ours.deletes == theirs.deletes
+
 frontend = st.builds(
     lambda a, port, proto, bes, aff, kind, policy, dsr, ranges: FrontendIntent(
         service="ns/s", kind=kind, address=f"10.96.0.{a}", port=port, protocol=proto, affinity_timeout=aff,
@@ -54,12 +63,7 @@ def test_each_plan_is_the_plan_from_scratch_against_the_same_state(sequence: lis
         before = planner.state
         step = planner.plan(intent)
         scratch = lb_planning.plan(intent, before, **SIZES3)
-        assert step == scratch
-        for ours, theirs in ((step.service_writes, scratch.service_writes),
-                             (step.backend_upserts, scratch.backend_upserts),
-                             (step.source_range_writes, scratch.source_range_writes)):
-            assert list(ours.upserts.items()) == list(theirs.upserts.items())  # the same write order
-            assert ours.deletes == theirs.deletes
+        assert_same_plan(step, scratch)
         assert applied(before, step) == step.desired
         planner.commit(step)
         assert planner.state is step.desired
@@ -161,12 +165,7 @@ def test_planning_by_shard_is_the_plan_from_scratch_against_the_same_state(
         before = planner.state
         step = planner.plan(intent, shards if data.draw(st.integers(0, 3)) else None)
         scratch = lb_planning.plan(intent, before, **SIZES3)
-        assert step == scratch
-        for ours, theirs in ((step.service_writes, scratch.service_writes),
-                             (step.backend_upserts, scratch.backend_upserts),
-                             (step.source_range_writes, scratch.source_range_writes)):
-            assert list(ours.upserts.items()) == list(theirs.upserts.items())  # the same write order
-            assert ours.deletes == theirs.deletes
+        assert_same_plan(step, scratch)
         planner.commit(step)
 
 
