@@ -17,8 +17,10 @@ node's network namespace; Prometheus, run in this shell, scrapes them through a 
 from __future__ import annotations
 
 import json
+import os
 import select
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -319,3 +321,70 @@ def test_more_filters_through_the_cli(lab: LabHandle, scene: Any) -> None:
     rest = flows_of(observe(hubble, server, "--to-pod", "default/deathstar", "--not", "--verdict", "DROPPED",
                             "--last", "50"))
     assert all(f["verdict"] != "DROPPED" for f in rest)
+
+
+SERVICE = """
+apiVersion: v1
+kind: Service
+metadata: {name: deathstar-svc, namespace: default}
+spec:
+  selector: {org: empire, class: deathstar}
+  ports: [{port: 8080, targetPort: 80}]
+"""
+
+
+def probe_as_pod(lab: LabHandle, pod: str, ip: str, port: int, timeout: float) -> int:
+    """``ciliary.lab.probe http`` in the pod's network namespace *and cgroup* (where the socket load balancer's
+    programs are attached, as for the pod's own processes); its return code (0: answered)."""
+    netns, cgroup = lab.lab.pod_target(pod, "default")
+    assert cgroup is not None, "every pod has a cgroup v2 group (the socket programs' attach point)"
+
+    def enter() -> None:  # between fork and exec
+        with open(cgroup / "cgroup.procs", "w") as procs:
+            procs.write(str(os.getpid()))
+
+    argv = ["nsenter", f"--net={netns}", sys.executable, "-m", "ciliary.lab.probe", "http", ip, str(port),
+            "--timeout", str(timeout)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30, preexec_fn=enter).returncode
+
+
+def test_flows_through_a_service_name_it(lab: LabHandle, scene: Any) -> None:
+    """A pod's connection to a ClusterIP: its flows on the client's node name the Service (the real CLI's
+    ``--to-service`` / ``--from-service``), from tiefighter on node-2 (allowed) and xwing on node-1 (dropped at
+    the deathstar's ingress, forwarded at its own egress); the deathstar's address and port, not the frontend's,
+    stay the flow's destination; connections straight to the pod's address name no Service."""
+    hubble, server, deathstar, _ = scene
+    if lab.kubectl("get", "service", "deathstar-svc", "--ignore-not-found", "-o", "name").stdout.strip():
+        lab.kubectl("delete", "service", "deathstar-svc", "--wait=true")
+    lab.apply(SERVICE)
+    try:
+        cluster_ip = lab.kubectl("get", "service", "deathstar-svc", "-o", "jsonpath={.spec.clusterIP}").stdout.strip()
+        deadline = time.monotonic() + 30
+        while probe_as_pod(lab, "tiefighter", cluster_ip, 8080, 2) != 0:
+            assert time.monotonic() < deadline, "deathstar-svc not answering from tiefighter after 30 s"
+            time.sleep(0.5)
+        since = rfc3339(time.time() - 0.2)
+        assert probe_as_pod(lab, "tiefighter", cluster_ip, 8080, 3) == 0
+        assert probe_as_pod(lab, "tiefighter", deathstar, 80, 3) == 0  # straight to the pod
+        assert probe_as_pod(lab, "xwing", cluster_ip, 8080, 1) != 0  # rule1 drops it
+        time.sleep(1)
+        named = flows_of(observe(hubble, server, "--to-service", "default/deathstar-svc", "--since", since))
+        print("\n$ hubble observe --to-service default/deathstar-svc -o json  # one line\n" + json.dumps(named[-1]))
+        clients = {f["source"].get("pod_name") for f in named}
+        assert clients == {"tiefighter", "xwing"}, named
+        for flow in named:
+            assert flow["destination_service"] == {"name": "deathstar-svc", "namespace": "default"}, flow
+            assert flow["IP"]["destination"] == deathstar and flow["l4"]["TCP"]["destination_port"] == 80, flow
+            assert flow["traffic_direction"] == "EGRESS" and flow["is_reply"] is False, flow
+            node = "node-2" if flow["source"]["pod_name"] == "tiefighter" else "node-1"
+            assert flow["node_name"] == node, flow
+        replies = flows_of(observe(hubble, server, "--from-service", "default/deathstar-svc", "--since", since))
+        assert replies and all(f["is_reply"] is True and f["source_service"]["name"] == "deathstar-svc"
+                               and f["destination"]["pod_name"] == "tiefighter" for f in replies), replies
+        direct = flows_of(observe(hubble, server, "--from-pod", "default/tiefighter", "--to-ip", deathstar,
+                                  "--since", since))
+        plain = [f for f in direct if "destination_service" not in f]
+        assert plain and len(plain) < len(direct), direct  # the straight connection's flows, beside the Service's
+        assert not flows_of(observe(hubble, server, "--to-service", "default/xwing", "--since", since))
+    finally:
+        lab.kubectl("delete", "service", "deathstar-svc", "--ignore-not-found", "--wait=true", check=False)

@@ -140,4 +140,6 @@ BPF_TABLE_PINNED("lpm_trie", struct lb4_srcrange_key, __u8, cy_lb4_srcrange,
 BPF_TABLE_PINNED("hash", struct lb4_nodeport_key, __u8, cy_lb4_nodeport,
 		 CY_LB_SERVICES_MAX, CY_PIN_DIR "/cy_lb4_nodeport");
 
+#include "include/lb_trail_maps.h"
+
 #endif /* CY_LB_MAPS_H */

@@ -73,6 +73,10 @@ struct ct_entry {
 	__u8 pad;
 	__u16 last_report[2]; /* coarse clock second (mod 2^16) of the side's last
 			       * flow event: [0] forward, [1] reply (interval reports) */
+	__u32 svc_addr;  /* the Service frontend a pod's socket asked for when it
+			  * opened the connection (include/lb_trail_maps.h), 0: none */
+	__be16 svc_port;
+	__u16 pad2;
 };
 
 struct counter {
@@ -105,7 +109,10 @@ struct flow_event {
 	__u32 saddr6[4]; /* family 6 only (saddr, daddr are then 0) */
 	__u32 daddr6[4];
 	__u8 match_type; /* CY_MATCH_*: the kind of policy entry that decided */
-	__u8 pad[3];     /* the struct's tail padding before it grew: still 88 bytes */
+	__u8 pad[3];
+	__u32 svc_addr;  /* the connection's Service frontend (ct_entry.svc_addr), 0: none */
+	__be16 svc_port;
+	__u16 pad2;
 };
 
 #endif /* CY_TYPES_H */

@@ -151,7 +151,7 @@ static __always_inline int cy_ct_report_due(struct ct_entry *entry, const struct
  * Returns 1 when the entry is new. */
 static __always_inline int cy_ct_track(const struct cy_packet *p, const struct ct_key *key,
 				       struct ct_entry *entry, __u8 dir, __u32 ep_id, __u32 cookie,
-				       __u64 now)
+				       __u64 now, __u32 svc_addr, __u16 svc_port)
 {
 	struct ct_entry fresh = {};
 
@@ -170,6 +170,8 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, const struct c
 	fresh.ep_id = ep_id;
 	fresh.cookie = cookie;
 	fresh.origin = dir;
+	fresh.svc_addr = svc_addr;
+	fresh.svc_port = svc_port;
 	if (p->protocol == CY_PROTO_TCP)
 		fresh.reported[0] = p->tcp_flags & CY_CT_REPORTED_FLAGS;
 	/* the opening packet is reported; the replies' clock starts with it too, so

@@ -61,7 +61,7 @@ static __always_inline int cy_enforce_ipv6(struct __sk_buff *skb, const struct c
 		return TC_ACT_OK;
 	cy_count(dir, CY_DROP_UNSUPPORTED_L3, p->len);
 	cy_emit(skb, p, dir, CY_VERDICT_DROPPED, CY_DROP_UNSUPPORTED_L3, 0, ep->ep_id,
-		dir == CY_DIR_EGRESS ? ep->identity : 0, dir == CY_DIR_EGRESS ? 0 : ep->identity, 0, 0, 0);
+		dir == CY_DIR_EGRESS ? ep->identity : 0, dir == CY_DIR_EGRESS ? 0 : ep->identity, 0, 0, 0, 0, 0);
 	return TC_ACT_SHOT;
 }
 
@@ -88,7 +88,7 @@ static __always_inline int cy_spoofed_source(struct __sk_buff *skb, const struct
 	ep = cy_endpoints.lookup(pod);
 	cy_count(CY_DIR_EGRESS, CY_DROP_SPOOFED_SOURCE, p->len);
 	cy_emit(skb, p, CY_DIR_EGRESS, CY_VERDICT_DROPPED, CY_DROP_SPOOFED_SOURCE, 0, ep ? ep->ep_id : 0,
-		ep ? ep->identity : 0, 0, 0, 0, 0);
+		ep ? ep->identity : 0, 0, 0, 0, 0, 0, 0);
 	return 1;
 }
 
@@ -104,6 +104,10 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 	__u8 match_type = CY_MATCH_NONE;
 	int to_l7proxy = 0;
 	__u64 ct_now = 0;
+	struct lb4_trail_key trail_key = {};
+	struct lb4_trail *trail;
+	__u32 svc_addr = 0;
+	__u16 svc_port = 0;
 	__u8 reason;
 	int parsed, is_new;
 
@@ -112,7 +116,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_OK;
 	if (parsed == CY_PARSE_BAD_L3) {
 		cy_count(dir, CY_DROP_INVALID_L3, p.len);
-		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, CY_DROP_INVALID_L3, 0, 0, 0, 0, 0, 0, 0);
+		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, CY_DROP_INVALID_L3, 0, 0, 0, 0, 0, 0, 0, 0, 0);
 		return TC_ACT_SHOT;
 	}
 	if (parsed == CY_PARSE_IPV6)
@@ -136,7 +140,8 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 				peer_id = cy_identity_of(peer_addr);
 				cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, CY_OK_REPLY, 1, ep ? ep->ep_id : 0,
 					dir == CY_DIR_EGRESS ? (ep ? ep->identity : 0) : peer_id,
-					dir == CY_DIR_EGRESS ? peer_id : (ep ? ep->identity : 0), 0, 0, 0);
+					dir == CY_DIR_EGRESS ? peer_id : (ep ? ep->identity : 0), 0, 0, 0,
+					ct_entry->svc_addr, ct_entry->svc_port);
 			}
 			return TC_ACT_OK;
 		}
@@ -157,7 +162,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		reason = parsed == CY_PARSE_SHORT ? CY_DROP_INVALID : CY_DROP_FRAGMENT;
 		peer_id = cy_identity_of(peer_addr);
 		cy_count(dir, reason, p.len);
-		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, 0, 0, 0);
+		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, 0, 0, 0, 0, 0);
 		return TC_ACT_SHOT;
 	}
 
@@ -181,17 +186,35 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 	}
 
 	cy_count(dir, reason, p.len);
+	/* the Service frontend this connection was opened through: kept in its
+	 * conntrack entry, or the trail its socket left (include/lb_trail_maps.h) */
+	if (ct_entry) {
+		svc_addr = ct_entry->svc_addr;
+		svc_port = ct_entry->svc_port;
+	} else if (dir == CY_DIR_EGRESS && parsed == CY_PARSE_OK) {
+		trail_key.pod = p.saddr;
+		trail_key.backend = p.daddr;
+		trail_key.port = p.dport;
+		trail_key.proto = p.protocol;
+		trail = cy_lb4_trail.lookup(&trail_key);
+		if (trail && bpf_ktime_get_ns() - trail->at_ns <= CY_LB_TRAIL_FRESH_NS) {
+			svc_addr = trail->address;
+			svc_port = trail->port;
+		}
+	}
 	if (reason == CY_DROP_POLICY || reason == CY_DROP_POLICY_DENY || reason == CY_DROP_PROXY_UNAVAILABLE) {
 		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie, 0,
-			match_type);
+			match_type, svc_addr, svc_port);
 		return TC_ACT_SHOT;
 	}
-	is_new = cy_ct_track(&p, &ct_key, ct_entry, dir, ep->ep_id, cookie, ct_now);
+	is_new = cy_ct_track(&p, &ct_key, ct_entry, dir, ep->ep_id, cookie, ct_now, svc_addr, svc_port);
+	if (is_new && svc_addr)
+		cy_lb4_trail.delete(&trail_key); /* taken: a later connection to the backend leaves its own */
 	if (is_new || CY_TRACE_ALL || cy_ct_report_due(ct_entry, &p, 0, ct_now)) {
 		if (!enforced)
 			peer_id = cy_identity_of(peer_addr);
 		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie,
-			ct_entry ? 1 : 0, match_type);
+			ct_entry ? 1 : 0, match_type, svc_addr, svc_port);
 	}
 	if (to_l7proxy)
 		return cy_redirect_to_l7proxy(skb);

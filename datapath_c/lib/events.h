@@ -9,7 +9,7 @@
 static __always_inline void cy_emit(struct __sk_buff *skb, const struct cy_packet *p, __u8 dir,
 				    __u8 verdict, __u8 reason, __u8 is_reply, __u32 ep_id,
 				    __u32 src_identity, __u32 dst_identity, __u32 cookie, __u8 established,
-				    __u8 match_type)
+				    __u8 match_type, __u32 svc_addr, __u16 svc_port)
 {
 	struct flow_event ev = {};
 
@@ -34,6 +34,8 @@ static __always_inline void cy_emit(struct __sk_buff *skb, const struct cy_packe
 	ev.src_identity = src_identity;
 	ev.dst_identity = dst_identity;
 	ev.cookie = cookie;
+	ev.svc_addr = svc_addr;
+	ev.svc_port = svc_port;
 	ev.ifindex = skb->ifindex;
 	ev.len = p->len;
 	ev.family = p->family;

@@ -26,6 +26,28 @@ static __always_inline int cy_lb4_fail(struct lb4_service *svc)
 	return CY_SYSCALL_FAIL;
 }
 
+/* A pod's socket (its network namespace is in cy_lb4_podns) leaves the
+ * frontend it asked for where its first packet to the backend finds it
+ * (include/lb_trail_maps.h). The node's own sockets leave none. */
+static __always_inline void cy_lb4_leave_trail(struct bpf_sock_addr *ctx, const struct lb4_backend *backend,
+					       __u32 address, __u16 port, __u8 proto)
+{
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	__u32 *pod = cy_lb4_podns.lookup(&netns);
+	if (!pod)
+		return;
+	struct lb4_trail_key tkey = {};
+	tkey.pod = *pod;
+	tkey.backend = backend->address;
+	tkey.port = backend->port;
+	tkey.proto = proto;
+	struct lb4_trail trail = {};
+	trail.at_ns = bpf_ktime_get_ns();
+	trail.address = address;
+	trail.port = port;
+	cy_lb4_trail.update(&tkey, &trail);
+}
+
 /* cy_lb4_choose's outcomes. */
 #define CY_LB_NOT_FRONTEND 0
 #define CY_LB_TRANSLATED 1
@@ -88,6 +110,7 @@ static __always_inline int cy_lb4_choose(struct bpf_sock_addr *ctx, __u32 addres
 	front.address = address;
 	front.port = port;
 	cy_lb4_revsk.update(&skey, &front);
+	cy_lb4_leave_trail(ctx, backend, address, port, proto);
 	to->address = backend->address;
 	to->port = backend->port;
 	return CY_LB_TRANSLATED;

@@ -32,6 +32,7 @@ class EndpointPayload(TypedDict):
     hostIfindex: int
     mac: str
     ipv4: str
+    netnsCookie: int
 
 
 DATAPATH_OFF = "datapath off"

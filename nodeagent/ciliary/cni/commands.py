@@ -52,6 +52,7 @@ def endpoint_payload(inv: invocation.Invocation, link: plumbing.PodLink) -> agen
         "hostIfindex": link.host_ifindex,
         "mac": link.pod_mac,
         "ipv4": str(link.ipv4),
+        "netnsCookie": link.netns_cookie,
     }
 
 

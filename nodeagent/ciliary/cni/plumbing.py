@@ -14,10 +14,13 @@ Deleting the host veth removes its peer, so teardown only needs the node side.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import logging
 import os
+import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
@@ -36,6 +39,8 @@ SCOPE_LINK = 253
 AF_INET = 2
 IFF_UP = 1
 PROC_SYS = Path("/proc/sys")
+SO_NETNS_COOKIE = 71
+CLONE_NEWNET = 0x40000000
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,9 @@ class PodLink:
     pod_mac: str
     netns: str
     ipv4: IPv4Address
+    netns_cookie: int = 0
+    """The pod's network namespace cookie (``SO_NETNS_COOKIE``), 0 when it could not be read: the socket
+    load balancer's programs tell the pod's sockets by it (the agent's ``cy_lb4_podns``)."""
 
 
 def host_ifname_for(container_id: str) -> str:
@@ -138,7 +146,31 @@ def _setup(host_ifname: str, netns_path: str, ifname: str, ipv4: IPv4Address, mt
         raise errors.CniError(
             errors.ErrorCode.PLUMBING_FAILED, f"Failed to plumb {ifname} in {netns_path}", str(exc)
         ) from exc
-    return PodLink(host_ifname, host_index, host_mac, ifname, pod_mac, netns_path, ipv4)
+    return PodLink(host_ifname, host_index, host_mac, ifname, pod_mac, netns_path, ipv4, _cookie_of(netns_path))
+
+
+def _cookie_of(netns_path: str) -> int:
+    """The namespace's cookie; 0 when it cannot be read (the pod's flows then name no Service: nothing else
+    depends on it)."""
+    found: list[int] = []
+
+    def read() -> None:  # in a thread of its own: setns(2) moves only the calling thread, which then ends
+        try:
+            fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+            finally:
+                os.close(fd)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                found.append(int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little"))
+        except OSError as exc:
+            log.warning("Network namespace cookie of %s not read: %s", netns_path, exc)
+
+    reader = threading.Thread(target=read, name="netns-cookie", daemon=True)
+    reader.start()
+    reader.join(5.0)
+    return found[0] if found else 0
 
 
 def teardown(*, container_id: str) -> bool:

@@ -52,6 +52,8 @@ class Endpoint(pydantic.BaseModel):
     host_ifindex: int = pydantic.Field(gt=0, description="Node-side veth ifindex (attach point for tc).")
     mac: str = pydantic.Field(pattern=r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$", description="Pod interface MAC.")
     ipv4: IPv4Address = pydantic.Field(description="The pod's address (a /32).")
+    netns_cookie: int = pydantic.Field(default=0, ge=0, lt=2**64,
+                                       description="The pod's network namespace cookie (SO_NETNS_COOKIE); 0: unknown.")
 
     def wire(self) -> dict[str, object]:
         return self.model_dump(mode="json", by_alias=True)

@@ -189,7 +189,7 @@ class Enforcer:
     # ------------------------------------------------------------ the worker
 
     def veths(self) -> dict[IPv4Address, planning.HostVeth]:
-        return {e.ipv4: planning.HostVeth(e.host_ifname, e.host_ifindex) for e in self.registry.list()}
+        return {e.ipv4: planning.HostVeth(e.host_ifname, e.host_ifindex, e.netns_cookie) for e in self.registry.list()}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start the datapath (bounded retries), then apply on every trigger until ``stop``."""

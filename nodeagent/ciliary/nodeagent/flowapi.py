@@ -26,6 +26,10 @@ A flow (:func:`enrich`)::
    "src": {"ip", "port", "identity", "labels": [...], "namespace", "pod"},
    "dst": {...same...}, "tcp_flags": ["SYN"], "policy": [RuleRef as JSON, ...], "ifindex": 7}
 
+A connection a pod opened through a Service frontend (the socket load balancer translated it to the
+backend in ``dst``, or ``src`` on a reply) adds ``"service": "namespace/name"`` (empty when no Service
+has that frontend any more) and ``"frontend": "10.96.0.10:80"``.
+
 An L7 flow (an HTTP request judged by the node's Envoy, ``l7_flows``) adds ``"type": "L7"`` and
 ``"l7": {"http": {"method", "url", "host", "code", "protocol", "latency_ms"}}``; its verdict is
 DROPPED (``drop_reason`` ``L7_DENIED``: answered 403) or FORWARDED, ``policy`` the allowing rule.
@@ -86,6 +90,11 @@ def tcp_flag_names(flags: int) -> list[str]:
     return [name for bit, name in TCP_FLAGS if flags & bit]
 
 
+def no_service(_address: str, _port: int, _protocol: int) -> str:
+    """No load-balancing intent: no frontend names a Service."""
+    return ""
+
+
 @dataclass(frozen=True)
 class IntentIndex:
     """What enrichment needs from an intent, indexed once per intent."""
@@ -96,15 +105,20 @@ class IntentIndex:
     labels: Mapping[int, tuple[str, ...]]
     revision: int = 0
     """The policy revision of the intent (Hubble's Policy.revision)."""
+    service_of: Callable[[str, int, int], str] = field(default=no_service, compare=False, repr=False)
+    """(frontend address, port, L4 protocol number) -> the Service ``namespace/name`` whose frontend it is in the
+    load-balancing intent in force, "" when none (``load_balancing.LoadBalancing.service_of``)."""
     hubble_endpoints: dict[tuple[str, int], Any] = field(default_factory=dict, compare=False, repr=False)
     """(ip, identity) -> flow.Endpoint, filled by ``hubble_convert`` (lives and dies with this index)."""
 
     @classmethod
-    def of(cls, node: str, intent: intents.NodeIntent | None) -> IntentIndex:
+    def of(cls, node: str, intent: intents.NodeIntent | None,
+           service_of: Callable[[str, int, int], str] = no_service) -> IntentIndex:
         if intent is None:
-            return cls(node, {}, {})
+            return cls(node, {}, {}, service_of=service_of)
         return cls(node, {e.ipv4: (e.namespace, e.pod) for e in intent.endpoints},
-                   {int(k): tuple(v) for k, v in intent.identity_labels.items()}, intent.revision)
+                   {int(k): tuple(v) for k, v in intent.identity_labels.items()}, intent.revision,
+                   service_of=service_of)
 
     def peer(self, ip: str, port: int, identity: int) -> dict[str, Any]:
         labels = list(self.labels.get(identity, ()))
@@ -158,8 +172,19 @@ def enrich(event: Any, index: IntentIndex, rules_for: Callable[[int], Iterable[i
         "tcp_flags": tcp_flag_names(event.tcp_flags) if event.protocol == 6 else [],
         "policy": [r.model_dump(mode="json") for r in rules_for(event.cookie)] if event.cookie else [],
         "ifindex": event.ifindex,
+        **_service_fields(event, index),
         **_l7_fields(event),
     }
+
+
+def _service_fields(event: Any, index: IntentIndex) -> dict[str, Any]:
+    """A connection a pod opened through a Service frontend: ``service`` (``namespace/name``, empty when no
+    Service has that frontend now) and ``frontend`` (``address:port``)."""
+    frontend = getattr(event, "frontend", None)
+    if frontend is None:
+        return {}
+    return {"service": index.service_of(frontend[0], frontend[1], event.protocol),
+            "frontend": f"{frontend[0]}:{frontend[1]}"}
 
 
 def _l7_fields(event: Any) -> dict[str, Any]:
@@ -245,6 +270,8 @@ class FlowHub:
         # so the hot path (thousands of events per second) is an append
         self.ring: collections.deque[RingEntry] = collections.deque(maxlen=capacity)
         self.index = IntentIndex.of(node, None)
+        self._intent: intents.NodeIntent | None = None
+        self._service_of: Callable[[str, int, int], str] = no_service
         self.rules_for: Callable[[int], Iterable[intents.RuleRef]] = lambda _c: ()
         self.lost_kernel: Callable[[], int] = lambda: 0
         self.lost_reader: Callable[[], int] = lambda: 0
@@ -260,7 +287,13 @@ class FlowHub:
         self.started = time.time()
 
     def set_intent(self, intent: intents.NodeIntent | None) -> None:
-        self.index = IntentIndex.of(self.node, intent)
+        self._intent = intent
+        self.index = IntentIndex.of(self.node, intent, self._service_of)
+
+    def set_service_lookup(self, service_of: Callable[[str, int, int], str]) -> None:
+        """Name Services by frontend from now on (``IntentIndex.service_of``; the agent's load balancing)."""
+        self._service_of = service_of
+        self.index = IntentIndex.of(self.node, self._intent, service_of)
 
     def publish(self, events: Iterable[Any]) -> int:
         """Enrich and keep ``events``; hand them to every follower (dropping for full ones)."""

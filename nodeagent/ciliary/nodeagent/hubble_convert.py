@@ -21,7 +21,12 @@ What each Hubble field carries, and what Ciliary leaves empty:
   ``Summary`` (``TCP Flags: SYN``, ``ICMPv4 EchoRequest``: the text the CLI's compact output shows).
 - L7 flows (``l7_flows.L7Event``, an HTTP request judged by the node's proxy): ``Type`` L7 and
   ``l7.http`` (code, method, url, protocol), ``latency_ns``; DROPPED when answered 403.
-- Left empty: ethernet, DNS names, services, trace contexts.
+- ``destination_service`` (``source_service`` on a reply): the Service whose frontend a pod's socket asked
+  for when it opened the connection (the socket load balancer translated it to the backend the flow
+  shows; ``flows.FlowEvent.frontend``), named by the load-balancing intent in force when read
+  (``IntentIndex.service_of``); unset for connections not opened through a frontend, on the backend's
+  side, and when no Service has that frontend any more.
+- Left empty: ethernet, DNS names, trace contexts.
 """
 
 from __future__ import annotations
@@ -136,6 +141,11 @@ def to_flow(event: Any, index: Any, rules: Iterable[intents.RuleRef], revision: 
             type=EVENT_TRACE, sub_type=TRACE_TO_ENDPOINT if ingress else TRACE_FROM_ENDPOINT))
         flow.trace_observation_point = flow_pb2.TO_ENDPOINT if ingress else flow_pb2.FROM_ENDPOINT
     proto = event.protocol
+    frontend = getattr(event, "frontend", None)
+    if frontend is not None and (service := index.service_of(frontend[0], frontend[1], proto)):
+        namespace, _, name = service.partition("/")
+        (flow.source_service if event.is_reply else flow.destination_service).CopyFrom(
+            flow_pb2.Service(name=name, namespace=namespace))
     if proto == 6:
         names = [name for bit, name in TCP_FLAG_FIELDS if event.tcp_flags & bit]
         flags = flow_pb2.TCPFlags(**{name: True for name in names})

@@ -4,7 +4,9 @@ Semantics (as Hubble's server applies them): a flow passes when it matches at le
 whitelist filter (or the whitelist is empty) and no blacklist filter. Within one filter every
 field that is set must match (AND); within one repeated field any value may match (OR).
 
-Fields about data Ciliary never records (FQDNs, services, workloads, cluster names, L7 HTTP and
+``source_service`` / ``destination_service`` match as pods do (``namespace/name-prefix``) against the
+Service a flow names (``hubble_convert``: a pod's connection opened through a Service frontend).
+Fields about data Ciliary never records (FQDNs, workloads, cluster names, L7 HTTP and
 DNS, trace IDs, translated source IPs, node labels) are checked for well-formedness and then match
 no flow, which is what such a filter selects among Ciliary's flows. A field this module does not
 know (sent by a newer client) and CEL expressions are refused with :class:`FilterError`, never
@@ -18,6 +20,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf import unknown_fields
 
@@ -138,7 +141,9 @@ def _ip_matcher(field: str, values: Iterable[str]) -> Callable[[str], bool]:
     return matches
 
 
-def _pod_matcher(field: str, values: Iterable[str]) -> Callable[[flow_pb2.Endpoint], bool]:
+def _pod_matcher(field: str, values: Iterable[str], name: str = "pod_name") -> Callable[[Any], bool]:
+    """``namespace/name-prefix`` values (``ns/``: the whole namespace) against an Endpoint's ``pod_name`` or a
+    Service's ``name``."""
     wanted = []
     for value in values:
         namespace, sep, prefix = value.partition("/")
@@ -147,7 +152,8 @@ def _pod_matcher(field: str, values: Iterable[str]) -> Callable[[flow_pb2.Endpoi
         wanted.append((namespace, prefix))
 
     def matches(ep: flow_pb2.Endpoint) -> bool:
-        return any((not ns or ep.namespace == ns) and ep.pod_name.startswith(prefix) and (prefix or ns)
+        own = getattr(ep, name)
+        return any((not ns or ep.namespace == ns) and own.startswith(prefix) and (prefix or ns)
                    for ns, prefix in wanted)
 
     return matches
@@ -211,6 +217,12 @@ def compile_filter(f: flow_pb2.FlowFilter) -> Predicate:
     if f.destination_pod:
         dst_pod = _pod_matcher("destination_pod", f.destination_pod)
         checks.append(lambda fl: dst_pod(fl.destination))
+    if f.source_service:
+        src_svc = _pod_matcher("source_service", f.source_service, "name")
+        checks.append(lambda fl: fl.HasField("source_service") and src_svc(fl.source_service))
+    if f.destination_service:
+        dst_svc = _pod_matcher("destination_service", f.destination_service, "name")
+        checks.append(lambda fl: fl.HasField("destination_service") and dst_svc(fl.destination_service))
     if f.source_label:
         src_sel = [label_selector("source_label", s) for s in f.source_label]
         checks.append(lambda fl: any(sel(fl.source.labels) for sel in src_sel))
@@ -286,7 +298,7 @@ def compile_filter(f: flow_pb2.FlowFilter) -> Predicate:
             _regexes(field, getattr(f, field))
             checks.append(_never)
     # data Ciliary never records: such a filter matches no flow
-    for field in ("uuid", "source_fqdn", "destination_fqdn", "source_service", "destination_service",
+    for field in ("uuid", "source_fqdn", "destination_fqdn",
                   "source_workload", "destination_workload", "source_cluster_name", "destination_cluster_name",
                   "http_method", "http_header", "trace_id", "ip_trace_id"):
         if len(getattr(f, field)):

@@ -11,7 +11,7 @@ client receives is exactly what the full filter selects; the first pass only ski
 
 Used per filter (AND of these; OR across the whitelist): verdict, traffic direction, L4 protocol,
 source/destination identity, source/destination port, source/destination pod (when every value names
-a pod prefix). Other fields are left to the full filter. The blacklist is left to the full filter
+a pod prefix), source/destination service (the event carries a frontend). Other fields are left to the full filter. The blacklist is left to the full filter
 too (a NOT cannot be narrowed by a necessary condition). No prefilter (None) when some whitelist
 filter sets none of these fields, or the whitelist is empty. A verdict every whitelist filter asks
 for (``hubble observe --pod X --verdict DROPPED`` sends two filters with the same verdict) is checked
@@ -101,6 +101,8 @@ def _checks(f: flow_pb2.FlowFilter, *, verdict: bool = True) -> list[RawCheck]:
     for values, source in ((f.source_pod, True), (f.destination_pod, False)):
         if values and (pod := _pod_check(values, source)) is not None:
             checks.append(pod)
+    if f.source_service or f.destination_service:  # only an event with a frontend names a Service
+        checks.append(lambda e, _i: getattr(e, "frontend", None) is not None)
     return checks
 
 

@@ -45,6 +45,7 @@ RESYNC_INTERVAL_S = 60.0
 """How often the kernel's LB maps are read back and compared with what the engine wrote (about 0.6 s of the
 engine's thread at 10,000 Services); a difference is logged and the intent applied again from what the kernel
 holds."""
+L4_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132}
 APPLY_ERRORS = (OSError, dp_errors.DatapathError, lb_planning.LBCapacityError, lb_device.DeviceSelectionError)
 
 
@@ -74,6 +75,8 @@ class LoadBalancing:
         """Why the newest published intent was refused (until a valid one comes): an apply of an older one that
         finishes meanwhile must not clear it from ``error``."""
         self.applied: NodeLBIntent | None = None
+        self._names: tuple[NodeLBIntent, dict[tuple[str, int, int], str]] | None = None
+        """The applied intent's Services by frontend, built the first time a flow asks after an apply."""
         self.error = ""
         self.applies = 0
         self.last_applied: float | None = None
@@ -85,6 +88,17 @@ class LoadBalancing:
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def service_of(self, address: str, port: int, protocol: int) -> str:
+        """The Service (``namespace/name``) of the frontend (address, port, L4 protocol number) in the intent the
+        kernel's maps hold; "" when none. For the flows (``flowapi.IntentIndex.service_of``)."""
+        intent = self.applied
+        if intent is None:
+            return ""
+        if self._names is None or self._names[0] is not intent:
+            self._names = (intent, {(f.address, f.port, L4_NUMBERS.get(f.protocol, 0)): f.service
+                                    for f in intent.frontends})
+        return self._names[1].get((address, port, protocol), "")
 
     def health(self) -> service_health.ProxyHealth:
         healthy = (self.started.is_set() and not self.error and self.applied is not None

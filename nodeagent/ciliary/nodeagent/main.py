@@ -91,6 +91,7 @@ class Agent:
                 devices=config.lb_devices,
                 proxy_healthz=settings.host_port(config.proxy_healthz_addr),
                 proxy_status=settings.host_port(config.proxy_status_addr))
+            self.flows.set_service_lookup(self.lb.service_of)
         if config.datapath:
             self.datapath = (datapath_factory or make_datapath)(config)
             self.enforcer = enforcing.Enforcer(node=config.node_name, datapath=self.datapath,

@@ -128,6 +128,8 @@ class HostVeth:
 
     ifname: str
     ifindex: int
+    netns_cookie: int = 0
+    """The pod's network namespace cookie (0: unknown), for ``cy_lb4_podns``."""
 
 
 @dataclasses.dataclass(frozen=True, order=True)

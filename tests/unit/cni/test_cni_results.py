@@ -8,7 +8,7 @@ from ciliary.cni import commands, config, invocation, plumbing
 from ciliary.nodeagent import endpoints
 
 LINK = plumbing.PodLink("cy0123456789a", 42, "aa:bb:cc:dd:ee:01", "eth0", "aa:bb:cc:dd:ee:02",
-                        "/run/netns/pod", IPv4Address("10.244.1.5"))
+                        "/run/netns/pod", IPv4Address("10.244.1.5"), 4097)
 
 
 def conf(version="1.0.0"):
@@ -46,3 +46,15 @@ def test_payload_is_accepted_by_the_agent_model():
     payload = commands.endpoint_payload(inv, LINK)
     endpoint = endpoints.Endpoint.model_validate(payload)
     assert endpoint.wire() == payload
+    assert endpoint.netns_cookie == payload["netnsCookie"] == 4097
+
+
+def test_the_netns_cookie_is_the_kernels_and_an_unreadable_one_is_zero(tmp_path):
+    """``SO_NETNS_COOKIE`` of the namespace behind the path (here the test's own, via /proc/self/ns/net); a path
+    that is no namespace gives 0 (the pod's flows then name no Service) instead of failing the ADD."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as own:
+        expected = int.from_bytes(own.getsockopt(socket.SOL_SOCKET, 71, 8), "little")
+    assert plumbing._cookie_of("/proc/self/ns/net") == expected != 0
+    assert plumbing._cookie_of(str(tmp_path / "missing")) == 0

@@ -11,7 +11,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from ciliary.nodeagent import endpoint_api, endpoints, health
 
 BODY = {"containerId": "c1", "podNamespace": "ns", "podName": "web", "podUid": "u", "netns": "/run/netns/p",
-        "ifname": "eth0", "hostIfname": "cyabc", "hostIfindex": 7, "mac": "aa:bb:cc:dd:ee:ff", "ipv4": "10.244.1.5"}
+        "ifname": "eth0", "hostIfname": "cyabc", "hostIfindex": 7, "mac": "aa:bb:cc:dd:ee:ff", "ipv4": "10.244.1.5",
+        "netnsCookie": 4242}
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ctypes as ct
 import json
+import socket
 from ipaddress import IPv4Address, IPv6Address
 
 from aiohttp import web
@@ -127,3 +128,12 @@ def test_parser_drop_reasons_and_ipv6_flows() -> None:
     assert ct.sizeof(maps.FlowEventC) == maps.STRUCT_SIZES["flow_event"]
     old_layout = bytes(maps.FlowEventC(protocol=6, verdict=2, reason=5, direction=1))[:56]  # before IPv6 fields
     assert flows.decode(old_layout, mono_to_wall=0.0).reason is maps.Reason.DROP_POLICY
+
+
+def test_a_recorded_frontend_decodes_as_address_and_port() -> None:
+    """flow_event's svc_addr / svc_port (network order) become FlowEvent.frontend; 0 means none."""
+    raw = maps.FlowEventC(ts_ns=1, protocol=6, verdict=1, reason=1, direction=2, family=4,
+                          svc_addr=maps.addr_to_u32(IPv4Address("10.96.0.10")), svc_port=socket.htons(8080))
+    assert flows.decode(bytes(raw), mono_to_wall=0.0).frontend == ("10.96.0.10", 8080)
+    assert flows.decode(bytes(maps.FlowEventC(protocol=6, verdict=1, reason=1)), mono_to_wall=0.0).frontend is None
+    assert ct.sizeof(maps.CtEntryC) == maps.STRUCT_SIZES["ct_entry"] == 32

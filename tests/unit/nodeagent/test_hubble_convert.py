@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from ipaddress import IPv4Address
 
 import pytest
@@ -174,3 +175,57 @@ def test_response_bytes_are_the_serialized_response(node: str) -> None:
         assert wire == expected.SerializeToString()
         assert observer_pb2.GetFlowsResponse.FromString(wire) == expected
     assert len(big.SerializeToString()) > 16384  # a 3-byte length prefix was exercised
+
+
+SVC_INDEX = flowapi.IntentIndex.of(
+    "n1", INTENT, lambda address, port, l4: {("10.96.0.10", 80, 6): "default/deathstar"}.get((address, port, l4), ""))
+
+
+def through(frontend: tuple[str, int] | None, **kw: object) -> flows.FlowEvent:
+    return dataclasses.replace(event("forwarded", maps.Reason.OK_POLICY, direction="egress", **kw),  # type: ignore[arg-type]
+                               frontend=frontend)
+
+
+def test_a_connection_opened_through_a_frontend_names_its_service() -> None:
+    """The forward packets name it as the destination Service, the replies as the source Service; no frontend, a
+    frontend no Service has (deleted since), another protocol on its port or no lookup: no Service."""
+    flow = hubble_convert.to_flow(through(("10.96.0.10", 80)), SVC_INDEX, ())
+    assert (flow.destination_service.namespace, flow.destination_service.name) == ("default", "deathstar")
+    assert not flow.HasField("source_service")
+    reply = hubble_convert.to_flow(through(("10.96.0.10", 80), is_reply=True), SVC_INDEX, ())
+    assert (reply.source_service.namespace, reply.source_service.name) == ("default", "deathstar")
+    assert not reply.HasField("destination_service")
+    for plain in (through(None), through(("10.96.0.11", 80)), through(("10.96.0.10", 80), protocol=17)):
+        flow = hubble_convert.to_flow(plain, SVC_INDEX, ())
+        assert not flow.HasField("destination_service") and not flow.HasField("source_service")
+    assert not hubble_convert.to_flow(through(("10.96.0.10", 80)), INDEX, ()).HasField("destination_service")
+    as_json = json_format.MessageToDict(hubble_convert.to_flow(through(("10.96.0.10", 80)), SVC_INDEX, ()),
+                                        preserving_proto_field_name=True)
+    assert as_json["destination_service"] == {"name": "deathstar", "namespace": "default"}
+
+
+def test_service_filters_select_by_namespace_and_name_prefix() -> None:
+    flow = hubble_convert.to_flow(through(("10.96.0.10", 80)), SVC_INDEX, ())
+    plain = hubble_convert.to_flow(through(None), SVC_INDEX, ())
+    for values, selected in ((["default/deathstar"], True), (["default/death"], True), (["default/"], True),
+                             (["deathstar"], True), (["other/deathstar"], False), (["default/xwing"], False)):
+        to = hubble_filter.compile_filters([flow_pb2.FlowFilter(destination_service=values)], [])
+        assert to(flow) is selected, values
+        assert not to(plain)
+        assert not hubble_filter.compile_filters([flow_pb2.FlowFilter(source_service=values)], [])(flow)
+
+
+def test_the_flow_api_names_the_service_and_frontend() -> None:
+    out = flowapi.enrich(through(("10.96.0.10", 80)), SVC_INDEX, lambda _c: ())
+    assert (out["service"], out["frontend"]) == ("default/deathstar", "10.96.0.10:80")
+    assert "service" not in flowapi.enrich(through(None), SVC_INDEX, lambda _c: ())
+    assert flowapi.enrich(through(("10.96.0.99", 80)), SVC_INDEX, lambda _c: ())["service"] == ""
+
+
+def test_the_hub_keeps_the_service_lookup_across_intents() -> None:
+    hub = flowapi.FlowHub("n1")
+    hub.set_service_lookup(SVC_INDEX.service_of)
+    hub.set_intent(INTENT)
+    assert hub.index.service_of("10.96.0.10", 80, 6) == "default/deathstar" and hub.index.revision == 7
+    hub.set_intent(None)
+    assert hub.index.service_of("10.96.0.10", 80, 6) == "default/deathstar"

@@ -5,6 +5,7 @@ unchanged by it (the query with and without the first pass, over one ring)."""
 
 from __future__ import annotations
 
+import dataclasses
 from ipaddress import IPv4Address
 
 from hypothesis import given, settings
@@ -133,3 +134,34 @@ def test_get_flows_answers_are_the_same_with_and_without_it() -> None:
         without = query.history(entries)
         assert [f.SerializeToString() for f in with_first] == [f.SerializeToString() for f in without]
         assert with_first, request
+
+
+SERVICES = {("10.96.0.10", 80, 6): "default/deathstar", ("10.96.0.11", 53, 17): "kube-system/kube-dns"}
+SVC_INDEX = flowapi.IntentIndex.of("n1", INTENT, lambda a, p, l4: SERVICES.get((a, p, l4), ""))
+service_events = st.tuples(events, st.sampled_from([None, ("10.96.0.10", 80), ("10.96.0.11", 53),
+                                                    ("10.96.0.12", 80)])).map(
+    lambda pair: dataclasses.replace(pair[0], frontend=pair[1]))
+services = st.lists(st.sampled_from(["default/deathstar", "default/death", "default/", "kube-system/", "deathstar",
+                                     "other/deathstar", "kube-system/kube-dns"]), min_size=1, max_size=2)
+service_filters = st.builds(
+    lambda verdict, ssvc, dsvc, dport: F(verdict=verdict, source_service=ssvc, destination_service=dsvc,
+                                         destination_port=dport),
+    st.lists(st.sampled_from([flow_pb2.DROPPED, flow_pb2.FORWARDED]), max_size=1),
+    st.one_of(st.just([]), services), st.one_of(st.just([]), services),
+    st.lists(st.sampled_from(["80", "53"]), max_size=1))
+
+
+@settings(max_examples=600)
+@given(service_events, st.lists(service_filters, min_size=1, max_size=2), st.sampled_from([SVC_INDEX, INDEX]))
+def test_never_rejects_a_service_the_full_filter_accepts(event: flows.FlowEvent, whitelist: list[F],
+                                                        index: flowapi.IntentIndex) -> None:
+    """Service filters: the first pass asks only for a frontend on the event; events with and without one,
+    frontends some Service has and one none has, indexes with and without the Service lookup."""
+    test_never_rejects_what_the_full_filter_accepts.hypothesis.inner_test(event, whitelist, index)  # type: ignore[attr-defined]
+
+
+def test_a_service_filter_rejects_events_without_a_frontend_first() -> None:
+    first = hubble_prefilter.compile_prefilter([F(destination_service=["default/deathstar"])])
+    assert first is not None
+    assert not first(ev(), SVC_INDEX)
+    assert first(dataclasses.replace(ev(), frontend=("10.96.0.10", 80)), SVC_INDEX)

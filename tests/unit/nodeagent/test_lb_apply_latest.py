@@ -183,3 +183,22 @@ def test_the_engine_gets_the_shards_the_watcher_handed_over_with_that_very_inten
     assert len(got) == 2
     assert got[0][0] is assembled and got[0][1] is shards
     assert got[1][0] is other and got[1][1] is None  # not the intent the watcher handed over with those shards
+
+
+def test_flows_name_the_service_of_a_frontend_in_the_applied_intent_only() -> None:
+    """``service_of`` answers from the intent the maps hold (not a newer one still waiting), by address, port and
+    protocol number, and follows the next applied intent."""
+    lb = make(SlowEngine(0.0))
+    assert lb.service_of("10.96.0.1", 80, 6) == ""
+    first = NodeLBIntent(node="n1", frontends=(
+        FrontendIntent(service="default/web", kind=FrontendKind.CLUSTER_IP, address="10.96.0.1", port=80,
+                       protocol="TCP"),
+        FrontendIntent(service="kube-system/kube-dns", kind=FrontendKind.CLUSTER_IP, address="10.96.0.10",
+                       port=53, protocol="UDP")))
+    lb.applied = first
+    lb.wanted = intent(3)
+    assert lb.service_of("10.96.0.1", 80, 6) == "default/web"
+    assert lb.service_of("10.96.0.10", 53, 17) == "kube-system/kube-dns"
+    assert lb.service_of("10.96.0.10", 53, 6) == "" and lb.service_of("10.96.0.2", 80, 6) == ""
+    lb.applied = intent(3)
+    assert lb.service_of("10.96.0.1", 80, 6) == "ns/s" and lb.service_of("10.96.0.10", 53, 17) == ""

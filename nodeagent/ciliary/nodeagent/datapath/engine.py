@@ -36,7 +36,7 @@ from ciliary.operator import intents
 log = logging.getLogger(__name__)
 
 MAP_NAMES = ("cy_ipcache", "cy_endpoints", "cy_ep_ifindex", "cy_policy", "cy_policy_deny", "cy_ct",
-             "cy_counters", "cy_lost", "cy_events")
+             "cy_counters", "cy_lost", "cy_events", "cy_lb4_trail", "cy_lb4_podns")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,7 @@ def _sizes_of(ctx: rendering.RenderContext) -> dict[str, tuple[int, int, int]]:
         "cy_ep_ifindex": (4, 4, ctx.endpoints_size),
         "cy_policy": (16, 8, ctx.policy_size),
         "cy_policy_deny": (16, 8, ctx.policy_size),
-        "cy_ct": (16, 24, ctx.ct_size),
+        "cy_ct": (16, ct.sizeof(maps.CtEntryC), ctx.ct_size),
         "cy_counters": (4, 16, 3 * maps.REASON_MAX),
         "cy_lost": (4, 8, 1),
         "cy_events": (0, 0, ctx.events_pages * 4096),
@@ -141,6 +141,8 @@ class Datapath:
                     jobs.append((program, pin_path))
                 else:
                     adopted[hook] = fd
+            if jobs:
+                loading.ensure_pinned_maps(self.pin_dir, maps.TRAIL_MAPS)
             compiling.compile_and_pin(jobs)
             for program, pin_path in jobs:
                 adopted[program.hook] = loading.open_pinned(pin_path)
@@ -277,6 +279,7 @@ class Datapath:
             log.info("Conntrack entries of gone endpoints removed", extra={"node": self.node, "entries": purged})
         self._rules = {planning.rule_cookie(e.rules): e.rules
                        for ep in intent.endpoints for d in (ep.ingress, ep.egress) for e in d.entries}
+        self._sync_pod_netns(veths)
 
         # 3. Attachments, isolated per veth.
         attachments = set(state.attachments)
@@ -319,6 +322,17 @@ class Datapath:
             first = failures[0]
             raise errors.AttachFailed(first.ifname, first.hook, first.message, tuple(failures[1:]))
         return result
+
+    def _sync_pod_netns(self, veths: Mapping[IPv4Address, planning.HostVeth]) -> None:
+        """``cy_lb4_podns``: each pod's network namespace cookie -> its IPv4, so the socket load balancer's
+        translations leave the trail that names the Service in the pod's flows (include/lb_trail_maps.h).
+        A failed write costs only those names: logged, the apply goes on."""
+        wanted = {veth.netns_cookie: ip for ip, veth in veths.items() if veth.netns_cookie}
+        try:
+            maps.sync_map(self._fd("cy_lb4_podns"), maps.POD_NETNS, wanted)
+        except (OSError, errors.DatapathError) as exc:
+            log.warning("Pod network namespaces not written: flows name no Service", extra={
+                "node": self.node, "error": str(exc)})
 
     def _write_maps(self, the_plan: planning.Plan, observed: planning.DatapathState) -> planning.DatapathState:
         """Write the plan's maps in ``planning.write_order``; returns ``observed`` as patched."""

@@ -56,6 +56,9 @@ class FlowEvent:
     match_type: int = 0
     """consts.h ``CY_MATCH_*`` (Hubble's ``policy_match_type`` numbers): the kind of entry that decided
     (``hubble_convert.MATCH_TYPES``); 0 when none did (default deny, replies, unenforced endpoints)."""
+    frontend: tuple[str, int] | None = None
+    """The Service frontend (address, port) a pod's socket asked for when it opened this connection
+    (socket load balancing translated it to ``dst``, or for a reply to ``src``); None when it opened none."""
 
 
 def decode(raw: bytes, *, mono_to_wall: float | None = None) -> FlowEvent:
@@ -85,6 +88,7 @@ def decode(raw: bytes, *, mono_to_wall: float | None = None) -> FlowEvent:
         length=ev.len,
         established=bool(ev.established),
         match_type=ev.match_type,
+        frontend=(str(maps.u32_to_addr(ev.svc_addr)), socket.ntohs(ev.svc_port)) if ev.svc_addr else None,
     )
 
 

@@ -47,6 +47,9 @@ HOOKS: Mapping[str, tuple[str, int]] = {
 }
 """hook -> (bcc program type, kernel attach type)."""
 MAP_NAMES = ("cy_lb4_svc", "cy_lb4_be", "cy_lb4_revsk", "cy_lb4_aff", "cy_lb4_nodeport", "cy_lb4_srcrange")
+TRAIL_MAP_NAMES = ("cy_lb4_trail", "cy_lb4_podns")
+"""Maps the socket programs share with the pod programs (include/lb_trail_maps.h): the policy engine
+(``datapath.engine``) owns their pins and fills ``cy_lb4_podns``; this engine's teardown leaves them."""
 PIN_PREFIX = "lbprog_"
 """Program pins are ``lbprog_<hook>_<hash16>``: never ``prog_*``, which the policy engine owns (and prunes)."""
 
@@ -179,6 +182,8 @@ class SocketLB:
             if path.exists() and self._uses_our_maps(path):
                 continue
             jobs.append((program, path))
+        if jobs:
+            loading.ensure_pinned_maps(self.pin_dir, maps.TRAIL_MAPS)
         compiling.compile_and_pin(jobs)
         self.close()
         self._prog_fds = {hook: loading.open_pinned(path) for hook, path in paths.items()}
@@ -203,7 +208,7 @@ class SocketLB:
     def _uses_our_maps(self, path: Path) -> bool:
         fd = loading.open_pinned(path)
         try:
-            return loading.uses_only(fd, [self.pin_dir / name for name in MAP_NAMES])
+            return loading.uses_only(fd, [self.pin_dir / name for name in (*MAP_NAMES, *TRAIL_MAP_NAMES)])
         finally:
             os.close(fd)
 

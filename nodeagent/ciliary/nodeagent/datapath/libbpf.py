@@ -25,6 +25,7 @@ lib.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uin
 lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
 lib.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
 lib.libbpf_num_possible_cpus.argtypes = []
+lib.bpf_map_create.argtypes = [ct.c_int, ct.c_char_p, ct.c_uint32, ct.c_uint32, ct.c_uint32, ct.c_void_p]
 
 
 class TestRunOptsC(ct.Structure):
@@ -71,6 +72,12 @@ def _checked(result: int, what: str) -> int:
 
 def obj_pin(fd: int, path: Path) -> None:
     _checked(lib.bpf_obj_pin(fd, str(path).encode()), f"bpf_obj_pin {path}")
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int) -> int:
+    """A new map's fd (the caller closes it)."""
+    return int(_checked(lib.bpf_map_create(map_type, name.encode(), key_size, value_size, max_entries, None),
+                        f"bpf_map_create {name}"))
 
 
 def obj_get(path: Path) -> int:

@@ -15,7 +15,7 @@ import dataclasses
 import errno as errno_mod
 import os
 import subprocess
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -61,6 +61,24 @@ def ensure_bpffs(root: Path = Path("/sys/fs/bpf")) -> None:
 
 def pin(fd: int, path: Path) -> None:
     libbpf.obj_pin(fd, path)
+
+
+def ensure_pinned_maps(pin_dir: Path, shapes: Mapping[str, tuple[int, int, int, int]]) -> None:
+    """Create and pin each map of ``shapes`` (name -> type, key size, value size, entries) not pinned yet, before
+    a compile: maps two engines' programs share would otherwise be created by both their compiles at once, and
+    the second pin fails. A pin another process made meanwhile (EEXIST) is as good."""
+    for name, (map_type, key_size, value_size, entries) in shapes.items():
+        path = pin_dir / name
+        if path.exists():
+            continue
+        fd = libbpf.map_create(map_type, name, key_size, value_size, entries)
+        try:
+            libbpf.obj_pin(fd, path)
+        except OSError as exc:
+            if exc.errno != errno_mod.EEXIST:
+                raise
+        finally:
+            os.close(fd)
 
 
 def open_pinned(path: Path) -> int:

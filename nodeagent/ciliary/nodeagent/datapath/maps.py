@@ -71,7 +71,8 @@ class CtKeyC(ct.Structure):
 class CtEntryC(ct.Structure):
     _fields_ = [("expires", ct.c_uint64), ("ep_id", ct.c_uint32), ("cookie", ct.c_uint32),
                 ("origin", ct.c_uint8), ("reported", ct.c_uint8 * 2), ("pad", ct.c_uint8),
-                ("last_report", ct.c_uint16 * 2)]
+                ("last_report", ct.c_uint16 * 2), ("svc_addr", ct.c_uint32), ("svc_port", ct.c_uint16),
+                ("pad2", ct.c_uint16)]
 
 
 class CounterC(ct.Structure):
@@ -92,12 +93,12 @@ class FlowEventC(ct.Structure):
                 ("ep_id", ct.c_uint32), ("src_identity", ct.c_uint32), ("dst_identity", ct.c_uint32),
                 ("cookie", ct.c_uint32), ("ifindex", ct.c_uint32), ("len", ct.c_uint32),
                 ("saddr6", ct.c_uint8 * 16), ("daddr6", ct.c_uint8 * 16), ("match_type", ct.c_uint8),
-                ("pad", ct.c_uint8 * 3)]
+                ("pad", ct.c_uint8 * 3), ("svc_addr", ct.c_uint32), ("svc_port", ct.c_uint16), ("pad2", ct.c_uint16)]
 
 
 STRUCT_SIZES = {
     "ipcache_key": 8, "ipcache_value": 8, "endpoint_info": 20, "policy_key": 16,
-    "policy_value": 8, "ct_key": 16, "ct_entry": 24, "counter": 16, "flow_event": 88,
+    "policy_value": 8, "ct_key": 16, "ct_entry": 32, "counter": 16, "flow_event": 96,
 }
 """sizeof() of each types.h struct; checked against the ctypes mirrors by the tests."""
 
@@ -204,6 +205,24 @@ def _policy_codec(name: str) -> Codec[planning.PolicyKey, planning.PolicyValue]:
 POLICY = _policy_codec("cy_policy")
 POLICY_DENY = _policy_codec("cy_policy_deny")
 
+
+class PodNetnsKeyC(ct.Structure):
+    _fields_ = [("cookie", ct.c_uint64)]
+
+
+class PodNetnsValueC(ct.Structure):
+    _fields_ = [("addr", ct.c_uint32)]
+
+
+POD_NETNS: Codec[int, IPv4Address] = Codec(
+    "cy_lb4_podns", PodNetnsKeyC, PodNetnsValueC, PodNetnsKeyC, lambda k: int(k.cookie),
+    lambda ip: PodNetnsValueC(addr_to_u32(ip)), lambda v: u32_to_addr(v.addr))
+"""cy_lb4_podns (include/lb_trail_maps.h): a pod's network namespace cookie -> its IPv4."""
+BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH = 1, 9
+TRAIL_MAPS = {"cy_lb4_trail": (BPF_MAP_TYPE_LRU_HASH, 12, 16, 16384), "cy_lb4_podns": (BPF_MAP_TYPE_HASH, 8, 4, 4096)}
+"""The maps of include/lb_trail_maps.h (type, key size, value size, CY_LB_TRAIL_MAX / CY_LB_PODNS_MAX), shared by the
+pod programs and the socket programs: ``loading.ensure_pinned_maps`` creates them before either compiles."""
+
 # ---------------------------------------------------------------- raw map access
 
 
@@ -249,6 +268,17 @@ def read_percpu(fd: int, index: int, value_c: type[PerCpuValue]) -> list[PerCpuV
     if libbpf.lib.bpf_map_lookup_elem(fd, ct.byref(key), buf) != 0:
         return [value_c() for _ in range(cpus)]
     return [value_c.from_buffer_copy(buf, cpu * stride) for cpu in range(cpus)]
+
+
+def sync_map(fd: int, codec: Codec[K, V], wanted: Mapping[K, V]) -> int:
+    """Make a small map hold exactly ``wanted`` (read it, delete the rest, write what differs); the writes."""
+    have = read_map(fd, codec)
+    for key in have.keys() - wanted.keys():
+        _delete(fd, codec, key)
+    changed = [key for key, value in wanted.items() if have.get(key) != value]
+    for key in changed:
+        _update(fd, codec, key, wanted[key])
+    return len(changed) + len(have.keys() - wanted.keys())
 
 
 def _update(fd: int, codec: Codec[K, V], key: K, value: V) -> None:

@@ -252,6 +252,10 @@ struct ct_entry {
 	__u8 pad;
 	__u16 last_report[2]; /* coarse clock second (mod 2^16) of the side's last
 			       * flow event: [0] forward, [1] reply (interval reports) */
+	__u32 svc_addr;  /* the Service frontend a pod's socket asked for when it
+			  * opened the connection (include/lb_trail_maps.h), 0: none */
+	__be16 svc_port;
+	__u16 pad2;
 };
 
 struct counter {
@@ -284,7 +288,10 @@ struct flow_event {
 	__u32 saddr6[4]; /* family 6 only (saddr, daddr are then 0) */
 	__u32 daddr6[4];
 	__u8 match_type; /* CY_MATCH_*: the kind of policy entry that decided */
-	__u8 pad[3];     /* the struct's tail padding before it grew: still 88 bytes */
+	__u8 pad[3];
+	__u32 svc_addr;  /* the connection's Service frontend (ct_entry.svc_addr), 0: none */
+	__be16 svc_port;
+	__u16 pad2;
 };
 
 #endif /* CY_TYPES_H */
@@ -366,6 +373,54 @@ __attribute__((section("maps/ringbuf:" CY_PIN_DIR "/cy_events")))
 struct cy_events_table_t cy_events = { .max_entries = CY_EVENTS_PAGES * 4096 };
 
 #endif /* CY_MAPS_H */
+/* ---- include/lb_trail_maps.h ---- */
+/* lb_trail_maps.h - the trail a socket translation leaves for the flow events, declared once.
+ *
+ * A pod's socket translated to a backend at connect()/sendmsg() (lib/lb.h)
+ * leaves a trail keyed by (the pod's IPv4, backend address, backend port,
+ * protocol): the frontend it asked for and when. The first packet of that
+ * connection leaving the pod (lib/enforce.h, a new conntrack entry) takes
+ * the trail into its conntrack entry and deletes it, so the connection's flow
+ * events name the frontend (the agent turns it into the Service's name); a
+ * trail older than CY_LB_TRAIL_FRESH_NS is never taken.
+ * cy_lb4_podns tells the socket hooks which pod a network namespace is
+ * (written by the agent from the CNI plugin's registrations).
+ * Included by the socket programs (through lb_maps.h) and the pod programs.
+ */
+#ifndef CY_LB_TRAIL_MAPS_H
+#define CY_LB_TRAIL_MAPS_H
+
+#ifndef CY_PIN_DIR
+#error "CY_PIN_DIR must be rendered"
+#endif
+
+#define CY_LB_TRAIL_MAX 16384
+#define CY_LB_PODNS_MAX 4096
+#define CY_LB_TRAIL_FRESH_NS 1000000000ULL
+
+struct lb4_trail_key {
+	__u32 pod;      /* the client pod's IPv4 (network order) */
+	__u32 backend;  /* the backend's address (network order) */
+	__be16 port;    /* the backend's port (network order) */
+	__u8 proto;
+	__u8 pad;
+};
+
+struct lb4_trail {
+	__u64 at_ns;    /* bpf_ktime_get_ns() of the translation */
+	__u32 address;  /* the frontend asked for (network order) */
+	__be16 port;
+	__u16 pad;
+};
+
+/* cy_lb4_trail: translations not yet taken by a packet (LRU). */
+BPF_TABLE_PINNED("lru_hash", struct lb4_trail_key, struct lb4_trail, cy_lb4_trail,
+		 CY_LB_TRAIL_MAX, CY_PIN_DIR "/cy_lb4_trail");
+
+/* cy_lb4_podns: network namespace cookie -> the pod's IPv4 (network order). */
+BPF_TABLE_PINNED("hash", __u64, __u32, cy_lb4_podns, CY_LB_PODNS_MAX, CY_PIN_DIR "/cy_lb4_podns");
+
+#endif /* CY_LB_TRAIL_MAPS_H */
 /* ---- lib/parse.h ---- */
 /* parse.h - Ethernet/IPv4/IPv6/L4 parsing with direct packet access, failing closed.
  *
@@ -631,7 +686,7 @@ static __always_inline void cy_count(__u8 dir, __u8 reason, __u32 len)
 static __always_inline void cy_emit(struct __sk_buff *skb, const struct cy_packet *p, __u8 dir,
 				    __u8 verdict, __u8 reason, __u8 is_reply, __u32 ep_id,
 				    __u32 src_identity, __u32 dst_identity, __u32 cookie, __u8 established,
-				    __u8 match_type)
+				    __u8 match_type, __u32 svc_addr, __u16 svc_port)
 {
 	struct flow_event ev = {};
 
@@ -656,6 +711,8 @@ static __always_inline void cy_emit(struct __sk_buff *skb, const struct cy_packe
 	ev.src_identity = src_identity;
 	ev.dst_identity = dst_identity;
 	ev.cookie = cookie;
+	ev.svc_addr = svc_addr;
+	ev.svc_port = svc_port;
 	ev.ifindex = skb->ifindex;
 	ev.len = p->len;
 	ev.family = p->family;
@@ -989,7 +1046,7 @@ static __always_inline int cy_ct_report_due(struct ct_entry *entry, const struct
  * Returns 1 when the entry is new. */
 static __always_inline int cy_ct_track(const struct cy_packet *p, const struct ct_key *key,
 				       struct ct_entry *entry, __u8 dir, __u32 ep_id, __u32 cookie,
-				       __u64 now)
+				       __u64 now, __u32 svc_addr, __u16 svc_port)
 {
 	struct ct_entry fresh = {};
 
@@ -1008,6 +1065,8 @@ static __always_inline int cy_ct_track(const struct cy_packet *p, const struct c
 	fresh.ep_id = ep_id;
 	fresh.cookie = cookie;
 	fresh.origin = dir;
+	fresh.svc_addr = svc_addr;
+	fresh.svc_port = svc_port;
 	if (p->protocol == CY_PROTO_TCP)
 		fresh.reported[0] = p->tcp_flags & CY_CT_REPORTED_FLAGS;
 	/* the opening packet is reported; the replies' clock starts with it too, so
@@ -1214,7 +1273,7 @@ static __always_inline int cy_enforce_ipv6(struct __sk_buff *skb, const struct c
 		return TC_ACT_OK;
 	cy_count(dir, CY_DROP_UNSUPPORTED_L3, p->len);
 	cy_emit(skb, p, dir, CY_VERDICT_DROPPED, CY_DROP_UNSUPPORTED_L3, 0, ep->ep_id,
-		dir == CY_DIR_EGRESS ? ep->identity : 0, dir == CY_DIR_EGRESS ? 0 : ep->identity, 0, 0, 0);
+		dir == CY_DIR_EGRESS ? ep->identity : 0, dir == CY_DIR_EGRESS ? 0 : ep->identity, 0, 0, 0, 0, 0);
 	return TC_ACT_SHOT;
 }
 
@@ -1241,7 +1300,7 @@ static __always_inline int cy_spoofed_source(struct __sk_buff *skb, const struct
 	ep = cy_endpoints.lookup(pod);
 	cy_count(CY_DIR_EGRESS, CY_DROP_SPOOFED_SOURCE, p->len);
 	cy_emit(skb, p, CY_DIR_EGRESS, CY_VERDICT_DROPPED, CY_DROP_SPOOFED_SOURCE, 0, ep ? ep->ep_id : 0,
-		ep ? ep->identity : 0, 0, 0, 0, 0);
+		ep ? ep->identity : 0, 0, 0, 0, 0, 0, 0);
 	return 1;
 }
 
@@ -1257,6 +1316,10 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 	__u8 match_type = CY_MATCH_NONE;
 	int to_l7proxy = 0;
 	__u64 ct_now = 0;
+	struct lb4_trail_key trail_key = {};
+	struct lb4_trail *trail;
+	__u32 svc_addr = 0;
+	__u16 svc_port = 0;
 	__u8 reason;
 	int parsed, is_new;
 
@@ -1265,7 +1328,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_OK;
 	if (parsed == CY_PARSE_BAD_L3) {
 		cy_count(dir, CY_DROP_INVALID_L3, p.len);
-		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, CY_DROP_INVALID_L3, 0, 0, 0, 0, 0, 0, 0);
+		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, CY_DROP_INVALID_L3, 0, 0, 0, 0, 0, 0, 0, 0, 0);
 		return TC_ACT_SHOT;
 	}
 	if (parsed == CY_PARSE_IPV6)
@@ -1289,7 +1352,8 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 				peer_id = cy_identity_of(peer_addr);
 				cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, CY_OK_REPLY, 1, ep ? ep->ep_id : 0,
 					dir == CY_DIR_EGRESS ? (ep ? ep->identity : 0) : peer_id,
-					dir == CY_DIR_EGRESS ? peer_id : (ep ? ep->identity : 0), 0, 0, 0);
+					dir == CY_DIR_EGRESS ? peer_id : (ep ? ep->identity : 0), 0, 0, 0,
+					ct_entry->svc_addr, ct_entry->svc_port);
 			}
 			return TC_ACT_OK;
 		}
@@ -1310,7 +1374,7 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		reason = parsed == CY_PARSE_SHORT ? CY_DROP_INVALID : CY_DROP_FRAGMENT;
 		peer_id = cy_identity_of(peer_addr);
 		cy_count(dir, reason, p.len);
-		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, 0, 0, 0);
+		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, 0, 0, 0, 0, 0);
 		return TC_ACT_SHOT;
 	}
 
@@ -1334,17 +1398,35 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 	}
 
 	cy_count(dir, reason, p.len);
+	/* the Service frontend this connection was opened through: kept in its
+	 * conntrack entry, or the trail its socket left (include/lb_trail_maps.h) */
+	if (ct_entry) {
+		svc_addr = ct_entry->svc_addr;
+		svc_port = ct_entry->svc_port;
+	} else if (dir == CY_DIR_EGRESS && parsed == CY_PARSE_OK) {
+		trail_key.pod = p.saddr;
+		trail_key.backend = p.daddr;
+		trail_key.port = p.dport;
+		trail_key.proto = p.protocol;
+		trail = cy_lb4_trail.lookup(&trail_key);
+		if (trail && bpf_ktime_get_ns() - trail->at_ns <= CY_LB_TRAIL_FRESH_NS) {
+			svc_addr = trail->address;
+			svc_port = trail->port;
+		}
+	}
 	if (reason == CY_DROP_POLICY || reason == CY_DROP_POLICY_DENY || reason == CY_DROP_PROXY_UNAVAILABLE) {
 		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie, 0,
-			match_type);
+			match_type, svc_addr, svc_port);
 		return TC_ACT_SHOT;
 	}
-	is_new = cy_ct_track(&p, &ct_key, ct_entry, dir, ep->ep_id, cookie, ct_now);
+	is_new = cy_ct_track(&p, &ct_key, ct_entry, dir, ep->ep_id, cookie, ct_now, svc_addr, svc_port);
+	if (is_new && svc_addr)
+		cy_lb4_trail.delete(&trail_key); /* taken: a later connection to the backend leaves its own */
 	if (is_new || CY_TRACE_ALL || cy_ct_report_due(ct_entry, &p, 0, ct_now)) {
 		if (!enforced)
 			peer_id = cy_identity_of(peer_addr);
 		cy_emit(skb, &p, dir, CY_VERDICT_FORWARDED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie,
-			ct_entry ? 1 : 0, match_type);
+			ct_entry ? 1 : 0, match_type, svc_addr, svc_port);
 	}
 	if (to_l7proxy)
 		return cy_redirect_to_l7proxy(skb);
