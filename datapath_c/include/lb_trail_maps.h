@@ -2,11 +2,15 @@
  *
  * A pod's socket translated to a backend at connect()/sendmsg() (lib/lb.h)
  * leaves a trail keyed by (the pod's IPv4, backend address, backend port,
- * protocol): the frontend it asked for and when. The first packet of that
- * connection leaving the pod (lib/enforce.h, a new conntrack entry) takes
- * the trail into its conntrack entry and deletes it, so the connection's flow
+ * the socket's source port when it has one already, else 0, protocol): the
+ * frontend it asked for and when. The first packet of that connection
+ * leaving the pod (lib/enforce.h, no conntrack entry yet) looks for it under
+ * its own source port, then under 0, takes it into its conntrack entry and
+ * deletes it (also when policy drops that packet), so the connection's flow
  * events name the frontend (the agent turns it into the Service's name); a
- * trail older than CY_LB_TRAIL_FRESH_NS is never taken.
+ * trail older than CY_LB_TRAIL_FRESH_NS is never taken. A socket that sends
+ * again (unconnected UDP) leaves its next trails under its own source port,
+ * where only a packet from that port can find them.
  * cy_lb4_podns tells the socket hooks which pod a network namespace is
  * (written by the agent from the CNI plugin's registrations).
  * Included by the socket programs (through lb_maps.h) and the pod programs.
@@ -26,8 +30,9 @@ struct lb4_trail_key {
 	__u32 pod;      /* the client pod's IPv4 (network order) */
 	__u32 backend;  /* the backend's address (network order) */
 	__be16 port;    /* the backend's port (network order) */
+	__be16 sport;   /* the socket's source port (network order), 0 before it has one */
 	__u8 proto;
-	__u8 pad;
+	__u8 pad[3];
 };
 
 struct lb4_trail {

@@ -195,12 +195,19 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		trail_key.pod = p.saddr;
 		trail_key.backend = p.daddr;
 		trail_key.port = p.dport;
+		trail_key.sport = p.sport;
 		trail_key.proto = p.protocol;
 		trail = cy_lb4_trail.lookup(&trail_key);
+		if (!trail) {
+			trail_key.sport = 0;
+			trail = cy_lb4_trail.lookup(&trail_key);
+		}
 		if (trail && bpf_ktime_get_ns() - trail->at_ns <= CY_LB_TRAIL_FRESH_NS) {
 			svc_addr = trail->address;
 			svc_port = trail->port;
 		}
+		if (trail) /* taken (or stale): a later connection to the backend leaves its own */
+			cy_lb4_trail.delete(&trail_key);
 	}
 	if (reason == CY_DROP_POLICY || reason == CY_DROP_POLICY_DENY || reason == CY_DROP_PROXY_UNAVAILABLE) {
 		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie, 0,
@@ -208,8 +215,6 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_SHOT;
 	}
 	is_new = cy_ct_track(&p, &ct_key, ct_entry, dir, ep->ep_id, cookie, ct_now, svc_addr, svc_port);
-	if (is_new && svc_addr)
-		cy_lb4_trail.delete(&trail_key); /* taken: a later connection to the backend leaves its own */
 	if (is_new || CY_TRACE_ALL || cy_ct_report_due(ct_entry, &p, 0, ct_now)) {
 		if (!enforced)
 			peer_id = cy_identity_of(peer_addr);

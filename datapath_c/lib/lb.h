@@ -40,6 +40,7 @@ static __always_inline void cy_lb4_leave_trail(struct bpf_sock_addr *ctx, const 
 	tkey.pod = *pod;
 	tkey.backend = backend->address;
 	tkey.port = backend->port;
+	tkey.sport = bpf_htons((__u16)ctx->sk->src_port);
 	tkey.proto = proto;
 	struct lb4_trail trail = {};
 	trail.at_ns = bpf_ktime_get_ns();

@@ -69,8 +69,12 @@ def ensure_pinned_maps(pin_dir: Path, shapes: Mapping[str, tuple[int, int, int, 
     the second pin fails. A pin another process made meanwhile (EEXIST) is as good."""
     for name, (map_type, key_size, value_size, entries) in shapes.items():
         path = pin_dir / name
-        if path.exists():
+        info = pinned_map_info(path)
+        if info is not None and (info.key_size, info.value_size, info.max_entries) == (key_size, value_size, entries):
             continue
+        if info is not None:  # an older layout: bcc would reuse it silently
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
         fd = libbpf.map_create(map_type, name, key_size, value_size, entries)
         try:
             libbpf.obj_pin(fd, path)

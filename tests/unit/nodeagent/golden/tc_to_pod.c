@@ -378,11 +378,15 @@ struct cy_events_table_t cy_events = { .max_entries = CY_EVENTS_PAGES * 4096 };
  *
  * A pod's socket translated to a backend at connect()/sendmsg() (lib/lb.h)
  * leaves a trail keyed by (the pod's IPv4, backend address, backend port,
- * protocol): the frontend it asked for and when. The first packet of that
- * connection leaving the pod (lib/enforce.h, a new conntrack entry) takes
- * the trail into its conntrack entry and deletes it, so the connection's flow
+ * the socket's source port when it has one already, else 0, protocol): the
+ * frontend it asked for and when. The first packet of that connection
+ * leaving the pod (lib/enforce.h, no conntrack entry yet) looks for it under
+ * its own source port, then under 0, takes it into its conntrack entry and
+ * deletes it (also when policy drops that packet), so the connection's flow
  * events name the frontend (the agent turns it into the Service's name); a
- * trail older than CY_LB_TRAIL_FRESH_NS is never taken.
+ * trail older than CY_LB_TRAIL_FRESH_NS is never taken. A socket that sends
+ * again (unconnected UDP) leaves its next trails under its own source port,
+ * where only a packet from that port can find them.
  * cy_lb4_podns tells the socket hooks which pod a network namespace is
  * (written by the agent from the CNI plugin's registrations).
  * Included by the socket programs (through lb_maps.h) and the pod programs.
@@ -402,8 +406,9 @@ struct lb4_trail_key {
 	__u32 pod;      /* the client pod's IPv4 (network order) */
 	__u32 backend;  /* the backend's address (network order) */
 	__be16 port;    /* the backend's port (network order) */
+	__be16 sport;   /* the socket's source port (network order), 0 before it has one */
 	__u8 proto;
-	__u8 pad;
+	__u8 pad[3];
 };
 
 struct lb4_trail {
@@ -1407,12 +1412,19 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		trail_key.pod = p.saddr;
 		trail_key.backend = p.daddr;
 		trail_key.port = p.dport;
+		trail_key.sport = p.sport;
 		trail_key.proto = p.protocol;
 		trail = cy_lb4_trail.lookup(&trail_key);
+		if (!trail) {
+			trail_key.sport = 0;
+			trail = cy_lb4_trail.lookup(&trail_key);
+		}
 		if (trail && bpf_ktime_get_ns() - trail->at_ns <= CY_LB_TRAIL_FRESH_NS) {
 			svc_addr = trail->address;
 			svc_port = trail->port;
 		}
+		if (trail) /* taken (or stale): a later connection to the backend leaves its own */
+			cy_lb4_trail.delete(&trail_key);
 	}
 	if (reason == CY_DROP_POLICY || reason == CY_DROP_POLICY_DENY || reason == CY_DROP_PROXY_UNAVAILABLE) {
 		cy_emit(skb, &p, dir, CY_VERDICT_DROPPED, reason, 0, ep->ep_id, CY_SRC_ID, CY_DST_ID, cookie, 0,
@@ -1420,8 +1432,6 @@ static __always_inline int cy_enforce(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_SHOT;
 	}
 	is_new = cy_ct_track(&p, &ct_key, ct_entry, dir, ep->ep_id, cookie, ct_now, svc_addr, svc_port);
-	if (is_new && svc_addr)
-		cy_lb4_trail.delete(&trail_key); /* taken: a later connection to the backend leaves its own */
 	if (is_new || CY_TRACE_ALL || cy_ct_report_due(ct_entry, &p, 0, ct_now)) {
 		if (!enforced)
 			peer_id = cy_identity_of(peer_addr);
