@@ -301,15 +301,21 @@ spec:
         assert {r["body"] for r in results} == {f"{NS}/web-1", f"{NS}/web-2"}, results
         # the world host's route spreads connections over both nodes, and each serves the pool's address
         assert all(counters(lab, node)["new"] > new[node] for node in NODE_IPS), new
-        lab.kubectl("patch", "svc", "web-lb", "-n", NS, "--type=merge",
-                    "-p", json.dumps({"spec": {"loadBalancerSourceRanges": ["198.51.100.0/24"]}}))
+        # a pod outside the ranges is refused at its socket (kube-proxy's firewall chain drops it)
+        results = from_pod(lab, "web-1", "tcp", address, 8090, timeout=1.0)
+        assert [(r["ok"], r.get("kind")) for r in results] == [(False, "PermissionError")], results
+        lab.kubectl("patch", "svc", "web-lb", "-n", NS, "--type=merge", "-p", json.dumps(
+            {"spec": {"loadBalancerSourceRanges": ["198.51.100.0/24", "10.244.0.0/16"]}}))
         for node in NODE_IPS:
-            wait_for(lambda n=node: _lb_source_ranges(lab, n, address) == ["198.51.100.0/24"], 60,
-                     f"the new range on {node}")
+            wait_for(lambda n=node: sorted(_lb_source_ranges(lab, n, address) or []) == ["10.244.0.0/16",
+                                                                                         "198.51.100.0/24"],
+                     60, f"the new ranges on {node}")
         before = _drops(lab)
         results = world(lab, "tcp", address, 8090, count=2, timeout=1.0)
         assert [r.get("kind") for r in results] == ["TimeoutError"] * 2, results
         assert _drops(lab) - before >= 2
+        results = from_pod(lab, "web-2", "tcp", address, 8090, count=4)  # the pods' range now admits them
+        assert all(r["ok"] for r in results), results
         assert _lb_status(lab, "web-lb")[0] == ips  # the address stays with the Service
     finally:
         lab.kubectl("delete", "svc", "web-lb", "web-lb-asks", "-n", NS, check=False)

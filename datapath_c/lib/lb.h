@@ -5,7 +5,8 @@
  * A destination that is no frontend passes untouched. A frontend without
  * backends refuses (the syscall fails with ECONNREFUSED, like kube-proxy's
  * REJECT); one whose Local policy leaves no backend on this node fails with
- * EPERM (kube-proxy drops; a socket hook cannot make the client wait).
+ * EPERM (kube-proxy drops; a socket hook cannot make the client wait), and so
+ * does a pod outside a load balancer IP's loadBalancerSourceRanges.
  * Backends are chosen at random at connect(); for unconnected UDP (sendmsg)
  * by the socket's cookie, so one socket keeps one backend while the set is
  * unchanged; with session affinity, the one this client's network namespace
@@ -49,6 +50,23 @@ static __always_inline void cy_lb4_leave_trail(struct bpf_sock_addr *ctx, const 
 	cy_lb4_trail.update(&tkey, &trail);
 }
 
+/* loadBalancerSourceRanges for a socket client: a pod (its network
+ * namespace is in cy_lb4_podns) must have its address inside the frontend's
+ * ranges (cy_lb4_srcrange, as for clients outside the node); the node's own
+ * processes (no entry) are admitted: their source address is not chosen yet. */
+static __always_inline int cy_lb4_socket_admitted(struct bpf_sock_addr *ctx, __u32 frontend_id)
+{
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	__u32 *pod = cy_lb4_podns.lookup(&netns);
+	if (!pod)
+		return 1;
+	struct lb4_srcrange_key rkey = {};
+	rkey.prefixlen = 64;
+	rkey.frontend_id = frontend_id;
+	rkey.addr = *pod;
+	return cy_lb4_srcrange.lookup(&rkey) != NULL;
+}
+
 /* cy_lb4_choose's outcomes. */
 #define CY_LB_NOT_FRONTEND 0
 #define CY_LB_TRANSLATED 1
@@ -69,6 +87,10 @@ static __always_inline int cy_lb4_choose(struct bpf_sock_addr *ctx, __u32 addres
 	struct lb4_service *svc = cy_lb4_svc.lookup(&key);
 	if (!svc)
 		return CY_LB_NOT_FRONTEND;
+	if ((svc->flags & CY_LB_F_SRC_RANGES) && !cy_lb4_socket_admitted(ctx, svc->backend_id)) {
+		bpf_set_retval(-CY_EPERM); /* kube-proxy drops; a socket hook cannot make the client wait */
+		return CY_LB_REFUSED;
+	}
 	if (svc->count == 0) {
 		cy_lb4_fail(svc);
 		return CY_LB_REFUSED;

@@ -18,8 +18,8 @@ from ipaddress import IPv4Address
 import pytest
 
 from ciliary.lab import cgroups
-from ciliary.nodeagent import lb_planning
-from ciliary.nodeagent.datapath import lb_engine, maps
+from ciliary.nodeagent import lb_planning, netns_sockets
+from ciliary.nodeagent.datapath import lb_engine, loading, maps
 from ciliary.operator.services.intent import BackendIntent, FrontendIntent, FrontendKind, NodeLBIntent
 
 pytestmark = pytest.mark.integration
@@ -241,7 +241,7 @@ def test_the_policy_datapath_on_the_same_node_leaves_the_load_balancer_pinned(lb
         policy.close()
         for pinned in lb.pin_dir.glob("prog_*"):
             pinned.unlink()
-        for name in engine.MAP_NAMES:
+        for name in set(engine.MAP_NAMES) - set(lb_engine.TRAIL_MAP_NAMES):  # those two the LB programs use too
             (lb.pin_dir / name).unlink(missing_ok=True)
 
 
@@ -440,3 +440,35 @@ def test_entries_changed_behind_the_engines_back_are_found_and_put_right(lb: lb_
     assert slot in lb.observe().services and lb.resync() is False
     in_cgroup(lb, [(VIP, 80)])
     assert accepted_by(servers, 1) == [0]
+
+
+def test_load_balancer_source_ranges_hold_for_pods_and_not_for_the_nodes_own_processes(
+        lb: lb_engine.SocketLB, servers: Servers) -> None:
+    """A socket whose network namespace is a pod's (``cy_lb4_podns``, as the policy engine writes it from the CNI
+    plugin's cookie) reaches a load balancer IP only from inside its ``loadBalancerSourceRanges`` (EPERM at
+    ``connect()`` and ``sendto()`` otherwise, as kube-proxy drops); an IPv6-only list admits no pod; the node's own
+    processes (no entry) are admitted; the ClusterIP of the same Service is not restricted."""
+    tcp, udp = servers.ports("tcp"), servers.ports("udp")
+    podns_fd = loading.open_pinned(lb.pin_dir / "cy_lb4_podns")
+    own = netns_sockets.netns_cookie(None)
+
+    def lb_frontend(port: int, protocol: str, backend: int, ranges: tuple[str, ...]) -> FrontendIntent:
+        return FrontendIntent(service="default/web", kind=FrontendKind.LOAD_BALANCER, address=VIP, port=port,
+                              protocol=protocol, backends=(BackendIntent(address="127.0.0.1", port=backend),),
+                              source_ranges=ranges)
+
+    try:
+        lb.apply(NodeLBIntent(node=NODE, frontends=(
+            lb_frontend(80, "TCP", tcp[0], ("10.244.9.0/24",)), lb_frontend(81, "TCP", tcp[0], ("192.0.2.0/24",)),
+            lb_frontend(82, "TCP", tcp[0], ("2001:db8::/32",)), lb_frontend(53, "UDP", udp[0], ("192.0.2.0/24",)),
+            frontend(83, "TCP", [("127.0.0.1", tcp[0])]))))
+        assert in_cgroup(lb, [(VIP, 80), (VIP, 81), (VIP, 82), (VIP, 83)]) == [f"peer {VIP}:{p}" for p in (80, 81, 82, 83)]
+        accepted_by(servers, 4)
+        maps.sync_map(podns_fd, maps.POD_NETNS, {own: IPv4Address("10.244.9.9")})  # now this namespace is a pod's
+        assert in_cgroup(lb, [(VIP, 80), (VIP, 81), (VIP, 82), (VIP, 83)]) == [
+            f"peer {VIP}:80", f"error {errno.EPERM}", f"error {errno.EPERM}", f"peer {VIP}:83"]
+        assert accepted_by(servers, 2) == [0, 0]
+        assert in_cgroup(lb, [(VIP, 53)], udp=True) == [f"error {errno.EPERM}"]
+    finally:
+        maps.sync_map(podns_fd, maps.POD_NETNS, {})
+        os.close(podns_fd)

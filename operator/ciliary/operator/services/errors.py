@@ -45,6 +45,14 @@ def forwarding_mode_invalid(namespace: str, name: str, value: str, default: str)
                           f"the operator's --lb-mode ({default}) applies")
 
 
+def sctp_from_outside_not_served(namespace: str, name: str, port: str, kinds: list[str]) -> ServiceProblem:
+    """An SCTP port with frontends clients outside the cluster would use: the nodes' north-south programs pass
+    SCTP untouched (not built), so only pods and the nodes' own processes are load-balanced to them."""
+    return ServiceProblem(namespace, name, "SCTPFromOutsideNotServed",
+                          f"port {port}: SCTP {', '.join(kinds)} frontends serve pods and the nodes' own processes "
+                          f"only; SCTP from outside the cluster is not load-balanced by Ciliary")
+
+
 def too_many_backends(namespace: str, name: str, port: str, count: int, limit: int) -> ServiceProblem:
     """More backends than a frontend's slots hold: the frontend is not installed (never a subset)."""
     return ServiceProblem(namespace, name, "TooManyBackends",

@@ -171,6 +171,9 @@ def _resolve_port(frontends: dict[str, list[tuple[str, FrontendIntent]]], proble
                                                           low, high))
     external += [(FrontendKind.EXTERNAL_IP, ip, port.port) for ip in service.external_ips]
     external += [(FrontendKind.LOAD_BALANCER, ip, port.port) for ip in service.load_balancer_ips]
+    if external and port.protocol == "SCTP":
+        kinds = sorted({str(kind) for kind, _, _ in external})
+        problems.append(errors.sctp_from_outside_not_served(service.namespace, service.name, label, kinds))
     common = {"service": service.key, "port_name": port.name, "protocol": port.protocol,
               "affinity_timeout": service.affinity_timeout}
     dsr = forwarding_mode(service, config) == "dsr"

@@ -326,3 +326,20 @@ def test_forwarding_mode_from_lb_mode_and_the_annotation_external_frontends_only
     dsr, r = modes(ResolverConfig(lb_mode="dsr"))
     assert dsr == {"default/a": {True}, "default/bb": {True}, "default/ccc": {False}, "default/dddd": {True}}
     assert "(dsr)" in r.problems["default/dddd"][0].message
+
+
+def test_sctp_from_outside_is_reported_not_served_and_pods_keep_their_frontends() -> None:
+    """The north-south programs pass SCTP untouched: an SCTP NodePort / ExternalIP gets a Warning saying so (its
+    frontends stay for pods and the nodes' own processes); TCP beside it, and an SCTP ClusterIP, get none."""
+    sctp = service("sctp", type="NodePort", externalIPs=["203.0.113.10"], ports=[
+        {"name": "assoc", "port": 9000, "protocol": "SCTP", "nodePort": 30900},
+        {"name": "http", "port": 80, "nodePort": 30080}])
+    inside = service("inside", clusterIP="10.96.0.11", ports=[{"name": "assoc", "port": 9000, "protocol": "SCTP"}])
+    r = run([sctp, inside], [])
+    fes = frontends(r)
+    assert {("192.0.2.11", 30900, "SCTP"), ("203.0.113.10", 9000, "SCTP"), ("10.96.0.10", 9000, "SCTP"),
+            ("10.96.0.11", 9000, "SCTP")} <= set(fes)
+    (problem,) = r.problems["default/sctp"]
+    assert problem.reason == "SCTPFromOutsideNotServed"
+    assert "port assoc" in problem.message and "ExternalIP, NodePort" in problem.message
+    assert "default/inside" not in r.problems
