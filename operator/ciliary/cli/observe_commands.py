@@ -142,8 +142,11 @@ def compact(flow: Mapping[str, Any], color: bool) -> str:
         flags += f" DNS {l7.get('qtype', '')} {l7.get('query', '')} {l7.get('rcode', '')}" + (f" {ips}" if ips else "")
     time_text = str(flow.get("time", ""))[:23].replace("T", " ")
     arrow = "<-" if flow.get("is_reply") else "->"
-    return (f"{time_text} {flow.get('node', '')}: {_side(flow.get('src', {}))} {arrow} {_side(flow.get('dst', {}))} "
-            f"{flow.get('protocol', '')}{flags} {flow.get('direction', '')} {shown}{why}")
+    via = ""
+    if flow.get("frontend"):  # opened through a Service frontend: the socket load balancer picked this backend
+        via = f" via {flow.get('service') or 'frontend'} {flow['frontend']}"
+    return (f"{time_text} {flow.get('node', '')}: {_side(flow.get('src', {}))} {arrow} {_side(flow.get('dst', {}))}"
+            f"{via} {flow.get('protocol', '')}{flags} {flow.get('direction', '')} {shown}{why}")
 
 
 async def _stream(access: agent_access.AgentAccess, session: aiohttp.ClientSession, node: str, address: str,
