@@ -18,7 +18,9 @@ What the graph says, and only that (it is built from the flows the Observer API 
 - an edge's ``state``: the verdict at the last observation point the edge has (the destination's
   ingress when any flow of the edge was seen there, else the source's egress): ``forwarded`` (all
   forwarded there, and no drop anywhere), ``dropped`` (drops and nothing forwarded there), ``mixed``
-  (both). xwing -> deathstar under Cilium's rule1 is ``dropped`` though xwing's egress forwarded it.
+  (both). xwing -> deathstar under Cilium's rule1 is ``dropped`` though xwing's egress forwarded it;
+- an edge's ``services``: the Services its connections were opened through (``destination_service``: the
+  client's node names it, the backend's does not), empty for connections straight to the pods.
 
 :func:`layout` places the nodes in columns by their distance from the sources (pure, deterministic),
 so the page only draws.
@@ -77,6 +79,7 @@ class MapEdge:
     ingress_seen: bool = False
     drop_reasons: dict[str, int] = field(default_factory=dict)
     policies: dict[str, None] = field(default_factory=dict)
+    services: dict[str, None] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -212,6 +215,9 @@ class ServiceMap:
         for policy in (*flow.ingress_allowed_by, *flow.egress_allowed_by, *flow.ingress_denied_by,
                        *flow.egress_denied_by):
             edge.policies[f"{policy.namespace}/{policy.name}" if policy.namespace else policy.name] = None
+        if flow.HasField("destination_service"):
+            service = flow.destination_service
+            edge.services[f"{service.namespace}/{service.name}" if service.namespace else service.name] = None
         src.flows_out += 1
         dst.flows_in += 1
         self.recent.append((flow, src.id, dst.id, protocol, port))
@@ -228,7 +234,8 @@ class ServiceMap:
                           "flows_out": node.flows_out, "x": x, "y": y})
         edges = [{"id": e.id, "source": e.source, "target": e.target, "protocol": e.protocol, "port": e.port,
                   "forwarded": e.forwarded, "dropped": e.dropped, "state": e.state(),
-                  "drop_reasons": dict(sorted(e.drop_reasons.items())), "policies": sorted(e.policies)}
+                  "drop_reasons": dict(sorted(e.drop_reasons.items())), "policies": sorted(e.policies),
+                  "services": sorted(e.services)}
                  for e in sorted(self.edges.values(), key=lambda e: e.id)]
         return {"nodes": nodes, "edges": edges, "namespaces": sorted({n.namespace for n in self.nodes.values()
                                                                       if n.namespace}),

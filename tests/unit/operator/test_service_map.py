@@ -178,3 +178,16 @@ def test_layout_terminates_on_cycles_and_self_loops() -> None:
     assert nodes["tiefighter"]["x"] < nodes["xwing"]["x"]
     positions = {(n["x"], n["y"]) for n in nodes.values()}
     assert len(positions) == 3  # no two nodes on one spot
+
+
+def test_an_edge_names_the_services_its_connections_went_through() -> None:
+    """The client's node names the Service (destination_service), the backend's does not: the edge has it once;
+    an edge of connections straight to the pod has none."""
+    through = flow("tiefighter", "deathstar", at="egress", second=1)
+    through.destination_service.CopyFrom(flow_pb2.Service(name="deathstar-svc", namespace="default"))
+    responses = [observer_pb2.GetFlowsResponse(flow=f, node_name=f.node_name, time=f.time)
+                 for f in (through, flow("tiefighter", "deathstar", at="ingress", second=1, policy="rule1"),
+                           flow("xwing", "deathstar", at="egress", second=3))]
+    _, edges = by_name(service_map.build(responses))
+    assert edges["tiefighter", "deathstar", "TCP", 80]["services"] == ["default/deathstar-svc"]
+    assert edges["xwing", "deathstar", "TCP", 80]["services"] == []
