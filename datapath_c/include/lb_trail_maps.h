@@ -23,7 +23,7 @@
 #endif
 
 #define CY_LB_TRAIL_MAX 16384
-#define CY_LB_PODNS_MAX 4096
+#define CY_LB_PODNS_MAX 16384
 #define CY_LB_TRAIL_FRESH_NS 1000000000ULL
 
 struct lb4_trail_key {

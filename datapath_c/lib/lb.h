@@ -53,13 +53,14 @@ static __always_inline void cy_lb4_leave_trail(struct bpf_sock_addr *ctx, const 
 /* loadBalancerSourceRanges for a socket client: a pod (its network
  * namespace is in cy_lb4_podns) must have its address inside the frontend's
  * ranges (cy_lb4_srcrange, as for clients outside the node); the node's own
- * processes (no entry) are admitted: their source address is not chosen yet. */
+ * processes are admitted (their source address is not chosen yet); any other
+ * namespace (a pod not registered with its cookie) is refused: fail closed. */
 static __always_inline int cy_lb4_socket_admitted(struct bpf_sock_addr *ctx, __u32 frontend_id)
 {
 	__u64 netns = bpf_get_netns_cookie(ctx);
 	__u32 *pod = cy_lb4_podns.lookup(&netns);
 	if (!pod)
-		return 1;
+		return netns == CY_HOST_NETNS_COOKIE;
 	struct lb4_srcrange_key rkey = {};
 	rkey.prefixlen = 64;
 	rkey.frontend_id = frontend_id;

@@ -8,9 +8,12 @@ the end, also on failure.
 
 from __future__ import annotations
 
+import ctypes as ct
 import errno
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address
@@ -19,7 +22,7 @@ import pytest
 
 from ciliary.lab import cgroups
 from ciliary.nodeagent import lb_planning, netns_sockets
-from ciliary.nodeagent.datapath import lb_engine, loading, maps
+from ciliary.nodeagent.datapath import lb_engine, libbpf, loading, maps
 from ciliary.operator.services.intent import BackendIntent, FrontendIntent, FrontendKind, NodeLBIntent
 
 pytestmark = pytest.mark.integration
@@ -442,33 +445,149 @@ def test_entries_changed_behind_the_engines_back_are_found_and_put_right(lb: lb_
     assert accepted_by(servers, 1) == [0]
 
 
+class TrailKeyC(ct.Structure):
+    """``struct lb4_trail_key`` (include/lb_trail_maps.h)."""
+
+    _fields_ = [("pod", ct.c_uint32), ("backend", ct.c_uint32), ("port", ct.c_uint16), ("sport", ct.c_uint16),
+                ("proto", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
+
+
+class TrailC(ct.Structure):
+    _fields_ = [("at_ns", ct.c_uint64), ("address", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]
+
+
+TRAIL = maps.Codec(
+    "cy_lb4_trail", TrailKeyC, TrailC,
+    lambda k: TrailKeyC(maps.addr_to_u32(IPv4Address(k[0])), maps.addr_to_u32(IPv4Address(k[1])),
+                        socket.htons(k[2]), socket.htons(k[3]), k[4]),
+    lambda k: (str(maps.u32_to_addr(k.pod)), str(maps.u32_to_addr(k.backend)), socket.ntohs(k.port),
+               socket.ntohs(k.sport), k.proto),
+    lambda v: TrailC(0, maps.addr_to_u32(IPv4Address(v[0])), socket.htons(v[1])),
+    lambda v: (str(maps.u32_to_addr(v.address)), socket.ntohs(v.port)))
+"""(pod, backend, backend port, source port, protocol) -> (frontend address, port); the time left out."""
+
+NEW_NETNS_CONNECT = r"""
+import ctypes, socket, sys
+if ctypes.CDLL(None, use_errno=True).unshare(0x40000000) != 0:  # CLONE_NEWNET: a namespace nobody registered
+    sys.exit("unshare failed")
+s = socket.socket()
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    print("connected")
+except OSError as exc:
+    print(exc.errno)
+"""
+
+UDP_SENDS = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(2):
+    s.sendto(b"x", (sys.argv[1], int(sys.argv[2])))
+print(s.getsockname()[1])
+"""
+
+
+def run_in_cgroup(lb: lb_engine.SocketLB, code: str, *args: str) -> str:
+    procs = str(lb.cgroup / "cgroup.procs")
+
+    def enter() -> None:
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=30,
+                         preexec_fn=enter)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
 def test_load_balancer_source_ranges_hold_for_pods_and_not_for_the_nodes_own_processes(
         lb: lb_engine.SocketLB, servers: Servers) -> None:
     """A socket whose network namespace is a pod's (``cy_lb4_podns``, as the policy engine writes it from the CNI
     plugin's cookie) reaches a load balancer IP only from inside its ``loadBalancerSourceRanges`` (EPERM at
     ``connect()`` and ``sendto()`` otherwise, as kube-proxy drops); an IPv6-only list admits no pod; the node's own
-    processes (no entry) are admitted; the ClusterIP of the same Service is not restricted."""
+    processes are admitted; a namespace that is neither (a pod never registered) is refused (fail closed); a
+    ClusterIP frontend carrying the same ranges is not restricted (the resolver gives ranges to load balancer
+    frontends only: ``test_load_balancer_source_ranges_restrict_only_the_load_balancer_frontends``)."""
     tcp, udp = servers.ports("tcp"), servers.ports("udp")
     podns_fd = loading.open_pinned(lb.pin_dir / "cy_lb4_podns")
     own = netns_sockets.netns_cookie(None)
 
-    def lb_frontend(port: int, protocol: str, backend: int, ranges: tuple[str, ...]) -> FrontendIntent:
-        return FrontendIntent(service="default/web", kind=FrontendKind.LOAD_BALANCER, address=VIP, port=port,
-                              protocol=protocol, backends=(BackendIntent(address="127.0.0.1", port=backend),),
-                              source_ranges=ranges)
+    def with_ranges(kind: FrontendKind, port: int, protocol: str, backend: int,
+                    ranges: tuple[str, ...]) -> FrontendIntent:
+        return FrontendIntent(service="default/web", kind=kind, address=VIP, port=port, protocol=protocol,
+                              backends=(BackendIntent(address="127.0.0.1", port=backend),), source_ranges=ranges)
 
+    lb_kind = FrontendKind.LOAD_BALANCER
     try:
         lb.apply(NodeLBIntent(node=NODE, frontends=(
-            lb_frontend(80, "TCP", tcp[0], ("10.244.9.0/24",)), lb_frontend(81, "TCP", tcp[0], ("192.0.2.0/24",)),
-            lb_frontend(82, "TCP", tcp[0], ("2001:db8::/32",)), lb_frontend(53, "UDP", udp[0], ("192.0.2.0/24",)),
-            frontend(83, "TCP", [("127.0.0.1", tcp[0])]))))
-        assert in_cgroup(lb, [(VIP, 80), (VIP, 81), (VIP, 82), (VIP, 83)]) == [f"peer {VIP}:{p}" for p in (80, 81, 82, 83)]
+            with_ranges(lb_kind, 80, "TCP", tcp[0], ("10.244.9.0/24",)),
+            with_ranges(lb_kind, 81, "TCP", tcp[0], ("192.0.2.0/24",)),
+            with_ranges(lb_kind, 82, "TCP", tcp[0], ("2001:db8::/32",)),
+            with_ranges(lb_kind, 53, "UDP", udp[0], ("192.0.2.0/24",)),
+            with_ranges(FrontendKind.CLUSTER_IP, 83, "TCP", tcp[0], ("192.0.2.0/24",)))))
+        ports = (80, 81, 82, 83)
+        assert in_cgroup(lb, [(VIP, p) for p in ports]) == [f"peer {VIP}:{p}" for p in ports]  # the node's own
         accepted_by(servers, 4)
+        assert run_in_cgroup(lb, NEW_NETNS_CONNECT, VIP, "80") == str(errno.EPERM)  # registered nowhere
+        assert run_in_cgroup(lb, NEW_NETNS_CONNECT, VIP, "83") == str(errno.ENETUNREACH)  # not restricted
         maps.sync_map(podns_fd, maps.POD_NETNS, {own: IPv4Address("10.244.9.9")})  # now this namespace is a pod's
-        assert in_cgroup(lb, [(VIP, 80), (VIP, 81), (VIP, 82), (VIP, 83)]) == [
+        assert in_cgroup(lb, [(VIP, p) for p in ports]) == [
             f"peer {VIP}:80", f"error {errno.EPERM}", f"error {errno.EPERM}", f"peer {VIP}:83"]
         assert accepted_by(servers, 2) == [0, 0]
         assert in_cgroup(lb, [(VIP, 53)], udp=True) == [f"error {errno.EPERM}"]
     finally:
         maps.sync_map(podns_fd, maps.POD_NETNS, {})
         os.close(podns_fd)
+
+
+def test_a_pods_translations_leave_trails_under_its_source_port_once_it_has_one(
+        lb: lb_engine.SocketLB, servers: Servers) -> None:
+    """A registered pod's unconnected UDP socket is bound when its sends are translated: the trails (frontend, and
+    the key the pod program looks up) carry its source port; a TCP connect() leaves port 0 (not bound yet); the
+    node's own sockets leave none."""
+    tcp, udp = servers.ports("tcp"), servers.ports("udp")
+    podns_fd = loading.open_pinned(lb.pin_dir / "cy_lb4_podns")
+    trail_fd = loading.open_pinned(lb.pin_dir / "cy_lb4_trail")
+    try:
+        maps.sync_map(trail_fd, TRAIL, {})
+        lb.apply(NodeLBIntent(node=NODE, frontends=(frontend(5353, "UDP", [("127.0.0.1", udp[0])]),
+                                                    frontend(80, "TCP", [("127.0.0.1", tcp[0])]))))
+        in_cgroup(lb, [(VIP, 80)])
+        assert maps.read_map(trail_fd, TRAIL) == {}  # the node's own socket
+        maps.sync_map(podns_fd, maps.POD_NETNS, {netns_sockets.netns_cookie(None): IPv4Address("10.244.9.9")})
+        sport = int(run_in_cgroup(lb, UDP_SENDS, VIP, "5353"))
+        in_cgroup(lb, [(VIP, 80)])
+        trails = maps.read_map(trail_fd, TRAIL)
+        assert set(trails) == {("10.244.9.9", "127.0.0.1", udp[0], sport, 17),
+                               ("10.244.9.9", "127.0.0.1", tcp[0], 0, 6)}, trails
+        assert {value for value in trails.values()} == {(VIP, 5353), (VIP, 80)}
+        accepted_by(servers, 2)
+    finally:
+        maps.sync_map(podns_fd, maps.POD_NETNS, {})
+        maps.sync_map(trail_fd, TRAIL, {})
+        os.close(podns_fd)
+        os.close(trail_fd)
+
+
+def test_a_pinned_trail_map_of_another_shape_is_replaced_once(lb: lb_engine.SocketLB) -> None:
+    """``loading.ensure_pinned_maps``: a map of an older layout (a 12-byte key) is unpinned and one of the wanted
+    shape pinned; a second call keeps it."""
+    pin_dir = lb.pin_dir / "shape-test"
+    pin_dir.mkdir()
+    try:
+        old = libbpf.map_create(maps.BPF_MAP_TYPE_LRU_HASH, "cy_lb4_trail", 12, 16, 16384)
+        loading.pin(old, pin_dir / "cy_lb4_trail")
+        os.close(old)
+        loading.ensure_pinned_maps(pin_dir, maps.TRAIL_MAPS)
+        first = loading.pinned_map_info(pin_dir / "cy_lb4_trail")
+        assert first is not None and (first.type, first.key_size, first.value_size, first.max_entries) == \
+            maps.TRAIL_MAPS["cy_lb4_trail"]
+        loading.ensure_pinned_maps(pin_dir, maps.TRAIL_MAPS)
+        again = loading.pinned_map_info(pin_dir / "cy_lb4_trail")
+        assert again is not None and again.id == first.id
+        podns = loading.pinned_map_info(pin_dir / "cy_lb4_podns")
+        assert podns is not None and podns.type == maps.BPF_MAP_TYPE_HASH
+    finally:
+        for pinned in pin_dir.iterdir():
+            pinned.unlink()
+        pin_dir.rmdir()

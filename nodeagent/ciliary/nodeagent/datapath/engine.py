@@ -325,13 +325,16 @@ class Datapath:
 
     def _sync_pod_netns(self, veths: Mapping[IPv4Address, planning.HostVeth]) -> None:
         """``cy_lb4_podns``: each pod's network namespace cookie -> its IPv4, so the socket load balancer's
-        translations leave the trail that names the Service in the pod's flows (include/lb_trail_maps.h).
-        A failed write costs only those names: logged, the apply goes on."""
+        translations leave the trail that names the Service in the pod's flows (include/lb_trail_maps.h) and a
+        pod is held to a load balancer IP's source ranges (lib/lb.h). A failed write is logged and the apply goes
+        on: the pods missing from the map get no Service names in their flows and are refused by load balancer IPs
+        with source ranges (fail closed)."""
         wanted = {veth.netns_cookie: ip for ip, veth in veths.items() if veth.netns_cookie}
         try:
             maps.sync_map(self._fd("cy_lb4_podns"), maps.POD_NETNS, wanted)
         except (OSError, errors.DatapathError) as exc:
-            log.warning("Pod network namespaces not written: flows name no Service", extra={
+            log.warning("Pod network namespaces not written: their flows name no Service and load balancer IPs "
+                        "with source ranges refuse them", extra={
                 "node": self.node, "error": str(exc)})
 
     def _write_maps(self, the_plan: planning.Plan, observed: planning.DatapathState) -> planning.DatapathState:

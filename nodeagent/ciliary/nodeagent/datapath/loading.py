@@ -15,6 +15,7 @@ import dataclasses
 import errno as errno_mod
 import os
 import subprocess
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -64,25 +65,33 @@ def pin(fd: int, path: Path) -> None:
 
 
 def ensure_pinned_maps(pin_dir: Path, shapes: Mapping[str, tuple[int, int, int, int]]) -> None:
-    """Create and pin each map of ``shapes`` (name -> type, key size, value size, entries) not pinned yet, before
-    a compile: maps two engines' programs share would otherwise be created by both their compiles at once, and
-    the second pin fails. A pin another process made meanwhile (EEXIST) is as good."""
-    for name, (map_type, key_size, value_size, entries) in shapes.items():
-        path = pin_dir / name
-        info = pinned_map_info(path)
-        if info is not None and (info.key_size, info.value_size, info.max_entries) == (key_size, value_size, entries):
-            continue
-        if info is not None:  # an older layout: bcc would reuse it silently
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        fd = libbpf.map_create(map_type, name, key_size, value_size, entries)
-        try:
-            libbpf.obj_pin(fd, path)
-        except OSError as exc:
-            if exc.errno != errno_mod.EEXIST:
-                raise
-        finally:
-            os.close(fd)
+    """Create and pin each map of ``shapes`` (name -> type, key size, value size, entries) not pinned with that
+    shape yet (one of another shape, an older layout, is unpinned first), before a compile: maps two engines'
+    programs share would otherwise be created by both their compiles at once, and the second pin fails."""
+    with _PIN_LOCK:  # the two engines start in two threads: one checks, replaces and pins at a time
+        for name, shape in shapes.items():
+            _ensure_pinned_map(pin_dir / name, name, *shape)
+
+
+_PIN_LOCK = threading.Lock()
+
+
+def _ensure_pinned_map(path: Path, name: str, map_type: int, key_size: int, value_size: int, entries: int) -> None:
+    info = pinned_map_info(path)
+    if info is not None and (info.type, info.key_size, info.value_size, info.max_entries) == (
+            map_type, key_size, value_size, entries):
+        return
+    if info is not None:  # an older layout: bcc would reuse it silently
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    fd = libbpf.map_create(map_type, name, key_size, value_size, entries)
+    try:
+        libbpf.obj_pin(fd, path)
+    except OSError as exc:
+        if exc.errno != errno_mod.EEXIST:  # another process pinned one meanwhile: as good
+            raise
+    finally:
+        os.close(fd)
 
 
 def open_pinned(path: Path) -> int:

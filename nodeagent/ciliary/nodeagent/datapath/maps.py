@@ -219,7 +219,7 @@ POD_NETNS: Codec[int, IPv4Address] = Codec(
     lambda ip: PodNetnsValueC(addr_to_u32(ip)), lambda v: u32_to_addr(v.addr))
 """cy_lb4_podns (include/lb_trail_maps.h): a pod's network namespace cookie -> its IPv4."""
 BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH = 1, 9
-TRAIL_MAPS = {"cy_lb4_trail": (BPF_MAP_TYPE_LRU_HASH, 16, 16, 16384), "cy_lb4_podns": (BPF_MAP_TYPE_HASH, 8, 4, 4096)}
+TRAIL_MAPS = {"cy_lb4_trail": (BPF_MAP_TYPE_LRU_HASH, 16, 16, 16384), "cy_lb4_podns": (BPF_MAP_TYPE_HASH, 8, 4, 16384)}
 """The maps of include/lb_trail_maps.h (type, key size, value size, CY_LB_TRAIL_MAX / CY_LB_PODNS_MAX), shared by the
 pod programs and the socket programs: ``loading.ensure_pinned_maps`` creates them before either compiles."""
 

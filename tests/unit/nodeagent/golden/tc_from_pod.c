@@ -399,7 +399,7 @@ struct cy_events_table_t cy_events = { .max_entries = CY_EVENTS_PAGES * 4096 };
 #endif
 
 #define CY_LB_TRAIL_MAX 16384
-#define CY_LB_PODNS_MAX 4096
+#define CY_LB_PODNS_MAX 16384
 #define CY_LB_TRAIL_FRESH_NS 1000000000ULL
 
 struct lb4_trail_key {
