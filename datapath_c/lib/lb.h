@@ -27,14 +27,13 @@ static __always_inline int cy_lb4_fail(struct lb4_service *svc)
 	return CY_SYSCALL_FAIL;
 }
 
-/* A pod's socket (its network namespace is in cy_lb4_podns) leaves the
- * frontend it asked for where its first packet to the backend finds it
- * (include/lb_trail_maps.h). The node's own sockets leave none. */
-static __always_inline void cy_lb4_leave_trail(struct bpf_sock_addr *ctx, const struct lb4_backend *backend,
-					       __u32 address, __u16 port, __u8 proto)
+/* A pod's socket (`pod`: its IPv4 from cy_lb4_podns) leaves the frontend it
+ * asked for where its first packet to the backend finds it
+ * (include/lb_trail_maps.h). The node's own sockets (NULL) leave none. */
+static __always_inline void cy_lb4_leave_trail(struct bpf_sock_addr *ctx, const __u32 *pod,
+					       const struct lb4_backend *backend, __u32 address, __u16 port,
+					       __u8 proto)
 {
-	__u64 netns = bpf_get_netns_cookie(ctx);
-	__u32 *pod = cy_lb4_podns.lookup(&netns);
 	if (!pod)
 		return;
 	struct lb4_trail_key tkey = {};
@@ -50,15 +49,14 @@ static __always_inline void cy_lb4_leave_trail(struct bpf_sock_addr *ctx, const 
 	cy_lb4_trail.update(&tkey, &trail);
 }
 
-/* loadBalancerSourceRanges for a socket client: a pod (its network
- * namespace is in cy_lb4_podns) must have its address inside the frontend's
- * ranges (cy_lb4_srcrange, as for clients outside the node); the node's own
- * processes are admitted (their source address is not chosen yet); any other
- * namespace (a pod not registered with its cookie) is refused: fail closed. */
-static __always_inline int cy_lb4_socket_admitted(struct bpf_sock_addr *ctx, __u32 frontend_id)
+/* loadBalancerSourceRanges for a socket client in network namespace `netns`:
+ * a pod (`pod`: its IPv4 from cy_lb4_podns) must have its address inside the
+ * frontend's ranges (cy_lb4_srcrange, as for clients outside the node); the
+ * node's own processes are admitted (their source address is not chosen yet);
+ * any other namespace (a pod not registered with its cookie) is refused: fail
+ * closed. */
+static __always_inline int cy_lb4_socket_admitted(__u64 netns, const __u32 *pod, __u32 frontend_id)
 {
-	__u64 netns = bpf_get_netns_cookie(ctx);
-	__u32 *pod = cy_lb4_podns.lookup(&netns);
 	if (!pod)
 		return netns == CY_HOST_NETNS_COOKIE;
 	struct lb4_srcrange_key rkey = {};
@@ -88,7 +86,9 @@ static __always_inline int cy_lb4_choose(struct bpf_sock_addr *ctx, __u32 addres
 	struct lb4_service *svc = cy_lb4_svc.lookup(&key);
 	if (!svc)
 		return CY_LB_NOT_FRONTEND;
-	if ((svc->flags & CY_LB_F_SRC_RANGES) && !cy_lb4_socket_admitted(ctx, svc->backend_id)) {
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	__u32 *pod = cy_lb4_podns.lookup(&netns); /* NULL: not a registered pod's socket */
+	if ((svc->flags & CY_LB_F_SRC_RANGES) && !cy_lb4_socket_admitted(netns, pod, svc->backend_id)) {
 		bpf_set_retval(-CY_EPERM); /* kube-proxy drops; a socket hook cannot make the client wait */
 		return CY_LB_REFUSED;
 	}
@@ -103,7 +103,7 @@ static __always_inline int cy_lb4_choose(struct bpf_sock_addr *ctx, __u32 addres
 	__u32 backend_id = 0;
 	__u16 slot = 0;
 	if (flags & CY_LB_F_AFFINITY) {
-		akey.client = bpf_get_netns_cookie(ctx);
+		akey.client = netns;
 		akey.client_kind = CY_LB_AFF_NETNS;
 		akey.frontend_id = frontend_id;
 		backend_id = cy_lb4_affine(&key, svc, &akey, &slot);
@@ -134,7 +134,7 @@ static __always_inline int cy_lb4_choose(struct bpf_sock_addr *ctx, __u32 addres
 	front.address = address;
 	front.port = port;
 	cy_lb4_revsk.update(&skey, &front);
-	cy_lb4_leave_trail(ctx, backend, address, port, proto);
+	cy_lb4_leave_trail(ctx, pod, backend, address, port, proto);
 	to->address = backend->address;
 	to->port = backend->port;
 	return CY_LB_TRANSLATED;

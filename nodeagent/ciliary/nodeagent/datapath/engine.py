@@ -36,7 +36,7 @@ from ciliary.operator import intents
 log = logging.getLogger(__name__)
 
 MAP_NAMES = ("cy_ipcache", "cy_endpoints", "cy_ep_ifindex", "cy_policy", "cy_policy_deny", "cy_ct",
-             "cy_counters", "cy_lost", "cy_events", "cy_lb4_trail", "cy_lb4_podns")
+             "cy_counters", "cy_lost", "cy_events", *maps.TRAIL_MAPS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +89,8 @@ class Datapath:
         self._map_fds: dict[str, int] = {}
         self._state = planning.DatapathState()
         self._rules: dict[int, tuple[intents.RuleRef, ...]] = {}
+        self._pod_netns: dict[int, IPv4Address] | None = None
+        """What ``cy_lb4_podns`` holds as this engine last wrote it (None: unknown, read it again)."""
         self._reader: flows.FlowReader | None = None
         self._started = False
         self._rendered: tuple[rendering.RenderContext, dict[str, rendering.RenderedProgram]] | None = None
@@ -156,6 +158,7 @@ class Datapath:
             os.close(fd)
         self._prog_fds = adopted
         self._map_fds = map_fds
+        self._pod_netns = None  # the pins opened may be new maps
         self._programs = {hook: program.sha256 for hook, program in programs.items()}
 
     def _adopt(self, pin_path: Path) -> int | None:
@@ -330,8 +333,12 @@ class Datapath:
         on: the pods missing from the map get no Service names in their flows and are refused by load balancer IPs
         with source ranges (fail closed)."""
         wanted = {veth.netns_cookie: ip for ip, veth in veths.items() if veth.netns_cookie}
+        if wanted == self._pod_netns:
+            return  # most applies change policy, not pods: no map read
+        self._pod_netns = None
         try:
             maps.sync_map(self._fd("cy_lb4_podns"), maps.POD_NETNS, wanted)
+            self._pod_netns = wanted
         except (OSError, errors.DatapathError) as exc:
             log.warning("Pod network namespaces not written: their flows name no Service and load balancer IPs "
                         "with source ranges refuse them", extra={

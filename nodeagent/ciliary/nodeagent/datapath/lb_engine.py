@@ -47,7 +47,7 @@ HOOKS: Mapping[str, tuple[str, int]] = {
 }
 """hook -> (bcc program type, kernel attach type)."""
 MAP_NAMES = ("cy_lb4_svc", "cy_lb4_be", "cy_lb4_revsk", "cy_lb4_aff", "cy_lb4_nodeport", "cy_lb4_srcrange")
-TRAIL_MAP_NAMES = ("cy_lb4_trail", "cy_lb4_podns")
+TRAIL_MAP_NAMES = tuple(maps.TRAIL_MAPS)
 """Maps the socket programs share with the pod programs (include/lb_trail_maps.h): the policy engine
 (``datapath.engine``) owns their pins and fills ``cy_lb4_podns``; this engine's teardown leaves them."""
 PIN_PREFIX = "lbprog_"

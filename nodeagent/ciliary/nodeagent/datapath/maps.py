@@ -270,15 +270,14 @@ def read_percpu(fd: int, index: int, value_c: type[PerCpuValue]) -> list[PerCpuV
     return [value_c.from_buffer_copy(buf, cpu * stride) for cpu in range(cpus)]
 
 
-def sync_map(fd: int, codec: Codec[K, V], wanted: Mapping[K, V]) -> int:
-    """Make a small map hold exactly ``wanted`` (read it, delete the rest, write what differs); the writes."""
+def sync_map(fd: int, codec: Codec[K, V], wanted: Mapping[K, V]) -> None:
+    """Make a small map hold exactly ``wanted`` (read it, delete the rest, write what differs)."""
     have = read_map(fd, codec)
     for key in have.keys() - wanted.keys():
         _delete(fd, codec, key)
-    changed = [key for key, value in wanted.items() if have.get(key) != value]
-    for key in changed:
-        _update(fd, codec, key, wanted[key])
-    return len(changed) + len(have.keys() - wanted.keys())
+    for key, value in wanted.items():
+        if have.get(key) != value:
+            _update(fd, codec, key, value)
 
 
 def _update(fd: int, codec: Codec[K, V], key: K, value: V) -> None:
