@@ -5,24 +5,36 @@ kube-proxy in iptables mode in every node namespace): a ClusterIP answers from a
 NodePort answers from the world host, both through kube-proxy's rules in the node namespace (its chains
 name the Service), while Ciliary's load balancer is off: the agents run without the socket load balancer,
 the operator without Service intents. A lab keeps the proxy it was brought up with. This is the peer
-``bench/bench_kube_proxy.py`` compares against.
+``bench/bench_kube_proxy.py`` compares against, and the bench's ``--smoke`` runs here, last, on this lab (its
+peer side) and on the session's lab (Ciliary's side, when that runs without kube-proxy): the suite brings up
+one peer lab, not two.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from bench_smoke import run
 from ciliary.lab import chartinstall, kubeletnode, nodeservices, processes, reallab, sessions
 from ciliary.lab.lab import Lab, LabError, mode_of
 from ciliary.lab.layout import Binaries
 from ciliary.operator.store import keyspace
 from lab_harness import CLI_ETCDCTL, LabHandle
-from realnode_lab import NODES, lab_images, node_binaries
+from realnode_lab import (
+    KUBE_PROXY_REPLACEMENT,
+    NODES,
+    ChartLab,
+    ensure_installed,
+    lab_images,
+    lab_mode,
+    node_binaries,
+)
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,3 +126,25 @@ def test_a_lab_keeps_the_proxy_it_was_brought_up_with(kp_lab: LabHandle) -> None
         with pytest.raises(LabError, match="this lab runs with kube-proxy-iptables"):
             reallab.up(kp_lab.lab, NODES, chart=True, **switch)  # type: ignore[arg-type]
     assert answered(kp_lab, "192.0.2.12", 30280, world=True), "the lab broke after the refused switch"
+
+
+def test_kube_proxy_bench_smoke(kp_lab: LabHandle, chart_lab: ChartLab) -> None:
+    """The bench's peer side on this module's lab; Ciliary's on the session's lab when it runs without kube-proxy
+    (else on a lab of the bench's own)."""
+    ensure_installed(chart_lab)
+    peer = kp_lab.lab.layout.state_dir
+    attach = ["--lab", f"iptables={peer}"]
+    if lab_mode(chart_lab.lab) == KUBE_PROXY_REPLACEMENT:
+        attach += ["--lab", f"ciliary={chart_lab.lab.layout.state_dir}"]
+    out = run("bench/bench_kube_proxy.py", *attach, timeout=900)  # each attached lab's prefix from its lab.json
+    for state_dir in ([peer, chart_lab.lab.layout.state_dir] if len(attach) == 4 else [peer]):
+        assert f"lab: attached to {state_dir}" in out, out
+    number = r"[0-9.,]+ ?(s|/s|MiB) \(load \d+\)"
+    for what in ("program 50 Services, from first create", "one Service change at 50 (median of 3)", "  slowest of them",
+                 "CRR ClusterIP from a pod, 10 Services", "RR NodePort from the world host, 50 Services",
+                 "RSS at 50 Services x 3: agent vs kube-proxy"):
+        assert re.search(rf"^{re.escape(what)}\s+{number}\s+{number}\s+[0-9.]+x$", out, re.M), out
+    assert not list(ROOT.glob(".lab-benchkp-*")), "the bench left its lab directory"
+    assert kp_lab.kubectl("get", "namespace", "kpb", check=False).returncode != 0, "the bench left its namespace"
+    assert chart_lab.kubectl("get", "namespace", "kpb").returncode != 0, "the bench left its namespace"
+    assert answered(kp_lab, "192.0.2.11", 30280, world=True), "the peer lab stopped serving after the bench"
