@@ -6,7 +6,9 @@ deathstar's node is killed with SIGKILL: on real nodes the init process of the `
 container of the chart's DaemonSet pod (from the host, as the kernel's OOM killer would),
 which the kubelet restarts in the same pod. No allowed connection fails, no denied
 connection succeeds, and the restarted agent adopts the pinned datapath (no program
-attached again) and reports again.
+attached again) and reports again. Before the kill, deathstar's record in the agent's endpoint state loses its
+network-namespace cookie (as a CNI plugin older than the cookie registered it): the restarted agent reads it
+again from the pod's namespace file, through the chart's mount of the node's namespace directory.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from ciliary.lab import kubeletnode
+from ciliary.lab import kubeletnode, processes
 from ciliary.operator.store import keyspace
 from ciliary.operator.store.etcdclient import EtcdEndpoint, EtcdTLS, make_client
 from lab_harness import wait_for
@@ -135,6 +137,35 @@ def kill_agent(lab: Any, node: str) -> Callable[[], bool]:
     return lambda: restarts(agent_pod(lab, node)) > before
 
 
+#: the agent's endpoint state in the node's view (the chart's agent.stateDir)
+ENDPOINTS_FILE = "/var/lib/ciliary/agent/endpoints.json"
+
+
+def in_node_mounts(lab: Any, node: str, *argv: str, input: str | None = None) -> str:
+    """``argv`` in ``node``'s mount namespace (its containerd's), where the agent's state directory is."""
+    pid = processes.running_pid(lab.lab.layout, f"containerd-{node}")
+    assert pid, f"{node}: no containerd"
+    out = subprocess.run(["nsenter", f"--mount=/proc/{pid}/ns/mnt", "--", *argv], input=input, capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def cookie_of(lab: Any, node: str, pod: str) -> int:
+    records = json.loads(in_node_mounts(lab, node, "cat", ENDPOINTS_FILE))["endpoints"]
+    return int(next(e for e in records if e["podName"] == pod).get("netnsCookie", 0))
+
+
+def forget_cookie(lab: Any, node: str, pod: str) -> None:
+    """The pod's record as a CNI plugin older than the cookie wrote it (replaced atomically)."""
+    document = json.loads(in_node_mounts(lab, node, "cat", ENDPOINTS_FILE))
+    for record in document["endpoints"]:
+        if record["podName"] == pod:
+            record.pop("netnsCookie", None)
+    in_node_mounts(lab, node, "sh", "-c", f"cat > {ENDPOINTS_FILE}.e2e && mv {ENDPOINTS_FILE}.e2e {ENDPOINTS_FILE}",
+                   input=json.dumps(document))
+
+
 @pytest.fixture
 def starwars(lab: Any) -> Iterator[None]:
     """The scene's pods and rule1, removed afterwards (the lab is shared with later modules)."""
@@ -159,6 +190,10 @@ def test_kill_9_of_the_agent_keeps_enforcing_and_the_restart_adopts(lab: Any, st
 
     node = "node-2"
     before = wait_for("the agent's enforcement status", lambda: enforcement(lab, node), 10)
+    cookie = cookie_of(lab, node, "deathstar")
+    assert cookie, "the CNI plugin registered deathstar without its namespace cookie"
+    forget_cookie(lab, node, "deathstar")
+    assert cookie_of(lab, node, "deathstar") == 0
     allowed = traffic(lab, "tiefighter", deathstar, rounds=100)
     denied = traffic(lab, "xwing", deathstar, rounds=20)  # each denied connect waits its 0.5 s timeout
     try:
@@ -181,6 +216,7 @@ def test_kill_9_of_the_agent_keeps_enforcing_and_the_restart_adopts(lab: Any, st
     assert after["program_hashes"] == before["program_hashes"]
     assert after["last_compiled"] == [] and after["last_attached"] == 0 and after["last_map_writes"] == 0
     assert after["error"] == ""
+    assert cookie_of(lab, node, "deathstar") == cookie, "the restarted agent did not read the pod's cookie again"
     wait_for("rule1 reported again after the restart",
              lambda: any(r["name"] == "rule1" and r["ok"] and r["enforcing"] for r in reports_of(lab, node)), 30)
     assert landed(lab, "tiefighter", deathstar) and not landed(lab, "xwing", deathstar)

@@ -138,14 +138,16 @@ def kube_proxy_free(nodes: Sequence[str]) -> KubeProxyFree:
 
 
 def lab_values(*, sys_resource: bool = True, cgroup_prefix: str = "",
-               kube_proxy_free: KubeProxyFree | None = None, load_balancing: bool = True) -> dict[str, Any]:
+               kube_proxy_free: KubeProxyFree | None = None, load_balancing: bool = True,
+               pod_netns: tuple[str, str] | None = None) -> dict[str, Any]:
     """``sys_resource``: whether this machine's root may grant CAP_SYS_RESOURCE (``nodehost.detect_host``);
     ``cgroup_prefix``: the nodes' cgroup roots are ``<prefix><node>`` (the socket load balancer of each node
     attaches there, never to the machine's root cgroup, which every lab node and the machine share);
     ``kube_proxy_free``: no kube-proxy runs, Ciliary's load balancer serves every Service (socket level and
     north-south on the nodes' devices, kube-proxy's health ports); ``load_balancing`` False: the peer lab
     (``--kube-proxy``), kube-proxy alone serves Services: no load-balancing program in any agent, no Service
-    intent from the operator. Pure."""
+    intent from the operator; ``pod_netns``: where the nodes' runtimes keep pods' network namespaces (the host
+    directory and a node's sub-path, ``kubeletnode.pod_netns_mount``). Pure."""
     if kube_proxy_free and not load_balancing:
         raise ChartInstallError(RELEASE, "without kube-proxy and without Ciliary's load balancer nothing serves "
                                 "Services")
@@ -161,6 +163,8 @@ def lab_values(*, sys_resource: bool = True, cgroup_prefix: str = "",
         raise ChartInstallError(RELEASE, "without kube-proxy the agents' load balancer needs the nodes' cgroups")
     else:
         agent["loadBalancing"] = {"enabled": False}
+    if pod_netns:
+        agent["podNetnsDir"], agent["podNetnsSubdir"] = pod_netns
     etcd: dict[str, Any] = {"image": etcd_image_reference(), "persistence": {"enabled": False}}
     values: dict[str, Any] = {"etcd": etcd, "agent": agent}
     if not load_balancing:
@@ -188,7 +192,7 @@ def helm(helm_bin: Path, kubeconfig: Path, *args: str, timeout: float = 300) -> 
 
 def install(root: Path, kubeconfig: Path, state_dir: Path, *, extra_values: dict[str, Any] | None = None,
             cgroup_prefix: str = "", kube_proxy_free: KubeProxyFree | None = None,
-            load_balancing: bool = True) -> None:
+            load_balancing: bool = True, pod_netns: tuple[str, str] | None = None) -> None:
     """``helm upgrade --install`` both charts (idempotent: a second ``lab up`` upgrades in place)."""
     helm_bin = tools.built_path("helm")
     values = state_dir / "chart-values.yaml"
@@ -198,7 +202,7 @@ def install(root: Path, kubeconfig: Path, state_dir: Path, *, extra_values: dict
                                 "charges BPF maps to RLIMIT_MEMLOCK: the agent cannot run here")
     values.write_text(yaml.safe_dump({**lab_values(sys_resource=not host.restrict_oom_score_adj,
                                                    cgroup_prefix=cgroup_prefix, kube_proxy_free=kube_proxy_free,
-                                                   load_balancing=load_balancing),
+                                                   load_balancing=load_balancing, pod_netns=pod_netns),
                                       **(extra_values or {})}, sort_keys=False))
     for release, chart, extra in ((CRDS_RELEASE, root / "charts" / "ciliary-crds", []),
                                   (RELEASE, root / "charts" / "ciliary", ["-f", str(values)])):

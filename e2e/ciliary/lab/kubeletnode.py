@@ -49,6 +49,19 @@ CNI_RESULTS = Path("/var/lib/cni/results")
 RUN_ROOT = Path("/run/ciliary-nodes")
 
 
+#: where containerd keeps a pod's network namespace file below its state directory (``netns_mounts_under_state_dir``)
+CRI_NETNS_SUBDIR = "io.containerd.grpc.v1.cri/netns"
+
+
+def pod_netns_mount(layout: LabLayout) -> tuple[str, str]:
+    """The chart's ``agent.podNetnsDir`` and ``agent.podNetnsSubdir`` for this lab: the host directory of every
+    node's run directory, and below it a node's pods' network namespaces (``$(CILIARY_AGENT_NODE_NAME)``, expanded
+    by the kubelet), where each agent looks for its own node's. Pure."""
+    node = "$(CILIARY_AGENT_NODE_NAME)"
+    paths = node_paths(layout, node)
+    return str(paths.run.parent), str((paths.containerd_state / CRI_NETNS_SUBDIR).relative_to(paths.run.parent))
+
+
 class NodeStartError(RuntimeError):
     """A real node's containerd or kubelet did not come up; carries the node and the log tail."""
 

@@ -264,6 +264,9 @@ class Lab:
         out = {}
         for line in self.env_lines():
             key, _, value = line.removeprefix("export ").partition("=")
+            if len(value) > 1 and value[0] == value[-1] == "'":  # quoted for the shell: taken literally
+                out[key] = value[1:-1]
+                continue
             out[key] = value.replace("$PATH", os.environ.get("PATH", ""))
         return out
 
@@ -300,6 +303,9 @@ class Lab:
         lines += [f"export CILIARY_LAB_LB_ENABLED={'false' if peer else 'true'}",
                   f"export CILIARY_LAB_OPERATOR_LB={'false' if peer else 'true'}",
                   f"export CILIARY_LAB_LB_CGROUP_PREFIX={chartinstall.node_cgroup_prefix(self.layout.prefix)}"]
+        netns_dir, netns_subpath = kubeletnode.pod_netns_mount(self.layout)  # each node's pods' namespaces
+        lines += [f"export CILIARY_LAB_POD_NETNS_DIR={netns_dir}",
+                  f"export CILIARY_LAB_POD_NETNS_SUBDIR='{netns_subpath}'"]
         if self.config().get("kube_proxy_replacement") and self.node_names():
             # and without kube-proxy: north-south, kube-proxy's health ports, the bootstrap addresses
             free = chartinstall.kube_proxy_free(self.node_names())

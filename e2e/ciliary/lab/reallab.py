@@ -117,7 +117,8 @@ def install_chart(lab: Lab, root: Path | None = None) -> None:
                          cgroup_prefix=chartinstall.node_cgroup_prefix(lab.layout.prefix),
                          kube_proxy_free=chartinstall.kube_proxy_free(lab.node_names())
                          if config.get("kube_proxy_replacement") else None,
-                         load_balancing=not config.get("kube_proxy"))
+                         load_balancing=not config.get("kube_proxy"),
+                         pod_netns=kubeletnode.pod_netns_mount(lab.layout))
     for _ in range(60):  # bounded: the CRD the chart just installed may take a moment to be served
         if lab.kubectl("apply", "-f", "-", input=LAB_POOL, check=False).returncode == 0:
             return

@@ -59,6 +59,12 @@ class Endpoint(pydantic.BaseModel):
         return self.model_dump(mode="json", by_alias=True)
 
 
+def pod_netns_path(netns: str, directory: Path | None) -> str:
+    """Where this agent opens a pod's network namespace: its CNI path, or (``directory``: the runtime's
+    namespace directory as mounted into the agent's container) the file of that name there. Pure."""
+    return str(directory / os.path.basename(netns)) if directory is not None else netns
+
+
 class EventKind(enum.Enum):
     ADDED = "added"
     REMOVED = "removed"
@@ -147,6 +153,32 @@ class EndpointRegistry:
                 "container": endpoint.container_id, "veth": endpoint.host_ifname, "ip": str(endpoint.ipv4)})
             await self.remove(endpoint.container_id)
         return gone
+
+    def learn_cookies(self, read: Callable[[Endpoint], int]) -> builtins.list[Endpoint]:
+        """Fill in the network-namespace cookie of endpoints registered without one (by a CNI plugin older than
+        the cookie), ``read`` giving it (an OSError: left unknown, logged); persisted, no event. Called before the
+        datapath's first apply, which reads the registry: a pod without its cookie is not told from a foreign
+        namespace by the socket load balancer (refused by load balancer IPs with source ranges, its flows not
+        named after the Service)."""
+        learnt = []
+        for endpoint in self.list():
+            if endpoint.netns_cookie:
+                continue
+            try:
+                cookie = read(endpoint)
+            except OSError as exc:
+                log.warning("Endpoint's network namespace cookie unknown", extra={
+                    "container": endpoint.container_id, "netns": endpoint.netns, "error": str(exc)})
+                continue
+            if cookie:
+                learnt.append(endpoint.model_copy(update={"netns_cookie": cookie}))
+        for endpoint in learnt:
+            self._endpoints[endpoint.container_id] = endpoint
+            log.info("Endpoint's network namespace cookie learnt", extra={
+                "container": endpoint.container_id, "netns_cookie": endpoint.netns_cookie})
+        if learnt:
+            self._save()
+        return learnt
 
     async def _notify(self, event: EndpointEvent, *, strict: bool) -> None:
         for listener in list(self._listeners):

@@ -45,6 +45,7 @@ from ciliary.nodeagent import (
     health,
     load_balancing,
     logs,
+    netns_sockets,
     observer_server,
     proxy_plumbing,
     proxy_plumbing_keeper,
@@ -244,6 +245,10 @@ class Agent:
             # pyroute2's IPRoute runs its own event loop: build the check in a worker thread
             present = await asyncio.get_running_loop().run_in_executor(None, host_veth_present, self.config.netns)
             await self.registry.forget_missing(present)
+            # pods registered by a CNI plugin older than the namespace cookie: read it now, before the first apply
+            directory = self.config.pod_netns_dir
+            await asyncio.get_running_loop().run_in_executor(None, self.registry.learn_cookies, lambda e: (
+                netns_sockets.netns_cookie(endpoints.pod_netns_path(e.netns, directory))))
         runners: list[web.AppRunner] = []
         hubble_server: Any = None
         reg_task: asyncio.Task[None] | None = None

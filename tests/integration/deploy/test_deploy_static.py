@@ -357,3 +357,30 @@ def test_without_kube_proxy_the_components_dial_the_apiserver_and_etcd_without_a
     named = helm.run("template", "x", str(CHART), "--set", "etcd.clientHostAlias=etcd.example", "--set", PINNED,
                      check=False)
     assert named.returncode != 0 and "is not an IPv4 address" in named.stderr, named.stderr
+
+
+def test_the_agent_sees_the_pods_network_namespaces_read_only(helm: Helm) -> None:
+    """For the cookie of a pod an older CNI plugin registered without it: the runtime's namespace directory,
+    read-only, at /host/netns, whole (a subPath mount would not carry the namespaces' own mounts), the agent told
+    where (a sub-directory per node when set); nothing when turned off."""
+    def agent_of(*sets: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        spec = find(documents(helm.template(CHART, *sets)), "DaemonSet", "-agent")["spec"]["template"]["spec"]
+        return spec, spec["containers"][0]
+
+    spec, agent = agent_of()
+    mount = next(m for m in agent["volumeMounts"] if m["mountPath"] == "/host/netns")
+    assert mount["readOnly"] is True and "subPathExpr" not in mount
+    assert "mountPropagation" not in mount  # the runtime refuses propagation from a directory that is not shared
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    assert volume["hostPath"]["path"] == "/var/run/netns"
+    assert {"name": "CILIARY_AGENT_POD_NETNS_DIR", "value": "/host/netns"} in agent["env"]
+    _, agent = agent_of("agent.podNetnsDir=/run/nodes", "agent.podNetnsSubdir=$(CILIARY_AGENT_NODE_NAME)/netns")
+    mount = next(m for m in agent["volumeMounts"] if m["mountPath"] == "/host/netns")
+    assert "subPath" not in mount and "subPathExpr" not in mount
+    names = [e["name"] for e in agent["env"]]  # the kubelet expands only variables defined before
+    assert names.index("CILIARY_AGENT_NODE_NAME") < names.index("CILIARY_AGENT_POD_NETNS_DIR")
+    assert {"name": "CILIARY_AGENT_POD_NETNS_DIR", "value": "/host/netns/$(CILIARY_AGENT_NODE_NAME)/netns"} in \
+        agent["env"]
+    spec, agent = agent_of("agent.podNetnsDir=")
+    assert "/host/netns" not in {m["mountPath"] for m in agent["volumeMounts"]}
+    assert "CILIARY_AGENT_POD_NETNS_DIR" not in {e["name"] for e in agent["env"]}

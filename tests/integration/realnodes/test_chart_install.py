@@ -212,10 +212,7 @@ def relay_and_service_map_show_the_drops(lab: ChartLab, servers: list[str]) -> N
 
 def skaffold_env(lab: ChartLab) -> dict[str, str]:
     """The environment ``eval $(ciliary lab env)`` gives a shell, plus a private HOME for skaffold."""
-    env = dict(os.environ)
-    for line in lab.lab.env_lines():
-        key, _, value = line.removeprefix("export ").partition("=")
-        env[key] = value.replace("$PATH", os.environ.get("PATH", ""))
+    env = {**os.environ, **lab.lab.env()}  # as the shell reads the lines (quoted values taken literally)
     assert env["SKAFFOLD_DEFAULT_REPO"].startswith("localhost:")
     env.update(SKAFFOLD_UPDATE_CHECK="false", SKAFFOLD_INTERACTIVE="false", HOME=str(lab.lab.layout.state_dir))
     return env
@@ -243,6 +240,12 @@ def test_skaffold_run_builds_pushes_to_the_lab_registry_and_deploys_the_charts(c
         obj = get()
         images_used = {c["image"] for c in obj["spec"]["template"]["spec"]["containers"]}
         assert all(i.startswith(f"{repo}/{name}:") and "@sha256:" in i for i in images_used), images_used
+        if kind == "daemonset":  # the lab's values as `lab up` installs them: each node's pod namespaces
+            agent_env = {e["name"]: e.get("value") for e in obj["spec"]["template"]["spec"]["containers"][0]["env"]}
+            netns_dir, subdir = kubeletnode.pod_netns_mount(lab.lab.layout)
+            assert agent_env["CILIARY_AGENT_POD_NETNS_DIR"] == f"/host/netns/{subdir}", agent_env
+            volumes = {v["name"]: v for v in obj["spec"]["template"]["spec"]["volumes"]}
+            assert volumes["pod-netns"]["hostPath"]["path"] == netns_dir
         wait_for(f"{kind} {name} rolled out", lambda g=get: chartinstall.workload_ready(g()), 300,
                  lambda g=get: str(g()["status"]) + lab.kubectl("get", "pods", "-A", "-o", "wide").stdout)
     catalog = json.loads(urllib.request.urlopen(f"http://{repo}/v2/_catalog", timeout=10).read())

@@ -196,3 +196,20 @@ def test_the_real_node_peer_turns_ciliarys_load_balancer_off_in_agents_and_opera
         chartinstall.lab_values(cgroup_prefix="p-", kube_proxy_free=free, load_balancing=False)
     assert mode_of({"real_nodes": True, "kube_proxy": "iptables"}) == "kube-proxy-iptables"
     assert mode_of({"real_nodes": True, "kube_proxy": None}) == "kube-proxy"
+
+
+def test_each_agent_sees_its_own_node_s_pod_namespaces() -> None:
+    """The lab's nodes keep pods' network namespaces below their own run directories (containerd's
+    ``netns_mounts_under_state_dir``): the chart mounts the lab's run root with a per-node sub-path."""
+    from ciliary.lab import kubeletnode
+    from ciliary.lab.layout import LabLayout
+
+    layout = LabLayout(state_dir=Path("/tmp/lab-x"), prefix="rd")
+    host_dir, sub_path = kubeletnode.pod_netns_mount(layout)
+    node_1 = kubeletnode.node_paths(layout, "node-1")
+    assert Path(host_dir) / sub_path.replace("$(CILIARY_AGENT_NODE_NAME)", "node-1") == \
+        node_1.containerd_state / "io.containerd.grpc.v1.cri" / "netns"
+    assert sub_path.startswith("$(CILIARY_AGENT_NODE_NAME)/")
+    agent = chartinstall.lab_values(pod_netns=(host_dir, sub_path))["agent"]
+    assert (agent["podNetnsDir"], agent["podNetnsSubdir"]) == (host_dir, sub_path)
+    assert "podNetnsDir" not in chartinstall.lab_values()["agent"]

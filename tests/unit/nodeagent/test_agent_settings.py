@@ -218,3 +218,11 @@ def test_monitor_aggregation_default_env_flag_and_bad_value(tls_env, capsys):
     with pytest.raises(SystemExit) as info:
         settings.load_settings(["--monitor-aggregation", "low"], env)
     assert info.value.code == 2 and "--monitor-aggregation" in capsys.readouterr().err
+
+
+def test_pod_netns_dir_flag_and_env(tls_env):
+    env = {"CILIARY_AGENT_NODE_NAME": "n1", **tls_env}
+    assert settings.load_settings([], env).pod_netns_dir is None  # each pod's CNI path
+    assert settings.load_settings([], {**env, "CILIARY_AGENT_POD_NETNS_DIR": "/host/netns"}).pod_netns_dir == \
+        Path("/host/netns")
+    assert settings.load_settings(["--pod-netns-dir", " "], env).pod_netns_dir is None
