@@ -78,6 +78,14 @@ spec:
 ---
 apiVersion: v1
 kind: Service
+metadata: {{name: closed-np, namespace: {NS}}}
+spec:
+  type: NodePort
+  selector: {{app: web, which: one}}
+  ports: [{{name: closed, port: 9, protocol: UDP, targetPort: 5999, nodePort: 30183}}]
+---
+apiVersion: v1
+kind: Service
 metadata: {{name: empty-np, namespace: {NS}}}
 spec:
   type: NodePort
@@ -184,6 +192,20 @@ def test_nodeport_without_endpoints_is_refused(lab: Any, svc: Any) -> None:
     results = world(lab, "udp-connected", NODE_IPS["node-1"], 30181, count=3, timeout=5.0)
     assert [(r["ok"], r.get("kind")) for r in results] == [(False, "ConnectionRefusedError")] * 3, results
     assert counters(lab, "node-1")["icmp-sent"] - before == 3
+
+
+def test_a_backends_port_unreachable_reaches_the_world_host_about_the_frontend(lab: Any, svc: Any) -> None:
+    """web-1 has nothing on UDP 5999: its kernel answers with an ICMP port unreachable quoting the datagram as it
+    got it. Through node-2 (SNAT, the error comes back to node-2's address) and through node-1 (web-1 is local,
+    the error leaves for the world host) the world host's connected socket is refused at once, as with
+    kube-proxy, only because the error arrives from the frontend quoting world host -> frontend."""
+    wait_for(lambda: backends(lab, "node-1", NODE_IPS["node-1"], 30183, "UDP") == [f"{svc['ips']['web-1']}:5999"],
+             60, "the closed NodePort")
+    for node, address in NODE_IPS.items():
+        before = counters(lab, node)["reply"]
+        results = world(lab, "udp-connected", address, 30183, count=3, timeout=5.0)
+        assert [(r["ok"], r.get("kind")) for r in results] == [(False, "ConnectionRefusedError")] * 3, (node, results)
+        assert counters(lab, node)["reply"] - before >= 3, node
 
 
 def test_external_traffic_policy_local_serves_only_where_a_backend_runs(lab: Any, svc: Any) -> None:

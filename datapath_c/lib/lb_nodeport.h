@@ -30,8 +30,10 @@
  * (CY_NS_DROP_NO_LOCAL). A LoadBalancer frontend with loadBalancerSourceRanges
  * (CY_LB_F_SRC_RANGES) takes new connections only from clients inside them
  * (cy_lb4_srcrange; others: CY_NS_DROP_SOURCE_RANGE). Fragments of such packets cannot be translated and
- * are dropped (CY_NS_DROP_FRAGMENT); every other fragment, non-TCP/UDP
- * packet (ICMP, SCTP, ...) and non-IPv4 packet passes untouched. A known
+ * are dropped (CY_NS_DROP_FRAGMENT); an ICMP error about a translated
+ * connection is translated like its replies (lib/lb_icmp_error.h); every other
+ * fragment, non-TCP/UDP packet (other ICMP, SCTP, ...) and non-IPv4 packet
+ * passes untouched. A known
  * connection whose backend left the maps picks a new one. With session
  * affinity (CY_LB_F_AFFINITY) a new connection goes to the backend the same
  * client address used last within the timeout (lib/lb_affinity.h). A TCP
@@ -227,8 +229,12 @@ static __always_inline int cy_ns_from_device(struct __sk_buff *skb)
 	if (!dev)
 		return TC_ACT_OK;
 	snat = dev->snat_addr;
-	if (cy_parse(skb, &p) != CY_PARSE_OK || (p.protocol != CY_PROTO_TCP && p.protocol != CY_PROTO_UDP))
-		return TC_ACT_OK; /* not IPv4 TCP/UDP, or a fragment without ports: not ours */
+	if (cy_parse(skb, &p) != CY_PARSE_OK)
+		return TC_ACT_OK; /* not IPv4, or a fragment without ports: not ours */
+	if (p.protocol == CY_PROTO_ICMP)
+		return cy_ns_icmp_error(skb, &p, CY_NAT_AT_INGRESS); /* an error about a SNATed connection */
+	if (p.protocol != CY_PROTO_TCP && p.protocol != CY_PROTO_UDP)
+		return TC_ACT_OK;
 	if (cy_ns_l4_offset(skb, &l4off) < 0)
 		return TC_ACT_OK;
 	now = bpf_ktime_get_coarse_ns();
@@ -283,7 +289,11 @@ static __always_inline int cy_ns_to_device(struct __sk_buff *skb)
 
 	if (!cy_lb4_dev.lookup(&ifindex))
 		return TC_ACT_OK;
-	if (cy_parse(skb, &p) != CY_PARSE_OK || (p.protocol != CY_PROTO_TCP && p.protocol != CY_PROTO_UDP))
+	if (cy_parse(skb, &p) != CY_PARSE_OK)
+		return TC_ACT_OK;
+	if (p.protocol == CY_PROTO_ICMP)
+		return cy_ns_icmp_error(skb, &p, CY_NAT_AT_EGRESS); /* a local backend's error to its client */
+	if (p.protocol != CY_PROTO_TCP && p.protocol != CY_PROTO_UDP)
 		return TC_ACT_OK;
 	cy_ns_key(&p, CY_NAT_AT_EGRESS, &nkey);
 	e = cy_lb4_nat.lookup(&nkey);

@@ -66,6 +66,11 @@ def net(tool: Any) -> Iterator[tuple[Net, lb_device.DeviceLB]]:
                source_ranges=("198.51.100.0/24", "2001:db8::/32")),
             fe(FrontendKind.NODE_PORT, net.node_ip, 30085, "TCP", [local, remote], affinity=60),
             fe(FrontendKind.NODE_PORT, net.node_ip, 30086, "TCP", [local]),
+            # backends on a port nothing listens on: their kernels answer with ICMP port unreachable
+            fe(FrontendKind.NODE_PORT, net.node_ip, 30088, "UDP", [BackendIntent(address=net.pod2_ip, port=8054,
+                                                                                node="other")]),
+            fe(FrontendKind.NODE_PORT, net.node_ip, 30089, "UDP", [BackendIntent(address=net.pod1_ip, port=8054,
+                                                                                node=node)]),
             fe(FrontendKind.NODE_PORT, net.node_ip, 30087, "TCP", [BackendIntent(address=net.pod1_ip, port=8081,
                                                                                 node=node)]),
         )))
@@ -130,6 +135,20 @@ def test_no_backends_tcp_is_refused_with_a_reset_udp_with_port_unreachable(
     # the same socket kind still gets answers from a frontend with backends
     results = n.probe("udp-connected", n.node_ip, 30080, count=4)
     assert all(r["ok"] for r in results) and {r["peer"] for r in results} == {f"{n.node_ip}:30080"}, results
+
+
+def test_a_backends_icmp_error_reaches_the_client_as_the_frontends(net: tuple[Net, lb_device.DeviceLB]) -> None:
+    """A backend with nothing on the port refuses with ICMP port unreachable, quoting the datagram as it got it:
+    from this node's SNAT address (a remote backend) or from the client to the backend (a local one). The client's
+    connected socket is told (ECONNREFUSED, not a timeout) only if the error comes from the frontend and quotes
+    client -> frontend, with every checksum right (the veths verify them in software)."""
+    n, dev = net
+    for port in (30088, 30089):  # remote backend (SNAT, the error arrives at the device), local one (it leaves)
+        before = dev.counters()
+        results = n.probe("udp-connected", n.node_ip, port, count=3, timeout=3.0)
+        assert results == [{"ok": False, "error": "ConnectionRefusedError"}] * 3, (port, results)
+        after = dev.counters()
+        assert after["new"] - before["new"] >= 1 and after["reply"] - before["reply"] >= 3, (port, before, after)
 
 
 def test_refusals_of_a_partial_checksum_survive_a_software_checksum_on_the_way_back(
