@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -217,6 +218,9 @@ def test_kill_9_of_the_agent_keeps_enforcing_and_the_restart_adopts(lab: Any, st
     assert after["last_compiled"] == [] and after["last_attached"] == 0 and after["last_map_writes"] == 0
     assert after["error"] == ""
     assert cookie_of(lab, node, "deathstar") == cookie, "the restarted agent did not read the pod's cookie again"
+    # read by the restarted agent itself, not put back by the killed one saving its state before it died
+    log = lab.kubectl("logs", "-n", "kube-system", agent_pod(lab, node)["metadata"]["name"], "-c", "agent").stdout
+    assert re.search(rf"Endpoint's network namespace cookie learnt.* netns_cookie={cookie}\b", log), log[-3000:]
     wait_for("rule1 reported again after the restart",
              lambda: any(r["name"] == "rule1" and r["ok"] and r["enforcing"] for r in reports_of(lab, node)), 30)
     assert landed(lab, "tiefighter", deathstar) and not landed(lab, "xwing", deathstar)

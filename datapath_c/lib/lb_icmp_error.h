@@ -20,9 +20,10 @@
  * At the device's ingress (a backend elsewhere, SNAT) the error is sent on to
  * the client by a route lookup (lib/lb_nat.h's cy_ns_send); at its egress (a
  * local backend's error leaving for the client) it goes on. Counted as a reply
- * (CY_NS_REPLY). Quotes with IPv4 options, of other protocols, fragments,
- * errors about DSR connections (the backend's node learnt them: lib/lb_dsr.h)
- * and every other ICMP message pass untouched.
+ * (CY_NS_REPLY). Quotes with IPv4 options, of other protocols, of a later
+ * fragment or with less than 8 bytes of L4 header, fragmented errors, errors
+ * about DSR connections (the backend's node learnt them: lib/lb_dsr.h) and
+ * every other ICMP message pass untouched.
  */
 #ifndef CY_LIB_LB_ICMP_ERROR_H
 #define CY_LIB_LB_ICMP_ERROR_H
@@ -32,14 +33,23 @@
 #define CY_ICMP_PARAMETERPROB 12
 #define CY_ICMP_HLEN 8
 
-/* One word of the quote rewritten: the ICMP checksum (at csum) follows it.
- * size: 2 or 4 bytes, at off; old and new in network order. */
-static __always_inline int cy_icmp_quote_store(struct __sk_buff *skb, __u32 csum, __u32 off, __u32 old, __u32 new,
-					       __u32 size)
+/* An address of the quote rewritten (network order, at off): the ICMP
+ * checksum (at csum) follows it. */
+static __always_inline int cy_icmp_quote_addr(struct __sk_buff *skb, __u32 csum, __u32 off, __u32 old, __u32 new)
 {
 	if (old == new)
 		return 0;
-	if (bpf_l4_csum_replace(skb, csum, old, new, size) < 0 || bpf_skb_store_bytes(skb, off, &new, size, 0) < 0)
+	if (bpf_l4_csum_replace(skb, csum, old, new, 4) < 0 || bpf_skb_store_bytes(skb, off, &new, 4, 0) < 0)
+		return -1;
+	return 0;
+}
+
+/* A port of the quote rewritten (network order, at off), likewise. */
+static __always_inline int cy_icmp_quote_port(struct __sk_buff *skb, __u32 csum, __u32 off, __u16 old, __u16 new)
+{
+	if (old == new)
+		return 0;
+	if (bpf_l4_csum_replace(skb, csum, old, new, 2) < 0 || bpf_skb_store_bytes(skb, off, &new, 2, 0) < 0)
 		return -1;
 	return 0;
 }
@@ -70,11 +80,11 @@ static __always_inline int cy_ns_icmp_error(struct __sk_buff *skb, const struct 
 {
 	struct lb4_nat_key key = {};
 	struct lb4_nat_entry *e;
-	__u32 l4off, quote, ql4, csum, addrs[2], outer_s = p->saddr, outer_d = p->daddr;
-	__u16 ports[2];
+	__u32 l4off, quote, ql4, csum, addrs[2], outer_s = p->saddr, outer_d = p->daddr, client, frontend;
+	__u16 ports[2], frag = 0, client_port, frontend_port;
 	__u32 l4csum = 0;
 	__u64 l4flags = 0;
-	__u8 vihl = 0, proto = 0;
+	__u8 vihl = 0, proto = 0, flags;
 	__u64 now;
 
 	if (p->is_fragment || (p->icmp_type != CY_ICMP_DEST_UNREACH && p->icmp_type != CY_ICMP_TIME_EXCEEDED &&
@@ -84,12 +94,14 @@ static __always_inline int cy_ns_icmp_error(struct __sk_buff *skb, const struct 
 		return TC_ACT_OK;
 	csum = l4off + 2;
 	quote = l4off + CY_ICMP_HLEN;
+	/* an IPv4 quote without options, not a later fragment, of TCP or UDP, with 8 bytes of its L4 header */
 	if (bpf_skb_load_bytes(skb, quote, &vihl, 1) < 0 || vihl != 0x45 ||
+	    bpf_skb_load_bytes(skb, quote + 6, &frag, 2) < 0 || (frag & bpf_htons(CY_IP_OFFSET)) ||
 	    bpf_skb_load_bytes(skb, quote + 9, &proto, 1) < 0 || (proto != CY_PROTO_TCP && proto != CY_PROTO_UDP) ||
 	    bpf_skb_load_bytes(skb, quote + 12, addrs, 8) < 0)
 		return TC_ACT_OK;
 	ql4 = quote + 20;
-	if (bpf_skb_load_bytes(skb, ql4, ports, 4) < 0)
+	if (skb->len < ql4 + 8 || bpf_skb_load_bytes(skb, ql4, ports, 4) < 0)
 		return TC_ACT_OK;
 	key.saddr = addrs[1];
 	key.sport = ports[1];
@@ -101,6 +113,12 @@ static __always_inline int cy_ns_icmp_error(struct __sk_buff *skb, const struct 
 	now = bpf_ktime_get_coarse_ns();
 	if (!e || e->expires < now || e->backend_id || (e->flags & CY_NAT_F_DSR_LEARNT))
 		return TC_ACT_OK;
+	/* read once: the LRU entry may be rewritten beside this packet */
+	client = e->daddr;
+	client_port = e->dport;
+	frontend = e->saddr;
+	frontend_port = e->sport;
+	flags = e->flags;
 	/* the quoted packet's L4 checksum, when the quote holds it (a UDP 0 stays 0) */
 	if (proto == CY_PROTO_UDP) {
 		l4csum = ql4 + 6;
@@ -109,32 +127,32 @@ static __always_inline int cy_ns_icmp_error(struct __sk_buff *skb, const struct 
 		l4csum = ql4 + 16;
 	}
 	/* the quote: client -> frontend */
-	if (cy_icmp_quote_store(skb, csum, quote + 12, addrs[0], e->daddr, 4) < 0 ||
-	    cy_icmp_quote_csum(skb, csum, quote + 10, addrs[0], e->daddr, 4, 1) < 0 ||
-	    (l4csum && cy_icmp_quote_csum(skb, csum, l4csum, addrs[0], e->daddr, l4flags | 4, 0) < 0) ||
-	    cy_icmp_quote_store(skb, csum, quote + 16, addrs[1], e->saddr, 4) < 0 ||
-	    cy_icmp_quote_csum(skb, csum, quote + 10, addrs[1], e->saddr, 4, 1) < 0 ||
-	    (l4csum && cy_icmp_quote_csum(skb, csum, l4csum, addrs[1], e->saddr, l4flags | 4, 0) < 0) ||
-	    cy_icmp_quote_store(skb, csum, ql4, ports[0], e->dport, 2) < 0 ||
-	    (l4csum && cy_icmp_quote_csum(skb, csum, l4csum, ports[0], e->dport, l4flags | 2, 0) < 0) ||
-	    cy_icmp_quote_store(skb, csum, ql4 + 2, ports[1], e->sport, 2) < 0 ||
-	    (l4csum && cy_icmp_quote_csum(skb, csum, l4csum, ports[1], e->sport, l4flags | 2, 0) < 0))
+	if (cy_icmp_quote_addr(skb, csum, quote + 12, addrs[0], client) < 0 ||
+	    cy_icmp_quote_csum(skb, csum, quote + 10, addrs[0], client, 4, 1) < 0 ||
+	    (l4csum && cy_icmp_quote_csum(skb, csum, l4csum, addrs[0], client, l4flags | 4, 0) < 0) ||
+	    cy_icmp_quote_addr(skb, csum, quote + 16, addrs[1], frontend) < 0 ||
+	    cy_icmp_quote_csum(skb, csum, quote + 10, addrs[1], frontend, 4, 1) < 0 ||
+	    (l4csum && cy_icmp_quote_csum(skb, csum, l4csum, addrs[1], frontend, l4flags | 4, 0) < 0) ||
+	    cy_icmp_quote_port(skb, csum, ql4, ports[0], client_port) < 0 ||
+	    (l4csum && cy_icmp_quote_csum(skb, csum, l4csum, ports[0], client_port, l4flags | 2, 0) < 0) ||
+	    cy_icmp_quote_port(skb, csum, ql4 + 2, ports[1], frontend_port) < 0 ||
+	    (l4csum && cy_icmp_quote_csum(skb, csum, l4csum, ports[1], frontend_port, l4flags | 2, 0) < 0))
 		return cy_ns_drop(CY_NS_DROP_REWRITE);
 	/* the error itself: to the client, from the frontend when the backend sent it */
 	if (outer_s == addrs[1]) {
-		if (bpf_l3_csum_replace(skb, CY_NS_IP_CSUM, outer_s, e->saddr, 4) < 0 ||
-		    bpf_skb_store_bytes(skb, CY_NS_IP_SADDR, &e->saddr, 4, 0) < 0)
+		if (bpf_l3_csum_replace(skb, CY_NS_IP_CSUM, outer_s, frontend, 4) < 0 ||
+		    bpf_skb_store_bytes(skb, CY_NS_IP_SADDR, &frontend, 4, 0) < 0)
 			return cy_ns_drop(CY_NS_DROP_REWRITE);
-		outer_s = e->saddr;
+		outer_s = frontend;
 	}
-	if (outer_d != e->daddr) {
-		if (bpf_l3_csum_replace(skb, CY_NS_IP_CSUM, outer_d, e->daddr, 4) < 0 ||
-		    bpf_skb_store_bytes(skb, CY_NS_IP_DADDR, &e->daddr, 4, 0) < 0)
+	if (outer_d != client) {
+		if (bpf_l3_csum_replace(skb, CY_NS_IP_CSUM, outer_d, client, 4) < 0 ||
+		    bpf_skb_store_bytes(skb, CY_NS_IP_DADDR, &client, 4, 0) < 0)
 			return cy_ns_drop(CY_NS_DROP_REWRITE);
-		outer_d = e->daddr;
+		outer_d = client;
 	}
 	cy_ns_count(CY_NS_REPLY);
-	if (!(e->flags & CY_NAT_F_REDIRECT))
+	if (!(flags & CY_NAT_F_REDIRECT))
 		return TC_ACT_OK;
 	return cy_ns_send(skb, outer_s, outer_d, CY_PROTO_ICMP, 0, CY_NS_DROP_NO_ROUTE);
 }

@@ -70,7 +70,10 @@ def running_pid(layout: LabLayout, name: str) -> int | None:
     start = _start_time(pid)
     if start is None or start != record.get("start"):
         return None
-    stat = Path(f"/proc/{pid}/stat").read_text()
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # it exited since its start time was read
+        return None
     if stat.rsplit(")", 1)[1].split()[0] == "Z":
         return None
     return pid

@@ -230,6 +230,9 @@ def up(lab: Lab, nodes: Sequence[str], *, chart: bool = False, ready_seconds: fl
             if chart:
                 chartinstall.wait_ready(lambda *a, **k: lab.kubectl(*a, **k), nodes, ready_seconds, say=say)
                 stamp("Ciliary agents, operator and etcd ready")
+                if restart_on_new_images(lab, first):
+                    chartinstall.wait_ready(lambda *a, **k: lab.kubectl(*a, **k), nodes, ready_seconds, say=say)
+                    stamp("Ciliary's pods restarted on the images this lab up imported")
                 if start_service_forward(lab, nodes[0]):
                     stamp("hubble-relay and hubble-ui reachable from this shell (HUBBLE_SERVER, CILIARY_UI_URL)")
             for name, pending in workloads.items():
@@ -241,6 +244,45 @@ def up(lab: Lab, nodes: Sequence[str], *, chart: bool = False, ready_seconds: fl
     wait_ready(lab, real, ready_seconds)
     say(f"lab: {len(real)} real nodes Ready in {time.monotonic() - t0:.1f} s")
     return real
+
+
+CHART_IMAGES_FILE = "chart-images.json"
+"""In a lab's state directory: the images its last ``lab up`` imported into the nodes, by manifest digest."""
+
+
+def image_digests(built: Sequence[images.BuiltImage]) -> dict[str, str]:
+    """Each image's manifest digest, from its OCI layout's index ("" when unreadable)."""
+    out = {}
+    for image in built:
+        try:
+            out[image.reference] = str(json.loads((image.layout / "index.json").read_text())["manifests"][0]["digest"])
+        except (OSError, ValueError, KeyError, IndexError):
+            out[image.reference] = ""
+    return out
+
+
+def images_changed(before: dict[str, str] | None, now: dict[str, str]) -> bool:
+    """Whether a lab up again imported another image under a name an earlier one used (a fresh lab: no).
+    Pure."""
+    return before is not None and any(before.get(ref) not in (None, digest) for ref, digest in now.items())
+
+
+def restart_on_new_images(lab: Lab, built: Sequence[images.BuiltImage]) -> bool:
+    """A ``lab up`` of a lab already up: its pods keep the images they started on, and the project's images keep
+    their name (the chart's tag) when their content changes, so the chart's DaemonSets and Deployments are
+    restarted when the imported images differ from the last ``lab up``'s; True if they were."""
+    record = lab.layout.state_dir / CHART_IMAGES_FILE
+    try:
+        before = json.loads(record.read_text())
+    except (OSError, ValueError):
+        before = None
+    now = image_digests(built)
+    changed = images_changed(before, now)
+    if changed:
+        lab.kubectl("rollout", "restart", "daemonset,deployment", "-n", chartinstall.NAMESPACE, "-l",
+                    "app.kubernetes.io/part-of=ciliary")
+    record.write_text(json.dumps(now, sort_keys=True))
+    return changed
 
 
 SERVICE_FORWARD = "service-forward"

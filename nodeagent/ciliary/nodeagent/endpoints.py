@@ -61,8 +61,12 @@ class Endpoint(pydantic.BaseModel):
 
 def pod_netns_path(netns: str, directory: Path | None) -> str:
     """Where this agent opens a pod's network namespace: its CNI path, or (``directory``: the runtime's
-    namespace directory as mounted into the agent's container) the file of that name there. Pure."""
-    return str(directory / os.path.basename(netns)) if directory is not None else netns
+    namespace directory as mounted into the agent's container) the file of that name there; a process's
+    namespace (``/proc/PID/ns/net``, as some runtimes give) has no file of its own there: its path as given.
+    Pure."""
+    if directory is None or netns.startswith("/proc/"):
+        return netns
+    return str(directory / os.path.basename(netns))
 
 
 class EventKind(enum.Enum):
@@ -159,7 +163,8 @@ class EndpointRegistry:
         the cookie), ``read`` giving it (an OSError: left unknown, logged); persisted, no event. Called before the
         datapath's first apply, which reads the registry: a pod without its cookie is not told from a foreign
         namespace by the socket load balancer (refused by load balancer IPs with source ranges, its flows not
-        named after the Service)."""
+        named after the Service). Not under the registry's lock: for the agent's start, before the endpoint API
+        serves (each unreadable namespace may take ``netns_sockets``' 10 s thread timeout)."""
         learnt = []
         for endpoint in self.list():
             if endpoint.netns_cookie:

@@ -9,9 +9,9 @@ its whole life, so the caller then uses it from the event loop like any other. T
 - :class:`NetnsSockets`: one worker thread that enters the namespace once and creates sockets
   there on request (the DNS proxy's many sockets);
 - :func:`listen_tcp` and :func:`netns_cookie`: a short-lived thread per call, for the
-  load balancer's few listeners (health-check node ports, kube-proxy's ``:10256``) and the
-  namespace's cookie (``SO_NETNS_COOKIE``), which the NodePort bind guard compares with each
-  socket's.
+  load balancer's few listeners (health-check node ports, kube-proxy's ``:10256``) and a
+  namespace's cookie (``SO_NETNS_COOKIE``): the node's, which the NodePort bind guard compares with
+  each socket's, and a pod's the CNI plugin did not report (``EndpointRegistry.learn_cookies``).
 """
 
 from __future__ import annotations
@@ -90,7 +90,8 @@ class NetnsSocketError(OSError):
     """The socket could not be created in the namespace (carries the namespace and the address)."""
 
     def __init__(self, netns: str, address: str, reason: str) -> None:
-        super().__init__(f"listening socket {address} in netns {netns or '(own)'}: {reason}")
+        what = "cookie" if address == "cookie" else f"listening socket {address}"
+        super().__init__(f"{what} in netns {netns or '(own)'}: {reason}")
         self.netns, self.address = netns, address
 
 

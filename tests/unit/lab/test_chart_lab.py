@@ -213,3 +213,21 @@ def test_each_agent_sees_its_own_node_s_pod_namespaces() -> None:
     agent = chartinstall.lab_values(pod_netns=(host_dir, sub_path))["agent"]
     assert (agent["podNetnsDir"], agent["podNetnsSubdir"]) == (host_dir, sub_path)
     assert "podNetnsDir" not in chartinstall.lab_values()["agent"]
+
+
+def test_a_lab_up_again_restarts_the_pods_only_when_an_image_changed(tmp_path: Path) -> None:
+    """The project's images keep their name (the chart's tag) when their content changes: the pods of a lab that
+    is up keep the old content unless restarted. A fresh lab (no record) restarts nothing."""
+    from ciliary.lab import images, reallab
+
+    layout = tmp_path / "agent" / "layout"
+    layout.mkdir(parents=True)
+    (layout / "index.json").write_text('{"manifests": [{"digest": "sha256:aa"}]}')
+    built = [images.BuiltImage("ghcr.io/ciliary/ciliary-agent:0.1.0", layout, tmp_path / "agent.tar"),
+             images.BuiltImage("lab:latest", tmp_path / "missing", tmp_path / "lab.tar")]
+    now = reallab.image_digests(built)
+    assert now == {"ghcr.io/ciliary/ciliary-agent:0.1.0": "sha256:aa", "lab:latest": ""}
+    assert not reallab.images_changed(None, now)  # a fresh lab
+    assert not reallab.images_changed(now, now)
+    assert not reallab.images_changed({}, now)  # an image new to the lab is imported before any pod uses it
+    assert reallab.images_changed({**now, "ghcr.io/ciliary/ciliary-agent:0.1.0": "sha256:bb"}, now)

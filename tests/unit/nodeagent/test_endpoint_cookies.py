@@ -1,13 +1,12 @@
 """A pod registered without its network-namespace cookie (by an older CNI plugin) gets it when the agent starts:
-read from its namespace file (where the chart mounts the runtime's directory), persisted, never guessed."""
+read from its namespace file (where the chart mounts the runtime's directory), persisted, never guessed. The
+read itself (``setns``, root) is tested in tests/integration/agent/test_pod_netns_cookie.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
-from ciliary.nodeagent import endpoints, netns_sockets
+from ciliary.nodeagent import endpoints
 
 BASE = {"podNamespace": "ns", "podUid": "u", "ifname": "eth0", "mac": "aa:bb:cc:dd:ee:ff"}
 
@@ -22,6 +21,8 @@ def test_the_namespace_is_opened_by_its_name_in_the_mounted_directory() -> None:
     cni = "/run/nodes/node-1/containerd/io.containerd.grpc.v1.cri/netns/cni-1234"
     assert endpoints.pod_netns_path(cni, Path("/host/netns")) == "/host/netns/cni-1234"
     assert endpoints.pod_netns_path(cni, None) == cni
+    # a process's namespace has no file of its own in the runtime's directory: its path as given
+    assert endpoints.pod_netns_path("/proc/4242/ns/net", Path("/host/netns")) == "/proc/4242/ns/net"
 
 
 async def test_unknown_cookies_are_learnt_and_persisted_known_ones_kept(tmp_path: Path) -> None:
@@ -45,12 +46,3 @@ async def test_unknown_cookies_are_learnt_and_persisted_known_ones_kept(tmp_path
     reloaded.load()
     assert {e.container_id: e.netns_cookie for e in reloaded.list()} == cookies
     assert registry.learn_cookies(lambda e: 0) == []  # a zero read is no cookie
-
-
-def test_the_cookie_is_the_namespace_s_own(tmp_path: Path) -> None:
-    """Read as the agent does, through a namespace file: this process's own (``/proc/self/ns/net``)."""
-    own = netns_sockets.netns_cookie(None)
-    path = endpoints.pod_netns_path("/run/netns/net", Path("/proc/self/ns"))
-    assert own and netns_sockets.netns_cookie(path) == own
-    with pytest.raises(OSError):
-        netns_sockets.netns_cookie(str(tmp_path / "cni-missing"))
