@@ -132,12 +132,12 @@ def test_kube_proxy_bench_smoke(kp_lab: LabHandle, chart_lab: ChartLab) -> None:
     """The bench's peer side on this module's lab; Ciliary's on the session's lab when it runs without kube-proxy
     (else on a lab of the bench's own)."""
     ensure_installed(chart_lab)
-    peer = kp_lab.lab.layout.state_dir
-    attach = ["--lab", f"iptables={peer}"]
+    labs = {"iptables": kp_lab.lab.layout.state_dir}
     if lab_mode(chart_lab.lab) == KUBE_PROXY_REPLACEMENT:
-        attach += ["--lab", f"ciliary={chart_lab.lab.layout.state_dir}"]
+        labs["ciliary"] = chart_lab.lab.layout.state_dir
+    attach = [arg for mode, state_dir in labs.items() for arg in ("--lab", f"{mode}={state_dir}")]
     out = run("bench/bench_kube_proxy.py", *attach, timeout=900)  # each attached lab's prefix from its lab.json
-    for state_dir in ([peer, chart_lab.lab.layout.state_dir] if len(attach) == 4 else [peer]):
+    for state_dir in labs.values():
         assert f"lab: attached to {state_dir}" in out, out
     number = r"[0-9.,]+ ?(s|/s|MiB) \(load \d+\)"
     for what in ("program 50 Services, from first create", "one Service change at 50 (median of 3)", "  slowest of them",

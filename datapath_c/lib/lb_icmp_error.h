@@ -33,23 +33,18 @@
 #define CY_ICMP_PARAMETERPROB 12
 #define CY_ICMP_HLEN 8
 
-/* An address of the quote rewritten (network order, at off): the ICMP
- * checksum (at csum) follows it. */
-static __always_inline int cy_icmp_quote_addr(struct __sk_buff *skb, __u32 csum, __u32 off, __u32 old, __u32 new)
+/* A word of the quote rewritten (an address, size 4, or a port, size 2; network
+ * order, at off): the ICMP checksum (at csum) follows it. A port is stored
+ * from a 16-bit copy, whatever the host's byte order. */
+static __always_inline int cy_icmp_quote_word(struct __sk_buff *skb, __u32 csum, __u32 off, __u32 old, __u32 new,
+					      __u32 size)
 {
-	if (old == new)
-		return 0;
-	if (bpf_l4_csum_replace(skb, csum, old, new, 4) < 0 || bpf_skb_store_bytes(skb, off, &new, 4, 0) < 0)
-		return -1;
-	return 0;
-}
+	__u16 port = new;
 
-/* A port of the quote rewritten (network order, at off), likewise. */
-static __always_inline int cy_icmp_quote_port(struct __sk_buff *skb, __u32 csum, __u32 off, __u16 old, __u16 new)
-{
 	if (old == new)
 		return 0;
-	if (bpf_l4_csum_replace(skb, csum, old, new, 2) < 0 || bpf_skb_store_bytes(skb, off, &new, 2, 0) < 0)
+	if (bpf_l4_csum_replace(skb, csum, old, new, size) < 0 ||
+	    bpf_skb_store_bytes(skb, off, size == 2 ? (void *)&port : (void *)&new, size, 0) < 0)
 		return -1;
 	return 0;
 }
@@ -127,15 +122,15 @@ static __always_inline int cy_ns_icmp_error(struct __sk_buff *skb, const struct 
 		l4csum = ql4 + 16;
 	}
 	/* the quote: client -> frontend */
-	if (cy_icmp_quote_addr(skb, csum, quote + 12, addrs[0], client) < 0 ||
+	if (cy_icmp_quote_word(skb, csum, quote + 12, addrs[0], client, 4) < 0 ||
 	    cy_icmp_quote_csum(skb, csum, quote + 10, addrs[0], client, 4, 1) < 0 ||
 	    (l4csum && cy_icmp_quote_csum(skb, csum, l4csum, addrs[0], client, l4flags | 4, 0) < 0) ||
-	    cy_icmp_quote_addr(skb, csum, quote + 16, addrs[1], frontend) < 0 ||
+	    cy_icmp_quote_word(skb, csum, quote + 16, addrs[1], frontend, 4) < 0 ||
 	    cy_icmp_quote_csum(skb, csum, quote + 10, addrs[1], frontend, 4, 1) < 0 ||
 	    (l4csum && cy_icmp_quote_csum(skb, csum, l4csum, addrs[1], frontend, l4flags | 4, 0) < 0) ||
-	    cy_icmp_quote_port(skb, csum, ql4, ports[0], client_port) < 0 ||
+	    cy_icmp_quote_word(skb, csum, ql4, ports[0], client_port, 2) < 0 ||
 	    (l4csum && cy_icmp_quote_csum(skb, csum, l4csum, ports[0], client_port, l4flags | 2, 0) < 0) ||
-	    cy_icmp_quote_port(skb, csum, ql4 + 2, ports[1], frontend_port) < 0 ||
+	    cy_icmp_quote_word(skb, csum, ql4 + 2, ports[1], frontend_port, 2) < 0 ||
 	    (l4csum && cy_icmp_quote_csum(skb, csum, l4csum, ports[1], frontend_port, l4flags | 2, 0) < 0))
 		return cy_ns_drop(CY_NS_DROP_REWRITE);
 	/* the error itself: to the client, from the frontend when the backend sent it */
