@@ -31,7 +31,8 @@ network namespace).
   address, backends on node-2) from the world host, with 10 Services and with the largest size; median of
   ``--reps`` runs after one warm-up.
 - **Memory** at the largest size × 3 backends: RSS of node-1's agent (Ciliary; its container's process) and
-  of node-1's kube-proxy (peers); the agent's RSS in the peer labs (load balancer off) is shown beside it.
+  of node-1's kube-proxy (peers); the agent's RSS in the peer labs (load balancer off) is shown beside it,
+  and the chart's etcd's RSS and database size (it holds the load-balancing intents in Ciliary's lab only).
 Ratios say how many times better Ciliary is (> 1: Ciliary faster / smaller). The machine is shared:
 every figure carries the 1-minute load average at the time it was taken.
 """
@@ -384,6 +385,8 @@ def measure_mode(mode: str, sizes: tuple[int, ...], args: argparse.Namespace, tc
                 figures[f"rss {top}"] = ko.Figure(run.rss_mib("agent" if mode == "ciliary"
                                                                else "kube-proxy-node-1"), load())
                 figures[f"agent rss {top}"] = ko.Figure(run.rss_mib("agent"), load())
+                etcd_rss, etcd_db = real_node_lab.chart_etcd(run.the_lab)
+                figures[f"etcd rss {top}"], figures[f"etcd db {top}"] = ko.Figure(etcd_rss, load()), ko.Figure(etcd_db, load())
         except Exception as exc:  # noqa: BLE001 - recorded as this proxy's failure, the other proxies still run
             say(f"{mode}: size {size} failed: {exc}")
             figures.setdefault(f"program {size}", ko.Figure(None, load(), str(exc)[:160]))
@@ -457,6 +460,8 @@ def main() -> None:
             row(f"RR {where}, {label} Services", "/s", False, f"rr {kind} {size_key}")
     row(f"RSS at {top:,} Services x 3: agent vs kube-proxy", " MiB", True, f"rss {top}")
     row("  node-1 agent RSS (LB off in peer labs)", " MiB", True, f"agent rss {top}")
+    row("  Ciliary's etcd: RSS (Services not stored in peer labs)", " MiB", True, f"etcd rss {top}")
+    row("  Ciliary's etcd: database size", " MiB", True, f"etcd db {top}")
     print()
     print(f"bench_kube_proxy: {', '.join(modes)}; sizes {', '.join(map(str, sizes))}; CRR n={args.crr_n}, "
           f"RR n={args.rr_n}, median of {args.reps}; ratio = how many times better Ciliary is")

@@ -111,6 +111,23 @@ def agent_pods(lab: Lab, node: str) -> list[dict[str, Any]]:
     return list(json.loads(out.stdout)["items"]) if out.returncode == 0 else []
 
 
+def chart_etcd(lab: Lab) -> tuple[float, float]:
+    """The chart's etcd: (RSS in MiB of its container's process, its database's size in MiB from its metrics,
+    served on its node's address, port 2381)."""
+    out = lab.kubectl("get", "pods", "-n", chartinstall.NAMESPACE, f"{chartinstall.RELEASE}-etcd-0", "-o", "json")
+    pod = json.loads(out.stdout)
+    rss = processes.rss_kib(kubeletnode.container_pid(lab.layout, pod, "etcd")) / 1024
+    node = pod["spec"]["nodeName"]
+    metrics = subprocess.run(["ip", "netns", "exec", lab.layout.node_netns(node), "curl", "-s", "-m", "5",
+                              f"http://{pod['status']['hostIP']}:2381/metrics"],
+                             capture_output=True, text=True, timeout=30).stdout
+    size = [float(line.split()[-1]) for line in metrics.splitlines()
+            if line.startswith("etcd_mvcc_db_total_size_in_bytes ")]
+    if not size:
+        raise BenchLabError(f"the chart's etcd on {node} did not serve its database size")
+    return rss, size[0] / (1 << 20)
+
+
 def agent_log(lab: Lab, node: str) -> str:
     """``node``'s agent log (its pod's ``agent`` container; empty if none answers)."""
     pods = agent_pods(lab, node)

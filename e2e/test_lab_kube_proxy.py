@@ -142,7 +142,7 @@ def test_kube_proxy_bench_smoke(kp_lab: LabHandle, chart_lab: ChartLab) -> None:
     number = r"[0-9.,]+ ?(s|/s|MiB) \(load \d+\)"
     for what in ("program 50 Services, from first create", "one Service change at 50 (median of 3)", "  slowest of them",
                  "CRR ClusterIP from a pod, 10 Services", "RR NodePort from the world host, 50 Services",
-                 "RSS at 50 Services x 3: agent vs kube-proxy"):
+                 "RSS at 50 Services x 3: agent vs kube-proxy", "  Ciliary's etcd: database size"):
         assert re.search(rf"^{re.escape(what)}\s+{number}\s+{number}\s+[0-9.]+x$", out, re.M), out
     assert not list(ROOT.glob(".lab-benchkp-*")), "the bench left its lab directory"
     assert kp_lab.kubectl("get", "namespace", "kpb", check=False).returncode != 0, "the bench left its namespace"

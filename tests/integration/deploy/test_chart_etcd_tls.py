@@ -70,11 +70,16 @@ class ChartEtcd:
                       if a.startswith(("--name", "--listen-peer-urls", "--initial-advertise-peer-urls",
                                        "--initial-cluster="))]
         assert len(peer_flags) == 4, self.args
+        # the chart's history and memory bounds, so this etcd binary refuses them if it does not know them
+        memory_flags = [a for a in self.args if a.startswith(("--auto-compaction-", "--snapshot-"))]
+        assert sorted(a.split("=")[0] for a in memory_flags) == [
+            "--auto-compaction-mode", "--auto-compaction-retention", "--snapshot-catchup-entries", "--snapshot-count"]
+        assert "--snapshot-count=1000" in memory_flags, memory_flags
         self.log = open(self.dir / "etcd.log", "wb")
         self.proc = subprocess.Popen(
             [str(Binaries.discover().etcd), "--data-dir", str(self.dir / "data"),
              "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint, *tls_flags,
-             *peer_flags, "--listen-metrics-urls", "http://127.0.0.1:0", "--log-level", "warn"],
+             *peer_flags, *memory_flags, "--listen-metrics-urls", "http://127.0.0.1:0", "--log-level", "warn"],
             stdout=self.log, stderr=subprocess.STDOUT)
 
     def tls(self, name: str) -> EtcdTLS:

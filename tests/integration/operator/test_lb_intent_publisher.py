@@ -2,7 +2,8 @@
 
 One value of the whole intent (~5 MB here) would be refused by etcd (``--max-request-bytes``,
 1.5 MiB): the shards are written in transactions under etcd's op and size limits, then the
-manifest. A one-Service change rewrites one shard and the manifest; an unchanged pass writes
+manifest (compressed, 10,000 Services' shards fit one transaction: the publisher here is given 64 KiB
+transactions, so the path of several is the one exercised). A one-Service change rewrites one shard and the manifest; an unchanged pass writes
 nothing; a concurrent writer is not overwritten blindly; a departed node's prefix is deleted; an
 operator without load balancing deletes them all (``withdraw_all``).
 """
@@ -19,7 +20,7 @@ from ciliary.operator.services.inputs import ServiceInfo, ServicePort, SliceEndp
 from ciliary.operator.services.intent import NodeLBIntent
 from ciliary.operator.services.resolution import ResolverConfig, resolve
 from ciliary.operator.store import keyspace
-from ciliary.operator.store.lb_publishing import LBIntentPublisher
+from ciliary.operator.store.lb_publishing import TXN_MAX_BYTES, LBIntentPublisher
 
 pytestmark = pytest.mark.integration
 
@@ -56,16 +57,17 @@ async def own(publisher: LBIntentPublisher) -> None:
 async def _scenario(kube) -> None:
     store, other_store = kube.etcd_store(), kube.etcd_store()
     try:
-        mine, other = LBIntentPublisher(store), LBIntentPublisher(other_store)
+        mine, other = LBIntentPublisher(store, txn_max_bytes=64 * 1024), LBIntentPublisher(other_store)
         await own(mine)
         big = resolved(10_000)
         assert all(len(intent.to_wire()) > 1_500_000 * 2 for intent in big.values())  # one value: refused
         assert await mine.publish(big) == sorted(NODES)
-        assert mine.transactions >= 2 * 4  # ~3.7 MB per node: several transactions of <= 1 MiB
+        assert mine.transactions >= 2 * 4  # ~0.3 MB per node: several transactions of <= 64 KiB
+        assert all(sum(map(len, sharding.split(i).shards.values())) < TXN_MAX_BYTES for i in big.values())
         for node, intent in big.items():
             got, sizes = await read_back(store, node)
             assert got == intent
-            assert len(sizes) == sharding.SHARD_COUNT + 1 and max(sizes.values()) < 128 * 1024
+            assert len(sizes) == sharding.SHARD_COUNT + 1 and max(sizes.values()) < 12 * 1024
         writes, txns = mine.writes, mine.transactions
         assert await mine.publish(big) == []  # unchanged: nothing written
         assert (mine.writes, mine.transactions) == (writes, txns)

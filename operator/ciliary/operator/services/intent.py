@@ -24,9 +24,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-LB_SCHEMA_VERSION = 5
+LB_SCHEMA_VERSION = 6
 """4: stored as shards (``services.sharding``); values leave out fields at their defaults. 5: ``FrontendIntent.dsr``
-(an agent of 4 would refuse a DSR frontend as malformed: it refuses the version instead, and keeps what it has)."""
+(an agent of 4 would refuse a DSR frontend as malformed: it refuses the version instead, and keeps what it has).
+6: shard values are zlib-compressed (an agent of 5 reads the manifest, plain JSON, and refuses version 6)."""
 MAX_BACKENDS_PER_FRONTEND = 256
 """Backend slots of one frontend in the datapath (``CY_LB_SLOTS_MAX``); more is refused, never cut."""
 

@@ -5,18 +5,23 @@ request over 1.5 MiB (``--max-request-bytes``), so the operator stores it as sha
 prefix (``keyspace.node_lb_intent_prefix``)::
 
   /ciliary/lbintents/v2/<node>/manifest   {schema_version, node, shards: {name: sha256 of its value}}
-  /ciliary/lbintents/v2/<node>/s<NN>      {schema_version, node, shard, frontends, health_checks, problems}
+  /ciliary/lbintents/v2/<node>/s<NN>      zlib({schema_version, node, shard, frontends, health_checks, problems})
 
 **Fixed shard count by a stable hash of the Service key** (``SHARD_COUNT`` = 64, shard ``s`` +
 ``sha256(namespace/name) mod 64``), not size-bounded shards: a Service's frontends, health check and
 problems always land in the same shard whatever else changes, so one Service change rewrites exactly
 one shard (size-bounded packing moves Services between shards when a neighbour grows, rewriting
-several), and the assignment needs no state. Sizes (``tests/unit/operator/services/test_lb_sharding.py``):
-~70 KB per shard at 10,000 Services x 3 backends, ~0.7 MB only at ~100,000; a Service with
-``MAX_BACKENDS_PER_FRONTEND`` (256) backends is ~20 KB per frontend. Values drop fields
-at their defaults. A shard over ``SHARD_LIMIT_BYTES`` (1 MiB) is refused
-(:class:`LBShardTooLargeError`): the node's previous intent stays, nothing is cut or widened.
-Empty shards are not stored.
+several), and the assignment needs no state. Values drop fields at their defaults.
+
+**Shards are zlib-compressed JSON** (the manifest is plain JSON, so an agent of another schema version names
+the version it found). At 10,000 Services x 3 backends a shard is ~58 KB of JSON and ~5 KB compressed
+(``tests/unit/operator/services/test_lb_sharding.py``). Uncompressed, a bulk create of 10,000 Services
+rewrote ~3.7 MB per node and pass (every shard gains Services), ~1.2 GB per node over the operator's
+one-pass-per-second passes: the chart's etcd kept that as history and raft log and was OOM-killed (1 GiB
+limit) after two such creates, then again on every start while replaying its log. A shard over
+``SHARD_LIMIT_BYTES`` (1 MiB, compressed) or decompressing to more than ``SHARD_LIMIT_JSON_BYTES`` is refused
+(:class:`LBShardTooLargeError`): the node's previous intent stays, nothing is cut or widened. Empty shards
+are not stored.
 
 **Consistency.** A change larger than one etcd transaction (``--max-txn-ops``, the request size) is
 written in several; the agent may see shard A new and shard B old. It never applies such a mix: the
@@ -39,6 +44,7 @@ import bisect
 import functools
 import hashlib
 import json
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -59,16 +65,20 @@ from ciliary.operator.services.intent import (
 
 SHARD_COUNT = 64
 SHARD_LIMIT_BYTES = 1 << 20
-"""Largest shard value written (etcd refuses requests over 1.5 MiB by default)."""
+"""Largest shard value written, compressed (etcd refuses requests over 1.5 MiB by default)."""
+SHARD_LIMIT_JSON_BYTES = 32 << 20
+"""Largest shard JSON, before compression, written or read (an agent never inflates a value beyond it)."""
+COMPRESSION_LEVEL = 6
 MANIFEST = "manifest"
 
 
 class LBShardTooLargeError(ValueError):
     """A shard of a node's LB intent exceeds :data:`SHARD_LIMIT_BYTES`; carries node, shard and size."""
 
-    def __init__(self, node: str, shard: str, size: int, services: tuple[str, ...]) -> None:
-        super().__init__(f"load-balancing intent for {node!r}: shard {shard} is {size} bytes, over the "
-                         f"{SHARD_LIMIT_BYTES}-byte limit (Services {', '.join(services[:5])}"
+    def __init__(self, node: str, shard: str, size: int, services: tuple[str, ...], *, what: str = "",
+                 limit: int = SHARD_LIMIT_BYTES) -> None:
+        super().__init__(f"load-balancing intent for {node!r}: shard {shard} is {size} bytes{what}, over the "
+                         f"{limit}-byte limit (Services {', '.join(services[:5])}"
                          f"{', ...' if len(services) > 5 else ''}); the previous intent stays")
         self.node, self.shard, self.size, self.services = node, shard, size, services
 
@@ -100,11 +110,26 @@ def digest(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def _wire(shard: LBShard) -> bytes:
+def _json(shard: LBShard) -> bytes:
     data = shard.model_dump(mode="json", exclude_defaults=True)
     # the header always travels, defaults or not: the schema version is what an agent checks first
     data.update(schema_version=shard.schema_version, node=shard.node, shard=shard.shard)
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _inflate(node: str, name: str, raw: bytes) -> bytes:
+    """A shard value's JSON; :class:`LBIntentSchemaError` when it is not zlib data or inflates beyond
+    :data:`SHARD_LIMIT_JSON_BYTES` (never inflated further)."""
+    inflater = zlib.decompressobj()
+    try:
+        data = inflater.decompress(raw, SHARD_LIMIT_JSON_BYTES)
+    except zlib.error as exc:
+        raise LBIntentSchemaError(node, f"shard {name}: not zlib-compressed JSON: {exc}") from exc
+    if inflater.unconsumed_tail:
+        raise LBIntentSchemaError(node, f"shard {name}: inflates beyond {SHARD_LIMIT_JSON_BYTES} bytes")
+    if not inflater.eof:
+        raise LBIntentSchemaError(node, f"shard {name}: truncated zlib data")
+    return data
 
 
 class ShardBody(NamedTuple):
@@ -181,10 +206,14 @@ def encode(node: str, bodies: Mapping[str, ShardBody], *, limit: int = SHARD_LIM
         shard = LBShard.model_construct(schema_version=schema_version, node=node, shard=name,
                                         frontends=body.frontends, health_checks=body.health_checks,
                                         problems=body.problems)
-        raw = _wire(shard)
+        text = _json(shard)
+        if len(text) > SHARD_LIMIT_JSON_BYTES:
+            services = tuple(sorted({item.service for items in body for item in items}))
+            raise LBShardTooLargeError(node, name, len(text), services, what=" of JSON", limit=SHARD_LIMIT_JSON_BYTES)
+        raw = zlib.compress(text, COMPRESSION_LEVEL)
         if len(raw) > limit:
             services = tuple(sorted({item.service for items in body for item in items}))
-            raise LBShardTooLargeError(node, name, len(raw), services)
+            raise LBShardTooLargeError(node, name, len(raw), services, what=" compressed")
         shards[name] = raw
         digests[name] = digest(raw)
     manifest = LBManifest(schema_version=schema_version, node=node, shards=digests)
@@ -221,7 +250,7 @@ def parse_manifest(node: str, raw: bytes) -> LBManifest:
 
 
 def parse_shard(node: str, name: str, raw: bytes) -> LBShard:
-    data = _load(node, f"shard {name}", raw)
+    data = _load(node, f"shard {name}", _inflate(node, name, raw))
     try:
         shard = LBShard.model_validate(data)
     except ValueError as exc:

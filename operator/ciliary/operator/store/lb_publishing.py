@@ -72,8 +72,10 @@ def _fits_with_manifest(batch: list[tuple[str, bytes]], manifest: bytes) -> bool
 
 
 class LBIntentPublisher:
-    def __init__(self, store: EtcdStore, *, concurrency: int = 8) -> None:
+    def __init__(self, store: EtcdStore, *, concurrency: int = 8, txn_max_bytes: int = TXN_MAX_BYTES) -> None:
         self.store = store
+        self.txn_max_bytes = txn_max_bytes
+        """Bytes of shards per transaction (compressed, 10,000 Services' shards are ~0.3 MB per node: one)."""
         self.seen: dict[str, NodeValues] = {}
         self.writes = 0
         self.transactions = 0
@@ -179,7 +181,7 @@ class LBIntentPublisher:
         puts = [(part, raw) for part, raw in sorted(sharded.shards.items())
                 if seen.digests.get(part) != sharded.digests[part]]
         stale = sorted(part for part in seen.digests if part != sharding.MANIFEST and part not in sharded.shards)
-        groups = batches(puts)
+        groups = batches(puts, max_bytes=self.txn_max_bytes)
         # the last batch goes with the manifest when both fit in one transaction: a change of a few Services
         # is then one etcd commit, not two
         last = groups.pop() if groups and _fits_with_manifest(groups[-1], sharded.manifest) else []

@@ -7,6 +7,7 @@ and an unknown schema version is refused with a clear error.
 from __future__ import annotations
 
 import json
+import zlib
 from functools import cache
 
 import pytest
@@ -61,9 +62,13 @@ def test_10000_services_fit_in_shards_far_below_the_etcd_limit() -> None:
     sharded = sharding.split(intent)
     sizes = [len(raw) for raw in sharded.shards.values()]
     assert len(sizes) == sharding.SHARD_COUNT
-    assert max(sizes) < 128 * 1024, max(sizes)  # ~40 KB each: far below 1.5 MiB and SHARD_LIMIT_BYTES
+    assert max(sizes) < 12 * 1024, max(sizes)  # ~5 KB each (~58 KB of JSON): far below SHARD_LIMIT_BYTES
+    # what a pass that touches every shard writes to etcd per node (a bulk create): compressed >= 8x
+    inflated = sum(len(zlib.decompress(raw)) for raw in sharded.shards.values())
+    assert sum(sizes) * 8 < inflated, (sum(sizes), inflated)
     assert len(sharded.manifest) < 8 * 1024
-    print(f"\nwhole {whole} B; shards max {max(sizes)} B, total {sum(sizes)} B; manifest {len(sharded.manifest)} B")
+    print(f"\nwhole {whole} B; shards max {max(sizes)} B, total {sum(sizes)} B ({inflated} B of JSON); "
+          f"manifest {len(sharded.manifest)} B")
     assert sharding.assemble(NODE, {**sharded.shards, sharding.MANIFEST: sharded.manifest}) == intent
 
 
@@ -83,9 +88,23 @@ def test_a_shard_over_the_limit_is_refused_naming_its_services() -> None:
     services, slices = cluster(3, backends=50)
     intent = resolve(services, slices, NODES, ResolverConfig(node_port_range=(30000, 32767))).intents[NODE]
     with pytest.raises(sharding.LBShardTooLargeError) as caught:
-        sharding.split(intent, limit=2000)
-    assert caught.value.node == NODE and caught.value.size > 2000
+        sharding.split(intent, limit=200)
+    assert caught.value.node == NODE and caught.value.size > 200
     assert set(caught.value.services) <= set(services)
+
+
+@pytest.mark.parametrize(("value", "says"), [
+    (b'{"schema_version":6,"node":"node-1","shard":"s00"}', "not zlib-compressed JSON"),
+    (zlib.compress(b'{"schema_version":6,"node":"node-1","shard":"s00"}')[:-6], "truncated zlib data"),
+    (zlib.compress(b" " * (sharding.SHARD_LIMIT_JSON_BYTES + 1), 9), "inflates beyond"),
+    (zlib.compress(b'{"schema_version":5,"node":"node-1","shard":"s00"}'), "unknown schema version 5"),
+    (zlib.compress(b"[1, 2]"), "not a JSON object"),
+])
+def test_a_shard_value_that_is_not_this_versions_zlib_json_is_refused_naming_the_shard(value: bytes,
+                                                                                         says: str) -> None:
+    with pytest.raises(LBIntentSchemaError) as caught:
+        sharding.parse_shard(NODE, "s00", value)
+    assert says in str(caught.value) and "s00" in str(caught.value)
 
 
 def test_one_service_change_rewrites_one_shard() -> None:
@@ -192,7 +211,7 @@ def test_an_unknown_schema_version_or_another_nodes_intent_is_refused() -> None:
     with pytest.raises(LBIntentSchemaError, match="names node"):
         sharding.assemble("node-2", {**sharded.shards, sharding.MANIFEST: sharded.manifest})
     name, raw = next(iter(sharded.shards.items()))
-    bad = json.dumps({**json.loads(raw), "schema_version": 99}).encode()
+    bad = zlib.compress(json.dumps({**json.loads(zlib.decompress(raw)), "schema_version": 99}).encode())
     forged = {**sharded.shards, name: bad,
               sharding.MANIFEST: json.dumps({**manifest, "shards": {**manifest["shards"],
                                                                     name: sharding.digest(bad)}}).encode()}
