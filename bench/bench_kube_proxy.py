@@ -29,7 +29,9 @@ network namespace).
 - **CRR / RR** (``tcpload``: a new connection per 64 B request/response, resp. 64 B round trips on one
   connection) through the rate Service's ClusterIP from the client pod and through its NodePort (node-1's
   address, backends on node-2) from the world host, with 10 Services and with the largest size; median of
-  ``--reps`` runs after one warm-up.
+  ``--reps`` runs after one warm-up. Beside CRR: the CPU both nodes' agents (Ciliary: they read every
+  connection's flow events) or kube-proxies (peers: idle while connections go through rules they wrote)
+  spent per connection over those runs.
 - **Memory** at the largest size × 3 backends: RSS of node-1's agent (Ciliary; its container's process) and
   of node-1's kube-proxy (peers); the agent's RSS in the peer labs (load balancer off) is shown beside it,
   and the chart's etcd's RSS and database size (it holds the load-balancing intents in Ciliary's lab only).
@@ -176,6 +178,12 @@ class Run:
                 self.api.close()
         finally:
             self.stack.close()  # the lab (or the attached lab's namespace) goes whatever failed before
+        if self.attach and self.restarts:  # a lab that stays: did deleting the Services restart anything?
+            now = self.container_restarts()
+            restarted = sorted(name for name, count in now.items() if count > self.restarts.get(name, count))
+            if restarted:
+                raise BenchError(self.mode, f"restarted while the bench's Services were deleted: "
+                                            f"{', '.join(restarted)} (kubectl logs --previous)")
 
     # --- tools ------------------------------------------------------------------------------------------
     def in_client(self) -> Callable[[], None]:
@@ -319,9 +327,10 @@ class Run:
             out.append(ko.Figure(result["last"] - t0, load()))
         return out
 
-    def rate(self, kind: str, mode: str, n: int, reps: int) -> ko.Figure:
+    def rate(self, kind: str, mode: str, n: int, reps: int) -> tuple[ko.Figure, ko.Figure]:
         """Median transactions/s of ``reps`` tcpload runs (after one warm-up), ClusterIP from the client pod
-        or NodePort from the world host."""
+        or NodePort from the world host; and the CPU the proxy's processes on both nodes spent per transaction
+        over the measured runs (µs: ``real_node_lab.proxy_pids``)."""
         if kind == "clusterip":
             argv = ["nsenter", f"--net={self.client_netns}", str(self.tcpload), mode, ko.RATE_IP,
                     str(ko.SERVICE_PORT)]
@@ -330,18 +339,23 @@ class Run:
             argv = ["ip", "netns", "exec", self.the_lab.layout.world_netns, str(self.tcpload), mode, NODE_1_IP,
                     str(NODE_PORT)]
             enter = None
-        rates, loads = [], []
+        pids = real_node_lab.proxy_pids(self.the_lab, self.mode)
+        rates, loads, cpu = [], [], 0.0
         for i in range(reps + 1):
             count = max(50, n // 10) if i == 0 else n
+            before = sum(map(real_node_lab.cpu_seconds, pids.values()))
             out = subprocess.run([*argv, str(count), "64"], capture_output=True, text=True, timeout=60 + count * 0.02,
                                  preexec_fn=enter)
             words = out.stdout.split()
             if out.returncode != 0 or len(words) != 2 or words[0] != "ok":
-                return ko.Figure(None, load(), f"tcpload {mode}: {out.stdout.strip()} {out.stderr.strip()}"[:120])
+                failed = ko.Figure(None, load(), f"tcpload {mode}: {out.stdout.strip()} {out.stderr.strip()}"[:120])
+                return failed, failed
             if i:
+                cpu += sum(map(real_node_lab.cpu_seconds, pids.values())) - before
                 rates.append(count / float(words[1]))
                 loads.append(load())
-        return ko.Figure(statistics.median(rates), statistics.median(loads))
+        return (ko.Figure(statistics.median(rates), statistics.median(loads)),
+                ko.Figure(cpu / (n * reps) * 1e6, statistics.median(loads)))
 
 
 def measure_mode(mode: str, sizes: tuple[int, ...], args: argparse.Namespace, tcpload: Path,
@@ -361,7 +375,7 @@ def measure_mode(mode: str, sizes: tuple[int, ...], args: argparse.Namespace, tc
             if size == sizes[0]:
                 for kind in ("clusterip", "nodeport"):
                     for m, n in (("crr", args.crr_n), ("rr", args.rr_n)):
-                        figures[f"{m} {kind} 10"] = run.rate(kind, m, n, args.reps)
+                        figures[f"{m} {kind} 10"], figures[f"cpu {m} {kind} 10"] = run.rate(kind, m, n, args.reps)
                 say(f"{mode}: rates at 10 Services done")
             total, lag, created = run.program(size, deadline=args.program_timeout)
             figures[f"program {size}"], figures[f"lag {size}"] = total, lag
@@ -381,7 +395,8 @@ def measure_mode(mode: str, sizes: tuple[int, ...], args: argparse.Namespace, tc
                 say(f"{mode}: {len(each)} changes: " + ", ".join(ko.show(f, " s") for f in each))
                 for kind in ("clusterip", "nodeport"):
                     for m, n in (("crr", args.crr_n), ("rr", args.rr_n)):
-                        figures[f"{m} {kind} {top}"] = run.rate(kind, m, n, args.reps)
+                        figures[f"{m} {kind} {top}"], figures[f"cpu {m} {kind} {top}"] = run.rate(kind, m, n,
+                                                                                                  args.reps)
                 figures[f"rss {top}"] = ko.Figure(run.rss_mib("agent" if mode == "ciliary"
                                                                else "kube-proxy-node-1"), load())
                 figures[f"agent rss {top}"] = ko.Figure(run.rss_mib("agent"), load())
@@ -457,6 +472,7 @@ def main() -> None:
     for size_key, label in (("10", "10"), (str(top), f"{top:,}")):
         for kind, where in (("clusterip", "ClusterIP from a pod"), ("nodeport", "NodePort from the world host")):
             row(f"CRR {where}, {label} Services", "/s", False, f"crr {kind} {size_key}")
+            row("  agents' / kube-proxies' CPU per connection", " us", True, f"cpu crr {kind} {size_key}")
             row(f"RR {where}, {label} Services", "/s", False, f"rr {kind} {size_key}")
     row(f"RSS at {top:,} Services x 3: agent vs kube-proxy", " MiB", True, f"rss {top}")
     row("  node-1 agent RSS (LB off in peer labs)", " MiB", True, f"agent rss {top}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -109,6 +110,24 @@ def agent_pods(lab: Lab, node: str) -> list[dict[str, Any]]:
     """The chart's agent pod on ``node`` (a list: none while the DaemonSet replaces it)."""
     out = lab.kubectl("get", "pods", "-n", chartinstall.NAMESPACE, "-l", AGENT_SELECTOR, "--field-selector", f"spec.nodeName={node}", "-o", "json", check=False)
     return list(json.loads(out.stdout)["items"]) if out.returncode == 0 else []
+
+
+def proxy_pids(lab: Lab, mode: str) -> dict[str, int]:
+    """The process doing a proxy's per-connection work on each node: the agent (``ciliary``: socket load
+    balancing is in the kernel, the agent reads the connections' flow events) or kube-proxy (the peers)."""
+    if mode == "ciliary":
+        return {node: agent_pid(lab, node) for node in NODES}
+    pids = {node: processes.running_pid(lab.layout, f"kube-proxy-{node}") for node in NODES}
+    return {node: pid for node, pid in pids.items() if pid}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds ``pid`` has used (0 if gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def chart_etcd(lab: Lab) -> tuple[float, float]:

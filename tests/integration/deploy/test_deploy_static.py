@@ -258,6 +258,9 @@ def test_agent_is_not_privileged_and_only_mount_bpf_fs_is(helm: Helm) -> None:
     assert "/var/run/secrets/kubernetes.io/serviceaccount" not in mounts, "no API token in the agent"
     install = next(c for c in spec["initContainers"] if c["name"] == "install-cni")
     assert "/var/run/secrets/kubernetes.io/serviceaccount" in {m["mountPath"] for m in install["volumeMounts"]}
+    # a busy agent (a large load-balancing apply) answers its probes late, not never: not killed for 1 s
+    assert agent["livenessProbe"]["timeoutSeconds"] == agent["readinessProbe"]["timeoutSeconds"] == 5
+    assert agent["livenessProbe"]["periodSeconds"] * agent["livenessProbe"]["failureThreshold"] >= 60
 
 
 def test_cni_conflist_template_matches_the_plugin_config_model(helm: Helm) -> None:
