@@ -229,7 +229,7 @@ def _wire_manifest(manifest: LBManifest) -> bytes:
 def _load(node: str, what: str, raw: bytes) -> dict[str, Any]:
     try:
         data = json.loads(raw)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
         raise LBIntentSchemaError(node, f"{what}: not JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise LBIntentSchemaError(node, f"{what}: not a JSON object")
