@@ -30,8 +30,8 @@ network namespace).
   connection) through the rate Service's ClusterIP from the client pod and through its NodePort (node-1's
   address, backends on node-2) from the world host, with 10 Services and with the largest size; median of
   ``--reps`` runs after one warm-up. Beside CRR: the CPU both nodes' agents (Ciliary: they read every
-  connection's flow events) or kube-proxies (peers: idle while connections go through rules they wrote)
-  spent per connection over those runs.
+  connection's flow events) or kube-proxies (peers) spent per connection over those runs. Not a
+  comparison: the peer labs' agents read the same flow events and are not counted there.
 - **Memory** at the largest size × 3 backends: RSS of node-1's agent (Ciliary; its container's process) and
   of node-1's kube-proxy (peers); the agent's RSS in the peer labs (load balancer off) is shown beside it,
   and the chart's etcd's RSS and database size (it holds the load-balancing intents in Ciliary's lab only).
@@ -472,7 +472,7 @@ def main() -> None:
     for size_key, label in (("10", "10"), (str(top), f"{top:,}")):
         for kind, where in (("clusterip", "ClusterIP from a pod"), ("nodeport", "NodePort from the world host")):
             row(f"CRR {where}, {label} Services", "/s", False, f"crr {kind} {size_key}")
-            row("  agents' / kube-proxies' CPU per connection", " us", True, f"cpu crr {kind} {size_key}")
+            row("  CPU per connection: agents / kube-proxies only", " us", True, f"cpu crr {kind} {size_key}")
             row(f"RR {where}, {label} Services", "/s", False, f"rr {kind} {size_key}")
     row(f"RSS at {top:,} Services x 3: agent vs kube-proxy", " MiB", True, f"rss {top}")
     row("  node-1 agent RSS (LB off in peer labs)", " MiB", True, f"agent rss {top}")

@@ -113,8 +113,9 @@ def agent_pods(lab: Lab, node: str) -> list[dict[str, Any]]:
 
 
 def proxy_pids(lab: Lab, mode: str) -> dict[str, int]:
-    """The process doing a proxy's per-connection work on each node: the agent (``ciliary``: socket load
-    balancing is in the kernel, the agent reads the connections' flow events) or kube-proxy (the peers)."""
+    """The processes counted as a proxy's per-connection CPU on each node: the agent (``ciliary``: socket load
+    balancing is in the kernel, the agent reads the connections' flow events) or kube-proxy (the peers: their
+    labs' agents read the same flow events and are not counted, so the figures are not comparable)."""
     if mode == "ciliary":
         return {node: agent_pid(lab, node) for node in NODES}
     pids = {node: processes.running_pid(lab.layout, f"kube-proxy-{node}") for node in NODES}

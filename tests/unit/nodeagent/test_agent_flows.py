@@ -174,7 +174,7 @@ def test_decode_reads_every_field_as_the_ctypes_mirror_does(raw: maps.FlowEventC
 
 def test_decode_costs_well_under_the_field_by_field_form() -> None:
     """Every ring-buffer record is decoded in the agent's loop (several per connection): measured against the
-    field-by-field form in the same process, so the machine's load cancels out (offline: ~3 vs ~19 µs)."""
+    field-by-field form in the same process, so the machine's load cancels out (here: 2.8 vs 10.5 µs)."""
     data = [bytes(maps.FlowEventC(ts_ns=i, saddr=0x0A00000A + (i % 50 << 24), daddr=0x0B00000A, sport=i, dport=80,
                                   protocol=6, verdict=1, reason=1, direction=2, family=4, svc_addr=0x0C00000A,
                                   svc_port=80)) for i in range(2000)]

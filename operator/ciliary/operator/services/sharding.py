@@ -16,12 +16,12 @@ several), and the assignment needs no state. Values drop fields at their default
 **Shards are zlib-compressed JSON** (the manifest is plain JSON, so an agent of another schema version names
 the version it found). At 10,000 Services x 3 backends a shard is ~58 KB of JSON and ~5 KB compressed
 (``tests/unit/operator/services/test_lb_sharding.py``). Uncompressed, a bulk create of 10,000 Services
-rewrote ~3.7 MB per node and pass (every shard gains Services), ~1.2 GB per node over the operator's
-one-pass-per-second passes: the chart's etcd kept that as history and raft log and was OOM-killed (1 GiB
-limit) after two such creates, then again on every start while replaying its log. A shard over
-``SHARD_LIMIT_BYTES`` (1 MiB, compressed) or decompressing to more than ``SHARD_LIMIT_JSON_BYTES`` is refused
-(:class:`LBShardTooLargeError`): the node's previous intent stays, nothing is cut or widened. Empty shards
-are not stored.
+rewrote up to ~3.7 MB per node and pass (every shard gains Services) over ~150 passes: the chart's etcd
+kept that as history and raft log and was OOM-killed (1 GiB limit) after two such creates, then again on
+every start while replaying its log. The operator refuses to write a shard over ``SHARD_LIMIT_BYTES``
+(1 MiB, compressed) or of more than ``SHARD_LIMIT_JSON_BYTES`` of JSON (:class:`LBShardTooLargeError`: the
+node's previous intent stays, nothing is cut or widened); an agent refuses a value inflating beyond the
+latter as malformed (``LBIntentSchemaError``). Empty shards are not stored.
 
 **Consistency.** A change larger than one etcd transaction (``--max-txn-ops``, the request size) is
 written in several; the agent may see shard A new and shard B old. It never applies such a mix: the
@@ -73,7 +73,8 @@ MANIFEST = "manifest"
 
 
 class LBShardTooLargeError(ValueError):
-    """A shard of a node's LB intent exceeds :data:`SHARD_LIMIT_BYTES`; carries node, shard and size."""
+    """A shard of a node's LB intent exceeds :data:`SHARD_LIMIT_BYTES` compressed or :data:`SHARD_LIMIT_JSON_BYTES`
+    as JSON; carries node, shard and size."""
 
     def __init__(self, node: str, shard: str, size: int, services: tuple[str, ...], *, what: str = "",
                  limit: int = SHARD_LIMIT_BYTES) -> None:
@@ -208,17 +209,21 @@ def encode(node: str, bodies: Mapping[str, ShardBody], *, limit: int = SHARD_LIM
                                         problems=body.problems)
         text = _json(shard)
         if len(text) > SHARD_LIMIT_JSON_BYTES:
-            services = tuple(sorted({item.service for items in body for item in items}))
-            raise LBShardTooLargeError(node, name, len(text), services, what=" of JSON", limit=SHARD_LIMIT_JSON_BYTES)
+            raise LBShardTooLargeError(node, name, len(text), _services(body), what=" of JSON",
+                                       limit=SHARD_LIMIT_JSON_BYTES)
         raw = zlib.compress(text, COMPRESSION_LEVEL)
         if len(raw) > limit:
-            services = tuple(sorted({item.service for items in body for item in items}))
-            raise LBShardTooLargeError(node, name, len(raw), services, what=" compressed")
+            raise LBShardTooLargeError(node, name, len(raw), _services(body), what=" compressed")
         shards[name] = raw
         digests[name] = digest(raw)
     manifest = LBManifest(schema_version=schema_version, node=node, shards=digests)
     return ShardedIntent(node=node, shards=shards, digests=digests, manifest=_wire_manifest(manifest),
                          bodies=kept, schema_version=schema_version)
+
+
+def _services(body: ShardBody) -> tuple[str, ...]:
+    """The Services a shard holds (named by a refusal)."""
+    return tuple(sorted({item.service for items in body for item in items}))
 
 
 def _wire_manifest(manifest: LBManifest) -> bytes:

@@ -66,9 +66,9 @@ def batches(puts: list[tuple[str, bytes]], *, max_ops: int = TXN_MAX_OPS,
     return out
 
 
-def _fits_with_manifest(batch: list[tuple[str, bytes]], manifest: bytes) -> bool:
+def _fits_with_manifest(batch: list[tuple[str, bytes]], manifest: bytes, max_bytes: int = TXN_MAX_BYTES) -> bool:
     """``batch``, the manifest's put and its get fit in one transaction (``batches`` packs the puts)."""
-    return len(batches([*batch, (sharding.MANIFEST, manifest)], max_ops=TXN_MAX_OPS - 1)) == 1
+    return len(batches([*batch, (sharding.MANIFEST, manifest)], max_ops=TXN_MAX_OPS - 1, max_bytes=max_bytes)) == 1
 
 
 class LBIntentPublisher:
@@ -184,7 +184,8 @@ class LBIntentPublisher:
         groups = batches(puts, max_bytes=self.txn_max_bytes)
         # the last batch goes with the manifest when both fit in one transaction: a change of a few Services
         # is then one etcd commit, not two
-        last = groups.pop() if groups and _fits_with_manifest(groups[-1], sharded.manifest) else []
+        last = groups.pop() if groups and _fits_with_manifest(groups[-1], sharded.manifest,
+                                                                    self.txn_max_bytes) else []
         for batch in groups:
             ok, _ = await self.store.transaction(
                 [guard], [t.put(keyspace.node_lb_intent_key(node, part).encode(), raw) for part, raw in batch])
